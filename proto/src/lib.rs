@@ -1,0 +1,15 @@
+//! Generated gRPC types and services.
+//!
+//! * [`management`]: the public management API that `clusterctl` and operators use.
+//! * [`raft`]: the peer-only Raft service agents use among themselves. It is served
+//!   on its own listener so it can be firewalled away from clients.
+
+/// Public management API (`cluster.management.v1`).
+pub mod management {
+    tonic::include_proto!("cluster.management.v1");
+}
+
+/// Peer-only Raft service (`cluster.raft.v1`).
+pub mod raft {
+    tonic::include_proto!("cluster.raft.v1");
+}
