@@ -57,6 +57,14 @@ pub enum HarnessError {
 
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
 
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Hold this for the whole test to run multi-process tests of one test binary one
+/// at a time: the CI machine has 2 cores and elections need CPU on time.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
+
 /// Locate a workspace binary next to the running test executable
 /// (`target/<profile>/deps/test-xxxx` → `target/<profile>/<name>`).
 pub fn locate_binary(name: &str, package: &str) -> Result<PathBuf> {
