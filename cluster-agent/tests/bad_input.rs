@@ -58,7 +58,7 @@ fn malformed_config_is_refused_naming_the_key() {
             "error for {extra:?} does not name {key}: {out}"
         );
         assert!(
-            !must!(c, c.spec(id).map(Clone::clone)).data_dir.exists(),
+            !must!(c, c.spec(id).cloned()).data_dir.exists(),
             "a refused config must not create the data dir"
         );
     }
@@ -147,7 +147,7 @@ async fn unknown_node_unreachable_join_and_duplicate_id_are_refused() {
     let st = must!(c, c.status(1).await);
     assert_eq!(st.voter_ids.len(), 3, "membership must be unchanged");
     let n2 = must!(c, c.nodes(1).await);
-    let spec2 = must!(c, c.spec(2).map(Clone::clone));
+    let spec2 = must!(c, c.spec(2).cloned());
     assert!(n2
         .iter()
         .any(|n| n.node_id == 2 && n.mgmt_addr == spec2.mgmt_addr.to_string()));
@@ -171,7 +171,7 @@ async fn corrupted_or_missing_data_dir_is_refused_and_left_untouched() {
     let r = c.form(3).await;
     must!(c, r);
     must!(c, c.put(1, "precious", "data").await);
-    let spec = must!(c, c.spec(3).map(Clone::clone));
+    let spec = must!(c, c.spec(3).cloned());
     // Let node 3 apply the write before stopping it.
     let v = c
         .wait_for(3, "replication", Duration::from_secs(5), || async {
@@ -240,7 +240,7 @@ async fn corrupted_or_missing_data_dir_is_refused_and_left_untouched() {
     std::fs::create_dir_all(&foreign).unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(foreign.join("keep.me"), b"x").unwrap_or_else(|e| panic!("{e}"));
     must!(c, c.add_node_with(9, "").map(|_| ()));
-    let spec9 = must!(c, c.spec(9).map(Clone::clone));
+    let spec9 = must!(c, c.spec(9).cloned());
     let cfg9 = std::fs::read_to_string(&spec9.config_path).unwrap_or_default();
     std::fs::write(
         &spec9.config_path,

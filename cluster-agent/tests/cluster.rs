@@ -63,7 +63,7 @@ async fn three_node_formation() {
     for n in &nodes {
         assert_eq!(n.state, "up");
         assert_eq!(n.raft_role, "voter");
-        let spec = must!(c, c.spec(n.node_id).map(Clone::clone));
+        let spec = must!(c, c.spec(n.node_id).cloned());
         assert_eq!(n.mgmt_addr, spec.mgmt_addr.to_string());
         assert_eq!(n.migration_addr, spec.migration_addr.to_string());
         assert_eq!(n.migration_subnet, "127.0.2.0/24");

@@ -392,7 +392,7 @@ mod tests {
             state: "down".into(),
             ..Default::default()
         };
-        let t = nodes(Format::Table, &[n.clone()]).unwrap_or_default();
+        let t = nodes(Format::Table, std::slice::from_ref(&n)).unwrap_or_default();
         assert!(
             t.lines()
                 .nth(1)
