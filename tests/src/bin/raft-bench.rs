@@ -105,6 +105,23 @@ async fn bench(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ..Options::default()
     };
     let mut c = Cluster::new(bin, opts.clone())?;
+
+    // Baseline 1: one synced 4 KiB write on the disk the agents use (each Raft write
+    // needs at least two in series: leader append + follower append, plus the apply).
+    let probe = c.dir().join("fsync-probe");
+    let mut f = std::fs::File::create(&probe)?;
+    let mut lat = Vec::with_capacity(200);
+    let t0 = Instant::now();
+    for _ in 0..200 {
+        let s = Instant::now();
+        std::io::Write::write_all(&mut f, &[0u8; 4096])?;
+        f.sync_data()?;
+        lat.push(s.elapsed());
+    }
+    report("baseline: 4 KiB write + fdatasync", lat, t0.elapsed());
+    drop(f);
+    std::fs::remove_file(&probe)?;
+
     let leader = c.form(3).await?;
     let follower = (1..=3).find(|i| *i != leader).unwrap_or(2);
     println!(
@@ -112,7 +129,7 @@ async fn bench(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         opts.election_timeout_min_ms, opts.election_timeout_max_ms, opts.raft_heartbeat_interval_ms
     );
 
-    // Baseline: local reads through the same gRPC stack (no Raft, no fsync).
+    // Baseline 2: local reads through the same gRPC stack (no Raft, no fsync).
     let mut cl = c.client(leader).await?;
     let mut lat = Vec::with_capacity(args.writes);
     let t0 = Instant::now();
