@@ -499,9 +499,9 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         let h = cf(&self.db, CF_SM)?;
         let mut batch = WriteBatch::default();
         let mut results = Vec::new();
-        let mut d = write_lock(&self.data);
-        // Work on a copy so a failed write leaves the in-memory image untouched.
-        let mut next = d.clone();
+        // Work on a copy so a failed write leaves the in-memory image untouched, and
+        // readers are not blocked while the batch is synced. Only this task mutates.
+        let mut next = read_lock(&self.data).clone();
         let mut touched = Vec::new();
         for e in entries {
             next.last_applied = Some(e.log_id);
@@ -527,7 +527,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         self.db
             .write_opt(batch, &synced())
             .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
-        *d = next;
+        *write_lock(&self.data) = next;
         Ok(results)
     }
 
@@ -593,12 +593,10 @@ impl RaftStateMachine<TypeConfig> for SmStore {
             put_entity(&mut batch, h, s, k)?;
         }
         put_meta_entries(&mut batch, h, &next)?;
-        let mut d = write_lock(&self.data);
         self.db
             .write_opt(batch, &synced())
             .map_err(|e| StorageIOError::write_snapshot(sig, AnyError::new(&e)))?;
-        *d = next;
-        drop(d);
+        *write_lock(&self.data) = next;
         store_snapshot(&self.db, meta, &bytes)
     }
 
