@@ -296,3 +296,52 @@ async fn grow_to_16_voters_refuse_the_17th_and_shrink_back() {
     assert_eq!(must!(c, c.nodes(leader).await).len(), 3);
     must!(c, c.put(2, "after-shrink", "ok").await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiner_is_brought_up_by_snapshot_after_log_compaction() {
+    let _serial = cluster_tests::serial().await;
+    // Snapshot every 50 entries, keep 20: after 150 writes the early log is purged,
+    // so a node joining now can only catch up through InstallSnapshot.
+    let mut c = cluster(Options::default());
+    let r = c.form(2).await;
+    let leader = must!(c, r);
+    for i in 0..150u32 {
+        must!(c, c.put(leader, &format!("s{i}"), &i.to_string()).await);
+    }
+    let s = c
+        .wait_for(
+            leader,
+            "snapshot built",
+            Duration::from_secs(10),
+            || async {
+                let s = c.status(leader).await?;
+                Ok((s.snapshot_index > 100).then_some(s))
+            },
+        )
+        .await;
+    let s = must!(c, s);
+    eprintln!(
+        "leader snapshot at index {} (last log {})",
+        s.snapshot_index, s.last_log_index
+    );
+    must!(c, c.add_node(3));
+    must!(c, c.start(3).await);
+    let j = must!(c, c.join(3, 1).await);
+    assert_eq!(j.voter_count, 3);
+    let s3 = must!(c, c.status(3).await);
+    assert!(
+        s3.snapshot_index > 100,
+        "node 3 did not install a snapshot: {s3:?}"
+    );
+    for i in 0..150u32 {
+        assert_eq!(
+            must!(c, c.get(3, &format!("s{i}")).await),
+            Some(i.to_string())
+        );
+    }
+    assert_eq!(must!(c, c.nodes(3).await).len(), 3);
+    // And it survives a restart from its own snapshot + log.
+    must!(c, c.kill9(3));
+    must!(c, c.start(3).await);
+    assert_eq!(must!(c, c.get(3, "s149").await).as_deref(), Some("149"));
+}
