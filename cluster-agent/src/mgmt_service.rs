@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::agent::{Agent, ForwardReply, ForwardRequest};
 use crate::convert;
-use crate::state::{Command, CommandResult, KV_KEY_LEN_MAX};
+use crate::state::{Command, CommandResult, NodeState, KV_KEY_LEN_MAX};
 
 /// Default and maximum page size of `ListEvents`.
 pub const EVENTS_PAGE_DEFAULT: usize = 1_000;
@@ -242,6 +242,58 @@ impl Management for MgmtService {
                     "unknown node id {id}; `clusterctl node list` shows the members"
                 ))
             })
+    }
+
+    async fn set_node_state(
+        &self,
+        request: Request<pb::SetNodeStateRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        let r = request.into_inner();
+        let target = match r.state.as_str() {
+            "paused" => NodeState::Paused,
+            "up" => NodeState::Up,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "state {other:?} cannot be set by hand; use \"paused\" or \"up\" (down is decided by liveness)"
+                )))
+            }
+        };
+        if r.reason.len() > 256 {
+            return Err(Status::invalid_argument("reason must be at most 256 bytes"));
+        }
+        let current = self
+            .agent
+            .read_sm(|d| d.state.nodes.get(&r.node_id).map(|n| n.state));
+        match current {
+            None => {
+                return Err(Status::not_found(format!(
+                    "unknown node id {}; `clusterctl node list` shows the members",
+                    r.node_id
+                )))
+            }
+            Some(NodeState::Down) => {
+                return Err(Status::failed_precondition(format!(
+                    "node {} is down; it becomes up by itself when its agent reports again",
+                    r.node_id
+                )))
+            }
+            Some(_) => {}
+        }
+        let reason = if r.reason.is_empty() {
+            format!("set to {} by an operator", target.as_str())
+        } else {
+            r.reason
+        };
+        self.agent
+            .write(ForwardRequest::Command(Command::SetNodeState {
+                node_id: r.node_id,
+                state: target,
+                at_unix_ms: crate::agent::now_unix_ms(),
+                reason,
+            }))
+            .await?;
+        self.get_node(Request::new(pb::GetNodeRequest { node_id: r.node_id }))
+            .await
     }
 
     async fn list_events(

@@ -97,6 +97,10 @@ pub fn status_error(endpoint: &str, timeout: Duration, s: tonic::Status) -> CtlE
                 cause: s.message().to_string(),
             }
         }
+        code if s.message().is_empty() => CtlError::Refused {
+            code,
+            message: format!("the agent at {endpoint} answered {code:?} without a reason (is it an older agent version?)"),
+        },
         code => CtlError::Refused {
             code,
             message: s.message().to_string(),

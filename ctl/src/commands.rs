@@ -71,6 +71,24 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
                 .into_inner();
             output::node(fmt, &r)
         }
+        Cmd::Node(NodeCmd::Pause { node_id, reason })
+        | Cmd::Node(NodeCmd::Resume { node_id, reason }) => {
+            let state = if matches!(cli.command, Cmd::Node(NodeCmd::Pause { .. })) {
+                "paused"
+            } else {
+                "up"
+            };
+            let r = c
+                .set_node_state(pb::SetNodeStateRequest {
+                    node_id: *node_id,
+                    state: state.into(),
+                    reason: reason.clone(),
+                })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            output::node(fmt, &r)
+        }
         Cmd::Events { after, limit } => {
             let r = c
                 .list_events(pb::ListEventsRequest {

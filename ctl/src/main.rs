@@ -85,6 +85,18 @@ pub enum NodeCmd {
     List,
     /// One node in detail.
     Show { node_id: u64 },
+    /// Mark a node paused (administrative; e.g. before maintenance).
+    Pause {
+        node_id: u64,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Return a paused node to up.
+    Resume {
+        node_id: u64,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -91,6 +91,30 @@ async fn tour_against_a_real_agent() {
     assert_eq!(o.status.code(), Some(1));
     assert!(err.contains("unknown node id 99"), "{err}");
 
+    let o = ctl(
+        &ep,
+        &[
+            "-o",
+            "json",
+            "node",
+            "pause",
+            "1",
+            "--reason",
+            "maintenance",
+        ],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["state"], "paused");
+    let o = ctl(&ep, &["-o", "json", "node", "resume", "1"]);
+    let (out, _) = text(&o);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["state"], "up");
+    let o = ctl(&ep, &["node", "pause", "7"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("unknown node id 7"));
+
     let o = ctl(&ep, &["kv", "put", "motd", "hello"]);
     assert!(o.status.success(), "{:?}", text(&o));
     let o = ctl(&ep, &["kv", "get", "motd"]);
@@ -101,6 +125,14 @@ async fn tour_against_a_real_agent() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert_eq!(v[0]["kind"], "cluster_initialized");
     assert_eq!(v[1]["kind"], "node_joined");
+    assert_eq!(v[2]["kind"], "node_state_changed");
+    assert!(
+        v[2]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("up -> paused: maintenance"),
+        "{out}"
+    );
 
     let o = ctl(&ep, &["cluster", "join", "--via", "127.0.1.252:9"]);
     let (_, err) = text(&o);
