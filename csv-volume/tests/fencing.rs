@@ -1,0 +1,308 @@
+//! Two disk backends on the same volume: after a takeover the old owner's writes are
+//! refused and the disk holds only the new owner's writes. Also the handoff, shared
+//! and stop paths of the hooks, driven by a real lock table.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::time::{Duration, Instant};
+
+use csv_volume::{
+    disk_error, handoff_open, handoff_release, open_for_vm, release_on_stop, takeover_open,
+    ApplyContext, DiskError, DiskName, FencingToken, HookError, LockCommand, LockGrant, LockMode,
+    LockOutcome, LockTable, NodeId, VolumeRegistry,
+};
+
+const BLOCK: usize = 4096;
+const DISK_SIZE_BYTES: u64 = 1 << 20;
+
+/// A lock table driven like the agent drives it: one increasing log index per entry.
+struct Raft {
+    table: LockTable,
+    index: u64,
+    down: BTreeSet<NodeId>,
+}
+
+impl Raft {
+    fn new() -> Self {
+        Raft {
+            table: LockTable::new(),
+            index: 0,
+            down: BTreeSet::new(),
+        }
+    }
+
+    fn apply(&mut self, cmd: LockCommand) -> LockOutcome {
+        self.index += 1;
+        let ctx = ApplyContext {
+            log_index: self.index,
+            term: 1,
+            down_nodes: self.down.clone(),
+        };
+        self.table.apply(cmd, &ctx).expect("lock command refused")
+    }
+
+    fn grant(&mut self, cmd: LockCommand) -> LockGrant {
+        match self.apply(cmd) {
+            LockOutcome::Granted(g) => g,
+            other => panic!("expected a grant, got {other:?}"),
+        }
+    }
+}
+
+fn setup() -> (tempfile::TempDir, VolumeRegistry, DiskName) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = VolumeRegistry::new();
+    reg.register("vol", dir.path()).unwrap();
+    let name = DiskName::parse("vol/vms/web/root.img").unwrap();
+    reg.create_disk(&name, DISK_SIZE_BYTES).unwrap();
+    (dir, reg, name)
+}
+
+fn stale(err: &io::Error) -> Option<(FencingToken, FencingToken)> {
+    match disk_error(err) {
+        Some(DiskError::StaleToken { held, current, .. }) => Some((*held, *current)),
+        _ => None,
+    }
+}
+
+#[test]
+fn after_takeover_old_owner_is_refused_and_disk_holds_only_new_writes() {
+    let (_dir, reg, name) = setup();
+    let mut raft = Raft::new();
+
+    // Node 1 owns the disk; node 2 is another backend on the same volume.
+    let g1 = raft.grant(LockCommand::Acquire {
+        disk: name.clone(),
+        node: 1,
+        mode: LockMode::Exclusive,
+    });
+    let mut old = open_for_vm(&reg, 1, &g1).unwrap();
+
+    // Node 1 is declared Down; node 2 takes over (its lease wait has passed).
+    raft.down.insert(1);
+    let g2 = raft.grant(LockCommand::ForceTakeover {
+        disk: name.clone(),
+        node: 2,
+        mode: LockMode::Exclusive,
+    });
+    assert!(g2.token > g1.token);
+    let mut new = takeover_open(&reg, 2, &g2, Instant::now()).unwrap();
+
+    // The old owner wakes up and tries to write everywhere: every write is refused
+    // with its typed error, and so is its flush.
+    for block in 0..(DISK_SIZE_BYTES as usize / BLOCK) {
+        let err = old
+            .write_at(&[0xAA; BLOCK], (block * BLOCK) as u64)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(stale(&err), Some((g1.token, g2.token)), "{err}");
+    }
+    assert!(stale(&old.flush().unwrap_err()).is_some());
+    assert_eq!(old.fenced_by(), Some(g2.token));
+    assert!(old.describe().contains("FENCED"));
+
+    // The new owner writes a pattern to every other block.
+    for block in (0..(DISK_SIZE_BYTES as usize / BLOCK)).step_by(2) {
+        new.write_at(&[0xBB; BLOCK], (block * BLOCK) as u64)
+            .unwrap();
+    }
+    new.flush().unwrap();
+
+    // The file holds only node 2's bytes: 0xBB in even blocks, zeros elsewhere.
+    let bytes = std::fs::read(reg.disk_path(&name).unwrap()).unwrap();
+    assert_eq!(bytes.len() as u64, DISK_SIZE_BYTES);
+    for (block, chunk) in bytes.chunks(BLOCK).enumerate() {
+        let want = if block % 2 == 0 { 0xBB } else { 0 };
+        assert!(chunk.iter().all(|&b| b == want), "block {block}");
+    }
+
+    // The old owner cannot reopen with its token either, nor roll the record back.
+    let err = open_for_vm(&reg, 1, &g1).unwrap_err();
+    assert!(matches!(err, HookError::Fence(_)), "{err}");
+    // And it cannot release a lock that is no longer its own.
+    assert!(matches!(release_on_stop(old), Err(HookError::Flush { .. })));
+}
+
+#[test]
+fn writes_before_the_takeover_stay_and_later_ones_do_not() {
+    let (_dir, reg, name) = setup();
+    let mut raft = Raft::new();
+    let g1 = raft.grant(LockCommand::Acquire {
+        disk: name.clone(),
+        node: 1,
+        mode: LockMode::Exclusive,
+    });
+    let mut old = open_for_vm(&reg, 1, &g1).unwrap();
+    old.write_at(b"written by node 1 while owner", 0).unwrap();
+    old.flush().unwrap();
+
+    raft.down.insert(1);
+    let g2 = raft.grant(LockCommand::ForceTakeover {
+        disk: name.clone(),
+        node: 2,
+        mode: LockMode::Exclusive,
+    });
+    let lease_deadline = Instant::now() + Duration::from_millis(50);
+    let mut new = takeover_open(&reg, 2, &g2, lease_deadline).unwrap();
+    assert!(Instant::now() >= lease_deadline, "takeover did not wait");
+
+    assert!(stale(&old.write_at(b"late write by node 1", 4096).unwrap_err()).is_some());
+    new.write_at(b"node 2", 8192).unwrap();
+
+    let mut buf = [0u8; 29];
+    new.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"written by node 1 while owner");
+    let mut buf = [0u8; 20];
+    new.read_at(&mut buf, 4096).unwrap();
+    assert_eq!(buf, [0u8; 20], "a fenced write reached the disk");
+    let mut buf = [0u8; 6];
+    new.read_at(&mut buf, 8192).unwrap();
+    assert_eq!(&buf, b"node 2");
+}
+
+#[test]
+fn migration_handoff_moves_the_disk() {
+    let (_dir, reg, name) = setup();
+    let mut raft = Raft::new();
+    let g1 = raft.grant(LockCommand::Acquire {
+        disk: name.clone(),
+        node: 1,
+        mode: LockMode::Exclusive,
+    });
+    let mut src = open_for_vm(&reg, 1, &g1).unwrap();
+    src.write_at(b"before migration", 0).unwrap();
+
+    // Source flushes and closes, then the lock moves.
+    let cmd = handoff_release(src, 2).unwrap();
+    assert_eq!(
+        cmd,
+        LockCommand::Handoff {
+            disk: name.clone(),
+            from: 1,
+            to: 2
+        }
+    );
+    let g2 = raft.grant(cmd);
+    assert_eq!((g2.node, g2.mode), (2, LockMode::Exclusive));
+
+    // A grant delivered to the wrong node is refused before anything is touched.
+    assert!(matches!(
+        handoff_open(&reg, 3, &g2),
+        Err(HookError::WrongNode { .. })
+    ));
+
+    let mut dst = handoff_open(&reg, 2, &g2).unwrap();
+    let mut buf = [0u8; 16];
+    dst.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"before migration");
+    dst.write_at(b"after migration", 16).unwrap();
+
+    // Stop: flush, close, release; the table is empty again.
+    let cmd = release_on_stop(dst).unwrap();
+    raft.apply(cmd);
+    assert!(raft.table.is_empty());
+}
+
+#[test]
+fn stale_grant_cannot_open_and_wrong_epoch_is_refused() {
+    let (_dir, reg, name) = setup();
+    let mut raft = Raft::new();
+    let g1 = raft.grant(LockCommand::Acquire {
+        disk: name.clone(),
+        node: 1,
+        mode: LockMode::Exclusive,
+    });
+    let d1 = open_for_vm(&reg, 1, &g1).unwrap();
+    let cmd = handoff_release(d1, 2).unwrap();
+    let g2 = raft.grant(cmd);
+    let _d2 = handoff_open(&reg, 2, &g2).unwrap();
+
+    // Opening directly with the old token is refused as stale.
+    let path = reg.disk_path(&name).unwrap();
+    let err =
+        csv_volume::FencedDisk::open(&path, None, 1, g1.token, LockMode::Exclusive).unwrap_err();
+    assert!(matches!(err, DiskError::StaleToken { .. }), "{err}");
+    // A token the record has not reached yet means the hook was skipped.
+    let err = csv_volume::FencedDisk::open(
+        &path,
+        None,
+        2,
+        FencingToken(g2.token.0 + 5),
+        LockMode::Exclusive,
+    )
+    .unwrap_err();
+    assert!(matches!(err, DiskError::FenceBehind { .. }), "{err}");
+    // The right token for another node is not this node's epoch.
+    let err =
+        csv_volume::FencedDisk::open(&path, None, 7, g2.token, LockMode::Exclusive).unwrap_err();
+    assert!(matches!(err, DiskError::NotOurEpoch { .. }), "{err}");
+}
+
+#[test]
+fn shared_readers_read_but_never_write() {
+    let (_dir, reg, name) = setup();
+    let mut raft = Raft::new();
+    let g = raft.grant(LockCommand::Acquire {
+        disk: name.clone(),
+        node: 1,
+        mode: LockMode::Exclusive,
+    });
+    let mut w = open_for_vm(&reg, 1, &g).unwrap();
+    w.write_at(b"golden image", 0).unwrap();
+    raft.apply(release_on_stop(w).unwrap());
+
+    let r1 = raft.grant(LockCommand::Acquire {
+        disk: name.clone(),
+        node: 1,
+        mode: LockMode::Shared,
+    });
+    let r2 = raft.grant(LockCommand::Acquire {
+        disk: name.clone(),
+        node: 2,
+        mode: LockMode::Shared,
+    });
+    assert_eq!(r1.token, r2.token);
+    let mut a = open_for_vm(&reg, 1, &r1).unwrap();
+    let mut b = open_for_vm(&reg, 2, &r2).unwrap();
+    for d in [&mut a, &mut b] {
+        let mut buf = [0u8; 12];
+        d.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"golden image");
+        let err = d.write_at(b"x", 0).unwrap_err();
+        assert!(
+            matches!(disk_error(&err), Some(DiskError::ReadOnly)),
+            "{err}"
+        );
+    }
+    // Out-of-range reads are typed errors, not short reads.
+    let mut buf = [0u8; 8];
+    let err = a.read_at(&mut buf, DISK_SIZE_BYTES - 4).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    assert!(matches!(
+        disk_error(&err),
+        Some(DiskError::OutOfRange { .. })
+    ));
+}
+
+#[test]
+fn removed_fence_record_stops_writes() {
+    let (_dir, reg, name) = setup();
+    let mut raft = Raft::new();
+    let g = raft.grant(LockCommand::Acquire {
+        disk: name.clone(),
+        node: 1,
+        mode: LockMode::Exclusive,
+    });
+    let mut d = open_for_vm(&reg, 1, &g).unwrap();
+    d.write_at(b"ok", 0).unwrap();
+    let path = reg.disk_path(&name).unwrap();
+    std::fs::remove_file(csv_volume::fence::fence_path(&path)).unwrap();
+    let err = d.write_at(b"no", 2).unwrap_err();
+    assert!(
+        matches!(disk_error(&err), Some(DiskError::Fence(_))),
+        "{err}"
+    );
+    let mut buf = [0u8; 4];
+    d.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"ok\0\0");
+}
