@@ -17,7 +17,7 @@ pub mod lock;
 pub mod name;
 pub mod volume;
 
-pub use disk::{disk_error, DiskError, FencedDisk};
+pub use disk::{disk_error, DiskError, FenceCheck, FencedDisk};
 pub use fence::{FenceError, FenceRecord};
 pub use hooks::{
     handoff_open, handoff_release, open_for_vm, release_on_stop, takeover_open, HookError,

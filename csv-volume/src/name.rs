@@ -211,7 +211,7 @@ pub fn validate_disk_size(size_bytes: u64) -> Result<u64, SizeError> {
     if size_bytes > DISK_SIZE_MAX_BYTES {
         return Err(SizeError::TooLarge { size_bytes });
     }
-    if size_bytes % SECTOR_SIZE_BYTES != 0 {
+    if !size_bytes.is_multiple_of(SECTOR_SIZE_BYTES) {
         return Err(SizeError::NotSectorMultiple { size_bytes });
     }
     Ok(size_bytes)
@@ -230,9 +230,11 @@ mod tests {
         assert!(DiskName::parse("v/d").is_ok());
     }
 
+    type Check = fn(&NameError) -> bool;
+
     #[test]
     fn refuses_escapes_and_junk() {
-        let cases: &[(&str, fn(&NameError) -> bool)] = &[
+        let cases: &[(&str, Check)] = &[
             ("", |e| matches!(e, NameError::Empty)),
             ("/etc/passwd", |e| matches!(e, NameError::Absolute { .. })),
             ("vol/../other/x.img", |e| {

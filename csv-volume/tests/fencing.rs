@@ -306,3 +306,38 @@ fn removed_fence_record_stops_writes() {
     d.read_at(&mut buf, 0).unwrap();
     assert_eq!(&buf, b"ok\0\0");
 }
+
+#[test]
+fn relaxed_fence_check_still_fences_after_the_interval_and_on_flush() {
+    let (_dir, reg, name) = setup();
+    let mut raft = Raft::new();
+    let g1 = raft.grant(LockCommand::Acquire {
+        disk: name.clone(),
+        node: 1,
+        mode: LockMode::Exclusive,
+    });
+    let staleness = Duration::from_millis(30);
+    let mut a = open_for_vm(&reg, 1, &g1).unwrap();
+    let mut b = open_for_vm(&reg, 1, &g1).unwrap();
+    for d in [&mut a, &mut b] {
+        d.set_fence_check(csv_volume::FenceCheck::AtMostEvery {
+            max_staleness: staleness,
+        });
+        d.write_at(b"ok", 0).unwrap();
+    }
+
+    raft.down.insert(1);
+    let g2 = raft.grant(LockCommand::ForceTakeover {
+        disk: name.clone(),
+        node: 2,
+        mode: LockMode::Exclusive,
+    });
+    let _new = takeover_open(&reg, 2, &g2, Instant::now()).unwrap();
+
+    // Flush always checks, and the fence is sticky afterwards.
+    assert!(stale(&a.flush().unwrap_err()).is_some());
+    assert!(stale(&a.write_at(b"no", 0).unwrap_err()).is_some());
+    // Writes are refused once the interval has passed.
+    std::thread::sleep(staleness + Duration::from_millis(5));
+    assert!(stale(&b.write_at(b"no", 0).unwrap_err()).is_some());
+}
