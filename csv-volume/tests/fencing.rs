@@ -341,3 +341,80 @@ fn relaxed_fence_check_still_fences_after_the_interval_and_on_flush() {
     std::thread::sleep(staleness + Duration::from_millis(5));
     assert!(stale(&b.write_at(b"no", 0).unwrap_err()).is_some());
 }
+
+/// A writer thread runs flat out while another node takes over. Every write that
+/// *began* after the new fence record was in place must be refused, and none of the
+/// refused writes may reach the file.
+#[test]
+fn concurrent_writer_is_cut_off_at_the_fence() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let (_dir, reg, name) = setup();
+    let mut raft = Raft::new();
+    let g1 = raft.grant(LockCommand::Acquire {
+        disk: name.clone(),
+        node: 1,
+        mode: LockMode::Exclusive,
+    });
+    let mut old = open_for_vm(&reg, 1, &g1).unwrap();
+    let installed = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let installed = Arc::clone(&installed);
+        let started = Arc::clone(&started);
+        std::thread::spawn(move || {
+            // Each write stamps its sequence number into its own 8-byte slot.
+            let slots = DISK_SIZE_BYTES / 8;
+            let mut refused_after_install = 0u64;
+            for seq in 1..slots {
+                if seq == slots / 2 {
+                    // Never run out of slots before the takeover, however slow it is.
+                    while !installed.load(Ordering::SeqCst) {
+                        std::thread::yield_now();
+                    }
+                }
+                let began_after_install = installed.load(Ordering::SeqCst);
+                started.store(true, Ordering::SeqCst);
+                match old.write_at(&seq.to_le_bytes(), seq * 8) {
+                    Ok(()) => assert!(
+                        !began_after_install,
+                        "write {seq} began after the fence was installed and succeeded"
+                    ),
+                    Err(e) => {
+                        assert!(stale(&e).is_some(), "{e}");
+                        refused_after_install += 1;
+                        if refused_after_install == 1 {
+                            return seq;
+                        }
+                    }
+                }
+            }
+            panic!("the writer was never fenced");
+        })
+    };
+    while !started.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
+    raft.down.insert(1);
+    let g2 = raft.grant(LockCommand::ForceTakeover {
+        disk: name.clone(),
+        node: 2,
+        mode: LockMode::Exclusive,
+    });
+    let new = takeover_open(&reg, 2, &g2, Instant::now()).unwrap();
+    installed.store(true, Ordering::SeqCst);
+    let first_refused = writer.join().unwrap();
+    drop(new);
+
+    // Slots up to the first refused write hold their numbers; nothing after it landed.
+    let bytes = std::fs::read(reg.disk_path(&name).unwrap()).unwrap();
+    for (slot, chunk) in bytes.chunks(8).enumerate().skip(1) {
+        let v = u64::from_le_bytes(chunk.try_into().unwrap());
+        if (slot as u64) < first_refused {
+            assert_eq!(v, slot as u64, "slot {slot}");
+        } else {
+            assert_eq!(v, 0, "refused or never-issued write landed in slot {slot}");
+        }
+    }
+}

@@ -214,3 +214,37 @@ proptest! {
         prop_assert_eq!(clone, table);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2048, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The fence-record decoder takes any bytes without panicking, and only accepts
+    /// what the encoder could have produced.
+    #[test]
+    fn fence_decoder_total(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+        if let Ok(r) = csv_volume::FenceRecord::decode(&bytes) {
+            let encoded = r.encode();
+            prop_assert_eq!(encoded.as_slice(), bytes.as_slice());
+        }
+    }
+
+    #[test]
+    fn fence_record_round_trip(token in any::<u64>(), node in any::<u64>(), term in any::<u64>(), m in mode()) {
+        let r = csv_volume::FenceRecord { token: csv_volume::FencingToken(token), node, mode: m, term };
+        prop_assert_eq!(csv_volume::FenceRecord::decode(&r.encode()).unwrap(), r);
+    }
+
+    /// Any accepted name stays inside its volume: relative, no dot components, no
+    /// empty components, no control characters.
+    #[test]
+    fn accepted_names_cannot_escape(s in "[a-z./\\\\\u{0}\n]{0,24}") {
+        if let Ok(n) = DiskName::parse(&s) {
+            prop_assert!(!s.starts_with('/'));
+            for c in n.as_str().split('/') {
+                prop_assert!(!c.is_empty() && c != "." && c != "..");
+            }
+            prop_assert!(!s.chars().any(|c| c.is_control() || c == '\\'));
+            prop_assert!(!n.relative_path().is_empty());
+        }
+    }
+}
