@@ -27,4 +27,4 @@ pub use lock::{
     LockTable, NodeId,
 };
 pub use name::{DiskName, NameError, SizeError};
-pub use volume::{DiskInfo, Volume, VolumeError, VolumeRegistry};
+pub use volume::{DiskInfo, Volume, VolumeConfig, VolumeError, VolumeRegistry};

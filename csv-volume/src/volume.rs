@@ -84,6 +84,16 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Vol
     }
 }
 
+/// One volume as written in a node's configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    /// Namespace name, one component (`vol1`).
+    pub name: String,
+    /// Directory every node reaches at the same or its own local path.
+    pub path: PathBuf,
+}
+
 /// One registered volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Volume {
@@ -104,7 +114,7 @@ impl Volume {
 }
 
 /// A disk as listed: size, space used, and its lock (from the lock table passed in).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DiskInfo {
     pub name: DiskName,
     pub path: PathBuf,
@@ -132,6 +142,15 @@ impl VolumeRegistry {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A registry with every volume of `configs`; the first bad entry is the error.
+    pub fn from_config(configs: &[VolumeConfig]) -> Result<Self, VolumeError> {
+        let mut reg = Self::new();
+        for c in configs {
+            reg.register(&c.name, &c.path)?;
+        }
+        Ok(reg)
     }
 
     /// Registers volume `name` at directory `root` (must exist; its own path may

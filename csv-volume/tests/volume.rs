@@ -316,3 +316,42 @@ fn error_messages_name_what_was_wrong() {
         .to_string();
     assert_eq!(err, "no volume named missing is registered");
 }
+
+#[test]
+fn registry_from_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let configs: Vec<csv_volume::VolumeConfig> = configs_for(dir.path());
+    let reg = VolumeRegistry::from_config(&configs).unwrap();
+    let names: Vec<_> = reg.volumes().map(|v| v.name().to_owned()).collect();
+    assert_eq!(names, vec!["a"]);
+    assert_eq!(
+        reg.volume("a").unwrap().root(),
+        fs::canonicalize(dir.path()).unwrap()
+    );
+    // A bad second entry is reported, naming the volume.
+    let bad = vec![
+        configs[0].clone(),
+        csv_volume::VolumeConfig {
+            name: "a".into(),
+            path: dir.path().to_owned(),
+        },
+    ];
+    let err = VolumeRegistry::from_config(&bad).unwrap_err();
+    assert_eq!(err.to_string(), "volume a is already registered");
+}
+
+fn configs_for(root: &Path) -> Vec<csv_volume::VolumeConfig> {
+    let json = format!(
+        r#"[{{"name": "a", "path": {:?}}}]"#,
+        root.display().to_string()
+    );
+    let configs: Vec<csv_volume::VolumeConfig> = serde_json::from_str(&json).unwrap();
+    // Unknown fields are refused, not ignored.
+    let typo = format!(
+        r#"[{{"name": "a", "pth": {:?}}}]"#,
+        root.display().to_string()
+    );
+    let err = serde_json::from_str::<Vec<csv_volume::VolumeConfig>>(&typo).unwrap_err();
+    assert!(err.to_string().contains("unknown field `pth`"), "{err}");
+    configs
+}
