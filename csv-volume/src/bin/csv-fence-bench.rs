@@ -10,6 +10,9 @@
 //! - `check only`: `FencedDisk::check_fence` alone;
 //! - `re-read record`: open + read + decode + close of the record, the design the
 //!   cached check avoids;
+//! - `pread held record`: `pread` of the 36-byte record on a held descriptor plus
+//!   decode, the in-place-update design (not used: it cannot see a record replaced by
+//!   rename, and an in-place update is not crash-atomic);
 //! - `null syscall`: `getpid`, the floor any per-write check by syscall pays here.
 //!
 //! It also prints lock-table `apply` throughput (acquire + release pairs).
@@ -22,7 +25,9 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use csv_volume::fence::{read_fence_record, write_fence_record, FenceRecord};
+use csv_volume::fence::{
+    fence_path, read_fence_record, write_fence_record, FenceRecord, FENCE_RECORD_LEN_BYTES,
+};
 use csv_volume::{
     ApplyContext, DiskName, FenceCheck, FencedDisk, FencingToken, LockCommand, LockMode, LockTable,
 };
@@ -154,6 +159,8 @@ fn bench(args: &Args, dir: &std::path::Path) -> Result<(), Box<dyn std::error::E
 
     let offs = offsets(args.writes, args.block_bytes);
     let buf = vec![0x5Au8; args.block_bytes];
+    let held_record = std::fs::File::open(fence_path(&fenced_path))?;
+    let mut pread_ns = Vec::new();
     let (mut unfenced_ns, mut fenced_ns, mut lazy_ns, mut check_ns, mut reread_ns, mut null_ns) = (
         Vec::new(),
         Vec::new(),
@@ -183,6 +190,21 @@ fn bench(args: &Args, dir: &std::path::Path) -> Result<(), Box<dyn std::error::E
         lazy_ns.push(time_ns_per_op(args.writes, |i| {
             if let Err(e) = lazy.write_at(&buf, offs[i]) {
                 failed.get_or_insert(e);
+            }
+        }));
+        pread_ns.push(time_ns_per_op(args.writes, |_| {
+            let mut rec = [0u8; FENCE_RECORD_LEN_BYTES];
+            let decoded = held_record
+                .read_exact_at(&mut rec, 0)
+                .map_err(std::io::Error::other)
+                .and_then(|()| FenceRecord::decode(&rec).map_err(std::io::Error::other));
+            match decoded {
+                Ok(r) => {
+                    black_box(r);
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
         }));
         null_ns.push(time_ns_per_op(args.writes, |_| {
@@ -235,6 +257,10 @@ fn bench(args: &Args, dir: &std::path::Path) -> Result<(), Box<dyn std::error::E
         (l - u) / u * 100.0
     );
     println!("fence check alone (stat)     {c:>9.0} ns/check");
+    println!(
+        "pread held record + decode   {:>9.0} ns/check  (alternative, not used)",
+        median(pread_ns)
+    );
     println!("null syscall (getpid)        {z:>9.0} ns/call");
     println!(
         "re-read record (open+read)   {r:>9.0} ns/check  ({:.1}x the cached check)",
