@@ -281,8 +281,23 @@ impl FencedDisk {
             });
         }
         let record = self.watch.current().map_err(DiskError::Fence)?;
-        if record.token != self.token {
-            // A record can only move forward; anything else is a newer epoch.
+        if record.token < self.token {
+            // Records only move forward; an older one means a superseded node
+            // rolled it back. Refuse (not sticky) rather than write under it.
+            tracing::warn!(
+                path = %self.path.display(),
+                node = self.node,
+                held = self.token.0,
+                recorded = record.token.0,
+                "fence record older than our token: writes refused"
+            );
+            return Err(DiskError::FenceBehind {
+                node: self.node,
+                held: self.token,
+                recorded: record.token,
+            });
+        }
+        if record.token > self.token {
             self.fenced_by = Some(record.token);
             tracing::warn!(
                 path = %self.path.display(),

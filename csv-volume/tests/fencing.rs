@@ -418,3 +418,37 @@ fn concurrent_writer_is_cut_off_at_the_fence() {
         }
     }
 }
+
+#[test]
+fn rolled_back_record_refuses_writes_until_restored() {
+    let (_dir, reg, name) = setup();
+    let mut raft = Raft::new();
+    raft.index = 10;
+    let g = raft.grant(LockCommand::Acquire {
+        disk: name.clone(),
+        node: 1,
+        mode: LockMode::Exclusive,
+    });
+    let mut d = open_for_vm(&reg, 1, &g).unwrap();
+    let fence = csv_volume::fence::fence_path(&reg.disk_path(&name).unwrap());
+    let replace = |token: u64| {
+        let rec = csv_volume::FenceRecord {
+            token: FencingToken(token),
+            node: 1,
+            mode: LockMode::Exclusive,
+            term: 1,
+        };
+        let tmp = fence.with_extension("fence.test");
+        std::fs::write(&tmp, rec.encode()).unwrap();
+        std::fs::rename(&tmp, &fence).unwrap();
+    };
+    replace(3);
+    let err = d.write_at(b"no", 0).unwrap_err();
+    assert!(
+        matches!(disk_error(&err), Some(DiskError::FenceBehind { .. })),
+        "{err}"
+    );
+    replace(g.token.0);
+    d.write_at(b"ok", 0).unwrap();
+    assert_eq!(d.fenced_by(), None);
+}
