@@ -248,3 +248,36 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// A damaged snapshot either fails to load or loads as a table that satisfies
+    /// the invariants; it never panics and never yields two write owners.
+    #[test]
+    fn damaged_snapshot_never_loads_inconsistent(
+        steps in proptest::collection::vec(step(), 1..30),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+    ) {
+        use bincode::Options;
+        let ctxs = contexts(&steps);
+        let mut table = LockTable::new();
+        for ((cmd, ..), ctx) in steps.iter().zip(&ctxs) {
+            let _ = table.apply(cmd.clone(), ctx);
+        }
+        let opts = bincode::DefaultOptions::new().with_limit(1 << 20);
+        let mut bytes = opts.serialize(&table).unwrap();
+        for (at, x) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] ^= x;
+        }
+        if let Ok(loaded) = opts.deserialize::<LockTable>(&bytes) {
+            prop_assert!(loaded.check().is_ok());
+            for (_, l) in loaded.iter() {
+                if l.mode == LockMode::Exclusive {
+                    prop_assert_eq!(l.holders.len(), 1);
+                }
+            }
+        }
+    }
+}
