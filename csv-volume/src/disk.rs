@@ -117,6 +117,9 @@ pub struct FencedDisk {
     /// Set once a newer token was seen; the disk never writes again.
     fenced_by: Option<FencingToken>,
     policy: FenceCheck,
+    /// Whether the current run of `FenceBehind` refusals was logged (log once per run:
+    /// the guest drives the write rate).
+    behind_logged: bool,
     /// When the fence was last found current (only kept for `AtMostEvery`).
     last_good_check: Option<Instant>,
 }
@@ -197,6 +200,7 @@ impl FencedDisk {
             watch,
             fenced_by: None,
             policy: FenceCheck::default(),
+            behind_logged: false,
             last_good_check: None,
         })
     }
@@ -284,19 +288,23 @@ impl FencedDisk {
         if record.token < self.token {
             // Records only move forward; an older one means a superseded node
             // rolled it back. Refuse (not sticky) rather than write under it.
-            tracing::warn!(
-                path = %self.path.display(),
-                node = self.node,
-                held = self.token.0,
-                recorded = record.token.0,
-                "fence record older than our token: writes refused"
-            );
+            if !self.behind_logged {
+                self.behind_logged = true;
+                tracing::warn!(
+                    path = %self.path.display(),
+                    node = self.node,
+                    held = self.token.0,
+                    recorded = record.token.0,
+                    "fence record older than our token: writes refused"
+                );
+            }
             return Err(DiskError::FenceBehind {
                 node: self.node,
                 held: self.token,
                 recorded: record.token,
             });
         }
+        self.behind_logged = false;
         if record.token > self.token {
             self.fenced_by = Some(record.token);
             tracing::warn!(

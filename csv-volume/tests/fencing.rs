@@ -452,3 +452,29 @@ fn rolled_back_record_refuses_writes_until_restored() {
     d.write_at(b"ok", 0).unwrap();
     assert_eq!(d.fenced_by(), None);
 }
+
+#[test]
+fn fenced_disk_can_move_to_a_device_thread() {
+    fn assert_send<T: Send + 'static>() {}
+    assert_send::<csv_volume::FencedDisk>();
+    let (_dir, reg, name) = setup();
+    let mut raft = Raft::new();
+    let g = raft.grant(LockCommand::Acquire {
+        disk: name.clone(),
+        node: 1,
+        mode: LockMode::Exclusive,
+    });
+    let mut d = open_for_vm(&reg, 1, &g).unwrap();
+    let d = std::thread::spawn(move || {
+        d.write_at(b"from another thread", 0).unwrap();
+        d
+    })
+    .join()
+    .unwrap();
+    assert_eq!(d.len(), DISK_SIZE_BYTES);
+    assert!(
+        d.describe().contains("vol/vms/web/root.img"),
+        "{}",
+        d.describe()
+    );
+}
