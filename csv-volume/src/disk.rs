@@ -251,6 +251,17 @@ impl FencedDisk {
         self.len_bytes
     }
 
+    /// Re-reads the image size after [`crate::VolumeRegistry::grow_disk`]; returns it.
+    pub fn refresh_len(&mut self) -> Result<u64, DiskError> {
+        let meta = self.file.metadata().map_err(|source| DiskError::Io {
+            op: "stat",
+            path: self.path.clone(),
+            source,
+        })?;
+        self.len_bytes = meta.len();
+        Ok(self.len_bytes)
+    }
+
     /// Whether the disk has no bytes.
     pub fn is_empty(&self) -> bool {
         self.len_bytes == 0

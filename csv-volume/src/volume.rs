@@ -275,8 +275,26 @@ impl VolumeRegistry {
         let mut made = Vec::new();
         let result = (|| {
             for dir in &r.missing_dirs {
-                fs::create_dir(dir).map_err(io_err("create directory", dir))?;
-                made.push(dir.clone());
+                match fs::create_dir(dir) {
+                    Ok(()) => made.push(dir.clone()),
+                    // Another node made it meanwhile: fine if it is a real directory.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        let meta = fs::symlink_metadata(dir).map_err(io_err("inspect", dir))?;
+                        if meta.file_type().is_symlink() {
+                            return Err(VolumeError::Symlink {
+                                name: name.clone(),
+                                path: dir.clone(),
+                            });
+                        }
+                        if !meta.is_dir() {
+                            return Err(VolumeError::NotADirectory {
+                                name: name.clone(),
+                                path: dir.clone(),
+                            });
+                        }
+                    }
+                    Err(e) => return Err(io_err("create directory", dir)(e)),
+                }
             }
             let file = OpenOptions::new()
                 .write(true)

@@ -478,3 +478,25 @@ fn fenced_disk_can_move_to_a_device_thread() {
         d.describe()
     );
 }
+
+#[test]
+fn owner_grows_an_open_disk_and_sees_the_new_size() {
+    let (_dir, reg, name) = setup();
+    let mut raft = Raft::new();
+    let g = raft.grant(LockCommand::Acquire {
+        disk: name.clone(),
+        node: 1,
+        mode: LockMode::Exclusive,
+    });
+    let mut d = open_for_vm(&reg, 1, &g).unwrap();
+    let end = DISK_SIZE_BYTES;
+    assert!(d.write_at(b"x", end).is_err());
+    reg.grow_disk(&name, 2 * DISK_SIZE_BYTES, 1, &raft.table)
+        .unwrap();
+    assert_eq!(d.refresh_len().unwrap(), 2 * DISK_SIZE_BYTES);
+    d.write_at(b"x", end).unwrap();
+    // Another node may not grow it while node 1 holds it.
+    assert!(reg
+        .grow_disk(&name, 4 * DISK_SIZE_BYTES, 2, &raft.table)
+        .is_err());
+}

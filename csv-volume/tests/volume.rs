@@ -355,3 +355,23 @@ fn configs_for(root: &Path) -> Vec<csv_volume::VolumeConfig> {
     assert!(err.to_string().contains("unknown field `pth`"), "{err}");
     configs
 }
+
+#[test]
+fn concurrent_creates_in_one_new_directory_both_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = VolumeRegistry::new();
+    reg.register("vol", dir.path()).unwrap();
+    let reg = std::sync::Arc::new(reg);
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let reg = std::sync::Arc::clone(&reg);
+            std::thread::spawn(move || {
+                reg.create_disk(&name(&format!("vol/new/deep/dir/d{i}.img")), 4096)
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap().unwrap();
+    }
+    assert_eq!(reg.list(&LockTable::new()).unwrap().len(), 8);
+}
