@@ -380,17 +380,11 @@ impl LockTable {
                 held,
                 requested,
             }),
-            (LockMode::Shared, LockMode::Shared) => {
+            // A reader joins the shared epoch, or the holder re-acquires: same token.
+            (LockMode::Shared, LockMode::Shared) | (LockMode::Exclusive, LockMode::Exclusive)
+                if mode == LockMode::Shared || holds =>
+            {
                 lock.holders.insert(node);
-                Ok(LockOutcome::Granted(LockGrant {
-                    disk,
-                    node,
-                    mode,
-                    token: lock.token,
-                    term: lock.term,
-                }))
-            }
-            (LockMode::Exclusive, LockMode::Exclusive) if holds => {
                 Ok(LockOutcome::Granted(LockGrant {
                     disk,
                     node,

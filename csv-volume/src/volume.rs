@@ -124,6 +124,18 @@ pub struct DiskInfo {
     pub lock: Option<DiskLock>,
 }
 
+impl DiskInfo {
+    fn new(name: &DiskName, path: PathBuf, meta: &fs::Metadata, locks: &LockTable) -> Self {
+        DiskInfo {
+            name: name.clone(),
+            path,
+            size_bytes: meta.len(),
+            allocated_bytes: meta.blocks() * 512,
+            lock: locks.lock(name).cloned(),
+        }
+    }
+}
+
 /// Where a name resolves to, after the symlink checks.
 struct Resolved {
     path: PathBuf,
@@ -327,13 +339,7 @@ impl VolumeRegistry {
         match result {
             Ok(meta) => {
                 tracing::info!(disk = %name, size_bytes, "disk created");
-                Ok(DiskInfo {
-                    name: name.clone(),
-                    path: r.path,
-                    size_bytes: meta.len(),
-                    allocated_bytes: meta.blocks() * 512,
-                    lock: None,
-                })
+                Ok(DiskInfo::new(name, r.path, &meta, &LockTable::new()))
             }
             Err(e) => {
                 for dir in made.iter().rev() {
@@ -384,13 +390,7 @@ impl VolumeRegistry {
             .map_err(io_err("grow", &path))?;
         let meta = file.metadata().map_err(io_err("stat", &path))?;
         tracing::info!(disk = %name, current_bytes, new_size_bytes, "disk grown");
-        Ok(DiskInfo {
-            name: name.clone(),
-            path,
-            size_bytes: meta.len(),
-            allocated_bytes: meta.blocks() * 512,
-            lock: locks.lock(name).cloned(),
-        })
+        Ok(DiskInfo::new(name, path, &meta, locks))
     }
 
     /// Deletes a disk and its fence record. Refused while the disk is locked.
@@ -433,13 +433,7 @@ impl VolumeRegistry {
     pub fn info(&self, name: &DiskName, locks: &LockTable) -> Result<DiskInfo, VolumeError> {
         let path = self.disk_path(name)?;
         let meta = fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
-        Ok(DiskInfo {
-            name: name.clone(),
-            path,
-            size_bytes: meta.len(),
-            allocated_bytes: meta.blocks() * 512,
-            lock: locks.lock(name).cloned(),
-        })
+        Ok(DiskInfo::new(name, path, &meta, locks))
     }
 }
 
@@ -472,13 +466,7 @@ fn walk(
                 tracing::debug!(path = %path.display(), "skipping file with an invalid disk name");
                 continue;
             };
-            out.push(DiskInfo {
-                lock: locks.lock(&name).cloned(),
-                name,
-                path,
-                size_bytes: meta.len(),
-                allocated_bytes: meta.blocks() * 512,
-            });
+            out.push(DiskInfo::new(&name, path, &meta, locks));
         }
     }
     Ok(())

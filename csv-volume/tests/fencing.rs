@@ -41,6 +41,14 @@ impl Raft {
         self.table.apply(cmd, &ctx).expect("lock command refused")
     }
 
+    fn acquire(&mut self, disk: &DiskName, node: NodeId, mode: LockMode) -> LockGrant {
+        self.grant(LockCommand::Acquire {
+            disk: disk.clone(),
+            node,
+            mode,
+        })
+    }
+
     fn grant(&mut self, cmd: LockCommand) -> LockGrant {
         match self.apply(cmd) {
             LockOutcome::Granted(g) => g,
@@ -71,11 +79,7 @@ fn after_takeover_old_owner_is_refused_and_disk_holds_only_new_writes() {
     let mut raft = Raft::new();
 
     // Node 1 owns the disk; node 2 is another backend on the same volume.
-    let g1 = raft.grant(LockCommand::Acquire {
-        disk: name.clone(),
-        node: 1,
-        mode: LockMode::Exclusive,
-    });
+    let g1 = raft.acquire(&name, 1, LockMode::Exclusive);
     let mut old = open_for_vm(&reg, 1, &g1).unwrap();
 
     // Node 1 is declared Down; node 2 takes over (its lease wait has passed).
@@ -127,11 +131,7 @@ fn after_takeover_old_owner_is_refused_and_disk_holds_only_new_writes() {
 fn writes_before_the_takeover_stay_and_later_ones_do_not() {
     let (_dir, reg, name) = setup();
     let mut raft = Raft::new();
-    let g1 = raft.grant(LockCommand::Acquire {
-        disk: name.clone(),
-        node: 1,
-        mode: LockMode::Exclusive,
-    });
+    let g1 = raft.acquire(&name, 1, LockMode::Exclusive);
     let mut old = open_for_vm(&reg, 1, &g1).unwrap();
     old.write_at(b"written by node 1 while owner", 0).unwrap();
     old.flush().unwrap();
@@ -164,11 +164,7 @@ fn writes_before_the_takeover_stay_and_later_ones_do_not() {
 fn migration_handoff_moves_the_disk() {
     let (_dir, reg, name) = setup();
     let mut raft = Raft::new();
-    let g1 = raft.grant(LockCommand::Acquire {
-        disk: name.clone(),
-        node: 1,
-        mode: LockMode::Exclusive,
-    });
+    let g1 = raft.acquire(&name, 1, LockMode::Exclusive);
     let mut src = open_for_vm(&reg, 1, &g1).unwrap();
     src.write_at(b"before migration", 0).unwrap();
 
@@ -207,11 +203,7 @@ fn migration_handoff_moves_the_disk() {
 fn stale_grant_cannot_open_and_wrong_epoch_is_refused() {
     let (_dir, reg, name) = setup();
     let mut raft = Raft::new();
-    let g1 = raft.grant(LockCommand::Acquire {
-        disk: name.clone(),
-        node: 1,
-        mode: LockMode::Exclusive,
-    });
+    let g1 = raft.acquire(&name, 1, LockMode::Exclusive);
     let d1 = open_for_vm(&reg, 1, &g1).unwrap();
     let cmd = handoff_release(d1, 2).unwrap();
     let g2 = raft.grant(cmd);
@@ -242,25 +234,13 @@ fn stale_grant_cannot_open_and_wrong_epoch_is_refused() {
 fn shared_readers_read_but_never_write() {
     let (_dir, reg, name) = setup();
     let mut raft = Raft::new();
-    let g = raft.grant(LockCommand::Acquire {
-        disk: name.clone(),
-        node: 1,
-        mode: LockMode::Exclusive,
-    });
+    let g = raft.acquire(&name, 1, LockMode::Exclusive);
     let mut w = open_for_vm(&reg, 1, &g).unwrap();
     w.write_at(b"golden image", 0).unwrap();
     raft.apply(release_on_stop(w).unwrap());
 
-    let r1 = raft.grant(LockCommand::Acquire {
-        disk: name.clone(),
-        node: 1,
-        mode: LockMode::Shared,
-    });
-    let r2 = raft.grant(LockCommand::Acquire {
-        disk: name.clone(),
-        node: 2,
-        mode: LockMode::Shared,
-    });
+    let r1 = raft.acquire(&name, 1, LockMode::Shared);
+    let r2 = raft.acquire(&name, 2, LockMode::Shared);
     assert_eq!(r1.token, r2.token);
     let mut a = open_for_vm(&reg, 1, &r1).unwrap();
     let mut b = open_for_vm(&reg, 2, &r2).unwrap();
@@ -288,11 +268,7 @@ fn shared_readers_read_but_never_write() {
 fn removed_fence_record_stops_writes() {
     let (_dir, reg, name) = setup();
     let mut raft = Raft::new();
-    let g = raft.grant(LockCommand::Acquire {
-        disk: name.clone(),
-        node: 1,
-        mode: LockMode::Exclusive,
-    });
+    let g = raft.acquire(&name, 1, LockMode::Exclusive);
     let mut d = open_for_vm(&reg, 1, &g).unwrap();
     d.write_at(b"ok", 0).unwrap();
     let path = reg.disk_path(&name).unwrap();
@@ -311,11 +287,7 @@ fn removed_fence_record_stops_writes() {
 fn relaxed_fence_check_still_fences_after_the_interval_and_on_flush() {
     let (_dir, reg, name) = setup();
     let mut raft = Raft::new();
-    let g1 = raft.grant(LockCommand::Acquire {
-        disk: name.clone(),
-        node: 1,
-        mode: LockMode::Exclusive,
-    });
+    let g1 = raft.acquire(&name, 1, LockMode::Exclusive);
     let staleness = Duration::from_millis(30);
     let mut a = open_for_vm(&reg, 1, &g1).unwrap();
     let mut b = open_for_vm(&reg, 1, &g1).unwrap();
@@ -352,11 +324,7 @@ fn concurrent_writer_is_cut_off_at_the_fence() {
 
     let (_dir, reg, name) = setup();
     let mut raft = Raft::new();
-    let g1 = raft.grant(LockCommand::Acquire {
-        disk: name.clone(),
-        node: 1,
-        mode: LockMode::Exclusive,
-    });
+    let g1 = raft.acquire(&name, 1, LockMode::Exclusive);
     let mut old = open_for_vm(&reg, 1, &g1).unwrap();
     let installed = Arc::new(AtomicBool::new(false));
     let started = Arc::new(AtomicBool::new(false));
@@ -424,11 +392,7 @@ fn rolled_back_record_refuses_writes_until_restored() {
     let (_dir, reg, name) = setup();
     let mut raft = Raft::new();
     raft.index = 10;
-    let g = raft.grant(LockCommand::Acquire {
-        disk: name.clone(),
-        node: 1,
-        mode: LockMode::Exclusive,
-    });
+    let g = raft.acquire(&name, 1, LockMode::Exclusive);
     let mut d = open_for_vm(&reg, 1, &g).unwrap();
     let fence = csv_volume::fence::fence_path(&reg.disk_path(&name).unwrap());
     let replace = |token: u64| {
@@ -459,11 +423,7 @@ fn fenced_disk_can_move_to_a_device_thread() {
     assert_send::<csv_volume::FencedDisk>();
     let (_dir, reg, name) = setup();
     let mut raft = Raft::new();
-    let g = raft.grant(LockCommand::Acquire {
-        disk: name.clone(),
-        node: 1,
-        mode: LockMode::Exclusive,
-    });
+    let g = raft.acquire(&name, 1, LockMode::Exclusive);
     let mut d = open_for_vm(&reg, 1, &g).unwrap();
     let d = std::thread::spawn(move || {
         d.write_at(b"from another thread", 0).unwrap();
@@ -483,11 +443,7 @@ fn fenced_disk_can_move_to_a_device_thread() {
 fn owner_grows_an_open_disk_and_sees_the_new_size() {
     let (_dir, reg, name) = setup();
     let mut raft = Raft::new();
-    let g = raft.grant(LockCommand::Acquire {
-        disk: name.clone(),
-        node: 1,
-        mode: LockMode::Exclusive,
-    });
+    let g = raft.acquire(&name, 1, LockMode::Exclusive);
     let mut d = open_for_vm(&reg, 1, &g).unwrap();
     let end = DISK_SIZE_BYTES;
     assert!(d.write_at(b"x", end).is_err());
