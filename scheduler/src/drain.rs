@@ -8,8 +8,9 @@
 
 use crate::cluster::{util_bp, Cluster};
 use crate::estimate::{live_estimate, pair_bandwidth_mib_per_s, quick_estimate_ms};
-use crate::explain::{check, vm_live_blockers, MoveKind, Reason, Subject};
+use crate::explain::{anti_affinity_conflict, check, vm_live_blockers, MoveKind, Reason, Subject};
 use crate::model::{ClusterSnapshot, NodeId, NodeState, VmId, VmState};
+use crate::place::{choose_owner, no_up_node};
 use crate::plan::{DrainPlan, OwnershipMove, PlannedMove, Unmovable};
 use crate::timeline::{schedule, Job};
 use crate::PlanError;
@@ -139,29 +140,18 @@ pub fn drain(snap: &ClusterSnapshot, node: NodeId, now_ms: u64) -> Result<DrainP
     for vi in vms {
         let vm = c.vms[vi];
         if vm.state != VmState::Running {
-            let to = vm
-                .preferred_owners
-                .iter()
-                .filter_map(|&p| c.node_index(p))
-                .chain(0..c.nodes.len())
-                .find(|&n| n != di && c.is_up(n));
-            match to {
-                Some(to) => {
+            match choose_owner(&c, vi, di) {
+                Some((to, aa)) => {
                     ownership_moves.push(OwnershipMove {
                         vm: vm.id.clone(),
                         to: c.nodes[to].node.id,
+                        anti_affinity_violation: aa,
                     });
                     c.move_vm(vi, to);
                 }
                 None => unmovable.push(Unmovable {
                     vm: vm.id.clone(),
-                    reasons: (0..c.nodes.len())
-                        .filter(|&n| n != di)
-                        .map(|n| Reason::NodeNotUp {
-                            node: c.nodes[n].node.id,
-                            state: c.nodes[n].node.state,
-                        })
-                        .collect(),
+                    reasons: no_up_node(&c, di),
                 }),
             }
             continue;
@@ -294,9 +284,22 @@ pub fn failback(
             continue;
         }
         if vm.state != VmState::Running {
+            let s = Subject::of_vm(&c, vi);
+            if let Some((class, other)) = anti_affinity_conflict(&c, &s, home) {
+                unmovable.push(Unmovable {
+                    vm: vm.id.clone(),
+                    reasons: vec![Reason::AntiAffinity {
+                        node,
+                        class: class.to_owned(),
+                        other_vm: c.vms[other].id.clone(),
+                    }],
+                });
+                continue;
+            }
             ownership_moves.push(OwnershipMove {
                 vm: vm.id.clone(),
                 to: node,
+                anti_affinity_violation: None,
             });
             c.move_vm(vi, home);
             continue;

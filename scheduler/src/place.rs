@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{util_bp, Cluster};
-use crate::explain::{check, MoveKind, Reason, Subject};
+use crate::explain::{anti_affinity_conflict, check, MoveKind, Reason, Subject};
 use crate::model::{BalanceMode, ClusterSnapshot, CpuVendor, NodeId, NodeState, VmId, VmState};
 use crate::plan::{
     FailoverPlan, NodeRejection, NotRestarted, OwnershipMove, Placement, Refusal, Restart,
@@ -171,20 +171,19 @@ pub fn failover(snap: &ClusterSnapshot, down: NodeId) -> Result<FailoverPlan, Pl
     for vi in order {
         let vm = c.vms[vi];
         if vm.state != VmState::Running {
-            // Off VMs only need a new owner: any Up node, preferred owners first.
-            let up: Vec<usize> = (0..c.nodes.len()).filter(|&n| c.is_up(n)).collect();
-            let to = vm
-                .preferred_owners
-                .iter()
-                .filter_map(|&p| c.node_index(p))
-                .find(|n| up.contains(n))
-                .or_else(|| up.first().copied());
-            if let Some(to) = to {
+            if let Some((to, aa)) = choose_owner(&c, vi, di) {
                 plan.ownership_moves.push(OwnershipMove {
                     vm: vm.id.clone(),
                     to: c.nodes[to].node.id,
+                    anti_affinity_violation: aa,
                 });
                 c.move_vm(vi, to);
+            } else {
+                plan.not_restarted.push(NotRestarted {
+                    vm: vm.id.clone(),
+                    priority: vm.restart_priority,
+                    reasons: no_up_node(&c, di),
+                });
             }
             continue;
         }
@@ -216,4 +215,50 @@ pub fn failover(snap: &ClusterSnapshot, down: NodeId) -> Result<FailoverPlan, Pl
         }
     }
     Ok(plan)
+}
+
+/// New owner for an off VM (no resources needed): an Up node other than `exclude`, without an anti-affinity
+/// conflict if possible, preferred owners first, then the lowest id.
+pub(crate) fn choose_owner(
+    c: &Cluster<'_>,
+    vi: usize,
+    exclude: usize,
+) -> Option<(usize, Option<Reason>)> {
+    let vm = c.vms[vi];
+    let s = Subject::of_vm(c, vi);
+    let order = vm
+        .preferred_owners
+        .iter()
+        .filter_map(|&p| c.node_index(p))
+        .chain(0..c.nodes.len())
+        .filter(|&n| n != exclude && c.is_up(n));
+    let mut fallback = None;
+    for n in order {
+        match anti_affinity_conflict(c, &s, n) {
+            None => return Some((n, None)),
+            Some((class, other)) if fallback.is_none() => {
+                fallback = Some((
+                    n,
+                    Some(Reason::AntiAffinity {
+                        node: c.nodes[n].node.id,
+                        class: class.to_owned(),
+                        other_vm: c.vms[other].id.clone(),
+                    }),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    fallback
+}
+
+/// "Not up" reasons for every node but `exclude`.
+pub(crate) fn no_up_node(c: &Cluster<'_>, exclude: usize) -> Vec<Reason> {
+    (0..c.nodes.len())
+        .filter(|&n| n != exclude)
+        .map(|n| Reason::NodeNotUp {
+            node: c.nodes[n].node.id,
+            state: c.nodes[n].node.state,
+        })
+        .collect()
 }

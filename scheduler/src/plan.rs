@@ -64,6 +64,8 @@ pub struct OwnershipMove {
     pub vm: VmId,
     /// New owner.
     pub to: NodeId,
+    /// Anti-affinity rule that had to be broken (every Up node had a VM of its class), if any.
+    pub anti_affinity_violation: Option<Reason>,
 }
 
 /// Maintenance drain (or failback) timeline.
