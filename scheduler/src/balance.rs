@@ -205,6 +205,9 @@ fn best_even_move(
     best.map(|(_, vi, to, est)| (vi, to, est))
 }
 
+/// (fill key, node id), target, (duration, downtime).
+type PackChoice = ((u64, crate::model::NodeId), usize, (u64, u64));
+
 fn consolidate(c: &mut Cluster<'_>, jobs: &mut Vec<Job>) {
     let fill = u64::from(c.snap.policy.aggressiveness.consolidation_fill_bp());
     let mut candidates: Vec<usize> = (0..c.nodes.len())
@@ -232,7 +235,7 @@ fn consolidate(c: &mut Cluster<'_>, jobs: &mut Vec<Job>) {
         let mut ok = true;
         for vi in vms {
             let mem = c.vms[vi].memory_mib;
-            let mut best: Option<((u64, crate::model::NodeId), usize, (u64, u64))> = None;
+            let mut best: Option<PackChoice> = None;
             for to in 0..c.nodes.len() {
                 let t = &c.nodes[to];
                 if closed.contains(&to) || !c.is_up(to) || mem > t.mem_free_mib() {

@@ -15,6 +15,9 @@ use crate::plan::{DrainPlan, OwnershipMove, PlannedMove, Unmovable};
 use crate::timeline::{schedule, Job};
 use crate::PlanError;
 
+/// Target preference: (not live, anti-affinity conflict, preferred-owner rank, duration, utilisation after, id).
+type DrainKey = (bool, bool, usize, u64, u64, NodeId);
+
 /// A feasible way to move a VM to one node.
 struct Candidate {
     kind: MoveKind,
@@ -166,7 +169,7 @@ pub fn drain(snap: &ClusterSnapshot, node: NodeId, now_ms: u64) -> Result<DrainP
             });
             continue;
         }
-        let mut best: Option<((bool, bool, usize, u64, u64, NodeId), Candidate)> = None;
+        let mut best: Option<(DrainKey, Candidate)> = None;
         let mut rejected = Vec::new();
         for to in 0..c.nodes.len() {
             if to == di {

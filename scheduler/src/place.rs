@@ -60,6 +60,9 @@ impl Fit {
     }
 }
 
+/// Target preference: (anti-affinity conflict, preferred-owner rank, empty node (pack only), fit, id).
+type PlaceKey = (bool, usize, Reverse<bool>, u64, NodeId);
+
 /// Chooses a node for `s` among all nodes, or returns every node's rejection.
 pub(crate) fn choose(
     c: &Cluster<'_>,
@@ -68,11 +71,7 @@ pub(crate) fn choose(
     preferred: &[NodeId],
     fit: Fit,
 ) -> Result<(usize, Option<Reason>), Vec<NodeRejection>> {
-    let mut best: Option<(
-        (bool, usize, Reverse<bool>, u64, NodeId),
-        usize,
-        Option<Reason>,
-    )> = None;
+    let mut best: Option<(PlaceKey, usize, Option<Reason>)> = None;
     let mut rejections = Vec::new();
     for ni in 0..c.nodes.len() {
         let reasons = check(c, s, ni, kind, false);

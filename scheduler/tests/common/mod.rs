@@ -219,7 +219,7 @@ pub fn apply(snap: &ClusterSnapshot, moves: &[(VmId, NodeId)]) -> ClusterSnapsho
     s
 }
 
-pub fn node<'a>(snap: &'a ClusterSnapshot, id: NodeId) -> &'a Node {
+pub fn node(snap: &ClusterSnapshot, id: NodeId) -> &Node {
     snap.nodes.iter().find(|n| n.id == id).expect("node exists")
 }
 
