@@ -161,9 +161,6 @@ fn even(c: &mut Cluster<'_>, jobs: &mut Vec<Job>) {
     }
 }
 
-/// Key: (does not bring the source under the threshold, memory order, target utilisation after, ids).
-type EvenKey = (bool, u64, u64, crate::model::NodeId, usize);
-
 fn best_even_move(
     c: &Cluster<'_>,
     src: usize,
@@ -173,36 +170,43 @@ fn best_even_move(
 ) -> Option<(usize, usize, (u64, u64))> {
     let s = &c.nodes[src];
     let src_util = s.util_bp();
-    let mut best: Option<(EvenKey, usize, usize, (u64, u64))> = None;
-    for &vi in &s.running {
-        if moved.contains(&vi) {
-            continue;
-        }
+    // VMs in preference order: those that bring the node under the threshold, least memory first; then the
+    // others, largest first (fewest moves).
+    let mut vms: Vec<(bool, u64, usize)> = s
+        .running
+        .iter()
+        .filter(|vi| !moved.contains(vi))
+        .map(|&vi| {
+            let mem = c.vms[vi].memory_mib;
+            let clears = util_bp(s.mem_used_mib - mem, s.mem_capacity_mib) <= threshold;
+            (!clears, if clears { mem } else { u64::MAX - mem }, vi)
+        })
+        .collect();
+    vms.sort_unstable();
+    for (_, _, vi) in vms {
         let mem = c.vms[vi].memory_mib;
         let src_after = util_bp(s.mem_used_mib - mem, s.mem_capacity_mib);
-        let clears = src_after <= threshold;
-        for to in 0..c.nodes.len() {
-            let t = &c.nodes[to];
-            if to == src || !c.is_up(to) || mem > t.mem_free_mib() {
-                continue;
-            }
-            let t_before = t.util_bp();
-            let t_after = util_bp(t.mem_used_mib + mem, t.mem_capacity_mib);
-            if t_after + margin > src_util || src_after < t_before + margin {
-                continue;
-            }
-            // Under the threshold: least memory moved; otherwise: the largest VM (fewest moves).
-            let mem_key = if clears { mem } else { u64::MAX - mem };
-            let key = (!clears, mem_key, t_after, t.node.id, vi);
-            if best.as_ref().is_some_and(|(k, ..)| *k <= key) {
-                continue;
-            }
-            if let Some(est) = clean_live(c, vi, to) {
-                best = Some((key, vi, to, est));
-            }
+        // Targets that keep the hysteresis condition, least utilised after the move first.
+        let mut targets: Vec<(u64, crate::model::NodeId, usize)> = (0..c.nodes.len())
+            .filter_map(|to| {
+                let t = &c.nodes[to];
+                if to == src || !c.is_up(to) || mem > t.mem_free_mib() {
+                    return None;
+                }
+                let t_after = util_bp(t.mem_used_mib + mem, t.mem_capacity_mib);
+                (t_after + margin <= src_util && src_after >= t.util_bp() + margin)
+                    .then_some((t_after, t.node.id, to))
+            })
+            .collect();
+        targets.sort_unstable();
+        if let Some(found) = targets
+            .into_iter()
+            .find_map(|(_, _, to)| clean_live(c, vi, to).map(|est| (vi, to, est)))
+        {
+            return Some(found);
         }
     }
-    best.map(|(_, vi, to, est)| (vi, to, est))
+    None
 }
 
 /// (fill key, node id), target, (duration, downtime).
