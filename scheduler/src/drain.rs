@@ -226,6 +226,7 @@ pub fn drain(snap: &ClusterSnapshot, node: NodeId, now_ms: u64) -> Result<DrainP
         lower_bound_ms: lower_bound_ms(moved_mib, c.nodes[di].node.migration_bandwidth_mib_per_s),
         ownership_moves,
         unmovable,
+        incoming_in_flight: Vec::new(),
     })
 }
 
@@ -349,5 +350,6 @@ pub fn failback(
         lower_bound_ms: lower_bound_ms(moved_mib, c.nodes[home].node.migration_bandwidth_mib_per_s),
         ownership_moves,
         unmovable,
+        incoming_in_flight: Vec::new(),
     })
 }

@@ -85,6 +85,9 @@ pub struct DrainPlan {
     pub ownership_moves: Vec<OwnershipMove>,
     /// VMs left behind, with reasons.
     pub unmovable: Vec<Unmovable>,
+    /// VMs with an in-flight migration *into* the node (drain only): the caller aborts these, or they arrive
+    /// after the drain and need another drain.
+    pub incoming_in_flight: Vec<VmId>,
 }
 
 impl DrainPlan {

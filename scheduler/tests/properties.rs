@@ -76,6 +76,12 @@ proptest! {
         }
         let on_node: BTreeSet<VmId> = snap.vms.iter().filter(|v| v.node == target).map(|v| v.id.clone()).collect();
         prop_assert_eq!(seen, on_node);
+        let incoming: Vec<VmId> = snap.migrations.iter().filter(|m| m.to == target).map(|m| m.vm.clone()).collect();
+        let mut got = plan.incoming_in_flight.clone();
+        got.sort();
+        let mut want = incoming;
+        want.sort();
+        prop_assert_eq!(got, want);
         // Anti-affinity: any new co-location is flagged on one of the moves that made it.
         let flagged: BTreeSet<VmId> = plan.moves().filter(|m| m.anti_affinity_violation.is_some()).map(|m| m.vm.clone())
             .chain(plan.ownership_moves.iter().filter(|o| o.anti_affinity_violation.is_some()).map(|o| o.vm.clone()))
@@ -90,6 +96,12 @@ proptest! {
         let slack = plan.moves().count() as u64;
         prop_assert!(plan.finish_ms - now + slack >= plan.lower_bound_ms);
         prop_assert!(plan.moves().all(|m| m.end_ms <= plan.finish_ms));
+        // Finish soonest: with the default limit the drained node is in every move, so without in-flight
+        // migrations it is never idle — the makespan is exactly the sum of the move estimates.
+        if snap.migrations.is_empty() && snap.policy.max_live_migrations_per_node == 1 {
+            let total: u64 = plan.moves().map(|m| m.duration_ms()).sum();
+            prop_assert_eq!(plan.finish_ms - now, total);
+        }
     }
 
     #[test]
