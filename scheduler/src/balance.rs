@@ -5,8 +5,9 @@
 //! aggressiveness), move one VM off the most loaded such node. A move of a VM from `a` to `b` is allowed only if
 //! after it both nodes lie at least `balance_margin_bp` inside the old interval: `util(b)' + margin ≤ util(a)` and
 //! `util(a)' ≥ util(b) + margin`. That hysteresis gives: the spread never grows; Φ = Σ used²/capacity drops by at
-//! least 2·x·margin per move, so moves cannot cycle, within a run or across runs (no ping-pong); and a run
-//! stops only at a state the next run leaves alone. The VM picked is the smallest that brings the node under the
+//! least 2·x·margin per move, so moves cannot cycle, within a run or across runs (no ping-pong). A VM moves at
+//! most once per plan, so a later run may continue where one stopped, but runs converge to a state no run
+//! changes. The VM picked is the smallest that brings the node under the
 //! threshold, else the largest allowed (fewest moves), and the target the least utilised one.
 //!
 //! **Power saving.** Nodes are emptied smallest first onto nodes that already run VMs (best fit, never above the

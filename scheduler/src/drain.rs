@@ -218,6 +218,12 @@ pub fn drain(snap: &ClusterSnapshot, node: NodeId, now_ms: u64) -> Result<DrainP
     let (waves, finish_ms) = schedule(&c, jobs, now_ms);
     unmovable.sort_by(|a, b| a.vm.cmp(&b.vm));
     ownership_moves.sort_by(|a, b| a.vm.cmp(&b.vm));
+    let incoming_in_flight = c
+        .migrating
+        .iter()
+        .filter(|&(_, &to)| to == di)
+        .map(|(&vi, _)| c.vms[vi].id.clone())
+        .collect();
     Ok(DrainPlan {
         node,
         now_ms,
@@ -226,7 +232,7 @@ pub fn drain(snap: &ClusterSnapshot, node: NodeId, now_ms: u64) -> Result<DrainP
         lower_bound_ms: lower_bound_ms(moved_mib, c.nodes[di].node.migration_bandwidth_mib_per_s),
         ownership_moves,
         unmovable,
-        incoming_in_flight: Vec::new(),
+        incoming_in_flight,
     })
 }
 
