@@ -311,5 +311,29 @@ fn main() {
             plan.spread_after_bp as f64 / 100.0,
             plan.empty_nodes_may_power_off.len()
         );
+        if mode == BalanceMode::PowerSaving {
+            let fill = u128::from(aggr.consolidation_fill_bp());
+            let cap = u128::from(NODE_MEMORY_MIB - RESERVED_MIB);
+            let mut group_used: BTreeMap<CpuVendor, u128> = BTreeMap::new();
+            let mut pinned_nodes = std::collections::BTreeSet::new();
+            for v in &s.vms {
+                let n = s.nodes.iter().find(|n| n.id == v.node).expect("known node");
+                *group_used.entry(n.cpu_vendor).or_default() += u128::from(v.memory_mib);
+                if !v.live_migratable {
+                    pinned_nodes.insert(v.node);
+                }
+            }
+            let need: u128 = group_used
+                .values()
+                .map(|&u| (u * 10_000).div_ceil(fill * cap))
+                .sum();
+            println!(
+                "           nodes left running {}, lower bound {} (= max of capacity bound {} and {} nodes holding a VM that cannot live-migrate)",
+                NODES as usize - plan.empty_nodes_may_power_off.len(),
+                need.max(pinned_nodes.len() as u128),
+                need,
+                pinned_nodes.len()
+            );
+        }
     }
 }
