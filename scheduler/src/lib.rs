@@ -62,6 +62,9 @@ pub enum PlanError {
     /// A new VM asks for no memory or no vCPU.
     #[error("{0} asks for zero vCPUs or zero memory")]
     EmptyRequest(VmId),
+    /// A new VM asks for more than any node could have (see `model::MAX_QUANTITY`, `model::MAX_CPUS`).
+    #[error("{0} asks for more memory or vCPUs than any node can have")]
+    RequestOutOfRange(VmId),
     /// No node can take a new VM.
     #[error("no node can host {}", .0.vm)]
     NoNode(#[source] Refusal),

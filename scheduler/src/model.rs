@@ -22,6 +22,14 @@ pub const DEFAULT_MEMORY_OVERCOMMIT_PERCENT: u32 = 100;
 pub const MAX_OVERCOMMIT_PERCENT: u32 = 10_000;
 /// Largest accepted per-node live-migration limit.
 pub const MAX_LIVE_MIGRATIONS_PER_NODE_LIMIT: u32 = 64;
+/// Largest accepted memory, bandwidth or dirty rate figure (1 EiB in MiB): keeps every sum far from overflow.
+pub const MAX_QUANTITY: u64 = 1 << 40;
+/// Largest accepted CPU or vCPU count.
+pub const MAX_CPUS: u32 = 1 << 20;
+/// Largest accepted number of nodes in a snapshot.
+pub const MAX_NODES: usize = 10_000;
+/// Largest accepted number of VMs in a snapshot.
+pub const MAX_VMS: usize = 1_000_000;
 /// Default hysteresis margin of the balancer, in basis points of utilisation (5 %).
 pub const DEFAULT_BALANCE_MARGIN_BP: u32 = 500;
 
@@ -488,6 +496,26 @@ pub enum SnapshotError {
         /// Value.
         value: u32,
     },
+    /// A figure beyond the accepted range (a typo or a corrupted snapshot).
+    #[error("{what} is {value}, above the accepted maximum {max}")]
+    OutOfRange {
+        /// Which field of which node or VM.
+        what: String,
+        /// Value.
+        value: u64,
+        /// Maximum.
+        max: u64,
+    },
+    /// Too many nodes or VMs.
+    #[error("the snapshot has {count} {what}, more than the {max} accepted")]
+    TooMany {
+        /// "nodes" or "VMs".
+        what: &'static str,
+        /// Count.
+        count: usize,
+        /// Maximum.
+        max: usize,
+    },
     /// Balance margin of 100 % or more.
     #[error("balance_margin_bp is {0}; it must be below 10000")]
     BadMargin(u32),
@@ -513,8 +541,48 @@ impl ClusterSnapshot {
         if p.balance_margin_bp >= 10_000 {
             return Err(SnapshotError::BadMargin(p.balance_margin_bp));
         }
+        if self.nodes.len() > MAX_NODES {
+            return Err(SnapshotError::TooMany {
+                what: "nodes",
+                count: self.nodes.len(),
+                max: MAX_NODES,
+            });
+        }
+        if self.vms.len() > MAX_VMS {
+            return Err(SnapshotError::TooMany {
+                what: "VMs",
+                count: self.vms.len(),
+                max: MAX_VMS,
+            });
+        }
+        let range = |what: &dyn Fn() -> String, value: u64, max: u64| {
+            if value > max {
+                Err(SnapshotError::OutOfRange {
+                    what: what(),
+                    value,
+                    max,
+                })
+            } else {
+                Ok(())
+            }
+        };
         let mut nodes = BTreeMap::new();
         for n in &self.nodes {
+            range(
+                &|| format!("{} memory_mib", n.id),
+                n.memory_mib,
+                MAX_QUANTITY,
+            )?;
+            range(
+                &|| format!("{} migration_bandwidth_mib_per_s", n.id),
+                n.migration_bandwidth_mib_per_s,
+                MAX_QUANTITY,
+            )?;
+            range(
+                &|| format!("{} cpus_logical", n.id),
+                u64::from(n.cpus_logical),
+                u64::from(MAX_CPUS),
+            )?;
             if nodes.insert(n.id, n).is_some() {
                 return Err(SnapshotError::DuplicateNode(n.id));
             }
@@ -534,6 +602,21 @@ impl ClusterSnapshot {
         }
         let mut vms = BTreeMap::new();
         for vm in &self.vms {
+            range(
+                &|| format!("{} memory_mib", vm.id),
+                vm.memory_mib,
+                MAX_QUANTITY,
+            )?;
+            range(
+                &|| format!("{} dirty_rate_mib_per_s", vm.id),
+                vm.dirty_rate_mib_per_s,
+                MAX_QUANTITY,
+            )?;
+            range(
+                &|| format!("{} vcpus", vm.id),
+                u64::from(vm.vcpus),
+                u64::from(MAX_CPUS),
+            )?;
             if vms.insert(&vm.id, vm).is_some() {
                 return Err(SnapshotError::DuplicateVm(vm.id.clone()));
             }

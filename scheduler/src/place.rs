@@ -110,6 +110,9 @@ pub fn place(snap: &ClusterSnapshot, req: &VmRequest) -> Result<Placement, PlanE
     if req.memory_mib == 0 || req.vcpus == 0 {
         return Err(PlanError::EmptyRequest(req.id.clone()));
     }
+    if req.memory_mib > crate::model::MAX_QUANTITY || req.vcpus > crate::model::MAX_CPUS {
+        return Err(PlanError::RequestOutOfRange(req.id.clone()));
+    }
     let c = Cluster::new(snap, None);
     if c.vm_index(&req.id).is_some() {
         return Err(PlanError::VmExists(req.id.clone()));

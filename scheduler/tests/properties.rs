@@ -324,4 +324,34 @@ proptest! {
         check_capacity(&apply(&after, &back), &received).map_err(TestCaseError::fail)?;
         prop_assert_eq!(plan.moves().count() + plan.unmovable.len() + plan.ownership_moves.len(), d.moved_vms().len());
     }
+
+    #[test]
+    fn extreme_values_give_errors_or_plans_never_panics(seed in any::<u64>(), field in 0usize..8, value in prop_oneof![Just(0u64), Just(1u64), Just(u64::MAX), Just(1u64 << 40), any::<u64>()]) {
+        let mut snap = random_cluster(seed);
+        let v32 = u32::try_from(value).unwrap_or(u32::MAX);
+        match field {
+            0 => snap.nodes[0].memory_mib = value,
+            1 => snap.nodes[0].reserved_memory_mib = value,
+            2 => snap.nodes[0].migration_bandwidth_mib_per_s = value,
+            3 => snap.nodes[0].cpus_logical = v32,
+            4 => if let Some(v) = snap.vms.first_mut() { v.memory_mib = value },
+            5 => if let Some(v) = snap.vms.first_mut() { v.dirty_rate_mib_per_s = value },
+            6 => snap.policy.memory_overcommit_percent = v32,
+            _ => snap.policy.max_live_migrations_per_node = v32,
+        }
+        let valid = snap.validate().is_ok();
+        let first = snap.nodes[0].id;
+        let results = [
+            drain(&snap, first, value / 2).map(|_| ()),
+            balance(&snap, value / 2).map(|_| ()),
+            failover(&snap, first).map(|_| ()),
+        ];
+        for r in results {
+            match r {
+                Err(PlanError::InvalidSnapshot(_)) => prop_assert!(!valid),
+                Err(PlanError::WrongNodeState { .. }) | Ok(()) => prop_assert!(valid),
+                Err(e) => prop_assert!(false, "unexpected {e}"),
+            }
+        }
+    }
 }
