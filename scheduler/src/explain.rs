@@ -164,6 +164,26 @@ impl Reason {
         }
     }
 
+    /// The node the rule is about, if it is about one.
+    pub fn node(&self) -> Option<NodeId> {
+        match self {
+            Reason::SameNode { node }
+            | Reason::NodeNotUp { node, .. }
+            | Reason::SubnetMismatch { node, .. }
+            | Reason::CpuVendorMismatch { node, .. }
+            | Reason::MissingCpuFeatures { node, .. }
+            | Reason::InsufficientMemory { node, .. }
+            | Reason::InsufficientCpu { node, .. }
+            | Reason::AntiAffinity { node, .. }
+            | Reason::MigrationSlotBusy { node, .. } => Some(*node),
+            Reason::AlreadyMigrating { to, .. } => Some(*to),
+            Reason::NotLiveMigratable { .. }
+            | Reason::NotConvergent { .. }
+            | Reason::NotRunning { .. }
+            | Reason::NoAutomaticRestart { .. } => None,
+        }
+    }
+
     /// Whether the rule is a hard one (everything except anti-affinity, which is kept "where possible").
     pub fn is_hard(&self) -> bool {
         !matches!(self, Reason::AntiAffinity { .. })

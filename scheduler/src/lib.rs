@@ -5,6 +5,30 @@
 //! its lists. The cluster-agent runs it on the Raft leader and commits the plans it decides to execute.
 //!
 //! Entry points: [`place`], [`failover`], [`drain`], [`failback`], [`balance`], [`why_not`].
+//!
+//! ```
+//! use scheduler::{drain, why_not, ClusterSnapshot, NodeId, VmId};
+//!
+//! let snap: ClusterSnapshot = serde_json::from_str(r#"{
+//!   "nodes": [
+//!     {"id": 1, "state": "up", "cpus_logical": 16, "memory_mib": 65536, "cpu_vendor": "intel",
+//!      "management_subnet": "10.0.1.0/24", "migration_subnet": "10.0.2.0/24",
+//!      "migration_bandwidth_mib_per_s": 1000},
+//!     {"id": 2, "state": "up", "cpus_logical": 16, "memory_mib": 65536, "cpu_vendor": "amd",
+//!      "management_subnet": "10.0.1.0/24", "migration_subnet": "10.0.2.0/24",
+//!      "migration_bandwidth_mib_per_s": 1000},
+//!     {"id": 3, "state": "up", "cpus_logical": 16, "memory_mib": 65536, "cpu_vendor": "intel",
+//!      "management_subnet": "10.0.1.0/24", "migration_subnet": "10.0.2.0/24",
+//!      "migration_bandwidth_mib_per_s": 1000}
+//!   ],
+//!   "vms": [{"id": "web", "vcpus": 2, "memory_mib": 4096, "node": 1, "dirty_rate_mib_per_s": 20}]
+//! }"#).unwrap();
+//!
+//! let plan = drain(&snap, NodeId(1), 0).unwrap();
+//! assert_eq!(plan.moves().next().unwrap().to, NodeId(3)); // node 2 is AMD
+//! let why = why_not(&snap, &VmId::new("web"), NodeId(2)).unwrap();
+//! assert_eq!(why[0].to_string(), "node 2 has AMD CPUs and the VM needs Intel");
+//! ```
 
 pub mod balance;
 mod cluster;
@@ -73,6 +97,28 @@ pub enum PlanError {
 impl From<SnapshotError> for PlanError {
     fn from(e: SnapshotError) -> Self {
         PlanError::InvalidSnapshot(e)
+    }
+}
+
+impl ClusterSnapshot {
+    /// The snapshot as it is once a plan has run: each listed VM owned by its new node, and any in-flight
+    /// migration of those VMs gone. Use it to chain plans (e.g. a second failover after a first one).
+    pub fn with_new_owners(&self, owners: &[(VmId, NodeId)]) -> Result<ClusterSnapshot, PlanError> {
+        let mut next = self.clone();
+        for (vm, node) in owners {
+            if !next.nodes.iter().any(|n| n.id == *node) {
+                return Err(PlanError::UnknownNode(*node));
+            }
+            let v = next
+                .vms
+                .iter_mut()
+                .find(|v| &v.id == vm)
+                .ok_or_else(|| PlanError::UnknownVm(vm.clone()))?;
+            v.node = *node;
+        }
+        next.migrations
+            .retain(|m| !owners.iter().any(|(vm, _)| *vm == m.vm));
+        Ok(next)
     }
 }
 

@@ -96,6 +96,18 @@ impl DrainPlan {
         self.waves.iter().flat_map(|w| w.moves.iter())
     }
 
+    /// Owner of every VM the plan moves or re-owns once it has run, sorted by VM (see
+    /// [`crate::ClusterSnapshot::with_new_owners`]).
+    pub fn new_owners(&self) -> Vec<(VmId, NodeId)> {
+        let mut v: Vec<(VmId, NodeId)> = self
+            .moves()
+            .map(|m| (m.vm.clone(), m.to))
+            .chain(self.ownership_moves.iter().map(|o| (o.vm.clone(), o.to)))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// VMs this plan moves (live or quick), sorted; what a later failback brings back.
     pub fn moved_vms(&self) -> Vec<VmId> {
         let mut v: Vec<VmId> = self.moves().map(|m| m.vm.clone()).collect();
@@ -139,6 +151,20 @@ pub struct FailoverPlan {
     pub not_restarted: Vec<NotRestarted>,
     /// Off VMs that get a new owner.
     pub ownership_moves: Vec<OwnershipMove>,
+}
+
+impl FailoverPlan {
+    /// Owner of every restarted or re-owned VM once the plan has run, sorted by VM.
+    pub fn new_owners(&self) -> Vec<(VmId, NodeId)> {
+        let mut v: Vec<(VmId, NodeId)> = self
+            .restarts
+            .iter()
+            .map(|r| (r.vm.clone(), r.node))
+            .chain(self.ownership_moves.iter().map(|o| (o.vm.clone(), o.to)))
+            .collect();
+        v.sort();
+        v
+    }
 }
 
 /// Where a new VM goes.
@@ -215,5 +241,12 @@ impl BalancePlan {
     /// All moves in start order.
     pub fn moves(&self) -> impl Iterator<Item = &PlannedMove> {
         self.waves.iter().flat_map(|w| w.moves.iter())
+    }
+
+    /// Owner of every moved VM once the plan has run, sorted by VM.
+    pub fn new_owners(&self) -> Vec<(VmId, NodeId)> {
+        let mut v: Vec<(VmId, NodeId)> = self.moves().map(|m| (m.vm.clone(), m.to)).collect();
+        v.sort();
+        v
     }
 }

@@ -354,4 +354,25 @@ proptest! {
             }
         }
     }
+
+    #[test]
+    fn chained_failovers_stay_within_capacity(seed in any::<u64>(), a in any::<u64>(), b in any::<u64>()) {
+        let mut snap = random_cluster(seed);
+        snap.migrations.clear();
+        let mut received = BTreeSet::new();
+        for pick in [a, b] {
+            let up: Vec<usize> = (0..snap.nodes.len()).filter(|&i| snap.nodes[i].state == NodeState::Up).collect();
+            if up.is_empty() { break }
+            let i = up[(pick % up.len() as u64) as usize];
+            snap.nodes[i].state = NodeState::Down;
+            let down = snap.nodes[i].id;
+            let plan = failover(&snap, down).unwrap();
+            received.extend(plan.restarts.iter().map(|r| r.node));
+            received.remove(&down);
+            snap = snap.with_new_owners(&plan.new_owners()).unwrap();
+            prop_assert!(snap.vms.iter().filter(|v| v.node == down && v.state == VmState::Running)
+                .all(|v| plan.not_restarted.iter().any(|n| n.vm == v.id)));
+        }
+        check_capacity(&snap, &received).map_err(TestCaseError::fail)?;
+    }
 }
