@@ -259,7 +259,7 @@ impl fmt::Display for Reason {
                 bandwidth_mib_per_s,
             } => write!(
                 f,
-                "{vm} dirties {dirty_rate_mib_per_s} MiB/s, too close to the {bandwidth_mib_per_s} MiB/s the migration can send for pre-copy to converge"
+                "{vm} dirties {dirty_rate_mib_per_s} MiB/s; at the {bandwidth_mib_per_s} MiB/s this migration can send, pre-copy does not converge"
             ),
             Reason::NotRunning { vm } => write!(f, "{vm} is off and has nothing to migrate"),
             Reason::NoAutomaticRestart { vm } => {
