@@ -114,6 +114,10 @@ proptest! {
             prop_assert_eq!(&a, &drain(&other, n, 5).unwrap());
         }
         let b = balance(&snap, 5).unwrap();
+        if snap.policy.balance == BalanceMode::None {
+            prop_assert_eq!(b.moves_count, 0);
+            prop_assert!(b.empty_nodes_may_power_off.is_empty());
+        }
         prop_assert_eq!(&b, &balance(&other, 5).unwrap());
         for n in snap.nodes.iter().filter(|n| n.state == NodeState::Down) {
             prop_assert_eq!(failover(&snap, n.id).unwrap(), failover(&other, n.id).unwrap());
