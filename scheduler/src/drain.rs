@@ -1,8 +1,9 @@
 //! Maintenance drain of a node and failback to it.
 //!
-//! Drain: every running VM on the node gets a target (largest VMs first, so they find room), preferring a live
-//! migration, then a quick migration (with the reason live was impossible), and, among targets of the same kind,
-//! one without an anti-affinity conflict, a preferred owner, the fastest migration, the least utilised node.
+//! Drain: every running VM on the node gets a target (largest VMs first, so they find room), preferring a target
+//! without an anti-affinity conflict (the "kept apart where possible" — even at the cost of a quick
+//! migration), then a live migration over a quick one (which carries the reason live was impossible), then a
+//! preferred owner, the fastest migration, the least utilised node.
 //! The moves are then laid out by the slot scheduler (`timeline`), which respects the per-node migration limit
 //! including in-flight migrations. VMs with no target are listed with every rule that ruled each node out.
 
@@ -15,7 +16,7 @@ use crate::plan::{DrainPlan, OwnershipMove, PlannedMove, Unmovable};
 use crate::timeline::{schedule, Job};
 use crate::PlanError;
 
-/// Target preference: (not live, anti-affinity conflict, preferred-owner rank, duration, utilisation after, id).
+/// Target preference: (anti-affinity conflict, not live, preferred-owner rank, duration, utilisation after, id).
 type DrainKey = (bool, bool, usize, u64, u64, NodeId);
 
 /// A feasible way to move a VM to one node.
@@ -184,8 +185,8 @@ pub fn drain(snap: &ClusterSnapshot, node: NodeId, now_ms: u64) -> Result<DrainP
                         .position(|&p| p == n.node.id)
                         .unwrap_or(usize::MAX);
                     let key = (
-                        o.kind != MoveKind::Live,
                         o.anti_affinity.is_some(),
+                        o.kind != MoveKind::Live,
                         rank,
                         o.duration_ms,
                         util_bp(n.mem_used_mib + vm.memory_mib, n.mem_capacity_mib),

@@ -332,3 +332,8 @@ fn power_saving_consolidation() {
 fn even_distribution_smallest_sufficient_move() {
     run("even_distribution.toml");
 }
+
+#[test]
+fn drain_prefers_anti_affinity_over_live_migration() {
+    run("drain_prefers_separation.toml");
+}
