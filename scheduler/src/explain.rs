@@ -1,6 +1,6 @@
 //! The rules that rule a node out for a VM, and the "why not node X?" answer.
 //!
-//! Every planner decides feasibility through [`check`], so a plan and its explanation can never disagree.
+//! Every planner decides feasibility through one function, `check`, so a plan and its explanation can never disagree.
 
 use std::collections::BTreeSet;
 use std::fmt;

@@ -4,7 +4,7 @@
 //! a [`ClusterSnapshot`] and returns a plan; the same snapshot always gives the same plan, whatever the order of
 //! its lists. The cluster-agent runs it on the Raft leader and commits the plans it decides to execute.
 //!
-//! Entry points: [`place`], [`failover`], [`drain`], [`failback`], [`balance`], [`why_not`].
+//! Entry points: [`place()`], [`failover()`], [`drain()`], [`failback()`], [`balance()`], [`why_not()`].
 //!
 //! ```
 //! use scheduler::{drain, why_not, ClusterSnapshot, NodeId, VmId};
