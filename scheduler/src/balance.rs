@@ -5,9 +5,9 @@
 //! aggressiveness), move one VM off the most loaded such node. A move of a VM from `a` to `b` is allowed only if
 //! after it both nodes lie at least `balance_margin_bp` inside the old interval: `util(b)' + margin ≤ util(a)` and
 //! `util(a)' ≥ util(b) + margin`. That hysteresis gives: the spread never grows; Φ = Σ used²/capacity drops by at
-//! least 2·x·margin per move, so moves cannot cycle, within a run or across runs (no ping-pong). A VM moves at
-//! most once per plan, so a later run may continue where one stopped, but runs converge to a state no run
-//! changes. The VM picked is the smallest that brings the node under the
+//! least 2·x·margin per move, so moves cannot cycle, within a run or across runs (no ping-pong). A VM picked
+//! twice in one plan gets a single migration from its origin to its final node, so a run stops only at a state
+//! the next run leaves alone. The VM picked is the smallest that brings the node under the
 //! threshold, else the largest allowed (fewest moves), and the target the least utilised one.
 //!
 //! **Power saving.** Nodes are emptied smallest first onto nodes that already run VMs (best fit, never above the
@@ -17,7 +17,7 @@
 //!
 //! Both modes only plan live migrations that keep every rule, anti-affinity included.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::cluster::{util_bp, Cluster};
 use crate::estimate::{live_estimate, pair_bandwidth_mib_per_s};
@@ -27,7 +27,7 @@ use crate::plan::{BalancePlan, PlannedMove};
 use crate::timeline::{schedule, Job};
 use crate::PlanError;
 
-/// Upper bound on moves in one plan (a guard; the potential argument already bounds it).
+/// Upper bound on planning steps in one plan (a guard; the potential argument already bounds them).
 pub const MAX_BALANCE_MOVES: usize = 10_000;
 
 /// (max − min, max) utilisation over Up nodes, in basis points.
@@ -140,26 +140,42 @@ pub fn balance(snap: &ClusterSnapshot, now_ms: u64) -> Result<BalancePlan, PlanE
 fn even(c: &mut Cluster<'_>, jobs: &mut Vec<Job>) {
     let threshold = u64::from(c.snap.policy.aggressiveness.even_threshold_bp());
     let margin = u64::from(c.snap.policy.balance_margin_bp);
-    let mut moved: BTreeSet<usize> = BTreeSet::new();
-    while jobs.len() < MAX_BALANCE_MOVES {
+    // VM → the node it was on before this plan. A VM picked again later in the same plan is not moved twice: its
+    // single migration goes from its origin straight to its final node.
+    let mut origin: BTreeMap<usize, usize> = BTreeMap::new();
+    for _ in 0..MAX_BALANCE_MOVES {
         let mut sources: Vec<usize> = (0..c.nodes.len())
             .filter(|&n| c.is_up(n) && c.nodes[n].util_bp() > threshold)
             .collect();
         sources.sort_by_key(|&n| (std::cmp::Reverse(c.nodes[n].util_bp()), c.nodes[n].node.id));
-        let mut done = false;
-        for src in sources {
-            if let Some((vi, to, est)) = best_even_move(c, src, threshold, margin, &moved) {
-                record(c, jobs, vi, src, to, est);
-                c.move_vm(vi, to);
-                moved.insert(vi);
-                done = true;
-                break;
-            }
+        let step = sources
+            .into_iter()
+            .find_map(|src| best_even_move(c, src, threshold, margin, &origin).map(|m| (src, m)));
+        let Some((src, (vi, to))) = step else { break };
+        origin.entry(vi).or_insert(src);
+        c.move_vm(vi, to);
+    }
+    for (vi, from) in origin {
+        let to = c.owner[vi];
+        if to == from {
+            continue; // came back where it started: no migration
         }
-        if !done {
-            break;
+        if let Some(est) = estimate_between(c, vi, from, to) {
+            record(c, jobs, vi, from, to, est);
         }
     }
+}
+
+/// Live-migration estimate of `vi` from `from` to `to`.
+fn estimate_between(c: &Cluster<'_>, vi: usize, from: usize, to: usize) -> Option<(u64, u64)> {
+    let vm = c.vms[vi];
+    let bw = pair_bandwidth_mib_per_s(
+        c.nodes[from].node.migration_bandwidth_mib_per_s,
+        c.nodes[to].node.migration_bandwidth_mib_per_s,
+        c.snap.policy.max_live_migrations_per_node,
+    );
+    live_estimate(vm.memory_mib, vm.dirty_rate_mib_per_s, bw)
+        .map(|e| (e.duration_ms, e.downtime_ms))
 }
 
 fn best_even_move(
@@ -167,8 +183,8 @@ fn best_even_move(
     src: usize,
     threshold: u64,
     margin: u64,
-    moved: &BTreeSet<usize>,
-) -> Option<(usize, usize, (u64, u64))> {
+    origin: &BTreeMap<usize, usize>,
+) -> Option<(usize, usize)> {
     let s = &c.nodes[src];
     let src_util = s.util_bp();
     // VMs in preference order: those that bring the node under the threshold, least memory first; then the
@@ -176,7 +192,6 @@ fn best_even_move(
     let mut vms: Vec<(bool, u64, usize)> = s
         .running
         .iter()
-        .filter(|vi| !moved.contains(vi))
         .map(|&vi| {
             let mem = c.vms[vi].memory_mib;
             let clears = util_bp(s.mem_used_mib - mem, s.mem_capacity_mib) <= threshold;
@@ -200,11 +215,12 @@ fn best_even_move(
             })
             .collect();
         targets.sort_unstable();
-        if let Some(found) = targets
-            .into_iter()
-            .find_map(|(_, _, to)| clean_live(c, vi, to).map(|est| (vi, to, est)))
-        {
-            return Some(found);
+        let from = origin.get(&vi).copied().unwrap_or(src);
+        if let Some(to) = targets.into_iter().map(|(_, _, to)| to).find(|&to| {
+            clean_live(c, vi, to).is_some()
+                && (to == from || estimate_between(c, vi, from, to).is_some())
+        }) {
+            return Some((vi, to));
         }
     }
     None
