@@ -2,7 +2,9 @@
  * Test guest CPL0 stub. Entered through the Xen PVH note in 32-bit flat protected mode
  * with paging off and %ebx = hvm_start_info. It loads a GDT, enables PAE + long mode on
  * static identity page tables (first 4 GiB, 2 MiB pages, user-accessible), loads a TSS,
- * and iretq's to CPL3 with IOPL=3 in bsp_main(start_info). Application processors never
+ * and iretq's to CPL3 with IOPL=3 in bsp_main(start_info). The TSS also carries an
+ * all-zero I/O permission bitmap: the software KVM (PVM) drops IOPL on an emulated iretq,
+ * and the bitmap still lets CPL3 code use every port. Application processors never
  * run this code: the VMM starts them directly in CPL3 at ap_main(cpu) using the header
  * below (see vmm-node/src/boot.rs).
  */
@@ -70,6 +72,7 @@ long_entry:
 	mov %ax, %gs
 	mov $0x28, %ax
 	ltr %ax
+	mov $boot_stack_top, %esp            /* kernel stack for the iretq frame */
 	mov %esi, %edi                       /* bsp_main(start_info) */
 	pushq $0x1b                          /* user SS */
 	pushq $(stacks + STACK_BYTES - 8)    /* user RSP (cpu 0) */
@@ -87,7 +90,7 @@ gdt:
 	.quad 0x00cff2000000ffff   /* 0x18 user data (DPL3) */
 	.quad 0x00affa000000ffff   /* 0x20 user code64 (DPL3) */
 gdt_tss:
-	.quad 0x0000890000000067   /* 0x28 TSS (base patched at boot) */
+	.quad 0x0000890000002068   /* 0x28 TSS (base patched at boot) */
 	.quad 0
 gdt_end:
 	.align 8
@@ -98,7 +101,10 @@ gdt_ptr:
 	.align 16
 	.globl tss
 tss:
-	.fill 104, 1, 0
+	.fill 102, 1, 0
+	.word 104                  /* I/O bitmap offset: all ports allowed */
+	.fill 8192, 1, 0
+	.byte 0xff
 
 	.align 4096
 pml4:
@@ -119,6 +125,9 @@ pd0:
 
 	.section .bss
 	.align 4096
+boot_stack:
+	.skip 4096
+boot_stack_top:
 	.globl stacks
 stacks:
 	.skip STACK_BYTES * CPUS_MAX

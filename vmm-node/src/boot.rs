@@ -508,7 +508,7 @@ pub fn setup_test_guest_ap(fd: &VcpuFd, id: u32, setup: &BootSetup) -> Result<bo
     sregs.ss = data;
     sregs.tr = kvm_segment {
         base: h.tss,
-        limit: 0x67,
+        limit: 0x2068, // TSS with a full I/O permission bitmap
         selector: 0x28,
         type_: 0xb,
         present: 1,

@@ -14,14 +14,15 @@
 //! ## Console lines
 //! ```text
 //! BOOT vcpus=2 mem_mib=64 workload=mem wss_mib=16 tsc_khz=2994000
-//! HB seq=17 tsc_us=1700123 cpus=2 mem=ok mem_passes=12 mem_errors=0 dirty_mib=0 disk=off
+//! HB seq=17 tsc_us=1700123 cpus=2 mem=ok mem_passes=12 mem_errors=0 dirty_mib=0 disk=off disk_passes=0
 //! ERR what=mem addr=0x1234000 expected=0x... found=0x...
 //! ```
 //! * `seq` increases by exactly one per heartbeat, across snapshot/restore and migration.
 //! * `tsc_us` is guest TSC time since boot in µs (TSC ticks / `tsc_khz` × 1000).
 //! * `cpus` is the number of vCPUs that have checked in (all of them once started).
 //! * `mem`: `ok` (no mismatch ever), `bad` (at least one), `fill` (still filling), `off`.
-//! * `disk`: `ok`, `bad`, `nodisk` (no device found yet), `off`.
+//! * `disk`: `ok`, `bad`, `nodisk` (no device found yet), `off`; `disk_passes` counts
+//!   completed write+flush+read-verify rounds.
 
 use std::collections::BTreeMap;
 

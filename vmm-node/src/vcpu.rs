@@ -285,7 +285,21 @@ impl VcpuContext {
                     self.mmio_write(addr, data);
                     Flow::Continue
                 }
-                Ok(VcpuExit::Shutdown) => Flow::Stop(StopReason::GuestReset),
+                Ok(VcpuExit::Shutdown) => {
+                    let regs = fd.get_regs().unwrap_or_default();
+                    let sregs = fd.get_sregs().unwrap_or_default();
+                    tracing::info!(
+                        vcpu = self.id,
+                        rip = format_args!("{:#x}", regs.rip),
+                        rsp = format_args!("{:#x}", regs.rsp),
+                        rflags = format_args!("{:#x}", regs.rflags),
+                        cs = sregs.cs.selector,
+                        cr0 = format_args!("{:#x}", sregs.cr0),
+                        efer = format_args!("{:#x}", sregs.efer),
+                        "guest shutdown (triple fault or reset)"
+                    );
+                    Flow::Stop(StopReason::GuestReset)
+                }
                 Ok(VcpuExit::Hlt) => Flow::Stop(StopReason::VcpuError {
                     vcpu: self.id,
                     message: "guest halted with interrupts disabled".into(),
