@@ -51,10 +51,13 @@ enum Cmd {
 
 fn serve_and_wait(vm: Vm, control: Option<PathBuf>, console: bool) -> anyhow::Result<()> {
     let vm = Arc::new(vm);
-    if let Some(path) = &control {
-        vmm_node::control::serve(path, vm.clone(), Vec::new())
-            .with_context(|| format!("serving control socket {}", path.display()))?;
-    }
+    let server = match &control {
+        Some(path) => Some(
+            vmm_node::control::serve(path, vm.clone(), Vec::new())
+                .with_context(|| format!("serving control socket {}", path.display()))?,
+        ),
+        None => None,
+    };
     if console {
         let rx = vm.console().subscribe();
         std::thread::spawn(move || {
@@ -70,6 +73,10 @@ fn serve_and_wait(vm: Vm, control: Option<PathBuf>, console: bool) -> anyhow::Re
     };
     vm.stop().context("stopping VM")?;
     tracing::info!(?reason, "vm stopped");
+    if let Some(s) = &server {
+        // Deliver the response to the request that stopped the VM.
+        s.wait_idle(Duration::from_secs(2));
+    }
     if let Some(path) = &control {
         let _ = std::fs::remove_file(path);
     }
