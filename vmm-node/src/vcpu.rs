@@ -172,7 +172,8 @@ impl VcpuContext {
                 return Flow::Continue;
             }
             GUEST_EXIT_PORT => return Flow::Stop(StopReason::GuestExit { code: le_u32(data) }),
-            0x80 => return Flow::Continue, // POST/delay port
+            // POST/delay port and PCI configuration (no PCI bus): silently ignored.
+            0x80 | 0xcf8..=0xcff => return Flow::Continue,
             _ => {}
         }
         let bus = self.pio.read().unwrap_or_else(|e| e.into_inner());
@@ -195,7 +196,7 @@ impl VcpuContext {
                 .pio_read(off as u16, data),
             None => {
                 data.fill(0xff);
-                if port != 0x80 {
+                if !matches!(port, 0x80 | 0xcf8..=0xcff) {
                     self.log_unknown("pio", port.into(), data.len(), false);
                 }
             }
