@@ -305,6 +305,17 @@ impl VcpuContext {
                     vcpu: self.id,
                     message: "guest halted with interrupts disabled".into(),
                 }),
+                Ok(VcpuExit::InternalError) => {
+                    let suberror = crate::kvm::internal_error_suberror(fd);
+                    let rip = fd.get_regs().map(|r| r.rip).unwrap_or_default();
+                    Flow::Stop(StopReason::VcpuError {
+                        vcpu: self.id,
+                        message: format!(
+                            "KVM internal error (suberror {suberror}) at rip {rip:#x}: \
+                             KVM could not emulate a guest instruction"
+                        ),
+                    })
+                }
                 Ok(other) => Flow::Stop(StopReason::VcpuError {
                     vcpu: self.id,
                     message: format!("unhandled KVM exit {other:?}"),
