@@ -14,3 +14,5 @@ pub trait IrqLine: Send + Sync {
     /// Raise the interrupt (edge).
     fn trigger(&self);
 }
+
+pub mod virtio;
