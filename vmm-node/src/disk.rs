@@ -31,6 +31,15 @@ pub trait DiskBackend: Send {
     fn describe(&self) -> String;
 }
 
+impl std::fmt::Debug for dyn DiskBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskBackend")
+            .field("describe", &self.describe())
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
 /// Errors opening a disk backend.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {

@@ -537,7 +537,13 @@ impl VirtioBlk {
             return 0;
         }
         let mut done = 0;
+        let queue_size = self.transport.queue_mut().size();
         for (head, len) in completions {
+            if head >= queue_size {
+                // Not a descriptor index: there is nothing the driver could recognise.
+                self.guest_error("available ring names a descriptor beyond the queue");
+                continue;
+            }
             if self
                 .transport
                 .queue_mut()
@@ -546,6 +552,7 @@ impl VirtioBlk {
             {
                 self.guest_error("used ring entry could not be written");
                 self.transport.set_needs_reset();
+                self.irq.trigger();
                 break;
             }
             done += 1;
@@ -666,7 +673,7 @@ fn execute(
                 }
                 total += u64::from(d.len);
             }
-            if total == 0 || total % SECTOR_SIZE_BYTES != 0 || total > MAX_REQUEST_DATA_BYTES {
+            if total == 0 || !total.is_multiple_of(SECTOR_SIZE_BYTES) || total > MAX_REQUEST_DATA_BYTES {
                 return Err(Fault::DataLength);
             }
             let end_sector = sector
@@ -775,3 +782,7 @@ impl MmioDevice for VirtioBlk {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "blk_tests.rs"]
+mod tests;

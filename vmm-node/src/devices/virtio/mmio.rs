@@ -309,7 +309,7 @@ impl MmioTransport {
             }
             return Some("configuration read beyond the configuration space");
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             return Some("register read that is not an aligned 32-bit access");
         }
         let queue_selected = self.queue_sel == 0;
@@ -352,7 +352,7 @@ impl MmioTransport {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return MmioEvent::GuestError("register write that is not a 32-bit access");
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return MmioEvent::GuestError("unaligned register write");
         }
         let v = u32::from_le_bytes(bytes);
