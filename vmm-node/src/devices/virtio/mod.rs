@@ -36,3 +36,53 @@ pub fn slot_kernel_cmdline(slot: usize) -> String {
         slot_irq(slot)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    /// The guest driver is plain freestanding C; compile it with the flags core's build
+    /// script uses (plus `-Wextra`) so a syntax error shows up here too.
+    #[test]
+    fn guest_driver_compiles_freestanding() {
+        let guest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("guest");
+        let out = tempfile::tempdir().unwrap();
+        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+        let output = std::process::Command::new(cc)
+            .args([
+                "-ffreestanding",
+                "-nostdlib",
+                "-fno-pic",
+                "-mno-red-zone",
+                "-mgeneral-regs-only",
+                "-fno-builtin",
+                "-O2",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-c",
+            ])
+            .arg(guest.join("virtio_blk.c"))
+            .arg("-I")
+            .arg(&guest)
+            .arg("-o")
+            .arg(out.path().join("virtio_blk.o"))
+            .output()
+            .expect("a C compiler `cc` is required");
+        assert!(
+            output.status.success(),
+            "virtio_blk.c does not compile:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(out.path().join("virtio_blk.o").exists());
+    }
+
+    #[test]
+    fn slot_layout_matches_the_contract() {
+        assert_eq!(super::slot_mmio_base(0), 0xd000_0000);
+        assert_eq!(super::slot_mmio_base(7), 0xd000_7000);
+        assert_eq!(super::slot_irq(2), 7);
+        assert_eq!(
+            super::slot_kernel_cmdline(1),
+            "virtio_mmio.device=4K@0xd0001000:6"
+        );
+    }
+}
