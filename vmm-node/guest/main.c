@@ -44,6 +44,12 @@ void *memcpy(void *d, const void *s, unsigned long n)
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
 static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port)
+{
+	u8 v;
+	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
 static inline u64 rdtsc(void)
 {
 	u32 lo, hi;
@@ -55,7 +61,7 @@ static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 #define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *)&(x) = (v))
 
 /* ---- parameters ---- */
-enum { W_IDLE, W_DIRTY, W_MEM, W_DISK };
+enum { W_IDLE, W_DIRTY, W_MEM, W_DISK, W_BADIO, W_FLOOD };
 static struct {
 	int workload;
 	u64 wss_mib, rate_mbps, seed, hb_ms, tsc_khz, vcpus, mem_mib;
@@ -157,6 +163,10 @@ static void parse_cmdline(const char *c)
 				P.workload = W_MEM;
 			else if (vn == 4 && streq_n(v, "disk", 4))
 				P.workload = W_DISK;
+			else if (vn == 5 && streq_n(v, "badio", 5))
+				P.workload = W_BADIO;
+			else if (vn == 5 && streq_n(v, "flood", 5))
+				P.workload = W_FLOOD;
 			else
 				P.workload = W_IDLE;
 		} else if (KEY("wss_mib"))
@@ -253,9 +263,41 @@ static int dirty_step(unsigned cpu, struct cursor *c)
 	return 0;
 }
 
+/* Touch ports and MMIO addresses that have no device: the VMM must contain it. */
+#define NODEV_MMIO 0xe0000000ull
+static u64 badio_rounds, badio_wrong;
+static int badio_step(unsigned cpu)
+{
+	if (cpu != 0)
+		return 1;
+	outb(0x1234, 0x55);
+	outl(0x2000, 0xdeadbeef);
+	if (inb(0x4321) != 0xff)
+		badio_wrong++;
+	*(volatile u32 *)NODEV_MMIO = 0x12345678;
+	if (*(volatile u32 *)(NODEV_MMIO + 0x10) != 0xffffffffu)
+		badio_wrong++;
+	badio_rounds++;
+	return 0;
+}
+
+static int flood_step(unsigned cpu)
+{
+	if (cpu != 0)
+		return 1;
+	for (int i = 0; i < 1000; i++)
+		puts_("FLOOD-FLOOD-FLOOD-FLOOD-");
+	puts_("\n");
+	return 0;
+}
+
 static int work_step(unsigned cpu, struct cursor *c)
 {
 	switch (P.workload) {
+	case W_BADIO:
+		return badio_step(cpu);
+	case W_FLOOD:
+		return flood_step(cpu);
 	case W_MEM:
 		return mem_step(cpu, c);
 	case W_DIRTY:
@@ -339,6 +381,10 @@ static void heartbeat(void)
 	kv("dirty_mib", dirty >> 20);
 	kvs("disk", disk_status);
 	kv("disk_passes", disk_passes);
+	if (P.workload == W_BADIO) {
+		kv("badio_rounds", badio_rounds);
+		kv("badio_wrong", badio_wrong);
+	}
 	puts_("\n");
 }
 
@@ -404,13 +450,14 @@ void bsp_main(struct hvm_start_info *si)
 	u64 wss = P.wss_mib << 20;
 	if (wss > avail)
 		wss = avail;
-	if (P.workload == W_IDLE || P.workload == W_DISK)
+	if (P.workload != W_MEM && P.workload != W_DIRTY)
 		wss = 0;
 	slice_bytes = (wss / P.vcpus) & ~(PAGE - 1);
 	puts_("BOOT");
 	kv("vcpus", P.vcpus);
 	kv("mem_mib", P.mem_mib);
-	kvs("workload", P.workload == W_MEM ? "mem" : P.workload == W_DIRTY ? "dirty" : P.workload == W_DISK ? "disk" : "idle");
+	static const char *const names[] = { "idle", "dirty", "mem", "disk", "badio", "flood" };
+	kvs("workload", names[P.workload]);
 	kv("wss_mib", (slice_bytes * P.vcpus) >> 20);
 	kv("tsc_khz", P.tsc_khz);
 	kv("vblk", HAVE_VBLK);

@@ -4,7 +4,7 @@
 //! ## Command line (`key=value`, space separated)
 //! | key | meaning | default |
 //! |---|---|---|
-//! | `workload` | `idle`, `dirty`, `mem` (fill + re-verify), `disk` (virtio-blk pattern) | `idle` |
+//! | `workload` | `idle`, `dirty`, `mem` (fill + re-verify), `disk` (virtio-blk pattern), `badio` (ports/MMIO without device), `flood` (console flood) | `idle` |
 //! | `wss_mib` | working set in MiB (split across vCPUs) | 16 |
 //! | `rate_mbps` | `dirty`: write rate in MB/s (all vCPUs together) | 100 |
 //! | `seed` | pattern seed for `mem` | 1 |
@@ -33,6 +33,11 @@ pub enum WorkloadKind {
     Dirty,
     Mem,
     Disk,
+    /// Writes/reads ports and MMIO with no device behind them; HB adds
+    /// `badio_rounds` and `badio_wrong` (reads that did not return all-ones).
+    BadIo,
+    /// Prints 24 KB lines as fast as it can, between heartbeats.
+    Flood,
 }
 
 impl WorkloadKind {
@@ -42,6 +47,8 @@ impl WorkloadKind {
             WorkloadKind::Dirty => "dirty",
             WorkloadKind::Mem => "mem",
             WorkloadKind::Disk => "disk",
+            WorkloadKind::BadIo => "badio",
+            WorkloadKind::Flood => "flood",
         }
     }
 }
@@ -92,6 +99,8 @@ pub struct Heartbeat {
     pub mem_errors: u64,
     pub dirty_mib: u64,
     pub disk: String,
+    /// All `key=value` fields of the line (including workload-specific ones).
+    pub fields: BTreeMap<String, String>,
 }
 
 /// One parsed console line.
@@ -132,15 +141,22 @@ pub fn parse_line(line: &str) -> Option<GuestLine> {
                 mem_errors: num("mem_errors")?,
                 dirty_mib: num("dirty_mib")?,
                 disk: f.get("disk")?.clone(),
+                fields: f.clone(),
             }))
         }
         _ => None,
     }
 }
 
-/// All heartbeats in a console text, in order.
+/// All heartbeats in a console text, in order. Only complete lines count: an unfinished
+/// last line (the guest is still writing it) is ignored.
 pub fn heartbeats(text: &str) -> Vec<Heartbeat> {
-    text.lines()
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    complete
+        .lines()
         .filter_map(|l| match parse_line(l) {
             Some(GuestLine::Heartbeat(h)) => Some(h),
             _ => None,
@@ -169,6 +185,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(parse_line("").is_none());
+        // An unfinished last line is not a heartbeat yet.
+        let partial =
+            "HB seq=1 tsc_us=1 cpus=1 mem=off mem_passes=0 mem_errors=0 dirty_mib=0 disk=off";
+        assert!(heartbeats(partial).is_empty());
+        assert_eq!(heartbeats(&format!("{partial}\n")).len(), 1);
     }
 
     #[test]

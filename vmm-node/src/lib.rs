@@ -4,6 +4,7 @@
 
 pub mod boot;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod disk;
 pub mod facts;

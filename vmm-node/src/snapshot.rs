@@ -321,7 +321,7 @@ mod tests {
         ));
         let mut newer = bytes.clone();
         newer[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
-        let e = decode_state(path, &newer).unwrap_err();
+        let e = decode_state(path, &newer).err().unwrap();
         assert!(
             matches!(e, SnapshotError::NewerVersion { found: 2, .. }),
             "{e}"

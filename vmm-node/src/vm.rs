@@ -128,7 +128,7 @@ pub struct Vm {
     ctl: Arc<Control>,
     pio: Arc<RwLock<Bus<dyn PioDevice>>>,
     mmio: Arc<RwLock<Bus<dyn MmioDevice>>>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     throttle_thread: Mutex<Option<JoinHandle<()>>>,
     irq_lines: Mutex<Vec<Arc<IrqFdLine>>>,
     has_pit: AtomicBool,
@@ -199,7 +199,7 @@ impl Vm {
 
         let ctl = Arc::new(Control::new(vcpus.len()));
         let console = Console::new();
-        let mut vm = Vm {
+        let vm = Vm {
             config,
             serial: Arc::new(Mutex::new(SerialDevice::new(
                 console.clone(),
@@ -209,7 +209,7 @@ impl Vm {
             ctl,
             pio: Arc::new(RwLock::new(Bus::default())),
             mmio: Arc::new(RwLock::new(Bus::default())),
-            threads: Vec::new(),
+            threads: Mutex::new(Vec::new()),
             throttle_thread: Mutex::new(None),
             irq_lines: Mutex::new(Vec::new()),
             has_pit: AtomicBool::new(false),
@@ -250,7 +250,7 @@ impl Vm {
         Ok(vm)
     }
 
-    fn spawn_vcpu_threads(&mut self) -> Result<(), VmError> {
+    fn spawn_vcpu_threads(&self) -> Result<(), VmError> {
         for (id, fd) in self.vcpus.iter().enumerate() {
             let ctx = VcpuContext {
                 id: id as u32,
@@ -270,7 +270,10 @@ impl Vm {
                     what: "spawning a vCPU thread",
                     source,
                 })?;
-            self.threads.push(h);
+            self.threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(h);
         }
         Ok(())
     }
@@ -407,7 +410,7 @@ impl Vm {
     }
 
     /// Stop the VM for good and join its vCPU threads. Idempotent.
-    pub fn stop(&mut self) -> Result<(), VmError> {
+    pub fn stop(&self) -> Result<(), VmError> {
         self.ctl.request_exit(StopReason::Requested);
         let n = self.ctl.vcpus;
         let r = self
@@ -415,7 +418,9 @@ impl Vm {
             .wait_kicking(VCPU_ACK_TIMEOUT, |st| st.exited == n)
             .map_err(|()| VmError::AckTimeout("stop"));
         if r.is_ok() {
-            for h in self.threads.drain(..) {
+            let threads =
+                std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+            for h in threads {
                 let _ = h.join();
             }
         } else {
@@ -433,7 +438,7 @@ impl Vm {
     }
 
     /// Stop the VM and release all its resources.
-    pub fn destroy(mut self) -> Result<(), VmError> {
+    pub fn destroy(self) -> Result<(), VmError> {
         self.stop()
     }
 

@@ -126,7 +126,7 @@ fn pause_really_stops_the_guest_and_resume_continues() {
 fn guest_exit_port_stops_the_vm_and_state_ops_then_fail_cleanly() {
     // The idle guest never exits by itself, so stop it from the host and check that
     // operations on a stopped VM give errors, not panics.
-    let mut vm = start_test_guest(1, 16, &Workload::new(WorkloadKind::Idle));
+    let vm = start_test_guest(1, 16, &Workload::new(WorkloadKind::Idle));
     wait_heartbeats(
         || vm.console().text(),
         Duration::from_secs(20),
