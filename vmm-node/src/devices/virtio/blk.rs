@@ -673,7 +673,10 @@ fn execute(
                 }
                 total += u64::from(d.len);
             }
-            if total == 0 || !total.is_multiple_of(SECTOR_SIZE_BYTES) || total > MAX_REQUEST_DATA_BYTES {
+            if total == 0
+                || !total.is_multiple_of(SECTOR_SIZE_BYTES)
+                || total > MAX_REQUEST_DATA_BYTES
+            {
                 return Err(Fault::DataLength);
             }
             let end_sector = sector
