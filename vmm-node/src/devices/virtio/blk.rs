@@ -169,6 +169,55 @@ pub struct VirtioBlkState {
     pub backing: Option<SlotBacking>,
 }
 
+/// Upper bound of an encoded [`VirtioBlkState`] (the disk description dominates).
+pub const STATE_BYTES_MAX: u64 = 64 << 10;
+
+/// Errors decoding a saved slot state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateDecodeError {
+    /// Longer than [`STATE_BYTES_MAX`].
+    #[error("virtio-blk slot state is {len_bytes} bytes, more than the {STATE_BYTES_MAX}-byte limit")]
+    TooLarge {
+        /// Length of the input.
+        len_bytes: usize,
+    },
+    /// Not a bincode `VirtioBlkState`.
+    #[error("virtio-blk slot state is malformed")]
+    Malformed(#[source] bincode::Error),
+}
+
+fn state_codec() -> impl bincode::Options {
+    use bincode::Options;
+    bincode::options()
+        .with_fixint_encoding()
+        .with_limit(STATE_BYTES_MAX)
+        .reject_trailing_bytes()
+}
+
+impl VirtioBlkState {
+    /// Encode for a snapshot file or the migration stream (bincode, fixed-width ints).
+    pub fn encode(&self) -> Vec<u8> {
+        use bincode::Options;
+        state_codec()
+            .serialize(self)
+            .expect("a VirtioBlkState always serializes within the limit")
+    }
+
+    /// Decode what [`VirtioBlkState::encode`] produced, refusing oversized or malformed
+    /// input. The result is still untrusted: [`VirtioBlk::restore`] validates it.
+    pub fn decode(bytes: &[u8]) -> Result<Self, StateDecodeError> {
+        use bincode::Options;
+        if bytes.len() as u64 > STATE_BYTES_MAX {
+            return Err(StateDecodeError::TooLarge {
+                len_bytes: bytes.len(),
+            });
+        }
+        state_codec()
+            .deserialize(bytes)
+            .map_err(StateDecodeError::Malformed)
+    }
+}
+
 /// Counters a test or the debug binary can read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BlkStats {
