@@ -176,7 +176,9 @@ pub const STATE_BYTES_MAX: u64 = 64 << 10;
 #[derive(Debug, thiserror::Error)]
 pub enum StateDecodeError {
     /// Longer than [`STATE_BYTES_MAX`].
-    #[error("virtio-blk slot state is {len_bytes} bytes, more than the {STATE_BYTES_MAX}-byte limit")]
+    #[error(
+        "virtio-blk slot state is {len_bytes} bytes, more than the {STATE_BYTES_MAX}-byte limit"
+    )]
     TooLarge {
         /// Length of the input.
         len_bytes: usize,

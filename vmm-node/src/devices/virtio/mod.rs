@@ -6,9 +6,7 @@
 pub mod blk;
 pub mod mmio;
 
-pub use blk::{
-    BlkStats, SlotBacking, StateDecodeError, VirtioBlk, VirtioBlkError, VirtioBlkState,
-};
+pub use blk::{BlkStats, SlotBacking, StateDecodeError, VirtioBlk, VirtioBlkError, VirtioBlkState};
 
 /// Number of virtio-blk slots every VM has.
 pub const VIRTIO_BLK_SLOTS: usize = 8;
