@@ -423,11 +423,10 @@ impl MmioTransport {
             reg::QUEUE_READY if self.queue_sel == 0 => match v {
                 0 => self.queue.set_ready(false),
                 1 if queue_configurable => {
-                    self.queue.set_ready(true);
-                    if !self.queue.is_valid(mem) {
-                        self.queue.set_ready(false);
+                    if !rings_in_memory(&self.queue, mem) {
                         return MmioEvent::GuestError("queue rings lie outside guest memory");
                     }
+                    self.queue.set_ready(true);
                 }
                 _ => return MmioEvent::GuestError("queue ready written in the wrong state"),
             },
@@ -543,6 +542,17 @@ impl MmioTransport {
             config_generation: state.config_generation,
         })
     }
+}
+
+/// Whether the descriptor table and both rings of `queue` lie in guest memory (the
+/// check virtio-queue's `is_valid` does, without its guest-triggerable log lines).
+fn rings_in_memory(queue: &Queue, mem: &GuestMem) -> bool {
+    use vm_memory::GuestMemoryBackend;
+    let n = u64::from(queue.size());
+    let fits = |addr: u64, len: u64| mem.check_range(GuestAddress(addr), len as usize);
+    fits(queue.desc_table(), 16 * n)
+        && fits(queue.avail_ring(), 6 + 2 * n)
+        && fits(queue.used_ring(), 6 + 8 * n)
 }
 
 fn merge_half(old: u64, high: bool, v: u32) -> u64 {
