@@ -11,10 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
+use vmm_node::devices::virtio::VirtioBlkState;
 use vmm_node::devices::virtio::{slot_irq, slot_mmio_base, VirtioBlk, SLOT_MMIO_SIZE_BYTES};
 use vmm_node::devices::{IrqLine, MmioDevice};
 use vmm_node::disk::RawFileDisk;
-use vmm_node::guest_protocol::{Heartbeat, Workload, WorkloadKind};
+use vmm_node::guest_protocol::{heartbeats, Heartbeat, Workload, WorkloadKind};
+use vmm_node::snapshot;
 use vmm_node::{Vm, VmStatus};
 
 const SLOTS: usize = 8;
@@ -39,6 +41,12 @@ fn disk_guest() -> (Vm, Vec<Arc<Mutex<VirtioBlk>>>) {
     require_kvm();
     let cfg = test_guest_config(1, 64, &Workload::new(WorkloadKind::Disk));
     let vm = Vm::create(cfg).expect("create VM");
+    let slots = add_slots(&vm);
+    (vm, slots)
+}
+
+/// Put 8 empty slots on `vm`'s MMIO bus.
+fn add_slots(vm: &Vm) -> Vec<Arc<Mutex<VirtioBlk>>> {
     let mut slots = Vec::new();
     for i in 0..SLOTS {
         let irq: Arc<dyn IrqLine> = vm.irq_line(slot_irq(i)).expect("irq line");
@@ -52,7 +60,7 @@ fn disk_guest() -> (Vm, Vec<Arc<Mutex<VirtioBlk>>>) {
             .expect("register slot");
         slots.push(dev);
     }
-    (vm, slots)
+    slots
 }
 
 fn last(hb: &[Heartbeat]) -> &Heartbeat {
@@ -186,4 +194,76 @@ fn hot_add_and_remove_on_a_running_guest() {
         .iter()
         .any(|b| *b != 0));
     vm.destroy().unwrap();
+}
+
+#[test]
+fn snapshot_restore_mid_workload_keeps_disk_pattern_verifying() {
+    let (vm, slots) = disk_guest();
+    let img = image(1);
+    slots[3]
+        .lock()
+        .unwrap()
+        .attach(
+            Box::new(RawFileDisk::open(img.path(), false).unwrap()),
+            false,
+        )
+        .unwrap();
+    vm.start().unwrap();
+    wait_heartbeats(
+        || vm.console().text(),
+        Duration::from_secs(30),
+        |h| {
+            h.last()
+                .is_some_and(|h| h.disk == "ok" && disk_passes(h) >= 2)
+        },
+    );
+    // Pause, drain, save: vCPUs + memory through core's snapshot, slots through ours.
+    vm.pause().unwrap();
+    let before = heartbeats(&vm.console().text());
+    let saved: Vec<Vec<u8>> = slots
+        .iter()
+        .map(|s| {
+            let mut s = s.lock().unwrap();
+            s.quiesce();
+            s.save_state().encode()
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    snapshot::save(&vm, dir.path()).unwrap();
+    // Storage handoff: the source closes its disk before the target opens it.
+    drop(slots[3].lock().unwrap().detach().unwrap());
+    vm.destroy().unwrap();
+
+    let restored = snapshot::restore(dir.path()).unwrap();
+    let new_slots = add_slots(&restored);
+    for (slot, bytes) in new_slots.iter().zip(&saved) {
+        let state = VirtioBlkState::decode(bytes).unwrap();
+        let disk = state.backing.as_ref().map(|b| {
+            assert_eq!(b.description, img.path().display().to_string());
+            Box::new(RawFileDisk::open(&b.description, b.read_only).unwrap())
+                as Box<dyn vmm_node::disk::DiskBackend>
+        });
+        slot.lock().unwrap().restore_in_place(&state, disk).unwrap();
+    }
+    assert_eq!(new_slots[3].lock().unwrap().capacity_sectors(), 2048);
+    restored.resume().unwrap();
+    let last_before = disk_passes(last(&before));
+    let after = wait_heartbeats(
+        || restored.console().text(),
+        Duration::from_secs(30),
+        |h| h.last().is_some_and(|h| disk_passes(h) >= last_before + 3),
+    );
+    let mut all = before.clone();
+    all.extend(after.iter().cloned());
+    assert_continuous(&all);
+    assert!(after.iter().all(|h| h.disk == "ok"), "{:?}", last(&after));
+    restored.pause().unwrap();
+    let st = new_slots[3].lock().unwrap().stats();
+    assert!(st.flushes >= 3, "{st:?}");
+    assert_eq!(
+        st.requests_failed + st.chains_skipped + st.guest_errors,
+        0,
+        "{st:?}"
+    );
+    restored.destroy().unwrap();
 }
