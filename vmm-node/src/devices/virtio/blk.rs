@@ -29,6 +29,10 @@ use crate::GuestMem;
 
 /// virtio device id of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// Feature bit: `size_max` (largest data segment) is valid.
+pub const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
+/// Feature bit: `seg_max` (most data segments per request) is valid.
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 /// Feature bit: the device is read-only.
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 /// Feature bit: the device supports `VIRTIO_BLK_T_FLUSH`.
@@ -56,6 +60,15 @@ pub const QUEUE_MAX_SIZE: u16 = 256;
 pub const MAX_CHAIN_DESCRIPTORS: usize = 258;
 /// Largest data payload of a single request (bytes).
 pub const MAX_REQUEST_DATA_BYTES: u64 = 32 << 20;
+/// `seg_max` offered: data descriptors per request (plus header and status this stays
+/// within the queue size and `MAX_CHAIN_DESCRIPTORS`).
+pub const SEG_MAX: u32 = 126;
+/// `size_max` offered: bytes per data descriptor. `SEG_MAX * SIZE_MAX_BYTES` stays
+/// within `MAX_REQUEST_DATA_BYTES`, so a driver that honours both never gets `IOERR`
+/// for size alone.
+pub const SIZE_MAX_BYTES: u32 = 256 << 10;
+const _: () = assert!(SEG_MAX as u64 * SIZE_MAX_BYTES as u64 <= MAX_REQUEST_DATA_BYTES);
+const _: () = assert!(SEG_MAX as usize + 2 <= MAX_CHAIN_DESCRIPTORS);
 /// Size of the request header (`type`, `reserved`, `sector`).
 const REQUEST_HEADER_BYTES: u32 = 16;
 /// Bounce-buffer chunk between guest memory and the backend.
@@ -65,7 +78,8 @@ const GUEST_WARNINGS_LOGGED_MAX: u64 = 16;
 
 /// Features every slot offers; `VIRTIO_BLK_F_RO` is added while a read-only disk is
 /// attached.
-pub const BASE_FEATURES: u64 = mmio::VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH;
+pub const BASE_FEATURES: u64 =
+    mmio::VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SIZE_MAX | VIRTIO_BLK_F_SEG_MAX;
 const ALL_FEATURES: u64 = BASE_FEATURES | VIRTIO_BLK_F_RO;
 
 /// Errors from the hot-plug and snapshot API.
@@ -356,11 +370,14 @@ impl VirtioBlk {
         }
     }
 
-    /// The configuration space: `capacity` (le64) then zeros up to `blk_size` (unused
-    /// fields of `struct virtio_blk_config`, 60 bytes as in the specification).
+    /// The configuration space (`struct virtio_blk_config` up to `blk_size`, 60 bytes
+    /// as in the specification): `capacity` le64 @0, `size_max` le32 @8, `seg_max` le32
+    /// @12; the fields of features not offered read as zero.
     fn config_bytes(&self) -> [u8; 60] {
         let mut c = [0u8; 60];
         c[..8].copy_from_slice(&self.capacity_sectors().to_le_bytes());
+        c[8..12].copy_from_slice(&SIZE_MAX_BYTES.to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         c
     }
 

@@ -251,6 +251,12 @@ fn empty_slot_identifies_as_modern_block_device() {
     let lo = u64::from(rd(&mut dev, reg::DEVICE_FEATURES));
     assert_ne!(lo & VIRTIO_BLK_F_FLUSH, 0);
     assert_eq!(lo & VIRTIO_BLK_F_RO, 0);
+    assert_ne!(lo & VIRTIO_BLK_F_SEG_MAX, 0);
+    let mut b = [0u8; 4];
+    dev.mmio_read(reg::CONFIG + 12, &mut b);
+    assert_eq!(u32::from_le_bytes(b), SEG_MAX);
+    dev.mmio_read(reg::CONFIG + 8, &mut b);
+    assert_eq!(u32::from_le_bytes(b), SIZE_MAX_BYTES);
 }
 
 #[test]
@@ -259,8 +265,8 @@ fn feature_negotiation_requires_version_1_and_offered_bits() {
     let mut dev = VirtioBlk::new(0, mem, Arc::new(CountIrq::default()));
     // Legacy driver (no VERSION_1): FEATURES_OK does not stick.
     assert!(negotiate(&mut dev, VIRTIO_BLK_F_FLUSH).is_err());
-    // A bit the device never offered (VIRTIO_BLK_F_SIZE_MAX = 1).
-    assert!(negotiate(&mut dev, mmio::VIRTIO_F_VERSION_1 | 2).is_err());
+    // A bit the device never offered (VIRTIO_BLK_F_GEOMETRY = 4).
+    assert!(negotiate(&mut dev, mmio::VIRTIO_F_VERSION_1 | (1 << 4)).is_err());
     // Queue cannot be made ready without FEATURES_OK.
     wr(&mut dev, reg::QUEUE_READY, 1);
     assert_eq!(rd(&mut dev, reg::QUEUE_READY), 0);
