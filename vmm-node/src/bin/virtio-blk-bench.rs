@@ -155,6 +155,14 @@ impl HostDriver {
     }
 }
 
+/// Alternating measurement rounds per row.
+const ROUNDS: u32 = 5;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -178,7 +186,7 @@ fn rate(dur: Duration, mut op: impl FnMut(u64) -> anyhow::Result<()>) -> anyhow:
 
 fn device_path(img: &std::path::Path, dur: Duration) -> anyhow::Result<()> {
     println!(
-        "== device path (host-side driver, no VM) vs direct pread/pwrite, {IMAGE_BYTES} B image"
+        "== device path (host-side driver, no VM) vs direct pread/pwrite, {IMAGE_BYTES} B image, median of {ROUNDS} alternating rounds"
     );
     println!(
         "{:<22} {:>12} {:>12} {:>10} {:>12} {:>16}",
@@ -209,7 +217,6 @@ fn device_path(img: &std::path::Path, dur: Duration) -> anyhow::Result<()> {
         } else {
             VIRTIO_BLK_T_IN
         };
-        let dev_rate = rate(dur, |n| drv.request(t, pick(n), len))?;
         let mut rng2 = Rng(0x1234_5678);
         let mut pick2 = move |n: u64| {
             if random {
@@ -219,15 +226,22 @@ fn device_path(img: &std::path::Path, dur: Duration) -> anyhow::Result<()> {
             }
         };
         let b = &mut buf[..len as usize];
-        let direct_rate = rate(dur, |n| {
-            let off = pick2(n) * 512;
-            if write {
-                direct.write_at(b, off)?
-            } else {
-                direct.read_at(b, off)?
-            }
-            Ok(())
-        })?;
+        // Alternate device and direct rounds so both see the same machine load and
+        // page-cache state; report the median round of each.
+        let (mut dev_rates, mut direct_rates) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            dev_rates.push(rate(dur / ROUNDS, |n| drv.request(t, pick(n), len))?);
+            direct_rates.push(rate(dur / ROUNDS, |n| {
+                let off = pick2(n) * 512;
+                if write {
+                    direct.write_at(b, off)?
+                } else {
+                    direct.read_at(b, off)?
+                }
+                Ok(())
+            })?);
+        }
+        let (dev_rate, direct_rate) = (median(dev_rates), median(direct_rates));
         let overhead_ns = (1.0 / dev_rate - 1.0 / direct_rate) * 1e9;
         println!(
             "{:<22} {:>12.0} {:>12.0} {:>10.1} {:>12.2} {:>16.0}",
@@ -241,8 +255,14 @@ fn device_path(img: &std::path::Path, dur: Duration) -> anyhow::Result<()> {
     }
     // Write back what the write rows dirtied, so both flush rows start clean.
     direct.flush()?;
-    let dev_flush = rate(dur, |_| drv.request(VIRTIO_BLK_T_FLUSH, 0, 0))?;
-    let direct_flush = rate(dur, |_| Ok(direct.flush()?))?;
+    let (mut dev_rates, mut direct_rates) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        dev_rates.push(rate(dur / ROUNDS, |_| {
+            drv.request(VIRTIO_BLK_T_FLUSH, 0, 0)
+        })?);
+        direct_rates.push(rate(dur / ROUNDS, |_| Ok(direct.flush()?))?);
+    }
+    let (dev_flush, direct_flush) = (median(dev_rates), median(direct_rates));
     println!(
         "{:<22} {:>12.0} {:>12.0} {:>10} {:>12.2} {:>16.0}",
         "flush (fdatasync)",
@@ -327,7 +347,7 @@ fn guest_path(dir: &std::path::Path, dur: Duration) -> anyhow::Result<()> {
         (p1 - p0) as f64 / (t1 - t0).as_secs_f64()
     );
     println!(
-        "per pass (64 KiB write + flush + 64 KiB read, 8 slots probed): {exits_per_pass:.0} MMIO exits, \
+        "per pass (slot probe + 64 KiB write + flush + 64 KiB read): {exits_per_pass:.0} MMIO exits, \
          {device_us_per_pass:.0} us inside the device; host doing the same directly: {:.0} us",
         1e6 / host_pps
     );
