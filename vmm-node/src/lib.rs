@@ -5,3 +5,4 @@ pub mod devices;
 /// Guest memory with vm-memory's write bitmap, so writes the VMM's devices make into
 /// guest memory are tracked for live migration alongside KVM's dirty log.
 pub type GuestMem = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+pub mod migration;
