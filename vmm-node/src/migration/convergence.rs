@@ -275,26 +275,10 @@ pub struct ProgressTracker {
 }
 
 impl ProgressTracker {
-    /// Folds a raw estimate into the monotone series. `elapsed_ms` is time since start.
-    pub fn update(
-        &mut self,
-        bytes_sent: u64,
-        estimate_remaining_bytes: u64,
-        rate_bytes_per_s: f64,
-        eta_estimate_ms: u64,
-        round: u32,
-        throttle_percent: u8,
-        elapsed_ms: u64,
-    ) -> Progress {
-        let mut p = Progress {
-            bytes_sent,
-            bytes_remaining: estimate_remaining_bytes,
-            fraction_done: 0.0,
-            rate_bytes_per_s,
-            eta_ms: eta_estimate_ms,
-            round,
-            throttle_percent,
-        };
+    /// Folds a raw estimate (its `fraction_done` is ignored) into the monotone series.
+    /// `elapsed_ms` is time since the start.
+    pub fn update(&mut self, raw: Progress, elapsed_ms: u64) -> Progress {
+        let mut p = raw;
         if let Some(prev) = self.last {
             p.bytes_sent = p.bytes_sent.max(prev.bytes_sent);
             p.bytes_remaining = p.bytes_remaining.min(prev.bytes_remaining);
@@ -318,7 +302,16 @@ impl ProgressTracker {
 
     /// Final progress: everything sent.
     pub fn finish(&mut self, bytes_sent: u64, elapsed_ms: u64) -> Progress {
-        let mut p = self.update(bytes_sent, 0, 0.0, 0, 0, 0, elapsed_ms);
+        let raw = Progress {
+            bytes_sent,
+            bytes_remaining: 0,
+            fraction_done: 1.0,
+            rate_bytes_per_s: 0.0,
+            eta_ms: 0,
+            round: 0,
+            throttle_percent: 0,
+        };
+        let mut p = self.update(raw, elapsed_ms);
         p.fraction_done = 1.0;
         self.last = Some(p);
         p
@@ -483,15 +476,16 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             sent += x % 1000;
-            let p = t.update(
-                sent,
-                x % 100_000,
-                1.0,
-                x % 5000,
-                (step / 10) as u32,
-                0,
-                step * 10,
-            );
+            let raw = Progress {
+                bytes_sent: sent,
+                bytes_remaining: x % 100_000,
+                fraction_done: 0.0,
+                rate_bytes_per_s: 1.0,
+                eta_ms: x % 5000,
+                round: (step / 10) as u32,
+                throttle_percent: 0,
+            };
+            let p = t.update(raw, step * 10);
             if let Some(q) = prev {
                 assert!(p.bytes_sent >= q.bytes_sent);
                 assert!(p.bytes_remaining <= q.bytes_remaining);

@@ -46,8 +46,10 @@
 //!    |                                                         | open disks, restore state
 //!    |<--- Ready -----------------------------------------------| (still paused)
 //!    |---- Commit --------------------------------------------->| point of no return
-//!    |<--- Running{receipt digest} -----------------------------| vCPUs resumed
-//!    |     [source destroys its VM: blackout ends at target]   |
+//!    |<--- Running{restore/resume times} -----------------------| vCPUs resumed
+//!    |     [blackout over; source destroys its VM]             |
+//!    |---- EndOfStream (data conns) ==========================>|
+//!    |<--- Receipt{memory digest} ------------------------------| computed after resume
 //!
 //!  Before Commit, any error, a closed connection or Cancel{reason} makes the source
 //!  resume its own VM (disks reclaimed and re-attached) and the target discard its copy.
@@ -142,6 +144,7 @@ pub enum Command {
     Running = 14,
     Cancel = 15,
     EndOfStream = 16,
+    Receipt = 17,
 }
 
 impl Command {
@@ -165,6 +168,7 @@ impl Command {
             14 => Running,
             15 => Cancel,
             16 => EndOfStream,
+            17 => Receipt,
             other => return Err(ProtocolError::UnknownCommand(other)),
         })
     }
@@ -338,6 +342,7 @@ fn command_name(c: Command) -> &'static str {
         Command::Running => "Running",
         Command::Cancel => "Cancel",
         Command::EndOfStream => "EndOfStream",
+        Command::Receipt => "Receipt",
     }
 }
 
@@ -424,12 +429,30 @@ pub struct RoundAck {
     pub zero_pages: u64,
 }
 
-/// [`Command::Running`] payload: the target's memory receipt.
+/// [`Command::Running`] payload: how long the target's part of the blackout took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Running {
-    pub memory_digest: u64,
     pub restore_us: u64,
     pub resume_us: u64,
+}
+
+/// [`Command::Receipt`] payload: digest of the target's guest memory as of switchover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Receipt {
+    pub memory_digest: u64,
+}
+
+/// [`Command::Setup`] payload.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Setup {
+    pub requirements: super::seam::Requirements,
+    pub config: Vec<u8>,
+}
+
+/// [`Command::State`] payload.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StatePayload {
+    pub state: Vec<u8>,
 }
 
 /// One page descriptor of a [`Command::Pages`] message.
@@ -658,7 +681,7 @@ mod tests {
                 x ^= x << 17;
                 buf.push(x as u8);
             }
-            if x % 3 == 0 && buf.len() >= 4 {
+            if x.is_multiple_of(3) && buf.len() >= 4 {
                 buf[0..4].copy_from_slice(&MAGIC);
             }
             let mut c = Cursor::new(&buf);
@@ -688,7 +711,7 @@ mod tests {
             let crc = crc32fast::hash(&b[0..20]);
             b[20..24].copy_from_slice(&crc.to_le_bytes());
             let r = Header::decode(&b);
-            prop_assert_eq!(r.is_ok(), (1..=16).contains(&cmd) && flags == 0);
+            prop_assert_eq!(r.is_ok(), (1..=17).contains(&cmd) && flags == 0);
         }
     }
 }

@@ -490,29 +490,29 @@ pub enum DataEvent {
 
 /// Receives pages on one data connection until EndOfStream, an error, or `stop`.
 /// Reports every RoundEnd through `events` (a bounded channel).
-pub fn receive_data_connection(
+pub fn receive_data_connection<E: From<DataEvent>>(
     mut conn: TcpStream,
     index: usize,
     mem: &GuestMem,
     map: &PageMap,
     hashes: &PageHashes,
-    events: &SyncSender<DataEvent>,
+    events: &SyncSender<E>,
 ) {
     let result = receive_loop(&mut conn, index, mem, map, hashes, events);
     let ev = match result {
         Ok(()) => DataEvent::Finished { index },
         Err(error) => DataEvent::Failed { index, error },
     };
-    let _ = events.send(ev);
+    let _ = events.send(ev.into());
 }
 
-fn receive_loop(
+fn receive_loop<E: From<DataEvent>>(
     conn: &mut TcpStream,
     index: usize,
     mem: &GuestMem,
     map: &PageMap,
     hashes: &PageHashes,
-    events: &SyncSender<DataEvent>,
+    events: &SyncSender<E>,
 ) -> Result<(), TransportError> {
     let perr = |source: ProtocolError| TransportError::Protocol { index, source };
     let mut body = vec![0u8; MAX_PAGES_PER_MESSAGE * PAGE_SIZE];
@@ -556,7 +556,10 @@ fn receive_loop(
             Command::RoundEnd => {
                 let end: RoundEnd =
                     decode_payload(Command::RoundEnd, &frame.payload).map_err(perr)?;
-                if events.send(DataEvent::RoundEnd { index, end }).is_err() {
+                if events
+                    .send(DataEvent::RoundEnd { index, end }.into())
+                    .is_err()
+                {
                     return Ok(());
                 }
             }
@@ -629,7 +632,7 @@ mod tests {
         let (a, b) = pair(4);
         let send_hashes = PageHashes::new_zeroed(map.total_pages());
         let recv_hashes = PageHashes::new_zeroed(map.total_pages());
-        let (tx, rx) = sync_channel(16);
+        let (tx, rx) = sync_channel::<DataEvent>(16);
         let cancel = AtomicBool::new(false);
         std::thread::scope(|s| {
             for (i, c) in b.into_iter().enumerate() {
@@ -699,7 +702,7 @@ mod tests {
         write_frame(&mut a[0], Command::Pages, &p).unwrap();
         a[0].write_all(&[7u8; PAGE_SIZE]).unwrap();
         let hashes = PageHashes::new_zeroed(map.total_pages());
-        let (tx, rx) = sync_channel(4);
+        let (tx, rx) = sync_channel::<DataEvent>(4);
         receive_data_connection(b.remove(0), 0, &dst, &map, &hashes, &tx);
         match rx.recv().unwrap() {
             DataEvent::Failed { error, .. } => {
@@ -725,7 +728,7 @@ mod tests {
         h.encode_into(&mut p);
         write_frame(&mut a[0], Command::Pages, &p).unwrap();
         let hashes = PageHashes::new_zeroed(map.total_pages());
-        let (tx, rx) = sync_channel(4);
+        let (tx, rx) = sync_channel::<DataEvent>(4);
         receive_data_connection(b.remove(0), 0, &dst, &map, &hashes, &tx);
         assert!(matches!(
             rx.recv().unwrap(),
