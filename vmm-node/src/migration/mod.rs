@@ -8,8 +8,11 @@
 //! * [`source`] / [`target`]: the two ends of a live migration.
 //! * [`stats`]: per-migration statistics.
 
+pub mod adapter;
+pub mod cli;
 pub mod convergence;
 pub mod protocol;
+pub mod quick;
 pub mod seam;
 pub mod source;
 pub mod stats;
