@@ -53,7 +53,11 @@ impl SourceVm for LocalSource {
             cpu_features: host_cpu_features(),
             memory_bytes: PageMap::from_memory(self.vm.memory()).total_bytes(),
             vcpus: u32::from(c.vcpus),
-            disks: c.disks.iter().map(|d| d.path.display().to_string()).collect(),
+            disks: c
+                .disks
+                .iter()
+                .map(|d| d.path.display().to_string())
+                .collect(),
         }
     }
     fn start_dirty_log(&self) -> Result<(), OpError> {
@@ -113,7 +117,10 @@ pub struct LocalFactory {
 impl LocalFactory {
     /// The VM built by the last session, if something still holds it.
     pub fn last_vm(&self) -> Option<Arc<Vm>> {
-        self.last.lock().unwrap_or_else(|e| e.into_inner()).upgrade()
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .upgrade()
     }
 }
 

@@ -64,28 +64,34 @@ pub fn receive_vm(args: &ReceiveArgs) -> Result<Arc<Vm>, MigrationError> {
         Some(s) => Some((s.parse::<Failpoint>()?, FailAction::Abort)),
         None => None,
     };
-    let facts_override = if args.fake_cpu_vendor.is_some() || args.fake_memory_available_mib.is_some() {
-        let f = local_facts();
-        Some(NodeFacts {
-            cpu_vendor: args.fake_cpu_vendor.clone().unwrap_or(f.cpu_vendor),
-            memory_available_bytes: args
-                .fake_memory_available_mib
-                .map_or(f.memory_available_bytes, |m| m << 20),
-            cpu_features: f.cpu_features,
-        })
-    } else {
-        None
-    };
+    let facts_override =
+        if args.fake_cpu_vendor.is_some() || args.fake_memory_available_mib.is_some() {
+            let f = local_facts();
+            Some(NodeFacts {
+                cpu_vendor: args.fake_cpu_vendor.clone().unwrap_or(f.cpu_vendor),
+                memory_available_bytes: args
+                    .fake_memory_available_mib
+                    .map_or(f.memory_available_bytes, |m| m << 20),
+                cpu_features: f.cpu_features,
+            })
+        } else {
+            None
+        };
     let opts = ReceiveOptions {
         facts_override,
         failpoint,
         io_timeout: Duration::from_millis(args.io_timeout_ms),
     };
-    let listener = TcpListener::bind(args.listen)
-        .map_err(|source| MigrationError::Connect { addr: args.listen, source })?;
+    let listener = TcpListener::bind(args.listen).map_err(|source| MigrationError::Connect {
+        addr: args.listen,
+        source,
+    })?;
     let bound = listener
         .local_addr()
-        .map_err(|source| MigrationError::Connect { addr: args.listen, source })?;
+        .map_err(|source| MigrationError::Connect {
+            addr: args.listen,
+            source,
+        })?;
     tracing::info!(%bound, version = super::protocol::PROTOCOL_VERSION, "waiting for an incoming migration");
     {
         let mut out = std::io::stdout().lock();
@@ -94,9 +100,9 @@ pub fn receive_vm(args: &ReceiveArgs) -> Result<Arc<Vm>, MigrationError> {
     }
     let factory = LocalFactory::default();
     let received = serve(&listener, &factory, &NoHandoff, &opts)?;
-    let vm = factory
-        .last_vm()
-        .ok_or(MigrationError::InvalidOptions("the received VM vanished".into()))?;
+    let vm = factory.last_vm().ok_or(MigrationError::InvalidOptions(
+        "the received VM vanished".into(),
+    ))?;
     drop(received);
     Ok(vm)
 }
@@ -172,13 +178,15 @@ fn console_text(vm: &Vm) -> String {
 
 fn destroy_later(vm: &Arc<Vm>) {
     let vm = vm.clone();
-    let _ = std::thread::Builder::new().name("destroy-migrated".into()).spawn(move || {
-        std::thread::sleep(DESTROY_GRACE);
-        if let Err(e) = vm.stop() {
-            tracing::error!(error = %e, "destroying the migrated-away VM");
-        }
-        tracing::info!("source vm destroyed after migration");
-    });
+    let _ = std::thread::Builder::new()
+        .name("destroy-migrated".into())
+        .spawn(move || {
+            std::thread::sleep(DESTROY_GRACE);
+            if let Err(e) = vm.stop() {
+                tracing::error!(error = %e, "destroying the migrated-away VM");
+            }
+            tracing::info!("source vm destroyed after migration");
+        });
 }
 
 /// The control-socket extension handling the migration commands.
@@ -237,8 +245,12 @@ fn handle_migrate(st: &Mutex<Status>, req: &Value, vm: &Arc<Vm>) -> Value {
     let opts = MigrateOptions {
         connections: r.connections.unwrap_or(super::DEFAULT_CONNECTIONS),
         convergence: ConvergenceConfig {
-            max_downtime: r.max_downtime_ms.map_or(defaults.max_downtime, Duration::from_millis),
-            deadline: r.deadline_ms.map_or(defaults.deadline, Duration::from_millis),
+            max_downtime: r
+                .max_downtime_ms
+                .map_or(defaults.max_downtime, Duration::from_millis),
+            deadline: r
+                .deadline_ms
+                .map_or(defaults.deadline, Duration::from_millis),
             throttle: r.throttle.unwrap_or(true),
         },
         ..Default::default()
@@ -268,7 +280,9 @@ fn handle_migrate(st: &Mutex<Status>, req: &Value, vm: &Arc<Vm>) -> Value {
         match e {
             MigrationEvent::Phase(p) => s.phase = p,
             MigrationEvent::Progress(p) => s.progress = Some(json!(p)),
-            MigrationEvent::Prediction(_) => s.prediction = event_json(e).get("prediction").cloned(),
+            MigrationEvent::Prediction(_) => {
+                s.prediction = event_json(e).get("prediction").cloned()
+            }
             MigrationEvent::Throttle(t) => s.throttle_percent = *t,
         }
         s.push(event_json(e));
