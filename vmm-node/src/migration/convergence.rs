@@ -17,7 +17,10 @@ pub const THROTTLE_MAX_PERCENT: u8 = 99;
 /// A round "makes progress" when the dirty set shrinks below this share of the previous.
 const PROGRESS_RATIO: f64 = 0.9;
 /// Pre-copy rounds without reaching the target before each throttle step.
-const STALLED_ROUNDS_BEFORE_THROTTLE: u32 = 2;
+const STALLED_ROUNDS_BEFORE_THROTTLE: u32 = 1;
+/// A round that finds this share of what it sent dirty again is outrun by the guest
+/// (the dirty rate is then under-measured: it saturates at the working set).
+const OUTRUN_RATIO: f64 = 0.9;
 
 /// Errors of convergence configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -187,7 +190,9 @@ impl Convergence {
             self.best_dirty_bytes = self.best_dirty_bytes.min(o.dirty_bytes);
             self.stalled_rounds += 1;
         }
-        let outrun = self.dirty_rate_bytes_per_s >= self.bandwidth_bytes_per_s;
+        let processed_bytes = o.pages_processed as f64 * 4096.0;
+        let outrun = self.dirty_rate_bytes_per_s >= self.bandwidth_bytes_per_s
+            || (self.rounds > 1 && o.dirty_bytes as f64 >= OUTRUN_RATIO * processed_bytes);
         if self.cfg.throttle
             && self.throttle_percent < THROTTLE_MAX_PERCENT
             && (outrun || self.stalled_rounds >= STALLED_ROUNDS_BEFORE_THROTTLE)
@@ -398,17 +403,31 @@ mod tests {
     #[test]
     fn stalled_rounds_trigger_throttle_even_below_link_speed() {
         let mut c = Convergence::new(cfg(5, 100_000));
-        // Dirty set stays at 50 MB each round although rate < bandwidth.
+        // The dirty set does not shrink although the dirty rate is below the bandwidth
+        // and each round processes more than it finds dirty.
         assert_eq!(
-            c.observe(&obs(100 * MB, 100, 50 * MB, 100)),
+            c.observe(&obs(100 * MB, 100, 30 * MB, 100)),
             Decision::AnotherRound
         );
+        let mut o = obs(30 * MB, 60, 29 * MB, 160);
+        o.pages_processed = 100 * MB / 4096;
+        assert_eq!(c.observe(&o), Decision::Throttle { percent: 20 });
+        // A round that clearly shrinks the dirty set is progress again.
+        let mut o = obs(29 * MB, 30, 10 * MB, 200);
+        o.pages_processed = 100 * MB / 4096;
+        assert_eq!(c.observe(&o), Decision::AnotherRound);
+    }
+
+    #[test]
+    fn guest_rewriting_its_whole_working_set_is_throttled_at_once() {
+        let mut c = Convergence::new(cfg(5, 100_000));
         assert_eq!(
-            c.observe(&obs(50 * MB, 60, 50 * MB, 160)),
+            c.observe(&obs(100 * MB, 100, 30 * MB, 100)),
             Decision::AnotherRound
         );
+        // Round 1 sent 30 MB and found the same 30 MB dirty again: outrun.
         assert_eq!(
-            c.observe(&obs(50 * MB, 60, 50 * MB, 220)),
+            c.observe(&obs(30 * MB, 60, 30 * MB, 160)),
             Decision::Throttle { percent: 20 }
         );
     }
