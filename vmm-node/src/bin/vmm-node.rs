@@ -1,0 +1,141 @@
+//! Debugging binary: run or restore one VM, with an optional control socket.
+//!
+//! ```text
+//! vmm-node run --config vm.json [--control /path/sock] [--console]
+//! vmm-node restore --snapshot DIR [--control /path/sock] [--console]
+//! vmm-node facts
+//! vmm-node receive --listen 127.0.2.1:0 [--control /path/sock] [--console]   (migration target)
+//! ```
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use vmm_node::{StopReason, Vm, VmConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "vmm-node",
+    about = "Run a KVM VM (debugging front end of the vmm-node library)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create and start a VM from a JSON config.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// Copy console lines to stdout.
+        #[arg(long)]
+        console: bool,
+    },
+    /// Restore a VM from a snapshot directory and resume it.
+    Restore {
+        #[arg(long)]
+        snapshot: PathBuf,
+        #[arg(long)]
+        control: Option<PathBuf>,
+        #[arg(long)]
+        console: bool,
+    },
+    /// Print host facts as JSON.
+    Facts,
+    /// Wait for an incoming live migration, then run the VM (see `migration::cli`).
+    Receive {
+        #[command(flatten)]
+        args: vmm_node::migration::cli::ReceiveArgs,
+        #[arg(long)]
+        control: Option<PathBuf>,
+        #[arg(long)]
+        console: bool,
+    },
+}
+
+fn serve_and_wait(vm: Arc<Vm>, control: Option<PathBuf>, console: bool) -> anyhow::Result<()> {
+    if let Some(path) = &control {
+        let extensions = vec![vmm_node::migration::cli::control_extension()];
+        vmm_node::control::serve(path, vm.clone(), extensions)
+            .with_context(|| format!("serving control socket {}", path.display()))?;
+    }
+    if console {
+        let rx = vm.console().subscribe();
+        std::thread::spawn(move || {
+            for line in rx {
+                println!("{line}");
+            }
+        });
+    }
+    let reason = loop {
+        if let Some(r) = vm.wait_stopped(Duration::from_secs(1)) {
+            break r;
+        }
+    };
+    vm.stop().context("stopping VM")?;
+    tracing::info!(?reason, "vm stopped");
+    if let Some(path) = &control {
+        let _ = std::fs::remove_file(path);
+    }
+    match reason {
+        StopReason::Requested | StopReason::GuestExit { code: 0 } => Ok(()),
+        other => anyhow::bail!("VM stopped: {other:?}"),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Facts => {
+            let f = vmm_node::facts::host_facts()?;
+            println!("{}", serde_json::to_string_pretty(&f)?);
+            Ok(())
+        }
+        Cmd::Run {
+            config,
+            control,
+            console,
+        } => {
+            let _ = vmm_node::facts::host_facts();
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let cfg: VmConfig = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", config.display()))?;
+            let vm = Vm::create(cfg).context("creating VM")?;
+            vm.start().context("starting VM")?;
+            serve_and_wait(Arc::new(vm), control, console)
+        }
+        Cmd::Receive {
+            args,
+            control,
+            console,
+        } => {
+            let vm = vmm_node::migration::cli::receive_vm(&args).context("receiving a VM")?;
+            serve_and_wait(vm, control, console)
+        }
+        Cmd::Restore {
+            snapshot,
+            control,
+            console,
+        } => {
+            let _ = vmm_node::facts::host_facts();
+            let vm = vmm_node::snapshot::restore(&snapshot)
+                .with_context(|| format!("restoring {}", snapshot.display()))?;
+            vm.resume().context("resuming VM")?;
+            serve_and_wait(Arc::new(vm), control, console)
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Guest physical memory: layout, allocation, snapshot files and dirty tracking helpers.
+//!
+//! Layout (x86_64): RAM from 0 up to [`MMIO_GAP_START`] (3 GiB); RAM beyond that continues at
+//! 4 GiB. The 1 GiB hole holds the virtio-mmio slots (0xd000_0000), the IOAPIC and the LAPIC.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
+};
+
+use crate::GuestMem;
+
+/// Smallest guest RAM accepted.
+pub const MEMORY_MIB_MIN: u64 = 16;
+/// Start of the MMIO hole below 4 GiB.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// End of the MMIO hole (RAM resumes here).
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// Guest page size used by dirty bitmaps.
+pub const PAGE_SIZE_BYTES: usize = 4096;
+
+/// Errors of guest memory handling.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// Requested size is outside the supported range.
+    #[error("guest memory size {memory_mib} MiB is invalid (minimum {MEMORY_MIB_MIN} MiB, at most the host's {host_mib} MiB)")]
+    InvalidSize { memory_mib: u64, host_mib: u64 },
+    /// Allocating or mapping guest memory failed.
+    #[error("cannot map guest memory")]
+    Mmap(#[source] vm_memory::mmap::MmapRegionError),
+    /// Building the region collection failed.
+    #[error("cannot assemble guest memory regions")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
+    /// Memory file I/O.
+    #[error("guest memory file {path}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Memory file does not match the expected layout.
+    #[error("guest memory file {path} is {actual_bytes} bytes, expected {expected_bytes}")]
+    FileSize {
+        path: String,
+        actual_bytes: u64,
+        expected_bytes: u64,
+    },
+    /// Guest memory access failed.
+    #[error("guest memory access at {0:#x}")]
+    Access(u64, #[source] vm_memory::GuestMemoryError),
+}
+
+/// The (guest address, size) ranges of RAM for a guest of `memory_bytes`.
+pub fn ram_ranges(memory_bytes: u64) -> Vec<(u64, u64)> {
+    if memory_bytes <= MMIO_GAP_START {
+        vec![(0, memory_bytes)]
+    } else {
+        vec![
+            (0, MMIO_GAP_START),
+            (MMIO_GAP_END, memory_bytes - MMIO_GAP_START),
+        ]
+    }
+}
+
+/// Check a requested guest memory size against limits and the host's memory.
+pub fn validate_size(memory_mib: u64, host_mib: u64) -> Result<(), MemoryError> {
+    if memory_mib < MEMORY_MIB_MIN || memory_mib > host_mib {
+        return Err(MemoryError::InvalidSize {
+            memory_mib,
+            host_mib,
+        });
+    }
+    Ok(())
+}
+
+fn region_from_builder(
+    builder: MmapRegionBuilder<AtomicBitmap>,
+    guest_addr: u64,
+) -> Result<GuestRegionMmap<AtomicBitmap>, MemoryError> {
+    let mapping = builder.build().map_err(MemoryError::Mmap)?;
+    // Cannot overflow: every range ends below 2^52.
+    Ok(GuestRegionMmap::new(mapping, GuestAddress(guest_addr))
+        .expect("guest ranges never overflow the address space"))
+}
+
+/// Allocate anonymous guest memory of `memory_bytes`, with a write bitmap per region.
+pub fn allocate(memory_bytes: u64) -> Result<GuestMem, MemoryError> {
+    let regions = ram_ranges(memory_bytes)
+        .into_iter()
+        .map(|(addr, size)| {
+            let size = size as usize;
+            let builder = MmapRegionBuilder::new_with_bitmap(
+                size,
+                AtomicBitmap::new(size, PAGE_SIZE_BYTES.try_into().expect("non-zero")),
+            )
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE);
+            region_from_builder(builder, addr)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMem::from_regions(regions).map_err(MemoryError::Regions)
+}
+
+/// Map a memory file written by [`save_to_file`] copy-on-write (`MAP_PRIVATE`): restore
+/// costs no copy, pages are read from the page cache when the guest first touches them.
+///
+/// The file must not be modified while the guest runs; snapshots are written to a new
+/// file and renamed into place, so re-snapshotting into the same directory is safe.
+pub fn map_file(path: &Path, memory_bytes: u64) -> Result<GuestMem, MemoryError> {
+    let err = |source| MemoryError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = File::open(path).map_err(err)?;
+    let actual_bytes = file.metadata().map_err(err)?.len();
+    if actual_bytes != memory_bytes {
+        return Err(MemoryError::FileSize {
+            path: path.display().to_string(),
+            actual_bytes,
+            expected_bytes: memory_bytes,
+        });
+    }
+    let mut offset = 0u64;
+    let regions = ram_ranges(memory_bytes)
+        .into_iter()
+        .map(|(addr, size)| {
+            let fd = file.try_clone().map_err(err)?;
+            let size_usize = size as usize;
+            let builder = MmapRegionBuilder::new_with_bitmap(
+                size_usize,
+                AtomicBitmap::new(size_usize, PAGE_SIZE_BYTES.try_into().expect("non-zero")),
+            )
+            .with_file_offset(FileOffset::new(fd, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE);
+            offset += size;
+            region_from_builder(builder, addr)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMem::from_regions(regions).map_err(MemoryError::Regions)
+}
+
+/// Write all guest memory to `path` (regions back to back), sparsely: all-zero pages are
+/// left as holes. Writes to `path` directly; callers write to a temporary name and rename.
+pub fn save_to_file(mem: &GuestMem, path: &Path) -> Result<u64, MemoryError> {
+    let err = |source| MemoryError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(err)?;
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    file.set_len(total).map_err(err)?;
+    const CHUNK_BYTES: usize = 1 << 20;
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    let mut file_off = 0u64;
+    for region in mem.iter() {
+        let len = region.len();
+        let mut off = 0u64;
+        while off < len {
+            let n = CHUNK_BYTES.min((len - off) as usize);
+            let chunk = &mut buf[..n];
+            region
+                .read_slice(chunk, MemoryRegionAddress(off))
+                .map_err(|e| MemoryError::Access(region.start_addr().0 + off, e))?;
+            // Write runs of non-zero pages.
+            let mut p = 0;
+            while p < n {
+                let end = (p + PAGE_SIZE_BYTES).min(n);
+                if chunk[p..end].iter().all(|&b| b == 0) {
+                    p = end;
+                    continue;
+                }
+                let mut q = end;
+                while q < n {
+                    let qe = (q + PAGE_SIZE_BYTES).min(n);
+                    if chunk[q..qe].iter().all(|&b| b == 0) {
+                        break;
+                    }
+                    q = qe;
+                }
+                file.write_all_at(&chunk[p..q], file_off + off + p as u64)
+                    .map_err(err)?;
+                p = q;
+            }
+            off += n as u64;
+        }
+        file_off += len;
+    }
+    file.seek(SeekFrom::End(0)).map_err(err)?;
+    file.flush().map_err(err)?;
+    file.sync_data().map_err(err)?;
+    Ok(total)
+}
+
+/// Total guest RAM in bytes.
+pub fn total_bytes(mem: &GuestMem) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_splits_around_the_mmio_gap() {
+        assert_eq!(ram_ranges(256 << 20), vec![(0, 256 << 20)]);
+        assert_eq!(
+            ram_ranges(4 << 30),
+            vec![(0, MMIO_GAP_START), (MMIO_GAP_END, 1 << 30)]
+        );
+    }
+
+    #[test]
+    fn size_limits_are_checked() {
+        assert!(validate_size(8, 1024).is_err());
+        assert!(validate_size(2048, 1024).is_err());
+        validate_size(16, 1024).unwrap();
+    }
+
+    #[test]
+    fn save_and_map_roundtrip_keeps_content_and_is_sparse() {
+        let mem = allocate(16 << 20).unwrap();
+        mem.write_obj(0xdead_beef_u64, GuestAddress(0x1234))
+            .unwrap();
+        mem.write_obj(0x55_u8, GuestAddress((16 << 20) - 1))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        assert_eq!(save_to_file(&mem, &path).unwrap(), 16 << 20);
+        let restored = map_file(&path, 16 << 20).unwrap();
+        assert_eq!(
+            restored.read_obj::<u64>(GuestAddress(0x1234)).unwrap(),
+            0xdead_beef
+        );
+        assert_eq!(
+            restored
+                .read_obj::<u8>(GuestAddress((16 << 20) - 1))
+                .unwrap(),
+            0x55
+        );
+        // Copy-on-write: writing the restored guest does not touch the file.
+        restored.write_obj(1_u64, GuestAddress(0x1234)).unwrap();
+        let again = map_file(&path, 16 << 20).unwrap();
+        assert_eq!(
+            again.read_obj::<u64>(GuestAddress(0x1234)).unwrap(),
+            0xdead_beef
+        );
+        // Sparse: only two pages hold data.
+        use std::os::unix::fs::MetadataExt;
+        let blocks_bytes = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(
+            blocks_bytes <= 64 * 1024,
+            "file not sparse: {blocks_bytes} bytes allocated"
+        );
+    }
+
+    #[test]
+    fn map_file_rejects_wrong_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let e = map_file(&path, 16 << 20).unwrap_err();
+        assert!(matches!(e, MemoryError::FileSize { .. }), "{e}");
+        let e = map_file(&dir.path().join("missing"), 16 << 20).unwrap_err();
+        assert!(matches!(e, MemoryError::File { .. }), "{e}");
+    }
+}

@@ -1,0 +1,704 @@
+//! The VM: KVM VM fd, guest memory, vCPU threads, device buses, and the lifecycle and
+//! migration capabilities other crates call (see `CONTRACT.md`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::GuestMemoryBackend;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootSetup};
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORTS};
+use crate::devices::serial::{Console, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORTS};
+use crate::devices::{Bus, BusError, IrqLine, MmioDevice, PioDevice, RateLimitedLog};
+use crate::kvm::{self, MemSlot, SysError};
+use crate::memory::{self, MemoryError};
+use crate::state::{self, StateError, VmState};
+use crate::vcpu::{self, Control, Request, StopReason, VcpuContext};
+use crate::GuestMem;
+
+/// How long pause/stop wait for vCPU threads to acknowledge.
+pub const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Identity-map / TSS addresses KVM needs on Intel hosts (inside the MMIO gap).
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+
+/// Errors of VM lifecycle operations.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` cannot be opened.
+    #[error("cannot open /dev/kvm (is KVM available and accessible?)")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    /// Invalid configuration.
+    #[error("invalid VM configuration")]
+    Config(#[from] ConfigError),
+    /// Host facts could not be read.
+    #[error("reading host facts")]
+    Facts(#[from] crate::facts::FactsError),
+    /// Guest memory.
+    #[error("guest memory")]
+    Memory(#[from] MemoryError),
+    /// Low-level KVM / OS operation.
+    #[error("KVM setup")]
+    Sys(#[from] SysError),
+    /// A KVM ioctl during setup.
+    #[error("{op} failed")]
+    Kvm {
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Creating an eventfd or thread.
+    #[error("{what}")]
+    Os {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Kernel loading / boot setup.
+    #[error("boot setup")]
+    Boot(#[from] boot::BootError),
+    /// Device registration.
+    #[error("device registration")]
+    Bus(#[from] BusError),
+    /// Saving / restoring state.
+    #[error("VM state")]
+    State(#[from] StateError),
+    /// Serial state restore.
+    #[error("serial device state")]
+    Serial(#[from] crate::devices::serial::SerialError),
+    /// vCPUs did not acknowledge in time.
+    #[error("vCPU threads did not {0} within {VCPU_ACK_TIMEOUT:?}")]
+    AckTimeout(&'static str),
+    /// Operation not valid in the current state.
+    #[error("cannot {op} a VM that is {status}")]
+    WrongState { op: &'static str, status: String },
+}
+
+fn kerr(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { op, source }
+}
+
+/// Run state of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum VmStatus {
+    /// Created or paused: no vCPU runs guest code.
+    Paused,
+    /// vCPUs run.
+    Running,
+    /// Stopped for good.
+    Stopped { reason: StopReason },
+}
+
+impl std::fmt::Display for VmStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmStatus::Paused => write!(f, "paused"),
+            VmStatus::Running => write!(f, "running"),
+            VmStatus::Stopped { reason } => write!(f, "stopped ({reason:?})"),
+        }
+    }
+}
+
+/// An interrupt line backed by an irqfd on the in-kernel irqchip.
+pub struct IrqFdLine {
+    evt: EventFd,
+    gsi: u32,
+}
+
+impl IrqLine for IrqFdLine {
+    fn trigger(&self) {
+        if let Err(e) = self.evt.write(1) {
+            tracing::warn!(gsi = self.gsi, error = %e, "cannot raise interrupt");
+        }
+    }
+}
+
+/// A running (or paused) virtual machine. Dropping it stops and joins every vCPU thread,
+/// closes its fds and unmaps its memory.
+pub struct Vm {
+    config: VmConfig,
+    console: Console,
+    serial: Arc<Mutex<SerialDevice>>,
+    ctl: Arc<Control>,
+    pio: Arc<RwLock<Bus<dyn PioDevice>>>,
+    mmio: Arc<RwLock<Bus<dyn MmioDevice>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    throttle_thread: Mutex<Option<JoinHandle<()>>>,
+    irq_lines: Mutex<Vec<Arc<IrqFdLine>>>,
+    has_pit: AtomicBool,
+    tsc_khz: u32,
+    msr_index_list: Vec<u32>,
+    slots: Vec<MemSlot>,
+    boot: Option<BootSetup>,
+    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    vm_fd: Arc<VmFd>,
+    // Last: unmapped after the VM fd (and its memory slots) are closed.
+    memory: GuestMem,
+}
+
+impl Vm {
+    /// Create a VM with fresh memory and devices, its vCPU threads parked (paused), no
+    /// kernel loaded: the migration target's starting point.
+    pub fn new_paused(config: VmConfig) -> Result<Vm, VmError> {
+        let host_mib = crate::facts::host_memory_mib()?;
+        config.validate(host_mib)?;
+        let mem = memory::allocate(config.memory_mib << 20)?;
+        Self::with_memory(config, mem)
+    }
+
+    /// Create a VM and load its kernel; it stays paused until [`Vm::start`].
+    pub fn create(config: VmConfig) -> Result<Vm, VmError> {
+        let mut vm = Self::new_paused(config)?;
+        vm.load_kernel()?;
+        Ok(vm)
+    }
+
+    /// Create a paused VM around existing guest memory (e.g. a mapped snapshot file).
+    pub fn with_memory(config: VmConfig, mem: GuestMem) -> Result<Vm, VmError> {
+        let host_mib = crate::facts::host_memory_mib()?;
+        config.validate(host_mib)?;
+        kvm::install_kick_handler()?;
+        let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kerr("KVM_CREATE_VM"))?);
+        let slots = kvm::memory_slots(&mem)?;
+        kvm::register_memory_slots(&vm_fd, &mem, &slots, false)?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDR)
+            .map_err(kerr("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kerr("KVM_CREATE_IRQCHIP"))?;
+        let msr_index_list = kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kerr("KVM_GET_SUPPORTED_CPUID"))?;
+
+        let mut vcpus = Vec::with_capacity(config.vcpus.into());
+        for id in 0..u32::from(config.vcpus) {
+            let fd = vm_fd
+                .create_vcpu(id.into())
+                .map_err(kerr("KVM_CREATE_VCPU"))?;
+            fd.set_cpuid2(&vcpu_cpuid(&supported, id))
+                .map_err(kerr("KVM_SET_CPUID2"))?;
+            vcpus.push(Arc::new(Mutex::new(fd)));
+        }
+        let tsc_khz = vcpus[0]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_tsc_khz()
+            .map_err(kerr("KVM_GET_TSC_KHZ"))?;
+
+        let ctl = Arc::new(Control::new(vcpus.len()));
+        let console = Console::new();
+        let vm = Vm {
+            config,
+            serial: Arc::new(Mutex::new(SerialDevice::new(
+                console.clone(),
+                Arc::new(NullIrq),
+            ))),
+            console,
+            ctl,
+            pio: Arc::new(RwLock::new(Bus::default())),
+            mmio: Arc::new(RwLock::new(Bus::default())),
+            threads: Mutex::new(Vec::new()),
+            throttle_thread: Mutex::new(None),
+            irq_lines: Mutex::new(Vec::new()),
+            has_pit: AtomicBool::new(false),
+            tsc_khz,
+            msr_index_list,
+            slots,
+            boot: None,
+            vcpus,
+            vm_fd,
+            memory: mem,
+        };
+        let com1_irq = vm.irq_line(COM1_IRQ)?;
+        *vm.serial.lock().unwrap_or_else(|e| e.into_inner()) =
+            SerialDevice::new(vm.console.clone(), com1_irq);
+        let ctl = vm.ctl.clone();
+        let i8042 = I8042::new(
+            Arc::new(AtomicBool::new(false)),
+            Box::new(move || ctl.request_exit(StopReason::GuestReset)),
+        );
+        {
+            let mut pio = vm.pio.write().unwrap_or_else(|e| e.into_inner());
+            let serial: Arc<Mutex<dyn PioDevice>> = vm.serial.clone();
+            pio.insert(COM1_PORT.into(), COM1_PORTS.into(), serial)?;
+            pio.insert(
+                I8042_PORT.into(),
+                I8042_PORTS.into(),
+                Arc::new(Mutex::new(i8042)),
+            )?;
+        }
+        vm.spawn_vcpu_threads()?;
+        tracing::info!(
+            name = %vm.config.name,
+            vcpus = vm.config.vcpus,
+            memory_mib = vm.config.memory_mib,
+            tsc_khz,
+            "vm created"
+        );
+        Ok(vm)
+    }
+
+    fn spawn_vcpu_threads(&self) -> Result<(), VmError> {
+        for (id, fd) in self.vcpus.iter().enumerate() {
+            let ctx = VcpuContext {
+                id: id as u32,
+                ctl: self.ctl.clone(),
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                unknown_io_log: Arc::new(Mutex::new(RateLimitedLog::new(
+                    10,
+                    Duration::from_secs(1),
+                ))),
+            };
+            let fd = fd.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::vcpu_thread(ctx, fd))
+                .map_err(|source| VmError::Os {
+                    what: "spawning a vCPU thread",
+                    source,
+                })?;
+            self.threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(h);
+        }
+        Ok(())
+    }
+
+    /// Load the configured kernel and set the boot vCPU registers (VM must be paused and
+    /// never started).
+    pub fn load_kernel(&mut self) -> Result<(), VmError> {
+        self.require_paused("load a kernel into")?;
+        let setup = boot::load(&self.config, &self.memory, self.tsc_khz)?;
+        if setup.is_linux() && !self.has_pit.load(Ordering::SeqCst) {
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            self.vm_fd
+                .create_pit2(pit)
+                .map_err(kerr("KVM_CREATE_PIT2"))?;
+            self.has_pit.store(true, Ordering::SeqCst);
+        }
+        for (id, fd) in self.vcpus.iter().enumerate() {
+            let fd = fd.lock().unwrap_or_else(|e| e.into_inner());
+            if id == 0 {
+                boot::setup_bsp(&fd, &setup)?;
+            } else {
+                boot::setup_test_guest_ap(&fd, id as u32, &setup)?;
+            }
+        }
+        tracing::info!(kernel = %self.config.kernel.display(), entry = ?setup.entry, "kernel loaded");
+        self.boot = Some(setup);
+        Ok(())
+    }
+
+    fn require_paused(&self, op: &'static str) -> Result<(), VmError> {
+        match self.status() {
+            VmStatus::Paused => Ok(()),
+            s => Err(VmError::WrongState {
+                op,
+                status: s.to_string(),
+            }),
+        }
+    }
+
+    /// Current run state.
+    pub fn status(&self) -> VmStatus {
+        let st = self.ctl.lock();
+        match st.request {
+            Request::Run => VmStatus::Running,
+            Request::Pause => VmStatus::Paused,
+            Request::Exit => VmStatus::Stopped {
+                reason: st.stop_reason.clone().unwrap_or(StopReason::Requested),
+            },
+        }
+    }
+
+    /// Start (or resume) running guest code.
+    pub fn resume(&self) -> Result<(), VmError> {
+        let mut st = self.ctl.lock();
+        match st.request {
+            Request::Exit => {
+                return Err(VmError::WrongState {
+                    op: "resume",
+                    status: "stopped".into(),
+                })
+            }
+            Request::Run => return Ok(()),
+            Request::Pause => {}
+        }
+        st.request = Request::Run;
+        self.ctl.kick_flag.store(false, Ordering::SeqCst);
+        self.ctl.cond.notify_all();
+        tracing::info!(name = %self.config.name, "vm resumed");
+        Ok(())
+    }
+
+    /// Start a created VM (same as [`Vm::resume`]).
+    pub fn start(&self) -> Result<(), VmError> {
+        self.resume()
+    }
+
+    /// Stop every vCPU (kicked out of `KVM_RUN`, pending I/O completed) and wait until all
+    /// acknowledge. Idempotent.
+    pub fn pause(&self) -> Result<(), VmError> {
+        {
+            let mut st = self.ctl.lock();
+            match st.request {
+                Request::Exit => {
+                    return Err(VmError::WrongState {
+                        op: "pause",
+                        status: "stopped".into(),
+                    })
+                }
+                Request::Pause => {}
+                Request::Run => {
+                    st.request = Request::Pause;
+                    self.ctl.kick_flag.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        let n = self.ctl.vcpus;
+        self.ctl
+            .wait_kicking(VCPU_ACK_TIMEOUT, |st| {
+                st.request != Request::Pause || st.parked + st.exited == n
+            })
+            .map_err(|()| VmError::AckTimeout("pause"))?;
+        if let VmStatus::Stopped { .. } = self.status() {
+            return Err(VmError::WrongState {
+                op: "pause",
+                status: "stopped".into(),
+            });
+        }
+        tracing::info!(name = %self.config.name, "vm paused");
+        Ok(())
+    }
+
+    /// Wait up to `timeout` for the VM to stop by itself; returns the reason if it did.
+    pub fn wait_stopped(&self, timeout: Duration) -> Option<StopReason> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut st = self.ctl.lock();
+        loop {
+            if st.request == Request::Exit {
+                return Some(st.stop_reason.clone().unwrap_or(StopReason::Requested));
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            st = self
+                .ctl
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Stop the VM for good and join its vCPU threads. Idempotent.
+    pub fn stop(&self) -> Result<(), VmError> {
+        self.ctl.request_exit(StopReason::Requested);
+        let n = self.ctl.vcpus;
+        let r = self
+            .ctl
+            .wait_kicking(VCPU_ACK_TIMEOUT, |st| st.exited == n)
+            .map_err(|()| VmError::AckTimeout("stop"));
+        if r.is_ok() {
+            let threads =
+                std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+            for h in threads {
+                let _ = h.join();
+            }
+        } else {
+            tracing::error!(name = %self.config.name, "vCPU threads did not stop; leaking them");
+        }
+        if let Some(h) = self
+            .throttle_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = h.join();
+        }
+        r
+    }
+
+    /// Stop the VM and release all its resources.
+    pub fn destroy(self) -> Result<(), VmError> {
+        self.stop()
+    }
+
+    /// The VM's configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMem {
+        &self.memory
+    }
+
+    /// The console (log + live subscribers).
+    pub fn console(&self) -> &Console {
+        &self.console
+    }
+
+    /// TSC frequency of the vCPUs in kHz.
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+
+    /// The boot setup, when a kernel was loaded.
+    pub fn boot_setup(&self) -> Option<&BootSetup> {
+        self.boot.as_ref()
+    }
+
+    /// The KVM VM fd (for device code that needs ioeventfds etc.).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+
+    /// An interrupt line for `gsi` (irqfd on the in-kernel irqchip).
+    pub fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>, VmError> {
+        let evt =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| VmError::Os {
+                what: "creating an eventfd",
+                source,
+            })?;
+        self.vm_fd
+            .register_irqfd(&evt, gsi)
+            .map_err(kerr("KVM_IRQFD"))?;
+        let line = Arc::new(IrqFdLine { evt, gsi });
+        self.irq_lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(line.clone());
+        Ok(line)
+    }
+
+    /// Put `dev` on the MMIO bus at `[base, base + len)` (allowed while running).
+    pub fn register_mmio_device(
+        &self,
+        base: u64,
+        len: u64,
+        dev: Arc<Mutex<dyn MmioDevice>>,
+    ) -> Result<(), VmError> {
+        self.mmio
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(base, len, dev)?;
+        Ok(())
+    }
+
+    /// Remove the MMIO device registered at `base`.
+    pub fn unregister_mmio_device(&self, base: u64) -> Option<Arc<Mutex<dyn MmioDevice>>> {
+        self.mmio
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(base)
+    }
+
+    /// Complete state (vCPUs, VM-wide, devices), without memory. The VM must be paused.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        self.require_paused("save the state of")?;
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for (id, fd) in self.vcpus.iter().enumerate() {
+            let fd = fd.lock().unwrap_or_else(|e| e.into_inner());
+            vcpus.push(state::save_vcpu(
+                &fd,
+                id as u32,
+                &self.msr_index_list,
+                true,
+            )?);
+        }
+        let vm = state::save_vm(
+            &self.vm_fd,
+            true,
+            self.has_pit.load(Ordering::SeqCst),
+            self.tsc_khz,
+        )?;
+        let devices = state::DeviceStates {
+            serial: self
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state(),
+            disks: Vec::new(),
+        };
+        Ok(VmState { vcpus, vm, devices })
+    }
+
+    /// Load `st` into this paused VM. Guest time (TSC, kvmclock) is advanced by the wall
+    /// time elapsed since the state was saved.
+    pub fn restore_state(&self, st: &VmState) -> Result<(), VmError> {
+        self.require_paused("restore state into")?;
+        if st.vcpus.len() != self.vcpus.len() {
+            return Err(StateError::VcpuCount {
+                saved: st.vcpus.len(),
+                actual: self.vcpus.len(),
+            }
+            .into());
+        }
+        let elapsed_ns = state::unix_now_ns()
+            .saturating_sub(st.vm.saved_at_unix_ns)
+            .min(u64::MAX.into()) as u64;
+        if st.vm.pit.is_some() && !self.has_pit.load(Ordering::SeqCst) {
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            self.vm_fd
+                .create_pit2(pit)
+                .map_err(kerr("KVM_CREATE_PIT2"))?;
+            self.has_pit.store(true, Ordering::SeqCst);
+        }
+        state::restore_vm(&self.vm_fd, &st.vm, elapsed_ns)?;
+        for (fd, vst) in self.vcpus.iter().zip(&st.vcpus) {
+            let fd = fd.lock().unwrap_or_else(|e| e.into_inner());
+            if st.vm.tsc_khz != self.tsc_khz {
+                if let Err(e) = fd.set_tsc_khz(st.vm.tsc_khz) {
+                    tracing::warn!(saved_khz = st.vm.tsc_khz, host_khz = self.tsc_khz, error = %e,
+                        "cannot set the guest TSC frequency; guest time will drift");
+                }
+            }
+            let tsc = state::advance_tsc(vst.tsc, st.vm.tsc_khz, elapsed_ns);
+            state::restore_vcpu(&fd, vst, tsc)?;
+        }
+        let irq = self.irq_line(COM1_IRQ)?;
+        *self.serial.lock().unwrap_or_else(|e| e.into_inner()) =
+            SerialDevice::from_state(&st.devices.serial, self.console.clone(), irq)?;
+        tracing::info!(name = %self.config.name, elapsed_ms = elapsed_ns / 1_000_000, "vm state restored");
+        Ok(())
+    }
+
+    /// Start tracking guest writes (KVM dirty log + the device write bitmap).
+    pub fn start_dirty_log(&self) -> Result<(), VmError> {
+        // Clear what devices wrote before tracking starts.
+        for r in self.memory.iter() {
+            let mapping: &vm_memory::mmap::MmapRegion<_> = r;
+            mapping.bitmap().reset();
+        }
+        kvm::register_memory_slots(&self.vm_fd, &self.memory, &self.slots, true)?;
+        Ok(())
+    }
+
+    /// Stop tracking guest writes.
+    pub fn stop_dirty_log(&self) -> Result<(), VmError> {
+        kvm::register_memory_slots(&self.vm_fd, &self.memory, &self.slots, false)?;
+        Ok(())
+    }
+
+    /// Pages written since the last call (or [`Vm::start_dirty_log`]), one bitmap per
+    /// memory region (bit `i` of word `i / 64` = page `i` of the region, 4 KiB pages),
+    /// KVM's dirty log ORed with the device write bitmap; both are cleared.
+    pub fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, VmError> {
+        let mut out = Vec::with_capacity(self.slots.len());
+        for (slot, region) in self.slots.iter().zip(self.memory.iter()) {
+            let mut bits = self
+                .vm_fd
+                .get_dirty_log(slot.slot, slot.size_bytes as usize)
+                .map_err(kerr("KVM_GET_DIRTY_LOG"))?;
+            let mapping: &vm_memory::mmap::MmapRegion<_> = region;
+            let dev = mapping.bitmap().get_and_reset();
+            for (b, d) in bits.iter_mut().zip(dev) {
+                *b |= d;
+            }
+            out.push(bits);
+        }
+        Ok(out)
+    }
+
+    /// Auto-converge: vCPU threads sleep `percent` of wall time (0 turns it off).
+    pub fn set_throttle(&self, percent: u8) {
+        let p = percent.min(99);
+        self.ctl.throttle_percent.store(p, Ordering::SeqCst);
+        let mut slot = self
+            .throttle_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_some_and(|h| h.is_finished()) {
+            if let Some(h) = slot.take() {
+                let _ = h.join();
+            }
+        }
+        if p > 0 && slot.is_none() {
+            let ctl = self.ctl.clone();
+            *slot = std::thread::Builder::new()
+                .name("throttle".into())
+                .spawn(move || loop {
+                    std::thread::sleep(Duration::from_millis(vcpu::THROTTLE_PERIOD_MS));
+                    if ctl.throttle_percent.load(Ordering::SeqCst) == 0 {
+                        return;
+                    }
+                    let st = ctl.lock();
+                    match st.request {
+                        Request::Exit => return,
+                        Request::Run => Control::kick_all(&st),
+                        Request::Pause => {}
+                    }
+                })
+                .ok();
+        }
+    }
+
+    /// Current throttle percentage.
+    pub fn throttle(&self) -> u8 {
+        self.ctl.throttle_percent.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::error!(error = %e, "stopping VM on drop");
+        }
+    }
+}
+
+/// Interrupt line used only while the VM is being assembled.
+struct NullIrq;
+impl IrqLine for NullIrq {
+    fn trigger(&self) {}
+}
+
+/// CPUID for vCPU `id`: KVM's supported set with the APIC ids patched.
+fn vcpu_cpuid(supported: &CpuId, id: u32) -> CpuId {
+    let mut c = supported.clone();
+    for e in c.as_mut_slice() {
+        match e.function {
+            1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
+            0xb | 0x1f => e.edx = id,
+            _ => {}
+        }
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpuid_carries_apic_id() {
+        let kvm = Kvm::new().expect("cannot open /dev/kvm: the VMM tests need KVM");
+        let sup = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let c = vcpu_cpuid(&sup, 5);
+        if let Some(e) = c.as_slice().iter().find(|e| e.function == 1) {
+            assert_eq!(e.ebx >> 24, 5);
+        }
+    }
+}

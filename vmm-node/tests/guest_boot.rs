@@ -1,0 +1,146 @@
+//! The test guest boots through PVH, drops to CPL3 and runs its workloads.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use vmm_node::guest_protocol::{parse_line, GuestLine, Workload, WorkloadKind};
+use vmm_node::{StopReason, VmStatus};
+
+#[test]
+fn test_guest_boots_and_heartbeats() {
+    let vm = start_test_guest(1, 32, &Workload::new(WorkloadKind::Idle));
+    let hb = wait_heartbeats(
+        || vm.console().text(),
+        Duration::from_secs(20),
+        |h| h.len() >= 5,
+    );
+    assert_continuous(&hb);
+    assert_eq!(hb[0].seq, 1);
+    assert_eq!(hb[0].cpus, 1);
+    let text = vm.console().text();
+    let boot = text.lines().find_map(|l| match parse_line(l) {
+        Some(GuestLine::Boot(f)) => Some(f),
+        _ => None,
+    });
+    let boot = boot.expect("BOOT line");
+    assert_eq!(boot["vcpus"], "1");
+    assert_eq!(boot["tsc_khz"], vm.tsc_khz().to_string());
+    // ~100 ms per heartbeat in guest time.
+    let span_us = hb[4].tsc_us - hb[0].tsc_us;
+    assert!(
+        (300_000..=600_000).contains(&span_us),
+        "4 heartbeats took {span_us} us of guest time"
+    );
+    assert_eq!(vm.status(), VmStatus::Running);
+    vm.destroy().unwrap();
+}
+
+#[test]
+fn memory_pattern_workload_verifies() {
+    let w = Workload {
+        wss_mib: 32,
+        ..Workload::new(WorkloadKind::Mem)
+    };
+    let vm = start_test_guest(1, 64, &w);
+    let hb = wait_heartbeats(
+        || vm.console().text(),
+        Duration::from_secs(30),
+        |h| h.last().is_some_and(|h| h.mem_passes >= 3),
+    );
+    let last = hb.last().unwrap();
+    assert_eq!(last.mem, "ok");
+    assert_eq!(last.mem_errors, 0);
+    vm.destroy().unwrap();
+}
+
+#[test]
+fn dirty_workload_writes_at_the_requested_rate() {
+    let w = Workload {
+        wss_mib: 16,
+        rate_mbps: 50,
+        ..Workload::new(WorkloadKind::Dirty)
+    };
+    let vm = start_test_guest(1, 64, &w);
+    let hb = wait_heartbeats(
+        || vm.console().text(),
+        Duration::from_secs(30),
+        |h| h.len() >= 11,
+    );
+    // 1 s of guest time at 50 MB/s ≈ 47 MiB (±).
+    let mib = hb[10].dirty_mib - hb[0].dirty_mib;
+    assert!(
+        (30..=60).contains(&mib),
+        "dirtied {mib} MiB in 1 s at 50 MB/s"
+    );
+    vm.destroy().unwrap();
+}
+
+#[test]
+fn multi_vcpu_guest_runs_all_vcpus() {
+    let w = Workload {
+        wss_mib: 32,
+        ..Workload::new(WorkloadKind::Mem)
+    };
+    let vm = start_test_guest(4, 128, &w);
+    let hb = wait_heartbeats(
+        || vm.console().text(),
+        Duration::from_secs(30),
+        |h| h.last().is_some_and(|h| h.cpus == 4 && h.mem_passes >= 8),
+    );
+    assert_eq!(hb.last().unwrap().mem, "ok");
+    vm.destroy().unwrap();
+}
+
+#[test]
+fn pause_really_stops_the_guest_and_resume_continues() {
+    let vm = start_test_guest(2, 32, &Workload::new(WorkloadKind::Idle));
+    wait_heartbeats(
+        || vm.console().text(),
+        Duration::from_secs(20),
+        |h| h.len() >= 2,
+    );
+    vm.pause().unwrap();
+    assert_eq!(vm.status(), VmStatus::Paused);
+    let frozen = vm.console().total_bytes();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        vm.console().total_bytes(),
+        frozen,
+        "guest produced output while paused"
+    );
+    vm.pause().unwrap(); // idempotent
+    vm.resume().unwrap();
+    let n = vmm_node::guest_protocol::heartbeats(&vm.console().text()).len();
+    let hb = wait_heartbeats(
+        || vm.console().text(),
+        Duration::from_secs(20),
+        |h| h.len() >= n + 3,
+    );
+    assert_continuous(&hb);
+    vm.destroy().unwrap();
+}
+
+#[test]
+fn guest_exit_port_stops_the_vm_and_state_ops_then_fail_cleanly() {
+    // The idle guest never exits by itself, so stop it from the host and check that
+    // operations on a stopped VM give errors, not panics.
+    let vm = start_test_guest(1, 16, &Workload::new(WorkloadKind::Idle));
+    wait_heartbeats(
+        || vm.console().text(),
+        Duration::from_secs(20),
+        |h| !h.is_empty(),
+    );
+    vm.stop().unwrap();
+    assert_eq!(
+        vm.status(),
+        VmStatus::Stopped {
+            reason: StopReason::Requested
+        }
+    );
+    assert!(vm.resume().is_err());
+    assert!(vm.pause().is_err());
+    assert!(vm.save_state().is_err());
+    vm.stop().unwrap(); // idempotent
+}
