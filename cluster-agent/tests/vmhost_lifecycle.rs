@@ -17,9 +17,11 @@ fn start_disk_workload_then_stop_releases_the_lock() {
     let h = TwoHosts::new();
     let disk = h.disk("life");
     let grant = h.acquire(&disk, NODE_A);
-    let info = h
-        .a
-        .start(disk_guest("life", vec![disk.clone()]), &[grant.clone()])
+    let info =
+        h.a.start(
+            disk_guest("life", vec![disk.clone()]),
+            std::slice::from_ref(&grant),
+        )
         .unwrap();
     assert_eq!(info.status, VmStatus::Running);
     assert_eq!(info.disks.len(), 1);
@@ -27,12 +29,16 @@ fn start_disk_workload_then_stop_releases_the_lock() {
     assert_eq!(h.a.list().len(), 1);
 
     let hb = wait_hb(&h.a, "life", |hb| {
-        hb.last().is_some_and(|l| l.disk == "ok" && disk_passes(l) >= 3)
+        hb.last()
+            .is_some_and(|l| l.disk == "ok" && disk_passes(l) >= 3)
     });
     assert!(hb.iter().all(|x| x.disk != "bad"), "{:?}", last(&hb));
     assert_continuous(&hb);
     let st = h.a.state("life").unwrap();
-    assert!(st.disks[0].written_bytes >= 3 * WORKLOAD_BYTES as u64, "{st:?}");
+    assert!(
+        st.disks[0].written_bytes >= 3 * WORKLOAD_BYTES as u64,
+        "{st:?}"
+    );
     assert_eq!(st.disks[0].requests_failed, 0);
     assert_eq!(st.disks[0].fenced_by, None);
 
@@ -50,7 +56,9 @@ fn start_disk_workload_then_stop_releases_the_lock() {
     assert!(matches!(h.a.state("life"), Err(VmHostError::NotFound(_))));
     assert!(h.a.list().is_empty());
     // Flushed data reached the image.
-    assert!(h.disk_bytes(&disk)[..WORKLOAD_BYTES].iter().any(|b| *b != 0));
+    assert!(h.disk_bytes(&disk)[..WORKLOAD_BYTES]
+        .iter()
+        .any(|b| *b != 0));
 }
 
 #[test]
@@ -89,14 +97,18 @@ fn bad_input_is_refused_and_changes_nothing() {
     let h = TwoHosts::new();
     let disk = h.disk("bad");
     // Missing grant: refused before anything is created.
-    let e = h.a.start(disk_guest("bad", vec![disk.clone()]), &[]).unwrap_err();
+    let e =
+        h.a.start(disk_guest("bad", vec![disk.clone()]), &[])
+            .unwrap_err();
     assert!(matches!(e, VmHostError::MissingGrant { .. }), "{e}");
     assert!(e.to_string().contains("vol/vms/bad.img"), "{e}");
     // A grant for the other node.
     let gb = h.acquire(&disk, NODE_B);
-    let e = h
-        .a
-        .start(disk_guest("bad", vec![disk.clone()]), &[gb.clone()])
+    let e =
+        h.a.start(
+            disk_guest("bad", vec![disk.clone()]),
+            std::slice::from_ref(&gb),
+        )
         .unwrap_err();
     assert!(matches!(e, VmHostError::GrantMismatch { .. }), "{e}");
     // Invalid spec.
@@ -107,7 +119,10 @@ fn bad_input_is_refused_and_changes_nothing() {
     // Duplicate name.
     h.a.start(disk_guest("dup", vec![]), &[]).unwrap();
     let e = h.a.start(disk_guest("dup", vec![]), &[]).unwrap_err();
-    assert!(matches!(e, VmHostError::AlreadyExists(ref n) if n == "dup"), "{e}");
+    assert!(
+        matches!(e, VmHostError::AlreadyExists(ref n) if n == "dup"),
+        "{e}"
+    );
     assert_eq!(h.a.list().len(), 1);
     // Unknown VM everywhere.
     assert!(matches!(h.a.stop("nope"), Err(VmHostError::NotFound(_))));
@@ -136,14 +151,24 @@ fn hot_attach_and_detach_through_vmhost() {
         ..disk.clone()
     };
     let e = h.a.attach_disk("hot", ro, &grant).unwrap_err();
-    assert!(matches!(e, VmHostError::GrantMismatch { want_mode: LockMode::Shared, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            VmHostError::GrantMismatch {
+                want_mode: LockMode::Shared,
+                ..
+            }
+        ),
+        "{e}"
+    );
 
     let slot = h.a.attach_disk("hot", disk.clone(), &grant).unwrap();
     assert_eq!(slot, 0);
     let e = h.a.attach_disk("hot", disk.clone(), &grant).unwrap_err();
     assert!(matches!(e, VmHostError::DiskAlreadyAttached { .. }), "{e}");
     let hb = wait_hb(&h.a, "hot", |hb| {
-        hb.last().is_some_and(|l| l.disk == "ok" && disk_passes(l) >= 2)
+        hb.last()
+            .is_some_and(|l| l.disk == "ok" && disk_passes(l) >= 2)
     });
     let passes = disk_passes(last(&hb));
     assert_eq!(h.a.state("hot").unwrap().spec.disks, vec![disk.clone()]);
@@ -166,7 +191,9 @@ fn hot_attach_and_detach_through_vmhost() {
     assert_continuous(&hb);
     assert_eq!(h.a.state("hot").unwrap().status, VmStatus::Running);
     assert!(h.a.state("hot").unwrap().spec.disks.is_empty());
-    assert!(h.disk_bytes(&disk)[..WORKLOAD_BYTES].iter().any(|b| *b != 0));
+    assert!(h.disk_bytes(&disk)[..WORKLOAD_BYTES]
+        .iter()
+        .any(|b| *b != 0));
     h.a.stop("hot").unwrap();
 }
 
@@ -176,9 +203,10 @@ fn failover_takeover_fences_the_partitioned_old_owner() {
     let disk = h.disk("fo");
     let ga = h.acquire(&disk, NODE_A);
     let spec = disk_guest("fo", vec![disk.clone()]);
-    h.a.start(spec.clone(), &[ga.clone()]).unwrap();
+    h.a.start(spec.clone(), std::slice::from_ref(&ga)).unwrap();
     wait_hb(&h.a, "fo", |hb| {
-        hb.last().is_some_and(|l| l.disk == "ok" && disk_passes(l) >= 2)
+        hb.last()
+            .is_some_and(|l| l.disk == "ok" && disk_passes(l) >= 2)
     });
 
     // Node A is declared Down (simulated partition: its VM is NOT stopped) and node B
@@ -195,9 +223,12 @@ fn failover_takeover_fences_the_partitioned_old_owner() {
     assert!(gb.token > ga.token);
     let lease_deadline = Instant::now() + Duration::from_millis(300);
     let t = Instant::now();
-    h.b.start_after_takeover(spec, &[gb.clone()], lease_deadline)
+    h.b.start_after_takeover(spec, std::slice::from_ref(&gb), lease_deadline)
         .unwrap();
-    assert!(t.elapsed() >= Duration::from_millis(250), "lease not waited out");
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "lease not waited out"
+    );
 
     // The old owner's next write is refused at the fence.
     let deadline = Instant::now() + WAIT;
@@ -219,15 +250,22 @@ fn failover_takeover_fences_the_partitioned_old_owner() {
     );
     // The guest on A sees its writes fail (its workload reports the disk as lost) and
     // completes no further pass.
-    let hb = wait_hb(&h.a, "fo", |hb| hb.last().is_some_and(|l| l.disk == "nodisk"));
+    let hb = wait_hb(&h.a, "fo", |hb| {
+        hb.last().is_some_and(|l| l.disk == "nodisk")
+    });
     let stuck = disk_passes(last(&hb));
     let seen = hb.len();
     let hb = wait_hb(&h.a, "fo", |hb| hb.len() >= seen + 3);
-    assert_eq!(disk_passes(last(&hb)), stuck, "old owner still completes disk passes");
+    assert_eq!(
+        disk_passes(last(&hb)),
+        stuck,
+        "old owner still completes disk passes"
+    );
 
     // The guest on B verifies its pattern round after round.
     let hb = wait_hb(&h.b, "fo", |hb| {
-        hb.last().is_some_and(|l| l.disk == "ok" && disk_passes(l) >= 3)
+        hb.last()
+            .is_some_and(|l| l.disk == "ok" && disk_passes(l) >= 3)
     });
     assert!(hb.iter().all(|x| x.disk != "bad"), "{:?}", last(&hb));
     let sb = h.b.state("fo").unwrap();
@@ -247,7 +285,8 @@ fn fence_all_stops_every_vm_without_releasing() {
     let h = TwoHosts::new();
     let disk = h.disk("f1");
     let g = h.acquire(&disk, NODE_A);
-    h.a.start(disk_guest("f1", vec![disk.clone()]), &[g]).unwrap();
+    h.a.start(disk_guest("f1", vec![disk.clone()]), &[g])
+        .unwrap();
     h.a.start(disk_guest("f2", vec![]), &[]).unwrap();
     wait_hb(&h.a, "f1", |hb| !hb.is_empty());
     let mut names = h.a.fence_all();

@@ -57,16 +57,25 @@ fn live_migration_with_disk_handoff() {
     let listener = listen(&h.b, &h, "127.0.2.2", ReceiveOptions::default());
     let disk = h.disk("live");
     let ga = h.acquire(&disk, NODE_A);
-    h.a.start(disk_guest("live", vec![disk.clone()]), &[ga.clone()])
-        .unwrap();
+    h.a.start(
+        disk_guest("live", vec![disk.clone()]),
+        std::slice::from_ref(&ga),
+    )
+    .unwrap();
     wait_hb(&h.a, "live", |hb| {
-        hb.last().is_some_and(|l| l.disk == "ok" && disk_passes(l) >= 2)
+        hb.last()
+            .is_some_and(|l| l.disk == "ok" && disk_passes(l) >= 2)
     });
     let source_console = h.a.console("live").unwrap();
 
-    let handle = h
-        .a
-        .migrate_out("live", NODE_B, listener.local_addr(), opts(), h.locks.clone())
+    let handle =
+        h.a.migrate_out(
+            "live",
+            NODE_B,
+            listener.local_addr(),
+            opts(),
+            h.locks.clone(),
+        )
         .unwrap();
     // Another operation while migrating is refused.
     assert!(matches!(h.a.stop("live"), Err(VmHostError::Busy(_))));
@@ -124,11 +133,10 @@ fn cancelled_migration_leaves_the_vm_running_on_the_source() {
     w.rate_mbps = 4000;
     let mut spec = VmSpec::test_guest("cancel", 1, 128, w);
     spec.disks = vec![disk.clone()];
-    h.a.start(spec, &[ga.clone()]).unwrap();
+    h.a.start(spec, std::slice::from_ref(&ga)).unwrap();
     wait_hb(&h.a, "cancel", |hb| hb.len() >= 2);
-    let handle = h
-        .a
-        .migrate_out(
+    let handle =
+        h.a.migrate_out(
             "cancel",
             NODE_B,
             listener.local_addr(),
@@ -162,7 +170,10 @@ fn cancelled_migration_leaves_the_vm_running_on_the_source() {
         ),
         "{e}"
     );
-    assert!(matches!(wait_event(&listener), IncomingEvent::Failed { .. }));
+    assert!(matches!(
+        wait_event(&listener),
+        IncomingEvent::Failed { .. }
+    ));
 
     // Still here, still running, still owning its disk with the same token.
     assert_eq!(h.a.state("cancel").unwrap().status, VmStatus::Running);
@@ -194,9 +205,14 @@ fn incompatible_target_refuses_with_the_reason() {
     );
     h.a.start(disk_guest("incompat", vec![]), &[]).unwrap();
     wait_hb(&h.a, "incompat", |hb| !hb.is_empty());
-    let e = h
-        .a
-        .migrate_out("incompat", NODE_B, listener.local_addr(), opts(), h.locks.clone())
+    let e =
+        h.a.migrate_out(
+            "incompat",
+            NODE_B,
+            listener.local_addr(),
+            opts(),
+            h.locks.clone(),
+        )
         .unwrap()
         .wait()
         .unwrap_err();
@@ -212,10 +228,14 @@ fn quick_migration_through_the_shared_volume() {
     let h = TwoHosts::new();
     let disk = h.disk("quick");
     let ga = h.acquire(&disk, NODE_A);
-    h.a.start(disk_guest("quick", vec![disk.clone()]), &[ga.clone()])
-        .unwrap();
+    h.a.start(
+        disk_guest("quick", vec![disk.clone()]),
+        std::slice::from_ref(&ga),
+    )
+    .unwrap();
     wait_hb(&h.a, "quick", |hb| {
-        hb.last().is_some_and(|l| l.disk == "ok" && disk_passes(l) >= 2)
+        hb.last()
+            .is_some_and(|l| l.disk == "ok" && disk_passes(l) >= 2)
     });
     let source_console = h.a.console("quick").unwrap();
 

@@ -61,8 +61,8 @@ fn engine_alone() -> f64 {
     let addr = listener.local_addr().unwrap();
     let target = std::thread::spawn(move || {
         let factory = LocalFactory::default();
-        let r = serve(&listener, &factory, &NoHandoff, &ReceiveOptions::default())
-            .expect("receive");
+        let r =
+            serve(&listener, &factory, &NoHandoff, &ReceiveOptions::default()).expect("receive");
         drop(r);
     });
     let mut c = VmConfig::new(1, 64, vmm_node::test_guest::PATH);
@@ -169,9 +169,8 @@ fn spec(p: &Pair, name: &str, with_disk: bool) -> (VmSpec, Vec<csv_volume::LockG
 /// Through VmHost: (blackout µs, handoff µs).
 fn through_vmhost(with_disk: bool, round: usize) -> (f64, f64) {
     let p = pair();
-    let listener = p
-        .b
-        .listen_migrations(
+    let listener =
+        p.b.listen_migrations(
             "127.0.2.11:0".parse::<SocketAddr>().unwrap(),
             p.locks.clone(),
             ReceiveOptions::default(),
@@ -181,12 +180,11 @@ fn through_vmhost(with_disk: bool, round: usize) -> (f64, f64) {
     let (s, grants) = spec(&p, &name, with_disk);
     p.a.start(s, &grants).expect("start");
     wait_hb(|| p.a.console(&name).unwrap().recent, 2);
-    let report = p
-        .a
-        .migrate_out(&name, 2, listener.local_addr(), opts(), p.locks.clone())
-        .expect("migrate")
-        .wait()
-        .expect("migration");
+    let report =
+        p.a.migrate_out(&name, 2, listener.local_addr(), opts(), p.locks.clone())
+            .expect("migrate")
+            .wait()
+            .expect("migration");
     assert!(report.receipt_matches());
     match listener.events.recv_timeout(WAIT) {
         Ok(IncomingEvent::Arrived { .. }) => {}
@@ -232,7 +230,9 @@ fn main() {
         host_disk.push(b);
         handoff.push(h);
     }
-    println!("## live migration blackout, 1 vCPU 64 MiB test guest, {rounds} alternating rounds (µs)");
+    println!(
+        "## live migration blackout, 1 vCPU 64 MiB test guest, {rounds} alternating rounds (µs)"
+    );
     println!("| path | median | min | max |");
     println!("|---|---|---|---|");
     for (label, v) in [

@@ -32,7 +32,9 @@ pub enum OpenMode {
     /// Target of a migration: [`hooks::handoff_open`] for read-write disks.
     Handoff,
     /// Failover: [`hooks::takeover_open`], waiting out the old owner's lease.
-    Takeover { old_lease_deadline: std::time::Instant },
+    Takeover {
+        old_lease_deadline: std::time::Instant,
+    },
 }
 
 /// One disk open in a slot.
@@ -164,13 +166,16 @@ impl HostedVm {
         let mut slots = Vec::with_capacity(VIRTIO_BLK_SLOTS);
         for i in 0..VIRTIO_BLK_SLOTS {
             let irq: Arc<dyn IrqLine> =
-                vm.irq_line(slot_irq(i))
-                    .map_err(|source| VmHostError::Vm {
-                        vm: spec.name.clone(),
-                        op: "create a disk interrupt line",
-                        source,
-                    })?;
-            let dev = Arc::new(Mutex::new(VirtioBlk::new(i as u8, vm.memory().clone(), irq)));
+                vm.irq_line(slot_irq(i)).map_err(|source| VmHostError::Vm {
+                    vm: spec.name.clone(),
+                    op: "create a disk interrupt line",
+                    source,
+                })?;
+            let dev = Arc::new(Mutex::new(VirtioBlk::new(
+                i as u8,
+                vm.memory().clone(),
+                irq,
+            )));
             let bus: Arc<Mutex<dyn MmioDevice>> = dev.clone();
             vm.register_mmio_device(slot_mmio_base(i), SLOT_MMIO_SIZE_BYTES, bus)
                 .map_err(|source| VmHostError::Vm {
@@ -409,10 +414,11 @@ impl HostedVm {
                     what: format!("slot {slot} out of range"),
                 });
             }
-            let state = VirtioBlkState::decode(&st.device).map_err(|e| VmHostError::BadSlotState {
-                vm: self.spec.name.clone(),
-                what: e.to_string(),
-            })?;
+            let state =
+                VirtioBlkState::decode(&st.device).map_err(|e| VmHostError::BadSlotState {
+                    vm: self.spec.name.clone(),
+                    what: e.to_string(),
+                })?;
             let layout_disk = layout.iter().find(|d| usize::from(d.slot) == slot);
             let backend: Option<(SharedDisk, &DiskSpec, &LockGrant)> =
                 match (&state.backing, layout_disk) {
@@ -428,9 +434,9 @@ impl HostedVm {
                         })
                     }
                 };
-            let boxed = backend
-                .as_ref()
-                .map(|(h, _, _)| Box::new(FencedBackend::new(h.clone())) as Box<dyn vmm_node::disk::DiskBackend>);
+            let boxed = backend.as_ref().map(|(h, _, _)| {
+                Box::new(FencedBackend::new(h.clone())) as Box<dyn vmm_node::disk::DiskBackend>
+            });
             lock(&self.slots[slot])
                 .restore_in_place(&state, boxed)
                 .map_err(|source| VmHostError::Slot {
@@ -455,12 +461,13 @@ impl HostedVm {
         grants: &[LockGrant],
         open: impl FnMut(&DiskSpec, &LockGrant) -> Result<SharedDisk, VmHostError>,
     ) -> Result<(), VmHostError> {
-        let st: VmState = state_opts()
-            .deserialize(blob)
-            .map_err(|source| VmHostError::StateCodec {
-                vm: self.spec.name.clone(),
-                source,
-            })?;
+        let st: VmState =
+            state_opts()
+                .deserialize(blob)
+                .map_err(|source| VmHostError::StateCodec {
+                    vm: self.spec.name.clone(),
+                    source,
+                })?;
         self.vm
             .restore_state(&st)
             .map_err(|source| VmHostError::Vm {

@@ -546,11 +546,10 @@ impl StorageHandoff for Handoff {
     }
     fn acquire(&self, vm: &str, _disks: &[String]) -> Result<(), OpError> {
         let inc = self.0.current(vm)?;
-        let grants = self.0.locks.acquire(
-            vm,
-            self.0.host.node(),
-            &layout_disks(&inc.layout),
-        )?;
+        let grants = self
+            .0
+            .locks
+            .acquire(vm, self.0.host.node(), &layout_disks(&inc.layout))?;
         *lock(&inc.grants) = grants;
         Ok(())
     }
@@ -599,7 +598,8 @@ impl VmHost {
         locks: Arc<dyn DiskLocks>,
         opts: ReceiveOptions,
     ) -> Result<MigrationListener, VmHostError> {
-        let listener = TcpListener::bind(addr).map_err(|source| VmHostError::Listen { addr, source })?;
+        let listener =
+            TcpListener::bind(addr).map_err(|source| VmHostError::Listen { addr, source })?;
         let addr = listener
             .local_addr()
             .map_err(|source| VmHostError::Listen { addr, source })?;

@@ -33,7 +33,9 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use csv_volume::{DiskName, FencingToken, LockCommand, LockGrant, LockMode, NodeId, VolumeRegistry};
+use csv_volume::{
+    DiskName, FencingToken, LockCommand, LockGrant, LockMode, NodeId, VolumeRegistry,
+};
 use vmm_node::{Vm, VmStatus};
 
 pub use locks::{DiskLocks, LocalLocks, LockOpError};
@@ -370,7 +372,12 @@ impl VmHost {
             }
         }
         self.unregister(&vm);
-        tracing::info!(vm = name, released = out.release.len(), failed = out.disk_errors.len(), "vm stopped");
+        tracing::info!(
+            vm = name,
+            released = out.release.len(),
+            failed = out.disk_errors.len(),
+            "vm stopped"
+        );
         Ok(out)
     }
 

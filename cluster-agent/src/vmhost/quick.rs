@@ -100,7 +100,8 @@ fn decode_sidecar(path: &Path, bytes: &[u8]) -> Result<Sidecar, SidecarError> {
     if bytes.len() < SIDECAR_HEADER_BYTES || &bytes[..8] != SIDECAR_MAGIC {
         return Err(SidecarError::BadMagic { path: p() });
     }
-    let word = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let word =
+        |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
     let version = word(8);
     if version != SIDECAR_VERSION {
         return Err(SidecarError::Version {
@@ -340,12 +341,18 @@ mod tests {
         let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
-        assert!(matches!(decode_sidecar(p, &flipped), Err(SidecarError::Crc { .. })));
+        assert!(matches!(
+            decode_sidecar(p, &flipped),
+            Err(SidecarError::Crc { .. })
+        ));
         assert!(matches!(
             decode_sidecar(p, &bytes[..bytes.len() - 1]),
             Err(SidecarError::Truncated { .. })
         ));
-        assert!(matches!(decode_sidecar(p, b"short"), Err(SidecarError::BadMagic { .. })));
+        assert!(matches!(
+            decode_sidecar(p, b"short"),
+            Err(SidecarError::BadMagic { .. })
+        ));
         let mut newer = bytes.clone();
         newer[8] = 9;
         assert!(matches!(

@@ -147,7 +147,9 @@ pub enum SpecError {
     TooManyDisks(usize),
     #[error("disk {0} is listed twice")]
     DuplicateDisk(String),
-    #[error("kernel command line must be at most {CMDLINE_BYTES_MAX} bytes without NUL characters")]
+    #[error(
+        "kernel command line must be at most {CMDLINE_BYTES_MAX} bytes without NUL characters"
+    )]
     Cmdline,
     #[error("kernel path must be absolute, got {0:?}")]
     KernelPath(PathBuf),
@@ -238,7 +240,12 @@ impl VmSpec {
             }
         }
         if self.anti_affinity.len() > ANTI_AFFINITY_CLASSES_MAX {
-            let first = self.anti_affinity.iter().next().cloned().unwrap_or_default();
+            let first = self
+                .anti_affinity
+                .iter()
+                .next()
+                .cloned()
+                .unwrap_or_default();
             return Err(SpecError::AntiAffinity(first));
         }
         for c in &self.anti_affinity {
@@ -260,7 +267,10 @@ impl VmSpec {
 
     /// The vmm-node configuration: disk `i` in slot `i`, its path resolved on `registry`
     /// (informational: the disks themselves are opened through the lock grants).
-    pub fn to_config(&self, registry: &VolumeRegistry) -> Result<VmConfig, crate::vmhost::VmHostError> {
+    pub fn to_config(
+        &self,
+        registry: &VolumeRegistry,
+    ) -> Result<VmConfig, crate::vmhost::VmHostError> {
         self.validate().map_err(crate::vmhost::VmHostError::Spec)?;
         let (kernel, cmdline, initramfs, boot) = match &self.boot {
             BootSpec::TestGuest(w) => (
@@ -282,12 +292,12 @@ impl VmSpec {
         };
         let mut disks = Vec::with_capacity(self.disks.len());
         for (slot, d) in self.disks.iter().enumerate() {
-            let path = registry
-                .disk_path(&d.name)
-                .map_err(|source| crate::vmhost::VmHostError::Volume {
+            let path = registry.disk_path(&d.name).map_err(|source| {
+                crate::vmhost::VmHostError::Volume {
                     disk: d.name.to_string(),
                     source,
-                })?;
+                }
+            })?;
             disks.push(DiskSlotConfig {
                 slot: slot as u8,
                 path,

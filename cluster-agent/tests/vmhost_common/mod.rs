@@ -6,9 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cluster_agent::vmhost::{
-    DiskSpec, LocalLocks, TestWorkload, VmHost, VmSpec, WorkloadName,
-};
+use cluster_agent::vmhost::{DiskSpec, LocalLocks, TestWorkload, VmHost, VmSpec, WorkloadName};
 use csv_volume::{DiskName, LockCommand, LockGrant, LockMode, NodeId, VolumeRegistry};
 use vmm_node::guest_protocol::{heartbeats, Heartbeat};
 
@@ -99,11 +97,7 @@ pub fn console_text(host: &VmHost, name: &str) -> String {
 }
 
 /// Waits until `pred` holds for the heartbeats on `name`'s console on `host`.
-pub fn wait_hb(
-    host: &VmHost,
-    name: &str,
-    pred: impl Fn(&[Heartbeat]) -> bool,
-) -> Vec<Heartbeat> {
+pub fn wait_hb(host: &VmHost, name: &str, pred: impl Fn(&[Heartbeat]) -> bool) -> Vec<Heartbeat> {
     let deadline = Instant::now() + WAIT;
     loop {
         let text = console_text(host, name);
@@ -127,13 +121,19 @@ pub fn last(hb: &[Heartbeat]) -> &Heartbeat {
 pub fn assert_continuous(hb: &[Heartbeat]) {
     let mut v: Vec<&Heartbeat> = Vec::new();
     for h in hb {
-        if v.last().is_some_and(|p| p.seq == h.seq && p.tsc_us == h.tsc_us) {
+        if v.last()
+            .is_some_and(|p| p.seq == h.seq && p.tsc_us == h.tsc_us)
+        {
             continue;
         }
         v.push(h);
     }
     for w in v.windows(2) {
-        assert_eq!(w[1].seq, w[0].seq + 1, "heartbeat sequence gap/repeat: {w:?}");
+        assert_eq!(
+            w[1].seq,
+            w[0].seq + 1,
+            "heartbeat sequence gap/repeat: {w:?}"
+        );
         assert!(w[1].tsc_us > w[0].tsc_us, "guest time not monotonic: {w:?}");
     }
 }
