@@ -2,19 +2,16 @@
 //! the VMM's virtio-blk slots on a real KVM VM, including hot-add and hot-remove while
 //! the guest runs.
 //!
-//! The slots are created and registered here through the `Vm` API
-//! (`register_mmio_device`, `irq_line`), exactly as the VMM core does.
+//! The slots (`BlkSlots`) are created and registered here through the `Vm` API
+//! (`register_mmio_device`, `irq_line`), as the VMM core does.
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use vmm_node::devices::virtio::VirtioBlkState;
-use vmm_node::devices::virtio::{slot_irq, slot_mmio_base, VirtioBlk, SLOT_MMIO_SIZE_BYTES};
-use vmm_node::devices::{IrqLine, MmioDevice};
-use vmm_node::disk::RawFileDisk;
+use vmm_node::devices::virtio::BlkSlots;
+use vmm_node::disk::{DiskBackend, RawFileDisk};
 use vmm_node::guest_protocol::{heartbeats, Heartbeat, Workload, WorkloadKind};
 use vmm_node::snapshot;
 use vmm_node::{Vm, VmStatus};
@@ -37,7 +34,7 @@ fn image(mib: u64) -> tempfile::NamedTempFile {
 }
 
 /// Create the disk-workload guest (paused) with all 8 slots on its MMIO bus.
-fn disk_guest() -> (Vm, Vec<Arc<Mutex<VirtioBlk>>>) {
+fn disk_guest() -> (Vm, BlkSlots) {
     require_kvm();
     let cfg = test_guest_config(1, 64, &Workload::new(WorkloadKind::Disk));
     let vm = Vm::create(cfg).expect("create VM");
@@ -45,22 +42,22 @@ fn disk_guest() -> (Vm, Vec<Arc<Mutex<VirtioBlk>>>) {
     (vm, slots)
 }
 
-/// Put 8 empty slots on `vm`'s MMIO bus.
-fn add_slots(vm: &Vm) -> Vec<Arc<Mutex<VirtioBlk>>> {
-    let mut slots = Vec::new();
-    for i in 0..SLOTS {
-        let irq: Arc<dyn IrqLine> = vm.irq_line(slot_irq(i)).expect("irq line");
-        let dev = Arc::new(Mutex::new(VirtioBlk::new(
-            i as u8,
-            vm.memory().clone(),
-            irq,
-        )));
-        let bus_dev: Arc<Mutex<dyn MmioDevice>> = dev.clone();
-        vm.register_mmio_device(slot_mmio_base(i), SLOT_MMIO_SIZE_BYTES, bus_dev)
+/// Put 8 empty slots on `vm`'s MMIO bus, as the VMM core does.
+fn add_slots(vm: &Vm) -> BlkSlots {
+    let slots = BlkSlots::new(vm.memory(), |gsi| vm.irq_line(gsi)).expect("slots");
+    for (base, len, dev) in slots.bus_devices() {
+        vm.register_mmio_device(base, len, dev)
             .expect("register slot");
-        slots.push(dev);
     }
     slots
+}
+
+fn raw(path: &std::path::Path) -> Box<dyn DiskBackend> {
+    Box::new(RawFileDisk::open(path, false).unwrap())
+}
+
+fn stats(slots: &BlkSlots, i: usize) -> vmm_node::devices::virtio::BlkStats {
+    slots.slot(i).unwrap().lock().unwrap().stats()
 }
 
 fn last(hb: &[Heartbeat]) -> &Heartbeat {
@@ -71,14 +68,7 @@ fn last(hb: &[Heartbeat]) -> &Heartbeat {
 fn guest_disk_pattern_workload_reports_ok() {
     let (vm, slots) = disk_guest();
     let img = image(1);
-    slots[2]
-        .lock()
-        .unwrap()
-        .attach(
-            Box::new(RawFileDisk::open(img.path(), false).unwrap()),
-            false,
-        )
-        .unwrap();
+    slots.attach(2, raw(img.path()), false).unwrap();
     vm.start().unwrap();
     let hb = wait_heartbeats(
         || vm.console().text(),
@@ -92,22 +82,19 @@ fn guest_disk_pattern_workload_reports_ok() {
     );
     assert_continuous(&hb);
     vm.pause().unwrap();
-    let stats = slots[2].lock().unwrap().stats();
-    assert!(stats.flushes >= 3, "{stats:?}");
-    assert!(
-        stats.written_bytes >= 3 * WORKLOAD_BYTES as u64,
-        "{stats:?}"
-    );
-    assert!(stats.read_bytes >= 3 * WORKLOAD_BYTES as u64, "{stats:?}");
-    assert_eq!(stats.requests_failed, 0, "{stats:?}");
-    assert_eq!(stats.guest_errors, 0, "{stats:?}");
+    let st2 = stats(&slots, 2);
+    assert!(st2.flushes >= 3, "{st2:?}");
+    assert!(st2.written_bytes >= 3 * WORKLOAD_BYTES as u64, "{st2:?}");
+    assert!(st2.read_bytes >= 3 * WORKLOAD_BYTES as u64, "{st2:?}");
+    assert_eq!(st2.requests_failed, 0, "{st2:?}");
+    assert_eq!(st2.guest_errors, 0, "{st2:?}");
     // Flushed data is in the file; past the workload's range the image is untouched.
     let file = std::fs::read(img.path()).unwrap();
     assert!(file[..WORKLOAD_BYTES].iter().any(|b| *b != 0));
     assert!(file[WORKLOAD_BYTES..].iter().all(|b| *b == 0));
     // The other slots were probed by the guest but never used.
-    for (i, s) in slots.iter().enumerate().filter(|(i, _)| *i != 2) {
-        let st = s.lock().unwrap().stats();
+    for i in (0..SLOTS).filter(|i| *i != 2) {
+        let st = stats(&slots, i);
         assert_eq!(st.requests_ok + st.requests_failed, 0, "slot {i}: {st:?}");
     }
     vm.destroy().unwrap();
@@ -127,14 +114,7 @@ fn hot_add_and_remove_on_a_running_guest() {
 
     // Hot-add into slot 5 while the guest runs: it finds the disk and passes.
     let first = image(2);
-    slots[5]
-        .lock()
-        .unwrap()
-        .attach(
-            Box::new(RawFileDisk::open(first.path(), false).unwrap()),
-            false,
-        )
-        .unwrap();
+    slots.attach(5, raw(first.path()), false).unwrap();
     let hb = wait_heartbeats(
         || vm.console().text(),
         Duration::from_secs(30),
@@ -147,7 +127,7 @@ fn hot_add_and_remove_on_a_running_guest() {
     assert_continuous(&hb);
 
     // Hot-remove: the device flushes and hands the disk back; the guest loses it.
-    let disk = slots[5].lock().unwrap().detach().unwrap();
+    let disk = slots.detach(5).unwrap();
     assert_eq!(disk.describe(), first.path().display().to_string());
     drop(disk);
     let seen = hb.len();
@@ -167,14 +147,7 @@ fn hot_add_and_remove_on_a_running_guest() {
 
     // A different disk in a different slot: the guest finds that one too.
     let second = image(1);
-    slots[1]
-        .lock()
-        .unwrap()
-        .attach(
-            Box::new(RawFileDisk::open(second.path(), false).unwrap()),
-            false,
-        )
-        .unwrap();
+    slots.attach(1, raw(second.path()), false).unwrap();
     let hb = wait_heartbeats(
         || vm.console().text(),
         Duration::from_secs(30),
@@ -186,9 +159,9 @@ fn hot_add_and_remove_on_a_running_guest() {
     assert_continuous(&hb);
     assert!(hb.iter().all(|h| h.disk != "bad"));
     vm.pause().unwrap();
-    let s1 = slots[1].lock().unwrap().stats();
+    let s1 = stats(&slots, 1);
     assert!(s1.flushes >= 2, "{s1:?}");
-    let s5 = slots[5].lock().unwrap().stats();
+    let s5 = stats(&slots, 5);
     assert_eq!(s5.guest_errors, 0, "{s5:?}");
     assert!(std::fs::read(second.path()).unwrap()[..WORKLOAD_BYTES]
         .iter()
@@ -200,14 +173,7 @@ fn hot_add_and_remove_on_a_running_guest() {
 fn snapshot_restore_mid_workload_keeps_disk_pattern_verifying() {
     let (vm, slots) = disk_guest();
     let img = image(1);
-    slots[3]
-        .lock()
-        .unwrap()
-        .attach(
-            Box::new(RawFileDisk::open(img.path(), false).unwrap()),
-            false,
-        )
-        .unwrap();
+    slots.attach(3, raw(img.path()), false).unwrap();
     vm.start().unwrap();
     wait_heartbeats(
         || vm.console().text(),
@@ -220,32 +186,31 @@ fn snapshot_restore_mid_workload_keeps_disk_pattern_verifying() {
     // Pause, drain, save: vCPUs + memory through core's snapshot, slots through ours.
     vm.pause().unwrap();
     let before = heartbeats(&vm.console().text());
-    let saved: Vec<Vec<u8>> = slots
-        .iter()
-        .map(|s| {
-            let mut s = s.lock().unwrap();
-            s.quiesce();
-            s.save_state().encode()
-        })
-        .collect();
+    let saved = slots.save();
     let dir = tempfile::tempdir().unwrap();
     snapshot::save(&vm, dir.path()).unwrap();
     // Storage handoff: the source closes its disk before the target opens it.
-    drop(slots[3].lock().unwrap().detach().unwrap());
+    drop(slots.detach_all().unwrap());
     vm.destroy().unwrap();
 
     let restored = snapshot::restore(dir.path()).unwrap();
     let new_slots = add_slots(&restored);
-    for (slot, bytes) in new_slots.iter().zip(&saved) {
-        let state = VirtioBlkState::decode(bytes).unwrap();
-        let disk = state.backing.as_ref().map(|b| {
+    new_slots
+        .restore(&saved, |b| {
             assert_eq!(b.description, img.path().display().to_string());
-            Box::new(RawFileDisk::open(&b.description, b.read_only).unwrap())
-                as Box<dyn vmm_node::disk::DiskBackend>
-        });
-        slot.lock().unwrap().restore_in_place(&state, disk).unwrap();
-    }
-    assert_eq!(new_slots[3].lock().unwrap().capacity_sectors(), 2048);
+            RawFileDisk::open(&b.description, b.read_only)
+                .map(|d| Box::new(d) as Box<dyn DiskBackend>)
+        })
+        .unwrap();
+    assert_eq!(
+        new_slots
+            .slot(3)
+            .unwrap()
+            .lock()
+            .unwrap()
+            .capacity_sectors(),
+        2048
+    );
     restored.resume().unwrap();
     let last_before = disk_passes(last(&before));
     let after = wait_heartbeats(
@@ -258,7 +223,7 @@ fn snapshot_restore_mid_workload_keeps_disk_pattern_verifying() {
     assert_continuous(&all);
     assert!(after.iter().all(|h| h.disk == "ok"), "{:?}", last(&after));
     restored.pause().unwrap();
-    let st = new_slots[3].lock().unwrap().stats();
+    let st = stats(&new_slots, 3);
     assert!(st.flushes >= 3, "{st:?}");
     assert_eq!(
         st.requests_failed + st.chains_skipped + st.guest_errors,

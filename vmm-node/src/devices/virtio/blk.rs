@@ -337,6 +337,16 @@ impl VirtioBlk {
         }
     }
 
+    /// The guest memory the device works on.
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// The slot's interrupt line.
+    pub fn irq(&self) -> Arc<dyn IrqLine> {
+        self.irq.clone()
+    }
+
     /// Slot index.
     pub fn slot(&self) -> u8 {
         self.slot

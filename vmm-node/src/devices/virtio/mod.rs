@@ -5,8 +5,10 @@
 
 pub mod blk;
 pub mod mmio;
+pub mod slots;
 
 pub use blk::{BlkStats, SlotBacking, StateDecodeError, VirtioBlk, VirtioBlkError, VirtioBlkState};
+pub use slots::{BlkSlots, DetachedDisk, EncodedSlotState, SlotsError};
 
 /// Number of virtio-blk slots every VM has.
 pub const VIRTIO_BLK_SLOTS: usize = 8;
