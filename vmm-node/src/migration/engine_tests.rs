@@ -80,7 +80,7 @@ impl SimVm {
                 }
                 let t = w.throttle.load(Ordering::Relaxed);
                 if span == 0 || t > 0 {
-                    std::thread::sleep(Duration::from_micros(50 + 20 * u64::from(t)));
+                    std::thread::sleep(Duration::from_micros(50 + 100 * u64::from(t)));
                 }
             }
         });
