@@ -272,7 +272,6 @@ pub fn receive_one(
             &rx,
             &mut ctl,
             vm.as_ref(),
-            &map,
             &hashes,
             handoff,
             opts,
@@ -357,7 +356,6 @@ fn coordinate(
     rx: &std::sync::mpsc::Receiver<Event>,
     ctl: &mut TcpStream,
     vm: &dyn TargetVm,
-    map: &PageMap,
     hashes: &PageHashes,
     handoff: &dyn StorageHandoff,
     opts: &ReceiveOptions,
@@ -366,7 +364,6 @@ fn coordinate(
     disks: &[String],
     acquired: &mut bool,
 ) -> Result<ReceiveStats, MigrationError> {
-    let _ = map;
     let mut ends: HashMap<u32, (usize, u64, u64)> = HashMap::new();
     let mut state: Option<Vec<u8>> = None;
     let mut stats = ReceiveStats::default();
