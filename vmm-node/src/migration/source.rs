@@ -331,7 +331,8 @@ fn run(
     }
     let mut sender = MemorySender::new(data);
     let setup_us = us(start.elapsed());
-    tracing::info!(vm = %req.vm_name, %target, connections = opts.connections, setup_us, "migration setup done");
+    let connections = opts.connections;
+    tracing::info!(vm = %req.vm_name, %target, connections, setup_us, "migration setup done");
 
     // --- Pre-copy ------------------------------------------------------------------
     on_event(&MigrationEvent::Phase("pre-copy"));
