@@ -5,7 +5,8 @@
 //!   BSP in 32-bit flat protected mode at the note's entry with `%ebx` = start_info.
 //! * **Linux** (bzImage or vmlinux ELF): `boot_params` at [`ZERO_PAGE_ADDR`] with e820 map,
 //!   command line and initramfs; BSP in 64-bit mode on identity page tables (first 1 GiB)
-//!   at the 64-bit entry (`startup_64`), `%rsi` = boot_params.
+//!   at the 64-bit entry (`startup_64`), `%rsi` = boot_params; an MP table lists the vCPUs
+//!   and the IOAPIC (APs wait for INIT/SIPI from the BSP's in-kernel LAPIC).
 //! * **Test guest APs** (PVH images carrying the test guest header, see `guest/`): started
 //!   directly in 64-bit CPL3 at the header's AP entry with `%rdi` = vCPU index.
 
@@ -279,6 +280,11 @@ pub fn load(config: &VmConfig, mem: &GuestMem, tsc_khz: u32) -> Result<BootSetup
             initrd,
         )?;
         write_linux_page_tables(mem)?;
+        write_bytes(
+            mem,
+            &crate::mptable::build(config.vcpus),
+            crate::mptable::MPTABLE_ADDR,
+        )?;
         Ok(BootSetup {
             entry: BootEntry::Linux { entry },
         })

@@ -57,10 +57,11 @@ pub enum ControlError {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
-    Status,
-    Pause,
-    Resume,
-    Stop,
+    // Empty struct variants (not unit variants) so that unknown fields are rejected.
+    Status {},
+    Pause {},
+    Resume {},
+    Stop {},
     Snapshot {
         dir: PathBuf,
         #[serde(default)]
@@ -97,7 +98,7 @@ pub fn error_response(e: &dyn std::error::Error) -> Value {
 
 fn handle(vm: &Arc<Vm>, req: Request) -> Value {
     let r = match req {
-        Request::Status => {
+        Request::Status {} => {
             return ok(json!({
                 "status": vm.status(),
                 "config": vm.config(),
@@ -105,9 +106,9 @@ fn handle(vm: &Arc<Vm>, req: Request) -> Value {
                 "console_bytes": vm.console().total_bytes(),
             }))
         }
-        Request::Pause => vm.pause().map(|()| json!({})),
-        Request::Resume => vm.resume().map(|()| json!({})),
-        Request::Stop => vm.stop().map(|()| json!({})),
+        Request::Pause {} => vm.pause().map(|()| json!({})),
+        Request::Resume {} => vm.resume().map(|()| json!({})),
+        Request::Stop {} => vm.stop().map(|()| json!({})),
         Request::Snapshot { dir, resume } => {
             let r = (|| {
                 vm.pause()?;
@@ -150,6 +151,7 @@ fn serve_connection(
     stream: UnixStream,
     vm: Arc<Vm>,
     extensions: &[Extension],
+    busy: &AtomicUsize,
 ) -> std::io::Result<()> {
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
@@ -179,6 +181,7 @@ fn serve_connection(
             serde_json::from_value::<Request>(value.clone()),
             Ok(Request::Console { stream: true, .. })
         );
+        busy.fetch_add(1, Ordering::SeqCst);
         let response = match serde_json::from_value::<Request>(value.clone()) {
             Ok(req) => handle(&vm, req),
             Err(e) => extensions
@@ -186,7 +189,9 @@ fn serve_connection(
                 .find_map(|x| x(&value, &vm))
                 .unwrap_or_else(|| error_response(&e)),
         };
-        write_line(&mut writer, &response)?;
+        let written = write_line(&mut writer, &response);
+        busy.fetch_sub(1, Ordering::SeqCst);
+        written?;
         if stream_console {
             let rx = vm.console().subscribe();
             loop {
@@ -204,13 +209,29 @@ fn serve_connection(
     }
 }
 
+/// A running control socket server.
+pub struct ControlServer {
+    busy: Arc<AtomicUsize>,
+}
+
+impl ControlServer {
+    /// Wait (at most `timeout`) until no request is being handled, so that a process that
+    /// is about to exit (e.g. after `stop`) still delivers the response.
+    pub fn wait_idle(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.busy.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
 /// Serve the control socket at `path` for `vm` on a background thread (one thread per
 /// connection, at most [`CONNECTIONS_MAX`]).
 pub fn serve(
     path: &Path,
     vm: Arc<Vm>,
     extensions: Vec<Extension>,
-) -> Result<std::thread::JoinHandle<()>, ControlError> {
+) -> Result<ControlServer, ControlError> {
     let io = |source| ControlError::Io {
         path: path.to_path_buf(),
         source,
@@ -219,6 +240,8 @@ pub fn serve(
     let listener = UnixListener::bind(path).map_err(io)?;
     let extensions = Arc::new(extensions);
     let active = Arc::new(AtomicUsize::new(0));
+    let busy = Arc::new(AtomicUsize::new(0));
+    let server = ControlServer { busy: busy.clone() };
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -235,17 +258,19 @@ pub fn serve(
                 let vm = vm.clone();
                 let ext = extensions.clone();
                 let active = active.clone();
+                let busy = busy.clone();
                 let _ = std::thread::Builder::new()
                     .name("control-conn".into())
                     .spawn(move || {
-                        if let Err(e) = serve_connection(conn, vm, &ext) {
+                        if let Err(e) = serve_connection(conn, vm, &ext, &busy) {
                             tracing::debug!(error = %e, "control connection ended");
                         }
                         active.fetch_sub(1, Ordering::SeqCst);
                     });
             }
         })
-        .map_err(io)
+        .map_err(io)?;
+    Ok(server)
 }
 
 /// Send one request and read one response line.

@@ -204,3 +204,17 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn parse_line_never_panics(s in "\\PC{0,200}") {
+            let _ = parse_line(&s);
+            let _ = heartbeats(&s);
+        }
+    }
+}

@@ -127,7 +127,6 @@ pub fn install_kick_handler() -> Result<(), SysError> {
     static INSTALLED: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
     INSTALLED
         .get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler))
-        .clone()
         .map_err(SysError::SignalHandler)
 }
 

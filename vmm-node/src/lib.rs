@@ -12,6 +12,7 @@ pub mod guest_protocol;
 #[allow(unsafe_code)]
 pub mod kvm;
 pub mod memory;
+pub mod mptable;
 pub mod snapshot;
 pub mod state;
 pub mod test_guest;

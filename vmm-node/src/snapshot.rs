@@ -354,3 +354,27 @@ mod tests {
         assert!(e.to_string().contains("state.bin"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The state decoder never panics on arbitrary bytes, with or without a valid header.
+        #[test]
+        fn decode_never_panics(body in proptest::collection::vec(any::<u8>(), 0..4096), valid_header in any::<bool>()) {
+            let bytes = if valid_header {
+                let mut b = MAGIC.to_vec();
+                b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+                b.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+                b.extend_from_slice(&(body.len() as u64).to_le_bytes());
+                b.extend_from_slice(&body);
+                b
+            } else {
+                body
+            };
+            let _ = decode_state(Path::new("fuzz"), &bytes);
+        }
+    }
+}

@@ -125,12 +125,12 @@ pub struct Vm {
     config: VmConfig,
     console: Console,
     serial: Arc<Mutex<SerialDevice>>,
+    com1_irq: Arc<dyn IrqLine>,
     ctl: Arc<Control>,
     pio: Arc<RwLock<Bus<dyn PioDevice>>>,
     mmio: Arc<RwLock<Bus<dyn MmioDevice>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     throttle_thread: Mutex<Option<JoinHandle<()>>>,
-    irq_lines: Mutex<Vec<Arc<IrqFdLine>>>,
     has_pit: AtomicBool,
     tsc_khz: u32,
     msr_index_list: Vec<u32>,
@@ -199,19 +199,20 @@ impl Vm {
 
         let ctl = Arc::new(Control::new(vcpus.len()));
         let console = Console::new();
+        let com1_irq = new_irq_line(&vm_fd, COM1_IRQ)?;
         let vm = Vm {
             config,
             serial: Arc::new(Mutex::new(SerialDevice::new(
                 console.clone(),
-                Arc::new(NullIrq),
+                com1_irq.clone(),
             ))),
+            com1_irq: com1_irq.clone(),
             console,
             ctl,
             pio: Arc::new(RwLock::new(Bus::default())),
             mmio: Arc::new(RwLock::new(Bus::default())),
             threads: Mutex::new(Vec::new()),
             throttle_thread: Mutex::new(None),
-            irq_lines: Mutex::new(Vec::new()),
             has_pit: AtomicBool::new(false),
             tsc_khz,
             msr_index_list,
@@ -221,9 +222,6 @@ impl Vm {
             vm_fd,
             memory: mem,
         };
-        let com1_irq = vm.irq_line(COM1_IRQ)?;
-        *vm.serial.lock().unwrap_or_else(|e| e.into_inner()) =
-            SerialDevice::new(vm.console.clone(), com1_irq);
         let ctl = vm.ctl.clone();
         let i8042 = I8042::new(
             Arc::new(AtomicBool::new(false)),
@@ -474,20 +472,7 @@ impl Vm {
 
     /// An interrupt line for `gsi` (irqfd on the in-kernel irqchip).
     pub fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>, VmError> {
-        let evt =
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| VmError::Os {
-                what: "creating an eventfd",
-                source,
-            })?;
-        self.vm_fd
-            .register_irqfd(&evt, gsi)
-            .map_err(kerr("KVM_IRQFD"))?;
-        let line = Arc::new(IrqFdLine { evt, gsi });
-        self.irq_lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(line.clone());
-        Ok(line)
+        Ok(new_irq_line(&self.vm_fd, gsi)?)
     }
 
     /// Put `dev` on the MMIO bus at `[base, base + len)` (allowed while running).
@@ -578,9 +563,11 @@ impl Vm {
             let tsc = state::advance_tsc(vst.tsc, st.vm.tsc_khz, elapsed_ns);
             state::restore_vcpu(&fd, vst, tsc)?;
         }
-        let irq = self.irq_line(COM1_IRQ)?;
-        *self.serial.lock().unwrap_or_else(|e| e.into_inner()) =
-            SerialDevice::from_state(&st.devices.serial, self.console.clone(), irq)?;
+        *self.serial.lock().unwrap_or_else(|e| e.into_inner()) = SerialDevice::from_state(
+            &st.devices.serial,
+            self.console.clone(),
+            self.com1_irq.clone(),
+        )?;
         tracing::info!(name = %self.config.name, elapsed_ms = elapsed_ns / 1_000_000, "vm state restored");
         Ok(())
     }
@@ -669,10 +656,14 @@ impl Drop for Vm {
     }
 }
 
-/// Interrupt line used only while the VM is being assembled.
-struct NullIrq;
-impl IrqLine for NullIrq {
-    fn trigger(&self) {}
+fn new_irq_line(vm_fd: &VmFd, gsi: u32) -> Result<Arc<IrqFdLine>, VmError> {
+    let evt =
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| VmError::Os {
+            what: "creating an eventfd",
+            source,
+        })?;
+    vm_fd.register_irqfd(&evt, gsi).map_err(kerr("KVM_IRQFD"))?;
+    Ok(Arc::new(IrqFdLine { evt, gsi }))
 }
 
 /// CPUID for vCPU `id`: KVM's supported set with the APIC ids patched.

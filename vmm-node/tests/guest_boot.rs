@@ -87,9 +87,26 @@ fn multi_vcpu_guest_runs_all_vcpus() {
     let hb = wait_heartbeats(
         || vm.console().text(),
         Duration::from_secs(30),
-        |h| h.last().is_some_and(|h| h.cpus == 4 && h.mem_passes >= 8),
+        |h| {
+            h.last()
+                .is_some_and(|h| h.cpus == 4 && h.mem != "fill" && h.mem_passes >= 8)
+        },
     );
     assert_eq!(hb.last().unwrap().mem, "ok");
+    vm.destroy().unwrap();
+}
+
+#[test]
+fn thirty_two_vcpus_all_check_in() {
+    let vm = start_test_guest(32, 64, &Workload::new(WorkloadKind::Idle));
+    let hb = wait_heartbeats(
+        || vm.console().text(),
+        Duration::from_secs(60),
+        |h| h.last().is_some_and(|h| h.cpus == 32) && h.len() >= 3,
+    );
+    assert_continuous(&hb);
+    vm.pause().unwrap();
+    assert_eq!(vm.save_state().unwrap().vcpus.len(), 32);
     vm.destroy().unwrap();
 }
 

@@ -43,7 +43,8 @@ fn wait_socket(p: &Path) {
 }
 
 fn console(p: &Path) -> String {
-    let v = request(p, &json!({"cmd": "console", "tail_bytes": 1 << 20})).unwrap();
+    let v = request(p, &json!({"cmd": "console", "tail_bytes": 1 << 20}))
+        .unwrap_or_else(|e| panic!("console request to {}: {e:?}", p.display()));
     assert_eq!(v["ok"], true, "{v}");
     v["text"].as_str().unwrap().to_string()
 }

@@ -204,9 +204,9 @@ fn snapshot_bench(memory_mib: u64) {
     let vm = Vm::create(config(1, memory_mib, &w)).unwrap();
     vm.start().unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !heartbeats(&vm.console().text())
+    while heartbeats(&vm.console().text())
         .last()
-        .is_some_and(|h| h.mem == "ok")
+        .is_none_or(|h| h.mem != "ok")
     {
         assert!(Instant::now() < deadline, "guest did not fill its memory");
         std::thread::sleep(Duration::from_millis(20));

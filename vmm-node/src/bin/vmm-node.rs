@@ -60,11 +60,17 @@ enum Cmd {
 }
 
 fn serve_and_wait(vm: Arc<Vm>, control: Option<PathBuf>, console: bool) -> anyhow::Result<()> {
-    if let Some(path) = &control {
-        let extensions = vec![vmm_node::migration::cli::control_extension()];
-        vmm_node::control::serve(path, vm.clone(), extensions)
-            .with_context(|| format!("serving control socket {}", path.display()))?;
-    }
+    let server = match &control {
+        Some(path) => Some(
+            vmm_node::control::serve(
+                path,
+                vm.clone(),
+                vec![vmm_node::migration::cli::control_extension()],
+            )
+            .with_context(|| format!("serving control socket {}", path.display()))?,
+        ),
+        None => None,
+    };
     if console {
         let rx = vm.console().subscribe();
         std::thread::spawn(move || {
@@ -80,6 +86,10 @@ fn serve_and_wait(vm: Arc<Vm>, control: Option<PathBuf>, console: bool) -> anyho
     };
     vm.stop().context("stopping VM")?;
     tracing::info!(?reason, "vm stopped");
+    if let Some(s) = &server {
+        // Deliver the response to the request that stopped the VM.
+        s.wait_idle(Duration::from_secs(2));
+    }
     if let Some(path) = &control {
         let _ = std::fs::remove_file(path);
     }

@@ -92,7 +92,8 @@ pub fn receive_vm(args: &ReceiveArgs) -> Result<Arc<Vm>, MigrationError> {
             addr: args.listen,
             source,
         })?;
-    tracing::info!(%bound, version = super::protocol::PROTOCOL_VERSION, "waiting for an incoming migration");
+    let version = super::protocol::PROTOCOL_VERSION;
+    tracing::info!(%bound, version, "waiting for an incoming migration");
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{LISTEN_LINE_PREFIX}{bound}");
@@ -239,7 +240,8 @@ fn handle_migrate(st: &Mutex<Status>, req: &Value, vm: &Arc<Vm>) -> Value {
         return cancel(st);
     }
     let Some(addr) = r.addr else {
-        return json!({"ok": false, "error": "migrate needs \"addr\": the target's migration address"});
+        let e = "migrate needs \"addr\": the target's migration address";
+        return json!({"ok": false, "error": e});
     };
     let defaults = ConvergenceConfig::default();
     let opts = MigrateOptions {
@@ -259,7 +261,11 @@ fn handle_migrate(st: &Mutex<Status>, req: &Value, vm: &Arc<Vm>) -> Value {
         return error_response(&e);
     }
     if !matches!(vm.status(), VmStatus::Running) {
-        return json!({"ok": false, "error": format!("the VM is {:?}; only a running VM can be migrated", vm.status())});
+        let e = format!(
+            "the VM is {:?}; only a running VM can be migrated",
+            vm.status()
+        );
+        return json!({"ok": false, "error": e});
     }
     let token = CancelToken::default();
     {

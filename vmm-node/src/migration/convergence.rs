@@ -122,6 +122,8 @@ pub struct Convergence {
     best_dirty_bytes: u64,
     stalled_rounds: u32,
     rounds: u32,
+    /// A round moved enough bytes to measure the link (the hint no longer applies).
+    bandwidth_measured: bool,
 }
 
 impl Convergence {
@@ -134,10 +136,14 @@ impl Convergence {
             best_dirty_bytes: u64::MAX,
             stalled_rounds: 0,
             rounds: 0,
+            bandwidth_measured: false,
         }
     }
 
-    /// Seeds the bandwidth estimate (e.g. a link figure) before the first round.
+    /// Seeds the bandwidth estimate (e.g. the migration network's nominal speed); it is
+    /// used until a round moves at least 1 MiB, then measurements replace it. Without
+    /// it, a mostly-zero guest's round 0 (scan-bound, few bytes) would make the link look
+    /// slow and the blackout budget tiny.
     pub fn with_bandwidth_hint(mut self, bytes_per_s: f64) -> Self {
         self.bandwidth_bytes_per_s = bytes_per_s.max(0.0);
         self
@@ -161,8 +167,15 @@ impl Convergence {
         let secs = o.duration.as_secs_f64().max(1e-6);
         // Bandwidth: only rounds that moved a meaningful amount measure the link; keep the
         // best figure seen (short rounds are latency-bound and would under-estimate it).
-        if o.bytes_sent >= 1 << 20 || self.bandwidth_bytes_per_s == 0.0 {
-            let bw = o.bytes_sent as f64 / secs;
+        let bw = o.bytes_sent as f64 / secs;
+        if o.bytes_sent >= 1 << 20 {
+            self.bandwidth_bytes_per_s = if self.bandwidth_measured {
+                self.bandwidth_bytes_per_s.max(bw)
+            } else {
+                bw
+            };
+            self.bandwidth_measured = true;
+        } else if !self.bandwidth_measured {
             self.bandwidth_bytes_per_s = self.bandwidth_bytes_per_s.max(bw);
         }
         self.dirty_rate_bytes_per_s = o.dirty_bytes as f64 / secs;
@@ -469,6 +482,21 @@ mod tests {
         let p = d.predict(300 * MB);
         assert!(!p.converges);
         assert_eq!(p.remaining, None);
+    }
+
+    #[test]
+    fn bandwidth_hint_applies_until_a_round_measures_the_link() {
+        // Round 0 of a mostly-zero guest: 100 KB in 300 ms would mean 333 KB/s.
+        let mut c = Convergence::new(cfg(5, 10_000)).with_bandwidth_hint(100.0 * MB as f64);
+        assert_eq!(
+            c.observe(&obs(100_000, 300, 200_000, 300)),
+            Decision::StopAndCopy
+        );
+        assert_eq!(c.bandwidth_bytes_per_s(), 100.0 * MB as f64);
+        // A round of 10 MB in 100 ms measures 100 MB/s... then 50 MB/s replaces the hint.
+        let mut c = Convergence::new(cfg(5, 10_000)).with_bandwidth_hint(400.0 * MB as f64);
+        c.observe(&obs(10 * MB, 200, 100 * MB, 200));
+        assert_eq!(c.bandwidth_bytes_per_s(), 50.0 * MB as f64);
     }
 
     #[test]

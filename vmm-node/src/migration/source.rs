@@ -27,14 +27,19 @@ pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Options of one live migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MigrateOptions {
     /// Data connections (1..=[`MAX_CONNECTIONS`]).
     pub connections: usize,
     pub convergence: ConvergenceConfig,
     pub connect_timeout: Duration,
     pub io_timeout: Duration,
+    /// Nominal migration network speed, used until a round has measured it.
+    pub bandwidth_hint_bytes_per_s: f64,
 }
+
+/// Default bandwidth hint: 100 MB/s (a 1 Gbit/s migration network).
+pub const DEFAULT_BANDWIDTH_HINT_BYTES_PER_S: f64 = 100e6;
 
 impl Default for MigrateOptions {
     fn default() -> Self {
@@ -43,6 +48,7 @@ impl Default for MigrateOptions {
             convergence: ConvergenceConfig::default(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             io_timeout: DEFAULT_IO_TIMEOUT,
+            bandwidth_hint_bytes_per_s: DEFAULT_BANDWIDTH_HINT_BYTES_PER_S,
         }
     }
 }
@@ -53,6 +59,13 @@ impl MigrateOptions {
             return Err(MigrationError::InvalidOptions(format!(
                 "connections must be 1..={MAX_CONNECTIONS}, got {}",
                 self.connections
+            )));
+        }
+        if !(self.bandwidth_hint_bytes_per_s >= 0.0 && self.bandwidth_hint_bytes_per_s.is_finite())
+        {
+            return Err(MigrationError::InvalidOptions(format!(
+                "bandwidth hint must be a finite number of bytes/s >= 0, got {}",
+                self.bandwidth_hint_bytes_per_s
             )));
         }
         self.convergence
@@ -318,14 +331,16 @@ fn run(
     }
     let mut sender = MemorySender::new(data);
     let setup_us = us(start.elapsed());
-    tracing::info!(vm = %req.vm_name, %target, connections = opts.connections, setup_us, "migration setup done");
+    let connections = opts.connections;
+    tracing::info!(vm = %req.vm_name, %target, connections, setup_us, "migration setup done");
 
     // --- Pre-copy ------------------------------------------------------------------
     on_event(&MigrationEvent::Phase("pre-copy"));
     let hashes = PageHashes::new_zeroed(map.total_pages());
     vm.start_dirty_log().map_err(vm_err("start dirty log"))?;
     undo.dirty_log = true;
-    let mut conv = Convergence::new(opts.convergence);
+    let mut conv =
+        Convergence::new(opts.convergence).with_bandwidth_hint(opts.bandwidth_hint_bytes_per_s);
     let mut progress = ProgressTracker::default();
     let mut rounds = Vec::new();
     let mut pages = DirtyPages::all(map.total_pages());

@@ -179,7 +179,8 @@ pub fn receive_one(
         Err(e) => {
             let reason = match &e {
                 ProtocolError::VersionMismatch { ours, theirs } => format!(
-                    "migration protocol version {theirs} is not supported: this node speaks version {ours}"
+                    "migration protocol version {theirs} is not supported: \
+                     this node speaks version {ours}"
                 ),
                 other => format!("not a migration session: {other}"),
             };
@@ -272,7 +273,6 @@ pub fn receive_one(
             &rx,
             &mut ctl,
             vm.as_ref(),
-            &map,
             &hashes,
             handoff,
             opts,
@@ -286,13 +286,14 @@ pub fn receive_one(
     });
     match outcome {
         Ok(stats) => {
-            tracing::info!(vm = %vm_name, %peer, restore_us = stats.restore_us, "migrated vm running here");
+            let restore_us = stats.restore_us;
+            tracing::info!(vm = %vm_name, %peer, restore_us, "migrated vm running here");
             Ok(Received { vm, vm_name, stats })
         }
         Err(e) => {
             if acquired {
                 if let Err(r) = handoff.release(&vm_name, &disks) {
-                    tracing::error!(error = %r, "releasing storage after a failed incoming migration");
+                    tracing::error!(error = %r, "releasing storage after a failed migration");
                 }
             }
             drop(vm);
@@ -357,7 +358,6 @@ fn coordinate(
     rx: &std::sync::mpsc::Receiver<Event>,
     ctl: &mut TcpStream,
     vm: &dyn TargetVm,
-    map: &PageMap,
     hashes: &PageHashes,
     handoff: &dyn StorageHandoff,
     opts: &ReceiveOptions,
@@ -366,7 +366,6 @@ fn coordinate(
     disks: &[String],
     acquired: &mut bool,
 ) -> Result<ReceiveStats, MigrationError> {
-    let _ = map;
     let mut ends: HashMap<u32, (usize, u64, u64)> = HashMap::new();
     let mut state: Option<Vec<u8>> = None;
     let mut stats = ReceiveStats::default();

@@ -423,7 +423,6 @@ fn send_worker(
         payload: Vec::new(),
     };
     let zero_crc = zero_page_crc();
-    let mut page = vec![0u8; PAGE_SIZE];
     loop {
         if cancel.load(Ordering::Relaxed) {
             return Err(TransportError::Cancelled);
@@ -441,9 +440,14 @@ fn send_worker(
                 let Some(gpa) = map.gpa_of(idx) else {
                     continue;
                 };
-                mem.read_slice(&mut page, GuestAddress(gpa))
+                // Copy the page straight into the message body; drop it again if zero.
+                let at = batch.body.len();
+                batch.body.resize(at + PAGE_SIZE, 0);
+                let page = &mut batch.body[at..];
+                mem.read_slice(page, GuestAddress(gpa))
                     .map_err(|source| TransportError::Memory { gpa, source })?;
-                if is_zero(&page) {
+                if is_zero(page) {
+                    batch.body.truncate(at);
                     if hashes.get(idx) == zero_crc {
                         out.zero_pages_skipped += 1;
                         continue;
@@ -452,10 +456,9 @@ fn send_worker(
                     batch.header.pages.push(PageDesc::Zero { gpa });
                     out.zero_pages_sent += 1;
                 } else {
-                    let crc = crc32fast::hash(&page);
+                    let crc = crc32fast::hash(page);
                     hashes.set(idx, crc);
                     batch.header.pages.push(PageDesc::Data { gpa, crc });
-                    batch.body.extend_from_slice(&page);
                     out.data_pages += 1;
                 }
                 if batch.header.pages.len() == MAX_PAGES_PER_MESSAGE {

@@ -227,7 +227,12 @@ pub fn assert_guest_time_kept(first: &Heartbeat, last: &Heartbeat, wall: Duratio
 
 /// Runs `migrate` on `src` towards `addr`; returns the reply.
 pub fn migrate(src: &Proc, addr: SocketAddr, extra: Value) -> Value {
-    let mut req = json!({"cmd": "migrate", "addr": addr.to_string(), "max_downtime_ms": 100, "deadline_ms": 60_000});
+    let mut req = json!({
+        "cmd": "migrate",
+        "addr": addr.to_string(),
+        "max_downtime_ms": 100,
+        "deadline_ms": 60_000
+    });
     if let (Some(r), Some(e)) = (req.as_object_mut(), extra.as_object()) {
         for (k, v) in e {
             r.insert(k.clone(), v.clone());
