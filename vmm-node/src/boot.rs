@@ -5,8 +5,8 @@
 //!   BSP in 32-bit flat protected mode at the note's entry with `%ebx` = start_info.
 //! * **Linux** (bzImage or vmlinux ELF): `boot_params` at [`ZERO_PAGE_ADDR`] with e820 map,
 //!   command line and initramfs; BSP in 64-bit mode on identity page tables (first 1 GiB)
-//!   at the 64-bit entry (`startup_64`), `%rsi` = boot_params; an MP table lists the vCPUs
-//!   and the IOAPIC (APs wait for INIT/SIPI from the BSP's in-kernel LAPIC).
+//!   at the 64-bit entry (`startup_64`), `%rsi` = boot_params; ACPI tables (MADT) and an MP
+//!   table list the vCPUs and the IOAPIC (APs wait for INIT/SIPI from the BSP's LAPIC).
 //! * **Test guest APs** (PVH images carrying the test guest header, see `guest/`): started
 //!   directly in 64-bit CPL3 at the header's AP entry with `%rdi` = vCPU index.
 
@@ -285,6 +285,9 @@ pub fn load(config: &VmConfig, mem: &GuestMem, tsc_khz: u32) -> Result<BootSetup
             &crate::mptable::build(config.vcpus),
             crate::mptable::MPTABLE_ADDR,
         )?;
+        for (addr, table) in crate::acpi::build(config.vcpus) {
+            write_bytes(mem, &table, addr)?;
+        }
         Ok(BootSetup {
             entry: BootEntry::Linux { entry },
         })
@@ -370,6 +373,7 @@ fn write_linux_boot_params(
     params.hdr.cmdline_size = cmdline_len as u32 + 1;
     params.hdr.kernel_alignment = 0x0100_0000;
     params.hdr.loadflags |= 0x01; // LOADED_HIGH
+    params.acpi_rsdp_addr = crate::acpi::RSDP_ADDR;
     if let Some((addr, size)) = initrd {
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
