@@ -20,6 +20,7 @@ pub mod raft_types;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod vmhost;
 
 /// Render an error and its `source()` chain as one line: "a: b: c".
 pub fn error_chain(e: &dyn std::error::Error) -> String {

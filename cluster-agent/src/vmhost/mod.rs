@@ -1,0 +1,470 @@
+//! The agent-local VM runtime: runs this node's VMs in the embedded VMM (vmm-node), opens
+//! their disks through csv-volume's hooks with the lock grants the agent got from the
+//! replicated lock table, and moves VMs between hosts (live and quick migration).
+//!
+//! There is no Raft in here. The agent commits a decision (e.g. `Acquire`) and then calls
+//! this layer with the result (a [`LockGrant`]); where this layer itself produces a
+//! decision that must be committed (disk `Release`/`Handoff` when a VM stops or leaves),
+//! it either returns the [`LockCommand`]s or calls the agent's [`DiskLocks`] callback.
+//!
+//! ```text
+//! agent ──start(spec, grants)──▶ VmHost ──to_config──▶ vmm_node::Vm::create ─▶ 8 virtio-blk slots
+//!                                     └─open_for_vm(grant)─▶ FencedDisk ─FencedBackend─▶ slot i
+//! agent ◀──Stopped{release cmds}── stop(name): pause/stop ─▶ slot detach (flush) ─▶ release_on_stop
+//! migrate_out ─▶ engine thread (vmm_node::migration::source) ─▶ pause, save state+slots,
+//!              detach ─▶ handoff_release ─▶ DiskLocks::commit(Handoff) ─▶ target
+//! listener ─▶ receive_one ─▶ DiskLocks::acquire ─▶ handoff_open ─▶ restore slots ─▶ resume ─▶ registered
+//! ```
+//!
+//! Module map: [`spec`] (VmSpec → VmConfig), [`backend`] (FencedDisk as DiskBackend),
+//! `machine` (one VM + slots + disk table), [`migrate`] (live migration out and the
+//! listener for incoming VMs), [`quick`] (quick migration), [`locks`] (the `DiskLocks`
+//! callback and an in-process implementation over a `LockTable`).
+
+pub mod backend;
+pub mod locks;
+mod machine;
+pub mod migrate;
+pub mod quick;
+pub mod spec;
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use csv_volume::{
+    DiskName, FencingToken, LockCommand, LockGrant, LockMode, NodeId, VolumeRegistry,
+};
+use vmm_node::{Vm, VmStatus};
+
+pub use locks::{DiskLocks, LocalLocks, LockOpError};
+pub use machine::{OpenMode, SlotDisk};
+pub use migrate::{
+    IncomingEvent, LiveOptions, MigrationHandle, MigrationListener, MigrationReport,
+};
+pub use quick::{QuickImage, QuickRestoreStats};
+pub use spec::{BootSpec, DiskSpec, SpecError, TestWorkload, VmSpec, WorkloadName};
+
+use machine::{open_disk, CloseFor, HostedVm};
+
+/// Errors of the VM runtime. Messages name the VM / disk / slot at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum VmHostError {
+    #[error("invalid VM spec")]
+    Spec(#[source] SpecError),
+    #[error("no VM named {0:?} runs on this node")]
+    NotFound(String),
+    #[error("a VM named {0:?} already exists on this node")]
+    AlreadyExists(String),
+    #[error("VM {0:?} is busy with another operation (migration, attach/detach or stop)")]
+    Busy(String),
+    #[error("cannot resolve disk {disk} on the shared volumes")]
+    Volume {
+        disk: String,
+        #[source]
+        source: csv_volume::VolumeError,
+    },
+    #[error("no lock grant was given for disk {disk}")]
+    MissingGrant { disk: String },
+    #[error("grant for disk {disk} is for node {got_node} ({got_mode}); this needs node {want_node} ({want_mode})")]
+    GrantMismatch {
+        disk: String,
+        want_node: NodeId,
+        want_mode: LockMode,
+        got_node: NodeId,
+        got_mode: LockMode,
+    },
+    #[error("cannot open disk {disk} with its grant")]
+    Open {
+        disk: String,
+        #[source]
+        source: csv_volume::HookError,
+    },
+    #[error("cannot close disk {disk} cleanly")]
+    Close {
+        disk: String,
+        #[source]
+        source: csv_volume::HookError,
+    },
+    #[error("disk {disk} is still in use by its virtio slot")]
+    DiskStillShared { disk: String },
+    #[error("VM {vm}: cannot {op}")]
+    Vm {
+        vm: String,
+        op: &'static str,
+        #[source]
+        source: vmm_node::VmError,
+    },
+    #[error("VM {vm}: virtio-blk slot {slot}")]
+    Slot {
+        vm: String,
+        slot: u8,
+        #[source]
+        source: vmm_node::devices::virtio::VirtioBlkError,
+    },
+    #[error("VM {vm} has no free disk slot")]
+    NoFreeSlot { vm: String },
+    #[error("VM {vm}: slot {slot} has no disk")]
+    SlotEmpty { vm: String, slot: u8 },
+    #[error("disk {disk} is already attached to VM {vm}")]
+    DiskAlreadyAttached { vm: String, disk: String },
+    #[error("disk {disk} is not attached to VM {vm}")]
+    DiskNotAttached { vm: String, disk: String },
+    #[error("VM {vm}: saved disk slot state is unusable: {what}")]
+    BadSlotState { vm: String, what: String },
+    #[error("VM {vm}: cannot encode or decode its state")]
+    StateCodec {
+        vm: String,
+        #[source]
+        source: bincode::Error,
+    },
+    #[error("VM {vm} is {status}, it must be running")]
+    NotRunning { vm: String, status: String },
+    #[error("live migration of VM {vm} failed")]
+    Migration {
+        vm: String,
+        #[source]
+        source: vmm_node::migration::MigrationError,
+    },
+    #[error("cannot start the migration worker thread")]
+    Thread(#[source] std::io::Error),
+    #[error("migration listener on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("quick migration of VM {vm}: {what}")]
+    Quick {
+        vm: String,
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the lock callback failed during {op} for VM {vm}")]
+    Locks {
+        vm: String,
+        op: &'static str,
+        #[source]
+        source: LockOpError,
+    },
+}
+
+/// One disk of a VM as it stands now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskStatus {
+    pub slot: u8,
+    pub name: DiskName,
+    pub read_only: bool,
+    pub token: FencingToken,
+    pub mode: LockMode,
+    /// Set once a newer owner's fence record has refused a write of this node.
+    pub fenced_by: Option<FencingToken>,
+    pub requests_ok: u64,
+    pub requests_failed: u64,
+    pub written_bytes: u64,
+}
+
+/// A VM of this host.
+#[derive(Clone, Debug)]
+pub struct VmInfo {
+    pub name: String,
+    pub status: VmStatus,
+    /// The spec with the disks attached now.
+    pub spec: VmSpec,
+    pub disks: Vec<DiskStatus>,
+}
+
+/// A VM's console: the retained log at the time of the call, then live lines.
+pub struct ConsoleStream {
+    /// The retained console log (up to vmm-node's `CONSOLE_LOG_BYTES_MAX`).
+    pub recent: String,
+    /// Complete lines from the moment of the call on. Bounded (vmm-node's
+    /// `CONSOLE_SUBSCRIBER_LINES_MAX`): a reader that falls behind loses lines, the guest
+    /// never waits. Ends when the VM is gone from this host. A line that completes while
+    /// the call runs can appear both at the end of `recent` and first here.
+    pub lines: Receiver<String>,
+}
+
+/// What stopping a VM produced.
+#[derive(Debug)]
+pub struct Stopped {
+    /// `Release` commands for the agent to propose, one per disk closed cleanly.
+    pub release: Vec<LockCommand>,
+    /// Disks that could not be closed cleanly (e.g. fenced: their lock is no longer this
+    /// node's to release). The VM is stopped regardless.
+    pub disk_errors: Vec<VmHostError>,
+}
+
+/// The VM runtime of one node.
+pub struct VmHost {
+    node: NodeId,
+    registry: Arc<VolumeRegistry>,
+    /// `None` marks a name reserved by a start or an incoming migration in progress.
+    vms: Arc<VmTable>,
+}
+
+type VmTable = Mutex<BTreeMap<String, Option<Arc<HostedVm>>>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Frees a reserved name unless the reservation was turned into a VM.
+pub(crate) struct Reservation {
+    vms: Arc<VmTable>,
+    name: String,
+    armed: bool,
+}
+
+impl Reservation {
+    /// Turns the reserved name into the registered VM.
+    pub(crate) fn commit(mut self, vm: Arc<HostedVm>) {
+        self.armed = false;
+        lock(&self.vms).insert(self.name.clone(), Some(vm));
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut vms = lock(&self.vms);
+            if matches!(vms.get(&self.name), Some(None)) {
+                vms.remove(&self.name);
+            }
+        }
+    }
+}
+
+impl VmHost {
+    /// The runtime of node `node`, seeing the shared volumes in `registry`.
+    pub fn new(node: NodeId, registry: VolumeRegistry) -> Arc<VmHost> {
+        Arc::new(VmHost {
+            node,
+            registry: Arc::new(registry),
+            vms: Arc::new(Mutex::new(BTreeMap::new())),
+        })
+    }
+
+    /// This node's id (the node the grants must name).
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// The shared volumes this host sees.
+    pub fn registry(&self) -> &VolumeRegistry {
+        &self.registry
+    }
+
+    pub(crate) fn reserve(&self, name: &str) -> Result<Reservation, VmHostError> {
+        let mut vms = lock(&self.vms);
+        if vms.contains_key(name) {
+            return Err(VmHostError::AlreadyExists(name.to_owned()));
+        }
+        vms.insert(name.to_owned(), None);
+        Ok(Reservation {
+            vms: self.vms.clone(),
+            name: name.to_owned(),
+            armed: true,
+        })
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Result<Arc<HostedVm>, VmHostError> {
+        lock(&self.vms)
+            .get(name)
+            .and_then(Clone::clone)
+            .ok_or_else(|| VmHostError::NotFound(name.to_owned()))
+    }
+
+    /// Removes `vm` from the table if it is still the registered one.
+    pub(crate) fn unregister(&self, vm: &Arc<HostedVm>) {
+        let mut vms = lock(&self.vms);
+        if let Some(Some(cur)) = vms.get(vm.name()) {
+            if Arc::ptr_eq(cur, vm) {
+                vms.remove(vm.name());
+            }
+        }
+    }
+
+    /// Starts `spec` with one grant per disk (from the committed `Acquire`s). On error
+    /// nothing runs and every disk opened so far is closed again; the locks are still
+    /// the agent's to release.
+    #[tracing::instrument(skip_all, fields(vm = %spec.name, node = self.node))]
+    pub fn start(&self, spec: VmSpec, grants: &[LockGrant]) -> Result<VmInfo, VmHostError> {
+        self.start_with(spec, grants, OpenMode::Start)
+    }
+
+    /// Failover restart: like [`VmHost::start`] with grants from a committed
+    /// `ForceTakeover`; waits until `old_lease_deadline` before installing the new fencing
+    /// token (so the old owner has stopped writing, or will be refused at its next write).
+    #[tracing::instrument(skip_all, fields(vm = %spec.name, node = self.node))]
+    pub fn start_after_takeover(
+        &self,
+        spec: VmSpec,
+        grants: &[LockGrant],
+        old_lease_deadline: Instant,
+    ) -> Result<VmInfo, VmHostError> {
+        self.start_with(spec, grants, OpenMode::Takeover { old_lease_deadline })
+    }
+
+    fn start_with(
+        &self,
+        spec: VmSpec,
+        grants: &[LockGrant],
+        mode: OpenMode,
+    ) -> Result<VmInfo, VmHostError> {
+        spec.validate().map_err(VmHostError::Spec)?;
+        for d in &spec.disks {
+            machine::check_grant(d, machine::grant_for(grants, &d.name)?, self.node)?;
+        }
+        let reservation = self.reserve(&spec.name)?;
+        let config = spec.to_config(&self.registry)?;
+        let vm = Vm::create(config).map_err(|source| VmHostError::Vm {
+            vm: spec.name.clone(),
+            op: "create the VM",
+            source,
+        })?;
+        let disks = spec.disks.clone();
+        let hosted = HostedVm::new(spec, vm)?;
+        for (slot, d) in disks.into_iter().enumerate() {
+            let grant = machine::grant_for(grants, &d.name)?.clone();
+            let handle = open_disk(&self.registry, self.node, &d, &grant, mode)?;
+            hosted.attach(slot, d, grant, handle)?;
+        }
+        hosted.vm.start().map_err(|source| VmHostError::Vm {
+            vm: hosted.spec.name.clone(),
+            op: "start",
+            source,
+        })?;
+        let hosted = Arc::new(hosted);
+        reservation.commit(hosted.clone());
+        tracing::info!(vm = %hosted.name(), "vm started");
+        Ok(self.info_of(&hosted))
+    }
+
+    pub(crate) fn info_of(&self, vm: &HostedVm) -> VmInfo {
+        VmInfo {
+            name: vm.name().to_owned(),
+            status: vm.vm.status(),
+            spec: vm.current_spec(),
+            disks: vm.disk_status(),
+        }
+    }
+
+    /// Stops `name` for good: vCPUs stopped, every disk flushed and closed, the VM gone
+    /// from this host. Returns the `Release` commands to propose.
+    #[tracing::instrument(skip(self))]
+    pub fn stop(&self, name: &str) -> Result<Stopped, VmHostError> {
+        let vm = self.get(name)?;
+        let _claim = vm.claim()?;
+        if let Err(e) = vm.vm.stop() {
+            tracing::error!(vm = name, error = %e, "vCPUs did not stop cleanly; closing disks anyway");
+        }
+        let mut out = Stopped {
+            release: Vec::new(),
+            disk_errors: Vec::new(),
+        };
+        for slot in vm.occupied_slots() {
+            match vm.detach(slot, CloseFor::Stop) {
+                Ok(c) => out.release.push(c),
+                Err(e) => out.disk_errors.push(e),
+            }
+        }
+        self.unregister(&vm);
+        tracing::info!(
+            vm = name,
+            released = out.release.len(),
+            failed = out.disk_errors.len(),
+            "vm stopped"
+        );
+        Ok(out)
+    }
+
+    /// State of one VM.
+    pub fn state(&self, name: &str) -> Result<VmInfo, VmHostError> {
+        Ok(self.info_of(&*self.get(name)?))
+    }
+
+    /// Every VM on this host, by name.
+    pub fn list(&self) -> Vec<VmInfo> {
+        let vms: Vec<Arc<HostedVm>> = lock(&self.vms).values().flatten().cloned().collect();
+        vms.iter().map(|v| self.info_of(v)).collect()
+    }
+
+    /// The console of `name`: recent log plus a bounded live line stream.
+    pub fn console(&self, name: &str) -> Result<ConsoleStream, VmHostError> {
+        let vm = self.get(name)?;
+        let console = vm.vm.console();
+        let lines = console.subscribe();
+        Ok(ConsoleStream {
+            recent: console.text(),
+            lines,
+        })
+    }
+
+    /// Hot-adds `disk` (opened with `grant`) to the running VM `name`, in the first free
+    /// slot, which is returned.
+    #[tracing::instrument(skip(self, grant))]
+    pub fn attach_disk(
+        &self,
+        name: &str,
+        disk: DiskSpec,
+        grant: &LockGrant,
+    ) -> Result<u8, VmHostError> {
+        let vm = self.get(name)?;
+        let _claim = vm.claim()?;
+        self.require_running(&vm)?;
+        let slot = vm.free_slot()?;
+        if vm.slot_of(&disk.name).is_ok() {
+            return Err(VmHostError::DiskAlreadyAttached {
+                vm: name.to_owned(),
+                disk: disk.name.to_string(),
+            });
+        }
+        let handle = open_disk(&self.registry, self.node, &disk, grant, OpenMode::Start)?;
+        vm.attach(slot, disk, grant.clone(), handle)?;
+        Ok(slot as u8)
+    }
+
+    /// Hot-removes `disk` from the running VM `name`: the slot flushes it and the guest
+    /// loses it; returns the `Release` command to propose.
+    #[tracing::instrument(skip(self))]
+    pub fn detach_disk(&self, name: &str, disk: &DiskName) -> Result<LockCommand, VmHostError> {
+        let vm = self.get(name)?;
+        let _claim = vm.claim()?;
+        let slot = vm.slot_of(disk)?;
+        vm.detach(slot, CloseFor::Stop)
+    }
+
+    pub(crate) fn require_running(&self, vm: &HostedVm) -> Result<(), VmHostError> {
+        match vm.vm.status() {
+            VmStatus::Running => Ok(()),
+            s => Err(VmHostError::NotRunning {
+                vm: vm.name().to_owned(),
+                status: s.to_string(),
+            }),
+        }
+    }
+
+    /// Stops every VM on this host at once, without flushing or releasing anything: used
+    /// when this node has lost the quorum lease and may no longer touch shared disks.
+    /// Returns the names of the VMs stopped.
+    pub fn fence_all(&self) -> Vec<String> {
+        let vms: Vec<Arc<HostedVm>> = {
+            let mut map = lock(&self.vms);
+            let vms = map.values().flatten().cloned().collect();
+            map.retain(|_, v| v.is_none());
+            vms
+        };
+        let mut names = Vec::with_capacity(vms.len());
+        for vm in vms {
+            if let Err(e) = vm.vm.stop() {
+                tracing::error!(vm = %vm.name(), error = %e, "vCPUs did not stop while fencing");
+            }
+            tracing::warn!(vm = %vm.name(), "vm stopped by fencing");
+            names.push(vm.name().to_owned());
+        }
+        names
+    }
+}
