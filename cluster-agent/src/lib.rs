@@ -16,11 +16,16 @@ pub mod facts;
 pub mod mgmt_service;
 pub mod network;
 pub mod peer_service;
+pub mod placement;
 pub mod raft_types;
+pub mod reconciler;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod vm_convert;
+pub mod vm_service;
 pub mod vmhost;
+pub mod vms;
 
 /// Render an error and its `source()` chain as one line: "a: b: c".
 pub fn error_chain(e: &dyn std::error::Error) -> String {

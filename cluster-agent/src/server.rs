@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use cluster_proto::management::management_server::ManagementServer;
 use cluster_proto::raft::raft_peer_server::RaftPeerServer;
+use cluster_proto::vms::vm_service_server::VmServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -49,6 +50,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
 
     let hb = tokio::spawn(agent.clone().run_heartbeats(stop_rx.clone()));
     let lv = tokio::spawn(agent.clone().run_liveness(stop_rx.clone()));
+    let vm_host = crate::vmhost::VmHost::new(agent.node_id(), csv_volume::VolumeRegistry::new());
+    let rc = tokio::spawn(crate::reconciler::run(
+        agent.clone(),
+        vm_host.clone(),
+        stop_rx.clone(),
+    ));
+    let vm_svc = VmServiceServer::new(crate::vm_service::VmApi::new(agent.clone(), vm_host));
 
     let peer_svc = RaftPeerServer::new(PeerService {
         agent: agent.clone(),
@@ -67,6 +75,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         .serve_with_incoming_shutdown(TcpListenerStream::new(peer), stopped(stop_rx.clone()));
     let mgmt_server = tonic::transport::Server::builder()
         .add_service(mgmt_svc)
+        .add_service(vm_svc)
         .serve_with_incoming_shutdown(TcpListenerStream::new(mgmt), stopped(stop_rx.clone()));
     let peer_task = tokio::spawn(peer_server);
     let mgmt_task = tokio::spawn(mgmt_server);
@@ -83,6 +92,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = stop_tx.send(true);
     let _ = hb.await;
     let _ = lv.await;
+    let _ = rc.await;
     if let Err(e) = agent.raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }

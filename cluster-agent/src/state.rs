@@ -110,6 +110,8 @@ pub enum EventKind {
     NodeUpdated,
     NodeStateChanged,
     NodeRemoved,
+    /// VM lifecycle (created, started, stopped, reported, deleted).
+    Vm,
 }
 
 impl EventKind {
@@ -120,6 +122,7 @@ impl EventKind {
             EventKind::NodeUpdated => "node_updated",
             EventKind::NodeStateChanged => "node_state_changed",
             EventKind::NodeRemoved => "node_removed",
+            EventKind::Vm => "vm",
         }
     }
 }
@@ -171,6 +174,8 @@ pub enum Command {
     PutKv { key: String, value: String },
     /// Replicated key/value delete.
     DeleteKv { key: String },
+    /// VM lifecycle (see `crate::vms`).
+    Vm(crate::vms::VmCommand),
 }
 
 impl std::fmt::Display for Command {
@@ -186,6 +191,7 @@ impl std::fmt::Display for Command {
             }
             Command::PutKv { key, .. } => write!(f, "put_kv({key})"),
             Command::DeleteKv { key } => write!(f, "delete_kv({key})"),
+            Command::Vm(c) => write!(f, "{c}"),
         }
     }
 }
@@ -213,6 +219,8 @@ pub enum StateKey {
     Node(u64),
     Kv(String),
     Event(u64),
+    Vm(u64),
+    LastVmId,
 }
 
 /// The whole replicated state.
@@ -224,6 +232,12 @@ pub struct ClusterState {
     pub events: BTreeMap<u64, Event>,
     /// Sequence number of the newest event ever appended (0: none).
     pub last_event_seq: u64,
+    /// VMs by id (see `crate::vms`).
+    #[serde(default)]
+    pub vms: BTreeMap<u64, crate::vms::VmRecord>,
+    /// Newest VM id ever given (ids are never reused).
+    #[serde(default)]
+    pub last_vm_id: u64,
 }
 
 impl ClusterState {
@@ -378,8 +392,35 @@ impl ClusterState {
                 }
                 CommandResult::Kv { previous }
             }
+            Command::Vm(c) => {
+                let before = self.last_vm_id;
+                if let Err(e) = crate::vms::apply(self, c, &mut touched) {
+                    return (
+                        CommandResult::Rejected {
+                            reason: crate::error_chain(&e),
+                        },
+                        Vec::new(),
+                    );
+                }
+                if self.last_vm_id != before {
+                    touched.push(StateKey::LastVmId);
+                }
+                CommandResult::Ok
+            }
         };
         (result, touched)
+    }
+
+    /// Append an event (used by other state modules such as `crate::vms`).
+    pub(crate) fn record_event(
+        &mut self,
+        at_unix_ms: u64,
+        kind: EventKind,
+        node_id: u64,
+        message: String,
+        touched: &mut Vec<StateKey>,
+    ) {
+        self.push_event(at_unix_ms, kind, node_id, message, touched)
     }
 
     fn push_event(

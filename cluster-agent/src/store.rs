@@ -160,6 +160,8 @@ fn sm_key(k: &StateKey) -> Vec<u8> {
         StateKey::Node(id) => [&b"n"[..], &id.to_be_bytes()].concat(),
         StateKey::Kv(key) => [&b"k"[..], key.as_bytes()].concat(),
         StateKey::Event(seq) => [&b"e"[..], &seq.to_be_bytes()].concat(),
+        StateKey::Vm(id) => [&b"v"[..], &id.to_be_bytes()].concat(),
+        StateKey::LastVmId => b"i".to_vec(),
     }
 }
 
@@ -202,6 +204,13 @@ fn load_sm(db: &DB, path: &str) -> Result<SmData, StoreError> {
                 d.state.events.insert(ev.seq, ev);
             }
             Some(b's') => d.state.last_event_seq = serde_json::from_slice(&v).map_err(dec_err)?,
+            Some(b'v') if k.len() == 9 => {
+                let vm: crate::vms::VmRecord = serde_json::from_slice(&v).map_err(dec_err)?;
+                d.state.vms.insert(vm.id, vm);
+            }
+            Some(b'i') if k.len() == 1 => {
+                d.state.last_vm_id = serde_json::from_slice(&v).map_err(dec_err)?
+            }
             _ if &*k == KEY_APPLIED => {
                 d.last_applied = serde_json::from_slice(&v).map_err(dec_err)?
             }
@@ -410,6 +419,8 @@ fn put_entity(
         StateKey::Node(id) => s.nodes.get(id).map(to_json).transpose()?,
         StateKey::Kv(key) => s.kv.get(key).map(to_json).transpose()?,
         StateKey::Event(seq) => s.events.get(seq).map(to_json).transpose()?,
+        StateKey::Vm(id) => s.vms.get(id).map(to_json).transpose()?,
+        StateKey::LastVmId => Some(to_json(&s.last_vm_id)?),
     };
     match value {
         Some(v) => batch.put_cf(h, key, v),
@@ -589,6 +600,8 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         keys.extend(s.nodes.keys().map(|id| StateKey::Node(*id)));
         keys.extend(s.kv.keys().map(|k| StateKey::Kv(k.clone())));
         keys.extend(s.events.keys().map(|q| StateKey::Event(*q)));
+        keys.extend(s.vms.keys().map(|id| StateKey::Vm(*id)));
+        keys.push(StateKey::LastVmId);
         for k in &keys {
             put_entity(&mut batch, h, s, k)?;
         }

@@ -125,5 +125,7 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
             }
             output::get(fmt, key, &r)
         }
+        Cmd::Vm(v) => crate::vm::run(cli, v).await,
+        Cmd::Node(NodeCmd::WhyNot { vm, node_id }) => crate::vm::why_not(cli, vm, *node_id).await,
     }
 }

@@ -5,6 +5,7 @@
 mod client;
 mod commands;
 mod output;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -55,6 +56,9 @@ pub enum Cmd {
     /// Replicated key/value entries (tests, small settings).
     #[command(subcommand)]
     Kv(KvCmd),
+    /// VM lifecycle: create, start, stop, delete, list, show, console.
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,6 +101,8 @@ pub enum NodeCmd {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Why VM cannot run on (or move to) NODE: every rule that rules the node out.
+    WhyNot { vm: String, node_id: u64 },
 }
 
 #[derive(Debug, Subcommand)]

@@ -13,3 +13,8 @@ pub mod management {
 pub mod raft {
     tonic::include_proto!("cluster.raft.v1");
 }
+
+/// VM lifecycle API (`cluster.vms.v1`), served next to `management`.
+pub mod vms {
+    tonic::include_proto!("cluster.vms.v1");
+}

@@ -1,0 +1,309 @@
+//! Conversion of the replicated [`ClusterState`] into a [`scheduler::ClusterSnapshot`] and
+//! the placement questions the leader asks the scheduler (where does a VM start, why not
+//! on node X). Pure: no I/O, no clock.
+
+use std::collections::BTreeSet;
+
+use scheduler::{
+    ClusterSnapshot, CpuVendor, Node, NodeId, PlanError, Policy, PowerPolicy, Reason, Subnet, Vm,
+    VmId, VmRequest, VmState,
+};
+
+use crate::state::{ClusterState, NodeRecord, NodeState};
+use crate::vmhost::spec::VmSpec;
+use crate::vms::{DesiredState, RuntimeState, VmRecord};
+
+/// Migration bandwidth assumed for a node until one is measured (1 GiB/s).
+pub const DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S: u64 = 1024;
+
+/// Why the cluster state cannot be handed to the scheduler, or the scheduler refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    #[error("node {node} registered {which} subnet {text:?}, which is not a.b.c.d/len")]
+    Subnet {
+        node: u64,
+        which: &'static str,
+        text: String,
+        #[source]
+        source: scheduler::model::SubnetError,
+    },
+    #[error("no VM named {0:?}")]
+    UnknownVm(String),
+    #[error("no node {0} in the cluster")]
+    UnknownNode(u64),
+    /// The scheduler's refusal; its text lists every node and what rules it out.
+    #[error("no node can run VM {vm}: {refusal}")]
+    Refused { vm: String, refusal: String },
+    #[error("the scheduler could not plan")]
+    Plan(#[source] PlanError),
+}
+
+/// The scheduler's vendor for a CPUID vendor string; `None` when it is neither.
+pub fn cpu_vendor(text: &str) -> Option<CpuVendor> {
+    match text {
+        "AuthenticAMD" | "AMD" | "amd" => Some(CpuVendor::Amd),
+        "GenuineIntel" | "Intel" | "intel" => Some(CpuVendor::Intel),
+        _ => None,
+    }
+}
+
+fn node_of(rec: &NodeRecord) -> Result<Option<Node>, PlacementError> {
+    let r = &rec.registration;
+    let subnet = |which: &'static str, text: &str| {
+        text.parse::<Subnet>()
+            .map_err(|source| PlacementError::Subnet {
+                node: r.node_id,
+                which,
+                text: text.to_owned(),
+                source,
+            })
+    };
+    // A node whose CPU vendor the scheduler cannot model, or that reports no CPUs or
+    // memory, cannot take VMs: leave it out (it then appears in no plan).
+    let Some(vendor) = cpu_vendor(&r.facts.cpu_vendor) else {
+        return Ok(None);
+    };
+    if r.facts.logical_cpus == 0 || r.facts.memory_bytes < (1 << 20) {
+        return Ok(None);
+    }
+    Ok(Some(Node {
+        id: NodeId(r.node_id),
+        state: match rec.state {
+            NodeState::Up => scheduler::NodeState::Up,
+            NodeState::Paused => scheduler::NodeState::Paused,
+            NodeState::Down => scheduler::NodeState::Down,
+        },
+        cpus_logical: r.facts.logical_cpus,
+        memory_mib: r.facts.memory_bytes >> 20,
+        reserved_memory_mib: 0,
+        cpu_vendor: vendor,
+        cpu_features: r.facts.cpu_flags.iter().cloned().collect(),
+        management_subnet: subnet("management", &r.mgmt_subnet)?,
+        migration_subnet: subnet("migration", &r.migration_subnet)?,
+        power: PowerPolicy::AlwaysOn,
+        migration_bandwidth_mib_per_s: DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S,
+    }))
+}
+
+/// Whether a VM holds resources on its owner (for capacity accounting).
+fn holds_resources(vm: &VmRecord) -> bool {
+    vm.desired == DesiredState::Running
+        || matches!(
+            vm.runtime,
+            RuntimeState::Starting | RuntimeState::Running | RuntimeState::Stopping
+        )
+}
+
+/// The scheduler's view of the cluster.
+pub fn snapshot(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError> {
+    let mut nodes = Vec::new();
+    for rec in state.nodes.values() {
+        if let Some(n) = node_of(rec)? {
+            nodes.push(n);
+        }
+    }
+    let known: BTreeSet<u64> = nodes.iter().map(|n| n.id.0).collect();
+    let vms = state
+        .vms
+        .values()
+        .filter_map(|v| {
+            let owner = v.owner.filter(|o| known.contains(o))?;
+            Some(Vm {
+                id: VmId(v.spec.name.clone()),
+                vcpus: u32::from(v.spec.vcpus),
+                memory_mib: v.spec.memory_mib,
+                node: NodeId(owner),
+                state: if holds_resources(v) {
+                    VmState::Running
+                } else {
+                    VmState::Off
+                },
+                restart_priority: v.spec.restart_priority,
+                anti_affinity: v.spec.anti_affinity.clone(),
+                preferred_owners: v.spec.preferred_owners.clone(),
+                dirty_rate_mib_per_s: 0,
+                live_migratable: true,
+                cpu_features: BTreeSet::new(),
+            })
+        })
+        .collect();
+    Ok(ClusterSnapshot {
+        nodes,
+        vms,
+        migrations: Vec::new(),
+        policy: Policy::default(),
+    })
+}
+
+/// Choose the node a VM with `spec` starts on. `spec.name` may already exist in `state`
+/// (a stopped VM being started again): it is then left out of the snapshot, so it
+/// neither counts against capacity nor is refused as a duplicate.
+pub fn place(state: &ClusterState, spec: &VmSpec) -> Result<u64, PlacementError> {
+    let mut snap = snapshot(state)?;
+    snap.vms.retain(|v| v.id.0 != spec.name);
+    let req = VmRequest {
+        id: VmId(spec.name.clone()),
+        vcpus: u32::from(spec.vcpus),
+        memory_mib: spec.memory_mib,
+        anti_affinity: spec.anti_affinity.clone(),
+        preferred_owners: spec.preferred_owners.clone(),
+        cpu_vendor: None,
+        cpu_features: BTreeSet::new(),
+    };
+    match scheduler::place(&snap, &req) {
+        Ok(p) => Ok(p.node.0),
+        Err(PlanError::NoNode(refusal)) => Err(PlacementError::Refused {
+            vm: spec.name.clone(),
+            refusal: refusal.to_string(),
+        }),
+        Err(e) => Err(PlacementError::Plan(e)),
+    }
+}
+
+/// Every rule that keeps VM `name` off node `node` (empty: it could go there now).
+pub fn why_not(state: &ClusterState, name: &str, node: u64) -> Result<Vec<String>, PlacementError> {
+    if !state.vms.values().any(|v| v.spec.name == name) {
+        return Err(PlacementError::UnknownVm(name.to_owned()));
+    }
+    if !state.nodes.contains_key(&node) {
+        return Err(PlacementError::UnknownNode(node));
+    }
+    let mut snap = snapshot(state)?;
+    if !snap.nodes.iter().any(|n| n.id.0 == node) {
+        let vendor = state
+            .nodes
+            .get(&node)
+            .map(|n| n.registration.facts.cpu_vendor.clone())
+            .unwrap_or_default();
+        return Ok(vec![format!(
+            "node {node} reports CPU vendor {vendor:?} or no CPUs/memory, so it cannot run VMs"
+        )]);
+    }
+    let vm = VmId(name.to_owned());
+    if !snap.vms.iter().any(|v| v.id == vm) {
+        // Never placed: judge it as a start, as a VM whose record names this node.
+        if let Some(rec) = state.vms.values().find(|v| v.spec.name == name) {
+            snap.vms.push(Vm {
+                id: vm.clone(),
+                vcpus: u32::from(rec.spec.vcpus),
+                memory_mib: rec.spec.memory_mib,
+                node: NodeId(node),
+                state: VmState::Off,
+                restart_priority: rec.spec.restart_priority,
+                anti_affinity: rec.spec.anti_affinity.clone(),
+                preferred_owners: rec.spec.preferred_owners.clone(),
+                dirty_rate_mib_per_s: 0,
+                live_migratable: true,
+                cpu_features: BTreeSet::new(),
+            });
+        }
+    }
+    let reasons: Vec<Reason> =
+        scheduler::why_not(&snap, &vm, NodeId(node)).map_err(PlacementError::Plan)?;
+    Ok(reasons.iter().map(ToString::to_string).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Command, NodeFacts, NodeRegistration};
+    use crate::vmhost::spec::{TestWorkload, WorkloadName};
+    use crate::vms::VmCommand;
+
+    fn cluster(mems_gib: &[u64]) -> ClusterState {
+        let mut s = ClusterState::default();
+        for (i, gib) in mems_gib.iter().enumerate() {
+            let id = i as u64 + 1;
+            s.apply(&Command::RegisterNode {
+                registration: NodeRegistration {
+                    node_id: id,
+                    name: format!("n{id}"),
+                    mgmt_addr: format!("127.0.1.{id}:7001"),
+                    raft_addr: format!("127.0.1.{id}:7002"),
+                    migration_addr: format!("127.0.2.{id}:7003"),
+                    mgmt_subnet: "127.0.1.0/24".into(),
+                    migration_subnet: "127.0.2.0/24".into(),
+                    facts: NodeFacts {
+                        cpu_vendor: "AuthenticAMD".into(),
+                        logical_cpus: 2,
+                        memory_bytes: gib << 30,
+                        ..NodeFacts::default()
+                    },
+                },
+                at_unix_ms: 1,
+            });
+        }
+        s
+    }
+
+    fn spec(name: &str, mib: u64, class: Option<&str>) -> VmSpec {
+        let mut s = VmSpec::test_guest(name, 1, mib, TestWorkload::new(WorkloadName::Idle));
+        s.anti_affinity.extend(class.map(str::to_owned));
+        s
+    }
+
+    fn create(s: &mut ClusterState, spec: VmSpec) -> u64 {
+        let owner = place(s, &spec).expect("placed");
+        s.apply(&Command::Vm(VmCommand::CreateVm {
+            spec,
+            owner: Some(owner),
+            at_unix_ms: 2,
+        }));
+        owner
+    }
+
+    #[test]
+    fn spreads_and_respects_anti_affinity() {
+        let mut s = cluster(&[4, 4, 4]);
+        let a = create(&mut s, spec("a", 1024, Some("web")));
+        let b = create(&mut s, spec("b", 1024, Some("web")));
+        let c = create(&mut s, spec("c", 1024, Some("web")));
+        let owners: BTreeSet<u64> = [a, b, c].into_iter().collect();
+        assert_eq!(owners.len(), 3, "one web VM per node: {a} {b} {c}");
+    }
+
+    #[test]
+    fn refusal_explains_every_node() {
+        let mut s = cluster(&[1, 1]);
+        create(&mut s, spec("a", 900, None));
+        create(&mut s, spec("b", 900, None));
+        let err = place(&s, &spec("c", 900, None)).expect_err("no room");
+        let text = crate::error_chain(&err);
+        assert!(text.contains("no node can run VM c"), "{text}");
+        assert!(text.to_lowercase().contains("memory"), "{text}");
+        // why-not names the same reason for a node.
+        s.apply(&Command::Vm(VmCommand::CreateVm {
+            spec: spec("c", 900, None),
+            owner: None,
+            at_unix_ms: 3,
+        }));
+        let reasons = why_not(&s, "c", 1).expect("why not");
+        assert!(!reasons.is_empty());
+        assert!(why_not(&s, "ghost", 1).is_err());
+        assert!(matches!(
+            why_not(&s, "c", 7),
+            Err(PlacementError::UnknownNode(7))
+        ));
+    }
+
+    #[test]
+    fn down_nodes_are_not_chosen_and_unknown_vendor_nodes_are_left_out() {
+        let mut s = cluster(&[4, 4]);
+        s.apply(&Command::SetNodeState {
+            node_id: 1,
+            state: NodeState::Down,
+            at_unix_ms: 1,
+            reason: "test".into(),
+        });
+        for i in 0..3 {
+            assert_eq!(create(&mut s, spec(&format!("v{i}"), 64, None)), 2);
+        }
+        if let Some(n) = s.nodes.get_mut(&2) {
+            n.registration.facts.cpu_vendor = "Weird".into();
+        }
+        assert!(matches!(
+            place(&s, &spec("x", 64, None)),
+            Err(PlacementError::Refused { .. })
+        ));
+    }
+}

@@ -1,0 +1,331 @@
+//! The VM reconciler: runs on every agent and makes the embedded VMM ([`VmHost`]) match
+//! the committed VM records.
+//!
+//! Every [`RECONCILE_INTERVAL`] it reads the applied state and compares it with the VMs
+//! this host runs. The decision of what to do is a pure function ([`plan`]) from the
+//! records and the host's view to a list of [`Action`]s; the loop executes them (VMM calls
+//! on a blocking thread) and reports the outcome through a committed
+//! `ReportVmState` carrying the decision's generation.
+//!
+//! **Architecture Invariant:** the reconciler never decides placement; it only follows
+//! committed records. A VM runs here only while its record names this node as owner with
+//! desired state Running.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use vmm_node::VmStatus;
+
+use crate::agent::{now_unix_ms, Agent, ForwardRequest};
+use crate::state::Command;
+use crate::vmhost::spec::VmSpec;
+use crate::vmhost::VmHost;
+use crate::vms::{DesiredState, RuntimeState, VmCommand, VmRecord};
+
+/// How often the committed state is compared with the host.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What the host shows of one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostView {
+    Running,
+    Paused,
+    /// The VM ended by itself (crash, guest exit); still registered on the host.
+    Ended {
+        reason: String,
+    },
+}
+
+/// One step for the loop to execute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start the VM here, then report Running or Failed for `generation`.
+    Start { spec: Box<VmSpec>, generation: u64 },
+    /// Stop and remove the VM from this host; report Stopped when `report` is set.
+    Stop {
+        name: String,
+        report: Option<(u64, RuntimeState, String)>,
+    },
+    /// Report a state for `generation` without touching the VMM.
+    Report {
+        name: String,
+        generation: u64,
+        runtime: RuntimeState,
+        reason: String,
+    },
+}
+
+/// The actions that bring `host` in line with `records` for node `me`.
+pub fn plan(me: u64, records: &[VmRecord], host: &BTreeMap<String, HostView>) -> Vec<Action> {
+    let mut out = Vec::new();
+    for r in records {
+        let name = &r.spec.name;
+        let mine = r.owner == Some(me);
+        let run_here = mine && r.desired == DesiredState::Running;
+        match (run_here, host.get(name)) {
+            (true, None) => {
+                // Start for a fresh decision, or again after this agent restarted while
+                // the record still says Running. A failure is not retried in a loop.
+                if matches!(r.runtime, RuntimeState::Starting | RuntimeState::Running) {
+                    out.push(Action::Start {
+                        spec: Box::new(r.spec.clone()),
+                        generation: r.generation,
+                    });
+                }
+            }
+            (true, Some(HostView::Running | HostView::Paused)) => {
+                if r.runtime != RuntimeState::Running {
+                    out.push(Action::Report {
+                        name: name.clone(),
+                        generation: r.generation,
+                        runtime: RuntimeState::Running,
+                        reason: String::new(),
+                    });
+                }
+            }
+            (true, Some(HostView::Ended { reason })) => out.push(Action::Stop {
+                name: name.clone(),
+                report: Some((
+                    r.generation,
+                    RuntimeState::Failed,
+                    format!("the VM ended by itself: {reason}"),
+                )),
+            }),
+            (false, Some(_)) => out.push(Action::Stop {
+                name: name.clone(),
+                report: mine.then(|| (r.generation, RuntimeState::Stopped, r.reason.clone())),
+            }),
+            (false, None) => {
+                if mine && r.runtime == RuntimeState::Stopping {
+                    out.push(Action::Report {
+                        name: name.clone(),
+                        generation: r.generation,
+                        runtime: RuntimeState::Stopped,
+                        reason: r.reason.clone(),
+                    });
+                }
+            }
+        }
+    }
+    for name in host.keys() {
+        if !records.iter().any(|r| &r.spec.name == name) {
+            out.push(Action::Stop {
+                name: name.clone(),
+                report: None,
+            });
+        }
+    }
+    out
+}
+
+fn host_view(host: &VmHost) -> BTreeMap<String, HostView> {
+    host.list()
+        .into_iter()
+        .map(|i| {
+            let view = match i.status {
+                VmStatus::Running => HostView::Running,
+                VmStatus::Paused => HostView::Paused,
+                VmStatus::Stopped { reason } => HostView::Ended {
+                    reason: format!("{reason:?}"),
+                },
+            };
+            (i.name, view)
+        })
+        .collect()
+}
+
+/// Run the reconciler until `shutdown` turns true; then stop every VM of this host.
+pub async fn run(agent: Arc<Agent>, host: Arc<VmHost>, mut shutdown: watch::Receiver<bool>) {
+    let me = agent.node_id();
+    loop {
+        let records: Vec<VmRecord> = agent.read_sm(|d| d.state.vms.values().cloned().collect());
+        let view = host_view(&host);
+        for action in plan(me, &records, &view) {
+            execute(&agent, &host, action).await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    let h = host.clone();
+    let stopped = tokio::task::spawn_blocking(move || {
+        let names: Vec<String> = h.list().into_iter().map(|i| i.name).collect();
+        for n in &names {
+            if let Err(e) = h.stop(n) {
+                tracing::warn!(vm = %n, error = %crate::error_chain(&e), "cannot stop vm at shutdown");
+            }
+        }
+        names
+    })
+    .await
+    .unwrap_or_default();
+    tracing::info!(node_id = me, vms = ?stopped, "reconciler stopped; local vms stopped");
+}
+
+async fn report(
+    agent: &Agent,
+    name: String,
+    generation: u64,
+    runtime: RuntimeState,
+    reason: String,
+) {
+    let cmd = Command::Vm(VmCommand::ReportVmState {
+        name: name.clone(),
+        node_id: agent.node_id(),
+        generation,
+        runtime,
+        reason,
+        at_unix_ms: now_unix_ms(),
+    });
+    match agent.write(ForwardRequest::Command(cmd)).await {
+        Ok(_) => tracing::info!(vm = %name, generation, state = %runtime, "vm state reported"),
+        // Stale reports (a newer decision was committed meanwhile) are expected.
+        Err(e) => tracing::debug!(vm = %name, error = %e, "vm state report not applied"),
+    }
+}
+
+async fn execute(agent: &Arc<Agent>, host: &Arc<VmHost>, action: Action) {
+    match action {
+        Action::Start { spec, generation } => {
+            let name = spec.name.clone();
+            let h = host.clone();
+            let started = tokio::task::spawn_blocking(move || h.start(*spec, &[])).await;
+            let (runtime, reason) = match started {
+                Ok(Ok(_)) => {
+                    tracing::info!(vm = %name, generation, "vm started by reconciler");
+                    (RuntimeState::Running, String::new())
+                }
+                Ok(Err(e)) => {
+                    let reason = crate::error_chain(&e);
+                    tracing::warn!(vm = %name, error = %reason, "vm failed to start");
+                    (RuntimeState::Failed, reason)
+                }
+                Err(e) => (RuntimeState::Failed, format!("start task failed: {e}")),
+            };
+            report(agent, name, generation, runtime, reason).await;
+        }
+        Action::Stop { name, report: rep } => {
+            let h = host.clone();
+            let n = name.clone();
+            let stopped = tokio::task::spawn_blocking(move || h.stop(&n)).await;
+            match stopped {
+                Ok(Ok(s)) => {
+                    tracing::info!(vm = %name, disk_errors = s.disk_errors.len(), "vm stopped by reconciler")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(vm = %name, error = %crate::error_chain(&e), "vm stop failed")
+                }
+                Err(e) => tracing::error!(vm = %name, error = %e, "stop task failed"),
+            }
+            if let Some((generation, runtime, reason)) = rep {
+                report(agent, name, generation, runtime, reason).await;
+            }
+        }
+        Action::Report {
+            name,
+            generation,
+            runtime,
+            reason,
+        } => report(agent, name, generation, runtime, reason).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmhost::spec::{TestWorkload, WorkloadName};
+
+    fn rec(name: &str, owner: u64, desired: DesiredState, runtime: RuntimeState) -> VmRecord {
+        VmRecord {
+            id: 1,
+            spec: VmSpec::test_guest(name, 1, 32, TestWorkload::new(WorkloadName::Idle)),
+            desired,
+            owner: Some(owner),
+            runtime,
+            reason: String::new(),
+            generation: 3,
+            created_unix_ms: 0,
+            updated_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn starts_own_vms_and_ignores_others() {
+        let recs = [
+            rec("a", 1, DesiredState::Running, RuntimeState::Starting),
+            rec("b", 2, DesiredState::Running, RuntimeState::Starting),
+            rec("c", 1, DesiredState::Running, RuntimeState::Failed),
+        ];
+        let acts = plan(1, &recs, &BTreeMap::new());
+        assert_eq!(acts.len(), 1);
+        assert!(matches!(&acts[0], Action::Start { spec, generation: 3 } if spec.name == "a"));
+    }
+
+    #[test]
+    fn reports_running_once_and_stops_what_is_not_wanted() {
+        let mut host = BTreeMap::new();
+        host.insert("a".to_string(), HostView::Running);
+        host.insert("b".to_string(), HostView::Running);
+        host.insert("orphan".to_string(), HostView::Running);
+        let recs = [
+            rec("a", 1, DesiredState::Running, RuntimeState::Starting),
+            rec("b", 1, DesiredState::Stopped, RuntimeState::Stopping),
+        ];
+        let acts = plan(1, &recs, &host);
+        assert_eq!(
+            acts,
+            vec![
+                Action::Report {
+                    name: "a".into(),
+                    generation: 3,
+                    runtime: RuntimeState::Running,
+                    reason: String::new()
+                },
+                Action::Stop {
+                    name: "b".into(),
+                    report: Some((3, RuntimeState::Stopped, String::new()))
+                },
+                Action::Stop {
+                    name: "orphan".into(),
+                    report: None
+                },
+            ]
+        );
+        // Once reported, a running VM needs nothing.
+        let recs = [rec("a", 1, DesiredState::Running, RuntimeState::Running)];
+        host.remove("b");
+        host.remove("orphan");
+        assert!(plan(1, &recs, &host).is_empty());
+    }
+
+    #[test]
+    fn vm_owned_elsewhere_is_stopped_without_report_and_ended_vm_fails() {
+        let mut host = BTreeMap::new();
+        host.insert("a".to_string(), HostView::Running);
+        host.insert(
+            "b".to_string(),
+            HostView::Ended {
+                reason: "GuestExit(3)".into(),
+            },
+        );
+        let recs = [
+            rec("a", 2, DesiredState::Running, RuntimeState::Running),
+            rec("b", 1, DesiredState::Running, RuntimeState::Running),
+        ];
+        let acts = plan(1, &recs, &host);
+        assert_eq!(acts.len(), 2);
+        assert_eq!(
+            acts[0],
+            Action::Stop {
+                name: "a".into(),
+                report: None
+            }
+        );
+        assert!(
+            matches!(&acts[1], Action::Stop { name, report: Some((3, RuntimeState::Failed, why)) } if name == "b" && why.contains("GuestExit"))
+        );
+    }
+}

@@ -1,0 +1,347 @@
+//! Server side of the VM lifecycle API (`cluster.vms.v1.VmService`).
+//!
+//! Writes are decided on the Raft leader: an agent that does not lead forwards the call to
+//! the leader's management address, so placement (the scheduler) always runs against the
+//! leader's state, serialised by one lock, and the reply reflects the committed record.
+//! Reads answer from the local replica. The console is streamed by the VM's owner; other
+//! agents proxy the stream from the owner's management address.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cluster_proto::vms as pb;
+use cluster_proto::vms::vm_service_client::VmServiceClient;
+use cluster_proto::vms::vm_service_server::VmService;
+use futures::Stream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::agent::{now_unix_ms, Agent, ForwardRequest, WriteError};
+use crate::placement::{self, PlacementError};
+use crate::state::{ClusterState, Command};
+use crate::vm_convert::{self, ConvertError};
+use crate::vmhost::VmHost;
+use crate::vms::{self, DesiredState, ErrorClass, VmCommand, VmStateError};
+
+/// How long a forwarded call may take to connect to the leader or owner.
+pub const PROXY_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Lines buffered between the VM console and a gRPC console stream.
+pub const CONSOLE_STREAM_BUFFER_LINES: usize = 256;
+
+pub struct VmApi {
+    pub agent: Arc<Agent>,
+    pub host: Arc<VmHost>,
+    /// Serialises place-then-commit on the leader so two creates see each other.
+    place_lock: tokio::sync::Mutex<()>,
+}
+
+impl VmApi {
+    pub fn new(agent: Arc<Agent>, host: Arc<VmHost>) -> Self {
+        VmApi {
+            agent,
+            host,
+            place_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn state(&self) -> ClusterState {
+        self.agent.read_sm(|d| d.state.clone())
+    }
+
+    /// A client of the leader when another agent leads; `None` when this agent leads.
+    async fn leader_client(&self) -> Result<Option<VmServiceClient<Channel>>, Status> {
+        let m = self.agent.raft.metrics().borrow().clone();
+        match m.current_leader {
+            Some(l) if l == self.agent.node_id() => Ok(None),
+            Some(l) => {
+                let addr = m
+                    .membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.mgmt_addr.clone())
+                    .ok_or_else(|| {
+                        Status::unavailable(format!("leader {l} has no known management address"))
+                    })?;
+                connect(&addr).await.map(Some)
+            }
+            None => Err(Status::unavailable(
+                "no Raft leader is known; is a majority of voters running?",
+            )),
+        }
+    }
+
+    async fn commit(&self, cmd: VmCommand) -> Result<(), Status> {
+        self.agent
+            .write(ForwardRequest::Command(Command::Vm(cmd)))
+            .await
+            .map(|_| ())
+            .map_err(write_status)
+    }
+
+    fn reply(&self, name: &str) -> Result<Response<pb::VmReply>, Status> {
+        let state = self.state();
+        let rec = vms::find(&state, name)
+            .ok_or_else(|| Status::not_found(format!("no VM named {name:?}")))?;
+        Ok(Response::new(pb::VmReply {
+            vm: Some(vm_convert::record_to_pb(&state, rec)),
+        }))
+    }
+}
+
+async fn connect(addr: &str) -> Result<VmServiceClient<Channel>, Status> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Status::internal(format!("bad management address {addr:?}: {e}")))?
+        .connect_timeout(PROXY_CONNECT_TIMEOUT);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot reach agent at {addr}: {e}")))?;
+    Ok(VmServiceClient::new(channel))
+}
+
+fn state_status(e: VmStateError) -> Status {
+    let msg = crate::error_chain(&e);
+    match e.class() {
+        ErrorClass::InvalidArgument => Status::invalid_argument(msg),
+        ErrorClass::NotFound => Status::not_found(msg),
+        ErrorClass::AlreadyExists => Status::already_exists(msg),
+        ErrorClass::FailedPrecondition => Status::failed_precondition(msg),
+    }
+}
+
+fn convert_status(e: ConvertError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn placement_status(e: PlacementError) -> Status {
+    let msg = crate::error_chain(&e);
+    match e {
+        PlacementError::UnknownVm(_) | PlacementError::UnknownNode(_) => Status::not_found(msg),
+        PlacementError::Refused { .. } => Status::failed_precondition(msg),
+        PlacementError::Subnet { .. } | PlacementError::Plan(_) => Status::internal(msg),
+    }
+}
+
+fn write_status(e: WriteError) -> Status {
+    let msg = e.to_string();
+    match e {
+        WriteError::Rejected { .. } => Status::failed_precondition(msg),
+        WriteError::NotInitialized => Status::failed_precondition(msg),
+        WriteError::NoLeader { .. } | WriteError::NotLeader { .. } | WriteError::Forward { .. } => {
+            Status::unavailable(msg)
+        }
+        _ => Status::internal(msg),
+    }
+}
+
+fn name_of(name: &str) -> Result<&str, Status> {
+    if name.is_empty() {
+        return Err(Status::invalid_argument(
+            "name is empty: give the VM's name",
+        ));
+    }
+    Ok(name)
+}
+
+type ConsoleStream = Pin<Box<dyn Stream<Item = Result<pb::ConsoleChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl VmService for VmApi {
+    async fn create_vm(
+        &self,
+        request: Request<pb::CreateVmRequest>,
+    ) -> Result<Response<pb::VmReply>, Status> {
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.create_vm(request.into_inner()).await;
+        }
+        let req = request.into_inner();
+        let spec = vm_convert::spec_from_pb(req.spec).map_err(convert_status)?;
+        if !spec.disks.is_empty() {
+            return Err(Status::invalid_argument(
+                "spec.disks: disks on shared volumes are not wired through the cluster's lock table yet; create the VM without disks",
+            ));
+        }
+        let name = spec.name.clone();
+        let _placing = self.place_lock.lock().await;
+        let state = self.state();
+        let unplaced = VmCommand::CreateVm {
+            spec: spec.clone(),
+            owner: None,
+            at_unix_ms: now_unix_ms(),
+        };
+        vms::check(&state, &unplaced).map_err(state_status)?;
+        let owner = if req.start {
+            Some(placement::place(&state, &spec).map_err(placement_status)?)
+        } else {
+            None
+        };
+        tracing::info!(vm = %name, ?owner, "creating vm");
+        self.commit(VmCommand::CreateVm {
+            spec,
+            owner,
+            at_unix_ms: now_unix_ms(),
+        })
+        .await?;
+        self.reply(&name)
+    }
+
+    async fn start_vm(
+        &self,
+        request: Request<pb::VmName>,
+    ) -> Result<Response<pb::VmReply>, Status> {
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.start_vm(request.into_inner()).await;
+        }
+        let name = request.into_inner().name;
+        name_of(&name)?;
+        let _placing = self.place_lock.lock().await;
+        let state = self.state();
+        let rec = vms::find(&state, &name)
+            .ok_or_else(|| state_status(VmStateError::UnknownVm(name.clone())))?;
+        if rec.desired == DesiredState::Running {
+            return Err(state_status(VmStateError::AlreadyStarted {
+                name: name.clone(),
+                owner: rec.owner.unwrap_or(0),
+            }));
+        }
+        let owner = placement::place(&state, &rec.spec).map_err(placement_status)?;
+        tracing::info!(vm = %name, owner, "starting vm");
+        self.commit(VmCommand::StartVm {
+            name: name.clone(),
+            owner,
+            at_unix_ms: now_unix_ms(),
+        })
+        .await?;
+        self.reply(&name)
+    }
+
+    async fn stop_vm(&self, request: Request<pb::VmName>) -> Result<Response<pb::VmReply>, Status> {
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.stop_vm(request.into_inner()).await;
+        }
+        let name = request.into_inner().name;
+        name_of(&name)?;
+        let cmd = VmCommand::StopVm {
+            name: name.clone(),
+            at_unix_ms: now_unix_ms(),
+        };
+        vms::check(&self.state(), &cmd).map_err(state_status)?;
+        self.commit(cmd).await?;
+        self.reply(&name)
+    }
+
+    async fn delete_vm(
+        &self,
+        request: Request<pb::VmName>,
+    ) -> Result<Response<pb::DeleteVmReply>, Status> {
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.delete_vm(request.into_inner()).await;
+        }
+        let name = request.into_inner().name;
+        name_of(&name)?;
+        let cmd = VmCommand::DeleteVm {
+            name,
+            at_unix_ms: now_unix_ms(),
+        };
+        vms::check(&self.state(), &cmd).map_err(state_status)?;
+        self.commit(cmd).await?;
+        Ok(Response::new(pb::DeleteVmReply {}))
+    }
+
+    async fn list_vms(
+        &self,
+        _request: Request<pb::ListVmsRequest>,
+    ) -> Result<Response<pb::ListVmsReply>, Status> {
+        let state = self.state();
+        let mut vms: Vec<pb::VmInfo> = state
+            .vms
+            .values()
+            .map(|r| vm_convert::record_to_pb(&state, r))
+            .collect();
+        vms.sort_by(|a, b| {
+            let n = |v: &pb::VmInfo| v.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+            n(a).cmp(&n(b))
+        });
+        Ok(Response::new(pb::ListVmsReply { vms }))
+    }
+
+    async fn get_vm(&self, request: Request<pb::VmName>) -> Result<Response<pb::VmReply>, Status> {
+        let name = request.into_inner().name;
+        self.reply(name_of(&name)?)
+    }
+
+    type StreamConsoleStream = ConsoleStream;
+
+    async fn stream_console(
+        &self,
+        request: Request<pb::ConsoleRequest>,
+    ) -> Result<Response<Self::StreamConsoleStream>, Status> {
+        let req = request.into_inner();
+        name_of(&req.name)?;
+        let state = self.state();
+        let rec = vms::find(&state, &req.name)
+            .ok_or_else(|| state_status(VmStateError::UnknownVm(req.name.clone())))?;
+        let me = self.agent.node_id();
+        let owner = rec.owner.ok_or_else(|| {
+            Status::failed_precondition(format!("VM {:?} has never been started", req.name))
+        })?;
+        if owner != me {
+            let addr = state
+                .nodes
+                .get(&owner)
+                .map(|n| n.registration.mgmt_addr.clone())
+                .ok_or_else(|| {
+                    Status::unavailable(format!("owner node {owner} is not registered"))
+                })?;
+            let mut client = connect(&addr).await?;
+            let upstream: ConsoleStream = Box::pin(client.stream_console(req).await?.into_inner());
+            return Ok(Response::new(upstream));
+        }
+        let console = self.host.console(&req.name).map_err(|e| {
+            Status::failed_precondition(format!(
+                "VM {:?} is not running on its owner node {me}: {}",
+                req.name,
+                crate::error_chain(&e)
+            ))
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(CONSOLE_STREAM_BUFFER_LINES);
+        let first = pb::ConsoleChunk {
+            text: console.recent,
+            node_id: me,
+        };
+        let follow = req.follow;
+        let lines = console.lines;
+        std::thread::Builder::new()
+            .name(format!("console-{}", req.name))
+            .spawn(move || {
+                if tx.blocking_send(Ok(first)).is_err() || !follow {
+                    return;
+                }
+                // Ends when the VM leaves this host (sender dropped) or the client goes.
+                while let Ok(line) = lines.recv() {
+                    let chunk = pb::ConsoleChunk {
+                        text: format!("{line}\n"),
+                        node_id: me,
+                    };
+                    if tx.blocking_send(Ok(chunk)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Status::internal(format!("cannot start the console thread: {e}")))?;
+        let stream: ConsoleStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
+        Ok(Response::new(stream))
+    }
+
+    async fn why_not(
+        &self,
+        request: Request<pb::WhyNotRequest>,
+    ) -> Result<Response<pb::WhyNotReply>, Status> {
+        let req = request.into_inner();
+        name_of(&req.vm)?;
+        let reasons =
+            placement::why_not(&self.state(), &req.vm, req.node_id).map_err(placement_status)?;
+        Ok(Response::new(pb::WhyNotReply { reasons }))
+    }
+}

@@ -1,0 +1,300 @@
+//! VM lifecycle end to end with real `cluster-agent` processes on loopback: VMs are
+//! placed by the scheduler on the leader, committed through Raft, run by the owning
+//! agent's embedded VMM (the PVH test guest), and their consoles are streamed from any
+//! agent.
+
+use std::time::{Duration, Instant};
+
+use cluster_proto::vms as pb;
+use cluster_proto::vms::vm_service_client::VmServiceClient;
+use cluster_tests::{Cluster, HarnessError, Options};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+fn cluster() -> Cluster {
+    Cluster::new(
+        env!("CARGO_BIN_EXE_cluster-agent").into(),
+        Options::default(),
+    )
+    .unwrap_or_else(|e| panic!("harness: {e}"))
+}
+
+fn logs(c: &Cluster) -> String {
+    c.ids()
+        .iter()
+        .map(|id| format!("\n--- node {id} ---\n{}", c.log_tail(*id, 25)))
+        .collect()
+}
+
+fn must<T>(c: &Cluster, r: Result<T, HarnessError>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}{}", logs(c)))
+}
+
+async fn vms(c: &Cluster, id: u64) -> VmServiceClient<Channel> {
+    let addr = must(c, c.spec(id)).mgmt_addr;
+    let ch = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap_or_else(|e| panic!("endpoint: {e}"))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to node {id}: {e}{}", logs(c)));
+    VmServiceClient::new(ch)
+}
+
+fn spec(name: &str, vcpus: u32, memory_mib: u64) -> pb::VmSpec {
+    pb::VmSpec {
+        name: name.into(),
+        vcpus,
+        memory_mib,
+        boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
+            workload: "mem".into(),
+            wss_mib: 8,
+            hb_ms: 100,
+            ..Default::default()
+        })),
+        anti_affinity: vec!["lifecycle-test".into()],
+        ..Default::default()
+    }
+}
+
+async fn get(c: &mut VmServiceClient<Channel>, name: &str) -> Result<pb::VmInfo, tonic::Status> {
+    c.get_vm(pb::VmName { name: name.into() })
+        .await
+        .map(|r| r.into_inner().vm.unwrap_or_default())
+}
+
+async fn wait_runtime(cl: &Cluster, via: u64, name: &str, want: &str) -> pb::VmInfo {
+    let mut c = vms(cl, via).await;
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < Duration::from_secs(60) {
+        match get(&mut c, name).await {
+            Ok(v) if v.runtime == want => return v,
+            Ok(v) => last = format!("{} ({})", v.runtime, v.reason),
+            Err(s) => last = s.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("VM {name} did not become {want} (last: {last}){}", logs(cl))
+}
+
+/// Read the console of `name` through node `via` until a heartbeat with `mem=ok` and a
+/// sequence number above `after_seq` arrives; returns (node that produced it, seq).
+async fn heartbeat(cl: &Cluster, via: u64, name: &str, after_seq: u64) -> (u64, u64) {
+    let mut c = vms(cl, via).await;
+    let mut stream = c
+        .stream_console(pb::ConsoleRequest {
+            name: name.into(),
+            follow: true,
+        })
+        .await
+        .unwrap_or_else(|s| panic!("console of {name} via {via}: {s}{}", logs(cl)))
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = String::new();
+    while Instant::now() < deadline {
+        let next = tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
+        let Ok(Ok(Some(chunk))) = next else { break };
+        for line in chunk.text.lines() {
+            if let Some(rest) = line.trim().strip_prefix("HB seq=") {
+                let seq: u64 = rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                if line.contains("mem=ok") && seq > after_seq {
+                    return (chunk.node_id, seq);
+                }
+            }
+        }
+        seen.push_str(&chunk.text);
+        if seen.len() > 4096 {
+            seen.drain(..seen.len() - 4096);
+        }
+    }
+    panic!("no mem=ok heartbeat after seq {after_seq} from {name} via node {via}; console tail: {seen}{}", logs(cl))
+}
+
+fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, needle: &str) {
+    match r {
+        Err(s) => {
+            assert_eq!(s.code(), code, "{s}");
+            assert!(
+                s.message().contains(needle),
+                "{:?} lacks {needle:?}",
+                s.message()
+            );
+        }
+        Ok(v) => panic!("expected {code:?} ({needle}), got {v:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_run_on_scheduled_nodes_stream_consoles_and_stop() {
+    let _serial = cluster_tests::serial().await;
+    let mut cl = cluster();
+    let formed = cl.form(3).await;
+    must(&cl, formed);
+
+    // Create two VMs through a follower-or-leader agent: the leader places them.
+    let mut c2 = vms(&cl, 2).await;
+    for name in ["vm-a", "vm-b"] {
+        let r = c2
+            .create_vm(pb::CreateVmRequest {
+                spec: Some(spec(name, 1, 64)),
+                start: true,
+            })
+            .await
+            .unwrap_or_else(|s| panic!("create {name}: {s}{}", logs(&cl)));
+        let vm = r.into_inner().vm.unwrap_or_default();
+        assert_ne!(vm.owner_id, 0, "{name} was placed");
+    }
+    let a = wait_runtime(&cl, 3, "vm-a", "running").await;
+    let b = wait_runtime(&cl, 3, "vm-b", "running").await;
+    assert_ne!(
+        a.owner_id, b.owner_id,
+        "anti-affinity keeps the two VMs apart"
+    );
+
+    // Consoles stream from the owner, whichever agent is asked.
+    let (node_a, seq_a) = heartbeat(&cl, 1, "vm-a", 0).await;
+    assert_eq!(node_a, a.owner_id);
+    let (node_b, _) = heartbeat(&cl, a.owner_id, "vm-b", 0).await;
+    assert_eq!(node_b, b.owner_id);
+
+    // Bad input: clear errors, nothing changes.
+    let before = c2
+        .list_vms(pb::ListVmsRequest {})
+        .await
+        .map(|r| r.into_inner().vms)
+        .unwrap_or_default();
+    let create = |s: pb::VmSpec| pb::CreateVmRequest {
+        spec: Some(s),
+        start: true,
+    };
+    expect_code(
+        c2.create_vm(create(spec("vm-a", 1, 64))).await,
+        Code::AlreadyExists,
+        "already exists",
+    );
+    expect_code(
+        c2.create_vm(create(spec("zero", 0, 64))).await,
+        Code::InvalidArgument,
+        "vcpus",
+    );
+    expect_code(
+        c2.create_vm(create(spec("many", 33, 64))).await,
+        Code::InvalidArgument,
+        "vcpus",
+    );
+    expect_code(
+        c2.create_vm(create(spec("nomem", 1, 0))).await,
+        Code::InvalidArgument,
+        "memory_mib",
+    );
+    expect_code(
+        c2.create_vm(create(spec("huge", 1, 1 << 20))).await,
+        Code::InvalidArgument,
+        "largest node",
+    );
+    let mut bad_workload = spec("badwl", 1, 64);
+    bad_workload.boot = Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
+        workload: "spin".into(),
+        ..Default::default()
+    }));
+    expect_code(
+        c2.create_vm(create(bad_workload)).await,
+        Code::InvalidArgument,
+        "workload",
+    );
+    expect_code(
+        c2.stop_vm(pb::VmName {
+            name: "ghost".into(),
+        })
+        .await,
+        Code::NotFound,
+        "ghost",
+    );
+    expect_code(
+        c2.delete_vm(pb::VmName {
+            name: "vm-a".into(),
+        })
+        .await,
+        Code::FailedPrecondition,
+        "stop it before deleting",
+    );
+    expect_code(
+        c2.start_vm(pb::VmName {
+            name: "vm-a".into(),
+        })
+        .await,
+        Code::FailedPrecondition,
+        "already started",
+    );
+    expect_code(
+        c2.why_not(pb::WhyNotRequest {
+            vm: "vm-a".into(),
+            node_id: 99,
+        })
+        .await,
+        Code::NotFound,
+        "99",
+    );
+    let after = c2
+        .list_vms(pb::ListVmsRequest {})
+        .await
+        .map(|r| r.into_inner().vms)
+        .unwrap_or_default();
+    assert_eq!(before, after, "refused requests changed nothing");
+    assert_eq!(after.len(), 2);
+
+    // kill -9 of the agent that runs neither VM does not disturb them.
+    let bystander = [1, 2, 3]
+        .into_iter()
+        .find(|n| *n != a.owner_id && *n != b.owner_id)
+        .unwrap_or(0);
+    let killed = cl.kill9(bystander);
+    must(&cl, killed);
+    let survivor = a.owner_id;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, seq_a2) = heartbeat(&cl, survivor, "vm-a", seq_a).await;
+    assert!(seq_a2 > seq_a);
+    heartbeat(&cl, survivor, "vm-b", 0).await;
+    let a2 = wait_runtime(&cl, survivor, "vm-a", "running").await;
+    assert_eq!((a2.owner_id, a2.generation), (a.owner_id, a.generation));
+
+    // Stop: the owner stops the VM, reports Stopped, and its VMM no longer has it.
+    let mut cs = vms(&cl, survivor).await;
+    let r = cs
+        .stop_vm(pb::VmName {
+            name: "vm-a".into(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("stop: {s}{}", logs(&cl)));
+    assert_eq!(r.into_inner().vm.unwrap_or_default().desired, "stopped");
+    let stopped = wait_runtime(&cl, survivor, "vm-a", "stopped").await;
+    assert_eq!(stopped.owner_id, a.owner_id);
+    expect_code(
+        cs.stream_console(pb::ConsoleRequest {
+            name: "vm-a".into(),
+            follow: false,
+        })
+        .await
+        .map(|_| ()),
+        Code::FailedPrecondition,
+        "not running",
+    );
+    // The other VM keeps running; the stopped one can be deleted.
+    heartbeat(&cl, survivor, "vm-b", 0).await;
+    cs.delete_vm(pb::VmName {
+        name: "vm-a".into(),
+    })
+    .await
+    .unwrap_or_else(|s| panic!("delete: {s}{}", logs(&cl)));
+    let left = cs
+        .list_vms(pb::ListVmsRequest {})
+        .await
+        .map(|r| r.into_inner().vms)
+        .unwrap_or_default();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].spec.as_ref().map(|s| s.name.as_str()), Some("vm-b"));
+}

@@ -1,0 +1,483 @@
+//! `clusterctl vm ...` and `clusterctl node why-not`: the VM lifecycle API
+//! (`cluster.vms.v1.VmService`). Tables by default, `-o json` for scripts.
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use cluster_proto::vms as pb;
+use cluster_proto::vms::vm_service_client::VmServiceClient;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::client::{endpoint_uri, status_error, CtlError};
+use crate::output::table;
+use crate::{Cli, Format};
+
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    /// Define a VM (and start it on the node the scheduler picks unless --no-start).
+    Create(CreateArgs),
+    /// Start a stopped VM on the node the scheduler picks.
+    Start { name: String },
+    /// Stop a VM (its owner stops it and reports Stopped).
+    Stop { name: String },
+    /// Delete a stopped VM.
+    Delete { name: String },
+    /// All VMs.
+    List,
+    /// One VM in detail.
+    Show { name: String },
+    /// The VM's serial console, from whichever node runs it.
+    Console {
+        name: String,
+        /// Keep printing live lines until interrupted (or --max-lines).
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// With --follow: stop after this many live lines (0: never).
+        #[arg(long, default_value_t = 0)]
+        max_lines: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    pub name: String,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    #[arg(long, default_value_t = 64)]
+    pub memory_mib: u64,
+    /// Test guest workload: idle, dirty, mem or disk (ignored with --kernel).
+    #[arg(long, default_value = "mem")]
+    pub workload: String,
+    /// Test guest working set in MiB (0: guest default).
+    #[arg(long, default_value_t = 0)]
+    pub wss_mib: u64,
+    /// Test guest heartbeat period in ms (0: guest default).
+    #[arg(long, default_value_t = 0)]
+    pub hb_ms: u64,
+    /// Boot this kernel instead of the test guest.
+    #[arg(long)]
+    pub kernel: Option<String>,
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    #[arg(long, default_value = "")]
+    pub initrd: String,
+    /// Disk on a shared volume (volume/dir/disk.img); repeatable.
+    #[arg(long = "disk")]
+    pub disks: Vec<String>,
+    /// high, medium, low or none.
+    #[arg(long, default_value = "medium")]
+    pub restart_priority: String,
+    /// Anti-affinity class; repeatable.
+    #[arg(long = "anti-affinity")]
+    pub anti_affinity: Vec<String>,
+    /// Preferred owner node id, most preferred first; repeatable.
+    #[arg(long = "preferred-owner")]
+    pub preferred_owners: Vec<u64>,
+    /// Only define the VM.
+    #[arg(long)]
+    pub no_start: bool,
+}
+
+async fn connect(endpoint: &str, timeout: Duration) -> Result<VmServiceClient<Channel>, CtlError> {
+    let uri = endpoint_uri(endpoint)?;
+    let ep = Endpoint::from_shared(uri)
+        .map_err(|_| CtlError::BadEndpoint {
+            endpoint: endpoint.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(3).min(timeout));
+    let channel = ep.connect().await.map_err(|e| CtlError::Unreachable {
+        endpoint: endpoint.to_string(),
+        cause: e.to_string(),
+    })?;
+    Ok(VmServiceClient::new(channel))
+}
+
+fn spec_of(a: &CreateArgs) -> pb::VmSpec {
+    let boot = match &a.kernel {
+        Some(k) => pb::vm_spec::Boot::Kernel(pb::KernelBoot {
+            kernel: k.clone(),
+            cmdline: a.cmdline.clone(),
+            initrd: a.initrd.clone(),
+        }),
+        None => pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
+            workload: a.workload.clone(),
+            wss_mib: a.wss_mib,
+            hb_ms: a.hb_ms,
+            ..Default::default()
+        }),
+    };
+    pb::VmSpec {
+        name: a.name.clone(),
+        vcpus: a.vcpus,
+        memory_mib: a.memory_mib,
+        boot: Some(boot),
+        disks: a
+            .disks
+            .iter()
+            .map(|d| pb::DiskSpec {
+                name: d.clone(),
+                read_only: false,
+            })
+            .collect(),
+        restart_priority: a.restart_priority.clone(),
+        anti_affinity: a.anti_affinity.clone(),
+        preferred_owners: a.preferred_owners.clone(),
+    }
+}
+
+/// A VM as printed (`-o json` uses these field names).
+#[derive(Debug, Serialize)]
+pub struct VmView {
+    pub id: u64,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub boot: String,
+    pub desired: String,
+    pub runtime: String,
+    pub owner_id: u64,
+    pub owner_name: String,
+    pub reason: String,
+    pub generation: u64,
+    pub restart_priority: String,
+    pub anti_affinity: Vec<String>,
+    pub preferred_owners: Vec<u64>,
+    pub disks: Vec<String>,
+}
+
+pub fn view(v: &pb::VmInfo) -> VmView {
+    let spec = v.spec.clone().unwrap_or_default();
+    let boot = match &spec.boot {
+        Some(pb::vm_spec::Boot::TestGuest(t)) => format!("test-guest {}", t.workload),
+        Some(pb::vm_spec::Boot::Kernel(k)) => format!("kernel {}", k.kernel),
+        None => String::new(),
+    };
+    VmView {
+        id: v.id,
+        name: spec.name,
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        boot,
+        desired: v.desired.clone(),
+        runtime: v.runtime.clone(),
+        owner_id: v.owner_id,
+        owner_name: v.owner_name.clone(),
+        reason: v.reason.clone(),
+        generation: v.generation,
+        restart_priority: spec.restart_priority,
+        anti_affinity: spec.anti_affinity,
+        preferred_owners: spec.preferred_owners,
+        disks: spec.disks.into_iter().map(|d| d.name).collect(),
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Result<String, CtlError> {
+    serde_json::to_string_pretty(v)
+        .map(|s| s + "\n")
+        .map_err(|e| CtlError::Render(e.to_string()))
+}
+
+fn owner(v: &VmView) -> String {
+    match (v.owner_id, v.owner_name.as_str()) {
+        (0, _) => "-".into(),
+        (id, "") => id.to_string(),
+        (id, n) => format!("{id} ({n})"),
+    }
+}
+
+pub fn render_list(fmt: Format, vms: &[pb::VmInfo]) -> Result<String, CtlError> {
+    let views: Vec<VmView> = vms.iter().map(view).collect();
+    if fmt == Format::Json {
+        return json(&views);
+    }
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.runtime.clone(),
+                v.desired.clone(),
+                owner(v),
+                v.vcpus.to_string(),
+                v.memory_mib.to_string(),
+                v.boot.clone(),
+                v.reason.clone(),
+            ]
+        })
+        .collect();
+    Ok(table(
+        &[
+            "NAME",
+            "STATE",
+            "DESIRED",
+            "OWNER",
+            "VCPUS",
+            "MEMORY_MIB",
+            "BOOT",
+            "REASON",
+        ],
+        &rows,
+    ))
+}
+
+pub fn render_one(fmt: Format, vm: Option<&pb::VmInfo>) -> Result<String, CtlError> {
+    let Some(vm) = vm else {
+        return Err(CtlError::Render("the agent answered without a VM".into()));
+    };
+    let v = view(vm);
+    if fmt == Format::Json {
+        return json(&v);
+    }
+    let list = |xs: &[String]| {
+        if xs.is_empty() {
+            "-".to_string()
+        } else {
+            xs.join(", ")
+        }
+    };
+    let rows = vec![
+        vec!["name".into(), v.name.clone()],
+        vec!["id".into(), v.id.to_string()],
+        vec!["state".into(), v.runtime.clone()],
+        vec!["desired".into(), v.desired.clone()],
+        vec!["owner".into(), owner(&v)],
+        vec![
+            "reason".into(),
+            if v.reason.is_empty() {
+                "-".into()
+            } else {
+                v.reason.clone()
+            },
+        ],
+        vec!["vcpus".into(), v.vcpus.to_string()],
+        vec!["memory_mib".into(), v.memory_mib.to_string()],
+        vec!["boot".into(), v.boot.clone()],
+        vec!["disks".into(), list(&v.disks)],
+        vec!["restart_priority".into(), v.restart_priority.clone()],
+        vec!["anti_affinity".into(), list(&v.anti_affinity)],
+        vec![
+            "preferred_owners".into(),
+            list(
+                &v.preferred_owners
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>(),
+            ),
+        ],
+        vec!["generation".into(), v.generation.to_string()],
+    ];
+    Ok(table(&["FIELD", "VALUE"], &rows))
+}
+
+pub fn render_why_not(
+    fmt: Format,
+    vm: &str,
+    node_id: u64,
+    reasons: &[String],
+) -> Result<String, CtlError> {
+    if fmt == Format::Json {
+        #[derive(Serialize)]
+        struct WhyNot<'a> {
+            vm: &'a str,
+            node_id: u64,
+            allowed: bool,
+            reasons: &'a [String],
+        }
+        return json(&WhyNot {
+            vm,
+            node_id,
+            allowed: reasons.is_empty(),
+            reasons,
+        });
+    }
+    if reasons.is_empty() {
+        return Ok(format!("VM {vm} could move to node {node_id} now\n"));
+    }
+    let mut s = format!("VM {vm} cannot go to node {node_id}:\n");
+    for r in reasons {
+        s.push_str("  - ");
+        s.push_str(r);
+        s.push('\n');
+    }
+    Ok(s)
+}
+
+/// `clusterctl node why-not VM NODE`.
+pub async fn why_not(cli: &Cli, vm: &str, node_id: u64) -> Result<String, CtlError> {
+    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let ep = cli.endpoint.as_str();
+    let mut c = connect(ep, timeout).await?;
+    let r = tokio::time::timeout(
+        timeout,
+        c.why_not(pb::WhyNotRequest {
+            vm: vm.to_owned(),
+            node_id,
+        }),
+    )
+    .await
+    .map_err(|_| CtlError::Timeout {
+        endpoint: ep.to_owned(),
+        timeout_s: timeout.as_secs(),
+    })?
+    .map_err(|s| status_error(ep, timeout, s))?
+    .into_inner();
+    render_why_not(cli.output, vm, node_id, &r.reasons)
+}
+
+/// `clusterctl vm ...`.
+pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
+    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let ep = cli.endpoint.as_str();
+    let mut c = connect(ep, timeout).await?;
+    let fail = |s| status_error(ep, timeout, s);
+    let timed_out = |_| CtlError::Timeout {
+        endpoint: ep.to_owned(),
+        timeout_s: timeout.as_secs(),
+    };
+    let name = |n: &str| pb::VmName { name: n.to_owned() };
+    let fmt = cli.output;
+    match cmd {
+        VmCmd::Create(a) => {
+            let req = pb::CreateVmRequest {
+                spec: Some(spec_of(a)),
+                start: !a.no_start,
+            };
+            let r = tokio::time::timeout(timeout, c.create_vm(req))
+                .await
+                .map_err(timed_out)?
+                .map_err(fail)?
+                .into_inner();
+            render_one(fmt, r.vm.as_ref())
+        }
+        VmCmd::Start { name: n } => {
+            let r = tokio::time::timeout(timeout, c.start_vm(name(n)))
+                .await
+                .map_err(timed_out)?
+                .map_err(fail)?
+                .into_inner();
+            render_one(fmt, r.vm.as_ref())
+        }
+        VmCmd::Stop { name: n } => {
+            let r = tokio::time::timeout(timeout, c.stop_vm(name(n)))
+                .await
+                .map_err(timed_out)?
+                .map_err(fail)?
+                .into_inner();
+            render_one(fmt, r.vm.as_ref())
+        }
+        VmCmd::Delete { name: n } => {
+            tokio::time::timeout(timeout, c.delete_vm(name(n)))
+                .await
+                .map_err(timed_out)?
+                .map_err(fail)?;
+            if fmt == Format::Json {
+                return json(&serde_json::json!({ "deleted": n }));
+            }
+            Ok(format!("VM {n} deleted\n"))
+        }
+        VmCmd::List => {
+            let r = tokio::time::timeout(timeout, c.list_vms(pb::ListVmsRequest {}))
+                .await
+                .map_err(timed_out)?
+                .map_err(fail)?
+                .into_inner();
+            render_list(fmt, &r.vms)
+        }
+        VmCmd::Show { name: n } => {
+            let r = tokio::time::timeout(timeout, c.get_vm(name(n)))
+                .await
+                .map_err(timed_out)?
+                .map_err(fail)?
+                .into_inner();
+            render_one(fmt, r.vm.as_ref())
+        }
+        VmCmd::Console {
+            name: n,
+            follow,
+            max_lines,
+        } => {
+            let req = pb::ConsoleRequest {
+                name: n.clone(),
+                follow: *follow,
+            };
+            let mut stream = tokio::time::timeout(timeout, c.stream_console(req))
+                .await
+                .map_err(timed_out)?
+                .map_err(fail)?
+                .into_inner();
+            let mut live = 0u64;
+            let mut first = true;
+            let mut out = std::io::stdout().lock();
+            while let Some(chunk) = stream.message().await.map_err(fail)? {
+                if out
+                    .write_all(chunk.text.as_bytes())
+                    .and_then(|()| out.flush())
+                    .is_err()
+                {
+                    break; // the reader left (e.g. `| head`)
+                }
+                if !first {
+                    live += 1;
+                    if *max_lines != 0 && live >= *max_lines {
+                        break;
+                    }
+                }
+                first = false;
+            }
+            Ok(String::new())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, owner: u64) -> pb::VmInfo {
+        pb::VmInfo {
+            id: 1,
+            spec: Some(pb::VmSpec {
+                name: name.into(),
+                vcpus: 2,
+                memory_mib: 128,
+                boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
+                    workload: "mem".into(),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+            desired: "running".into(),
+            owner_id: owner,
+            owner_name: "n2".into(),
+            runtime: "running".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn list_renders_table_and_json() {
+        let vms = [info("web1", 2)];
+        let t = render_list(Format::Table, &vms).unwrap_or_default();
+        assert!(
+            t.contains("NAME") && t.contains("web1") && t.contains("2 (n2)"),
+            "{t}"
+        );
+        let j = render_list(Format::Json, &vms).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&j).unwrap_or_default();
+        assert_eq!(v[0]["name"], "web1");
+        assert_eq!(v[0]["owner_id"], 2);
+        assert_eq!(v[0]["boot"], "test-guest mem");
+    }
+
+    #[test]
+    fn why_not_says_allowed_or_lists_reasons() {
+        let ok = render_why_not(Format::Table, "a", 2, &[]).unwrap_or_default();
+        assert!(ok.contains("could move to node 2"));
+        let no = render_why_not(Format::Table, "a", 2, &["not enough memory".into()])
+            .unwrap_or_default();
+        assert!(no.contains("cannot go to node 2") && no.contains("- not enough memory"));
+        assert!(render_one(Format::Table, None).is_err());
+    }
+}
