@@ -19,6 +19,8 @@ pub const EVENTS_PAGE_DEFAULT: usize = 1_000;
 pub const EVENTS_PAGE_MAX: usize = 10_000;
 /// How long a joining agent waits for the member it contacts to answer.
 pub const JOIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a joined agent waits to apply its own membership before answering.
+pub const JOIN_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct MgmtService {
     pub agent: Arc<Agent>,
@@ -140,6 +142,26 @@ impl Management for MgmtService {
             )
         })?;
         let r = reply.into_inner();
+        // The leader answers once it has replicated to us; wait (bounded) until this
+        // agent has applied its own membership too, so a status right after the
+        // join already shows the cluster.
+        let me = a.node_id();
+        if let Err(e) = a
+            .raft
+            .wait(Some(JOIN_APPLY_TIMEOUT))
+            .metrics(
+                |m| {
+                    m.membership_config
+                        .membership()
+                        .voter_ids()
+                        .any(|v| v == me)
+                },
+                "own membership applied",
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "joined, but this agent has not applied its membership yet");
+        }
         a.joined(&r.cluster_id);
         tracing::info!(cluster_id = %r.cluster_id, via = %via, "joined cluster");
         Ok(Response::new(pb::JoinClusterReply {

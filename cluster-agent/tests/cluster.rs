@@ -328,7 +328,19 @@ async fn late_joiner_is_brought_up_by_snapshot_after_log_compaction() {
     must!(c, c.start(3).await);
     let j = must!(c, c.join(3, 1).await);
     assert_eq!(j.voter_count, 3);
-    let s3 = must!(c, c.status(3).await);
+    let s3 = c
+        .wait_for(
+            3,
+            "snapshot installed on the new node",
+            Duration::from_secs(10),
+            || async {
+                let s = c.status(3).await?;
+                Ok((s.snapshot_index > 100).then_some(s))
+            },
+        )
+        .await;
+    let s3 = must!(c, s3);
+    assert!(s3.initialized && s3.voter_ids.len() == 3, "{s3:?}");
     assert!(
         s3.snapshot_index > 100,
         "node 3 did not install a snapshot: {s3:?}"
