@@ -273,3 +273,56 @@ fn quick_migration_through_the_shared_volume() {
     assert_eq!(h.b.list().len(), 1);
     h.b.stop("quick").unwrap();
 }
+
+#[test]
+fn memory_pattern_guest_migrates_there_and_back() {
+    let h = TwoHosts::new();
+    let to_b = listen(&h.b, &h, "127.0.2.5", ReceiveOptions::default());
+    let to_a = listen(&h.a, &h, "127.0.2.6", ReceiveOptions::default());
+    let mut w = TestWorkload::new(WorkloadName::Mem);
+    w.wss_mib = 32;
+    h.a.start(VmSpec::test_guest("mem", 2, 64, w), &[]).unwrap();
+    wait_hb(&h.a, "mem", |hb| {
+        hb.last()
+            .is_some_and(|l| l.mem == "ok" && l.mem_passes >= 2)
+    });
+    let mut all = Vec::new();
+    let hops = [(&h.a, &h.b, NODE_B, &to_b), (&h.b, &h.a, NODE_A, &to_a)];
+    for (from, to, to_node, listener) in hops {
+        let console = from.console("mem").unwrap();
+        let report = from
+            .migrate_out(
+                "mem",
+                to_node,
+                listener.local_addr(),
+                opts(),
+                h.locks.clone(),
+            )
+            .unwrap()
+            .wait()
+            .expect("migration");
+        assert!(report.receipt_matches(), "{:?}", report.stats);
+        assert!(report.handed_off.is_empty());
+        assert!(matches!(
+            wait_event(listener),
+            IncomingEvent::Arrived { .. }
+        ));
+        assert!(matches!(from.state("mem"), Err(VmHostError::NotFound(_))));
+        all.extend(drained(console));
+        let passes = last(&all).mem_passes;
+        wait_hb(to, "mem", |hb| {
+            hb.last()
+                .is_some_and(|l| l.mem == "ok" && l.mem_passes >= passes + 2)
+        });
+    }
+    let after = heartbeats(&console_text(&h.a, "mem"));
+    all.extend(after.iter().cloned());
+    assert_continuous(&all);
+    assert!(
+        all.iter().all(|x| x.mem_errors == 0 && x.mem != "bad"),
+        "{:?}",
+        last(&all)
+    );
+    assert_eq!(last(&all).cpus, 2);
+    h.a.stop("mem").unwrap();
+}
