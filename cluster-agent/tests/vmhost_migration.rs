@@ -79,6 +79,25 @@ fn live_migration_with_disk_handoff() {
         .unwrap();
     // Another operation while migrating is refused.
     assert!(matches!(h.a.stop("live"), Err(VmHostError::Busy(_))));
+    // Read the progress stream the way a progress bar would, until the worker ends.
+    let mut phases = Vec::new();
+    let mut progress = Vec::new();
+    loop {
+        match handle.progress.recv_timeout(WAIT) {
+            Ok(MigrationEvent::Phase(p)) => phases.push(p),
+            Ok(MigrationEvent::Progress(p)) => progress.push(p),
+            Ok(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(e) => panic!("progress stream stalled: {e}"),
+        }
+    }
+    for p in ["setup", "pre-copy", "stop-and-copy", "storage-handoff"] {
+        assert!(phases.contains(&p), "phase {p} missing from {phases:?}");
+    }
+    assert!(!progress.is_empty());
+    assert!(progress
+        .windows(2)
+        .all(|w| w[1].bytes_sent >= w[0].bytes_sent));
     let report = handle.wait().expect("migration");
     assert!(report.receipt_matches(), "{:?}", report.stats);
     assert_eq!(report.stats.target_digest, Some(report.stats.source_digest));
