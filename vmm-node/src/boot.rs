@@ -255,7 +255,16 @@ pub fn load(config: &VmConfig, mem: &GuestMem, tsc_khz: u32) -> Result<BootSetup
             ));
         }
         write_cmdline(mem, cmdline.trim())?;
-        write_pvh_start_info(mem, mem_bytes)?;
+        // A real PVH kernel (not the test guest) finds CPUs and IOAPIC through ACPI.
+        let rsdp = if test_guest.is_none() {
+            for (addr, table) in crate::acpi::build(config.vcpus) {
+                write_bytes(mem, &table, addr)?;
+            }
+            crate::acpi::RSDP_ADDR
+        } else {
+            0
+        };
+        write_pvh_start_info(mem, mem_bytes, rsdp)?;
         Ok(BootSetup {
             entry: BootEntry::Pvh {
                 entry: pvh_entry.expect("checked above"),
@@ -311,7 +320,7 @@ fn e820_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
     v
 }
 
-fn write_pvh_start_info(mem: &GuestMem, mem_bytes: u64) -> Result<(), BootError> {
+fn write_pvh_start_info(mem: &GuestMem, mem_bytes: u64, rsdp: u64) -> Result<(), BootError> {
     let map = e820_ranges(mem_bytes);
     let mut entries = Vec::new();
     for (addr, size) in &map {
@@ -328,7 +337,7 @@ fn write_pvh_start_info(mem: &GuestMem, mem_bytes: u64) -> Result<(), BootError>
     si.extend_from_slice(&0u32.to_le_bytes()); // nr_modules
     si.extend_from_slice(&0u64.to_le_bytes()); // modlist_paddr
     si.extend_from_slice(&CMDLINE_ADDR.to_le_bytes());
-    si.extend_from_slice(&0u64.to_le_bytes()); // rsdp_paddr
+    si.extend_from_slice(&rsdp.to_le_bytes()); // rsdp_paddr
     si.extend_from_slice(&PVH_MEMMAP_ADDR.to_le_bytes());
     si.extend_from_slice(&(map.len() as u32).to_le_bytes());
     si.extend_from_slice(&0u32.to_le_bytes());

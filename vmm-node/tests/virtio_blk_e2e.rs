@@ -196,7 +196,7 @@ fn snapshot_restore_mid_workload_keeps_disk_pattern_verifying() {
     let restored = snapshot::restore(dir.path()).unwrap();
     let new_slots = add_slots(&restored);
     new_slots
-        .restore(&saved, |b| {
+        .restore(&saved, |_, b| {
             assert_eq!(b.description, img.path().display().to_string());
             RawFileDisk::open(&b.description, b.read_only)
                 .map(|d| Box::new(d) as Box<dyn DiskBackend>)
@@ -230,5 +230,71 @@ fn snapshot_restore_mid_workload_keeps_disk_pattern_verifying() {
         0,
         "{st:?}"
     );
+    restored.destroy().unwrap();
+}
+
+/// The slots installed as the VM's `DiskSlots` (what the debug binary and the
+/// cluster-agent do): a configured disk is attached at boot, hot-plug goes through
+/// `Vm::attach_disk`/`detach_disk`, and a snapshot restored into a new VM reopens both the
+/// configured and the hot-added disk, whose guest-side patterns keep verifying.
+#[test]
+fn installed_slots_route_config_hotplug_and_snapshot_through_the_vm() {
+    use vmm_node::config::DiskSlotConfig;
+    use vmm_node::devices::virtio::{install_virtio_slots, raw_file_opener};
+    require_kvm();
+    let boot_disk = image(1);
+    let extra = image(1);
+    let mut cfg = test_guest_config(1, 64, &Workload::new(WorkloadKind::Disk));
+    cfg.disks.push(DiskSlotConfig {
+        slot: 0,
+        path: boot_disk.path().to_path_buf(),
+        read_only: false,
+    });
+    let vm = Vm::create(cfg).expect("create VM");
+    let installed = install_virtio_slots(&vm, raw_file_opener(), true).expect("install slots");
+    vm.start().unwrap();
+    let hb = wait_heartbeats(
+        || vm.console().text(),
+        Duration::from_secs(30),
+        |h| h.last().is_some_and(|h| disk_passes(h) >= 2),
+    );
+    assert_eq!(last(&hb).disk, "ok");
+    assert!(stats(installed.slots(), 0).written_bytes > 0);
+
+    // Hot-add through the VM; detaching an empty slot is a clear error.
+    vm.attach_disk(&DiskSlotConfig {
+        slot: 3,
+        path: extra.path().to_path_buf(),
+        read_only: false,
+    })
+    .unwrap();
+    let err = vm.detach_disk(6).unwrap_err();
+    assert!(format!("{err:#}").contains("slot 6"), "{err:#}");
+
+    let dir = tempfile::tempdir().unwrap();
+    vm.pause().unwrap();
+    let seq_before = last(&heartbeats(&vm.console().text())).seq;
+    snapshot::save(&vm, dir.path()).unwrap();
+    vm.destroy().unwrap();
+
+    let restored = snapshot::restore_with(dir.path(), |vm| {
+        install_virtio_slots(vm, raw_file_opener(), false).map(|_| ())
+    })
+    .expect("restore with disks");
+    restored.resume().unwrap();
+    let hb = wait_heartbeats(
+        || restored.console().text(),
+        Duration::from_secs(30),
+        |h| h.iter().filter(|h| h.seq > seq_before).count() >= 3,
+    );
+    let after: Vec<_> = hb.into_iter().filter(|h| h.seq > seq_before).collect();
+    assert_eq!(after[0].seq, seq_before + 1, "heartbeat gap after restore");
+    assert_continuous(&after);
+    assert!(
+        after.iter().all(|h| h.disk == "ok" || h.disk == "-"),
+        "{:?}",
+        last(&after)
+    );
+    restored.detach_disk(3).unwrap();
     restored.destroy().unwrap();
 }

@@ -4,10 +4,12 @@
 //! [`slot_mmio_base`]`(i)` (size [`SLOT_MMIO_SIZE_BYTES`]) and interrupt [`slot_irq`]`(i)`.
 
 pub mod blk;
+pub mod install;
 pub mod mmio;
 pub mod slots;
 
 pub use blk::{BlkStats, SlotBacking, StateDecodeError, VirtioBlk, VirtioBlkError, VirtioBlkState};
+pub use install::{install_virtio_slots, raw_file_opener, DiskOpener, VirtioDiskSlots};
 pub use slots::{BlkSlots, DetachedDisk, EncodedSlotState, SlotsError};
 
 /// Number of virtio-blk slots every VM has.

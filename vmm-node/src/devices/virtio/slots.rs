@@ -184,13 +184,13 @@ impl BlkSlots {
     }
 
     /// Restore every slot from `saved` (as produced by [`BlkSlots::save`]). Disks are
-    /// reopened through `open(backing)` — the caller decides how (and may move a shared
+    /// reopened through `open(slot, backing)` — the caller decides how (and may move a shared
     /// volume's lock first). Everything is decoded, validated and opened before any slot
     /// changes, so on error the slots are as they were.
     pub fn restore<E>(
         &self,
         saved: &[EncodedSlotState],
-        mut open: impl FnMut(&SlotBacking) -> Result<Box<dyn DiskBackend>, E>,
+        mut open: impl FnMut(u8, &SlotBacking) -> Result<Box<dyn DiskBackend>, E>,
     ) -> Result<(), SlotsError>
     where
         E: std::error::Error + Send + Sync + 'static,
@@ -219,7 +219,7 @@ impl BlkSlots {
         for (slot, state) in states {
             let disk = match &state.backing {
                 None => None,
-                Some(b) => Some(open(b).map_err(|e| SlotsError::Open {
+                Some(b) => Some(open(slot as u8, b).map_err(|e| SlotsError::Open {
                     slot,
                     disk: b.description.clone(),
                     source: Box::new(e),
@@ -309,7 +309,7 @@ mod tests {
 
         let dst = slots();
         let mut opened = Vec::new();
-        dst.restore(&saved, |bk| {
+        dst.restore(&saved, |_, bk| {
             opened.push(bk.description.clone());
             RawFileDisk::open(&bk.description, bk.read_only)
                 .map(|d| Box::new(d) as Box<dyn DiskBackend>)
@@ -321,7 +321,7 @@ mod tests {
         // A failing opener leaves the target untouched.
         let fresh = slots();
         let err = fresh
-            .restore(&saved, |bk| {
+            .restore(&saved, |_, bk| {
                 if bk.read_only {
                     Err(std::io::Error::other("volume lock held elsewhere"))
                 } else {
@@ -336,13 +336,13 @@ mod tests {
 
         // Missing or duplicated slots, and garbage bytes, are refused.
         let err = fresh
-            .restore(&saved[1..], |_| Err(std::io::Error::other("unused")))
+            .restore(&saved[1..], |_, _| Err(std::io::Error::other("unused")))
             .unwrap_err();
         assert!(matches!(err, SlotsError::SlotList { .. }), "{err}");
         let mut garbage = saved.clone();
         garbage[2].1 = vec![1, 2, 3];
         let err = fresh
-            .restore(&garbage, |_| Err(std::io::Error::other("unused")))
+            .restore(&garbage, |_, _| Err(std::io::Error::other("unused")))
             .unwrap_err();
         assert!(matches!(err, SlotsError::Decode { slot: 2, .. }), "{err}");
         let mut swapped = saved.clone();
@@ -350,7 +350,7 @@ mod tests {
         swapped[0].0 = 0;
         swapped[1].0 = 1;
         let err = fresh
-            .restore(&swapped, |bk| {
+            .restore(&swapped, |_, bk| {
                 RawFileDisk::open(&bk.description, bk.read_only)
                     .map(|d| Box::new(d) as Box<dyn DiskBackend>)
             })
