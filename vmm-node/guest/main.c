@@ -61,7 +61,7 @@ static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 #define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *)&(x) = (v))
 
 /* ---- parameters ---- */
-enum { W_IDLE, W_DIRTY, W_MEM, W_DISK, W_BADIO, W_FLOOD };
+enum { W_IDLE, W_DIRTY, W_MEM, W_DISK, W_BADIO, W_FLOOD, W_CRASH, W_EXIT };
 static struct {
 	int workload;
 	u64 wss_mib, rate_mbps, seed, hb_ms, tsc_khz, vcpus, mem_mib;
@@ -167,6 +167,10 @@ static void parse_cmdline(const char *c)
 				P.workload = W_BADIO;
 			else if (vn == 5 && streq_n(v, "flood", 5))
 				P.workload = W_FLOOD;
+			else if (vn == 5 && streq_n(v, "crash", 5))
+				P.workload = W_CRASH;
+			else if (vn == 4 && streq_n(v, "exit", 4))
+				P.workload = W_EXIT;
 			else
 				P.workload = W_IDLE;
 		} else if (KEY("wss_mib"))
@@ -456,7 +460,7 @@ void bsp_main(struct hvm_start_info *si)
 	puts_("BOOT");
 	kv("vcpus", P.vcpus);
 	kv("mem_mib", P.mem_mib);
-	static const char *const names[] = { "idle", "dirty", "mem", "disk", "badio", "flood" };
+	static const char *const names[] = { "idle", "dirty", "mem", "disk", "badio", "flood", "crash", "exit" };
 	kvs("workload", names[P.workload]);
 	kv("wss_mib", (slice_bytes * P.vcpus) >> 20);
 	kv("tsc_khz", P.tsc_khz);
@@ -468,6 +472,10 @@ void bsp_main(struct hvm_start_info *si)
 	}
 	if (P.workload == W_DISK)
 		disk_status = HAVE_VBLK ? "nodisk" : "off";
+	if (P.workload == W_CRASH)
+		__asm__ volatile("ud2"); /* #UD with no IDT: triple fault */
+	if (P.workload == W_EXIT)
+		outl(EXIT_PORT, (u32)P.seed);
 	cpus_alive = 1;
 	go = 1;
 	run(0);

@@ -5,8 +5,8 @@
 //!   BSP in 32-bit flat protected mode at the note's entry with `%ebx` = start_info.
 //! * **Linux** (bzImage or vmlinux ELF): `boot_params` at [`ZERO_PAGE_ADDR`] with e820 map,
 //!   command line and initramfs; BSP in 64-bit mode on identity page tables (first 1 GiB)
-//!   at the 64-bit entry (`startup_64`), `%rsi` = boot_params; an MP table lists the vCPUs
-//!   and the IOAPIC (APs wait for INIT/SIPI from the BSP's in-kernel LAPIC).
+//!   at the 64-bit entry (`startup_64`), `%rsi` = boot_params; ACPI tables (MADT) and an MP
+//!   table list the vCPUs and the IOAPIC (APs wait for INIT/SIPI from the BSP's LAPIC).
 //! * **Test guest APs** (PVH images carrying the test guest header, see `guest/`): started
 //!   directly in 64-bit CPL3 at the header's AP entry with `%rdi` = vCPU index.
 
@@ -255,7 +255,16 @@ pub fn load(config: &VmConfig, mem: &GuestMem, tsc_khz: u32) -> Result<BootSetup
             ));
         }
         write_cmdline(mem, cmdline.trim())?;
-        write_pvh_start_info(mem, mem_bytes)?;
+        // A real PVH kernel (not the test guest) finds CPUs and IOAPIC through ACPI.
+        let rsdp = if test_guest.is_none() {
+            for (addr, table) in crate::acpi::build(config.vcpus) {
+                write_bytes(mem, &table, addr)?;
+            }
+            crate::acpi::RSDP_ADDR
+        } else {
+            0
+        };
+        write_pvh_start_info(mem, mem_bytes, rsdp)?;
         Ok(BootSetup {
             entry: BootEntry::Pvh {
                 entry: pvh_entry.expect("checked above"),
@@ -285,6 +294,9 @@ pub fn load(config: &VmConfig, mem: &GuestMem, tsc_khz: u32) -> Result<BootSetup
             &crate::mptable::build(config.vcpus),
             crate::mptable::MPTABLE_ADDR,
         )?;
+        for (addr, table) in crate::acpi::build(config.vcpus) {
+            write_bytes(mem, &table, addr)?;
+        }
         Ok(BootSetup {
             entry: BootEntry::Linux { entry },
         })
@@ -308,7 +320,7 @@ fn e820_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
     v
 }
 
-fn write_pvh_start_info(mem: &GuestMem, mem_bytes: u64) -> Result<(), BootError> {
+fn write_pvh_start_info(mem: &GuestMem, mem_bytes: u64, rsdp: u64) -> Result<(), BootError> {
     let map = e820_ranges(mem_bytes);
     let mut entries = Vec::new();
     for (addr, size) in &map {
@@ -325,7 +337,7 @@ fn write_pvh_start_info(mem: &GuestMem, mem_bytes: u64) -> Result<(), BootError>
     si.extend_from_slice(&0u32.to_le_bytes()); // nr_modules
     si.extend_from_slice(&0u64.to_le_bytes()); // modlist_paddr
     si.extend_from_slice(&CMDLINE_ADDR.to_le_bytes());
-    si.extend_from_slice(&0u64.to_le_bytes()); // rsdp_paddr
+    si.extend_from_slice(&rsdp.to_le_bytes()); // rsdp_paddr
     si.extend_from_slice(&PVH_MEMMAP_ADDR.to_le_bytes());
     si.extend_from_slice(&(map.len() as u32).to_le_bytes());
     si.extend_from_slice(&0u32.to_le_bytes());
@@ -370,6 +382,7 @@ fn write_linux_boot_params(
     params.hdr.cmdline_size = cmdline_len as u32 + 1;
     params.hdr.kernel_alignment = 0x0100_0000;
     params.hdr.loadflags |= 0x01; // LOADED_HIGH
+    params.acpi_rsdp_addr = crate::acpi::RSDP_ADDR;
     if let Some((addr, size)) = initrd {
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;

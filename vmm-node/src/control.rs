@@ -10,6 +10,8 @@
 //! | `pause` / `resume` / `stop` | | |
 //! | `snapshot` | `dir`, `resume` (bool, default false) | `state_bytes`, `memory_bytes`, `total_ms` |
 //! | `console` | `tail_bytes` (default 64 KiB), `stream` (bool) | `text`; with `stream`, then one `{"line": ...}` per console line until the client disconnects or the VM stops |
+//! | `attach-disk` | `slot`, `path`, `read_only` (default false) | (hot-add, needs virtio-blk slots) |
+//! | `detach-disk` | `slot` | (hot-remove) |
 //!
 //! Other commands (e.g. migration) plug in as [`Extension`]s, tried in order for any `cmd`
 //! the built-in set does not know.
@@ -73,6 +75,15 @@ pub enum Request {
         #[serde(default)]
         stream: bool,
     },
+    AttachDisk {
+        slot: u8,
+        path: PathBuf,
+        #[serde(default)]
+        read_only: bool,
+    },
+    DetachDisk {
+        slot: u8,
+    },
 }
 
 /// A handler for extra commands: returns `None` if it does not know `request["cmd"]`.
@@ -109,6 +120,18 @@ fn handle(vm: &Arc<Vm>, req: Request) -> Value {
         Request::Pause {} => vm.pause().map(|()| json!({})),
         Request::Resume {} => vm.resume().map(|()| json!({})),
         Request::Stop {} => vm.stop().map(|()| json!({})),
+        Request::AttachDisk {
+            slot,
+            path,
+            read_only,
+        } => vm
+            .attach_disk(&crate::config::DiskSlotConfig {
+                slot,
+                path,
+                read_only,
+            })
+            .map(|()| json!({})),
+        Request::DetachDisk { slot } => vm.detach_disk(slot).map(|()| json!({})),
         Request::Snapshot { dir, resume } => {
             let r = (|| {
                 vm.pause()?;

@@ -4,7 +4,7 @@
 //! ## Command line (`key=value`, space separated)
 //! | key | meaning | default |
 //! |---|---|---|
-//! | `workload` | `idle`, `dirty`, `mem` (fill + re-verify), `disk` (virtio-blk pattern), `badio` (ports/MMIO without device), `flood` (console flood) | `idle` |
+//! | `workload` | `idle`, `dirty`, `mem` (fill + re-verify), `disk` (virtio-blk pattern), `badio` (ports/MMIO without device), `flood` (console flood), `crash` (`ud2` → triple fault), `exit` (exit port with code `seed`) | `idle` |
 //! | `wss_mib` | working set in MiB (split across vCPUs) | 16 |
 //! | `rate_mbps` | `dirty`: write rate in MB/s (all vCPUs together) | 100 |
 //! | `seed` | pattern seed for `mem` | 1 |
@@ -38,6 +38,10 @@ pub enum WorkloadKind {
     BadIo,
     /// Prints 24 KB lines as fast as it can, between heartbeats.
     Flood,
+    /// Executes `ud2` at CPL3 right after the BOOT line (no IDT: triple fault).
+    Crash,
+    /// Writes `seed` to the exit port right after the BOOT line.
+    Exit,
 }
 
 impl WorkloadKind {
@@ -49,6 +53,8 @@ impl WorkloadKind {
             WorkloadKind::Disk => "disk",
             WorkloadKind::BadIo => "badio",
             WorkloadKind::Flood => "flood",
+            WorkloadKind::Crash => "crash",
+            WorkloadKind::Exit => "exit",
         }
     }
 }

@@ -146,6 +146,18 @@ pub fn kick_thread(thread: libc::pthread_t) {
     let _ = unsafe { libc::pthread_kill(thread, kick_signal()) };
 }
 
+/// Sub-error code of the `KVM_EXIT_INTERNAL_ERROR` exit that `vcpu.run()` just returned
+/// (0 if the last exit was something else).
+pub fn internal_error_suberror(vcpu: &mut VcpuFd) -> u32 {
+    let run = vcpu.get_kvm_run();
+    if run.exit_reason != kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+        return 0;
+    }
+    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, for which KVM fills the `internal`
+    // member of the exit union; it is plain integers, valid for any bit pattern.
+    unsafe { run.__bindgen_anon_1.internal.suberror }
+}
+
 /// Host CPUID leaf `leaf`, subleaf `subleaf`: (eax, ebx, ecx, edx).
 pub fn host_cpuid(leaf: u32, subleaf: u32) -> (u32, u32, u32, u32) {
     #[allow(unused_unsafe)]

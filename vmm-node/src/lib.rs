@@ -2,6 +2,7 @@
 //! `ARCHITECTURE.section.md` for the codemap.
 #![deny(unsafe_code)]
 
+pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod control;

@@ -247,9 +247,19 @@ pub fn save(vm: &Vm, dir: &Path) -> Result<SaveStats, SnapshotError> {
 /// Restore a VM from `dir`; it is returned **paused** (call `resume`). Memory is mapped
 /// copy-on-write from the memory file.
 pub fn restore(dir: &Path) -> Result<Vm, SnapshotError> {
+    restore_with(dir, |_| Ok(()))
+}
+
+/// Like [`restore`], calling `install_devices` on the new VM before its state is loaded
+/// (e.g. to create the virtio-blk slots with `Vm::install_disk_slots(.., false)`).
+pub fn restore_with(
+    dir: &Path,
+    install_devices: impl FnOnce(&Vm) -> Result<(), VmError>,
+) -> Result<Vm, SnapshotError> {
     let payload = read_state(dir)?;
     let mem = memory::map_file(&dir.join(MEMORY_FILE), payload.memory_bytes)?;
     let vm = Vm::with_memory(payload.config, mem)?;
+    install_devices(&vm)?;
     vm.restore_state(&payload.state)?;
     Ok(vm)
 }

@@ -172,7 +172,8 @@ impl VcpuContext {
                 return Flow::Continue;
             }
             GUEST_EXIT_PORT => return Flow::Stop(StopReason::GuestExit { code: le_u32(data) }),
-            0x80 => return Flow::Continue, // POST/delay port
+            // POST/delay port and PCI configuration (no PCI bus): silently ignored.
+            0x80 | 0xcf8..=0xcff => return Flow::Continue,
             _ => {}
         }
         let bus = self.pio.read().unwrap_or_else(|e| e.into_inner());
@@ -195,7 +196,7 @@ impl VcpuContext {
                 .pio_read(off as u16, data),
             None => {
                 data.fill(0xff);
-                if port != 0x80 {
+                if !matches!(port, 0x80 | 0xcf8..=0xcff) {
                     self.log_unknown("pio", port.into(), data.len(), false);
                 }
             }
@@ -304,6 +305,17 @@ impl VcpuContext {
                     vcpu: self.id,
                     message: "guest halted with interrupts disabled".into(),
                 }),
+                Ok(VcpuExit::InternalError) => {
+                    let suberror = crate::kvm::internal_error_suberror(fd);
+                    let rip = fd.get_regs().map(|r| r.rip).unwrap_or_default();
+                    Flow::Stop(StopReason::VcpuError {
+                        vcpu: self.id,
+                        message: format!(
+                            "KVM internal error (suberror {suberror}) at rip {rip:#x}: \
+                             KVM could not emulate a guest instruction"
+                        ),
+                    })
+                }
                 Ok(other) => Flow::Stop(StopReason::VcpuError {
                     vcpu: self.id,
                     message: format!("unhandled KVM exit {other:?}"),

@@ -15,7 +15,7 @@ use crate::boot::{self, BootSetup};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORTS};
 use crate::devices::serial::{Console, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORTS};
-use crate::devices::{Bus, BusError, IrqLine, MmioDevice, PioDevice, RateLimitedLog};
+use crate::devices::{Bus, BusError, DiskSlots, IrqLine, MmioDevice, PioDevice, RateLimitedLog};
 use crate::kvm::{self, MemSlot, SysError};
 use crate::memory::{self, MemoryError};
 use crate::state::{self, StateError, VmState};
@@ -74,6 +74,17 @@ pub enum VmError {
     /// vCPUs did not acknowledge in time.
     #[error("vCPU threads did not {0} within {VCPU_ACK_TIMEOUT:?}")]
     AckTimeout(&'static str),
+    /// A disk operation without virtio-blk slots installed.
+    #[error("this VM has no virtio-blk slots (none installed with install_disk_slots)")]
+    NoDiskSlots,
+    /// A disk slot operation failed.
+    #[error("disk slot {slot}: {op}")]
+    Disk {
+        slot: u8,
+        op: &'static str,
+        #[source]
+        source: crate::devices::DeviceError,
+    },
     /// Operation not valid in the current state.
     #[error("cannot {op} a VM that is {status}")]
     WrongState { op: &'static str, status: String },
@@ -136,6 +147,7 @@ pub struct Vm {
     msr_index_list: Vec<u32>,
     slots: Vec<MemSlot>,
     boot: Option<BootSetup>,
+    disks: Mutex<Option<Arc<dyn DiskSlots>>>,
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
     vm_fd: Arc<VmFd>,
     // Last: unmapped after the VM fd (and its memory slots) are closed.
@@ -218,6 +230,7 @@ impl Vm {
             msr_index_list,
             slots,
             boot: None,
+            disks: Mutex::new(None),
             vcpus,
             vm_fd,
             memory: mem,
@@ -497,6 +510,71 @@ impl Vm {
             .remove(base)
     }
 
+    /// Install the VM's virtio-blk slots (done by the code that creates the devices, once).
+    /// With `attach_configured`, the disks of `config().disks` are attached now (fresh boot);
+    /// a restore passes false and lets `restore_state` reopen them.
+    pub fn install_disk_slots(
+        &self,
+        slots: Arc<dyn DiskSlots>,
+        attach_configured: bool,
+    ) -> Result<(), VmError> {
+        if attach_configured {
+            for d in &self.config.disks {
+                slots.attach(d).map_err(|source| VmError::Disk {
+                    slot: d.slot,
+                    op: "attach",
+                    source,
+                })?;
+            }
+        }
+        *self.disks.lock().unwrap_or_else(|e| e.into_inner()) = Some(slots);
+        Ok(())
+    }
+
+    fn disk_slots(&self) -> Option<Arc<dyn DiskSlots>> {
+        self.disks.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Hot-add a disk to a running (or paused) VM.
+    pub fn attach_disk(&self, disk: &crate::config::DiskSlotConfig) -> Result<(), VmError> {
+        if usize::from(disk.slot) >= crate::config::VIRTIO_BLK_SLOTS {
+            return Err(ConfigError::DiskSlot(disk.slot).into());
+        }
+        let slots = self.disk_slots().ok_or(VmError::NoDiskSlots)?;
+        slots.attach(disk).map_err(|source| VmError::Disk {
+            slot: disk.slot,
+            op: "attach",
+            source,
+        })?;
+        tracing::info!(slot = disk.slot, path = %disk.path.display(), "disk attached");
+        Ok(())
+    }
+
+    /// Hot-remove the disk in `slot`.
+    pub fn detach_disk(&self, slot: u8) -> Result<(), VmError> {
+        let slots = self.disk_slots().ok_or(VmError::NoDiskSlots)?;
+        slots.detach(slot).map_err(|source| VmError::Disk {
+            slot,
+            op: "detach",
+            source,
+        })?;
+        tracing::info!(slot, "disk detached");
+        Ok(())
+    }
+
+    /// Flush and close every disk (storage hand-off before a migration switchover). A VM
+    /// without disk slots has nothing to do.
+    pub fn detach_all_disks(&self) -> Result<(), VmError> {
+        match self.disk_slots() {
+            Some(s) => s.detach_all().map_err(|source| VmError::Disk {
+                slot: 0,
+                op: "detach all",
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Complete state (vCPUs, VM-wide, devices), without memory. The VM must be paused.
     pub fn save_state(&self) -> Result<VmState, VmError> {
         self.require_paused("save the state of")?;
@@ -522,7 +600,7 @@ impl Vm {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .state(),
-            disks: Vec::new(),
+            disks: self.disk_slots().map(|d| d.save()).unwrap_or_default(),
         };
         Ok(VmState { vcpus, vm, devices })
     }
@@ -568,6 +646,16 @@ impl Vm {
             self.console.clone(),
             self.com1_irq.clone(),
         )?;
+        if !st.devices.disks.is_empty() {
+            let slots = self.disk_slots().ok_or(VmError::NoDiskSlots)?;
+            slots
+                .restore(&st.devices.disks, &self.config.disks)
+                .map_err(|source| VmError::Disk {
+                    slot: 0,
+                    op: "restore",
+                    source,
+                })?;
+        }
         tracing::info!(name = %self.config.name, elapsed_ms = elapsed_ns / 1_000_000, "vm state restored");
         Ok(())
     }

@@ -70,6 +70,30 @@ fn console_flood_is_bounded_and_the_vm_stays_controllable() {
 }
 
 #[test]
+fn guest_triple_fault_and_exit_port_stop_the_vm_cleanly() {
+    use vmm_node::StopReason;
+    let vm = start_test_guest(2, 16, &Workload::new(WorkloadKind::Crash));
+    let reason = vm
+        .wait_stopped(Duration::from_secs(20))
+        .expect("VM did not stop");
+    assert_eq!(reason, StopReason::GuestReset);
+    assert!(vm.console().text().contains("BOOT "));
+    assert!(vm.resume().is_err());
+    vm.destroy().unwrap();
+
+    let w = Workload {
+        seed: 7,
+        ..Workload::new(WorkloadKind::Exit)
+    };
+    let vm = start_test_guest(1, 16, &w);
+    let reason = vm
+        .wait_stopped(Duration::from_secs(20))
+        .expect("VM did not stop");
+    assert_eq!(reason, StopReason::GuestExit { code: 7 });
+    vm.destroy().unwrap();
+}
+
+#[test]
 fn missing_and_garbage_kernels_give_clear_errors() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();

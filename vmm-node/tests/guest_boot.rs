@@ -161,3 +161,32 @@ fn guest_exit_port_stops_the_vm_and_state_ops_then_fail_cleanly() {
     assert!(vm.save_state().is_err());
     vm.stop().unwrap(); // idempotent
 }
+
+#[test]
+fn concurrent_pause_resume_and_stop_do_not_deadlock() {
+    let vm = std::sync::Arc::new(start_test_guest(4, 32, &Workload::new(WorkloadKind::Idle)));
+    wait_heartbeats(
+        || vm.console().text(),
+        Duration::from_secs(20),
+        |h| !h.is_empty(),
+    );
+    let workers: Vec<_> = (0..3)
+        .map(|i| {
+            let vm = vm.clone();
+            std::thread::spawn(move || {
+                for _ in 0..200 {
+                    // Errors are expected once the VM is stopped; panics or hangs are not.
+                    let _ = if i % 2 == 0 { vm.pause() } else { vm.resume() };
+                    let _ = vm.status();
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    vm.stop().unwrap();
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert!(matches!(vm.status(), VmStatus::Stopped { .. }));
+    assert!(vm.resume().is_err());
+}

@@ -77,7 +77,9 @@ fn linux_config(kernel: PathBuf) -> VmConfig {
 #[test]
 fn vmlinux_boots_with_the_linux_protocol_and_prints_its_banner() {
     require_kvm();
-    let vm = Vm::create(linux_config(vmlinux())).expect("create Linux VM");
+    let mut cfg = linux_config(vmlinux());
+    cfg.vcpus = 2;
+    let vm = Vm::create(cfg).expect("create Linux VM");
     assert!(matches!(
         vm.boot_setup().unwrap().entry,
         BootEntry::Linux { entry: 0x100_0000 }
@@ -86,8 +88,10 @@ fn vmlinux_boots_with_the_linux_protocol_and_prints_its_banner() {
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
         let text = vm.console().text();
-        if text.contains("Linux version 6.") && text.contains("bootconsole") {
-            // Our e820 map and command line reached the kernel.
+        if text.contains("Linux version 6.") && text.contains("ACPI: APIC 0x00000000000E0400") {
+            // Our e820 map, command line and ACPI tables (MADT with both vCPUs) reached it.
+            assert!(text.contains("ACPI: RSDP 0x00000000000E0000"), "{text}");
+            assert!(text.contains("ACPI: FACP 0x00000000000E0100"), "{text}");
             assert!(
                 text.contains("Command line: console=ttyS0 earlyprintk=serial"),
                 "{text}"
@@ -103,7 +107,48 @@ fn vmlinux_boots_with_the_linux_protocol_and_prints_its_banner() {
         }
         assert!(
             Instant::now() < deadline,
-            "no Linux banner within 240 s; console:\n{text}"
+            "no Linux banner and ACPI tables within 240 s; console:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    vm.destroy().unwrap();
+}
+
+#[test]
+fn vmlinux_boots_through_its_pvh_entry() {
+    require_kvm();
+    let mut cfg = linux_config(vmlinux());
+    cfg.boot = BootProtocol::Pvh;
+    let vm = Vm::create(cfg).expect("create PVH Linux VM");
+    assert!(matches!(
+        vm.boot_setup().unwrap().entry,
+        BootEntry::Pvh {
+            test_guest: None,
+            ..
+        }
+    ));
+    vm.start().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let text = vm.console().text();
+        // start_info's command line, memory map and RSDP reached the kernel.
+        if text.contains("Linux version 6.") && text.contains("ACPI: APIC 0x00000000000E0400") {
+            assert!(
+                text.contains("Command line: console=ttyS0 earlyprintk=serial"),
+                "{text}"
+            );
+            assert!(
+                text.contains("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable"),
+                "{text}"
+            );
+            break;
+        }
+        if let VmStatus::Stopped { reason } = vm.status() {
+            panic!("Linux stopped ({reason:?}) early; console:\n{text}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no banner/ACPI within 240 s; console:\n{text}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -124,6 +124,13 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("reading {}", config.display()))?;
             let cfg: VmConfig = serde_json::from_str(&text)
                 .with_context(|| format!("parsing {}", config.display()))?;
+            // Disks need the virtio-blk slots installed (`Vm::install_disk_slots`) by the
+            // virtio module; this front end refuses rather than silently ignoring them.
+            anyhow::ensure!(
+                cfg.disks.is_empty(),
+                "{}: disks are configured but this vmm-node front end installs no virtio-blk slots",
+                config.display()
+            );
             let vm = Vm::create(cfg).context("creating VM")?;
             vm.start().context("starting VM")?;
             serve_and_wait(Arc::new(vm), control, console)

@@ -23,6 +23,29 @@ pub trait IrqLine: Send + Sync {
     fn trigger(&self);
 }
 
+/// Boxed error of a device provider (its own typed error inside).
+pub type DeviceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The virtio-blk slots of a VM as core sees them. Implemented by the virtio module (which
+/// owns the devices on the MMIO bus) and installed with `Vm::install_disk_slots`; core routes
+/// configuration, control commands, snapshots and migration hand-off through it.
+pub trait DiskSlots: Send + Sync {
+    /// Hot-add: open `disk.path` and attach it to slot `disk.slot` (config-change interrupt).
+    fn attach(&self, disk: &crate::config::DiskSlotConfig) -> Result<(), DeviceError>;
+    /// Hot-remove: flush and close the backend of `slot` (config-change interrupt).
+    fn detach(&self, slot: u8) -> Result<(), DeviceError>;
+    /// Flush and close every backend (source side of a migration).
+    fn detach_all(&self) -> Result<(), DeviceError>;
+    /// Device state of every slot, for snapshots and migration (VM paused).
+    fn save(&self) -> Vec<crate::state::DiskSlotState>;
+    /// Load saved slot states; `disks` are the slots' backing files to reopen (VM paused).
+    fn restore(
+        &self,
+        states: &[crate::state::DiskSlotState],
+        disks: &[crate::config::DiskSlotConfig],
+    ) -> Result<(), DeviceError>;
+}
+
 /// A device reached through x86 port I/O.
 pub trait PioDevice: Send {
     /// Guest `in` of `data.len()` bytes at `offset` from the device's first port.
