@@ -362,6 +362,12 @@ fn run(
     let mut round = 0u32;
     let mut wire_bytes = 0u64;
     let mut zero_skipped = 0u64;
+    // Prediction before anything moves: the whole guest at the hinted bandwidth, dirty
+    // rate not known yet (refined after every round).
+    let initial = conv.predict(map.total_bytes());
+    on_event(&MigrationEvent::Prediction(initial));
+    tracing::info!(vm = %req.vm_name, remaining_ms = initial.remaining.map(|d| d.as_millis() as u64),
+        "migration prediction before pre-copy");
     let mut first_prediction = None;
     let flag = &cancel.flag;
     let send_err = |e: TransportError| {
