@@ -61,7 +61,7 @@ static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 #define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *)&(x) = (v))
 
 /* ---- parameters ---- */
-enum { W_IDLE, W_DIRTY, W_MEM, W_DISK, W_BADIO, W_FLOOD, W_CRASH, W_EXIT };
+enum { W_IDLE, W_DIRTY, W_MEM, W_DISK, W_BADIO, W_FLOOD, W_CRASH, W_EXIT, W_RESET };
 static struct {
 	int workload;
 	u64 wss_mib, rate_mbps, seed, hb_ms, tsc_khz, vcpus, mem_mib;
@@ -171,6 +171,8 @@ static void parse_cmdline(const char *c)
 				P.workload = W_CRASH;
 			else if (vn == 4 && streq_n(v, "exit", 4))
 				P.workload = W_EXIT;
+			else if (vn == 5 && streq_n(v, "reset", 5))
+				P.workload = W_RESET;
 			else
 				P.workload = W_IDLE;
 		} else if (KEY("wss_mib"))
@@ -460,7 +462,7 @@ void bsp_main(struct hvm_start_info *si)
 	puts_("BOOT");
 	kv("vcpus", P.vcpus);
 	kv("mem_mib", P.mem_mib);
-	static const char *const names[] = { "idle", "dirty", "mem", "disk", "badio", "flood", "crash", "exit" };
+	static const char *const names[] = { "idle", "dirty", "mem", "disk", "badio", "flood", "crash", "exit", "reset" };
 	kvs("workload", names[P.workload]);
 	kv("wss_mib", (slice_bytes * P.vcpus) >> 20);
 	kv("tsc_khz", P.tsc_khz);
@@ -476,6 +478,8 @@ void bsp_main(struct hvm_start_info *si)
 		__asm__ volatile("ud2"); /* #UD with no IDT: triple fault */
 	if (P.workload == W_EXIT)
 		outl(EXIT_PORT, (u32)P.seed);
+	if (P.workload == W_RESET)
+		outb(0x64, 0xfe); /* i8042 CPU reset */
 	cpus_alive = 1;
 	go = 1;
 	run(0);

@@ -4,7 +4,7 @@
 //! ## Command line (`key=value`, space separated)
 //! | key | meaning | default |
 //! |---|---|---|
-//! | `workload` | `idle`, `dirty`, `mem` (fill + re-verify), `disk` (virtio-blk pattern), `badio` (ports/MMIO without device), `flood` (console flood), `crash` (`ud2` → triple fault), `exit` (exit port with code `seed`) | `idle` |
+//! | `workload` | `idle`, `dirty`, `mem` (fill + re-verify), `disk` (virtio-blk pattern), `badio` (ports/MMIO without device), `flood` (console flood), `crash` (`ud2` → triple fault), `exit` (exit port with code `seed`), `reset` (i8042 reset) | `idle` |
 //! | `wss_mib` | working set in MiB (split across vCPUs) | 16 |
 //! | `rate_mbps` | `dirty`: write rate in MB/s (all vCPUs together) | 100 |
 //! | `seed` | pattern seed for `mem` | 1 |
@@ -42,6 +42,8 @@ pub enum WorkloadKind {
     Crash,
     /// Writes `seed` to the exit port right after the BOOT line.
     Exit,
+    /// Resets the machine through the i8042 (0xfe to port 0x64) after the BOOT line.
+    Reset,
 }
 
 impl WorkloadKind {
@@ -55,6 +57,7 @@ impl WorkloadKind {
             WorkloadKind::Flood => "flood",
             WorkloadKind::Crash => "crash",
             WorkloadKind::Exit => "exit",
+            WorkloadKind::Reset => "reset",
         }
     }
 }

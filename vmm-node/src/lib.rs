@@ -7,6 +7,7 @@ pub mod boot;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod disk;
 pub mod facts;
 pub mod guest_protocol;
 #[allow(unsafe_code)]

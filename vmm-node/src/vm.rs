@@ -359,8 +359,13 @@ impl Vm {
         Ok(())
     }
 
-    /// Start a created VM (same as [`Vm::resume`]).
+    /// Start a created VM (then the same as [`Vm::resume`]). Refuses to start a VM whose
+    /// configuration lists disks when no virtio-blk slots were installed, rather than
+    /// running it without them.
     pub fn start(&self) -> Result<(), VmError> {
+        if !self.config.disks.is_empty() && self.disk_slots().is_none() {
+            return Err(VmError::NoDiskSlots);
+        }
         self.resume()
     }
 

@@ -70,7 +70,7 @@ fn console_flood_is_bounded_and_the_vm_stays_controllable() {
 }
 
 #[test]
-fn guest_triple_fault_and_exit_port_stop_the_vm_cleanly() {
+fn guest_triple_fault_exit_port_and_i8042_reset_stop_the_vm_cleanly() {
     use vmm_node::StopReason;
     let vm = start_test_guest(2, 16, &Workload::new(WorkloadKind::Crash));
     let reason = vm
@@ -90,6 +90,13 @@ fn guest_triple_fault_and_exit_port_stop_the_vm_cleanly() {
         .wait_stopped(Duration::from_secs(20))
         .expect("VM did not stop");
     assert_eq!(reason, StopReason::GuestExit { code: 7 });
+    vm.destroy().unwrap();
+
+    let vm = start_test_guest(1, 16, &Workload::new(WorkloadKind::Reset));
+    let reason = vm
+        .wait_stopped(Duration::from_secs(20))
+        .expect("VM did not stop");
+    assert_eq!(reason, StopReason::GuestReset);
     vm.destroy().unwrap();
 }
 

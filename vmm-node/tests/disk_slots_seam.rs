@@ -76,6 +76,8 @@ fn disk_slot_operations_are_routed_to_the_installed_slots() {
         })
         .unwrap_err();
     assert!(matches!(e, VmError::NoDiskSlots), "{e}");
+    // Configured disks but no slots: start refuses instead of ignoring the disks.
+    assert!(matches!(vm.start(), Err(VmError::NoDiskSlots)));
     let rec = Arc::new(Recorder::default());
     vm.install_disk_slots(rec.clone(), true).unwrap();
     vm.start().unwrap();

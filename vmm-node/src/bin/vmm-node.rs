@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use vmm_node::devices::virtio::{install_virtio_slots, raw_file_opener};
 use vmm_node::{StopReason, Vm, VmConfig};
 
 #[derive(Parser)]
@@ -124,14 +125,8 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("reading {}", config.display()))?;
             let cfg: VmConfig = serde_json::from_str(&text)
                 .with_context(|| format!("parsing {}", config.display()))?;
-            // Disks need the virtio-blk slots installed (`Vm::install_disk_slots`) by the
-            // virtio module; this front end refuses rather than silently ignoring them.
-            anyhow::ensure!(
-                cfg.disks.is_empty(),
-                "{}: disks are configured but this vmm-node front end installs no virtio-blk slots",
-                config.display()
-            );
             let vm = Vm::create(cfg).context("creating VM")?;
+            install_virtio_slots(&vm, raw_file_opener(), true).context("attaching disks")?;
             vm.start().context("starting VM")?;
             serve_and_wait(Arc::new(vm), control, console)
         }
@@ -149,8 +144,10 @@ fn main() -> anyhow::Result<()> {
             console,
         } => {
             let _ = vmm_node::facts::host_facts();
-            let vm = vmm_node::snapshot::restore(&snapshot)
-                .with_context(|| format!("restoring {}", snapshot.display()))?;
+            let vm = vmm_node::snapshot::restore_with(&snapshot, |vm| {
+                install_virtio_slots(vm, raw_file_opener(), false).map(|_| ())
+            })
+            .with_context(|| format!("restoring {}", snapshot.display()))?;
             vm.resume().context("resuming VM")?;
             serve_and_wait(Arc::new(vm), control, console)
         }

@@ -1,0 +1,339 @@
+//! Benchmark: 16 nodes × 2,000 VMs. Prints plan computation times (against the cost of merely validating the
+//! snapshot, measured in the same run), drain makespan against the link lower bound Σ memory / bandwidth, and
+//! balancing results against a lower bound on the best achievable maximum utilisation.
+//!
+//! Run: `cargo run --release -p scheduler --bin scheduler-bench [-- iterations]`
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use scheduler::{
+    balance, drain, failover, Aggressiveness, BalanceMode, ClusterSnapshot, CpuVendor, Node,
+    NodeId, NodeState, Policy, PowerPolicy, RestartPriority, Vm, VmId, VmState,
+};
+
+const NODES: u64 = 16;
+const VMS: u64 = 2_000;
+const NODE_MEMORY_MIB: u64 = 1_048_576;
+const RESERVED_MIB: u64 = 16_384;
+const BANDWIDTH_MIB_PER_S: u64 = 1_200;
+
+/// splitmix64, so the cluster is the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Nodes 1-8 Intel on 10.0.2.0/24, 9-16 AMD on 10.0.3.0/24; node loads skewed from ~35 % to ~85 %.
+fn cluster(balance: BalanceMode, limit: u32) -> ClusterSnapshot {
+    cluster_with(balance, limit, Aggressiveness::Medium)
+}
+
+fn cluster_with(
+    balance: BalanceMode,
+    limit: u32,
+    aggressiveness: Aggressiveness,
+) -> ClusterSnapshot {
+    let mut r = Rng(42);
+    let nodes: Vec<Node> = (1..=NODES)
+        .map(|i| Node {
+            id: NodeId(i),
+            state: NodeState::Up,
+            cpus_logical: 192,
+            memory_mib: NODE_MEMORY_MIB,
+            reserved_memory_mib: RESERVED_MIB,
+            cpu_vendor: if i <= 8 {
+                CpuVendor::Intel
+            } else {
+                CpuVendor::Amd
+            },
+            cpu_features: ["aes", "avx2"].iter().map(|s| s.to_string()).collect(),
+            management_subnet: "10.0.1.0/24".parse().expect("valid subnet"),
+            migration_subnet: if i <= 8 { "10.0.2.0/24" } else { "10.0.3.0/24" }
+                .parse()
+                .expect("valid subnet"),
+            power: PowerPolicy::MayPowerOff,
+            migration_bandwidth_mib_per_s: BANDWIDTH_MIB_PER_S,
+        })
+        .collect();
+    let usable = NODE_MEMORY_MIB - RESERVED_MIB;
+    // Target load per node: 35 % .. 85 %.
+    let target: Vec<u64> = (0..NODES)
+        .map(|i| usable * (35 + (i * 7) % 51) / 100)
+        .collect();
+    let mut used = vec![0u64; NODES as usize];
+    let mut vms = Vec::new();
+    let sizes = [1_024, 2_048, 4_096, 4_096, 8_192, 8_192];
+    for k in 0..VMS {
+        let memory_mib = sizes[r.below(sizes.len() as u64) as usize];
+        // Node with the largest remaining gap to its target load.
+        let n = (0..NODES as usize)
+            .max_by_key(|&i| {
+                (
+                    i128::from(target[i]) - i128::from(used[i]),
+                    std::cmp::Reverse(i),
+                )
+            })
+            .unwrap_or(0);
+        used[n] += memory_mib;
+        let mut anti_affinity = std::collections::BTreeSet::new();
+        if r.below(100) < 5 {
+            anti_affinity.insert(format!("class-{}", r.below(20)));
+        }
+        vms.push(Vm {
+            id: VmId(format!("vm-{k:04}")),
+            vcpus: 1 + r.below(4) as u32,
+            memory_mib,
+            node: NodeId(n as u64 + 1),
+            state: VmState::Running,
+            restart_priority: [
+                RestartPriority::High,
+                RestartPriority::Medium,
+                RestartPriority::Low,
+            ][r.below(3) as usize],
+            anti_affinity,
+            preferred_owners: Vec::new(),
+            dirty_rate_mib_per_s: r.below(40),
+            live_migratable: r.below(100) >= 2,
+            cpu_features: ["aes"].iter().map(|s| s.to_string()).collect(),
+        });
+    }
+    ClusterSnapshot {
+        nodes,
+        vms,
+        migrations: Vec::new(),
+        policy: Policy {
+            max_live_migrations_per_node: limit,
+            balance,
+            aggressiveness,
+            ..Policy::default()
+        },
+    }
+}
+
+/// Median and minimum of `iters` runs of `f`.
+fn time<T>(iters: u32, mut f: impl FnMut() -> T) -> (Duration, Duration, T) {
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..iters {
+        let t = Instant::now();
+        last = Some(f());
+        times.push(t.elapsed());
+    }
+    times.sort();
+    (
+        times[times.len() / 2],
+        times[0],
+        last.expect("at least one iteration"),
+    )
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Lower bound on the best maximum utilisation reachable by live migration: each (vendor, migration subnet)
+/// group can at best spread its load evenly, and no node sheds VMs that cannot live-migrate.
+fn util_lower_bound_bp(snap: &ClusterSnapshot) -> u64 {
+    let usable = |n: &Node| {
+        (n.memory_mib - n.reserved_memory_mib) * u64::from(snap.policy.memory_overcommit_percent)
+            / 100
+    };
+    let mut groups: BTreeMap<(CpuVendor, String), (u64, u64)> = BTreeMap::new();
+    let mut pinned: BTreeMap<NodeId, u64> = BTreeMap::new();
+    for n in &snap.nodes {
+        let g = groups
+            .entry((n.cpu_vendor, n.migration_subnet.to_string()))
+            .or_default();
+        g.1 += usable(n);
+    }
+    for v in &snap.vms {
+        let n = snap
+            .nodes
+            .iter()
+            .find(|n| n.id == v.node)
+            .expect("VM on a known node");
+        groups
+            .get_mut(&(n.cpu_vendor, n.migration_subnet.to_string()))
+            .expect("group exists")
+            .0 += v.memory_mib;
+        if !v.live_migratable {
+            *pinned.entry(n.id).or_default() += v.memory_mib;
+        }
+    }
+    let even = groups
+        .values()
+        .map(|&(u, c)| u * 10_000 / c)
+        .max()
+        .unwrap_or(0);
+    let pinned_max = snap
+        .nodes
+        .iter()
+        .map(|n| pinned.get(&n.id).copied().unwrap_or(0) * 10_000 / usable(n))
+        .max()
+        .unwrap_or(0);
+    even.max(pinned_max)
+}
+
+fn main() {
+    let iters: u32 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(50);
+    println!(
+        "scheduler-bench: {NODES} nodes x {VMS} VMs, {iters} iterations per figure (median / min)"
+    );
+
+    let snap = cluster(BalanceMode::EvenDistribution, 1);
+    let (med, min, _) = time(iters, || snap.validate());
+    println!(
+        "baseline   validate snapshot only        {:>8.3} ms / {:>8.3} ms",
+        ms(med),
+        ms(min)
+    );
+
+    // Drain the most loaded node.
+    let heaviest = (1..=NODES)
+        .map(NodeId)
+        .max_by_key(|&id| {
+            (
+                snap.vms
+                    .iter()
+                    .filter(|v| v.node == id)
+                    .map(|v| v.memory_mib)
+                    .sum::<u64>(),
+                std::cmp::Reverse(id),
+            )
+        })
+        .expect("nodes exist");
+    for limit in [1, 2] {
+        let s = cluster(BalanceMode::EvenDistribution, limit);
+        let (med, min, plan) = time(iters, || drain(&s, heaviest, 0).expect("drain plans"));
+        let live = plan
+            .moves()
+            .filter(|m| m.kind == scheduler::MoveKind::Live)
+            .count();
+        let quick = plan.moves().count() - live;
+        let bound = plan.lower_bound_ms.max(1);
+        println!(
+            "drain      {heaviest} (limit {limit})          {:>8.3} ms / {:>8.3} ms   moves {} ({} live, {} quick), {} unmovable, {} waves",
+            ms(med), ms(min), plan.moves().count(), live, quick, plan.unmovable.len(), plan.waves.len()
+        );
+        let live_mib: u64 = plan
+            .moves()
+            .filter(|m| m.kind == scheduler::MoveKind::Live)
+            .map(|m| {
+                s.vms
+                    .iter()
+                    .find(|v| v.id == m.vm)
+                    .map_or(0, |v| v.memory_mib)
+            })
+            .sum();
+        let live_ms: u64 = plan
+            .moves()
+            .filter(|m| m.kind == scheduler::MoveKind::Live)
+            .map(|m| m.duration_ms())
+            .sum();
+        let live_bound = live_mib * 1000 / BANDWIDTH_MIB_PER_S;
+        println!(
+            "           makespan {:.1} s, lower bound Σmem/bw {:.1} s, ratio {:.3} (live moves alone: {:.3}; quick moves cost 2·m/b by model)",
+            (plan.finish_ms as f64) / 1000.0,
+            bound as f64 / 1000.0,
+            plan.finish_ms as f64 / bound as f64,
+            live_ms as f64 / live_bound.max(1) as f64
+        );
+    }
+
+    // Failover of the most loaded node.
+    let mut down = snap.clone();
+    if let Some(n) = down.nodes.iter_mut().find(|n| n.id == heaviest) {
+        n.state = NodeState::Down;
+    }
+    let (med, min, plan) = time(iters, || failover(&down, heaviest).expect("failover plans"));
+    println!(
+        "failover   {heaviest}                    {:>8.3} ms / {:>8.3} ms   restarts {}, refused {}",
+        ms(med),
+        ms(min),
+        plan.restarts.len(),
+        plan.not_restarted.len()
+    );
+
+    let lb = util_lower_bound_bp(&snap);
+    for (mode, aggr, name) in [
+        (
+            BalanceMode::EvenDistribution,
+            Aggressiveness::Low,
+            "even (low, 80 %)",
+        ),
+        (
+            BalanceMode::EvenDistribution,
+            Aggressiveness::Medium,
+            "even (medium, 70 %)",
+        ),
+        (
+            BalanceMode::EvenDistribution,
+            Aggressiveness::High,
+            "even (high, 60 %)",
+        ),
+        (
+            BalanceMode::PowerSaving,
+            Aggressiveness::Medium,
+            "power saving (80 %)",
+        ),
+        (
+            BalanceMode::PowerSaving,
+            Aggressiveness::High,
+            "power saving (90 %)",
+        ),
+    ] {
+        let s = cluster_with(mode, 1, aggr);
+        let (med, min, plan) = time(iters, || balance(&s, 0).expect("balance plans"));
+        println!(
+            "balance    {name:<22}    {:>8.3} ms / {:>8.3} ms   moves {}, moved {} GiB, max util {:.1} % -> {:.1} % (lower bound {:.1} %), spread {:.1} -> {:.1} pts, nodes that may power off {}",
+            ms(med),
+            ms(min),
+            plan.moves_count,
+            plan.moved_memory_mib / 1024,
+            plan.max_util_before_bp as f64 / 100.0,
+            plan.max_util_after_bp as f64 / 100.0,
+            lb as f64 / 100.0,
+            plan.spread_before_bp as f64 / 100.0,
+            plan.spread_after_bp as f64 / 100.0,
+            plan.empty_nodes_may_power_off.len()
+        );
+        if mode == BalanceMode::PowerSaving {
+            let fill = u128::from(aggr.consolidation_fill_bp());
+            let cap = u128::from(NODE_MEMORY_MIB - RESERVED_MIB);
+            let mut group_used: BTreeMap<CpuVendor, u128> = BTreeMap::new();
+            let mut pinned_nodes = std::collections::BTreeSet::new();
+            for v in &s.vms {
+                let n = s.nodes.iter().find(|n| n.id == v.node).expect("known node");
+                *group_used.entry(n.cpu_vendor).or_default() += u128::from(v.memory_mib);
+                if !v.live_migratable {
+                    pinned_nodes.insert(v.node);
+                }
+            }
+            let need: u128 = group_used
+                .values()
+                .map(|&u| (u * 10_000).div_ceil(fill * cap))
+                .sum();
+            println!(
+                "           nodes left running {}, lower bound {} (= max of capacity bound {} and {} nodes holding a VM that cannot live-migrate)",
+                NODES as usize - plan.empty_nodes_may_power_off.len(),
+                need.max(pinned_nodes.len() as u128),
+                need,
+                pinned_nodes.len()
+            );
+        }
+    }
+}
