@@ -131,6 +131,28 @@ fn bad_input_is_refused_and_changes_nothing() {
         h.a.detach_disk("dup", &disk.name),
         Err(VmHostError::DiskNotAttached { .. })
     ));
+    // A kernel that does not exist: a clear error naming the VM, nothing registered.
+    let mut k = disk_guest("kern", vec![]);
+    k.boot = cluster_agent::vmhost::BootSpec::Kernel {
+        kernel: "/nonexistent/vmlinux".into(),
+        cmdline: "console=ttyS0".into(),
+        initrd: None,
+    };
+    let e = h.a.start(k, &[]).unwrap_err();
+    assert!(
+        matches!(e, VmHostError::Vm { ref vm, .. } if vm == "kern"),
+        "{e}"
+    );
+    assert!(matches!(h.a.state("kern"), Err(VmHostError::NotFound(_))));
+    // Migration and quick migration of unknown VMs / to unknown volumes.
+    let to: std::net::SocketAddr = "127.0.2.9:1".parse().unwrap();
+    assert!(matches!(
+        h.a.migrate_out("nope", NODE_B, to, Default::default(), h.locks.clone()),
+        Err(VmHostError::NotFound(_))
+    ));
+    let e = h.a.quick_save("dup", "novolume", NODE_B).unwrap_err();
+    assert!(matches!(e, VmHostError::Volume { .. }), "{e}");
+    assert_eq!(h.a.state("dup").unwrap().status, VmStatus::Running);
     // The lock of the disk is untouched by all this.
     assert_eq!(h.locks.owner(&disk.name).map(|o| o.0), Some(NODE_B));
     h.a.stop("dup").unwrap();

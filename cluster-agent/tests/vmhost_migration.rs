@@ -79,6 +79,25 @@ fn live_migration_with_disk_handoff() {
         .unwrap();
     // Another operation while migrating is refused.
     assert!(matches!(h.a.stop("live"), Err(VmHostError::Busy(_))));
+    // Read the progress stream the way a progress bar would, until the worker ends.
+    let mut phases = Vec::new();
+    let mut progress = Vec::new();
+    loop {
+        match handle.progress.recv_timeout(WAIT) {
+            Ok(MigrationEvent::Phase(p)) => phases.push(p),
+            Ok(MigrationEvent::Progress(p)) => progress.push(p),
+            Ok(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(e) => panic!("progress stream stalled: {e}"),
+        }
+    }
+    for p in ["setup", "pre-copy", "stop-and-copy", "storage-handoff"] {
+        assert!(phases.contains(&p), "phase {p} missing from {phases:?}");
+    }
+    assert!(!progress.is_empty());
+    assert!(progress
+        .windows(2)
+        .all(|w| w[1].bytes_sent >= w[0].bytes_sent));
     let report = handle.wait().expect("migration");
     assert!(report.receipt_matches(), "{:?}", report.stats);
     assert_eq!(report.stats.target_digest, Some(report.stats.source_digest));
@@ -272,4 +291,57 @@ fn quick_migration_through_the_shared_volume() {
     assert!(matches!(e, VmHostError::Quick { .. }), "{e}");
     assert_eq!(h.b.list().len(), 1);
     h.b.stop("quick").unwrap();
+}
+
+#[test]
+fn memory_pattern_guest_migrates_there_and_back() {
+    let h = TwoHosts::new();
+    let to_b = listen(&h.b, &h, "127.0.2.5", ReceiveOptions::default());
+    let to_a = listen(&h.a, &h, "127.0.2.6", ReceiveOptions::default());
+    let mut w = TestWorkload::new(WorkloadName::Mem);
+    w.wss_mib = 32;
+    h.a.start(VmSpec::test_guest("mem", 2, 64, w), &[]).unwrap();
+    wait_hb(&h.a, "mem", |hb| {
+        hb.last()
+            .is_some_and(|l| l.mem == "ok" && l.mem_passes >= 2)
+    });
+    let mut all = Vec::new();
+    let hops = [(&h.a, &h.b, NODE_B, &to_b), (&h.b, &h.a, NODE_A, &to_a)];
+    for (from, to, to_node, listener) in hops {
+        let console = from.console("mem").unwrap();
+        let report = from
+            .migrate_out(
+                "mem",
+                to_node,
+                listener.local_addr(),
+                opts(),
+                h.locks.clone(),
+            )
+            .unwrap()
+            .wait()
+            .expect("migration");
+        assert!(report.receipt_matches(), "{:?}", report.stats);
+        assert!(report.handed_off.is_empty());
+        assert!(matches!(
+            wait_event(listener),
+            IncomingEvent::Arrived { .. }
+        ));
+        assert!(matches!(from.state("mem"), Err(VmHostError::NotFound(_))));
+        all.extend(drained(console));
+        let passes = last(&all).mem_passes;
+        wait_hb(to, "mem", |hb| {
+            hb.last()
+                .is_some_and(|l| l.mem == "ok" && l.mem_passes >= passes + 2)
+        });
+    }
+    let after = heartbeats(&console_text(&h.a, "mem"));
+    all.extend(after.iter().cloned());
+    assert_continuous(&all);
+    assert!(
+        all.iter().all(|x| x.mem_errors == 0 && x.mem != "bad"),
+        "{:?}",
+        last(&all)
+    );
+    assert_eq!(last(&all).cpus, 2);
+    h.a.stop("mem").unwrap();
 }

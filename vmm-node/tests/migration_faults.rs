@@ -311,3 +311,51 @@ fn guest_dirtying_faster_than_allowed_converges_with_throttle_or_stays_on_source
         assert_continuous(&hb, false);
     }
 }
+
+#[test]
+fn target_killed_after_storage_handoff_gives_the_disk_back_to_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk0.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let mut cfg = guest_config(1, 64, &Workload::new(WorkloadKind::Disk));
+    cfg.disks = vec![vmm_node::DiskSlotConfig {
+        slot: 0,
+        path: image,
+        read_only: false,
+    }];
+    let passes = |h: &vmm_node::guest_protocol::Heartbeat| -> u64 {
+        h.fields
+            .get("disk_passes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let src = spawn_source(dir.path(), "src", &cfg);
+    let hb = wait_heartbeats(
+        || src.console(),
+        Duration::from_secs(30),
+        |h| h.last().is_some_and(|h| h.disk == "ok" && passes(h) >= 2),
+    );
+    let before = passes(hb.last().unwrap());
+    // The target dies after it acquired and opened the disk, before reporting ready.
+    let (mut tgt, addr) = spawn_target(
+        dir.path(),
+        "tgt",
+        "127.0.2.2",
+        &[],
+        &[("VMM_NODE_MIGRATION_FAILPOINT", "before-resume")],
+    );
+    let r = migrate(&src, addr, json!({}));
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(tgt.wait_exit(Duration::from_secs(10)).is_some());
+    assert_eq!(src.status(), "running");
+    let hb = wait_heartbeats(
+        || src.console(),
+        Duration::from_secs(30),
+        |h| {
+            h.last()
+                .is_some_and(|h| h.disk == "ok" && passes(h) >= before + 3)
+        },
+    );
+    assert_continuous(&hb, false);
+    assert!(hb.iter().all(|h| h.disk != "bad"), "{:?}", hb.last());
+}

@@ -144,3 +144,57 @@ fn back_and_forth_twenty_times_then_verify() {
     assert_eq!(last.mem, "ok");
     assert_eq!(last.cpus, 2);
 }
+
+fn disk_passes(h: &vmm_node::guest_protocol::Heartbeat) -> u64 {
+    h.fields
+        .get("disk_passes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn disk_pattern_guest_migrates_with_its_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk0.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let mut cfg = guest_config(1, 64, &Workload::new(WorkloadKind::Disk));
+    cfg.disks = vec![vmm_node::DiskSlotConfig {
+        slot: 0,
+        path: image.clone(),
+        read_only: false,
+    }];
+    let mut src = spawn_source(dir.path(), "src", &cfg);
+    let first = wait_heartbeats(
+        || src.console(),
+        Duration::from_secs(30),
+        |h| {
+            h.last()
+                .is_some_and(|h| h.disk == "ok" && disk_passes(h) >= 2)
+        },
+    );
+    let passes_before = disk_passes(first.last().unwrap());
+    let (mut tgt, addr) = spawn_target(dir.path(), "tgt", "127.0.2.2", &[], &[]);
+    let r = migrate(&src, addr, json!({}));
+    assert_eq!(r["ok"], true, "migrate failed: {r}");
+    assert_eq!(r["stats"]["receipt_matches"], true, "{r}");
+    assert!(
+        src.wait_exit(Duration::from_secs(10)).is_some(),
+        "source did not exit"
+    );
+    wait_target_running(&mut tgt);
+    let before = r["console"].as_str().unwrap().to_string();
+    let after = wait_heartbeats(
+        || tgt.console(),
+        Duration::from_secs(30),
+        |h| h.len() >= 3 && h.last().is_some_and(|h| disk_passes(h) > passes_before + 2),
+    );
+    let all = stitched(&before, &tgt.console());
+    assert_continuous(&all, false);
+    assert!(
+        all.iter().all(|h| h.disk != "bad"),
+        "disk pattern failed: {:?}",
+        all.last()
+    );
+    let last = after.last().unwrap();
+    assert_eq!(last.disk, "ok", "{last:?}");
+}

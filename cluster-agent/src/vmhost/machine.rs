@@ -461,13 +461,16 @@ impl HostedVm {
         grants: &[LockGrant],
         open: impl FnMut(&DiskSpec, &LockGrant) -> Result<SharedDisk, VmHostError>,
     ) -> Result<(), VmHostError> {
-        let st: VmState =
+        let mut st: VmState =
             state_opts()
                 .deserialize(blob)
                 .map_err(|source| VmHostError::StateCodec {
                     vm: self.spec.name.clone(),
                     source,
                 })?;
+        // The slots are this module's (no `DiskSlots` is installed in the `Vm`: opening a
+        // disk needs its grant), so the VM restores everything but them.
+        let disks = std::mem::take(&mut st.devices.disks);
         self.vm
             .restore_state(&st)
             .map_err(|source| VmHostError::Vm {
@@ -475,7 +478,7 @@ impl HostedVm {
                 op: "restore state",
                 source,
             })?;
-        self.restore_slots(&st.devices.disks, layout, grants, open)
+        self.restore_slots(&disks, layout, grants, open)
     }
 
     /// Detaches every disk for `why`, returning the lock commands. If one fails, the

@@ -8,7 +8,7 @@ use csv_volume::{DiskName, VolumeRegistry};
 use serde::{Deserialize, Serialize};
 use vmm_node::config::{CMDLINE_BYTES_MAX, VCPUS_MAX, VIRTIO_BLK_SLOTS};
 use vmm_node::guest_protocol::{Workload, WorkloadKind};
-use vmm_node::{BootProtocol, DiskSlotConfig, VmConfig};
+use vmm_node::{BootProtocol, VmConfig};
 
 /// Longest VM name.
 pub const VM_NAME_BYTES_MAX: usize = 64;
@@ -265,8 +265,9 @@ impl VmSpec {
         Ok(())
     }
 
-    /// The vmm-node configuration: disk `i` in slot `i`, its path resolved on `registry`
-    /// (informational: the disks themselves are opened through the lock grants).
+    /// The vmm-node configuration. It lists no disks: vmhost opens them through their
+    /// lock grants into the slots it owns (disk `i` in slot `i`); each name must resolve
+    /// on `registry`.
     pub fn to_config(
         &self,
         registry: &VolumeRegistry,
@@ -290,19 +291,16 @@ impl VmSpec {
                 BootProtocol::Auto,
             ),
         };
-        let mut disks = Vec::with_capacity(self.disks.len());
-        for (slot, d) in self.disks.iter().enumerate() {
-            let path = registry.disk_path(&d.name).map_err(|source| {
-                crate::vmhost::VmHostError::Volume {
+        // The disks are opened by vmhost through their grants and put in slots vmhost
+        // owns, so the VMM config lists none (vmm-node refuses to start a config with disks
+        // unless its own `DiskSlots` is installed). Their names must still resolve.
+        for d in &self.disks {
+            registry
+                .disk_path(&d.name)
+                .map_err(|source| crate::vmhost::VmHostError::Volume {
                     disk: d.name.to_string(),
                     source,
-                }
-            })?;
-            disks.push(DiskSlotConfig {
-                slot: slot as u8,
-                path,
-                read_only: d.read_only,
-            });
+                })?;
         }
         Ok(VmConfig {
             name: self.name.clone(),
@@ -312,7 +310,7 @@ impl VmSpec {
             initramfs,
             cmdline,
             boot,
-            disks,
+            disks: Vec::new(),
         })
     }
 }

@@ -93,15 +93,15 @@ impl SourceVm for LocalSource {
         Ok(state_opts().serialize(&st)?)
     }
     fn detach_disks(&self) -> Result<(), OpError> {
-        // Disk slots are not part of this crate's `Vm` yet (virtio-blk integration is
-        // pending); a VM without disks has nothing to flush or close.
-        if self.vm.config().disks.is_empty() {
-            Ok(())
-        } else {
-            Err("this VM has disks but the VMM cannot detach them yet".into())
-        }
+        // Flush + close every slot (a VM without disk slots has nothing to do).
+        Ok(self.vm.detach_all_disks()?)
     }
     fn reattach_disks(&self) -> Result<(), OpError> {
+        // Rollback: reopen the configured disks (disks hot-added after boot are not in the
+        // config; the cluster-agent re-attaches those through its own records).
+        for d in &self.vm.config().disks {
+            self.vm.attach_disk(d)?;
+        }
         Ok(())
     }
 }
@@ -112,9 +112,22 @@ impl SourceVm for LocalSource {
 #[derive(Default)]
 pub struct LocalFactory {
     last: Mutex<Weak<Vm>>,
+    install_disk_slots: Option<DiskSlotsInstaller>,
 }
 
+/// Installs a new target VM's virtio-blk slots (without attaching: `restore_state` reopens
+/// the disks of the saved state). Supplied by the code that owns the virtio devices.
+pub type DiskSlotsInstaller = Arc<dyn Fn(&Vm) -> Result<(), OpError> + Send + Sync>;
+
 impl LocalFactory {
+    /// A factory that installs disk slots into every VM it builds.
+    pub fn with_disk_slots(installer: DiskSlotsInstaller) -> Self {
+        LocalFactory {
+            last: Mutex::new(Weak::new()),
+            install_disk_slots: Some(installer),
+        }
+    }
+
     /// The VM built by the last session, if something still holds it.
     pub fn last_vm(&self) -> Option<Arc<Vm>> {
         self.last
@@ -146,6 +159,15 @@ impl TargetFactory for LocalFactory {
     fn create_paused(&self, config_blob: &[u8]) -> Result<Box<dyn TargetVm>, OpError> {
         let config: VmConfig = serde_json::from_slice(config_blob)?;
         let vm = Arc::new(Vm::new_paused(config)?);
+        match &self.install_disk_slots {
+            Some(install) => install(&vm)?,
+            None if !vm.config().disks.is_empty() => {
+                return Err(
+                    "the VM has disks but this node was started without virtio-blk slots".into(),
+                )
+            }
+            None => {}
+        }
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(&vm);
         Ok(Box::new(LocalTarget(vm)))
     }

@@ -99,7 +99,17 @@ pub fn receive_vm(args: &ReceiveArgs) -> Result<Arc<Vm>, MigrationError> {
         let _ = writeln!(out, "{LISTEN_LINE_PREFIX}{bound}");
         let _ = out.flush();
     }
-    let factory = LocalFactory::default();
+    // The target's disk slots reopen the VM's raw image files on `restore_state`, after
+    // the storage handoff (the cluster-agent passes its own opener for fenced disks).
+    let factory = LocalFactory::with_disk_slots(Arc::new(|vm: &Vm| {
+        crate::devices::virtio::install_virtio_slots(
+            vm,
+            crate::devices::virtio::raw_file_opener(),
+            false,
+        )
+        .map(|_| ())
+        .map_err(Into::into)
+    }));
     let received = serve(&listener, &factory, &NoHandoff, &opts)?;
     let vm = factory.last_vm().ok_or(MigrationError::InvalidOptions(
         "the received VM vanished".into(),

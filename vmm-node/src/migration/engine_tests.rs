@@ -353,6 +353,14 @@ fn idle_guest_moves_with_identical_memory_and_receipt() {
         log.contains("release sim") && log.contains("acquire sim"),
         "{log}"
     );
+    // A prediction was made before the first round finished.
+    let first_pred = ev
+        .iter()
+        .position(|e| matches!(e, MigrationEvent::Prediction(p) if p.remaining.is_some()));
+    let first_prog = ev
+        .iter()
+        .position(|e| matches!(e, MigrationEvent::Progress(_)));
+    assert!(first_pred.unwrap() < first_prog.unwrap(), "{ev:?}");
     // Progress never went backwards and ended at 100 %.
     let prog: Vec<_> = ev
         .iter()

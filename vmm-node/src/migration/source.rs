@@ -151,6 +151,7 @@ pub fn migrate(
     opts.validate()?;
     let mut undo = Undo::default();
     let mut committed = false;
+    let mut control: Option<TcpStream> = None;
     let result = run(
         vm,
         target,
@@ -160,6 +161,7 @@ pub fn migrate(
         on_event,
         &mut undo,
         &mut committed,
+        &mut control,
     );
     cancel.clear();
     match result {
@@ -172,6 +174,17 @@ pub fn migrate(
                 e
             };
             tracing::warn!(error = %e, "migration failed; rolling back to the source");
+            if let Some(mut ctl) = control {
+                // Best effort: tell the target why, so it discards its copy with a reason.
+                let _ = ctl.set_write_timeout(Some(Duration::from_millis(200)));
+                let reason = super::target::error_chain(&e);
+                let end = reason.len().min(super::protocol::MAX_REASON_BYTES);
+                let mut end = end;
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let _ = write_frame(&mut ctl, Command::Cancel, &reason.as_bytes()[..end]);
+            }
             match rollback(vm, handoff, &undo) {
                 Ok(()) => Err(e),
                 Err(r) => Err(MigrationError::RollbackFailed {
@@ -260,6 +273,7 @@ fn run(
     on_event: &mut dyn FnMut(&MigrationEvent),
     undo: &mut Undo,
     committed: &mut bool,
+    control: &mut Option<TcpStream>,
 ) -> Result<MigrationStats, MigrationError> {
     let start = Instant::now();
     let req = vm.requirements();
@@ -295,6 +309,7 @@ fn run(
             addr: target,
             source,
         })?;
+    *control = ctl.try_clone().ok();
     let session_id = (start.elapsed().as_nanos() as u64)
         ^ u64::from(std::process::id()) << 32
         ^ std::time::SystemTime::now()
@@ -347,6 +362,12 @@ fn run(
     let mut round = 0u32;
     let mut wire_bytes = 0u64;
     let mut zero_skipped = 0u64;
+    // Prediction before anything moves: the whole guest at the hinted bandwidth, dirty
+    // rate not known yet (refined after every round).
+    let initial = conv.predict(map.total_bytes());
+    on_event(&MigrationEvent::Prediction(initial));
+    tracing::info!(vm = %req.vm_name, remaining_ms = initial.remaining.map(|d| d.as_millis() as u64),
+        "migration prediction before pre-copy");
     let mut first_prediction = None;
     let flag = &cancel.flag;
     let send_err = |e: TransportError| {
