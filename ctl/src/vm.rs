@@ -17,7 +17,7 @@ use crate::{Cli, Format};
 #[derive(Debug, Subcommand)]
 pub enum VmCmd {
     /// Define a VM (and start it on the node the scheduler picks unless --no-start).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Start a stopped VM on the node the scheduler picks.
     Start { name: String },
     /// Stop a VM (its owner stops it and reports Stopped).

@@ -1,0 +1,106 @@
+//! `clusterctl vm ...` and `clusterctl node why-not` against a real one-node cluster.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use cluster_tests::{locate_binary, Cluster, Options};
+
+fn ctl(endpoint: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_clusterctl"))
+        .arg("--endpoint")
+        .arg(endpoint)
+        .args(args)
+        .env_remove("CLUSTERCTL_ENDPOINT")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run clusterctl: {e}"))
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn show_json(ep: &str, name: &str) -> serde_json::Value {
+    let o = ctl(ep, &["-o", "json", "vm", "show", name]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_commands_against_a_real_agent() {
+    let _serial = cluster_tests::serial().await;
+    let bin = locate_binary("cluster-agent", "cluster-agent").unwrap_or_else(|e| panic!("{e}"));
+    let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
+    c.add_node(1).unwrap_or_else(|e| panic!("{e}"));
+    c.start(1).await.unwrap_or_else(|e| panic!("{e}"));
+    let ep = c
+        .spec(1)
+        .map(|s| s.mgmt_addr.to_string())
+        .unwrap_or_default();
+    let o = ctl(&ep, &["cluster", "init"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+
+    let o = ctl(&ep, &["vm", "create", "web1", "--memory-mib", "64", "--wss-mib", "8"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("web1") && out.contains("owner"), "{out}");
+
+    let start = Instant::now();
+    loop {
+        let v = show_json(&ep, "web1");
+        if v["runtime"] == "running" {
+            assert_eq!(v["owner_id"], 1);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "web1 never ran: {v}\n{}",
+            c.log_tail(1, 30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let o = ctl(&ep, &["vm", "list"]);
+    let (out, _) = text(&o);
+    assert!(out.contains("NAME") && out.contains("web1") && out.contains("running"), "{out}");
+
+    let o = ctl(&ep, &["vm", "console", "web1", "--follow", "--max-lines", "3"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("HB seq=") && out.contains("mem=ok"), "{out}");
+
+    // Bad input: one sentence on stderr, exit 1, nothing changed.
+    for (args, needle) in [
+        (vec!["vm", "create", "web1"], "already exists"),
+        (vec!["vm", "create", "x", "--vcpus", "0"], "vcpus"),
+        (vec!["vm", "create", "x", "--workload", "spin"], "workload"),
+        (vec!["vm", "stop", "ghost"], "no VM named \"ghost\""),
+        (vec!["vm", "delete", "web1"], "stop it before deleting"),
+        (vec!["node", "why-not", "web1", "7"], "7"),
+    ] {
+        let o = ctl(&ep, &args);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.starts_with("clusterctl: error: ") && err.contains(needle), "{args:?}: {err}");
+    }
+    let o = ctl(&ep, &["node", "why-not", "web1", "1"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("web1") && out.contains("node 1"), "{out}");
+
+    let o = ctl(&ep, &["vm", "stop", "web1"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let start = Instant::now();
+    while show_json(&ep, "web1")["runtime"] != "stopped" {
+        assert!(start.elapsed() < Duration::from_secs(30), "web1 never stopped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = ctl(&ep, &["vm", "delete", "web1"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let o = ctl(&ep, &["-o", "json", "vm", "list"]);
+    let (out, _) = text(&o);
+    assert_eq!(out.trim(), "[]");
+}
