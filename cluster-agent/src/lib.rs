@@ -13,6 +13,7 @@ pub mod config;
 pub mod convert;
 pub mod datadir;
 pub mod facts;
+pub mod failover;
 pub mod mgmt_service;
 pub mod network;
 pub mod peer_service;

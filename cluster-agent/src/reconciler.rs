@@ -139,7 +139,28 @@ fn host_view(host: &VmHost) -> BTreeMap<String, HostView> {
 /// Run the reconciler until `shutdown` turns true; then stop every VM of this host.
 pub async fn run(agent: Arc<Agent>, host: Arc<VmHost>, mut shutdown: watch::Receiver<bool>) {
     let me = agent.node_id();
+    let mut lost_since: Option<std::time::Instant> = None;
     loop {
+        // Self-fencing: without leader/quorum contact this node may be cut off while
+        // the leader fails its VMs over; stop them all and start nothing.
+        if out_of_contact(&agent) {
+            let since = *lost_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= crate::failover::SELF_FENCE_AFTER {
+                let h = host.clone();
+                let fenced = tokio::task::spawn_blocking(move || h.fence_all())
+                    .await
+                    .unwrap_or_default();
+                if !fenced.is_empty() {
+                    tracing::warn!(node_id = me, vms = ?fenced, "lost leader contact; vms fenced");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+                _ = shutdown.changed() => break,
+            }
+            continue;
+        }
+        lost_since = None;
         let records: Vec<VmRecord> = agent.read_sm(|d| d.state.vms.values().cloned().collect());
         let view = host_view(&host);
         for action in plan(me, &records, &view) {
@@ -163,6 +184,18 @@ pub async fn run(agent: Arc<Agent>, host: Arc<VmHost>, mut shutdown: watch::Rece
     .await
     .unwrap_or_default();
     tracing::info!(node_id = me, vms = ?stopped, "reconciler stopped; local vms stopped");
+}
+
+/// No known leader, or (as leader) no quorum acknowledgement for [`crate::failover::SELF_FENCE_AFTER`].
+fn out_of_contact(agent: &Agent) -> bool {
+    let m = agent.raft.metrics().borrow().clone();
+    match m.current_leader {
+        None => true,
+        Some(l) if l == agent.node_id() => m
+            .millis_since_quorum_ack
+            .is_some_and(|ms| ms > crate::failover::SELF_FENCE_AFTER.as_millis() as u64),
+        Some(_) => false,
+    }
 }
 
 async fn report(

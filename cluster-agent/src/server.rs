@@ -56,6 +56,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         vm_host.clone(),
         stop_rx.clone(),
     ));
+    let fo = tokio::spawn(crate::failover::run(agent.clone(), stop_rx.clone()));
     let vm_svc = VmServiceServer::new(crate::vm_service::VmApi::new(agent.clone(), vm_host));
 
     let peer_svc = RaftPeerServer::new(PeerService {
@@ -93,6 +94,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = hb.await;
     let _ = lv.await;
     let _ = rc.await;
+    let _ = fo.await;
     if let Err(e) = agent.raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }

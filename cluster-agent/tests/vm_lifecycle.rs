@@ -298,3 +298,56 @@ async fn vms_run_on_scheduled_nodes_stream_consoles_and_stop() {
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].spec.as_ref().map(|s| s.name.as_str()), Some("vm-b"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_kill9_restarts_its_vm_on_a_survivor() {
+    let _serial = cluster_tests::serial().await;
+    let mut cl = cluster();
+    let formed = cl.form(3).await;
+    must(&cl, formed);
+    let mut c1 = vms(&cl, 1).await;
+    let mut s = spec("vm-f", 1, 64);
+    s.restart_priority = "high".into();
+    c1.create_vm(pb::CreateVmRequest {
+        spec: Some(s),
+        start: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    let before = wait_runtime(&cl, 1, "vm-f", "running").await;
+    let owner = before.owner_id;
+    let survivor = [1, 2, 3].into_iter().find(|n| *n != owner).unwrap_or(0);
+    let (_, seq) = heartbeat(&cl, survivor, "vm-f", 0).await;
+    assert!(seq > 0);
+
+    let killed_at = Instant::now();
+    let killed = cl.kill9(owner);
+    must(&cl, killed);
+    // Wait for a new owner to report Running, then for its first heartbeat.
+    let mut c = vms(&cl, survivor).await;
+    let after = loop {
+        if let Ok(v) = get(&mut c, "vm-f").await {
+            if v.owner_id != owner && v.runtime == "running" {
+                break v;
+            }
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(60),
+            "vm-f was not restarted elsewhere{}",
+            logs(&cl)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (node, _) = heartbeat(&cl, survivor, "vm-f", 0).await;
+    let elapsed = killed_at.elapsed();
+    assert_eq!(node, after.owner_id, "heartbeats come from the new owner");
+    assert!(after.generation > before.generation);
+    eprintln!(
+        "failover: kill -9 of node {owner} -> first heartbeat of vm-f on node {} after {} ms",
+        after.owner_id,
+        elapsed.as_millis()
+    );
+    // The restarted VM is the only copy the cluster knows of; it keeps running.
+    let (_, later) = heartbeat(&cl, after.owner_id, "vm-f", 0).await;
+    assert!(later > 0);
+}

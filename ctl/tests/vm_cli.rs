@@ -43,7 +43,18 @@ async fn vm_commands_against_a_real_agent() {
     let o = ctl(&ep, &["cluster", "init"]);
     assert!(o.status.success(), "{}", text(&o).1);
 
-    let o = ctl(&ep, &["vm", "create", "web1", "--memory-mib", "64", "--wss-mib", "8"]);
+    let o = ctl(
+        &ep,
+        &[
+            "vm",
+            "create",
+            "web1",
+            "--memory-mib",
+            "64",
+            "--wss-mib",
+            "8",
+        ],
+    );
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("web1") && out.contains("owner"), "{out}");
@@ -65,9 +76,15 @@ async fn vm_commands_against_a_real_agent() {
 
     let o = ctl(&ep, &["vm", "list"]);
     let (out, _) = text(&o);
-    assert!(out.contains("NAME") && out.contains("web1") && out.contains("running"), "{out}");
+    assert!(
+        out.contains("NAME") && out.contains("web1") && out.contains("running"),
+        "{out}"
+    );
 
-    let o = ctl(&ep, &["vm", "console", "web1", "--follow", "--max-lines", "3"]);
+    let o = ctl(
+        &ep,
+        &["vm", "console", "web1", "--follow", "--max-lines", "3"],
+    );
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("HB seq=") && out.contains("mem=ok"), "{out}");
@@ -84,7 +101,10 @@ async fn vm_commands_against_a_real_agent() {
         let o = ctl(&ep, &args);
         let (_, err) = text(&o);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
-        assert!(err.starts_with("clusterctl: error: ") && err.contains(needle), "{args:?}: {err}");
+        assert!(
+            err.starts_with("clusterctl: error: ") && err.contains(needle),
+            "{args:?}: {err}"
+        );
     }
     let o = ctl(&ep, &["node", "why-not", "web1", "1"]);
     let (out, err) = text(&o);
@@ -95,7 +115,10 @@ async fn vm_commands_against_a_real_agent() {
     assert!(o.status.success(), "{}", text(&o).1);
     let start = Instant::now();
     while show_json(&ep, "web1")["runtime"] != "stopped" {
-        assert!(start.elapsed() < Duration::from_secs(30), "web1 never stopped");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "web1 never stopped"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let o = ctl(&ep, &["vm", "delete", "web1"]);

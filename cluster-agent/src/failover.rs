@@ -1,0 +1,190 @@
+//! Failover: when a node is Down, the leader restarts its running VMs on survivors, in
+//! the order and on the nodes of the scheduler's failover plan, after the down node's
+//! self-fencing grace has passed.
+//!
+//! Fencing (no shared disks are attached through the cluster yet, so no lock takeover):
+//! every agent's reconciler stops all of its VMs once it has been without a Raft leader
+//! (or, as leader, without a quorum acknowledgement) for [`SELF_FENCE_AFTER`]. The leader
+//! marks a node Down only after `down_after` of heartbeat silence and then waits
+//! [`FAILOVER_GRACE`] more before it commits new owners, so a partitioned owner has
+//! stopped its copy before another node starts one.
+//!
+//! **Architecture Invariant:** the new owner is committed through Raft (`SetVmOwner`)
+//! before any agent starts the VM; the reconciler of the new owner starts it from the
+//! committed record.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::agent::{now_unix_ms, Agent, ForwardRequest};
+use crate::placement::{self, PlacementError};
+use crate::state::{ClusterState, Command, NodeState};
+use crate::vms::{DesiredState, VmCommand};
+
+/// How long an agent may be without leader/quorum contact before it stops its VMs.
+pub const SELF_FENCE_AFTER: Duration = Duration::from_millis(1000);
+/// How long the leader waits after a node went Down before restarting its VMs.
+pub const FAILOVER_GRACE: Duration = Duration::from_millis(1500);
+/// How often the leader looks for VMs to fail over.
+pub const FAILOVER_INTERVAL: Duration = Duration::from_millis(100);
+
+/// One restart decided by the failover plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Takeover {
+    pub vm: String,
+    pub from: u64,
+    pub to: u64,
+}
+
+/// The restarts to commit now: for each node Down for at least `grace_ms` that still owns
+/// VMs with desired state Running, the scheduler's failover plan (priority order). VMs
+/// the plan cannot place (or with restart priority none) are left where they are.
+pub fn plan(
+    state: &ClusterState,
+    now_unix_ms: u64,
+    grace_ms: u64,
+) -> Result<Vec<Takeover>, PlacementError> {
+    let mut out = Vec::new();
+    let mut snap = None;
+    for (id, node) in &state.nodes {
+        if node.state != NodeState::Down
+            || now_unix_ms.saturating_sub(node.state_since_unix_ms) < grace_ms
+        {
+            continue;
+        }
+        let owns_running = state
+            .vms
+            .values()
+            .any(|v| v.owner == Some(*id) && v.desired == DesiredState::Running);
+        if !owns_running {
+            continue;
+        }
+        let s = match &snap {
+            Some(s) => s,
+            None => snap.insert(placement::snapshot(state)?),
+        };
+        if !s.nodes.iter().any(|n| n.id.0 == *id) {
+            continue;
+        }
+        let p = scheduler::failover(s, scheduler::NodeId(*id)).map_err(PlacementError::Plan)?;
+        for r in p.restarts {
+            out.push(Takeover {
+                vm: r.vm.0,
+                from: *id,
+                to: r.node.0,
+            });
+        }
+        for n in p.not_restarted {
+            tracing::debug!(vm = %n.vm, node = id, "vm not restarted by failover");
+        }
+    }
+    Ok(out)
+}
+
+/// On the leader, commit failover restarts until `shutdown` turns true.
+pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(FAILOVER_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+        let leader = agent.raft.metrics().borrow().current_leader;
+        if leader != Some(agent.node_id()) {
+            continue;
+        }
+        let state = agent.read_sm(|d| d.state.clone());
+        let takeovers = match plan(&state, now_unix_ms(), FAILOVER_GRACE.as_millis() as u64) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "failover planning failed");
+                continue;
+            }
+        };
+        for t in takeovers {
+            let cmd = Command::Vm(VmCommand::SetVmOwner {
+                name: t.vm.clone(),
+                owner: t.to,
+                at_unix_ms: now_unix_ms(),
+            });
+            match agent.write(ForwardRequest::Command(cmd)).await {
+                Ok(_) => tracing::info!(vm = %t.vm, from = t.from, to = t.to, "vm failed over"),
+                Err(e) => tracing::warn!(vm = %t.vm, error = %e, "failover commit refused"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{NodeFacts, NodeRegistration};
+    use crate::vmhost::spec::{TestWorkload, VmSpec, WorkloadName};
+
+    fn cluster() -> ClusterState {
+        let mut s = ClusterState::default();
+        for id in 1..=3u64 {
+            s.apply(&Command::RegisterNode {
+                registration: NodeRegistration {
+                    node_id: id,
+                    name: format!("n{id}"),
+                    mgmt_addr: format!("127.0.1.{id}:7001"),
+                    raft_addr: format!("127.0.1.{id}:7002"),
+                    migration_addr: format!("127.0.2.{id}:7003"),
+                    mgmt_subnet: "127.0.1.0/24".into(),
+                    migration_subnet: "127.0.2.0/24".into(),
+                    facts: NodeFacts {
+                        cpu_vendor: "AuthenticAMD".into(),
+                        logical_cpus: 4,
+                        memory_bytes: 4 << 30,
+                        ..NodeFacts::default()
+                    },
+                },
+                at_unix_ms: 1,
+            });
+        }
+        s
+    }
+
+    fn create(s: &mut ClusterState, name: &str, owner: u64, prio: scheduler::RestartPriority) {
+        let mut spec = VmSpec::test_guest(name, 1, 64, TestWorkload::new(WorkloadName::Idle));
+        spec.restart_priority = prio;
+        s.apply(&Command::Vm(VmCommand::CreateVm {
+            spec,
+            owner: Some(owner),
+            at_unix_ms: 2,
+        }));
+    }
+
+    #[test]
+    fn restarts_after_grace_in_priority_order_and_skips_priority_none() {
+        let mut s = cluster();
+        create(&mut s, "low", 2, scheduler::RestartPriority::Low);
+        create(&mut s, "high", 2, scheduler::RestartPriority::High);
+        create(&mut s, "never", 2, scheduler::RestartPriority::None);
+        create(&mut s, "other", 1, scheduler::RestartPriority::High);
+        assert_eq!(plan(&s, 10_000, 1_500).ok(), Some(vec![]));
+        s.apply(&Command::SetNodeState {
+            node_id: 2,
+            state: NodeState::Down,
+            at_unix_ms: 10_000,
+            reason: "silent".into(),
+        });
+        // Still inside the grace period: nothing yet.
+        assert_eq!(plan(&s, 11_000, 1_500).ok(), Some(vec![]));
+        let t = plan(&s, 11_500, 1_500).unwrap_or_default();
+        let names: Vec<&str> = t.iter().map(|t| t.vm.as_str()).collect();
+        assert_eq!(names, vec!["high", "low"]);
+        assert!(t.iter().all(|t| t.from == 2 && t.to != 2));
+        // Once committed, nothing is left to do.
+        for t in &t {
+            s.apply(&Command::Vm(VmCommand::SetVmOwner {
+                name: t.vm.clone(),
+                owner: t.to,
+                at_unix_ms: 11_600,
+            }));
+        }
+        assert_eq!(plan(&s, 12_000, 1_500).ok(), Some(vec![]));
+    }
+}
