@@ -1,0 +1,137 @@
+//! VM failover benchmark: starts a local 3-node cluster of real agents, runs one test
+//! guest VM, kill -9s its owner and measures the time until the VM's first heartbeat on
+//! another node. Baseline measured in the same run: create → first heartbeat on a
+//! healthy cluster (the cost of starting the VM itself). Runs once with a follower as the
+//! owner and once with the leader as the owner (the leader case adds an election).
+//!
+//! Usage: `failover-bench` (the `cluster-agent` binary must be built in the same target
+//! directory: `cargo build -p cluster-agent -p cluster-tests --bins`).
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use cluster_proto::vms as pb;
+use cluster_proto::vms::vm_service_client::VmServiceClient;
+use cluster_tests::{locate_binary, Cluster, Options};
+use tonic::transport::{Channel, Endpoint};
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn client(c: &Cluster, id: u64) -> Result<VmServiceClient<Channel>, String> {
+    let addr = c.spec(id).map_err(|e| e.to_string())?.mgmt_addr;
+    let ch = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("node {id}: {e}"))?;
+    Ok(VmServiceClient::new(ch))
+}
+
+/// First `HB ... mem=ok` line of `name` seen through `via`: (node that produced it).
+async fn first_heartbeat(c: &Cluster, via: u64, name: &str, not_from: u64) -> Result<u64, String> {
+    let start = Instant::now();
+    while start.elapsed() < STEP_TIMEOUT {
+        let mut cl = client(c, via).await?;
+        let got = cl
+            .stream_console(pb::ConsoleRequest {
+                name: name.into(),
+                follow: true,
+            })
+            .await;
+        if let Ok(resp) = got {
+            let mut s = resp.into_inner();
+            while let Ok(Ok(Some(chunk))) =
+                tokio::time::timeout(Duration::from_secs(2), s.message()).await
+            {
+                if chunk.node_id != not_from
+                    && chunk.text.lines().any(|l| l.starts_with("HB seq=") && l.contains("mem=ok"))
+                {
+                    return Ok(chunk.node_id);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(format!("no heartbeat of {name} via node {via}"))
+}
+
+async fn owner_of(c: &Cluster, via: u64, name: &str) -> Result<u64, String> {
+    let mut cl = client(c, via).await?;
+    let v = cl
+        .get_vm(pb::VmName { name: name.into() })
+        .await
+        .map_err(|s| s.to_string())?
+        .into_inner()
+        .vm
+        .unwrap_or_default();
+    Ok(v.owner_id)
+}
+
+async fn leader(c: &Cluster, via: u64) -> Result<u64, String> {
+    Ok(c.status(via).await.map_err(|e| e.to_string())?.leader_id)
+}
+
+/// One round: returns (create→heartbeat ms, kill→heartbeat-elsewhere ms, owner was leader).
+async fn round(bin: &std::path::Path, owner_is_leader: bool) -> Result<(u128, u128, bool), String> {
+    let mut c = Cluster::new(bin.to_path_buf(), Options::default()).map_err(|e| e.to_string())?;
+    c.form(3).await.map_err(|e| e.to_string())?;
+    let lead = leader(&c, 1).await?;
+    let follower = [1, 2, 3].into_iter().find(|n| *n != lead).unwrap_or(1);
+    let target = if owner_is_leader { lead } else { follower };
+    let mut cl = client(&c, 1).await?;
+    let t = Instant::now();
+    cl.create_vm(pb::CreateVmRequest {
+        spec: Some(pb::VmSpec {
+            name: "bench".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
+                workload: "mem".into(),
+                wss_mib: 8,
+                hb_ms: 20,
+                ..Default::default()
+            })),
+            restart_priority: "high".into(),
+            preferred_owners: vec![target],
+            ..Default::default()
+        }),
+        start: true,
+    })
+    .await
+    .map_err(|s| s.to_string())?;
+    let via = [1, 2, 3].into_iter().find(|n| *n != target).unwrap_or(1);
+    first_heartbeat(&c, via, "bench", 0).await?;
+    let start_ms = t.elapsed().as_millis();
+    let owner = owner_of(&c, via, "bench").await?;
+    let t = Instant::now();
+    c.kill9(owner).map_err(|e| e.to_string())?;
+    first_heartbeat(&c, via, "bench", owner).await?;
+    Ok((start_ms, t.elapsed().as_millis(), owner == lead))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let bin = match locate_binary("cluster-agent", "cluster-agent") {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("failover-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("failover-bench: 3 agents on loopback, 1 test-guest VM (64 MiB, mem workload, 20 ms heartbeats)");
+    println!("  liveness: heartbeats {} ms, Down after {} ms; failover grace 1500 ms; self-fence after 1000 ms",
+        Options::default().heartbeat_interval_ms, Options::default().down_after_ms);
+    for owner_is_leader in [false, true] {
+        match round(&bin, owner_is_leader).await {
+            Ok((start_ms, failover_ms, was_leader)) => println!(
+                "  owner {:8}: create -> first heartbeat {start_ms:5} ms (baseline) | kill -9 owner -> first heartbeat elsewhere {failover_ms:5} ms",
+                if was_leader { "leader" } else { "follower" }
+            ),
+            Err(e) => {
+                eprintln!("failover-bench: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
