@@ -203,6 +203,55 @@ pub fn why_not(state: &ClusterState, name: &str, node: u64) -> Result<Vec<String
     Ok(reasons.iter().map(ToString::to_string).collect())
 }
 
+/// The live-migration target for VM `name`: `to` when given and allowed, else the
+/// allowed node (not the owner) running the fewest VMs, lowest id first. A refusal lists
+/// every candidate's reasons.
+pub fn migration_target(
+    state: &ClusterState,
+    name: &str,
+    to: Option<u64>,
+) -> Result<u64, PlacementError> {
+    let rec = state
+        .vms
+        .values()
+        .find(|v| v.spec.name == name)
+        .ok_or_else(|| PlacementError::UnknownVm(name.to_owned()))?;
+    let candidates: Vec<u64> = match to {
+        Some(t) => vec![t],
+        None => state
+            .nodes
+            .keys()
+            .copied()
+            .filter(|n| Some(*n) != rec.owner)
+            .collect(),
+    };
+    let mut refusals = Vec::new();
+    let mut best: Option<(usize, u64)> = None;
+    for n in candidates {
+        let reasons = why_not(state, name, n)?;
+        if reasons.is_empty() {
+            let load = state
+                .vms
+                .values()
+                .filter(|v| v.owner == Some(n) && holds_resources(v))
+                .count();
+            if best.is_none_or(|b| (load, n) < b) {
+                best = Some((load, n));
+            }
+        } else {
+            refusals.push(format!("node {n}: {}", reasons.join(", ")));
+        }
+    }
+    best.map(|(_, n)| n).ok_or_else(|| PlacementError::Refused {
+        vm: name.to_owned(),
+        refusal: if refusals.is_empty() {
+            "no other node".to_owned()
+        } else {
+            refusals.join("; ")
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

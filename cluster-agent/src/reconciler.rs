@@ -11,7 +11,7 @@
 //! committed records. A VM runs here only while its record names this node as owner with
 //! desired state Running.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +48,8 @@ pub enum Action {
         name: String,
         report: Option<(u64, RuntimeState, String)>,
     },
+    /// Live-migrate the VM to node `to` (this node is the source), then commit the end.
+    MigrateOut { name: String, to: u64 },
     /// Report a state for `generation` without touching the VMM.
     Report {
         name: String,
@@ -58,13 +60,31 @@ pub enum Action {
 }
 
 /// The actions that bring `host` in line with `records` for node `me`.
-pub fn plan(me: u64, records: &[VmRecord], host: &BTreeMap<String, HostView>) -> Vec<Action> {
+/// `migrating_out` names the VMs whose outgoing migration this node is running now.
+pub fn plan(
+    me: u64,
+    records: &[VmRecord],
+    host: &BTreeMap<String, HostView>,
+    migrating_out: &BTreeSet<String>,
+) -> Vec<Action> {
     let mut out = Vec::new();
     for r in records {
         let name = &r.spec.name;
         let mine = r.owner == Some(me);
         let run_here = mine && r.desired == DesiredState::Running;
         match (run_here, host.get(name)) {
+            // Migrated away, switchover not yet committed: never restart it here.
+            (true, None) if r.migrating_to.is_some() => {}
+            (true, Some(HostView::Running | HostView::Paused)) if r.migrating_to.is_some() => {
+                if let Some(to) = r.migrating_to.filter(|_| !migrating_out.contains(name)) {
+                    out.push(Action::MigrateOut {
+                        name: name.clone(),
+                        to,
+                    });
+                }
+            }
+            // Arriving by migration: keep it until the switchover is committed.
+            (false, Some(_)) if r.migrating_to == Some(me) => {}
             (true, None) => {
                 // Start for a fresh decision, or again after this agent restarted while
                 // the record still says Running. A failure is not retried in a loop.
@@ -140,6 +160,7 @@ fn host_view(host: &VmHost) -> BTreeMap<String, HostView> {
 pub async fn run(agent: Arc<Agent>, host: Arc<VmHost>, mut shutdown: watch::Receiver<bool>) {
     let me = agent.node_id();
     let mut lost_since: Option<std::time::Instant> = None;
+    let migrating_out: Arc<std::sync::Mutex<BTreeSet<String>>> = Arc::default();
     loop {
         // Self-fencing: without leader/quorum contact this node may be cut off while
         // the leader fails its VMs over; stop them all and start nothing.
@@ -163,7 +184,23 @@ pub async fn run(agent: Arc<Agent>, host: Arc<VmHost>, mut shutdown: watch::Rece
         lost_since = None;
         let records: Vec<VmRecord> = agent.read_sm(|d| d.state.vms.values().cloned().collect());
         let view = host_view(&host);
-        for action in plan(me, &records, &view) {
+        let busy = migrating_out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for action in plan(me, &records, &view, &busy) {
+            if let Action::MigrateOut { name, to } = action {
+                migrating_out
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.clone());
+                let (a, h, set) = (agent.clone(), host.clone(), migrating_out.clone());
+                tokio::spawn(async move {
+                    migrate_out(&a, &h, &name, to).await;
+                    set.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+                });
+                continue;
+            }
             execute(&agent, &host, action).await;
         }
         tokio::select! {
@@ -220,8 +257,125 @@ async fn report(
     }
 }
 
+/// How long the source keeps trying to commit the end of a migration.
+pub const FINISH_COMMIT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Run the source side of a live migration of `name` to node `to`, then commit its end
+/// (switchover on success, rollback otherwise).
+async fn migrate_out(agent: &Arc<Agent>, host: &Arc<VmHost>, name: &str, to: u64) {
+    let addr = agent.read_sm(|d| {
+        d.state
+            .nodes
+            .get(&to)
+            .map(|n| n.registration.migration_addr.clone())
+    });
+    let result: Result<String, String> =
+        match addr.as_deref().map(str::parse::<std::net::SocketAddr>) {
+            None => Err(format!("node {to} is not registered")),
+            Some(Err(e)) => Err(format!("node {to} has an invalid migration address: {e}")),
+            Some(Ok(addr)) => {
+                let (h, n) = (host.clone(), name.to_owned());
+                let locks: Arc<dyn crate::vmhost::DiskLocks> = Arc::new(NoSharedDisks);
+                tokio::task::spawn_blocking(move || {
+                    let handle = h
+                        .migrate_out(&n, to, addr, crate::vmhost::LiveOptions::default(), locks)
+                        .map_err(|e| crate::error_chain(&e))?;
+                    let report = handle.wait().map_err(|e| crate::error_chain(&e))?;
+                    Ok(format!(
+                        "blackout {} us, receipt {}",
+                        report.stats.blackout.total_us,
+                        if report.receipt_matches() {
+                            "matches"
+                        } else {
+                            "MISMATCH"
+                        }
+                    ))
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("migration task failed: {e}")))
+            }
+        };
+    let (ok, reason) = match result {
+        Ok(summary) => {
+            tracing::info!(vm = name, to, %summary, "vm migrated");
+            (true, summary)
+        }
+        Err(e) => {
+            tracing::warn!(vm = name, to, error = %e, "vm migration failed");
+            (false, e)
+        }
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let cmd = Command::Vm(VmCommand::FinishMigration {
+            name: name.to_owned(),
+            to,
+            ok,
+            reason: reason.clone(),
+            at_unix_ms: now_unix_ms(),
+        });
+        match agent.write(ForwardRequest::Command(cmd)).await {
+            Ok(_) => return,
+            Err(crate::agent::WriteError::Rejected { reason }) => {
+                tracing::warn!(vm = name, %reason, "migration end refused");
+                return;
+            }
+            Err(e) if start.elapsed() < FINISH_COMMIT_DEADLINE => {
+                tracing::warn!(vm = name, error = %e, "cannot commit the migration end yet; retrying");
+                tokio::time::sleep(RECONCILE_INTERVAL).await;
+            }
+            Err(e) => {
+                tracing::error!(vm = name, error = %e, "gave up committing the migration end");
+                return;
+            }
+        }
+    }
+}
+
+/// Lock callback for VMs without shared disks (all the cluster creates today): there is
+/// nothing to hand off, and any disk is refused.
+pub struct NoSharedDisks;
+
+impl crate::vmhost::DiskLocks for NoSharedDisks {
+    fn commit(
+        &self,
+        vm: &str,
+        commands: &[csv_volume::LockCommand],
+    ) -> Result<(), crate::vmhost::LockOpError> {
+        if commands.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("VM {vm}: shared-disk locks are not handled by the cluster yet").into())
+        }
+    }
+    fn acquire(
+        &self,
+        vm: &str,
+        _node: u64,
+        disks: &[crate::vmhost::DiskSpec],
+    ) -> Result<Vec<csv_volume::LockGrant>, crate::vmhost::LockOpError> {
+        if disks.is_empty() {
+            Ok(Vec::new())
+        } else {
+            Err(format!("VM {vm}: shared-disk locks are not handled by the cluster yet").into())
+        }
+    }
+    fn reclaim(
+        &self,
+        vm: &str,
+        node: u64,
+        disks: &[crate::vmhost::DiskSpec],
+    ) -> Result<Vec<csv_volume::LockGrant>, crate::vmhost::LockOpError> {
+        self.acquire(vm, node, disks)
+    }
+}
+
 async fn execute(agent: &Arc<Agent>, host: &Arc<VmHost>, action: Action) {
     match action {
+        Action::MigrateOut { name, to } => {
+            // Run by the loop on its own task; reaching here means a caller bypassed it.
+            tracing::error!(vm = %name, to, "migrate action executed inline; ignored");
+        }
         Action::Start { spec, generation } => {
             let name = spec.name.clone();
             let h = host.clone();
@@ -282,6 +436,7 @@ mod tests {
             generation: 3,
             created_unix_ms: 0,
             updated_unix_ms: 0,
+            migrating_to: None,
         }
     }
 
@@ -292,7 +447,7 @@ mod tests {
             rec("b", 2, DesiredState::Running, RuntimeState::Starting),
             rec("c", 1, DesiredState::Running, RuntimeState::Failed),
         ];
-        let acts = plan(1, &recs, &BTreeMap::new());
+        let acts = plan(1, &recs, &BTreeMap::new(), &BTreeSet::new());
         assert_eq!(acts.len(), 1);
         assert!(matches!(&acts[0], Action::Start { spec, generation: 3 } if spec.name == "a"));
     }
@@ -307,7 +462,7 @@ mod tests {
             rec("a", 1, DesiredState::Running, RuntimeState::Starting),
             rec("b", 1, DesiredState::Stopped, RuntimeState::Stopping),
         ];
-        let acts = plan(1, &recs, &host);
+        let acts = plan(1, &recs, &host, &BTreeSet::new());
         assert_eq!(
             acts,
             vec![
@@ -331,7 +486,7 @@ mod tests {
         let recs = [rec("a", 1, DesiredState::Running, RuntimeState::Running)];
         host.remove("b");
         host.remove("orphan");
-        assert!(plan(1, &recs, &host).is_empty());
+        assert!(plan(1, &recs, &host, &BTreeSet::new()).is_empty());
     }
 
     #[test]
@@ -348,7 +503,7 @@ mod tests {
             rec("a", 2, DesiredState::Running, RuntimeState::Running),
             rec("b", 1, DesiredState::Running, RuntimeState::Running),
         ];
-        let acts = plan(1, &recs, &host);
+        let acts = plan(1, &recs, &host, &BTreeSet::new());
         assert_eq!(acts.len(), 2);
         assert_eq!(
             acts[0],
@@ -359,6 +514,35 @@ mod tests {
         );
         assert!(
             matches!(&acts[1], Action::Stop { name, report: Some((3, RuntimeState::Failed, why)) } if name == "b" && why.contains("GuestExit"))
+        );
+    }
+
+    #[test]
+    fn migration_source_migrates_once_and_target_keeps_the_arriving_vm() {
+        let mut r = rec("m", 1, DesiredState::Running, RuntimeState::Running);
+        r.migrating_to = Some(2);
+        let recs = [r];
+        let mut host = BTreeMap::new();
+        host.insert("m".to_string(), HostView::Running);
+        // Source: one MigrateOut, none while it runs, no restart once the VM left.
+        assert_eq!(
+            plan(1, &recs, &host, &BTreeSet::new()),
+            vec![Action::MigrateOut {
+                name: "m".into(),
+                to: 2
+            }]
+        );
+        let busy: BTreeSet<String> = ["m".to_string()].into_iter().collect();
+        assert!(plan(1, &recs, &host, &busy).is_empty());
+        assert!(plan(1, &recs, &BTreeMap::new(), &BTreeSet::new()).is_empty());
+        // Target: the arriving VM is not stopped; a third node would stop a stray copy.
+        assert!(plan(2, &recs, &host, &BTreeSet::new()).is_empty());
+        assert_eq!(
+            plan(3, &recs, &host, &BTreeSet::new()),
+            vec![Action::Stop {
+                name: "m".into(),
+                report: None
+            }]
         );
     }
 }

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use cluster_proto::management::management_server::ManagementServer;
 use cluster_proto::raft::raft_peer_server::RaftPeerServer;
@@ -27,6 +28,8 @@ pub enum RunError {
     },
     #[error("cannot start the agent")]
     Start(#[source] StartError),
+    #[error("cannot listen for incoming migrations")]
+    Migration(#[source] Box<crate::vmhost::VmHostError>),
     #[error("the {service} service failed")]
     Serve {
         service: &'static str,
@@ -56,6 +59,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         vm_host.clone(),
         stop_rx.clone(),
     ));
+    let listener = vm_host
+        .listen_migrations(
+            agent.config.migration_addr,
+            Arc::new(crate::reconciler::NoSharedDisks),
+            vmm_node::migration::target::ReceiveOptions::default(),
+        )
+        .map_err(|e| RunError::Migration(Box::new(e)))?;
     let fo = tokio::spawn(crate::failover::run(agent.clone(), stop_rx.clone()));
     let vm_svc = VmServiceServer::new(crate::vm_service::VmApi::new(agent.clone(), vm_host));
 
@@ -95,6 +105,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = lv.await;
     let _ = rc.await;
     let _ = fo.await;
+    drop(listener);
     if let Err(e) = agent.raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }

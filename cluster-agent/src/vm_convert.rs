@@ -177,6 +177,7 @@ pub fn record_to_pb(state: &ClusterState, r: &VmRecord) -> pb::VmInfo {
         generation: r.generation,
         created_unix_ms: r.created_unix_ms,
         updated_unix_ms: r.updated_unix_ms,
+        migrating_to: r.migrating_to.unwrap_or(0),
     }
 }
 

@@ -334,6 +334,40 @@ impl VmService for VmApi {
         Ok(Response::new(stream))
     }
 
+    async fn migrate_vm(
+        &self,
+        request: Request<pb::MigrateVmRequest>,
+    ) -> Result<Response<pb::VmReply>, Status> {
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.migrate_vm(request.into_inner()).await;
+        }
+        let req = request.into_inner();
+        name_of(&req.name)?;
+        let _placing = self.place_lock.lock().await;
+        let state = self.state();
+        let probe = VmCommand::StartMigration {
+            name: req.name.clone(),
+            to: 0,
+            at_unix_ms: now_unix_ms(),
+        };
+        // Same checks as the commit, except the target (chosen next).
+        match vms::check(&state, &probe) {
+            Err(VmStateError::UnknownNode(0)) | Ok(()) => {}
+            Err(e) => return Err(state_status(e)),
+        }
+        let to = (req.to_node_id != 0).then_some(req.to_node_id);
+        let target =
+            placement::migration_target(&state, &req.name, to).map_err(placement_status)?;
+        tracing::info!(vm = %req.name, to = target, "starting migration");
+        self.commit(VmCommand::StartMigration {
+            name: req.name.clone(),
+            to: target,
+            at_unix_ms: now_unix_ms(),
+        })
+        .await?;
+        self.reply(&req.name)
+    }
+
     async fn why_not(
         &self,
         request: Request<pb::WhyNotRequest>,

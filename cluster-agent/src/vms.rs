@@ -92,6 +92,9 @@ pub struct VmRecord {
     pub generation: u64,
     pub created_unix_ms: u64,
     pub updated_unix_ms: u64,
+    /// Target node of a live migration in progress (the owner runs the source side).
+    #[serde(default)]
+    pub migrating_to: Option<u64>,
 }
 
 /// VM commands carried by the Raft log inside `Command::Vm`.
@@ -120,6 +123,20 @@ pub enum VmCommand {
         owner: u64,
         at_unix_ms: u64,
     },
+    /// Live-migrate the running VM to `to`; the owner runs the source side.
+    StartMigration {
+        name: String,
+        to: u64,
+        at_unix_ms: u64,
+    },
+    /// The migration to `to` ended: on success `to` becomes the owner (switchover).
+    FinishMigration {
+        name: String,
+        to: u64,
+        ok: bool,
+        reason: String,
+        at_unix_ms: u64,
+    },
     /// The owner reports what its VMM did for decision `generation`.
     ReportVmState {
         name: String,
@@ -139,6 +156,8 @@ impl VmCommand {
             | VmCommand::StopVm { name, .. }
             | VmCommand::DeleteVm { name, .. }
             | VmCommand::SetVmOwner { name, .. }
+            | VmCommand::StartMigration { name, .. }
+            | VmCommand::FinishMigration { name, .. }
             | VmCommand::ReportVmState { name, .. } => name,
         }
     }
@@ -151,6 +170,8 @@ impl VmCommand {
             VmCommand::DeleteVm { .. } => "delete_vm",
             VmCommand::SetVmOwner { .. } => "set_vm_owner",
             VmCommand::ReportVmState { .. } => "report_vm_state",
+            VmCommand::StartMigration { .. } => "start_migration",
+            VmCommand::FinishMigration { .. } => "finish_migration",
         }
     }
 }
@@ -198,6 +219,18 @@ pub enum VmStateError {
     },
     #[error("runtime state {0} cannot be reported; use running, stopped or failed")]
     NotReportable(RuntimeState),
+    #[error("VM {name:?} is {runtime} (desired {desired}); only a running VM can be migrated")]
+    NotMigratable {
+        name: String,
+        runtime: RuntimeState,
+        desired: &'static str,
+    },
+    #[error("VM {name:?} already runs on node {node}")]
+    SameNode { name: String, node: u64 },
+    #[error("VM {name:?} is already migrating to node {to}")]
+    AlreadyMigrating { name: String, to: u64 },
+    #[error("VM {name:?} is not migrating to node {to}")]
+    NotMigrating { name: String, to: u64 },
 }
 
 /// How a refusal maps onto an API status class.
@@ -221,6 +254,10 @@ impl VmStateError {
             | VmStateError::AlreadyStarted { .. }
             | VmStateError::DeleteRunning { .. }
             | VmStateError::NotOwner { .. }
+            | VmStateError::NotMigratable { .. }
+            | VmStateError::SameNode { .. }
+            | VmStateError::AlreadyMigrating { .. }
+            | VmStateError::NotMigrating { .. }
             | VmStateError::StaleGeneration { .. } => ErrorClass::FailedPrecondition,
         }
     }
@@ -313,6 +350,38 @@ pub fn check(state: &ClusterState, cmd: &VmCommand) -> Result<(), VmStateError> 
             existing(name)?;
             check_owner(state, *owner)?;
         }
+        VmCommand::StartMigration { name, to, .. } => {
+            let vm = existing(name)?;
+            if vm.desired != DesiredState::Running || vm.runtime != RuntimeState::Running {
+                return Err(VmStateError::NotMigratable {
+                    name: name.clone(),
+                    runtime: vm.runtime,
+                    desired: vm.desired.as_str(),
+                });
+            }
+            if let Some(t) = vm.migrating_to {
+                return Err(VmStateError::AlreadyMigrating {
+                    name: name.clone(),
+                    to: t,
+                });
+            }
+            if vm.owner == Some(*to) {
+                return Err(VmStateError::SameNode {
+                    name: name.clone(),
+                    node: *to,
+                });
+            }
+            check_owner(state, *to)?;
+        }
+        VmCommand::FinishMigration { name, to, .. } => {
+            let vm = existing(name)?;
+            if vm.migrating_to != Some(*to) {
+                return Err(VmStateError::NotMigrating {
+                    name: name.clone(),
+                    to: *to,
+                });
+            }
+        }
         VmCommand::ReportVmState {
             name,
             node_id,
@@ -374,6 +443,7 @@ pub fn apply(
                     generation,
                     created_unix_ms: *at_unix_ms,
                     updated_unix_ms: *at_unix_ms,
+                    migrating_to: None,
                 },
             );
             touched.push(StateKey::Vm(id));
@@ -426,6 +496,7 @@ pub fn apply(
             let vm = record_mut(state, name, touched)?;
             let from = vm.owner;
             vm.owner = Some(*owner);
+            vm.migrating_to = None;
             if vm.desired == DesiredState::Running {
                 vm.runtime = RuntimeState::Starting;
             }
@@ -435,6 +506,44 @@ pub fn apply(
                 *at_unix_ms,
                 format!("VM {name} owner {from:?} -> node {owner}"),
             )
+        }
+        VmCommand::StartMigration {
+            name,
+            to,
+            at_unix_ms,
+        } => {
+            let vm = record_mut(state, name, touched)?;
+            vm.migrating_to = Some(*to);
+            vm.updated_unix_ms = *at_unix_ms;
+            (
+                *at_unix_ms,
+                format!("VM {name} migration to node {to} started"),
+            )
+        }
+        VmCommand::FinishMigration {
+            name,
+            to,
+            ok,
+            reason,
+            at_unix_ms,
+        } => {
+            let vm = record_mut(state, name, touched)?;
+            vm.migrating_to = None;
+            vm.updated_unix_ms = *at_unix_ms;
+            if *ok {
+                vm.owner = Some(*to);
+                vm.runtime = RuntimeState::Starting;
+                vm.generation += 1;
+                (
+                    *at_unix_ms,
+                    format!("VM {name} migrated to node {to} ({reason})"),
+                )
+            } else {
+                (
+                    *at_unix_ms,
+                    format!("VM {name} migration to node {to} failed: {reason}"),
+                )
+            }
         }
         VmCommand::ReportVmState {
             name,
@@ -746,5 +855,59 @@ mod tests {
         let j = serde_json::to_string(&s).unwrap_or_default();
         let back: Result<ClusterState, _> = serde_json::from_str(&j);
         assert_eq!(back.ok(), Some(s));
+    }
+
+    #[test]
+    fn migration_start_finish_and_refusals() {
+        let mut s = state_with_nodes(3);
+        vm(
+            &mut s,
+            VmCommand::CreateVm {
+                spec: spec("m"),
+                owner: Some(1),
+                at_unix_ms: 1,
+            },
+        );
+        let start = |to| VmCommand::StartMigration {
+            name: "m".into(),
+            to,
+            at_unix_ms: 2,
+        };
+        // Not running yet (Starting): refused.
+        assert!(rejected(vm(&mut s, start(2))).contains("only a running VM"));
+        vm(
+            &mut s,
+            VmCommand::ReportVmState {
+                name: "m".into(),
+                node_id: 1,
+                generation: 1,
+                runtime: RuntimeState::Running,
+                reason: String::new(),
+                at_unix_ms: 2,
+            },
+        );
+        assert!(rejected(vm(&mut s, start(1))).contains("already runs on node 1"));
+        assert!(rejected(vm(&mut s, start(9))).contains("unknown node id 9"));
+        assert_eq!(vm(&mut s, start(2)), CommandResult::Ok);
+        assert!(rejected(vm(&mut s, start(3))).contains("already migrating to node 2"));
+        let finish = |to, ok| VmCommand::FinishMigration {
+            name: "m".into(),
+            to,
+            ok,
+            reason: "r".into(),
+            at_unix_ms: 3,
+        };
+        assert!(rejected(vm(&mut s, finish(3, true))).contains("not migrating to node 3"));
+        // A failed migration leaves the owner; a successful one switches it over.
+        assert_eq!(vm(&mut s, finish(2, false)), CommandResult::Ok);
+        let r = find(&s, "m").cloned().expect("exists");
+        assert_eq!((r.owner, r.migrating_to, r.generation), (Some(1), None, 1));
+        vm(&mut s, start(2));
+        assert_eq!(vm(&mut s, finish(2, true)), CommandResult::Ok);
+        let r = find(&s, "m").cloned().expect("exists");
+        assert_eq!(
+            (r.owner, r.migrating_to, r.generation, r.runtime),
+            (Some(2), None, 2, RuntimeState::Starting)
+        );
     }
 }

@@ -351,3 +351,95 @@ async fn owner_kill9_restarts_its_vm_on_a_survivor() {
     let (_, later) = heartbeat(&cl, after.owner_id, "vm-f", 0).await;
     assert!(later > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_moves_a_running_vm_and_the_guest_keeps_counting() {
+    let _serial = cluster_tests::serial().await;
+    let mut cl = cluster();
+    let formed = cl.form(3).await;
+    must(&cl, formed);
+    let mut c = vms(&cl, 3).await;
+    for name in ["vm-m", "vm-off"] {
+        c.create_vm(pb::CreateVmRequest {
+            spec: Some(spec(name, 1, 64)),
+            start: name == "vm-m",
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create {name}: {e}{}", logs(&cl)));
+    }
+    let before = wait_runtime(&cl, 3, "vm-m", "running").await;
+    let (_, seq_before) = heartbeat(&cl, 3, "vm-m", 0).await;
+
+    // Refusals: same node, a VM that is not running, unknown VM.
+    expect_code(
+        c.migrate_vm(pb::MigrateVmRequest {
+            name: "vm-m".into(),
+            to_node_id: before.owner_id,
+        })
+        .await,
+        Code::FailedPrecondition,
+        "already runs on node",
+    );
+    expect_code(
+        c.migrate_vm(pb::MigrateVmRequest {
+            name: "vm-off".into(),
+            to_node_id: 0,
+        })
+        .await,
+        Code::FailedPrecondition,
+        "only a running VM can be migrated",
+    );
+    expect_code(
+        c.migrate_vm(pb::MigrateVmRequest {
+            name: "ghost".into(),
+            to_node_id: 0,
+        })
+        .await,
+        Code::NotFound,
+        "ghost",
+    );
+
+    let r = c
+        .migrate_vm(pb::MigrateVmRequest {
+            name: "vm-m".into(),
+            to_node_id: 0,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("migrate: {e}{}", logs(&cl)))
+        .into_inner()
+        .vm
+        .unwrap_or_default();
+    let target = r.migrating_to;
+    assert!(target != 0 && target != before.owner_id, "{r:?}");
+    let start = Instant::now();
+    let after = loop {
+        let v = get(&mut c, "vm-m").await.unwrap_or_default();
+        if v.migrating_to == 0 && v.runtime == "running" && v.owner_id != before.owner_id {
+            break v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "migration did not finish: {v:?}{}",
+            logs(&cl)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(after.owner_id, target);
+    assert!(after.generation > before.generation);
+    // The guest continues where it was (its heartbeat sequence goes on, its memory
+    // checks pass) and now runs on the target; the source no longer has it.
+    let (node, seq_after) = heartbeat(&cl, before.owner_id, "vm-m", seq_before).await;
+    assert_eq!(node, target);
+    assert!(seq_after > seq_before);
+    let events = must(&cl, cl.events(1).await);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains("vm-m migrated to node")
+                && e.message.contains("receipt matches")),
+        "{events:?}"
+    );
+    let mut src = vms(&cl, before.owner_id).await;
+    let v = get(&mut src, "vm-m").await.unwrap_or_default();
+    assert_eq!(v.owner_id, target);
+}

@@ -28,6 +28,16 @@ pub enum VmCmd {
     List,
     /// One VM in detail.
     Show { name: String },
+    /// Live-migrate a running VM (target chosen by the scheduler unless --to).
+    Migrate {
+        name: String,
+        /// Target node id.
+        #[arg(long)]
+        to: Option<u64>,
+        /// Do not wait for the migration to end.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// The VM's serial console, from whichever node runs it.
     Console {
         name: String,
@@ -79,6 +89,9 @@ pub struct CreateArgs {
     #[arg(long)]
     pub no_start: bool,
 }
+
+/// Longest `vm migrate` waits for the migration to end.
+const MIGRATE_WAIT_MAX: Duration = Duration::from_secs(300);
 
 async fn connect(endpoint: &str, timeout: Duration) -> Result<VmServiceClient<Channel>, CtlError> {
     let uri = endpoint_uri(endpoint)?;
@@ -145,6 +158,7 @@ pub struct VmView {
     pub anti_affinity: Vec<String>,
     pub preferred_owners: Vec<u64>,
     pub disks: Vec<String>,
+    pub migrating_to: u64,
 }
 
 pub fn view(v: &pb::VmInfo) -> VmView {
@@ -170,6 +184,7 @@ pub fn view(v: &pb::VmInfo) -> VmView {
         anti_affinity: spec.anti_affinity,
         preferred_owners: spec.preferred_owners,
         disks: spec.disks.into_iter().map(|d| d.name).collect(),
+        migrating_to: v.migrating_to,
     }
 }
 
@@ -267,6 +282,14 @@ pub fn render_one(fmt: Format, vm: Option<&pb::VmInfo>) -> Result<String, CtlErr
             ),
         ],
         vec!["generation".into(), v.generation.to_string()],
+        vec![
+            "migrating_to".into(),
+            if v.migrating_to == 0 {
+                "-".into()
+            } else {
+                v.migrating_to.to_string()
+            },
+        ],
     ];
     Ok(table(&["FIELD", "VALUE"], &rows))
 }
@@ -392,6 +415,55 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                 .map_err(fail)?
                 .into_inner();
             render_one(fmt, r.vm.as_ref())
+        }
+        VmCmd::Migrate {
+            name: n,
+            to,
+            no_wait,
+        } => {
+            let req = pb::MigrateVmRequest {
+                name: n.clone(),
+                to_node_id: to.unwrap_or(0),
+            };
+            let r = tokio::time::timeout(timeout, c.migrate_vm(req))
+                .await
+                .map_err(timed_out)?
+                .map_err(fail)?
+                .into_inner();
+            let started = r.vm.unwrap_or_default();
+            if *no_wait {
+                return render_one(fmt, Some(&started));
+            }
+            let target = started.migrating_to;
+            let deadline = std::time::Instant::now() + MIGRATE_WAIT_MAX;
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let v = c
+                    .get_vm(name(n))
+                    .await
+                    .map_err(fail)?
+                    .into_inner()
+                    .vm
+                    .unwrap_or_default();
+                if v.migrating_to == 0 {
+                    if v.owner_id != target {
+                        return Err(CtlError::Refused {
+                            code: tonic::Code::Aborted,
+                            message: format!(
+                                "migration of VM {n} to node {target} failed: {}",
+                                v.reason
+                            ),
+                        });
+                    }
+                    return render_one(fmt, Some(&v));
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(CtlError::Timeout {
+                        endpoint: ep.to_owned(),
+                        timeout_s: MIGRATE_WAIT_MAX.as_secs(),
+                    });
+                }
+            }
         }
         VmCmd::Console {
             name: n,
