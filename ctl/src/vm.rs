@@ -90,6 +90,9 @@ pub struct CreateArgs {
     pub no_start: bool,
 }
 
+/// How long `vm console --follow` retries while the VM is between owners.
+const CONSOLE_REOPEN_MAX: Duration = Duration::from_secs(60);
+
 /// Longest `vm migrate` waits for the migration to end.
 const MIGRATE_WAIT_MAX: Duration = Duration::from_secs(300);
 
@@ -455,7 +458,18 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                             ),
                         });
                     }
-                    return render_one(fmt, Some(&v));
+                    if v.runtime == "failed" {
+                        return Err(CtlError::Refused {
+                            code: tonic::Code::Aborted,
+                            message: format!(
+                                "VM {n} moved to node {target} but failed there: {}",
+                                v.reason
+                            ),
+                        });
+                    }
+                    if v.runtime == "running" {
+                        return render_one(fmt, Some(&v));
+                    }
                 }
                 if std::time::Instant::now() > deadline {
                     return Err(CtlError::Timeout {
@@ -470,35 +484,74 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             follow,
             max_lines,
         } => {
-            let req = pb::ConsoleRequest {
-                name: n.clone(),
-                follow: *follow,
-            };
-            let mut stream = tokio::time::timeout(timeout, c.stream_console(req))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
             let mut live = 0u64;
-            let mut first = true;
             let mut out = std::io::stdout().lock();
-            while let Some(chunk) = stream.message().await.map_err(fail)? {
-                if out
-                    .write_all(chunk.text.as_bytes())
-                    .and_then(|()| out.flush())
-                    .is_err()
-                {
-                    break; // the reader left (e.g. `| head`)
-                }
-                if !first {
-                    live += 1;
-                    if *max_lines != 0 && live >= *max_lines {
-                        break;
+            let mut node = 0u64;
+            let mut reopen_since: Option<std::time::Instant> = None;
+            loop {
+                let req = pb::ConsoleRequest {
+                    name: n.clone(),
+                    follow: *follow,
+                };
+                let opened = tokio::time::timeout(timeout, c.stream_console(req))
+                    .await
+                    .map_err(timed_out)?;
+                let mut stream = match opened {
+                    Ok(s) => s.into_inner(),
+                    // Following: the VM may be between owners (migration, failover).
+                    Err(s)
+                        if *follow && node != 0 && s.code() == tonic::Code::FailedPrecondition =>
+                    {
+                        let since = *reopen_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() > CONSOLE_REOPEN_MAX {
+                            return Err(fail(s));
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
                     }
+                    Err(s) => return Err(fail(s)),
+                };
+                reopen_since = None;
+                let mut first = true;
+                while let Some(chunk) = stream.message().await.map_err(fail)? {
+                    if node != 0 && chunk.node_id != node {
+                        eprintln!(
+                            "clusterctl: console of {n} now streams from node {}",
+                            chunk.node_id
+                        );
+                    }
+                    node = chunk.node_id;
+                    if out
+                        .write_all(chunk.text.as_bytes())
+                        .and_then(|()| out.flush())
+                        .is_err()
+                    {
+                        return Ok(String::new()); // the reader left (e.g. `| head`)
+                    }
+                    if !first {
+                        live += 1;
+                        if *max_lines != 0 && live >= *max_lines {
+                            return Ok(String::new());
+                        }
+                    }
+                    first = false;
                 }
-                first = false;
+                if !*follow {
+                    return Ok(String::new());
+                }
+                // The stream ended: the VM left its node. Follow it unless it was stopped.
+                let v = c
+                    .get_vm(name(n))
+                    .await
+                    .map_err(fail)?
+                    .into_inner()
+                    .vm
+                    .unwrap_or_default();
+                if v.desired != "running" {
+                    return Ok(String::new());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Ok(String::new())
         }
     }
 }

@@ -127,3 +127,123 @@ async fn vm_commands_against_a_real_agent() {
     let (out, _) = text(&o);
     assert_eq!(out.trim(), "[]");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_migrate_and_console_follows_the_vm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let _serial = cluster_tests::serial().await;
+    let bin = locate_binary("cluster-agent", "cluster-agent").unwrap_or_else(|e| panic!("{e}"));
+    let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
+    c.form(2).await.unwrap_or_else(|e| panic!("{e}"));
+    let ep = c
+        .spec(1)
+        .map(|s| s.mgmt_addr.to_string())
+        .unwrap_or_default();
+    let o = ctl(
+        &ep,
+        &[
+            "vm",
+            "create",
+            "mover",
+            "--memory-mib",
+            "64",
+            "--wss-mib",
+            "8",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o).1);
+    let start = Instant::now();
+    let owner = loop {
+        let v = show_json(&ep, "mover");
+        if v["runtime"] == "running" {
+            break v["owner_id"].as_u64().unwrap_or(0);
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "never ran: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let other = if owner == 1 { 2 } else { 1 };
+
+    // Follow the console from before the move; the stream must continue from the target.
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_clusterctl"))
+        .args(["--endpoint", &ep, "vm", "console", "mover", "--follow"])
+        .env_remove("CLUSTERCTL_ENDPOINT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn: {e}"));
+    let stderr = follower.stderr.take();
+    let stdout = follower.stdout.take();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for l in stderr
+            .map(BufReader::new)
+            .into_iter()
+            .flat_map(|r| r.lines())
+            .map_while(Result::ok)
+        {
+            let _ = tx2.send(format!("ERR {l}"));
+        }
+    });
+    std::thread::spawn(move || {
+        for l in stdout
+            .map(BufReader::new)
+            .into_iter()
+            .flat_map(|r| r.lines())
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    let o = ctl(
+        &ep,
+        &[
+            "vm",
+            "migrate",
+            "mover",
+            "--to",
+            &other.to_string(),
+            "-o",
+            "json",
+        ],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    assert_eq!(v["owner_id"].as_u64(), Some(other), "{out}");
+    let o = ctl(&ep, &["vm", "migrate", "mover", "--to", &other.to_string()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).1.contains("already runs on node"),
+        "{}",
+        text(&o).1
+    );
+
+    // After the switch notice, heartbeats keep coming (from the target).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut switched = false;
+    let mut after_switch = 0;
+    let mut seen = Vec::new();
+    while Instant::now() < deadline && after_switch < 3 {
+        let Ok(l) = rx.recv_timeout(Duration::from_secs(1)) else {
+            continue;
+        };
+        if l.starts_with("ERR ") && l.contains(&format!("now streams from node {other}")) {
+            switched = true;
+        } else if switched && l.starts_with("HB seq=") && l.contains("mem=ok") {
+            after_switch += 1;
+        }
+        seen.push(l);
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert!(
+        switched && after_switch >= 3,
+        "console did not follow: {:?}",
+        &seen[seen.len().saturating_sub(20)..]
+    );
+}
