@@ -44,7 +44,10 @@ async fn first_heartbeat(c: &Cluster, via: u64, name: &str, not_from: u64) -> Re
                 tokio::time::timeout(Duration::from_secs(2), s.message()).await
             {
                 if chunk.node_id != not_from
-                    && chunk.text.lines().any(|l| l.starts_with("HB seq=") && l.contains("mem=ok"))
+                    && chunk
+                        .text
+                        .lines()
+                        .any(|l| l.starts_with("HB seq=") && l.contains("mem=ok"))
                 {
                     return Ok(chunk.node_id);
                 }
@@ -109,6 +112,79 @@ async fn round(bin: &std::path::Path, owner_is_leader: bool) -> Result<(u128, u1
     Ok((start_ms, t.elapsed().as_millis(), owner == lead))
 }
 
+/// Live migration through the whole stack (gRPC → Raft → source agent → target agent →
+/// switchover commit): (wall ms from MigrateVm to Running on the target, blackout us the
+/// engine measured, receipt matched).
+async fn migration_round(bin: &std::path::Path) -> Result<(u128, u64, bool), String> {
+    let mut c = Cluster::new(bin.to_path_buf(), Options::default()).map_err(|e| e.to_string())?;
+    c.form(2).await.map_err(|e| e.to_string())?;
+    let mut cl = client(&c, 1).await?;
+    cl.create_vm(pb::CreateVmRequest {
+        spec: Some(pb::VmSpec {
+            name: "mig".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
+                workload: "mem".into(),
+                wss_mib: 8,
+                hb_ms: 20,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }),
+        start: true,
+    })
+    .await
+    .map_err(|s| s.to_string())?;
+    first_heartbeat(&c, 1, "mig", 0).await?;
+    let t = Instant::now();
+    let started = cl
+        .migrate_vm(pb::MigrateVmRequest {
+            name: "mig".into(),
+            to_node_id: 0,
+        })
+        .await
+        .map_err(|s| s.to_string())?
+        .into_inner()
+        .vm
+        .unwrap_or_default();
+    let target = started.migrating_to;
+    loop {
+        let v = cl
+            .get_vm(pb::VmName { name: "mig".into() })
+            .await
+            .map_err(|s| s.to_string())?
+            .into_inner()
+            .vm
+            .unwrap_or_default();
+        if v.migrating_to == 0 && v.owner_id == target && v.runtime == "running" {
+            break;
+        }
+        if v.migrating_to == 0 && v.owner_id != target {
+            return Err(format!("migration failed: {}", v.reason));
+        }
+        if t.elapsed() > STEP_TIMEOUT {
+            return Err("migration did not finish".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let wall_ms = t.elapsed().as_millis();
+    let events = c.events(1).await.map_err(|e| e.to_string())?;
+    let msg = events
+        .iter()
+        .rev()
+        .find(|e| e.message.contains("mig migrated to node"))
+        .map(|e| e.message.clone())
+        .unwrap_or_default();
+    let blackout_us = msg
+        .split("blackout ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    Ok((wall_ms, blackout_us, msg.contains("receipt matches")))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     let bin = match locate_binary("cluster-agent", "cluster-agent") {
@@ -131,6 +207,16 @@ async fn main() -> ExitCode {
                 eprintln!("failover-bench: {e}");
                 return ExitCode::FAILURE;
             }
+        }
+    }
+    match migration_round(&bin).await {
+        Ok((wall_ms, blackout_us, receipt)) => println!(
+            "  live migration through the cluster (64 MiB, mem workload): MigrateVm -> running on target {wall_ms} ms, engine blackout {blackout_us} us, receipt {}",
+            if receipt { "matches" } else { "MISSING/MISMATCH" }
+        ),
+        Err(e) => {
+            eprintln!("failover-bench: {e}");
+            return ExitCode::FAILURE;
         }
     }
     ExitCode::SUCCESS
