@@ -34,6 +34,18 @@ fn start_disk_workload_then_stop_releases_the_lock() {
     });
     assert!(hb.iter().all(|x| x.disk != "bad"), "{:?}", last(&hb));
     assert_continuous(&hb);
+    // Status reads race the guest's disk I/O (slot and disk locks) without deadlock.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let host = h.a.clone();
+    std::thread::spawn(move || {
+        for _ in 0..20_000 {
+            host.state("life").unwrap();
+        }
+        let _ = done_tx.send(());
+    });
+    done_rx
+        .recv_timeout(WAIT)
+        .expect("state() while the guest does disk I/O deadlocked or starved");
     let st = h.a.state("life").unwrap();
     assert!(
         st.disks[0].written_bytes >= 3 * WORKLOAD_BYTES as u64,

@@ -12,6 +12,13 @@ dest=${1:-$here/../../target/test-kernel}
 mkdir -p "$dest"
 dest=$(cd "$dest" && pwd)
 
+# Tests run in parallel and may all call this script: one runs it, the others wait
+# for its result instead of writing the same files at the same time.
+if [ -z "${FETCH_TEST_KERNEL_LOCKED:-}" ]; then
+    export FETCH_TEST_KERNEL_LOCKED=1
+    exec flock "$dest/.lock" "$0" "$dest"
+fi
+
 existing=$(ls "$dest"/boot/vmlinuz-* 2>/dev/null | head -n1 || true)
 if [ -z "$existing" ]; then
     pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null \

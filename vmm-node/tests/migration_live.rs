@@ -49,9 +49,8 @@ fn migrate_and_verify(
     let n_before = heartbeats(&before).len();
     wait_heartbeats(|| tgt.console(), Duration::from_secs(30), |h| h.len() >= 4);
     let after = tgt.console();
-    let all = stitched(&before, &after);
+    let all = assert_continuous_text(&format!("{before}{after}"), mem_checked);
     assert!(all.len() >= n_before + 4);
-    assert_continuous(&all, mem_checked);
     let first_hb = first.first().unwrap();
     let pos = all.iter().position(|h| h.seq == first_hb.seq).unwrap();
     assert_guest_time_kept(&all[pos], all.last().unwrap(), t_first.elapsed(), 400_000);
@@ -138,8 +137,7 @@ fn back_and_forth_twenty_times_then_verify() {
     }
     wait_heartbeats(|| cur.console(), Duration::from_secs(30), |h| h.len() >= 3);
     text.push_str(&cur.console());
-    let all = heartbeats(&text);
-    assert_continuous(&all, true);
+    let all = assert_continuous_text(&text, true);
     let last = all.last().unwrap();
     assert_eq!(last.mem, "ok");
     assert_eq!(last.cpus, 2);
@@ -197,4 +195,55 @@ fn disk_pattern_guest_migrates_with_its_disk() {
     );
     let last = after.last().unwrap();
     assert_eq!(last.disk, "ok", "{last:?}");
+}
+
+#[test]
+fn quick_migration_through_a_shared_directory_continues_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = Workload {
+        wss_mib: 16,
+        ..Workload::new(WorkloadKind::Mem)
+    };
+    let mut src = spawn_source(dir.path(), "src", &guest_config(2, 64, &w));
+    wait_heartbeats(
+        || src.console(),
+        Duration::from_secs(30),
+        |h| h.len() >= 2 && h.last().is_some_and(|h| h.mem == "ok"),
+    );
+    let shared = dir.path().join("shared");
+    let t = Instant::now();
+    let r = src.req(json!({"cmd": "quick-migrate", "dir": shared}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(
+        r["save"]["memory_bytes"].as_u64().unwrap() == 64 << 20,
+        "{r}"
+    );
+    assert!(
+        src.wait_exit(Duration::from_secs(10)).is_some(),
+        "source did not exit"
+    );
+    // The target node restores from the shared directory.
+    let sock = dir.path().join("tgt.sock");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vmm-node"))
+        .args([
+            "restore",
+            "--snapshot",
+            shared.to_str().unwrap(),
+            "--control",
+            sock.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut tgt = Proc { child, sock };
+    wait_target_running(&mut tgt);
+    eprintln!(
+        "quick migration downtime (save + process start + restore): {:?}",
+        t.elapsed()
+    );
+    wait_heartbeats(|| tgt.console(), Duration::from_secs(30), |h| h.len() >= 3);
+    let all = stitched(r["console"].as_str().unwrap(), &tgt.console());
+    assert_continuous(&all, true);
+    assert_eq!(all.last().unwrap().mem, "ok");
+    assert_eq!(all.last().unwrap().cpus, 2);
 }

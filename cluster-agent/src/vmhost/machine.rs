@@ -340,7 +340,10 @@ impl HostedVm {
             .enumerate()
             .filter_map(|(i, d)| {
                 d.as_ref().map(|d| {
-                    let fd = backend::lock(&d.handle);
+                    // Lock order: a vCPU doing disk I/O holds the slot, then the disk
+                    // handle (inside `FencedBackend`); never hold the handle while taking
+                    // the slot here.
+                    let fenced_by = backend::lock(&d.handle).fenced_by();
                     let stats = lock(&self.slots[i]).stats();
                     super::DiskStatus {
                         slot: i as u8,
@@ -348,7 +351,7 @@ impl HostedVm {
                         read_only: d.spec.read_only,
                         token: d.grant.token,
                         mode: d.grant.mode,
-                        fenced_by: fd.fenced_by(),
+                        fenced_by,
                         requests_ok: stats.requests_ok,
                         requests_failed: stats.requests_failed,
                         written_bytes: stats.written_bytes,

@@ -36,6 +36,9 @@ pub struct MigrateOptions {
     pub io_timeout: Duration,
     /// Nominal migration network speed, used until a round has measured it.
     pub bandwidth_hint_bytes_per_s: f64,
+    /// After switchover, re-hash the paused source's memory and compare it with the
+    /// receipt (one read pass over guest memory, outside the blackout and `total_us`).
+    pub verify_memory: bool,
 }
 
 /// Default bandwidth hint: 100 MB/s (a 1 Gbit/s migration network).
@@ -49,6 +52,7 @@ impl Default for MigrateOptions {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             io_timeout: DEFAULT_IO_TIMEOUT,
             bandwidth_hint_bytes_per_s: DEFAULT_BANDWIDTH_HINT_BYTES_PER_S,
+            verify_memory: true,
         }
     }
 }
@@ -527,10 +531,32 @@ fn run(
         .ok()
         .and_then(|p| decode_payload::<Receipt>(Command::Receipt, &p).ok())
         .map(|r| r.memory_digest);
-    if target_digest != Some(source_digest) {
-        tracing::error!(source_digest, ?target_digest, "memory receipts differ");
-    }
     let total_us = us(start.elapsed());
+    let t_verify = Instant::now();
+    // The source VM is paused for good: its memory is the guest memory as of switchover.
+    let source_memory_digest = if opts.verify_memory {
+        // Committed: a failure here is reported, it cannot undo the migration.
+        match PageHashes::digest_of_memory(mem, &map) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot re-hash the source memory");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let verify_us = us(t_verify.elapsed());
+    if target_digest != Some(source_digest)
+        || source_memory_digest.is_some_and(|d| d != source_digest)
+    {
+        tracing::error!(
+            source_digest,
+            ?source_memory_digest,
+            ?target_digest,
+            "memory receipts differ"
+        );
+    }
     let p = progress.finish(wire_bytes, total_us / 1000);
     on_event(&MigrationEvent::Progress(p));
     on_event(&MigrationEvent::Phase("done"));
@@ -554,6 +580,8 @@ fn run(
         },
         first_prediction,
         source_digest,
+        source_memory_digest,
         target_digest,
+        verify_us,
     })
 }

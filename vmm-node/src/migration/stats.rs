@@ -67,13 +67,23 @@ pub struct MigrationStats {
     pub blackout: Blackout,
     /// Prediction made after round 0.
     pub first_prediction: Option<PredictionStats>,
+    /// Digest of the per-page CRCs as sent (source side of the receipt).
     pub source_digest: u64,
+    /// Digest recomputed from the paused source's actual memory after switchover (when
+    /// `MigrateOptions::verify_memory`): catches a page the dirty tracking missed.
+    pub source_memory_digest: Option<u64>,
+    /// Digest of the per-page CRCs as received (the target's receipt).
     pub target_digest: Option<u64>,
+    /// Time the after-switchover verification took (not part of `total_us`).
+    pub verify_us: u64,
 }
 
 impl MigrationStats {
-    /// Both sides' memory receipts agree.
+    /// The target's receipt matches what was sent and, if verified, the source memory.
     pub fn receipt_matches(&self) -> bool {
         self.target_digest == Some(self.source_digest)
+            && self
+                .source_memory_digest
+                .is_none_or(|d| d == self.source_digest)
     }
 }

@@ -208,6 +208,24 @@ pub fn assert_continuous(hb: &[Heartbeat], mem_checked: bool) {
     }
 }
 
+/// [`assert_continuous`] over a console text; on a gap, the panic message lists every
+/// console line that is not a well-formed BOOT/HB line (a garbled heartbeat shows up there).
+pub fn assert_continuous_text(text: &str, mem_checked: bool) -> Vec<Heartbeat> {
+    let hb = heartbeats(text);
+    if hb.windows(2).any(|w| w[1].seq != w[0].seq + 1) {
+        let odd: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                !l.starts_with("BOOT ") && vmm_node::guest_protocol::parse_line(l).is_none()
+            })
+            .collect();
+        let seqs: Vec<u64> = hb.iter().map(|h| h.seq).collect();
+        panic!("heartbeat gap/repeat: seqs {seqs:?}; other console lines: {odd:?}");
+    }
+    assert_continuous(&hb, mem_checked);
+    hb
+}
+
 /// A migrated guest's full history: the source's output up to switchover (returned by
 /// `migrate`) followed by the target's output, as one text so a line split by the
 /// switchover is whole again.
