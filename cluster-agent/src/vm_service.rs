@@ -199,7 +199,7 @@ impl VmService for VmApi {
         let state = self.state();
         let rec = vms::find(&state, &name)
             .ok_or_else(|| state_status(VmStateError::UnknownVm(name.clone())))?;
-        if rec.desired == DesiredState::Running {
+        if rec.desired == DesiredState::Running && rec.runtime != vms::RuntimeState::Failed {
             return Err(state_status(VmStateError::AlreadyStarted {
                 name: name.clone(),
                 owner: rec.owner.unwrap_or(0),

@@ -321,7 +321,8 @@ pub fn check(state: &ClusterState, cmd: &VmCommand) -> Result<(), VmStateError> 
         }
         VmCommand::StartVm { name, owner, .. } => {
             let vm = existing(name)?;
-            if vm.desired == DesiredState::Running {
+            // A VM that failed (to start, or by itself) may be started again.
+            if vm.desired == DesiredState::Running && vm.runtime != RuntimeState::Failed {
                 return Err(VmStateError::AlreadyStarted {
                     name: name.clone(),
                     owner: vm.owner.unwrap_or(0),
@@ -908,6 +909,48 @@ mod tests {
         assert_eq!(
             (r.owner, r.migrating_to, r.generation, r.runtime),
             (Some(2), None, 2, RuntimeState::Starting)
+        );
+    }
+
+    #[test]
+    fn a_failed_vm_can_be_started_again() {
+        let mut s = state_with_nodes(2);
+        vm(
+            &mut s,
+            VmCommand::CreateVm {
+                spec: spec("f"),
+                owner: Some(1),
+                at_unix_ms: 1,
+            },
+        );
+        vm(
+            &mut s,
+            VmCommand::ReportVmState {
+                name: "f".into(),
+                node_id: 1,
+                generation: 1,
+                runtime: RuntimeState::Failed,
+                reason: "guest exited".into(),
+                at_unix_ms: 2,
+            },
+        );
+        assert_eq!(
+            find(&s, "f").map(|v| (v.runtime, v.reason.as_str())),
+            Some((RuntimeState::Failed, "guest exited"))
+        );
+        let r = vm(
+            &mut s,
+            VmCommand::StartVm {
+                name: "f".into(),
+                owner: 2,
+                at_unix_ms: 3,
+            },
+        );
+        assert_eq!(r, CommandResult::Ok);
+        let v = find(&s, "f").cloned().expect("exists");
+        assert_eq!(
+            (v.owner, v.runtime, v.generation, v.reason.as_str()),
+            (Some(2), RuntimeState::Starting, 2, "")
         );
     }
 }
