@@ -443,3 +443,70 @@ async fn live_migration_moves_a_running_vm_and_the_guest_keeps_counting() {
     let v = get(&mut src, "vm-m").await.unwrap_or_default();
     assert_eq!(v.owner_id, target);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incompatible_cpu_vendor_target_is_refused_with_the_reason() {
+    let _serial = cluster_tests::serial().await;
+    let mut cl = cluster();
+    for id in [1, 2] {
+        let added = cl.add_node(id);
+        must(&cl, added);
+    }
+    // Node 3 claims Intel CPUs (the test machines are AMD): a live migration between
+    // vendors is not possible.
+    let added = cl.add_node_with(3, "[facts_override]\ncpu_vendor = \"GenuineIntel\"\n");
+    must(&cl, added);
+    let formed = cl.form(3).await;
+    must(&cl, formed);
+    let mut c = vms(&cl, 2).await;
+    let mut s = spec("amd-vm", 1, 64);
+    s.preferred_owners = vec![1];
+    c.create_vm(pb::CreateVmRequest {
+        spec: Some(s),
+        start: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    let v = wait_runtime(&cl, 2, "amd-vm", "running").await;
+    assert_eq!(v.owner_id, 1, "preferred owner honoured");
+
+    let why = c
+        .why_not(pb::WhyNotRequest {
+            vm: "amd-vm".into(),
+            node_id: 3,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("why-not: {e}"))
+        .into_inner()
+        .reasons;
+    assert!(
+        why.iter()
+            .any(|r| r.contains("Intel CPUs") && r.contains("needs AMD")),
+        "{why:?}"
+    );
+    let ok = c
+        .why_not(pb::WhyNotRequest {
+            vm: "amd-vm".into(),
+            node_id: 2,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("why-not: {e}"))
+        .into_inner()
+        .reasons;
+    assert!(ok.is_empty(), "{ok:?}");
+    expect_code(
+        c.migrate_vm(pb::MigrateVmRequest {
+            name: "amd-vm".into(),
+            to_node_id: 3,
+        })
+        .await,
+        Code::FailedPrecondition,
+        "Intel CPUs",
+    );
+    let after = get(&mut c, "amd-vm").await.unwrap_or_default();
+    assert_eq!(
+        (after.owner_id, after.migrating_to),
+        (1, 0),
+        "state unchanged"
+    );
+}
