@@ -252,6 +252,61 @@ pub fn migration_target(
     })
 }
 
+/// A dry run of a live migration: target, go/no-go and the scheduler's prediction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationPrediction {
+    pub from: u64,
+    pub to: Option<u64>,
+    /// Why it cannot go (empty: go).
+    pub reasons: Vec<String>,
+    pub estimate: Option<scheduler::estimate::LiveEstimate>,
+}
+
+/// Predict a live migration of `name` (to `to`, or to the scheduler's choice).
+pub fn predict_migration(
+    state: &ClusterState,
+    name: &str,
+    to: Option<u64>,
+) -> Result<MigrationPrediction, PlacementError> {
+    let rec = state
+        .vms
+        .values()
+        .find(|v| v.spec.name == name)
+        .ok_or_else(|| PlacementError::UnknownVm(name.to_owned()))?;
+    let from = rec.owner.unwrap_or(0);
+    let mut reasons = Vec::new();
+    if rec.desired != DesiredState::Running || rec.runtime != RuntimeState::Running {
+        reasons.push(format!(
+            "VM {name} is {} (desired {}); only a running VM can be migrated",
+            rec.runtime,
+            rec.desired.as_str()
+        ));
+    }
+    let target = match migration_target(state, name, to) {
+        Ok(t) => Some(t),
+        Err(PlacementError::Refused { refusal, .. }) => {
+            reasons.push(refusal);
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let estimate = scheduler::estimate::live_estimate(
+        rec.spec.memory_mib,
+        0,
+        scheduler::estimate::pair_bandwidth_mib_per_s(
+            DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S,
+            DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S,
+            Policy::default().max_live_migrations_per_node,
+        ),
+    );
+    Ok(MigrationPrediction {
+        from,
+        to: target,
+        reasons,
+        estimate,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -368,6 +368,32 @@ impl VmService for VmApi {
         self.reply(&req.name)
     }
 
+    async fn plan_migration(
+        &self,
+        request: Request<pb::MigrateVmRequest>,
+    ) -> Result<Response<pb::MigrationPlanReply>, Status> {
+        let req = request.into_inner();
+        name_of(&req.name)?;
+        let to = (req.to_node_id != 0).then_some(req.to_node_id);
+        let p =
+            placement::predict_migration(&self.state(), &req.name, to).map_err(placement_status)?;
+        let est = p.estimate.unwrap_or(scheduler::estimate::LiveEstimate {
+            duration_ms: 0,
+            downtime_ms: 0,
+            rounds: 0,
+        });
+        Ok(Response::new(pb::MigrationPlanReply {
+            vm: req.name,
+            from_node_id: p.from,
+            to_node_id: p.to.unwrap_or(0),
+            go: p.reasons.is_empty() && p.to.is_some(),
+            reasons: p.reasons,
+            predicted_duration_ms: est.duration_ms,
+            predicted_downtime_ms: est.downtime_ms,
+            predicted_rounds: est.rounds,
+        }))
+    }
+
     async fn why_not(
         &self,
         request: Request<pb::WhyNotRequest>,

@@ -503,6 +503,19 @@ async fn incompatible_cpu_vendor_target_is_refused_with_the_reason() {
         Code::FailedPrecondition,
         "Intel CPUs",
     );
+    let plan = c
+        .plan_migration(pb::MigrateVmRequest {
+            name: "amd-vm".into(),
+            to_node_id: 3,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("plan: {e}"))
+        .into_inner();
+    assert!(!plan.go, "{plan:?}");
+    assert!(
+        plan.reasons.iter().any(|r| r.contains("Intel CPUs")),
+        "{plan:?}"
+    );
     let after = get(&mut c, "amd-vm").await.unwrap_or_default();
     assert_eq!(
         (after.owner_id, after.migrating_to),

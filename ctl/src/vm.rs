@@ -37,6 +37,9 @@ pub enum VmCmd {
         /// Do not wait for the migration to end.
         #[arg(long)]
         no_wait: bool,
+        /// Print the target, the go/no-go and the prediction; move nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// The VM's serial console, from whichever node runs it.
     Console {
@@ -297,6 +300,56 @@ pub fn render_one(fmt: Format, vm: Option<&pb::VmInfo>) -> Result<String, CtlErr
     Ok(table(&["FIELD", "VALUE"], &rows))
 }
 
+#[derive(Serialize)]
+struct PlanView<'a> {
+    vm: &'a str,
+    from_node_id: u64,
+    to_node_id: u64,
+    go: bool,
+    reasons: &'a [String],
+    predicted_duration_ms: u64,
+    predicted_downtime_ms: u64,
+    predicted_rounds: u32,
+}
+
+pub fn render_plan(fmt: Format, p: &pb::MigrationPlanReply) -> Result<String, CtlError> {
+    if fmt == Format::Json {
+        return json(&PlanView {
+            vm: &p.vm,
+            from_node_id: p.from_node_id,
+            to_node_id: p.to_node_id,
+            go: p.go,
+            reasons: &p.reasons,
+            predicted_duration_ms: p.predicted_duration_ms,
+            predicted_downtime_ms: p.predicted_downtime_ms,
+            predicted_rounds: p.predicted_rounds,
+        });
+    }
+    let target = if p.to_node_id == 0 {
+        "none".to_string()
+    } else {
+        format!("node {}", p.to_node_id)
+    };
+    let mut s = format!(
+        "dry run: VM {} node {} -> {target}: {}\n",
+        p.vm,
+        p.from_node_id,
+        if p.go { "GO" } else { "NO-GO" }
+    );
+    if p.predicted_rounds > 0 {
+        s.push_str(&format!(
+            "  predicted: {} ms total, {} ms blackout, {} pre-copy rounds\n",
+            p.predicted_duration_ms, p.predicted_downtime_ms, p.predicted_rounds
+        ));
+    }
+    for r in &p.reasons {
+        s.push_str("  - ");
+        s.push_str(r);
+        s.push('\n');
+    }
+    Ok(s)
+}
+
 pub fn render_why_not(
     fmt: Format,
     vm: &str,
@@ -423,11 +476,20 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             name: n,
             to,
             no_wait,
+            dry_run,
         } => {
             let req = pb::MigrateVmRequest {
                 name: n.clone(),
                 to_node_id: to.unwrap_or(0),
             };
+            if *dry_run {
+                let p = tokio::time::timeout(timeout, c.plan_migration(req))
+                    .await
+                    .map_err(timed_out)?
+                    .map_err(fail)?
+                    .into_inner();
+                return render_plan(fmt, &p);
+            }
             let r = tokio::time::timeout(timeout, c.migrate_vm(req))
                 .await
                 .map_err(timed_out)?

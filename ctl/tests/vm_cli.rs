@@ -199,6 +199,15 @@ async fn vm_migrate_and_console_follows_the_vm() {
     });
     std::thread::sleep(Duration::from_millis(500));
 
+    // Dry run: go, a prediction, nothing moves.
+    let o = ctl(&ep, &["vm", "migrate", "mover", "--dry-run"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains(&format!("node {owner} -> node {other}: GO")) && out.contains("predicted"),
+        "{out}"
+    );
+    assert_eq!(show_json(&ep, "mover")["owner_id"].as_u64(), Some(owner));
     let o = ctl(
         &ep,
         &[
