@@ -7,10 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // SAFETY-free: build scripts are single-threaded; set_var is sound here.
         std::env::set_var("PROTOC", protoc);
     }
-    tonic_prost_build::configure().compile_protos(
-        &["management.proto", "raft.proto"],
-        &["."],
-    )?;
+    tonic_prost_build::configure().compile_protos(&["management.proto", "raft.proto"], &["."])?;
     println!("cargo:rerun-if-changed=management.proto");
     println!("cargo:rerun-if-changed=raft.proto");
     Ok(())

@@ -1,1 +1,116 @@
-fn main() {}
+//! `cluster-agent`: the node daemon. Parses flags, loads the config and runs
+//! [`cluster_agent::server::run`] until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use cluster_agent::config::RawConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "cluster-agent", version, about = "VM cluster node agent")]
+struct Args {
+    /// TOML config file; flags override its keys.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    node_id: Option<u64>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Public management gRPC address (IP:port).
+    #[arg(long)]
+    mgmt_addr: Option<String>,
+    /// Peer-only Raft gRPC address (IP:port).
+    #[arg(long)]
+    raft_addr: Option<String>,
+    /// Address on the dedicated migration network (IP:port).
+    #[arg(long)]
+    migration_addr: Option<String>,
+    #[arg(long)]
+    mgmt_subnet: Option<String>,
+    #[arg(long)]
+    migration_subnet: Option<String>,
+    #[arg(long)]
+    heartbeat_interval_ms: Option<u64>,
+    #[arg(long)]
+    down_after_ms: Option<u64>,
+    /// Validate the configuration, print it and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+impl Args {
+    fn flags(&self) -> RawConfig {
+        RawConfig {
+            node_id: self.node_id,
+            name: self.name.clone(),
+            data_dir: self.data_dir.clone(),
+            mgmt_addr: self.mgmt_addr.clone(),
+            raft_addr: self.raft_addr.clone(),
+            migration_addr: self.migration_addr.clone(),
+            mgmt_subnet: self.mgmt_subnet.clone(),
+            migration_subnet: self.migration_subnet.clone(),
+            heartbeat_interval_ms: self.heartbeat_interval_ms,
+            down_after_ms: self.down_after_ms,
+            ..RawConfig::default()
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "cluster-agent: error: {}",
+                cluster_agent::error_chain(e.as_ref())
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let file = match &args.config {
+        Some(p) => RawConfig::from_file(p)?,
+        None => RawConfig::default(),
+    };
+    let config = file.overlay(args.flags()).validate()?;
+    if args.check_config {
+        println!("{config:#?}");
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot install SIGTERM handler");
+                        let _ = tokio::signal::ctrl_c().await;
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        cluster_agent::server::run(config, shutdown).await
+    })?;
+    Ok(())
+}

@@ -1,1 +1,139 @@
-fn main() {}
+//! `clusterctl`: command-line client of the cluster's management API. Argument parsing
+//! and exit codes live here; talking to an agent is in [`client`], the commands in
+//! [`commands`], rendering in [`output`].
+
+mod client;
+mod commands;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Default management endpoint (first agent of `deploy/local-cluster.sh`).
+pub const DEFAULT_ENDPOINT: &str = "127.0.1.1:7001";
+
+#[derive(Debug, Parser)]
+#[command(name = "clusterctl", version, about = "Manage a VM failover cluster")]
+pub struct Cli {
+    /// Management address (IP:port) of any agent.
+    #[arg(long, short = 'e', env = "CLUSTERCTL_ENDPOINT", default_value = DEFAULT_ENDPOINT, global = true)]
+    pub endpoint: String,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Format::Table, global = true)]
+    pub output: Format,
+    /// Seconds to wait for an answer (joins wait at least 60 s).
+    #[arg(long, default_value_t = 10, global = true)]
+    pub timeout_s: u64,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Cluster lifecycle and status.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Node registry.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Cluster events (oldest first).
+    Events {
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many events (server default 1000, max 10000).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Replicated key/value entries (tests, small settings).
+    #[command(subcommand)]
+    Kv(KvCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// Bootstrap a new one-node cluster on the agent at --endpoint.
+    Init {
+        #[arg(long, default_value = "vm-cluster")]
+        name: String,
+    },
+    /// Make the (new) agent at --endpoint join the cluster that VIA belongs to.
+    Join {
+        /// Management address of any current member.
+        #[arg(long)]
+        via: String,
+    },
+    /// Remove a node from the cluster.
+    Leave {
+        /// Node id to remove.
+        node_id: u64,
+    },
+    /// Leader, term and members.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// All registered nodes.
+    List,
+    /// One node in detail.
+    Show { node_id: u64 },
+    /// Mark a node paused (administrative; e.g. before maintenance).
+    Pause {
+        node_id: u64,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Return a paused node to up.
+    Resume {
+        node_id: u64,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KvCmd {
+    Put { key: String, value: String },
+    Get { key: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("clusterctl: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(commands::run(&cli)) {
+        Ok(text) => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                // `clusterctl node list | head`: the reader left; not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("clusterctl: error: cannot write the output: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("clusterctl: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,1 +1,624 @@
-//! Helpers for the integration tests: start and stop real agent processes.
+//! Test harness: start, stop, kill -9 and restart real `cluster-agent` processes on
+//! loopback addresses (127.0.1.x management/raft, 127.0.2.x migration), and talk to
+//! them through the public management API.
+//!
+//! Each node's addresses and data dir stay fixed for the life of a [`Cluster`], so a
+//! restarted agent comes back as the same member. Agent logs go to
+//! `<tempdir>/node-<id>.log`; [`Cluster::log_tail`] shows them when a test fails.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cluster_proto::management as pb;
+use cluster_proto::management::management_client::ManagementClient;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("the {name} binary was not found at {path}; build it first (`cargo build -p {package}`) or run the whole suite with `cargo test --workspace`")]
+    BinaryMissing {
+        name: String,
+        package: String,
+        path: PathBuf,
+    },
+    #[error("cannot locate the target directory from the test executable")]
+    NoTargetDir(#[source] std::io::Error),
+    #[error("I/O error on {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("node {0} is not part of this test cluster")]
+    UnknownNode(u64),
+    #[error("node {id}: {what} did not happen within {waited_ms} ms; last error: {last}")]
+    Timeout {
+        id: u64,
+        what: String,
+        waited_ms: u64,
+        last: String,
+    },
+    #[error("node {id} answered {rpc} with an error: {status}")]
+    Rpc {
+        id: u64,
+        rpc: &'static str,
+        status: tonic::Status,
+    },
+    #[error("node {id} is not reachable")]
+    Connect {
+        id: u64,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Hold this for the whole test to run multi-process tests of one test binary one
+/// at a time: the CI machine has 2 cores and elections need CPU on time.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
+
+/// Locate a workspace binary next to the running test executable
+/// (`target/<profile>/deps/test-xxxx` → `target/<profile>/<name>`).
+pub fn locate_binary(name: &str, package: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(HarnessError::NoTargetDir)?;
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(HarnessError::BinaryMissing {
+            name: name.to_string(),
+            package: package.to_string(),
+            path,
+        })
+    }
+}
+
+/// Timing knobs written into every node's config.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub heartbeat_interval_ms: u64,
+    pub down_after_ms: u64,
+    pub raft_heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    pub snapshot_logs_since_last: u64,
+    pub max_logs_kept_after_snapshot: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            heartbeat_interval_ms: 200,
+            down_after_ms: 2_000,
+            raft_heartbeat_interval_ms: 150,
+            election_timeout_min_ms: 1_000,
+            election_timeout_max_ms: 2_000,
+            snapshot_logs_since_last: 50,
+            max_logs_kept_after_snapshot: 20,
+        }
+    }
+}
+
+/// One node's fixed identity.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub id: u64,
+    pub mgmt_addr: SocketAddr,
+    pub raft_addr: SocketAddr,
+    pub migration_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+struct NodeProc {
+    spec: NodeSpec,
+    child: Option<Child>,
+}
+
+/// A set of agent processes for one test. Dropping it kills every process.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    agent_bin: PathBuf,
+    pub opts: Options,
+    nodes: BTreeMap<u64, NodeProc>,
+}
+
+fn free_port(ip: [u8; 4]) -> Result<SocketAddr> {
+    let l = TcpListener::bind(SocketAddr::from((ip, 0))).map_err(|source| HarnessError::Io {
+        what: format!("binding a free port on {ip:?}"),
+        source,
+    })?;
+    l.local_addr().map_err(|source| HarnessError::Io {
+        what: "local_addr".into(),
+        source,
+    })
+}
+
+/// Loopback IP 127.0.`net`.`id` for node `id` (1..=254): net 1 is management and
+/// Raft, net 2 the migration network.
+pub fn node_ip(net: u8, id: u64) -> [u8; 4] {
+    [127, 0, net, id.clamp(1, 254) as u8]
+}
+
+impl Cluster {
+    pub fn new(agent_bin: PathBuf, opts: Options) -> Result<Cluster> {
+        let dir = tempfile::Builder::new()
+            .prefix("cluster-test-")
+            .tempdir()
+            .map_err(|source| HarnessError::Io {
+                what: "creating the test directory".into(),
+                source,
+            })?;
+        Ok(Cluster {
+            dir,
+            agent_bin,
+            opts,
+            nodes: BTreeMap::new(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Allocate addresses and write the config for node `id` (not started).
+    pub fn add_node(&mut self, id: u64) -> Result<NodeSpec> {
+        self.add_node_with(id, "")
+    }
+
+    /// Like [`Cluster::add_node`], with extra TOML appended to the config.
+    pub fn add_node_with(&mut self, id: u64, extra_toml: &str) -> Result<NodeSpec> {
+        let ip = node_ip(1, id);
+        let mip = node_ip(2, id);
+        let spec = NodeSpec {
+            id,
+            mgmt_addr: free_port(ip)?,
+            raft_addr: free_port(ip)?,
+            migration_addr: free_port(mip)?,
+            data_dir: self.dir.path().join(format!("node-{id}")),
+            config_path: self.dir.path().join(format!("node-{id}.toml")),
+            log_path: self.dir.path().join(format!("node-{id}.log")),
+        };
+        let o = &self.opts;
+        let text = format!(
+            "node_id = {id}\nname = \"node-{id}\"\ndata_dir = \"{}\"\nmgmt_addr = \"{}\"\nraft_addr = \"{}\"\nmigration_addr = \"{}\"\nmgmt_subnet = \"127.0.1.0/24\"\nmigration_subnet = \"127.0.2.0/24\"\nheartbeat_interval_ms = {}\ndown_after_ms = {}\nraft_heartbeat_interval_ms = {}\nelection_timeout_min_ms = {}\nelection_timeout_max_ms = {}\nsnapshot_logs_since_last = {}\nmax_logs_kept_after_snapshot = {}\n{extra_toml}\n",
+            spec.data_dir.display(),
+            spec.mgmt_addr,
+            spec.raft_addr,
+            spec.migration_addr,
+            o.heartbeat_interval_ms,
+            o.down_after_ms,
+            o.raft_heartbeat_interval_ms,
+            o.election_timeout_min_ms,
+            o.election_timeout_max_ms,
+            o.snapshot_logs_since_last,
+            o.max_logs_kept_after_snapshot,
+        );
+        std::fs::write(&spec.config_path, text).map_err(|source| HarnessError::Io {
+            what: format!("writing {}", spec.config_path.display()),
+            source,
+        })?;
+        self.nodes.insert(
+            id,
+            NodeProc {
+                spec: spec.clone(),
+                child: None,
+            },
+        );
+        Ok(spec)
+    }
+
+    pub fn spec(&self, id: u64) -> Result<&NodeSpec> {
+        self.nodes
+            .get(&id)
+            .map(|n| &n.spec)
+            .ok_or(HarnessError::UnknownNode(id))
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    /// Ids of nodes whose process is running.
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.child.is_some())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Spawn the agent for node `id` and wait until its management API answers.
+    pub async fn start(&mut self, id: u64) -> Result<()> {
+        self.spawn(id)?;
+        self.wait_ready(id, Duration::from_secs(30)).await
+    }
+
+    /// Spawn without waiting.
+    pub fn spawn(&mut self, id: u64) -> Result<()> {
+        let bin = self.agent_bin.clone();
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or(HarnessError::UnknownNode(id))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.spec.log_path)
+            .map_err(|source| HarnessError::Io {
+                what: format!("opening {}", node.spec.log_path.display()),
+                source,
+            })?;
+        let log2 = log.try_clone().map_err(|source| HarnessError::Io {
+            what: "cloning the log handle".into(),
+            source,
+        })?;
+        let child = Command::new(&bin)
+            .arg("--config")
+            .arg(&node.spec.config_path)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|source| HarnessError::Io {
+                what: format!("starting {}", bin.display()),
+                source,
+            })?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// Run the agent for node `id` to completion (for configs that must fail);
+    /// returns (success, stderr+stdout).
+    pub fn run_to_exit(&self, id: u64, timeout: Duration) -> Result<(bool, String)> {
+        let spec = self.spec(id)?;
+        let mut child = Command::new(&self.agent_bin)
+            .arg("--config")
+            .arg(&spec.config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| HarnessError::Io {
+                what: format!("starting {}", self.agent_bin.display()),
+                source,
+            })?;
+        let start = Instant::now();
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if start.elapsed() > timeout => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(HarnessError::Timeout {
+                        id,
+                        what: "agent exit".into(),
+                        waited_ms: timeout.as_millis() as u64,
+                        last: "it kept running".into(),
+                    });
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(source) => {
+                    return Err(HarnessError::Io {
+                        what: "waiting for the agent".into(),
+                        source,
+                    })
+                }
+            }
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|source| HarnessError::Io {
+                what: "collecting agent output".into(),
+                source,
+            })?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        Ok((out.status.success(), text))
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self, id: u64) -> Result<()> {
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or(HarnessError::UnknownNode(id))?;
+        if let Some(mut c) = node.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait up to 10 s (then SIGKILL). Returns whether it exited cleanly.
+    pub fn stop(&mut self, id: u64) -> Result<bool> {
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or(HarnessError::UnknownNode(id))?;
+        let Some(mut c) = node.child.take() else {
+            return Ok(true);
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Ok(st.success());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        Ok(false)
+    }
+
+    /// Last `lines` lines of node `id`'s log.
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let Ok(spec) = self.spec(id) else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(&spec.log_path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub async fn client(&self, id: u64) -> Result<ManagementClient<Channel>> {
+        let spec = self.spec(id)?;
+        let ep = Endpoint::from_shared(format!("http://{}", spec.mgmt_addr))
+            .map_err(|source| HarnessError::Connect { id, source })?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(60));
+        let ch = ep
+            .connect()
+            .await
+            .map_err(|source| HarnessError::Connect { id, source })?;
+        Ok(ManagementClient::new(ch))
+    }
+
+    async fn wait_ready(&self, id: u64, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < timeout {
+            match self.status(id).await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(HarnessError::Timeout {
+            id,
+            what: "management API ready".into(),
+            waited_ms: timeout.as_millis() as u64,
+            last: format!("{last}\n--- log ---\n{}", self.log_tail(id, 20)),
+        })
+    }
+
+    pub async fn status(&self, id: u64) -> Result<pb::ClusterStatusReply> {
+        let mut c = self.client(id).await?;
+        c.cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| HarnessError::Rpc {
+                id,
+                rpc: "ClusterStatus",
+                status,
+            })
+    }
+
+    pub async fn init(&self, id: u64) -> Result<pb::InitClusterReply> {
+        let mut c = self.client(id).await?;
+        c.init_cluster(pb::InitClusterRequest {
+            cluster_name: "test".into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|status| HarnessError::Rpc {
+            id,
+            rpc: "InitCluster",
+            status,
+        })
+    }
+
+    /// Ask node `id` to join through node `via`'s management address.
+    pub async fn join(&self, id: u64, via: u64) -> Result<pb::JoinClusterReply, HarnessError> {
+        let via_addr = self.spec(via)?.mgmt_addr.to_string();
+        self.join_addr(id, &via_addr).await
+    }
+
+    pub async fn join_addr(&self, id: u64, via: &str) -> Result<pb::JoinClusterReply> {
+        let mut c = self.client(id).await?;
+        c.join_cluster(pb::JoinClusterRequest { via: via.into() })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| HarnessError::Rpc {
+                id,
+                rpc: "JoinCluster",
+                status,
+            })
+    }
+
+    pub async fn leave(&self, via: u64, node_id: u64) -> Result<pb::LeaveClusterReply> {
+        let mut c = self.client(via).await?;
+        c.leave_cluster(pb::LeaveClusterRequest { node_id })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| HarnessError::Rpc {
+                id: via,
+                rpc: "LeaveCluster",
+                status,
+            })
+    }
+
+    pub async fn put(&self, via: u64, key: &str, value: &str) -> Result<pb::PutKvReply> {
+        let mut c = self.client(via).await?;
+        c.put_kv(pb::PutKvRequest {
+            key: key.into(),
+            value: value.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|status| HarnessError::Rpc {
+            id: via,
+            rpc: "PutKv",
+            status,
+        })
+    }
+
+    pub async fn get(&self, via: u64, key: &str) -> Result<Option<String>> {
+        let mut c = self.client(via).await?;
+        let r = c
+            .get_kv(pb::GetKvRequest { key: key.into() })
+            .await
+            .map_err(|status| HarnessError::Rpc {
+                id: via,
+                rpc: "GetKv",
+                status,
+            })?
+            .into_inner();
+        Ok(r.found.then_some(r.value))
+    }
+
+    pub async fn nodes(&self, via: u64) -> Result<Vec<pb::NodeInfo>> {
+        let mut c = self.client(via).await?;
+        c.list_nodes(pb::ListNodesRequest {})
+            .await
+            .map(|r| r.into_inner().nodes)
+            .map_err(|status| HarnessError::Rpc {
+                id: via,
+                rpc: "ListNodes",
+                status,
+            })
+    }
+
+    pub async fn events(&self, via: u64) -> Result<Vec<pb::Event>> {
+        let mut c = self.client(via).await?;
+        c.list_events(pb::ListEventsRequest {
+            after_seq: 0,
+            limit: 10_000,
+        })
+        .await
+        .map(|r| r.into_inner().events)
+        .map_err(|status| HarnessError::Rpc {
+            id: via,
+            rpc: "ListEvents",
+            status,
+        })
+    }
+
+    /// Poll `f` on node `id` until it returns `Some`, or time out.
+    pub async fn wait_for<T, F, Fut>(
+        &self,
+        id: u64,
+        what: &str,
+        timeout: Duration,
+        mut f: F,
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>>>,
+    {
+        let start = Instant::now();
+        let mut last = String::from("condition not met");
+        loop {
+            match f().await {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => {}
+                Err(e) => last = e.to_string(),
+            }
+            if start.elapsed() > timeout {
+                return Err(HarnessError::Timeout {
+                    id,
+                    what: what.to_string(),
+                    waited_ms: timeout.as_millis() as u64,
+                    last,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Wait until every node in `among` reports the same leader (itself in `among`).
+    pub async fn wait_leader(&self, among: &[u64], timeout: Duration) -> Result<u64> {
+        let first = among.first().copied().unwrap_or(0);
+        self.wait_for(first, "agreement on a leader", timeout, || async {
+            let mut leader = None;
+            for id in among {
+                let s = self.status(*id).await?;
+                if s.leader_id == 0 || !among.contains(&s.leader_id) {
+                    return Ok(None);
+                }
+                match leader {
+                    None => leader = Some(s.leader_id),
+                    Some(l) if l != s.leader_id => return Ok(None),
+                    _ => {}
+                }
+            }
+            Ok(leader)
+        })
+        .await
+    }
+
+    /// Wait until node `via` reports node `node` in `state` ("up", "down", "paused").
+    pub async fn wait_node_state(
+        &self,
+        via: u64,
+        node: u64,
+        state: &str,
+        timeout: Duration,
+    ) -> Result<pb::NodeInfo> {
+        self.wait_for(via, &format!("node {node} {state}"), timeout, || async {
+            let nodes = self.nodes(via).await?;
+            Ok(nodes
+                .into_iter()
+                .find(|n| n.node_id == node && n.state == state))
+        })
+        .await
+    }
+
+    /// Start nodes 1..=n, init on 1, join the rest through 1, wait for a leader.
+    pub async fn form(&mut self, n: u64) -> Result<u64> {
+        for id in 1..=n {
+            if !self.nodes.contains_key(&id) {
+                self.add_node(id)?;
+            }
+            self.start(id).await?;
+        }
+        self.init(1).await?;
+        for id in 2..=n {
+            self.join(id, 1).await?;
+        }
+        let ids: Vec<u64> = (1..=n).collect();
+        self.wait_leader(&ids, Duration::from_secs(20)).await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in self.nodes.values_mut() {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Connecting to an agent's management service, with errors a person can act on.
+
+use std::time::Duration;
+
+use cluster_proto::management::management_client::ManagementClient;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("{endpoint:?} is not a valid agent address (expected IP:port, e.g. 127.0.1.1:7001)")]
+    BadEndpoint { endpoint: String },
+    #[error("no cluster agent reachable at {endpoint}: {cause}")]
+    Unreachable { endpoint: String, cause: String },
+    #[error("the agent at {endpoint} did not answer within {timeout_s} s")]
+    Timeout { endpoint: String, timeout_s: u64 },
+    #[error("{message}")]
+    Refused { code: tonic::Code, message: String },
+    #[error("cannot render the output: {0}")]
+    Render(String),
+}
+
+impl CtlError {
+    /// 2: no agent answered; 1: the agent refused or another error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Unreachable { .. } | CtlError::Timeout { .. } => 2,
+            CtlError::Refused {
+                code: tonic::Code::Unavailable,
+                ..
+            } => 3,
+            _ => 1,
+        }
+    }
+}
+
+/// Normalize "host:port" or "http://host:port" to a URI.
+pub fn endpoint_uri(endpoint: &str) -> Result<String, CtlError> {
+    let bare = endpoint.trim().trim_start_matches("http://");
+    let bad = || CtlError::BadEndpoint {
+        endpoint: endpoint.to_string(),
+    };
+    let (host, port) = bare.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(bad());
+    }
+    Ok(format!("http://{bare}"))
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+pub async fn connect(
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<ManagementClient<Channel>, CtlError> {
+    let uri = endpoint_uri(endpoint)?;
+    let ep = Endpoint::from_shared(uri)
+        .map_err(|_| CtlError::BadEndpoint {
+            endpoint: endpoint.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(3).min(timeout))
+        .timeout(timeout);
+    let channel = ep.connect().await.map_err(|e| CtlError::Unreachable {
+        endpoint: endpoint.to_string(),
+        cause: chain(&e),
+    })?;
+    Ok(ManagementClient::new(channel))
+}
+
+/// Map a failed call to a clear error.
+pub fn status_error(endpoint: &str, timeout: Duration, s: tonic::Status) -> CtlError {
+    match s.code() {
+        tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+            if s.message().contains("Timeout") || s.message().is_empty() =>
+        {
+            CtlError::Timeout {
+                endpoint: endpoint.to_string(),
+                timeout_s: timeout.as_secs(),
+            }
+        }
+        tonic::Code::Unknown | tonic::Code::Unavailable
+            if s.message().contains("transport error") || s.message().contains("connection") =>
+        {
+            CtlError::Unreachable {
+                endpoint: endpoint.to_string(),
+                cause: s.message().to_string(),
+            }
+        }
+        code if s.message().is_empty() => CtlError::Refused {
+            code,
+            message: format!("the agent at {endpoint} answered {code:?} without a reason (is it an older agent version?)"),
+        },
+        code => CtlError::Refused {
+            code,
+            message: s.message().to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_normalized_or_refused() {
+        assert_eq!(
+            endpoint_uri("127.0.1.1:7001").ok().as_deref(),
+            Some("http://127.0.1.1:7001")
+        );
+        assert_eq!(
+            endpoint_uri("http://10.0.0.1:1").ok().as_deref(),
+            Some("http://10.0.0.1:1")
+        );
+        assert!(matches!(
+            endpoint_uri("nohost"),
+            Err(CtlError::BadEndpoint { .. })
+        ));
+        assert!(matches!(
+            endpoint_uri("1.2.3.4:0"),
+            Err(CtlError::BadEndpoint { .. })
+        ));
+        assert!(matches!(
+            endpoint_uri("1.2.3.4:x"),
+            Err(CtlError::BadEndpoint { .. })
+        ));
+    }
+}

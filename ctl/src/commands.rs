@@ -1,0 +1,129 @@
+//! The commands: each sends one request and returns the rendered answer.
+
+use std::time::Duration;
+
+use cluster_proto::management as pb;
+
+use crate::client::{connect, status_error, CtlError};
+use crate::output;
+use crate::{Cli, ClusterCmd, Cmd, KvCmd, NodeCmd};
+
+/// Joins wait for the new node to catch up; give them at least this long.
+const JOIN_TIMEOUT_MIN: Duration = Duration::from_secs(60);
+
+pub async fn run(cli: &Cli) -> Result<String, CtlError> {
+    let mut timeout = Duration::from_secs(cli.timeout_s.max(1));
+    if matches!(cli.command, Cmd::Cluster(ClusterCmd::Join { .. })) {
+        timeout = timeout.max(JOIN_TIMEOUT_MIN);
+    }
+    let ep = cli.endpoint.as_str();
+    let mut c = connect(ep, timeout).await?;
+    let fail = |s| status_error(ep, timeout, s);
+    let fmt = cli.output;
+    match &cli.command {
+        Cmd::Cluster(ClusterCmd::Init { name }) => {
+            let r = c
+                .init_cluster(pb::InitClusterRequest {
+                    cluster_name: name.clone(),
+                })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            output::init(fmt, &r)
+        }
+        Cmd::Cluster(ClusterCmd::Join { via }) => {
+            let r = c
+                .join_cluster(pb::JoinClusterRequest { via: via.clone() })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            output::join(fmt, &r)
+        }
+        Cmd::Cluster(ClusterCmd::Leave { node_id }) => {
+            let r = c
+                .leave_cluster(pb::LeaveClusterRequest { node_id: *node_id })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            output::leave(fmt, *node_id, &r)
+        }
+        Cmd::Cluster(ClusterCmd::Status) => {
+            let r = c
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+                .map_err(fail)?
+                .into_inner();
+            output::status(fmt, &r)
+        }
+        Cmd::Node(NodeCmd::List) => {
+            let r = c
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .map_err(fail)?
+                .into_inner();
+            output::nodes(fmt, &r.nodes)
+        }
+        Cmd::Node(NodeCmd::Show { node_id }) => {
+            let r = c
+                .get_node(pb::GetNodeRequest { node_id: *node_id })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            output::node(fmt, &r)
+        }
+        Cmd::Node(NodeCmd::Pause { node_id, reason })
+        | Cmd::Node(NodeCmd::Resume { node_id, reason }) => {
+            let state = if matches!(cli.command, Cmd::Node(NodeCmd::Pause { .. })) {
+                "paused"
+            } else {
+                "up"
+            };
+            let r = c
+                .set_node_state(pb::SetNodeStateRequest {
+                    node_id: *node_id,
+                    state: state.into(),
+                    reason: reason.clone(),
+                })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            output::node(fmt, &r)
+        }
+        Cmd::Events { after, limit } => {
+            let r = c
+                .list_events(pb::ListEventsRequest {
+                    after_seq: *after,
+                    limit: *limit,
+                })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            output::events(fmt, &r.events)
+        }
+        Cmd::Kv(KvCmd::Put { key, value }) => {
+            let r = c
+                .put_kv(pb::PutKvRequest {
+                    key: key.clone(),
+                    value: value.clone(),
+                })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            output::put(fmt, &r)
+        }
+        Cmd::Kv(KvCmd::Get { key }) => {
+            let r = c
+                .get_kv(pb::GetKvRequest { key: key.clone() })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            if !r.found {
+                return Err(CtlError::Refused {
+                    code: tonic::Code::NotFound,
+                    message: format!("key {key:?} is not set"),
+                });
+            }
+            output::get(fmt, key, &r)
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! Rendering: human tables by default, JSON with `-o json`.
+
+use cluster_proto::management as pb;
+use serde::Serialize;
+
+use crate::client::CtlError;
+use crate::Format;
+
+fn json<T: Serialize>(v: &T) -> Result<String, CtlError> {
+    serde_json::to_string_pretty(v)
+        .map(|s| s + "\n")
+        .map_err(|e| CtlError::Render(e.to_string()))
+}
+
+/// A plain text table with left-aligned columns.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(headers.to_vec(), &mut out);
+    for r in rows {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+#[derive(Serialize)]
+struct Facts {
+    cpu_vendor: String,
+    cpu_model: String,
+    logical_cpus: u32,
+    memory_bytes: u64,
+    kvm_kind: String,
+}
+
+#[derive(Serialize)]
+struct Node {
+    node_id: u64,
+    name: String,
+    state: String,
+    raft_role: String,
+    mgmt_addr: String,
+    raft_addr: String,
+    migration_addr: String,
+    mgmt_subnet: String,
+    migration_subnet: String,
+    state_since_unix_ms: u64,
+    facts: Facts,
+}
+
+fn node_view(n: &pb::NodeInfo) -> Node {
+    let f = n.facts.clone().unwrap_or_default();
+    Node {
+        node_id: n.node_id,
+        name: n.name.clone(),
+        state: n.state.clone(),
+        raft_role: n.raft_role.clone(),
+        mgmt_addr: n.mgmt_addr.clone(),
+        raft_addr: n.raft_addr.clone(),
+        migration_addr: n.migration_addr.clone(),
+        mgmt_subnet: n.mgmt_subnet.clone(),
+        migration_subnet: n.migration_subnet.clone(),
+        state_since_unix_ms: n.state_since_unix_ms,
+        facts: Facts {
+            cpu_vendor: f.cpu_vendor,
+            cpu_model: f.cpu_model,
+            logical_cpus: f.logical_cpus,
+            memory_bytes: f.memory_bytes,
+            kvm_kind: f.kvm_kind,
+        },
+    }
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1024.0 * 1024.0 * 1024.0))
+}
+
+pub fn nodes(fmt: Format, nodes: &[pb::NodeInfo]) -> Result<String, CtlError> {
+    let views: Vec<Node> = nodes.iter().map(node_view).collect();
+    if fmt == Format::Json {
+        return json(&views);
+    }
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|n| {
+            vec![
+                n.node_id.to_string(),
+                n.name.clone(),
+                n.state.clone(),
+                n.raft_role.clone(),
+                n.mgmt_addr.clone(),
+                n.migration_addr.clone(),
+                n.facts.cpu_vendor.clone(),
+                n.facts.logical_cpus.to_string(),
+                gib(n.facts.memory_bytes),
+                n.facts.kvm_kind.clone(),
+            ]
+        })
+        .collect();
+    Ok(table(
+        &[
+            "ID",
+            "NAME",
+            "STATE",
+            "ROLE",
+            "MGMT",
+            "MIGRATION",
+            "CPU",
+            "CPUS",
+            "MEMORY",
+            "KVM",
+        ],
+        &rows,
+    ))
+}
+
+pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
+    let v = node_view(n);
+    if fmt == Format::Json {
+        return json(&v);
+    }
+    let rows = vec![
+        vec!["id".into(), v.node_id.to_string()],
+        vec!["name".into(), v.name],
+        vec!["state".into(), v.state],
+        vec!["raft role".into(), v.raft_role],
+        vec![
+            "state since (unix ms)".into(),
+            v.state_since_unix_ms.to_string(),
+        ],
+        vec![
+            "management".into(),
+            format!("{} ({})", v.mgmt_addr, v.mgmt_subnet),
+        ],
+        vec![
+            "migration".into(),
+            format!("{} ({})", v.migration_addr, v.migration_subnet),
+        ],
+        vec!["raft".into(), v.raft_addr],
+        vec!["cpu vendor".into(), v.facts.cpu_vendor],
+        vec!["cpu model".into(), v.facts.cpu_model],
+        vec!["logical cpus".into(), v.facts.logical_cpus.to_string()],
+        vec!["memory".into(), gib(v.facts.memory_bytes)],
+        vec!["kvm".into(), v.facts.kvm_kind],
+    ];
+    Ok(table(&["FIELD", "VALUE"], &rows))
+}
+
+#[derive(Serialize)]
+struct Status {
+    cluster_id: String,
+    cluster_name: String,
+    initialized: bool,
+    this_node_id: u64,
+    raft_state: String,
+    leader_id: Option<u64>,
+    leader_mgmt_addr: String,
+    term: u64,
+    voter_ids: Vec<u64>,
+    learner_ids: Vec<u64>,
+    last_log_index: u64,
+    last_applied_index: u64,
+    snapshot_index: u64,
+}
+
+pub fn status(fmt: Format, r: &pb::ClusterStatusReply) -> Result<String, CtlError> {
+    let s = Status {
+        cluster_id: r.cluster_id.clone(),
+        cluster_name: r.cluster_name.clone(),
+        initialized: r.initialized,
+        this_node_id: r.this_node_id,
+        raft_state: r.raft_state.clone(),
+        leader_id: (r.leader_id != 0).then_some(r.leader_id),
+        leader_mgmt_addr: r.leader_mgmt_addr.clone(),
+        term: r.term,
+        voter_ids: r.voter_ids.clone(),
+        learner_ids: r.learner_ids.clone(),
+        last_log_index: r.last_log_index,
+        last_applied_index: r.last_applied_index,
+        snapshot_index: r.snapshot_index,
+    };
+    if fmt == Format::Json {
+        return json(&s);
+    }
+    let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    let rows = vec![
+        vec![
+            "cluster".into(),
+            if s.initialized {
+                format!("{} ({})", s.cluster_name, s.cluster_id)
+            } else {
+                "not initialized (run `clusterctl cluster init` or `cluster join`)".into()
+            },
+        ],
+        vec![
+            "this node".into(),
+            format!("{} ({})", s.this_node_id, s.raft_state),
+        ],
+        vec![
+            "leader".into(),
+            match s.leader_id {
+                Some(l) => format!("{l} at {}", s.leader_mgmt_addr),
+                None => "none".into(),
+            },
+        ],
+        vec!["term".into(), s.term.to_string()],
+        vec![
+            "voters".into(),
+            format!("{} [{}]", s.voter_ids.len(), ids(&s.voter_ids)),
+        ],
+        vec![
+            "learners".into(),
+            format!("{} [{}]", s.learner_ids.len(), ids(&s.learner_ids)),
+        ],
+        vec![
+            "log".into(),
+            format!(
+                "last {} applied {} snapshot {}",
+                s.last_log_index, s.last_applied_index, s.snapshot_index
+            ),
+        ],
+    ];
+    Ok(table(&["FIELD", "VALUE"], &rows))
+}
+
+#[derive(Serialize)]
+struct Event {
+    seq: u64,
+    at_unix_ms: u64,
+    kind: String,
+    node_id: u64,
+    message: String,
+}
+
+pub fn events(fmt: Format, evs: &[pb::Event]) -> Result<String, CtlError> {
+    let v: Vec<Event> = evs
+        .iter()
+        .map(|e| Event {
+            seq: e.seq,
+            at_unix_ms: e.at_unix_ms,
+            kind: e.kind.clone(),
+            node_id: e.node_id,
+            message: e.message.clone(),
+        })
+        .collect();
+    if fmt == Format::Json {
+        return json(&v);
+    }
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|e| {
+            vec![
+                e.seq.to_string(),
+                e.at_unix_ms.to_string(),
+                e.kind.clone(),
+                e.node_id.to_string(),
+                e.message.clone(),
+            ]
+        })
+        .collect();
+    Ok(table(
+        &["SEQ", "AT_UNIX_MS", "KIND", "NODE", "MESSAGE"],
+        &rows,
+    ))
+}
+
+#[derive(Serialize)]
+struct Init<'a> {
+    cluster_id: &'a str,
+    leader_id: u64,
+}
+
+pub fn init(fmt: Format, r: &pb::InitClusterReply) -> Result<String, CtlError> {
+    if fmt == Format::Json {
+        return json(&Init {
+            cluster_id: &r.cluster_id,
+            leader_id: r.leader_id,
+        });
+    }
+    Ok(format!(
+        "cluster {} initialized; node {} leads\n",
+        r.cluster_id, r.leader_id
+    ))
+}
+
+#[derive(Serialize)]
+struct Join<'a> {
+    cluster_id: &'a str,
+    leader_id: u64,
+    voter_count: u64,
+}
+
+pub fn join(fmt: Format, r: &pb::JoinClusterReply) -> Result<String, CtlError> {
+    if fmt == Format::Json {
+        return json(&Join {
+            cluster_id: &r.cluster_id,
+            leader_id: r.leader_id,
+            voter_count: r.voter_count,
+        });
+    }
+    Ok(format!(
+        "joined cluster {}; {} voters, leader {}\n",
+        r.cluster_id, r.voter_count, r.leader_id
+    ))
+}
+
+#[derive(Serialize)]
+struct Leave {
+    node_id: u64,
+    voter_count: u64,
+}
+
+pub fn leave(fmt: Format, node_id: u64, r: &pb::LeaveClusterReply) -> Result<String, CtlError> {
+    if fmt == Format::Json {
+        return json(&Leave {
+            node_id,
+            voter_count: r.voter_count,
+        });
+    }
+    Ok(format!(
+        "node {node_id} removed; {} voters remain\n",
+        r.voter_count
+    ))
+}
+
+#[derive(Serialize)]
+struct Put<'a> {
+    log_index: u64,
+    previous: Option<&'a str>,
+}
+
+pub fn put(fmt: Format, r: &pb::PutKvReply) -> Result<String, CtlError> {
+    let p = Put {
+        log_index: r.log_index,
+        previous: r.had_previous.then_some(r.previous.as_str()),
+    };
+    if fmt == Format::Json {
+        return json(&p);
+    }
+    Ok(format!("committed at log index {}\n", r.log_index))
+}
+
+#[derive(Serialize)]
+struct Get<'a> {
+    key: &'a str,
+    value: &'a str,
+}
+
+pub fn get(fmt: Format, key: &str, r: &pb::GetKvReply) -> Result<String, CtlError> {
+    if fmt == Format::Json {
+        return json(&Get {
+            key,
+            value: &r.value,
+        });
+    }
+    Ok(format!("{}\n", r.value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y\n");
+    }
+
+    #[test]
+    fn nodes_render_as_table_and_json() {
+        let n = pb::NodeInfo {
+            node_id: 2,
+            name: "n2".into(),
+            state: "down".into(),
+            ..Default::default()
+        };
+        let t = nodes(Format::Table, std::slice::from_ref(&n)).unwrap_or_default();
+        assert!(
+            t.lines()
+                .nth(1)
+                .is_some_and(|l| l.starts_with("2") && l.contains("down")),
+            "{t}"
+        );
+        let j = nodes(Format::Json, &[n]).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&j).unwrap_or_default();
+        assert_eq!(v[0]["state"], "down");
+        assert_eq!(v[0]["node_id"], 2);
+    }
+}

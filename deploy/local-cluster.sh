@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Start, inspect and stop an N-node local cluster of real agents on loopback.
+#
+#   deploy/local-cluster.sh start [N]   # N in 1..16 (default 3)
+#   deploy/local-cluster.sh status
+#   deploy/local-cluster.sh stop
+#
+# Node i: management 127.0.1.i:7001, Raft 127.0.1.i:7002, migration 127.0.2.i:7003,
+# data, logs and pid files under .local-cluster/. Binaries are built (debug) if absent.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="$ROOT/.local-cluster"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+BIN="$TARGET/debug"
+AGENT="$BIN/cluster-agent"
+CTL="$BIN/clusterctl"
+
+die() { echo "local-cluster: $*" >&2; exit 1; }
+
+build() {
+    if [[ ! -x "$AGENT" || ! -x "$CTL" ]]; then
+        echo "local-cluster: building cluster-agent and clusterctl (first build compiles RocksDB, ~10 min)"
+        (cd "$ROOT" && cargo build -p cluster-agent -p ctl)
+    fi
+}
+
+running() { # id -> exit 0 if running
+    local pidf="$STATE/node-$1.pid"
+    [[ -f "$pidf" ]] && kill -0 "$(cat "$pidf")" 2>/dev/null
+}
+
+ctl() { "$CTL" --endpoint "127.0.1.$1:7001" "${@:2}"; }
+
+wait_ready() { # id
+    for _ in $(seq 1 100); do
+        ctl "$1" cluster status >/dev/null 2>&1 && return 0
+        running "$1" || die "node $1 exited; see $STATE/node-$1.log: $(tail -n 3 "$STATE/node-$1.log")"
+        sleep 0.1
+    done
+    die "node $1 did not answer on 127.0.1.$1:7001 within 10 s; see $STATE/node-$1.log"
+}
+
+start() {
+    local n="${1:-3}"
+    [[ "$n" =~ ^[0-9]+$ ]] && (( n >= 1 && n <= 16 )) || die "N must be a number from 1 to 16, got '$n'"
+    build
+    mkdir -p "$STATE"
+    local fresh=1
+    [[ -d "$STATE/node-1" ]] && fresh=0
+    for i in $(seq 1 "$n"); do
+        running "$i" && { echo "node $i already running"; continue; }
+        cat > "$STATE/node-$i.toml" <<TOML
+node_id = $i
+name = "node-$i"
+data_dir = "$STATE/node-$i"
+mgmt_addr = "127.0.1.$i:7001"
+raft_addr = "127.0.1.$i:7002"
+migration_addr = "127.0.2.$i:7003"
+mgmt_subnet = "127.0.1.0/24"
+migration_subnet = "127.0.2.0/24"
+TOML
+        local was_new=1
+        [[ -d "$STATE/node-$i" ]] && was_new=0
+        "$AGENT" --config "$STATE/node-$i.toml" >>"$STATE/node-$i.log" 2>&1 &
+        echo $! > "$STATE/node-$i.pid"
+        wait_ready "$i"
+        if (( i == 1 && fresh == 1 )); then
+            ctl 1 cluster init --name local >/dev/null
+            echo "node 1 started, cluster initialized"
+        elif (( was_new == 1 )); then
+            ctl "$i" cluster join --via 127.0.1.1:7001 >/dev/null
+            echo "node $i started, joined"
+        else
+            echo "node $i restarted from its data dir"
+        fi
+    done
+    echo
+    ctl 1 node list || true
+    echo
+    echo "clusterctl endpoint: 127.0.1.1:7001 (export CLUSTERCTL_ENDPOINT=127.0.1.1:7001)"
+    echo "e.g. $CTL cluster status"
+}
+
+stop() {
+    [[ -d "$STATE" ]] || { echo "local-cluster: nothing to stop"; return 0; }
+    local pids=() ids=()
+    for pidf in "$STATE"/node-*.pid; do
+        [[ -f "$pidf" ]] || continue
+        local id="${pidf##*/node-}"; id="${id%.pid}"
+        if running "$id"; then
+            kill -TERM "$(cat "$pidf")"
+            pids+=("$(cat "$pidf")"); ids+=("$id")
+        fi
+    done
+    local stopped=0 forced=0
+    for k in "${!pids[@]}"; do
+        local p="${pids[$k]}"
+        for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        if kill -0 "$p" 2>/dev/null; then
+            kill -KILL "$p"; forced=$((forced + 1))
+            echo "node ${ids[$k]} did not stop within 10 s; killed"
+        else
+            stopped=$((stopped + 1))
+        fi
+        rm -f "$STATE/node-${ids[$k]}.pid"
+    done
+    echo "local-cluster: stopped $stopped agent(s) cleanly, $forced forced; data kept in $STATE (rm -rf it to start over)"
+}
+
+status() {
+    [[ -d "$STATE" ]] || { echo "local-cluster: not started"; return 0; }
+    for pidf in "$STATE"/node-*.pid; do
+        [[ -f "$pidf" ]] || continue
+        local id="${pidf##*/node-}"; id="${id%.pid}"
+        if running "$id"; then echo "node $id: running (pid $(cat "$pidf"))"; else echo "node $id: not running"; fi
+    done
+    [[ -x "$CTL" ]] && { echo; ctl 1 cluster status || true; }
+}
+
+case "${1:-}" in
+    start) start "${2:-3}" ;;
+    stop) stop ;;
+    status) status ;;
+    *) echo "usage: $0 start [N]|stop|status" >&2; exit 2 ;;
+esac

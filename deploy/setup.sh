@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install what a fresh Debian/Ubuntu machine with only the Rust toolchain needs to
+# build and test the workspace. Idempotent: re-running installs nothing new.
+#  - libclang-dev: bindgen (rocksdb's librocksdb-sys) needs libclang.
+#  - build-essential: C/C++ compiler for RocksDB's bundled sources.
+#  - protoc is NOT needed: proto/build.rs uses the vendored protoc-bin-vendored.
+#  - sccache (optional, recommended): caches the ~10-minute RocksDB C++ build.
+set -euo pipefail
+need=()
+for pkg in libclang-dev build-essential pkg-config; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if ((${#need[@]})); then
+    SUDO=""
+    [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    $SUDO apt-get update
+    $SUDO apt-get install -y --no-install-recommends "${need[@]}"
+else
+    echo "setup: build dependencies already installed"
+fi
+if ! command -v sccache >/dev/null 2>&1; then
+    echo "setup: optional: 'apt-get install sccache' and export RUSTC_WRAPPER=sccache to cache the RocksDB build"
+fi
+command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found; install Rust from https://rustup.rs" >&2; exit 1; }
+echo "setup: ready"
