@@ -28,3 +28,4 @@ pub use vm::{Vm, VmError, VmStatus};
 /// Guest memory with vm-memory's write bitmap, so writes the VMM's devices make into
 /// guest memory are tracked for live migration alongside KVM's dirty log.
 pub type GuestMem = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+pub mod migration;

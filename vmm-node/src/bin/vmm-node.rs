@@ -4,6 +4,7 @@
 //! vmm-node run --config vm.json [--control /path/sock] [--console]
 //! vmm-node restore --snapshot DIR [--control /path/sock] [--console]
 //! vmm-node facts
+//! vmm-node receive --listen 127.0.2.1:0 [--control /path/sock] [--console]   (migration target)
 //! ```
 
 use std::path::PathBuf;
@@ -48,14 +49,26 @@ enum Cmd {
     },
     /// Print host facts as JSON.
     Facts,
+    /// Wait for an incoming live migration, then run the VM (see `migration::cli`).
+    Receive {
+        #[command(flatten)]
+        args: vmm_node::migration::cli::ReceiveArgs,
+        #[arg(long)]
+        control: Option<PathBuf>,
+        #[arg(long)]
+        console: bool,
+    },
 }
 
-fn serve_and_wait(vm: Vm, control: Option<PathBuf>, console: bool) -> anyhow::Result<()> {
-    let vm = Arc::new(vm);
+fn serve_and_wait(vm: Arc<Vm>, control: Option<PathBuf>, console: bool) -> anyhow::Result<()> {
     let server = match &control {
         Some(path) => Some(
-            vmm_node::control::serve(path, vm.clone(), Vec::new())
-                .with_context(|| format!("serving control socket {}", path.display()))?,
+            vmm_node::control::serve(
+                path,
+                vm.clone(),
+                vec![vmm_node::migration::cli::control_extension()],
+            )
+            .with_context(|| format!("serving control socket {}", path.display()))?,
         ),
         None => None,
     };
@@ -115,6 +128,14 @@ fn main() -> anyhow::Result<()> {
             let vm = Vm::create(cfg).context("creating VM")?;
             install_virtio_slots(&vm, raw_file_opener(), true).context("attaching disks")?;
             vm.start().context("starting VM")?;
+            serve_and_wait(Arc::new(vm), control, console)
+        }
+        Cmd::Receive {
+            args,
+            control,
+            console,
+        } => {
+            let vm = vmm_node::migration::cli::receive_vm(&args).context("receiving a VM")?;
             serve_and_wait(vm, control, console)
         }
         Cmd::Restore {
@@ -128,7 +149,7 @@ fn main() -> anyhow::Result<()> {
             })
             .with_context(|| format!("restoring {}", snapshot.display()))?;
             vm.resume().context("resuming VM")?;
-            serve_and_wait(vm, control, console)
+            serve_and_wait(Arc::new(vm), control, console)
         }
     }
 }

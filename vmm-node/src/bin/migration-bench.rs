@@ -1,0 +1,398 @@
+//! Live and quick migration benchmark: prints figures, compares with a raw TCP loopback
+//! baseline measured in the same run.
+//!
+//! ```text
+//! cargo run --release -p vmm-node --bin migration-bench -- [--memory-mib 1024] [--repeats 5]
+//!     [--connections 4] [--max-downtime-ms 50] [--cases idle,full,50,200,1000]
+//! ```
+//! Cases: `idle` (idle guest), `full` (memory filled with a pattern: measures throughput),
+//! `N` (256 MiB working set dirtied at N MB/s).
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use vmm_node::guest_protocol::{heartbeats, Workload, WorkloadKind};
+use vmm_node::migration::adapter::{LocalFactory, LocalSource};
+use vmm_node::migration::convergence::ConvergenceConfig;
+use vmm_node::migration::seam::NoHandoff;
+use vmm_node::migration::source::{migrate, CancelToken, MigrateOptions};
+use vmm_node::migration::stats::MigrationStats;
+use vmm_node::migration::target::{receive_one, ReceiveOptions};
+use vmm_node::{Vm, VmConfig};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 1024)]
+    memory_mib: u64,
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    #[arg(long, default_value_t = 50)]
+    max_downtime_ms: u64,
+    #[arg(long, default_value = "idle,full,50,200,1000")]
+    cases: String,
+    #[arg(long, default_value_t = 2)]
+    vcpus: u8,
+}
+
+fn workload(case: &str, memory_mib: u64) -> anyhow::Result<Workload> {
+    Ok(match case {
+        "idle" => Workload::new(WorkloadKind::Idle),
+        "full" => Workload {
+            wss_mib: memory_mib * 3 / 4,
+            ..Workload::new(WorkloadKind::Mem)
+        },
+        rate => Workload {
+            wss_mib: 256,
+            rate_mbps: rate
+                .parse()
+                .context("case must be idle, full or a rate in MB/s")?,
+            ..Workload::new(WorkloadKind::Dirty)
+        },
+    })
+}
+
+fn start_guest(args: &Args, w: &Workload) -> anyhow::Result<Vm> {
+    let mut cfg = VmConfig::new(args.vcpus, args.memory_mib, vmm_node::test_guest::PATH);
+    cfg.cmdline = w.cmdline();
+    cfg.name = "bench".into();
+    let vm = Vm::create(cfg)?;
+    vm.start()?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let hb = heartbeats(&vm.console().text());
+        let ready = hb.len() >= 2
+            && hb
+                .last()
+                .is_some_and(|h| w.kind != WorkloadKind::Mem || h.mem == "ok");
+        if ready {
+            return Ok(vm);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "guest did not get ready: {:?}",
+            hb.last()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn live_once(args: &Args, w: &Workload) -> anyhow::Result<MigrationStats> {
+    let vm = Arc::new(start_guest(args, w)?);
+    let listener = TcpListener::bind("127.0.2.1:0")?;
+    let addr = listener.local_addr()?;
+    let target = std::thread::spawn(move || -> anyhow::Result<Arc<Vm>> {
+        let f = LocalFactory::default();
+        let r = receive_one(&listener, &f, &NoHandoff, &ReceiveOptions::default())?;
+        let vm = f.last_vm().context("target VM gone")?;
+        drop(r);
+        Ok(vm)
+    });
+    let opts = MigrateOptions {
+        connections: args.connections,
+        convergence: ConvergenceConfig {
+            max_downtime: Duration::from_millis(args.max_downtime_ms),
+            deadline: Duration::from_secs(120),
+            throttle: true,
+        },
+        ..Default::default()
+    };
+    let stats = migrate(
+        &LocalSource::new(vm.clone()),
+        addr,
+        &opts,
+        &NoHandoff,
+        &CancelToken::default(),
+        &mut |_| {},
+    );
+    let tvm = target
+        .join()
+        .map_err(|_| anyhow::anyhow!("target thread panicked"))?;
+    let stats = stats?;
+    let tvm = tvm?;
+    anyhow::ensure!(stats.receipt_matches(), "memory receipts differ");
+    // The guest continues on the target.
+    let n = heartbeats(&tvm.console().text()).len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while heartbeats(&tvm.console().text()).len() < n + 1 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "guest did not continue on the target"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm.stop()?;
+    tvm.stop()?;
+    Ok(stats)
+}
+
+fn quick_once(args: &Args, w: &Workload) -> anyhow::Result<(u64, u64)> {
+    let vm = start_guest(args, w)?;
+    let dir = tempfile_dir()?;
+    let s = vmm_node::migration::quick::save(&vm, &dir)?;
+    vm.destroy()?;
+    let (vm2, r) = vmm_node::migration::quick::restore(&dir)?;
+    let n = heartbeats(&vm2.console().text()).len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while heartbeats(&vm2.console().text()).len() < n + 1 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "guest did not continue after quick migration"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm2.destroy()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((s.pause_us + s.save_us, r.restore_us + r.resume_us))
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let d = std::env::temp_dir().join(format!("migration-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// Raw TCP loopback throughput with `n` connections moving `total` bytes in 4 MiB writes.
+fn raw_tcp_bytes_per_s(n: usize, total: u64) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
+    let l = TcpListener::bind("127.0.2.1:0")?;
+    let addr = l.local_addr()?;
+    let per = total / n as u64;
+    let recv = std::thread::spawn(move || -> anyhow::Result<()> {
+        let mut hs = Vec::new();
+        for _ in 0..n {
+            let (mut s, _) = l.accept()?;
+            hs.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4 << 20];
+                let mut got = 0u64;
+                while got < per {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => got += k as u64,
+                    }
+                }
+            }));
+        }
+        for h in hs {
+            let _ = h.join();
+        }
+        Ok(())
+    });
+    let t = Instant::now();
+    let senders: Vec<_> = (0..n)
+        .map(|_| {
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut s = TcpStream::connect(addr)?;
+                let buf = vec![0x5au8; 4 << 20];
+                let mut sent = 0u64;
+                while sent < per {
+                    s.write_all(&buf)?;
+                    sent += buf.len() as u64;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    }
+    recv.join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    Ok(total as f64 / t.elapsed().as_secs_f64())
+}
+
+/// The memory transport alone (no guest competing for the CPUs): a fully populated
+/// `memory_mib` guest memory moved into a fresh one over `n` connections. Bytes/s on the wire.
+fn transport_bytes_per_s(n: usize, memory_mib: u64) -> anyhow::Result<f64> {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::mpsc::sync_channel;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_node::migration::transport::*;
+    let src = vmm_node::memory::allocate(memory_mib << 20)?;
+    let dst = vmm_node::memory::allocate(memory_mib << 20)?;
+    let map = PageMap::from_memory(&src);
+    let mut page = vec![0u8; 4096];
+    for i in 0..map.total_pages() {
+        for (j, b) in page.iter_mut().enumerate() {
+            *b = (i ^ j) as u8 | 1;
+        }
+        src.write_slice(&page, GuestAddress(map.gpa_of(i).context("page")?))?;
+    }
+    // Where a page's CPU time goes (single thread, whole memory).
+    {
+        let t = Instant::now();
+        for i in 0..map.total_pages() {
+            src.read_slice(&mut page, GuestAddress(map.gpa_of(i).context("page")?))?;
+        }
+        let read = t.elapsed();
+        let t = Instant::now();
+        for i in 0..map.total_pages() {
+            dst.write_slice(&page, GuestAddress(map.gpa_of(i).context("page")?))?;
+        }
+        let write = t.elapsed();
+        let t = Instant::now();
+        for i in 0..map.total_pages() {
+            dst.write_slice(&page, GuestAddress(map.gpa_of(i).context("page")?))?;
+        }
+        let rewrite = t.elapsed();
+        let gb = (memory_mib << 20) as f64 / 1e9;
+        println!(
+            "per-pass single-thread rates over {memory_mib} MiB: read_slice {:.0} MB/s, write_slice into fresh memory {:.0} MB/s, again {:.0} MB/s",
+            gb * 1e3 / read.as_secs_f64(),
+            gb * 1e3 / write.as_secs_f64(),
+            gb * 1e3 / rewrite.as_secs_f64()
+        );
+    }
+    let dst = vmm_node::memory::allocate(memory_mib << 20)?;
+    let l = TcpListener::bind("127.0.2.1:0")?;
+    let addr = l.local_addr()?;
+    let conns: Vec<TcpStream> = (0..n)
+        .map(|_| TcpStream::connect(addr))
+        .collect::<Result<_, _>>()?;
+    let accepted: Vec<TcpStream> = (0..n)
+        .map(|_| l.accept().map(|a| a.0))
+        .collect::<Result<_, _>>()?;
+    let send_h = PageHashes::new_zeroed(map.total_pages());
+    let recv_h = PageHashes::new_zeroed(map.total_pages());
+    let (tx, rx) = sync_channel::<DataEvent>(4 * n);
+    let cancel = AtomicBool::new(false);
+    let (sent, secs) = std::thread::scope(|s| -> anyhow::Result<(u64, f64)> {
+        for (i, c) in accepted.into_iter().enumerate() {
+            let (tx, dst, map, h) = (tx.clone(), &dst, &map, &recv_h);
+            s.spawn(move || receive_data_connection(c, i, dst, map, h, &tx));
+        }
+        drop(tx);
+        let t = Instant::now();
+        let mut sender = MemorySender::new(conns);
+        let r = sender.send_round(
+            &src,
+            &map,
+            &send_h,
+            &DirtyPages::all(map.total_pages()),
+            0,
+            &cancel,
+        )?;
+        for _ in 0..n {
+            match rx.recv()? {
+                DataEvent::RoundEnd { .. } => {}
+                other => anyhow::bail!("transport failed: {other:?}"),
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        sender.finish()?;
+        Ok((r.wire_bytes, secs))
+    })?;
+    anyhow::ensure!(
+        send_h.digest() == recv_h.digest(),
+        "transport receipts differ"
+    );
+    Ok(sent as f64 / secs)
+}
+
+fn pct(v: &mut [u64], p: f64) -> u64 {
+    v.sort_unstable();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let raw = raw_tcp_bytes_per_s(args.connections, 2 << 30)?;
+    println!(
+        "raw TCP loopback, {} connections, 4 MiB writes: {:.0} MB/s",
+        args.connections,
+        raw / 1e6
+    );
+    let tr = transport_bytes_per_s(args.connections, args.memory_mib)?;
+    println!(
+        "memory transport alone, {} MiB fully populated, {} connections: {:.0} MB/s = {:.2} x raw TCP",
+        args.memory_mib,
+        args.connections,
+        tr / 1e6,
+        tr / raw
+    );
+    println!(
+        "guest {} MiB, {} vCPUs, {} connections, max downtime {} ms, {} repeats",
+        args.memory_mib, args.vcpus, args.connections, args.max_downtime_ms, args.repeats
+    );
+    println!(
+        "{:<8} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:>8} {:>11} {:>11}",
+        "case",
+        "total_ms",
+        "rounds",
+        "blk_p50us",
+        "blk_p99us",
+        "sent/gb",
+        "r0_MB/s",
+        "r0/raw",
+        "throttle",
+        "quick_save",
+        "quick_rest"
+    );
+    for case in args.cases.split(',') {
+        let w = workload(case, args.memory_mib)?;
+        let mut totals = Vec::new();
+        let mut blackouts = Vec::new();
+        let mut rounds = Vec::new();
+        let mut ratio = Vec::new();
+        let mut r0 = Vec::new();
+        let mut throttle = 0;
+        let mut split = Vec::new();
+        for _ in 0..args.repeats {
+            let s = live_once(&args, &w).with_context(|| format!("case {case}"))?;
+            totals.push(s.total_us / 1000);
+            blackouts.push(s.blackout.total_us);
+            rounds.push(s.rounds.len() as u64);
+            ratio.push(s.wire_bytes as f64 / s.guest_bytes as f64);
+            let first = &s.rounds[0];
+            r0.push(first.wire_bytes as f64 / (first.duration_us.max(1) as f64 / 1e6));
+            throttle = throttle.max(s.max_throttle_percent);
+            split.push(s.blackout);
+        }
+        let (mut qs, mut qr) = (Vec::new(), Vec::new());
+        for _ in 0..args.repeats.min(3) {
+            let (s, r) = quick_once(&args, &w)?;
+            qs.push(s / 1000);
+            qr.push(r / 1000);
+        }
+        let r0_best = r0.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "{:<8} {:>9} {:>9} {:>10} {:>10} {:>7.3} {:>9.0} {:>9.2} {:>7}% {:>9}ms {:>9}ms",
+            case,
+            pct(&mut totals, 0.5),
+            pct(&mut rounds, 0.5),
+            pct(&mut blackouts.clone(), 0.5),
+            pct(&mut blackouts, 0.99),
+            ratio.iter().sum::<f64>() / ratio.len() as f64,
+            r0_best / 1e6,
+            r0_best / raw,
+            throttle,
+            pct(&mut qs, 0.5),
+            pct(&mut qr, 0.5),
+        );
+        let med = |f: fn(&vmm_node::migration::stats::Blackout) -> u64| {
+            let mut v: Vec<u64> = split.iter().map(f).collect();
+            pct(&mut v, 0.5)
+        };
+        println!(
+            "         blackout p50 split: final-copy {} us, state {} us, handoff {} us, resume {} us",
+            med(|b| b.final_copy_us),
+            med(|b| b.state_us),
+            med(|b| b.handoff_us),
+            med(|b| b.resume_us)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,348 @@
+//! Migration commands of the `vmm-node` debug binary: the `receive` subcommand and the
+//! control-socket extension.
+//!
+//! Control commands (JSON lines, see `crate::control`):
+//! | cmd | fields | result |
+//! |---|---|---|
+//! | `migrate` | `addr`, `max_downtime_ms`, `deadline_ms`, `connections`, `throttle` (all but `addr` optional) | `stats` (see [`MigrationStats`]), `console` (guest output up to the switchover); the source VM is destroyed shortly after the reply. With `"cancel": true`: cancels the running migration. |
+//! | `migrate-status` | | `state` (`idle`/`running`/`succeeded`/`failed`), `phase`, `progress`, `prediction`, `throttle_percent`, `events` (last 64), `error` |
+//! | `migrate-cancel` | | cancels a running migration (the VM keeps running here) |
+//! | `quick-migrate` | `dir` | `save` figures, `console`; the VM is saved paused into `dir` and destroyed shortly after; restore with `vmm-node restore --snapshot DIR` |
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::adapter::{local_facts, LocalFactory, LocalSource};
+use super::convergence::ConvergenceConfig;
+use super::seam::{NoHandoff, NodeFacts};
+use super::source::{migrate, CancelToken, MigrateOptions, MigrationEvent};
+use super::stats::MigrationStats;
+use super::target::{serve, FailAction, Failpoint, ReceiveOptions};
+use super::MigrationError;
+use crate::control::{error_response, Extension};
+use crate::{Vm, VmStatus};
+
+/// Line printed on stdout once the receive listener is bound.
+pub const LISTEN_LINE_PREFIX: &str = "MIGRATION-LISTEN ";
+/// Grace period between a successful migration's reply and destroying the source VM, so
+/// the reply reaches the client before the process exits.
+pub const DESTROY_GRACE: Duration = Duration::from_millis(300);
+const EVENTS_MAX: usize = 64;
+const CONSOLE_REPLY_BYTES_MAX: usize = 1 << 20;
+
+/// `vmm-node receive` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReceiveArgs {
+    /// Migration address to listen on (port 0 picks one; the bound address is printed as
+    /// `MIGRATION-LISTEN ADDR` on stdout).
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Pretend this node has another CPU vendor (tests of the compatibility check).
+    #[arg(long)]
+    pub fake_cpu_vendor: Option<String>,
+    /// Pretend this node has only this much memory available.
+    #[arg(long)]
+    pub fake_memory_available_mib: Option<u64>,
+    /// Die (abort) at this phase: setup, precopy, stopcopy, before-resume.
+    #[arg(long, env = "VMM_NODE_MIGRATION_FAILPOINT")]
+    pub failpoint: Option<String>,
+    /// How long to wait for the source at any step.
+    #[arg(long, default_value_t = 30_000)]
+    pub io_timeout_ms: u64,
+}
+
+/// Waits for an incoming migration and returns the VM running here.
+pub fn receive_vm(args: &ReceiveArgs) -> Result<Arc<Vm>, MigrationError> {
+    let failpoint = match &args.failpoint {
+        Some(s) => Some((s.parse::<Failpoint>()?, FailAction::Abort)),
+        None => None,
+    };
+    let facts_override =
+        if args.fake_cpu_vendor.is_some() || args.fake_memory_available_mib.is_some() {
+            let f = local_facts();
+            Some(NodeFacts {
+                cpu_vendor: args.fake_cpu_vendor.clone().unwrap_or(f.cpu_vendor),
+                memory_available_bytes: args
+                    .fake_memory_available_mib
+                    .map_or(f.memory_available_bytes, |m| m << 20),
+                cpu_features: f.cpu_features,
+            })
+        } else {
+            None
+        };
+    let opts = ReceiveOptions {
+        facts_override,
+        failpoint,
+        io_timeout: Duration::from_millis(args.io_timeout_ms),
+    };
+    let listener = TcpListener::bind(args.listen).map_err(|source| MigrationError::Connect {
+        addr: args.listen,
+        source,
+    })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| MigrationError::Connect {
+            addr: args.listen,
+            source,
+        })?;
+    let version = super::protocol::PROTOCOL_VERSION;
+    tracing::info!(%bound, version, "waiting for an incoming migration");
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{LISTEN_LINE_PREFIX}{bound}");
+        let _ = out.flush();
+    }
+    // The target's disk slots reopen the VM's raw image files on `restore_state`, after
+    // the storage handoff (the cluster-agent passes its own opener for fenced disks).
+    let factory = LocalFactory::with_disk_slots(Arc::new(|vm: &Vm| {
+        crate::devices::virtio::install_virtio_slots(
+            vm,
+            crate::devices::virtio::raw_file_opener(),
+            false,
+        )
+        .map(|_| ())
+        .map_err(Into::into)
+    }));
+    let received = serve(&listener, &factory, &NoHandoff, &opts)?;
+    let vm = factory.last_vm().ok_or(MigrationError::InvalidOptions(
+        "the received VM vanished".into(),
+    ))?;
+    drop(received);
+    Ok(vm)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateRequest {
+    #[allow(dead_code)]
+    cmd: String,
+    #[serde(default)]
+    addr: Option<SocketAddr>,
+    #[serde(default)]
+    max_downtime_ms: Option<u64>,
+    #[serde(default)]
+    deadline_ms: Option<u64>,
+    #[serde(default)]
+    connections: Option<usize>,
+    #[serde(default)]
+    throttle: Option<bool>,
+    #[serde(default)]
+    cancel: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuickRequest {
+    #[allow(dead_code)]
+    cmd: String,
+    dir: PathBuf,
+}
+
+#[derive(Default)]
+struct Status {
+    state: &'static str,
+    phase: &'static str,
+    progress: Option<Value>,
+    prediction: Option<Value>,
+    throttle_percent: u8,
+    events: VecDeque<Value>,
+    error: Option<String>,
+    cancel: Option<CancelToken>,
+}
+
+impl Status {
+    fn push(&mut self, v: Value) {
+        if self.events.len() == EVENTS_MAX {
+            self.events.pop_front();
+        }
+        self.events.push_back(v);
+    }
+}
+
+fn event_json(e: &MigrationEvent) -> Value {
+    match e {
+        MigrationEvent::Phase(p) => json!({"phase": p}),
+        MigrationEvent::Prediction(p) => json!({"prediction": {
+            "bandwidth_bytes_per_s": p.bandwidth_bytes_per_s,
+            "dirty_rate_bytes_per_s": p.dirty_rate_bytes_per_s,
+            "remaining_ms": p.remaining.map(|d| d.as_millis() as u64),
+            "downtime_us": p.downtime.as_micros() as u64,
+            "converges": p.converges,
+        }}),
+        MigrationEvent::Progress(p) => json!({"progress": p}),
+        MigrationEvent::Throttle(t) => json!({"throttle_percent": t}),
+    }
+}
+
+fn console_text(vm: &Vm) -> String {
+    let log = vm.console().log();
+    let n = log.len().min(CONSOLE_REPLY_BYTES_MAX);
+    String::from_utf8_lossy(&log[log.len() - n..]).into_owned()
+}
+
+fn destroy_later(vm: &Arc<Vm>) {
+    let vm = vm.clone();
+    let _ = std::thread::Builder::new()
+        .name("destroy-migrated".into())
+        .spawn(move || {
+            std::thread::sleep(DESTROY_GRACE);
+            if let Err(e) = vm.stop() {
+                tracing::error!(error = %e, "destroying the migrated-away VM");
+            }
+            tracing::info!("source vm destroyed after migration");
+        });
+}
+
+/// The control-socket extension handling the migration commands.
+pub fn control_extension() -> Extension {
+    let st = Arc::new(Mutex::new(Status {
+        state: "idle",
+        ..Default::default()
+    }));
+    Arc::new(move |req: &Value, vm: &Arc<Vm>| {
+        let cmd = req.get("cmd")?.as_str()?;
+        match cmd {
+            "migrate" => Some(handle_migrate(&st, req, vm)),
+            "migrate-cancel" => Some(cancel(&st)),
+            "migrate-status" => {
+                let s = st.lock().unwrap_or_else(|e| e.into_inner());
+                Some(json!({
+                    "ok": true,
+                    "state": s.state,
+                    "phase": s.phase,
+                    "progress": s.progress,
+                    "prediction": s.prediction,
+                    "throttle_percent": s.throttle_percent,
+                    "events": s.events,
+                    "error": s.error,
+                }))
+            }
+            "quick-migrate" => Some(handle_quick(req, vm)),
+            _ => None,
+        }
+    })
+}
+
+fn cancel(st: &Mutex<Status>) -> Value {
+    let s = st.lock().unwrap_or_else(|e| e.into_inner());
+    match &s.cancel {
+        Some(c) if s.state == "running" => {
+            c.cancel();
+            json!({"ok": true})
+        }
+        _ => json!({"ok": false, "error": "no migration is running"}),
+    }
+}
+
+fn handle_migrate(st: &Mutex<Status>, req: &Value, vm: &Arc<Vm>) -> Value {
+    let r: MigrateRequest = match serde_json::from_value(req.clone()) {
+        Ok(r) => r,
+        Err(e) => return error_response(&e),
+    };
+    if r.cancel {
+        return cancel(st);
+    }
+    let Some(addr) = r.addr else {
+        let e = "migrate needs \"addr\": the target's migration address";
+        return json!({"ok": false, "error": e});
+    };
+    let defaults = ConvergenceConfig::default();
+    let opts = MigrateOptions {
+        connections: r.connections.unwrap_or(super::DEFAULT_CONNECTIONS),
+        convergence: ConvergenceConfig {
+            max_downtime: r
+                .max_downtime_ms
+                .map_or(defaults.max_downtime, Duration::from_millis),
+            deadline: r
+                .deadline_ms
+                .map_or(defaults.deadline, Duration::from_millis),
+            throttle: r.throttle.unwrap_or(true),
+        },
+        ..Default::default()
+    };
+    if let Err(e) = opts.validate() {
+        return error_response(&e);
+    }
+    if !matches!(vm.status(), VmStatus::Running) {
+        let e = format!(
+            "the VM is {:?}; only a running VM can be migrated",
+            vm.status()
+        );
+        return json!({"ok": false, "error": e});
+    }
+    let token = CancelToken::default();
+    {
+        let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+        if s.state == "running" {
+            return json!({"ok": false, "error": "a migration of this VM is already running"});
+        }
+        *s = Status {
+            state: "running",
+            phase: "setup",
+            cancel: Some(token.clone()),
+            ..Default::default()
+        };
+    }
+    let source = LocalSource::new(vm.clone());
+    let result = migrate(&source, addr, &opts, &NoHandoff, &token, &mut |e| {
+        let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+        match e {
+            MigrationEvent::Phase(p) => s.phase = p,
+            MigrationEvent::Progress(p) => s.progress = Some(json!(p)),
+            MigrationEvent::Prediction(_) => {
+                s.prediction = event_json(e).get("prediction").cloned()
+            }
+            MigrationEvent::Throttle(t) => s.throttle_percent = *t,
+        }
+        s.push(event_json(e));
+    });
+    let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+    s.cancel = None;
+    match result {
+        Ok(stats) => {
+            s.state = "succeeded";
+            drop(s);
+            let console = console_text(vm);
+            destroy_later(vm);
+            json!({"ok": true, "stats": stats_json(&stats), "console": console})
+        }
+        Err(e) => {
+            s.state = "failed";
+            let resp = error_response(&e);
+            s.error = resp["error"].as_str().map(str::to_owned);
+            resp
+        }
+    }
+}
+
+fn stats_json(s: &MigrationStats) -> Value {
+    let mut v = json!(s);
+    v["receipt_matches"] = json!(s.receipt_matches());
+    v
+}
+
+fn handle_quick(req: &Value, vm: &Arc<Vm>) -> Value {
+    let r: QuickRequest = match serde_json::from_value(req.clone()) {
+        Ok(r) => r,
+        Err(e) => return error_response(&e),
+    };
+    match super::quick::save(vm, &r.dir) {
+        Ok(stats) => {
+            let console = console_text(vm);
+            destroy_later(vm);
+            json!({"ok": true, "save": stats, "console": console})
+        }
+        Err(e) => {
+            // The VM stays here: resume it if the save failed after pausing.
+            let _ = vm.resume();
+            error_response(&e)
+        }
+    }
+}

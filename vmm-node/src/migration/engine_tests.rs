@@ -1,0 +1,627 @@
+//! Migration engine tests over loopback TCP with a simulated VM: guest memory is a real
+//! [`GuestMem`] written by a workload thread; dirty tracking is vm-memory's write bitmap
+//! (the same bitmap the real VM ORs into KVM's dirty log for device writes). These test
+//! the engine (protocol, transport, convergence, rollback); the real-VM tests are in
+//! `tests/migration_*.rs`.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::convergence::ConvergenceConfig;
+use super::protocol::{self, Command};
+use super::seam::*;
+use super::source::{migrate, CancelToken, MigrateOptions, MigrationEvent};
+use super::target::{receive_one, serve, FailAction, Failpoint, ReceiveOptions};
+use super::transport::{DirtyPages, PageHashes, PageMap};
+use super::MigrationError;
+use crate::GuestMem;
+
+fn new_mem(bytes: usize) -> GuestMem {
+    GuestMem::from_ranges(&[(GuestAddress(0), bytes)]).unwrap()
+}
+
+struct Shared {
+    mem: GuestMem,
+    gate: Mutex<bool>, // paused
+    throttle: AtomicU8,
+    dirty_log: AtomicBool,
+    disks_attached: AtomicBool,
+    seq: AtomicU64,
+    stop: AtomicBool,
+    span_pages: AtomicUsize,
+}
+
+struct SimVm {
+    s: Arc<Shared>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    vendor: String,
+}
+
+impl SimVm {
+    /// `span_pages` pages rewritten in a loop (0 = idle guest), `rate_pages_per_ms` limit.
+    fn start(bytes: usize, span_pages: usize) -> SimVm {
+        let s = Arc::new(Shared {
+            mem: new_mem(bytes),
+            gate: Mutex::new(false),
+            throttle: AtomicU8::new(0),
+            dirty_log: AtomicBool::new(false),
+            disks_attached: AtomicBool::new(true),
+            seq: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            span_pages: AtomicUsize::new(span_pages),
+        });
+        // Some static content: every 4th page of the first half.
+        for i in (0..bytes / 8192).step_by(4) {
+            s.mem
+                .write_obj(0xABCD_0000_0000 | i as u64, GuestAddress(i as u64 * 4096))
+                .unwrap();
+        }
+        let w = s.clone();
+        let worker = std::thread::spawn(move || {
+            let mut i = 0usize;
+            while !w.stop.load(Ordering::Relaxed) {
+                let span = w.span_pages.load(Ordering::Relaxed);
+                {
+                    let paused = w.gate.lock().unwrap();
+                    if !*paused && span > 0 {
+                        for _ in 0..64 {
+                            let seq = w.seq.fetch_add(1, Ordering::Relaxed) + 1;
+                            let page = (bytes / 2 / 4096) + (i % span);
+                            w.mem
+                                .write_obj(seq, GuestAddress(page as u64 * 4096 + 64))
+                                .unwrap();
+                            i += 1;
+                        }
+                    }
+                }
+                let t = w.throttle.load(Ordering::Relaxed);
+                if span == 0 || t > 0 {
+                    std::thread::sleep(Duration::from_micros(50 + 100 * u64::from(t)));
+                }
+            }
+        });
+        SimVm {
+            s,
+            worker: Some(worker),
+            vendor: "SimVendor".into(),
+        }
+    }
+
+    fn paused(&self) -> bool {
+        *self.s.gate.lock().unwrap()
+    }
+}
+
+impl Drop for SimVm {
+    fn drop(&mut self) {
+        self.s.stop.store(true, Ordering::Relaxed);
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl SourceVm for SimVm {
+    fn memory(&self) -> &GuestMem {
+        &self.s.mem
+    }
+    fn config_blob(&self) -> Result<Vec<u8>, OpError> {
+        Ok(bincode::serialize(
+            &(self
+                .s
+                .mem
+                .iter()
+                .map(vm_memory::GuestMemoryRegion::len)
+                .sum::<u64>()),
+        )?)
+    }
+    fn requirements(&self) -> Requirements {
+        Requirements {
+            vm_name: "sim".into(),
+            cpu_vendor: self.vendor.clone(),
+            cpu_features: vec!["sse2".into()],
+            memory_bytes: PageMap::from_memory(&self.s.mem).total_bytes(),
+            vcpus: 1,
+            disks: vec!["disk0".into()],
+        }
+    }
+    fn start_dirty_log(&self) -> Result<(), OpError> {
+        for r in self.s.mem.iter() {
+            r.bitmap().reset();
+        }
+        self.s.dirty_log.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn dirty_pages(&self, map: &PageMap) -> Result<DirtyPages, OpError> {
+        let mut d = DirtyPages::empty(map.total_pages());
+        for (r, &(_, pages, first)) in self.s.mem.iter().zip(map.regions()) {
+            d.merge_region_bitmap(first, pages, &r.bitmap().get_and_reset());
+        }
+        Ok(d)
+    }
+    fn stop_dirty_log(&self) -> Result<(), OpError> {
+        self.s.dirty_log.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+    fn pause(&self) -> Result<(), OpError> {
+        *self.s.gate.lock().unwrap() = true;
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), OpError> {
+        *self.s.gate.lock().unwrap() = false;
+        Ok(())
+    }
+    fn set_throttle(&self, percent: u8) {
+        self.s.throttle.store(percent, Ordering::SeqCst);
+    }
+    fn save_state(&self) -> Result<Vec<u8>, OpError> {
+        Ok(bincode::serialize(&self.s.seq.load(Ordering::SeqCst))?)
+    }
+    fn detach_disks(&self) -> Result<(), OpError> {
+        self.s.disks_attached.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+    fn reattach_disks(&self) -> Result<(), OpError> {
+        self.s.disks_attached.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+struct SimTarget {
+    mem: GuestMem,
+    seq: Mutex<Option<u64>>,
+    running: AtomicBool,
+}
+
+impl TargetVm for SimTarget {
+    fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+    fn restore(&self, state: &[u8]) -> Result<(), OpError> {
+        *self.seq.lock().unwrap() = Some(bincode::deserialize(state)?);
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), OpError> {
+        self.running.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+struct SimFactory {
+    created: Mutex<Vec<Arc<SimTarget>>>,
+}
+
+struct TargetHandle(Arc<SimTarget>);
+impl TargetVm for TargetHandle {
+    fn memory(&self) -> &GuestMem {
+        &self.0.mem
+    }
+    fn restore(&self, state: &[u8]) -> Result<(), OpError> {
+        self.0.restore(state)
+    }
+    fn resume(&self) -> Result<(), OpError> {
+        self.0.resume()
+    }
+}
+
+impl TargetFactory for SimFactory {
+    fn facts(&self) -> NodeFacts {
+        NodeFacts {
+            cpu_vendor: "SimVendor".into(),
+            cpu_features: vec!["sse2".into(), "avx".into()],
+            memory_available_bytes: 1 << 30,
+        }
+    }
+    fn create_paused(&self, config: &[u8]) -> Result<Box<dyn TargetVm>, OpError> {
+        let bytes: u64 = bincode::deserialize(config)?;
+        let t = Arc::new(SimTarget {
+            mem: new_mem(bytes as usize),
+            seq: Mutex::new(None),
+            running: AtomicBool::new(false),
+        });
+        self.created.lock().unwrap().push(t.clone());
+        Ok(Box::new(TargetHandle(t)))
+    }
+}
+
+#[derive(Default)]
+struct RecordingHandoff {
+    log: Mutex<Vec<String>>,
+}
+impl StorageHandoff for RecordingHandoff {
+    fn release(&self, vm: &str, d: &[String]) -> Result<(), OpError> {
+        self.log.lock().unwrap().push(format!("release {vm} {d:?}"));
+        Ok(())
+    }
+    fn reclaim(&self, vm: &str, d: &[String]) -> Result<(), OpError> {
+        self.log.lock().unwrap().push(format!("reclaim {vm} {d:?}"));
+        Ok(())
+    }
+    fn acquire(&self, vm: &str, d: &[String]) -> Result<(), OpError> {
+        self.log.lock().unwrap().push(format!("acquire {vm} {d:?}"));
+        Ok(())
+    }
+}
+
+fn factory() -> SimFactory {
+    SimFactory {
+        created: Mutex::new(Vec::new()),
+    }
+}
+
+fn listener() -> TcpListener {
+    TcpListener::bind("127.0.2.1:0").unwrap()
+}
+
+fn opts(downtime_ms: u64, deadline_ms: u64) -> MigrateOptions {
+    MigrateOptions {
+        connections: 4,
+        convergence: ConvergenceConfig {
+            max_downtime: Duration::from_millis(downtime_ms),
+            deadline: Duration::from_millis(deadline_ms),
+            throttle: true,
+        },
+        ..Default::default()
+    }
+}
+
+fn ropts() -> ReceiveOptions {
+    ReceiveOptions {
+        io_timeout: Duration::from_secs(10),
+        ..Default::default()
+    }
+}
+
+/// Source memory (paused) and target memory must be identical, and both receipts agree.
+fn assert_same_memory(src: &GuestMem, dst: &GuestMem) {
+    let map = PageMap::from_memory(src);
+    let a = PageHashes::digest_of_memory(src, &map).unwrap();
+    let b = PageHashes::digest_of_memory(dst, &map).unwrap();
+    assert_eq!(a, b, "guest memory differs after migration");
+}
+
+type Outcome = (
+    Result<super::stats::MigrationStats, MigrationError>,
+    Result<super::target::Received, MigrationError>,
+    Arc<SimFactory>,
+    Arc<RecordingHandoff>,
+);
+
+/// The simulated guest keeps writing (polls up to 5 s: the machine may be busy).
+fn assert_workload_runs(vm: &SimVm, what: &str) {
+    let before = vm.s.seq.load(Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while vm.s.seq.load(Ordering::SeqCst) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: workload stopped on the source"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn run_migration(
+    vm: &SimVm,
+    o: &MigrateOptions,
+    ro: ReceiveOptions,
+    cancel: &CancelToken,
+    events: &mut Vec<MigrationEvent>,
+) -> Outcome {
+    let l = listener();
+    let addr = l.local_addr().unwrap();
+    let f = Arc::new(factory());
+    let th = Arc::new(RecordingHandoff::default());
+    let (f2, th2) = (f.clone(), th.clone());
+    let t = std::thread::spawn(move || receive_one(&l, f2.as_ref(), th2.as_ref(), &ro));
+    let sh = RecordingHandoff::default();
+    let r = migrate(vm, addr, o, &sh, cancel, &mut |e| events.push(e.clone()));
+    th.log
+        .lock()
+        .unwrap()
+        .extend(sh.log.lock().unwrap().drain(..));
+    (r, t.join().unwrap(), f, th)
+}
+
+#[test]
+fn idle_guest_moves_with_identical_memory_and_receipt() {
+    let vm = SimVm::start(32 << 20, 0);
+    let mut ev = Vec::new();
+    let (r, t, f, h) = run_migration(
+        &vm,
+        &opts(50, 10_000),
+        ropts(),
+        &CancelToken::default(),
+        &mut ev,
+    );
+    let stats = r.unwrap();
+    let received = t.unwrap();
+    assert!(vm.paused());
+    assert!(stats.receipt_matches(), "{stats:?}");
+    assert_eq!(received.stats.memory_digest, stats.source_digest);
+    let target = f.created.lock().unwrap()[0].clone();
+    assert!(target.running.load(Ordering::SeqCst));
+    assert_same_memory(&vm.s.mem, &target.mem);
+    assert!(stats.zero_pages_skipped > 0);
+    assert!(stats.blackout.total_us > 0);
+    assert!(stats.rounds.len() >= 2);
+    let log = h.log.lock().unwrap().join("|");
+    assert!(
+        log.contains("release sim") && log.contains("acquire sim"),
+        "{log}"
+    );
+    // A prediction was made before the first round finished.
+    let first_pred = ev
+        .iter()
+        .position(|e| matches!(e, MigrationEvent::Prediction(p) if p.remaining.is_some()));
+    let first_prog = ev
+        .iter()
+        .position(|e| matches!(e, MigrationEvent::Progress(_)));
+    assert!(first_pred.unwrap() < first_prog.unwrap(), "{ev:?}");
+    // Progress never went backwards and ended at 100 %.
+    let prog: Vec<_> = ev
+        .iter()
+        .filter_map(|e| match e {
+            MigrationEvent::Progress(p) => Some(*p),
+            _ => None,
+        })
+        .collect();
+    assert!(prog
+        .windows(2)
+        .all(|w| w[1].fraction_done >= w[0].fraction_done
+            && w[1].bytes_remaining <= w[0].bytes_remaining));
+    assert_eq!(prog.last().unwrap().fraction_done, 1.0);
+}
+
+#[test]
+fn dirtying_guest_converges_and_state_matches_memory() {
+    let vm = SimVm::start(32 << 20, 512);
+    std::thread::sleep(Duration::from_millis(20));
+    let mut ev = Vec::new();
+    let (r, t, f, _) = run_migration(
+        &vm,
+        &opts(20, 20_000),
+        ropts(),
+        &CancelToken::default(),
+        &mut ev,
+    );
+    let stats = r.unwrap();
+    t.unwrap();
+    let target = f.created.lock().unwrap()[0].clone();
+    assert_same_memory(&vm.s.mem, &target.mem);
+    assert!(stats.receipt_matches());
+    // The state (last sequence number) was captured after the last write: it is in memory.
+    let seq = target.seq.lock().unwrap().unwrap();
+    assert_eq!(seq, vm.s.seq.load(Ordering::SeqCst));
+    assert!(seq > 0);
+}
+
+#[test]
+fn cancel_during_precopy_leaves_vm_running_on_source() {
+    let vm = SimVm::start(32 << 20, 4096);
+    let cancel = CancelToken::default();
+    let c2 = cancel.clone();
+    let mut seen_precopy = false;
+    let l = listener();
+    let addr = l.local_addr().unwrap();
+    let f = Arc::new(factory());
+    let f2 = f.clone();
+    let t = std::thread::spawn(move || receive_one(&l, f2.as_ref(), &NoHandoff, &ropts()));
+    // Downtime 1 ms and a busy guest: pre-copy goes on until cancelled.
+    let r = migrate(&vm, addr, &opts(1, 60_000), &NoHandoff, &cancel, &mut |e| {
+        if let MigrationEvent::Progress(p) = e {
+            if p.round >= 1 && !seen_precopy {
+                seen_precopy = true;
+                c2.cancel();
+            }
+        }
+    });
+    assert!(matches!(r, Err(MigrationError::Cancelled(_))), "{r:?}");
+    assert!(t.join().unwrap().is_err());
+    assert!(!vm.paused());
+    assert_eq!(vm.s.throttle.load(Ordering::SeqCst), 0);
+    assert!(!vm.s.dirty_log.load(Ordering::SeqCst));
+    assert!(vm.s.disks_attached.load(Ordering::SeqCst));
+    assert_workload_runs(&vm, "after cancel");
+}
+
+#[test]
+fn target_failure_at_each_phase_rolls_back_to_source() {
+    for fp in [
+        Failpoint::Setup,
+        Failpoint::Precopy,
+        Failpoint::StopCopy,
+        Failpoint::BeforeResume,
+    ] {
+        let vm = SimVm::start(16 << 20, 64);
+        let mut ro = ropts();
+        ro.failpoint = Some((fp, FailAction::Error));
+        let mut ev = Vec::new();
+        let (r, t, _, h) =
+            run_migration(&vm, &opts(50, 10_000), ro, &CancelToken::default(), &mut ev);
+        assert!(r.is_err(), "{fp:?}: source must fail");
+        assert!(matches!(t, Err(MigrationError::Failpoint(p)) if p == fp));
+        assert!(!vm.paused(), "{fp:?}: VM must run on the source");
+        assert!(
+            vm.s.disks_attached.load(Ordering::SeqCst),
+            "{fp:?}: disks re-attached"
+        );
+        assert!(!vm.s.dirty_log.load(Ordering::SeqCst));
+        let log = h.log.lock().unwrap().join("|");
+        if fp == Failpoint::BeforeResume {
+            assert!(log.contains("reclaim sim"), "{fp:?}: {log}");
+        }
+        assert_workload_runs(&vm, &format!("{fp:?}"));
+    }
+}
+
+#[test]
+fn refusals_name_the_reason_and_target_keeps_serving() {
+    let l = listener();
+    let addr = l.local_addr().unwrap();
+    let f = Arc::new(factory());
+    let f2 = f.clone();
+    let server = std::thread::spawn(move || serve(&l, f2.as_ref(), &NoHandoff, &ropts()));
+
+    // 1. Garbage bytes.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n and some more garbage bytes")
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+    }
+    // 2. Protocol version mismatch.
+    {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        protocol::write_frame_versioned(&mut s, 7, Command::Hello, b"").unwrap();
+        let e = protocol::read_frame(&mut s).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("version 7") && msg.contains("version 1"),
+            "{msg}"
+        );
+    }
+    // 3. Another CPU vendor.
+    let mut vm = SimVm::start(16 << 20, 0);
+    vm.vendor = "OtherVendor".into();
+    let e = migrate(
+        &vm,
+        addr,
+        &opts(50, 10_000),
+        &NoHandoff,
+        &CancelToken::default(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, MigrationError::Refused(r) if r.contains("OtherVendor")),
+        "{e}"
+    );
+    assert!(!vm.paused());
+    // 4. Not enough memory on the target: the SimFactory offers 1 GiB.
+    let big = SimVm::start((1 << 30) + 4096 * 16, 0);
+    let e = migrate(
+        &big,
+        addr,
+        &opts(50, 10_000),
+        &NoHandoff,
+        &CancelToken::default(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, MigrationError::Refused(r) if r.contains("memory")),
+        "{e}"
+    );
+    drop(big);
+    // 5. Still serving: a good migration succeeds.
+    vm.vendor = "SimVendor".into();
+    let stats = migrate(
+        &vm,
+        addr,
+        &opts(50, 10_000),
+        &NoHandoff,
+        &CancelToken::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(stats.receipt_matches());
+    let r = server.join().unwrap().unwrap();
+    assert_eq!(r.vm_name, "sim");
+    assert_eq!(
+        f.created.lock().unwrap().len(),
+        1,
+        "refused sessions built no VM"
+    );
+}
+
+#[test]
+fn guest_faster_than_allowed_downtime_throttles_or_stays_on_source() {
+    // 8 MiB rewritten continuously, a 1 ms blackout budget and a 5 s deadline.
+    let vm = SimVm::start(32 << 20, 2048);
+    let mut ev = Vec::new();
+    let (r, t, f, _) = run_migration(
+        &vm,
+        &opts(1, 5000),
+        ropts(),
+        &CancelToken::default(),
+        &mut ev,
+    );
+    let throttled = ev.iter().any(|e| matches!(e, MigrationEvent::Throttle(_)));
+    match r {
+        Ok(stats) => {
+            t.unwrap();
+            assert!(stats.receipt_matches());
+            let target = f.created.lock().unwrap()[0].clone();
+            assert_same_memory(&vm.s.mem, &target.mem);
+        }
+        Err(MigrationError::GaveUp(reason)) => {
+            assert!(t.is_err());
+            assert!(reason.contains("deadline"), "{reason}");
+            assert!(throttled, "gave up without trying to throttle");
+            assert!(!vm.paused());
+            assert_eq!(vm.s.throttle.load(Ordering::SeqCst), 0, "throttle removed");
+        }
+        Err(e) => panic!("unexpected {e}"),
+    }
+}
+
+#[test]
+fn connection_killed_mid_stream_rolls_back() {
+    // A fake target that accepts, answers setup, then drops everything mid pre-copy.
+    let l = listener();
+    let addr = l.local_addr().unwrap();
+    let fake = std::thread::spawn(move || {
+        use protocol::*;
+        let (mut c, _) = l.accept().unwrap();
+        let _ = read_frame(&mut c).unwrap();
+        write_frame(&mut c, Command::Welcome, &[]).unwrap();
+        let _ = read_frame(&mut c).unwrap();
+        write_frame(&mut c, Command::SetupOk, &[]).unwrap();
+        let mut data = Vec::new();
+        for _ in 0..4 {
+            data.push(l.accept().unwrap().0);
+        }
+        let mut buf = vec![0u8; 1 << 20];
+        use std::io::Read;
+        let _ = data[0].read(&mut buf);
+        // Connection killed.
+        drop(data);
+        drop(c);
+    });
+    let vm = SimVm::start(32 << 20, 256);
+    let r = migrate(
+        &vm,
+        addr,
+        &opts(50, 10_000),
+        &NoHandoff,
+        &CancelToken::default(),
+        &mut |_| {},
+    );
+    fake.join().unwrap();
+    assert!(r.is_err());
+    assert!(!vm.paused());
+    assert!(!vm.s.dirty_log.load(Ordering::SeqCst));
+}
+
+#[test]
+fn connection_count_is_validated() {
+    let vm = SimVm::start(16 << 20, 0);
+    let mut o = opts(50, 10_000);
+    o.connections = 0;
+    let e = migrate(
+        &vm,
+        "127.0.0.1:1".parse().unwrap(),
+        &o,
+        &NoHandoff,
+        &CancelToken::default(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("connections"), "{e}");
+}

@@ -1,0 +1,587 @@
+//! Source side of a live migration: setup, pre-copy rounds driven by the convergence
+//! model, stop-and-copy, storage handoff, commit — and a complete rollback (VM resumed,
+//! disks re-attached, throttle off, dirty logging off) on any failure before commit.
+
+use std::io::Write;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::convergence::{
+    Convergence, ConvergenceConfig, Decision, Prediction, Progress, ProgressTracker,
+    RoundObservation,
+};
+use super::protocol::{
+    decode_payload, encode_payload, expect_frame, write_frame, Command, DataHello, Hello, Receipt,
+    RoundAck, Running, Setup, StatePayload, PAGE_SIZE,
+};
+use super::seam::{SourceVm, StorageHandoff};
+use super::stats::{Blackout, MigrationStats, RoundStats};
+use super::transport::{DirtyPages, MemorySender, PageHashes, PageMap, TransportError};
+use super::{MigrationError, DEFAULT_CONNECTIONS, MAX_CONNECTIONS};
+
+/// Default time allowed for one reply from the target.
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Options of one live migration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MigrateOptions {
+    /// Data connections (1..=[`MAX_CONNECTIONS`]).
+    pub connections: usize,
+    pub convergence: ConvergenceConfig,
+    pub connect_timeout: Duration,
+    pub io_timeout: Duration,
+    /// Nominal migration network speed, used until a round has measured it.
+    pub bandwidth_hint_bytes_per_s: f64,
+    /// After switchover, re-hash the paused source's memory and compare it with the
+    /// receipt (one read pass over guest memory, outside the blackout and `total_us`).
+    pub verify_memory: bool,
+}
+
+/// Default bandwidth hint: 100 MB/s (a 1 Gbit/s migration network).
+pub const DEFAULT_BANDWIDTH_HINT_BYTES_PER_S: f64 = 100e6;
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            connections: DEFAULT_CONNECTIONS,
+            convergence: ConvergenceConfig::default(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            io_timeout: DEFAULT_IO_TIMEOUT,
+            bandwidth_hint_bytes_per_s: DEFAULT_BANDWIDTH_HINT_BYTES_PER_S,
+            verify_memory: true,
+        }
+    }
+}
+
+impl MigrateOptions {
+    pub fn validate(&self) -> Result<(), MigrationError> {
+        if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
+            return Err(MigrationError::InvalidOptions(format!(
+                "connections must be 1..={MAX_CONNECTIONS}, got {}",
+                self.connections
+            )));
+        }
+        if !(self.bandwidth_hint_bytes_per_s >= 0.0 && self.bandwidth_hint_bytes_per_s.is_finite())
+        {
+            return Err(MigrationError::InvalidOptions(format!(
+                "bandwidth hint must be a finite number of bytes/s >= 0, got {}",
+                self.bandwidth_hint_bytes_per_s
+            )));
+        }
+        self.convergence
+            .validate()
+            .map_err(|e| MigrationError::InvalidOptions(e.to_string()))
+    }
+}
+
+/// Cancels a running migration from another thread: sets a flag the engine checks and
+/// shuts the sockets down so blocked reads and writes return at once.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken {
+    flag: Arc<AtomicBool>,
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl CancelToken {
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        for s in self
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    fn register(&self, s: &TcpStream) {
+        if let Ok(c) = s.try_clone() {
+            self.sockets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(c);
+        }
+        if self.is_cancelled() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn clear(&self) {
+        self.sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+}
+
+/// Something the caller may show while the migration runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MigrationEvent {
+    Phase(&'static str),
+    Prediction(Prediction),
+    Progress(Progress),
+    Throttle(u8),
+}
+
+#[derive(Default)]
+struct Undo {
+    dirty_log: bool,
+    throttled: bool,
+    paused: bool,
+    disks_detached: bool,
+    released: bool,
+}
+
+/// Migrates `vm` to the target listening at `target`. On success the target runs the VM
+/// and the caller must destroy its (paused) copy. On error before commit the VM runs on
+/// the source again, as before the call.
+pub fn migrate(
+    vm: &dyn SourceVm,
+    target: SocketAddr,
+    opts: &MigrateOptions,
+    handoff: &dyn StorageHandoff,
+    cancel: &CancelToken,
+    on_event: &mut dyn FnMut(&MigrationEvent),
+) -> Result<MigrationStats, MigrationError> {
+    opts.validate()?;
+    let mut undo = Undo::default();
+    let mut committed = false;
+    let mut control: Option<TcpStream> = None;
+    let result = run(
+        vm,
+        target,
+        opts,
+        handoff,
+        cancel,
+        on_event,
+        &mut undo,
+        &mut committed,
+        &mut control,
+    );
+    cancel.clear();
+    match result {
+        Ok(stats) => Ok(stats),
+        Err(e) if committed => Err(e),
+        Err(e) => {
+            let e = if cancel.is_cancelled() && !matches!(e, MigrationError::Cancelled(_)) {
+                MigrationError::Cancelled(Some(e.to_string()))
+            } else {
+                e
+            };
+            tracing::warn!(error = %e, "migration failed; rolling back to the source");
+            if let Some(mut ctl) = control {
+                // Best effort: tell the target why, so it discards its copy with a reason.
+                let _ = ctl.set_write_timeout(Some(Duration::from_millis(200)));
+                let reason = super::target::error_chain(&e);
+                let end = reason.len().min(super::protocol::MAX_REASON_BYTES);
+                let mut end = end;
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let _ = write_frame(&mut ctl, Command::Cancel, &reason.as_bytes()[..end]);
+            }
+            match rollback(vm, handoff, &undo) {
+                Ok(()) => Err(e),
+                Err(r) => Err(MigrationError::RollbackFailed {
+                    original: Box::new(e),
+                    source: Box::new(r),
+                }),
+            }
+        }
+    }
+}
+
+fn rollback(
+    vm: &dyn SourceVm,
+    handoff: &dyn StorageHandoff,
+    undo: &Undo,
+) -> Result<(), MigrationError> {
+    let req = vm.requirements();
+    if undo.released {
+        handoff
+            .reclaim(&req.vm_name, &req.disks)
+            .map_err(|source| MigrationError::Handoff {
+                op: "reclaim",
+                source,
+            })?;
+    }
+    if undo.disks_detached {
+        vm.reattach_disks().map_err(|source| MigrationError::Vm {
+            op: "reattach disks",
+            source,
+        })?;
+    }
+    if undo.throttled {
+        vm.set_throttle(0);
+    }
+    if undo.dirty_log {
+        vm.stop_dirty_log().map_err(|source| MigrationError::Vm {
+            op: "stop dirty log",
+            source,
+        })?;
+    }
+    if undo.paused {
+        vm.resume().map_err(|source| MigrationError::Vm {
+            op: "resume",
+            source,
+        })?;
+    }
+    tracing::info!(vm = %req.vm_name, "migration rolled back; vm running on the source");
+    Ok(())
+}
+
+fn vm_err(op: &'static str) -> impl FnOnce(super::seam::OpError) -> MigrationError {
+    move |source| MigrationError::Vm { op, source }
+}
+
+fn us(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+fn wait_ack(ctl: &mut TcpStream, round: u32) -> Result<RoundAck, MigrationError> {
+    let p = expect_frame(ctl, Command::RoundAck)
+        .map_err(MigrationError::proto("round acknowledgement"))?;
+    let ack: RoundAck = decode_payload(Command::RoundAck, &p)
+        .map_err(MigrationError::proto("round acknowledgement"))?;
+    if ack.round != round {
+        return Err(MigrationError::Protocol {
+            phase: "round acknowledgement",
+            source: super::protocol::ProtocolError::Malformed {
+                command: Command::RoundAck,
+                what: format!(
+                    "acknowledged round {} while round {round} was sent",
+                    ack.round
+                ),
+            },
+        });
+    }
+    Ok(ack)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    vm: &dyn SourceVm,
+    target: SocketAddr,
+    opts: &MigrateOptions,
+    handoff: &dyn StorageHandoff,
+    cancel: &CancelToken,
+    on_event: &mut dyn FnMut(&MigrationEvent),
+    undo: &mut Undo,
+    committed: &mut bool,
+    control: &mut Option<TcpStream>,
+) -> Result<MigrationStats, MigrationError> {
+    let start = Instant::now();
+    let req = vm.requirements();
+    let mem = vm.memory();
+    let map = PageMap::from_memory(mem);
+    let connect = |what| -> Result<TcpStream, MigrationError> {
+        let s = TcpStream::connect_timeout(&target, opts.connect_timeout).map_err(|source| {
+            MigrationError::Connect {
+                addr: target,
+                source,
+            }
+        })?;
+        s.set_read_timeout(Some(opts.io_timeout))
+            .map_err(|source| MigrationError::Connect {
+                addr: target,
+                source,
+            })?;
+        s.set_write_timeout(Some(opts.io_timeout))
+            .map_err(|source| MigrationError::Connect {
+                addr: target,
+                source,
+            })?;
+        cancel.register(&s);
+        tracing::debug!(%target, what, "migration connection open");
+        Ok(s)
+    };
+
+    // --- Setup ---------------------------------------------------------------------
+    on_event(&MigrationEvent::Phase("setup"));
+    let mut ctl = connect("control")?;
+    ctl.set_nodelay(true)
+        .map_err(|source| MigrationError::Connect {
+            addr: target,
+            source,
+        })?;
+    *control = ctl.try_clone().ok();
+    let session_id = (start.elapsed().as_nanos() as u64)
+        ^ u64::from(std::process::id()) << 32
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    let hello = Hello {
+        session_id,
+        connections: opts.connections as u16,
+    };
+    let p = encode_payload(Command::Hello, &hello).map_err(MigrationError::proto("hello"))?;
+    write_frame(&mut ctl, Command::Hello, &p).map_err(MigrationError::proto("hello"))?;
+    expect_frame(&mut ctl, Command::Welcome).map_err(MigrationError::proto("hello"))?;
+    let setup = Setup {
+        requirements: req.clone(),
+        config: vm.config_blob().map_err(vm_err("serialize config"))?,
+    };
+    let p = encode_payload(Command::Setup, &setup).map_err(MigrationError::proto("setup"))?;
+    write_frame(&mut ctl, Command::Setup, &p).map_err(MigrationError::proto("setup"))?;
+    expect_frame(&mut ctl, Command::SetupOk).map_err(MigrationError::proto("setup"))?;
+    let mut data = Vec::with_capacity(opts.connections);
+    for index in 0..opts.connections {
+        let mut s = connect("data")?;
+        let p = encode_payload(
+            Command::DataHello,
+            &DataHello {
+                session_id,
+                index: index as u16,
+            },
+        )
+        .map_err(MigrationError::proto("data connection setup"))?;
+        write_frame(&mut s, Command::DataHello, &p)
+            .map_err(MigrationError::proto("data connection setup"))?;
+        data.push(s);
+    }
+    let mut sender = MemorySender::new(data);
+    let setup_us = us(start.elapsed());
+    let connections = opts.connections;
+    tracing::info!(vm = %req.vm_name, %target, connections, setup_us, "migration setup done");
+
+    // --- Pre-copy ------------------------------------------------------------------
+    on_event(&MigrationEvent::Phase("pre-copy"));
+    let hashes = PageHashes::new_zeroed(map.total_pages());
+    vm.start_dirty_log().map_err(vm_err("start dirty log"))?;
+    undo.dirty_log = true;
+    let mut conv =
+        Convergence::new(opts.convergence).with_bandwidth_hint(opts.bandwidth_hint_bytes_per_s);
+    let mut progress = ProgressTracker::default();
+    let mut rounds = Vec::new();
+    let mut pages = DirtyPages::all(map.total_pages());
+    let mut round = 0u32;
+    let mut wire_bytes = 0u64;
+    let mut zero_skipped = 0u64;
+    // Prediction before anything moves: the whole guest at the hinted bandwidth, dirty
+    // rate not known yet (refined after every round).
+    let initial = conv.predict(map.total_bytes());
+    on_event(&MigrationEvent::Prediction(initial));
+    tracing::info!(vm = %req.vm_name, remaining_ms = initial.remaining.map(|d| d.as_millis() as u64),
+        "migration prediction before pre-copy");
+    let mut first_prediction = None;
+    let flag = &cancel.flag;
+    let send_err = |e: TransportError| {
+        if cancel.is_cancelled() {
+            MigrationError::Cancelled(None)
+        } else {
+            MigrationError::Transport(e)
+        }
+    };
+    loop {
+        if cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled(None));
+        }
+        let t0 = Instant::now();
+        let sent = sender
+            .send_round(mem, &map, &hashes, &pages, round, flag)
+            .map_err(send_err)?;
+        wait_ack(&mut ctl, round)?;
+        let duration = t0.elapsed();
+        let dirty = vm.dirty_pages(&map).map_err(vm_err("read dirty log"))?;
+        let dirty_bytes = dirty.count() as u64 * PAGE_SIZE as u64;
+        wire_bytes += sent.wire_bytes;
+        zero_skipped += sent.zero_pages_skipped;
+        rounds.push(RoundStats {
+            round,
+            data_pages: sent.data_pages,
+            zero_pages_sent: sent.zero_pages_sent,
+            zero_pages_skipped: sent.zero_pages_skipped,
+            wire_bytes: sent.wire_bytes,
+            duration_us: us(duration),
+            dirty_pages_after: dirty.count() as u64,
+            throttle_percent: conv.throttle_percent(),
+        });
+        let decision = conv.observe(&RoundObservation {
+            bytes_sent: sent.wire_bytes,
+            pages_processed: pages.count() as u64,
+            duration,
+            dirty_bytes,
+            elapsed: start.elapsed(),
+        });
+        let prediction = conv.predict(dirty_bytes);
+        if first_prediction.is_none() {
+            first_prediction = Some(prediction.into());
+        }
+        on_event(&MigrationEvent::Prediction(prediction));
+        let eta_ms = prediction
+            .remaining
+            .map_or(u64::MAX, |d| d.as_millis() as u64);
+        let raw = Progress {
+            bytes_sent: wire_bytes,
+            bytes_remaining: dirty_bytes,
+            fraction_done: 0.0,
+            rate_bytes_per_s: conv.bandwidth_bytes_per_s(),
+            eta_ms,
+            round,
+            throttle_percent: conv.throttle_percent(),
+        };
+        let p = progress.update(raw, start.elapsed().as_millis() as u64);
+        on_event(&MigrationEvent::Progress(p));
+        tracing::debug!(
+            round,
+            data_pages = sent.data_pages,
+            dirty_pages = dirty.count(),
+            duration_us = us(duration),
+            ?decision,
+            "pre-copy round done"
+        );
+        pages = dirty;
+        round += 1;
+        match decision {
+            Decision::StopAndCopy => break,
+            Decision::AnotherRound => {}
+            Decision::Throttle { percent } => {
+                vm.set_throttle(percent);
+                undo.throttled = true;
+                on_event(&MigrationEvent::Throttle(percent));
+            }
+            Decision::GiveUp { reason } => return Err(MigrationError::GaveUp(reason)),
+        }
+    }
+
+    // --- Stop and copy -------------------------------------------------------------
+    on_event(&MigrationEvent::Phase("stop-and-copy"));
+    if cancel.is_cancelled() {
+        return Err(MigrationError::Cancelled(None));
+    }
+    let pause_at = Instant::now();
+    vm.pause().map_err(vm_err("pause"))?;
+    undo.paused = true;
+    let mut last = vm.dirty_pages(&map).map_err(vm_err("read dirty log"))?;
+    last.union_with(&pages);
+    let t0 = Instant::now();
+    let sent = sender
+        .send_round(mem, &map, &hashes, &last, round, flag)
+        .map_err(send_err)?;
+    wait_ack(&mut ctl, round)?;
+    wire_bytes += sent.wire_bytes;
+    zero_skipped += sent.zero_pages_skipped;
+    rounds.push(RoundStats {
+        round,
+        data_pages: sent.data_pages,
+        zero_pages_sent: sent.zero_pages_sent,
+        zero_pages_skipped: sent.zero_pages_skipped,
+        wire_bytes: sent.wire_bytes,
+        duration_us: us(t0.elapsed()),
+        dirty_pages_after: 0,
+        throttle_percent: conv.throttle_percent(),
+    });
+    let final_copy_us = us(pause_at.elapsed());
+
+    let t_state = Instant::now();
+    let state = vm.save_state().map_err(vm_err("save state"))?;
+    let p = encode_payload(Command::State, &StatePayload { state })
+        .map_err(MigrationError::proto("state transfer"))?;
+    write_frame(&mut ctl, Command::State, &p).map_err(MigrationError::proto("state transfer"))?;
+    let state_us = us(t_state.elapsed());
+
+    // --- Storage handoff -----------------------------------------------------------
+    on_event(&MigrationEvent::Phase("storage-handoff"));
+    let t_handoff = Instant::now();
+    vm.detach_disks().map_err(vm_err("detach disks"))?;
+    undo.disks_detached = true;
+    handoff
+        .release(&req.vm_name, &req.disks)
+        .map_err(|source| MigrationError::Handoff {
+            op: "release",
+            source,
+        })?;
+    undo.released = true;
+    write_frame(&mut ctl, Command::StorageReleased, &[])
+        .map_err(MigrationError::proto("storage handoff"))?;
+    expect_frame(&mut ctl, Command::Ready).map_err(MigrationError::proto("storage handoff"))?;
+    let handoff_us = us(t_handoff.elapsed());
+    if cancel.is_cancelled() {
+        return Err(MigrationError::Cancelled(None));
+    }
+
+    // --- Commit / resume on the target --------------------------------------------
+    on_event(&MigrationEvent::Phase("switchover"));
+    let t_resume = Instant::now();
+    write_frame(&mut ctl, Command::Commit, &[]).map_err(MigrationError::proto("commit"))?;
+    ctl.flush()
+        .map_err(|e| MigrationError::proto("commit")(e.into()))?;
+    *committed = true;
+    let p = expect_frame(&mut ctl, Command::Running).map_err(MigrationError::CommitUncertain)?;
+    let running: Running =
+        decode_payload(Command::Running, &p).map_err(MigrationError::CommitUncertain)?;
+    let resume_us = us(t_resume.elapsed());
+    let blackout_us = us(pause_at.elapsed());
+    tracing::info!(vm = %req.vm_name, %target, blackout_us, restore_us = running.restore_us,
+        target_resume_us = running.resume_us, "migration switchover");
+
+    // --- After switchover: receipt -------------------------------------------------
+    let source_digest = hashes.digest();
+    let _ = sender.finish();
+    let target_digest = expect_frame(&mut ctl, Command::Receipt)
+        .ok()
+        .and_then(|p| decode_payload::<Receipt>(Command::Receipt, &p).ok())
+        .map(|r| r.memory_digest);
+    let total_us = us(start.elapsed());
+    let t_verify = Instant::now();
+    // The source VM is paused for good: its memory is the guest memory as of switchover.
+    let source_memory_digest = if opts.verify_memory {
+        // Committed: a failure here is reported, it cannot undo the migration.
+        match PageHashes::digest_of_memory(mem, &map) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot re-hash the source memory");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let verify_us = us(t_verify.elapsed());
+    if target_digest != Some(source_digest)
+        || source_memory_digest.is_some_and(|d| d != source_digest)
+    {
+        tracing::error!(
+            source_digest,
+            ?source_memory_digest,
+            ?target_digest,
+            "memory receipts differ"
+        );
+    }
+    let p = progress.finish(wire_bytes, total_us / 1000);
+    on_event(&MigrationEvent::Progress(p));
+    on_event(&MigrationEvent::Phase("done"));
+    Ok(MigrationStats {
+        connections: opts.connections,
+        guest_bytes: map.total_bytes(),
+        rounds,
+        wire_bytes,
+        zero_pages_skipped: zero_skipped,
+        bandwidth_bytes_per_s: conv.bandwidth_bytes_per_s(),
+        dirty_rate_bytes_per_s: conv.dirty_rate_bytes_per_s(),
+        max_throttle_percent: conv.throttle_percent(),
+        setup_us,
+        total_us,
+        blackout: Blackout {
+            final_copy_us,
+            state_us,
+            handoff_us,
+            resume_us,
+            total_us: blackout_us,
+        },
+        first_prediction,
+        source_digest,
+        source_memory_digest,
+        target_digest,
+        verify_us,
+    })
+}

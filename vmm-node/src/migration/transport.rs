@@ -1,0 +1,752 @@
+//! Memory transport: guest pages over several TCP connections.
+//!
+//! The sender splits a [`DirtyPages`] set into claims of 4096 pages that worker threads
+//! (one per data connection) take in turn; each worker copies pages out of guest memory,
+//! skips pages that are zero on both sides, and writes [`Command::Pages`] messages of up to
+//! [`MAX_PAGES_PER_MESSAGE`] pages (4 MiB) followed by a [`Command::RoundEnd`]. The
+//! receiver has one thread per connection that verifies every page's CRC-32, writes it
+//! into the target's [`GuestMem`] and reports round ends to the coordinator.
+//!
+//! Both sides keep a [`PageHashes`] table (the CRC-32 of every page as last sent /
+//! received), which serves three purposes: zero detection against the *target's* content
+//! (a zero page is only sent when the target's copy is not zero), the integrity check of
+//! each page, and the memory receipt digest compared at switchover.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::protocol::{
+    decode_payload, encode_payload, read_frame, write_frame, Command, PageDesc, PagesHeader,
+    ProtocolError, RoundEnd, MAX_PAGES_PER_MESSAGE, PAGE_SIZE,
+};
+use crate::GuestMem;
+
+/// Pages a worker claims at once (one bitmap word is 64 pages).
+const CLAIM_WORDS: usize = 64;
+
+/// Errors of the memory transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("data connection {index}")]
+    Protocol {
+        index: usize,
+        #[source]
+        source: ProtocolError,
+    },
+    #[error("page at {gpa:#x} is outside guest memory")]
+    OutsideMemory { gpa: u64 },
+    #[error("guest memory access at {gpa:#x}")]
+    Memory {
+        gpa: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("data connection {index} sent round {got} while round {expected} was expected")]
+    RoundMismatch {
+        index: usize,
+        expected: u32,
+        got: u32,
+    },
+    #[error("transfer cancelled")]
+    Cancelled,
+    #[error("a data connection thread panicked")]
+    WorkerPanicked,
+}
+
+/// Guest-physical layout of a [`GuestMem`] as a flat page index space.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageMap {
+    /// (first guest-physical address, pages, first global page index), sorted by address.
+    regions: Vec<(u64, usize, usize)>,
+    total_pages: usize,
+}
+
+impl PageMap {
+    /// Layout of `mem` (every region must be page aligned, which vm-memory guarantees
+    /// for the VMM's mmap-backed regions).
+    pub fn from_memory(mem: &GuestMem) -> Self {
+        let mut regions: Vec<(u64, usize)> = mem
+            .iter()
+            .map(|r| (r.start_addr().0, (r.len() as usize) / PAGE_SIZE))
+            .collect();
+        regions.sort_unstable();
+        let mut out = Vec::with_capacity(regions.len());
+        let mut idx = 0;
+        for (start, pages) in regions {
+            out.push((start, pages, idx));
+            idx += pages;
+        }
+        PageMap {
+            regions: out,
+            total_pages: idx,
+        }
+    }
+
+    /// Total number of pages.
+    pub fn total_pages(&self) -> usize {
+        self.total_pages
+    }
+
+    /// Total bytes of guest memory.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_pages as u64 * PAGE_SIZE as u64
+    }
+
+    /// Global index of the page containing `gpa`.
+    pub fn index_of(&self, gpa: u64) -> Option<usize> {
+        self.regions.iter().find_map(|&(start, pages, first)| {
+            let off = gpa.checked_sub(start)? / PAGE_SIZE as u64;
+            (off < pages as u64).then_some(first + off as usize)
+        })
+    }
+
+    /// Guest-physical address of global page `index`.
+    pub fn gpa_of(&self, index: usize) -> Option<u64> {
+        self.regions.iter().find_map(|&(start, pages, first)| {
+            (index >= first && index < first + pages)
+                .then(|| start + ((index - first) * PAGE_SIZE) as u64)
+        })
+    }
+
+    /// Regions as (first address, pages, first global index).
+    pub fn regions(&self) -> &[(u64, usize, usize)] {
+        &self.regions
+    }
+}
+
+/// A set of pages, one bit per global page index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyPages {
+    words: Vec<u64>,
+    pages: usize,
+}
+
+impl DirtyPages {
+    /// Empty set over `pages` pages.
+    pub fn empty(pages: usize) -> Self {
+        DirtyPages {
+            words: vec![0; pages.div_ceil(64)],
+            pages,
+        }
+    }
+
+    /// Every page.
+    pub fn all(pages: usize) -> Self {
+        let mut d = Self::empty(pages);
+        for i in 0..pages {
+            d.set(i);
+        }
+        d
+    }
+
+    /// Builds the set from a per-region bitmap (64 pages per word, bit i of word w is page
+    /// `w * 64 + i` of the region), as KVM_GET_DIRTY_LOG and vm-memory's AtomicBitmap return.
+    pub fn merge_region_bitmap(&mut self, first_index: usize, region_pages: usize, bitmap: &[u64]) {
+        for (w, word) in bitmap.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let p = w * 64 + b;
+                if p < region_pages {
+                    self.set(first_index + p);
+                }
+            }
+        }
+    }
+
+    pub fn set(&mut self, index: usize) {
+        if index < self.pages {
+            self.words[index / 64] |= 1 << (index % 64);
+        }
+    }
+
+    pub fn contains(&self, index: usize) -> bool {
+        index < self.pages && self.words[index / 64] & (1 << (index % 64)) != 0
+    }
+
+    /// Adds every page of `other`.
+    pub fn union_with(&mut self, other: &DirtyPages) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= *b;
+        }
+    }
+
+    /// Number of pages in the set.
+    pub fn count(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|w| *w == 0)
+    }
+
+    /// Pages covered (set or not).
+    pub fn capacity_pages(&self) -> usize {
+        self.pages
+    }
+
+    fn word(&self, w: usize) -> u64 {
+        self.words[w]
+    }
+}
+
+/// CRC-32 of a zero page.
+pub fn zero_page_crc() -> u32 {
+    static CRC: OnceLock<u32> = OnceLock::new();
+    *CRC.get_or_init(|| crc32fast::hash(&[0u8; PAGE_SIZE]))
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(8)
+        .all(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) == 0)
+}
+
+/// CRC-32 of every page as last sent (source) or received (target). Starts as "all zero"
+/// because a fresh target's memory is zero.
+#[derive(Debug)]
+pub struct PageHashes {
+    crcs: Vec<AtomicU32>,
+}
+
+impl PageHashes {
+    pub fn new_zeroed(pages: usize) -> Self {
+        let z = zero_page_crc();
+        PageHashes {
+            crcs: (0..pages).map(|_| AtomicU32::new(z)).collect(),
+        }
+    }
+
+    pub fn get(&self, index: usize) -> u32 {
+        self.crcs[index].load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, index: usize, crc: u32) {
+        self.crcs[index].store(crc, Ordering::Relaxed);
+    }
+
+    /// Digest over every page's CRC in index order (64-bit, not cryptographic: it detects
+    /// divergence, it does not resist an attacker).
+    pub fn digest(&self) -> u64 {
+        let mut h: u64 = 0x6a09_e667_f3bc_c908;
+        for (i, c) in self.crcs.iter().enumerate() {
+            h = mix64(h ^ ((i as u64) << 32 | u64::from(c.load(Ordering::Relaxed))));
+        }
+        h
+    }
+
+    /// Digest computed directly from memory (for verification in tests and after a
+    /// paused source has switched over).
+    pub fn digest_of_memory(mem: &GuestMem, map: &PageMap) -> Result<u64, TransportError> {
+        let hashes = PageHashes::new_zeroed(map.total_pages());
+        let mut page = vec![0u8; PAGE_SIZE];
+        for i in 0..map.total_pages() {
+            let gpa = map
+                .gpa_of(i)
+                .ok_or(TransportError::OutsideMemory { gpa: 0 })?;
+            mem.read_slice(&mut page, GuestAddress(gpa))
+                .map_err(|source| TransportError::Memory { gpa, source })?;
+            hashes.set(i, crc32fast::hash(&page));
+        }
+        Ok(hashes.digest())
+    }
+}
+
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// What one round moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundSent {
+    pub round: u32,
+    /// Pages sent with data.
+    pub data_pages: u64,
+    /// Pages sent as zero markers (the target's copy was not zero).
+    pub zero_pages_sent: u64,
+    /// Pages skipped because both sides' copies are zero.
+    pub zero_pages_skipped: u64,
+    /// Bytes written to the sockets (headers, descriptors and data).
+    pub wire_bytes: u64,
+    pub duration: Duration,
+}
+
+/// Sending half: the data connections of one migration.
+pub struct MemorySender {
+    conns: Vec<TcpStream>,
+}
+
+impl MemorySender {
+    /// Takes connected data streams (their `DataHello` already sent).
+    pub fn new(conns: Vec<TcpStream>) -> Self {
+        MemorySender { conns }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Unblocks any worker stuck in a write (used by cancel).
+    pub fn shutdown(&self) {
+        for c in &self.conns {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Clones of the sockets so another thread can shut them down.
+    pub fn shutdown_handles(&self) -> Vec<TcpStream> {
+        self.conns
+            .iter()
+            .filter_map(|c| c.try_clone().ok())
+            .collect()
+    }
+
+    /// Sends the pages in `pages` as round `round`, then a RoundEnd on every connection.
+    pub fn send_round(
+        &mut self,
+        mem: &GuestMem,
+        map: &PageMap,
+        hashes: &PageHashes,
+        pages: &DirtyPages,
+        round: u32,
+        cancel: &AtomicBool,
+    ) -> Result<RoundSent, TransportError> {
+        let start = Instant::now();
+        let cursor = AtomicUsize::new(0);
+        let words = pages.words.len();
+        let results: Vec<Result<RoundSent, TransportError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .conns
+                .iter_mut()
+                .enumerate()
+                .map(|(index, conn)| {
+                    let cursor = &cursor;
+                    s.spawn(move || {
+                        send_worker(
+                            conn, index, mem, map, hashes, pages, words, round, cursor, cancel,
+                        )
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(Err(TransportError::WorkerPanicked)))
+                .collect()
+        });
+        let mut total = RoundSent {
+            round,
+            ..Default::default()
+        };
+        for r in results {
+            let r = r?;
+            total.data_pages += r.data_pages;
+            total.zero_pages_sent += r.zero_pages_sent;
+            total.zero_pages_skipped += r.zero_pages_skipped;
+            total.wire_bytes += r.wire_bytes;
+        }
+        total.duration = start.elapsed();
+        Ok(total)
+    }
+
+    /// Tells the receiver that no more pages follow and closes the data connections.
+    pub fn finish(mut self) -> Result<(), TransportError> {
+        for (index, c) in self.conns.iter_mut().enumerate() {
+            write_frame(c, Command::EndOfStream, &[])
+                .and_then(|_| c.flush().map_err(ProtocolError::from))
+                .map_err(|source| TransportError::Protocol { index, source })?;
+        }
+        Ok(())
+    }
+}
+
+struct Batch {
+    header: PagesHeader,
+    body: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+impl Batch {
+    fn flush(
+        &mut self,
+        conn: &mut TcpStream,
+        index: usize,
+        out: &mut RoundSent,
+    ) -> Result<(), TransportError> {
+        if self.header.pages.is_empty() {
+            return Ok(());
+        }
+        let perr = |source: ProtocolError| TransportError::Protocol { index, source };
+        self.header.encode_into(&mut self.payload);
+        let mut msg = Vec::with_capacity(32 + self.payload.len());
+        write_frame(&mut msg, Command::Pages, &self.payload).map_err(perr)?;
+        conn.write_all(&msg).map_err(|e| perr(e.into()))?;
+        conn.write_all(&self.body).map_err(|e| perr(e.into()))?;
+        out.wire_bytes += (msg.len() + self.body.len()) as u64;
+        self.header.pages.clear();
+        self.body.clear();
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn send_worker(
+    conn: &mut TcpStream,
+    index: usize,
+    mem: &GuestMem,
+    map: &PageMap,
+    hashes: &PageHashes,
+    pages: &DirtyPages,
+    words: usize,
+    round: u32,
+    cursor: &AtomicUsize,
+    cancel: &AtomicBool,
+) -> Result<RoundSent, TransportError> {
+    let mut out = RoundSent {
+        round,
+        ..Default::default()
+    };
+    let mut batch = Batch {
+        header: PagesHeader {
+            round,
+            pages: Vec::with_capacity(MAX_PAGES_PER_MESSAGE),
+        },
+        body: Vec::with_capacity(MAX_PAGES_PER_MESSAGE * PAGE_SIZE),
+        payload: Vec::new(),
+    };
+    let zero_crc = zero_page_crc();
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(TransportError::Cancelled);
+        }
+        let first_word = cursor.fetch_add(CLAIM_WORDS, Ordering::Relaxed);
+        if first_word >= words {
+            break;
+        }
+        for w in first_word..(first_word + CLAIM_WORDS).min(words) {
+            let mut bits = pages.word(w);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let idx = w * 64 + b;
+                let Some(gpa) = map.gpa_of(idx) else {
+                    continue;
+                };
+                // Copy the page straight into the message body; drop it again if zero.
+                let at = batch.body.len();
+                batch.body.resize(at + PAGE_SIZE, 0);
+                let page = &mut batch.body[at..];
+                mem.read_slice(page, GuestAddress(gpa))
+                    .map_err(|source| TransportError::Memory { gpa, source })?;
+                if is_zero(page) {
+                    batch.body.truncate(at);
+                    if hashes.get(idx) == zero_crc {
+                        out.zero_pages_skipped += 1;
+                        continue;
+                    }
+                    hashes.set(idx, zero_crc);
+                    batch.header.pages.push(PageDesc::Zero { gpa });
+                    out.zero_pages_sent += 1;
+                } else {
+                    let crc = crc32fast::hash(page);
+                    hashes.set(idx, crc);
+                    batch.header.pages.push(PageDesc::Data { gpa, crc });
+                    out.data_pages += 1;
+                }
+                if batch.header.pages.len() == MAX_PAGES_PER_MESSAGE {
+                    batch.flush(conn, index, &mut out)?;
+                }
+            }
+        }
+    }
+    batch.flush(conn, index, &mut out)?;
+    let end = RoundEnd {
+        round,
+        data_pages: out.data_pages,
+        zero_pages: out.zero_pages_sent,
+    };
+    let perr = |source: ProtocolError| TransportError::Protocol { index, source };
+    let payload = encode_payload(Command::RoundEnd, &end).map_err(perr)?;
+    let mut msg = Vec::new();
+    write_frame(&mut msg, Command::RoundEnd, &payload).map_err(perr)?;
+    conn.write_all(&msg).map_err(|e| perr(e.into()))?;
+    conn.flush().map_err(|e| perr(e.into()))?;
+    out.wire_bytes += msg.len() as u64;
+    Ok(out)
+}
+
+/// Event a receiving data connection reports to its coordinator.
+#[derive(Debug)]
+pub enum DataEvent {
+    RoundEnd { index: usize, end: RoundEnd },
+    Finished { index: usize },
+    Failed { index: usize, error: TransportError },
+}
+
+/// Receives pages on one data connection until EndOfStream, an error, or `stop`.
+/// Reports every RoundEnd through `events` (a bounded channel).
+pub fn receive_data_connection<E: From<DataEvent>>(
+    mut conn: TcpStream,
+    index: usize,
+    mem: &GuestMem,
+    map: &PageMap,
+    hashes: &PageHashes,
+    events: &SyncSender<E>,
+) {
+    let result = receive_loop(&mut conn, index, mem, map, hashes, events);
+    let ev = match result {
+        Ok(()) => DataEvent::Finished { index },
+        Err(error) => DataEvent::Failed { index, error },
+    };
+    let _ = events.send(ev.into());
+}
+
+fn receive_loop<E: From<DataEvent>>(
+    conn: &mut TcpStream,
+    index: usize,
+    mem: &GuestMem,
+    map: &PageMap,
+    hashes: &PageHashes,
+    events: &SyncSender<E>,
+) -> Result<(), TransportError> {
+    let perr = |source: ProtocolError| TransportError::Protocol { index, source };
+    let mut body = vec![0u8; MAX_PAGES_PER_MESSAGE * PAGE_SIZE];
+    let zero_page = vec![0u8; PAGE_SIZE];
+    let zero_crc = zero_page_crc();
+    loop {
+        let frame = read_frame(conn).map_err(perr)?;
+        match frame.command {
+            Command::Pages => {
+                let h = PagesHeader::decode(&frame.payload).map_err(perr)?;
+                let n = h.data_pages();
+                let body = &mut body[..n * PAGE_SIZE];
+                read_body(conn, body).map_err(|e| perr(e.into()))?;
+                let mut off = 0;
+                for p in &h.pages {
+                    let gpa = p.gpa();
+                    let idx = map
+                        .index_of(gpa)
+                        .ok_or(TransportError::OutsideMemory { gpa })?;
+                    match *p {
+                        PageDesc::Data { crc, .. } => {
+                            let page = &body[off..off + PAGE_SIZE];
+                            off += PAGE_SIZE;
+                            if crc32fast::hash(page) != crc {
+                                return Err(perr(ProtocolError::PageChecksum { gpa }));
+                            }
+                            mem.write_slice(page, GuestAddress(gpa))
+                                .map_err(|source| TransportError::Memory { gpa, source })?;
+                            hashes.set(idx, crc);
+                        }
+                        PageDesc::Zero { .. } => {
+                            if hashes.get(idx) != zero_crc {
+                                mem.write_slice(&zero_page, GuestAddress(gpa))
+                                    .map_err(|source| TransportError::Memory { gpa, source })?;
+                                hashes.set(idx, zero_crc);
+                            }
+                        }
+                    }
+                }
+            }
+            Command::RoundEnd => {
+                let end: RoundEnd =
+                    decode_payload(Command::RoundEnd, &frame.payload).map_err(perr)?;
+                if events
+                    .send(DataEvent::RoundEnd { index, end }.into())
+                    .is_err()
+                {
+                    return Ok(());
+                }
+            }
+            Command::EndOfStream => return Ok(()),
+            other => {
+                return Err(perr(ProtocolError::Unexpected {
+                    expected: "Pages, RoundEnd or EndOfStream",
+                    got: other,
+                }))
+            }
+        }
+    }
+}
+
+fn read_body(conn: &mut TcpStream, body: &mut [u8]) -> io::Result<()> {
+    conn.read_exact(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::mpsc::sync_channel;
+
+    fn mem(mib: usize) -> GuestMem {
+        GuestMem::from_ranges(&[
+            (GuestAddress(0), mib << 19),
+            (GuestAddress(1 << 32), mib << 19),
+        ])
+        .unwrap()
+    }
+
+    fn fill(m: &GuestMem, map: &PageMap, seed: u64, every: usize) {
+        for i in (0..map.total_pages()).step_by(every) {
+            let gpa = map.gpa_of(i).unwrap();
+            let v = seed ^ (i as u64).wrapping_mul(0x9e37_79b9);
+            m.write_obj(v | 1, GuestAddress(gpa + 8)).unwrap();
+        }
+    }
+
+    fn pair(n: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
+        let l = TcpListener::bind("127.0.2.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for _ in 0..n {
+            a.push(TcpStream::connect(addr).unwrap());
+            b.push(l.accept().unwrap().0);
+        }
+        (a, b)
+    }
+
+    #[test]
+    fn page_map_round_trips_addresses() {
+        let m = mem(2);
+        let map = PageMap::from_memory(&m);
+        assert_eq!(map.total_pages(), 512);
+        assert_eq!(map.gpa_of(256), Some(1 << 32));
+        assert_eq!(map.index_of((1 << 32) + 4096 * 3 + 5), Some(259));
+        assert_eq!(map.index_of(1 << 31), None);
+        assert_eq!(map.gpa_of(512), None);
+    }
+
+    #[test]
+    fn two_guest_mems_over_loopback_converge_to_identical_content() {
+        let src = mem(8);
+        let dst = mem(8);
+        let map = PageMap::from_memory(&src);
+        fill(&src, &map, 1, 3);
+        let (a, b) = pair(4);
+        let send_hashes = PageHashes::new_zeroed(map.total_pages());
+        let recv_hashes = PageHashes::new_zeroed(map.total_pages());
+        let (tx, rx) = sync_channel::<DataEvent>(16);
+        let cancel = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for (i, c) in b.into_iter().enumerate() {
+                let (dst, map, h, tx) = (&dst, &map, &recv_hashes, tx.clone());
+                s.spawn(move || receive_data_connection(c, i, dst, map, h, &tx));
+            }
+            drop(tx);
+            let mut sender = MemorySender::new(a);
+            let r0 = sender
+                .send_round(
+                    &src,
+                    &map,
+                    &send_hashes,
+                    &DirtyPages::all(map.total_pages()),
+                    0,
+                    &cancel,
+                )
+                .unwrap();
+            assert_eq!(r0.data_pages as usize, map.total_pages().div_ceil(3));
+            assert_eq!(
+                r0.zero_pages_skipped as usize,
+                map.total_pages() - map.total_pages().div_ceil(3)
+            );
+            // Round barrier (the engine's RoundAck): every connection ended round 0, so
+            // no round-0 page can overtake a round-1 page of another connection.
+            for _ in 0..4 {
+                assert!(matches!(
+                    rx.recv().unwrap(),
+                    DataEvent::RoundEnd { end, .. } if end.round == 0
+                ));
+            }
+            // Round 1: change some pages, zero one that had data.
+            let mut dirty = DirtyPages::empty(map.total_pages());
+            fill(&src, &map, 2, 5);
+            for i in (0..map.total_pages()).step_by(5) {
+                dirty.set(i);
+            }
+            src.write_slice(&[0u8; PAGE_SIZE], GuestAddress(map.gpa_of(3).unwrap()))
+                .unwrap();
+            dirty.set(3);
+            let r1 = sender
+                .send_round(&src, &map, &send_hashes, &dirty, 1, &cancel)
+                .unwrap();
+            assert_eq!(r1.zero_pages_sent, 1);
+            sender.finish().unwrap();
+            let mut ends = 0;
+            let mut finished = 0;
+            for ev in rx.iter() {
+                match ev {
+                    DataEvent::RoundEnd { .. } => ends += 1,
+                    DataEvent::Finished { .. } => finished += 1,
+                    DataEvent::Failed { error, .. } => panic!("{error}"),
+                }
+            }
+            assert_eq!((ends, finished), (4, 4));
+        });
+        let ds = PageHashes::digest_of_memory(&src, &map).unwrap();
+        let dd = PageHashes::digest_of_memory(&dst, &map).unwrap();
+        assert_eq!(ds, dd);
+        assert_eq!(send_hashes.digest(), ds);
+        assert_eq!(recv_hashes.digest(), dd);
+    }
+
+    #[test]
+    fn corrupted_page_is_rejected_by_receiver() {
+        let dst = mem(1);
+        let map = PageMap::from_memory(&dst);
+        let (mut a, mut b) = pair(1);
+        let h = PagesHeader {
+            round: 0,
+            pages: vec![PageDesc::Data { gpa: 0, crc: 1234 }],
+        };
+        let mut p = Vec::new();
+        h.encode_into(&mut p);
+        write_frame(&mut a[0], Command::Pages, &p).unwrap();
+        a[0].write_all(&[7u8; PAGE_SIZE]).unwrap();
+        let hashes = PageHashes::new_zeroed(map.total_pages());
+        let (tx, rx) = sync_channel::<DataEvent>(4);
+        receive_data_connection(b.remove(0), 0, &dst, &map, &hashes, &tx);
+        match rx.recv().unwrap() {
+            DataEvent::Failed { error, .. } => {
+                let chain = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+                assert!(chain.contains("checksum"), "{chain}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // Nothing was written.
+        assert_eq!(dst.read_obj::<u64>(GuestAddress(0)).unwrap(), 0);
+    }
+
+    #[test]
+    fn page_outside_memory_is_rejected() {
+        let dst = mem(1);
+        let map = PageMap::from_memory(&dst);
+        let (mut a, mut b) = pair(1);
+        let h = PagesHeader {
+            round: 0,
+            pages: vec![PageDesc::Zero { gpa: 1 << 40 }],
+        };
+        let mut p = Vec::new();
+        h.encode_into(&mut p);
+        write_frame(&mut a[0], Command::Pages, &p).unwrap();
+        let hashes = PageHashes::new_zeroed(map.total_pages());
+        let (tx, rx) = sync_channel::<DataEvent>(4);
+        receive_data_connection(b.remove(0), 0, &dst, &map, &hashes, &tx);
+        assert!(matches!(
+            rx.recv().unwrap(),
+            DataEvent::Failed {
+                error: TransportError::OutsideMemory { .. },
+                ..
+            }
+        ));
+    }
+}
