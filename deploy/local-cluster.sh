@@ -18,6 +18,7 @@ CTL="$BIN/clusterctl"
 die() { echo "local-cluster: $*" >&2; exit 1; }
 
 build() {
+    "$ROOT/deploy/setup.sh" >/dev/null
     if [[ ! -x "$AGENT" || ! -x "$CTL" ]]; then
         echo "local-cluster: building cluster-agent and clusterctl (first build compiles RocksDB, ~10 min)"
         (cd "$ROOT" && cargo build -p cluster-agent -p ctl)
