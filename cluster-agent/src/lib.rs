@@ -1,7 +1,7 @@
 //! The cluster node daemon: openraft over RocksDB, a peer-only Raft gRPC service, a
 //! public management gRPC service, node facts and liveness.
 //!
-//! Codemap (see ARCHITECTURE.section.md): [`config`] (TOML + flags), [`state`] (pure
+//! Codemap (see ARCHITECTURE.md): [`config`] (TOML + flags), [`state`] (pure
 //! replicated state machine), [`store`] (RocksDB log + state machine), [`datadir`]
 //! (identity marker, refuses foreign/damaged dirs), [`facts`] (CPU/memory/KVM probe),
 //! [`raft_types`], [`network`] (Raft client over tonic), [`peer_service`] (Raft

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// Most vCPUs a VM may have.
 pub const VCPUS_MAX: u8 = 32;
-/// Number of virtio-blk slots (see `CONTRACT.md`).
+/// Number of virtio-blk slots (see `ARCHITECTURE.md` (vmm-node: internal seams)).
 pub const VIRTIO_BLK_SLOTS: usize = 8;
 /// MMIO base of virtio-blk slot 0; slot `i` is at `+ i * VIRTIO_MMIO_SLOT_BYTES`.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;

@@ -1,5 +1,5 @@
-//! vmm-node: the embedded KVM VMM. See `CONTRACT.md` for the seams between its parts and
-//! `ARCHITECTURE.section.md` for the codemap.
+//! vmm-node: the embedded KVM VMM. See `ARCHITECTURE.md` (vmm-node: internal seams) for the seams between its parts and
+//! `ARCHITECTURE.md` for the codemap.
 #![deny(unsafe_code)]
 
 pub mod acpi;

@@ -1,5 +1,5 @@
 //! The VM: KVM VM fd, guest memory, vCPU threads, device buses, and the lifecycle and
-//! migration capabilities other crates call (see `CONTRACT.md`).
+//! migration capabilities other crates call (see `ARCHITECTURE.md` (vmm-node: internal seams)).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};

@@ -2,7 +2,7 @@
 //!
 //! On these machines KVM is software (PVM) and guest kernel code runs ~2500x slower, so
 //! the test checks the kernel's first console lines, not a full boot. Full boot needs a
-//! hardware KVM host (see ARCHITECTURE.section.md).
+//! hardware KVM host (see ARCHITECTURE.md).
 
 mod common;
 

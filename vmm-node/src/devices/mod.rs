@@ -1,5 +1,5 @@
 //! Emulated devices, the I/O buses the vCPU threads dispatch to, and the seams devices
-//! plug into (see `CONTRACT.md`).
+//! plug into (see `ARCHITECTURE.md` (vmm-node: internal seams)).
 
 pub mod i8042;
 pub mod serial;

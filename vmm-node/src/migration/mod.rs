@@ -1,5 +1,5 @@
 //! Live migration (pre-copy over several TCP connections) and quick migration
-//! (pause + snapshot to a shared directory). See `ARCHITECTURE.section.md`.
+//! (pause + snapshot to a shared directory). See `ARCHITECTURE.md`.
 //!
 //! * [`protocol`]: wire format, sequence diagram, limits.
 //! * [`transport`]: guest pages over N TCP connections, page hashes / memory receipt.
