@@ -15,22 +15,8 @@ fn cluster() -> Cluster {
 macro_rules! must {
     ($c:ident, $e:expr $(,)?) => {{
         let r = $e;
-        check(&$c, r)
+        $c.check(r)
     }};
-}
-
-fn check<T>(c: &Cluster, r: Result<T, HarnessError>) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => {
-            let logs: String = c
-                .ids()
-                .iter()
-                .map(|id| format!("\n--- node {id} ---\n{}", c.log_tail(*id, 15)))
-                .collect();
-            panic!("{e}{logs}")
-        }
-    }
 }
 
 fn rpc_error<T: std::fmt::Debug>(r: Result<T, HarnessError>) -> tonic::Status {

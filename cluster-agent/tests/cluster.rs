@@ -12,22 +12,8 @@ fn cluster(opts: Options) -> Cluster {
 macro_rules! must {
     ($c:ident, $e:expr $(,)?) => {{
         let r = $e;
-        check(&$c, r)
+        $c.check(r)
     }};
-}
-
-fn check<T>(c: &Cluster, r: Result<T, HarnessError>) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => {
-            let logs: String = c
-                .ids()
-                .iter()
-                .map(|id| format!("\n--- node {id} ---\n{}", c.log_tail(*id, 15)))
-                .collect();
-            panic!("{e}{logs}")
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

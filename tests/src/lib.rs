@@ -372,6 +372,22 @@ impl Cluster {
         Ok(false)
     }
 
+    /// The value of `r`, or a panic carrying the error and the tail of every node's log
+    /// (what a failing process test needs to be diagnosed).
+    pub fn check<T>(&self, r: Result<T>) -> T {
+        match r {
+            Ok(v) => v,
+            Err(e) => {
+                let logs: String = self
+                    .ids()
+                    .iter()
+                    .map(|id| format!("\n--- node {id} ---\n{}", self.log_tail(*id, 15)))
+                    .collect();
+                panic!("{e}{logs}")
+            }
+        }
+    }
+
     /// Last `lines` lines of node `id`'s log.
     pub fn log_tail(&self, id: u64, lines: usize) -> String {
         let Ok(spec) = self.spec(id) else {
