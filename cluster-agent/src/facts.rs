@@ -1,6 +1,6 @@
-//! Node facts: CPU vendor/model/flags, logical CPUs and memory from `/proc`, and the
-//! kind of KVM available. Parsing is pure (tested on sample text); [`probe`] reads the
-//! host. (vmm-node will later offer a CPUID-based probe; this crate has no `unsafe`.)
+//! Node facts: CPU vendor and model from CPUID (vmm-node's probe), CPU flags, logical
+//! CPUs and memory from `/proc`, and the kind of KVM available. Parsing is pure (tested on
+//! sample text); [`probe`] reads the host. This crate has no `unsafe`.
 
 use std::path::Path;
 
@@ -97,7 +97,10 @@ pub fn probe(over: &FactsOverride) -> Result<NodeFacts, FactsError> {
         path: "/proc/meminfo",
         source,
     })?;
-    let (vendor, model, flags, cpus) = parse_cpuinfo(&cpuinfo)?;
+    let (_, _, flags, cpus) = parse_cpuinfo(&cpuinfo)?;
+    // Vendor and model come from CPUID (vmm-node's probe), the instruction a guest sees,
+    // rather than from the kernel's rendering of it; the flag list stays from cpuinfo.
+    let (vendor, model) = (vmm_node::facts::cpu_vendor(), vmm_node::facts::cpu_model());
     let memory_bytes = parse_meminfo(&meminfo)?;
     let dev_kvm_opens = std::fs::OpenOptions::new()
         .read(true)
