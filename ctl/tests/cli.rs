@@ -1,25 +1,10 @@
 //! clusterctl against no agent and against a real one.
 
-use std::process::{Command, Output};
+mod common;
+
+use common::{ctl, text};
 
 use cluster_tests::{locate_binary, Cluster, Options};
-
-fn ctl(endpoint: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_clusterctl"))
-        .arg("--endpoint")
-        .arg(endpoint)
-        .args(args)
-        .env_remove("CLUSTERCTL_ENDPOINT")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run clusterctl: {e}"))
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn no_agent_reachable_is_one_clear_sentence_and_exit_2() {

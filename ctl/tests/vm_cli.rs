@@ -1,26 +1,12 @@
 //! `clusterctl vm ...` and `clusterctl node why-not` against a real one-node cluster.
 
-use std::process::{Command, Output};
+mod common;
+
+use common::{ctl, text};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cluster_tests::{locate_binary, Cluster, Options};
-
-fn ctl(endpoint: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_clusterctl"))
-        .arg("--endpoint")
-        .arg(endpoint)
-        .args(args)
-        .env_remove("CLUSTERCTL_ENDPOINT")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run clusterctl: {e}"))
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
 
 fn show_json(ep: &str, name: &str) -> serde_json::Value {
     let o = ctl(ep, &["-o", "json", "vm", "show", name]);

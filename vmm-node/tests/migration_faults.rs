@@ -1,6 +1,7 @@
 //! Failures, cancels and refusals: whatever goes wrong before switchover, the VM keeps
 //! running on the source with nothing lost; the target never crashes on bad input.
 
+mod common;
 mod migration_support;
 
 use std::io::{Read, Write};

@@ -2,6 +2,7 @@
 //! without a gap or repeat in its heartbeat sequence, its memory pattern verifies and its
 //! TSC time keeps running.
 
+mod common;
 mod migration_support;
 
 use std::time::{Duration, Instant};

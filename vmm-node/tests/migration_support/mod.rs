@@ -81,19 +81,10 @@ fn wait_socket(p: &Path, child: &mut Child) {
     }
 }
 
-pub fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("/dev/kvm cannot be opened ({e}): these tests need KVM");
-    }
-}
+pub use crate::common::require_kvm;
 
 pub fn guest_config(vcpus: u8, memory_mib: u64, w: &Workload) -> VmConfig {
-    let mut c = VmConfig::new(vcpus, memory_mib, vmm_node::test_guest::PATH);
-    c.cmdline = w.cmdline();
+    let mut c = crate::common::test_guest_config(vcpus, memory_mib, w);
     c.name = "mig-test".into();
     c
 }
