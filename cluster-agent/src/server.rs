@@ -4,6 +4,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use cluster_proto::drain::drain_service_server::DrainServiceServer;
 use cluster_proto::management::management_server::ManagementServer;
 use cluster_proto::raft::raft_peer_server::RaftPeerServer;
 use cluster_proto::vms::vm_service_server::VmServiceServer;
@@ -67,6 +68,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         )
         .map_err(|e| RunError::Migration(Box::new(e)))?;
     let fo = tokio::spawn(crate::failover::run(agent.clone(), stop_rx.clone()));
+    let jobs = tokio::spawn(crate::drain::run(agent.clone(), stop_rx.clone()));
+    let drain_svc = DrainServiceServer::new(crate::drain_service::DrainApi::new(agent.clone()));
     let vm_svc = VmServiceServer::new(crate::vm_service::VmApi::new(agent.clone(), vm_host));
 
     let peer_svc = RaftPeerServer::new(PeerService {
@@ -87,6 +90,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let mgmt_server = tonic::transport::Server::builder()
         .add_service(mgmt_svc)
         .add_service(vm_svc)
+        .add_service(drain_svc)
         .serve_with_incoming_shutdown(TcpListenerStream::new(mgmt), stopped(stop_rx.clone()));
     let peer_task = tokio::spawn(peer_server);
     let mgmt_task = tokio::spawn(mgmt_server);
@@ -105,6 +109,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = lv.await;
     let _ = rc.await;
     let _ = fo.await;
+    let _ = jobs.await;
     drop(listener);
     if let Err(e) = agent.raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");

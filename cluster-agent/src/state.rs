@@ -112,6 +112,8 @@ pub enum EventKind {
     NodeRemoved,
     /// VM lifecycle (created, started, stopped, reported, deleted).
     Vm,
+    /// Migration jobs: drain, failback, balancing (see `crate::jobs`).
+    Job,
 }
 
 impl EventKind {
@@ -123,6 +125,7 @@ impl EventKind {
             EventKind::NodeStateChanged => "node_state_changed",
             EventKind::NodeRemoved => "node_removed",
             EventKind::Vm => "vm",
+            EventKind::Job => "job",
         }
     }
 }
@@ -176,6 +179,8 @@ pub enum Command {
     DeleteKv { key: String },
     /// VM lifecycle (see `crate::vms`).
     Vm(crate::vms::VmCommand),
+    /// Drain / failback / balance jobs and the balancing policy (see `crate::jobs`).
+    Job(crate::jobs::JobCommand),
 }
 
 impl std::fmt::Display for Command {
@@ -192,6 +197,7 @@ impl std::fmt::Display for Command {
             Command::PutKv { key, .. } => write!(f, "put_kv({key})"),
             Command::DeleteKv { key } => write!(f, "delete_kv({key})"),
             Command::Vm(c) => write!(f, "{c}"),
+            Command::Job(c) => write!(f, "{c}"),
         }
     }
 }
@@ -221,6 +227,10 @@ pub enum StateKey {
     Event(u64),
     Vm(u64),
     LastVmId,
+    /// A job record (`crate::jobs`).
+    Job(u64),
+    /// Last job id and the balancing policy.
+    JobMeta,
 }
 
 /// The whole replicated state.
@@ -238,6 +248,9 @@ pub struct ClusterState {
     /// Newest VM id ever given (ids are never reused).
     #[serde(default)]
     pub last_vm_id: u64,
+    /// Drain / failback / balance jobs and the balancing policy (see `crate::jobs`).
+    #[serde(default)]
+    pub jobs: crate::jobs::JobsState,
 }
 
 impl ClusterState {
@@ -404,6 +417,18 @@ impl ClusterState {
                 }
                 if self.last_vm_id != before {
                     touched.push(StateKey::LastVmId);
+                }
+                crate::jobs::after_vm_command(self, c, &mut touched);
+                CommandResult::Ok
+            }
+            Command::Job(c) => {
+                if let Err(e) = crate::jobs::apply(self, c, &mut touched) {
+                    return (
+                        CommandResult::Rejected {
+                            reason: crate::error_chain(&e),
+                        },
+                        Vec::new(),
+                    );
                 }
                 CommandResult::Ok
             }

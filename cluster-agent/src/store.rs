@@ -162,6 +162,8 @@ fn sm_key(k: &StateKey) -> Vec<u8> {
         StateKey::Event(seq) => [&b"e"[..], &seq.to_be_bytes()].concat(),
         StateKey::Vm(id) => [&b"v"[..], &id.to_be_bytes()].concat(),
         StateKey::LastVmId => b"i".to_vec(),
+        StateKey::Job(id) => [&b"j"[..], &id.to_be_bytes()].concat(),
+        StateKey::JobMeta => b"jm".to_vec(),
     }
 }
 
@@ -210,6 +212,16 @@ fn load_sm(db: &DB, path: &str) -> Result<SmData, StoreError> {
             }
             Some(b'i') if k.len() == 1 => {
                 d.state.last_vm_id = serde_json::from_slice(&v).map_err(dec_err)?
+            }
+            Some(b'j') if k.len() == 9 => {
+                let job: crate::jobs::JobRecord = serde_json::from_slice(&v).map_err(dec_err)?;
+                d.state.jobs.jobs.insert(job.id, job);
+            }
+            Some(b'j') if &*k == b"jm" => {
+                let (last, policy): (u64, crate::jobs::BalancePolicy) =
+                    serde_json::from_slice(&v).map_err(dec_err)?;
+                d.state.jobs.last_job_id = last;
+                d.state.jobs.policy = policy;
             }
             _ if &*k == KEY_APPLIED => {
                 d.last_applied = serde_json::from_slice(&v).map_err(dec_err)?
@@ -421,6 +433,8 @@ fn put_entity(
         StateKey::Event(seq) => s.events.get(seq).map(to_json).transpose()?,
         StateKey::Vm(id) => s.vms.get(id).map(to_json).transpose()?,
         StateKey::LastVmId => Some(to_json(&s.last_vm_id)?),
+        StateKey::Job(id) => s.jobs.jobs.get(id).map(to_json).transpose()?,
+        StateKey::JobMeta => Some(to_json(&(s.jobs.last_job_id, &s.jobs.policy))?),
     };
     match value {
         Some(v) => batch.put_cf(h, key, v),
@@ -602,6 +616,8 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         keys.extend(s.events.keys().map(|q| StateKey::Event(*q)));
         keys.extend(s.vms.keys().map(|id| StateKey::Vm(*id)));
         keys.push(StateKey::LastVmId);
+        keys.extend(s.jobs.jobs.keys().map(|id| StateKey::Job(*id)));
+        keys.push(StateKey::JobMeta);
         for k in &keys {
             put_entity(&mut batch, h, s, k)?;
         }

@@ -18,3 +18,8 @@ pub mod raft {
 pub mod vms {
     tonic::include_proto!("cluster.vms.v1");
 }
+
+/// Drain, failback and balancing jobs (`cluster.drain.v1`), served next to `management`.
+pub mod drain {
+    tonic::include_proto!("cluster.drain.v1");
+}
