@@ -71,8 +71,22 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
                 .into_inner();
             output::node(fmt, &r)
         }
+        Cmd::Node(NodeCmd::Resume {
+            node_id,
+            failback: true,
+            ..
+        }) => crate::drain::resume(cli, *node_id, true).await,
+        Cmd::Node(NodeCmd::Drain {
+            node_id,
+            dry_run,
+            watch,
+        }) => crate::drain::drain(cli, *node_id, *dry_run, *watch).await,
+        Cmd::Drain(d) => crate::drain::run(cli, d).await,
+        Cmd::Policy(p) => crate::drain::policy(cli, p).await,
         Cmd::Node(NodeCmd::Pause { node_id, reason })
-        | Cmd::Node(NodeCmd::Resume { node_id, reason }) => {
+        | Cmd::Node(NodeCmd::Resume {
+            node_id, reason, ..
+        }) => {
             let state = if matches!(cli.command, Cmd::Node(NodeCmd::Pause { .. })) {
                 "paused"
             } else {

@@ -4,6 +4,7 @@
 
 mod client;
 mod commands;
+mod drain;
 mod output;
 mod vm;
 
@@ -59,6 +60,12 @@ pub enum Cmd {
     /// VM lifecycle: create, start, stop, delete, list, show, console.
     #[command(subcommand)]
     Vm(vm::VmCmd),
+    /// Drain jobs: show progress, abort, list jobs.
+    #[command(subcommand)]
+    Drain(drain::DrainCmd),
+    /// Load-balancing policy: set, show, dry-run.
+    #[command(subcommand)]
+    Policy(drain::PolicyCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,6 +107,19 @@ pub enum NodeCmd {
         node_id: u64,
         #[arg(long, default_value = "")]
         reason: String,
+        /// Also move back the VMs its drains moved off (a failback job).
+        #[arg(long)]
+        failback: bool,
+    },
+    /// Pause NODE and move every VM off it (a drain job run by the leader).
+    Drain {
+        node_id: u64,
+        /// Print the plan (waves, ETAs) without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Follow the drain's progress until it ends.
+        #[arg(long)]
+        watch: bool,
     },
     /// Why VM cannot run on (or move to) NODE: every rule that rules the node out.
     WhyNot { vm: String, node_id: u64 },

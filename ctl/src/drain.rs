@@ -1,0 +1,688 @@
+//! `clusterctl node drain|resume --failback`, `clusterctl drain ...` and `clusterctl
+//! policy ...`: maintenance drain, failback and load-balancing jobs
+//! (`cluster.drain.v1.DrainService`). Tables by default, `-o json` for scripts.
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::{Subcommand, ValueEnum};
+use cluster_proto::drain as pb;
+use cluster_proto::drain::drain_service_client::DrainServiceClient;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::client::{endpoint_uri, status_error, CtlError};
+use crate::output::table;
+use crate::{Cli, Format};
+
+/// Longest `--watch` follows a job.
+const WATCH_MAX: Duration = Duration::from_secs(3600);
+/// How often `--watch` polls.
+const WATCH_POLL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Subcommand)]
+pub enum DrainCmd {
+    /// Progress of the newest drain of NODE (moves, waves, status).
+    Show {
+        node_id: u64,
+        /// Follow until the drain ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Abort the running drain of NODE: queued moves are dropped, in-flight migrations
+    /// finish or roll back. `clusterctl node drain NODE` resumes it.
+    Abort { node_id: u64 },
+    /// Every job the cluster keeps (drain, failback, balance).
+    List,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    None,
+    Even,
+    PowerSaving,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Aggressiveness {
+    Low,
+    Medium,
+    High,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Set the load-balancing policy the leader applies periodically.
+    Set {
+        #[command(subcommand)]
+        what: PolicySet,
+    },
+    /// The current policy.
+    Show,
+    /// The moves the balancer would make now.
+    Balance {
+        /// Print the moves without making them (the only mode: the leader moves VMs
+        /// by itself every interval when the policy is not none).
+        #[arg(long)]
+        dry_run: bool,
+        /// Plan as if this mode were set (default: the current policy).
+        #[arg(long, value_enum)]
+        mode: Option<Mode>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicySet {
+    /// `policy set balance even|power-saving|none --aggressiveness low|medium|high`.
+    Balance {
+        #[arg(value_enum)]
+        mode: Mode,
+        #[arg(long, value_enum, default_value_t = Aggressiveness::Medium)]
+        aggressiveness: Aggressiveness,
+        /// How often the leader runs the balancer (seconds; default: keep, 30 s initially).
+        #[arg(long)]
+        interval_s: Option<f64>,
+    },
+}
+
+fn mode_str(m: Mode) -> &'static str {
+    match m {
+        Mode::None => "none",
+        Mode::Even => "even",
+        Mode::PowerSaving => "power-saving",
+    }
+}
+
+fn aggr_str(a: Aggressiveness) -> &'static str {
+    match a {
+        Aggressiveness::Low => "low",
+        Aggressiveness::Medium => "medium",
+        Aggressiveness::High => "high",
+    }
+}
+
+async fn connect(
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<DrainServiceClient<Channel>, CtlError> {
+    let uri = endpoint_uri(endpoint)?;
+    let ep = Endpoint::from_shared(uri)
+        .map_err(|_| CtlError::BadEndpoint {
+            endpoint: endpoint.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(3).min(timeout));
+    let channel = ep.connect().await.map_err(|e| CtlError::Unreachable {
+        endpoint: endpoint.to_string(),
+        cause: e.to_string(),
+    })?;
+    Ok(DrainServiceClient::new(channel))
+}
+
+fn json<T: Serialize>(v: &T) -> Result<String, CtlError> {
+    serde_json::to_string_pretty(v)
+        .map(|s| s + "\n")
+        .map_err(|e| CtlError::Render(e.to_string()))
+}
+
+#[derive(Serialize)]
+struct MoveView<'a> {
+    vm: &'a str,
+    from_node_id: u64,
+    to_node_id: u64,
+    kind: &'a str,
+    why_not_live: &'a [String],
+    wave: u32,
+    planned_start_unix_ms: u64,
+    planned_end_unix_ms: u64,
+    status: &'a str,
+    started_unix_ms: u64,
+    ended_unix_ms: u64,
+    reason: &'a str,
+}
+
+fn move_view(m: &pb::MoveInfo) -> MoveView<'_> {
+    MoveView {
+        vm: &m.vm,
+        from_node_id: m.from_node_id,
+        to_node_id: m.to_node_id,
+        kind: &m.kind,
+        why_not_live: &m.why_not_live,
+        wave: m.wave,
+        planned_start_unix_ms: m.planned_start_unix_ms,
+        planned_end_unix_ms: m.planned_end_unix_ms,
+        status: &m.status,
+        started_unix_ms: m.started_unix_ms,
+        ended_unix_ms: m.ended_unix_ms,
+        reason: &m.reason,
+    }
+}
+
+#[derive(Serialize)]
+struct JobView<'a> {
+    id: u64,
+    kind: &'a str,
+    node_id: u64,
+    status: &'a str,
+    reason: &'a str,
+    moves: Vec<MoveView<'a>>,
+    planned_finish_unix_ms: u64,
+    created_unix_ms: u64,
+    updated_unix_ms: u64,
+    finished_unix_ms: u64,
+    failed_back: bool,
+}
+
+fn job_view(j: &pb::JobInfo) -> JobView<'_> {
+    JobView {
+        id: j.id,
+        kind: &j.kind,
+        node_id: j.node_id,
+        status: &j.status,
+        reason: &j.reason,
+        moves: j.moves.iter().map(move_view).collect(),
+        planned_finish_unix_ms: j.planned_finish_unix_ms,
+        created_unix_ms: j.created_unix_ms,
+        updated_unix_ms: j.updated_unix_ms,
+        finished_unix_ms: j.finished_unix_ms,
+        failed_back: j.failed_back,
+    }
+}
+
+fn secs(ms: u64) -> String {
+    format!("{:.1}s", ms as f64 / 1000.0)
+}
+
+fn kind_text(m: &pb::MoveInfo) -> String {
+    if m.kind == "quick" && !m.why_not_live.is_empty() {
+        format!("quick ({})", m.why_not_live.join("; "))
+    } else {
+        m.kind.clone()
+    }
+}
+
+/// The plan as waves: each move with its planned start and end relative to `start`.
+pub fn render_plan(moves: &[pb::MoveInfo], start: u64) -> String {
+    let rows: Vec<Vec<String>> = moves
+        .iter()
+        .map(|m| {
+            vec![
+                m.wave.to_string(),
+                m.vm.clone(),
+                m.from_node_id.to_string(),
+                m.to_node_id.to_string(),
+                kind_text(m),
+                format!("+{}", secs(m.planned_start_unix_ms.saturating_sub(start))),
+                format!("+{}", secs(m.planned_end_unix_ms.saturating_sub(start))),
+            ]
+        })
+        .collect();
+    table(&["WAVE", "VM", "FROM", "TO", "KIND", "START", "ETA"], &rows)
+}
+
+pub fn render_drain(fmt: Format, r: &pb::DrainReply, node: u64) -> Result<String, CtlError> {
+    if fmt == Format::Json {
+        #[derive(Serialize)]
+        struct V<'a> {
+            job: Option<JobView<'a>>,
+            plan: Vec<MoveView<'a>>,
+            planned_start_unix_ms: u64,
+            planned_finish_unix_ms: u64,
+            lower_bound_ms: u64,
+            incoming_in_flight: &'a [String],
+        }
+        return json(&V {
+            job: r.job.as_ref().map(job_view),
+            plan: r.plan.iter().map(move_view).collect(),
+            planned_start_unix_ms: r.planned_start_unix_ms,
+            planned_finish_unix_ms: r.planned_finish_unix_ms,
+            lower_bound_ms: r.lower_bound_ms,
+            incoming_in_flight: &r.incoming_in_flight,
+        });
+    }
+    let waves = r.plan.iter().map(|m| m.wave).max().unwrap_or(0);
+    let head = match &r.job {
+        Some(j) => format!("drain of node {node} started (job {}): node paused", j.id),
+        None => format!("dry run: drain of node {node} (nothing changed)"),
+    };
+    let mut s = format!(
+        "{head}\n{} moves in {waves} waves, ETA {} (lower bound {})\n",
+        r.plan.len(),
+        secs(
+            r.planned_finish_unix_ms
+                .saturating_sub(r.planned_start_unix_ms)
+        ),
+        secs(r.lower_bound_ms)
+    );
+    if !r.plan.is_empty() {
+        s.push_str(&render_plan(&r.plan, r.planned_start_unix_ms));
+    }
+    if !r.incoming_in_flight.is_empty() {
+        s.push_str(&format!(
+            "migrating into the node now (moved again once they arrive): {}\n",
+            r.incoming_in_flight.join(", ")
+        ));
+    }
+    Ok(s)
+}
+
+fn progress(j: &pb::JobInfo) -> String {
+    let n = |s: &str| j.moves.iter().filter(|m| m.status == s).count();
+    let what = match j.kind.as_str() {
+        "drain" => format!("drain of node {}", j.node_id),
+        "failback" => format!("failback to node {}", j.node_id),
+        _ => "balancing".to_string(),
+    };
+    let mut s = format!(
+        "job {}: {what}: {} — {}/{} moved, {} in flight, {} queued, {} failed",
+        j.id,
+        j.status,
+        n("done"),
+        j.moves.len(),
+        n("in_flight"),
+        n("queued"),
+        n("failed")
+    );
+    if n("dropped") > 0 {
+        s.push_str(&format!(", {} dropped", n("dropped")));
+    }
+    if n("skipped") > 0 {
+        s.push_str(&format!(", {} skipped", n("skipped")));
+    }
+    if !j.reason.is_empty() {
+        s.push_str(&format!(" ({})", j.reason));
+    }
+    s
+}
+
+pub fn render_job(fmt: Format, j: &pb::JobInfo) -> Result<String, CtlError> {
+    if fmt == Format::Json {
+        return json(&job_view(j));
+    }
+    let mut s = progress(j);
+    s.push('\n');
+    let rows: Vec<Vec<String>> = j
+        .moves
+        .iter()
+        .map(|m| {
+            let took = if m.ended_unix_ms > m.started_unix_ms && m.started_unix_ms > 0 {
+                secs(m.ended_unix_ms - m.started_unix_ms)
+            } else {
+                "-".into()
+            };
+            vec![
+                m.wave.to_string(),
+                m.vm.clone(),
+                m.from_node_id.to_string(),
+                m.to_node_id.to_string(),
+                kind_text(m),
+                m.status.clone(),
+                took,
+                m.reason.clone(),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        s.push_str(&table(
+            &[
+                "WAVE", "VM", "FROM", "TO", "KIND", "STATUS", "TOOK", "REASON",
+            ],
+            &rows,
+        ));
+    }
+    Ok(s)
+}
+
+pub fn render_jobs(fmt: Format, jobs: &[pb::JobInfo]) -> Result<String, CtlError> {
+    if fmt == Format::Json {
+        let v: Vec<JobView<'_>> = jobs.iter().map(job_view).collect();
+        return json(&v);
+    }
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            let done = j.moves.iter().filter(|m| m.status == "done").count();
+            vec![
+                j.id.to_string(),
+                j.kind.clone(),
+                if j.node_id == 0 {
+                    "-".into()
+                } else {
+                    j.node_id.to_string()
+                },
+                j.status.clone(),
+                format!("{done}/{}", j.moves.len()),
+                j.reason.clone(),
+            ]
+        })
+        .collect();
+    Ok(table(
+        &["ID", "KIND", "NODE", "STATUS", "MOVED", "REASON"],
+        &rows,
+    ))
+}
+
+fn render_policy(fmt: Format, p: &pb::PolicySpec) -> Result<String, CtlError> {
+    if fmt == Format::Json {
+        return json(&serde_json::json!({
+            "mode": p.mode,
+            "aggressiveness": p.aggressiveness,
+            "interval_ms": p.interval_ms,
+        }));
+    }
+    Ok(format!(
+        "balance: {} (aggressiveness {}, every {})\n",
+        p.mode,
+        p.aggressiveness,
+        secs(p.interval_ms)
+    ))
+}
+
+fn render_balance(fmt: Format, p: &pb::BalancePlanReply) -> Result<String, CtlError> {
+    if fmt == Format::Json {
+        return json(&serde_json::json!({
+            "mode": p.mode,
+            "moves": p.moves.iter().map(move_view).collect::<Vec<_>>(),
+            "spread_before_bp": p.spread_before_bp,
+            "spread_after_bp": p.spread_after_bp,
+            "max_util_before_bp": p.max_util_before_bp,
+            "max_util_after_bp": p.max_util_after_bp,
+            "empty_nodes_may_power_off": p.empty_nodes_may_power_off,
+        }));
+    }
+    let pct = |bp: u64| format!("{:.1}%", bp as f64 / 100.0);
+    let mut s = format!(
+        "dry run: balance {}: {} moves; spread {} -> {}, busiest node {} -> {}\n",
+        p.mode,
+        p.moves.len(),
+        pct(p.spread_before_bp),
+        pct(p.spread_after_bp),
+        pct(p.max_util_before_bp),
+        pct(p.max_util_after_bp)
+    );
+    let start = p
+        .moves
+        .iter()
+        .map(|m| m.planned_start_unix_ms)
+        .min()
+        .unwrap_or(0);
+    if !p.moves.is_empty() {
+        s.push_str(&render_plan(&p.moves, start));
+    }
+    if !p.empty_nodes_may_power_off.is_empty() {
+        let ids: Vec<String> = p
+            .empty_nodes_may_power_off
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        s.push_str(&format!(
+            "nodes that may be powered off: {}\n",
+            ids.join(", ")
+        ));
+    }
+    Ok(s)
+}
+
+/// Poll the newest drain of `node` and print a progress line whenever it changes, until
+/// the job ends; returns the final rendering.
+async fn watch(
+    c: &mut DrainServiceClient<Channel>,
+    cli: &Cli,
+    node: u64,
+) -> Result<String, CtlError> {
+    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let ep = cli.endpoint.as_str();
+    let started = std::time::Instant::now();
+    let mut last = String::new();
+    loop {
+        let r = tokio::time::timeout(timeout, c.get_drain(pb::NodeRef { node_id: node }))
+            .await
+            .map_err(|_| CtlError::Timeout {
+                endpoint: ep.to_owned(),
+                timeout_s: timeout.as_secs(),
+            })?
+            .map_err(|s| status_error(ep, timeout, s))?
+            .into_inner();
+        let Some(j) = r.job else {
+            return Err(CtlError::Render("the agent answered without a job".into()));
+        };
+        if j.status != "running" || started.elapsed() > WATCH_MAX {
+            return render_job(cli.output, &j);
+        }
+        let line = progress(&j);
+        if line != last && cli.output == Format::Table {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+            last = line;
+        }
+        tokio::time::sleep(WATCH_POLL).await;
+    }
+}
+
+/// `clusterctl node drain NODE [--dry-run] [--watch]`.
+pub async fn drain(cli: &Cli, node: u64, dry_run: bool, follow: bool) -> Result<String, CtlError> {
+    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let ep = cli.endpoint.as_str();
+    let mut c = connect(ep, timeout).await?;
+    let r = tokio::time::timeout(
+        timeout,
+        c.drain_node(pb::DrainRequest {
+            node_id: node,
+            dry_run,
+        }),
+    )
+    .await
+    .map_err(|_| CtlError::Timeout {
+        endpoint: ep.to_owned(),
+        timeout_s: timeout.as_secs(),
+    })?
+    .map_err(|s| status_error(ep, timeout, s))?
+    .into_inner();
+    let text = render_drain(cli.output, &r, node)?;
+    if !follow || dry_run {
+        return Ok(text);
+    }
+    if cli.output == Format::Table {
+        print!("{text}");
+    }
+    watch(&mut c, cli, node).await
+}
+
+/// `clusterctl node resume NODE --failback`.
+pub async fn resume(cli: &Cli, node: u64, failback: bool) -> Result<String, CtlError> {
+    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let ep = cli.endpoint.as_str();
+    let mut c = connect(ep, timeout).await?;
+    let r = tokio::time::timeout(
+        timeout,
+        c.resume_node(pb::ResumeRequest {
+            node_id: node,
+            failback,
+        }),
+    )
+    .await
+    .map_err(|_| CtlError::Timeout {
+        endpoint: ep.to_owned(),
+        timeout_s: timeout.as_secs(),
+    })?
+    .map_err(|s| status_error(ep, timeout, s))?
+    .into_inner();
+    if cli.output == Format::Json {
+        return json(&serde_json::json!({
+            "message": r.message,
+            "job": r.job.as_ref().map(job_view),
+        }));
+    }
+    let mut s = format!("{}\n", r.message);
+    if let Some(j) = &r.job {
+        s.push_str(&render_job(Format::Table, j)?);
+    }
+    Ok(s)
+}
+
+/// `clusterctl drain ...`.
+pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
+    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let ep = cli.endpoint.as_str();
+    let mut c = connect(ep, timeout).await?;
+    let fail = |s| status_error(ep, timeout, s);
+    let timed_out = |_| CtlError::Timeout {
+        endpoint: ep.to_owned(),
+        timeout_s: timeout.as_secs(),
+    };
+    match cmd {
+        DrainCmd::Show { node_id, watch: w } => {
+            if *w {
+                return watch(&mut c, cli, *node_id).await;
+            }
+            let r = tokio::time::timeout(timeout, c.get_drain(pb::NodeRef { node_id: *node_id }))
+                .await
+                .map_err(timed_out)?
+                .map_err(fail)?
+                .into_inner();
+            match r.job {
+                Some(j) => render_job(cli.output, &j),
+                None => Err(CtlError::Render("the agent answered without a job".into())),
+            }
+        }
+        DrainCmd::Abort { node_id } => {
+            let r = tokio::time::timeout(timeout, c.abort_drain(pb::NodeRef { node_id: *node_id }))
+                .await
+                .map_err(timed_out)?
+                .map_err(fail)?
+                .into_inner();
+            match r.job {
+                Some(j) => render_job(cli.output, &j),
+                None => Err(CtlError::Render("the agent answered without a job".into())),
+            }
+        }
+        DrainCmd::List => {
+            let r = tokio::time::timeout(timeout, c.list_jobs(pb::ListJobsRequest {}))
+                .await
+                .map_err(timed_out)?
+                .map_err(fail)?
+                .into_inner();
+            render_jobs(cli.output, &r.jobs)
+        }
+    }
+}
+
+/// `clusterctl policy ...`.
+pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
+    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let ep = cli.endpoint.as_str();
+    let mut c = connect(ep, timeout).await?;
+    let fail = |s| status_error(ep, timeout, s);
+    let timed_out = |_| CtlError::Timeout {
+        endpoint: ep.to_owned(),
+        timeout_s: timeout.as_secs(),
+    };
+    match cmd {
+        PolicyCmd::Set {
+            what:
+                PolicySet::Balance {
+                    mode,
+                    aggressiveness,
+                    interval_s,
+                },
+        } => {
+            let interval_ms = match interval_s {
+                None => 0,
+                Some(s) if s.is_finite() && *s > 0.0 && *s < 1e9 => (s * 1000.0).round() as u64,
+                Some(s) => {
+                    return Err(CtlError::Refused {
+                        code: tonic::Code::InvalidArgument,
+                        message: format!("--interval-s {s} is not a positive number of seconds"),
+                    })
+                }
+            };
+            let r = tokio::time::timeout(
+                timeout,
+                c.set_policy(pb::PolicySpec {
+                    mode: mode_str(*mode).into(),
+                    aggressiveness: aggr_str(*aggressiveness).into(),
+                    interval_ms,
+                }),
+            )
+            .await
+            .map_err(timed_out)?
+            .map_err(fail)?
+            .into_inner();
+            render_policy(cli.output, &r)
+        }
+        PolicyCmd::Show => {
+            let r = tokio::time::timeout(timeout, c.get_policy(pb::GetPolicyRequest {}))
+                .await
+                .map_err(timed_out)?
+                .map_err(fail)?
+                .into_inner();
+            render_policy(cli.output, &r)
+        }
+        PolicyCmd::Balance { dry_run: _, mode } => {
+            let r = tokio::time::timeout(
+                timeout,
+                c.plan_balance(pb::PlanBalanceRequest {
+                    mode: mode.map(mode_str).unwrap_or_default().into(),
+                    aggressiveness: String::new(),
+                }),
+            )
+            .await
+            .map_err(timed_out)?
+            .map_err(fail)?
+            .into_inner();
+            render_balance(cli.output, &r)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mv(vm: &str, wave: u32, status: &str) -> pb::MoveInfo {
+        pb::MoveInfo {
+            vm: vm.into(),
+            from_node_id: 1,
+            to_node_id: 2,
+            kind: "live".into(),
+            wave,
+            planned_start_unix_ms: 1000 + u64::from(wave) * 500,
+            planned_end_unix_ms: 1400 + u64::from(wave) * 500,
+            status: status.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn plan_and_job_render_as_tables_and_json() {
+        let r = pb::DrainReply {
+            job: None,
+            plan: vec![mv("a", 1, "queued"), mv("b", 2, "queued")],
+            planned_start_unix_ms: 1000,
+            planned_finish_unix_ms: 2400,
+            lower_bound_ms: 800,
+            incoming_in_flight: vec![],
+        };
+        let t = render_drain(Format::Table, &r, 1).unwrap_or_default();
+        assert!(t.contains("dry run: drain of node 1"), "{t}");
+        assert!(t.contains("2 moves in 2 waves, ETA 1.4s"), "{t}");
+        assert!(t.contains("+1.0s"), "{t}");
+        let j = render_drain(Format::Json, &r, 1).unwrap_or_default();
+        assert!(j.contains("\"lower_bound_ms\": 800"), "{j}");
+        let job = pb::JobInfo {
+            id: 4,
+            kind: "drain".into(),
+            node_id: 1,
+            status: "running".into(),
+            moves: vec![mv("a", 1, "done"), mv("b", 2, "in_flight")],
+            ..Default::default()
+        };
+        let t = render_job(Format::Table, &job).unwrap_or_default();
+        assert!(
+            t.contains("job 4: drain of node 1: running — 1/2 moved, 1 in flight"),
+            "{t}"
+        );
+        let l = render_jobs(Format::Table, &[job]).unwrap_or_default();
+        assert!(l.contains("1/2"), "{l}");
+    }
+}
