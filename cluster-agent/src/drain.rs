@@ -760,6 +760,39 @@ mod tests {
     }
 
     #[test]
+    fn a_queued_move_to_a_node_that_went_down_fails_and_is_replanned_elsewhere() {
+        let mut s = cluster(4);
+        for i in 0..3 {
+            run_vm(&mut s, &format!("q{i}"), 1);
+        }
+        let id = start_drain(&mut s, 1, 10);
+        let queued_to: Vec<u64> = s.jobs.jobs[&id].moves.iter().map(|m| m.to).collect();
+        let dead = queued_to[queued_to.len() - 1];
+        s.apply(&Command::SetNodeState {
+            node_id: dead,
+            state: NodeState::Down,
+            at_unix_ms: 11,
+            reason: "killed".into(),
+        });
+        for r in 0..30 {
+            if s.jobs.jobs[&id].status != JobStatus::Running {
+                break;
+            }
+            tick(&mut s, 20 + r, true);
+        }
+        let j = &s.jobs.jobs[&id];
+        assert_eq!(j.status, JobStatus::Done, "{j:?}");
+        assert!(j
+            .moves
+            .iter()
+            .any(|m| m.status == MoveStatus::Failed && m.reason.contains("no longer fits")));
+        assert!(s
+            .vms
+            .values()
+            .all(|v| v.owner != Some(1) && v.owner != Some(dead)));
+    }
+
+    #[test]
     fn refusals_name_the_problem_and_change_nothing() {
         let mut s = cluster(2);
         run_vm(&mut s, "a", 1);

@@ -271,7 +271,8 @@ pub enum JobCommand {
         vm: String,
         at_unix_ms: u64,
     },
-    /// The in-flight (or, for `Skipped`, queued) move of `vm` ended.
+    /// The move of `vm` ended: `Done` an in-flight one, `Failed` an in-flight one or a
+    /// queued one that cannot start, `Skipped` a queued one no longer needed.
     EndMove {
         job: u64,
         vm: String,
@@ -476,16 +477,15 @@ pub fn check(state: &ClusterState, cmd: &JobCommand) -> Result<(), JobError> {
             job, vm, outcome, ..
         } => {
             let j = state.jobs.jobs.get(job).ok_or(JobError::UnknownJob(*job))?;
-            let want = if *outcome == MoveOutcome::Skipped {
-                MoveStatus::Queued
-            } else {
-                MoveStatus::InFlight
-            };
-            if !j.moves.iter().any(|m| m.vm == *vm && m.status == want) {
+            if ending_move(j, vm, *outcome).is_none() {
                 return Err(JobError::NoSuchMove {
                     job: *job,
                     vm: vm.clone(),
-                    status: want.as_str(),
+                    status: match outcome {
+                        MoveOutcome::Done => "in_flight",
+                        MoveOutcome::Failed => "in_flight or queued",
+                        MoveOutcome::Skipped => "queued",
+                    },
                 });
             }
         }
@@ -900,14 +900,10 @@ fn end_move(
     let Some(j) = state.jobs.jobs.get_mut(&job) else {
         return;
     };
-    let want = if outcome == MoveOutcome::Skipped {
-        MoveStatus::Queued
-    } else {
-        MoveStatus::InFlight
-    };
-    let Some(m) = j.moves.iter_mut().find(|m| m.vm == vm && m.status == want) else {
+    let Some(i) = ending_move(j, vm, outcome) else {
         return;
     };
+    let m = &mut j.moves[i];
     m.status = match outcome {
         MoveOutcome::Done => MoveStatus::Done,
         MoveOutcome::Failed => MoveStatus::Failed,
@@ -934,6 +930,17 @@ fn end_move(
         MoveOutcome::Skipped => format!("{name}: VM {vm} move to node {to} skipped{why}"),
     };
     event(state, at, node, msg, touched);
+}
+
+/// The move of `vm` that `outcome` ends: a done move was in flight; a failed one was in
+/// flight or (refused before it started) queued; a skipped one was queued.
+fn ending_move(j: &JobRecord, vm: &str, outcome: MoveOutcome) -> Option<usize> {
+    let find = |st: MoveStatus| j.moves.iter().position(|m| m.vm == vm && m.status == st);
+    match outcome {
+        MoveOutcome::Done => find(MoveStatus::InFlight),
+        MoveOutcome::Failed => find(MoveStatus::InFlight).or_else(|| find(MoveStatus::Queued)),
+        MoveOutcome::Skipped => find(MoveStatus::Queued),
+    }
 }
 
 /// Called by `ClusterState::apply` after every applied VM command: a committed

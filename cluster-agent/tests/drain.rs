@@ -100,13 +100,18 @@ async fn create_on(cl: &Cluster, via: u64, node: u64, names: &[String], memory_m
         .await
         .unwrap_or_else(|e| panic!("create {n}: {e}{}", logs(cl)));
     }
-    wait_until(cl, "VMs running on their node", Duration::from_secs(90), || async {
-        let all = list(cl, via).await;
-        names.iter().all(|n| {
-            all.iter()
-                .any(|v| &name(v) == n && v.runtime == "running" && v.owner_id == node)
-        })
-    })
+    wait_until(
+        cl,
+        "VMs running on their node",
+        Duration::from_secs(90),
+        || async {
+            let all = list(cl, via).await;
+            names.iter().all(|n| {
+                all.iter()
+                    .any(|v| &name(v) == n && v.runtime == "running" && v.owner_id == node)
+            })
+        },
+    )
     .await;
 }
 
@@ -195,7 +200,10 @@ async fn heartbeat(cl: &Cluster, via: u64, vm: &str) -> (u64, u64) {
             }
         }
     }
-    panic!("no live mem=ok heartbeat from {vm} via node {via}; console tail: {seen}{}", logs(cl))
+    panic!(
+        "no live mem=ok heartbeat from {vm} via node {via}; console tail: {seen}{}",
+        logs(cl)
+    )
 }
 
 /// One migration as the event log recorded it.
@@ -297,7 +305,10 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
         .into_inner();
     assert!(dry.job.is_none());
     assert_eq!(dry.plan.len(), 4, "{dry:?}");
-    assert!(dry.plan.iter().all(|m| m.from_node_id == 1 && m.to_node_id != 1));
+    assert!(dry
+        .plan
+        .iter()
+        .all(|m| m.from_node_id == 1 && m.to_node_id != 1));
     assert!(dry.planned_finish_unix_ms > dry.planned_start_unix_ms);
     let nodes = must(&cl, cl.nodes(3).await);
     assert!(nodes.iter().all(|n| n.state == "up"), "{nodes:?}");
@@ -331,7 +342,11 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
             assert!(j.moves.is_empty(), "{j:?}");
         }
     }
-    must(&cl, cl.wait_node_state(2, 1, "paused", Duration::from_secs(10)).await);
+    must(
+        &cl,
+        cl.wait_node_state(2, 1, "paused", Duration::from_secs(10))
+            .await,
+    );
 
     let done = wait_job_end(&cl, &[3], 1, Duration::from_secs(180)).await;
     let done = if done.id != job.id {
@@ -342,7 +357,8 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
     assert_eq!(done.status, "done", "{done:?}");
     let all = list(&cl, 3).await;
     assert!(
-        all.iter().all(|v| v.owner_id != 1 && v.runtime == "running"),
+        all.iter()
+            .all(|v| v.owner_id != 1 && v.runtime == "running"),
         "{all:?}"
     );
     // Every guest continues (heartbeat sequence goes on, memory checks pass) elsewhere.
@@ -354,11 +370,23 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
     let events = must(&cl, cl.events(2).await);
     let spans = migrations(&events);
     assert_eq!(spans.len(), 4, "{spans:#?}");
-    assert!(spans.iter().all(|s| vm_names.contains(&s.vm) && s.from == 1), "{spans:#?}");
+    assert!(
+        spans
+            .iter()
+            .all(|s| vm_names.contains(&s.vm) && s.from == 1),
+        "{spans:#?}"
+    );
     assert_no_overlap(&spans);
-    for want in ["drain of node 1 started", "wave 1 of", "moved to node", "done (4 moved"] {
+    for want in [
+        "drain of node 1 started",
+        "wave 1 of",
+        "moved to node",
+        "done (4 moved",
+    ] {
         assert!(
-            events.iter().any(|e| e.kind == "job" && e.message.contains(want)),
+            events
+                .iter()
+                .any(|e| e.kind == "job" && e.message.contains(want)),
             "no job event with {want:?}: {:#?}",
             events.iter().map(|e| &e.message).collect::<Vec<_>>()
         );
@@ -376,21 +404,34 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
     let fb = r.job.clone().unwrap_or_default();
     assert_eq!(fb.kind, "failback", "{r:?}");
     assert!(!fb.moves.is_empty(), "{r:?}");
-    must(&cl, cl.wait_node_state(2, 1, "up", Duration::from_secs(10)).await);
+    must(
+        &cl,
+        cl.wait_node_state(2, 1, "up", Duration::from_secs(10))
+            .await,
+    );
     let fb_moves: Vec<String> = fb.moves.iter().map(|m| m.vm.clone()).collect();
-    wait_until(&cl, "failback job done", Duration::from_secs(180), || async {
-        let mut d = drains(&cl, 2).await;
-        let jobs = d
-            .list_jobs(dpb::ListJobsRequest {})
-            .await
-            .map(|r| r.into_inner().jobs)
-            .unwrap_or_default();
-        jobs.iter().any(|j| j.id == fb.id && j.status == "done")
-    })
+    wait_until(
+        &cl,
+        "failback job done",
+        Duration::from_secs(180),
+        || async {
+            let mut d = drains(&cl, 2).await;
+            let jobs = d
+                .list_jobs(dpb::ListJobsRequest {})
+                .await
+                .map(|r| r.into_inner().jobs)
+                .unwrap_or_default();
+            jobs.iter().any(|j| j.id == fb.id && j.status == "done")
+        },
+    )
     .await;
     let all = list(&cl, 2).await;
     for n in &fb_moves {
-        let v = all.iter().find(|v| &name(v) == n).cloned().unwrap_or_default();
+        let v = all
+            .iter()
+            .find(|v| &name(v) == n)
+            .cloned()
+            .unwrap_or_default();
         assert_eq!(v.owner_id, 1, "{n} back home: {v:?}");
     }
     for n in &vm_names {
@@ -434,7 +475,11 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
         .job
         .unwrap_or_default();
     assert_eq!((aborted.id, aborted.status.as_str()), (job.id, "aborted"));
-    let dropped = aborted.moves.iter().filter(|m| m.status == "dropped").count();
+    let dropped = aborted
+        .moves
+        .iter()
+        .filter(|m| m.status == "dropped")
+        .count();
     assert!(dropped >= 1, "queued moves dropped: {aborted:?}");
     // Aborting again: nothing runs.
     let again = d.abort_drain(dpb::NodeRef { node_id: 2 }).await;
@@ -443,14 +488,20 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
         "{again:?}"
     );
     // In-flight migrations finish; then no further move starts and nothing is lost.
-    wait_until(&cl, "no migration in flight", Duration::from_secs(60), || async {
-        list(&cl, 1).await.iter().all(|v| v.migrating_to == 0)
-    })
+    wait_until(
+        &cl,
+        "no migration in flight",
+        Duration::from_secs(60),
+        || async { list(&cl, 1).await.iter().all(|v| v.migrating_to == 0) },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after_abort = list(&cl, 1).await;
     assert_eq!(after_abort.len(), 5);
-    assert!(after_abort.iter().all(|v| v.desired == "running"), "{after_abort:?}");
+    assert!(
+        after_abort.iter().all(|v| v.desired == "running"),
+        "{after_abort:?}"
+    );
     let moved: Vec<String> = after_abort
         .iter()
         .filter(|v| v.owner_id != 2)
@@ -459,7 +510,12 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
     let stayed = after_abort.len() - moved.len();
     assert!(!moved.is_empty() && stayed >= 1, "{after_abort:?}");
     let j = drain_job(&cl, 1, 2).await.unwrap_or_default();
-    assert!(j.moves.iter().all(|m| m.status != "queued" && m.status != "in_flight"), "{j:?}");
+    assert!(
+        j.moves
+            .iter()
+            .all(|m| m.status != "queued" && m.status != "in_flight"),
+        "{j:?}"
+    );
     let nodes = must(&cl, cl.nodes(1).await);
     assert!(nodes.iter().any(|n| n.node_id == 2 && n.state == "paused"));
     for n in &vm_names {
@@ -482,12 +538,18 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
     let done = wait_job_end(&cl, &[1], 2, Duration::from_secs(180)).await;
     assert_eq!(done.status, "done", "{done:?}");
     let all = list(&cl, 1).await;
-    assert!(all.iter().all(|v| v.owner_id != 2 && v.runtime == "running"), "{all:?}");
+    assert!(
+        all.iter()
+            .all(|v| v.owner_id != 2 && v.runtime == "running"),
+        "{all:?}"
+    );
     let events = must(&cl, cl.events(1).await);
+    assert!(events.iter().any(|e| e
+        .message
+        .contains(&format!("drain of node 2 resumed (job {})", resumed.id))));
     assert!(events
         .iter()
-        .any(|e| e.message.contains(&format!("drain of node 2 resumed (job {})", resumed.id))));
-    assert!(events.iter().any(|e| e.message.contains("aborted: aborted by the operator")));
+        .any(|e| e.message.contains("aborted: aborted by the operator")));
     assert_no_overlap(&migrations(&events));
 }
 
@@ -523,20 +585,33 @@ async fn leader_kill9_during_a_drain_the_new_leader_finishes_it() {
     let new_leader = must(&cl, cl.wait_leader(&others, Duration::from_secs(30)).await);
     assert_ne!(new_leader, leader);
     let done = wait_job_end(&cl, &others, victim, Duration::from_secs(240)).await;
-    assert_eq!((done.id, done.status.as_str()), (job.id, "done"), "{done:?}");
+    assert_eq!(
+        (done.id, done.status.as_str()),
+        (job.id, "done"),
+        "{done:?}"
+    );
     // The drained node is empty; every VM runs (those that had landed on the killed
     // leader were failed over by the new leader).
-    wait_until(&cl, "every VM running off the drained node", Duration::from_secs(60), || async {
-        let all = list(&cl, others[0]).await;
-        all.len() == vm_names.len()
-            && all
-                .iter()
-                .all(|v| v.owner_id != victim && v.owner_id != leader && v.runtime == "running")
-    })
+    wait_until(
+        &cl,
+        "every VM running off the drained node",
+        Duration::from_secs(60),
+        || async {
+            let all = list(&cl, others[0]).await;
+            all.len() == vm_names.len()
+                && all
+                    .iter()
+                    .all(|v| v.owner_id != victim && v.owner_id != leader && v.runtime == "running")
+        },
+    )
     .await;
     // No move was started twice: each VM has at most one done move in the job.
     for n in &vm_names {
-        let k = done.moves.iter().filter(|m| &m.vm == n && m.status == "done").count();
+        let k = done
+            .moves
+            .iter()
+            .filter(|m| &m.vm == n && m.status == "done")
+            .count();
         assert!(k <= 1, "{n} moved {k} times: {done:?}");
     }
     for n in &vm_names {
@@ -562,19 +637,37 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
     create_on(&cl, 1, 1, &["stuck".to_string()], 64).await;
     let mut d = drains(&cl, 2).await;
     let before_nodes = must(&cl, cl.nodes(1).await);
-    let code = |r: Result<tonic::Response<dpb::DrainReply>, tonic::Status>, want: Code, text: &str| {
+    let code = |r: Result<tonic::Response<dpb::DrainReply>, tonic::Status>,
+                want: Code,
+                text: &str| {
         match r {
             Err(s) => {
                 assert_eq!(s.code(), want, "{s}");
-                assert!(s.message().contains(text), "{:?} lacks {text:?}", s.message());
+                assert!(
+                    s.message().contains(text),
+                    "{:?} lacks {text:?}",
+                    s.message()
+                );
             }
             Ok(r) => panic!("expected {want:?} ({text}), got {:?}", r.into_inner()),
         }
     };
     let req = |node_id, dry_run| dpb::DrainRequest { node_id, dry_run };
-    code(d.drain_node(req(0, false)).await, Code::InvalidArgument, "node_id is 0");
-    code(d.drain_node(req(9, false)).await, Code::NotFound, "unknown node id 9");
-    code(d.drain_node(req(9, true)).await, Code::NotFound, "unknown node id 9");
+    code(
+        d.drain_node(req(0, false)).await,
+        Code::InvalidArgument,
+        "node_id is 0",
+    );
+    code(
+        d.drain_node(req(9, false)).await,
+        Code::NotFound,
+        "unknown node id 9",
+    );
+    code(
+        d.drain_node(req(9, true)).await,
+        Code::NotFound,
+        "unknown node id 9",
+    );
     // Node 2 paused: draining node 1 would leave its VM only the Intel node.
     let mut m = must(&cl, cl.client(1).await);
     m.set_node_state(cluster_proto::management::SetNodeStateRequest {
@@ -589,7 +682,11 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
         Code::FailedPrecondition,
         "VM stuck cannot go anywhere",
     );
-    code(d.drain_node(req(1, true)).await, Code::FailedPrecondition, "Intel CPUs");
+    code(
+        d.drain_node(req(1, true)).await,
+        Code::FailedPrecondition,
+        "Intel CPUs",
+    );
     // Node 3 paused too: node 1 is the last up node.
     m.set_node_state(cluster_proto::management::SetNodeStateRequest {
         node_id: 3,
@@ -598,7 +695,11 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
     })
     .await
     .unwrap_or_else(|e| panic!("pause: {e}"));
-    code(d.drain_node(req(1, false)).await, Code::FailedPrecondition, "last up node");
+    code(
+        d.drain_node(req(1, false)).await,
+        Code::FailedPrecondition,
+        "last up node",
+    );
     // Resume refusals.
     let r = d
         .resume_node(dpb::ResumeRequest {
@@ -660,7 +761,11 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
     };
     assert_eq!(n1(&nodes), n1(&before_nodes));
     let all = list(&cl, 1).await;
-    assert!(all.iter().all(|v| v.owner_id == 1 && v.runtime == "running"), "{all:?}");
+    assert!(
+        all.iter()
+            .all(|v| v.owner_id == 1 && v.runtime == "running"),
+        "{all:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -702,7 +807,10 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
     assert!(plan.spread_after_bp < plan.spread_before_bp, "{plan:?}");
     tokio::time::sleep(Duration::from_secs(4)).await;
     let all = list(&cl, 2).await;
-    assert!(all.iter().all(|v| v.owner_id == 1), "policy none moved a VM: {all:?}");
+    assert!(
+        all.iter().all(|v| v.owner_id == 1),
+        "policy none moved a VM: {all:?}"
+    );
 
     d.set_policy(dpb::PolicySpec {
         mode: "even".into(),
@@ -714,7 +822,10 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
     wait_until(&cl, "balanced", Duration::from_secs(120), || async {
         let all = list(&cl, 2).await;
         let on1 = all.iter().filter(|v| v.owner_id == 1).count();
-        on1 < 3 && all.iter().all(|v| v.runtime == "running" && v.migrating_to == 0)
+        on1 < 3
+            && all
+                .iter()
+                .all(|v| v.runtime == "running" && v.migrating_to == 0)
     })
     .await;
     let jobs = d
@@ -725,13 +836,18 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
         .jobs;
     assert!(jobs.iter().any(|j| j.kind == "balance"), "{jobs:?}");
     // Balanced: the balancer plans nothing more.
-    wait_until(&cl, "balance job finished", Duration::from_secs(60), || async {
-        let mut d = drains(&cl, 2).await;
-        d.list_jobs(dpb::ListJobsRequest {})
-            .await
-            .map(|r| r.into_inner().jobs.iter().all(|j| j.status != "running"))
-            .unwrap_or(false)
-    })
+    wait_until(
+        &cl,
+        "balance job finished",
+        Duration::from_secs(60),
+        || async {
+            let mut d = drains(&cl, 2).await;
+            d.list_jobs(dpb::ListJobsRequest {})
+                .await
+                .map(|r| r.into_inner().jobs.iter().all(|j| j.status != "running"))
+                .unwrap_or(false)
+        },
+    )
     .await;
     let plan = d
         .plan_balance(dpb::PlanBalanceRequest::default())
