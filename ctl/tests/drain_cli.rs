@@ -1,0 +1,177 @@
+//! `clusterctl node drain|resume`, `drain ...` and `policy ...` against a real 3-node
+//! cluster running test-guest VMs.
+
+mod common;
+
+use common::{ctl, text};
+use std::time::{Duration, Instant};
+
+use cluster_tests::{locate_binary, Cluster, Options};
+
+fn ok(ep: &str, args: &[&str]) -> String {
+    let o = ctl(ep, args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "clusterctl {args:?} failed: {err}{out}");
+    out
+}
+
+fn refused(ep: &str, args: &[&str], needle: &str) {
+    let o = ctl(ep, args);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "clusterctl {args:?}: {out}{err}");
+    assert!(
+        err.contains(needle),
+        "clusterctl {args:?}: {err:?} lacks {needle:?}"
+    );
+}
+
+fn json(ep: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["-o", "json"];
+    all.extend_from_slice(args);
+    let out = ok(ep, &all);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn wait(what: &str, c: &Cluster, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "timed out waiting for {what}\n{}",
+            c.log_tail(1, 40)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_resume_and_policy_commands_against_real_agents() {
+    let _serial = cluster_tests::serial().await;
+    let bin = locate_binary("cluster-agent", "cluster-agent").unwrap_or_else(|e| panic!("{e}"));
+    let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
+    c.form(3).await.unwrap_or_else(|e| panic!("{e}"));
+    let ep = c
+        .spec(2)
+        .map(|s| s.mgmt_addr.to_string())
+        .unwrap_or_default();
+    for n in ["cd0", "cd1"] {
+        ok(
+            &ep,
+            &[
+                "vm",
+                "create",
+                n,
+                "--memory-mib",
+                "64",
+                "--wss-mib",
+                "8",
+                "--preferred-owner",
+                "3",
+            ],
+        );
+    }
+    wait("VMs running on node 3", &c, || {
+        let v = json(&ep, &["vm", "list"]);
+        v.as_array().is_some_and(|a| {
+            a.len() == 2
+                && a.iter()
+                    .all(|v| v["runtime"] == "running" && v["owner_id"] == 3)
+        })
+    });
+
+    // Bad input: unknown node, node 0, abort without a drain, never drained.
+    refused(&ep, &["node", "drain", "9"], "unknown node id 9");
+    refused(&ep, &["node", "drain", "0", "--dry-run"], "node_id is 0");
+    refused(&ep, &["drain", "abort", "3"], "no running drain");
+    refused(&ep, &["drain", "show", "3"], "never been drained");
+    refused(&ep, &["node", "resume", "3", "--failback"], "not paused");
+
+    // Dry run: the plan with waves and ETAs; nothing changes.
+    let out = ok(&ep, &["node", "drain", "3", "--dry-run"]);
+    assert!(out.contains("dry run: drain of node 3"), "{out}");
+    assert!(out.contains("2 moves in 2 waves"), "{out}");
+    assert!(
+        out.contains("WAVE") && out.contains("cd0") && out.contains("ETA"),
+        "{out}"
+    );
+    let nodes = json(&ep, &["node", "list"]);
+    assert!(
+        nodes
+            .as_array()
+            .is_some_and(|a| a.iter().all(|n| n["state"] == "up")),
+        "{nodes}"
+    );
+
+    // Drain and watch it to the end.
+    let out = ok(&ep, &["node", "drain", "3", "--watch"]);
+    assert!(out.contains("drain of node 3 started"), "{out}");
+    assert!(
+        out.contains("job 1: drain of node 3: done — 2/2 moved"),
+        "{out}"
+    );
+    let show = json(&ep, &["drain", "show", "3"]);
+    assert_eq!(show["status"], "done");
+    assert_eq!(show["moves"].as_array().map(Vec::len), Some(2));
+    let vms = json(&ep, &["vm", "list"]);
+    assert!(
+        vms.as_array()
+            .is_some_and(|a| a.iter().all(|v| v["owner_id"] != 3)),
+        "{vms}"
+    );
+    let list = ok(&ep, &["drain", "list"]);
+    assert!(
+        list.contains("drain") && list.contains("done") && list.contains("2/2"),
+        "{list}"
+    );
+    let events = ok(&ep, &["events"]);
+    assert!(
+        events.contains("drain of node 3 started (job 1)"),
+        "{events}"
+    );
+    assert!(events.contains("drain of node 3 (job 1) done"), "{events}");
+
+    // Resume with failback: both VMs come home.
+    let out = ok(&ep, &["node", "resume", "3", "--failback"]);
+    assert!(out.contains("node 3 resumed; 2 VMs move back"), "{out}");
+    wait("VMs back on node 3", &c, || {
+        let v = json(&ep, &["vm", "list"]);
+        v.as_array().is_some_and(|a| {
+            a.iter()
+                .all(|v| v["owner_id"] == 3 && v["runtime"] == "running" && v["migrating_to"] == 0)
+        })
+    });
+
+    // Policy: show, set, dry run, bad input.
+    let out = ok(&ep, &["policy", "show"]);
+    assert!(
+        out.contains("balance: none (aggressiveness medium, every 30.0s)"),
+        "{out}"
+    );
+    let out = ok(
+        &ep,
+        &[
+            "policy",
+            "set",
+            "balance",
+            "power-saving",
+            "--aggressiveness",
+            "high",
+        ],
+    );
+    assert!(
+        out.contains("balance: power-saving (aggressiveness high"),
+        "{out}"
+    );
+    let p = json(&ep, &["policy", "show"]);
+    assert_eq!(p["mode"], "power-saving");
+    let out = ok(&ep, &["policy", "balance", "--dry-run", "--mode", "even"]);
+    assert!(out.contains("dry run: balance even: 0 moves"), "{out}");
+    refused(
+        &ep,
+        &["policy", "set", "balance", "even", "--interval-s", "0.01"],
+        "below the minimum",
+    );
+    let o = ctl(&ep, &["policy", "set", "balance", "sideways"]);
+    assert_eq!(o.status.code(), Some(2), "clap refuses an unknown mode");
+    ok(&ep, &["policy", "set", "balance", "none"]);
+}
