@@ -696,4 +696,86 @@ mod tests {
         assert_eq!(d.state.kv.get("a").map(String::as_str), Some("b"));
         assert_eq!(d.last_applied.map(|l| l.index), Some(1));
     }
+
+    #[test]
+    fn jobs_and_policy_survive_reopen() {
+        use crate::jobs::{BalancePolicy, JobCommand, JobKind, JobMove};
+        use crate::state::{Command, NodeFacts, NodeRegistration};
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let p = dir.path().join("raft");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| panic!("runtime: {e}"));
+        let cmds: Vec<Command> = vec![
+            Command::RegisterNode {
+                registration: NodeRegistration {
+                    node_id: 1,
+                    name: "n1".into(),
+                    mgmt_addr: "127.0.1.1:1".into(),
+                    raft_addr: "127.0.1.1:2".into(),
+                    migration_addr: "127.0.2.1:3".into(),
+                    mgmt_subnet: "127.0.1.0/24".into(),
+                    migration_subnet: "127.0.2.0/24".into(),
+                    facts: NodeFacts::default(),
+                },
+                at_unix_ms: 1,
+            },
+            Command::RegisterNode {
+                registration: NodeRegistration {
+                    node_id: 2,
+                    name: "n2".into(),
+                    mgmt_addr: "127.0.1.2:1".into(),
+                    raft_addr: "127.0.1.2:2".into(),
+                    migration_addr: "127.0.2.2:3".into(),
+                    mgmt_subnet: "127.0.1.0/24".into(),
+                    migration_subnet: "127.0.2.0/24".into(),
+                    facts: NodeFacts::default(),
+                },
+                at_unix_ms: 1,
+            },
+            Command::Job(JobCommand::StartJob {
+                kind: JobKind::Drain,
+                node: 1,
+                moves: vec![JobMove::queued("v", 1, 2, 1, 10, 20)],
+                planned_finish_unix_ms: 20,
+                at_unix_ms: 5,
+            }),
+            Command::Job(JobCommand::SetPolicy {
+                policy: BalancePolicy {
+                    mode: scheduler::BalanceMode::PowerSaving,
+                    aggressiveness: scheduler::Aggressiveness::High,
+                    interval_ms: 5000,
+                },
+                at_unix_ms: 6,
+            }),
+        ];
+        let before = rt.block_on(async {
+            let (_l, mut sm) = open(&p, true).unwrap_or_else(|e| panic!("open: {e}"));
+            let entries: Vec<Entry> = cmds
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| Entry {
+                    log_id: openraft::LogId::new(
+                        openraft::CommittedLeaderId::new(1, 1),
+                        i as u64 + 1,
+                    ),
+                    payload: EntryPayload::Normal(c),
+                })
+                .collect();
+            let r = sm.apply(entries).await.unwrap_or_default();
+            assert!(
+                r.iter()
+                    .all(|r| !matches!(r, CommandResult::Rejected { .. })),
+                "{r:?}"
+            );
+            read_lock(&sm.shared()).state.clone()
+        });
+        assert_eq!(before.nodes[&1].state, crate::state::NodeState::Paused);
+        let (_l, sm) = open(&p, false).unwrap_or_else(|e| panic!("reopen: {e}"));
+        let after = read_lock(&sm.shared()).state.clone();
+        assert_eq!(after.jobs, before.jobs);
+        assert_eq!(after.jobs.jobs.len(), 1);
+        assert_eq!(after.jobs.policy.interval_ms, 5000);
+        assert_eq!(after.nodes, before.nodes);
+    }
 }
