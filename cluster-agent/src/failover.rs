@@ -103,6 +103,10 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             }
         };
         for t in takeovers {
+            if let Err(e) = take_over_disks(&agent, &state, &t).await {
+                tracing::warn!(vm = %t.vm, to = t.to, error = %e, "disk takeover refused; vm not failed over yet");
+                continue;
+            }
             let cmd = Command::Vm(VmCommand::SetVmOwner {
                 name: t.vm.clone(),
                 owner: t.to,
@@ -114,6 +118,43 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             }
         }
     }
+}
+
+/// The locks failover must take over before restarting `t.vm` on `t.to`: every disk of the
+/// VM whose holders are all Down (the old owner, fenced by its lease) and not yet `t.to`.
+pub fn disk_takeovers(state: &ClusterState, t: &Takeover) -> Vec<csv_volume::LockCommand> {
+    let Some(vm) = crate::vms::find(state, &t.vm) else {
+        return Vec::new();
+    };
+    let down = crate::disk_locks::down_nodes(state);
+    vm.spec
+        .disks
+        .iter()
+        .filter_map(|d| {
+            let lock = state.locks.lock(&d.name)?;
+            let all_down = lock.holders.iter().all(|h| down.contains(h));
+            let mode = crate::lock_client::mode_of(d);
+            let already = lock.holders.contains(&t.to) && lock.mode == mode;
+            (all_down && !already).then(|| csv_volume::LockCommand::ForceTakeover {
+                disk: d.name.clone(),
+                node: t.to,
+                mode,
+            })
+        })
+        .collect()
+}
+
+/// Failover step 1 (before `SetVmOwner`): commit the takeover of the VM's disk locks by
+/// the new owner. New fencing tokens, so a late write of the old owner is refused at the
+/// disk. The leader has already waited out the old owner's lease (`FAILOVER_GRACE`).
+async fn take_over_disks(agent: &Agent, state: &ClusterState, t: &Takeover) -> Result<(), String> {
+    for cmd in disk_takeovers(state, t) {
+        let g = crate::lock_client::grant(agent, &t.vm, cmd)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        tracing::info!(vm = %t.vm, disk = %g.disk, to = t.to, token = %g.token, "disk lock taken over");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

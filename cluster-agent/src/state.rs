@@ -112,6 +112,8 @@ pub enum EventKind {
     NodeRemoved,
     /// VM lifecycle (created, started, stopped, reported, deleted).
     Vm,
+    /// Shared-volume disk locks (acquired, released, handed off, taken over).
+    Disk,
 }
 
 impl EventKind {
@@ -123,6 +125,7 @@ impl EventKind {
             EventKind::NodeStateChanged => "node_state_changed",
             EventKind::NodeRemoved => "node_removed",
             EventKind::Vm => "vm",
+            EventKind::Disk => "disk",
         }
     }
 }
@@ -176,6 +179,11 @@ pub enum Command {
     DeleteKv { key: String },
     /// VM lifecycle (see `crate::vms`).
     Vm(crate::vms::VmCommand),
+    /// Shared-volume disk lock (see `crate::disk_locks`); the Raft log index is the
+    /// fencing token, so it is applied with [`ClusterState::apply_at`].
+    Lock(crate::disk_locks::LockEntry),
+    /// Hot add / remove of a VM's disk (see `crate::hotplug`).
+    VmDisk(crate::hotplug::VmDiskCommand),
 }
 
 impl std::fmt::Display for Command {
@@ -192,6 +200,8 @@ impl std::fmt::Display for Command {
             Command::PutKv { key, .. } => write!(f, "put_kv({key})"),
             Command::DeleteKv { key } => write!(f, "delete_kv({key})"),
             Command::Vm(c) => write!(f, "{c}"),
+            Command::Lock(l) => write!(f, "{l}"),
+            Command::VmDisk(c) => write!(f, "{c}"),
         }
     }
 }
@@ -210,6 +220,8 @@ pub enum CommandResult {
     NodeState { changed: bool },
     /// Refused; nothing changed.
     Rejected { reason: String },
+    /// A lock table decision (a grant, a release).
+    Lock { outcome: csv_volume::LockOutcome },
 }
 
 /// Entity touched by an apply: the storage layer persists exactly these.
@@ -221,6 +233,8 @@ pub enum StateKey {
     Event(u64),
     Vm(u64),
     LastVmId,
+    /// The whole shared-volume lock table.
+    Locks,
 }
 
 /// The whole replicated state.
@@ -238,11 +252,28 @@ pub struct ClusterState {
     /// Newest VM id ever given (ids are never reused).
     #[serde(default)]
     pub last_vm_id: u64,
+    /// Shared-volume disk locks (see `crate::disk_locks`).
+    #[serde(default)]
+    pub locks: csv_volume::LockTable,
+}
+
+/// Where a command sits in the Raft log: the lock table's fencing token is the index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogPosition {
+    pub index: u64,
+    pub term: u64,
 }
 
 impl ClusterState {
-    /// Apply `cmd`. Returns the result and the keys whose stored value changed.
+    /// Apply `cmd` outside a Raft log (tests, tools): lock commands are applied at
+    /// position 0 (use [`ClusterState::apply_at`] for them).
     pub fn apply(&mut self, cmd: &Command) -> (CommandResult, Vec<StateKey>) {
+        self.apply_at(cmd, LogPosition::default())
+    }
+
+    /// Apply `cmd`, committed at log position `at`. Returns the result and the keys whose
+    /// stored value changed.
+    pub fn apply_at(&mut self, cmd: &Command, at: LogPosition) -> (CommandResult, Vec<StateKey>) {
         let mut touched = Vec::new();
         let result = match cmd {
             Command::InitCluster {
@@ -407,6 +438,28 @@ impl ClusterState {
                 }
                 CommandResult::Ok
             }
+            Command::VmDisk(c) => {
+                if let Err(e) = crate::hotplug::apply(self, c, &mut touched) {
+                    return (
+                        CommandResult::Rejected {
+                            reason: crate::error_chain(&e),
+                        },
+                        Vec::new(),
+                    );
+                }
+                CommandResult::Ok
+            }
+            Command::Lock(entry) => match crate::disk_locks::apply(self, entry, at, &mut touched) {
+                Ok(outcome) => CommandResult::Lock { outcome },
+                Err(e) => {
+                    return (
+                        CommandResult::Rejected {
+                            reason: crate::error_chain(&e),
+                        },
+                        Vec::new(),
+                    )
+                }
+            },
         };
         (result, touched)
     }

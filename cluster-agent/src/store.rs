@@ -162,6 +162,7 @@ fn sm_key(k: &StateKey) -> Vec<u8> {
         StateKey::Event(seq) => [&b"e"[..], &seq.to_be_bytes()].concat(),
         StateKey::Vm(id) => [&b"v"[..], &id.to_be_bytes()].concat(),
         StateKey::LastVmId => b"i".to_vec(),
+        StateKey::Locks => b"l".to_vec(),
     }
 }
 
@@ -210,6 +211,9 @@ fn load_sm(db: &DB, path: &str) -> Result<SmData, StoreError> {
             }
             Some(b'i') if k.len() == 1 => {
                 d.state.last_vm_id = serde_json::from_slice(&v).map_err(dec_err)?
+            }
+            Some(b'l') if k.len() == 1 => {
+                d.state.locks = serde_json::from_slice(&v).map_err(dec_err)?
             }
             _ if &*k == KEY_APPLIED => {
                 d.last_applied = serde_json::from_slice(&v).map_err(dec_err)?
@@ -421,6 +425,7 @@ fn put_entity(
         StateKey::Event(seq) => s.events.get(seq).map(to_json).transpose()?,
         StateKey::Vm(id) => s.vms.get(id).map(to_json).transpose()?,
         StateKey::LastVmId => Some(to_json(&s.last_vm_id)?),
+        StateKey::Locks => Some(to_json(&s.locks)?),
     };
     match value {
         Some(v) => batch.put_cf(h, key, v),
@@ -519,7 +524,11 @@ impl RaftStateMachine<TypeConfig> for SmStore {
             match e.payload {
                 EntryPayload::Blank => results.push(CommandResult::Ok),
                 EntryPayload::Normal(cmd) => {
-                    let (r, t) = next.state.apply(&cmd);
+                    let at = crate::state::LogPosition {
+                        index: e.log_id.index,
+                        term: e.log_id.leader_id.term,
+                    };
+                    let (r, t) = next.state.apply_at(&cmd, at);
                     touched.extend(t);
                     results.push(r);
                 }
@@ -602,6 +611,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         keys.extend(s.events.keys().map(|q| StateKey::Event(*q)));
         keys.extend(s.vms.keys().map(|id| StateKey::Vm(*id)));
         keys.push(StateKey::LastVmId);
+        keys.push(StateKey::Locks);
         for k in &keys {
             put_entity(&mut batch, h, s, k)?;
         }

@@ -4,6 +4,7 @@
 
 mod client;
 mod commands;
+mod disk;
 mod output;
 mod vm;
 
@@ -59,6 +60,9 @@ pub enum Cmd {
     /// VM lifecycle: create, start, stop, delete, list, show, console.
     #[command(subcommand)]
     Vm(vm::VmCmd),
+    /// Shared-volume disks and their cluster locks: create, list, locks.
+    #[command(subcommand)]
+    Disk(disk::DiskCmd),
 }
 
 #[derive(Debug, Subcommand)]

@@ -40,6 +40,9 @@ pub enum VmCmd {
         /// Print the target, the go/no-go and the prediction; move nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Quick migration: save to the shared volume, restore on the target.
+        #[arg(long)]
+        quick: bool,
     },
     /// The VM's serial console, from whichever node runs it.
     Console {
@@ -51,6 +54,9 @@ pub enum VmCmd {
         #[arg(long, default_value_t = 0)]
         max_lines: u64,
     },
+    /// Hot add / remove of shared-volume disks.
+    #[command(subcommand)]
+    Disk(crate::disk::VmDiskCmd),
 }
 
 #[derive(Debug, Args)]
@@ -418,6 +424,7 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
     let name = |n: &str| pb::VmName { name: n.to_owned() };
     let fmt = cli.output;
     match cmd {
+        VmCmd::Disk(d) => crate::disk::run_vm_disk(cli, d).await,
         VmCmd::Create(a) => {
             let req = pb::CreateVmRequest {
                 spec: Some(spec_of(a)),
@@ -477,10 +484,12 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             to,
             no_wait,
             dry_run,
+            quick,
         } => {
             let req = pb::MigrateVmRequest {
                 name: n.clone(),
                 to_node_id: to.unwrap_or(0),
+                quick: *quick,
             };
             if *dry_run {
                 let p = tokio::time::timeout(timeout, c.plan_migration(req))

@@ -18,3 +18,8 @@ pub mod raft {
 pub mod vms {
     tonic::include_proto!("cluster.vms.v1");
 }
+
+/// Shared-volume disks and locks (`cluster.volumes.v1`), served next to `management`.
+pub mod volumes {
+    tonic::include_proto!("cluster.volumes.v1");
+}
