@@ -492,6 +492,29 @@ cpu_vendor = "GenuineIntel"
     }
 
     #[test]
+    fn volumes_are_read_and_bad_ones_name_the_key() {
+        let with = |v: &str| format!("{GOOD}{v}");
+        let c = RawConfig::from_toml(&with("[[volumes]]\nname = \"vol\"\npath = \"/srv/csv\"\n"))
+            .map(|r| r.validate());
+        let vols = match c {
+            Ok(Ok(c)) => c.volumes,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(vols.len(), 1);
+        assert_eq!(vols[0].name, "vol");
+        let e = err(&with("[[volumes]]\nname = \"a/b\"\npath = \"/x\"\n"));
+        assert!(e.contains("volumes.name"), "{e}");
+        let e = err(&with(
+            "[[volumes]]\nname = \"v\"\npath = \"/x\"\n[[volumes]]\nname = \"v\"\npath = \"/y\"\n",
+        ));
+        assert!(e.contains("listed twice"), "{e}");
+        let e = err(&with(
+            "[[volumes]]\nname = \"v\"\npath = \"/x\"\nsize = 1\n",
+        ));
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
     fn good_config_validates() {
         let c = RawConfig::from_toml(GOOD)
             .map_err(|e| e.to_string())

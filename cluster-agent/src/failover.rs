@@ -228,4 +228,78 @@ mod tests {
         }
         assert_eq!(plan(&s, 12_000, 1_500).ok(), Some(vec![]));
     }
+
+    #[test]
+    fn disk_takeover_only_from_down_holders_and_only_once() {
+        use crate::state::LogPosition;
+        use csv_volume::{DiskName, LockCommand, LockMode};
+        let mut s = cluster();
+        let disk = DiskName::parse("vol/f.img").unwrap_or_else(|e| panic!("{e}"));
+        let mut spec = VmSpec::test_guest("f", 1, 64, TestWorkload::new(WorkloadName::Disk));
+        spec.disks.push(crate::vmhost::DiskSpec {
+            name: disk.clone(),
+            read_only: false,
+        });
+        s.apply(&Command::Vm(VmCommand::CreateVm {
+            spec,
+            owner: Some(2),
+            at_unix_ms: 2,
+        }));
+        let lock = |s: &mut ClusterState, index, command| {
+            s.apply_at(
+                &Command::Lock(crate::disk_locks::LockEntry {
+                    command,
+                    vm: "f".into(),
+                    at_unix_ms: 3,
+                }),
+                LogPosition { index, term: 1 },
+            )
+        };
+        lock(
+            &mut s,
+            5,
+            LockCommand::Acquire {
+                disk: disk.clone(),
+                node: 2,
+                mode: LockMode::Exclusive,
+            },
+        );
+        let t = Takeover {
+            vm: "f".into(),
+            from: 2,
+            to: 3,
+        };
+        // The holder is alive: nothing to take over.
+        assert!(disk_takeovers(&s, &t).is_empty());
+        assert!(!crate::lock_client::held_only_by_fenced_nodes(
+            &s, &disk, 3, 10_000
+        ));
+        s.apply(&Command::SetNodeState {
+            node_id: 2,
+            state: NodeState::Down,
+            at_unix_ms: 10_000,
+            reason: "silent".into(),
+        });
+        let cmds = disk_takeovers(&s, &t);
+        assert_eq!(
+            cmds,
+            vec![LockCommand::ForceTakeover {
+                disk: disk.clone(),
+                node: 3,
+                mode: LockMode::Exclusive
+            }]
+        );
+        // A restart elsewhere takes the lock only once the grace has passed.
+        assert!(!crate::lock_client::held_only_by_fenced_nodes(
+            &s, &disk, 3, 10_100
+        ));
+        assert!(crate::lock_client::held_only_by_fenced_nodes(
+            &s, &disk, 3, 11_500
+        ));
+        lock(&mut s, 20, cmds[0].clone());
+        // Committed: the new owner holds it, with the entry's index as the token.
+        assert!(disk_takeovers(&s, &t).is_empty());
+        let l = s.locks.lock(&disk).cloned();
+        assert_eq!(l.map(|l| (l.holders, l.token.0)), Some(([3].into(), 20)));
+    }
 }
