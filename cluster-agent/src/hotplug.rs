@@ -237,7 +237,7 @@ pub async fn reconcile(
                 agent,
                 &info.name,
                 me,
-                &[disk.clone()],
+                std::slice::from_ref(&disk),
             )
             .await
             {

@@ -573,13 +573,14 @@ async fn live_then_quick_migration_hand_the_disk_off() {
     );
 
     // Quick: saved to the shared volume, restored (not rebooted) on the source.
+    let mut quick = pb::MigrateVmRequest {
+        name: "vm-m".into(),
+        to_node_id: src,
+        ..Default::default()
+    };
+    quick.quick = true;
     let r = c
-        .migrate_vm(pb::MigrateVmRequest {
-            name: "vm-m".into(),
-            to_node_id: src,
-            quick: true,
-            ..Default::default()
-        })
+        .migrate_vm(quick)
         .await
         .unwrap_or_else(|e| panic!("quick migrate: {e}{}", logs(&cl)))
         .into_inner();
