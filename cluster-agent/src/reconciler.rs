@@ -286,7 +286,19 @@ async fn migrate_out(agent: &Arc<Agent>, host: &Arc<VmHost>, name: &str, to: u64
                     let handle = h
                         .migrate_out(&n, to, addr, crate::vmhost::LiveOptions::default(), locks)
                         .map_err(|e| crate::error_chain(&e))?;
-                    let report = handle.wait().map_err(|e| crate::error_chain(&e))?;
+                    let report = match handle.wait() {
+                        Ok(r) => r,
+                        // Commit sent, no answer: the disks are the target's (handed off),
+                        // the source copy stays paused and is stopped once the target owns
+                        // the VM; the target runs it, or boots it from its disks.
+                        Err(e) if commit_uncertain(&e) => {
+                            return Ok(format!(
+                                "switchover unconfirmed, node {to} owns the VM now: {}",
+                                crate::error_chain(&e)
+                            ))
+                        }
+                        Err(e) => return Err(crate::error_chain(&e)),
+                    };
                     Ok(format!(
                         "blackout {} us, receipt {}",
                         report.stats.blackout.total_us,
@@ -337,6 +349,18 @@ async fn migrate_out(agent: &Arc<Agent>, host: &Arc<VmHost>, name: &str, to: u64
             }
         }
     }
+}
+
+/// Whether a live migration failed after the point of no return (Commit sent, the
+/// target's answer lost).
+fn commit_uncertain(e: &crate::vmhost::VmHostError) -> bool {
+    matches!(
+        e,
+        crate::vmhost::VmHostError::Migration {
+            source: vmm_node::migration::MigrationError::CommitUncertain(_),
+            ..
+        }
+    )
 }
 
 /// Lock callback for VMs without shared disks (all the cluster creates today): there is
