@@ -20,10 +20,12 @@ use crate::state::{Command, CommandResult};
 use crate::vmhost::{DiskLocks, DiskSpec, LockOpError};
 
 /// How long a migration target waits for the source's committed handoff to show in
-/// its local replica before asking the leader.
-pub const HANDOFF_VISIBLE_WAIT: Duration = Duration::from_secs(2);
+/// its local replica before asking the leader. Short: a follower learns a commit only
+/// with the leader's next append (up to a Raft heartbeat later), while asking the leader
+/// (an idempotent re-acquire by the new holder) is one round trip, inside the blackout.
+pub const HANDOFF_VISIBLE_WAIT: Duration = Duration::from_millis(0);
 /// Poll interval of that wait.
-pub const HANDOFF_POLL: Duration = Duration::from_millis(2);
+pub const HANDOFF_POLL: Duration = Duration::from_millis(1);
 
 /// Why a lock operation of the agent failed.
 #[derive(Debug, thiserror::Error)]
