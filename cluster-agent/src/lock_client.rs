@@ -204,17 +204,35 @@ pub fn held_grant(agent: &Agent, disk: &DiskName, node: u64) -> Option<LockGrant
 }
 
 /// vmhost's lock callback over Raft, for migration threads (blocking).
+///
+/// A live migration's disk handoff costs one Raft write inside the blackout, not two: the
+/// source's instance ([`ClusterLocks::for_migration_source`]) does not commit the
+/// `Handoff` it is given once its disks are flushed and closed; the target commits it in
+/// [`DiskLocks::acquire`] (called only after the source reported its disks released) and
+/// gets its grant from that one commit. A migration that rolls back before the target
+/// committed leaves the lock with the source (`reclaim` re-acquires it, same token).
 pub struct ClusterLocks {
     agent: Arc<Agent>,
     rt: tokio::runtime::Handle,
+    defer_handoff: bool,
 }
 
 impl ClusterLocks {
-    /// Must be called inside the agent's runtime.
+    /// Must be called inside the agent's runtime. Commits every command it is given.
     pub fn new(agent: Arc<Agent>) -> Arc<ClusterLocks> {
         Arc::new(ClusterLocks {
             agent,
             rt: tokio::runtime::Handle::current(),
+            defer_handoff: false,
+        })
+    }
+
+    /// For the source of a live migration: leaves its `Handoff`s for the target to commit.
+    pub fn for_migration_source(agent: Arc<Agent>) -> Arc<ClusterLocks> {
+        Arc::new(ClusterLocks {
+            agent,
+            rt: tokio::runtime::Handle::current(),
+            defer_handoff: true,
         })
     }
 }
@@ -222,6 +240,10 @@ impl ClusterLocks {
 impl DiskLocks for ClusterLocks {
     fn commit(&self, vm: &str, commands: &[LockCommand]) -> Result<(), LockOpError> {
         for c in commands {
+            if self.defer_handoff && matches!(c, LockCommand::Handoff { .. }) {
+                tracing::debug!(vm, command = ?c, "handoff left for the target to commit");
+                continue;
+            }
             self.rt.block_on(commit(&self.agent, vm, c.clone()))?;
         }
         Ok(())
@@ -244,8 +266,9 @@ impl DiskLocks for ClusterLocks {
                 out.push(self.rt.block_on(grant(&self.agent, vm, cmd))?);
                 continue;
             }
-            // The source committed the handoff before it told us; wait until our replica
-            // applied it, else ask the leader (an idempotent re-acquire by the holder).
+            // The source has flushed and closed the disk. Commit the handoff from its
+            // holder to us (the source leaves it to us); if the source committed it
+            // itself, an idempotent re-acquire returns our grant.
             let start = Instant::now();
             let held = loop {
                 let g = held_grant(&self.agent, &d.name, node)
@@ -255,7 +278,29 @@ impl DiskLocks for ClusterLocks {
                 }
                 std::thread::sleep(HANDOFF_POLL);
             };
-            let g = match held {
+            if let Some(g) = held {
+                out.push(g);
+                continue;
+            }
+            let from = self
+                .agent
+                .read_sm(|s| {
+                    s.state
+                        .locks
+                        .lock(&d.name)
+                        .and_then(|l| l.exclusive_owner())
+                })
+                .filter(|o| *o != node);
+            let handoff = from.map(|from| LockCommand::Handoff {
+                disk: d.name.clone(),
+                from,
+                to: node,
+            });
+            let handed = match handoff {
+                Some(cmd) => self.rt.block_on(grant(&self.agent, vm, cmd)).ok(),
+                None => None,
+            };
+            let g = match handed {
                 Some(g) => g,
                 None => self.rt.block_on(grant(
                     &self.agent,

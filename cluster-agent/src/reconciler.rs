@@ -281,7 +281,7 @@ async fn migrate_out(agent: &Arc<Agent>, host: &Arc<VmHost>, name: &str, to: u64
             Some(Ok(addr)) => {
                 let (h, n) = (host.clone(), name.to_owned());
                 let locks: Arc<dyn crate::vmhost::DiskLocks> =
-                    crate::lock_client::ClusterLocks::new(agent.clone());
+                    crate::lock_client::ClusterLocks::for_migration_source(agent.clone());
                 tokio::task::spawn_blocking(move || {
                     let handle = h
                         .migrate_out(&n, to, addr, crate::vmhost::LiveOptions::default(), locks)
