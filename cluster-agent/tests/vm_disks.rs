@@ -616,3 +616,103 @@ async fn live_then_quick_migration_hand_the_disk_off() {
     // The image was consumed by the restore.
     assert!(!csv.join(".quick").join("vm-m").join("vmhost.bin").exists());
 }
+
+fn signal(cl: &Cluster, id: u64, sig: &str) {
+    let pid = cl
+        .pid(id)
+        .unwrap_or_else(|| panic!("node {id} is not running"));
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// The old owner is frozen (SIGSTOP: a stuck host that oversleeps its lease, so it cannot
+/// fence itself), the VM fails over with a new fencing token, then the old owner thaws
+/// with its VM still running: its next disk write is refused at the fence record, its
+/// copy is stopped once it sees the new owner, and the new owner's guest keeps verifying
+/// its disk (a write slipping through would break the guest's read-back check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_old_owner_is_fenced_at_the_disk_when_it_thaws() {
+    let _serial = cluster_tests::serial().await;
+    let (cl, csv) = disk_cluster(3).await;
+    let leader = must(&cl, cl.status(1).await).leader_id;
+    let victim = [1, 2, 3].into_iter().find(|n| *n != leader).unwrap_or(2);
+    let watcher = [1, 2, 3].into_iter().find(|n| *n != victim).unwrap_or(1);
+    create_disk(&cl, watcher, "vol/vms/z.img").await;
+    let mut s = disk_spec("vm-z", &["vol/vms/z.img"]);
+    s.preferred_owners = vec![victim];
+    vms(&cl, watcher)
+        .await
+        .create_vm(pb::CreateVmRequest {
+            spec: Some(s),
+            start: true,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    let before = wait_vm(&cl, watcher, "vm-z", "running", |v| v.runtime == "running").await;
+    assert_eq!(before.owner_id, victim);
+    wait_hb(&cl, watcher, "vm-z", |h| {
+        h.disk == "ok" && disk_passes(h) >= 1
+    })
+    .await;
+    let old = lock_of(&cl, watcher, "vol/vms/z.img")
+        .await
+        .map_or(0, |l| l.token);
+
+    signal(&cl, victim, "STOP");
+    let after = wait_vm(&cl, watcher, "vm-z", "restart elsewhere", |v| {
+        v.owner_id != victim && v.runtime == "running"
+    })
+    .await;
+    let (_, hb) = wait_hb(&cl, watcher, "vm-z", |h| {
+        h.disk == "ok" && disk_passes(h) >= 1
+    })
+    .await;
+    let new = lock_of(&cl, watcher, "vol/vms/z.img")
+        .await
+        .unwrap_or_else(|| panic!("not locked{}", logs(&cl)));
+    assert_eq!(new.holders, vec![after.owner_id]);
+    assert!(new.token > old);
+
+    signal(&cl, victim, "CONT");
+    // The thawed VM's next write meets the newer fence record.
+    let log = must(&cl, cl.spec(victim)).log_path.clone();
+    let start = Instant::now();
+    let refused = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_else(|_| cl.log_tail(victim, 400));
+        if text.contains("disk fenced: stale writer refused") {
+            break true;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        refused,
+        "the thawed old owner's write was not refused at the fence{}",
+        logs(&cl)
+    );
+    // The new owner's guest goes on verifying its disk; the fence record keeps the new
+    // epoch (the old owner never rolls it back); the lock stays with the new owner.
+    let (node, later) = wait_hb(&cl, watcher, "vm-z", |h| {
+        h.disk == "ok" && disk_passes(h) >= disk_passes(&hb) + 5
+    })
+    .await;
+    assert_eq!(node, after.owner_id);
+    assert_eq!(later.disk, "ok");
+    assert_eq!(fence_token(&csv, "vol/vms/z.img"), new.token);
+    // The thawed node's replica catches up to the same lock.
+    wait_lock(
+        &cl,
+        victim,
+        "vol/vms/z.img",
+        "seen by the thawed node",
+        |l| l.is_some_and(|l| l.holders == new.holders && l.token == new.token),
+    )
+    .await;
+}
