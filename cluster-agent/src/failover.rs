@@ -2,12 +2,15 @@
 //! the order and on the nodes of the scheduler's failover plan, after the down node's
 //! self-fencing grace has passed.
 //!
-//! Fencing (no shared disks are attached through the cluster yet, so no lock takeover):
-//! every agent's reconciler stops all of its VMs once it has been without a Raft leader
-//! (or, as leader, without a quorum acknowledgement) for [`SELF_FENCE_AFTER`]. The leader
-//! marks a node Down only after `down_after` of heartbeat silence and then waits
+//! Fencing: every agent's reconciler stops all of its VMs once it has been without a Raft
+//! leader (or, as leader, without a quorum acknowledgement) for [`SELF_FENCE_AFTER`]. The
+//! leader marks a node Down only after `down_after` of heartbeat silence and then waits
 //! [`FAILOVER_GRACE`] more before it commits new owners, so a partitioned owner has
-//! stopped its copy before another node starts one.
+//! stopped its copy before another node starts one. For VMs with shared-volume disks the
+//! leader first commits the takeover of their disk locks by the new owner
+//! ([`disk_takeovers`], `ForceTakeover`: new fencing tokens), then `SetVmOwner`; an old
+//! owner that overslept its lease is refused at its next disk write by the fence record
+//! the new owner writes before it starts the VM.
 //!
 //! **Architecture Invariant:** the new owner is committed through Raft (`SetVmOwner`)
 //! before any agent starts the VM; the reconciler of the new owner starts it from the

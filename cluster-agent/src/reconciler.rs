@@ -363,44 +363,6 @@ fn commit_uncertain(e: &crate::vmhost::VmHostError) -> bool {
     )
 }
 
-/// Lock callback for VMs without shared disks (all the cluster creates today): there is
-/// nothing to hand off, and any disk is refused.
-pub struct NoSharedDisks;
-
-impl crate::vmhost::DiskLocks for NoSharedDisks {
-    fn commit(
-        &self,
-        vm: &str,
-        commands: &[csv_volume::LockCommand],
-    ) -> Result<(), crate::vmhost::LockOpError> {
-        if commands.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("VM {vm}: shared-disk locks are not handled by the cluster yet").into())
-        }
-    }
-    fn acquire(
-        &self,
-        vm: &str,
-        _node: u64,
-        disks: &[crate::vmhost::DiskSpec],
-    ) -> Result<Vec<csv_volume::LockGrant>, crate::vmhost::LockOpError> {
-        if disks.is_empty() {
-            Ok(Vec::new())
-        } else {
-            Err(format!("VM {vm}: shared-disk locks are not handled by the cluster yet").into())
-        }
-    }
-    fn reclaim(
-        &self,
-        vm: &str,
-        node: u64,
-        disks: &[crate::vmhost::DiskSpec],
-    ) -> Result<Vec<csv_volume::LockGrant>, crate::vmhost::LockOpError> {
-        self.acquire(vm, node, disks)
-    }
-}
-
 /// Start `spec` here: commit the locks of its disks, start it through vmhost with the
 /// grants, release the locks again if it does not start.
 async fn start(
