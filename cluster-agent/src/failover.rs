@@ -123,8 +123,12 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// The locks failover must take over before restarting `t.vm` on `t.to`: every disk of the
-/// VM whose holders are all Down (the old owner, fenced by its lease) and not yet `t.to`.
+/// The locks failover must move before restarting `t.vm` on `t.to`: every disk of the VM
+/// whose holders are all Down (the old owner, fenced by its lease) is taken over
+/// (`ForceTakeover`, a new fencing token). An exclusive lock held by a live node that neither
+/// owns nor receives the VM — the target of an earlier takeover whose `SetVmOwner` was never
+/// committed (e.g. the leader died in between), which never opened the disk — is handed
+/// off to `t.to`.
 pub fn disk_takeovers(state: &ClusterState, t: &Takeover) -> Vec<csv_volume::LockCommand> {
     let Some(vm) = crate::vms::find(state, &t.vm) else {
         return Vec::new();
@@ -135,13 +139,24 @@ pub fn disk_takeovers(state: &ClusterState, t: &Takeover) -> Vec<csv_volume::Loc
         .iter()
         .filter_map(|d| {
             let lock = state.locks.lock(&d.name)?;
-            let all_down = lock.holders.iter().all(|h| down.contains(h));
             let mode = crate::lock_client::mode_of(d);
-            let already = lock.holders.contains(&t.to) && lock.mode == mode;
-            (all_down && !already).then(|| csv_volume::LockCommand::ForceTakeover {
+            if lock.holders.contains(&t.to) && lock.mode == mode {
+                return None;
+            }
+            if lock.holders.iter().all(|h| down.contains(h)) {
+                return Some(csv_volume::LockCommand::ForceTakeover {
+                    disk: d.name.clone(),
+                    node: t.to,
+                    mode,
+                });
+            }
+            let stray = lock
+                .exclusive_owner()
+                .filter(|h| Some(*h) != vm.owner && Some(*h) != vm.migrating_to);
+            stray.map(|from| csv_volume::LockCommand::Handoff {
                 disk: d.name.clone(),
-                node: t.to,
-                mode,
+                from,
+                to: t.to,
             })
         })
         .collect()
@@ -304,5 +319,20 @@ mod tests {
         assert!(disk_takeovers(&s, &t).is_empty());
         let l = s.locks.lock(&disk).cloned();
         assert_eq!(l.map(|l| (l.holders, l.token.0)), Some(([3].into(), 20)));
+        // The owner change was lost (leader died); the next plan picks node 1: the lock
+        // goes from node 3 (alive, not the owner, never opened it) to node 1.
+        let t1 = Takeover {
+            vm: "f".into(),
+            from: 2,
+            to: 1,
+        };
+        assert_eq!(
+            disk_takeovers(&s, &t1),
+            vec![LockCommand::Handoff {
+                disk: disk.clone(),
+                from: 3,
+                to: 1
+            }]
+        );
     }
 }

@@ -233,6 +233,24 @@ pub async fn reconcile(
             }
         }
         for disk in attach {
+            // Held by another node (not one to take over from): wait, without writing a
+            // refused command to the log every tick.
+            let blocked = agent.read_sm(|d| {
+                d.state.locks.lock(&disk.name).is_some_and(|l| {
+                    !l.holders.contains(&me)
+                        && !(disk.read_only && l.mode == csv_volume::LockMode::Shared)
+                        && !crate::lock_client::held_only_by_fenced_nodes(
+                            &d.state,
+                            &disk.name,
+                            me,
+                            crate::agent::now_unix_ms(),
+                        )
+                })
+            });
+            if blocked {
+                tracing::debug!(vm = %info.name, disk = %disk.name, "disk to hot-add is locked by another node");
+                continue;
+            }
             let grants = match crate::lock_client::acquire_all(
                 agent,
                 &info.name,
