@@ -85,6 +85,9 @@ pub struct CreateArgs {
     /// Disk on a shared volume (volume/dir/disk.img); repeatable.
     #[arg(long = "disk")]
     pub disks: Vec<String>,
+    /// Read-only disk on a shared volume (shared lock; other VMs may read it too); repeatable.
+    #[arg(long = "disk-ro")]
+    pub disks_ro: Vec<String>,
     /// high, medium, low or none.
     #[arg(long, default_value = "medium")]
     pub restart_priority: String,
@@ -145,6 +148,10 @@ fn spec_of(a: &CreateArgs) -> pb::VmSpec {
                 name: d.clone(),
                 read_only: false,
             })
+            .chain(a.disks_ro.iter().map(|d| pb::DiskSpec {
+                name: d.clone(),
+                read_only: true,
+            }))
             .collect(),
         restart_priority: a.restart_priority.clone(),
         anti_affinity: a.anti_affinity.clone(),

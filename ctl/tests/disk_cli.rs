@@ -194,4 +194,57 @@ async fn disk_commands_against_real_agents() {
     wait(&c, "d1 released", || {
         holders(&ep, "vol/vms/d1.img").is_empty()
     });
+
+    // Read-only disks: two VMs share one (shared lock); a writer is refused.
+    let o = ctl(
+        &ep,
+        &["disk", "create", "vol/vms/ro.img", "--size-mib", "4"],
+    );
+    assert!(o.status.success(), "{}", text(&o).1);
+    for (vm, node) in [("r1", "1"), ("r2", "2")] {
+        let o = ctl(
+            &ep,
+            &[
+                "vm",
+                "create",
+                vm,
+                "--workload",
+                "idle",
+                "--disk-ro",
+                "vol/vms/ro.img",
+                "--preferred-owner",
+                node,
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o).1);
+    }
+    wait(&c, "r1 and r2 running", || {
+        ["r1", "r2"]
+            .iter()
+            .all(|v| json(&ep, &["vm", "show", v])["runtime"] == "running")
+    });
+    wait(&c, "both readers hold the shared lock", || {
+        let mut h = holders(&ep, "vol/vms/ro.img");
+        h.sort_unstable();
+        h == vec![1, 2]
+    });
+    let locks = json(&ep, &["disk", "locks"]);
+    let ro = locks
+        .as_array()
+        .and_then(|a| a.iter().find(|l| l["disk"] == "vol/vms/ro.img").cloned())
+        .unwrap_or_default();
+    assert_eq!(ro["mode"], "shared");
+    refused(
+        &ep,
+        &[
+            "vm",
+            "create",
+            "w1",
+            "--workload",
+            "disk",
+            "--disk",
+            "vol/vms/ro.img",
+        ],
+        "used by VM(s)",
+    );
 }
