@@ -13,10 +13,13 @@ use cluster_proto::volumes::volume_service_server::VolumeService;
 use csv_volume::{DiskLock, DiskName, LockMode, VolumeError, VolumeRegistry};
 use tonic::{Request, Response, Status};
 
-use crate::agent::{now_unix_ms, Agent, ForwardRequest, WriteError};
+use crate::agent::{now_unix_ms, Agent, ForwardReply, ForwardRequest, WriteError};
 use crate::hotplug::{self, VmDiskCommand};
 use crate::state::{ClusterState, Command};
 use crate::vmhost::{DiskSpec, VmHost};
+
+/// How long a hot-plug reply waits for this replica to apply the committed change.
+pub const APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Largest disk `CreateDisk` accepts, in MiB (csv-volume's own limit is 64 TiB).
 pub const DISK_SIZE_MAX_MIB: u64 = 64 * 1024 * 1024;
@@ -124,10 +127,24 @@ impl VolumeApi {
             VmDiskCommand::Attach { vm, .. } | VmDiskCommand::Detach { vm, .. } => vm.clone(),
         };
         tracing::info!(command = %cmd, "vm disk change");
-        self.agent
+        let reply = self
+            .agent
             .write(ForwardRequest::Command(Command::VmDisk(cmd)))
             .await
             .map_err(write_status)?;
+        // Answer from this replica once it has applied the change (the leader may be
+        // another agent).
+        if let ForwardReply::Command { log_index, .. } = reply {
+            let start = std::time::Instant::now();
+            while self
+                .agent
+                .read_sm(|d| d.last_applied.map_or(0, |l| l.index))
+                < log_index
+                && start.elapsed() < APPLY_WAIT
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
         let disks = self.agent.read_sm(|d| {
             crate::vms::find(&d.state, &vm)
                 .map(|r| r.spec.disks.iter().map(|d| d.name.to_string()).collect())

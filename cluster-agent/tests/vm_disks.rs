@@ -287,9 +287,11 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
     .unwrap_or_else(|e| panic!("create vm-d: {e}{}", logs(&cl)));
     let running = wait_vm(&cl, 3, "vm-d", "running", |v| v.runtime == "running").await;
     let owner = running.owner_id;
-    let lock = lock_of(&cl, 1, "vol/vms/a.img")
-        .await
-        .unwrap_or_else(|| panic!("vol/vms/a.img is not locked{}", logs(&cl)));
+    let lock = wait_lock(&cl, 1, "vol/vms/a.img", "locked by the owner", |l| {
+        l.is_some_and(|l| l.holders == vec![owner])
+    })
+    .await
+    .unwrap_or_else(|| panic!("vol/vms/a.img is not locked{}", logs(&cl)));
     assert_eq!(lock.holders, vec![owner]);
     assert_eq!(lock.mode, "exclusive");
     assert!(lock.token > 0);
