@@ -237,8 +237,9 @@ pub async fn reconcile(
             // refused command to the log every tick.
             let blocked = agent.read_sm(|d| {
                 d.state.locks.lock(&disk.name).is_some_and(|l| {
-                    !l.holders.contains(&me)
-                        && !(disk.read_only && l.mode == csv_volume::LockMode::Shared)
+                    let may_join = disk.read_only && l.mode == csv_volume::LockMode::Shared;
+                    let mine = l.holders.contains(&me);
+                    !(mine || may_join)
                         && !crate::lock_client::held_only_by_fenced_nodes(
                             &d.state,
                             &disk.name,
