@@ -239,13 +239,13 @@ pub async fn reconcile(
                 d.state.locks.lock(&disk.name).is_some_and(|l| {
                     let may_join = disk.read_only && l.mode == csv_volume::LockMode::Shared;
                     let mine = l.holders.contains(&me);
-                    !(mine || may_join)
-                        && !crate::lock_client::held_only_by_fenced_nodes(
-                            &d.state,
-                            &disk.name,
-                            me,
-                            crate::agent::now_unix_ms(),
-                        )
+                    let takeover = crate::lock_client::held_only_by_fenced_nodes(
+                        &d.state,
+                        &disk.name,
+                        me,
+                        crate::agent::now_unix_ms(),
+                    );
+                    !(mine || may_join || takeover)
                 })
             });
             if blocked {
