@@ -718,3 +718,78 @@ async fn frozen_old_owner_is_fenced_at_the_disk_when_it_thaws() {
     )
     .await;
 }
+
+/// A VM that failover does not restart (restart priority none) whose owner died: the
+/// operator stops it and starts it again; the node the scheduler picks takes the disk lock
+/// over from the dead node (Down longer than the failover grace) and boots it from its disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_restarted_by_hand_after_its_owner_died_takes_the_disk_over() {
+    let _serial = cluster_tests::serial().await;
+    let (mut cl, csv) = disk_cluster(3).await;
+    create_disk(&cl, 1, "vol/vms/n.img").await;
+    let mut s = disk_spec("vm-n", &["vol/vms/n.img"]);
+    s.restart_priority = "none".into();
+    let mut c = vms(&cl, 1).await;
+    c.create_vm(pb::CreateVmRequest {
+        spec: Some(s),
+        start: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    let before = wait_vm(&cl, 1, "vm-n", "running", |v| v.runtime == "running").await;
+    let owner = before.owner_id;
+    let via = [1, 2, 3].into_iter().find(|n| *n != owner).unwrap_or(1);
+    wait_hb(&cl, via, "vm-n", |h| h.disk == "ok").await;
+    let old = lock_of(&cl, via, "vol/vms/n.img")
+        .await
+        .map_or(0, |l| l.token);
+
+    let killed = cl.kill9(owner);
+    must(&cl, killed);
+    // Down, and left alone by failover (priority none).
+    let start = Instant::now();
+    loop {
+        let nodes = must(&cl, cl.nodes(via).await);
+        if nodes
+            .iter()
+            .any(|n| n.node_id == owner && n.state == "down")
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "node {owner} never went down{}",
+            logs(&cl)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut c = vms(&cl, via).await;
+    assert_eq!(
+        get(&mut c, "vm-n").await.map(|v| v.owner_id).ok(),
+        Some(owner)
+    );
+
+    c.stop_vm(pb::VmName {
+        name: "vm-n".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("stop: {e}{}", logs(&cl)));
+    c.start_vm(pb::VmName {
+        name: "vm-n".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("start: {e}{}", logs(&cl)));
+    let after = wait_vm(&cl, via, "vm-n", "running elsewhere", |v| {
+        v.owner_id != owner && v.runtime == "running"
+    })
+    .await;
+    let (node, _) = wait_hb(&cl, via, "vm-n", |h| h.disk == "ok" && disk_passes(h) >= 1).await;
+    assert_eq!(node, after.owner_id);
+    let new = lock_of(&cl, via, "vol/vms/n.img")
+        .await
+        .unwrap_or_else(|| panic!("not locked{}", logs(&cl)));
+    assert_eq!(new.holders, vec![after.owner_id]);
+    assert!(new.token > old);
+    assert_eq!(fence_token(&csv, "vol/vms/n.img"), new.token);
+}
