@@ -152,6 +152,37 @@ pub fn apply(
     Ok(outcome)
 }
 
+/// A node left the registry: drop every disk lock it holds (`ReleaseAllOf`, applied at
+/// the `RemoveNode` entry's position). Nothing can take a removed node's lock over (only
+/// Down nodes in the registry can be), so it would otherwise block its disks forever; a
+/// removed node that still writes is refused at the disk once a new holder installs its
+/// newer fence record.
+pub fn release_removed_node(
+    state: &mut ClusterState,
+    node: u64,
+    at_unix_ms: u64,
+    at: LogPosition,
+    touched: &mut Vec<StateKey>,
+) {
+    if state.locks.locks_of(node).next().is_none() {
+        return;
+    }
+    let entry = LockEntry {
+        command: LockCommand::ReleaseAllOf { node },
+        vm: String::new(),
+        at_unix_ms,
+    };
+    let ctx = context(state, at);
+    if let Ok(LockOutcome::ReleasedAll { disks, .. }) = state.locks.apply(entry.command, &ctx) {
+        touched.push(StateKey::Locks);
+        let message = format!(
+            "node {node} removed: its lock(s) on {} disk(s) released",
+            disks.len()
+        );
+        state.record_event(at_unix_ms, EventKind::Disk, node, message, touched);
+    }
+}
+
 /// VMs (other than `except`) whose spec lists `disk`, in id order.
 pub fn disk_users<'a>(state: &'a ClusterState, disk: &DiskName, except: &str) -> Vec<&'a str> {
     state
@@ -274,6 +305,41 @@ mod tests {
             },
         );
         assert!(matches!(r, CommandResult::Rejected { .. }), "{r:?}");
+    }
+
+    #[test]
+    fn a_removed_node_loses_its_locks() {
+        let mut s = state(3);
+        lock(
+            &mut s,
+            7,
+            LockCommand::Acquire {
+                disk: disk(),
+                node: 3,
+                mode: LockMode::Exclusive,
+            },
+        );
+        let (r, touched) = s.apply_at(
+            &Command::RemoveNode {
+                node_id: 3,
+                at_unix_ms: 8,
+            },
+            LogPosition { index: 8, term: 1 },
+        );
+        assert_eq!(r, CommandResult::Ok);
+        assert!(touched.contains(&StateKey::Locks));
+        assert!(s.locks.is_empty());
+        // Another node can lock the disk now, with a newer token.
+        let r = lock(
+            &mut s,
+            9,
+            LockCommand::Acquire {
+                disk: disk(),
+                node: 1,
+                mode: LockMode::Exclusive,
+            },
+        );
+        assert_eq!(token(&r), Some(FencingToken(9)));
     }
 
     #[test]

@@ -376,6 +376,13 @@ impl ClusterState {
                     format!("node {node_id} ({}) removed", record.registration.name),
                     &mut touched,
                 );
+                crate::disk_locks::release_removed_node(
+                    self,
+                    *node_id,
+                    *at_unix_ms,
+                    at,
+                    &mut touched,
+                );
                 CommandResult::Ok
             }
             Command::SetNodeState {
