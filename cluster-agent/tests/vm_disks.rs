@@ -793,3 +793,61 @@ async fn vm_restarted_by_hand_after_its_owner_died_takes_the_disk_over() {
     assert!(new.token > old);
     assert_eq!(fence_token(&csv, "vol/vms/n.img"), new.token);
 }
+
+/// A live migration of a VM with a disk to a target that died just before (still Up in
+/// the registry) fails: the VM keeps running on the source from its disk, and its lock
+/// never moved (same holder, same token: no new epoch was started).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_migration_leaves_the_disk_with_the_source() {
+    let _serial = cluster_tests::serial().await;
+    let (mut cl, _csv) = disk_cluster(3).await;
+    create_disk(&cl, 1, "vol/vms/r.img").await;
+    let leader = must(&cl, cl.status(1).await).leader_id;
+    let mut s = disk_spec("vm-r", &["vol/vms/r.img"]);
+    s.preferred_owners = vec![leader];
+    let mut c = vms(&cl, leader).await;
+    c.create_vm(pb::CreateVmRequest {
+        spec: Some(s),
+        start: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    let before = wait_vm(&cl, leader, "vm-r", "running", |v| v.runtime == "running").await;
+    let src = before.owner_id;
+    let dst = [1, 2, 3]
+        .into_iter()
+        .find(|n| *n != src && *n != leader)
+        .unwrap_or(3);
+    wait_hb(&cl, leader, "vm-r", |h| h.disk == "ok").await;
+    let old = lock_of(&cl, leader, "vol/vms/r.img")
+        .await
+        .unwrap_or_else(|| panic!("not locked{}", logs(&cl)));
+
+    let killed = cl.kill9(dst);
+    must(&cl, killed);
+    c.migrate_vm(pb::MigrateVmRequest {
+        name: "vm-r".into(),
+        to_node_id: dst,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("migrate: {e}{}", logs(&cl)));
+    wait_vm(&cl, leader, "vm-r", "migration failure", |v| {
+        v.migrating_to == 0 && v.owner_id == src
+    })
+    .await;
+    let events = must(&cl, cl.events(leader).await);
+    assert!(
+        events.iter().any(|e| e
+            .message
+            .contains(&format!("vm-r migration to node {dst} failed"))),
+        "{events:?}"
+    );
+    let (node, _) = wait_hb(&cl, leader, "vm-r", |h| h.disk == "ok").await;
+    assert_eq!(node, src);
+    let now = lock_of(&cl, leader, "vol/vms/r.img").await;
+    assert_eq!(
+        now.map(|l| (l.holders, l.token)),
+        Some((old.holders, old.token))
+    );
+}
