@@ -196,8 +196,11 @@ impl VolumeService for VolumeApi {
             .await
             .map_err(|e| Status::internal(format!("list task failed: {e}")))?
             .map_err(volume_status)?;
+        let quick_prefix = format!("{}/", crate::vmhost::quick::QUICK_DIR);
         let disks = disks
             .into_iter()
+            // Quick-migration images in flight are files of the volume, not disks.
+            .filter(|d| !d.name.relative_path().starts_with(&quick_prefix))
             .map(|d| pb::DiskInfo {
                 name: d.name.to_string(),
                 size_bytes: d.size_bytes,
