@@ -8,12 +8,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::set_var("PROTOC", protoc);
     }
     tonic_prost_build::configure().compile_protos(
-        &["management.proto", "raft.proto", "vms.proto", "drain.proto"],
+        &[
+            "management.proto",
+            "raft.proto",
+            "vms.proto",
+            "drain.proto",
+            "volumes.proto",
+        ],
         &["."],
     )?;
     println!("cargo:rerun-if-changed=management.proto");
     println!("cargo:rerun-if-changed=raft.proto");
     println!("cargo:rerun-if-changed=vms.proto");
     println!("cargo:rerun-if-changed=drain.proto");
+    println!("cargo:rerun-if-changed=volumes.proto");
     Ok(())
 }

@@ -82,6 +82,9 @@ pub struct RawConfig {
     pub max_logs_kept_after_snapshot: Option<u64>,
     pub rpc_timeout_ms: Option<u64>,
     pub facts_override: Option<FactsOverride>,
+    /// Shared volumes (`[[volumes]] name = "vol", path = "/srv/csv/vol"`): every node
+    /// of a cluster names the same volumes, reaching the same shared storage.
+    pub volumes: Option<Vec<csv_volume::VolumeConfig>>,
 }
 
 /// An IP subnet in CIDR form.
@@ -157,6 +160,7 @@ pub struct AgentConfig {
     pub max_logs_kept_after_snapshot: u64,
     pub rpc_timeout: Duration,
     pub facts_override: FactsOverride,
+    pub volumes: Vec<csv_volume::VolumeConfig>,
 }
 
 impl RawConfig {
@@ -206,7 +210,8 @@ impl RawConfig {
             snapshot_logs_since_last,
             max_logs_kept_after_snapshot,
             rpc_timeout_ms,
-            facts_override
+            facts_override,
+            volumes
         );
         self
     }
@@ -357,6 +362,19 @@ impl RawConfig {
         if facts_override.logical_cpus == Some(0) {
             return Err(invalid("facts_override.logical_cpus", "must be at least 1"));
         }
+        let volumes = self.volumes.unwrap_or_default();
+        let mut seen = std::collections::BTreeSet::new();
+        for v in &volumes {
+            if let Err(e) = csv_volume::name::validate_volume_name(&v.name) {
+                return Err(invalid("volumes.name", format!("{:?}: {e}", v.name)));
+            }
+            if !seen.insert(v.name.clone()) {
+                return Err(invalid(
+                    "volumes.name",
+                    format!("volume {:?} is listed twice", v.name),
+                ));
+            }
+        }
         Ok(AgentConfig {
             node_id,
             name,
@@ -375,6 +393,7 @@ impl RawConfig {
             max_logs_kept_after_snapshot,
             rpc_timeout: Duration::from_millis(rpc_timeout_ms),
             facts_override,
+            volumes,
         })
     }
 }
@@ -470,6 +489,29 @@ cpu_vendor = "GenuineIntel"
                 Err(e) => e.to_string(),
             },
         }
+    }
+
+    #[test]
+    fn volumes_are_read_and_bad_ones_name_the_key() {
+        let with = |v: &str| format!("{GOOD}{v}");
+        let c = RawConfig::from_toml(&with("[[volumes]]\nname = \"vol\"\npath = \"/srv/csv\"\n"))
+            .map(|r| r.validate());
+        let vols = match c {
+            Ok(Ok(c)) => c.volumes,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(vols.len(), 1);
+        assert_eq!(vols[0].name, "vol");
+        let e = err(&with("[[volumes]]\nname = \"a/b\"\npath = \"/x\"\n"));
+        assert!(e.contains("volumes.name"), "{e}");
+        let e = err(&with(
+            "[[volumes]]\nname = \"v\"\npath = \"/x\"\n[[volumes]]\nname = \"v\"\npath = \"/y\"\n",
+        ));
+        assert!(e.contains("listed twice"), "{e}");
+        let e = err(&with(
+            "[[volumes]]\nname = \"v\"\npath = \"/x\"\nsize = 1\n",
+        ));
+        assert!(e.contains("unknown field"), "{e}");
     }
 
     #[test]

@@ -300,20 +300,6 @@ pub fn step(state: &ClusterState, now: u64) -> Vec<JobCommand> {
             if busy.contains(&m.from) || busy.contains(&m.to) {
                 continue;
             }
-            if m.quick && !jobs::QUICK_MIGRATION_AVAILABLE {
-                out.push(end(
-                    j.id,
-                    &m.vm,
-                    MoveOutcome::Failed,
-                    format!(
-                        "needs a quick migration ({}), which this build cannot run through the cluster yet",
-                        m.why_not_live.join("; ")
-                    ),
-                    now,
-                ));
-                changed = true;
-                continue;
-            }
             let reasons = if m.quick {
                 Vec::new()
             } else {

@@ -2,12 +2,15 @@
 //! the order and on the nodes of the scheduler's failover plan, after the down node's
 //! self-fencing grace has passed.
 //!
-//! Fencing (no shared disks are attached through the cluster yet, so no lock takeover):
-//! every agent's reconciler stops all of its VMs once it has been without a Raft leader
-//! (or, as leader, without a quorum acknowledgement) for [`SELF_FENCE_AFTER`]. The leader
-//! marks a node Down only after `down_after` of heartbeat silence and then waits
+//! Fencing: every agent's reconciler stops all of its VMs once it has been without a Raft
+//! leader (or, as leader, without a quorum acknowledgement) for [`SELF_FENCE_AFTER`]. The
+//! leader marks a node Down only after `down_after` of heartbeat silence and then waits
 //! [`FAILOVER_GRACE`] more before it commits new owners, so a partitioned owner has
-//! stopped its copy before another node starts one.
+//! stopped its copy before another node starts one. For VMs with shared-volume disks the
+//! leader first commits the takeover of their disk locks by the new owner
+//! ([`disk_takeovers`], `ForceTakeover`: new fencing tokens), then `SetVmOwner`; an old
+//! owner that overslept its lease is refused at its next disk write by the fence record
+//! the new owner writes before it starts the VM.
 //!
 //! **Architecture Invariant:** the new owner is committed through Raft (`SetVmOwner`)
 //! before any agent starts the VM; the reconciler of the new owner starts it from the
@@ -103,6 +106,10 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             }
         };
         for t in takeovers {
+            if let Err(e) = take_over_disks(&agent, &state, &t).await {
+                tracing::warn!(vm = %t.vm, to = t.to, error = %e, "disk takeover refused; vm not failed over yet");
+                continue;
+            }
             let cmd = Command::Vm(VmCommand::SetVmOwner {
                 name: t.vm.clone(),
                 owner: t.to,
@@ -114,6 +121,58 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             }
         }
     }
+}
+
+/// The locks failover must move before restarting `t.vm` on `t.to`: every disk of the VM
+/// whose holders are all Down (the old owner, fenced by its lease) is taken over
+/// (`ForceTakeover`, a new fencing token). An exclusive lock held by a live node that neither
+/// owns nor receives the VM — the target of an earlier takeover whose `SetVmOwner` was never
+/// committed (e.g. the leader died in between), which never opened the disk — is handed
+/// off to `t.to`.
+pub fn disk_takeovers(state: &ClusterState, t: &Takeover) -> Vec<csv_volume::LockCommand> {
+    let Some(vm) = crate::vms::find(state, &t.vm) else {
+        return Vec::new();
+    };
+    let down = crate::disk_locks::down_nodes(state);
+    vm.spec
+        .disks
+        .iter()
+        .filter_map(|d| {
+            let lock = state.locks.lock(&d.name)?;
+            let mode = crate::lock_client::mode_of(d);
+            if lock.holders.contains(&t.to) && lock.mode == mode {
+                return None;
+            }
+            if lock.holders.iter().all(|h| down.contains(h)) {
+                return Some(csv_volume::LockCommand::ForceTakeover {
+                    disk: d.name.clone(),
+                    node: t.to,
+                    mode,
+                });
+            }
+            let stray = lock
+                .exclusive_owner()
+                .filter(|h| Some(*h) != vm.owner && Some(*h) != vm.migrating_to);
+            stray.map(|from| csv_volume::LockCommand::Handoff {
+                disk: d.name.clone(),
+                from,
+                to: t.to,
+            })
+        })
+        .collect()
+}
+
+/// Failover step 1 (before `SetVmOwner`): commit the takeover of the VM's disk locks by
+/// the new owner. New fencing tokens, so a late write of the old owner is refused at the
+/// disk. The leader has already waited out the old owner's lease (`FAILOVER_GRACE`).
+async fn take_over_disks(agent: &Agent, state: &ClusterState, t: &Takeover) -> Result<(), String> {
+    for cmd in disk_takeovers(state, t) {
+        let g = crate::lock_client::grant(agent, &t.vm, cmd)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        tracing::info!(vm = %t.vm, disk = %g.disk, to = t.to, token = %g.token, "disk lock taken over");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -186,5 +245,94 @@ mod tests {
             }));
         }
         assert_eq!(plan(&s, 12_000, 1_500).ok(), Some(vec![]));
+    }
+
+    #[test]
+    fn disk_takeover_only_from_down_holders_and_only_once() {
+        use crate::state::LogPosition;
+        use csv_volume::{DiskName, LockCommand, LockMode};
+        let mut s = cluster();
+        let disk = DiskName::parse("vol/f.img").unwrap_or_else(|e| panic!("{e}"));
+        let mut spec = VmSpec::test_guest("f", 1, 64, TestWorkload::new(WorkloadName::Disk));
+        spec.disks.push(crate::vmhost::DiskSpec {
+            name: disk.clone(),
+            read_only: false,
+        });
+        s.apply(&Command::Vm(VmCommand::CreateVm {
+            spec,
+            owner: Some(2),
+            at_unix_ms: 2,
+        }));
+        let lock = |s: &mut ClusterState, index, command| {
+            s.apply_at(
+                &Command::Lock(crate::disk_locks::LockEntry {
+                    command,
+                    vm: "f".into(),
+                    at_unix_ms: 3,
+                }),
+                LogPosition { index, term: 1 },
+            )
+        };
+        lock(
+            &mut s,
+            5,
+            LockCommand::Acquire {
+                disk: disk.clone(),
+                node: 2,
+                mode: LockMode::Exclusive,
+            },
+        );
+        let t = Takeover {
+            vm: "f".into(),
+            from: 2,
+            to: 3,
+        };
+        // The holder is alive: nothing to take over.
+        assert!(disk_takeovers(&s, &t).is_empty());
+        assert!(!crate::lock_client::held_only_by_fenced_nodes(
+            &s, &disk, 3, 10_000
+        ));
+        s.apply(&Command::SetNodeState {
+            node_id: 2,
+            state: NodeState::Down,
+            at_unix_ms: 10_000,
+            reason: "silent".into(),
+        });
+        let cmds = disk_takeovers(&s, &t);
+        assert_eq!(
+            cmds,
+            vec![LockCommand::ForceTakeover {
+                disk: disk.clone(),
+                node: 3,
+                mode: LockMode::Exclusive
+            }]
+        );
+        // A restart elsewhere takes the lock only once the grace has passed.
+        assert!(!crate::lock_client::held_only_by_fenced_nodes(
+            &s, &disk, 3, 10_100
+        ));
+        assert!(crate::lock_client::held_only_by_fenced_nodes(
+            &s, &disk, 3, 11_500
+        ));
+        lock(&mut s, 20, cmds[0].clone());
+        // Committed: the new owner holds it, with the entry's index as the token.
+        assert!(disk_takeovers(&s, &t).is_empty());
+        let l = s.locks.lock(&disk).cloned();
+        assert_eq!(l.map(|l| (l.holders, l.token.0)), Some(([3].into(), 20)));
+        // The owner change was lost (leader died); the next plan picks node 1: the lock
+        // goes from node 3 (alive, not the owner, never opened it) to node 1.
+        let t1 = Takeover {
+            vm: "f".into(),
+            from: 2,
+            to: 1,
+        };
+        assert_eq!(
+            disk_takeovers(&s, &t1),
+            vec![LockCommand::Handoff {
+                disk: disk.clone(),
+                from: 3,
+                to: 1
+            }]
+        );
     }
 }

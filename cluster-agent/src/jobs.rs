@@ -31,21 +31,16 @@ pub const DEFAULT_BALANCE_INTERVAL_MS: u64 = 30_000;
 /// Shortest balancer period a policy may set.
 pub const BALANCE_INTERVAL_MS_MIN: u64 = 1_000;
 
-/// Whether this build can run quick migrations through the cluster. Quick moves are
-/// planned and shown either way; while this is false the executor fails them with a
-/// clear reason instead of starting a live migration that cannot work.
-pub const QUICK_MIGRATION_AVAILABLE: bool = false;
-
 /// **The single place where a planned move becomes a VM migration command.** `quick`
 /// says the scheduler found that the move cannot be live (other migration subnet, not
-/// live-migratable, non-convergent); when `VmCommand::StartMigration` gains its
-/// `quick: bool` field, pass it here and set [`QUICK_MIGRATION_AVAILABLE`].
+/// live-migratable, non-convergent): the VM is then saved to the shared volume and
+/// restored on the target.
 pub fn start_migration_command(vm: &str, to: u64, quick: bool, at_unix_ms: u64) -> VmCommand {
-    let _ = quick;
     VmCommand::StartMigration {
         name: vm.to_owned(),
         to,
         at_unix_ms,
+        quick,
     }
 }
 

@@ -12,15 +12,19 @@ pub mod agent;
 pub mod config;
 pub mod convert;
 pub mod datadir;
+pub mod disk_locks;
 pub mod drain;
 pub mod drain_service;
 pub mod facts;
 pub mod failover;
+pub mod hotplug;
 pub mod jobs;
+pub mod lock_client;
 pub mod mgmt_service;
 pub mod network;
 pub mod peer_service;
 pub mod placement;
+pub mod quick_migration;
 pub mod raft_types;
 pub mod reconciler;
 pub mod server;
@@ -30,6 +34,7 @@ pub mod vm_convert;
 pub mod vm_service;
 pub mod vmhost;
 pub mod vms;
+pub mod volume_service;
 
 /// Render an error and its `source()` chain as one line: "a: b: c".
 pub fn error_chain(e: &dyn std::error::Error) -> String {

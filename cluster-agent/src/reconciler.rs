@@ -203,6 +203,7 @@ pub async fn run(agent: Arc<Agent>, host: Arc<VmHost>, mut shutdown: watch::Rece
             }
             execute(&agent, &host, action).await;
         }
+        crate::hotplug::reconcile(&agent, &host, &records, &busy).await;
         tokio::select! {
             _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
             _ = shutdown.changed() => break,
@@ -269,18 +270,35 @@ async fn migrate_out(agent: &Arc<Agent>, host: &Arc<VmHost>, name: &str, to: u64
             .get(&to)
             .map(|n| n.registration.migration_addr.clone())
     });
-    let result: Result<String, String> =
+    let quick =
+        agent.read_sm(|d| crate::vms::find(&d.state, name).is_some_and(|r| r.migration_quick));
+    let result: Result<String, String> = if quick {
+        crate::quick_migration::save_and_hand_off(agent, host, name, to).await
+    } else {
         match addr.as_deref().map(str::parse::<std::net::SocketAddr>) {
             None => Err(format!("node {to} is not registered")),
             Some(Err(e)) => Err(format!("node {to} has an invalid migration address: {e}")),
             Some(Ok(addr)) => {
                 let (h, n) = (host.clone(), name.to_owned());
-                let locks: Arc<dyn crate::vmhost::DiskLocks> = Arc::new(NoSharedDisks);
+                let locks: Arc<dyn crate::vmhost::DiskLocks> =
+                    crate::lock_client::ClusterLocks::for_migration_source(agent.clone());
                 tokio::task::spawn_blocking(move || {
                     let handle = h
                         .migrate_out(&n, to, addr, crate::vmhost::LiveOptions::default(), locks)
                         .map_err(|e| crate::error_chain(&e))?;
-                    let report = handle.wait().map_err(|e| crate::error_chain(&e))?;
+                    let report = match handle.wait() {
+                        Ok(r) => r,
+                        // Commit sent, no answer: the disks are the target's (handed off),
+                        // the source copy stays paused and is stopped once the target owns
+                        // the VM; the target runs it, or boots it from its disks.
+                        Err(e) if commit_uncertain(&e) => {
+                            return Ok(format!(
+                                "switchover unconfirmed, node {to} owns the VM now: {}",
+                                crate::error_chain(&e)
+                            ))
+                        }
+                        Err(e) => return Err(crate::error_chain(&e)),
+                    };
                     Ok(format!(
                         "blackout {} us, receipt {}",
                         report.stats.blackout.total_us,
@@ -294,7 +312,8 @@ async fn migrate_out(agent: &Arc<Agent>, host: &Arc<VmHost>, name: &str, to: u64
                 .await
                 .unwrap_or_else(|e| Err(format!("migration task failed: {e}")))
             }
-        };
+        }
+    };
     let (ok, reason) = match result {
         Ok(summary) => {
             tracing::info!(vm = name, to, %summary, "vm migrated");
@@ -332,42 +351,71 @@ async fn migrate_out(agent: &Arc<Agent>, host: &Arc<VmHost>, name: &str, to: u64
     }
 }
 
-/// Lock callback for VMs without shared disks (all the cluster creates today): there is
-/// nothing to hand off, and any disk is refused.
-pub struct NoSharedDisks;
+/// Whether a live migration failed after the point of no return (Commit sent, the
+/// target's answer lost).
+fn commit_uncertain(e: &crate::vmhost::VmHostError) -> bool {
+    matches!(
+        e,
+        crate::vmhost::VmHostError::Migration {
+            source: vmm_node::migration::MigrationError::CommitUncertain(_),
+            ..
+        }
+    )
+}
 
-impl crate::vmhost::DiskLocks for NoSharedDisks {
-    fn commit(
-        &self,
-        vm: &str,
-        commands: &[csv_volume::LockCommand],
-    ) -> Result<(), crate::vmhost::LockOpError> {
-        if commands.is_empty() {
-            Ok(())
+/// Start `spec` here: commit the locks of its disks, start it through vmhost with the
+/// grants, release the locks again if it does not start.
+async fn start(
+    agent: &Arc<Agent>,
+    host: &Arc<VmHost>,
+    spec: VmSpec,
+    generation: u64,
+) -> (RuntimeState, String) {
+    let name = spec.name.clone();
+    // Arrived by quick migration: restore the saved image instead of booting.
+    let restore = agent
+        .read_sm(|d| crate::vms::find(&d.state, &name).and_then(|r| r.quick_restore_generation))
+        == Some(generation);
+    let grants =
+        match crate::lock_client::acquire_all(agent, &name, agent.node_id(), &spec.disks).await {
+            Ok(g) => g,
+            Err(e) => {
+                let reason = format!("cannot lock its disks: {}", crate::error_chain(&e));
+                tracing::warn!(vm = %name, error = %reason, "vm not started");
+                return (RuntimeState::Failed, reason);
+            }
+        };
+    let h = host.clone();
+    let g = grants.clone();
+    let started = tokio::task::spawn_blocking(move || {
+        if restore {
+            crate::quick_migration::restore(&h, spec, &g)
         } else {
-            Err(format!("VM {vm}: shared-disk locks are not handled by the cluster yet").into())
+            h.start(spec, &g).map_err(|e| crate::error_chain(&e))
         }
-    }
-    fn acquire(
-        &self,
-        vm: &str,
-        _node: u64,
-        disks: &[crate::vmhost::DiskSpec],
-    ) -> Result<Vec<csv_volume::LockGrant>, crate::vmhost::LockOpError> {
-        if disks.is_empty() {
-            Ok(Vec::new())
-        } else {
-            Err(format!("VM {vm}: shared-disk locks are not handled by the cluster yet").into())
+    })
+    .await;
+    let failed = |reason: String| {
+        let release = grants
+            .iter()
+            .map(|g| csv_volume::LockCommand::Release {
+                disk: g.disk.clone(),
+                node: g.node,
+            })
+            .collect::<Vec<_>>();
+        (reason, release)
+    };
+    let (reason, release) = match started {
+        Ok(Ok(_)) => {
+            tracing::info!(vm = %name, disks = grants.len(), "vm started by reconciler");
+            return (RuntimeState::Running, String::new());
         }
-    }
-    fn reclaim(
-        &self,
-        vm: &str,
-        node: u64,
-        disks: &[crate::vmhost::DiskSpec],
-    ) -> Result<Vec<csv_volume::LockGrant>, crate::vmhost::LockOpError> {
-        self.acquire(vm, node, disks)
-    }
+        Ok(Err(e)) => failed(e),
+        Err(e) => failed(format!("start task failed: {e}")),
+    };
+    tracing::warn!(vm = %name, error = %reason, "vm failed to start");
+    crate::lock_client::release_all(agent, &name, release).await;
+    (RuntimeState::Failed, reason)
 }
 
 async fn execute(agent: &Arc<Agent>, host: &Arc<VmHost>, action: Action) {
@@ -378,20 +426,7 @@ async fn execute(agent: &Arc<Agent>, host: &Arc<VmHost>, action: Action) {
         }
         Action::Start { spec, generation } => {
             let name = spec.name.clone();
-            let h = host.clone();
-            let started = tokio::task::spawn_blocking(move || h.start(*spec, &[])).await;
-            let (runtime, reason) = match started {
-                Ok(Ok(_)) => {
-                    tracing::info!(vm = %name, generation, "vm started by reconciler");
-                    (RuntimeState::Running, String::new())
-                }
-                Ok(Err(e)) => {
-                    let reason = crate::error_chain(&e);
-                    tracing::warn!(vm = %name, error = %reason, "vm failed to start");
-                    (RuntimeState::Failed, reason)
-                }
-                Err(e) => (RuntimeState::Failed, format!("start task failed: {e}")),
-            };
+            let (runtime, reason) = start(agent, host, *spec, generation).await;
             report(agent, name, generation, runtime, reason).await;
         }
         Action::Stop { name, report: rep } => {
@@ -400,7 +435,8 @@ async fn execute(agent: &Arc<Agent>, host: &Arc<VmHost>, action: Action) {
             let stopped = tokio::task::spawn_blocking(move || h.stop(&n)).await;
             match stopped {
                 Ok(Ok(s)) => {
-                    tracing::info!(vm = %name, disk_errors = s.disk_errors.len(), "vm stopped by reconciler")
+                    tracing::info!(vm = %name, disk_errors = s.disk_errors.len(), "vm stopped by reconciler");
+                    crate::lock_client::release_all(agent, &name, s.release).await;
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(vm = %name, error = %crate::error_chain(&e), "vm stop failed")
@@ -437,6 +473,8 @@ mod tests {
             created_unix_ms: 0,
             updated_unix_ms: 0,
             migrating_to: None,
+            migration_quick: false,
+            quick_restore_generation: None,
         }
     }
 

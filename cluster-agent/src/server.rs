@@ -2,7 +2,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use cluster_proto::drain::drain_service_server::DrainServiceServer;
 use cluster_proto::management::management_server::ManagementServer;
@@ -29,6 +28,8 @@ pub enum RunError {
     },
     #[error("cannot start the agent")]
     Start(#[source] StartError),
+    #[error("cannot open the shared volumes named in the config (`volumes`)")]
+    Volumes(#[source] Box<csv_volume::VolumeError>),
     #[error("cannot listen for incoming migrations")]
     Migration(#[source] Box<crate::vmhost::VmHostError>),
     #[error("the {service} service failed")]
@@ -54,7 +55,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
 
     let hb = tokio::spawn(agent.clone().run_heartbeats(stop_rx.clone()));
     let lv = tokio::spawn(agent.clone().run_liveness(stop_rx.clone()));
-    let vm_host = crate::vmhost::VmHost::new(agent.node_id(), csv_volume::VolumeRegistry::new());
+    let volumes = csv_volume::VolumeRegistry::from_config(&agent.config.volumes)
+        .map_err(|e| RunError::Volumes(Box::new(e)))?;
+    let vm_host = crate::vmhost::VmHost::new(agent.node_id(), volumes);
     let rc = tokio::spawn(crate::reconciler::run(
         agent.clone(),
         vm_host.clone(),
@@ -63,13 +66,19 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let listener = vm_host
         .listen_migrations(
             agent.config.migration_addr,
-            Arc::new(crate::reconciler::NoSharedDisks),
+            crate::lock_client::ClusterLocks::new(agent.clone()),
             vmm_node::migration::target::ReceiveOptions::default(),
         )
         .map_err(|e| RunError::Migration(Box::new(e)))?;
     let fo = tokio::spawn(crate::failover::run(agent.clone(), stop_rx.clone()));
     let jobs = tokio::spawn(crate::drain::run(agent.clone(), stop_rx.clone()));
     let drain_svc = DrainServiceServer::new(crate::drain_service::DrainApi::new(agent.clone()));
+    let volume_svc = cluster_proto::volumes::volume_service_server::VolumeServiceServer::new(
+        crate::volume_service::VolumeApi {
+            agent: agent.clone(),
+            host: vm_host.clone(),
+        },
+    );
     let vm_svc = VmServiceServer::new(crate::vm_service::VmApi::new(agent.clone(), vm_host));
 
     let peer_svc = RaftPeerServer::new(PeerService {
@@ -91,6 +100,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         .add_service(mgmt_svc)
         .add_service(vm_svc)
         .add_service(drain_svc)
+        .add_service(volume_svc)
         .serve_with_incoming_shutdown(TcpListenerStream::new(mgmt), stopped(stop_rx.clone()));
     let peer_task = tokio::spawn(peer_server);
     let mgmt_task = tokio::spawn(mgmt_server);

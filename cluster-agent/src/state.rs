@@ -114,6 +114,8 @@ pub enum EventKind {
     Vm,
     /// Migration jobs: drain, failback, balancing (see `crate::jobs`).
     Job,
+    /// Shared-volume disk locks (acquired, released, handed off, taken over).
+    Disk,
 }
 
 impl EventKind {
@@ -126,6 +128,7 @@ impl EventKind {
             EventKind::NodeRemoved => "node_removed",
             EventKind::Vm => "vm",
             EventKind::Job => "job",
+            EventKind::Disk => "disk",
         }
     }
 }
@@ -181,6 +184,11 @@ pub enum Command {
     Vm(crate::vms::VmCommand),
     /// Drain / failback / balance jobs and the balancing policy (see `crate::jobs`).
     Job(crate::jobs::JobCommand),
+    /// Shared-volume disk lock (see `crate::disk_locks`); the Raft log index is the
+    /// fencing token, so it is applied with [`ClusterState::apply_at`].
+    Lock(crate::disk_locks::LockEntry),
+    /// Hot add / remove of a VM's disk (see `crate::hotplug`).
+    VmDisk(crate::hotplug::VmDiskCommand),
 }
 
 impl std::fmt::Display for Command {
@@ -198,6 +206,8 @@ impl std::fmt::Display for Command {
             Command::DeleteKv { key } => write!(f, "delete_kv({key})"),
             Command::Vm(c) => write!(f, "{c}"),
             Command::Job(c) => write!(f, "{c}"),
+            Command::Lock(l) => write!(f, "{l}"),
+            Command::VmDisk(c) => write!(f, "{c}"),
         }
     }
 }
@@ -216,6 +226,8 @@ pub enum CommandResult {
     NodeState { changed: bool },
     /// Refused; nothing changed.
     Rejected { reason: String },
+    /// A lock table decision (a grant, a release).
+    Lock { outcome: csv_volume::LockOutcome },
 }
 
 /// Entity touched by an apply: the storage layer persists exactly these.
@@ -231,6 +243,8 @@ pub enum StateKey {
     Job(u64),
     /// Last job id and the balancing policy.
     JobMeta,
+    /// The whole shared-volume lock table.
+    Locks,
 }
 
 /// The whole replicated state.
@@ -251,11 +265,28 @@ pub struct ClusterState {
     /// Drain / failback / balance jobs and the balancing policy (see `crate::jobs`).
     #[serde(default)]
     pub jobs: crate::jobs::JobsState,
+    /// Shared-volume disk locks (see `crate::disk_locks`).
+    #[serde(default)]
+    pub locks: csv_volume::LockTable,
+}
+
+/// Where a command sits in the Raft log: the lock table's fencing token is the index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogPosition {
+    pub index: u64,
+    pub term: u64,
 }
 
 impl ClusterState {
-    /// Apply `cmd`. Returns the result and the keys whose stored value changed.
+    /// Apply `cmd` outside a Raft log (tests, tools): lock commands are applied at
+    /// position 0 (use [`ClusterState::apply_at`] for them).
     pub fn apply(&mut self, cmd: &Command) -> (CommandResult, Vec<StateKey>) {
+        self.apply_at(cmd, LogPosition::default())
+    }
+
+    /// Apply `cmd`, committed at log position `at`. Returns the result and the keys whose
+    /// stored value changed.
+    pub fn apply_at(&mut self, cmd: &Command, at: LogPosition) -> (CommandResult, Vec<StateKey>) {
         let mut touched = Vec::new();
         let result = match cmd {
             Command::InitCluster {
@@ -358,6 +389,13 @@ impl ClusterState {
                     format!("node {node_id} ({}) removed", record.registration.name),
                     &mut touched,
                 );
+                crate::disk_locks::release_removed_node(
+                    self,
+                    *node_id,
+                    *at_unix_ms,
+                    at,
+                    &mut touched,
+                );
                 CommandResult::Ok
             }
             Command::SetNodeState {
@@ -432,6 +470,28 @@ impl ClusterState {
                 }
                 CommandResult::Ok
             }
+            Command::VmDisk(c) => {
+                if let Err(e) = crate::hotplug::apply(self, c, &mut touched) {
+                    return (
+                        CommandResult::Rejected {
+                            reason: crate::error_chain(&e),
+                        },
+                        Vec::new(),
+                    );
+                }
+                CommandResult::Ok
+            }
+            Command::Lock(entry) => match crate::disk_locks::apply(self, entry, at, &mut touched) {
+                Ok(outcome) => CommandResult::Lock { outcome },
+                Err(e) => {
+                    return (
+                        CommandResult::Rejected {
+                            reason: crate::error_chain(&e),
+                        },
+                        Vec::new(),
+                    )
+                }
+            },
         };
         (result, touched)
     }

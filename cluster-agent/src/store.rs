@@ -164,6 +164,7 @@ fn sm_key(k: &StateKey) -> Vec<u8> {
         StateKey::LastVmId => b"i".to_vec(),
         StateKey::Job(id) => [&b"j"[..], &id.to_be_bytes()].concat(),
         StateKey::JobMeta => b"jm".to_vec(),
+        StateKey::Locks => b"l".to_vec(),
     }
 }
 
@@ -222,6 +223,9 @@ fn load_sm(db: &DB, path: &str) -> Result<SmData, StoreError> {
                     serde_json::from_slice(&v).map_err(dec_err)?;
                 d.state.jobs.last_job_id = last;
                 d.state.jobs.policy = policy;
+            }
+            Some(b'l') if k.len() == 1 => {
+                d.state.locks = serde_json::from_slice(&v).map_err(dec_err)?
             }
             _ if &*k == KEY_APPLIED => {
                 d.last_applied = serde_json::from_slice(&v).map_err(dec_err)?
@@ -435,6 +439,7 @@ fn put_entity(
         StateKey::LastVmId => Some(to_json(&s.last_vm_id)?),
         StateKey::Job(id) => s.jobs.jobs.get(id).map(to_json).transpose()?,
         StateKey::JobMeta => Some(to_json(&(s.jobs.last_job_id, &s.jobs.policy))?),
+        StateKey::Locks => Some(to_json(&s.locks)?),
     };
     match value {
         Some(v) => batch.put_cf(h, key, v),
@@ -533,7 +538,11 @@ impl RaftStateMachine<TypeConfig> for SmStore {
             match e.payload {
                 EntryPayload::Blank => results.push(CommandResult::Ok),
                 EntryPayload::Normal(cmd) => {
-                    let (r, t) = next.state.apply(&cmd);
+                    let at = crate::state::LogPosition {
+                        index: e.log_id.index,
+                        term: e.log_id.leader_id.term,
+                    };
+                    let (r, t) = next.state.apply_at(&cmd, at);
                     touched.extend(t);
                     results.push(r);
                 }
@@ -618,6 +627,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         keys.push(StateKey::LastVmId);
         keys.extend(s.jobs.jobs.keys().map(|id| StateKey::Job(*id)));
         keys.push(StateKey::JobMeta);
+        keys.push(StateKey::Locks);
         for k in &keys {
             put_entity(&mut batch, h, s, k)?;
         }

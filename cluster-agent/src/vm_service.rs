@@ -157,14 +157,10 @@ impl VmService for VmApi {
         }
         let req = request.into_inner();
         let spec = vm_convert::spec_from_pb(req.spec).map_err(convert_status)?;
-        if !spec.disks.is_empty() {
-            return Err(Status::invalid_argument(
-                "spec.disks: disks on shared volumes are not wired through the cluster's lock table yet; create the VM without disks",
-            ));
-        }
         let name = spec.name.clone();
         let _placing = self.place_lock.lock().await;
         let state = self.state();
+        crate::volume_service::check_vm_disks(&state, self.host.registry(), &name, &spec.disks)?;
         let unplaced = VmCommand::CreateVm {
             spec: spec.clone(),
             owner: None,
@@ -349,6 +345,7 @@ impl VmService for VmApi {
             name: req.name.clone(),
             to: 0,
             at_unix_ms: now_unix_ms(),
+            quick: req.quick,
         };
         // Same checks as the commit, except the target (chosen next).
         match vms::check(&state, &probe) {
@@ -359,10 +356,14 @@ impl VmService for VmApi {
         let target =
             placement::migration_target(&state, &req.name, to).map_err(placement_status)?;
         tracing::info!(vm = %req.name, to = target, "starting migration");
+        if req.quick {
+            crate::quick_migration::check_volume(&state, &self.host, &req.name)?;
+        }
         self.commit(VmCommand::StartMigration {
             name: req.name.clone(),
             to: target,
             at_unix_ms: now_unix_ms(),
+            quick: req.quick,
         })
         .await?;
         self.reply(&req.name)

@@ -95,6 +95,13 @@ pub struct VmRecord {
     /// Target node of a live migration in progress (the owner runs the source side).
     #[serde(default)]
     pub migrating_to: Option<u64>,
+    /// The migration in progress is a quick one (save to the shared volume, restore).
+    #[serde(default)]
+    pub migration_quick: bool,
+    /// Set at a quick migration's switchover: the new owner restores the saved image
+    /// (instead of booting) while the record is at this generation.
+    #[serde(default)]
+    pub quick_restore_generation: Option<u64>,
 }
 
 /// VM commands carried by the Raft log inside `Command::Vm`.
@@ -128,6 +135,9 @@ pub enum VmCommand {
         name: String,
         to: u64,
         at_unix_ms: u64,
+        /// Quick migration (save to the shared volume, restore on `to`) instead of live.
+        #[serde(default)]
+        quick: bool,
     },
     /// The migration to `to` ended: on success `to` becomes the owner (switchover).
     FinishMigration {
@@ -445,6 +455,8 @@ pub fn apply(
                     created_unix_ms: *at_unix_ms,
                     updated_unix_ms: *at_unix_ms,
                     migrating_to: None,
+                    migration_quick: false,
+                    quick_restore_generation: None,
                 },
             );
             touched.push(StateKey::Vm(id));
@@ -512,13 +524,20 @@ pub fn apply(
             name,
             to,
             at_unix_ms,
+            quick,
         } => {
             let vm = record_mut(state, name, touched)?;
             vm.migrating_to = Some(*to);
+            vm.migration_quick = *quick;
             vm.updated_unix_ms = *at_unix_ms;
+            let kind = if *quick {
+                "quick migration"
+            } else {
+                "migration"
+            };
             (
                 *at_unix_ms,
-                format!("VM {name} migration to node {to} started"),
+                format!("VM {name} {kind} to node {to} started"),
             )
         }
         VmCommand::FinishMigration {
@@ -530,11 +549,15 @@ pub fn apply(
         } => {
             let vm = record_mut(state, name, touched)?;
             vm.migrating_to = None;
+            let quick = std::mem::take(&mut vm.migration_quick);
             vm.updated_unix_ms = *at_unix_ms;
             if *ok {
                 vm.owner = Some(*to);
                 vm.runtime = RuntimeState::Starting;
                 vm.generation += 1;
+                if quick {
+                    vm.quick_restore_generation = Some(vm.generation);
+                }
                 (
                     *at_unix_ms,
                     format!("VM {name} migrated to node {to} ({reason})"),
@@ -873,6 +896,7 @@ mod tests {
             name: "m".into(),
             to,
             at_unix_ms: 2,
+            quick: false,
         };
         // Not running yet (Starting): refused.
         assert!(rejected(vm(&mut s, start(2))).contains("only a running VM"));

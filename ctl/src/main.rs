@@ -4,6 +4,7 @@
 
 mod client;
 mod commands;
+mod disk;
 mod drain;
 mod output;
 mod vm;
@@ -66,6 +67,9 @@ pub enum Cmd {
     /// Load-balancing policy: set, show, dry-run.
     #[command(subcommand)]
     Policy(drain::PolicyCmd),
+    /// Shared-volume disks and their cluster locks: create, list, locks.
+    #[command(subcommand)]
+    Disk(disk::DiskCmd),
 }
 
 #[derive(Debug, Subcommand)]

@@ -40,6 +40,9 @@ pub enum VmCmd {
         /// Print the target, the go/no-go and the prediction; move nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Quick migration: save to the shared volume, restore on the target.
+        #[arg(long)]
+        quick: bool,
     },
     /// The VM's serial console, from whichever node runs it.
     Console {
@@ -51,6 +54,9 @@ pub enum VmCmd {
         #[arg(long, default_value_t = 0)]
         max_lines: u64,
     },
+    /// Hot add / remove of shared-volume disks.
+    #[command(subcommand)]
+    Disk(crate::disk::VmDiskCmd),
 }
 
 #[derive(Debug, Args)]
@@ -79,6 +85,9 @@ pub struct CreateArgs {
     /// Disk on a shared volume (volume/dir/disk.img); repeatable.
     #[arg(long = "disk")]
     pub disks: Vec<String>,
+    /// Read-only disk on a shared volume (shared lock; other VMs may read it too); repeatable.
+    #[arg(long = "disk-ro")]
+    pub disks_ro: Vec<String>,
     /// high, medium, low or none.
     #[arg(long, default_value = "medium")]
     pub restart_priority: String,
@@ -139,6 +148,10 @@ fn spec_of(a: &CreateArgs) -> pb::VmSpec {
                 name: d.clone(),
                 read_only: false,
             })
+            .chain(a.disks_ro.iter().map(|d| pb::DiskSpec {
+                name: d.clone(),
+                read_only: true,
+            }))
             .collect(),
         restart_priority: a.restart_priority.clone(),
         anti_affinity: a.anti_affinity.clone(),
@@ -418,6 +431,7 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
     let name = |n: &str| pb::VmName { name: n.to_owned() };
     let fmt = cli.output;
     match cmd {
+        VmCmd::Disk(d) => crate::disk::run_vm_disk(cli, d).await,
         VmCmd::Create(a) => {
             let req = pb::CreateVmRequest {
                 spec: Some(spec_of(a)),
@@ -477,10 +491,12 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             to,
             no_wait,
             dry_run,
+            quick,
         } => {
             let req = pb::MigrateVmRequest {
                 name: n.clone(),
                 to_node_id: to.unwrap_or(0),
+                quick: *quick,
             };
             if *dry_run {
                 let p = tokio::time::timeout(timeout, c.plan_migration(req))

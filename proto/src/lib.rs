@@ -23,3 +23,8 @@ pub mod vms {
 pub mod drain {
     tonic::include_proto!("cluster.drain.v1");
 }
+
+/// Shared-volume disks and locks (`cluster.volumes.v1`), served next to `management`.
+pub mod volumes {
+    tonic::include_proto!("cluster.volumes.v1");
+}

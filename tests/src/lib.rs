@@ -334,6 +334,14 @@ impl Cluster {
         Ok((out.status.success(), text))
     }
 
+    /// The process id of node `id`'s agent, while it runs (e.g. to SIGSTOP/SIGCONT it).
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes
+            .get(&id)
+            .and_then(|n| n.child.as_ref())
+            .map(Child::id)
+    }
+
     /// SIGKILL, no chance to clean up.
     pub fn kill9(&mut self, id: u64) -> Result<()> {
         let node = self

@@ -47,6 +47,7 @@ async fn migrate(cl: &mut VmServiceClient<Channel>, name: &str, to: u64) -> Resu
     cl.migrate_vm(pb::MigrateVmRequest {
         name: name.into(),
         to_node_id: to,
+        ..Default::default()
     })
     .await
     .map_err(|s| format!("migrate {name} to {to}: {s}"))?;

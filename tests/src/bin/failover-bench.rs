@@ -142,6 +142,7 @@ async fn migration_round(bin: &std::path::Path) -> Result<(u128, u64, bool), Str
         .migrate_vm(pb::MigrateVmRequest {
             name: "mig".into(),
             to_node_id: 0,
+            ..Default::default()
         })
         .await
         .map_err(|s| s.to_string())?

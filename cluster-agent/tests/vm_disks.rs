@@ -1,0 +1,853 @@
+//! Shared-volume disks through the cluster, with real `cluster-agent` processes on
+//! loopback: one temp directory stands in for the shared storage every agent names in
+//! `[[volumes]]`. The lock table lives in the Raft state machine; the owner commits the
+//! locks before it starts a VM from its disk; failover takes the lock over with a newer
+//! fencing token; live and quick migration hand the disk off; hot-plug attaches and
+//! detaches disks of running VMs. The PVH test guest's `disk` workload writes, flushes
+//! and verifies its disk and reports `disk=ok|bad|nodisk` in its heartbeats.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cluster_proto::vms as pb;
+use cluster_proto::vms::vm_service_client::VmServiceClient;
+use cluster_proto::volumes as vpb;
+use cluster_proto::volumes::volume_service_client::VolumeServiceClient;
+use cluster_tests::{Cluster, HarnessError, Options};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+use vmm_node::guest_protocol::{heartbeats, Heartbeat};
+
+/// Generous: several engineers share two cores.
+const WAIT: Duration = Duration::from_secs(90);
+
+fn logs(c: &Cluster) -> String {
+    c.ids()
+        .iter()
+        .map(|id| format!("\n--- node {id} ---\n{}", c.log_tail(*id, 30)))
+        .collect()
+}
+
+fn must<T>(c: &Cluster, r: Result<T, HarnessError>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}{}", logs(c)))
+}
+
+/// A cluster of `n` agents that all see `<test dir>/csv` as volume `vol`.
+async fn disk_cluster(n: u64) -> (Cluster, PathBuf) {
+    let mut cl = Cluster::new(
+        env!("CARGO_BIN_EXE_cluster-agent").into(),
+        Options::default(),
+    )
+    .unwrap_or_else(|e| panic!("harness: {e}"));
+    let csv = cl.dir().join("csv");
+    std::fs::create_dir_all(&csv).unwrap_or_else(|e| panic!("mkdir {}: {e}", csv.display()));
+    for id in 1..=n {
+        let extra = format!(
+            "[[volumes]]\nname = \"vol\"\npath = \"{}\"\n",
+            csv.display()
+        );
+        let added = cl.add_node_with(id, &extra);
+        must(&cl, added);
+    }
+    let formed = cl.form(n).await;
+    must(&cl, formed);
+    (cl, csv)
+}
+
+async fn channel(c: &Cluster, id: u64) -> Channel {
+    let addr = must(c, c.spec(id)).mgmt_addr;
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap_or_else(|e| panic!("endpoint: {e}"))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to node {id}: {e}{}", logs(c)))
+}
+
+async fn vms(c: &Cluster, id: u64) -> VmServiceClient<Channel> {
+    VmServiceClient::new(channel(c, id).await)
+}
+
+async fn vols(c: &Cluster, id: u64) -> VolumeServiceClient<Channel> {
+    VolumeServiceClient::new(channel(c, id).await)
+}
+
+fn disk_spec(name: &str, disks: &[&str]) -> pb::VmSpec {
+    pb::VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_mib: 64,
+        boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
+            workload: "disk".into(),
+            hb_ms: 100,
+            ..Default::default()
+        })),
+        disks: disks
+            .iter()
+            .map(|d| pb::DiskSpec {
+                name: (*d).into(),
+                read_only: false,
+            })
+            .collect(),
+        restart_priority: "high".into(),
+        ..Default::default()
+    }
+}
+
+async fn create_disk(cl: &Cluster, via: u64, name: &str) {
+    vols(cl, via)
+        .await
+        .create_disk(vpb::CreateDiskRequest {
+            name: name.into(),
+            size_mib: 4,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create disk {name}: {e}{}", logs(cl)));
+}
+
+async fn get(c: &mut VmServiceClient<Channel>, name: &str) -> Result<pb::VmInfo, tonic::Status> {
+    c.get_vm(pb::VmName { name: name.into() })
+        .await
+        .map(|r| r.into_inner().vm.unwrap_or_default())
+}
+
+async fn wait_vm(
+    cl: &Cluster,
+    via: u64,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&pb::VmInfo) -> bool,
+) -> pb::VmInfo {
+    let mut c = vms(cl, via).await;
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < WAIT {
+        match get(&mut c, name).await {
+            Ok(v) if pred(&v) => return v,
+            Ok(v) => last = format!("{v:?}"),
+            Err(s) => last = s.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "VM {name}: {what} did not happen (last: {last}){}",
+        logs(cl)
+    )
+}
+
+async fn locks(cl: &Cluster, via: u64) -> Vec<vpb::DiskLock> {
+    vols(cl, via)
+        .await
+        .list_locks(vpb::ListLocksRequest {})
+        .await
+        .unwrap_or_else(|e| panic!("list locks: {e}{}", logs(cl)))
+        .into_inner()
+        .locks
+}
+
+async fn lock_of(cl: &Cluster, via: u64, disk: &str) -> Option<vpb::DiskLock> {
+    locks(cl, via).await.into_iter().find(|l| l.disk == disk)
+}
+
+async fn wait_lock(
+    cl: &Cluster,
+    via: u64,
+    disk: &str,
+    what: &str,
+    pred: impl Fn(Option<&vpb::DiskLock>) -> bool,
+) -> Option<vpb::DiskLock> {
+    let start = Instant::now();
+    loop {
+        let l = lock_of(cl, via, disk).await;
+        if pred(l.as_ref()) {
+            return l;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "lock of {disk}: {what} did not happen (last: {l:?}){}",
+            logs(cl)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Streams `name`'s console through node `via` until a heartbeat satisfies `pred`;
+/// returns the node that produced it and the heartbeat.
+async fn wait_hb(
+    cl: &Cluster,
+    via: u64,
+    name: &str,
+    pred: impl Fn(&Heartbeat) -> bool,
+) -> (u64, Heartbeat) {
+    let deadline = Instant::now() + WAIT;
+    let mut seen = String::new();
+    while Instant::now() < deadline {
+        let mut c = vms(cl, via).await;
+        let Ok(stream) = c
+            .stream_console(pb::ConsoleRequest {
+                name: name.into(),
+                follow: true,
+            })
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut stream = stream.into_inner();
+        let mut partial = String::new();
+        while Instant::now() < deadline {
+            let next = tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
+            let Ok(Ok(Some(chunk))) = next else { break };
+            partial.push_str(&chunk.text);
+            let complete = partial.rfind('\n').map_or(0, |i| i + 1);
+            let text: String = partial.drain(..complete).collect();
+            if let Some(hb) = heartbeats(&text).into_iter().rev().find(|h| pred(h)) {
+                return (chunk.node_id, hb);
+            }
+            seen.push_str(&text);
+            if seen.len() > 4096 {
+                seen.drain(..seen.len() - 4096);
+            }
+        }
+    }
+    panic!(
+        "no matching heartbeat from {name} via node {via}; console tail: {seen}{}",
+        logs(cl)
+    )
+}
+
+fn disk_passes(h: &Heartbeat) -> u64 {
+    h.fields
+        .get("disk_passes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn fence_token(csv: &std::path::Path, disk: &str) -> u64 {
+    let rel = disk.strip_prefix("vol/").unwrap_or(disk);
+    let rec = csv_volume::fence::read_fence_record(&csv.join(rel))
+        .unwrap_or_else(|e| panic!("fence record of {disk}: {e}"));
+    rec.map_or(0, |r| r.token.0)
+}
+
+fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, needle: &str) {
+    match r {
+        Err(s) => {
+            assert_eq!(s.code(), code, "{s}");
+            assert!(
+                s.message().contains(needle),
+                "{:?} lacks {needle:?}",
+                s.message()
+            );
+        }
+        Ok(v) => panic!("expected {code:?} ({needle}), got {v:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
+    let _serial = cluster_tests::serial().await;
+    let (cl, csv) = disk_cluster(3).await;
+    let mut v2 = vols(&cl, 2).await;
+
+    // Disk creation and its refusals.
+    create_disk(&cl, 2, "vol/vms/a.img").await;
+    expect_code(
+        v2.create_disk(vpb::CreateDiskRequest {
+            name: "vol/vms/a.img".into(),
+            size_mib: 4,
+        })
+        .await,
+        Code::AlreadyExists,
+        "already exists",
+    );
+    for (name, size, code, needle) in [
+        ("vol/../x.img", 4, Code::InvalidArgument, "vol/../x.img"),
+        ("vol/x.img", 0, Code::InvalidArgument, "size_mib 0"),
+        ("nope/x.img", 4, Code::NotFound, "nope"),
+        ("", 4, Code::InvalidArgument, "name is empty"),
+    ] {
+        expect_code(
+            v2.create_disk(vpb::CreateDiskRequest {
+                name: name.into(),
+                size_mib: size,
+            })
+            .await,
+            code,
+            needle,
+        );
+    }
+
+    // A VM with a disk: the owner commits the lock before it starts the VM.
+    let mut c = vms(&cl, 3).await;
+    c.create_vm(pb::CreateVmRequest {
+        spec: Some(disk_spec("vm-d", &["vol/vms/a.img"])),
+        start: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create vm-d: {e}{}", logs(&cl)));
+    let running = wait_vm(&cl, 3, "vm-d", "running", |v| v.runtime == "running").await;
+    let owner = running.owner_id;
+    let lock = wait_lock(&cl, 1, "vol/vms/a.img", "locked by the owner", |l| {
+        l.is_some_and(|l| l.holders == vec![owner])
+    })
+    .await
+    .unwrap_or_else(|| panic!("vol/vms/a.img is not locked{}", logs(&cl)));
+    assert_eq!(lock.holders, vec![owner]);
+    assert_eq!(lock.mode, "exclusive");
+    assert!(lock.token > 0);
+    assert_eq!(fence_token(&csv, "vol/vms/a.img"), lock.token);
+    let (node, hb) = wait_hb(&cl, 1, "vm-d", |h| h.disk == "ok" && disk_passes(h) >= 2).await;
+    assert_eq!(node, owner);
+    assert_eq!(hb.disk, "ok");
+    let listed = v2
+        .list_disks(vpb::ListDisksRequest {})
+        .await
+        .unwrap_or_else(|e| panic!("list disks: {e}"))
+        .into_inner();
+    assert_eq!(listed.volumes, vec!["vol".to_string()]);
+    let a = listed.disks.iter().find(|d| d.name == "vol/vms/a.img");
+    assert_eq!(a.map(|d| d.used_by.clone()), Some(vec!["vm-d".to_string()]));
+
+    // Bad input through the API changes nothing.
+    let before_vms = c
+        .list_vms(pb::ListVmsRequest {})
+        .await
+        .map(|r| r.into_inner().vms.len())
+        .unwrap_or(0);
+    expect_code(
+        c.create_vm(pb::CreateVmRequest {
+            spec: Some(disk_spec("vm-x", &["vol/vms/missing.img"])),
+            start: true,
+        })
+        .await,
+        Code::InvalidArgument,
+        "does not exist",
+    );
+    expect_code(
+        c.create_vm(pb::CreateVmRequest {
+            spec: Some(disk_spec("vm-y", &["vol/vms/a.img"])),
+            start: true,
+        })
+        .await,
+        Code::FailedPrecondition,
+        "used by VM(s) [\"vm-d\"]",
+    );
+    expect_code(
+        c.create_vm(pb::CreateVmRequest {
+            spec: Some(disk_spec("vm-z", &["/abs/x.img"])),
+            start: true,
+        })
+        .await,
+        Code::InvalidArgument,
+        "disks",
+    );
+    let after_vms = c
+        .list_vms(pb::ListVmsRequest {})
+        .await
+        .map(|r| r.into_inner().vms.len())
+        .unwrap_or(0);
+    assert_eq!(before_vms, after_vms);
+    assert_eq!(locks(&cl, 2).await.len(), 1);
+
+    // Hot-plug: a disk-workload VM without a disk sees none, then one once attached.
+    c.create_vm(pb::CreateVmRequest {
+        spec: Some(disk_spec("vm-h", &[])),
+        start: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create vm-h: {e}{}", logs(&cl)));
+    let h = wait_vm(&cl, 3, "vm-h", "running", |v| v.runtime == "running").await;
+    wait_hb(&cl, 3, "vm-h", |h| h.disk == "nodisk").await;
+    create_disk(&cl, 1, "vol/vms/hot.img").await;
+    let mut v3 = vols(&cl, 3).await;
+    for (vm, disk, code, needle) in [
+        ("ghost", "vol/vms/hot.img", Code::NotFound, "ghost"),
+        ("vm-h", "vol/vms/none.img", Code::NotFound, "does not exist"),
+        (
+            "vm-h",
+            "vol/vms/a.img",
+            Code::FailedPrecondition,
+            "used by VM(s)",
+        ),
+        ("", "vol/vms/hot.img", Code::InvalidArgument, "vm is empty"),
+    ] {
+        expect_code(
+            v3.attach_disk(vpb::AttachDiskRequest {
+                vm: vm.into(),
+                disk: disk.into(),
+                read_only: false,
+            })
+            .await,
+            code,
+            needle,
+        );
+    }
+    expect_code(
+        v3.detach_disk(vpb::DetachDiskRequest {
+            vm: "vm-h".into(),
+            disk: "vol/vms/hot.img".into(),
+        })
+        .await,
+        Code::FailedPrecondition,
+        "not attached",
+    );
+    let r = v3
+        .attach_disk(vpb::AttachDiskRequest {
+            vm: "vm-h".into(),
+            disk: "vol/vms/hot.img".into(),
+            read_only: false,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("attach: {e}{}", logs(&cl)))
+        .into_inner();
+    assert_eq!(r.disks, vec!["vol/vms/hot.img".to_string()]);
+    let hot = wait_lock(&cl, 2, "vol/vms/hot.img", "locked by the owner", |l| {
+        l.is_some_and(|l| l.holders == vec![h.owner_id])
+    })
+    .await;
+    let (node, _) = wait_hb(&cl, 2, "vm-h", |hb| hb.disk == "ok" && disk_passes(hb) >= 1).await;
+    assert_eq!(node, h.owner_id);
+    assert_eq!(
+        fence_token(&csv, "vol/vms/hot.img"),
+        hot.map_or(0, |l| l.token)
+    );
+    v3.detach_disk(vpb::DetachDiskRequest {
+        vm: "vm-h".into(),
+        disk: "vol/vms/hot.img".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("detach: {e}{}", logs(&cl)));
+    // Released only after the owner's VMM flushed and closed it; the guest loses it.
+    wait_lock(&cl, 2, "vol/vms/hot.img", "released", |l| l.is_none()).await;
+    wait_hb(&cl, 3, "vm-h", |h| h.disk == "nodisk").await;
+
+    // Stop: the owner flushes, closes and releases the disk.
+    c.stop_vm(pb::VmName {
+        name: "vm-d".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("stop: {e}"));
+    wait_vm(&cl, 1, "vm-d", "stopped", |v| v.runtime == "stopped").await;
+    wait_lock(&cl, 1, "vol/vms/a.img", "released", |l| l.is_none()).await;
+    let events = must(&cl, cl.events(1).await);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains("disk vol/vms/a.img released by node")),
+        "{events:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_kill9_fails_over_from_the_disk_with_a_newer_fencing_token() {
+    let _serial = cluster_tests::serial().await;
+    let (mut cl, csv) = disk_cluster(3).await;
+    create_disk(&cl, 1, "vol/vms/f.img").await;
+    let mut c = vms(&cl, 1).await;
+    c.create_vm(pb::CreateVmRequest {
+        spec: Some(disk_spec("vm-f", &["vol/vms/f.img"])),
+        start: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    let before = wait_vm(&cl, 1, "vm-f", "running", |v| v.runtime == "running").await;
+    let owner = before.owner_id;
+    let survivor = [1, 2, 3].into_iter().find(|n| *n != owner).unwrap_or(0);
+    wait_hb(&cl, survivor, "vm-f", |h| {
+        h.disk == "ok" && disk_passes(h) >= 1
+    })
+    .await;
+    let old = lock_of(&cl, survivor, "vol/vms/f.img")
+        .await
+        .unwrap_or_else(|| panic!("not locked{}", logs(&cl)));
+    assert_eq!(old.holders, vec![owner]);
+
+    let killed_at = Instant::now();
+    let killed = cl.kill9(owner);
+    must(&cl, killed);
+    let after = wait_vm(&cl, survivor, "vm-f", "restart elsewhere", |v| {
+        v.owner_id != owner && v.runtime == "running"
+    })
+    .await;
+    let (node, hb) = wait_hb(&cl, survivor, "vm-f", |h| {
+        h.disk == "ok" && disk_passes(h) >= 1
+    })
+    .await;
+    eprintln!(
+        "failover with disk: kill -9 of node {owner} -> disk=ok heartbeat on node {node} after {} ms",
+        killed_at.elapsed().as_millis()
+    );
+    assert_eq!(node, after.owner_id, "heartbeats come from the new owner");
+    assert_eq!(hb.disk, "ok");
+    let new = lock_of(&cl, survivor, "vol/vms/f.img")
+        .await
+        .unwrap_or_else(|| panic!("not locked after failover{}", logs(&cl)));
+    assert_eq!(
+        new.holders,
+        vec![after.owner_id],
+        "one holder: the new owner"
+    );
+    assert!(
+        new.token > old.token,
+        "takeover token {} must be above {}",
+        new.token,
+        old.token
+    );
+    // The disk's fence record carries the new epoch: a late write of the old owner's
+    // grant (token old.token) is refused by FencedDisk.
+    assert_eq!(fence_token(&csv, "vol/vms/f.img"), new.token);
+    let events = must(&cl, cl.events(survivor).await);
+    let takeover = events
+        .iter()
+        .position(|e| e.message.contains("disk vol/vms/f.img taken over by node"));
+    let owner_change = events
+        .iter()
+        .position(|e| e.message.contains("VM vm-f owner"));
+    assert!(
+        takeover.is_some() && takeover < owner_change,
+        "the lock takeover is committed before the new owner: {events:?}"
+    );
+
+    // The old owner comes back: it does not run the VM again (one copy), the lock stays.
+    let restarted = cl.start(owner).await;
+    must(&cl, restarted);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (node, _) = wait_hb(&cl, owner, "vm-f", |h| h.disk == "ok").await;
+    assert_eq!(node, after.owner_id);
+    let still = lock_of(&cl, owner, "vol/vms/f.img").await;
+    assert_eq!(
+        still.map(|l| (l.holders, l.token)),
+        Some((new.holders, new.token))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_then_quick_migration_hand_the_disk_off() {
+    let _serial = cluster_tests::serial().await;
+    let (cl, csv) = disk_cluster(2).await;
+    create_disk(&cl, 1, "vol/vms/m.img").await;
+    let mut c = vms(&cl, 2).await;
+    c.create_vm(pb::CreateVmRequest {
+        spec: Some(disk_spec("vm-m", &["vol/vms/m.img"])),
+        start: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    let before = wait_vm(&cl, 2, "vm-m", "running", |v| v.runtime == "running").await;
+    let src = before.owner_id;
+    let dst = if src == 1 { 2 } else { 1 };
+    let (_, hb0) = wait_hb(&cl, 1, "vm-m", |h| h.disk == "ok" && disk_passes(h) >= 1).await;
+    let t0 = lock_of(&cl, 1, "vol/vms/m.img")
+        .await
+        .map_or(0, |l| l.token);
+
+    // Live: the disk is handed off at the storage stage.
+    c.migrate_vm(pb::MigrateVmRequest {
+        name: "vm-m".into(),
+        to_node_id: dst,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("migrate: {e}{}", logs(&cl)));
+    wait_vm(&cl, 2, "vm-m", "live migration", |v| {
+        v.owner_id == dst && v.migrating_to == 0 && v.runtime == "running"
+    })
+    .await;
+    let l1 = wait_lock(&cl, 1, "vol/vms/m.img", "handed off", |l| {
+        l.is_some_and(|l| l.holders == vec![dst])
+    })
+    .await
+    .map_or(0, |l| l.token);
+    assert!(l1 > t0, "handoff token {l1} must be above {t0}");
+    assert_eq!(fence_token(&csv, "vol/vms/m.img"), l1);
+    let (node, hb1) = wait_hb(&cl, 1, "vm-m", |h| {
+        h.seq > hb0.seq && h.disk == "ok" && disk_passes(h) > disk_passes(&hb0)
+    })
+    .await;
+    assert_eq!(node, dst);
+    let events = must(&cl, cl.events(1).await);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains("vm-m migrated to node")
+                && e.message.contains("receipt matches")),
+        "{events:?}"
+    );
+
+    // Quick: saved to the shared volume, restored (not rebooted) on the source.
+    let mut quick = pb::MigrateVmRequest {
+        name: "vm-m".into(),
+        to_node_id: src,
+        ..Default::default()
+    };
+    quick.quick = true;
+    let r = c
+        .migrate_vm(quick)
+        .await
+        .unwrap_or_else(|e| panic!("quick migrate: {e}{}", logs(&cl)))
+        .into_inner();
+    assert_eq!(r.vm.map(|v| v.migrating_to), Some(src));
+    wait_vm(&cl, 1, "vm-m", "quick migration", |v| {
+        v.owner_id == src && v.migrating_to == 0 && v.runtime == "running"
+    })
+    .await;
+    let l2 = wait_lock(&cl, 2, "vol/vms/m.img", "handed back", |l| {
+        l.is_some_and(|l| l.holders == vec![src])
+    })
+    .await
+    .map_or(0, |l| l.token);
+    assert!(l2 > l1);
+    // The restored guest goes on counting from where it was saved (its memory came
+    // along): the first heartbeat the new owner shows is already past the old ones.
+    let (node, hb2) = wait_hb(&cl, 2, "vm-m", |_| true).await;
+    assert_eq!(node, src);
+    assert!(
+        hb2.seq > hb1.seq,
+        "restored guest restarted counting: {} after {}",
+        hb2.seq,
+        hb1.seq
+    );
+    wait_hb(&cl, 2, "vm-m", |h| h.seq > hb2.seq && h.disk == "ok").await;
+    let events = must(&cl, cl.events(2).await);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains("vm-m migrated to node") && e.message.contains("quick:")),
+        "{events:?}"
+    );
+    // The image was consumed by the restore.
+    assert!(!csv.join(".quick").join("vm-m").join("vmhost.bin").exists());
+}
+
+fn signal(cl: &Cluster, id: u64, sig: &str) {
+    let pid = cl
+        .pid(id)
+        .unwrap_or_else(|| panic!("node {id} is not running"));
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// The old owner is frozen (SIGSTOP: a stuck host that oversleeps its lease, so it cannot
+/// fence itself), the VM fails over with a new fencing token, then the old owner thaws
+/// with its VM still running: its next disk write is refused at the fence record, its
+/// copy is stopped once it sees the new owner, and the new owner's guest keeps verifying
+/// its disk (a write slipping through would break the guest's read-back check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_old_owner_is_fenced_at_the_disk_when_it_thaws() {
+    let _serial = cluster_tests::serial().await;
+    let (cl, csv) = disk_cluster(3).await;
+    let leader = must(&cl, cl.status(1).await).leader_id;
+    let victim = [1, 2, 3].into_iter().find(|n| *n != leader).unwrap_or(2);
+    let watcher = [1, 2, 3].into_iter().find(|n| *n != victim).unwrap_or(1);
+    create_disk(&cl, watcher, "vol/vms/z.img").await;
+    let mut s = disk_spec("vm-z", &["vol/vms/z.img"]);
+    s.preferred_owners = vec![victim];
+    vms(&cl, watcher)
+        .await
+        .create_vm(pb::CreateVmRequest {
+            spec: Some(s),
+            start: true,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    let before = wait_vm(&cl, watcher, "vm-z", "running", |v| v.runtime == "running").await;
+    assert_eq!(before.owner_id, victim);
+    wait_hb(&cl, watcher, "vm-z", |h| {
+        h.disk == "ok" && disk_passes(h) >= 1
+    })
+    .await;
+    let old = lock_of(&cl, watcher, "vol/vms/z.img")
+        .await
+        .map_or(0, |l| l.token);
+
+    signal(&cl, victim, "STOP");
+    let after = wait_vm(&cl, watcher, "vm-z", "restart elsewhere", |v| {
+        v.owner_id != victim && v.runtime == "running"
+    })
+    .await;
+    let (_, hb) = wait_hb(&cl, watcher, "vm-z", |h| {
+        h.disk == "ok" && disk_passes(h) >= 1
+    })
+    .await;
+    let new = lock_of(&cl, watcher, "vol/vms/z.img")
+        .await
+        .unwrap_or_else(|| panic!("not locked{}", logs(&cl)));
+    assert_eq!(new.holders, vec![after.owner_id]);
+    assert!(new.token > old);
+
+    signal(&cl, victim, "CONT");
+    // The thawed VM's next write meets the newer fence record.
+    let log = must(&cl, cl.spec(victim)).log_path.clone();
+    let start = Instant::now();
+    let refused = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_else(|_| cl.log_tail(victim, 400));
+        if text.contains("disk fenced: stale writer refused") {
+            break true;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        refused,
+        "the thawed old owner's write was not refused at the fence{}",
+        logs(&cl)
+    );
+    // The new owner's guest goes on verifying its disk; the fence record keeps the new
+    // epoch (the old owner never rolls it back); the lock stays with the new owner.
+    let (node, later) = wait_hb(&cl, watcher, "vm-z", |h| {
+        h.disk == "ok" && disk_passes(h) >= disk_passes(&hb) + 5
+    })
+    .await;
+    assert_eq!(node, after.owner_id);
+    assert_eq!(later.disk, "ok");
+    assert_eq!(fence_token(&csv, "vol/vms/z.img"), new.token);
+    // The thawed node's replica catches up to the same lock.
+    wait_lock(
+        &cl,
+        victim,
+        "vol/vms/z.img",
+        "seen by the thawed node",
+        |l| l.is_some_and(|l| l.holders == new.holders && l.token == new.token),
+    )
+    .await;
+}
+
+/// A VM that failover does not restart (restart priority none) whose owner died: the
+/// operator stops it and starts it again; the node the scheduler picks takes the disk lock
+/// over from the dead node (Down longer than the failover grace) and boots it from its disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_restarted_by_hand_after_its_owner_died_takes_the_disk_over() {
+    let _serial = cluster_tests::serial().await;
+    let (mut cl, csv) = disk_cluster(3).await;
+    create_disk(&cl, 1, "vol/vms/n.img").await;
+    let mut s = disk_spec("vm-n", &["vol/vms/n.img"]);
+    s.restart_priority = "none".into();
+    let mut c = vms(&cl, 1).await;
+    c.create_vm(pb::CreateVmRequest {
+        spec: Some(s),
+        start: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    let before = wait_vm(&cl, 1, "vm-n", "running", |v| v.runtime == "running").await;
+    let owner = before.owner_id;
+    let via = [1, 2, 3].into_iter().find(|n| *n != owner).unwrap_or(1);
+    wait_hb(&cl, via, "vm-n", |h| h.disk == "ok").await;
+    let old = lock_of(&cl, via, "vol/vms/n.img")
+        .await
+        .map_or(0, |l| l.token);
+
+    let killed = cl.kill9(owner);
+    must(&cl, killed);
+    // Down, and left alone by failover (priority none).
+    let start = Instant::now();
+    loop {
+        let nodes = must(&cl, cl.nodes(via).await);
+        if nodes
+            .iter()
+            .any(|n| n.node_id == owner && n.state == "down")
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "node {owner} never went down{}",
+            logs(&cl)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut c = vms(&cl, via).await;
+    assert_eq!(
+        get(&mut c, "vm-n").await.map(|v| v.owner_id).ok(),
+        Some(owner)
+    );
+
+    c.stop_vm(pb::VmName {
+        name: "vm-n".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("stop: {e}{}", logs(&cl)));
+    c.start_vm(pb::VmName {
+        name: "vm-n".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("start: {e}{}", logs(&cl)));
+    let after = wait_vm(&cl, via, "vm-n", "running elsewhere", |v| {
+        v.owner_id != owner && v.runtime == "running"
+    })
+    .await;
+    let (node, _) = wait_hb(&cl, via, "vm-n", |h| h.disk == "ok" && disk_passes(h) >= 1).await;
+    assert_eq!(node, after.owner_id);
+    let new = lock_of(&cl, via, "vol/vms/n.img")
+        .await
+        .unwrap_or_else(|| panic!("not locked{}", logs(&cl)));
+    assert_eq!(new.holders, vec![after.owner_id]);
+    assert!(new.token > old);
+    assert_eq!(fence_token(&csv, "vol/vms/n.img"), new.token);
+}
+
+/// A live migration of a VM with a disk to a target that died just before (still Up in
+/// the registry) fails: the VM keeps running on the source from its disk, and its lock
+/// never moved (same holder, same token: no new epoch was started).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_migration_leaves_the_disk_with_the_source() {
+    let _serial = cluster_tests::serial().await;
+    let (mut cl, _csv) = disk_cluster(3).await;
+    create_disk(&cl, 1, "vol/vms/r.img").await;
+    let leader = must(&cl, cl.status(1).await).leader_id;
+    let mut s = disk_spec("vm-r", &["vol/vms/r.img"]);
+    s.preferred_owners = vec![leader];
+    let mut c = vms(&cl, leader).await;
+    c.create_vm(pb::CreateVmRequest {
+        spec: Some(s),
+        start: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    let before = wait_vm(&cl, leader, "vm-r", "running", |v| v.runtime == "running").await;
+    let src = before.owner_id;
+    let dst = [1, 2, 3]
+        .into_iter()
+        .find(|n| *n != src && *n != leader)
+        .unwrap_or(3);
+    wait_hb(&cl, leader, "vm-r", |h| h.disk == "ok").await;
+    let old = lock_of(&cl, leader, "vol/vms/r.img")
+        .await
+        .unwrap_or_else(|| panic!("not locked{}", logs(&cl)));
+
+    let killed = cl.kill9(dst);
+    must(&cl, killed);
+    c.migrate_vm(pb::MigrateVmRequest {
+        name: "vm-r".into(),
+        to_node_id: dst,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("migrate: {e}{}", logs(&cl)));
+    wait_vm(&cl, leader, "vm-r", "migration failure", |v| {
+        v.migrating_to == 0 && v.owner_id == src
+    })
+    .await;
+    let events = must(&cl, cl.events(leader).await);
+    assert!(
+        events.iter().any(|e| e
+            .message
+            .contains(&format!("vm-r migration to node {dst} failed"))),
+        "{events:?}"
+    );
+    let (node, _) = wait_hb(&cl, leader, "vm-r", |h| h.disk == "ok").await;
+    assert_eq!(node, src);
+    let now = lock_of(&cl, leader, "vol/vms/r.img").await;
+    assert_eq!(
+        now.map(|l| (l.holders, l.token)),
+        Some((old.holders, old.token))
+    );
+}

@@ -1,0 +1,240 @@
+//! `clusterctl disk ...` and `clusterctl vm disk attach|detach`: shared-volume disks, the
+//! replicated lock table and hot-plug (`cluster.volumes.v1.VolumeService`).
+
+use std::time::Duration;
+
+use clap::Subcommand;
+use cluster_proto::volumes as pb;
+use cluster_proto::volumes::volume_service_client::VolumeServiceClient;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::client::{endpoint_uri, status_error, CtlError};
+use crate::output::table;
+use crate::{Cli, Format};
+
+#[derive(Debug, Subcommand)]
+pub enum DiskCmd {
+    /// Create a sparse disk image on a shared volume (volume/dir/disk.img).
+    Create {
+        name: String,
+        /// Size in MiB.
+        #[arg(long)]
+        size_mib: u64,
+    },
+    /// Every disk on the shared volumes, with its lock and the VMs using it.
+    List,
+    /// The replicated lock table: disk, mode, holder node(s), fencing token.
+    Locks,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmDiskCmd {
+    /// Hot-add a disk to a VM (a running VM gets it in a free virtio-blk slot).
+    Attach {
+        name: String,
+        disk: String,
+        /// Attach read-only (shared lock).
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Hot-remove a disk from a VM (flushed, closed, lock released).
+    Detach { name: String, disk: String },
+}
+
+async fn connect(
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<VolumeServiceClient<Channel>, CtlError> {
+    let uri = endpoint_uri(endpoint)?;
+    let ep = Endpoint::from_shared(uri)
+        .map_err(|_| CtlError::BadEndpoint {
+            endpoint: endpoint.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(3).min(timeout));
+    let channel = ep.connect().await.map_err(|e| CtlError::Unreachable {
+        endpoint: endpoint.to_string(),
+        cause: e.to_string(),
+    })?;
+    Ok(VolumeServiceClient::new(channel))
+}
+
+#[derive(Serialize)]
+struct LockJson<'a> {
+    disk: &'a str,
+    mode: &'a str,
+    holders: &'a [u64],
+    token: u64,
+    term: u64,
+}
+
+fn lock_json(l: &pb::DiskLock) -> LockJson<'_> {
+    LockJson {
+        disk: &l.disk,
+        mode: &l.mode,
+        holders: &l.holders,
+        token: l.token,
+        term: l.term,
+    }
+}
+
+fn holders(h: &[u64]) -> String {
+    h.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
+    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let ep = cli.endpoint.as_str();
+    let mut c = connect(ep, timeout).await?;
+    let fail = |s| status_error(ep, timeout, s);
+    let timed_out = |_| CtlError::Timeout {
+        endpoint: ep.to_owned(),
+        timeout_s: timeout.as_secs(),
+    };
+    match cmd {
+        DiskCmd::Create { name, size_mib } => {
+            let d = tokio::time::timeout(
+                timeout,
+                c.create_disk(pb::CreateDiskRequest {
+                    name: name.clone(),
+                    size_mib: *size_mib,
+                }),
+            )
+            .await
+            .map_err(timed_out)?
+            .map_err(fail)?
+            .into_inner();
+            Ok(match cli.output {
+                Format::Json => json(&serde_json::json!({
+                    "name": d.name, "size_bytes": d.size_bytes,
+                })),
+                Format::Table => format!("disk {} created ({} MiB)\n", d.name, d.size_bytes >> 20),
+            })
+        }
+        DiskCmd::List => {
+            let r = tokio::time::timeout(timeout, c.list_disks(pb::ListDisksRequest {}))
+                .await
+                .map_err(timed_out)?
+                .map_err(fail)?
+                .into_inner();
+            Ok(match cli.output {
+                Format::Json => json(&serde_json::json!({
+                    "volumes": r.volumes,
+                    "disks": r.disks.iter().map(|d| serde_json::json!({
+                        "name": d.name,
+                        "size_bytes": d.size_bytes,
+                        "allocated_bytes": d.allocated_bytes,
+                        "lock": d.lock.as_ref().map(lock_json),
+                        "used_by": d.used_by,
+                    })).collect::<Vec<_>>(),
+                })),
+                Format::Table => {
+                    if r.volumes.is_empty() {
+                        return Ok("this agent has no shared volumes configured ([[volumes]] in its config)\n".into());
+                    }
+                    let rows: Vec<Vec<String>> = r
+                        .disks
+                        .iter()
+                        .map(|d| {
+                            let (mode, holder, token) = match &d.lock {
+                                Some(l) => {
+                                    (l.mode.clone(), holders(&l.holders), l.token.to_string())
+                                }
+                                None => ("-".into(), "-".into(), "-".into()),
+                            };
+                            vec![
+                                d.name.clone(),
+                                format!("{}", d.size_bytes >> 20),
+                                mode,
+                                holder,
+                                token,
+                                d.used_by.join(","),
+                            ]
+                        })
+                        .collect();
+                    table(
+                        &["DISK", "SIZE_MIB", "LOCK", "HOLDERS", "TOKEN", "USED_BY"],
+                        &rows,
+                    )
+                }
+            })
+        }
+        DiskCmd::Locks => {
+            let r = tokio::time::timeout(timeout, c.list_locks(pb::ListLocksRequest {}))
+                .await
+                .map_err(timed_out)?
+                .map_err(fail)?
+                .into_inner();
+            Ok(match cli.output {
+                Format::Json => json(&r.locks.iter().map(lock_json).collect::<Vec<_>>()),
+                Format::Table => {
+                    let rows: Vec<Vec<String>> = r
+                        .locks
+                        .iter()
+                        .map(|l| {
+                            vec![
+                                l.disk.clone(),
+                                l.mode.clone(),
+                                holders(&l.holders),
+                                l.token.to_string(),
+                                l.term.to_string(),
+                            ]
+                        })
+                        .collect();
+                    table(&["DISK", "MODE", "HOLDERS", "TOKEN", "TERM"], &rows)
+                }
+            })
+        }
+    }
+}
+
+pub async fn run_vm_disk(cli: &Cli, cmd: &VmDiskCmd) -> Result<String, CtlError> {
+    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let ep = cli.endpoint.as_str();
+    let mut c = connect(ep, timeout).await?;
+    let fail = |s| status_error(ep, timeout, s);
+    let timed_out = |_| CtlError::Timeout {
+        endpoint: ep.to_owned(),
+        timeout_s: timeout.as_secs(),
+    };
+    let r = match cmd {
+        VmDiskCmd::Attach {
+            name,
+            disk,
+            read_only,
+        } => tokio::time::timeout(
+            timeout,
+            c.attach_disk(pb::AttachDiskRequest {
+                vm: name.clone(),
+                disk: disk.clone(),
+                read_only: *read_only,
+            }),
+        )
+        .await
+        .map_err(timed_out)?
+        .map_err(fail)?
+        .into_inner(),
+        VmDiskCmd::Detach { name, disk } => tokio::time::timeout(
+            timeout,
+            c.detach_disk(pb::DetachDiskRequest {
+                vm: name.clone(),
+                disk: disk.clone(),
+            }),
+        )
+        .await
+        .map_err(timed_out)?
+        .map_err(fail)?
+        .into_inner(),
+    };
+    Ok(match cli.output {
+        Format::Json => json(&serde_json::json!({"vm": r.vm, "disks": r.disks})),
+        Format::Table => format!("VM {} disks: {}\n", r.vm, r.disks.join(", ")),
+    })
+}
