@@ -7,10 +7,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // SAFETY-free: build scripts are single-threaded; set_var is sound here.
         std::env::set_var("PROTOC", protoc);
     }
-    tonic_prost_build::configure()
-        .compile_protos(&["management.proto", "raft.proto", "vms.proto"], &["."])?;
+    tonic_prost_build::configure().compile_protos(
+        &[
+            "management.proto",
+            "raft.proto",
+            "vms.proto",
+            "migrations.proto",
+        ],
+        &["."],
+    )?;
     println!("cargo:rerun-if-changed=management.proto");
     println!("cargo:rerun-if-changed=raft.proto");
     println!("cargo:rerun-if-changed=vms.proto");
+    println!("cargo:rerun-if-changed=migrations.proto");
     Ok(())
 }

@@ -12,13 +12,13 @@ use serde::Deserialize;
 
 use crate::state::KvmKind;
 
-pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 250;
-/// Silence threshold. With the heartbeat interval and the monitor tick (half an
-/// interval) a killed agent is marked Down 2.25–2.63 s after it dies: within 3 s.
-pub const DEFAULT_DOWN_AFTER_MS: u64 = 2_500;
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
+/// Silence threshold (see `liveness`: the self-fence lease is half of it). With the
+/// failover grace (500 ms) a killed agent's VMs run elsewhere about 2 s after it dies.
+pub const DEFAULT_DOWN_AFTER_MS: u64 = 1_200;
 pub const DEFAULT_RAFT_HEARTBEAT_INTERVAL_MS: u64 = 100;
-pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 600;
-pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 1_200;
+pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 400;
+pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 800;
 pub const DEFAULT_SNAPSHOT_LOGS_SINCE_LAST: u64 = 5_000;
 pub const DEFAULT_MAX_LOGS_KEPT_AFTER_SNAPSHOT: u64 = 1_000;
 pub const DEFAULT_RPC_TIMEOUT_MS: u64 = 2_000;

@@ -87,6 +87,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let mgmt_server = tonic::transport::Server::builder()
         .add_service(mgmt_svc)
         .add_service(vm_svc)
+        .add_service(
+            cluster_proto::migrations::migration_service_server::MigrationServiceServer::new(
+                crate::migration_service::MigrationApi {
+                    agent: agent.clone(),
+                },
+            ),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(mgmt), stopped(stop_rx.clone()));
     let peer_task = tokio::spawn(peer_server);
     let mgmt_task = tokio::spawn(mgmt_server);

@@ -176,6 +176,8 @@ pub enum Command {
     DeleteKv { key: String },
     /// VM lifecycle (see `crate::vms`).
     Vm(crate::vms::VmCommand),
+    /// Migration management (see `crate::migrations`).
+    Migration(crate::migrations::MigrationCommand),
 }
 
 impl std::fmt::Display for Command {
@@ -192,6 +194,7 @@ impl std::fmt::Display for Command {
             Command::PutKv { key, .. } => write!(f, "put_kv({key})"),
             Command::DeleteKv { key } => write!(f, "delete_kv({key})"),
             Command::Vm(c) => write!(f, "{c}"),
+            Command::Migration(c) => write!(f, "{c}"),
         }
     }
 }
@@ -221,6 +224,8 @@ pub enum StateKey {
     Event(u64),
     Vm(u64),
     LastVmId,
+    Migration(u64),
+    LastMigrationId,
 }
 
 /// The whole replicated state.
@@ -238,6 +243,12 @@ pub struct ClusterState {
     /// Newest VM id ever given (ids are never reused).
     #[serde(default)]
     pub last_vm_id: u64,
+    /// Migration records by id (see `crate::migrations`).
+    #[serde(default)]
+    pub migrations: BTreeMap<u64, crate::migrations::MigrationRecord>,
+    /// Newest migration id ever given (ids are never reused).
+    #[serde(default)]
+    pub last_migration_id: u64,
 }
 
 impl ClusterState {
@@ -404,6 +415,18 @@ impl ClusterState {
                 }
                 if self.last_vm_id != before {
                     touched.push(StateKey::LastVmId);
+                }
+                crate::migrations::after_vm_command(self, c, &mut touched);
+                CommandResult::Ok
+            }
+            Command::Migration(c) => {
+                if let Err(e) = crate::migrations::apply(self, c, &mut touched) {
+                    return (
+                        CommandResult::Rejected {
+                            reason: crate::error_chain(&e),
+                        },
+                        Vec::new(),
+                    );
                 }
                 CommandResult::Ok
             }

@@ -162,6 +162,8 @@ fn sm_key(k: &StateKey) -> Vec<u8> {
         StateKey::Event(seq) => [&b"e"[..], &seq.to_be_bytes()].concat(),
         StateKey::Vm(id) => [&b"v"[..], &id.to_be_bytes()].concat(),
         StateKey::LastVmId => b"i".to_vec(),
+        StateKey::Migration(id) => [&b"g"[..], &id.to_be_bytes()].concat(),
+        StateKey::LastMigrationId => b"G".to_vec(),
     }
 }
 
@@ -210,6 +212,14 @@ fn load_sm(db: &DB, path: &str) -> Result<SmData, StoreError> {
             }
             Some(b'i') if k.len() == 1 => {
                 d.state.last_vm_id = serde_json::from_slice(&v).map_err(dec_err)?
+            }
+            Some(b'g') if k.len() == 9 => {
+                let m: crate::migrations::MigrationRecord =
+                    serde_json::from_slice(&v).map_err(dec_err)?;
+                d.state.migrations.insert(m.id, m);
+            }
+            Some(b'G') if k.len() == 1 => {
+                d.state.last_migration_id = serde_json::from_slice(&v).map_err(dec_err)?
             }
             _ if &*k == KEY_APPLIED => {
                 d.last_applied = serde_json::from_slice(&v).map_err(dec_err)?
@@ -421,6 +431,8 @@ fn put_entity(
         StateKey::Event(seq) => s.events.get(seq).map(to_json).transpose()?,
         StateKey::Vm(id) => s.vms.get(id).map(to_json).transpose()?,
         StateKey::LastVmId => Some(to_json(&s.last_vm_id)?),
+        StateKey::Migration(id) => s.migrations.get(id).map(to_json).transpose()?,
+        StateKey::LastMigrationId => Some(to_json(&s.last_migration_id)?),
     };
     match value {
         Some(v) => batch.put_cf(h, key, v),
@@ -602,6 +614,8 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         keys.extend(s.events.keys().map(|q| StateKey::Event(*q)));
         keys.extend(s.vms.keys().map(|id| StateKey::Vm(*id)));
         keys.push(StateKey::LastVmId);
+        keys.extend(s.migrations.keys().map(|id| StateKey::Migration(*id)));
+        keys.push(StateKey::LastMigrationId);
         for k in &keys {
             put_entity(&mut batch, h, s, k)?;
         }

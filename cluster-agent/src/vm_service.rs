@@ -349,6 +349,8 @@ impl VmService for VmApi {
             name: req.name.clone(),
             to: 0,
             at_unix_ms: now_unix_ms(),
+            max_downtime_ms: req.max_downtime_ms,
+            deadline_ms: req.deadline_ms,
         };
         // Same checks as the commit, except the target (chosen next).
         match vms::check(&state, &probe) {
@@ -363,6 +365,8 @@ impl VmService for VmApi {
             name: req.name.clone(),
             to: target,
             at_unix_ms: now_unix_ms(),
+            max_downtime_ms: req.max_downtime_ms,
+            deadline_ms: req.deadline_ms,
         })
         .await?;
         self.reply(&req.name)

@@ -375,6 +375,7 @@ async fn live_migration_moves_a_running_vm_and_the_guest_keeps_counting() {
         c.migrate_vm(pb::MigrateVmRequest {
             name: "vm-m".into(),
             to_node_id: before.owner_id,
+            ..Default::default()
         })
         .await,
         Code::FailedPrecondition,
@@ -384,6 +385,7 @@ async fn live_migration_moves_a_running_vm_and_the_guest_keeps_counting() {
         c.migrate_vm(pb::MigrateVmRequest {
             name: "vm-off".into(),
             to_node_id: 0,
+            ..Default::default()
         })
         .await,
         Code::FailedPrecondition,
@@ -393,6 +395,7 @@ async fn live_migration_moves_a_running_vm_and_the_guest_keeps_counting() {
         c.migrate_vm(pb::MigrateVmRequest {
             name: "ghost".into(),
             to_node_id: 0,
+            ..Default::default()
         })
         .await,
         Code::NotFound,
@@ -403,6 +406,7 @@ async fn live_migration_moves_a_running_vm_and_the_guest_keeps_counting() {
         .migrate_vm(pb::MigrateVmRequest {
             name: "vm-m".into(),
             to_node_id: 0,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("migrate: {e}{}", logs(&cl)))
@@ -498,6 +502,7 @@ async fn incompatible_cpu_vendor_target_is_refused_with_the_reason() {
         c.migrate_vm(pb::MigrateVmRequest {
             name: "amd-vm".into(),
             to_node_id: 3,
+            ..Default::default()
         })
         .await,
         Code::FailedPrecondition,
@@ -507,6 +512,7 @@ async fn incompatible_cpu_vendor_target_is_refused_with_the_reason() {
         .plan_migration(pb::MigrateVmRequest {
             name: "amd-vm".into(),
             to_node_id: 3,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("plan: {e}"))

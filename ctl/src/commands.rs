@@ -126,6 +126,7 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
             output::get(fmt, key, &r)
         }
         Cmd::Vm(v) => crate::vm::run(cli, v).await,
+        Cmd::Migration(m) => crate::migration::run(cli, m).await,
         Cmd::Node(NodeCmd::WhyNot { vm, node_id }) => crate::vm::why_not(cli, vm, *node_id).await,
     }
 }

@@ -4,6 +4,7 @@
 
 mod client;
 mod commands;
+mod migration;
 mod output;
 mod vm;
 
@@ -59,6 +60,9 @@ pub enum Cmd {
     /// VM lifecycle: create, start, stop, delete, list, show, console.
     #[command(subcommand)]
     Vm(vm::VmCmd),
+    /// Migrations: list, show (statistics, receipt), cancel.
+    #[command(subcommand)]
+    Migration(migration::MigrationCmd),
 }
 
 #[derive(Debug, Subcommand)]

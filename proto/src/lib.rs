@@ -18,3 +18,8 @@ pub mod raft {
 pub mod vms {
     tonic::include_proto!("cluster.vms.v1");
 }
+
+/// Migration management API (`cluster.migrations.v1`), served next to `vms`.
+pub mod migrations {
+    tonic::include_proto!("cluster.migrations.v1");
+}
