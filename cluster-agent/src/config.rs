@@ -82,6 +82,8 @@ pub struct RawConfig {
     pub max_logs_kept_after_snapshot: Option<u64>,
     pub rpc_timeout_ms: Option<u64>,
     pub facts_override: Option<FactsOverride>,
+    /// Prometheus `/metrics` listener (IP:port); unset: no metrics endpoint.
+    pub metrics_addr: Option<String>,
 }
 
 /// An IP subnet in CIDR form.
@@ -157,6 +159,7 @@ pub struct AgentConfig {
     pub max_logs_kept_after_snapshot: u64,
     pub rpc_timeout: Duration,
     pub facts_override: FactsOverride,
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl RawConfig {
@@ -206,7 +209,8 @@ impl RawConfig {
             snapshot_logs_since_last,
             max_logs_kept_after_snapshot,
             rpc_timeout_ms,
-            facts_override
+            facts_override,
+            metrics_addr
         );
         self
     }
@@ -357,6 +361,19 @@ impl RawConfig {
         if facts_override.logical_cpus == Some(0) {
             return Err(invalid("facts_override.logical_cpus", "must be at least 1"));
         }
+        let metrics_addr = match self.metrics_addr {
+            None => None,
+            Some(v) => {
+                let a = addr("metrics_addr", "metrics-addr", Some(v))?;
+                if a == mgmt_addr || a == raft_addr || a == migration_addr {
+                    return Err(invalid(
+                        "metrics_addr",
+                        format!("{a} is already used by another listener of this agent"),
+                    ));
+                }
+                Some(a)
+            }
+        };
         Ok(AgentConfig {
             node_id,
             name,
@@ -375,6 +392,7 @@ impl RawConfig {
             max_logs_kept_after_snapshot,
             rpc_timeout: Duration::from_millis(rpc_timeout_ms),
             facts_override,
+            metrics_addr,
         })
     }
 }

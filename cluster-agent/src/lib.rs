@@ -15,6 +15,7 @@ pub mod datadir;
 pub mod facts;
 pub mod failover;
 pub mod liveness;
+pub mod metrics;
 pub mod mgmt_service;
 pub mod migration_service;
 pub mod migrations;

@@ -50,13 +50,74 @@ pub struct LiveProgress {
     pub version: u64,
 }
 
+/// Upper bounds (µs) of the blackout histogram buckets (`/metrics`), +Inf implied.
+pub const BLACKOUT_BUCKETS_US: [u64; 10] = [
+    1_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+];
+
+/// How an outgoing migration ended, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+/// Counters of the migrations this node ran the source of since the agent started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceCounters {
+    pub started: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub wire_bytes: u64,
+    /// Per bucket of [`BLACKOUT_BUCKETS_US`] (not cumulative), plus one for +Inf.
+    pub blackout_buckets: [u64; BLACKOUT_BUCKETS_US.len() + 1],
+    pub blackout_sum_us: u64,
+    pub blackout_count: u64,
+}
+
 /// Progress of the migrations this node runs the source of, by migration id.
 #[derive(Debug, Default)]
 pub struct ProgressBoard {
     inner: Mutex<HashMap<u64, LiveProgress>>,
+    counters: Mutex<SourceCounters>,
 }
 
 impl ProgressBoard {
+    fn counters_mut(&self) -> std::sync::MutexGuard<'_, SourceCounters> {
+        self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn counters(&self) -> SourceCounters {
+        self.counters_mut().clone()
+    }
+
+    /// An outgoing migration began.
+    pub fn started(&self) {
+        self.counters_mut().started += 1;
+    }
+
+    /// An outgoing migration ended (`summary` for a successful one).
+    pub fn finished(&self, outcome: Outcome, summary: Option<&migrations::MigrationSummary>) {
+        let mut c = self.counters_mut();
+        match outcome {
+            Outcome::Succeeded => c.succeeded += 1,
+            Outcome::Failed => c.failed += 1,
+            Outcome::Cancelled => c.cancelled += 1,
+        }
+        if let Some(s) = summary {
+            c.wire_bytes += s.wire_bytes;
+            let i = BLACKOUT_BUCKETS_US
+                .iter()
+                .position(|b| s.blackout_us <= *b)
+                .unwrap_or(BLACKOUT_BUCKETS_US.len());
+            c.blackout_buckets[i] += 1;
+            c.blackout_sum_us += s.blackout_us;
+            c.blackout_count += 1;
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LiveProgress>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

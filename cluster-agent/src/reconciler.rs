@@ -263,6 +263,7 @@ async fn migrate_out(agent: &Arc<Agent>, host: &Arc<VmHost>, name: &str, to: u64
     });
     // The migration record opened with StartMigration: its id and the operator's options.
     let record = agent.read_sm(|d| crate::migrations::running_of(&d.state, name).cloned());
+    agent.migration_progress.started();
     let result: Result<(String, crate::migrations::MigrationSummary), String> =
         match addr.as_deref().map(str::parse::<std::net::SocketAddr>) {
             None => Err(format!("node {to} is not registered")),
@@ -280,10 +281,19 @@ async fn migrate_out(agent: &Arc<Agent>, host: &Arc<VmHost>, name: &str, to: u64
     let (ok, reason, stats) = match result {
         Ok((summary, stats)) => {
             tracing::info!(vm = name, to, %summary, "vm migrated");
+            agent
+                .migration_progress
+                .finished(crate::migration_service::Outcome::Succeeded, Some(&stats));
             (true, summary, Some(stats))
         }
         Err(e) => {
             tracing::warn!(vm = name, to, error = %e, "vm migration failed");
+            let outcome = if e.starts_with(CANCELLED_PREFIX) {
+                crate::migration_service::Outcome::Cancelled
+            } else {
+                crate::migration_service::Outcome::Failed
+            };
+            agent.migration_progress.finished(outcome, None);
             (false, e, None)
         }
     };
@@ -314,6 +324,9 @@ async fn migrate_out(agent: &Arc<Agent>, host: &Arc<VmHost>, name: &str, to: u64
         }
     }
 }
+
+/// Start of the failure reason of a migration an operator cancelled.
+pub const CANCELLED_PREFIX: &str = "cancelled by the operator";
 
 /// How often the source side looks for engine progress and a committed cancel.
 pub const MIGRATION_POLL: Duration = Duration::from_millis(50);
@@ -367,7 +380,7 @@ fn run_migration(
     let report = handle.wait().map_err(|e| {
         let why = crate::error_chain(&e);
         if cancelled {
-            format!("cancelled by the operator ({why})")
+            format!("{CANCELLED_PREFIX} ({why})")
         } else {
             why
         }

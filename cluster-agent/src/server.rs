@@ -30,6 +30,8 @@ pub enum RunError {
     Start(#[source] StartError),
     #[error("cannot listen for incoming migrations")]
     Migration(#[source] Box<crate::vmhost::VmHostError>),
+    #[error("cannot serve metrics")]
+    Metrics(#[source] crate::metrics::MetricsError),
     #[error("the {service} service failed")]
     Serve {
         service: &'static str,
@@ -48,6 +50,10 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, RunErr
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let mgmt = bind("mgmt_addr", config.mgmt_addr).await?;
     let peer = bind("raft_addr", config.raft_addr).await?;
+    let metrics = match config.metrics_addr {
+        Some(a) => Some(crate::metrics::bind(a).await.map_err(RunError::Metrics)?),
+        None => None,
+    };
     let agent = Agent::start(config).await.map_err(RunError::Start)?;
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -67,6 +73,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         )
         .map_err(|e| RunError::Migration(Box::new(e)))?;
     let fo = tokio::spawn(crate::failover::run(agent.clone(), stop_rx.clone()));
+    let mt = metrics.map(|l| {
+        tokio::spawn(crate::metrics::serve(
+            l,
+            agent.clone(),
+            vm_host.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let vm_svc = VmServiceServer::new(crate::vm_service::VmApi::new(agent.clone(), vm_host));
 
     let peer_svc = RaftPeerServer::new(PeerService {
@@ -112,6 +126,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = lv.await;
     let _ = rc.await;
     let _ = fo.await;
+    if let Some(mt) = mt {
+        let _ = mt.await;
+    }
     drop(listener);
     if let Err(e) = agent.raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");

@@ -260,7 +260,11 @@ async fn progress_cancel_deadline_records_and_bad_input() {
             .unwrap_or_else(|_| panic!("no progress within 10 s (rounds {rounds:?}){}", logs(&cl)))
             .unwrap_or_else(|e| panic!("progress stream: {e}"))
             .unwrap_or_else(|| panic!("stream ended early (rounds {rounds:?}){}", logs(&cl)));
-        assert!(p.finished.is_none(), "ended before the cancel: {p:?}{}", logs(&cl));
+        assert!(
+            p.finished.is_none(),
+            "ended before the cancel: {p:?}{}",
+            logs(&cl)
+        );
         rounds.push(p.round);
         sent.push(p.bytes_sent);
         assert!(start.elapsed() < WAIT, "rounds {rounds:?}");
