@@ -360,7 +360,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         }
     };
     assert_eq!(fin.state, "succeeded", "{fin:?}");
-    let s = fin.stats.clone().unwrap_or_default();
+    let s = fin.stats.unwrap_or_default();
     assert!(
         s.blackout_us > 0 && s.rounds >= 1 && s.wire_bytes > 0,
         "{s:?}"

@@ -495,7 +495,6 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                 to_node_id: to.unwrap_or(0),
                 max_downtime_ms: *max_downtime,
                 deadline_ms: deadline.map(|s| s.saturating_mul(1000)),
-                ..Default::default()
             };
             if *dry_run {
                 let p = tokio::time::timeout(timeout, c.plan_migration(req))
