@@ -536,6 +536,29 @@ cpu_vendor = "GenuineIntel"
     }
 
     #[test]
+    fn metrics_addr_is_optional_checked_and_distinct() {
+        let ok = |t: &str| RawConfig::from_toml(t).ok().and_then(|r| r.validate().ok());
+        assert_eq!(ok(GOOD).and_then(|c| c.metrics_addr), None);
+        let with = |v: &str| {
+            GOOD.replace(
+                "[facts_override]",
+                &format!("metrics_addr = \"{v}\"\n[facts_override]"),
+            )
+        };
+        assert_eq!(
+            ok(&with("127.0.1.3:9101")).and_then(|c| c.metrics_addr),
+            "127.0.1.3:9101".parse().ok()
+        );
+        let e = err(&with("nope"));
+        assert!(e.contains("metrics_addr"), "{e}");
+        let e = err(&with("127.0.1.3:7001"));
+        assert!(
+            e.contains("metrics_addr") && e.contains("already used"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn missing_keys_name_the_flag() {
         let e = err(&GOOD.replace("data_dir = \"/tmp/x\"", ""));
         assert!(e.contains("`data_dir`") && e.contains("--data-dir"), "{e}");
