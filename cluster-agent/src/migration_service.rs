@@ -32,6 +32,8 @@ pub const PROGRESS_POLL: Duration = Duration::from_millis(100);
 pub const PROGRESS_STREAM_BUFFER: usize = 64;
 /// Connecting to the source agent to proxy its progress stream.
 pub const PROXY_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a reply waits for this replica to apply the agent's own write.
+pub const APPLY_WAIT: Duration = Duration::from_secs(5);
 /// Live progress entries kept (one per migration this node is the source of).
 pub const BOARD_ENTRIES_MAX: usize = 64;
 
@@ -287,11 +289,24 @@ impl MigrationService for MigrationApi {
         self.agent
             .read_sm(|d| migrations::check(&d.state, &cmd))
             .map_err(status)?;
-        self.agent
+        let reply = self
+            .agent
             .write(ForwardRequest::Command(Command::Migration(cmd)))
             .await
             .map_err(write_status)?;
         tracing::info!(migration = id, "migration cancel requested");
+        // Answer from this replica once it has applied the cancel.
+        if let crate::agent::ForwardReply::Command { log_index, .. } = reply {
+            let applied = self
+                .agent
+                .raft
+                .wait(Some(APPLY_WAIT))
+                .applied_index_at_least(Some(log_index), "cancel applied locally")
+                .await;
+            if let Err(e) = applied {
+                tracing::debug!(migration = id, error = %e, "cancel not applied here yet");
+            }
+        }
         let m = self.record(id)?;
         Ok(Response::new(pb::MigrationReply {
             migration: Some(record_to_pb(&m)),
