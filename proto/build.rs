@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "vms.proto",
             "drain.proto",
             "volumes.proto",
+            "migrations.proto",
         ],
         &["."],
     )?;
@@ -22,5 +23,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=vms.proto");
     println!("cargo:rerun-if-changed=drain.proto");
     println!("cargo:rerun-if-changed=volumes.proto");
+    println!("cargo:rerun-if-changed=migrations.proto");
     Ok(())
 }

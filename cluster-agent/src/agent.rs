@@ -124,15 +124,6 @@ fn random_hex128() -> String {
     format!("{:016x}{:016x}", a.finish(), b.finish())
 }
 
-/// Heartbeat bookkeeping on the leader.
-#[derive(Debug, Default)]
-struct Liveness {
-    /// Term in which this node became leader and when.
-    leader_since: Option<(u64, Instant)>,
-    /// Last heartbeat per node received during this leadership.
-    last_seen: HashMap<u64, Instant>,
-}
-
 /// The agent's shared core, used by both gRPC services and the background tasks.
 pub struct Agent {
     pub config: AgentConfig,
@@ -141,7 +132,9 @@ pub struct Agent {
     pub facts: NodeFacts,
     pub incarnation: u64,
     data_dir: Mutex<DataDir>,
-    liveness: Mutex<Liveness>,
+    liveness: Mutex<crate::liveness::Liveness>,
+    /// Live progress of the migrations this node is the source of.
+    pub migration_progress: crate::migration_service::ProgressBoard,
 }
 
 impl Agent {
@@ -183,6 +176,10 @@ impl Agent {
             kvm_kind = facts.kvm_kind.as_str(),
             "agent started"
         );
+        let liveness = crate::liveness::Liveness::new(
+            config.node_id,
+            crate::liveness::Timing::from_config(&config),
+        );
         Ok(Arc::new(Agent {
             incarnation: now_unix_ms(),
             config,
@@ -190,7 +187,8 @@ impl Agent {
             sm,
             facts,
             data_dir: Mutex::new(data_dir),
-            liveness: Mutex::new(Liveness::default()),
+            liveness: Mutex::new(liveness),
+            migration_progress: Default::default(),
         }))
     }
 
@@ -525,64 +523,92 @@ impl Agent {
         })
     }
 
-    /// Record a heartbeat (leader side). Returns false when this agent is not the leader.
+    /// Record a heartbeat from a peer (every node keeps them, see `liveness`). Returns
+    /// whether this agent is the leader.
     pub fn heartbeat_received(&self, hb: &HeartbeatRequest) -> bool {
+        self.lock_liveness().heard(hb, Instant::now());
         let m = self.raft.metrics().borrow().clone();
-        if m.current_leader != Some(self.node_id()) {
-            return false;
-        }
-        self.mark_seen(hb.node_id);
-        true
+        m.current_leader == Some(self.node_id())
+    }
+
+    fn lock_liveness(&self) -> std::sync::MutexGuard<'_, crate::liveness::Liveness> {
+        self.liveness.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn mark_seen(&self, node_id: u64) {
-        let mut l = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
-        l.last_seen.insert(node_id, Instant::now());
+        self.lock_liveness().heard_now(node_id);
     }
 
-    /// Send a heartbeat to the leader (or record it locally when leading).
-    async fn send_heartbeat(
-        &self,
+    /// This node's lease (see `liveness`): whether it may run VMs now.
+    pub fn lease(&self) -> crate::liveness::LeaseView {
+        let m = self.raft.metrics().borrow().clone();
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        let leading = m.current_leader == Some(self.node_id());
+        self.lock_liveness().lease(Instant::now(), applied, leading)
+    }
+
+    /// Send one heartbeat to every other member, each on its own task.
+    fn send_heartbeats(
+        self: &Arc<Self>,
         clients: &mut HashMap<
             String,
             cluster_proto::raft::raft_peer_client::RaftPeerClient<tonic::transport::Channel>,
         >,
     ) {
         let m = self.raft.metrics().borrow().clone();
-        let Some(leader) = m.current_leader else {
-            return;
+        let peers: Vec<(u64, String)> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != self.node_id())
+            .map(|(id, n)| (*id, n.raft_addr.clone()))
+            .collect();
+        let members: Vec<u64> = self.read_sm(|d| d.state.nodes.keys().copied().collect());
+        let silences = {
+            let mut l = self.lock_liveness();
+            l.set_members(members);
+            l.silences(Instant::now())
         };
-        if leader == self.node_id() {
-            self.mark_seen(self.node_id());
-            return;
-        }
-        let Some(node) = m.membership_config.membership().get_node(&leader).cloned() else {
-            return;
-        };
-        if !clients.contains_key(&node.raft_addr) {
-            let timeout = self
-                .config
-                .heartbeat_interval
-                .max(Duration::from_millis(200));
-            match network::peer_channel(&node.raft_addr, timeout) {
-                Ok(ch) => {
-                    clients.insert(node.raft_addr.clone(), network::peer_client(ch));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %crate::error_chain(&e), "bad leader address");
-                    return;
+        let timeout = self
+            .config
+            .heartbeat_interval
+            .max(Duration::from_millis(200));
+        for (peer, addr) in peers {
+            if !clients.contains_key(&addr) {
+                match network::peer_channel(&addr, timeout) {
+                    Ok(ch) => {
+                        clients.insert(addr.clone(), network::peer_client(ch));
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer, error = %crate::error_chain(&e), "bad peer address");
+                        continue;
+                    }
                 }
             }
-        }
-        let Some(client) = clients.get_mut(&node.raft_addr) else {
-            return;
-        };
-        let req = HeartbeatRequest {
-            node_id: self.node_id(),
-            incarnation: self.incarnation,
-        };
-        if let Err(s) = client.heartbeat(req).await {
-            tracing::debug!(leader, code = ?s.code(), "heartbeat not delivered");
+            let Some(client) = clients.get(&addr) else {
+                continue;
+            };
+            let mut client = client.clone();
+            let req = HeartbeatRequest {
+                node_id: self.node_id(),
+                incarnation: self.incarnation,
+                silences: silences.clone(),
+            };
+            let agent = self.clone();
+            tokio::spawn(async move {
+                let sent = Instant::now();
+                match tokio::time::timeout(timeout, client.heartbeat(req)).await {
+                    Ok(Ok(reply)) => {
+                        agent
+                            .lock_liveness()
+                            .acked(peer, sent, reply.get_ref(), Instant::now());
+                    }
+                    Ok(Err(s)) => {
+                        tracing::debug!(peer, code = ?s.code(), "heartbeat not delivered")
+                    }
+                    Err(_) => tracing::debug!(peer, "heartbeat timed out"),
+                }
+            });
         }
     }
 
@@ -599,7 +625,7 @@ impl Agent {
             if clients.len() > 64 {
                 clients.clear();
             }
-            self.send_heartbeat(&mut clients).await;
+            self.send_heartbeats(&mut clients);
         }
     }
 
@@ -633,43 +659,29 @@ impl Agent {
         }
     }
 
+    /// Down for nodes a quorum-intersecting set of peers has not heard for `down_after`
+    /// (see `liveness`), Up for Down nodes this leader hears again.
     fn liveness_decisions(&self) -> Vec<(u64, NodeState, String)> {
         let m = self.raft.metrics().borrow().clone();
-        let mut l = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
         if m.state != ServerState::Leader || m.current_leader != Some(self.node_id()) {
-            l.leader_since = None;
-            l.last_seen.clear();
             return Vec::new();
         }
         let now = Instant::now();
-        let since = match l.leader_since {
-            Some((term, at)) if term == m.current_term => at,
-            _ => {
-                // New leadership: every node gets a full grace period.
-                l.leader_since = Some((m.current_term, now));
-                l.last_seen.clear();
-                l.last_seen.insert(self.node_id(), now);
-                now
-            }
-        };
-        l.last_seen.insert(self.node_id(), now);
-        let down_after = self.config.down_after;
         let nodes: Vec<(u64, NodeState)> =
             self.read_sm(|d| d.state.nodes.iter().map(|(id, r)| (*id, r.state)).collect());
+        let mut l = self.lock_liveness();
+        l.set_members(nodes.iter().map(|(id, _)| *id).collect());
+        let silent = l.silent_nodes(now);
         let mut out = Vec::new();
         for (id, state) in nodes {
-            let seen = l.last_seen.get(&id).copied();
-            let last = seen.unwrap_or(since);
-            let silent = now.saturating_duration_since(last);
-            match state {
-                NodeState::Up | NodeState::Paused if silent > down_after => out.push((
+            let silence = silent.iter().find(|(n, _)| *n == id).map(|(_, s)| *s);
+            match (state, silence) {
+                (NodeState::Up | NodeState::Paused, Some(s)) => out.push((
                     id,
                     NodeState::Down,
-                    format!("no heartbeat for {} ms", silent.as_millis()),
+                    format!("no heartbeat for {} ms", s.as_millis()),
                 )),
-                NodeState::Down
-                    if seen.is_some_and(|t| now.saturating_duration_since(t) < down_after) =>
-                {
+                (NodeState::Down, None) if l.recently_heard(id, now) => {
                     out.push((id, NodeState::Up, "heartbeats resumed".to_string()))
                 }
                 _ => {}

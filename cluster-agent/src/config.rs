@@ -12,13 +12,13 @@ use serde::Deserialize;
 
 use crate::state::KvmKind;
 
-pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 250;
-/// Silence threshold. With the heartbeat interval and the monitor tick (half an
-/// interval) a killed agent is marked Down 2.25–2.63 s after it dies: within 3 s.
-pub const DEFAULT_DOWN_AFTER_MS: u64 = 2_500;
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
+/// Silence threshold (see `liveness`: the self-fence lease is half of it). With the
+/// failover grace (500 ms) a killed agent's VMs run elsewhere about 2 s after it dies.
+pub const DEFAULT_DOWN_AFTER_MS: u64 = 1_200;
 pub const DEFAULT_RAFT_HEARTBEAT_INTERVAL_MS: u64 = 100;
-pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 600;
-pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 1_200;
+pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 400;
+pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 800;
 pub const DEFAULT_SNAPSHOT_LOGS_SINCE_LAST: u64 = 5_000;
 pub const DEFAULT_MAX_LOGS_KEPT_AFTER_SNAPSHOT: u64 = 1_000;
 pub const DEFAULT_RPC_TIMEOUT_MS: u64 = 2_000;
@@ -85,6 +85,8 @@ pub struct RawConfig {
     /// Shared volumes (`[[volumes]] name = "vol", path = "/srv/csv/vol"`): every node
     /// of a cluster names the same volumes, reaching the same shared storage.
     pub volumes: Option<Vec<csv_volume::VolumeConfig>>,
+    /// Prometheus `/metrics` listener (IP:port); unset: no metrics endpoint.
+    pub metrics_addr: Option<String>,
 }
 
 /// An IP subnet in CIDR form.
@@ -161,6 +163,7 @@ pub struct AgentConfig {
     pub rpc_timeout: Duration,
     pub facts_override: FactsOverride,
     pub volumes: Vec<csv_volume::VolumeConfig>,
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl RawConfig {
@@ -211,7 +214,8 @@ impl RawConfig {
             max_logs_kept_after_snapshot,
             rpc_timeout_ms,
             facts_override,
-            volumes
+            volumes,
+            metrics_addr
         );
         self
     }
@@ -375,6 +379,19 @@ impl RawConfig {
                 ));
             }
         }
+        let metrics_addr = match self.metrics_addr {
+            None => None,
+            Some(v) => {
+                let a = addr("metrics_addr", "metrics-addr", Some(v))?;
+                if a == mgmt_addr || a == raft_addr || a == migration_addr {
+                    return Err(invalid(
+                        "metrics_addr",
+                        format!("{a} is already used by another listener of this agent"),
+                    ));
+                }
+                Some(a)
+            }
+        };
         Ok(AgentConfig {
             node_id,
             name,
@@ -394,6 +411,7 @@ impl RawConfig {
             rpc_timeout: Duration::from_millis(rpc_timeout_ms),
             facts_override,
             volumes,
+            metrics_addr,
         })
     }
 }
@@ -557,6 +575,29 @@ cpu_vendor = "GenuineIntel"
         }
         let e = err(&GOOD.replace("node_id = 3", "node_id = \"three\""));
         assert!(e.contains("node_id"), "{e}");
+    }
+
+    #[test]
+    fn metrics_addr_is_optional_checked_and_distinct() {
+        let ok = |t: &str| RawConfig::from_toml(t).ok().and_then(|r| r.validate().ok());
+        assert_eq!(ok(GOOD).and_then(|c| c.metrics_addr), None);
+        let with = |v: &str| {
+            GOOD.replace(
+                "[facts_override]",
+                &format!("metrics_addr = \"{v}\"\n[facts_override]"),
+            )
+        };
+        assert_eq!(
+            ok(&with("127.0.1.3:9101")).and_then(|c| c.metrics_addr),
+            "127.0.1.3:9101".parse().ok()
+        );
+        let e = err(&with("nope"));
+        assert!(e.contains("metrics_addr"), "{e}");
+        let e = err(&with("127.0.1.3:7001"));
+        assert!(
+            e.contains("metrics_addr") && e.contains("already used"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -585,6 +585,7 @@ mod tests {
                     "target refused".into()
                 },
                 at_unix_ms: now + 1,
+                stats: None,
             }));
             if ok {
                 report_running(s, vm);
@@ -707,6 +708,7 @@ mod tests {
             ok: true,
             reason: String::new(),
             at_unix_ms: 22,
+            stats: None,
         }));
         assert_eq!(s.jobs.jobs[&id].count(MoveStatus::Done), 1);
         assert!(step(&s, 23).is_empty());
@@ -735,6 +737,7 @@ mod tests {
                         ok: true,
                         reason: String::new(),
                         at_unix_ms: 41 + r,
+                        stats: None,
                     }));
                     report_running(&mut s, &vm);
                 }

@@ -2,15 +2,16 @@
 //! the order and on the nodes of the scheduler's failover plan, after the down node's
 //! self-fencing grace has passed.
 //!
-//! Fencing: every agent's reconciler stops all of its VMs once it has been without a Raft
-//! leader (or, as leader, without a quorum acknowledgement) for [`SELF_FENCE_AFTER`]. The
-//! leader marks a node Down only after `down_after` of heartbeat silence and then waits
-//! [`FAILOVER_GRACE`] more before it commits new owners, so a partitioned owner has
-//! stopped its copy before another node starts one. For VMs with shared-volume disks the
-//! leader first commits the takeover of their disk locks by the new owner
-//! ([`disk_takeovers`], `ForceTakeover`: new fencing tokens), then `SetVmOwner`; an old
-//! owner that overslept its lease is refused at its next disk write by the fence record
-//! the new owner writes before it starts the VM.
+//! Fencing (see `liveness`): every agent holds a lease renewed by heartbeat
+//! acknowledgements from a majority; its fence watcher stops all of its VMs as soon as
+//! the lease lapses. The leader marks a node Down only when a quorum-intersecting set of
+//! peers has not heard it for `down_after` (longer than the lease), and waits
+//! [`FAILOVER_GRACE`] more (the fence watcher's poll plus the VM stop) before it commits
+//! new owners, so a partitioned owner has stopped its copy before another node starts one.
+//! For VMs with shared-volume disks the leader first commits the takeover of their disk
+//! locks by the new owner ([`disk_takeovers`], `ForceTakeover`: new fencing tokens), then
+//! `SetVmOwner`; an old owner that overslept its lease is refused at its next disk write
+//! by the fence record the new owner writes before it starts the VM.
 //!
 //! **Architecture Invariant:** the new owner is committed through Raft (`SetVmOwner`)
 //! before any agent starts the VM; the reconciler of the new owner starts it from the
@@ -26,10 +27,10 @@ use crate::placement::{self, PlacementError};
 use crate::state::{ClusterState, Command, NodeState};
 use crate::vms::{DesiredState, VmCommand};
 
-/// How long an agent may be without leader/quorum contact before it stops its VMs.
-pub const SELF_FENCE_AFTER: Duration = Duration::from_millis(1000);
-/// How long the leader waits after a node went Down before restarting its VMs.
-pub const FAILOVER_GRACE: Duration = Duration::from_millis(1500);
+/// How long the leader waits after a node went Down before restarting its VMs: the down
+/// node's lease lapsed before the Down decision (`liveness`); this covers its fence
+/// watcher's poll ([`crate::liveness::FENCE_POLL`]) and stopping the VMs.
+pub const FAILOVER_GRACE: Duration = Duration::from_millis(500);
 /// How often the leader looks for VMs to fail over.
 pub const FAILOVER_INTERVAL: Duration = Duration::from_millis(100);
 

@@ -41,6 +41,8 @@ pub fn start_migration_command(vm: &str, to: u64, quick: bool, at_unix_ms: u64) 
         to,
         at_unix_ms,
         quick,
+        max_downtime_ms: None,
+        deadline_ms: None,
     }
 }
 
@@ -947,6 +949,7 @@ pub fn after_vm_command(state: &mut ClusterState, cmd: &VmCommand, touched: &mut
         ok,
         reason,
         at_unix_ms,
+        ..
     } = cmd
     else {
         return;

@@ -36,6 +36,9 @@ struct Args {
     heartbeat_interval_ms: Option<u64>,
     #[arg(long)]
     down_after_ms: Option<u64>,
+    /// Prometheus `/metrics` listener (IP:port); unset: none.
+    #[arg(long)]
+    metrics_addr: Option<String>,
     /// Validate the configuration, print it and exit.
     #[arg(long)]
     check_config: bool,
@@ -54,6 +57,7 @@ impl Args {
             migration_subnet: self.migration_subnet.clone(),
             heartbeat_interval_ms: self.heartbeat_interval_ms,
             down_after_ms: self.down_after_ms,
+            metrics_addr: self.metrics_addr.clone(),
             ..RawConfig::default()
         }
     }

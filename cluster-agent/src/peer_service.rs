@@ -84,6 +84,7 @@ impl RaftPeer for PeerService {
             leader_id: m.current_leader.unwrap_or(0),
             term: m.current_term,
             accepted,
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
         }))
     }
 }

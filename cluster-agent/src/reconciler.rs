@@ -26,6 +26,8 @@ use crate::vms::{DesiredState, RuntimeState, VmCommand, VmRecord};
 
 /// How often the committed state is compared with the host.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
+/// After an apply wakes the loop, how long it waits for more entries of the same batch.
+pub const APPLY_WAKE_DELAY: Duration = Duration::from_millis(5);
 
 /// What the host shows of one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,29 +161,25 @@ fn host_view(host: &VmHost) -> BTreeMap<String, HostView> {
 /// Run the reconciler until `shutdown` turns true; then stop every VM of this host.
 pub async fn run(agent: Arc<Agent>, host: Arc<VmHost>, mut shutdown: watch::Receiver<bool>) {
     let me = agent.node_id();
-    let mut lost_since: Option<std::time::Instant> = None;
     let migrating_out: Arc<std::sync::Mutex<BTreeSet<String>>> = Arc::default();
+    let fence = tokio::spawn(crate::liveness::run_fence(
+        agent.clone(),
+        host.clone(),
+        shutdown.clone(),
+    ));
+    let mut applied = agent.raft.metrics();
     loop {
-        // Self-fencing: without leader/quorum contact this node may be cut off while
-        // the leader fails its VMs over; stop them all and start nothing.
-        if out_of_contact(&agent) {
-            let since = *lost_since.get_or_insert_with(std::time::Instant::now);
-            if since.elapsed() >= crate::failover::SELF_FENCE_AFTER {
-                let h = host.clone();
-                let fenced = tokio::task::spawn_blocking(move || h.fence_all())
-                    .await
-                    .unwrap_or_default();
-                if !fenced.is_empty() {
-                    tracing::warn!(node_id = me, vms = ?fenced, "lost leader contact; vms fenced");
-                }
-            }
+        // Without the lease (or before catching up after a lapse) this node may be cut
+        // off while the leader fails its VMs over: start nothing (the fence watcher
+        // stops what runs).
+        let lease = agent.lease();
+        if !lease.held || lease.catching_up {
             tokio::select! {
-                _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+                _ = tokio::time::sleep(crate::liveness::FENCE_POLL) => {}
                 _ = shutdown.changed() => break,
             }
             continue;
         }
-        lost_since = None;
         let records: Vec<VmRecord> = agent.read_sm(|d| d.state.vms.values().cloned().collect());
         let view = host_view(&host);
         let busy = migrating_out
@@ -204,11 +202,17 @@ pub async fn run(agent: Arc<Agent>, host: Arc<VmHost>, mut shutdown: watch::Rece
             execute(&agent, &host, action).await;
         }
         crate::hotplug::reconcile(&agent, &host, &records, &busy).await;
+        // Woken early by newly applied entries (a new owner starts its VM at once).
+        let last = applied.borrow_and_update().last_applied;
         tokio::select! {
             _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+            _ = async { applied.wait_for(|m| m.last_applied != last).await.is_ok() } => {
+                tokio::time::sleep(APPLY_WAKE_DELAY).await;
+            }
             _ = shutdown.changed() => break,
         }
     }
+    let _ = fence.await;
     let h = host.clone();
     let stopped = tokio::task::spawn_blocking(move || {
         let names: Vec<String> = h.list().into_iter().map(|i| i.name).collect();
@@ -222,18 +226,6 @@ pub async fn run(agent: Arc<Agent>, host: Arc<VmHost>, mut shutdown: watch::Rece
     .await
     .unwrap_or_default();
     tracing::info!(node_id = me, vms = ?stopped, "reconciler stopped; local vms stopped");
-}
-
-/// No known leader, or (as leader) no quorum acknowledgement for [`crate::failover::SELF_FENCE_AFTER`].
-fn out_of_contact(agent: &Agent) -> bool {
-    let m = agent.raft.metrics().borrow().clone();
-    match m.current_leader {
-        None => true,
-        Some(l) if l == agent.node_id() => m
-            .millis_since_quorum_ack
-            .is_some_and(|ms| ms > crate::failover::SELF_FENCE_AFTER.as_millis() as u64),
-        Some(_) => false,
-    }
 }
 
 async fn report(
@@ -270,58 +262,48 @@ async fn migrate_out(agent: &Arc<Agent>, host: &Arc<VmHost>, name: &str, to: u64
             .get(&to)
             .map(|n| n.registration.migration_addr.clone())
     });
+    // The migration record opened with StartMigration: its id and the operator's options.
+    let record = agent.read_sm(|d| crate::migrations::running_of(&d.state, name).cloned());
     let quick =
         agent.read_sm(|d| crate::vms::find(&d.state, name).is_some_and(|r| r.migration_quick));
-    let result: Result<String, String> = if quick {
-        crate::quick_migration::save_and_hand_off(agent, host, name, to).await
+    agent.migration_progress.started();
+    let result: Result<(String, crate::migrations::MigrationSummary), String> = if quick {
+        crate::quick_migration::save_and_hand_off(agent, host, name, to)
+            .await
+            .map(|line| (line, crate::migrations::MigrationSummary::default()))
     } else {
         match addr.as_deref().map(str::parse::<std::net::SocketAddr>) {
             None => Err(format!("node {to} is not registered")),
             Some(Err(e)) => Err(format!("node {to} has an invalid migration address: {e}")),
             Some(Ok(addr)) => {
-                let (h, n) = (host.clone(), name.to_owned());
+                let (h, n, a) = (host.clone(), name.to_owned(), agent.clone());
                 let locks: Arc<dyn crate::vmhost::DiskLocks> =
                     crate::lock_client::ClusterLocks::for_migration_source(agent.clone());
                 tokio::task::spawn_blocking(move || {
-                    let handle = h
-                        .migrate_out(&n, to, addr, crate::vmhost::LiveOptions::default(), locks)
-                        .map_err(|e| crate::error_chain(&e))?;
-                    let report = match handle.wait() {
-                        Ok(r) => r,
-                        // Commit sent, no answer: the disks are the target's (handed off),
-                        // the source copy stays paused and is stopped once the target owns
-                        // the VM; the target runs it, or boots it from its disks.
-                        Err(e) if commit_uncertain(&e) => {
-                            return Ok(format!(
-                                "switchover unconfirmed, node {to} owns the VM now: {}",
-                                crate::error_chain(&e)
-                            ))
-                        }
-                        Err(e) => return Err(crate::error_chain(&e)),
-                    };
-                    Ok(format!(
-                        "blackout {} us, receipt {}",
-                        report.stats.blackout.total_us,
-                        if report.receipt_matches() {
-                            "matches"
-                        } else {
-                            "MISMATCH"
-                        }
-                    ))
+                    run_migration(&a, &h, &n, to, addr, record.as_ref(), locks)
                 })
                 .await
                 .unwrap_or_else(|e| Err(format!("migration task failed: {e}")))
             }
         }
     };
-    let (ok, reason) = match result {
-        Ok(summary) => {
+    let (ok, reason, stats) = match result {
+        Ok((summary, stats)) => {
             tracing::info!(vm = name, to, %summary, "vm migrated");
-            (true, summary)
+            agent
+                .migration_progress
+                .finished(crate::migration_service::Outcome::Succeeded, Some(&stats));
+            (true, summary, Some(stats))
         }
         Err(e) => {
             tracing::warn!(vm = name, to, error = %e, "vm migration failed");
-            (false, e)
+            let outcome = if e.starts_with(CANCELLED_PREFIX) {
+                crate::migration_service::Outcome::Cancelled
+            } else {
+                crate::migration_service::Outcome::Failed
+            };
+            agent.migration_progress.finished(outcome, None);
+            (false, e, None)
         }
     };
     let start = std::time::Instant::now();
@@ -332,6 +314,7 @@ async fn migrate_out(agent: &Arc<Agent>, host: &Arc<VmHost>, name: &str, to: u64
             ok,
             reason: reason.clone(),
             at_unix_ms: now_unix_ms(),
+            stats: stats.clone(),
         });
         match agent.write(ForwardRequest::Command(cmd)).await {
             Ok(_) => return,
@@ -361,6 +344,96 @@ fn commit_uncertain(e: &crate::vmhost::VmHostError) -> bool {
             ..
         }
     )
+}
+
+/// Start of the failure reason of a migration an operator cancelled.
+pub const CANCELLED_PREFIX: &str = "cancelled by the operator";
+
+/// How often the source side looks for engine progress and a committed cancel.
+pub const MIGRATION_POLL: Duration = Duration::from_millis(50);
+
+/// The source side of one live migration on a blocking thread: runs the engine with the
+/// record's options, feeds the progress board, cancels when the record asks for it.
+/// Returns the summary line and the figures, or why it failed.
+fn run_migration(
+    agent: &Agent,
+    host: &Arc<VmHost>,
+    name: &str,
+    to: u64,
+    addr: std::net::SocketAddr,
+    record: Option<&crate::migrations::MigrationRecord>,
+    locks: Arc<dyn crate::vmhost::DiskLocks>,
+) -> Result<(String, crate::migrations::MigrationSummary), String> {
+    let mut opts = crate::vmhost::LiveOptions::default();
+    if let Some(r) = record {
+        opts.max_downtime_ms = r.max_downtime_ms.unwrap_or(opts.max_downtime_ms);
+        opts.deadline_ms = r.deadline_ms.unwrap_or(opts.deadline_ms);
+    }
+    let id = record.map(|r| r.id);
+    let handle = host
+        .migrate_out(name, to, addr, opts, locks)
+        .map_err(|e| crate::error_chain(&e))?;
+    let mut cancelled = false;
+    loop {
+        match handle.progress.recv_timeout(MIGRATION_POLL) {
+            Ok(ev) => {
+                if let Some(id) = id {
+                    agent.migration_progress.update(id, &ev);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        let cancel = id.is_some_and(|id| {
+            agent.read_sm(|d| {
+                d.state
+                    .migrations
+                    .get(&id)
+                    .is_some_and(|m| m.cancel_requested)
+            })
+        });
+        if cancel && !cancelled {
+            tracing::info!(vm = name, to, "migration cancel requested; aborting");
+            handle.cancel();
+            cancelled = true;
+        }
+    }
+    let report = match handle.wait() {
+        Ok(r) => r,
+        // Commit sent, no answer: the disks are the target's (handed off), the source
+        // copy stays paused and is stopped once the target owns the VM; the target runs
+        // it, or boots it from its disks.
+        Err(e) if commit_uncertain(&e) => {
+            return Ok((
+                format!(
+                    "switchover unconfirmed, node {to} owns the VM now: {}",
+                    crate::error_chain(&e)
+                ),
+                crate::migrations::MigrationSummary::default(),
+            ))
+        }
+        Err(e) => {
+            let why = crate::error_chain(&e);
+            return Err(if cancelled {
+                format!("{CANCELLED_PREFIX} ({why})")
+            } else {
+                why
+            });
+        }
+    };
+    let summary = crate::migrations::MigrationSummary::from_stats(&report.stats);
+    Ok((
+        format!(
+            "blackout {} us, receipt {}",
+            report.stats.blackout.total_us,
+            if report.receipt_matches() {
+                "matches"
+            } else {
+                "MISMATCH"
+            }
+        ),
+        summary,
+    ))
 }
 
 /// Start `spec` here: commit the locks of its disks, start it through vmhost with the

@@ -32,6 +32,8 @@ pub enum RunError {
     Volumes(#[source] Box<csv_volume::VolumeError>),
     #[error("cannot listen for incoming migrations")]
     Migration(#[source] Box<crate::vmhost::VmHostError>),
+    #[error("cannot serve metrics")]
+    Metrics(#[source] crate::metrics::MetricsError),
     #[error("the {service} service failed")]
     Serve {
         service: &'static str,
@@ -50,6 +52,10 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, RunErr
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let mgmt = bind("mgmt_addr", config.mgmt_addr).await?;
     let peer = bind("raft_addr", config.raft_addr).await?;
+    let metrics = match config.metrics_addr {
+        Some(a) => Some(crate::metrics::bind(a).await.map_err(RunError::Metrics)?),
+        None => None,
+    };
     let agent = Agent::start(config).await.map_err(RunError::Start)?;
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -79,6 +85,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             host: vm_host.clone(),
         },
     );
+    let mt = metrics.map(|l| {
+        tokio::spawn(crate::metrics::serve(
+            l,
+            agent.clone(),
+            vm_host.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let vm_svc = VmServiceServer::new(crate::vm_service::VmApi::new(agent.clone(), vm_host));
 
     let peer_svc = RaftPeerServer::new(PeerService {
@@ -101,6 +115,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         .add_service(vm_svc)
         .add_service(drain_svc)
         .add_service(volume_svc)
+        .add_service(
+            cluster_proto::migrations::migration_service_server::MigrationServiceServer::new(
+                crate::migration_service::MigrationApi {
+                    agent: agent.clone(),
+                },
+            ),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(mgmt), stopped(stop_rx.clone()));
     let peer_task = tokio::spawn(peer_server);
     let mgmt_task = tokio::spawn(mgmt_server);
@@ -120,6 +141,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = rc.await;
     let _ = fo.await;
     let _ = jobs.await;
+    if let Some(mt) = mt {
+        let _ = mt.await;
+    }
     drop(listener);
     if let Err(e) = agent.raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");

@@ -189,6 +189,8 @@ pub enum Command {
     Lock(crate::disk_locks::LockEntry),
     /// Hot add / remove of a VM's disk (see `crate::hotplug`).
     VmDisk(crate::hotplug::VmDiskCommand),
+    /// Migration management (see `crate::migrations`).
+    Migration(crate::migrations::MigrationCommand),
 }
 
 impl std::fmt::Display for Command {
@@ -208,6 +210,7 @@ impl std::fmt::Display for Command {
             Command::Job(c) => write!(f, "{c}"),
             Command::Lock(l) => write!(f, "{l}"),
             Command::VmDisk(c) => write!(f, "{c}"),
+            Command::Migration(c) => write!(f, "{c}"),
         }
     }
 }
@@ -245,6 +248,8 @@ pub enum StateKey {
     JobMeta,
     /// The whole shared-volume lock table.
     Locks,
+    Migration(u64),
+    LastMigrationId,
 }
 
 /// The whole replicated state.
@@ -268,6 +273,12 @@ pub struct ClusterState {
     /// Shared-volume disk locks (see `crate::disk_locks`).
     #[serde(default)]
     pub locks: csv_volume::LockTable,
+    /// Migration records by id (see `crate::migrations`).
+    #[serde(default)]
+    pub migrations: BTreeMap<u64, crate::migrations::MigrationRecord>,
+    /// Newest migration id ever given (ids are never reused).
+    #[serde(default)]
+    pub last_migration_id: u64,
 }
 
 /// Where a command sits in the Raft log: the lock table's fencing token is the index.
@@ -457,6 +468,18 @@ impl ClusterState {
                     touched.push(StateKey::LastVmId);
                 }
                 crate::jobs::after_vm_command(self, c, &mut touched);
+                crate::migrations::after_vm_command(self, c, &mut touched);
+                CommandResult::Ok
+            }
+            Command::Migration(c) => {
+                if let Err(e) = crate::migrations::apply(self, c, &mut touched) {
+                    return (
+                        CommandResult::Rejected {
+                            reason: crate::error_chain(&e),
+                        },
+                        Vec::new(),
+                    );
+                }
                 CommandResult::Ok
             }
             Command::Job(c) => {

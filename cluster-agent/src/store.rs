@@ -165,6 +165,8 @@ fn sm_key(k: &StateKey) -> Vec<u8> {
         StateKey::Job(id) => [&b"j"[..], &id.to_be_bytes()].concat(),
         StateKey::JobMeta => b"jm".to_vec(),
         StateKey::Locks => b"l".to_vec(),
+        StateKey::Migration(id) => [&b"g"[..], &id.to_be_bytes()].concat(),
+        StateKey::LastMigrationId => b"G".to_vec(),
     }
 }
 
@@ -226,6 +228,14 @@ fn load_sm(db: &DB, path: &str) -> Result<SmData, StoreError> {
             }
             Some(b'l') if k.len() == 1 => {
                 d.state.locks = serde_json::from_slice(&v).map_err(dec_err)?
+            }
+            Some(b'g') if k.len() == 9 => {
+                let m: crate::migrations::MigrationRecord =
+                    serde_json::from_slice(&v).map_err(dec_err)?;
+                d.state.migrations.insert(m.id, m);
+            }
+            Some(b'G') if k.len() == 1 => {
+                d.state.last_migration_id = serde_json::from_slice(&v).map_err(dec_err)?
             }
             _ if &*k == KEY_APPLIED => {
                 d.last_applied = serde_json::from_slice(&v).map_err(dec_err)?
@@ -440,6 +450,8 @@ fn put_entity(
         StateKey::Job(id) => s.jobs.jobs.get(id).map(to_json).transpose()?,
         StateKey::JobMeta => Some(to_json(&(s.jobs.last_job_id, &s.jobs.policy))?),
         StateKey::Locks => Some(to_json(&s.locks)?),
+        StateKey::Migration(id) => s.migrations.get(id).map(to_json).transpose()?,
+        StateKey::LastMigrationId => Some(to_json(&s.last_migration_id)?),
     };
     match value {
         Some(v) => batch.put_cf(h, key, v),
@@ -628,6 +640,8 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         keys.extend(s.jobs.jobs.keys().map(|id| StateKey::Job(*id)));
         keys.push(StateKey::JobMeta);
         keys.push(StateKey::Locks);
+        keys.extend(s.migrations.keys().map(|id| StateKey::Migration(*id)));
+        keys.push(StateKey::LastMigrationId);
         for k in &keys {
             put_entity(&mut batch, h, s, k)?;
         }

@@ -346,6 +346,8 @@ impl VmService for VmApi {
             to: 0,
             at_unix_ms: now_unix_ms(),
             quick: req.quick,
+            max_downtime_ms: req.max_downtime_ms,
+            deadline_ms: req.deadline_ms,
         };
         // Same checks as the commit, except the target (chosen next).
         match vms::check(&state, &probe) {
@@ -364,6 +366,8 @@ impl VmService for VmApi {
             to: target,
             at_unix_ms: now_unix_ms(),
             quick: req.quick,
+            max_downtime_ms: req.max_downtime_ms,
+            deadline_ms: req.deadline_ms,
         })
         .await?;
         self.reply(&req.name)

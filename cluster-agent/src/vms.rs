@@ -138,6 +138,12 @@ pub enum VmCommand {
         /// Quick migration (save to the shared volume, restore on `to`) instead of live.
         #[serde(default)]
         quick: bool,
+        /// Longest acceptable blackout (`None`: the engine's default).
+        #[serde(default)]
+        max_downtime_ms: Option<u64>,
+        /// Give up and roll back when not converged by then (`None`: the engine's default).
+        #[serde(default)]
+        deadline_ms: Option<u64>,
     },
     /// The migration to `to` ended: on success `to` becomes the owner (switchover).
     FinishMigration {
@@ -146,6 +152,9 @@ pub enum VmCommand {
         ok: bool,
         reason: String,
         at_unix_ms: u64,
+        /// The engine's final figures and receipt digests (see `crate::migrations`).
+        #[serde(default)]
+        stats: Option<crate::migrations::MigrationSummary>,
     },
     /// The owner reports what its VMM did for decision `generation`.
     ReportVmState {
@@ -241,6 +250,8 @@ pub enum VmStateError {
     AlreadyMigrating { name: String, to: u64 },
     #[error("VM {name:?} is not migrating to node {to}")]
     NotMigrating { name: String, to: u64 },
+    #[error("bad migration options: {0}")]
+    BadMigrationOptions(String),
 }
 
 /// How a refusal maps onto an API status class.
@@ -257,7 +268,8 @@ impl VmStateError {
         match self {
             VmStateError::Spec(_)
             | VmStateError::MemoryBeyondNodes { .. }
-            | VmStateError::NotReportable(_) => ErrorClass::InvalidArgument,
+            | VmStateError::NotReportable(_)
+            | VmStateError::BadMigrationOptions(_) => ErrorClass::InvalidArgument,
             VmStateError::UnknownVm(_) | VmStateError::UnknownNode(_) => ErrorClass::NotFound,
             VmStateError::DuplicateName(_) => ErrorClass::AlreadyExists,
             VmStateError::NodeNotUp { .. }
@@ -271,6 +283,42 @@ impl VmStateError {
             | VmStateError::StaleGeneration { .. } => ErrorClass::FailedPrecondition,
         }
     }
+}
+
+/// Longest `--max-downtime` accepted.
+pub const MAX_DOWNTIME_MS_MAX: u64 = 60_000;
+/// Longest `--deadline` accepted.
+pub const DEADLINE_MS_MAX: u64 = 24 * 3_600_000;
+
+/// The live migration options the engine accepts: 1 ms ≤ max downtime ≤ 60 s, and a
+/// deadline longer than the max downtime (either may be left to the default).
+pub fn check_migration_options(
+    max_downtime_ms: Option<u64>,
+    deadline_ms: Option<u64>,
+) -> Result<(), VmStateError> {
+    let bad = |m: String| Err(VmStateError::BadMigrationOptions(m));
+    if let Some(d) = max_downtime_ms {
+        if d == 0 || d > MAX_DOWNTIME_MS_MAX {
+            return bad(format!(
+                "max_downtime_ms {d} is out of range (1..={MAX_DOWNTIME_MS_MAX})"
+            ));
+        }
+    }
+    if let Some(t) = deadline_ms {
+        if t == 0 || t > DEADLINE_MS_MAX {
+            return bad(format!(
+                "deadline_ms {t} is out of range (1..={DEADLINE_MS_MAX})"
+            ));
+        }
+        let downtime = max_downtime_ms
+            .unwrap_or(vmm_node::migration::convergence::DEFAULT_MAX_DOWNTIME.as_millis() as u64);
+        if t <= downtime {
+            return bad(format!(
+                "deadline_ms {t} must exceed the max downtime ({downtime} ms)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The VM named `name`, if any.
@@ -361,7 +409,14 @@ pub fn check(state: &ClusterState, cmd: &VmCommand) -> Result<(), VmStateError> 
             existing(name)?;
             check_owner(state, *owner)?;
         }
-        VmCommand::StartMigration { name, to, .. } => {
+        VmCommand::StartMigration {
+            name,
+            to,
+            max_downtime_ms,
+            deadline_ms,
+            ..
+        } => {
+            check_migration_options(*max_downtime_ms, *deadline_ms)?;
             let vm = existing(name)?;
             if vm.desired != DesiredState::Running || vm.runtime != RuntimeState::Running {
                 return Err(VmStateError::NotMigratable {
@@ -525,6 +580,7 @@ pub fn apply(
             to,
             at_unix_ms,
             quick,
+            ..
         } => {
             let vm = record_mut(state, name, touched)?;
             vm.migrating_to = Some(*to);
@@ -546,6 +602,7 @@ pub fn apply(
             ok,
             reason,
             at_unix_ms,
+            ..
         } => {
             let vm = record_mut(state, name, touched)?;
             vm.migrating_to = None;
@@ -897,6 +954,8 @@ mod tests {
             to,
             at_unix_ms: 2,
             quick: false,
+            max_downtime_ms: None,
+            deadline_ms: None,
         };
         // Not running yet (Starting): refused.
         assert!(rejected(vm(&mut s, start(2))).contains("only a running VM"));
@@ -921,6 +980,7 @@ mod tests {
             ok,
             reason: "r".into(),
             at_unix_ms: 3,
+            stats: None,
         };
         assert!(rejected(vm(&mut s, finish(3, true))).contains("not migrating to node 3"));
         // A failed migration leaves the owner; a successful one switches it over.

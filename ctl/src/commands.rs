@@ -141,6 +141,7 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
         }
         Cmd::Vm(v) => crate::vm::run(cli, v).await,
         Cmd::Disk(d) => crate::disk::run(cli, d).await,
+        Cmd::Migration(m) => crate::migration::run(cli, m).await,
         Cmd::Node(NodeCmd::WhyNot { vm, node_id }) => crate::vm::why_not(cli, vm, *node_id).await,
     }
 }

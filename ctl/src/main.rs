@@ -6,6 +6,7 @@ mod client;
 mod commands;
 mod disk;
 mod drain;
+mod migration;
 mod output;
 mod vm;
 
@@ -70,6 +71,9 @@ pub enum Cmd {
     /// Shared-volume disks and their cluster locks: create, list, locks.
     #[command(subcommand)]
     Disk(disk::DiskCmd),
+    /// Migrations: list, show (statistics, receipt), cancel.
+    #[command(subcommand)]
+    Migration(migration::MigrationCmd),
 }
 
 #[derive(Debug, Subcommand)]

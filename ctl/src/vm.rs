@@ -43,6 +43,15 @@ pub enum VmCmd {
         /// Quick migration: save to the shared volume, restore on the target.
         #[arg(long)]
         quick: bool,
+        /// Longest acceptable blackout in ms (default 300).
+        #[arg(long, value_name = "MS")]
+        max_downtime: Option<u64>,
+        /// Give up and roll back when not converged within S seconds (default 120).
+        #[arg(long, value_name = "S")]
+        deadline: Option<u64>,
+        /// No progress bar on stderr.
+        #[arg(long)]
+        no_progress: bool,
     },
     /// The VM's serial console, from whichever node runs it.
     Console {
@@ -492,11 +501,16 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             no_wait,
             dry_run,
             quick,
+            max_downtime,
+            deadline,
+            no_progress,
         } => {
             let req = pb::MigrateVmRequest {
                 name: n.clone(),
                 to_node_id: to.unwrap_or(0),
                 quick: *quick,
+                max_downtime_ms: *max_downtime,
+                deadline_ms: deadline.map(|s| s.saturating_mul(1000)),
             };
             if *dry_run {
                 let p = tokio::time::timeout(timeout, c.plan_migration(req))
@@ -516,6 +530,12 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                 return render_one(fmt, Some(&started));
             }
             let target = started.migrating_to;
+            if !*no_progress {
+                // Progress bar on stderr until the migration ends (best effort).
+                if let Err(e) = crate::migration::follow_progress(ep, timeout, n).await {
+                    eprintln!("clusterctl: no progress stream: {e}");
+                }
+            }
             let deadline = std::time::Instant::now() + MIGRATE_WAIT_MAX;
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;

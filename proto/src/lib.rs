@@ -28,3 +28,8 @@ pub mod drain {
 pub mod volumes {
     tonic::include_proto!("cluster.volumes.v1");
 }
+
+/// Migration management API (`cluster.migrations.v1`), served next to `vms`.
+pub mod migrations {
+    tonic::include_proto!("cluster.migrations.v1");
+}

@@ -4,8 +4,12 @@
 //! healthy cluster (the cost of starting the VM itself). Runs once with a follower as the
 //! owner and once with the leader as the owner (the leader case adds an election).
 //!
-//! Usage: `failover-bench` (the `cluster-agent` binary must be built in the same target
-//! directory: `cargo build -p cluster-agent -p cluster-tests --bins`).
+//! Each case runs twice: with the agent's default liveness settings (heartbeats 100 ms,
+//! Down after 1200 ms, elections 600–1200 ms) and with the test harness's slower ones
+//! (200 ms / 2000 ms / 1000–2000 ms), `ROUNDS` times each.
+//!
+//! Usage: `failover-bench [ROUNDS]` (the `cluster-agent` binary must be built in the same
+//! target directory: `cargo build -p cluster-agent -p cluster-tests --bins`).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -16,6 +20,8 @@ use cluster_tests::{locate_binary, Cluster, Options};
 use tonic::transport::{Channel, Endpoint};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// cluster-agent's `failover::FAILOVER_GRACE`.
+const FAILOVER_GRACE_MS: u64 = 500;
 
 async fn client(c: &Cluster, id: u64) -> Result<VmServiceClient<Channel>, String> {
     let addr = c.spec(id).map_err(|e| e.to_string())?.mgmt_addr;
@@ -75,8 +81,12 @@ async fn leader(c: &Cluster, via: u64) -> Result<u64, String> {
 }
 
 /// One round: returns (create→heartbeat ms, kill→heartbeat-elsewhere ms, owner was leader).
-async fn round(bin: &std::path::Path, owner_is_leader: bool) -> Result<(u128, u128, bool), String> {
-    let mut c = Cluster::new(bin.to_path_buf(), Options::default()).map_err(|e| e.to_string())?;
+async fn round(
+    bin: &std::path::Path,
+    opts: &Options,
+    owner_is_leader: bool,
+) -> Result<(u128, u128, bool), String> {
+    let mut c = Cluster::new(bin.to_path_buf(), opts.clone()).map_err(|e| e.to_string())?;
     c.form(3).await.map_err(|e| e.to_string())?;
     let lead = leader(&c, 1).await?;
     let follower = [1, 2, 3].into_iter().find(|n| *n != lead).unwrap_or(1);
@@ -196,18 +206,57 @@ async fn main() -> ExitCode {
         }
     };
     println!("failover-bench: 3 agents on loopback, 1 test-guest VM (64 MiB, mem workload, 20 ms heartbeats)");
-    println!("  liveness: heartbeats {} ms, Down after {} ms; failover grace 1500 ms; self-fence after 1000 ms",
-        Options::default().heartbeat_interval_ms, Options::default().down_after_ms);
-    for owner_is_leader in [false, true] {
-        match round(&bin, owner_is_leader).await {
-            Ok((start_ms, failover_ms, was_leader)) => println!(
-                "  owner {:8}: create -> first heartbeat {start_ms:5} ms (baseline) | kill -9 owner -> first heartbeat elsewhere {failover_ms:5} ms",
-                if was_leader { "leader" } else { "follower" }
-            ),
-            Err(e) => {
-                eprintln!("failover-bench: {e}");
-                return ExitCode::FAILURE;
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(3);
+    let agent_defaults = Options {
+        // cluster-agent's config::DEFAULT_* (this crate does not link the agent).
+        heartbeat_interval_ms: 100,
+        down_after_ms: 1_200,
+        raft_heartbeat_interval_ms: 100,
+        election_timeout_min_ms: 400,
+        election_timeout_max_ms: 800,
+        ..Options::default()
+    };
+    for (label, opts) in [
+        ("agent defaults", agent_defaults),
+        ("harness settings", Options::default()),
+    ] {
+        println!(
+            "  {label}: heartbeats {} ms, Down after {} ms (lease {} ms), elections {}-{} ms, failover grace {} ms",
+            opts.heartbeat_interval_ms,
+            opts.down_after_ms,
+            opts.down_after_ms / 2,
+            opts.election_timeout_min_ms,
+            opts.election_timeout_max_ms,
+            FAILOVER_GRACE_MS
+        );
+        for owner_is_leader in [false, true] {
+            let mut figures = Vec::new();
+            for _ in 0..rounds {
+                match round(&bin, &opts, owner_is_leader).await {
+                    Ok((start_ms, failover_ms, was_leader)) => {
+                        println!(
+                            "    owner {:8}: create -> first heartbeat {start_ms:5} ms (baseline) | kill -9 owner -> first heartbeat elsewhere {failover_ms:5} ms",
+                            if was_leader { "leader" } else { "follower" }
+                        );
+                        figures.push(failover_ms);
+                    }
+                    Err(e) => {
+                        eprintln!("failover-bench: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
             }
+            figures.sort_unstable();
+            println!(
+                "    owner {:8}: kill -9 -> heartbeat elsewhere min {} / median {} / max {} ms over {rounds} rounds",
+                if owner_is_leader { "leader" } else { "follower" },
+                figures.first().copied().unwrap_or(0),
+                figures.get(figures.len() / 2).copied().unwrap_or(0),
+                figures.last().copied().unwrap_or(0)
+            );
         }
     }
     match migration_round(&bin).await {

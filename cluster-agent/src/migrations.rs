@@ -1,0 +1,506 @@
+//! Replicated migration records: the migration part of the pure cluster state machine.
+//!
+//! A [`MigrationRecord`] is opened when a `VmCommand::StartMigration` is applied and
+//! closed by the matching `VmCommand::FinishMigration` (succeeded / failed, or cancelled
+//! when an operator's [`MigrationCommand::CancelMigration`] was committed first), with
+//! the engine's final statistics and both receipt digests. A running record whose VM
+//! lost its migration some other way (failover owner change, delete) is closed as
+//! failed. Finished records are kept up to [`MIGRATION_HISTORY_MAX`]; the oldest finished
+//! ones are dropped first.
+//!
+//! **Architecture Invariant:** at most one running migration record per VM, and a VM
+//! has one exactly while its `VmRecord::migrating_to` is set; records change only in
+//! `apply` (pure, deterministic: no clock, timestamps travel in commands).
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{ClusterState, EventKind, StateKey};
+use crate::vms::VmCommand;
+
+/// Finished migration records kept (running ones are never dropped).
+pub const MIGRATION_HISTORY_MAX: usize = 1_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationKind {
+    Live,
+    /// Saved to the shared volume, restored on the target.
+    Quick,
+}
+
+impl MigrationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationKind::Live => "live",
+            MigrationKind::Quick => "quick",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl MigrationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationState::Running => "running",
+            MigrationState::Succeeded => "succeeded",
+            MigrationState::Failed => "failed",
+            MigrationState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn finished(self) -> bool {
+        self != MigrationState::Running
+    }
+}
+
+impl std::fmt::Display for MigrationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The engine's figures of a finished migration, as the source reported them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationSummary {
+    pub rounds: u32,
+    pub guest_bytes: u64,
+    pub wire_bytes: u64,
+    pub total_us: u64,
+    pub blackout_us: u64,
+    pub max_throttle_percent: u8,
+    /// Digest of guest memory as sent (source side of the receipt).
+    pub source_digest: u64,
+    /// Digest as received (the target's receipt); `None` when the target never sent one.
+    pub target_digest: Option<u64>,
+    pub receipt_matches: bool,
+}
+
+impl MigrationSummary {
+    pub fn from_stats(s: &vmm_node::migration::stats::MigrationStats) -> MigrationSummary {
+        MigrationSummary {
+            rounds: s.rounds.len() as u32,
+            guest_bytes: s.guest_bytes,
+            wire_bytes: s.wire_bytes,
+            total_us: s.total_us,
+            blackout_us: s.blackout.total_us,
+            max_throttle_percent: s.max_throttle_percent,
+            source_digest: s.source_digest,
+            target_digest: s.target_digest,
+            receipt_matches: s.receipt_matches(),
+        }
+    }
+}
+
+/// One migration of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    pub id: u64,
+    pub vm: String,
+    pub source: u64,
+    pub target: u64,
+    pub kind: MigrationKind,
+    /// Options the operator chose (`None`: the engine's default).
+    pub max_downtime_ms: Option<u64>,
+    pub deadline_ms: Option<u64>,
+    pub state: MigrationState,
+    /// An operator asked to cancel; the source aborts and rolls back.
+    pub cancel_requested: bool,
+    pub started_unix_ms: u64,
+    pub ended_unix_ms: Option<u64>,
+    /// Why it failed, or the source's summary line.
+    pub reason: String,
+    pub stats: Option<MigrationSummary>,
+}
+
+/// Migration commands carried by the Raft log inside `Command::Migration`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "migration_cmd", rename_all = "snake_case")]
+pub enum MigrationCommand {
+    /// Ask the source of running migration `id` to abort and roll back.
+    CancelMigration { id: u64, at_unix_ms: u64 },
+}
+
+impl std::fmt::Display for MigrationCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MigrationCommand::CancelMigration { id, .. } => write!(f, "cancel_migration({id})"),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MigrationError {
+    #[error("no migration with id {0}; `clusterctl migration list` shows them")]
+    Unknown(u64),
+    #[error("migration {id} already {state}; only a running migration can be cancelled")]
+    Finished { id: u64, state: MigrationState },
+    #[error("migration {0} is already being cancelled")]
+    AlreadyCancelling(u64),
+}
+
+impl MigrationError {
+    pub fn class(&self) -> crate::vms::ErrorClass {
+        match self {
+            MigrationError::Unknown(_) => crate::vms::ErrorClass::NotFound,
+            MigrationError::Finished { .. } | MigrationError::AlreadyCancelling(_) => {
+                crate::vms::ErrorClass::FailedPrecondition
+            }
+        }
+    }
+}
+
+/// The running migration of `vm`, if any.
+pub fn running_of<'a>(state: &'a ClusterState, vm: &str) -> Option<&'a MigrationRecord> {
+    state
+        .migrations
+        .values()
+        .rev()
+        .find(|m| m.vm == vm && m.state == MigrationState::Running)
+}
+
+/// What the leader asks before proposing a migration command.
+pub fn check(state: &ClusterState, cmd: &MigrationCommand) -> Result<(), MigrationError> {
+    match cmd {
+        MigrationCommand::CancelMigration { id, .. } => {
+            let m = state
+                .migrations
+                .get(id)
+                .ok_or(MigrationError::Unknown(*id))?;
+            if m.state.finished() {
+                return Err(MigrationError::Finished {
+                    id: *id,
+                    state: m.state,
+                });
+            }
+            if m.cancel_requested {
+                return Err(MigrationError::AlreadyCancelling(*id));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Apply a migration command (every replica).
+pub fn apply(
+    state: &mut ClusterState,
+    cmd: &MigrationCommand,
+    touched: &mut Vec<StateKey>,
+) -> Result<(), MigrationError> {
+    check(state, cmd)?;
+    match cmd {
+        MigrationCommand::CancelMigration { id, at_unix_ms } => {
+            let Some(m) = state.migrations.get_mut(id) else {
+                return Err(MigrationError::Unknown(*id));
+            };
+            m.cancel_requested = true;
+            let (vm, source) = (m.vm.clone(), m.source);
+            touched.push(StateKey::Migration(*id));
+            state.record_event(
+                *at_unix_ms,
+                EventKind::Vm,
+                source,
+                format!("migration {id} of VM {vm}: cancel requested"),
+                touched,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Keep the migration records in step with a VM command that was just applied.
+pub fn after_vm_command(state: &mut ClusterState, cmd: &VmCommand, touched: &mut Vec<StateKey>) {
+    match cmd {
+        VmCommand::StartMigration {
+            name,
+            to,
+            at_unix_ms,
+            max_downtime_ms,
+            deadline_ms,
+            quick,
+        } => {
+            let source = state
+                .vms
+                .values()
+                .find(|v| &v.spec.name == name)
+                .and_then(|v| v.owner)
+                .unwrap_or(0);
+            state.last_migration_id += 1;
+            let id = state.last_migration_id;
+            state.migrations.insert(
+                id,
+                MigrationRecord {
+                    id,
+                    vm: name.clone(),
+                    source,
+                    target: *to,
+                    kind: if *quick {
+                        MigrationKind::Quick
+                    } else {
+                        MigrationKind::Live
+                    },
+                    max_downtime_ms: *max_downtime_ms,
+                    deadline_ms: *deadline_ms,
+                    state: MigrationState::Running,
+                    cancel_requested: false,
+                    started_unix_ms: *at_unix_ms,
+                    ended_unix_ms: None,
+                    reason: String::new(),
+                    stats: None,
+                },
+            );
+            touched.push(StateKey::Migration(id));
+            touched.push(StateKey::LastMigrationId);
+            trim(state, touched);
+        }
+        VmCommand::FinishMigration {
+            name,
+            ok,
+            reason,
+            at_unix_ms,
+            stats,
+            ..
+        } => {
+            let id = running_of(state, name).map(|m| m.id);
+            if let Some(m) = id.and_then(|id| state.migrations.get_mut(&id)) {
+                m.state = match (*ok, m.cancel_requested) {
+                    (true, _) => MigrationState::Succeeded,
+                    (false, true) => MigrationState::Cancelled,
+                    (false, false) => MigrationState::Failed,
+                };
+                m.ended_unix_ms = Some(*at_unix_ms);
+                m.reason = reason.clone();
+                m.stats = stats.clone();
+                touched.push(StateKey::Migration(m.id));
+            }
+        }
+        _ => {}
+    }
+    // A VM that lost its migration another way (failover, delete): close the record.
+    let at = cmd_time(cmd);
+    let orphaned: Vec<u64> = state
+        .migrations
+        .values()
+        .filter(|m| m.state == MigrationState::Running)
+        .filter(|m| {
+            !state
+                .vms
+                .values()
+                .any(|v| v.spec.name == m.vm && v.migrating_to == Some(m.target))
+        })
+        .map(|m| m.id)
+        .collect();
+    for id in orphaned {
+        if let Some(m) = state.migrations.get_mut(&id) {
+            m.state = MigrationState::Failed;
+            m.ended_unix_ms = Some(at);
+            m.reason = "the VM's owner changed or it was deleted while migrating".into();
+            touched.push(StateKey::Migration(id));
+        }
+    }
+}
+
+fn cmd_time(cmd: &VmCommand) -> u64 {
+    match cmd {
+        VmCommand::CreateVm { at_unix_ms, .. }
+        | VmCommand::StartVm { at_unix_ms, .. }
+        | VmCommand::StopVm { at_unix_ms, .. }
+        | VmCommand::DeleteVm { at_unix_ms, .. }
+        | VmCommand::SetVmOwner { at_unix_ms, .. }
+        | VmCommand::StartMigration { at_unix_ms, .. }
+        | VmCommand::FinishMigration { at_unix_ms, .. }
+        | VmCommand::ReportVmState { at_unix_ms, .. } => *at_unix_ms,
+    }
+}
+
+/// Drop the oldest finished records beyond [`MIGRATION_HISTORY_MAX`].
+fn trim(state: &mut ClusterState, touched: &mut Vec<StateKey>) {
+    let finished: Vec<u64> = state
+        .migrations
+        .values()
+        .filter(|m| m.state.finished())
+        .map(|m| m.id)
+        .collect();
+    let excess = finished.len().saturating_sub(MIGRATION_HISTORY_MAX);
+    for id in finished.into_iter().take(excess) {
+        state.migrations.remove(&id);
+        touched.push(StateKey::Migration(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Command, CommandResult, NodeFacts, NodeRegistration};
+    use crate::vmhost::spec::{TestWorkload, VmSpec, WorkloadName};
+    use crate::vms::RuntimeState;
+
+    fn cluster_with_running_vm() -> ClusterState {
+        let mut s = ClusterState::default();
+        for id in 1..=2u64 {
+            s.apply(&Command::RegisterNode {
+                registration: NodeRegistration {
+                    node_id: id,
+                    name: format!("n{id}"),
+                    mgmt_addr: format!("127.0.1.{id}:7001"),
+                    raft_addr: format!("127.0.1.{id}:7002"),
+                    migration_addr: format!("127.0.2.{id}:7003"),
+                    mgmt_subnet: "127.0.1.0/24".into(),
+                    migration_subnet: "127.0.2.0/24".into(),
+                    facts: NodeFacts {
+                        cpu_vendor: "AuthenticAMD".into(),
+                        logical_cpus: 4,
+                        memory_bytes: 4 << 30,
+                        ..NodeFacts::default()
+                    },
+                },
+                at_unix_ms: 1,
+            });
+        }
+        let spec = VmSpec::test_guest("m", 1, 64, TestWorkload::new(WorkloadName::Idle));
+        s.apply(&Command::Vm(VmCommand::CreateVm {
+            spec,
+            owner: Some(1),
+            at_unix_ms: 2,
+        }));
+        s.apply(&Command::Vm(VmCommand::ReportVmState {
+            name: "m".into(),
+            node_id: 1,
+            generation: 1,
+            runtime: RuntimeState::Running,
+            reason: String::new(),
+            at_unix_ms: 3,
+        }));
+        s
+    }
+
+    fn start(s: &mut ClusterState, at: u64) -> CommandResult {
+        s.apply(&Command::Vm(VmCommand::StartMigration {
+            name: "m".into(),
+            to: 2,
+            at_unix_ms: at,
+            max_downtime_ms: Some(50),
+            deadline_ms: None,
+            quick: false,
+        }))
+        .0
+    }
+
+    fn finish(s: &mut ClusterState, ok: bool, at: u64) -> CommandResult {
+        s.apply(&Command::Vm(VmCommand::FinishMigration {
+            name: "m".into(),
+            to: 2,
+            ok,
+            reason: "r".into(),
+            at_unix_ms: at,
+            stats: Some(MigrationSummary {
+                rounds: 3,
+                receipt_matches: ok,
+                ..MigrationSummary::default()
+            }),
+        }))
+        .0
+    }
+
+    fn cancel(s: &mut ClusterState, id: u64) -> CommandResult {
+        s.apply(&Command::Migration(MigrationCommand::CancelMigration {
+            id,
+            at_unix_ms: 9,
+        }))
+        .0
+    }
+
+    #[test]
+    fn start_finish_cancel_and_refusals() {
+        let mut s = cluster_with_running_vm();
+        assert_eq!(start(&mut s, 10), CommandResult::Ok);
+        let m = &s.migrations[&1];
+        assert_eq!(
+            (
+                m.vm.as_str(),
+                m.source,
+                m.target,
+                m.state,
+                m.max_downtime_ms
+            ),
+            ("m", 1, 2, MigrationState::Running, Some(50))
+        );
+        assert_eq!(finish(&mut s, true, 20), CommandResult::Ok);
+        let m = &s.migrations[&1];
+        assert_eq!(
+            (m.state, m.ended_unix_ms),
+            (MigrationState::Succeeded, Some(20))
+        );
+        assert_eq!(m.stats.as_ref().map(|x| x.rounds), Some(3));
+        // Cancelling a finished or unknown migration is refused and changes nothing.
+        let before = s.clone();
+        assert!(
+            matches!(cancel(&mut s, 1), CommandResult::Rejected { reason } if reason.contains("already succeeded"))
+        );
+        assert!(
+            matches!(cancel(&mut s, 7), CommandResult::Rejected { reason } if reason.contains("no migration with id 7"))
+        );
+        assert_eq!(s, before);
+        // Back to node 1, cancelled midway: the record says cancelled.
+        s.apply(&Command::Vm(VmCommand::ReportVmState {
+            name: "m".into(),
+            node_id: 2,
+            generation: 2,
+            runtime: RuntimeState::Running,
+            reason: String::new(),
+            at_unix_ms: 21,
+        }));
+        s.apply(&Command::Vm(VmCommand::StartMigration {
+            name: "m".into(),
+            to: 1,
+            at_unix_ms: 30,
+            max_downtime_ms: None,
+            deadline_ms: None,
+            quick: false,
+        }));
+        assert_eq!(cancel(&mut s, 2), CommandResult::Ok);
+        assert!(
+            matches!(cancel(&mut s, 2), CommandResult::Rejected { reason } if reason.contains("already being cancelled"))
+        );
+        s.apply(&Command::Vm(VmCommand::FinishMigration {
+            name: "m".into(),
+            to: 1,
+            ok: false,
+            reason: "cancelled".into(),
+            at_unix_ms: 31,
+            stats: None,
+        }));
+        assert_eq!(s.migrations[&2].state, MigrationState::Cancelled);
+    }
+
+    #[test]
+    fn owner_change_closes_a_running_record_and_history_is_bounded() {
+        let mut s = cluster_with_running_vm();
+        start(&mut s, 10);
+        s.apply(&Command::Vm(VmCommand::SetVmOwner {
+            name: "m".into(),
+            owner: 2,
+            at_unix_ms: 11,
+        }));
+        assert_eq!(s.migrations[&1].state, MigrationState::Failed);
+        assert!(running_of(&s, "m").is_none());
+        // History: only finished records are trimmed, oldest first.
+        for id in 100..(100 + MIGRATION_HISTORY_MAX as u64 + 5) {
+            let mut r = s.migrations[&1].clone();
+            r.id = id;
+            s.migrations.insert(id, r);
+        }
+        let mut touched = Vec::new();
+        trim(&mut s, &mut touched);
+        assert_eq!(s.migrations.len(), MIGRATION_HISTORY_MAX);
+        assert!(!s.migrations.contains_key(&1));
+        assert!(touched.contains(&StateKey::Migration(1)));
+    }
+}

@@ -1,0 +1,240 @@
+//! Failover timing and fencing with real agents (see `liveness.rs`): the leader owning a
+//! VM is killed — the VM restarts elsewhere while the survivors' VMs keep running through
+//! the election (no fencing on a leader change); a node cut off from the majority fences
+//! its own VMs.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use cluster_proto::vms as pb;
+use cluster_proto::vms::vm_service_client::VmServiceClient;
+use cluster_tests::{Cluster, Options};
+use tonic::transport::{Channel, Endpoint};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn logs(c: &Cluster) -> String {
+    c.ids()
+        .iter()
+        .map(|id| format!("\n--- node {id} ---\n{}", c.log_tail(*id, 25)))
+        .collect()
+}
+
+async fn vms(c: &Cluster, id: u64) -> VmServiceClient<Channel> {
+    let addr = c.check(c.spec(id).map(|s| s.mgmt_addr));
+    let ch = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to node {id}: {e}{}", logs(c)));
+    VmServiceClient::new(ch)
+}
+
+fn guest(name: &str, owner: u64) -> pb::VmSpec {
+    pb::VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_mib: 64,
+        boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
+            workload: "mem".into(),
+            wss_mib: 8,
+            hb_ms: 50,
+            ..Default::default()
+        })),
+        restart_priority: "high".into(),
+        preferred_owners: vec![owner],
+        ..Default::default()
+    }
+}
+
+async fn get(c: &mut VmServiceClient<Channel>, name: &str) -> pb::VmInfo {
+    c.get_vm(pb::VmName { name: name.into() })
+        .await
+        .map(|r| r.into_inner().vm.unwrap_or_default())
+        .unwrap_or_default()
+}
+
+async fn wait_running(cl: &Cluster, c: &mut VmServiceClient<Channel>, name: &str) -> pb::VmInfo {
+    let start = Instant::now();
+    loop {
+        let v = get(c, name).await;
+        if v.runtime == "running" {
+            return v;
+        }
+        assert!(start.elapsed() < WAIT, "{name}: {v:?}{}", logs(cl));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// First heartbeat of `name` (through `via`) with a sequence number above `after`.
+async fn heartbeat(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64, u64) {
+    let mut c = vms(cl, via).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Ok(s) = c
+            .stream_console(pb::ConsoleRequest {
+                name: name.into(),
+                follow: true,
+            })
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut s = s.into_inner();
+        while let Ok(Ok(Some(chunk))) =
+            tokio::time::timeout(Duration::from_secs(3), s.message()).await
+        {
+            for line in chunk.text.lines() {
+                if let Some(rest) = line.trim().strip_prefix("HB seq=") {
+                    let seq: u64 = rest
+                        .split_whitespace()
+                        .next()
+                        .and_then(|x| x.parse().ok())
+                        .unwrap_or(0);
+                    if seq > after && line.contains("mem=ok") {
+                        return (chunk.node_id, seq);
+                    }
+                }
+            }
+        }
+    }
+    panic!("no heartbeat of {name} above {after} via {via}{}", logs(cl))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_owner_kill9_fails_over_and_survivors_keep_their_vms() {
+    let _serial = cluster_tests::serial().await;
+    let mut cl = Cluster::new(
+        env!("CARGO_BIN_EXE_cluster-agent").into(),
+        Options::default(),
+    )
+    .unwrap_or_else(|e| panic!("harness: {e}"));
+    let lead = cl.form(3).await;
+    let lead = cl.check(lead);
+    let follower = [1, 2, 3].into_iter().find(|n| *n != lead).unwrap_or(1);
+    let mut c = vms(&cl, follower).await;
+    for (name, owner) in [("on-leader", lead), ("on-follower", follower)] {
+        c.create_vm(pb::CreateVmRequest {
+            spec: Some(guest(name, owner)),
+            start: true,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create {name}: {e}{}", logs(&cl)));
+    }
+    let a = wait_running(&cl, &mut c, "on-leader").await;
+    let b = wait_running(&cl, &mut c, "on-follower").await;
+    assert_eq!((a.owner_id, b.owner_id), (lead, follower));
+    let (_, seq_b) = heartbeat(&cl, follower, "on-follower", 0).await;
+
+    let killed = Instant::now();
+    let k = cl.kill9(lead);
+    cl.check(k);
+    let moved = loop {
+        let v = get(&mut c, "on-leader").await;
+        if v.owner_id != lead && v.runtime == "running" {
+            break v;
+        }
+        assert!(
+            killed.elapsed() < WAIT,
+            "not failed over: {v:?}{}",
+            logs(&cl)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (node, _) = heartbeat(&cl, follower, "on-leader", 0).await;
+    assert_eq!(node, moved.owner_id);
+    eprintln!(
+        "leader kill -9 -> on-leader heartbeat on node {node} after {} ms",
+        killed.elapsed().as_millis()
+    );
+    // The follower's VM was never fenced or restarted through the election: same
+    // generation, and its guest keeps counting from where it was.
+    let v = get(&mut c, "on-follower").await;
+    assert_eq!(
+        (v.owner_id, v.generation, v.runtime.as_str()),
+        (follower, b.generation, "running"),
+        "{v:?}{}",
+        logs(&cl)
+    );
+    let (node, seq) = heartbeat(&cl, follower, "on-follower", seq_b).await;
+    assert_eq!(node, follower);
+    assert!(seq > seq_b);
+    let fenced = cl.log_tail(follower, 400).contains("vms fenced");
+    assert!(!fenced, "a survivor fenced its VMs{}", logs(&cl));
+}
+
+fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(s, "GET /metrics HTTP/1.1\r\n\r\n").unwrap_or_else(|e| panic!("{e}"));
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .unwrap_or_else(|e| panic!("{e}"));
+    resp.lines()
+        .filter(|l| l.starts_with("cluster_"))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_cut_off_from_the_majority_fences_its_vms() {
+    let _serial = cluster_tests::serial().await;
+    let mut cl = Cluster::new(
+        env!("CARGO_BIN_EXE_cluster-agent").into(),
+        Options::default(),
+    )
+    .unwrap_or_else(|e| panic!("harness: {e}"));
+    let l = TcpListener::bind("127.0.1.3:0").unwrap_or_else(|e| panic!("{e}"));
+    let maddr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    drop(l);
+    let added = cl.add_node_with(3, &format!("metrics_addr = \"{maddr}\""));
+    cl.check(added);
+    let formed = cl.form(3).await;
+    cl.check(formed);
+    let mut c = vms(&cl, 3).await;
+    c.create_vm(pb::CreateVmRequest {
+        spec: Some(guest("alone", 3)),
+        start: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    let v = wait_running(&cl, &mut c, "alone").await;
+    assert_eq!(v.owner_id, 3);
+    let m = scrape(maddr);
+    assert_eq!(m.get("cluster_lease_held{node=\"3\"}"), Some(&1.0), "{m:?}");
+    assert_eq!(
+        m.get("cluster_vms{node=\"3\",state=\"running\"}"),
+        Some(&1.0),
+        "{m:?}"
+    );
+
+    // Node 3 loses the majority: it must stop its VM on its own (nobody can tell it to).
+    let k1 = cl.kill9(1);
+    cl.check(k1);
+    let k2 = cl.kill9(2);
+    cl.check(k2);
+    let start = Instant::now();
+    loop {
+        let m = scrape(maddr);
+        let held = m.get("cluster_lease_held{node=\"3\"}").copied();
+        let running = m.get("cluster_vms{node=\"3\",state=\"running\"}").copied();
+        if held == Some(0.0) && running == Some(0.0) {
+            eprintln!(
+                "isolated node fenced its VM {} ms after losing the majority",
+                start.elapsed().as_millis()
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "node 3 kept its VM: {m:?}{}",
+            logs(&cl)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(cl.log_tail(3, 200).contains("vms fenced"), "{}", logs(&cl));
+}

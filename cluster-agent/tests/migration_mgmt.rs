@@ -1,0 +1,415 @@
+//! Migration management end to end with real `cluster-agent` processes on loopback:
+//! replicated migration records, the progress stream (proxied from the source agent),
+//! cancel with rollback, a deadline that is too short, options validation, list/show.
+
+use std::time::{Duration, Instant};
+
+use cluster_proto::migrations as mpb;
+use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
+use cluster_proto::vms as pb;
+use cluster_proto::vms::vm_service_client::VmServiceClient;
+use cluster_tests::{Cluster, HarnessError, Options};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn logs(c: &Cluster) -> String {
+    c.ids()
+        .iter()
+        .map(|id| format!("\n--- node {id} ---\n{}", c.log_tail(*id, 25)))
+        .collect()
+}
+
+fn must<T>(c: &Cluster, r: Result<T, HarnessError>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}{}", logs(c)))
+}
+
+async fn channel(c: &Cluster, id: u64) -> Channel {
+    let addr = must(c, c.spec(id)).mgmt_addr;
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap_or_else(|e| panic!("endpoint: {e}"))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to node {id}: {e}{}", logs(c)))
+}
+
+fn guest(name: &str, workload: &str, memory_mib: u64, wss_mib: u64, rate_mbps: u64) -> pb::VmSpec {
+    pb::VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_mib,
+        boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
+            workload: workload.into(),
+            wss_mib,
+            rate_mbps,
+            hb_ms: 100,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+async fn get(c: &mut VmServiceClient<Channel>, name: &str) -> pb::VmInfo {
+    c.get_vm(pb::VmName { name: name.into() })
+        .await
+        .map(|r| r.into_inner().vm.unwrap_or_default())
+        .unwrap_or_default()
+}
+
+async fn wait_running(cl: &Cluster, c: &mut VmServiceClient<Channel>, name: &str) -> pb::VmInfo {
+    let start = Instant::now();
+    loop {
+        let v = get(c, name).await;
+        if v.runtime == "running" && v.migrating_to == 0 {
+            return v;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{name} not running: {v:?}{}",
+            logs(cl)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Highest heartbeat sequence number of `name` seen through `via` within a few seconds,
+/// and the node that produced it.
+async fn heartbeat_after(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64, u64) {
+    let mut c = VmServiceClient::new(channel(cl, via).await);
+    let mut s = c
+        .stream_console(pb::ConsoleRequest {
+            name: name.into(),
+            follow: true,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("console: {e}{}", logs(cl)))
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(5), s.message()).await
+        else {
+            break;
+        };
+        for line in chunk.text.lines() {
+            if let Some(rest) = line.trim().strip_prefix("HB seq=") {
+                let seq: u64 = rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(0);
+                if seq > after && line.contains("mem_errors=0") {
+                    return (chunk.node_id, seq);
+                }
+            }
+        }
+    }
+    panic!("no heartbeat of {name} after {after}{}", logs(cl))
+}
+
+async fn running_migration(
+    m: &mut MigrationServiceClient<Channel>,
+    vm: &str,
+) -> mpb::MigrationInfo {
+    let start = Instant::now();
+    loop {
+        let l = m
+            .list_migrations(mpb::ListMigrationsRequest { vm: vm.into() })
+            .await
+            .unwrap_or_else(|e| panic!("list: {e}"))
+            .into_inner();
+        if let Some(r) = l.migrations.iter().rev().find(|r| r.state == "running") {
+            return r.clone();
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "no running migration of {vm}: {l:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_finished(m: &mut MigrationServiceClient<Channel>, id: u64) -> mpb::MigrationInfo {
+    let start = Instant::now();
+    loop {
+        let r = m
+            .get_migration(mpb::MigrationId { id })
+            .await
+            .unwrap_or_else(|e| panic!("show {id}: {e}"))
+            .into_inner()
+            .migration
+            .unwrap_or_default();
+        if r.state != "running" {
+            return r;
+        }
+        assert!(start.elapsed() < WAIT, "migration {id} did not end: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, needle: &str) {
+    match r {
+        Err(s) => {
+            assert_eq!(s.code(), code, "{s}");
+            assert!(
+                s.message().contains(needle),
+                "{:?} lacks {needle:?}",
+                s.message()
+            );
+        }
+        Ok(v) => panic!("expected {code:?} ({needle}), got {v:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_cancel_deadline_records_and_bad_input() {
+    let _serial = cluster_tests::serial().await;
+    let mut cl = Cluster::new(
+        env!("CARGO_BIN_EXE_cluster-agent").into(),
+        Options::default(),
+    )
+    .unwrap_or_else(|e| panic!("harness: {e}"));
+    let formed = cl.form(2).await;
+    must(&cl, formed);
+    let mut vm = VmServiceClient::new(channel(&cl, 1).await);
+    // A guest that dirties memory fast: with a 1 ms downtime goal pre-copy keeps going
+    // round after round (until cancelled or the deadline), and an easy one.
+    for spec in [
+        guest("busy", "dirty", 128, 64, 4000),
+        guest("calm", "mem", 64, 8, 0),
+    ] {
+        vm.create_vm(pb::CreateVmRequest {
+            spec: Some(spec),
+            start: true,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    }
+    let busy = wait_running(&cl, &mut vm, "busy").await;
+    let calm = wait_running(&cl, &mut vm, "calm").await;
+    let (src, other) = (busy.owner_id, 3 - busy.owner_id);
+    // Watch through the node that is *not* the source: the stream is proxied.
+    let mut mig = MigrationServiceClient::new(channel(&cl, other).await);
+
+    // Bad options and ids are refused and change nothing.
+    let bad = |max_downtime_ms, deadline_ms| pb::MigrateVmRequest {
+        name: "busy".into(),
+        max_downtime_ms,
+        deadline_ms,
+        ..Default::default()
+    };
+    expect_code(
+        vm.migrate_vm(bad(Some(0), None)).await,
+        Code::InvalidArgument,
+        "max_downtime_ms 0",
+    );
+    expect_code(
+        vm.migrate_vm(bad(Some(500), Some(400))).await,
+        Code::InvalidArgument,
+        "must exceed the max downtime",
+    );
+    expect_code(
+        mig.cancel_migration(mpb::MigrationId { id: 999 }).await,
+        Code::NotFound,
+        "no migration with id 999",
+    );
+    expect_code(
+        mig.get_migration(mpb::MigrationId { id: 999 }).await,
+        Code::NotFound,
+        "999",
+    );
+    let none = mig
+        .list_migrations(mpb::ListMigrationsRequest::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner();
+    assert!(none.migrations.is_empty(), "{none:?}");
+    assert_eq!(get(&mut vm, "busy").await.migrating_to, 0);
+
+    // 1. Progress, then cancel: rounds increase, the VM stays on the source.
+    vm.migrate_vm(pb::MigrateVmRequest {
+        name: "busy".into(),
+        to_node_id: other,
+        max_downtime_ms: Some(1),
+        deadline_ms: Some(120_000),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("migrate busy: {e}{}", logs(&cl)));
+    let rec = running_migration(&mut mig, "busy").await;
+    assert_eq!(
+        (
+            rec.source_node_id,
+            rec.target_node_id,
+            rec.kind.as_str(),
+            rec.max_downtime_ms,
+            rec.deadline_ms
+        ),
+        (src, other, "live", 1, 120_000)
+    );
+    let mut stream = mig
+        .watch_migration(mpb::MigrationId { id: rec.id })
+        .await
+        .unwrap_or_else(|e| panic!("watch: {e}{}", logs(&cl)))
+        .into_inner();
+    let mut rounds = Vec::new();
+    let mut sent = Vec::new();
+    let start = Instant::now();
+    while rounds.last().copied().unwrap_or(0) < 3 {
+        let p = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("no progress within 10 s (rounds {rounds:?}){}", logs(&cl)))
+            .unwrap_or_else(|e| panic!("progress stream: {e}"))
+            .unwrap_or_else(|| panic!("stream ended early (rounds {rounds:?}){}", logs(&cl)));
+        assert!(
+            p.finished.is_none(),
+            "ended before the cancel: {p:?}{}",
+            logs(&cl)
+        );
+        rounds.push(p.round);
+        sent.push(p.bytes_sent);
+        assert!(start.elapsed() < WAIT, "rounds {rounds:?}");
+    }
+    assert!(
+        rounds.windows(2).all(|w| w[0] <= w[1]),
+        "rounds went back: {rounds:?}"
+    );
+    assert!(
+        sent.windows(2).all(|w| w[0] <= w[1]),
+        "bytes went back: {sent:?}"
+    );
+    let (_, seq_before) = heartbeat_after(&cl, src, "busy", 0).await;
+    let c = mig
+        .cancel_migration(mpb::MigrationId { id: rec.id })
+        .await
+        .unwrap_or_else(|e| panic!("cancel: {e}{}", logs(&cl)))
+        .into_inner()
+        .migration
+        .unwrap_or_default();
+    assert!(c.cancel_requested, "{c:?}");
+    expect_code(
+        mig.cancel_migration(mpb::MigrationId { id: rec.id }).await,
+        Code::FailedPrecondition,
+        "",
+    );
+    // The stream's last message carries the finished record.
+    let last = loop {
+        let p = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("no end of stream{}", logs(&cl)))
+            .unwrap_or_else(|e| panic!("progress stream: {e}"))
+            .unwrap_or_else(|| panic!("stream ended without a final message"));
+        if let Some(f) = p.finished {
+            break f;
+        }
+    };
+    assert_eq!(last.state, "cancelled", "{last:?}");
+    assert!(last.reason.contains("cancel"), "{last:?}");
+    let v = wait_running(&cl, &mut vm, "busy").await;
+    assert_eq!(v.owner_id, src, "cancelled migration moved the VM: {v:?}");
+    let (node, seq_after) = heartbeat_after(&cl, other, "busy", seq_before).await;
+    assert_eq!(node, src, "heartbeat not from the source");
+    assert!(seq_after > seq_before);
+    expect_code(
+        mig.cancel_migration(mpb::MigrationId { id: rec.id }).await,
+        Code::FailedPrecondition,
+        "already cancelled",
+    );
+
+    // 2. A deadline too short to converge: fails cleanly, VM still on the source.
+    vm.migrate_vm(pb::MigrateVmRequest {
+        name: "busy".into(),
+        to_node_id: other,
+        max_downtime_ms: Some(1),
+        deadline_ms: Some(1_500),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("migrate busy: {e}{}", logs(&cl)));
+    let rec2 = running_migration(&mut mig, "busy").await;
+    let done2 = wait_finished(&mut mig, rec2.id).await;
+    assert_eq!(done2.state, "failed", "{done2:?}");
+    assert!(
+        done2.reason.contains("deadline") || done2.reason.contains("converge"),
+        "{done2:?}"
+    );
+    let v = wait_running(&cl, &mut vm, "busy").await;
+    assert_eq!(v.owner_id, src);
+    heartbeat_after(&cl, src, "busy", 0).await;
+
+    // 3. A migration that succeeds: final message with blackout and matching receipts.
+    vm.migrate_vm(pb::MigrateVmRequest {
+        name: "calm".into(),
+        to_node_id: 3 - calm.owner_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("migrate calm: {e}{}", logs(&cl)));
+    let rec3 = running_migration(&mut mig, "calm").await;
+    let mut stream = mig
+        .watch_migration(mpb::MigrationId { id: rec3.id })
+        .await
+        .unwrap_or_else(|e| panic!("watch: {e}"))
+        .into_inner();
+    let fin = loop {
+        let p = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("no end of stream{}", logs(&cl)))
+            .unwrap_or_else(|e| panic!("progress stream: {e}"))
+            .unwrap_or_else(|| panic!("stream ended without a final message"));
+        if let Some(f) = p.finished {
+            break f;
+        }
+    };
+    assert_eq!(fin.state, "succeeded", "{fin:?}");
+    let s = fin.stats.unwrap_or_default();
+    assert!(
+        s.blackout_us > 0 && s.rounds >= 1 && s.wire_bytes > 0,
+        "{s:?}"
+    );
+    assert!(
+        s.has_target_digest && s.source_digest == s.target_digest && s.receipt_matches,
+        "{s:?}"
+    );
+    let moved = wait_running(&cl, &mut vm, "calm").await;
+    assert_eq!(moved.owner_id, 3 - calm.owner_id);
+    expect_code(
+        mig.cancel_migration(mpb::MigrationId { id: rec3.id }).await,
+        Code::FailedPrecondition,
+        "already succeeded",
+    );
+
+    // The records, from either replica.
+    for via in [1, 2] {
+        let mut m = MigrationServiceClient::new(channel(&cl, via).await);
+        let all = m
+            .list_migrations(mpb::ListMigrationsRequest::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_inner()
+            .migrations;
+        let states: Vec<(&str, &str)> = all
+            .iter()
+            .map(|r| (r.vm.as_str(), r.state.as_str()))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                ("busy", "cancelled"),
+                ("busy", "failed"),
+                ("calm", "succeeded")
+            ],
+            "via {via}"
+        );
+        let only_calm = m
+            .list_migrations(mpb::ListMigrationsRequest { vm: "calm".into() })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_inner()
+            .migrations;
+        assert_eq!(only_calm.len(), 1);
+        assert!(all
+            .iter()
+            .all(|r| r.ended_unix_ms >= r.started_unix_ms && r.ended_unix_ms > 0));
+    }
+}

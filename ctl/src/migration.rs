@@ -1,0 +1,355 @@
+//! `clusterctl migration list|show|cancel` and the live progress bar of `clusterctl vm
+//! migrate` (`cluster.migrations.v1.MigrationService`).
+
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use clap::Subcommand;
+use cluster_proto::migrations as pb;
+use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::client::{endpoint_uri, status_error, CtlError};
+use crate::output::table;
+use crate::{Cli, Format};
+
+#[derive(Debug, Subcommand)]
+pub enum MigrationCmd {
+    /// Migrations, oldest first (running and the recent history).
+    List {
+        /// Only this VM's migrations.
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// One migration in detail: options, state, statistics and the receipt digests.
+    Show { id: u64 },
+    /// Abort a running migration; the VM keeps running on the source.
+    Cancel { id: u64 },
+}
+
+async fn connect(
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<MigrationServiceClient<Channel>, CtlError> {
+    let uri = endpoint_uri(endpoint)?;
+    let ep = Endpoint::from_shared(uri)
+        .map_err(|_| CtlError::BadEndpoint {
+            endpoint: endpoint.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(3).min(timeout));
+    let channel = ep.connect().await.map_err(|e| CtlError::Unreachable {
+        endpoint: endpoint.to_string(),
+        cause: e.to_string(),
+    })?;
+    Ok(MigrationServiceClient::new(channel))
+}
+
+#[derive(Serialize)]
+struct SummaryJson {
+    rounds: u32,
+    guest_bytes: u64,
+    wire_bytes: u64,
+    total_us: u64,
+    blackout_us: u64,
+    max_throttle_percent: u32,
+    source_digest: String,
+    target_digest: Option<String>,
+    receipt_matches: bool,
+}
+
+#[derive(Serialize)]
+struct MigrationJson {
+    id: u64,
+    vm: String,
+    source: u64,
+    target: u64,
+    kind: String,
+    state: String,
+    cancel_requested: bool,
+    max_downtime_ms: Option<u64>,
+    deadline_ms: Option<u64>,
+    started_unix_ms: u64,
+    ended_unix_ms: Option<u64>,
+    reason: String,
+    stats: Option<SummaryJson>,
+}
+
+fn to_json(m: &pb::MigrationInfo) -> MigrationJson {
+    MigrationJson {
+        id: m.id,
+        vm: m.vm.clone(),
+        source: m.source_node_id,
+        target: m.target_node_id,
+        kind: m.kind.clone(),
+        state: m.state.clone(),
+        cancel_requested: m.cancel_requested,
+        max_downtime_ms: (m.max_downtime_ms != 0).then_some(m.max_downtime_ms),
+        deadline_ms: (m.deadline_ms != 0).then_some(m.deadline_ms),
+        started_unix_ms: m.started_unix_ms,
+        ended_unix_ms: (m.ended_unix_ms != 0).then_some(m.ended_unix_ms),
+        reason: m.reason.clone(),
+        stats: m.stats.as_ref().map(|s| SummaryJson {
+            rounds: s.rounds,
+            guest_bytes: s.guest_bytes,
+            wire_bytes: s.wire_bytes,
+            total_us: s.total_us,
+            blackout_us: s.blackout_us,
+            max_throttle_percent: s.max_throttle_percent,
+            source_digest: format!("{:016x}", s.source_digest),
+            target_digest: s
+                .has_target_digest
+                .then(|| format!("{:016x}", s.target_digest)),
+            receipt_matches: s.receipt_matches,
+        }),
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Result<String, CtlError> {
+    serde_json::to_string_pretty(v)
+        .map(|s| s + "\n")
+        .map_err(|e| CtlError::Render(e.to_string()))
+}
+
+fn duration_ms(m: &pb::MigrationInfo) -> String {
+    if m.ended_unix_ms == 0 {
+        "-".into()
+    } else {
+        m.ended_unix_ms
+            .saturating_sub(m.started_unix_ms)
+            .to_string()
+    }
+}
+
+fn render_list(fmt: Format, ms: &[pb::MigrationInfo]) -> Result<String, CtlError> {
+    if fmt == Format::Json {
+        return json(&ms.iter().map(to_json).collect::<Vec<_>>());
+    }
+    let rows: Vec<Vec<String>> = ms
+        .iter()
+        .map(|m| {
+            vec![
+                m.id.to_string(),
+                m.vm.clone(),
+                m.source_node_id.to_string(),
+                m.target_node_id.to_string(),
+                m.kind.clone(),
+                m.state.clone(),
+                duration_ms(m),
+                m.stats
+                    .as_ref()
+                    .map_or("-".into(), |s| s.blackout_us.to_string()),
+                m.stats.as_ref().map_or("-".into(), |s| {
+                    if s.receipt_matches {
+                        "match".into()
+                    } else {
+                        "MISMATCH".into()
+                    }
+                }),
+            ]
+        })
+        .collect();
+    Ok(table(
+        &[
+            "ID",
+            "VM",
+            "FROM",
+            "TO",
+            "KIND",
+            "STATE",
+            "DURATION_MS",
+            "BLACKOUT_US",
+            "RECEIPT",
+        ],
+        &rows,
+    ))
+}
+
+fn render_one(fmt: Format, m: &pb::MigrationInfo) -> Result<String, CtlError> {
+    if fmt == Format::Json {
+        return json(&to_json(m));
+    }
+    let opt = |v: u64| {
+        if v == 0 {
+            "default".to_string()
+        } else {
+            v.to_string()
+        }
+    };
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<18} {v}\n"));
+    line("id", m.id.to_string());
+    line("vm", m.vm.clone());
+    line("source", m.source_node_id.to_string());
+    line("target", m.target_node_id.to_string());
+    line("kind", m.kind.clone());
+    line(
+        "state",
+        if m.cancel_requested && m.state == "running" {
+            "running (cancelling)".into()
+        } else {
+            m.state.clone()
+        },
+    );
+    line("max_downtime_ms", opt(m.max_downtime_ms));
+    line("deadline_ms", opt(m.deadline_ms));
+    line("started_unix_ms", m.started_unix_ms.to_string());
+    line("duration_ms", duration_ms(m));
+    if !m.reason.is_empty() {
+        line("reason", m.reason.clone());
+    }
+    if let Some(s) = &m.stats {
+        line("rounds", s.rounds.to_string());
+        line("guest_bytes", s.guest_bytes.to_string());
+        line("wire_bytes", s.wire_bytes.to_string());
+        line("total_us", s.total_us.to_string());
+        line("blackout_us", s.blackout_us.to_string());
+        line("max_throttle_pct", s.max_throttle_percent.to_string());
+        line("source_digest", format!("{:016x}", s.source_digest));
+        line(
+            "target_digest",
+            if s.has_target_digest {
+                format!("{:016x}", s.target_digest)
+            } else {
+                "-".into()
+            },
+        );
+        line(
+            "receipt",
+            if s.receipt_matches {
+                "matches".into()
+            } else {
+                "MISMATCH".into()
+            },
+        );
+    }
+    Ok(out)
+}
+
+pub async fn run(cli: &Cli, cmd: &MigrationCmd) -> Result<String, CtlError> {
+    let ep = cli.endpoint.as_str();
+    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let mut c = connect(ep, timeout).await?;
+    let fail = |s| status_error(ep, timeout, s);
+    let timed_out = |_| CtlError::Timeout {
+        endpoint: ep.to_owned(),
+        timeout_s: timeout.as_secs(),
+    };
+    match cmd {
+        MigrationCmd::List { vm } => {
+            let r = tokio::time::timeout(
+                timeout,
+                c.list_migrations(pb::ListMigrationsRequest {
+                    vm: vm.clone().unwrap_or_default(),
+                }),
+            )
+            .await
+            .map_err(timed_out)?
+            .map_err(fail)?
+            .into_inner();
+            render_list(cli.output, &r.migrations)
+        }
+        MigrationCmd::Show { id } => {
+            let r = tokio::time::timeout(timeout, c.get_migration(pb::MigrationId { id: *id }))
+                .await
+                .map_err(timed_out)?
+                .map_err(fail)?
+                .into_inner();
+            render_one(cli.output, &r.migration.unwrap_or_default())
+        }
+        MigrationCmd::Cancel { id } => {
+            let r = tokio::time::timeout(timeout, c.cancel_migration(pb::MigrationId { id: *id }))
+                .await
+                .map_err(timed_out)?
+                .map_err(fail)?
+                .into_inner();
+            render_one(cli.output, &r.migration.unwrap_or_default())
+        }
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// One progress line: bar, bytes left, rate, ETA, round, phase.
+pub fn progress_line(p: &pb::MigrationProgress) -> String {
+    const WIDTH: usize = 30;
+    let done = ((p.fraction_done.clamp(0.0, 1.0)) * WIDTH as f64).round() as usize;
+    format!(
+        "[{}{}] {:5.1}% | left {:8.1} MiB | {:8.1} MiB/s | ETA {:6} ms | round {:3} | throttle {:3}% | {}",
+        "#".repeat(done),
+        "-".repeat(WIDTH - done),
+        p.fraction_done * 100.0,
+        mib(p.bytes_remaining),
+        p.rate_bytes_per_s / (1024.0 * 1024.0),
+        p.eta_ms,
+        p.round,
+        p.throttle_percent,
+        p.phase
+    )
+}
+
+/// The final line: state, blackout, rounds, receipt.
+pub fn final_line(m: &pb::MigrationInfo) -> String {
+    match &m.stats {
+        Some(s) => format!(
+            "migration {} {}: {} rounds, {:.1} MiB on the wire, blackout {} us, receipt {}",
+            m.id,
+            m.state,
+            s.rounds,
+            mib(s.wire_bytes),
+            s.blackout_us,
+            if s.receipt_matches {
+                "matches"
+            } else {
+                "MISMATCH"
+            }
+        ),
+        None => format!("migration {} {}: {}", m.id, m.state, m.reason),
+    }
+}
+
+/// Draw the progress of the running migration of `vm` on stderr until it ends (a bar
+/// redrawn in place on a terminal, one line per update otherwise). Best effort: a lost
+/// stream ends the drawing, the caller still waits for the VM's record.
+pub async fn follow_progress(ep: &str, timeout: Duration, vm: &str) -> Result<(), CtlError> {
+    let mut c = connect(ep, timeout).await?;
+    let fail = |s| status_error(ep, timeout, s);
+    let list = c
+        .list_migrations(pb::ListMigrationsRequest { vm: vm.to_owned() })
+        .await
+        .map_err(fail)?
+        .into_inner();
+    let Some(m) = list.migrations.iter().rev().find(|m| m.state == "running") else {
+        return Ok(());
+    };
+    let mut stream = c
+        .watch_migration(pb::MigrationId { id: m.id })
+        .await
+        .map_err(fail)?
+        .into_inner();
+    let tty = std::io::stderr().is_terminal();
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(
+        err,
+        "migration {}: VM {} node {} -> node {}",
+        m.id, m.vm, m.source_node_id, m.target_node_id
+    );
+    while let Ok(Some(p)) = stream.message().await {
+        if let Some(done) = &p.finished {
+            if tty {
+                let _ = write!(err, "\r\x1b[2K");
+            }
+            let _ = writeln!(err, "{}", final_line(done));
+            break;
+        }
+        if tty {
+            let _ = write!(err, "\r\x1b[2K{}", progress_line(&p));
+        } else {
+            let _ = writeln!(err, "{}", progress_line(&p));
+        }
+        let _ = err.flush();
+    }
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! Blackout of a live migration through the full stack (gRPC `MigrateVm` → Raft →
+//! source agent → target agent → switchover commit, figures from the replicated
+//! migration record) versus vmm-node's engine alone (`migration-bench`, two in-process
+//! VMs over loopback), measured in the same run with the same guest and options: an idle
+//! test guest, 1 vCPU, 4 connections, 50 ms downtime goal.
+//!
+//! Usage: `blackout-bench [MEMORY_MIB (256)] [REPEATS (5)]`; needs `cluster-agent` and
+//! `migration-bench` built in the same target directory:
+//! `cargo build -p cluster-agent -p vmm-node -p cluster-tests --bins`.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use cluster_proto::migrations as mpb;
+use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
+use cluster_proto::vms as pb;
+use cluster_proto::vms::vm_service_client::VmServiceClient;
+use cluster_tests::{locate_binary, Cluster, Options};
+use tonic::transport::{Channel, Endpoint};
+
+const MAX_DOWNTIME_MS: u64 = 50;
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn pct(v: &mut [u64], p: f64) -> u64 {
+    v.sort_unstable();
+    if v.is_empty() {
+        return 0;
+    }
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn channel(c: &Cluster, id: u64) -> Result<Channel, String> {
+    let addr = c.spec(id).map_err(|e| e.to_string())?.mgmt_addr;
+    Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("node {id}: {e}"))
+}
+
+/// Full stack: per migration (engine blackout us, total us, MigrateVm → running ms).
+async fn full_stack(memory_mib: u64, repeats: usize) -> Result<Vec<(u64, u64, u64)>, String> {
+    let bin = locate_binary("cluster-agent", "cluster-agent").map_err(|e| e.to_string())?;
+    let opts = Options {
+        heartbeat_interval_ms: 100,
+        down_after_ms: 1_200,
+        raft_heartbeat_interval_ms: 100,
+        election_timeout_min_ms: 400,
+        election_timeout_max_ms: 800,
+        ..Options::default()
+    };
+    let mut c = Cluster::new(bin, opts).map_err(|e| e.to_string())?;
+    c.form(2).await.map_err(|e| e.to_string())?;
+    let ch = channel(&c, 1).await?;
+    let mut vm = VmServiceClient::new(ch.clone());
+    let mut mig = MigrationServiceClient::new(ch);
+    vm.create_vm(pb::CreateVmRequest {
+        spec: Some(pb::VmSpec {
+            name: "bench".into(),
+            vcpus: 1,
+            memory_mib,
+            boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
+                workload: "idle".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }),
+        start: true,
+    })
+    .await
+    .map_err(|s| s.to_string())?;
+    let get = |vm: &VmServiceClient<Channel>| {
+        let mut vm = vm.clone();
+        async move {
+            vm.get_vm(pb::VmName {
+                name: "bench".into(),
+            })
+            .await
+            .map(|r| r.into_inner().vm.unwrap_or_default())
+            .map_err(|s| s.to_string())
+        }
+    };
+    let t = Instant::now();
+    while get(&vm).await?.runtime != "running" {
+        if t.elapsed() > STEP_TIMEOUT {
+            return Err("the VM never ran".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut out = Vec::new();
+    for _ in 0..repeats {
+        let from = get(&vm).await?.owner_id;
+        let to = 3 - from;
+        let t = Instant::now();
+        vm.migrate_vm(pb::MigrateVmRequest {
+            name: "bench".into(),
+            to_node_id: to,
+            max_downtime_ms: Some(MAX_DOWNTIME_MS),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| s.to_string())?;
+        loop {
+            let v = get(&vm).await?;
+            if v.migrating_to == 0 && v.owner_id == to && v.runtime == "running" {
+                break;
+            }
+            if v.migrating_to == 0 && v.owner_id != to {
+                return Err(format!("migration failed: {}", v.reason));
+            }
+            if t.elapsed() > STEP_TIMEOUT {
+                return Err("migration did not finish".into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let wall_ms = t.elapsed().as_millis() as u64;
+        let recs = mig
+            .list_migrations(mpb::ListMigrationsRequest { vm: "bench".into() })
+            .await
+            .map_err(|s| s.to_string())?
+            .into_inner()
+            .migrations;
+        let last = recs.last().cloned().unwrap_or_default();
+        let s = last
+            .stats
+            .ok_or_else(|| format!("migration {} has no statistics", last.id))?;
+        if !s.receipt_matches {
+            return Err(format!("migration {}: receipt mismatch", last.id));
+        }
+        out.push((s.blackout_us, s.total_us, wall_ms));
+    }
+    Ok(out)
+}
+
+/// vmm-node alone: the `idle` line of `migration-bench` (blackout p50, p99 in us).
+fn engine_alone(memory_mib: u64, repeats: usize) -> Result<(u64, u64, String), String> {
+    let bin = locate_binary("migration-bench", "vmm-node").map_err(|e| e.to_string())?;
+    let o = std::process::Command::new(bin)
+        .args([
+            "--memory-mib",
+            &memory_mib.to_string(),
+            "--repeats",
+            &repeats.to_string(),
+            "--connections",
+            "4",
+            "--max-downtime-ms",
+            &MAX_DOWNTIME_MS.to_string(),
+            "--cases",
+            "idle",
+            "--vcpus",
+            "1",
+        ])
+        .output()
+        .map_err(|e| format!("cannot run migration-bench: {e}"))?;
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    if !o.status.success() {
+        return Err(format!(
+            "migration-bench failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("idle "))
+        .ok_or_else(|| format!("no idle line in: {text}"))?;
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    let p50 = cols.get(3).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let p99 = cols.get(4).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Ok((p50, p99, text))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let memory_mib: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(256);
+    let repeats: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
+    println!(
+        "blackout-bench: idle test guest, {memory_mib} MiB, 1 vCPU, 4 connections, max downtime {MAX_DOWNTIME_MS} ms, {repeats} migrations each"
+    );
+    let (e50, e99, _) = match engine_alone(memory_mib, repeats) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("blackout-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("  vmm-node alone (migration-bench): blackout p50 {e50} us, p99 {e99} us");
+    let full = match full_stack(memory_mib, repeats).await {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("blackout-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for (i, (b, t, w)) in full.iter().enumerate() {
+        println!(
+            "  full stack #{i}: blackout {b} us, engine total {} ms, MigrateVm -> running on target {w} ms",
+            t / 1000
+        );
+    }
+    let mut bl: Vec<u64> = full.iter().map(|f| f.0).collect();
+    let mut wall: Vec<u64> = full.iter().map(|f| f.2).collect();
+    let (f50, f99) = (pct(&mut bl.clone(), 0.5), pct(&mut bl, 0.99));
+    println!(
+        "  full stack (2 agents, gRPC + Raft + agents): blackout p50 {f50} us, p99 {f99} us, MigrateVm -> running p50 {} ms",
+        pct(&mut wall, 0.5)
+    );
+    println!(
+        "  full stack / engine alone blackout (p50): {:.2}x",
+        f50 as f64 / e50.max(1) as f64
+    );
+    ExitCode::SUCCESS
+}
