@@ -6,7 +6,9 @@
 #   deploy/local-cluster.sh stop
 #
 # Node i: management 127.0.1.i:7001, Raft 127.0.1.i:7002, migration 127.0.2.i:7003,
-# data, logs and pid files under .local-cluster/. Binaries are built (debug) if absent.
+# Prometheus metrics http://127.0.1.i:7004/metrics; data, logs and pid files under
+# .local-cluster/; the shared volume "vol" (every node sees the same directory, standing in
+# for shared storage) is .local-cluster/volumes/vol. Binaries are built (debug) first.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="$ROOT/.local-cluster"
@@ -19,10 +21,9 @@ die() { echo "local-cluster: $*" >&2; exit 1; }
 
 build() {
     "$ROOT/deploy/setup.sh" >/dev/null
-    if [[ ! -x "$AGENT" || ! -x "$CTL" ]]; then
+    [[ -x "$AGENT" && -x "$CTL" ]] ||
         echo "local-cluster: building cluster-agent and clusterctl (first build compiles RocksDB, ~10 min)"
-        (cd "$ROOT" && cargo build -p cluster-agent -p ctl)
-    fi
+    (cd "$ROOT" && cargo build -q -p cluster-agent -p ctl)
 }
 
 running() { # id -> exit 0 if running
@@ -45,7 +46,7 @@ start() {
     local n="${1:-3}"
     [[ "$n" =~ ^[0-9]+$ ]] && (( n >= 1 && n <= 16 )) || die "N must be a number from 1 to 16, got '$n'"
     build
-    mkdir -p "$STATE"
+    mkdir -p "$STATE" "$STATE/volumes/vol"
     local fresh=1
     [[ -d "$STATE/node-1" ]] && fresh=0
     for i in $(seq 1 "$n"); do
@@ -59,6 +60,11 @@ raft_addr = "127.0.1.$i:7002"
 migration_addr = "127.0.2.$i:7003"
 mgmt_subnet = "127.0.1.0/24"
 migration_subnet = "127.0.2.0/24"
+metrics_addr = "127.0.1.$i:7004"
+
+[[volumes]]
+name = "vol"
+path = "$STATE/volumes/vol"
 TOML
         local was_new=1
         [[ -d "$STATE/node-$i" ]] && was_new=0

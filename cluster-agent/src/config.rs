@@ -485,6 +485,29 @@ fn ranged(
 mod tests {
     use super::*;
 
+    /// The shipped example config, with its optional sections switched on, is valid.
+    #[test]
+    fn deploy_example_config_is_valid() {
+        let text = include_str!("../../deploy/agent.example.toml");
+        let on = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|r| !r.contains(' ') || r.contains(" = "))
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        for t in [text.to_owned(), on] {
+            let raw =
+                RawConfig::from_toml(&t).unwrap_or_else(|e| panic!("example config: {e}\n{t}"));
+            let cfg = raw
+                .validate()
+                .unwrap_or_else(|e| panic!("example config: {e}\n{t}"));
+            assert_eq!(cfg.node_id, 1);
+        }
+    }
+
     const GOOD: &str = r#"
 node_id = 3
 name = "n3"

@@ -20,6 +20,8 @@ use crate::jobs::{self, BalancePolicy, JobCommand, JobError, JobMove, JobRecord}
 use crate::state::{ClusterState, Command};
 use crate::vms::ErrorClass;
 
+/// How long a forwarded job change may take to show on this replica before we answer.
+const LOCAL_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long a forwarded call may take to connect to the leader.
 pub const LEADER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -39,6 +41,28 @@ impl DrainApi {
 
     fn state(&self) -> ClusterState {
         self.agent.read_sm(|d| d.state.clone())
+    }
+
+    /// After a call forwarded to the leader: wait (bounded) until this replica has applied
+    /// the job change the leader answered with, so a follow-up read here (`drain show`,
+    /// `--watch`) sees it.
+    async fn await_local(&self, job: Option<&pb::JobInfo>) {
+        let Some(j) = job else { return };
+        let start = tokio::time::Instant::now();
+        while start.elapsed() < LOCAL_APPLY_WAIT {
+            let seen = self.agent.read_sm(|d| {
+                d.state
+                    .jobs
+                    .jobs
+                    .get(&j.id)
+                    .is_some_and(|r| r.updated_unix_ms >= j.updated_unix_ms)
+            });
+            if seen {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tracing::debug!(job = j.id, "forwarded job change not applied here yet");
     }
 
     async fn leader_client(&self) -> Result<Option<DrainServiceClient<Channel>>, Status> {
@@ -196,7 +220,9 @@ impl DrainService for DrainApi {
         let node = node_arg(req.node_id)?;
         if !req.dry_run {
             if let Some(mut leader) = self.leader_client().await? {
-                return leader.drain_node(req).await;
+                let reply = leader.drain_node(req).await?;
+                self.await_local(reply.get_ref().job.as_ref()).await;
+                return Ok(reply);
             }
         }
         let _guard = self.lock.lock().await;
@@ -259,7 +285,9 @@ impl DrainService for DrainApi {
         request: Request<pb::NodeRef>,
     ) -> Result<Response<pb::JobReply>, Status> {
         if let Some(mut leader) = self.leader_client().await? {
-            return leader.abort_drain(request.into_inner()).await;
+            let reply = leader.abort_drain(request.into_inner()).await?;
+            self.await_local(reply.get_ref().job.as_ref()).await;
+            return Ok(reply);
         }
         let node = node_arg(request.into_inner().node_id)?;
         let _guard = self.lock.lock().await;
@@ -291,7 +319,9 @@ impl DrainService for DrainApi {
         request: Request<pb::ResumeRequest>,
     ) -> Result<Response<pb::ResumeReply>, Status> {
         if let Some(mut leader) = self.leader_client().await? {
-            return leader.resume_node(request.into_inner()).await;
+            let reply = leader.resume_node(request.into_inner()).await?;
+            self.await_local(reply.get_ref().job.as_ref()).await;
+            return Ok(reply);
         }
         let req = request.into_inner();
         let node = node_arg(req.node_id)?;

@@ -345,6 +345,64 @@ pub async fn run_fence(
                 recorded_down = down,
                 "lease lost; vms fenced"
             );
+            let reason = if down {
+                "its committed record says Down".to_owned()
+            } else {
+                "lease lapsed: no majority acknowledged its heartbeats".to_owned()
+            };
+            let at_unix_ms = crate::agent::now_unix_ms();
+            tokio::spawn(report_fenced(
+                agent.clone(),
+                fenced,
+                reason,
+                at_unix_ms,
+                shutdown.clone(),
+            ));
+        }
+    }
+}
+
+/// How long a fenced node keeps trying to record its fence report.
+pub const FENCE_REPORT_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Record, through Raft, that this node stopped `vms` itself (an `EventKind::NodeFenced`
+/// event). The node is cut off when it fences, so this retries until it reaches a leader
+/// again (or gives up after [`FENCE_REPORT_DEADLINE`]).
+async fn report_fenced(
+    agent: Arc<crate::agent::Agent>,
+    vms: Vec<String>,
+    reason: String,
+    at_unix_ms: u64,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let started = tokio::time::Instant::now();
+    let cmd = crate::state::Command::NodeFenced {
+        node_id: agent.node_id(),
+        vms,
+        reason,
+        at_unix_ms,
+    };
+    loop {
+        match agent
+            .write(crate::agent::ForwardRequest::Command(cmd.clone()))
+            .await
+        {
+            Ok(_) => return,
+            Err(crate::agent::WriteError::Rejected { reason }) => {
+                tracing::warn!(%reason, "fence report refused");
+                return;
+            }
+            Err(e) if started.elapsed() < FENCE_REPORT_DEADLINE => {
+                tracing::debug!(error = %e, "cannot record the fence report yet; retrying");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "gave up recording the fence report");
+                return;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => return,
         }
     }
 }

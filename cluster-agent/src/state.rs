@@ -20,6 +20,10 @@ pub const MAX_VOTERS: usize = 16;
 pub const KV_KEY_LEN_MAX: usize = 256;
 /// Maximum value length of a replicated key/value entry.
 pub const KV_VALUE_LEN_MAX: usize = 64 * 1024;
+/// Most VM names one `NodeFenced` report may carry.
+pub const NODE_FENCED_VMS_MAX: usize = 1_024;
+/// Longest reason of a `NodeFenced` report, in bytes.
+pub const NODE_FENCED_REASON_MAX: usize = 1_024;
 
 /// Liveness/administrative state of a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +114,8 @@ pub enum EventKind {
     NodeUpdated,
     NodeStateChanged,
     NodeRemoved,
+    /// A node stopped its own VMs when its lease lapsed.
+    NodeFenced,
     /// VM lifecycle (created, started, stopped, reported, deleted).
     Vm,
     /// Migration jobs: drain, failback, balancing (see `crate::jobs`).
@@ -126,6 +132,7 @@ impl EventKind {
             EventKind::NodeUpdated => "node_updated",
             EventKind::NodeStateChanged => "node_state_changed",
             EventKind::NodeRemoved => "node_removed",
+            EventKind::NodeFenced => "node_fenced",
             EventKind::Vm => "vm",
             EventKind::Job => "job",
             EventKind::Disk => "disk",
@@ -191,6 +198,14 @@ pub enum Command {
     VmDisk(crate::hotplug::VmDiskCommand),
     /// Migration management (see `crate::migrations`).
     Migration(crate::migrations::MigrationCommand),
+    /// A node reports that it stopped its own VMs because its lease lapsed (self-fencing);
+    /// recorded as an event once the node can reach the cluster again.
+    NodeFenced {
+        node_id: u64,
+        vms: Vec<String>,
+        reason: String,
+        at_unix_ms: u64,
+    },
 }
 
 impl std::fmt::Display for Command {
@@ -211,6 +226,7 @@ impl std::fmt::Display for Command {
             Command::Lock(l) => write!(f, "{l}"),
             Command::VmDisk(c) => write!(f, "{c}"),
             Command::Migration(c) => write!(f, "{c}"),
+            Command::NodeFenced { node_id, .. } => write!(f, "node_fenced({node_id})"),
         }
     }
 }
@@ -405,6 +421,45 @@ impl ClusterState {
                     *node_id,
                     *at_unix_ms,
                     at,
+                    &mut touched,
+                );
+                CommandResult::Ok
+            }
+            Command::NodeFenced {
+                node_id,
+                vms,
+                reason,
+                at_unix_ms,
+            } => {
+                if !self.nodes.contains_key(node_id) {
+                    return (
+                        CommandResult::Rejected {
+                            reason: format!("unknown node id {node_id}"),
+                        },
+                        Vec::new(),
+                    );
+                }
+                if vms.len() > NODE_FENCED_VMS_MAX || reason.len() > NODE_FENCED_REASON_MAX {
+                    return (
+                        CommandResult::Rejected {
+                            reason: format!(
+                                "fence report of node {node_id} too large: {} VM names (max {NODE_FENCED_VMS_MAX}), reason of {} bytes (max {NODE_FENCED_REASON_MAX})",
+                                vms.len(),
+                                reason.len()
+                            ),
+                        },
+                        Vec::new(),
+                    );
+                }
+                self.push_event(
+                    *at_unix_ms,
+                    EventKind::NodeFenced,
+                    *node_id,
+                    format!(
+                        "node {node_id} fenced itself: stopped {} VM(s) [{}] ({reason})",
+                        vms.len(),
+                        vms.join(", ")
+                    ),
                     &mut touched,
                 );
                 CommandResult::Ok
@@ -681,6 +736,45 @@ mod tests {
         });
         assert!(s.nodes.is_empty());
         assert_eq!(s.last_event_seq, 3);
+    }
+
+    #[test]
+    fn node_fenced_reports_become_events_and_bad_ones_change_nothing() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::RegisterNode {
+            registration: reg(2),
+            at_unix_ms: 1,
+        });
+        let before = s.clone();
+        let fenced = |node_id, vms: Vec<String>, reason: &str| Command::NodeFenced {
+            node_id,
+            vms,
+            reason: reason.into(),
+            at_unix_ms: 5,
+        };
+        let (r, t) = s.apply(&fenced(9, vec!["a".into()], "lease lapsed"));
+        assert!(
+            matches!(r, CommandResult::Rejected { ref reason } if reason.contains("unknown node id 9"))
+        );
+        assert!(t.is_empty());
+        let many = vec![String::from("v"); NODE_FENCED_VMS_MAX + 1];
+        let (r, _) = s.apply(&fenced(2, many, "lease lapsed"));
+        assert!(
+            matches!(r, CommandResult::Rejected { ref reason } if reason.contains("too large"))
+        );
+        assert_eq!(s, before);
+        let (r, t) = s.apply(&fenced(2, vec!["a".into(), "b".into()], "lease lapsed"));
+        assert_eq!(r, CommandResult::Ok);
+        let ev = s.events.values().last().cloned();
+        let ev = ev.unwrap_or_else(|| panic!("no event"));
+        assert_eq!(ev.kind, EventKind::NodeFenced);
+        assert_eq!(ev.node_id, 2);
+        assert!(
+            ev.message.contains("[a, b]") && ev.message.contains("lease lapsed"),
+            "{}",
+            ev.message
+        );
+        assert!(t.contains(&StateKey::Event(ev.seq)));
     }
 
     #[test]

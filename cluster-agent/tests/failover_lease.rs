@@ -237,4 +237,30 @@ async fn node_cut_off_from_the_majority_fences_its_vms() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(cl.log_tail(3, 200).contains("vms fenced"), "{}", logs(&cl));
+
+    // The majority comes back: node 3 records that it fenced itself, and the VM (its
+    // record still names node 3, which is Up again) runs again.
+    for id in [1, 2] {
+        let started = cl.start(id).await;
+        cl.check(started);
+    }
+    let fenced = cl
+        .wait_for(3, "a node_fenced event of node 3", WAIT, || async {
+            let evs = cl.events(3).await?;
+            Ok(evs
+                .into_iter()
+                .find(|e| e.kind == "node_fenced" && e.node_id == 3))
+        })
+        .await;
+    let fenced = cl.check(fenced);
+    assert!(
+        fenced.message.contains("alone") && fenced.message.contains("lease lapsed"),
+        "{fenced:?}"
+    );
+    let mut c = vms(&cl, 1).await;
+    let v = wait_running(&cl, &mut c, "alone").await;
+    eprintln!(
+        "after the majority returned, VM alone runs on node {}",
+        v.owner_id
+    );
 }
