@@ -449,7 +449,7 @@ async fn live_migration_moves_a_running_vm_and_the_guest_keeps_counting() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn incompatible_cpu_vendor_target_is_refused_with_the_reason() {
+async fn incompatible_cpu_vendor_or_subnet_target_is_refused_with_the_reason() {
     let _serial = cluster_tests::serial().await;
     let mut cl = cluster();
     for id in [1, 2] {
@@ -460,7 +460,10 @@ async fn incompatible_cpu_vendor_target_is_refused_with_the_reason() {
     // vendors is not possible.
     let added = cl.add_node_with(3, "[facts_override]\ncpu_vendor = \"GenuineIntel\"\n");
     must(&cl, added);
-    let formed = cl.form(3).await;
+    // Node 4 has the same CPUs but sits on another migration subnet.
+    let added = cl.add_node_with(4, "migration_subnet = \"127.0.2.0/25\"\n");
+    must(&cl, added);
+    let formed = cl.form(4).await;
     must(&cl, formed);
     let mut c = vms(&cl, 2).await;
     let mut s = spec("amd-vm", 1, 64);
@@ -521,6 +524,30 @@ async fn incompatible_cpu_vendor_target_is_refused_with_the_reason() {
     assert!(
         plan.reasons.iter().any(|r| r.contains("Intel CPUs")),
         "{plan:?}"
+    );
+    let why = c
+        .why_not(pb::WhyNotRequest {
+            vm: "amd-vm".into(),
+            node_id: 4,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("why-not: {e}"))
+        .into_inner()
+        .reasons;
+    assert!(
+        why.iter()
+            .any(|r| r.contains("migrates on 127.0.2.0/25") && r.contains("127.0.2.0/24")),
+        "{why:?}"
+    );
+    expect_code(
+        c.migrate_vm(pb::MigrateVmRequest {
+            name: "amd-vm".into(),
+            to_node_id: 4,
+            ..Default::default()
+        })
+        .await,
+        Code::FailedPrecondition,
+        "migrates on 127.0.2.0/25",
     );
     let after = get(&mut c, "amd-vm").await.unwrap_or_default();
     assert_eq!(

@@ -193,8 +193,21 @@ impl Cluster {
             log_path: self.dir.path().join(format!("node-{id}.log")),
         };
         let o = &self.opts;
+        // Default subnets, unless `extra_toml` sets its own (e.g. another migration subnet).
+        let mut subnets = String::new();
+        for (key, default) in [
+            ("mgmt_subnet", "127.0.1.0/24"),
+            ("migration_subnet", "127.0.2.0/24"),
+        ] {
+            if !extra_toml
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{key} ")))
+            {
+                subnets.push_str(&format!("{key} = \"{default}\"\n"));
+            }
+        }
         let text = format!(
-            "node_id = {id}\nname = \"node-{id}\"\ndata_dir = \"{}\"\nmgmt_addr = \"{}\"\nraft_addr = \"{}\"\nmigration_addr = \"{}\"\nmgmt_subnet = \"127.0.1.0/24\"\nmigration_subnet = \"127.0.2.0/24\"\nheartbeat_interval_ms = {}\ndown_after_ms = {}\nraft_heartbeat_interval_ms = {}\nelection_timeout_min_ms = {}\nelection_timeout_max_ms = {}\nsnapshot_logs_since_last = {}\nmax_logs_kept_after_snapshot = {}\n{extra_toml}\n",
+            "node_id = {id}\nname = \"node-{id}\"\ndata_dir = \"{}\"\nmgmt_addr = \"{}\"\nraft_addr = \"{}\"\nmigration_addr = \"{}\"\n{subnets}heartbeat_interval_ms = {}\ndown_after_ms = {}\nraft_heartbeat_interval_ms = {}\nelection_timeout_min_ms = {}\nelection_timeout_max_ms = {}\nsnapshot_logs_since_last = {}\nmax_logs_kept_after_snapshot = {}\n{extra_toml}\n",
             spec.data_dir.display(),
             spec.mgmt_addr,
             spec.raft_addr,
