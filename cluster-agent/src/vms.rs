@@ -572,7 +572,10 @@ pub fn apply(
             vm.updated_unix_ms = *at_unix_ms;
             (
                 *at_unix_ms,
-                format!("VM {name} owner {from:?} -> node {owner}"),
+                match from {
+                    Some(f) => format!("VM {name} owner node {f} -> node {owner}"),
+                    None => format!("VM {name} owner none -> node {owner}"),
+                },
             )
         }
         VmCommand::StartMigration {
