@@ -615,6 +615,14 @@ mod tests {
         assert_eq!(j.status, JobStatus::Done, "{j:?}");
         assert_eq!(j.count(MoveStatus::Done), 5);
         assert!(s.vms.values().all(|v| v.owner != Some(1)));
+        // Every move is an ordinary migration record (listable, cancellable, counted).
+        let recs: Vec<_> = s.migrations.values().collect();
+        assert_eq!(recs.len(), 5, "{recs:?}");
+        assert!(
+            recs.iter()
+                .all(|m| m.source == 1 && m.state == crate::migrations::MigrationState::Succeeded),
+            "{recs:?}"
+        );
         let texts: Vec<&str> = s.events.values().map(|e| e.message.as_str()).collect();
         assert!(
             texts.iter().any(|t| t.contains("drain of node 1 started")),

@@ -656,8 +656,11 @@ pub fn apply(
                     })?;
                 (m.to, m.quick, m.wave)
             };
-            vms::apply(state, &start_migration_command(vm, to, quick, at), touched)
-                .map_err(JobError::Vm)?;
+            let start = start_migration_command(vm, to, quick, at);
+            vms::apply(state, &start, touched).map_err(JobError::Vm)?;
+            // The same migration record a `Command::Vm(StartMigration)` opens: the move is
+            // listed, watched, cancellable and counted like any other migration.
+            crate::migrations::after_vm_command(state, &start, touched);
             let j = state
                 .jobs
                 .jobs

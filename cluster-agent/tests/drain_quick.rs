@@ -1,0 +1,214 @@
+//! A drain whose only target cannot take a live migration (another migration subnet)
+//! moves the VM by quick migration: saved to the shared volume, restored on the target,
+//! with the guest's memory intact (its heartbeat sequence continues, its memory check
+//! still passes) — "live where possible, quick otherwise", end to end.
+
+use std::time::{Duration, Instant};
+
+use cluster_proto::drain as dpb;
+use cluster_proto::drain::drain_service_client::DrainServiceClient;
+use cluster_proto::management as mpb;
+use cluster_proto::migrations as gpb;
+use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
+use cluster_proto::vms as pb;
+use cluster_proto::vms::vm_service_client::VmServiceClient;
+use cluster_tests::{Cluster, HarnessError, Options};
+use tonic::transport::{Channel, Endpoint};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn logs(c: &Cluster) -> String {
+    c.running()
+        .iter()
+        .map(|id| format!("\n--- node {id} ---\n{}", c.log_tail(*id, 30)))
+        .collect()
+}
+
+fn must<T>(c: &Cluster, r: Result<T, HarnessError>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}{}", logs(c)))
+}
+
+async fn channel(c: &Cluster, id: u64) -> Channel {
+    let addr = must(c, c.spec(id)).mgmt_addr;
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap_or_else(|e| panic!("endpoint: {e}"))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to node {id}: {e}{}", logs(c)))
+}
+
+/// The first `HB seq=N … mem=ok` line with `N > after`, and the node that produced it.
+async fn heartbeat(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64, u64) {
+    let mut c = VmServiceClient::new(channel(cl, via).await);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Ok(s) = c
+            .stream_console(pb::ConsoleRequest {
+                name: name.into(),
+                follow: true,
+            })
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut s = s.into_inner();
+        while let Ok(Ok(Some(chunk))) =
+            tokio::time::timeout(Duration::from_secs(3), s.message()).await
+        {
+            for line in chunk.text.lines() {
+                let Some(rest) = line.trim().strip_prefix("HB seq=") else {
+                    continue;
+                };
+                let seq: u64 = rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(0);
+                if seq > after && line.contains("mem=ok") {
+                    return (chunk.node_id, seq);
+                }
+            }
+        }
+    }
+    panic!("no heartbeat of {name} above {after} via {via}{}", logs(cl))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_moves_a_vm_by_quick_migration_when_live_is_impossible() {
+    let _serial = cluster_tests::serial().await;
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("/dev/kvm cannot be opened ({e}): this test needs KVM");
+    }
+    let mut cl = Cluster::new(
+        env!("CARGO_BIN_EXE_cluster-agent").into(),
+        Options::default(),
+    )
+    .unwrap_or_else(|e| panic!("harness: {e}"));
+    let csv = cl.dir().join("csv");
+    std::fs::create_dir_all(&csv).unwrap_or_else(|e| panic!("mkdir {}: {e}", csv.display()));
+    let volume = format!(
+        "[[volumes]]\nname = \"vol\"\npath = \"{}\"\n",
+        csv.display()
+    );
+    for id in [1, 2] {
+        let added = cl.add_node_with(id, &volume);
+        must(&cl, added);
+    }
+    // Node 3 migrates on another subnet: nothing can live-migrate to it.
+    let added = cl.add_node_with(3, &format!("migration_subnet = \"127.0.2.0/25\"\n{volume}"));
+    must(&cl, added);
+    let formed = cl.form(3).await;
+    must(&cl, formed);
+
+    let mut vms = VmServiceClient::new(channel(&cl, 2).await);
+    vms.create_vm(pb::CreateVmRequest {
+        spec: Some(pb::VmSpec {
+            name: "q".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
+                workload: "mem".into(),
+                wss_mib: 8,
+                hb_ms: 50,
+                ..Default::default()
+            })),
+            preferred_owners: vec![1],
+            ..Default::default()
+        }),
+        start: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    let (node, before) = heartbeat(&cl, 2, "q", 5).await;
+    assert_eq!(node, 1, "created on its preferred owner");
+
+    // Node 2 takes no new VMs, so node 3 is the drain's only target.
+    let mut mgmt =
+        cluster_proto::management::management_client::ManagementClient::new(channel(&cl, 2).await);
+    mgmt.set_node_state(mpb::SetNodeStateRequest {
+        node_id: 2,
+        state: "paused".into(),
+        reason: "test".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("pause node 2: {e}{}", logs(&cl)));
+
+    let mut drains = DrainServiceClient::new(channel(&cl, 2).await);
+    let plan = drains
+        .drain_node(dpb::DrainRequest {
+            node_id: 1,
+            dry_run: true,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("dry run: {e}{}", logs(&cl)))
+        .into_inner()
+        .plan;
+    assert_eq!(plan.len(), 1, "{plan:?}");
+    assert_eq!(
+        (plan[0].to_node_id, plan[0].kind.as_str()),
+        (3, "quick"),
+        "{plan:?}"
+    );
+    assert!(
+        plan[0]
+            .why_not_live
+            .iter()
+            .any(|r| r.contains("127.0.2.0/25")),
+        "{plan:?}"
+    );
+
+    drains
+        .drain_node(dpb::DrainRequest {
+            node_id: 1,
+            dry_run: false,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("drain: {e}{}", logs(&cl)));
+    let start = Instant::now();
+    let job = loop {
+        let job = drains
+            .get_drain(dpb::NodeRef { node_id: 1 })
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().job);
+        if let Some(j) = job.filter(|j| j.status != "running") {
+            break j;
+        }
+        assert!(start.elapsed() < WAIT, "drain did not end{}", logs(&cl));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(job.status, "done", "{job:?}{}", logs(&cl));
+    assert_eq!(job.moves.len(), 1, "{job:?}");
+    assert_eq!(
+        (
+            job.moves[0].kind.as_str(),
+            job.moves[0].status.as_str(),
+            job.moves[0].to_node_id
+        ),
+        ("quick", "done", 3),
+        "{job:?}"
+    );
+
+    // The guest was restored, not rebooted: its heartbeat sequence carries on, on node 3.
+    let (node, after) = heartbeat(&cl, 2, "q", before).await;
+    assert_eq!(node, 3, "the VM runs on node 3 now");
+    assert!(after > before, "heartbeat went from {before} to {after}");
+
+    let mut migs = MigrationServiceClient::new(channel(&cl, 2).await);
+    let recs = migs
+        .list_migrations(gpb::ListMigrationsRequest { vm: "q".into() })
+        .await
+        .unwrap_or_else(|e| panic!("list migrations: {e}"))
+        .into_inner()
+        .migrations;
+    assert!(
+        recs.iter()
+            .any(|m| m.kind == "quick" && m.state == "succeeded" && m.target_node_id == 3),
+        "{recs:?}"
+    );
+}
