@@ -144,15 +144,17 @@ pub enum MigrationError {
     Finished { id: u64, state: MigrationState },
     #[error("migration {0} is already being cancelled")]
     AlreadyCancelling(u64),
+    #[error("migration {0} is a quick migration (save, hand off, restore), which cannot be cancelled midway")]
+    QuickNotCancellable(u64),
 }
 
 impl MigrationError {
     pub fn class(&self) -> crate::vms::ErrorClass {
         match self {
             MigrationError::Unknown(_) => crate::vms::ErrorClass::NotFound,
-            MigrationError::Finished { .. } | MigrationError::AlreadyCancelling(_) => {
-                crate::vms::ErrorClass::FailedPrecondition
-            }
+            MigrationError::Finished { .. }
+            | MigrationError::AlreadyCancelling(_)
+            | MigrationError::QuickNotCancellable(_) => crate::vms::ErrorClass::FailedPrecondition,
         }
     }
 }
@@ -182,6 +184,9 @@ pub fn check(state: &ClusterState, cmd: &MigrationCommand) -> Result<(), Migrati
             }
             if m.cancel_requested {
                 return Err(MigrationError::AlreadyCancelling(*id));
+            }
+            if m.kind == MigrationKind::Quick {
+                return Err(MigrationError::QuickNotCancellable(*id));
             }
             Ok(())
         }
@@ -478,6 +483,25 @@ mod tests {
             stats: None,
         }));
         assert_eq!(s.migrations[&2].state, MigrationState::Cancelled);
+    }
+
+    #[test]
+    fn quick_migrations_are_recorded_as_quick_and_cannot_be_cancelled() {
+        let mut s = cluster_with_running_vm();
+        s.apply(&Command::Vm(VmCommand::StartMigration {
+            name: "m".into(),
+            to: 2,
+            at_unix_ms: 10,
+            max_downtime_ms: None,
+            deadline_ms: None,
+            quick: true,
+        }));
+        assert_eq!(s.migrations[&1].kind, MigrationKind::Quick);
+        let before = s.clone();
+        assert!(
+            matches!(cancel(&mut s, 1), CommandResult::Rejected { reason } if reason.contains("quick migration"))
+        );
+        assert_eq!(s, before);
     }
 
     #[test]
