@@ -162,6 +162,25 @@ pub fn place(state: &ClusterState, spec: &VmSpec) -> Result<u64, PlacementError>
 
 /// Every rule that keeps VM `name` off node `node` (empty: it could go there now).
 pub fn why_not(state: &ClusterState, name: &str, node: u64) -> Result<Vec<String>, PlacementError> {
+    why_not_as(state, name, node, false)
+}
+
+/// [`why_not`] for a quick migration: the live-only rules (shared migration subnet,
+/// live-migratable, convergence) do not apply.
+pub fn why_not_quick(
+    state: &ClusterState,
+    name: &str,
+    node: u64,
+) -> Result<Vec<String>, PlacementError> {
+    why_not_as(state, name, node, true)
+}
+
+fn why_not_as(
+    state: &ClusterState,
+    name: &str,
+    node: u64,
+    quick: bool,
+) -> Result<Vec<String>, PlacementError> {
     if !state.vms.values().any(|v| v.spec.name == name) {
         return Err(PlacementError::UnknownVm(name.to_owned()));
     }
@@ -198,18 +217,23 @@ pub fn why_not(state: &ClusterState, name: &str, node: u64) -> Result<Vec<String
             });
         }
     }
-    let reasons: Vec<Reason> =
-        scheduler::why_not(&snap, &vm, NodeId(node)).map_err(PlacementError::Plan)?;
+    let reasons: Vec<Reason> = if quick {
+        scheduler::why_not_quick(&snap, &vm, NodeId(node))
+    } else {
+        scheduler::why_not(&snap, &vm, NodeId(node))
+    }
+    .map_err(PlacementError::Plan)?;
     Ok(reasons.iter().map(ToString::to_string).collect())
 }
 
-/// The live-migration target for VM `name`: `to` when given and allowed, else the
-/// allowed node (not the owner) running the fewest VMs, lowest id first. A refusal lists
-/// every candidate's reasons.
+/// The migration target for VM `name` (live, or quick when `quick`): `to` when given and
+/// allowed, else the allowed node (not the owner) running the fewest VMs, lowest id first.
+/// A refusal lists every candidate's reasons.
 pub fn migration_target(
     state: &ClusterState,
     name: &str,
     to: Option<u64>,
+    quick: bool,
 ) -> Result<u64, PlacementError> {
     let rec = state
         .vms
@@ -228,7 +252,7 @@ pub fn migration_target(
     let mut refusals = Vec::new();
     let mut best: Option<(usize, u64)> = None;
     for n in candidates {
-        let reasons = why_not(state, name, n)?;
+        let reasons = why_not_as(state, name, n, quick)?;
         if reasons.is_empty() {
             let load = state
                 .vms
@@ -262,11 +286,13 @@ pub struct MigrationPrediction {
     pub estimate: Option<scheduler::estimate::LiveEstimate>,
 }
 
-/// Predict a live migration of `name` (to `to`, or to the scheduler's choice).
+/// Predict a live (or, with `quick`, quick) migration of `name` (to `to`, or to the
+/// scheduler's choice).
 pub fn predict_migration(
     state: &ClusterState,
     name: &str,
     to: Option<u64>,
+    quick: bool,
 ) -> Result<MigrationPrediction, PlacementError> {
     let rec = state
         .vms
@@ -282,7 +308,7 @@ pub fn predict_migration(
             rec.desired.as_str()
         ));
     }
-    let target = match migration_target(state, name, to) {
+    let target = match migration_target(state, name, to, quick) {
         Ok(t) => Some(t),
         Err(PlacementError::Refused { refusal, .. }) => {
             reasons.push(refusal);
@@ -290,15 +316,22 @@ pub fn predict_migration(
         }
         Err(e) => return Err(e),
     };
-    let estimate = scheduler::estimate::live_estimate(
-        rec.spec.memory_mib,
-        0,
-        scheduler::estimate::pair_bandwidth_mib_per_s(
-            DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S,
-            DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S,
-            Policy::default().max_live_migrations_per_node,
-        ),
+    let bandwidth = scheduler::estimate::pair_bandwidth_mib_per_s(
+        DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S,
+        DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S,
+        Policy::default().max_live_migrations_per_node,
     );
+    let estimate = if quick {
+        // Save and restore: all of it is downtime, in one pass.
+        let ms = scheduler::estimate::quick_estimate_ms(rec.spec.memory_mib, bandwidth);
+        Some(scheduler::estimate::LiveEstimate {
+            duration_ms: ms,
+            downtime_ms: ms,
+            rounds: 1,
+        })
+    } else {
+        scheduler::estimate::live_estimate(rec.spec.memory_mib, 0, bandwidth)
+    };
     Ok(MigrationPrediction {
         from,
         to: target,

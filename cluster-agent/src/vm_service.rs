@@ -355,8 +355,8 @@ impl VmService for VmApi {
             Err(e) => return Err(state_status(e)),
         }
         let to = (req.to_node_id != 0).then_some(req.to_node_id);
-        let target =
-            placement::migration_target(&state, &req.name, to).map_err(placement_status)?;
+        let target = placement::migration_target(&state, &req.name, to, req.quick)
+            .map_err(placement_status)?;
         tracing::info!(vm = %req.name, to = target, "starting migration");
         if req.quick {
             crate::quick_migration::check_volume(&state, &self.host, &req.name)?;
@@ -380,8 +380,8 @@ impl VmService for VmApi {
         let req = request.into_inner();
         name_of(&req.name)?;
         let to = (req.to_node_id != 0).then_some(req.to_node_id);
-        let p =
-            placement::predict_migration(&self.state(), &req.name, to).map_err(placement_status)?;
+        let p = placement::predict_migration(&self.state(), &req.name, to, req.quick)
+            .map_err(placement_status)?;
         let est = p.estimate.unwrap_or(scheduler::estimate::LiveEstimate {
             duration_ms: 0,
             downtime_ms: 0,

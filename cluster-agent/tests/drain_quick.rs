@@ -1,7 +1,8 @@
 //! A drain whose only target cannot take a live migration (another migration subnet)
 //! moves the VM by quick migration: saved to the shared volume, restored on the target,
 //! with the guest's memory intact (its heartbeat sequence continues, its memory check
-//! still passes) — "live where possible, quick otherwise", end to end.
+//! still passes) — "live where possible, quick otherwise", end to end. By hand, a live
+//! migration across the subnets is refused with the reason and `--quick` goes.
 
 use std::time::{Duration, Instant};
 
@@ -75,7 +76,7 @@ async fn heartbeat(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64, u64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_moves_a_vm_by_quick_migration_when_live_is_impossible() {
+async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
     let _serial = cluster_tests::serial().await;
     if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
@@ -211,4 +212,57 @@ async fn drain_moves_a_vm_by_quick_migration_when_live_is_impossible() {
             .any(|m| m.kind == "quick" && m.state == "succeeded" && m.target_node_id == 3),
         "{recs:?}"
     );
+
+    // By hand, back across the subnets: live is refused with the reason, quick goes.
+    drains
+        .resume_node(dpb::ResumeRequest {
+            node_id: 1,
+            failback: false,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("resume node 1: {e}{}", logs(&cl)));
+    let live = vms
+        .migrate_vm(pb::MigrateVmRequest {
+            name: "q".into(),
+            to_node_id: 1,
+            ..Default::default()
+        })
+        .await;
+    match live {
+        Err(s) => assert!(s.message().contains("127.0.2.0/25"), "{s:?}"),
+        Ok(r) => panic!("live migration across subnets was accepted: {r:?}"),
+    }
+    let plan = vms
+        .plan_migration(pb::MigrateVmRequest {
+            name: "q".into(),
+            to_node_id: 1,
+            quick: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("quick dry run: {e}"))
+        .into_inner();
+    assert!(plan.go && plan.to_node_id == 1, "{plan:?}");
+    vms.migrate_vm(pb::MigrateVmRequest {
+        name: "q".into(),
+        to_node_id: 1,
+        quick: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("quick migration back: {e}{}", logs(&cl)));
+    let start = Instant::now();
+    let (node, last) = loop {
+        let (node, seq) = heartbeat(&cl, 2, "q", after).await;
+        if node == 1 {
+            break (node, seq);
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "q never came back to node 1{}",
+            logs(&cl)
+        );
+    };
+    assert_eq!(node, 1);
+    assert!(last > after, "heartbeat went from {after} to {last}");
 }

@@ -8,8 +8,9 @@ use std::collections::BTreeSet;
 use common::*;
 use proptest::prelude::*;
 use scheduler::{
-    balance, drain, failback, failover, place, why_not, BalanceMode, ClusterSnapshot, MoveKind,
-    NodeId, NodeState, PlanError, RestartPriority, VmId, VmRequest, VmState,
+    balance, drain, failback, failover, place, why_not, why_not_quick, BalanceMode,
+    ClusterSnapshot, MoveKind, NodeId, NodeState, PlanError, RestartPriority, VmId, VmRequest,
+    VmState,
 };
 
 fn config() -> ProptestConfig {
@@ -304,6 +305,34 @@ proptest! {
         }
         if n.state != NodeState::Up {
             prop_assert!(reasons.iter().any(|r| r.code() == "node_not_up"));
+        }
+    }
+
+    #[test]
+    fn why_not_quick_is_the_live_rules_minus_the_live_only_ones(seed in any::<u64>(), pv in any::<u64>(), pn in any::<u64>()) {
+        let snap = random_cluster(seed);
+        if snap.vms.is_empty() { return Ok(()) }
+        let v = &snap.vms[(pv % snap.vms.len() as u64) as usize];
+        let n = &snap.nodes[(pn % snap.nodes.len() as u64) as usize];
+        let quick = why_not_quick(&snap, &v.id, n.id).unwrap();
+        let live = why_not(&snap, &v.id, n.id).unwrap();
+        let live_only = ["subnet_mismatch", "not_live_migratable", "not_convergent"];
+        // Every quick reason is also a live reason; live adds only live-only rules.
+        for r in &quick {
+            prop_assert!(live.iter().any(|l| l.code() == r.code()), "{} not in {:?}", r.code(), live);
+            prop_assert!(!live_only.contains(&r.code()), "{}", r.code());
+        }
+        for l in &live {
+            prop_assert!(live_only.contains(&l.code()) || quick.iter().any(|r| r.code() == l.code()), "{} missing from quick {:?}", l.code(), quick);
+        }
+        if quick.is_empty() {
+            prop_assert_eq!(n.state, NodeState::Up);
+            prop_assert!(n.id != v.node);
+            let src = node(&snap, v.node);
+            if v.state == VmState::Running && src.state != NodeState::Down {
+                prop_assert_eq!(src.cpu_vendor, n.cpu_vendor);
+                prop_assert!(v.cpu_features.is_subset(&n.cpu_features));
+            }
         }
     }
 
