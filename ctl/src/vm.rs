@@ -598,7 +598,12 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                     Ok(s) => s.into_inner(),
                     // Following: the VM may be between owners (migration, failover).
                     Err(s)
-                        if *follow && node != 0 && s.code() == tonic::Code::FailedPrecondition =>
+                        if *follow
+                            && node != 0
+                            && matches!(
+                                s.code(),
+                                tonic::Code::FailedPrecondition | tonic::Code::Unavailable
+                            ) =>
                     {
                         let since = *reopen_since.get_or_insert_with(std::time::Instant::now);
                         if since.elapsed() > CONSOLE_REOPEN_MAX {
@@ -611,7 +616,20 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                 };
                 reopen_since = None;
                 let mut first = true;
-                while let Some(chunk) = stream.message().await.map_err(fail)? {
+                loop {
+                    let chunk = match stream.message().await {
+                        Ok(Some(chunk)) => chunk,
+                        Ok(None) => break,
+                        // Following: the owner died under the stream (failover); reopen it.
+                        Err(s) if *follow && node != 0 => {
+                            eprintln!(
+                                "clusterctl: console of {n} lost node {node}: {}",
+                                s.message()
+                            );
+                            break;
+                        }
+                        Err(s) => return Err(fail(s)),
+                    };
                     if node != 0 && chunk.node_id != node {
                         eprintln!(
                             "clusterctl: console of {n} now streams from node {}",
