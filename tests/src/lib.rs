@@ -16,6 +16,8 @@ use cluster_proto::management as pb;
 use cluster_proto::management::management_client::ManagementClient;
 use tonic::transport::{Channel, Endpoint};
 
+pub mod vm;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
     #[error("the {name} binary was not found at {path}; build it first (`cargo build -p {package}`) or run the whole suite with `cargo test --workspace`")]
@@ -398,14 +400,7 @@ impl Cluster {
     pub fn check<T>(&self, r: Result<T>) -> T {
         match r {
             Ok(v) => v,
-            Err(e) => {
-                let logs: String = self
-                    .ids()
-                    .iter()
-                    .map(|id| format!("\n--- node {id} ---\n{}", self.log_tail(*id, 15)))
-                    .collect();
-                panic!("{e}{logs}")
-            }
+            Err(e) => panic!("{e}{}", self.logs()),
         }
     }
 
