@@ -137,3 +137,8 @@ pub fn hb_seq(line: &str) -> Option<u64> {
             .unwrap_or(0),
     )
 }
+
+/// `GetVm` of `name`, or the default `VmInfo` if the call fails (for polling loops).
+pub async fn vm_or_default(c: &mut VmServiceClient<Channel>, name: &str) -> pb::VmInfo {
+    get_vm(c, name).await.unwrap_or_default()
+}
