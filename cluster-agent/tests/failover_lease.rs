@@ -4,14 +4,13 @@
 //! its own VMs.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
 use cluster_tests::vm::{guest_spec, hb_seq, mem_boot, vm_or_default};
-use cluster_tests::{Cluster, Options};
+use cluster_tests::{http_get, Cluster, Options};
 use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -137,13 +136,8 @@ async fn leader_owner_kill9_fails_over_and_survivors_keep_their_vms() {
 }
 
 fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    write!(s, "GET /metrics HTTP/1.1\r\n\r\n").unwrap_or_else(|e| panic!("{e}"));
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)
-        .unwrap_or_else(|e| panic!("{e}"));
-    resp.lines()
+    let (_, body) = http_get(addr, "/metrics");
+    body.lines()
         .filter(|l| l.starts_with("cluster_"))
         .filter_map(|l| l.rsplit_once(' '))
         .filter_map(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v)))
