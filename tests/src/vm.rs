@@ -142,3 +142,11 @@ pub fn hb_seq(line: &str) -> Option<u64> {
 pub async fn vm_or_default(c: &mut VmServiceClient<Channel>, name: &str) -> pb::VmInfo {
     get_vm(c, name).await.unwrap_or_default()
 }
+
+/// `GetVm` of `name` with the status as a `String` error, for the benches.
+pub async fn try_get_vm(
+    c: &mut VmServiceClient<Channel>,
+    name: &str,
+) -> Result<pb::VmInfo, String> {
+    get_vm(c, name).await.map_err(|s| s.to_string())
+}
