@@ -7,9 +7,8 @@ use clap::Subcommand;
 use cluster_proto::volumes as pb;
 use cluster_proto::volumes::volume_service_client::VolumeServiceClient;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
 
-use crate::client::{endpoint_uri, status_error, CtlError};
+use crate::client::{service, status_error, CtlError};
 use crate::output::table;
 use crate::{Cli, Format};
 
@@ -40,23 +39,6 @@ pub enum VmDiskCmd {
     },
     /// Hot-remove a disk from a VM (flushed, closed, lock released).
     Detach { name: String, disk: String },
-}
-
-async fn connect(
-    endpoint: &str,
-    timeout: Duration,
-) -> Result<VolumeServiceClient<Channel>, CtlError> {
-    let uri = endpoint_uri(endpoint)?;
-    let ep = Endpoint::from_shared(uri)
-        .map_err(|_| CtlError::BadEndpoint {
-            endpoint: endpoint.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(3).min(timeout));
-    let channel = ep.connect().await.map_err(|e| CtlError::Unreachable {
-        endpoint: endpoint.to_string(),
-        cause: e.to_string(),
-    })?;
-    Ok(VolumeServiceClient::new(channel))
 }
 
 #[derive(Serialize)]
@@ -92,7 +74,7 @@ fn json<T: Serialize>(v: &T) -> String {
 pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
     let timeout = Duration::from_secs(cli.timeout_s.max(1));
     let ep = cli.endpoint.as_str();
-    let mut c = connect(ep, timeout).await?;
+    let mut c = service(ep, timeout, VolumeServiceClient::new).await?;
     let fail = |s| status_error(ep, timeout, s);
     let timed_out = |_| CtlError::Timeout {
         endpoint: ep.to_owned(),
@@ -198,7 +180,7 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
 pub async fn run_vm_disk(cli: &Cli, cmd: &VmDiskCmd) -> Result<String, CtlError> {
     let timeout = Duration::from_secs(cli.timeout_s.max(1));
     let ep = cli.endpoint.as_str();
-    let mut c = connect(ep, timeout).await?;
+    let mut c = service(ep, timeout, VolumeServiceClient::new).await?;
     let fail = |s| status_error(ep, timeout, s);
     let timed_out = |_| CtlError::Timeout {
         endpoint: ep.to_owned(),

@@ -9,9 +9,9 @@ use clap::{Subcommand, ValueEnum};
 use cluster_proto::drain as pb;
 use cluster_proto::drain::drain_service_client::DrainServiceClient;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-use crate::client::{endpoint_uri, status_error, CtlError};
+use crate::client::{service, status_error, CtlError};
 use crate::output::table;
 use crate::{Cli, Format};
 
@@ -99,23 +99,6 @@ fn aggr_str(a: Aggressiveness) -> &'static str {
         Aggressiveness::Medium => "medium",
         Aggressiveness::High => "high",
     }
-}
-
-async fn connect(
-    endpoint: &str,
-    timeout: Duration,
-) -> Result<DrainServiceClient<Channel>, CtlError> {
-    let uri = endpoint_uri(endpoint)?;
-    let ep = Endpoint::from_shared(uri)
-        .map_err(|_| CtlError::BadEndpoint {
-            endpoint: endpoint.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(3).min(timeout));
-    let channel = ep.connect().await.map_err(|e| CtlError::Unreachable {
-        endpoint: endpoint.to_string(),
-        cause: e.to_string(),
-    })?;
-    Ok(DrainServiceClient::new(channel))
 }
 
 fn json<T: Serialize>(v: &T) -> Result<String, CtlError> {
@@ -463,7 +446,7 @@ async fn watch(
 pub async fn drain(cli: &Cli, node: u64, dry_run: bool, follow: bool) -> Result<String, CtlError> {
     let timeout = Duration::from_secs(cli.timeout_s.max(1));
     let ep = cli.endpoint.as_str();
-    let mut c = connect(ep, timeout).await?;
+    let mut c = service(ep, timeout, DrainServiceClient::new).await?;
     let r = tokio::time::timeout(
         timeout,
         c.drain_node(pb::DrainRequest {
@@ -492,7 +475,7 @@ pub async fn drain(cli: &Cli, node: u64, dry_run: bool, follow: bool) -> Result<
 pub async fn resume(cli: &Cli, node: u64, failback: bool) -> Result<String, CtlError> {
     let timeout = Duration::from_secs(cli.timeout_s.max(1));
     let ep = cli.endpoint.as_str();
-    let mut c = connect(ep, timeout).await?;
+    let mut c = service(ep, timeout, DrainServiceClient::new).await?;
     let r = tokio::time::timeout(
         timeout,
         c.resume_node(pb::ResumeRequest {
@@ -524,7 +507,7 @@ pub async fn resume(cli: &Cli, node: u64, failback: bool) -> Result<String, CtlE
 pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
     let timeout = Duration::from_secs(cli.timeout_s.max(1));
     let ep = cli.endpoint.as_str();
-    let mut c = connect(ep, timeout).await?;
+    let mut c = service(ep, timeout, DrainServiceClient::new).await?;
     let fail = |s| status_error(ep, timeout, s);
     let timed_out = |_| CtlError::Timeout {
         endpoint: ep.to_owned(),
@@ -571,7 +554,7 @@ pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
 pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
     let timeout = Duration::from_secs(cli.timeout_s.max(1));
     let ep = cli.endpoint.as_str();
-    let mut c = connect(ep, timeout).await?;
+    let mut c = service(ep, timeout, DrainServiceClient::new).await?;
     let fail = |s| status_error(ep, timeout, s);
     let timed_out = |_| CtlError::Timeout {
         endpoint: ep.to_owned(),

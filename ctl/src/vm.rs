@@ -8,9 +8,8 @@ use clap::{Args, Subcommand};
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
 
-use crate::client::{endpoint_uri, status_error, CtlError};
+use crate::client::{service, status_error, CtlError};
 use crate::output::table;
 use crate::{Cli, Format};
 
@@ -116,20 +115,6 @@ const CONSOLE_REOPEN_MAX: Duration = Duration::from_secs(60);
 
 /// Longest `vm migrate` waits for the migration to end.
 const MIGRATE_WAIT_MAX: Duration = Duration::from_secs(300);
-
-async fn connect(endpoint: &str, timeout: Duration) -> Result<VmServiceClient<Channel>, CtlError> {
-    let uri = endpoint_uri(endpoint)?;
-    let ep = Endpoint::from_shared(uri)
-        .map_err(|_| CtlError::BadEndpoint {
-            endpoint: endpoint.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(3).min(timeout));
-    let channel = ep.connect().await.map_err(|e| CtlError::Unreachable {
-        endpoint: endpoint.to_string(),
-        cause: e.to_string(),
-    })?;
-    Ok(VmServiceClient::new(channel))
-}
 
 fn spec_of(a: &CreateArgs) -> pb::VmSpec {
     let boot = match &a.kernel {
@@ -409,7 +394,7 @@ pub fn render_why_not(
 pub async fn why_not(cli: &Cli, vm: &str, node_id: u64) -> Result<String, CtlError> {
     let timeout = Duration::from_secs(cli.timeout_s.max(1));
     let ep = cli.endpoint.as_str();
-    let mut c = connect(ep, timeout).await?;
+    let mut c = service(ep, timeout, VmServiceClient::new).await?;
     let r = tokio::time::timeout(
         timeout,
         c.why_not(pb::WhyNotRequest {
@@ -431,7 +416,7 @@ pub async fn why_not(cli: &Cli, vm: &str, node_id: u64) -> Result<String, CtlErr
 pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
     let timeout = Duration::from_secs(cli.timeout_s.max(1));
     let ep = cli.endpoint.as_str();
-    let mut c = connect(ep, timeout).await?;
+    let mut c = service(ep, timeout, VmServiceClient::new).await?;
     let fail = |s| status_error(ep, timeout, s);
     let timed_out = |_| CtlError::Timeout {
         endpoint: ep.to_owned(),
