@@ -100,6 +100,23 @@ pub async fn service<C>(
     Ok(new(channel))
 }
 
+/// The answer of `rpc` to the agent at `endpoint`, with `timeout` as its deadline; a
+/// late answer or a refusal becomes a [`CtlError`].
+pub async fn call<T>(
+    endpoint: &str,
+    timeout: Duration,
+    rpc: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, CtlError> {
+    tokio::time::timeout(timeout, rpc)
+        .await
+        .map_err(|_| CtlError::Timeout {
+            endpoint: endpoint.to_string(),
+            timeout_s: timeout.as_secs(),
+        })?
+        .map(tonic::Response::into_inner)
+        .map_err(|s| status_error(endpoint, timeout, s))
+}
+
 /// Map a failed call to a clear error.
 pub fn status_error(endpoint: &str, timeout: Duration, s: tonic::Status) -> CtlError {
     match s.code() {

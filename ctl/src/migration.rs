@@ -9,7 +9,7 @@ use cluster_proto::migrations as pb;
 use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
 use serde::Serialize;
 
-use crate::client::{service, status_error, CtlError};
+use crate::client::{call, service, status_error, CtlError};
 use crate::output::table;
 use crate::{Cli, Format};
 
@@ -212,39 +212,24 @@ pub async fn run(cli: &Cli, cmd: &MigrationCmd) -> Result<String, CtlError> {
     let ep = cli.endpoint.as_str();
     let timeout = Duration::from_secs(cli.timeout_s.max(1));
     let mut c = service(ep, timeout, MigrationServiceClient::new).await?;
-    let fail = |s| status_error(ep, timeout, s);
-    let timed_out = |_| CtlError::Timeout {
-        endpoint: ep.to_owned(),
-        timeout_s: timeout.as_secs(),
-    };
     match cmd {
         MigrationCmd::List { vm } => {
-            let r = tokio::time::timeout(
+            let r = call(
+                ep,
                 timeout,
                 c.list_migrations(pb::ListMigrationsRequest {
                     vm: vm.clone().unwrap_or_default(),
                 }),
             )
-            .await
-            .map_err(timed_out)?
-            .map_err(fail)?
-            .into_inner();
+            .await?;
             render_list(cli.output, &r.migrations)
         }
         MigrationCmd::Show { id } => {
-            let r = tokio::time::timeout(timeout, c.get_migration(pb::MigrationId { id: *id }))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.get_migration(pb::MigrationId { id: *id })).await?;
             render_one(cli.output, &r.migration.unwrap_or_default())
         }
         MigrationCmd::Cancel { id } => {
-            let r = tokio::time::timeout(timeout, c.cancel_migration(pb::MigrationId { id: *id }))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.cancel_migration(pb::MigrationId { id: *id })).await?;
             render_one(cli.output, &r.migration.unwrap_or_default())
         }
     }

@@ -9,7 +9,7 @@ use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
 use serde::Serialize;
 
-use crate::client::{service, status_error, CtlError};
+use crate::client::{call, service, status_error, CtlError};
 use crate::output::table;
 use crate::{Cli, Format};
 
@@ -395,20 +395,15 @@ pub async fn why_not(cli: &Cli, vm: &str, node_id: u64) -> Result<String, CtlErr
     let timeout = Duration::from_secs(cli.timeout_s.max(1));
     let ep = cli.endpoint.as_str();
     let mut c = service(ep, timeout, VmServiceClient::new).await?;
-    let r = tokio::time::timeout(
+    let r = call(
+        ep,
         timeout,
         c.why_not(pb::WhyNotRequest {
             vm: vm.to_owned(),
             node_id,
         }),
     )
-    .await
-    .map_err(|_| CtlError::Timeout {
-        endpoint: ep.to_owned(),
-        timeout_s: timeout.as_secs(),
-    })?
-    .map_err(|s| status_error(ep, timeout, s))?
-    .into_inner();
+    .await?;
     render_why_not(cli.output, vm, node_id, &r.reasons)
 }
 
@@ -431,27 +426,15 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                 spec: Some(spec_of(a)),
                 start: !a.no_start,
             };
-            let r = tokio::time::timeout(timeout, c.create_vm(req))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.create_vm(req)).await?;
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Start { name: n } => {
-            let r = tokio::time::timeout(timeout, c.start_vm(name(n)))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.start_vm(name(n))).await?;
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Stop { name: n } => {
-            let r = tokio::time::timeout(timeout, c.stop_vm(name(n)))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.stop_vm(name(n))).await?;
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Delete { name: n } => {
@@ -465,19 +448,11 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             Ok(format!("VM {n} deleted\n"))
         }
         VmCmd::List => {
-            let r = tokio::time::timeout(timeout, c.list_vms(pb::ListVmsRequest {}))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.list_vms(pb::ListVmsRequest {})).await?;
             render_list(fmt, &r.vms)
         }
         VmCmd::Show { name: n } => {
-            let r = tokio::time::timeout(timeout, c.get_vm(name(n)))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.get_vm(name(n))).await?;
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Migrate {
@@ -498,18 +473,10 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                 deadline_ms: deadline.map(|s| s.saturating_mul(1000)),
             };
             if *dry_run {
-                let p = tokio::time::timeout(timeout, c.plan_migration(req))
-                    .await
-                    .map_err(timed_out)?
-                    .map_err(fail)?
-                    .into_inner();
+                let p = call(ep, timeout, c.plan_migration(req)).await?;
                 return render_plan(fmt, &p);
             }
-            let r = tokio::time::timeout(timeout, c.migrate_vm(req))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.migrate_vm(req)).await?;
             let started = r.vm.unwrap_or_default();
             if *no_wait {
                 return render_one(fmt, Some(&started));
