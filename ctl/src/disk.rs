@@ -1,8 +1,6 @@
 //! `clusterctl disk ...` and `clusterctl vm disk attach|detach`: shared-volume disks, the
 //! replicated lock table and hot-plug (`cluster.volumes.v1.VolumeService`).
 
-use std::time::Duration;
-
 use clap::Subcommand;
 use cluster_proto::volumes as pb;
 use cluster_proto::volumes::volume_service_client::VolumeServiceClient;
@@ -72,7 +70,7 @@ fn json<T: Serialize>(v: &T) -> String {
 }
 
 pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
     let mut c = service(ep, timeout, VolumeServiceClient::new).await?;
     match cmd {
@@ -163,7 +161,7 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
 }
 
 pub async fn run_vm_disk(cli: &Cli, cmd: &VmDiskCmd) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
     let mut c = service(ep, timeout, VolumeServiceClient::new).await?;
     let r = match cmd {

@@ -412,7 +412,7 @@ async fn watch(
     cli: &Cli,
     node: u64,
 ) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
     let started = std::time::Instant::now();
     let mut last = String::new();
@@ -437,7 +437,7 @@ async fn watch(
 
 /// `clusterctl node drain NODE [--dry-run] [--watch]`.
 pub async fn drain(cli: &Cli, node: u64, dry_run: bool, follow: bool) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
     let mut c = service(ep, timeout, DrainServiceClient::new).await?;
     let r = call(
@@ -461,7 +461,7 @@ pub async fn drain(cli: &Cli, node: u64, dry_run: bool, follow: bool) -> Result<
 
 /// `clusterctl node resume NODE --failback`.
 pub async fn resume(cli: &Cli, node: u64, failback: bool) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
     let mut c = service(ep, timeout, DrainServiceClient::new).await?;
     let r = call(
@@ -488,7 +488,7 @@ pub async fn resume(cli: &Cli, node: u64, failback: bool) -> Result<String, CtlE
 
 /// `clusterctl drain ...`.
 pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
     let mut c = service(ep, timeout, DrainServiceClient::new).await?;
     match cmd {
@@ -523,7 +523,7 @@ pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
 
 /// `clusterctl policy ...`.
 pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
     let mut c = service(ep, timeout, DrainServiceClient::new).await?;
     match cmd {

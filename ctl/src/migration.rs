@@ -210,7 +210,7 @@ fn render_one(fmt: Format, m: &pb::MigrationInfo) -> Result<String, CtlError> {
 
 pub async fn run(cli: &Cli, cmd: &MigrationCmd) -> Result<String, CtlError> {
     let ep = cli.endpoint.as_str();
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let mut c = service(ep, timeout, MigrationServiceClient::new).await?;
     match cmd {
         MigrationCmd::List { vm } => {

@@ -392,7 +392,7 @@ pub fn render_why_not(
 
 /// `clusterctl node why-not VM NODE`.
 pub async fn why_not(cli: &Cli, vm: &str, node_id: u64) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
     let mut c = service(ep, timeout, VmServiceClient::new).await?;
     let r = call(
@@ -409,7 +409,7 @@ pub async fn why_not(cli: &Cli, vm: &str, node_id: u64) -> Result<String, CtlErr
 
 /// `clusterctl vm ...`.
 pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
     let mut c = service(ep, timeout, VmServiceClient::new).await?;
     let fail = |s| status_error(ep, timeout, s);
