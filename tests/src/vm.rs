@@ -150,3 +150,27 @@ pub async fn try_get_vm(
 ) -> Result<pb::VmInfo, String> {
     get_vm(c, name).await.map_err(|s| s.to_string())
 }
+
+/// Polls `name` every 5 ms until it runs on `to` with no migration under way, for the
+/// benches; an error if it ended up elsewhere or `timeout` passed since `started`.
+pub async fn try_wait_migrated(
+    c: &mut VmServiceClient<Channel>,
+    name: &str,
+    to: u64,
+    started: std::time::Instant,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    loop {
+        let v = try_get_vm(c, name).await?;
+        if v.migrating_to == 0 && v.owner_id == to && v.runtime == "running" {
+            return Ok(());
+        }
+        if v.migrating_to == 0 && v.owner_id != to {
+            return Err(format!("migration failed: {}", v.reason));
+        }
+        if started.elapsed() > timeout {
+            return Err("migration did not finish".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}

@@ -15,7 +15,7 @@ use cluster_proto::migrations as mpb;
 use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
-use cluster_tests::vm::{guest_spec, try_get_vm};
+use cluster_tests::vm::{guest_spec, try_get_vm, try_wait_migrated};
 use cluster_tests::{locate_binary, Cluster, Options};
 use tonic::transport::Channel;
 
@@ -83,19 +83,7 @@ async fn full_stack(memory_mib: u64, repeats: usize) -> Result<Vec<(u64, u64, u6
         })
         .await
         .map_err(|s| s.to_string())?;
-        loop {
-            let v = get(&vm).await?;
-            if v.migrating_to == 0 && v.owner_id == to && v.runtime == "running" {
-                break;
-            }
-            if v.migrating_to == 0 && v.owner_id != to {
-                return Err(format!("migration failed: {}", v.reason));
-            }
-            if t.elapsed() > STEP_TIMEOUT {
-                return Err("migration did not finish".into());
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        try_wait_migrated(&mut vm, "bench", to, t, STEP_TIMEOUT).await?;
         let wall_ms = t.elapsed().as_millis() as u64;
         let recs = mig
             .list_migrations(mpb::ListMigrationsRequest { vm: "bench".into() })

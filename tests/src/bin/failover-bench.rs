@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use cluster_proto::vms as pb;
-use cluster_tests::vm::{guest_spec, mem_boot, try_get_vm};
+use cluster_tests::vm::{guest_spec, mem_boot, try_get_vm, try_wait_migrated};
 use cluster_tests::{locate_binary, Cluster, Options};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -131,19 +131,7 @@ async fn migration_round(bin: &std::path::Path) -> Result<(u128, u64, bool), Str
         .vm
         .unwrap_or_default();
     let target = started.migrating_to;
-    loop {
-        let v = try_get_vm(&mut cl, "mig").await?;
-        if v.migrating_to == 0 && v.owner_id == target && v.runtime == "running" {
-            break;
-        }
-        if v.migrating_to == 0 && v.owner_id != target {
-            return Err(format!("migration failed: {}", v.reason));
-        }
-        if t.elapsed() > STEP_TIMEOUT {
-            return Err("migration did not finish".into());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    try_wait_migrated(&mut cl, "mig", target, t, STEP_TIMEOUT).await?;
     let wall_ms = t.elapsed().as_millis();
     let events = c.events(1).await.map_err(|e| e.to_string())?;
     let msg = events
