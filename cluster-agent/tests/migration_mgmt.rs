@@ -111,6 +111,23 @@ async fn wait_finished(m: &mut MigrationServiceClient<Channel>, id: u64) -> mpb:
     }
 }
 
+/// The finished record that the last message of a progress stream carries.
+async fn final_record(
+    cl: &Cluster,
+    stream: &mut tonic::Streaming<mpb::MigrationProgress>,
+) -> mpb::MigrationInfo {
+    loop {
+        let p = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("no end of stream{}", cl.logs()))
+            .unwrap_or_else(|e| panic!("progress stream: {e}"))
+            .unwrap_or_else(|| panic!("stream ended without a final message"));
+        if let Some(f) = p.finished {
+            return f;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_cancel_deadline_records_and_bad_input() {
     let _serial = cluster_tests::serial().await;
@@ -243,16 +260,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         "",
     );
     // The stream's last message carries the finished record.
-    let last = loop {
-        let p = tokio::time::timeout(Duration::from_secs(30), stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("no end of stream{}", cl.logs()))
-            .unwrap_or_else(|e| panic!("progress stream: {e}"))
-            .unwrap_or_else(|| panic!("stream ended without a final message"));
-        if let Some(f) = p.finished {
-            break f;
-        }
-    };
+    let last = final_record(&cl, &mut stream).await;
     assert_eq!(last.state, "cancelled", "{last:?}");
     assert!(last.reason.contains("cancel"), "{last:?}");
     let v = wait_running(&cl, &mut vm, "busy").await;
@@ -301,16 +309,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         .await
         .unwrap_or_else(|e| panic!("watch: {e}"))
         .into_inner();
-    let fin = loop {
-        let p = tokio::time::timeout(Duration::from_secs(30), stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("no end of stream{}", cl.logs()))
-            .unwrap_or_else(|e| panic!("progress stream: {e}"))
-            .unwrap_or_else(|| panic!("stream ended without a final message"));
-        if let Some(f) = p.finished {
-            break f;
-        }
-    };
+    let fin = final_record(&cl, &mut stream).await;
     assert_eq!(fin.state, "succeeded", "{fin:?}");
     let s = fin.stats.unwrap_or_default();
     assert!(

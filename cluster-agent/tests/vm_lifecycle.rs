@@ -6,8 +6,10 @@
 use std::time::{Duration, Instant};
 
 use cluster_proto::vms as pb;
+use cluster_proto::vms::vm_service_client::VmServiceClient;
 use cluster_tests::vm::{expect_code, get_vm, guest_spec, hb_seq, mem_boot};
 use cluster_tests::{Cluster, Options};
+use tonic::transport::Channel;
 use tonic::Code;
 
 fn cluster() -> Cluster {
@@ -74,6 +76,18 @@ async fn heartbeat(cl: &Cluster, via: u64, name: &str, after_seq: u64) -> (u64, 
         }
     }
     panic!("no mem=ok heartbeat after seq {after_seq} from {name} via node {via}; console tail: {seen}{}", cl.logs())
+}
+
+/// The reasons `vm` cannot run on `node_id` (empty: it can).
+async fn why_not(c: &mut VmServiceClient<Channel>, vm: &str, node_id: u64) -> Vec<String> {
+    c.why_not(pb::WhyNotRequest {
+        vm: vm.into(),
+        node_id,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("why-not: {e}"))
+    .into_inner()
+    .reasons
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -425,29 +439,13 @@ async fn incompatible_cpu_vendor_or_subnet_target_is_refused_with_the_reason() {
     let v = wait_runtime(&cl, 2, "amd-vm", "running").await;
     assert_eq!(v.owner_id, 1, "preferred owner honoured");
 
-    let why = c
-        .why_not(pb::WhyNotRequest {
-            vm: "amd-vm".into(),
-            node_id: 3,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("why-not: {e}"))
-        .into_inner()
-        .reasons;
+    let why = why_not(&mut c, "amd-vm", 3).await;
     assert!(
         why.iter()
             .any(|r| r.contains("Intel CPUs") && r.contains("needs AMD")),
         "{why:?}"
     );
-    let ok = c
-        .why_not(pb::WhyNotRequest {
-            vm: "amd-vm".into(),
-            node_id: 2,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("why-not: {e}"))
-        .into_inner()
-        .reasons;
+    let ok = why_not(&mut c, "amd-vm", 2).await;
     assert!(ok.is_empty(), "{ok:?}");
     expect_code(
         c.migrate_vm(pb::MigrateVmRequest {
@@ -473,15 +471,7 @@ async fn incompatible_cpu_vendor_or_subnet_target_is_refused_with_the_reason() {
         plan.reasons.iter().any(|r| r.contains("Intel CPUs")),
         "{plan:?}"
     );
-    let why = c
-        .why_not(pb::WhyNotRequest {
-            vm: "amd-vm".into(),
-            node_id: 4,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("why-not: {e}"))
-        .into_inner()
-        .reasons;
+    let why = why_not(&mut c, "amd-vm", 4).await;
     assert!(
         why.iter()
             .any(|r| r.contains("migrates on 127.0.2.0/25") && r.contains("127.0.2.0/24")),
