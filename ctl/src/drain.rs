@@ -12,7 +12,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use crate::client::{call, service, CtlError};
-use crate::output::table;
+use crate::output::{json, table};
 use crate::{Cli, Format};
 
 /// Longest `--watch` follows a job.
@@ -99,12 +99,6 @@ fn aggr_str(a: Aggressiveness) -> &'static str {
         Aggressiveness::Medium => "medium",
         Aggressiveness::High => "high",
     }
-}
-
-fn json<T: Serialize>(v: &T) -> Result<String, CtlError> {
-    serde_json::to_string_pretty(v)
-        .map(|s| s + "\n")
-        .map_err(|e| CtlError::Render(e.to_string()))
 }
 
 #[derive(Serialize)]

@@ -10,7 +10,7 @@ use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
 use serde::Serialize;
 
 use crate::client::{call, service, status_error, CtlError};
-use crate::output::table;
+use crate::output::{json, table};
 use crate::{Cli, Format};
 
 #[derive(Debug, Subcommand)]
@@ -85,12 +85,6 @@ fn to_json(m: &pb::MigrationInfo) -> MigrationJson {
             receipt_matches: s.receipt_matches,
         }),
     }
-}
-
-fn json<T: Serialize>(v: &T) -> Result<String, CtlError> {
-    serde_json::to_string_pretty(v)
-        .map(|s| s + "\n")
-        .map_err(|e| CtlError::Render(e.to_string()))
 }
 
 fn duration_ms(m: &pb::MigrationInfo) -> String {

@@ -10,7 +10,7 @@ use cluster_proto::vms::vm_service_client::VmServiceClient;
 use serde::Serialize;
 
 use crate::client::{call, service, status_error, CtlError};
-use crate::output::table;
+use crate::output::{json, table};
 use crate::{Cli, Format};
 
 #[derive(Debug, Subcommand)]
@@ -199,12 +199,6 @@ pub fn view(v: &pb::VmInfo) -> VmView {
         disks: spec.disks.into_iter().map(|d| d.name).collect(),
         migrating_to: v.migrating_to,
     }
-}
-
-fn json<T: Serialize>(v: &T) -> Result<String, CtlError> {
-    serde_json::to_string_pretty(v)
-        .map(|s| s + "\n")
-        .map_err(|e| CtlError::Render(e.to_string()))
 }
 
 fn owner(v: &VmView) -> String {
