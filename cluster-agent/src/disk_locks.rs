@@ -196,27 +196,11 @@ pub fn disk_users<'a>(state: &'a ClusterState, disk: &DiskName, except: &str) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Command, CommandResult, NodeFacts, NodeRegistration};
+    use crate::state::{Command, CommandResult, NodeFacts};
     use csv_volume::{FencingToken, LockMode};
 
     fn state(n: u64) -> ClusterState {
-        let mut s = ClusterState::default();
-        for id in 1..=n {
-            s.apply(&Command::RegisterNode {
-                registration: NodeRegistration {
-                    node_id: id,
-                    name: format!("n{id}"),
-                    mgmt_addr: format!("127.0.1.{id}:7001"),
-                    raft_addr: format!("127.0.1.{id}:7002"),
-                    migration_addr: format!("127.0.2.{id}:7003"),
-                    mgmt_subnet: "127.0.1.0/24".into(),
-                    migration_subnet: "127.0.2.0/24".into(),
-                    facts: NodeFacts::default(),
-                },
-                at_unix_ms: 1,
-            });
-        }
-        s
+        crate::fixtures::cluster(n, |_| NodeFacts::default())
     }
 
     fn disk() -> DiskName {

@@ -475,33 +475,13 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{CommandResult, NodeFacts, NodeRegistration};
+    use crate::fixtures;
+    use crate::state::CommandResult;
     use crate::vmhost::spec::{TestWorkload, VmSpec, WorkloadName};
     use crate::vms::VmCommand;
 
     fn cluster(n: u64) -> ClusterState {
-        let mut s = ClusterState::default();
-        for id in 1..=n {
-            s.apply(&Command::RegisterNode {
-                registration: NodeRegistration {
-                    node_id: id,
-                    name: format!("n{id}"),
-                    mgmt_addr: format!("127.0.1.{id}:7001"),
-                    raft_addr: format!("127.0.1.{id}:7002"),
-                    migration_addr: format!("127.0.2.{id}:7003"),
-                    mgmt_subnet: "127.0.1.0/24".into(),
-                    migration_subnet: "127.0.2.0/24".into(),
-                    facts: NodeFacts {
-                        cpu_vendor: "AuthenticAMD".into(),
-                        logical_cpus: 4,
-                        memory_bytes: 4 << 30,
-                        ..NodeFacts::default()
-                    },
-                },
-                at_unix_ms: 1,
-            });
-        }
-        s
+        fixtures::cluster(n, |_| fixtures::amd(4, 4 << 30))
     }
 
     fn run_vm(s: &mut ClusterState, name: &str, owner: u64) {

@@ -6,24 +6,22 @@
 //! answer from the local replica and commit nothing.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use cluster_proto::drain as pb;
 use cluster_proto::drain::drain_service_client::DrainServiceClient;
 use cluster_proto::drain::drain_service_server::DrainService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::agent::{now_unix_ms, Agent, ForwardRequest, WriteError};
+use crate::agent::{now_unix_ms, Agent, ForwardRequest};
 use crate::drain::{self, DrainError};
+use crate::forward::{self, write_status};
 use crate::jobs::{self, BalancePolicy, JobCommand, JobError, JobMove, JobRecord};
 use crate::state::{ClusterState, Command};
 use crate::vms::ErrorClass;
 
 /// How long a forwarded job change may take to show on this replica before we answer.
 const LOCAL_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-/// How long a forwarded call may take to connect to the leader.
-pub const LEADER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct DrainApi {
     pub agent: Arc<Agent>,
@@ -66,32 +64,11 @@ impl DrainApi {
     }
 
     async fn leader_client(&self) -> Result<Option<DrainServiceClient<Channel>>, Status> {
-        let m = self.agent.raft.metrics().borrow().clone();
-        match m.current_leader {
-            Some(l) if l == self.agent.node_id() => Ok(None),
-            Some(l) => {
-                let addr = m
-                    .membership_config
-                    .membership()
-                    .get_node(&l)
-                    .map(|n| n.mgmt_addr.clone())
-                    .ok_or_else(|| {
-                        Status::unavailable(format!("leader {l} has no known management address"))
-                    })?;
-                let ch = Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| Status::internal(format!("bad management address {addr:?}: {e}")))?
-                    .connect_timeout(LEADER_CONNECT_TIMEOUT)
-                    .connect()
-                    .await
-                    .map_err(|e| {
-                        Status::unavailable(format!("cannot reach the leader at {addr}: {e}"))
-                    })?;
-                Ok(Some(DrainServiceClient::new(ch)))
-            }
-            None => Err(Status::unavailable(
-                "no Raft leader is known; is a majority of voters running?",
-            )),
-        }
+        let Some(addr) = forward::leader_addr(&self.agent)? else {
+            return Ok(None);
+        };
+        let ch = forward::channel(&addr, "the leader").await?;
+        Ok(Some(DrainServiceClient::new(ch)))
     }
 
     async fn commit(&self, cmd: JobCommand) -> Result<(), Status> {
@@ -100,19 +77,6 @@ impl DrainApi {
             .await
             .map(|_| ())
             .map_err(write_status)
-    }
-}
-
-fn write_status(e: WriteError) -> Status {
-    let msg = e.to_string();
-    match e {
-        WriteError::Rejected { .. } | WriteError::NotInitialized => {
-            Status::failed_precondition(msg)
-        }
-        WriteError::NoLeader { .. } | WriteError::NotLeader { .. } | WriteError::Forward { .. } => {
-            Status::unavailable(msg)
-        }
-        _ => Status::internal(msg),
     }
 }
 

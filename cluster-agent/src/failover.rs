@@ -179,32 +179,10 @@ async fn take_over_disks(agent: &Agent, state: &ClusterState, t: &Takeover) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{NodeFacts, NodeRegistration};
     use crate::vmhost::spec::{TestWorkload, VmSpec, WorkloadName};
 
     fn cluster() -> ClusterState {
-        let mut s = ClusterState::default();
-        for id in 1..=3u64 {
-            s.apply(&Command::RegisterNode {
-                registration: NodeRegistration {
-                    node_id: id,
-                    name: format!("n{id}"),
-                    mgmt_addr: format!("127.0.1.{id}:7001"),
-                    raft_addr: format!("127.0.1.{id}:7002"),
-                    migration_addr: format!("127.0.2.{id}:7003"),
-                    mgmt_subnet: "127.0.1.0/24".into(),
-                    migration_subnet: "127.0.2.0/24".into(),
-                    facts: NodeFacts {
-                        cpu_vendor: "AuthenticAMD".into(),
-                        logical_cpus: 4,
-                        memory_bytes: 4 << 30,
-                        ..NodeFacts::default()
-                    },
-                },
-                at_unix_ms: 1,
-            });
-        }
-        s
+        crate::fixtures::cluster(3, |_| crate::fixtures::amd(4, 4 << 30))
     }
 
     fn create(s: &mut ClusterState, name: &str, owner: u64, prio: scheduler::RestartPriority) {

@@ -386,6 +386,18 @@ fn node_state(state: &ClusterState, node: u64) -> Result<NodeState, JobError> {
         .ok_or(JobError::UnknownNode(node))
 }
 
+/// The queued move of `vm` in job `j`.
+fn queued_move<'a>(j: &'a JobRecord, vm: &str) -> Result<&'a JobMove, JobError> {
+    j.moves
+        .iter()
+        .find(|m| m.vm == vm && m.status == MoveStatus::Queued)
+        .ok_or_else(|| JobError::NoSuchMove {
+            job: j.id,
+            vm: vm.to_string(),
+            status: "queued",
+        })
+}
+
 fn running_job(state: &ClusterState, job: u64) -> Result<&JobRecord, JobError> {
     let j = state.jobs.jobs.get(&job).ok_or(JobError::UnknownJob(job))?;
     if j.status != JobStatus::Running {
@@ -455,15 +467,7 @@ pub fn check(state: &ClusterState, cmd: &JobCommand) -> Result<(), JobError> {
             at_unix_ms,
         } => {
             let j = running_job(state, *job)?;
-            let m = j
-                .moves
-                .iter()
-                .find(|m| m.vm == *vm && m.status == MoveStatus::Queued)
-                .ok_or_else(|| JobError::NoSuchMove {
-                    job: *job,
-                    vm: vm.clone(),
-                    status: "queued",
-                })?;
+            let m = queued_move(j, vm)?;
             vms::check(
                 state,
                 &start_migration_command(vm, m.to, m.quick, *at_unix_ms),
@@ -645,15 +649,7 @@ pub fn apply(
             let at = *at_unix_ms;
             let (to, quick, wave) = {
                 let j = state.jobs.jobs.get(job).ok_or(JobError::UnknownJob(*job))?;
-                let m = j
-                    .moves
-                    .iter()
-                    .find(|m| m.vm == *vm && m.status == MoveStatus::Queued)
-                    .ok_or_else(|| JobError::NoSuchMove {
-                        job: *job,
-                        vm: vm.clone(),
-                        status: "queued",
-                    })?;
+                let m = queued_move(j, vm)?;
                 (m.to, m.quick, m.wave)
             };
             let start = start_migration_command(vm, to, quick, at);

@@ -17,6 +17,8 @@ pub mod drain;
 pub mod drain_service;
 pub mod facts;
 pub mod failover;
+pub mod fixtures;
+pub mod forward;
 pub mod hotplug;
 pub mod jobs;
 pub mod liveness;

@@ -18,11 +18,12 @@ use cluster_proto::migrations as pb;
 use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
 use cluster_proto::migrations::migration_service_server::MigrationService;
 use tokio_stream::Stream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use vmm_node::migration::source::MigrationEvent;
 
-use crate::agent::{now_unix_ms, Agent, ForwardRequest, WriteError};
+use crate::agent::{now_unix_ms, Agent, ForwardRequest};
+use crate::forward::{self, write_status};
 use crate::migrations::{self, MigrationCommand, MigrationRecord, MigrationState};
 use crate::state::Command;
 
@@ -30,8 +31,6 @@ use crate::state::Command;
 pub const PROGRESS_POLL: Duration = Duration::from_millis(100);
 /// Progress messages buffered for a slow client before the stream waits.
 pub const PROGRESS_STREAM_BUFFER: usize = 64;
-/// Connecting to the source agent to proxy its progress stream.
-pub const PROXY_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a reply waits for this replica to apply the agent's own write.
 pub const APPLY_WAIT: Duration = Duration::from_secs(5);
 /// Live progress entries kept (one per migration this node is the source of).
@@ -222,28 +221,10 @@ fn status(e: migrations::MigrationError) -> Status {
     }
 }
 
-fn write_status(e: WriteError) -> Status {
-    let msg = e.to_string();
-    match e {
-        WriteError::Rejected { .. } | WriteError::NotInitialized => {
-            Status::failed_precondition(msg)
-        }
-        WriteError::NoLeader { .. } | WriteError::NotLeader { .. } | WriteError::Forward { .. } => {
-            Status::unavailable(msg)
-        }
-        _ => Status::internal(msg),
-    }
-}
-
 async fn connect(addr: &str) -> Result<MigrationServiceClient<Channel>, Status> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Status::internal(format!("bad management address {addr:?}: {e}")))?
-        .connect_timeout(PROXY_CONNECT_TIMEOUT);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| Status::unavailable(format!("cannot reach agent at {addr}: {e}")))?;
-    Ok(MigrationServiceClient::new(channel))
+    Ok(MigrationServiceClient::new(
+        forward::channel(addr, "agent").await?,
+    ))
 }
 
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::MigrationProgress, Status>> + Send>>;

@@ -343,32 +343,12 @@ fn trim(state: &mut ClusterState, touched: &mut Vec<StateKey>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Command, CommandResult, NodeFacts, NodeRegistration};
+    use crate::state::{Command, CommandResult};
     use crate::vmhost::spec::{TestWorkload, VmSpec, WorkloadName};
     use crate::vms::RuntimeState;
 
     fn cluster_with_running_vm() -> ClusterState {
-        let mut s = ClusterState::default();
-        for id in 1..=2u64 {
-            s.apply(&Command::RegisterNode {
-                registration: NodeRegistration {
-                    node_id: id,
-                    name: format!("n{id}"),
-                    mgmt_addr: format!("127.0.1.{id}:7001"),
-                    raft_addr: format!("127.0.1.{id}:7002"),
-                    migration_addr: format!("127.0.2.{id}:7003"),
-                    mgmt_subnet: "127.0.1.0/24".into(),
-                    migration_subnet: "127.0.2.0/24".into(),
-                    facts: NodeFacts {
-                        cpu_vendor: "AuthenticAMD".into(),
-                        logical_cpus: 4,
-                        memory_bytes: 4 << 30,
-                        ..NodeFacts::default()
-                    },
-                },
-                at_unix_ms: 1,
-            });
-        }
+        let mut s = crate::fixtures::cluster(2, |_| crate::fixtures::amd(4, 4 << 30));
         let spec = VmSpec::test_guest("m", 1, 64, TestWorkload::new(WorkloadName::Idle));
         s.apply(&Command::Vm(VmCommand::CreateVm {
             spec,

@@ -343,34 +343,14 @@ pub fn predict_migration(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Command, NodeFacts, NodeRegistration};
+    use crate::state::Command;
     use crate::vmhost::spec::{TestWorkload, WorkloadName};
     use crate::vms::VmCommand;
 
     fn cluster(mems_gib: &[u64]) -> ClusterState {
-        let mut s = ClusterState::default();
-        for (i, gib) in mems_gib.iter().enumerate() {
-            let id = i as u64 + 1;
-            s.apply(&Command::RegisterNode {
-                registration: NodeRegistration {
-                    node_id: id,
-                    name: format!("n{id}"),
-                    mgmt_addr: format!("127.0.1.{id}:7001"),
-                    raft_addr: format!("127.0.1.{id}:7002"),
-                    migration_addr: format!("127.0.2.{id}:7003"),
-                    mgmt_subnet: "127.0.1.0/24".into(),
-                    migration_subnet: "127.0.2.0/24".into(),
-                    facts: NodeFacts {
-                        cpu_vendor: "AuthenticAMD".into(),
-                        logical_cpus: 2,
-                        memory_bytes: gib << 30,
-                        ..NodeFacts::default()
-                    },
-                },
-                at_unix_ms: 1,
-            });
-        }
-        s
+        crate::fixtures::cluster(mems_gib.len() as u64, |id| {
+            crate::fixtures::amd(2, mems_gib[id as usize - 1] << 30)
+        })
     }
 
     fn spec(name: &str, mib: u64, class: Option<&str>) -> VmSpec {

@@ -664,16 +664,7 @@ mod tests {
     use super::*;
 
     fn reg(id: u64) -> NodeRegistration {
-        NodeRegistration {
-            node_id: id,
-            name: format!("n{id}"),
-            mgmt_addr: format!("127.0.1.{id}:7001"),
-            raft_addr: format!("127.0.1.{id}:7002"),
-            migration_addr: format!("127.0.2.{id}:7003"),
-            mgmt_subnet: "127.0.1.0/24".into(),
-            migration_subnet: "127.0.2.0/24".into(),
-            facts: NodeFacts::default(),
-        }
+        crate::fixtures::registration(id, NodeFacts::default())
     }
 
     #[test]

@@ -8,24 +8,22 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
 use cluster_proto::vms::vm_service_server::VmService;
 use futures::Stream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::agent::{now_unix_ms, Agent, ForwardRequest, WriteError};
+use crate::agent::{now_unix_ms, Agent, ForwardRequest};
+use crate::forward::{self, write_status};
 use crate::placement::{self, PlacementError};
 use crate::state::{ClusterState, Command};
 use crate::vm_convert::{self, ConvertError};
 use crate::vmhost::VmHost;
 use crate::vms::{self, DesiredState, ErrorClass, VmCommand, VmStateError};
 
-/// How long a forwarded call may take to connect to the leader or owner.
-pub const PROXY_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Lines buffered between the VM console and a gRPC console stream.
 pub const CONSOLE_STREAM_BUFFER_LINES: usize = 256;
 
@@ -51,23 +49,9 @@ impl VmApi {
 
     /// A client of the leader when another agent leads; `None` when this agent leads.
     async fn leader_client(&self) -> Result<Option<VmServiceClient<Channel>>, Status> {
-        let m = self.agent.raft.metrics().borrow().clone();
-        match m.current_leader {
-            Some(l) if l == self.agent.node_id() => Ok(None),
-            Some(l) => {
-                let addr = m
-                    .membership_config
-                    .membership()
-                    .get_node(&l)
-                    .map(|n| n.mgmt_addr.clone())
-                    .ok_or_else(|| {
-                        Status::unavailable(format!("leader {l} has no known management address"))
-                    })?;
-                connect(&addr).await.map(Some)
-            }
-            None => Err(Status::unavailable(
-                "no Raft leader is known; is a majority of voters running?",
-            )),
+        match forward::leader_addr(&self.agent)? {
+            Some(addr) => connect(&addr).await.map(Some),
+            None => Ok(None),
         }
     }
 
@@ -90,14 +74,7 @@ impl VmApi {
 }
 
 async fn connect(addr: &str) -> Result<VmServiceClient<Channel>, Status> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Status::internal(format!("bad management address {addr:?}: {e}")))?
-        .connect_timeout(PROXY_CONNECT_TIMEOUT);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| Status::unavailable(format!("cannot reach agent at {addr}: {e}")))?;
-    Ok(VmServiceClient::new(channel))
+    Ok(VmServiceClient::new(forward::channel(addr, "agent").await?))
 }
 
 fn state_status(e: VmStateError) -> Status {
@@ -120,18 +97,6 @@ fn placement_status(e: PlacementError) -> Status {
         PlacementError::UnknownVm(_) | PlacementError::UnknownNode(_) => Status::not_found(msg),
         PlacementError::Refused { .. } => Status::failed_precondition(msg),
         PlacementError::Subnet { .. } | PlacementError::Plan(_) => Status::internal(msg),
-    }
-}
-
-fn write_status(e: WriteError) -> Status {
-    let msg = e.to_string();
-    match e {
-        WriteError::Rejected { .. } => Status::failed_precondition(msg),
-        WriteError::NotInitialized => Status::failed_precondition(msg),
-        WriteError::NoLeader { .. } | WriteError::NotLeader { .. } | WriteError::Forward { .. } => {
-            Status::unavailable(msg)
-        }
-        _ => Status::internal(msg),
     }
 }
 

@@ -683,32 +683,15 @@ fn record_mut<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Command, CommandResult, NodeFacts, NodeRegistration};
+    use crate::state::{Command, CommandResult, NodeFacts};
     use crate::vmhost::spec::{TestWorkload, WorkloadName};
 
     fn state_with_nodes(n: u64) -> ClusterState {
-        let mut s = ClusterState::default();
-        for id in 1..=n {
-            let registration = NodeRegistration {
-                node_id: id,
-                name: format!("n{id}"),
-                mgmt_addr: format!("127.0.1.{id}:7001"),
-                raft_addr: format!("127.0.1.{id}:7002"),
-                migration_addr: format!("127.0.2.{id}:7003"),
-                mgmt_subnet: "127.0.1.0/24".into(),
-                migration_subnet: "127.0.2.0/24".into(),
-                facts: NodeFacts {
-                    memory_bytes: 4 << 30,
-                    logical_cpus: 4,
-                    ..NodeFacts::default()
-                },
-            };
-            s.apply(&Command::RegisterNode {
-                registration,
-                at_unix_ms: 1,
-            });
-        }
-        s
+        crate::fixtures::cluster(n, |_| NodeFacts {
+            memory_bytes: 4 << 30,
+            logical_cpus: 4,
+            ..NodeFacts::default()
+        })
     }
 
     fn spec(name: &str) -> VmSpec {

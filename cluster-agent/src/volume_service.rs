@@ -13,7 +13,8 @@ use cluster_proto::volumes::volume_service_server::VolumeService;
 use csv_volume::{DiskLock, DiskName, LockMode, VolumeError, VolumeRegistry};
 use tonic::{Request, Response, Status};
 
-use crate::agent::{now_unix_ms, Agent, ForwardReply, ForwardRequest, WriteError};
+use crate::agent::{now_unix_ms, Agent, ForwardReply, ForwardRequest};
+use crate::forward::write_status;
 use crate::hotplug::{self, VmDiskCommand};
 use crate::state::{ClusterState, Command};
 use crate::vmhost::{DiskSpec, VmHost};
@@ -49,18 +50,6 @@ fn volume_status(e: VolumeError) -> Status {
         }
         VolumeError::DiskExists { .. } => Status::already_exists(msg),
         VolumeError::Locked { .. } => Status::failed_precondition(msg),
-        _ => Status::internal(msg),
-    }
-}
-
-fn write_status(e: WriteError) -> Status {
-    let msg = e.to_string();
-    match e {
-        WriteError::Rejected { .. } => Status::failed_precondition(msg),
-        WriteError::NotInitialized => Status::failed_precondition(msg),
-        WriteError::NoLeader { .. } | WriteError::NotLeader { .. } | WriteError::Forward { .. } => {
-            Status::unavailable(msg)
-        }
         _ => Status::internal(msg),
     }
 }

@@ -7,11 +7,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use cluster_proto::drain as dpb;
-use cluster_proto::drain::drain_service_client::DrainServiceClient;
 use cluster_proto::vms as pb;
-use cluster_proto::vms::vm_service_client::VmServiceClient;
-use cluster_tests::{Cluster, HarnessError, Options};
-use tonic::transport::{Channel, Endpoint};
+use cluster_tests::vm::{expect_code, guest_spec, hb_seq, mem_boot};
+use cluster_tests::{Cluster, Options};
 use tonic::Code;
 
 fn require_kvm() {
@@ -33,52 +31,15 @@ fn cluster() -> Cluster {
     .unwrap_or_else(|e| panic!("harness: {e}"))
 }
 
-fn logs(c: &Cluster) -> String {
-    c.running()
-        .iter()
-        .map(|id| format!("\n--- node {id} ---\n{}", c.log_tail(*id, 30)))
-        .collect()
-}
-
-fn must<T>(c: &Cluster, r: Result<T, HarnessError>) -> T {
-    r.unwrap_or_else(|e| panic!("{e}{}", logs(c)))
-}
-
-async fn channel(c: &Cluster, id: u64) -> Channel {
-    let addr = must(c, c.spec(id)).mgmt_addr;
-    Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap_or_else(|e| panic!("endpoint: {e}"))
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("connect to node {id}: {e}{}", logs(c)))
-}
-
-async fn vms(c: &Cluster, id: u64) -> VmServiceClient<Channel> {
-    VmServiceClient::new(channel(c, id).await)
-}
-
-async fn drains(c: &Cluster, id: u64) -> DrainServiceClient<Channel> {
-    DrainServiceClient::new(channel(c, id).await)
-}
-
 fn spec(name: &str, memory_mib: u64, preferred: u64) -> pb::VmSpec {
     pb::VmSpec {
-        name: name.into(),
-        vcpus: 1,
-        memory_mib,
-        boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-            workload: "mem".into(),
-            wss_mib: 8,
-            hb_ms: 100,
-            ..Default::default()
-        })),
         preferred_owners: vec![preferred],
-        ..Default::default()
+        ..guest_spec(name, memory_mib, mem_boot())
     }
 }
 
 async fn list(cl: &Cluster, via: u64) -> Vec<pb::VmInfo> {
-    let mut c = vms(cl, via).await;
+    let mut c = cl.vms(via).await;
     c.list_vms(pb::ListVmsRequest {})
         .await
         .map(|r| r.into_inner().vms)
@@ -91,14 +52,14 @@ fn name(v: &pb::VmInfo) -> String {
 
 /// Create `names` on `node` (preferred owner) and wait until all run there.
 async fn create_on(cl: &Cluster, via: u64, node: u64, names: &[String], memory_mib: u64) {
-    let mut c = vms(cl, via).await;
+    let mut c = cl.vms(via).await;
     for n in names {
         c.create_vm(pb::CreateVmRequest {
             spec: Some(spec(n, memory_mib, node)),
             start: true,
         })
         .await
-        .unwrap_or_else(|e| panic!("create {n}: {e}{}", logs(cl)));
+        .unwrap_or_else(|e| panic!("create {n}: {e}{}", cl.logs()));
     }
     wait_until(
         cl,
@@ -127,11 +88,11 @@ where
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    panic!("timed out waiting for {what}{}", logs(cl))
+    panic!("timed out waiting for {what}{}", cl.logs())
 }
 
 async fn drain_job(cl: &Cluster, via: u64, node: u64) -> Option<dpb::JobInfo> {
-    let mut d = drains(cl, via).await;
+    let mut d = cl.drains(via).await;
     d.get_drain(dpb::NodeRef { node_id: node })
         .await
         .ok()
@@ -153,13 +114,13 @@ async fn wait_job_end(cl: &Cluster, via: &[u64], node: u64, timeout: Duration) -
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    panic!("drain of node {node} did not end: {last:?}{}", logs(cl))
+    panic!("drain of node {node} did not end: {last:?}{}", cl.logs())
 }
 
 /// A heartbeat with `mem=ok` from `vm`, read from its console through node `via`;
 /// returns (node that produced it, seq).
 async fn heartbeat(cl: &Cluster, via: u64, vm: &str) -> (u64, u64) {
-    let mut c = vms(cl, via).await;
+    let mut c = cl.vms(via).await;
     let deadline = Instant::now() + Duration::from_secs(40);
     let mut seen = String::new();
     while Instant::now() < deadline {
@@ -181,12 +142,7 @@ async fn heartbeat(cl: &Cluster, via: u64, vm: &str) -> (u64, u64) {
             // The first chunk is the retained log: wait for a live line.
             if !first {
                 for line in chunk.text.lines() {
-                    if let Some(rest) = line.trim().strip_prefix("HB seq=") {
-                        let seq: u64 = rest
-                            .split_whitespace()
-                            .next()
-                            .and_then(|s| s.parse().ok())
-                            .unwrap_or(0);
+                    if let Some(seq) = hb_seq(line) {
                         if line.contains("mem=ok") {
                             return (chunk.node_id, seq);
                         }
@@ -202,7 +158,7 @@ async fn heartbeat(cl: &Cluster, via: u64, vm: &str) -> (u64, u64) {
     }
     panic!(
         "no live mem=ok heartbeat from {vm} via node {via}; console tail: {seen}{}",
-        logs(cl)
+        cl.logs()
     )
 }
 
@@ -285,14 +241,14 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
     let _serial = cluster_tests::serial().await;
     let mut cl = cluster();
     let formed = cl.form(4).await;
-    must(&cl, formed);
+    cl.check(formed);
     let vm_names = names("dr", 4);
     create_on(&cl, 2, 1, &vm_names, 64).await;
     let mut before = BTreeMap::new();
     for n in &vm_names {
         before.insert(n.clone(), heartbeat(&cl, 3, n).await.1);
     }
-    let mut d = drains(&cl, 3).await;
+    let mut d = cl.drains(3).await;
 
     // Dry run: the plan (every VM off node 1), nothing committed.
     let dry = d
@@ -301,7 +257,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
             dry_run: true,
         })
         .await
-        .unwrap_or_else(|e| panic!("dry run: {e}{}", logs(&cl)))
+        .unwrap_or_else(|e| panic!("dry run: {e}{}", cl.logs()))
         .into_inner();
     assert!(dry.job.is_none());
     assert_eq!(dry.plan.len(), 4, "{dry:?}");
@@ -310,7 +266,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
         .iter()
         .all(|m| m.from_node_id == 1 && m.to_node_id != 1));
     assert!(dry.planned_finish_unix_ms > dry.planned_start_unix_ms);
-    let nodes = must(&cl, cl.nodes(3).await);
+    let nodes = cl.check(cl.nodes(3).await);
     assert!(nodes.iter().all(|n| n.state == "up"), "{nodes:?}");
 
     let started = d
@@ -319,7 +275,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
             dry_run: false,
         })
         .await
-        .unwrap_or_else(|e| panic!("drain: {e}{}", logs(&cl)))
+        .unwrap_or_else(|e| panic!("drain: {e}{}", cl.logs()))
         .into_inner();
     let job = started.job.unwrap_or_default();
     assert_eq!((job.kind.as_str(), job.node_id), ("drain", 1), "{job:?}");
@@ -342,8 +298,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
             assert!(j.moves.is_empty(), "{j:?}");
         }
     }
-    must(
-        &cl,
+    cl.check(
         cl.wait_node_state(2, 1, "paused", Duration::from_secs(10))
             .await,
     );
@@ -367,7 +322,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
         assert_ne!(node, 1, "{n}");
         assert!(seq > before[n], "{n}: {seq} <= {}", before[n]);
     }
-    let events = must(&cl, cl.events(2).await);
+    let events = cl.check(cl.events(2).await);
     let spans = migrations(&events);
     assert_eq!(spans.len(), 4, "{spans:#?}");
     assert!(
@@ -399,13 +354,12 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
             failback: true,
         })
         .await
-        .unwrap_or_else(|e| panic!("resume: {e}{}", logs(&cl)))
+        .unwrap_or_else(|e| panic!("resume: {e}{}", cl.logs()))
         .into_inner();
     let fb = r.job.clone().unwrap_or_default();
     assert_eq!(fb.kind, "failback", "{r:?}");
     assert!(!fb.moves.is_empty(), "{r:?}");
-    must(
-        &cl,
+    cl.check(
         cl.wait_node_state(2, 1, "up", Duration::from_secs(10))
             .await,
     );
@@ -415,7 +369,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
         "failback job done",
         Duration::from_secs(180),
         || async {
-            let mut d = drains(&cl, 2).await;
+            let mut d = cl.drains(2).await;
             let jobs = d
                 .list_jobs(dpb::ListJobsRequest {})
                 .await
@@ -437,7 +391,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
     for n in &vm_names {
         heartbeat(&cl, 4, n).await;
     }
-    let events = must(&cl, cl.events(2).await);
+    let events = cl.check(cl.events(2).await);
     assert_no_overlap(&migrations(&events));
 }
 
@@ -446,17 +400,17 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
     let _serial = cluster_tests::serial().await;
     let mut cl = cluster();
     let formed = cl.form(4).await;
-    must(&cl, formed);
+    cl.check(formed);
     let vm_names = names("ab", 5);
     create_on(&cl, 1, 2, &vm_names, 64).await;
-    let mut d = drains(&cl, 1).await;
+    let mut d = cl.drains(1).await;
     let job = d
         .drain_node(dpb::DrainRequest {
             node_id: 2,
             dry_run: false,
         })
         .await
-        .unwrap_or_else(|e| panic!("drain: {e}{}", logs(&cl)))
+        .unwrap_or_else(|e| panic!("drain: {e}{}", cl.logs()))
         .into_inner()
         .job
         .unwrap_or_default();
@@ -470,7 +424,7 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
     let aborted = d
         .abort_drain(dpb::NodeRef { node_id: 2 })
         .await
-        .unwrap_or_else(|e| panic!("abort: {e}{}", logs(&cl)))
+        .unwrap_or_else(|e| panic!("abort: {e}{}", cl.logs()))
         .into_inner()
         .job
         .unwrap_or_default();
@@ -516,7 +470,7 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
             .all(|m| m.status != "queued" && m.status != "in_flight"),
         "{j:?}"
     );
-    let nodes = must(&cl, cl.nodes(1).await);
+    let nodes = cl.check(cl.nodes(1).await);
     assert!(nodes.iter().any(|n| n.node_id == 2 && n.state == "paused"));
     for n in &vm_names {
         heartbeat(&cl, 3, n).await;
@@ -529,7 +483,7 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
             dry_run: false,
         })
         .await
-        .unwrap_or_else(|e| panic!("drain again: {e}{}", logs(&cl)))
+        .unwrap_or_else(|e| panic!("drain again: {e}{}", cl.logs()))
         .into_inner()
         .job
         .unwrap_or_default();
@@ -543,7 +497,7 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
             .all(|v| v.owner_id != 2 && v.runtime == "running"),
         "{all:?}"
     );
-    let events = must(&cl, cl.events(1).await);
+    let events = cl.check(cl.events(1).await);
     assert!(events.iter().any(|e| e
         .message
         .contains(&format!("drain of node 2 resumed (job {})", resumed.id))));
@@ -558,19 +512,19 @@ async fn leader_kill9_during_a_drain_the_new_leader_finishes_it() {
     let _serial = cluster_tests::serial().await;
     let mut cl = cluster();
     let formed = cl.form(4).await;
-    let leader = must(&cl, formed);
+    let leader = cl.check(formed);
     let victim = if leader == 2 { 3 } else { 2 };
     let others: Vec<u64> = (1..=4).filter(|n| *n != leader).collect();
     let vm_names = names("lk", 4);
     create_on(&cl, victim, victim, &vm_names, 64).await;
-    let mut d = drains(&cl, others[0]).await;
+    let mut d = cl.drains(others[0]).await;
     let job = d
         .drain_node(dpb::DrainRequest {
             node_id: victim,
             dry_run: false,
         })
         .await
-        .unwrap_or_else(|e| panic!("drain: {e}{}", logs(&cl)))
+        .unwrap_or_else(|e| panic!("drain: {e}{}", cl.logs()))
         .into_inner()
         .job
         .unwrap_or_default();
@@ -581,8 +535,8 @@ async fn leader_kill9_during_a_drain_the_new_leader_finishes_it() {
     })
     .await;
     let killed = cl.kill9(leader);
-    must(&cl, killed);
-    let new_leader = must(&cl, cl.wait_leader(&others, Duration::from_secs(30)).await);
+    cl.check(killed);
+    let new_leader = cl.check(cl.wait_leader(&others, Duration::from_secs(30)).await);
     assert_ne!(new_leader, leader);
     let done = wait_job_end(&cl, &others, victim, Duration::from_secs(240)).await;
     assert_eq!(
@@ -617,7 +571,7 @@ async fn leader_kill9_during_a_drain_the_new_leader_finishes_it() {
     for n in &vm_names {
         heartbeat(&cl, others[0], n).await;
     }
-    let events = must(&cl, cl.events(others[0]).await);
+    let events = cl.check(cl.events(others[0]).await);
     assert_no_overlap(&migrations(&events));
 }
 
@@ -627,49 +581,34 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
     let mut cl = cluster();
     for id in [1, 2] {
         let added = cl.add_node(id);
-        must(&cl, added);
+        cl.check(added);
     }
     // Node 3 claims Intel CPUs: no VM of the AMD nodes can move there.
     let added = cl.add_node_with(3, "[facts_override]\ncpu_vendor = \"GenuineIntel\"\n");
-    must(&cl, added);
+    cl.check(added);
     let formed = cl.form(3).await;
-    must(&cl, formed);
+    cl.check(formed);
     create_on(&cl, 1, 1, &["stuck".to_string()], 64).await;
-    let mut d = drains(&cl, 2).await;
-    let before_nodes = must(&cl, cl.nodes(1).await);
-    let code = |r: Result<tonic::Response<dpb::DrainReply>, tonic::Status>,
-                want: Code,
-                text: &str| {
-        match r {
-            Err(s) => {
-                assert_eq!(s.code(), want, "{s}");
-                assert!(
-                    s.message().contains(text),
-                    "{:?} lacks {text:?}",
-                    s.message()
-                );
-            }
-            Ok(r) => panic!("expected {want:?} ({text}), got {:?}", r.into_inner()),
-        }
-    };
+    let mut d = cl.drains(2).await;
+    let before_nodes = cl.check(cl.nodes(1).await);
     let req = |node_id, dry_run| dpb::DrainRequest { node_id, dry_run };
-    code(
+    expect_code(
         d.drain_node(req(0, false)).await,
         Code::InvalidArgument,
         "node_id is 0",
     );
-    code(
+    expect_code(
         d.drain_node(req(9, false)).await,
         Code::NotFound,
         "unknown node id 9",
     );
-    code(
+    expect_code(
         d.drain_node(req(9, true)).await,
         Code::NotFound,
         "unknown node id 9",
     );
     // Node 2 paused: draining node 1 would leave its VM only the Intel node.
-    let mut m = must(&cl, cl.client(1).await);
+    let mut m = cl.check(cl.client(1).await);
     m.set_node_state(cluster_proto::management::SetNodeStateRequest {
         node_id: 2,
         state: "paused".into(),
@@ -677,12 +616,12 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
     })
     .await
     .unwrap_or_else(|e| panic!("pause: {e}"));
-    code(
+    expect_code(
         d.drain_node(req(1, false)).await,
         Code::FailedPrecondition,
         "VM stuck cannot go anywhere",
     );
-    code(
+    expect_code(
         d.drain_node(req(1, true)).await,
         Code::FailedPrecondition,
         "Intel CPUs",
@@ -695,7 +634,7 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
     })
     .await
     .unwrap_or_else(|e| panic!("pause: {e}"));
-    code(
+    expect_code(
         d.drain_node(req(1, false)).await,
         Code::FailedPrecondition,
         "last up node",
@@ -755,7 +694,7 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
         .unwrap_or_else(|e| panic!("{e}"))
         .into_inner();
     assert_eq!(p.mode, "none");
-    let nodes = must(&cl, cl.nodes(1).await);
+    let nodes = cl.check(cl.nodes(1).await);
     let n1 = |ns: &[cluster_proto::management::NodeInfo]| {
         ns.iter().find(|n| n.node_id == 1).map(|n| n.state.clone())
     };
@@ -775,13 +714,13 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
     // Small nodes (1 GiB each) so a few test guests make node 1 hot.
     for id in 1..=3 {
         let added = cl.add_node_with(id, "[facts_override]\nmemory_bytes = 1073741824\n");
-        must(&cl, added);
+        cl.check(added);
     }
     let formed = cl.form(3).await;
-    must(&cl, formed);
+    cl.check(formed);
     let vm_names = names("bal", 3);
     create_on(&cl, 1, 1, &vm_names, 256).await;
-    let mut d = drains(&cl, 2).await;
+    let mut d = cl.drains(2).await;
     // Policy none (default) with a short interval: nothing moves.
     let p = d
         .set_policy(dpb::PolicySpec {
@@ -790,7 +729,7 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
             interval_ms: 1000,
         })
         .await
-        .unwrap_or_else(|e| panic!("policy: {e}{}", logs(&cl)))
+        .unwrap_or_else(|e| panic!("policy: {e}{}", cl.logs()))
         .into_inner();
     assert_eq!((p.mode.as_str(), p.interval_ms), ("none", 1000));
     // The dry run under "even" names moves off node 1; it changes nothing.
@@ -818,7 +757,7 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
         interval_ms: 1000,
     })
     .await
-    .unwrap_or_else(|e| panic!("policy: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("policy: {e}{}", cl.logs()));
     wait_until(&cl, "balanced", Duration::from_secs(120), || async {
         let all = list(&cl, 2).await;
         let on1 = all.iter().filter(|v| v.owner_id == 1).count();
@@ -841,7 +780,7 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
         "balance job finished",
         Duration::from_secs(60),
         || async {
-            let mut d = drains(&cl, 2).await;
+            let mut d = cl.drains(2).await;
             d.list_jobs(dpb::ListJobsRequest {})
                 .await
                 .map(|r| r.into_inner().jobs.iter().all(|j| j.status != "running"))

@@ -4,73 +4,44 @@
 //! its own VMs.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
-use cluster_tests::{Cluster, Options};
-use tonic::transport::{Channel, Endpoint};
+use cluster_tests::vm::{guest_spec, hb_seq, mem_boot, vm_or_default};
+use cluster_tests::{http_get, Cluster, Options};
+use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn logs(c: &Cluster) -> String {
-    c.ids()
-        .iter()
-        .map(|id| format!("\n--- node {id} ---\n{}", c.log_tail(*id, 25)))
-        .collect()
-}
-
-async fn vms(c: &Cluster, id: u64) -> VmServiceClient<Channel> {
-    let addr = c.check(c.spec(id).map(|s| s.mgmt_addr));
-    let ch = Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("connect to node {id}: {e}{}", logs(c)));
-    VmServiceClient::new(ch)
-}
-
 fn guest(name: &str, owner: u64) -> pb::VmSpec {
+    let boot = pb::TestGuestBoot {
+        hb_ms: 50,
+        ..mem_boot()
+    };
     pb::VmSpec {
-        name: name.into(),
-        vcpus: 1,
-        memory_mib: 64,
-        boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-            workload: "mem".into(),
-            wss_mib: 8,
-            hb_ms: 50,
-            ..Default::default()
-        })),
         restart_priority: "high".into(),
         preferred_owners: vec![owner],
-        ..Default::default()
+        ..guest_spec(name, 64, boot)
     }
-}
-
-async fn get(c: &mut VmServiceClient<Channel>, name: &str) -> pb::VmInfo {
-    c.get_vm(pb::VmName { name: name.into() })
-        .await
-        .map(|r| r.into_inner().vm.unwrap_or_default())
-        .unwrap_or_default()
 }
 
 async fn wait_running(cl: &Cluster, c: &mut VmServiceClient<Channel>, name: &str) -> pb::VmInfo {
     let start = Instant::now();
     loop {
-        let v = get(c, name).await;
+        let v = vm_or_default(c, name).await;
         if v.runtime == "running" {
             return v;
         }
-        assert!(start.elapsed() < WAIT, "{name}: {v:?}{}", logs(cl));
+        assert!(start.elapsed() < WAIT, "{name}: {v:?}{}", cl.logs());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// First heartbeat of `name` (through `via`) with a sequence number above `after`.
 async fn heartbeat(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64, u64) {
-    let mut c = vms(cl, via).await;
+    let mut c = cl.vms(via).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let Ok(s) = c
@@ -88,12 +59,7 @@ async fn heartbeat(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64, u64)
             tokio::time::timeout(Duration::from_secs(3), s.message()).await
         {
             for line in chunk.text.lines() {
-                if let Some(rest) = line.trim().strip_prefix("HB seq=") {
-                    let seq: u64 = rest
-                        .split_whitespace()
-                        .next()
-                        .and_then(|x| x.parse().ok())
-                        .unwrap_or(0);
+                if let Some(seq) = hb_seq(line) {
                     if seq > after && line.contains("mem=ok") {
                         return (chunk.node_id, seq);
                     }
@@ -101,7 +67,10 @@ async fn heartbeat(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64, u64)
             }
         }
     }
-    panic!("no heartbeat of {name} above {after} via {via}{}", logs(cl))
+    panic!(
+        "no heartbeat of {name} above {after} via {via}{}",
+        cl.logs()
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,14 +84,14 @@ async fn leader_owner_kill9_fails_over_and_survivors_keep_their_vms() {
     let lead = cl.form(3).await;
     let lead = cl.check(lead);
     let follower = [1, 2, 3].into_iter().find(|n| *n != lead).unwrap_or(1);
-    let mut c = vms(&cl, follower).await;
+    let mut c = cl.vms(follower).await;
     for (name, owner) in [("on-leader", lead), ("on-follower", follower)] {
         c.create_vm(pb::CreateVmRequest {
             spec: Some(guest(name, owner)),
             start: true,
         })
         .await
-        .unwrap_or_else(|e| panic!("create {name}: {e}{}", logs(&cl)));
+        .unwrap_or_else(|e| panic!("create {name}: {e}{}", cl.logs()));
     }
     let a = wait_running(&cl, &mut c, "on-leader").await;
     let b = wait_running(&cl, &mut c, "on-follower").await;
@@ -133,14 +102,14 @@ async fn leader_owner_kill9_fails_over_and_survivors_keep_their_vms() {
     let k = cl.kill9(lead);
     cl.check(k);
     let moved = loop {
-        let v = get(&mut c, "on-leader").await;
+        let v = vm_or_default(&mut c, "on-leader").await;
         if v.owner_id != lead && v.runtime == "running" {
             break v;
         }
         assert!(
             killed.elapsed() < WAIT,
             "not failed over: {v:?}{}",
-            logs(&cl)
+            cl.logs()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -152,28 +121,23 @@ async fn leader_owner_kill9_fails_over_and_survivors_keep_their_vms() {
     );
     // The follower's VM was never fenced or restarted through the election: same
     // generation, and its guest keeps counting from where it was.
-    let v = get(&mut c, "on-follower").await;
+    let v = vm_or_default(&mut c, "on-follower").await;
     assert_eq!(
         (v.owner_id, v.generation, v.runtime.as_str()),
         (follower, b.generation, "running"),
         "{v:?}{}",
-        logs(&cl)
+        cl.logs()
     );
     let (node, seq) = heartbeat(&cl, follower, "on-follower", seq_b).await;
     assert_eq!(node, follower);
     assert!(seq > seq_b);
     let fenced = cl.log_tail(follower, 400).contains("vms fenced");
-    assert!(!fenced, "a survivor fenced its VMs{}", logs(&cl));
+    assert!(!fenced, "a survivor fenced its VMs{}", cl.logs());
 }
 
 fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    write!(s, "GET /metrics HTTP/1.1\r\n\r\n").unwrap_or_else(|e| panic!("{e}"));
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)
-        .unwrap_or_else(|e| panic!("{e}"));
-    resp.lines()
+    let (_, body) = http_get(addr, "/metrics");
+    body.lines()
         .filter(|l| l.starts_with("cluster_"))
         .filter_map(|l| l.rsplit_once(' '))
         .filter_map(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v)))
@@ -195,13 +159,13 @@ async fn node_cut_off_from_the_majority_fences_its_vms() {
     cl.check(added);
     let formed = cl.form(3).await;
     cl.check(formed);
-    let mut c = vms(&cl, 3).await;
+    let mut c = cl.vms(3).await;
     c.create_vm(pb::CreateVmRequest {
         spec: Some(guest("alone", 3)),
         start: true,
     })
     .await
-    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
     let v = wait_running(&cl, &mut c, "alone").await;
     assert_eq!(v.owner_id, 3);
     let m = scrape(maddr);
@@ -232,11 +196,11 @@ async fn node_cut_off_from_the_majority_fences_its_vms() {
         assert!(
             start.elapsed() < WAIT,
             "node 3 kept its VM: {m:?}{}",
-            logs(&cl)
+            cl.logs()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(cl.log_tail(3, 200).contains("vms fenced"), "{}", logs(&cl));
+    assert!(cl.log_tail(3, 200).contains("vms fenced"), "{}", cl.logs());
 
     // The majority comes back: node 3 records that it fenced itself, and the VM (its
     // record still names node 3, which is Up again) runs again.
@@ -257,7 +221,7 @@ async fn node_cut_off_from_the_majority_fences_its_vms() {
         fenced.message.contains("alone") && fenced.message.contains("lease lapsed"),
         "{fenced:?}"
     );
-    let mut c = vms(&cl, 1).await;
+    let mut c = cl.vms(1).await;
     let v = wait_running(&cl, &mut c, "alone").await;
     eprintln!(
         "after the majority returned, VM alone runs on node {}",

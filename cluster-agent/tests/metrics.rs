@@ -2,14 +2,13 @@
 //! small exposition-format parser, values checked against what happened.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
-use cluster_tests::{Cluster, Options};
-use tonic::transport::Endpoint;
+use cluster_tests::vm::{guest_spec, mem_boot, vm_or_default};
+use cluster_tests::{http_get, Cluster, Options};
 
 /// One sample: metric name, labels, value.
 type Sample = (String, BTreeMap<String, String>, f64);
@@ -104,19 +103,6 @@ fn value(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f64 {
         .unwrap_or_else(|| panic!("no sample {name} {label:?}"))
 }
 
-fn get(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_or_else(|e| panic!("{e}"));
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("bad response {resp:?}"));
-    (head.to_string(), body.to_string())
-}
-
 fn free_port(ip: [u8; 4]) -> SocketAddr {
     let l = TcpListener::bind(SocketAddr::from((ip, 0))).unwrap_or_else(|e| panic!("{e}"));
     l.local_addr().unwrap_or_else(|e| panic!("{e}"))
@@ -139,38 +125,16 @@ async fn metrics_after_a_migration_parse_and_match() {
     }
     let formed = cl.form(2).await;
     cl.check(formed);
-    let addr = cl.check(cl.spec(1).map(|s| s.mgmt_addr));
-    let ch = Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut vm = VmServiceClient::new(ch);
+    let mut vm = cl.vms(1).await;
     vm.create_vm(pb::CreateVmRequest {
-        spec: Some(pb::VmSpec {
-            name: "m".into(),
-            vcpus: 1,
-            memory_mib: 64,
-            boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-                workload: "mem".into(),
-                wss_mib: 8,
-                hb_ms: 100,
-                ..Default::default()
-            })),
-            ..Default::default()
-        }),
+        spec: Some(guest_spec("m", 64, mem_boot())),
         start: true,
     })
     .await
     .unwrap_or_else(|e| panic!("create: {e}"));
     let info = |v: &mut VmServiceClient<_>| {
         let mut v = v.clone();
-        async move {
-            v.get_vm(pb::VmName { name: "m".into() })
-                .await
-                .map(|r| r.into_inner().vm.unwrap_or_default())
-                .unwrap_or_default()
-        }
+        async move { vm_or_default(&mut v, "m").await }
     };
     let start = Instant::now();
     let src = loop {
@@ -200,7 +164,7 @@ async fn metrics_after_a_migration_parse_and_match() {
     }
 
     let scrape = |id: u64| {
-        let (head, body) = get(maddr[&id], "/metrics");
+        let (head, body) = http_get(maddr[&id], "/metrics");
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         assert!(head.contains("text/plain; version=0.0.4"), "{head}");
         parse(&body)
@@ -282,6 +246,6 @@ async fn metrics_after_a_migration_parse_and_match() {
         assert_eq!(value(m, "cluster_migration_records", None), 1.0);
     }
     // Anything but GET /metrics is refused.
-    let (head, _) = get(maddr[&src], "/other");
+    let (head, _) = http_get(maddr[&src], "/other");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 }

@@ -8,66 +8,35 @@ use cluster_proto::migrations as mpb;
 use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
-use cluster_tests::{Cluster, HarnessError, Options};
-use tonic::transport::{Channel, Endpoint};
+use cluster_tests::vm::{expect_code, guest_spec, hb_seq, vm_or_default};
+use cluster_tests::{Cluster, Options};
+use tonic::transport::Channel;
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn logs(c: &Cluster) -> String {
-    c.ids()
-        .iter()
-        .map(|id| format!("\n--- node {id} ---\n{}", c.log_tail(*id, 25)))
-        .collect()
-}
-
-fn must<T>(c: &Cluster, r: Result<T, HarnessError>) -> T {
-    r.unwrap_or_else(|e| panic!("{e}{}", logs(c)))
-}
-
-async fn channel(c: &Cluster, id: u64) -> Channel {
-    let addr = must(c, c.spec(id)).mgmt_addr;
-    Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap_or_else(|e| panic!("endpoint: {e}"))
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("connect to node {id}: {e}{}", logs(c)))
-}
-
 fn guest(name: &str, workload: &str, memory_mib: u64, wss_mib: u64, rate_mbps: u64) -> pb::VmSpec {
-    pb::VmSpec {
-        name: name.into(),
-        vcpus: 1,
-        memory_mib,
-        boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-            workload: workload.into(),
-            wss_mib,
-            rate_mbps,
-            hb_ms: 100,
-            ..Default::default()
-        })),
+    let boot = pb::TestGuestBoot {
+        workload: workload.into(),
+        wss_mib,
+        rate_mbps,
+        hb_ms: 100,
         ..Default::default()
-    }
-}
-
-async fn get(c: &mut VmServiceClient<Channel>, name: &str) -> pb::VmInfo {
-    c.get_vm(pb::VmName { name: name.into() })
-        .await
-        .map(|r| r.into_inner().vm.unwrap_or_default())
-        .unwrap_or_default()
+    };
+    guest_spec(name, memory_mib, boot)
 }
 
 async fn wait_running(cl: &Cluster, c: &mut VmServiceClient<Channel>, name: &str) -> pb::VmInfo {
     let start = Instant::now();
     loop {
-        let v = get(c, name).await;
+        let v = vm_or_default(c, name).await;
         if v.runtime == "running" && v.migrating_to == 0 {
             return v;
         }
         assert!(
             start.elapsed() < WAIT,
             "{name} not running: {v:?}{}",
-            logs(cl)
+            cl.logs()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -76,14 +45,14 @@ async fn wait_running(cl: &Cluster, c: &mut VmServiceClient<Channel>, name: &str
 /// Highest heartbeat sequence number of `name` seen through `via` within a few seconds,
 /// and the node that produced it.
 async fn heartbeat_after(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64, u64) {
-    let mut c = VmServiceClient::new(channel(cl, via).await);
+    let mut c = cl.vms(via).await;
     let mut s = c
         .stream_console(pb::ConsoleRequest {
             name: name.into(),
             follow: true,
         })
         .await
-        .unwrap_or_else(|e| panic!("console: {e}{}", logs(cl)))
+        .unwrap_or_else(|e| panic!("console: {e}{}", cl.logs()))
         .into_inner();
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
@@ -92,19 +61,14 @@ async fn heartbeat_after(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64
             break;
         };
         for line in chunk.text.lines() {
-            if let Some(rest) = line.trim().strip_prefix("HB seq=") {
-                let seq: u64 = rest
-                    .split_whitespace()
-                    .next()
-                    .and_then(|x| x.parse().ok())
-                    .unwrap_or(0);
+            if let Some(seq) = hb_seq(line) {
                 if seq > after && line.contains("mem_errors=0") {
                     return (chunk.node_id, seq);
                 }
             }
         }
     }
-    panic!("no heartbeat of {name} after {after}{}", logs(cl))
+    panic!("no heartbeat of {name} after {after}{}", cl.logs())
 }
 
 async fn running_migration(
@@ -147,17 +111,20 @@ async fn wait_finished(m: &mut MigrationServiceClient<Channel>, id: u64) -> mpb:
     }
 }
 
-fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, needle: &str) {
-    match r {
-        Err(s) => {
-            assert_eq!(s.code(), code, "{s}");
-            assert!(
-                s.message().contains(needle),
-                "{:?} lacks {needle:?}",
-                s.message()
-            );
+/// The finished record that the last message of a progress stream carries.
+async fn final_record(
+    cl: &Cluster,
+    stream: &mut tonic::Streaming<mpb::MigrationProgress>,
+) -> mpb::MigrationInfo {
+    loop {
+        let p = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("no end of stream{}", cl.logs()))
+            .unwrap_or_else(|e| panic!("progress stream: {e}"))
+            .unwrap_or_else(|| panic!("stream ended without a final message"));
+        if let Some(f) = p.finished {
+            return f;
         }
-        Ok(v) => panic!("expected {code:?} ({needle}), got {v:?}"),
     }
 }
 
@@ -170,8 +137,8 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     )
     .unwrap_or_else(|e| panic!("harness: {e}"));
     let formed = cl.form(2).await;
-    must(&cl, formed);
-    let mut vm = VmServiceClient::new(channel(&cl, 1).await);
+    cl.check(formed);
+    let mut vm = cl.vms(1).await;
     // A guest that dirties memory fast: with a 1 ms downtime goal pre-copy keeps going
     // round after round (until cancelled or the deadline), and an easy one.
     for spec in [
@@ -183,13 +150,13 @@ async fn progress_cancel_deadline_records_and_bad_input() {
             start: true,
         })
         .await
-        .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+        .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
     }
     let busy = wait_running(&cl, &mut vm, "busy").await;
     let calm = wait_running(&cl, &mut vm, "calm").await;
     let (src, other) = (busy.owner_id, 3 - busy.owner_id);
     // Watch through the node that is *not* the source: the stream is proxied.
-    let mut mig = MigrationServiceClient::new(channel(&cl, other).await);
+    let mut mig = cl.migrations(other).await;
 
     // Bad options and ids are refused and change nothing.
     let bad = |max_downtime_ms, deadline_ms| pb::MigrateVmRequest {
@@ -224,7 +191,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         .unwrap_or_else(|e| panic!("{e}"))
         .into_inner();
     assert!(none.migrations.is_empty(), "{none:?}");
-    assert_eq!(get(&mut vm, "busy").await.migrating_to, 0);
+    assert_eq!(vm_or_default(&mut vm, "busy").await.migrating_to, 0);
 
     // 1. Progress, then cancel: rounds increase, the VM stays on the source.
     vm.migrate_vm(pb::MigrateVmRequest {
@@ -235,7 +202,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         ..Default::default()
     })
     .await
-    .unwrap_or_else(|e| panic!("migrate busy: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("migrate busy: {e}{}", cl.logs()));
     let rec = running_migration(&mut mig, "busy").await;
     assert_eq!(
         (
@@ -250,7 +217,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     let mut stream = mig
         .watch_migration(mpb::MigrationId { id: rec.id })
         .await
-        .unwrap_or_else(|e| panic!("watch: {e}{}", logs(&cl)))
+        .unwrap_or_else(|e| panic!("watch: {e}{}", cl.logs()))
         .into_inner();
     let mut rounds = Vec::new();
     let mut sent = Vec::new();
@@ -258,13 +225,13 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     while rounds.last().copied().unwrap_or(0) < 3 {
         let p = tokio::time::timeout(Duration::from_secs(10), stream.message())
             .await
-            .unwrap_or_else(|_| panic!("no progress within 10 s (rounds {rounds:?}){}", logs(&cl)))
+            .unwrap_or_else(|_| panic!("no progress within 10 s (rounds {rounds:?}){}", cl.logs()))
             .unwrap_or_else(|e| panic!("progress stream: {e}"))
-            .unwrap_or_else(|| panic!("stream ended early (rounds {rounds:?}){}", logs(&cl)));
+            .unwrap_or_else(|| panic!("stream ended early (rounds {rounds:?}){}", cl.logs()));
         assert!(
             p.finished.is_none(),
             "ended before the cancel: {p:?}{}",
-            logs(&cl)
+            cl.logs()
         );
         rounds.push(p.round);
         sent.push(p.bytes_sent);
@@ -282,7 +249,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     let c = mig
         .cancel_migration(mpb::MigrationId { id: rec.id })
         .await
-        .unwrap_or_else(|e| panic!("cancel: {e}{}", logs(&cl)))
+        .unwrap_or_else(|e| panic!("cancel: {e}{}", cl.logs()))
         .into_inner()
         .migration
         .unwrap_or_default();
@@ -293,16 +260,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         "",
     );
     // The stream's last message carries the finished record.
-    let last = loop {
-        let p = tokio::time::timeout(Duration::from_secs(30), stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("no end of stream{}", logs(&cl)))
-            .unwrap_or_else(|e| panic!("progress stream: {e}"))
-            .unwrap_or_else(|| panic!("stream ended without a final message"));
-        if let Some(f) = p.finished {
-            break f;
-        }
-    };
+    let last = final_record(&cl, &mut stream).await;
     assert_eq!(last.state, "cancelled", "{last:?}");
     assert!(last.reason.contains("cancel"), "{last:?}");
     let v = wait_running(&cl, &mut vm, "busy").await;
@@ -325,7 +283,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         ..Default::default()
     })
     .await
-    .unwrap_or_else(|e| panic!("migrate busy: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("migrate busy: {e}{}", cl.logs()));
     let rec2 = running_migration(&mut mig, "busy").await;
     let done2 = wait_finished(&mut mig, rec2.id).await;
     assert_eq!(done2.state, "failed", "{done2:?}");
@@ -344,23 +302,14 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         ..Default::default()
     })
     .await
-    .unwrap_or_else(|e| panic!("migrate calm: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("migrate calm: {e}{}", cl.logs()));
     let rec3 = running_migration(&mut mig, "calm").await;
     let mut stream = mig
         .watch_migration(mpb::MigrationId { id: rec3.id })
         .await
         .unwrap_or_else(|e| panic!("watch: {e}"))
         .into_inner();
-    let fin = loop {
-        let p = tokio::time::timeout(Duration::from_secs(30), stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("no end of stream{}", logs(&cl)))
-            .unwrap_or_else(|e| panic!("progress stream: {e}"))
-            .unwrap_or_else(|| panic!("stream ended without a final message"));
-        if let Some(f) = p.finished {
-            break f;
-        }
-    };
+    let fin = final_record(&cl, &mut stream).await;
     assert_eq!(fin.state, "succeeded", "{fin:?}");
     let s = fin.stats.unwrap_or_default();
     assert!(
@@ -381,7 +330,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
 
     // The records, from either replica.
     for via in [1, 2] {
-        let mut m = MigrationServiceClient::new(channel(&cl, via).await);
+        let mut m = cl.migrations(via).await;
         let all = m
             .list_migrations(mpb::ListMigrationsRequest::default())
             .await

@@ -10,27 +10,14 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use cluster_proto::vms as pb;
-use cluster_proto::vms::vm_service_client::VmServiceClient;
 use cluster_proto::volumes as vpb;
-use cluster_proto::volumes::volume_service_client::VolumeServiceClient;
-use cluster_tests::{Cluster, HarnessError, Options};
-use tonic::transport::{Channel, Endpoint};
+use cluster_tests::vm::{expect_code, get_vm, guest_spec};
+use cluster_tests::{Cluster, Options};
 use tonic::Code;
 use vmm_node::guest_protocol::{heartbeats, Heartbeat};
 
 /// Generous: several engineers share two cores.
 const WAIT: Duration = Duration::from_secs(90);
-
-fn logs(c: &Cluster) -> String {
-    c.ids()
-        .iter()
-        .map(|id| format!("\n--- node {id} ---\n{}", c.log_tail(*id, 30)))
-        .collect()
-}
-
-fn must<T>(c: &Cluster, r: Result<T, HarnessError>) -> T {
-    r.unwrap_or_else(|e| panic!("{e}{}", logs(c)))
-}
 
 /// A cluster of `n` agents that all see `<test dir>/csv` as volume `vol`.
 async fn disk_cluster(n: u64) -> (Cluster, PathBuf) {
@@ -47,40 +34,20 @@ async fn disk_cluster(n: u64) -> (Cluster, PathBuf) {
             csv.display()
         );
         let added = cl.add_node_with(id, &extra);
-        must(&cl, added);
+        cl.check(added);
     }
     let formed = cl.form(n).await;
-    must(&cl, formed);
+    cl.check(formed);
     (cl, csv)
 }
 
-async fn channel(c: &Cluster, id: u64) -> Channel {
-    let addr = must(c, c.spec(id)).mgmt_addr;
-    Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap_or_else(|e| panic!("endpoint: {e}"))
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("connect to node {id}: {e}{}", logs(c)))
-}
-
-async fn vms(c: &Cluster, id: u64) -> VmServiceClient<Channel> {
-    VmServiceClient::new(channel(c, id).await)
-}
-
-async fn vols(c: &Cluster, id: u64) -> VolumeServiceClient<Channel> {
-    VolumeServiceClient::new(channel(c, id).await)
-}
-
 fn disk_spec(name: &str, disks: &[&str]) -> pb::VmSpec {
+    let boot = pb::TestGuestBoot {
+        workload: "disk".into(),
+        hb_ms: 100,
+        ..Default::default()
+    };
     pb::VmSpec {
-        name: name.into(),
-        vcpus: 1,
-        memory_mib: 64,
-        boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-            workload: "disk".into(),
-            hb_ms: 100,
-            ..Default::default()
-        })),
         disks: disks
             .iter()
             .map(|d| pb::DiskSpec {
@@ -89,25 +56,19 @@ fn disk_spec(name: &str, disks: &[&str]) -> pb::VmSpec {
             })
             .collect(),
         restart_priority: "high".into(),
-        ..Default::default()
+        ..guest_spec(name, 64, boot)
     }
 }
 
 async fn create_disk(cl: &Cluster, via: u64, name: &str) {
-    vols(cl, via)
+    cl.vols(via)
         .await
         .create_disk(vpb::CreateDiskRequest {
             name: name.into(),
             size_mib: 4,
         })
         .await
-        .unwrap_or_else(|e| panic!("create disk {name}: {e}{}", logs(cl)));
-}
-
-async fn get(c: &mut VmServiceClient<Channel>, name: &str) -> Result<pb::VmInfo, tonic::Status> {
-    c.get_vm(pb::VmName { name: name.into() })
-        .await
-        .map(|r| r.into_inner().vm.unwrap_or_default())
+        .unwrap_or_else(|e| panic!("create disk {name}: {e}{}", cl.logs()));
 }
 
 async fn wait_vm(
@@ -117,11 +78,11 @@ async fn wait_vm(
     what: &str,
     pred: impl Fn(&pb::VmInfo) -> bool,
 ) -> pb::VmInfo {
-    let mut c = vms(cl, via).await;
+    let mut c = cl.vms(via).await;
     let start = Instant::now();
     let mut last = String::new();
     while start.elapsed() < WAIT {
-        match get(&mut c, name).await {
+        match get_vm(&mut c, name).await {
             Ok(v) if pred(&v) => return v,
             Ok(v) => last = format!("{v:?}"),
             Err(s) => last = s.to_string(),
@@ -130,16 +91,16 @@ async fn wait_vm(
     }
     panic!(
         "VM {name}: {what} did not happen (last: {last}){}",
-        logs(cl)
+        cl.logs()
     )
 }
 
 async fn locks(cl: &Cluster, via: u64) -> Vec<vpb::DiskLock> {
-    vols(cl, via)
+    cl.vols(via)
         .await
         .list_locks(vpb::ListLocksRequest {})
         .await
-        .unwrap_or_else(|e| panic!("list locks: {e}{}", logs(cl)))
+        .unwrap_or_else(|e| panic!("list locks: {e}{}", cl.logs()))
         .into_inner()
         .locks
 }
@@ -164,7 +125,7 @@ async fn wait_lock(
         assert!(
             start.elapsed() < WAIT,
             "lock of {disk}: {what} did not happen (last: {l:?}){}",
-            logs(cl)
+            cl.logs()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -181,7 +142,7 @@ async fn wait_hb(
     let deadline = Instant::now() + WAIT;
     let mut seen = String::new();
     while Instant::now() < deadline {
-        let mut c = vms(cl, via).await;
+        let mut c = cl.vms(via).await;
         let Ok(stream) = c
             .stream_console(pb::ConsoleRequest {
                 name: name.into(),
@@ -211,7 +172,7 @@ async fn wait_hb(
     }
     panic!(
         "no matching heartbeat from {name} via node {via}; console tail: {seen}{}",
-        logs(cl)
+        cl.logs()
     )
 }
 
@@ -229,25 +190,11 @@ fn fence_token(csv: &std::path::Path, disk: &str) -> u64 {
     rec.map_or(0, |r| r.token.0)
 }
 
-fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, needle: &str) {
-    match r {
-        Err(s) => {
-            assert_eq!(s.code(), code, "{s}");
-            assert!(
-                s.message().contains(needle),
-                "{:?} lacks {needle:?}",
-                s.message()
-            );
-        }
-        Ok(v) => panic!("expected {code:?} ({needle}), got {v:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
     let _serial = cluster_tests::serial().await;
     let (cl, csv) = disk_cluster(3).await;
-    let mut v2 = vols(&cl, 2).await;
+    let mut v2 = cl.vols(2).await;
 
     // Disk creation and its refusals.
     create_disk(&cl, 2, "vol/vms/a.img").await;
@@ -278,20 +225,20 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
     }
 
     // A VM with a disk: the owner commits the lock before it starts the VM.
-    let mut c = vms(&cl, 3).await;
+    let mut c = cl.vms(3).await;
     c.create_vm(pb::CreateVmRequest {
         spec: Some(disk_spec("vm-d", &["vol/vms/a.img"])),
         start: true,
     })
     .await
-    .unwrap_or_else(|e| panic!("create vm-d: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("create vm-d: {e}{}", cl.logs()));
     let running = wait_vm(&cl, 3, "vm-d", "running", |v| v.runtime == "running").await;
     let owner = running.owner_id;
     let lock = wait_lock(&cl, 1, "vol/vms/a.img", "locked by the owner", |l| {
         l.is_some_and(|l| l.holders == vec![owner])
     })
     .await
-    .unwrap_or_else(|| panic!("vol/vms/a.img is not locked{}", logs(&cl)));
+    .unwrap_or_else(|| panic!("vol/vms/a.img is not locked{}", cl.logs()));
     assert_eq!(lock.holders, vec![owner]);
     assert_eq!(lock.mode, "exclusive");
     assert!(lock.token > 0);
@@ -355,11 +302,11 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
         start: true,
     })
     .await
-    .unwrap_or_else(|e| panic!("create vm-h: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("create vm-h: {e}{}", cl.logs()));
     let h = wait_vm(&cl, 3, "vm-h", "running", |v| v.runtime == "running").await;
     wait_hb(&cl, 3, "vm-h", |h| h.disk == "nodisk").await;
     create_disk(&cl, 1, "vol/vms/hot.img").await;
-    let mut v3 = vols(&cl, 3).await;
+    let mut v3 = cl.vols(3).await;
     for (vm, disk, code, needle) in [
         ("ghost", "vol/vms/hot.img", Code::NotFound, "ghost"),
         ("vm-h", "vol/vms/none.img", Code::NotFound, "does not exist"),
@@ -398,7 +345,7 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
             read_only: false,
         })
         .await
-        .unwrap_or_else(|e| panic!("attach: {e}{}", logs(&cl)))
+        .unwrap_or_else(|e| panic!("attach: {e}{}", cl.logs()))
         .into_inner();
     assert_eq!(r.disks, vec!["vol/vms/hot.img".to_string()]);
     let hot = wait_lock(&cl, 2, "vol/vms/hot.img", "locked by the owner", |l| {
@@ -416,7 +363,7 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
         disk: "vol/vms/hot.img".into(),
     })
     .await
-    .unwrap_or_else(|e| panic!("detach: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("detach: {e}{}", cl.logs()));
     // Released only after the owner's VMM flushed and closed it; the guest loses it.
     wait_lock(&cl, 2, "vol/vms/hot.img", "released", |l| l.is_none()).await;
     wait_hb(&cl, 3, "vm-h", |h| h.disk == "nodisk").await;
@@ -429,7 +376,7 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
     .unwrap_or_else(|e| panic!("stop: {e}"));
     wait_vm(&cl, 1, "vm-d", "stopped", |v| v.runtime == "stopped").await;
     wait_lock(&cl, 1, "vol/vms/a.img", "released", |l| l.is_none()).await;
-    let events = must(&cl, cl.events(1).await);
+    let events = cl.check(cl.events(1).await);
     assert!(
         events
             .iter()
@@ -443,13 +390,13 @@ async fn owner_kill9_fails_over_from_the_disk_with_a_newer_fencing_token() {
     let _serial = cluster_tests::serial().await;
     let (mut cl, csv) = disk_cluster(3).await;
     create_disk(&cl, 1, "vol/vms/f.img").await;
-    let mut c = vms(&cl, 1).await;
+    let mut c = cl.vms(1).await;
     c.create_vm(pb::CreateVmRequest {
         spec: Some(disk_spec("vm-f", &["vol/vms/f.img"])),
         start: true,
     })
     .await
-    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
     let before = wait_vm(&cl, 1, "vm-f", "running", |v| v.runtime == "running").await;
     let owner = before.owner_id;
     let survivor = [1, 2, 3].into_iter().find(|n| *n != owner).unwrap_or(0);
@@ -459,12 +406,12 @@ async fn owner_kill9_fails_over_from_the_disk_with_a_newer_fencing_token() {
     .await;
     let old = lock_of(&cl, survivor, "vol/vms/f.img")
         .await
-        .unwrap_or_else(|| panic!("not locked{}", logs(&cl)));
+        .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
     assert_eq!(old.holders, vec![owner]);
 
     let killed_at = Instant::now();
     let killed = cl.kill9(owner);
-    must(&cl, killed);
+    cl.check(killed);
     let after = wait_vm(&cl, survivor, "vm-f", "restart elsewhere", |v| {
         v.owner_id != owner && v.runtime == "running"
     })
@@ -481,7 +428,7 @@ async fn owner_kill9_fails_over_from_the_disk_with_a_newer_fencing_token() {
     assert_eq!(hb.disk, "ok");
     let new = lock_of(&cl, survivor, "vol/vms/f.img")
         .await
-        .unwrap_or_else(|| panic!("not locked after failover{}", logs(&cl)));
+        .unwrap_or_else(|| panic!("not locked after failover{}", cl.logs()));
     assert_eq!(
         new.holders,
         vec![after.owner_id],
@@ -496,7 +443,7 @@ async fn owner_kill9_fails_over_from_the_disk_with_a_newer_fencing_token() {
     // The disk's fence record carries the new epoch: a late write of the old owner's
     // grant (token old.token) is refused by FencedDisk.
     assert_eq!(fence_token(&csv, "vol/vms/f.img"), new.token);
-    let events = must(&cl, cl.events(survivor).await);
+    let events = cl.check(cl.events(survivor).await);
     let takeover = events
         .iter()
         .position(|e| e.message.contains("disk vol/vms/f.img taken over by node"));
@@ -510,7 +457,7 @@ async fn owner_kill9_fails_over_from_the_disk_with_a_newer_fencing_token() {
 
     // The old owner comes back: it does not run the VM again (one copy), the lock stays.
     let restarted = cl.start(owner).await;
-    must(&cl, restarted);
+    cl.check(restarted);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (node, _) = wait_hb(&cl, owner, "vm-f", |h| h.disk == "ok").await;
     assert_eq!(node, after.owner_id);
@@ -526,13 +473,13 @@ async fn live_then_quick_migration_hand_the_disk_off() {
     let _serial = cluster_tests::serial().await;
     let (cl, csv) = disk_cluster(2).await;
     create_disk(&cl, 1, "vol/vms/m.img").await;
-    let mut c = vms(&cl, 2).await;
+    let mut c = cl.vms(2).await;
     c.create_vm(pb::CreateVmRequest {
         spec: Some(disk_spec("vm-m", &["vol/vms/m.img"])),
         start: true,
     })
     .await
-    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
     let before = wait_vm(&cl, 2, "vm-m", "running", |v| v.runtime == "running").await;
     let src = before.owner_id;
     let dst = if src == 1 { 2 } else { 1 };
@@ -548,7 +495,7 @@ async fn live_then_quick_migration_hand_the_disk_off() {
         ..Default::default()
     })
     .await
-    .unwrap_or_else(|e| panic!("migrate: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
     wait_vm(&cl, 2, "vm-m", "live migration", |v| {
         v.owner_id == dst && v.migrating_to == 0 && v.runtime == "running"
     })
@@ -565,7 +512,7 @@ async fn live_then_quick_migration_hand_the_disk_off() {
     })
     .await;
     assert_eq!(node, dst);
-    let events = must(&cl, cl.events(1).await);
+    let events = cl.check(cl.events(1).await);
     assert!(
         events
             .iter()
@@ -584,7 +531,7 @@ async fn live_then_quick_migration_hand_the_disk_off() {
     let r = c
         .migrate_vm(quick)
         .await
-        .unwrap_or_else(|e| panic!("quick migrate: {e}{}", logs(&cl)))
+        .unwrap_or_else(|e| panic!("quick migrate: {e}{}", cl.logs()))
         .into_inner();
     assert_eq!(r.vm.map(|v| v.migrating_to), Some(src));
     wait_vm(&cl, 1, "vm-m", "quick migration", |v| {
@@ -608,7 +555,7 @@ async fn live_then_quick_migration_hand_the_disk_off() {
         hb1.seq
     );
     wait_hb(&cl, 2, "vm-m", |h| h.seq > hb2.seq && h.disk == "ok").await;
-    let events = must(&cl, cl.events(2).await);
+    let events = cl.check(cl.events(2).await);
     assert!(
         events
             .iter()
@@ -641,20 +588,20 @@ fn signal(cl: &Cluster, id: u64, sig: &str) {
 async fn frozen_old_owner_is_fenced_at_the_disk_when_it_thaws() {
     let _serial = cluster_tests::serial().await;
     let (cl, csv) = disk_cluster(3).await;
-    let leader = must(&cl, cl.status(1).await).leader_id;
+    let leader = cl.check(cl.status(1).await).leader_id;
     let victim = [1, 2, 3].into_iter().find(|n| *n != leader).unwrap_or(2);
     let watcher = [1, 2, 3].into_iter().find(|n| *n != victim).unwrap_or(1);
     create_disk(&cl, watcher, "vol/vms/z.img").await;
     let mut s = disk_spec("vm-z", &["vol/vms/z.img"]);
     s.preferred_owners = vec![victim];
-    vms(&cl, watcher)
+    cl.vms(watcher)
         .await
         .create_vm(pb::CreateVmRequest {
             spec: Some(s),
             start: true,
         })
         .await
-        .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+        .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
     let before = wait_vm(&cl, watcher, "vm-z", "running", |v| v.runtime == "running").await;
     assert_eq!(before.owner_id, victim);
     wait_hb(&cl, watcher, "vm-z", |h| {
@@ -676,13 +623,13 @@ async fn frozen_old_owner_is_fenced_at_the_disk_when_it_thaws() {
     .await;
     let new = lock_of(&cl, watcher, "vol/vms/z.img")
         .await
-        .unwrap_or_else(|| panic!("not locked{}", logs(&cl)));
+        .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
     assert_eq!(new.holders, vec![after.owner_id]);
     assert!(new.token > old);
 
     signal(&cl, victim, "CONT");
     // The thawed VM's next write meets the newer fence record.
-    let log = must(&cl, cl.spec(victim)).log_path.clone();
+    let log = cl.check(cl.spec(victim)).log_path.clone();
     let start = Instant::now();
     let refused = loop {
         let text = std::fs::read_to_string(&log).unwrap_or_else(|_| cl.log_tail(victim, 400));
@@ -697,7 +644,7 @@ async fn frozen_old_owner_is_fenced_at_the_disk_when_it_thaws() {
     assert!(
         refused,
         "the thawed old owner's write was not refused at the fence{}",
-        logs(&cl)
+        cl.logs()
     );
     // The new owner's guest goes on verifying its disk; the fence record keeps the new
     // epoch (the old owner never rolls it back); the lock stays with the new owner.
@@ -729,13 +676,13 @@ async fn vm_restarted_by_hand_after_its_owner_died_takes_the_disk_over() {
     create_disk(&cl, 1, "vol/vms/n.img").await;
     let mut s = disk_spec("vm-n", &["vol/vms/n.img"]);
     s.restart_priority = "none".into();
-    let mut c = vms(&cl, 1).await;
+    let mut c = cl.vms(1).await;
     c.create_vm(pb::CreateVmRequest {
         spec: Some(s),
         start: true,
     })
     .await
-    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
     let before = wait_vm(&cl, 1, "vm-n", "running", |v| v.runtime == "running").await;
     let owner = before.owner_id;
     let via = [1, 2, 3].into_iter().find(|n| *n != owner).unwrap_or(1);
@@ -745,11 +692,11 @@ async fn vm_restarted_by_hand_after_its_owner_died_takes_the_disk_over() {
         .map_or(0, |l| l.token);
 
     let killed = cl.kill9(owner);
-    must(&cl, killed);
+    cl.check(killed);
     // Down, and left alone by failover (priority none).
     let start = Instant::now();
     loop {
-        let nodes = must(&cl, cl.nodes(via).await);
+        let nodes = cl.check(cl.nodes(via).await);
         if nodes
             .iter()
             .any(|n| n.node_id == owner && n.state == "down")
@@ -759,14 +706,14 @@ async fn vm_restarted_by_hand_after_its_owner_died_takes_the_disk_over() {
         assert!(
             start.elapsed() < WAIT,
             "node {owner} never went down{}",
-            logs(&cl)
+            cl.logs()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut c = vms(&cl, via).await;
+    let mut c = cl.vms(via).await;
     assert_eq!(
-        get(&mut c, "vm-n").await.map(|v| v.owner_id).ok(),
+        get_vm(&mut c, "vm-n").await.map(|v| v.owner_id).ok(),
         Some(owner)
     );
 
@@ -774,12 +721,12 @@ async fn vm_restarted_by_hand_after_its_owner_died_takes_the_disk_over() {
         name: "vm-n".into(),
     })
     .await
-    .unwrap_or_else(|e| panic!("stop: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("stop: {e}{}", cl.logs()));
     c.start_vm(pb::VmName {
         name: "vm-n".into(),
     })
     .await
-    .unwrap_or_else(|e| panic!("start: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("start: {e}{}", cl.logs()));
     let after = wait_vm(&cl, via, "vm-n", "running elsewhere", |v| {
         v.owner_id != owner && v.runtime == "running"
     })
@@ -788,7 +735,7 @@ async fn vm_restarted_by_hand_after_its_owner_died_takes_the_disk_over() {
     assert_eq!(node, after.owner_id);
     let new = lock_of(&cl, via, "vol/vms/n.img")
         .await
-        .unwrap_or_else(|| panic!("not locked{}", logs(&cl)));
+        .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
     assert_eq!(new.holders, vec![after.owner_id]);
     assert!(new.token > old);
     assert_eq!(fence_token(&csv, "vol/vms/n.img"), new.token);
@@ -802,16 +749,16 @@ async fn failed_migration_leaves_the_disk_with_the_source() {
     let _serial = cluster_tests::serial().await;
     let (mut cl, _csv) = disk_cluster(3).await;
     create_disk(&cl, 1, "vol/vms/r.img").await;
-    let leader = must(&cl, cl.status(1).await).leader_id;
+    let leader = cl.check(cl.status(1).await).leader_id;
     let mut s = disk_spec("vm-r", &["vol/vms/r.img"]);
     s.preferred_owners = vec![leader];
-    let mut c = vms(&cl, leader).await;
+    let mut c = cl.vms(leader).await;
     c.create_vm(pb::CreateVmRequest {
         spec: Some(s),
         start: true,
     })
     .await
-    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
     let before = wait_vm(&cl, leader, "vm-r", "running", |v| v.runtime == "running").await;
     let src = before.owner_id;
     let dst = [1, 2, 3]
@@ -821,22 +768,22 @@ async fn failed_migration_leaves_the_disk_with_the_source() {
     wait_hb(&cl, leader, "vm-r", |h| h.disk == "ok").await;
     let old = lock_of(&cl, leader, "vol/vms/r.img")
         .await
-        .unwrap_or_else(|| panic!("not locked{}", logs(&cl)));
+        .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
 
     let killed = cl.kill9(dst);
-    must(&cl, killed);
+    cl.check(killed);
     c.migrate_vm(pb::MigrateVmRequest {
         name: "vm-r".into(),
         to_node_id: dst,
         ..Default::default()
     })
     .await
-    .unwrap_or_else(|e| panic!("migrate: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
     wait_vm(&cl, leader, "vm-r", "migration failure", |v| {
         v.migrating_to == 0 && v.owner_id == src
     })
     .await;
-    let events = must(&cl, cl.events(leader).await);
+    let events = cl.check(cl.events(leader).await);
     assert!(
         events.iter().any(|e| e
             .message

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
-use cluster_tests::{Cluster, HarnessError, Options};
-use tonic::transport::{Channel, Endpoint};
+use cluster_tests::vm::{expect_code, get_vm, guest_spec, hb_seq, mem_boot};
+use cluster_tests::{Cluster, Options};
+use tonic::transport::Channel;
 use tonic::Code;
 
 fn cluster() -> Cluster {
@@ -19,75 +20,43 @@ fn cluster() -> Cluster {
     .unwrap_or_else(|e| panic!("harness: {e}"))
 }
 
-fn logs(c: &Cluster) -> String {
-    c.ids()
-        .iter()
-        .map(|id| format!("\n--- node {id} ---\n{}", c.log_tail(*id, 25)))
-        .collect()
-}
-
-fn must<T>(c: &Cluster, r: Result<T, HarnessError>) -> T {
-    r.unwrap_or_else(|e| panic!("{e}{}", logs(c)))
-}
-
-async fn vms(c: &Cluster, id: u64) -> VmServiceClient<Channel> {
-    let addr = must(c, c.spec(id)).mgmt_addr;
-    let ch = Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap_or_else(|e| panic!("endpoint: {e}"))
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("connect to node {id}: {e}{}", logs(c)));
-    VmServiceClient::new(ch)
-}
-
 fn spec(name: &str, vcpus: u32, memory_mib: u64) -> pb::VmSpec {
     pb::VmSpec {
-        name: name.into(),
         vcpus,
-        memory_mib,
-        boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-            workload: "mem".into(),
-            wss_mib: 8,
-            hb_ms: 100,
-            ..Default::default()
-        })),
         anti_affinity: vec!["lifecycle-test".into()],
-        ..Default::default()
+        ..guest_spec(name, memory_mib, mem_boot())
     }
 }
 
-async fn get(c: &mut VmServiceClient<Channel>, name: &str) -> Result<pb::VmInfo, tonic::Status> {
-    c.get_vm(pb::VmName { name: name.into() })
-        .await
-        .map(|r| r.into_inner().vm.unwrap_or_default())
-}
-
 async fn wait_runtime(cl: &Cluster, via: u64, name: &str, want: &str) -> pb::VmInfo {
-    let mut c = vms(cl, via).await;
+    let mut c = cl.vms(via).await;
     let start = Instant::now();
     let mut last = String::new();
     while start.elapsed() < Duration::from_secs(60) {
-        match get(&mut c, name).await {
+        match get_vm(&mut c, name).await {
             Ok(v) if v.runtime == want => return v,
             Ok(v) => last = format!("{} ({})", v.runtime, v.reason),
             Err(s) => last = s.to_string(),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("VM {name} did not become {want} (last: {last}){}", logs(cl))
+    panic!(
+        "VM {name} did not become {want} (last: {last}){}",
+        cl.logs()
+    )
 }
 
 /// Read the console of `name` through node `via` until a heartbeat with `mem=ok` and a
 /// sequence number above `after_seq` arrives; returns (node that produced it, seq).
 async fn heartbeat(cl: &Cluster, via: u64, name: &str, after_seq: u64) -> (u64, u64) {
-    let mut c = vms(cl, via).await;
+    let mut c = cl.vms(via).await;
     let mut stream = c
         .stream_console(pb::ConsoleRequest {
             name: name.into(),
             follow: true,
         })
         .await
-        .unwrap_or_else(|s| panic!("console of {name} via {via}: {s}{}", logs(cl)))
+        .unwrap_or_else(|s| panic!("console of {name} via {via}: {s}{}", cl.logs()))
         .into_inner();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = String::new();
@@ -95,12 +64,7 @@ async fn heartbeat(cl: &Cluster, via: u64, name: &str, after_seq: u64) -> (u64, 
         let next = tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
         let Ok(Ok(Some(chunk))) = next else { break };
         for line in chunk.text.lines() {
-            if let Some(rest) = line.trim().strip_prefix("HB seq=") {
-                let seq: u64 = rest
-                    .split_whitespace()
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
+            if let Some(seq) = hb_seq(line) {
                 if line.contains("mem=ok") && seq > after_seq {
                     return (chunk.node_id, seq);
                 }
@@ -111,21 +75,19 @@ async fn heartbeat(cl: &Cluster, via: u64, name: &str, after_seq: u64) -> (u64, 
             seen.drain(..seen.len() - 4096);
         }
     }
-    panic!("no mem=ok heartbeat after seq {after_seq} from {name} via node {via}; console tail: {seen}{}", logs(cl))
+    panic!("no mem=ok heartbeat after seq {after_seq} from {name} via node {via}; console tail: {seen}{}", cl.logs())
 }
 
-fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, needle: &str) {
-    match r {
-        Err(s) => {
-            assert_eq!(s.code(), code, "{s}");
-            assert!(
-                s.message().contains(needle),
-                "{:?} lacks {needle:?}",
-                s.message()
-            );
-        }
-        Ok(v) => panic!("expected {code:?} ({needle}), got {v:?}"),
-    }
+/// The reasons `vm` cannot run on `node_id` (empty: it can).
+async fn why_not(c: &mut VmServiceClient<Channel>, vm: &str, node_id: u64) -> Vec<String> {
+    c.why_not(pb::WhyNotRequest {
+        vm: vm.into(),
+        node_id,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("why-not: {e}"))
+    .into_inner()
+    .reasons
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,10 +95,10 @@ async fn vms_run_on_scheduled_nodes_stream_consoles_and_stop() {
     let _serial = cluster_tests::serial().await;
     let mut cl = cluster();
     let formed = cl.form(3).await;
-    must(&cl, formed);
+    cl.check(formed);
 
     // Create two VMs through a follower-or-leader agent: the leader places them.
-    let mut c2 = vms(&cl, 2).await;
+    let mut c2 = cl.vms(2).await;
     for name in ["vm-a", "vm-b"] {
         let r = c2
             .create_vm(pb::CreateVmRequest {
@@ -144,7 +106,7 @@ async fn vms_run_on_scheduled_nodes_stream_consoles_and_stop() {
                 start: true,
             })
             .await
-            .unwrap_or_else(|s| panic!("create {name}: {s}{}", logs(&cl)));
+            .unwrap_or_else(|s| panic!("create {name}: {s}{}", cl.logs()));
         let vm = r.into_inner().vm.unwrap_or_default();
         assert_ne!(vm.owner_id, 0, "{name} was placed");
     }
@@ -253,7 +215,7 @@ async fn vms_run_on_scheduled_nodes_stream_consoles_and_stop() {
         .find(|n| *n != a.owner_id && *n != b.owner_id)
         .unwrap_or(0);
     let killed = cl.kill9(bystander);
-    must(&cl, killed);
+    cl.check(killed);
     let survivor = a.owner_id;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (_, seq_a2) = heartbeat(&cl, survivor, "vm-a", seq_a).await;
@@ -263,13 +225,13 @@ async fn vms_run_on_scheduled_nodes_stream_consoles_and_stop() {
     assert_eq!((a2.owner_id, a2.generation), (a.owner_id, a.generation));
 
     // Stop: the owner stops the VM, reports Stopped, and its VMM no longer has it.
-    let mut cs = vms(&cl, survivor).await;
+    let mut cs = cl.vms(survivor).await;
     let r = cs
         .stop_vm(pb::VmName {
             name: "vm-a".into(),
         })
         .await
-        .unwrap_or_else(|s| panic!("stop: {s}{}", logs(&cl)));
+        .unwrap_or_else(|s| panic!("stop: {s}{}", cl.logs()));
     assert_eq!(r.into_inner().vm.unwrap_or_default().desired, "stopped");
     let stopped = wait_runtime(&cl, survivor, "vm-a", "stopped").await;
     assert_eq!(stopped.owner_id, a.owner_id);
@@ -289,7 +251,7 @@ async fn vms_run_on_scheduled_nodes_stream_consoles_and_stop() {
         name: "vm-a".into(),
     })
     .await
-    .unwrap_or_else(|s| panic!("delete: {s}{}", logs(&cl)));
+    .unwrap_or_else(|s| panic!("delete: {s}{}", cl.logs()));
     let left = cs
         .list_vms(pb::ListVmsRequest {})
         .await
@@ -304,8 +266,8 @@ async fn owner_kill9_restarts_its_vm_on_a_survivor() {
     let _serial = cluster_tests::serial().await;
     let mut cl = cluster();
     let formed = cl.form(3).await;
-    must(&cl, formed);
-    let mut c1 = vms(&cl, 1).await;
+    cl.check(formed);
+    let mut c1 = cl.vms(1).await;
     let mut s = spec("vm-f", 1, 64);
     s.restart_priority = "high".into();
     c1.create_vm(pb::CreateVmRequest {
@@ -313,7 +275,7 @@ async fn owner_kill9_restarts_its_vm_on_a_survivor() {
         start: true,
     })
     .await
-    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
     let before = wait_runtime(&cl, 1, "vm-f", "running").await;
     let owner = before.owner_id;
     let survivor = [1, 2, 3].into_iter().find(|n| *n != owner).unwrap_or(0);
@@ -322,11 +284,11 @@ async fn owner_kill9_restarts_its_vm_on_a_survivor() {
 
     let killed_at = Instant::now();
     let killed = cl.kill9(owner);
-    must(&cl, killed);
+    cl.check(killed);
     // Wait for a new owner to report Running, then for its first heartbeat.
-    let mut c = vms(&cl, survivor).await;
+    let mut c = cl.vms(survivor).await;
     let after = loop {
-        if let Ok(v) = get(&mut c, "vm-f").await {
+        if let Ok(v) = get_vm(&mut c, "vm-f").await {
             if v.owner_id != owner && v.runtime == "running" {
                 break v;
             }
@@ -334,7 +296,7 @@ async fn owner_kill9_restarts_its_vm_on_a_survivor() {
         assert!(
             killed_at.elapsed() < Duration::from_secs(60),
             "vm-f was not restarted elsewhere{}",
-            logs(&cl)
+            cl.logs()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -357,15 +319,15 @@ async fn live_migration_moves_a_running_vm_and_the_guest_keeps_counting() {
     let _serial = cluster_tests::serial().await;
     let mut cl = cluster();
     let formed = cl.form(3).await;
-    must(&cl, formed);
-    let mut c = vms(&cl, 3).await;
+    cl.check(formed);
+    let mut c = cl.vms(3).await;
     for name in ["vm-m", "vm-off"] {
         c.create_vm(pb::CreateVmRequest {
             spec: Some(spec(name, 1, 64)),
             start: name == "vm-m",
         })
         .await
-        .unwrap_or_else(|e| panic!("create {name}: {e}{}", logs(&cl)));
+        .unwrap_or_else(|e| panic!("create {name}: {e}{}", cl.logs()));
     }
     let before = wait_runtime(&cl, 3, "vm-m", "running").await;
     let (_, seq_before) = heartbeat(&cl, 3, "vm-m", 0).await;
@@ -409,7 +371,7 @@ async fn live_migration_moves_a_running_vm_and_the_guest_keeps_counting() {
             ..Default::default()
         })
         .await
-        .unwrap_or_else(|e| panic!("migrate: {e}{}", logs(&cl)))
+        .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()))
         .into_inner()
         .vm
         .unwrap_or_default();
@@ -417,14 +379,14 @@ async fn live_migration_moves_a_running_vm_and_the_guest_keeps_counting() {
     assert!(target != 0 && target != before.owner_id, "{r:?}");
     let start = Instant::now();
     let after = loop {
-        let v = get(&mut c, "vm-m").await.unwrap_or_default();
+        let v = get_vm(&mut c, "vm-m").await.unwrap_or_default();
         if v.migrating_to == 0 && v.runtime == "running" && v.owner_id != before.owner_id {
             break v;
         }
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "migration did not finish: {v:?}{}",
-            logs(&cl)
+            cl.logs()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -435,7 +397,7 @@ async fn live_migration_moves_a_running_vm_and_the_guest_keeps_counting() {
     let (node, seq_after) = heartbeat(&cl, before.owner_id, "vm-m", seq_before).await;
     assert_eq!(node, target);
     assert!(seq_after > seq_before);
-    let events = must(&cl, cl.events(1).await);
+    let events = cl.check(cl.events(1).await);
     assert!(
         events
             .iter()
@@ -443,8 +405,8 @@ async fn live_migration_moves_a_running_vm_and_the_guest_keeps_counting() {
                 && e.message.contains("receipt matches")),
         "{events:?}"
     );
-    let mut src = vms(&cl, before.owner_id).await;
-    let v = get(&mut src, "vm-m").await.unwrap_or_default();
+    let mut src = cl.vms(before.owner_id).await;
+    let v = get_vm(&mut src, "vm-m").await.unwrap_or_default();
     assert_eq!(v.owner_id, target);
 }
 
@@ -454,18 +416,18 @@ async fn incompatible_cpu_vendor_or_subnet_target_is_refused_with_the_reason() {
     let mut cl = cluster();
     for id in [1, 2] {
         let added = cl.add_node(id);
-        must(&cl, added);
+        cl.check(added);
     }
     // Node 3 claims Intel CPUs (the test machines are AMD): a live migration between
     // vendors is not possible.
     let added = cl.add_node_with(3, "[facts_override]\ncpu_vendor = \"GenuineIntel\"\n");
-    must(&cl, added);
+    cl.check(added);
     // Node 4 has the same CPUs but sits on another migration subnet.
     let added = cl.add_node_with(4, "migration_subnet = \"127.0.2.0/25\"\n");
-    must(&cl, added);
+    cl.check(added);
     let formed = cl.form(4).await;
-    must(&cl, formed);
-    let mut c = vms(&cl, 2).await;
+    cl.check(formed);
+    let mut c = cl.vms(2).await;
     let mut s = spec("amd-vm", 1, 64);
     s.preferred_owners = vec![1];
     c.create_vm(pb::CreateVmRequest {
@@ -473,33 +435,17 @@ async fn incompatible_cpu_vendor_or_subnet_target_is_refused_with_the_reason() {
         start: true,
     })
     .await
-    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
     let v = wait_runtime(&cl, 2, "amd-vm", "running").await;
     assert_eq!(v.owner_id, 1, "preferred owner honoured");
 
-    let why = c
-        .why_not(pb::WhyNotRequest {
-            vm: "amd-vm".into(),
-            node_id: 3,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("why-not: {e}"))
-        .into_inner()
-        .reasons;
+    let why = why_not(&mut c, "amd-vm", 3).await;
     assert!(
         why.iter()
             .any(|r| r.contains("Intel CPUs") && r.contains("needs AMD")),
         "{why:?}"
     );
-    let ok = c
-        .why_not(pb::WhyNotRequest {
-            vm: "amd-vm".into(),
-            node_id: 2,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("why-not: {e}"))
-        .into_inner()
-        .reasons;
+    let ok = why_not(&mut c, "amd-vm", 2).await;
     assert!(ok.is_empty(), "{ok:?}");
     expect_code(
         c.migrate_vm(pb::MigrateVmRequest {
@@ -525,15 +471,7 @@ async fn incompatible_cpu_vendor_or_subnet_target_is_refused_with_the_reason() {
         plan.reasons.iter().any(|r| r.contains("Intel CPUs")),
         "{plan:?}"
     );
-    let why = c
-        .why_not(pb::WhyNotRequest {
-            vm: "amd-vm".into(),
-            node_id: 4,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("why-not: {e}"))
-        .into_inner()
-        .reasons;
+    let why = why_not(&mut c, "amd-vm", 4).await;
     assert!(
         why.iter()
             .any(|r| r.contains("migrates on 127.0.2.0/25") && r.contains("127.0.2.0/24")),
@@ -549,7 +487,7 @@ async fn incompatible_cpu_vendor_or_subnet_target_is_refused_with_the_reason() {
         Code::FailedPrecondition,
         "migrates on 127.0.2.0/25",
     );
-    let after = get(&mut c, "amd-vm").await.unwrap_or_default();
+    let after = get_vm(&mut c, "amd-vm").await.unwrap_or_default();
     assert_eq!(
         (after.owner_id, after.migrating_to),
         (1, 0),

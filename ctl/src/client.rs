@@ -60,22 +60,61 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The agent at `endpoint`, with a connect timeout of at most 3 s.
+fn agent(endpoint: &str, timeout: Duration) -> Result<Endpoint, CtlError> {
+    let uri = endpoint_uri(endpoint)?;
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|_| CtlError::BadEndpoint {
+            endpoint: endpoint.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(3).min(timeout)))
+}
+
 pub async fn connect(
     endpoint: &str,
     timeout: Duration,
 ) -> Result<ManagementClient<Channel>, CtlError> {
-    let uri = endpoint_uri(endpoint)?;
-    let ep = Endpoint::from_shared(uri)
-        .map_err(|_| CtlError::BadEndpoint {
-            endpoint: endpoint.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(3).min(timeout))
-        .timeout(timeout);
+    let ep = agent(endpoint, timeout)?.timeout(timeout);
     let channel = ep.connect().await.map_err(|e| CtlError::Unreachable {
         endpoint: endpoint.to_string(),
         cause: chain(&e),
     })?;
     Ok(ManagementClient::new(channel))
+}
+
+/// A client of one of the agent's services (VMs, disks, drains, migrations), built by
+/// `new` from a channel to `endpoint`. Unlike [`connect`] its calls have no deadline:
+/// some stream or wait for a migration.
+pub async fn service<C>(
+    endpoint: &str,
+    timeout: Duration,
+    new: impl FnOnce(Channel) -> C,
+) -> Result<C, CtlError> {
+    let channel = agent(endpoint, timeout)?
+        .connect()
+        .await
+        .map_err(|e| CtlError::Unreachable {
+            endpoint: endpoint.to_string(),
+            cause: e.to_string(),
+        })?;
+    Ok(new(channel))
+}
+
+/// The answer of `rpc` to the agent at `endpoint`, with `timeout` as its deadline; a
+/// late answer or a refusal becomes a [`CtlError`].
+pub async fn call<T>(
+    endpoint: &str,
+    timeout: Duration,
+    rpc: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, CtlError> {
+    tokio::time::timeout(timeout, rpc)
+        .await
+        .map_err(|_| CtlError::Timeout {
+            endpoint: endpoint.to_string(),
+            timeout_s: timeout.as_secs(),
+        })?
+        .map(tonic::Response::into_inner)
+        .map_err(|s| status_error(endpoint, timeout, s))
 }
 
 /// Map a failed call to a clear error.

@@ -12,7 +12,7 @@ use crate::{Cli, ClusterCmd, Cmd, KvCmd, NodeCmd};
 const JOIN_TIMEOUT_MIN: Duration = Duration::from_secs(60);
 
 pub async fn run(cli: &Cli) -> Result<String, CtlError> {
-    let mut timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let mut timeout = cli.timeout();
     if matches!(cli.command, Cmd::Cluster(ClusterCmd::Join { .. })) {
         timeout = timeout.max(JOIN_TIMEOUT_MIN);
     }

@@ -1,15 +1,12 @@
 //! `clusterctl disk ...` and `clusterctl vm disk attach|detach`: shared-volume disks, the
 //! replicated lock table and hot-plug (`cluster.volumes.v1.VolumeService`).
 
-use std::time::Duration;
-
 use clap::Subcommand;
 use cluster_proto::volumes as pb;
 use cluster_proto::volumes::volume_service_client::VolumeServiceClient;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
 
-use crate::client::{endpoint_uri, status_error, CtlError};
+use crate::client::{call, service, CtlError};
 use crate::output::table;
 use crate::{Cli, Format};
 
@@ -40,23 +37,6 @@ pub enum VmDiskCmd {
     },
     /// Hot-remove a disk from a VM (flushed, closed, lock released).
     Detach { name: String, disk: String },
-}
-
-async fn connect(
-    endpoint: &str,
-    timeout: Duration,
-) -> Result<VolumeServiceClient<Channel>, CtlError> {
-    let uri = endpoint_uri(endpoint)?;
-    let ep = Endpoint::from_shared(uri)
-        .map_err(|_| CtlError::BadEndpoint {
-            endpoint: endpoint.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(3).min(timeout));
-    let channel = ep.connect().await.map_err(|e| CtlError::Unreachable {
-        endpoint: endpoint.to_string(),
-        cause: e.to_string(),
-    })?;
-    Ok(VolumeServiceClient::new(channel))
 }
 
 #[derive(Serialize)]
@@ -90,27 +70,20 @@ fn json<T: Serialize>(v: &T) -> String {
 }
 
 pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
-    let mut c = connect(ep, timeout).await?;
-    let fail = |s| status_error(ep, timeout, s);
-    let timed_out = |_| CtlError::Timeout {
-        endpoint: ep.to_owned(),
-        timeout_s: timeout.as_secs(),
-    };
+    let mut c = service(ep, timeout, VolumeServiceClient::new).await?;
     match cmd {
         DiskCmd::Create { name, size_mib } => {
-            let d = tokio::time::timeout(
+            let d = call(
+                ep,
                 timeout,
                 c.create_disk(pb::CreateDiskRequest {
                     name: name.clone(),
                     size_mib: *size_mib,
                 }),
             )
-            .await
-            .map_err(timed_out)?
-            .map_err(fail)?
-            .into_inner();
+            .await?;
             Ok(match cli.output {
                 Format::Json => json(&serde_json::json!({
                     "name": d.name, "size_bytes": d.size_bytes,
@@ -119,11 +92,7 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
             })
         }
         DiskCmd::List => {
-            let r = tokio::time::timeout(timeout, c.list_disks(pb::ListDisksRequest {}))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.list_disks(pb::ListDisksRequest {})).await?;
             Ok(match cli.output {
                 Format::Json => json(&serde_json::json!({
                     "volumes": r.volumes,
@@ -167,11 +136,7 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
             })
         }
         DiskCmd::Locks => {
-            let r = tokio::time::timeout(timeout, c.list_locks(pb::ListLocksRequest {}))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.list_locks(pb::ListLocksRequest {})).await?;
             Ok(match cli.output {
                 Format::Json => json(&r.locks.iter().map(lock_json).collect::<Vec<_>>()),
                 Format::Table => {
@@ -196,42 +161,37 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
 }
 
 pub async fn run_vm_disk(cli: &Cli, cmd: &VmDiskCmd) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
-    let mut c = connect(ep, timeout).await?;
-    let fail = |s| status_error(ep, timeout, s);
-    let timed_out = |_| CtlError::Timeout {
-        endpoint: ep.to_owned(),
-        timeout_s: timeout.as_secs(),
-    };
+    let mut c = service(ep, timeout, VolumeServiceClient::new).await?;
     let r = match cmd {
         VmDiskCmd::Attach {
             name,
             disk,
             read_only,
-        } => tokio::time::timeout(
-            timeout,
-            c.attach_disk(pb::AttachDiskRequest {
-                vm: name.clone(),
-                disk: disk.clone(),
-                read_only: *read_only,
-            }),
-        )
-        .await
-        .map_err(timed_out)?
-        .map_err(fail)?
-        .into_inner(),
-        VmDiskCmd::Detach { name, disk } => tokio::time::timeout(
-            timeout,
-            c.detach_disk(pb::DetachDiskRequest {
-                vm: name.clone(),
-                disk: disk.clone(),
-            }),
-        )
-        .await
-        .map_err(timed_out)?
-        .map_err(fail)?
-        .into_inner(),
+        } => {
+            call(
+                ep,
+                timeout,
+                c.attach_disk(pb::AttachDiskRequest {
+                    vm: name.clone(),
+                    disk: disk.clone(),
+                    read_only: *read_only,
+                }),
+            )
+            .await?
+        }
+        VmDiskCmd::Detach { name, disk } => {
+            call(
+                ep,
+                timeout,
+                c.detach_disk(pb::DetachDiskRequest {
+                    vm: name.clone(),
+                    disk: disk.clone(),
+                }),
+            )
+            .await?
+        }
     };
     Ok(match cli.output {
         Format::Json => json(&serde_json::json!({"vm": r.vm, "disks": r.disks})),

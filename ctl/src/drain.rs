@@ -9,10 +9,10 @@ use clap::{Subcommand, ValueEnum};
 use cluster_proto::drain as pb;
 use cluster_proto::drain::drain_service_client::DrainServiceClient;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-use crate::client::{endpoint_uri, status_error, CtlError};
-use crate::output::table;
+use crate::client::{call, service, CtlError};
+use crate::output::{json, table};
 use crate::{Cli, Format};
 
 /// Longest `--watch` follows a job.
@@ -99,29 +99,6 @@ fn aggr_str(a: Aggressiveness) -> &'static str {
         Aggressiveness::Medium => "medium",
         Aggressiveness::High => "high",
     }
-}
-
-async fn connect(
-    endpoint: &str,
-    timeout: Duration,
-) -> Result<DrainServiceClient<Channel>, CtlError> {
-    let uri = endpoint_uri(endpoint)?;
-    let ep = Endpoint::from_shared(uri)
-        .map_err(|_| CtlError::BadEndpoint {
-            endpoint: endpoint.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(3).min(timeout));
-    let channel = ep.connect().await.map_err(|e| CtlError::Unreachable {
-        endpoint: endpoint.to_string(),
-        cause: e.to_string(),
-    })?;
-    Ok(DrainServiceClient::new(channel))
-}
-
-fn json<T: Serialize>(v: &T) -> Result<String, CtlError> {
-    serde_json::to_string_pretty(v)
-        .map(|s| s + "\n")
-        .map_err(|e| CtlError::Render(e.to_string()))
 }
 
 #[derive(Serialize)]
@@ -429,19 +406,12 @@ async fn watch(
     cli: &Cli,
     node: u64,
 ) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
     let started = std::time::Instant::now();
     let mut last = String::new();
     loop {
-        let r = tokio::time::timeout(timeout, c.get_drain(pb::NodeRef { node_id: node }))
-            .await
-            .map_err(|_| CtlError::Timeout {
-                endpoint: ep.to_owned(),
-                timeout_s: timeout.as_secs(),
-            })?
-            .map_err(|s| status_error(ep, timeout, s))?
-            .into_inner();
+        let r = call(ep, timeout, c.get_drain(pb::NodeRef { node_id: node })).await?;
         let Some(j) = r.job else {
             return Err(CtlError::Render("the agent answered without a job".into()));
         };
@@ -461,23 +431,18 @@ async fn watch(
 
 /// `clusterctl node drain NODE [--dry-run] [--watch]`.
 pub async fn drain(cli: &Cli, node: u64, dry_run: bool, follow: bool) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
-    let mut c = connect(ep, timeout).await?;
-    let r = tokio::time::timeout(
+    let mut c = service(ep, timeout, DrainServiceClient::new).await?;
+    let r = call(
+        ep,
         timeout,
         c.drain_node(pb::DrainRequest {
             node_id: node,
             dry_run,
         }),
     )
-    .await
-    .map_err(|_| CtlError::Timeout {
-        endpoint: ep.to_owned(),
-        timeout_s: timeout.as_secs(),
-    })?
-    .map_err(|s| status_error(ep, timeout, s))?
-    .into_inner();
+    .await?;
     let text = render_drain(cli.output, &r, node)?;
     if !follow || dry_run {
         return Ok(text);
@@ -490,23 +455,18 @@ pub async fn drain(cli: &Cli, node: u64, dry_run: bool, follow: bool) -> Result<
 
 /// `clusterctl node resume NODE --failback`.
 pub async fn resume(cli: &Cli, node: u64, failback: bool) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
-    let mut c = connect(ep, timeout).await?;
-    let r = tokio::time::timeout(
+    let mut c = service(ep, timeout, DrainServiceClient::new).await?;
+    let r = call(
+        ep,
         timeout,
         c.resume_node(pb::ResumeRequest {
             node_id: node,
             failback,
         }),
     )
-    .await
-    .map_err(|_| CtlError::Timeout {
-        endpoint: ep.to_owned(),
-        timeout_s: timeout.as_secs(),
-    })?
-    .map_err(|s| status_error(ep, timeout, s))?
-    .into_inner();
+    .await?;
     if cli.output == Format::Json {
         return json(&serde_json::json!({
             "message": r.message,
@@ -522,46 +482,34 @@ pub async fn resume(cli: &Cli, node: u64, failback: bool) -> Result<String, CtlE
 
 /// `clusterctl drain ...`.
 pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
-    let mut c = connect(ep, timeout).await?;
-    let fail = |s| status_error(ep, timeout, s);
-    let timed_out = |_| CtlError::Timeout {
-        endpoint: ep.to_owned(),
-        timeout_s: timeout.as_secs(),
-    };
+    let mut c = service(ep, timeout, DrainServiceClient::new).await?;
     match cmd {
         DrainCmd::Show { node_id, watch: w } => {
             if *w {
                 return watch(&mut c, cli, *node_id).await;
             }
-            let r = tokio::time::timeout(timeout, c.get_drain(pb::NodeRef { node_id: *node_id }))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.get_drain(pb::NodeRef { node_id: *node_id })).await?;
             match r.job {
                 Some(j) => render_job(cli.output, &j),
                 None => Err(CtlError::Render("the agent answered without a job".into())),
             }
         }
         DrainCmd::Abort { node_id } => {
-            let r = tokio::time::timeout(timeout, c.abort_drain(pb::NodeRef { node_id: *node_id }))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(
+                ep,
+                timeout,
+                c.abort_drain(pb::NodeRef { node_id: *node_id }),
+            )
+            .await?;
             match r.job {
                 Some(j) => render_job(cli.output, &j),
                 None => Err(CtlError::Render("the agent answered without a job".into())),
             }
         }
         DrainCmd::List => {
-            let r = tokio::time::timeout(timeout, c.list_jobs(pb::ListJobsRequest {}))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.list_jobs(pb::ListJobsRequest {})).await?;
             render_jobs(cli.output, &r.jobs)
         }
     }
@@ -569,14 +517,9 @@ pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
 
 /// `clusterctl policy ...`.
 pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
-    let mut c = connect(ep, timeout).await?;
-    let fail = |s| status_error(ep, timeout, s);
-    let timed_out = |_| CtlError::Timeout {
-        endpoint: ep.to_owned(),
-        timeout_s: timeout.as_secs(),
-    };
+    let mut c = service(ep, timeout, DrainServiceClient::new).await?;
     match cmd {
         PolicyCmd::Set {
             what:
@@ -596,7 +539,8 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
                     })
                 }
             };
-            let r = tokio::time::timeout(
+            let r = call(
+                ep,
                 timeout,
                 c.set_policy(pb::PolicySpec {
                     mode: mode_str(*mode).into(),
@@ -604,32 +548,23 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
                     interval_ms,
                 }),
             )
-            .await
-            .map_err(timed_out)?
-            .map_err(fail)?
-            .into_inner();
+            .await?;
             render_policy(cli.output, &r)
         }
         PolicyCmd::Show => {
-            let r = tokio::time::timeout(timeout, c.get_policy(pb::GetPolicyRequest {}))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.get_policy(pb::GetPolicyRequest {})).await?;
             render_policy(cli.output, &r)
         }
         PolicyCmd::Balance { dry_run: _, mode } => {
-            let r = tokio::time::timeout(
+            let r = call(
+                ep,
                 timeout,
                 c.plan_balance(pb::PlanBalanceRequest {
                     mode: mode.map(mode_str).unwrap_or_default().into(),
                     aggressiveness: String::new(),
                 }),
             )
-            .await
-            .map_err(timed_out)?
-            .map_err(fail)?
-            .into_inner();
+            .await?;
             render_balance(cli.output, &r)
         }
     }

@@ -33,6 +33,13 @@ pub struct Cli {
     pub command: Cmd,
 }
 
+impl Cli {
+    /// The deadline of each call: `--timeout-s`, at least 1 s.
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.timeout_s.max(1))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Table,

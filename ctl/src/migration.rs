@@ -8,10 +8,9 @@ use clap::Subcommand;
 use cluster_proto::migrations as pb;
 use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
 
-use crate::client::{endpoint_uri, status_error, CtlError};
-use crate::output::table;
+use crate::client::{call, service, status_error, CtlError};
+use crate::output::{json, table};
 use crate::{Cli, Format};
 
 #[derive(Debug, Subcommand)]
@@ -26,23 +25,6 @@ pub enum MigrationCmd {
     Show { id: u64 },
     /// Abort a running migration; the VM keeps running on the source.
     Cancel { id: u64 },
-}
-
-async fn connect(
-    endpoint: &str,
-    timeout: Duration,
-) -> Result<MigrationServiceClient<Channel>, CtlError> {
-    let uri = endpoint_uri(endpoint)?;
-    let ep = Endpoint::from_shared(uri)
-        .map_err(|_| CtlError::BadEndpoint {
-            endpoint: endpoint.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(3).min(timeout));
-    let channel = ep.connect().await.map_err(|e| CtlError::Unreachable {
-        endpoint: endpoint.to_string(),
-        cause: e.to_string(),
-    })?;
-    Ok(MigrationServiceClient::new(channel))
 }
 
 #[derive(Serialize)]
@@ -103,12 +85,6 @@ fn to_json(m: &pb::MigrationInfo) -> MigrationJson {
             receipt_matches: s.receipt_matches,
         }),
     }
-}
-
-fn json<T: Serialize>(v: &T) -> Result<String, CtlError> {
-    serde_json::to_string_pretty(v)
-        .map(|s| s + "\n")
-        .map_err(|e| CtlError::Render(e.to_string()))
 }
 
 fn duration_ms(m: &pb::MigrationInfo) -> String {
@@ -228,41 +204,26 @@ fn render_one(fmt: Format, m: &pb::MigrationInfo) -> Result<String, CtlError> {
 
 pub async fn run(cli: &Cli, cmd: &MigrationCmd) -> Result<String, CtlError> {
     let ep = cli.endpoint.as_str();
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
-    let mut c = connect(ep, timeout).await?;
-    let fail = |s| status_error(ep, timeout, s);
-    let timed_out = |_| CtlError::Timeout {
-        endpoint: ep.to_owned(),
-        timeout_s: timeout.as_secs(),
-    };
+    let timeout = cli.timeout();
+    let mut c = service(ep, timeout, MigrationServiceClient::new).await?;
     match cmd {
         MigrationCmd::List { vm } => {
-            let r = tokio::time::timeout(
+            let r = call(
+                ep,
                 timeout,
                 c.list_migrations(pb::ListMigrationsRequest {
                     vm: vm.clone().unwrap_or_default(),
                 }),
             )
-            .await
-            .map_err(timed_out)?
-            .map_err(fail)?
-            .into_inner();
+            .await?;
             render_list(cli.output, &r.migrations)
         }
         MigrationCmd::Show { id } => {
-            let r = tokio::time::timeout(timeout, c.get_migration(pb::MigrationId { id: *id }))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.get_migration(pb::MigrationId { id: *id })).await?;
             render_one(cli.output, &r.migration.unwrap_or_default())
         }
         MigrationCmd::Cancel { id } => {
-            let r = tokio::time::timeout(timeout, c.cancel_migration(pb::MigrationId { id: *id }))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.cancel_migration(pb::MigrationId { id: *id })).await?;
             render_one(cli.output, &r.migration.unwrap_or_default())
         }
     }
@@ -314,7 +275,7 @@ pub fn final_line(m: &pb::MigrationInfo) -> String {
 /// redrawn in place on a terminal, one line per update otherwise). Best effort: a lost
 /// stream ends the drawing, the caller still waits for the VM's record.
 pub async fn follow_progress(ep: &str, timeout: Duration, vm: &str) -> Result<(), CtlError> {
-    let mut c = connect(ep, timeout).await?;
+    let mut c = service(ep, timeout, MigrationServiceClient::new).await?;
     let fail = |s| status_error(ep, timeout, s);
     let list = c
         .list_migrations(pb::ListMigrationsRequest { vm: vm.to_owned() })

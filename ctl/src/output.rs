@@ -6,7 +6,8 @@ use serde::Serialize;
 use crate::client::CtlError;
 use crate::Format;
 
-fn json<T: Serialize>(v: &T) -> Result<String, CtlError> {
+/// `v` as pretty JSON with a final newline (`-o json`).
+pub fn json<T: Serialize>(v: &T) -> Result<String, CtlError> {
     serde_json::to_string_pretty(v)
         .map(|s| s + "\n")
         .map_err(|e| CtlError::Render(e.to_string()))

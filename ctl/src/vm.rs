@@ -8,10 +8,9 @@ use clap::{Args, Subcommand};
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
 
-use crate::client::{endpoint_uri, status_error, CtlError};
-use crate::output::table;
+use crate::client::{call, service, status_error, CtlError};
+use crate::output::{json, table};
 use crate::{Cli, Format};
 
 #[derive(Debug, Subcommand)]
@@ -117,20 +116,6 @@ const CONSOLE_REOPEN_MAX: Duration = Duration::from_secs(60);
 /// Longest `vm migrate` waits for the migration to end.
 const MIGRATE_WAIT_MAX: Duration = Duration::from_secs(300);
 
-async fn connect(endpoint: &str, timeout: Duration) -> Result<VmServiceClient<Channel>, CtlError> {
-    let uri = endpoint_uri(endpoint)?;
-    let ep = Endpoint::from_shared(uri)
-        .map_err(|_| CtlError::BadEndpoint {
-            endpoint: endpoint.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(3).min(timeout));
-    let channel = ep.connect().await.map_err(|e| CtlError::Unreachable {
-        endpoint: endpoint.to_string(),
-        cause: e.to_string(),
-    })?;
-    Ok(VmServiceClient::new(channel))
-}
-
 fn spec_of(a: &CreateArgs) -> pb::VmSpec {
     let boot = match &a.kernel {
         Some(k) => pb::vm_spec::Boot::Kernel(pb::KernelBoot {
@@ -214,12 +199,6 @@ pub fn view(v: &pb::VmInfo) -> VmView {
         disks: spec.disks.into_iter().map(|d| d.name).collect(),
         migrating_to: v.migrating_to,
     }
-}
-
-fn json<T: Serialize>(v: &T) -> Result<String, CtlError> {
-    serde_json::to_string_pretty(v)
-        .map(|s| s + "\n")
-        .map_err(|e| CtlError::Render(e.to_string()))
 }
 
 fn owner(v: &VmView) -> String {
@@ -407,31 +386,26 @@ pub fn render_why_not(
 
 /// `clusterctl node why-not VM NODE`.
 pub async fn why_not(cli: &Cli, vm: &str, node_id: u64) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
-    let mut c = connect(ep, timeout).await?;
-    let r = tokio::time::timeout(
+    let mut c = service(ep, timeout, VmServiceClient::new).await?;
+    let r = call(
+        ep,
         timeout,
         c.why_not(pb::WhyNotRequest {
             vm: vm.to_owned(),
             node_id,
         }),
     )
-    .await
-    .map_err(|_| CtlError::Timeout {
-        endpoint: ep.to_owned(),
-        timeout_s: timeout.as_secs(),
-    })?
-    .map_err(|s| status_error(ep, timeout, s))?
-    .into_inner();
+    .await?;
     render_why_not(cli.output, vm, node_id, &r.reasons)
 }
 
 /// `clusterctl vm ...`.
 pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
-    let timeout = Duration::from_secs(cli.timeout_s.max(1));
+    let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
-    let mut c = connect(ep, timeout).await?;
+    let mut c = service(ep, timeout, VmServiceClient::new).await?;
     let fail = |s| status_error(ep, timeout, s);
     let timed_out = |_| CtlError::Timeout {
         endpoint: ep.to_owned(),
@@ -446,27 +420,15 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                 spec: Some(spec_of(a)),
                 start: !a.no_start,
             };
-            let r = tokio::time::timeout(timeout, c.create_vm(req))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.create_vm(req)).await?;
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Start { name: n } => {
-            let r = tokio::time::timeout(timeout, c.start_vm(name(n)))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.start_vm(name(n))).await?;
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Stop { name: n } => {
-            let r = tokio::time::timeout(timeout, c.stop_vm(name(n)))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.stop_vm(name(n))).await?;
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Delete { name: n } => {
@@ -480,19 +442,11 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             Ok(format!("VM {n} deleted\n"))
         }
         VmCmd::List => {
-            let r = tokio::time::timeout(timeout, c.list_vms(pb::ListVmsRequest {}))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.list_vms(pb::ListVmsRequest {})).await?;
             render_list(fmt, &r.vms)
         }
         VmCmd::Show { name: n } => {
-            let r = tokio::time::timeout(timeout, c.get_vm(name(n)))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.get_vm(name(n))).await?;
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Migrate {
@@ -513,18 +467,10 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                 deadline_ms: deadline.map(|s| s.saturating_mul(1000)),
             };
             if *dry_run {
-                let p = tokio::time::timeout(timeout, c.plan_migration(req))
-                    .await
-                    .map_err(timed_out)?
-                    .map_err(fail)?
-                    .into_inner();
+                let p = call(ep, timeout, c.plan_migration(req)).await?;
                 return render_plan(fmt, &p);
             }
-            let r = tokio::time::timeout(timeout, c.migrate_vm(req))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?
-                .into_inner();
+            let r = call(ep, timeout, c.migrate_vm(req)).await?;
             let started = r.vm.unwrap_or_default();
             if *no_wait {
                 return render_one(fmt, Some(&started));

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{ctl, text};
+use common::*;
 
 use cluster_tests::{locate_binary, Cluster, Options};
 
@@ -34,10 +34,7 @@ async fn tour_against_a_real_agent() {
     let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
     c.add_node(1).unwrap_or_else(|e| panic!("{e}"));
     c.start(1).await.unwrap_or_else(|e| panic!("{e}"));
-    let ep = c
-        .spec(1)
-        .map(|s| s.mgmt_addr.to_string())
-        .unwrap_or_default();
+    let ep = endpoint(&c, 1);
 
     let o = ctl(&ep, &["cluster", "init", "--name", "tour"]);
     let (out, err) = text(&o);

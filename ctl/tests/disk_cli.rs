@@ -4,21 +4,12 @@
 
 mod common;
 
-use common::{ctl, text};
+use common::*;
 use std::time::{Duration, Instant};
 
 use cluster_tests::{locate_binary, Cluster, Options};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-fn json(ep: &str, args: &[&str]) -> serde_json::Value {
-    let mut full = vec!["-o", "json"];
-    full.extend_from_slice(args);
-    let o = ctl(ep, &full);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{args:?}: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
 
 fn wait(c: &Cluster, what: &str, mut pred: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -31,13 +22,6 @@ fn wait(c: &Cluster, what: &str, mut pred: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn refused(ep: &str, args: &[&str], needle: &str) {
-    let o = ctl(ep, args);
-    let (out, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{args:?}: {out}{err}");
-    assert!(err.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
 }
 
 fn holders(ep: &str, disk: &str) -> Vec<u64> {
@@ -68,10 +52,7 @@ async fn disk_commands_against_real_agents() {
             .unwrap_or_else(|e| panic!("{e}"));
     }
     c.form(2).await.unwrap_or_else(|e| panic!("{e}"));
-    let ep = c
-        .spec(1)
-        .map(|s| s.mgmt_addr.to_string())
-        .unwrap_or_default();
+    let ep = endpoint(&c, 1);
 
     let o = ctl(
         &ep,

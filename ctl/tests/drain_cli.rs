@@ -3,34 +3,10 @@
 
 mod common;
 
-use common::{ctl, text};
+use common::*;
 use std::time::{Duration, Instant};
 
 use cluster_tests::{locate_binary, Cluster, Options};
-
-fn ok(ep: &str, args: &[&str]) -> String {
-    let o = ctl(ep, args);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "clusterctl {args:?} failed: {err}{out}");
-    out
-}
-
-fn refused(ep: &str, args: &[&str], needle: &str) {
-    let o = ctl(ep, args);
-    let (out, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "clusterctl {args:?}: {out}{err}");
-    assert!(
-        err.contains(needle),
-        "clusterctl {args:?}: {err:?} lacks {needle:?}"
-    );
-}
-
-fn json(ep: &str, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["-o", "json"];
-    all.extend_from_slice(args);
-    let out = ok(ep, &all);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
 
 fn wait(what: &str, c: &Cluster, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -50,10 +26,7 @@ async fn drain_resume_and_policy_commands_against_real_agents() {
     let bin = locate_binary("cluster-agent", "cluster-agent").unwrap_or_else(|e| panic!("{e}"));
     let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
     c.form(3).await.unwrap_or_else(|e| panic!("{e}"));
-    let ep = c
-        .spec(2)
-        .map(|s| s.mgmt_addr.to_string())
-        .unwrap_or_default();
+    let ep = endpoint(&c, 2);
     for n in ["cd0", "cd1"] {
         ok(
             &ep,

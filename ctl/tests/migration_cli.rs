@@ -3,19 +3,9 @@
 
 mod common;
 
-use common::{ctl, text};
-use std::time::{Duration, Instant};
+use common::*;
 
 use cluster_tests::{locate_binary, Cluster, Options};
-
-fn json(ep: &str, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["-o", "json"];
-    all.extend_from_slice(args);
-    let o = ctl(ep, &all);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{args:?}: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_with_progress_then_list_show_and_refusals() {
@@ -23,32 +13,8 @@ async fn migrate_with_progress_then_list_show_and_refusals() {
     let bin = locate_binary("cluster-agent", "cluster-agent").unwrap_or_else(|e| panic!("{e}"));
     let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
     c.form(2).await.unwrap_or_else(|e| panic!("{e}"));
-    let ep = c
-        .spec(1)
-        .map(|s| s.mgmt_addr.to_string())
-        .unwrap_or_default();
-    let o = ctl(
-        &ep,
-        &[
-            "vm",
-            "create",
-            "mover",
-            "--memory-mib",
-            "64",
-            "--wss-mib",
-            "8",
-        ],
-    );
-    assert!(o.status.success(), "{}", text(&o).1);
-    let start = Instant::now();
-    let owner = loop {
-        let v = json(&ep, &["vm", "show", "mover"]);
-        if v["runtime"] == "running" {
-            break v["owner_id"].as_u64().unwrap_or(0);
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "never ran: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let ep = endpoint(&c, 1);
+    let owner = create_running(&ep, "mover");
     let other = 3 - owner;
 
     // Bad options: refused with the option named, nothing recorded or moved.

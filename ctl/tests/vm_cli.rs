@@ -2,18 +2,11 @@
 
 mod common;
 
-use common::{ctl, text};
+use common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cluster_tests::{locate_binary, Cluster, Options};
-
-fn show_json(ep: &str, name: &str) -> serde_json::Value {
-    let o = ctl(ep, &["-o", "json", "vm", "show", name]);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_commands_against_a_real_agent() {
@@ -22,10 +15,7 @@ async fn vm_commands_against_a_real_agent() {
     let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
     c.add_node(1).unwrap_or_else(|e| panic!("{e}"));
     c.start(1).await.unwrap_or_else(|e| panic!("{e}"));
-    let ep = c
-        .spec(1)
-        .map(|s| s.mgmt_addr.to_string())
-        .unwrap_or_default();
+    let ep = endpoint(&c, 1);
     let o = ctl(&ep, &["cluster", "init"]);
     assert!(o.status.success(), "{}", text(&o).1);
 
@@ -47,7 +37,7 @@ async fn vm_commands_against_a_real_agent() {
 
     let start = Instant::now();
     loop {
-        let v = show_json(&ep, "web1");
+        let v = json(&ep, &["vm", "show", "web1"]);
         if v["runtime"] == "running" {
             assert_eq!(v["owner_id"], 1);
             break;
@@ -100,7 +90,7 @@ async fn vm_commands_against_a_real_agent() {
     let o = ctl(&ep, &["vm", "stop", "web1"]);
     assert!(o.status.success(), "{}", text(&o).1);
     let start = Instant::now();
-    while show_json(&ep, "web1")["runtime"] != "stopped" {
+    while json(&ep, &["vm", "show", "web1"])["runtime"] != "stopped" {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "web1 never stopped"
@@ -123,32 +113,8 @@ async fn vm_migrate_and_console_follows_the_vm() {
     let bin = locate_binary("cluster-agent", "cluster-agent").unwrap_or_else(|e| panic!("{e}"));
     let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
     c.form(2).await.unwrap_or_else(|e| panic!("{e}"));
-    let ep = c
-        .spec(1)
-        .map(|s| s.mgmt_addr.to_string())
-        .unwrap_or_default();
-    let o = ctl(
-        &ep,
-        &[
-            "vm",
-            "create",
-            "mover",
-            "--memory-mib",
-            "64",
-            "--wss-mib",
-            "8",
-        ],
-    );
-    assert!(o.status.success(), "{}", text(&o).1);
-    let start = Instant::now();
-    let owner = loop {
-        let v = show_json(&ep, "mover");
-        if v["runtime"] == "running" {
-            break v["owner_id"].as_u64().unwrap_or(0);
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "never ran: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let ep = endpoint(&c, 1);
+    let owner = create_running(&ep, "mover");
     let other = if owner == 1 { 2 } else { 1 };
 
     // Follow the console from before the move; the stream must continue from the target.
@@ -193,7 +159,10 @@ async fn vm_migrate_and_console_follows_the_vm() {
         out.contains(&format!("node {owner} -> node {other}: GO")) && out.contains("predicted"),
         "{out}"
     );
-    assert_eq!(show_json(&ep, "mover")["owner_id"].as_u64(), Some(owner));
+    assert_eq!(
+        json(&ep, &["vm", "show", "mover"])["owner_id"].as_u64(),
+        Some(owner)
+    );
     let o = ctl(
         &ep,
         &[

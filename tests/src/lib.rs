@@ -7,7 +7,8 @@
 //! `<tempdir>/node-<id>.log`; [`Cluster::log_tail`] shows them when a test fails.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,6 +16,8 @@ use std::time::{Duration, Instant};
 use cluster_proto::management as pb;
 use cluster_proto::management::management_client::ManagementClient;
 use tonic::transport::{Channel, Endpoint};
+
+pub mod vm;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
@@ -398,14 +401,7 @@ impl Cluster {
     pub fn check<T>(&self, r: Result<T>) -> T {
         match r {
             Ok(v) => v,
-            Err(e) => {
-                let logs: String = self
-                    .ids()
-                    .iter()
-                    .map(|id| format!("\n--- node {id} ---\n{}", self.log_tail(*id, 15)))
-                    .collect();
-                panic!("{e}{logs}")
-            }
+            Err(e) => panic!("{e}{}", self.logs()),
         }
     }
 
@@ -658,4 +654,19 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// A plain HTTP/1.1 `GET path` to `addr` (the agents' metrics endpoint); returns the
+/// response head and body. Panics on I/O errors or a response without a blank line.
+pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_or_else(|e| panic!("{e}"));
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("bad response {resp:?}"));
+    (head.to_string(), body.to_string())
 }

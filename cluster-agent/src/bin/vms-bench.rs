@@ -6,37 +6,16 @@
 
 use std::time::Instant;
 
-use cluster_agent::placement;
-use cluster_agent::state::{ClusterState, Command, NodeFacts, NodeRegistration};
+use cluster_agent::state::{ClusterState, Command};
 use cluster_agent::vmhost::spec::{TestWorkload, VmSpec, WorkloadName};
 use cluster_agent::vms::VmCommand;
+use cluster_agent::{fixtures, placement};
 
 const NODES: u64 = 16;
 const VMS: u64 = 400;
 
 fn cluster() -> ClusterState {
-    let mut s = ClusterState::default();
-    for id in 1..=NODES {
-        s.apply(&Command::RegisterNode {
-            registration: NodeRegistration {
-                node_id: id,
-                name: format!("n{id}"),
-                mgmt_addr: format!("127.0.1.{id}:7001"),
-                raft_addr: format!("127.0.1.{id}:7002"),
-                migration_addr: format!("127.0.2.{id}:7003"),
-                mgmt_subnet: "127.0.1.0/24".into(),
-                migration_subnet: "127.0.2.0/24".into(),
-                facts: NodeFacts {
-                    cpu_vendor: "AuthenticAMD".into(),
-                    logical_cpus: 64,
-                    memory_bytes: 512 << 30,
-                    ..NodeFacts::default()
-                },
-            },
-            at_unix_ms: 1,
-        });
-    }
-    s
+    fixtures::cluster(NODES, |_| fixtures::amd(64, 512 << 30))
 }
 
 fn spec(i: u64) -> VmSpec {

@@ -15,8 +15,9 @@ use cluster_proto::migrations as mpb;
 use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
+use cluster_tests::vm::{guest_spec, try_get_vm, try_wait_migrated};
 use cluster_tests::{locate_binary, Cluster, Options};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 const MAX_DOWNTIME_MS: u64 = 50;
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -27,15 +28,6 @@ fn pct(v: &mut [u64], p: f64) -> u64 {
         return 0;
     }
     v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
-async fn channel(c: &Cluster, id: u64) -> Result<Channel, String> {
-    let addr = c.spec(id).map_err(|e| e.to_string())?.mgmt_addr;
-    Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("node {id}: {e}"))
 }
 
 /// Full stack: per migration (engine blackout us, total us, MigrateVm → running ms).
@@ -51,34 +43,25 @@ async fn full_stack(memory_mib: u64, repeats: usize) -> Result<Vec<(u64, u64, u6
     };
     let mut c = Cluster::new(bin, opts).map_err(|e| e.to_string())?;
     c.form(2).await.map_err(|e| e.to_string())?;
-    let ch = channel(&c, 1).await?;
+    let ch = c.try_channel(1).await?;
     let mut vm = VmServiceClient::new(ch.clone());
     let mut mig = MigrationServiceClient::new(ch);
     vm.create_vm(pb::CreateVmRequest {
-        spec: Some(pb::VmSpec {
-            name: "bench".into(),
-            vcpus: 1,
+        spec: Some(guest_spec(
+            "bench",
             memory_mib,
-            boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
+            pb::TestGuestBoot {
                 workload: "idle".into(),
                 ..Default::default()
-            })),
-            ..Default::default()
-        }),
+            },
+        )),
         start: true,
     })
     .await
     .map_err(|s| s.to_string())?;
     let get = |vm: &VmServiceClient<Channel>| {
         let mut vm = vm.clone();
-        async move {
-            vm.get_vm(pb::VmName {
-                name: "bench".into(),
-            })
-            .await
-            .map(|r| r.into_inner().vm.unwrap_or_default())
-            .map_err(|s| s.to_string())
-        }
+        async move { try_get_vm(&mut vm, "bench").await }
     };
     let t = Instant::now();
     while get(&vm).await?.runtime != "running" {
@@ -100,19 +83,7 @@ async fn full_stack(memory_mib: u64, repeats: usize) -> Result<Vec<(u64, u64, u6
         })
         .await
         .map_err(|s| s.to_string())?;
-        loop {
-            let v = get(&vm).await?;
-            if v.migrating_to == 0 && v.owner_id == to && v.runtime == "running" {
-                break;
-            }
-            if v.migrating_to == 0 && v.owner_id != to {
-                return Err(format!("migration failed: {}", v.reason));
-            }
-            if t.elapsed() > STEP_TIMEOUT {
-                return Err("migration did not finish".into());
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        try_wait_migrated(&mut vm, "bench", to, t, STEP_TIMEOUT).await?;
         let wall_ms = t.elapsed().as_millis() as u64;
         let recs = mig
             .list_migrations(mpb::ListMigrationsRequest { vm: "bench".into() })

@@ -18,37 +18,20 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use cluster_proto::vms as pb;
-use cluster_proto::vms::vm_service_client::VmServiceClient;
 use cluster_proto::volumes as vpb;
 use cluster_proto::volumes::volume_service_client::VolumeServiceClient;
+use cluster_tests::vm::{guest_spec, try_get_vm};
 use cluster_tests::{locate_binary, Cluster, Options};
-use tonic::transport::{Channel, Endpoint};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(90);
 
-async fn channel(c: &Cluster, id: u64) -> Result<Channel, String> {
-    let addr = c.spec(id).map_err(|e| e.to_string())?.mgmt_addr;
-    Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("node {id}: {e}"))
-}
-
-async fn vms(c: &Cluster, id: u64) -> Result<VmServiceClient<Channel>, String> {
-    Ok(VmServiceClient::new(channel(c, id).await?))
-}
-
 fn spec(name: &str, disk: Option<&str>) -> pb::VmSpec {
+    let boot = pb::TestGuestBoot {
+        workload: "disk".into(),
+        hb_ms: 50,
+        ..Default::default()
+    };
     pb::VmSpec {
-        name: name.into(),
-        vcpus: 1,
-        memory_mib: 64,
-        boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-            workload: "disk".into(),
-            hb_ms: 50,
-            ..Default::default()
-        })),
         disks: disk
             .map(|d| pb::DiskSpec {
                 name: d.into(),
@@ -57,7 +40,7 @@ fn spec(name: &str, disk: Option<&str>) -> pb::VmSpec {
             .into_iter()
             .collect(),
         restart_priority: "high".into(),
-        ..Default::default()
+        ..guest_spec(name, 64, boot)
     }
 }
 
@@ -73,7 +56,8 @@ async fn heartbeat(
     let start = Instant::now();
     let want = format!("disk={disk}");
     while start.elapsed() < STEP_TIMEOUT {
-        if let Ok(resp) = vms(c, via)
+        if let Ok(resp) = c
+            .try_vms(via)
             .await?
             .stream_console(pb::ConsoleRequest {
                 name: name.into(),
@@ -99,14 +83,7 @@ async fn heartbeat(
 }
 
 async fn get(c: &Cluster, via: u64, name: &str) -> Result<pb::VmInfo, String> {
-    Ok(vms(c, via)
-        .await?
-        .get_vm(pb::VmName { name: name.into() })
-        .await
-        .map_err(|s| s.to_string())?
-        .into_inner()
-        .vm
-        .unwrap_or_default())
+    try_get_vm(&mut c.try_vms(via).await?, name).await
 }
 
 /// Migrates `name` to `to` (quick or live) and waits until it runs there; returns the
@@ -119,7 +96,7 @@ async fn migrate(c: &Cluster, name: &str, to: u64, quick: bool) -> Result<(u128,
     };
     req.quick = quick;
     let t = Instant::now();
-    vms(c, 1)
+    c.try_vms(1)
         .await?
         .migrate_vm(req)
         .await
@@ -182,7 +159,7 @@ async fn round(bin: &std::path::Path, f: &mut Figures) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     }
     c.form(3).await.map_err(|e| e.to_string())?;
-    VolumeServiceClient::new(channel(&c, 1).await?)
+    VolumeServiceClient::new(c.try_channel(1).await?)
         .create_disk(vpb::CreateDiskRequest {
             name: "vol/bench/d.img".into(),
             size_mib: 16,
@@ -195,7 +172,7 @@ async fn round(bin: &std::path::Path, f: &mut Figures) -> Result<(), String> {
         let mut s = spec(name, disk);
         s.preferred_owners = vec![2];
         let t = Instant::now();
-        vms(&c, 1)
+        c.try_vms(1)
             .await?
             .create_vm(pb::CreateVmRequest {
                 spec: Some(s),

@@ -16,30 +16,12 @@ use cluster_proto::drain as dpb;
 use cluster_proto::drain::drain_service_client::DrainServiceClient;
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
+use cluster_tests::vm::{guest_spec, mem_boot, try_get_vm};
 use cluster_tests::{locate_binary, Cluster, Options};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 const NODES: u64 = 4;
-
-async fn channel(c: &Cluster, id: u64) -> Result<Channel, String> {
-    let addr = c.spec(id).map_err(|e| e.to_string())?.mgmt_addr;
-    Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("node {id}: {e}"))
-}
-
-async fn vm(cl: &mut VmServiceClient<Channel>, name: &str) -> Result<pb::VmInfo, String> {
-    Ok(cl
-        .get_vm(pb::VmName { name: name.into() })
-        .await
-        .map_err(|s| s.to_string())?
-        .into_inner()
-        .vm
-        .unwrap_or_default())
-}
 
 /// Live-migrate `name` to `to` and wait until it runs there; wall ms.
 async fn migrate(cl: &mut VmServiceClient<Channel>, name: &str, to: u64) -> Result<u128, String> {
@@ -54,7 +36,7 @@ async fn migrate(cl: &mut VmServiceClient<Channel>, name: &str, to: u64) -> Resu
     // Reads come from the answering agent's replica: wait until it has seen the start.
     let mut seen_start = false;
     loop {
-        let v = vm(cl, name).await?;
+        let v = try_get_vm(cl, name).await?;
         seen_start |= v.migrating_to == to;
         if v.migrating_to == 0 && v.owner_id == to && v.runtime == "running" {
             return Ok(t.elapsed().as_millis());
@@ -73,22 +55,13 @@ async fn run(bin: &std::path::Path, n: usize) -> Result<(), String> {
     let mut c = Cluster::new(bin.to_path_buf(), Options::default()).map_err(|e| e.to_string())?;
     c.form(NODES).await.map_err(|e| e.to_string())?;
     let leader = c.status(1).await.map_err(|e| e.to_string())?.leader_id;
-    let mut cl = VmServiceClient::new(channel(&c, leader).await?);
+    let mut cl = c.try_vms(leader).await?;
     let names: Vec<String> = (0..n).map(|i| format!("bench{i}")).collect();
     for name in &names {
         cl.create_vm(pb::CreateVmRequest {
             spec: Some(pb::VmSpec {
-                name: name.clone(),
-                vcpus: 1,
-                memory_mib: 64,
-                boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-                    workload: "mem".into(),
-                    wss_mib: 8,
-                    hb_ms: 100,
-                    ..Default::default()
-                })),
                 preferred_owners: vec![1],
-                ..Default::default()
+                ..guest_spec(name, 64, mem_boot())
             }),
             start: true,
         })
@@ -98,7 +71,7 @@ async fn run(bin: &std::path::Path, n: usize) -> Result<(), String> {
     let t = Instant::now();
     for name in &names {
         loop {
-            let v = vm(&mut cl, name).await?;
+            let v = try_get_vm(&mut cl, name).await?;
             if v.runtime == "running" && v.owner_id == 1 {
                 break;
             }
@@ -119,7 +92,7 @@ async fn run(bin: &std::path::Path, n: usize) -> Result<(), String> {
     let sum_ms: u128 = individual.iter().sum();
 
     // The drain.
-    let mut d = DrainServiceClient::new(channel(&c, leader).await?);
+    let mut d = DrainServiceClient::new(c.try_channel(leader).await?);
     let t = Instant::now();
     let r = d
         .drain_node(dpb::DrainRequest {

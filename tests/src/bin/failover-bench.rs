@@ -15,29 +15,27 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use cluster_proto::vms as pb;
-use cluster_proto::vms::vm_service_client::VmServiceClient;
+use cluster_tests::vm::{guest_spec, mem_boot, try_get_vm, try_wait_migrated};
 use cluster_tests::{locate_binary, Cluster, Options};
-use tonic::transport::{Channel, Endpoint};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 /// cluster-agent's `failover::FAILOVER_GRACE`.
 const FAILOVER_GRACE_MS: u64 = 500;
 
-async fn client(c: &Cluster, id: u64) -> Result<VmServiceClient<Channel>, String> {
-    let addr = c.spec(id).map_err(|e| e.to_string())?.mgmt_addr;
-    let ch = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("node {id}: {e}"))?;
-    Ok(VmServiceClient::new(ch))
+/// First `HB ... mem=ok` line of `name` seen through `via`: (node that produced it).
+/// The memory-checking test guest with a heartbeat every 20 ms.
+fn fast_boot() -> pb::TestGuestBoot {
+    pb::TestGuestBoot {
+        hb_ms: 20,
+        ..mem_boot()
+    }
 }
 
 /// First `HB ... mem=ok` line of `name` seen through `via`: (node that produced it).
 async fn first_heartbeat(c: &Cluster, via: u64, name: &str, not_from: u64) -> Result<u64, String> {
     let start = Instant::now();
     while start.elapsed() < STEP_TIMEOUT {
-        let mut cl = client(c, via).await?;
+        let mut cl = c.try_vms(via).await?;
         let got = cl
             .stream_console(pb::ConsoleRequest {
                 name: name.into(),
@@ -65,15 +63,8 @@ async fn first_heartbeat(c: &Cluster, via: u64, name: &str, not_from: u64) -> Re
 }
 
 async fn owner_of(c: &Cluster, via: u64, name: &str) -> Result<u64, String> {
-    let mut cl = client(c, via).await?;
-    let v = cl
-        .get_vm(pb::VmName { name: name.into() })
-        .await
-        .map_err(|s| s.to_string())?
-        .into_inner()
-        .vm
-        .unwrap_or_default();
-    Ok(v.owner_id)
+    let mut cl = c.try_vms(via).await?;
+    Ok(try_get_vm(&mut cl, name).await?.owner_id)
 }
 
 async fn leader(c: &Cluster, via: u64) -> Result<u64, String> {
@@ -91,22 +82,13 @@ async fn round(
     let lead = leader(&c, 1).await?;
     let follower = [1, 2, 3].into_iter().find(|n| *n != lead).unwrap_or(1);
     let target = if owner_is_leader { lead } else { follower };
-    let mut cl = client(&c, 1).await?;
+    let mut cl = c.try_vms(1).await?;
     let t = Instant::now();
     cl.create_vm(pb::CreateVmRequest {
         spec: Some(pb::VmSpec {
-            name: "bench".into(),
-            vcpus: 1,
-            memory_mib: 64,
-            boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-                workload: "mem".into(),
-                wss_mib: 8,
-                hb_ms: 20,
-                ..Default::default()
-            })),
             restart_priority: "high".into(),
             preferred_owners: vec![target],
-            ..Default::default()
+            ..guest_spec("bench", 64, fast_boot())
         }),
         start: true,
     })
@@ -128,20 +110,9 @@ async fn round(
 async fn migration_round(bin: &std::path::Path) -> Result<(u128, u64, bool), String> {
     let mut c = Cluster::new(bin.to_path_buf(), Options::default()).map_err(|e| e.to_string())?;
     c.form(2).await.map_err(|e| e.to_string())?;
-    let mut cl = client(&c, 1).await?;
+    let mut cl = c.try_vms(1).await?;
     cl.create_vm(pb::CreateVmRequest {
-        spec: Some(pb::VmSpec {
-            name: "mig".into(),
-            vcpus: 1,
-            memory_mib: 64,
-            boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-                workload: "mem".into(),
-                wss_mib: 8,
-                hb_ms: 20,
-                ..Default::default()
-            })),
-            ..Default::default()
-        }),
+        spec: Some(guest_spec("mig", 64, fast_boot())),
         start: true,
     })
     .await
@@ -160,25 +131,7 @@ async fn migration_round(bin: &std::path::Path) -> Result<(u128, u64, bool), Str
         .vm
         .unwrap_or_default();
     let target = started.migrating_to;
-    loop {
-        let v = cl
-            .get_vm(pb::VmName { name: "mig".into() })
-            .await
-            .map_err(|s| s.to_string())?
-            .into_inner()
-            .vm
-            .unwrap_or_default();
-        if v.migrating_to == 0 && v.owner_id == target && v.runtime == "running" {
-            break;
-        }
-        if v.migrating_to == 0 && v.owner_id != target {
-            return Err(format!("migration failed: {}", v.reason));
-        }
-        if t.elapsed() > STEP_TIMEOUT {
-            return Err("migration did not finish".into());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    try_wait_migrated(&mut cl, "mig", target, t, STEP_TIMEOUT).await?;
     let wall_ms = t.elapsed().as_millis();
     let events = c.events(1).await.map_err(|e| e.to_string())?;
     let msg = events
