@@ -616,6 +616,11 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
     })
     .await
     .unwrap_or_else(|e| panic!("pause: {e}"));
+    // Node 2 answers the dry runs from its own replica: wait until it has seen the pause.
+    let seen = cl
+        .wait_node_state(2, 2, "paused", Duration::from_secs(10))
+        .await;
+    cl.check(seen);
     expect_code(
         d.drain_node(req(1, false)).await,
         Code::FailedPrecondition,
@@ -634,6 +639,11 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
     })
     .await
     .unwrap_or_else(|e| panic!("pause: {e}"));
+    // Node 2 answers the dry runs from its own replica: wait until it has seen the pause.
+    let seen = cl
+        .wait_node_state(2, 3, "paused", Duration::from_secs(10))
+        .await;
+    cl.check(seen);
     expect_code(
         d.drain_node(req(1, false)).await,
         Code::FailedPrecondition,

@@ -7,40 +7,17 @@
 use std::time::{Duration, Instant};
 
 use cluster_proto::drain as dpb;
-use cluster_proto::drain::drain_service_client::DrainServiceClient;
 use cluster_proto::management as mpb;
 use cluster_proto::migrations as gpb;
-use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
 use cluster_proto::vms as pb;
-use cluster_proto::vms::vm_service_client::VmServiceClient;
-use cluster_tests::{Cluster, HarnessError, Options};
-use tonic::transport::{Channel, Endpoint};
+use cluster_tests::vm::{guest_spec, hb_seq, mem_boot};
+use cluster_tests::{Cluster, Options};
 
 const WAIT: Duration = Duration::from_secs(90);
 
-fn logs(c: &Cluster) -> String {
-    c.running()
-        .iter()
-        .map(|id| format!("\n--- node {id} ---\n{}", c.log_tail(*id, 30)))
-        .collect()
-}
-
-fn must<T>(c: &Cluster, r: Result<T, HarnessError>) -> T {
-    r.unwrap_or_else(|e| panic!("{e}{}", logs(c)))
-}
-
-async fn channel(c: &Cluster, id: u64) -> Channel {
-    let addr = must(c, c.spec(id)).mgmt_addr;
-    Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap_or_else(|e| panic!("endpoint: {e}"))
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("connect to node {id}: {e}{}", logs(c)))
-}
-
 /// The first `HB seq=N … mem=ok` line with `N > after`, and the node that produced it.
 async fn heartbeat(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64, u64) {
-    let mut c = VmServiceClient::new(channel(cl, via).await);
+    let mut c = cl.vms(via).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let Ok(s) = c
@@ -58,21 +35,19 @@ async fn heartbeat(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64, u64)
             tokio::time::timeout(Duration::from_secs(3), s.message()).await
         {
             for line in chunk.text.lines() {
-                let Some(rest) = line.trim().strip_prefix("HB seq=") else {
-                    continue;
-                };
-                let seq: u64 = rest
-                    .split_whitespace()
-                    .next()
-                    .and_then(|x| x.parse().ok())
-                    .unwrap_or(0);
-                if seq > after && line.contains("mem=ok") {
-                    return (chunk.node_id, seq);
+                match hb_seq(line) {
+                    Some(seq) if seq > after && line.contains("mem=ok") => {
+                        return (chunk.node_id, seq)
+                    }
+                    _ => {}
                 }
             }
         }
     }
-    panic!("no heartbeat of {name} above {after} via {via}{}", logs(cl))
+    panic!(
+        "no heartbeat of {name} above {after} via {via}{}",
+        cl.logs()
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,55 +73,51 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
     );
     for id in [1, 2] {
         let added = cl.add_node_with(id, &volume);
-        must(&cl, added);
+        cl.check(added);
     }
     // Node 3 migrates on another subnet: nothing can live-migrate to it.
     let added = cl.add_node_with(3, &format!("migration_subnet = \"127.0.2.0/25\"\n{volume}"));
-    must(&cl, added);
+    cl.check(added);
     let formed = cl.form(3).await;
-    must(&cl, formed);
+    cl.check(formed);
 
-    let mut vms = VmServiceClient::new(channel(&cl, 2).await);
+    let mut vms = cl.vms(2).await;
+    let mut spec = guest_spec(
+        "q",
+        64,
+        pb::TestGuestBoot {
+            hb_ms: 50,
+            ..mem_boot()
+        },
+    );
+    spec.preferred_owners = vec![1];
     vms.create_vm(pb::CreateVmRequest {
-        spec: Some(pb::VmSpec {
-            name: "q".into(),
-            vcpus: 1,
-            memory_mib: 64,
-            boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-                workload: "mem".into(),
-                wss_mib: 8,
-                hb_ms: 50,
-                ..Default::default()
-            })),
-            preferred_owners: vec![1],
-            ..Default::default()
-        }),
+        spec: Some(spec),
         start: true,
     })
     .await
-    .unwrap_or_else(|e| panic!("create: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
     let (node, before) = heartbeat(&cl, 2, "q", 5).await;
     assert_eq!(node, 1, "created on its preferred owner");
 
     // Node 2 takes no new VMs, so node 3 is the drain's only target.
-    let mut mgmt =
-        cluster_proto::management::management_client::ManagementClient::new(channel(&cl, 2).await);
+    let mut mgmt = cl.client(2).await.unwrap_or_else(|e| panic!("{e}"));
     mgmt.set_node_state(mpb::SetNodeStateRequest {
         node_id: 2,
         state: "paused".into(),
         reason: "test".into(),
     })
     .await
-    .unwrap_or_else(|e| panic!("pause node 2: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("pause node 2: {e}{}", cl.logs()));
 
-    let mut drains = DrainServiceClient::new(channel(&cl, 2).await);
+    let mut drains = cl.drains(2).await;
     let plan = drains
         .drain_node(dpb::DrainRequest {
             node_id: 1,
             dry_run: true,
         })
         .await
-        .unwrap_or_else(|e| panic!("dry run: {e}{}", logs(&cl)))
+        .unwrap_or_else(|e| panic!("dry run: {e}{}", cl.logs()))
         .into_inner()
         .plan;
     assert_eq!(plan.len(), 1, "{plan:?}");
@@ -169,7 +140,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
             dry_run: false,
         })
         .await
-        .unwrap_or_else(|e| panic!("drain: {e}{}", logs(&cl)));
+        .unwrap_or_else(|e| panic!("drain: {e}{}", cl.logs()));
     let start = Instant::now();
     let job = loop {
         let job = drains
@@ -180,10 +151,10 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
         if let Some(j) = job.filter(|j| j.status != "running") {
             break j;
         }
-        assert!(start.elapsed() < WAIT, "drain did not end{}", logs(&cl));
+        assert!(start.elapsed() < WAIT, "drain did not end{}", cl.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(job.status, "done", "{job:?}{}", logs(&cl));
+    assert_eq!(job.status, "done", "{job:?}{}", cl.logs());
     assert_eq!(job.moves.len(), 1, "{job:?}");
     assert_eq!(
         (
@@ -200,7 +171,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
     assert_eq!(node, 3, "the VM runs on node 3 now");
     assert!(after > before, "heartbeat went from {before} to {after}");
 
-    let mut migs = MigrationServiceClient::new(channel(&cl, 2).await);
+    let mut migs = cl.migrations(2).await;
     let recs = migs
         .list_migrations(gpb::ListMigrationsRequest { vm: "q".into() })
         .await
@@ -220,7 +191,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
             failback: false,
         })
         .await
-        .unwrap_or_else(|e| panic!("resume node 1: {e}{}", logs(&cl)));
+        .unwrap_or_else(|e| panic!("resume node 1: {e}{}", cl.logs()));
     let live = vms
         .migrate_vm(pb::MigrateVmRequest {
             name: "q".into(),
@@ -250,7 +221,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
         ..Default::default()
     })
     .await
-    .unwrap_or_else(|e| panic!("quick migration back: {e}{}", logs(&cl)));
+    .unwrap_or_else(|e| panic!("quick migration back: {e}{}", cl.logs()));
     let start = Instant::now();
     let (node, last) = loop {
         let (node, seq) = heartbeat(&cl, 2, "q", after).await;
@@ -260,7 +231,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
         assert!(
             start.elapsed() < WAIT,
             "q never came back to node 1{}",
-            logs(&cl)
+            cl.logs()
         );
     };
     assert_eq!(node, 1);
