@@ -304,6 +304,16 @@ pub struct LogPosition {
     pub term: u64,
 }
 
+/// The answer to a command a state module refused: its error chain, nothing touched.
+fn rejected(e: &dyn std::error::Error) -> (CommandResult, Vec<StateKey>) {
+    (
+        CommandResult::Rejected {
+            reason: crate::error_chain(e),
+        },
+        Vec::new(),
+    )
+}
+
 impl ClusterState {
     /// Apply `cmd` outside a Raft log (tests, tools): lock commands are applied at
     /// position 0 (use [`ClusterState::apply_at`] for them).
@@ -512,12 +522,7 @@ impl ClusterState {
             Command::Vm(c) => {
                 let before = self.last_vm_id;
                 if let Err(e) = crate::vms::apply(self, c, &mut touched) {
-                    return (
-                        CommandResult::Rejected {
-                            reason: crate::error_chain(&e),
-                        },
-                        Vec::new(),
-                    );
+                    return rejected(&e);
                 }
                 if self.last_vm_id != before {
                     touched.push(StateKey::LastVmId);
@@ -528,47 +533,25 @@ impl ClusterState {
             }
             Command::Migration(c) => {
                 if let Err(e) = crate::migrations::apply(self, c, &mut touched) {
-                    return (
-                        CommandResult::Rejected {
-                            reason: crate::error_chain(&e),
-                        },
-                        Vec::new(),
-                    );
+                    return rejected(&e);
                 }
                 CommandResult::Ok
             }
             Command::Job(c) => {
                 if let Err(e) = crate::jobs::apply(self, c, &mut touched) {
-                    return (
-                        CommandResult::Rejected {
-                            reason: crate::error_chain(&e),
-                        },
-                        Vec::new(),
-                    );
+                    return rejected(&e);
                 }
                 CommandResult::Ok
             }
             Command::VmDisk(c) => {
                 if let Err(e) = crate::hotplug::apply(self, c, &mut touched) {
-                    return (
-                        CommandResult::Rejected {
-                            reason: crate::error_chain(&e),
-                        },
-                        Vec::new(),
-                    );
+                    return rejected(&e);
                 }
                 CommandResult::Ok
             }
             Command::Lock(entry) => match crate::disk_locks::apply(self, entry, at, &mut touched) {
                 Ok(outcome) => CommandResult::Lock { outcome },
-                Err(e) => {
-                    return (
-                        CommandResult::Rejected {
-                            reason: crate::error_chain(&e),
-                        },
-                        Vec::new(),
-                    )
-                }
+                Err(e) => return rejected(&e),
             },
         };
         (result, touched)
