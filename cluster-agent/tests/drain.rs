@@ -608,19 +608,8 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
         "unknown node id 9",
     );
     // Node 2 paused: draining node 1 would leave its VM only the Intel node.
-    let mut m = cl.check(cl.client(1).await);
-    m.set_node_state(cluster_proto::management::SetNodeStateRequest {
-        node_id: 2,
-        state: "paused".into(),
-        reason: "test".into(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("pause: {e}"));
-    // Node 2 answers the dry runs from its own replica: wait until it has seen the pause.
-    let seen = cl
-        .wait_node_state(2, 2, "paused", Duration::from_secs(10))
-        .await;
-    cl.check(seen);
+    let paused = cl.pause(1, 2).await;
+    cl.check(paused);
     expect_code(
         d.drain_node(req(1, false)).await,
         Code::FailedPrecondition,
@@ -632,18 +621,8 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
         "Intel CPUs",
     );
     // Node 3 paused too: node 1 is the last up node.
-    m.set_node_state(cluster_proto::management::SetNodeStateRequest {
-        node_id: 3,
-        state: "paused".into(),
-        reason: "test".into(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("pause: {e}"));
-    // Node 2 answers the dry runs from its own replica: wait until it has seen the pause.
-    let seen = cl
-        .wait_node_state(2, 3, "paused", Duration::from_secs(10))
-        .await;
-    cl.check(seen);
+    let paused = cl.pause(1, 3).await;
+    cl.check(paused);
     expect_code(
         d.drain_node(req(1, false)).await,
         Code::FailedPrecondition,

@@ -7,7 +7,6 @@
 use std::time::{Duration, Instant};
 
 use cluster_proto::drain as dpb;
-use cluster_proto::management as mpb;
 use cluster_proto::migrations as gpb;
 use cluster_proto::vms as pb;
 use cluster_tests::vm::{guest_spec, hb_seq, mem_boot};
@@ -101,14 +100,8 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
     assert_eq!(node, 1, "created on its preferred owner");
 
     // Node 2 takes no new VMs, so node 3 is the drain's only target.
-    let mut mgmt = cl.client(2).await.unwrap_or_else(|e| panic!("{e}"));
-    mgmt.set_node_state(mpb::SetNodeStateRequest {
-        node_id: 2,
-        state: "paused".into(),
-        reason: "test".into(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("pause node 2: {e}{}", cl.logs()));
+    let paused = cl.pause(2, 2).await;
+    cl.check(paused);
 
     let mut drains = cl.drains(2).await;
     let plan = drains

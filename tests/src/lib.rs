@@ -628,6 +628,28 @@ impl Cluster {
         .await
     }
 
+    /// Pause node `node` through node `via`, then wait until every running node's replica
+    /// shows it paused (reads are served from each agent's own replica).
+    pub async fn pause(&self, via: u64, node: u64) -> Result<()> {
+        let mut c = self.client(via).await?;
+        c.set_node_state(pb::SetNodeStateRequest {
+            node_id: node,
+            state: "paused".into(),
+            reason: "test".into(),
+        })
+        .await
+        .map_err(|status| HarnessError::Rpc {
+            id: via,
+            rpc: "SetNodeState",
+            status,
+        })?;
+        for id in self.running() {
+            self.wait_node_state(id, node, "paused", Duration::from_secs(10))
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Start nodes 1..=n, init on 1, join the rest through 1, wait for a leader.
     pub async fn form(&mut self, n: u64) -> Result<u64> {
         for id in 1..=n {
