@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ctl, text};
+use common::{ctl, endpoint, follow_console, json, text};
 
 use cluster_tests::{locate_binary, Cluster, Options};
 
@@ -19,10 +17,7 @@ async fn console_follow_survives_a_failover_of_the_owner() {
     let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
     c.form(3).await.unwrap_or_else(|e| panic!("{e}"));
     // Watch through node 1; the VM runs on node 3 (preferred owner), which is killed.
-    let ep = c
-        .spec(1)
-        .map(|s| s.mgmt_addr.to_string())
-        .unwrap_or_default();
+    let ep = endpoint(&c, 1);
     let o = ctl(
         &ep,
         &[
@@ -42,8 +37,7 @@ async fn console_follow_survives_a_failover_of_the_owner() {
     assert!(o.status.success(), "{}", text(&o).1);
     let start = Instant::now();
     loop {
-        let o = ctl(&ep, &["-o", "json", "vm", "show", "phoenix"]);
-        let v: serde_json::Value = serde_json::from_str(&text(&o).0).unwrap_or_default();
+        let v = json(&ep, &["vm", "show", "phoenix"]);
         if v["runtime"] == "running" {
             assert_eq!(v["owner_id"], 3, "{v}");
             break;
@@ -52,37 +46,7 @@ async fn console_follow_survives_a_failover_of_the_owner() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let mut follower = Command::new(env!("CARGO_BIN_EXE_clusterctl"))
-        .args(["--endpoint", &ep, "vm", "console", "phoenix", "--follow"])
-        .env_remove("CLUSTERCTL_ENDPOINT")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn: {e}"));
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let tx2 = tx.clone();
-    let stderr = follower.stderr.take();
-    let stdout = follower.stdout.take();
-    std::thread::spawn(move || {
-        for l in stderr
-            .map(BufReader::new)
-            .into_iter()
-            .flat_map(|r| r.lines())
-            .map_while(Result::ok)
-        {
-            let _ = tx2.send(format!("ERR {l}"));
-        }
-    });
-    std::thread::spawn(move || {
-        for l in stdout
-            .map(BufReader::new)
-            .into_iter()
-            .flat_map(|r| r.lines())
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(l);
-        }
-    });
+    let (mut follower, rx) = follow_console(&ep, "phoenix");
     // Streaming from node 3 first.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut seen = Vec::new();

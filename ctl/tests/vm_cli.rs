@@ -3,7 +3,6 @@
 mod common;
 
 use common::*;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cluster_tests::{locate_binary, Cluster, Options};
@@ -106,9 +105,6 @@ async fn vm_commands_against_a_real_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_migrate_and_console_follows_the_vm() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-
     let _serial = cluster_tests::serial().await;
     let bin = locate_binary("cluster-agent", "cluster-agent").unwrap_or_else(|e| panic!("{e}"));
     let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
@@ -118,37 +114,7 @@ async fn vm_migrate_and_console_follows_the_vm() {
     let other = if owner == 1 { 2 } else { 1 };
 
     // Follow the console from before the move; the stream must continue from the target.
-    let mut follower = Command::new(env!("CARGO_BIN_EXE_clusterctl"))
-        .args(["--endpoint", &ep, "vm", "console", "mover", "--follow"])
-        .env_remove("CLUSTERCTL_ENDPOINT")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn: {e}"));
-    let stderr = follower.stderr.take();
-    let stdout = follower.stdout.take();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let tx2 = tx.clone();
-    std::thread::spawn(move || {
-        for l in stderr
-            .map(BufReader::new)
-            .into_iter()
-            .flat_map(|r| r.lines())
-            .map_while(Result::ok)
-        {
-            let _ = tx2.send(format!("ERR {l}"));
-        }
-    });
-    std::thread::spawn(move || {
-        for l in stdout
-            .map(BufReader::new)
-            .into_iter()
-            .flat_map(|r| r.lines())
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(l);
-        }
-    });
+    let (mut follower, rx) = follow_console(&ep, "mover");
     std::thread::sleep(Duration::from_millis(500));
 
     // Dry run: go, a prediction, nothing moves.

@@ -2,7 +2,9 @@
 // Each test binary uses a subset of them.
 #![allow(dead_code)]
 
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
 use cluster_tests::Cluster;
@@ -77,4 +79,33 @@ pub fn create_running(ep: &str, name: &str) -> u64 {
         assert!(start.elapsed() < Duration::from_secs(30), "never ran: {v}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Start `clusterctl vm console NAME --follow` against `endpoint`; its lines arrive on the
+/// receiver as they are printed (stderr lines prefixed with `ERR `). Kill the child when done.
+pub fn follow_console(endpoint: &str, name: &str) -> (Child, Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clusterctl"))
+        .args(["--endpoint", endpoint, "vm", "console", name, "--follow"])
+        .env_remove("CLUSTERCTL_ENDPOINT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn clusterctl: {e}"));
+    let (tx, rx) = channel::<String>();
+    let forward = |r: Option<Box<dyn std::io::Read + Send>>, prefix: &'static str| {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for l in r
+                .map(BufReader::new)
+                .into_iter()
+                .flat_map(|r| r.lines())
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(format!("{prefix}{l}"));
+            }
+        });
+    };
+    forward(child.stderr.take().map(|e| Box::new(e) as _), "ERR ");
+    forward(child.stdout.take().map(|o| Box::new(o) as _), "");
+    (child, rx)
 }
