@@ -9,45 +9,10 @@ use std::time::{Duration, Instant};
 use cluster_proto::drain as dpb;
 use cluster_proto::migrations as gpb;
 use cluster_proto::vms as pb;
-use cluster_tests::vm::{guest_spec, hb_seq, mem_boot};
+use cluster_tests::vm::{guest_spec, mem_boot};
 use cluster_tests::{Cluster, Options};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-/// The first `HB seq=N … mem=ok` line with `N > after`, and the node that produced it.
-async fn heartbeat(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64, u64) {
-    let mut c = cl.vms(via).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let Ok(s) = c
-            .stream_console(pb::ConsoleRequest {
-                name: name.into(),
-                follow: true,
-            })
-            .await
-        else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let mut s = s.into_inner();
-        while let Ok(Ok(Some(chunk))) =
-            tokio::time::timeout(Duration::from_secs(3), s.message()).await
-        {
-            for line in chunk.text.lines() {
-                match hb_seq(line) {
-                    Some(seq) if seq > after && line.contains("mem=ok") => {
-                        return (chunk.node_id, seq)
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-    panic!(
-        "no heartbeat of {name} above {after} via {via}{}",
-        cl.logs()
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
@@ -96,7 +61,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
     })
     .await
     .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
-    let (node, before) = heartbeat(&cl, 2, "q", 5).await;
+    let (node, before) = cl.heartbeat_after(2, "q", 5).await;
     assert_eq!(node, 1, "created on its preferred owner");
 
     // Node 2 takes no new VMs, so node 3 is the drain's only target.
@@ -160,7 +125,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
     );
 
     // The guest was restored, not rebooted: its heartbeat sequence carries on, on node 3.
-    let (node, after) = heartbeat(&cl, 2, "q", before).await;
+    let (node, after) = cl.heartbeat_after(2, "q", before).await;
     assert_eq!(node, 3, "the VM runs on node 3 now");
     assert!(after > before, "heartbeat went from {before} to {after}");
 
@@ -217,7 +182,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
     .unwrap_or_else(|e| panic!("quick migration back: {e}{}", cl.logs()));
     let start = Instant::now();
     let (node, last) = loop {
-        let (node, seq) = heartbeat(&cl, 2, "q", after).await;
+        let (node, seq) = cl.heartbeat_after(2, "q", after).await;
         if node == 1 {
             break (node, seq);
         }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
-use cluster_tests::vm::{guest_spec, hb_seq, mem_boot, vm_or_default};
+use cluster_tests::vm::{guest_spec, mem_boot, vm_or_default};
 use cluster_tests::{http_get, Cluster, Options};
 use tonic::transport::Channel;
 
@@ -39,40 +39,6 @@ async fn wait_running(cl: &Cluster, c: &mut VmServiceClient<Channel>, name: &str
     }
 }
 
-/// First heartbeat of `name` (through `via`) with a sequence number above `after`.
-async fn heartbeat(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64, u64) {
-    let mut c = cl.vms(via).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let Ok(s) = c
-            .stream_console(pb::ConsoleRequest {
-                name: name.into(),
-                follow: true,
-            })
-            .await
-        else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let mut s = s.into_inner();
-        while let Ok(Ok(Some(chunk))) =
-            tokio::time::timeout(Duration::from_secs(3), s.message()).await
-        {
-            for line in chunk.text.lines() {
-                if let Some(seq) = hb_seq(line) {
-                    if seq > after && line.contains("mem=ok") {
-                        return (chunk.node_id, seq);
-                    }
-                }
-            }
-        }
-    }
-    panic!(
-        "no heartbeat of {name} above {after} via {via}{}",
-        cl.logs()
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_owner_kill9_fails_over_and_survivors_keep_their_vms() {
     let _serial = cluster_tests::serial().await;
@@ -96,7 +62,7 @@ async fn leader_owner_kill9_fails_over_and_survivors_keep_their_vms() {
     let a = wait_running(&cl, &mut c, "on-leader").await;
     let b = wait_running(&cl, &mut c, "on-follower").await;
     assert_eq!((a.owner_id, b.owner_id), (lead, follower));
-    let (_, seq_b) = heartbeat(&cl, follower, "on-follower", 0).await;
+    let (_, seq_b) = cl.heartbeat_after(follower, "on-follower", 0).await;
 
     let killed = Instant::now();
     let k = cl.kill9(lead);
@@ -113,7 +79,7 @@ async fn leader_owner_kill9_fails_over_and_survivors_keep_their_vms() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let (node, _) = heartbeat(&cl, follower, "on-leader", 0).await;
+    let (node, _) = cl.heartbeat_after(follower, "on-leader", 0).await;
     assert_eq!(node, moved.owner_id);
     eprintln!(
         "leader kill -9 -> on-leader heartbeat on node {node} after {} ms",
@@ -128,7 +94,7 @@ async fn leader_owner_kill9_fails_over_and_survivors_keep_their_vms() {
         "{v:?}{}",
         cl.logs()
     );
-    let (node, seq) = heartbeat(&cl, follower, "on-follower", seq_b).await;
+    let (node, seq) = cl.heartbeat_after(follower, "on-follower", seq_b).await;
     assert_eq!(node, follower);
     assert!(seq > seq_b);
     let fenced = cl.log_tail(follower, 400).contains("vms fenced");

@@ -33,6 +33,44 @@ impl Cluster {
             .collect()
     }
 
+    /// The first test-guest heartbeat of VM `name` (console streamed through node `via`)
+    /// with a sequence number above `after` and a passing memory check (`mem=ok`): the
+    /// node that produced it and the sequence number. Reopens the stream while the VM is
+    /// between owners; panics with the logs after 30 s.
+    pub async fn heartbeat_after(&self, via: u64, name: &str, after: u64) -> (u64, u64) {
+        let mut c = self.vms(via).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            let Ok(s) = c
+                .stream_console(pb::ConsoleRequest {
+                    name: name.into(),
+                    follow: true,
+                })
+                .await
+            else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let mut s = s.into_inner();
+            while let Ok(Ok(Some(chunk))) =
+                tokio::time::timeout(std::time::Duration::from_secs(3), s.message()).await
+            {
+                for line in chunk.text.lines() {
+                    match hb_seq(line) {
+                        Some(seq) if seq > after && line.contains("mem=ok") => {
+                            return (chunk.node_id, seq)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        panic!(
+            "no heartbeat of {name} above {after} via {via}{}",
+            self.logs()
+        )
+    }
+
     /// A channel to node `id`'s management address; panics with the logs if it cannot
     /// connect.
     pub async fn channel(&self, id: u64) -> Channel {
