@@ -125,12 +125,30 @@ impl ClusterSnapshot {
 /// "Why not node X?" for a quick migration (save to the shared volume, restore on `node`) of a running VM:
 /// the rules of a quick move — capacity, node state, same CPU vendor and features, anti-affinity, migration
 /// slots in use, a migration already in flight — but not the live-only ones (shared migration subnet,
-/// live-migratable, convergence).
-/// Empty if the VM could be quick-migrated there now; a VM that is not running is judged for a start.
+/// live-migratable, convergence). Empty if the VM could be quick-migrated there now; a VM that is not
+/// running is judged for a start.
 pub fn why_not_quick(
     snap: &ClusterSnapshot,
     vm: &VmId,
     node: NodeId,
+) -> Result<Vec<Reason>, PlanError> {
+    why_not_as(snap, vm, node, MoveKind::Quick)
+}
+
+/// "Why not node X?": every rule that rules `node` out for `vm`, empty if the VM could move there now.
+///
+/// A running VM on an Up or Paused node is judged for a live migration (including migration slots in use and
+/// pre-copy convergence); a VM that is off or whose node is Down is judged for a start there.
+pub fn why_not(snap: &ClusterSnapshot, vm: &VmId, node: NodeId) -> Result<Vec<Reason>, PlanError> {
+    why_not_as(snap, vm, node, MoveKind::Live)
+}
+
+/// [`why_not`] / [`why_not_quick`]: `kind` is the move a running VM would make (`Live` or `Quick`).
+fn why_not_as(
+    snap: &ClusterSnapshot,
+    vm: &VmId,
+    node: NodeId,
+    kind: MoveKind,
 ) -> Result<Vec<Reason>, PlanError> {
     snap.validate()?;
     let c = Cluster::new(snap, None);
@@ -144,32 +162,12 @@ pub fn why_not_quick(
     if v.state != VmState::Running || c.nodes[owner].node.state == NodeState::Down {
         return Ok(check(&c, &subject, ni, MoveKind::Start, false));
     }
-    let mut out: Vec<Reason> = vm_live_blockers(&c, vi)
-        .into_iter()
-        .filter(|r| !matches!(r, Reason::NotLiveMigratable { .. }))
-        .collect();
-    out.extend(check(&c, &subject, ni, MoveKind::Quick, true));
-    Ok(out)
-}
-
-/// "Why not node X?": every rule that rules `node` out for `vm`, empty if the VM could move there now.
-///
-/// A running VM on an Up or Paused node is judged for a live migration (including migration slots in use and
-/// pre-copy convergence); a VM that is off or whose node is Down is judged for a start there.
-pub fn why_not(snap: &ClusterSnapshot, vm: &VmId, node: NodeId) -> Result<Vec<Reason>, PlanError> {
-    snap.validate()?;
-    let c = Cluster::new(snap, None);
-    let vi = c
-        .vm_index(vm)
-        .ok_or_else(|| PlanError::UnknownVm(vm.clone()))?;
-    let ni = c.node_index(node).ok_or(PlanError::UnknownNode(node))?;
-    let v = c.vms[vi];
-    let owner = c.owner[vi];
-    let subject = Subject::of_vm(&c, vi);
-    if v.state != VmState::Running || c.nodes[owner].node.state == NodeState::Down {
-        return Ok(check(&c, &subject, ni, MoveKind::Start, false));
-    }
     let mut out = vm_live_blockers(&c, vi);
+    if kind == MoveKind::Quick {
+        out.retain(|r| !matches!(r, Reason::NotLiveMigratable { .. }));
+        out.extend(check(&c, &subject, ni, MoveKind::Quick, true));
+        return Ok(out);
+    }
     out.extend(check(&c, &subject, ni, MoveKind::Live, true));
     if out.is_empty() {
         let limit = snap.policy.max_live_migrations_per_node;
