@@ -166,7 +166,17 @@ async fn node_cut_off_from_the_majority_fences_its_vms() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(cl.log_tail(3, 200).contains("vms fenced"), "{}", cl.logs());
+    // The fence watcher logs after the VMs are gone, so the metrics can show the fence a
+    // moment before the log line is written.
+    let logged = Instant::now();
+    while !cl.log_tail(3, 200).contains("vms fenced") {
+        assert!(
+            logged.elapsed() < WAIT,
+            "no 'vms fenced' log line{}",
+            cl.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The majority comes back: node 3 records that it fenced itself, and the VM (its
     // record still names node 3, which is Up again) runs again.
