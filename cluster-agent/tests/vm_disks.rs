@@ -805,3 +805,114 @@ async fn failed_migration_leaves_the_disk_with_the_source() {
         Some((old.holders, old.token))
     );
 }
+
+/// The owner dies (kill -9) in the middle of a live migration of a VM with a disk (the
+/// guest dirties memory faster than the 1 ms downtime budget allows, so the migration is
+/// still in pre-copy): the target drops its half-received copy, the migration record
+/// ends failed, and failover restarts the VM from its disk with a newer fencing token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_kill9_mid_migration_restarts_the_vm_from_its_disk() {
+    let _serial = cluster_tests::serial().await;
+    let (mut cl, csv) = disk_cluster(3).await;
+    create_disk(&cl, 1, "vol/vms/m.img").await;
+    let leader = cl.check(cl.status(1).await).leader_id;
+    let mut others = [1, 2, 3].into_iter().filter(|n| *n != leader);
+    let (src, dst) = (others.next().unwrap_or(2), others.next().unwrap_or(3));
+    let boot = pb::TestGuestBoot {
+        workload: "dirty".into(),
+        wss_mib: 64,
+        rate_mbps: 4000,
+        hb_ms: 100,
+        ..Default::default()
+    };
+    let spec = pb::VmSpec {
+        preferred_owners: vec![src],
+        ..disk_spec("vm-m", &["vol/vms/m.img"])
+    };
+    let spec = pb::VmSpec {
+        memory_mib: 128,
+        boot: Some(pb::vm_spec::Boot::TestGuest(boot)),
+        ..spec
+    };
+    let mut c = cl.vms(leader).await;
+    c.create_vm(pb::CreateVmRequest {
+        spec: Some(spec),
+        start: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
+    let before = wait_vm(&cl, leader, "vm-m", "running", |v| v.runtime == "running").await;
+    assert_eq!(before.owner_id, src);
+    let old = wait_lock(&cl, leader, "vol/vms/m.img", "locked by the owner", |l| {
+        l.is_some_and(|l| l.holders == vec![src])
+    })
+    .await
+    .map_or(0, |l| l.token);
+
+    c.migrate_vm(pb::MigrateVmRequest {
+        name: "vm-m".into(),
+        to_node_id: dst,
+        max_downtime_ms: Some(1),
+        deadline_ms: Some(120_000),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
+    let mut m = cl.migrations(leader).await;
+    let start = Instant::now();
+    let rec = loop {
+        let l = m
+            .list_migrations(cluster_proto::migrations::ListMigrationsRequest {
+                vm: "vm-m".into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("list migrations: {e}"))
+            .into_inner();
+        if let Some(r) = l.migrations.into_iter().find(|r| r.state == "running") {
+            break r;
+        }
+        assert!(start.elapsed() < WAIT, "migration never ran{}", cl.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Let a few pre-copy rounds go by; the migration cannot converge.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let v = get_vm(&mut c, "vm-m")
+        .await
+        .unwrap_or_else(|e| panic!("get: {e}"));
+    assert_eq!((v.owner_id, v.migrating_to), (src, dst), "{v:?}");
+
+    let killed = cl.kill9(src);
+    cl.check(killed);
+    let after = wait_vm(&cl, leader, "vm-m", "restart on a survivor", |v| {
+        v.owner_id != src && v.migrating_to == 0 && v.runtime == "running"
+    })
+    .await;
+    assert!(after.generation > before.generation, "{after:?}");
+    eprintln!(
+        "vm-m restarted on node {} (the migration target was node {dst})",
+        after.owner_id
+    );
+    let (node, _) = wait_hb(&cl, leader, "vm-m", |_| true).await;
+    assert_eq!(node, after.owner_id);
+    let ended = m
+        .get_migration(cluster_proto::migrations::MigrationId { id: rec.id })
+        .await
+        .unwrap_or_else(|e| panic!("show migration: {e}"))
+        .into_inner()
+        .migration
+        .unwrap_or_default();
+    assert_eq!(ended.state, "failed", "{ended:?}");
+    let new = lock_of(&cl, leader, "vol/vms/m.img")
+        .await
+        .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
+    assert_eq!(new.holders, vec![after.owner_id]);
+    assert!(new.token > old, "token {} after {old}", new.token);
+    assert_eq!(fence_token(&csv, "vol/vms/m.img"), new.token);
+    if after.owner_id != dst {
+        assert!(
+            cl.log_tail(dst, 400).contains("incoming migration failed"),
+            "the target kept its half-received copy{}",
+            cl.logs()
+        );
+    }
+}
