@@ -45,6 +45,13 @@ pub struct Takeover {
 /// The restarts to commit now: for each node Down for at least `grace_ms` that still owns
 /// VMs with desired state Running, the scheduler's failover plan (priority order). VMs
 /// the plan cannot place (or with restart priority none) are left where they are.
+///
+/// A VM that was migrating away from the dead node goes to its migration target (if that
+/// is not Down too), whatever its restart priority: the source may have died after the
+/// switchover, with the VM already running on the target (the owner change was not yet
+/// committed) — moving it anywhere else would reboot a running VM. If the target never
+/// got that far, its half-received copy was dropped when the source's connection broke,
+/// and it boots the VM from its disks, whose locks it may already hold.
 pub fn plan(
     state: &ClusterState,
     now_unix_ms: u64,
@@ -52,22 +59,54 @@ pub fn plan(
 ) -> Result<Vec<Takeover>, PlacementError> {
     let mut out = Vec::new();
     let mut snap = None;
-    for (id, node) in &state.nodes {
-        if node.state != NodeState::Down
-            || now_unix_ms.saturating_sub(node.state_since_unix_ms) < grace_ms
-        {
+    let dead: Vec<u64> = state
+        .nodes
+        .iter()
+        .filter(|(_, n)| {
+            n.state == NodeState::Down
+                && now_unix_ms.saturating_sub(n.state_since_unix_ms) >= grace_ms
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    let mut to_target = Vec::new();
+    for v in state.vms.values() {
+        let (Some(owner), Some(target)) = (v.owner, v.migrating_to) else {
             continue;
+        };
+        let target_alive = state
+            .nodes
+            .get(&target)
+            .is_some_and(|n| n.state != NodeState::Down);
+        if dead.contains(&owner) && v.desired == DesiredState::Running && target_alive {
+            out.push(Takeover {
+                vm: v.spec.name.clone(),
+                from: owner,
+                to: target,
+            });
+            to_target.push((v.spec.name.clone(), target));
         }
-        let owns_running = state
-            .vms
-            .values()
-            .any(|v| v.owner == Some(*id) && v.desired == DesiredState::Running);
+    }
+    for id in &dead {
+        let owns_running = state.vms.values().any(|v| {
+            v.owner == Some(*id)
+                && v.desired == DesiredState::Running
+                && !to_target.iter().any(|(n, _)| *n == v.spec.name)
+        });
         if !owns_running {
             continue;
         }
         let s = match &snap {
             Some(s) => s,
-            None => snap.insert(placement::snapshot(state)?),
+            None => {
+                // The VMs going to their migration targets live there from now on.
+                let mut s = placement::snapshot(state)?;
+                for vm in &mut s.vms {
+                    if let Some((_, t)) = to_target.iter().find(|(n, _)| *n == vm.id.0) {
+                        vm.node = scheduler::NodeId(*t);
+                    }
+                }
+                snap.insert(s)
+            }
         };
         if !s.nodes.iter().any(|n| n.id.0 == *id) {
             continue;
@@ -224,6 +263,61 @@ mod tests {
             }));
         }
         assert_eq!(plan(&s, 12_000, 1_500).ok(), Some(vec![]));
+    }
+
+    #[test]
+    fn a_vm_migrating_away_from_the_dead_node_goes_to_its_target() {
+        let down = |s: &mut ClusterState, node_id| {
+            s.apply(&Command::SetNodeState {
+                node_id,
+                state: NodeState::Down,
+                at_unix_ms: 10_000,
+                reason: "silent".into(),
+            })
+        };
+        let mut s = cluster();
+        // Priority none: a restart would skip it, but on the target it may already run.
+        create(&mut s, "moving", 2, scheduler::RestartPriority::None);
+        create(&mut s, "staying", 2, scheduler::RestartPriority::High);
+        s.apply(&Command::Vm(VmCommand::ReportVmState {
+            name: "moving".into(),
+            node_id: 2,
+            generation: 1,
+            runtime: crate::vms::RuntimeState::Running,
+            reason: String::new(),
+            at_unix_ms: 3,
+        }));
+        s.apply(&Command::Vm(VmCommand::StartMigration {
+            name: "moving".into(),
+            to: 3,
+            at_unix_ms: 4,
+            quick: false,
+            max_downtime_ms: None,
+            deadline_ms: None,
+        }));
+        assert_eq!(
+            crate::vms::find(&s, "moving").and_then(|v| v.migrating_to),
+            Some(3)
+        );
+        let mut both_down = s.clone();
+        down(&mut s, 2);
+        let t = plan(&s, 11_500, 1_500).unwrap_or_default();
+        let moving: Vec<_> = t.iter().filter(|t| t.vm == "moving").collect();
+        assert_eq!(
+            moving,
+            vec![&Takeover {
+                vm: "moving".into(),
+                from: 2,
+                to: 3
+            }]
+        );
+        assert!(t.iter().any(|t| t.vm == "staying" && t.to != 2), "{t:?}");
+        // The target is dead too: the ordinary failover rules apply (priority none: stays).
+        down(&mut both_down, 2);
+        down(&mut both_down, 3);
+        let t = plan(&both_down, 11_500, 1_500).unwrap_or_default();
+        assert!(t.iter().all(|t| t.vm != "moving"), "{t:?}");
+        assert!(t.iter().any(|t| t.vm == "staying" && t.to == 1), "{t:?}");
     }
 
     #[test]

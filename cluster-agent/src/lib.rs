@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod config;
 pub mod convert;
+pub mod crash_point;
 pub mod datadir;
 pub mod disk_locks;
 pub mod drain;

@@ -90,6 +90,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None => RawConfig::default(),
     };
     let config = file.overlay(args.flags()).validate()?;
+    cluster_agent::crash_point::check_env()?;
     if args.check_config {
         println!("{config:#?}");
         return Ok(());

@@ -38,6 +38,9 @@ pub enum HostView {
     Ended {
         reason: String,
     },
+    /// The name is taken by a VM not registered yet (being started, or an incoming live
+    /// migration): nothing can start or stop it until it runs or is dropped.
+    Arriving,
 }
 
 /// One step for the loop to execute.
@@ -75,6 +78,7 @@ pub fn plan(
         let mine = r.owner == Some(me);
         let run_here = mine && r.desired == DesiredState::Running;
         match (run_here, host.get(name)) {
+            (_, Some(HostView::Arriving)) => {}
             // Migrated away, switchover not yet committed: never restart it here.
             (true, None) if r.migrating_to.is_some() => {}
             (true, Some(HostView::Running | HostView::Paused)) if r.migrating_to.is_some() => {
@@ -131,8 +135,8 @@ pub fn plan(
             }
         }
     }
-    for name in host.keys() {
-        if !records.iter().any(|r| &r.spec.name == name) {
+    for (name, view) in host {
+        if *view != HostView::Arriving && !records.iter().any(|r| &r.spec.name == name) {
             out.push(Action::Stop {
                 name: name.clone(),
                 report: None,
@@ -143,7 +147,8 @@ pub fn plan(
 }
 
 fn host_view(host: &VmHost) -> BTreeMap<String, HostView> {
-    host.list()
+    let mut view: BTreeMap<String, HostView> = host
+        .list()
         .into_iter()
         .map(|i| {
             let view = match i.status {
@@ -155,7 +160,11 @@ fn host_view(host: &VmHost) -> BTreeMap<String, HostView> {
             };
             (i.name, view)
         })
-        .collect()
+        .collect();
+    for name in host.arriving() {
+        view.entry(name).or_insert(HostView::Arriving);
+    }
+    view
 }
 
 /// Run the reconciler until `shutdown` turns true; then stop every VM of this host.
@@ -289,6 +298,7 @@ async fn migrate_out(agent: &Arc<Agent>, host: &Arc<VmHost>, name: &str, to: u64
     };
     let (ok, reason, stats) = match result {
         Ok((summary, stats)) => {
+            crate::crash_point::reached(crate::crash_point::MIGRATE_OUT_AFTER_SWITCHOVER);
             tracing::info!(vm = name, to, %summary, "vm migrated");
             agent
                 .migration_progress
@@ -561,6 +571,26 @@ mod tests {
         let acts = plan(1, &recs, &BTreeMap::new(), &BTreeSet::new());
         assert_eq!(acts.len(), 1);
         assert!(matches!(&acts[0], Action::Start { spec, generation: 3 } if spec.name == "a"));
+    }
+
+    #[test]
+    fn a_vm_still_arriving_is_neither_started_again_nor_stopped() {
+        let mut host = BTreeMap::new();
+        host.insert("a".to_string(), HostView::Arriving);
+        host.insert("b".to_string(), HostView::Arriving);
+        host.insert("unknown".to_string(), HostView::Arriving);
+        let recs = [
+            // Failed over to this node while its incoming copy is still being received.
+            rec("a", 1, DesiredState::Running, RuntimeState::Starting),
+            rec("b", 2, DesiredState::Running, RuntimeState::Running),
+        ];
+        assert_eq!(plan(1, &recs, &host, &BTreeSet::new()), Vec::new());
+        host.clear();
+        let acts = plan(1, &recs, &host, &BTreeSet::new());
+        assert!(
+            matches!(&acts[..], [Action::Start { spec, .. }] if spec.name == "a"),
+            "{acts:?}"
+        );
     }
 
     #[test]

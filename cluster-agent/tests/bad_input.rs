@@ -65,6 +65,23 @@ fn malformed_config_is_refused_naming_the_key() {
         !ok && out.contains("`migration_addr`") && out.contains("not-an-address"),
         "{out}"
     );
+    // A misspelt crash point (fault tests) is refused rather than silently ignored.
+    must!(c, c.add_node(31).map(|_| ()));
+    must!(
+        c,
+        c.set_env(
+            31,
+            cluster_agent::crash_point::ENV,
+            "migrate-out-after-switchovr"
+        )
+    );
+    let (ok, out) = must!(c, c.run_to_exit(31, Duration::from_secs(20)));
+    assert!(
+        !ok && out.contains(cluster_agent::crash_point::ENV)
+            && out.contains("migrate-out-after-switchovr")
+            && out.contains(cluster_agent::crash_point::MIGRATE_OUT_AFTER_SWITCHOVER),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

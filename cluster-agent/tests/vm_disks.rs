@@ -21,6 +21,11 @@ const WAIT: Duration = Duration::from_secs(90);
 
 /// A cluster of `n` agents that all see `<test dir>/csv` as volume `vol`.
 async fn disk_cluster(n: u64) -> (Cluster, PathBuf) {
+    disk_cluster_with_env(n, &[]).await
+}
+
+/// [`disk_cluster`] with `env` set for every agent.
+async fn disk_cluster_with_env(n: u64, env: &[(&str, &str)]) -> (Cluster, PathBuf) {
     let mut cl = Cluster::new(
         env!("CARGO_BIN_EXE_cluster-agent").into(),
         Options::default(),
@@ -35,6 +40,10 @@ async fn disk_cluster(n: u64) -> (Cluster, PathBuf) {
         );
         let added = cl.add_node_with(id, &extra);
         cl.check(added);
+        for (k, v) in env {
+            let set = cl.set_env(id, k, v);
+            cl.check(set);
+        }
     }
     let formed = cl.form(n).await;
     cl.check(formed);
@@ -862,9 +871,7 @@ async fn owner_kill9_mid_migration_restarts_the_vm_from_its_disk() {
     let start = Instant::now();
     let rec = loop {
         let l = m
-            .list_migrations(cluster_proto::migrations::ListMigrationsRequest {
-                vm: "vm-m".into(),
-            })
+            .list_migrations(cluster_proto::migrations::ListMigrationsRequest { vm: "vm-m".into() })
             .await
             .unwrap_or_else(|e| panic!("list migrations: {e}"))
             .into_inner();
@@ -915,4 +922,115 @@ async fn owner_kill9_mid_migration_restarts_the_vm_from_its_disk() {
             cl.logs()
         );
     }
+}
+
+/// The source dies right after a successful switchover, before it commits the end of
+/// the migration (crash point `migrate-out-after-switchover`, as abrupt as kill -9): the
+/// record still names the dead source as owner, but the VM already runs on the target.
+/// Failover gives it to the target, where it keeps running — the guest keeps counting,
+/// its disk lock stays with the handoff's token. The same crash after a quick
+/// migration's save and handoff: the target, which holds the disk, boots the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_dying_after_the_switchover_leaves_the_vm_on_the_target() {
+    let _serial = cluster_tests::serial().await;
+    let crash = [(
+        cluster_agent::crash_point::ENV,
+        cluster_agent::crash_point::MIGRATE_OUT_AFTER_SWITCHOVER,
+    )];
+    let (mut cl, csv) = disk_cluster_with_env(3, &crash).await;
+    create_disk(&cl, 1, "vol/vms/w.img").await;
+    let leader = cl.check(cl.status(1).await).leader_id;
+    let mut others = [1, 2, 3].into_iter().filter(|n| *n != leader);
+    let (src, dst) = (others.next().unwrap_or(2), others.next().unwrap_or(3));
+    let spec = pb::VmSpec {
+        preferred_owners: vec![src],
+        ..disk_spec("vm-w", &["vol/vms/w.img"])
+    };
+    let mut c = cl.vms(leader).await;
+    c.create_vm(pb::CreateVmRequest {
+        spec: Some(spec),
+        start: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
+    let before = wait_vm(&cl, leader, "vm-w", "running", |v| v.runtime == "running").await;
+    assert_eq!(before.owner_id, src);
+    // Long enough on the source that a guest rebooted on the target could not have
+    // counted this far by the time the failover is done.
+    let (_, hb) = wait_hb(&cl, leader, "vm-w", |h| h.disk == "ok" && h.seq >= 40).await;
+    let seq_before = hb.seq;
+
+    c.migrate_vm(pb::MigrateVmRequest {
+        name: "vm-w".into(),
+        to_node_id: dst,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
+    let after = wait_vm(&cl, leader, "vm-w", "owner change to the target", |v| {
+        v.owner_id == dst && v.migrating_to == 0 && v.runtime == "running"
+    })
+    .await;
+    assert!(
+        cl.log_tail(src, 200).contains("crash point reached"),
+        "the source did not crash at the crash point{}",
+        cl.logs()
+    );
+    let (node, hb) = wait_hb(&cl, leader, "vm-w", |_| true).await;
+    assert_eq!(node, dst);
+    assert!(
+        hb.seq > seq_before,
+        "the guest restarted on the target (seq {} after {seq_before}){}",
+        hb.seq,
+        cl.logs()
+    );
+    wait_hb(&cl, leader, "vm-w", |h| h.disk == "ok" && h.seq > hb.seq).await;
+    let handed = lock_of(&cl, leader, "vol/vms/w.img")
+        .await
+        .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
+    assert_eq!(handed.holders, vec![dst]);
+    assert_eq!(fence_token(&csv, "vol/vms/w.img"), handed.token);
+    let events = cl.check(cl.events(leader).await);
+    assert!(
+        events.iter().any(|e| e
+            .message
+            .contains(&format!("VM vm-w owner node {src} -> node {dst}"))),
+        "{events:?}"
+    );
+    eprintln!(
+        "vm-w kept running on node {dst}: generation {} -> {}, seq {seq_before} -> {}",
+        before.generation, after.generation, hb.seq
+    );
+
+    // The same crash on a quick migration back to the restarted source node.
+    let restarted = cl.start(src).await;
+    cl.check(restarted);
+    cl.wait_node_state(leader, src, "up", WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}{}", cl.logs()));
+    c.migrate_vm(pb::MigrateVmRequest {
+        name: "vm-w".into(),
+        to_node_id: src,
+        quick: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("quick migrate: {e}{}", cl.logs()));
+    let back = wait_vm(
+        &cl,
+        leader,
+        "vm-w",
+        "owner change to the quick target",
+        |v| v.owner_id == src && v.migrating_to == 0 && v.runtime == "running",
+    )
+    .await;
+    assert!(back.generation > after.generation);
+    let (node, _) = wait_hb(&cl, leader, "vm-w", |h| h.disk == "ok").await;
+    assert_eq!(node, src);
+    let held = lock_of(&cl, leader, "vol/vms/w.img")
+        .await
+        .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
+    assert_eq!(held.holders, vec![src]);
+    assert!(held.token > handed.token);
+    assert_eq!(fence_token(&csv, "vol/vms/w.img"), held.token);
 }

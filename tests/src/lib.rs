@@ -129,6 +129,8 @@ pub struct NodeSpec {
 struct NodeProc {
     spec: NodeSpec,
     child: Option<Child>,
+    /// Extra environment of the agent process (e.g. a crash point).
+    env: Vec<(String, String)>,
 }
 
 /// A set of agent processes for one test. Dropping it kills every process.
@@ -232,9 +234,21 @@ impl Cluster {
             NodeProc {
                 spec: spec.clone(),
                 child: None,
+                env: Vec::new(),
             },
         );
         Ok(spec)
+    }
+
+    /// Sets `key=value` in the environment of node `id`'s agent from its next start on.
+    pub fn set_env(&mut self, id: u64, key: &str, value: &str) -> Result<()> {
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or(HarnessError::UnknownNode(id))?;
+        node.env.retain(|(k, _)| k != key);
+        node.env.push((key.to_owned(), value.to_owned()));
+        Ok(())
     }
 
     pub fn spec(&self, id: u64) -> Result<&NodeSpec> {
@@ -286,6 +300,7 @@ impl Cluster {
             .arg("--config")
             .arg(&node.spec.config_path)
             .env("RUST_LOG", "info,openraft=warn")
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -301,10 +316,11 @@ impl Cluster {
     /// Run the agent for node `id` to completion (for configs that must fail);
     /// returns (success, stderr+stdout).
     pub fn run_to_exit(&self, id: u64, timeout: Duration) -> Result<(bool, String)> {
-        let spec = self.spec(id)?;
+        let node = self.nodes.get(&id).ok_or(HarnessError::UnknownNode(id))?;
         let mut child = Command::new(&self.agent_bin)
             .arg("--config")
-            .arg(&spec.config_path)
+            .arg(&node.spec.config_path)
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -392,6 +392,16 @@ impl VmHost {
         vms.iter().map(|v| self.info_of(v)).collect()
     }
 
+    /// Names held for a VM that is not registered yet: being started, or arriving by
+    /// live migration (the incoming copy until it runs or is dropped).
+    pub fn arriving(&self) -> Vec<String> {
+        lock(&self.vms)
+            .iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     /// The console of `name`: recent log plus a bounded live line stream.
     pub fn console(&self, name: &str) -> Result<ConsoleStream, VmHostError> {
         let vm = self.get(name)?;
