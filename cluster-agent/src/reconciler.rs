@@ -55,6 +55,8 @@ pub enum Action {
     },
     /// Live-migrate the VM to node `to` (this node is the source), then commit the end.
     MigrateOut { name: String, to: u64 },
+    /// Give up the incoming live migration of the VM (see [`VmHost::abandon_incoming`]).
+    AbandonIncoming { name: String },
     /// Report a state for `generation` without touching the VMM.
     Report {
         name: String,
@@ -78,6 +80,11 @@ pub fn plan(
         let mine = r.owner == Some(me);
         let run_here = mine && r.desired == DesiredState::Running;
         match (run_here, host.get(name)) {
+            // Failed over to this node while its incoming migration is still being
+            // received: the source is gone; give that receive up so the VM can start.
+            (true, Some(HostView::Arriving)) if r.migrating_to.is_none() => {
+                out.push(Action::AbandonIncoming { name: name.clone() });
+            }
             (_, Some(HostView::Arriving)) => {}
             // Migrated away, switchover not yet committed: never restart it here.
             (true, None) if r.migrating_to.is_some() => {}
@@ -536,6 +543,11 @@ async fn execute(agent: &Arc<Agent>, host: &Arc<VmHost>, action: Action) {
             runtime,
             reason,
         } => report(agent, name, generation, runtime, reason).await,
+        Action::AbandonIncoming { name } => {
+            if host.abandon_incoming(&name) {
+                tracing::warn!(vm = %name, "incoming migration abandoned: the VM was failed over to this node");
+            }
+        }
     }
 }
 
@@ -574,7 +586,7 @@ mod tests {
     }
 
     #[test]
-    fn a_vm_still_arriving_is_neither_started_again_nor_stopped() {
+    fn a_vm_still_arriving_is_not_started_again_and_given_up_once_failed_over_here() {
         let mut host = BTreeMap::new();
         host.insert("a".to_string(), HostView::Arriving);
         host.insert("b".to_string(), HostView::Arriving);
@@ -584,7 +596,15 @@ mod tests {
             rec("a", 1, DesiredState::Running, RuntimeState::Starting),
             rec("b", 2, DesiredState::Running, RuntimeState::Running),
         ];
-        assert_eq!(plan(1, &recs, &host, &BTreeSet::new()), Vec::new());
+        assert_eq!(
+            plan(1, &recs, &host, &BTreeSet::new()),
+            vec![Action::AbandonIncoming { name: "a".into() }]
+        );
+        // Still an ordinary incoming migration (owner 2, migrating here): left alone.
+        let mut arriving = recs.clone();
+        arriving[0].owner = Some(2);
+        arriving[0].migrating_to = Some(1);
+        assert_eq!(plan(1, &arriving, &host, &BTreeSet::new()), Vec::new());
         host.clear();
         let acts = plan(1, &recs, &host, &BTreeSet::new());
         assert!(

@@ -815,12 +815,31 @@ async fn failed_migration_leaves_the_disk_with_the_source() {
     );
 }
 
-/// The owner dies (kill -9) in the middle of a live migration of a VM with a disk (the
-/// guest dirties memory faster than the 1 ms downtime budget allows, so the migration is
-/// still in pre-copy): the target drops its half-received copy, the migration record
-/// ends failed, and failover restarts the VM from its disk with a newer fencing token.
+/// The owner is lost in the middle of a live migration of a VM with a disk (the guest
+/// dirties memory faster than the 1 ms downtime budget allows, so the migration is still
+/// in pre-copy): the migration record ends failed and failover gives the VM to the
+/// migration target, which drops its half-received copy and boots the VM from its disk
+/// with a newer fencing token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn owner_kill9_mid_migration_restarts_the_vm_from_its_disk() {
+async fn owner_kill9_mid_migration_the_target_boots_the_vm_from_its_disk() {
+    owner_lost_mid_migration(Loss::Kill9).await;
+}
+
+/// As above, but the owner goes silent (SIGSTOP: a host that lost power sends no
+/// connection reset): the target does not wait out its 30 s I/O timeout — its agent
+/// abandons the receive as soon as the VM is failed over to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_silent_mid_migration_the_target_abandons_the_receive_and_boots_the_vm() {
+    owner_lost_mid_migration(Loss::Freeze).await;
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    Kill9,
+    Freeze,
+}
+
+async fn owner_lost_mid_migration(loss: Loss) {
     let _serial = cluster_tests::serial().await;
     let (mut cl, csv) = disk_cluster(3).await;
     create_disk(&cl, 1, "vol/vms/m.img").await;
@@ -888,19 +907,29 @@ async fn owner_kill9_mid_migration_restarts_the_vm_from_its_disk() {
         .unwrap_or_else(|e| panic!("get: {e}"));
     assert_eq!((v.owner_id, v.migrating_to), (src, dst), "{v:?}");
 
-    let killed = cl.kill9(src);
-    cl.check(killed);
-    let after = wait_vm(&cl, leader, "vm-m", "restart on a survivor", |v| {
-        v.owner_id != src && v.migrating_to == 0 && v.runtime == "running"
-    })
+    let lost = Instant::now();
+    match loss {
+        Loss::Kill9 => {
+            let killed = cl.kill9(src);
+            cl.check(killed);
+        }
+        Loss::Freeze => signal(&cl, src, "STOP"),
+    }
+    let after = wait_vm(
+        &cl,
+        leader,
+        "vm-m",
+        "restart on the migration target",
+        |v| v.owner_id == dst && v.migrating_to == 0 && v.runtime == "running",
+    )
     .await;
     assert!(after.generation > before.generation, "{after:?}");
     eprintln!(
-        "vm-m restarted on node {} (the migration target was node {dst})",
-        after.owner_id
+        "vm-m running on the migration target {} ms after its source was lost",
+        lost.elapsed().as_millis()
     );
     let (node, _) = wait_hb(&cl, leader, "vm-m", |_| true).await;
-    assert_eq!(node, after.owner_id);
+    assert_eq!(node, dst);
     let ended = m
         .get_migration(cluster_proto::migrations::MigrationId { id: rec.id })
         .await
@@ -912,15 +941,33 @@ async fn owner_kill9_mid_migration_restarts_the_vm_from_its_disk() {
     let new = lock_of(&cl, leader, "vol/vms/m.img")
         .await
         .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
-    assert_eq!(new.holders, vec![after.owner_id]);
+    assert_eq!(new.holders, vec![dst]);
     assert!(new.token > old, "token {} after {old}", new.token);
     assert_eq!(fence_token(&csv, "vol/vms/m.img"), new.token);
-    if after.owner_id != dst {
-        assert!(
-            cl.log_tail(dst, 400).contains("incoming migration failed"),
-            "the target kept its half-received copy{}",
+    let dst_log = cl.log_tail(dst, 400);
+    match loss {
+        Loss::Kill9 => assert!(
+            dst_log.contains("incoming migration failed"),
+            "{}",
             cl.logs()
-        );
+        ),
+        Loss::Freeze => {
+            assert!(
+                dst_log.contains("incoming migration abandoned"),
+                "the target waited for its silent source{}",
+                cl.logs()
+            );
+            // The frozen source thaws with its lease long lapsed: it stops its copy, and
+            // the VM stays with the target.
+            signal(&cl, src, "CONT");
+            let (node, _) = wait_hb(&cl, leader, "vm-m", |_| true).await;
+            assert_eq!(node, dst);
+            let v = wait_vm(&cl, leader, "vm-m", "still on the target", |v| {
+                v.owner_id == dst && v.runtime == "running"
+            })
+            .await;
+            assert_eq!(v.generation, after.generation, "{v:?}");
+        }
     }
 }
 

@@ -32,7 +32,9 @@ use vmm_node::migration::seam::{
 };
 use vmm_node::migration::source::{migrate, CancelToken, MigrateOptions, MigrationEvent};
 use vmm_node::migration::stats::MigrationStats;
-use vmm_node::migration::target::{error_chain, receive_one, ReceiveOptions, ReceiveStats};
+use vmm_node::migration::target::{
+    error_chain, receive_one, Abandon, ReceiveOptions, ReceiveStats,
+};
 use vmm_node::migration::transport::{DirtyPages, PageMap};
 use vmm_node::migration::{self as engine, MigrationError};
 use vmm_node::state::DiskSlotState;
@@ -425,6 +427,8 @@ struct TargetShared {
     host: Arc<VmHost>,
     locks: Arc<dyn DiskLocks>,
     current: Mutex<Option<Arc<Incoming>>>,
+    /// The engine's handle for giving up the session in progress (`VmHost::abandon_incoming`).
+    abandon: Abandon,
 }
 
 struct Factory(Arc<TargetShared>);
@@ -476,6 +480,7 @@ impl TargetFactory for Factory {
             reservation: Mutex::new(Some(reservation)),
         });
         *lock(&self.0.current) = Some(inc.clone());
+        host.set_incoming(Some((inc.vm.name().to_owned(), self.0.abandon.clone())));
         Ok(Box::new(TargetSide(inc, self.0.clone())))
     }
 }
@@ -609,6 +614,7 @@ impl VmHost {
             host: self.clone(),
             locks,
             current: Mutex::new(None),
+            abandon: opts.abandon.clone(),
         });
         let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()
@@ -636,6 +642,7 @@ fn listen_loop(
     let handoff = Handoff(shared.clone());
     while !stop.load(Ordering::SeqCst) {
         let r = receive_one(&listener, &factory, &handoff, &opts);
+        shared.host.set_incoming(None);
         let inc = lock(&shared.current).take();
         let ev = match (r, inc) {
             (Ok(received), Some(inc)) => {

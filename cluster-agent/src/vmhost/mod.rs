@@ -47,6 +47,7 @@ pub use quick::{QuickImage, QuickRestoreStats};
 pub use spec::{BootSpec, DiskSpec, SpecError, TestWorkload, VmSpec, WorkloadName};
 
 use machine::{open_disk, CloseFor, HostedVm};
+use vmm_node::migration::target::Abandon;
 
 /// Errors of the VM runtime. Messages name the VM / disk / slot at fault.
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +204,8 @@ pub struct VmHost {
     registry: Arc<VolumeRegistry>,
     /// `None` marks a name reserved by a start or an incoming migration in progress.
     vms: Arc<VmTable>,
+    /// The incoming live migration in progress (VM name) and the handle that gives it up.
+    incoming: Mutex<Option<(String, Abandon)>>,
 }
 
 type VmTable = Mutex<BTreeMap<String, Option<Arc<HostedVm>>>>;
@@ -244,7 +247,26 @@ impl VmHost {
             node,
             registry: Arc::new(registry),
             vms: Arc::new(Mutex::new(BTreeMap::new())),
+            incoming: Mutex::new(None),
         })
+    }
+
+    /// Gives up the incoming live migration of `name`, if one is in progress and has not
+    /// reached its commit (the engine never resumes an abandoned VM). For a VM the cluster
+    /// has just failed over to this node: its source is gone, but a source host that lost
+    /// power sends no reset, and the receive would otherwise wait out its I/O timeout.
+    pub fn abandon_incoming(&self, name: &str) -> bool {
+        match &*lock(&self.incoming) {
+            Some((n, abandon)) if n == name => {
+                abandon.set();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn set_incoming(&self, incoming: Option<(String, Abandon)>) {
+        *lock(&self.incoming) = incoming;
     }
 
     /// This node's id (the node the grants must name).

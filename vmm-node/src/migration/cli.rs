@@ -81,6 +81,7 @@ pub fn receive_vm(args: &ReceiveArgs) -> Result<Arc<Vm>, MigrationError> {
         facts_override,
         failpoint,
         io_timeout: Duration::from_millis(args.io_timeout_ms),
+        ..ReceiveOptions::default()
     };
     let listener = TcpListener::bind(args.listen).map_err(|source| MigrationError::Connect {
         addr: args.listen,

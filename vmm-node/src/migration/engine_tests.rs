@@ -428,6 +428,76 @@ fn cancel_during_precopy_leaves_vm_running_on_source() {
     assert_workload_runs(&vm, "after cancel");
 }
 
+/// A source that goes silent mid-pre-copy (its host lost power: no reset ever arrives)
+/// is given up by the target as soon as its node says so, not after `io_timeout`.
+#[test]
+fn abandoned_target_gives_up_at_once_and_the_source_rolls_back() {
+    let vm = SimVm::start(32 << 20, 4096);
+    let l = listener();
+    let addr = l.local_addr().unwrap();
+    let f = Arc::new(factory());
+    let f2 = f.clone();
+    let ro = ReceiveOptions {
+        io_timeout: Duration::from_secs(600),
+        ..Default::default()
+    };
+    let abandon = ro.abandon.clone();
+    let target = std::thread::spawn(move || receive_one(&l, f2.as_ref(), &NoHandoff, &ro));
+    let (silent_tx, silent_rx) = std::sync::mpsc::channel::<()>();
+    let (wake_tx, wake_rx) = std::sync::mpsc::channel::<()>();
+    let source = std::thread::spawn(move || {
+        let mut silent = false;
+        // Downtime 1 ms and a busy guest: pre-copy goes on; after round 1 the source
+        // stops talking (its progress callback blocks) until the test wakes it.
+        let r = migrate(
+            &vm,
+            addr,
+            &opts(1, 600_000),
+            &NoHandoff,
+            &CancelToken::default(),
+            &mut |e| {
+                if let MigrationEvent::Progress(p) = e {
+                    if p.round >= 1 && !silent {
+                        silent = true;
+                        let _ = silent_tx.send(());
+                        let _ = wake_rx.recv();
+                    }
+                }
+            },
+        );
+        (r, vm)
+    });
+    silent_rx.recv().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!target.is_finished(), "the target gave up on its own");
+    abandon.set();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !target.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned target kept waiting for its silent source"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = target.join().unwrap();
+    assert!(
+        matches!(&r, Err(MigrationError::Cancelled(Some(why))) if why.contains("abandoned")),
+        "{:?}",
+        r.err()
+    );
+    assert!(f
+        .created
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|v| !v.running.load(Ordering::SeqCst)));
+    wake_tx.send(()).unwrap();
+    let (r, vm) = source.join().unwrap();
+    assert!(r.is_err(), "{r:?}");
+    assert!(!vm.paused());
+    assert_workload_runs(&vm, "after the target gave up");
+}
+
 #[test]
 fn target_failure_at_each_phase_rolls_back_to_source() {
     for fp in [

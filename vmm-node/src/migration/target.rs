@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::protocol::{
@@ -19,6 +21,37 @@ use super::{MigrationError, MAX_CONNECTIONS};
 
 /// Default time the target waits for the source at any step.
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a target waiting for its source looks at [`Abandon`].
+pub const ABANDON_POLL: Duration = Duration::from_millis(100);
+
+/// Lets the node embedding the target give up the incoming migration in progress — its
+/// source is known to be gone (e.g. the cluster failed the VM over to this node after the
+/// source host lost power, so no connection reset will ever arrive) — instead of waiting
+/// out `io_timeout`. Seen within [`ABANDON_POLL`]; the VM is never resumed once abandoned.
+/// Cleared when the next session is accepted.
+#[derive(Debug, Clone, Default)]
+pub struct Abandon(Arc<AtomicBool>);
+
+impl Abandon {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    fn clear(&self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Two handles are equal when they share the flag.
+impl PartialEq for Abandon {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Abandon {}
 
 /// A phase at which the target can be made to die on purpose (tests of the source's
 /// rollback; `VMM_NODE_MIGRATION_FAILPOINT` in the debug binary).
@@ -67,6 +100,7 @@ pub struct ReceiveOptions {
     pub facts_override: Option<NodeFacts>,
     pub failpoint: Option<(Failpoint, FailAction)>,
     pub io_timeout: Duration,
+    pub abandon: Abandon,
 }
 
 impl Default for ReceiveOptions {
@@ -75,6 +109,7 @@ impl Default for ReceiveOptions {
             facts_override: None,
             failpoint: None,
             io_timeout: DEFAULT_IO_TIMEOUT,
+            abandon: Abandon::default(),
         }
     }
 }
@@ -158,6 +193,7 @@ pub fn receive_one(
     let (mut ctl, peer) = listener
         .accept()
         .map_err(|e| MigrationError::proto("accept")(e.into()))?;
+    opts.abandon.clear();
     let io = |e: std::io::Error| MigrationError::proto("setup")(e.into());
     ctl.set_read_timeout(Some(opts.io_timeout)).map_err(io)?;
     ctl.set_write_timeout(Some(opts.io_timeout)).map_err(io)?;
@@ -370,9 +406,23 @@ fn coordinate(
     let mut state: Option<Vec<u8>> = None;
     let mut stats = ReceiveStats::default();
     let mut restored = false;
+    let mut heard = Instant::now();
     loop {
-        let ev = match rx.recv_timeout(opts.io_timeout) {
-            Ok(ev) => ev,
+        if opts.abandon.is_set() {
+            return Err(MigrationError::Cancelled(Some(
+                "abandoned by the target's node (its source is gone)".into(),
+            )));
+        }
+        let wait = opts
+            .io_timeout
+            .saturating_sub(heard.elapsed())
+            .min(ABANDON_POLL);
+        let ev = match rx.recv_timeout(wait) {
+            Ok(ev) => {
+                heard = Instant::now();
+                ev
+            }
+            Err(RecvTimeoutError::Timeout) if heard.elapsed() < opts.io_timeout => continue,
             Err(RecvTimeoutError::Timeout) => {
                 return Err(MigrationError::Timeout("the migration source"))
             }
