@@ -135,6 +135,9 @@ pub struct Agent {
     liveness: Mutex<crate::liveness::Liveness>,
     /// Live progress of the migrations this node is the source of.
     pub migration_progress: crate::migration_service::ProgressBoard,
+    /// Held on the leader from judging a placement or migration target to committing it,
+    /// so two decisions never both take the last room or migration slot.
+    pub place_lock: tokio::sync::Mutex<()>,
 }
 
 impl Agent {
@@ -189,6 +192,7 @@ impl Agent {
             data_dir: Mutex::new(data_dir),
             liveness: Mutex::new(liveness),
             migration_progress: Default::default(),
+            place_lock: tokio::sync::Mutex::new(()),
         }))
     }
 

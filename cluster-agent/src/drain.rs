@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use scheduler::{ClusterSnapshot, DrainPlan, Migration, MoveKind, NodeId, Reason, VmId, Wave};
+use scheduler::{ClusterSnapshot, DrainPlan, MoveKind, NodeId, Reason, VmId, Wave};
 use tokio::sync::watch;
 
 use crate::agent::{now_unix_ms, Agent, ForwardRequest};
@@ -39,21 +39,7 @@ pub const MOVE_ATTEMPTS_MAX: usize = 3;
 
 /// The scheduler's view with in-flight migrations and the balancing policy.
 pub fn snapshot(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError> {
-    let mut snap = placement::snapshot(state)?;
-    let known: BTreeSet<u64> = snap.nodes.iter().map(|n| n.id.0).collect();
-    snap.migrations = state
-        .vms
-        .values()
-        .filter_map(|v| {
-            let (from, to) = (v.owner?, v.migrating_to?);
-            (known.contains(&from) && known.contains(&to)).then(|| Migration {
-                vm: VmId(v.spec.name.clone()),
-                from: NodeId(from),
-                to: NodeId(to),
-                expected_end_ms: 0,
-            })
-        })
-        .collect();
+    let mut snap = placement::snapshot_with_migrations(state)?;
     snap.policy.balance = state.jobs.policy.mode;
     snap.policy.aggressiveness = state.jobs.policy.aggressiveness;
     Ok(snap)
@@ -452,6 +438,9 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             last_balance = Instant::now();
             continue;
         }
+        // Judge and commit under the placement lock: the migration queue and `vm migrate`
+        // on this leader cannot take a slot this step counts as free.
+        let _placing = agent.place_lock.lock().await;
         let state = agent.read_sm(|d| d.state.clone());
         let mut cmds = step(&state, now_unix_ms());
         let interval = Duration::from_millis(state.jobs.policy.interval_ms);

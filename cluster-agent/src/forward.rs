@@ -56,3 +56,14 @@ pub fn write_status(e: WriteError) -> Status {
         _ => Status::internal(msg),
     }
 }
+
+/// The gRPC status for a refusal of `class`.
+pub fn class_status(class: crate::vms::ErrorClass, msg: String) -> Status {
+    use crate::vms::ErrorClass;
+    match class {
+        ErrorClass::InvalidArgument => Status::invalid_argument(msg),
+        ErrorClass::NotFound => Status::not_found(msg),
+        ErrorClass::AlreadyExists => Status::already_exists(msg),
+        ErrorClass::FailedPrecondition => Status::failed_precondition(msg),
+    }
+}

@@ -26,6 +26,7 @@ pub mod liveness;
 pub mod lock_client;
 pub mod metrics;
 pub mod mgmt_service;
+pub mod migration_queue;
 pub mod migration_service;
 pub mod migrations;
 pub mod network;

@@ -212,13 +212,7 @@ impl MigrationApi {
 }
 
 fn status(e: migrations::MigrationError) -> Status {
-    let msg = e.to_string();
-    match e.class() {
-        crate::vms::ErrorClass::NotFound => Status::not_found(msg),
-        crate::vms::ErrorClass::InvalidArgument => Status::invalid_argument(msg),
-        crate::vms::ErrorClass::AlreadyExists => Status::already_exists(msg),
-        crate::vms::ErrorClass::FailedPrecondition => Status::failed_precondition(msg),
-    }
+    crate::forward::class_status(e.class(), e.to_string())
 }
 
 async fn connect(addr: &str) -> Result<MigrationServiceClient<Channel>, Status> {
@@ -328,6 +322,7 @@ impl MigrationService for MigrationApi {
         let agent = self.agent.clone();
         tokio::spawn(async move {
             let mut sent_version = 0;
+            let mut said_queued = false;
             loop {
                 let rec = agent.read_sm(|d| d.state.migrations.get(&id).cloned());
                 let Some(rec) = rec else {
@@ -344,6 +339,22 @@ impl MigrationService for MigrationApi {
                     if tx.send(Ok(progress_to_pb(id, p))).await.is_err() {
                         return;
                     }
+                }
+                if rec.state == MigrationState::Queued {
+                    // Waiting for a slot: say so once, then keep watching.
+                    if !said_queued {
+                        said_queued = true;
+                        let queued = pb::MigrationProgress {
+                            id,
+                            phase: rec.state.as_str().into(),
+                            ..Default::default()
+                        };
+                        if tx.send(Ok(queued)).await.is_err() {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(PROGRESS_POLL).await;
+                    continue;
                 }
                 if rec.state != MigrationState::Running {
                     let mut last =

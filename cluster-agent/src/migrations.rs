@@ -8,9 +8,14 @@
 //! failed. Finished records are kept up to [`MIGRATION_HISTORY_MAX`]; the oldest finished
 //! ones are dropped first.
 //!
-//! **Architecture Invariant:** at most one running migration record per VM, and a VM
-//! has one exactly while its `VmRecord::migrating_to` is set; records change only in
-//! `apply` (pure, deterministic: no clock, timestamps travel in commands).
+//! A migration that only a busy migration slot stands in the way of is opened `queued`
+//! (`MigrationCommand::QueueMigration`, see `migration_queue`); the `StartMigration` that
+//! the leader commits for it later turns that record into the running one.
+//!
+//! **Architecture Invariant:** at most one running-or-queued migration record per VM; a
+//! VM has a running one exactly while its `VmRecord::migrating_to` is set (a queued one
+//! never sets it); records change only in `apply` (pure, deterministic: no clock,
+//! timestamps travel in commands).
 
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +45,9 @@ impl MigrationKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MigrationState {
+    /// Waiting for a migration slot of its source or target (at most one live migration
+    /// per node); started by the leader's queue loop in order.
+    Queued,
     Running,
     Succeeded,
     Failed,
@@ -49,6 +57,7 @@ pub enum MigrationState {
 impl MigrationState {
     pub fn as_str(self) -> &'static str {
         match self {
+            MigrationState::Queued => "queued",
             MigrationState::Running => "running",
             MigrationState::Succeeded => "succeeded",
             MigrationState::Failed => "failed",
@@ -57,7 +66,7 @@ impl MigrationState {
     }
 
     pub fn finished(self) -> bool {
-        self != MigrationState::Running
+        !matches!(self, MigrationState::Queued | MigrationState::Running)
     }
 }
 
@@ -124,14 +133,36 @@ pub struct MigrationRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "migration_cmd", rename_all = "snake_case")]
 pub enum MigrationCommand {
-    /// Ask the source of running migration `id` to abort and roll back.
+    /// Ask the source of running migration `id` to abort and roll back; a queued one is
+    /// cancelled at once.
     CancelMigration { id: u64, at_unix_ms: u64 },
+    /// Queue a migration of `vm` that cannot start now only because a migration slot is
+    /// busy. `to` 0: the scheduler picks the target when it starts.
+    QueueMigration {
+        vm: String,
+        to: u64,
+        quick: bool,
+        max_downtime_ms: Option<u64>,
+        deadline_ms: Option<u64>,
+        at_unix_ms: u64,
+    },
+    /// Drop queued migration `id`: it can no longer start (the VM stopped, the target
+    /// went away...).
+    DropQueued {
+        id: u64,
+        reason: String,
+        at_unix_ms: u64,
+    },
 }
 
 impl std::fmt::Display for MigrationCommand {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             MigrationCommand::CancelMigration { id, .. } => write!(f, "cancel_migration({id})"),
+            MigrationCommand::QueueMigration { vm, to, .. } => {
+                write!(f, "queue_migration({vm}, {to})")
+            }
+            MigrationCommand::DropQueued { id, .. } => write!(f, "drop_queued({id})"),
         }
     }
 }
@@ -146,6 +177,16 @@ pub enum MigrationError {
     AlreadyCancelling(u64),
     #[error("migration {0} is a quick migration (save, hand off, restore), which cannot be cancelled midway")]
     QuickNotCancellable(u64),
+    #[error("VM {vm} already has migration {id} {state}")]
+    VmBusy {
+        vm: String,
+        id: u64,
+        state: MigrationState,
+    },
+    #[error("migration {id} is {state}, not queued")]
+    NotQueued { id: u64, state: MigrationState },
+    #[error(transparent)]
+    Vm(#[from] crate::vms::VmStateError),
 }
 
 impl MigrationError {
@@ -154,7 +195,10 @@ impl MigrationError {
             MigrationError::Unknown(_) => crate::vms::ErrorClass::NotFound,
             MigrationError::Finished { .. }
             | MigrationError::AlreadyCancelling(_)
-            | MigrationError::QuickNotCancellable(_) => crate::vms::ErrorClass::FailedPrecondition,
+            | MigrationError::QuickNotCancellable(_)
+            | MigrationError::VmBusy { .. }
+            | MigrationError::NotQueued { .. } => crate::vms::ErrorClass::FailedPrecondition,
+            MigrationError::Vm(e) => e.class(),
         }
     }
 }
@@ -166,6 +210,23 @@ pub fn running_of<'a>(state: &'a ClusterState, vm: &str) -> Option<&'a Migration
         .values()
         .rev()
         .find(|m| m.vm == vm && m.state == MigrationState::Running)
+}
+
+/// The queued migration of `vm`, if any.
+pub fn queued_of<'a>(state: &'a ClusterState, vm: &str) -> Option<&'a MigrationRecord> {
+    state
+        .migrations
+        .values()
+        .find(|m| m.vm == vm && m.state == MigrationState::Queued)
+}
+
+/// The queued migrations, oldest first.
+pub fn queue(state: &ClusterState) -> Vec<&MigrationRecord> {
+    state
+        .migrations
+        .values()
+        .filter(|m| m.state == MigrationState::Queued)
+        .collect()
 }
 
 /// What the leader asks before proposing a migration command.
@@ -182,11 +243,56 @@ pub fn check(state: &ClusterState, cmd: &MigrationCommand) -> Result<(), Migrati
                     state: m.state,
                 });
             }
+            if m.state == MigrationState::Queued {
+                return Ok(());
+            }
             if m.cancel_requested {
                 return Err(MigrationError::AlreadyCancelling(*id));
             }
             if m.kind == MigrationKind::Quick {
                 return Err(MigrationError::QuickNotCancellable(*id));
+            }
+            Ok(())
+        }
+        MigrationCommand::QueueMigration {
+            vm,
+            to,
+            quick,
+            max_downtime_ms,
+            deadline_ms,
+            at_unix_ms,
+        } => {
+            if let Some(m) = queued_of(state, vm).or_else(|| running_of(state, vm)) {
+                return Err(MigrationError::VmBusy {
+                    vm: vm.clone(),
+                    id: m.id,
+                    state: m.state,
+                });
+            }
+            // The checks of starting it now, the target aside when the scheduler picks it.
+            let probe = VmCommand::StartMigration {
+                name: vm.clone(),
+                to: *to,
+                at_unix_ms: *at_unix_ms,
+                quick: *quick,
+                max_downtime_ms: *max_downtime_ms,
+                deadline_ms: *deadline_ms,
+            };
+            match crate::vms::check(state, &probe) {
+                Err(crate::vms::VmStateError::UnknownNode(0)) if *to == 0 => Ok(()),
+                r => Ok(r?),
+            }
+        }
+        MigrationCommand::DropQueued { id, .. } => {
+            let m = state
+                .migrations
+                .get(id)
+                .ok_or(MigrationError::Unknown(*id))?;
+            if m.state != MigrationState::Queued {
+                return Err(MigrationError::NotQueued {
+                    id: *id,
+                    state: m.state,
+                });
             }
             Ok(())
         }
@@ -206,13 +312,96 @@ pub fn apply(
                 return Err(MigrationError::Unknown(*id));
             };
             m.cancel_requested = true;
+            let queued = m.state == MigrationState::Queued;
+            if queued {
+                m.state = MigrationState::Cancelled;
+                m.ended_unix_ms = Some(*at_unix_ms);
+                m.reason = "cancelled by the operator while queued".into();
+            }
+            let (vm, source) = (m.vm.clone(), m.source);
+            touched.push(StateKey::Migration(*id));
+            let what = if queued {
+                "cancelled while queued"
+            } else {
+                "cancel requested"
+            };
+            state.record_event(
+                *at_unix_ms,
+                EventKind::Vm,
+                source,
+                format!("migration {id} of VM {vm}: {what}"),
+                touched,
+            );
+        }
+        MigrationCommand::QueueMigration {
+            vm,
+            to,
+            quick,
+            max_downtime_ms,
+            deadline_ms,
+            at_unix_ms,
+        } => {
+            let source = crate::vms::find(state, vm)
+                .and_then(|v| v.owner)
+                .unwrap_or(0);
+            state.last_migration_id += 1;
+            let id = state.last_migration_id;
+            state.migrations.insert(
+                id,
+                MigrationRecord {
+                    id,
+                    vm: vm.clone(),
+                    source,
+                    target: *to,
+                    kind: if *quick {
+                        MigrationKind::Quick
+                    } else {
+                        MigrationKind::Live
+                    },
+                    max_downtime_ms: *max_downtime_ms,
+                    deadline_ms: *deadline_ms,
+                    state: MigrationState::Queued,
+                    cancel_requested: false,
+                    started_unix_ms: *at_unix_ms,
+                    ended_unix_ms: None,
+                    reason: String::new(),
+                    stats: None,
+                },
+            );
+            touched.push(StateKey::Migration(id));
+            touched.push(StateKey::LastMigrationId);
+            let target = if *to == 0 {
+                "a node the scheduler picks".to_owned()
+            } else {
+                format!("node {to}")
+            };
+            state.record_event(
+                *at_unix_ms,
+                EventKind::Vm,
+                source,
+                format!("migration {id} of VM {vm} to {target} queued: a migration slot is busy"),
+                touched,
+            );
+            trim(state, touched);
+        }
+        MigrationCommand::DropQueued {
+            id,
+            reason,
+            at_unix_ms,
+        } => {
+            let Some(m) = state.migrations.get_mut(id) else {
+                return Err(MigrationError::Unknown(*id));
+            };
+            m.state = MigrationState::Failed;
+            m.ended_unix_ms = Some(*at_unix_ms);
+            m.reason = format!("dropped from the queue: {reason}");
             let (vm, source) = (m.vm.clone(), m.source);
             touched.push(StateKey::Migration(*id));
             state.record_event(
                 *at_unix_ms,
                 EventKind::Vm,
                 source,
-                format!("migration {id} of VM {vm}: cancel requested"),
+                format!("migration {id} of VM {vm} dropped from the queue: {reason}"),
                 touched,
             );
         }
@@ -237,33 +426,48 @@ pub fn after_vm_command(state: &mut ClusterState, cmd: &VmCommand, touched: &mut
                 .find(|v| &v.spec.name == name)
                 .and_then(|v| v.owner)
                 .unwrap_or(0);
-            state.last_migration_id += 1;
-            let id = state.last_migration_id;
-            state.migrations.insert(
-                id,
-                MigrationRecord {
+            // Started from the queue (or by a drain for a VM with a queued migration): the
+            // queued record becomes the running one.
+            let queued = queued_of(state, name).map(|m| m.id);
+            let kind = if *quick {
+                MigrationKind::Quick
+            } else {
+                MigrationKind::Live
+            };
+            if let Some(m) = queued.and_then(|id| state.migrations.get_mut(&id)) {
+                m.source = source;
+                m.target = *to;
+                m.kind = kind;
+                m.max_downtime_ms = *max_downtime_ms;
+                m.deadline_ms = *deadline_ms;
+                m.state = MigrationState::Running;
+                m.started_unix_ms = *at_unix_ms;
+                touched.push(StateKey::Migration(m.id));
+            } else {
+                state.last_migration_id += 1;
+                let id = state.last_migration_id;
+                state.migrations.insert(
                     id,
-                    vm: name.clone(),
-                    source,
-                    target: *to,
-                    kind: if *quick {
-                        MigrationKind::Quick
-                    } else {
-                        MigrationKind::Live
+                    MigrationRecord {
+                        id,
+                        vm: name.clone(),
+                        source,
+                        target: *to,
+                        kind,
+                        max_downtime_ms: *max_downtime_ms,
+                        deadline_ms: *deadline_ms,
+                        state: MigrationState::Running,
+                        cancel_requested: false,
+                        started_unix_ms: *at_unix_ms,
+                        ended_unix_ms: None,
+                        reason: String::new(),
+                        stats: None,
                     },
-                    max_downtime_ms: *max_downtime_ms,
-                    deadline_ms: *deadline_ms,
-                    state: MigrationState::Running,
-                    cancel_requested: false,
-                    started_unix_ms: *at_unix_ms,
-                    ended_unix_ms: None,
-                    reason: String::new(),
-                    stats: None,
-                },
-            );
-            touched.push(StateKey::Migration(id));
-            touched.push(StateKey::LastMigrationId);
-            trim(state, touched);
+                );
+                touched.push(StateKey::Migration(id));
+                touched.push(StateKey::LastMigrationId);
+                trim(state, touched);
+            }
         }
         VmCommand::FinishMigration {
             name,

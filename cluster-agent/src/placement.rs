@@ -5,8 +5,8 @@
 use std::collections::BTreeSet;
 
 use scheduler::{
-    ClusterSnapshot, CpuVendor, Node, NodeId, PlanError, Policy, PowerPolicy, Reason, Subnet, Vm,
-    VmId, VmRequest, VmState,
+    ClusterSnapshot, CpuVendor, Migration, Node, NodeId, PlanError, Policy, PowerPolicy, Reason,
+    Subnet, Vm, VmId, VmRequest, VmState,
 };
 
 use crate::state::{ClusterState, NodeRecord, NodeState};
@@ -34,6 +34,10 @@ pub enum PlacementError {
     /// The scheduler's refusal; its text lists every node and what rules it out.
     #[error("no node can run VM {vm}: {refusal}")]
     Refused { vm: String, refusal: String },
+    /// Refused now, but a node would do once a busy migration slot frees up: a
+    /// migration can wait in the queue for it.
+    #[error("no node can take VM {vm} now: {refusal}")]
+    SlotsBusy { vm: String, refusal: String },
     #[error("the scheduler could not plan")]
     Plan(#[source] PlanError),
 }
@@ -135,6 +139,27 @@ pub fn snapshot(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError>
     })
 }
 
+/// [`snapshot`] with the live migrations in flight (`VmRecord::migrating_to`): they hold
+/// a migration slot on both nodes and room on the target.
+pub fn snapshot_with_migrations(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError> {
+    let mut snap = snapshot(state)?;
+    let known: BTreeSet<u64> = snap.nodes.iter().map(|n| n.id.0).collect();
+    snap.migrations = state
+        .vms
+        .values()
+        .filter_map(|v| {
+            let (from, to) = (v.owner?, v.migrating_to?);
+            (known.contains(&from) && known.contains(&to)).then(|| Migration {
+                vm: VmId(v.spec.name.clone()),
+                from: NodeId(from),
+                to: NodeId(to),
+                expected_end_ms: 0,
+            })
+        })
+        .collect();
+    Ok(snap)
+}
+
 /// Choose the node a VM with `spec` starts on. `spec.name` may already exist in `state`
 /// (a stopped VM being started again): it is then left out of the snapshot, so it
 /// neither counts against capacity nor is refused as a duplicate.
@@ -181,22 +206,48 @@ fn why_not_as(
     node: u64,
     quick: bool,
 ) -> Result<Vec<String>, PlacementError> {
+    Ok(match why_not_reasons(state, name, node, quick)? {
+        Judged::Unfit(why) => vec![why],
+        Judged::Reasons(r) => r.iter().map(ToString::to_string).collect(),
+    })
+}
+
+/// The scheduler's verdict on one node, or why the node cannot be judged at all.
+enum Judged {
+    Unfit(String),
+    Reasons(Vec<Reason>),
+}
+
+impl Judged {
+    /// Ruled out only because a migration slot (the VM's node's or this one's) is taken.
+    fn waits_for_slot(&self) -> bool {
+        matches!(self, Judged::Reasons(r) if !r.is_empty()
+            && r.iter().all(|r| matches!(r, Reason::MigrationSlotBusy { .. })))
+    }
+}
+
+fn why_not_reasons(
+    state: &ClusterState,
+    name: &str,
+    node: u64,
+    quick: bool,
+) -> Result<Judged, PlacementError> {
     if !state.vms.values().any(|v| v.spec.name == name) {
         return Err(PlacementError::UnknownVm(name.to_owned()));
     }
     if !state.nodes.contains_key(&node) {
         return Err(PlacementError::UnknownNode(node));
     }
-    let mut snap = snapshot(state)?;
+    let mut snap = snapshot_with_migrations(state)?;
     if !snap.nodes.iter().any(|n| n.id.0 == node) {
         let vendor = state
             .nodes
             .get(&node)
             .map(|n| n.registration.facts.cpu_vendor.clone())
             .unwrap_or_default();
-        return Ok(vec![format!(
+        return Ok(Judged::Unfit(format!(
             "node {node} reports CPU vendor {vendor:?} or no CPUs/memory, so it cannot run VMs"
-        )]);
+        )));
     }
     let vm = VmId(name.to_owned());
     if !snap.vms.iter().any(|v| v.id == vm) {
@@ -223,7 +274,7 @@ fn why_not_as(
         scheduler::why_not(&snap, &vm, NodeId(node))
     }
     .map_err(PlacementError::Plan)?;
-    Ok(reasons.iter().map(ToString::to_string).collect())
+    Ok(Judged::Reasons(reasons))
 }
 
 /// The migration target for VM `name` (live, or quick when `quick`): `to` when given and
@@ -251,8 +302,14 @@ pub fn migration_target(
     };
     let mut refusals = Vec::new();
     let mut best: Option<(usize, u64)> = None;
+    let mut slot_bound = false;
     for n in candidates {
-        let reasons = why_not_as(state, name, n, quick)?;
+        let judged = why_not_reasons(state, name, n, quick)?;
+        slot_bound |= judged.waits_for_slot();
+        let reasons = match judged {
+            Judged::Unfit(why) => vec![why],
+            Judged::Reasons(r) => r.iter().map(ToString::to_string).collect(),
+        };
         if reasons.is_empty() {
             let load = state
                 .vms
@@ -266,13 +323,23 @@ pub fn migration_target(
             refusals.push(format!("node {n}: {}", reasons.join(", ")));
         }
     }
-    best.map(|(_, n)| n).ok_or_else(|| PlacementError::Refused {
-        vm: name.to_owned(),
-        refusal: if refusals.is_empty() {
-            "no other node".to_owned()
+    let refusal = if refusals.is_empty() {
+        "no other node".to_owned()
+    } else {
+        refusals.join("; ")
+    };
+    best.map(|(_, n)| n).ok_or_else(|| {
+        if slot_bound {
+            PlacementError::SlotsBusy {
+                vm: name.to_owned(),
+                refusal,
+            }
         } else {
-            refusals.join("; ")
-        },
+            PlacementError::Refused {
+                vm: name.to_owned(),
+                refusal,
+            }
+        }
     })
 }
 

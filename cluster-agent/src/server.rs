@@ -78,6 +78,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         .map_err(|e| RunError::Migration(Box::new(e)))?;
     let fo = tokio::spawn(crate::failover::run(agent.clone(), stop_rx.clone()));
     let jobs = tokio::spawn(crate::drain::run(agent.clone(), stop_rx.clone()));
+    let queue = tokio::spawn(crate::migration_queue::run(agent.clone(), stop_rx.clone()));
     let drain_svc = DrainServiceServer::new(crate::drain_service::DrainApi::new(agent.clone()));
     let volume_svc = cluster_proto::volumes::volume_service_server::VolumeServiceServer::new(
         crate::volume_service::VolumeApi {
@@ -141,6 +142,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = rc.await;
     let _ = fo.await;
     let _ = jobs.await;
+    let _ = queue.await;
     if let Some(mt) = mt {
         let _ = mt.await;
     }

@@ -17,12 +17,12 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::agent::{now_unix_ms, Agent, ForwardRequest};
-use crate::forward::{self, write_status};
+use crate::forward::{self, class_status, write_status};
 use crate::placement::{self, PlacementError};
 use crate::state::{ClusterState, Command};
 use crate::vm_convert::{self, ConvertError};
 use crate::vmhost::VmHost;
-use crate::vms::{self, DesiredState, ErrorClass, VmCommand, VmStateError};
+use crate::vms::{self, DesiredState, VmCommand, VmStateError};
 
 /// Lines buffered between the VM console and a gRPC console stream.
 pub const CONSOLE_STREAM_BUFFER_LINES: usize = 256;
@@ -30,17 +30,11 @@ pub const CONSOLE_STREAM_BUFFER_LINES: usize = 256;
 pub struct VmApi {
     pub agent: Arc<Agent>,
     pub host: Arc<VmHost>,
-    /// Serialises place-then-commit on the leader so two creates see each other.
-    place_lock: tokio::sync::Mutex<()>,
 }
 
 impl VmApi {
     pub fn new(agent: Arc<Agent>, host: Arc<VmHost>) -> Self {
-        VmApi {
-            agent,
-            host,
-            place_lock: tokio::sync::Mutex::new(()),
-        }
+        VmApi { agent, host }
     }
 
     fn state(&self) -> ClusterState {
@@ -69,6 +63,7 @@ impl VmApi {
             .ok_or_else(|| Status::not_found(format!("no VM named {name:?}")))?;
         Ok(Response::new(pb::VmReply {
             vm: Some(vm_convert::record_to_pb(&state, rec)),
+            queued_migration_id: 0,
         }))
     }
 }
@@ -78,13 +73,7 @@ async fn connect(addr: &str) -> Result<VmServiceClient<Channel>, Status> {
 }
 
 fn state_status(e: VmStateError) -> Status {
-    let msg = crate::error_chain(&e);
-    match e.class() {
-        ErrorClass::InvalidArgument => Status::invalid_argument(msg),
-        ErrorClass::NotFound => Status::not_found(msg),
-        ErrorClass::AlreadyExists => Status::already_exists(msg),
-        ErrorClass::FailedPrecondition => Status::failed_precondition(msg),
-    }
+    class_status(e.class(), crate::error_chain(&e))
 }
 
 fn convert_status(e: ConvertError) -> Status {
@@ -95,7 +84,9 @@ fn placement_status(e: PlacementError) -> Status {
     let msg = crate::error_chain(&e);
     match e {
         PlacementError::UnknownVm(_) | PlacementError::UnknownNode(_) => Status::not_found(msg),
-        PlacementError::Refused { .. } => Status::failed_precondition(msg),
+        PlacementError::Refused { .. } | PlacementError::SlotsBusy { .. } => {
+            Status::failed_precondition(msg)
+        }
         PlacementError::Subnet { .. } | PlacementError::Plan(_) => Status::internal(msg),
     }
 }
@@ -123,7 +114,7 @@ impl VmService for VmApi {
         let req = request.into_inner();
         let spec = vm_convert::spec_from_pb(req.spec).map_err(convert_status)?;
         let name = spec.name.clone();
-        let _placing = self.place_lock.lock().await;
+        let _placing = self.agent.place_lock.lock().await;
         let state = self.state();
         crate::volume_service::check_vm_disks(&state, self.host.registry(), &name, &spec.disks)?;
         let unplaced = VmCommand::CreateVm {
@@ -156,7 +147,7 @@ impl VmService for VmApi {
         }
         let name = request.into_inner().name;
         name_of(&name)?;
-        let _placing = self.place_lock.lock().await;
+        let _placing = self.agent.place_lock.lock().await;
         let state = self.state();
         let rec = vms::find(&state, &name)
             .ok_or_else(|| state_status(VmStateError::UnknownVm(name.clone())))?;
@@ -304,7 +295,7 @@ impl VmService for VmApi {
         }
         let req = request.into_inner();
         name_of(&req.name)?;
-        let _placing = self.place_lock.lock().await;
+        let _placing = self.agent.place_lock.lock().await;
         let state = self.state();
         let probe = VmCommand::StartMigration {
             name: req.name.clone(),
@@ -319,13 +310,47 @@ impl VmService for VmApi {
             Err(VmStateError::UnknownNode(0)) | Ok(()) => {}
             Err(e) => return Err(state_status(e)),
         }
+        if let Some(m) = crate::migrations::queued_of(&state, &req.name) {
+            return Err(Status::failed_precondition(format!(
+                "VM {} already has migration {} queued (`clusterctl migration cancel {}` drops it)",
+                req.name, m.id, m.id
+            )));
+        }
         let to = (req.to_node_id != 0).then_some(req.to_node_id);
-        let target = placement::migration_target(&state, &req.name, to, req.quick)
-            .map_err(placement_status)?;
-        tracing::info!(vm = %req.name, to = target, "starting migration");
         if req.quick {
             crate::quick_migration::check_volume(&state, &self.host, &req.name)?;
         }
+        let target = match placement::migration_target(&state, &req.name, to, req.quick) {
+            Ok(t) => t,
+            // Only a busy migration slot stands in the way: wait in the queue for it.
+            Err(PlacementError::SlotsBusy { refusal, .. }) if !req.no_queue => {
+                let cmd = crate::migrations::MigrationCommand::QueueMigration {
+                    vm: req.name.clone(),
+                    to: req.to_node_id,
+                    quick: req.quick,
+                    max_downtime_ms: req.max_downtime_ms,
+                    deadline_ms: req.deadline_ms,
+                    at_unix_ms: now_unix_ms(),
+                };
+                self.agent
+                    .read_sm(|d| crate::migrations::check(&d.state, &cmd))
+                    .map_err(|e| class_status(e.class(), crate::error_chain(&e)))?;
+                self.agent
+                    .write(ForwardRequest::Command(Command::Migration(cmd)))
+                    .await
+                    .map_err(write_status)?;
+                let id = self
+                    .agent
+                    .read_sm(|d| crate::migrations::queued_of(&d.state, &req.name).map(|m| m.id))
+                    .unwrap_or(0);
+                tracing::info!(vm = %req.name, migration = id, %refusal, "migration queued");
+                let mut reply = self.reply(&req.name)?;
+                reply.get_mut().queued_migration_id = id;
+                return Ok(reply);
+            }
+            Err(e) => return Err(placement_status(e)),
+        };
+        tracing::info!(vm = %req.name, to = target, "starting migration");
         self.commit(VmCommand::StartMigration {
             name: req.name.clone(),
             to: target,

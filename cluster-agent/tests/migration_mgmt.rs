@@ -103,7 +103,7 @@ async fn wait_finished(m: &mut MigrationServiceClient<Channel>, id: u64) -> mpb:
             .into_inner()
             .migration
             .unwrap_or_default();
-        if r.state != "running" {
+        if r.state != "running" && r.state != "queued" {
             return r;
         }
         assert!(start.elapsed() < WAIT, "migration {id} did not end: {r:?}");
@@ -361,4 +361,161 @@ async fn progress_cancel_deadline_records_and_bad_input() {
             .iter()
             .all(|r| r.ended_unix_ms >= r.started_unix_ms && r.ended_unix_ms > 0));
     }
+}
+
+/// One live migration per node at a time: `vm migrate` while a slot of the source or the
+/// target is busy queues the migration instead of refusing it (unless `no_queue`); queued
+/// migrations start in order as the slot frees up, a queued one can be cancelled at once,
+/// and one whose VM was stopped meanwhile is dropped with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_slots_queue_migrations_that_start_in_order() {
+    let _serial = cluster_tests::serial().await;
+    let mut cl = Cluster::new(
+        env!("CARGO_BIN_EXE_cluster-agent").into(),
+        Options::default(),
+    )
+    .unwrap_or_else(|e| panic!("harness: {e}"));
+    let formed = cl.form(3).await;
+    cl.check(formed);
+    let mut vm = cl.vms(1).await;
+    let mut specs = vec![guest("hog", "dirty", 128, 64, 4000)];
+    for name in ["b", "c", "d", "e"] {
+        specs.push(guest(name, "mem", 64, 8, 0));
+    }
+    for mut spec in specs {
+        spec.preferred_owners = vec![2];
+        vm.create_vm(pb::CreateVmRequest {
+            spec: Some(spec),
+            start: true,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
+    }
+    for name in ["hog", "b", "c", "d", "e"] {
+        let v = wait_running(&cl, &mut vm, name).await;
+        assert_eq!(v.owner_id, 2, "{name}");
+    }
+    let mut mig = cl.migrations(3).await;
+    let migrate = |name: &str, to: u64| pb::MigrateVmRequest {
+        name: name.into(),
+        to_node_id: to,
+        max_downtime_ms: Some(1),
+        deadline_ms: Some(120_000),
+        ..Default::default()
+    };
+
+    // The hog cannot converge under 1 ms: its migration holds node 2's and 3's slots.
+    let r = vm
+        .migrate_vm(migrate("hog", 3))
+        .await
+        .unwrap_or_else(|e| panic!("migrate hog: {e}{}", cl.logs()))
+        .into_inner();
+    assert_eq!(r.queued_migration_id, 0);
+    let hog = running_migration(&mut mig, "hog").await;
+
+    // b to node 3 and c anywhere: queued, holding no slot.
+    let qb = vm
+        .migrate_vm(pb::MigrateVmRequest {
+            max_downtime_ms: None,
+            deadline_ms: None,
+            ..migrate("b", 3)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("migrate b: {e}{}", cl.logs()))
+        .into_inner();
+    assert_ne!(qb.queued_migration_id, 0, "{qb:?}");
+    assert_eq!(qb.vm.as_ref().map(|v| v.migrating_to), Some(0));
+    let qc = vm
+        .migrate_vm(pb::MigrateVmRequest {
+            max_downtime_ms: None,
+            deadline_ms: None,
+            ..migrate("c", 0)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("migrate c: {e}{}", cl.logs()))
+        .into_inner();
+    assert!(qc.queued_migration_id > qb.queued_migration_id);
+    let qd = vm
+        .migrate_vm(migrate("d", 1))
+        .await
+        .unwrap_or_else(|e| panic!("migrate d: {e}{}", cl.logs()))
+        .into_inner();
+    assert_ne!(qd.queued_migration_id, 0);
+    // Refusals: a second migration of a queued VM; `no_queue` while a slot is busy.
+    expect_code(
+        vm.migrate_vm(migrate("b", 1)).await,
+        Code::FailedPrecondition,
+        &format!("already has migration {} queued", qb.queued_migration_id),
+    );
+    expect_code(
+        vm.migrate_vm(pb::MigrateVmRequest {
+            no_queue: true,
+            ..migrate("e", 3)
+        })
+        .await,
+        Code::FailedPrecondition,
+        "live migration(s) and the policy allows 1 at a time",
+    );
+    let listed = mig
+        .list_migrations(mpb::ListMigrationsRequest::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_inner()
+        .migrations;
+    let states: Vec<(String, String)> = listed
+        .iter()
+        .map(|m| (m.vm.clone(), m.state.clone()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("hog", "running"),
+            ("b", "queued"),
+            ("c", "queued"),
+            ("d", "queued")
+        ]
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .to_vec()
+    );
+
+    // A queued migration is cancelled at once; one whose VM stops is dropped.
+    let cancelled = mig
+        .cancel_migration(mpb::MigrationId {
+            id: qc.queued_migration_id,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("cancel c: {e}"))
+        .into_inner()
+        .migration
+        .unwrap_or_default();
+    assert_eq!(cancelled.state, "cancelled", "{cancelled:?}");
+    vm.stop_vm(pb::VmName { name: "d".into() })
+        .await
+        .unwrap_or_else(|e| panic!("stop d: {e}"));
+    let dropped = wait_finished(&mut mig, qd.queued_migration_id).await;
+    assert_eq!(dropped.state, "failed", "{dropped:?}");
+    assert!(
+        dropped.reason.contains("dropped from the queue"),
+        "{dropped:?}"
+    );
+
+    // The hog's migration ends (cancelled): b starts on the freed slots and moves.
+    mig.cancel_migration(mpb::MigrationId { id: hog.id })
+        .await
+        .unwrap_or_else(|e| panic!("cancel hog: {e}"));
+    let hog_end = wait_finished(&mut mig, hog.id).await;
+    assert_eq!(hog_end.state, "cancelled");
+    let b = wait_finished(&mut mig, qb.queued_migration_id).await;
+    assert_eq!(b.state, "succeeded", "{b:?}{}", cl.logs());
+    assert_eq!((b.source_node_id, b.target_node_id), (2, 3));
+    assert!(
+        b.started_unix_ms >= hog_end.ended_unix_ms,
+        "b started at {} while the hog's migration ran until {}",
+        b.started_unix_ms,
+        hog_end.ended_unix_ms
+    );
+    let v = wait_running(&cl, &mut vm, "b").await;
+    assert_eq!(v.owner_id, 3);
+    let c = vm_or_default(&mut vm, "c").await;
+    assert_eq!((c.owner_id, c.runtime.as_str()), (2, "running"));
 }

@@ -23,7 +23,7 @@ pub enum MigrationCmd {
     },
     /// One migration in detail: options, state, statistics and the receipt digests.
     Show { id: u64 },
-    /// Abort a running migration; the VM keeps running on the source.
+    /// Abort a running migration (the VM keeps running on the source) or drop a queued one.
     Cancel { id: u64 },
 }
 
@@ -268,6 +268,50 @@ pub fn final_line(m: &pb::MigrationInfo) -> String {
             }
         ),
         None => format!("migration {} {}: {}", m.id, m.state, m.reason),
+    }
+}
+
+/// Wait while migration `id` of `vm` is queued (a migration slot is busy); returns its
+/// target once it runs, or why it left the queue without running.
+pub async fn wait_queued(
+    ep: &str,
+    timeout: Duration,
+    id: u64,
+    vm: &str,
+    wait_max: Duration,
+) -> Result<u64, CtlError> {
+    let mut c = service(ep, timeout, MigrationServiceClient::new).await?;
+    let fail = |s| status_error(ep, timeout, s);
+    eprintln!(
+        "migration {id} of VM {vm} queued: a migration slot is busy; waiting \
+         (`clusterctl migration cancel {id}` drops it)"
+    );
+    let deadline = std::time::Instant::now() + wait_max;
+    loop {
+        let m = c
+            .get_migration(pb::MigrationId { id })
+            .await
+            .map_err(fail)?
+            .into_inner()
+            .migration
+            .unwrap_or_default();
+        match m.state.as_str() {
+            "queued" => {}
+            "failed" | "cancelled" => {
+                return Err(CtlError::Refused {
+                    code: tonic::Code::Aborted,
+                    message: format!("migration {id} of VM {vm} {}: {}", m.state, m.reason),
+                })
+            }
+            _ => return Ok(m.target_node_id),
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(CtlError::Timeout {
+                endpoint: ep.to_owned(),
+                timeout_s: wait_max.as_secs(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -51,6 +51,10 @@ pub enum VmCmd {
         /// No progress bar on stderr.
         #[arg(long)]
         no_progress: bool,
+        /// Refuse instead of queueing when a migration slot of the source or target is
+        /// busy (one live migration per node at a time).
+        #[arg(long)]
+        no_queue: bool,
     },
     /// The VM's serial console, from whichever node runs it.
     Console {
@@ -458,6 +462,7 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             max_downtime,
             deadline,
             no_progress,
+            no_queue,
         } => {
             let req = pb::MigrateVmRequest {
                 name: n.clone(),
@@ -465,17 +470,34 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                 quick: *quick,
                 max_downtime_ms: *max_downtime,
                 deadline_ms: deadline.map(|s| s.saturating_mul(1000)),
+                no_queue: *no_queue,
             };
             if *dry_run {
                 let p = call(ep, timeout, c.plan_migration(req)).await?;
                 return render_plan(fmt, &p);
             }
             let r = call(ep, timeout, c.migrate_vm(req)).await?;
+            let queued = r.queued_migration_id;
             let started = r.vm.unwrap_or_default();
             if *no_wait {
+                if queued != 0 {
+                    return match fmt {
+                        Format::Json => json(&serde_json::json!({
+                            "vm": n,
+                            "queued_migration_id": queued,
+                        })),
+                        Format::Table => Ok(format!(
+                            "VM {n}: migration {queued} queued (a migration slot is busy)\n"
+                        )),
+                    };
+                }
                 return render_one(fmt, Some(&started));
             }
-            let target = started.migrating_to;
+            let target = if queued != 0 {
+                crate::migration::wait_queued(ep, timeout, queued, n, MIGRATE_WAIT_MAX).await?
+            } else {
+                started.migrating_to
+            };
             if !*no_progress {
                 // Progress bar on stderr until the migration ends (best effort).
                 if let Err(e) = crate::migration::follow_progress(ep, timeout, n).await {

@@ -102,3 +102,111 @@ async fn migrate_with_progress_then_list_show_and_refusals() {
     assert!(err.contains("migration 1 already succeeded"), "{err}");
     assert_eq!(json(&ep, &["migration", "show", "1"])["state"], "succeeded");
 }
+
+/// `clusterctl vm migrate` while node slots are busy: it waits in the queue (saying so on
+/// stderr), then moves the VM with the usual progress and final line once the slot is
+/// free; `--no-queue` refuses instead, `--no-wait` returns the queued migration's id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_waits_in_the_queue_for_a_busy_slot() {
+    use cluster_proto::vms as pb;
+    let _serial = cluster_tests::serial().await;
+    let bin = locate_binary("cluster-agent", "cluster-agent").unwrap_or_else(|e| panic!("{e}"));
+    let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
+    c.form(2).await.unwrap_or_else(|e| panic!("{e}"));
+    let ep = endpoint(&c, 1);
+    // A guest that dirties memory faster than a 1 ms blackout allows: its migration
+    // holds both nodes' slots until cancelled.
+    let boot = pb::TestGuestBoot {
+        workload: "dirty".into(),
+        wss_mib: 64,
+        rate_mbps: 4000,
+        ..Default::default()
+    };
+    c.vms(1)
+        .await
+        .create_vm(pb::CreateVmRequest {
+            spec: Some(cluster_tests::vm::guest_spec("hog", 128, boot)),
+            start: true,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create hog: {e}"));
+    let owner = create_running(&ep, "waiter");
+    let start = std::time::Instant::now();
+    while json(&ep, &["vm", "show", "hog"])["runtime"] != "running" {
+        assert!(start.elapsed() < std::time::Duration::from_secs(30));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let hog_owner = json(&ep, &["vm", "show", "hog"])["owner_id"]
+        .as_u64()
+        .unwrap_or(0);
+    ok(
+        &ep,
+        &[
+            "vm",
+            "migrate",
+            "hog",
+            "--to",
+            &(3 - hog_owner).to_string(),
+            "--max-downtime",
+            "1",
+            "--no-wait",
+        ],
+    );
+    let to = (3 - owner).to_string();
+    refused(
+        &ep,
+        &["vm", "migrate", "waiter", "--to", &to, "--no-queue"],
+        "and the policy allows 1 at a time",
+    );
+    let out = ok(
+        &ep,
+        &[
+            "-o",
+            "json",
+            "vm",
+            "migrate",
+            "waiter",
+            "--to",
+            &to,
+            "--no-wait",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let queued = v["queued_migration_id"].as_u64().unwrap_or(0);
+    assert_eq!(queued, 2, "{v}");
+    assert_eq!(json(&ep, &["migration", "show", "2"])["state"], "queued");
+    ok(&ep, &["migration", "cancel", "2"]);
+    assert_eq!(json(&ep, &["migration", "show", "2"])["state"], "cancelled");
+
+    // Waiting in the queue: the command returns once the VM has moved.
+    let waiter = std::process::Command::new(env!("CARGO_BIN_EXE_clusterctl"))
+        .args(["--endpoint", &ep, "vm", "migrate", "waiter", "--to", &to])
+        .env_remove("CLUSTERCTL_ENDPOINT")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let start = std::time::Instant::now();
+    while json(&ep, &["migration", "list", "--vm", "waiter"])
+        .as_array()
+        .is_none_or(|l| !l.iter().any(|m| m["state"] == "queued"))
+    {
+        assert!(start.elapsed() < std::time::Duration::from_secs(30));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ok(&ep, &["migration", "cancel", "1"]);
+    let o = waiter.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("migration 3 of VM waiter queued: a migration slot is busy"),
+        "{err}"
+    );
+    assert!(err.contains("migration 3 succeeded:"), "{err}");
+    assert!(out.contains("waiter"), "{out}");
+    assert_eq!(
+        json(&ep, &["vm", "show", "waiter"])["owner_id"].as_u64(),
+        Some(3 - owner)
+    );
+    assert_eq!(json(&ep, &["migration", "show", "1"])["state"], "cancelled");
+}
