@@ -3,7 +3,7 @@
 //!
 //! Series: VMs on this node by VMM state and by recorded runtime state, outgoing
 //! migrations (started / succeeded / failed / cancelled), their wire bytes and blackout
-//! histogram, Raft (term, leader id, is-leader, last log, last applied, committed on the
+//! histogram, queued migrations, Raft (term, leader id, is-leader, last log, last applied, committed on the
 //! leader), node liveness counts by state, and this node's lease.
 //!
 //! **Architecture Invariant:** the metrics listener only reads: it renders from the
@@ -153,7 +153,7 @@ pub fn render(agent: &Agent, vms: &[crate::vmhost::VmInfo]) -> String {
         let _ = writeln!(out, "cluster_vms{{{node},state=\"{s}\"}} {n}");
     }
 
-    let (owned, nodes, term_state) = agent.read_sm(|d| {
+    let (owned, nodes, records, queued) = agent.read_sm(|d| {
         let mut owned: BTreeMap<String, u64> = BTreeMap::new();
         for v in d.state.vms.values().filter(|v| v.owner == Some(me)) {
             *owned.entry(v.runtime.to_string()).or_default() += 1;
@@ -168,7 +168,8 @@ pub fn render(agent: &Agent, vms: &[crate::vmhost::VmInfo]) -> String {
         for n in d.state.nodes.values() {
             *nodes.entry(n.state.as_str()).or_default() += 1;
         }
-        (owned, nodes, d.state.migrations.len())
+        let queued = crate::migrations::queue(&d.state).len();
+        (owned, nodes, d.state.migrations.len(), queued)
     });
     family(
         &mut out,
@@ -242,7 +243,14 @@ pub fn render(agent: &Agent, vms: &[crate::vmhost::VmInfo]) -> String {
         "gauge",
         "Migration records in the replicated history.",
     );
-    let _ = writeln!(out, "cluster_migration_records{{{node}}} {term_state}");
+    let _ = writeln!(out, "cluster_migration_records{{{node}}} {records}");
+    family(
+        &mut out,
+        "cluster_migrations_queued",
+        "gauge",
+        "Migrations waiting in the queue for a migration slot.",
+    );
+    let _ = writeln!(out, "cluster_migrations_queued{{{node}}} {queued}");
 
     let m = agent.raft.metrics().borrow().clone();
     let leading = m.current_leader == Some(me);

@@ -244,6 +244,7 @@ async fn metrics_after_a_migration_parse_and_match() {
         assert_eq!(value(m, "cluster_nodes", Some(("state", "down"))), 0.0);
         assert_eq!(value(m, "cluster_lease_held", None), 1.0);
         assert_eq!(value(m, "cluster_migration_records", None), 1.0);
+        assert_eq!(value(m, "cluster_migrations_queued", None), 0.0);
     }
     // Anything but GET /metrics is refused.
     let (head, _) = http_get(maddr[&src], "/other");
