@@ -34,6 +34,14 @@ pub enum MigrationKind {
 }
 
 impl MigrationKind {
+    pub fn of(quick: bool) -> MigrationKind {
+        if quick {
+            MigrationKind::Quick
+        } else {
+            MigrationKind::Live
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             MigrationKind::Live => "live",
@@ -344,32 +352,11 @@ pub fn apply(
             let source = crate::vms::find(state, vm)
                 .and_then(|v| v.owner)
                 .unwrap_or(0);
-            state.last_migration_id += 1;
-            let id = state.last_migration_id;
-            state.migrations.insert(
-                id,
-                MigrationRecord {
-                    id,
-                    vm: vm.clone(),
-                    source,
-                    target: *to,
-                    kind: if *quick {
-                        MigrationKind::Quick
-                    } else {
-                        MigrationKind::Live
-                    },
-                    max_downtime_ms: *max_downtime_ms,
-                    deadline_ms: *deadline_ms,
-                    state: MigrationState::Queued,
-                    cancel_requested: false,
-                    started_unix_ms: *at_unix_ms,
-                    ended_unix_ms: None,
-                    reason: String::new(),
-                    stats: None,
-                },
-            );
-            touched.push(StateKey::Migration(id));
-            touched.push(StateKey::LastMigrationId);
+            let rec = MigrationRecord {
+                state: MigrationState::Queued,
+                ..MigrationRecord::draft(vm, source, *to, *quick, *max_downtime_ms, *deadline_ms)
+            };
+            let id = open(state, rec, *at_unix_ms, touched);
             let target = if *to == 0 {
                 "a node the scheduler picks".to_owned()
             } else {
@@ -382,7 +369,6 @@ pub fn apply(
                 format!("migration {id} of VM {vm} to {target} queued: a migration slot is busy"),
                 touched,
             );
-            trim(state, touched);
         }
         MigrationCommand::DropQueued {
             id,
@@ -409,6 +395,57 @@ pub fn apply(
     Ok(())
 }
 
+impl MigrationRecord {
+    /// A running record of `vm` not yet in the state ([`open`] numbers and dates it).
+    fn draft(
+        vm: &str,
+        source: u64,
+        target: u64,
+        quick: bool,
+        max_downtime_ms: Option<u64>,
+        deadline_ms: Option<u64>,
+    ) -> MigrationRecord {
+        MigrationRecord {
+            id: 0,
+            vm: vm.to_owned(),
+            source,
+            target,
+            kind: MigrationKind::of(quick),
+            max_downtime_ms,
+            deadline_ms,
+            state: MigrationState::Running,
+            cancel_requested: false,
+            started_unix_ms: 0,
+            ended_unix_ms: None,
+            reason: String::new(),
+            stats: None,
+        }
+    }
+}
+
+/// Adds `rec` as the next migration, started at `at_unix_ms`; returns its id.
+fn open(
+    state: &mut ClusterState,
+    rec: MigrationRecord,
+    at_unix_ms: u64,
+    touched: &mut Vec<StateKey>,
+) -> u64 {
+    state.last_migration_id += 1;
+    let id = state.last_migration_id;
+    state.migrations.insert(
+        id,
+        MigrationRecord {
+            id,
+            started_unix_ms: at_unix_ms,
+            ..rec
+        },
+    );
+    touched.push(StateKey::Migration(id));
+    touched.push(StateKey::LastMigrationId);
+    trim(state, touched);
+    id
+}
+
 /// Keep the migration records in step with a VM command that was just applied.
 pub fn after_vm_command(state: &mut ClusterState, cmd: &VmCommand, touched: &mut Vec<StateKey>) {
     match cmd {
@@ -429,44 +466,17 @@ pub fn after_vm_command(state: &mut ClusterState, cmd: &VmCommand, touched: &mut
             // Started from the queue (or by a drain for a VM with a queued migration): the
             // queued record becomes the running one.
             let queued = queued_of(state, name).map(|m| m.id);
-            let kind = if *quick {
-                MigrationKind::Quick
-            } else {
-                MigrationKind::Live
-            };
+            let draft =
+                MigrationRecord::draft(name, source, *to, *quick, *max_downtime_ms, *deadline_ms);
             if let Some(m) = queued.and_then(|id| state.migrations.get_mut(&id)) {
-                m.source = source;
-                m.target = *to;
-                m.kind = kind;
-                m.max_downtime_ms = *max_downtime_ms;
-                m.deadline_ms = *deadline_ms;
-                m.state = MigrationState::Running;
-                m.started_unix_ms = *at_unix_ms;
+                *m = MigrationRecord {
+                    id: m.id,
+                    started_unix_ms: *at_unix_ms,
+                    ..draft
+                };
                 touched.push(StateKey::Migration(m.id));
             } else {
-                state.last_migration_id += 1;
-                let id = state.last_migration_id;
-                state.migrations.insert(
-                    id,
-                    MigrationRecord {
-                        id,
-                        vm: name.clone(),
-                        source,
-                        target: *to,
-                        kind,
-                        max_downtime_ms: *max_downtime_ms,
-                        deadline_ms: *deadline_ms,
-                        state: MigrationState::Running,
-                        cancel_requested: false,
-                        started_unix_ms: *at_unix_ms,
-                        ended_unix_ms: None,
-                        reason: String::new(),
-                        stats: None,
-                    },
-                );
-                touched.push(StateKey::Migration(id));
-                touched.push(StateKey::LastMigrationId);
-                trim(state, touched);
+                open(state, draft, *at_unix_ms, touched);
             }
         }
         VmCommand::FinishMigration {

@@ -104,6 +104,26 @@ async fn wait_vm(
     )
 }
 
+/// Creates and starts `spec` through node `via`; returns the VM once it runs.
+async fn create_running(cl: &Cluster, via: u64, spec: pb::VmSpec) -> pb::VmInfo {
+    let name = spec.name.clone();
+    cl.vms(via)
+        .await
+        .create_vm(pb::CreateVmRequest {
+            spec: Some(spec),
+            start: true,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create {name}: {e}{}", cl.logs()));
+    wait_vm(cl, via, &name, "running", |v| v.runtime == "running").await
+}
+
+/// The two nodes of a three-node cluster other than `leader`.
+fn followers(leader: u64) -> (u64, u64) {
+    let mut others = [1, 2, 3].into_iter().filter(|n| *n != leader);
+    (others.next().unwrap_or(2), others.next().unwrap_or(3))
+}
+
 async fn locks(cl: &Cluster, via: u64) -> Vec<vpb::DiskLock> {
     cl.vols(via)
         .await
@@ -399,14 +419,7 @@ async fn owner_kill9_fails_over_from_the_disk_with_a_newer_fencing_token() {
     let _serial = cluster_tests::serial().await;
     let (mut cl, csv) = disk_cluster(3).await;
     create_disk(&cl, 1, "vol/vms/f.img").await;
-    let mut c = cl.vms(1).await;
-    c.create_vm(pb::CreateVmRequest {
-        spec: Some(disk_spec("vm-f", &["vol/vms/f.img"])),
-        start: true,
-    })
-    .await
-    .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
-    let before = wait_vm(&cl, 1, "vm-f", "running", |v| v.runtime == "running").await;
+    let before = create_running(&cl, 1, disk_spec("vm-f", &["vol/vms/f.img"])).await;
     let owner = before.owner_id;
     let survivor = [1, 2, 3].into_iter().find(|n| *n != owner).unwrap_or(0);
     wait_hb(&cl, survivor, "vm-f", |h| {
@@ -483,13 +496,7 @@ async fn live_then_quick_migration_hand_the_disk_off() {
     let (cl, csv) = disk_cluster(2).await;
     create_disk(&cl, 1, "vol/vms/m.img").await;
     let mut c = cl.vms(2).await;
-    c.create_vm(pb::CreateVmRequest {
-        spec: Some(disk_spec("vm-m", &["vol/vms/m.img"])),
-        start: true,
-    })
-    .await
-    .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
-    let before = wait_vm(&cl, 2, "vm-m", "running", |v| v.runtime == "running").await;
+    let before = create_running(&cl, 2, disk_spec("vm-m", &["vol/vms/m.img"])).await;
     let src = before.owner_id;
     let dst = if src == 1 { 2 } else { 1 };
     let (_, hb0) = wait_hb(&cl, 1, "vm-m", |h| h.disk == "ok" && disk_passes(h) >= 1).await;
@@ -692,14 +699,7 @@ async fn vm_restarted_by_hand_after_its_owner_died_takes_the_disk_over() {
     create_disk(&cl, 1, "vol/vms/n.img").await;
     let mut s = disk_spec("vm-n", &["vol/vms/n.img"]);
     s.restart_priority = "none".into();
-    let mut c = cl.vms(1).await;
-    c.create_vm(pb::CreateVmRequest {
-        spec: Some(s),
-        start: true,
-    })
-    .await
-    .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
-    let before = wait_vm(&cl, 1, "vm-n", "running", |v| v.runtime == "running").await;
+    let before = create_running(&cl, 1, s).await;
     let owner = before.owner_id;
     let via = [1, 2, 3].into_iter().find(|n| *n != owner).unwrap_or(1);
     wait_hb(&cl, via, "vm-n", |h| h.disk == "ok").await;
@@ -769,13 +769,7 @@ async fn failed_migration_leaves_the_disk_with_the_source() {
     let mut s = disk_spec("vm-r", &["vol/vms/r.img"]);
     s.preferred_owners = vec![leader];
     let mut c = cl.vms(leader).await;
-    c.create_vm(pb::CreateVmRequest {
-        spec: Some(s),
-        start: true,
-    })
-    .await
-    .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
-    let before = wait_vm(&cl, leader, "vm-r", "running", |v| v.runtime == "running").await;
+    let before = create_running(&cl, leader, s).await;
     let src = before.owner_id;
     let dst = [1, 2, 3]
         .into_iter()
@@ -844,8 +838,7 @@ async fn owner_lost_mid_migration(loss: Loss) {
     let (mut cl, csv) = disk_cluster(3).await;
     create_disk(&cl, 1, "vol/vms/m.img").await;
     let leader = cl.check(cl.status(1).await).leader_id;
-    let mut others = [1, 2, 3].into_iter().filter(|n| *n != leader);
-    let (src, dst) = (others.next().unwrap_or(2), others.next().unwrap_or(3));
+    let (src, dst) = followers(leader);
     let boot = pb::TestGuestBoot {
         workload: "dirty".into(),
         wss_mib: 64,
@@ -863,13 +856,7 @@ async fn owner_lost_mid_migration(loss: Loss) {
         ..spec
     };
     let mut c = cl.vms(leader).await;
-    c.create_vm(pb::CreateVmRequest {
-        spec: Some(spec),
-        start: true,
-    })
-    .await
-    .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
-    let before = wait_vm(&cl, leader, "vm-m", "running", |v| v.runtime == "running").await;
+    let before = create_running(&cl, leader, spec).await;
     assert_eq!(before.owner_id, src);
     let old = wait_lock(&cl, leader, "vol/vms/m.img", "locked by the owner", |l| {
         l.is_some_and(|l| l.holders == vec![src])
@@ -987,20 +974,13 @@ async fn owner_dying_after_the_switchover_leaves_the_vm_on_the_target() {
     let (mut cl, csv) = disk_cluster_with_env(3, &crash).await;
     create_disk(&cl, 1, "vol/vms/w.img").await;
     let leader = cl.check(cl.status(1).await).leader_id;
-    let mut others = [1, 2, 3].into_iter().filter(|n| *n != leader);
-    let (src, dst) = (others.next().unwrap_or(2), others.next().unwrap_or(3));
+    let (src, dst) = followers(leader);
     let spec = pb::VmSpec {
         preferred_owners: vec![src],
         ..disk_spec("vm-w", &["vol/vms/w.img"])
     };
     let mut c = cl.vms(leader).await;
-    c.create_vm(pb::CreateVmRequest {
-        spec: Some(spec),
-        start: true,
-    })
-    .await
-    .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
-    let before = wait_vm(&cl, leader, "vm-w", "running", |v| v.runtime == "running").await;
+    let before = create_running(&cl, leader, spec).await;
     assert_eq!(before.owner_id, src);
     // Long enough on the source that a guest rebooted on the target could not have
     // counted this far by the time the failover is done.
