@@ -381,6 +381,11 @@ pub fn predict_migration(
             reasons.push(refusal);
             None
         }
+        // A real `vm migrate` would wait in the queue for the slot.
+        Err(PlacementError::SlotsBusy { refusal, .. }) => {
+            reasons.push(format!("{refusal} (a migration would be queued)"));
+            None
+        }
         Err(e) => return Err(e),
     };
     let bandwidth = scheduler::estimate::pair_bandwidth_mib_per_s(
