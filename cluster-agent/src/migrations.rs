@@ -179,7 +179,7 @@ impl std::fmt::Display for MigrationCommand {
 pub enum MigrationError {
     #[error("no migration with id {0}; `clusterctl migration list` shows them")]
     Unknown(u64),
-    #[error("migration {id} already {state}; only a running migration can be cancelled")]
+    #[error("migration {id} already {state}; only a running or queued migration can be cancelled")]
     Finished { id: u64, state: MigrationState },
     #[error("migration {0} is already being cancelled")]
     AlreadyCancelling(u64),
