@@ -499,12 +499,14 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         "{dropped:?}"
     );
 
-    // The hog's migration ends (cancelled): b starts on the freed slots and moves.
-    mig.cancel_migration(mpb::MigrationId { id: hog.id })
-        .await
-        .unwrap_or_else(|e| panic!("cancel hog: {e}"));
+    // The hog's migration ends (cancelled, unless the auto-converge throttle got it under
+    // 1 ms by itself meanwhile): b starts on the freed slots and moves.
+    let _ = mig.cancel_migration(mpb::MigrationId { id: hog.id }).await;
     let hog_end = wait_finished(&mut mig, hog.id).await;
-    assert_eq!(hog_end.state, "cancelled");
+    assert!(
+        matches!(hog_end.state.as_str(), "cancelled" | "succeeded"),
+        "{hog_end:?}"
+    );
     let b = wait_finished(&mut mig, qb.queued_migration_id).await;
     assert_eq!(b.state, "succeeded", "{b:?}{}", cl.logs());
     assert_eq!((b.source_node_id, b.target_node_id), (2, 3));

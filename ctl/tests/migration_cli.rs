@@ -194,7 +194,8 @@ async fn migrate_waits_in_the_queue_for_a_busy_slot() {
         assert!(start.elapsed() < std::time::Duration::from_secs(30));
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    ok(&ep, &["migration", "cancel", "1"]);
+    // Cancelled, unless the auto-converge throttle got it under 1 ms by itself meanwhile.
+    let _ = ctl(&ep, &["migration", "cancel", "1"]);
     let o = waiter.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
@@ -208,5 +209,9 @@ async fn migrate_waits_in_the_queue_for_a_busy_slot() {
         json(&ep, &["vm", "show", "waiter"])["owner_id"].as_u64(),
         Some(3 - owner)
     );
-    assert_eq!(json(&ep, &["migration", "show", "1"])["state"], "cancelled");
+    let hog = json(&ep, &["migration", "show", "1"]);
+    assert!(
+        hog["state"] == "cancelled" || hog["state"] == "succeeded",
+        "{hog}"
+    );
 }
