@@ -365,8 +365,9 @@ async fn progress_cancel_deadline_records_and_bad_input() {
 
 /// One live migration per node at a time: `vm migrate` while a slot of the source or the
 /// target is busy queues the migration instead of refusing it (unless `no_queue`); queued
-/// migrations start in order as the slot frees up, a queued one can be cancelled at once,
-/// and one whose VM was stopped meanwhile is dropped with the reason.
+/// migrations start in order as the slot frees up — also after the leader was killed (the
+/// queue is replicated state; the new leader runs it) —, a queued one can be cancelled at
+/// once, and one whose VM was stopped meanwhile is dropped with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_slots_queue_migrations_that_start_in_order() {
     let _serial = cluster_tests::serial().await;
@@ -376,14 +377,17 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
     )
     .unwrap_or_else(|e| panic!("harness: {e}"));
     let formed = cl.form(3).await;
-    cl.check(formed);
-    let mut vm = cl.vms(1).await;
+    let leader = cl.check(formed);
+    // Every VM on follower `a`; `b_node` the other follower; the leader dies later on.
+    let mut followers = [1, 2, 3].into_iter().filter(|n| *n != leader);
+    let (a, b_node) = (followers.next().unwrap_or(2), followers.next().unwrap_or(3));
+    let mut vm = cl.vms(a).await;
     let mut specs = vec![guest("hog", "dirty", 128, 64, 4000)];
     for name in ["b", "c", "d", "e"] {
         specs.push(guest(name, "mem", 64, 8, 0));
     }
     for mut spec in specs {
-        spec.preferred_owners = vec![2];
+        spec.preferred_owners = vec![a];
         vm.create_vm(pb::CreateVmRequest {
             spec: Some(spec),
             start: true,
@@ -393,9 +397,9 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
     }
     for name in ["hog", "b", "c", "d", "e"] {
         let v = wait_running(&cl, &mut vm, name).await;
-        assert_eq!(v.owner_id, 2, "{name}");
+        assert_eq!(v.owner_id, a, "{name}");
     }
-    let mut mig = cl.migrations(3).await;
+    let mut mig = cl.migrations(b_node).await;
     let migrate = |name: &str, to: u64| pb::MigrateVmRequest {
         name: name.into(),
         to_node_id: to,
@@ -404,9 +408,9 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         ..Default::default()
     };
 
-    // The hog cannot converge under 1 ms: its migration holds node 2's and 3's slots.
+    // The hog cannot converge under 1 ms: its migration holds both followers' slots.
     let r = vm
-        .migrate_vm(migrate("hog", 3))
+        .migrate_vm(migrate("hog", b_node))
         .await
         .unwrap_or_else(|e| panic!("migrate hog: {e}{}", cl.logs()))
         .into_inner();
@@ -418,7 +422,7 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         .migrate_vm(pb::MigrateVmRequest {
             max_downtime_ms: None,
             deadline_ms: None,
-            ..migrate("b", 3)
+            ..migrate("b", b_node)
         })
         .await
         .unwrap_or_else(|e| panic!("migrate b: {e}{}", cl.logs()))
@@ -436,21 +440,21 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         .into_inner();
     assert!(qc.queued_migration_id > qb.queued_migration_id);
     let qd = vm
-        .migrate_vm(migrate("d", 1))
+        .migrate_vm(migrate("d", leader))
         .await
         .unwrap_or_else(|e| panic!("migrate d: {e}{}", cl.logs()))
         .into_inner();
     assert_ne!(qd.queued_migration_id, 0);
     // Refusals: a second migration of a queued VM; `no_queue` while a slot is busy.
     expect_code(
-        vm.migrate_vm(migrate("b", 1)).await,
+        vm.migrate_vm(migrate("b", leader)).await,
         Code::FailedPrecondition,
         &format!("already has migration {} queued", qb.queued_migration_id),
     );
     expect_code(
         vm.migrate_vm(pb::MigrateVmRequest {
             no_queue: true,
-            ..migrate("e", 3)
+            ..migrate("e", b_node)
         })
         .await,
         Code::FailedPrecondition,
@@ -499,8 +503,11 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         "{dropped:?}"
     );
 
-    // The hog's migration ends (cancelled, unless the auto-converge throttle got it under
-    // 1 ms by itself meanwhile): b starts on the freed slots and moves.
+    // The leader dies: the queue is replicated, the new leader runs it. The hog's migration
+    // ends (cancelled, unless the auto-converge throttle got it under 1 ms by itself
+    // meanwhile): b starts on the freed slots and moves.
+    let killed = cl.kill9(leader);
+    cl.check(killed);
     let _ = mig.cancel_migration(mpb::MigrationId { id: hog.id }).await;
     let hog_end = wait_finished(&mut mig, hog.id).await;
     assert!(
@@ -509,7 +516,7 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
     );
     let b = wait_finished(&mut mig, qb.queued_migration_id).await;
     assert_eq!(b.state, "succeeded", "{b:?}{}", cl.logs());
-    assert_eq!((b.source_node_id, b.target_node_id), (2, 3));
+    assert_eq!((b.source_node_id, b.target_node_id), (a, b_node));
     assert!(
         b.started_unix_ms >= hog_end.ended_unix_ms,
         "b started at {} while the hog's migration ran until {}",
@@ -517,7 +524,7 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         hog_end.ended_unix_ms
     );
     let v = wait_running(&cl, &mut vm, "b").await;
-    assert_eq!(v.owner_id, 3);
+    assert_eq!(v.owner_id, b_node);
     let c = vm_or_default(&mut vm, "c").await;
-    assert_eq!((c.owner_id, c.runtime.as_str()), (2, "running"));
+    assert_eq!((c.owner_id, c.runtime.as_str()), (a, "running"));
 }
