@@ -833,9 +833,24 @@ enum Loss {
     Freeze,
 }
 
-async fn owner_lost_mid_migration(loss: Loss) {
-    let _serial = cluster_tests::serial().await;
-    let (mut cl, csv) = disk_cluster(3).await;
+/// A 3-node disk cluster with VM `vm-m` (disk `vol/vms/m.img`) on a follower, in the
+/// middle of a live migration to the other follower that cannot converge (a guest that
+/// dirties memory faster than the 1 ms downtime budget allows): a few pre-copy rounds in.
+struct MidMigration {
+    cl: Cluster,
+    csv: PathBuf,
+    leader: u64,
+    src: u64,
+    dst: u64,
+    /// The running migration record's id.
+    rec: u64,
+    before: pb::VmInfo,
+    /// The lock's token before the migration.
+    old: u64,
+}
+
+async fn disk_vm_in_endless_precopy() -> MidMigration {
+    let (cl, csv) = disk_cluster(3).await;
     create_disk(&cl, 1, "vol/vms/m.img").await;
     let leader = cl.check(cl.status(1).await).leader_id;
     let (src, dst) = followers(leader);
@@ -848,12 +863,9 @@ async fn owner_lost_mid_migration(loss: Loss) {
     };
     let spec = pb::VmSpec {
         preferred_owners: vec![src],
-        ..disk_spec("vm-m", &["vol/vms/m.img"])
-    };
-    let spec = pb::VmSpec {
         memory_mib: 128,
         boot: Some(pb::vm_spec::Boot::TestGuest(boot)),
-        ..spec
+        ..disk_spec("vm-m", &["vol/vms/m.img"])
     };
     let mut c = cl.vms(leader).await;
     let before = create_running(&cl, leader, spec).await;
@@ -863,7 +875,6 @@ async fn owner_lost_mid_migration(loss: Loss) {
     })
     .await
     .map_or(0, |l| l.token);
-
     c.migrate_vm(pb::MigrateVmRequest {
         name: "vm-m".into(),
         to_node_id: dst,
@@ -882,7 +893,7 @@ async fn owner_lost_mid_migration(loss: Loss) {
             .unwrap_or_else(|e| panic!("list migrations: {e}"))
             .into_inner();
         if let Some(r) = l.migrations.into_iter().find(|r| r.state == "running") {
-            break r;
+            break r.id;
         }
         assert!(start.elapsed() < WAIT, "migration never ran{}", cl.logs());
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -893,7 +904,45 @@ async fn owner_lost_mid_migration(loss: Loss) {
         .await
         .unwrap_or_else(|e| panic!("get: {e}"));
     assert_eq!((v.owner_id, v.migrating_to), (src, dst), "{v:?}");
+    MidMigration {
+        cl,
+        csv,
+        leader,
+        src,
+        dst,
+        rec,
+        before,
+        old,
+    }
+}
 
+async fn migration_record(
+    cl: &Cluster,
+    via: u64,
+    id: u64,
+) -> cluster_proto::migrations::MigrationInfo {
+    cl.migrations(via)
+        .await
+        .get_migration(cluster_proto::migrations::MigrationId { id })
+        .await
+        .unwrap_or_else(|e| panic!("show migration {id}: {e}"))
+        .into_inner()
+        .migration
+        .unwrap_or_default()
+}
+
+async fn owner_lost_mid_migration(loss: Loss) {
+    let _serial = cluster_tests::serial().await;
+    let MidMigration {
+        mut cl,
+        csv,
+        leader,
+        src,
+        dst,
+        rec,
+        before,
+        old,
+    } = disk_vm_in_endless_precopy().await;
     let lost = Instant::now();
     match loss {
         Loss::Kill9 => {
@@ -917,13 +966,7 @@ async fn owner_lost_mid_migration(loss: Loss) {
     );
     let (node, _) = wait_hb(&cl, leader, "vm-m", |_| true).await;
     assert_eq!(node, dst);
-    let ended = m
-        .get_migration(cluster_proto::migrations::MigrationId { id: rec.id })
-        .await
-        .unwrap_or_else(|e| panic!("show migration: {e}"))
-        .into_inner()
-        .migration
-        .unwrap_or_default();
+    let ended = migration_record(&cl, leader, rec).await;
     assert_eq!(ended.state, "failed", "{ended:?}");
     let new = lock_of(&cl, leader, "vol/vms/m.img")
         .await
@@ -1060,4 +1103,85 @@ async fn owner_dying_after_the_switchover_leaves_the_vm_on_the_target() {
     assert_eq!(held.holders, vec![src]);
     assert!(held.token > handed.token);
     assert_eq!(fence_token(&csv, "vol/vms/w.img"), held.token);
+}
+
+/// The target dies (kill -9) in the middle of a live migration of a VM with a disk: the
+/// VM runs on at the source without a break in its disk, and the lock, which the target
+/// took when the session started, comes back to the source in the table — its fence
+/// record still carries the source's token (the target never opened the disk), and the
+/// source can release and take the lock again as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_kill9_mid_migration_the_lock_comes_back_to_the_source() {
+    let _serial = cluster_tests::serial().await;
+    let MidMigration {
+        mut cl,
+        csv,
+        leader,
+        src,
+        dst,
+        rec,
+        before,
+        old,
+    } = disk_vm_in_endless_precopy().await;
+    assert_eq!(
+        lock_of(&cl, leader, "vol/vms/m.img")
+            .await
+            .map(|l| l.holders),
+        Some(vec![dst]),
+        "the target takes the lock when the session starts"
+    );
+    let killed = cl.kill9(dst);
+    cl.check(killed);
+    let ended = {
+        let start = Instant::now();
+        loop {
+            let r = migration_record(&cl, leader, rec).await;
+            if r.state != "running" {
+                break r;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "migration {rec} did not end{}",
+                cl.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert_eq!(ended.state, "failed", "{ended:?}");
+    let back = wait_lock(&cl, leader, "vol/vms/m.img", "back with the source", |l| {
+        l.is_some_and(|l| l.holders == vec![src])
+    })
+    .await
+    .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
+    assert!(back.token > old, "{back:?} after {old}");
+    assert_eq!(fence_token(&csv, "vol/vms/m.img"), old);
+    let v = wait_vm(&cl, leader, "vm-m", "running on the source", |v| {
+        v.owner_id == src && v.migrating_to == 0 && v.runtime == "running"
+    })
+    .await;
+    assert_eq!(v.generation, before.generation, "{v:?}");
+    let (node, _) = wait_hb(&cl, leader, "vm-m", |_| true).await;
+    assert_eq!(node, src);
+    // The table and the host agree: stop releases the lock, start takes it again.
+    let mut c = cl.vms(leader).await;
+    c.stop_vm(pb::VmName {
+        name: "vm-m".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("stop: {e}"));
+    wait_lock(&cl, leader, "vol/vms/m.img", "released", |l| l.is_none()).await;
+    c.start_vm(pb::VmName {
+        name: "vm-m".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("start: {e}"));
+    let again = wait_vm(&cl, leader, "vm-m", "running again", |v| {
+        v.runtime == "running"
+    })
+    .await;
+    let relocked = lock_of(&cl, leader, "vol/vms/m.img")
+        .await
+        .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
+    assert_eq!(relocked.holders, vec![again.owner_id]);
+    assert_eq!(fence_token(&csv, "vol/vms/m.img"), relocked.token);
 }

@@ -164,6 +164,8 @@ struct SourceSide {
     detached: Mutex<Vec<usize>>,
     pending: Mutex<Vec<LockCommand>>,
     reclaimed: Mutex<Option<Vec<LockGrant>>>,
+    /// The engine asked for the locks back (a rollback after the storage stage).
+    reclaim_asked: AtomicBool,
 }
 
 impl SourceVm for SourceSide {
@@ -268,6 +270,7 @@ impl StorageHandoff for SourceSide {
         Ok(())
     }
     fn reclaim(&self, vm: &str, _disks: &[String]) -> Result<(), OpError> {
+        self.reclaim_asked.store(true, Ordering::SeqCst);
         let grants = self
             .locks
             .reclaim(vm, self.host.node(), &layout_disks(&self.layout))?;
@@ -324,6 +327,7 @@ impl VmHost {
             detached: Mutex::new(Vec::new()),
             pending: Mutex::new(Vec::new()),
             reclaimed: Mutex::new(None),
+            reclaim_asked: AtomicBool::new(false),
         };
         let (tx, progress) = sync_channel(PROGRESS_EVENTS_MAX);
         let cancel = CancelToken::default();
@@ -397,6 +401,21 @@ fn run_out(
             }
             drop(claim);
             tracing::warn!(vm = %name, error = %error_chain(&source), "migration failed");
+            if !matches!(source, MigrationError::CommitUncertain(_))
+                && !side.layout.is_empty()
+                && !side.reclaim_asked.load(Ordering::SeqCst)
+            {
+                // Failed before the storage stage: the disks stayed open here, but the
+                // target took their locks when the session started. Take them back in
+                // the table (the open disks keep their token, which their fence records
+                // still carry: the target never opened them).
+                if let Err(e) = side
+                    .locks
+                    .reclaim(&name, host.node(), &layout_disks(&side.layout))
+                {
+                    tracing::warn!(vm = %name, error = %e, "taking the disk locks back after a failed migration");
+                }
+            }
             Err(VmHostError::Migration { vm: name, source })
         }
     }
@@ -690,7 +709,7 @@ fn listen_loop(
                 // stage; before it, this does (they were taken at the start).
                 if let Some(inc) = inc {
                     if let Err(r) = hand_back(&shared, &inc) {
-                        tracing::error!(vm = %inc.vm.name(), error = %r, "giving the disk locks back after a failed migration");
+                        tracing::warn!(vm = %inc.vm.name(), error = %r, "giving the disk locks back after a failed migration (the source may have taken them back itself)");
                     }
                 }
                 if stop.load(Ordering::SeqCst) {
