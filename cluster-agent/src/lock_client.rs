@@ -205,14 +205,12 @@ pub fn held_grant(agent: &Agent, disk: &DiskName, node: u64) -> Option<LockGrant
 
 /// vmhost's lock callback over Raft, for migration threads (blocking).
 ///
-/// A live migration's disk handoff costs one Raft write, outside the blackout: the
+/// A live migration's disk handoff costs one Raft write inside the blackout, not two: the
 /// source's instance ([`ClusterLocks::for_migration_source`]) does not commit the
 /// `Handoff` it is given once its disks are flushed and closed; the target commits it in
-/// [`DiskLocks::acquire`] when the session starts, while the source still writes (its
-/// writes stay valid until the target opens the disk and writes the newer token to the
-/// fence record), and gets its grant from that one commit. A migration that fails hands
-/// the lock back to the source (`reclaim` on the source re-acquires it or takes it back
-/// from the target, with a newer token when the target had opened the disk).
+/// [`DiskLocks::acquire`] (called only after the source reported its disks released) and
+/// gets its grant from that one commit. A migration that rolls back before the target
+/// committed leaves the lock with the source (`reclaim` re-acquires it, same token).
 pub struct ClusterLocks {
     agent: Arc<Agent>,
     rt: tokio::runtime::Handle,
@@ -268,8 +266,9 @@ impl DiskLocks for ClusterLocks {
                 out.push(self.rt.block_on(grant(&self.agent, vm, cmd))?);
                 continue;
             }
-            // Commit the handoff from its holder to us (the source leaves it to us); if
-            // the source committed it itself, an idempotent re-acquire returns our grant.
+            // The source has flushed and closed the disk. Commit the handoff from its
+            // holder to us (the source leaves it to us); if the source committed it
+            // itself, an idempotent re-acquire returns our grant.
             let start = Instant::now();
             let held = loop {
                 let g = held_grant(&self.agent, &d.name, node)

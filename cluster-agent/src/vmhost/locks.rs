@@ -23,10 +23,8 @@ pub trait DiskLocks: Send + Sync {
     /// Commits `commands` (`Release` / `Handoff` produced by the csv-volume hooks when
     /// disks were flushed and closed); returns once they are applied.
     fn commit(&self, vm: &str, commands: &[LockCommand]) -> Result<(), LockOpError>;
-    /// Target of a migration, when its session starts: hands `disks` off from their
-    /// holder (the source, which keeps writing until this node opens them and so writes
-    /// the newer token to their fence records) and returns `node`'s grants (for read-only
-    /// disks: a shared `Acquire` for `node`). Idempotent when `node` already holds them.
+    /// Target of a migration: returns `node`'s grants for `disks` once the source's
+    /// handoff is applied (for read-only disks: a shared `Acquire` for `node`).
     fn acquire(
         &self,
         vm: &str,
@@ -48,6 +46,8 @@ pub trait DiskLocks: Send + Sync {
 pub enum LocalLocksError {
     #[error("lock table refused the command")]
     Refused(#[source] LockError),
+    #[error("disk {disk} is not held by node {node} after the handoff")]
+    NotHeld { disk: String, node: NodeId },
     #[error("lock table answered {0} where a grant was expected")]
     Unexpected(&'static str),
 }
@@ -143,13 +143,6 @@ impl LocalLocks {
 impl DiskLocks for LocalLocks {
     fn commit(&self, _vm: &str, commands: &[LockCommand]) -> Result<(), LockOpError> {
         for c in commands {
-            // A live migration's target takes the lock when the session starts; the
-            // source's handoff at the storage stage then finds it done.
-            if let LockCommand::Handoff { disk, to, .. } = c {
-                if self.owner(disk).is_some_and(|(o, _)| o == *to) {
-                    continue;
-                }
-            }
             self.apply(c.clone()).map_err(LocalLocksError::Refused)?;
         }
         Ok(())
@@ -169,27 +162,13 @@ impl DiskLocks for LocalLocks {
                     node,
                     mode: LockMode::Shared,
                 })?
-            } else if let Some(g) = self
-                .held_grant(&d.name, node)
-                .filter(|g| g.mode == LockMode::Exclusive)
-            {
-                g
             } else {
-                // As the cluster's lock client: hand it off from its holder (a live
-                // migration's source, which still writes until this node opens the disk).
-                let cmd = match self.owner(&d.name) {
-                    Some((from, _)) => LockCommand::Handoff {
-                        disk: d.name.clone(),
-                        from,
-                        to: node,
-                    },
-                    None => LockCommand::Acquire {
-                        disk: d.name.clone(),
+                self.held_grant(&d.name, node)
+                    .filter(|g| g.mode == LockMode::Exclusive)
+                    .ok_or_else(|| LocalLocksError::NotHeld {
+                        disk: d.name.to_string(),
                         node,
-                        mode: LockMode::Exclusive,
-                    },
-                };
-                self.grant(cmd)?
+                    })?
             };
             out.push(g);
         }

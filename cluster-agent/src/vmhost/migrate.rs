@@ -164,8 +164,6 @@ struct SourceSide {
     detached: Mutex<Vec<usize>>,
     pending: Mutex<Vec<LockCommand>>,
     reclaimed: Mutex<Option<Vec<LockGrant>>>,
-    /// The engine asked for the locks back (a rollback after the storage stage).
-    reclaim_asked: AtomicBool,
 }
 
 impl SourceVm for SourceSide {
@@ -270,7 +268,6 @@ impl StorageHandoff for SourceSide {
         Ok(())
     }
     fn reclaim(&self, vm: &str, _disks: &[String]) -> Result<(), OpError> {
-        self.reclaim_asked.store(true, Ordering::SeqCst);
         let grants = self
             .locks
             .reclaim(vm, self.host.node(), &layout_disks(&self.layout))?;
@@ -327,7 +324,6 @@ impl VmHost {
             detached: Mutex::new(Vec::new()),
             pending: Mutex::new(Vec::new()),
             reclaimed: Mutex::new(None),
-            reclaim_asked: AtomicBool::new(false),
         };
         let (tx, progress) = sync_channel(PROGRESS_EVENTS_MAX);
         let cancel = CancelToken::default();
@@ -401,21 +397,6 @@ fn run_out(
             }
             drop(claim);
             tracing::warn!(vm = %name, error = %error_chain(&source), "migration failed");
-            if !matches!(source, MigrationError::CommitUncertain(_))
-                && !side.layout.is_empty()
-                && !side.reclaim_asked.load(Ordering::SeqCst)
-            {
-                // Failed before the storage stage: the disks stayed open here, but the
-                // target took their locks when the session started. Take them back in
-                // the table (the open disks keep their token, which their fence records
-                // still carry: the target never opened them).
-                if let Err(e) = side
-                    .locks
-                    .reclaim(&name, host.node(), &layout_disks(&side.layout))
-                {
-                    tracing::warn!(vm = %name, error = %e, "taking the disk locks back after a failed migration");
-                }
-            }
             Err(VmHostError::Migration { vm: name, source })
         }
     }
@@ -438,10 +419,7 @@ struct Incoming {
     vm: Arc<HostedVm>,
     layout: Vec<SlotDisk>,
     source_node: NodeId,
-    /// The disk locks, taken when the session starts (see [`Factory::create_paused`]).
     grants: Mutex<Vec<LockGrant>>,
-    /// Set once a failed session gave the locks back to the source.
-    handed_back: AtomicBool,
     reservation: Mutex<Option<Reservation>>,
 }
 
@@ -499,20 +477,10 @@ impl TargetFactory for Factory {
             layout: blob.layout,
             source_node: blob.source_node,
             grants: Mutex::new(Vec::new()),
-            handed_back: AtomicBool::new(false),
             reservation: Mutex::new(Some(reservation)),
         });
         *lock(&self.0.current) = Some(inc.clone());
         host.set_incoming(Some((inc.vm.name().to_owned(), self.0.abandon.clone())));
-        // Take the disk locks now, while the source still runs the VM, so that their
-        // Raft write stays out of the blackout. The source's writes stay valid until this
-        // node opens the disks at the switchover: the fence record each open writes (the
-        // newer token) is what refuses a stale writer, not the lock table.
-        let grants =
-            self.0
-                .locks
-                .acquire(inc.vm.name(), host.node(), &layout_disks(&inc.layout))?;
-        *lock(&inc.grants) = grants;
         Ok(Box::new(TargetSide(inc, self.0.clone())))
     }
 }
@@ -538,18 +506,57 @@ impl TargetVm for TargetSide {
 
 impl StorageHandoff for Handoff {
     fn release(&self, vm: &str, _disks: &[String]) -> Result<(), OpError> {
+        // A failed incoming migration after `acquire`: close what was opened and give the
+        // locks back to the source — unless the receive was abandoned because the cluster
+        // failed the VM over to this node (its source is gone): the locks are then this
+        // node's to keep for the restart.
+        if self.0.abandon.is_set() {
+            tracing::info!(vm, "incoming migration abandoned; keeping its disk locks");
+            return Ok(());
+        }
         let inc = self.0.current(vm)?;
-        hand_back(&self.0, &inc)
+        let host = &self.0.host;
+        let to = inc.source_node;
+        let mut cmds = Vec::new();
+        for slot in inc.vm.occupied_slots() {
+            match inc.vm.detach(slot, CloseFor::Handoff { to }) {
+                Ok(c) => cmds.push(c),
+                Err(e) => tracing::error!(vm, error = %e, "closing a disk of a failed incoming VM"),
+            }
+        }
+        let closed: Vec<String> = cmds
+            .iter()
+            .filter_map(|c| match c {
+                LockCommand::Handoff { disk, .. } | LockCommand::Release { disk, .. } => {
+                    Some(disk.to_string())
+                }
+                _ => None,
+            })
+            .collect();
+        for g in lock(&inc.grants).iter() {
+            if closed.contains(&g.disk.to_string()) {
+                continue;
+            }
+            cmds.push(match g.mode {
+                LockMode::Exclusive => LockCommand::Handoff {
+                    disk: g.disk.clone(),
+                    from: host.node(),
+                    to,
+                },
+                LockMode::Shared => LockCommand::Release {
+                    disk: g.disk.clone(),
+                    node: host.node(),
+                },
+            });
+        }
+        self.0.locks.commit(vm, &cmds)?;
+        Ok(())
     }
     fn reclaim(&self, vm: &str, _disks: &[String]) -> Result<(), OpError> {
         Err(format!("reclaim called on the target of VM {vm}").into())
     }
     fn acquire(&self, vm: &str, _disks: &[String]) -> Result<(), OpError> {
-        // Taken when the session started; nothing to do inside the blackout.
         let inc = self.0.current(vm)?;
-        if lock(&inc.grants).len() == inc.layout.len() {
-            return Ok(());
-        }
         let grants = self
             .0
             .locks
@@ -557,52 +564,6 @@ impl StorageHandoff for Handoff {
         *lock(&inc.grants) = grants;
         Ok(())
     }
-}
-
-/// A failed incoming migration: close what was opened and give the disk locks back to
-/// the source (once). Not when the receive was abandoned because the cluster failed the
-/// VM over to this node: the locks are then this node's to keep.
-fn hand_back(shared: &TargetShared, inc: &Incoming) -> Result<(), OpError> {
-    if shared.abandon.is_set() || inc.handed_back.swap(true, Ordering::SeqCst) {
-        return Ok(());
-    }
-    let vm = inc.vm.name();
-    let host = &shared.host;
-    let to = inc.source_node;
-    let mut cmds = Vec::new();
-    for slot in inc.vm.occupied_slots() {
-        match inc.vm.detach(slot, CloseFor::Handoff { to }) {
-            Ok(c) => cmds.push(c),
-            Err(e) => tracing::error!(vm, error = %e, "closing a disk of a failed incoming VM"),
-        }
-    }
-    let closed: Vec<String> = cmds
-        .iter()
-        .filter_map(|c| match c {
-            LockCommand::Handoff { disk, .. } | LockCommand::Release { disk, .. } => {
-                Some(disk.to_string())
-            }
-            _ => None,
-        })
-        .collect();
-    for g in lock(&inc.grants).iter() {
-        if closed.contains(&g.disk.to_string()) {
-            continue;
-        }
-        cmds.push(match g.mode {
-            LockMode::Exclusive => LockCommand::Handoff {
-                disk: g.disk.clone(),
-                from: host.node(),
-                to,
-            },
-            LockMode::Shared => LockCommand::Release {
-                disk: g.disk.clone(),
-                node: host.node(),
-            },
-        });
-    }
-    shared.locks.commit(vm, &cmds)?;
-    Ok(())
 }
 
 /// Accepts incoming live migrations on the node's migration address, one at a time,
@@ -704,14 +665,7 @@ fn listen_loop(
             (Ok(received), None) => IncomingEvent::Failed {
                 error: format!("VM {} arrived but its record was lost", received.vm_name),
             },
-            (Err(e), inc) => {
-                // The engine gives the locks back itself when it fails after the storage
-                // stage; before it, this does (they were taken at the start).
-                if let Some(inc) = inc {
-                    if let Err(r) = hand_back(&shared, &inc) {
-                        tracing::warn!(vm = %inc.vm.name(), error = %r, "giving the disk locks back after a failed migration (the source may have taken them back itself)");
-                    }
-                }
+            (Err(e), _) => {
                 if stop.load(Ordering::SeqCst) {
                     break;
                 }
