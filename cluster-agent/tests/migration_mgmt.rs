@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant};
 
 use cluster_proto::migrations as mpb;
-use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
 use cluster_tests::vm::{expect_code, guest_spec, hb_seq, vm_or_default};
@@ -69,46 +68,6 @@ async fn heartbeat_after(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64
         }
     }
     panic!("no heartbeat of {name} after {after}{}", cl.logs())
-}
-
-async fn running_migration(
-    m: &mut MigrationServiceClient<Channel>,
-    vm: &str,
-) -> mpb::MigrationInfo {
-    let start = Instant::now();
-    loop {
-        let l = m
-            .list_migrations(mpb::ListMigrationsRequest { vm: vm.into() })
-            .await
-            .unwrap_or_else(|e| panic!("list: {e}"))
-            .into_inner();
-        if let Some(r) = l.migrations.iter().rev().find(|r| r.state == "running") {
-            return r.clone();
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "no running migration of {vm}: {l:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn wait_finished(m: &mut MigrationServiceClient<Channel>, id: u64) -> mpb::MigrationInfo {
-    let start = Instant::now();
-    loop {
-        let r = m
-            .get_migration(mpb::MigrationId { id })
-            .await
-            .unwrap_or_else(|e| panic!("show {id}: {e}"))
-            .into_inner()
-            .migration
-            .unwrap_or_default();
-        if r.state != "running" && r.state != "queued" {
-            return r;
-        }
-        assert!(start.elapsed() < WAIT, "migration {id} did not end: {r:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The finished record that the last message of a progress stream carries.
@@ -203,7 +162,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     })
     .await
     .unwrap_or_else(|e| panic!("migrate busy: {e}{}", cl.logs()));
-    let rec = running_migration(&mut mig, "busy").await;
+    let rec = cl.running_migration(other, "busy", WAIT).await;
     assert_eq!(
         (
             rec.source_node_id,
@@ -284,8 +243,8 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     })
     .await
     .unwrap_or_else(|e| panic!("migrate busy: {e}{}", cl.logs()));
-    let rec2 = running_migration(&mut mig, "busy").await;
-    let done2 = wait_finished(&mut mig, rec2.id).await;
+    let rec2 = cl.running_migration(other, "busy", WAIT).await;
+    let done2 = cl.migration_end(other, rec2.id, WAIT).await;
     assert_eq!(done2.state, "failed", "{done2:?}");
     assert!(
         done2.reason.contains("deadline") || done2.reason.contains("converge"),
@@ -303,7 +262,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     })
     .await
     .unwrap_or_else(|e| panic!("migrate calm: {e}{}", cl.logs()));
-    let rec3 = running_migration(&mut mig, "calm").await;
+    let rec3 = cl.running_migration(other, "calm", WAIT).await;
     let mut stream = mig
         .watch_migration(mpb::MigrationId { id: rec3.id })
         .await
@@ -415,7 +374,7 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         .unwrap_or_else(|e| panic!("migrate hog: {e}{}", cl.logs()))
         .into_inner();
     assert_eq!(r.queued_migration_id, 0);
-    let hog = running_migration(&mut mig, "hog").await;
+    let hog = cl.running_migration(b_node, "hog", WAIT).await;
 
     // b to node 3 and c anywhere: queued, holding no slot.
     let qb = vm
@@ -496,7 +455,7 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
     vm.stop_vm(pb::VmName { name: "d".into() })
         .await
         .unwrap_or_else(|e| panic!("stop d: {e}"));
-    let dropped = wait_finished(&mut mig, qd.queued_migration_id).await;
+    let dropped = cl.migration_end(b_node, qd.queued_migration_id, WAIT).await;
     assert_eq!(dropped.state, "failed", "{dropped:?}");
     assert!(
         dropped.reason.contains("dropped from the queue"),
@@ -509,12 +468,12 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
     let killed = cl.kill9(leader);
     cl.check(killed);
     let _ = mig.cancel_migration(mpb::MigrationId { id: hog.id }).await;
-    let hog_end = wait_finished(&mut mig, hog.id).await;
+    let hog_end = cl.migration_end(b_node, hog.id, WAIT).await;
     assert!(
         matches!(hog_end.state.as_str(), "cancelled" | "succeeded"),
         "{hog_end:?}"
     );
-    let b = wait_finished(&mut mig, qb.queued_migration_id).await;
+    let b = cl.migration_end(b_node, qb.queued_migration_id, WAIT).await;
     assert_eq!(b.state, "succeeded", "{b:?}{}", cl.logs());
     assert_eq!((b.source_node_id, b.target_node_id), (a, b_node));
     assert!(

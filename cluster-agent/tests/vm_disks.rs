@@ -884,20 +884,7 @@ async fn disk_vm_in_endless_precopy() -> MidMigration {
     })
     .await
     .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
-    let mut m = cl.migrations(leader).await;
-    let start = Instant::now();
-    let rec = loop {
-        let l = m
-            .list_migrations(cluster_proto::migrations::ListMigrationsRequest { vm: "vm-m".into() })
-            .await
-            .unwrap_or_else(|e| panic!("list migrations: {e}"))
-            .into_inner();
-        if let Some(r) = l.migrations.into_iter().find(|r| r.state == "running") {
-            break r.id;
-        }
-        assert!(start.elapsed() < WAIT, "migration never ran{}", cl.logs());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let rec = cl.running_migration(leader, "vm-m", WAIT).await.id;
     // Let a few pre-copy rounds go by; the migration cannot converge.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let v = get_vm(&mut c, "vm-m")
@@ -914,21 +901,6 @@ async fn disk_vm_in_endless_precopy() -> MidMigration {
         before,
         old,
     }
-}
-
-async fn migration_record(
-    cl: &Cluster,
-    via: u64,
-    id: u64,
-) -> cluster_proto::migrations::MigrationInfo {
-    cl.migrations(via)
-        .await
-        .get_migration(cluster_proto::migrations::MigrationId { id })
-        .await
-        .unwrap_or_else(|e| panic!("show migration {id}: {e}"))
-        .into_inner()
-        .migration
-        .unwrap_or_default()
 }
 
 async fn owner_lost_mid_migration(loss: Loss) {
@@ -966,7 +938,7 @@ async fn owner_lost_mid_migration(loss: Loss) {
     );
     let (node, _) = wait_hb(&cl, leader, "vm-m", |_| true).await;
     assert_eq!(node, dst);
-    let ended = migration_record(&cl, leader, rec).await;
+    let ended = cl.migration_end(leader, rec, WAIT).await;
     assert_eq!(ended.state, "failed", "{ended:?}");
     let new = lock_of(&cl, leader, "vol/vms/m.img")
         .await
@@ -1126,21 +1098,7 @@ async fn target_kill9_mid_migration_leaves_the_vm_and_its_lock_with_the_source()
     assert_eq!(held.map(|l| (l.holders, l.token)), Some((vec![src], old)));
     let killed = cl.kill9(dst);
     cl.check(killed);
-    let ended = {
-        let start = Instant::now();
-        loop {
-            let r = migration_record(&cl, leader, rec).await;
-            if r.state != "running" {
-                break r;
-            }
-            assert!(
-                start.elapsed() < WAIT,
-                "migration {rec} did not end{}",
-                cl.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let ended = cl.migration_end(leader, rec, WAIT).await;
     assert_eq!(ended.state, "failed", "{ended:?}");
     let kept = lock_of(&cl, leader, "vol/vms/m.img").await;
     assert_eq!(kept.map(|l| (l.holders, l.token)), Some((vec![src], old)));

@@ -6,6 +6,9 @@
 //! tail of every node's log. The `try_*` helpers return a `String` error for the benches.
 
 use cluster_proto::drain::drain_service_client::DrainServiceClient;
+use std::time::{Duration, Instant};
+
+use cluster_proto::migrations as mpb;
 use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
@@ -100,6 +103,59 @@ impl Cluster {
     /// The migration service of node `id` (see [`Cluster::channel`]).
     pub async fn migrations(&self, id: u64) -> MigrationServiceClient<Channel> {
         MigrationServiceClient::new(self.channel(id).await)
+    }
+
+    /// The running migration of `vm`, read through node `via`; panics (with the logs) when
+    /// none is running within `wait`.
+    pub async fn running_migration(
+        &self,
+        via: u64,
+        vm: &str,
+        wait: Duration,
+    ) -> mpb::MigrationInfo {
+        let mut m = self.migrations(via).await;
+        let start = Instant::now();
+        loop {
+            let l = m
+                .list_migrations(mpb::ListMigrationsRequest { vm: vm.into() })
+                .await
+                .unwrap_or_else(|e| panic!("list migrations: {e}"))
+                .into_inner();
+            if let Some(r) = l.migrations.iter().rev().find(|r| r.state == "running") {
+                return r.clone();
+            }
+            assert!(
+                start.elapsed() < wait,
+                "no running migration of {vm}: {l:?}{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Migration `id` once it has ended (neither queued nor running), read through node
+    /// `via`; panics (with the logs) when it has not ended within `wait`.
+    pub async fn migration_end(&self, via: u64, id: u64, wait: Duration) -> mpb::MigrationInfo {
+        let mut m = self.migrations(via).await;
+        let start = Instant::now();
+        loop {
+            let r = m
+                .get_migration(mpb::MigrationId { id })
+                .await
+                .unwrap_or_else(|e| panic!("show migration {id}: {e}"))
+                .into_inner()
+                .migration
+                .unwrap_or_default();
+            if r.state != "running" && r.state != "queued" {
+                return r;
+            }
+            assert!(
+                start.elapsed() < wait,
+                "migration {id} did not end: {r:?}{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// A channel to node `id`'s management address, for the benches.
