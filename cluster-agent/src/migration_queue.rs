@@ -18,7 +18,7 @@ use crate::agent::{now_unix_ms, Agent, ForwardRequest};
 use crate::migrations::{queue, MigrationCommand, MigrationKind};
 use crate::placement::{self, PlacementError};
 use crate::state::{ClusterState, Command};
-use crate::vms::{VmCommand, VmStateError};
+use crate::vms::VmCommand;
 
 /// How often the leader looks at the queue.
 pub const QUEUE_INTERVAL: Duration = Duration::from_millis(200);
@@ -48,16 +48,12 @@ pub fn plan(state: &ClusterState, now_unix_ms: u64) -> Vec<Step> {
             max_downtime_ms: m.max_downtime_ms,
             deadline_ms: m.deadline_ms,
         };
-        match crate::vms::check(&s, &probe) {
-            Ok(()) => {}
-            Err(VmStateError::UnknownNode(0)) if m.target == 0 => {}
-            Err(e) => {
-                out.push(Step::Drop {
-                    id: m.id,
-                    reason: crate::error_chain(&e),
-                });
-                continue;
-            }
+        if let Err(e) = crate::vms::check_migration_start(&s, &probe) {
+            out.push(Step::Drop {
+                id: m.id,
+                reason: crate::error_chain(&e),
+            });
+            continue;
         }
         let to = (m.target != 0).then_some(m.target);
         match placement::migration_target(&s, &m.vm, to, quick) {

@@ -286,10 +286,7 @@ pub fn check(state: &ClusterState, cmd: &MigrationCommand) -> Result<(), Migrati
                 max_downtime_ms: *max_downtime_ms,
                 deadline_ms: *deadline_ms,
             };
-            match crate::vms::check(state, &probe) {
-                Err(crate::vms::VmStateError::UnknownNode(0)) if *to == 0 => Ok(()),
-                r => Ok(r?),
-            }
+            Ok(crate::vms::check_migration_start(state, &probe)?)
         }
         MigrationCommand::DropQueued { id, .. } => {
             let m = state

@@ -306,10 +306,7 @@ impl VmService for VmApi {
             deadline_ms: req.deadline_ms,
         };
         // Same checks as the commit, except the target (chosen next).
-        match vms::check(&state, &probe) {
-            Err(VmStateError::UnknownNode(0)) | Ok(()) => {}
-            Err(e) => return Err(state_status(e)),
-        }
+        vms::check_migration_start(&state, &probe).map_err(state_status)?;
         if let Some(m) = crate::migrations::queued_of(&state, &req.name) {
             return Err(Status::failed_precondition(format!(
                 "VM {} already has migration {} queued (`clusterctl migration cancel {}` drops it)",

@@ -364,6 +364,19 @@ pub fn validate_spec(state: &ClusterState, spec: &VmSpec) -> Result<(), VmStateE
     Ok(())
 }
 
+/// [`check`] of a `StartMigration` whose target may still be open (`to` 0: the
+/// scheduler picks it later): every rule but the target's.
+pub fn check_migration_start(state: &ClusterState, cmd: &VmCommand) -> Result<(), VmStateError> {
+    match check(state, cmd) {
+        Err(VmStateError::UnknownNode(0))
+            if matches!(cmd, VmCommand::StartMigration { to: 0, .. }) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 /// Would `cmd` be accepted now? (The leader asks before proposing; apply asks again.)
 pub fn check(state: &ClusterState, cmd: &VmCommand) -> Result<(), VmStateError> {
     let existing = |name: &str| find(state, name).ok_or(VmStateError::UnknownVm(name.to_owned()));
