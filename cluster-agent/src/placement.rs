@@ -232,13 +232,23 @@ fn why_not_reasons(
     node: u64,
     quick: bool,
 ) -> Result<Judged, PlacementError> {
+    judge(state, &snapshot_with_migrations(state)?, name, node, quick)
+}
+
+/// [`why_not_reasons`] on `snap`, built once by a caller that judges several nodes.
+fn judge(
+    state: &ClusterState,
+    snap: &ClusterSnapshot,
+    name: &str,
+    node: u64,
+    quick: bool,
+) -> Result<Judged, PlacementError> {
     if !state.vms.values().any(|v| v.spec.name == name) {
         return Err(PlacementError::UnknownVm(name.to_owned()));
     }
     if !state.nodes.contains_key(&node) {
         return Err(PlacementError::UnknownNode(node));
     }
-    let mut snap = snapshot_with_migrations(state)?;
     if !snap.nodes.iter().any(|n| n.id.0 == node) {
         let vendor = state
             .nodes
@@ -250,10 +260,11 @@ fn why_not_reasons(
         )));
     }
     let vm = VmId(name.to_owned());
+    let mut snap = std::borrow::Cow::Borrowed(snap);
     if !snap.vms.iter().any(|v| v.id == vm) {
         // Never placed: judge it as a start, as a VM whose record names this node.
         if let Some(rec) = state.vms.values().find(|v| v.spec.name == name) {
-            snap.vms.push(Vm {
+            snap.to_mut().vms.push(Vm {
                 id: vm.clone(),
                 vcpus: u32::from(rec.spec.vcpus),
                 memory_mib: rec.spec.memory_mib,
@@ -303,8 +314,9 @@ pub fn migration_target(
     let mut refusals = Vec::new();
     let mut best: Option<(usize, u64)> = None;
     let mut slot_bound = false;
+    let snap = snapshot_with_migrations(state)?;
     for n in candidates {
-        let judged = why_not_reasons(state, name, n, quick)?;
+        let judged = judge(state, &snap, name, n, quick)?;
         slot_bound |= judged.waits_for_slot();
         let reasons = match judged {
             Judged::Unfit(why) => vec![why],
