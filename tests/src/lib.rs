@@ -62,10 +62,42 @@ pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Hold this for the whole test to run multi-process tests of one test binary one
-/// at a time: the CI machine has 2 cores and elections need CPU on time.
-pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().await
+/// Held for the whole of a multi-process test: see [`serial`].
+pub struct SerialGuard {
+    _in_process: tokio::sync::MutexGuard<'static, ()>,
+    /// An exclusive `flock` on [`SERIAL_LOCK_PATH`], released when the file closes.
+    _across_processes: std::fs::File,
+}
+
+/// The file every test process locks: the tests bind fixed loopback addresses
+/// (127.0.1.x, 127.0.2.x), so two test binaries (or two checkouts) must not run
+/// cluster tests at the same time.
+pub const SERIAL_LOCK_PATH: &str = "/tmp/vmcluster-tests.lock";
+
+/// Hold this for the whole test to run multi-process tests one at a time, within a
+/// test binary and across test processes: the CI machine has 2 cores, elections need
+/// CPU on time, and every cluster test uses the same loopback addresses.
+pub async fn serial() -> SerialGuard {
+    let in_process = SERIAL.lock().await;
+    let file = tokio::task::spawn_blocking(|| {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(SERIAL_LOCK_PATH)?;
+        f.lock()?;
+        Ok::<_, std::io::Error>(f)
+    })
+    .await;
+    let across = match file {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => panic!("cannot lock {SERIAL_LOCK_PATH}: {e}"),
+        Err(e) => panic!("cannot lock {SERIAL_LOCK_PATH}: {e}"),
+    };
+    SerialGuard {
+        _in_process: in_process,
+        _across_processes: across,
+    }
 }
 
 /// Locate a workspace binary next to the running test executable
