@@ -1,48 +1,34 @@
-//! The cluster node daemon: openraft over RocksDB, a peer-only Raft gRPC service, a
-//! public management gRPC service, node facts and liveness.
+//! The cluster node daemon: one per VM host. Raft-replicated cluster state (openraft over
+//! RocksDB), the controllers that act on it, the gRPC management API and the peer-only
+//! Raft service, and the agent-local VM runtime.
 //!
-//! Codemap (see ARCHITECTURE.md): [`config`] (TOML + flags), [`state`] (pure
-//! replicated state machine), [`store`] (RocksDB log + state machine), [`datadir`]
-//! (identity marker, refuses foreign/damaged dirs), [`facts`] (CPU/memory/KVM probe),
-//! [`raft_types`], [`network`] (Raft client over tonic), [`peer_service`] (Raft
-//! server), [`mgmt_service`] + [`convert`] (public API), [`agent`] (write path,
-//! lifecycle, liveness), [`server`] (wiring, shutdown).
+//! # Layout
+//!
+//! Layers, each depending only on the ones below it (a test, `tests/layers.rs`, keeps it
+//! so):
+//!
+//! - [`api`]: the only module that knows tonic and the protobuf types — the management
+//!   services, the peer plane (Raft service and its client), conversions, the one error
+//!   → `tonic::Status` mapping, and `/metrics`.
+//! - [`control`]: controllers acting on committed state — reconciler, failover, job
+//!   runner, migration queue, placement, disk-lock client, migration progress.
+//! - [`node`]: the agent's core — [`node::Agent`] (write path, cluster lifecycle),
+//!   config, host facts, the liveness/lease model and its loops.
+//! - [`raft`]: openraft glue — type config, the RocksDB log store and state machine, the
+//!   data dir.
+//! - [`state`]: the pure replicated state machine (commands, apply, storage keys).
+//! - [`vmhost`]: the agent-local VM runtime over `vmm-node`; knows no Raft, only
+//!   [`state`]'s spec types.
+//!
+//! [`server`] wires the layers together; `main.rs` only parses flags and calls it.
 
-pub mod agent;
-pub mod config;
-pub mod convert;
-pub mod crash_point;
-pub mod datadir;
-pub mod disk_locks;
-pub mod drain;
-pub mod drain_service;
-pub mod facts;
-pub mod failover;
-pub mod fixtures;
-pub mod forward;
-pub mod hotplug;
-pub mod jobs;
-pub mod liveness;
-pub mod lock_client;
-pub mod metrics;
-pub mod mgmt_service;
-pub mod migration_queue;
-pub mod migration_service;
-pub mod migrations;
-pub mod network;
-pub mod peer_service;
-pub mod placement;
-pub mod quick_migration;
-pub mod raft_types;
-pub mod reconciler;
+pub mod api;
+pub mod control;
+pub mod node;
+pub mod raft;
 pub mod server;
 pub mod state;
-pub mod store;
-pub mod vm_convert;
-pub mod vm_service;
 pub mod vmhost;
-pub mod vms;
-pub mod volume_service;
 
 /// Render an error and its `source()` chain as one line: "a: b: c".
 pub fn error_chain(e: &dyn std::error::Error) -> String {

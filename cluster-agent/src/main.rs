@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use cluster_agent::config::RawConfig;
+use cluster_agent::node::config::RawConfig;
 
 #[derive(Debug, Parser)]
 #[command(name = "cluster-agent", version, about = "VM cluster node agent")]
@@ -90,7 +90,6 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None => RawConfig::default(),
     };
     let config = file.overlay(args.flags()).validate()?;
-    cluster_agent::crash_point::check_env()?;
     if args.check_config {
         println!("{config:#?}");
         return Ok(());

@@ -69,17 +69,13 @@ fn malformed_config_is_refused_naming_the_key() {
     must!(c, c.add_node(31).map(|_| ()));
     must!(
         c,
-        c.set_env(
-            31,
-            cluster_agent::crash_point::ENV,
-            "migrate-out-after-switchovr"
-        )
+        c.set_env(31, "CLUSTER_AGENT_CRASH_AT", "migrate-out-after-switchovr")
     );
     let (ok, out) = must!(c, c.run_to_exit(31, Duration::from_secs(20)));
     assert!(
-        !ok && out.contains(cluster_agent::crash_point::ENV)
+        !ok && out.contains("CLUSTER_AGENT_CRASH_AT")
             && out.contains("migrate-out-after-switchovr")
-            && out.contains(cluster_agent::crash_point::MIGRATE_OUT_AFTER_SWITCHOVER),
+            && out.contains("migrate-out-after-switchover"),
         "{out}"
     );
 }

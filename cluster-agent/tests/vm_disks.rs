@@ -982,10 +982,7 @@ async fn owner_lost_mid_migration(loss: Loss) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_dying_after_the_switchover_leaves_the_vm_on_the_target() {
     let _serial = cluster_tests::serial().await;
-    let crash = [(
-        cluster_agent::crash_point::ENV,
-        cluster_agent::crash_point::MIGRATE_OUT_AFTER_SWITCHOVER,
-    )];
+    let crash = [("CLUSTER_AGENT_CRASH_AT", "migrate-out-after-switchover")];
     let (mut cl, csv) = disk_cluster_with_env(3, &crash).await;
     create_disk(&cl, 1, "vol/vms/w.img").await;
     let leader = cl.check(cl.status(1).await).leader_id;

@@ -6,10 +6,11 @@
 
 use std::time::Instant;
 
+use cluster_agent::control::placement;
+use cluster_agent::state::fixtures;
+use cluster_agent::state::vm_spec::{TestWorkload, VmSpec, WorkloadName};
+use cluster_agent::state::vms::VmCommand;
 use cluster_agent::state::{ClusterState, Command};
-use cluster_agent::vmhost::spec::{TestWorkload, VmSpec, WorkloadName};
-use cluster_agent::vms::VmCommand;
-use cluster_agent::{fixtures, placement};
 
 const NODES: u64 = 16;
 const VMS: u64 = 400;

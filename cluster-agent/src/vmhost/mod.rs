@@ -17,15 +17,15 @@
 //! ```
 //!
 //! Module map: [`spec`] (VmSpec → VmConfig), [`backend`] (FencedDisk as DiskBackend),
-//! `machine` (one VM + slots + disk table), [`migrate`] (live migration out and the
-//! listener for incoming VMs), [`quick`] (quick migration), [`locks`] (the `DiskLocks`
+//! `machine` (one VM + slots + disk table), [`live_migration`] (live migration out and the
+//! listener for incoming VMs), [`quick_migration`], [`lock_callback`] (the `DiskLocks`
 //! callback and an in-process implementation over a `LockTable`).
 
 pub mod backend;
-pub mod locks;
+pub mod live_migration;
+pub mod lock_callback;
 mod machine;
-pub mod migrate;
-pub mod quick;
+pub mod quick_migration;
 pub mod spec;
 
 use std::collections::BTreeMap;
@@ -38,12 +38,12 @@ use csv_volume::{
 };
 use vmm_node::{Vm, VmStatus};
 
-pub use locks::{DiskLocks, LocalLocks, LockOpError};
-pub use machine::{OpenMode, SlotDisk};
-pub use migrate::{
+pub use live_migration::{
     IncomingEvent, LiveOptions, MigrationHandle, MigrationListener, MigrationReport,
 };
-pub use quick::{QuickImage, QuickRestoreStats};
+pub use lock_callback::{DiskLocks, LocalLocks, LockOpError};
+pub use machine::{OpenMode, SlotDisk};
+pub use quick_migration::{QuickImage, QuickRestoreStats};
 pub use spec::{BootSpec, DiskSpec, SpecError, TestWorkload, VmSpec, WorkloadName};
 
 use machine::{open_disk, CloseFor, HostedVm};
@@ -341,7 +341,7 @@ impl VmHost {
             machine::check_grant(d, machine::grant_for(grants, &d.name)?, self.node)?;
         }
         let reservation = self.reserve(&spec.name)?;
-        let config = spec.to_config(&self.registry)?;
+        let config = spec::to_config(&spec, &self.registry)?;
         let vm = Vm::create(config).map_err(|source| VmHostError::Vm {
             vm: spec.name.clone(),
             op: "create the VM",

@@ -1,0 +1,130 @@
+//! Conversions between the agent's node/cluster types and the management protobuf
+//! types (errors: `api::status`).
+
+use cluster_proto::management as pb;
+use tonic::Status;
+
+use crate::state::{Event, KvmKind, NodeFacts, NodeRecord, NodeRegistration};
+
+pub fn facts_to_pb(f: &NodeFacts) -> pb::NodeFacts {
+    pb::NodeFacts {
+        cpu_vendor: f.cpu_vendor.clone(),
+        cpu_model: f.cpu_model.clone(),
+        logical_cpus: f.logical_cpus,
+        memory_bytes: f.memory_bytes,
+        kvm_kind: f.kvm_kind.as_str().to_string(),
+        cpu_flags: f.cpu_flags.clone(),
+    }
+}
+
+/// Largest number of CPU flags accepted from a joining node.
+const CPU_FLAGS_MAX: usize = 1024;
+const TEXT_LEN_MAX: usize = 256;
+
+fn text(field: &str, v: &str) -> Result<String, Status> {
+    if v.len() > TEXT_LEN_MAX {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes; the limit is {TEXT_LEN_MAX}",
+            v.len()
+        )));
+    }
+    Ok(v.to_string())
+}
+
+pub fn facts_from_pb(f: Option<&pb::NodeFacts>) -> Result<NodeFacts, Status> {
+    let f =
+        f.ok_or_else(|| Status::invalid_argument("facts are missing from the admit request"))?;
+    let kvm_kind = match f.kvm_kind.as_str() {
+        "hardware" => KvmKind::Hardware,
+        "software" => KvmKind::Software,
+        "none" => KvmKind::None,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "facts.kvm_kind {other:?} is not one of hardware, software, none"
+            )))
+        }
+    };
+    if f.cpu_flags.len() > CPU_FLAGS_MAX {
+        return Err(Status::invalid_argument(format!(
+            "facts.cpu_flags has {} entries; the limit is {CPU_FLAGS_MAX}",
+            f.cpu_flags.len()
+        )));
+    }
+    Ok(NodeFacts {
+        cpu_vendor: text("facts.cpu_vendor", &f.cpu_vendor)?,
+        cpu_model: text("facts.cpu_model", &f.cpu_model)?,
+        cpu_flags: f
+            .cpu_flags
+            .iter()
+            .map(|s| text("facts.cpu_flags", s))
+            .collect::<Result<_, _>>()?,
+        logical_cpus: f.logical_cpus,
+        memory_bytes: f.memory_bytes,
+        kvm_kind,
+    })
+}
+
+pub fn registration_from_pb(r: &pb::AdmitNodeRequest) -> Result<NodeRegistration, Status> {
+    if r.node_id == 0 {
+        return Err(Status::invalid_argument(
+            "node_id 0 is reserved; use 1 or higher",
+        ));
+    }
+    for (field, v) in [("raft_addr", &r.raft_addr), ("mgmt_addr", &r.mgmt_addr)] {
+        if v.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "{field} {v:?} is not an IP:port address"
+            )));
+        }
+    }
+    Ok(NodeRegistration {
+        node_id: r.node_id,
+        name: text("name", &r.name)?,
+        mgmt_addr: r.mgmt_addr.clone(),
+        raft_addr: r.raft_addr.clone(),
+        migration_addr: text("migration_addr", &r.migration_addr)?,
+        mgmt_subnet: text("mgmt_subnet", &r.mgmt_subnet)?,
+        migration_subnet: text("migration_subnet", &r.migration_subnet)?,
+        facts: facts_from_pb(r.facts.as_ref())?,
+    })
+}
+
+pub fn registration_to_pb(r: &NodeRegistration) -> pb::AdmitNodeRequest {
+    pb::AdmitNodeRequest {
+        node_id: r.node_id,
+        name: r.name.clone(),
+        raft_addr: r.raft_addr.clone(),
+        mgmt_addr: r.mgmt_addr.clone(),
+        migration_addr: r.migration_addr.clone(),
+        mgmt_subnet: r.mgmt_subnet.clone(),
+        migration_subnet: r.migration_subnet.clone(),
+        facts: Some(facts_to_pb(&r.facts)),
+    }
+}
+
+pub fn node_to_pb(r: &NodeRecord, raft_role: &str) -> pb::NodeInfo {
+    let g = &r.registration;
+    pb::NodeInfo {
+        node_id: g.node_id,
+        name: g.name.clone(),
+        state: r.state.as_str().to_string(),
+        mgmt_addr: g.mgmt_addr.clone(),
+        raft_addr: g.raft_addr.clone(),
+        migration_addr: g.migration_addr.clone(),
+        mgmt_subnet: g.mgmt_subnet.clone(),
+        migration_subnet: g.migration_subnet.clone(),
+        facts: Some(facts_to_pb(&g.facts)),
+        state_since_unix_ms: r.state_since_unix_ms,
+        raft_role: raft_role.to_string(),
+    }
+}
+
+pub fn event_to_pb(e: &Event) -> pb::Event {
+    pb::Event {
+        seq: e.seq,
+        at_unix_ms: e.at_unix_ms,
+        kind: e.kind.as_str().to_string(),
+        node_id: e.node_id,
+        message: e.message.clone(),
+    }
+}

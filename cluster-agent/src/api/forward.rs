@@ -1,0 +1,42 @@
+//! What the public gRPC services share when a call must be answered by another agent
+//! (the Raft leader, a VM's owner, a migration's source).
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+use crate::node::Agent;
+
+/// How long a forwarded call may take to connect to the leader or the other agent.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The management address of the Raft leader, or `None` when this agent leads.
+pub fn leader_addr(agent: &Agent) -> Result<Option<String>, Status> {
+    let m = agent.metrics();
+    match m.current_leader {
+        Some(l) if l == agent.node_id() => Ok(None),
+        Some(l) => m
+            .membership_config
+            .membership()
+            .get_node(&l)
+            .map(|n| Some(n.mgmt_addr.clone()))
+            .ok_or_else(|| {
+                Status::unavailable(format!("leader {l} has no known management address"))
+            }),
+        None => Err(Status::unavailable(
+            "no Raft leader is known; is a majority of voters running?",
+        )),
+    }
+}
+
+/// A channel to the agent whose management address is `addr`; `who` names it in the
+/// error ("cannot reach {who} at {addr}: ...").
+pub async fn channel(addr: &str, who: &str) -> Result<Channel, Status> {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Status::internal(format!("bad management address {addr:?}: {e}")))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot reach {who} at {addr}: {e}")))
+}

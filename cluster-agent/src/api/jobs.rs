@@ -1,0 +1,399 @@
+//! Server side of the drain / failback / balancing API (`cluster.drain.v1.DrainService`).
+//!
+//! Writes are decided on the Raft leader (others forward the call to the leader's
+//! management address): the leader checks, plans with the scheduler and commits one
+//! `Command::Job`; the executor (`crate::control::job_runner`) then runs the job. Reads and dry runs
+//! answer from the local replica and commit nothing.
+
+use std::sync::Arc;
+
+use cluster_proto::drain as pb;
+use cluster_proto::drain::drain_service_client::DrainServiceClient;
+use cluster_proto::drain::drain_service_server::DrainService;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::api::forward;
+use crate::api::status;
+use crate::control::job_runner;
+use crate::node::{now_unix_ms, Agent, ForwardRequest};
+use crate::state::jobs::{self, BalancePolicy, JobCommand, JobError, JobMove, JobRecord};
+use crate::state::{ClusterState, Command};
+
+/// How long a forwarded job change may take to show on this replica before we answer.
+const LOCAL_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+pub struct DrainApi {
+    pub agent: Arc<Agent>,
+    /// Serialises check-plan-commit on the leader.
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl DrainApi {
+    pub fn new(agent: Arc<Agent>) -> Self {
+        DrainApi {
+            agent,
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn state(&self) -> ClusterState {
+        self.agent.read_sm(|d| d.state.clone())
+    }
+
+    /// After a call forwarded to the leader: wait (bounded) until this replica has applied
+    /// the job change the leader answered with, so a follow-up read here (`drain show`,
+    /// `--watch`) sees it.
+    async fn await_local(&self, job: Option<&pb::JobInfo>) {
+        let Some(j) = job else { return };
+        let start = tokio::time::Instant::now();
+        while start.elapsed() < LOCAL_APPLY_WAIT {
+            let seen = self.agent.read_sm(|d| {
+                d.state
+                    .jobs
+                    .jobs
+                    .get(&j.id)
+                    .is_some_and(|r| r.updated_unix_ms >= j.updated_unix_ms)
+            });
+            if seen {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tracing::debug!(job = j.id, "forwarded job change not applied here yet");
+    }
+
+    async fn leader_client(&self) -> Result<Option<DrainServiceClient<Channel>>, Status> {
+        let Some(addr) = forward::leader_addr(&self.agent)? else {
+            return Ok(None);
+        };
+        let ch = forward::channel(&addr, "the leader").await?;
+        Ok(Some(DrainServiceClient::new(ch)))
+    }
+
+    async fn commit(&self, cmd: JobCommand) -> Result<(), Status> {
+        self.agent
+            .write(ForwardRequest::Command(Command::Job(cmd)))
+            .await
+            .map(|_| ())
+            .map_err(status::write)
+    }
+}
+
+fn node_arg(node_id: u64) -> Result<u64, Status> {
+    if node_id == 0 {
+        return Err(Status::invalid_argument(
+            "node_id is 0: give the id of a node (`clusterctl node list`)",
+        ));
+    }
+    Ok(node_id)
+}
+
+pub fn move_to_pb(m: &JobMove) -> pb::MoveInfo {
+    pb::MoveInfo {
+        vm: m.vm.clone(),
+        from_node_id: m.from,
+        to_node_id: m.to,
+        kind: if m.quick { "quick" } else { "live" }.into(),
+        why_not_live: m.why_not_live.clone(),
+        wave: m.wave,
+        planned_start_unix_ms: m.planned_start_unix_ms,
+        planned_end_unix_ms: m.planned_end_unix_ms,
+        status: m.status.as_str().into(),
+        started_unix_ms: m.started_unix_ms,
+        ended_unix_ms: m.ended_unix_ms,
+        reason: m.reason.clone(),
+    }
+}
+
+pub fn job_to_pb(j: &JobRecord) -> pb::JobInfo {
+    pb::JobInfo {
+        id: j.id,
+        kind: j.kind.as_str().into(),
+        node_id: j.node,
+        status: j.status.as_str().into(),
+        reason: j.reason.clone(),
+        moves: j.moves.iter().map(move_to_pb).collect(),
+        planned_finish_unix_ms: j.planned_finish_unix_ms,
+        created_unix_ms: j.created_unix_ms,
+        updated_unix_ms: j.updated_unix_ms,
+        finished_unix_ms: j.finished_unix_ms,
+        failed_back: j.failed_back,
+    }
+}
+
+/// Parse a balance mode as clusterctl and the API spell it.
+pub fn parse_mode(text: &str) -> Result<scheduler::BalanceMode, Status> {
+    match text {
+        "none" => Ok(scheduler::BalanceMode::None),
+        "even" | "even-distribution" | "even_distribution" => {
+            Ok(scheduler::BalanceMode::EvenDistribution)
+        }
+        "power-saving" | "power_saving" => Ok(scheduler::BalanceMode::PowerSaving),
+        other => Err(Status::invalid_argument(format!(
+            "mode {other:?} is not a balancing mode; use none, even or power-saving"
+        ))),
+    }
+}
+
+/// Parse an aggressiveness (empty: medium).
+pub fn parse_aggressiveness(text: &str) -> Result<scheduler::Aggressiveness, Status> {
+    match text {
+        "low" => Ok(scheduler::Aggressiveness::Low),
+        "" | "medium" => Ok(scheduler::Aggressiveness::Medium),
+        "high" => Ok(scheduler::Aggressiveness::High),
+        other => Err(Status::invalid_argument(format!(
+            "aggressiveness {other:?} is not known; use low, medium or high"
+        ))),
+    }
+}
+
+fn policy_to_pb(p: &BalancePolicy) -> pb::PolicySpec {
+    pb::PolicySpec {
+        mode: jobs::mode_str(p.mode).into(),
+        aggressiveness: jobs::aggressiveness_str(p.aggressiveness).into(),
+        interval_ms: p.interval_ms,
+    }
+}
+
+#[tonic::async_trait]
+impl DrainService for DrainApi {
+    async fn drain_node(
+        &self,
+        request: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainReply>, Status> {
+        let req = request.into_inner();
+        let node = node_arg(req.node_id)?;
+        if !req.dry_run {
+            if let Some(mut leader) = self.leader_client().await? {
+                let reply = leader.drain_node(req).await?;
+                self.await_local(reply.get_ref().job.as_ref()).await;
+                return Ok(reply);
+            }
+        }
+        let _guard = self.lock.lock().await;
+        let state = self.state();
+        let now = now_unix_ms();
+        let plan = job_runner::plan_drain(&state, node, now).map_err(status::drain)?;
+        let moves = job_runner::moves_of(&plan.waves);
+        let mut reply = pb::DrainReply {
+            job: None,
+            plan: moves.iter().map(move_to_pb).collect(),
+            planned_start_unix_ms: now,
+            planned_finish_unix_ms: plan.finish_ms,
+            lower_bound_ms: plan.lower_bound_ms,
+            incoming_in_flight: plan
+                .incoming_in_flight
+                .iter()
+                .map(|v| v.0.clone())
+                .collect(),
+        };
+        if req.dry_run {
+            return Ok(Response::new(reply));
+        }
+        tracing::info!(node, moves = moves.len(), "starting drain");
+        self.commit(JobCommand::StartJob {
+            kind: jobs::JobKind::Drain,
+            node,
+            moves,
+            planned_finish_unix_ms: plan.finish_ms,
+            at_unix_ms: now_unix_ms(),
+        })
+        .await?;
+        reply.job = self
+            .state()
+            .jobs
+            .latest(jobs::JobKind::Drain, node)
+            .map(job_to_pb);
+        Ok(Response::new(reply))
+    }
+
+    async fn get_drain(
+        &self,
+        request: Request<pb::NodeRef>,
+    ) -> Result<Response<pb::JobReply>, Status> {
+        let node = node_arg(request.into_inner().node_id)?;
+        let state = self.state();
+        if !state.nodes.contains_key(&node) {
+            return Err(status::job(&JobError::UnknownNode(node)));
+        }
+        let job = state
+            .jobs
+            .latest(jobs::JobKind::Drain, node)
+            .ok_or_else(|| Status::not_found(format!("node {node} has never been drained")))?;
+        Ok(Response::new(pb::JobReply {
+            job: Some(job_to_pb(job)),
+        }))
+    }
+
+    async fn abort_drain(
+        &self,
+        request: Request<pb::NodeRef>,
+    ) -> Result<Response<pb::JobReply>, Status> {
+        if let Some(mut leader) = self.leader_client().await? {
+            let reply = leader.abort_drain(request.into_inner()).await?;
+            self.await_local(reply.get_ref().job.as_ref()).await;
+            return Ok(reply);
+        }
+        let node = node_arg(request.into_inner().node_id)?;
+        let _guard = self.lock.lock().await;
+        let state = self.state();
+        if !state.nodes.contains_key(&node) {
+            return Err(status::job(&JobError::UnknownNode(node)));
+        }
+        let job = state
+            .jobs
+            .running(jobs::JobKind::Drain, node)
+            .ok_or_else(|| {
+                Status::failed_precondition(format!("node {node} has no running drain to abort"))
+            })?
+            .id;
+        self.commit(JobCommand::FinishJob {
+            job,
+            status: jobs::JobStatus::Aborted,
+            reason: "aborted by the operator".into(),
+            at_unix_ms: now_unix_ms(),
+        })
+        .await?;
+        Ok(Response::new(pb::JobReply {
+            job: self.state().jobs.jobs.get(&job).map(job_to_pb),
+        }))
+    }
+
+    async fn resume_node(
+        &self,
+        request: Request<pb::ResumeRequest>,
+    ) -> Result<Response<pb::ResumeReply>, Status> {
+        if let Some(mut leader) = self.leader_client().await? {
+            let reply = leader.resume_node(request.into_inner()).await?;
+            self.await_local(reply.get_ref().job.as_ref()).await;
+            return Ok(reply);
+        }
+        let req = request.into_inner();
+        let node = node_arg(req.node_id)?;
+        let _guard = self.lock.lock().await;
+        let state = self.state();
+        jobs::check_resume(&state, node).map_err(|e| status::job(&e))?;
+        let now = now_unix_ms();
+        let (failback, finish, note) = if req.failback {
+            let vms = job_runner::failback_vms(&state, node);
+            let plan = job_runner::plan_failback(&state, node, &vms, now).map_err(status::drain)?;
+            let moves = job_runner::moves_of(&plan.waves);
+            let left: Vec<String> = plan
+                .unmovable
+                .iter()
+                .map(|u| {
+                    let why: Vec<String> = u.reasons.iter().map(ToString::to_string).collect();
+                    format!("VM {} stays: {}", u.vm.0, why.join("; "))
+                })
+                .collect();
+            let note = if left.is_empty() {
+                format!("{} VMs move back", moves.len())
+            } else {
+                format!("{} VMs move back; {}", moves.len(), left.join(". "))
+            };
+            (Some(moves), plan.finish_ms, note)
+        } else {
+            (None, now, String::new())
+        };
+        tracing::info!(node, failback = req.failback, "resuming node");
+        self.commit(JobCommand::ResumeNode {
+            node,
+            failback: failback.clone(),
+            planned_finish_unix_ms: finish,
+            at_unix_ms: now_unix_ms(),
+        })
+        .await?;
+        let job = failback.filter(|m| !m.is_empty()).and_then(|_| {
+            self.state()
+                .jobs
+                .latest(jobs::JobKind::Failback, node)
+                .map(job_to_pb)
+        });
+        Ok(Response::new(pb::ResumeReply {
+            job,
+            message: format!(
+                "node {node} resumed{}",
+                if note.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {note}")
+                }
+            ),
+        }))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsReply>, Status> {
+        let state = self.state();
+        Ok(Response::new(pb::ListJobsReply {
+            jobs: state.jobs.jobs.values().map(job_to_pb).collect(),
+        }))
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<pb::PolicySpec>,
+    ) -> Result<Response<pb::PolicySpec>, Status> {
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.set_policy(request.into_inner()).await;
+        }
+        let req = request.into_inner();
+        let mode = parse_mode(&req.mode)?;
+        let aggressiveness = parse_aggressiveness(&req.aggressiveness)?;
+        let _guard = self.lock.lock().await;
+        let state = self.state();
+        let interval_ms = if req.interval_ms == 0 {
+            state.jobs.policy.interval_ms
+        } else {
+            req.interval_ms
+        };
+        let cmd = JobCommand::SetPolicy {
+            policy: BalancePolicy {
+                mode,
+                aggressiveness,
+                interval_ms,
+            },
+            at_unix_ms: now_unix_ms(),
+        };
+        jobs::check(&state, &cmd).map_err(|e| status::job(&e))?;
+        self.commit(cmd).await?;
+        Ok(Response::new(policy_to_pb(&self.state().jobs.policy)))
+    }
+
+    async fn get_policy(
+        &self,
+        _request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::PolicySpec>, Status> {
+        Ok(Response::new(policy_to_pb(&self.state().jobs.policy)))
+    }
+
+    async fn plan_balance(
+        &self,
+        request: Request<pb::PlanBalanceRequest>,
+    ) -> Result<Response<pb::BalancePlanReply>, Status> {
+        let req = request.into_inner();
+        let mut state = self.state();
+        if !req.mode.is_empty() {
+            state.jobs.policy.mode = parse_mode(&req.mode)?;
+        }
+        if !req.aggressiveness.is_empty() {
+            state.jobs.policy.aggressiveness = parse_aggressiveness(&req.aggressiveness)?;
+        }
+        let plan = job_runner::plan_balance(&state, now_unix_ms()).map_err(status::drain)?;
+        Ok(Response::new(pb::BalancePlanReply {
+            mode: jobs::mode_str(plan.mode).into(),
+            moves: job_runner::moves_of(&plan.waves)
+                .iter()
+                .map(move_to_pb)
+                .collect(),
+            spread_before_bp: plan.spread_before_bp,
+            spread_after_bp: plan.spread_after_bp,
+            max_util_before_bp: plan.max_util_before_bp,
+            max_util_after_bp: plan.max_util_after_bp,
+            empty_nodes_may_power_off: plan.empty_nodes_may_power_off.iter().map(|n| n.0).collect(),
+        }))
+    }
+}

@@ -1,0 +1,394 @@
+//! Server side of the public management service (`cluster.management.v1.Management`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cluster_proto::management as pb;
+use cluster_proto::management::management_client::ManagementClient;
+use cluster_proto::management::management_server::Management;
+use openraft::ServerState;
+use tonic::transport::Endpoint;
+use tonic::{Request, Response, Status};
+
+use crate::api::convert::nodes as convert;
+use crate::api::status;
+use crate::node::{Agent, ForwardReply, ForwardRequest};
+use crate::state::{Command, CommandResult, NodeState, KV_KEY_LEN_MAX, KV_VALUE_LEN_MAX};
+
+/// Default and maximum page size of `ListEvents`.
+pub const EVENTS_PAGE_DEFAULT: usize = 1_000;
+pub const EVENTS_PAGE_MAX: usize = 10_000;
+/// How long a joining agent waits for the member it contacts to answer.
+pub const JOIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a joined agent waits to apply its own membership before answering.
+pub const JOIN_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct MgmtService {
+    pub agent: Arc<Agent>,
+}
+
+#[tonic::async_trait]
+impl Management for MgmtService {
+    async fn cluster_status(
+        &self,
+        _request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusReply>, Status> {
+        let a = &self.agent;
+        let m = a.metrics();
+        let membership = m.membership_config.membership();
+        let voter_ids: Vec<u64> = membership.voter_ids().collect();
+        let learner_ids: Vec<u64> = membership.learner_ids().collect();
+        let leader_mgmt_addr = m
+            .current_leader
+            .and_then(|l| membership.get_node(&l).map(|n| n.mgmt_addr.clone()))
+            .unwrap_or_default();
+        let raft_state = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower if learner_ids.contains(&a.node_id()) => "learner",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let info = a.cluster_info();
+        Ok(Response::new(pb::ClusterStatusReply {
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            this_node_id: a.node_id(),
+            raft_state: raft_state.to_string(),
+            initialized: !voter_ids.is_empty(),
+            voter_ids,
+            learner_ids,
+            cluster_id: info
+                .as_ref()
+                .map(|i| i.cluster_id.clone())
+                .unwrap_or_default(),
+            cluster_name: info.map(|i| i.cluster_name).unwrap_or_default(),
+            last_applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            leader_mgmt_addr,
+        }))
+    }
+
+    async fn init_cluster(
+        &self,
+        request: Request<pb::InitClusterRequest>,
+    ) -> Result<Response<pb::InitClusterReply>, Status> {
+        let name = request.get_ref().cluster_name.trim().to_string();
+        let name = if name.is_empty() {
+            "vm-cluster".to_string()
+        } else {
+            name
+        };
+        if name.len() > 63 {
+            return Err(Status::invalid_argument(
+                "cluster_name must be at most 63 characters",
+            ));
+        }
+        let info = self.agent.init_cluster(&name).await?;
+        tracing::info!(cluster_id = %info.cluster_id, cluster_name = %info.cluster_name, "cluster initialized");
+        Ok(Response::new(pb::InitClusterReply {
+            cluster_id: info.cluster_id,
+            leader_id: self.agent.node_id(),
+        }))
+    }
+
+    async fn join_cluster(
+        &self,
+        request: Request<pb::JoinClusterRequest>,
+    ) -> Result<Response<pb::JoinClusterReply>, Status> {
+        let via = request.get_ref().via.trim().to_string();
+        let a = &self.agent;
+        if via.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "join address {via:?} is not an IP:port address, e.g. 127.0.1.1:7001"
+            )));
+        }
+        if a.raft()
+            .is_initialized()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+        {
+            let id = a.cluster_info().map(|c| c.cluster_id).unwrap_or_default();
+            return Err(Status::failed_precondition(format!(
+                "this agent (node {}) is already a member of cluster {id}; `clusterctl cluster leave` it first",
+                a.node_id()
+            )));
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{via}"))
+            .map_err(|e| {
+                Status::invalid_argument(format!("join address {via:?} is not usable: {e}"))
+            })?
+            .connect_timeout(JOIN_CONNECT_TIMEOUT)
+            .timeout(crate::node::LEARNER_CATCH_UP_TIMEOUT + crate::node::WRITE_DEADLINE);
+        let channel = endpoint.connect().await.map_err(|e| {
+            Status::unavailable(format!(
+                "cannot reach join address {via}: {}",
+                crate::error_chain(&e)
+            ))
+        })?;
+        let mut client = ManagementClient::new(channel);
+        let reg = convert::registration_to_pb(&a.registration());
+        let reply = client.admit_node(reg).await.map_err(|s| {
+            Status::new(
+                s.code(),
+                format!("the member at {via} refused the join: {}", s.message()),
+            )
+        })?;
+        let r = reply.into_inner();
+        // The leader answers once it has replicated to us; wait (bounded) until this
+        // agent has applied its own membership too, so a status right after the
+        // join already shows the cluster.
+        let me = a.node_id();
+        if let Err(e) = a
+            .raft()
+            .wait(Some(JOIN_APPLY_TIMEOUT))
+            .metrics(
+                |m| {
+                    m.membership_config
+                        .membership()
+                        .voter_ids()
+                        .any(|v| v == me)
+                },
+                "own membership applied",
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "joined, but this agent has not applied its membership yet");
+        }
+        a.joined(&r.cluster_id);
+        tracing::info!(cluster_id = %r.cluster_id, via = %via, "joined cluster");
+        Ok(Response::new(pb::JoinClusterReply {
+            cluster_id: r.cluster_id,
+            leader_id: r.leader_id,
+            voter_count: r.voter_count,
+        }))
+    }
+
+    async fn admit_node(
+        &self,
+        request: Request<pb::AdmitNodeRequest>,
+    ) -> Result<Response<pb::AdmitNodeReply>, Status> {
+        let reg = convert::registration_from_pb(request.get_ref())?;
+        match self.agent.write(ForwardRequest::Admit(reg)).await? {
+            ForwardReply::Admitted {
+                cluster_id,
+                cluster_name,
+                leader_id,
+                voter_count,
+            } => Ok(Response::new(pb::AdmitNodeReply {
+                cluster_id,
+                cluster_name,
+                leader_id,
+                voter_count,
+            })),
+            other => Err(status::unexpected_reply(&other)),
+        }
+    }
+
+    async fn leave_cluster(
+        &self,
+        request: Request<pb::LeaveClusterRequest>,
+    ) -> Result<Response<pb::LeaveClusterReply>, Status> {
+        let node_id = request.get_ref().node_id;
+        if node_id == 0 {
+            return Err(Status::invalid_argument(
+                "node_id 0 is reserved; give the id of a member",
+            ));
+        }
+        match self.agent.write(ForwardRequest::Remove { node_id }).await? {
+            ForwardReply::Removed { voter_count } => {
+                Ok(Response::new(pb::LeaveClusterReply { voter_count }))
+            }
+            other => Err(status::unexpected_reply(&other)),
+        }
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesReply>, Status> {
+        let (voters, learners) = {
+            let m = self.agent.metrics();
+            let mem = m.membership_config.membership();
+            (
+                mem.voter_ids().collect::<Vec<_>>(),
+                mem.learner_ids().collect::<Vec<_>>(),
+            )
+        };
+        let nodes = self.agent.read_sm(|d| {
+            d.state
+                .nodes
+                .values()
+                .map(|r| {
+                    let id = r.registration.node_id;
+                    let role = if voters.contains(&id) {
+                        "voter"
+                    } else if learners.contains(&id) {
+                        "learner"
+                    } else {
+                        "none"
+                    };
+                    convert::node_to_pb(r, role)
+                })
+                .collect()
+        });
+        Ok(Response::new(pb::ListNodesReply { nodes }))
+    }
+
+    async fn get_node(
+        &self,
+        request: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        let id = request.get_ref().node_id;
+        let m = self.agent.metrics();
+        let mem = m.membership_config.membership();
+        let role = if mem.voter_ids().any(|v| v == id) {
+            "voter"
+        } else if mem.learner_ids().any(|v| v == id) {
+            "learner"
+        } else {
+            "none"
+        };
+        self.agent
+            .read_sm(|d| d.state.nodes.get(&id).map(|r| convert::node_to_pb(r, role)))
+            .map(Response::new)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown node id {id}; `clusterctl node list` shows the members"
+                ))
+            })
+    }
+
+    async fn set_node_state(
+        &self,
+        request: Request<pb::SetNodeStateRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        let r = request.into_inner();
+        let target = match r.state.as_str() {
+            "paused" => NodeState::Paused,
+            "up" => NodeState::Up,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "state {other:?} cannot be set by hand; use \"paused\" or \"up\" (down is decided by liveness)"
+                )))
+            }
+        };
+        if r.reason.len() > 256 {
+            return Err(Status::invalid_argument("reason must be at most 256 bytes"));
+        }
+        let current = self
+            .agent
+            .read_sm(|d| d.state.nodes.get(&r.node_id).map(|n| n.state));
+        match current {
+            None => {
+                return Err(Status::not_found(format!(
+                    "unknown node id {}; `clusterctl node list` shows the members",
+                    r.node_id
+                )))
+            }
+            Some(NodeState::Down) => {
+                return Err(Status::failed_precondition(format!(
+                    "node {} is down; it becomes up by itself when its agent reports again",
+                    r.node_id
+                )))
+            }
+            Some(_) => {}
+        }
+        let reason = if r.reason.is_empty() {
+            format!("set to {} by an operator", target.as_str())
+        } else {
+            r.reason
+        };
+        self.agent
+            .write(ForwardRequest::Command(Command::SetNodeState {
+                node_id: r.node_id,
+                state: target,
+                at_unix_ms: crate::node::now_unix_ms(),
+                reason,
+            }))
+            .await?;
+        self.get_node(Request::new(pb::GetNodeRequest { node_id: r.node_id }))
+            .await
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsReply>, Status> {
+        let r = request.get_ref();
+        let limit = match r.limit as usize {
+            0 => EVENTS_PAGE_DEFAULT,
+            n if n > EVENTS_PAGE_MAX => {
+                return Err(Status::invalid_argument(format!(
+                    "limit {n} exceeds the maximum of {EVENTS_PAGE_MAX}"
+                )))
+            }
+            n => n,
+        };
+        let (events, last_seq) = self.agent.read_sm(|d| {
+            (
+                d.state
+                    .events_after(r.after_seq, limit)
+                    .iter()
+                    .map(convert::event_to_pb)
+                    .collect(),
+                d.state.last_event_seq,
+            )
+        });
+        Ok(Response::new(pb::ListEventsReply { events, last_seq }))
+    }
+
+    async fn put_kv(
+        &self,
+        request: Request<pb::PutKvRequest>,
+    ) -> Result<Response<pb::PutKvReply>, Status> {
+        let r = request.into_inner();
+        if r.key.is_empty() {
+            return Err(Status::invalid_argument("key must not be empty"));
+        }
+        if r.key.len() > KV_KEY_LEN_MAX {
+            return Err(Status::invalid_argument(format!(
+                "key is {} bytes; the limit is {KV_KEY_LEN_MAX}",
+                r.key.len()
+            )));
+        }
+        if r.value.len() > KV_VALUE_LEN_MAX {
+            return Err(Status::invalid_argument(format!(
+                "value is {} bytes; the limit is {KV_VALUE_LEN_MAX}",
+                r.value.len()
+            )));
+        }
+        match self
+            .agent
+            .write(ForwardRequest::Command(Command::PutKv {
+                key: r.key,
+                value: r.value,
+            }))
+            .await?
+        {
+            ForwardReply::Command {
+                result: CommandResult::Kv { previous },
+                log_index,
+            } => Ok(Response::new(pb::PutKvReply {
+                log_index,
+                had_previous: previous.is_some(),
+                previous: previous.unwrap_or_default(),
+            })),
+            other => Err(status::unexpected_reply(&other)),
+        }
+    }
+
+    async fn get_kv(
+        &self,
+        request: Request<pb::GetKvRequest>,
+    ) -> Result<Response<pb::GetKvReply>, Status> {
+        let key = &request.get_ref().key;
+        let v = self.agent.read_sm(|d| d.state.kv.get(key).cloned());
+        Ok(Response::new(pb::GetKvReply {
+            found: v.is_some(),
+            value: v.unwrap_or_default(),
+        }))
+    }
+}

@@ -1,0 +1,25 @@
+//! The wire layer: the only module that knows tonic and the protobuf types.
+//!
+//! - Management plane (public, `mgmt_addr`): [`management`] (cluster, nodes, KV,
+//!   events), [`vms`], [`migrations`], [`jobs`] (drain, failback, balancing),
+//!   [`volumes`] (disks and locks); [`convert`] translates between the agent's types and
+//!   the protobuf ones; [`status`] is the one mapping of the agent's
+//!   errors to `tonic::Status`; [`forward`] proxies streams to the leader or a VM's
+//!   owner.
+//! - Peer plane (members only, `raft_addr`): [`peer`] — the Raft service and its client.
+//! - [`metrics`]: Prometheus `/metrics` over plain HTTP.
+//!
+//! **API Boundary:** every request is validated here; bad input is `InvalidArgument`
+//! with a sentence naming what was wrong.
+
+pub mod convert;
+pub mod forward;
+pub mod jobs;
+pub mod management;
+pub mod metrics;
+pub mod migrations;
+pub mod peer;
+pub mod serve;
+pub mod status;
+pub mod vms;
+pub mod volumes;

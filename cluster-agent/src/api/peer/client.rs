@@ -1,0 +1,290 @@
+//! Client side of the peer-only service: openraft's `RaftNetworkFactory` over tonic
+//! ([`Network`]) and the agent's [`PeerClient`] ([`GrpcPeers`]: write forwarding,
+//! heartbeats). Requests and replies are openraft's own types, JSON-encoded in
+//! `RaftPayload`; replies carry `Result<Reply, RaftError>` so remote Raft errors come
+//! back typed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use cluster_proto::raft::raft_peer_client::RaftPeerClient;
+use cluster_proto::raft::{HeartbeatRequest, PeerSilence as PbSilence, RaftPayload};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::node::liveness::{Heartbeat, HeartbeatAck};
+use crate::node::peers::{PeerCallError, PeerClient, PeerFuture};
+use crate::node::{ForwardReply, ForwardRequest, WriteError};
+use crate::raft::{NodeId, PeerNode, TypeConfig};
+
+/// Largest gRPC message accepted on the peer service (snapshot chunks are smaller).
+pub const PEER_MESSAGE_LEN_MAX: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("{addr:?} is not a valid peer address")]
+    BadAddress {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("peer at {addr} did not answer {rpc}")]
+    Rpc {
+        addr: String,
+        rpc: &'static str,
+        #[source]
+        source: tonic::Status,
+    },
+    #[error("cannot encode {what}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("peer at {addr} sent an undecodable {what}")]
+    Decode {
+        addr: String,
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("payload of {len} bytes exceeds the limit of {PEER_MESSAGE_LEN_MAX}")]
+    TooLarge { len: usize },
+}
+
+/// A lazily connecting channel to a peer's Raft service.
+pub fn peer_channel(addr: &str, timeout: Duration) -> Result<Channel, PeerError> {
+    let ep = Endpoint::from_shared(format!("http://{addr}")).map_err(|source| {
+        PeerError::BadAddress {
+            addr: addr.to_string(),
+            source,
+        }
+    })?;
+    Ok(ep
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+pub fn peer_client(channel: Channel) -> RaftPeerClient<Channel> {
+    RaftPeerClient::new(channel)
+        .max_decoding_message_size(PEER_MESSAGE_LEN_MAX)
+        .max_encoding_message_size(PEER_MESSAGE_LEN_MAX)
+}
+
+pub fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<RaftPayload, PeerError> {
+    let json = serde_json::to_vec(v).map_err(|source| PeerError::Encode { what, source })?;
+    Ok(RaftPayload { json })
+}
+
+pub fn decode<T: DeserializeOwned>(
+    addr: &str,
+    what: &'static str,
+    p: &RaftPayload,
+) -> Result<T, PeerError> {
+    if p.json.len() > PEER_MESSAGE_LEN_MAX {
+        return Err(PeerError::TooLarge { len: p.json.len() });
+    }
+    serde_json::from_slice(&p.json).map_err(|source| PeerError::Decode {
+        addr: addr.to_string(),
+        what,
+        source,
+    })
+}
+
+/// Creates one [`PeerConnection`] per target.
+#[derive(Clone)]
+pub struct Network {
+    pub rpc_timeout: Duration,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> Self::Network {
+        PeerConnection {
+            target,
+            addr: node.raft_addr.clone(),
+            channel: peer_channel(&node.raft_addr, self.rpc_timeout),
+        }
+    }
+}
+
+pub struct PeerConnection {
+    target: NodeId,
+    addr: String,
+    channel: Result<Channel, PeerError>,
+}
+
+type RpcErr<E> = RPCError<NodeId, PeerNode, RaftError<NodeId, E>>;
+
+impl PeerConnection {
+    async fn call<Req, Resp, E>(&mut self, rpc: &'static str, req: &Req) -> Result<Resp, RpcErr<E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let channel = match &self.channel {
+            Ok(c) => c.clone(),
+            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(e))),
+        };
+        let mut client = peer_client(channel);
+        let payload = encode(rpc, req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply = match rpc {
+            "append_entries" => client.append_entries(payload).await,
+            "vote" => client.vote(payload).await,
+            _ => client.install_snapshot(payload).await,
+        };
+        let reply = reply.map_err(|source| {
+            let e = PeerError::Rpc {
+                addr: self.addr.clone(),
+                rpc,
+                source,
+            };
+            RPCError::Unreachable(Unreachable::new(&e))
+        })?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            decode(&self.addr, rpc, reply.get_ref())
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
+        self.call("append_entries", &rpc).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        self.call("install_snapshot", &rpc).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
+        self.call("vote", &rpc).await
+    }
+}
+
+/// Heartbeat clients cached at most (one per peer address; the cache is cleared when a
+/// membership churn leaves more).
+const HEARTBEAT_CLIENTS_MAX: usize = 64;
+
+/// The agent's [`PeerClient`] over the peer-only gRPC service.
+#[derive(Default)]
+pub struct GrpcPeers {
+    heartbeat_clients: Mutex<HashMap<String, RaftPeerClient<Channel>>>,
+}
+
+impl GrpcPeers {
+    fn heartbeat_client(
+        &self,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<RaftPeerClient<Channel>, PeerError> {
+        let mut clients = self
+            .heartbeat_clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(addr) {
+            return Ok(c.clone());
+        }
+        if clients.len() >= HEARTBEAT_CLIENTS_MAX {
+            clients.clear();
+        }
+        let c = peer_client(peer_channel(addr, timeout)?);
+        clients.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+}
+
+fn call_err(e: &PeerError) -> PeerCallError {
+    PeerCallError(crate::error_chain(e))
+}
+
+impl PeerClient for GrpcPeers {
+    fn forward(
+        &self,
+        raft_addr: &str,
+        req: &ForwardRequest,
+        timeout: Duration,
+    ) -> PeerFuture<Result<Result<ForwardReply, WriteError>, PeerCallError>> {
+        let addr = raft_addr.to_string();
+        let prepared = peer_channel(&addr, timeout)
+            .and_then(|ch| Ok((peer_client(ch), encode("forward request", req)?)));
+        Box::pin(async move {
+            let (mut client, payload) = prepared.map_err(|e| call_err(&e))?;
+            let reply = client
+                .forward_write(payload)
+                .await
+                .map_err(|s| PeerCallError(s.message().to_string()))?;
+            decode(&addr, "forward reply", reply.get_ref()).map_err(|e| call_err(&e))
+        })
+    }
+
+    fn heartbeat(
+        &self,
+        raft_addr: &str,
+        hb: Heartbeat,
+        timeout: Duration,
+    ) -> PeerFuture<Result<HeartbeatAck, PeerCallError>> {
+        let client = self.heartbeat_client(raft_addr, timeout);
+        Box::pin(async move {
+            let mut client = client.map_err(|e| call_err(&e))?;
+            let req = HeartbeatRequest {
+                node_id: hb.node_id,
+                incarnation: hb.incarnation,
+                silences: hb
+                    .silences
+                    .iter()
+                    .map(|s| PbSilence {
+                        node_id: s.node_id,
+                        silent_ms: s.silent_ms,
+                    })
+                    .collect(),
+            };
+            match tokio::time::timeout(timeout, client.heartbeat(req)).await {
+                Ok(Ok(reply)) => {
+                    let r = reply.into_inner();
+                    Ok(HeartbeatAck {
+                        leader_id: r.leader_id,
+                        term: r.term,
+                        accepted: r.accepted,
+                        last_applied: r.last_applied,
+                    })
+                }
+                Ok(Err(s)) => Err(PeerCallError(format!(
+                    "heartbeat not delivered: {:?}: {}",
+                    s.code(),
+                    s.message()
+                ))),
+                Err(_) => Err(PeerCallError(format!(
+                    "heartbeat timed out after {} ms",
+                    timeout.as_millis()
+                ))),
+            }
+        })
+    }
+}

@@ -1,0 +1,102 @@
+//! Server side of the peer-only Raft service (`cluster.raft.v1.RaftPeer`).
+
+use std::sync::Arc;
+
+use cluster_proto::raft::raft_peer_server::RaftPeer;
+use cluster_proto::raft::{HeartbeatReply, HeartbeatRequest, RaftPayload};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use tonic::{Request, Response, Status};
+
+use crate::api::peer::client::{decode, encode};
+use crate::api::status;
+use crate::node::liveness::{Heartbeat, PeerSilence};
+use crate::node::{Agent, ForwardReply, ForwardRequest, WriteError};
+use crate::raft::{NodeId, TypeConfig};
+
+pub struct PeerService {
+    pub agent: Arc<Agent>,
+}
+
+fn reply<T: serde::Serialize>(what: &'static str, v: &T) -> Result<Response<RaftPayload>, Status> {
+    encode(what, v)
+        .map(Response::new)
+        .map_err(|e| Status::internal(crate::error_chain(&e)))
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn append_entries(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let req: AppendEntriesRequest<TypeConfig> =
+            decode("peer", "append_entries request", request.get_ref())
+                .map_err(status::peer_payload)?;
+        let res = self.agent.raft().append_entries(req).await;
+        reply("append_entries reply", &res)
+    }
+
+    async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let req: VoteRequest<NodeId> =
+            decode("peer", "vote request", request.get_ref()).map_err(status::peer_payload)?;
+        let res = self.agent.raft().vote(req).await;
+        reply("vote reply", &res)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let req: InstallSnapshotRequest<TypeConfig> =
+            decode("peer", "install_snapshot request", request.get_ref())
+                .map_err(status::peer_payload)?;
+        let res = self.agent.raft().install_snapshot(req).await;
+        reply("install_snapshot reply", &res)
+    }
+
+    async fn forward_write(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let req: ForwardRequest =
+            decode("peer", "forward request", request.get_ref()).map_err(status::peer_payload)?;
+        let m = self.agent.metrics();
+        // Only the leader executes; a stale forwarder gets NotLeader and re-resolves.
+        let res: Result<ForwardReply, WriteError> =
+            if m.current_leader == Some(self.agent.node_id()) {
+                self.agent.execute_as_leader(req).await
+            } else {
+                Err(WriteError::NotLeader {
+                    this: self.agent.node_id(),
+                    leader: m.current_leader,
+                })
+            };
+        reply("forward reply", &res)
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        let hb = request.get_ref();
+        let accepted = self.agent.heartbeat_received(&Heartbeat {
+            node_id: hb.node_id,
+            incarnation: hb.incarnation,
+            silences: hb
+                .silences
+                .iter()
+                .map(|s| PeerSilence {
+                    node_id: s.node_id,
+                    silent_ms: s.silent_ms,
+                })
+                .collect(),
+        });
+        let m = self.agent.metrics();
+        Ok(Response::new(HeartbeatReply {
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            accepted,
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+        }))
+    }
+}

@@ -1,0 +1,77 @@
+//! The agent's two gRPC listeners: the public management plane (every management
+//! service) and the peer-only plane (the Raft service), each on its own address.
+
+use std::sync::Arc;
+
+use cluster_proto::drain::drain_service_server::DrainServiceServer;
+use cluster_proto::management::management_server::ManagementServer;
+use cluster_proto::migrations::migration_service_server::MigrationServiceServer;
+use cluster_proto::raft::raft_peer_server::RaftPeerServer;
+use cluster_proto::vms::vm_service_server::VmServiceServer;
+use cluster_proto::volumes::volume_service_server::VolumeServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use super::peer::client::PEER_MESSAGE_LEN_MAX;
+use crate::control::progress::ProgressBoard;
+use crate::node::Agent;
+use crate::vmhost::VmHost;
+
+/// A gRPC server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[error("the gRPC server failed")]
+pub struct ServeError(#[source] tonic::transport::Error);
+
+/// A running server; its task ends after `shutdown` flips.
+pub type ServerTask = JoinHandle<Result<(), ServeError>>;
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Serve the peer-only Raft service on `listener` until `shutdown` flips.
+pub fn spawn_peer(
+    listener: TcpListener,
+    agent: Arc<Agent>,
+    shutdown: watch::Receiver<bool>,
+) -> ServerTask {
+    let svc = RaftPeerServer::new(super::peer::server::PeerService { agent })
+        .max_decoding_message_size(PEER_MESSAGE_LEN_MAX)
+        .max_encoding_message_size(PEER_MESSAGE_LEN_MAX);
+    let server = tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(shutdown));
+    tokio::spawn(async move { server.await.map_err(ServeError) })
+}
+
+/// Serve every management service on `listener` until `shutdown` flips.
+pub fn spawn_management(
+    listener: TcpListener,
+    agent: Arc<Agent>,
+    host: Arc<VmHost>,
+    progress: Arc<ProgressBoard>,
+    shutdown: watch::Receiver<bool>,
+) -> ServerTask {
+    let server = tonic::transport::Server::builder()
+        .add_service(ManagementServer::new(super::management::MgmtService {
+            agent: agent.clone(),
+        }))
+        .add_service(VmServiceServer::new(super::vms::VmApi::new(
+            agent.clone(),
+            host.clone(),
+        )))
+        .add_service(DrainServiceServer::new(super::jobs::DrainApi::new(
+            agent.clone(),
+        )))
+        .add_service(VolumeServiceServer::new(super::volumes::VolumeApi {
+            agent: agent.clone(),
+            host,
+        }))
+        .add_service(MigrationServiceServer::new(
+            super::migrations::MigrationApi { agent, progress },
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(shutdown));
+    tokio::spawn(async move { server.await.map_err(ServeError) })
+}

@@ -1,0 +1,384 @@
+//! Server side of the VM lifecycle API (`cluster.vms.v1.VmService`).
+//!
+//! Writes are decided on the Raft leader: an agent that does not lead forwards the call to
+//! the leader's management address, so placement (the scheduler) always runs against the
+//! leader's state, serialised by one lock, and the reply reflects the committed record.
+//! Reads answer from the local replica. The console is streamed by the VM's owner; other
+//! agents proxy the stream from the owner's management address.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use cluster_proto::vms as pb;
+use cluster_proto::vms::vm_service_client::VmServiceClient;
+use cluster_proto::vms::vm_service_server::VmService;
+use futures::Stream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::api::convert::vms as vm_convert;
+use crate::api::forward;
+use crate::api::status;
+use crate::control::placement::{self, PlacementError};
+use crate::node::{now_unix_ms, Agent, ForwardRequest};
+use crate::state::vms::{self, DesiredState, VmCommand, VmStateError};
+use crate::state::{ClusterState, Command};
+use crate::vmhost::VmHost;
+
+/// Lines buffered between the VM console and a gRPC console stream.
+pub const CONSOLE_STREAM_BUFFER_LINES: usize = 256;
+
+pub struct VmApi {
+    pub agent: Arc<Agent>,
+    pub host: Arc<VmHost>,
+}
+
+impl VmApi {
+    pub fn new(agent: Arc<Agent>, host: Arc<VmHost>) -> Self {
+        VmApi { agent, host }
+    }
+
+    fn state(&self) -> ClusterState {
+        self.agent.read_sm(|d| d.state.clone())
+    }
+
+    /// A client of the leader when another agent leads; `None` when this agent leads.
+    async fn leader_client(&self) -> Result<Option<VmServiceClient<Channel>>, Status> {
+        match forward::leader_addr(&self.agent)? {
+            Some(addr) => connect(&addr).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn commit(&self, cmd: VmCommand) -> Result<(), Status> {
+        self.agent
+            .write(ForwardRequest::Command(Command::Vm(cmd)))
+            .await
+            .map(|_| ())
+            .map_err(status::write)
+    }
+
+    fn reply(&self, name: &str) -> Result<Response<pb::VmReply>, Status> {
+        let state = self.state();
+        let rec = vms::find(&state, name)
+            .ok_or_else(|| Status::not_found(format!("no VM named {name:?}")))?;
+        Ok(Response::new(pb::VmReply {
+            vm: Some(vm_convert::record_to_pb(&state, rec)),
+            queued_migration_id: 0,
+        }))
+    }
+}
+
+async fn connect(addr: &str) -> Result<VmServiceClient<Channel>, Status> {
+    Ok(VmServiceClient::new(forward::channel(addr, "agent").await?))
+}
+
+fn name_of(name: &str) -> Result<&str, Status> {
+    if name.is_empty() {
+        return Err(Status::invalid_argument(
+            "name is empty: give the VM's name",
+        ));
+    }
+    Ok(name)
+}
+
+type ConsoleStream = Pin<Box<dyn Stream<Item = Result<pb::ConsoleChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl VmService for VmApi {
+    async fn create_vm(
+        &self,
+        request: Request<pb::CreateVmRequest>,
+    ) -> Result<Response<pb::VmReply>, Status> {
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.create_vm(request.into_inner()).await;
+        }
+        let req = request.into_inner();
+        let spec = vm_convert::spec_from_pb(req.spec).map_err(status::convert)?;
+        let name = spec.name.clone();
+        let _placing = self.agent.placement_lock().await;
+        let state = self.state();
+        crate::api::volumes::check_vm_disks(&state, self.host.registry(), &name, &spec.disks)?;
+        let unplaced = VmCommand::CreateVm {
+            spec: spec.clone(),
+            owner: None,
+            at_unix_ms: now_unix_ms(),
+        };
+        vms::check(&state, &unplaced).map_err(status::vm_state)?;
+        let owner = if req.start {
+            Some(placement::place(&state, &spec).map_err(status::placement)?)
+        } else {
+            None
+        };
+        tracing::info!(vm = %name, ?owner, "creating vm");
+        self.commit(VmCommand::CreateVm {
+            spec,
+            owner,
+            at_unix_ms: now_unix_ms(),
+        })
+        .await?;
+        self.reply(&name)
+    }
+
+    async fn start_vm(
+        &self,
+        request: Request<pb::VmName>,
+    ) -> Result<Response<pb::VmReply>, Status> {
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.start_vm(request.into_inner()).await;
+        }
+        let name = request.into_inner().name;
+        name_of(&name)?;
+        let _placing = self.agent.placement_lock().await;
+        let state = self.state();
+        let rec = vms::find(&state, &name)
+            .ok_or_else(|| status::vm_state(VmStateError::UnknownVm(name.clone())))?;
+        if rec.desired == DesiredState::Running && rec.runtime != vms::RuntimeState::Failed {
+            return Err(status::vm_state(VmStateError::AlreadyStarted {
+                name: name.clone(),
+                owner: rec.owner.unwrap_or(0),
+            }));
+        }
+        let owner = placement::place(&state, &rec.spec).map_err(status::placement)?;
+        tracing::info!(vm = %name, owner, "starting vm");
+        self.commit(VmCommand::StartVm {
+            name: name.clone(),
+            owner,
+            at_unix_ms: now_unix_ms(),
+        })
+        .await?;
+        self.reply(&name)
+    }
+
+    async fn stop_vm(&self, request: Request<pb::VmName>) -> Result<Response<pb::VmReply>, Status> {
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.stop_vm(request.into_inner()).await;
+        }
+        let name = request.into_inner().name;
+        name_of(&name)?;
+        let cmd = VmCommand::StopVm {
+            name: name.clone(),
+            at_unix_ms: now_unix_ms(),
+        };
+        vms::check(&self.state(), &cmd).map_err(status::vm_state)?;
+        self.commit(cmd).await?;
+        self.reply(&name)
+    }
+
+    async fn delete_vm(
+        &self,
+        request: Request<pb::VmName>,
+    ) -> Result<Response<pb::DeleteVmReply>, Status> {
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.delete_vm(request.into_inner()).await;
+        }
+        let name = request.into_inner().name;
+        name_of(&name)?;
+        let cmd = VmCommand::DeleteVm {
+            name,
+            at_unix_ms: now_unix_ms(),
+        };
+        vms::check(&self.state(), &cmd).map_err(status::vm_state)?;
+        self.commit(cmd).await?;
+        Ok(Response::new(pb::DeleteVmReply {}))
+    }
+
+    async fn list_vms(
+        &self,
+        _request: Request<pb::ListVmsRequest>,
+    ) -> Result<Response<pb::ListVmsReply>, Status> {
+        let state = self.state();
+        let mut vms: Vec<pb::VmInfo> = state
+            .vms
+            .values()
+            .map(|r| vm_convert::record_to_pb(&state, r))
+            .collect();
+        vms.sort_by(|a, b| {
+            let n = |v: &pb::VmInfo| v.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+            n(a).cmp(&n(b))
+        });
+        Ok(Response::new(pb::ListVmsReply { vms }))
+    }
+
+    async fn get_vm(&self, request: Request<pb::VmName>) -> Result<Response<pb::VmReply>, Status> {
+        let name = request.into_inner().name;
+        self.reply(name_of(&name)?)
+    }
+
+    type StreamConsoleStream = ConsoleStream;
+
+    async fn stream_console(
+        &self,
+        request: Request<pb::ConsoleRequest>,
+    ) -> Result<Response<Self::StreamConsoleStream>, Status> {
+        let req = request.into_inner();
+        name_of(&req.name)?;
+        let state = self.state();
+        let rec = vms::find(&state, &req.name)
+            .ok_or_else(|| status::vm_state(VmStateError::UnknownVm(req.name.clone())))?;
+        let me = self.agent.node_id();
+        let owner = rec.owner.ok_or_else(|| {
+            Status::failed_precondition(format!("VM {:?} has never been started", req.name))
+        })?;
+        if owner != me {
+            let addr = state
+                .nodes
+                .get(&owner)
+                .map(|n| n.registration.mgmt_addr.clone())
+                .ok_or_else(|| {
+                    Status::unavailable(format!("owner node {owner} is not registered"))
+                })?;
+            let mut client = connect(&addr).await?;
+            let upstream: ConsoleStream = Box::pin(client.stream_console(req).await?.into_inner());
+            return Ok(Response::new(upstream));
+        }
+        let console = self.host.console(&req.name).map_err(|e| {
+            Status::failed_precondition(format!(
+                "VM {:?} is not running on its owner node {me}: {}",
+                req.name,
+                crate::error_chain(&e)
+            ))
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(CONSOLE_STREAM_BUFFER_LINES);
+        let first = pb::ConsoleChunk {
+            text: console.recent,
+            node_id: me,
+        };
+        let follow = req.follow;
+        let lines = console.lines;
+        std::thread::Builder::new()
+            .name(format!("console-{}", req.name))
+            .spawn(move || {
+                if tx.blocking_send(Ok(first)).is_err() || !follow {
+                    return;
+                }
+                // Ends when the VM leaves this host (sender dropped) or the client goes.
+                while let Ok(line) = lines.recv() {
+                    let chunk = pb::ConsoleChunk {
+                        text: format!("{line}\n"),
+                        node_id: me,
+                    };
+                    if tx.blocking_send(Ok(chunk)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Status::internal(format!("cannot start the console thread: {e}")))?;
+        let stream: ConsoleStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
+        Ok(Response::new(stream))
+    }
+
+    async fn migrate_vm(
+        &self,
+        request: Request<pb::MigrateVmRequest>,
+    ) -> Result<Response<pb::VmReply>, Status> {
+        if let Some(mut leader) = self.leader_client().await? {
+            return leader.migrate_vm(request.into_inner()).await;
+        }
+        let req = request.into_inner();
+        name_of(&req.name)?;
+        let _placing = self.agent.placement_lock().await;
+        let state = self.state();
+        let probe = VmCommand::StartMigration {
+            name: req.name.clone(),
+            to: 0,
+            at_unix_ms: now_unix_ms(),
+            quick: req.quick,
+            max_downtime_ms: req.max_downtime_ms,
+            deadline_ms: req.deadline_ms,
+        };
+        // Same checks as the commit, except the target (chosen next).
+        vms::check_migration_start(&state, &probe).map_err(status::vm_state)?;
+        if let Some(m) = crate::state::migrations::queued_of(&state, &req.name) {
+            return Err(Status::failed_precondition(format!(
+                "VM {} already has migration {} queued (`clusterctl migration cancel {}` drops it)",
+                req.name, m.id, m.id
+            )));
+        }
+        let to = (req.to_node_id != 0).then_some(req.to_node_id);
+        if req.quick {
+            crate::control::quick_migration::check_volume(&state, &self.host, &req.name)
+                .map_err(status::quick_migration)?;
+        }
+        let target = match placement::migration_target(&state, &req.name, to, req.quick) {
+            Ok(t) => t,
+            // Only a busy migration slot stands in the way: wait in the queue for it.
+            Err(PlacementError::SlotsBusy { refusal, .. }) if !req.no_queue => {
+                let cmd = crate::state::migrations::MigrationCommand::QueueMigration {
+                    vm: req.name.clone(),
+                    to: req.to_node_id,
+                    quick: req.quick,
+                    max_downtime_ms: req.max_downtime_ms,
+                    deadline_ms: req.deadline_ms,
+                    at_unix_ms: now_unix_ms(),
+                };
+                self.agent
+                    .read_sm(|d| crate::state::migrations::check(&d.state, &cmd))
+                    .map_err(|e| status::class(e.class(), crate::error_chain(&e)))?;
+                self.agent
+                    .write(ForwardRequest::Command(Command::Migration(cmd)))
+                    .await
+                    .map_err(status::write)?;
+                let id = self
+                    .agent
+                    .read_sm(|d| {
+                        crate::state::migrations::queued_of(&d.state, &req.name).map(|m| m.id)
+                    })
+                    .unwrap_or(0);
+                tracing::info!(vm = %req.name, migration = id, %refusal, "migration queued");
+                let mut reply = self.reply(&req.name)?;
+                reply.get_mut().queued_migration_id = id;
+                return Ok(reply);
+            }
+            Err(e) => return Err(status::placement(e)),
+        };
+        tracing::info!(vm = %req.name, to = target, "starting migration");
+        self.commit(VmCommand::StartMigration {
+            name: req.name.clone(),
+            to: target,
+            at_unix_ms: now_unix_ms(),
+            quick: req.quick,
+            max_downtime_ms: req.max_downtime_ms,
+            deadline_ms: req.deadline_ms,
+        })
+        .await?;
+        self.reply(&req.name)
+    }
+
+    async fn plan_migration(
+        &self,
+        request: Request<pb::MigrateVmRequest>,
+    ) -> Result<Response<pb::MigrationPlanReply>, Status> {
+        let req = request.into_inner();
+        name_of(&req.name)?;
+        let to = (req.to_node_id != 0).then_some(req.to_node_id);
+        let p = placement::predict_migration(&self.state(), &req.name, to, req.quick)
+            .map_err(status::placement)?;
+        let est = p.estimate.unwrap_or(scheduler::estimate::LiveEstimate {
+            duration_ms: 0,
+            downtime_ms: 0,
+            rounds: 0,
+        });
+        Ok(Response::new(pb::MigrationPlanReply {
+            vm: req.name,
+            from_node_id: p.from,
+            to_node_id: p.to.unwrap_or(0),
+            go: p.reasons.is_empty() && p.to.is_some(),
+            reasons: p.reasons,
+            predicted_duration_ms: est.duration_ms,
+            predicted_downtime_ms: est.downtime_ms,
+            predicted_rounds: est.rounds,
+        }))
+    }
+
+    async fn why_not(
+        &self,
+        request: Request<pb::WhyNotRequest>,
+    ) -> Result<Response<pb::WhyNotReply>, Status> {
+        let req = request.into_inner();
+        name_of(&req.vm)?;
+        let reasons =
+            placement::why_not(&self.state(), &req.vm, req.node_id).map_err(status::placement)?;
+        Ok(Response::new(pb::WhyNotReply { reasons }))
+    }
+}

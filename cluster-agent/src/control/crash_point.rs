@@ -1,0 +1,53 @@
+//! Crash points for fault tests. `CLUSTER_AGENT_CRASH_AT=<point>` makes the agent abort
+//! the moment it reaches the named point — no cleanup, no graceful shutdown: to the rest
+//! of the cluster it is the same as `kill -9` at an instant a test cannot hit from
+//! outside. Unset (the normal case) every point is a no-op; an unknown name is refused at
+//! startup ([`check_env`]) so a typo cannot silently disable a fault test.
+
+/// The environment variable naming the point to crash at.
+pub const ENV: &str = "CLUSTER_AGENT_CRASH_AT";
+
+/// Source of a migration that succeeded — live: the target runs the VM (Commit
+/// answered); quick: the VM is saved and its disks handed off — before the source
+/// commits `FinishMigration`.
+pub const MIGRATE_OUT_AFTER_SWITCHOVER: &str = "migrate-out-after-switchover";
+
+/// Every crash point.
+pub const POINTS: &[&str] = &[MIGRATE_OUT_AFTER_SWITCHOVER];
+
+/// [`ENV`] names no crash point.
+#[derive(Debug, thiserror::Error)]
+#[error("{ENV}={name:?} names no crash point (known: {known})", known = POINTS.join(", "))]
+pub struct UnknownCrashPoint {
+    pub name: String,
+}
+
+/// Refuses an unknown point name in [`ENV`].
+pub fn check_env() -> Result<(), UnknownCrashPoint> {
+    match std::env::var(ENV) {
+        Ok(p) if !POINTS.contains(&p.as_str()) => Err(UnknownCrashPoint { name: p }),
+        _ => Ok(()),
+    }
+}
+
+/// Aborts the process if [`ENV`] names `point`.
+pub fn reached(point: &str) {
+    if std::env::var(ENV).is_ok_and(|p| p == point) {
+        tracing::error!(point, "crash point reached; aborting");
+        std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn points_are_unique_and_named_in_the_list() {
+        let mut p = POINTS.to_vec();
+        p.sort_unstable();
+        p.dedup();
+        assert_eq!(p.len(), POINTS.len());
+        assert!(POINTS.contains(&MIGRATE_OUT_AFTER_SWITCHOVER));
+    }
+}

@@ -1,0 +1,363 @@
+//! The agent's side of the shared-volume lock table: commits lock decisions through Raft
+//! (`Command::Lock`) and turns the leader's answers into [`LockGrant`]s for `vmhost`.
+//!
+//! [`ClusterLocks`] implements vmhost's [`DiskLocks`] callback (used by live and quick
+//! migration on std threads: it blocks on the agent's runtime); the async helpers are
+//! used by the reconciler (start/stop/hot-plug) and by failover (takeover).
+//!
+//! **Architecture Invariant:** a disk is opened only with a grant that came out of a
+//! committed lock entry (the leader's apply result, or the local replica's table once it
+//! shows the committed handoff); this module never makes a lock decision by itself.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use csv_volume::{DiskName, LockCommand, LockGrant, LockMode, LockOutcome};
+
+use crate::node::{now_unix_ms, Agent, ForwardReply, ForwardRequest, WriteError};
+use crate::state::disk_locks::LockEntry;
+use crate::state::{Command, CommandResult};
+use crate::vmhost::{DiskLocks, DiskSpec, LockOpError};
+
+/// How long a migration target waits for the source's committed handoff to show in
+/// its local replica before asking the leader. Short: a follower learns a commit only
+/// with the leader's next append (up to a Raft heartbeat later), while asking the leader
+/// (an idempotent re-acquire by the new holder) is one round trip, inside the blackout.
+pub const HANDOFF_VISIBLE_WAIT: Duration = Duration::from_millis(0);
+/// Poll interval of that wait.
+pub const HANDOFF_POLL: Duration = Duration::from_millis(1);
+
+/// Why a lock operation of the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LockClientError {
+    #[error("cannot commit {what} for disk {disk}")]
+    Write {
+        what: String,
+        disk: String,
+        #[source]
+        source: WriteError,
+    },
+    #[error("the leader answered {0} where a lock grant was expected")]
+    Unexpected(String),
+}
+
+/// Commits one lock command for `vm` and returns the table's outcome.
+pub async fn commit(
+    agent: &Agent,
+    vm: &str,
+    command: LockCommand,
+) -> Result<LockOutcome, LockClientError> {
+    let what = crate::state::disk_locks::LockEntry {
+        command: command.clone(),
+        vm: String::new(),
+        at_unix_ms: 0,
+    }
+    .to_string();
+    let disk = disk_of(&command);
+    let entry = LockEntry {
+        command,
+        vm: vm.to_owned(),
+        at_unix_ms: now_unix_ms(),
+    };
+    match agent
+        .write(ForwardRequest::Command(Command::Lock(entry)))
+        .await
+    {
+        Ok(ForwardReply::Command {
+            result: CommandResult::Lock { outcome },
+            ..
+        }) => Ok(outcome),
+        Ok(other) => Err(LockClientError::Unexpected(format!("{other:?}"))),
+        Err(source) => Err(LockClientError::Write { what, disk, source }),
+    }
+}
+
+fn disk_of(c: &LockCommand) -> String {
+    match c {
+        LockCommand::Acquire { disk, .. }
+        | LockCommand::Release { disk, .. }
+        | LockCommand::Handoff { disk, .. }
+        | LockCommand::ForceTakeover { disk, .. }
+        | LockCommand::Query { disk } => disk.to_string(),
+        LockCommand::ReleaseAllOf { .. } | LockCommand::QueryNode { .. } => "*".into(),
+    }
+}
+
+/// Commits `command` and expects a grant.
+pub async fn grant(
+    agent: &Agent,
+    vm: &str,
+    command: LockCommand,
+) -> Result<LockGrant, LockClientError> {
+    match commit(agent, vm, command).await? {
+        LockOutcome::Granted(g) => Ok(g),
+        other => Err(LockClientError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+/// The mode a VM opens `disk` in.
+pub fn mode_of(disk: &DiskSpec) -> LockMode {
+    if disk.read_only {
+        LockMode::Shared
+    } else {
+        LockMode::Exclusive
+    }
+}
+
+/// Acquires (committed) every disk of `vm` for `node`: exclusive read-write, or shared
+/// for read-only disks. A lock the node already holds is granted again with its token
+/// (e.g. after a failover takeover). On a refusal the locks acquired by this call are
+/// released again.
+pub async fn acquire_all(
+    agent: &Agent,
+    vm: &str,
+    node: u64,
+    disks: &[DiskSpec],
+) -> Result<Vec<LockGrant>, LockClientError> {
+    let mut grants = Vec::with_capacity(disks.len());
+    for d in disks {
+        let takeover =
+            agent.read_sm(|s| held_only_by_fenced_nodes(&s.state, &d.name, node, now_unix_ms()));
+        let cmd = if takeover {
+            LockCommand::ForceTakeover {
+                disk: d.name.clone(),
+                node,
+                mode: mode_of(d),
+            }
+        } else {
+            LockCommand::Acquire {
+                disk: d.name.clone(),
+                node,
+                mode: mode_of(d),
+            }
+        };
+        match grant(agent, vm, cmd).await {
+            Ok(g) => grants.push(g),
+            Err(e) => {
+                let undo = grants
+                    .iter()
+                    .map(|g: &LockGrant| LockCommand::Release {
+                        disk: g.disk.clone(),
+                        node,
+                    })
+                    .collect();
+                release_all(agent, vm, undo).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok(grants)
+}
+
+/// Whether `disk` is locked only by nodes other than `node` that have been Down for at
+/// least the failover grace (so they have fenced themselves): a VM started elsewhere after
+/// its owner died (e.g. restart priority none, or stopped and started again) takes such a
+/// lock over instead of waiting for a node that may never come back.
+pub fn held_only_by_fenced_nodes(
+    state: &crate::state::ClusterState,
+    disk: &DiskName,
+    node: u64,
+    now_unix_ms: u64,
+) -> bool {
+    let Some(lock) = state.locks.lock(disk) else {
+        return false;
+    };
+    let grace_ms = crate::control::failover::FAILOVER_GRACE.as_millis() as u64;
+    !lock.holders.contains(&node)
+        && lock.holders.iter().all(|h| {
+            state.nodes.get(h).is_some_and(|n| {
+                n.state == crate::state::NodeState::Down
+                    && now_unix_ms.saturating_sub(n.state_since_unix_ms) >= grace_ms
+            })
+        })
+}
+
+/// Commits `Release`/`Handoff` commands produced by vmhost; a refusal is logged (the
+/// lock may already be someone else's after a takeover).
+pub async fn release_all(agent: &Agent, vm: &str, commands: Vec<LockCommand>) {
+    for c in commands {
+        let shown = c.clone();
+        match commit(agent, vm, c).await {
+            Ok(_) => tracing::debug!(vm, command = ?shown, "disk lock released"),
+            Err(e) => tracing::warn!(
+                vm,
+                command = ?shown,
+                error = %crate::error_chain(&e),
+                "disk lock release not applied"
+            ),
+        }
+    }
+}
+
+/// The grant `node` holds on `disk` in the local replica, if any.
+pub fn held_grant(agent: &Agent, disk: &DiskName, node: u64) -> Option<LockGrant> {
+    agent.read_sm(|d| {
+        let l = d.state.locks.lock(disk)?;
+        l.holders.contains(&node).then(|| LockGrant {
+            disk: disk.clone(),
+            node,
+            mode: l.mode,
+            token: l.token,
+            term: l.term,
+        })
+    })
+}
+
+/// vmhost's lock callback over Raft, for migration threads (blocking).
+///
+/// A live migration's disk handoff costs one Raft write inside the blackout, not two: the
+/// source's instance ([`ClusterLocks::for_migration_source`]) does not commit the
+/// `Handoff` it is given once its disks are flushed and closed; the target commits it in
+/// [`DiskLocks::acquire`] (called only after the source reported its disks released) and
+/// gets its grant from that one commit. A migration that rolls back before the target
+/// committed leaves the lock with the source (`reclaim` re-acquires it, same token).
+pub struct ClusterLocks {
+    agent: Arc<Agent>,
+    rt: tokio::runtime::Handle,
+    defer_handoff: bool,
+}
+
+impl ClusterLocks {
+    /// Must be called inside the agent's runtime. Commits every command it is given.
+    pub fn new(agent: Arc<Agent>) -> Arc<ClusterLocks> {
+        Arc::new(ClusterLocks {
+            agent,
+            rt: tokio::runtime::Handle::current(),
+            defer_handoff: false,
+        })
+    }
+
+    /// For the source of a live migration: leaves its `Handoff`s for the target to commit.
+    pub fn for_migration_source(agent: Arc<Agent>) -> Arc<ClusterLocks> {
+        Arc::new(ClusterLocks {
+            agent,
+            rt: tokio::runtime::Handle::current(),
+            defer_handoff: true,
+        })
+    }
+}
+
+impl DiskLocks for ClusterLocks {
+    fn commit(&self, vm: &str, commands: &[LockCommand]) -> Result<(), LockOpError> {
+        for c in commands {
+            if self.defer_handoff && matches!(c, LockCommand::Handoff { .. }) {
+                tracing::debug!(vm, command = ?c, "handoff left for the target to commit");
+                continue;
+            }
+            self.rt.block_on(commit(&self.agent, vm, c.clone()))?;
+        }
+        Ok(())
+    }
+
+    fn acquire(
+        &self,
+        vm: &str,
+        node: u64,
+        disks: &[DiskSpec],
+    ) -> Result<Vec<LockGrant>, LockOpError> {
+        let mut out = Vec::with_capacity(disks.len());
+        for d in disks {
+            if d.read_only {
+                let cmd = LockCommand::Acquire {
+                    disk: d.name.clone(),
+                    node,
+                    mode: LockMode::Shared,
+                };
+                out.push(self.rt.block_on(grant(&self.agent, vm, cmd))?);
+                continue;
+            }
+            // The source has flushed and closed the disk. Commit the handoff from its
+            // holder to us (the source leaves it to us); if the source committed it
+            // itself, an idempotent re-acquire returns our grant.
+            let start = Instant::now();
+            let held = loop {
+                let g = held_grant(&self.agent, &d.name, node)
+                    .filter(|g| g.mode == LockMode::Exclusive);
+                if g.is_some() || start.elapsed() >= HANDOFF_VISIBLE_WAIT {
+                    break g;
+                }
+                std::thread::sleep(HANDOFF_POLL);
+            };
+            if let Some(g) = held {
+                out.push(g);
+                continue;
+            }
+            let from = self
+                .agent
+                .read_sm(|s| {
+                    s.state
+                        .locks
+                        .lock(&d.name)
+                        .and_then(|l| l.exclusive_owner())
+                })
+                .filter(|o| *o != node);
+            let handoff = from.map(|from| LockCommand::Handoff {
+                disk: d.name.clone(),
+                from,
+                to: node,
+            });
+            let handed = match handoff {
+                Some(cmd) => self.rt.block_on(grant(&self.agent, vm, cmd)).ok(),
+                None => None,
+            };
+            let g = match handed {
+                Some(g) => g,
+                None => self.rt.block_on(grant(
+                    &self.agent,
+                    vm,
+                    LockCommand::Acquire {
+                        disk: d.name.clone(),
+                        node,
+                        mode: LockMode::Exclusive,
+                    },
+                ))?,
+            };
+            out.push(g);
+        }
+        Ok(out)
+    }
+
+    fn reclaim(
+        &self,
+        vm: &str,
+        node: u64,
+        disks: &[DiskSpec],
+    ) -> Result<Vec<LockGrant>, LockOpError> {
+        let mut out = Vec::with_capacity(disks.len());
+        for d in disks {
+            // Ask the leader: an idempotent re-acquire if the disk is still ours, else
+            // hand it back from the node it went to.
+            let mode = mode_of(d);
+            let acquire = LockCommand::Acquire {
+                disk: d.name.clone(),
+                node,
+                mode,
+            };
+            let g = match self.rt.block_on(grant(&self.agent, vm, acquire)) {
+                Ok(g) => g,
+                Err(first) => {
+                    let owner = self.agent.read_sm(|s| {
+                        s.state
+                            .locks
+                            .lock(&d.name)
+                            .and_then(|l| l.exclusive_owner())
+                    });
+                    match owner.filter(|o| *o != node && mode == LockMode::Exclusive) {
+                        Some(from) => self.rt.block_on(grant(
+                            &self.agent,
+                            vm,
+                            LockCommand::Handoff {
+                                disk: d.name.clone(),
+                                from,
+                                to: node,
+                            },
+                        ))?,
+                        None => return Err(first.into()),
+                    }
+                }
+            };
+            out.push(g);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,113 @@
+//! The fence watcher: stops every local VM the moment this node's lease lapses or its
+//! committed record says Down (the lease model is `node::liveness`), then records the
+//! fence report through Raft once the cluster is reachable again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// How often the fence watcher checks the lease.
+pub const FENCE_POLL: Duration = Duration::from_millis(20);
+
+/// Stop every local VM as soon as the lease is not held (or lapsed since the last check),
+/// or this node's committed record says Down.
+pub async fn run_fence(
+    agent: Arc<crate::node::Agent>,
+    host: Arc<crate::vmhost::VmHost>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let me = agent.node_id();
+    let mut seen_lapses = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(FENCE_POLL) => {}
+            _ = shutdown.changed() => return,
+        }
+        let lease = agent.lease();
+        let down = agent.read_sm(|d| {
+            d.state
+                .nodes
+                .get(&me)
+                .is_some_and(|n| n.state == crate::state::NodeState::Down)
+        });
+        if lease.held && lease.lapses == seen_lapses && !down {
+            continue;
+        }
+        seen_lapses = lease.lapses;
+        if host.list().is_empty() {
+            continue;
+        }
+        let h = host.clone();
+        let fenced = tokio::task::spawn_blocking(move || h.fence_all())
+            .await
+            .unwrap_or_default();
+        if !fenced.is_empty() {
+            tracing::warn!(
+                node_id = me,
+                vms = ?fenced,
+                lease_held = lease.held,
+                recorded_down = down,
+                "lease lost; vms fenced"
+            );
+            let reason = if down {
+                "its committed record says Down".to_owned()
+            } else {
+                "lease lapsed: no majority acknowledged its heartbeats".to_owned()
+            };
+            let at_unix_ms = crate::node::now_unix_ms();
+            tokio::spawn(report_fenced(
+                agent.clone(),
+                fenced,
+                reason,
+                at_unix_ms,
+                shutdown.clone(),
+            ));
+        }
+    }
+}
+
+/// How long a fenced node keeps trying to record its fence report.
+pub const FENCE_REPORT_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Record, through Raft, that this node stopped `vms` itself (an `EventKind::NodeFenced`
+/// event). The node is cut off when it fences, so this retries until it reaches a leader
+/// again (or gives up after [`FENCE_REPORT_DEADLINE`]).
+async fn report_fenced(
+    agent: Arc<crate::node::Agent>,
+    vms: Vec<String>,
+    reason: String,
+    at_unix_ms: u64,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let started = tokio::time::Instant::now();
+    let cmd = crate::state::Command::NodeFenced {
+        node_id: agent.node_id(),
+        vms,
+        reason,
+        at_unix_ms,
+    };
+    loop {
+        match agent
+            .write(crate::node::ForwardRequest::Command(cmd.clone()))
+            .await
+        {
+            Ok(_) => return,
+            Err(crate::node::WriteError::Rejected { reason }) => {
+                tracing::warn!(%reason, "fence report refused");
+                return;
+            }
+            Err(e) if started.elapsed() < FENCE_REPORT_DEADLINE => {
+                tracing::debug!(error = %e, "cannot record the fence report yet; retrying");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "gave up recording the fence report");
+                return;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

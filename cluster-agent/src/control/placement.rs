@@ -1,0 +1,510 @@
+//! Conversion of the replicated [`ClusterState`] into a [`scheduler::ClusterSnapshot`] and
+//! the placement questions the leader asks the scheduler (where does a VM start, why not
+//! on node X). Pure: no I/O, no clock.
+
+use std::collections::BTreeSet;
+
+use scheduler::{
+    ClusterSnapshot, CpuVendor, Migration, Node, NodeId, PlanError, Policy, PowerPolicy, Reason,
+    Subnet, Vm, VmId, VmRequest, VmState,
+};
+
+use crate::state::vm_spec::VmSpec;
+use crate::state::vms::{DesiredState, RuntimeState, VmRecord};
+use crate::state::{ClusterState, NodeRecord, NodeState};
+
+/// Migration bandwidth assumed for a node until one is measured (1 GiB/s).
+pub const DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S: u64 = 1024;
+
+/// Why the cluster state cannot be handed to the scheduler, or the scheduler refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    #[error("node {node} registered {which} subnet {text:?}, which is not a.b.c.d/len")]
+    Subnet {
+        node: u64,
+        which: &'static str,
+        text: String,
+        #[source]
+        source: scheduler::model::SubnetError,
+    },
+    #[error("no VM named {0:?}")]
+    UnknownVm(String),
+    #[error("no node {0} in the cluster")]
+    UnknownNode(u64),
+    /// The scheduler's refusal; its text lists every node and what rules it out.
+    #[error("no node can run VM {vm}: {refusal}")]
+    Refused { vm: String, refusal: String },
+    /// Refused now, but a node would do once a busy migration slot frees up: a
+    /// migration can wait in the queue for it.
+    #[error("no node can take VM {vm} now: {refusal}")]
+    SlotsBusy { vm: String, refusal: String },
+    #[error("the scheduler could not plan")]
+    Plan(#[source] PlanError),
+}
+
+/// The scheduler's vendor for a CPUID vendor string; `None` when it is neither.
+pub fn cpu_vendor(text: &str) -> Option<CpuVendor> {
+    match text {
+        "AuthenticAMD" | "AMD" | "amd" => Some(CpuVendor::Amd),
+        "GenuineIntel" | "Intel" | "intel" => Some(CpuVendor::Intel),
+        _ => None,
+    }
+}
+
+fn node_of(rec: &NodeRecord) -> Result<Option<Node>, PlacementError> {
+    let r = &rec.registration;
+    let subnet = |which: &'static str, text: &str| {
+        text.parse::<Subnet>()
+            .map_err(|source| PlacementError::Subnet {
+                node: r.node_id,
+                which,
+                text: text.to_owned(),
+                source,
+            })
+    };
+    // A node whose CPU vendor the scheduler cannot model, or that reports no CPUs or
+    // memory, cannot take VMs: leave it out (it then appears in no plan).
+    let Some(vendor) = cpu_vendor(&r.facts.cpu_vendor) else {
+        return Ok(None);
+    };
+    if r.facts.logical_cpus == 0 || r.facts.memory_bytes < (1 << 20) {
+        return Ok(None);
+    }
+    Ok(Some(Node {
+        id: NodeId(r.node_id),
+        state: match rec.state {
+            NodeState::Up => scheduler::NodeState::Up,
+            NodeState::Paused => scheduler::NodeState::Paused,
+            NodeState::Down => scheduler::NodeState::Down,
+        },
+        cpus_logical: r.facts.logical_cpus,
+        memory_mib: r.facts.memory_bytes >> 20,
+        reserved_memory_mib: 0,
+        cpu_vendor: vendor,
+        cpu_features: r.facts.cpu_flags.iter().cloned().collect(),
+        management_subnet: subnet("management", &r.mgmt_subnet)?,
+        migration_subnet: subnet("migration", &r.migration_subnet)?,
+        power: PowerPolicy::AlwaysOn,
+        migration_bandwidth_mib_per_s: DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S,
+    }))
+}
+
+/// Whether a VM holds resources on its owner (for capacity accounting).
+fn holds_resources(vm: &VmRecord) -> bool {
+    vm.desired == DesiredState::Running
+        || matches!(
+            vm.runtime,
+            RuntimeState::Starting | RuntimeState::Running | RuntimeState::Stopping
+        )
+}
+
+/// The scheduler's view of the cluster.
+pub fn snapshot(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError> {
+    let mut nodes = Vec::new();
+    for rec in state.nodes.values() {
+        if let Some(n) = node_of(rec)? {
+            nodes.push(n);
+        }
+    }
+    let known: BTreeSet<u64> = nodes.iter().map(|n| n.id.0).collect();
+    let vms = state
+        .vms
+        .values()
+        .filter_map(|v| {
+            let owner = v.owner.filter(|o| known.contains(o))?;
+            Some(Vm {
+                id: VmId(v.spec.name.clone()),
+                vcpus: u32::from(v.spec.vcpus),
+                memory_mib: v.spec.memory_mib,
+                node: NodeId(owner),
+                state: if holds_resources(v) {
+                    VmState::Running
+                } else {
+                    VmState::Off
+                },
+                restart_priority: v.spec.restart_priority,
+                anti_affinity: v.spec.anti_affinity.clone(),
+                preferred_owners: v.spec.preferred_owners.clone(),
+                dirty_rate_mib_per_s: 0,
+                live_migratable: true,
+                cpu_features: BTreeSet::new(),
+            })
+        })
+        .collect();
+    Ok(ClusterSnapshot {
+        nodes,
+        vms,
+        migrations: Vec::new(),
+        policy: Policy::default(),
+    })
+}
+
+/// [`snapshot`] with the live migrations in flight (`VmRecord::migrating_to`): they hold
+/// a migration slot on both nodes and room on the target.
+pub fn snapshot_with_migrations(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError> {
+    let mut snap = snapshot(state)?;
+    let known: BTreeSet<u64> = snap.nodes.iter().map(|n| n.id.0).collect();
+    snap.migrations = state
+        .vms
+        .values()
+        .filter_map(|v| {
+            let (from, to) = (v.owner?, v.migrating_to?);
+            (known.contains(&from) && known.contains(&to)).then(|| Migration {
+                vm: VmId(v.spec.name.clone()),
+                from: NodeId(from),
+                to: NodeId(to),
+                expected_end_ms: 0,
+            })
+        })
+        .collect();
+    Ok(snap)
+}
+
+/// Choose the node a VM with `spec` starts on. `spec.name` may already exist in `state`
+/// (a stopped VM being started again): it is then left out of the snapshot, so it
+/// neither counts against capacity nor is refused as a duplicate.
+pub fn place(state: &ClusterState, spec: &VmSpec) -> Result<u64, PlacementError> {
+    let mut snap = snapshot(state)?;
+    snap.vms.retain(|v| v.id.0 != spec.name);
+    let req = VmRequest {
+        id: VmId(spec.name.clone()),
+        vcpus: u32::from(spec.vcpus),
+        memory_mib: spec.memory_mib,
+        anti_affinity: spec.anti_affinity.clone(),
+        preferred_owners: spec.preferred_owners.clone(),
+        cpu_vendor: None,
+        cpu_features: BTreeSet::new(),
+    };
+    match scheduler::place(&snap, &req) {
+        Ok(p) => Ok(p.node.0),
+        Err(PlanError::NoNode(refusal)) => Err(PlacementError::Refused {
+            vm: spec.name.clone(),
+            refusal: refusal.to_string(),
+        }),
+        Err(e) => Err(PlacementError::Plan(e)),
+    }
+}
+
+/// Every rule that keeps VM `name` off node `node` (empty: it could go there now).
+pub fn why_not(state: &ClusterState, name: &str, node: u64) -> Result<Vec<String>, PlacementError> {
+    why_not_as(state, name, node, false)
+}
+
+/// [`why_not`] for a quick migration: the live-only rules (shared migration subnet,
+/// live-migratable, convergence) do not apply.
+pub fn why_not_quick(
+    state: &ClusterState,
+    name: &str,
+    node: u64,
+) -> Result<Vec<String>, PlacementError> {
+    why_not_as(state, name, node, true)
+}
+
+fn why_not_as(
+    state: &ClusterState,
+    name: &str,
+    node: u64,
+    quick: bool,
+) -> Result<Vec<String>, PlacementError> {
+    Ok(match why_not_reasons(state, name, node, quick)? {
+        Judged::Unfit(why) => vec![why],
+        Judged::Reasons(r) => r.iter().map(ToString::to_string).collect(),
+    })
+}
+
+/// The scheduler's verdict on one node, or why the node cannot be judged at all.
+enum Judged {
+    Unfit(String),
+    Reasons(Vec<Reason>),
+}
+
+impl Judged {
+    /// Ruled out only because a migration slot (the VM's node's or this one's) is taken.
+    fn waits_for_slot(&self) -> bool {
+        matches!(self, Judged::Reasons(r) if !r.is_empty()
+            && r.iter().all(|r| matches!(r, Reason::MigrationSlotBusy { .. })))
+    }
+}
+
+fn why_not_reasons(
+    state: &ClusterState,
+    name: &str,
+    node: u64,
+    quick: bool,
+) -> Result<Judged, PlacementError> {
+    judge(state, &snapshot_with_migrations(state)?, name, node, quick)
+}
+
+/// [`why_not_reasons`] on `snap`, built once by a caller that judges several nodes.
+fn judge(
+    state: &ClusterState,
+    snap: &ClusterSnapshot,
+    name: &str,
+    node: u64,
+    quick: bool,
+) -> Result<Judged, PlacementError> {
+    if !state.vms.values().any(|v| v.spec.name == name) {
+        return Err(PlacementError::UnknownVm(name.to_owned()));
+    }
+    if !state.nodes.contains_key(&node) {
+        return Err(PlacementError::UnknownNode(node));
+    }
+    if !snap.nodes.iter().any(|n| n.id.0 == node) {
+        let vendor = state
+            .nodes
+            .get(&node)
+            .map(|n| n.registration.facts.cpu_vendor.clone())
+            .unwrap_or_default();
+        return Ok(Judged::Unfit(format!(
+            "node {node} reports CPU vendor {vendor:?} or no CPUs/memory, so it cannot run VMs"
+        )));
+    }
+    let vm = VmId(name.to_owned());
+    let mut snap = std::borrow::Cow::Borrowed(snap);
+    if !snap.vms.iter().any(|v| v.id == vm) {
+        // Never placed: judge it as a start, as a VM whose record names this node.
+        if let Some(rec) = state.vms.values().find(|v| v.spec.name == name) {
+            snap.to_mut().vms.push(Vm {
+                id: vm.clone(),
+                vcpus: u32::from(rec.spec.vcpus),
+                memory_mib: rec.spec.memory_mib,
+                node: NodeId(node),
+                state: VmState::Off,
+                restart_priority: rec.spec.restart_priority,
+                anti_affinity: rec.spec.anti_affinity.clone(),
+                preferred_owners: rec.spec.preferred_owners.clone(),
+                dirty_rate_mib_per_s: 0,
+                live_migratable: true,
+                cpu_features: BTreeSet::new(),
+            });
+        }
+    }
+    let reasons: Vec<Reason> = if quick {
+        scheduler::why_not_quick(&snap, &vm, NodeId(node))
+    } else {
+        scheduler::why_not(&snap, &vm, NodeId(node))
+    }
+    .map_err(PlacementError::Plan)?;
+    Ok(Judged::Reasons(reasons))
+}
+
+/// The migration target for VM `name` (live, or quick when `quick`): `to` when given and
+/// allowed, else the allowed node (not the owner) running the fewest VMs, lowest id first.
+/// A refusal lists every candidate's reasons.
+pub fn migration_target(
+    state: &ClusterState,
+    name: &str,
+    to: Option<u64>,
+    quick: bool,
+) -> Result<u64, PlacementError> {
+    let rec = state
+        .vms
+        .values()
+        .find(|v| v.spec.name == name)
+        .ok_or_else(|| PlacementError::UnknownVm(name.to_owned()))?;
+    let candidates: Vec<u64> = match to {
+        Some(t) => vec![t],
+        None => state
+            .nodes
+            .keys()
+            .copied()
+            .filter(|n| Some(*n) != rec.owner)
+            .collect(),
+    };
+    let mut refusals = Vec::new();
+    let mut best: Option<(usize, u64)> = None;
+    let mut slot_bound = false;
+    let snap = snapshot_with_migrations(state)?;
+    for n in candidates {
+        let judged = judge(state, &snap, name, n, quick)?;
+        slot_bound |= judged.waits_for_slot();
+        let reasons = match judged {
+            Judged::Unfit(why) => vec![why],
+            Judged::Reasons(r) => r.iter().map(ToString::to_string).collect(),
+        };
+        if reasons.is_empty() {
+            let load = state
+                .vms
+                .values()
+                .filter(|v| v.owner == Some(n) && holds_resources(v))
+                .count();
+            if best.is_none_or(|b| (load, n) < b) {
+                best = Some((load, n));
+            }
+        } else {
+            refusals.push(format!("node {n}: {}", reasons.join(", ")));
+        }
+    }
+    let refusal = if refusals.is_empty() {
+        "no other node".to_owned()
+    } else {
+        refusals.join("; ")
+    };
+    best.map(|(_, n)| n).ok_or_else(|| {
+        if slot_bound {
+            PlacementError::SlotsBusy {
+                vm: name.to_owned(),
+                refusal,
+            }
+        } else {
+            PlacementError::Refused {
+                vm: name.to_owned(),
+                refusal,
+            }
+        }
+    })
+}
+
+/// A dry run of a live migration: target, go/no-go and the scheduler's prediction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationPrediction {
+    pub from: u64,
+    pub to: Option<u64>,
+    /// Why it cannot go (empty: go).
+    pub reasons: Vec<String>,
+    pub estimate: Option<scheduler::estimate::LiveEstimate>,
+}
+
+/// Predict a live (or, with `quick`, quick) migration of `name` (to `to`, or to the
+/// scheduler's choice).
+pub fn predict_migration(
+    state: &ClusterState,
+    name: &str,
+    to: Option<u64>,
+    quick: bool,
+) -> Result<MigrationPrediction, PlacementError> {
+    let rec = state
+        .vms
+        .values()
+        .find(|v| v.spec.name == name)
+        .ok_or_else(|| PlacementError::UnknownVm(name.to_owned()))?;
+    let from = rec.owner.unwrap_or(0);
+    let mut reasons = Vec::new();
+    if rec.desired != DesiredState::Running || rec.runtime != RuntimeState::Running {
+        reasons.push(format!(
+            "VM {name} is {} (desired {}); only a running VM can be migrated",
+            rec.runtime,
+            rec.desired.as_str()
+        ));
+    }
+    let target = match migration_target(state, name, to, quick) {
+        Ok(t) => Some(t),
+        Err(PlacementError::Refused { refusal, .. }) => {
+            reasons.push(refusal);
+            None
+        }
+        // A real `vm migrate` would wait in the queue for the slot.
+        Err(PlacementError::SlotsBusy { refusal, .. }) => {
+            reasons.push(format!("{refusal} (a migration would be queued)"));
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let bandwidth = scheduler::estimate::pair_bandwidth_mib_per_s(
+        DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S,
+        DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S,
+        Policy::default().max_live_migrations_per_node,
+    );
+    let estimate = if quick {
+        // Save and restore: all of it is downtime, in one pass.
+        let ms = scheduler::estimate::quick_estimate_ms(rec.spec.memory_mib, bandwidth);
+        Some(scheduler::estimate::LiveEstimate {
+            duration_ms: ms,
+            downtime_ms: ms,
+            rounds: 1,
+        })
+    } else {
+        scheduler::estimate::live_estimate(rec.spec.memory_mib, 0, bandwidth)
+    };
+    Ok(MigrationPrediction {
+        from,
+        to: target,
+        reasons,
+        estimate,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::vm_spec::{TestWorkload, WorkloadName};
+    use crate::state::vms::VmCommand;
+    use crate::state::Command;
+
+    fn cluster(mems_gib: &[u64]) -> ClusterState {
+        crate::state::fixtures::cluster(mems_gib.len() as u64, |id| {
+            crate::state::fixtures::amd(2, mems_gib[id as usize - 1] << 30)
+        })
+    }
+
+    fn spec(name: &str, mib: u64, class: Option<&str>) -> VmSpec {
+        let mut s = VmSpec::test_guest(name, 1, mib, TestWorkload::new(WorkloadName::Idle));
+        s.anti_affinity.extend(class.map(str::to_owned));
+        s
+    }
+
+    fn create(s: &mut ClusterState, spec: VmSpec) -> u64 {
+        let owner = place(s, &spec).expect("placed");
+        s.apply(&Command::Vm(VmCommand::CreateVm {
+            spec,
+            owner: Some(owner),
+            at_unix_ms: 2,
+        }));
+        owner
+    }
+
+    #[test]
+    fn spreads_and_respects_anti_affinity() {
+        let mut s = cluster(&[4, 4, 4]);
+        let a = create(&mut s, spec("a", 1024, Some("web")));
+        let b = create(&mut s, spec("b", 1024, Some("web")));
+        let c = create(&mut s, spec("c", 1024, Some("web")));
+        let owners: BTreeSet<u64> = [a, b, c].into_iter().collect();
+        assert_eq!(owners.len(), 3, "one web VM per node: {a} {b} {c}");
+    }
+
+    #[test]
+    fn refusal_explains_every_node() {
+        let mut s = cluster(&[1, 1]);
+        create(&mut s, spec("a", 900, None));
+        create(&mut s, spec("b", 900, None));
+        let err = place(&s, &spec("c", 900, None)).expect_err("no room");
+        let text = crate::error_chain(&err);
+        assert!(text.contains("no node can run VM c"), "{text}");
+        assert!(text.to_lowercase().contains("memory"), "{text}");
+        // why-not names the same reason for a node.
+        s.apply(&Command::Vm(VmCommand::CreateVm {
+            spec: spec("c", 900, None),
+            owner: None,
+            at_unix_ms: 3,
+        }));
+        let reasons = why_not(&s, "c", 1).expect("why not");
+        assert!(!reasons.is_empty());
+        assert!(why_not(&s, "ghost", 1).is_err());
+        assert!(matches!(
+            why_not(&s, "c", 7),
+            Err(PlacementError::UnknownNode(7))
+        ));
+    }
+
+    #[test]
+    fn down_nodes_are_not_chosen_and_unknown_vendor_nodes_are_left_out() {
+        let mut s = cluster(&[4, 4]);
+        s.apply(&Command::SetNodeState {
+            node_id: 1,
+            state: NodeState::Down,
+            at_unix_ms: 1,
+            reason: "test".into(),
+        });
+        for i in 0..3 {
+            assert_eq!(create(&mut s, spec(&format!("v{i}"), 64, None)), 2);
+        }
+        if let Some(n) = s.nodes.get_mut(&2) {
+            n.registration.facts.cpu_vendor = "Weird".into();
+        }
+        assert!(matches!(
+            place(&s, &spec("x", 64, None)),
+            Err(PlacementError::Refused { .. })
+        ));
+    }
+}

@@ -1,0 +1,131 @@
+//! Live progress of the migrations this node is the source of, and the counters
+//! `/metrics` reports: the source's engine events are written here; the migration
+//! service's progress streams and the metrics read them.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use vmm_node::migration::source::MigrationEvent;
+
+use crate::state::migrations;
+
+/// Live progress entries kept (one per migration this node is the source of).
+pub const BOARD_ENTRIES_MAX: usize = 64;
+
+/// The latest engine event figures of one outgoing migration.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LiveProgress {
+    pub phase: String,
+    pub bytes_sent: u64,
+    pub bytes_remaining: u64,
+    pub fraction_done: f64,
+    pub rate_bytes_per_s: f64,
+    pub eta_ms: u64,
+    pub round: u32,
+    pub throttle_percent: u8,
+    /// Bumped on every update (streams send only changes).
+    pub version: u64,
+}
+
+/// Upper bounds (µs) of the blackout histogram buckets (`/metrics`), +Inf implied.
+pub const BLACKOUT_BUCKETS_US: [u64; 10] = [
+    1_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+];
+
+/// How an outgoing migration ended, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+/// Counters of the migrations this node ran the source of since the agent started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceCounters {
+    pub started: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub wire_bytes: u64,
+    /// Per bucket of [`BLACKOUT_BUCKETS_US`] (not cumulative), plus one for +Inf.
+    pub blackout_buckets: [u64; BLACKOUT_BUCKETS_US.len() + 1],
+    pub blackout_sum_us: u64,
+    pub blackout_count: u64,
+}
+
+/// Progress of the migrations this node runs the source of, by migration id.
+#[derive(Debug, Default)]
+pub struct ProgressBoard {
+    inner: Mutex<HashMap<u64, LiveProgress>>,
+    counters: Mutex<SourceCounters>,
+}
+
+impl ProgressBoard {
+    fn counters_mut(&self) -> std::sync::MutexGuard<'_, SourceCounters> {
+        self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn counters(&self) -> SourceCounters {
+        self.counters_mut().clone()
+    }
+
+    /// An outgoing migration began.
+    pub fn started(&self) {
+        self.counters_mut().started += 1;
+    }
+
+    /// An outgoing migration ended (`summary` for a successful one).
+    pub fn finished(&self, outcome: Outcome, summary: Option<&migrations::MigrationSummary>) {
+        let mut c = self.counters_mut();
+        match outcome {
+            Outcome::Succeeded => c.succeeded += 1,
+            Outcome::Failed => c.failed += 1,
+            Outcome::Cancelled => c.cancelled += 1,
+        }
+        if let Some(s) = summary {
+            c.wire_bytes += s.wire_bytes;
+            let i = BLACKOUT_BUCKETS_US
+                .iter()
+                .position(|b| s.blackout_us <= *b)
+                .unwrap_or(BLACKOUT_BUCKETS_US.len());
+            c.blackout_buckets[i] += 1;
+            c.blackout_sum_us += s.blackout_us;
+            c.blackout_count += 1;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LiveProgress>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Record one engine event of migration `id`.
+    pub fn update(&self, id: u64, ev: &MigrationEvent) {
+        let mut b = self.lock();
+        if !b.contains_key(&id) && b.len() >= BOARD_ENTRIES_MAX {
+            if let Some(oldest) = b.keys().min().copied() {
+                b.remove(&oldest);
+            }
+        }
+        let p = b.entry(id).or_default();
+        match ev {
+            MigrationEvent::Phase(ph) => p.phase = (*ph).to_string(),
+            MigrationEvent::Progress(g) => {
+                p.bytes_sent = g.bytes_sent;
+                p.bytes_remaining = g.bytes_remaining;
+                p.fraction_done = g.fraction_done;
+                p.rate_bytes_per_s = g.rate_bytes_per_s;
+                p.eta_ms = g.eta_ms;
+                p.round = g.round;
+                p.throttle_percent = g.throttle_percent;
+            }
+            MigrationEvent::Throttle(t) => p.throttle_percent = *t,
+            MigrationEvent::Prediction(_) => return,
+        }
+        p.version += 1;
+    }
+
+    pub fn get(&self, id: u64) -> Option<LiveProgress> {
+        self.lock().get(&id).cloned()
+    }
+}

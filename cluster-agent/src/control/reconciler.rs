@@ -1,0 +1,735 @@
+//! The VM reconciler: runs on every agent and makes the embedded VMM ([`VmHost`]) match
+//! the committed VM records.
+//!
+//! Every [`RECONCILE_INTERVAL`] it reads the applied state and compares it with the VMs
+//! this host runs. The decision of what to do is a pure function ([`plan`]) from the
+//! records and the host's view to a list of [`Action`]s; the loop executes them (VMM calls
+//! on a blocking thread) and reports the outcome through a committed
+//! `ReportVmState` carrying the decision's generation.
+//!
+//! **Architecture Invariant:** the reconciler never decides placement; it only follows
+//! committed records. A VM runs here only while its record names this node as owner with
+//! desired state Running.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use vmm_node::VmStatus;
+
+use crate::control::progress::{Outcome, ProgressBoard};
+use crate::node::{now_unix_ms, Agent, ForwardRequest};
+use crate::state::vm_spec::VmSpec;
+use crate::state::vms::{DesiredState, RuntimeState, VmCommand, VmRecord};
+use crate::state::Command;
+use crate::vmhost::VmHost;
+
+/// How often the committed state is compared with the host.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
+/// After an apply wakes the loop, how long it waits for more entries of the same batch.
+pub const APPLY_WAKE_DELAY: Duration = Duration::from_millis(5);
+
+/// What the host shows of one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostView {
+    Running,
+    Paused,
+    /// The VM ended by itself (crash, guest exit); still registered on the host.
+    Ended {
+        reason: String,
+    },
+    /// The name is taken by a VM not registered yet (being started, or an incoming live
+    /// migration): nothing can start or stop it until it runs or is dropped.
+    Arriving,
+}
+
+/// One step for the loop to execute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start the VM here, then report Running or Failed for `generation`.
+    Start { spec: Box<VmSpec>, generation: u64 },
+    /// Stop and remove the VM from this host; report Stopped when `report` is set.
+    Stop {
+        name: String,
+        report: Option<(u64, RuntimeState, String)>,
+    },
+    /// Live-migrate the VM to node `to` (this node is the source), then commit the end.
+    MigrateOut { name: String, to: u64 },
+    /// Give up the incoming live migration of the VM (see [`VmHost::abandon_incoming`]).
+    AbandonIncoming { name: String },
+    /// Report a state for `generation` without touching the VMM.
+    Report {
+        name: String,
+        generation: u64,
+        runtime: RuntimeState,
+        reason: String,
+    },
+}
+
+/// The actions that bring `host` in line with `records` for node `me`.
+/// `migrating_out` names the VMs whose outgoing migration this node is running now.
+pub fn plan(
+    me: u64,
+    records: &[VmRecord],
+    host: &BTreeMap<String, HostView>,
+    migrating_out: &BTreeSet<String>,
+) -> Vec<Action> {
+    let mut out = Vec::new();
+    for r in records {
+        let name = &r.spec.name;
+        let mine = r.owner == Some(me);
+        let run_here = mine && r.desired == DesiredState::Running;
+        match (run_here, host.get(name)) {
+            // Failed over to this node while its incoming migration is still being
+            // received: the source is gone; give that receive up so the VM can start.
+            (true, Some(HostView::Arriving)) if r.migrating_to.is_none() => {
+                out.push(Action::AbandonIncoming { name: name.clone() });
+            }
+            (_, Some(HostView::Arriving)) => {}
+            // Migrated away, switchover not yet committed: never restart it here.
+            (true, None) if r.migrating_to.is_some() => {}
+            (true, Some(HostView::Running | HostView::Paused)) if r.migrating_to.is_some() => {
+                if let Some(to) = r.migrating_to.filter(|_| !migrating_out.contains(name)) {
+                    out.push(Action::MigrateOut {
+                        name: name.clone(),
+                        to,
+                    });
+                }
+            }
+            // Arriving by migration: keep it until the switchover is committed.
+            (false, Some(_)) if r.migrating_to == Some(me) => {}
+            (true, None) => {
+                // Start for a fresh decision, or again after this agent restarted while
+                // the record still says Running. A failure is not retried in a loop.
+                if matches!(r.runtime, RuntimeState::Starting | RuntimeState::Running) {
+                    out.push(Action::Start {
+                        spec: Box::new(r.spec.clone()),
+                        generation: r.generation,
+                    });
+                }
+            }
+            (true, Some(HostView::Running | HostView::Paused)) => {
+                if r.runtime != RuntimeState::Running {
+                    out.push(Action::Report {
+                        name: name.clone(),
+                        generation: r.generation,
+                        runtime: RuntimeState::Running,
+                        reason: String::new(),
+                    });
+                }
+            }
+            (true, Some(HostView::Ended { reason })) => out.push(Action::Stop {
+                name: name.clone(),
+                report: Some((
+                    r.generation,
+                    RuntimeState::Failed,
+                    format!("the VM ended by itself: {reason}"),
+                )),
+            }),
+            (false, Some(_)) => out.push(Action::Stop {
+                name: name.clone(),
+                report: mine.then(|| (r.generation, RuntimeState::Stopped, r.reason.clone())),
+            }),
+            (false, None) => {
+                if mine && r.runtime == RuntimeState::Stopping {
+                    out.push(Action::Report {
+                        name: name.clone(),
+                        generation: r.generation,
+                        runtime: RuntimeState::Stopped,
+                        reason: r.reason.clone(),
+                    });
+                }
+            }
+        }
+    }
+    for (name, view) in host {
+        if *view != HostView::Arriving && !records.iter().any(|r| &r.spec.name == name) {
+            out.push(Action::Stop {
+                name: name.clone(),
+                report: None,
+            });
+        }
+    }
+    out
+}
+
+fn host_view(host: &VmHost) -> BTreeMap<String, HostView> {
+    let mut view: BTreeMap<String, HostView> = host
+        .list()
+        .into_iter()
+        .map(|i| {
+            let view = match i.status {
+                VmStatus::Running => HostView::Running,
+                VmStatus::Paused => HostView::Paused,
+                VmStatus::Stopped { reason } => HostView::Ended {
+                    reason: format!("{reason:?}"),
+                },
+            };
+            (i.name, view)
+        })
+        .collect();
+    for name in host.arriving() {
+        view.entry(name).or_insert(HostView::Arriving);
+    }
+    view
+}
+
+/// Run the reconciler until `shutdown` turns true; then stop every VM of this host.
+pub async fn run(
+    agent: Arc<Agent>,
+    host: Arc<VmHost>,
+    progress: Arc<ProgressBoard>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let me = agent.node_id();
+    let migrating_out: Arc<std::sync::Mutex<BTreeSet<String>>> = Arc::default();
+    let fence = tokio::spawn(crate::control::fencing::run_fence(
+        agent.clone(),
+        host.clone(),
+        shutdown.clone(),
+    ));
+    let mut applied = agent.metrics_watch();
+    loop {
+        // Without the lease (or before catching up after a lapse) this node may be cut
+        // off while the leader fails its VMs over: start nothing (the fence watcher
+        // stops what runs).
+        let lease = agent.lease();
+        if !lease.held || lease.catching_up {
+            tokio::select! {
+                _ = tokio::time::sleep(crate::control::fencing::FENCE_POLL) => {}
+                _ = shutdown.changed() => break,
+            }
+            continue;
+        }
+        let records: Vec<VmRecord> = agent.read_sm(|d| d.state.vms.values().cloned().collect());
+        let view = host_view(&host);
+        let busy = migrating_out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for action in plan(me, &records, &view, &busy) {
+            if let Action::MigrateOut { name, to } = action {
+                migrating_out
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.clone());
+                let (a, h, set) = (agent.clone(), host.clone(), migrating_out.clone());
+                let p = progress.clone();
+                tokio::spawn(async move {
+                    migrate_out(&a, &h, &p, &name, to).await;
+                    set.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+                });
+                continue;
+            }
+            execute(&agent, &host, action).await;
+        }
+        crate::control::vm_disks::reconcile(&agent, &host, &records, &busy).await;
+        // Woken early by newly applied entries (a new owner starts its VM at once).
+        let last = applied.borrow_and_update().last_applied;
+        tokio::select! {
+            _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+            _ = async { applied.wait_for(|m| m.last_applied != last).await.is_ok() } => {
+                tokio::time::sleep(APPLY_WAKE_DELAY).await;
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    let _ = fence.await;
+    let h = host.clone();
+    let stopped = tokio::task::spawn_blocking(move || {
+        let names: Vec<String> = h.list().into_iter().map(|i| i.name).collect();
+        for n in &names {
+            if let Err(e) = h.stop(n) {
+                tracing::warn!(vm = %n, error = %crate::error_chain(&e), "cannot stop vm at shutdown");
+            }
+        }
+        names
+    })
+    .await
+    .unwrap_or_default();
+    tracing::info!(node_id = me, vms = ?stopped, "reconciler stopped; local vms stopped");
+}
+
+async fn report(
+    agent: &Agent,
+    name: String,
+    generation: u64,
+    runtime: RuntimeState,
+    reason: String,
+) {
+    let cmd = Command::Vm(VmCommand::ReportVmState {
+        name: name.clone(),
+        node_id: agent.node_id(),
+        generation,
+        runtime,
+        reason,
+        at_unix_ms: now_unix_ms(),
+    });
+    match agent.write(ForwardRequest::Command(cmd)).await {
+        Ok(_) => tracing::info!(vm = %name, generation, state = %runtime, "vm state reported"),
+        // Stale reports (a newer decision was committed meanwhile) are expected.
+        Err(e) => tracing::debug!(vm = %name, error = %e, "vm state report not applied"),
+    }
+}
+
+/// How long the source keeps trying to commit the end of a migration.
+pub const FINISH_COMMIT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Run the source side of a live migration of `name` to node `to`, then commit its end
+/// (switchover on success, rollback otherwise).
+async fn migrate_out(
+    agent: &Arc<Agent>,
+    host: &Arc<VmHost>,
+    progress: &Arc<ProgressBoard>,
+    name: &str,
+    to: u64,
+) {
+    let addr = agent.read_sm(|d| {
+        d.state
+            .nodes
+            .get(&to)
+            .map(|n| n.registration.migration_addr.clone())
+    });
+    // The migration record opened with StartMigration: its id and the operator's options.
+    let record = agent.read_sm(|d| crate::state::migrations::running_of(&d.state, name).cloned());
+    let quick = agent
+        .read_sm(|d| crate::state::vms::find(&d.state, name).is_some_and(|r| r.migration_quick));
+    progress.started();
+    let result: Result<(String, crate::state::migrations::MigrationSummary), String> = if quick {
+        crate::control::quick_migration::save_and_hand_off(agent, host, name, to)
+            .await
+            .map(|line| (line, crate::state::migrations::MigrationSummary::default()))
+    } else {
+        match addr.as_deref().map(str::parse::<std::net::SocketAddr>) {
+            None => Err(format!("node {to} is not registered")),
+            Some(Err(e)) => Err(format!("node {to} has an invalid migration address: {e}")),
+            Some(Ok(addr)) => {
+                let (h, n, a, p) = (
+                    host.clone(),
+                    name.to_owned(),
+                    agent.clone(),
+                    progress.clone(),
+                );
+                let locks: Arc<dyn crate::vmhost::DiskLocks> =
+                    crate::control::disk_lock_client::ClusterLocks::for_migration_source(
+                        agent.clone(),
+                    );
+                tokio::task::spawn_blocking(move || {
+                    run_migration(&a, &p, &h, &n, (to, addr), record.as_ref(), locks)
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("migration task failed: {e}")))
+            }
+        }
+    };
+    let (ok, reason, stats) = match result {
+        Ok((summary, stats)) => {
+            crate::control::crash_point::reached(
+                crate::control::crash_point::MIGRATE_OUT_AFTER_SWITCHOVER,
+            );
+            tracing::info!(vm = name, to, %summary, "vm migrated");
+            progress.finished(Outcome::Succeeded, Some(&stats));
+            (true, summary, Some(stats))
+        }
+        Err(e) => {
+            tracing::warn!(vm = name, to, error = %e, "vm migration failed");
+            let outcome = if e.starts_with(CANCELLED_PREFIX) {
+                Outcome::Cancelled
+            } else {
+                Outcome::Failed
+            };
+            progress.finished(outcome, None);
+            (false, e, None)
+        }
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let cmd = Command::Vm(VmCommand::FinishMigration {
+            name: name.to_owned(),
+            to,
+            ok,
+            reason: reason.clone(),
+            at_unix_ms: now_unix_ms(),
+            stats: stats.clone(),
+        });
+        match agent.write(ForwardRequest::Command(cmd)).await {
+            Ok(_) => return,
+            Err(crate::node::WriteError::Rejected { reason }) => {
+                tracing::warn!(vm = name, %reason, "migration end refused");
+                return;
+            }
+            Err(e) if start.elapsed() < FINISH_COMMIT_DEADLINE => {
+                tracing::warn!(vm = name, error = %e, "cannot commit the migration end yet; retrying");
+                tokio::time::sleep(RECONCILE_INTERVAL).await;
+            }
+            Err(e) => {
+                tracing::error!(vm = name, error = %e, "gave up committing the migration end");
+                return;
+            }
+        }
+    }
+}
+
+/// Whether a live migration failed after the point of no return (Commit sent, the
+/// target's answer lost).
+fn commit_uncertain(e: &crate::vmhost::VmHostError) -> bool {
+    matches!(
+        e,
+        crate::vmhost::VmHostError::Migration {
+            source: vmm_node::migration::MigrationError::CommitUncertain(_),
+            ..
+        }
+    )
+}
+
+/// Start of the failure reason of a migration an operator cancelled.
+pub const CANCELLED_PREFIX: &str = "cancelled by the operator";
+
+/// How often the source side looks for engine progress and a committed cancel.
+pub const MIGRATION_POLL: Duration = Duration::from_millis(50);
+
+/// The source side of one live migration on a blocking thread: runs the engine with the
+/// record's options, feeds the progress board, cancels when the record asks for it.
+/// Returns the summary line and the figures, or why it failed.
+fn run_migration(
+    agent: &Agent,
+    progress: &ProgressBoard,
+    host: &Arc<VmHost>,
+    name: &str,
+    (to, addr): (u64, std::net::SocketAddr),
+    record: Option<&crate::state::migrations::MigrationRecord>,
+    locks: Arc<dyn crate::vmhost::DiskLocks>,
+) -> Result<(String, crate::state::migrations::MigrationSummary), String> {
+    let mut opts = crate::vmhost::LiveOptions::default();
+    if let Some(r) = record {
+        opts.max_downtime_ms = r.max_downtime_ms.unwrap_or(opts.max_downtime_ms);
+        opts.deadline_ms = r.deadline_ms.unwrap_or(opts.deadline_ms);
+    }
+    let id = record.map(|r| r.id);
+    let handle = host
+        .migrate_out(name, to, addr, opts, locks)
+        .map_err(|e| crate::error_chain(&e))?;
+    let mut cancelled = false;
+    loop {
+        match handle.progress.recv_timeout(MIGRATION_POLL) {
+            Ok(ev) => {
+                if let Some(id) = id {
+                    progress.update(id, &ev);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        let cancel = id.is_some_and(|id| {
+            agent.read_sm(|d| {
+                d.state
+                    .migrations
+                    .get(&id)
+                    .is_some_and(|m| m.cancel_requested)
+            })
+        });
+        if cancel && !cancelled {
+            tracing::info!(vm = name, to, "migration cancel requested; aborting");
+            handle.cancel();
+            cancelled = true;
+        }
+    }
+    let report = match handle.wait() {
+        Ok(r) => r,
+        // Commit sent, no answer: the disks are the target's (handed off), the source
+        // copy stays paused and is stopped once the target owns the VM; the target runs
+        // it, or boots it from its disks.
+        Err(e) if commit_uncertain(&e) => {
+            return Ok((
+                format!(
+                    "switchover unconfirmed, node {to} owns the VM now: {}",
+                    crate::error_chain(&e)
+                ),
+                crate::state::migrations::MigrationSummary::default(),
+            ))
+        }
+        Err(e) => {
+            let why = crate::error_chain(&e);
+            return Err(if cancelled {
+                format!("{CANCELLED_PREFIX} ({why})")
+            } else {
+                why
+            });
+        }
+    };
+    let summary = crate::state::migrations::MigrationSummary::from_stats(&report.stats);
+    Ok((
+        format!(
+            "blackout {} us, receipt {}",
+            report.stats.blackout.total_us,
+            if report.receipt_matches() {
+                "matches"
+            } else {
+                "MISMATCH"
+            }
+        ),
+        summary,
+    ))
+}
+
+/// Start `spec` here: commit the locks of its disks, start it through vmhost with the
+/// grants, release the locks again if it does not start.
+async fn start(
+    agent: &Arc<Agent>,
+    host: &Arc<VmHost>,
+    spec: VmSpec,
+    generation: u64,
+) -> (RuntimeState, String) {
+    let name = spec.name.clone();
+    // Arrived by quick migration: restore the saved image instead of booting.
+    let restore = agent.read_sm(|d| {
+        crate::state::vms::find(&d.state, &name).and_then(|r| r.quick_restore_generation)
+    }) == Some(generation);
+    let grants = match crate::control::disk_lock_client::acquire_all(
+        agent,
+        &name,
+        agent.node_id(),
+        &spec.disks,
+    )
+    .await
+    {
+        Ok(g) => g,
+        Err(e) => {
+            let reason = format!("cannot lock its disks: {}", crate::error_chain(&e));
+            tracing::warn!(vm = %name, error = %reason, "vm not started");
+            return (RuntimeState::Failed, reason);
+        }
+    };
+    let h = host.clone();
+    let g = grants.clone();
+    let started = tokio::task::spawn_blocking(move || {
+        if restore {
+            crate::control::quick_migration::restore(&h, spec, &g)
+        } else {
+            h.start(spec, &g).map_err(|e| crate::error_chain(&e))
+        }
+    })
+    .await;
+    let failed = |reason: String| {
+        let release = grants
+            .iter()
+            .map(|g| csv_volume::LockCommand::Release {
+                disk: g.disk.clone(),
+                node: g.node,
+            })
+            .collect::<Vec<_>>();
+        (reason, release)
+    };
+    let (reason, release) = match started {
+        Ok(Ok(_)) => {
+            tracing::info!(vm = %name, disks = grants.len(), "vm started by reconciler");
+            return (RuntimeState::Running, String::new());
+        }
+        Ok(Err(e)) => failed(e),
+        Err(e) => failed(format!("start task failed: {e}")),
+    };
+    tracing::warn!(vm = %name, error = %reason, "vm failed to start");
+    crate::control::disk_lock_client::release_all(agent, &name, release).await;
+    (RuntimeState::Failed, reason)
+}
+
+async fn execute(agent: &Arc<Agent>, host: &Arc<VmHost>, action: Action) {
+    match action {
+        Action::MigrateOut { name, to } => {
+            // Run by the loop on its own task; reaching here means a caller bypassed it.
+            tracing::error!(vm = %name, to, "migrate action executed inline; ignored");
+        }
+        Action::Start { spec, generation } => {
+            let name = spec.name.clone();
+            let (runtime, reason) = start(agent, host, *spec, generation).await;
+            report(agent, name, generation, runtime, reason).await;
+        }
+        Action::Stop { name, report: rep } => {
+            let h = host.clone();
+            let n = name.clone();
+            let stopped = tokio::task::spawn_blocking(move || h.stop(&n)).await;
+            match stopped {
+                Ok(Ok(s)) => {
+                    tracing::info!(vm = %name, disk_errors = s.disk_errors.len(), "vm stopped by reconciler");
+                    crate::control::disk_lock_client::release_all(agent, &name, s.release).await;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(vm = %name, error = %crate::error_chain(&e), "vm stop failed")
+                }
+                Err(e) => tracing::error!(vm = %name, error = %e, "stop task failed"),
+            }
+            if let Some((generation, runtime, reason)) = rep {
+                report(agent, name, generation, runtime, reason).await;
+            }
+        }
+        Action::Report {
+            name,
+            generation,
+            runtime,
+            reason,
+        } => report(agent, name, generation, runtime, reason).await,
+        Action::AbandonIncoming { name } => {
+            if host.abandon_incoming(&name) {
+                tracing::warn!(vm = %name, "incoming migration abandoned: the VM was failed over to this node");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::vm_spec::{TestWorkload, WorkloadName};
+
+    fn rec(name: &str, owner: u64, desired: DesiredState, runtime: RuntimeState) -> VmRecord {
+        VmRecord {
+            id: 1,
+            spec: VmSpec::test_guest(name, 1, 32, TestWorkload::new(WorkloadName::Idle)),
+            desired,
+            owner: Some(owner),
+            runtime,
+            reason: String::new(),
+            generation: 3,
+            created_unix_ms: 0,
+            updated_unix_ms: 0,
+            migrating_to: None,
+            migration_quick: false,
+            quick_restore_generation: None,
+        }
+    }
+
+    #[test]
+    fn starts_own_vms_and_ignores_others() {
+        let recs = [
+            rec("a", 1, DesiredState::Running, RuntimeState::Starting),
+            rec("b", 2, DesiredState::Running, RuntimeState::Starting),
+            rec("c", 1, DesiredState::Running, RuntimeState::Failed),
+        ];
+        let acts = plan(1, &recs, &BTreeMap::new(), &BTreeSet::new());
+        assert_eq!(acts.len(), 1);
+        assert!(matches!(&acts[0], Action::Start { spec, generation: 3 } if spec.name == "a"));
+    }
+
+    #[test]
+    fn a_vm_still_arriving_is_not_started_again_and_given_up_once_failed_over_here() {
+        let mut host = BTreeMap::new();
+        host.insert("a".to_string(), HostView::Arriving);
+        host.insert("b".to_string(), HostView::Arriving);
+        host.insert("unknown".to_string(), HostView::Arriving);
+        let recs = [
+            // Failed over to this node while its incoming copy is still being received.
+            rec("a", 1, DesiredState::Running, RuntimeState::Starting),
+            rec("b", 2, DesiredState::Running, RuntimeState::Running),
+        ];
+        assert_eq!(
+            plan(1, &recs, &host, &BTreeSet::new()),
+            vec![Action::AbandonIncoming { name: "a".into() }]
+        );
+        // Still an ordinary incoming migration (owner 2, migrating here): left alone.
+        let mut arriving = recs.clone();
+        arriving[0].owner = Some(2);
+        arriving[0].migrating_to = Some(1);
+        assert_eq!(plan(1, &arriving, &host, &BTreeSet::new()), Vec::new());
+        host.clear();
+        let acts = plan(1, &recs, &host, &BTreeSet::new());
+        assert!(
+            matches!(&acts[..], [Action::Start { spec, .. }] if spec.name == "a"),
+            "{acts:?}"
+        );
+    }
+
+    #[test]
+    fn reports_running_once_and_stops_what_is_not_wanted() {
+        let mut host = BTreeMap::new();
+        host.insert("a".to_string(), HostView::Running);
+        host.insert("b".to_string(), HostView::Running);
+        host.insert("orphan".to_string(), HostView::Running);
+        let recs = [
+            rec("a", 1, DesiredState::Running, RuntimeState::Starting),
+            rec("b", 1, DesiredState::Stopped, RuntimeState::Stopping),
+        ];
+        let acts = plan(1, &recs, &host, &BTreeSet::new());
+        assert_eq!(
+            acts,
+            vec![
+                Action::Report {
+                    name: "a".into(),
+                    generation: 3,
+                    runtime: RuntimeState::Running,
+                    reason: String::new()
+                },
+                Action::Stop {
+                    name: "b".into(),
+                    report: Some((3, RuntimeState::Stopped, String::new()))
+                },
+                Action::Stop {
+                    name: "orphan".into(),
+                    report: None
+                },
+            ]
+        );
+        // Once reported, a running VM needs nothing.
+        let recs = [rec("a", 1, DesiredState::Running, RuntimeState::Running)];
+        host.remove("b");
+        host.remove("orphan");
+        assert!(plan(1, &recs, &host, &BTreeSet::new()).is_empty());
+    }
+
+    #[test]
+    fn vm_owned_elsewhere_is_stopped_without_report_and_ended_vm_fails() {
+        let mut host = BTreeMap::new();
+        host.insert("a".to_string(), HostView::Running);
+        host.insert(
+            "b".to_string(),
+            HostView::Ended {
+                reason: "GuestExit(3)".into(),
+            },
+        );
+        let recs = [
+            rec("a", 2, DesiredState::Running, RuntimeState::Running),
+            rec("b", 1, DesiredState::Running, RuntimeState::Running),
+        ];
+        let acts = plan(1, &recs, &host, &BTreeSet::new());
+        assert_eq!(acts.len(), 2);
+        assert_eq!(
+            acts[0],
+            Action::Stop {
+                name: "a".into(),
+                report: None
+            }
+        );
+        assert!(
+            matches!(&acts[1], Action::Stop { name, report: Some((3, RuntimeState::Failed, why)) } if name == "b" && why.contains("GuestExit"))
+        );
+    }
+
+    #[test]
+    fn migration_source_migrates_once_and_target_keeps_the_arriving_vm() {
+        let mut r = rec("m", 1, DesiredState::Running, RuntimeState::Running);
+        r.migrating_to = Some(2);
+        let recs = [r];
+        let mut host = BTreeMap::new();
+        host.insert("m".to_string(), HostView::Running);
+        // Source: one MigrateOut, none while it runs, no restart once the VM left.
+        assert_eq!(
+            plan(1, &recs, &host, &BTreeSet::new()),
+            vec![Action::MigrateOut {
+                name: "m".into(),
+                to: 2
+            }]
+        );
+        let busy: BTreeSet<String> = ["m".to_string()].into_iter().collect();
+        assert!(plan(1, &recs, &host, &busy).is_empty());
+        assert!(plan(1, &recs, &BTreeMap::new(), &BTreeSet::new()).is_empty());
+        // Target: the arriving VM is not stopped; a third node would stop a stray copy.
+        assert!(plan(2, &recs, &host, &BTreeSet::new()).is_empty());
+        assert_eq!(
+            plan(3, &recs, &host, &BTreeSet::new()),
+            vec![Action::Stop {
+                name: "m".into(),
+                report: None
+            }]
+        );
+    }
+}

@@ -1,0 +1,582 @@
+//! The running agent: Raft instance, write path (local or forwarded to the leader),
+//! cluster lifecycle (init, admit, remove) and liveness (heartbeats, Down/Up).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::liveness::{Heartbeat, Liveness, Timing};
+use super::peers::PeerClient;
+use crate::node::config::AgentConfig;
+use crate::node::facts::{self, FactsError};
+use crate::raft::datadir::{DataDir, DataDirError};
+use crate::raft::store::{SharedSm, SmData};
+use crate::raft::{NodeId, PeerNode, Raft, RaftMetrics};
+use crate::state::{ClusterInfo, Command, CommandResult, NodeFacts, NodeRegistration, MAX_VOTERS};
+
+/// How long a write waits for a leader before giving up.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long the leader waits for a new learner to catch up.
+pub const LEARNER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot probe node facts")]
+    Facts(#[source] FactsError),
+    #[error("cannot open the data dir")]
+    DataDir(#[source] DataDirError),
+    #[error("invalid Raft configuration")]
+    RaftConfig(#[source] openraft::ConfigError),
+    #[error("cannot start Raft")]
+    Raft(#[source] openraft::error::Fatal<NodeId>),
+}
+
+/// Errors of the write path and lifecycle operations. Serializable so a leader's
+/// answer travels back to the agent that forwarded the request.
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize, PartialEq, Eq)]
+pub enum WriteError {
+    #[error("node {this} is not the leader (leader: {leader:?})")]
+    NotLeader { this: u64, leader: Option<u64> },
+    #[error("no leader was elected within {waited_ms} ms; is a majority of voters running?")]
+    NoLeader { waited_ms: u64 },
+    #[error("the cluster is not initialized; run `clusterctl cluster init` on one agent first")]
+    NotInitialized,
+    #[error("this agent is already a member of cluster {cluster_id}")]
+    AlreadyMember { cluster_id: String },
+    #[error("the command was refused: {reason}")]
+    Rejected { reason: String },
+    #[error("unknown node id {node_id}; `clusterctl node list` shows the members")]
+    UnknownNode { node_id: u64 },
+    #[error("node id {node_id} is already used by {existing}; pick another node_id or remove the old node first")]
+    DuplicateNode { node_id: u64, existing: String },
+    #[error("the cluster already has {voters} voters, the maximum is {max}; remove a node before adding another")]
+    TooManyVoters { voters: usize, max: usize },
+    #[error("node {node_id} is the last voter; a cluster cannot remove its last voter")]
+    LastVoter { node_id: u64 },
+    #[error("the new node {node_id} at {raft_addr} did not catch up within {waited_ms} ms; it was not added")]
+    LearnerTimeout {
+        node_id: u64,
+        raft_addr: String,
+        waited_ms: u64,
+    },
+    #[error("forwarding to the leader {leader} at {addr} failed: {message}")]
+    Forward {
+        leader: u64,
+        addr: String,
+        message: String,
+    },
+    #[error("raft error: {message}")]
+    Raft { message: String },
+}
+
+/// A write a non-leader forwards to the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ForwardRequest {
+    Command(Command),
+    Admit(NodeRegistration),
+    Remove { node_id: u64 },
+}
+
+/// The leader's answer to a [`ForwardRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ForwardReply {
+    Command {
+        result: CommandResult,
+        log_index: u64,
+    },
+    Admitted {
+        cluster_id: String,
+        cluster_name: String,
+        leader_id: u64,
+        voter_count: u64,
+    },
+    Removed {
+        voter_count: u64,
+    },
+}
+
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn random_hex128() -> String {
+    let mut a = std::collections::hash_map::RandomState::new().build_hasher();
+    a.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    a.write_u32(std::process::id());
+    let mut b = std::collections::hash_map::RandomState::new().build_hasher();
+    b.write_u64(a.finish());
+    format!("{:016x}{:016x}", a.finish(), b.finish())
+}
+
+/// The agent's shared core, used by the services and the controllers. Its fields are
+/// private: callers read the replicated state through [`Agent::read_sm`], the Raft view
+/// through [`Agent::metrics`], and change anything only through [`Agent::write`].
+pub struct Agent {
+    pub(super) config: AgentConfig,
+    pub(super) raft: Raft,
+    pub(super) sm: SharedSm,
+    pub(super) facts: NodeFacts,
+    pub(super) incarnation: u64,
+    pub(super) data_dir: Mutex<DataDir>,
+    pub(super) liveness: Mutex<Liveness>,
+    pub(super) peers: Arc<dyn PeerClient>,
+    /// Held on the leader from judging a placement or migration target to committing it,
+    /// so two decisions never both take the last room or migration slot.
+    pub(super) place_lock: tokio::sync::Mutex<()>,
+}
+
+impl Agent {
+    /// Open the data dir, probe facts and start Raft over `network` (not yet the servers).
+    /// `peers` reaches the other members for write forwarding and heartbeats.
+    pub async fn start<N>(
+        config: AgentConfig,
+        network: N,
+        peers: Arc<dyn PeerClient>,
+    ) -> Result<Arc<Agent>, StartError>
+    where
+        N: openraft::RaftNetworkFactory<crate::raft::TypeConfig>,
+    {
+        let facts = facts::probe(&config.facts_override).map_err(StartError::Facts)?;
+        let (data_dir, log_store, sm_store) =
+            DataDir::open(&config.data_dir, config.node_id).map_err(StartError::DataDir)?;
+        let sm = sm_store.shared();
+        let raft_config = openraft::Config {
+            cluster_name: "vm-cluster".into(),
+            heartbeat_interval: config.raft_heartbeat_interval_ms,
+            election_timeout_min: config.election_timeout_min_ms,
+            election_timeout_max: config.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: config.max_logs_kept_after_snapshot,
+            snapshot_max_chunk_size: 1024 * 1024,
+            install_snapshot_timeout: config.rpc_timeout.as_millis() as u64 * 2,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(StartError::RaftConfig)?;
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            network,
+            log_store,
+            sm_store,
+        )
+        .await
+        .map_err(StartError::Raft)?;
+        tracing::info!(
+            node_id = config.node_id,
+            fresh = data_dir.fresh,
+            cpu_vendor = %facts.cpu_vendor,
+            kvm_kind = facts.kvm_kind.as_str(),
+            "agent started"
+        );
+        let liveness = Liveness::new(config.node_id, Timing::from_config(&config));
+        Ok(Arc::new(Agent {
+            incarnation: now_unix_ms(),
+            config,
+            raft,
+            sm,
+            facts,
+            data_dir: Mutex::new(data_dir),
+            peers,
+            liveness: Mutex::new(liveness),
+            place_lock: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// This agent's configuration.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// The Raft instance (the peer service hands it the RPCs it receives).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// A snapshot of this node's Raft metrics (leader, term, applied index, membership).
+    pub fn metrics(&self) -> RaftMetrics {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// A watch of the Raft metrics, to wait for newly applied entries.
+    pub fn metrics_watch(&self) -> watch::Receiver<RaftMetrics> {
+        self.raft.metrics()
+    }
+
+    /// The current leader as this node knows it.
+    pub fn leader(&self) -> Option<u64> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// The lock a leader holds from judging a placement or migration target to
+    /// committing it.
+    pub async fn placement_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.place_lock.lock().await
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.config.node_id
+    }
+
+    /// A copy of the applied state.
+    pub fn read_sm<T>(&self, f: impl FnOnce(&SmData) -> T) -> T {
+        let g = self.sm.read().unwrap_or_else(|p| p.into_inner());
+        f(&g)
+    }
+
+    pub fn cluster_info(&self) -> Option<ClusterInfo> {
+        self.read_sm(|d| d.state.cluster.clone())
+    }
+
+    /// This agent's registration record.
+    pub fn registration(&self) -> NodeRegistration {
+        let c = &self.config;
+        NodeRegistration {
+            node_id: c.node_id,
+            name: c.name.clone(),
+            mgmt_addr: c.mgmt_addr.to_string(),
+            raft_addr: c.raft_addr.to_string(),
+            migration_addr: c.migration_addr.to_string(),
+            mgmt_subnet: c.mgmt_subnet.to_string(),
+            migration_subnet: c.migration_subnet.to_string(),
+            facts: self.facts.clone(),
+        }
+    }
+
+    pub fn peer_node(&self) -> PeerNode {
+        PeerNode {
+            raft_addr: self.config.raft_addr.to_string(),
+            mgmt_addr: self.config.mgmt_addr.to_string(),
+        }
+    }
+
+    fn record_cluster_id(&self, cluster_id: &str) {
+        let mut dd = self.data_dir.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = dd.set_cluster_id(cluster_id) {
+            tracing::error!(error = %crate::error_chain(&e), "cannot record the cluster id in the identity marker");
+        }
+    }
+
+    /// Bootstrap a one-node cluster on this agent.
+    pub async fn init_cluster(&self, cluster_name: &str) -> Result<ClusterInfo, WriteError> {
+        if self.raft.is_initialized().await.map_err(raft_err)? {
+            let cluster_id = self
+                .cluster_info()
+                .map(|c| c.cluster_id)
+                .unwrap_or_default();
+            return Err(WriteError::AlreadyMember { cluster_id });
+        }
+        let mut members = BTreeMap::new();
+        members.insert(self.node_id(), self.peer_node());
+        self.raft.initialize(members).await.map_err(raft_err)?;
+        let cluster_id = random_hex128();
+        self.write(ForwardRequest::Command(Command::InitCluster {
+            cluster_id: cluster_id.clone(),
+            cluster_name: cluster_name.to_string(),
+            at_unix_ms: now_unix_ms(),
+        }))
+        .await?;
+        self.write(ForwardRequest::Command(Command::RegisterNode {
+            registration: self.registration(),
+            at_unix_ms: now_unix_ms(),
+        }))
+        .await?;
+        self.record_cluster_id(&cluster_id);
+        self.cluster_info().ok_or(WriteError::NotInitialized)
+    }
+
+    /// Called after a successful join to remember the cluster.
+    pub fn joined(&self, cluster_id: &str) {
+        self.record_cluster_id(cluster_id);
+    }
+
+    /// Submit a write: execute it if this agent leads, else forward it to the leader.
+    /// Retries while the leader is unknown or changing, up to [`WRITE_DEADLINE`].
+    pub async fn write(&self, req: ForwardRequest) -> Result<ForwardReply, WriteError> {
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let m = self.raft.metrics().borrow().clone();
+            let attempt = match m.current_leader {
+                Some(l) if l == self.node_id() => self.execute_as_leader(req.clone()).await,
+                Some(l) => match m.membership_config.membership().get_node(&l) {
+                    Some(node) => self.forward(l, node.clone(), &req).await,
+                    None => Err(WriteError::NotLeader {
+                        this: self.node_id(),
+                        leader: Some(l),
+                    }),
+                },
+                None => Err(WriteError::NotLeader {
+                    this: self.node_id(),
+                    leader: None,
+                }),
+            };
+            match attempt {
+                Err(WriteError::NotLeader { .. }) | Err(WriteError::Forward { .. })
+                    if start.elapsed() < WRITE_DEADLINE =>
+                {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(200));
+                }
+                Err(WriteError::NotLeader { .. }) => {
+                    return Err(WriteError::NoLeader {
+                        waited_ms: start.elapsed().as_millis() as u64,
+                    })
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        leader: u64,
+        node: PeerNode,
+        req: &ForwardRequest,
+    ) -> Result<ForwardReply, WriteError> {
+        let fwd_err = |message: String| WriteError::Forward {
+            leader,
+            addr: node.raft_addr.clone(),
+            message,
+        };
+        let timeout = LEARNER_CATCH_UP_TIMEOUT + self.config.rpc_timeout;
+        self.peers
+            .forward(&node.raft_addr, req, timeout)
+            .await
+            .map_err(|e| fwd_err(e.0))?
+    }
+
+    /// Execute a write on this agent, which must be the leader.
+    pub async fn execute_as_leader(&self, req: ForwardRequest) -> Result<ForwardReply, WriteError> {
+        match req {
+            ForwardRequest::Command(cmd) => {
+                let resp = self
+                    .raft
+                    .client_write(cmd)
+                    .await
+                    .map_err(|e| self.client_write_err(e))?;
+                if let CommandResult::Rejected { reason } = resp.data {
+                    return Err(WriteError::Rejected { reason });
+                }
+                Ok(ForwardReply::Command {
+                    result: resp.data,
+                    log_index: resp.log_id.index,
+                })
+            }
+            ForwardRequest::Admit(reg) => self.admit(reg).await,
+            ForwardRequest::Remove { node_id } => self.remove(node_id).await,
+        }
+    }
+
+    fn client_write_err(
+        &self,
+        e: RaftError<NodeId, ClientWriteError<NodeId, PeerNode>>,
+    ) -> WriteError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => WriteError::NotLeader {
+                this: self.node_id(),
+                leader: f.leader_id,
+            },
+            other => WriteError::Raft {
+                message: other.to_string(),
+            },
+        }
+    }
+
+    fn membership(&self) -> (BTreeSet<u64>, BTreeMap<u64, PeerNode>) {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let voters = m.membership().voter_ids().collect();
+        let nodes = m
+            .membership()
+            .nodes()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        (voters, nodes)
+    }
+
+    async fn admit(&self, reg: NodeRegistration) -> Result<ForwardReply, WriteError> {
+        let Some(info) = self.cluster_info() else {
+            return Err(WriteError::NotInitialized);
+        };
+        let id = reg.node_id;
+        if id == 0 {
+            return Err(WriteError::Rejected {
+                reason: "node id 0 is reserved".into(),
+            });
+        }
+        let (voters, nodes) = self.membership();
+        let peer = PeerNode {
+            raft_addr: reg.raft_addr.clone(),
+            mgmt_addr: reg.mgmt_addr.clone(),
+        };
+        match nodes.get(&id) {
+            Some(existing) if *existing != peer => {
+                return Err(WriteError::DuplicateNode {
+                    node_id: id,
+                    existing: format!("the member at {}", existing.mgmt_addr),
+                })
+            }
+            Some(_) => {}
+            None => {
+                if let Some((other, _)) = nodes
+                    .iter()
+                    .find(|(_, n)| n.raft_addr == peer.raft_addr || n.mgmt_addr == peer.mgmt_addr)
+                {
+                    return Err(WriteError::DuplicateNode {
+                        node_id: id,
+                        existing: format!("address already used by member {other}"),
+                    });
+                }
+            }
+        }
+        if !voters.contains(&id) && voters.len() >= MAX_VOTERS {
+            return Err(WriteError::TooManyVoters {
+                voters: voters.len(),
+                max: MAX_VOTERS,
+            });
+        }
+        if !nodes.contains_key(&id) {
+            tracing::info!(node_id = id, raft_addr = %reg.raft_addr, "adding learner");
+            let added = tokio::time::timeout(
+                LEARNER_CATCH_UP_TIMEOUT,
+                self.raft.add_learner(id, peer.clone(), true),
+            )
+            .await;
+            match added {
+                Ok(r) => {
+                    r.map_err(|e| self.client_write_err(e))?;
+                }
+                Err(_) => {
+                    // Take the unreachable learner out again so it does not linger.
+                    let mut set = BTreeSet::new();
+                    set.insert(id);
+                    if let Err(e) = self
+                        .raft
+                        .change_membership(ChangeMembers::RemoveNodes(set), false)
+                        .await
+                    {
+                        tracing::warn!(node_id = id, error = %e, "cannot remove the learner that did not catch up");
+                    }
+                    return Err(WriteError::LearnerTimeout {
+                        node_id: id,
+                        raft_addr: reg.raft_addr,
+                        waited_ms: LEARNER_CATCH_UP_TIMEOUT.as_millis() as u64,
+                    });
+                }
+            }
+        }
+        if !voters.contains(&id) {
+            tracing::info!(node_id = id, "promoting learner to voter");
+            let mut set = BTreeSet::new();
+            set.insert(id);
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds(set), false)
+                .await
+                .map_err(|e| self.client_write_err(e))?;
+        }
+        let resp = self
+            .raft
+            .client_write(Command::RegisterNode {
+                registration: reg,
+                at_unix_ms: now_unix_ms(),
+            })
+            .await
+            .map_err(|e| self.client_write_err(e))?;
+        if let CommandResult::Rejected { reason } = resp.data {
+            return Err(WriteError::Rejected { reason });
+        }
+        self.mark_seen(id);
+        let (voters, _) = self.membership();
+        Ok(ForwardReply::Admitted {
+            cluster_id: info.cluster_id,
+            cluster_name: info.cluster_name,
+            leader_id: self.node_id(),
+            voter_count: voters.len() as u64,
+        })
+    }
+
+    async fn remove(&self, node_id: u64) -> Result<ForwardReply, WriteError> {
+        let (voters, nodes) = self.membership();
+        let registered = self.read_sm(|d| d.state.nodes.contains_key(&node_id));
+        if !registered && !nodes.contains_key(&node_id) {
+            return Err(WriteError::UnknownNode { node_id });
+        }
+        if voters.len() == 1 && voters.contains(&node_id) {
+            return Err(WriteError::LastVoter { node_id });
+        }
+        if registered {
+            let resp = self
+                .raft
+                .client_write(Command::RemoveNode {
+                    node_id,
+                    at_unix_ms: now_unix_ms(),
+                })
+                .await
+                .map_err(|e| self.client_write_err(e))?;
+            if let CommandResult::Rejected { reason } = resp.data {
+                return Err(WriteError::Rejected { reason });
+            }
+        }
+        if nodes.contains_key(&node_id) {
+            let mut set = BTreeSet::new();
+            set.insert(node_id);
+            let change = if voters.contains(&node_id) {
+                ChangeMembers::RemoveVoters(set)
+            } else {
+                ChangeMembers::RemoveNodes(set)
+            };
+            self.raft
+                .change_membership(change, false)
+                .await
+                .map_err(|e| self.client_write_err(e))?;
+        }
+        let (voters, _) = self.membership();
+        Ok(ForwardReply::Removed {
+            voter_count: voters.len() as u64,
+        })
+    }
+
+    /// Record a heartbeat from a peer (every node keeps them, see `liveness`). Returns
+    /// whether this agent is the leader.
+    pub fn heartbeat_received(&self, hb: &Heartbeat) -> bool {
+        self.lock_liveness().heard(hb, Instant::now());
+        let m = self.raft.metrics().borrow().clone();
+        m.current_leader == Some(self.node_id())
+    }
+
+    pub(super) fn lock_liveness(&self) -> std::sync::MutexGuard<'_, Liveness> {
+        self.liveness.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mark_seen(&self, node_id: u64) {
+        self.lock_liveness().heard_now(node_id);
+    }
+
+    /// This node's lease (see `liveness`): whether it may run VMs now.
+    pub fn lease(&self) -> crate::node::liveness::LeaseView {
+        let m = self.raft.metrics().borrow().clone();
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        let leading = m.current_leader == Some(self.node_id());
+        self.lock_liveness().lease(Instant::now(), applied, leading)
+    }
+}
+
+fn raft_err<E: std::fmt::Display>(e: E) -> WriteError {
+    WriteError::Raft {
+        message: e.to_string(),
+    }
+}

@@ -1,0 +1,128 @@
+//! The liveness loops of an agent: heartbeats to every member, and — on the leader —
+//! the Down/Up decisions of the pure model in [`super::liveness`], committed through Raft.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::ServerState;
+use tokio::sync::watch;
+
+use super::agent::{now_unix_ms, Agent};
+use super::liveness::Heartbeat;
+use crate::state::{Command, NodeState};
+
+impl Agent {
+    /// Send one heartbeat to every other member, each on its own task.
+    fn send_heartbeats(self: &Arc<Self>) {
+        let m = self.raft.metrics().borrow().clone();
+        let peers: Vec<(u64, String)> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != self.node_id())
+            .map(|(id, n)| (*id, n.raft_addr.clone()))
+            .collect();
+        let members: Vec<u64> = self.read_sm(|d| d.state.nodes.keys().copied().collect());
+        let silences = {
+            let mut l = self.lock_liveness();
+            l.set_members(members);
+            l.silences(Instant::now())
+        };
+        let timeout = self
+            .config
+            .heartbeat_interval
+            .max(Duration::from_millis(200));
+        for (peer, addr) in peers {
+            let hb = Heartbeat {
+                node_id: self.node_id(),
+                incarnation: self.incarnation,
+                silences: silences.clone(),
+            };
+            let sent = Instant::now();
+            let call = self.peers.heartbeat(&addr, hb, timeout);
+            let agent = self.clone();
+            tokio::spawn(async move {
+                match call.await {
+                    Ok(ack) => agent
+                        .lock_liveness()
+                        .acked(peer, sent, &ack, Instant::now()),
+                    Err(e) => tracing::debug!(peer, error = %e, "heartbeat not acknowledged"),
+                }
+            });
+        }
+    }
+
+    /// Heartbeat sender loop: runs until `shutdown` flips.
+    pub async fn run_heartbeats(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.config().heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            self.send_heartbeats();
+        }
+    }
+
+    /// Liveness monitor loop (acts only while this agent leads): marks silent nodes
+    /// Down and returning ones Up, through committed commands.
+    pub async fn run_liveness(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.config().heartbeat_interval / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            for (node_id, state, reason) in self.liveness_decisions() {
+                let cmd = Command::SetNodeState {
+                    node_id,
+                    state,
+                    at_unix_ms: now_unix_ms(),
+                    reason: reason.clone(),
+                };
+                match self.raft().client_write(cmd).await {
+                    Ok(_) => {
+                        tracing::info!(node_id, state = state.as_str(), reason = %reason, "node state changed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(node_id, error = %e, "cannot record node state");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Down for nodes a quorum-intersecting set of peers has not heard for `down_after`
+    /// (see `liveness`), Up for Down nodes this leader hears again.
+    fn liveness_decisions(&self) -> Vec<(u64, NodeState, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader || m.current_leader != Some(self.node_id()) {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let nodes: Vec<(u64, NodeState)> =
+            self.read_sm(|d| d.state.nodes.iter().map(|(id, r)| (*id, r.state)).collect());
+        let mut l = self.lock_liveness();
+        l.set_members(nodes.iter().map(|(id, _)| *id).collect());
+        let silent = l.silent_nodes(now);
+        let mut out = Vec::new();
+        for (id, state) in nodes {
+            let silence = silent.iter().find(|(n, _)| *n == id).map(|(_, s)| *s);
+            match (state, silence) {
+                (NodeState::Up | NodeState::Paused, Some(s)) => out.push((
+                    id,
+                    NodeState::Down,
+                    format!("no heartbeat for {} ms", s.as_millis()),
+                )),
+                (NodeState::Down, None) if l.recently_heard(id, now) => {
+                    out.push((id, NodeState::Up, "heartbeats resumed".to_string()))
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,733 @@
+//! Raft log and state machine in one RocksDB database.
+//!
+//! Column families (all integer keys big-endian, so RocksDB order is numeric order):
+//!
+//! | CF         | key                          | value                         |
+//! |------------|------------------------------|-------------------------------|
+//! | `log`      | log index (u64 BE)           | JSON `Entry`                  |
+//! | `meta`     | `vote`, `committed`, `purged`| JSON vote / log id            |
+//! | `sm`       | `c` cluster, `n`+id BE node, `k`+key kv, `e`+seq BE event, `s` last event seq, `m:applied`, `m:membership` | JSON |
+//! | `snapshot` | `current`                    | JSON [`StoredSnapshot`]       |
+//!
+//! Votes, appends, truncations, purges and every state-machine apply are written with
+//! a synced WAL before they are acknowledged. One apply batch is one `WriteBatch`:
+//! the touched entities together with `last_applied` and the membership.
+
+// The error type is openraft's `StorageError`, dictated by the storage traits; helpers
+// return it too so `?` composes. Its size is not ours to choose.
+#![allow(clippy::result_large_err)]
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader,
+    RaftSnapshotBuilder, StorageIOError,
+};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::raft::{
+    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote,
+};
+use crate::state::{ClusterState, CommandResult, StateKey};
+
+const CF_LOG: &str = "log";
+const CF_META: &str = "meta";
+const CF_SM: &str = "sm";
+const CF_SNAPSHOT: &str = "snapshot";
+const ALL_CFS: [&str; 4] = [CF_LOG, CF_META, CF_SM, CF_SNAPSHOT];
+
+/// Format version of snapshots and of the state machine encoding.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+/// Largest snapshot accepted from a peer.
+pub const SNAPSHOT_LEN_MAX: usize = 256 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the RocksDB store at {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error(
+        "the RocksDB store at {path} has no column family `{cf}`; it was not written by this agent"
+    )]
+    MissingColumnFamily { path: String, cf: &'static str },
+    #[error("the state machine in {path} cannot be decoded (key {key})")]
+    Decode {
+        path: String,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("RocksDB read failed while loading {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: rocksdb::Error,
+    },
+}
+
+/// The state machine's in-memory image, shared with readers (the services).
+#[derive(Debug, Default, Clone)]
+pub struct SmData {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    pub state: ClusterState,
+}
+
+/// Read handle to the applied state.
+pub type SharedSm = Arc<RwLock<SmData>>;
+
+/// A snapshot as stored and as sent to peers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotPayload {
+    pub format_version: u32,
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    pub state: ClusterState,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+/// Open (or create) the store in `path`. `create` false refuses a missing database.
+pub fn open(path: &Path, create: bool) -> Result<(LogStore, SmStore), StoreError> {
+    let p = path.display().to_string();
+    let mut opts = Options::default();
+    opts.create_if_missing(create);
+    opts.create_missing_column_families(create);
+    // Keep memory modest: up to 16 agents share one test machine.
+    opts.set_write_buffer_size(4 * 1024 * 1024);
+    opts.set_max_background_jobs(2);
+    if !create {
+        let existing = DB::list_cf(&opts, path).map_err(|source| StoreError::Open {
+            path: p.clone(),
+            source,
+        })?;
+        for cf in ALL_CFS {
+            if !existing.iter().any(|c| c == cf) {
+                return Err(StoreError::MissingColumnFamily { path: p, cf });
+            }
+        }
+    }
+    let cfs = ALL_CFS
+        .iter()
+        .map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+    let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| StoreError::Open {
+        path: p.clone(),
+        source,
+    })?;
+    let db = Arc::new(db);
+    let data = load_sm(&db, &p)?;
+    let shared = Arc::new(RwLock::new(data));
+    Ok((
+        LogStore { db: db.clone() },
+        SmStore {
+            db,
+            data: shared,
+            snapshot_seq: 0,
+        },
+    ))
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, StorageError> {
+    db.cf_handle(name).ok_or_else(|| {
+        StorageIOError::read(AnyError::error(format!("column family {name} is missing"))).into()
+    })
+}
+
+fn synced() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    w.set_sync(true);
+    w
+}
+
+const KEY_APPLIED: &[u8] = b"m:applied";
+const KEY_MEMBERSHIP: &[u8] = b"m:membership";
+
+fn load_sm(db: &DB, path: &str) -> Result<SmData, StoreError> {
+    let Some(h) = db.cf_handle(CF_SM) else {
+        return Err(StoreError::MissingColumnFamily {
+            path: path.to_string(),
+            cf: CF_SM,
+        });
+    };
+    let mut d = SmData::default();
+    for item in db.iterator_cf(h, IteratorMode::Start) {
+        let (k, v) = item.map_err(|source| StoreError::Read {
+            path: path.to_string(),
+            source,
+        })?;
+        let dec_err = |source| StoreError::Decode {
+            path: path.to_string(),
+            key: String::from_utf8_lossy(&k).into_owned(),
+            source,
+        };
+        if let Some(sk) = StateKey::decode(&k) {
+            d.state.load_stored(&sk, &v).map_err(dec_err)?;
+            continue;
+        }
+        match &*k {
+            KEY_APPLIED => d.last_applied = serde_json::from_slice(&v).map_err(dec_err)?,
+            KEY_MEMBERSHIP => d.membership = serde_json::from_slice(&v).map_err(dec_err)?,
+            _ => {}
+        }
+    }
+    Ok(d)
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(v).map_err(|e| StorageIOError::write(AnyError::new(&e)).into())
+}
+
+/// The Raft log half of the store.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+}
+
+impl LogStore {
+    fn get_meta<T: for<'a> Deserialize<'a>>(&self, key: &str) -> Result<Option<T>, StorageError> {
+        let h = cf(&self.db, CF_META)?;
+        match self
+            .db
+            .get_cf(h, key)
+            .map_err(|e| StorageIOError::read(AnyError::new(&e)))?
+        {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StorageIOError::read(AnyError::new(&e)).into()),
+        }
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &str, v: &T, sync: bool) -> Result<(), StorageError> {
+        let h = cf(&self.db, CF_META)?;
+        let bytes = to_json(v)?;
+        let wo = if sync {
+            synced()
+        } else {
+            WriteOptions::default()
+        };
+        self.db
+            .put_cf_opt(h, key, bytes, &wo)
+            .map_err(|e| StorageIOError::write(AnyError::new(&e)).into())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(s) => *s,
+            Bound::Excluded(s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let h = cf(&self.db, CF_LOG)?;
+        let mut out = Vec::new();
+        let key = start.to_be_bytes();
+        for item in self
+            .db
+            .iterator_cf(h, IteratorMode::From(&key, Direction::Forward))
+        {
+            let (k, v) = item.map_err(|e| StorageIOError::read_logs(AnyError::new(&e)))?;
+            let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| {
+                StorageIOError::read_logs(AnyError::error("log key is not 8 bytes"))
+            })?);
+            if !range.contains(&idx) {
+                break;
+            }
+            let e: Entry = serde_json::from_slice(&v)
+                .map_err(|e| StorageIOError::read_log_at_index(idx, AnyError::new(&e)))?;
+            out.push(e);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged: Option<LogId> = self.get_meta("purged")?;
+        let h = cf(&self.db, CF_LOG)?;
+        let last = match self.db.iterator_cf(h, IteratorMode::End).next() {
+            None => None,
+            Some(item) => {
+                let (_, v) = item.map_err(|e| StorageIOError::read_logs(AnyError::new(&e)))?;
+                let e: Entry = serde_json::from_slice(&v)
+                    .map_err(|e| StorageIOError::read_logs(AnyError::new(&e)))?;
+                Some(e.log_id)
+            }
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last.or(last_purged),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        self.put_meta("vote", vote, true)
+            .map_err(|e| StorageIOError::write_vote(AnyError::new(&e)).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        self.get_meta("vote")
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.put_meta("committed", &committed, false)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.get_meta::<Option<LogId>>("committed")?.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let h = cf(&self.db, CF_LOG)?;
+        let mut batch = WriteBatch::default();
+        for e in entries {
+            batch.put_cf(h, e.log_id.index.to_be_bytes(), to_json(&e)?);
+        }
+        let res = self.db.write_opt(batch, &synced());
+        match res {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(StorageIOError::write_logs(AnyError::new(&e)).into())
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let h = cf(&self.db, CF_LOG)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(h, log_id.index.to_be_bytes(), u64::MAX.to_be_bytes());
+        self.db
+            .write_opt(batch, &synced())
+            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Record the purge point first: a crash between the two steps leaves entries
+        // below it, which readers never ask for.
+        self.put_meta("purged", &log_id, true)?;
+        let h = cf(&self.db, CF_LOG)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(h, 0u64.to_be_bytes(), (log_id.index + 1).to_be_bytes());
+        self.db
+            .write_opt(batch, &synced())
+            .map_err(|e| StorageIOError::write_logs(AnyError::new(&e)).into())
+    }
+}
+
+/// The state machine half of the store.
+pub struct SmStore {
+    db: Arc<DB>,
+    data: SharedSm,
+    snapshot_seq: u64,
+}
+
+impl SmStore {
+    /// Read handle for the services.
+    pub fn shared(&self) -> SharedSm {
+        self.data.clone()
+    }
+}
+
+fn read_lock(data: &SharedSm) -> std::sync::RwLockReadGuard<'_, SmData> {
+    data.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_lock(data: &SharedSm) -> std::sync::RwLockWriteGuard<'_, SmData> {
+    data.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn put_entity(
+    batch: &mut WriteBatch,
+    h: &rocksdb::ColumnFamily,
+    s: &ClusterState,
+    k: &StateKey,
+) -> Result<(), StorageError> {
+    let value = s
+        .stored_value(k)
+        .map_err(|e| StorageError::from(StorageIOError::write(AnyError::new(&e))))?;
+    match value {
+        Some(v) => batch.put_cf(h, k.encode(), v),
+        None => batch.delete_cf(h, k.encode()),
+    }
+    Ok(())
+}
+
+fn put_meta_entries(
+    batch: &mut WriteBatch,
+    h: &rocksdb::ColumnFamily,
+    d: &SmData,
+) -> Result<(), StorageError> {
+    batch.put_cf(h, KEY_APPLIED, to_json(&d.last_applied)?);
+    batch.put_cf(h, KEY_MEMBERSHIP, to_json(&d.membership)?);
+    put_entity(batch, h, &d.state, &StateKey::LastEventSeq)?;
+    Ok(())
+}
+
+fn build(db: &DB, data: &SharedSm, seq: u64) -> Result<Snapshot, StorageError> {
+    let payload = {
+        let d = read_lock(data);
+        SnapshotPayload {
+            format_version: SNAPSHOT_FORMAT_VERSION,
+            last_applied: d.last_applied,
+            membership: d.membership.clone(),
+            state: d.state.clone(),
+        }
+    };
+    let bytes = serde_json::to_vec(&payload)
+        .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)))?;
+    let snapshot_id = match payload.last_applied {
+        Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
+        None => format!("none-{seq}"),
+    };
+    let meta = SnapshotMeta {
+        last_log_id: payload.last_applied,
+        last_membership: payload.membership,
+        snapshot_id,
+    };
+    store_snapshot(db, &meta, &bytes)?;
+    Ok(Snapshot {
+        meta,
+        snapshot: Box::new(Cursor::new(bytes)),
+    })
+}
+
+fn store_snapshot(db: &DB, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+    let h = cf(db, CF_SNAPSHOT)?;
+    let stored = StoredSnapshot {
+        meta: meta.clone(),
+        data: data.to_vec(),
+    };
+    let bytes = serde_json::to_vec(&stored)
+        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e)))?;
+    db.put_cf_opt(h, "current", bytes, &synced()).map_err(|e| {
+        StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e)).into()
+    })
+}
+
+/// Builds snapshots from a copy of the in-memory state taken under the lock.
+pub struct SmSnapshotBuilder {
+    db: Arc<DB>,
+    data: SharedSm,
+    seq: u64,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SmSnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        build(&self.db, &self.data, self.seq)
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for SmStore {
+    type SnapshotBuilder = SmSnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let d = read_lock(&self.data);
+        Ok((d.last_applied, d.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let h = cf(&self.db, CF_SM)?;
+        let mut batch = WriteBatch::default();
+        let mut results = Vec::new();
+        // Work on a copy so a failed write leaves the in-memory image untouched, and
+        // readers are not blocked while the batch is synced. Only this task mutates.
+        let mut next = read_lock(&self.data).clone();
+        let mut touched = Vec::new();
+        for e in entries {
+            next.last_applied = Some(e.log_id);
+            match e.payload {
+                EntryPayload::Blank => results.push(CommandResult::Ok),
+                EntryPayload::Normal(cmd) => {
+                    let at = crate::state::LogPosition {
+                        index: e.log_id.index,
+                        term: e.log_id.leader_id.term,
+                    };
+                    let (r, t) = next.state.apply_at(&cmd, at);
+                    touched.extend(t);
+                    results.push(r);
+                }
+                EntryPayload::Membership(m) => {
+                    next.membership = StoredMembership::new(Some(e.log_id), m);
+                    results.push(CommandResult::Ok);
+                }
+            }
+        }
+        touched.sort();
+        touched.dedup();
+        for k in &touched {
+            put_entity(&mut batch, h, &next.state, k)?;
+        }
+        put_meta_entries(&mut batch, h, &next)?;
+        self.db
+            .write_opt(batch, &synced())
+            .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
+        *write_lock(&self.data) = next;
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.snapshot_seq += 1;
+        SmSnapshotBuilder {
+            db: self.db.clone(),
+            data: self.data.clone(),
+            seq: self.snapshot_seq,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let bytes = snapshot.into_inner();
+        let sig = Some(meta.signature());
+        let bad = |msg: String| -> StorageError {
+            StorageIOError::new(
+                ErrorSubject::Snapshot(meta.signature().into()),
+                ErrorVerb::Read,
+                AnyError::error(msg),
+            )
+            .into()
+        };
+        if bytes.len() > SNAPSHOT_LEN_MAX {
+            return Err(bad(format!(
+                "snapshot is {} bytes; the limit is {SNAPSHOT_LEN_MAX}",
+                bytes.len()
+            )));
+        }
+        let payload: SnapshotPayload = serde_json::from_slice(&bytes)
+            .map_err(|e| StorageIOError::read_snapshot(sig.clone(), AnyError::new(&e)))?;
+        if payload.format_version != SNAPSHOT_FORMAT_VERSION {
+            return Err(bad(format!(
+                "snapshot format version {} is not supported (expected {SNAPSHOT_FORMAT_VERSION})",
+                payload.format_version
+            )));
+        }
+        let next = SmData {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            state: payload.state,
+        };
+        let h = cf(&self.db, CF_SM)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(h, [0u8], [0xffu8]);
+        let s = &next.state;
+        let mut keys = Vec::new();
+        if s.cluster.is_some() {
+            keys.push(StateKey::Cluster);
+        }
+        keys.extend(s.nodes.keys().map(|id| StateKey::Node(*id)));
+        keys.extend(s.kv.keys().map(|k| StateKey::Kv(k.clone())));
+        keys.extend(s.events.keys().map(|q| StateKey::Event(*q)));
+        keys.extend(s.vms.keys().map(|id| StateKey::Vm(*id)));
+        keys.push(StateKey::LastVmId);
+        keys.extend(s.jobs.jobs.keys().map(|id| StateKey::Job(*id)));
+        keys.push(StateKey::JobMeta);
+        keys.push(StateKey::Locks);
+        keys.extend(s.migrations.keys().map(|id| StateKey::Migration(*id)));
+        keys.push(StateKey::LastMigrationId);
+        for k in &keys {
+            put_entity(&mut batch, h, s, k)?;
+        }
+        put_meta_entries(&mut batch, h, &next)?;
+        self.db
+            .write_opt(batch, &synced())
+            .map_err(|e| StorageIOError::write_snapshot(sig, AnyError::new(&e)))?;
+        *write_lock(&self.data) = next;
+        store_snapshot(&self.db, meta, &bytes)
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let h = cf(&self.db, CF_SNAPSHOT)?;
+        let Some(v) = self
+            .db
+            .get_cf(h, "current")
+            .map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&e)))?
+        else {
+            return Ok(None);
+        };
+        let s: StoredSnapshot = serde_json::from_slice(&v)
+            .map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&e)))?;
+        Ok(Some(Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::{StoreBuilder, Suite};
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, SmStore, tempfile::TempDir> for Builder {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, SmStore), StorageError> {
+            let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
+            let (l, s) = open(&dir.path().join("raft"), true)
+                .map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
+            Ok((dir, l, s))
+        }
+    }
+
+    #[test]
+    fn openraft_storage_conformance_suite() -> Result<(), StorageError> {
+        Suite::<TypeConfig, LogStore, SmStore, Builder, tempfile::TempDir>::test_all(Builder)
+    }
+
+    #[test]
+    fn state_survives_reopen_and_missing_db_is_refused() {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("tempdir: {e}"),
+        };
+        let p = dir.path().join("raft");
+        assert!(matches!(open(&p, false), Err(StoreError::Open { .. })));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| panic!("runtime: {e}"));
+        rt.block_on(async {
+            let (_l, mut sm) = open(&p, true).unwrap_or_else(|e| panic!("open: {e}"));
+            let entry = Entry {
+                log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
+                payload: EntryPayload::Normal(crate::state::Command::PutKv {
+                    key: "a".into(),
+                    value: "b".into(),
+                }),
+            };
+            let r = sm.apply(vec![entry]).await.unwrap_or_default();
+            assert_eq!(r, vec![CommandResult::Kv { previous: None }]);
+        });
+        let (_l, sm) = open(&p, false).unwrap_or_else(|e| panic!("reopen: {e}"));
+        let d = read_lock(&sm.shared()).clone();
+        assert_eq!(d.state.kv.get("a").map(String::as_str), Some("b"));
+        assert_eq!(d.last_applied.map(|l| l.index), Some(1));
+    }
+
+    #[test]
+    fn jobs_and_policy_survive_reopen() {
+        use crate::state::jobs::{BalancePolicy, JobCommand, JobKind, JobMove};
+        use crate::state::{Command, NodeFacts, NodeRegistration};
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let p = dir.path().join("raft");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| panic!("runtime: {e}"));
+        let cmds: Vec<Command> = vec![
+            Command::RegisterNode {
+                registration: NodeRegistration {
+                    node_id: 1,
+                    name: "n1".into(),
+                    mgmt_addr: "127.0.1.1:1".into(),
+                    raft_addr: "127.0.1.1:2".into(),
+                    migration_addr: "127.0.2.1:3".into(),
+                    mgmt_subnet: "127.0.1.0/24".into(),
+                    migration_subnet: "127.0.2.0/24".into(),
+                    facts: NodeFacts::default(),
+                },
+                at_unix_ms: 1,
+            },
+            Command::RegisterNode {
+                registration: NodeRegistration {
+                    node_id: 2,
+                    name: "n2".into(),
+                    mgmt_addr: "127.0.1.2:1".into(),
+                    raft_addr: "127.0.1.2:2".into(),
+                    migration_addr: "127.0.2.2:3".into(),
+                    mgmt_subnet: "127.0.1.0/24".into(),
+                    migration_subnet: "127.0.2.0/24".into(),
+                    facts: NodeFacts::default(),
+                },
+                at_unix_ms: 1,
+            },
+            Command::Job(JobCommand::StartJob {
+                kind: JobKind::Drain,
+                node: 1,
+                moves: vec![JobMove::queued("v", 1, 2, 1, 10, 20)],
+                planned_finish_unix_ms: 20,
+                at_unix_ms: 5,
+            }),
+            Command::Job(JobCommand::SetPolicy {
+                policy: BalancePolicy {
+                    mode: scheduler::BalanceMode::PowerSaving,
+                    aggressiveness: scheduler::Aggressiveness::High,
+                    interval_ms: 5000,
+                },
+                at_unix_ms: 6,
+            }),
+        ];
+        let before = rt.block_on(async {
+            let (_l, mut sm) = open(&p, true).unwrap_or_else(|e| panic!("open: {e}"));
+            let entries: Vec<Entry> = cmds
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| Entry {
+                    log_id: openraft::LogId::new(
+                        openraft::CommittedLeaderId::new(1, 1),
+                        i as u64 + 1,
+                    ),
+                    payload: EntryPayload::Normal(c),
+                })
+                .collect();
+            let r = sm.apply(entries).await.unwrap_or_default();
+            assert!(
+                r.iter()
+                    .all(|r| !matches!(r, CommandResult::Rejected { .. })),
+                "{r:?}"
+            );
+            read_lock(&sm.shared()).state.clone()
+        });
+        assert_eq!(before.nodes[&1].state, crate::state::NodeState::Paused);
+        let (_l, sm) = open(&p, false).unwrap_or_else(|e| panic!("reopen: {e}"));
+        let after = read_lock(&sm.shared()).state.clone();
+        assert_eq!(after.jobs, before.jobs);
+        assert_eq!(after.jobs.jobs.len(), 1);
+        assert_eq!(after.jobs.policy.interval_ms, 5000);
+        assert_eq!(after.nodes, before.nodes);
+    }
+}

@@ -1,0 +1,196 @@
+//! Cluster identity, the node registry, fence reports and the replicated key/value
+//! store: the commands that are not a family of their own.
+
+use super::{
+    validate_kv, validate_registration, ClusterInfo, ClusterState, Command, CommandResult,
+    EventKind, LogPosition, NodeRecord, NodeState, StateKey, NODE_FENCED_REASON_MAX,
+    NODE_FENCED_VMS_MAX,
+};
+
+/// Apply one of this file's commands (the dispatcher in `state/mod.rs` sends only
+/// those); on refusal nothing changes and nothing is touched.
+pub(super) fn apply(
+    cs: &mut ClusterState,
+    cmd: &Command,
+    at: LogPosition,
+    touched: &mut Vec<StateKey>,
+) -> CommandResult {
+    match cmd {
+        Command::InitCluster {
+            cluster_id,
+            cluster_name,
+            at_unix_ms,
+        } => {
+            if let Some(existing) = &cs.cluster {
+                return CommandResult::Rejected {
+                    reason: format!(
+                        "the cluster is already initialized with id {}",
+                        existing.cluster_id
+                    ),
+                };
+            }
+            cs.cluster = Some(ClusterInfo {
+                cluster_id: cluster_id.clone(),
+                cluster_name: cluster_name.clone(),
+                created_unix_ms: *at_unix_ms,
+            });
+            touched.push(StateKey::Cluster);
+            cs.push_event(
+                *at_unix_ms,
+                EventKind::ClusterInitialized,
+                0,
+                format!("cluster {cluster_name} ({cluster_id}) initialized"),
+                touched,
+            );
+            CommandResult::Ok
+        }
+        Command::RegisterNode {
+            registration,
+            at_unix_ms,
+        } => {
+            let id = registration.node_id;
+            if let Some(reason) = validate_registration(registration) {
+                return CommandResult::Rejected { reason };
+            }
+            match cs.nodes.get_mut(&id) {
+                Some(record) => {
+                    if record.registration != *registration {
+                        record.registration = registration.clone();
+                        touched.push(StateKey::Node(id));
+                        cs.push_event(
+                            *at_unix_ms,
+                            EventKind::NodeUpdated,
+                            id,
+                            format!("node {id} ({}) updated its registration", registration.name),
+                            touched,
+                        );
+                    }
+                }
+                None => {
+                    cs.nodes.insert(
+                        id,
+                        NodeRecord {
+                            registration: registration.clone(),
+                            state: NodeState::Up,
+                            state_since_unix_ms: *at_unix_ms,
+                        },
+                    );
+                    touched.push(StateKey::Node(id));
+                    cs.push_event(
+                        *at_unix_ms,
+                        EventKind::NodeJoined,
+                        id,
+                        format!(
+                            "node {id} ({}) joined at {}",
+                            registration.name, registration.mgmt_addr
+                        ),
+                        touched,
+                    );
+                }
+            }
+            CommandResult::Ok
+        }
+        Command::RemoveNode {
+            node_id,
+            at_unix_ms,
+        } => {
+            let Some(record) = cs.nodes.remove(node_id) else {
+                return CommandResult::Rejected {
+                    reason: format!("unknown node id {node_id}"),
+                };
+            };
+            touched.push(StateKey::Node(*node_id));
+            cs.push_event(
+                *at_unix_ms,
+                EventKind::NodeRemoved,
+                *node_id,
+                format!("node {node_id} ({}) removed", record.registration.name),
+                touched,
+            );
+            crate::state::disk_locks::release_removed_node(cs, *node_id, *at_unix_ms, at, touched);
+            CommandResult::Ok
+        }
+        Command::NodeFenced {
+            node_id,
+            vms,
+            reason,
+            at_unix_ms,
+        } => {
+            if !cs.nodes.contains_key(node_id) {
+                return CommandResult::Rejected {
+                    reason: format!("unknown node id {node_id}"),
+                };
+            }
+            if vms.len() > NODE_FENCED_VMS_MAX || reason.len() > NODE_FENCED_REASON_MAX {
+                return CommandResult::Rejected {
+                        reason: format!(
+                            "fence report of node {node_id} too large: {} VM names (max {NODE_FENCED_VMS_MAX}), reason of {} bytes (max {NODE_FENCED_REASON_MAX})",
+                            vms.len(),
+                            reason.len()
+                        ),
+                    };
+            }
+            cs.push_event(
+                *at_unix_ms,
+                EventKind::NodeFenced,
+                *node_id,
+                format!(
+                    "node {node_id} fenced itself: stopped {} VM(s) [{}] ({reason})",
+                    vms.len(),
+                    vms.join(", ")
+                ),
+                touched,
+            );
+            CommandResult::Ok
+        }
+        Command::SetNodeState {
+            node_id,
+            state,
+            at_unix_ms,
+            reason,
+        } => {
+            let Some(record) = cs.nodes.get_mut(node_id) else {
+                return CommandResult::Rejected {
+                    reason: format!("unknown node id {node_id}"),
+                };
+            };
+            if record.state == *state {
+                return CommandResult::NodeState { changed: false };
+            }
+            let from = record.state;
+            record.state = *state;
+            record.state_since_unix_ms = *at_unix_ms;
+            touched.push(StateKey::Node(*node_id));
+            cs.push_event(
+                *at_unix_ms,
+                EventKind::NodeStateChanged,
+                *node_id,
+                format!("node {node_id} {from} -> {state}: {reason}"),
+                touched,
+            );
+            CommandResult::NodeState { changed: true }
+        }
+        Command::PutKv { key, value } => {
+            if let Some(reason) = validate_kv(key, value) {
+                return CommandResult::Rejected { reason };
+            }
+            let previous = cs.kv.insert(key.clone(), value.clone());
+            touched.push(StateKey::Kv(key.clone()));
+            CommandResult::Kv { previous }
+        }
+        Command::DeleteKv { key } => {
+            let previous = cs.kv.remove(key);
+            if previous.is_some() {
+                touched.push(StateKey::Kv(key.clone()));
+            }
+            CommandResult::Kv { previous }
+        }
+        Command::Vm(_)
+        | Command::Job(_)
+        | Command::Lock(_)
+        | Command::VmDisk(_)
+        | Command::Migration(_) => CommandResult::Rejected {
+            reason: format!("{cmd} is not a node command"),
+        },
+    }
+}

@@ -1,0 +1,680 @@
+//! Live migration of this host's VMs: [`VmHost::migrate_out`] runs vmm-node's migration
+//! engine on a worker thread with this layer's disk handling plugged into its seams, and
+//! [`MigrationListener`] accepts incoming VMs on the node's migration address.
+//!
+//! ```text
+//!  source VmHost                         engine                          target listener
+//!  migrate_out ─▶ thread: migrate(SourceSide) ── setup (config blob) ──▶ create_paused: reserve name,
+//!                  pre-copy rounds ───────────────────────────────────▶   Vm::new_paused + 8 slots
+//!                  pause, save_state: VmState + slot states
+//!                  detach_disks: slot detach → handoff_release → Handoff cmds
+//!                  release: DiskLocks::commit(Handoff) ── StorageReleased ─▶ acquire: DiskLocks::acquire → grants
+//!                                                                        restore: VmState, slots (handoff_open)
+//!                  ◀──────────────────────────────────────────── Ready   commit → resume
+//!  stop + unregister the paused source VM ◀── Running + receipt ──────   register in target VmHost
+//! ```
+//! Any failure (or a cancel) before commit rolls back on the source: disks reopened with
+//! the old grants, or with the grants [`DiskLocks::reclaim`] returns when the handoff
+//! was already committed, and the VM resumes.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use csv_volume::{LockCommand, LockGrant, LockMode, NodeId};
+use serde::{Deserialize, Serialize};
+use vmm_node::migration::convergence::ConvergenceConfig;
+use vmm_node::migration::seam::{
+    self, NodeFacts, OpError, Requirements, SourceVm, StorageHandoff, TargetFactory, TargetVm,
+};
+use vmm_node::migration::source::{migrate, CancelToken, MigrateOptions, MigrationEvent};
+use vmm_node::migration::stats::MigrationStats;
+use vmm_node::migration::target::{
+    error_chain, receive_one, Abandon, ReceiveOptions, ReceiveStats,
+};
+use vmm_node::migration::transport::{DirtyPages, PageMap};
+use vmm_node::migration::{self as engine, MigrationError};
+use vmm_node::state::DiskSlotState;
+use vmm_node::{GuestMem, Vm};
+
+use super::lock_callback::DiskLocks;
+use super::machine::{open_disk, Claim, CloseFor, HostedVm, OpenMode, SlotDisk};
+use super::spec::{DiskSpec, VmSpec};
+use super::{Reservation, VmHost, VmHostError};
+
+/// Progress events kept for a slow reader before newer ones are dropped.
+pub const PROGRESS_EVENTS_MAX: usize = 256;
+/// Incoming-migration events kept for a slow reader before newer ones are dropped.
+pub const INCOMING_EVENTS_MAX: usize = 64;
+/// Largest configuration blob accepted from a source.
+pub const CONFIG_BLOB_BYTES_MAX: usize = 1 << 20;
+
+/// What the caller chooses for one live migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveOptions {
+    /// Longest acceptable blackout.
+    pub max_downtime_ms: u64,
+    /// Give up (and roll back) when not converged by then.
+    pub deadline_ms: u64,
+    /// Parallel data connections (1..=16).
+    pub connections: usize,
+}
+
+impl Default for LiveOptions {
+    fn default() -> Self {
+        let c = ConvergenceConfig::default();
+        LiveOptions {
+            max_downtime_ms: c.max_downtime.as_millis() as u64,
+            deadline_ms: c.deadline.as_millis() as u64,
+            connections: engine::DEFAULT_CONNECTIONS,
+        }
+    }
+}
+
+impl LiveOptions {
+    fn to_engine(self) -> MigrateOptions {
+        MigrateOptions {
+            connections: self.connections,
+            convergence: ConvergenceConfig {
+                max_downtime: Duration::from_millis(self.max_downtime_ms),
+                deadline: Duration::from_millis(self.deadline_ms),
+                throttle: true,
+            },
+            ..MigrateOptions::default()
+        }
+    }
+}
+
+/// The result of a finished live migration.
+#[derive(Clone, Debug)]
+pub struct MigrationReport {
+    pub vm: String,
+    pub target_node: NodeId,
+    /// Engine statistics: rounds, blackout breakdown, both memory receipt digests.
+    pub stats: MigrationStats,
+    /// The lock commands committed through [`DiskLocks::commit`] at the storage stage.
+    pub handed_off: Vec<LockCommand>,
+}
+
+impl MigrationReport {
+    /// True when the target's digest of guest memory at switchover equals the source's.
+    pub fn receipt_matches(&self) -> bool {
+        self.stats.receipt_matches()
+    }
+}
+
+/// A live migration in progress.
+pub struct MigrationHandle {
+    /// Phases, predictions, progress (bytes left, rate, ETA, round) and throttle
+    /// changes. Bounded: events are dropped, never waited for, when nobody reads.
+    pub progress: Receiver<MigrationEvent>,
+    cancel: CancelToken,
+    thread: JoinHandle<Result<MigrationReport, VmHostError>>,
+}
+
+impl MigrationHandle {
+    /// Asks the migration to stop; before switchover the VM keeps running on the source.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Waits for the end of the migration.
+    pub fn wait(self) -> Result<MigrationReport, VmHostError> {
+        match self.thread.join() {
+            Ok(r) => r,
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    }
+}
+
+/// Sent to the target as the engine's configuration blob.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigBlob {
+    spec: VmSpec,
+    layout: Vec<SlotDisk>,
+    source_node: NodeId,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn disk_names(layout: &[SlotDisk]) -> Vec<String> {
+    layout.iter().map(|d| d.disk.name.to_string()).collect()
+}
+
+fn layout_disks(layout: &[SlotDisk]) -> Vec<DiskSpec> {
+    layout.iter().map(|d| d.disk.clone()).collect()
+}
+
+/// The source VM as the engine sees it.
+struct SourceSide {
+    vm: Arc<HostedVm>,
+    host: Arc<VmHost>,
+    target_node: NodeId,
+    locks: Arc<dyn DiskLocks>,
+    layout: Vec<SlotDisk>,
+    grants: Vec<LockGrant>,
+    saved_slots: Mutex<Vec<DiskSlotState>>,
+    detached: Mutex<Vec<usize>>,
+    pending: Mutex<Vec<LockCommand>>,
+    reclaimed: Mutex<Option<Vec<LockGrant>>>,
+}
+
+impl SourceVm for SourceSide {
+    fn memory(&self) -> &GuestMem {
+        self.vm.vm.memory()
+    }
+    fn config_blob(&self) -> Result<Vec<u8>, OpError> {
+        let blob = ConfigBlob {
+            spec: self.vm.current_spec(),
+            layout: self.layout.clone(),
+            source_node: self.host.node(),
+        };
+        Ok(serde_json::to_vec(&blob)?)
+    }
+    fn requirements(&self) -> Requirements {
+        let c = self.vm.vm.config();
+        Requirements {
+            vm_name: c.name.clone(),
+            cpu_vendor: vmm_node::facts::cpu_vendor(),
+            cpu_features: seam::host_cpu_features(),
+            memory_bytes: PageMap::from_memory(self.vm.vm.memory()).total_bytes(),
+            vcpus: u32::from(c.vcpus),
+            disks: disk_names(&self.layout),
+        }
+    }
+    fn start_dirty_log(&self) -> Result<(), OpError> {
+        Ok(self.vm.vm.start_dirty_log()?)
+    }
+    fn dirty_pages(&self, map: &PageMap) -> Result<DirtyPages, OpError> {
+        // vm-memory keeps regions sorted by address, as the page map does, so the
+        // per-region bitmaps line up with the map's regions.
+        let bitmaps = self.vm.vm.dirty_pages()?;
+        if bitmaps.len() != map.regions().len() {
+            return Err(format!(
+                "{} dirty bitmaps for {} memory regions",
+                bitmaps.len(),
+                map.regions().len()
+            )
+            .into());
+        }
+        let mut d = DirtyPages::empty(map.total_pages());
+        for (&(_, pages, first), bits) in map.regions().iter().zip(bitmaps) {
+            d.merge_region_bitmap(first, pages, &bits);
+        }
+        Ok(d)
+    }
+    fn stop_dirty_log(&self) -> Result<(), OpError> {
+        Ok(self.vm.vm.stop_dirty_log()?)
+    }
+    fn pause(&self) -> Result<(), OpError> {
+        Ok(self.vm.vm.pause()?)
+    }
+    fn resume(&self) -> Result<(), OpError> {
+        Ok(self.vm.vm.resume()?)
+    }
+    fn set_throttle(&self, percent: u8) {
+        self.vm.vm.set_throttle(percent);
+    }
+    fn save_state(&self) -> Result<Vec<u8>, OpError> {
+        let (blob, slots) = self.vm.save_state_blob()?;
+        *lock(&self.saved_slots) = slots;
+        Ok(blob)
+    }
+    fn detach_disks(&self) -> Result<(), OpError> {
+        let saved = lock(&self.saved_slots).clone();
+        let slots = self.vm.occupied_slots();
+        let cmds = self.vm.detach_all(
+            CloseFor::Handoff {
+                to: self.target_node,
+            },
+            &saved,
+            self.host.registry(),
+            self.host.node(),
+        )?;
+        *lock(&self.detached) = slots;
+        *lock(&self.pending) = cmds;
+        Ok(())
+    }
+    fn reattach_disks(&self) -> Result<(), OpError> {
+        let saved = lock(&self.saved_slots).clone();
+        let slots = std::mem::take(&mut *lock(&self.detached));
+        let grants = lock(&self.reclaimed)
+            .take()
+            .unwrap_or_else(|| self.grants.clone());
+        self.vm.reattach(
+            &saved,
+            &slots,
+            &self.layout,
+            &grants,
+            self.host.registry(),
+            self.host.node(),
+        )?;
+        tracing::info!(vm = %self.vm.name(), disks = slots.len(), "disks reattached after a failed migration");
+        Ok(())
+    }
+}
+
+impl StorageHandoff for SourceSide {
+    fn release(&self, vm: &str, _disks: &[String]) -> Result<(), OpError> {
+        let cmds = lock(&self.pending).clone();
+        self.locks.commit(vm, &cmds)?;
+        Ok(())
+    }
+    fn reclaim(&self, vm: &str, _disks: &[String]) -> Result<(), OpError> {
+        let grants = self
+            .locks
+            .reclaim(vm, self.host.node(), &layout_disks(&self.layout))?;
+        *lock(&self.reclaimed) = Some(grants);
+        Ok(())
+    }
+    fn acquire(&self, vm: &str, _disks: &[String]) -> Result<(), OpError> {
+        Err(format!("acquire called on the source of VM {vm}").into())
+    }
+}
+
+impl VmHost {
+    /// Live-migrates the running VM `name` to the node `target_node` listening for
+    /// migrations at `target_addr`. Disk locks move through `locks` at the storage stage.
+    /// Returns at once; the work runs on a thread. On success the VM is gone from this
+    /// host; on failure or cancel before switchover it runs here as before.
+    #[tracing::instrument(skip(self, locks, opts))]
+    pub fn migrate_out(
+        self: &Arc<Self>,
+        name: &str,
+        target_node: NodeId,
+        target_addr: SocketAddr,
+        opts: LiveOptions,
+        locks: Arc<dyn DiskLocks>,
+    ) -> Result<MigrationHandle, VmHostError> {
+        let vm = self.get(name)?;
+        let claim = vm.claim()?;
+        self.require_running(&vm)?;
+        let mopts = opts.to_engine();
+        mopts.validate().map_err(|source| VmHostError::Migration {
+            vm: name.to_owned(),
+            source,
+        })?;
+        let layout = vm.slot_disks();
+        let grants = vm
+            .disk_status()
+            .into_iter()
+            .map(|d| LockGrant {
+                disk: d.name,
+                node: self.node(),
+                mode: d.mode,
+                token: d.token,
+                term: 0,
+            })
+            .collect();
+        let side = SourceSide {
+            vm: vm.clone(),
+            host: self.clone(),
+            target_node,
+            locks,
+            layout,
+            grants,
+            saved_slots: Mutex::new(Vec::new()),
+            detached: Mutex::new(Vec::new()),
+            pending: Mutex::new(Vec::new()),
+            reclaimed: Mutex::new(None),
+        };
+        let (tx, progress) = sync_channel(PROGRESS_EVENTS_MAX);
+        let cancel = CancelToken::default();
+        let thread_cancel = cancel.clone();
+        let host = self.clone();
+        let vm_name = name.to_owned();
+        let thread = std::thread::Builder::new()
+            .name(format!("migrate-{name}"))
+            .spawn(move || {
+                run_out(
+                    host,
+                    side,
+                    claim,
+                    vm_name,
+                    target_node,
+                    target_addr,
+                    mopts,
+                    thread_cancel,
+                    tx,
+                )
+            })
+            .map_err(VmHostError::Thread)?;
+        Ok(MigrationHandle {
+            progress,
+            cancel,
+            thread,
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_out(
+    host: Arc<VmHost>,
+    side: SourceSide,
+    claim: Claim,
+    name: String,
+    target_node: NodeId,
+    target_addr: SocketAddr,
+    mopts: MigrateOptions,
+    cancel: CancelToken,
+    tx: SyncSender<MigrationEvent>,
+) -> Result<MigrationReport, VmHostError> {
+    let mut on_event = |e: &MigrationEvent| {
+        if let Err(TrySendError::Full(_)) = tx.try_send(e.clone()) {
+            tracing::debug!(vm = %name, "progress event dropped: reader too slow");
+        }
+    };
+    tracing::info!(vm = %name, target_node, %target_addr, "migration started");
+    let r = migrate(&side, target_addr, &mopts, &side, &cancel, &mut on_event);
+    match r {
+        Ok(stats) => {
+            host.unregister(&side.vm);
+            if let Err(e) = side.vm.vm.stop() {
+                tracing::error!(vm = %name, error = %e, "stopping the migrated-away VM");
+            }
+            drop(claim);
+            tracing::info!(vm = %name, target_node, blackout_us = stats.blackout.total_us,
+                receipt_ok = stats.receipt_matches(), "migration finished");
+            Ok(MigrationReport {
+                vm: name,
+                target_node,
+                stats,
+                handed_off: std::mem::take(&mut *lock(&side.pending)),
+            })
+        }
+        Err(source) => {
+            if matches!(source, MigrationError::CommitUncertain(_)) {
+                // The target may run the VM: never resume it here; leave it paused and
+                // registered so the agent can decide (the lock table says who owns the disks).
+                tracing::error!(vm = %name, "commit uncertain; the source copy stays paused");
+            }
+            drop(claim);
+            tracing::warn!(vm = %name, error = %error_chain(&source), "migration failed");
+            Err(VmHostError::Migration { vm: name, source })
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Target side.
+
+/// What happened on a migration listener.
+#[derive(Clone, Debug)]
+pub enum IncomingEvent {
+    /// The VM now runs here and is registered in the [`VmHost`].
+    Arrived { vm: String, stats: ReceiveStats },
+    /// An incoming migration failed; nothing was registered.
+    Failed { error: String },
+}
+
+/// The VM being received.
+struct Incoming {
+    vm: Arc<HostedVm>,
+    layout: Vec<SlotDisk>,
+    source_node: NodeId,
+    grants: Mutex<Vec<LockGrant>>,
+    reservation: Mutex<Option<Reservation>>,
+}
+
+struct TargetShared {
+    host: Arc<VmHost>,
+    locks: Arc<dyn DiskLocks>,
+    current: Mutex<Option<Arc<Incoming>>>,
+    /// The engine's handle for giving up the session in progress (`VmHost::abandon_incoming`).
+    abandon: Abandon,
+}
+
+struct Factory(Arc<TargetShared>);
+struct Handoff(Arc<TargetShared>);
+struct TargetSide(Arc<Incoming>, Arc<TargetShared>);
+
+impl TargetShared {
+    fn current(&self, vm: &str) -> Result<Arc<Incoming>, OpError> {
+        lock(&self.current)
+            .clone()
+            .filter(|i| i.vm.name() == vm)
+            .ok_or_else(|| format!("no incoming migration of VM {vm} in progress").into())
+    }
+}
+
+impl TargetFactory for Factory {
+    fn facts(&self) -> NodeFacts {
+        engine::adapter::local_facts()
+    }
+    fn create_paused(&self, config_blob: &[u8]) -> Result<Box<dyn TargetVm>, OpError> {
+        if config_blob.len() > CONFIG_BLOB_BYTES_MAX {
+            return Err(format!(
+                "configuration blob of {} bytes is over the {CONFIG_BLOB_BYTES_MAX}-byte limit",
+                config_blob.len()
+            )
+            .into());
+        }
+        let blob: ConfigBlob = serde_json::from_slice(config_blob)?;
+        let host = &self.0.host;
+        blob.spec.validate().map_err(VmHostError::Spec)?;
+        for d in &blob.layout {
+            if usize::from(d.slot) >= vmm_node::config::VIRTIO_BLK_SLOTS {
+                return Err(format!("disk {} in slot {} out of range", d.disk.name, d.slot).into());
+            }
+        }
+        let reservation = host.reserve(&blob.spec.name)?;
+        let config = super::spec::to_config(&blob.spec, host.registry())?;
+        let vm = Vm::new_paused(config).map_err(|source| VmHostError::Vm {
+            vm: blob.spec.name.clone(),
+            op: "create the incoming VM",
+            source,
+        })?;
+        let hosted = Arc::new(HostedVm::new(blob.spec, vm)?);
+        let inc = Arc::new(Incoming {
+            vm: hosted,
+            layout: blob.layout,
+            source_node: blob.source_node,
+            grants: Mutex::new(Vec::new()),
+            reservation: Mutex::new(Some(reservation)),
+        });
+        *lock(&self.0.current) = Some(inc.clone());
+        host.set_incoming(Some((inc.vm.name().to_owned(), self.0.abandon.clone())));
+        Ok(Box::new(TargetSide(inc, self.0.clone())))
+    }
+}
+
+impl TargetVm for TargetSide {
+    fn memory(&self) -> &GuestMem {
+        self.0.vm.vm.memory()
+    }
+    fn restore(&self, state: &[u8]) -> Result<(), OpError> {
+        let host = &self.1.host;
+        let grants = lock(&self.0.grants).clone();
+        self.0
+            .vm
+            .restore_state_blob(state, &self.0.layout, &grants, |d, g| {
+                open_disk(host.registry(), host.node(), d, g, OpenMode::Handoff)
+            })?;
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), OpError> {
+        Ok(self.0.vm.vm.resume()?)
+    }
+}
+
+impl StorageHandoff for Handoff {
+    fn release(&self, vm: &str, _disks: &[String]) -> Result<(), OpError> {
+        // A failed incoming migration after `acquire`: close what was opened and give the
+        // locks back to the source — unless the receive was abandoned because the cluster
+        // failed the VM over to this node (its source is gone): the locks are then this
+        // node's to keep for the restart.
+        if self.0.abandon.is_set() {
+            tracing::info!(vm, "incoming migration abandoned; keeping its disk locks");
+            return Ok(());
+        }
+        let inc = self.0.current(vm)?;
+        let host = &self.0.host;
+        let to = inc.source_node;
+        let mut cmds = Vec::new();
+        for slot in inc.vm.occupied_slots() {
+            match inc.vm.detach(slot, CloseFor::Handoff { to }) {
+                Ok(c) => cmds.push(c),
+                Err(e) => tracing::error!(vm, error = %e, "closing a disk of a failed incoming VM"),
+            }
+        }
+        let closed: Vec<String> = cmds
+            .iter()
+            .filter_map(|c| match c {
+                LockCommand::Handoff { disk, .. } | LockCommand::Release { disk, .. } => {
+                    Some(disk.to_string())
+                }
+                _ => None,
+            })
+            .collect();
+        for g in lock(&inc.grants).iter() {
+            if closed.contains(&g.disk.to_string()) {
+                continue;
+            }
+            cmds.push(match g.mode {
+                LockMode::Exclusive => LockCommand::Handoff {
+                    disk: g.disk.clone(),
+                    from: host.node(),
+                    to,
+                },
+                LockMode::Shared => LockCommand::Release {
+                    disk: g.disk.clone(),
+                    node: host.node(),
+                },
+            });
+        }
+        self.0.locks.commit(vm, &cmds)?;
+        Ok(())
+    }
+    fn reclaim(&self, vm: &str, _disks: &[String]) -> Result<(), OpError> {
+        Err(format!("reclaim called on the target of VM {vm}").into())
+    }
+    fn acquire(&self, vm: &str, _disks: &[String]) -> Result<(), OpError> {
+        let inc = self.0.current(vm)?;
+        let grants = self
+            .0
+            .locks
+            .acquire(vm, self.0.host.node(), &layout_disks(&inc.layout))?;
+        *lock(&inc.grants) = grants;
+        Ok(())
+    }
+}
+
+/// Accepts incoming live migrations on the node's migration address, one at a time,
+/// and registers each VM in the [`VmHost`] once it runs. Stops on drop.
+pub struct MigrationListener {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    /// Arrivals and failures. Bounded: dropped, never waited for, when nobody reads.
+    pub events: Receiver<IncomingEvent>,
+}
+
+impl MigrationListener {
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting and joins the thread (an incoming migration in progress finishes
+    /// or fails first).
+    pub fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for MigrationListener {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl VmHost {
+    /// Listens for incoming VMs on `addr`; disk grants come from `locks.acquire`.
+    /// `opts` carries the engine's target options (e.g. a facts override in tests).
+    pub fn listen_migrations(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        locks: Arc<dyn DiskLocks>,
+        opts: ReceiveOptions,
+    ) -> Result<MigrationListener, VmHostError> {
+        let listener =
+            TcpListener::bind(addr).map_err(|source| VmHostError::Listen { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| VmHostError::Listen { addr, source })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, events) = sync_channel(INCOMING_EVENTS_MAX);
+        let shared = Arc::new(TargetShared {
+            host: self.clone(),
+            locks,
+            current: Mutex::new(None),
+            abandon: opts.abandon.clone(),
+        });
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("migration-listener-{}", self.node()))
+            .spawn(move || listen_loop(listener, shared, opts, thread_stop, tx))
+            .map_err(VmHostError::Thread)?;
+        tracing::info!(%addr, node = self.node(), "migration listener started");
+        Ok(MigrationListener {
+            addr,
+            stop,
+            thread: Some(thread),
+            events,
+        })
+    }
+}
+
+fn listen_loop(
+    listener: TcpListener,
+    shared: Arc<TargetShared>,
+    opts: ReceiveOptions,
+    stop: Arc<AtomicBool>,
+    tx: SyncSender<IncomingEvent>,
+) {
+    let factory = Factory(shared.clone());
+    let handoff = Handoff(shared.clone());
+    while !stop.load(Ordering::SeqCst) {
+        let r = receive_one(&listener, &factory, &handoff, &opts);
+        shared.host.set_incoming(None);
+        let inc = lock(&shared.current).take();
+        let ev = match (r, inc) {
+            (Ok(received), Some(inc)) => {
+                let name = inc.vm.name().to_owned();
+                if let Some(res) = lock(&inc.reservation).take() {
+                    res.commit(inc.vm.clone());
+                }
+                tracing::info!(vm = %name, restore_us = received.stats.restore_us, "incoming vm registered");
+                IncomingEvent::Arrived {
+                    vm: name,
+                    stats: received.stats,
+                }
+            }
+            (Ok(received), None) => IncomingEvent::Failed {
+                error: format!("VM {} arrived but its record was lost", received.vm_name),
+            },
+            (Err(e), _) => {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let error = error_chain(&e);
+                tracing::warn!(%error, "incoming migration failed");
+                IncomingEvent::Failed { error }
+            }
+        };
+        let _ = tx.try_send(ev);
+    }
+    tracing::info!("migration listener stopped");
+}
