@@ -23,15 +23,15 @@ use crate::state::{ClusterState, Command};
 /// How long a forwarded job change may take to show on this replica before we answer.
 const LOCAL_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-pub struct DrainApi {
+pub struct JobApi {
     pub agent: Arc<Agent>,
     /// Serialises check-plan-commit on the leader.
     lock: tokio::sync::Mutex<()>,
 }
 
-impl DrainApi {
+impl JobApi {
     pub fn new(agent: Arc<Agent>) -> Self {
-        DrainApi {
+        JobApi {
             agent,
             lock: tokio::sync::Mutex::new(()),
         }
@@ -157,7 +157,7 @@ fn policy_to_pb(p: &BalancePolicy) -> pb::PolicySpec {
 }
 
 #[tonic::async_trait]
-impl DrainService for DrainApi {
+impl DrainService for JobApi {
     async fn drain_node(
         &self,
         request: Request<pb::DrainRequest>,

@@ -23,12 +23,12 @@ pub const JOIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a joined agent waits to apply its own membership before answering.
 pub const JOIN_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub struct MgmtService {
+pub struct ManagementApi {
     pub agent: Arc<Agent>,
 }
 
 #[tonic::async_trait]
-impl Management for MgmtService {
+impl Management for ManagementApi {
     async fn cluster_status(
         &self,
         _request: Request<pb::ClusterStatusRequest>,

@@ -55,14 +55,14 @@ pub fn spawn_management(
     shutdown: watch::Receiver<bool>,
 ) -> ServerTask {
     let server = tonic::transport::Server::builder()
-        .add_service(ManagementServer::new(super::management::MgmtService {
+        .add_service(ManagementServer::new(super::management::ManagementApi {
             agent: agent.clone(),
         }))
         .add_service(VmServiceServer::new(super::vms::VmApi::new(
             agent.clone(),
             host.clone(),
         )))
-        .add_service(DrainServiceServer::new(super::jobs::DrainApi::new(
+        .add_service(DrainServiceServer::new(super::jobs::JobApi::new(
             agent.clone(),
         )))
         .add_service(VolumeServiceServer::new(super::volumes::VolumeApi {

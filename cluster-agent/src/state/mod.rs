@@ -442,41 +442,6 @@ impl ClusterState {
     }
 }
 
-fn validate_registration(r: &NodeRegistration) -> Option<String> {
-    if r.node_id == 0 {
-        return Some("node id 0 is reserved; use 1 or higher".into());
-    }
-    if r.name.is_empty() {
-        return Some(format!("node {} has an empty name", r.node_id));
-    }
-    if r.raft_addr.is_empty() || r.mgmt_addr.is_empty() {
-        return Some(format!(
-            "node {} must register a management and a raft address",
-            r.node_id
-        ));
-    }
-    None
-}
-
-fn validate_kv(key: &str, value: &str) -> Option<String> {
-    if key.is_empty() {
-        return Some("key/value keys must not be empty".into());
-    }
-    if key.len() > KV_KEY_LEN_MAX {
-        return Some(format!(
-            "key is {} bytes; the limit is {KV_KEY_LEN_MAX}",
-            key.len()
-        ));
-    }
-    if value.len() > KV_VALUE_LEN_MAX {
-        return Some(format!(
-            "value is {} bytes; the limit is {KV_VALUE_LEN_MAX}",
-            value.len()
-        ));
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,9 +2,9 @@
 //! store: the commands that are not a family of their own.
 
 use super::{
-    validate_kv, validate_registration, ClusterInfo, ClusterState, Command, CommandResult,
-    EventKind, LogPosition, NodeRecord, NodeState, StateKey, NODE_FENCED_REASON_MAX,
-    NODE_FENCED_VMS_MAX,
+    ClusterInfo, ClusterState, Command, CommandResult, EventKind, LogPosition, NodeRecord,
+    NodeRegistration, NodeState, StateKey, KV_KEY_LEN_MAX, KV_VALUE_LEN_MAX,
+    NODE_FENCED_REASON_MAX, NODE_FENCED_VMS_MAX,
 };
 
 /// Apply one of this file's commands (the dispatcher in `state/mod.rs` sends only
@@ -193,4 +193,39 @@ pub(super) fn apply(
             reason: format!("{cmd} is not a node command"),
         },
     }
+}
+
+fn validate_registration(r: &NodeRegistration) -> Option<String> {
+    if r.node_id == 0 {
+        return Some("node id 0 is reserved; use 1 or higher".into());
+    }
+    if r.name.is_empty() {
+        return Some(format!("node {} has an empty name", r.node_id));
+    }
+    if r.raft_addr.is_empty() || r.mgmt_addr.is_empty() {
+        return Some(format!(
+            "node {} must register a management and a raft address",
+            r.node_id
+        ));
+    }
+    None
+}
+
+fn validate_kv(key: &str, value: &str) -> Option<String> {
+    if key.is_empty() {
+        return Some("key/value keys must not be empty".into());
+    }
+    if key.len() > KV_KEY_LEN_MAX {
+        return Some(format!(
+            "key is {} bytes; the limit is {KV_KEY_LEN_MAX}",
+            key.len()
+        ));
+    }
+    if value.len() > KV_VALUE_LEN_MAX {
+        return Some(format!(
+            "value is {} bytes; the limit is {KV_VALUE_LEN_MAX}",
+            value.len()
+        ));
+    }
+    None
 }
