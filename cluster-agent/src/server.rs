@@ -20,7 +20,7 @@ pub enum RunError {
         source: std::io::Error,
     },
     #[error("bad fault-injection setting")]
-    CrashPoint(#[source] crate::control::crash_point::UnknownCrashPoint),
+    CrashPoint(#[source] crate::control::crash_point::CrashPointError),
     #[error("cannot start the agent")]
     Start(#[source] StartError),
     #[error("cannot open the shared volumes named in the config (`volumes`)")]

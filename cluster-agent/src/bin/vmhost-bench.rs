@@ -12,7 +12,7 @@
 //! with one disk: downtime from pause to resumed on the target.
 //!
 //! ```text
-//! cargo run --release -p cluster-agent --bin vmhost-bench [-- ROUNDS]
+//! cargo run --release -p cluster-agent --features test-hooks --bin vmhost-bench [-- ROUNDS]
 //! ```
 
 use std::net::{SocketAddr, TcpListener};

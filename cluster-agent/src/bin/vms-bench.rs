@@ -2,7 +2,7 @@
 //! the replicated state machine and placing VMs with the scheduler, each against a
 //! baseline measured in the same run.
 //!
-//! Run: `cargo run -p cluster-agent --release --features fixtures --bin vms-bench` (debug
+//! Run: `cargo run -p cluster-agent --release --features test-hooks --bin vms-bench` (debug
 //! works, slower; the feature brings the cluster-state fixtures it builds on).
 
 use std::time::Instant;

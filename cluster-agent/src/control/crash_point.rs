@@ -2,7 +2,9 @@
 //! the moment it reaches the named point — no cleanup, no graceful shutdown: to the rest
 //! of the cluster it is the same as `kill -9` at an instant a test cannot hit from
 //! outside. Unset (the normal case) every point is a no-op; an unknown name is refused at
-//! startup ([`check_env`]) so a typo cannot silently disable a fault test.
+//! startup ([`check_env`]) so a typo cannot silently disable a fault test. Crash points
+//! exist only in builds with the `test-hooks` feature (what `cargo test` builds); a
+//! production build refuses to start with [`ENV`] set.
 
 /// The environment variable naming the point to crash at.
 pub const ENV: &str = "CLUSTER_AGENT_CRASH_AT";
@@ -15,24 +17,29 @@ pub const MIGRATE_OUT_AFTER_SWITCHOVER: &str = "migrate-out-after-switchover";
 /// Every crash point.
 pub const POINTS: &[&str] = &[MIGRATE_OUT_AFTER_SWITCHOVER];
 
-/// [`ENV`] names no crash point.
+/// A bad [`ENV`] setting.
 #[derive(Debug, thiserror::Error)]
-#[error("{ENV}={name:?} names no crash point (known: {known})", known = POINTS.join(", "))]
-pub struct UnknownCrashPoint {
-    pub name: String,
+pub enum CrashPointError {
+    #[error("{ENV}={name:?} names no crash point (known: {known})", known = POINTS.join(", "))]
+    Unknown { name: String },
+    #[error(
+        "{ENV} is set, but this build has no crash points (they need the `test-hooks` feature)"
+    )]
+    NotBuilt,
 }
 
-/// Refuses an unknown point name in [`ENV`].
-pub fn check_env() -> Result<(), UnknownCrashPoint> {
+/// Refuses an unknown point name in [`ENV`], and any name in a build without crash points.
+pub fn check_env() -> Result<(), CrashPointError> {
     match std::env::var(ENV) {
-        Ok(p) if !POINTS.contains(&p.as_str()) => Err(UnknownCrashPoint { name: p }),
+        Ok(_) if !cfg!(feature = "test-hooks") => Err(CrashPointError::NotBuilt),
+        Ok(p) if !POINTS.contains(&p.as_str()) => Err(CrashPointError::Unknown { name: p }),
         _ => Ok(()),
     }
 }
 
 /// Aborts the process if [`ENV`] names `point`.
 pub fn reached(point: &str) {
-    if std::env::var(ENV).is_ok_and(|p| p == point) {
+    if cfg!(feature = "test-hooks") && std::env::var(ENV).is_ok_and(|p| p == point) {
         tracing::error!(point, "crash point reached; aborting");
         std::process::abort();
     }

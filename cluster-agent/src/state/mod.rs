@@ -6,7 +6,7 @@
 //! clock: every timestamp travels inside the command, proposed by the leader.
 
 pub mod disk_locks;
-#[cfg(any(test, feature = "fixtures"))]
+#[cfg(any(test, feature = "test-hooks"))]
 pub mod fixtures;
 pub mod jobs;
 pub mod keys;

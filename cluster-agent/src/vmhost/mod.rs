@@ -23,6 +23,8 @@
 
 pub mod backend;
 pub mod live_migration;
+#[cfg(any(test, feature = "test-hooks"))]
+pub mod local_locks;
 pub mod lock_callback;
 mod machine;
 pub mod quick_migration;
@@ -41,7 +43,9 @@ use vmm_node::{Vm, VmStatus};
 pub use live_migration::{
     IncomingEvent, LiveOptions, MigrationHandle, MigrationListener, MigrationReport,
 };
-pub use lock_callback::{DiskLocks, LocalLocks, LockOpError};
+#[cfg(any(test, feature = "test-hooks"))]
+pub use local_locks::LocalLocks;
+pub use lock_callback::{DiskLocks, LockOpError};
 pub use machine::{OpenMode, SlotDisk};
 pub use quick_migration::{QuickImage, QuickRestoreStats};
 pub use spec::{BootSpec, DiskSpec, SpecError, TestWorkload, VmSpec, WorkloadName};
