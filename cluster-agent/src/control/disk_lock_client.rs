@@ -116,8 +116,9 @@ pub async fn acquire_all(
 ) -> Result<Vec<LockGrant>, LockClientError> {
     let mut grants = Vec::with_capacity(disks.len());
     for d in disks {
-        let takeover =
-            agent.read_sm(|s| held_only_by_fenced_nodes(&s.state, &d.name, node, now_unix_ms()));
+        let state = agent.read_sm(|s| s.state.clone());
+        let fenced = agent.down_for_at_least(&state, crate::control::failover::FAILOVER_GRACE);
+        let takeover = held_only_by_fenced_nodes(&state, &d.name, node, &fenced);
         let cmd = if takeover {
             LockCommand::ForceTakeover {
                 disk: d.name.clone(),
@@ -149,27 +150,21 @@ pub async fn acquire_all(
     Ok(grants)
 }
 
-/// Whether `disk` is locked only by nodes other than `node` that have been Down for at
-/// least the failover grace (so they have fenced themselves): a VM started elsewhere after
-/// its owner died (e.g. restart priority none, or stopped and started again) takes such a
-/// lock over instead of waiting for a node that may never come back.
+/// Whether `disk` is locked only by nodes other than `node` that are in `fenced` — nodes
+/// Down for at least the failover grace ([`Agent::down_for_at_least`]), so they have
+/// fenced themselves: a VM started elsewhere after its owner died (e.g. restart priority
+/// none, or stopped and started again) takes such a lock over instead of waiting for a
+/// node that may never come back.
 pub fn held_only_by_fenced_nodes(
     state: &crate::state::ClusterState,
     disk: &DiskName,
     node: u64,
-    now_unix_ms: u64,
+    fenced: &[u64],
 ) -> bool {
     let Some(lock) = state.locks.lock(disk) else {
         return false;
     };
-    let grace_ms = crate::control::failover::FAILOVER_GRACE.as_millis() as u64;
-    !lock.holders.contains(&node)
-        && lock.holders.iter().all(|h| {
-            state.nodes.get(h).is_some_and(|n| {
-                n.state == crate::state::NodeState::Down
-                    && now_unix_ms.saturating_sub(n.state_since_unix_ms) >= grace_ms
-            })
-        })
+    !lock.holders.contains(&node) && lock.holders.iter().all(|h| fenced.contains(h))
 }
 
 /// Commits `Release`/`Handoff` commands produced by vmhost; a refusal is logged (the

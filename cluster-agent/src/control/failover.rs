@@ -42,9 +42,10 @@ pub struct Takeover {
     pub to: u64,
 }
 
-/// The restarts to commit now: for each node Down for at least `grace_ms` that still owns
-/// VMs with desired state Running, the scheduler's failover plan (priority order). VMs
-/// the plan cannot place (or with restart priority none) are left where they are.
+/// The restarts to commit now: for each node of `dead` (Down for the grace on this
+/// agent's clock, see `node::liveness::DownClock`) that still owns VMs with desired state Running, the scheduler's
+/// failover plan (priority order). VMs the plan cannot place (or with restart priority
+/// none) are left where they are.
 ///
 /// A VM that was migrating away from the dead node goes to its migration target (if that
 /// is not Down too), whatever its restart priority: the source may have died after the
@@ -52,21 +53,18 @@ pub struct Takeover {
 /// committed) — moving it anywhere else would reboot a running VM. If the target never
 /// got that far, its half-received copy was dropped when the source's connection broke,
 /// and it boots the VM from its disks, whose locks it may already hold.
-pub fn plan(
-    state: &ClusterState,
-    now_unix_ms: u64,
-    grace_ms: u64,
-) -> Result<Vec<Takeover>, PlacementError> {
+pub fn plan(state: &ClusterState, dead: &[u64]) -> Result<Vec<Takeover>, PlacementError> {
     let mut out = Vec::new();
     let mut snap = None;
-    let dead: Vec<u64> = state
-        .nodes
+    let dead: Vec<u64> = dead
         .iter()
-        .filter(|(_, n)| {
-            n.state == NodeState::Down
-                && now_unix_ms.saturating_sub(n.state_since_unix_ms) >= grace_ms
+        .copied()
+        .filter(|id| {
+            state
+                .nodes
+                .get(id)
+                .is_some_and(|n| n.state == NodeState::Down)
         })
-        .map(|(id, _)| *id)
         .collect();
     let mut to_target = Vec::new();
     for v in state.vms.values() {
@@ -138,7 +136,8 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             continue;
         }
         let state = agent.read_sm(|d| d.state.clone());
-        let takeovers = match plan(&state, now_unix_ms(), FAILOVER_GRACE.as_millis() as u64) {
+        let dead = agent.down_for_at_least(&state, FAILOVER_GRACE);
+        let takeovers = match plan(&state, &dead) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %crate::error_chain(&e), "failover planning failed");
@@ -218,10 +217,16 @@ async fn take_over_disks(agent: &Agent, state: &ClusterState, t: &Takeover) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::liveness::DownClock;
     use crate::state::vm_spec::{TestWorkload, VmSpec, WorkloadName};
+    use std::time::Instant;
 
     fn cluster() -> ClusterState {
         crate::state::fixtures::cluster(3, |_| crate::state::fixtures::amd(4, 4 << 30))
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
     }
 
     fn create(s: &mut ClusterState, name: &str, owner: u64, prio: scheduler::RestartPriority) {
@@ -241,16 +246,21 @@ mod tests {
         create(&mut s, "high", 2, scheduler::RestartPriority::High);
         create(&mut s, "never", 2, scheduler::RestartPriority::None);
         create(&mut s, "other", 1, scheduler::RestartPriority::High);
-        assert_eq!(plan(&s, 10_000, 1_500).ok(), Some(vec![]));
+        let (mut clock, t0, grace) = (DownClock::default(), Instant::now(), ms(1_500));
+        assert_eq!(clock.ready(&s, t0, grace), Vec::<u64>::new());
         s.apply(&Command::SetNodeState {
             node_id: 2,
             state: NodeState::Down,
             at_unix_ms: 10_000,
             reason: "silent".into(),
         });
-        // Still inside the grace period: nothing yet.
-        assert_eq!(plan(&s, 11_000, 1_500).ok(), Some(vec![]));
-        let t = plan(&s, 11_500, 1_500).unwrap_or_default();
+        // First seen Down at t0 + 1 s; still inside the grace at t0 + 2 s: nothing yet.
+        assert_eq!(clock.ready(&s, t0 + ms(1_000), grace), Vec::<u64>::new());
+        let dead = clock.ready(&s, t0 + ms(2_000), grace);
+        assert_eq!(plan(&s, &dead).ok(), Some(vec![]));
+        let dead = clock.ready(&s, t0 + ms(2_500), grace);
+        assert_eq!(dead, vec![2]);
+        let t = plan(&s, &dead).unwrap_or_default();
         let names: Vec<&str> = t.iter().map(|t| t.vm.as_str()).collect();
         assert_eq!(names, vec!["high", "low"]);
         assert!(t.iter().all(|t| t.from == 2 && t.to != 2));
@@ -262,7 +272,37 @@ mod tests {
                 at_unix_ms: 11_600,
             }));
         }
-        assert_eq!(plan(&s, 12_000, 1_500).ok(), Some(vec![]));
+        assert_eq!(plan(&s, &dead).ok(), Some(vec![]));
+    }
+
+    #[test]
+    fn the_grace_runs_on_this_agents_clock_from_its_first_look() {
+        // The Down was committed by another leader whose clock was far ahead (or this
+        // agent's stepped back): the record's timestamp says "long ago". The grace still
+        // runs whole from when this agent first saw the node Down.
+        let mut s = cluster();
+        create(&mut s, "vm", 2, scheduler::RestartPriority::High);
+        s.apply(&Command::SetNodeState {
+            node_id: 2,
+            state: NodeState::Down,
+            at_unix_ms: 1,
+            reason: "silent".into(),
+        });
+        let (mut clock, t0, grace) = (DownClock::default(), Instant::now(), ms(500));
+        assert!(clock.ready(&s, t0, grace).is_empty());
+        assert!(clock.ready(&s, t0 + ms(499), grace).is_empty());
+        assert_eq!(clock.ready(&s, t0 + ms(500), grace), vec![2]);
+        // Up and Down again is a new Down: the grace starts over.
+        for (state, at) in [(NodeState::Up, 2), (NodeState::Down, 3)] {
+            s.apply(&Command::SetNodeState {
+                node_id: 2,
+                state,
+                at_unix_ms: at,
+                reason: "flap".into(),
+            });
+        }
+        assert!(clock.ready(&s, t0 + ms(600), grace).is_empty());
+        assert_eq!(clock.ready(&s, t0 + ms(1_100), grace), vec![2]);
     }
 
     #[test]
@@ -301,7 +341,7 @@ mod tests {
         );
         let mut both_down = s.clone();
         down(&mut s, 2);
-        let t = plan(&s, 11_500, 1_500).unwrap_or_default();
+        let t = plan(&s, &[2]).unwrap_or_default();
         let moving: Vec<_> = t.iter().filter(|t| t.vm == "moving").collect();
         assert_eq!(
             moving,
@@ -315,7 +355,7 @@ mod tests {
         // The target is dead too: the ordinary failover rules apply (priority none: stays).
         down(&mut both_down, 2);
         down(&mut both_down, 3);
-        let t = plan(&both_down, 11_500, 1_500).unwrap_or_default();
+        let t = plan(&both_down, &[2, 3]).unwrap_or_default();
         assert!(t.iter().all(|t| t.vm != "moving"), "{t:?}");
         assert!(t.iter().any(|t| t.vm == "staying" && t.to == 1), "{t:?}");
     }
@@ -362,7 +402,7 @@ mod tests {
         };
         // The holder is alive: nothing to take over.
         assert!(disk_takeovers(&s, &t).is_empty());
-        assert!(!crate::control::disk_lock_client::held_only_by_fenced_nodes(&s, &disk, 3, 10_000));
+        assert!(!crate::control::disk_lock_client::held_only_by_fenced_nodes(&s, &disk, 3, &[]));
         s.apply(&Command::SetNodeState {
             node_id: 2,
             state: NodeState::Down,
@@ -379,9 +419,12 @@ mod tests {
             }]
         );
         // A restart elsewhere takes the lock only once the grace has passed.
-        assert!(!crate::control::disk_lock_client::held_only_by_fenced_nodes(&s, &disk, 3, 10_100));
+        assert!(!crate::control::disk_lock_client::held_only_by_fenced_nodes(&s, &disk, 3, &[]));
         assert!(crate::control::disk_lock_client::held_only_by_fenced_nodes(
-            &s, &disk, 3, 11_500
+            &s,
+            &disk,
+            3,
+            &[2]
         ));
         lock(&mut s, 20, cmds[0].clone());
         // Committed: the new owner holds it, with the entry's index as the token.

@@ -54,18 +54,15 @@ pub async fn reconcile(
         for disk in attach {
             // Held by another node (not one to take over from): wait, without writing a
             // refused command to the log every tick.
-            let blocked = agent.read_sm(|d| {
-                d.state.locks.lock(&disk.name).is_some_and(|l| {
-                    let may_join = disk.read_only && l.mode == csv_volume::LockMode::Shared;
-                    let mine = l.holders.contains(&me);
-                    let takeover = crate::control::disk_lock_client::held_only_by_fenced_nodes(
-                        &d.state,
-                        &disk.name,
-                        me,
-                        crate::node::now_unix_ms(),
-                    );
-                    !(mine || may_join || takeover)
-                })
+            let state = agent.read_sm(|d| d.state.clone());
+            let fenced = agent.down_for_at_least(&state, crate::control::failover::FAILOVER_GRACE);
+            let blocked = state.locks.lock(&disk.name).is_some_and(|l| {
+                let may_join = disk.read_only && l.mode == csv_volume::LockMode::Shared;
+                let mine = l.holders.contains(&me);
+                let takeover = crate::control::disk_lock_client::held_only_by_fenced_nodes(
+                    &state, &disk.name, me, &fenced,
+                );
+                !(mine || may_join || takeover)
             });
             if blocked {
                 tracing::debug!(vm = %info.name, disk = %disk.name, "disk to hot-add is locked by another node");

@@ -11,17 +11,21 @@ use openraft::{ChangeMembers, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::liveness::{Heartbeat, Liveness, Timing};
+use super::liveness::{DownClock, Heartbeat, Liveness, Timing};
 use super::peers::PeerClient;
 use crate::node::config::AgentConfig;
 use crate::node::facts::{self, FactsError};
 use crate::raft::datadir::{DataDir, DataDirError};
 use crate::raft::store::{SharedSm, SmData};
 use crate::raft::{NodeId, PeerNode, Raft, RaftMetrics};
-use crate::state::{ClusterInfo, Command, CommandResult, NodeFacts, NodeRegistration, MAX_VOTERS};
+use crate::state::{
+    ClusterInfo, ClusterState, Command, CommandResult, NodeFacts, NodeRegistration, MAX_VOTERS,
+};
 
 /// How long a write waits for a leader before giving up.
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a write through a follower waits for the follower to apply it.
+pub const APPLY_WAIT: Duration = Duration::from_secs(5);
 /// How long the leader waits for a new learner to catch up.
 pub const LEARNER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -137,6 +141,8 @@ pub struct Agent {
     /// Held on the leader from judging a placement or migration target to committing it,
     /// so two decisions never both take the last room or migration slot.
     pub(super) place_lock: tokio::sync::Mutex<()>,
+    /// When this agent first saw each node Down (graces run on this clock).
+    pub(super) down_clock: Mutex<DownClock>,
 }
 
 impl Agent {
@@ -194,6 +200,7 @@ impl Agent {
             peers,
             liveness: Mutex::new(liveness),
             place_lock: tokio::sync::Mutex::new(()),
+            down_clock: Mutex::new(DownClock::default()),
         }))
     }
 
@@ -314,7 +321,13 @@ impl Agent {
             let attempt = match m.current_leader {
                 Some(l) if l == self.node_id() => self.execute_as_leader(req.clone()).await,
                 Some(l) => match m.membership_config.membership().get_node(&l) {
-                    Some(node) => self.forward(l, node.clone(), &req).await,
+                    Some(node) => {
+                        let reply = self.forward(l, node.clone(), &req).await;
+                        if let Ok(ForwardReply::Command { log_index, .. }) = &reply {
+                            self.wait_applied(*log_index).await;
+                        }
+                        reply
+                    }
                     None => Err(WriteError::NotLeader {
                         this: self.node_id(),
                         leader: Some(l),
@@ -339,6 +352,20 @@ impl Agent {
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// Read-your-writes through a follower: wait (up to [`APPLY_WAIT`]) until this
+    /// replica has applied the write the leader committed at `log_index`, so a read on
+    /// this agent right after the write sees it. The write is committed either way.
+    async fn wait_applied(&self, log_index: u64) {
+        if let Err(e) = self
+            .raft
+            .wait(Some(APPLY_WAIT))
+            .applied_index_at_least(Some(log_index), "forwarded write applied locally")
+            .await
+        {
+            tracing::warn!(log_index, error = %e, "forwarded write not yet applied here");
         }
     }
 
@@ -566,12 +593,20 @@ impl Agent {
         self.lock_liveness().heard_now(node_id);
     }
 
+    /// The nodes of `state` that have been Down for at least `grace`, measured on this
+    /// agent's monotonic clock from when it first saw them Down (see [`DownClock`]).
+    pub fn down_for_at_least(&self, state: &ClusterState, grace: Duration) -> Vec<u64> {
+        self.down_clock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ready(state, Instant::now(), grace)
+    }
+
     /// This node's lease (see `liveness`): whether it may run VMs now.
     pub fn lease(&self) -> crate::node::liveness::LeaseView {
         let m = self.raft.metrics().borrow().clone();
         let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
-        let leading = m.current_leader == Some(self.node_id());
-        self.lock_liveness().lease(Instant::now(), applied, leading)
+        self.lock_liveness().lease(Instant::now(), applied)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The liveness loops of an agent: heartbeats to every member, and — on the leader —
 //! the Down/Up decisions of the pure model in [`super::liveness`], committed through Raft.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,13 +57,42 @@ impl Agent {
     pub async fn run_heartbeats(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(self.config().heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let confirming = Arc::new(AtomicBool::new(false));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return,
             }
             self.send_heartbeats();
+            self.confirm_read_index(&confirming);
         }
+    }
+
+    /// A node that believes it leads and waits for a catch-up target (after a lapse, or
+    /// at start) asks a quorum to confirm its term: only then is its replica known to hold
+    /// every committed entry (a leader cut off from the majority believes it leads until
+    /// it hears the higher term). One confirmation in flight at a time.
+    fn confirm_read_index(self: &Arc<Self>, confirming: &Arc<AtomicBool>) {
+        if self.leader() != Some(self.node_id()) || !self.lock_liveness().needs_catch_up_target() {
+            return;
+        }
+        if confirming.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (agent, flag) = (self.clone(), confirming.clone());
+        let timeout = self.config().down_after;
+        tokio::spawn(async move {
+            match tokio::time::timeout(timeout, agent.raft().ensure_linearizable()).await {
+                Ok(Ok(read)) => {
+                    let index = read.map(|l| l.index).unwrap_or(0);
+                    tracing::info!(read_index = index, "leadership confirmed by a quorum");
+                    agent.lock_liveness().read_index_confirmed(index);
+                }
+                Ok(Err(e)) => tracing::info!(error = %e, "leadership not confirmed"),
+                Err(_) => tracing::info!("leadership not confirmed in time"),
+            }
+            flag.store(false, Ordering::Release);
+        });
     }
 
     /// Liveness monitor loop (acts only while this agent leads): marks silent nodes

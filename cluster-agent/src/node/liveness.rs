@@ -32,7 +32,7 @@
 //! any other node is told to start them. (Assumes message delays and clock-rate
 //! differences small against `down_after − lease − fresh` margins and the grace.)
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::node::config::AgentConfig;
@@ -257,9 +257,14 @@ impl Liveness {
     }
 
     /// Check the lease now (also latches a lapse that no renewal has seen yet).
-    /// `leading`: this node is the Raft leader (it has every committed entry, so it has
-    /// nothing to catch up with).
-    pub fn lease(&mut self, now: Instant, applied: u64, leading: bool) -> LeaseView {
+    /// `applied`: this replica's applied index. After a lapse (and at start) the node
+    /// catches up to an index learned *after* the lapse from a source that has every
+    /// committed entry: the leader's applied index in a heartbeat reply
+    /// ([`Liveness::acked`]), or — when this node believes it leads — a read index a
+    /// quorum confirmed in its current term ([`Liveness::read_index_confirmed`]). Believing
+    /// to lead is not enough: a leader cut off from the majority still believes it until
+    /// it hears the higher term, and its replica lacks everything committed meanwhile.
+    pub fn lease(&mut self, now: Instant, applied: u64) -> LeaseView {
         if acks_needed(self.members.len()) == 0 {
             // A one-node cluster: nobody else can take over its VMs.
             self.lease_until = Some(now + self.timing.lease);
@@ -269,15 +274,29 @@ impl Liveness {
         if !held && self.catch_up.is_none() {
             self.catch_up = Some(None);
         }
-        match self.catch_up {
-            Some(Some(target)) if applied >= target => self.catch_up = None,
-            Some(_) if held && leading => self.catch_up = None,
-            _ => {}
+        if let Some(Some(target)) = self.catch_up {
+            if applied >= target {
+                self.catch_up = None;
+            }
         }
         LeaseView {
             held,
             lapses: self.lapses,
             catching_up: self.catch_up.is_some(),
+        }
+    }
+
+    /// The node waits for a catch-up target (after a lapse or at start) and has none yet:
+    /// a leader should confirm a read index with a quorum.
+    pub fn needs_catch_up_target(&self) -> bool {
+        self.catch_up == Some(None)
+    }
+
+    /// This node, as leader, had a quorum confirm its term after the lapse: its replica
+    /// is complete up to `index` (the confirmed read index, already applied).
+    pub fn read_index_confirmed(&mut self, index: u64) {
+        if self.catch_up == Some(None) {
+            self.catch_up = Some(Some(index));
         }
     }
 
@@ -328,6 +347,45 @@ impl Liveness {
     }
 }
 
+/// When this agent first saw each node Down in its applied state, on its own monotonic
+/// clock. Graces after a Down (failover, taking over a dead holder's disk lock) are
+/// measured from there, never from the wall-clock timestamp in the node's record: that
+/// one was written by whichever leader committed the Down, whose clock may differ or
+/// step. The Down was committed before this agent saw it, so a grace measured here is at
+/// least as long since the commit.
+#[derive(Debug, Default)]
+pub struct DownClock {
+    /// Node id -> (the record's Down epoch, used only to tell a new Down from the same
+    /// one; when this leader first saw it).
+    seen: BTreeMap<u64, (u64, Instant)>,
+}
+
+impl DownClock {
+    /// The nodes Down for at least `grace` as this leader saw them, at `now`.
+    pub fn ready(
+        &mut self,
+        state: &crate::state::ClusterState,
+        now: Instant,
+        grace: Duration,
+    ) -> Vec<u64> {
+        self.seen.retain(|id, (since, _)| {
+            state.nodes.get(id).is_some_and(|n| {
+                n.state == crate::state::NodeState::Down && n.state_since_unix_ms == *since
+            })
+        });
+        for (id, n) in &state.nodes {
+            if n.state == crate::state::NodeState::Down {
+                self.seen.entry(*id).or_insert((n.state_since_unix_ms, now));
+            }
+        }
+        self.seen
+            .iter()
+            .filter(|(_, (_, first))| now.saturating_duration_since(*first) >= grace)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,28 +432,65 @@ mod tests {
         let mut l = Liveness::new(1, t);
         l.set_members(vec![1, 2, 3]);
         let t0 = Instant::now();
-        assert!(
-            !l.lease(t0, 0, false).held,
-            "no lease before any acknowledgement"
-        );
+        assert!(!l.lease(t0, 0).held, "no lease before any acknowledgement");
         l.acked(2, t0, &ack(true, 2, 7), t0);
-        let v = l.lease(t0 + Duration::from_millis(400), 0, false);
+        let v = l.lease(t0 + Duration::from_millis(400), 0);
         assert!(v.held && v.catching_up);
         // Caught up once the leader's applied index (7) is applied here.
-        assert!(
-            !l.lease(t0 + Duration::from_millis(400), 7, false)
-                .catching_up
-        );
+        assert!(!l.lease(t0 + Duration::from_millis(400), 7).catching_up);
         // Expired after `lease` (500 ms) without a newer acknowledgement.
-        assert!(!l.lease(t0 + Duration::from_millis(600), 7, false).held);
+        assert!(!l.lease(t0 + Duration::from_millis(600), 7).held);
         // A renewal after the lapse latches it even if nobody checked in between.
         let mut l2 = Liveness::new(1, t);
         l2.set_members(vec![1, 2, 3]);
         l2.acked(3, t0, &ack(false, 3, 0), t0);
         let later = t0 + Duration::from_millis(900);
         l2.acked(3, later, &ack(false, 3, 0), later);
-        let v = l2.lease(later, 0, false);
+        let v = l2.lease(later, 0);
         assert_eq!((v.held, v.lapses, v.catching_up), (true, 1, true));
+    }
+
+    #[test]
+    fn a_cut_off_leader_regaining_its_lease_waits_for_the_new_leaders_index() {
+        // Node 1 led, was cut off (lease lapsed), and the cut heals: peers acknowledge
+        // its heartbeats again. Believing it still leads must not let it start VMs from
+        // its stale replica; it catches up to the index the new leader (2) reports.
+        let t = Timing::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let mut l = Liveness::new(1, t);
+        l.set_members(vec![1, 2, 3]);
+        let t0 = Instant::now();
+        l.acked(3, t0, &ack(false, 3, 0), t0);
+        l.read_index_confirmed(5);
+        assert!(!l.lease(t0, 5).catching_up, "caught up before the cut");
+        let healed = t0 + Duration::from_millis(3000);
+        assert!(!l.lease(healed, 5).held, "lapsed during the cut");
+        l.acked(3, healed, &ack(false, 3, 0), healed);
+        let v = l.lease(healed, 5);
+        assert!(
+            v.held && v.catching_up,
+            "lease back, still catching up: {v:?}"
+        );
+        assert!(l.needs_catch_up_target());
+        l.acked(2, healed, &ack(true, 2, 40), healed);
+        assert!(!l.needs_catch_up_target());
+        assert!(l.lease(healed, 39).catching_up, "one entry short");
+        assert!(!l.lease(healed, 40).catching_up);
+    }
+
+    #[test]
+    fn a_leader_catches_up_to_a_read_index_its_quorum_confirmed() {
+        let t = Timing::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let mut l = Liveness::new(1, t);
+        l.set_members(vec![1, 2, 3]);
+        let t0 = Instant::now();
+        l.acked(2, t0, &ack(false, 2, 0), t0);
+        assert!(l.lease(t0, 9).catching_up, "at start: no target yet");
+        l.read_index_confirmed(12);
+        assert!(l.lease(t0, 11).catching_up);
+        assert!(!l.lease(t0, 12).catching_up);
+        // A confirmation that arrives when nothing is pending changes nothing.
+        l.read_index_confirmed(100);
+        assert!(!l.lease(t0, 12).catching_up);
     }
 
     #[test]
