@@ -29,6 +29,8 @@ pub enum RunError {
     Migration(#[source] Box<crate::vmhost::VmHostError>),
     #[error("cannot serve metrics")]
     Metrics(#[source] crate::api::metrics::MetricsError),
+    #[error("Raft stopped with a fatal error ({0}); every VM of this node was stopped")]
+    Fatal(String),
     #[error("the {service} service failed")]
     Serve {
         service: &'static str,
@@ -106,6 +108,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         ))
     });
     let peer_task = crate::api::serve::spawn_peer(peer, agent.clone(), stop_rx.clone());
+    let fence_host = vm_host.clone();
     let mgmt_task = crate::api::serve::spawn_management(
         mgmt,
         agent.clone(),
@@ -121,7 +124,19 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         "agent serving"
     );
 
-    shutdown.await;
+    // Fail-stop: a replica that can no longer apply must not keep its VMs or its lease
+    // (its heartbeats would keep it Up while VMs failed over to it never start).
+    let fatal = tokio::select! {
+        _ = shutdown => None,
+        e = agent.fatal() => Some(e),
+    };
+    if let Some(e) = &fatal {
+        tracing::error!(node_id = agent.node_id(), error = %e, "raft failed; fencing every vm and stopping");
+        let fenced = tokio::task::spawn_blocking(move || fence_host.fence_all())
+            .await
+            .unwrap_or_default();
+        tracing::error!(node_id = agent.node_id(), vms = ?fenced, "vms fenced after a fatal raft error");
+    }
     tracing::info!(node_id = agent.node_id(), "agent stopping");
     let _ = stop_tx.send(true);
     let _ = hb.await;
@@ -146,5 +161,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         }
     }
     tracing::info!(node_id = agent.node_id(), "agent stopped");
-    result
+    match fatal {
+        Some(e) => Err(RunError::Fatal(e)),
+        None => result,
+    }
 }

@@ -6,8 +6,11 @@ use cluster_tests::{Cluster, Options};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_through_a_follower_is_read_back_from_that_follower() {
     let _serial = cluster_tests::serial().await;
-    let mut c = Cluster::new(env!("CARGO_BIN_EXE_cluster-agent").into(), Options::default())
-        .unwrap_or_else(|e| panic!("harness: {e}"));
+    let mut c = Cluster::new(
+        env!("CARGO_BIN_EXE_cluster-agent").into(),
+        Options::default(),
+    )
+    .unwrap_or_else(|e| panic!("harness: {e}"));
     let r = c.form(3).await;
     let leader = c.check(r);
     let follower = if leader == 1 { 2 } else { 1 };

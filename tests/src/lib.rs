@@ -406,6 +406,51 @@ impl Cluster {
             .map(Child::id)
     }
 
+    /// Wait until node `id`'s agent exits on its own (e.g. a fail-stop) and return how
+    /// it ended; a timeout leaves it running.
+    pub async fn wait_exit(
+        &mut self,
+        id: u64,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            let node = self
+                .nodes
+                .get_mut(&id)
+                .ok_or(HarnessError::UnknownNode(id))?;
+            let Some(child) = node.child.as_mut() else {
+                return Err(HarnessError::Timeout {
+                    id,
+                    what: "agent exit".into(),
+                    waited_ms: 0,
+                    last: "no agent process is running".into(),
+                });
+            };
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    node.child = None;
+                    return Ok(status);
+                }
+                Ok(None) if start.elapsed() > timeout => {
+                    return Err(HarnessError::Timeout {
+                        id,
+                        what: "agent exit".into(),
+                        waited_ms: timeout.as_millis() as u64,
+                        last: "it kept running".into(),
+                    })
+                }
+                Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(source) => {
+                    return Err(HarnessError::Io {
+                        what: format!("waiting for node {id}'s agent"),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
     /// SIGKILL, no chance to clean up.
     pub fn kill9(&mut self, id: u64) -> Result<()> {
         let node = self

@@ -224,6 +224,20 @@ impl Agent {
         self.raft.metrics()
     }
 
+    /// Resolves when Raft stops with a fatal error (a storage failure, a panic in its
+    /// core): the replica can no longer apply anything, so the agent must fail-stop.
+    pub async fn fatal(&self) -> String {
+        let mut w = self.raft.metrics();
+        loop {
+            if let Err(e) = &w.borrow_and_update().running_state {
+                return e.to_string();
+            }
+            if w.changed().await.is_err() {
+                return "the Raft core stopped".to_owned();
+            }
+        }
+    }
+
     /// The current leader as this node knows it.
     pub fn leader(&self) -> Option<u64> {
         self.raft.metrics().borrow().current_leader
