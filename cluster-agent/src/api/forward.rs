@@ -10,6 +10,11 @@ use crate::node::Agent;
 
 /// How long a forwarded call may take to connect to the leader or the other agent.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// HTTP/2 pings on forwarded channels, so a stream to an agent that went silent (cut
+/// off, frozen, powered off: no reset ever comes) fails instead of hanging.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a ping may go unanswered before the forwarded channel is declared dead.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The management address of the Raft leader, or `None` when this agent leads.
 pub fn leader_addr(agent: &Agent) -> Result<Option<String>, Status> {
@@ -36,6 +41,9 @@ pub async fn channel(addr: &str, who: &str) -> Result<Channel, Status> {
     Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| Status::internal(format!("bad management address {addr:?}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(|e| Status::unavailable(format!("cannot reach {who} at {addr}: {e}")))

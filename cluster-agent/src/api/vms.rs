@@ -84,6 +84,51 @@ fn name_of(name: &str) -> Result<&str, Status> {
 
 type ConsoleStream = Pin<Box<dyn Stream<Item = Result<pb::ConsoleChunk, Status>> + Send>>;
 
+/// How often a proxied console stream checks that its upstream still owns the VM.
+pub const CONSOLE_OWNER_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Relay `upstream` (the console of `vm` on node `owner`) while this replica still names
+/// `owner` as the VM's owner. When the VM moves (failover, migration) the stream ends, so
+/// a following client reopens it at the new owner — instead of waiting on an owner that
+/// may be cut off and silent (the channel's HTTP/2 keepalive ends a dead upstream too).
+fn proxy_while_owner(
+    agent: Arc<Agent>,
+    vm: String,
+    owner: u64,
+    mut upstream: tonic::Streaming<pb::ConsoleChunk>,
+) -> ConsoleStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(CONSOLE_STREAM_BUFFER_LINES);
+    tokio::spawn(async move {
+        let mut check = tokio::time::interval(CONSOLE_OWNER_CHECK);
+        loop {
+            tokio::select! {
+                msg = upstream.message() => {
+                    let item = match msg {
+                        Ok(Some(chunk)) => Ok(chunk),
+                        Ok(None) => return,
+                        Err(s) => Err(s),
+                    };
+                    let end = item.is_err();
+                    if tx.send(item).await.is_err() || end {
+                        return;
+                    }
+                }
+                _ = check.tick() => {
+                    let still = agent.read_sm(|d| {
+                        vms::find(&d.state, &vm).and_then(|r| r.owner) == Some(owner)
+                    });
+                    if !still {
+                        tracing::info!(vm = %vm, old_owner = owner, "console proxy ends: the vm moved");
+                        return;
+                    }
+                }
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
 #[tonic::async_trait]
 impl VmService for VmApi {
     async fn create_vm(
@@ -229,8 +274,14 @@ impl VmService for VmApi {
                     Status::unavailable(format!("owner node {owner} is not registered"))
                 })?;
             let mut client = connect(&addr).await?;
-            let upstream: ConsoleStream = Box::pin(client.stream_console(req).await?.into_inner());
-            return Ok(Response::new(upstream));
+            let name = req.name.clone();
+            let upstream = client.stream_console(req).await?.into_inner();
+            return Ok(Response::new(proxy_while_owner(
+                self.agent.clone(),
+                name,
+                owner,
+                upstream,
+            )));
         }
         let console = self.host.console(&req.name).map_err(|e| {
             Status::failed_precondition(format!(
