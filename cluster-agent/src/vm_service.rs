@@ -304,6 +304,7 @@ impl VmService for VmApi {
             quick: req.quick,
             max_downtime_ms: req.max_downtime_ms,
             deadline_ms: req.deadline_ms,
+            bandwidth_bytes_per_s_max: req.bandwidth_bytes_per_s_max,
         };
         // Same checks as the commit, except the target (chosen next).
         vms::check_migration_start(&state, &probe).map_err(state_status)?;
@@ -327,6 +328,7 @@ impl VmService for VmApi {
                     quick: req.quick,
                     max_downtime_ms: req.max_downtime_ms,
                     deadline_ms: req.deadline_ms,
+                    bandwidth_bytes_per_s_max: req.bandwidth_bytes_per_s_max,
                     at_unix_ms: now_unix_ms(),
                 };
                 self.agent
@@ -355,6 +357,7 @@ impl VmService for VmApi {
             quick: req.quick,
             max_downtime_ms: req.max_downtime_ms,
             deadline_ms: req.deadline_ms,
+            bandwidth_bytes_per_s_max: req.bandwidth_bytes_per_s_max,
         })
         .await?;
         self.reply(&req.name)
