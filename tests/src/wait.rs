@@ -75,6 +75,36 @@ impl Wait {
         }
     }
 
+    /// [`Wait::until`] for blocking reads (e.g. running `clusterctl`), sleeping the thread
+    /// between them.
+    pub fn until_blocking<T, E>(
+        &self,
+        what: &str,
+        mut read: impl FnMut() -> Result<T, E>,
+        mut cond: impl FnMut(&T) -> bool,
+    ) -> Result<T, HarnessError>
+    where
+        T: Debug,
+        E: Display,
+    {
+        let start = Instant::now();
+        loop {
+            let last = match read() {
+                Ok(v) if cond(&v) => return Ok(v),
+                Ok(v) => format!("{v:?}"),
+                Err(e) => format!("error: {e}"),
+            };
+            if start.elapsed() >= self.timeout {
+                return Err(HarnessError::WaitTimeout {
+                    what: what.to_owned(),
+                    waited_ms: self.timeout.as_millis() as u64,
+                    last,
+                });
+            }
+            std::thread::sleep(self.poll);
+        }
+    }
+
     /// Like [`Wait::until`] for reads that find what they look for or not (`Ok(None)`).
     pub async fn until_some<T, E, F, Fut>(&self, what: &str, mut read: F) -> Result<T, HarnessError>
     where
