@@ -423,6 +423,7 @@ impl Cluster {
                         last: "it kept running".into(),
                     });
                 }
+                // Paces the poll for the exit.
                 Ok(None) => std::thread::sleep(Duration::from_millis(50)),
                 Err(source) => {
                     return Err(HarnessError::Io {
@@ -485,6 +486,7 @@ impl Cluster {
             if let Ok(Some(st)) = c.try_wait() {
                 return Ok(st.success());
             }
+            // Paces the poll for the exit.
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = c.kill();

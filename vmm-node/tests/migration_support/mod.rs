@@ -71,6 +71,7 @@ impl Proc {
             if Instant::now() > deadline {
                 return None;
             }
+            // Paces the poll (the loop waits for state, with a deadline).
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -90,6 +91,7 @@ fn wait_socket(p: &Path, child: &mut Child) {
             "control socket {} never came up",
             p.display()
         );
+        // Paces the poll (the loop waits for state, with a deadline).
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -186,6 +188,7 @@ pub fn wait_heartbeats(
                 &text[text.len().saturating_sub(2000)..]
             );
         }
+        // Paces the poll (the loop waits for state, with a deadline).
         std::thread::sleep(Duration::from_millis(20));
     }
 }
