@@ -96,16 +96,8 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
 
     // Disk creation and its refusals.
     create_disk(&cl, 2, "vol/vms/a.img").await;
-    expect_code(
-        v2.create_disk(vpb::CreateDiskRequest {
-            name: "vol/vms/a.img".into(),
-            size_mib: 4,
-        })
-        .await,
-        Code::AlreadyExists,
-        "already exists",
-    );
     for (name, size, code, needle) in [
+        ("vol/vms/a.img", 4, Code::AlreadyExists, "already exists"),
         ("vol/../x.img", 4, Code::InvalidArgument, "vol/../x.img"),
         ("vol/x.img", 0, Code::InvalidArgument, "size_mib 0"),
         ("nope/x.img", 4, Code::NotFound, "nope"),
@@ -159,44 +151,30 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
     assert_eq!(a.map(|d| d.used_by.clone()), Some(vec!["vm-d".to_string()]));
 
     // Bad input through the API changes nothing.
-    let before_vms = c
-        .list_vms(pb::ListVmsRequest {})
-        .await
-        .map(|r| r.into_inner().vms.len())
-        .unwrap_or(0);
-    expect_code(
-        c.create_vm(pb::CreateVmRequest {
-            spec: Some(disk_spec("vm-x", &["vol/vms/missing.img"])),
+    let before_vms = cl.list_vms(3).await;
+    for (name, disk, code, needle) in [
+        (
+            "vm-x",
+            "vol/vms/missing.img",
+            Code::InvalidArgument,
+            "does not exist",
+        ),
+        (
+            "vm-y",
+            "vol/vms/a.img",
+            Code::FailedPrecondition,
+            "used by VM(s) [\"vm-d\"]",
+        ),
+        ("vm-z", "/abs/x.img", Code::InvalidArgument, "disks"),
+    ] {
+        let req = pb::CreateVmRequest {
+            spec: Some(disk_spec(name, &[disk])),
             start: true,
-        })
-        .await,
-        Code::InvalidArgument,
-        "does not exist",
-    );
-    expect_code(
-        c.create_vm(pb::CreateVmRequest {
-            spec: Some(disk_spec("vm-y", &["vol/vms/a.img"])),
-            start: true,
-        })
-        .await,
-        Code::FailedPrecondition,
-        "used by VM(s) [\"vm-d\"]",
-    );
-    expect_code(
-        c.create_vm(pb::CreateVmRequest {
-            spec: Some(disk_spec("vm-z", &["/abs/x.img"])),
-            start: true,
-        })
-        .await,
-        Code::InvalidArgument,
-        "disks",
-    );
-    let after_vms = c
-        .list_vms(pb::ListVmsRequest {})
-        .await
-        .map(|r| r.into_inner().vms.len())
-        .unwrap_or(0);
-    assert_eq!(before_vms, after_vms);
+        };
+        expect_code(c.create_vm(req).await, code, needle);
+    }
+    cl.barrier().await;
+    assert_eq!(before_vms, cl.list_vms(3).await);
     assert_eq!(cl.locks(2).await.len(), 1);
 
     // Hot-plug: a disk-workload VM without a disk sees none, then one once attached.
