@@ -82,10 +82,7 @@ fn console_streams_live_lines_after_the_recent_log() {
     assert!(!heartbeats(&c.recent).is_empty());
     let deadline = Instant::now() + WAIT;
     let line = loop {
-        let l = c
-            .lines
-            .recv_timeout(Duration::from_secs(5))
-            .expect("a live console line");
+        let l = c.lines.recv_timeout(WAIT).expect("a live console line");
         if l.starts_with("HB ") {
             break l;
         }
