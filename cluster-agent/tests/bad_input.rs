@@ -4,14 +4,6 @@ use std::time::Duration;
 
 use cluster_tests::{Cluster, HarnessError, Options};
 
-fn cluster() -> Cluster {
-    Cluster::new(
-        env!("CARGO_BIN_EXE_cluster-agent").into(),
-        Options::default(),
-    )
-    .unwrap_or_else(|e| panic!("harness: {e}"))
-}
-
 macro_rules! must {
     ($c:ident, $e:expr $(,)?) => {{
         let r = $e;
@@ -28,7 +20,7 @@ fn rpc_error<T: std::fmt::Debug>(r: Result<T, HarnessError>) -> tonic::Status {
 
 #[test]
 fn malformed_config_is_refused_naming_the_key() {
-    let mut c = cluster();
+    let mut c = Cluster::agents(Options::default());
     let cases = [
         ("bogus_key = 1", "bogus_key"),
         ("[facts_override]\ncpu_vendr = \"x\"", "cpu_vendr"),
@@ -83,7 +75,7 @@ fn malformed_config_is_refused_naming_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_node_unreachable_join_and_duplicate_id_are_refused() {
     let _serial = cluster_tests::serial().await;
-    let mut c = cluster();
+    let mut c = Cluster::agents(Options::default());
     let r = c.form(2).await;
     must!(c, r);
 
@@ -128,11 +120,7 @@ async fn unknown_node_unreachable_join_and_duplicate_id_are_refused() {
     assert!(s.message().contains("already a member"), "{}", s.message());
 
     // A second agent claiming node id 2 (other addresses, fresh data dir).
-    let mut other = Cluster::new(
-        env!("CARGO_BIN_EXE_cluster-agent").into(),
-        Options::default(),
-    )
-    .unwrap_or_else(|e| panic!("harness: {e}"));
+    let mut other = Cluster::agents(Options::default());
     must!(other, other.add_node(2).map(|_| ()));
     must!(other, other.start(2).await);
     let via = must!(c, c.spec(1).map(|s| s.mgmt_addr.to_string()));
@@ -151,11 +139,7 @@ async fn unknown_node_unreachable_join_and_duplicate_id_are_refused() {
         .iter()
         .any(|n| n.node_id == 2 && n.mgmt_addr == spec2.mgmt_addr.to_string()));
     // Leaving the last voter is refused (on a separate one-node cluster).
-    let mut solo = Cluster::new(
-        env!("CARGO_BIN_EXE_cluster-agent").into(),
-        Options::default(),
-    )
-    .unwrap_or_else(|e| panic!("harness: {e}"));
+    let mut solo = Cluster::agents(Options::default());
     let r = solo.form(1).await;
     must!(solo, r);
     let s = rpc_error(solo.leave(1, 1).await);
@@ -166,7 +150,7 @@ async fn unknown_node_unreachable_join_and_duplicate_id_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_or_missing_data_dir_is_refused_and_left_untouched() {
     let _serial = cluster_tests::serial().await;
-    let mut c = cluster();
+    let mut c = Cluster::agents(Options::default());
     let r = c.form(3).await;
     must!(c, r);
     must!(c, c.put(1, "precious", "data").await);

@@ -4,37 +4,17 @@
 //! still passes) — "live where possible, quick otherwise", end to end. By hand, a live
 //! migration across the subnets is refused with the reason and `--quick` goes.
 
-use std::time::{Duration, Instant};
-
 use cluster_proto::drain as dpb;
 use cluster_proto::migrations as gpb;
 use cluster_proto::vms as pb;
 use cluster_tests::vm::{guest_spec, mem_boot};
-use cluster_tests::{Cluster, Options};
-
-const WAIT: Duration = Duration::from_secs(90);
+use cluster_tests::{Cluster, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
     let _serial = cluster_tests::serial().await;
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("/dev/kvm cannot be opened ({e}): this test needs KVM");
-    }
-    let mut cl = Cluster::new(
-        env!("CARGO_BIN_EXE_cluster-agent").into(),
-        Options::default(),
-    )
-    .unwrap_or_else(|e| panic!("harness: {e}"));
-    let csv = cl.dir().join("csv");
-    std::fs::create_dir_all(&csv).unwrap_or_else(|e| panic!("mkdir {}: {e}", csv.display()));
-    let volume = format!(
-        "[[volumes]]\nname = \"vol\"\npath = \"{}\"\n",
-        csv.display()
-    );
+    let mut cl = Cluster::vm_agents();
+    let (_csv, volume) = cl.shared_volume();
     for id in [1, 2] {
         let added = cl.add_node_with(id, &volume);
         cl.check(added);
@@ -99,19 +79,22 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
         })
         .await
         .unwrap_or_else(|e| panic!("drain: {e}{}", cl.logs()));
-    let start = Instant::now();
-    let job = loop {
-        let job = drains
-            .get_drain(dpb::NodeRef { node_id: 1 })
-            .await
-            .ok()
-            .and_then(|r| r.into_inner().job);
-        if let Some(j) = job.filter(|j| j.status != "running") {
-            break j;
-        }
-        assert!(start.elapsed() < WAIT, "drain did not end{}", cl.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let job = cl
+        .wait_until(
+            "the drain of node 1 ended",
+            WAIT,
+            || {
+                let mut d = drains.clone();
+                async move {
+                    d.get_drain(dpb::NodeRef { node_id: 1 })
+                        .await
+                        .map(|r| r.into_inner().job)
+                }
+            },
+            |j| j.as_ref().is_some_and(|j| j.status != "running"),
+        )
+        .await
+        .unwrap_or_default();
     assert_eq!(job.status, "done", "{job:?}{}", cl.logs());
     assert_eq!(job.moves.len(), 1, "{job:?}");
     assert_eq!(
@@ -180,18 +163,11 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
     })
     .await
     .unwrap_or_else(|e| panic!("quick migration back: {e}{}", cl.logs()));
-    let start = Instant::now();
-    let (node, last) = loop {
-        let (node, seq) = cl.heartbeat_after(2, "q", after).await;
-        if node == 1 {
-            break (node, seq);
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "q never came back to node 1{}",
-            cl.logs()
-        );
-    };
+    cl.wait_vm(2, "q", "back on node 1", |v| {
+        v.owner_id == 1 && v.migrating_to == 0 && v.runtime == "running"
+    })
+    .await;
+    let (node, last) = cl.heartbeat_after(2, "q", after).await;
     assert_eq!(node, 1);
     assert!(last > after, "heartbeat went from {after} to {last}");
 }

@@ -5,15 +5,11 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cluster_proto::vms as pb;
-use cluster_proto::vms::vm_service_client::VmServiceClient;
 use cluster_tests::vm::{guest_spec, mem_boot, vm_or_default};
-use cluster_tests::{http_get, Cluster, Options};
-use tonic::transport::Channel;
-
-const WAIT: Duration = Duration::from_secs(60);
+use cluster_tests::{http_get, Cluster, WAIT};
 
 fn guest(name: &str, owner: u64) -> pb::VmSpec {
     let boot = pb::TestGuestBoot {
@@ -27,26 +23,10 @@ fn guest(name: &str, owner: u64) -> pb::VmSpec {
     }
 }
 
-async fn wait_running(cl: &Cluster, c: &mut VmServiceClient<Channel>, name: &str) -> pb::VmInfo {
-    let start = Instant::now();
-    loop {
-        let v = vm_or_default(c, name).await;
-        if v.runtime == "running" {
-            return v;
-        }
-        assert!(start.elapsed() < WAIT, "{name}: {v:?}{}", cl.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_owner_kill9_fails_over_and_survivors_keep_their_vms() {
     let _serial = cluster_tests::serial().await;
-    let mut cl = Cluster::new(
-        env!("CARGO_BIN_EXE_cluster-agent").into(),
-        Options::default(),
-    )
-    .unwrap_or_else(|e| panic!("harness: {e}"));
+    let mut cl = Cluster::vm_agents();
     let lead = cl.form(3).await;
     let lead = cl.check(lead);
     let follower = [1, 2, 3].into_iter().find(|n| *n != lead).unwrap_or(1);
@@ -59,26 +39,19 @@ async fn leader_owner_kill9_fails_over_and_survivors_keep_their_vms() {
         .await
         .unwrap_or_else(|e| panic!("create {name}: {e}{}", cl.logs()));
     }
-    let a = wait_running(&cl, &mut c, "on-leader").await;
-    let b = wait_running(&cl, &mut c, "on-follower").await;
+    let a = cl.wait_runtime(follower, "on-leader", "running").await;
+    let b = cl.wait_runtime(follower, "on-follower", "running").await;
     assert_eq!((a.owner_id, b.owner_id), (lead, follower));
     let (_, seq_b) = cl.heartbeat_after(follower, "on-follower", 0).await;
 
     let killed = Instant::now();
     let k = cl.kill9(lead);
     cl.check(k);
-    let moved = loop {
-        let v = vm_or_default(&mut c, "on-leader").await;
-        if v.owner_id != lead && v.runtime == "running" {
-            break v;
-        }
-        assert!(
-            killed.elapsed() < WAIT,
-            "not failed over: {v:?}{}",
-            cl.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let moved = cl
+        .wait_vm(follower, "on-leader", "failed over", |v| {
+            v.owner_id != lead && v.runtime == "running"
+        })
+        .await;
     let (node, _) = cl.heartbeat_after(follower, "on-leader", 0).await;
     assert_eq!(node, moved.owner_id);
     eprintln!(
@@ -113,11 +86,7 @@ fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_cut_off_from_the_majority_fences_its_vms() {
     let _serial = cluster_tests::serial().await;
-    let mut cl = Cluster::new(
-        env!("CARGO_BIN_EXE_cluster-agent").into(),
-        Options::default(),
-    )
-    .unwrap_or_else(|e| panic!("harness: {e}"));
+    let mut cl = Cluster::vm_agents();
     let l = TcpListener::bind("127.0.1.3:0").unwrap_or_else(|e| panic!("{e}"));
     let maddr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
     drop(l);
@@ -132,7 +101,7 @@ async fn node_cut_off_from_the_majority_fences_its_vms() {
     })
     .await
     .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
-    let v = wait_running(&cl, &mut c, "alone").await;
+    let v = cl.wait_runtime(3, "alone", "running").await;
     assert_eq!(v.owner_id, 3);
     let m = scrape(maddr);
     assert_eq!(m.get("cluster_lease_held{node=\"3\"}"), Some(&1.0), "{m:?}");
@@ -148,35 +117,24 @@ async fn node_cut_off_from_the_majority_fences_its_vms() {
     let k2 = cl.kill9(2);
     cl.check(k2);
     let start = Instant::now();
-    loop {
-        let m = scrape(maddr);
-        let held = m.get("cluster_lease_held{node=\"3\"}").copied();
-        let running = m.get("cluster_vms{node=\"3\",state=\"running\"}").copied();
-        if held == Some(0.0) && running == Some(0.0) {
-            eprintln!(
-                "isolated node fenced its VM {} ms after losing the majority",
-                start.elapsed().as_millis()
-            );
-            break;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "node 3 kept its VM: {m:?}{}",
-            cl.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    cl.wait_until(
+        "node 3 without its lease and without a running VM",
+        WAIT,
+        || async { Ok::<_, String>(scrape(maddr)) },
+        |m| {
+            m.get("cluster_lease_held{node=\"3\"}") == Some(&0.0)
+                && m.get("cluster_vms{node=\"3\",state=\"running\"}") == Some(&0.0)
+        },
+    )
+    .await;
+    eprintln!(
+        "isolated node fenced its VM {} ms after losing the majority",
+        start.elapsed().as_millis()
+    );
     // The fence watcher logs after the VMs are gone, so the metrics can show the fence a
     // moment before the log line is written.
-    let logged = Instant::now();
-    while !cl.log_tail(3, 200).contains("vms fenced") {
-        assert!(
-            logged.elapsed() < WAIT,
-            "no 'vms fenced' log line{}",
-            cl.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    cl.wait_log_line(3, "vms fenced", |l| l.contains("vms fenced"))
+        .await;
 
     // The majority comes back: node 3 records that it fenced itself, and the VM (its
     // record still names node 3, which is Up again) runs again.
@@ -197,8 +155,7 @@ async fn node_cut_off_from_the_majority_fences_its_vms() {
         fenced.message.contains("alone") && fenced.message.contains("lease lapsed"),
         "{fenced:?}"
     );
-    let mut c = cl.vms(1).await;
-    let v = wait_running(&cl, &mut c, "alone").await;
+    let v = cl.wait_runtime(1, "alone", "running").await;
     eprintln!(
         "after the majority returned, VM alone runs on node {}",
         v.owner_id

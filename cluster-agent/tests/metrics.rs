@@ -3,12 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
-use std::time::{Duration, Instant};
 
 use cluster_proto::vms as pb;
-use cluster_proto::vms::vm_service_client::VmServiceClient;
-use cluster_tests::vm::{guest_spec, mem_boot, vm_or_default};
-use cluster_tests::{http_get, Cluster, Options};
+use cluster_tests::vm::{guest_spec, mem_boot};
+use cluster_tests::{http_get, Cluster};
 
 /// One sample: metric name, labels, value.
 type Sample = (String, BTreeMap<String, String>, f64);
@@ -111,11 +109,7 @@ fn free_port(ip: [u8; 4]) -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_after_a_migration_parse_and_match() {
     let _serial = cluster_tests::serial().await;
-    let mut cl = Cluster::new(
-        env!("CARGO_BIN_EXE_cluster-agent").into(),
-        Options::default(),
-    )
-    .unwrap_or_else(|e| panic!("harness: {e}"));
+    let mut cl = Cluster::vm_agents();
     let mut maddr = BTreeMap::new();
     for id in 1..=2u64 {
         let a = free_port([127, 0, 1, id as u8]);
@@ -125,27 +119,12 @@ async fn metrics_after_a_migration_parse_and_match() {
     }
     let formed = cl.form(2).await;
     cl.check(formed);
-    let mut vm = cl.vms(1).await;
-    vm.create_vm(pb::CreateVmRequest {
-        spec: Some(guest_spec("m", 64, mem_boot())),
-        start: true,
-    })
-    .await
-    .unwrap_or_else(|e| panic!("create: {e}"));
-    let info = |v: &mut VmServiceClient<_>| {
-        let mut v = v.clone();
-        async move { vm_or_default(&mut v, "m").await }
-    };
-    let start = Instant::now();
-    let src = loop {
-        let v = info(&mut vm).await;
-        if v.runtime == "running" {
-            break v.owner_id;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "{v:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let src = cl
+        .create_running(1, guest_spec("m", 64, mem_boot()))
+        .await
+        .owner_id;
     let dst = 3 - src;
+    let mut vm = cl.vms(1).await;
     vm.migrate_vm(pb::MigrateVmRequest {
         name: "m".into(),
         to_node_id: dst,
@@ -153,15 +132,12 @@ async fn metrics_after_a_migration_parse_and_match() {
     })
     .await
     .unwrap_or_else(|e| panic!("migrate: {e}"));
-    let start = Instant::now();
-    loop {
-        let v = info(&mut vm).await;
-        if v.owner_id == dst && v.runtime == "running" && v.migrating_to == 0 {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "{v:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cl.wait_vm(1, "m", "running on the target", |v| {
+        v.owner_id == dst && v.runtime == "running" && v.migrating_to == 0
+    })
+    .await;
+    // Both replicas applied the end of the migration (the figures below read them).
+    cl.barrier().await;
 
     let scrape = |id: u64| {
         let (head, body) = http_get(maddr[&id], "/metrics");

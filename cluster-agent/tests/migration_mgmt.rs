@@ -2,17 +2,18 @@
 //! replicated migration records, the progress stream (proxied from the source agent),
 //! cancel with rollback, a deadline that is too short, options validation, list/show.
 
-use std::time::{Duration, Instant};
-
 use cluster_proto::migrations as mpb;
 use cluster_proto::vms as pb;
-use cluster_proto::vms::vm_service_client::VmServiceClient;
-use cluster_tests::vm::{expect_code, guest_spec, hb_seq, vm_or_default};
-use cluster_tests::{Cluster, Options};
-use tonic::transport::Channel;
+use cluster_tests::vm::{expect_code, guest_spec, vm_or_default};
+use cluster_tests::{Cluster, WAIT};
 use tonic::Code;
 
-const WAIT: Duration = Duration::from_secs(60);
+/// The bandwidth cap that holds a migration of the 64 MiB working-set guests below in
+/// pre-copy: a minute per round at 1 MiB/s, and a 1 ms blackout budget (1 KiB at that
+/// rate) that a guest dirtying memory never meets — on any machine, fast or slow.
+const HOLD_BYTES_PER_S: u64 = 1 << 20;
+/// Deadline of the held migrations: far beyond any test step.
+const HOLD_DEADLINE_MS: u64 = 600_000;
 
 fn guest(name: &str, workload: &str, memory_mib: u64, wss_mib: u64, rate_mbps: u64) -> pb::VmSpec {
     let boot = pb::TestGuestBoot {
@@ -25,81 +26,32 @@ fn guest(name: &str, workload: &str, memory_mib: u64, wss_mib: u64, rate_mbps: u
     guest_spec(name, memory_mib, boot)
 }
 
-async fn wait_running(cl: &Cluster, c: &mut VmServiceClient<Channel>, name: &str) -> pb::VmInfo {
-    let start = Instant::now();
-    loop {
-        let v = vm_or_default(c, name).await;
-        if v.runtime == "running" && v.migrating_to == 0 {
-            return v;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "{name} not running: {v:?}{}",
-            cl.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Highest heartbeat sequence number of `name` seen through `via` within a few seconds,
-/// and the node that produced it.
+/// A heartbeat of `name` (through `via`) above `after` with no memory error: the node
+/// that produced it and its sequence number.
 async fn heartbeat_after(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64, u64) {
-    let mut c = cl.vms(via).await;
-    let mut s = c
-        .stream_console(pb::ConsoleRequest {
-            name: name.into(),
-            follow: true,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("console: {e}{}", cl.logs()))
-        .into_inner();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(5), s.message()).await
-        else {
-            break;
-        };
-        for line in chunk.text.lines() {
-            if let Some(seq) = hb_seq(line) {
-                if seq > after && line.contains("mem_errors=0") {
-                    return (chunk.node_id, seq);
-                }
-            }
-        }
-    }
-    panic!("no heartbeat of {name} after {after}{}", cl.logs())
+    let (node, hb) = cl
+        .wait_heartbeat(via, name, |h| h.seq > after && h.mem_errors == 0)
+        .await;
+    (node, hb.seq)
 }
 
-/// The finished record that the last message of a progress stream carries.
-async fn final_record(
-    cl: &Cluster,
-    stream: &mut tonic::Streaming<mpb::MigrationProgress>,
-) -> mpb::MigrationInfo {
-    loop {
-        let p = tokio::time::timeout(Duration::from_secs(30), stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("no end of stream{}", cl.logs()))
-            .unwrap_or_else(|e| panic!("progress stream: {e}"))
-            .unwrap_or_else(|| panic!("stream ended without a final message"));
-        if let Some(f) = p.finished {
-            return f;
-        }
-    }
+/// The finished record that the last message of migration `id`'s progress stream carries.
+async fn final_record(cl: &Cluster, via: u64, id: u64) -> mpb::MigrationInfo {
+    cl.watch_migration_until(via, id, "its end", |p| p.finished.is_some())
+        .await
+        .finished
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_cancel_deadline_records_and_bad_input() {
     let _serial = cluster_tests::serial().await;
-    let mut cl = Cluster::new(
-        env!("CARGO_BIN_EXE_cluster-agent").into(),
-        Options::default(),
-    )
-    .unwrap_or_else(|e| panic!("harness: {e}"));
+    let mut cl = Cluster::vm_agents();
     let formed = cl.form(2).await;
     cl.check(formed);
     let mut vm = cl.vms(1).await;
-    // A guest that dirties memory fast: with a 1 ms downtime goal pre-copy keeps going
-    // round after round (until cancelled or the deadline), and an easy one.
+    // A guest that dirties memory fast (its migrations are held in pre-copy by a bandwidth
+    // cap until cancelled or the deadline), and an easy one.
     for spec in [
         guest("busy", "dirty", 128, 64, 4000),
         guest("calm", "mem", 64, 8, 0),
@@ -111,29 +63,33 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         .await
         .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
     }
-    let busy = wait_running(&cl, &mut vm, "busy").await;
-    let calm = wait_running(&cl, &mut vm, "calm").await;
+    let busy = cl.wait_settled(1, "busy").await;
+    let calm = cl.wait_settled(1, "calm").await;
     let (src, other) = (busy.owner_id, 3 - busy.owner_id);
     // Watch through the node that is *not* the source: the stream is proxied.
     let mut mig = cl.migrations(other).await;
 
     // Bad options and ids are refused and change nothing.
-    let bad = |max_downtime_ms, deadline_ms| pb::MigrateVmRequest {
+    let bad = |max_downtime_ms, deadline_ms, bandwidth_bytes_per_s_max| pb::MigrateVmRequest {
         name: "busy".into(),
         max_downtime_ms,
         deadline_ms,
+        bandwidth_bytes_per_s_max,
         ..Default::default()
     };
-    expect_code(
-        vm.migrate_vm(bad(Some(0), None)).await,
-        Code::InvalidArgument,
-        "max_downtime_ms 0",
-    );
-    expect_code(
-        vm.migrate_vm(bad(Some(500), Some(400))).await,
-        Code::InvalidArgument,
-        "must exceed the max downtime",
-    );
+    for (req, needle) in [
+        (bad(Some(0), None, None), "max_downtime_ms 0"),
+        (
+            bad(Some(500), Some(400), None),
+            "must exceed the max downtime",
+        ),
+        (
+            bad(None, None, Some(4096)),
+            "bandwidth_bytes_per_s_max 4096 is below the minimum",
+        ),
+    ] {
+        expect_code(vm.migrate_vm(req).await, Code::InvalidArgument, needle);
+    }
     expect_code(
         mig.cancel_migration(mpb::MigrationId { id: 999 }).await,
         Code::NotFound,
@@ -144,6 +100,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         Code::NotFound,
         "999",
     );
+    cl.barrier().await;
     let none = mig
         .list_migrations(mpb::ListMigrationsRequest::default())
         .await
@@ -152,12 +109,14 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     assert!(none.migrations.is_empty(), "{none:?}");
     assert_eq!(vm_or_default(&mut vm, "busy").await.migrating_to, 0);
 
-    // 1. Progress, then cancel: rounds increase, the VM stays on the source.
+    // 1. Progress, then cancel: bytes sent grow while it is held in pre-copy, the VM
+    // stays on the source.
     vm.migrate_vm(pb::MigrateVmRequest {
         name: "busy".into(),
         to_node_id: other,
         max_downtime_ms: Some(1),
-        deadline_ms: Some(120_000),
+        deadline_ms: Some(HOLD_DEADLINE_MS),
+        bandwidth_bytes_per_s_max: Some(HOLD_BYTES_PER_S),
         ..Default::default()
     })
     .await
@@ -169,40 +128,49 @@ async fn progress_cancel_deadline_records_and_bad_input() {
             rec.target_node_id,
             rec.kind.as_str(),
             rec.max_downtime_ms,
-            rec.deadline_ms
+            rec.deadline_ms,
+            rec.bandwidth_bytes_per_s_max,
         ),
-        (src, other, "live", 1, 120_000)
+        (src, other, "live", 1, HOLD_DEADLINE_MS, HOLD_BYTES_PER_S)
     );
     let mut stream = mig
         .watch_migration(mpb::MigrationId { id: rec.id })
         .await
         .unwrap_or_else(|e| panic!("watch: {e}{}", cl.logs()))
         .into_inner();
-    let mut rounds = Vec::new();
-    let mut sent = Vec::new();
-    let start = Instant::now();
-    while rounds.last().copied().unwrap_or(0) < 3 {
-        let p = tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("no progress within 10 s (rounds {rounds:?}){}", cl.logs()))
-            .unwrap_or_else(|e| panic!("progress stream: {e}"))
-            .unwrap_or_else(|| panic!("stream ended early (rounds {rounds:?}){}", cl.logs()));
-        assert!(
-            p.finished.is_none(),
-            "ended before the cancel: {p:?}{}",
-            cl.logs()
-        );
-        rounds.push(p.round);
-        sent.push(p.bytes_sent);
-        assert!(start.elapsed() < WAIT, "rounds {rounds:?}");
-    }
+    let mut seen: Vec<mpb::MigrationProgress> = Vec::new();
+    let watched = tokio::time::timeout(WAIT, async {
+        // Three growing figures of guest memory on the wire in pre-copy.
+        while seen
+            .iter()
+            .filter(|p| p.phase == "pre-copy" && p.bytes_sent > 0)
+            .map(|p| p.bytes_sent)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            < 3
+        {
+            match stream.message().await {
+                Ok(Some(p)) => seen.push(p),
+                other => return Err(format!("{other:?}")),
+            }
+        }
+        Ok(())
+    })
+    .await;
     assert!(
-        rounds.windows(2).all(|w| w[0] <= w[1]),
-        "rounds went back: {rounds:?}"
+        matches!(watched, Ok(Ok(()))),
+        "no growing pre-copy progress ({watched:?}): {seen:?}{}",
+        cl.logs()
     );
     assert!(
-        sent.windows(2).all(|w| w[0] <= w[1]),
-        "bytes went back: {sent:?}"
+        seen.iter().all(|p| p.finished.is_none()),
+        "ended before the cancel: {seen:?}{}",
+        cl.logs()
+    );
+    assert!(
+        seen.windows(2)
+            .all(|w| w[0].round <= w[1].round && w[0].bytes_sent <= w[1].bytes_sent),
+        "progress went back: {seen:?}"
     );
     let (_, seq_before) = heartbeat_after(&cl, src, "busy", 0).await;
     let c = mig
@@ -219,10 +187,10 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         "",
     );
     // The stream's last message carries the finished record.
-    let last = final_record(&cl, &mut stream).await;
+    let last = final_record(&cl, other, rec.id).await;
     assert_eq!(last.state, "cancelled", "{last:?}");
     assert!(last.reason.contains("cancel"), "{last:?}");
-    let v = wait_running(&cl, &mut vm, "busy").await;
+    let v = cl.wait_settled(1, "busy").await;
     assert_eq!(v.owner_id, src, "cancelled migration moved the VM: {v:?}");
     let (node, seq_after) = heartbeat_after(&cl, other, "busy", seq_before).await;
     assert_eq!(node, src, "heartbeat not from the source");
@@ -233,12 +201,14 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         "already cancelled",
     );
 
-    // 2. A deadline too short to converge: fails cleanly, VM still on the source.
+    // 2. A deadline too short to converge: the capped pre-copy round is cut at the
+    // deadline, the migration fails cleanly, the VM is still on the source.
     vm.migrate_vm(pb::MigrateVmRequest {
         name: "busy".into(),
         to_node_id: other,
         max_downtime_ms: Some(1),
         deadline_ms: Some(1_500),
+        bandwidth_bytes_per_s_max: Some(HOLD_BYTES_PER_S),
         ..Default::default()
     })
     .await
@@ -247,12 +217,12 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     let done2 = cl.migration_end(other, rec2.id, WAIT).await;
     assert_eq!(done2.state, "failed", "{done2:?}");
     assert!(
-        done2.reason.contains("deadline") || done2.reason.contains("converge"),
+        done2.reason.contains("deadline") && done2.reason.contains("converge"),
         "{done2:?}"
     );
-    let v = wait_running(&cl, &mut vm, "busy").await;
+    let v = cl.wait_settled(1, "busy").await;
     assert_eq!(v.owner_id, src);
-    heartbeat_after(&cl, src, "busy", 0).await;
+    heartbeat_after(&cl, src, "busy", seq_after).await;
 
     // 3. A migration that succeeds: final message with blackout and matching receipts.
     vm.migrate_vm(pb::MigrateVmRequest {
@@ -263,13 +233,9 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     .await
     .unwrap_or_else(|e| panic!("migrate calm: {e}{}", cl.logs()));
     let rec3 = cl.running_migration(other, "calm", WAIT).await;
-    let mut stream = mig
-        .watch_migration(mpb::MigrationId { id: rec3.id })
-        .await
-        .unwrap_or_else(|e| panic!("watch: {e}"))
-        .into_inner();
-    let fin = final_record(&cl, &mut stream).await;
+    let fin = final_record(&cl, other, rec3.id).await;
     assert_eq!(fin.state, "succeeded", "{fin:?}");
+    assert_eq!(fin.bandwidth_bytes_per_s_max, 0, "no cap: {fin:?}");
     let s = fin.stats.unwrap_or_default();
     assert!(
         s.blackout_us > 0 && s.rounds >= 1 && s.wire_bytes > 0,
@@ -279,7 +245,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         s.has_target_digest && s.source_digest == s.target_digest && s.receipt_matches,
         "{s:?}"
     );
-    let moved = wait_running(&cl, &mut vm, "calm").await;
+    let moved = cl.wait_settled(1, "calm").await;
     assert_eq!(moved.owner_id, 3 - calm.owner_id);
     expect_code(
         mig.cancel_migration(mpb::MigrationId { id: rec3.id }).await,
@@ -330,11 +296,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_slots_queue_migrations_that_start_in_order() {
     let _serial = cluster_tests::serial().await;
-    let mut cl = Cluster::new(
-        env!("CARGO_BIN_EXE_cluster-agent").into(),
-        Options::default(),
-    )
-    .unwrap_or_else(|e| panic!("harness: {e}"));
+    let mut cl = Cluster::vm_agents();
     let formed = cl.form(3).await;
     let leader = cl.check(formed);
     // Every VM on follower `a`; `b_node` the other follower; the leader dies later on.
@@ -355,7 +317,7 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
     }
     for name in ["hog", "b", "c", "d", "e"] {
-        let v = wait_running(&cl, &mut vm, name).await;
+        let v = cl.wait_settled(a, name).await;
         assert_eq!(v.owner_id, a, "{name}");
     }
     let mut mig = cl.migrations(b_node).await;
@@ -363,11 +325,13 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         name: name.into(),
         to_node_id: to,
         max_downtime_ms: Some(1),
-        deadline_ms: Some(120_000),
+        deadline_ms: Some(HOLD_DEADLINE_MS),
+        bandwidth_bytes_per_s_max: Some(HOLD_BYTES_PER_S),
         ..Default::default()
     };
 
-    // The hog cannot converge under 1 ms: its migration holds both followers' slots.
+    // The hog is held in pre-copy by its bandwidth cap: its migration holds both
+    // followers' slots until cancelled.
     let r = vm
         .migrate_vm(migrate("hog", b_node))
         .await
@@ -381,6 +345,7 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         .migrate_vm(pb::MigrateVmRequest {
             max_downtime_ms: None,
             deadline_ms: None,
+            bandwidth_bytes_per_s_max: None,
             ..migrate("b", b_node)
         })
         .await
@@ -392,6 +357,7 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         .migrate_vm(pb::MigrateVmRequest {
             max_downtime_ms: None,
             deadline_ms: None,
+            bandwidth_bytes_per_s_max: None,
             ..migrate("c", 0)
         })
         .await
@@ -462,17 +428,30 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         "{dropped:?}"
     );
 
-    // The leader dies: the queue is replicated, the new leader runs it. The hog's migration
-    // ends (cancelled, unless the auto-converge throttle got it under 1 ms by itself
-    // meanwhile): b starts on the freed slots and moves.
+    // The leader dies: the queue is replicated, the new leader runs it. The hog's
+    // migration is cancelled (through the new leader, once there is one): b starts on the
+    // freed slots and moves.
     let killed = cl.kill9(leader);
     cl.check(killed);
-    let _ = mig.cancel_migration(mpb::MigrationId { id: hog.id }).await;
+    cl.wait_until(
+        "the hog's cancel accepted",
+        WAIT,
+        || {
+            let mut mig = mig.clone();
+            async move {
+                match mig.cancel_migration(mpb::MigrationId { id: hog.id }).await {
+                    Ok(_) => Ok("accepted"),
+                    // An earlier attempt that timed out may have committed it.
+                    Err(s) if s.code() == Code::FailedPrecondition => Ok("already cancelling"),
+                    Err(s) => Err(s),
+                }
+            }
+        },
+        |_| true,
+    )
+    .await;
     let hog_end = cl.migration_end(b_node, hog.id, WAIT).await;
-    assert!(
-        matches!(hog_end.state.as_str(), "cancelled" | "succeeded"),
-        "{hog_end:?}"
-    );
+    assert_eq!(hog_end.state, "cancelled", "{hog_end:?}");
     let b = cl.migration_end(b_node, qb.queued_migration_id, WAIT).await;
     assert_eq!(b.state, "succeeded", "{b:?}{}", cl.logs());
     assert_eq!((b.source_node_id, b.target_node_id), (a, b_node));
@@ -482,7 +461,7 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         b.started_unix_ms,
         hog_end.ended_unix_ms
     );
-    let v = wait_running(&cl, &mut vm, "b").await;
+    let v = cl.wait_settled(a, "b").await;
     assert_eq!(v.owner_id, b_node);
     let c = vm_or_default(&mut vm, "c").await;
     assert_eq!((c.owner_id, c.runtime.as_str()), (a, "running"));

@@ -7,17 +7,14 @@
 //! and verifies its disk and reports `disk=ok|bad|nodisk` in its heartbeats.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cluster_proto::vms as pb;
 use cluster_proto::volumes as vpb;
 use cluster_tests::vm::{expect_code, get_vm, guest_spec};
-use cluster_tests::{Cluster, Options};
+use cluster_tests::{Cluster, WAIT};
 use tonic::Code;
-use vmm_node::guest_protocol::{heartbeats, Heartbeat};
-
-/// Generous: several engineers share two cores.
-const WAIT: Duration = Duration::from_secs(90);
+use vmm_node::guest_protocol::Heartbeat;
 
 /// A cluster of `n` agents that all see `<test dir>/csv` as volume `vol`.
 async fn disk_cluster(n: u64) -> (Cluster, PathBuf) {
@@ -26,19 +23,10 @@ async fn disk_cluster(n: u64) -> (Cluster, PathBuf) {
 
 /// [`disk_cluster`] with `env` set for every agent.
 async fn disk_cluster_with_env(n: u64, env: &[(&str, &str)]) -> (Cluster, PathBuf) {
-    let mut cl = Cluster::new(
-        env!("CARGO_BIN_EXE_cluster-agent").into(),
-        Options::default(),
-    )
-    .unwrap_or_else(|e| panic!("harness: {e}"));
-    let csv = cl.dir().join("csv");
-    std::fs::create_dir_all(&csv).unwrap_or_else(|e| panic!("mkdir {}: {e}", csv.display()));
+    let mut cl = Cluster::vm_agents();
+    let (csv, volume) = cl.shared_volume();
     for id in 1..=n {
-        let extra = format!(
-            "[[volumes]]\nname = \"vol\"\npath = \"{}\"\n",
-            csv.display()
-        );
-        let added = cl.add_node_with(id, &extra);
+        let added = cl.add_node_with(id, &volume);
         cl.check(added);
         for (k, v) in env {
             let set = cl.set_env(id, k, v);
@@ -80,129 +68,10 @@ async fn create_disk(cl: &Cluster, via: u64, name: &str) {
         .unwrap_or_else(|e| panic!("create disk {name}: {e}{}", cl.logs()));
 }
 
-async fn wait_vm(
-    cl: &Cluster,
-    via: u64,
-    name: &str,
-    what: &str,
-    pred: impl Fn(&pb::VmInfo) -> bool,
-) -> pb::VmInfo {
-    let mut c = cl.vms(via).await;
-    let start = Instant::now();
-    let mut last = String::new();
-    while start.elapsed() < WAIT {
-        match get_vm(&mut c, name).await {
-            Ok(v) if pred(&v) => return v,
-            Ok(v) => last = format!("{v:?}"),
-            Err(s) => last = s.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "VM {name}: {what} did not happen (last: {last}){}",
-        cl.logs()
-    )
-}
-
-/// Creates and starts `spec` through node `via`; returns the VM once it runs.
-async fn create_running(cl: &Cluster, via: u64, spec: pb::VmSpec) -> pb::VmInfo {
-    let name = spec.name.clone();
-    cl.vms(via)
-        .await
-        .create_vm(pb::CreateVmRequest {
-            spec: Some(spec),
-            start: true,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("create {name}: {e}{}", cl.logs()));
-    wait_vm(cl, via, &name, "running", |v| v.runtime == "running").await
-}
-
 /// The two nodes of a three-node cluster other than `leader`.
 fn followers(leader: u64) -> (u64, u64) {
     let mut others = [1, 2, 3].into_iter().filter(|n| *n != leader);
     (others.next().unwrap_or(2), others.next().unwrap_or(3))
-}
-
-async fn locks(cl: &Cluster, via: u64) -> Vec<vpb::DiskLock> {
-    cl.vols(via)
-        .await
-        .list_locks(vpb::ListLocksRequest {})
-        .await
-        .unwrap_or_else(|e| panic!("list locks: {e}{}", cl.logs()))
-        .into_inner()
-        .locks
-}
-
-async fn lock_of(cl: &Cluster, via: u64, disk: &str) -> Option<vpb::DiskLock> {
-    locks(cl, via).await.into_iter().find(|l| l.disk == disk)
-}
-
-async fn wait_lock(
-    cl: &Cluster,
-    via: u64,
-    disk: &str,
-    what: &str,
-    pred: impl Fn(Option<&vpb::DiskLock>) -> bool,
-) -> Option<vpb::DiskLock> {
-    let start = Instant::now();
-    loop {
-        let l = lock_of(cl, via, disk).await;
-        if pred(l.as_ref()) {
-            return l;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "lock of {disk}: {what} did not happen (last: {l:?}){}",
-            cl.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Streams `name`'s console through node `via` until a heartbeat satisfies `pred`;
-/// returns the node that produced it and the heartbeat.
-async fn wait_hb(
-    cl: &Cluster,
-    via: u64,
-    name: &str,
-    pred: impl Fn(&Heartbeat) -> bool,
-) -> (u64, Heartbeat) {
-    let deadline = Instant::now() + WAIT;
-    let mut seen = String::new();
-    while Instant::now() < deadline {
-        let mut c = cl.vms(via).await;
-        let Ok(stream) = c
-            .stream_console(pb::ConsoleRequest {
-                name: name.into(),
-                follow: true,
-            })
-            .await
-        else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        let mut stream = stream.into_inner();
-        let mut partial = String::new();
-        while Instant::now() < deadline {
-            let next = tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
-            let Ok(Ok(Some(chunk))) = next else { break };
-            partial.push_str(&chunk.text);
-            let complete = partial.rfind('\n').map_or(0, |i| i + 1);
-            let text: String = partial.drain(..complete).collect();
-            if let Some(hb) = heartbeats(&text).into_iter().rev().find(|h| pred(h)) {
-                return (chunk.node_id, hb);
-            }
-            seen.push_str(&text);
-            if seen.len() > 4096 {
-                seen.drain(..seen.len() - 4096);
-            }
-        }
-    }
-    panic!(
-        "no matching heartbeat from {name} via node {via}; console tail: {seen}{}",
-        cl.logs()
-    )
 }
 
 fn disk_passes(h: &Heartbeat) -> u64 {
@@ -227,16 +96,8 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
 
     // Disk creation and its refusals.
     create_disk(&cl, 2, "vol/vms/a.img").await;
-    expect_code(
-        v2.create_disk(vpb::CreateDiskRequest {
-            name: "vol/vms/a.img".into(),
-            size_mib: 4,
-        })
-        .await,
-        Code::AlreadyExists,
-        "already exists",
-    );
     for (name, size, code, needle) in [
+        ("vol/vms/a.img", 4, Code::AlreadyExists, "already exists"),
         ("vol/../x.img", 4, Code::InvalidArgument, "vol/../x.img"),
         ("vol/x.img", 0, Code::InvalidArgument, "size_mib 0"),
         ("nope/x.img", 4, Code::NotFound, "nope"),
@@ -261,18 +122,23 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
     })
     .await
     .unwrap_or_else(|e| panic!("create vm-d: {e}{}", cl.logs()));
-    let running = wait_vm(&cl, 3, "vm-d", "running", |v| v.runtime == "running").await;
+    let running = cl
+        .wait_vm(3, "vm-d", "running", |v| v.runtime == "running")
+        .await;
     let owner = running.owner_id;
-    let lock = wait_lock(&cl, 1, "vol/vms/a.img", "locked by the owner", |l| {
-        l.is_some_and(|l| l.holders == vec![owner])
-    })
-    .await
-    .unwrap_or_else(|| panic!("vol/vms/a.img is not locked{}", cl.logs()));
+    let lock = cl
+        .wait_lock(1, "vol/vms/a.img", "locked by the owner", |l| {
+            l.is_some_and(|l| l.holders == vec![owner])
+        })
+        .await
+        .unwrap_or_else(|| panic!("vol/vms/a.img is not locked{}", cl.logs()));
     assert_eq!(lock.holders, vec![owner]);
     assert_eq!(lock.mode, "exclusive");
     assert!(lock.token > 0);
     assert_eq!(fence_token(&csv, "vol/vms/a.img"), lock.token);
-    let (node, hb) = wait_hb(&cl, 1, "vm-d", |h| h.disk == "ok" && disk_passes(h) >= 2).await;
+    let (node, hb) = cl
+        .wait_heartbeat(1, "vm-d", |h| h.disk == "ok" && disk_passes(h) >= 2)
+        .await;
     assert_eq!(node, owner);
     assert_eq!(hb.disk, "ok");
     let listed = v2
@@ -285,45 +151,31 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
     assert_eq!(a.map(|d| d.used_by.clone()), Some(vec!["vm-d".to_string()]));
 
     // Bad input through the API changes nothing.
-    let before_vms = c
-        .list_vms(pb::ListVmsRequest {})
-        .await
-        .map(|r| r.into_inner().vms.len())
-        .unwrap_or(0);
-    expect_code(
-        c.create_vm(pb::CreateVmRequest {
-            spec: Some(disk_spec("vm-x", &["vol/vms/missing.img"])),
+    let before_vms = cl.list_vms(3).await;
+    for (name, disk, code, needle) in [
+        (
+            "vm-x",
+            "vol/vms/missing.img",
+            Code::InvalidArgument,
+            "does not exist",
+        ),
+        (
+            "vm-y",
+            "vol/vms/a.img",
+            Code::FailedPrecondition,
+            "used by VM(s) [\"vm-d\"]",
+        ),
+        ("vm-z", "/abs/x.img", Code::InvalidArgument, "disks"),
+    ] {
+        let req = pb::CreateVmRequest {
+            spec: Some(disk_spec(name, &[disk])),
             start: true,
-        })
-        .await,
-        Code::InvalidArgument,
-        "does not exist",
-    );
-    expect_code(
-        c.create_vm(pb::CreateVmRequest {
-            spec: Some(disk_spec("vm-y", &["vol/vms/a.img"])),
-            start: true,
-        })
-        .await,
-        Code::FailedPrecondition,
-        "used by VM(s) [\"vm-d\"]",
-    );
-    expect_code(
-        c.create_vm(pb::CreateVmRequest {
-            spec: Some(disk_spec("vm-z", &["/abs/x.img"])),
-            start: true,
-        })
-        .await,
-        Code::InvalidArgument,
-        "disks",
-    );
-    let after_vms = c
-        .list_vms(pb::ListVmsRequest {})
-        .await
-        .map(|r| r.into_inner().vms.len())
-        .unwrap_or(0);
-    assert_eq!(before_vms, after_vms);
-    assert_eq!(locks(&cl, 2).await.len(), 1);
+        };
+        expect_code(c.create_vm(req).await, code, needle);
+    }
+    cl.barrier().await;
+    assert_eq!(before_vms, cl.list_vms(3).await);
+    assert_eq!(cl.locks(2).await.len(), 1);
 
     // Hot-plug: a disk-workload VM without a disk sees none, then one once attached.
     c.create_vm(pb::CreateVmRequest {
@@ -332,8 +184,10 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
     })
     .await
     .unwrap_or_else(|e| panic!("create vm-h: {e}{}", cl.logs()));
-    let h = wait_vm(&cl, 3, "vm-h", "running", |v| v.runtime == "running").await;
-    wait_hb(&cl, 3, "vm-h", |h| h.disk == "nodisk").await;
+    let h = cl
+        .wait_vm(3, "vm-h", "running", |v| v.runtime == "running")
+        .await;
+    cl.wait_heartbeat(3, "vm-h", |h| h.disk == "nodisk").await;
     create_disk(&cl, 1, "vol/vms/hot.img").await;
     let mut v3 = cl.vols(3).await;
     for (vm, disk, code, needle) in [
@@ -377,11 +231,14 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
         .unwrap_or_else(|e| panic!("attach: {e}{}", cl.logs()))
         .into_inner();
     assert_eq!(r.disks, vec!["vol/vms/hot.img".to_string()]);
-    let hot = wait_lock(&cl, 2, "vol/vms/hot.img", "locked by the owner", |l| {
-        l.is_some_and(|l| l.holders == vec![h.owner_id])
-    })
-    .await;
-    let (node, _) = wait_hb(&cl, 2, "vm-h", |hb| hb.disk == "ok" && disk_passes(hb) >= 1).await;
+    let hot = cl
+        .wait_lock(2, "vol/vms/hot.img", "locked by the owner", |l| {
+            l.is_some_and(|l| l.holders == vec![h.owner_id])
+        })
+        .await;
+    let (node, _) = cl
+        .wait_heartbeat(2, "vm-h", |hb| hb.disk == "ok" && disk_passes(hb) >= 1)
+        .await;
     assert_eq!(node, h.owner_id);
     assert_eq!(
         fence_token(&csv, "vol/vms/hot.img"),
@@ -394,8 +251,9 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
     .await
     .unwrap_or_else(|e| panic!("detach: {e}{}", cl.logs()));
     // Released only after the owner's VMM flushed and closed it; the guest loses it.
-    wait_lock(&cl, 2, "vol/vms/hot.img", "released", |l| l.is_none()).await;
-    wait_hb(&cl, 3, "vm-h", |h| h.disk == "nodisk").await;
+    cl.wait_lock(2, "vol/vms/hot.img", "released", |l| l.is_none())
+        .await;
+    cl.wait_heartbeat(3, "vm-h", |h| h.disk == "nodisk").await;
 
     // Stop: the owner flushes, closes and releases the disk.
     c.stop_vm(pb::VmName {
@@ -403,8 +261,10 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
     })
     .await
     .unwrap_or_else(|e| panic!("stop: {e}"));
-    wait_vm(&cl, 1, "vm-d", "stopped", |v| v.runtime == "stopped").await;
-    wait_lock(&cl, 1, "vol/vms/a.img", "released", |l| l.is_none()).await;
+    cl.wait_vm(1, "vm-d", "stopped", |v| v.runtime == "stopped")
+        .await;
+    cl.wait_lock(1, "vol/vms/a.img", "released", |l| l.is_none())
+        .await;
     let events = cl.check(cl.events(1).await);
     assert!(
         events
@@ -419,14 +279,15 @@ async fn owner_kill9_fails_over_from_the_disk_with_a_newer_fencing_token() {
     let _serial = cluster_tests::serial().await;
     let (mut cl, csv) = disk_cluster(3).await;
     create_disk(&cl, 1, "vol/vms/f.img").await;
-    let before = create_running(&cl, 1, disk_spec("vm-f", &["vol/vms/f.img"])).await;
+    let before = cl
+        .create_running(1, disk_spec("vm-f", &["vol/vms/f.img"]))
+        .await;
     let owner = before.owner_id;
     let survivor = [1, 2, 3].into_iter().find(|n| *n != owner).unwrap_or(0);
-    wait_hb(&cl, survivor, "vm-f", |h| {
-        h.disk == "ok" && disk_passes(h) >= 1
-    })
-    .await;
-    let old = lock_of(&cl, survivor, "vol/vms/f.img")
+    cl.wait_heartbeat(survivor, "vm-f", |h| h.disk == "ok" && disk_passes(h) >= 1)
+        .await;
+    let old = cl
+        .lock_of(survivor, "vol/vms/f.img")
         .await
         .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
     assert_eq!(old.holders, vec![owner]);
@@ -434,21 +295,22 @@ async fn owner_kill9_fails_over_from_the_disk_with_a_newer_fencing_token() {
     let killed_at = Instant::now();
     let killed = cl.kill9(owner);
     cl.check(killed);
-    let after = wait_vm(&cl, survivor, "vm-f", "restart elsewhere", |v| {
-        v.owner_id != owner && v.runtime == "running"
-    })
-    .await;
-    let (node, hb) = wait_hb(&cl, survivor, "vm-f", |h| {
-        h.disk == "ok" && disk_passes(h) >= 1
-    })
-    .await;
+    let after = cl
+        .wait_vm(survivor, "vm-f", "restart elsewhere", |v| {
+            v.owner_id != owner && v.runtime == "running"
+        })
+        .await;
+    let (node, hb) = cl
+        .wait_heartbeat(survivor, "vm-f", |h| h.disk == "ok" && disk_passes(h) >= 1)
+        .await;
     eprintln!(
         "failover with disk: kill -9 of node {owner} -> disk=ok heartbeat on node {node} after {} ms",
         killed_at.elapsed().as_millis()
     );
     assert_eq!(node, after.owner_id, "heartbeats come from the new owner");
     assert_eq!(hb.disk, "ok");
-    let new = lock_of(&cl, survivor, "vol/vms/f.img")
+    let new = cl
+        .lock_of(survivor, "vol/vms/f.img")
         .await
         .unwrap_or_else(|| panic!("not locked after failover{}", cl.logs()));
     assert_eq!(
@@ -478,15 +340,26 @@ async fn owner_kill9_fails_over_from_the_disk_with_a_newer_fencing_token() {
     );
 
     // The old owner comes back: it does not run the VM again (one copy), the lock stays.
+    // Once it is up and has applied a write made after its return, its replica names the
+    // new owner: from then on its reconciler has no reason to start the VM.
+    let log_before = cl.log_len(owner);
     let restarted = cl.start(owner).await;
     cl.check(restarted);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (node, _) = wait_hb(&cl, owner, "vm-f", |h| h.disk == "ok").await;
+    cl.check(cl.wait_node_state(survivor, owner, "up", WAIT).await);
+    cl.barrier().await;
+    let (node, _) = cl.wait_heartbeat(owner, "vm-f", |h| h.disk == "ok").await;
     assert_eq!(node, after.owner_id);
-    let still = lock_of(&cl, owner, "vol/vms/f.img").await;
+    let still = cl.lock_of(owner, "vol/vms/f.img").await;
     assert_eq!(
         still.map(|l| (l.holders, l.token)),
         Some((new.holders, new.token))
+    );
+    let since = cl.log_since(owner, log_before);
+    assert!(
+        !since
+            .lines()
+            .any(|l| l.contains("vm started by reconciler") && l.contains("vm-f")),
+        "the old owner started vm-f again:\n{since}"
     );
 }
 
@@ -496,13 +369,15 @@ async fn live_then_quick_migration_hand_the_disk_off() {
     let (cl, csv) = disk_cluster(2).await;
     create_disk(&cl, 1, "vol/vms/m.img").await;
     let mut c = cl.vms(2).await;
-    let before = create_running(&cl, 2, disk_spec("vm-m", &["vol/vms/m.img"])).await;
+    let before = cl
+        .create_running(2, disk_spec("vm-m", &["vol/vms/m.img"]))
+        .await;
     let src = before.owner_id;
     let dst = if src == 1 { 2 } else { 1 };
-    let (_, hb0) = wait_hb(&cl, 1, "vm-m", |h| h.disk == "ok" && disk_passes(h) >= 1).await;
-    let t0 = lock_of(&cl, 1, "vol/vms/m.img")
-        .await
-        .map_or(0, |l| l.token);
+    let (_, hb0) = cl
+        .wait_heartbeat(1, "vm-m", |h| h.disk == "ok" && disk_passes(h) >= 1)
+        .await;
+    let t0 = cl.lock_of(1, "vol/vms/m.img").await.map_or(0, |l| l.token);
 
     // Live: the disk is handed off at the storage stage.
     c.migrate_vm(pb::MigrateVmRequest {
@@ -512,21 +387,23 @@ async fn live_then_quick_migration_hand_the_disk_off() {
     })
     .await
     .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
-    wait_vm(&cl, 2, "vm-m", "live migration", |v| {
+    cl.wait_vm(2, "vm-m", "live migration", |v| {
         v.owner_id == dst && v.migrating_to == 0 && v.runtime == "running"
     })
     .await;
-    let l1 = wait_lock(&cl, 1, "vol/vms/m.img", "handed off", |l| {
-        l.is_some_and(|l| l.holders == vec![dst])
-    })
-    .await
-    .map_or(0, |l| l.token);
+    let l1 = cl
+        .wait_lock(1, "vol/vms/m.img", "handed off", |l| {
+            l.is_some_and(|l| l.holders == vec![dst])
+        })
+        .await
+        .map_or(0, |l| l.token);
     assert!(l1 > t0, "handoff token {l1} must be above {t0}");
     assert_eq!(fence_token(&csv, "vol/vms/m.img"), l1);
-    let (node, hb1) = wait_hb(&cl, 1, "vm-m", |h| {
-        h.seq > hb0.seq && h.disk == "ok" && disk_passes(h) > disk_passes(&hb0)
-    })
-    .await;
+    let (node, hb1) = cl
+        .wait_heartbeat(1, "vm-m", |h| {
+            h.seq > hb0.seq && h.disk == "ok" && disk_passes(h) > disk_passes(&hb0)
+        })
+        .await;
     assert_eq!(node, dst);
     let events = cl.check(cl.events(1).await);
     assert!(
@@ -550,19 +427,20 @@ async fn live_then_quick_migration_hand_the_disk_off() {
         .unwrap_or_else(|e| panic!("quick migrate: {e}{}", cl.logs()))
         .into_inner();
     assert_eq!(r.vm.map(|v| v.migrating_to), Some(src));
-    wait_vm(&cl, 1, "vm-m", "quick migration", |v| {
+    cl.wait_vm(1, "vm-m", "quick migration", |v| {
         v.owner_id == src && v.migrating_to == 0 && v.runtime == "running"
     })
     .await;
-    let l2 = wait_lock(&cl, 2, "vol/vms/m.img", "handed back", |l| {
-        l.is_some_and(|l| l.holders == vec![src])
-    })
-    .await
-    .map_or(0, |l| l.token);
+    let l2 = cl
+        .wait_lock(2, "vol/vms/m.img", "handed back", |l| {
+            l.is_some_and(|l| l.holders == vec![src])
+        })
+        .await
+        .map_or(0, |l| l.token);
     assert!(l2 > l1);
     // The restored guest goes on counting from where it was saved (its memory came
     // along): the first heartbeat the new owner shows is already past the old ones.
-    let (node, hb2) = wait_hb(&cl, 2, "vm-m", |_| true).await;
+    let (node, hb2) = cl.wait_heartbeat(2, "vm-m", |_| true).await;
     assert_eq!(node, src);
     assert!(
         hb2.seq > hb1.seq,
@@ -570,7 +448,8 @@ async fn live_then_quick_migration_hand_the_disk_off() {
         hb2.seq,
         hb1.seq
     );
-    wait_hb(&cl, 2, "vm-m", |h| h.seq > hb2.seq && h.disk == "ok").await;
+    cl.wait_heartbeat(2, "vm-m", |h| h.seq > hb2.seq && h.disk == "ok")
+        .await;
     let events = cl.check(cl.events(2).await);
     assert!(
         events
@@ -620,26 +499,28 @@ async fn frozen_old_owner_is_fenced_at_the_disk_when_it_thaws() {
         })
         .await
         .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
-    let before = wait_vm(&cl, watcher, "vm-z", "running", |v| v.runtime == "running").await;
+    let before = cl
+        .wait_vm(watcher, "vm-z", "running", |v| v.runtime == "running")
+        .await;
     assert_eq!(before.owner_id, victim);
-    wait_hb(&cl, watcher, "vm-z", |h| {
-        h.disk == "ok" && disk_passes(h) >= 1
-    })
-    .await;
-    let old = lock_of(&cl, watcher, "vol/vms/z.img")
+    cl.wait_heartbeat(watcher, "vm-z", |h| h.disk == "ok" && disk_passes(h) >= 1)
+        .await;
+    let old = cl
+        .lock_of(watcher, "vol/vms/z.img")
         .await
         .map_or(0, |l| l.token);
 
     signal(&cl, victim, "STOP");
-    let after = wait_vm(&cl, watcher, "vm-z", "restart elsewhere", |v| {
-        v.owner_id != victim && v.runtime == "running"
-    })
-    .await;
-    let (_, hb) = wait_hb(&cl, watcher, "vm-z", |h| {
-        h.disk == "ok" && disk_passes(h) >= 1
-    })
-    .await;
-    let new = lock_of(&cl, watcher, "vol/vms/z.img")
+    let after = cl
+        .wait_vm(watcher, "vm-z", "restart elsewhere", |v| {
+            v.owner_id != victim && v.runtime == "running"
+        })
+        .await;
+    let (_, hb) = cl
+        .wait_heartbeat(watcher, "vm-z", |h| h.disk == "ok" && disk_passes(h) >= 1)
+        .await;
+    let new = cl
+        .lock_of(watcher, "vol/vms/z.img")
         .await
         .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
     assert_eq!(new.holders, vec![after.owner_id]);
@@ -648,44 +529,25 @@ async fn frozen_old_owner_is_fenced_at_the_disk_when_it_thaws() {
     signal(&cl, victim, "CONT");
     // The thawed copy is stopped by its lapsed lease or its next write meets the newer
     // fence record, whichever comes first.
-    let log = cl.check(cl.spec(victim)).log_path.clone();
-    let start = Instant::now();
-    let refused = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_else(|_| cl.log_tail(victim, 400));
-        if text.contains("disk fenced: stale writer refused")
-            || text
-                .lines()
-                .any(|l| l.contains("lease lost; vms fenced") && l.contains("vm-z"))
-        {
-            break true;
-        }
-        if start.elapsed() > Duration::from_secs(20) {
-            break false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(
-        refused,
-        "the thawed old owner was neither fenced by its lease nor refused at the disk{}",
-        cl.logs()
-    );
-    // The new owner's guest goes on verifying its disk; the fence record keeps the new
-    // epoch (the old owner never rolls it back); the lock stays with the new owner.
-    let (node, later) = wait_hb(&cl, watcher, "vm-z", |h| {
-        h.disk == "ok" && disk_passes(h) >= disk_passes(&hb) + 5
+    cl.wait_log_line(victim, "its copy of vm-z fenced", |l| {
+        l.contains("disk fenced: stale writer refused")
+            || (l.contains("lease lost; vms fenced") && l.contains("vm-z"))
     })
     .await;
+    // The new owner's guest goes on verifying its disk; the fence record keeps the new
+    // epoch (the old owner never rolls it back); the lock stays with the new owner.
+    let (node, later) = cl
+        .wait_heartbeat(watcher, "vm-z", |h| {
+            h.disk == "ok" && disk_passes(h) >= disk_passes(&hb) + 5
+        })
+        .await;
     assert_eq!(node, after.owner_id);
     assert_eq!(later.disk, "ok");
     assert_eq!(fence_token(&csv, "vol/vms/z.img"), new.token);
     // The thawed node's replica catches up to the same lock.
-    wait_lock(
-        &cl,
-        victim,
-        "vol/vms/z.img",
-        "seen by the thawed node",
-        |l| l.is_some_and(|l| l.holders == new.holders && l.token == new.token),
-    )
+    cl.wait_lock(victim, "vol/vms/z.img", "seen by the thawed node", |l| {
+        l.is_some_and(|l| l.holders == new.holders && l.token == new.token)
+    })
     .await;
 }
 
@@ -699,34 +561,31 @@ async fn vm_restarted_by_hand_after_its_owner_died_takes_the_disk_over() {
     create_disk(&cl, 1, "vol/vms/n.img").await;
     let mut s = disk_spec("vm-n", &["vol/vms/n.img"]);
     s.restart_priority = "none".into();
-    let before = create_running(&cl, 1, s).await;
+    let before = cl.create_running(1, s).await;
     let owner = before.owner_id;
     let via = [1, 2, 3].into_iter().find(|n| *n != owner).unwrap_or(1);
-    wait_hb(&cl, via, "vm-n", |h| h.disk == "ok").await;
-    let old = lock_of(&cl, via, "vol/vms/n.img")
+    // A witness on the same node that failover does restart: once it runs elsewhere,
+    // failover has planned for the dead node's VMs, and left vm-n alone in that plan.
+    let witness = pb::VmSpec {
+        preferred_owners: vec![owner],
+        ..disk_spec("witness", &[])
+    };
+    let w = cl.create_running(via, witness).await;
+    assert_eq!(w.owner_id, owner);
+    cl.wait_heartbeat(via, "vm-n", |h| h.disk == "ok").await;
+    let old = cl
+        .lock_of(via, "vol/vms/n.img")
         .await
         .map_or(0, |l| l.token);
 
     let killed = cl.kill9(owner);
     cl.check(killed);
     // Down, and left alone by failover (priority none).
-    let start = Instant::now();
-    loop {
-        let nodes = cl.check(cl.nodes(via).await);
-        if nodes
-            .iter()
-            .any(|n| n.node_id == owner && n.state == "down")
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "node {owner} never went down{}",
-            cl.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    cl.check(cl.wait_node_state(via, owner, "down", WAIT).await);
+    cl.wait_vm(via, "witness", "failed over", |v| {
+        v.owner_id != owner && v.runtime == "running"
+    })
+    .await;
     let mut c = cl.vms(via).await;
     assert_eq!(
         get_vm(&mut c, "vm-n").await.map(|v| v.owner_id).ok(),
@@ -743,13 +602,17 @@ async fn vm_restarted_by_hand_after_its_owner_died_takes_the_disk_over() {
     })
     .await
     .unwrap_or_else(|e| panic!("start: {e}{}", cl.logs()));
-    let after = wait_vm(&cl, via, "vm-n", "running elsewhere", |v| {
-        v.owner_id != owner && v.runtime == "running"
-    })
-    .await;
-    let (node, _) = wait_hb(&cl, via, "vm-n", |h| h.disk == "ok" && disk_passes(h) >= 1).await;
+    let after = cl
+        .wait_vm(via, "vm-n", "running elsewhere", |v| {
+            v.owner_id != owner && v.runtime == "running"
+        })
+        .await;
+    let (node, _) = cl
+        .wait_heartbeat(via, "vm-n", |h| h.disk == "ok" && disk_passes(h) >= 1)
+        .await;
     assert_eq!(node, after.owner_id);
-    let new = lock_of(&cl, via, "vol/vms/n.img")
+    let new = cl
+        .lock_of(via, "vol/vms/n.img")
         .await
         .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
     assert_eq!(new.holders, vec![after.owner_id]);
@@ -769,14 +632,15 @@ async fn failed_migration_leaves_the_disk_with_the_source() {
     let mut s = disk_spec("vm-r", &["vol/vms/r.img"]);
     s.preferred_owners = vec![leader];
     let mut c = cl.vms(leader).await;
-    let before = create_running(&cl, leader, s).await;
+    let before = cl.create_running(leader, s).await;
     let src = before.owner_id;
     let dst = [1, 2, 3]
         .into_iter()
         .find(|n| *n != src && *n != leader)
         .unwrap_or(3);
-    wait_hb(&cl, leader, "vm-r", |h| h.disk == "ok").await;
-    let old = lock_of(&cl, leader, "vol/vms/r.img")
+    cl.wait_heartbeat(leader, "vm-r", |h| h.disk == "ok").await;
+    let old = cl
+        .lock_of(leader, "vol/vms/r.img")
         .await
         .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
 
@@ -789,7 +653,7 @@ async fn failed_migration_leaves_the_disk_with_the_source() {
     })
     .await
     .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
-    wait_vm(&cl, leader, "vm-r", "migration failure", |v| {
+    cl.wait_vm(leader, "vm-r", "migration failure", |v| {
         v.migrating_to == 0 && v.owner_id == src
     })
     .await;
@@ -800,18 +664,17 @@ async fn failed_migration_leaves_the_disk_with_the_source() {
             .contains(&format!("vm-r migration to node {dst} failed"))),
         "{events:?}"
     );
-    let (node, _) = wait_hb(&cl, leader, "vm-r", |h| h.disk == "ok").await;
+    let (node, _) = cl.wait_heartbeat(leader, "vm-r", |h| h.disk == "ok").await;
     assert_eq!(node, src);
-    let now = lock_of(&cl, leader, "vol/vms/r.img").await;
+    let now = cl.lock_of(leader, "vol/vms/r.img").await;
     assert_eq!(
         now.map(|l| (l.holders, l.token)),
         Some((old.holders, old.token))
     );
 }
 
-/// The owner is lost in the middle of a live migration of a VM with a disk (the guest
-/// dirties memory faster than the 1 ms downtime budget allows, so the migration is still
-/// in pre-copy): the migration record ends failed and failover gives the VM to the
+/// The owner is lost in the middle of a live migration of a VM with a disk (held in
+/// pre-copy by a bandwidth cap): the migration record ends failed and failover gives the VM to the
 /// migration target, which drops its half-received copy and boots the VM from its disk
 /// with a newer fencing token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -834,8 +697,10 @@ enum Loss {
 }
 
 /// A 3-node disk cluster with VM `vm-m` (disk `vol/vms/m.img`) on a follower, in the
-/// middle of a live migration to the other follower that cannot converge (a guest that
-/// dirties memory faster than the 1 ms downtime budget allows): a few pre-copy rounds in.
+/// middle of a live migration to the other follower, provably in pre-copy: its progress
+/// shows guest memory on the wire, and a 1 MiB/s bandwidth cap keeps the 64 MiB working
+/// set of a guest that dirties memory in pre-copy for minutes (with a 1 ms blackout
+/// budget, 1 KiB at that rate, that the dirtying guest never meets).
 struct MidMigration {
     cl: Cluster,
     csv: PathBuf,
@@ -868,25 +733,26 @@ async fn disk_vm_in_endless_precopy() -> MidMigration {
         ..disk_spec("vm-m", &["vol/vms/m.img"])
     };
     let mut c = cl.vms(leader).await;
-    let before = create_running(&cl, leader, spec).await;
+    let before = cl.create_running(leader, spec).await;
     assert_eq!(before.owner_id, src);
-    let old = wait_lock(&cl, leader, "vol/vms/m.img", "locked by the owner", |l| {
-        l.is_some_and(|l| l.holders == vec![src])
-    })
-    .await
-    .map_or(0, |l| l.token);
+    let old = cl
+        .wait_lock(leader, "vol/vms/m.img", "locked by the owner", |l| {
+            l.is_some_and(|l| l.holders == vec![src])
+        })
+        .await
+        .map_or(0, |l| l.token);
     c.migrate_vm(pb::MigrateVmRequest {
         name: "vm-m".into(),
         to_node_id: dst,
         max_downtime_ms: Some(1),
-        deadline_ms: Some(120_000),
+        deadline_ms: Some(600_000),
+        bandwidth_bytes_per_s_max: Some(1 << 20),
         ..Default::default()
     })
     .await
     .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
     let rec = cl.running_migration(leader, "vm-m", WAIT).await.id;
-    // Let a few pre-copy rounds go by; the migration cannot converge.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cl.wait_precopy(leader, rec).await;
     let v = get_vm(&mut c, "vm-m")
         .await
         .unwrap_or_else(|e| panic!("get: {e}"));
@@ -923,24 +789,22 @@ async fn owner_lost_mid_migration(loss: Loss) {
         }
         Loss::Freeze => signal(&cl, src, "STOP"),
     }
-    let after = wait_vm(
-        &cl,
-        leader,
-        "vm-m",
-        "restart on the migration target",
-        |v| v.owner_id == dst && v.migrating_to == 0 && v.runtime == "running",
-    )
-    .await;
+    let after = cl
+        .wait_vm(leader, "vm-m", "restart on the migration target", |v| {
+            v.owner_id == dst && v.migrating_to == 0 && v.runtime == "running"
+        })
+        .await;
     assert!(after.generation > before.generation, "{after:?}");
     eprintln!(
         "vm-m running on the migration target {} ms after its source was lost",
         lost.elapsed().as_millis()
     );
-    let (node, _) = wait_hb(&cl, leader, "vm-m", |_| true).await;
+    let (node, _) = cl.wait_heartbeat(leader, "vm-m", |_| true).await;
     assert_eq!(node, dst);
     let ended = cl.migration_end(leader, rec, WAIT).await;
     assert_eq!(ended.state, "failed", "{ended:?}");
-    let new = lock_of(&cl, leader, "vol/vms/m.img")
+    let new = cl
+        .lock_of(leader, "vol/vms/m.img")
         .await
         .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
     assert_eq!(new.holders, vec![dst]);
@@ -962,12 +826,13 @@ async fn owner_lost_mid_migration(loss: Loss) {
             // The frozen source thaws with its lease long lapsed: it stops its copy, and
             // the VM stays with the target.
             signal(&cl, src, "CONT");
-            let (node, _) = wait_hb(&cl, leader, "vm-m", |_| true).await;
+            let (node, _) = cl.wait_heartbeat(leader, "vm-m", |_| true).await;
             assert_eq!(node, dst);
-            let v = wait_vm(&cl, leader, "vm-m", "still on the target", |v| {
-                v.owner_id == dst && v.runtime == "running"
-            })
-            .await;
+            let v = cl
+                .wait_vm(leader, "vm-m", "still on the target", |v| {
+                    v.owner_id == dst && v.runtime == "running"
+                })
+                .await;
             assert_eq!(v.generation, after.generation, "{v:?}");
         }
     }
@@ -992,11 +857,13 @@ async fn owner_dying_after_the_switchover_leaves_the_vm_on_the_target() {
         ..disk_spec("vm-w", &["vol/vms/w.img"])
     };
     let mut c = cl.vms(leader).await;
-    let before = create_running(&cl, leader, spec).await;
+    let before = cl.create_running(leader, spec).await;
     assert_eq!(before.owner_id, src);
     // Long enough on the source that a guest rebooted on the target could not have
     // counted this far by the time the failover is done.
-    let (_, hb) = wait_hb(&cl, leader, "vm-w", |h| h.disk == "ok" && h.seq >= 40).await;
+    let (_, hb) = cl
+        .wait_heartbeat(leader, "vm-w", |h| h.disk == "ok" && h.seq >= 40)
+        .await;
     let seq_before = hb.seq;
 
     c.migrate_vm(pb::MigrateVmRequest {
@@ -1006,16 +873,17 @@ async fn owner_dying_after_the_switchover_leaves_the_vm_on_the_target() {
     })
     .await
     .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
-    let after = wait_vm(&cl, leader, "vm-w", "owner change to the target", |v| {
-        v.owner_id == dst && v.migrating_to == 0 && v.runtime == "running"
-    })
-    .await;
+    let after = cl
+        .wait_vm(leader, "vm-w", "owner change to the target", |v| {
+            v.owner_id == dst && v.migrating_to == 0 && v.runtime == "running"
+        })
+        .await;
     assert!(
         cl.log_tail(src, 200).contains("crash point reached"),
         "the source did not crash at the crash point{}",
         cl.logs()
     );
-    let (node, hb) = wait_hb(&cl, leader, "vm-w", |_| true).await;
+    let (node, hb) = cl.wait_heartbeat(leader, "vm-w", |_| true).await;
     assert_eq!(node, dst);
     assert!(
         hb.seq > seq_before,
@@ -1023,8 +891,10 @@ async fn owner_dying_after_the_switchover_leaves_the_vm_on_the_target() {
         hb.seq,
         cl.logs()
     );
-    wait_hb(&cl, leader, "vm-w", |h| h.disk == "ok" && h.seq > hb.seq).await;
-    let handed = lock_of(&cl, leader, "vol/vms/w.img")
+    cl.wait_heartbeat(leader, "vm-w", |h| h.disk == "ok" && h.seq > hb.seq)
+        .await;
+    let handed = cl
+        .lock_of(leader, "vol/vms/w.img")
         .await
         .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
     assert_eq!(handed.holders, vec![dst]);
@@ -1055,18 +925,16 @@ async fn owner_dying_after_the_switchover_leaves_the_vm_on_the_target() {
     })
     .await
     .unwrap_or_else(|e| panic!("quick migrate: {e}{}", cl.logs()));
-    let back = wait_vm(
-        &cl,
-        leader,
-        "vm-w",
-        "owner change to the quick target",
-        |v| v.owner_id == src && v.migrating_to == 0 && v.runtime == "running",
-    )
-    .await;
+    let back = cl
+        .wait_vm(leader, "vm-w", "owner change to the quick target", |v| {
+            v.owner_id == src && v.migrating_to == 0 && v.runtime == "running"
+        })
+        .await;
     assert!(back.generation > after.generation);
-    let (node, _) = wait_hb(&cl, leader, "vm-w", |h| h.disk == "ok").await;
+    let (node, _) = cl.wait_heartbeat(leader, "vm-w", |h| h.disk == "ok").await;
     assert_eq!(node, src);
-    let held = lock_of(&cl, leader, "vol/vms/w.img")
+    let held = cl
+        .lock_of(leader, "vol/vms/w.img")
         .await
         .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
     assert_eq!(held.holders, vec![src]);
@@ -1091,21 +959,22 @@ async fn target_kill9_mid_migration_leaves_the_vm_and_its_lock_with_the_source()
         before,
         old,
     } = disk_vm_in_endless_precopy().await;
-    let held = lock_of(&cl, leader, "vol/vms/m.img").await;
+    let held = cl.lock_of(leader, "vol/vms/m.img").await;
     assert_eq!(held.map(|l| (l.holders, l.token)), Some((vec![src], old)));
     let killed = cl.kill9(dst);
     cl.check(killed);
     let ended = cl.migration_end(leader, rec, WAIT).await;
     assert_eq!(ended.state, "failed", "{ended:?}");
-    let kept = lock_of(&cl, leader, "vol/vms/m.img").await;
+    let kept = cl.lock_of(leader, "vol/vms/m.img").await;
     assert_eq!(kept.map(|l| (l.holders, l.token)), Some((vec![src], old)));
     assert_eq!(fence_token(&csv, "vol/vms/m.img"), old);
-    let v = wait_vm(&cl, leader, "vm-m", "running on the source", |v| {
-        v.owner_id == src && v.migrating_to == 0 && v.runtime == "running"
-    })
-    .await;
+    let v = cl
+        .wait_vm(leader, "vm-m", "running on the source", |v| {
+            v.owner_id == src && v.migrating_to == 0 && v.runtime == "running"
+        })
+        .await;
     assert_eq!(v.generation, before.generation, "{v:?}");
-    let (node, _) = wait_hb(&cl, leader, "vm-m", |_| true).await;
+    let (node, _) = cl.wait_heartbeat(leader, "vm-m", |_| true).await;
     assert_eq!(node, src);
     // The table and the host agree: stop releases the lock, start takes it again.
     let mut c = cl.vms(leader).await;
@@ -1114,17 +983,18 @@ async fn target_kill9_mid_migration_leaves_the_vm_and_its_lock_with_the_source()
     })
     .await
     .unwrap_or_else(|e| panic!("stop: {e}"));
-    wait_lock(&cl, leader, "vol/vms/m.img", "released", |l| l.is_none()).await;
+    cl.wait_lock(leader, "vol/vms/m.img", "released", |l| l.is_none())
+        .await;
     c.start_vm(pb::VmName {
         name: "vm-m".into(),
     })
     .await
     .unwrap_or_else(|e| panic!("start: {e}"));
-    let again = wait_vm(&cl, leader, "vm-m", "running again", |v| {
-        v.runtime == "running"
-    })
-    .await;
-    let relocked = lock_of(&cl, leader, "vol/vms/m.img")
+    let again = cl
+        .wait_vm(leader, "vm-m", "running again", |v| v.runtime == "running")
+        .await;
+    let relocked = cl
+        .lock_of(leader, "vol/vms/m.img")
         .await
         .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
     assert_eq!(relocked.holders, vec![again.owner_id]);

@@ -82,10 +82,7 @@ fn console_streams_live_lines_after_the_recent_log() {
     assert!(!heartbeats(&c.recent).is_empty());
     let deadline = Instant::now() + WAIT;
     let line = loop {
-        let l = c
-            .lines
-            .recv_timeout(Duration::from_secs(5))
-            .expect("a live console line");
+        let l = c.lines.recv_timeout(WAIT).expect("a live console line");
         if l.starts_with("HB ") {
             break l;
         }
@@ -265,23 +262,14 @@ fn failover_takeover_fences_the_partitioned_old_owner() {
     );
 
     // The old owner's next write is refused at the fence.
-    let deadline = Instant::now() + WAIT;
-    let fenced = loop {
-        let st = h.a.state("fo").unwrap();
-        if st.disks[0].fenced_by.is_some() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "old owner never fenced: {st:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let fenced = cluster_tests::Wait::new(WAIT)
+        .until_blocking(
+            "the old owner's disk fenced and a write refused",
+            || h.a.state("fo"),
+            |st| st.disks[0].fenced_by.is_some() && st.disks[0].requests_failed > 0,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(fenced.disks[0].fenced_by, Some(gb.token));
-    let failed_before = fenced.disks[0].requests_failed;
-    std::thread::sleep(Duration::from_millis(500));
-    let st = h.a.state("fo").unwrap();
-    assert!(
-        st.disks[0].requests_failed > failed_before || st.disks[0].requests_failed > 0,
-        "{st:?}"
-    );
     // The guest on A sees its writes fail (its workload reports the disk as lost) and
     // completes no further pass.
     let hb = wait_hb(&h.a, "fo", |hb| {

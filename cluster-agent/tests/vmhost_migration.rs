@@ -31,6 +31,7 @@ fn opts() -> LiveOptions {
         max_downtime_ms: 300,
         deadline_ms: 120_000,
         connections: 2,
+        bandwidth_bytes_per_s_max: 0,
     }
 }
 
@@ -145,8 +146,9 @@ fn cancelled_migration_leaves_the_vm_running_on_the_source() {
     let listener = listen(&h.b, &h, "127.0.2.3", ReceiveOptions::default());
     let disk = h.disk("cancel");
     let ga = h.acquire(&disk, NODE_A);
-    // A guest that dirties memory fast, with a 1 ms downtime goal: pre-copy keeps going
-    // round after round, so the cancel surely lands before switchover.
+    // A guest that dirties memory, a 1 ms downtime goal and a 1 MiB/s bandwidth cap: its
+    // 64 MiB working set keeps pre-copy going for about a minute per round, so the cancel
+    // lands before switchover on any machine.
     let mut w = TestWorkload::new(WorkloadName::Dirty);
     w.wss_mib = 64;
     w.rate_mbps = 4000;
@@ -163,6 +165,7 @@ fn cancelled_migration_leaves_the_vm_running_on_the_source() {
                 max_downtime_ms: 1,
                 deadline_ms: 120_000,
                 connections: 1,
+                bandwidth_bytes_per_s_max: 1 << 20,
             },
             h.locks.clone(),
         )

@@ -51,6 +51,7 @@ struct MigrationJson {
     cancel_requested: bool,
     max_downtime_ms: Option<u64>,
     deadline_ms: Option<u64>,
+    bandwidth_bytes_per_s_max: Option<u64>,
     started_unix_ms: u64,
     ended_unix_ms: Option<u64>,
     reason: String,
@@ -68,6 +69,8 @@ fn to_json(m: &pb::MigrationInfo) -> MigrationJson {
         cancel_requested: m.cancel_requested,
         max_downtime_ms: (m.max_downtime_ms != 0).then_some(m.max_downtime_ms),
         deadline_ms: (m.deadline_ms != 0).then_some(m.deadline_ms),
+        bandwidth_bytes_per_s_max: (m.bandwidth_bytes_per_s_max != 0)
+            .then_some(m.bandwidth_bytes_per_s_max),
         started_unix_ms: m.started_unix_ms,
         ended_unix_ms: (m.ended_unix_ms != 0).then_some(m.ended_unix_ms),
         reason: m.reason.clone(),
@@ -169,6 +172,14 @@ fn render_one(fmt: Format, m: &pb::MigrationInfo) -> Result<String, CtlError> {
     );
     line("max_downtime_ms", opt(m.max_downtime_ms));
     line("deadline_ms", opt(m.deadline_ms));
+    line(
+        "max_bandwidth",
+        match m.bandwidth_bytes_per_s_max {
+            0 => "unlimited".to_string(),
+            b if b % (1 << 20) == 0 => format!("{} MiB/s", b >> 20),
+            b => format!("{b} B/s"),
+        },
+    );
     line("started_unix_ms", m.started_unix_ms.to_string());
     line("duration_ms", duration_ms(m));
     if !m.reason.is_empty() {

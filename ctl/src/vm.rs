@@ -48,6 +48,10 @@ pub enum VmCmd {
         /// Give up and roll back when not converged within S seconds (default 120).
         #[arg(long, value_name = "S")]
         deadline: Option<u64>,
+        /// Most MiB/s the live migration may send over the migration network (default
+        /// and 0: unlimited).
+        #[arg(long, value_name = "MIB_PER_S", value_parser = parse_mib_per_s)]
+        max_bandwidth: Option<u64>,
         /// No progress bar on stderr.
         #[arg(long)]
         no_progress: bool,
@@ -405,6 +409,15 @@ pub async fn why_not(cli: &Cli, vm: &str, node_id: u64) -> Result<String, CtlErr
     render_why_not(cli.output, vm, node_id, &r.reasons)
 }
 
+/// `--max-bandwidth MIB_PER_S` as bytes per second (0: no cap).
+fn parse_mib_per_s(s: &str) -> Result<u64, String> {
+    let mib: u64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number of MiB/s"))?;
+    mib.checked_mul(1 << 20)
+        .ok_or_else(|| format!("{mib} MiB/s is too large"))
+}
+
 /// `clusterctl vm ...`.
 pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
     let timeout = cli.timeout();
@@ -461,6 +474,7 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             quick,
             max_downtime,
             deadline,
+            max_bandwidth,
             no_progress,
             no_queue,
         } => {
@@ -471,6 +485,7 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                 max_downtime_ms: *max_downtime,
                 deadline_ms: deadline.map(|s| s.saturating_mul(1000)),
                 no_queue: *no_queue,
+                bandwidth_bytes_per_s_max: max_bandwidth.filter(|b| *b > 0),
             };
             if *dry_run {
                 let p = call(ep, timeout, c.plan_migration(req)).await?;

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 
-use cluster_tests::{locate_binary, Cluster, Options};
+use cluster_tests::{Cluster, Options};
 
 #[test]
 fn no_agent_reachable_is_one_clear_sentence_and_exit_2() {
@@ -30,8 +30,7 @@ fn no_agent_reachable_is_one_clear_sentence_and_exit_2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tour_against_a_real_agent() {
     let _serial = cluster_tests::serial().await;
-    let bin = locate_binary("cluster-agent", "cluster-agent").unwrap_or_else(|e| panic!("{e}"));
-    let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
+    let mut c = Cluster::agents(Options::default());
     c.add_node(1).unwrap_or_else(|e| panic!("{e}"));
     c.start(1).await.unwrap_or_else(|e| panic!("{e}"));
     let ep = endpoint(&c, 1);

@@ -6,15 +6,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ctl, endpoint, follow_console, json, text};
+use common::{ctl, endpoint, follow_console, text, wait_json};
 
-use cluster_tests::{locate_binary, Cluster, Options};
+use cluster_tests::{Cluster, Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_follow_survives_a_failover_of_the_owner() {
     let _serial = cluster_tests::serial().await;
-    let bin = locate_binary("cluster-agent", "cluster-agent").unwrap_or_else(|e| panic!("{e}"));
-    let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
+    let mut c = Cluster::agents(Options::default());
     c.form(3).await.unwrap_or_else(|e| panic!("{e}"));
     // Watch through node 1; the VM runs on node 3 (preferred owner), which is killed.
     let ep = endpoint(&c, 1);
@@ -35,16 +34,14 @@ async fn console_follow_survives_a_failover_of_the_owner() {
         ],
     );
     assert!(o.status.success(), "{}", text(&o).1);
-    let start = Instant::now();
-    loop {
-        let v = json(&ep, &["vm", "show", "phoenix"]);
-        if v["runtime"] == "running" {
-            assert_eq!(v["owner_id"], 3, "{v}");
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "never ran: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let v = wait_json(
+        &c,
+        &ep,
+        &["vm", "show", "phoenix"],
+        "phoenix running",
+        |v| v["runtime"] == "running",
+    );
+    assert_eq!(v["owner_id"], 3, "{v}");
 
     let (mut follower, rx) = follow_console(&ep, "phoenix");
     // Streaming from node 3 first.

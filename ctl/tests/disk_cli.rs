@@ -5,27 +5,24 @@
 mod common;
 
 use common::*;
-use std::time::{Duration, Instant};
 
-use cluster_tests::{locate_binary, Cluster, Options};
+use cluster_tests::{Cluster, Options, Wait, WAIT};
 
-const WAIT: Duration = Duration::from_secs(90);
-
-fn wait(c: &Cluster, what: &str, mut pred: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !pred() {
-        assert!(
-            start.elapsed() < WAIT,
-            "{what} did not happen\n{}\n{}",
-            c.log_tail(1, 30),
-            c.log_tail(2, 30)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// The holders of `disk`'s lock once `pred` holds for them.
+fn wait_holders(c: &Cluster, ep: &str, disk: &str, what: &str, pred: impl Fn(&[u64]) -> bool) {
+    let r = Wait::new(WAIT).until_blocking(
+        &format!("lock of {disk}: {what}"),
+        || try_json(ep, &["disk", "locks"]).map(|l| holders_in(&l, disk)),
+        |h| pred(h),
+    );
+    c.check(r);
 }
 
 fn holders(ep: &str, disk: &str) -> Vec<u64> {
-    let locks = json(ep, &["disk", "locks"]);
+    holders_in(&json(ep, &["disk", "locks"]), disk)
+}
+
+fn holders_in(locks: &serde_json::Value, disk: &str) -> Vec<u64> {
     locks
         .as_array()
         .into_iter()
@@ -39,16 +36,10 @@ fn holders(ep: &str, disk: &str) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_commands_against_real_agents() {
     let _serial = cluster_tests::serial().await;
-    let bin = locate_binary("cluster-agent", "cluster-agent").unwrap_or_else(|e| panic!("{e}"));
-    let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
-    let csv = c.dir().join("csv");
-    std::fs::create_dir_all(&csv).unwrap_or_else(|e| panic!("{e}"));
+    let mut c = Cluster::agents(Options::default());
+    let (csv, volume) = c.shared_volume();
     for id in 1..=2 {
-        let extra = format!(
-            "[[volumes]]\nname = \"vol\"\npath = \"{}\"\n",
-            csv.display()
-        );
-        c.add_node_with(id, &extra)
+        c.add_node_with(id, &volume)
             .unwrap_or_else(|e| panic!("{e}"));
     }
     c.form(2).await.unwrap_or_else(|e| panic!("{e}"));
@@ -106,12 +97,11 @@ async fn disk_commands_against_real_agents() {
         ],
     );
     assert!(o.status.success(), "{}", text(&o).1);
-    let mut owner = 0;
-    wait(&c, "q1 running", || {
-        let v = json(&ep, &["vm", "show", "q1"]);
-        owner = v["owner_id"].as_u64().unwrap_or(0);
+    let owner = wait_json(&c, &ep, &["vm", "show", "q1"], "q1 running", |v| {
         v["runtime"] == "running"
-    });
+    })["owner_id"]
+        .as_u64()
+        .unwrap_or(0);
     assert_eq!(holders(&ep, "vol/vms/d1.img"), vec![owner]);
     let o = ctl(&ep, &["disk", "locks"]);
     let (out, _) = text(&o);
@@ -151,8 +141,8 @@ async fn disk_commands_against_real_agents() {
         out.contains("VM q1 disks: vol/vms/d1.img, vol/vms/d2.img"),
         "{out}"
     );
-    wait(&c, "d2 locked by the owner", || {
-        holders(&ep, "vol/vms/d2.img") == vec![other]
+    wait_holders(&c, &ep, "vol/vms/d2.img", "locked by the owner", |h| {
+        h == [other]
     });
     refused(
         &ep,
@@ -161,9 +151,7 @@ async fn disk_commands_against_real_agents() {
     );
     let o = ctl(&ep, &["vm", "disk", "detach", "q1", "vol/vms/d2.img"]);
     assert!(o.status.success(), "{}", text(&o).1);
-    wait(&c, "d2 released", || {
-        holders(&ep, "vol/vms/d2.img").is_empty()
-    });
+    wait_holders(&c, &ep, "vol/vms/d2.img", "released", |h| h.is_empty());
     refused(
         &ep,
         &["vm", "disk", "detach", "q1", "vol/vms/d2.img"],
@@ -172,9 +160,7 @@ async fn disk_commands_against_real_agents() {
 
     let o = ctl(&ep, &["vm", "stop", "q1"]);
     assert!(o.status.success(), "{}", text(&o).1);
-    wait(&c, "d1 released", || {
-        holders(&ep, "vol/vms/d1.img").is_empty()
-    });
+    wait_holders(&c, &ep, "vol/vms/d1.img", "released", |h| h.is_empty());
 
     // Read-only disks: two VMs share one (shared lock); a writer is refused.
     let o = ctl(
@@ -199,16 +185,22 @@ async fn disk_commands_against_real_agents() {
         );
         assert!(o.status.success(), "{}", text(&o).1);
     }
-    wait(&c, "r1 and r2 running", || {
-        ["r1", "r2"]
-            .iter()
-            .all(|v| json(&ep, &["vm", "show", v])["runtime"] == "running")
-    });
-    wait(&c, "both readers hold the shared lock", || {
-        let mut h = holders(&ep, "vol/vms/ro.img");
-        h.sort_unstable();
-        h == vec![1, 2]
-    });
+    for vm in ["r1", "r2"] {
+        wait_json(&c, &ep, &["vm", "show", vm], "running", |v| {
+            v["runtime"] == "running"
+        });
+    }
+    wait_holders(
+        &c,
+        &ep,
+        "vol/vms/ro.img",
+        "both readers hold the shared lock",
+        |h| {
+            let mut h = h.to_vec();
+            h.sort_unstable();
+            h == [1, 2]
+        },
+    );
     let locks = json(&ep, &["disk", "locks"]);
     let ro = locks
         .as_array()

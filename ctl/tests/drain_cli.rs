@@ -4,27 +4,13 @@
 mod common;
 
 use common::*;
-use std::time::{Duration, Instant};
 
-use cluster_tests::{locate_binary, Cluster, Options};
-
-fn wait(what: &str, c: &Cluster, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "timed out waiting for {what}\n{}",
-            c.log_tail(1, 40)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
+use cluster_tests::{Cluster, Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_resume_and_policy_commands_against_real_agents() {
     let _serial = cluster_tests::serial().await;
-    let bin = locate_binary("cluster-agent", "cluster-agent").unwrap_or_else(|e| panic!("{e}"));
-    let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
+    let mut c = Cluster::agents(Options::default());
     c.form(3).await.unwrap_or_else(|e| panic!("{e}"));
     let ep = endpoint(&c, 2);
     for n in ["cd0", "cd1"] {
@@ -43,8 +29,7 @@ async fn drain_resume_and_policy_commands_against_real_agents() {
             ],
         );
     }
-    wait("VMs running on node 3", &c, || {
-        let v = json(&ep, &["vm", "list"]);
+    wait_json(&c, &ep, &["vm", "list"], "VMs running on node 3", |v| {
         v.as_array().is_some_and(|a| {
             a.len() == 2
                 && a.iter()
@@ -106,8 +91,7 @@ async fn drain_resume_and_policy_commands_against_real_agents() {
     // Resume with failback: both VMs come home.
     let out = ok(&ep, &["node", "resume", "3", "--failback"]);
     assert!(out.contains("node 3 resumed; 2 VMs move back"), "{out}");
-    wait("VMs back on node 3", &c, || {
-        let v = json(&ep, &["vm", "list"]);
+    wait_json(&c, &ep, &["vm", "list"], "VMs back on node 3", |v| {
         v.as_array().is_some_and(|a| {
             a.iter()
                 .all(|v| v["owner_id"] == 3 && v["runtime"] == "running" && v["migrating_to"] == 0)

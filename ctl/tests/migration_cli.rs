@@ -5,16 +5,15 @@ mod common;
 
 use common::*;
 
-use cluster_tests::{locate_binary, Cluster, Options};
+use cluster_tests::{Cluster, Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_with_progress_then_list_show_and_refusals() {
     let _serial = cluster_tests::serial().await;
-    let bin = locate_binary("cluster-agent", "cluster-agent").unwrap_or_else(|e| panic!("{e}"));
-    let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
+    let mut c = Cluster::agents(Options::default());
     c.form(2).await.unwrap_or_else(|e| panic!("{e}"));
     let ep = endpoint(&c, 1);
-    let owner = create_running(&ep, "mover");
+    let owner = create_running(&c, &ep, "mover");
     let other = 3 - owner;
 
     // Bad options: refused with the option named, nothing recorded or moved.
@@ -110,12 +109,11 @@ async fn migrate_with_progress_then_list_show_and_refusals() {
 async fn migrate_waits_in_the_queue_for_a_busy_slot() {
     use cluster_proto::vms as pb;
     let _serial = cluster_tests::serial().await;
-    let bin = locate_binary("cluster-agent", "cluster-agent").unwrap_or_else(|e| panic!("{e}"));
-    let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
+    let mut c = Cluster::agents(Options::default());
     c.form(2).await.unwrap_or_else(|e| panic!("{e}"));
     let ep = endpoint(&c, 1);
-    // A guest that dirties memory faster than a 1 ms blackout allows: its migration
-    // holds both nodes' slots until cancelled.
+    // A guest that dirties memory, migrated at 1 MiB/s with a 1 ms blackout budget: its
+    // migration stays in pre-copy, holding both nodes' slots, until cancelled.
     let boot = pb::TestGuestBoot {
         workload: "dirty".into(),
         wss_mib: 64,
@@ -130,15 +128,19 @@ async fn migrate_waits_in_the_queue_for_a_busy_slot() {
         })
         .await
         .unwrap_or_else(|e| panic!("create hog: {e}"));
-    let owner = create_running(&ep, "waiter");
-    let start = std::time::Instant::now();
-    while json(&ep, &["vm", "show", "hog"])["runtime"] != "running" {
-        assert!(start.elapsed() < std::time::Duration::from_secs(30));
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let hog_owner = json(&ep, &["vm", "show", "hog"])["owner_id"]
+    let owner = create_running(&c, &ep, "waiter");
+    let hog_owner = wait_json(&c, &ep, &["vm", "show", "hog"], "hog running", |v| {
+        v["runtime"] == "running"
+    })["owner_id"]
         .as_u64()
         .unwrap_or(0);
+    let o = ctl(&ep, &["vm", "migrate", "hog", "--max-bandwidth", "lots"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o).1);
+    assert!(
+        text(&o).1.contains("not a whole number of MiB/s"),
+        "{}",
+        text(&o).1
+    );
     ok(
         &ep,
         &[
@@ -149,9 +151,21 @@ async fn migrate_waits_in_the_queue_for_a_busy_slot() {
             &(3 - hog_owner).to_string(),
             "--max-downtime",
             "1",
+            "--deadline",
+            "600",
+            "--max-bandwidth",
+            "1",
             "--no-wait",
         ],
     );
+    let hog = json(&ep, &["migration", "show", "1"]);
+    assert_eq!(
+        hog["bandwidth_bytes_per_s_max"].as_u64(),
+        Some(1 << 20),
+        "{hog}"
+    );
+    let shown = ok(&ep, &["migration", "show", "1"]);
+    assert!(shown.contains("max_bandwidth      1 MiB/s"), "{shown}");
     let to = (3 - owner).to_string();
     refused(
         &ep,
@@ -186,16 +200,17 @@ async fn migrate_waits_in_the_queue_for_a_busy_slot() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));
-    let start = std::time::Instant::now();
-    while json(&ep, &["migration", "list", "--vm", "waiter"])
-        .as_array()
-        .is_none_or(|l| !l.iter().any(|m| m["state"] == "queued"))
-    {
-        assert!(start.elapsed() < std::time::Duration::from_secs(30));
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    // Cancelled, unless the auto-converge throttle got it under 1 ms by itself meanwhile.
-    let _ = ctl(&ep, &["migration", "cancel", "1"]);
+    wait_json(
+        &c,
+        &ep,
+        &["migration", "list", "--vm", "waiter"],
+        "waiter's migration queued",
+        |l| {
+            l.as_array()
+                .is_some_and(|l| l.iter().any(|m| m["state"] == "queued"))
+        },
+    );
+    ok(&ep, &["migration", "cancel", "1"]);
     let o = waiter.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
@@ -210,8 +225,5 @@ async fn migrate_waits_in_the_queue_for_a_busy_slot() {
         Some(3 - owner)
     );
     let hog = json(&ep, &["migration", "show", "1"]);
-    assert!(
-        hog["state"] == "cancelled" || hog["state"] == "succeeded",
-        "{hog}"
-    );
+    assert_eq!(hog["state"], "cancelled", "{hog}");
 }

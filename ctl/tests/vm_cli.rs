@@ -5,13 +5,12 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 
-use cluster_tests::{locate_binary, Cluster, Options};
+use cluster_tests::{Cluster, Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_commands_against_a_real_agent() {
     let _serial = cluster_tests::serial().await;
-    let bin = locate_binary("cluster-agent", "cluster-agent").unwrap_or_else(|e| panic!("{e}"));
-    let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
+    let mut c = Cluster::agents(Options::default());
     c.add_node(1).unwrap_or_else(|e| panic!("{e}"));
     c.start(1).await.unwrap_or_else(|e| panic!("{e}"));
     let ep = endpoint(&c, 1);
@@ -34,20 +33,10 @@ async fn vm_commands_against_a_real_agent() {
     assert!(o.status.success(), "{err}");
     assert!(out.contains("web1") && out.contains("owner"), "{out}");
 
-    let start = Instant::now();
-    loop {
-        let v = json(&ep, &["vm", "show", "web1"]);
-        if v["runtime"] == "running" {
-            assert_eq!(v["owner_id"], 1);
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "web1 never ran: {v}\n{}",
-            c.log_tail(1, 30)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let v = wait_json(&c, &ep, &["vm", "show", "web1"], "web1 running", |v| {
+        v["runtime"] == "running"
+    });
+    assert_eq!(v["owner_id"], 1);
 
     let o = ctl(&ep, &["vm", "list"]);
     let (out, _) = text(&o);
@@ -88,14 +77,9 @@ async fn vm_commands_against_a_real_agent() {
 
     let o = ctl(&ep, &["vm", "stop", "web1"]);
     assert!(o.status.success(), "{}", text(&o).1);
-    let start = Instant::now();
-    while json(&ep, &["vm", "show", "web1"])["runtime"] != "stopped" {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "web1 never stopped"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_json(&c, &ep, &["vm", "show", "web1"], "web1 stopped", |v| {
+        v["runtime"] == "stopped"
+    });
     let o = ctl(&ep, &["vm", "delete", "web1"]);
     assert!(o.status.success(), "{}", text(&o).1);
     let o = ctl(&ep, &["-o", "json", "vm", "list"]);
@@ -106,16 +90,17 @@ async fn vm_commands_against_a_real_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_migrate_and_console_follows_the_vm() {
     let _serial = cluster_tests::serial().await;
-    let bin = locate_binary("cluster-agent", "cluster-agent").unwrap_or_else(|e| panic!("{e}"));
-    let mut c = Cluster::new(bin, Options::default()).unwrap_or_else(|e| panic!("{e}"));
+    let mut c = Cluster::agents(Options::default());
     c.form(2).await.unwrap_or_else(|e| panic!("{e}"));
     let ep = endpoint(&c, 1);
-    let owner = create_running(&ep, "mover");
+    let owner = create_running(&c, &ep, "mover");
     let other = if owner == 1 { 2 } else { 1 };
 
     // Follow the console from before the move; the stream must continue from the target.
     let (mut follower, rx) = follow_console(&ep, "mover");
-    std::thread::sleep(Duration::from_millis(500));
+    recv_until(&rx, "a heartbeat from the source", |l| {
+        l.starts_with("HB seq=")
+    });
 
     // Dry run: go, a prediction, nothing moves.
     let o = ctl(&ep, &["vm", "migrate", "mover", "--dry-run"]);

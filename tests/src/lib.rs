@@ -18,6 +18,9 @@ use cluster_proto::management::management_client::ManagementClient;
 use tonic::transport::{Channel, Endpoint};
 
 pub mod vm;
+pub mod wait;
+
+pub use wait::{Wait, WAIT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
@@ -40,6 +43,12 @@ pub enum HarnessError {
     #[error("node {id}: {what} did not happen within {waited_ms} ms; last error: {last}")]
     Timeout {
         id: u64,
+        what: String,
+        waited_ms: u64,
+        last: String,
+    },
+    #[error("{what} did not happen within {waited_ms} ms; last seen: {last}")]
+    WaitTimeout {
         what: String,
         waited_ms: u64,
         last: String,
@@ -190,7 +199,33 @@ pub fn node_ip(net: u8, id: u64) -> [u8; 4] {
     [127, 0, net, id.clamp(1, 254) as u8]
 }
 
+/// Panics unless `/dev/kvm` can be opened: the VM process tests need KVM.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("/dev/kvm cannot be opened ({e}): these tests need KVM");
+    }
+}
+
 impl Cluster {
+    /// A cluster of the workspace's `cluster-agent` binary (found next to the test
+    /// executable) with `opts`, no node added yet; panics with the reason when it cannot.
+    pub fn agents(opts: Options) -> Cluster {
+        locate_binary("cluster-agent", "cluster-agent")
+            .and_then(|bin| Cluster::new(bin, opts))
+            .unwrap_or_else(|e| panic!("harness: {e}"))
+    }
+
+    /// [`Cluster::agents`] with the default options, after checking for KVM: the
+    /// cluster the VM process tests start from.
+    pub fn vm_agents() -> Cluster {
+        require_kvm();
+        Cluster::agents(Options::default())
+    }
+
     pub fn new(agent_bin: PathBuf, opts: Options) -> Result<Cluster> {
         let dir = tempfile::Builder::new()
             .prefix("cluster-test-")
@@ -209,6 +244,19 @@ impl Cluster {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Creates `<test dir>/csv`, the directory standing in for shared storage, and
+    /// returns it with the config lines that name it volume `vol` (for
+    /// [`Cluster::add_node_with`]).
+    pub fn shared_volume(&self) -> (PathBuf, String) {
+        let csv = self.dir().join("csv");
+        std::fs::create_dir_all(&csv).unwrap_or_else(|e| panic!("mkdir {}: {e}", csv.display()));
+        let toml = format!(
+            "[[volumes]]\nname = \"vol\"\npath = \"{}\"\n",
+            csv.display()
+        );
+        (csv, toml)
     }
 
     /// Allocate addresses and write the config for node `id` (not started).
@@ -375,6 +423,7 @@ impl Cluster {
                         last: "it kept running".into(),
                     });
                 }
+                // Paces the poll for the exit.
                 Ok(None) => std::thread::sleep(Duration::from_millis(50)),
                 Err(source) => {
                     return Err(HarnessError::Io {
@@ -482,6 +531,7 @@ impl Cluster {
             if let Ok(Some(st)) = c.try_wait() {
                 return Ok(st.success());
             }
+            // Paces the poll for the exit.
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = c.kill();
@@ -508,6 +558,36 @@ impl Cluster {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Bytes in node `id`'s log so far: an offset for [`Cluster::log_since`].
+    pub fn log_len(&self, id: u64) -> u64 {
+        self.spec(id)
+            .ok()
+            .and_then(|s| std::fs::metadata(&s.log_path).ok())
+            .map_or(0, |m| m.len())
+    }
+
+    /// Node `id`'s log from byte `offset` on (e.g. since a restart).
+    pub fn log_since(&self, id: u64, offset: u64) -> String {
+        let Ok(spec) = self.spec(id) else {
+            return String::new();
+        };
+        let bytes = std::fs::read(&spec.log_path).unwrap_or_default();
+        let from = (offset as usize).min(bytes.len());
+        String::from_utf8_lossy(&bytes[from..]).into_owned()
+    }
+
+    /// Waits until node `id`'s log has a line for which `pred` holds, and returns it;
+    /// panics with the logs after [`WAIT`].
+    pub async fn wait_log_line(&self, id: u64, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let found = Wait::new(WAIT)
+            .until_some(&format!("node {id} logs {what}"), || async {
+                let text = self.log_since(id, 0);
+                Ok::<_, HarnessError>(text.lines().find(|l| pred(l)).map(str::to_owned))
+            })
+            .await;
+        self.check(found)
+    }
+
     pub async fn client(&self, id: u64) -> Result<ManagementClient<Channel>> {
         let spec = self.spec(id)?;
         let ep = Endpoint::from_shared(format!("http://{}", spec.mgmt_addr))
@@ -522,21 +602,22 @@ impl Cluster {
     }
 
     async fn wait_ready(&self, id: u64, timeout: Duration) -> Result<()> {
-        let start = Instant::now();
-        let mut last = String::new();
-        while start.elapsed() < timeout {
-            match self.status(id).await {
-                Ok(_) => return Ok(()),
-                Err(e) => last = e.to_string(),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let ready = Wait::new(timeout)
+            .until(
+                &format!("management API of node {id} ready"),
+                || self.status(id),
+                |_| true,
+            )
+            .await;
+        match ready {
+            Ok(_) => Ok(()),
+            Err(e) => Err(HarnessError::Timeout {
+                id,
+                what: "management API ready".into(),
+                waited_ms: timeout.as_millis() as u64,
+                last: format!("{e}\n--- log ---\n{}", self.log_tail(id, 20)),
+            }),
         }
-        Err(HarnessError::Timeout {
-            id,
-            what: "management API ready".into(),
-            waited_ms: timeout.as_millis() as u64,
-            last: format!("{last}\n--- log ---\n{}", self.log_tail(id, 20)),
-        })
     }
 
     pub async fn status(&self, id: u64) -> Result<pb::ClusterStatusReply> {
@@ -651,36 +732,70 @@ impl Cluster {
         })
     }
 
-    /// Poll `f` on node `id` until it returns `Some`, or time out.
+    /// Poll `f` on node `id` until it returns `Some`, or time out (see [`Wait`]).
     pub async fn wait_for<T, F, Fut>(
         &self,
         id: u64,
         what: &str,
         timeout: Duration,
-        mut f: F,
+        f: F,
     ) -> Result<T>
     where
+        T: std::fmt::Debug,
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<Option<T>>>,
     {
-        let start = Instant::now();
-        let mut last = String::from("condition not met");
-        loop {
-            match f().await {
-                Ok(Some(v)) => return Ok(v),
-                Ok(None) => {}
-                Err(e) => last = e.to_string(),
-            }
-            if start.elapsed() > timeout {
-                return Err(HarnessError::Timeout {
-                    id,
-                    what: what.to_string(),
-                    waited_ms: timeout.as_millis() as u64,
-                    last,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        Wait::new(timeout)
+            .until_some(&format!("node {id}: {what}"), f)
+            .await
+    }
+
+    /// Polls `read` until `cond` holds for its value (see [`Wait::until`]) and returns
+    /// it; on timeout panics with what was awaited, the last value seen and the tail of
+    /// every node's log.
+    pub async fn wait_until<T, E, F, Fut>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        read: F,
+        cond: impl FnMut(&T) -> bool,
+    ) -> T
+    where
+        T: std::fmt::Debug,
+        E: std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let r = Wait::new(timeout).until(what, read, cond).await;
+        self.check(r)
+    }
+
+    /// A write through a running node, then a wait until every running node has applied
+    /// it; returns its log index. Everything committed before the call is then applied on
+    /// every running node: what a test reads afterwards shows whether it happened. (A
+    /// refused request commits nothing; the barrier is what makes "nothing changed" a
+    /// read of settled state rather than of a replica that is behind.)
+    pub async fn barrier(&self) -> u64 {
+        let running = self.running();
+        let via = running.first().copied().unwrap_or(1);
+        let put = Wait::new(WAIT)
+            .until(
+                "the barrier write",
+                || self.put(via, "test-barrier", "x"),
+                |_| true,
+            )
+            .await;
+        let index = self.check(put).log_index;
+        for id in running {
+            self.wait_until(
+                &format!("node {id} applied the barrier write (log index {index})"),
+                WAIT,
+                || self.status(id),
+                |s| s.last_applied_index >= index,
+            )
+            .await;
         }
+        index
     }
 
     /// Wait until every node in `among` reports the same leader (itself in `among`).

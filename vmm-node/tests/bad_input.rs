@@ -59,6 +59,7 @@ fn console_flood_is_bounded_and_the_vm_stays_controllable() {
     while vm.console().total_bytes() <= 30_000 {
         assert!(std::time::Instant::now() < deadline, "guest did not flood");
         assert!(vm.console().log().len() <= CONSOLE_LOG_BYTES_MAX);
+        // Paces the poll (the loop waits for state, with a deadline).
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(vm.console().log().len() <= CONSOLE_LOG_BYTES_MAX);

@@ -121,6 +121,8 @@ fn pause_really_stops_the_guest_and_resume_continues() {
     vm.pause().unwrap();
     assert_eq!(vm.status(), VmStatus::Paused);
     let frozen = vm.console().total_bytes();
+    // A paused vCPU has no event to wait for: the window spans several heartbeats a
+    // running guest would have printed.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         vm.console().total_bytes(),
@@ -182,6 +184,8 @@ fn concurrent_pause_resume_and_stop_do_not_deadlock() {
             })
         })
         .collect();
+    // Stops the VM while the workers are mid-way through their toggles (the race is the
+    // point of the test).
     std::thread::sleep(Duration::from_millis(50));
     vm.stop().unwrap();
     for w in workers {

@@ -109,6 +109,7 @@ fn vmlinux_boots_with_the_linux_protocol_and_prints_its_banner() {
             Instant::now() < deadline,
             "no Linux banner and ACPI tables within 240 s; console:\n{text}"
         );
+        // Paces the console poll.
         std::thread::sleep(Duration::from_millis(200));
     }
     vm.destroy().unwrap();
@@ -150,6 +151,7 @@ fn vmlinux_boots_through_its_pvh_entry() {
             Instant::now() < deadline,
             "no banner/ACPI within 240 s; console:\n{text}"
         );
+        // Paces the console poll.
         std::thread::sleep(Duration::from_millis(200));
     }
     vm.destroy().unwrap();
@@ -165,8 +167,8 @@ fn bzimage_loads_with_the_linux_protocol_and_runs() {
         BootEntry::Linux { entry: 0x10_0200 }
     ));
     vm.start().unwrap();
-    // The decompressor runs in emulated CPL0 here (minutes before its first line); check
-    // that it runs without faulting for a while.
+    // The decompressor runs in emulated CPL0 here (minutes before its first line, so
+    // there is no event to wait for); check that it runs without faulting for a while.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(vm.status(), VmStatus::Running);
     vm.pause().unwrap();

@@ -52,6 +52,19 @@ fn assert_still_running_on_source(src: &Proc, what: &str) {
     assert_eq!(st["state"], "failed", "{what}: {st}");
 }
 
+/// The target at `addr` still runs and answers: a session in protocol version 7 gets
+/// its refusal naming both versions (a live answer, not a wait for a crash).
+fn assert_serving(target: &mut Proc, addr: std::net::SocketAddr) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    protocol::write_frame_versioned(&mut s, 7, Command::Hello, b"").unwrap();
+    let e = protocol::read_frame(&mut s).unwrap_err().to_string();
+    assert!(e.contains("version 7") && e.contains("version 1"), "{e}");
+    assert!(
+        target.child.try_wait().unwrap().is_none(),
+        "the target exited"
+    );
+}
+
 #[test]
 fn target_killed_at_each_phase_leaves_vm_running_on_source() {
     let dir = tempfile::tempdir().unwrap();
@@ -160,7 +173,7 @@ fn cancel_during_precopy_leaves_vm_running_on_source() {
             let st = vmm_node::control::request(&sock, &json!({"cmd": "migrate-status"})).unwrap();
             if st["state"] == "running"
                 && st["phase"] == "pre-copy"
-                && st["progress"]["round"].as_u64() >= Some(1)
+                && st["progress"]["bytes_sent"].as_u64() > Some(0)
             {
                 let r =
                     vmm_node::control::request(&sock, &json!({"cmd": "migrate", "cancel": true}))
@@ -169,13 +182,20 @@ fn cancel_during_precopy_leaves_vm_running_on_source() {
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "pre-copy never reached round 1: {st}"
+                "pre-copy never sent guest memory: {st}"
             );
+            // Paces the status poll.
             std::thread::sleep(Duration::from_millis(5));
         }
     });
-    // A 1 ms blackout budget without throttling: pre-copy iterates until cancelled.
-    let r = migrate(&src, addr, json!({"max_downtime_ms": 1, "throttle": false}));
+    // A 1 MiB/s cap: the 16 MiB working set alone keeps round 0 going for ~16 s, and a
+    // 1 ms blackout budget (1 KiB at that rate) is never met while the guest dirties
+    // memory: pre-copy goes on until cancelled, on any machine.
+    let r = migrate(
+        &src,
+        addr,
+        json!({"max_downtime_ms": 1, "throttle": false, "bandwidth_bytes_per_s_max": 1 << 20}),
+    );
     let (st, cr) = canceller.join().unwrap();
     assert_eq!(cr["ok"], true, "{cr}");
     assert_eq!(r["ok"], false, "{r}");
@@ -199,22 +219,20 @@ fn refusals_are_explained_and_the_target_survives_garbage() {
     let dir = tempfile::tempdir().unwrap();
     let src = start_mem_source(dir.path());
 
-    // Another CPU vendor.
+    // Another CPU vendor: the one this host does not have.
+    let other = other_cpu_vendor();
     let (mut t1, a1) = spawn_target(
         dir.path(),
         "t1",
         "127.0.2.2",
-        &["--fake-cpu-vendor", "GenuineIntel"],
+        &["--fake-cpu-vendor", other],
         &[],
     );
     let r = migrate(&src, a1, json!({}));
     assert_eq!(r["ok"], false);
     let e = r["error"].as_str().unwrap();
-    assert!(e.contains("refused") && e.contains("GenuineIntel"), "{e}");
-    assert!(
-        t1.wait_exit(Duration::from_millis(300)).is_none(),
-        "target keeps serving"
-    );
+    assert!(e.contains("refused") && e.contains(other), "{e}");
+    assert_serving(&mut t1, a1);
 
     // Not enough memory on the target.
     let (_t2, a2) = spawn_target(
@@ -228,13 +246,7 @@ fn refusals_are_explained_and_the_target_survives_garbage() {
     let e = r["error"].as_str().unwrap();
     assert!(e.contains("refused") && e.contains("memory"), "{e}");
 
-    // A target on t1's address also refuses protocol version 7 and garbage, and survives.
-    {
-        let mut s = TcpStream::connect(a1).unwrap();
-        protocol::write_frame_versioned(&mut s, 7, Command::Hello, b"").unwrap();
-        let e = protocol::read_frame(&mut s).unwrap_err().to_string();
-        assert!(e.contains("version 7") && e.contains("version 1"), "{e}");
-    }
+    // A target on t1's address also refuses garbage, and survives.
     for garbage in [
         &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
         &[0xffu8; 4096][..],
@@ -246,10 +258,7 @@ fn refusals_are_explained_and_the_target_survives_garbage() {
         let mut buf = Vec::new();
         let _ = s.read_to_end(&mut buf);
     }
-    assert!(
-        t1.wait_exit(Duration::from_millis(300)).is_none(),
-        "target crashed on garbage"
-    );
+    assert_serving(&mut t1, a1);
     assert_still_running_on_source(&src, "after refusals");
 }
 

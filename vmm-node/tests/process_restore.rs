@@ -38,6 +38,7 @@ fn wait_socket(p: &Path) {
             "control socket {} never came up",
             p.display()
         );
+        // Paces the poll (the loop waits for state, with a deadline).
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -62,6 +63,7 @@ fn wait_exit(mut p: Proc) -> std::process::ExitStatus {
             return s;
         }
         assert!(Instant::now() < deadline, "vmm-node did not exit");
+        // Paces the poll (the loop waits for state, with a deadline).
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -102,6 +104,8 @@ fn snapshot_then_restore_in_a_new_process_continues_the_guest() {
     cmd(&sock1, json!({"cmd": "stop"}));
     assert!(wait_exit(p1).success());
 
+    // The time the VM spends saved: what the guest clock must show below (a stimulus,
+    // not a wait).
     let gap = Duration::from_millis(700);
     std::thread::sleep(gap);
     let sock2 = dir.path().join("b.sock");

@@ -44,6 +44,7 @@ pub fn record_to_pb(m: &MigrationRecord) -> pb::MigrationInfo {
         cancel_requested: m.cancel_requested,
         max_downtime_ms: m.max_downtime_ms.unwrap_or(0),
         deadline_ms: m.deadline_ms.unwrap_or(0),
+        bandwidth_bytes_per_s_max: m.bandwidth_bytes_per_s_max.unwrap_or(0),
         started_unix_ms: m.started_unix_ms,
         ended_unix_ms: m.ended_unix_ms.unwrap_or(0),
         reason: m.reason.clone(),

@@ -337,6 +337,7 @@ impl VmService for VmApi {
             quick: req.quick,
             max_downtime_ms: req.max_downtime_ms,
             deadline_ms: req.deadline_ms,
+            bandwidth_bytes_per_s_max: req.bandwidth_bytes_per_s_max,
         };
         // Same checks as the commit, except the target (chosen next).
         vms::check_migration_start(&state, &probe).map_err(status::vm_state)?;
@@ -361,6 +362,7 @@ impl VmService for VmApi {
                     quick: req.quick,
                     max_downtime_ms: req.max_downtime_ms,
                     deadline_ms: req.deadline_ms,
+                    bandwidth_bytes_per_s_max: req.bandwidth_bytes_per_s_max,
                     at_unix_ms: now_unix_ms(),
                 };
                 self.agent
@@ -391,6 +393,7 @@ impl VmService for VmApi {
             quick: req.quick,
             max_downtime_ms: req.max_downtime_ms,
             deadline_ms: req.deadline_ms,
+            bandwidth_bytes_per_s_max: req.bandwidth_bytes_per_s_max,
         })
         .await?;
         self.reply(&req.name)

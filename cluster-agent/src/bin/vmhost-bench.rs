@@ -44,6 +44,7 @@ fn opts() -> LiveOptions {
         max_downtime_ms: 300,
         deadline_ms: 60_000,
         connections: 2,
+        bandwidth_bytes_per_s_max: 0,
     }
 }
 

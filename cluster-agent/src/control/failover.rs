@@ -334,6 +334,7 @@ mod tests {
             quick: false,
             max_downtime_ms: None,
             deadline_ms: None,
+            bandwidth_bytes_per_s_max: None,
         }));
         assert_eq!(
             crate::state::vms::find(&s, "moving").and_then(|v| v.migrating_to),

@@ -47,6 +47,7 @@ pub fn plan(state: &ClusterState, now_unix_ms: u64) -> Vec<Step> {
             quick,
             max_downtime_ms: m.max_downtime_ms,
             deadline_ms: m.deadline_ms,
+            bandwidth_bytes_per_s_max: m.bandwidth_bytes_per_s_max,
         };
         if let Err(e) = crate::state::vms::check_migration_start(&s, &probe) {
             out.push(Step::Drop {
@@ -65,6 +66,7 @@ pub fn plan(state: &ClusterState, now_unix_ms: u64) -> Vec<Step> {
                     quick,
                     max_downtime_ms: m.max_downtime_ms,
                     deadline_ms: m.deadline_ms,
+                    bandwidth_bytes_per_s_max: m.bandwidth_bytes_per_s_max,
                 };
                 s.apply(&Command::Vm(cmd.clone()));
                 out.push(Step::Start { id: m.id, cmd });
@@ -147,6 +149,7 @@ mod tests {
             quick: false,
             max_downtime_ms: None,
             deadline_ms: None,
+            bandwidth_bytes_per_s_max: None,
         })
     }
 
@@ -157,6 +160,7 @@ mod tests {
             quick: false,
             max_downtime_ms: Some(40),
             deadline_ms: None,
+            bandwidth_bytes_per_s_max: None,
             at_unix_ms: 4,
         }
     }

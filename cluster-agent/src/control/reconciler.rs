@@ -405,6 +405,7 @@ fn run_migration(
     if let Some(r) = record {
         opts.max_downtime_ms = r.max_downtime_ms.unwrap_or(opts.max_downtime_ms);
         opts.deadline_ms = r.deadline_ms.unwrap_or(opts.deadline_ms);
+        opts.bandwidth_bytes_per_s_max = r.bandwidth_bytes_per_s_max.unwrap_or(0);
     }
     let id = record.map(|r| r.id);
     let handle = host

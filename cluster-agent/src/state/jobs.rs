@@ -43,6 +43,7 @@ pub fn start_migration_command(vm: &str, to: u64, quick: bool, at_unix_ms: u64) 
         quick,
         max_downtime_ms: None,
         deadline_ms: None,
+        bandwidth_bytes_per_s_max: None,
     }
 }
 

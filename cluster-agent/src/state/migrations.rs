@@ -127,6 +127,9 @@ pub struct MigrationRecord {
     /// Options the operator chose (`None`: the engine's default).
     pub max_downtime_ms: Option<u64>,
     pub deadline_ms: Option<u64>,
+    /// Live: most bytes/s the migration may send (`None` or 0: unlimited).
+    #[serde(default)]
+    pub bandwidth_bytes_per_s_max: Option<u64>,
     pub state: MigrationState,
     /// An operator asked to cancel; the source aborts and rolls back.
     pub cancel_requested: bool,
@@ -152,6 +155,8 @@ pub enum MigrationCommand {
         quick: bool,
         max_downtime_ms: Option<u64>,
         deadline_ms: Option<u64>,
+        #[serde(default)]
+        bandwidth_bytes_per_s_max: Option<u64>,
         at_unix_ms: u64,
     },
     /// Drop queued migration `id`: it can no longer start (the VM stopped, the target
@@ -268,6 +273,7 @@ pub fn check(state: &ClusterState, cmd: &MigrationCommand) -> Result<(), Migrati
             quick,
             max_downtime_ms,
             deadline_ms,
+            bandwidth_bytes_per_s_max,
             at_unix_ms,
         } => {
             if let Some(m) = queued_of(state, vm).or_else(|| running_of(state, vm)) {
@@ -285,6 +291,7 @@ pub fn check(state: &ClusterState, cmd: &MigrationCommand) -> Result<(), Migrati
                 quick: *quick,
                 max_downtime_ms: *max_downtime_ms,
                 deadline_ms: *deadline_ms,
+                bandwidth_bytes_per_s_max: *bandwidth_bytes_per_s_max,
             };
             Ok(crate::state::vms::check_migration_start(state, &probe)?)
         }
@@ -344,6 +351,7 @@ pub fn apply(
             quick,
             max_downtime_ms,
             deadline_ms,
+            bandwidth_bytes_per_s_max,
             at_unix_ms,
         } => {
             let source = crate::state::vms::find(state, vm)
@@ -351,7 +359,15 @@ pub fn apply(
                 .unwrap_or(0);
             let rec = MigrationRecord {
                 state: MigrationState::Queued,
-                ..MigrationRecord::draft(vm, source, *to, *quick, *max_downtime_ms, *deadline_ms)
+                ..MigrationRecord::draft(
+                    vm,
+                    source,
+                    *to,
+                    *quick,
+                    *max_downtime_ms,
+                    *deadline_ms,
+                    *bandwidth_bytes_per_s_max,
+                )
             };
             let id = open(state, rec, *at_unix_ms, touched);
             let target = if *to == 0 {
@@ -401,6 +417,7 @@ impl MigrationRecord {
         quick: bool,
         max_downtime_ms: Option<u64>,
         deadline_ms: Option<u64>,
+        bandwidth_bytes_per_s_max: Option<u64>,
     ) -> MigrationRecord {
         MigrationRecord {
             id: 0,
@@ -410,6 +427,7 @@ impl MigrationRecord {
             kind: MigrationKind::of(quick),
             max_downtime_ms,
             deadline_ms,
+            bandwidth_bytes_per_s_max,
             state: MigrationState::Running,
             cancel_requested: false,
             started_unix_ms: 0,
@@ -452,6 +470,7 @@ pub fn after_vm_command(state: &mut ClusterState, cmd: &VmCommand, touched: &mut
             at_unix_ms,
             max_downtime_ms,
             deadline_ms,
+            bandwidth_bytes_per_s_max,
             quick,
         } => {
             let source = state
@@ -463,8 +482,15 @@ pub fn after_vm_command(state: &mut ClusterState, cmd: &VmCommand, touched: &mut
             // Started from the queue (or by a drain for a VM with a queued migration): the
             // queued record becomes the running one.
             let queued = queued_of(state, name).map(|m| m.id);
-            let draft =
-                MigrationRecord::draft(name, source, *to, *quick, *max_downtime_ms, *deadline_ms);
+            let draft = MigrationRecord::draft(
+                name,
+                source,
+                *to,
+                *quick,
+                *max_downtime_ms,
+                *deadline_ms,
+                *bandwidth_bytes_per_s_max,
+            );
             if let Some(m) = queued.and_then(|id| state.migrations.get_mut(&id)) {
                 *m = MigrationRecord {
                     id: m.id,
@@ -584,6 +610,7 @@ mod tests {
             at_unix_ms: at,
             max_downtime_ms: Some(50),
             deadline_ms: None,
+            bandwidth_bytes_per_s_max: None,
             quick: false,
         }))
         .0
@@ -659,6 +686,7 @@ mod tests {
             at_unix_ms: 30,
             max_downtime_ms: None,
             deadline_ms: None,
+            bandwidth_bytes_per_s_max: None,
             quick: false,
         }));
         assert_eq!(cancel(&mut s, 2), CommandResult::Ok);
@@ -685,6 +713,7 @@ mod tests {
             at_unix_ms: 10,
             max_downtime_ms: None,
             deadline_ms: None,
+            bandwidth_bytes_per_s_max: None,
             quick: true,
         }));
         assert_eq!(s.migrations[&1].kind, MigrationKind::Quick);

@@ -144,6 +144,9 @@ pub enum VmCommand {
         /// Give up and roll back when not converged by then (`None`: the engine's default).
         #[serde(default)]
         deadline_ms: Option<u64>,
+        /// Live: most bytes/s the migration may send (`None` or 0: unlimited).
+        #[serde(default)]
+        bandwidth_bytes_per_s_max: Option<u64>,
     },
     /// The migration to `to` ended: on success `to` becomes the owner (switchover).
     FinishMigration {
@@ -321,6 +324,18 @@ pub fn check_migration_options(
     Ok(())
 }
 
+/// The bandwidth cap the engine accepts: none, 0 (also none) or at least 1 MiB/s.
+pub fn check_bandwidth_cap(bandwidth_bytes_per_s_max: Option<u64>) -> Result<(), VmStateError> {
+    let min = vmm_node::migration::transport::BANDWIDTH_BYTES_PER_S_MIN;
+    match bandwidth_bytes_per_s_max {
+        Some(b) if b != 0 && b < min => Err(VmStateError::BadMigrationOptions(format!(
+            "bandwidth_bytes_per_s_max {b} is below the minimum of {min} (1 MiB/s); \
+             leave it unset or 0 for no cap"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The VM named `name`, if any.
 pub fn find<'a>(state: &'a ClusterState, name: &str) -> Option<&'a VmRecord> {
     state.vms.values().find(|v| v.spec.name == name)
@@ -427,9 +442,11 @@ pub fn check(state: &ClusterState, cmd: &VmCommand) -> Result<(), VmStateError> 
             to,
             max_downtime_ms,
             deadline_ms,
+            bandwidth_bytes_per_s_max,
             ..
         } => {
             check_migration_options(*max_downtime_ms, *deadline_ms)?;
+            check_bandwidth_cap(*bandwidth_bytes_per_s_max)?;
             let vm = existing(name)?;
             if vm.desired != DesiredState::Running || vm.runtime != RuntimeState::Running {
                 return Err(VmStateError::NotMigratable {
@@ -955,6 +972,7 @@ mod tests {
             quick: false,
             max_downtime_ms: None,
             deadline_ms: None,
+            bandwidth_bytes_per_s_max: None,
         };
         // Not running yet (Starting): refused.
         assert!(rejected(vm(&mut s, start(2))).contains("only a running VM"));

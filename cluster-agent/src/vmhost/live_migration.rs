@@ -62,6 +62,9 @@ pub struct LiveOptions {
     pub deadline_ms: u64,
     /// Parallel data connections (1..=16).
     pub connections: usize,
+    /// Most bytes/s all data connections together may send (0: unlimited).
+    #[serde(default)]
+    pub bandwidth_bytes_per_s_max: u64,
 }
 
 impl Default for LiveOptions {
@@ -71,6 +74,7 @@ impl Default for LiveOptions {
             max_downtime_ms: c.max_downtime.as_millis() as u64,
             deadline_ms: c.deadline.as_millis() as u64,
             connections: engine::DEFAULT_CONNECTIONS,
+            bandwidth_bytes_per_s_max: 0,
         }
     }
 }
@@ -84,6 +88,7 @@ impl LiveOptions {
                 deadline: Duration::from_millis(self.deadline_ms),
                 throttle: true,
             },
+            bandwidth_bytes_per_s_max: Some(self.bandwidth_bytes_per_s_max),
             ..MigrateOptions::default()
         }
     }

@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use cluster_agent::vmhost::{DiskSpec, LocalLocks, TestWorkload, VmHost, VmSpec, WorkloadName};
 use csv_volume::{DiskName, LockCommand, LockGrant, LockMode, NodeId, VolumeRegistry};
@@ -13,8 +12,7 @@ use vmm_node::guest_protocol::{heartbeats, Heartbeat};
 pub const NODE_A: NodeId = 1;
 pub const NODE_B: NodeId = 2;
 pub const VOLUME: &str = "vol";
-/// Generous: six engineers share two cores.
-pub const WAIT: Duration = Duration::from_secs(90);
+pub use cluster_tests::WAIT;
 /// The guest's disk workload writes, flushes and verifies its first 64 KiB.
 pub const WORKLOAD_BYTES: usize = 64 << 10;
 
@@ -98,18 +96,13 @@ pub fn console_text(host: &VmHost, name: &str) -> String {
 
 /// Waits until `pred` holds for the heartbeats on `name`'s console on `host`.
 pub fn wait_hb(host: &VmHost, name: &str, pred: impl Fn(&[Heartbeat]) -> bool) -> Vec<Heartbeat> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let text = console_text(host, name);
-        let hb = heartbeats(&text);
-        if pred(&hb) {
-            return hb;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out waiting for heartbeats of {name}; console:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    cluster_tests::Wait::new(WAIT)
+        .until_blocking(
+            &format!("heartbeats of {name}"),
+            || Ok::<_, String>(heartbeats(&console_text(host, name))),
+            |hb| pred(hb),
+        )
+        .unwrap_or_else(|e| panic!("{e}; console:\n{}", console_text(host, name)))
 }
 
 pub fn last(hb: &[Heartbeat]) -> &Heartbeat {

@@ -5,9 +5,8 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::{channel, Receiver};
-use std::time::{Duration, Instant};
 
-use cluster_tests::Cluster;
+use cluster_tests::{Cluster, Wait, WAIT};
 
 /// Run clusterctl against `endpoint` (ignoring any `CLUSTERCTL_ENDPOINT` of the caller).
 pub fn ctl(endpoint: &str, args: &[&str]) -> Output {
@@ -62,23 +61,44 @@ pub fn json(ep: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
-/// `vm create NAME` (64 MiB, 8 MiB working set) and wait up to 30 s until it runs;
-/// returns its owner.
-pub fn create_running(ep: &str, name: &str) -> u64 {
+/// The `-o json` output of `args`, or why there is none (for waits).
+pub fn try_json(ep: &str, args: &[&str]) -> Result<serde_json::Value, String> {
+    let mut all = vec!["-o", "json"];
+    all.extend_from_slice(args);
+    let o = ctl(ep, &all);
+    let (out, err) = text(&o);
+    if !o.status.success() {
+        return Err(format!("clusterctl {args:?}: {err}"));
+    }
+    serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))
+}
+
+/// The `-o json` output of `args` once `pred` holds for it (the harness wait: one
+/// deadline; on timeout the last output seen and the agents' logs).
+pub fn wait_json(
+    c: &Cluster,
+    ep: &str,
+    args: &[&str],
+    what: &str,
+    pred: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let r = Wait::new(WAIT).until_blocking(what, || try_json(ep, args), pred);
+    c.check(r)
+}
+
+/// `vm create NAME` (64 MiB, 8 MiB working set) and wait until it runs; returns its
+/// owner.
+pub fn create_running(c: &Cluster, ep: &str, name: &str) -> u64 {
     let o = ctl(
         ep,
         &["vm", "create", name, "--memory-mib", "64", "--wss-mib", "8"],
     );
     assert!(o.status.success(), "{}", text(&o).1);
-    let start = Instant::now();
-    loop {
-        let v = json(ep, &["vm", "show", name]);
-        if v["runtime"] == "running" {
-            break v["owner_id"].as_u64().unwrap_or(0);
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "never ran: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_json(c, ep, &["vm", "show", name], "running", |v| {
+        v["runtime"] == "running"
+    })["owner_id"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 /// Start `clusterctl vm console NAME --follow` against `endpoint`; its lines arrive on the
@@ -108,4 +128,24 @@ pub fn follow_console(endpoint: &str, name: &str) -> (Child, Receiver<String>) {
     forward(child.stderr.take().map(|e| Box::new(e) as _), "ERR ");
     forward(child.stdout.take().map(|o| Box::new(o) as _), "");
     (child, rx)
+}
+
+/// Lines from a [`follow_console`] receiver until one satisfies `pred` (returned last),
+/// within [`WAIT`]; panics with the lines seen.
+pub fn recv_until(rx: &Receiver<String>, what: &str, pred: impl Fn(&str) -> bool) -> Vec<String> {
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let done = pred(&l);
+                seen.push(l);
+                if done {
+                    return seen;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    panic!("{what} not seen on the console: {seen:?}")
 }

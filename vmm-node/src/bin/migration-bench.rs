@@ -261,10 +261,11 @@ fn transport_bytes_per_s(n: usize, memory_mib: u64) -> anyhow::Result<f64> {
     let recv_h = PageHashes::new_zeroed(map.total_pages());
     let (tx, rx) = sync_channel::<DataEvent>(4 * n);
     let cancel = AtomicBool::new(false);
+    let heard = LastHeard::default();
     let (sent, secs) = std::thread::scope(|s| -> anyhow::Result<(u64, f64)> {
         for (i, c) in accepted.into_iter().enumerate() {
-            let (tx, dst, map, h) = (tx.clone(), &dst, &map, &recv_h);
-            s.spawn(move || receive_data_connection(c, i, dst, map, h, &tx));
+            let (tx, dst, map, h, heard) = (tx.clone(), &dst, &map, &recv_h, &heard);
+            s.spawn(move || receive_data_connection(c, i, dst, map, h, &tx, heard));
         }
         drop(tx);
         let t = Instant::now();

@@ -695,3 +695,122 @@ fn connection_count_is_validated() {
     .unwrap_err();
     assert!(e.to_string().contains("connections"), "{e}");
 }
+
+fn capped(cap_bytes_per_s: u64, downtime_ms: u64, deadline_ms: u64) -> MigrateOptions {
+    MigrateOptions {
+        bandwidth_bytes_per_s_max: Some(cap_bytes_per_s),
+        ..opts(downtime_ms, deadline_ms)
+    }
+}
+
+/// A bandwidth cap holds a migration in pre-copy: at 1 MiB/s the 8 MiB of data of this
+/// 64 MiB guest cannot all go within the 2 s deadline, so round 0 is cut there and the
+/// migration gives up and rolls back (on any machine: a slower one sends less). No
+/// progress report ever shows more bytes than the cap allows for the time elapsed.
+#[test]
+fn bandwidth_cap_holds_precopy_until_the_deadline_cuts_the_round() {
+    let vm = SimVm::start(64 << 20, 0);
+    let cap = 1u64 << 20;
+    let l = listener();
+    let addr = l.local_addr().unwrap();
+    let f = Arc::new(factory());
+    let f2 = f.clone();
+    let t = std::thread::spawn(move || receive_one(&l, f2.as_ref(), &NoHandoff, &ropts()));
+    let start = std::time::Instant::now();
+    let mut progress = Vec::new();
+    let r = migrate(
+        &vm,
+        addr,
+        &capped(cap, 50, 2_000),
+        &NoHandoff,
+        &CancelToken::default(),
+        &mut |e| {
+            if let MigrationEvent::Progress(p) = e {
+                progress.push((start.elapsed(), *p));
+            }
+        },
+    );
+    match &r {
+        Err(MigrationError::GaveUp(why)) => {
+            assert!(why.contains("deadline") && why.contains("round 0"), "{why}")
+        }
+        other => panic!("expected the deadline to cut round 0: {other:?}"),
+    }
+    // One 64 KiB chunk per connection and the frame headers may lead the timeline.
+    let slack = 4.0 * (64 << 10) as f64 + 65536.0;
+    for (at, p) in &progress {
+        assert!(
+            p.bytes_sent as f64 <= cap as f64 * at.as_secs_f64() + slack,
+            "{} bytes sent after {at:?} at a cap of {cap} B/s",
+            p.bytes_sent
+        );
+    }
+    assert!(t.join().unwrap().is_err());
+    assert!(!vm.paused());
+    assert!(!vm.s.dirty_log.load(Ordering::SeqCst));
+    assert!(vm.s.disks_attached.load(Ordering::SeqCst));
+}
+
+/// A capped round lasting longer than the target's I/O timeout completes: the target
+/// counts that timeout from the last bytes any data connection received (a connection
+/// done with its share of the round waits idle for the others), and the source reports
+/// progress while the round runs.
+#[test]
+fn capped_round_longer_than_the_target_io_timeout_completes() {
+    let vm = SimVm::start(64 << 20, 0);
+    let io_timeout = Duration::from_millis(1_500);
+    let ro = ReceiveOptions {
+        io_timeout,
+        ..ropts()
+    };
+    let mut ev = Vec::new();
+    let (r, t, f, _) = run_migration(
+        &vm,
+        &capped(2 << 20, 50, 60_000),
+        ro,
+        &CancelToken::default(),
+        &mut ev,
+    );
+    let stats = r.unwrap();
+    t.unwrap();
+    assert!(stats.receipt_matches(), "{stats:?}");
+    let target = f.created.lock().unwrap()[0].clone();
+    assert_same_memory(&vm.s.mem, &target.mem);
+    // 8 MiB at 2 MiB/s: the pacer makes round 0 last ~4 s on any machine.
+    assert!(
+        stats.rounds[0].duration_us > io_timeout.as_micros() as u64,
+        "{stats:?}"
+    );
+    let during_round_0 = ev
+        .iter()
+        .filter(
+            |e| matches!(e, MigrationEvent::Progress(p) if p.round == 0 && p.bytes_remaining > 0),
+        )
+        .count();
+    assert!(during_round_0 >= 1, "no progress while round 0 ran: {ev:?}");
+}
+
+#[test]
+fn bandwidth_cap_below_the_minimum_is_refused_with_the_reason() {
+    let vm = SimVm::start(16 << 20, 0);
+    for cap in [1, 4096, (1 << 20) - 1] {
+        let e = migrate(
+            &vm,
+            "127.0.0.1:1".parse().unwrap(),
+            &capped(cap, 50, 10_000),
+            &NoHandoff,
+            &CancelToken::default(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, MigrationError::InvalidOptions(_))
+                && e.to_string().contains("below the minimum")
+                && e.to_string().contains(&cap.to_string()),
+            "{e}"
+        );
+    }
+    // 0 is no cap at all.
+    assert_eq!(capped(0, 50, 10_000).bandwidth_cap(), None);
+    assert!(capped(0, 50, 10_000).validate().is_ok());
+}

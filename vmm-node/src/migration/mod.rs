@@ -9,7 +9,6 @@
 //! * [`stats`]: per-migration statistics.
 
 pub mod adapter;
-pub mod cli;
 pub mod convergence;
 pub mod protocol;
 pub mod quick;

@@ -18,7 +18,10 @@ use super::protocol::{
 };
 use super::seam::{SourceVm, StorageHandoff};
 use super::stats::{Blackout, MigrationStats, RoundStats};
-use super::transport::{DirtyPages, MemorySender, PageHashes, PageMap, TransportError};
+use super::transport::{
+    DirtyPages, MemorySender, PageHashes, PageMap, RoundControl, TransportError,
+    BANDWIDTH_BYTES_PER_S_MIN,
+};
 use super::{MigrationError, DEFAULT_CONNECTIONS, MAX_CONNECTIONS};
 
 /// Default time allowed for one reply from the target.
@@ -36,6 +39,10 @@ pub struct MigrateOptions {
     pub io_timeout: Duration,
     /// Nominal migration network speed, used until a round has measured it.
     pub bandwidth_hint_bytes_per_s: f64,
+    /// Most bytes per second all data connections together may send, in every round
+    /// (`None` or 0: unlimited; else at least [`BANDWIDTH_BYTES_PER_S_MIN`]). The
+    /// convergence model measures the capped rate, so the downtime budget still holds.
+    pub bandwidth_bytes_per_s_max: Option<u64>,
     /// After switchover, re-hash the paused source's memory and compare it with the
     /// receipt (one read pass over guest memory, outside the blackout and `total_us`).
     pub verify_memory: bool,
@@ -52,6 +59,7 @@ impl Default for MigrateOptions {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             io_timeout: DEFAULT_IO_TIMEOUT,
             bandwidth_hint_bytes_per_s: DEFAULT_BANDWIDTH_HINT_BYTES_PER_S,
+            bandwidth_bytes_per_s_max: None,
             verify_memory: true,
         }
     }
@@ -72,9 +80,31 @@ impl MigrateOptions {
                 self.bandwidth_hint_bytes_per_s
             )));
         }
+        if let Some(cap) = self.bandwidth_cap() {
+            if cap < BANDWIDTH_BYTES_PER_S_MIN {
+                return Err(MigrationError::InvalidOptions(format!(
+                    "bandwidth cap of {cap} bytes/s is below the minimum of \
+                     {BANDWIDTH_BYTES_PER_S_MIN} bytes/s (1 MiB/s); leave it unset or 0 for no cap"
+                )));
+            }
+        }
         self.convergence
             .validate()
             .map_err(|e| MigrationError::InvalidOptions(e.to_string()))
+    }
+
+    /// The bandwidth cap in bytes/s, if there is one (0 counts as none).
+    pub fn bandwidth_cap(&self) -> Option<u64> {
+        self.bandwidth_bytes_per_s_max.filter(|b| *b > 0)
+    }
+
+    /// The bandwidth the convergence model assumes before a round has measured one: the
+    /// hint, or the cap when that is lower.
+    fn initial_bandwidth_bytes_per_s(&self) -> f64 {
+        match self.bandwidth_cap() {
+            Some(cap) => self.bandwidth_hint_bytes_per_s.min(cap as f64),
+            None => self.bandwidth_hint_bytes_per_s,
+        }
     }
 }
 
@@ -348,7 +378,7 @@ fn run(
             .map_err(MigrationError::proto("data connection setup"))?;
         data.push(s);
     }
-    let mut sender = MemorySender::new(data);
+    let mut sender = MemorySender::new(data).with_bandwidth_cap(opts.bandwidth_cap());
     let setup_us = us(start.elapsed());
     let connections = opts.connections;
     tracing::info!(vm = %req.vm_name, %target, connections, setup_us, "migration setup done");
@@ -358,8 +388,8 @@ fn run(
     let hashes = PageHashes::new_zeroed(map.total_pages());
     vm.start_dirty_log().map_err(vm_err("start dirty log"))?;
     undo.dirty_log = true;
-    let mut conv =
-        Convergence::new(opts.convergence).with_bandwidth_hint(opts.bandwidth_hint_bytes_per_s);
+    let mut conv = Convergence::new(opts.convergence)
+        .with_bandwidth_hint(opts.initial_bandwidth_bytes_per_s());
     let mut progress = ProgressTracker::default();
     let mut rounds = Vec::new();
     let mut pages = DirtyPages::all(map.total_pages());
@@ -373,7 +403,10 @@ fn run(
     tracing::info!(vm = %req.vm_name, remaining_ms = initial.remaining.map(|d| d.as_millis() as u64),
         "migration prediction before pre-copy");
     let mut first_prediction = None;
+    // The model's latest estimate of the time left, shown while a round runs.
+    let mut eta_ms = initial.remaining.map_or(u64::MAX, |d| d.as_millis() as u64);
     let flag = &cancel.flag;
+    let stop_at = start + opts.convergence.deadline;
     let send_err = |e: TransportError| {
         if cancel.is_cancelled() {
             MigrationError::Cancelled(None)
@@ -386,9 +419,45 @@ fn run(
             return Err(MigrationError::Cancelled(None));
         }
         let t0 = Instant::now();
-        let sent = sender
-            .send_round(mem, &map, &hashes, &pages, round, flag)
-            .map_err(send_err)?;
+        let round_bytes = pages.count() as u64 * PAGE_SIZE as u64;
+        // A long (e.g. capped) round shows its progress while it runs.
+        let mut report = |so_far: u64| {
+            let secs = t0.elapsed().as_secs_f64();
+            let raw = Progress {
+                bytes_sent: wire_bytes + so_far,
+                bytes_remaining: round_bytes.saturating_sub(so_far),
+                fraction_done: 0.0,
+                rate_bytes_per_s: if secs > 0.0 {
+                    so_far as f64 / secs
+                } else {
+                    0.0
+                },
+                eta_ms,
+                round,
+                throttle_percent: conv.throttle_percent(),
+            };
+            let p = progress.update(raw, start.elapsed().as_millis() as u64);
+            on_event(&MigrationEvent::Progress(p));
+        };
+        let control = RoundControl {
+            cancel: flag,
+            stop_at: Some(stop_at),
+            on_progress: Some(&mut report),
+        };
+        let sent = match sender.send_round_with(mem, &map, &hashes, &pages, round, control) {
+            Ok(sent) => sent,
+            Err(TransportError::DeadlineReached) if !cancel.is_cancelled() => {
+                return Err(MigrationError::GaveUp(format!(
+                    "deadline of {:?} reached during pre-copy round {round} ({round_bytes} \
+                     dirty bytes to send in it{})",
+                    opts.convergence.deadline,
+                    opts.bandwidth_cap()
+                        .map(|c| format!(", bandwidth capped at {c} B/s"))
+                        .unwrap_or_default()
+                )))
+            }
+            Err(e) => return Err(send_err(e)),
+        };
         wait_ack(&mut ctl, round)?;
         let duration = t0.elapsed();
         let dirty = vm.dirty_pages(&map).map_err(vm_err("read dirty log"))?;
@@ -417,7 +486,7 @@ fn run(
             first_prediction = Some(prediction.into());
         }
         on_event(&MigrationEvent::Prediction(prediction));
-        let eta_ms = prediction
+        eta_ms = prediction
             .remaining
             .map_or(u64::MAX, |d| d.as_millis() as u64);
         let raw = Progress {

@@ -16,7 +16,7 @@ use super::protocol::{
     Setup, StatePayload, PROTOCOL_VERSION,
 };
 use super::seam::{check_compatibility, NodeFacts, StorageHandoff, TargetFactory, TargetVm};
-use super::transport::{receive_data_connection, DataEvent, PageHashes, PageMap};
+use super::transport::{receive_data_connection, DataEvent, LastHeard, PageHashes, PageMap};
 use super::{MigrationError, MAX_CONNECTIONS};
 
 /// Default time the target waits for the source at any step.
@@ -284,11 +284,12 @@ pub fn receive_one(
 
     let mem = vm.memory();
     let mut acquired = false;
+    let heard = LastHeard::default();
     let outcome = std::thread::scope(|s| {
         let (tx, rx) = sync_channel::<Event>(4 * MAX_CONNECTIONS);
         for (index, conn) in data.into_iter().enumerate() {
-            let (tx, map, hashes) = (tx.clone(), &map, &hashes);
-            s.spawn(move || receive_data_connection(conn, index, mem, map, hashes, &tx));
+            let (tx, map, hashes, heard) = (tx.clone(), &map, &hashes, &heard);
+            s.spawn(move || receive_data_connection(conn, index, mem, map, hashes, &tx, heard));
         }
         {
             let tx = tx.clone();
@@ -310,6 +311,7 @@ pub fn receive_one(
             &mut ctl,
             vm.as_ref(),
             &hashes,
+            &heard,
             handoff,
             opts,
             n,
@@ -395,6 +397,7 @@ fn coordinate(
     ctl: &mut TcpStream,
     vm: &dyn TargetVm,
     hashes: &PageHashes,
+    data_heard: &LastHeard,
     handoff: &dyn StorageHandoff,
     opts: &ReceiveOptions,
     n: usize,
@@ -413,16 +416,20 @@ fn coordinate(
                 "abandoned by the target's node (its source is gone)".into(),
             )));
         }
-        let wait = opts
-            .io_timeout
-            .saturating_sub(heard.elapsed())
-            .min(ABANDON_POLL);
+        // Silent for as long as neither an event nor a page message (of a paced, long
+        // round) has arrived.
+        let quiet = heard.elapsed().min(data_heard.elapsed());
+        let wait = opts.io_timeout.saturating_sub(quiet).min(ABANDON_POLL);
         let ev = match rx.recv_timeout(wait) {
             Ok(ev) => {
                 heard = Instant::now();
                 ev
             }
-            Err(RecvTimeoutError::Timeout) if heard.elapsed() < opts.io_timeout => continue,
+            Err(RecvTimeoutError::Timeout)
+                if heard.elapsed().min(data_heard.elapsed()) < opts.io_timeout =>
+            {
+                continue
+            }
             Err(RecvTimeoutError::Timeout) => {
                 return Err(MigrationError::Timeout("the migration source"))
             }

@@ -7,6 +7,12 @@
 //! receiver has one thread per connection that verifies every page's CRC-32, writes it
 //! into the target's [`GuestMem`] and reports round ends to the coordinator.
 //!
+//! A bandwidth cap ([`Pacer`]) paces the writes of all data connections together; a
+//! capped round can then last long, so the sender reports progress while a round runs
+//! ([`RoundControl::on_progress`]), stops at the migration's deadline
+//! ([`RoundControl::stop_at`]), and the receiver's idle timeout counts from the last
+//! message *any* data connection received ([`LastHeard`]), not only its own.
+//!
 //! Both sides keep a [`PageHashes`] table (the CRC-32 of every page as last sent /
 //! received), which serves three purposes: zero detection against the *target's* content
 //! (a zero page is only sent when the target's copy is not zero), the integrity check of
@@ -14,9 +20,9 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::mpsc::SyncSender;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -29,6 +35,16 @@ use crate::GuestMem;
 
 /// Pages a worker claims at once (one bitmap word is 64 pages).
 const CLAIM_WORDS: usize = 64;
+/// Lowest bandwidth cap accepted: below it a guest takes hours per GiB of memory, and a
+/// data connection could stay silent longer than a receiver waits.
+pub const BANDWIDTH_BYTES_PER_S_MIN: u64 = 1 << 20;
+/// Bytes a capped sender writes at once (at the lowest cap and [`super::MAX_CONNECTIONS`]
+/// connections each connection still gets a chunk every second).
+const PACE_CHUNK_BYTES: usize = 64 << 10;
+/// Longest sleep of a paced writer between looks at the cancel flag and the deadline.
+const PACE_POLL: Duration = Duration::from_millis(20);
+/// How often [`MemorySender::send_round_with`] reports the bytes a running round has sent.
+pub const ROUND_PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Errors of the memory transport.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +71,8 @@ pub enum TransportError {
     },
     #[error("transfer cancelled")]
     Cancelled,
+    #[error("the migration deadline passed while the round was being sent")]
+    DeadlineReached,
     #[error("a data connection thread panicked")]
     WorkerPanicked,
 }
@@ -265,6 +283,143 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Keeps the writes of every data connection of one migration together under a bandwidth
+/// cap: each write reserves the next slot of `bytes / cap` seconds on one shared timeline
+/// and waits for the slot's start. Idle time is not banked (no burst after a pause), so
+/// over any window of `T` seconds at most `cap × T` bytes plus one chunk go out.
+#[derive(Debug)]
+pub struct Pacer {
+    bytes_per_s: u64,
+    next: Mutex<Instant>,
+}
+
+impl Pacer {
+    /// A pacer for `bytes_per_s`; `None` for 0 (unlimited).
+    pub fn new(bytes_per_s: u64) -> Option<Pacer> {
+        (bytes_per_s > 0).then(|| Pacer {
+            bytes_per_s,
+            next: Mutex::new(Instant::now()),
+        })
+    }
+
+    pub fn bytes_per_s(&self) -> u64 {
+        self.bytes_per_s
+    }
+
+    /// Reserves the next slot for `bytes`; returns when it starts.
+    fn reserve(&self, bytes: usize) -> Instant {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let at = (*next).max(Instant::now());
+        *next = at + Duration::from_secs_f64(bytes as f64 / self.bytes_per_s as f64);
+        at
+    }
+}
+
+/// When any data connection of one incoming migration last received a message. A
+/// receiver idle at a message boundary keeps waiting while this is recent (a capped
+/// source's rounds are long and a connection that finished its share of a round waits
+/// for the others); the target's coordinator counts its timeout from it too.
+#[derive(Debug)]
+pub struct LastHeard {
+    base: Instant,
+    ms: AtomicU64,
+}
+
+impl Default for LastHeard {
+    fn default() -> Self {
+        LastHeard {
+            base: Instant::now(),
+            ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LastHeard {
+    /// Something arrived now.
+    pub fn touch(&self) {
+        let now = self.base.elapsed().as_millis() as u64;
+        self.ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Time since the last [`LastHeard::touch`] (or since creation).
+    pub fn elapsed(&self) -> Duration {
+        let at = Duration::from_millis(self.ms.load(Ordering::Relaxed));
+        self.base.elapsed().saturating_sub(at)
+    }
+}
+
+/// What may end a round early, and who hears how far it got.
+pub struct RoundControl<'a> {
+    /// Set by another thread to abort ([`TransportError::Cancelled`]).
+    pub cancel: &'a AtomicBool,
+    /// Abort with [`TransportError::DeadlineReached`] once this instant has passed.
+    pub stop_at: Option<Instant>,
+    /// Called on the calling thread every [`ROUND_PROGRESS_INTERVAL`] while the round
+    /// runs, with the bytes the round has written so far.
+    pub on_progress: Option<&'a mut dyn FnMut(u64)>,
+}
+
+impl<'a> RoundControl<'a> {
+    /// Only a cancel flag: no deadline, no progress reports.
+    pub fn cancel_only(cancel: &'a AtomicBool) -> Self {
+        RoundControl {
+            cancel,
+            stop_at: None,
+            on_progress: None,
+        }
+    }
+}
+
+/// What a send worker checks and counts besides its pages.
+struct WorkerCtx<'a> {
+    cancel: &'a AtomicBool,
+    stop_at: Option<Instant>,
+    pacer: Option<&'a Pacer>,
+    /// Bytes written by every worker of the round so far.
+    sent: &'a AtomicU64,
+}
+
+impl WorkerCtx<'_> {
+    fn check(&self) -> Result<(), TransportError> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(TransportError::Cancelled);
+        }
+        if self.stop_at.is_some_and(|t| Instant::now() >= t) {
+            return Err(TransportError::DeadlineReached);
+        }
+        Ok(())
+    }
+
+    /// Sleeps until `at`, looking at the cancel flag and the deadline every [`PACE_POLL`].
+    fn wait_until(&self, at: Instant) -> Result<(), TransportError> {
+        loop {
+            self.check()?;
+            let now = Instant::now();
+            if now >= at {
+                return Ok(());
+            }
+            std::thread::sleep((at - now).min(PACE_POLL));
+        }
+    }
+
+    /// Writes `buf` to `conn`, paced under the cap when there is one.
+    fn write(&self, conn: &mut TcpStream, buf: &[u8]) -> io::Result<Result<(), TransportError>> {
+        let Some(pacer) = self.pacer else {
+            conn.write_all(buf)?;
+            self.sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            return Ok(Ok(()));
+        };
+        for chunk in buf.chunks(PACE_CHUNK_BYTES) {
+            if let Err(e) = self.wait_until(pacer.reserve(chunk.len())) {
+                return Ok(Err(e));
+            }
+            conn.write_all(chunk)?;
+            self.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        Ok(Ok(()))
+    }
+}
+
 /// What one round moved.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RoundSent {
@@ -283,12 +438,19 @@ pub struct RoundSent {
 /// Sending half: the data connections of one migration.
 pub struct MemorySender {
     conns: Vec<TcpStream>,
+    pacer: Option<Pacer>,
 }
 
 impl MemorySender {
     /// Takes connected data streams (their `DataHello` already sent).
     pub fn new(conns: Vec<TcpStream>) -> Self {
-        MemorySender { conns }
+        MemorySender { conns, pacer: None }
+    }
+
+    /// Caps what all connections together send at `bytes_per_s` (`None` or 0: no cap).
+    pub fn with_bandwidth_cap(mut self, bytes_per_s: Option<u64>) -> Self {
+        self.pacer = bytes_per_s.and_then(Pacer::new);
+        self
     }
 
     pub fn connections(&self) -> usize {
@@ -320,23 +482,69 @@ impl MemorySender {
         round: u32,
         cancel: &AtomicBool,
     ) -> Result<RoundSent, TransportError> {
+        self.send_round_with(
+            mem,
+            map,
+            hashes,
+            pages,
+            round,
+            RoundControl::cancel_only(cancel),
+        )
+    }
+
+    /// [`MemorySender::send_round`] with a deadline and progress reports (see
+    /// [`RoundControl`]).
+    pub fn send_round_with(
+        &mut self,
+        mem: &GuestMem,
+        map: &PageMap,
+        hashes: &PageHashes,
+        pages: &DirtyPages,
+        round: u32,
+        control: RoundControl<'_>,
+    ) -> Result<RoundSent, TransportError> {
         let start = Instant::now();
         let cursor = AtomicUsize::new(0);
         let words = pages.words.len();
+        let sent = AtomicU64::new(0);
+        let ctx = WorkerCtx {
+            cancel: control.cancel,
+            stop_at: control.stop_at,
+            pacer: self.pacer.as_ref(),
+            sent: &sent,
+        };
+        let mut on_progress = control.on_progress;
+        let workers = self.conns.len();
         let results: Vec<Result<RoundSent, TransportError>> = std::thread::scope(|s| {
+            // Each worker says when it is done (also when it fails or panics), so the
+            // calling thread can report progress meanwhile without delaying the round end.
+            let (done_tx, done_rx) = sync_channel::<()>(workers);
             let handles: Vec<_> = self
                 .conns
                 .iter_mut()
                 .enumerate()
                 .map(|(index, conn)| {
-                    let cursor = &cursor;
+                    let (cursor, ctx) = (&cursor, &ctx);
+                    let done = DoneSignal(done_tx.clone());
                     s.spawn(move || {
+                        let _done = done;
                         send_worker(
-                            conn, index, mem, map, hashes, pages, words, round, cursor, cancel,
+                            conn, index, mem, map, hashes, pages, words, round, cursor, ctx,
                         )
                     })
                 })
                 .collect();
+            drop(done_tx);
+            if let Some(report) = on_progress.as_mut() {
+                let mut finished = 0;
+                while finished < workers {
+                    match done_rx.recv_timeout(ROUND_PROGRESS_INTERVAL) {
+                        Ok(()) => finished += 1,
+                        Err(RecvTimeoutError::Timeout) => report(sent.load(Ordering::Relaxed)),
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            }
             handles
                 .into_iter()
                 .map(|h| h.join().unwrap_or(Err(TransportError::WorkerPanicked)))
@@ -368,6 +576,15 @@ impl MemorySender {
     }
 }
 
+/// Sent when a send worker ends, however it ends.
+struct DoneSignal(SyncSender<()>);
+
+impl Drop for DoneSignal {
+    fn drop(&mut self) {
+        let _ = self.0.try_send(());
+    }
+}
+
 struct Batch {
     header: PagesHeader,
     body: Vec<u8>,
@@ -379,6 +596,7 @@ impl Batch {
         &mut self,
         conn: &mut TcpStream,
         index: usize,
+        ctx: &WorkerCtx<'_>,
         out: &mut RoundSent,
     ) -> Result<(), TransportError> {
         if self.header.pages.is_empty() {
@@ -388,8 +606,8 @@ impl Batch {
         self.header.encode_into(&mut self.payload);
         let mut msg = Vec::with_capacity(32 + self.payload.len());
         write_frame(&mut msg, Command::Pages, &self.payload).map_err(perr)?;
-        conn.write_all(&msg).map_err(|e| perr(e.into()))?;
-        conn.write_all(&self.body).map_err(|e| perr(e.into()))?;
+        ctx.write(conn, &msg).map_err(|e| perr(e.into()))??;
+        ctx.write(conn, &self.body).map_err(|e| perr(e.into()))??;
         out.wire_bytes += (msg.len() + self.body.len()) as u64;
         self.header.pages.clear();
         self.body.clear();
@@ -408,7 +626,7 @@ fn send_worker(
     words: usize,
     round: u32,
     cursor: &AtomicUsize,
-    cancel: &AtomicBool,
+    ctx: &WorkerCtx<'_>,
 ) -> Result<RoundSent, TransportError> {
     let mut out = RoundSent {
         round,
@@ -424,9 +642,7 @@ fn send_worker(
     };
     let zero_crc = zero_page_crc();
     loop {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(TransportError::Cancelled);
-        }
+        ctx.check()?;
         let first_word = cursor.fetch_add(CLAIM_WORDS, Ordering::Relaxed);
         if first_word >= words {
             break;
@@ -462,12 +678,12 @@ fn send_worker(
                     out.data_pages += 1;
                 }
                 if batch.header.pages.len() == MAX_PAGES_PER_MESSAGE {
-                    batch.flush(conn, index, &mut out)?;
+                    batch.flush(conn, index, ctx, &mut out)?;
                 }
             }
         }
     }
-    batch.flush(conn, index, &mut out)?;
+    batch.flush(conn, index, ctx, &mut out)?;
     let end = RoundEnd {
         round,
         data_pages: out.data_pages,
@@ -477,7 +693,7 @@ fn send_worker(
     let payload = encode_payload(Command::RoundEnd, &end).map_err(perr)?;
     let mut msg = Vec::new();
     write_frame(&mut msg, Command::RoundEnd, &payload).map_err(perr)?;
-    conn.write_all(&msg).map_err(|e| perr(e.into()))?;
+    ctx.write(conn, &msg).map_err(|e| perr(e.into()))??;
     conn.flush().map_err(|e| perr(e.into()))?;
     out.wire_bytes += msg.len() as u64;
     Ok(out)
@@ -492,7 +708,9 @@ pub enum DataEvent {
 }
 
 /// Receives pages on one data connection until EndOfStream, an error, or `stop`.
-/// Reports every RoundEnd through `events` (a bounded channel).
+/// Reports every RoundEnd through `events` (a bounded channel). Touches `heard` on every
+/// message; idle at a message boundary, it waits as long as some connection sharing
+/// `heard` received something within the connection's read timeout.
 pub fn receive_data_connection<E: From<DataEvent>>(
     mut conn: TcpStream,
     index: usize,
@@ -500,8 +718,9 @@ pub fn receive_data_connection<E: From<DataEvent>>(
     map: &PageMap,
     hashes: &PageHashes,
     events: &SyncSender<E>,
+    heard: &LastHeard,
 ) {
-    let result = receive_loop(&mut conn, index, mem, map, hashes, events);
+    let result = receive_loop(&mut conn, index, mem, map, hashes, events, heard);
     let ev = match result {
         Ok(()) => DataEvent::Finished { index },
         Err(error) => DataEvent::Failed { index, error },
@@ -516,19 +735,26 @@ fn receive_loop<E: From<DataEvent>>(
     map: &PageMap,
     hashes: &PageHashes,
     events: &SyncSender<E>,
+    heard: &LastHeard,
 ) -> Result<(), TransportError> {
     let perr = |source: ProtocolError| TransportError::Protocol { index, source };
     let mut body = vec![0u8; MAX_PAGES_PER_MESSAGE * PAGE_SIZE];
     let zero_page = vec![0u8; PAGE_SIZE];
     let zero_crc = zero_page_crc();
+    let idle_max = conn
+        .read_timeout()
+        .map_err(|e| perr(e.into()))?
+        .unwrap_or(Duration::MAX);
     loop {
+        wait_for_message(conn, heard, idle_max).map_err(|e| perr(e.into()))?;
         let frame = read_frame(conn).map_err(perr)?;
+        heard.touch();
         match frame.command {
             Command::Pages => {
                 let h = PagesHeader::decode(&frame.payload).map_err(perr)?;
                 let n = h.data_pages();
                 let body = &mut body[..n * PAGE_SIZE];
-                read_body(conn, body).map_err(|e| perr(e.into()))?;
+                read_body(conn, body, heard).map_err(|e| perr(e.into()))?;
                 let mut off = 0;
                 for p in &h.pages {
                     let gpa = p.gpa();
@@ -577,8 +803,39 @@ fn receive_loop<E: From<DataEvent>>(
     }
 }
 
-fn read_body(conn: &mut TcpStream, body: &mut [u8]) -> io::Result<()> {
-    conn.read_exact(body)
+/// `read_exact`, touching `heard` whenever bytes arrive (a paced 4 MiB message trickles in).
+fn read_body(conn: &mut TcpStream, body: &mut [u8], heard: &LastHeard) -> io::Result<()> {
+    let mut at = 0;
+    while at < body.len() {
+        match conn.read(&mut body[at..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                at += n;
+                heard.touch();
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Waits (without consuming anything) until `conn` has a byte to read or is closed. A
+/// read timeout here, at a message boundary, is only an error when no connection sharing
+/// `heard` has received anything within `idle_max` either.
+fn wait_for_message(conn: &TcpStream, heard: &LastHeard, idle_max: Duration) -> io::Result<()> {
+    let mut byte = [0u8; 1];
+    loop {
+        match conn.peek(&mut byte) {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) && heard.elapsed() < idle_max => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -637,10 +894,11 @@ mod tests {
         let recv_hashes = PageHashes::new_zeroed(map.total_pages());
         let (tx, rx) = sync_channel::<DataEvent>(16);
         let cancel = AtomicBool::new(false);
+        let heard = LastHeard::default();
         std::thread::scope(|s| {
             for (i, c) in b.into_iter().enumerate() {
-                let (dst, map, h, tx) = (&dst, &map, &recv_hashes, tx.clone());
-                s.spawn(move || receive_data_connection(c, i, dst, map, h, &tx));
+                let (dst, map, h, tx, heard) = (&dst, &map, &recv_hashes, tx.clone(), &heard);
+                s.spawn(move || receive_data_connection(c, i, dst, map, h, &tx, heard));
             }
             drop(tx);
             let mut sender = MemorySender::new(a);
@@ -714,7 +972,15 @@ mod tests {
         a[0].write_all(&[7u8; PAGE_SIZE]).unwrap();
         let hashes = PageHashes::new_zeroed(map.total_pages());
         let (tx, rx) = sync_channel::<DataEvent>(4);
-        receive_data_connection(b.remove(0), 0, &dst, &map, &hashes, &tx);
+        receive_data_connection(
+            b.remove(0),
+            0,
+            &dst,
+            &map,
+            &hashes,
+            &tx,
+            &LastHeard::default(),
+        );
         match rx.recv().unwrap() {
             DataEvent::Failed { error, .. } => {
                 let chain = format!("{error}: {}", std::error::Error::source(&error).unwrap());
@@ -740,7 +1006,15 @@ mod tests {
         write_frame(&mut a[0], Command::Pages, &p).unwrap();
         let hashes = PageHashes::new_zeroed(map.total_pages());
         let (tx, rx) = sync_channel::<DataEvent>(4);
-        receive_data_connection(b.remove(0), 0, &dst, &map, &hashes, &tx);
+        receive_data_connection(
+            b.remove(0),
+            0,
+            &dst,
+            &map,
+            &hashes,
+            &tx,
+            &LastHeard::default(),
+        );
         assert!(matches!(
             rx.recv().unwrap(),
             DataEvent::Failed {

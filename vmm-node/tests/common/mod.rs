@@ -49,6 +49,7 @@ pub fn wait_heartbeats(
         if Instant::now() > deadline {
             panic!("timed out waiting for heartbeats; console:\n{text}");
         }
+        // Paces the poll (the loop waits for state, with a deadline).
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -13,6 +13,19 @@ use vmm_node::control::request;
 use vmm_node::guest_protocol::{heartbeats, Heartbeat, Workload};
 use vmm_node::VmConfig;
 
+/// What `vmm-node receive` prints on stdout once it listens (then the bound address).
+pub const LISTEN_LINE_PREFIX: &str = "MIGRATION-LISTEN ";
+
+/// The x86 CPU vendor this host does *not* have: a target faking it is a real vendor
+/// mismatch on an AMD and on an Intel host alike.
+pub fn other_cpu_vendor() -> &'static str {
+    if vmm_node::facts::cpu_vendor() == "GenuineIntel" {
+        "AuthenticAMD"
+    } else {
+        "GenuineIntel"
+    }
+}
+
 pub struct Proc {
     pub child: Child,
     pub sock: PathBuf,
@@ -58,6 +71,7 @@ impl Proc {
             if Instant::now() > deadline {
                 return None;
             }
+            // Paces the poll (the loop waits for state, with a deadline).
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -77,6 +91,7 @@ fn wait_socket(p: &Path, child: &mut Child) {
             "control socket {} never came up",
             p.display()
         );
+        // Paces the poll (the loop waits for state, with a deadline).
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -142,7 +157,7 @@ pub fn spawn_target(
     BufReader::new(stdout).read_line(&mut line).unwrap();
     let addr = line
         .trim()
-        .strip_prefix(vmm_node::migration::cli::LISTEN_LINE_PREFIX)
+        .strip_prefix(LISTEN_LINE_PREFIX)
         .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"))
         .parse()
         .unwrap();
@@ -173,6 +188,7 @@ pub fn wait_heartbeats(
                 &text[text.len().saturating_sub(2000)..]
             );
         }
+        // Paces the poll (the loop waits for state, with a deadline).
         std::thread::sleep(Duration::from_millis(20));
     }
 }

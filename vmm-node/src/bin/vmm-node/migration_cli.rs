@@ -1,10 +1,11 @@
 //! Migration commands of the `vmm-node` debug binary: the `receive` subcommand and the
-//! control-socket extension.
+//! control-socket extension. Part of the binary, not of the library: only this front end
+//! and the tests that drive it speak this JSON.
 //!
-//! Control commands (JSON lines, see `crate::control`):
+//! Control commands (JSON lines, see `vmm_node::control`):
 //! | cmd | fields | result |
 //! |---|---|---|
-//! | `migrate` | `addr`, `max_downtime_ms`, `deadline_ms`, `connections`, `throttle` (all but `addr` optional) | `stats` (see [`MigrationStats`]), `console` (guest output up to the switchover); the source VM is destroyed shortly after the reply. With `"cancel": true`: cancels the running migration. |
+//! | `migrate` | `addr`, `max_downtime_ms`, `deadline_ms`, `connections`, `throttle`, `bandwidth_bytes_per_s_max` (all but `addr` optional; no cap or 0: unlimited) | `stats` (see [`MigrationStats`]), `console` (guest output up to the switchover); the source VM is destroyed shortly after the reply. With `"cancel": true`: cancels the running migration. |
 //! | `migrate-status` | | `state` (`idle`/`running`/`succeeded`/`failed`), `phase`, `progress`, `prediction`, `throttle_percent`, `events` (last 64), `error` |
 //! | `migrate-cancel` | | cancels a running migration (the VM keeps running here) |
 //! | `quick-migrate` | `dir` | `save` figures, `console`; the VM is saved paused into `dir` and destroyed shortly after; restore with `vmm-node restore --snapshot DIR` |
@@ -19,15 +20,15 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::adapter::{local_facts, LocalFactory, LocalSource};
-use super::convergence::ConvergenceConfig;
-use super::seam::{NoHandoff, NodeFacts};
-use super::source::{migrate, CancelToken, MigrateOptions, MigrationEvent};
-use super::stats::MigrationStats;
-use super::target::{serve, FailAction, Failpoint, ReceiveOptions};
-use super::MigrationError;
-use crate::control::{error_response, Extension};
-use crate::{Vm, VmStatus};
+use vmm_node::control::{error_response, Extension};
+use vmm_node::migration::adapter::{local_facts, LocalFactory, LocalSource};
+use vmm_node::migration::convergence::ConvergenceConfig;
+use vmm_node::migration::seam::{NoHandoff, NodeFacts};
+use vmm_node::migration::source::{migrate, CancelToken, MigrateOptions, MigrationEvent};
+use vmm_node::migration::stats::MigrationStats;
+use vmm_node::migration::target::{serve, FailAction, Failpoint, ReceiveOptions};
+use vmm_node::migration::MigrationError;
+use vmm_node::{Vm, VmStatus};
 
 /// Line printed on stdout once the receive listener is bound.
 pub const LISTEN_LINE_PREFIX: &str = "MIGRATION-LISTEN ";
@@ -93,7 +94,7 @@ pub fn receive_vm(args: &ReceiveArgs) -> Result<Arc<Vm>, MigrationError> {
             addr: args.listen,
             source,
         })?;
-    let version = super::protocol::PROTOCOL_VERSION;
+    let version = vmm_node::migration::protocol::PROTOCOL_VERSION;
     tracing::info!(%bound, version, "waiting for an incoming migration");
     {
         let mut out = std::io::stdout().lock();
@@ -103,9 +104,9 @@ pub fn receive_vm(args: &ReceiveArgs) -> Result<Arc<Vm>, MigrationError> {
     // The target's disk slots reopen the VM's raw image files on `restore_state`, after
     // the storage handoff (the cluster-agent passes its own opener for fenced disks).
     let factory = LocalFactory::with_disk_slots(Arc::new(|vm: &Vm| {
-        crate::devices::virtio::install_virtio_slots(
+        vmm_node::devices::virtio::install_virtio_slots(
             vm,
-            crate::devices::virtio::raw_file_opener(),
+            vmm_node::devices::virtio::raw_file_opener(),
             false,
         )
         .map(|_| ())
@@ -134,6 +135,8 @@ struct MigrateRequest {
     connections: Option<usize>,
     #[serde(default)]
     throttle: Option<bool>,
+    #[serde(default)]
+    bandwidth_bytes_per_s_max: Option<u64>,
     #[serde(default)]
     cancel: bool,
 }
@@ -256,7 +259,10 @@ fn handle_migrate(st: &Mutex<Status>, req: &Value, vm: &Arc<Vm>) -> Value {
     };
     let defaults = ConvergenceConfig::default();
     let opts = MigrateOptions {
-        connections: r.connections.unwrap_or(super::DEFAULT_CONNECTIONS),
+        connections: r
+            .connections
+            .unwrap_or(vmm_node::migration::DEFAULT_CONNECTIONS),
+        bandwidth_bytes_per_s_max: r.bandwidth_bytes_per_s_max,
         convergence: ConvergenceConfig {
             max_downtime: r
                 .max_downtime_ms
@@ -334,7 +340,7 @@ fn handle_quick(req: &Value, vm: &Arc<Vm>) -> Value {
         Ok(r) => r,
         Err(e) => return error_response(&e),
     };
-    match super::quick::save(vm, &r.dir) {
+    match vmm_node::migration::quick::save(vm, &r.dir) {
         Ok(stats) => {
             let console = console_text(vm);
             destroy_later(vm);

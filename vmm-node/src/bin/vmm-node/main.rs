@@ -7,6 +7,8 @@
 //! vmm-node receive --listen 127.0.2.1:0 [--control /path/sock] [--console]   (migration target)
 //! ```
 
+mod migration_cli;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,10 +51,10 @@ enum Cmd {
     },
     /// Print host facts as JSON.
     Facts,
-    /// Wait for an incoming live migration, then run the VM (see `migration::cli`).
+    /// Wait for an incoming live migration, then run the VM (see `migration_cli`).
     Receive {
         #[command(flatten)]
-        args: vmm_node::migration::cli::ReceiveArgs,
+        args: migration_cli::ReceiveArgs,
         #[arg(long)]
         control: Option<PathBuf>,
         #[arg(long)]
@@ -63,12 +65,8 @@ enum Cmd {
 fn serve_and_wait(vm: Arc<Vm>, control: Option<PathBuf>, console: bool) -> anyhow::Result<()> {
     let server = match &control {
         Some(path) => Some(
-            vmm_node::control::serve(
-                path,
-                vm.clone(),
-                vec![vmm_node::migration::cli::control_extension()],
-            )
-            .with_context(|| format!("serving control socket {}", path.display()))?,
+            vmm_node::control::serve(path, vm.clone(), vec![migration_cli::control_extension()])
+                .with_context(|| format!("serving control socket {}", path.display()))?,
         ),
         None => None,
     };
@@ -135,7 +133,7 @@ fn main() -> anyhow::Result<()> {
             control,
             console,
         } => {
-            let vm = vmm_node::migration::cli::receive_vm(&args).context("receiving a VM")?;
+            let vm = migration_cli::receive_vm(&args).context("receiving a VM")?;
             serve_and_wait(vm, control, console)
         }
         Cmd::Restore {
