@@ -770,8 +770,8 @@ impl Cluster {
         self.check(r)
     }
 
-    /// A write through a running node, then a wait until every running node has applied
-    /// it; returns its log index. Everything committed before the call is then applied on
+    /// A write through a running node, then a wait until every running node (not one
+    /// stopped with SIGSTOP) has applied it; returns its log index. Everything committed before the call is then applied on
     /// every running node: what a test reads afterwards shows whether it happened. (A
     /// refused request commits nothing; the barrier is what makes "nothing changed" a
     /// read of settled state rather than of a replica that is behind.)
