@@ -12,7 +12,7 @@ use super::seam::{
 use super::transport::{DirtyPages, PageMap};
 use crate::{GuestMem, Vm, VmConfig, VmState};
 
-fn state_opts() -> impl Options {
+fn state_opts() -> impl Options + Copy {
     bincode::DefaultOptions::new()
         .with_fixint_encoding()
         .with_limit(u64::from(MAX_STATE_PAYLOAD_BYTES))
@@ -144,7 +144,7 @@ impl TargetVm for LocalTarget {
         self.0.memory()
     }
     fn restore(&self, state: &[u8]) -> Result<(), OpError> {
-        let st: VmState = state_opts().deserialize(state)?;
+        let st: VmState = crate::state::decode_any_version(state_opts(), state)?;
         Ok(self.0.restore_state(&st)?)
     }
     fn resume(&self) -> Result<(), OpError> {
