@@ -183,6 +183,9 @@ pub enum ConfigError {
     /// A TAP name the kernel cannot have.
     #[error("nics[{index}].tap_name {name:?} is not a valid interface name (1..={TAP_NAME_BYTES_MAX} bytes, no '/', ':', whitespace or NUL, not \".\" or \"..\")")]
     NicTapName { index: usize, name: String },
+    /// More TAP names given than the VM has NICs.
+    #[error("{given} TAP names given (--nic-tap) but the VM has {nics} NICs")]
+    NicTapOverrides { given: usize, nics: usize },
     /// Two NICs on one TAP.
     #[error("nics[{index}].tap_name {name} is already used by nics[{first}]")]
     NicTapDuplicate {
@@ -244,6 +247,22 @@ impl VmConfig {
         }
         if self.boot == BootProtocol::Pvh && self.initramfs.is_some() {
             return Err(ConfigError::InitramfsWithPvh);
+        }
+        self.validate_nics()
+    }
+
+    /// Put NIC `i` on TAP `taps[i]` (a VM restored or received on another host, whose
+    /// TAPs have other names). Fewer names than NICs leave the rest unchanged; more are an
+    /// error.
+    pub fn set_nic_taps(&mut self, taps: &[String]) -> Result<(), ConfigError> {
+        if taps.len() > self.nics.len() {
+            return Err(ConfigError::NicTapOverrides {
+                given: taps.len(),
+                nics: self.nics.len(),
+            });
+        }
+        for (n, t) in self.nics.iter_mut().zip(taps) {
+            n.tap_name = t.clone();
         }
         self.validate_nics()
     }

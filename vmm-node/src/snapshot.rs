@@ -305,7 +305,18 @@ pub fn restore_with(
     dir: &Path,
     install_devices: impl FnOnce(&Vm) -> Result<(), VmError>,
 ) -> Result<Vm, SnapshotError> {
-    let payload = read_state(dir)?;
+    restore_edited(dir, |_| Ok(()), install_devices)
+}
+
+/// Like [`restore_with`], letting `edit` change the saved configuration first (e.g. the TAP
+/// devices of the NICs on this host); the edited configuration is validated again.
+pub fn restore_edited(
+    dir: &Path,
+    edit: impl FnOnce(&mut VmConfig) -> Result<(), VmError>,
+    install_devices: impl FnOnce(&Vm) -> Result<(), VmError>,
+) -> Result<Vm, SnapshotError> {
+    let mut payload = read_state(dir)?;
+    edit(&mut payload.config)?;
     let mem = memory::map_file(&dir.join(MEMORY_FILE), payload.memory_bytes)?;
     let vm = Vm::with_memory(payload.config, mem)?;
     install_devices(&vm)?;

@@ -6,6 +6,7 @@
 pub mod blk;
 pub mod install;
 pub mod mmio;
+pub mod net;
 pub mod slots;
 
 pub use blk::{BlkStats, SlotBacking, StateDecodeError, VirtioBlk, VirtioBlkError, VirtioBlkState};
