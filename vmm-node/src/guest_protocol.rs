@@ -240,7 +240,10 @@ mod tests {
             Some(GuestLine::Net { up: false, .. })
         ));
         assert!(parse_line("NET sideways").is_none());
-        assert_eq!(net_cmdline("10.77.0.2".parse().unwrap()), "net.ip=10.77.0.2");
+        assert_eq!(
+            net_cmdline("10.77.0.2".parse().unwrap()),
+            "net.ip=10.77.0.2"
+        );
         // An unfinished last line is not a heartbeat yet.
         let partial =
             "HB seq=1 tsc_us=1 cpus=1 mem=off mem_passes=0 mem_errors=0 dirty_mib=0 disk=off";

@@ -54,14 +54,23 @@ fn net_up(vm: &Vmm) -> String {
 fn udp_echo(ns: &NetNs, dir: &std::path::Path, size: usize, count: usize) {
     let r = ns.probe(
         dir,
-        &["udp", GUEST_IP, "7", &size.to_string(), &count.to_string(), "5"],
+        &[
+            "udp",
+            GUEST_IP,
+            "7",
+            &size.to_string(),
+            &count.to_string(),
+            "5",
+        ],
     );
     assert_eq!(r["ok"], true, "UDP echo of {size} bytes x{count}: {r}");
 }
 
 /// The latest heartbeat's value of `key`.
 fn hb_field(vm: &Vmm, key: &str) -> u64 {
-    let line = vm.wait_console("a heartbeat", T, |l| l.starts_with("HB ") && l.contains(" net="));
+    let line = vm.wait_console("a heartbeat", T, |l| {
+        l.starts_with("HB ") && l.contains(" net=")
+    });
     field(&line, key).unwrap_or_else(|| panic!("{key} missing in {line}"))
 }
 
@@ -75,7 +84,10 @@ fn guest_answers_arp_udp_and_icmp_through_the_bridge() {
     let vm = run_vm(&ns, dir.path(), "vm", &net_config("tap0", 1500));
     let up = net_up(&vm);
     assert!(up.contains(&format!("mac={MAC}")), "{up}");
-    assert!(up.contains(&format!("ip={GUEST_IP}")) && up.contains("mtu=1500"), "{up}");
+    assert!(
+        up.contains(&format!("ip={GUEST_IP}")) && up.contains("mtu=1500"),
+        "{up}"
+    );
 
     let arp = ns.probe(dir.path(), &["arp", "br0", HOST_IP, GUEST_IP, "10"]);
     assert_eq!(arp["ok"], true, "{arp}");
@@ -136,9 +148,21 @@ fn snapshot_restore_keeps_the_nic_working_and_announces_it() {
     let stop = dir.path().join("capture.stop");
     let mut cap = ns.spawn_probe(
         dir.path(),
-        &["capture", "tap0", "0x8035", MAC, stop.to_str().unwrap(), "60"],
+        &[
+            "capture",
+            "tap0",
+            "0x8035",
+            MAC,
+            stop.to_str().unwrap(),
+            "60",
+        ],
     );
-    let vm = spawn_vmm(&ns, dir.path(), "b", &["restore", "--snapshot", snap.to_str().unwrap()]);
+    let vm = spawn_vmm(
+        &ns,
+        dir.path(),
+        "b",
+        &["restore", "--snapshot", snap.to_str().unwrap()],
+    );
     cap.wait_line(|l| l == "SEEN 3", T);
     let frames = cap.finish(&stop)["frames"].as_array().unwrap().clone();
     assert_eq!(frames.len(), 3, "{frames:?}");
@@ -152,7 +176,11 @@ fn snapshot_restore_keeps_the_nic_working_and_announces_it() {
         field(l, "net_udp").is_some_and(|n| n >= 30)
     });
     assert_eq!(field(&hb, "net_resets"), Some(0), "{hb}");
-    assert_eq!(vm.console().matches("NET up").count(), 0, "restore must not reboot the guest");
+    assert_eq!(
+        vm.console().matches("NET up").count(),
+        0,
+        "restore must not reboot the guest"
+    );
 }
 
 /// Source on tap1, target on tap2 (same bridge, same namespace), migration over loopback
@@ -199,7 +227,14 @@ fn quiet_live_migration_moves_the_mac_by_announcement() {
     let stop = dir.path().join("capture.stop");
     let mut cap = ns.spawn_probe(
         dir.path(),
-        &["capture", "tap2", "0x8035", MAC, stop.to_str().unwrap(), "60"],
+        &[
+            "capture",
+            "tap2",
+            "0x8035",
+            MAC,
+            stop.to_str().unwrap(),
+            "60",
+        ],
     );
     migrate(&p);
     wait_target_running(&mut p.dst);
@@ -210,7 +245,9 @@ fn quiet_live_migration_moves_the_mac_by_announcement() {
         "the bridge did not learn the target's port from the announcement"
     );
     // The guest itself sent nothing since (so the FDB entry came from the announcement).
-    let hb = p.dst.wait_console("a target heartbeat", T, |l| l.starts_with("HB ") && l.contains(" net="));
+    let hb = p.dst.wait_console("a target heartbeat", T, |l| {
+        l.starts_with("HB ") && l.contains(" net=")
+    });
     assert_eq!(field(&hb, "net_tx"), Some(tx_before), "{hb}");
     cap.wait_line(|l| l == "SEEN 3", T);
     let frames = cap.finish(&stop)["frames"].as_array().unwrap().clone();
@@ -233,11 +270,25 @@ fn live_migration_under_a_1khz_echo_stream() {
     let cap_stop = dir.path().join("capture.stop");
     let mut cap = ns.spawn_probe(
         dir.path(),
-        &["capture", "tap2", "0x8035", MAC, cap_stop.to_str().unwrap(), "120"],
+        &[
+            "capture",
+            "tap2",
+            "0x8035",
+            MAC,
+            cap_stop.to_str().unwrap(),
+            "120",
+        ],
     );
     let stream = ns.spawn_probe(
         dir.path(),
-        &["stream", GUEST_IP, "7", "1000", stop.to_str().unwrap(), "120"],
+        &[
+            "stream",
+            GUEST_IP,
+            "7",
+            "1000",
+            stop.to_str().unwrap(),
+            "120",
+        ],
     );
     // Let the stream run on the source first.
     let before = hb_field(&p.src, "net_udp");
@@ -258,7 +309,10 @@ fn live_migration_under_a_1khz_echo_stream() {
     eprintln!(
         "echo stream across the migration: {} sent, {} lost, longest silence {} ms, \
          longest loss run {}; migration downtime {} us",
-        res["sent"], res["lost"], res["longest_silence_ms"], res["longest_loss_run"],
+        res["sent"],
+        res["lost"],
+        res["longest_silence_ms"],
+        res["longest_loss_run"],
         r["stats"]["downtime_us"]
     );
     let sent = res["sent"].as_u64().unwrap();
@@ -287,17 +341,26 @@ fn bad_nic_config_is_refused_with_the_field_named() {
     let mut c = net_config("tap0", 1500);
     c.nics[0].mac = "52:54:00:77:00".into();
     let e = run("mac", &c);
-    assert!(e.contains("nics[0].mac") && e.contains("is not a MAC address"), "{e}");
+    assert!(
+        e.contains("nics[0].mac") && e.contains("is not a MAC address"),
+        "{e}"
+    );
     c.nics[0].mac = "01:00:5e:00:00:01".into();
     let e = run("mcast", &c);
     assert!(e.contains("nics[0].mac") && e.contains("unicast"), "{e}");
     let mut c = net_config("tap0", 10000);
     let e = run("mtu", &c);
-    assert!(e.contains("nics[0].mtu 10000 is out of range (68..=9000)"), "{e}");
+    assert!(
+        e.contains("nics[0].mtu 10000 is out of range (68..=9000)"),
+        "{e}"
+    );
     c.nics[0].mtu = 1500;
     c.nics.push(NicConfig::new("tap1", MAC));
     let e = run("dup", &c);
-    assert!(e.contains("nics[1].mac") && e.contains("already used by nics[0]"), "{e}");
+    assert!(
+        e.contains("nics[1].mac") && e.contains("already used by nics[0]"),
+        "{e}"
+    );
     let c = net_config("nosuchtap", 1500);
     let e = run("missing", &c);
     assert!(
@@ -307,5 +370,8 @@ fn bad_nic_config_is_refused_with_the_field_named() {
     // A TAP another process holds is refused too, naming it.
     let _holder = run_vm(&ns, dir.path(), "holder", &net_config("tap0", 1500));
     let e = run("busy", &net_config("tap0", 1500));
-    assert!(e.contains("TAP device tap0") && e.contains("TUNSETIFF"), "{e}");
+    assert!(
+        e.contains("TAP device tap0") && e.contains("TUNSETIFF"),
+        "{e}"
+    );
 }

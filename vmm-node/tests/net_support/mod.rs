@@ -102,7 +102,8 @@ impl NetNs {
         let out = run_ok(self.exec(python()).arg(probe_path(dir)).args(args));
         let text = String::from_utf8_lossy(&out.stdout);
         let last = text.lines().last().unwrap_or("");
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("probe {args:?} printed {text:?}: {e}"))
+        serde_json::from_str(last)
+            .unwrap_or_else(|e| panic!("probe {args:?} printed {text:?}: {e}"))
     }
 
     /// Start a long-running probe mode (`stream`, `capture`); returns once it printed READY.
@@ -187,7 +188,10 @@ impl Probe {
                         return l;
                     }
                 }
-                Err(_) => panic!("probe: no matching line within {timeout:?}; saw {:?}", self.seen),
+                Err(_) => panic!(
+                    "probe: no matching line within {timeout:?}; saw {:?}",
+                    self.seen
+                ),
             }
         }
     }
@@ -240,7 +244,12 @@ impl Vmm {
     }
 
     /// Wait until the console holds a line for which `pred` is true; returns that line.
-    pub fn wait_console(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+    pub fn wait_console(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let text = self.console();
@@ -263,7 +272,10 @@ impl Vmm {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "vmm-node did not exit within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "vmm-node did not exit within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -273,9 +285,16 @@ fn wait_socket(p: &Path, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while request(p, &json!({"cmd": "status"})).is_err() {
         if let Ok(Some(s)) = child.try_wait() {
-            panic!("vmm-node exited with {s} before its control socket {} came up", p.display());
+            panic!(
+                "vmm-node exited with {s} before its control socket {} came up",
+                p.display()
+            );
         }
-        assert!(Instant::now() < deadline, "control socket {} never came up", p.display());
+        assert!(
+            Instant::now() < deadline,
+            "control socket {} never came up",
+            p.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -301,7 +320,12 @@ pub fn spawn_vmm(ns: &NetNs, dir: &Path, name: &str, args: &[&str]) -> Vmm {
 pub fn run_vm(ns: &NetNs, dir: &Path, name: &str, cfg: &vmm_node::VmConfig) -> Vmm {
     let cfg_path = dir.join(format!("{name}.json"));
     std::fs::write(&cfg_path, serde_json::to_string(cfg).unwrap()).unwrap();
-    spawn_vmm(ns, dir, name, &["run", "--config", cfg_path.to_str().unwrap()])
+    spawn_vmm(
+        ns,
+        dir,
+        name,
+        &["run", "--config", cfg_path.to_str().unwrap()],
+    )
 }
 
 /// `vmm-node receive --listen 127.0.0.1:0 EXTRA...` inside `ns`; returns it (its control
@@ -344,7 +368,10 @@ pub fn run_failing(ns: &NetNs, args: &[&str]) -> String {
         .stdout(Stdio::null())
         .output()
         .expect("spawn vmm-node");
-    assert!(!out.status.success(), "vmm-node {args:?} succeeded but should have failed");
+    assert!(
+        !out.status.success(),
+        "vmm-node {args:?} succeeded but should have failed"
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
