@@ -155,8 +155,8 @@ def stream(dst, port, rate, stop_file, max_s):
     lost = [q for q in seqs if q not in got]
     # Longest silence between consecutive replies (by arrival time).
     arrivals = sorted(got.values())
-    gaps = [(b - a) for a, b in zip(arrivals, arrivals[1:])]
-    longest = max(gaps) if gaps else None
+    gaps = [(b - a, a) for a, b in zip(arrivals, arrivals[1:])]
+    longest, longest_at = max(gaps) if gaps else (None, None)
     # The blackout: the longest run of consecutive lost sequence numbers.
     best = (0, None)
     run_start, run_len = None, 0
@@ -170,8 +170,10 @@ def stream(dst, port, rate, stop_file, max_s):
         else:
             run_start, run_len = None, 0
     out({"sent": len(seqs), "received": len(got), "lost": len(lost),
+         "longest_silence_start_unix": longest_at,
          "lost_seqs": lost[:2000], "longest_silence_ms": round(longest * 1e3, 3) if longest else None,
-         "longest_loss_run": best[0], "longest_loss_run_start": best[1]})
+         "longest_loss_run": best[0], "longest_loss_run_start": best[1],
+         "longest_loss_run_start_unix": sent.get(best[1]) if best[1] is not None else None})
 
 
 def capture(iface, ethertype, mac, stop_file, max_s):

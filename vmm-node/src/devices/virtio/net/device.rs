@@ -51,6 +51,8 @@ pub enum RxOutcome {
     NeedBuffers,
     /// The per-wakeup budget is used up and frames may be waiting: run again.
     Budget,
+    /// Reading the backend failed (e.g. the TAP was deleted): retry later.
+    BackendFailed,
 }
 
 /// Result of delivering one frame.
@@ -311,7 +313,7 @@ impl VirtioNet {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         self.backend_error("reading a frame", &e);
-                        outcome = RxOutcome::Drained;
+                        outcome = RxOutcome::BackendFailed;
                         break;
                     }
                 }

@@ -23,6 +23,8 @@ use crate::GuestMem;
 
 const TOKEN_KICK: u64 = 0;
 const TOKEN_BACKEND: u64 = 1;
+/// How long the I/O thread waits before reading a backend again after a read error.
+const BACKEND_RETRY_MS: i32 = 100;
 
 struct Nic {
     dev: Arc<Mutex<VirtioNet>>,
@@ -268,31 +270,34 @@ impl IoThread {
                 let next = d.announce_due(now);
                 (d.rx_pump(RX_FRAMES_PER_WAKEUP), next)
             };
+            // Watch the backend only while frames can go somewhere. Removed rather than
+            // masked: epoll reports errors (a deleted TAP) even for an empty event set.
             let want = matches!(outcome, RxOutcome::Drained | RxOutcome::Budget);
             if let Some(fd) = self.backend_fd.filter(|_| want != backend_armed) {
-                let set = if want {
-                    EventSet::IN
+                let op = if want {
+                    ControlOperation::Add
                 } else {
-                    EventSet::empty()
+                    ControlOperation::Delete
                 };
-                match self.epoll.ctl(
-                    ControlOperation::Modify,
-                    fd,
-                    EpollEvent::new(set, TOKEN_BACKEND),
-                ) {
+                match self
+                    .epoll
+                    .ctl(op, fd, EpollEvent::new(EventSet::IN, TOKEN_BACKEND))
+                {
                     Ok(()) => backend_armed = want,
                     Err(e) => {
                         tracing::error!(error = %e, "virtio-net I/O thread: epoll_ctl failed")
                     }
                 }
             }
-            timeout_ms = if outcome == RxOutcome::Budget {
-                0
-            } else {
-                next_announce.map_or(-1, |t| {
-                    let ms = t.saturating_duration_since(Instant::now()).as_millis() + 1;
-                    i32::try_from(ms).unwrap_or(i32::MAX)
-                })
+            let announce_ms = next_announce.map_or(-1, |t| {
+                let ms = t.saturating_duration_since(Instant::now()).as_millis() + 1;
+                i32::try_from(ms).unwrap_or(i32::MAX)
+            });
+            timeout_ms = match outcome {
+                RxOutcome::Budget => 0,
+                RxOutcome::BackendFailed if announce_ms < 0 => BACKEND_RETRY_MS,
+                RxOutcome::BackendFailed => announce_ms.min(BACKEND_RETRY_MS),
+                _ => announce_ms,
             };
         }
     }
