@@ -115,7 +115,10 @@ fn guest_answers_arp_udp_and_icmp_through_the_bridge() {
     vm.wait_console("heartbeats after the TAP was deleted", T, |l| {
         l.starts_with("HB ") && field(l, "seq").is_some_and(|s| s >= seq + 10)
     });
-    assert_eq!(vm.ok(json!({"cmd": "status"}))["status"]["state"], "running");
+    assert_eq!(
+        vm.ok(json!({"cmd": "status"}))["status"]["state"],
+        "running"
+    );
 }
 
 #[test]
