@@ -388,3 +388,26 @@ fn bad_nic_config_is_refused_with_the_field_named() {
         "{e}"
     );
 }
+
+/// A target whose TAP does not exist refuses the VM at setup, naming the TAP; the source
+/// keeps running and answering.
+#[test]
+fn migration_to_a_target_without_its_tap_is_refused() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = NetNs::new("notap");
+    ns.bridge(HOST_CIDR, 1500);
+    ns.tap("tap1", 1500);
+    let src = run_vm(&ns, dir.path(), "src", &net_config("tap1", 1500));
+    net_up(&src);
+    let (_dst, addr) = spawn_target(&ns, dir.path(), "dst", &["--nic-tap", "tap9"]);
+    let r = src.req(json!({"cmd": "migrate", "addr": addr.to_string()}));
+    assert_eq!(r["ok"], false, "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(e.contains("TAP device tap9 does not exist"), "{e}");
+    assert_eq!(
+        src.ok(json!({"cmd": "status"}))["status"]["state"],
+        "running"
+    );
+    udp_echo(&ns, dir.path(), 200, 10);
+}

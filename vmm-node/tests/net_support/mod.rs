@@ -243,7 +243,8 @@ impl Vmm {
             .to_string()
     }
 
-    /// Wait until the console holds a line for which `pred` is true; returns that line.
+    /// Wait until the console holds a complete line (the guest may be writing the last one)
+    /// for which `pred` is true; returns the latest such line.
     pub fn wait_console(
         &self,
         what: &str,
@@ -253,7 +254,8 @@ impl Vmm {
         let deadline = Instant::now() + timeout;
         loop {
             let text = self.console();
-            if let Some(l) = text.lines().filter(|l| pred(l)).last() {
+            let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+            if let Some(l) = complete.lines().filter(|l| pred(l)).last() {
                 return l.to_string();
             }
             assert!(
