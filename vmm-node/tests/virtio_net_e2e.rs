@@ -233,7 +233,11 @@ fn quiet_live_migration_moves_the_mac_by_announcement() {
     let mut p = pair(&ns, dir.path());
     udp_echo(&ns, dir.path(), 100, 5);
     assert_eq!(ns.fdb_port(MAC).as_deref(), Some("tap1"));
-    let tx_before = hb_field(&p.src, "net_tx");
+    // A heartbeat that counts all five echoes: what the guest sent before the migration.
+    let hb = p.src.wait_console("the echoes counted", T, |l| {
+        field(l, "net_udp").is_some_and(|n| n >= 5)
+    });
+    let tx_before = field(&hb, "net_tx").unwrap();
 
     let stop = dir.path().join("capture.stop");
     let mut cap = ns.spawn_probe(
