@@ -225,9 +225,13 @@ void vnet_rx_flush(struct vnet *d)
 		return;
 	barrier();
 	avail(RXQ)->idx = d->rx_avail_idx;
-	barrier();
 	d->rx_reposted = 0;
-	wr32(d, R_QUEUE_NOTIFY, RXQ);
+	/* The device asks for a notification only while it waits for buffers
+	 * (VRING_USED_F_NO_NOTIFY clear); the fence orders our index store before the flag load,
+	 * as the device orders its flag store before its index load. */
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	if (!(used(RXQ)->flags & 1))
+		wr32(d, R_QUEUE_NOTIFY, RXQ);
 }
 
 uint8_t *vnet_tx_buf(struct vnet *d)

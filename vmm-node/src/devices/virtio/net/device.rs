@@ -85,6 +85,11 @@ pub struct VirtioNet {
     stats: NetStats,
     rx_buf: Vec<u8>,
     rx_pending: usize,
+    /// Whether the receive queue's used ring asks the driver for notifications (clear
+    /// `VRING_USED_F_NO_NOTIFY`): only while a frame waits for buffers.
+    rx_notify: bool,
+    /// Available index of the receive queue when a frame last found too few buffers.
+    rx_avail_seen: u16,
     tx_buf: Vec<u8>,
 }
 
@@ -134,6 +139,8 @@ impl VirtioNet {
             stats: NetStats::default(),
             rx_buf: vec![0; NET_HDR_BYTES + FRAME_BYTES_MAX],
             rx_pending: 0,
+            rx_notify: true,
+            rx_avail_seen: 0,
             tx_buf: Vec::new(),
         }
     }
@@ -336,7 +343,37 @@ impl VirtioNet {
         if delivered > 0 {
             self.signal_used(RX_QUEUE);
         }
+        // Ask for receive notifications only while a frame waits for buffers, so a driver
+        // that honours VRING_USED_F_NO_NOTIFY saves a VM exit per refill otherwise.
+        if outcome == RxOutcome::NeedBuffers {
+            if self.set_rx_notify(true) {
+                outcome = RxOutcome::Budget; // buffers arrived meanwhile: go again
+            }
+        } else if self.rx_notify && matches!(outcome, RxOutcome::Drained | RxOutcome::Budget) {
+            self.set_rx_notify(false);
+        }
         outcome
+    }
+
+    /// Set or clear `VRING_USED_F_NO_NOTIFY` on the receive queue; when enabling, returns
+    /// whether the driver made buffers available meanwhile.
+    fn set_rx_notify(&mut self, enable: bool) -> bool {
+        let mem = self.mem.clone();
+        let Some(q) = self.transport.queue_at(usize::from(RX_QUEUE)) else {
+            return false;
+        };
+        let more = if enable {
+            // Flag first (fenced inside), then look at the index again: a driver that
+            // published buffers before it saw the flag did not notify.
+            q.enable_notification(&mem).is_ok()
+                && q.avail_idx(&mem, std::sync::atomic::Ordering::Acquire)
+                    .is_ok_and(|idx| idx.0 != self.rx_avail_seen)
+        } else {
+            let _ = q.disable_notification(&mem);
+            false
+        };
+        self.rx_notify = enable;
+        more
     }
 
     /// Copy the pending frame into guest receive buffers.
@@ -350,6 +387,7 @@ impl VirtioNet {
             rx_buf,
             stats,
             rx_pending,
+            rx_avail_seen,
             ..
         } = self;
         // Receive offloads the guest did not accept never reach it: the TAP was told
@@ -367,6 +405,9 @@ impl VirtioNet {
         };
         let start = q.next_avail();
         let size = q.size();
+        let avail_before = q
+            .avail_idx(&mem, std::sync::atomic::Ordering::Acquire)
+            .map_or(start, |i| i.0);
         let mut chains: Vec<(u16, Vec<(u64, u32)>)> = Vec::new();
         let mut capacity: u64 = 0;
         let mut exhausted = false;
@@ -413,6 +454,7 @@ impl VirtioNet {
             // Give the buffers back untouched (nothing was written to guest memory).
             q.set_next_avail(start);
             if chains.is_empty() || (mrg && exhausted && chains.len() < usize::from(size)) {
+                *rx_avail_seen = avail_before;
                 return Delivery::NoBuffers;
             }
             // No buffer of this guest can ever hold the frame.
@@ -590,6 +632,7 @@ impl VirtioNet {
     pub fn apply_restore(&mut self, transport: MmioTransport) {
         self.transport = transport;
         self.rx_pending = 0;
+        self.rx_notify = true;
         self.announce = None;
         self.announce_on_resume = true;
         self.apply_offloads();
@@ -686,6 +729,7 @@ impl MmioDevice for VirtioNet {
             MmioEvent::Reset => {
                 tracing::debug!(slot = self.slot, "virtio-net reset by the driver");
                 self.rx_pending = 0;
+                self.rx_notify = true;
                 self.apply_offloads();
             }
             MmioEvent::QueueNotify(RX_QUEUE) => self.wake(),

@@ -368,8 +368,13 @@ fn receive_waits_for_buffers_and_keeps_the_frame() {
     r.inject(f.clone());
     assert_eq!(r.dev.rx_pump(8), RxOutcome::NeedBuffers);
     assert_eq!(r.dev.rx_pump(8), RxOutcome::NeedBuffers);
+    // Waiting: the driver is asked to notify (VRING_USED_F_NO_NOTIFY clear).
+    let used_flags = |r: &Rig| r.mem.read_obj::<u16>(GuestAddress(RINGS[0].2)).unwrap();
+    assert_eq!(used_flags(&r), 0);
     r.post_rx(0, 2048);
     assert_eq!(r.dev.rx_pump(8), RxOutcome::Drained);
+    // Not waiting: no notifications wanted.
+    assert_eq!(used_flags(&r), 1);
     assert_eq!(r.pop_used(0), Some((0, f.len() as u32)));
     assert_eq!(
         &r.rx_bytes(0, f.len())[NET_HDR_BYTES..],
