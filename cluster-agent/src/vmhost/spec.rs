@@ -71,5 +71,6 @@ pub fn to_config(spec: &VmSpec, registry: &VolumeRegistry) -> Result<VmConfig, V
         cmdline,
         boot,
         disks: Vec::new(),
+        nics: Vec::new(),
     })
 }

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vmm_node::control::request;
 
+/// The line `vmm-node receive` prints once it listens (the binary's `LISTEN_LINE_PREFIX`).
+const LISTEN_LINE_PREFIX: &str = "MIGRATION-LISTEN ";
+
 /// The probe script, written into each test's directory.
 pub const NETPROBE: &str = include_str!("netprobe.py");
 
@@ -349,7 +352,7 @@ pub fn spawn_target(ns: &NetNs, dir: &Path, name: &str, extra: &[&str]) -> (Vmm,
     BufReader::new(stdout).read_line(&mut line).unwrap();
     let addr = line
         .trim()
-        .strip_prefix(vmm_node::migration::cli::LISTEN_LINE_PREFIX)
+        .strip_prefix(LISTEN_LINE_PREFIX)
         .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"))
         .parse()
         .unwrap();

@@ -115,10 +115,10 @@ pub fn receive_vm(args: &ReceiveArgs) -> Result<Arc<Vm>, MigrationError> {
             vmm_node::devices::virtio::raw_file_opener(),
             false,
         )?;
-        crate::devices::virtio::net::install_virtio_nics(vm)?;
+        vmm_node::devices::virtio::net::install_virtio_nics(vm)?;
         Ok(())
     }))
-    .with_config_hook(Arc::new(move |c: &mut crate::VmConfig| {
+    .with_config_hook(Arc::new(move |c: &mut vmm_node::VmConfig| {
         c.set_nic_taps(&taps)?;
         Ok(())
     }));
