@@ -146,8 +146,20 @@ pub enum KvCmd {
     Get { key: String },
 }
 
+/// Exit code of a command line clap refuses (sysexits' `EX_USAGE`): distinct from 2, "no
+/// agent reachable".
+const EXIT_USAGE: u8 = 64;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are answers, not errors.
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -120,3 +120,14 @@ async fn tour_against_a_real_agent() {
     assert_eq!(o.status.code(), Some(1));
     assert!(err.contains("already a member"), "{err}");
 }
+
+#[test]
+fn a_bad_command_line_is_a_usage_error_not_an_unreachable_agent() {
+    let o = ctl("127.0.1.251:9", &["vm", "migrate"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(64), "stdout {out} stderr {err}");
+    assert!(err.contains("Usage:"), "{err}");
+    let o = ctl("127.0.1.251:9", &["--help"]);
+    assert_eq!(o.status.code(), Some(0), "--help is an answer");
+    assert!(text(&o).0.contains("Usage:"));
+}
