@@ -81,6 +81,12 @@ pub enum Cmd {
     /// Migrations: list, show (statistics, receipt), cancel.
     #[command(subcommand)]
     Migration(migration::MigrationCmd),
+    /// The agent's standard gRPC health check (`grpc.health.v1`): exit 0 when it serves.
+    Health {
+        /// One service (e.g. cluster.vms.v1.VmService); empty: the whole server.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
