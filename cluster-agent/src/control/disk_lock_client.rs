@@ -104,6 +104,32 @@ pub fn mode_of(disk: &DiskSpec) -> LockMode {
     }
 }
 
+/// Whether `disk` may be taken over from its holders because they are all Down and have
+/// fenced themselves. Holders that are all Down but not yet for the failover grace (on
+/// this agent's clock) are waited for, up to the grace and a margin: the grace is what
+/// their fence watchers need, not a reason to fail the start.
+async fn wait_for_fenced_holders(agent: &Agent, disk: &DiskName, node: u64) -> bool {
+    let grace = crate::control::failover::FAILOVER_GRACE;
+    let deadline = tokio::time::Instant::now() + grace * 2;
+    loop {
+        let state = agent.read_sm(|s| s.state.clone());
+        let fenced = agent.down_for_at_least(&state, grace);
+        if held_only_by_fenced_nodes(&state, disk, node, &fenced) {
+            return true;
+        }
+        let down = crate::state::disk_locks::down_nodes(&state);
+        let all_down = state.locks.lock(disk).is_some_and(|l| {
+            !l.holders.is_empty()
+                && !l.holders.contains(&node)
+                && l.holders.iter().all(|h| down.contains(h))
+        });
+        if !all_down || tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(crate::control::fencing::FENCE_POLL * 5).await;
+    }
+}
+
 /// Acquires (committed) every disk of `vm` for `node`: exclusive read-write, or shared
 /// for read-only disks. A lock the node already holds is granted again with its token
 /// (e.g. after a failover takeover). On a refusal the locks acquired by this call are
@@ -116,9 +142,7 @@ pub async fn acquire_all(
 ) -> Result<Vec<LockGrant>, LockClientError> {
     let mut grants = Vec::with_capacity(disks.len());
     for d in disks {
-        let state = agent.read_sm(|s| s.state.clone());
-        let fenced = agent.down_for_at_least(&state, crate::control::failover::FAILOVER_GRACE);
-        let takeover = held_only_by_fenced_nodes(&state, &d.name, node, &fenced);
+        let takeover = wait_for_fenced_holders(agent, &d.name, node).await;
         let cmd = if takeover {
             LockCommand::ForceTakeover {
                 disk: d.name.clone(),

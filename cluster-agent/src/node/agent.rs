@@ -616,6 +616,19 @@ impl Agent {
             .ready(state, Instant::now(), grace)
     }
 
+    /// Note the nodes Down in the applied state now, so a grace counts from about when
+    /// this agent applied the Down rather than from its first question (the heartbeat
+    /// loop calls this every round).
+    pub(super) fn observe_downs(&self) {
+        let now = Instant::now();
+        self.read_sm(|d| {
+            self.down_clock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .ready(&d.state, now, Duration::MAX)
+        });
+    }
+
     /// This node's lease (see `liveness`): whether it may run VMs now.
     pub fn lease(&self) -> crate::node::liveness::LeaseView {
         let m = self.raft.metrics().borrow().clone();

@@ -65,6 +65,7 @@ impl Agent {
             }
             self.send_heartbeats();
             self.confirm_read_index(&confirming);
+            self.observe_downs();
         }
     }
 

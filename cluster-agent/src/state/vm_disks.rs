@@ -81,8 +81,8 @@ pub fn check(state: &ClusterState, cmd: &VmDiskCommand) -> Result<(), VmDiskErro
     let name = match cmd {
         VmDiskCommand::Attach { vm, .. } | VmDiskCommand::Detach { vm, .. } => vm,
     };
-    let vm = crate::state::vms::find(state, name)
-        .ok_or_else(|| VmDiskError::UnknownVm(name.clone()))?;
+    let vm =
+        crate::state::vms::find(state, name).ok_or_else(|| VmDiskError::UnknownVm(name.clone()))?;
     if let Some(to) = vm.migrating_to {
         return Err(VmDiskError::Migrating {
             vm: name.clone(),
