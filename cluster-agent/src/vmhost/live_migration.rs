@@ -481,6 +481,13 @@ impl TargetFactory for Factory {
             op: "create the incoming VM",
             source,
         })?;
+        vmm_node::devices::virtio::net::install_virtio_nics(&vm).map_err(|source| {
+            VmHostError::Vm {
+                vm: blob.spec.name.clone(),
+                op: "create the incoming VM's NICs",
+                source,
+            }
+        })?;
         let hosted = Arc::new(HostedVm::new(blob.spec, vm)?);
         let inc = Arc::new(Incoming {
             vm: hosted,

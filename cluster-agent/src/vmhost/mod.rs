@@ -381,6 +381,13 @@ impl VmHost {
             op: "create the VM",
             source,
         })?;
+        vmm_node::devices::virtio::net::install_virtio_nics(&vm).map_err(|source| {
+            VmHostError::Vm {
+                vm: spec.name.clone(),
+                op: "create its NICs",
+                source,
+            }
+        })?;
         let disks = spec.disks.clone();
         let hosted = HostedVm::new(spec, vm)?;
         for (slot, d) in disks.into_iter().enumerate() {

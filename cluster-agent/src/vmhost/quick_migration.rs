@@ -287,7 +287,7 @@ impl VmHost {
         let vm = vmm_node::snapshot::restore_edited(
             dir,
             |c| Ok(c.set_nic_taps(&tap_names)?),
-            |_| Ok(()),
+            |vm| vmm_node::devices::virtio::net::install_virtio_nics(vm).map(|_| ()),
         )
         .map_err(|e| quick_err(&name, "restoring the snapshot")(Box::new(e)))?;
         let hosted = Arc::new(HostedVm::new(sidecar.spec, vm)?);
