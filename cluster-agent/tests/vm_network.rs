@@ -1,7 +1,7 @@
 //! VM networking through the cluster, with real agents run inside a network namespace the
 //! test creates (bridge `br-lan` with 10.78.0.1/24, the agents' TAPs, the UDP probe): a VM
-//! with a NIC answers UDP echo; a live migration keeps it answering from the target and
-//! removes the source's TAP; a failover restart keeps the MAC; a duplicate MAC is refused
+//! with a NIC answers UDP echo; a live and a quick migration keep it answering from the
+//! target and remove the source's TAP; a failover restart keeps the MAC; a duplicate MAC is refused
 //! with the VM that has it named; a node without the VM's network is refused by
 //! `migrate --to` and explained by why-not. Nothing touches the root namespace's interfaces.
 
@@ -57,8 +57,9 @@ async fn nic_answers_moves_with_live_migration_keeps_its_mac_on_failover() {
     let mut cl = Cluster::vm_agents();
     cl.set_netns(ns.clone());
     let vendor = cpu_vendor_toml("GenuineIntel");
+    let (_, volume) = cl.shared_volume();
     for (id, nets) in [(1, LAN), (2, LAN), (3, "")] {
-        let added = cl.add_node_with(id, &format!("{vendor}{nets}"));
+        let added = cl.add_node_with(id, &format!("{vendor}{volume}{nets}"));
         cl.check(added);
     }
     let formed = cl.form(3).await;
@@ -149,18 +150,45 @@ async fn nic_answers_moves_with_live_migration_keeps_its_mac_on_failover() {
         .unwrap_or_else(|e| panic!("{e}"));
     wait_echo(&ns, &dir, "UDP echo from the VM on node 2");
 
-    // Failover: node 2 dies, node 1 (the only other node with `lan`) restarts the VM with
+    // Quick migration back to node 1: saved, restored on node 1's own TAP.
+    vms.migrate_vm(pb::MigrateVmRequest {
+        name: "web".into(),
+        to_node_id: 1,
+        quick: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("quick-migrate web: {e}{}", cl.logs()));
+    Wait::new(WAIT)
+        .until(
+            "web running on node 1 after the quick migration",
+            || async { get_vm(&mut cl.vms(3).await, "web").await },
+            |v| v.owner_id == 1 && v.migrating_to == 0 && v.runtime == "running",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}{}", cl.logs()));
+    Wait::new(WAIT)
+        .until_blocking(
+            "node 2's TAP removed after the quick migration",
+            || Ok::<_, String>(ns.has_link(&tap2)),
+            |present| !present,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(ns.has_link(&tap1), "TAP {tap1} recreated on node 1");
+    wait_echo(&ns, &dir, "UDP echo from the VM quick-migrated to node 1");
+
+    // Failover: node 1 dies, node 2 (the only other node with `lan`) restarts the VM with
     // the same MAC.
-    let killed = cl.kill9(2);
+    let killed = cl.kill9(1);
     cl.check(killed);
     let v = Wait::new(Duration::from_secs(120))
         .until(
-            "web restarted on node 1",
+            "web restarted on node 2",
             || async { get_vm(&mut cl.vms(3).await, "web").await },
-            |v| v.owner_id == 1 && v.runtime == "running",
+            |v| v.owner_id == 2 && v.runtime == "running",
         )
         .await
         .unwrap_or_else(|e| panic!("{e}{}", cl.logs()));
     assert_eq!(v.spec.unwrap_or_default().nics[0].mac, mac);
-    wait_echo(&ns, &dir, "UDP echo from the VM restarted on node 1");
+    wait_echo(&ns, &dir, "UDP echo from the VM restarted on node 2");
 }
