@@ -65,6 +65,21 @@ async fn nic_answers_moves_with_live_migration_keeps_its_mac_on_failover() {
     let formed = cl.form(3).await;
     cl.check(formed);
     let dir = cl.dir().to_path_buf();
+    // Each node registered its networks.
+    let nodes = cl.check(cl.nodes(3).await);
+    let nets = |id: u64| -> Vec<(String, String)> {
+        nodes
+            .iter()
+            .filter(|n| n.node_id == id)
+            .flat_map(|n| {
+                n.networks
+                    .iter()
+                    .map(|v| (v.name.clone(), v.bridge.clone()))
+            })
+            .collect()
+    };
+    assert_eq!(nets(1), vec![("lan".to_string(), "br-lan".to_string())]);
+    assert!(nets(3).is_empty());
 
     // Placed on a node with the network; the MAC is generated, the TAP is on the bridge.
     let mut vms = cl.vms(3).await;
