@@ -111,10 +111,8 @@ impl Cluster {
     /// A channel to node `id`'s management address; panics with the logs if it cannot
     /// connect.
     pub async fn channel(&self, id: u64) -> Channel {
-        let addr = self.check(self.spec(id)).mgmt_addr;
-        Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap_or_else(|e| panic!("endpoint: {e}"))
-            .connect()
+        self.check(self.spec(id));
+        self.connect_channel(id)
             .await
             .unwrap_or_else(|e| panic!("connect to node {id}: {e}{}", self.logs()))
     }

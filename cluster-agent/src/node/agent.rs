@@ -275,6 +275,11 @@ impl Agent {
             mgmt_subnet: c.mgmt_subnet.to_string(),
             migration_subnet: c.migration_subnet.to_string(),
             facts: self.facts.clone(),
+            networks: c
+                .networks
+                .iter()
+                .map(|n| (n.name.clone(), n.bridge.clone()))
+                .collect(),
         }
     }
 

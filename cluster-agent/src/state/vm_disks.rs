@@ -220,6 +220,7 @@ mod tests {
                     logical_cpus: 4,
                     ..NodeFacts::default()
                 },
+                networks: Default::default(),
             },
             at_unix_ms: 1,
         });
