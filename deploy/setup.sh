@@ -4,11 +4,13 @@
 #  - libclang-dev: bindgen (rocksdb's librocksdb-sys) needs libclang.
 #  - build-essential: C/C++ compiler for RocksDB's bundled sources.
 #  - lz4, util-linux (flock): vmm-node/scripts/fetch-test-kernel.sh unpacks the test kernel.
+#  - iptables: the partition tests cut links between the local agents with iptables rules
+#    (tests/src/partition.rs); they run as root.
 #  - protoc is NOT needed: proto/build.rs uses the vendored protoc-bin-vendored.
 #  - sccache (optional, recommended): caches the ~10-minute RocksDB C++ build.
 set -euo pipefail
 need=()
-for pkg in libclang-dev build-essential pkg-config lz4 util-linux; do
+for pkg in libclang-dev build-essential pkg-config lz4 util-linux iptables; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

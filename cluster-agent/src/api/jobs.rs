@@ -67,7 +67,7 @@ impl JobApi {
         let Some(addr) = forward::leader_addr(&self.agent)? else {
             return Ok(None);
         };
-        let ch = forward::channel(&addr, "the leader").await?;
+        let ch = forward::channel(&self.agent, &addr, "the leader").await?;
         Ok(Some(DrainServiceClient::new(ch)))
     }
 

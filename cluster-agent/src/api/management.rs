@@ -120,6 +120,7 @@ impl Management for ManagementApi {
             .map_err(|e| {
                 Status::invalid_argument(format!("join address {via:?} is not usable: {e}"))
             })?
+            .local_address(a.config().mgmt_source_ip())
             .connect_timeout(JOIN_CONNECT_TIMEOUT)
             .timeout(crate::node::LEARNER_CATCH_UP_TIMEOUT + crate::node::WRITE_DEADLINE);
         let channel = endpoint.connect().await.map_err(|e| {

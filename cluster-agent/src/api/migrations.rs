@@ -93,9 +93,9 @@ impl MigrationApi {
     }
 }
 
-async fn connect(addr: &str) -> Result<MigrationServiceClient<Channel>, Status> {
+async fn connect(agent: &Agent, addr: &str) -> Result<MigrationServiceClient<Channel>, Status> {
     Ok(MigrationServiceClient::new(
-        forward::channel(addr, "agent").await?,
+        forward::channel(agent, addr, "agent").await?,
     ))
 }
 
@@ -187,7 +187,7 @@ impl MigrationService for MigrationApi {
                 .ok_or_else(|| {
                     Status::unavailable(format!("source node {} is not registered", m.source))
                 })?;
-            let mut client = connect(&addr).await?;
+            let mut client = connect(&self.agent, &addr).await?;
             let upstream: ProgressStream = Box::pin(
                 client
                     .watch_migration(pb::MigrationId { id })

@@ -45,7 +45,7 @@ impl VmApi {
     /// A client of the leader when another agent leads; `None` when this agent leads.
     async fn leader_client(&self) -> Result<Option<VmServiceClient<Channel>>, Status> {
         match forward::leader_addr(&self.agent)? {
-            Some(addr) => connect(&addr).await.map(Some),
+            Some(addr) => connect(&self.agent, &addr).await.map(Some),
             None => Ok(None),
         }
     }
@@ -69,8 +69,10 @@ impl VmApi {
     }
 }
 
-async fn connect(addr: &str) -> Result<VmServiceClient<Channel>, Status> {
-    Ok(VmServiceClient::new(forward::channel(addr, "agent").await?))
+async fn connect(agent: &Agent, addr: &str) -> Result<VmServiceClient<Channel>, Status> {
+    Ok(VmServiceClient::new(
+        forward::channel(agent, addr, "agent").await?,
+    ))
 }
 
 fn name_of(name: &str) -> Result<&str, Status> {
@@ -273,7 +275,7 @@ impl VmService for VmApi {
                 .ok_or_else(|| {
                     Status::unavailable(format!("owner node {owner} is not registered"))
                 })?;
-            let mut client = connect(&addr).await?;
+            let mut client = connect(&self.agent, &addr).await?;
             let name = req.name.clone();
             let upstream = client.stream_console(req).await?.into_inner();
             return Ok(Response::new(proxy_while_owner(
