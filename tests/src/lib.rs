@@ -17,6 +17,7 @@ use cluster_proto::management as pb;
 use cluster_proto::management::management_client::ManagementClient;
 use tonic::transport::{Channel, Endpoint};
 
+pub mod checker;
 pub mod partition;
 pub mod vm;
 pub mod wait;

@@ -69,6 +69,49 @@ impl VmApi {
     }
 }
 
+/// How long a local console stream waits for a journal line before it looks whether its
+/// client is still there.
+const JOURNAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl VmApi {
+    /// This node's console journal of `name` (see `ConsoleRequest.local_only`): every line
+    /// stamped, one per chunk; with `follow`, new lines as they come, until the client goes.
+    fn local_console(&self, name: String, follow: bool) -> Result<ConsoleStream, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(CONSOLE_STREAM_BUFFER_LINES);
+        let host = self.host.clone();
+        let me = self.agent.node_id();
+        std::thread::Builder::new()
+            .name(format!("journal-out-{name}"))
+            .spawn(move || {
+                let mut from = 0;
+                loop {
+                    let wait = if follow {
+                        JOURNAL_WAIT
+                    } else {
+                        std::time::Duration::ZERO
+                    };
+                    let lines = host.journal().read(&name, from, wait);
+                    if lines.is_empty() && (!follow || tx.is_closed()) {
+                        return;
+                    }
+                    for l in lines {
+                        from = l.index + 1;
+                        let chunk = pb::ConsoleChunk {
+                            text: format!("{}\n", l.text),
+                            node_id: me,
+                            at_unix_us: l.at_unix_us,
+                        };
+                        if tx.blocking_send(Ok(chunk)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Status::internal(format!("cannot start the console thread: {e}")))?;
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
 async fn connect(agent: &Agent, addr: &str) -> Result<VmServiceClient<Channel>, Status> {
     Ok(VmServiceClient::new(
         forward::channel(agent, addr, "agent").await?,
@@ -260,6 +303,9 @@ impl VmService for VmApi {
     ) -> Result<Response<Self::StreamConsoleStream>, Status> {
         let req = request.into_inner();
         name_of(&req.name)?;
+        if req.local_only {
+            return self.local_console(req.name, req.follow).map(Response::new);
+        }
         let state = self.state();
         let rec = vms::find(&state, &req.name)
             .ok_or_else(|| status::vm_state(VmStateError::UnknownVm(req.name.clone())))?;
@@ -296,6 +342,7 @@ impl VmService for VmApi {
         let first = pb::ConsoleChunk {
             text: console.recent,
             node_id: me,
+            at_unix_us: 0,
         };
         let follow = req.follow;
         let lines = console.lines;
@@ -310,6 +357,7 @@ impl VmService for VmApi {
                     let chunk = pb::ConsoleChunk {
                         text: format!("{line}\n"),
                         node_id: me,
+                        at_unix_us: 0,
                     };
                     if tx.blocking_send(Ok(chunk)).is_err() {
                         return;

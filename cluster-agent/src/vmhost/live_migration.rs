@@ -483,6 +483,7 @@ impl TargetFactory for Factory {
             source,
         })?;
         let hosted = Arc::new(HostedVm::new(blob.spec, vm)?);
+        host.journal_console(&hosted);
         let inc = Arc::new(Incoming {
             vm: hosted,
             layout: blob.layout,

@@ -22,6 +22,7 @@
 //! callback and an in-process implementation over a `LockTable`).
 
 pub mod backend;
+pub mod journal;
 pub mod live_migration;
 #[cfg(any(test, feature = "test-hooks"))]
 pub mod local_locks;
@@ -210,6 +211,8 @@ pub struct VmHost {
     vms: Arc<VmTable>,
     /// The incoming live migration in progress (VM name) and the handle that gives it up.
     incoming: Mutex<Option<(String, Abandon)>>,
+    /// Every console line of every VM this host ran, stamped (see [`journal`]).
+    journal: Arc<journal::ConsoleJournal>,
 }
 
 type VmTable = Mutex<BTreeMap<String, Option<Arc<HostedVm>>>>;
@@ -252,7 +255,19 @@ impl VmHost {
             registry: Arc::new(registry),
             vms: Arc::new(Mutex::new(BTreeMap::new())),
             incoming: Mutex::new(None),
+            journal: Arc::default(),
         })
+    }
+
+    /// This host's console journal: the lines every VM printed here, stamped when they
+    /// arrived, kept after the VM stopped or left.
+    pub fn journal(&self) -> &journal::ConsoleJournal {
+        &self.journal
+    }
+
+    /// Journals the console of `vm`, a copy just created on this host.
+    pub(crate) fn journal_console(&self, vm: &HostedVm) {
+        self.journal.follow(vm.name(), vm.vm.console().subscribe());
     }
 
     /// Gives up the incoming live migration of `name`, if one is in progress and has not
@@ -353,6 +368,7 @@ impl VmHost {
         })?;
         let disks = spec.disks.clone();
         let hosted = HostedVm::new(spec, vm)?;
+        self.journal_console(&hosted);
         for (slot, d) in disks.into_iter().enumerate() {
             let grant = machine::grant_for(grants, &d.name)?.clone();
             let handle = open_disk(&self.registry, self.node, &d, &grant, mode)?;

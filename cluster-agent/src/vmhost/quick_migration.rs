@@ -284,6 +284,7 @@ impl VmHost {
         let vm = vmm_node::snapshot::restore(dir)
             .map_err(|e| quick_err(&name, "restoring the snapshot")(Box::new(e)))?;
         let hosted = Arc::new(HostedVm::new(sidecar.spec, vm)?);
+        self.journal_console(&hosted);
         hosted.restore_slots(&sidecar.slots, &sidecar.layout, grants, |d, g| {
             open_disk(self.registry(), self.node(), d, g, OpenMode::Handoff)
         })?;
