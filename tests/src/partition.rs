@@ -14,8 +14,9 @@
 //! * **both ways** ([`Partition::cut`], [`Partition::isolate`]): every packet between the
 //!   two sets of nodes is dropped;
 //! * **one way** ([`Partition::cut_oneway`]): the connections `from` opens to `to` carry
-//!   nothing (their SYN, and any packet of one already open, is dropped), while the
-//!   connections `to` opens to `from` work both ways. At the RPC level: `from`'s requests
+//!   nothing (their SYN, and any packet of one already open, is dropped: the rules match
+//!   the server side's address and port), while the connections `to` opens to `from`
+//!   work both ways. At the RPC level: `from`'s requests
 //!   to `to` are lost, `to`'s requests to `from` are delivered and answered. (Dropping
 //!   only `from`'s *packets* to `to`, [`Partition::drop_packets_oneway`], stalls every TCP
 //!   connection between them in both directions within a retransmission timeout: the
@@ -32,6 +33,7 @@
 //! loss without delay and is not offered as netem's stand-in (docs/known-limits.md).
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -151,11 +153,26 @@ fn both_ways(a: &[u64], b: &[u64]) -> Vec<String> {
     r
 }
 
-/// The rules that make the connections `from` opens to `to` carry nothing.
-fn oneway_connections(from: &[u64], to: &[u64]) -> Vec<String> {
-    let mut r = rules(from, to, "-m conntrack --ctdir ORIGINAL");
-    r.extend(rules(to, from, "-m conntrack --ctdir REPLY"));
-    r
+/// The rules that make the connections the nodes `from` open to the listeners
+/// `listeners` carry nothing: their packets to the listener and the listener's packets
+/// back. A connection is told apart by its server side (the listener's address and port:
+/// no client socket of that host can use the same address and port), not by conntrack,
+/// which would guess the direction of connections opened before it started tracking.
+fn connections_to(from: &[u64], listeners: &[SocketAddr]) -> Vec<String> {
+    if from.is_empty() {
+        return Vec::new();
+    }
+    let from = addrs(from);
+    listeners
+        .iter()
+        .flat_map(|l| {
+            let (ip, port) = (l.ip(), l.port());
+            [
+                format!("-o lo -p tcp -s {from} -d {ip} --dport {port} -j DROP"),
+                format!("-o lo -p tcp -s {ip} --sport {port} -d {from} -j DROP"),
+            ]
+        })
+        .collect()
 }
 
 /// Removes the chains earlier test processes (killed before their drop ran) left behind.
@@ -228,10 +245,21 @@ impl Partition {
         self.cut(&[node], &others)
     }
 
-    /// The connections the nodes of `from` open to those of `to` carry nothing; those
-    /// `to` opens to `from` work (see the module doc).
-    pub fn cut_oneway(&self, from: &[u64], to: &[u64]) -> Result<()> {
-        self.add(&oneway_connections(from, to))
+    /// The connections the nodes of `from` open to those of `to` (to any of their
+    /// listeners: management, peer, migration) carry nothing; those `to` opens to `from`
+    /// work (see the module doc).
+    pub fn cut_oneway(&self, cluster: &Cluster, from: &[u64], to: &[u64]) -> Result<()> {
+        let mut listeners = Vec::new();
+        for id in to {
+            let s = cluster.spec(*id)?;
+            listeners.extend([s.mgmt_addr, s.raft_addr, s.migration_addr]);
+        }
+        self.cut_connections_to(from, &listeners)
+    }
+
+    /// The connections the nodes of `from` open to `listeners` carry nothing.
+    pub fn cut_connections_to(&self, from: &[u64], listeners: &[SocketAddr]) -> Result<()> {
+        self.add(&connections_to(from, listeners))
     }
 
     /// Drops the packets of `from` to `to` and nothing else (on TCP this stalls the
@@ -366,24 +394,29 @@ mod tests {
         TcpListener::bind(SocketAddr::from((node_ip(1, id), 0))).unwrap()
     }
 
-    /// Whether node `from` can open a connection to `l` and get a byte back through it.
-    fn talks(from: u64, l: &TcpListener) -> bool {
+    /// A connection from node `from` to `l`: the client end and the accepted end.
+    fn open(from: u64, l: &TcpListener) -> Option<(TcpStream, TcpStream)> {
         let to = l.local_addr().unwrap();
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         s.bind(&SocketAddr::from((node_ip(1, from), 0)).into())
             .unwrap();
-        if s.connect_timeout(&to.into(), Duration::from_millis(300))
-            .is_err()
-        {
-            return false;
-        }
-        let mut s: TcpStream = s.into();
-        let (mut peer, _) = l.accept().unwrap();
-        peer.write_all(b"x").unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(300)))
+        s.connect_timeout(&to.into(), Duration::from_millis(300))
+            .ok()?;
+        Some((s.into(), l.accept().unwrap().0))
+    }
+
+    /// Whether a byte written at `from` arrives at `to` within 300 ms.
+    fn carries(from: &mut TcpStream, to: &mut TcpStream) -> bool {
+        from.write_all(b"x").unwrap();
+        to.set_read_timeout(Some(Duration::from_millis(300)))
             .unwrap();
         let mut b = [0u8; 1];
-        std::io::Read::read_exact(&mut s, &mut b).is_ok()
+        std::io::Read::read_exact(to, &mut b).is_ok()
+    }
+
+    /// Whether node `from` can open a connection to `l` and get a byte back through it.
+    fn talks(from: u64, l: &TcpListener) -> bool {
+        open(from, l).is_some_and(|(mut c, mut s)| carries(&mut s, &mut c))
     }
 
     #[test]
@@ -395,7 +428,11 @@ mod tests {
         assert!(!talks(A, &lb) && !talks(B, &la), "cut both ways");
         p.heal().unwrap();
         assert!(talks(A, &lb) && talks(B, &la), "healed");
-        p.cut_oneway(&[A], &[B]).unwrap();
+        // A's connection to B opened before the cut stops carrying data either way.
+        let (mut a_end, mut b_end) = open(A, &lb).unwrap();
+        p.cut_connections_to(&[A], &[lb.local_addr().unwrap()])
+            .unwrap();
+        assert!(!carries(&mut b_end, &mut a_end) && !carries(&mut a_end, &mut b_end));
         assert!(!talks(A, &lb), "A cannot open to B");
         assert!(talks(B, &la), "B's connections to A work both ways");
         let chain = p.chain().to_owned();
