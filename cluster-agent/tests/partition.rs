@@ -249,6 +249,49 @@ impl Scene {
     }
 }
 
+/// Node `node` is cut off after `vm` moved to `moved_to`: a read through it says it
+/// cannot confirm its view instead of answering it as fact; asked for its own (stale)
+/// view explicitly, it answers it; a node of the majority answers the move.
+async fn cut_off_reads(cl: &Cluster, node: u64, vm: &str, moved_to: u64) {
+    let mut c = cl.vms(node).await;
+    let refused = c
+        .get_vm(pb::VmName { name: vm.into() })
+        .await
+        .map(|r| r.into_inner().vm.map(|v| v.owner_id));
+    match refused {
+        Err(s) => {
+            assert_eq!(s.code(), tonic::Code::Unavailable, "{s}");
+            assert!(
+                s.message().contains("cut off from the majority") && s.message().contains("stale"),
+                "{s}"
+            );
+            eprintln!("read through the cut-off node {node}: {}", s.message());
+        }
+        Ok(v) => panic!(
+            "the cut-off node {node} answered a read as fact: owner {v:?}{}",
+            cl.logs()
+        ),
+    }
+    let mut stale = tonic::Request::new(pb::VmName { name: vm.into() });
+    stale.metadata_mut().insert(
+        cluster_proto::STALE_READ_HEADER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    let own = c
+        .get_vm(stale)
+        .await
+        .unwrap_or_else(|e| panic!("stale read through node {node}: {e}{}", cl.logs()))
+        .into_inner()
+        .vm
+        .unwrap_or_default();
+    assert_eq!(own.owner_id, node, "its own view still names it the owner");
+    let majority = [1, 2, 3].into_iter().find(|n| *n != node).unwrap_or(1);
+    let v = cluster_tests::vm::get_vm(&mut cl.vms(majority).await, vm)
+        .await
+        .unwrap_or_else(|e| panic!("read through node {majority}: {e}{}", cl.logs()));
+    assert_eq!(v.owner_id, moved_to);
+}
+
 /// When a cut heals.
 #[derive(Debug, Clone, Copy)]
 enum Heal {
@@ -285,7 +328,8 @@ async fn owner_cut_off(owner_is_leader: bool, heal: Heal) {
         Heal::BeforeLease => tokio::time::sleep(Duration::from_millis(300)).await,
         Heal::AfterLease => tokio::time::sleep(Duration::from_millis(1_000)).await,
         Heal::AfterFailover => {
-            s.failed_over(witness, "vm-a", owner, cut_us).await;
+            let to = s.failed_over(witness, "vm-a", owner, cut_us).await;
+            cut_off_reads(&s.cl, owner, "vm-a", to).await;
         }
     }
     eprintln!(

@@ -107,6 +107,7 @@ impl MigrationService for MigrationApi {
         &self,
         request: Request<pb::ListMigrationsRequest>,
     ) -> Result<Response<pb::ListMigrationsReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let vm = request.into_inner().vm;
         let migrations = self.agent.read_sm(|d| {
             d.state
@@ -123,6 +124,7 @@ impl MigrationService for MigrationApi {
         &self,
         request: Request<pb::MigrationId>,
     ) -> Result<Response<pb::MigrationReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let m = self.record(request.into_inner().id)?;
         Ok(Response::new(pb::MigrationReply {
             migration: Some(record_to_pb(&m)),
@@ -172,6 +174,7 @@ impl MigrationService for MigrationApi {
         &self,
         request: Request<pb::MigrationId>,
     ) -> Result<Response<Self::WatchMigrationStream>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let id = request.into_inner().id;
         let m = self.record(id)?;
         let me = self.agent.node_id();

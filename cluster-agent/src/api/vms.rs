@@ -275,8 +275,9 @@ impl VmService for VmApi {
 
     async fn list_vms(
         &self,
-        _request: Request<pb::ListVmsRequest>,
+        request: Request<pb::ListVmsRequest>,
     ) -> Result<Response<pb::ListVmsReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let state = self.state();
         let mut vms: Vec<pb::VmInfo> = state
             .vms
@@ -291,6 +292,7 @@ impl VmService for VmApi {
     }
 
     async fn get_vm(&self, request: Request<pb::VmName>) -> Result<Response<pb::VmReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let name = request.into_inner().name;
         self.reply(name_of(&name)?)
     }
@@ -453,6 +455,7 @@ impl VmService for VmApi {
         &self,
         request: Request<pb::MigrateVmRequest>,
     ) -> Result<Response<pb::MigrationPlanReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let req = request.into_inner();
         name_of(&req.name)?;
         let to = (req.to_node_id != 0).then_some(req.to_node_id);
@@ -479,6 +482,7 @@ impl VmService for VmApi {
         &self,
         request: Request<pb::WhyNotRequest>,
     ) -> Result<Response<pb::WhyNotReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let req = request.into_inner();
         name_of(&req.vm)?;
         let reasons =

@@ -10,7 +10,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use cluster_proto::raft::raft_peer_client::RaftPeerClient;
-use cluster_proto::raft::{HeartbeatRequest, PeerSilence as PbSilence, RaftPayload};
+use cluster_proto::raft::{
+    HeartbeatRequest, PeerSilence as PbSilence, RaftPayload, ReadIndexRequest,
+};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -24,7 +26,7 @@ use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::node::liveness::{Heartbeat, HeartbeatAck};
-use crate::node::peers::{PeerCallError, PeerClient, PeerFuture};
+use crate::node::peers::{PeerCallError, PeerClient, PeerFuture, ReadIndex};
 use crate::node::{ForwardReply, ForwardRequest, WriteError};
 use crate::raft::{NodeId, PeerNode, TypeConfig};
 
@@ -298,6 +300,43 @@ impl PeerClient for GrpcPeers {
                 ))),
                 Err(_) => Err(PeerCallError(format!(
                     "heartbeat timed out after {} ms",
+                    timeout.as_millis()
+                ))),
+            }
+        })
+    }
+
+    fn read_index(
+        &self,
+        raft_addr: &str,
+        from: u64,
+        timeout: Duration,
+    ) -> PeerFuture<Result<ReadIndex, PeerCallError>> {
+        let client = self.heartbeat_client(raft_addr, timeout);
+        Box::pin(async move {
+            let mut client = client.map_err(|e| call_err(&e))?;
+            let req = ReadIndexRequest { node_id: from };
+            match tokio::time::timeout(timeout, client.read_index(req)).await {
+                Ok(Ok(reply)) => {
+                    let r = reply.into_inner();
+                    Ok(if r.confirmed {
+                        ReadIndex::Confirmed {
+                            index: r.read_index,
+                        }
+                    } else {
+                        ReadIndex::Refused {
+                            leader: (r.leader_id != 0).then_some(r.leader_id),
+                            reason: r.reason,
+                        }
+                    })
+                }
+                Ok(Err(s)) => Err(PeerCallError(format!(
+                    "read index not answered: {:?}: {}",
+                    s.code(),
+                    s.message()
+                ))),
+                Err(_) => Err(PeerCallError(format!(
+                    "read index not answered within {} ms",
                     timeout.as_millis()
                 ))),
             }
