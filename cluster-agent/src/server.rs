@@ -60,8 +60,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     };
     let network = crate::api::peer::client::Network {
         rpc_timeout: config.rpc_timeout,
+        local_ip: config.raft_source_ip(),
     };
-    let peers = Arc::new(crate::api::peer::client::GrpcPeers::default());
+    let peers = Arc::new(crate::api::peer::client::GrpcPeers::new(
+        config.raft_source_ip(),
+    ));
     let agent = Agent::start(config, network, peers)
         .await
         .map_err(RunError::Start)?;

@@ -77,6 +77,7 @@ async fn a_proxied_console_leaves_a_silent_owner_and_reopens_at_the_new_one() {
         .stream_console(pb::ConsoleRequest {
             name: "con".into(),
             follow: true,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("console via node {proxy}: {e}{}", cl.logs()))
@@ -111,6 +112,7 @@ async fn a_proxied_console_leaves_a_silent_owner_and_reopens_at_the_new_one() {
         .stream_console(pb::ConsoleRequest {
             name: "con".into(),
             follow: false,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("reopen via node {proxy}: {e}{}", cl.logs()))

@@ -155,6 +155,7 @@ async fn vms_run_on_scheduled_nodes_stream_consoles_and_stop() {
         cs.stream_console(pb::ConsoleRequest {
             name: "vm-a".into(),
             follow: false,
+            ..Default::default()
         })
         .await
         .map(|_| ()),

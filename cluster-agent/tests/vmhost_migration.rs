@@ -32,6 +32,7 @@ fn opts() -> LiveOptions {
         deadline_ms: 120_000,
         connections: 2,
         bandwidth_bytes_per_s_max: 0,
+        source_ip: None,
     }
 }
 
@@ -166,6 +167,7 @@ fn cancelled_migration_leaves_the_vm_running_on_the_source() {
                 deadline_ms: 120_000,
                 connections: 1,
                 bandwidth_bytes_per_s_max: 1 << 20,
+                source_ip: None,
             },
             h.locks.clone(),
         )

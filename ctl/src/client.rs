@@ -1,9 +1,41 @@
 //! Connecting to an agent's management service, with errors a person can act on.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cluster_proto::management::management_client::ManagementClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+/// Set once by `--stale`: every call asks the agent for its own, possibly stale view.
+static STALE_READS: AtomicBool = AtomicBool::new(false);
+
+/// Ask every agent for its own view from now on (`--stale`): reads are then answered
+/// from the agent's replica without confirming it is current.
+pub fn use_stale_reads() {
+    STALE_READS.store(true, Ordering::Relaxed);
+}
+
+/// Adds the stale-read header to a request when `--stale` was given.
+fn read_mode(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    if STALE_READS.load(Ordering::Relaxed) {
+        req.metadata_mut().insert(
+            cluster_proto::STALE_READ_HEADER,
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+    }
+    Ok(req)
+}
+
+/// A connection to an agent: its channel, with the read mode on every request.
+pub type Conn = InterceptedService<Channel, ReadMode>;
+
+/// The interceptor of every request ([`read_mode`]).
+pub type ReadMode = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+
+fn conn(channel: Channel) -> Conn {
+    InterceptedService::new(channel, read_mode as ReadMode)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -77,13 +109,13 @@ fn agent(endpoint: &str, timeout: Duration) -> Result<Endpoint, CtlError> {
 pub async fn connect(
     endpoint: &str,
     timeout: Duration,
-) -> Result<ManagementClient<Channel>, CtlError> {
+) -> Result<ManagementClient<Conn>, CtlError> {
     let ep = agent(endpoint, timeout)?.timeout(timeout);
     let channel = ep.connect().await.map_err(|e| CtlError::Unreachable {
         endpoint: endpoint.to_string(),
         cause: chain(&e),
     })?;
-    Ok(ManagementClient::new(channel))
+    Ok(ManagementClient::new(conn(channel)))
 }
 
 /// A client of one of the agent's services (VMs, disks, drains, migrations), built by
@@ -92,7 +124,7 @@ pub async fn connect(
 pub async fn service<C>(
     endpoint: &str,
     timeout: Duration,
-    new: impl FnOnce(Channel) -> C,
+    new: impl FnOnce(Conn) -> C,
 ) -> Result<C, CtlError> {
     let channel = agent(endpoint, timeout)?
         .connect()
@@ -101,7 +133,7 @@ pub async fn service<C>(
             endpoint: endpoint.to_string(),
             cause: e.to_string(),
         })?;
-    Ok(new(channel))
+    Ok(new(conn(channel)))
 }
 
 /// The answer of `rpc` to the agent at `endpoint`, with `timeout` as its deadline; a

@@ -9,7 +9,6 @@ use clap::{Subcommand, ValueEnum};
 use cluster_proto::drain as pb;
 use cluster_proto::drain::drain_service_client::DrainServiceClient;
 use serde::Serialize;
-use tonic::transport::Channel;
 
 use crate::client::{call, service, CtlError};
 use crate::output::{json, table};
@@ -402,7 +401,7 @@ fn render_balance(fmt: Format, p: &pb::BalancePlanReply) -> Result<String, CtlEr
 /// Poll the newest drain of `node` and print a progress line whenever it changes, until
 /// the job ends; returns the final rendering.
 async fn watch(
-    c: &mut DrainServiceClient<Channel>,
+    c: &mut DrainServiceClient<crate::client::Conn>,
     cli: &Cli,
     node: u64,
 ) -> Result<String, CtlError> {

@@ -29,6 +29,11 @@ pub struct Cli {
     /// Seconds to wait for an answer (joins wait at least 60 s).
     #[arg(long, default_value_t = 10, global = true)]
     pub timeout_s: u64,
+    /// Read the asked agent's own view, which may be stale (e.g. an agent cut off from
+    /// the majority). Without it every read is linearizable: an agent that cannot confirm
+    /// its view is current refuses (exit code 3).
+    #[arg(long, global = true)]
+    pub stale: bool,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -166,6 +171,9 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if cli.stale {
+        client::use_stale_reads();
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

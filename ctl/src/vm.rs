@@ -650,6 +650,7 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                 let req = pb::ConsoleRequest {
                     name: n.clone(),
                     follow: *follow,
+                    ..Default::default()
                 };
                 let opened = tokio::time::timeout(timeout, c.stream_console(req))
                     .await

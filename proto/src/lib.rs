@@ -47,3 +47,10 @@ pub mod volumes {
 pub mod migrations {
     tonic::include_proto!("cluster.migrations.v1");
 }
+
+/// Request metadata key that asks an agent for its own, possibly stale view instead of a
+/// linearizable read (value `true` or `1`). Without it, every read of the management
+/// services is linearizable: the agent confirms with the Raft leader (which confirms
+/// with a quorum) that its replica holds every committed entry, and answers
+/// `UNAVAILABLE` when it cannot. `ClusterStatus` always answers the local view.
+pub const STALE_READ_HEADER: &str = "x-stale-read";

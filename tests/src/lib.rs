@@ -17,7 +17,9 @@ use cluster_proto::management as pb;
 use cluster_proto::management::management_client::ManagementClient;
 use tonic::transport::{Channel, Endpoint};
 
+pub mod checker;
 pub mod netns;
+pub mod partition;
 pub mod vm;
 pub mod wait;
 
@@ -60,6 +62,8 @@ pub enum HarnessError {
         rpc: &'static str,
         status: tonic::Status,
     },
+    #[error("{what} failed: {detail}")]
+    Firewall { what: String, detail: String },
     #[error("node {id} is not reachable")]
     Connect {
         id: u64,

@@ -71,6 +71,7 @@ impl Cluster {
                     .stream_console(pb::ConsoleRequest {
                         name: name.into(),
                         follow: true,
+                        ..Default::default()
                     })
                     .await;
                 match stream {

@@ -35,11 +35,13 @@ pub fn leader_addr(agent: &Agent) -> Result<Option<String>, Status> {
     }
 }
 
-/// A channel to the agent whose management address is `addr`; `who` names it in the
-/// error ("cannot reach {who} at {addr}: ...").
-pub async fn channel(addr: &str, who: &str) -> Result<Channel, Status> {
+/// A channel from `agent` to the agent whose management address is `addr`, leaving from
+/// this agent's management address; `who` names it in the error ("cannot reach {who} at
+/// {addr}: ...").
+pub async fn channel(agent: &Agent, addr: &str, who: &str) -> Result<Channel, Status> {
     Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| Status::internal(format!("bad management address {addr:?}: {e}")))?
+        .local_address(agent.config().mgmt_source_ip())
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)

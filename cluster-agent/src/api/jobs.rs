@@ -67,7 +67,7 @@ impl JobApi {
         let Some(addr) = forward::leader_addr(&self.agent)? else {
             return Ok(None);
         };
-        let ch = forward::channel(&addr, "the leader").await?;
+        let ch = forward::channel(&self.agent, &addr, "the leader").await?;
         Ok(Some(DrainServiceClient::new(ch)))
     }
 
@@ -212,6 +212,7 @@ impl DrainService for JobApi {
         &self,
         request: Request<pb::NodeRef>,
     ) -> Result<Response<pb::JobReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let node = node_arg(request.into_inner().node_id)?;
         let state = self.state();
         if !state.nodes.contains_key(&node) {
@@ -325,8 +326,9 @@ impl DrainService for JobApi {
 
     async fn list_jobs(
         &self,
-        _request: Request<pb::ListJobsRequest>,
+        request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let state = self.state();
         Ok(Response::new(pb::ListJobsReply {
             jobs: state.jobs.jobs.values().map(job_to_pb).collect(),
@@ -365,8 +367,9 @@ impl DrainService for JobApi {
 
     async fn get_policy(
         &self,
-        _request: Request<pb::GetPolicyRequest>,
+        request: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::PolicySpec>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         Ok(Response::new(policy_to_pb(&self.state().jobs.policy)))
     }
 
@@ -374,6 +377,7 @@ impl DrainService for JobApi {
         &self,
         request: Request<pb::PlanBalanceRequest>,
     ) -> Result<Response<pb::BalancePlanReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let req = request.into_inner();
         let mut state = self.state();
         if !req.mode.is_empty() {

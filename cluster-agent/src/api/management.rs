@@ -120,6 +120,7 @@ impl Management for ManagementApi {
             .map_err(|e| {
                 Status::invalid_argument(format!("join address {via:?} is not usable: {e}"))
             })?
+            .local_address(a.config().mgmt_source_ip())
             .connect_timeout(JOIN_CONNECT_TIMEOUT)
             .timeout(crate::node::LEARNER_CATCH_UP_TIMEOUT + crate::node::WRITE_DEADLINE);
         let channel = endpoint.connect().await.map_err(|e| {
@@ -207,8 +208,9 @@ impl Management for ManagementApi {
 
     async fn list_nodes(
         &self,
-        _request: Request<pb::ListNodesRequest>,
+        request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let (voters, learners) = {
             let m = self.agent.metrics();
             let mem = m.membership_config.membership();
@@ -241,6 +243,7 @@ impl Management for ManagementApi {
         &self,
         request: Request<pb::GetNodeRequest>,
     ) -> Result<Response<pb::NodeInfo>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let id = request.get_ref().node_id;
         let m = self.agent.metrics();
         let mem = m.membership_config.membership();
@@ -317,6 +320,7 @@ impl Management for ManagementApi {
         &self,
         request: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let r = request.get_ref();
         let limit = match r.limit as usize {
             0 => EVENTS_PAGE_DEFAULT,
@@ -384,6 +388,7 @@ impl Management for ManagementApi {
         &self,
         request: Request<pb::GetKvRequest>,
     ) -> Result<Response<pb::GetKvReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let key = &request.get_ref().key;
         let v = self.agent.read_sm(|d| d.state.kv.get(key).cloned());
         Ok(Response::new(pb::GetKvReply {

@@ -93,9 +93,9 @@ impl MigrationApi {
     }
 }
 
-async fn connect(addr: &str) -> Result<MigrationServiceClient<Channel>, Status> {
+async fn connect(agent: &Agent, addr: &str) -> Result<MigrationServiceClient<Channel>, Status> {
     Ok(MigrationServiceClient::new(
-        forward::channel(addr, "agent").await?,
+        forward::channel(agent, addr, "agent").await?,
     ))
 }
 
@@ -107,6 +107,7 @@ impl MigrationService for MigrationApi {
         &self,
         request: Request<pb::ListMigrationsRequest>,
     ) -> Result<Response<pb::ListMigrationsReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let vm = request.into_inner().vm;
         let migrations = self.agent.read_sm(|d| {
             d.state
@@ -123,6 +124,7 @@ impl MigrationService for MigrationApi {
         &self,
         request: Request<pb::MigrationId>,
     ) -> Result<Response<pb::MigrationReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let m = self.record(request.into_inner().id)?;
         Ok(Response::new(pb::MigrationReply {
             migration: Some(record_to_pb(&m)),
@@ -172,6 +174,7 @@ impl MigrationService for MigrationApi {
         &self,
         request: Request<pb::MigrationId>,
     ) -> Result<Response<Self::WatchMigrationStream>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let id = request.into_inner().id;
         let m = self.record(id)?;
         let me = self.agent.node_id();
@@ -187,7 +190,7 @@ impl MigrationService for MigrationApi {
                 .ok_or_else(|| {
                     Status::unavailable(format!("source node {} is not registered", m.source))
                 })?;
-            let mut client = connect(&addr).await?;
+            let mut client = connect(&self.agent, &addr).await?;
             let upstream: ProgressStream = Box::pin(
                 client
                     .watch_migration(pb::MigrationId { id })

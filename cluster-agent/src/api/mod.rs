@@ -5,7 +5,8 @@
 //!   [`volumes`] (disks and locks); [`convert`] translates between the agent's types and
 //!   the protobuf ones; [`status`] is the one mapping of the agent's
 //!   errors to `tonic::Status`; [`forward`] proxies streams to the leader or a VM's
-//!   owner.
+//!   owner; [`read`] makes every read linearizable unless the client asks for a stale
+//!   one.
 //! - Peer plane (members only, `raft_addr`): [`peer`] — the Raft service and its client.
 //! - [`metrics`]: Prometheus `/metrics` over plain HTTP.
 //!
@@ -19,6 +20,7 @@ pub mod management;
 pub mod metrics;
 pub mod migrations;
 pub mod peer;
+pub mod read;
 pub mod serve;
 pub mod status;
 pub mod vms;

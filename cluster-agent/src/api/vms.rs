@@ -45,7 +45,7 @@ impl VmApi {
     /// A client of the leader when another agent leads; `None` when this agent leads.
     async fn leader_client(&self) -> Result<Option<VmServiceClient<Channel>>, Status> {
         match forward::leader_addr(&self.agent)? {
-            Some(addr) => connect(&addr).await.map(Some),
+            Some(addr) => connect(&self.agent, &addr).await.map(Some),
             None => Ok(None),
         }
     }
@@ -69,8 +69,53 @@ impl VmApi {
     }
 }
 
-async fn connect(addr: &str) -> Result<VmServiceClient<Channel>, Status> {
-    Ok(VmServiceClient::new(forward::channel(addr, "agent").await?))
+/// How long a local console stream waits for a journal line before it looks whether its
+/// client is still there.
+const JOURNAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl VmApi {
+    /// This node's console journal of `name` (see `ConsoleRequest.local_only`): every line
+    /// stamped, one per chunk; with `follow`, new lines as they come, until the client goes.
+    fn local_console(&self, name: String, follow: bool) -> Result<ConsoleStream, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(CONSOLE_STREAM_BUFFER_LINES);
+        let host = self.host.clone();
+        let me = self.agent.node_id();
+        std::thread::Builder::new()
+            .name(format!("journal-out-{name}"))
+            .spawn(move || {
+                let mut from = 0;
+                loop {
+                    let wait = if follow {
+                        JOURNAL_WAIT
+                    } else {
+                        std::time::Duration::ZERO
+                    };
+                    let lines = host.journal().read(&name, from, wait);
+                    if lines.is_empty() && (!follow || tx.is_closed()) {
+                        return;
+                    }
+                    for l in lines {
+                        from = l.index + 1;
+                        let chunk = pb::ConsoleChunk {
+                            text: format!("{}\n", l.text),
+                            node_id: me,
+                            at_unix_us: l.at_unix_us,
+                        };
+                        if tx.blocking_send(Ok(chunk)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Status::internal(format!("cannot start the console thread: {e}")))?;
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+async fn connect(agent: &Agent, addr: &str) -> Result<VmServiceClient<Channel>, Status> {
+    Ok(VmServiceClient::new(
+        forward::channel(agent, addr, "agent").await?,
+    ))
 }
 
 fn name_of(name: &str) -> Result<&str, Status> {
@@ -230,8 +275,9 @@ impl VmService for VmApi {
 
     async fn list_vms(
         &self,
-        _request: Request<pb::ListVmsRequest>,
+        request: Request<pb::ListVmsRequest>,
     ) -> Result<Response<pb::ListVmsReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let state = self.state();
         let mut vms: Vec<pb::VmInfo> = state
             .vms
@@ -246,6 +292,7 @@ impl VmService for VmApi {
     }
 
     async fn get_vm(&self, request: Request<pb::VmName>) -> Result<Response<pb::VmReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let name = request.into_inner().name;
         self.reply(name_of(&name)?)
     }
@@ -258,6 +305,9 @@ impl VmService for VmApi {
     ) -> Result<Response<Self::StreamConsoleStream>, Status> {
         let req = request.into_inner();
         name_of(&req.name)?;
+        if req.local_only {
+            return self.local_console(req.name, req.follow).map(Response::new);
+        }
         let state = self.state();
         let rec = vms::find(&state, &req.name)
             .ok_or_else(|| status::vm_state(VmStateError::UnknownVm(req.name.clone())))?;
@@ -273,7 +323,7 @@ impl VmService for VmApi {
                 .ok_or_else(|| {
                     Status::unavailable(format!("owner node {owner} is not registered"))
                 })?;
-            let mut client = connect(&addr).await?;
+            let mut client = connect(&self.agent, &addr).await?;
             let name = req.name.clone();
             let upstream = client.stream_console(req).await?.into_inner();
             return Ok(Response::new(proxy_while_owner(
@@ -294,6 +344,7 @@ impl VmService for VmApi {
         let first = pb::ConsoleChunk {
             text: console.recent,
             node_id: me,
+            at_unix_us: 0,
         };
         let follow = req.follow;
         let lines = console.lines;
@@ -308,6 +359,7 @@ impl VmService for VmApi {
                     let chunk = pb::ConsoleChunk {
                         text: format!("{line}\n"),
                         node_id: me,
+                        at_unix_us: 0,
                     };
                     if tx.blocking_send(Ok(chunk)).is_err() {
                         return;
@@ -403,6 +455,7 @@ impl VmService for VmApi {
         &self,
         request: Request<pb::MigrateVmRequest>,
     ) -> Result<Response<pb::MigrationPlanReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let req = request.into_inner();
         name_of(&req.name)?;
         let to = (req.to_node_id != 0).then_some(req.to_node_id);
@@ -429,6 +482,7 @@ impl VmService for VmApi {
         &self,
         request: Request<pb::WhyNotRequest>,
     ) -> Result<Response<pb::WhyNotReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let req = request.into_inner();
         name_of(&req.vm)?;
         let reasons =

@@ -156,8 +156,9 @@ impl VolumeService for VolumeApi {
 
     async fn list_disks(
         &self,
-        _request: Request<pb::ListDisksRequest>,
+        request: Request<pb::ListDisksRequest>,
     ) -> Result<Response<pb::ListDisksReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let state = self.state();
         let host = self.host.clone();
         let locks = state.locks.clone();
@@ -194,8 +195,9 @@ impl VolumeService for VolumeApi {
 
     async fn list_locks(
         &self,
-        _request: Request<pb::ListLocksRequest>,
+        request: Request<pb::ListLocksRequest>,
     ) -> Result<Response<pb::ListLocksReply>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
         let locks = self.agent.read_sm(|d| {
             d.state
                 .locks

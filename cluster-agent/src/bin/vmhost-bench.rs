@@ -45,6 +45,7 @@ fn opts() -> LiveOptions {
         deadline_ms: 60_000,
         connections: 2,
         bandwidth_bytes_per_s_max: 0,
+        source_ip: None,
     }
 }
 

@@ -401,7 +401,10 @@ fn run_migration(
     record: Option<&crate::state::migrations::MigrationRecord>,
     locks: Arc<dyn crate::vmhost::DiskLocks>,
 ) -> Result<(String, crate::state::migrations::MigrationSummary), String> {
-    let mut opts = crate::vmhost::LiveOptions::default();
+    let mut opts = crate::vmhost::LiveOptions {
+        source_ip: agent.config().migration_source_ip(),
+        ..Default::default()
+    };
     if let Some(r) = record {
         opts.max_downtime_ms = r.max_downtime_ms.unwrap_or(opts.max_downtime_ms);
         opts.deadline_ms = r.deadline_ms.unwrap_or(opts.deadline_ms);

@@ -193,6 +193,33 @@ pub struct AgentConfig {
     pub networks: Vec<NetworkConfig>,
 }
 
+impl AgentConfig {
+    /// The address this agent's outgoing management and peer connections leave from:
+    /// the IP of `mgmt_addr`, unless it is a wildcard (then the kernel chooses). Each
+    /// plane's traffic then carries its node's address, so a firewall (or the partition
+    /// tests) can tell nodes apart by source.
+    pub fn mgmt_source_ip(&self) -> Option<IpAddr> {
+        source_ip(self.mgmt_addr)
+    }
+
+    /// The source address of outgoing peer-plane (Raft) connections: the IP of
+    /// `raft_addr` unless it is a wildcard.
+    pub fn raft_source_ip(&self) -> Option<IpAddr> {
+        source_ip(self.raft_addr)
+    }
+
+    /// The source address of outgoing migration connections: the IP of
+    /// `migration_addr` unless it is a wildcard.
+    pub fn migration_source_ip(&self) -> Option<IpAddr> {
+        source_ip(self.migration_addr)
+    }
+}
+
+/// `addr`'s IP as a source address, `None` for a wildcard (0.0.0.0, ::).
+pub fn source_ip(addr: SocketAddr) -> Option<IpAddr> {
+    (!addr.ip().is_unspecified()).then_some(addr.ip())
+}
+
 impl RawConfig {
     /// Read and parse a TOML config file.
     pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {

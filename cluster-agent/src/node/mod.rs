@@ -12,8 +12,10 @@ pub mod facts;
 mod heartbeats;
 pub mod liveness;
 pub mod peers;
+mod reads;
 
 pub use agent::{
     now_unix_ms, Agent, ForwardReply, ForwardRequest, StartError, WriteError,
     LEARNER_CATCH_UP_TIMEOUT, WRITE_DEADLINE,
 };
+pub use reads::{ReadError, READ_DEADLINE};

@@ -36,4 +36,22 @@ pub trait PeerClient: Send + Sync + 'static {
         hb: Heartbeat,
         timeout: Duration,
     ) -> PeerFuture<Result<HeartbeatAck, PeerCallError>>;
+
+    /// Ask the leader at `raft_addr` for a read index (see [`ReadIndex`]).
+    fn read_index(
+        &self,
+        raft_addr: &str,
+        from: u64,
+        timeout: Duration,
+    ) -> PeerFuture<Result<ReadIndex, PeerCallError>>;
+}
+
+/// A leader's answer to a read-index request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadIndex {
+    /// The leader confirmed with a quorum that it leads: a read after applying `index` is
+    /// linearizable.
+    Confirmed { index: u64 },
+    /// It could not: not the leader (its view of the leader, if any), or no quorum.
+    Refused { leader: Option<u64>, reason: String },
 }

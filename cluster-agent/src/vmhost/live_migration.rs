@@ -65,6 +65,10 @@ pub struct LiveOptions {
     /// Most bytes/s all data connections together may send (0: unlimited).
     #[serde(default)]
     pub bandwidth_bytes_per_s_max: u64,
+    /// The address the connections to the target leave from (`None`: the kernel's
+    /// choice); the agent passes its migration address.
+    #[serde(default)]
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 impl Default for LiveOptions {
@@ -75,6 +79,7 @@ impl Default for LiveOptions {
             deadline_ms: c.deadline.as_millis() as u64,
             connections: engine::DEFAULT_CONNECTIONS,
             bandwidth_bytes_per_s_max: 0,
+            source_ip: None,
         }
     }
 }
@@ -89,6 +94,7 @@ impl LiveOptions {
                 throttle: true,
             },
             bandwidth_bytes_per_s_max: Some(self.bandwidth_bytes_per_s_max),
+            source_ip: self.source_ip,
             ..MigrateOptions::default()
         }
     }
@@ -489,6 +495,7 @@ impl TargetFactory for Factory {
             }
         })?;
         let hosted = Arc::new(HostedVm::new(blob.spec, vm)?);
+        host.journal_console(&hosted);
         let inc = Arc::new(Incoming {
             vm: hosted,
             layout: blob.layout,

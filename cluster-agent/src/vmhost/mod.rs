@@ -22,6 +22,7 @@
 //! callback and an in-process implementation over a `LockTable`).
 
 pub mod backend;
+pub mod journal;
 pub mod live_migration;
 #[cfg(any(test, feature = "test-hooks"))]
 pub mod local_locks;
@@ -219,6 +220,8 @@ pub struct VmHost {
     incoming: Mutex<Option<(String, Abandon)>>,
     /// VM networks of this node (name → bridge).
     networks: nics::Networks,
+    /// Every console line of every VM this host ran, stamped (see [`journal`]).
+    journal: Arc<journal::ConsoleJournal>,
 }
 
 type VmTable = Mutex<BTreeMap<String, Option<Arc<HostedVm>>>>;
@@ -271,6 +274,7 @@ impl VmHost {
             vms: Arc::new(Mutex::new(BTreeMap::new())),
             incoming: Mutex::new(None),
             networks,
+            journal: Arc::default(),
         })
     }
 
@@ -282,6 +286,17 @@ impl VmHost {
     /// Deletes the TAPs of `spec`'s NICs here, once its VM stopped or left.
     pub(crate) fn delete_taps(&self, spec: &VmSpec) {
         nics::delete_taps(self.node, spec);
+    }
+
+    /// This host's console journal: the lines every VM printed here, stamped when they
+    /// arrived, kept after the VM stopped or left.
+    pub fn journal(&self) -> &journal::ConsoleJournal {
+        &self.journal
+    }
+
+    /// Journals the console of `vm`, a copy just created on this host.
+    pub(crate) fn journal_console(&self, vm: &HostedVm) {
+        self.journal.follow(vm.name(), vm.vm.console().subscribe());
     }
 
     /// Gives up the incoming live migration of `name`, if one is in progress and has not
@@ -390,6 +405,7 @@ impl VmHost {
         })?;
         let disks = spec.disks.clone();
         let hosted = HostedVm::new(spec, vm)?;
+        self.journal_console(&hosted);
         for (slot, d) in disks.into_iter().enumerate() {
             let grant = machine::grant_for(grants, &d.name)?.clone();
             let handle = open_disk(&self.registry, self.node, &d, &grant, mode)?;

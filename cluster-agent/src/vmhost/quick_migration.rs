@@ -291,6 +291,7 @@ impl VmHost {
         )
         .map_err(|e| quick_err(&name, "restoring the snapshot")(Box::new(e)))?;
         let hosted = Arc::new(HostedVm::new(sidecar.spec, vm)?);
+        self.journal_console(&hosted);
         hosted.restore_slots(&sidecar.slots, &sidecar.layout, grants, |d, g| {
             open_disk(self.registry(), self.node(), d, g, OpenMode::Handoff)
         })?;

@@ -62,6 +62,7 @@ async fn heartbeat(
             .stream_console(pb::ConsoleRequest {
                 name: name.into(),
                 follow: true,
+                ..Default::default()
             })
             .await
         {

@@ -40,6 +40,7 @@ async fn first_heartbeat(c: &Cluster, via: u64, name: &str, not_from: u64) -> Re
             .stream_console(pb::ConsoleRequest {
                 name: name.into(),
                 follow: true,
+                ..Default::default()
             })
             .await;
         if let Ok(resp) = got {

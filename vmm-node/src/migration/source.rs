@@ -3,7 +3,7 @@
 //! disks re-attached, throttle off, dirty logging off) on any failure before commit.
 
 use std::io::Write;
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,6 +36,10 @@ pub struct MigrateOptions {
     pub connections: usize,
     pub convergence: ConvergenceConfig,
     pub connect_timeout: Duration,
+    /// The local address every connection to the target leaves from (bound before
+    /// connecting, so the migration network can be filtered by source); `None`: the
+    /// kernel's choice.
+    pub source_ip: Option<IpAddr>,
     pub io_timeout: Duration,
     /// Nominal migration network speed, used until a round has measured it.
     pub bandwidth_hint_bytes_per_s: f64,
@@ -57,6 +61,7 @@ impl Default for MigrateOptions {
             connections: DEFAULT_CONNECTIONS,
             convergence: ConvergenceConfig::default(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            source_ip: None,
             io_timeout: DEFAULT_IO_TIMEOUT,
             bandwidth_hint_bytes_per_s: DEFAULT_BANDWIDTH_HINT_BYTES_PER_S,
             bandwidth_bytes_per_s_max: None,
@@ -277,6 +282,26 @@ fn us(d: Duration) -> u64 {
     d.as_micros() as u64
 }
 
+/// A TCP connection to `target` within `timeout`, leaving from `source` (any port) when
+/// given, else from the address the kernel picks.
+fn connect_from(
+    source: Option<IpAddr>,
+    target: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let Some(ip) = source else {
+        return TcpStream::connect_timeout(&target, timeout);
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.bind(&SocketAddr::new(ip, 0).into())?;
+    socket.connect_timeout(&target.into(), timeout)?;
+    Ok(socket.into())
+}
+
 fn wait_ack(ctl: &mut TcpStream, round: u32) -> Result<RoundAck, MigrationError> {
     let p = expect_frame(ctl, Command::RoundAck)
         .map_err(MigrationError::proto("round acknowledgement"))?;
@@ -314,7 +339,7 @@ fn run(
     let mem = vm.memory();
     let map = PageMap::from_memory(mem);
     let connect = |what| -> Result<TcpStream, MigrationError> {
-        let s = TcpStream::connect_timeout(&target, opts.connect_timeout).map_err(|source| {
+        let s = connect_from(opts.source_ip, target, opts.connect_timeout).map_err(|source| {
             MigrationError::Connect {
                 addr: target,
                 source,
@@ -653,4 +678,20 @@ fn run(
         target_digest,
         verify_us,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_leave_from_the_source_address_when_one_is_given() {
+        let l = std::net::TcpListener::bind("127.0.2.1:0").unwrap();
+        let target = l.local_addr().unwrap();
+        let from: IpAddr = [127, 0, 2, 7].into();
+        let _s = connect_from(Some(from), target, Duration::from_secs(5)).unwrap();
+        assert_eq!(l.accept().unwrap().1.ip(), from);
+        let _s = connect_from(None, target, Duration::from_secs(5)).unwrap();
+        assert_ne!(l.accept().unwrap().1.ip(), from, "the kernel's choice");
+    }
 }

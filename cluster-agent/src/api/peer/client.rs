@@ -5,11 +5,14 @@
 //! back typed.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use cluster_proto::raft::raft_peer_client::RaftPeerClient;
-use cluster_proto::raft::{HeartbeatRequest, PeerSilence as PbSilence, RaftPayload};
+use cluster_proto::raft::{
+    HeartbeatRequest, PeerSilence as PbSilence, RaftPayload, ReadIndexRequest,
+};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -23,7 +26,7 @@ use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::node::liveness::{Heartbeat, HeartbeatAck};
-use crate::node::peers::{PeerCallError, PeerClient, PeerFuture};
+use crate::node::peers::{PeerCallError, PeerClient, PeerFuture, ReadIndex};
 use crate::node::{ForwardReply, ForwardRequest, WriteError};
 use crate::raft::{NodeId, PeerNode, TypeConfig};
 
@@ -62,8 +65,12 @@ pub enum PeerError {
     TooLarge { len: usize },
 }
 
-/// A lazily connecting channel to a peer's Raft service.
-pub fn peer_channel(addr: &str, timeout: Duration) -> Result<Channel, PeerError> {
+/// A lazily connecting channel to a peer's Raft service, leaving from `local` when given.
+pub fn peer_channel(
+    addr: &str,
+    timeout: Duration,
+    local: Option<IpAddr>,
+) -> Result<Channel, PeerError> {
     let ep = Endpoint::from_shared(format!("http://{addr}")).map_err(|source| {
         PeerError::BadAddress {
             addr: addr.to_string(),
@@ -74,6 +81,7 @@ pub fn peer_channel(addr: &str, timeout: Duration) -> Result<Channel, PeerError>
         .connect_timeout(timeout)
         .timeout(timeout)
         .tcp_nodelay(true)
+        .local_address(local)
         .connect_lazy())
 }
 
@@ -107,6 +115,8 @@ pub fn decode<T: DeserializeOwned>(
 #[derive(Clone)]
 pub struct Network {
     pub rpc_timeout: Duration,
+    /// The address Raft connections leave from (`None`: the kernel's choice).
+    pub local_ip: Option<IpAddr>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -116,7 +126,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerConnection {
             target,
             addr: node.raft_addr.clone(),
-            channel: peer_channel(&node.raft_addr, self.rpc_timeout),
+            channel: peer_channel(&node.raft_addr, self.rpc_timeout, self.local_ip),
         }
     }
 }
@@ -193,12 +203,20 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 const HEARTBEAT_CLIENTS_MAX: usize = 64;
 
 /// The agent's [`PeerClient`] over the peer-only gRPC service.
-#[derive(Default)]
 pub struct GrpcPeers {
+    /// The address every connection leaves from (`None`: the kernel's choice).
+    local_ip: Option<IpAddr>,
     heartbeat_clients: Mutex<HashMap<String, RaftPeerClient<Channel>>>,
 }
 
 impl GrpcPeers {
+    pub fn new(local_ip: Option<IpAddr>) -> GrpcPeers {
+        GrpcPeers {
+            local_ip,
+            heartbeat_clients: Mutex::default(),
+        }
+    }
+
     fn heartbeat_client(
         &self,
         addr: &str,
@@ -214,7 +232,7 @@ impl GrpcPeers {
         if clients.len() >= HEARTBEAT_CLIENTS_MAX {
             clients.clear();
         }
-        let c = peer_client(peer_channel(addr, timeout)?);
+        let c = peer_client(peer_channel(addr, timeout, self.local_ip)?);
         clients.insert(addr.to_string(), c.clone());
         Ok(c)
     }
@@ -232,7 +250,7 @@ impl PeerClient for GrpcPeers {
         timeout: Duration,
     ) -> PeerFuture<Result<Result<ForwardReply, WriteError>, PeerCallError>> {
         let addr = raft_addr.to_string();
-        let prepared = peer_channel(&addr, timeout)
+        let prepared = peer_channel(&addr, timeout, self.local_ip)
             .and_then(|ch| Ok((peer_client(ch), encode("forward request", req)?)));
         Box::pin(async move {
             let (mut client, payload) = prepared.map_err(|e| call_err(&e))?;
@@ -282,6 +300,43 @@ impl PeerClient for GrpcPeers {
                 ))),
                 Err(_) => Err(PeerCallError(format!(
                     "heartbeat timed out after {} ms",
+                    timeout.as_millis()
+                ))),
+            }
+        })
+    }
+
+    fn read_index(
+        &self,
+        raft_addr: &str,
+        from: u64,
+        timeout: Duration,
+    ) -> PeerFuture<Result<ReadIndex, PeerCallError>> {
+        let client = self.heartbeat_client(raft_addr, timeout);
+        Box::pin(async move {
+            let mut client = client.map_err(|e| call_err(&e))?;
+            let req = ReadIndexRequest { node_id: from };
+            match tokio::time::timeout(timeout, client.read_index(req)).await {
+                Ok(Ok(reply)) => {
+                    let r = reply.into_inner();
+                    Ok(if r.confirmed {
+                        ReadIndex::Confirmed {
+                            index: r.read_index,
+                        }
+                    } else {
+                        ReadIndex::Refused {
+                            leader: (r.leader_id != 0).then_some(r.leader_id),
+                            reason: r.reason,
+                        }
+                    })
+                }
+                Ok(Err(s)) => Err(PeerCallError(format!(
+                    "read index not answered: {:?}: {}",
+                    s.code(),
+                    s.message()
+                ))),
+                Err(_) => Err(PeerCallError(format!(
+                    "read index not answered within {} ms",
                     timeout.as_millis()
                 ))),
             }

@@ -3,13 +3,16 @@
 use std::sync::Arc;
 
 use cluster_proto::raft::raft_peer_server::RaftPeer;
-use cluster_proto::raft::{HeartbeatReply, HeartbeatRequest, RaftPayload};
+use cluster_proto::raft::{
+    HeartbeatReply, HeartbeatRequest, RaftPayload, ReadIndexReply, ReadIndexRequest,
+};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
 
 use crate::api::peer::client::{decode, encode};
 use crate::api::status;
 use crate::node::liveness::{Heartbeat, PeerSilence};
+use crate::node::peers::ReadIndex;
 use crate::node::{Agent, ForwardReply, ForwardRequest, WriteError};
 use crate::raft::{NodeId, TypeConfig};
 
@@ -98,5 +101,30 @@ impl RaftPeer for PeerService {
             accepted,
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
         }))
+    }
+
+    async fn read_index(
+        &self,
+        request: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexReply>, Status> {
+        let from = request.get_ref().node_id;
+        let reply = match self.agent.read_index_as_leader().await {
+            ReadIndex::Confirmed { index } => ReadIndexReply {
+                confirmed: true,
+                read_index: index,
+                reason: String::new(),
+                leader_id: self.agent.node_id(),
+            },
+            ReadIndex::Refused { leader, reason } => {
+                tracing::debug!(from, %reason, "read index refused");
+                ReadIndexReply {
+                    confirmed: false,
+                    read_index: 0,
+                    reason,
+                    leader_id: leader.unwrap_or(0),
+                }
+            }
+        };
+        Ok(Response::new(reply))
     }
 }
