@@ -50,7 +50,7 @@ fn migrate_and_verify(
     let n_before = heartbeats(&before).len();
     wait_heartbeats(|| tgt.console(), Duration::from_secs(30), |h| h.len() >= 4);
     let after = tgt.console();
-    let all = assert_continuous_text(&format!("{before}{after}"), mem_checked);
+    let all = assert_continuous_text(&stitch(&before, &after), mem_checked);
     assert!(all.len() >= n_before + 4);
     let first_hb = first.first().unwrap();
     let pos = all.iter().position(|h| h.seq == first_hb.seq).unwrap();
@@ -122,7 +122,7 @@ fn back_and_forth_twenty_times_then_verify() {
         let r = migrate(&cur, addr, json!({"max_downtime_ms": 100}));
         assert_eq!(r["ok"], true, "migration {i} failed: {r}");
         assert_eq!(r["stats"]["receipt_matches"], true, "migration {i}: {r}");
-        text.push_str(r["console"].as_str().unwrap());
+        text = stitch(&text, r["console"].as_str().unwrap());
         assert!(
             cur.wait_exit(Duration::from_secs(10)).is_some(),
             "source {i} did not exit"
@@ -137,7 +137,7 @@ fn back_and_forth_twenty_times_then_verify() {
         cur = next;
     }
     wait_heartbeats(|| cur.console(), Duration::from_secs(30), |h| h.len() >= 3);
-    text.push_str(&cur.console());
+    text = stitch(&text, &cur.console());
     let all = assert_continuous_text(&text, true);
     let last = all.last().unwrap();
     assert_eq!(last.mem, "ok");

@@ -233,11 +233,18 @@ pub fn assert_continuous_text(text: &str, mem_checked: bool) -> Vec<Heartbeat> {
     hb
 }
 
-/// A migrated guest's full history: the source's output up to switchover (returned by
-/// `migrate`) followed by the target's output, as one text so a line split by the
-/// switchover is whole again.
+/// A migrated guest's full console text: the source's output up to switchover (returned by
+/// `migrate`) followed by the target's output. A line the switchover split is carried in
+/// the serial state, so the target's log starts with the whole line again: the source's
+/// unfinished last line is left out here.
+pub fn stitch(before: &str, after: &str) -> String {
+    let whole = before.rfind('\n').map_or(0, |i| i + 1);
+    format!("{}{after}", &before[..whole])
+}
+
+/// The heartbeats of [`stitch`]`(before, after)`.
 pub fn stitched(before: &str, after: &str) -> Vec<Heartbeat> {
-    heartbeats(&format!("{before}{after}"))
+    heartbeats(&stitch(before, after))
 }
 
 /// Guest time advanced at least as much as host time between two observations, with
