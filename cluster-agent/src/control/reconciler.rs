@@ -222,7 +222,7 @@ pub async fn run(
                 });
                 continue;
             }
-            execute(&agent, &host, action).await;
+            execute(&agent, &host, action, lease.lapses).await;
         }
         crate::control::vm_disks::reconcile(&agent, &host, &records, &busy).await;
         // Woken early by newly applied entries (a new owner starts its VM at once).
@@ -477,14 +477,34 @@ fn run_migration(
     ))
 }
 
+/// Why a start decided while this node held its lease (with `lapses` lapses so far) for
+/// `generation` of `name` must not go on, if it must not: the lease lapsed since (the
+/// node may be cut off while the majority fails the VM over), or the record moved on.
+fn start_withdrawn(agent: &Agent, name: &str, generation: u64, lapses: u64) -> Option<String> {
+    let lease = agent.lease();
+    if !lease.held || lease.catching_up || lease.lapses != lapses {
+        return Some("this node's lease lapsed while it started the VM".into());
+    }
+    let me = agent.node_id();
+    let current = agent.read_sm(|d| {
+        crate::state::vms::find(&d.state, name).is_some_and(|r| {
+            r.owner == Some(me) && r.generation == generation && r.desired == DesiredState::Running
+        })
+    });
+    (!current).then(|| "the VM's record changed while it started".into())
+}
+
 /// Start `spec` here: commit the locks of its disks, start it through vmhost with the
-/// grants, release the locks again if it does not start.
+/// grants, release the locks again if it does not start. The decision is checked again
+/// before and after the VM starts ([`start_withdrawn`]): a start that overlapped a lease
+/// lapse or a newer decision is stopped again at once and not reported (`None`).
 async fn start(
     agent: &Arc<Agent>,
     host: &Arc<VmHost>,
     spec: VmSpec,
     generation: u64,
-) -> (RuntimeState, String) {
+    lapses: u64,
+) -> Option<(RuntimeState, String)> {
     let name = spec.name.clone();
     // Arrived by quick migration: restore the saved image instead of booting.
     let restore = agent.read_sm(|d| {
@@ -502,9 +522,23 @@ async fn start(
         Err(e) => {
             let reason = format!("cannot lock its disks: {}", crate::error_chain(&e));
             tracing::warn!(vm = %name, error = %reason, "vm not started");
-            return (RuntimeState::Failed, reason);
+            return Some((RuntimeState::Failed, reason));
         }
     };
+    let release_cmds = |grants: &[csv_volume::LockGrant]| {
+        grants
+            .iter()
+            .map(|g| csv_volume::LockCommand::Release {
+                disk: g.disk.clone(),
+                node: g.node,
+            })
+            .collect::<Vec<_>>()
+    };
+    if let Some(why) = start_withdrawn(agent, &name, generation, lapses) {
+        tracing::warn!(vm = %name, %why, "vm start withdrawn before it ran");
+        crate::control::disk_lock_client::release_all(agent, &name, release_cmds(&grants)).await;
+        return None;
+    }
     let h = host.clone();
     let g = grants.clone();
     let started = tokio::task::spawn_blocking(move || {
@@ -515,30 +549,36 @@ async fn start(
         }
     })
     .await;
-    let failed = |reason: String| {
-        let release = grants
-            .iter()
-            .map(|g| csv_volume::LockCommand::Release {
-                disk: g.disk.clone(),
-                node: g.node,
-            })
-            .collect::<Vec<_>>();
-        (reason, release)
-    };
+    let failed = |reason: String| (reason, release_cmds(&grants));
     let (reason, release) = match started {
         Ok(Ok(_)) => {
+            if let Some(why) = start_withdrawn(agent, &name, generation, lapses) {
+                tracing::warn!(vm = %name, %why, "vm start withdrawn; stopping it again");
+                let (h, n) = (host.clone(), name.clone());
+                match tokio::task::spawn_blocking(move || h.stop(&n)).await {
+                    Ok(Ok(s)) => {
+                        crate::control::disk_lock_client::release_all(agent, &name, s.release).await
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(vm = %name, error = %crate::error_chain(&e), "vm stop failed")
+                    }
+                    Err(e) => tracing::error!(vm = %name, error = %e, "stop task failed"),
+                }
+                return None;
+            }
             tracing::info!(vm = %name, disks = grants.len(), "vm started by reconciler");
-            return (RuntimeState::Running, String::new());
+            return Some((RuntimeState::Running, String::new()));
         }
         Ok(Err(e)) => failed(e),
         Err(e) => failed(format!("start task failed: {e}")),
     };
     tracing::warn!(vm = %name, error = %reason, "vm failed to start");
     crate::control::disk_lock_client::release_all(agent, &name, release).await;
-    (RuntimeState::Failed, reason)
+    Some((RuntimeState::Failed, reason))
 }
 
-async fn execute(agent: &Arc<Agent>, host: &Arc<VmHost>, action: Action) {
+/// Execute `action`, decided while this node's lease had seen `lapses` lapses.
+async fn execute(agent: &Arc<Agent>, host: &Arc<VmHost>, action: Action, lapses: u64) {
     match action {
         Action::MigrateOut { name, to } => {
             // Run by the loop on its own task; reaching here means a caller bypassed it.
@@ -546,8 +586,9 @@ async fn execute(agent: &Arc<Agent>, host: &Arc<VmHost>, action: Action) {
         }
         Action::Start { spec, generation } => {
             let name = spec.name.clone();
-            let (runtime, reason) = start(agent, host, *spec, generation).await;
-            report(agent, name, generation, runtime, reason).await;
+            if let Some((runtime, reason)) = start(agent, host, *spec, generation, lapses).await {
+                report(agent, name, generation, runtime, reason).await;
+            }
         }
         Action::Stop { name, report: rep } => {
             let h = host.clone();
