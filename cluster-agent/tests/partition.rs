@@ -733,3 +733,24 @@ async fn majority_restarted_while_one_node_is_cut_off() {
     s.cl.check(s.part.heal());
     s.check_after_heal(&["vm-c", "vm-k"]).await;
 }
+
+/// The owner is killed (kill -9) and its VM fails over; then the old owner restarts from
+/// its data dir, whose replica still names it the owner. It must not start the VM before
+/// it caught up (the chaos run found it did: before its first heartbeat round it took
+/// itself for a one-node cluster, which needs no lease acknowledgement and no catch-up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_restarted_after_its_vm_failed_over() {
+    let _serial = cluster_tests::serial().await;
+    let mut s = Scene::new(3).await;
+    let leader = s.leader().await;
+    let owner = s.others(&[leader])[0];
+    s.start_vms(&[guest("vm-r", owner)]).await;
+    let killed_us = now_unix_us();
+    let k = s.cl.kill9(owner);
+    s.cl.check(k);
+    s.failed_over(leader, "vm-r", owner, killed_us).await;
+    let started = s.cl.start(owner).await;
+    s.cl.check(started);
+    s.cl.check(s.cl.wait_node_state(leader, owner, "up", WAIT).await);
+    s.check_after_heal(&["vm-r"]).await;
+}

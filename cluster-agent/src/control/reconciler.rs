@@ -175,6 +175,18 @@ fn host_view(host: &VmHost) -> BTreeMap<String, HostView> {
     view
 }
 
+/// This node's own committed record says Down: it runs no VM (the fence watcher stops
+/// what runs; failover may already have given its VMs to others).
+fn recorded_down(agent: &Agent) -> bool {
+    let me = agent.node_id();
+    agent.read_sm(|d| {
+        d.state
+            .nodes
+            .get(&me)
+            .is_some_and(|n| n.state == crate::state::NodeState::Down)
+    })
+}
+
 /// Run the reconciler until `shutdown` turns true; then stop every VM of this host.
 pub async fn run(
     agent: Arc<Agent>,
@@ -195,7 +207,7 @@ pub async fn run(
         // off while the leader fails its VMs over: start nothing (the fence watcher
         // stops what runs).
         let lease = agent.lease();
-        if !lease.held || lease.catching_up {
+        if !lease.held || lease.catching_up || recorded_down(&agent) {
             tokio::select! {
                 _ = tokio::time::sleep(crate::control::fencing::FENCE_POLL) => {}
                 _ = shutdown.changed() => break,
@@ -484,6 +496,9 @@ fn start_withdrawn(agent: &Agent, name: &str, generation: u64, lapses: u64) -> O
     let lease = agent.lease();
     if !lease.held || lease.catching_up || lease.lapses != lapses {
         return Some("this node's lease lapsed while it started the VM".into());
+    }
+    if recorded_down(agent) {
+        return Some("this node's committed record says Down".into());
     }
     let me = agent.node_id();
     let current = agent.read_sm(|d| {

@@ -616,11 +616,17 @@ impl Agent {
             .ready(state, Instant::now(), grace)
     }
 
-    /// This node's lease (see `liveness`): whether it may run VMs now.
+    /// This node's lease (see `liveness`): whether it may run VMs now. The members are
+    /// taken from the applied state first: before its first heartbeat round a restarted
+    /// agent must not take itself for a one-node cluster (which needs no acknowledgement
+    /// and no catch-up) and start VMs from its stale replica.
     pub fn lease(&self) -> crate::node::liveness::LeaseView {
         let m = self.raft.metrics().borrow().clone();
         let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
-        self.lock_liveness().lease(Instant::now(), applied)
+        let members: Vec<u64> = self.read_sm(|d| d.state.nodes.keys().copied().collect());
+        let mut l = self.lock_liveness();
+        l.set_members(members);
+        l.lease(Instant::now(), applied)
     }
 }
 
