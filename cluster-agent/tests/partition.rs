@@ -754,3 +754,40 @@ async fn owner_restarted_after_its_vm_failed_over() {
     s.cl.check(s.cl.wait_node_state(leader, owner, "up", WAIT).await);
     s.check_after_heal(&["vm-r"]).await;
 }
+
+/// A live migration held in pre-copy; its source is killed (kill -9) and restarted at
+/// once, possibly before it is marked Down. The restarted source finds the record still
+/// naming it the owner and the target with no VM and no migration here: it asks the
+/// target, which neither runs nor receives the VM, and ends the migration as failed; the
+/// VM boots again (here, or elsewhere if the failover came first). The chaos run found
+/// the record stuck with the VM running nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_source_restarted_in_precopy() {
+    let _serial = cluster_tests::serial().await;
+    let mut s = Scene::new(3).await;
+    let leader = s.leader().await;
+    let [src, dst] = [s.others(&[leader])[0], s.others(&[leader])[1]];
+    s.start_vms(&[guest("vm-o", src)]).await;
+    s.cl.vms(leader)
+        .await
+        .migrate_vm(pb::MigrateVmRequest {
+            name: "vm-o".into(),
+            to_node_id: dst,
+            max_downtime_ms: Some(1),
+            deadline_ms: Some(600_000),
+            bandwidth_bytes_per_s_max: Some(1 << 20),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("migrate: {e}{}", s.cl.logs()));
+    let rec = s.cl.running_migration(leader, "vm-o", WAIT).await.id;
+    s.cl.wait_precopy(leader, rec).await;
+    let k = s.cl.kill9(src);
+    s.cl.check(k);
+    let started = s.cl.start(src).await;
+    s.cl.check(started);
+    let end = s.cl.migration_end(leader, rec, WAIT).await;
+    eprintln!("migration {rec} ended {}: {}", end.state, end.reason);
+    let s = s.check_after_heal(&["vm-o"]).await;
+    s.cl.wait_settled(leader, "vm-o").await;
+}

@@ -196,6 +196,7 @@ pub async fn run(
 ) {
     let me = agent.node_id();
     let migrating_out: Arc<std::sync::Mutex<BTreeSet<String>>> = Arc::default();
+    let mut orphans = BTreeMap::new();
     let fence = tokio::spawn(crate::control::fencing::run_fence(
         agent.clone(),
         host.clone(),
@@ -237,6 +238,7 @@ pub async fn run(
             execute(&agent, &host, action, lease.lapses).await;
         }
         crate::control::vm_disks::reconcile(&agent, &host, &records, &busy).await;
+        resolve_orphaned_migrations(&agent, &host, &records, &busy, &mut orphans).await;
         // Woken early by newly applied entries (a new owner starts its VM at once).
         let last = applied.borrow_and_update().last_applied;
         tokio::select! {
@@ -282,6 +284,79 @@ async fn report(
         Ok(_) => tracing::info!(vm = %name, generation, state = %runtime, "vm state reported"),
         // Stale reports (a newer decision was committed meanwhile) are expected.
         Err(e) => tracing::debug!(vm = %name, error = %e, "vm state report not applied"),
+    }
+}
+
+/// How long an outgoing live migration record of this node may show no VM here and no
+/// migration running here before this node asks the target how it ended.
+pub const ORPHANED_MIGRATION_WAIT: Duration = Duration::from_secs(2);
+
+/// Resolves the records of live migrations whose source side died with an earlier agent
+/// process (kill -9 and a restart before the node was marked Down): the record still
+/// names this node the owner and the target, nothing runs here and no migration runs
+/// here, so nobody would ever end it. After [`ORPHANED_MIGRATION_WAIT`] this node asks
+/// the target: it runs the VM (the switchover happened) → the migration succeeded; it
+/// neither runs nor receives it → the migration is dead (a receive never resumes
+/// without its source, and no new one starts for this record) and failed, and the VM
+/// boots here again; it still receives it, or does not answer → ask again later.
+/// Quick migrations are left to their own recovery.
+async fn resolve_orphaned_migrations(
+    agent: &Arc<Agent>,
+    host: &Arc<VmHost>,
+    records: &[VmRecord],
+    busy: &BTreeSet<String>,
+    orphans: &mut BTreeMap<String, std::time::Instant>,
+) {
+    let me = agent.node_id();
+    let here = host_view(host);
+    let now = std::time::Instant::now();
+    let current: Vec<(String, u64)> = records
+        .iter()
+        .filter(|r| {
+            r.owner == Some(me)
+                && r.desired == DesiredState::Running
+                && !r.migration_quick
+                && !here.contains_key(&r.spec.name)
+                && !busy.contains(&r.spec.name)
+        })
+        .filter_map(|r| r.migrating_to.map(|to| (r.spec.name.clone(), to)))
+        .collect();
+    orphans.retain(|n, _| current.iter().any(|(c, _)| c == n));
+    for (name, to) in current {
+        let since = *orphans.entry(name.clone()).or_insert(now);
+        if now.saturating_duration_since(since) < ORPHANED_MIGRATION_WAIT {
+            continue;
+        }
+        orphans.insert(name.clone(), now);
+        let (ok, reason) = match agent.vm_presence(to, &name).await {
+            Ok(crate::node::peers::VmPresence::Runs) => (
+                true,
+                format!("the source agent restarted after the switchover; node {to} runs the VM"),
+            ),
+            Ok(crate::node::peers::VmPresence::Absent) => (
+                false,
+                format!(
+                    "the source agent restarted during the migration; node {to} does not run the VM"
+                ),
+            ),
+            Ok(crate::node::peers::VmPresence::Arriving) => continue,
+            Err(e) => {
+                tracing::info!(vm = %name, to, error = %e, "cannot ask the target how an orphaned migration ended yet");
+                continue;
+            }
+        };
+        tracing::warn!(vm = %name, to, ok, %reason, "orphaned migration resolved");
+        let cmd = Command::Vm(VmCommand::FinishMigration {
+            name: name.clone(),
+            to,
+            ok,
+            reason,
+            at_unix_ms: now_unix_ms(),
+            stats: None,
+        });
+        if let Err(e) = agent.write(ForwardRequest::Command(cmd)).await {
+            tracing::info!(vm = %name, error = %e, "orphaned migration end not committed");
+        }
     }
 }
 

@@ -401,6 +401,26 @@ impl Agent {
             .map_err(|e| fwd_err(e.0))?
     }
 
+    /// Whether node `node`'s VMM runs or receives `vm`, asked over the peer plane.
+    pub async fn vm_presence(
+        &self,
+        node: u64,
+        vm: &str,
+    ) -> Result<super::peers::VmPresence, super::peers::PeerCallError> {
+        let addr = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&node)
+            .map(|n| n.raft_addr.clone())
+            .ok_or_else(|| super::peers::PeerCallError(format!("node {node} is not a member")))?;
+        self.peers
+            .vm_presence(&addr, vm, self.config.rpc_timeout)
+            .await
+    }
+
     /// Execute a write on this agent, which must be the leader.
     pub async fn execute_as_leader(&self, req: ForwardRequest) -> Result<ForwardReply, WriteError> {
         match req {
