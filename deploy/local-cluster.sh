@@ -35,7 +35,7 @@ ctl() { "$CTL" --endpoint "127.0.1.$1:7001" "${@:2}"; }
 
 wait_ready() { # id
     for _ in $(seq 1 100); do
-        ctl "$1" cluster status >/dev/null 2>&1 && return 0
+        ctl "$1" health >/dev/null 2>&1 && return 0   # grpc.health.v1
         running "$1" || die "node $1 exited; see $STATE/node-$1.log: $(tail -n 3 "$STATE/node-$1.log")"
         sleep 0.1
     done

@@ -4,13 +4,15 @@
 #  - libclang-dev: bindgen (rocksdb's librocksdb-sys) needs libclang.
 #  - build-essential: C/C++ compiler for RocksDB's bundled sources.
 #  - lz4, util-linux (flock): vmm-node/scripts/fetch-test-kernel.sh unpacks the test kernel.
+#  - iproute2, python3: the virtio-net tests build a bridge and TAPs in a network
+#    namespace of their own and probe the guest from inside it.
 #  - iptables: the partition tests cut links between the local agents with iptables rules
 #    (tests/src/partition.rs); they run as root.
 #  - protoc is NOT needed: proto/build.rs uses the vendored protoc-bin-vendored.
 #  - sccache (optional, recommended): caches the ~10-minute RocksDB C++ build.
 set -euo pipefail
 need=()
-for pkg in libclang-dev build-essential pkg-config lz4 util-linux iptables; do
+for pkg in libclang-dev build-essential pkg-config lz4 util-linux iproute2 python3 iptables; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

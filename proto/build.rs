@@ -7,17 +7,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // SAFETY-free: build scripts are single-threaded; set_var is sound here.
         std::env::set_var("PROTOC", protoc);
     }
-    tonic_prost_build::configure().compile_protos(
-        &[
-            "management.proto",
-            "raft.proto",
-            "vms.proto",
-            "drain.proto",
-            "volumes.proto",
-            "migrations.proto",
-        ],
-        &["."],
-    )?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        // For gRPC reflection on the management listener (grpcurl, Postman).
+        .file_descriptor_set_path(out.join("cluster_descriptor.bin"))
+        .compile_protos(
+            &[
+                "management.proto",
+                "raft.proto",
+                "vms.proto",
+                "drain.proto",
+                "volumes.proto",
+                "migrations.proto",
+            ],
+            &["."],
+        )?;
     println!("cargo:rerun-if-changed=management.proto");
     println!("cargo:rerun-if-changed=raft.proto");
     println!("cargo:rerun-if-changed=vms.proto");

@@ -74,7 +74,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let lv = tokio::spawn(agent.clone().run_liveness(stop_rx.clone()));
     let volumes = csv_volume::VolumeRegistry::from_config(&agent.config().volumes)
         .map_err(|e| RunError::Volumes(Box::new(e)))?;
-    let vm_host = crate::vmhost::VmHost::new(agent.node_id(), volumes);
+    let networks = agent
+        .config()
+        .networks
+        .iter()
+        .map(|n| (n.name.clone(), n.bridge.clone()))
+        .collect();
+    let vm_host = crate::vmhost::VmHost::with_networks(agent.node_id(), volumes, networks);
     let progress = Arc::new(crate::control::progress::ProgressBoard::default());
     let rc = tokio::spawn(crate::control::reconciler::run(
         agent.clone(),

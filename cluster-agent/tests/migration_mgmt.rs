@@ -133,11 +133,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         ),
         (src, other, "live", 1, HOLD_DEADLINE_MS, HOLD_BYTES_PER_S)
     );
-    let mut stream = mig
-        .watch_migration(mpb::MigrationId { id: rec.id })
-        .await
-        .unwrap_or_else(|e| panic!("watch: {e}{}", cl.logs()))
-        .into_inner();
+    let mut stream = cl.watch_migration(other, rec.id).await;
     let mut seen: Vec<mpb::MigrationProgress> = Vec::new();
     let watched = tokio::time::timeout(WAIT, async {
         // Three growing figures of guest memory on the wire in pre-copy.

@@ -49,10 +49,14 @@ pub enum CtlError {
     Refused { code: tonic::Code, message: String },
     #[error("cannot render the output: {0}")]
     Render(String),
+    /// A watched job ended without doing its work (failed or aborted).
+    #[error("{what} ended {status}")]
+    Ended { what: String, status: String },
 }
 
 impl CtlError {
-    /// 2: no agent answered; 1: the agent refused or another error.
+    /// 2: no agent answered; 3: no leader; 1: the agent refused, a watched job failed or
+    /// was aborted, or another error. (64: the command line itself, see `main`.)
     pub fn exit_code(&self) -> u8 {
         match self {
             CtlError::Unreachable { .. } | CtlError::Timeout { .. } => 2,

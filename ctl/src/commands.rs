@@ -142,6 +142,38 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
         Cmd::Vm(v) => crate::vm::run(cli, v).await,
         Cmd::Disk(d) => crate::disk::run(cli, d).await,
         Cmd::Migration(m) => crate::migration::run(cli, m).await,
+        Cmd::Health { service } => health(cli, service).await,
         Cmd::Node(NodeCmd::WhyNot { vm, node_id }) => crate::vm::why_not(cli, vm, *node_id).await,
+    }
+}
+
+/// `clusterctl health [--service NAME]`: the standard gRPC health check of the agent.
+async fn health(cli: &Cli, service: &str) -> Result<String, CtlError> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let (ep, timeout) = (cli.endpoint.as_str(), cli.timeout());
+    let mut h = crate::client::service(
+        ep,
+        timeout,
+        tonic_health::pb::health_client::HealthClient::new,
+    )
+    .await?;
+    let r = crate::client::call(
+        ep,
+        timeout,
+        h.check(tonic_health::pb::HealthCheckRequest {
+            service: service.to_owned(),
+        }),
+    )
+    .await?;
+    let shown = if service.is_empty() { "agent" } else { service };
+    match ServingStatus::try_from(r.status) {
+        Ok(ServingStatus::Serving) => Ok(format!("{shown} at {ep}: serving\n")),
+        other => Err(CtlError::Refused {
+            code: tonic::Code::FailedPrecondition,
+            message: format!(
+                "{shown} at {ep} is not serving ({})",
+                other.map_or("unknown status", |s| s.as_str_name())
+            ),
+        }),
     }
 }

@@ -415,7 +415,15 @@ async fn watch(
             return Err(CtlError::Render("the agent answered without a job".into()));
         };
         if j.status != "running" || started.elapsed() > WATCH_MAX {
-            return render_job(cli.output, &j);
+            let text = render_job(cli.output, &j)?;
+            if let Err(e) = watch_outcome(&j) {
+                // The job's rendering (with its reason) first, then a non-zero exit.
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(text.as_bytes());
+                let _ = out.flush();
+                return Err(e);
+            }
+            return Ok(text);
         }
         let line = progress(&j);
         if line != last && cli.output == Format::Table {
@@ -425,6 +433,18 @@ async fn watch(
             last = line;
         }
         tokio::time::sleep(WATCH_POLL).await;
+    }
+}
+
+/// How a watched job that stopped running ends the command: a failed or aborted job is an
+/// error (exit 1), so scripts that `--watch` a drain can tell it did not happen.
+fn watch_outcome(j: &pb::JobInfo) -> Result<(), CtlError> {
+    match j.status.as_str() {
+        "failed" | "aborted" => Err(CtlError::Ended {
+            what: format!("the {} of node {}", j.kind, j.node_id),
+            status: j.status.clone(),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -571,6 +591,22 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_watched_job_that_failed_or_was_aborted_exits_non_zero() {
+        let job = |status: &str| pb::JobInfo {
+            kind: "drain".into(),
+            node_id: 3,
+            status: status.into(),
+            ..Default::default()
+        };
+        for status in ["failed", "aborted"] {
+            let e = watch_outcome(&job(status)).expect_err(status);
+            assert_eq!(e.exit_code(), 1, "{status}");
+            assert_eq!(e.to_string(), format!("the drain of node 3 ended {status}"));
+        }
+        assert!(watch_outcome(&job("done")).is_ok());
+    }
     use super::*;
 
     fn mv(vm: &str, wave: u32, status: &str) -> pb::MoveInfo {

@@ -86,6 +86,12 @@ pub enum Cmd {
     /// Migrations: list, show (statistics, receipt), cancel.
     #[command(subcommand)]
     Migration(migration::MigrationCmd),
+    /// The agent's standard gRPC health check (`grpc.health.v1`): exit 0 when it serves.
+    Health {
+        /// One service (e.g. cluster.vms.v1.VmService); empty: the whole server.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -151,8 +157,20 @@ pub enum KvCmd {
     Get { key: String },
 }
 
+/// Exit code of a command line clap refuses (sysexits' `EX_USAGE`): distinct from 2, "no
+/// agent reachable".
+const EXIT_USAGE: u8 = 64;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are answers, not errors.
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     if cli.stale {
         client::use_stale_reads();
     }

@@ -65,6 +65,8 @@ struct Node {
     migration_subnet: String,
     state_since_unix_ms: u64,
     facts: Facts,
+    /// VM networks: name → host bridge.
+    networks: std::collections::BTreeMap<String, String>,
 }
 
 fn node_view(n: &pb::NodeInfo) -> Node {
@@ -87,6 +89,11 @@ fn node_view(n: &pb::NodeInfo) -> Node {
             memory_bytes: f.memory_bytes,
             kvm_kind: f.kvm_kind,
         },
+        networks: n
+            .networks
+            .iter()
+            .map(|v| (v.name.clone(), v.bridge.clone()))
+            .collect(),
     }
 }
 
@@ -161,6 +168,18 @@ pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
         vec!["logical cpus".into(), v.facts.logical_cpus.to_string()],
         vec!["memory".into(), gib(v.facts.memory_bytes)],
         vec!["kvm".into(), v.facts.kvm_kind],
+        vec![
+            "networks".into(),
+            if v.networks.is_empty() {
+                "-".into()
+            } else {
+                v.networks
+                    .iter()
+                    .map(|(name, bridge)| format!("{name} (bridge {bridge})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ],
     ];
     Ok(table(&["FIELD", "VALUE"], &rows))
 }

@@ -82,7 +82,7 @@ pub struct CreateArgs {
     pub vcpus: u32,
     #[arg(long, default_value_t = 64)]
     pub memory_mib: u64,
-    /// Test guest workload: idle, dirty, mem or disk (ignored with --kernel).
+    /// Test guest workload: idle, dirty, mem, disk or net (ignored with --kernel).
     #[arg(long, default_value = "mem")]
     pub workload: String,
     /// Test guest working set in MiB (0: guest default).
@@ -113,9 +113,46 @@ pub struct CreateArgs {
     /// Preferred owner node id, most preferred first; repeatable.
     #[arg(long = "preferred-owner")]
     pub preferred_owners: Vec<u64>,
+    /// NIC on a network the nodes map to a bridge: `NET` or `NET,mac=52:54:00:12:34:56`
+    /// (without a MAC the cluster generates one); repeatable, NIC i in slot i.
+    #[arg(long = "nic", value_parser = parse_nic)]
+    pub nics: Vec<NicArg>,
+    /// Test guest `net` workload: its IPv4 address on the first NIC.
+    #[arg(long)]
+    pub net_ip: Option<std::net::Ipv4Addr>,
     /// Only define the VM.
     #[arg(long)]
     pub no_start: bool,
+}
+
+/// A `--nic NET[,mac=..]` argument.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NicArg {
+    pub network: String,
+    pub mac: String,
+}
+
+/// Parses `NET` or `NET,mac=aa:bb:cc:dd:ee:ff` (the agent validates both parts).
+pub fn parse_nic(s: &str) -> Result<NicArg, String> {
+    let mut parts = s.split(',');
+    let network = parts.next().unwrap_or_default().trim().to_owned();
+    if network.is_empty() {
+        return Err(format!(
+            "{s:?}: give a network name first, e.g. lan or lan,mac=52:54:00:12:34:56"
+        ));
+    }
+    let mut mac = String::new();
+    for p in parts {
+        match p.split_once('=') {
+            Some(("mac", m)) if mac.is_empty() => mac = m.trim().to_owned(),
+            _ => {
+                return Err(format!(
+                    "{s:?}: after the network only mac=aa:bb:cc:dd:ee:ff is accepted, got {p:?}"
+                ))
+            }
+        }
+    }
+    Ok(NicArg { network, mac })
 }
 
 /// How long `vm console --follow` retries while the VM is between owners.
@@ -135,6 +172,7 @@ fn spec_of(a: &CreateArgs) -> pb::VmSpec {
             workload: a.workload.clone(),
             wss_mib: a.wss_mib,
             hb_ms: a.hb_ms,
+            net_ip: a.net_ip.map(|ip| ip.to_string()).unwrap_or_default(),
             ..Default::default()
         }),
     };
@@ -158,6 +196,14 @@ fn spec_of(a: &CreateArgs) -> pb::VmSpec {
         restart_priority: a.restart_priority.clone(),
         anti_affinity: a.anti_affinity.clone(),
         preferred_owners: a.preferred_owners.clone(),
+        nics: a
+            .nics
+            .iter()
+            .map(|n| pb::NicSpec {
+                network: n.network.clone(),
+                mac: n.mac.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -179,7 +225,16 @@ pub struct VmView {
     pub anti_affinity: Vec<String>,
     pub preferred_owners: Vec<u64>,
     pub disks: Vec<String>,
+    pub nics: Vec<NicView>,
     pub migrating_to: u64,
+}
+
+/// One NIC as printed: its network, MAC and TAP device on the owner's node.
+#[derive(Debug, Serialize)]
+pub struct NicView {
+    pub network: String,
+    pub mac: String,
+    pub tap: String,
 }
 
 pub fn view(v: &pb::VmInfo) -> VmView {
@@ -205,6 +260,16 @@ pub fn view(v: &pb::VmInfo) -> VmView {
         anti_affinity: spec.anti_affinity,
         preferred_owners: spec.preferred_owners,
         disks: spec.disks.into_iter().map(|d| d.name).collect(),
+        nics: spec
+            .nics
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| NicView {
+                network: n.network,
+                mac: n.mac,
+                tap: v.nic_taps.get(i).cloned().unwrap_or_default(),
+            })
+            .collect(),
         migrating_to: v.migrating_to,
     }
 }
@@ -285,6 +350,18 @@ pub fn render_one(fmt: Format, vm: Option<&pb::VmInfo>) -> Result<String, CtlErr
         vec!["memory_mib".into(), v.memory_mib.to_string()],
         vec!["boot".into(), v.boot.clone()],
         vec!["disks".into(), list(&v.disks)],
+        vec![
+            "nics".into(),
+            list(
+                &v.nics
+                    .iter()
+                    .map(|n| match n.tap.as_str() {
+                        "" => format!("{} {}", n.network, n.mac),
+                        tap => format!("{} {} tap {tap}", n.network, n.mac),
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+        ],
         vec!["restart_priority".into(), v.restart_priority.clone()],
         vec!["anti_affinity".into(), list(&v.anti_affinity)],
         vec![
@@ -659,6 +736,25 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nic_arguments_parse_or_name_the_problem() {
+        assert_eq!(
+            parse_nic("lan"),
+            Ok(NicArg {
+                network: "lan".into(),
+                mac: String::new()
+            })
+        );
+        assert_eq!(
+            parse_nic("lan,mac=52:54:00:12:34:56").map(|n| n.mac),
+            Ok("52:54:00:12:34:56".into())
+        );
+        assert!(parse_nic(",mac=52:54:00:12:34:56")
+            .unwrap_err()
+            .contains("network name"));
+        assert!(parse_nic("lan,mtu=9000").unwrap_err().contains("mtu=9000"));
+    }
 
     fn info(name: &str, owner: u64) -> pb::VmInfo {
         pb::VmInfo {

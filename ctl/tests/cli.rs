@@ -123,3 +123,33 @@ async fn tour_against_a_real_agent() {
     assert_eq!(o.status.code(), Some(1));
     assert!(err.contains("already a member"), "{err}");
 }
+
+#[test]
+fn a_bad_command_line_is_a_usage_error_not_an_unreachable_agent() {
+    let o = ctl("127.0.1.251:9", &["vm", "migrate"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(64), "stdout {out} stderr {err}");
+    assert!(err.contains("Usage:"), "{err}");
+    let o = ctl("127.0.1.251:9", &["--help"]);
+    assert_eq!(o.status.code(), Some(0), "--help is an answer");
+    assert!(text(&o).0.contains("Usage:"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_a_serving_agent_and_an_unreachable_one() {
+    let _serial = cluster_tests::serial().await;
+    let mut c = Cluster::agents(Options::default());
+    c.add_node(1).unwrap_or_else(|e| panic!("{e}"));
+    c.start(1).await.unwrap_or_else(|e| panic!("{e}"));
+    let ep = endpoint(&c, 1);
+    let o = ctl(&ep, &["health"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "stdout {out} stderr {err}");
+    assert!(out.contains("serving"), "{out}");
+    let o = ctl(&ep, &["health", "--service", "cluster.vms.v1.VmService"]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let o = ctl(&ep, &["health", "--service", "no.such.Service"]);
+    assert_eq!(o.status.code(), Some(1), "unknown service: {:?}", text(&o));
+    let o = ctl("127.0.1.251:9", &["health"]);
+    assert_eq!(o.status.code(), Some(2), "unreachable: {:?}", text(&o));
+}

@@ -129,6 +129,10 @@ async fn drain_resume_and_policy_commands_against_real_agents() {
         "below the minimum",
     );
     let o = ctl(&ep, &["policy", "set", "balance", "sideways"]);
-    assert_eq!(o.status.code(), Some(2), "clap refuses an unknown mode");
+    assert_eq!(
+        o.status.code(),
+        Some(64),
+        "clap refuses an unknown mode (usage error)"
+    );
     ok(&ep, &["policy", "set", "balance", "none"]);
 }

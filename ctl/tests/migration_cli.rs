@@ -135,7 +135,7 @@ async fn migrate_waits_in_the_queue_for_a_busy_slot() {
         .as_u64()
         .unwrap_or(0);
     let o = ctl(&ep, &["vm", "migrate", "hog", "--max-bandwidth", "lots"]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o).1);
+    assert_eq!(o.status.code(), Some(64), "usage error: {}", text(&o).1);
     assert!(
         text(&o).1.contains("not a whole number of MiB/s"),
         "{}",

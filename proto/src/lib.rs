@@ -4,6 +4,20 @@
 //! * [`raft`]: the peer-only Raft service agents use among themselves. It is served
 //!   on its own listener so it can be firewalled away from clients.
 
+/// The encoded `FileDescriptorSet` of every .proto file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/cluster_descriptor.bin"));
+
+/// The management-plane services (what the management listener serves and reflects;
+/// the peer-only `cluster.raft.v1.RaftPeer` is not among them).
+pub const MANAGEMENT_SERVICES: &[&str] = &[
+    "cluster.management.v1.Management",
+    "cluster.vms.v1.VmService",
+    "cluster.drain.v1.DrainService",
+    "cluster.volumes.v1.VolumeService",
+    "cluster.migrations.v1.MigrationService",
+];
+
 /// Public management API (`cluster.management.v1`).
 pub mod management {
     tonic::include_proto!("cluster.management.v1");

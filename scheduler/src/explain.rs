@@ -74,6 +74,13 @@ pub enum Reason {
         /// Features missing on the target.
         missing: BTreeSet<String>,
     },
+    /// The node has none of (or not all of) the networks the VM's NICs are on.
+    MissingNetworks {
+        /// Node.
+        node: NodeId,
+        /// Networks the VM needs that the node does not have.
+        missing: BTreeSet<String>,
+    },
     /// Not enough memory left under the overcommit policy.
     InsufficientMemory {
         /// Node.
@@ -152,6 +159,7 @@ impl Reason {
             Reason::SubnetMismatch { .. } => "subnet_mismatch",
             Reason::CpuVendorMismatch { .. } => "cpu_vendor_mismatch",
             Reason::MissingCpuFeatures { .. } => "missing_cpu_features",
+            Reason::MissingNetworks { .. } => "missing_networks",
             Reason::InsufficientMemory { .. } => "insufficient_memory",
             Reason::InsufficientCpu { .. } => "insufficient_cpu",
             Reason::AntiAffinity { .. } => "anti_affinity",
@@ -172,6 +180,7 @@ impl Reason {
             | Reason::SubnetMismatch { node, .. }
             | Reason::CpuVendorMismatch { node, .. }
             | Reason::MissingCpuFeatures { node, .. }
+            | Reason::MissingNetworks { node, .. }
             | Reason::InsufficientMemory { node, .. }
             | Reason::InsufficientCpu { node, .. }
             | Reason::AntiAffinity { node, .. }
@@ -218,6 +227,14 @@ impl fmt::Display for Reason {
                 write!(
                     f,
                     "{node} lacks CPU features the VM was started with: {}",
+                    list.join(", ")
+                )
+            }
+            Reason::MissingNetworks { node, missing } => {
+                let list: Vec<&str> = missing.iter().map(String::as_str).collect();
+                write!(
+                    f,
+                    "{node} lacks the VM's network(s): {} (no such network in its config)",
                     list.join(", ")
                 )
             }
@@ -281,6 +298,8 @@ pub(crate) struct Subject<'b> {
     pub features: &'b BTreeSet<String>,
     /// Required vendor (Start of a new VM that asks for one).
     pub vendor: Option<CpuVendor>,
+    /// Networks the target must have (every kind of move).
+    pub networks: &'b BTreeSet<String>,
     /// Current node index (Live/Quick).
     pub source: Option<usize>,
 }
@@ -295,6 +314,7 @@ impl<'b> Subject<'b> {
             classes: &vm.anti_affinity,
             features: &vm.cpu_features,
             vendor: None,
+            networks: &vm.networks,
             source: Some(c.owner[vi]),
         }
     }
@@ -354,6 +374,10 @@ pub(crate) fn check(
         .collect();
     if !missing.is_empty() && (kind != MoveKind::Start || s.vi.is_none()) {
         out.push(Reason::MissingCpuFeatures { node: tid, missing });
+    }
+    let missing: BTreeSet<String> = s.networks.difference(&t.node.networks).cloned().collect();
+    if !missing.is_empty() {
+        out.push(Reason::MissingNetworks { node: tid, missing });
     }
     if s.source != Some(target) {
         if s.memory_mib > t.mem_free_mib() {

@@ -256,6 +256,9 @@ pub struct Node {
     pub power: PowerPolicy,
     /// Measured migration bandwidth (one migration stream using the whole link).
     pub migration_bandwidth_mib_per_s: u64,
+    /// VM networks the node can attach NICs to (names from its config).
+    #[serde(default)]
+    pub networks: BTreeSet<String>,
 }
 
 /// Order in which VMs are restarted after a failure; `None` means "do not restart automatically".
@@ -317,6 +320,9 @@ pub struct Vm {
     /// CPU features the VM was started with; a live-migration target must offer all of them.
     #[serde(default)]
     pub cpu_features: BTreeSet<String>,
+    /// Networks the VM's NICs are on; every node it runs on must have all of them.
+    #[serde(default)]
+    pub networks: BTreeSet<String>,
 }
 
 fn default_true() -> bool {

@@ -39,6 +39,9 @@ pub struct VmRequest {
     /// CPU features the VM requires.
     #[serde(default)]
     pub cpu_features: BTreeSet<String>,
+    /// Networks the VM's NICs are on.
+    #[serde(default)]
+    pub networks: BTreeSet<String>,
 }
 
 /// How to pick among feasible nodes.
@@ -124,6 +127,7 @@ pub fn place(snap: &ClusterSnapshot, req: &VmRequest) -> Result<Placement, PlanE
         classes: &req.anti_affinity,
         features: &req.cpu_features,
         vendor: req.cpu_vendor,
+        networks: &req.networks,
         source: None,
     };
     let fit = Fit::for_policy(snap.policy.balance);

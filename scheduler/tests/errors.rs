@@ -20,6 +20,7 @@ fn node(id: u64, state: NodeState) -> Node {
         migration_subnet: "10.0.2.0/24".parse().unwrap(),
         power: Default::default(),
         migration_bandwidth_mib_per_s: 1_000,
+        networks: Default::default(),
     }
 }
 
@@ -36,6 +37,7 @@ fn vm(id: &str, node: u64) -> Vm {
         dirty_rate_mib_per_s: 0,
         live_migratable: true,
         cpu_features: Default::default(),
+        networks: Default::default(),
     }
 }
 
@@ -215,6 +217,7 @@ fn placement_requests_are_checked() {
         preferred_owners: vec![],
         cpu_vendor: None,
         cpu_features: Default::default(),
+        networks: Default::default(),
     };
     assert_eq!(
         place(&s, &req("a", 1)),

@@ -145,6 +145,7 @@ proptest! {
             prop_assert!(r.priority != RestartPriority::None);
             prop_assert_eq!(node(&snap, r.node).state, NodeState::Up);
             prop_assert_eq!(vm(&snap, &r.vm).node, down);
+            prop_assert!(vm(&snap, &r.vm).networks.is_subset(&node(&snap, r.node).networks), "{} restarted without its networks", r.vm);
             moves.push((r.vm.clone(), r.node));
             received.insert(r.node);
         }
@@ -247,7 +248,7 @@ proptest! {
     }
 
     #[test]
-    fn placement_fits_or_every_node_refuses(seed in any::<u64>(), mem in 1u64..40_000, vcpus in 1u32..40, aa in any::<bool>()) {
+    fn placement_fits_or_every_node_refuses(seed in any::<u64>(), mem in 1u64..40_000, vcpus in 1u32..40, aa in any::<bool>(), nets in 0usize..4) {
         let snap = random_cluster(seed);
         let req = VmRequest {
             id: VmId::new("new-vm"),
@@ -257,6 +258,7 @@ proptest! {
             preferred_owners: vec![],
             cpu_vendor: None,
             cpu_features: Default::default(),
+            networks: NETWORKS.iter().enumerate().filter(|(i, _)| nets & (1 << i) != 0).map(|(_, n)| n.to_string()).collect(),
         };
         let free = |id: NodeId| {
             let n = node(&snap, id);
@@ -268,12 +270,13 @@ proptest! {
                 prop_assert_eq!(node(&snap, p.node).state, NodeState::Up);
                 let (m, c) = free(p.node);
                 prop_assert!(mem <= m && u64::from(vcpus) <= c);
+                prop_assert!(req.networks.is_subset(&node(&snap, p.node).networks));
             }
             Err(PlanError::NoNode(refusal)) => {
                 prop_assert_eq!(refusal.rejections.len(), snap.nodes.len());
                 for n in &snap.nodes {
                     let (m, c) = free(n.id);
-                    prop_assert!(n.state != NodeState::Up || mem > m || u64::from(vcpus) > c, "{} could host it", n.id);
+                    prop_assert!(n.state != NodeState::Up || mem > m || u64::from(vcpus) > c || !req.networks.is_subset(&n.networks), "{} could host it", n.id);
                 }
                 prop_assert!(!refusal.to_string().is_empty());
             }
@@ -292,6 +295,7 @@ proptest! {
         if reasons.is_empty() {
             prop_assert_eq!(n.state, NodeState::Up);
             prop_assert!(n.id != v.node);
+            prop_assert!(v.networks.is_subset(&n.networks));
             if v.state == VmState::Running && src.state != NodeState::Down {
                 prop_assert_eq!(src.migration_subnet, n.migration_subnet);
                 prop_assert_eq!(src.cpu_vendor, n.cpu_vendor);
@@ -305,6 +309,9 @@ proptest! {
         }
         if n.state != NodeState::Up {
             prop_assert!(reasons.iter().any(|r| r.code() == "node_not_up"));
+        }
+        if !v.networks.is_subset(&n.networks) {
+            prop_assert!(reasons.iter().any(|r| r.code() == "missing_networks"));
         }
     }
 

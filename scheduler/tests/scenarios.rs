@@ -337,3 +337,8 @@ fn even_distribution_smallest_sufficient_move() {
 fn drain_prefers_anti_affinity_over_live_migration() {
     run("drain_prefers_separation.toml");
 }
+
+#[test]
+fn networks_limit_placement_failover_drain_and_why_not() {
+    run("networks.toml");
+}

@@ -18,6 +18,7 @@ use cluster_proto::management::management_client::ManagementClient;
 use tonic::transport::{Channel, Endpoint};
 
 pub mod checker;
+pub mod netns;
 pub mod partition;
 pub mod vm;
 pub mod wait;
@@ -184,6 +185,8 @@ pub struct Cluster {
     agent_bin: PathBuf,
     pub opts: Options,
     nodes: BTreeMap<u64, NodeProc>,
+    /// The network namespace the agents run in (VM network tests); `None`: the root one.
+    netns: Option<std::sync::Arc<netns::NetNs>>,
 }
 
 fn free_port(ip: [u8; 4]) -> Result<SocketAddr> {
@@ -243,11 +246,43 @@ impl Cluster {
             agent_bin,
             opts,
             nodes: BTreeMap::new(),
+            netns: None,
         })
     }
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Run the agents started from now on inside `ns` (`ip netns exec`), so the TAPs of
+    /// their VMs are created there; the harness's clients connect from inside it too.
+    pub fn set_netns(&mut self, ns: std::sync::Arc<netns::NetNs>) {
+        self.netns = Some(ns);
+    }
+
+    /// A gRPC channel to node `id`'s management address (from inside the cluster's
+    /// network namespace when it has one).
+    pub async fn connect_channel(
+        &self,
+        id: u64,
+    ) -> std::result::Result<Channel, tonic::transport::Error> {
+        let addr = self.spec(id).map(|s| s.mgmt_addr).unwrap_or_else(|_| {
+            panic!("harness: no node {id}");
+        });
+        let ep = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(60));
+        match &self.netns {
+            None => ep.connect().await,
+            Some(ns) => {
+                let ns = ns.clone();
+                ep.connect_with_connector(tower::service_fn(move |_uri| {
+                    let ns = ns.clone();
+                    async move { ns.connect(addr).await.map(hyper_util::rt::TokioIo::new) }
+                }))
+                .await
+            }
+        }
     }
 
     /// Creates `<test dir>/csv`, the directory standing in for shared storage, and
@@ -380,7 +415,11 @@ impl Cluster {
             what: "cloning the log handle".into(),
             source,
         })?;
-        let child = Command::new(&bin)
+        let mut cmd = match &self.netns {
+            Some(ns) => ns.exec(&bin),
+            None => Command::new(&bin),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&node.spec.config_path)
             .env("RUST_LOG", "info,openraft=warn")
@@ -593,13 +632,9 @@ impl Cluster {
     }
 
     pub async fn client(&self, id: u64) -> Result<ManagementClient<Channel>> {
-        let spec = self.spec(id)?;
-        let ep = Endpoint::from_shared(format!("http://{}", spec.mgmt_addr))
-            .map_err(|source| HarnessError::Connect { id, source })?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(60));
-        let ch = ep
-            .connect()
+        self.spec(id)?;
+        let ch = self
+            .connect_channel(id)
             .await
             .map_err(|source| HarnessError::Connect { id, source })?;
         Ok(ManagementClient::new(ch))
@@ -774,8 +809,8 @@ impl Cluster {
         self.check(r)
     }
 
-    /// A write through a running node, then a wait until every running node has applied
-    /// it; returns its log index. Everything committed before the call is then applied on
+    /// A write through a running node, then a wait until every running node (not one
+    /// stopped with SIGSTOP) has applied it; returns its log index. Everything committed before the call is then applied on
     /// every running node: what a test reads afterwards shows whether it happened. (A
     /// refused request commits nothing; the barrier is what makes "nothing changed" a
     /// read of settled state rather than of a replica that is behind.)

@@ -112,10 +112,8 @@ impl Cluster {
     /// A channel to node `id`'s management address; panics with the logs if it cannot
     /// connect.
     pub async fn channel(&self, id: u64) -> Channel {
-        let addr = self.check(self.spec(id)).mgmt_addr;
-        Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap_or_else(|e| panic!("endpoint: {e}"))
-            .connect()
+        self.check(self.spec(id));
+        self.connect_channel(id)
             .await
             .unwrap_or_else(|e| panic!("connect to node {id}: {e}{}", self.logs()))
     }
@@ -307,6 +305,32 @@ impl Cluster {
         self.check(r)
     }
 
+    /// The progress stream of migration `id` through node `via`. Opening it is retried:
+    /// `via` proxies the stream from the source node, whose replica may not have applied
+    /// the migration's start yet (NotFound for a moment).
+    pub async fn watch_migration(
+        &self,
+        via: u64,
+        id: u64,
+    ) -> tonic::Streaming<mpb::MigrationProgress> {
+        let m = self.migrations(via).await;
+        let opened = Wait::new(WAIT)
+            .until(
+                &format!("a progress stream of migration {id}"),
+                || {
+                    let mut m = m.clone();
+                    async move {
+                        m.watch_migration(mpb::MigrationId { id })
+                            .await
+                            .map(|s| StreamOpened(s.into_inner()))
+                    }
+                },
+                |_| true,
+            )
+            .await;
+        self.check(opened).0
+    }
+
     /// Watches migration `id`'s progress through node `via` until a message satisfies
     /// `pred`, and returns it; panics (with the last message and the logs) when the
     /// stream ends first or after [`WAIT`].
@@ -317,11 +341,7 @@ impl Cluster {
         what: &str,
         pred: impl Fn(&mpb::MigrationProgress) -> bool,
     ) -> mpb::MigrationProgress {
-        let mut m = self.migrations(via).await;
-        let mut stream = match m.watch_migration(mpb::MigrationId { id }).await {
-            Ok(s) => s.into_inner(),
-            Err(e) => panic!("watch migration {id}: {e}{}", self.logs()),
-        };
+        let mut stream = self.watch_migration(via, id).await;
         let mut last = None;
         let found = tokio::time::timeout(WAIT, async {
             while let Ok(Some(p)) = stream.message().await {
@@ -365,6 +385,15 @@ impl Cluster {
     /// The VM service of node `id`, for the benches.
     pub async fn try_vms(&self, id: u64) -> Result<VmServiceClient<Channel>, String> {
         Ok(VmServiceClient::new(self.try_channel(id).await?))
+    }
+}
+
+/// An open progress stream (for [`Wait`], which shows the last value it read).
+struct StreamOpened(tonic::Streaming<mpb::MigrationProgress>);
+
+impl std::fmt::Debug for StreamOpened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an open progress stream")
     }
 }
 

@@ -23,6 +23,8 @@ typedef unsigned char u8;
 #define HAVE_VBLK 0
 #endif
 
+#include "net_echo.h"
+
 extern char _end[];
 
 void *memset(void *d, int c, unsigned long n)
@@ -61,11 +63,12 @@ static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 #define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *)&(x) = (v))
 
 /* ---- parameters ---- */
-enum { W_IDLE, W_DIRTY, W_MEM, W_DISK, W_BADIO, W_FLOOD, W_CRASH, W_EXIT, W_RESET };
+enum { W_IDLE, W_DIRTY, W_MEM, W_DISK, W_BADIO, W_FLOOD, W_CRASH, W_EXIT, W_RESET, W_NET };
 static struct {
 	int workload;
 	u64 wss_mib, rate_mbps, seed, hb_ms, tsc_khz, vcpus, mem_mib;
-} P = { W_IDLE, 16, 100, 1, 100, 1000000, 1, 16 };
+	u32 net_ip;
+} P = { W_IDLE, 16, 100, 1, 100, 1000000, 1, 16, 0 };
 
 /* ---- shared state (lives in guest memory, so it survives snapshot/restore) ---- */
 static volatile int go;
@@ -133,6 +136,28 @@ static int streq_n(const char *a, const char *b, int n)
 			return 0;
 	return 1;
 }
+/* "a.b.c.d" -> host-order address (0 when malformed). */
+static u32 parse_ipv4(const char *s, int n)
+{
+	u32 ip = 0, part = 0;
+	int dots = 0, digits = 0;
+	for (int i = 0; i < n; i++) {
+		if (s[i] >= '0' && s[i] <= '9' && digits < 3) {
+			part = part * 10 + (u32)(s[i] - '0');
+			digits++;
+		} else if (s[i] == '.' && digits && dots < 3 && part < 256) {
+			ip = (ip << 8) | part;
+			part = 0;
+			digits = 0;
+			dots++;
+		} else {
+			return 0;
+		}
+	}
+	if (dots != 3 || !digits || part > 255)
+		return 0;
+	return (ip << 8) | part;
+}
 static u64 parse_u64(const char *s, int n)
 {
 	u64 v = 0;
@@ -173,6 +198,8 @@ static void parse_cmdline(const char *c)
 				P.workload = W_EXIT;
 			else if (vn == 5 && streq_n(v, "reset", 5))
 				P.workload = W_RESET;
+			else if (vn == 3 && streq_n(v, "net", 3))
+				P.workload = W_NET;
 			else
 				P.workload = W_IDLE;
 		} else if (KEY("wss_mib"))
@@ -189,6 +216,8 @@ static void parse_cmdline(const char *c)
 			P.vcpus = parse_u64(v, vn);
 		else if (KEY("mem_mib"))
 			P.mem_mib = parse_u64(v, vn);
+		else if (KEY("net.ip"))
+			P.net_ip = parse_ipv4(v, vn);
 #undef KEY
 	}
 }
@@ -297,9 +326,67 @@ static int flood_step(unsigned cpu)
 	return 0;
 }
 
+/* ---- net workload (BSP only; polling virtio-net driver, see net_echo.h) ---- */
+static const char *net_status = "off";
+static u64 net_last_busy_tsc;
+#define NET_SPIN_US 300
+static int net_step(unsigned cpu)
+{
+	if (cpu != 0 || net_status[0] != 'u')
+		return 1;
+	if (net_echo_poll() > 0) {
+		net_last_busy_tsc = rdtsc();
+		return 0;
+	}
+	/* Keep polling for a while after traffic (latency), then let the caller sleep. */
+	if (us_since(net_last_busy_tsc) < NET_SPIN_US) {
+		cpu_relax();
+		return 0;
+	}
+	return 1;
+}
+static void putip(u32 ip)
+{
+	for (int s = 24; s >= 0; s -= 8) {
+		putu((ip >> s) & 0xff);
+		if (s)
+			putc_('.');
+	}
+}
+static void net_start(void)
+{
+	int rc = net_echo_init(P.net_ip);
+	if (rc != VNET_OK || P.net_ip == 0) {
+		net_status = "down";
+		puts_("NET down");
+		kvs("reason", rc != VNET_OK ? vnet_strerror(rc) : "no-net.ip");
+		puts_("\n");
+		return;
+	}
+	struct vnet *d = net_echo_dev();
+	net_status = "up";
+	puts_("NET up");
+	kv("slot", (u64)d->slot);
+	puts_(" mac=");
+	for (int i = 0; i < 6; i++) {
+		putc_("0123456789abcdef"[d->mac[i] >> 4]);
+		putc_("0123456789abcdef"[d->mac[i] & 15]);
+		if (i < 5)
+			putc_(':');
+	}
+	puts_(" ip=");
+	putip(P.net_ip);
+	kv("mtu", d->mtu);
+	puts_(" features=");
+	putx(d->features);
+	puts_("\n");
+}
+
 static int work_step(unsigned cpu, struct cursor *c)
 {
 	switch (P.workload) {
+	case W_NET:
+		return net_step(cpu);
 	case W_BADIO:
 		return badio_step(cpu);
 	case W_FLOOD:
@@ -391,6 +478,18 @@ static void heartbeat(void)
 		kv("badio_rounds", badio_rounds);
 		kv("badio_wrong", badio_wrong);
 	}
+	if (P.workload == W_NET) {
+		net_echo_tick();
+		kvs("net", net_status);
+		kv("net_rx", net_cnt.rx);
+		kv("net_tx", net_cnt.tx);
+		kv("net_arp", net_cnt.arp);
+		kv("net_udp", net_cnt.udp_echo);
+		kv("net_icmp", net_cnt.icmp_echo);
+		kv("net_drop", net_cnt.drop);
+		kv("net_busy", net_cnt.tx_busy);
+		kv("net_resets", net_cnt.resets);
+	}
 	puts_("\n");
 }
 
@@ -414,7 +513,9 @@ static void run(unsigned cpu)
 				if ((long long)(now - next_hb) >= 0) /* fell behind (e.g. paused) */
 					next_hb = now + hb_ticks;
 			}
-			if (idle) {
+			if (idle && P.workload == W_NET) {
+				sleep_us(20);
+			} else if (idle) {
 				u64 left_us = (next_hb - rdtsc()) / P.tsc_khz * 1000;
 				sleep_us(left_us > 1000 ? 1000 : (u32)left_us + 1);
 			}
@@ -462,7 +563,7 @@ void bsp_main(struct hvm_start_info *si)
 	puts_("BOOT");
 	kv("vcpus", P.vcpus);
 	kv("mem_mib", P.mem_mib);
-	static const char *const names[] = { "idle", "dirty", "mem", "disk", "badio", "flood", "crash", "exit", "reset" };
+	static const char *const names[] = { "idle", "dirty", "mem", "disk", "badio", "flood", "crash", "exit", "reset", "net" };
 	kvs("workload", names[P.workload]);
 	kv("wss_mib", (slice_bytes * P.vcpus) >> 20);
 	kv("tsc_khz", P.tsc_khz);
@@ -474,6 +575,8 @@ void bsp_main(struct hvm_start_info *si)
 	}
 	if (P.workload == W_DISK)
 		disk_status = HAVE_VBLK ? "nodisk" : "off";
+	if (P.workload == W_NET)
+		net_start();
 	if (P.workload == W_CRASH)
 		__asm__ volatile("ud2"); /* #UD with no IDT: triple fault */
 	if (P.workload == W_EXIT)

@@ -16,6 +16,16 @@ pub const VIRTIO_MMIO_SLOT_BYTES: u64 = 0x1000;
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Longest kernel command line accepted.
 pub const CMDLINE_BYTES_MAX: usize = 4096;
+/// Most NICs (virtio-net devices) a VM may have.
+pub const NICS_MAX: usize = 4;
+/// Smallest NIC MTU (the IPv4 minimum).
+pub const NIC_MTU_MIN: u16 = 68;
+/// Largest NIC MTU (jumbo frames).
+pub const NIC_MTU_MAX: u16 = 9000;
+/// NIC MTU when the config gives none.
+pub const NIC_MTU_DEFAULT: u16 = 1500;
+/// Longest TAP device name (`IFNAMSIZ` - 1).
+pub const TAP_NAME_BYTES_MAX: usize = 15;
 
 /// How the kernel image is booted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +53,62 @@ pub struct DiskSlotConfig {
     pub read_only: bool,
 }
 
+/// A NIC: a virtio-net device backed by an existing TAP device of the VMM's network
+/// namespace. NIC `i` of the list is virtio-net slot `i` (see `devices::virtio::net`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicConfig {
+    /// Name of the TAP device (it must exist; the VMM does not create it).
+    pub tap_name: String,
+    /// MAC address the guest sees, `52:54:00:12:34:56` (unicast, not all zero).
+    pub mac: String,
+    /// MTU offered to the guest (`VIRTIO_NET_F_MTU`), 68..=9000.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+}
+
+fn default_mtu() -> u16 {
+    NIC_MTU_DEFAULT
+}
+
+impl NicConfig {
+    /// A NIC on `tap_name` with `mac` and the default MTU.
+    pub fn new(tap_name: impl Into<String>, mac: impl Into<String>) -> Self {
+        Self {
+            tap_name: tap_name.into(),
+            mac: mac.into(),
+            mtu: NIC_MTU_DEFAULT,
+        }
+    }
+
+    /// The MAC as bytes (`None` if it is not six `:`-separated hex bytes).
+    pub fn mac_bytes(&self) -> Option<[u8; 6]> {
+        parse_mac(&self.mac)
+    }
+}
+
+/// Parse `aa:bb:cc:dd:ee:ff` (hex, either case).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// Format a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// Everything needed to create a VM; sent to a migration target as is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,6 +134,9 @@ pub struct VmConfig {
     /// Disks attached at start.
     #[serde(default)]
     pub disks: Vec<DiskSlotConfig>,
+    /// NICs, in virtio-net slot order.
+    #[serde(default)]
+    pub nics: Vec<NicConfig>,
 }
 
 fn default_name() -> String {
@@ -92,6 +161,49 @@ pub enum ConfigError {
     /// initramfs with the PVH protocol.
     #[error("an initramfs needs the Linux boot protocol")]
     InitramfsWithPvh,
+    /// More NICs than the VMM has virtio-net slots.
+    #[error("nics lists {0} NICs, at most {NICS_MAX} are allowed")]
+    NicCount(usize),
+    /// A MAC that does not parse.
+    #[error("nics[{index}].mac {mac:?} is not a MAC address (six hex bytes separated by ':', e.g. 52:54:00:12:34:56)")]
+    NicMacFormat { index: usize, mac: String },
+    /// A multicast/broadcast or all-zero MAC.
+    #[error("nics[{index}].mac {mac} must be a unicast address (lowest bit of the first byte clear) and not all zero")]
+    NicMacNotUnicast { index: usize, mac: String },
+    /// Two NICs with one MAC.
+    #[error("nics[{index}].mac {mac} is already used by nics[{first}]")]
+    NicMacDuplicate {
+        index: usize,
+        first: usize,
+        mac: String,
+    },
+    /// MTU out of range.
+    #[error("nics[{index}].mtu {mtu} is out of range ({NIC_MTU_MIN}..={NIC_MTU_MAX})")]
+    NicMtu { index: usize, mtu: u16 },
+    /// A TAP name the kernel cannot have.
+    #[error("nics[{index}].tap_name {name:?} is not a valid interface name (1..={TAP_NAME_BYTES_MAX} bytes, no '/', ':', whitespace or NUL, not \".\" or \"..\")")]
+    NicTapName { index: usize, name: String },
+    /// More TAP names given than the VM has NICs.
+    #[error("{given} TAP names given (--nic-tap) but the VM has {nics} NICs")]
+    NicTapOverrides { given: usize, nics: usize },
+    /// Two NICs on one TAP.
+    #[error("nics[{index}].tap_name {name} is already used by nics[{first}]")]
+    NicTapDuplicate {
+        index: usize,
+        first: usize,
+        name: String,
+    },
+}
+
+/// Whether the kernel accepts `name` as an interface name (`dev_valid_name`).
+pub fn valid_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= TAP_NAME_BYTES_MAX
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
 }
 
 impl VmConfig {
@@ -106,6 +218,7 @@ impl VmConfig {
             cmdline: String::new(),
             boot: BootProtocol::Auto,
             disks: Vec::new(),
+            nics: Vec::new(),
         }
     }
 
@@ -134,6 +247,68 @@ impl VmConfig {
         }
         if self.boot == BootProtocol::Pvh && self.initramfs.is_some() {
             return Err(ConfigError::InitramfsWithPvh);
+        }
+        self.validate_nics()
+    }
+
+    /// Put NIC `i` on TAP `taps[i]` (a VM restored or received on another host, whose
+    /// TAPs have other names). Fewer names than NICs leave the rest unchanged; more are an
+    /// error.
+    pub fn set_nic_taps(&mut self, taps: &[String]) -> Result<(), ConfigError> {
+        if taps.len() > self.nics.len() {
+            return Err(ConfigError::NicTapOverrides {
+                given: taps.len(),
+                nics: self.nics.len(),
+            });
+        }
+        for (n, t) in self.nics.iter_mut().zip(taps) {
+            n.tap_name = t.clone();
+        }
+        self.validate_nics()
+    }
+
+    fn validate_nics(&self) -> Result<(), ConfigError> {
+        if self.nics.len() > NICS_MAX {
+            return Err(ConfigError::NicCount(self.nics.len()));
+        }
+        for (index, n) in self.nics.iter().enumerate() {
+            if !valid_interface_name(&n.tap_name) {
+                return Err(ConfigError::NicTapName {
+                    index,
+                    name: n.tap_name.clone(),
+                });
+            }
+            let Some(mac) = n.mac_bytes() else {
+                return Err(ConfigError::NicMacFormat {
+                    index,
+                    mac: n.mac.clone(),
+                });
+            };
+            if mac[0] & 1 != 0 || mac == [0; 6] {
+                return Err(ConfigError::NicMacNotUnicast {
+                    index,
+                    mac: n.mac.clone(),
+                });
+            }
+            if !(NIC_MTU_MIN..=NIC_MTU_MAX).contains(&n.mtu) {
+                return Err(ConfigError::NicMtu { index, mtu: n.mtu });
+            }
+            for (first, other) in self.nics[..index].iter().enumerate() {
+                if other.mac_bytes() == Some(mac) {
+                    return Err(ConfigError::NicMacDuplicate {
+                        index,
+                        first,
+                        mac: n.mac.clone(),
+                    });
+                }
+                if other.tap_name == n.tap_name {
+                    return Err(ConfigError::NicTapDuplicate {
+                        index,
+                        first,
+                        name: n.tap_name.clone(),
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -180,6 +355,115 @@ mod tests {
         let mut c = ok.clone();
         c.cmdline = "a\0b".into();
         assert_eq!(c.validate(1024), Err(ConfigError::Cmdline));
+    }
+
+    #[test]
+    fn nics_are_validated_with_the_field_named() {
+        let mut c = VmConfig::new(1, 64, "/k");
+        c.nics = vec![NicConfig::new("tap0", "52:54:00:12:34:56")];
+        c.validate(1024).unwrap();
+        assert_eq!(
+            c.nics[0].mac_bytes(),
+            Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+        );
+        assert_eq!(
+            format_mac(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+            "52:54:00:12:34:56"
+        );
+        let check = |f: &dyn Fn(&mut VmConfig)| {
+            let mut c = c.clone();
+            f(&mut c);
+            let e = c.validate(1024).unwrap_err();
+            (e.to_string(), e)
+        };
+        for bad in [
+            "52:54:00:12:34",
+            "52:54:00:12:34:56:78",
+            "zz:54:00:12:34:56",
+            "5254.0012.3456",
+            "",
+            "52:54:00:12:34:5",
+        ] {
+            let (msg, e) = check(&|c| c.nics[0].mac = bad.into());
+            assert!(
+                matches!(e, ConfigError::NicMacFormat { index: 0, .. }),
+                "{bad}: {e}"
+            );
+            assert!(msg.contains("nics[0].mac"), "{msg}");
+        }
+        for bad in [
+            "ff:ff:ff:ff:ff:ff",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+        ] {
+            let (msg, e) = check(&|c| c.nics[0].mac = bad.into());
+            assert!(
+                matches!(e, ConfigError::NicMacNotUnicast { .. }),
+                "{bad}: {e}"
+            );
+            assert!(msg.contains("unicast"), "{msg}");
+        }
+        let (msg, e) = check(&|c| c.nics[0].mtu = 10000);
+        assert_eq!(
+            e,
+            ConfigError::NicMtu {
+                index: 0,
+                mtu: 10000
+            }
+        );
+        assert!(msg.contains("nics[0].mtu 10000"), "{msg}");
+        assert!(matches!(
+            check(&|c| c.nics[0].mtu = 67).1,
+            ConfigError::NicMtu { .. }
+        ));
+        let mut ok = c.clone();
+        ok.nics[0].mtu = 9000;
+        ok.validate(1024).unwrap();
+        for bad in ["", "a/b", "a b", "0123456789abcdef", "..", "eth0:1"] {
+            let (msg, e) = check(&|c| c.nics[0].tap_name = bad.into());
+            assert!(matches!(e, ConfigError::NicTapName { .. }), "{bad:?}: {e}");
+            assert!(msg.contains("nics[0].tap_name"), "{msg}");
+        }
+        let (msg, e) = check(&|c| c.nics.push(NicConfig::new("tap1", "52:54:00:12:34:56")));
+        assert!(
+            matches!(
+                e,
+                ConfigError::NicMacDuplicate {
+                    index: 1,
+                    first: 0,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(msg.contains("nics[1].mac"), "{msg}");
+        let (_, e) = check(&|c| c.nics.push(NicConfig::new("tap0", "52:54:00:12:34:57")));
+        assert!(
+            matches!(
+                e,
+                ConfigError::NicTapDuplicate {
+                    index: 1,
+                    first: 0,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let (_, e) = check(&|c| {
+            c.nics = (0..=NICS_MAX)
+                .map(|i| NicConfig::new(format!("tap{i}"), format!("52:54:00:00:00:{i:02x}")))
+                .collect()
+        });
+        assert_eq!(e, ConfigError::NicCount(NICS_MAX + 1));
+        // JSON: mtu defaults, nics may be absent (configs from before NICs existed).
+        let c: VmConfig = serde_json::from_str(
+            r#"{"vcpus":1,"memory_mib":64,"kernel":"/k","nics":[{"tap_name":"t","mac":"52:54:00:00:00:01"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.nics[0].mtu, NIC_MTU_DEFAULT);
+        let c: VmConfig =
+            serde_json::from_str(r#"{"vcpus":1,"memory_mib":64,"kernel":"/k"}"#).unwrap();
+        assert!(c.nics.is_empty());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! ## Command line (`key=value`, space separated)
 //! | key | meaning | default |
 //! |---|---|---|
-//! | `workload` | `idle`, `dirty`, `mem` (fill + re-verify), `disk` (virtio-blk pattern), `badio` (ports/MMIO without device), `flood` (console flood), `crash` (`ud2` → triple fault), `exit` (exit port with code `seed`), `reset` (i8042 reset) | `idle` |
+//! | `workload` | `idle`, `dirty`, `mem` (fill + re-verify), `disk` (virtio-blk pattern), `badio` (ports/MMIO without device), `flood` (console flood), `crash` (`ud2` → triple fault), `exit` (exit port with code `seed`), `reset` (i8042 reset), `net` (virtio-net responder: ARP, UDP echo on port 7, ICMP echo) | `idle` |
+//! | `net.ip` | `net`: the guest's IPv4 address (see [`net_cmdline`]) | none: `NET down` |
 //! | `wss_mib` | working set in MiB (split across vCPUs) | 16 |
 //! | `rate_mbps` | `dirty`: write rate in MB/s (all vCPUs together) | 100 |
 //! | `seed` | pattern seed for `mem` | 1 |
@@ -16,6 +17,8 @@
 //! BOOT vcpus=2 mem_mib=64 workload=mem wss_mib=16 tsc_khz=2994000
 //! HB seq=17 tsc_us=1700123 cpus=2 mem=ok mem_passes=12 mem_errors=0 dirty_mib=0 disk=off disk_passes=0
 //! ERR what=mem addr=0x1234000 expected=0x... found=0x...
+//! NET up slot=0 mac=52:54:00:12:34:56 ip=10.77.0.2 mtu=9000 features=0x0000000100010029
+//! NET down reason=nodev
 //! ```
 //! * `seq` increases by exactly one per heartbeat, across snapshot/restore and migration.
 //! * `tsc_us` is guest TSC time since boot in µs (TSC ticks / `tsc_khz` × 1000).
@@ -23,6 +26,10 @@
 //! * `mem`: `ok` (no mismatch ever), `bad` (at least one), `fill` (still filling), `off`.
 //! * `disk`: `ok`, `bad`, `nodisk` (no device found yet), `off`; `disk_passes` counts
 //!   completed write+flush+read-verify rounds.
+//! * `NET up` is printed once the `net` workload's NIC is live (the first NIC slot that
+//!   holds a network device); from then on it answers. Its heartbeats add `net` (`up`,
+//!   `down`), `net_rx`, `net_tx`, `net_arp`, `net_udp`, `net_icmp`, `net_drop`, `net_busy`
+//!   (replies dropped for want of a transmit buffer) and `net_resets`.
 
 use std::collections::BTreeMap;
 
@@ -44,6 +51,9 @@ pub enum WorkloadKind {
     Exit,
     /// Resets the machine through the i8042 (0xfe to port 0x64) after the BOOT line.
     Reset,
+    /// Sets up the first NIC and answers ARP, UDP echo (port 7) and ICMP echo on the
+    /// address given with `net.ip` ([`net_cmdline`]); prints `NET up ...` when live.
+    Net,
 }
 
 impl WorkloadKind {
@@ -58,6 +68,7 @@ impl WorkloadKind {
             WorkloadKind::Crash => "crash",
             WorkloadKind::Exit => "exit",
             WorkloadKind::Reset => "reset",
+            WorkloadKind::Net => "net",
         }
     }
 }
@@ -97,6 +108,12 @@ impl Workload {
     }
 }
 
+/// The command-line fragment giving the `net` workload its IPv4 address (append it to
+/// [`Workload::cmdline`]).
+pub fn net_cmdline(ip: std::net::Ipv4Addr) -> String {
+    format!("net.ip={ip}")
+}
+
 /// A heartbeat line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -121,6 +138,11 @@ pub enum GuestLine {
     Heartbeat(Heartbeat),
     /// `ERR ...` with its fields.
     Error(BTreeMap<String, String>),
+    /// `NET up ...` / `NET down ...`: `up` tells which, the fields follow.
+    Net {
+        up: bool,
+        fields: BTreeMap<String, String>,
+    },
 }
 
 fn fields(rest: &str) -> BTreeMap<String, String> {
@@ -138,6 +160,18 @@ pub fn parse_line(line: &str) -> Option<GuestLine> {
     match tag {
         "BOOT" => Some(GuestLine::Boot(fields(rest))),
         "ERR" => Some(GuestLine::Error(fields(rest))),
+        "NET" => {
+            let (state, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+            let up = match state {
+                "up" => true,
+                "down" => false,
+                _ => return None,
+            };
+            Some(GuestLine::Net {
+                up,
+                fields: fields(rest),
+            })
+        }
         "HB" => {
             let f = fields(rest);
             let num = |k: &str| f.get(k)?.parse::<u64>().ok();
@@ -194,6 +228,22 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(parse_line("").is_none());
+        match parse_line("NET up slot=0 mac=52:54:00:00:00:01 ip=10.77.0.2 mtu=9000\r").unwrap() {
+            GuestLine::Net { up: true, fields } => {
+                assert_eq!(fields["ip"], "10.77.0.2");
+                assert_eq!(fields["mtu"], "9000");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_line("NET down reason=nodev"),
+            Some(GuestLine::Net { up: false, .. })
+        ));
+        assert!(parse_line("NET sideways").is_none());
+        assert_eq!(
+            net_cmdline("10.77.0.2".parse().unwrap()),
+            "net.ip=10.77.0.2"
+        );
         // An unfinished last line is not a heartbeat yet.
         let partial =
             "HB seq=1 tsc_us=1 cpus=1 mem=off mem_passes=0 mem_errors=0 dirty_mib=0 disk=off";

@@ -2,7 +2,9 @@
 //!
 //! It wraps the few operations that the safe crates (kvm-ioctls, vm-memory, vmm-sys-util)
 //! leave `unsafe`: registering guest memory slots, loading an XSAVE area, sending the
-//! vCPU "kick" signal to a thread, and reading host CPUID. Every block states why it holds.
+//! vCPU "kick" signal to a thread, reading host CPUID, and the TAP ioctls of virtio-net
+//! (`TUNSETIFF`, `TUNSETVNETHDRSZ`, `TUNSETOFFLOAD`, `if_nametoindex`). Every block states
+//! why it holds.
 
 use std::sync::OnceLock;
 
@@ -33,6 +35,102 @@ pub enum SysError {
     /// Installing the vCPU kick signal handler failed.
     #[error("cannot install the vCPU kick signal handler")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
+    /// The TAP device does not exist in this network namespace.
+    #[error("TAP device {name} does not exist in this network namespace (create it first, e.g. `ip tuntap add dev {name} mode tap`)")]
+    TapMissing { name: String },
+    /// A TAP operation failed.
+    #[error("TAP device {name}: {op} failed")]
+    Tap {
+        name: String,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `TUNSETIFF` = `_IOW('T', 202, int)`.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `TUNSETOFFLOAD` = `_IOW('T', 208, unsigned int)`.
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// `TUNSETVNETHDRSZ` = `_IOW('T', 216, int)`.
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+/// `IFF_VNET_HDR` (not in libc): frames carry a `virtio_net_hdr`.
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+/// `struct ifreq` as `TUNSETIFF` reads it: the name and the flags member of the union.
+#[repr(C)]
+struct IfReqFlags {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+const _: () = assert!(std::mem::size_of::<IfReqFlags>() == 40);
+
+/// Whether a network interface called `name` exists in this process's network namespace.
+pub fn interface_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call; if_nametoindex
+    // only reads it and returns 0 when there is no such interface.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
+/// Attach to the existing TAP device `name` as `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` with a
+/// `vnet_hdr_bytes`-byte header, non-blocking and close-on-exec. A missing device is an
+/// error (the VMM never creates TAPs: whoever owns the network does).
+pub fn open_tap(name: &str, vnet_hdr_bytes: i32) -> Result<std::fs::File, SysError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |op: &'static str| {
+        let name = name.to_string();
+        move |source| SysError::Tap { name, op, source }
+    };
+    if name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+        return Err(err("checking the name")(std::io::Error::from(
+            std::io::ErrorKind::InvalidInput,
+        )));
+    }
+    if !interface_exists(name) {
+        return Err(SysError::TapMissing {
+            name: name.to_string(),
+        });
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(err("opening /dev/net/tun"))?;
+    let mut req = IfReqFlags {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short | IFF_VNET_HDR,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: `file` is an open /dev/net/tun fd and `req` a 40-byte `struct ifreq` with a
+    // NUL-terminated name (checked shorter than IFNAMSIZ, zero filled) and the flags member
+    // set; TUNSETIFF reads and writes only those 40 bytes.
+    if unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, TUNSETIFF, &mut req) } < 0 {
+        return Err(err(
+            "TUNSETIFF (attach as IFF_TAP|IFF_NO_PI|IFF_VNET_HDR; is it a TAP not used by another process?)",
+        )(std::io::Error::last_os_error()));
+    }
+    // SAFETY: TUNSETVNETHDRSZ reads one `int` through the pointer, which refers to a live i32.
+    if unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&file, TUNSETVNETHDRSZ, &vnet_hdr_bytes) } < 0 {
+        return Err(err("TUNSETVNETHDRSZ")(std::io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
+/// Tell the TAP which offloads (`TUN_F_*`) the reader of `tap` (the guest) accepts in
+/// frames it receives.
+pub fn tap_set_offload(tap: &std::fs::File, tun_flags: u32) -> std::io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value and touches no user memory; `tap`
+    // is an open TAP fd.
+    if unsafe { vmm_sys_util::ioctl::ioctl_with_val(tap, TUNSETOFFLOAD, tun_flags.into()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// One KVM memory slot as registered: slot number, guest address, size, host address.

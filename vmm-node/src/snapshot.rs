@@ -8,6 +8,8 @@
 //! 16  8  payload length in bytes (at most STATE_BYTES_MAX)
 //! 24  …  payload: bincode of SnapshotPayload { config, state, memory_bytes }
 //! ```
+//! Format versions: 2 (written) has NICs in the config and the device states; 1 (read,
+//! from before NICs existed) is decoded with its own types and loaded with no NICs.
 //! `DIR/memory.bin`: guest RAM regions back to back, all-zero pages as holes. Both files
 //! are written under temporary names, synced, then renamed into place.
 
@@ -19,15 +21,15 @@ use std::time::Instant;
 use bincode::Options;
 use serde::{Deserialize, Serialize};
 
-use crate::config::VmConfig;
+use crate::config::{BootProtocol, DiskSlotConfig, VmConfig};
 use crate::memory::{self, MemoryError};
-use crate::state::VmState;
+use crate::state::{VmState, VmStateV1};
 use crate::vm::{Vm, VmError};
 
 /// Magic at the start of a state file.
 pub const MAGIC: [u8; 8] = *b"VMMNSNAP";
-/// Current format version; newer files are rejected.
-pub const FORMAT_VERSION: u32 = 1;
+/// Current format version; newer files are rejected, version 1 is still read.
+pub const FORMAT_VERSION: u32 = 2;
 /// Largest state payload read.
 pub const STATE_BYTES_MAX: u64 = 64 << 20;
 /// Header size.
@@ -102,6 +104,48 @@ pub struct SnapshotPayload {
     pub memory_bytes: u64,
 }
 
+/// [`VmConfig`] as format version 1 stored it (before NICs existed).
+#[derive(Serialize, Deserialize)]
+struct VmConfigV1 {
+    name: String,
+    vcpus: u8,
+    memory_mib: u64,
+    kernel: PathBuf,
+    initramfs: Option<PathBuf>,
+    cmdline: String,
+    boot: BootProtocol,
+    disks: Vec<DiskSlotConfig>,
+}
+
+/// [`SnapshotPayload`] of format version 1.
+#[derive(Serialize, Deserialize)]
+struct SnapshotPayloadV1 {
+    config: VmConfigV1,
+    state: VmStateV1,
+    memory_bytes: u64,
+}
+
+impl From<SnapshotPayloadV1> for SnapshotPayload {
+    fn from(v1: SnapshotPayloadV1) -> Self {
+        let c = v1.config;
+        SnapshotPayload {
+            config: VmConfig {
+                name: c.name,
+                vcpus: c.vcpus,
+                memory_mib: c.memory_mib,
+                kernel: c.kernel,
+                initramfs: c.initramfs,
+                cmdline: c.cmdline,
+                boot: c.boot,
+                disks: c.disks,
+                nics: Vec::new(),
+            },
+            state: v1.state.into(),
+            memory_bytes: v1.memory_bytes,
+        }
+    }
+}
+
 fn bincode_opts() -> impl Options {
     bincode::DefaultOptions::new()
         .with_fixint_encoding()
@@ -172,9 +216,14 @@ pub fn decode_state(path: &Path, bytes: &[u8]) -> Result<SnapshotPayload, Snapsh
             actual,
         });
     }
-    bincode_opts()
-        .deserialize(body)
-        .map_err(|source| SnapshotError::Decode { path: p(), source })
+    let decoded = if version == 1 {
+        bincode_opts()
+            .deserialize::<SnapshotPayloadV1>(body)
+            .map(SnapshotPayload::from)
+    } else {
+        bincode_opts().deserialize(body)
+    };
+    decoded.map_err(|source| SnapshotError::Decode { path: p(), source })
 }
 
 /// Read and check `DIR/state.bin` (reads at most the header plus [`STATE_BYTES_MAX`]).
@@ -256,7 +305,18 @@ pub fn restore_with(
     dir: &Path,
     install_devices: impl FnOnce(&Vm) -> Result<(), VmError>,
 ) -> Result<Vm, SnapshotError> {
-    let payload = read_state(dir)?;
+    restore_edited(dir, |_| Ok(()), install_devices)
+}
+
+/// Like [`restore_with`], letting `edit` change the saved configuration first (e.g. the TAP
+/// devices of the NICs on this host); the edited configuration is validated again.
+pub fn restore_edited(
+    dir: &Path,
+    edit: impl FnOnce(&mut VmConfig) -> Result<(), VmError>,
+    install_devices: impl FnOnce(&Vm) -> Result<(), VmError>,
+) -> Result<Vm, SnapshotError> {
+    let mut payload = read_state(dir)?;
+    edit(&mut payload.config)?;
     let mem = memory::map_file(&dir.join(MEMORY_FILE), payload.memory_bytes)?;
     let vm = Vm::with_memory(payload.config, mem)?;
     install_devices(&vm)?;
@@ -333,7 +393,7 @@ mod tests {
         newer[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         let e = decode_state(path, &newer).err().unwrap();
         assert!(
-            matches!(e, SnapshotError::NewerVersion { found: 2, .. }),
+            matches!(e, SnapshotError::NewerVersion { found, .. } if found == FORMAT_VERSION + 1),
             "{e}"
         );
         assert!(matches!(
@@ -356,6 +416,68 @@ mod tests {
             decode_state(path, &bad),
             Err(SnapshotError::Decode { .. })
         ));
+    }
+
+    /// A state file written before NICs existed (format 1) still loads, with no NICs.
+    #[test]
+    fn format_1_files_from_before_nics_still_decode() {
+        let p = sample_payload();
+        let v1 = SnapshotPayloadV1 {
+            config: VmConfigV1 {
+                name: p.config.name.clone(),
+                vcpus: 1,
+                memory_mib: 16,
+                kernel: "/k".into(),
+                initramfs: None,
+                cmdline: "workload=idle".into(),
+                boot: BootProtocol::Pvh,
+                disks: vec![DiskSlotConfig {
+                    slot: 3,
+                    path: "/d".into(),
+                    read_only: true,
+                }],
+            },
+            state: VmStateV1 {
+                vcpus: p.state.vcpus,
+                vm: p.state.vm,
+                devices: crate::state::DeviceStatesV1 {
+                    serial: Default::default(),
+                    disks: vec![crate::state::DiskSlotState {
+                        slot: 3,
+                        device: vec![1, 2, 3],
+                    }],
+                },
+            },
+            memory_bytes: 16 << 20,
+        };
+        let body = bincode_opts().serialize(&v1).unwrap();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&1u32.to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        let got = decode_state(Path::new("old"), &bytes).unwrap();
+        assert!(got.config.nics.is_empty());
+        assert_eq!(got.config.cmdline, "workload=idle");
+        assert_eq!(got.config.disks[0].slot, 3);
+        assert_eq!(got.state.devices.disks[0].device, vec![1, 2, 3]);
+        assert!(got.state.devices.nics.is_empty());
+        assert_eq!(got.state.vcpus[0].tsc, 123);
+        assert_eq!(got.memory_bytes, 16 << 20);
+        // The migration decoder takes both layouts too.
+        let opts = bincode::DefaultOptions::new().with_fixint_encoding();
+        let v1_state = opts.serialize(&v1.state).unwrap();
+        let st = crate::state::decode_any_version(opts, &v1_state).unwrap();
+        assert_eq!(st.devices.disks.len(), 1);
+        let mut v2 = sample_payload().state;
+        v2.devices.nics = vec![crate::state::NicState {
+            slot: 0,
+            device: vec![9],
+        }];
+        let v2_bytes = opts.serialize(&v2).unwrap();
+        let st = crate::state::decode_any_version(opts, &v2_bytes).unwrap();
+        assert_eq!(st.devices.nics[0].device, vec![9]);
+        assert!(crate::state::decode_any_version(opts, &[1, 2, 3]).is_err());
     }
 
     #[test]

@@ -124,19 +124,81 @@ pub struct DiskSlotState {
     pub device: Vec<u8>,
 }
 
+/// State of one NIC (virtio-net slot) as far as core knows it: an opaque blob owned by the
+/// virtio module, which versions it itself (`devices::virtio::net::NetState`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NicState {
+    pub slot: u8,
+    /// Encoded device state (`NetState::encode`).
+    pub device: Vec<u8>,
+}
+
 /// State of the emulated devices.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DeviceStates {
     pub serial: SerialDeviceState,
     pub disks: Vec<DiskSlotState>,
+    /// One entry per NIC (added with NICs: see [`VmStateV1`] for states saved before).
+    pub nics: Vec<NicState>,
 }
 
 /// Complete VM state without guest memory: what snapshots and migration transfer.
+///
+/// Layout versions (bincode, not self-describing, so every layout has its own type):
+/// * 2 (this type): `devices` has `nics`.
+/// * 1 ([`VmStateV1`]): before NICs existed. Snapshot files say which one they hold in
+///   their header; a migration state is decoded as version 2 first and as version 1 when
+///   that fails (a version-1 state is too short for version 2, and a version-2 state has
+///   trailing bytes for version 1, so at most one decodes).
 #[derive(Serialize, Deserialize)]
 pub struct VmState {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmWideState,
     pub devices: DeviceStates,
+}
+
+/// Device states as saved before NICs existed (layout version 1).
+#[derive(Serialize, Deserialize)]
+pub struct DeviceStatesV1 {
+    pub serial: SerialDeviceState,
+    pub disks: Vec<DiskSlotState>,
+}
+
+/// [`VmState`] layout version 1 (before NICs existed); read only, converted on load.
+#[derive(Serialize, Deserialize)]
+pub struct VmStateV1 {
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmWideState,
+    pub devices: DeviceStatesV1,
+}
+
+impl From<VmStateV1> for VmState {
+    fn from(v1: VmStateV1) -> Self {
+        VmState {
+            vcpus: v1.vcpus,
+            vm: v1.vm,
+            devices: DeviceStates {
+                serial: v1.devices.serial,
+                disks: v1.devices.disks,
+                nics: Vec::new(),
+            },
+        }
+    }
+}
+
+/// Decode a VM state of layout version 2 or 1 with `opts` (which must reject trailing
+/// bytes). On failure the version-2 error is returned.
+pub fn decode_any_version<O: bincode::Options + Copy>(
+    opts: O,
+    bytes: &[u8],
+) -> Result<VmState, bincode::Error> {
+    match opts.deserialize::<VmState>(bytes) {
+        Ok(st) => Ok(st),
+        Err(e) => opts
+            .deserialize::<VmStateV1>(bytes)
+            .map(VmState::from)
+            .map_err(|_| e),
+    }
 }
 
 fn verr(op: &'static str, vcpu: u32) -> impl FnOnce(kvm_ioctls::Error) -> StateError {

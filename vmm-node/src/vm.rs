@@ -15,7 +15,9 @@ use crate::boot::{self, BootSetup};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORTS};
 use crate::devices::serial::{Console, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORTS};
-use crate::devices::{Bus, BusError, DiskSlots, IrqLine, MmioDevice, PioDevice, RateLimitedLog};
+use crate::devices::{
+    Bus, BusError, DiskSlots, IrqLine, MmioDevice, NetDevices, PioDevice, RateLimitedLog,
+};
 use crate::kvm::{self, MemSlot, SysError};
 use crate::memory::{self, MemoryError};
 use crate::state::{self, StateError, VmState};
@@ -77,6 +79,16 @@ pub enum VmError {
     /// A disk operation without virtio-blk slots installed.
     #[error("this VM has no virtio-blk slots (none installed with install_disk_slots)")]
     NoDiskSlots,
+    /// The configuration lists NICs but no virtio-net devices were installed.
+    #[error("this VM has no NIC devices (none installed with install_net_devices)")]
+    NoNetDevices,
+    /// A NIC operation failed.
+    #[error("NICs: {op}")]
+    Net {
+        op: &'static str,
+        #[source]
+        source: crate::devices::DeviceError,
+    },
     /// A disk slot operation failed.
     #[error("disk slot {slot}: {op}")]
     Disk {
@@ -148,6 +160,7 @@ pub struct Vm {
     slots: Vec<MemSlot>,
     boot: Option<BootSetup>,
     disks: Mutex<Option<Arc<dyn DiskSlots>>>,
+    nets: Mutex<Option<Arc<dyn NetDevices>>>,
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
     vm_fd: Arc<VmFd>,
     // Last: unmapped after the VM fd (and its memory slots) are closed.
@@ -231,6 +244,7 @@ impl Vm {
             slots,
             boot: None,
             disks: Mutex::new(None),
+            nets: Mutex::new(None),
             vcpus,
             vm_fd,
             memory: mem,
@@ -352,6 +366,9 @@ impl Vm {
             Request::Run => return Ok(()),
             Request::Pause => {}
         }
+        if let Some(n) = self.net_devices() {
+            n.resume();
+        }
         st.request = Request::Run;
         self.ctl.kick_flag.store(false, Ordering::SeqCst);
         self.ctl.cond.notify_all();
@@ -365,6 +382,9 @@ impl Vm {
     pub fn start(&self) -> Result<(), VmError> {
         if !self.config.disks.is_empty() && self.disk_slots().is_none() {
             return Err(VmError::NoDiskSlots);
+        }
+        if !self.config.nics.is_empty() && self.net_devices().is_none() {
+            return Err(VmError::NoNetDevices);
         }
         self.resume()
     }
@@ -400,6 +420,11 @@ impl Vm {
                 status: "stopped".into(),
             });
         }
+        // NICs write guest memory from their own threads: stop them too, so a paused VM's
+        // memory and device state hold still (snapshots, the migration blackout).
+        if let Some(n) = self.net_devices() {
+            n.pause();
+        }
         tracing::info!(name = %self.config.name, "vm paused");
         Ok(())
     }
@@ -428,6 +453,9 @@ impl Vm {
     /// Stop the VM for good and join its vCPU threads. Idempotent.
     pub fn stop(&self) -> Result<(), VmError> {
         self.ctl.request_exit(StopReason::Requested);
+        if let Some(n) = self.net_devices() {
+            n.shutdown();
+        }
         let n = self.ctl.vcpus;
         let r = self
             .ctl
@@ -536,6 +564,19 @@ impl Vm {
         Ok(())
     }
 
+    /// Install the VM's NICs (done once by the code that creates the devices; they start
+    /// paused and follow the VM's pause and resume from then on).
+    pub fn install_net_devices(&self, nets: Arc<dyn NetDevices>) {
+        if self.status() == VmStatus::Running {
+            nets.resume();
+        }
+        *self.nets.lock().unwrap_or_else(|e| e.into_inner()) = Some(nets);
+    }
+
+    fn net_devices(&self) -> Option<Arc<dyn NetDevices>> {
+        self.nets.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn disk_slots(&self) -> Option<Arc<dyn DiskSlots>> {
         self.disks.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -606,6 +647,7 @@ impl Vm {
                 .unwrap_or_else(|e| e.into_inner())
                 .state(),
             disks: self.disk_slots().map(|d| d.save()).unwrap_or_default(),
+            nics: self.net_devices().map(|n| n.save()).unwrap_or_default(),
         };
         Ok(VmState { vcpus, vm, devices })
     }
@@ -657,6 +699,14 @@ impl Vm {
                 .restore(&st.devices.disks, &self.config.disks)
                 .map_err(|source| VmError::Disk {
                     slot: 0,
+                    op: "restore",
+                    source,
+                })?;
+        }
+        if !st.devices.nics.is_empty() || !self.config.nics.is_empty() {
+            let nets = self.net_devices().ok_or(VmError::NoNetDevices)?;
+            nets.restore(&st.devices.nics)
+                .map_err(|source| VmError::Net {
                     op: "restore",
                     source,
                 })?;

@@ -1,5 +1,6 @@
 //! The agent's two gRPC listeners: the public management plane (every management
-//! service) and the peer-only plane (the Raft service), each on its own address.
+//! service, plus the standard `grpc.health.v1.Health` and server reflection so probes and
+//! grpcurl work) and the peer-only plane (the Raft service), each on its own address.
 
 use std::sync::Arc;
 
@@ -55,7 +56,33 @@ pub fn spawn_management(
     progress: Arc<ProgressBoard>,
     shutdown: watch::Receiver<bool>,
 ) -> ServerTask {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    // "" is the whole server; each management service is reported by name too. The
+    // agent serves once it listens: Raft state (leader or not) is in `cluster status`.
+    for name in std::iter::once("").chain(cluster_proto::MANAGEMENT_SERVICES.iter().copied()) {
+        let reporter = health_reporter.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            reporter
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        });
+    }
+    let mut reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cluster_proto::FILE_DESCRIPTOR_SET);
+    for name in cluster_proto::MANAGEMENT_SERVICES {
+        reflection = reflection.with_service_name(*name);
+    }
+    let reflection = match reflection.build_v1() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "grpc reflection unavailable");
+            None
+        }
+    };
     let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_optional_service(reflection)
         .add_service(ManagementServer::new(super::management::ManagementApi {
             agent: agent.clone(),
         }))

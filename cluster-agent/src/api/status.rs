@@ -17,7 +17,7 @@ use crate::error_chain;
 use crate::node::{ForwardReply, WriteError};
 use crate::state::jobs::{self, JobError};
 use crate::state::migrations::MigrationError;
-use crate::state::vm_disks::HotplugError;
+use crate::state::vm_disks::VmDiskError;
 use crate::state::vms::{ErrorClass, VmStateError};
 
 /// The code of a refusal of `class`.
@@ -76,7 +76,7 @@ pub fn job(e: &JobError) -> Status {
     class(jobs::error_class(e), error_chain(e))
 }
 
-pub fn hotplug(e: &HotplugError) -> Status {
+pub fn vm_disk(e: &VmDiskError) -> Status {
     class(e.class(), error_chain(e))
 }
 

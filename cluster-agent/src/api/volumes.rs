@@ -91,7 +91,7 @@ impl VolumeApi {
     }
 
     async fn change(&self, cmd: VmDiskCommand) -> Result<Response<pb::VmDisksReply>, Status> {
-        vm_disks::check(&self.state(), &cmd).map_err(|e| status::hotplug(&e))?;
+        vm_disks::check(&self.state(), &cmd).map_err(|e| status::vm_disk(&e))?;
         let vm = match &cmd {
             VmDiskCommand::Attach { vm, .. } | VmDiskCommand::Detach { vm, .. } => vm.clone(),
         };

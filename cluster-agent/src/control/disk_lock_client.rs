@@ -104,6 +104,32 @@ pub fn mode_of(disk: &DiskSpec) -> LockMode {
     }
 }
 
+/// Whether `disk` may be taken over from its holders because they are all Down and have
+/// fenced themselves. Holders that are all Down but not yet for the failover grace (on
+/// this agent's clock) are waited for, up to the grace and a margin: the grace is what
+/// their fence watchers need, not a reason to fail the start.
+async fn wait_for_fenced_holders(agent: &Agent, disk: &DiskName, node: u64) -> bool {
+    let grace = crate::control::failover::FAILOVER_GRACE;
+    let deadline = tokio::time::Instant::now() + grace * 2;
+    loop {
+        let state = agent.read_sm(|s| s.state.clone());
+        let fenced = agent.down_for_at_least(&state, grace);
+        if held_only_by_fenced_nodes(&state, disk, node, &fenced) {
+            return true;
+        }
+        let down = crate::state::disk_locks::down_nodes(&state);
+        let all_down = state.locks.lock(disk).is_some_and(|l| {
+            !l.holders.is_empty()
+                && !l.holders.contains(&node)
+                && l.holders.iter().all(|h| down.contains(h))
+        });
+        if !all_down || tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(crate::control::fencing::FENCE_POLL * 5).await;
+    }
+}
+
 /// Acquires (committed) every disk of `vm` for `node`: exclusive read-write, or shared
 /// for read-only disks. A lock the node already holds is granted again with its token
 /// (e.g. after a failover takeover). On a refusal the locks acquired by this call are
@@ -116,7 +142,7 @@ pub async fn acquire_all(
 ) -> Result<Vec<LockGrant>, LockClientError> {
     let mut grants = Vec::with_capacity(disks.len());
     for d in disks {
-        let takeover = dead_holders_fenced(agent, &d.name, node).await;
+        let takeover = wait_for_fenced_holders(agent, &d.name, node).await;
         let cmd = if takeover {
             LockCommand::ForceTakeover {
                 disk: d.name.clone(),
@@ -146,34 +172,6 @@ pub async fn acquire_all(
         }
     }
     Ok(grants)
-}
-
-/// How often [`dead_holders_fenced`] looks again while a Down holder's grace runs.
-const GRACE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
-
-/// Whether `disk` is held only by nodes fenced for sure (Down for the failover grace on
-/// this agent's clock), so `node` takes it over. When every holder is Down but the grace
-/// has not passed on this clock yet (this agent saw the Down only now), waits for it
-/// (at most the grace and a poll): a dead holder is then taken over instead of refused.
-async fn dead_holders_fenced(agent: &Agent, disk: &DiskName, node: u64) -> bool {
-    let grace = crate::control::failover::FAILOVER_GRACE;
-    let start = tokio::time::Instant::now();
-    loop {
-        let (fenced, all_down) = agent.read_sm(|s| {
-            let fenced = agent.down_for_at_least(&s.state, grace);
-            let down: Vec<u64> = crate::state::disk_locks::down_nodes(&s.state)
-                .into_iter()
-                .collect();
-            (
-                held_only_by_fenced_nodes(&s.state, disk, node, &fenced),
-                held_only_by_fenced_nodes(&s.state, disk, node, &down),
-            )
-        });
-        if fenced || !all_down || start.elapsed() > grace + GRACE_POLL {
-            return fenced;
-        }
-        tokio::time::sleep(GRACE_POLL).await;
-    }
 }
 
 /// Whether `disk` is locked only by nodes other than `node` that are in `fenced` — nodes

@@ -27,7 +27,7 @@ pub const QUEUE_INTERVAL: Duration = Duration::from_millis(200);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// Start it now (the record becomes the running one).
-    Start { id: u64, cmd: VmCommand },
+    Start { id: u64, cmd: Box<VmCommand> },
     /// It can no longer start.
     Drop { id: u64, reason: String },
 }
@@ -69,7 +69,10 @@ pub fn plan(state: &ClusterState, now_unix_ms: u64) -> Vec<Step> {
                     bandwidth_bytes_per_s_max: m.bandwidth_bytes_per_s_max,
                 };
                 s.apply(&Command::Vm(cmd.clone()));
-                out.push(Step::Start { id: m.id, cmd });
+                out.push(Step::Start {
+                    id: m.id,
+                    cmd: Box::new(cmd),
+                });
             }
             Err(PlacementError::SlotsBusy { .. }) => {}
             Err(e) => out.push(Step::Drop {
@@ -98,7 +101,7 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
         let state = agent.read_sm(|d| d.state.clone());
         for step in plan(&state, now_unix_ms()) {
             let (id, cmd) = match step {
-                Step::Start { id, cmd } => (id, Command::Vm(cmd)),
+                Step::Start { id, cmd } => (id, Command::Vm(*cmd)),
                 Step::Drop { id, reason } => {
                     tracing::info!(migration = id, %reason, "queued migration dropped");
                     let cmd = MigrationCommand::DropQueued {
@@ -221,10 +224,10 @@ mod tests {
         };
         assert_eq!(*id, qb);
         assert!(matches!(
-            cmd,
+            &**cmd,
             VmCommand::StartMigration { name, to: 2, max_downtime_ms: Some(40), .. } if name == "b"
         ));
-        s.apply(&Command::Vm(cmd.clone()));
+        s.apply(&Command::Vm((**cmd).clone()));
         // The queued record became the running one (same id, no new record).
         assert_eq!(state_of(&s, qb), Some(MigrationState::Running));
         assert_eq!(

@@ -86,6 +86,7 @@ fn node_of(rec: &NodeRecord) -> Result<Option<Node>, PlacementError> {
         migration_subnet: subnet("migration", &r.migration_subnet)?,
         power: PowerPolicy::AlwaysOn,
         migration_bandwidth_mib_per_s: DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S,
+        networks: r.networks.keys().cloned().collect(),
     }))
 }
 
@@ -128,6 +129,7 @@ pub fn snapshot(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError>
                 dirty_rate_mib_per_s: 0,
                 live_migratable: true,
                 cpu_features: BTreeSet::new(),
+                networks: v.spec.networks(),
             })
         })
         .collect();
@@ -174,6 +176,7 @@ pub fn place(state: &ClusterState, spec: &VmSpec) -> Result<u64, PlacementError>
         preferred_owners: spec.preferred_owners.clone(),
         cpu_vendor: None,
         cpu_features: BTreeSet::new(),
+        networks: spec.networks(),
     };
     match scheduler::place(&snap, &req) {
         Ok(p) => Ok(p.node.0),
@@ -276,6 +279,7 @@ fn judge(
                 dirty_rate_mib_per_s: 0,
                 live_migratable: true,
                 cpu_features: BTreeSet::new(),
+                networks: rec.spec.networks(),
             });
         }
     }

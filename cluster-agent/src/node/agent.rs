@@ -275,6 +275,11 @@ impl Agent {
             mgmt_subnet: c.mgmt_subnet.to_string(),
             migration_subnet: c.migration_subnet.to_string(),
             facts: self.facts.clone(),
+            networks: c
+                .networks
+                .iter()
+                .map(|n| (n.name.clone(), n.bridge.clone()))
+                .collect(),
         }
     }
 
@@ -634,6 +639,19 @@ impl Agent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .ready(state, Instant::now(), grace)
+    }
+
+    /// Note the nodes Down in the applied state now, so a grace counts from about when
+    /// this agent applied the Down rather than from its first question (the heartbeat
+    /// loop calls this every round).
+    pub(super) fn observe_downs(&self) {
+        let now = Instant::now();
+        self.read_sm(|d| {
+            self.down_clock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .ready(&d.state, now, Duration::MAX)
+        });
     }
 
     /// This node's lease (see `liveness`): whether it may run VMs now. The members are

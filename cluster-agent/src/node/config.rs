@@ -61,6 +61,30 @@ pub struct FactsOverride {
     pub kvm_kind: Option<KvmKind>,
 }
 
+/// A VM network of this node: NICs on network `name` are TAPs attached to host bridge
+/// `bridge` (`[[networks]] name = "lan", bridge = "br-lan"`). The bridge must exist; the
+/// agent never creates one.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    pub name: String,
+    pub bridge: String,
+}
+
+/// Longest Linux interface name (`IFNAMSIZ` - 1).
+pub const IFNAME_BYTES_MAX: usize = 15;
+
+/// True for Linux interface names the agent accepts (1..=15 bytes, no '/', ':' or space).
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= IFNAME_BYTES_MAX
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'/' | b':'))
+}
+
 /// The config file as written; every key optional so flags can fill in.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,6 +111,8 @@ pub struct RawConfig {
     pub volumes: Option<Vec<csv_volume::VolumeConfig>>,
     /// Prometheus `/metrics` listener (IP:port); unset: no metrics endpoint.
     pub metrics_addr: Option<String>,
+    /// VM networks this node offers (`[[networks]] name = "lan", bridge = "br-lan"`).
+    pub networks: Option<Vec<NetworkConfig>>,
 }
 
 /// An IP subnet in CIDR form.
@@ -164,6 +190,7 @@ pub struct AgentConfig {
     pub facts_override: FactsOverride,
     pub volumes: Vec<csv_volume::VolumeConfig>,
     pub metrics_addr: Option<SocketAddr>,
+    pub networks: Vec<NetworkConfig>,
 }
 
 impl AgentConfig {
@@ -242,7 +269,8 @@ impl RawConfig {
             rpc_timeout_ms,
             facts_override,
             volumes,
-            metrics_addr
+            metrics_addr,
+            networks
         );
         self
     }
@@ -419,7 +447,37 @@ impl RawConfig {
                 Some(a)
             }
         };
+        let networks = self.networks.unwrap_or_default();
+        let mut seen = std::collections::BTreeSet::new();
+        for n in &networks {
+            if !crate::state::vm_spec::valid_network_name(&n.name) {
+                return Err(invalid(
+                    "networks",
+                    format!(
+                        "network name {:?} must be 1 to {} letters, digits, '.', '_' or '-'",
+                        n.name,
+                        crate::state::vm_spec::NETWORK_NAME_BYTES_MAX
+                    ),
+                ));
+            }
+            if !valid_ifname(&n.bridge) {
+                return Err(invalid(
+                    "networks",
+                    format!(
+                        "bridge {:?} of network {:?} is not an interface name (1 to {IFNAME_BYTES_MAX} bytes, no '/', ':' or spaces)",
+                        n.bridge, n.name
+                    ),
+                ));
+            }
+            if !seen.insert(n.name.as_str()) {
+                return Err(invalid(
+                    "networks",
+                    format!("network {:?} is listed twice", n.name),
+                ));
+            }
+        }
         Ok(AgentConfig {
+            networks,
             node_id,
             name,
             data_dir,
@@ -578,6 +636,38 @@ cpu_vendor = "GenuineIntel"
         assert!(e.contains("listed twice"), "{e}");
         let e = err(&with(
             "[[volumes]]\nname = \"v\"\npath = \"/x\"\nsize = 1\n",
+        ));
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn networks_are_read_and_bad_ones_name_the_problem() {
+        let with = |v: &str| format!("{GOOD}{v}");
+        let c = RawConfig::from_toml(&with("[[networks]]\nname = \"lan\"\nbridge = \"br-lan\"\n"))
+            .map(|r| r.validate());
+        let nets = match c {
+            Ok(Ok(c)) => c.networks,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            nets,
+            vec![NetworkConfig {
+                name: "lan".into(),
+                bridge: "br-lan".into()
+            }]
+        );
+        let e = err(&with("[[networks]]\nname = \"a b\"\nbridge = \"br0\"\n"));
+        assert!(e.contains("networks") && e.contains("\"a b\""), "{e}");
+        let e = err(&with(
+            "[[networks]]\nname = \"lan\"\nbridge = \"a-bridge-name-too-long\"\n",
+        ));
+        assert!(e.contains("a-bridge-name-too-long"), "{e}");
+        let e = err(&with(
+            "[[networks]]\nname = \"lan\"\nbridge = \"br0\"\n[[networks]]\nname = \"lan\"\nbridge = \"br1\"\n",
+        ));
+        assert!(e.contains("listed twice"), "{e}");
+        let e = err(&with(
+            "[[networks]]\nname = \"lan\"\nbridge = \"br0\"\nvlan = 3\n",
         ));
         assert!(e.contains("unknown field"), "{e}");
     }

@@ -65,7 +65,7 @@ impl Agent {
             }
             self.send_heartbeats();
             self.confirm_read_index(&confirming);
-            self.note_down_nodes();
+            self.observe_downs();
         }
     }
 
@@ -95,19 +95,6 @@ impl Agent {
                 Err(e) => tracing::info!(error = %e, "no read index for the catch-up yet"),
             }
             flag.store(false, Ordering::Release);
-        });
-    }
-
-    /// Starts this agent's clock for every node it sees Down (see `DownClock`) on every
-    /// node, not only when a decision first asks: a grace measured from a late first look
-    /// would refuse a dead holder's disk takeover long after the grace really passed.
-    fn note_down_nodes(&self) {
-        let now = Instant::now();
-        self.read_sm(|d| {
-            self.down_clock
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .ready(&d.state, now, Duration::ZERO);
         });
     }
 

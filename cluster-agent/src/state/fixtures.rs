@@ -15,6 +15,7 @@ pub fn registration(id: u64, facts: NodeFacts) -> NodeRegistration {
         mgmt_subnet: "127.0.1.0/24".into(),
         migration_subnet: "127.0.2.0/24".into(),
         facts,
+        networks: Default::default(),
     }
 }
 

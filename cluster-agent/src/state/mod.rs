@@ -106,6 +106,9 @@ pub struct NodeRegistration {
     pub mgmt_subnet: String,
     pub migration_subnet: String,
     pub facts: NodeFacts,
+    /// VM networks of the node's config: network name → host bridge.
+    #[serde(default)]
+    pub networks: std::collections::BTreeMap<String, String>,
 }
 
 /// One node of the registry.

@@ -49,7 +49,7 @@ impl std::fmt::Display for VmDiskCommand {
 
 /// Why a disk change is refused (nothing changes).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HotplugError {
+pub enum VmDiskError {
     #[error("no VM named {0:?}; `clusterctl vm list` shows the VMs")]
     UnknownVm(String),
     #[error("disk {disk} is already attached to VM {vm:?}")]
@@ -66,25 +66,25 @@ pub enum HotplugError {
     InTransition { vm: String, runtime: RuntimeState },
 }
 
-impl HotplugError {
+impl VmDiskError {
     /// The class of this refusal (the API layer maps it onto a status code).
     pub fn class(&self) -> crate::state::vms::ErrorClass {
         match self {
-            HotplugError::UnknownVm(_) => crate::state::vms::ErrorClass::NotFound,
+            VmDiskError::UnknownVm(_) => crate::state::vms::ErrorClass::NotFound,
             _ => crate::state::vms::ErrorClass::FailedPrecondition,
         }
     }
 }
 
 /// Would `cmd` be accepted now? (The leader asks before proposing; apply asks again.)
-pub fn check(state: &ClusterState, cmd: &VmDiskCommand) -> Result<(), HotplugError> {
+pub fn check(state: &ClusterState, cmd: &VmDiskCommand) -> Result<(), VmDiskError> {
     let name = match cmd {
         VmDiskCommand::Attach { vm, .. } | VmDiskCommand::Detach { vm, .. } => vm,
     };
-    let vm = crate::state::vms::find(state, name)
-        .ok_or_else(|| HotplugError::UnknownVm(name.clone()))?;
+    let vm =
+        crate::state::vms::find(state, name).ok_or_else(|| VmDiskError::UnknownVm(name.clone()))?;
     if let Some(to) = vm.migrating_to {
-        return Err(HotplugError::Migrating {
+        return Err(VmDiskError::Migrating {
             vm: name.clone(),
             to,
         });
@@ -94,7 +94,7 @@ pub fn check(state: &ClusterState, cmd: &VmDiskCommand) -> Result<(), HotplugErr
         DesiredState::Stopped => vm.runtime != RuntimeState::Stopping,
     };
     if !settled {
-        return Err(HotplugError::InTransition {
+        return Err(VmDiskError::InTransition {
             vm: name.clone(),
             runtime: vm.runtime,
         });
@@ -102,17 +102,17 @@ pub fn check(state: &ClusterState, cmd: &VmDiskCommand) -> Result<(), HotplugErr
     match cmd {
         VmDiskCommand::Attach { disk, .. } => {
             if vm.spec.disks.iter().any(|d| d.name == disk.name) {
-                return Err(HotplugError::AlreadyAttached {
+                return Err(VmDiskError::AlreadyAttached {
                     vm: name.clone(),
                     disk: disk.name.to_string(),
                 });
             }
             if vm.spec.disks.len() >= VIRTIO_BLK_SLOTS {
-                return Err(HotplugError::NoFreeSlot { vm: name.clone() });
+                return Err(VmDiskError::NoFreeSlot { vm: name.clone() });
             }
             let users = conflicting_users(state, name, disk);
             if !users.is_empty() {
-                return Err(HotplugError::InUse {
+                return Err(VmDiskError::InUse {
                     disk: disk.name.to_string(),
                     users,
                 });
@@ -120,7 +120,7 @@ pub fn check(state: &ClusterState, cmd: &VmDiskCommand) -> Result<(), HotplugErr
         }
         VmDiskCommand::Detach { disk, .. } => {
             if !vm.spec.disks.iter().any(|d| &d.name == disk) {
-                return Err(HotplugError::NotAttached {
+                return Err(VmDiskError::NotAttached {
                     vm: name.clone(),
                     disk: disk.to_string(),
                 });
@@ -152,14 +152,14 @@ pub fn apply(
     state: &mut ClusterState,
     cmd: &VmDiskCommand,
     touched: &mut Vec<StateKey>,
-) -> Result<(), HotplugError> {
+) -> Result<(), VmDiskError> {
     check(state, cmd)?;
     let (name, at) = match cmd {
         VmDiskCommand::Attach { vm, at_unix_ms, .. }
         | VmDiskCommand::Detach { vm, at_unix_ms, .. } => (vm, *at_unix_ms),
     };
     let Some((id, vm)) = state.vms.iter_mut().find(|(_, v)| &v.spec.name == name) else {
-        return Err(HotplugError::UnknownVm(name.clone()));
+        return Err(VmDiskError::UnknownVm(name.clone()));
     };
     let message = match cmd {
         VmDiskCommand::Attach { disk, .. } => {
@@ -220,6 +220,7 @@ mod tests {
                     logical_cpus: 4,
                     ..NodeFacts::default()
                 },
+                networks: Default::default(),
             },
             at_unix_ms: 1,
         });

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use csv_volume::DiskName;
 use serde::{Deserialize, Serialize};
-use vmm_node::config::{CMDLINE_BYTES_MAX, VCPUS_MAX, VIRTIO_BLK_SLOTS};
+use vmm_node::config::{parse_mac, CMDLINE_BYTES_MAX, NICS_MAX, VCPUS_MAX, VIRTIO_BLK_SLOTS};
 
 /// Longest VM name.
 pub const VM_NAME_BYTES_MAX: usize = 64;
@@ -20,6 +20,10 @@ pub const ANTI_AFFINITY_CLASSES_MAX: usize = 16;
 pub const CLASS_NAME_BYTES_MAX: usize = 64;
 /// Most preferred owners per VM.
 pub const PREFERRED_OWNERS_MAX: usize = 64;
+/// Longest VM network name (a name in the nodes' `[[networks]]` config).
+pub const NETWORK_NAME_BYTES_MAX: usize = 32;
+/// The OUI of MACs the cluster generates (QEMU/KVM's locally used `52:54:00`).
+pub const GENERATED_MAC_PREFIX: [u8; 3] = [0x52, 0x54, 0x00];
 
 /// A VM as the cluster defines it. Disk `i` of `disks` sits in virtio-blk slot `i`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +42,57 @@ pub struct VmSpec {
     /// Most preferred first.
     #[serde(default)]
     pub preferred_owners: Vec<scheduler::NodeId>,
+    /// Network interfaces, NIC `i` in virtio-net slot `i`.
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+}
+
+/// One NIC of a VM: the network it is on and its MAC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    /// A network name that nodes map to a host bridge in their config.
+    pub network: String,
+    /// `aa:bb:cc:dd:ee:ff`, lower case. Empty in a create request: the cluster generates
+    /// one when it applies the create ([`generated_mac`]); never empty once stored.
+    #[serde(default)]
+    pub mac: String,
+}
+
+/// The host TAP device of the NIC with `mac` on node `node_id`: the MAC's 12 hex digits,
+/// a dot and the node id in hex (`525400000004.2`, at most 15 bytes as Linux requires). The
+/// MAC is unique in the cluster; the node is part of the name so a migration between two
+/// agents sharing a network namespace (tests) has two TAPs. Node ids are taken modulo 256.
+pub fn nic_tap_name(node_id: u64, mac: &str) -> String {
+    let hex: String = mac.chars().filter(|c| *c != ':').collect();
+    format!("{}.{:x}", hex.to_ascii_lowercase(), node_id & 0xff)
+}
+
+/// True for network names (`lan`, `dmz-2`, `vlan_10`).
+pub fn valid_network_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= NETWORK_NAME_BYTES_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// `mac` in canonical form (lower case) if it is a unicast, non-zero MAC.
+pub fn canonical_mac(mac: &str) -> Option<String> {
+    let b = parse_mac(mac)?;
+    (b[0] & 1 == 0 && b != [0; 6]).then(|| vmm_node::config::format_mac(&b))
+}
+
+/// The `attempt`-th candidate MAC for NIC `slot` of VM `vm_id`: `52:54:00` (locally used by
+/// KVM hosts, unicast) followed by 24 bits from the id, the slot and the attempt. The state
+/// machine takes the first candidate no other NIC has, so the choice is the same on every
+/// replica and needs no randomness.
+pub fn generated_mac(vm_id: u64, slot: usize, attempt: u64) -> String {
+    let n = (vm_id.wrapping_mul(NICS_MAX as u64) + slot as u64)
+        .wrapping_add(attempt.wrapping_mul(0x9e_3779))
+        & 0xff_ffff;
+    let [p0, p1, p2] = GENERATED_MAC_PREFIX;
+    vmm_node::config::format_mac(&[p0, p1, p2, (n >> 16) as u8, (n >> 8) as u8, n as u8])
 }
 
 /// What the VM boots.
@@ -69,6 +124,9 @@ pub struct TestWorkload {
     pub seed: u64,
     #[serde(default = "default_hb_ms")]
     pub hb_ms: u64,
+    /// `net` workload: the guest's IPv4 address on its first NIC.
+    #[serde(default)]
+    pub net_ip: Option<std::net::Ipv4Addr>,
 }
 
 fn default_wss_mib() -> u64 {
@@ -93,6 +151,7 @@ impl TestWorkload {
             rate_mbps: default_rate_mbps(),
             seed: default_seed(),
             hb_ms: default_hb_ms(),
+            net_ip: None,
         }
     }
 }
@@ -105,6 +164,8 @@ pub enum WorkloadName {
     Dirty,
     Mem,
     Disk,
+    /// Answers ARP, UDP echo (port 7) and ICMP echo on `net_ip` through its first NIC.
+    Net,
 }
 
 /// One disk of a VM: a CSV image named `volume/dir/disk.img`.
@@ -146,6 +207,14 @@ pub enum SpecError {
     AntiAffinity(String),
     #[error("preferred owners: at most {PREFERRED_OWNERS_MAX}, no repeats (node {0} repeated or list too long)")]
     PreferredOwners(u64),
+    #[error("a VM has at most {NICS_MAX} NICs, got {0}")]
+    TooManyNics(usize),
+    #[error("network name {0:?} must be 1..={NETWORK_NAME_BYTES_MAX} bytes of letters, digits, '.', '_' or '-'")]
+    NetworkName(String),
+    #[error("MAC {0:?} must be six ':'-separated hex bytes, unicast and not all zero (e.g. 52:54:00:12:34:56)")]
+    Mac(String),
+    #[error("MAC {0} is given to two NICs of the VM")]
+    DuplicateMac(String),
 }
 
 /// True for names a VM may have (also used for the quick-migration directory).
@@ -170,7 +239,13 @@ impl VmSpec {
             restart_priority: scheduler::RestartPriority::default(),
             anti_affinity: BTreeSet::new(),
             preferred_owners: Vec::new(),
+            nics: Vec::new(),
         }
+    }
+
+    /// The networks the VM's NICs are on.
+    pub fn networks(&self) -> BTreeSet<String> {
+        self.nics.iter().map(|n| n.network.clone()).collect()
     }
 
     /// Checks every field; the first problem found is returned.
@@ -245,6 +320,22 @@ impl VmSpec {
                 return Err(SpecError::PreferredOwners(n.0));
             }
         }
+        if self.nics.len() > NICS_MAX {
+            return Err(SpecError::TooManyNics(self.nics.len()));
+        }
+        let mut macs = HashSet::new();
+        for nic in &self.nics {
+            if !valid_network_name(&nic.network) {
+                return Err(SpecError::NetworkName(nic.network.clone()));
+            }
+            if nic.mac.is_empty() {
+                continue;
+            }
+            let mac = canonical_mac(&nic.mac).ok_or_else(|| SpecError::Mac(nic.mac.clone()))?;
+            if !macs.insert(mac.clone()) {
+                return Err(SpecError::DuplicateMac(mac));
+            }
+        }
         Ok(())
     }
 }
@@ -314,6 +405,61 @@ mod tests {
         let mut s = spec();
         s.preferred_owners = vec![scheduler::NodeId(1), scheduler::NodeId(1)];
         assert_eq!(s.validate(), Err(SpecError::PreferredOwners(1)));
+    }
+
+    #[test]
+    fn nics_are_validated_and_old_records_load() {
+        let mut s = spec();
+        s.nics = vec![
+            NicSpec {
+                network: "lan".into(),
+                mac: String::new(),
+            },
+            NicSpec {
+                network: "dmz".into(),
+                mac: "52:54:00:AA:00:01".into(),
+            },
+        ];
+        s.validate().unwrap();
+        assert_eq!(s.networks().len(), 2);
+        let bad = |f: &dyn Fn(&mut VmSpec)| {
+            let mut t = s.clone();
+            f(&mut t);
+            t.validate().unwrap_err()
+        };
+        assert_eq!(
+            bad(&|t| t.nics[0].network = "no spaces".into()),
+            SpecError::NetworkName("no spaces".into())
+        );
+        assert_eq!(
+            bad(&|t| t.nics[1].mac = "01:00:5e:00:00:01".into()),
+            SpecError::Mac("01:00:5e:00:00:01".into())
+        );
+        assert_eq!(
+            bad(&|t| t.nics[0].mac = "52:54:00:aa:00:01".into()),
+            SpecError::DuplicateMac("52:54:00:aa:00:01".into())
+        );
+        assert_eq!(
+            bad(&|t| t.nics = vec![t.nics[0].clone(); NICS_MAX + 1]),
+            SpecError::TooManyNics(NICS_MAX + 1)
+        );
+        // A record stored before NICs existed loads with none.
+        let old: VmSpec = serde_json::from_str(
+            r#"{"name":"a","vcpus":1,"memory_mib":64,"boot":{"test_guest":{"kind":"idle"}}}"#,
+        )
+        .unwrap();
+        assert!(old.nics.is_empty());
+    }
+
+    #[test]
+    fn generated_macs_are_unicast_local_and_differ_by_vm_and_slot() {
+        let a = generated_mac(1, 0, 0);
+        assert_eq!(canonical_mac(&a).as_deref(), Some(a.as_str()));
+        assert!(a.starts_with("52:54:00:"));
+        assert_ne!(a, generated_mac(1, 1, 0));
+        assert_ne!(a, generated_mac(2, 0, 0));
+        assert_ne!(a, generated_mac(1, 0, 1));
+        assert_eq!(a, generated_mac(1, 0, 0));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::vm_spec::{SpecError, VmSpec};
+use crate::state::vm_spec::{canonical_mac, generated_mac, SpecError, VmSpec};
 use crate::state::{ClusterState, EventKind, NodeState, StateKey};
 
 /// Operator's wish for a VM.
@@ -213,6 +213,8 @@ pub enum VmStateError {
     MemoryBeyondNodes { memory_mib: u64, largest_mib: u64 },
     #[error("a VM named {0:?} already exists")]
     DuplicateName(String),
+    #[error("MAC {mac} is already used by VM {vm:?}; give another MAC or leave it out to have one generated")]
+    MacInUse { mac: String, vm: String },
     #[error("no VM named {0:?}; `clusterctl vm list` shows the VMs")]
     UnknownVm(String),
     #[error("unknown node id {0}")]
@@ -274,7 +276,9 @@ impl VmStateError {
             | VmStateError::NotReportable(_)
             | VmStateError::BadMigrationOptions(_) => ErrorClass::InvalidArgument,
             VmStateError::UnknownVm(_) | VmStateError::UnknownNode(_) => ErrorClass::NotFound,
-            VmStateError::DuplicateName(_) => ErrorClass::AlreadyExists,
+            VmStateError::DuplicateName(_) | VmStateError::MacInUse { .. } => {
+                ErrorClass::AlreadyExists
+            }
             VmStateError::NodeNotUp { .. }
             | VmStateError::AlreadyStarted { .. }
             | VmStateError::DeleteRunning { .. }
@@ -362,6 +366,36 @@ fn check_owner(state: &ClusterState, owner: u64) -> Result<(), VmStateError> {
 }
 
 /// Spec checks that depend on the cluster: the pure spec rules plus "fits some node".
+/// The VM (name) whose NIC has `mac` (canonical form), if any.
+pub fn mac_user<'s>(state: &'s ClusterState, mac: &str) -> Option<&'s str> {
+    state
+        .vms
+        .values()
+        .find(|v| v.spec.nics.iter().any(|n| n.mac == mac))
+        .map(|v| v.spec.name.as_str())
+}
+
+/// `spec` as stored for VM `id`: given MACs in canonical form, missing ones generated (the
+/// first candidate no VM uses, so every replica picks the same).
+fn with_macs(state: &ClusterState, id: u64, spec: &VmSpec) -> VmSpec {
+    let mut spec = spec.clone();
+    for i in 0..spec.nics.len() {
+        if !spec.nics[i].mac.is_empty() {
+            if let Some(m) = canonical_mac(&spec.nics[i].mac) {
+                spec.nics[i].mac = m;
+            }
+            continue;
+        }
+        let taken = |m: &str| mac_user(state, m).is_some() || spec.nics.iter().any(|n| n.mac == m);
+        let mac = (0..)
+            .map(|attempt| generated_mac(id, i, attempt))
+            .find(|m| !taken(m))
+            .unwrap_or_default();
+        spec.nics[i].mac = mac;
+    }
+    spec
+}
+
 pub fn validate_spec(state: &ClusterState, spec: &VmSpec) -> Result<(), VmStateError> {
     spec.validate().map_err(VmStateError::Spec)?;
     let largest_mib = state
@@ -400,6 +434,15 @@ pub fn check(state: &ClusterState, cmd: &VmCommand) -> Result<(), VmStateError> 
             validate_spec(state, spec)?;
             if find(state, &spec.name).is_some() {
                 return Err(VmStateError::DuplicateName(spec.name.clone()));
+            }
+            for nic in spec.nics.iter().filter(|n| !n.mac.is_empty()) {
+                let mac = canonical_mac(&nic.mac).unwrap_or_else(|| nic.mac.clone());
+                if let Some(vm) = mac_user(state, &mac) {
+                    return Err(VmStateError::MacInUse {
+                        mac,
+                        vm: vm.to_owned(),
+                    });
+                }
             }
             if let Some(o) = owner {
                 check_owner(state, *o)?;
@@ -523,6 +566,7 @@ pub fn apply(
         } => {
             state.last_vm_id += 1;
             let id = state.last_vm_id;
+            let spec = with_macs(state, id, spec);
             let (desired, runtime, generation) = match owner {
                 Some(_) => (DesiredState::Running, RuntimeState::Starting, 1),
                 None => (DesiredState::Stopped, RuntimeState::Pending, 0),
@@ -737,6 +781,47 @@ mod tests {
             CommandResult::Rejected { reason } => reason,
             other => format!("not rejected: {other:?}"),
         }
+    }
+
+    #[test]
+    fn macs_are_generated_once_and_unique_in_the_cluster() {
+        use crate::state::vm_spec::NicSpec;
+        let mut s = state_with_nodes(1);
+        let with_nic = |name: &str, mac: &str| {
+            let mut sp = spec(name);
+            sp.nics.push(NicSpec {
+                network: "lan".into(),
+                mac: mac.into(),
+            });
+            VmCommand::CreateVm {
+                spec: sp,
+                owner: None,
+                at_unix_ms: 1,
+            }
+        };
+        assert_eq!(vm(&mut s, with_nic("a", "")), CommandResult::Ok);
+        let mac_a = find(&s, "a").unwrap().spec.nics[0].mac.clone();
+        assert_eq!(mac_a, generated_mac(1, 0, 0));
+        assert_eq!(
+            vm(&mut s, with_nic("b", "52:54:00:AB:CD:EF")),
+            CommandResult::Ok
+        );
+        assert_eq!(find(&s, "b").unwrap().spec.nics[0].mac, "52:54:00:ab:cd:ef");
+        // A given MAC another VM has is refused with that VM named; nothing changes.
+        let before = s.clone();
+        let why = rejected(vm(&mut s, with_nic("c", &mac_a.to_uppercase())));
+        assert!(why.contains(&mac_a) && why.contains("\"a\""), "{why}");
+        assert_eq!(s, before);
+        // A generated MAC skips the ones in use: VM 3's first candidate is taken.
+        assert_eq!(
+            vm(&mut s, with_nic("c", &generated_mac(4, 0, 0))),
+            CommandResult::Ok
+        );
+        assert_eq!(vm(&mut s, with_nic("d", "")), CommandResult::Ok);
+        assert_eq!(
+            find(&s, "d").unwrap().spec.nics[0].mac,
+            generated_mac(4, 0, 1)
+        );
     }
 
     #[test]

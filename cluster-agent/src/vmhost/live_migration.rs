@@ -390,6 +390,7 @@ fn run_out(
             if let Err(e) = side.vm.vm.stop() {
                 tracing::error!(vm = %name, error = %e, "stopping the migrated-away VM");
             }
+            host.delete_taps(&side.vm.spec);
             drop(claim);
             tracing::info!(vm = %name, target_node, blackout_us = stats.blackout.total_us,
                 receipt_ok = stats.receipt_matches(), "migration finished");
@@ -432,6 +433,8 @@ struct Incoming {
     source_node: NodeId,
     grants: Mutex<Vec<LockGrant>>,
     reservation: Mutex<Option<Reservation>>,
+    /// This node's TAPs for the VM, deleted if the receive fails.
+    taps: Mutex<Option<super::nics::Taps>>,
 }
 
 struct TargetShared {
@@ -476,11 +479,20 @@ impl TargetFactory for Factory {
             }
         }
         let reservation = host.reserve(&blob.spec.name)?;
-        let config = super::spec::to_config(&blob.spec, host.registry())?;
+        // This node's own TAPs, created before the VM that opens them.
+        let taps = host.create_taps(&blob.spec)?;
+        let config = super::spec::to_config(&blob.spec, host.registry(), host.node())?;
         let vm = Vm::new_paused(config).map_err(|source| VmHostError::Vm {
             vm: blob.spec.name.clone(),
             op: "create the incoming VM",
             source,
+        })?;
+        vmm_node::devices::virtio::net::install_virtio_nics(&vm).map_err(|source| {
+            VmHostError::Vm {
+                vm: blob.spec.name.clone(),
+                op: "create the incoming VM's NICs",
+                source,
+            }
         })?;
         let hosted = Arc::new(HostedVm::new(blob.spec, vm)?);
         host.journal_console(&hosted);
@@ -490,6 +502,7 @@ impl TargetFactory for Factory {
             source_node: blob.source_node,
             grants: Mutex::new(Vec::new()),
             reservation: Mutex::new(Some(reservation)),
+            taps: Mutex::new(Some(taps)),
         });
         *lock(&self.0.current) = Some(inc.clone());
         host.set_incoming(Some((inc.vm.name().to_owned(), self.0.abandon.clone())));
@@ -667,6 +680,9 @@ fn listen_loop(
                 let name = inc.vm.name().to_owned();
                 if let Some(res) = lock(&inc.reservation).take() {
                     res.commit(inc.vm.clone());
+                }
+                if let Some(taps) = lock(&inc.taps).take() {
+                    taps.keep();
                 }
                 tracing::info!(vm = %name, restore_us = received.stats.restore_us, "incoming vm registered");
                 IncomingEvent::Arrived {

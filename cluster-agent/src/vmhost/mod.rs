@@ -28,6 +28,7 @@ pub mod live_migration;
 pub mod local_locks;
 pub mod lock_callback;
 mod machine;
+pub mod nics;
 pub mod quick_migration;
 pub mod spec;
 
@@ -59,6 +60,12 @@ use vmm_node::migration::target::Abandon;
 pub enum VmHostError {
     #[error("invalid VM spec")]
     Spec(#[source] SpecError),
+    #[error("VM {vm}: cannot set up its NICs")]
+    Nic {
+        vm: String,
+        #[source]
+        source: nics::NicError,
+    },
     #[error("no VM named {0:?} runs on this node")]
     NotFound(String),
     #[error("a VM named {0:?} already exists on this node")]
@@ -211,6 +218,8 @@ pub struct VmHost {
     vms: Arc<VmTable>,
     /// The incoming live migration in progress (VM name) and the handle that gives it up.
     incoming: Mutex<Option<(String, Abandon)>>,
+    /// VM networks of this node (name → bridge).
+    networks: nics::Networks,
     /// Every console line of every VM this host ran, stamped (see [`journal`]).
     journal: Arc<journal::ConsoleJournal>,
 }
@@ -250,13 +259,33 @@ impl Drop for Reservation {
 impl VmHost {
     /// The runtime of node `node`, seeing the shared volumes in `registry`.
     pub fn new(node: NodeId, registry: VolumeRegistry) -> Arc<VmHost> {
+        Self::with_networks(node, registry, nics::Networks::new())
+    }
+
+    /// The runtime of node `node` whose VM networks are `networks` (name → host bridge).
+    pub fn with_networks(
+        node: NodeId,
+        registry: VolumeRegistry,
+        networks: nics::Networks,
+    ) -> Arc<VmHost> {
         Arc::new(VmHost {
             node,
             registry: Arc::new(registry),
             vms: Arc::new(Mutex::new(BTreeMap::new())),
             incoming: Mutex::new(None),
+            networks,
             journal: Arc::default(),
         })
+    }
+
+    /// Creates the TAPs of `spec`'s NICs here (see [`nics::create_taps`]).
+    pub(crate) fn create_taps(&self, spec: &VmSpec) -> Result<nics::Taps, VmHostError> {
+        nics::create_taps(self.node, &self.networks, spec)
+    }
+
+    /// Deletes the TAPs of `spec`'s NICs here, once its VM stopped or left.
+    pub(crate) fn delete_taps(&self, spec: &VmSpec) {
+        nics::delete_taps(self.node, spec);
     }
 
     /// This host's console journal: the lines every VM printed here, stamped when they
@@ -360,11 +389,19 @@ impl VmHost {
             machine::check_grant(d, machine::grant_for(grants, &d.name)?, self.node)?;
         }
         let reservation = self.reserve(&spec.name)?;
-        let config = spec::to_config(&spec, &self.registry)?;
+        let taps = self.create_taps(&spec)?;
+        let config = spec::to_config(&spec, &self.registry, self.node)?;
         let vm = Vm::create(config).map_err(|source| VmHostError::Vm {
             vm: spec.name.clone(),
             op: "create the VM",
             source,
+        })?;
+        vmm_node::devices::virtio::net::install_virtio_nics(&vm).map_err(|source| {
+            VmHostError::Vm {
+                vm: spec.name.clone(),
+                op: "create its NICs",
+                source,
+            }
         })?;
         let disks = spec.disks.clone();
         let hosted = HostedVm::new(spec, vm)?;
@@ -381,6 +418,7 @@ impl VmHost {
         })?;
         let hosted = Arc::new(hosted);
         reservation.commit(hosted.clone());
+        taps.keep();
         tracing::info!(vm = %hosted.name(), "vm started");
         Ok(self.info_of(&hosted))
     }
@@ -414,6 +452,7 @@ impl VmHost {
             }
         }
         self.unregister(&vm);
+        self.delete_taps(&vm.spec);
         tracing::info!(
             vm = name,
             released = out.release.len(),

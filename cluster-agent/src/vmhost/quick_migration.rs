@@ -201,6 +201,7 @@ impl VmHost {
                 if let Err(e) = vm.vm.stop() {
                     tracing::error!(vm = name, error = %e, "stopping the saved VM");
                 }
+                self.delete_taps(&vm.spec);
                 drop(claim);
                 tracing::info!(vm = name, dir = %dir.display(), save_us = save.save_us, "quick migration saved");
                 Ok(QuickImage {
@@ -280,9 +281,15 @@ impl VmHost {
             )?;
         }
         let reservation = self.reserve(&name)?;
+        let taps = self.create_taps(&sidecar.spec)?;
+        let tap_names = super::nics::tap_names(self.node(), &sidecar.spec);
         let t = Instant::now();
-        let vm = vmm_node::snapshot::restore(dir)
-            .map_err(|e| quick_err(&name, "restoring the snapshot")(Box::new(e)))?;
+        let vm = vmm_node::snapshot::restore_edited(
+            dir,
+            |c| Ok(c.set_nic_taps(&tap_names)?),
+            |vm| vmm_node::devices::virtio::net::install_virtio_nics(vm).map(|_| ()),
+        )
+        .map_err(|e| quick_err(&name, "restoring the snapshot")(Box::new(e)))?;
         let hosted = Arc::new(HostedVm::new(sidecar.spec, vm)?);
         self.journal_console(&hosted);
         hosted.restore_slots(&sidecar.slots, &sidecar.layout, grants, |d, g| {
@@ -300,6 +307,7 @@ impl VmHost {
             resume_us: t.elapsed().as_micros() as u64,
         };
         reservation.commit(hosted.clone());
+        taps.keep();
         // The memory file stays mapped (copy-on-write) until the VM ends; unlinking it
         // now is safe.
         if let Err(e) = std::fs::remove_dir_all(dir) {

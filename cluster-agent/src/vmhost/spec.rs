@@ -20,6 +20,7 @@ pub fn workload(w: TestWorkload) -> Workload {
             WorkloadName::Dirty => WorkloadKind::Dirty,
             WorkloadName::Mem => WorkloadKind::Mem,
             WorkloadName::Disk => WorkloadKind::Disk,
+            WorkloadName::Net => WorkloadKind::Net,
         },
         wss_mib: w.wss_mib,
         rate_mbps: w.rate_mbps,
@@ -31,12 +32,24 @@ pub fn workload(w: TestWorkload) -> Workload {
 /// The vmm-node configuration. It lists no disks: vmhost opens them through their
 /// lock grants into the slots it owns (disk `i` in slot `i`); each name must resolve
 /// on `registry`.
-pub fn to_config(spec: &VmSpec, registry: &VolumeRegistry) -> Result<VmConfig, VmHostError> {
+/// The NICs are on this node's TAPs (`nics::tap_names(node, spec)`), which must exist.
+pub fn to_config(
+    spec: &VmSpec,
+    registry: &VolumeRegistry,
+    node: u64,
+) -> Result<VmConfig, VmHostError> {
     spec.validate().map_err(VmHostError::Spec)?;
     let (kernel, cmdline, initramfs, boot) = match &spec.boot {
         BootSpec::TestGuest(w) => (
             PathBuf::from(vmm_node::test_guest::PATH),
-            workload(*w).cmdline(),
+            match w.net_ip {
+                Some(ip) => format!(
+                    "{} {}",
+                    workload(*w).cmdline(),
+                    vmm_node::guest_protocol::net_cmdline(ip)
+                ),
+                None => workload(*w).cmdline(),
+            },
             None,
             BootProtocol::Pvh,
         ),
@@ -71,5 +84,11 @@ pub fn to_config(spec: &VmSpec, registry: &VolumeRegistry) -> Result<VmConfig, V
         cmdline,
         boot,
         disks: Vec::new(),
+        nics: spec
+            .nics
+            .iter()
+            .zip(super::nics::tap_names(node, spec))
+            .map(|(n, tap)| vmm_node::config::NicConfig::new(tap, n.mac.clone()))
+            .collect(),
     })
 }

@@ -64,6 +64,7 @@ fn cluster_with(
                 .expect("valid subnet"),
             power: PowerPolicy::MayPowerOff,
             migration_bandwidth_mib_per_s: BANDWIDTH_MIB_PER_S,
+            networks: Default::default(),
         })
         .collect();
     let usable = NODE_MEMORY_MIB - RESERVED_MIB;
@@ -106,6 +107,7 @@ fn cluster_with(
             dirty_rate_mib_per_s: r.below(40),
             live_migratable: r.below(100) >= 2,
             cpu_features: ["aes"].iter().map(|s| s.to_string()).collect(),
+            networks: Default::default(),
         });
     }
     ClusterSnapshot {

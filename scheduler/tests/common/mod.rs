@@ -36,6 +36,8 @@ impl Rng {
 }
 
 const FEATURES: [&str; 4] = ["aes", "avx2", "avx512f", "sha"];
+/// VM network names nodes may have.
+pub const NETWORKS: [&str; 2] = ["lan", "dmz"];
 
 pub fn usable_mem(n: &Node, p: &Policy) -> u64 {
     ((n.memory_mib - n.reserved_memory_mib) as u128 * p.memory_overcommit_percent as u128 / 100)
@@ -99,6 +101,11 @@ pub fn random_cluster(seed: u64) -> ClusterSnapshot {
                 PowerPolicy::AlwaysOn
             },
             migration_bandwidth_mib_per_s: r.pick(&[500, 1000, 2000]),
+            networks: NETWORKS
+                .iter()
+                .filter(|_| r.chance(80))
+                .map(|s| s.to_string())
+                .collect(),
         });
     }
     let mut mem_used: BTreeMap<NodeId, u64> = BTreeMap::new();
@@ -138,6 +145,12 @@ pub fn random_cluster(seed: u64) -> ClusterSnapshot {
             .filter(|_| r.chance(50))
             .cloned()
             .collect();
+        let networks = node
+            .networks
+            .iter()
+            .filter(|_| r.chance(40))
+            .cloned()
+            .collect();
         vms.push(Vm {
             id: VmId(format!("vm-{i:03}")),
             vcpus,
@@ -155,6 +168,7 @@ pub fn random_cluster(seed: u64) -> ClusterSnapshot {
             dirty_rate_mib_per_s: r.pick(&[0, 10, 50, 200, 3000]),
             live_migratable: r.chance(90),
             cpu_features,
+            networks,
         });
     }
     // A few in-flight migrations between Up nodes, with room reserved on the target.
@@ -284,6 +298,9 @@ pub fn check_move_rules(before: &ClusterSnapshot, m: &PlannedMove) -> Result<(),
             "{} lands on {} lacking its CPU features",
             m.vm, m.to
         ));
+    }
+    if !v.networks.is_subset(&dst.networks) {
+        return Err(format!("{} lands on {} lacking its networks", m.vm, m.to));
     }
     if v.state != VmState::Running {
         return Err(format!("{} is off but migrated", m.vm));

@@ -47,6 +47,26 @@ pub trait DiskSlots: Send + Sync {
     ) -> Result<(), DeviceError>;
 }
 
+/// The NICs (virtio-net devices) of a VM as core sees them. Implemented by the virtio module
+/// (which owns the devices, their TAPs and their I/O threads) and installed with
+/// `Vm::install_net_devices`. Unlike vCPUs, a NIC's receive thread writes guest memory on
+/// its own, so core pauses and resumes the NICs with the VM.
+pub trait NetDevices: Send + Sync {
+    /// Stop writing guest memory and raising interrupts; when this returns no NIC touches
+    /// guest memory until [`NetDevices::resume`]. Idempotent.
+    fn pause(&self);
+    /// Go on receiving (and send the announcements a restore scheduled). Idempotent.
+    fn resume(&self);
+    /// Device state of every NIC, for snapshots and migration (VM paused).
+    fn save(&self) -> Vec<crate::state::NicState>;
+    /// Load saved NIC states (VM paused); every NIC must be listed exactly once. The next
+    /// [`NetDevices::resume`] announces the NICs' MACs on their TAPs (the VM may have
+    /// moved: switches must relearn where it is).
+    fn restore(&self, states: &[crate::state::NicState]) -> Result<(), DeviceError>;
+    /// Stop the NICs' threads and close their TAPs (the VM stops for good).
+    fn shutdown(&self);
+}
+
 /// A device reached through x86 port I/O.
 pub trait PioDevice: Send {
     /// Guest `in` of `data.len()` bytes at `offset` from the device's first port.

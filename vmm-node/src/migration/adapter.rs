@@ -12,7 +12,7 @@ use super::seam::{
 use super::transport::{DirtyPages, PageMap};
 use crate::{GuestMem, Vm, VmConfig, VmState};
 
-fn state_opts() -> impl Options {
+fn state_opts() -> impl Options + Copy {
     bincode::DefaultOptions::new()
         .with_fixint_encoding()
         .with_limit(u64::from(MAX_STATE_PAYLOAD_BYTES))
@@ -113,10 +113,16 @@ impl SourceVm for LocalSource {
 pub struct LocalFactory {
     last: Mutex<Weak<Vm>>,
     install_disk_slots: Option<DiskSlotsInstaller>,
+    config_hook: Option<ConfigHook>,
 }
 
-/// Installs a new target VM's virtio-blk slots (without attaching: `restore_state` reopens
-/// the disks of the saved state). Supplied by the code that owns the virtio devices.
+/// Adapts a received configuration to this host before the VM is built (e.g. the TAP
+/// devices its NICs use here).
+pub type ConfigHook = Arc<dyn Fn(&mut VmConfig) -> Result<(), OpError> + Send + Sync>;
+
+/// Installs a new target VM's devices: its virtio-blk slots (without attaching:
+/// `restore_state` reopens the disks of the saved state) and its NICs. Supplied by the code
+/// that owns the virtio devices.
 pub type DiskSlotsInstaller = Arc<dyn Fn(&Vm) -> Result<(), OpError> + Send + Sync>;
 
 impl LocalFactory {
@@ -125,7 +131,14 @@ impl LocalFactory {
         LocalFactory {
             last: Mutex::new(Weak::new()),
             install_disk_slots: Some(installer),
+            config_hook: None,
         }
+    }
+
+    /// Let `hook` adapt every received configuration before the VM is built.
+    pub fn with_config_hook(mut self, hook: ConfigHook) -> Self {
+        self.config_hook = Some(hook);
+        self
     }
 
     /// The VM built by the last session, if something still holds it.
@@ -144,7 +157,7 @@ impl TargetVm for LocalTarget {
         self.0.memory()
     }
     fn restore(&self, state: &[u8]) -> Result<(), OpError> {
-        let st: VmState = state_opts().deserialize(state)?;
+        let st: VmState = crate::state::decode_any_version(state_opts(), state)?;
         Ok(self.0.restore_state(&st)?)
     }
     fn resume(&self) -> Result<(), OpError> {
@@ -157,7 +170,10 @@ impl TargetFactory for LocalFactory {
         local_facts()
     }
     fn create_paused(&self, config_blob: &[u8]) -> Result<Box<dyn TargetVm>, OpError> {
-        let config: VmConfig = serde_json::from_slice(config_blob)?;
+        let mut config: VmConfig = serde_json::from_slice(config_blob)?;
+        if let Some(hook) = &self.config_hook {
+            hook(&mut config)?;
+        }
         let vm = Arc::new(Vm::new_paused(config)?);
         match &self.install_disk_slots {
             Some(install) => install(&vm)?,
@@ -165,6 +181,9 @@ impl TargetFactory for LocalFactory {
                 return Err(
                     "the VM has disks but this node was started without virtio-blk slots".into(),
                 )
+            }
+            None if !vm.config().nics.is_empty() => {
+                return Err("the VM has NICs but this node was started without NIC devices".into())
             }
             None => {}
         }

@@ -64,6 +64,39 @@ pub fn facts_from_pb(f: Option<&pb::NodeFacts>) -> Result<NodeFacts, Status> {
     })
 }
 
+fn networks_to_pb(n: &std::collections::BTreeMap<String, String>) -> Vec<pb::VmNetwork> {
+    n.iter()
+        .map(|(name, bridge)| pb::VmNetwork {
+            name: name.clone(),
+            bridge: bridge.clone(),
+        })
+        .collect()
+}
+
+fn networks_from_pb(
+    n: &[pb::VmNetwork],
+) -> Result<std::collections::BTreeMap<String, String>, Status> {
+    let mut out = std::collections::BTreeMap::new();
+    for v in n {
+        if !crate::state::vm_spec::valid_network_name(&v.name) {
+            return Err(Status::invalid_argument(format!(
+                "network name {:?} is not valid (letters, digits, '.', '_', '-')",
+                v.name
+            )));
+        }
+        if out
+            .insert(v.name.clone(), text("networks.bridge", &v.bridge)?)
+            .is_some()
+        {
+            return Err(Status::invalid_argument(format!(
+                "network {:?} is listed twice",
+                v.name
+            )));
+        }
+    }
+    Ok(out)
+}
+
 pub fn registration_from_pb(r: &pb::AdmitNodeRequest) -> Result<NodeRegistration, Status> {
     if r.node_id == 0 {
         return Err(Status::invalid_argument(
@@ -86,6 +119,7 @@ pub fn registration_from_pb(r: &pb::AdmitNodeRequest) -> Result<NodeRegistration
         mgmt_subnet: text("mgmt_subnet", &r.mgmt_subnet)?,
         migration_subnet: text("migration_subnet", &r.migration_subnet)?,
         facts: facts_from_pb(r.facts.as_ref())?,
+        networks: networks_from_pb(&r.networks)?,
     })
 }
 
@@ -99,6 +133,7 @@ pub fn registration_to_pb(r: &NodeRegistration) -> pb::AdmitNodeRequest {
         mgmt_subnet: r.mgmt_subnet.clone(),
         migration_subnet: r.migration_subnet.clone(),
         facts: Some(facts_to_pb(&r.facts)),
+        networks: networks_to_pb(&r.networks),
     }
 }
 
@@ -116,6 +151,7 @@ pub fn node_to_pb(r: &NodeRecord, raft_role: &str) -> pb::NodeInfo {
         facts: Some(facts_to_pb(&g.facts)),
         state_since_unix_ms: r.state_since_unix_ms,
         raft_role: raft_role.to_string(),
+        networks: networks_to_pb(&g.networks),
     }
 }
 

@@ -8,7 +8,7 @@ use cluster_proto::vms as pb;
 use csv_volume::DiskName;
 use scheduler::RestartPriority;
 
-use crate::state::vm_spec::{BootSpec, DiskSpec, TestWorkload, VmSpec, WorkloadName};
+use crate::state::vm_spec::{BootSpec, DiskSpec, NicSpec, TestWorkload, VmSpec, WorkloadName};
 use crate::state::vms::VmRecord;
 use crate::state::ClusterState;
 
@@ -20,8 +20,10 @@ pub enum ConvertError {
     MissingBoot,
     #[error("spec.vcpus {0} is out of range (1..=32)")]
     Vcpus(u32),
-    #[error("spec.test_guest.workload {0:?} is not one of idle, dirty, mem, disk")]
+    #[error("spec.test_guest.workload {0:?} is not one of idle, dirty, mem, disk, net")]
     Workload(String),
+    #[error("spec.test_guest.net_ip {0:?} is not an IPv4 address")]
+    NetIp(String),
     #[error("spec.restart_priority {0:?} is not one of high, medium, low, none")]
     RestartPriority(String),
     #[error("spec.disks: {0:?} is not a disk name of the form volume/dir/disk.img")]
@@ -34,6 +36,7 @@ pub fn workload_name(text: &str) -> Result<WorkloadName, ConvertError> {
         "dirty" => Ok(WorkloadName::Dirty),
         "mem" => Ok(WorkloadName::Mem),
         "disk" => Ok(WorkloadName::Disk),
+        "net" => Ok(WorkloadName::Net),
         other => Err(ConvertError::Workload(other.to_owned())),
     }
 }
@@ -44,6 +47,7 @@ fn workload_str(w: WorkloadName) -> &'static str {
         WorkloadName::Dirty => "dirty",
         WorkloadName::Mem => "mem",
         WorkloadName::Disk => "disk",
+        WorkloadName::Net => "net",
     }
 }
 
@@ -85,6 +89,13 @@ pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> Result<VmSpec, ConvertError> {
             if t.hb_ms != 0 {
                 w.hb_ms = t.hb_ms;
             }
+            if !t.net_ip.is_empty() {
+                w.net_ip = Some(
+                    t.net_ip
+                        .parse()
+                        .map_err(|_| ConvertError::NetIp(t.net_ip.clone()))?,
+                );
+            }
             BootSpec::TestGuest(w)
         }
         pb::vm_spec::Boot::Kernel(k) => BootSpec::Kernel {
@@ -117,6 +128,14 @@ pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> Result<VmSpec, ConvertError> {
             .into_iter()
             .map(scheduler::NodeId)
             .collect(),
+        nics: s
+            .nics
+            .into_iter()
+            .map(|n| NicSpec {
+                network: n.network,
+                mac: n.mac,
+            })
+            .collect(),
     })
 }
 
@@ -128,6 +147,7 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
             rate_mbps: w.rate_mbps,
             seed: w.seed,
             hb_ms: w.hb_ms,
+            net_ip: w.net_ip.map(|ip| ip.to_string()).unwrap_or_default(),
         }),
         BootSpec::Kernel {
             kernel,
@@ -158,6 +178,14 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
         restart_priority: restart_priority_str(s.restart_priority).into(),
         anti_affinity: s.anti_affinity.iter().cloned().collect(),
         preferred_owners: s.preferred_owners.iter().map(|n| n.0).collect(),
+        nics: s
+            .nics
+            .iter()
+            .map(|n| pb::NicSpec {
+                network: n.network.clone(),
+                mac: n.mac.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -178,6 +206,15 @@ pub fn record_to_pb(state: &ClusterState, r: &VmRecord) -> pb::VmInfo {
         created_unix_ms: r.created_unix_ms,
         updated_unix_ms: r.updated_unix_ms,
         migrating_to: r.migrating_to.unwrap_or(0),
+        nic_taps: match r.owner {
+            Some(node) => r
+                .spec
+                .nics
+                .iter()
+                .map(|n| crate::state::vm_spec::nic_tap_name(node, &n.mac))
+                .collect(),
+            None => Vec::new(),
+        },
     }
 }
 
@@ -199,6 +236,10 @@ mod tests {
             restart_priority: "high".into(),
             anti_affinity: vec!["web".into()],
             preferred_owners: vec![2, 1],
+            nics: vec![pb::NicSpec {
+                network: "lan".into(),
+                mac: "52:54:00:00:00:07".into(),
+            }],
         }
     }
 

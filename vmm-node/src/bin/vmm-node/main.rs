@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! vmm-node run --config vm.json [--control /path/sock] [--console]
-//! vmm-node restore --snapshot DIR [--control /path/sock] [--console]
+//! vmm-node restore --snapshot DIR [--nic-tap TAP]... [--control /path/sock] [--console]
 //! vmm-node facts
 //! vmm-node receive --listen 127.0.2.1:0 [--control /path/sock] [--console]   (migration target)
 //! ```
@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use vmm_node::devices::virtio::net::install_virtio_nics;
 use vmm_node::devices::virtio::{install_virtio_slots, raw_file_opener};
 use vmm_node::{StopReason, Vm, VmConfig};
 
@@ -44,6 +45,9 @@ enum Cmd {
     Restore {
         #[arg(long)]
         snapshot: PathBuf,
+        /// TAP device of NIC i on this host (repeat, in NIC order; default: the saved names).
+        #[arg(long = "nic-tap")]
+        nic_taps: Vec<String>,
         #[arg(long)]
         control: Option<PathBuf>,
         #[arg(long)]
@@ -125,6 +129,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("parsing {}", config.display()))?;
             let vm = Vm::create(cfg).context("creating VM")?;
             install_virtio_slots(&vm, raw_file_opener(), true).context("attaching disks")?;
+            install_virtio_nics(&vm).context("creating NICs")?;
             vm.start().context("starting VM")?;
             serve_and_wait(Arc::new(vm), control, console)
         }
@@ -138,13 +143,20 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Restore {
             snapshot,
+            nic_taps,
             control,
             console,
         } => {
             let _ = vmm_node::facts::host_facts();
-            let vm = vmm_node::snapshot::restore_with(&snapshot, |vm| {
-                install_virtio_slots(vm, raw_file_opener(), false).map(|_| ())
-            })
+            let vm = vmm_node::snapshot::restore_edited(
+                &snapshot,
+                |c| Ok(c.set_nic_taps(&nic_taps)?),
+                |vm| {
+                    install_virtio_slots(vm, raw_file_opener(), false)?;
+                    install_virtio_nics(vm)?;
+                    Ok(())
+                },
+            )
             .with_context(|| format!("restoring {}", snapshot.display()))?;
             vm.resume().context("resuming VM")?;
             serve_and_wait(Arc::new(vm), control, console)

@@ -57,6 +57,10 @@ pub struct ReceiveArgs {
     /// How long to wait for the source at any step.
     #[arg(long, default_value_t = 30_000)]
     pub io_timeout_ms: u64,
+    /// TAP device of the received VM's NIC i on this host (repeat, in NIC order; default:
+    /// the source's names).
+    #[arg(long = "nic-tap")]
+    pub nic_taps: Vec<String>,
 }
 
 /// Waits for an incoming migration and returns the VM running here.
@@ -103,14 +107,20 @@ pub fn receive_vm(args: &ReceiveArgs) -> Result<Arc<Vm>, MigrationError> {
     }
     // The target's disk slots reopen the VM's raw image files on `restore_state`, after
     // the storage handoff (the cluster-agent passes its own opener for fenced disks).
+    // Its NICs open this host's TAPs (`--nic-tap`) before the state arrives.
+    let taps = args.nic_taps.clone();
     let factory = LocalFactory::with_disk_slots(Arc::new(|vm: &Vm| {
         vmm_node::devices::virtio::install_virtio_slots(
             vm,
             vmm_node::devices::virtio::raw_file_opener(),
             false,
-        )
-        .map(|_| ())
-        .map_err(Into::into)
+        )?;
+        vmm_node::devices::virtio::net::install_virtio_nics(vm)?;
+        Ok(())
+    }))
+    .with_config_hook(Arc::new(move |c: &mut vmm_node::VmConfig| {
+        c.set_nic_taps(&taps)?;
+        Ok(())
     }));
     let received = serve(&listener, &factory, &NoHandoff, &opts)?;
     let vm = factory.last_vm().ok_or(MigrationError::InvalidOptions(

@@ -856,7 +856,7 @@ impl MmioDevice for VirtioBlk {
         match self.transport.write(offset, data, features, &self.mem) {
             MmioEvent::None => {}
             MmioEvent::Reset => tracing::debug!(slot = self.slot, "virtio-blk reset by the driver"),
-            MmioEvent::QueueNotify => {
+            MmioEvent::QueueNotify(_) => {
                 self.process_queue();
             }
             MmioEvent::GuestError(what) => self.guest_error(what),

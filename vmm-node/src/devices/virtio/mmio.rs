@@ -1,10 +1,11 @@
 //! The virtio-mmio transport (virtio 1.x, register layout version 2), as a register
-//! state machine with one split virtqueue.
+//! state machine with one or more split virtqueues.
 //!
-//! [`MmioTransport`] knows nothing about block devices: it decodes the guest's register
-//! accesses, negotiates features, configures the queue and tells its owner what happened
-//! through [`MmioEvent`]. Device-specific parts (features offered, configuration space,
-//! what a queue notification does) are passed in by the owner.
+//! [`MmioTransport`] knows nothing about block or network devices: it decodes the guest's
+//! register accesses, negotiates features, configures the queues and tells its owner what
+//! happened through [`MmioEvent`]. Device-specific parts (features offered, feature
+//! dependencies, configuration space, what a queue notification does) are passed in by the
+//! owner. virtio-blk uses one queue; virtio-net two (receive, transmit).
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
@@ -73,8 +74,8 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub enum MmioEvent {
     /// Nothing beyond the register update.
     None,
-    /// The guest notified queue 0: process the available ring.
-    QueueNotify,
+    /// The guest notified the queue with this index (always below the queue count).
+    QueueNotify(u16),
     /// The guest reset the device (status 0); the transport is already reset.
     Reset,
     /// The guest accessed a register in a way the specification forbids (wrong width,
@@ -82,7 +83,11 @@ pub enum MmioEvent {
     GuestError(&'static str),
 }
 
-/// The transport registers and the single virtqueue.
+/// Checks a feature set the driver accepted (beyond "offered by the device"); returns why
+/// it is refused.
+pub type FeatureCheck = fn(u64) -> Result<(), &'static str>;
+
+/// The transport registers and the virtqueues.
 #[derive(Debug)]
 pub struct MmioTransport {
     device_id: u32,
@@ -91,9 +96,10 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     status: u32,
     queue_sel: u32,
-    queue: Queue,
+    queues: Vec<Queue>,
     interrupt_status: u32,
     config_generation: u32,
+    feature_check: Option<FeatureCheck>,
 }
 
 /// Serializable snapshot of [`MmioTransport`].
@@ -114,7 +120,8 @@ pub struct MmioTransportState {
     pub interrupt_status: u32,
     /// Configuration generation counter.
     pub config_generation: u32,
-    /// The virtqueue.
+    /// The virtqueue (queue 0; a device with more queues saves the others beside this
+    /// state, see [`MmioTransport::save_queues`]).
     pub queue: QueueSnapshot,
 }
 
@@ -196,6 +203,14 @@ pub enum MmioStateError {
         /// This device's value.
         device: u16,
     },
+    /// The saved state has another number of queues than the device.
+    #[error("saved state has {saved} virtqueues, the device has {device}")]
+    QueueCount {
+        /// Saved value.
+        saved: usize,
+        /// This device's value.
+        device: usize,
+    },
     /// The saved features include bits this device does not offer.
     #[error(
         "saved driver features {saved:#x} include bits the device does not offer ({offered:#x})"
@@ -212,6 +227,18 @@ impl MmioTransport {
     /// A transport for device type `device_id` with one queue of at most `queue_max_size`
     /// entries (a power of two).
     pub fn new(device_id: u32, queue_max_size: u16) -> Result<Self, virtio_queue::Error> {
+        Self::with_queues(device_id, queue_max_size, 1)
+    }
+
+    /// A transport with `queues` queues (at least one) of at most `queue_max_size` entries.
+    pub fn with_queues(
+        device_id: u32,
+        queue_max_size: u16,
+        queues: usize,
+    ) -> Result<Self, virtio_queue::Error> {
+        let queues = (0..queues.max(1))
+            .map(|_| Queue::new(queue_max_size))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             device_id,
             device_features_sel: 0,
@@ -219,10 +246,22 @@ impl MmioTransport {
             driver_features_sel: 0,
             status: 0,
             queue_sel: 0,
-            queue: Queue::new(queue_max_size)?,
+            queues,
             interrupt_status: 0,
             config_generation: 0,
+            feature_check: None,
         })
+    }
+
+    /// Refuse `FEATURES_OK` when `check` refuses the driver's feature set (e.g. an offload
+    /// accepted without the feature it depends on).
+    pub fn set_feature_check(&mut self, check: FeatureCheck) {
+        self.feature_check = Some(check);
+    }
+
+    /// Number of virtqueues.
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
     }
 
     /// Device status register.
@@ -251,9 +290,19 @@ impl MmioTransport {
         self.config_generation
     }
 
-    /// The virtqueue.
+    /// Queue 0 (the only queue of a single-queue device).
     pub fn queue_mut(&mut self) -> &mut Queue {
-        &mut self.queue
+        &mut self.queues[0]
+    }
+
+    /// Queue `index`, if it exists.
+    pub fn queue_at(&mut self, index: usize) -> Option<&mut Queue> {
+        self.queues.get_mut(index)
+    }
+
+    /// The selected queue, if `QueueSel` names one.
+    fn selected(&self) -> Option<&Queue> {
+        self.queues.get(self.queue_sel as usize)
     }
 
     /// Set interrupt status bits (the owner triggers the IRQ line).
@@ -281,7 +330,9 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.status = 0;
         self.queue_sel = 0;
-        self.queue.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
         self.interrupt_status = 0;
     }
 
@@ -312,7 +363,7 @@ impl MmioTransport {
         if data.len() != 4 || !offset.is_multiple_of(4) {
             return Some("register read that is not an aligned 32-bit access");
         }
-        let queue_selected = self.queue_sel == 0;
+        let selected = self.selected();
         let value: u32 = match offset {
             reg::MAGIC_VALUE => MMIO_MAGIC_VALUE,
             reg::VERSION => MMIO_VERSION,
@@ -323,9 +374,8 @@ impl MmioTransport {
                 1 => (device_features >> 32) as u32,
                 _ => 0,
             },
-            reg::QUEUE_NUM_MAX if queue_selected => u32::from(self.queue.max_size()),
-            reg::QUEUE_NUM_MAX => 0,
-            reg::QUEUE_READY => u32::from(queue_selected && self.queue.ready()),
+            reg::QUEUE_NUM_MAX => selected.map_or(0, |q| u32::from(q.max_size())),
+            reg::QUEUE_READY => u32::from(selected.is_some_and(|q| q.ready())),
             reg::INTERRUPT_STATUS => self.interrupt_status,
             reg::STATUS => self.status,
             reg::SHM_LEN_LOW..=reg::SHM_BASE_HIGH => u32::MAX, // no shared memory regions
@@ -356,10 +406,10 @@ impl MmioTransport {
             return MmioEvent::GuestError("unaligned register write");
         }
         let v = u32::from_le_bytes(bytes);
-        let queue_configurable = self.queue_sel == 0
-            && !self.queue.ready()
-            && self.status & status::FEATURES_OK != 0
-            && self.status & status::DRIVER_OK == 0;
+        let negotiating =
+            self.status & status::FEATURES_OK != 0 && self.status & status::DRIVER_OK == 0;
+        let sel = self.queue_sel as usize;
+        let queue_configurable = negotiating && self.queues.get(sel).is_some_and(|q| !q.ready());
         match offset {
             reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
@@ -384,16 +434,19 @@ impl MmioTransport {
                 let Ok(size) = u16::try_from(v) else {
                     return MmioEvent::GuestError("queue size does not fit 16 bits");
                 };
-                if self.queue.try_set_size(size).is_err() {
+                if self.queues[sel].try_set_size(size).is_err() {
                     return MmioEvent::GuestError(
                         "queue size is not a power of two within the maximum",
                     );
                 }
             }
             reg::QUEUE_DESC_LOW | reg::QUEUE_DESC_HIGH if queue_configurable => {
-                let a = merge_half(self.queue.desc_table(), offset == reg::QUEUE_DESC_HIGH, v);
-                if self
-                    .queue
+                let a = merge_half(
+                    self.queues[sel].desc_table(),
+                    offset == reg::QUEUE_DESC_HIGH,
+                    v,
+                );
+                if self.queues[sel]
                     .try_set_desc_table_address(GuestAddress(a))
                     .is_err()
                 {
@@ -401,9 +454,12 @@ impl MmioTransport {
                 }
             }
             reg::QUEUE_DRIVER_LOW | reg::QUEUE_DRIVER_HIGH if queue_configurable => {
-                let a = merge_half(self.queue.avail_ring(), offset == reg::QUEUE_DRIVER_HIGH, v);
-                if self
-                    .queue
+                let a = merge_half(
+                    self.queues[sel].avail_ring(),
+                    offset == reg::QUEUE_DRIVER_HIGH,
+                    v,
+                );
+                if self.queues[sel]
                     .try_set_avail_ring_address(GuestAddress(a))
                     .is_err()
                 {
@@ -411,22 +467,25 @@ impl MmioTransport {
                 }
             }
             reg::QUEUE_DEVICE_LOW | reg::QUEUE_DEVICE_HIGH if queue_configurable => {
-                let a = merge_half(self.queue.used_ring(), offset == reg::QUEUE_DEVICE_HIGH, v);
-                if self
-                    .queue
+                let a = merge_half(
+                    self.queues[sel].used_ring(),
+                    offset == reg::QUEUE_DEVICE_HIGH,
+                    v,
+                );
+                if self.queues[sel]
                     .try_set_used_ring_address(GuestAddress(a))
                     .is_err()
                 {
                     return MmioEvent::GuestError("used ring is not 4-byte aligned");
                 }
             }
-            reg::QUEUE_READY if self.queue_sel == 0 => match v {
-                0 => self.queue.set_ready(false),
+            reg::QUEUE_READY if sel < self.queues.len() => match v {
+                0 => self.queues[sel].set_ready(false),
                 1 if queue_configurable => {
-                    if !rings_in_memory(&self.queue, mem) {
+                    if !rings_in_memory(&self.queues[sel], mem) {
                         return MmioEvent::GuestError("queue rings lie outside guest memory");
                     }
-                    self.queue.set_ready(true);
+                    self.queues[sel].set_ready(true);
                 }
                 _ => return MmioEvent::GuestError("queue ready written in the wrong state"),
             },
@@ -441,13 +500,13 @@ impl MmioTransport {
                 return MmioEvent::GuestError("queue configured in the wrong state or queue index")
             }
             reg::QUEUE_NOTIFY => {
-                if v != 0 {
+                let Some(q) = self.queues.get(v as usize) else {
                     return MmioEvent::GuestError("notification for a queue that does not exist");
-                }
-                if !self.driver_ok() || !self.queue.ready() {
+                };
+                if !self.driver_ok() || !q.ready() {
                     return MmioEvent::GuestError("queue notified before the device is live");
                 }
-                return MmioEvent::QueueNotify;
+                return MmioEvent::QueueNotify(v as u16);
             }
             reg::INTERRUPT_ACK => self.interrupt_status &= !v,
             reg::STATUS => return self.write_status(v, device_features),
@@ -480,6 +539,10 @@ impl MmioTransport {
                     "driver accepted features the device does not offer or not VERSION_1",
                 );
             }
+            if let Some(Err(why)) = self.feature_check.map(|c| c(self.driver_features)) {
+                self.status = v & !status::FEATURES_OK;
+                return MmioEvent::GuestError(why);
+            }
         }
         if new_bits & status::DRIVER_OK != 0 && v & status::FEATURES_OK == 0 {
             self.status = v & !status::DRIVER_OK;
@@ -499,8 +562,13 @@ impl MmioTransport {
             queue_sel: self.queue_sel,
             interrupt_status: self.interrupt_status,
             config_generation: self.config_generation,
-            queue: self.queue.state().into(),
+            queue: self.queues[0].state().into(),
         }
+    }
+
+    /// Snapshots of queues 1.. (empty for a single-queue device).
+    pub fn save_queues(&self) -> Vec<QueueSnapshot> {
+        self.queues[1..].iter().map(|q| q.state().into()).collect()
     }
 
     /// Rebuild a transport for device `device_id` from a snapshot, checking it against
@@ -511,10 +579,23 @@ impl MmioTransport {
         device_features: u64,
         state: &MmioTransportState,
     ) -> Result<Self, MmioStateError> {
-        if state.queue.max_size != queue_max_size {
-            return Err(MmioStateError::QueueMax {
-                saved: state.queue.max_size,
-                device: queue_max_size,
+        Self::restore_queues(device_id, queue_max_size, device_features, state, &[], 1)
+    }
+
+    /// [`MmioTransport::restore`] for a device with `queues` queues: `extra` holds the
+    /// snapshots of queues 1.. (as [`MmioTransport::save_queues`] returned them).
+    pub fn restore_queues(
+        device_id: u32,
+        queue_max_size: u16,
+        device_features: u64,
+        state: &MmioTransportState,
+        extra: &[QueueSnapshot],
+        queues: usize,
+    ) -> Result<Self, MmioStateError> {
+        if extra.len() + 1 != queues {
+            return Err(MmioStateError::QueueCount {
+                saved: extra.len() + 1,
+                device: queues,
             });
         }
         if state.driver_features & !device_features != 0 {
@@ -523,13 +604,23 @@ impl MmioTransport {
                 offered: device_features,
             });
         }
-        let queue = Queue::try_from(QueueState::from(state.queue)).map_err(|source| {
-            MmioStateError::Queue {
-                max_size: state.queue.max_size,
-                size: state.queue.size,
-                source,
+        let mut restored = Vec::with_capacity(queues);
+        for snap in std::iter::once(&state.queue).chain(extra) {
+            if snap.max_size != queue_max_size {
+                return Err(MmioStateError::QueueMax {
+                    saved: snap.max_size,
+                    device: queue_max_size,
+                });
             }
-        })?;
+            let queue = Queue::try_from(QueueState::from(*snap)).map_err(|source| {
+                MmioStateError::Queue {
+                    max_size: snap.max_size,
+                    size: snap.size,
+                    source,
+                }
+            })?;
+            restored.push(queue);
+        }
         Ok(Self {
             device_id,
             device_features_sel: state.device_features_sel,
@@ -537,9 +628,10 @@ impl MmioTransport {
             driver_features_sel: state.driver_features_sel,
             status: state.status,
             queue_sel: state.queue_sel,
-            queue,
+            queues: restored,
             interrupt_status: state.interrupt_status,
             config_generation: state.config_generation,
+            feature_check: None,
         })
     }
 }

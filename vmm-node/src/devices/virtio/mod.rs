@@ -1,11 +1,14 @@
-//! virtio devices: the virtio-mmio transport ([`mmio`]) and virtio-blk slots ([`blk`]).
+//! virtio devices: the virtio-mmio transport ([`mmio`]), virtio-blk slots ([`blk`]) and
+//! virtio-net NICs ([`net`]).
 //!
 //! The VMM has [`VIRTIO_BLK_SLOTS`] fixed block slots; slot `i` has its MMIO window at
 //! [`slot_mmio_base`]`(i)` (size [`SLOT_MMIO_SIZE_BYTES`]) and interrupt [`slot_irq`]`(i)`.
+//! NIC windows follow the block slots (`net::nic_mmio_base`, `net::nic_irq`).
 
 pub mod blk;
 pub mod install;
 pub mod mmio;
+pub mod net;
 pub mod slots;
 
 pub use blk::{BlkStats, SlotBacking, StateDecodeError, VirtioBlk, VirtioBlkError, VirtioBlkState};
@@ -43,10 +46,16 @@ pub fn slot_kernel_cmdline(slot: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    /// The guest driver is plain freestanding C; compile it with the flags core's build
+    /// The guest drivers are plain freestanding C; compile them with the flags core's build
     /// script uses (plus `-Wextra`) so a syntax error shows up here too.
     #[test]
     fn guest_driver_compiles_freestanding() {
+        for src in ["virtio_blk.c", "virtio_net.c", "net_echo.c"] {
+            compile_freestanding(src);
+        }
+    }
+
+    fn compile_freestanding(src: &str) {
         let guest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("guest");
         let out = tempfile::tempdir().unwrap();
         let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
@@ -64,19 +73,19 @@ mod tests {
                 "-Werror",
                 "-c",
             ])
-            .arg(guest.join("virtio_blk.c"))
+            .arg(guest.join(src))
             .arg("-I")
             .arg(&guest)
             .arg("-o")
-            .arg(out.path().join("virtio_blk.o"))
+            .arg(out.path().join("driver.o"))
             .output()
             .expect("a C compiler `cc` is required");
         assert!(
             output.status.success(),
-            "virtio_blk.c does not compile:\n{}",
+            "{src} does not compile:\n{}",
             String::from_utf8_lossy(&output.stderr)
         );
-        assert!(out.path().join("virtio_blk.o").exists());
+        assert!(out.path().join("driver.o").exists());
     }
 
     #[test]

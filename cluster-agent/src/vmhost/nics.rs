@@ -1,0 +1,125 @@
+//! The host side of a VM's NICs: one TAP device per NIC, named from the node and the MAC
+//! (`state::vm_spec::nic_tap_name`), attached to the bridge the node's config maps the
+//! NIC's network to. Created with iproute2 (`ip tuntap add`, `ip link set master`) before
+//! the VMM opens them, deleted once the VM stopped or left. The agent never creates a
+//! bridge: a missing one is an error naming it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use super::spec::VmSpec;
+use super::VmHostError;
+use crate::state::vm_spec::nic_tap_name;
+
+/// Network name → host bridge, from the node's config.
+pub type Networks = BTreeMap<String, String>;
+
+/// Errors creating a VM's TAP devices.
+#[derive(Debug, thiserror::Error)]
+pub enum NicError {
+    #[error("network {network:?} is not configured on this node (its config has [[networks]] for: {known})")]
+    UnknownNetwork { network: String, known: String },
+    #[error("bridge {bridge} of network {network:?} does not exist on this node (the agent does not create bridges)")]
+    NoBridge { network: String, bridge: String },
+    #[error("`ip {args}` failed: {stderr}")]
+    Ip { args: String, stderr: String },
+    #[error("cannot run `ip` (iproute2 is needed for VM NICs)")]
+    Spawn(#[source] std::io::Error),
+}
+
+fn ip(args: &[&str]) -> Result<(), NicError> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(NicError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NicError::Ip {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// The TAP names of `spec`'s NICs on node `node`, in slot order.
+pub fn tap_names(node: u64, spec: &VmSpec) -> Vec<String> {
+    spec.nics
+        .iter()
+        .map(|n| nic_tap_name(node, &n.mac))
+        .collect()
+}
+
+/// TAPs created for a VM; deleted on drop unless [`Taps::keep`] was called (a start or
+/// receive that fails half-way leaves none behind).
+pub struct Taps {
+    names: Vec<String>,
+    armed: bool,
+}
+
+impl Taps {
+    /// The VM now owns its TAPs; [`delete_taps`] removes them when it stops or leaves.
+    pub fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Taps {
+    fn drop(&mut self) {
+        if self.armed {
+            delete(&self.names);
+        }
+    }
+}
+
+/// Creates (replacing a stale one of the same name) and attaches the TAP of each NIC of
+/// `spec` on node `node`.
+pub fn create_taps(node: u64, networks: &Networks, spec: &VmSpec) -> Result<Taps, VmHostError> {
+    let err = |source| VmHostError::Nic {
+        vm: spec.name.clone(),
+        source,
+    };
+    let mut taps = Taps {
+        names: Vec::new(),
+        armed: true,
+    };
+    for (nic, tap) in spec.nics.iter().zip(tap_names(node, spec)) {
+        let bridge = networks.get(&nic.network).ok_or_else(|| {
+            err(NicError::UnknownNetwork {
+                network: nic.network.clone(),
+                known: networks.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+        })?;
+        if !Path::new("/sys/class/net")
+            .join(bridge)
+            .join("bridge")
+            .exists()
+        {
+            return Err(err(NicError::NoBridge {
+                network: nic.network.clone(),
+                bridge: bridge.clone(),
+            }));
+        }
+        delete(std::slice::from_ref(&tap));
+        ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]).map_err(err)?;
+        taps.names.push(tap.clone());
+        ip(&["link", "set", "dev", &tap, "master", bridge, "up"]).map_err(err)?;
+    }
+    Ok(taps)
+}
+
+/// Deletes the TAPs of `spec`'s NICs on node `node` (missing ones are ignored).
+pub fn delete_taps(node: u64, spec: &VmSpec) {
+    delete(&tap_names(node, spec));
+}
+
+fn delete(names: &[String]) {
+    for t in names {
+        if Path::new("/sys/class/net").join(t).exists() {
+            if let Err(e) = ip(&["link", "del", "dev", t]) {
+                tracing::warn!(tap = %t, error = %e, "cannot delete a VM's TAP");
+            }
+        }
+    }
+}
