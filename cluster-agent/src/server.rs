@@ -116,7 +116,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             stop_rx.clone(),
         ))
     });
-    let peer_task = crate::api::serve::spawn_peer(peer, agent.clone(), stop_rx.clone());
+    let peer_task =
+        crate::api::serve::spawn_peer(peer, agent.clone(), vm_host.clone(), stop_rx.clone());
     let fence_host = vm_host.clone();
     let mgmt_task = crate::api::serve::spawn_management(
         mgmt,

@@ -733,3 +733,61 @@ async fn majority_restarted_while_one_node_is_cut_off() {
     s.cl.check(s.part.heal());
     s.check_after_heal(&["vm-c", "vm-k"]).await;
 }
+
+/// The owner is killed (kill -9) and its VM fails over; then the old owner restarts from
+/// its data dir, whose replica still names it the owner. It must not start the VM before
+/// it caught up (the chaos run found it did: before its first heartbeat round it took
+/// itself for a one-node cluster, which needs no lease acknowledgement and no catch-up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_restarted_after_its_vm_failed_over() {
+    let _serial = cluster_tests::serial().await;
+    let mut s = Scene::new(3).await;
+    let leader = s.leader().await;
+    let owner = s.others(&[leader])[0];
+    s.start_vms(&[guest("vm-r", owner)]).await;
+    let killed_us = now_unix_us();
+    let k = s.cl.kill9(owner);
+    s.cl.check(k);
+    s.failed_over(leader, "vm-r", owner, killed_us).await;
+    let started = s.cl.start(owner).await;
+    s.cl.check(started);
+    s.cl.check(s.cl.wait_node_state(leader, owner, "up", WAIT).await);
+    s.check_after_heal(&["vm-r"]).await;
+}
+
+/// A live migration held in pre-copy; its source is killed (kill -9) and restarted at
+/// once, possibly before it is marked Down. The restarted source finds the record still
+/// naming it the owner and the target with no VM and no migration here: it asks the
+/// target, which neither runs nor receives the VM, and ends the migration as failed; the
+/// VM boots again (here, or elsewhere if the failover came first). The chaos run found
+/// the record stuck with the VM running nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_source_restarted_in_precopy() {
+    let _serial = cluster_tests::serial().await;
+    let mut s = Scene::new(3).await;
+    let leader = s.leader().await;
+    let [src, dst] = [s.others(&[leader])[0], s.others(&[leader])[1]];
+    s.start_vms(&[guest("vm-o", src)]).await;
+    s.cl.vms(leader)
+        .await
+        .migrate_vm(pb::MigrateVmRequest {
+            name: "vm-o".into(),
+            to_node_id: dst,
+            max_downtime_ms: Some(1),
+            deadline_ms: Some(600_000),
+            bandwidth_bytes_per_s_max: Some(1 << 20),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("migrate: {e}{}", s.cl.logs()));
+    let rec = s.cl.running_migration(leader, "vm-o", WAIT).await.id;
+    s.cl.wait_precopy(leader, rec).await;
+    let k = s.cl.kill9(src);
+    s.cl.check(k);
+    let started = s.cl.start(src).await;
+    s.cl.check(started);
+    let end = s.cl.migration_end(leader, rec, WAIT).await;
+    eprintln!("migration {rec} ended {}: {}", end.state, end.reason);
+    let s = s.check_after_heal(&["vm-o"]).await;
+    s.cl.wait_settled(leader, "vm-o").await;
+}

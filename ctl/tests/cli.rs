@@ -100,6 +100,9 @@ async fn tour_against_a_real_agent() {
     assert!(o.status.success(), "{:?}", text(&o));
     let o = ctl(&ep, &["kv", "get", "motd"]);
     assert_eq!(text(&o).0, "hello\n");
+    // The agent's own view on request (a one-node cluster's is current anyway).
+    let o = ctl(&ep, &["--stale", "kv", "get", "motd"]);
+    assert_eq!(text(&o).0, "hello\n");
 
     let o = ctl(&ep, &["-o", "json", "events"]);
     let (out, _) = text(&o);

@@ -304,27 +304,52 @@ pub struct AckedWrites {
 }
 
 impl AckedWrites {
-    /// Reads every acknowledged key through node `via` and panics (with the logs) naming
-    /// the first that is missing or different. Returns how many were checked.
-    pub async fn verify(&self, cluster: &Cluster, via: u64) -> usize {
-        for (k, v) in &self.acked {
-            let got = Wait::new(WAIT)
-                .until(
-                    &format!("reading acknowledged write {k} through node {via}"),
-                    || cluster.get(via, k),
-                    |_| true,
-                )
-                .await;
-            let got = cluster.check(got);
-            assert_eq!(
-                got.as_deref(),
-                Some(v.as_str()),
-                "acknowledged write {k}={v} lost (read through node {via}); {} acknowledged, {} failed{}",
-                self.acked.len(),
-                self.failed,
-                cluster.logs()
-            );
+    /// The acknowledged writes that reading through node `via` does not return as
+    /// written (`key=value, read: ...`). One linearizable read first makes `via`'s replica
+    /// hold every acknowledged write; the keys are then read from it as stale reads (one
+    /// quorum round instead of one per key).
+    pub async fn missing(&self, cluster: &Cluster, via: u64) -> Vec<String> {
+        let synced = Wait::new(WAIT)
+            .until(
+                &format!("a linearizable read through node {via}"),
+                || cluster.get(via, "checker-sync"),
+                |_| true,
+            )
+            .await;
+        if let Err(e) = synced {
+            return vec![format!("no linearizable read through node {via}: {e}")];
         }
+        let mut c = match cluster.client(via).await {
+            Ok(c) => c,
+            Err(e) => return vec![format!("node {via}: {e}")],
+        };
+        let mut out = Vec::new();
+        for (k, v) in &self.acked {
+            let mut req = tonic::Request::new(mpb::GetKvRequest { key: k.clone() });
+            req.metadata_mut().insert(
+                cluster_proto::STALE_READ_HEADER,
+                tonic::metadata::MetadataValue::from_static("true"),
+            );
+            match c.get_kv(req).await.map(tonic::Response::into_inner) {
+                Ok(r) if r.found && r.value == *v => {}
+                Ok(r) => out.push(format!("{k}={v}, read: {:?}", r.found.then_some(r.value))),
+                Err(e) => out.push(format!("{k}={v}, read failed: {e}")),
+            }
+        }
+        out
+    }
+
+    /// Reads every acknowledged key through node `via` and panics (with the logs) naming
+    /// those missing or different. Returns how many were checked.
+    pub async fn verify(&self, cluster: &Cluster, via: u64) -> usize {
+        let missing = self.missing(cluster, via).await;
+        assert!(
+            missing.is_empty(),
+            "acknowledged writes lost (read through node {via}; {} acknowledged, {} failed): {missing:?}{}",
+            self.acked.len(),
+            self.failed,
+            cluster.logs()
+        );
         self.acked.len()
     }
 }

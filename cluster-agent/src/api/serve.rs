@@ -36,9 +36,10 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 pub fn spawn_peer(
     listener: TcpListener,
     agent: Arc<Agent>,
+    host: Arc<VmHost>,
     shutdown: watch::Receiver<bool>,
 ) -> ServerTask {
-    let svc = RaftPeerServer::new(super::peer::server::PeerService { agent })
+    let svc = RaftPeerServer::new(super::peer::server::PeerService { agent, host })
         .max_decoding_message_size(PEER_MESSAGE_LEN_MAX)
         .max_encoding_message_size(PEER_MESSAGE_LEN_MAX);
     let server = tonic::transport::Server::builder()

@@ -175,6 +175,18 @@ fn host_view(host: &VmHost) -> BTreeMap<String, HostView> {
     view
 }
 
+/// This node's own committed record says Down: it runs no VM (the fence watcher stops
+/// what runs; failover may already have given its VMs to others).
+fn recorded_down(agent: &Agent) -> bool {
+    let me = agent.node_id();
+    agent.read_sm(|d| {
+        d.state
+            .nodes
+            .get(&me)
+            .is_some_and(|n| n.state == crate::state::NodeState::Down)
+    })
+}
+
 /// Run the reconciler until `shutdown` turns true; then stop every VM of this host.
 pub async fn run(
     agent: Arc<Agent>,
@@ -184,6 +196,7 @@ pub async fn run(
 ) {
     let me = agent.node_id();
     let migrating_out: Arc<std::sync::Mutex<BTreeSet<String>>> = Arc::default();
+    let mut orphans = BTreeMap::new();
     let fence = tokio::spawn(crate::control::fencing::run_fence(
         agent.clone(),
         host.clone(),
@@ -195,7 +208,7 @@ pub async fn run(
         // off while the leader fails its VMs over: start nothing (the fence watcher
         // stops what runs).
         let lease = agent.lease();
-        if !lease.held || lease.catching_up {
+        if !lease.held || lease.catching_up || recorded_down(&agent) {
             tokio::select! {
                 _ = tokio::time::sleep(crate::control::fencing::FENCE_POLL) => {}
                 _ = shutdown.changed() => break,
@@ -222,9 +235,10 @@ pub async fn run(
                 });
                 continue;
             }
-            execute(&agent, &host, action).await;
+            execute(&agent, &host, action, lease.lapses).await;
         }
         crate::control::vm_disks::reconcile(&agent, &host, &records, &busy).await;
+        resolve_orphaned_migrations(&agent, &host, &records, &busy, &mut orphans).await;
         // Woken early by newly applied entries (a new owner starts its VM at once).
         let last = applied.borrow_and_update().last_applied;
         tokio::select! {
@@ -270,6 +284,79 @@ async fn report(
         Ok(_) => tracing::info!(vm = %name, generation, state = %runtime, "vm state reported"),
         // Stale reports (a newer decision was committed meanwhile) are expected.
         Err(e) => tracing::debug!(vm = %name, error = %e, "vm state report not applied"),
+    }
+}
+
+/// How long an outgoing live migration record of this node may show no VM here and no
+/// migration running here before this node asks the target how it ended.
+pub const ORPHANED_MIGRATION_WAIT: Duration = Duration::from_secs(2);
+
+/// Resolves the records of live migrations whose source side died with an earlier agent
+/// process (kill -9 and a restart before the node was marked Down): the record still
+/// names this node the owner and the target, nothing runs here and no migration runs
+/// here, so nobody would ever end it. After [`ORPHANED_MIGRATION_WAIT`] this node asks
+/// the target: it runs the VM (the switchover happened) → the migration succeeded; it
+/// neither runs nor receives it → the migration is dead (a receive never resumes
+/// without its source, and no new one starts for this record) and failed, and the VM
+/// boots here again; it still receives it, or does not answer → ask again later.
+/// Quick migrations are left to their own recovery.
+async fn resolve_orphaned_migrations(
+    agent: &Arc<Agent>,
+    host: &Arc<VmHost>,
+    records: &[VmRecord],
+    busy: &BTreeSet<String>,
+    orphans: &mut BTreeMap<String, std::time::Instant>,
+) {
+    let me = agent.node_id();
+    let here = host_view(host);
+    let now = std::time::Instant::now();
+    let current: Vec<(String, u64)> = records
+        .iter()
+        .filter(|r| {
+            r.owner == Some(me)
+                && r.desired == DesiredState::Running
+                && !r.migration_quick
+                && !here.contains_key(&r.spec.name)
+                && !busy.contains(&r.spec.name)
+        })
+        .filter_map(|r| r.migrating_to.map(|to| (r.spec.name.clone(), to)))
+        .collect();
+    orphans.retain(|n, _| current.iter().any(|(c, _)| c == n));
+    for (name, to) in current {
+        let since = *orphans.entry(name.clone()).or_insert(now);
+        if now.saturating_duration_since(since) < ORPHANED_MIGRATION_WAIT {
+            continue;
+        }
+        orphans.insert(name.clone(), now);
+        let (ok, reason) = match agent.vm_presence(to, &name).await {
+            Ok(crate::node::peers::VmPresence::Runs) => (
+                true,
+                format!("the source agent restarted after the switchover; node {to} runs the VM"),
+            ),
+            Ok(crate::node::peers::VmPresence::Absent) => (
+                false,
+                format!(
+                    "the source agent restarted during the migration; node {to} does not run the VM"
+                ),
+            ),
+            Ok(crate::node::peers::VmPresence::Arriving) => continue,
+            Err(e) => {
+                tracing::info!(vm = %name, to, error = %e, "cannot ask the target how an orphaned migration ended yet");
+                continue;
+            }
+        };
+        tracing::warn!(vm = %name, to, ok, %reason, "orphaned migration resolved");
+        let cmd = Command::Vm(VmCommand::FinishMigration {
+            name: name.clone(),
+            to,
+            ok,
+            reason,
+            at_unix_ms: now_unix_ms(),
+            stats: None,
+        });
+        if let Err(e) = agent.write(ForwardRequest::Command(cmd)).await {
+            tracing::info!(vm = %name, error = %e, "orphaned migration end not committed");
+        }
     }
 }
 
@@ -477,14 +564,37 @@ fn run_migration(
     ))
 }
 
+/// Why a start decided while this node held its lease (with `lapses` lapses so far) for
+/// `generation` of `name` must not go on, if it must not: the lease lapsed since (the
+/// node may be cut off while the majority fails the VM over), or the record moved on.
+fn start_withdrawn(agent: &Agent, name: &str, generation: u64, lapses: u64) -> Option<String> {
+    let lease = agent.lease();
+    if !lease.held || lease.catching_up || lease.lapses != lapses {
+        return Some("this node's lease lapsed while it started the VM".into());
+    }
+    if recorded_down(agent) {
+        return Some("this node's committed record says Down".into());
+    }
+    let me = agent.node_id();
+    let current = agent.read_sm(|d| {
+        crate::state::vms::find(&d.state, name).is_some_and(|r| {
+            r.owner == Some(me) && r.generation == generation && r.desired == DesiredState::Running
+        })
+    });
+    (!current).then(|| "the VM's record changed while it started".into())
+}
+
 /// Start `spec` here: commit the locks of its disks, start it through vmhost with the
-/// grants, release the locks again if it does not start.
+/// grants, release the locks again if it does not start. The decision is checked again
+/// before and after the VM starts ([`start_withdrawn`]): a start that overlapped a lease
+/// lapse or a newer decision is stopped again at once and not reported (`None`).
 async fn start(
     agent: &Arc<Agent>,
     host: &Arc<VmHost>,
     spec: VmSpec,
     generation: u64,
-) -> (RuntimeState, String) {
+    lapses: u64,
+) -> Option<(RuntimeState, String)> {
     let name = spec.name.clone();
     // Arrived by quick migration: restore the saved image instead of booting.
     let restore = agent.read_sm(|d| {
@@ -502,9 +612,23 @@ async fn start(
         Err(e) => {
             let reason = format!("cannot lock its disks: {}", crate::error_chain(&e));
             tracing::warn!(vm = %name, error = %reason, "vm not started");
-            return (RuntimeState::Failed, reason);
+            return Some((RuntimeState::Failed, reason));
         }
     };
+    let release_cmds = |grants: &[csv_volume::LockGrant]| {
+        grants
+            .iter()
+            .map(|g| csv_volume::LockCommand::Release {
+                disk: g.disk.clone(),
+                node: g.node,
+            })
+            .collect::<Vec<_>>()
+    };
+    if let Some(why) = start_withdrawn(agent, &name, generation, lapses) {
+        tracing::warn!(vm = %name, %why, "vm start withdrawn before it ran");
+        crate::control::disk_lock_client::release_all(agent, &name, release_cmds(&grants)).await;
+        return None;
+    }
     let h = host.clone();
     let g = grants.clone();
     let started = tokio::task::spawn_blocking(move || {
@@ -515,30 +639,36 @@ async fn start(
         }
     })
     .await;
-    let failed = |reason: String| {
-        let release = grants
-            .iter()
-            .map(|g| csv_volume::LockCommand::Release {
-                disk: g.disk.clone(),
-                node: g.node,
-            })
-            .collect::<Vec<_>>();
-        (reason, release)
-    };
+    let failed = |reason: String| (reason, release_cmds(&grants));
     let (reason, release) = match started {
         Ok(Ok(_)) => {
+            if let Some(why) = start_withdrawn(agent, &name, generation, lapses) {
+                tracing::warn!(vm = %name, %why, "vm start withdrawn; stopping it again");
+                let (h, n) = (host.clone(), name.clone());
+                match tokio::task::spawn_blocking(move || h.stop(&n)).await {
+                    Ok(Ok(s)) => {
+                        crate::control::disk_lock_client::release_all(agent, &name, s.release).await
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(vm = %name, error = %crate::error_chain(&e), "vm stop failed")
+                    }
+                    Err(e) => tracing::error!(vm = %name, error = %e, "stop task failed"),
+                }
+                return None;
+            }
             tracing::info!(vm = %name, disks = grants.len(), "vm started by reconciler");
-            return (RuntimeState::Running, String::new());
+            return Some((RuntimeState::Running, String::new()));
         }
         Ok(Err(e)) => failed(e),
         Err(e) => failed(format!("start task failed: {e}")),
     };
     tracing::warn!(vm = %name, error = %reason, "vm failed to start");
     crate::control::disk_lock_client::release_all(agent, &name, release).await;
-    (RuntimeState::Failed, reason)
+    Some((RuntimeState::Failed, reason))
 }
 
-async fn execute(agent: &Arc<Agent>, host: &Arc<VmHost>, action: Action) {
+/// Execute `action`, decided while this node's lease had seen `lapses` lapses.
+async fn execute(agent: &Arc<Agent>, host: &Arc<VmHost>, action: Action, lapses: u64) {
     match action {
         Action::MigrateOut { name, to } => {
             // Run by the loop on its own task; reaching here means a caller bypassed it.
@@ -546,8 +676,9 @@ async fn execute(agent: &Arc<Agent>, host: &Arc<VmHost>, action: Action) {
         }
         Action::Start { spec, generation } => {
             let name = spec.name.clone();
-            let (runtime, reason) = start(agent, host, *spec, generation).await;
-            report(agent, name, generation, runtime, reason).await;
+            if let Some((runtime, reason)) = start(agent, host, *spec, generation, lapses).await {
+                report(agent, name, generation, runtime, reason).await;
+            }
         }
         Action::Stop { name, report: rep } => {
             let h = host.clone();

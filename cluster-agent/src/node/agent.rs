@@ -406,6 +406,26 @@ impl Agent {
             .map_err(|e| fwd_err(e.0))?
     }
 
+    /// Whether node `node`'s VMM runs or receives `vm`, asked over the peer plane.
+    pub async fn vm_presence(
+        &self,
+        node: u64,
+        vm: &str,
+    ) -> Result<super::peers::VmPresence, super::peers::PeerCallError> {
+        let addr = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&node)
+            .map(|n| n.raft_addr.clone())
+            .ok_or_else(|| super::peers::PeerCallError(format!("node {node} is not a member")))?;
+        self.peers
+            .vm_presence(&addr, vm, self.config.rpc_timeout)
+            .await
+    }
+
     /// Execute a write on this agent, which must be the leader.
     pub async fn execute_as_leader(&self, req: ForwardRequest) -> Result<ForwardReply, WriteError> {
         match req {
@@ -634,11 +654,17 @@ impl Agent {
         });
     }
 
-    /// This node's lease (see `liveness`): whether it may run VMs now.
+    /// This node's lease (see `liveness`): whether it may run VMs now. The members are
+    /// taken from the applied state first: before its first heartbeat round a restarted
+    /// agent must not take itself for a one-node cluster (which needs no acknowledgement
+    /// and no catch-up) and start VMs from its stale replica.
     pub fn lease(&self) -> crate::node::liveness::LeaseView {
         let m = self.raft.metrics().borrow().clone();
         let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
-        self.lock_liveness().lease(Instant::now(), applied)
+        let members: Vec<u64> = self.read_sm(|d| d.state.nodes.keys().copied().collect());
+        let mut l = self.lock_liveness();
+        l.set_members(members);
+        l.lease(Instant::now(), applied)
     }
 }
 

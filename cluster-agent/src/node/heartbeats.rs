@@ -69,28 +69,30 @@ impl Agent {
         }
     }
 
-    /// A node that believes it leads and waits for a catch-up target (after a lapse, or
-    /// at start) asks a quorum to confirm its term: only then is its replica known to hold
-    /// every committed entry (a leader cut off from the majority believes it leads until
-    /// it hears the higher term). One confirmation in flight at a time.
+    /// A node that waits for a catch-up target (after its lease was lost, or at start)
+    /// and holds its lease again asks for a read index: the leader's commit index as of a
+    /// moment a quorum confirmed it leads (itself when it leads: a leader cut off from the
+    /// majority believes it leads until it hears the higher term). One question in flight
+    /// at a time; an answer to a question asked before the lease was lost again is
+    /// dropped (see `Liveness::read_index_confirmed`).
     fn confirm_read_index(self: &Arc<Self>, confirming: &Arc<AtomicBool>) {
-        if self.leader() != Some(self.node_id()) || !self.lock_liveness().needs_catch_up_target() {
+        if !self.lease().held {
             return;
         }
+        let Some(epoch) = self.lock_liveness().needs_catch_up_target() else {
+            return;
+        };
         if confirming.swap(true, Ordering::AcqRel) {
             return;
         }
         let (agent, flag) = (self.clone(), confirming.clone());
-        let timeout = self.config().down_after;
         tokio::spawn(async move {
-            match tokio::time::timeout(timeout, agent.raft().ensure_linearizable()).await {
-                Ok(Ok(read)) => {
-                    let index = read.map(|l| l.index).unwrap_or(0);
-                    tracing::info!(read_index = index, "leadership confirmed by a quorum");
-                    agent.lock_liveness().read_index_confirmed(index);
+            match agent.read_index_once().await {
+                Ok(index) => {
+                    tracing::info!(read_index = index, "catch-up target: the read index");
+                    agent.lock_liveness().read_index_confirmed(index, epoch);
                 }
-                Ok(Err(e)) => tracing::info!(error = %e, "leadership not confirmed"),
-                Err(_) => tracing::info!("leadership not confirmed in time"),
+                Err(e) => tracing::info!(error = %e, "no read index for the catch-up yet"),
             }
             flag.store(false, Ordering::Release);
         });

@@ -12,9 +12,10 @@
 //!   the last `lease` (= `down_after / 2`). When the lease is not held, or lapsed at any
 //!   moment since the last check (a lapse is latched at the next renewal), the fence
 //!   watcher stops every local VM at once (`control::fencing`). After a lapse (and after the
-//!   agent starts), the node starts no VM until it has applied the leader's applied
-//!   index learned from a heartbeat reply received after the lapse; it also stops its
-//!   VMs while its own committed record says Down.
+//!   agent starts), the node starts no VM until it has applied a read index asked for
+//!   after it held its lease again (the leader's commit index as of a moment a quorum
+//!   confirmed it leads, `node::reads`); it also stops its VMs while its own committed
+//!   record says Down.
 //! * **Down.** The leader marks node `N` Down only when at least `n − ⌊n/2⌋` nodes other
 //!   than `N` (itself included, each with a report at most `fresh` = `down_after −
 //!   lease` old) have not heard `N` for `down_after`. Every majority that could renew
@@ -62,8 +63,8 @@ pub struct HeartbeatAck {
     pub term: u64,
     /// False when the member is not the leader.
     pub accepted: bool,
-    /// The member's last applied log index (a fenced node catches up to the leader's
-    /// before it starts VMs again).
+    /// The member's last applied log index (informational: a node catching up after a
+    /// lapse waits for a read index, not for this).
     pub last_applied: u64,
 }
 
@@ -148,9 +149,12 @@ pub struct Liveness {
     members: Vec<u64>,
     lease_until: Option<Instant>,
     lapses: u64,
-    /// After a lapse or at start: `None` until a leader's applied index arrives, then
+    /// After a lapse or at start: `None` until a read index learned since arrives, then
     /// `Some(index)` to reach; cleared once applied.
     catch_up: Option<Option<u64>>,
+    /// Counts the moments the lease was seen lost (a latched lapse, or not held at a
+    /// check): a read index asked for before the latest one is not a catch-up target.
+    lost_epoch: u64,
 }
 
 impl Liveness {
@@ -166,6 +170,7 @@ impl Liveness {
             lease_until: None,
             lapses: 0,
             catch_up: Some(None),
+            lost_epoch: 0,
         }
     }
 
@@ -218,8 +223,8 @@ impl Liveness {
         );
     }
 
-    /// A peer acknowledged the heartbeat sent at `sent`; `reply` tells whether it leads.
-    pub fn acked(&mut self, peer: u64, sent: Instant, reply: &HeartbeatAck, now: Instant) {
+    /// A peer acknowledged the heartbeat sent at `sent`.
+    pub fn acked(&mut self, peer: u64, sent: Instant, _reply: &HeartbeatAck, now: Instant) {
         if !self.members.contains(&peer) {
             return;
         }
@@ -228,11 +233,12 @@ impl Liveness {
             *e = sent;
         }
         self.renew(now);
-        if reply.accepted && reply.leader_id == peer {
-            if let Some(None) = self.catch_up {
-                self.catch_up = Some(Some(reply.last_applied));
-            }
-        }
+    }
+
+    /// The lease is lost (again): catch up anew, and forget read indexes asked for before.
+    fn lost(&mut self) {
+        self.catch_up = Some(None);
+        self.lost_epoch += 1;
     }
 
     fn renew(&mut self, now: Instant) {
@@ -249,7 +255,7 @@ impl Liveness {
         if self.lease_until.is_some_and(|u| now > u) {
             // The lease had run out before this renewal: latch the lapse.
             self.lapses += 1;
-            self.catch_up = Some(None);
+            self.lost();
         }
         if new > self.lease_until {
             self.lease_until = new;
@@ -258,12 +264,12 @@ impl Liveness {
 
     /// Check the lease now (also latches a lapse that no renewal has seen yet).
     /// `applied`: this replica's applied index. After a lapse (and at start) the node
-    /// catches up to an index learned *after* the lapse from a source that has every
-    /// committed entry: the leader's applied index in a heartbeat reply
-    /// ([`Liveness::acked`]), or — when this node believes it leads — a read index a
-    /// quorum confirmed in its current term ([`Liveness::read_index_confirmed`]). Believing
-    /// to lead is not enough: a leader cut off from the majority still believes it until
-    /// it hears the higher term, and its replica lacks everything committed meanwhile.
+    /// catches up to a **read index** asked for *after* the lease was last seen lost: the
+    /// leader's commit index as of a moment a quorum confirmed it still leads
+    /// ([`Liveness::read_index_confirmed`]; the leader's *applied* index could trail a
+    /// just-committed decision, and believing to lead is not enough: a leader cut off
+    /// from the majority still believes it until it hears the higher term, and its replica
+    /// lacks everything committed meanwhile).
     pub fn lease(&mut self, now: Instant, applied: u64) -> LeaseView {
         if acks_needed(self.members.len()) == 0 {
             // A one-node cluster: nobody else can take over its VMs.
@@ -271,8 +277,8 @@ impl Liveness {
             self.catch_up = None;
         }
         let held = self.lease_until.is_some_and(|u| now <= u);
-        if !held && self.catch_up.is_none() {
-            self.catch_up = Some(None);
+        if !held {
+            self.lost();
         }
         if let Some(Some(target)) = self.catch_up {
             if applied >= target {
@@ -287,15 +293,16 @@ impl Liveness {
     }
 
     /// The node waits for a catch-up target (after a lapse or at start) and has none yet:
-    /// a leader should confirm a read index with a quorum.
-    pub fn needs_catch_up_target(&self) -> bool {
-        self.catch_up == Some(None)
+    /// it should ask for a read index; `Some(epoch)` to hand back with the answer.
+    pub fn needs_catch_up_target(&self) -> Option<u64> {
+        (self.catch_up == Some(None)).then_some(self.lost_epoch)
     }
 
-    /// This node, as leader, had a quorum confirm its term after the lapse: its replica
-    /// is complete up to `index` (the confirmed read index, already applied).
-    pub fn read_index_confirmed(&mut self, index: u64) {
-        if self.catch_up == Some(None) {
+    /// A read index asked for at `epoch` (from [`Liveness::needs_catch_up_target`]) was
+    /// confirmed: every entry committed before the question is at or below `index`. It
+    /// becomes the catch-up target unless the lease was lost again since the question.
+    pub fn read_index_confirmed(&mut self, index: u64, epoch: u64) {
+        if self.catch_up == Some(None) && epoch == self.lost_epoch {
             self.catch_up = Some(Some(index));
         }
     }
@@ -436,7 +443,10 @@ mod tests {
         l.acked(2, t0, &ack(true, 2, 7), t0);
         let v = l.lease(t0 + Duration::from_millis(400), 0);
         assert!(v.held && v.catching_up);
-        // Caught up once the leader's applied index (7) is applied here.
+        // A heartbeat reply is no catch-up target; a read index asked for now is.
+        let epoch = l.needs_catch_up_target().unwrap_or_default();
+        l.read_index_confirmed(7, epoch);
+        assert!(l.lease(t0 + Duration::from_millis(400), 6).catching_up);
         assert!(!l.lease(t0 + Duration::from_millis(400), 7).catching_up);
         // Expired after `lease` (500 ms) without a newer acknowledgement.
         assert!(!l.lease(t0 + Duration::from_millis(600), 7).held);
@@ -451,28 +461,38 @@ mod tests {
     }
 
     #[test]
-    fn a_cut_off_leader_regaining_its_lease_waits_for_the_new_leaders_index() {
-        // Node 1 led, was cut off (lease lapsed), and the cut heals: peers acknowledge
-        // its heartbeats again. Believing it still leads must not let it start VMs from
-        // its stale replica; it catches up to the index the new leader (2) reports.
+    fn a_node_regaining_its_lease_waits_for_a_read_index_asked_for_since() {
+        // Node 1 was cut off (lease lapsed), and the cut heals: peers acknowledge its
+        // heartbeats again. It must not start VMs from its stale replica; it catches up to
+        // a read index asked for after it regained the lease.
         let t = Timing::new(Duration::from_millis(100), Duration::from_millis(1000));
         let mut l = Liveness::new(1, t);
         l.set_members(vec![1, 2, 3]);
         let t0 = Instant::now();
         l.acked(3, t0, &ack(false, 3, 0), t0);
-        l.read_index_confirmed(5);
+        let before_cut = l.needs_catch_up_target().unwrap_or_default();
+        l.read_index_confirmed(5, before_cut);
         assert!(!l.lease(t0, 5).catching_up, "caught up before the cut");
+        // A read index asked for before the cut and answered after it does not count.
+        let asked = l.needs_catch_up_target();
+        assert_eq!(asked, None, "nothing to ask while caught up");
         let healed = t0 + Duration::from_millis(3000);
         assert!(!l.lease(healed, 5).held, "lapsed during the cut");
+        let during_cut = l.needs_catch_up_target().unwrap_or_default();
         l.acked(3, healed, &ack(false, 3, 0), healed);
         let v = l.lease(healed, 5);
         assert!(
             v.held && v.catching_up,
             "lease back, still catching up: {v:?}"
         );
-        assert!(l.needs_catch_up_target());
-        l.acked(2, healed, &ack(true, 2, 40), healed);
-        assert!(!l.needs_catch_up_target());
+        l.read_index_confirmed(6, during_cut);
+        assert!(
+            l.lease(healed, 6).catching_up,
+            "asked while the lease was lost: not a target"
+        );
+        let epoch = l.needs_catch_up_target().unwrap_or_default();
+        l.read_index_confirmed(40, epoch);
+        assert_eq!(l.needs_catch_up_target(), None);
         assert!(l.lease(healed, 39).catching_up, "one entry short");
         assert!(!l.lease(healed, 40).catching_up);
     }
@@ -485,11 +505,12 @@ mod tests {
         let t0 = Instant::now();
         l.acked(2, t0, &ack(false, 2, 0), t0);
         assert!(l.lease(t0, 9).catching_up, "at start: no target yet");
-        l.read_index_confirmed(12);
+        let epoch = l.needs_catch_up_target().unwrap_or_default();
+        l.read_index_confirmed(12, epoch);
         assert!(l.lease(t0, 11).catching_up);
         assert!(!l.lease(t0, 12).catching_up);
         // A confirmation that arrives when nothing is pending changes nothing.
-        l.read_index_confirmed(100);
+        l.read_index_confirmed(100, epoch);
         assert!(!l.lease(t0, 12).catching_up);
     }
 

@@ -37,6 +37,14 @@ pub trait PeerClient: Send + Sync + 'static {
         timeout: Duration,
     ) -> PeerFuture<Result<HeartbeatAck, PeerCallError>>;
 
+    /// Ask the member at `raft_addr` whether its VMM runs or receives `vm`.
+    fn vm_presence(
+        &self,
+        raft_addr: &str,
+        vm: &str,
+        timeout: Duration,
+    ) -> PeerFuture<Result<VmPresence, PeerCallError>>;
+
     /// Ask the leader at `raft_addr` for a read index (see [`ReadIndex`]).
     fn read_index(
         &self,
@@ -44,6 +52,17 @@ pub trait PeerClient: Send + Sync + 'static {
         from: u64,
         timeout: Duration,
     ) -> PeerFuture<Result<ReadIndex, PeerCallError>>;
+}
+
+/// What a member's VMM holds of one VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmPresence {
+    /// Registered on its host: it runs (or is paused) there.
+    Runs,
+    /// An incoming live migration of it is in progress there.
+    Arriving,
+    /// Neither.
+    Absent,
 }
 
 /// A leader's answer to a read-index request.

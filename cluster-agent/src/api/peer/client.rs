@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use cluster_proto::raft::raft_peer_client::RaftPeerClient;
 use cluster_proto::raft::{
-    HeartbeatRequest, PeerSilence as PbSilence, RaftPayload, ReadIndexRequest,
+    HeartbeatRequest, PeerSilence as PbSilence, RaftPayload, ReadIndexRequest, VmPresenceRequest,
 };
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -26,7 +26,7 @@ use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::node::liveness::{Heartbeat, HeartbeatAck};
-use crate::node::peers::{PeerCallError, PeerClient, PeerFuture, ReadIndex};
+use crate::node::peers::{PeerCallError, PeerClient, PeerFuture, ReadIndex, VmPresence};
 use crate::node::{ForwardReply, ForwardRequest, WriteError};
 use crate::raft::{NodeId, PeerNode, TypeConfig};
 
@@ -300,6 +300,41 @@ impl PeerClient for GrpcPeers {
                 ))),
                 Err(_) => Err(PeerCallError(format!(
                     "heartbeat timed out after {} ms",
+                    timeout.as_millis()
+                ))),
+            }
+        })
+    }
+
+    fn vm_presence(
+        &self,
+        raft_addr: &str,
+        vm: &str,
+        timeout: Duration,
+    ) -> PeerFuture<Result<VmPresence, PeerCallError>> {
+        let client = self.heartbeat_client(raft_addr, timeout);
+        let vm = vm.to_owned();
+        Box::pin(async move {
+            let mut client = client.map_err(|e| call_err(&e))?;
+            match tokio::time::timeout(timeout, client.vm_presence(VmPresenceRequest { vm })).await
+            {
+                Ok(Ok(reply)) => {
+                    let r = reply.into_inner();
+                    Ok(if r.runs {
+                        VmPresence::Runs
+                    } else if r.arriving {
+                        VmPresence::Arriving
+                    } else {
+                        VmPresence::Absent
+                    })
+                }
+                Ok(Err(s)) => Err(PeerCallError(format!(
+                    "vm presence not answered: {:?}: {}",
+                    s.code(),
+                    s.message()
+                ))),
+                Err(_) => Err(PeerCallError(format!(
+                    "vm presence not answered within {} ms",
                     timeout.as_millis()
                 ))),
             }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use cluster_proto::raft::raft_peer_server::RaftPeer;
 use cluster_proto::raft::{
     HeartbeatReply, HeartbeatRequest, RaftPayload, ReadIndexReply, ReadIndexRequest,
+    VmPresenceReply, VmPresenceRequest,
 };
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
@@ -18,6 +19,8 @@ use crate::raft::{NodeId, TypeConfig};
 
 pub struct PeerService {
     pub agent: Arc<Agent>,
+    /// This node's VMM (for [`RaftPeer::vm_presence`]).
+    pub host: Arc<crate::vmhost::VmHost>,
 }
 
 fn reply<T: serde::Serialize>(what: &'static str, v: &T) -> Result<Response<RaftPayload>, Status> {
@@ -100,6 +103,20 @@ impl RaftPeer for PeerService {
             term: m.current_term,
             accepted,
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+        }))
+    }
+
+    async fn vm_presence(
+        &self,
+        request: Request<VmPresenceRequest>,
+    ) -> Result<Response<VmPresenceReply>, Status> {
+        let vm = &request.get_ref().vm;
+        if vm.is_empty() {
+            return Err(Status::invalid_argument("vm is empty: give the VM's name"));
+        }
+        Ok(Response::new(VmPresenceReply {
+            runs: self.host.list().iter().any(|i| &i.name == vm),
+            arriving: self.host.arriving().iter().any(|n| n == vm),
         }))
     }
 
