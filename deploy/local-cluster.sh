@@ -9,6 +9,12 @@
 # Prometheus metrics http://127.0.1.i:7004/metrics; data, logs and pid files under
 # .local-cluster/; the shared volume "vol" (every node sees the same directory, standing in
 # for shared storage) is .local-cluster/volumes/vol. Binaries are built (debug) first.
+#
+# Every listener speaks mutual TLS. The first start creates the cluster CA in
+# .local-cluster/pki (node 1 also holds its key, so it may issue certificates), a node
+# certificate for each node, an admin client certificate, and a clusterctl context
+# "local" in ~/.config/clusterctl/config.toml (or $CLUSTERCTL_CONFIG), made current:
+# plain `clusterctl cluster status` then just works.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="$ROOT/.local-cluster"
@@ -31,7 +37,33 @@ running() { # id -> exit 0 if running
     [[ -f "$pidf" ]] && kill -0 "$(cat "$pidf")" 2>/dev/null
 }
 
-ctl() { "$CTL" --endpoint "127.0.1.$1:7001" "${@:2}"; }
+PKI="$STATE/pki"
+ctl() {
+    "$CTL" --endpoint "127.0.1.$1:7001" --ca "$PKI/ca/ca.pem" \
+        --cert "$PKI/admin/cert.pem" --key "$PKI/admin/key.pem" "${@:2}"
+}
+
+# The CA, the admin's certificate and the clusterctl context (once).
+pki() {
+    if [[ ! -f "$PKI/ca/ca.pem" ]]; then
+        "$CTL" pki create-ca --dir "$PKI/ca" --cluster-name local >/dev/null
+        "$CTL" pki issue-user --ca-dir "$PKI/ca" --name admin --role admin --out "$PKI/admin" >/dev/null
+        echo "created the cluster CA and an admin certificate in $PKI"
+    fi
+    local eps=()
+    for i in $(seq 1 "$1"); do eps+=(--endpoint "127.0.1.$i:7001"); done
+    "$CTL" config add-context local "${eps[@]}" --ca "$PKI/ca/ca.pem" \
+        --cert "$PKI/admin/cert.pem" --key "$PKI/admin/key.pem" --current >/dev/null
+}
+
+# Node i's certificate (once): its identity and the addresses it serves on.
+node_cert() {
+    local i="$1" issuer=()
+    (( i == 1 )) && issuer=(--issuer)
+    [[ -f "$STATE/node-$i-tls/cert.pem" ]] ||
+        "$CTL" pki issue-node --ca-dir "$PKI/ca" --node-id "$i" --ip "127.0.1.$i" --ip "127.0.2.$i" \
+            --out "$STATE/node-$i-tls" "${issuer[@]}" >/dev/null
+}
 
 wait_ready() { # id
     for _ in $(seq 1 100); do
@@ -47,14 +79,17 @@ start() {
     [[ "$n" =~ ^[0-9]+$ ]] && (( n >= 1 && n <= 16 )) || die "N must be a number from 1 to 16, got '$n'"
     build
     mkdir -p "$STATE" "$STATE/volumes/vol"
+    pki "$n"
     local fresh=1
     [[ -d "$STATE/node-1" ]] && fresh=0
     for i in $(seq 1 "$n"); do
         running "$i" && { echo "node $i already running"; continue; }
+        node_cert "$i"
         cat > "$STATE/node-$i.toml" <<TOML
 node_id = $i
 name = "node-$i"
 data_dir = "$STATE/node-$i"
+tls_dir = "$STATE/node-$i-tls"
 mgmt_addr = "127.0.1.$i:7001"
 raft_addr = "127.0.1.$i:7002"
 migration_addr = "127.0.2.$i:7003"
@@ -84,8 +119,7 @@ TOML
     echo
     ctl 1 node list || true
     echo
-    echo "clusterctl endpoint: 127.0.1.1:7001 (export CLUSTERCTL_ENDPOINT=127.0.1.1:7001)"
-    echo "e.g. $CTL cluster status"
+    echo "clusterctl context \"local\" is current (endpoints, CA and admin certificate): e.g. $CTL cluster status"
 }
 
 stop() {

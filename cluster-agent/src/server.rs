@@ -31,6 +31,14 @@ pub enum RunError {
     Metrics(#[source] crate::api::metrics::MetricsError),
     #[error("Raft stopped with a fatal error ({0}); every VM of this node was stopped")]
     Fatal(String),
+    #[error("cannot use this node's TLS credentials")]
+    Credentials(#[source] crate::api::tls::CredentialsError),
+    #[error("cannot start the {service} listener")]
+    Listen {
+        service: &'static str,
+        #[source]
+        source: crate::api::serve::ServeError,
+    },
     #[error("the {service} service failed")]
     Serve {
         service: &'static str,
@@ -48,6 +56,7 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, RunErr
 /// Run the agent until `shutdown` resolves, then stop cleanly.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     crate::control::crash_point::check_env().map_err(RunError::CrashPoint)?;
+    let credentials = crate::api::tls::load_credentials(&config).map_err(RunError::Credentials)?;
     let mgmt = bind("mgmt_addr", config.mgmt_addr).await?;
     let peer = bind("raft_addr", config.raft_addr).await?;
     let metrics = match config.metrics_addr {
@@ -61,11 +70,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let network = crate::api::peer::client::Network {
         rpc_timeout: config.rpc_timeout,
         local_ip: config.raft_source_ip(),
+        credentials: credentials.clone(),
     };
     let peers = Arc::new(crate::api::peer::client::GrpcPeers::new(
         config.raft_source_ip(),
+        credentials.clone(),
     ));
-    let agent = Agent::start(config, network, peers)
+    let agent = Agent::start(config, credentials, network, peers)
         .await
         .map_err(RunError::Start)?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -117,7 +128,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         ))
     });
     let peer_task =
-        crate::api::serve::spawn_peer(peer, agent.clone(), vm_host.clone(), stop_rx.clone());
+        crate::api::serve::spawn_peer(peer, agent.clone(), vm_host.clone(), stop_rx.clone())
+            .map_err(|source| RunError::Listen {
+                service: "raft peer",
+                source,
+            })?;
     let fence_host = vm_host.clone();
     let mgmt_task = crate::api::serve::spawn_management(
         mgmt,
@@ -125,7 +140,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         vm_host,
         progress,
         stop_rx.clone(),
-    );
+    )
+    .map_err(|source| RunError::Listen {
+        service: "management",
+        source,
+    })?;
     tracing::info!(
         node_id = agent.node_id(),
         mgmt_addr = %agent.config().mgmt_addr,

@@ -24,8 +24,7 @@ async fn health_and_reflection_on_the_management_listener() {
     let spec = c.check(spec);
     let r = c.start(1).await;
     c.check(r);
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", spec.mgmt_addr))
-        .unwrap_or_else(|e| panic!("endpoint: {e}"))
+    let ch = cluster_tests::pki::admin_endpoint(spec.mgmt_addr)
         .connect()
         .await
         .unwrap_or_else(|e| panic!("connect {}: {e}", spec.mgmt_addr));

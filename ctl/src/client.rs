@@ -1,11 +1,41 @@
 //! Connecting to an agent's management service, with errors a person can act on.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use cluster_proto::management::management_client::ManagementClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+/// The TLS of every connection (set once by `main` from flags, env or the context).
+static TLS: OnceLock<Tls> = OnceLock::new();
+
+/// Credentials in use: the CA that agents' certificates must chain to, and the client
+/// certificate (without one, agents answer only the health check).
+#[derive(Clone)]
+pub struct Tls {
+    pub ca_path: std::path::PathBuf,
+    pub ca_pem: String,
+    pub cert_path: Option<std::path::PathBuf>,
+    pub identity: Option<(String, String)>,
+}
+
+/// Use `tls` for every connection from now on.
+pub fn use_tls(tls: Tls) {
+    let _ = TLS.set(tls);
+}
+
+fn tls_config() -> Option<tonic::transport::ClientTlsConfig> {
+    TLS.get().map(|t| {
+        let mut c = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&t.ca_pem));
+        if let Some((cert, key)) = &t.identity {
+            c = c.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        c
+    })
+}
 
 /// Set once by `--stale`: every call asks the agent for its own, possibly stale view.
 static STALE_READS: AtomicBool = AtomicBool::new(false);
@@ -39,6 +69,15 @@ fn conn(channel: Channel) -> Conn {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
+    #[error("config {path}: {reason}")]
+    Config {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("{0}")]
+    Credentials(String),
+    #[error("{0}")]
+    Local(String),
     #[error("{endpoint:?} is not a valid agent address (expected IP:port, e.g. 127.0.1.1:7001)")]
     BadEndpoint { endpoint: String },
     #[error("no cluster agent reachable at {endpoint}: {cause}")]
@@ -69,9 +108,13 @@ impl CtlError {
     }
 }
 
-/// Normalize "host:port" or "http://host:port" to a URI.
+/// Normalize "host:port", "http://host:port" or "https://host:port" to the agent's URI
+/// (always TLS).
 pub fn endpoint_uri(endpoint: &str) -> Result<String, CtlError> {
-    let bare = endpoint.trim().trim_start_matches("http://");
+    let bare = endpoint
+        .trim()
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
     let bad = || CtlError::BadEndpoint {
         endpoint: endpoint.to_string(),
     };
@@ -79,7 +122,7 @@ pub fn endpoint_uri(endpoint: &str) -> Result<String, CtlError> {
     if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
         return Err(bad());
     }
-    Ok(format!("http://{bare}"))
+    Ok(format!("https://{bare}"))
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -93,16 +136,62 @@ fn chain(e: &dyn std::error::Error) -> String {
         }
         cur = c.source();
     }
-    s
+    explain_tls(&s).unwrap_or(s)
+}
+
+/// A TLS failure in words an operator can act on (`None`: not a TLS failure we know).
+fn explain_tls(cause: &str) -> Option<String> {
+    let t = TLS.get()?;
+    let cert = t
+        .cert_path
+        .as_ref()
+        .map_or("(none)".to_string(), |p| p.display().to_string());
+    let ca = t.ca_path.display();
+    if cause.contains("UnknownIssuer") || cause.contains("BadSignature") {
+        Some(format!(
+            "the agent's certificate is not signed by the CA in {ca} (another cluster, or the wrong --ca): {cause}"
+        ))
+    } else if cause.contains("CertificateExpired") || cause.contains("Expired") {
+        Some(format!(
+            "a certificate has expired (yours: {cert}; or the agent's): {cause}"
+        ))
+    } else if cause.contains("UnknownCA")
+        || cause.contains("BadCertificate")
+        || cause.contains("DecryptError")
+    {
+        Some(format!(
+            "the agent refused the client certificate {cert} (not issued by this cluster's CA?): {cause}"
+        ))
+    } else if cause.contains("NotValidForName") {
+        Some(format!(
+            "the agent's certificate does not carry the address you connected to: {cause}"
+        ))
+    } else if cause.contains("CertificateRequired") {
+        Some(format!(
+            "the agent requires a client certificate; give --cert and --key (or a context): {cause}"
+        ))
+    } else {
+        None
+    }
 }
 
 /// The agent at `endpoint`, with a connect timeout of at most 3 s.
 fn agent(endpoint: &str, timeout: Duration) -> Result<Endpoint, CtlError> {
     let uri = endpoint_uri(endpoint)?;
+    let bad = || CtlError::BadEndpoint {
+        endpoint: endpoint.to_string(),
+    };
+    let tls = tls_config().ok_or_else(|| {
+        CtlError::Credentials(
+            "no cluster CA certificate: give --ca (and --cert/--key), set CLUSTERCTL_CA, or \
+             add a context to the config (`clusterctl config add-context`)"
+                .into(),
+        )
+    })?;
     Ok(Endpoint::from_shared(uri)
-        .map_err(|_| CtlError::BadEndpoint {
-            endpoint: endpoint.to_string(),
-        })?
+        .map_err(|_| bad())?
+        .tls_config(tls)
+        .map_err(|e| CtlError::Credentials(format!("the TLS credentials are not usable: {e}")))?
         .connect_timeout(Duration::from_secs(3).min(timeout)))
 }
 
@@ -131,7 +220,7 @@ pub async fn service<C>(
         .await
         .map_err(|e| CtlError::Unreachable {
             endpoint: endpoint.to_string(),
-            cause: e.to_string(),
+            cause: chain(&e),
         })?;
     Ok(new(conn(channel)))
 }
@@ -167,9 +256,13 @@ pub fn status_error(endpoint: &str, timeout: Duration, s: tonic::Status) -> CtlE
         tonic::Code::Unknown | tonic::Code::Unavailable
             if s.message().contains("transport error") || s.message().contains("connection") =>
         {
+            let cause = match std::error::Error::source(&s) {
+                Some(src) => format!("{}: {}", s.message(), chain(src)),
+                None => s.message().to_string(),
+            };
             CtlError::Unreachable {
                 endpoint: endpoint.to_string(),
-                cause: s.message().to_string(),
+                cause: explain_tls(&cause).unwrap_or(cause),
             }
         }
         code if s.message().is_empty() => CtlError::Refused {
@@ -191,11 +284,11 @@ mod tests {
     fn endpoints_are_normalized_or_refused() {
         assert_eq!(
             endpoint_uri("127.0.1.1:7001").ok().as_deref(),
-            Some("http://127.0.1.1:7001")
+            Some("https://127.0.1.1:7001")
         );
         assert_eq!(
             endpoint_uri("http://10.0.0.1:1").ok().as_deref(),
-            Some("http://10.0.0.1:1")
+            Some("https://10.0.0.1:1")
         );
         assert!(matches!(
             endpoint_uri("nohost"),

@@ -144,6 +144,10 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
         Cmd::Migration(m) => crate::migration::run(cli, m).await,
         Cmd::Health { service } => health(cli, service).await,
         Cmd::Node(NodeCmd::WhyNot { vm, node_id }) => crate::vm::why_not(cli, vm, *node_id).await,
+        // Local commands never reach an agent (`main::run_local`).
+        Cmd::Pki(_) | Cmd::Config(_) => Err(CtlError::Local(
+            "this command works on local files only".into(),
+        )),
     }
 }
 

@@ -4,10 +4,12 @@
 
 mod client;
 mod commands;
+mod config;
 mod disk;
 mod drain;
 mod migration;
 mod output;
+mod pki;
 mod vm;
 
 use std::process::ExitCode;
@@ -20,9 +22,34 @@ pub const DEFAULT_ENDPOINT: &str = "127.0.1.1:7001";
 #[derive(Debug, Parser)]
 #[command(name = "clusterctl", version, about = "Manage a VM failover cluster")]
 pub struct Cli {
-    /// Management address (IP:port) of any agent.
-    #[arg(long, short = 'e', env = "CLUSTERCTL_ENDPOINT", default_value = DEFAULT_ENDPOINT, global = true)]
+    /// Management address (IP:port) of any agent [default: the context's first
+    /// endpoint, else 127.0.1.1:7001].
+    #[arg(
+        long,
+        short = 'e',
+        env = "CLUSTERCTL_ENDPOINT",
+        default_value = "",
+        hide_default_value = true,
+        global = true
+    )]
     pub endpoint: String,
+    /// The cluster CA certificate (PEM) agents' certificates must chain to [default:
+    /// the context's].
+    #[arg(long, env = "CLUSTERCTL_CA", global = true)]
+    pub ca: Option<std::path::PathBuf>,
+    /// Your client certificate (PEM); its role decides what you may do [default: the
+    /// context's].
+    #[arg(long, env = "CLUSTERCTL_CERT", global = true)]
+    pub cert: Option<std::path::PathBuf>,
+    /// The key of --cert (PEM).
+    #[arg(long, env = "CLUSTERCTL_KEY", global = true)]
+    pub key: Option<std::path::PathBuf>,
+    /// The config file with contexts [default: ~/.config/clusterctl/config.toml].
+    #[arg(long, env = "CLUSTERCTL_CONFIG", global = true)]
+    pub config: Option<std::path::PathBuf>,
+    /// Use this context of the config file instead of its current one.
+    #[arg(long, env = "CLUSTERCTL_CONTEXT", global = true)]
+    pub context: Option<String>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Format::Table, global = true)]
     pub output: Format,
@@ -86,6 +113,12 @@ pub enum Cmd {
     /// Migrations: list, show (statistics, receipt), cancel.
     #[command(subcommand)]
     Migration(migration::MigrationCmd),
+    /// Certificates, offline: create the cluster CA, issue node and user certificates.
+    #[command(subcommand)]
+    Pki(pki::PkiCmd),
+    /// The config file's contexts (cluster endpoints and credentials).
+    #[command(subcommand)]
+    Config(pki::ConfigCmd),
     /// The agent's standard gRPC health check (`grpc.health.v1`): exit 0 when it serves.
     Health {
         /// One service (e.g. cluster.vms.v1.VmService); empty: the whole server.
@@ -161,8 +194,79 @@ pub enum KvCmd {
 /// agent reachable".
 const EXIT_USAGE: u8 = 64;
 
+/// Fill in the endpoint and the TLS credentials from flags, env and the config file.
+fn resolve(cli: &mut Cli) -> Result<(), client::CtlError> {
+    let path = cli.config.clone().or_else(config::default_path);
+    let cfg = match &path {
+        Some(p) => config::CtlConfig::load(p)?,
+        None => config::CtlConfig::default(),
+    };
+    let ctx = match &path {
+        Some(p) => cfg.context(cli.context.as_deref(), p)?.cloned(),
+        None => None,
+    };
+    if cli.endpoint.is_empty() {
+        cli.endpoint = ctx
+            .as_ref()
+            .and_then(|c| c.endpoints.first().cloned())
+            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+    }
+    let ca = cli
+        .ca
+        .clone()
+        .or_else(|| ctx.as_ref().map(|c| c.ca.clone()));
+    let cert = cli
+        .cert
+        .clone()
+        .or_else(|| ctx.as_ref().map(|c| c.cert.clone()));
+    let key = cli
+        .key
+        .clone()
+        .or_else(|| ctx.as_ref().map(|c| c.key.clone()));
+    let Some(ca) = ca else {
+        // `agent()` explains what is missing when a command needs an agent.
+        return Ok(());
+    };
+    let read = |p: &std::path::Path, what: &str| {
+        cluster_proto::pki::read_pem_file(p).map_err(|e| {
+            client::CtlError::Credentials(format!("cannot read the {what} {}: {e}", p.display()))
+        })
+    };
+    let ca_pem = read(&ca, "CA certificate")?;
+    let identity = match (&cert, &key) {
+        (Some(c), Some(k)) => Some((read(c, "client certificate")?, read(k, "client key")?)),
+        (None, None) => None,
+        _ => {
+            return Err(client::CtlError::Credentials(
+                "--cert and --key go together: give both or neither".into(),
+            ))
+        }
+    };
+    client::use_tls(client::Tls {
+        ca_path: ca,
+        ca_pem,
+        cert_path: cert,
+        identity,
+    });
+    Ok(())
+}
+
+/// Commands that touch local files only.
+fn run_local(cli: &Cli) -> Option<Result<String, client::CtlError>> {
+    match &cli.command {
+        Cmd::Pki(p) => Some(pki::run_pki(p)),
+        Cmd::Config(c) => Some(match cli.config.clone().or_else(config::default_path) {
+            Some(path) => pki::run_config(c, &path),
+            None => Err(client::CtlError::Credentials(
+                "no config file: give --config (HOME is not set)".into(),
+            )),
+        }),
+        _ => None,
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let mut cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             // --help and --version are answers, not errors.
@@ -174,17 +278,14 @@ fn main() -> ExitCode {
     if cli.stale {
         client::use_stale_reads();
     }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("clusterctl: error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let result = match run_local(&cli) {
+        Some(r) => r,
+        None => match resolve(&mut cli) {
+            Err(e) => Err(e),
+            Ok(()) => run_remote(&cli),
+        },
     };
-    match rt.block_on(commands::run(&cli)) {
+    match result {
         Ok(text) => {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
@@ -203,4 +304,12 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+fn run_remote(cli: &Cli) -> Result<String, client::CtlError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| client::CtlError::Local(format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(commands::run(cli))
 }

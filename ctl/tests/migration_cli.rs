@@ -194,6 +194,7 @@ async fn migrate_waits_in_the_queue_for_a_busy_slot() {
 
     // Waiting in the queue: the command returns once the VM has moved.
     let waiter = std::process::Command::new(env!("CARGO_BIN_EXE_clusterctl"))
+        .envs(cluster_tests::pki::pki().admin_env())
         .args(["--endpoint", &ep, "vm", "migrate", "waiter", "--to", &to])
         .env_remove("CLUSTERCTL_ENDPOINT")
         .stdout(std::process::Stdio::piped())

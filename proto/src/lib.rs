@@ -3,6 +3,8 @@
 //! * [`management`]: the public management API that `clusterctl` and operators use.
 //! * [`raft`]: the peer-only Raft service agents use among themselves. It is served
 //!   on its own listener so it can be firewalled away from clients.
+//! * [`pki`]: the cluster's certificates — the identity each one names (a node, or a user
+//!   with a role) and how the cluster CA issues them.
 
 /// The encoded `FileDescriptorSet` of every .proto file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
@@ -17,6 +19,33 @@ pub const MANAGEMENT_SERVICES: &[&str] = &[
     "cluster.volumes.v1.VolumeService",
     "cluster.migrations.v1.MigrationService",
 ];
+
+/// The management methods a `viewer` may call — reads, the console and watches (gRPC
+/// paths). Every other management method changes something and needs `admin` (or a node
+/// certificate: agents forward calls to each other).
+pub const READ_ONLY_METHODS: &[&str] = &[
+    "/cluster.management.v1.Management/ClusterStatus",
+    "/cluster.management.v1.Management/ListNodes",
+    "/cluster.management.v1.Management/GetNode",
+    "/cluster.management.v1.Management/ListEvents",
+    "/cluster.management.v1.Management/GetKv",
+    "/cluster.vms.v1.VmService/ListVms",
+    "/cluster.vms.v1.VmService/GetVm",
+    "/cluster.vms.v1.VmService/StreamConsole",
+    "/cluster.vms.v1.VmService/WhyNot",
+    "/cluster.vms.v1.VmService/PlanMigration",
+    "/cluster.drain.v1.DrainService/GetDrain",
+    "/cluster.drain.v1.DrainService/ListJobs",
+    "/cluster.drain.v1.DrainService/GetPolicy",
+    "/cluster.drain.v1.DrainService/PlanBalance",
+    "/cluster.volumes.v1.VolumeService/ListDisks",
+    "/cluster.volumes.v1.VolumeService/ListLocks",
+    "/cluster.migrations.v1.MigrationService/ListMigrations",
+    "/cluster.migrations.v1.MigrationService/GetMigration",
+    "/cluster.migrations.v1.MigrationService/WatchMigration",
+];
+
+pub mod pki;
 
 /// Public management API (`cluster.management.v1`).
 pub mod management {

@@ -26,7 +26,6 @@ use cluster_proto::management::management_client::ManagementClient;
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
 use tokio::task::JoinHandle;
-use tonic::transport::Endpoint;
 
 use crate::{Cluster, Wait, WAIT};
 
@@ -77,7 +76,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// ends (the agent restarted, or was frozen long enough for the keepalive to end it).
 async fn follow(node: u64, addr: SocketAddr, vm: String, sightings: Sightings) {
     loop {
-        if let Ok(ep) = Endpoint::from_shared(format!("http://{addr}")) {
+        {
+            let ep = crate::pki::admin_endpoint(addr);
             let ch = ep.connect_timeout(Duration::from_secs(2)).connect_lazy();
             let mut c = VmServiceClient::new(ch);
             let req = pb::ConsoleRequest {
@@ -371,9 +371,7 @@ impl Writer {
         let mut tasks = Vec::new();
         for id in via {
             let addr = cluster.check(cluster.spec(*id)).mgmt_addr;
-            let Ok(ep) = Endpoint::from_shared(format!("http://{addr}")) else {
-                continue;
-            };
+            let ep = crate::pki::admin_endpoint(addr);
             let c =
                 ManagementClient::new(ep.connect_timeout(Duration::from_secs(1)).connect_lazy());
             let out = acked.clone();

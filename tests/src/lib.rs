@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 
 use cluster_proto::management as pb;
 use cluster_proto::management::management_client::ManagementClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub mod checker;
 pub mod netns;
 pub mod partition;
+pub mod pki;
 pub mod vm;
 pub mod wait;
 
@@ -168,6 +169,8 @@ pub struct NodeSpec {
     pub raft_addr: SocketAddr,
     pub migration_addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// The node's TLS credentials (issued by [`pki::pki`] when the node is added).
+    pub tls_dir: PathBuf,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
 }
@@ -269,7 +272,7 @@ impl Cluster {
         let addr = self.spec(id).map(|s| s.mgmt_addr).unwrap_or_else(|_| {
             panic!("harness: no node {id}");
         });
-        let ep = Endpoint::from_shared(format!("http://{addr}"))?
+        let ep = pki::admin_endpoint(addr)
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(60));
         match &self.netns {
@@ -313,9 +316,18 @@ impl Cluster {
             raft_addr: free_port(ip)?,
             migration_addr: free_port(mip)?,
             data_dir: self.dir.path().join(format!("node-{id}")),
+            tls_dir: self.dir.path().join(format!("node-{id}-tls")),
             config_path: self.dir.path().join(format!("node-{id}.toml")),
             log_path: self.dir.path().join(format!("node-{id}.log")),
         };
+        // Node 1 may issue certificates (it holds the CA key), like the first node of a
+        // real cluster.
+        pki::pki().issue_node(
+            id,
+            &[std::net::IpAddr::from(ip), std::net::IpAddr::from(mip)],
+            &spec.tls_dir,
+            id == 1,
+        );
         let o = &self.opts;
         // Default subnets, unless `extra_toml` sets its own (e.g. another migration subnet).
         let mut subnets = String::new();
@@ -331,8 +343,9 @@ impl Cluster {
             }
         }
         let text = format!(
-            "node_id = {id}\nname = \"node-{id}\"\ndata_dir = \"{}\"\nmgmt_addr = \"{}\"\nraft_addr = \"{}\"\nmigration_addr = \"{}\"\n{subnets}heartbeat_interval_ms = {}\ndown_after_ms = {}\nraft_heartbeat_interval_ms = {}\nelection_timeout_min_ms = {}\nelection_timeout_max_ms = {}\nsnapshot_logs_since_last = {}\nmax_logs_kept_after_snapshot = {}\n{extra_toml}\n",
+            "node_id = {id}\nname = \"node-{id}\"\ndata_dir = \"{}\"\ntls_dir = \"{}\"\nmgmt_addr = \"{}\"\nraft_addr = \"{}\"\nmigration_addr = \"{}\"\n{subnets}heartbeat_interval_ms = {}\ndown_after_ms = {}\nraft_heartbeat_interval_ms = {}\nelection_timeout_min_ms = {}\nelection_timeout_max_ms = {}\nsnapshot_logs_since_last = {}\nmax_logs_kept_after_snapshot = {}\n{extra_toml}\n",
             spec.data_dir.display(),
+            spec.tls_dir.display(),
             spec.mgmt_addr,
             spec.raft_addr,
             spec.migration_addr,

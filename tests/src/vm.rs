@@ -15,7 +15,7 @@ use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
 use cluster_proto::volumes as vpb;
 use cluster_proto::volumes::volume_service_client::VolumeServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Code;
 use vmm_node::guest_protocol::{heartbeats, Heartbeat};
 
@@ -375,8 +375,7 @@ impl Cluster {
     /// A channel to node `id`'s management address, for the benches.
     pub async fn try_channel(&self, id: u64) -> Result<Channel, String> {
         let addr = self.spec(id).map_err(|e| e.to_string())?.mgmt_addr;
-        Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
+        crate::pki::admin_endpoint(addr)
             .connect()
             .await
             .map_err(|e| format!("node {id}: {e}"))

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::node::Agent;
@@ -39,7 +39,7 @@ pub fn leader_addr(agent: &Agent) -> Result<Option<String>, Status> {
 /// this agent's management address; `who` names it in the error ("cannot reach {who} at
 /// {addr}: ...").
 pub async fn channel(agent: &Agent, addr: &str, who: &str) -> Result<Channel, Status> {
-    Endpoint::from_shared(format!("http://{addr}"))
+    super::tls::endpoint(agent.credentials(), addr)
         .map_err(|e| Status::internal(format!("bad management address {addr:?}: {e}")))?
         .local_address(agent.config().mgmt_source_ip())
         .connect_timeout(CONNECT_TIMEOUT)

@@ -7,7 +7,6 @@ use cluster_proto::management as pb;
 use cluster_proto::management::management_client::ManagementClient;
 use cluster_proto::management::management_server::Management;
 use openraft::ServerState;
-use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
 use crate::api::convert::nodes as convert;
@@ -116,7 +115,7 @@ impl Management for ManagementApi {
                 a.node_id()
             )));
         }
-        let endpoint = Endpoint::from_shared(format!("http://{via}"))
+        let endpoint = crate::api::tls::endpoint(a.credentials(), &via)
             .map_err(|e| {
                 Status::invalid_argument(format!("join address {via:?} is not usable: {e}"))
             })?
@@ -171,6 +170,17 @@ impl Management for ManagementApi {
         &self,
         request: Request<pb::AdmitNodeRequest>,
     ) -> Result<Response<pb::AdmitNodeReply>, Status> {
+        // A node admits itself only: its certificate names the id it registers.
+        if let Some(crate::api::auth::Caller(cluster_proto::pki::Identity::Node(id))) =
+            request.extensions().get()
+        {
+            let claimed = request.get_ref().node_id;
+            if *id != claimed {
+                return Err(Status::permission_denied(format!(
+                    "node {id} cannot register as node {claimed}"
+                )));
+            }
+        }
         let reg = convert::registration_from_pb(request.get_ref())?;
         match self.agent.write(ForwardRequest::Admit(reg)).await? {
             ForwardReply::Admitted {

@@ -9,10 +9,13 @@
 //!   one.
 //! - Peer plane (members only, `raft_addr`): [`peer`] — the Raft service and its client.
 //! - [`metrics`]: Prometheus `/metrics` over plain HTTP.
+//! - Trust: [`tls`] (the node's credentials as TLS configs; every agent-to-agent channel
+//!   is built there) and [`auth`] (who may call which management method).
 //!
 //! **API Boundary:** every request is validated here; bad input is `InvalidArgument`
 //! with a sentence naming what was wrong.
 
+pub mod auth;
 pub mod convert;
 pub mod forward;
 pub mod jobs;
@@ -23,5 +26,6 @@ pub mod peer;
 pub mod read;
 pub mod serve;
 pub mod status;
+pub mod tls;
 pub mod vms;
 pub mod volumes;

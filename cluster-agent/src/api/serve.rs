@@ -1,6 +1,9 @@
 //! The agent's two gRPC listeners: the public management plane (every management
 //! service, plus the standard `grpc.health.v1.Health` and server reflection so probes and
 //! grpcurl work) and the peer-only plane (the Raft service), each on its own address.
+//! Both speak TLS only: the peer plane requires a node certificate of the cluster CA;
+//! the management plane lets a caller without a certificate reach the health check only
+//! ([`super::auth`] decides the rest by role).
 
 use std::sync::Arc;
 
@@ -25,6 +28,31 @@ use crate::vmhost::VmHost;
 #[error("the gRPC server failed")]
 pub struct ServeError(#[source] tonic::transport::Error);
 
+/// Streams (calls) one client connection may have open at once.
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 256;
+/// How long a TLS handshake may take before the connection is dropped.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A server builder with this agent's TLS (`client_auth_optional`: see
+/// [`super::tls::server_config`]) and the limits every listener has.
+fn builder(
+    agent: &Agent,
+    client_auth_optional: bool,
+) -> Result<tonic::transport::Server, ServeError> {
+    tonic::transport::Server::builder()
+        .tls_config(
+            super::tls::server_config(agent.credentials(), client_auth_optional)
+                .timeout(TLS_HANDSHAKE_TIMEOUT),
+        )
+        .map_err(ServeError)
+        .map(|b| {
+            b.max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
+                .concurrency_limit_per_connection(STREAMS_PER_CONNECTION_MAX as usize)
+                .http2_keepalive_interval(Some(super::forward::KEEPALIVE_INTERVAL * 10))
+                .http2_keepalive_timeout(Some(super::forward::KEEPALIVE_TIMEOUT * 5))
+        })
+}
+
 /// A running server; its task ends after `shutdown` flips.
 pub type ServerTask = JoinHandle<Result<(), ServeError>>;
 
@@ -38,14 +66,17 @@ pub fn spawn_peer(
     agent: Arc<Agent>,
     host: Arc<VmHost>,
     shutdown: watch::Receiver<bool>,
-) -> ServerTask {
+) -> Result<ServerTask, ServeError> {
+    let mut builder = builder(&agent, false)?;
     let svc = RaftPeerServer::new(super::peer::server::PeerService { agent, host })
         .max_decoding_message_size(PEER_MESSAGE_LEN_MAX)
         .max_encoding_message_size(PEER_MESSAGE_LEN_MAX);
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .add_service(svc)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(shutdown));
-    tokio::spawn(async move { server.await.map_err(ServeError) })
+    Ok(tokio::spawn(
+        async move { server.await.map_err(ServeError) },
+    ))
 }
 
 /// Serve every management service on `listener` until `shutdown` flips.
@@ -55,7 +86,8 @@ pub fn spawn_management(
     host: Arc<VmHost>,
     progress: Arc<ProgressBoard>,
     shutdown: watch::Receiver<bool>,
-) -> ServerTask {
+) -> Result<ServerTask, ServeError> {
+    let builder = builder(&agent, true)?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     // "" is the whole server; each management service is reported by name too. The
     // agent serves once it listens: Raft state (leader or not) is in `cluster status`.
@@ -80,7 +112,8 @@ pub fn spawn_management(
             None
         }
     };
-    let server = tonic::transport::Server::builder()
+    let server = builder
+        .layer(super::auth::AuthorizeLayer)
         .add_service(health)
         .add_optional_service(reflection)
         .add_service(ManagementServer::new(super::management::ManagementApi {
@@ -101,5 +134,7 @@ pub fn spawn_management(
             super::migrations::MigrationApi { agent, progress },
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(shutdown));
-    tokio::spawn(async move { server.await.map_err(ServeError) })
+    Ok(tokio::spawn(
+        async move { server.await.map_err(ServeError) },
+    ))
 }

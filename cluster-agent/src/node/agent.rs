@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use super::liveness::{DownClock, Heartbeat, Liveness, Timing};
 use super::peers::PeerClient;
 use crate::node::config::AgentConfig;
+use crate::node::credentials::Credentials;
 use crate::node::facts::{self, FactsError};
 use crate::raft::datadir::{DataDir, DataDirError};
 use crate::raft::store::{SharedSm, SmData};
@@ -143,6 +144,8 @@ pub struct Agent {
     pub(super) place_lock: tokio::sync::Mutex<()>,
     /// When this agent first saw each node Down (graces run on this clock).
     pub(super) down_clock: Mutex<DownClock>,
+    /// This node's certificate, key and the cluster CA (for every connection it makes).
+    pub(super) credentials: Credentials,
 }
 
 impl Agent {
@@ -150,6 +153,7 @@ impl Agent {
     /// `peers` reaches the other members for write forwarding and heartbeats.
     pub async fn start<N>(
         config: AgentConfig,
+        credentials: Credentials,
         network: N,
         peers: Arc<dyn PeerClient>,
     ) -> Result<Arc<Agent>, StartError>
@@ -191,6 +195,7 @@ impl Agent {
         );
         let liveness = Liveness::new(config.node_id, Timing::from_config(&config));
         Ok(Arc::new(Agent {
+            credentials,
             incarnation: now_unix_ms(),
             config,
             raft,
@@ -207,6 +212,11 @@ impl Agent {
     /// This agent's configuration.
     pub fn config(&self) -> &AgentConfig {
         &self.config
+    }
+
+    /// This node's TLS credentials.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
     }
 
     /// The Raft instance (the peer service hands it the RPCs it receives).

@@ -113,6 +113,9 @@ pub struct RawConfig {
     pub metrics_addr: Option<String>,
     /// VM networks this node offers (`[[networks]] name = "lan", bridge = "br-lan"`).
     pub networks: Option<Vec<NetworkConfig>>,
+    /// The node's TLS credentials (`ca.pem`, `cert.pem`, `key.pem`, and `ca.key` on
+    /// nodes that issue certificates); default `<data_dir>/tls`.
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// An IP subnet in CIDR form.
@@ -191,6 +194,8 @@ pub struct AgentConfig {
     pub volumes: Vec<csv_volume::VolumeConfig>,
     pub metrics_addr: Option<SocketAddr>,
     pub networks: Vec<NetworkConfig>,
+    /// Where this node's TLS credentials are (see [`RawConfig::tls_dir`]).
+    pub tls_dir: PathBuf,
 }
 
 impl AgentConfig {
@@ -270,7 +275,8 @@ impl RawConfig {
             facts_override,
             volumes,
             metrics_addr,
-            networks
+            networks,
+            tls_dir
         );
         self
     }
@@ -476,7 +482,15 @@ impl RawConfig {
                 ));
             }
         }
+        let tls_dir = match self.tls_dir {
+            Some(d) if d.as_os_str().is_empty() => {
+                return Err(invalid("tls_dir", "must not be empty"))
+            }
+            Some(d) => d,
+            None => data_dir.join("tls"),
+        };
         Ok(AgentConfig {
+            tls_dir,
             networks,
             node_id,
             name,

@@ -8,6 +8,7 @@
 
 mod agent;
 pub mod config;
+pub mod credentials;
 pub mod facts;
 mod heartbeats;
 pub mod liveness;

@@ -11,6 +11,7 @@ use cluster_tests::{Cluster, Wait, WAIT};
 /// Run clusterctl against `endpoint` (ignoring any `CLUSTERCTL_ENDPOINT` of the caller).
 pub fn ctl(endpoint: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_clusterctl"))
+        .envs(cluster_tests::pki::pki().admin_env())
         .arg("--endpoint")
         .arg(endpoint)
         .args(args)
@@ -105,6 +106,7 @@ pub fn create_running(c: &Cluster, ep: &str, name: &str) -> u64 {
 /// receiver as they are printed (stderr lines prefixed with `ERR `). Kill the child when done.
 pub fn follow_console(endpoint: &str, name: &str) -> (Child, Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_clusterctl"))
+        .envs(cluster_tests::pki::pki().admin_env())
         .args(["--endpoint", endpoint, "vm", "console", name, "--follow"])
         .env_remove("CLUSTERCTL_ENDPOINT")
         .stdout(Stdio::piped())

@@ -23,8 +23,9 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
+use crate::node::credentials::Credentials;
 use crate::node::liveness::{Heartbeat, HeartbeatAck};
 use crate::node::peers::{PeerCallError, PeerClient, PeerFuture, ReadIndex, VmPresence};
 use crate::node::{ForwardReply, ForwardRequest, WriteError};
@@ -65,18 +66,19 @@ pub enum PeerError {
     TooLarge { len: usize },
 }
 
-/// A lazily connecting channel to a peer's Raft service, leaving from `local` when given.
+/// A lazily connecting channel to a peer's Raft service over mutual TLS, leaving from
+/// `local` when given.
 pub fn peer_channel(
+    credentials: &Credentials,
     addr: &str,
     timeout: Duration,
     local: Option<IpAddr>,
 ) -> Result<Channel, PeerError> {
-    let ep = Endpoint::from_shared(format!("http://{addr}")).map_err(|source| {
-        PeerError::BadAddress {
+    let ep =
+        crate::api::tls::endpoint(credentials, addr).map_err(|source| PeerError::BadAddress {
             addr: addr.to_string(),
             source,
-        }
-    })?;
+        })?;
     Ok(ep
         .connect_timeout(timeout)
         .timeout(timeout)
@@ -117,6 +119,8 @@ pub struct Network {
     pub rpc_timeout: Duration,
     /// The address Raft connections leave from (`None`: the kernel's choice).
     pub local_ip: Option<IpAddr>,
+    /// This node's certificate and the cluster CA.
+    pub credentials: Credentials,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -126,7 +130,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerConnection {
             target,
             addr: node.raft_addr.clone(),
-            channel: peer_channel(&node.raft_addr, self.rpc_timeout, self.local_ip),
+            channel: peer_channel(
+                &self.credentials,
+                &node.raft_addr,
+                self.rpc_timeout,
+                self.local_ip,
+            ),
         }
     }
 }
@@ -206,13 +215,15 @@ const HEARTBEAT_CLIENTS_MAX: usize = 64;
 pub struct GrpcPeers {
     /// The address every connection leaves from (`None`: the kernel's choice).
     local_ip: Option<IpAddr>,
+    credentials: Credentials,
     heartbeat_clients: Mutex<HashMap<String, RaftPeerClient<Channel>>>,
 }
 
 impl GrpcPeers {
-    pub fn new(local_ip: Option<IpAddr>) -> GrpcPeers {
+    pub fn new(local_ip: Option<IpAddr>, credentials: Credentials) -> GrpcPeers {
         GrpcPeers {
             local_ip,
+            credentials,
             heartbeat_clients: Mutex::default(),
         }
     }
@@ -232,7 +243,12 @@ impl GrpcPeers {
         if clients.len() >= HEARTBEAT_CLIENTS_MAX {
             clients.clear();
         }
-        let c = peer_client(peer_channel(addr, timeout, self.local_ip)?);
+        let c = peer_client(peer_channel(
+            &self.credentials,
+            addr,
+            timeout,
+            self.local_ip,
+        )?);
         clients.insert(addr.to_string(), c.clone());
         Ok(c)
     }
@@ -250,7 +266,7 @@ impl PeerClient for GrpcPeers {
         timeout: Duration,
     ) -> PeerFuture<Result<Result<ForwardReply, WriteError>, PeerCallError>> {
         let addr = raft_addr.to_string();
-        let prepared = peer_channel(&addr, timeout, self.local_ip)
+        let prepared = peer_channel(&self.credentials, &addr, timeout, self.local_ip)
             .and_then(|ch| Ok((peer_client(ch), encode("forward request", req)?)));
         Box::pin(async move {
             let (mut client, payload) = prepared.map_err(|e| call_err(&e))?;

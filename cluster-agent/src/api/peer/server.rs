@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use cluster_proto::pki::Identity;
 use cluster_proto::raft::raft_peer_server::RaftPeer;
 use cluster_proto::raft::{
     HeartbeatReply, HeartbeatRequest, RaftPayload, ReadIndexReply, ReadIndexRequest,
@@ -23,6 +24,46 @@ pub struct PeerService {
     pub host: Arc<crate::vmhost::VmHost>,
 }
 
+/// The member node that called: the caller's certificate must name a node, and once this
+/// node belongs to a cluster, a current member (the replicated membership is the
+/// allow-list: a removed node's certificate is refused from the moment its removal is
+/// in this node's log). A node not yet in a cluster accepts any node of the CA (the
+/// leader that adds it calls before this node knows the membership).
+fn member<T>(agent: &Agent, req: &Request<T>) -> Result<NodeId, Status> {
+    let id = match crate::api::tls::caller(req)? {
+        Some(Identity::Node(id)) => id,
+        Some(other) => {
+            return Err(Status::permission_denied(format!(
+                "the peer plane serves cluster nodes only, not {other}"
+            )))
+        }
+        None => {
+            return Err(Status::unauthenticated(
+                "the peer plane needs a node certificate of this cluster",
+            ))
+        }
+    };
+    let m = agent.metrics();
+    let membership = m.membership_config.membership();
+    let empty = membership.nodes().next().is_none();
+    if !empty && membership.get_node(&id).is_none() {
+        return Err(Status::permission_denied(format!(
+            "node {id} is not a member of this cluster"
+        )));
+    }
+    Ok(id)
+}
+
+/// Refuse a message whose claimed sender is not the authenticated one.
+fn claims(caller: NodeId, claimed: Option<NodeId>, what: &str) -> Result<(), Status> {
+    match claimed {
+        Some(c) if c != caller => Err(Status::permission_denied(format!(
+            "{what} in the name of node {c} from node {caller}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn reply<T: serde::Serialize>(what: &'static str, v: &T) -> Result<Response<RaftPayload>, Status> {
     encode(what, v)
         .map(Response::new)
@@ -35,16 +76,20 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        let caller = member(&self.agent, &request)?;
         let req: AppendEntriesRequest<TypeConfig> =
             decode("peer", "append_entries request", request.get_ref())
                 .map_err(status::peer_payload)?;
+        claims(caller, req.vote.leader_id().voted_for(), "append_entries")?;
         let res = self.agent.raft().append_entries(req).await;
         reply("append_entries reply", &res)
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let caller = member(&self.agent, &request)?;
         let req: VoteRequest<NodeId> =
             decode("peer", "vote request", request.get_ref()).map_err(status::peer_payload)?;
+        claims(caller, req.vote.leader_id().voted_for(), "a vote request")?;
         let res = self.agent.raft().vote(req).await;
         reply("vote reply", &res)
     }
@@ -53,9 +98,11 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        let caller = member(&self.agent, &request)?;
         let req: InstallSnapshotRequest<TypeConfig> =
             decode("peer", "install_snapshot request", request.get_ref())
                 .map_err(status::peer_payload)?;
+        claims(caller, req.vote.leader_id().voted_for(), "install_snapshot")?;
         let res = self.agent.raft().install_snapshot(req).await;
         reply("install_snapshot reply", &res)
     }
@@ -64,6 +111,7 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        member(&self.agent, &request)?;
         let req: ForwardRequest =
             decode("peer", "forward request", request.get_ref()).map_err(status::peer_payload)?;
         let m = self.agent.metrics();
@@ -84,7 +132,9 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
+        let caller = member(&self.agent, &request)?;
         let hb = request.get_ref();
+        claims(caller, Some(hb.node_id), "a heartbeat")?;
         let accepted = self.agent.heartbeat_received(&Heartbeat {
             node_id: hb.node_id,
             incarnation: hb.incarnation,
@@ -110,6 +160,7 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<VmPresenceRequest>,
     ) -> Result<Response<VmPresenceReply>, Status> {
+        member(&self.agent, &request)?;
         let vm = &request.get_ref().vm;
         if vm.is_empty() {
             return Err(Status::invalid_argument("vm is empty: give the VM's name"));
@@ -124,7 +175,9 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexReply>, Status> {
+        let caller = member(&self.agent, &request)?;
         let from = request.get_ref().node_id;
+        claims(caller, Some(from), "a read-index request")?;
         let reply = match self.agent.read_index_as_leader().await {
             ReadIndex::Confirmed { index } => ReadIndexReply {
                 confirmed: true,

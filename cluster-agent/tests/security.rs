@@ -1,0 +1,316 @@
+//! Trust (issue 12): every listener speaks TLS, the peer plane serves current members'
+//! node certificates only and checks that a message's claimed sender is the
+//! authenticated one, and the management plane decides by the role a client certificate
+//! names. Each refusal is clear and changes nothing (the replicated KV is the witness).
+
+use cluster_proto::management::management_client::ManagementClient;
+use cluster_proto::management::{self as pb};
+use cluster_proto::pki::{self, Ca, Identity, Role, TlsDir, TlsMaterial};
+use cluster_proto::raft::raft_peer_client::RaftPeerClient;
+use cluster_proto::raft::{HeartbeatRequest, PeerSilence, RaftPayload};
+use cluster_tests::pki::{endpoint_as, pki as test_pki};
+use cluster_tests::{Cluster, Options};
+use std::net::SocketAddr;
+use tonic::Code;
+
+fn material(d: &TlsDir) -> TlsMaterial {
+    d.load()
+        .unwrap_or_else(|e| panic!("credentials in {}: {e}", d.0.display()))
+}
+
+/// Credentials for `id` issued by a CA that is not the cluster's.
+fn foreign(id: &Identity, ips: &[std::net::IpAddr]) -> TlsMaterial {
+    let ca = Ca::create("other").unwrap_or_else(|e| panic!("other CA: {e}"));
+    let issued = ca
+        .issue(id, ips, pki::CERT_VALIDITY)
+        .unwrap_or_else(|e| panic!("issue: {e}"));
+    TlsMaterial {
+        // The client trusts the real cluster CA (so the handshake gets as far as the
+        // agent's check of the client certificate).
+        ca_pem: test_pki().ca_pem().to_owned(),
+        cert_pem: issued.cert_pem,
+        key_pem: issued.key_pem,
+    }
+}
+
+async fn mgmt(
+    addr: SocketAddr,
+    who: Option<&TlsMaterial>,
+) -> Result<ManagementClient<tonic::transport::Channel>, String> {
+    endpoint_as(addr, who)
+        .connect()
+        .await
+        .map(ManagementClient::new)
+        .map_err(|e| format!("{e:?}"))
+}
+
+async fn peer(
+    addr: SocketAddr,
+    who: Option<&TlsMaterial>,
+) -> Result<RaftPeerClient<tonic::transport::Channel>, String> {
+    endpoint_as(addr, who)
+        .connect()
+        .await
+        .map(RaftPeerClient::new)
+        .map_err(|e| format!("{e:?}"))
+}
+
+fn heartbeat(node_id: u64) -> HeartbeatRequest {
+    HeartbeatRequest {
+        node_id,
+        incarnation: 1,
+        silences: vec![PeerSilence {
+            node_id: 1,
+            silent_ms: 60_000,
+        }],
+    }
+}
+
+/// A put through `c` is refused with `code`, and the key stays unset.
+async fn put_refused(
+    cl: &Cluster,
+    c: &mut ManagementClient<tonic::transport::Channel>,
+    key: &str,
+    code: Code,
+    needle: &str,
+) {
+    let e = c
+        .put_kv(pb::PutKvRequest {
+            key: key.into(),
+            value: "x".into(),
+        })
+        .await
+        .expect_err("the put must be refused");
+    assert_eq!(e.code(), code, "{e:?}");
+    assert!(e.message().contains(needle), "{e:?} lacks {needle:?}");
+    assert_eq!(cl.get(1, key).await.unwrap_or_else(|e| panic!("{e}")), None);
+}
+
+async fn three_nodes() -> Cluster {
+    let mut c = Cluster::agents(Options::default());
+    let r = c.form(3).await;
+    c.check(r);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_without_a_certificate_reaches_only_the_health_check() {
+    let _serial = cluster_tests::serial().await;
+    let cl = three_nodes().await;
+    let spec = cl.check(cl.spec(1)).clone();
+
+    // Management: TLS without a client certificate gets the health check only.
+    let ch = endpoint_as(spec.mgmt_addr, None)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e:?}"));
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap_or_else(|e| panic!("health: {e:?}"));
+    assert_eq!(h.into_inner().status, 1, "serving");
+    let mut m = ManagementClient::new(ch);
+    let e = m
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .expect_err("a read without a certificate");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("client certificate"), "{e:?}");
+    put_refused(
+        &cl,
+        &mut m,
+        "stranger",
+        Code::Unauthenticated,
+        "client certificate",
+    )
+    .await;
+    for leave in [2u64, 3] {
+        let e = m
+            .leave_cluster(pb::LeaveClusterRequest { node_id: leave })
+            .await
+            .expect_err("leave without a certificate");
+        assert_eq!(e.code(), Code::Unauthenticated);
+    }
+
+    // Peer plane: no certificate, no handshake; a forwarded write never gets in.
+    let refused = match peer(spec.raft_addr, None).await {
+        Err(_) => true,
+        Ok(mut p) => p
+            .forward_write(RaftPayload {
+                json: b"{}".to_vec(),
+            })
+            .await
+            .is_err(),
+    };
+    assert!(refused, "the peer plane answered a stranger");
+
+    // Plain HTTP/2 (the old, unencrypted protocol) gets nowhere.
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", spec.mgmt_addr))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .connect()
+        .await;
+    if let Ok(ch) = plain {
+        let r = ManagementClient::new(ch)
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await;
+        assert!(r.is_err(), "a plaintext call was answered");
+    }
+    let nodes = cl.nodes(1).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(nodes.len(), 3, "membership unchanged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_of_another_ca_are_refused_on_both_planes() {
+    let _serial = cluster_tests::serial().await;
+    let cl = three_nodes().await;
+    let spec = cl.check(cl.spec(2)).clone();
+    let admin = foreign(
+        &Identity::User {
+            name: "admin".into(),
+            role: Role::Admin,
+        },
+        &[],
+    );
+    let refused = match mgmt(spec.mgmt_addr, Some(&admin)).await {
+        Err(_) => true,
+        Ok(mut m) => m
+            .put_kv(pb::PutKvRequest {
+                key: "foreign".into(),
+                value: "x".into(),
+            })
+            .await
+            .is_err(),
+    };
+    assert!(refused, "an admin certificate of another CA was accepted");
+    assert_eq!(
+        cl.get(1, "foreign").await.unwrap_or_else(|e| panic!("{e}")),
+        None
+    );
+
+    let node = foreign(&Identity::Node(1), &[]);
+    let refused = match peer(spec.raft_addr, Some(&node)).await {
+        Err(_) => true,
+        Ok(mut p) => p.heartbeat(heartbeat(1)).await.is_err(),
+    };
+    assert!(refused, "a node certificate of another CA was accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cannot_speak_for_another_and_a_stranger_node_is_no_member() {
+    let _serial = cluster_tests::serial().await;
+    let mut cl = three_nodes().await;
+    let raft1 = cl.check(cl.spec(1)).raft_addr;
+    let mgmt1 = cl.check(cl.spec(1)).mgmt_addr;
+    let node2 = material(&TlsDir(cl.check(cl.spec(2)).tls_dir.clone()));
+
+    let mut p = peer(raft1, Some(&node2))
+        .await
+        .unwrap_or_else(|e| panic!("node 2 connects: {e}"));
+    // Its own heartbeat is fine; one in node 3's name is refused.
+    p.heartbeat(heartbeat(2))
+        .await
+        .unwrap_or_else(|e| panic!("node 2's own heartbeat: {e:?}"));
+    let e = p
+        .heartbeat(heartbeat(3))
+        .await
+        .expect_err("a heartbeat in node 3's name");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("in the name of node 3 from node 2"),
+        "{e:?}"
+    );
+
+    // A certificate of this CA for a node that is not a member: refused on the peer plane.
+    let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    test_pki().issue_node(9, &[], d.path(), false);
+    let node9 = material(&TlsDir(d.path().to_owned()));
+    let mut p9 = peer(raft1, Some(&node9))
+        .await
+        .unwrap_or_else(|e| panic!("node 9 connects: {e}"));
+    let e = p9
+        .heartbeat(heartbeat(9))
+        .await
+        .expect_err("a stranger node's heartbeat");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("not a member"), "{e:?}");
+    let e = p9
+        .forward_write(RaftPayload {
+            json: b"{}".to_vec(),
+        })
+        .await
+        .expect_err("a stranger node's forwarded write");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // Node 9 cannot register itself as another node either.
+    let mut m9 = mgmt(mgmt1, Some(&node9))
+        .await
+        .unwrap_or_else(|e| panic!("node 9 to the management plane: {e}"));
+    let e = m9
+        .admit_node(pb::AdmitNodeRequest {
+            node_id: 4,
+            name: "rogue".into(),
+            mgmt_addr: "127.0.1.4:1".into(),
+            raft_addr: "127.0.1.4:2".into(),
+            migration_addr: "127.0.2.4:3".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("node 9 registering as node 4");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let nodes = cl.nodes(1).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(nodes.len(), 3, "no rogue member: {nodes:?}");
+
+    // A removed member's certificate is refused from the moment the removal commits.
+    let r = cl.add_node(4);
+    cl.check(r);
+    let r = cl.start(4).await;
+    cl.check(r);
+    let r = cl.join(4, 1).await;
+    cl.check(r);
+    let node4 = material(&TlsDir(cl.check(cl.spec(4)).tls_dir.clone()));
+    let mut p4 = peer(raft1, Some(&node4))
+        .await
+        .unwrap_or_else(|e| panic!("node 4 connects: {e}"));
+    p4.heartbeat(heartbeat(4))
+        .await
+        .unwrap_or_else(|e| panic!("member 4's heartbeat: {e:?}"));
+    let r = cl.leave(1, 4).await;
+    cl.check(r);
+    let e = p4
+        .heartbeat(heartbeat(4))
+        .await
+        .expect_err("a removed node's heartbeat");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("node 4 is not a member"), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_reads_and_watches_but_changes_nothing() {
+    let _serial = cluster_tests::serial().await;
+    let cl = three_nodes().await;
+    let addr = cl.check(cl.spec(2)).mgmt_addr;
+    let viewer = material(&test_pki().user("vera", Role::Viewer));
+    let mut m = mgmt(addr, Some(&viewer))
+        .await
+        .unwrap_or_else(|e| panic!("viewer connects: {e}"));
+    let nodes = m
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap_or_else(|e| panic!("a viewer lists nodes: {e:?}"));
+    assert_eq!(nodes.into_inner().nodes.len(), 3);
+    put_refused(
+        &cl,
+        &mut m,
+        "viewer",
+        Code::PermissionDenied,
+        "user \"vera\" has role viewer; PutKv needs role admin",
+    )
+    .await;
+    let e = m
+        .leave_cluster(pb::LeaveClusterRequest { node_id: 3 })
+        .await
+        .expect_err("a viewer removing a member");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(cl.nodes(1).await.unwrap_or_else(|e| panic!("{e}")).len(), 3);
+}
