@@ -389,11 +389,25 @@ async fn run(args: &Args) -> Result<bool, String> {
             tally.unsettled_rounds += 1;
             eprintln!("round {rounds}: not settled within {SETTLE_MAX:?}: {e}");
             for id in cl.ids() {
+                let mut state = process_state(cl.pid(id));
+                // An agent that died on its own: how (a signal, an exit code). The
+                // next round restarts it.
+                if state.ends_with("state Z") {
+                    if let Ok(status) = cl.wait_exit(id, Duration::ZERO).await {
+                        state = format!("{state}, exited: {status}");
+                    }
+                }
                 eprintln!(
-                    "--- node {id} ({}) ---\n{}",
-                    process_state(cl.pid(id)),
+                    "--- node {id} ({state}) ---\n{}",
                     cl.log_tail(id, UNSETTLED_LOG_LINES)
                 );
+            }
+        }
+        for id in cl.ids() {
+            if !cl.running().contains(&id) {
+                if let Err(e) = cl.start(id).await {
+                    eprintln!("round {rounds}: restarting node {id}: {e}");
+                }
             }
         }
     }
