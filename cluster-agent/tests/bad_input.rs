@@ -206,10 +206,28 @@ async fn corrupted_or_missing_data_dir_is_refused_and_left_untouched() {
     );
     std::fs::write(&current, &good_current).unwrap_or_else(|e| panic!("{e}"));
 
-    // 4. The data dir of node 3 used with another node id.
+    // 4. The data dir of node 3 used with another node id: first with node 3's
+    // certificate (refused: it names another node), then with a certificate of node 4
+    // (refused: the data dir belongs to node 3).
     let cfg = std::fs::read_to_string(&spec.config_path).unwrap_or_default();
     std::fs::write(&spec.config_path, cfg.replace("node_id = 3", "node_id = 4"))
         .unwrap_or_else(|e| panic!("{e}"));
+    let (ok, out) = must!(c, c.run_to_exit(3, Duration::from_secs(20)));
+    assert!(!ok);
+    assert!(
+        out.contains("names node 3, but this agent is node 4"),
+        "{out}"
+    );
+    let tls4 = c.dir().join("node-4-tls");
+    cluster_tests::pki::pki().issue_node(4, &[spec.mgmt_addr.ip(), spec.migration_addr.ip()], &tls4, false);
+    let tls3 = format!("tls_dir = \"{}\"", spec.tls_dir.display());
+    assert!(cfg.contains(&tls3), "{cfg}");
+    std::fs::write(
+        &spec.config_path,
+        cfg.replace("node_id = 3", "node_id = 4")
+            .replace(&tls3, &format!("tls_dir = \"{}\"", tls4.display())),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let (ok, out) = must!(c, c.run_to_exit(3, Duration::from_secs(20)));
     assert!(!ok);
     assert!(

@@ -508,6 +508,56 @@ async fn owner_link_flapping_every_300_ms_for_20_s() {
     s.check_after_heal(&["vm-a"]).await;
 }
 
+/// 30% of the packets between the owner (a follower) and both other nodes are lost,
+/// each way, for 10 s; then the link heals. TCP retransmits (200 ms and more each), so
+/// the owner's heartbeats and Raft traffic arrive late or not at all: it may lose its
+/// lease and fence its VM, be marked Down and see its VM fail over, or ride it out.
+/// Whatever happens, the VM never runs twice, the majority (no loss between its nodes)
+/// keeps taking writes during the loss, and after the heal every acknowledged write is
+/// there and the VM runs on its recorded owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_link_losing_30_percent_of_packets_for_10_s() {
+    owner_link_lossy(0.3).await;
+}
+
+/// [`owner_link_losing_30_percent_of_packets_for_10_s`] at 70%: the owner's links are
+/// mostly down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_link_losing_70_percent_of_packets_for_10_s() {
+    owner_link_lossy(0.7).await;
+}
+
+async fn owner_link_lossy(probability: f64) {
+    let _serial = cluster_tests::serial().await;
+    let mut s = Scene::new(3).await;
+    let leader = s.leader().await;
+    let owner = s.others(&[leader])[0];
+    s.start_vms(&[guest("vm-l", owner)]).await;
+    let lossy = Instant::now();
+    s.cl.check(s.part.lossy(&[owner], &s.others(&[owner]), probability));
+    if let Some(w) = &s.writer {
+        let n = w
+            .wait_acked(&s.cl, w.acked(), WRITES_BEFORE_AND_AFTER)
+            .await;
+        eprintln!(
+            "{n} writes acknowledged {} ms into the loss",
+            lossy.elapsed().as_millis()
+        );
+    }
+    // The fault's length (a stimulus).
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(lossy.elapsed())).await;
+    let dropped = s.cl.check(s.part.dropped());
+    assert!(dropped > 0, "the lossy link dropped nothing");
+    eprintln!("{dropped} packets dropped in 10 s");
+    s.cl.check(s.part.heal());
+    let s = s.check_after_heal(&["vm-l"]).await;
+    let fenced =
+        s.cl.log_since(owner, 0)
+            .matches("lease lost; vms fenced")
+            .count();
+    eprintln!("the owner fenced itself {fenced} times during the loss");
+}
+
 /// A VM with a disk on the shared volume; its owner (a follower) is cut off. The majority
 /// takes the disk lock over with a newer fencing token and writes the newer fence record
 /// before it starts the VM; the cut-off copy stopped itself (its lease) before that, and

@@ -24,13 +24,14 @@
 //!   completeness; the one-way scenarios use the connection-level cut.)
 //! * **flapping** ([`Partition::flap`]): a both-ways cut installed and removed on a fixed
 //!   schedule by a thread;
+//! * **lossy** ([`Partition::lossy`]): each packet between two sets of nodes, either
+//!   way, is dropped with a given probability (iptables' `statistic` match, random mode);
 //! * **freeze** ([`Cluster::freeze`]/[`Cluster::thaw`]): SIGSTOP/SIGCONT of an agent
 //!   (its VMs stop with it: they run in the agent's process).
 //!
-//! Not here: **delay and loss**. The kernel of the project's machines has no `sch_netem`
+//! Not here: **delay and jitter**. The kernel of the project's machines has no `sch_netem`
 //! qdisc (`tc qdisc add dev lo root netem delay 10ms` answers "Specified qdisc kind is
-//! unknown"); iptables' `statistic` match could drop a fraction of packets, but that is
-//! loss without delay and is not offered as netem's stand-in (docs/known-limits.md).
+//! unknown"), and iptables can drop a packet but not hold it back (docs/known-limits.md).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -175,6 +176,15 @@ fn connections_to(from: &[u64], listeners: &[SocketAddr]) -> Vec<String> {
         .collect()
 }
 
+/// The rules of a lossy link between `a` and `b`: each packet either way is dropped with
+/// `probability`, independently (iptables' `statistic` match in random mode).
+fn lossy_both_ways(a: &[u64], b: &[u64], probability: f64) -> Vec<String> {
+    let extra = format!("-m statistic --mode random --probability {probability:.5}");
+    let mut r = rules(a, b, &extra);
+    r.extend(rules(b, a, &extra));
+    r
+}
+
 /// Removes the chains earlier test processes (killed before their drop ran) left behind.
 fn remove_stale_chains() {
     let Ok(out) = Command::new("iptables").args(["-w", "-S"]).output() else {
@@ -266,6 +276,43 @@ impl Partition {
     /// connections both ways, see the module doc).
     pub fn drop_packets_oneway(&self, from: &[u64], to: &[u64]) -> Result<()> {
         self.add(&rules(from, to, ""))
+    }
+
+    /// Drops each packet between the nodes of `a` and those of `b` (both ways) with
+    /// `probability` (0 < p ≤ 1), independently: a lossy link, no delay added (see the
+    /// module doc). On TCP the losses show as retransmissions (200 ms and more on
+    /// loopback), so an RPC can stall for seconds.
+    pub fn lossy(&self, a: &[u64], b: &[u64], probability: f64) -> Result<()> {
+        if !(probability > 0.0 && probability <= 1.0) {
+            return Err(firewall_err(
+                format!("a lossy link with probability {probability}"),
+                "the probability must be in (0, 1]".into(),
+            ));
+        }
+        self.add(&lossy_both_ways(a, b, probability))
+    }
+
+    /// How many packets the rules in place have dropped so far (iptables' counters).
+    pub fn dropped(&self) -> Result<u64> {
+        let out = Command::new("iptables")
+            .args(["-w", "-L", &self.chain, "-v", "-n", "-x"])
+            .output()
+            .map_err(|source| HarnessError::Io {
+                what: "running iptables".into(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(firewall_err(
+                format!("iptables -L {}", self.chain),
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            ));
+        }
+        // Two header lines, then one line per rule: packets, bytes, target, ...
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum())
     }
 
     /// Removes every rule: all nodes reach each other again.
@@ -389,6 +436,9 @@ mod tests {
     /// Node ids whose loopback addresses no test cluster uses.
     const A: u64 = 201;
     const B: u64 = 202;
+    /// Those of the lossy-link test (the tests of this module run at once).
+    const C: u64 = 203;
+    const D: u64 = 204;
 
     fn listen(id: u64) -> TcpListener {
         TcpListener::bind(SocketAddr::from((node_ip(1, id), 0))).unwrap()
@@ -417,6 +467,50 @@ mod tests {
     /// Whether node `from` can open a connection to `l` and get a byte back through it.
     fn talks(from: u64, l: &TcpListener) -> bool {
         open(from, l).is_some_and(|(mut c, mut s)| carries(&mut s, &mut c))
+    }
+
+    /// How many of `n` datagrams sent from node `from` to node `to` arrive.
+    fn datagrams_through(from: u64, to: u64, n: u32) -> u32 {
+        let rx = std::net::UdpSocket::bind(SocketAddr::from((node_ip(1, to), 0))).unwrap();
+        let tx = std::net::UdpSocket::bind(SocketAddr::from((node_ip(1, from), 0))).unwrap();
+        let dst = rx.local_addr().unwrap();
+        // On loopback a datagram that is not dropped is queued at the receiver before
+        // send_to returns: read it (if it came) before sending the next, so the
+        // receive buffer never fills.
+        rx.set_nonblocking(true).unwrap();
+        let mut got = 0;
+        let mut b = [0u8; 4];
+        for i in 0..n {
+            // A datagram the firewall drops fails its send with EPERM.
+            if let Err(e) = tx.send_to(&i.to_be_bytes(), dst) {
+                assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+            }
+            while rx.recv_from(&mut b).is_ok() {
+                got += 1;
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn a_lossy_link_drops_about_its_share_of_packets_both_ways() {
+        let p = Partition::new().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(datagrams_through(C, D, 1000), 1000);
+        assert!(p.lossy(&[C], &[D], 0.0).is_err());
+        p.lossy(&[C], &[D], 0.3).unwrap();
+        // 1000 trials at 0.7: mean 700, standard deviation 14.5; the bounds are 10 of them
+        // away, so missing them means the rule is wrong, not bad luck.
+        for (from, to) in [(C, D), (D, C)] {
+            let got = datagrams_through(from, to, 1000);
+            assert!(
+                (555..=845).contains(&got),
+                "{got} of 1000 from {from} to {to}"
+            );
+        }
+        let dropped = p.dropped().unwrap();
+        assert!((310..=890).contains(&dropped), "{dropped} of 2000 dropped");
+        p.heal().unwrap();
+        assert_eq!(datagrams_through(D, C, 1000), 1000);
     }
 
     #[test]
