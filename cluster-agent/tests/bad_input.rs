@@ -219,7 +219,12 @@ async fn corrupted_or_missing_data_dir_is_refused_and_left_untouched() {
         "{out}"
     );
     let tls4 = c.dir().join("node-4-tls");
-    cluster_tests::pki::pki().issue_node(4, &[spec.mgmt_addr.ip(), spec.migration_addr.ip()], &tls4, false);
+    cluster_tests::pki::pki().issue_node(
+        4,
+        &[spec.mgmt_addr.ip(), spec.migration_addr.ip()],
+        &tls4,
+        false,
+    );
     let tls3 = format!("tls_dir = \"{}\"", spec.tls_dir.display());
     assert!(cfg.contains(&tls3), "{cfg}");
     std::fs::write(
@@ -246,8 +251,8 @@ async fn corrupted_or_missing_data_dir_is_refused_and_left_untouched() {
     std::fs::write(
         &spec9.config_path,
         cfg9.replace(
-            &spec9.data_dir.display().to_string(),
-            &foreign.display().to_string(),
+            &format!("data_dir = \"{}\"", spec9.data_dir.display()),
+            &format!("data_dir = \"{}\"", foreign.display()),
         ),
     )
     .unwrap_or_else(|e| panic!("{e}"));
