@@ -314,3 +314,175 @@ async fn a_viewer_reads_and_watches_but_changes_nothing() {
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert_eq!(cl.nodes(1).await.unwrap_or_else(|e| panic!("{e}")).len(), 3);
 }
+
+/// A signing request made here, its key kept here.
+fn request() -> (String, String) {
+    pki::new_key_and_request().unwrap_or_else(|e| panic!("csr: {e}"))
+}
+
+async fn issue_node(
+    addr: SocketAddr,
+    token: &str,
+    node_id: u64,
+    ip: std::net::IpAddr,
+) -> Result<pb::IssueCertificateReply, tonic::Status> {
+    let (_key, csr_pem) = request();
+    let mut anon = mgmt(addr, None)
+        .await
+        .unwrap_or_else(|e| panic!("connect without a certificate: {e}"));
+    anon.issue_certificate(pb::IssueCertificateRequest {
+        csr_pem,
+        join_token: token.into(),
+        node_id,
+        ips: vec![ip.to_string()],
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_gets_one_new_node_its_certificate_once_before_it_expires() {
+    let _serial = cluster_tests::serial().await;
+    let mut cl = three_nodes().await;
+    // Node 1 holds the CA key (the harness gives it `--issuer`); node 2 does not.
+    let n1 = cl.check(cl.spec(1)).mgmt_addr;
+    let n2 = cl.check(cl.spec(2)).mgmt_addr;
+    let mut admin = mgmt(n2, Some(&material(&test_pki().admin())))
+        .await
+        .unwrap_or_else(|e| panic!("admin: {e}"));
+    let token = admin
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_s: 600 })
+        .await
+        .unwrap_or_else(|e| panic!("create a token: {e:?}"))
+        .into_inner()
+        .token;
+    let (id, secret) = token.split_once('.').unwrap_or_else(|| panic!("{token}"));
+
+    // Refused without spending it: an agent without the CA key, a wrong secret, a bad
+    // request, a node id that is a member.
+    let ip: std::net::IpAddr = "127.0.1.4".parse().unwrap_or_else(|e| panic!("{e}"));
+    let e = issue_node(n2, &token, 4, ip).await.expect_err("node 2 has no CA key");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("holds no CA key"), "{e:?}");
+    let e = issue_node(n1, &format!("{id}.{}", "0".repeat(secret.len())), 4, ip)
+        .await
+        .expect_err("a wrong secret");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("does not match its secret"), "{e:?}");
+    let e = issue_node(n1, &token, 2, ip).await.expect_err("a member's id");
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+
+    // The real use: node 4 gets its certificate, starts with it and joins.
+    let r = cl.add_node(4);
+    let spec4 = cl.check(r);
+    let (key_pem, csr_pem) = request();
+    let mut anon = mgmt(n1, None).await.unwrap_or_else(|e| panic!("{e}"));
+    let signed = anon
+        .issue_certificate(pb::IssueCertificateRequest {
+            csr_pem,
+            join_token: token.clone(),
+            node_id: 4,
+            ips: vec![spec4.mgmt_addr.ip().to_string(), spec4.migration_addr.ip().to_string()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("node 4's certificate: {e:?}"))
+        .into_inner();
+    TlsDir(spec4.tls_dir.clone())
+        .store(
+            &signed.ca_pem,
+            &pki::Issued {
+                cert_pem: signed.cert_pem.clone(),
+                key_pem,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        pki::identity_of(&pki::certificates_der(&signed.cert_pem)[0]).ok(),
+        Some(Identity::Node(4))
+    );
+    let r = cl.start(4).await;
+    cl.check(r);
+    let r = cl.join(4, 1).await;
+    cl.check(r);
+    assert_eq!(cl.nodes(1).await.unwrap_or_else(|e| panic!("{e}")).len(), 4);
+
+    // Good once.
+    let e = issue_node(n1, &token, 5, "127.0.1.5".parse().unwrap_or_else(|e| panic!("{e}")))
+        .await
+        .expect_err("a used token");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("already used by node 4"), "{e:?}");
+
+    // Expired: a token of one second, used after its expiry.
+    let short = admin
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_s: 1 })
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .into_inner();
+    let until = std::time::UNIX_EPOCH + std::time::Duration::from_millis(short.expires_unix_ms + 50);
+    if let Ok(left) = until.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left).await; // the token's own lifetime, not a guess at speed
+    }
+    let e = issue_node(n1, &short.token, 5, "127.0.1.5".parse().unwrap_or_else(|e| panic!("{e}")))
+        .await
+        .expect_err("an expired token");
+    assert!(e.message().contains("expired"), "{e:?}");
+
+    // A viewer cannot create tokens; an admin issues user certificates, a viewer cannot.
+    let viewer = material(&test_pki().user("vic", Role::Viewer));
+    let mut v = mgmt(n1, Some(&viewer)).await.unwrap_or_else(|e| panic!("{e}"));
+    let e = v
+        .create_join_token(pb::CreateJoinTokenRequest { ttl_s: 60 })
+        .await
+        .expect_err("a viewer creating a token");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let (_k, csr_pem) = request();
+    let e = v
+        .issue_certificate(pb::IssueCertificateRequest {
+            csr_pem: csr_pem.clone(),
+            user_name: "mallory".into(),
+            role: "admin".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a viewer minting an admin");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let mut a1 = mgmt(n1, Some(&material(&test_pki().admin())))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (key_pem, csr_pem) = request();
+    let u = a1
+        .issue_certificate(pb::IssueCertificateRequest {
+            csr_pem,
+            user_name: "olga".into(),
+            role: "viewer".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("an admin issuing a viewer: {e:?}"))
+        .into_inner();
+    let olga = TlsMaterial {
+        ca_pem: u.ca_pem,
+        cert_pem: u.cert_pem,
+        key_pem,
+    };
+    assert_eq!(
+        olga.identity().ok(),
+        Some(Identity::User {
+            name: "olga".into(),
+            role: Role::Viewer
+        })
+    );
+    let mut o = mgmt(n1, Some(&olga)).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        o.list_nodes(pb::ListNodesRequest {})
+            .await
+            .unwrap_or_else(|e| panic!("olga lists nodes: {e:?}"))
+            .into_inner()
+            .nodes
+            .len(),
+        4
+    );
+}

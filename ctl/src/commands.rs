@@ -144,6 +144,16 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
         Cmd::Migration(m) => crate::migration::run(cli, m).await,
         Cmd::Health { service } => health(cli, service).await,
         Cmd::Node(NodeCmd::WhyNot { vm, node_id }) => crate::vm::why_not(cli, vm, *node_id).await,
+        Cmd::Pki(p @ crate::pki::PkiCmd::Join { .. }) => crate::pki::join(cli, p).await,
+        Cmd::User(u) => crate::pki::create_user(cli, u).await,
+        Cmd::Cluster(ClusterCmd::Token(crate::pki::TokenCmd::Create { ttl })) => {
+            let r = c
+                .create_join_token(pb::CreateJoinTokenRequest { ttl_s: *ttl })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            Ok(format!("{}\n", r.token))
+        }
         // Local commands never reach an agent (`main::run_local`).
         Cmd::Pki(_) | Cmd::Config(_) => Err(CtlError::Local(
             "this command works on local files only".into(),

@@ -116,6 +116,9 @@ pub enum Cmd {
     /// Certificates, offline: create the cluster CA, issue node and user certificates.
     #[command(subcommand)]
     Pki(pki::PkiCmd),
+    /// Users: certificates with a role, issued by the cluster.
+    #[command(subcommand)]
+    User(pki::UserCmd),
     /// The config file's contexts (cluster endpoints and credentials).
     #[command(subcommand)]
     Config(pki::ConfigCmd),
@@ -140,6 +143,9 @@ pub enum ClusterCmd {
         #[arg(long)]
         via: String,
     },
+    /// Join tokens for new hosts (`clusterctl pki join` spends one).
+    #[command(subcommand)]
+    Token(pki::TokenCmd),
     /// Remove a node from the cluster.
     Leave {
         /// Node id to remove.
@@ -254,6 +260,7 @@ fn resolve(cli: &mut Cli) -> Result<(), client::CtlError> {
 /// Commands that touch local files only.
 fn run_local(cli: &Cli) -> Option<Result<String, client::CtlError>> {
     match &cli.command {
+        Cmd::Pki(pki::PkiCmd::Join { .. }) => None,
         Cmd::Pki(p) => Some(pki::run_pki(p)),
         Cmd::Config(c) => Some(match cli.config.clone().or_else(config::default_path) {
             Some(path) => pki::run_config(c, &path),

@@ -51,6 +51,136 @@ pub enum PkiCmd {
     },
     /// Who a certificate names and until when it is valid.
     Show { cert: PathBuf },
+    /// Get this new host's node certificate from an agent holding the CA key, with a
+    /// join token (`clusterctl cluster token create`); the key is made here and stays here.
+    /// Needs --ca (the cluster CA certificate, to check the agent) and no client
+    /// certificate.
+    Join {
+        /// The one-time join token.
+        #[arg(long, env = "CLUSTERCTL_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        #[arg(long)]
+        node_id: u64,
+        /// Every IP the node serves on (management, Raft, migration); repeat the flag.
+        #[arg(long = "ip", required = true)]
+        ips: Vec<IpAddr>,
+        /// The new node's TLS dir (`tls_dir` of its config).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    /// Issue a user certificate (an agent holding the CA key signs; you need role admin).
+    /// The key is made here and written with the certificate into OUT.
+    Create {
+        name: String,
+        #[arg(long)]
+        role: Role,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// A one-time join token for a new host (prints "<id>.<secret>"; give it once).
+    Create {
+        /// Lifetime: e.g. 90s, 30m, 1h, 2d (at most 7 days).
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: u64,
+    },
+}
+
+/// "90s", "30m", "1h", "2d" (or plain seconds) as seconds.
+pub fn parse_ttl(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3_600),
+        Some((i, 'd')) => (&s[..i], 86_400),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is not a lifetime such as 90s, 30m, 1h or 2d"))
+}
+
+/// Write what an agent signed into `out` (ca.pem, cert.pem, and the key made here).
+fn store_signed(out: &Path, key_pem: String, r: &cluster_proto::management::IssueCertificateReply) -> Result<(), CtlError> {
+    TlsDir(out.to_owned())
+        .store(
+            &r.ca_pem,
+            &pki::Issued {
+                cert_pem: r.cert_pem.clone(),
+                key_pem,
+            },
+        )
+        .map_err(|e| local(chain(&e)))
+}
+
+/// `clusterctl pki join`: a node certificate for a join token.
+pub async fn join(cli: &crate::Cli, cmd: &PkiCmd) -> Result<String, CtlError> {
+    let PkiCmd::Join {
+        token,
+        node_id,
+        ips,
+        out,
+    } = cmd
+    else {
+        return Err(local("not a join"));
+    };
+    let (key_pem, csr_pem) = pki::new_key_and_request().map_err(|e| local(chain(&e)))?;
+    let (ep, timeout) = (cli.endpoint.as_str(), cli.timeout());
+    let mut c = crate::client::connect(ep, timeout).await?;
+    let r = crate::client::call(
+        ep,
+        timeout,
+        c.issue_certificate(cluster_proto::management::IssueCertificateRequest {
+            csr_pem,
+            join_token: token.clone(),
+            node_id: *node_id,
+            ips: ips.iter().map(|ip| ip.to_string()).collect(),
+            ..Default::default()
+        }),
+    )
+    .await?;
+    store_signed(out, key_pem, &r)?;
+    Ok(format!(
+        "node {node_id}: certificate issued by {ep}, stored in {} (start the agent with tls_dir there, then `clusterctl -e <its address> cluster join --via {ep}`)\n",
+        out.display()
+    ))
+}
+
+/// `clusterctl user create`.
+pub async fn create_user(cli: &crate::Cli, cmd: &UserCmd) -> Result<String, CtlError> {
+    let UserCmd::Create { name, role, out } = cmd;
+    pki::check_user_name(name).map_err(local)?;
+    let (key_pem, csr_pem) = pki::new_key_and_request().map_err(|e| local(chain(&e)))?;
+    let (ep, timeout) = (cli.endpoint.as_str(), cli.timeout());
+    let mut c = crate::client::connect(ep, timeout).await?;
+    let r = crate::client::call(
+        ep,
+        timeout,
+        c.issue_certificate(cluster_proto::management::IssueCertificateRequest {
+            csr_pem,
+            user_name: name.clone(),
+            role: role.to_string(),
+            ..Default::default()
+        }),
+    )
+    .await?;
+    store_signed(out, key_pem, &r)?;
+    Ok(format!(
+        "user {name:?} ({role}): certificate stored in {} (clusterctl config add-context ... --cert {}/cert.pem --key {}/key.pem)\n",
+        out.display(),
+        out.display(),
+        out.display()
+    ))
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +234,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 pub fn run_pki(cmd: &PkiCmd) -> Result<String, CtlError> {
     match cmd {
+        PkiCmd::Join { .. } => Err(local("`pki join` asks an agent")),
         PkiCmd::CreateCa { dir, cluster_name } => {
             let d = TlsDir(dir.clone());
             if d.ca_cert().exists() || d.ca_key().exists() {

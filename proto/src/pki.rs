@@ -202,6 +202,15 @@ pub fn not_after(cert_der: &[u8]) -> Result<SystemTime, PkiError> {
     Ok(UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0)))
 }
 
+/// SHA-256 of `bytes`, lowercase hex (join-token secrets are stored this way only).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The DER blocks of every certificate in a PEM text.
 pub fn certificates_der(pem_text: &str) -> Vec<Vec<u8>> {
     pem::parse_many(pem_text)

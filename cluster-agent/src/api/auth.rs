@@ -5,7 +5,7 @@
 //!
 //! | caller                         | may call                                        |
 //! |--------------------------------|-------------------------------------------------|
-//! | no certificate                 | `grpc.health.v1.Health` only                    |
+//! | no certificate                 | `grpc.health.v1.Health`, `IssueCertificate` (with a join token) |
 //! | user, role `viewer`            | [`cluster_proto::READ_ONLY_METHODS`], reflection, health |
 //! | user, role `admin`; any node   | everything (agents forward calls to each other) |
 
@@ -38,6 +38,10 @@ pub struct Authorize<S> {
     inner: S,
 }
 
+/// Open to callers without a certificate: a new host with a join token has none yet (the
+/// handler checks the token, or the admin role for a user certificate).
+const ISSUE_CERTIFICATE: &str = "/cluster.management.v1.Management/IssueCertificate";
+
 /// What a call to `path` needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Needs {
@@ -47,7 +51,7 @@ enum Needs {
 }
 
 fn needs(path: &str) -> Needs {
-    if path.starts_with("/grpc.health.v1.Health/") {
+    if path.starts_with("/grpc.health.v1.Health/") || path == ISSUE_CERTIFICATE {
         Needs::Nothing
     } else if path.starts_with("/grpc.reflection.")
         || cluster_proto::READ_ONLY_METHODS.contains(&path)

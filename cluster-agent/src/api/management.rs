@@ -354,6 +354,20 @@ impl Management for ManagementApi {
         Ok(Response::new(pb::ListEventsReply { events, last_seq }))
     }
 
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenReply>, Status> {
+        crate::api::certificates::create_join_token(&self.agent, request).await
+    }
+
+    async fn issue_certificate(
+        &self,
+        request: Request<pb::IssueCertificateRequest>,
+    ) -> Result<Response<pb::IssueCertificateReply>, Status> {
+        crate::api::certificates::issue_certificate(&self.agent, request).await
+    }
+
     async fn put_kv(
         &self,
         request: Request<pb::PutKvRequest>,

@@ -10,12 +10,14 @@
 //! - Peer plane (members only, `raft_addr`): [`peer`] — the Raft service and its client.
 //! - [`metrics`]: Prometheus `/metrics` over plain HTTP.
 //! - Trust: [`tls`] (the node's credentials as TLS configs; every agent-to-agent channel
-//!   is built there) and [`auth`] (who may call which management method).
+//!   is built there), [`auth`] (who may call which management method) and
+//!   [`certificates`] (join tokens; signing on agents that hold the CA key).
 //!
 //! **API Boundary:** every request is validated here; bad input is `InvalidArgument`
 //! with a sentence naming what was wrong.
 
 pub mod auth;
+pub mod certificates;
 pub mod convert;
 pub mod forward;
 pub mod jobs;

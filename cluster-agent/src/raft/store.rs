@@ -617,6 +617,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         keys.push(StateKey::Locks);
         keys.extend(s.migrations.keys().map(|id| StateKey::Migration(*id)));
         keys.push(StateKey::LastMigrationId);
+        keys.push(StateKey::JoinTokens);
         for k in &keys {
             put_entity(&mut batch, h, s, k)?;
         }

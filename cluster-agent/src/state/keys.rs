@@ -25,7 +25,7 @@ enum Tail {
 
 /// The table: every kind of stored entity with its prefix and its tail. One row per
 /// [`StateKey`] variant (the id or text of the example key is ignored).
-fn table() -> [(StateKey, &'static [u8], Tail); 12] {
+fn table() -> [(StateKey, &'static [u8], Tail); 13] {
     [
         (StateKey::Cluster, b"c", Tail::Unit),
         (StateKey::Node(0), b"n", Tail::Id),
@@ -39,6 +39,7 @@ fn table() -> [(StateKey, &'static [u8], Tail); 12] {
         (StateKey::Locks, b"l", Tail::Unit),
         (StateKey::Migration(0), b"g", Tail::Id),
         (StateKey::LastMigrationId, b"G", Tail::Unit),
+        (StateKey::JoinTokens, b"t", Tail::Unit),
     ]
 }
 
@@ -126,6 +127,7 @@ impl ClusterState {
             StateKey::Locks => Some(json(&self.locks)?),
             StateKey::Migration(id) => self.migrations.get(id).map(json).transpose()?,
             StateKey::LastMigrationId => Some(json(&self.last_migration_id)?),
+            StateKey::JoinTokens => Some(json(&self.join_tokens)?),
         })
     }
 
@@ -165,6 +167,7 @@ impl ClusterState {
                 self.migrations.insert(m.id, m);
             }
             StateKey::LastMigrationId => self.last_migration_id = parse(v)?,
+            StateKey::JoinTokens => self.join_tokens = parse(v)?,
         }
         Ok(())
     }
@@ -189,6 +192,7 @@ mod tests {
             StateKey::Locks,
             StateKey::Migration(9),
             StateKey::LastMigrationId,
+            StateKey::JoinTokens,
         ]
     }
 

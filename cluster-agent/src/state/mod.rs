@@ -9,6 +9,7 @@ pub mod disk_locks;
 #[cfg(any(test, feature = "test-hooks"))]
 pub mod fixtures;
 pub mod jobs;
+pub mod join_tokens;
 pub mod keys;
 pub mod migrations;
 mod nodes;
@@ -136,6 +137,8 @@ pub enum EventKind {
     Job,
     /// Shared-volume disk locks (acquired, released, handed off, taken over).
     Disk,
+    /// A join token was used: a new node got its certificate.
+    NodeCertificateIssued,
 }
 
 impl EventKind {
@@ -150,6 +153,7 @@ impl EventKind {
             EventKind::Vm => "vm",
             EventKind::Job => "job",
             EventKind::Disk => "disk",
+            EventKind::NodeCertificateIssued => "node_certificate_issued",
         }
     }
 }
@@ -212,6 +216,8 @@ pub enum Command {
     VmDisk(crate::state::vm_disks::VmDiskCommand),
     /// Migration management (see `crate::state::migrations`).
     Migration(crate::state::migrations::MigrationCommand),
+    /// Join tokens (see `crate::state::join_tokens`).
+    Token(crate::state::join_tokens::TokenCommand),
     /// A node reports that it stopped its own VMs because its lease lapsed (self-fencing);
     /// recorded as an event once the node can reach the cluster again.
     NodeFenced {
@@ -241,6 +247,7 @@ impl std::fmt::Display for Command {
             Command::VmDisk(c) => write!(f, "{c}"),
             Command::Migration(c) => write!(f, "{c}"),
             Command::NodeFenced { node_id, .. } => write!(f, "node_fenced({node_id})"),
+            Command::Token(c) => write!(f, "{c}"),
         }
     }
 }
@@ -282,6 +289,8 @@ pub enum StateKey {
     Locks,
     Migration(u64),
     LastMigrationId,
+    /// The join token table (`crate::state::join_tokens`).
+    JoinTokens,
 }
 
 /// The whole replicated state.
@@ -311,6 +320,9 @@ pub struct ClusterState {
     /// Newest migration id ever given (ids are never reused).
     #[serde(default)]
     pub last_migration_id: u64,
+    /// Join tokens (see `crate::state::join_tokens`).
+    #[serde(default)]
+    pub join_tokens: crate::state::join_tokens::JoinTokens,
 }
 
 /// Where a command sits in the Raft log: the lock table's fencing token is the index.
@@ -381,6 +393,12 @@ impl ClusterState {
             }
             Command::VmDisk(c) => {
                 if let Err(e) = crate::state::vm_disks::apply(self, c, &mut touched) {
+                    return rejected(&e);
+                }
+                CommandResult::Ok
+            }
+            Command::Token(c) => {
+                if let Err(e) = crate::state::join_tokens::apply(self, c, &mut touched) {
                     return rejected(&e);
                 }
                 CommandResult::Ok

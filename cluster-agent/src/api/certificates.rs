@@ -1,0 +1,201 @@
+//! Certificates issued online: join tokens (created by an admin, consumed through Raft so
+//! each is good once, cluster-wide) and the signing of certificate requests by an agent
+//! that holds the CA key (`ca.key` in its `tls_dir`): a node certificate for a join
+//! token, a user certificate for an admin.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use cluster_proto::management as pb;
+use cluster_proto::pki::{self, Identity, Role, TlsDir};
+use tonic::{Request, Response, Status};
+
+use crate::api::auth::Caller;
+use crate::node::{now_unix_ms, Agent, ForwardReply, ForwardRequest};
+use crate::state::join_tokens::{TokenCommand, JOIN_TOKEN_TTL_MAX_MS};
+use crate::state::{Command, CommandResult};
+
+/// Lifetime of a join token when none is asked for.
+pub const JOIN_TOKEN_TTL_DEFAULT: Duration = Duration::from_secs(3_600);
+/// Largest certificate signing request accepted.
+pub const CSR_LEN_MAX: usize = 16 * 1024;
+/// IP addresses a node certificate may carry at most.
+pub const NODE_IPS_MAX: usize = 8;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new token: "<id>.<secret>" (id 6 bytes, secret 16 bytes, hex).
+fn new_token() -> (String, String) {
+    let id: [u8; 6] = rand::random();
+    let secret: [u8; 16] = rand::random();
+    (hex(&id), hex(&secret))
+}
+
+async fn commit(agent: &Agent, cmd: TokenCommand) -> Result<(), Status> {
+    match agent
+        .write(ForwardRequest::Command(Command::Token(cmd)))
+        .await?
+    {
+        ForwardReply::Command {
+            result: CommandResult::Ok,
+            ..
+        } => Ok(()),
+        ForwardReply::Command {
+            result: CommandResult::Rejected { reason },
+            ..
+        } => Err(Status::permission_denied(reason)),
+        other => Err(crate::api::status::unexpected_reply(&other)),
+    }
+}
+
+pub async fn create_join_token(
+    agent: &Agent,
+    request: Request<pb::CreateJoinTokenRequest>,
+) -> Result<Response<pb::CreateJoinTokenReply>, Status> {
+    let ttl_ms = match request.get_ref().ttl_s {
+        0 => JOIN_TOKEN_TTL_DEFAULT.as_millis() as u64,
+        s => s.saturating_mul(1_000),
+    };
+    if ttl_ms > JOIN_TOKEN_TTL_MAX_MS {
+        return Err(Status::invalid_argument(format!(
+            "ttl_s {} is longer than the longest token lifetime, {} s (7 days)",
+            request.get_ref().ttl_s,
+            JOIN_TOKEN_TTL_MAX_MS / 1_000
+        )));
+    }
+    let (id, secret) = new_token();
+    let now = now_unix_ms();
+    let expires_unix_ms = now + ttl_ms;
+    commit(
+        agent,
+        TokenCommand::Create {
+            id: id.clone(),
+            secret_sha256: pki::sha256_hex(secret.as_bytes()),
+            expires_unix_ms,
+            at_unix_ms: now,
+        },
+    )
+    .await?;
+    tracing::info!(token_id = %id, expires_unix_ms, "join token created");
+    Ok(Response::new(pb::CreateJoinTokenReply {
+        token: format!("{id}.{secret}"),
+        expires_unix_ms,
+    }))
+}
+
+fn parse_ips(ips: &[String]) -> Result<Vec<IpAddr>, Status> {
+    if ips.is_empty() || ips.len() > NODE_IPS_MAX {
+        return Err(Status::invalid_argument(format!(
+            "a node certificate needs 1 to {NODE_IPS_MAX} IP addresses (management, Raft, migration)"
+        )));
+    }
+    ips.iter()
+        .map(|ip| {
+            ip.parse().map_err(|_| {
+                Status::invalid_argument(format!("{ip:?} is not an IP address"))
+            })
+        })
+        .collect()
+}
+
+pub async fn issue_certificate(
+    agent: &Agent,
+    request: Request<pb::IssueCertificateRequest>,
+) -> Result<Response<pb::IssueCertificateReply>, Status> {
+    let caller = request.extensions().get::<Caller>().map(|c| c.0.clone());
+    let r = request.into_inner();
+    if r.csr_pem.is_empty() || r.csr_pem.len() > CSR_LEN_MAX {
+        return Err(Status::invalid_argument(format!(
+            "csr_pem must be a PEM certificate signing request of at most {CSR_LEN_MAX} bytes"
+        )));
+    }
+    let node = !r.join_token.is_empty();
+    let user = !r.user_name.is_empty();
+    if node == user {
+        return Err(Status::invalid_argument(
+            "give either a join token (a node certificate) or a user name (a user certificate)",
+        ));
+    }
+    // Everything that can be checked without spending the token, first.
+    let dir = TlsDir(agent.config().tls_dir.clone());
+    if !dir.has_ca_key() {
+        return Err(Status::failed_precondition(format!(
+            "node {} holds no CA key and cannot issue certificates; ask a node that does \
+             (given the CA key with `clusterctl pki issue-node --issuer`)",
+            agent.node_id()
+        )));
+    }
+    let ca = tokio::task::spawn_blocking(move || dir.load_ca())
+        .await
+        .map_err(|e| Status::internal(format!("loading the CA: {e}")))?
+        .map_err(|e| Status::internal(format!("the CA key is unusable: {}", crate::error_chain(&e))))?;
+    let (id, ips) = if node {
+        if r.node_id == 0 {
+            return Err(Status::invalid_argument("node_id 0 is reserved; use 1 or higher"));
+        }
+        let ips = parse_ips(&r.ips)?;
+        if agent.read_sm(|d| d.state.nodes.contains_key(&r.node_id)) {
+            return Err(Status::already_exists(format!(
+                "node {} is a member already; a join token is for a new node id",
+                r.node_id
+            )));
+        }
+        (Identity::Node(r.node_id), ips)
+    } else {
+        match &caller {
+            Some(Identity::User {
+                role: Role::Admin, ..
+            }) => {}
+            Some(other) => {
+                return Err(Status::permission_denied(format!(
+                    "{other} cannot issue user certificates; that needs role admin"
+                )))
+            }
+            None => {
+                return Err(Status::unauthenticated(
+                    "issuing a user certificate needs an admin's client certificate",
+                ))
+            }
+        }
+        pki::check_user_name(&r.user_name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let role: Role = r
+            .role
+            .parse()
+            .map_err(|e: pki::PkiError| Status::invalid_argument(e.to_string()))?;
+        (
+            Identity::User {
+                name: r.user_name.clone(),
+                role,
+            },
+            Vec::new(),
+        )
+    };
+    // Sign first (a bad request spends no token), hand the certificate out only once the
+    // token is spent.
+    let cert_pem = ca
+        .sign_request(&r.csr_pem, &id, &ips, pki::CERT_VALIDITY)
+        .map_err(|e| Status::invalid_argument(crate::error_chain(&e)))?;
+    if node {
+        let (token_id, secret) = r
+            .join_token
+            .split_once('.')
+            .ok_or_else(|| Status::invalid_argument("a join token looks like <id>.<secret>"))?;
+        commit(
+            agent,
+            TokenCommand::Consume {
+                id: token_id.to_owned(),
+                secret_sha256: pki::sha256_hex(secret.as_bytes()),
+                node_id: r.node_id,
+                at_unix_ms: now_unix_ms(),
+            },
+        )
+        .await?;
+    }
+    tracing::info!(identity = %id, by = ?caller, "certificate issued");
+    Ok(Response::new(pb::IssueCertificateReply {
+        cert_pem,
+        ca_pem: ca.cert_pem().to_owned(),
+    }))
+}
