@@ -815,7 +815,9 @@ fn bandwidth_cap_holds_precopy_until_the_deadline_cuts_the_round() {
 #[test]
 fn capped_round_longer_than_the_target_io_timeout_completes() {
     let vm = SimVm::start(64 << 20, 0);
-    let io_timeout = Duration::from_millis(1_500);
+    // Generous against a loaded host (TLS in a debug build shares 2 cores with the other
+    // tests): the round still lasts ~2.7× longer.
+    let io_timeout = Duration::from_millis(3_000);
     let ro = ReceiveOptions {
         io_timeout,
         ..ropts()
@@ -823,7 +825,7 @@ fn capped_round_longer_than_the_target_io_timeout_completes() {
     let mut ev = Vec::new();
     let (r, t, f, _) = run_migration(
         &vm,
-        &capped(2 << 20, 50, 60_000),
+        &capped(1 << 20, 50, 60_000),
         ro,
         &CancelToken::default(),
         &mut ev,
@@ -834,7 +836,7 @@ fn capped_round_longer_than_the_target_io_timeout_completes() {
     assert!(stats.receipt_matches(), "{stats:?}");
     let target = f.created.lock().unwrap()[0].clone();
     assert_same_memory(&vm.s.mem, &target.mem);
-    // 8 MiB at 2 MiB/s: the pacer makes round 0 last ~4 s on any machine.
+    // 8 MiB at 1 MiB/s: the pacer makes round 0 last ~8 s on any machine.
     assert!(
         stats.rounds[0].duration_us > io_timeout.as_micros() as u64,
         "{stats:?}"

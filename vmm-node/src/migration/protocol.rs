@@ -421,13 +421,17 @@ pub fn encode_payload<T: serde::Serialize>(
         })
 }
 
-/// Decodes a structured payload (bounded by the command's payload limit, no trailing bytes).
+/// Decodes a structured payload (no trailing bytes). The limit is the payload's own
+/// length, so a length prefix inside it claiming more than is there fails before anything
+/// is allocated for byte strings (see [`bytes`]); a list of other items preallocates at
+/// most bincode's cautious 1 MiB.
 pub fn decode_payload<T: serde::de::DeserializeOwned>(
     command: Command,
     payload: &[u8],
 ) -> Result<T, ProtocolError> {
     use bincode::Options;
-    bincode_opts(u64::from(command.max_payload_bytes()))
+    let limit = (payload.len() as u64).min(u64::from(command.max_payload_bytes()));
+    bincode_opts(limit)
         .deserialize(payload)
         .map_err(|e| ProtocolError::Malformed {
             command,
@@ -438,11 +442,37 @@ pub fn decode_payload<T: serde::de::DeserializeOwned>(
 /// Session id the target chooses (random, 128 bits) and the data connections present.
 pub type SessionId = [u8; 16];
 
+/// Serde for `Vec<u8>` fields as one byte string (same bytes on the wire as a sequence
+/// with fixint encoding): bincode checks its length against the limit before allocating.
+pub mod bytes {
+    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
 /// [`Command::Hello`] payload: which VM the source wants to send, with the one-time
 /// ticket the target's [`super::tls::SessionAuthorizer`] checks.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Hello {
     pub vm_name: String,
+    #[serde(with = "bytes")]
     pub ticket: Vec<u8>,
     pub connections: u16,
 }
@@ -520,12 +550,14 @@ pub struct Receipt {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Setup {
     pub requirements: super::seam::Requirements,
+    #[serde(with = "bytes")]
     pub config: Vec<u8>,
 }
 
 /// [`Command::State`] payload.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatePayload {
+    #[serde(with = "bytes")]
     pub state: Vec<u8>,
 }
 
