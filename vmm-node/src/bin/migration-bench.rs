@@ -236,10 +236,13 @@ fn raw_tcp_bytes_per_s(n: usize, total: u64) -> anyhow::Result<f64> {
 
 /// The memory transport alone (no guest competing for the CPUs): a fully populated
 /// `memory_mib` guest memory moved into a fresh one over `n` connections. Bytes/s on the wire.
+/// The memory transport alone over each of `transports`, `repeats` times interleaved;
+/// the median of each.
 fn transport_bytes_per_s(
     n: usize,
     memory_mib: u64,
     transports: &[Transport],
+    repeats: usize,
 ) -> anyhow::Result<Vec<f64>> {
     use vm_memory::{Bytes, GuestAddress};
     use vmm_node::migration::transport::*;
@@ -278,10 +281,13 @@ fn transport_bytes_per_s(
             gb * 1e3 / rewrite.as_secs_f64()
         );
     }
-    transports
-        .iter()
-        .map(|t| transport_once(n, memory_mib, &src, &map, t))
-        .collect()
+    let mut runs: Vec<Vec<u64>> = transports.iter().map(|_| Vec::new()).collect();
+    for _ in 0..repeats.max(1) {
+        for (t, out) in transports.iter().zip(runs.iter_mut()) {
+            out.push(transport_once(n, memory_mib, &src, &map, t)? as u64);
+        }
+    }
+    Ok(runs.iter_mut().map(|v| pct(v, 0.5) as f64).collect())
 }
 
 fn transport_once(
@@ -431,13 +437,14 @@ fn main() -> anyhow::Result<()> {
             other => anyhow::bail!("unknown transport {other} (plaintext, tls)"),
         })
         .collect::<anyhow::Result<_>>()?;
-    let tr = transport_bytes_per_s(args.connections, args.memory_mib, &transports)?;
+    let tr = transport_bytes_per_s(args.connections, args.memory_mib, &transports, args.repeats)?;
     for (t, tr) in transports.iter().zip(&tr) {
         println!(
-            "memory transport alone ({}), {} MiB fully populated, {} connections: {:.0} MB/s = {:.2} x raw TCP",
+            "memory transport alone ({}), {} MiB fully populated, {} connections, median of {}: {:.0} MB/s = {:.2} x raw TCP",
             transport_name(t),
             args.memory_mib,
             args.connections,
+            args.repeats,
             tr / 1e6,
             tr / raw
         );

@@ -3,8 +3,9 @@
 //! A `Conn` is a cheap handle (clones share the connection) so one thread can read
 //! while another writes, as the target's control connection needs. Over TLS the rustls
 //! state sits behind a mutex that is never held while waiting for the network: a reader
-//! waits for socket bytes with `peek` outside the lock, then takes the lock only to feed
-//! and decrypt what arrived; a writer encrypts and writes under the lock.
+//! reads socket bytes into its own buffer (up to [`RX_BUFFER_BYTES`] per system call)
+//! outside that lock, then takes it only to feed and decrypt what arrived; a writer
+//! encrypts and writes under the lock.
 //!
 //! Reads honour two limits: the idle read timeout ([`Conn::set_read_timeout`]) and a
 //! whole-frame deadline ([`Conn::set_deadline`]) that no number of slow reads can extend.
@@ -23,6 +24,8 @@ use super::tls::Transport;
 
 /// Plaintext bytes rustls may buffer per connection before a writer drains them.
 const TLS_BUFFER_BYTES: usize = 256 << 10;
+/// Encrypted bytes a TLS reader takes from the socket at once.
+pub const RX_BUFFER_BYTES: usize = 256 << 10;
 
 /// Errors of opening a connection (TCP and the TLS handshake).
 #[derive(Debug, thiserror::Error)]
@@ -44,10 +47,31 @@ pub enum ConnError {
 
 struct Inner {
     tcp: TcpStream,
-    tls: Option<Mutex<rustls::Connection>>,
+    tls: Option<Tls>,
     peer_cert: Option<Vec<u8>>,
-    /// (idle read timeout, whole-frame deadline).
-    limits: Mutex<(Option<Duration>, Option<Instant>)>,
+    limits: Mutex<Limits>,
+}
+
+/// The read limits of a connection.
+struct Limits {
+    idle: Option<Duration>,
+    deadline: Option<Instant>,
+    /// The socket's read timeout as last set (saves a system call per read).
+    armed: Option<Option<Duration>>,
+}
+
+struct Tls {
+    conn: Mutex<rustls::Connection>,
+    /// Encrypted bytes read from the socket and not yet given to rustls; only the reading
+    /// thread takes this lock (before `conn`), writers never do.
+    rx: Mutex<RxBuf>,
+}
+
+struct RxBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    eof: bool,
 }
 
 /// A migration connection (see the module docs). Clones share it.
@@ -87,12 +111,25 @@ impl Conn {
     }
 
     fn new(tcp: TcpStream, tls: Option<rustls::Connection>, peer_cert: Option<Vec<u8>>) -> Conn {
-        let timeout = tcp.read_timeout().ok().flatten();
+        let idle = tcp.read_timeout().ok().flatten();
+        let tls = tls.map(|conn| Tls {
+            conn: Mutex::new(conn),
+            rx: Mutex::new(RxBuf {
+                buf: Vec::new(),
+                start: 0,
+                end: 0,
+                eof: false,
+            }),
+        });
         Conn(Arc::new(Inner {
             tcp,
-            tls: tls.map(Mutex::new),
+            tls,
             peer_cert,
-            limits: Mutex::new((timeout, None)),
+            limits: Mutex::new(Limits {
+                idle,
+                deadline: None,
+                armed: None,
+            }),
         }))
     }
 
@@ -183,17 +220,17 @@ impl Conn {
 
     /// Idle timeout of each wait for bytes (`None`: wait forever).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        lock(&self.0.limits).0 = t;
+        lock(&self.0.limits).idle = t;
         Ok(())
     }
 
     pub fn read_timeout(&self) -> Option<Duration> {
-        lock(&self.0.limits).0
+        lock(&self.0.limits).idle
     }
 
     /// A deadline no read may pass, however slowly bytes trickle in (`None`: none).
     pub fn set_deadline(&self, d: Option<Instant>) {
-        lock(&self.0.limits).1 = d;
+        lock(&self.0.limits).deadline = d;
     }
 
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
@@ -208,21 +245,29 @@ impl Conn {
     /// Arms the socket's read timeout for the next wait from the idle timeout and the
     /// deadline.
     fn arm(&self) -> io::Result<()> {
-        let (idle, deadline) = *lock(&self.0.limits);
-        let t = match deadline {
+        let mut l = lock(&self.0.limits);
+        let t = match l.deadline {
             Some(d) => {
                 let left = remaining(d, "frame")?;
-                Some(idle.map_or(left, |i| i.min(left)))
+                Some(l.idle.map_or(left, |i| i.min(left)))
             }
-            None => idle,
+            None => l.idle,
         };
-        self.0.tcp.set_read_timeout(t)
+        if l.armed != Some(t) {
+            self.0.tcp.set_read_timeout(t)?;
+            l.armed = Some(t);
+        }
+        Ok(())
     }
 
     /// Waits until a read would not block (bytes or end of stream), within the limits.
     pub fn wait_readable(&self) -> io::Result<()> {
         if let Some(tls) = &self.0.tls {
-            let mut c = lock(tls);
+            let rx = lock(&tls.rx);
+            if rx.start < rx.end || rx.eof {
+                return Ok(());
+            }
+            let mut c = lock(&tls.conn);
             let st = c
                 .process_new_packets()
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
@@ -244,36 +289,56 @@ impl Conn {
         r
     }
 
-    fn read_tls(&self, tls: &Mutex<rustls::Connection>, buf: &mut [u8]) -> io::Result<usize> {
+    fn read_tls(&self, tls: &Tls, buf: &mut [u8]) -> io::Result<usize> {
+        let mut rx = lock(&tls.rx);
         loop {
-            match lock(tls).reader().read(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                other => return other,
-            }
-            // Nothing decrypted is waiting: wait for bytes without holding the lock.
-            self.arm()?;
-            let n = self.0.tcp.peek(&mut [0u8; 1])?;
-            let mut c = lock(tls);
-            if n == 0 {
-                c.read_tls(&mut io::empty())?;
-            } else {
-                c.read_tls(&mut &self.0.tcp)?;
-            }
-            let st = c.process_new_packets().map_err(|e| {
-                let _ = c.write_tls(&mut &self.0.tcp); // the alert, best effort
-                io::Error::new(io::ErrorKind::InvalidData, e)
-            })?;
-            while c.wants_write() {
-                c.write_tls(&mut &self.0.tcp)?;
-            }
-            if n == 0 && st.plaintext_bytes_to_read() == 0 {
-                return match c.reader().read(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        Err(io::ErrorKind::UnexpectedEof.into())
+            {
+                let mut c = lock(&tls.conn);
+                match c.reader().read(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    other => return other,
+                }
+                // Nothing decrypted is waiting: feed what the socket gave.
+                if rx.start < rx.end || rx.eof {
+                    let RxBuf {
+                        buf: b, start, end, ..
+                    } = &mut *rx;
+                    let n = if *start < *end {
+                        c.read_tls(&mut &b[*start..*end])?
+                    } else {
+                        c.read_tls(&mut io::empty())?
+                    };
+                    *start += n;
+                    if n == 0 {
+                        *start = *end; // close_notify received: the rest is ignored
                     }
-                    other => other,
-                };
+                    let st = c.process_new_packets().map_err(|e| {
+                        let _ = c.write_tls(&mut &self.0.tcp); // the alert, best effort
+                        io::Error::new(io::ErrorKind::InvalidData, e)
+                    })?;
+                    while c.wants_write() {
+                        c.write_tls(&mut &self.0.tcp)?;
+                    }
+                    if rx.eof && rx.start == rx.end && st.plaintext_bytes_to_read() == 0 {
+                        return match c.reader().read(buf) {
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                Err(io::ErrorKind::UnexpectedEof.into())
+                            }
+                            other => other,
+                        };
+                    }
+                    continue;
+                }
             }
+            // Wait for bytes without holding the connection's lock.
+            self.arm()?;
+            if rx.buf.len() < RX_BUFFER_BYTES {
+                rx.buf.resize(RX_BUFFER_BYTES, 0);
+            }
+            let n = (&self.0.tcp).read(&mut rx.buf)?;
+            rx.start = 0;
+            rx.end = n;
+            rx.eof = n == 0;
         }
     }
 }
@@ -337,7 +402,7 @@ fn handshake(
             let _ = c.write_tls(&mut &*tcp);
             let _ = tcp.shutdown(Shutdown::Write);
             let _ = tcp.set_read_timeout(Some(Duration::from_millis(200)));
-            let _ = io::copy(&mut (&*tcp).take(64 << 10), &mut io::sink());
+            let _ = io::copy(&mut tcp.take(64 << 10), &mut io::sink());
             return Err(ConnError::Tls(e));
         }
     }
@@ -380,7 +445,7 @@ impl Write for &Conn {
         let Some(tls) = &self.0.tls else {
             return (&self.0.tcp).write(buf);
         };
-        let mut c = lock(tls);
+        let mut c = lock(&tls.conn);
         let n = c.writer().write(buf)?;
         while c.wants_write() {
             if let Err(e) = c.write_tls(&mut &self.0.tcp) {

@@ -298,10 +298,21 @@ pub fn write_frame_versioned<W: Write>(
         payload_len: len,
         payload_crc: crc32fast::hash(payload),
     };
-    w.write_all(&h.encode())?;
-    w.write_all(payload)?;
+    if payload.len() <= SMALL_FRAME_BYTES {
+        // One write: one TLS record and one system call for a control message.
+        let mut b = [0u8; HEADER_LEN + SMALL_FRAME_BYTES];
+        b[..HEADER_LEN].copy_from_slice(&h.encode());
+        b[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
+        w.write_all(&b[..HEADER_LEN + payload.len()])?;
+    } else {
+        w.write_all(&h.encode())?;
+        w.write_all(payload)?;
+    }
     Ok(())
 }
+
+/// Payloads up to this size are written together with their header.
+const SMALL_FRAME_BYTES: usize = 1024;
 
 /// Reads one message, checking header and payload. Reads at most
 /// `HEADER_LEN + command.max_payload_bytes()` bytes, and allocates as the payload arrives
