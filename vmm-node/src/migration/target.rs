@@ -45,8 +45,8 @@ pub const ABANDON_POLL: Duration = Duration::from_millis(100);
 /// Lets the node embedding the target give up the incoming migration in progress — its
 /// source is known to be gone (e.g. the cluster failed the VM over to this node after the
 /// source host lost power, so no connection reset will ever arrive) — instead of waiting
-/// out `io_timeout`. Seen within [`ABANDON_POLL`]; the VM is never resumed once abandoned.
-/// Cleared when the next session is accepted.
+/// out `io_timeout`. Seen within [`ABANDON_POLL`] by every session in progress; the VM is
+/// never resumed once abandoned. Cleared when the next session is authorized.
 #[derive(Debug, Clone, Default)]
 pub struct Abandon(Arc<AtomicBool>);
 
@@ -211,7 +211,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Accepts connections until one session ends with the VM running here, handling others
-/// meanwhile. Sessions that fail (refused, source gone, cancelled) are logged.
+/// meanwhile (returns once they ended too). Sessions that fail (refused, source gone,
+/// cancelled) are logged.
 pub fn serve(
     listener: &TcpListener,
     factory: &dyn TargetFactory,
@@ -228,7 +229,9 @@ pub fn serve(
 }
 
 /// Accepts connections until one session (a connection that sent Hello) ends, and
-/// returns its outcome — a refusal included. Other connections are handled meanwhile.
+/// returns its outcome — a refusal included. Other connections are handled meanwhile, and
+/// the call returns only once they ended too (each within its deadlines): a caller that
+/// must act on every outcome at once (register an arrived VM) uses [`serve_sessions`].
 pub fn receive_one(
     listener: &TcpListener,
     factory: &dyn TargetFactory,
