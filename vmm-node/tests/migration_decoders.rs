@@ -100,7 +100,12 @@ fn decode_all(bytes: &[u8]) {
 /// refused at its header.
 #[test]
 fn an_announced_payload_is_not_allocated_before_it_arrives() {
-    for command in [Command::Setup, Command::State, Command::Pages, Command::Cancel] {
+    for command in [
+        Command::Setup,
+        Command::State,
+        Command::Pages,
+        Command::Cancel,
+    ] {
         let max = command.max_payload_bytes();
         let mut input = header(command as u16, max, PROTOCOL_VERSION).to_vec();
         input.extend([0u8; 100]);
@@ -111,13 +116,19 @@ fn an_announced_payload_is_not_allocated_before_it_arrives() {
             "{command:?}: {largest} bytes allocated for a {max}-byte announcement"
         );
         let (r, largest) = largest_alloc(|| {
-            read_frame_of(&mut Cursor::new(&input), &[Command::Hello, Command::DataHello])
+            read_frame_of(
+                &mut Cursor::new(&input),
+                &[Command::Hello, Command::DataHello],
+            )
         });
         assert!(
             matches!(r, Err(ProtocolError::Unexpected { .. })),
             "{command:?}: {r:?}"
         );
-        assert!(largest <= 4096, "{command:?}: {largest} bytes before authorization");
+        assert!(
+            largest <= 4096,
+            "{command:?}: {largest} bytes before authorization"
+        );
     }
 }
 
