@@ -10,9 +10,10 @@
 # .local-cluster/; the shared volume "vol" (every node sees the same directory, standing in
 # for shared storage) is .local-cluster/volumes/vol. Binaries are built (debug) first.
 #
-# Every listener speaks mutual TLS. The first start creates the cluster CA in
-# .local-cluster/pki (node 1 also holds its key, so it may issue certificates), a node
-# certificate for each node, an admin client certificate, and a clusterctl context
+# Every listener speaks mutual TLS, migrations included. The first start creates the
+# cluster CA in .local-cluster/pki (node 1 also holds its key, so it may issue
+# certificates), node 1's certificate, an admin client certificate; every other node gets
+# its certificate with a one-time join token from node 1; and a clusterctl context
 # "local" in ~/.config/clusterctl/config.toml (or $CLUSTERCTL_CONFIG), made current:
 # plain `clusterctl cluster status` then just works.
 set -euo pipefail
@@ -56,13 +57,21 @@ pki() {
         --cert "$PKI/admin/cert.pem" --key "$PKI/admin/key.pem" --current >/dev/null
 }
 
-# Node i's certificate (once): its identity and the addresses it serves on.
+# Node i's certificate (once): its identity and the addresses it serves on. Node 1 gets
+# it from the CA directly (and the CA key: it issues the others); every other node joins
+# as a new host would: a one-time join token from node 1, its key made here.
 node_cert() {
-    local i="$1" issuer=()
-    (( i == 1 )) && issuer=(--issuer)
-    [[ -f "$STATE/node-$i-tls/cert.pem" ]] ||
-        "$CTL" pki issue-node --ca-dir "$PKI/ca" --node-id "$i" --ip "127.0.1.$i" --ip "127.0.2.$i" \
-            --out "$STATE/node-$i-tls" "${issuer[@]}" >/dev/null
+    local i="$1"
+    [[ -f "$STATE/node-$i-tls/cert.pem" ]] && return 0
+    if (( i == 1 )); then
+        "$CTL" pki issue-node --ca-dir "$PKI/ca" --node-id 1 --ip 127.0.1.1 --ip 127.0.2.1 \
+            --out "$STATE/node-1-tls" --issuer >/dev/null
+    else
+        local token
+        token="$(ctl 1 cluster token create --ttl 10m)"
+        "$CTL" pki join --endpoint 127.0.1.1:7001 --ca "$PKI/ca/ca.pem" --token "$token" \
+            --node-id "$i" --ip "127.0.1.$i" --ip "127.0.2.$i" --out "$STATE/node-$i-tls" >/dev/null
+    fi
 }
 
 wait_ready() { # id

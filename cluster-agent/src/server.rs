@@ -25,6 +25,8 @@ pub enum RunError {
     Start(#[source] StartError),
     #[error("cannot open the shared volumes named in the config (`volumes`)")]
     Volumes(#[source] Box<csv_volume::VolumeError>),
+    #[error("cannot set up TLS for migrations with this node's credentials")]
+    MigrationTls(#[source] Box<vmm_node::migration::tls::TlsSetupError>),
     #[error("cannot listen for incoming migrations")]
     Migration(#[source] Box<crate::vmhost::VmHostError>),
     #[error("cannot serve metrics")]
@@ -99,11 +101,31 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         progress.clone(),
         stop_rx.clone(),
     ));
+    let transport = if agent.config().migration_insecure_plaintext {
+        tracing::warn!("migrations are plaintext and unauthenticated (migration_insecure_plaintext): keep the migration network isolated");
+        vmm_node::migration::tls::Transport::Plaintext
+    } else {
+        let c = agent.credentials();
+        vmm_node::migration::tls::Transport::Tls(
+            vmm_node::migration::tls::MigrationTls::from_pem(
+                c.ca_pem.as_bytes(),
+                c.cert_pem.as_bytes(),
+                c.key_pem.as_bytes(),
+            )
+            .map_err(|e| RunError::MigrationTls(Box::new(e)))?,
+        )
+    };
+    vm_host.set_migration_transport(transport.clone());
     let listener = vm_host
         .listen_migrations(
             agent.config().migration_addr,
             crate::control::disk_lock_client::ClusterLocks::new(agent.clone()),
-            vmm_node::migration::target::ReceiveOptions::default(),
+            vmm_node::migration::target::ReceiveOptions::new(
+                transport,
+                Arc::new(crate::api::migration_auth::ClusterAuthorizer::new(
+                    agent.clone(),
+                )),
+            ),
         )
         .map_err(|e| RunError::Migration(Box::new(e)))?;
     let fo = tokio::spawn(crate::control::failover::run(

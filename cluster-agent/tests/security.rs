@@ -486,3 +486,105 @@ async fn a_join_token_gets_one_new_node_its_certificate_once_before_it_expires()
         4
     );
 }
+
+/// A host outside the cluster's control plane, holding `creds`, pushing VM `vm` to
+/// `target` with `ticket`: the engine's error chain.
+fn push_vm(
+    host: &std::sync::Arc<cluster_agent::vmhost::VmHost>,
+    vm: &str,
+    target: SocketAddr,
+    ticket: u64,
+) -> String {
+    let e = host
+        .migrate_out(
+            vm,
+            1,
+            target,
+            cluster_agent::vmhost::LiveOptions {
+                ticket,
+                ..Default::default()
+            },
+            std::sync::Arc::new(cluster_agent::vmhost::LocalLocks::new()),
+        )
+        .unwrap_or_else(|e| panic!("migrate_out: {e}"))
+        .wait()
+        .expect_err("the target must refuse");
+    vmm_node::migration::target::error_chain(&e)
+}
+
+fn intruder_host(node: u64, m: &TlsMaterial) -> std::sync::Arc<cluster_agent::vmhost::VmHost> {
+    use vmm_node::migration::tls::{MigrationTls, Transport};
+    let host = cluster_agent::vmhost::VmHost::new(node, csv_volume::VolumeRegistry::new());
+    host.set_migration_transport(Transport::Tls(
+        MigrationTls::from_pem(
+            m.ca_pem.as_bytes(),
+            m.cert_pem.as_bytes(),
+            m.key_pem.as_bytes(),
+        )
+        .unwrap_or_else(|e| panic!("migration TLS: {e}")),
+    ));
+    host
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_migration_port_takes_only_a_committed_migration_from_its_source() {
+    use cluster_agent::vmhost::{TestWorkload, VmSpec, WorkloadName};
+    let _serial = cluster_tests::serial().await;
+    cluster_tests::require_kvm();
+    let cl = three_nodes().await;
+    let target = cl.check(cl.spec(1)).migration_addr;
+    // A process holding node 2's real certificate (a member), with a VM of its own that no
+    // migration was committed for.
+    let node2 = material(&TlsDir(cl.check(cl.spec(2)).tls_dir.clone()));
+    let host = intruder_host(2, &node2);
+    let spec = VmSpec::test_guest("intruder", 1, 64, TestWorkload::new(WorkloadName::Idle));
+    host.start(spec, &[])
+        .unwrap_or_else(|e| panic!("start the intruder's VM: {e}"));
+    let host2 = host.clone();
+    let (no_ticket, unknown) = tokio::task::spawn_blocking(move || {
+        (
+            push_vm(&host2, "intruder", target, 0),
+            push_vm(&host2, "intruder", target, 999),
+        )
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(no_ticket.contains("no migration ticket"), "{no_ticket}");
+    assert!(unknown.contains("no migration 999 is committed"), "{unknown}");
+    // The VM stayed with its host; node 1 took nothing in.
+    assert!(host.list().iter().any(|v| v.name == "intruder"));
+    let n1 = cl.check(cl.spec(1)).mgmt_addr;
+    let mut vm_api = cluster_proto::vms::vm_service_client::VmServiceClient::new(
+        endpoint_as(n1, Some(&material(&test_pki().admin())))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let listed = vm_api
+        .list_vms(cluster_proto::vms::ListVmsRequest::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .into_inner();
+    assert!(listed.vms.is_empty(), "{listed:?}");
+
+    // A certificate of another CA does not get through the handshake.
+    let stranger = foreign(&Identity::Node(2), &[]);
+    let host3 = intruder_host(2, &stranger);
+    host3
+        .start(
+            VmSpec::test_guest("stranger", 1, 64, TestWorkload::new(WorkloadName::Idle)),
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let h3 = host3.clone();
+    let refused = tokio::task::spawn_blocking(move || push_vm(&h3, "stranger", target, 1))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!refused.is_empty());
+    assert!(host3.list().iter().any(|v| v.name == "stranger"));
+    for h in [&host, &host3] {
+        for v in h.list() {
+            let _ = h.stop(&v.name);
+        }
+    }
+}

@@ -33,6 +33,7 @@ fn opts() -> LiveOptions {
         connections: 2,
         bandwidth_bytes_per_s_max: 0,
         source_ip: None,
+        ticket: 0,
     }
 }
 
@@ -56,7 +57,7 @@ fn drained(stream: cluster_agent::vmhost::ConsoleStream) -> Vec<Heartbeat> {
 #[test]
 fn live_migration_with_disk_handoff() {
     let h = TwoHosts::new();
-    let listener = listen(&h.b, &h, "127.0.2.2", ReceiveOptions::default());
+    let listener = listen(&h.b, &h, "127.0.2.2", plain());
     let disk = h.disk("live");
     let ga = h.acquire(&disk, NODE_A);
     h.a.start(
@@ -144,7 +145,7 @@ fn live_migration_with_disk_handoff() {
 #[test]
 fn cancelled_migration_leaves_the_vm_running_on_the_source() {
     let h = TwoHosts::new();
-    let listener = listen(&h.b, &h, "127.0.2.3", ReceiveOptions::default());
+    let listener = listen(&h.b, &h, "127.0.2.3", plain());
     let disk = h.disk("cancel");
     let ga = h.acquire(&disk, NODE_A);
     // A guest that dirties memory, a 1 ms downtime goal and a 1 MiB/s bandwidth cap: its
@@ -168,6 +169,7 @@ fn cancelled_migration_leaves_the_vm_running_on_the_source() {
                 connections: 1,
                 bandwidth_bytes_per_s_max: 1 << 20,
                 source_ip: None,
+                ticket: 0,
             },
             h.locks.clone(),
         )
@@ -224,7 +226,7 @@ fn incompatible_target_refuses_with_the_reason() {
         "127.0.2.4",
         ReceiveOptions {
             facts_override: Some(other_vendor),
-            ..ReceiveOptions::default()
+            ..plain()
         },
     );
     h.a.start(disk_guest("incompat", vec![]), &[]).unwrap();
@@ -301,8 +303,8 @@ fn quick_migration_through_the_shared_volume() {
 #[test]
 fn memory_pattern_guest_migrates_there_and_back() {
     let h = TwoHosts::new();
-    let to_b = listen(&h.b, &h, "127.0.2.5", ReceiveOptions::default());
-    let to_a = listen(&h.a, &h, "127.0.2.6", ReceiveOptions::default());
+    let to_b = listen(&h.b, &h, "127.0.2.5", plain());
+    let to_a = listen(&h.a, &h, "127.0.2.6", plain());
     let mut w = TestWorkload::new(WorkloadName::Mem);
     w.wss_mib = 32;
     h.a.start(VmSpec::test_guest("mem", 2, 64, w), &[]).unwrap();

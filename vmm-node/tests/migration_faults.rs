@@ -52,13 +52,17 @@ fn assert_still_running_on_source(src: &Proc, what: &str) {
     assert_eq!(st["state"], "failed", "{what}: {st}");
 }
 
-/// The target at `addr` still runs and answers: a session in protocol version 7 gets
-/// its refusal naming both versions (a live answer, not a wait for a crash).
-fn assert_serving(target: &mut Proc, addr: std::net::SocketAddr) {
-    let mut s = TcpStream::connect(addr).unwrap();
+/// The target at `addr` still runs and answers: a session in protocol version 7 (over TLS
+/// with the test CA) gets its refusal naming both versions (a live answer, not a wait for
+/// a crash).
+fn assert_serving(dir: &std::path::Path, target: &mut Proc, addr: std::net::SocketAddr) {
+    use vmm_node::migration::{conn::Conn, tls::Transport};
+    let tls = Transport::Tls(common::migration_tls(dir));
+    let t = Duration::from_secs(10);
+    let mut s = Conn::connect(&tls, None, addr, t, t).unwrap();
     protocol::write_frame_versioned(&mut s, 7, Command::Hello, b"").unwrap();
     let e = protocol::read_frame(&mut s).unwrap_err().to_string();
-    assert!(e.contains("version 7") && e.contains("version 1"), "{e}");
+    assert!(e.contains("version 7") && e.contains("version 2"), "{e}");
     assert!(
         target.child.try_wait().unwrap().is_none(),
         "the target exited"
@@ -232,7 +236,7 @@ fn refusals_are_explained_and_the_target_survives_garbage() {
     assert_eq!(r["ok"], false);
     let e = r["error"].as_str().unwrap();
     assert!(e.contains("refused") && e.contains(other), "{e}");
-    assert_serving(&mut t1, a1);
+    assert_serving(dir.path(), &mut t1, a1);
 
     // Not enough memory on the target.
     let (_t2, a2) = spawn_target(
@@ -258,7 +262,7 @@ fn refusals_are_explained_and_the_target_survives_garbage() {
         let mut buf = Vec::new();
         let _ = s.read_to_end(&mut buf);
     }
-    assert_serving(&mut t1, a1);
+    assert_serving(dir.path(), &mut t1, a1);
     assert_still_running_on_source(&src, "after refusals");
 }
 

@@ -11,16 +11,34 @@ use migration_support::*;
 use serde_json::json;
 use vmm_node::guest_protocol::{heartbeats, Workload, WorkloadKind};
 
-/// Migrates a guest once and verifies it; returns the migrate reply's stats.
+/// Migrates a guest once over TLS and verifies it; returns the migrate reply's stats.
 fn migrate_and_verify(
     vcpus: u8,
     memory_mib: u64,
     w: Workload,
     opts: serde_json::Value,
 ) -> serde_json::Value {
+    migrate_and_verify_over(vcpus, memory_mib, w, opts, false)
+}
+
+/// [`migrate_and_verify`], over plaintext (both ends `--insecure-plaintext`) if asked.
+fn migrate_and_verify_over(
+    vcpus: u8,
+    memory_mib: u64,
+    w: Workload,
+    opts: serde_json::Value,
+    plaintext: bool,
+) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let mem_checked = w.kind == WorkloadKind::Mem;
-    let mut src = spawn_source(dir.path(), "src", &guest_config(vcpus, memory_mib, &w));
+    let plain = ["--insecure-plaintext".to_string()];
+    let security = if plaintext {
+        plain.to_vec()
+    } else {
+        migration_tls_args(dir.path())
+    };
+    let cfg = guest_config(vcpus, memory_mib, &w);
+    let mut src = spawn_source_with(dir.path(), "src", &cfg, &security);
     let t_first = Instant::now();
     let first = wait_heartbeats(
         || src.console(),
@@ -31,7 +49,12 @@ fn migrate_and_verify(
                     .is_some_and(|h| h.cpus == u64::from(vcpus) && (!mem_checked || h.mem == "ok"))
         },
     );
-    let (mut tgt, addr) = spawn_target(dir.path(), "tgt", "127.0.2.2", &[], &[]);
+    let extra: &[&str] = if plaintext {
+        &["--insecure-plaintext"]
+    } else {
+        &[]
+    };
+    let (mut tgt, addr) = spawn_target(dir.path(), "tgt", "127.0.2.2", extra, &[]);
     let r = migrate(&src, addr, opts);
     assert_eq!(r["ok"], true, "migrate failed: {r}");
     let stats = r["stats"].clone();
@@ -77,6 +100,31 @@ fn migrate_and_verify(
 fn idle_guest_migrates_and_continues() {
     let stats = migrate_and_verify(1, 64, Workload::new(WorkloadKind::Idle), json!({}));
     assert!(stats["zero_pages_skipped"].as_u64().unwrap() > 0);
+}
+
+/// The old unauthenticated protocol still works, but only when both ends ask for it.
+#[test]
+fn plaintext_migration_when_both_ends_ask_for_it() {
+    let w = Workload {
+        wss_mib: 8,
+        ..Workload::new(WorkloadKind::Mem)
+    };
+    migrate_and_verify_over(1, 64, w, json!({}), true);
+}
+
+/// `receive` without TLS files or `--insecure-plaintext` does not start, and says why.
+#[test]
+fn receive_without_tls_or_plaintext_refuses_to_start() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmm-node"))
+        .args(["receive", "--listen", "127.0.2.2:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--tls-ca") && err.contains("--insecure-plaintext"),
+        "{err}"
+    );
 }
 
 #[test]

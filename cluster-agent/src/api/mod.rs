@@ -11,7 +11,8 @@
 //! - [`metrics`]: Prometheus `/metrics` over plain HTTP.
 //! - Trust: [`tls`] (the node's credentials as TLS configs; every agent-to-agent channel
 //!   is built there), [`auth`] (who may call which management method) and
-//!   [`certificates`] (join tokens; signing on agents that hold the CA key).
+//!   [`certificates`] (join tokens; signing on agents that hold the CA key);
+//!   [`migration_auth`] admits an incoming migration session only for a committed one.
 //!
 //! **API Boundary:** every request is validated here; bad input is `InvalidArgument`
 //! with a sentence naming what was wrong.
@@ -23,6 +24,7 @@ pub mod forward;
 pub mod jobs;
 pub mod management;
 pub mod metrics;
+pub mod migration_auth;
 pub mod migrations;
 pub mod peer;
 pub mod read;

@@ -29,6 +29,7 @@ use vmm_node::migration::adapter::{LocalFactory, LocalSource};
 use vmm_node::migration::seam::NoHandoff;
 use vmm_node::migration::source::{migrate, CancelToken, MigrateOptions};
 use vmm_node::migration::target::{serve, ReceiveOptions};
+use vmm_node::migration::tls::{AllowAll, Transport};
 use vmm_node::{Vm, VmConfig};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -46,6 +47,7 @@ fn opts() -> LiveOptions {
         connections: 2,
         bandwidth_bytes_per_s_max: 0,
         source_ip: None,
+        ticket: 0,
     }
 }
 
@@ -64,7 +66,7 @@ fn engine_alone() -> f64 {
     let target = std::thread::spawn(move || {
         let factory = LocalFactory::default();
         let r =
-            serve(&listener, &factory, &NoHandoff, &ReceiveOptions::default()).expect("receive");
+            serve(&listener, &factory, &NoHandoff, &ReceiveOptions::new(Transport::Plaintext, Arc::new(AllowAll))).expect("receive");
         drop(r);
     });
     let mut c = VmConfig::new(1, 64, vmm_node::test_guest::PATH);
@@ -80,7 +82,7 @@ fn engine_alone() -> f64 {
             deadline: Duration::from_millis(o.deadline_ms),
             throttle: true,
         },
-        ..MigrateOptions::default()
+        ..MigrateOptions::new(Transport::Plaintext)
     };
     let st = migrate(
         &LocalSource::new(vm.clone()),
@@ -132,12 +134,16 @@ fn pair() -> Pair {
         r.register("vol", dir.path()).unwrap();
         r
     };
-    Pair {
+    let p = Pair {
         locks: Arc::new(LocalLocks::new()),
         a: VmHost::new(1, reg()),
         b: VmHost::new(2, reg()),
         _dir: dir,
-    }
+    };
+    // One machine, plaintext chosen explicitly (the agents carry migrations over TLS).
+    p.a.set_migration_transport(Transport::Plaintext);
+    p.b.set_migration_transport(Transport::Plaintext);
+    p
 }
 
 fn spec(p: &Pair, name: &str, with_disk: bool) -> (VmSpec, Vec<csv_volume::LockGrant>) {
@@ -175,7 +181,7 @@ fn through_vmhost(with_disk: bool, round: usize) -> (f64, f64) {
         p.b.listen_migrations(
             "127.0.2.11:0".parse::<SocketAddr>().unwrap(),
             p.locks.clone(),
-            ReceiveOptions::default(),
+            ReceiveOptions::new(Transport::Plaintext, Arc::new(AllowAll)),
         )
         .expect("listen");
     let name = format!("bench{round}");

@@ -493,6 +493,7 @@ fn run_migration(
         ..Default::default()
     };
     if let Some(r) = record {
+        opts.ticket = r.id;
         opts.max_downtime_ms = r.max_downtime_ms.unwrap_or(opts.max_downtime_ms);
         opts.deadline_ms = r.deadline_ms.unwrap_or(opts.deadline_ms);
         opts.bandwidth_bytes_per_s_max = r.bandwidth_bytes_per_s_max.unwrap_or(0);

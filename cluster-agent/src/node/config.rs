@@ -116,6 +116,9 @@ pub struct RawConfig {
     /// The node's TLS credentials (`ca.pem`, `cert.pem`, `key.pem`, and `ca.key` on
     /// nodes that issue certificates); default `<data_dir>/tls`.
     pub tls_dir: Option<PathBuf>,
+    /// Carry live migrations without TLS or authentication (default false): only on a
+    /// migration network isolated from everything else.
+    pub migration_insecure_plaintext: Option<bool>,
 }
 
 /// An IP subnet in CIDR form.
@@ -196,6 +199,8 @@ pub struct AgentConfig {
     pub networks: Vec<NetworkConfig>,
     /// Where this node's TLS credentials are (see [`RawConfig::tls_dir`]).
     pub tls_dir: PathBuf,
+    /// See [`RawConfig::migration_insecure_plaintext`].
+    pub migration_insecure_plaintext: bool,
 }
 
 impl AgentConfig {
@@ -276,7 +281,8 @@ impl RawConfig {
             volumes,
             metrics_addr,
             networks,
-            tls_dir
+            tls_dir,
+            migration_insecure_plaintext
         );
         self
     }
@@ -490,6 +496,7 @@ impl RawConfig {
             None => data_dir.join("tls"),
         };
         Ok(AgentConfig {
+            migration_insecure_plaintext: self.migration_insecure_plaintext.unwrap_or(false),
             tls_dir,
             networks,
             node_id,

@@ -32,8 +32,9 @@ use vmm_node::migration::seam::{
 };
 use vmm_node::migration::source::{migrate, CancelToken, MigrateOptions, MigrationEvent};
 use vmm_node::migration::stats::MigrationStats;
+use vmm_node::migration::tls::Transport;
 use vmm_node::migration::target::{
-    error_chain, receive_one, Abandon, ReceiveOptions, ReceiveStats,
+    error_chain, serve_sessions, Abandon, ReceiveOptions, ReceiveStats,
 };
 use vmm_node::migration::transport::{DirtyPages, PageMap};
 use vmm_node::migration::{self as engine, MigrationError};
@@ -69,6 +70,10 @@ pub struct LiveOptions {
     /// choice); the agent passes its migration address.
     #[serde(default)]
     pub source_ip: Option<std::net::IpAddr>,
+    /// The one-time ticket the target checks: the id of the migration record committed
+    /// with `StartMigration` (0: none).
+    #[serde(default)]
+    pub ticket: u64,
 }
 
 impl Default for LiveOptions {
@@ -80,12 +85,13 @@ impl Default for LiveOptions {
             connections: engine::DEFAULT_CONNECTIONS,
             bandwidth_bytes_per_s_max: 0,
             source_ip: None,
+            ticket: 0,
         }
     }
 }
 
 impl LiveOptions {
-    fn to_engine(self) -> MigrateOptions {
+    fn to_engine(self, transport: Transport) -> MigrateOptions {
         MigrateOptions {
             connections: self.connections,
             convergence: ConvergenceConfig {
@@ -95,10 +101,26 @@ impl LiveOptions {
             },
             bandwidth_bytes_per_s_max: Some(self.bandwidth_bytes_per_s_max),
             source_ip: self.source_ip,
-            ..MigrateOptions::default()
+            ticket: migration_ticket(self.ticket),
+            ..MigrateOptions::new(transport)
         }
     }
 }
+
+/// The ticket bytes of migration record `id` (what the target's authorizer expects).
+pub fn migration_ticket(id: u64) -> Vec<u8> {
+    if id == 0 {
+        Vec::new()
+    } else {
+        id.to_be_bytes().to_vec()
+    }
+}
+
+/// The migration record id a ticket names (`None`: not a ticket of this cluster's form).
+pub fn ticket_id(ticket: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(ticket).ok().map(u64::from_be_bytes).filter(|id| *id != 0)
+}
+
 
 /// The result of a finished live migration.
 #[derive(Clone, Debug)]
@@ -307,7 +329,7 @@ impl VmHost {
         let vm = self.get(name)?;
         let claim = vm.claim()?;
         self.require_running(&vm)?;
-        let mopts = opts.to_engine();
+        let mopts = opts.to_engine(self.migration_transport()?);
         mopts.validate().map_err(|source| VmHostError::Migration {
             vm: name.to_owned(),
             source,
@@ -648,6 +670,8 @@ impl VmHost {
             abandon: opts.abandon.clone(),
         });
         let thread_stop = stop.clone();
+        let mut opts = opts;
+        opts.max_sessions = 1;
         let thread = std::thread::Builder::new()
             .name(format!("migration-listener-{}", self.node()))
             .spawn(move || listen_loop(listener, shared, opts, thread_stop, tx))
@@ -671,8 +695,7 @@ fn listen_loop(
 ) {
     let factory = Factory(shared.clone());
     let handoff = Handoff(shared.clone());
-    while !stop.load(Ordering::SeqCst) {
-        let r = receive_one(&listener, &factory, &handoff, &opts);
+    let on_outcome = |r: Result<engine::target::Received, MigrationError>| {
         shared.host.set_incoming(None);
         let inc = lock(&shared.current).take();
         let ev = match (r, inc) {
@@ -694,15 +717,18 @@ fn listen_loop(
                 error: format!("VM {} arrived but its record was lost", received.vm_name),
             },
             (Err(e), _) => {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
                 let error = error_chain(&e);
                 tracing::warn!(%error, "incoming migration failed");
                 IncomingEvent::Failed { error }
             }
         };
         let _ = tx.try_send(ev);
+    };
+    // Sessions run on their own threads; this host takes one incoming VM at a time (the
+    // engine refuses a second Hello meanwhile), strangers are refused by the transport
+    // and the authorizer before anything is created.
+    if let Err(e) = serve_sessions(&listener, &factory, &handoff, &opts, &stop, &on_outcome) {
+        tracing::error!(error = %error_chain(&e), "migration listener failed");
     }
     tracing::info!("migration listener stopped");
 }

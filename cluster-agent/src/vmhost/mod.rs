@@ -58,6 +58,8 @@ use vmm_node::migration::target::Abandon;
 /// Errors of the VM runtime. Messages name the VM / disk / slot at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum VmHostError {
+    #[error("no migration transport is configured on this host (TLS credentials, or plaintext on an isolated network)")]
+    NoMigrationTransport,
     #[error("invalid VM spec")]
     Spec(#[source] SpecError),
     #[error("VM {vm}: cannot set up its NICs")]
@@ -222,6 +224,9 @@ pub struct VmHost {
     networks: nics::Networks,
     /// Every console line of every VM this host ran, stamped (see [`journal`]).
     journal: Arc<journal::ConsoleJournal>,
+    /// How outgoing live migrations are carried (mutual TLS in an agent); `None` until
+    /// set: a migration out is refused rather than sent in the clear by default.
+    migration_transport: Mutex<Option<vmm_node::migration::tls::Transport>>,
 }
 
 type VmTable = Mutex<BTreeMap<String, Option<Arc<HostedVm>>>>;
@@ -275,7 +280,20 @@ impl VmHost {
             incoming: Mutex::new(None),
             networks,
             journal: Arc::default(),
+            migration_transport: Mutex::new(None),
         })
+    }
+
+    /// Carry outgoing live migrations with `t` (the agent: TLS with the node's
+    /// certificate; plaintext only when the operator configured it).
+    pub fn set_migration_transport(&self, t: vmm_node::migration::tls::Transport) {
+        *lock(&self.migration_transport) = Some(t);
+    }
+
+    fn migration_transport(&self) -> Result<vmm_node::migration::tls::Transport, VmHostError> {
+        lock(&self.migration_transport)
+            .clone()
+            .ok_or(VmHostError::NoMigrationTransport)
     }
 
     /// Creates the TAPs of `spec`'s NICs here (see [`nics::create_taps`]).

@@ -5,6 +5,9 @@
 
 use std::sync::Arc;
 
+use vmm_node::migration::target::ReceiveOptions;
+use vmm_node::migration::tls::{AllowAll, Transport};
+
 use cluster_agent::vmhost::{DiskSpec, LocalLocks, TestWorkload, VmHost, VmSpec, WorkloadName};
 use csv_volume::{DiskName, LockCommand, LockGrant, LockMode, NodeId, VolumeRegistry};
 use vmm_node::guest_protocol::{heartbeats, Heartbeat};
@@ -44,12 +47,17 @@ impl TwoHosts {
     pub fn new() -> TwoHosts {
         require_kvm();
         let dir = tempfile::tempdir().unwrap();
-        TwoHosts {
+        let h = TwoHosts {
             locks: Arc::new(LocalLocks::new()),
             a: VmHost::new(NODE_A, registry(dir.path())),
             b: VmHost::new(NODE_B, registry(dir.path())),
             dir,
-        }
+        };
+        // These in-process hosts share one machine: plaintext, chosen explicitly (the
+        // agents' TLS and tickets are covered by the cluster tests).
+        h.a.set_migration_transport(Transport::Plaintext);
+        h.b.set_migration_transport(Transport::Plaintext);
+        h
     }
 
     /// Creates a 1 MiB disk `vol/vms/<name>.img`.
@@ -129,4 +137,9 @@ pub fn assert_continuous(hb: &[Heartbeat]) {
         );
         assert!(w[1].tsc_us > w[0].tsc_us, "guest time not monotonic: {w:?}");
     }
+}
+
+/// Target options for [`TwoHosts`]: plaintext, every session allowed.
+pub fn plain() -> ReceiveOptions {
+    ReceiveOptions::new(Transport::Plaintext, Arc::new(AllowAll))
 }

@@ -2,11 +2,14 @@
 //! baseline measured in the same run.
 //!
 //! ```text
-//! cargo run --release -p vmm-node --bin migration-bench -- [--memory-mib 1024] [--repeats 5]
-//!     [--connections 4] [--max-downtime-ms 50] [--cases idle,full,50,200,1000]
+//! cargo run --release -p vmm-node --features test-pki --bin migration-bench -- [--memory-mib 1024]
+//!     [--repeats 5] [--connections 4] [--max-downtime-ms 50] [--cases idle,full,50,200,1000]
+//!     [--transports plaintext,tls]
 //! ```
 //! Cases: `idle` (idle guest), `full` (memory filled with a pattern: measures throughput),
-//! `N` (256 MiB working set dirtied at N MB/s).
+//! `N` (256 MiB working set dirtied at N MB/s). Every case runs over each transport, the
+//! repeats interleaved (plaintext, TLS, plaintext, ...) so both see the same machine; TLS
+//! uses a throwaway CA (`migration::test_pki`, hence the feature).
 
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
@@ -21,6 +24,7 @@ use vmm_node::migration::seam::NoHandoff;
 use vmm_node::migration::source::{migrate, CancelToken, MigrateOptions};
 use vmm_node::migration::stats::MigrationStats;
 use vmm_node::migration::target::{receive_one, ReceiveOptions};
+use vmm_node::migration::tls::{AllowAll, MigrationTls, Transport};
 use vmm_node::{Vm, VmConfig};
 
 #[derive(Parser)]
@@ -37,6 +41,29 @@ struct Args {
     cases: String,
     #[arg(long, default_value_t = 2)]
     vcpus: u8,
+    /// Transports to compare: plaintext, tls.
+    #[arg(long, default_value = "plaintext,tls")]
+    transports: String,
+}
+
+/// A TLS configuration from a throwaway CA, with a certificate for the loopback address
+/// the bench listens on (both ends present it).
+fn bench_tls() -> anyhow::Result<MigrationTls> {
+    let ca = vmm_node::migration::test_pki::TestCa::new("migration-bench CA");
+    let node = ca.node("bench-node", &["127.0.2.1".parse()?]);
+    Ok(MigrationTls::from_pem(
+        ca.ca_pem().as_bytes(),
+        node.cert_pem.as_bytes(),
+        node.key_pem.as_bytes(),
+    )?)
+}
+
+fn transport_name(t: &Transport) -> &'static str {
+    if t.is_tls() {
+        "tls"
+    } else {
+        "plain"
+    }
 }
 
 fn workload(case: &str, memory_mib: u64) -> anyhow::Result<Workload> {
@@ -81,13 +108,14 @@ fn start_guest(args: &Args, w: &Workload) -> anyhow::Result<Vm> {
     }
 }
 
-fn live_once(args: &Args, w: &Workload) -> anyhow::Result<MigrationStats> {
+fn live_once(args: &Args, w: &Workload, transport: &Transport) -> anyhow::Result<MigrationStats> {
     let vm = Arc::new(start_guest(args, w)?);
     let listener = TcpListener::bind("127.0.2.1:0")?;
     let addr = listener.local_addr()?;
+    let ropts = ReceiveOptions::new(transport.clone(), Arc::new(AllowAll));
     let target = std::thread::spawn(move || -> anyhow::Result<Arc<Vm>> {
         let f = LocalFactory::default();
-        let r = receive_one(&listener, &f, &NoHandoff, &ReceiveOptions::default())?;
+        let r = receive_one(&listener, &f, &NoHandoff, &ropts)?;
         let vm = f.last_vm().context("target VM gone")?;
         drop(r);
         Ok(vm)
@@ -99,7 +127,7 @@ fn live_once(args: &Args, w: &Workload) -> anyhow::Result<MigrationStats> {
             deadline: Duration::from_secs(120),
             throttle: true,
         },
-        ..Default::default()
+        ..MigrateOptions::new(transport.clone())
     };
     let stats = migrate(
         &LocalSource::new(vm.clone()),
@@ -208,9 +236,14 @@ fn raw_tcp_bytes_per_s(n: usize, total: u64) -> anyhow::Result<f64> {
 
 /// The memory transport alone (no guest competing for the CPUs): a fully populated
 /// `memory_mib` guest memory moved into a fresh one over `n` connections. Bytes/s on the wire.
-fn transport_bytes_per_s(n: usize, memory_mib: u64) -> anyhow::Result<f64> {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::mpsc::sync_channel;
+/// The memory transport alone over each of `transports`, `repeats` times interleaved;
+/// the median of each.
+fn transport_bytes_per_s(
+    n: usize,
+    memory_mib: u64,
+    transports: &[Transport],
+    repeats: usize,
+) -> anyhow::Result<Vec<f64>> {
     use vm_memory::{Bytes, GuestAddress};
     use vmm_node::migration::transport::*;
     let src = vmm_node::memory::allocate(memory_mib << 20)?;
@@ -248,15 +281,45 @@ fn transport_bytes_per_s(n: usize, memory_mib: u64) -> anyhow::Result<f64> {
             gb * 1e3 / rewrite.as_secs_f64()
         );
     }
+    let mut runs: Vec<Vec<u64>> = transports.iter().map(|_| Vec::new()).collect();
+    for _ in 0..repeats.max(1) {
+        for (t, out) in transports.iter().zip(runs.iter_mut()) {
+            out.push(transport_once(n, memory_mib, &src, &map, t)? as u64);
+        }
+    }
+    Ok(runs.iter_mut().map(|v| pct(v, 0.5) as f64).collect())
+}
+
+fn transport_once(
+    n: usize,
+    memory_mib: u64,
+    src: &vmm_node::GuestMem,
+    map: &vmm_node::migration::transport::PageMap,
+    transport: &Transport,
+) -> anyhow::Result<f64> {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::mpsc::sync_channel;
+    use vmm_node::migration::conn::Conn;
+    use vmm_node::migration::transport::*;
     let dst = vmm_node::memory::allocate(memory_mib << 20)?;
     let l = TcpListener::bind("127.0.2.1:0")?;
     let addr = l.local_addr()?;
-    let conns: Vec<TcpStream> = (0..n)
-        .map(|_| TcpStream::connect(addr))
+    let t2 = transport.clone();
+    let acceptor = std::thread::spawn(move || -> anyhow::Result<Vec<Conn>> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            v.push(Conn::accept(l.accept()?.0, &t2, deadline)?);
+        }
+        Ok(v)
+    });
+    let t = Duration::from_secs(10);
+    let conns: Vec<Conn> = (0..n)
+        .map(|_| Conn::connect(transport, None, addr, t, t))
         .collect::<Result<_, _>>()?;
-    let accepted: Vec<TcpStream> = (0..n)
-        .map(|_| l.accept().map(|a| a.0))
-        .collect::<Result<_, _>>()?;
+    let accepted = acceptor
+        .join()
+        .map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
     let send_h = PageHashes::new_zeroed(map.total_pages());
     let recv_h = PageHashes::new_zeroed(map.total_pages());
     let (tx, rx) = sync_channel::<DataEvent>(4 * n);
@@ -264,15 +327,15 @@ fn transport_bytes_per_s(n: usize, memory_mib: u64) -> anyhow::Result<f64> {
     let heard = LastHeard::default();
     let (sent, secs) = std::thread::scope(|s| -> anyhow::Result<(u64, f64)> {
         for (i, c) in accepted.into_iter().enumerate() {
-            let (tx, dst, map, h, heard) = (tx.clone(), &dst, &map, &recv_h, &heard);
+            let (tx, dst, h, heard) = (tx.clone(), &dst, &recv_h, &heard);
             s.spawn(move || receive_data_connection(c, i, dst, map, h, &tx, heard));
         }
         drop(tx);
         let t = Instant::now();
         let mut sender = MemorySender::new(conns);
         let r = sender.send_round(
-            &src,
-            &map,
+            src,
+            map,
             &send_h,
             &DirtyPages::all(map.total_pages()),
             0,
@@ -293,6 +356,54 @@ fn transport_bytes_per_s(n: usize, memory_mib: u64) -> anyhow::Result<f64> {
         "transport receipts differ"
     );
     Ok(sent as f64 / secs)
+}
+
+fn print_case(name: &str, runs: &[MigrationStats], raw: f64, qs: &mut [u64], qr: &mut [u64]) {
+    let mut totals: Vec<u64> = runs.iter().map(|s| s.total_us / 1000).collect();
+    let mut blackouts: Vec<u64> = runs.iter().map(|s| s.blackout.total_us).collect();
+    let mut rounds: Vec<u64> = runs.iter().map(|s| s.rounds.len() as u64).collect();
+    let ratio: f64 = runs
+        .iter()
+        .map(|s| s.wire_bytes as f64 / s.guest_bytes as f64)
+        .sum::<f64>()
+        / runs.len() as f64;
+    let r0_best = runs
+        .iter()
+        .map(|s| {
+            let first = &s.rounds[0];
+            first.wire_bytes as f64 / (first.duration_us.max(1) as f64 / 1e6)
+        })
+        .fold(0.0, f64::max);
+    let throttle = runs
+        .iter()
+        .map(|s| s.max_throttle_percent)
+        .max()
+        .unwrap_or(0);
+    println!(
+        "{:<14} {:>9} {:>9} {:>10} {:>10} {:>7.3} {:>9.0} {:>9.2} {:>7}% {:>9}ms {:>9}ms",
+        name,
+        pct(&mut totals, 0.5),
+        pct(&mut rounds, 0.5),
+        pct(&mut blackouts.clone(), 0.5),
+        pct(&mut blackouts, 0.99),
+        ratio,
+        r0_best / 1e6,
+        r0_best / raw,
+        throttle,
+        pct(qs, 0.5),
+        pct(qr, 0.5),
+    );
+    let med = |f: fn(&vmm_node::migration::stats::Blackout) -> u64| {
+        let mut v: Vec<u64> = runs.iter().map(|s| f(&s.blackout)).collect();
+        pct(&mut v, 0.5)
+    };
+    println!(
+        "               blackout p50 split: final-copy {} us, state {} us, handoff {} us, resume {} us",
+        med(|b| b.final_copy_us),
+        med(|b| b.state_us),
+        med(|b| b.handoff_us),
+        med(|b| b.resume_us)
+    );
 }
 
 fn pct(v: &mut [u64], p: f64) -> u64 {
@@ -316,20 +427,34 @@ fn main() -> anyhow::Result<()> {
         args.connections,
         raw / 1e6
     );
-    let tr = transport_bytes_per_s(args.connections, args.memory_mib)?;
-    println!(
-        "memory transport alone, {} MiB fully populated, {} connections: {:.0} MB/s = {:.2} x raw TCP",
-        args.memory_mib,
-        args.connections,
-        tr / 1e6,
-        tr / raw
-    );
+    let tls = bench_tls()?;
+    let transports: Vec<Transport> = args
+        .transports
+        .split(',')
+        .map(|t| match t {
+            "plaintext" | "plain" => Ok(Transport::Plaintext),
+            "tls" => Ok(Transport::Tls(tls.clone())),
+            other => anyhow::bail!("unknown transport {other} (plaintext, tls)"),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let tr = transport_bytes_per_s(args.connections, args.memory_mib, &transports, args.repeats)?;
+    for (t, tr) in transports.iter().zip(&tr) {
+        println!(
+            "memory transport alone ({}), {} MiB fully populated, {} connections, median of {}: {:.0} MB/s = {:.2} x raw TCP",
+            transport_name(t),
+            args.memory_mib,
+            args.connections,
+            args.repeats,
+            tr / 1e6,
+            tr / raw
+        );
+    }
     println!(
         "guest {} MiB, {} vCPUs, {} connections, max downtime {} ms, {} repeats",
         args.memory_mib, args.vcpus, args.connections, args.max_downtime_ms, args.repeats
     );
     println!(
-        "{:<8} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:>8} {:>11} {:>11}",
+        "{:<14} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:>8} {:>11} {:>11}",
         "case",
         "total_ms",
         "rounds",
@@ -344,23 +469,13 @@ fn main() -> anyhow::Result<()> {
     );
     for case in args.cases.split(',') {
         let w = workload(case, args.memory_mib)?;
-        let mut totals = Vec::new();
-        let mut blackouts = Vec::new();
-        let mut rounds = Vec::new();
-        let mut ratio = Vec::new();
-        let mut r0 = Vec::new();
-        let mut throttle = 0;
-        let mut split = Vec::new();
+        let mut runs: Vec<Vec<MigrationStats>> = transports.iter().map(|_| Vec::new()).collect();
         for _ in 0..args.repeats {
-            let s = live_once(&args, &w).with_context(|| format!("case {case}"))?;
-            totals.push(s.total_us / 1000);
-            blackouts.push(s.blackout.total_us);
-            rounds.push(s.rounds.len() as u64);
-            ratio.push(s.wire_bytes as f64 / s.guest_bytes as f64);
-            let first = &s.rounds[0];
-            r0.push(first.wire_bytes as f64 / (first.duration_us.max(1) as f64 / 1e6));
-            throttle = throttle.max(s.max_throttle_percent);
-            split.push(s.blackout);
+            for (t, out) in transports.iter().zip(runs.iter_mut()) {
+                let s = live_once(&args, &w, t)
+                    .with_context(|| format!("case {case} over {}", transport_name(t)))?;
+                out.push(s);
+            }
         }
         let (mut qs, mut qr) = (Vec::new(), Vec::new());
         for _ in 0..args.repeats.min(3) {
@@ -368,32 +483,15 @@ fn main() -> anyhow::Result<()> {
             qs.push(s / 1000);
             qr.push(r / 1000);
         }
-        let r0_best = r0.iter().cloned().fold(0.0, f64::max);
-        println!(
-            "{:<8} {:>9} {:>9} {:>10} {:>10} {:>7.3} {:>9.0} {:>9.2} {:>7}% {:>9}ms {:>9}ms",
-            case,
-            pct(&mut totals, 0.5),
-            pct(&mut rounds, 0.5),
-            pct(&mut blackouts.clone(), 0.5),
-            pct(&mut blackouts, 0.99),
-            ratio.iter().sum::<f64>() / ratio.len() as f64,
-            r0_best / 1e6,
-            r0_best / raw,
-            throttle,
-            pct(&mut qs, 0.5),
-            pct(&mut qr, 0.5),
-        );
-        let med = |f: fn(&vmm_node::migration::stats::Blackout) -> u64| {
-            let mut v: Vec<u64> = split.iter().map(f).collect();
-            pct(&mut v, 0.5)
-        };
-        println!(
-            "         blackout p50 split: final-copy {} us, state {} us, handoff {} us, resume {} us",
-            med(|b| b.final_copy_us),
-            med(|b| b.state_us),
-            med(|b| b.handoff_us),
-            med(|b| b.resume_us)
-        );
+        for (t, stats) in transports.iter().zip(&runs) {
+            print_case(
+                &format!("{case}/{}", transport_name(t)),
+                stats,
+                raw,
+                &mut qs,
+                &mut qr,
+            );
+        }
     }
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! (pause + snapshot to a shared directory). See `ARCHITECTURE.md`.
 //!
 //! * [`protocol`]: wire format, sequence diagram, limits.
+//! * [`tls`]: TLS configuration ([`tls::Transport`]) and session authorization
+//!   ([`tls::SessionAuthorizer`]); [`conn`]: one (TLS or plaintext) connection.
 //! * [`transport`]: guest pages over N TCP connections, page hashes / memory receipt.
 //! * [`convergence`]: pure model deciding rounds / throttle / stop-and-copy / give-up.
 //! * [`seam`]: traits the engine needs from a VM, a node and the storage hook.
@@ -9,6 +11,7 @@
 //! * [`stats`]: per-migration statistics.
 
 pub mod adapter;
+pub mod conn;
 pub mod convergence;
 pub mod protocol;
 pub mod quick;
@@ -16,6 +19,9 @@ pub mod seam;
 pub mod source;
 pub mod stats;
 pub mod target;
+#[cfg(any(test, feature = "test-pki"))]
+pub mod test_pki;
+pub mod tls;
 pub mod transport;
 
 #[cfg(test)]
@@ -37,8 +43,12 @@ pub enum MigrationError {
     Connect {
         addr: std::net::SocketAddr,
         #[source]
-        source: std::io::Error,
+        source: conn::ConnError,
     },
+    #[error("cannot listen for migrations")]
+    Listen(#[source] std::io::Error),
+    #[error("incoming migration session refused: {0}")]
+    SessionRefused(String),
     #[error("migration connection failed during {phase}")]
     Protocol {
         phase: &'static str,

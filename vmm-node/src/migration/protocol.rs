@@ -19,6 +19,10 @@
 //! `4096 × data pages` raw bytes that each page's CRC covers. This keeps bulk data out of
 //! the payload CRC (one hash pass per page, which also feeds the memory receipt).
 //!
+//! Version 2 added TLS, the VM name and ticket in Hello and the target-chosen 128-bit
+//! session id in Welcome. A version-1 peer is refused with a message naming both
+//! versions (over TLS, a plaintext peer is refused in plaintext: see `conn.rs`).
+//!
 //! A peer whose header carries another version is answered with [`Command::Refuse`]
 //! naming both versions; [`Command::Refuse`] itself is accepted in any version so the
 //! refused side can print the reason.
@@ -27,11 +31,14 @@
 //!
 //! ```text
 //!  source (control conn)                                  target (listener)
-//!    |---- Hello{session, connections} ----------------------->| version check
-//!    |<--- Welcome | Refuse{reason} ---------------------------|
+//!    |==== TLS 1.3 handshake, both ends certified by the CA ====| (unless plaintext)
+//!    |---- Hello{vm, ticket, connections} -------------------->| version check,
+//!    |<--- Welcome{session} | Refuse{reason} ------------------|  SessionAuthorizer
+//!    |     (nothing exists on the target before Welcome)       |
 //!    |---- Setup{config, requirements} ----------------------->| compatibility check,
 //!    |<--- SetupOk | Refuse{reason} ---------------------------|  skeleton VM (paused)
-//!    |==== N data conns: DataHello{session, index} ===========>|
+//!    |==== N data conns (TLS, same certificate as control):    |
+//!    |==== DataHello{session, index} ==========================>| session id from Welcome
 //!    |     round r = 0 (all populated pages), 1, 2, ...        |
 //!    |==== Pages{round, descriptors, crcs}+body (any conn) ===>| written into guest memory
 //!    |==== RoundEnd{round, pages} (every data conn) ==========>|
@@ -60,13 +67,16 @@ use std::io::{self, Read, Write};
 /// First four bytes of every message.
 pub const MAGIC: [u8; 4] = *b"VMIG";
 /// Version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of [`Header`] on the wire.
 pub const HEADER_LEN: usize = 24;
 /// Guest page size the protocol moves.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages one [`Command::Pages`] message may carry (4 MiB of data).
 pub const MAX_PAGES_PER_MESSAGE: usize = 1024;
+/// Largest payload of the frames a peer sends before it is authorized (Hello, DataHello)
+/// and of Welcome.
+pub const MAX_HELLO_PAYLOAD_BYTES: u32 = 1024;
 /// Largest payload of a control message.
 pub const MAX_CONTROL_PAYLOAD_BYTES: u32 = 1 << 20;
 /// Largest VM configuration / state payload.
@@ -178,6 +188,7 @@ impl Command {
         match self {
             Command::Setup | Command::State => MAX_STATE_PAYLOAD_BYTES,
             Command::Pages => MAX_PAGES_PAYLOAD_BYTES,
+            Command::Hello | Command::Welcome | Command::DataHello => MAX_HELLO_PAYLOAD_BYTES,
             _ => MAX_CONTROL_PAYLOAD_BYTES,
         }
     }
@@ -287,19 +298,47 @@ pub fn write_frame_versioned<W: Write>(
         payload_len: len,
         payload_crc: crc32fast::hash(payload),
     };
-    w.write_all(&h.encode())?;
-    w.write_all(payload)?;
+    if payload.len() <= SMALL_FRAME_BYTES {
+        // One write: one TLS record and one system call for a control message.
+        let mut b = [0u8; HEADER_LEN + SMALL_FRAME_BYTES];
+        b[..HEADER_LEN].copy_from_slice(&h.encode());
+        b[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
+        w.write_all(&b[..HEADER_LEN + payload.len()])?;
+    } else {
+        w.write_all(&h.encode())?;
+        w.write_all(payload)?;
+    }
     Ok(())
 }
 
+/// Payloads up to this size are written together with their header.
+const SMALL_FRAME_BYTES: usize = 1024;
+
 /// Reads one message, checking header and payload. Reads at most
-/// `HEADER_LEN + command.max_payload_bytes()` bytes.
+/// `HEADER_LEN + command.max_payload_bytes()` bytes, and allocates as the payload arrives
+/// (a header announcing a large payload costs nothing until its bytes come).
 pub fn read_frame<R: Read>(r: &mut R) -> Result<Frame, ProtocolError> {
+    read_frame_of(r, &[])
+}
+
+/// [`read_frame`] that refuses, before reading any payload, a command not in `allowed`
+/// (empty: any). The first frame of a connection is read this way.
+pub fn read_frame_of<R: Read>(r: &mut R, allowed: &[Command]) -> Result<Frame, ProtocolError> {
     let mut hb = [0u8; HEADER_LEN];
     r.read_exact(&mut hb)?;
     let h = Header::decode(&hb)?;
-    let mut payload = vec![0u8; h.payload_len as usize];
-    r.read_exact(&mut payload)?;
+    if !allowed.is_empty() && !allowed.contains(&h.command) && h.command != Command::Refuse {
+        return Err(ProtocolError::Unexpected {
+            expected: "Hello or DataHello",
+            got: h.command,
+        });
+    }
+    let len = h.payload_len as usize;
+    let mut payload = Vec::with_capacity(len.min(PAYLOAD_CHUNK_BYTES));
+    r.take(u64::from(h.payload_len)).read_to_end(&mut payload)?;
+    if payload.len() != len {
+        return Err(ProtocolError::Closed);
+    }
     if crc32fast::hash(&payload) != h.payload_crc {
         return Err(ProtocolError::PayloadChecksum { command: h.command });
     }
@@ -311,6 +350,9 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Frame, ProtocolError> {
         payload,
     })
 }
+
+/// Payload bytes allocated up front; beyond this a payload grows as it arrives.
+const PAYLOAD_CHUNK_BYTES: usize = 64 << 10;
 
 /// Reads a message that must be `expected`.
 pub fn expect_frame<R: Read>(r: &mut R, expected: Command) -> Result<Vec<u8>, ProtocolError> {
@@ -346,13 +388,18 @@ fn command_name(c: Command) -> &'static str {
     }
 }
 
-/// Sends a refusal (best effort: the connection is closed afterwards anyway).
-pub fn write_refuse<W: Write>(w: &mut W, reason: &str) -> Result<(), ProtocolError> {
+/// `reason` cut to at most [`MAX_REASON_BYTES`] on a character boundary.
+pub fn truncate_reason(reason: &str) -> &str {
     let mut end = reason.len().min(MAX_REASON_BYTES);
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    write_frame(w, Command::Refuse, &reason.as_bytes()[..end])?;
+    &reason[..end]
+}
+
+/// Sends a refusal (best effort: the connection is closed afterwards anyway).
+pub fn write_refuse<W: Write>(w: &mut W, reason: &str) -> Result<(), ProtocolError> {
+    write_frame(w, Command::Refuse, truncate_reason(reason).as_bytes())?;
     w.flush()?;
     Ok(())
 }
@@ -385,13 +432,17 @@ pub fn encode_payload<T: serde::Serialize>(
         })
 }
 
-/// Decodes a structured payload (bounded by the command's payload limit, no trailing bytes).
+/// Decodes a structured payload (no trailing bytes). The limit is the payload's own
+/// length, so a length prefix inside it claiming more than is there fails before anything
+/// is allocated for byte strings (see [`bytes`]); a list of other items preallocates at
+/// most bincode's cautious 1 MiB.
 pub fn decode_payload<T: serde::de::DeserializeOwned>(
     command: Command,
     payload: &[u8],
 ) -> Result<T, ProtocolError> {
     use bincode::Options;
-    bincode_opts(u64::from(command.max_payload_bytes()))
+    let limit = (payload.len() as u64).min(u64::from(command.max_payload_bytes()));
+    bincode_opts(limit)
         .deserialize(payload)
         .map_err(|e| ProtocolError::Malformed {
             command,
@@ -399,17 +450,81 @@ pub fn decode_payload<T: serde::de::DeserializeOwned>(
         })
 }
 
-/// [`Command::Hello`] payload.
+/// Session id the target chooses (random, 128 bits) and the data connections present.
+pub type SessionId = [u8; 16];
+
+/// Serde for `Vec<u8>` fields as one byte string (same bytes on the wire as a sequence
+/// with fixint encoding): bincode checks its length against the limit before allocating.
+pub mod bytes {
+    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+/// [`Command::Hello`] payload: which VM the source wants to send, with the one-time
+/// ticket the target's [`super::tls::SessionAuthorizer`] checks.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Hello {
-    pub session_id: u64,
+    pub vm_name: String,
+    #[serde(with = "bytes")]
+    pub ticket: Vec<u8>,
     pub connections: u16,
+}
+
+impl Hello {
+    /// Checks every peer-supplied field against its bound.
+    pub fn validate(&self) -> Result<(), String> {
+        use super::tls::{MAX_TICKET_BYTES, MAX_VM_NAME_BYTES};
+        let n = usize::from(self.connections);
+        if !(1..=super::MAX_CONNECTIONS).contains(&n) {
+            return Err(format!(
+                "{n} data connections requested, 1..={} allowed",
+                super::MAX_CONNECTIONS
+            ));
+        }
+        if self.vm_name.is_empty() || self.vm_name.len() > MAX_VM_NAME_BYTES {
+            return Err(format!(
+                "VM name of {} bytes, 1..={MAX_VM_NAME_BYTES} allowed",
+                self.vm_name.len()
+            ));
+        }
+        if self.ticket.len() > MAX_TICKET_BYTES {
+            return Err(format!(
+                "migration ticket of {} bytes, at most {MAX_TICKET_BYTES} allowed",
+                self.ticket.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// [`Command::Welcome`] payload.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Welcome {
+    pub session_id: SessionId,
 }
 
 /// [`Command::DataHello`] payload.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DataHello {
-    pub session_id: u64,
+    pub session_id: SessionId,
     pub index: u16,
 }
 
@@ -446,12 +561,14 @@ pub struct Receipt {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Setup {
     pub requirements: super::seam::Requirements,
+    #[serde(with = "bytes")]
     pub config: Vec<u8>,
 }
 
 /// [`Command::State`] payload.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatePayload {
+    #[serde(with = "bytes")]
     pub state: Vec<u8>,
 }
 
@@ -582,7 +699,8 @@ mod tests {
     fn frame_round_trip() {
         let mut buf = Vec::new();
         let hello = Hello {
-            session_id: 7,
+            vm_name: "vm1".into(),
+            ticket: vec![1, 2, 3],
             connections: 4,
         };
         let p = encode_payload(Command::Hello, &hello).unwrap();
@@ -600,10 +718,10 @@ mod tests {
         let e = read_frame(&mut Cursor::new(&buf)).unwrap_err();
         assert!(matches!(
             e,
-            ProtocolError::VersionMismatch { ours: 1, theirs: 9 }
+            ProtocolError::VersionMismatch { ours: 2, theirs: 9 }
         ));
         let msg = e.to_string();
-        assert!(msg.contains('9') && msg.contains('1'), "{msg}");
+        assert!(msg.contains('9') && msg.contains('2'), "{msg}");
     }
 
     #[test]

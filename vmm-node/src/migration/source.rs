@@ -3,21 +3,23 @@
 //! disks re-attached, throttle off, dirty logging off) on any failure before commit.
 
 use std::io::Write;
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::conn::Conn;
 use super::convergence::{
     Convergence, ConvergenceConfig, Decision, Prediction, Progress, ProgressTracker,
     RoundObservation,
 };
 use super::protocol::{
     decode_payload, encode_payload, expect_frame, write_frame, Command, DataHello, Hello, Receipt,
-    RoundAck, Running, Setup, StatePayload, PAGE_SIZE,
+    RoundAck, Running, Setup, StatePayload, Welcome, PAGE_SIZE,
 };
 use super::seam::{SourceVm, StorageHandoff};
 use super::stats::{Blackout, MigrationStats, RoundStats};
+use super::tls::Transport;
 use super::transport::{
     DirtyPages, MemorySender, PageHashes, PageMap, RoundControl, TransportError,
     BANDWIDTH_BYTES_PER_S_MIN,
@@ -29,9 +31,15 @@ pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Options of one live migration.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Options of one live migration. Built with [`MigrateOptions::new`]: there is no default
+/// transport.
+#[derive(Debug, Clone)]
 pub struct MigrateOptions {
+    /// TLS (the normal case) or plaintext (an isolated migration network only).
+    pub transport: Transport,
+    /// The one-time ticket the target's authorizer expects for this migration
+    /// (≤ [`super::tls::MAX_TICKET_BYTES`]; empty: none).
+    pub ticket: Vec<u8>,
     /// Data connections (1..=[`MAX_CONNECTIONS`]).
     pub connections: usize,
     pub convergence: ConvergenceConfig,
@@ -55,9 +63,12 @@ pub struct MigrateOptions {
 /// Default bandwidth hint: 100 MB/s (a 1 Gbit/s migration network).
 pub const DEFAULT_BANDWIDTH_HINT_BYTES_PER_S: f64 = 100e6;
 
-impl Default for MigrateOptions {
-    fn default() -> Self {
+impl MigrateOptions {
+    /// Default options over `transport`, without a ticket.
+    pub fn new(transport: Transport) -> Self {
         MigrateOptions {
+            transport,
+            ticket: Vec::new(),
             connections: DEFAULT_CONNECTIONS,
             convergence: ConvergenceConfig::default(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -72,6 +83,13 @@ impl Default for MigrateOptions {
 
 impl MigrateOptions {
     pub fn validate(&self) -> Result<(), MigrationError> {
+        if self.ticket.len() > super::tls::MAX_TICKET_BYTES {
+            return Err(MigrationError::InvalidOptions(format!(
+                "a migration ticket has at most {} bytes, got {}",
+                super::tls::MAX_TICKET_BYTES,
+                self.ticket.len()
+            )));
+        }
         if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
             return Err(MigrationError::InvalidOptions(format!(
                 "connections must be 1..={MAX_CONNECTIONS}, got {}",
@@ -118,7 +136,7 @@ impl MigrateOptions {
 #[derive(Debug, Clone, Default)]
 pub struct CancelToken {
     flag: Arc<AtomicBool>,
-    sockets: Arc<Mutex<Vec<TcpStream>>>,
+    sockets: Arc<Mutex<Vec<Conn>>>,
 }
 
 impl CancelToken {
@@ -130,7 +148,7 @@ impl CancelToken {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
-            let _ = s.shutdown(Shutdown::Both);
+            s.shutdown();
         }
     }
 
@@ -138,15 +156,13 @@ impl CancelToken {
         self.flag.load(Ordering::SeqCst)
     }
 
-    fn register(&self, s: &TcpStream) {
-        if let Ok(c) = s.try_clone() {
-            self.sockets
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(c);
-        }
+    fn register(&self, s: &Conn) {
+        self.sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(s.clone());
         if self.is_cancelled() {
-            let _ = s.shutdown(Shutdown::Both);
+            s.shutdown();
         }
     }
 
@@ -190,7 +206,7 @@ pub fn migrate(
     opts.validate()?;
     let mut undo = Undo::default();
     let mut committed = false;
-    let mut control: Option<TcpStream> = None;
+    let mut control: Option<Conn> = None;
     let result = run(
         vm,
         target,
@@ -217,12 +233,11 @@ pub fn migrate(
                 // Best effort: tell the target why, so it discards its copy with a reason.
                 let _ = ctl.set_write_timeout(Some(Duration::from_millis(200)));
                 let reason = super::target::error_chain(&e);
-                let end = reason.len().min(super::protocol::MAX_REASON_BYTES);
-                let mut end = end;
-                while !reason.is_char_boundary(end) {
-                    end -= 1;
-                }
-                let _ = write_frame(&mut ctl, Command::Cancel, &reason.as_bytes()[..end]);
+                let _ = write_frame(
+                    &mut ctl,
+                    Command::Cancel,
+                    super::protocol::truncate_reason(&reason).as_bytes(),
+                );
             }
             match rollback(vm, handoff, &undo) {
                 Ok(()) => Err(e),
@@ -282,27 +297,7 @@ fn us(d: Duration) -> u64 {
     d.as_micros() as u64
 }
 
-/// A TCP connection to `target` within `timeout`, leaving from `source` (any port) when
-/// given, else from the address the kernel picks.
-fn connect_from(
-    source: Option<IpAddr>,
-    target: SocketAddr,
-    timeout: Duration,
-) -> std::io::Result<TcpStream> {
-    let Some(ip) = source else {
-        return TcpStream::connect_timeout(&target, timeout);
-    };
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(target),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.bind(&SocketAddr::new(ip, 0).into())?;
-    socket.connect_timeout(&target.into(), timeout)?;
-    Ok(socket.into())
-}
-
-fn wait_ack(ctl: &mut TcpStream, round: u32) -> Result<RoundAck, MigrationError> {
+fn wait_ack(ctl: &mut Conn, round: u32) -> Result<RoundAck, MigrationError> {
     let p = expect_frame(ctl, Command::RoundAck)
         .map_err(MigrationError::proto("round acknowledgement"))?;
     let ack: RoundAck = decode_payload(Command::RoundAck, &p)
@@ -332,55 +327,50 @@ fn run(
     on_event: &mut dyn FnMut(&MigrationEvent),
     undo: &mut Undo,
     committed: &mut bool,
-    control: &mut Option<TcpStream>,
+    control: &mut Option<Conn>,
 ) -> Result<MigrationStats, MigrationError> {
     let start = Instant::now();
     let req = vm.requirements();
     let mem = vm.memory();
     let map = PageMap::from_memory(mem);
-    let connect = |what| -> Result<TcpStream, MigrationError> {
-        let s = connect_from(opts.source_ip, target, opts.connect_timeout).map_err(|source| {
-            MigrationError::Connect {
-                addr: target,
-                source,
-            }
+    let connect = |what| -> Result<Conn, MigrationError> {
+        let s = Conn::connect(
+            &opts.transport,
+            opts.source_ip,
+            target,
+            opts.connect_timeout,
+            opts.io_timeout,
+        )
+        .map_err(|source| MigrationError::Connect {
+            addr: target,
+            source,
         })?;
         s.set_read_timeout(Some(opts.io_timeout))
-            .map_err(|source| MigrationError::Connect {
+            .and_then(|_| s.set_write_timeout(Some(opts.io_timeout)))
+            .map_err(|e| MigrationError::Connect {
                 addr: target,
-                source,
-            })?;
-        s.set_write_timeout(Some(opts.io_timeout))
-            .map_err(|source| MigrationError::Connect {
-                addr: target,
-                source,
+                source: super::conn::ConnError::Io(e),
             })?;
         cancel.register(&s);
-        tracing::debug!(%target, what, "migration connection open");
+        tracing::debug!(%target, what, tls = s.is_tls(), "migration connection open");
         Ok(s)
     };
 
     // --- Setup ---------------------------------------------------------------------
     on_event(&MigrationEvent::Phase("setup"));
     let mut ctl = connect("control")?;
-    ctl.set_nodelay(true)
-        .map_err(|source| MigrationError::Connect {
-            addr: target,
-            source,
-        })?;
-    *control = ctl.try_clone().ok();
-    let session_id = (start.elapsed().as_nanos() as u64)
-        ^ u64::from(std::process::id()) << 32
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+    *control = Some(ctl.clone());
     let hello = Hello {
-        session_id,
+        vm_name: req.vm_name.clone(),
+        ticket: opts.ticket.clone(),
         connections: opts.connections as u16,
     };
     let p = encode_payload(Command::Hello, &hello).map_err(MigrationError::proto("hello"))?;
     write_frame(&mut ctl, Command::Hello, &p).map_err(MigrationError::proto("hello"))?;
-    expect_frame(&mut ctl, Command::Welcome).map_err(MigrationError::proto("hello"))?;
+    let p = expect_frame(&mut ctl, Command::Welcome).map_err(MigrationError::proto("hello"))?;
+    let welcome: Welcome =
+        decode_payload(Command::Welcome, &p).map_err(MigrationError::proto("hello"))?;
+    let session_id = welcome.session_id;
     let setup = Setup {
         requirements: req.clone(),
         config: vm.config_blob().map_err(vm_err("serialize config"))?,
@@ -689,9 +679,10 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.2.1:0").unwrap();
         let target = l.local_addr().unwrap();
         let from: IpAddr = [127, 0, 2, 7].into();
-        let _s = connect_from(Some(from), target, Duration::from_secs(5)).unwrap();
+        let t = Duration::from_secs(5);
+        let _s = Conn::connect(&Transport::Plaintext, Some(from), target, t, t).unwrap();
         assert_eq!(l.accept().unwrap().1.ip(), from);
-        let _s = connect_from(None, target, Duration::from_secs(5)).unwrap();
+        let _s = Conn::connect(&Transport::Plaintext, None, target, t, t).unwrap();
         assert_ne!(l.accept().unwrap().1.ip(), from, "the kernel's choice");
     }
 }

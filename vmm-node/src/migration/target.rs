@@ -1,34 +1,52 @@
-//! Target side of a live migration: accepts a session, checks compatibility, builds a
-//! paused skeleton VM, receives memory on N data connections, restores state, opens the
-//! disks after the storage handoff and resumes only on Commit.
+//! Target side of a live migration: a listener that handles several connections at once
+//! ([`serve_sessions`]), and per session: TLS handshake, Hello, authorization, then
+//! compatibility check, a paused skeleton VM, memory on N data connections, state restore,
+//! the disks opened after the storage handoff, and resume only on Commit.
+//!
+//! Hardening (see `ARCHITECTURE.md`): every new connection has [`ReceiveOptions::
+//! handshake_timeout`] in total for its TLS handshake and first frame, and is handled on
+//! its own thread, so a slow or silent peer holds only itself; at most
+//! [`MAX_PENDING_CONNECTIONS`] connections wait for their first frame and at most
+//! [`ReceiveOptions::max_sessions`] sessions run at once (further Hellos are refused with a
+//! reason). Nothing is created before the [`SessionAuthorizer`] accepted the session, and a
+//! data connection joins a session only with the session's random id and the same peer
+//! certificate as its control connection.
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, RecvTimeoutError};
-use std::sync::Arc;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::conn::Conn;
 use super::protocol::{
-    decode_payload, decode_reason, encode_payload, expect_frame, read_frame, write_frame,
-    write_refuse, Command, DataHello, Frame, Hello, ProtocolError, Receipt, RoundAck, Running,
-    Setup, StatePayload, PROTOCOL_VERSION,
+    decode_payload, decode_reason, encode_payload, read_frame_of, write_frame, write_refuse,
+    Command, DataHello, Frame, Hello, ProtocolError, Receipt, RoundAck, Running, SessionId, Setup,
+    StatePayload, Welcome, PROTOCOL_VERSION,
 };
 use super::seam::{check_compatibility, NodeFacts, StorageHandoff, TargetFactory, TargetVm};
+use super::tls::{random_bytes, SessionAuthorizer, Transport};
 use super::transport::{receive_data_connection, DataEvent, LastHeard, PageHashes, PageMap};
 use super::{MigrationError, MAX_CONNECTIONS};
 
 /// Default time the target waits for the source at any step.
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a new connection has for its TLS handshake and its first frame together.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default number of sessions (from Hello on) handled at once.
+pub const DEFAULT_MAX_SESSIONS: usize = 4;
+/// Most accepted connections still in their handshake or first frame; more are closed.
+pub const MAX_PENDING_CONNECTIONS: usize = 32;
 /// How often a target waiting for its source looks at [`Abandon`].
 pub const ABANDON_POLL: Duration = Duration::from_millis(100);
 
 /// Lets the node embedding the target give up the incoming migration in progress — its
 /// source is known to be gone (e.g. the cluster failed the VM over to this node after the
 /// source host lost power, so no connection reset will ever arrive) — instead of waiting
-/// out `io_timeout`. Seen within [`ABANDON_POLL`]; the VM is never resumed once abandoned.
-/// Cleared when the next session is accepted.
+/// out `io_timeout`. Seen within [`ABANDON_POLL`] by every session in progress; the VM is
+/// never resumed once abandoned. Cleared when the next session is authorized.
 #[derive(Debug, Clone, Default)]
 pub struct Abandon(Arc<AtomicBool>);
 
@@ -93,24 +111,50 @@ pub enum FailAction {
     Error,
 }
 
-/// Target options.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Target options. Built with [`ReceiveOptions::new`]: transport and authorizer have no
+/// default.
+#[derive(Clone)]
 pub struct ReceiveOptions {
+    /// TLS (the normal case) or plaintext (an isolated migration network only).
+    pub transport: Transport,
+    /// Decides, after the handshake and Hello, whether a session may proceed.
+    pub authorizer: Arc<dyn SessionAuthorizer>,
     /// Replaces the node facts (tests simulate another CPU vendor or less memory).
     pub facts_override: Option<NodeFacts>,
     pub failpoint: Option<(Failpoint, FailAction)>,
     pub io_timeout: Duration,
+    /// Total time for a new connection's TLS handshake and first frame.
+    pub handshake_timeout: Duration,
+    /// Sessions handled at once; a Hello beyond it is refused.
+    pub max_sessions: usize,
     pub abandon: Abandon,
 }
 
-impl Default for ReceiveOptions {
-    fn default() -> Self {
+impl ReceiveOptions {
+    pub fn new(transport: Transport, authorizer: Arc<dyn SessionAuthorizer>) -> Self {
         ReceiveOptions {
+            transport,
+            authorizer,
             facts_override: None,
             failpoint: None,
             io_timeout: DEFAULT_IO_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_sessions: DEFAULT_MAX_SESSIONS,
             abandon: Abandon::default(),
         }
+    }
+}
+
+impl std::fmt::Debug for ReceiveOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiveOptions")
+            .field("transport", &self.transport)
+            .field("facts_override", &self.facts_override)
+            .field("failpoint", &self.failpoint)
+            .field("io_timeout", &self.io_timeout)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_sessions", &self.max_sessions)
+            .finish_non_exhaustive()
     }
 }
 
@@ -154,23 +198,6 @@ impl From<DataEvent> for Event {
     }
 }
 
-/// Accepts sessions on `listener` until one ends with the VM running here. Sessions that
-/// fail (garbage, refused, source gone, cancelled) are logged and the next is accepted.
-pub fn serve(
-    listener: &TcpListener,
-    factory: &dyn TargetFactory,
-    handoff: &dyn StorageHandoff,
-    opts: &ReceiveOptions,
-) -> Result<Received, MigrationError> {
-    loop {
-        match receive_one(listener, factory, handoff, opts) {
-            Ok(r) => return Ok(r),
-            Err(e @ MigrationError::Failpoint(_)) => return Err(e),
-            Err(e) => tracing::warn!(error = %error_chain(&e), "incoming migration failed"),
-        }
-    }
-}
-
 /// The error with its sources, `: `-separated.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -183,35 +210,193 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Handles one incoming session.
+/// Accepts connections until one session ends with the VM running here, handling others
+/// meanwhile (returns once they ended too). Sessions that fail (refused, source gone,
+/// cancelled) are logged.
+pub fn serve(
+    listener: &TcpListener,
+    factory: &dyn TargetFactory,
+    handoff: &dyn StorageHandoff,
+    opts: &ReceiveOptions,
+) -> Result<Received, MigrationError> {
+    serve_until(listener, factory, handoff, opts, |r| match r {
+        Ok(_) | Err(MigrationError::Failpoint(_)) => true,
+        Err(e) => {
+            tracing::warn!(error = %error_chain(e), "incoming migration failed");
+            false
+        }
+    })
+}
+
+/// Accepts connections until one session (a connection that sent Hello) ends, and
+/// returns its outcome — a refusal included. Other connections are handled meanwhile, and
+/// the call returns only once they ended too (each within its deadlines): a caller that
+/// must act on every outcome at once (register an arrived VM) uses [`serve_sessions`].
 pub fn receive_one(
     listener: &TcpListener,
     factory: &dyn TargetFactory,
     handoff: &dyn StorageHandoff,
     opts: &ReceiveOptions,
 ) -> Result<Received, MigrationError> {
-    let (mut ctl, peer) = listener
-        .accept()
-        .map_err(|e| MigrationError::proto("accept")(e.into()))?;
-    opts.abandon.clear();
-    let io = |e: std::io::Error| MigrationError::proto("setup")(e.into());
-    ctl.set_read_timeout(Some(opts.io_timeout)).map_err(io)?;
-    ctl.set_write_timeout(Some(opts.io_timeout)).map_err(io)?;
-    ctl.set_nodelay(true).map_err(io)?;
-    tracing::info!(%peer, "incoming migration");
+    serve_until(listener, factory, handoff, opts, |_| true)
+}
 
-    // --- Hello / version ---------------------------------------------------------------
-    let hello: Hello = match read_frame(&mut ctl) {
-        Ok(f) if f.command == Command::Hello => {
-            decode_payload(Command::Hello, &f.payload).map_err(MigrationError::proto("hello"))?
+fn serve_until(
+    listener: &TcpListener,
+    factory: &dyn TargetFactory,
+    handoff: &dyn StorageHandoff,
+    opts: &ReceiveOptions,
+    done: impl Fn(&Result<Received, MigrationError>) -> bool + Sync,
+) -> Result<Received, MigrationError> {
+    let stop = AtomicBool::new(false);
+    let first: Mutex<Option<Result<Received, MigrationError>>> = Mutex::new(None);
+    let wake = listener.local_addr().map_err(MigrationError::Listen)?;
+    serve_sessions(listener, factory, handoff, opts, &stop, &|r| {
+        if !done(&r) {
+            return;
         }
-        Ok(f) => {
-            let _ = write_refuse(&mut ctl, &format!("expected Hello, got {:?}", f.command));
-            return Err(MigrationError::proto("hello")(ProtocolError::Unexpected {
-                expected: "Hello",
-                got: f.command,
-            }));
+        let mut f = first.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            *f = Some(r);
+            stop.store(true, Ordering::SeqCst);
+            wake_listener(wake);
         }
+    })?;
+    first
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or(Err(MigrationError::Cancelled(Some(
+            "listener stopped".into(),
+        ))))
+}
+
+/// Unblocks a listener's `accept` so it looks at its stop flag (a connection that sends
+/// nothing; a wildcard address is reached on loopback).
+pub fn wake_listener(addr: SocketAddr) {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let _ = TcpStream::connect_timeout(&a, Duration::from_secs(1));
+}
+
+/// A session's entry: its control connection's peer certificate and where its data
+/// connections (with their index) go.
+struct SessionEntry {
+    peer_cert: Option<Vec<u8>>,
+    data: SyncSender<(u16, Conn)>,
+}
+
+/// Sessions in progress, by the id the target gave them.
+#[derive(Default)]
+struct Sessions {
+    by_id: Mutex<HashMap<SessionId, SessionEntry>>,
+    /// Control sessions from Hello on (refused ones included while they are answered).
+    active: AtomicUsize,
+    /// Connections before their first frame.
+    pending: AtomicUsize,
+}
+
+/// Decrements a counter when dropped.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Takes a slot of `counter` unless `max` are taken.
+fn take_slot(counter: &AtomicUsize, max: usize) -> Option<Slot<'_>> {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Slot(counter))
+}
+
+/// Accepts connections on `listener` until `stop` is set (whoever sets it wakes the
+/// listener, e.g. with [`wake_listener`]), each on its own thread; calls `on_outcome` once
+/// per session (a connection that sent Hello) when it ends. Returns once every session
+/// thread has finished.
+pub fn serve_sessions(
+    listener: &TcpListener,
+    factory: &dyn TargetFactory,
+    handoff: &dyn StorageHandoff,
+    opts: &ReceiveOptions,
+    stop: &AtomicBool,
+    on_outcome: &(dyn Fn(Result<Received, MigrationError>) + Sync),
+) -> Result<(), MigrationError> {
+    let sessions = Sessions::default();
+    std::thread::scope(|s| {
+        while !stop.load(Ordering::SeqCst) {
+            let (tcp, peer) = match listener.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    tracing::warn!(error = %e, "accepting a migration connection");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let Some(slot) = take_slot(&sessions.pending, MAX_PENDING_CONNECTIONS) else {
+                tracing::warn!(%peer, "too many migration connections in their handshake; closed");
+                continue;
+            };
+            let sessions = &sessions;
+            let spawned = std::thread::Builder::new()
+                .name("migration-conn".into())
+                .spawn_scoped(s, move || {
+                    handle_connection(
+                        tcp, peer, slot, sessions, factory, handoff, opts, on_outcome,
+                    )
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a migration connection thread");
+            }
+        }
+    });
+    Ok(())
+}
+
+/// One accepted connection: handshake and first frame within `handshake_timeout`, then a
+/// session (Hello) or a data connection handed to its session (DataHello).
+#[allow(clippy::too_many_arguments)]
+fn handle_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    pending: Slot<'_>,
+    sessions: &Sessions,
+    factory: &dyn TargetFactory,
+    handoff: &dyn StorageHandoff,
+    opts: &ReceiveOptions,
+    on_outcome: &(dyn Fn(Result<Received, MigrationError>) + Sync),
+) {
+    let deadline = Instant::now() + opts.handshake_timeout;
+    let mut conn = match Conn::accept(tcp, &opts.transport, deadline) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%peer, error = %error_chain(&e), "migration connection refused");
+            return;
+        }
+    };
+    conn.set_deadline(Some(deadline));
+    let first = read_frame_of(&mut conn, &[Command::Hello, Command::DataHello]);
+    conn.set_deadline(None);
+    drop(pending);
+    let _ = conn.set_write_timeout(Some(opts.io_timeout));
+    let frame = match first {
+        Ok(f) => f,
         Err(e) => {
             let reason = match &e {
                 ProtocolError::VersionMismatch { ours, theirs } => format!(
@@ -220,22 +405,177 @@ pub fn receive_one(
                 ),
                 other => format!("not a migration session: {other}"),
             };
-            let _ = write_refuse(&mut ctl, &reason);
-            return Err(MigrationError::proto("hello")(e));
+            tracing::warn!(%peer, %reason, "migration connection refused");
+            let _ = write_refuse(&mut conn, &reason);
+            return;
         }
     };
-    let n = usize::from(hello.connections);
-    if !(1..=MAX_CONNECTIONS).contains(&n) {
-        let reason = format!("{n} data connections requested, 1..={MAX_CONNECTIONS} allowed");
-        let _ = write_refuse(&mut ctl, &reason);
-        return Err(MigrationError::InvalidOptions(reason));
+    if frame.command == Command::DataHello {
+        join_session(conn, peer, &frame.payload, sessions);
+        return;
     }
-    write_frame(&mut ctl, Command::Welcome, &[]).map_err(MigrationError::proto("hello"))?;
+    let r = session(conn, peer, &frame.payload, sessions, factory, handoff, opts);
+    on_outcome(r);
+}
+
+/// Hands a data connection to the session it names, if its certificate is the session's.
+fn join_session(mut conn: Conn, peer: SocketAddr, payload: &[u8], sessions: &Sessions) {
+    let h: DataHello = match decode_payload(Command::DataHello, payload) {
+        Ok(h) => h,
+        Err(e) => return refuse_data(&mut conn, peer, &e.to_string()),
+    };
+    let tx = {
+        let by_id = sessions.by_id.lock().unwrap_or_else(|e| e.into_inner());
+        match by_id.get(&h.session_id) {
+            Some(e) if e.peer_cert.as_deref() == conn.peer_cert() => e.data.clone(),
+            Some(_) => {
+                drop(by_id);
+                return refuse_data(
+                    &mut conn,
+                    peer,
+                    "data connection with another certificate than its session's",
+                );
+            }
+            None => {
+                drop(by_id);
+                return refuse_data(&mut conn, peer, "no such migration session");
+            }
+        }
+    };
+    // The session checks the index; a full channel means it has all it asked for.
+    if let Err(
+        std::sync::mpsc::TrySendError::Full((_, mut conn))
+        | std::sync::mpsc::TrySendError::Disconnected((_, mut conn)),
+    ) = tx.try_send((h.index, conn))
+    {
+        refuse_data(&mut conn, peer, "the session has all its data connections");
+    }
+}
+
+fn refuse_data(conn: &mut Conn, peer: SocketAddr, reason: &str) {
+    tracing::warn!(%peer, reason, "migration data connection refused");
+    let _ = write_refuse(conn, reason);
+}
+
+/// Removes a session from the table when dropped.
+struct Registered<'a>(&'a Sessions, SessionId);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.0
+            .by_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.1);
+    }
+}
+
+/// Refuses the session with `reason` (sent to the source) and returns the error.
+fn refuse_session(ctl: &mut Conn, reason: String) -> MigrationError {
+    let _ = write_refuse(ctl, &reason);
+    MigrationError::SessionRefused(reason)
+}
+
+/// One control session, from its Hello.
+fn session(
+    mut ctl: Conn,
+    peer: SocketAddr,
+    hello: &[u8],
+    sessions: &Sessions,
+    factory: &dyn TargetFactory,
+    handoff: &dyn StorageHandoff,
+    opts: &ReceiveOptions,
+) -> Result<Received, MigrationError> {
+    let Some(_active) = take_slot(&sessions.active, opts.max_sessions) else {
+        return Err(refuse_session(
+            &mut ctl,
+            format!(
+                "this node already handles {} incoming migrations; try again later",
+                opts.max_sessions
+            ),
+        ));
+    };
+    let hello: Hello = match decode_payload(Command::Hello, hello) {
+        Ok(h) => h,
+        Err(e) => return Err(refuse_session(&mut ctl, e.to_string())),
+    };
+    if let Err(reason) = hello.validate() {
+        return Err(refuse_session(&mut ctl, reason));
+    }
+    if let Err(reason) = opts
+        .authorizer
+        .authorize(ctl.peer_cert(), &hello.vm_name, &hello.ticket)
+    {
+        tracing::warn!(%peer, vm = %hello.vm_name, %reason, "migration session not authorized");
+        return Err(refuse_session(
+            &mut ctl,
+            format!("migration of VM {} not authorized: {reason}", hello.vm_name),
+        ));
+    }
+    let mut session_id = SessionId::default();
+    if random_bytes(&mut session_id).is_err() {
+        return Err(refuse_session(
+            &mut ctl,
+            "no randomness for a session id".into(),
+        ));
+    }
+    let n = usize::from(hello.connections);
+    let (tx, data_rx) = sync_channel::<(u16, Conn)>(n);
+    sessions
+        .by_id
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(
+            session_id,
+            SessionEntry {
+                peer_cert: ctl.peer_cert().map(<[u8]>::to_vec),
+                data: tx,
+            },
+        );
+    let _registered = Registered(sessions, session_id);
+    opts.abandon.clear();
+    tracing::info!(%peer, vm = %hello.vm_name, tls = ctl.is_tls(), "incoming migration authorized");
+    let p = encode_payload(Command::Welcome, &Welcome { session_id })
+        .map_err(MigrationError::proto("hello"))?;
+    write_frame(&mut ctl, Command::Welcome, &p).map_err(MigrationError::proto("hello"))?;
+    receive_session(ctl, peer, &hello, data_rx, factory, handoff, opts)
+}
+
+/// An authorized session from Setup to the end.
+fn receive_session(
+    mut ctl: Conn,
+    peer: SocketAddr,
+    hello: &Hello,
+    data_rx: Receiver<(u16, Conn)>,
+    factory: &dyn TargetFactory,
+    handoff: &dyn StorageHandoff,
+    opts: &ReceiveOptions,
+) -> Result<Received, MigrationError> {
+    let n = usize::from(hello.connections);
+    let io = |e: std::io::Error| MigrationError::proto("setup")(e.into());
+    ctl.set_read_timeout(Some(opts.io_timeout)).map_err(io)?;
 
     // --- Setup: compatibility, skeleton VM ------------------------------------------
-    let p = expect_frame(&mut ctl, Command::Setup).map_err(MigrationError::proto("setup"))?;
+    let f = ctl
+        .read_frame_within(opts.io_timeout)
+        .map_err(MigrationError::proto("setup"))?;
+    if f.command != Command::Setup {
+        return Err(MigrationError::proto("setup")(ProtocolError::Unexpected {
+            expected: "Setup",
+            got: f.command,
+        }));
+    }
     let setup: Setup =
-        decode_payload(Command::Setup, &p).map_err(MigrationError::proto("setup"))?;
+        decode_payload(Command::Setup, &f.payload).map_err(MigrationError::proto("setup"))?;
+    if setup.requirements.vm_name != hello.vm_name {
+        return Err(refuse_session(
+            &mut ctl,
+            format!(
+                "the session was authorized for VM {}, the setup names VM {}",
+                hello.vm_name, setup.requirements.vm_name
+            ),
+        ));
+    }
     let facts = opts
         .facts_override
         .clone()
@@ -269,16 +609,19 @@ pub fn receive_one(
     write_frame(&mut ctl, Command::SetupOk, &[]).map_err(MigrationError::proto("setup"))?;
 
     // --- Data connections ------------------------------------------------------------
-    let data = accept_data(listener, hello.session_id, n, opts.io_timeout)?;
+    // Each data connection has its own TLS handshake: allow for one on top of the I/O
+    // timeout (a loaded host's handshakes are slow, and they run one after the other).
+    let data = collect_data(&data_rx, n, opts.io_timeout + opts.handshake_timeout)?;
+    drop(data_rx);
     let vm_name = setup.requirements.vm_name.clone();
     let disks = setup.requirements.disks.clone();
     let hashes = PageHashes::new_zeroed(map.total_pages());
-    let mut shutters: Vec<TcpStream> = data.iter().filter_map(|s| s.try_clone().ok()).collect();
-    let ctl_reader = ctl.try_clone().map_err(io)?;
-    shutters.push(ctl_reader.try_clone().map_err(io)?);
-    let shutdown_all = |shutters: &[TcpStream]| {
+    let mut shutters: Vec<Conn> = data.clone();
+    let ctl_reader = ctl.clone();
+    shutters.push(ctl_reader.clone());
+    let shutdown_all = |shutters: &[Conn]| {
         for s in shutters {
-            let _ = s.shutdown(Shutdown::Both);
+            s.shutdown();
         }
     };
 
@@ -288,17 +631,20 @@ pub fn receive_one(
     let outcome = std::thread::scope(|s| {
         let (tx, rx) = sync_channel::<Event>(4 * MAX_CONNECTIONS);
         for (index, conn) in data.into_iter().enumerate() {
+            let _ = conn.set_read_timeout(Some(opts.io_timeout));
             let (tx, map, hashes, heard) = (tx.clone(), &map, &hashes, &heard);
             s.spawn(move || receive_data_connection(conn, index, mem, map, hashes, &tx, heard));
         }
         {
             let tx = tx.clone();
             let mut r = ctl_reader;
-            // Control frames, forwarded until the connection ends. Timeouts are handled
-            // by the coordinator, so reads here block without a deadline.
+            // Control frames, forwarded until the connection ends. Idle time is the
+            // coordinator's business, so the wait for a frame has no limit; a frame that
+            // started must arrive whole within the I/O timeout.
             let _ = r.set_read_timeout(None);
+            let frame_timeout = opts.io_timeout;
             s.spawn(move || loop {
-                let f = read_frame(&mut r);
+                let f = r.read_frame_within(frame_timeout);
                 let end = f.is_err();
                 if tx.send(Event::Control(f)).is_err() || end {
                     return;
@@ -340,61 +686,35 @@ pub fn receive_one(
     }
 }
 
-fn accept_data(
-    listener: &TcpListener,
-    session_id: u64,
+/// The session's `n` data connections, ordered by their index, within `timeout`.
+fn collect_data(
+    rx: &Receiver<(u16, Conn)>,
     n: usize,
     timeout: Duration,
-) -> Result<Vec<TcpStream>, MigrationError> {
-    let io = |e: std::io::Error| MigrationError::proto("data connection setup")(e.into());
+) -> Result<Vec<Conn>, MigrationError> {
     let deadline = Instant::now() + timeout;
-    let mut slots: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
-    listener.set_nonblocking(true).map_err(io)?;
-    let result = (|| {
-        while slots.iter().any(Option::is_none) {
-            if Instant::now() >= deadline {
-                return Err(MigrationError::Timeout("the data connections"));
-            }
-            let mut s = match listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
-                }
-                Err(e) => return Err(io(e)),
-            };
-            s.set_nonblocking(false).map_err(io)?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))
-                .map_err(io)?;
-            let hello = expect_frame(&mut s, Command::DataHello)
-                .and_then(|p| decode_payload::<DataHello>(Command::DataHello, &p));
-            match hello {
-                Ok(h)
-                    if h.session_id == session_id
-                        && usize::from(h.index) < n
-                        && slots[usize::from(h.index)].is_none() =>
-                {
-                    s.set_read_timeout(Some(timeout)).map_err(io)?;
-                    slots[usize::from(h.index)] = Some(s);
-                }
-                Ok(h) => tracing::warn!(
-                    index = h.index,
-                    "data connection for another session or slot dropped"
-                ),
-                Err(e) => tracing::warn!(error = %e, "bad data connection dropped"),
+    let mut slots: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
+    while slots.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok((index, mut conn)) = rx.recv_timeout(left) else {
+            return Err(MigrationError::Timeout("the data connections"));
+        };
+        match slots.get_mut(usize::from(index)) {
+            Some(slot @ None) => *slot = Some(conn),
+            _ => {
+                let reason = format!("data connection index {index} is taken or not in 0..{n}");
+                tracing::warn!(%reason, "migration data connection refused");
+                let _ = write_refuse(&mut conn, &reason);
             }
         }
-        Ok(())
-    })();
-    listener.set_nonblocking(false).map_err(io)?;
-    result?;
+    }
     Ok(slots.into_iter().flatten().collect())
 }
 
 #[allow(clippy::too_many_arguments)]
 fn coordinate(
     rx: &std::sync::mpsc::Receiver<Event>,
-    ctl: &mut TcpStream,
+    ctl: &mut Conn,
     vm: &dyn TargetVm,
     hashes: &PageHashes,
     data_heard: &LastHeard,

@@ -19,7 +19,6 @@
 //! each page, and the memory receipt digest compared at switchover.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
 use std::sync::{Mutex, OnceLock};
@@ -27,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::conn::Conn;
 use super::protocol::{
     decode_payload, encode_payload, read_frame, write_frame, Command, PageDesc, PagesHeader,
     ProtocolError, RoundEnd, MAX_PAGES_PER_MESSAGE, PAGE_SIZE,
@@ -403,7 +403,7 @@ impl WorkerCtx<'_> {
     }
 
     /// Writes `buf` to `conn`, paced under the cap when there is one.
-    fn write(&self, conn: &mut TcpStream, buf: &[u8]) -> io::Result<Result<(), TransportError>> {
+    fn write(&self, conn: &mut Conn, buf: &[u8]) -> io::Result<Result<(), TransportError>> {
         let Some(pacer) = self.pacer else {
             conn.write_all(buf)?;
             self.sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
@@ -437,13 +437,13 @@ pub struct RoundSent {
 
 /// Sending half: the data connections of one migration.
 pub struct MemorySender {
-    conns: Vec<TcpStream>,
+    conns: Vec<Conn>,
     pacer: Option<Pacer>,
 }
 
 impl MemorySender {
     /// Takes connected data streams (their `DataHello` already sent).
-    pub fn new(conns: Vec<TcpStream>) -> Self {
+    pub fn new(conns: Vec<Conn>) -> Self {
         MemorySender { conns, pacer: None }
     }
 
@@ -460,16 +460,13 @@ impl MemorySender {
     /// Unblocks any worker stuck in a write (used by cancel).
     pub fn shutdown(&self) {
         for c in &self.conns {
-            let _ = c.shutdown(Shutdown::Both);
+            c.shutdown();
         }
     }
 
-    /// Clones of the sockets so another thread can shut them down.
-    pub fn shutdown_handles(&self) -> Vec<TcpStream> {
-        self.conns
-            .iter()
-            .filter_map(|c| c.try_clone().ok())
-            .collect()
+    /// Handles of the connections so another thread can shut them down.
+    pub fn shutdown_handles(&self) -> Vec<Conn> {
+        self.conns.clone()
     }
 
     /// Sends the pages in `pages` as round `round`, then a RoundEnd on every connection.
@@ -594,7 +591,7 @@ struct Batch {
 impl Batch {
     fn flush(
         &mut self,
-        conn: &mut TcpStream,
+        conn: &mut Conn,
         index: usize,
         ctx: &WorkerCtx<'_>,
         out: &mut RoundSent,
@@ -617,7 +614,7 @@ impl Batch {
 
 #[allow(clippy::too_many_arguments)]
 fn send_worker(
-    conn: &mut TcpStream,
+    conn: &mut Conn,
     index: usize,
     mem: &GuestMem,
     map: &PageMap,
@@ -712,7 +709,7 @@ pub enum DataEvent {
 /// message; idle at a message boundary, it waits as long as some connection sharing
 /// `heard` received something within the connection's read timeout.
 pub fn receive_data_connection<E: From<DataEvent>>(
-    mut conn: TcpStream,
+    mut conn: Conn,
     index: usize,
     mem: &GuestMem,
     map: &PageMap,
@@ -729,7 +726,7 @@ pub fn receive_data_connection<E: From<DataEvent>>(
 }
 
 fn receive_loop<E: From<DataEvent>>(
-    conn: &mut TcpStream,
+    conn: &mut Conn,
     index: usize,
     mem: &GuestMem,
     map: &PageMap,
@@ -741,17 +738,20 @@ fn receive_loop<E: From<DataEvent>>(
     let mut body = vec![0u8; MAX_PAGES_PER_MESSAGE * PAGE_SIZE];
     let zero_page = vec![0u8; PAGE_SIZE];
     let zero_crc = zero_page_crc();
-    let idle_max = conn
-        .read_timeout()
-        .map_err(|e| perr(e.into()))?
-        .unwrap_or(Duration::MAX);
+    let idle_max = conn.read_timeout().unwrap_or(Duration::MAX);
     loop {
         wait_for_message(conn, heard, idle_max).map_err(|e| perr(e.into()))?;
-        let frame = read_frame(conn).map_err(perr)?;
+        // A frame's header and payload arrive whole within the idle limit; a Pages body
+        // (paced under a bandwidth cap) counts as progress as it trickles in.
+        conn.set_deadline(Instant::now().checked_add(idle_max));
+        let frame = read_frame(conn).map_err(perr);
+        conn.set_deadline(None);
+        let frame = frame?;
         heard.touch();
         match frame.command {
             Command::Pages => {
                 let h = PagesHeader::decode(&frame.payload).map_err(perr)?;
+                // decode() bounds the count by MAX_PAGES_PER_MESSAGE: the body fits.
                 let n = h.data_pages();
                 let body = &mut body[..n * PAGE_SIZE];
                 read_body(conn, body, heard).map_err(|e| perr(e.into()))?;
@@ -804,7 +804,7 @@ fn receive_loop<E: From<DataEvent>>(
 }
 
 /// `read_exact`, touching `heard` whenever bytes arrive (a paced 4 MiB message trickles in).
-fn read_body(conn: &mut TcpStream, body: &mut [u8], heard: &LastHeard) -> io::Result<()> {
+fn read_body(conn: &mut Conn, body: &mut [u8], heard: &LastHeard) -> io::Result<()> {
     let mut at = 0;
     while at < body.len() {
         match conn.read(&mut body[at..]) {
@@ -823,11 +823,10 @@ fn read_body(conn: &mut TcpStream, body: &mut [u8], heard: &LastHeard) -> io::Re
 /// Waits (without consuming anything) until `conn` has a byte to read or is closed. A
 /// read timeout here, at a message boundary, is only an error when no connection sharing
 /// `heard` has received anything within `idle_max` either.
-fn wait_for_message(conn: &TcpStream, heard: &LastHeard, idle_max: Duration) -> io::Result<()> {
-    let mut byte = [0u8; 1];
+fn wait_for_message(conn: &Conn, heard: &LastHeard, idle_max: Duration) -> io::Result<()> {
     loop {
-        match conn.peek(&mut byte) {
-            Ok(_) => return Ok(()),
+        match conn.wait_readable() {
+            Ok(()) => return Ok(()),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -841,7 +840,7 @@ fn wait_for_message(conn: &TcpStream, heard: &LastHeard, idle_max: Duration) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
     use std::sync::mpsc::sync_channel;
 
     fn mem(mib: usize) -> GuestMem {
@@ -860,14 +859,14 @@ mod tests {
         }
     }
 
-    fn pair(n: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
+    fn pair(n: usize) -> (Vec<Conn>, Vec<Conn>) {
         let l = TcpListener::bind("127.0.2.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let mut a = Vec::new();
         let mut b = Vec::new();
         for _ in 0..n {
-            a.push(TcpStream::connect(addr).unwrap());
-            b.push(l.accept().unwrap().0);
+            a.push(Conn::plain(TcpStream::connect(addr).unwrap()));
+            b.push(Conn::plain(l.accept().unwrap().0));
         }
         (a, b)
     }

@@ -1,10 +1,56 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vmm_node::guest_protocol::{heartbeats, Heartbeat, Workload};
 use vmm_node::{Vm, VmConfig};
+
+#[path = "../../src/migration/test_pki.rs"]
+pub mod test_pki;
+
+/// Loopback addresses the tests' node certificate is valid for.
+pub fn test_node_ips() -> Vec<std::net::IpAddr> {
+    let mut v: Vec<std::net::IpAddr> = vec![[127, 0, 0, 1].into()];
+    v.extend((1..=8).map(|i| std::net::IpAddr::from([127, 0, 2, i])));
+    v
+}
+
+/// The `vmm-node` flags for mutual TLS with a throwaway CA whose files live in `dir`
+/// (created on the first call for `dir`, reused after: every process of a test trusts the
+/// same CA). One node certificate, valid for [`test_node_ips`], serves every process.
+pub fn migration_tls_args(dir: &Path) -> Vec<String> {
+    let (ca, cert, key) = (
+        dir.join("migration-ca.pem"),
+        dir.join("migration-node.pem"),
+        dir.join("migration-node-key.pem"),
+    );
+    if !ca.exists() {
+        let authority = test_pki::TestCa::new("vmm-node tests CA");
+        let node = authority.node("test-node", &test_node_ips());
+        std::fs::write(&cert, &node.cert_pem).unwrap();
+        std::fs::write(&key, &node.key_pem).unwrap();
+        std::fs::write(&ca, authority.ca_pem()).unwrap();
+    }
+    let s = |p: std::path::PathBuf| p.to_str().unwrap().to_owned();
+    vec![
+        "--tls-ca".into(),
+        s(ca),
+        "--tls-cert".into(),
+        s(cert),
+        "--tls-key".into(),
+        s(key),
+    ]
+}
+
+/// The TLS configuration of [`migration_tls_args`]`(dir)` in-process (to talk to the
+/// processes as a member of the same cluster).
+pub fn migration_tls(dir: &Path) -> vmm_node::migration::tls::MigrationTls {
+    let a = migration_tls_args(dir);
+    let read = |i: usize| std::fs::read(&a[i]).unwrap();
+    vmm_node::migration::tls::MigrationTls::from_pem(&read(1), &read(3), &read(5)).unwrap()
+}
 
 /// Fail loudly when KVM is missing (never skip).
 pub fn require_kvm() {

@@ -104,8 +104,17 @@ pub fn guest_config(vcpus: u8, memory_mib: u64, w: &Workload) -> VmConfig {
     c
 }
 
-/// Starts a source running `cfg`.
+/// The flags that make a process migrate over mutual TLS (the default of these tests).
+pub use crate::common::migration_tls_args;
+
+/// Starts a source running `cfg`, migrating over TLS.
 pub fn spawn_source(dir: &Path, name: &str, cfg: &VmConfig) -> Proc {
+    spawn_source_with(dir, name, cfg, &migration_tls_args(dir))
+}
+
+/// Starts a source running `cfg` with the migration flags `security` (TLS or
+/// `--insecure-plaintext`).
+pub fn spawn_source_with(dir: &Path, name: &str, cfg: &VmConfig, security: &[String]) -> Proc {
     require_kvm();
     let cfg_path = dir.join(format!("{name}.json"));
     std::fs::write(&cfg_path, serde_json::to_string(cfg).unwrap()).unwrap();
@@ -118,6 +127,7 @@ pub fn spawn_source(dir: &Path, name: &str, cfg: &VmConfig) -> Proc {
             "--control",
             sock.to_str().unwrap(),
         ])
+        .args(security)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -127,6 +137,7 @@ pub fn spawn_source(dir: &Path, name: &str, cfg: &VmConfig) -> Proc {
 }
 
 /// Starts a target (`vmm-node receive`) on `ip:0`; returns it and its migration address.
+/// It uses TLS unless `extra` holds `--insecure-plaintext`.
 pub fn spawn_target(
     dir: &Path,
     name: &str,
@@ -148,6 +159,9 @@ pub fn spawn_target(
     .args(extra)
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
+    if !extra.contains(&"--insecure-plaintext") {
+        cmd.args(migration_tls_args(dir));
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }

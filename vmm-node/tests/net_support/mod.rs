@@ -325,12 +325,14 @@ pub fn spawn_vmm(ns: &NetNs, dir: &Path, name: &str, args: &[&str]) -> Vmm {
 pub fn run_vm(ns: &NetNs, dir: &Path, name: &str, cfg: &vmm_node::VmConfig) -> Vmm {
     let cfg_path = dir.join(format!("{name}.json"));
     std::fs::write(&cfg_path, serde_json::to_string(cfg).unwrap()).unwrap();
-    spawn_vmm(
-        ns,
-        dir,
-        name,
-        &["run", "--config", cfg_path.to_str().unwrap()],
-    )
+    let mut args = vec![
+        "run".to_owned(),
+        "--config".into(),
+        cfg_path.to_str().unwrap().into(),
+    ];
+    args.extend(crate::common::migration_tls_args(dir));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn_vmm(ns, dir, name, &args)
 }
 
 /// `vmm-node receive --listen 127.0.0.1:0 EXTRA...` inside `ns`; returns it (its control
@@ -343,6 +345,7 @@ pub fn spawn_target(ns: &NetNs, dir: &Path, name: &str, extra: &[&str]) -> (Vmm,
         .args(["receive", "--listen", "127.0.0.1:0", "--control"])
         .arg(&sock)
         .args(extra)
+        .args(crate::common::migration_tls_args(dir))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

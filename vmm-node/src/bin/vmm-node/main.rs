@@ -1,11 +1,18 @@
 //! Debugging binary: run or restore one VM, with an optional control socket.
 //!
 //! ```text
-//! vmm-node run --config vm.json [--control /path/sock] [--console]
-//! vmm-node restore --snapshot DIR [--nic-tap TAP]... [--control /path/sock] [--console]
+//! vmm-node run --config vm.json [--control /path/sock] [--console] [MIGRATION-SECURITY]
+//! vmm-node restore --snapshot DIR [--nic-tap TAP]... [--control /path/sock] [--console] [MIGRATION-SECURITY]
 //! vmm-node facts
-//! vmm-node receive --listen 127.0.2.1:0 [--control /path/sock] [--console]   (migration target)
+//! vmm-node receive --listen 127.0.2.1:0 [--control /path/sock] [--console] MIGRATION-SECURITY
+//!
+//! MIGRATION-SECURITY: --tls-ca CA.pem --tls-cert NODE.pem --tls-key NODE-KEY.pem
+//!                     | --insecure-plaintext
 //! ```
+//!
+//! Migrations (the `migrate` control command, `receive`) use mutual TLS with the given CA;
+//! `--insecure-plaintext` is the old unauthenticated protocol. A process started with
+//! neither cannot migrate, and `receive` refuses to start.
 
 mod migration_cli;
 
@@ -17,6 +24,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use vmm_node::devices::virtio::net::install_virtio_nics;
 use vmm_node::devices::virtio::{install_virtio_slots, raw_file_opener};
+use vmm_node::migration::tls::Transport;
 use vmm_node::{StopReason, Vm, VmConfig};
 
 #[derive(Parser)]
@@ -40,6 +48,8 @@ enum Cmd {
         /// Copy console lines to stdout.
         #[arg(long)]
         console: bool,
+        #[command(flatten)]
+        tls: migration_cli::TlsArgs,
     },
     /// Restore a VM from a snapshot directory and resume it.
     Restore {
@@ -52,6 +62,8 @@ enum Cmd {
         control: Option<PathBuf>,
         #[arg(long)]
         console: bool,
+        #[command(flatten)]
+        tls: migration_cli::TlsArgs,
     },
     /// Print host facts as JSON.
     Facts,
@@ -63,14 +75,25 @@ enum Cmd {
         control: Option<PathBuf>,
         #[arg(long)]
         console: bool,
+        #[command(flatten)]
+        tls: migration_cli::TlsArgs,
     },
 }
 
-fn serve_and_wait(vm: Arc<Vm>, control: Option<PathBuf>, console: bool) -> anyhow::Result<()> {
+fn serve_and_wait(
+    vm: Arc<Vm>,
+    control: Option<PathBuf>,
+    console: bool,
+    transport: Option<Transport>,
+) -> anyhow::Result<()> {
     let server = match &control {
         Some(path) => Some(
-            vmm_node::control::serve(path, vm.clone(), vec![migration_cli::control_extension()])
-                .with_context(|| format!("serving control socket {}", path.display()))?,
+            vmm_node::control::serve(
+                path,
+                vm.clone(),
+                vec![migration_cli::control_extension(transport)],
+            )
+            .with_context(|| format!("serving control socket {}", path.display()))?,
         ),
         None => None,
     };
@@ -121,7 +144,9 @@ fn main() -> anyhow::Result<()> {
             config,
             control,
             console,
+            tls,
         } => {
+            let transport = tls.transport()?;
             let _ = vmm_node::facts::host_facts();
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
@@ -131,22 +156,32 @@ fn main() -> anyhow::Result<()> {
             install_virtio_slots(&vm, raw_file_opener(), true).context("attaching disks")?;
             install_virtio_nics(&vm).context("creating NICs")?;
             vm.start().context("starting VM")?;
-            serve_and_wait(Arc::new(vm), control, console)
+            serve_and_wait(Arc::new(vm), control, console, transport)
         }
         Cmd::Receive {
             args,
             control,
             console,
+            tls,
         } => {
-            let vm = migration_cli::receive_vm(&args).context("receiving a VM")?;
-            serve_and_wait(vm, control, console)
+            let Some(transport) = tls.transport()? else {
+                anyhow::bail!(
+                    "receive needs --tls-ca, --tls-cert and --tls-key (mutual TLS), or \
+                     --insecure-plaintext for an isolated migration network"
+                );
+            };
+            let vm =
+                migration_cli::receive_vm(&args, transport.clone()).context("receiving a VM")?;
+            serve_and_wait(vm, control, console, Some(transport))
         }
         Cmd::Restore {
             snapshot,
             nic_taps,
             control,
             console,
+            tls,
         } => {
+            let transport = tls.transport()?;
             let _ = vmm_node::facts::host_facts();
             let vm = vmm_node::snapshot::restore_edited(
                 &snapshot,
@@ -159,7 +194,7 @@ fn main() -> anyhow::Result<()> {
             )
             .with_context(|| format!("restoring {}", snapshot.display()))?;
             vm.resume().context("resuming VM")?;
-            serve_and_wait(Arc::new(vm), control, console)
+            serve_and_wait(Arc::new(vm), control, console, transport)
         }
     }
 }

@@ -5,7 +5,7 @@
 //! Control commands (JSON lines, see `vmm_node::control`):
 //! | cmd | fields | result |
 //! |---|---|---|
-//! | `migrate` | `addr`, `max_downtime_ms`, `deadline_ms`, `connections`, `throttle`, `bandwidth_bytes_per_s_max` (all but `addr` optional; no cap or 0: unlimited) | `stats` (see [`MigrationStats`]), `console` (guest output up to the switchover); the source VM is destroyed shortly after the reply. With `"cancel": true`: cancels the running migration. |
+//! | `migrate` | `addr`, `max_downtime_ms`, `deadline_ms`, `connections`, `throttle`, `bandwidth_bytes_per_s_max`, `ticket` (all but `addr` optional; no cap or 0: unlimited; `ticket`: a string the target's authorizer checks) | `stats` (see [`MigrationStats`]), `console` (guest output up to the switchover); the source VM is destroyed shortly after the reply. With `"cancel": true`: cancels the running migration. |
 //! | `migrate-status` | | `state` (`idle`/`running`/`succeeded`/`failed`), `phase`, `progress`, `prediction`, `throttle_percent`, `events` (last 64), `error` |
 //! | `migrate-cancel` | | cancels a running migration (the VM keeps running here) |
 //! | `quick-migrate` | `dir` | `save` figures, `console`; the VM is saved paused into `dir` and destroyed shortly after; restore with `vmm-node restore --snapshot DIR` |
@@ -27,6 +27,7 @@ use vmm_node::migration::seam::{NoHandoff, NodeFacts};
 use vmm_node::migration::source::{migrate, CancelToken, MigrateOptions, MigrationEvent};
 use vmm_node::migration::stats::MigrationStats;
 use vmm_node::migration::target::{serve, FailAction, Failpoint, ReceiveOptions};
+use vmm_node::migration::tls::{AllowAll, MigrationTls, Transport};
 use vmm_node::migration::MigrationError;
 use vmm_node::{Vm, VmStatus};
 
@@ -37,6 +38,44 @@ pub const LISTEN_LINE_PREFIX: &str = "MIGRATION-LISTEN ";
 pub const DESTROY_GRACE: Duration = Duration::from_millis(300);
 const EVENTS_MAX: usize = 64;
 const CONSOLE_REPLY_BYTES_MAX: usize = 1 << 20;
+
+/// How this process's migrations (in and out) are carried: mutual TLS with the cluster
+/// CA, or plaintext only when asked for explicitly.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// CA certificate (PEM) the peer's certificate must chain to.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate chain (PEM, leaf first; IP SAN of its migration address).
+    #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
+    /// Migrate without encryption or peer authentication (an isolated network only).
+    #[arg(long, conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    pub insecure_plaintext: bool,
+}
+
+impl TlsArgs {
+    /// The transport the flags ask for; `None` when neither TLS nor plaintext was given.
+    pub fn transport(&self) -> anyhow::Result<Option<Transport>> {
+        use anyhow::Context;
+        if self.insecure_plaintext {
+            tracing::warn!("migrations of this process are plaintext and unauthenticated");
+            return Ok(Some(Transport::Plaintext));
+        }
+        let (Some(ca), Some(cert), Some(key)) = (&self.tls_ca, &self.tls_cert, &self.tls_key)
+        else {
+            return Ok(None);
+        };
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let tls = MigrationTls::from_pem(&read(ca)?, &read(cert)?, &read(key)?)
+            .context("building the migration TLS configuration")?;
+        Ok(Some(Transport::Tls(tls)))
+    }
+}
 
 /// `vmm-node receive` arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -63,8 +102,10 @@ pub struct ReceiveArgs {
     pub nic_taps: Vec<String>,
 }
 
-/// Waits for an incoming migration and returns the VM running here.
-pub fn receive_vm(args: &ReceiveArgs) -> Result<Arc<Vm>, MigrationError> {
+/// Waits for an incoming migration and returns the VM running here. Any source with a
+/// certificate of the CA (or anyone, over plaintext) may send a VM: this debugging tool
+/// has no cluster state to check tickets against.
+pub fn receive_vm(args: &ReceiveArgs, transport: Transport) -> Result<Arc<Vm>, MigrationError> {
     let failpoint = match &args.failpoint {
         Some(s) => Some((s.parse::<Failpoint>()?, FailAction::Abort)),
         None => None,
@@ -86,18 +127,10 @@ pub fn receive_vm(args: &ReceiveArgs) -> Result<Arc<Vm>, MigrationError> {
         facts_override,
         failpoint,
         io_timeout: Duration::from_millis(args.io_timeout_ms),
-        ..ReceiveOptions::default()
+        ..ReceiveOptions::new(transport, Arc::new(AllowAll))
     };
-    let listener = TcpListener::bind(args.listen).map_err(|source| MigrationError::Connect {
-        addr: args.listen,
-        source,
-    })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| MigrationError::Connect {
-            addr: args.listen,
-            source,
-        })?;
+    let listener = TcpListener::bind(args.listen).map_err(MigrationError::Listen)?;
+    let bound = listener.local_addr().map_err(MigrationError::Listen)?;
     let version = vmm_node::migration::protocol::PROTOCOL_VERSION;
     tracing::info!(%bound, version, "waiting for an incoming migration");
     {
@@ -147,6 +180,8 @@ struct MigrateRequest {
     throttle: Option<bool>,
     #[serde(default)]
     bandwidth_bytes_per_s_max: Option<u64>,
+    #[serde(default)]
+    ticket: Option<String>,
     #[serde(default)]
     cancel: bool,
 }
@@ -214,8 +249,10 @@ fn destroy_later(vm: &Arc<Vm>) {
         });
 }
 
-/// The control-socket extension handling the migration commands.
-pub fn control_extension() -> Extension {
+/// The control-socket extension handling the migration commands; `transport` is how
+/// outgoing migrations are carried (`None`: this process was started without TLS or
+/// plaintext flags and refuses to migrate).
+pub fn control_extension(transport: Option<Transport>) -> Extension {
     let st = Arc::new(Mutex::new(Status {
         state: "idle",
         ..Default::default()
@@ -223,7 +260,7 @@ pub fn control_extension() -> Extension {
     Arc::new(move |req: &Value, vm: &Arc<Vm>| {
         let cmd = req.get("cmd")?.as_str()?;
         match cmd {
-            "migrate" => Some(handle_migrate(&st, req, vm)),
+            "migrate" => Some(handle_migrate(&st, req, vm, transport.as_ref())),
             "migrate-cancel" => Some(cancel(&st)),
             "migrate-status" => {
                 let s = st.lock().unwrap_or_else(|e| e.into_inner());
@@ -255,7 +292,12 @@ fn cancel(st: &Mutex<Status>) -> Value {
     }
 }
 
-fn handle_migrate(st: &Mutex<Status>, req: &Value, vm: &Arc<Vm>) -> Value {
+fn handle_migrate(
+    st: &Mutex<Status>,
+    req: &Value,
+    vm: &Arc<Vm>,
+    transport: Option<&Transport>,
+) -> Value {
     let r: MigrateRequest = match serde_json::from_value(req.clone()) {
         Ok(r) => r,
         Err(e) => return error_response(&e),
@@ -267,8 +309,14 @@ fn handle_migrate(st: &Mutex<Status>, req: &Value, vm: &Arc<Vm>) -> Value {
         let e = "migrate needs \"addr\": the target's migration address";
         return json!({"ok": false, "error": e});
     };
+    let Some(transport) = transport else {
+        let e = "this process was started without --tls-ca/--tls-cert/--tls-key or \
+                 --insecure-plaintext, so it cannot migrate";
+        return json!({"ok": false, "error": e});
+    };
     let defaults = ConvergenceConfig::default();
     let opts = MigrateOptions {
+        ticket: r.ticket.map(String::into_bytes).unwrap_or_default(),
         connections: r
             .connections
             .unwrap_or(vmm_node::migration::DEFAULT_CONNECTIONS),
@@ -282,7 +330,7 @@ fn handle_migrate(st: &Mutex<Status>, req: &Value, vm: &Arc<Vm>) -> Value {
                 .map_or(defaults.deadline, Duration::from_millis),
             throttle: r.throttle.unwrap_or(true),
         },
-        ..Default::default()
+        ..MigrateOptions::new(transport.clone())
     };
     if let Err(e) = opts.validate() {
         return error_response(&e);
