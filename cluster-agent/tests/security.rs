@@ -362,7 +362,9 @@ async fn a_join_token_gets_one_new_node_its_certificate_once_before_it_expires()
     // Refused without spending it: an agent without the CA key, a wrong secret, a bad
     // request, a node id that is a member.
     let ip: std::net::IpAddr = "127.0.1.4".parse().unwrap_or_else(|e| panic!("{e}"));
-    let e = issue_node(n2, &token, 4, ip).await.expect_err("node 2 has no CA key");
+    let e = issue_node(n2, &token, 4, ip)
+        .await
+        .expect_err("node 2 has no CA key");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("holds no CA key"), "{e:?}");
     let e = issue_node(n1, &format!("{id}.{}", "0".repeat(secret.len())), 4, ip)
@@ -370,7 +372,9 @@ async fn a_join_token_gets_one_new_node_its_certificate_once_before_it_expires()
         .expect_err("a wrong secret");
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("does not match its secret"), "{e:?}");
-    let e = issue_node(n1, &token, 2, ip).await.expect_err("a member's id");
+    let e = issue_node(n1, &token, 2, ip)
+        .await
+        .expect_err("a member's id");
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
 
     // The real use: node 4 gets its certificate, starts with it and joins.
@@ -383,7 +387,10 @@ async fn a_join_token_gets_one_new_node_its_certificate_once_before_it_expires()
             csr_pem,
             join_token: token.clone(),
             node_id: 4,
-            ips: vec![spec4.mgmt_addr.ip().to_string(), spec4.migration_addr.ip().to_string()],
+            ips: vec![
+                spec4.mgmt_addr.ip().to_string(),
+                spec4.migration_addr.ip().to_string(),
+            ],
             ..Default::default()
         })
         .await
@@ -409,9 +416,14 @@ async fn a_join_token_gets_one_new_node_its_certificate_once_before_it_expires()
     assert_eq!(cl.nodes(1).await.unwrap_or_else(|e| panic!("{e}")).len(), 4);
 
     // Good once.
-    let e = issue_node(n1, &token, 5, "127.0.1.5".parse().unwrap_or_else(|e| panic!("{e}")))
-        .await
-        .expect_err("a used token");
+    let e = issue_node(
+        n1,
+        &token,
+        5,
+        "127.0.1.5".parse().unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await
+    .expect_err("a used token");
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("already used by node 4"), "{e:?}");
 
@@ -421,18 +433,26 @@ async fn a_join_token_gets_one_new_node_its_certificate_once_before_it_expires()
         .await
         .unwrap_or_else(|e| panic!("{e:?}"))
         .into_inner();
-    let until = std::time::UNIX_EPOCH + std::time::Duration::from_millis(short.expires_unix_ms + 50);
+    let until =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(short.expires_unix_ms + 50);
     if let Ok(left) = until.duration_since(std::time::SystemTime::now()) {
         tokio::time::sleep(left).await; // the token's own lifetime, not a guess at speed
     }
-    let e = issue_node(n1, &short.token, 5, "127.0.1.5".parse().unwrap_or_else(|e| panic!("{e}")))
-        .await
-        .expect_err("an expired token");
+    let e = issue_node(
+        n1,
+        &short.token,
+        5,
+        "127.0.1.5".parse().unwrap_or_else(|e| panic!("{e}")),
+    )
+    .await
+    .expect_err("an expired token");
     assert!(e.message().contains("expired"), "{e:?}");
 
     // A viewer cannot create tokens; an admin issues user certificates, a viewer cannot.
     let viewer = material(&test_pki().user("vic", Role::Viewer));
-    let mut v = mgmt(n1, Some(&viewer)).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut v = mgmt(n1, Some(&viewer))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let e = v
         .create_join_token(pb::CreateJoinTokenRequest { ttl_s: 60 })
         .await
@@ -475,7 +495,9 @@ async fn a_join_token_gets_one_new_node_its_certificate_once_before_it_expires()
             role: Role::Viewer
         })
     );
-    let mut o = mgmt(n1, Some(&olga)).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut o = mgmt(n1, Some(&olga))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         o.list_nodes(pb::ListNodesRequest {})
             .await
@@ -550,7 +572,10 @@ async fn the_migration_port_takes_only_a_committed_migration_from_its_source() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(no_ticket.contains("no migration ticket"), "{no_ticket}");
-    assert!(unknown.contains("no migration 999 is committed"), "{unknown}");
+    assert!(
+        unknown.contains("no migration 999 is committed"),
+        "{unknown}"
+    );
     // The VM stayed with its host; node 1 took nothing in.
     assert!(host.list().iter().any(|v| v.name == "intruder"));
     let n1 = cl.check(cl.spec(1)).mgmt_addr;

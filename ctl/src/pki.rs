@@ -111,7 +111,11 @@ pub fn parse_ttl(s: &str) -> Result<u64, String> {
 }
 
 /// Write what an agent signed into `out` (ca.pem, cert.pem, and the key made here).
-fn store_signed(out: &Path, key_pem: String, r: &cluster_proto::management::IssueCertificateReply) -> Result<(), CtlError> {
+fn store_signed(
+    out: &Path,
+    key_pem: String,
+    r: &cluster_proto::management::IssueCertificateReply,
+) -> Result<(), CtlError> {
     TlsDir(out.to_owned())
         .store(
             &r.ca_pem,

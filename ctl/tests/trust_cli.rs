@@ -104,7 +104,11 @@ async fn an_operator_bootstraps_joins_with_a_token_and_adds_a_viewer() {
     };
     assert!(ok_out(&join(token)).contains("node 3: certificate issued"));
     let shown = ok_out(&bare(
-        &["pki", "show", &spec3.tls_dir.join("cert.pem").display().to_string()],
+        &[
+            "pki",
+            "show",
+            &spec3.tls_dir.join("cert.pem").display().to_string(),
+        ],
         &[],
     ));
     assert!(shown.starts_with("node 3,"), "{shown}");
@@ -120,7 +124,15 @@ async fn an_operator_bootstraps_joins_with_a_token_and_adds_a_viewer() {
     // An admin creates a viewer online; the viewer reads and is refused a change.
     let olga = dir.path().join("olga");
     ok_out(&bare(
-        &["user", "create", "olga", "--role", "viewer", "--out", &olga.display().to_string()],
+        &[
+            "user",
+            "create",
+            "olga",
+            "--role",
+            "viewer",
+            "--out",
+            &olga.display().to_string(),
+        ],
         &env,
     ));
     let as_olga = |args: &[&str]| {
@@ -144,16 +156,32 @@ async fn an_operator_bootstraps_joins_with_a_token_and_adds_a_viewer() {
     );
 
     // No certificate: a sentence saying what to give.
-    let o = bare(&["--endpoint", &ep1, "--ca", &ca.display().to_string(), "node", "list"], &[]);
+    let o = bare(
+        &[
+            "--endpoint",
+            &ep1,
+            "--ca",
+            &ca.display().to_string(),
+            "node",
+            "list",
+        ],
+        &[],
+    );
     let (_, err) = text(&o);
     assert!(err.contains("needs a client certificate"), "{err}");
     // No CA at all.
-    let o = bare(&["--endpoint", &ep1, "node", "list"], &[("CLUSTERCTL_CONFIG", Path::new("/nonexistent/cfg"))]);
+    let o = bare(
+        &["--endpoint", &ep1, "node", "list"],
+        &[("CLUSTERCTL_CONFIG", Path::new("/nonexistent/cfg"))],
+    );
     let (_, err) = text(&o);
     assert!(err.contains("no cluster CA certificate"), "{err}");
     // The wrong CA: another cluster's.
     let other = dir.path().join("other-ca");
-    ok_out(&bare(&["pki", "create-ca", "--dir", &other.display().to_string()], &[]));
+    ok_out(&bare(
+        &["pki", "create-ca", "--dir", &other.display().to_string()],
+        &[],
+    ));
     let o = bare(
         &[
             "--endpoint",
@@ -173,6 +201,9 @@ async fn an_operator_bootstraps_joins_with_a_token_and_adds_a_viewer() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("not signed by the CA in"), "{err}");
     // create-ca never overwrites a CA.
-    let o = bare(&["pki", "create-ca", "--dir", &other.display().to_string()], &[]);
+    let o = bare(
+        &["pki", "create-ca", "--dir", &other.display().to_string()],
+        &[],
+    );
     assert!(text(&o).1.contains("already holds a CA"));
 }

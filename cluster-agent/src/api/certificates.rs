@@ -93,9 +93,8 @@ fn parse_ips(ips: &[String]) -> Result<Vec<IpAddr>, Status> {
     }
     ips.iter()
         .map(|ip| {
-            ip.parse().map_err(|_| {
-                Status::invalid_argument(format!("{ip:?} is not an IP address"))
-            })
+            ip.parse()
+                .map_err(|_| Status::invalid_argument(format!("{ip:?} is not an IP address")))
         })
         .collect()
 }
@@ -130,10 +129,17 @@ pub async fn issue_certificate(
     let ca = tokio::task::spawn_blocking(move || dir.load_ca())
         .await
         .map_err(|e| Status::internal(format!("loading the CA: {e}")))?
-        .map_err(|e| Status::internal(format!("the CA key is unusable: {}", crate::error_chain(&e))))?;
+        .map_err(|e| {
+            Status::internal(format!(
+                "the CA key is unusable: {}",
+                crate::error_chain(&e)
+            ))
+        })?;
     let (id, ips) = if node {
         if r.node_id == 0 {
-            return Err(Status::invalid_argument("node_id 0 is reserved; use 1 or higher"));
+            return Err(Status::invalid_argument(
+                "node_id 0 is reserved; use 1 or higher",
+            ));
         }
         let ips = parse_ips(&r.ips)?;
         if agent.read_sm(|d| d.state.nodes.contains_key(&r.node_id)) {

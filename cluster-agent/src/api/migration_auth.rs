@@ -50,7 +50,10 @@ impl ClusterAuthorizer {
             ));
         }
         if r.target != me {
-            return Some(format!("migration {id} goes to node {}, not here (node {me})", r.target));
+            return Some(format!(
+                "migration {id} goes to node {}, not here (node {me})",
+                r.target
+            ));
         }
         if r.kind != MigrationKind::Live {
             return Some(format!("migration {id} is not a live migration"));
@@ -63,7 +66,12 @@ impl ClusterAuthorizer {
 }
 
 impl SessionAuthorizer for ClusterAuthorizer {
-    fn authorize(&self, peer_cert_der: Option<&[u8]>, vm: &str, ticket: &[u8]) -> Result<(), String> {
+    fn authorize(
+        &self,
+        peer_cert_der: Option<&[u8]>,
+        vm: &str,
+        ticket: &[u8],
+    ) -> Result<(), String> {
         let source = match peer_cert_der.map(pki::identity_of) {
             Some(Ok(Identity::Node(id))) => id,
             Some(Ok(other)) => return Err(format!("{other} is no cluster node")),
@@ -79,8 +87,15 @@ impl SessionAuthorizer for ClusterAuthorizer {
         }
         // The source acted on a committed record; this replica may still be applying it.
         let deadline = Instant::now() + RECORD_WAIT;
-        let source_of = |id| self.agent.read_sm(|d| d.state.migrations.get(&id).map(|r| r.source));
-        let source = if source == 0 { source_of(id).unwrap_or(0) } else { source };
+        let source_of = |id| {
+            self.agent
+                .read_sm(|d| d.state.migrations.get(&id).map(|r| r.source))
+        };
+        let source = if source == 0 {
+            source_of(id).unwrap_or(0)
+        } else {
+            source
+        };
         loop {
             match self.refusal(id, vm, source) {
                 None => break,

@@ -65,8 +65,13 @@ fn engine_alone() -> f64 {
     let addr = listener.local_addr().unwrap();
     let target = std::thread::spawn(move || {
         let factory = LocalFactory::default();
-        let r =
-            serve(&listener, &factory, &NoHandoff, &ReceiveOptions::new(Transport::Plaintext, Arc::new(AllowAll))).expect("receive");
+        let r = serve(
+            &listener,
+            &factory,
+            &NoHandoff,
+            &ReceiveOptions::new(Transport::Plaintext, Arc::new(AllowAll)),
+        )
+        .expect("receive");
         drop(r);
     });
     let mut c = VmConfig::new(1, 64, vmm_node::test_guest::PATH);

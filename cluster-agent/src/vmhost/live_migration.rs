@@ -32,10 +32,10 @@ use vmm_node::migration::seam::{
 };
 use vmm_node::migration::source::{migrate, CancelToken, MigrateOptions, MigrationEvent};
 use vmm_node::migration::stats::MigrationStats;
-use vmm_node::migration::tls::Transport;
 use vmm_node::migration::target::{
     error_chain, serve_sessions, Abandon, ReceiveOptions, ReceiveStats,
 };
+use vmm_node::migration::tls::Transport;
 use vmm_node::migration::transport::{DirtyPages, PageMap};
 use vmm_node::migration::{self as engine, MigrationError};
 use vmm_node::state::DiskSlotState;
@@ -118,9 +118,11 @@ pub fn migration_ticket(id: u64) -> Vec<u8> {
 
 /// The migration record id a ticket names (`None`: not a ticket of this cluster's form).
 pub fn ticket_id(ticket: &[u8]) -> Option<u64> {
-    <[u8; 8]>::try_from(ticket).ok().map(u64::from_be_bytes).filter(|id| *id != 0)
+    <[u8; 8]>::try_from(ticket)
+        .ok()
+        .map(u64::from_be_bytes)
+        .filter(|id| *id != 0)
 }
-
 
 /// The result of a finished live migration.
 #[derive(Clone, Debug)]
