@@ -532,6 +532,9 @@ async fn run(args: &Args) -> Result<bool, String> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    // Its partitions cut 127.0.1.x links: never beside a test cluster on this machine
+    // (the test processes take the same lock).
+    let _serial = cluster_tests::serial().await;
     match run(&args).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
