@@ -1000,3 +1000,65 @@ async fn target_kill9_mid_migration_leaves_the_vm_and_its_lock_with_the_source()
     assert_eq!(relocked.holders, vec![again.owner_id]);
     assert_eq!(fence_token(&csv, "vol/vms/m.img"), relocked.token);
 }
+
+/// The source of a quick migration dies before it saves the VM (crash point
+/// `quick-migrate-out-before-save`, as abrupt as kill -9) and is restarted at once: its
+/// record still names it the owner and the target, nothing was handed off, nothing runs
+/// here. It ends the migration as failed and boots the VM again — or, if it was marked
+/// Down before it was back, failover moved the VM. Either way the migration ends and the
+/// VM runs, verifying its disk. (A chaos run found such a record open for minutes, the
+/// VM running nowhere: the source had fenced the VM just before the migration started.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_migration_source_dying_before_the_save_and_restarting() {
+    let _serial = cluster_tests::serial().await;
+    let crash = [("CLUSTER_AGENT_CRASH_AT", "quick-migrate-out-before-save")];
+    let (mut cl, _csv) = disk_cluster_with_env(3, &crash).await;
+    create_disk(&cl, 1, "vol/vms/q.img").await;
+    let leader = cl.check(cl.status(1).await).leader_id;
+    let (src, dst) = followers(leader);
+    let spec = pb::VmSpec {
+        preferred_owners: vec![src],
+        ..disk_spec("vm-q", &["vol/vms/q.img"])
+    };
+    let before = cl.create_running(leader, spec).await;
+    assert_eq!(before.owner_id, src);
+    cl.wait_heartbeat(leader, "vm-q", |h| h.disk == "ok").await;
+    cl.vms(leader)
+        .await
+        .migrate_vm(pb::MigrateVmRequest {
+            name: "vm-q".into(),
+            to_node_id: dst,
+            quick: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
+    let exited = cl.wait_exit(src, WAIT).await;
+    let status = cl.check(exited);
+    assert!(!status.success(), "{status}");
+    assert!(
+        cl.log_tail(src, 200).contains("crash point reached"),
+        "the source did not crash at the crash point{}",
+        cl.logs()
+    );
+    let removed = cl.remove_env(src, "CLUSTER_AGENT_CRASH_AT");
+    cl.check(removed);
+    let started = cl.start(src).await;
+    cl.check(started);
+    let after = cl
+        .wait_vm(leader, "vm-q", "the migration ended and the VM runs", |v| {
+            v.migrating_to == 0 && v.runtime == "running" && v.owner_id != 0
+        })
+        .await;
+    let resolved = cl
+        .log_tail(src, 400)
+        .contains("orphaned migration resolved");
+    eprintln!(
+        "vm-q runs on node {} (source {src}); ended by the restarted source: {resolved}",
+        after.owner_id
+    );
+    let (node, _) = cl
+        .wait_heartbeat(leader, "vm-q", |h| h.disk == "ok" && h.seq >= 3)
+        .await;
+    assert_eq!(node, after.owner_id);
+}

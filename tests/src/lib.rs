@@ -383,6 +383,16 @@ impl Cluster {
         Ok(())
     }
 
+    /// Removes `key` from the environment of node `id`'s agent from its next start on.
+    pub fn remove_env(&mut self, id: u64, key: &str) -> Result<()> {
+        let node = self
+            .nodes
+            .get_mut(&id)
+            .ok_or(HarnessError::UnknownNode(id))?;
+        node.env.retain(|(k, _)| k != key);
+        Ok(())
+    }
+
     pub fn spec(&self, id: u64) -> Result<&NodeSpec> {
         self.nodes
             .get(&id)

@@ -14,8 +14,11 @@ pub const ENV: &str = "CLUSTER_AGENT_CRASH_AT";
 /// commits `FinishMigration`.
 pub const MIGRATE_OUT_AFTER_SWITCHOVER: &str = "migrate-out-after-switchover";
 
+/// Source of a quick migration, before it saves the VM (nothing handed off yet).
+pub const QUICK_MIGRATE_OUT_BEFORE_SAVE: &str = "quick-migrate-out-before-save";
+
 /// Every crash point.
-pub const POINTS: &[&str] = &[MIGRATE_OUT_AFTER_SWITCHOVER];
+pub const POINTS: &[&str] = &[MIGRATE_OUT_AFTER_SWITCHOVER, QUICK_MIGRATE_OUT_BEFORE_SAVE];
 
 /// A bad [`ENV`] setting.
 #[derive(Debug, thiserror::Error)]

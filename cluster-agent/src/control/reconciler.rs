@@ -299,7 +299,13 @@ pub const ORPHANED_MIGRATION_WAIT: Duration = Duration::from_secs(2);
 /// neither runs nor receives it → the migration is dead (a receive never resumes
 /// without its source, and no new one starts for this record) and failed, and the VM
 /// boots here again; it still receives it, or does not answer → ask again later.
-/// Quick migrations are left to their own recovery.
+///
+/// A quick migration moves the owner only with `FinishMigration`, after the save and
+/// the disk handoffs, and the target runs nothing before: while no disk of the VM was
+/// handed off to the target (the save never finished, or never started because the VM
+/// had been fenced here), the migration is failed without asking and the VM boots here
+/// again. One whose disks were handed off is left to its own recovery (failover gives
+/// the VM to the target once this node is Down).
 async fn resolve_orphaned_migrations(
     agent: &Arc<Agent>,
     host: &Arc<VmHost>,
@@ -310,39 +316,53 @@ async fn resolve_orphaned_migrations(
     let me = agent.node_id();
     let here = host_view(host);
     let now = std::time::Instant::now();
-    let current: Vec<(String, u64)> = records
+    let current: Vec<(String, u64, bool)> = records
         .iter()
         .filter(|r| {
             r.owner == Some(me)
                 && r.desired == DesiredState::Running
-                && !r.migration_quick
                 && !here.contains_key(&r.spec.name)
                 && !busy.contains(&r.spec.name)
         })
-        .filter_map(|r| r.migrating_to.map(|to| (r.spec.name.clone(), to)))
+        .filter_map(|r| {
+            r.migrating_to
+                .map(|to| (r.spec.name.clone(), to, r.migration_quick))
+        })
         .collect();
-    orphans.retain(|n, _| current.iter().any(|(c, _)| c == n));
-    for (name, to) in current {
+    orphans.retain(|n, _| current.iter().any(|(c, _, _)| c == n));
+    for (name, to, quick) in current {
         let since = *orphans.entry(name.clone()).or_insert(now);
         if now.saturating_duration_since(since) < ORPHANED_MIGRATION_WAIT {
             continue;
         }
         orphans.insert(name.clone(), now);
-        let (ok, reason) = match agent.vm_presence(to, &name).await {
-            Ok(crate::node::peers::VmPresence::Runs) => (
-                true,
-                format!("the source agent restarted after the switchover; node {to} runs the VM"),
-            ),
-            Ok(crate::node::peers::VmPresence::Absent) => (
+        let (ok, reason) = if quick {
+            if quick_handed_off(agent, &name, to) {
+                continue;
+            }
+            (
                 false,
-                format!(
+                format!("the source had no VM to save (fenced or restarted) and nothing was handed off to node {to}"),
+            )
+        } else {
+            match agent.vm_presence(to, &name).await {
+                Ok(crate::node::peers::VmPresence::Runs) => (
+                    true,
+                    format!(
+                        "the source agent restarted after the switchover; node {to} runs the VM"
+                    ),
+                ),
+                Ok(crate::node::peers::VmPresence::Absent) => (
+                    false,
+                    format!(
                     "the source agent restarted during the migration; node {to} does not run the VM"
                 ),
-            ),
-            Ok(crate::node::peers::VmPresence::Arriving) => continue,
-            Err(e) => {
-                tracing::info!(vm = %name, to, error = %e, "cannot ask the target how an orphaned migration ended yet");
-                continue;
+                ),
+                Ok(crate::node::peers::VmPresence::Arriving) => continue,
+                Err(e) => {
+                    tracing::info!(vm = %name, to, error = %e, "cannot ask the target how an orphaned migration ended yet");
+                    continue;
+                }
             }
         };
         tracing::warn!(vm = %name, to, ok, %reason, "orphaned migration resolved");
@@ -358,6 +378,21 @@ async fn resolve_orphaned_migrations(
             tracing::info!(vm = %name, error = %e, "orphaned migration end not committed");
         }
     }
+}
+
+/// Whether any disk of `name` was handed off to `to` (a quick migration's save
+/// finished and its handoff was committed, at least in part).
+fn quick_handed_off(agent: &Agent, name: &str, to: u64) -> bool {
+    agent.read_sm(|d| {
+        crate::state::vms::find(&d.state, name).is_some_and(|r| {
+            r.spec.disks.iter().any(|disk| {
+                d.state
+                    .locks
+                    .lock(&disk.name)
+                    .is_some_and(|l| l.holders.contains(&to))
+            })
+        })
+    })
 }
 
 /// How long the source keeps trying to commit the end of a migration.
@@ -384,6 +419,9 @@ async fn migrate_out(
         .read_sm(|d| crate::state::vms::find(&d.state, name).is_some_and(|r| r.migration_quick));
     progress.started();
     let result: Result<(String, crate::state::migrations::MigrationSummary), String> = if quick {
+        crate::control::crash_point::reached(
+            crate::control::crash_point::QUICK_MIGRATE_OUT_BEFORE_SAVE,
+        );
         crate::control::quick_migration::save_and_hand_off(agent, host, name, to)
             .await
             .map(|line| (line, crate::state::migrations::MigrationSummary::default()))
