@@ -51,9 +51,9 @@ pki() {
         "$CTL" pki issue-user --ca-dir "$PKI/ca" --name admin --role admin --out "$PKI/admin" >/dev/null
         echo "created the cluster CA and an admin certificate in $PKI"
     fi
-    local eps=()
-    for i in $(seq 1 "$1"); do eps+=(--endpoint "127.0.1.$i:7001"); done
-    "$CTL" config add-context local "${eps[@]}" --ca "$PKI/ca/ca.pem" \
+    local eps="127.0.1.1:7001"
+    for i in $(seq 2 "$1"); do eps+=",127.0.1.$i:7001"; done
+    "$CTL" config add-context local --endpoints "$eps" --ca "$PKI/ca/ca.pem" \
         --cert "$PKI/admin/cert.pem" --key "$PKI/admin/key.pem" --current >/dev/null
 }
 

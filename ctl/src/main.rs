@@ -35,20 +35,35 @@ pub struct Cli {
     pub endpoint: String,
     /// The cluster CA certificate (PEM) agents' certificates must chain to [default:
     /// the context's].
-    #[arg(long, env = "CLUSTERCTL_CA", global = true)]
+    #[arg(long = "ca", id = "global-ca", env = "CLUSTERCTL_CA", global = true)]
     pub ca: Option<std::path::PathBuf>,
     /// Your client certificate (PEM); its role decides what you may do [default: the
     /// context's].
-    #[arg(long, env = "CLUSTERCTL_CERT", global = true)]
+    #[arg(
+        long = "cert",
+        id = "global-cert",
+        env = "CLUSTERCTL_CERT",
+        global = true
+    )]
     pub cert: Option<std::path::PathBuf>,
     /// The key of --cert (PEM).
-    #[arg(long, env = "CLUSTERCTL_KEY", global = true)]
+    #[arg(long = "key", id = "global-key", env = "CLUSTERCTL_KEY", global = true)]
     pub key: Option<std::path::PathBuf>,
     /// The config file with contexts [default: ~/.config/clusterctl/config.toml].
-    #[arg(long, env = "CLUSTERCTL_CONFIG", global = true)]
+    #[arg(
+        long = "config",
+        id = "global-config",
+        env = "CLUSTERCTL_CONFIG",
+        global = true
+    )]
     pub config: Option<std::path::PathBuf>,
     /// Use this context of the config file instead of its current one.
-    #[arg(long, env = "CLUSTERCTL_CONTEXT", global = true)]
+    #[arg(
+        long = "context",
+        id = "global-context",
+        env = "CLUSTERCTL_CONTEXT",
+        global = true
+    )]
     pub context: Option<String>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Format::Table, global = true)]
@@ -263,7 +278,7 @@ fn run_local(cli: &Cli) -> Option<Result<String, client::CtlError>> {
         Cmd::Pki(pki::PkiCmd::Join { .. }) => None,
         Cmd::Pki(p) => Some(pki::run_pki(p)),
         Cmd::Config(c) => Some(match cli.config.clone().or_else(config::default_path) {
-            Some(path) => pki::run_config(c, &path),
+            Some(path) => pki::run_config(cli, c, &path),
             None => Err(client::CtlError::Credentials(
                 "no config file: give --config (HOME is not set)".into(),
             )),
@@ -319,4 +334,14 @@ fn run_remote(cli: &Cli) -> Result<String, client::CtlError> {
         .build()
         .map_err(|e| client::CtlError::Local(format!("cannot start the async runtime: {e}")))?;
     rt.block_on(commands::run(cli))
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency checks over every subcommand (ids, long flags, globals).
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -189,18 +189,13 @@ pub async fn create_user(cli: &crate::Cli, cmd: &UserCmd) -> Result<String, CtlE
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCmd {
-    /// Add (or replace) a context: where the cluster is and which credentials to use.
+    /// Add (or replace) a context: where the cluster is (--endpoints) and which
+    /// credentials to use (the global --ca, --cert and --key).
     AddContext {
         name: String,
-        /// Management addresses of agents; repeat the flag.
-        #[arg(long = "endpoint", required = true)]
+        /// Management addresses of agents, comma-separated (the first is asked first).
+        #[arg(long, required = true, value_delimiter = ',')]
         endpoints: Vec<String>,
-        #[arg(long)]
-        ca: PathBuf,
-        #[arg(long)]
-        cert: PathBuf,
-        #[arg(long)]
-        key: PathBuf,
         /// Make it the current context.
         #[arg(long)]
         current: bool,
@@ -321,25 +316,31 @@ pub fn run_pki(cmd: &PkiCmd) -> Result<String, CtlError> {
     }
 }
 
-pub fn run_config(cmd: &ConfigCmd, path: &Path) -> Result<String, CtlError> {
+pub fn run_config(cli: &crate::Cli, cmd: &ConfigCmd, path: &Path) -> Result<String, CtlError> {
     let mut cfg = CtlConfig::load(path)?;
     match cmd {
         ConfigCmd::AddContext {
             name,
             endpoints,
-            ca,
-            cert,
-            key,
             current,
         } => {
+            let need = |v: &Option<PathBuf>, flag: &str| {
+                v.clone()
+                    .ok_or_else(|| local(format!("config add-context needs {flag}")))
+            };
+            let (ca, cert, key) = (
+                need(&cli.ca, "--ca")?,
+                need(&cli.cert, "--cert")?,
+                need(&cli.key, "--key")?,
+            );
             let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
             cfg.upsert(
                 Context {
                     name: name.clone(),
                     endpoints: endpoints.clone(),
-                    ca: abs(ca),
-                    cert: abs(cert),
-                    key: abs(key),
+                    ca: abs(&ca),
+                    cert: abs(&cert),
+                    key: abs(&key),
                 },
                 *current,
             );

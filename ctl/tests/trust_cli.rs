@@ -57,7 +57,7 @@ async fn an_operator_bootstraps_joins_with_a_token_and_adds_a_viewer() {
             "config",
             "add-context",
             "test",
-            "--endpoint",
+            "--endpoints",
             &ep1,
             "--ca",
             &admin.ca_cert().display().to_string(),
