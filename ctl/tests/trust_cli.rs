@@ -79,7 +79,7 @@ async fn an_operator_bootstraps_joins_with_a_token_and_adds_a_viewer() {
     let spec3 = c.check(r);
     std::fs::remove_dir_all(&spec3.tls_dir).unwrap_or_else(|e| panic!("{e}"));
     let ca = admin.ca_cert();
-    let join = |token: &str| {
+    let join = |token: &str, node: &str| {
         bare(
             &[
                 "pki",
@@ -87,7 +87,7 @@ async fn an_operator_bootstraps_joins_with_a_token_and_adds_a_viewer() {
                 "--token",
                 token,
                 "--node-id",
-                "3",
+                node,
                 "--ip",
                 &spec3.mgmt_addr.ip().to_string(),
                 "--ip",
@@ -102,7 +102,7 @@ async fn an_operator_bootstraps_joins_with_a_token_and_adds_a_viewer() {
             &[],
         )
     };
-    assert!(ok_out(&join(token)).contains("node 3: certificate issued"));
+    assert!(ok_out(&join(token, "3")).contains("node 3: certificate issued"));
     let shown = ok_out(&bare(
         &[
             "pki",
@@ -115,8 +115,8 @@ async fn an_operator_bootstraps_joins_with_a_token_and_adds_a_viewer() {
     let r = c.start(3).await;
     c.check(r);
     ok_out(&ctl(&endpoint(&c, 3), &["cluster", "join", "--via", &ep1]));
-    // The token was good once.
-    let o = join(token);
+    // The token was good once (another new node cannot use it again).
+    let o = join(token, "4");
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("already used by node 3"), "{err}");

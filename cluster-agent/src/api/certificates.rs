@@ -11,7 +11,7 @@ use cluster_proto::pki::{self, Identity, Role, TlsDir};
 use tonic::{Request, Response, Status};
 
 use crate::api::auth::Caller;
-use crate::node::{now_unix_ms, Agent, ForwardReply, ForwardRequest};
+use crate::node::{now_unix_ms, Agent, ForwardReply, ForwardRequest, WriteError};
 use crate::state::join_tokens::{TokenCommand, JOIN_TOKEN_TTL_MAX_MS};
 use crate::state::{Command, CommandResult};
 
@@ -34,19 +34,22 @@ fn new_token() -> (String, String) {
 }
 
 async fn commit(agent: &Agent, cmd: TokenCommand) -> Result<(), Status> {
+    // A refused token (unknown, wrong secret, used, expired) is a permission matter.
     match agent
         .write(ForwardRequest::Command(Command::Token(cmd)))
-        .await?
+        .await
     {
-        ForwardReply::Command {
+        Ok(ForwardReply::Command {
             result: CommandResult::Ok,
             ..
-        } => Ok(()),
-        ForwardReply::Command {
+        }) => Ok(()),
+        Ok(ForwardReply::Command {
             result: CommandResult::Rejected { reason },
             ..
-        } => Err(Status::permission_denied(reason)),
-        other => Err(crate::api::status::unexpected_reply(&other)),
+        })
+        | Err(WriteError::Rejected { reason }) => Err(Status::permission_denied(reason)),
+        Ok(other) => Err(crate::api::status::unexpected_reply(&other)),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -189,6 +189,7 @@ pub(super) fn apply(
         | Command::Job(_)
         | Command::Lock(_)
         | Command::VmDisk(_)
+        | Command::Token(_)
         | Command::Migration(_) => CommandResult::Rejected {
             reason: format!("{cmd} is not a node command"),
         },
