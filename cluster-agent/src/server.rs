@@ -116,6 +116,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         )
     };
     vm_host.set_migration_transport(transport.clone());
+    vm_host.set_image_dirs(agent.config().image_dirs.clone());
     let listener = vm_host
         .listen_migrations(
             agent.config().migration_addr,

@@ -140,18 +140,30 @@ fn bad_input_is_refused_and_changes_nothing() {
         h.a.detach_disk("dup", &disk.name),
         Err(VmHostError::DiskNotAttached { .. })
     ));
-    // A kernel that does not exist: a clear error naming the VM, nothing registered.
+    // A kernel that does not exist (in an image dir of this host): a clear error naming
+    // the VM, nothing registered. One outside the image dirs is refused unread.
+    let images = h.dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    h.a.set_image_dirs(vec![images.clone()]);
     let mut k = disk_guest("kern", vec![]);
     k.boot = cluster_agent::vmhost::BootSpec::Kernel {
-        kernel: "/nonexistent/vmlinux".into(),
+        kernel: images.join("vmlinux"),
+        cmdline: "console=ttyS0".into(),
+        initrd: None,
+    };
+    let e = h.a.start(k.clone(), &[]).unwrap_err();
+    assert!(
+        matches!(e, VmHostError::Image { ref vm, .. } if vm == "kern"),
+        "{e}"
+    );
+    k.boot = cluster_agent::vmhost::BootSpec::Kernel {
+        kernel: "/etc/shadow".into(),
         cmdline: "console=ttyS0".into(),
         initrd: None,
     };
     let e = h.a.start(k, &[]).unwrap_err();
-    assert!(
-        matches!(e, VmHostError::Vm { ref vm, .. } if vm == "kern"),
-        "{e}"
-    );
+    let chain = vmm_node::migration::target::error_chain(&e);
+    assert!(chain.contains("outside this node's image_dirs"), "{chain}");
     assert!(matches!(h.a.state("kern"), Err(VmHostError::NotFound(_))));
     // Migration and quick migration of unknown VMs / to unknown volumes.
     let to: std::net::SocketAddr = "127.0.2.9:1".parse().unwrap();

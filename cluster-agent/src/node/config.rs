@@ -119,6 +119,9 @@ pub struct RawConfig {
     /// Carry live migrations without TLS or authentication (default false): only on a
     /// migration network isolated from everything else.
     pub migration_insecure_plaintext: Option<bool>,
+    /// Directories VM kernels and initrds may come from (absolute); none: only the
+    /// built-in test guest boots.
+    pub image_dirs: Option<Vec<PathBuf>>,
 }
 
 /// An IP subnet in CIDR form.
@@ -201,6 +204,8 @@ pub struct AgentConfig {
     pub tls_dir: PathBuf,
     /// See [`RawConfig::migration_insecure_plaintext`].
     pub migration_insecure_plaintext: bool,
+    /// See [`RawConfig::image_dirs`].
+    pub image_dirs: Vec<PathBuf>,
 }
 
 impl AgentConfig {
@@ -282,7 +287,8 @@ impl RawConfig {
             metrics_addr,
             networks,
             tls_dir,
-            migration_insecure_plaintext
+            migration_insecure_plaintext,
+            image_dirs
         );
         self
     }
@@ -495,7 +501,15 @@ impl RawConfig {
             Some(d) => d,
             None => data_dir.join("tls"),
         };
+        let image_dirs = self.image_dirs.unwrap_or_default();
+        if let Some(d) = image_dirs.iter().find(|d| !d.is_absolute()) {
+            return Err(invalid(
+                "image_dirs",
+                format!("{} is not an absolute path", d.display()),
+            ));
+        }
         Ok(AgentConfig {
+            image_dirs,
             migration_insecure_plaintext: self.migration_insecure_plaintext.unwrap_or(false),
             tls_dir,
             networks,

@@ -33,6 +33,7 @@ pub mod quick_migration;
 pub mod spec;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -62,6 +63,12 @@ pub enum VmHostError {
     NoMigrationTransport,
     #[error("invalid VM spec")]
     Spec(#[source] SpecError),
+    #[error("VM {vm}: its boot image is refused on this node")]
+    Image {
+        vm: String,
+        #[source]
+        source: spec::ImageError,
+    },
     #[error("VM {vm}: cannot set up its NICs")]
     Nic {
         vm: String,
@@ -227,6 +234,9 @@ pub struct VmHost {
     /// How outgoing live migrations are carried (mutual TLS in an agent); `None` until
     /// set: a migration out is refused rather than sent in the clear by default.
     migration_transport: Mutex<Option<vmm_node::migration::tls::Transport>>,
+    /// Directories kernels and initrds may be read from (`image_dirs`); none: only the
+    /// built-in test guest boots.
+    image_dirs: Mutex<Vec<PathBuf>>,
 }
 
 type VmTable = Mutex<BTreeMap<String, Option<Arc<HostedVm>>>>;
@@ -281,7 +291,13 @@ impl VmHost {
             networks,
             journal: Arc::default(),
             migration_transport: Mutex::new(None),
+            image_dirs: Mutex::default(),
         })
+    }
+
+    /// Let VMs boot kernels and initrds from `dirs` (the node's `image_dirs`).
+    pub fn set_image_dirs(&self, dirs: Vec<PathBuf>) {
+        *lock(&self.image_dirs) = dirs;
     }
 
     /// Carry outgoing live migrations with `t` (the agent: TLS with the node's
@@ -406,6 +422,12 @@ impl VmHost {
         for d in &spec.disks {
             machine::check_grant(d, machine::grant_for(grants, &d.name)?, self.node)?;
         }
+        spec::check_images(&spec, &lock(&self.image_dirs)).map_err(|source| {
+            VmHostError::Image {
+                vm: spec.name.clone(),
+                source,
+            }
+        })?;
         let reservation = self.reserve(&spec.name)?;
         let taps = self.create_taps(&spec)?;
         let config = spec::to_config(&spec, &self.registry, self.node)?;

@@ -1,6 +1,6 @@
 //! Translation of the stored [`VmSpec`] into vmm-node's [`VmConfig`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use csv_volume::VolumeRegistry;
 use vmm_node::guest_protocol::{Workload, WorkloadKind};
@@ -27,6 +27,103 @@ pub fn workload(w: TestWorkload) -> Workload {
         seed: w.seed,
         hb_ms: w.hb_ms,
     }
+}
+
+/// Largest kernel image a VM may boot from.
+pub const KERNEL_BYTES_MAX: u64 = 256 << 20;
+/// Largest initrd a VM may boot with.
+pub const INITRD_BYTES_MAX: u64 = 1 << 30;
+
+/// Why a kernel or initrd is refused (nothing is read from it).
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("this node allows no kernel images: list the directories they may come from in `image_dirs` of its config")]
+    NoImageDirs,
+    #[error("{what} {path} cannot be used")]
+    Unreadable {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {path} is outside this node's image_dirs ({dirs})")]
+    OutsideImageDirs {
+        what: &'static str,
+        path: PathBuf,
+        dirs: String,
+    },
+    #[error("{what} {path} is not a regular file")]
+    NotAFile { what: &'static str, path: PathBuf },
+    #[error("{what} {path} is {len} bytes; at most {max} are allowed")]
+    TooLarge {
+        what: &'static str,
+        path: PathBuf,
+        len: u64,
+        max: u64,
+    },
+}
+
+/// `path` resolved (symlinks included) lies in one of `dirs`, is a regular file and at
+/// most `max` bytes. Checked before vmm-node opens it: a FIFO, a device or a file of
+/// another service is never read.
+fn check_image(
+    what: &'static str,
+    path: &Path,
+    dirs: &[PathBuf],
+    max: u64,
+) -> Result<(), ImageError> {
+    if dirs.is_empty() {
+        return Err(ImageError::NoImageDirs);
+    }
+    let io = |source| ImageError::Unreadable {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    let real = path.canonicalize().map_err(io)?;
+    let inside = dirs
+        .iter()
+        .filter_map(|d| d.canonicalize().ok())
+        .any(|d| real.starts_with(&d));
+    if !inside {
+        return Err(ImageError::OutsideImageDirs {
+            what,
+            path: path.to_owned(),
+            dirs: dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    let meta = std::fs::metadata(&real).map_err(io)?;
+    if !meta.file_type().is_file() {
+        return Err(ImageError::NotAFile {
+            what,
+            path: path.to_owned(),
+        });
+    }
+    if meta.len() > max {
+        return Err(ImageError::TooLarge {
+            what,
+            path: path.to_owned(),
+            len: meta.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// The kernel and initrd of `spec` may be read on this node (see [`check_image`]); the
+/// project's test guest is built in and always may.
+pub fn check_images(spec: &VmSpec, image_dirs: &[PathBuf]) -> Result<(), ImageError> {
+    if let BootSpec::Kernel { kernel, initrd, .. } = &spec.boot {
+        check_image("kernel", kernel, image_dirs, KERNEL_BYTES_MAX)?;
+        if let Some(i) = initrd {
+            check_image("initrd", i, image_dirs, INITRD_BYTES_MAX)?;
+        }
+    }
+    Ok(())
 }
 
 /// The vmm-node configuration. It lists no disks: vmhost opens them through their
@@ -91,4 +188,78 @@ pub fn to_config(
             .map(|(n, tap)| vmm_node::config::NicConfig::new(tap, n.mac.clone()))
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod image_tests {
+    use super::*;
+
+    fn kernel_spec(kernel: &Path, initrd: Option<&Path>) -> VmSpec {
+        let mut s = VmSpec::test_guest(
+            "k",
+            1,
+            64,
+            crate::vmhost::TestWorkload::new(crate::vmhost::WorkloadName::Idle),
+        );
+        s.boot = BootSpec::Kernel {
+            kernel: kernel.to_owned(),
+            cmdline: "console=ttyS0".into(),
+            initrd: initrd.map(Path::to_owned),
+        };
+        s
+    }
+
+    #[test]
+    fn kernels_come_only_from_image_dirs_as_bounded_regular_files() {
+        let d = tempfile::tempdir().unwrap();
+        let images = d.path().join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        let dirs = vec![images.clone()];
+        let ok = images.join("vmlinux");
+        std::fs::write(&ok, b"kernel").unwrap();
+        check_images(&kernel_spec(&ok, None), &dirs).unwrap();
+        // No image_dirs: every kernel refused.
+        assert!(matches!(
+            check_images(&kernel_spec(&ok, None), &[]),
+            Err(ImageError::NoImageDirs)
+        ));
+        // Outside, directly or through a symlink or `..`.
+        let secret = Path::new("/etc/shadow");
+        let e = check_images(&kernel_spec(secret, None), &dirs).unwrap_err();
+        assert!(matches!(e, ImageError::OutsideImageDirs { .. }), "{e}");
+        std::os::unix::fs::symlink("/etc/passwd", images.join("link")).unwrap();
+        let e = check_images(&kernel_spec(&images.join("link"), None), &dirs).unwrap_err();
+        assert!(matches!(e, ImageError::OutsideImageDirs { .. }), "{e}");
+        let dots = images
+            .join("../images/../../")
+            .join(d.path().file_name().unwrap());
+        assert!(check_images(&kernel_spec(&dots, None), &dirs).is_err());
+        // A device through a symlink inside: outside once resolved.
+        std::os::unix::fs::symlink("/dev/zero", images.join("zero")).unwrap();
+        let e = check_images(&kernel_spec(&ok, Some(&images.join("zero"))), &dirs).unwrap_err();
+        assert!(
+            matches!(e, ImageError::OutsideImageDirs { what: "initrd", .. }),
+            "{e}"
+        );
+        // A FIFO inside: not a regular file (never opened, so nothing hangs).
+        let fifo = images.join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let e = check_images(&kernel_spec(&fifo, None), &dirs).unwrap_err();
+        assert!(matches!(e, ImageError::NotAFile { .. }), "{e}");
+        // Oversized (sparse, so the test costs no disk).
+        let big = images.join("big");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(KERNEL_BYTES_MAX + 1)
+            .unwrap();
+        let e = check_images(&kernel_spec(&big, None), &dirs).unwrap_err();
+        assert!(matches!(e, ImageError::TooLarge { .. }), "{e}");
+        // Missing: a clear I/O error naming it.
+        let e = check_images(&kernel_spec(&images.join("nope"), None), &dirs).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
 }
