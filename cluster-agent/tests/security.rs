@@ -613,3 +613,37 @@ async fn the_migration_port_takes_only_a_committed_migration_from_its_source() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_booting_a_file_outside_image_dirs_fails_with_the_reason() {
+    use cluster_proto::vms as vpb;
+    let _serial = cluster_tests::serial().await;
+    cluster_tests::require_kvm();
+    let cl = three_nodes().await;
+    for (name, kernel, initrd) in [
+        ("shadow", "/etc/shadow", ""),
+        ("zero", "/etc/hostname", "/dev/zero"),
+    ] {
+        let mut spec = cluster_tests::vm::guest_spec(name, 64, vpb::TestGuestBoot::default());
+        spec.boot = Some(vpb::vm_spec::Boot::Kernel(vpb::KernelBoot {
+            kernel: kernel.into(),
+            cmdline: "console=ttyS0".into(),
+            initrd: initrd.into(),
+        }));
+        cl.vms(1)
+            .await
+            .create_vm(vpb::CreateVmRequest {
+                spec: Some(spec),
+                start: true,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e:?}"));
+        let v = cl
+            .wait_vm(1, name, "failed with the reason", |v| v.runtime == "failed")
+            .await;
+        assert!(
+            v.reason.contains("allows no kernel images") || v.reason.contains("image_dirs"),
+            "{v:?}"
+        );
+    }
+}
