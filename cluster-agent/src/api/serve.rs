@@ -56,6 +56,23 @@ fn builder(
 /// A running server; its task ends after `shutdown` flips.
 pub type ServerTask = JoinHandle<Result<(), ServeError>>;
 
+/// The accepted connections of `listener`, with Nagle's algorithm off: a TLS record
+/// and the HTTP/2 frames around it go out in several writes, and a small write held back
+/// for the peer's delayed ACK costs ~40 ms per call.
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn {
+            if let Err(e) = c.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY on an accepted connection");
+            }
+        }
+        conn
+    })
+}
+
 async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
@@ -73,7 +90,7 @@ pub fn spawn_peer(
         .max_encoding_message_size(PEER_MESSAGE_LEN_MAX);
     let server = builder
         .add_service(svc)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(shutdown));
+        .serve_with_incoming_shutdown(incoming(listener), stopped(shutdown));
     Ok(tokio::spawn(
         async move { server.await.map_err(ServeError) },
     ))
@@ -133,7 +150,7 @@ pub fn spawn_management(
         .add_service(MigrationServiceServer::new(
             super::migrations::MigrationApi { agent, progress },
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(shutdown));
+        .serve_with_incoming_shutdown(incoming(listener), stopped(shutdown));
     Ok(tokio::spawn(
         async move { server.await.map_err(ServeError) },
     ))
