@@ -12,13 +12,15 @@ use tonic::{Request, Response, Status};
 
 use crate::api::auth::Caller;
 use crate::node::{now_unix_ms, Agent, ForwardReply, ForwardRequest, WriteError};
-use crate::state::join_tokens::{TokenCommand, JOIN_TOKEN_TTL_MAX_MS};
+use crate::state::join_tokens::{self, TokenCommand, JOIN_TOKEN_TTL_MAX_MS};
 use crate::state::{Command, CommandResult};
 
 /// Lifetime of a join token when none is asked for.
 pub const JOIN_TOKEN_TTL_DEFAULT: Duration = Duration::from_secs(3_600);
 /// Largest certificate signing request accepted.
 pub const CSR_LEN_MAX: usize = 16 * 1024;
+/// How long a request waits for a token this replica does not know yet.
+pub const TOKEN_ARRIVAL_WAIT: Duration = Duration::from_secs(2);
 /// IP addresses a node certificate may carry at most.
 pub const NODE_IPS_MAX: usize = 8;
 
@@ -120,7 +122,35 @@ pub async fn issue_certificate(
             "give either a join token (a node certificate) or a user name (a user certificate)",
         ));
     }
-    // Everything that can be checked without spending the token, first.
+    // A node's request: the token must be good on this replica before anything costly
+    // (loading the CA, signing, a Raft write) happens; a token created a moment ago on
+    // another node may still be on its way here.
+    let token = if node {
+        let (token_id, secret) = r
+            .join_token
+            .split_once('.')
+            .ok_or_else(|| Status::invalid_argument("a join token looks like <id>.<secret>"))?;
+        let hash = pki::sha256_hex(secret.as_bytes());
+        let deadline = tokio::time::Instant::now() + TOKEN_ARRIVAL_WAIT;
+        loop {
+            let verdict = agent.read_sm(|d| {
+                join_tokens::check(&d.state.join_tokens, token_id, &hash, now_unix_ms())
+            });
+            match verdict {
+                Ok(()) => break,
+                Err(join_tokens::TokenError::Unknown(_))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => return Err(Status::permission_denied(e.to_string())),
+            }
+        }
+        Some((token_id.to_owned(), hash))
+    } else {
+        None
+    };
+    // Everything else that can be checked without spending the token, first.
     let dir = TlsDir(agent.config().tls_dir.clone());
     if !dir.has_ca_key() {
         return Err(Status::failed_precondition(format!(
@@ -186,16 +216,12 @@ pub async fn issue_certificate(
     let cert_pem = ca
         .sign_request(&r.csr_pem, &id, &ips, pki::CERT_VALIDITY)
         .map_err(|e| Status::invalid_argument(crate::error_chain(&e)))?;
-    if node {
-        let (token_id, secret) = r
-            .join_token
-            .split_once('.')
-            .ok_or_else(|| Status::invalid_argument("a join token looks like <id>.<secret>"))?;
+    if let Some((token_id, secret_sha256)) = token {
         commit(
             agent,
             TokenCommand::Consume {
-                id: token_id.to_owned(),
-                secret_sha256: pki::sha256_hex(secret.as_bytes()),
+                id: token_id,
+                secret_sha256,
                 node_id: r.node_id,
                 at_unix_ms: now_unix_ms(),
             },

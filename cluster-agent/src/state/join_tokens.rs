@@ -79,6 +79,33 @@ pub enum TokenError {
     Used { id: String, node: u64 },
 }
 
+/// Whether token `id` may be used now with the secret whose hash is `secret_sha256` (what
+/// `Consume` checks; an agent asks it of its replica first, so a caller without a valid
+/// token never causes a Raft write).
+pub fn check(
+    tokens: &JoinTokens,
+    id: &str,
+    secret_sha256: &str,
+    now_unix_ms: u64,
+) -> Result<(), TokenError> {
+    let t = tokens
+        .get(id)
+        .ok_or_else(|| TokenError::Unknown(id.to_owned()))?;
+    if t.secret_sha256 != secret_sha256 {
+        return Err(TokenError::WrongSecret(id.to_owned()));
+    }
+    if let Some(node) = t.used_by {
+        return Err(TokenError::Used {
+            id: id.to_owned(),
+            node,
+        });
+    }
+    if t.expires_unix_ms <= now_unix_ms {
+        return Err(TokenError::Expired(id.to_owned()));
+    }
+    Ok(())
+}
+
 /// Apply a token command to `s`, recording what it touched.
 pub fn apply(
     s: &mut ClusterState,
@@ -131,22 +158,10 @@ pub fn apply(
             node_id,
             at_unix_ms,
         } => {
-            let t = s
-                .join_tokens
-                .get_mut(id)
-                .ok_or_else(|| TokenError::Unknown(id.clone()))?;
-            if t.secret_sha256 != *secret_sha256 {
-                return Err(TokenError::WrongSecret(id.clone()));
-            }
-            if let Some(node) = t.used_by {
-                return Err(TokenError::Used {
-                    id: id.clone(),
-                    node,
-                });
-            }
-            if t.expires_unix_ms <= *at_unix_ms {
-                return Err(TokenError::Expired(id.clone()));
-            }
+            check(&s.join_tokens, id, secret_sha256, *at_unix_ms)?;
+            let Some(t) = s.join_tokens.get_mut(id) else {
+                return Err(TokenError::Unknown(id.clone()));
+            };
             t.used_by = Some(*node_id);
             touched.push(StateKey::JoinTokens);
             s.record_event(
