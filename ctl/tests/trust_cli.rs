@@ -11,7 +11,8 @@ use common::*;
 
 use cluster_tests::{Cluster, Options};
 
-/// clusterctl with only the environment given (no harness credentials).
+/// clusterctl with only the environment given (no harness credentials, no config file
+/// unless `env` names one).
 fn bare(args: &[&str], env: &[(&str, &Path)]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_clusterctl"));
     for k in [
@@ -24,6 +25,8 @@ fn bare(args: &[&str], env: &[(&str, &Path)]) -> Output {
     ] {
         c.env_remove(k);
     }
+    // Never the config of the machine's user (e.g. the context local-cluster.sh wrote).
+    c.env("CLUSTERCTL_CONFIG", "/nonexistent/clusterctl/config.toml");
     for (k, v) in env {
         c.env(k, v);
     }
