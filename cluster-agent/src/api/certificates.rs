@@ -19,6 +19,8 @@ use crate::state::{Command, CommandResult};
 pub const JOIN_TOKEN_TTL_DEFAULT: Duration = Duration::from_secs(3_600);
 /// Largest certificate signing request accepted.
 pub const CSR_LEN_MAX: usize = 16 * 1024;
+/// Longest join token accepted (ours are 45 characters).
+pub const JOIN_TOKEN_LEN_MAX: usize = 128;
 /// How long a request waits for a token this replica does not know yet.
 pub const TOKEN_ARRIVAL_WAIT: Duration = Duration::from_secs(2);
 /// IP addresses a node certificate may carry at most.
@@ -113,6 +115,12 @@ pub async fn issue_certificate(
     if r.csr_pem.is_empty() || r.csr_pem.len() > CSR_LEN_MAX {
         return Err(Status::invalid_argument(format!(
             "csr_pem must be a PEM certificate signing request of at most {CSR_LEN_MAX} bytes"
+        )));
+    }
+    if r.join_token.len() > JOIN_TOKEN_LEN_MAX {
+        return Err(Status::invalid_argument(format!(
+            "join_token is {} bytes; a join token is at most {JOIN_TOKEN_LEN_MAX}",
+            r.join_token.len()
         )));
     }
     let node = !r.join_token.is_empty();
