@@ -125,7 +125,8 @@ pub fn endpoint_uri(endpoint: &str) -> Result<String, CtlError> {
     Ok(format!("https://{bare}"))
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+/// `e` and its sources as one sentence, each cause once.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -136,6 +137,12 @@ fn chain(e: &dyn std::error::Error) -> String {
         }
         cur = c.source();
     }
+    s
+}
+
+/// [`error_chain`] of a connection failure, a TLS one explained.
+fn chain(e: &dyn std::error::Error) -> String {
+    let s = error_chain(e);
     explain_tls(&s).unwrap_or(s)
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 use cluster_proto::pki::{self, Ca, Identity, Role, TlsDir};
 
-use crate::client::CtlError;
+use crate::client::{error_chain as chain, CtlError};
 use crate::config::{Context, CtlConfig};
 
 #[derive(Debug, Subcommand)]
@@ -127,6 +127,21 @@ fn store_signed(
         .map_err(|e| local(chain(&e)))
 }
 
+/// A key made here, a certificate for it signed by the agent at `--endpoint` (`req`
+/// without its signing request), both stored in `out` with the CA.
+async fn issue_into(
+    cli: &crate::Cli,
+    out: &Path,
+    mut req: cluster_proto::management::IssueCertificateRequest,
+) -> Result<(), CtlError> {
+    let (key_pem, csr_pem) = pki::new_key_and_request().map_err(|e| local(chain(&e)))?;
+    req.csr_pem = csr_pem;
+    let (ep, timeout) = (cli.endpoint.as_str(), cli.timeout());
+    let mut c = crate::client::connect(ep, timeout).await?;
+    let r = crate::client::call(ep, timeout, c.issue_certificate(req)).await?;
+    store_signed(out, key_pem, &r)
+}
+
 /// `clusterctl pki join`: a node certificate for a join token.
 pub async fn join(cli: &crate::Cli, cmd: &PkiCmd) -> Result<String, CtlError> {
     let PkiCmd::Join {
@@ -138,22 +153,18 @@ pub async fn join(cli: &crate::Cli, cmd: &PkiCmd) -> Result<String, CtlError> {
     else {
         return Err(local("not a join"));
     };
-    let (key_pem, csr_pem) = pki::new_key_and_request().map_err(|e| local(chain(&e)))?;
-    let (ep, timeout) = (cli.endpoint.as_str(), cli.timeout());
-    let mut c = crate::client::connect(ep, timeout).await?;
-    let r = crate::client::call(
-        ep,
-        timeout,
-        c.issue_certificate(cluster_proto::management::IssueCertificateRequest {
-            csr_pem,
+    issue_into(
+        cli,
+        out,
+        cluster_proto::management::IssueCertificateRequest {
             join_token: token.clone(),
             node_id: *node_id,
             ips: ips.iter().map(|ip| ip.to_string()).collect(),
             ..Default::default()
-        }),
+        },
     )
     .await?;
-    store_signed(out, key_pem, &r)?;
+    let ep = &cli.endpoint;
     Ok(format!(
         "node {node_id}: certificate issued by {ep}, stored in {} (start the agent with tls_dir there, then `clusterctl -e <its address> cluster join --via {ep}`)\n",
         out.display()
@@ -164,21 +175,16 @@ pub async fn join(cli: &crate::Cli, cmd: &PkiCmd) -> Result<String, CtlError> {
 pub async fn create_user(cli: &crate::Cli, cmd: &UserCmd) -> Result<String, CtlError> {
     let UserCmd::Create { name, role, out } = cmd;
     pki::check_user_name(name).map_err(local)?;
-    let (key_pem, csr_pem) = pki::new_key_and_request().map_err(|e| local(chain(&e)))?;
-    let (ep, timeout) = (cli.endpoint.as_str(), cli.timeout());
-    let mut c = crate::client::connect(ep, timeout).await?;
-    let r = crate::client::call(
-        ep,
-        timeout,
-        c.issue_certificate(cluster_proto::management::IssueCertificateRequest {
-            csr_pem,
+    issue_into(
+        cli,
+        out,
+        cluster_proto::management::IssueCertificateRequest {
             user_name: name.clone(),
             role: role.to_string(),
             ..Default::default()
-        }),
+        },
     )
     .await?;
-    store_signed(out, key_pem, &r)?;
     Ok(format!(
         "user {name:?} ({role}): certificate stored in {} (clusterctl config add-context ... --cert {}/cert.pem --key {}/key.pem)\n",
         out.display(),
@@ -218,17 +224,6 @@ fn load_ca(dir: &Path) -> Result<Ca, CtlError> {
             chain(&e)
         ))
     })
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 pub fn run_pki(cmd: &PkiCmd) -> Result<String, CtlError> {

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 
-/// The UDP/ICMP/ARP probe (a copy of vmm-node's `tests/net_support/netprobe.py`).
-pub const NETPROBE: &str = include_str!("netprobe.py");
+/// The UDP/ICMP/ARP probe: vmm-node's (`vmm-node/tests/net_support/netprobe.py`), one copy.
+pub const NETPROBE: &str = include_str!("../../vmm-node/tests/net_support/netprobe.py");
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
