@@ -145,7 +145,7 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
         Cmd::Health { service } => health(cli, service).await,
         Cmd::Node(NodeCmd::WhyNot { vm, node_id }) => crate::vm::why_not(cli, vm, *node_id).await,
         Cmd::Pki(p @ crate::pki::PkiCmd::Join { .. }) => crate::pki::join(cli, p).await,
-        Cmd::User(u) => crate::pki::create_user(cli, u).await,
+        Cmd::User(u) => crate::pki::user(cli, u).await,
         Cmd::Cluster(ClusterCmd::Token(crate::pki::TokenCmd::Create { ttl })) => {
             let r = c
                 .create_join_token(pb::CreateJoinTokenRequest { ttl_s: *ttl })

@@ -425,3 +425,70 @@ mod tests {
         assert_eq!(v[0]["node_id"], 2);
     }
 }
+
+#[derive(Serialize)]
+struct Revoked {
+    user_name: String,
+    role: String,
+    cert_sha256: String,
+    at_unix_ms: u64,
+    by: String,
+    expires_unix_ms: u64,
+}
+
+fn revoked_row(r: &pb::Revocation) -> Revoked {
+    Revoked {
+        user_name: r.user_name.clone(),
+        role: r.role.clone(),
+        cert_sha256: r.cert_sha256.clone(),
+        at_unix_ms: r.at_unix_ms,
+        by: r.by.clone(),
+        expires_unix_ms: r.expires_unix_ms,
+    }
+}
+
+/// What one revocation revokes, in words.
+fn revoked_what(r: &pb::Revocation) -> String {
+    if r.cert_sha256.is_empty() {
+        format!("every certificate of user {:?}", r.user_name)
+    } else {
+        format!(
+            "certificate sha256:{} of user {:?} ({})",
+            r.cert_sha256, r.user_name, r.role
+        )
+    }
+}
+
+/// `user revoke`: what was revoked.
+pub fn revoked(fmt: Format, r: &pb::Revocation) -> Result<String, CtlError> {
+    if fmt == Format::Json {
+        return json(&revoked_row(r));
+    }
+    Ok(format!(
+        "revoked {} (every agent refuses it from now on)\n",
+        revoked_what(r)
+    ))
+}
+
+/// `user list-revoked`.
+pub fn revocations(fmt: Format, list: &[pb::Revocation]) -> Result<String, CtlError> {
+    if fmt == Format::Json {
+        return json(&list.iter().map(revoked_row).collect::<Vec<_>>());
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|r| {
+            vec![
+                r.user_name.clone(),
+                if r.cert_sha256.is_empty() {
+                    "(every certificate)".into()
+                } else {
+                    format!("sha256:{}", &r.cert_sha256[..r.cert_sha256.len().min(16)])
+                },
+                cluster_proto::pki::utc(r.at_unix_ms),
+                r.by.clone(),
+            ]
+        })
+        .collect();
+    Ok(table(&["USER", "CERTIFICATE", "REVOKED_AT", "BY"], &rows))
+}

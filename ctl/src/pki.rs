@@ -81,6 +81,20 @@ pub enum UserCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Revoke a user's certificates (you need role admin): with NAME, every certificate
+    /// of that user issued until now; with --cert, exactly that certificate. Every agent
+    /// refuses a revoked certificate on each call. A node's certificate is not revoked:
+    /// remove the node (`cluster leave`).
+    Revoke {
+        /// The user whose certificates to revoke.
+        #[arg(required_unless_present = "cert", conflicts_with = "cert")]
+        name: Option<String>,
+        /// One certificate (PEM file) to revoke.
+        #[arg(long = "cert-file", id = "cert")]
+        cert: Option<PathBuf>,
+    },
+    /// The revoked user certificates (you need role admin).
+    ListRevoked,
 }
 
 #[derive(Debug, Subcommand)]
@@ -171,15 +185,57 @@ pub async fn join(cli: &crate::Cli, cmd: &PkiCmd) -> Result<String, CtlError> {
     ))
 }
 
+/// `clusterctl user ...`.
+pub async fn user(cli: &crate::Cli, cmd: &UserCmd) -> Result<String, CtlError> {
+    let (ep, timeout) = (cli.endpoint.as_str(), cli.timeout());
+    match cmd {
+        UserCmd::Create { name, role, out } => create_user(cli, name, *role, out).await,
+        UserCmd::Revoke { name, cert } => {
+            let cert_pem = match cert {
+                Some(p) => pki::read_pem_file(p).map_err(|e| local(chain(&e)))?,
+                None => String::new(),
+            };
+            if let Some(n) = name {
+                pki::check_user_name(n).map_err(local)?;
+            }
+            let mut c = crate::client::connect(ep, timeout).await?;
+            let r = crate::client::call(
+                ep,
+                timeout,
+                c.revoke_certificate(cluster_proto::management::RevokeCertificateRequest {
+                    user_name: name.clone().unwrap_or_default(),
+                    cert_pem,
+                }),
+            )
+            .await?;
+            crate::output::revoked(cli.output, &r)
+        }
+        UserCmd::ListRevoked => {
+            let mut c = crate::client::connect(ep, timeout).await?;
+            let r = crate::client::call(
+                ep,
+                timeout,
+                c.list_revocations(cluster_proto::management::ListRevocationsRequest {}),
+            )
+            .await?;
+            crate::output::revocations(cli.output, &r.revocations)
+        }
+    }
+}
+
 /// `clusterctl user create`.
-pub async fn create_user(cli: &crate::Cli, cmd: &UserCmd) -> Result<String, CtlError> {
-    let UserCmd::Create { name, role, out } = cmd;
+async fn create_user(
+    cli: &crate::Cli,
+    name: &str,
+    role: Role,
+    out: &Path,
+) -> Result<String, CtlError> {
     pki::check_user_name(name).map_err(local)?;
     issue_into(
         cli,
         out,
         cluster_proto::management::IssueCertificateRequest {
-            user_name: name.clone(),
+            user_name: name.to_owned(),
             role: role.to_string(),
             ..Default::default()
         },

@@ -210,3 +210,136 @@ async fn an_operator_bootstraps_joins_with_a_token_and_adds_a_viewer() {
     );
     assert!(text(&o).1.contains("already holds a CA"));
 }
+
+/// clusterctl at `ep` as the holder of the credentials in `d`.
+fn as_holder(d: &cluster_proto::pki::TlsDir, ep: &str, args: &[&str]) -> Output {
+    let mut all = vec!["--endpoint", ep];
+    all.extend_from_slice(args);
+    let (ca, cert, key) = (d.ca_cert(), d.cert(), d.key());
+    bare(
+        &all,
+        &[
+            ("CLUSTERCTL_CA", ca.as_path()),
+            ("CLUSTERCTL_CERT", cert.as_path()),
+            ("CLUSTERCTL_KEY", key.as_path()),
+        ],
+    )
+}
+
+/// clusterctl's stderr of a refused command (exit code 1).
+fn refused_err(o: &Output) -> String {
+    let (out, err) = text(o);
+    assert_eq!(o.status.code(), Some(1), "stdout {out}\nstderr {err}");
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_user_certificate_is_refused_on_every_node_and_others_keep_working() {
+    use cluster_proto::pki::Role;
+    let _serial = cluster_tests::serial().await;
+    let mut c = Cluster::agents(Options::default());
+    let r = c.form(3).await;
+    c.check(r);
+    let eps: Vec<String> = (1..=3).map(|id| endpoint(&c, id)).collect();
+    let pki = cluster_tests::pki::pki();
+    let admin = pki.admin();
+    let rita = pki.user("rita", Role::Viewer);
+    let sam = pki.user("sam", Role::Viewer);
+    let ada = pki.user("ada", Role::Admin);
+
+    // Before: everyone works.
+    for ep in &eps {
+        assert!(ok_out(&as_holder(&rita, ep, &["node", "list"])).contains("node-3"));
+    }
+    ok_out(&as_holder(&ada, &eps[0], &["kv", "put", "before", "1"]));
+
+    // A viewer cannot revoke, nor list the revocations; sam keeps working.
+    let err = refused_err(&as_holder(&rita, &eps[1], &["user", "revoke", "sam"]));
+    assert!(
+        err.contains("user \"rita\" has role viewer; RevokeCertificate needs role admin"),
+        "{err}"
+    );
+    let err = refused_err(&as_holder(&rita, &eps[1], &["user", "list-revoked"]));
+    assert!(err.contains("needs role admin"), "{err}");
+    ok_out(&as_holder(&sam, &eps[0], &["node", "list"]));
+
+    // An admin revokes every certificate of rita (through node 2, a follower or not).
+    let out = ok_out(&as_holder(&admin, &eps[1], &["user", "revoke", "rita"]));
+    assert!(out.contains("every certificate of user \"rita\""), "{out}");
+    // Every node has applied it once the barrier write is applied everywhere.
+    c.barrier().await;
+    for ep in &eps {
+        for args in [&["node", "list"][..], &["kv", "get", "before"]] {
+            let err = refused_err(&as_holder(&rita, ep, args));
+            assert!(
+                err.contains("this client certificate was revoked")
+                    && err.contains("every certificate of user \"rita\" was revoked at")
+                    && err.contains("by user \"admin\" (admin)"),
+                "{ep}: {err}"
+            );
+        }
+        // The others are untouched.
+        assert!(ok_out(&as_holder(&sam, ep, &["node", "list"])).contains("node-3"));
+        ok_out(&as_holder(&ada, ep, &["kv", "get", "before"]));
+    }
+
+    // Twice: a clear answer, nothing new in the list.
+    let err = refused_err(&as_holder(&admin, &eps[2], &["user", "revoke", "rita"]));
+    assert!(
+        err.contains("every certificate of user \"rita\" is already revoked"),
+        "{err}"
+    );
+
+    // One certificate by its file: ada's admin certificate; ada is refused, the
+    // harness's admin (another certificate) is not.
+    let ada_cert = ada.cert().display().to_string();
+    let out = ok_out(&as_holder(
+        &admin,
+        &eps[0],
+        &["user", "revoke", "--cert-file", &ada_cert],
+    ));
+    assert!(out.contains("of user \"ada\" (admin)"), "{out}");
+    c.barrier().await;
+    for ep in &eps {
+        let err = refused_err(&as_holder(&ada, ep, &["kv", "put", "after", "1"]));
+        assert!(err.contains("this client certificate was revoked"), "{err}");
+    }
+    assert_eq!(
+        c.get(1, "after").await.unwrap_or_else(|e| panic!("{e}")),
+        None
+    );
+    let err = refused_err(&as_holder(
+        &admin,
+        &eps[0],
+        &["user", "revoke", "--cert-file", &ada_cert],
+    ));
+    assert!(err.contains("is already revoked"), "{err}");
+    // A node's certificate is not revoked this way.
+    let node3 = c.check(c.spec(3)).tls_dir.join("cert.pem");
+    let err = refused_err(&as_holder(
+        &admin,
+        &eps[0],
+        &[
+            "user",
+            "revoke",
+            "--cert-file",
+            &node3.display().to_string(),
+        ],
+    ));
+    assert!(err.contains("node 3's certificate"), "{err}");
+
+    // The list, in order, with who revoked.
+    let listed = ok_out(&as_holder(&admin, &eps[2], &["user", "list-revoked"]));
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 3, "{listed}");
+    assert!(
+        lines[1].starts_with("rita") && lines[1].contains("(every certificate)"),
+        "{listed}"
+    );
+    assert!(
+        lines[2].starts_with("ada") && lines[2].contains("sha256:"),
+        "{listed}"
+    );
+    let events = ok_out(&as_holder(&admin, &eps[0], &["events"]));
+    assert_eq!(events.matches("certificate_revoked").count(), 2, "{events}");
+}

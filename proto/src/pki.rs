@@ -202,6 +202,43 @@ pub fn not_after(cert_der: &[u8]) -> Result<SystemTime, PkiError> {
     Ok(UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0)))
 }
 
+/// When a DER certificate starts being valid (issuers back-date it a minute).
+pub fn not_before(cert_der: &[u8]) -> Result<SystemTime, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let t = cert.validity().not_before.timestamp();
+    Ok(UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0)))
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A Unix time in milliseconds as UTC text, e.g. `2026-12-06 19:40:28 UTC`.
+pub fn utc(unix_ms: u64) -> String {
+    let secs = unix_ms / 1_000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
+}
+
 /// SHA-256 of `bytes`, lowercase hex (join-token secrets are stored this way only).
 pub fn sha256_hex(bytes: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, bytes)
@@ -581,6 +618,13 @@ mod tests {
         assert!(ca
             .sign_request("garbage", &Identity::Node(3), &[], CERT_VALIDITY)
             .is_err());
+    }
+
+    #[test]
+    fn utc_renders_civil_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_796_586_028_000), "2026-12-06 19:40:28 UTC");
     }
 
     #[test]

@@ -8,34 +8,76 @@
 //! | no certificate                 | `grpc.health.v1.Health`, `IssueCertificate` (with a join token) |
 //! | user, role `viewer`            | [`cluster_proto::READ_ONLY_METHODS`], reflection, health |
 //! | user, role `admin`; any node   | everything (agents forward calls to each other) |
+//!
+//! A user certificate on the replicated revocation list (`crate::state::revocations`)
+//! is refused on every call, whatever it calls (`Unauthenticated`, naming when and by
+//! whom it was revoked), from the moment this agent applies the revocation.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use cluster_proto::pki::{self, Identity, Role};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::Status;
 
+use crate::node::Agent;
+use crate::state::revocations;
+
 /// The caller of a management call, for the services (request extension).
 #[derive(Clone, Debug)]
 pub struct Caller(pub Identity);
 
-/// Layer that wraps the management router in [`Authorize`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct AuthorizeLayer;
+/// Layer that wraps the management router in [`Authorize`]; the agent's replica holds
+/// the revocation list.
+#[derive(Clone)]
+pub struct AuthorizeLayer {
+    pub agent: Arc<Agent>,
+}
 
 impl<S> tower::Layer<S> for AuthorizeLayer {
     type Service = Authorize<S>;
     fn layer(&self, inner: S) -> Authorize<S> {
-        Authorize { inner }
+        Authorize {
+            inner,
+            agent: self.agent.clone(),
+        }
     }
 }
 
 /// See the module docs.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Authorize<S> {
     inner: S,
+    agent: Arc<Agent>,
+}
+
+/// Refused when the user certificate `der` naming `name` is revoked on this replica.
+fn check_revoked(agent: &Agent, name: &str, der: &[u8]) -> Result<(), Status> {
+    let found = agent.read_sm(|d| {
+        let list = &d.state.revocations;
+        if list.is_empty() {
+            return None;
+        }
+        // The start of validity matters only to a revocation of the whole name.
+        let not_before = if revocations::has_name_entry(list, name) {
+            pki::not_before(der).map(pki::unix_ms).unwrap_or(0)
+        } else {
+            u64::MAX
+        };
+        revocations::revoked(list, name, &pki::sha256_hex(der), not_before).cloned()
+    });
+    match found {
+        None => Ok(()),
+        Some(r) => Err(Status::unauthenticated(format!(
+            "this client certificate was revoked: {} was revoked at {} by {}; ask an admin \
+             for a new certificate",
+            r.what(),
+            pki::utc(r.at_unix_ms),
+            r.by
+        ))),
+    }
 }
 
 /// Open to callers without a certificate: a new host with a join token has none yet (the
@@ -85,7 +127,8 @@ fn decide(path: &str, caller: Option<&Identity>) -> Result<(), Status> {
     }
 }
 
-fn caller_of<B>(req: &http::Request<B>) -> Result<Option<Identity>, Status> {
+/// The identity the caller's certificate names, checked against the revocation list.
+fn caller_of<B>(agent: &Agent, req: &http::Request<B>) -> Result<Option<Identity>, Status> {
     let Some(certs) = req
         .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
@@ -96,9 +139,13 @@ fn caller_of<B>(req: &http::Request<B>) -> Result<Option<Identity>, Status> {
     let Some(leaf) = certs.first() else {
         return Ok(None);
     };
-    pki::identity_of(leaf.as_ref()).map(Some).map_err(|e| {
+    let id = pki::identity_of(leaf.as_ref()).map_err(|e| {
         Status::unauthenticated(format!("the client certificate is not usable here: {e}"))
-    })
+    })?;
+    if let Identity::User { name, .. } = &id {
+        check_revoked(agent, name, leaf.as_ref())?;
+    }
+    Ok(Some(id))
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -121,7 +168,7 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let verdict = caller_of(&req).and_then(|caller| {
+        let verdict = caller_of(&self.agent, &req).and_then(|caller| {
             decide(req.uri().path(), caller.as_ref())?;
             Ok(caller)
         });

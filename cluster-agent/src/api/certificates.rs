@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::api::auth::Caller;
 use crate::node::{now_unix_ms, Agent, ForwardReply, ForwardRequest, WriteError};
 use crate::state::join_tokens::{self, TokenCommand, JOIN_TOKEN_TTL_MAX_MS};
+use crate::state::revocations;
 use crate::state::{Command, CommandResult};
 
 /// Lifetime of a join token when none is asked for.
@@ -23,6 +24,8 @@ pub const CSR_LEN_MAX: usize = 16 * 1024;
 pub const JOIN_TOKEN_LEN_MAX: usize = 128;
 /// How long a request waits for a token this replica does not know yet.
 pub const TOKEN_ARRIVAL_WAIT: Duration = Duration::from_secs(2);
+/// How far back a certificate's validity starts before its issue (`pki`'s slack).
+const CERT_BACKDATE_MS: u64 = 60_000;
 /// IP addresses a node certificate may carry at most.
 pub const NODE_IPS_MAX: usize = 8;
 
@@ -241,4 +244,139 @@ pub async fn issue_certificate(
         cert_pem,
         ca_pem: ca.cert_pem().to_owned(),
     }))
+}
+
+fn revocation_to_pb(r: &revocations::Revocation) -> pb::Revocation {
+    pb::Revocation {
+        user_name: r.user.clone(),
+        role: r.role.clone(),
+        cert_sha256: r.cert_sha256.clone().unwrap_or_default(),
+        at_unix_ms: r.at_unix_ms,
+        by: r.by.clone(),
+        expires_unix_ms: r.expires_unix_ms,
+    }
+}
+
+/// Revoke one user certificate (`cert_pem`) or every certificate of a user name
+/// (`user_name`) — see `crate::state::revocations`. Admins only (the auth layer).
+pub async fn revoke_certificate(
+    agent: &Agent,
+    request: Request<pb::RevokeCertificateRequest>,
+) -> Result<Response<pb::Revocation>, Status> {
+    let by = request
+        .extensions()
+        .get::<Caller>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_else(|| "an unknown caller".into());
+    let r = request.into_inner();
+    let now = now_unix_ms();
+    let rev = match (r.user_name.is_empty(), r.cert_pem.is_empty()) {
+        (false, true) => {
+            pki::check_user_name(&r.user_name)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            revocations::Revocation {
+                user: r.user_name,
+                role: String::new(),
+                cert_sha256: None,
+                // Every certificate of the name issued before now has expired by then.
+                expires_unix_ms: now
+                    .saturating_add(pki::CERT_VALIDITY.as_millis() as u64)
+                    .saturating_add(CERT_BACKDATE_MS),
+                at_unix_ms: now,
+                by,
+            }
+        }
+        (true, false) => {
+            if r.cert_pem.len() as u64 > pki::PEM_FILE_LEN_MAX {
+                return Err(Status::invalid_argument(format!(
+                    "cert_pem is {} bytes; a certificate is at most {}",
+                    r.cert_pem.len(),
+                    pki::PEM_FILE_LEN_MAX
+                )));
+            }
+            let der = pki::certificates_der(&r.cert_pem)
+                .into_iter()
+                .next()
+                .ok_or_else(|| {
+                    Status::invalid_argument("cert_pem holds no PEM CERTIFICATE block")
+                })?;
+            let id = pki::identity_of(&der).map_err(|e| {
+                Status::invalid_argument(format!("not a certificate of this cluster: {e}"))
+            })?;
+            let (user, role) = match id {
+                Identity::User { name, role } => (name, role),
+                Identity::Node(n) => {
+                    return Err(Status::invalid_argument(format!(
+                        "this is node {n}'s certificate: node certificates are not revoked; \
+                         remove the node (`clusterctl cluster leave {n}`) and its certificate \
+                         is refused once the removal commits"
+                    )))
+                }
+            };
+            let expires = pki::not_after(&der)
+                .map(pki::unix_ms)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            revocations::Revocation {
+                user,
+                role: role.to_string(),
+                cert_sha256: Some(pki::sha256_hex(&der)),
+                expires_unix_ms: expires,
+                at_unix_ms: now,
+                by,
+            }
+        }
+        _ => {
+            return Err(Status::invalid_argument(
+                "give either a user name (every certificate of that user) or one certificate \
+                 (cert_pem), not both",
+            ))
+        }
+    };
+    // Twice is answered from this replica first, with its own code.
+    if let Some(old) = agent.read_sm(|d| d.state.revocations.get(&rev.key()).cloned()) {
+        return Err(Status::already_exists(format!(
+            "{} is already revoked (at {}, by {})",
+            old.what(),
+            pki::utc(old.at_unix_ms),
+            old.by
+        )));
+    }
+    let cmd = Command::Revocation(revocations::RevocationCommand::Revoke(rev.clone()));
+    match agent.write(ForwardRequest::Command(cmd)).await {
+        Ok(ForwardReply::Command {
+            result: CommandResult::Ok,
+            ..
+        }) => {}
+        Ok(ForwardReply::Command {
+            result: CommandResult::Rejected { reason },
+            ..
+        })
+        | Err(WriteError::Rejected { reason }) => {
+            return Err(if reason.contains("already revoked") {
+                Status::already_exists(reason)
+            } else if reason.contains("list is full") {
+                Status::resource_exhausted(reason)
+            } else {
+                Status::invalid_argument(reason)
+            })
+        }
+        Ok(other) => return Err(crate::api::status::unexpected_reply(&other)),
+        Err(e) => return Err(e.into()),
+    }
+    tracing::warn!(what = %rev.what(), by = %rev.by, "certificate revoked");
+    Ok(Response::new(revocation_to_pb(&rev)))
+}
+
+/// The revocation list (admins only: the auth layer).
+pub async fn list_revocations(
+    agent: &Agent,
+    request: Request<pb::ListRevocationsRequest>,
+) -> Result<Response<pb::ListRevocationsReply>, Status> {
+    crate::api::read::consistent(agent, &request).await?;
+    let revocations = agent.read_sm(|d| {
+        let mut v: Vec<_> = d.state.revocations.values().cloned().collect();
+        v.sort_by_key(|r| r.at_unix_ms);
+        v.iter().map(revocation_to_pb).collect()
+    });
+    Ok(Response::new(pb::ListRevocationsReply { revocations }))
 }

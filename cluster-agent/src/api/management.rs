@@ -368,6 +368,20 @@ impl Management for ManagementApi {
         crate::api::certificates::issue_certificate(&self.agent, request).await
     }
 
+    async fn revoke_certificate(
+        &self,
+        request: Request<pb::RevokeCertificateRequest>,
+    ) -> Result<Response<pb::Revocation>, Status> {
+        crate::api::certificates::revoke_certificate(&self.agent, request).await
+    }
+
+    async fn list_revocations(
+        &self,
+        request: Request<pb::ListRevocationsRequest>,
+    ) -> Result<Response<pb::ListRevocationsReply>, Status> {
+        crate::api::certificates::list_revocations(&self.agent, request).await
+    }
+
     async fn put_kv(
         &self,
         request: Request<pb::PutKvRequest>,

@@ -130,7 +130,9 @@ pub fn spawn_management(
         }
     };
     let server = builder
-        .layer(super::auth::AuthorizeLayer)
+        .layer(super::auth::AuthorizeLayer {
+            agent: agent.clone(),
+        })
         .add_service(health)
         .add_optional_service(reflection)
         .add_service(ManagementServer::new(super::management::ManagementApi {

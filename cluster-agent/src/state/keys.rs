@@ -25,7 +25,7 @@ enum Tail {
 
 /// The table: every kind of stored entity with its prefix and its tail. One row per
 /// [`StateKey`] variant (the id or text of the example key is ignored).
-fn table() -> [(StateKey, &'static [u8], Tail); 13] {
+fn table() -> [(StateKey, &'static [u8], Tail); 14] {
     [
         (StateKey::Cluster, b"c", Tail::Unit),
         (StateKey::Node(0), b"n", Tail::Id),
@@ -40,6 +40,7 @@ fn table() -> [(StateKey, &'static [u8], Tail); 13] {
         (StateKey::Migration(0), b"g", Tail::Id),
         (StateKey::LastMigrationId, b"G", Tail::Unit),
         (StateKey::JoinTokens, b"t", Tail::Unit),
+        (StateKey::Revocations, b"r", Tail::Unit),
     ]
 }
 
@@ -128,6 +129,7 @@ impl ClusterState {
             StateKey::Migration(id) => self.migrations.get(id).map(json).transpose()?,
             StateKey::LastMigrationId => Some(json(&self.last_migration_id)?),
             StateKey::JoinTokens => Some(json(&self.join_tokens)?),
+            StateKey::Revocations => Some(json(&self.revocations)?),
         })
     }
 
@@ -168,6 +170,7 @@ impl ClusterState {
             }
             StateKey::LastMigrationId => self.last_migration_id = parse(v)?,
             StateKey::JoinTokens => self.join_tokens = parse(v)?,
+            StateKey::Revocations => self.revocations = parse(v)?,
         }
         Ok(())
     }
@@ -193,6 +196,7 @@ mod tests {
             StateKey::Migration(9),
             StateKey::LastMigrationId,
             StateKey::JoinTokens,
+            StateKey::Revocations,
         ]
     }
 

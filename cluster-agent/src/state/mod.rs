@@ -13,6 +13,7 @@ pub mod join_tokens;
 pub mod keys;
 pub mod migrations;
 mod nodes;
+pub mod revocations;
 pub mod vm_disks;
 pub mod vm_spec;
 pub mod vms;
@@ -139,6 +140,8 @@ pub enum EventKind {
     Disk,
     /// A join token was used: a new node got its certificate.
     NodeCertificateIssued,
+    /// A user certificate (or every certificate of a user name) was revoked.
+    CertificateRevoked,
 }
 
 impl EventKind {
@@ -154,6 +157,7 @@ impl EventKind {
             EventKind::Job => "job",
             EventKind::Disk => "disk",
             EventKind::NodeCertificateIssued => "node_certificate_issued",
+            EventKind::CertificateRevoked => "certificate_revoked",
         }
     }
 }
@@ -218,6 +222,8 @@ pub enum Command {
     Migration(crate::state::migrations::MigrationCommand),
     /// Join tokens (see `crate::state::join_tokens`).
     Token(crate::state::join_tokens::TokenCommand),
+    /// Revoked user certificates (see `crate::state::revocations`).
+    Revocation(crate::state::revocations::RevocationCommand),
     /// A node reports that it stopped its own VMs because its lease lapsed (self-fencing);
     /// recorded as an event once the node can reach the cluster again.
     NodeFenced {
@@ -248,6 +254,7 @@ impl std::fmt::Display for Command {
             Command::Migration(c) => write!(f, "{c}"),
             Command::NodeFenced { node_id, .. } => write!(f, "node_fenced({node_id})"),
             Command::Token(c) => write!(f, "{c}"),
+            Command::Revocation(c) => write!(f, "{c}"),
         }
     }
 }
@@ -291,6 +298,8 @@ pub enum StateKey {
     LastMigrationId,
     /// The join token table (`crate::state::join_tokens`).
     JoinTokens,
+    /// The revoked user certificates (`crate::state::revocations`).
+    Revocations,
 }
 
 /// The whole replicated state.
@@ -323,6 +332,9 @@ pub struct ClusterState {
     /// Join tokens (see `crate::state::join_tokens`).
     #[serde(default)]
     pub join_tokens: crate::state::join_tokens::JoinTokens,
+    /// Revoked user certificates (see `crate::state::revocations`).
+    #[serde(default)]
+    pub revocations: crate::state::revocations::Revocations,
 }
 
 /// Where a command sits in the Raft log: the lock table's fencing token is the index.
@@ -399,6 +411,12 @@ impl ClusterState {
             }
             Command::Token(c) => {
                 if let Err(e) = crate::state::join_tokens::apply(self, c, &mut touched) {
+                    return rejected(&e);
+                }
+                CommandResult::Ok
+            }
+            Command::Revocation(c) => {
+                if let Err(e) = crate::state::revocations::apply(self, c, &mut touched) {
                     return rejected(&e);
                 }
                 CommandResult::Ok

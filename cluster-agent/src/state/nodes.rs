@@ -190,6 +190,7 @@ pub(super) fn apply(
         | Command::Lock(_)
         | Command::VmDisk(_)
         | Command::Token(_)
+        | Command::Revocation(_)
         | Command::Migration(_) => CommandResult::Rejected {
             reason: format!("{cmd} is not a node command"),
         },
