@@ -35,6 +35,8 @@ pub enum RunError {
     Fatal(String),
     #[error("cannot use this node's TLS credentials")]
     Credentials(#[source] crate::api::tls::CredentialsError),
+    #[error("cannot use this node's TLS credentials")]
+    Tls(#[source] crate::api::tls::TlsConfigError),
     #[error("cannot start the {service} listener")]
     Listen {
         service: &'static str,
@@ -58,7 +60,9 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, RunErr
 /// Run the agent until `shutdown` resolves, then stop cleanly.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     crate::control::crash_point::check_env().map_err(RunError::CrashPoint)?;
-    let credentials = crate::api::tls::load_credentials(&config).map_err(RunError::Credentials)?;
+    let credentials = crate::node::credentials::SharedCredentials::new(
+        crate::api::tls::load_credentials(&config).map_err(RunError::Credentials)?,
+    );
     let mgmt = bind("mgmt_addr", config.mgmt_addr).await?;
     let peer = bind("raft_addr", config.raft_addr).await?;
     let metrics = match config.metrics_addr {
@@ -85,6 +89,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
 
     let hb = tokio::spawn(agent.clone().run_heartbeats(stop_rx.clone()));
     let lv = tokio::spawn(agent.clone().run_liveness(stop_rx.clone()));
+    let rot = tokio::spawn(crate::api::rotation::run(agent.clone(), stop_rx.clone()));
     let volumes = csv_volume::VolumeRegistry::from_config(&agent.config().volumes)
         .map_err(|e| RunError::Volumes(Box::new(e)))?;
     let networks = agent
@@ -105,12 +110,18 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         tracing::warn!("migrations are plaintext and unauthenticated (migration_insecure_plaintext): keep the migration network isolated");
         vmm_node::migration::tls::Transport::Plaintext
     } else {
-        let c = agent.credentials();
+        // The node's current certificate at each handshake (it is rotated before expiry).
+        let resolver = Arc::new(crate::api::tls::NodeCertResolver::new(
+            agent.shared_credentials().clone(),
+        ));
+        let roots = crate::api::tls::roots(&agent.credentials())
+            .and_then(|r| resolver.certified_key().map(|_| r))
+            .map_err(RunError::Tls)?;
         vmm_node::migration::tls::Transport::Tls(
-            vmm_node::migration::tls::MigrationTls::from_pem(
-                c.ca_pem.as_bytes(),
-                c.cert_pem.as_bytes(),
-                c.key_pem.as_bytes(),
+            vmm_node::migration::tls::MigrationTls::with_resolvers(
+                roots,
+                resolver.clone(),
+                resolver,
             )
             .map_err(|e| RunError::MigrationTls(Box::new(e)))?,
         )
@@ -193,6 +204,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = stop_tx.send(true);
     let _ = hb.await;
     let _ = lv.await;
+    let _ = rot.await;
     let _ = rc.await;
     let _ = fo.await;
     let _ = jobs.await;

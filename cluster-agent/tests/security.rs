@@ -647,3 +647,134 @@ async fn a_vm_booting_a_file_outside_image_dirs_fails_with_the_reason() {
         );
     }
 }
+
+/// The certificate in a node's `tls_dir`: its DER and expiry.
+fn node_cert(dir: &std::path::Path) -> (Vec<u8>, std::time::SystemTime) {
+    let m = material(&TlsDir(dir.to_owned()));
+    let der = pki::certificates_der(&m.cert_pem)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no certificate in {}", dir.display()));
+    let until = pki::not_after(&der).unwrap_or_else(|e| panic!("{e}"));
+    (der, until)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_node_certificates_are_renewed_before_expiry_and_the_cluster_works_through() {
+    use std::time::{Duration, SystemTime};
+    let _serial = cluster_tests::serial().await;
+    let mut cl = Cluster::agents(Options::default());
+    // Node 1 holds the CA key and issues 20 s node certificates; nodes 1 and 2 start
+    // with 20 s certificates (node 1 renews its own, node 2 asks node 1), node 3 with a
+    // year-long one.
+    let validity = Duration::from_secs(20);
+    for id in 1..=3u64 {
+        let extra = if id == 1 {
+            "node_cert_validity_s = 20\n"
+        } else {
+            ""
+        };
+        let r = cl.add_node_with(id, extra);
+        let spec = cl.check(r);
+        if id <= 2 {
+            let ips = [spec.mgmt_addr.ip(), spec.migration_addr.ip()];
+            test_pki().issue_node_valid_for(id, &ips, &spec.tls_dir, id == 1, validity);
+        }
+    }
+    let r = cl.form(3).await;
+    cl.check(r);
+    let dirs: Vec<std::path::PathBuf> = (1..=2)
+        .map(|id| cl.check(cl.spec(id)).tls_dir.clone())
+        .collect();
+    let originals: Vec<(Vec<u8>, SystemTime)> = dirs.iter().map(|d| node_cert(d)).collect();
+
+    // Each is replaced on disk before it expires: same node, same addresses, key 0600.
+    for (i, dir) in dirs.iter().enumerate() {
+        let id = i as u64 + 1;
+        let (old_der, old_until) = originals[i].clone();
+        let (der, until) = cl
+            .wait_until(
+                &format!("node {id}'s certificate is renewed"),
+                Duration::from_secs(60),
+                || async { Ok::<_, String>(node_cert(dir)) },
+                |(der, _)| *der != old_der,
+            )
+            .await;
+        assert!(until > old_until, "node {id}: the renewal expires later");
+        assert_eq!(pki::identity_of(&der).ok(), Some(Identity::Node(id)));
+        assert_eq!(pki::ips_of(&der).ok(), pki::ips_of(&old_der).ok());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(TlsDir(dir.clone()).key())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // Past the original certificates' expiry (their own lifetime, not a guess at speed).
+    let last = originals
+        .iter()
+        .map(|(_, u)| *u)
+        .max()
+        .unwrap_or(SystemTime::now());
+    if let Ok(left) = (last + Duration::from_secs(1)).duration_since(SystemTime::now()) {
+        tokio::time::sleep(left).await;
+    }
+    // Node 3 restarts: every connection between it and nodes 1 and 2 is new, so each end
+    // must present a valid (renewed) certificate; a write through node 2 (forwarded on a
+    // new connection) commits and reaches node 3.
+    let r = cl.stop(3);
+    cl.check(r);
+    let r = cl.put(2, "after-expiry", "1").await;
+    cl.check(r);
+    let r = cl.start(3).await;
+    cl.check(r);
+    cl.wait_until(
+        "node 3 has the write made after the original certificates expired",
+        Duration::from_secs(30),
+        || cl.get(3, "after-expiry"),
+        |v| v.as_deref() == Some("1"),
+    )
+    .await;
+    // New client connections to nodes 1 and 2 (their listeners present the renewed
+    // certificates); every node is up.
+    for id in 1..=3 {
+        let r = cl.put(id, &format!("via-{id}"), "x").await;
+        cl.check(r);
+    }
+    let nodes = cl.nodes(1).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        nodes.iter().all(|n| n.state == "up"),
+        "every node up: {nodes:?}"
+    );
+
+    // Only a current member renews, and only its own certificate.
+    let mgmt1 = cl.check(cl.spec(1)).mgmt_addr;
+    let d9 = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    test_pki().issue_node(9, &[], d9.path(), false);
+    let (_k, csr_pem) = request();
+    for (who, code, needle) in [
+        (
+            material(&TlsDir(d9.path().to_owned())),
+            Code::PermissionDenied,
+            "node 9 is not a member",
+        ),
+        (
+            material(&test_pki().admin()),
+            Code::PermissionDenied,
+            "cannot renew a node certificate",
+        ),
+    ] {
+        let mut m = mgmt(mgmt1, Some(&who))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let e = m
+            .renew_node_certificate(pb::RenewNodeCertificateRequest {
+                csr_pem: csr_pem.clone(),
+            })
+            .await
+            .expect_err("a renewal that is not the caller's");
+        assert_eq!(e.code(), code, "{e:?}");
+        assert!(e.message().contains(needle), "{e:?}");
+    }
+}

@@ -357,12 +357,20 @@ pub fn run_pki(cmd: &PkiCmd) -> Result<String, CtlError> {
                 .first()
                 .ok_or_else(|| local(format!("{} holds no certificate", cert.display())))?;
             let id = pki::identity_of(first).map_err(local)?;
-            let until = pki::not_after(first).map_err(local)?;
-            let secs = until
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            Ok(format!("{id}, valid until unix time {secs}\n"))
+            let from = pki::unix_ms(pki::not_before(first).map_err(local)?);
+            let until = pki::unix_ms(pki::not_after(first).map_err(local)?);
+            let now = pki::unix_ms(std::time::SystemTime::now());
+            let state = if until <= now {
+                "EXPIRED".to_owned()
+            } else {
+                format!("{} s left", (until - now) / 1_000)
+            };
+            Ok(format!(
+                "{id}, valid from {} until {} ({state}; unix time {})\n",
+                pki::utc(from),
+                pki::utc(until),
+                until / 1_000
+            ))
         }
     }
 }

@@ -114,7 +114,12 @@ async fn an_operator_bootstraps_joins_with_a_token_and_adds_a_viewer() {
         ],
         &[],
     ));
-    assert!(shown.starts_with("node 3,"), "{shown}");
+    assert!(shown.starts_with("node 3, valid from "), "{shown}");
+    // A year-long certificate: its expiry in UTC and the time left.
+    assert!(
+        shown.contains(" UTC (") && shown.contains(" s left; unix time "),
+        "{shown}"
+    );
     let r = c.start(3).await;
     c.check(r);
     ok_out(&ctl(&endpoint(&c, 3), &["cluster", "join", "--via", &ep1]));

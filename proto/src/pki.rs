@@ -202,6 +202,30 @@ pub fn not_after(cert_der: &[u8]) -> Result<SystemTime, PkiError> {
     Ok(UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0)))
 }
 
+/// The IP addresses a DER certificate names (subject alternative names).
+pub fn ips_of(cert_der: &[u8]) -> Result<Vec<IpAddr>, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let sans = cert
+        .subject_alternative_name()
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let mut ips = Vec::new();
+    for name in sans.iter().flat_map(|s| s.value.general_names.iter()) {
+        if let x509_parser::extensions::GeneralName::IPAddress(b) = name {
+            match b.len() {
+                4 => ips.push(IpAddr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())),
+                16 => ips.push(IpAddr::from(<[u8; 16]>::try_from(*b).unwrap_or_default())),
+                _ => {
+                    return Err(PkiError::BadCertificate(
+                        "an IP address of odd length".into(),
+                    ))
+                }
+            }
+        }
+    }
+    Ok(ips)
+}
+
 /// When a DER certificate starts being valid (issuers back-date it a minute).
 pub fn not_before(cert_der: &[u8]) -> Result<SystemTime, PkiError> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
@@ -290,10 +314,16 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&b)
 }
 
+/// How far back a certificate's validity starts before its issue: a minute of slack for
+/// clocks a little behind the issuer's, less for a short-lived certificate (a quarter of
+/// its lifetime), so its renewal point stays after its issue.
+pub fn backdate(valid_for: Duration) -> Duration {
+    (valid_for / 4).min(Duration::from_secs(60))
+}
+
 fn validity(params: &mut CertificateParams, valid_for: Duration) {
     let now = time::OffsetDateTime::now_utc();
-    // A minute of slack for clocks a little behind the issuer's.
-    params.not_before = now - time::Duration::minutes(1);
+    params.not_before = now - time::Duration::seconds(backdate(valid_for).as_secs() as i64);
     params.not_after = now + time::Duration::seconds(valid_for.as_secs() as i64);
 }
 
@@ -536,8 +566,50 @@ impl TlsDir {
         self.ca_key().exists()
     }
 
+    /// Where a renewed certificate and key are written before they replace the current
+    /// ones ([`TlsDir::store_renewal`]).
+    fn next(&self) -> (PathBuf, PathBuf) {
+        (self.0.join("cert.pem.next"), self.0.join("key.pem.next"))
+    }
+
+    /// Replace the own certificate and key by renewed ones so that a crash at any point
+    /// leaves a matching pair: both are written whole beside the current ones (the key
+    /// first), then renamed over them (the key first); [`TlsDir::load`] finishes a
+    /// replacement a crash interrupted.
+    pub fn store_renewal(&self, cert_pem: &str, key_pem: &str) -> Result<(), PkiError> {
+        let (cert_next, key_next) = self.next();
+        write_file(&key_next, key_pem, true)?;
+        write_file(&cert_next, cert_pem, false)?;
+        self.finish_renewal()
+    }
+
+    /// Finish an interrupted [`TlsDir::store_renewal`]: a whole `cert.pem.next` means
+    /// its key was written whole before it.
+    fn finish_renewal(&self) -> Result<(), PkiError> {
+        let (cert_next, key_next) = self.next();
+        if !cert_next.exists() {
+            return Ok(());
+        }
+        let rename = |from: &Path, to: &Path| {
+            std::fs::rename(from, to).map_err(|source| PkiError::Io {
+                action: "replace",
+                path: to.to_owned(),
+                source,
+            })
+        };
+        if key_next.exists() {
+            rename(&key_next, &self.key())?;
+        }
+        rename(&cert_next, &self.cert())?;
+        if let Ok(d) = std::fs::File::open(&self.0) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
     /// The CA certificate, own certificate and key.
     pub fn load(&self) -> Result<TlsMaterial, PkiError> {
+        self.finish_renewal()?;
         let m = TlsMaterial {
             ca_pem: read_pem_file(&self.ca_cert())?,
             cert_pem: read_pem_file(&self.cert())?,
@@ -615,6 +687,17 @@ mod tests {
             identity_of(&certificates_der(&cert)[0]).unwrap(),
             Identity::Node(3)
         );
+        let ips: Vec<IpAddr> = vec!["127.0.1.3".parse().unwrap(), "::1".parse().unwrap()];
+        let cert = ca
+            .sign_request(&csr, &Identity::Node(3), &ips, Duration::from_secs(20))
+            .unwrap();
+        let der = &certificates_der(&cert)[0];
+        assert_eq!(ips_of(der).unwrap(), ips);
+        // A 20 s certificate is back-dated 5 s, not a minute.
+        let life = not_after(der)
+            .unwrap()
+            .duration_since(not_before(der).unwrap());
+        assert_eq!(life.unwrap(), Duration::from_secs(25));
         assert!(ca
             .sign_request("garbage", &Identity::Node(3), &[], CERT_VALIDITY)
             .is_err());
@@ -664,6 +747,21 @@ mod tests {
         assert_eq!(d.load().unwrap().identity().unwrap(), Identity::Node(1));
         let again = d.load_ca().unwrap();
         assert_eq!(again.cert_pem(), ca.cert_pem());
+        // A renewal interrupted after the key was replaced is finished at the next load.
+        let renewed = ca.issue(&Identity::Node(1), &[], CERT_VALIDITY).unwrap();
+        write_file(&d.key(), &renewed.key_pem, true).unwrap();
+        write_file(&d.0.join("cert.pem.next"), &renewed.cert_pem, false).unwrap();
+        let m = d.load().unwrap();
+        assert_eq!(
+            (m.cert_pem, m.key_pem),
+            (renewed.cert_pem.clone(), renewed.key_pem)
+        );
+        assert!(!d.0.join("cert.pem.next").exists());
+        let third = ca.issue(&Identity::Node(1), &[], CERT_VALIDITY).unwrap();
+        d.store_renewal(&third.cert_pem, &third.key_pem).unwrap();
+        assert_eq!(d.load().unwrap().cert_pem, third.cert_pem);
+        let mode = std::fs::metadata(d.key()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
         std::fs::write(d.cert(), "no pem here").unwrap();
         assert!(matches!(d.load(), Err(PkiError::NoCertificate { .. })));
     }

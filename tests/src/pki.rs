@@ -58,9 +58,21 @@ impl TestPki {
     /// Issue node `id` a certificate for `ips` into `out` (a node's `tls_dir`); with
     /// `issuer`, the node gets the CA key too.
     pub fn issue_node(&self, id: u64, ips: &[IpAddr], out: &Path, issuer: bool) {
+        self.issue_node_valid_for(id, ips, out, issuer, pki::CERT_VALIDITY)
+    }
+
+    /// Like [`TestPki::issue_node`], with a certificate valid for `valid_for`.
+    pub fn issue_node_valid_for(
+        &self,
+        id: u64,
+        ips: &[IpAddr],
+        out: &Path,
+        issuer: bool,
+        valid_for: std::time::Duration,
+    ) {
         let ca = self.ca();
         let issued = ca
-            .issue(&Identity::Node(id), ips, pki::CERT_VALIDITY)
+            .issue(&Identity::Node(id), ips, valid_for)
             .unwrap_or_else(|e| panic!("harness: issuing node {id} a certificate: {e}"));
         let d = TlsDir(out.to_owned());
         d.store(ca.cert_pem(), &issued)

@@ -29,6 +29,10 @@ use crate::state::revocations;
 #[derive(Clone, Debug)]
 pub struct Caller(pub Identity);
 
+/// The caller's certificate (DER), beside [`Caller`].
+#[derive(Clone, Debug)]
+pub struct CallerCertificate(pub Vec<u8>);
+
 /// Layer that wraps the management router in [`Authorize`]; the agent's replica holds
 /// the revocation list.
 #[derive(Clone)]
@@ -128,7 +132,10 @@ fn decide(path: &str, caller: Option<&Identity>) -> Result<(), Status> {
 }
 
 /// The identity the caller's certificate names, checked against the revocation list.
-fn caller_of<B>(agent: &Agent, req: &http::Request<B>) -> Result<Option<Identity>, Status> {
+fn caller_of<B>(
+    agent: &Agent,
+    req: &http::Request<B>,
+) -> Result<Option<(Identity, Vec<u8>)>, Status> {
     let Some(certs) = req
         .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
@@ -145,7 +152,7 @@ fn caller_of<B>(agent: &Agent, req: &http::Request<B>) -> Result<Option<Identity
     if let Identity::User { name, .. } = &id {
         check_revoked(agent, name, leaf.as_ref())?;
     }
-    Ok(Some(id))
+    Ok(Some((id, leaf.as_ref().to_vec())))
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -169,13 +176,14 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let verdict = caller_of(&self.agent, &req).and_then(|caller| {
-            decide(req.uri().path(), caller.as_ref())?;
+            decide(req.uri().path(), caller.as_ref().map(|(id, _)| id))?;
             Ok(caller)
         });
         match verdict {
             Ok(caller) => {
-                if let Some(c) = caller {
-                    req.extensions_mut().insert(Caller(c));
+                if let Some((id, der)) = caller {
+                    req.extensions_mut().insert(Caller(id));
+                    req.extensions_mut().insert(CallerCertificate(der));
                 }
                 // The clone is ready only after poll_ready; call the one that was polled.
                 let clone = self.inner.clone();

@@ -10,7 +10,7 @@ use cluster_proto::management as pb;
 use cluster_proto::pki::{self, Identity, Role, TlsDir};
 use tonic::{Request, Response, Status};
 
-use crate::api::auth::Caller;
+use crate::api::auth::{Caller, CallerCertificate};
 use crate::node::{now_unix_ms, Agent, ForwardReply, ForwardRequest, WriteError};
 use crate::state::join_tokens::{self, TokenCommand, JOIN_TOKEN_TTL_MAX_MS};
 use crate::state::revocations;
@@ -109,6 +109,95 @@ fn parse_ips(ips: &[String]) -> Result<Vec<IpAddr>, Status> {
         .collect()
 }
 
+/// The CA, on an agent that holds its key.
+async fn load_ca(agent: &Agent) -> Result<pki::Ca, Status> {
+    let dir = TlsDir(agent.config().tls_dir.clone());
+    if !dir.has_ca_key() {
+        return Err(Status::failed_precondition(format!(
+            "node {} holds no CA key and cannot issue certificates; ask a node that does \
+             (given the CA key with `clusterctl pki issue-node --issuer`)",
+            agent.node_id()
+        )));
+    }
+    tokio::task::spawn_blocking(move || dir.load_ca())
+        .await
+        .map_err(|e| Status::internal(format!("loading the CA: {e}")))?
+        .map_err(|e| {
+            Status::internal(format!(
+                "the CA key is unusable: {}",
+                crate::error_chain(&e)
+            ))
+        })
+}
+
+/// Sign a renewal of the certificate `current_der` held by member node `node_id`: the
+/// same identity and IP addresses, the issuer's configured lifetime.
+pub fn sign_renewal(
+    agent: &Agent,
+    ca: &pki::Ca,
+    node_id: u64,
+    current_der: &[u8],
+    csr_pem: &str,
+) -> Result<String, Status> {
+    if csr_pem.is_empty() || csr_pem.len() > CSR_LEN_MAX {
+        return Err(Status::invalid_argument(format!(
+            "csr_pem must be a PEM certificate signing request of at most {CSR_LEN_MAX} bytes"
+        )));
+    }
+    if !agent.read_sm(|d| d.state.nodes.contains_key(&node_id)) {
+        return Err(Status::permission_denied(format!(
+            "node {node_id} is not a member of this cluster; only members renew their certificates"
+        )));
+    }
+    let ips = pki::ips_of(current_der)
+        .map_err(|e| Status::invalid_argument(format!("the calling certificate: {e}")))?;
+    if ips.len() > NODE_IPS_MAX {
+        return Err(Status::invalid_argument(format!(
+            "the calling certificate names more than {NODE_IPS_MAX} IP addresses"
+        )));
+    }
+    ca.sign_request(
+        csr_pem,
+        &Identity::Node(node_id),
+        &ips,
+        agent.config().node_cert_validity,
+    )
+    .map_err(|e| Status::invalid_argument(crate::error_chain(&e)))
+}
+
+/// `RenewNodeCertificate`: a member node's new certificate (see the proto).
+pub async fn renew_node_certificate(
+    agent: &Agent,
+    request: Request<pb::RenewNodeCertificateRequest>,
+) -> Result<Response<pb::IssueCertificateReply>, Status> {
+    let caller = request.extensions().get::<Caller>().map(|c| c.0.clone());
+    let der = request
+        .extensions()
+        .get::<CallerCertificate>()
+        .map(|c| c.0.clone());
+    let (node_id, der) = match (caller, der) {
+        (Some(Identity::Node(id)), Some(der)) => (id, der),
+        (Some(other), _) => {
+            return Err(Status::permission_denied(format!(
+                "{other} cannot renew a node certificate; a node renews its own with its \
+                 current node certificate"
+            )))
+        }
+        _ => {
+            return Err(Status::unauthenticated(
+                "renewing a node certificate needs the node's current certificate",
+            ))
+        }
+    };
+    let ca = load_ca(agent).await?;
+    let cert_pem = sign_renewal(agent, &ca, node_id, &der, &request.get_ref().csr_pem)?;
+    tracing::info!(node_id, "node certificate renewed");
+    Ok(Response::new(pb::IssueCertificateReply {
+        cert_pem,
+        ca_pem: ca.cert_pem().to_owned(),
+    }))
+}
+
 pub async fn issue_certificate(
     agent: &Agent,
     request: Request<pb::IssueCertificateRequest>,
@@ -162,23 +251,7 @@ pub async fn issue_certificate(
         None
     };
     // Everything else that can be checked without spending the token, first.
-    let dir = TlsDir(agent.config().tls_dir.clone());
-    if !dir.has_ca_key() {
-        return Err(Status::failed_precondition(format!(
-            "node {} holds no CA key and cannot issue certificates; ask a node that does \
-             (given the CA key with `clusterctl pki issue-node --issuer`)",
-            agent.node_id()
-        )));
-    }
-    let ca = tokio::task::spawn_blocking(move || dir.load_ca())
-        .await
-        .map_err(|e| Status::internal(format!("loading the CA: {e}")))?
-        .map_err(|e| {
-            Status::internal(format!(
-                "the CA key is unusable: {}",
-                crate::error_chain(&e)
-            ))
-        })?;
+    let ca = load_ca(agent).await?;
     let (id, ips) = if node {
         if r.node_id == 0 {
             return Err(Status::invalid_argument(
@@ -224,8 +297,13 @@ pub async fn issue_certificate(
     };
     // Sign first (a bad request spends no token), hand the certificate out only once the
     // token is spent.
+    let valid_for = if node {
+        agent.config().node_cert_validity
+    } else {
+        pki::CERT_VALIDITY
+    };
     let cert_pem = ca
-        .sign_request(&r.csr_pem, &id, &ips, pki::CERT_VALIDITY)
+        .sign_request(&r.csr_pem, &id, &ips, valid_for)
         .map_err(|e| Status::invalid_argument(crate::error_chain(&e)))?;
     if let Some((token_id, secret_sha256)) = token {
         commit(

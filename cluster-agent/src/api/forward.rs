@@ -39,7 +39,7 @@ pub fn leader_addr(agent: &Agent) -> Result<Option<String>, Status> {
 /// this agent's management address; `who` names it in the error ("cannot reach {who} at
 /// {addr}: ...").
 pub async fn channel(agent: &Agent, addr: &str, who: &str) -> Result<Channel, Status> {
-    super::tls::endpoint(agent.credentials(), addr)
+    super::tls::endpoint(&agent.credentials(), addr)
         .map_err(|e| Status::internal(format!("bad management address {addr:?}: {e}")))?
         .local_address(agent.config().mgmt_source_ip())
         .connect_timeout(CONNECT_TIMEOUT)

@@ -115,7 +115,7 @@ impl Management for ManagementApi {
                 a.node_id()
             )));
         }
-        let endpoint = crate::api::tls::endpoint(a.credentials(), &via)
+        let endpoint = crate::api::tls::endpoint(&a.credentials(), &via)
             .map_err(|e| {
                 Status::invalid_argument(format!("join address {via:?} is not usable: {e}"))
             })?
@@ -380,6 +380,13 @@ impl Management for ManagementApi {
         request: Request<pb::ListRevocationsRequest>,
     ) -> Result<Response<pb::ListRevocationsReply>, Status> {
         crate::api::certificates::list_revocations(&self.agent, request).await
+    }
+
+    async fn renew_node_certificate(
+        &self,
+        request: Request<pb::RenewNodeCertificateRequest>,
+    ) -> Result<Response<pb::IssueCertificateReply>, Status> {
+        crate::api::certificates::renew_node_certificate(&self.agent, request).await
     }
 
     async fn put_kv(

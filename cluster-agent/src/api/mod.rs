@@ -28,6 +28,7 @@ pub mod migration_auth;
 pub mod migrations;
 pub mod peer;
 pub mod read;
+pub mod rotation;
 pub mod serve;
 pub mod status;
 pub mod tls;

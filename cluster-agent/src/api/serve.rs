@@ -16,7 +16,6 @@ use cluster_proto::volumes::volume_service_server::VolumeServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use super::peer::client::PEER_MESSAGE_LEN_MAX;
 use crate::control::progress::ProgressBoard;
@@ -25,52 +24,45 @@ use crate::vmhost::VmHost;
 
 /// A gRPC server stopped with an error.
 #[derive(Debug, thiserror::Error)]
-#[error("the gRPC server failed")]
-pub struct ServeError(#[source] tonic::transport::Error);
+pub enum ServeError {
+    #[error("the gRPC server failed")]
+    Serve(#[source] tonic::transport::Error),
+    #[error("cannot set up the listener's TLS")]
+    Tls(#[source] super::tls::TlsConfigError),
+}
 
 /// Streams (calls) one client connection may have open at once.
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 256;
-/// How long a TLS handshake may take before the connection is dropped.
-pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub use super::tls::TLS_HANDSHAKE_TIMEOUT;
 
-/// A server builder with this agent's TLS (`client_auth_optional`: see
-/// [`super::tls::server_config`]) and the limits every listener has.
-fn builder(
-    agent: &Agent,
-    client_auth_optional: bool,
-) -> Result<tonic::transport::Server, ServeError> {
+/// A server builder with the limits every listener has (TLS is the incoming stream's:
+/// [`incoming`]).
+fn builder() -> tonic::transport::Server {
     tonic::transport::Server::builder()
-        .tls_config(
-            super::tls::server_config(agent.credentials(), client_auth_optional)
-                .timeout(TLS_HANDSHAKE_TIMEOUT),
-        )
-        .map_err(ServeError)
-        .map(|b| {
-            b.max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
-                .concurrency_limit_per_connection(STREAMS_PER_CONNECTION_MAX as usize)
-                .http2_keepalive_interval(Some(super::forward::KEEPALIVE_INTERVAL * 10))
-                .http2_keepalive_timeout(Some(super::forward::KEEPALIVE_TIMEOUT * 5))
-        })
+        .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
+        .concurrency_limit_per_connection(STREAMS_PER_CONNECTION_MAX as usize)
+        .http2_keepalive_interval(Some(super::forward::KEEPALIVE_INTERVAL * 10))
+        .http2_keepalive_timeout(Some(super::forward::KEEPALIVE_TIMEOUT * 5))
 }
 
 /// A running server; its task ends after `shutdown` flips.
 pub type ServerTask = JoinHandle<Result<(), ServeError>>;
 
-/// The accepted connections of `listener`, with Nagle's algorithm off: a TLS record
-/// and the HTTP/2 frames around it go out in several writes, and a small write held back
-/// for the peer's delayed ACK costs ~40 ms per call.
+/// The connections of `listener` after a TLS handshake with this node's current
+/// certificate (`client_auth_optional`: see [`super::tls::server_config`]).
 fn incoming(
     listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(c) = &conn {
-            if let Err(e) = c.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY on an accepted connection");
-            }
-        }
-        conn
-    })
+    agent: &Agent,
+    client_auth_optional: bool,
+) -> Result<
+    impl tokio_stream::Stream<
+        Item = std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    >,
+    ServeError,
+> {
+    let config = super::tls::server_config(agent.shared_credentials(), client_auth_optional)
+        .map_err(ServeError::Tls)?;
+    Ok(super::tls::tls_incoming(listener, config))
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {
@@ -84,16 +76,17 @@ pub fn spawn_peer(
     host: Arc<VmHost>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<ServerTask, ServeError> {
-    let mut builder = builder(&agent, false)?;
+    let incoming = incoming(listener, &agent, false)?;
+    let mut builder = builder();
     let svc = RaftPeerServer::new(super::peer::server::PeerService { agent, host })
         .max_decoding_message_size(PEER_MESSAGE_LEN_MAX)
         .max_encoding_message_size(PEER_MESSAGE_LEN_MAX);
     let server = builder
         .add_service(svc)
-        .serve_with_incoming_shutdown(incoming(listener), stopped(shutdown));
-    Ok(tokio::spawn(
-        async move { server.await.map_err(ServeError) },
-    ))
+        .serve_with_incoming_shutdown(incoming, stopped(shutdown));
+    Ok(tokio::spawn(async move {
+        server.await.map_err(ServeError::Serve)
+    }))
 }
 
 /// Serve every management service on `listener` until `shutdown` flips.
@@ -104,7 +97,8 @@ pub fn spawn_management(
     progress: Arc<ProgressBoard>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<ServerTask, ServeError> {
-    let builder = builder(&agent, true)?;
+    let incoming = incoming(listener, &agent, true)?;
+    let builder = builder();
     let (health_reporter, health) = tonic_health::server::health_reporter();
     // "" is the whole server; each management service is reported by name too. The
     // agent serves once it listens: Raft state (leader or not) is in `cluster status`.
@@ -152,8 +146,8 @@ pub fn spawn_management(
         .add_service(MigrationServiceServer::new(
             super::migrations::MigrationApi { agent, progress },
         ))
-        .serve_with_incoming_shutdown(incoming(listener), stopped(shutdown));
-    Ok(tokio::spawn(
-        async move { server.await.map_err(ServeError) },
-    ))
+        .serve_with_incoming_shutdown(incoming, stopped(shutdown));
+    Ok(tokio::spawn(async move {
+        server.await.map_err(ServeError::Serve)
+    }))
 }

@@ -4,28 +4,230 @@
 //!
 //! **Architecture Invariant:** every channel this agent opens to another agent is built
 //! by [`endpoint`] (mutual TLS with the node certificate, the cluster CA as the only
-//! root); every listener is configured by [`server_config`].
+//! root); every listener accepts through [`tls_incoming`] with a [`server_config`].
+//!
+//! The listeners answer each handshake with the node's *current* certificate
+//! ([`NodeCertResolver`] reads [`SharedCredentials`]), so a rotated certificate is served
+//! from the next connection on without restarting a listener or cutting a connection.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use cluster_proto::pki::{self, Identity};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, ServerTlsConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tonic::Status;
 
 use crate::node::config::AgentConfig;
-use crate::node::credentials::Credentials;
+use crate::node::credentials::{Credentials, SharedCredentials};
 
-/// The listener's TLS: this node's certificate, callers checked against the cluster CA.
-/// `client_auth_optional`: callers without a certificate get through the handshake (the
-/// management plane then lets them reach only the health check).
-pub fn server_config(c: &Credentials, client_auth_optional: bool) -> ServerTlsConfig {
-    ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(
-            &c.cert_pem,
-            &c.key_pem,
-        ))
-        .client_ca_root(Certificate::from_pem(&c.ca_pem))
-        .client_auth_optional(client_auth_optional)
+/// TLS handshakes a listener runs at once; connections beyond are closed unanswered.
+pub const HANDSHAKES_MAX: usize = 256;
+/// How long a TLS handshake may take before the connection is dropped.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Why a TLS configuration cannot be built from the credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    #[error("cannot parse the {what} PEM")]
+    Pem {
+        what: &'static str,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the {what} PEM holds no certificate")]
+    NoCertificate { what: &'static str },
+    #[error("the TLS configuration is not usable")]
+    Rustls(#[source] rustls::Error),
+    #[error("the client certificate verifier cannot be built")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+}
+
+fn certs_of(what: &'static str, pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
+    let v = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsConfigError::Pem { what, source })?;
+    if v.is_empty() {
+        return Err(TlsConfigError::NoCertificate { what });
+    }
+    Ok(v)
+}
+
+/// The cluster CA as the only trust anchor.
+pub fn roots(c: &Credentials) -> Result<Arc<rustls::RootCertStore>, TlsConfigError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in certs_of("CA certificate", &c.ca_pem)? {
+        roots.add(ca).map_err(TlsConfigError::Rustls)?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// This node's current certificate and key for TLS handshakes, on both ends (server and
+/// client): read from the shared credentials, parsed again only after they change.
+#[derive(Debug)]
+pub struct NodeCertResolver {
+    credentials: SharedCredentials,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    cached: Mutex<Option<(u64, Arc<CertifiedKey>)>>,
+}
+
+impl NodeCertResolver {
+    pub fn new(credentials: SharedCredentials) -> NodeCertResolver {
+        NodeCertResolver {
+            credentials,
+            provider: vmm_node::migration::tls::crypto_provider(),
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// The certified key of the current credentials.
+    pub fn certified_key(&self) -> Result<Arc<CertifiedKey>, TlsConfigError> {
+        let generation = self.credentials.generation();
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((g, k)) = cached.as_ref() {
+            if *g == generation {
+                return Ok(k.clone());
+            }
+        }
+        let c = self.credentials.current();
+        let chain = certs_of("node certificate", &c.cert_pem)?;
+        let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).map_err(|source| {
+            TlsConfigError::Pem {
+                what: "node key",
+                source,
+            }
+        })?;
+        let k = Arc::new(
+            CertifiedKey::from_der(chain, key, &self.provider).map_err(TlsConfigError::Rustls)?,
+        );
+        *cached = Some((generation, k.clone()));
+        Ok(k)
+    }
+
+    fn resolved(&self) -> Option<Arc<CertifiedKey>> {
+        match self.certified_key() {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), "this node's certificate is unusable");
+                None
+            }
+        }
+    }
+}
+
+impl rustls::server::ResolvesServerCert for NodeCertResolver {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.resolved()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for NodeCertResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.resolved()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Whether `c` is usable for TLS: the certificate parses and matches the key.
+pub fn check_credentials(c: &Credentials) -> Result<(), TlsConfigError> {
+    roots(c)?;
+    NodeCertResolver::new(SharedCredentials::new(c.clone()))
+        .certified_key()
+        .map(|_| ())
+}
+
+/// A listener's TLS: this node's current certificate, callers checked against the cluster
+/// CA, HTTP/2 only. `client_auth_optional`: callers without a certificate get through the
+/// handshake (the management plane then lets them reach only the health check).
+pub fn server_config(
+    credentials: &SharedCredentials,
+    client_auth_optional: bool,
+) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
+    let provider = vmm_node::migration::tls::crypto_provider();
+    let roots = roots(&credentials.current())?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+    let verifier = if client_auth_optional {
+        verifier.allow_unauthenticated()
+    } else {
+        verifier
+    }
+    .build()
+    .map_err(TlsConfigError::Verifier)?;
+    let resolver = NodeCertResolver::new(credentials.clone());
+    // Fail at start, not at the first handshake, when the certificate is unusable.
+    resolver.certified_key()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsConfigError::Rustls)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The connections `listener` accepts, after their TLS handshake: each handshake runs on
+/// its own task with a deadline ([`TLS_HANDSHAKE_TIMEOUT`]), at most [`HANDSHAKES_MAX`]
+/// at once, so a slow or silent client holds up no other. Nagle's algorithm is off (a
+/// TLS record and the HTTP/2 frames around it go out in several writes, and a small
+/// write held back for the peer's delayed ACK costs ~40 ms per call). Accepting stops
+/// when the stream is dropped.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = tx.closed() => break,
+                a = listener.accept() => a,
+            };
+            let tcp = match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // E.g. out of file descriptors: try again a little later.
+                    tracing::warn!(error = %e, "accepting a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY on an accepted connection");
+            }
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                tracing::warn!(
+                    "{HANDSHAKES_MAX} TLS handshakes under way; a connection was closed"
+                );
+                continue;
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// The client TLS of a connection to another agent: the node certificate, the cluster CA

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use super::liveness::{DownClock, Heartbeat, Liveness, Timing};
 use super::peers::PeerClient;
 use crate::node::config::AgentConfig;
-use crate::node::credentials::Credentials;
+use crate::node::credentials::{Credentials, SharedCredentials};
 use crate::node::facts::{self, FactsError};
 use crate::raft::datadir::{DataDir, DataDirError};
 use crate::raft::store::{SharedSm, SmData};
@@ -145,7 +145,7 @@ pub struct Agent {
     /// When this agent first saw each node Down (graces run on this clock).
     pub(super) down_clock: Mutex<DownClock>,
     /// This node's certificate, key and the cluster CA (for every connection it makes).
-    pub(super) credentials: Credentials,
+    pub(super) credentials: SharedCredentials,
 }
 
 impl Agent {
@@ -153,7 +153,7 @@ impl Agent {
     /// `peers` reaches the other members for write forwarding and heartbeats.
     pub async fn start<N>(
         config: AgentConfig,
-        credentials: Credentials,
+        credentials: SharedCredentials,
         network: N,
         peers: Arc<dyn PeerClient>,
     ) -> Result<Arc<Agent>, StartError>
@@ -214,8 +214,13 @@ impl Agent {
         &self.config
     }
 
-    /// This node's TLS credentials.
-    pub fn credentials(&self) -> &Credentials {
+    /// This node's TLS credentials now (they are replaced before they expire).
+    pub fn credentials(&self) -> Arc<Credentials> {
+        self.credentials.current()
+    }
+
+    /// This node's replaceable TLS credentials.
+    pub fn shared_credentials(&self) -> &SharedCredentials {
         &self.credentials
     }
 

@@ -122,6 +122,12 @@ pub struct RawConfig {
     /// Directories VM kernels and initrds may come from (absolute); none: only the
     /// built-in test guest boots.
     pub image_dirs: Option<Vec<PathBuf>>,
+    /// Lifetime of the node certificates this node issues when it holds the CA key (join
+    /// tokens, rotations), in seconds: default one year, 10 s to 10 years.
+    pub node_cert_validity_s: Option<u64>,
+    /// Renew this node's certificate when less than this percentage of its lifetime is
+    /// left (default 33, 5 to 80).
+    pub cert_renew_percent_left: Option<u64>,
 }
 
 /// An IP subnet in CIDR form.
@@ -206,6 +212,10 @@ pub struct AgentConfig {
     pub migration_insecure_plaintext: bool,
     /// See [`RawConfig::image_dirs`].
     pub image_dirs: Vec<PathBuf>,
+    /// See [`RawConfig::node_cert_validity_s`].
+    pub node_cert_validity: Duration,
+    /// See [`RawConfig::cert_renew_percent_left`].
+    pub cert_renew_percent_left: u64,
 }
 
 impl AgentConfig {
@@ -508,7 +518,25 @@ impl RawConfig {
                 format!("{} is not an absolute path", d.display()),
             ));
         }
+        let node_cert_validity_s = self
+            .node_cert_validity_s
+            .unwrap_or(NODE_CERT_VALIDITY_DEFAULT_S);
+        if !(10..=10 * 365 * 86_400).contains(&node_cert_validity_s) {
+            return Err(invalid(
+                "node_cert_validity_s",
+                format!("{node_cert_validity_s} is not 10 s to 10 years (315360000)"),
+            ));
+        }
+        let cert_renew_percent_left = self.cert_renew_percent_left.unwrap_or(33);
+        if !(5..=80).contains(&cert_renew_percent_left) {
+            return Err(invalid(
+                "cert_renew_percent_left",
+                format!("{cert_renew_percent_left} is not 5 to 80"),
+            ));
+        }
         Ok(AgentConfig {
+            node_cert_validity: Duration::from_secs(node_cert_validity_s),
+            cert_renew_percent_left,
             image_dirs,
             migration_insecure_plaintext: self.migration_insecure_plaintext.unwrap_or(false),
             tls_dir,
@@ -535,6 +563,9 @@ impl RawConfig {
         })
     }
 }
+
+/// Default lifetime of the node certificates an issuer signs: one year.
+pub const NODE_CERT_VALIDITY_DEFAULT_S: u64 = 365 * 86_400;
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {

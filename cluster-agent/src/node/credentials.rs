@@ -2,8 +2,15 @@
 //! certificate and key (PEM). `server.rs` loads and checks them (the certificate must name
 //! this node); the API layer turns them into TLS configurations for every listener and
 //! every connection this agent makes.
+//!
+//! The node certificate is replaced before it expires (`api::rotation`): every holder
+//! keeps a [`SharedCredentials`] and reads the current credentials when it builds a new
+//! connection or answers a TLS handshake; [`SharedCredentials::generation`] tells a
+//! cache of connections that its credentials are outdated.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 #[derive(Clone)]
 pub struct Credentials {
@@ -19,5 +26,48 @@ impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print the key.
         f.debug_struct("Credentials").finish_non_exhaustive()
+    }
+}
+
+/// The node's current credentials, replaceable while the agent runs (cloning shares).
+#[derive(Clone)]
+pub struct SharedCredentials {
+    current: Arc<RwLock<Arc<Credentials>>>,
+    generation: Arc<AtomicU64>,
+}
+
+impl fmt::Debug for SharedCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedCredentials")
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedCredentials {
+    pub fn new(c: Credentials) -> SharedCredentials {
+        SharedCredentials {
+            current: Arc::new(RwLock::new(Arc::new(c))),
+            generation: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The credentials to use now.
+    pub fn current(&self) -> Arc<Credentials> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// How many times the credentials were replaced.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Use `c` from now on (new connections and handshakes; open connections go on).
+    pub fn replace(&self, c: Credentials) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 }

@@ -165,6 +165,43 @@ impl MigrationTls {
     }
 }
 
+impl MigrationTls {
+    /// Builds both configurations with certificates chosen at each handshake (a node
+    /// whose certificate is replaced while it runs: the next migration connection, in
+    /// either direction, presents the new one).
+    pub fn with_resolvers(
+        roots: Arc<RootCertStore>,
+        server_cert: Arc<dyn rustls::server::ResolvesServerCert>,
+        client_cert: Arc<dyn rustls::client::ResolvesClientCert>,
+    ) -> Result<Self, TlsSetupError> {
+        let provider = crypto_provider();
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(TlsSetupError::Verifier)?;
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|source| TlsSetupError::Config {
+                side: "server",
+                source,
+            })?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(server_cert);
+        server.send_tls13_tickets = 0;
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|source| TlsSetupError::Config {
+                side: "client",
+                source,
+            })?
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(client_cert);
+        Ok(MigrationTls {
+            client: Arc::new(client),
+            server: Arc::new(server),
+        })
+    }
+}
+
 /// How migration connections are carried. There is no default: plaintext must be chosen.
 #[derive(Debug, Clone)]
 pub enum Transport {

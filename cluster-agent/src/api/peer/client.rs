@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use crate::node::credentials::Credentials;
+use crate::node::credentials::{Credentials, SharedCredentials};
 use crate::node::liveness::{Heartbeat, HeartbeatAck};
 use crate::node::peers::{PeerCallError, PeerClient, PeerFuture, ReadIndex, VmPresence};
 use crate::node::{ForwardReply, ForwardRequest, WriteError};
@@ -119,23 +119,27 @@ pub struct Network {
     pub rpc_timeout: Duration,
     /// The address Raft connections leave from (`None`: the kernel's choice).
     pub local_ip: Option<IpAddr>,
-    /// This node's certificate and the cluster CA.
-    pub credentials: Credentials,
+    /// This node's certificate and the cluster CA (replaced before the certificate
+    /// expires: each connection rebuilds its channel when they change).
+    pub credentials: SharedCredentials,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> Self::Network {
+        let generation = self.credentials.generation();
         PeerConnection {
             target,
             addr: node.raft_addr.clone(),
             channel: peer_channel(
-                &self.credentials,
+                &self.credentials.current(),
                 &node.raft_addr,
                 self.rpc_timeout,
                 self.local_ip,
             ),
+            generation,
+            network: self.clone(),
         }
     }
 }
@@ -144,6 +148,9 @@ pub struct PeerConnection {
     target: NodeId,
     addr: String,
     channel: Result<Channel, PeerError>,
+    /// The credentials generation `channel` was built with.
+    generation: u64,
+    network: Network,
 }
 
 type RpcErr<E> = RPCError<NodeId, PeerNode, RaftError<NodeId, E>>;
@@ -155,6 +162,18 @@ impl PeerConnection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        let generation = self.network.credentials.generation();
+        if generation != self.generation {
+            // A rotated certificate: new connections present the new one (the old one's
+            // connection would be refused once the old certificate expires).
+            self.channel = peer_channel(
+                &self.network.credentials.current(),
+                &self.addr,
+                self.network.rpc_timeout,
+                self.network.local_ip,
+            );
+            self.generation = generation;
+        }
         let channel = match &self.channel {
             Ok(c) => c.clone(),
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(e))),
@@ -215,12 +234,13 @@ const HEARTBEAT_CLIENTS_MAX: usize = 64;
 pub struct GrpcPeers {
     /// The address every connection leaves from (`None`: the kernel's choice).
     local_ip: Option<IpAddr>,
-    credentials: Credentials,
-    heartbeat_clients: Mutex<HashMap<String, RaftPeerClient<Channel>>>,
+    credentials: SharedCredentials,
+    /// Clients by peer address, built with the credentials of the generation noted.
+    heartbeat_clients: Mutex<(u64, HashMap<String, RaftPeerClient<Channel>>)>,
 }
 
 impl GrpcPeers {
-    pub fn new(local_ip: Option<IpAddr>, credentials: Credentials) -> GrpcPeers {
+    pub fn new(local_ip: Option<IpAddr>, credentials: SharedCredentials) -> GrpcPeers {
         GrpcPeers {
             local_ip,
             credentials,
@@ -233,10 +253,15 @@ impl GrpcPeers {
         addr: &str,
         timeout: Duration,
     ) -> Result<RaftPeerClient<Channel>, PeerError> {
-        let mut clients = self
+        let mut guard = self
             .heartbeat_clients
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        let generation = self.credentials.generation();
+        if guard.0 != generation {
+            *guard = (generation, HashMap::new());
+        }
+        let clients = &mut guard.1;
         if let Some(c) = clients.get(addr) {
             return Ok(c.clone());
         }
@@ -244,7 +269,7 @@ impl GrpcPeers {
             clients.clear();
         }
         let c = peer_client(peer_channel(
-            &self.credentials,
+            &self.credentials.current(),
             addr,
             timeout,
             self.local_ip,
@@ -266,7 +291,7 @@ impl PeerClient for GrpcPeers {
         timeout: Duration,
     ) -> PeerFuture<Result<Result<ForwardReply, WriteError>, PeerCallError>> {
         let addr = raft_addr.to_string();
-        let prepared = peer_channel(&self.credentials, &addr, timeout, self.local_ip)
+        let prepared = peer_channel(&self.credentials.current(), &addr, timeout, self.local_ip)
             .and_then(|ch| Ok((peer_client(ch), encode("forward request", req)?)));
         Box::pin(async move {
             let (mut client, payload) = prepared.map_err(|e| call_err(&e))?;
