@@ -778,3 +778,103 @@ async fn short_lived_node_certificates_are_renewed_before_expiry_and_the_cluster
         assert!(e.message().contains(needle), "{e:?}");
     }
 }
+
+/// A followed console stream of `vm` through the agent at `addr`, on a connection of its
+/// own, once its first chunk came.
+async fn console(
+    addr: SocketAddr,
+    vm: &str,
+) -> Result<tonic::Streaming<cluster_proto::vms::ConsoleChunk>, tonic::Status> {
+    use cluster_proto::vms::vm_service_client::VmServiceClient;
+    let ch = endpoint_as(addr, Some(&material(&test_pki().admin())))
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("{e:?}")))?;
+    let mut s = VmServiceClient::new(ch)
+        .stream_console(cluster_proto::vms::ConsoleRequest {
+            name: vm.into(),
+            follow: true,
+            local_only: false,
+        })
+        .await?
+        .into_inner();
+    s.message().await?;
+    Ok(s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_streams_are_capped_per_vm_and_a_client_that_leaves_frees_its_stream() {
+    use cluster_proto::vms as vpb;
+    let _serial = cluster_tests::serial().await;
+    cluster_tests::require_kvm();
+    let cl = three_nodes().await;
+    // A guest that prints a heartbeat line every 100 ms.
+    let spec = cluster_tests::vm::guest_spec("talky", 64, cluster_tests::vm::mem_boot());
+    cl.vms(1)
+        .await
+        .create_vm(vpb::CreateVmRequest {
+            spec: Some(spec),
+            start: true,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create: {e:?}"));
+    let owner = cl.wait_runtime(1, "talky", "running").await.owner_id;
+    let other = if owner == 1 { 2 } else { 1 };
+    let at_owner = cl.check(cl.spec(owner)).mgmt_addr;
+    let at_other = cl.check(cl.spec(other)).mgmt_addr;
+
+    // Eight streams at the VM's node; the ninth is refused with the cap named, also when
+    // asked through another node (which relays to the owner).
+    let mut open = Vec::new();
+    for i in 0..8 {
+        open.push(
+            console(at_owner, "talky")
+                .await
+                .unwrap_or_else(|e| panic!("stream {i}: {e:?}")),
+        );
+    }
+    for addr in [at_owner, at_other] {
+        let e = console(addr, "talky")
+            .await
+            .expect_err("a ninth console stream");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(
+            e.message().contains("has 8 console streams open on node")
+                && e.message().contains("CONSOLE_STREAMS_PER_VM_MAX = 8"),
+            "{e:?}"
+        );
+    }
+
+    // Two clients go away (their connections close): two streams can be opened again,
+    // and then no more.
+    open.truncate(6);
+    let reopened = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    for n in 0..2 {
+        let r = cluster_tests::wait::Wait::new(std::time::Duration::from_secs(30))
+            .until(
+                &format!("console stream {} can be opened again", 7 + n),
+                || {
+                    let reopened = reopened.clone();
+                    async move {
+                        let s = console(at_owner, "talky")
+                            .await
+                            .map_err(|e| format!("{e:?}"))?;
+                        reopened.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+                        Ok::<_, String>(())
+                    }
+                },
+                |_| true,
+            )
+            .await;
+        cl.check(r);
+    }
+    let e = console(at_owner, "talky")
+        .await
+        .expect_err("the cap holds again");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // The streams still open still carry the console.
+    assert_eq!(
+        open.len() + reopened.lock().map(|v| v.len()).unwrap_or(0),
+        8
+    );
+}

@@ -409,6 +409,10 @@ impl Management for ManagementApi {
                 r.value.len()
             )));
         }
+        // Full: answered from this replica (the state machine refuses it too).
+        if let Some(reason) = self.agent.read_sm(|d| d.state.kv_full(&r.key)) {
+            return Err(Status::resource_exhausted(reason));
+        }
         match self
             .agent
             .write(ForwardRequest::Command(Command::PutKv {

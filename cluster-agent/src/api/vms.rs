@@ -27,15 +27,82 @@ use crate::vmhost::VmHost;
 
 /// Lines buffered between the VM console and a gRPC console stream.
 pub const CONSOLE_STREAM_BUFFER_LINES: usize = 256;
+/// Console streams (`StreamConsole`, any kind) one VM may have open on one node at once.
+pub const CONSOLE_STREAMS_PER_VM_MAX: usize = 8;
+/// How often a console thread with nothing to send looks whether its client is gone.
+const CONSOLE_IDLE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The open console streams of this node, by VM name.
+#[derive(Default)]
+pub struct ConsoleSlots(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+/// One open console stream: its slot is given back when the stream is dropped (the
+/// client went away, or the stream ended).
+pub struct ConsoleSlot {
+    slots: Arc<ConsoleSlots>,
+    vm: String,
+}
+
+impl ConsoleSlots {
+    /// A slot for a new console stream of `vm`, or `ResourceExhausted` naming the cap.
+    pub fn take(self: &Arc<Self>, vm: &str, node: u64) -> Result<ConsoleSlot, Status> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(vm.to_owned()).or_insert(0);
+        if *n >= CONSOLE_STREAMS_PER_VM_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "VM {vm:?} has {n} console streams open on node {node}, the most allowed \
+                 (CONSOLE_STREAMS_PER_VM_MAX = {CONSOLE_STREAMS_PER_VM_MAX}); close one first"
+            )));
+        }
+        *n += 1;
+        Ok(ConsoleSlot {
+            slots: self.clone(),
+            vm: vm.to_owned(),
+        })
+    }
+}
+
+impl Drop for ConsoleSlot {
+    fn drop(&mut self) {
+        let mut m = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.vm) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.vm);
+            }
+        }
+    }
+}
+
+/// A console stream holding its slot.
+struct Slotted {
+    inner: ConsoleStream,
+    _slot: ConsoleSlot,
+}
+
+impl Stream for Slotted {
+    type Item = Result<pb::ConsoleChunk, Status>;
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
 
 pub struct VmApi {
     pub agent: Arc<Agent>,
     pub host: Arc<VmHost>,
+    consoles: Arc<ConsoleSlots>,
 }
 
 impl VmApi {
     pub fn new(agent: Arc<Agent>, host: Arc<VmHost>) -> Self {
-        VmApi { agent, host }
+        VmApi {
+            agent,
+            host,
+            consoles: Arc::default(),
+        }
     }
 
     fn state(&self) -> ClusterState {
@@ -104,6 +171,79 @@ impl VmApi {
                         if tx.blocking_send(Ok(chunk)).is_err() {
                             return;
                         }
+                    }
+                }
+            })
+            .map_err(|e| Status::internal(format!("cannot start the console thread: {e}")))?;
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+impl VmApi {
+    /// The console stream `req` asks for: this node's journal, the owner's console
+    /// through a proxy, or the console of a VM this node runs.
+    async fn open_console(&self, req: pb::ConsoleRequest) -> Result<ConsoleStream, Status> {
+        if req.local_only {
+            return self.local_console(req.name, req.follow);
+        }
+        let state = self.state();
+        let rec = vms::find(&state, &req.name)
+            .ok_or_else(|| status::vm_state(VmStateError::UnknownVm(req.name.clone())))?;
+        let me = self.agent.node_id();
+        let owner = rec.owner.ok_or_else(|| {
+            Status::failed_precondition(format!("VM {:?} has never been started", req.name))
+        })?;
+        if owner != me {
+            let addr = state
+                .nodes
+                .get(&owner)
+                .map(|n| n.registration.mgmt_addr.clone())
+                .ok_or_else(|| {
+                    Status::unavailable(format!("owner node {owner} is not registered"))
+                })?;
+            let mut client = connect(&self.agent, &addr).await?;
+            let name = req.name.clone();
+            let upstream = client.stream_console(req).await?.into_inner();
+            return Ok(proxy_while_owner(self.agent.clone(), name, owner, upstream));
+        }
+        let console = self.host.console(&req.name).map_err(|e| {
+            Status::failed_precondition(format!(
+                "VM {:?} is not running on its owner node {me}: {}",
+                req.name,
+                crate::error_chain(&e)
+            ))
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(CONSOLE_STREAM_BUFFER_LINES);
+        let first = pb::ConsoleChunk {
+            text: console.recent,
+            node_id: me,
+            at_unix_us: 0,
+        };
+        let follow = req.follow;
+        let lines = console.lines;
+        std::thread::Builder::new()
+            .name(format!("console-{}", req.name))
+            .spawn(move || {
+                if tx.blocking_send(Ok(first)).is_err() || !follow {
+                    return;
+                }
+                // Ends when the VM leaves this host (sender dropped) or the client goes
+                // (looked at once a second when the console is quiet).
+                loop {
+                    let line = match lines.recv_timeout(CONSOLE_IDLE_CHECK) {
+                        Ok(line) => line,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !tx.is_closed() => {
+                            continue
+                        }
+                        Err(_) => return,
+                    };
+                    let chunk = pb::ConsoleChunk {
+                        text: format!("{line}\n"),
+                        node_id: me,
+                        at_unix_us: 0,
+                    };
+                    if tx.blocking_send(Ok(chunk)).is_err() {
+                        return;
                     }
                 }
             })
@@ -305,70 +445,12 @@ impl VmService for VmApi {
     ) -> Result<Response<Self::StreamConsoleStream>, Status> {
         let req = request.into_inner();
         name_of(&req.name)?;
-        if req.local_only {
-            return self.local_console(req.name, req.follow).map(Response::new);
-        }
-        let state = self.state();
-        let rec = vms::find(&state, &req.name)
-            .ok_or_else(|| status::vm_state(VmStateError::UnknownVm(req.name.clone())))?;
-        let me = self.agent.node_id();
-        let owner = rec.owner.ok_or_else(|| {
-            Status::failed_precondition(format!("VM {:?} has never been started", req.name))
-        })?;
-        if owner != me {
-            let addr = state
-                .nodes
-                .get(&owner)
-                .map(|n| n.registration.mgmt_addr.clone())
-                .ok_or_else(|| {
-                    Status::unavailable(format!("owner node {owner} is not registered"))
-                })?;
-            let mut client = connect(&self.agent, &addr).await?;
-            let name = req.name.clone();
-            let upstream = client.stream_console(req).await?.into_inner();
-            return Ok(Response::new(proxy_while_owner(
-                self.agent.clone(),
-                name,
-                owner,
-                upstream,
-            )));
-        }
-        let console = self.host.console(&req.name).map_err(|e| {
-            Status::failed_precondition(format!(
-                "VM {:?} is not running on its owner node {me}: {}",
-                req.name,
-                crate::error_chain(&e)
-            ))
-        })?;
-        let (tx, rx) = tokio::sync::mpsc::channel(CONSOLE_STREAM_BUFFER_LINES);
-        let first = pb::ConsoleChunk {
-            text: console.recent,
-            node_id: me,
-            at_unix_us: 0,
-        };
-        let follow = req.follow;
-        let lines = console.lines;
-        std::thread::Builder::new()
-            .name(format!("console-{}", req.name))
-            .spawn(move || {
-                if tx.blocking_send(Ok(first)).is_err() || !follow {
-                    return;
-                }
-                // Ends when the VM leaves this host (sender dropped) or the client goes.
-                while let Ok(line) = lines.recv() {
-                    let chunk = pb::ConsoleChunk {
-                        text: format!("{line}\n"),
-                        node_id: me,
-                        at_unix_us: 0,
-                    };
-                    if tx.blocking_send(Ok(chunk)).is_err() {
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| Status::internal(format!("cannot start the console thread: {e}")))?;
-        let stream: ConsoleStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
-        Ok(Response::new(stream))
+        let slot = self.consoles.take(&req.name, self.agent.node_id())?;
+        let stream = self.open_console(req).await?;
+        Ok(Response::new(Box::pin(Slotted {
+            inner: stream,
+            _slot: slot,
+        })))
     }
 
     async fn migrate_vm(

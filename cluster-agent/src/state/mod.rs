@@ -31,6 +31,9 @@ pub const MAX_VOTERS: usize = 16;
 
 /// Maximum key length of a replicated key/value entry.
 pub const KV_KEY_LEN_MAX: usize = 256;
+/// Keys the replicated key/value store holds at most (a put of a new key beyond is
+/// refused; existing keys can still be updated).
+pub const KV_KEYS_MAX: usize = 100_000;
 /// Maximum value length of a replicated key/value entry.
 pub const KV_VALUE_LEN_MAX: usize = 64 * 1024;
 /// Most VM names one `NodeFenced` report may carry.
@@ -471,6 +474,11 @@ impl ClusterState {
         }
     }
 
+    /// Why a put of `key` would be refused for want of room ([`KV_KEYS_MAX`]), if it would.
+    pub fn kv_full(&self, key: &str) -> Option<String> {
+        nodes::kv_full(self, key)
+    }
+
     /// Events with `seq > after_seq`, oldest first, at most `limit`.
     pub fn events_after(&self, after_seq: u64, limit: usize) -> Vec<Event> {
         self.events
@@ -642,6 +650,45 @@ mod tests {
                 previous: Some("v1".into())
             }
         );
+    }
+
+    #[test]
+    fn the_kv_key_count_is_capped_and_full_keys_stay_updatable() {
+        let mut s = ClusterState::default();
+        for i in 0..KV_KEYS_MAX {
+            s.kv.insert(format!("k{i}"), String::new());
+        }
+        let before = s.clone();
+        let (r, t) = s.apply(&Command::PutKv {
+            key: "new".into(),
+            value: "v".into(),
+        });
+        match r {
+            CommandResult::Rejected { reason } => assert!(
+                reason.contains("holds 100000 keys, the most allowed (KV_KEYS_MAX = 100000)"),
+                "{reason}"
+            ),
+            other => panic!("a new key beyond the cap: {other:?}"),
+        }
+        assert!(t.is_empty());
+        assert_eq!(s, before);
+        let (r, _) = s.apply(&Command::PutKv {
+            key: "k7".into(),
+            value: "updated".into(),
+        });
+        assert_eq!(
+            r,
+            CommandResult::Kv {
+                previous: Some(String::new())
+            }
+        );
+        // A delete makes room again.
+        s.apply(&Command::DeleteKv { key: "k1".into() });
+        let (r, _) = s.apply(&Command::PutKv {
+            key: "new".into(),
+            value: "v".into(),
+        });
+        assert_eq!(r, CommandResult::Kv { previous: None });
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use super::{
     ClusterInfo, ClusterState, Command, CommandResult, EventKind, LogPosition, NodeRecord,
-    NodeRegistration, NodeState, StateKey, KV_KEY_LEN_MAX, KV_VALUE_LEN_MAX,
+    NodeRegistration, NodeState, StateKey, KV_KEYS_MAX, KV_KEY_LEN_MAX, KV_VALUE_LEN_MAX,
     NODE_FENCED_REASON_MAX, NODE_FENCED_VMS_MAX,
 };
 
@@ -174,6 +174,9 @@ pub(super) fn apply(
             if let Some(reason) = validate_kv(key, value) {
                 return CommandResult::Rejected { reason };
             }
+            if let Some(reason) = kv_full(cs, key) {
+                return CommandResult::Rejected { reason };
+            }
             let previous = cs.kv.insert(key.clone(), value.clone());
             touched.push(StateKey::Kv(key.clone()));
             CommandResult::Kv { previous }
@@ -211,6 +214,18 @@ fn validate_registration(r: &NodeRegistration) -> Option<String> {
         ));
     }
     None
+}
+
+/// Why a put of `key` finds no room: a new key when the KV holds [`KV_KEYS_MAX`] keys
+/// (an existing key can always be updated).
+pub(crate) fn kv_full(cs: &ClusterState, key: &str) -> Option<String> {
+    (cs.kv.len() >= KV_KEYS_MAX && !cs.kv.contains_key(key)).then(|| {
+        format!(
+            "the replicated KV holds {} keys, the most allowed (KV_KEYS_MAX = {KV_KEYS_MAX}); \
+             delete a key first (existing keys can still be updated)",
+            cs.kv.len()
+        )
+    })
 }
 
 fn validate_kv(key: &str, value: &str) -> Option<String> {
