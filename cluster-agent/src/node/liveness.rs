@@ -204,11 +204,13 @@ impl Liveness {
             .collect()
     }
 
-    /// A heartbeat from a peer arrived.
+    /// A heartbeat from a peer arrived. Only reports about registered nodes are kept (at
+    /// most one per member: a peer's report cannot grow this node's memory).
     pub fn heard(&mut self, hb: &Heartbeat, now: Instant) {
         if hb.node_id == self.me {
             return;
         }
+        let members = &self.members;
         self.last_heard.insert(hb.node_id, now);
         self.reports.insert(
             hb.node_id,
@@ -217,10 +219,16 @@ impl Liveness {
                 silent_ms: hb
                     .silences
                     .iter()
+                    .filter(|s| members.binary_search(&s.node_id).is_ok())
                     .map(|s| (s.node_id, s.silent_ms))
                     .collect(),
             },
         );
+    }
+
+    /// Silence entries kept from peers' reports (at most one per member per reporter).
+    pub fn reported_entries(&self) -> usize {
+        self.reports.values().map(|r| r.silent_ms.len()).sum()
     }
 
     /// A peer acknowledged the heartbeat sent at `sent`.

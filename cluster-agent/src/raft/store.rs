@@ -103,6 +103,26 @@ pub struct SnapshotPayload {
     pub state: ClusterState,
 }
 
+/// Decode a snapshot blob another node sent (`install_snapshot`): its size is checked
+/// before anything is decoded, then its JSON, then its format version.
+pub fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotPayload, String> {
+    if bytes.len() > SNAPSHOT_LEN_MAX {
+        return Err(format!(
+            "snapshot is {} bytes; the limit is {SNAPSHOT_LEN_MAX}",
+            bytes.len()
+        ));
+    }
+    let payload: SnapshotPayload = serde_json::from_slice(bytes)
+        .map_err(|e| format!("the snapshot cannot be decoded: {e}"))?;
+    if payload.format_version != SNAPSHOT_FORMAT_VERSION {
+        return Err(format!(
+            "snapshot format version {} is not supported (expected {SNAPSHOT_FORMAT_VERSION})",
+            payload.format_version
+        ));
+    }
+    Ok(payload)
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta,
@@ -571,7 +591,6 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
-        let sig = Some(meta.signature());
         let bad = |msg: String| -> StorageError {
             StorageIOError::new(
                 ErrorSubject::Snapshot(meta.signature().into()),
@@ -580,20 +599,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
             )
             .into()
         };
-        if bytes.len() > SNAPSHOT_LEN_MAX {
-            return Err(bad(format!(
-                "snapshot is {} bytes; the limit is {SNAPSHOT_LEN_MAX}",
-                bytes.len()
-            )));
-        }
-        let payload: SnapshotPayload = serde_json::from_slice(&bytes)
-            .map_err(|e| StorageIOError::read_snapshot(sig.clone(), AnyError::new(&e)))?;
-        if payload.format_version != SNAPSHOT_FORMAT_VERSION {
-            return Err(bad(format!(
-                "snapshot format version {} is not supported (expected {SNAPSHOT_FORMAT_VERSION})",
-                payload.format_version
-            )));
-        }
+        let payload = decode_snapshot(&bytes).map_err(bad)?;
         let next = SmData {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
@@ -618,13 +624,14 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         keys.extend(s.migrations.keys().map(|id| StateKey::Migration(*id)));
         keys.push(StateKey::LastMigrationId);
         keys.push(StateKey::JoinTokens);
+        keys.push(StateKey::Revocations);
         for k in &keys {
             put_entity(&mut batch, h, s, k)?;
         }
         put_meta_entries(&mut batch, h, &next)?;
-        self.db
-            .write_opt(batch, &synced())
-            .map_err(|e| StorageIOError::write_snapshot(sig, AnyError::new(&e)))?;
+        self.db.write_opt(batch, &synced()).map_err(|e| {
+            StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
+        })?;
         *write_lock(&self.data) = next;
         store_snapshot(&self.db, meta, &bytes)
     }

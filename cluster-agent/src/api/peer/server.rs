@@ -64,6 +64,10 @@ fn claims(caller: NodeId, claimed: Option<NodeId>, what: &str) -> Result<(), Sta
     }
 }
 
+/// Silence reports one heartbeat may carry (one per member; clusters have at most
+/// `MAX_VOTERS` voters).
+pub const HEARTBEAT_SILENCES_MAX: usize = 256;
+
 fn reply<T: serde::Serialize>(what: &'static str, v: &T) -> Result<Response<RaftPayload>, Status> {
     encode(what, v)
         .map(Response::new)
@@ -135,6 +139,12 @@ impl RaftPeer for PeerService {
         let caller = member(&self.agent, &request)?;
         let hb = request.get_ref();
         claims(caller, Some(hb.node_id), "a heartbeat")?;
+        if hb.silences.len() > HEARTBEAT_SILENCES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "a heartbeat with {} silence reports; at most {HEARTBEAT_SILENCES_MAX} (one per member)",
+                hb.silences.len()
+            )));
+        }
         let accepted = self.agent.heartbeat_received(&Heartbeat {
             node_id: hb.node_id,
             incarnation: hb.incarnation,
