@@ -709,6 +709,19 @@ async fn short_lived_node_certificates_are_renewed_before_expiry_and_the_cluster
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        // The registration follows: `node show` reports the new expiry.
+        let until_ms = pki::unix_ms(until);
+        cl.wait_until(
+            &format!("node {id}'s registration reports its renewed certificate"),
+            Duration::from_secs(30),
+            || cl.nodes(1),
+            |nodes| {
+                nodes
+                    .iter()
+                    .any(|n| n.node_id == id && n.cert_expires_unix_ms >= until_ms)
+            },
+        )
+        .await;
     }
 
     // Past the original certificates' expiry (their own lifetime, not a guess at speed).

@@ -67,6 +67,10 @@ struct Node {
     facts: Facts,
     /// VM networks: name → host bridge.
     networks: std::collections::BTreeMap<String, String>,
+    /// "tls" or "insecure_plaintext".
+    migration_transport: String,
+    /// When the node's certificate expires (unix ms; 0: not reported).
+    cert_expires_unix_ms: u64,
 }
 
 fn node_view(n: &pb::NodeInfo) -> Node {
@@ -94,6 +98,8 @@ fn node_view(n: &pb::NodeInfo) -> Node {
             .iter()
             .map(|v| (v.name.clone(), v.bridge.clone()))
             .collect(),
+        migration_transport: n.migration_transport.clone(),
+        cert_expires_unix_ms: n.cert_expires_unix_ms,
     }
 }
 
@@ -163,6 +169,24 @@ pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
             format!("{} ({})", v.migration_addr, v.migration_subnet),
         ],
         vec!["raft".into(), v.raft_addr],
+        vec![
+            "migration plane".into(),
+            match v.migration_transport.as_str() {
+                "insecure_plaintext" => {
+                    "PLAINTEXT, unauthenticated (migration_insecure_plaintext)".into()
+                }
+                "" => "-".into(),
+                t => format!("{t} (mutual, node certificates)"),
+            },
+        ],
+        vec![
+            "certificate expires".into(),
+            if v.cert_expires_unix_ms == 0 {
+                "-".into()
+            } else {
+                cluster_proto::pki::utc(v.cert_expires_unix_ms)
+            },
+        ],
         vec!["cpu vendor".into(), v.facts.cpu_vendor],
         vec!["cpu model".into(), v.facts.cpu_model],
         vec!["logical cpus".into(), v.facts.logical_cpus.to_string()],

@@ -348,3 +348,47 @@ async fn a_revoked_user_certificate_is_refused_on_every_node_and_others_keep_wor
     let events = ok_out(&as_holder(&admin, &eps[0], &["events"]));
     assert_eq!(events.matches("certificate_revoked").count(), 2, "{events}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_show_reports_the_migration_plane_and_the_certificate_expiry() {
+    let _serial = cluster_tests::serial().await;
+    let mut c = Cluster::agents(Options::default());
+    let r = c.add_node(1);
+    c.check(r);
+    let r = c.add_node_with(2, "migration_insecure_plaintext = true\n");
+    c.check(r);
+    let r = c.form(2).await;
+    c.check(r);
+    let ep = endpoint(&c, 1);
+    for (id, plane) in [
+        (1u64, "tls (mutual, node certificates)"),
+        (
+            2,
+            "PLAINTEXT, unauthenticated (migration_insecure_plaintext)",
+        ),
+    ] {
+        let shown = ok(&ep, &["node", "show", &id.to_string()]);
+        let line = shown
+            .lines()
+            .find(|l| l.starts_with("migration plane"))
+            .unwrap_or_else(|| panic!("{shown}"));
+        assert!(line.ends_with(plane), "node {id}: {shown}");
+        // The expiry is the node's certificate's.
+        let cert = c.check(c.spec(id)).tls_dir.join("cert.pem");
+        let pem = cluster_proto::pki::read_pem_file(&cert).unwrap_or_else(|e| panic!("{e}"));
+        let der = cluster_proto::pki::certificates_der(&pem);
+        let until = cluster_proto::pki::unix_ms(
+            cluster_proto::pki::not_after(&der[0]).unwrap_or_else(|e| panic!("{e}")),
+        );
+        let line = shown
+            .lines()
+            .find(|l| l.starts_with("certificate expires"))
+            .unwrap_or_else(|| panic!("{shown}"));
+        assert!(
+            line.ends_with(&cluster_proto::pki::utc(until)),
+            "node {id}: {shown}"
+        );
+        let j = json(&ep, &["node", "show", &id.to_string()]);
+        assert_eq!(j["cert_expires_unix_ms"], until, "{j}");
+    }
+}

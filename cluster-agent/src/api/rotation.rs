@@ -22,6 +22,8 @@ use tokio::sync::watch;
 use crate::node::credentials::Credentials;
 use crate::node::Agent;
 
+/// How often a node not recorded yet looks again whether its registration is current.
+const REGISTRATION_RETRY: Duration = Duration::from_secs(2);
 /// How long one renewal call to an issuer may take.
 pub const RENEW_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -55,8 +57,41 @@ pub fn renewal_time(
     Ok((until.checked_sub(left).unwrap_or(from), life))
 }
 
-/// Renew when due, until `stop` flips.
+/// Record this node's current registration (certificate expiry, migration transport)
+/// when the replicated one differs and this node is a member; `false` when that could not
+/// be done now.
+async fn sync_registration(agent: &Agent) -> bool {
+    let reg = agent.registration();
+    let stored = agent.read_sm(|d| {
+        d.state
+            .nodes
+            .get(&agent.node_id())
+            .map(|n| n.registration.clone())
+    });
+    match stored {
+        // Not a member (yet): the join records the registration.
+        None => true,
+        Some(s) if s == reg => true,
+        Some(_) => {
+            let cmd = crate::state::Command::RegisterNode {
+                registration: reg,
+                at_unix_ms: crate::node::now_unix_ms(),
+            };
+            match agent.write(crate::node::ForwardRequest::Command(cmd)).await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "registration not refreshed yet");
+                    false
+                }
+            }
+        }
+    }
+}
+
+/// Renew when due, until `stop` flips; keep the registration's certificate expiry
+/// current.
 pub async fn run(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
+    let mut synced = false;
     loop {
         let (at, life) = match renewal_time(
             &agent.credentials().cert_pem,
@@ -68,18 +103,32 @@ pub async fn run(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
                 return;
             }
         };
-        let wait = at
+        let mut wait = at
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
+        if !synced {
+            synced = sync_registration(&agent).await;
+            if !synced || agent.read_sm(|d| !d.state.nodes.contains_key(&agent.node_id())) {
+                // Not recorded yet (no leader, or not joined): look again soon.
+                synced = false;
+                wait = wait.min(REGISTRATION_RETRY);
+            }
+        }
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(wait) => {}
         }
+        if SystemTime::now() < at {
+            continue;
+        }
         match renew(&agent).await {
-            Ok(until) => tracing::info!(
-                valid_until = %pki::utc(pki::unix_ms(until)),
-                "node certificate renewed"
-            ),
+            Ok(until) => {
+                synced = sync_registration(&agent).await;
+                tracing::info!(
+                    valid_until = %pki::utc(pki::unix_ms(until)),
+                    "node certificate renewed"
+                );
+            }
             Err(e) => {
                 let retry = (life / 20).clamp(Duration::from_millis(500), Duration::from_secs(60));
                 tracing::warn!(error = %crate::error_chain(&e), retry_ms = retry.as_millis() as u64, "node certificate renewal failed");
@@ -185,6 +234,7 @@ pub async fn renew(agent: &Agent) -> Result<SystemTime, RenewError> {
         ca_pem: current.ca_pem.clone(),
         cert_pem,
         key_pem,
+        expires_unix_ms: pki::unix_ms(until),
     };
     crate::api::tls::check_credentials(&new)
         .map_err(|e| RenewError::Bad(crate::error_chain(&e)))?;

@@ -296,12 +296,14 @@ pub fn load_credentials(config: &AgentConfig) -> Result<Credentials, Credentials
             node_id: config.node_id,
         });
     }
-    if m.not_after().map_err(load)? <= std::time::SystemTime::now() {
+    let not_after = m.not_after().map_err(load)?;
+    if not_after <= std::time::SystemTime::now() {
         return Err(CredentialsError::Expired { dir });
     }
     Ok(Credentials {
         ca_pem: m.ca_pem,
         cert_pem: m.cert_pem,
         key_pem: m.key_pem,
+        expires_unix_ms: pki::unix_ms(not_after),
     })
 }

@@ -281,7 +281,12 @@ impl Agent {
     /// This agent's registration record.
     pub fn registration(&self) -> NodeRegistration {
         let c = &self.config;
+        let cert_expires_unix_ms = self.credentials().expires_unix_ms;
         NodeRegistration {
+            trust: crate::state::NodeTrust {
+                migration_plaintext: c.migration_insecure_plaintext,
+                cert_expires_unix_ms,
+            },
             node_id: c.node_id,
             name: c.name.clone(),
             mgmt_addr: c.mgmt_addr.to_string(),

@@ -20,6 +20,8 @@ pub struct Credentials {
     pub cert_pem: String,
     /// This node's private key.
     pub key_pem: String,
+    /// When `cert_pem` expires (unix ms).
+    pub expires_unix_ms: u64,
 }
 
 impl fmt::Debug for Credentials {

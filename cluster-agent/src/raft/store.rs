@@ -848,6 +848,7 @@ mod tests {
         let cmds: Vec<Command> = vec![
             Command::RegisterNode {
                 registration: NodeRegistration {
+                    trust: Default::default(),
                     node_id: 1,
                     name: "n1".into(),
                     mgmt_addr: "127.0.1.1:1".into(),
@@ -862,6 +863,7 @@ mod tests {
             },
             Command::RegisterNode {
                 registration: NodeRegistration {
+                    trust: Default::default(),
                     node_id: 2,
                     name: "n2".into(),
                     mgmt_addr: "127.0.1.2:1".into(),

@@ -7,6 +7,7 @@ use crate::state::{ClusterState, Command, NodeFacts, NodeRegistration};
 /// Node `id`'s loopback registration with `facts`.
 pub fn registration(id: u64, facts: NodeFacts) -> NodeRegistration {
     NodeRegistration {
+        trust: Default::default(),
         node_id: id,
         name: format!("n{id}"),
         mgmt_addr: format!("127.0.1.{id}:7001"),

@@ -114,6 +114,19 @@ pub struct NodeRegistration {
     /// VM networks of the node's config: network name → host bridge.
     #[serde(default)]
     pub networks: std::collections::BTreeMap<String, String>,
+    /// How the node is secured (reported by `node show`).
+    #[serde(default)]
+    pub trust: NodeTrust,
+}
+
+/// How a node is secured, as it reports itself (refreshed when its certificate is
+/// renewed and when it starts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NodeTrust {
+    /// Its migration plane is plaintext (`migration_insecure_plaintext`), not TLS.
+    pub migration_plaintext: bool,
+    /// When its node certificate expires (unix ms; 0: not reported).
+    pub cert_expires_unix_ms: u64,
 }
 
 /// One node of the registry.

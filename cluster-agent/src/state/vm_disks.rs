@@ -208,6 +208,7 @@ mod tests {
         let mut s = ClusterState::default();
         s.apply(&Command::RegisterNode {
             registration: NodeRegistration {
+                trust: Default::default(),
                 node_id: 1,
                 name: "n1".into(),
                 mgmt_addr: "127.0.1.1:7001".into(),

@@ -120,6 +120,10 @@ pub fn registration_from_pb(r: &pb::AdmitNodeRequest) -> Result<NodeRegistration
         migration_subnet: text("migration_subnet", &r.migration_subnet)?,
         facts: facts_from_pb(r.facts.as_ref())?,
         networks: networks_from_pb(&r.networks)?,
+        trust: crate::state::NodeTrust {
+            migration_plaintext: r.migration_plaintext,
+            cert_expires_unix_ms: r.cert_expires_unix_ms,
+        },
     })
 }
 
@@ -134,6 +138,8 @@ pub fn registration_to_pb(r: &NodeRegistration) -> pb::AdmitNodeRequest {
         migration_subnet: r.migration_subnet.clone(),
         facts: Some(facts_to_pb(&r.facts)),
         networks: networks_to_pb(&r.networks),
+        migration_plaintext: r.trust.migration_plaintext,
+        cert_expires_unix_ms: r.trust.cert_expires_unix_ms,
     }
 }
 
@@ -152,6 +158,12 @@ pub fn node_to_pb(r: &NodeRecord, raft_role: &str) -> pb::NodeInfo {
         state_since_unix_ms: r.state_since_unix_ms,
         raft_role: raft_role.to_string(),
         networks: networks_to_pb(&g.networks),
+        migration_transport: if g.trust.migration_plaintext {
+            "insecure_plaintext".into()
+        } else {
+            "tls".into()
+        },
+        cert_expires_unix_ms: g.trust.cert_expires_unix_ms,
     }
 }
 
