@@ -130,6 +130,9 @@ pub fn snapshot(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError>
                 live_migratable: true,
                 cpu_features: BTreeSet::new(),
                 networks: v.spec.networks(),
+                cpu_demand_millicores: None,
+                memory_touched_mib: None,
+                moved_at_ms: None,
             })
         })
         .collect();
@@ -280,6 +283,9 @@ fn judge(
                 live_migratable: true,
                 cpu_features: BTreeSet::new(),
                 networks: rec.spec.networks(),
+                cpu_demand_millicores: None,
+                memory_touched_mib: None,
+                moved_at_ms: None,
             });
         }
     }

@@ -91,9 +91,13 @@ fn cluster_with(
         if r.below(100) < 5 {
             anti_affinity.insert(format!("class-{}", r.below(20)));
         }
+        let vcpus = 1 + r.below(4) as u32;
+        // Measured demand: each vCPU 0-100 % busy, 25-100 % of memory touched.
+        let cpu_demand_millicores = Some(r.below(u64::from(vcpus) * 1000 + 1));
+        let memory_touched_mib = Some(memory_mib / 4 + r.below(memory_mib * 3 / 4 + 1));
         vms.push(Vm {
             id: VmId(format!("vm-{k:04}")),
-            vcpus: 1 + r.below(4) as u32,
+            vcpus,
             memory_mib,
             node: NodeId(n as u64 + 1),
             state: VmState::Running,
@@ -108,6 +112,9 @@ fn cluster_with(
             live_migratable: r.below(100) >= 2,
             cpu_features: ["aes"].iter().map(|s| s.to_string()).collect(),
             networks: Default::default(),
+            cpu_demand_millicores,
+            memory_touched_mib,
+            moved_at_ms: None,
         });
     }
     ClusterSnapshot {
