@@ -67,6 +67,20 @@ struct Node {
     facts: Facts,
     /// VM networks: name → host bridge.
     networks: std::collections::BTreeMap<String, String>,
+    /// Σ measured demand of its VMs; `null`: no fresh report.
+    demand: Option<NodeDemand>,
+}
+
+#[derive(Serialize)]
+struct NodeDemand {
+    cpu_demand_millicores: u64,
+    cpu_run_millicores: u64,
+    memory_touched_mib: u64,
+    vms: u32,
+    /// CPU demand over the node's logical CPUs, percent.
+    cpu_demand_percent: f64,
+    /// Touched memory over the node's memory, percent.
+    memory_touched_percent: f64,
 }
 
 fn node_view(n: &pb::NodeInfo) -> Node {
@@ -94,6 +108,39 @@ fn node_view(n: &pb::NodeInfo) -> Node {
             .iter()
             .map(|v| (v.name.clone(), v.bridge.clone()))
             .collect(),
+        demand: n.demand.as_ref().map(|d| NodeDemand {
+            cpu_demand_millicores: d.cpu_demand_millicores,
+            cpu_run_millicores: d.cpu_run_millicores,
+            memory_touched_mib: d.memory_touched_mib,
+            vms: d.vms,
+            cpu_demand_percent: percent(d.cpu_demand_millicores, u64::from(f.logical_cpus) * 1000),
+            memory_touched_percent: percent(d.memory_touched_mib, f.memory_bytes >> 20),
+        }),
+    }
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        (part as f64 * 1000.0 / whole as f64).round() / 10.0
+    }
+}
+
+fn demand_cells(d: Option<&NodeDemand>) -> [String; 2] {
+    match d {
+        Some(d) => [
+            format!(
+                "{} ({:.1}%)",
+                crate::vm::cpus(d.cpu_demand_millicores),
+                d.cpu_demand_percent
+            ),
+            format!(
+                "{} MiB ({:.1}%)",
+                d.memory_touched_mib, d.memory_touched_percent
+            ),
+        ],
+        None => ["-".into(), "-".into()],
     }
 }
 
@@ -109,7 +156,7 @@ pub fn nodes(fmt: Format, nodes: &[pb::NodeInfo]) -> Result<String, CtlError> {
     let rows: Vec<Vec<String>> = views
         .iter()
         .map(|n| {
-            vec![
+            let mut row = vec![
                 n.node_id.to_string(),
                 n.name.clone(),
                 n.state.clone(),
@@ -120,24 +167,29 @@ pub fn nodes(fmt: Format, nodes: &[pb::NodeInfo]) -> Result<String, CtlError> {
                 n.facts.logical_cpus.to_string(),
                 gib(n.facts.memory_bytes),
                 n.facts.kvm_kind.clone(),
-            ]
+            ];
+            if fmt == Format::Wide {
+                row.extend(demand_cells(n.demand.as_ref()));
+            }
+            row
         })
         .collect();
-    Ok(table(
-        &[
-            "ID",
-            "NAME",
-            "STATE",
-            "ROLE",
-            "MGMT",
-            "MIGRATION",
-            "CPU",
-            "CPUS",
-            "MEMORY",
-            "KVM",
-        ],
-        &rows,
-    ))
+    let mut headers = vec![
+        "ID",
+        "NAME",
+        "STATE",
+        "ROLE",
+        "MGMT",
+        "MIGRATION",
+        "CPU",
+        "CPUS",
+        "MEMORY",
+        "KVM",
+    ];
+    if fmt == Format::Wide {
+        headers.extend(["CPU_DEMAND", "MEM_TOUCHED"]);
+    }
+    Ok(table(&headers, &rows))
 }
 
 pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
@@ -145,6 +197,7 @@ pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&v);
     }
+    let [cpu_demand, mem_touched] = demand_cells(v.demand.as_ref());
     let rows = vec![
         vec!["id".into(), v.node_id.to_string()],
         vec!["name".into(), v.name],
@@ -168,6 +221,8 @@ pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
         vec!["logical cpus".into(), v.facts.logical_cpus.to_string()],
         vec!["memory".into(), gib(v.facts.memory_bytes)],
         vec!["kvm".into(), v.facts.kvm_kind],
+        vec!["cpu demand (vCPUs)".into(), cpu_demand],
+        vec!["memory touched".into(), mem_touched],
         vec![
             "networks".into(),
             if v.networks.is_empty() {

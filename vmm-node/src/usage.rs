@@ -127,7 +127,10 @@ mod tests {
 
     #[test]
     fn schedstat_is_run_then_wait() {
-        assert_eq!(parse_schedstat("558573757 154169 23\n"), Some((558573757, 154169)));
+        assert_eq!(
+            parse_schedstat("558573757 154169 23\n"),
+            Some((558573757, 154169))
+        );
         assert_eq!(parse_schedstat(""), None);
         assert_eq!(parse_schedstat("12 x 3"), None);
     }

@@ -9,6 +9,7 @@ use scheduler::{
     Subnet, Vm, VmId, VmRequest, VmState,
 };
 
+use crate::node::demand::Demand;
 use crate::state::vm_spec::VmSpec;
 use crate::state::vms::{DesiredState, RuntimeState, VmRecord};
 use crate::state::{ClusterState, NodeRecord, NodeState};
@@ -132,7 +133,7 @@ pub fn snapshot(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError>
                 networks: v.spec.networks(),
                 cpu_demand_millicores: None,
                 memory_touched_mib: None,
-                moved_at_ms: None,
+                moved_at_ms: v.moved_unix_ms,
             })
         })
         .collect();
@@ -142,6 +143,17 @@ pub fn snapshot(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError>
         migrations: Vec::new(),
         policy: Policy::default(),
     })
+}
+
+/// Sets each VM's measured demand from its owner's fresh report (a VM no report names
+/// stays unmeasured: the scheduler counts it fully busy).
+pub fn add_demand(snap: &mut ClusterSnapshot, demand: &Demand) {
+    for vm in &mut snap.vms {
+        if let Some(d) = demand.get(&vm.node.0).and_then(|r| r.vms.get(&vm.id.0)) {
+            vm.cpu_demand_millicores = Some(d.cpu_demand_mc);
+            vm.memory_touched_mib = Some(d.memory_touched_mib);
+        }
+    }
 }
 
 /// [`snapshot`] with the live migrations in flight (`VmRecord::migrating_to`): they hold
@@ -168,8 +180,10 @@ pub fn snapshot_with_migrations(state: &ClusterState) -> Result<ClusterSnapshot,
 /// Choose the node a VM with `spec` starts on. `spec.name` may already exist in `state`
 /// (a stopped VM being started again): it is then left out of the snapshot, so it
 /// neither counts against capacity nor is refused as a duplicate.
-pub fn place(state: &ClusterState, spec: &VmSpec) -> Result<u64, PlacementError> {
+/// Nodes are compared by measured `demand` (see [`add_demand`]).
+pub fn place(state: &ClusterState, demand: &Demand, spec: &VmSpec) -> Result<u64, PlacementError> {
     let mut snap = snapshot(state)?;
+    add_demand(&mut snap, demand);
     snap.vms.retain(|v| v.id.0 != spec.name);
     let req = VmRequest {
         id: VmId(spec.name.clone()),
@@ -454,7 +468,7 @@ mod tests {
     }
 
     fn create(s: &mut ClusterState, spec: VmSpec) -> u64 {
-        let owner = place(s, &spec).expect("placed");
+        let owner = place(s, &Default::default(), &spec).expect("placed");
         s.apply(&Command::Vm(VmCommand::CreateVm {
             spec,
             owner: Some(owner),
@@ -478,7 +492,7 @@ mod tests {
         let mut s = cluster(&[1, 1]);
         create(&mut s, spec("a", 900, None));
         create(&mut s, spec("b", 900, None));
-        let err = place(&s, &spec("c", 900, None)).expect_err("no room");
+        let err = place(&s, &Default::default(), &spec("c", 900, None)).expect_err("no room");
         let text = crate::error_chain(&err);
         assert!(text.contains("no node can run VM c"), "{text}");
         assert!(text.to_lowercase().contains("memory"), "{text}");
@@ -513,7 +527,7 @@ mod tests {
             n.registration.facts.cpu_vendor = "Weird".into();
         }
         assert!(matches!(
-            place(&s, &spec("x", 64, None)),
+            place(&s, &Default::default(), &spec("x", 64, None)),
             Err(PlacementError::Refused { .. })
         ));
     }

@@ -146,6 +146,16 @@ pub struct Agent {
     pub(super) down_clock: Mutex<DownClock>,
     /// This node's certificate, key and the cluster CA (for every connection it makes).
     pub(super) credentials: Credentials,
+    /// Demand reports: every node's latest, and whether this node's newest went out yet.
+    pub(super) demand: Mutex<DemandState>,
+}
+
+/// This agent's view of measured demand (see [`super::demand`]).
+#[derive(Debug, Default)]
+pub(super) struct DemandState {
+    pub board: super::demand::DemandBoard,
+    /// This node's newest report, until a heartbeat round carried it.
+    pub unsent: Option<super::demand::NodeDemand>,
 }
 
 impl Agent {
@@ -204,6 +214,7 @@ impl Agent {
             data_dir: Mutex::new(data_dir),
             peers,
             liveness: Mutex::new(liveness),
+            demand: Mutex::default(),
             place_lock: tokio::sync::Mutex::new(()),
             down_clock: Mutex::new(DownClock::default()),
         }))
@@ -626,12 +637,35 @@ impl Agent {
         })
     }
 
-    /// Record a heartbeat from a peer (every node keeps them, see `liveness`). Returns
-    /// whether this agent is the leader.
+    /// Record a heartbeat from a peer (every node keeps them, see `liveness`), and the
+    /// demand report it carries. Returns whether this agent is the leader.
     pub fn heartbeat_received(&self, hb: &Heartbeat) -> bool {
         self.lock_liveness().heard(hb, Instant::now());
+        if let Some(d) = &hb.demand {
+            self.lock_demand()
+                .board
+                .record(hb.node_id, d.clone(), Instant::now());
+        }
         let m = self.raft.metrics().borrow().clone();
         m.current_leader == Some(self.node_id())
+    }
+
+    pub(super) fn lock_demand(&self) -> std::sync::MutexGuard<'_, DemandState> {
+        self.demand.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publish this node's newest demand report: kept on this agent's board and sent with
+    /// the next heartbeat round.
+    pub fn set_local_demand(&self, report: super::demand::NodeDemand) {
+        let mut d = self.lock_demand();
+        d.board
+            .record(self.node_id(), report.clone(), Instant::now());
+        d.unsent = Some(report);
+    }
+
+    /// Every node's demand report that is still fresh (see [`super::demand`]).
+    pub fn demand(&self) -> std::collections::BTreeMap<u64, super::demand::NodeDemand> {
+        self.lock_demand().board.fresh(Instant::now())
     }
 
     pub(super) fn lock_liveness(&self) -> std::sync::MutexGuard<'_, Liveness> {

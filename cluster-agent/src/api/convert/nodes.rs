@@ -152,6 +152,7 @@ pub fn node_to_pb(r: &NodeRecord, raft_role: &str) -> pb::NodeInfo {
         state_since_unix_ms: r.state_since_unix_ms,
         raft_role: raft_role.to_string(),
         networks: networks_to_pb(&g.networks),
+        demand: None,
     }
 }
 
