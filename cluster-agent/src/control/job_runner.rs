@@ -456,6 +456,7 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
         if cmds.is_empty() && last_balance.elapsed() >= interval {
             last_balance = Instant::now();
             cmds.extend(balance_job(&state, &agent.demand(), now_unix_ms()));
+            agent.note_balance_round();
         }
         for cmd in cmds {
             let text = cmd.to_string();

@@ -148,6 +148,8 @@ pub struct Agent {
     pub(super) credentials: Credentials,
     /// Demand reports: every node's latest, and whether this node's newest went out yet.
     pub(super) demand: Mutex<DemandState>,
+    /// Looks the balancer took on this agent while it led (for `/metrics`).
+    pub(super) balance_rounds: std::sync::atomic::AtomicU64,
 }
 
 /// This agent's view of measured demand (see [`super::demand`]).
@@ -215,6 +217,7 @@ impl Agent {
             peers,
             liveness: Mutex::new(liveness),
             demand: Mutex::default(),
+            balance_rounds: Default::default(),
             place_lock: tokio::sync::Mutex::new(()),
             down_clock: Mutex::new(DownClock::default()),
         }))
@@ -661,6 +664,18 @@ impl Agent {
         d.board
             .record(self.node_id(), report.clone(), Instant::now());
         d.unsent = Some(report);
+    }
+
+    /// Count one look of the periodic balancer (moves planned or not).
+    pub fn note_balance_round(&self) {
+        self.balance_rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Looks of the periodic balancer on this agent so far.
+    pub fn balance_rounds(&self) -> u64 {
+        self.balance_rounds
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every node's demand report that is still fresh (see [`super::demand`]).
