@@ -163,6 +163,7 @@ fn even(
     // VM → the node it was on before this plan. A VM picked again later in the same plan is not moved twice: its
     // single migration goes from its origin straight to its final node.
     let mut origin: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut cost_cache: CostCache = vec![None; c.vms.len()];
     let mut stop = BalanceStop::MoveLimit;
     for _ in 0..MAX_BALANCE_MOVES {
         let (spread_bp, _) = spread(c);
@@ -181,7 +182,7 @@ fn even(
         let mut dwelling = 0;
         let mut chosen = None;
         for src in sources {
-            match best_even_move(c, src, &origin, now_ms) {
+            match best_even_move(c, src, &origin, now_ms, &mut cost_cache) {
                 Search::Found(step, vi, to) => {
                     chosen = Some((src, step, vi, to));
                     break;
@@ -246,32 +247,69 @@ fn estimate_between(c: &Cluster<'_>, vi: usize, from: usize, to: usize) -> Optio
         .map(|e| (e.duration_ms, e.downtime_ms))
 }
 
-/// A move considered: (gain (best first), target load after (least first), VM id, target id, VM index, target
-/// index, source load after).
-type Candidate<'a> = (
-    std::cmp::Reverse<u64>,
-    u64,
-    &'a str,
-    crate::model::NodeId,
-    usize,
-    usize,
-    u64,
-);
+/// A move considered, ordered best first: (gain (largest first), target load after (least first), VM index,
+/// target index, source load after). VM and node indexes follow their ids, so ties go to the lowest ids.
+type Candidate = std::cmp::Reverse<(std::cmp::Reverse<u64>, u64, usize, usize, u64)>;
+
+/// Per VM: (from, best bandwidth, cheapest cost) of its last lower bound on a move's cost (see `min_cost`).
+type CostCache = Vec<Option<(usize, u64, Option<u64>)>>;
 
 fn best_even_move(
     c: &Cluster<'_>,
     src: usize,
     origin: &BTreeMap<usize, usize>,
     now_ms: u64,
+    cost_cache: &mut CostCache,
 ) -> Search {
     let p = &c.snap.policy;
     let margin = u64::from(p.balance_margin_bp);
     let s = &c.nodes[src];
     let src_load = s.load_bp();
     let mut dwelling = 0;
-    // Candidates that keep the hysteresis condition, best gain first; the rule check (the expensive part) runs
-    // only on them, in that order.
-    let mut candidates: Vec<Candidate<'_>> = Vec::new();
+    // Targets a live move from here can reach (cheap node-level rules; the full rule check below decides) and
+    // whose load leaves room for the hysteresis condition (`load(b) + margin ≤ load(a)` at least).
+    let targets: Vec<(usize, u64)> = (0..c.nodes.len())
+        .filter(|&to| {
+            let t = &c.nodes[to];
+            to != src
+                && c.is_up(to)
+                && t.node.cpu_vendor == s.node.cpu_vendor
+                && t.node.migration_subnet == s.node.migration_subnet
+        })
+        .map(|to| (to, c.nodes[to].load_bp()))
+        .filter(|&(_, load)| load + margin <= src_load)
+        .collect();
+    // The best target of a VM is the allowed one least loaded after the move (largest gain); targets already
+    // tried for it are skipped.
+    let best_target = |vi: usize, tried: &[usize]| -> Option<Candidate> {
+        let vm = c.vms[vi];
+        let (cpu, mem) = (vm.cpu_demand_mc(), vm.memory_demand_mib());
+        let src_after = s.load_without_bp(cpu, mem);
+        let mut best: Option<(u64, usize)> = None;
+        for &(to, t_load) in &targets {
+            let t = &c.nodes[to];
+            if tried.contains(&to)
+                || vm.memory_mib > t.mem_free_mib()
+                || u64::from(vm.vcpus) > t.vcpus_free()
+            {
+                continue;
+            }
+            let t_after = t.load_with_bp(cpu, mem);
+            if t_after + margin <= src_load
+                && src_after >= t_load + margin
+                && best.is_none_or(|b| (t_after, to) < b)
+            {
+                best = Some((t_after, to));
+            }
+        }
+        best.map(|(t_after, to)| {
+            let gain = src_load - src_after.max(t_after);
+            std::cmp::Reverse((std::cmp::Reverse(gain), t_after, vi, to, src_after))
+        })
+    };
+    // One candidate per VM in a heap, best first: the estimate and the rule check (the expensive part) run only
+    // on the few taken from the top; a VM whose candidate fails offers its next target.
+    let mut candidates = std::collections::BinaryHeap::new();
     for &vi in &s.running {
         let vm = c.vms[vi];
         if vm
@@ -281,63 +319,92 @@ fn best_even_move(
             dwelling += 1;
             continue;
         }
-        let (cpu, mem) = (vm.cpu_demand_mc(), vm.memory_demand_mib());
-        let src_after = s.load_without_bp(cpu, mem);
-        for to in 0..c.nodes.len() {
-            let t = &c.nodes[to];
-            if to == src || !c.is_up(to) || vm.memory_mib > t.mem_free_mib() {
-                continue;
-            }
-            let (t_load, t_after) = (t.load_bp(), t.load_with_bp(cpu, mem));
-            if t_after + margin <= src_load && src_after >= t_load + margin {
-                let gain = src_load - src_after.max(t_after);
-                candidates.push((
-                    std::cmp::Reverse(gain),
-                    t_after,
-                    vm.id.0.as_str(),
-                    t.node.id,
-                    vi,
-                    to,
-                    src_after,
-                ));
-            }
+        if let Some(cand) = best_target(vi, &[]) {
+            candidates.push(cand);
         }
     }
-    candidates.sort_unstable();
+    // The cheapest migration a VM could have from here (the fastest link among the targets): a gain at or below
+    // it can be beaten by none of its targets.
+    let best_bw = targets
+        .iter()
+        .map(|&(to, _)| c.nodes[to].node.migration_bandwidth_mib_per_s)
+        .max()
+        .unwrap_or(0);
+    let mut min_cost = |vi: usize, from: usize| {
+        if let Some((f, b, v)) = cost_cache[vi] {
+            if (f, b) == (from, best_bw) {
+                return v;
+            }
+        }
+        let bw = pair_bandwidth_mib_per_s(
+            c.nodes[from].node.migration_bandwidth_mib_per_s,
+            best_bw,
+            p.max_live_migrations_per_node,
+        );
+        let vm = c.vms[vi];
+        let v = live_estimate(vm.memory_mib, vm.dirty_rate_mib_per_s, bw)
+            .map(|e| cost_bp(c, e.duration_ms));
+        cost_cache[vi] = Some((from, best_bw, v));
+        v
+    };
+    let mut tried: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     let mut below_cost = None;
-    for (std::cmp::Reverse(gain), t_after, _, _, vi, to, src_after) in candidates {
-        if clean_live(c, vi, to).is_none() {
+    while let Some(std::cmp::Reverse((std::cmp::Reverse(gain), t_after, vi, to, src_after))) =
+        candidates.pop()
+    {
+        let from = origin.get(&vi).copied().unwrap_or(src);
+        // Not worth it whatever the target, and a move to name is known already: drop this VM.
+        if below_cost.is_some() && to != from && min_cost(vi, from).is_none_or(|m| gain <= m) {
             continue;
         }
-        let from = origin.get(&vi).copied().unwrap_or(src);
-        let duration_ms = if to == from {
-            0 // back where it started this plan: no migration at all
+        let estimate = if to == from {
+            Some(0) // back where it started this plan: no migration at all
         } else {
-            match estimate_between(c, vi, from, to) {
-                Some((d, _)) => d,
-                None => continue,
+            estimate_between(c, vi, from, to).map(|(d, _)| d)
+        };
+        let cost = estimate.map(|d| cost_bp(c, d));
+        let passes = match cost {
+            Some(cost) if gain > cost => clean_live(c, vi, to).is_some(),
+            // Checked only to name the first move that is not worth it, when planning stops.
+            Some(_) if below_cost.is_none() => clean_live(c, vi, to).is_some(),
+            _ => false,
+        };
+        if let (true, Some(cost)) = (passes, cost) {
+            let step = BalanceStep {
+                vm: c.vms[vi].id.clone(),
+                from: s.node.id,
+                to: c.nodes[to].node.id,
+                from_load_bp: (src_load, src_after),
+                to_load_bp: (c.nodes[to].load_bp(), t_after),
+                gain_bp: gain,
+                cost_bp: cost,
+            };
+            if gain > cost {
+                return Search::Found(step, vi, to);
             }
-        };
-        let cost = cost_bp(c, duration_ms);
-        let step = BalanceStep {
-            vm: c.vms[vi].id.clone(),
-            from: s.node.id,
-            to: c.nodes[to].node.id,
-            from_load_bp: (src_load, src_after),
-            to_load_bp: (c.nodes[to].load_bp(), t_after),
-            gain_bp: gain,
-            cost_bp: cost,
-        };
-        if gain > cost {
-            return Search::Found(step, vi, to);
+            below_cost.get_or_insert(BalanceStop::GainBelowCost {
+                vm: step.vm,
+                from: step.from,
+                to: step.to,
+                gain_bp: gain,
+                cost_bp: cost,
+            });
         }
-        below_cost.get_or_insert(BalanceStop::GainBelowCost {
-            vm: step.vm,
-            from: step.from,
-            to: step.to,
-            gain_bp: gain,
-            cost_bp: cost,
-        });
+        // Its next target gains less. Look at it when this one broke a rule or does not converge (another may
+        // not), when no move has been named yet, or when some target could cost less than that smaller gain.
+        let t = tried.entry(vi).or_default();
+        t.push(to);
+        if let Some(next) = best_target(vi, t) {
+            let std::cmp::Reverse((std::cmp::Reverse(next_gain), ..)) = next;
+            let worth = cost.is_some_and(|cost| gain > cost);
+            let look = cost.is_none()
+                || (worth && !passes)
+                || (below_cost.is_none() && !passes)
+                || min_cost(vi, from).is_some_and(|m| next_gain > m);
+            if look {
+                candidates.push(next);
+            }
+        }
     }
     match below_cost {
         Some(stop) => Search::BelowCost(stop),
