@@ -129,13 +129,13 @@ async fn busy_guests_crowded_on_one_node_are_measured_and_spread_once() {
         )
         .await;
     for v in &all {
-        let d = v.demand.clone().unwrap_or_default();
+        let d = v.demand.unwrap_or_default();
         assert!(d.cpu_run_millicores <= d.cpu_demand_millicores, "{v:?}");
         // A busy guest fills an 8 MiB working set: resident on its host.
         assert!(vm_name(v) == "calm" || d.memory_touched_mib >= 8, "{v:?}");
     }
     let nodes = cl.check(cl.nodes(2).await);
-    let n1 = nodes.iter().find(|n| n.node_id == 1).and_then(|n| n.demand.clone());
+    let n1 = nodes.iter().find(|n| n.node_id == 1).and_then(|n| n.demand);
     assert!(
         n1.is_some_and(|d| d.vms == 4 && d.cpu_demand_millicores >= 2800),
         "{nodes:?}"
@@ -163,9 +163,10 @@ async fn busy_guests_crowded_on_one_node_are_measured_and_spread_once() {
     set_policy(&cl, 2, "none", 100).await;
     let p = plan(&cl, 2, "even").await;
     assert_eq!(p.moves.len(), 2, "{p:?}");
-    assert!(p.moves.iter().all(|m| m.from_node_id == 1
-        && m.to_node_id != 1
-        && busy.contains(&m.vm)));
+    assert!(p
+        .moves
+        .iter()
+        .all(|m| m.from_node_id == 1 && m.to_node_id != 1 && busy.contains(&m.vm)));
     assert!(!p.steps.is_empty());
     assert!(p.steps.iter().all(|s| s.gain_bp > s.cost_bp));
     assert!(p.spread_after_bp < p.spread_before_bp, "{p:?}");

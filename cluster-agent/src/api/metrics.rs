@@ -367,11 +367,18 @@ fn label_value(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// A demand series: name suffix, help text, and the figure it shows.
+type DemandSeries = (
+    &'static str,
+    &'static str,
+    fn(&crate::node::demand::VmDemand) -> u64,
+);
+
 /// This node's measured demand (its latest report): totals and per VM.
 fn render_demand(out: &mut String, node: &str, report: Option<&crate::node::demand::NodeDemand>) {
     let Some(r) = report else { return };
     let t = r.total();
-    let per_vm: [(&str, &str, fn(&crate::node::demand::VmDemand) -> u64); 3] = [
+    let per_vm: [DemandSeries; 3] = [
         (
             "cpu_demand_millicores",
             "vCPU run + runnable-wait time per second, smoothed (1000 = one busy vCPU).",
@@ -390,12 +397,22 @@ fn render_demand(out: &mut String, node: &str, report: Option<&crate::node::dema
     ];
     for (what, help, get) in per_vm {
         let name = format!("cluster_node_{what}");
-        family(out, &name, "gauge", &format!("{help} Sum over this node's VMs."));
+        family(
+            out,
+            &name,
+            "gauge",
+            &format!("{help} Sum over this node's VMs."),
+        );
         let _ = writeln!(out, "{name}{{{node}}} {}", get(&t));
         let name = format!("cluster_vm_{what}");
         family(out, &name, "gauge", help);
         for (vm, d) in &r.vms {
-            let _ = writeln!(out, "{name}{{{node},vm=\"{}\"}} {}", label_value(vm), get(d));
+            let _ = writeln!(
+                out,
+                "{name}{{{node},vm=\"{}\"}} {}",
+                label_value(vm),
+                get(d)
+            );
         }
     }
 }
