@@ -97,6 +97,41 @@ fn record(
     });
 }
 
+/// Whether the Up nodes `on` keep an N+1 failover reserve: the VMs of any one of them fit in the others' free
+/// memory and vCPUs (checked against the largest: Σ used ≤ Σ capacity − the largest capacity, for each resource).
+fn keeps_reserve(c: &Cluster<'_>, on: &[usize]) -> bool {
+    let sum = |f: &dyn Fn(usize) -> u64| on.iter().map(|&n| f(n)).sum::<u64>();
+    let max = |f: &dyn Fn(usize) -> u64| on.iter().map(|&n| f(n)).max().unwrap_or(0);
+    let mem_cap = |n: usize| c.nodes[n].mem_capacity_mib;
+    let vcpu_cap = |n: usize| c.nodes[n].vcpu_capacity;
+    sum(&|n| c.nodes[n].mem_used_mib) <= sum(&mem_cap) - max(&mem_cap)
+        && sum(&|n| c.nodes[n].vcpus_used) <= sum(&vcpu_cap) - max(&vcpu_cap)
+}
+
+/// Empty Up nodes whose policy allows powering them off, lowest id first, as long as the nodes left on keep an
+/// N+1 failover reserve ([`keeps_reserve`]); none if the reserve is short already.
+fn may_power_off(c: &Cluster<'_>) -> Vec<crate::model::NodeId> {
+    let mut on: Vec<usize> = (0..c.nodes.len()).filter(|&n| c.is_up(n)).collect();
+    let mut off = Vec::new();
+    for n in 0..c.nodes.len() {
+        let a = &c.nodes[n];
+        let empty = c.is_up(n)
+            && a.running.is_empty()
+            && a.mem_used_mib == 0
+            && a.inflight_ends_ms.is_empty()
+            && a.node.power == PowerPolicy::MayPowerOff;
+        if !empty {
+            continue;
+        }
+        let rest: Vec<usize> = on.iter().copied().filter(|&m| m != n).collect();
+        if keeps_reserve(c, &rest) {
+            on = rest;
+            off.push(a.node.id);
+        }
+    }
+    off
+}
+
 /// Plans load balancing according to `snap.policy.balance`, with moves laid out from `now_ms`.
 pub fn balance(snap: &ClusterSnapshot, now_ms: u64) -> Result<BalancePlan, PlanError> {
     snap.validate()?;
@@ -114,17 +149,7 @@ pub fn balance(snap: &ClusterSnapshot, now_ms: u64) -> Result<BalancePlan, PlanE
     };
     let (spread_after_bp, max_util_after_bp) = spread(&c);
     let empty_nodes_may_power_off = if snap.policy.balance == BalanceMode::PowerSaving {
-        (0..c.nodes.len())
-            .filter(|&n| {
-                let a = &c.nodes[n];
-                c.is_up(n)
-                    && a.running.is_empty()
-                    && a.mem_used_mib == 0
-                    && a.inflight_ends_ms.is_empty()
-                    && a.node.power == PowerPolicy::MayPowerOff
-            })
-            .map(|n| c.nodes[n].node.id)
-            .collect()
+        may_power_off(&c)
     } else {
         Vec::new()
     };

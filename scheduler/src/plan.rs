@@ -326,7 +326,8 @@ pub struct BalancePlan {
     pub moves_count: usize,
     /// Memory moved.
     pub moved_memory_mib: u64,
-    /// Up nodes with no running VM after the plan whose power policy allows powering them off (power saving).
+    /// Up nodes with no running VM after the plan whose power policy allows powering them off (power saving),
+    /// as many as leave an N+1 failover reserve on the nodes that stay on.
     pub empty_nodes_may_power_off: Vec<NodeId>,
     /// Max − min demand load over Up nodes before, in basis points.
     pub spread_before_bp: u64,

@@ -254,6 +254,24 @@ proptest! {
                 prop_assert_eq!(n.power, scheduler::PowerPolicy::MayPowerOff);
                 prop_assert!(after.vms.iter().all(|v| v.node != *id || v.state == VmState::Off));
             }
+            // N+1: with the named nodes off, the VMs of any node left on fit in the others' free room.
+            if !plan.empty_nodes_may_power_off.is_empty() {
+                let u = usage(&after);
+                let on: Vec<&scheduler::Node> = after
+                    .nodes
+                    .iter()
+                    .filter(|n| n.state == NodeState::Up && !plan.empty_nodes_may_power_off.contains(&n.id))
+                    .collect();
+                for lost in &on {
+                    let (mem, cpu) = u.get(&lost.id).copied().unwrap_or((0, 0));
+                    let free = |f: &dyn Fn(&scheduler::Node) -> u64, used: &dyn Fn(NodeId) -> u64| {
+                        on.iter().filter(|n| n.id != lost.id).map(|n| f(n).saturating_sub(used(n.id))).sum::<u64>()
+                    };
+                    let free_mem = free(&|n| usable_mem(n, &after.policy), &|id| u.get(&id).map_or(0, |x| x.0));
+                    let free_cpu = free(&|n| usable_vcpus(n, &after.policy), &|id| u.get(&id).map_or(0, |x| x.1));
+                    prop_assert!(mem <= free_mem && cpu <= free_cpu, "{} cannot fail over: {} MiB / {} vCPUs, free {} / {}", lost.id, mem, cpu, free_mem, free_cpu);
+                }
+            }
             let used: BTreeSet<NodeId> = usage(&after).into_iter().filter(|(_, u)| u.0 > 0).map(|(n, _)| n).collect();
             if plan.moves_count == 0 {
                 return Ok(());

@@ -335,6 +335,11 @@ fn power_saving_consolidation() {
 }
 
 #[test]
+fn power_saving_keeps_a_failover_reserve() {
+    run("power_saving_reserve.toml");
+}
+
+#[test]
 fn even_distribution_smallest_sufficient_move() {
     run("even_distribution.toml");
 }
