@@ -356,7 +356,7 @@ fn render_policy(fmt: Format, p: &pb::PolicySpec) -> Result<String, CtlError> {
         }));
     }
     Ok(format!(
-        "balance: {} (aggressiveness {}, every {}; a moved VM stays {}; a move costs {} bp of load per second of migration)\n",
+        "balance: {} (aggressiveness {}, every {}); a moved VM stays at least {}; a move costs {} bp of load per second of migration\n",
         p.mode,
         p.aggressiveness,
         secs(p.interval_ms),
@@ -670,6 +670,41 @@ mod tests {
             status: status.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn balance_dry_run_explains_steps_and_stop() {
+        let r = pb::BalancePlanReply {
+            mode: "even".into(),
+            moves: vec![mv("a", 1, "queued")],
+            spread_before_bp: 10_000,
+            spread_after_bp: 5_000,
+            max_util_before_bp: 10_000,
+            max_util_after_bp: 7_500,
+            steps: vec![pb::BalanceStep {
+                vm: "a".into(),
+                from_node: 1,
+                to_node: 2,
+                from_load_before_bp: 10_000,
+                from_load_after_bp: 7_500,
+                to_load_before_bp: 0,
+                to_load_after_bp: 2_500,
+                gain_bp: 2_500,
+                cost_bp: 50,
+            }],
+            stopped: "balanced: load spread 5.00 % is within the target 10.00 %".into(),
+            stop_code: "balanced".into(),
+            ..Default::default()
+        };
+        let t = render_balance(Format::Table, &r).unwrap_or_default();
+        assert!(
+            t.contains("a: node 1 -> node 2: node 1 100.0% -> 75.0%, node 2 0.0% -> 25.0%; gain 25.0% > cost 0.5%"),
+            "{t}"
+        );
+        assert!(t.contains("stopped: balanced: load spread 5.00 %"), "{t}");
+        let j = render_balance(Format::Json, &r).unwrap_or_default();
+        assert!(j.contains("\"stop_code\": \"balanced\""), "{j}");
+        assert!(j.contains("\"gain_bp\": 2500"), "{j}");
     }
 
     #[test]

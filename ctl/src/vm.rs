@@ -782,6 +782,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn wide_list_shows_measured_demand() {
+        let vm = |name: &str, demand: Option<pb::VmDemand>| pb::VmInfo {
+            spec: Some(pb::VmSpec {
+                name: name.into(),
+                vcpus: 1,
+                memory_mib: 512,
+                ..Default::default()
+            }),
+            runtime: "running".into(),
+            desired: "running".into(),
+            owner_id: 1,
+            demand,
+            ..Default::default()
+        };
+        let vms = [
+            vm(
+                "busy",
+                Some(pb::VmDemand {
+                    cpu_demand_millicores: 980,
+                    cpu_run_millicores: 490,
+                    memory_touched_mib: 12,
+                    sampled_unix_ms: 1,
+                }),
+            ),
+            vm("new", None),
+        ];
+        let t = render_list(Format::Wide, &vms).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].contains("CPU_DEMAND  CPU_WAIT  TOUCHED_MIB"),
+            "{t}"
+        );
+        let cells = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(cells(lines[1])[6..9], ["0.98", "0.49", "12"], "{t}");
+        assert_eq!(cells(lines[2])[6..9], ["-", "-", "-"], "{t}");
+        // The plain table keeps its columns.
+        assert!(!render_list(Format::Table, &vms)
+            .unwrap_or_default()
+            .contains("CPU_DEMAND"));
+        let j = render_list(Format::Json, &vms).unwrap_or_default();
+        assert!(j.contains("\"cpu_demand_millicores\": 980"), "{j}");
+    }
+
+    #[test]
     fn nic_arguments_parse_or_name_the_problem() {
         assert_eq!(
             parse_nic("lan"),
