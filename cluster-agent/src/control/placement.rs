@@ -478,6 +478,52 @@ mod tests {
     }
 
     #[test]
+    fn placement_follows_measured_demand() {
+        // Two 2-CPU nodes of the same size; one small VM each.
+        let mut s = cluster(&[8, 8]);
+        for (name, node) in [("hot", 1), ("cold", 2)] {
+            s.apply(&Command::Vm(VmCommand::CreateVm {
+                spec: spec(name, 256, None),
+                owner: Some(node),
+                at_unix_ms: 2,
+            }));
+        }
+        // Unmeasured, both count fully busy: a tie, the lowest id wins.
+        assert_eq!(
+            place(&s, &Demand::new(), &spec("new", 256, None)).ok(),
+            Some(1)
+        );
+        // Measured: node 1's VM keeps its vCPU busy, node 2's idles; the new VM goes to node 2.
+        let report = |vm: &str, cpu| crate::node::demand::NodeDemand {
+            sampled_unix_ms: 1,
+            vms: [(
+                vm.to_owned(),
+                crate::node::demand::VmDemand {
+                    cpu_demand_mc: cpu,
+                    cpu_run_mc: cpu,
+                    memory_touched_mib: 16,
+                },
+            )]
+            .into(),
+        };
+        let demand: Demand = [(1, report("hot", 1000)), (2, report("cold", 50))].into();
+        assert_eq!(place(&s, &demand, &spec("new", 256, None)).ok(), Some(2));
+        // The snapshot carries the figures of the VMs the reports name, nothing for others.
+        let mut snap = snapshot(&s).expect("snapshot");
+        add_demand(&mut snap, &demand);
+        let hot = snap.vms.iter().find(|v| v.id.0 == "hot").expect("hot");
+        assert_eq!(
+            (hot.cpu_demand_millicores, hot.memory_touched_mib),
+            (Some(1000), Some(16))
+        );
+        // A report from a node that does not own the VM is not its figure.
+        let wrong: Demand = [(2, report("hot", 1000))].into();
+        let mut snap = snapshot(&s).expect("snapshot");
+        add_demand(&mut snap, &wrong);
+        assert!(snap.vms.iter().all(|v| v.cpu_demand_millicores.is_none()));
+    }
+
+    #[test]
     fn spreads_and_respects_anti_affinity() {
         let mut s = cluster(&[4, 4, 4]);
         let a = create(&mut s, spec("a", 1024, Some("web")));
