@@ -1035,3 +1035,49 @@ pub fn aggressiveness_str(a: scheduler::Aggressiveness) -> &'static str {
 pub fn must_leave(v: &vms::VmRecord, node: u64) -> bool {
     v.owner == Some(node) && v.desired == DesiredState::Running
 }
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_out_of_range_is_refused_with_its_field() {
+        let state = ClusterState::default();
+        let set = |policy: BalancePolicy| {
+            check(
+                &state,
+                &JobCommand::SetPolicy {
+                    policy,
+                    at_unix_ms: 1,
+                },
+            )
+        };
+        assert_eq!(set(BalancePolicy::default()), Ok(()));
+        let e = set(BalancePolicy {
+            min_dwell_ms: u64::MAX,
+            ..BalancePolicy::default()
+        })
+        .expect_err("refused");
+        assert!(e.to_string().starts_with("min_dwell_ms is"), "{e}");
+        let e = set(BalancePolicy {
+            migration_cost_bp_per_s: 10_001,
+            ..BalancePolicy::default()
+        })
+        .expect_err("refused");
+        assert_eq!(
+            e.to_string(),
+            "migration_cost_bp_per_s is 10001; it must be at most 10000"
+        );
+        assert_eq!(error_class(&e), vms::ErrorClass::InvalidArgument);
+        // A policy stored before these fields existed reads with their defaults.
+        let old: BalancePolicy = serde_json::from_str(
+            r#"{"mode":"even_distribution","aggressiveness":"high","interval_ms":1000}"#,
+        )
+        .expect("old policy");
+        assert_eq!(old.min_dwell_ms, scheduler::model::DEFAULT_MIN_DWELL_MS);
+        assert_eq!(
+            old.migration_cost_bp_per_s,
+            scheduler::model::DEFAULT_MIGRATION_COST_BP_PER_S
+        );
+    }
+}
