@@ -479,4 +479,57 @@ mod tests {
         assert_eq!(v[0]["state"], "down");
         assert_eq!(v[0]["node_id"], 2);
     }
+
+    #[test]
+    fn node_demand_shows_in_wide_list_show_and_json() {
+        let n = pb::NodeInfo {
+            node_id: 1,
+            name: "n1".into(),
+            state: "up".into(),
+            facts: Some(pb::NodeFacts {
+                logical_cpus: 4,
+                memory_bytes: 8 << 30,
+                ..Default::default()
+            }),
+            demand: Some(pb::NodeDemand {
+                cpu_demand_millicores: 3_000,
+                cpu_run_millicores: 2_000,
+                memory_touched_mib: 2_048,
+                sampled_unix_ms: 1,
+                vms: 3,
+            }),
+            ..Default::default()
+        };
+        let wide = nodes(Format::Wide, std::slice::from_ref(&n)).unwrap_or_default();
+        assert!(
+            wide.lines()
+                .next()
+                .is_some_and(|h| h.contains("CPU_DEMAND") && h.contains("MEM_TOUCHED")),
+            "{wide}"
+        );
+        assert!(
+            wide.contains("3.00 (75.0%)") && wide.contains("2048 MiB (25.0%)"),
+            "{wide}"
+        );
+        let plain = nodes(Format::Table, std::slice::from_ref(&n)).unwrap_or_default();
+        assert!(!plain.contains("CPU_DEMAND"), "{plain}");
+        let show = node(Format::Table, &n).unwrap_or_default();
+        assert!(
+            show.contains("cpu demand (vCPUs)") && show.contains("3.00 (75.0%)"),
+            "{show}"
+        );
+        let j = node(Format::Json, &n).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&j).unwrap_or_default();
+        assert_eq!(v["demand"]["cpu_demand_percent"], 75.0);
+        // No fresh report: a dash, and null in JSON.
+        let none = pb::NodeInfo { demand: None, ..n };
+        let show = node(Format::Table, &none).unwrap_or_default();
+        assert!(
+            show.lines()
+                .any(|l| l.starts_with("cpu demand (vCPUs)") && l.ends_with(" -")),
+            "{show}"
+        );
+        let j = node(Format::Json, &none).unwrap_or_default();
+        assert!(j.contains("\"demand\": null"), "{j}");
+    }
 }
