@@ -3,7 +3,8 @@
 //! - **CPU**: for each vCPU thread, `/proc/self/task/<tid>/schedstat` gives the time it ran
 //!   and the time it was runnable but waited for a CPU (both in ns, since it started). Their
 //!   sum over an interval, divided by the interval, is the vCPU's *demand*: what it would have
-//!   used with a CPU to itself. A thread that is gone (its VM stopped) counts zero.
+//!   used with a CPU to itself. A thread that is gone (its VM stopped) counts zero. A kernel
+//!   without scheduler statistics (`0 0 0`) is an error, so the VM stays unmeasured.
 //! - **Memory**: guest RAM is anonymous (or file) memory mapped into this process, populated
 //!   on first touch; the resident part of its mappings (`Rss` in `/proc/self/smaps`) is the
 //!   memory the guest has touched. A kernel mapping that extends past guest RAM (the kernel
@@ -40,6 +41,10 @@ pub enum UsageError {
     /// The guest memory has no host mapping.
     #[error("guest memory has no host mapping")]
     Mapping(#[source] crate::kvm::SysError),
+    /// The kernel keeps no scheduler statistics (`schedstat` reads `0 0 0`, no
+    /// `CONFIG_SCHED_INFO`): CPU demand cannot be measured on this host.
+    #[error("{path} reads 0 0 0: this kernel keeps no scheduler statistics (CONFIG_SCHED_INFO)")]
+    NoSchedInfo { path: PathBuf },
 }
 
 /// (run ns, wait ns) from the text of a `schedstat` file (`"<run> <wait> <timeslices>"`).
@@ -48,6 +53,22 @@ pub fn parse_schedstat(text: &str) -> Option<(u64, u64)> {
     let run = fields.next()?.parse().ok()?;
     let wait = fields.next()?.parse().ok()?;
     Some((run, wait))
+}
+
+/// (run ns, wait ns) of a thread from its `schedstat` text read at `path`. All zeros is an
+/// error: a thread that exists has run at least once, so the kernel keeps no statistics (an
+/// idle vCPU would otherwise look like one with no demand at all).
+fn thread_times(text: &str, path: &std::path::Path) -> Result<(u64, u64), UsageError> {
+    let times = parse_schedstat(text).ok_or_else(|| UsageError::Parse {
+        path: path.to_owned(),
+        line: text.trim().to_owned(),
+    })?;
+    if text.split_ascii_whitespace().all(|f| f == "0") {
+        return Err(UsageError::NoSchedInfo {
+            path: path.to_owned(),
+        });
+    }
+    Ok(times)
 }
 
 /// Bytes resident in the host ranges `ranges` (start, length), from the text of an `smaps` file.
@@ -104,10 +125,7 @@ pub fn measure(tids: &[u32], ranges: &[(u64, u64)]) -> Result<VmUsage, UsageErro
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(source) => return Err(UsageError::Read { path, source }),
         };
-        let (run, wait) = parse_schedstat(&text).ok_or_else(|| UsageError::Parse {
-            path: path.clone(),
-            line: text.trim().to_owned(),
-        })?;
+        let (run, wait) = thread_times(&text, &path)?;
         u.cpu_run_ns = u.cpu_run_ns.saturating_add(run);
         u.cpu_wait_ns = u.cpu_wait_ns.saturating_add(wait);
     }
@@ -133,6 +151,19 @@ mod tests {
         );
         assert_eq!(parse_schedstat(""), None);
         assert_eq!(parse_schedstat("12 x 3"), None);
+    }
+
+    #[test]
+    fn all_zero_schedstat_is_no_statistics_not_an_idle_vcpu() {
+        let path = std::path::Path::new("/proc/self/task/7/schedstat");
+        assert_eq!(thread_times("5 3 1\n", path).ok(), Some((5, 3)));
+        let e = thread_times("0 0 0\n", path).expect_err("no statistics");
+        assert!(matches!(e, UsageError::NoSchedInfo { .. }), "{e}");
+        assert!(e.to_string().contains("CONFIG_SCHED_INFO"), "{e}");
+        assert!(matches!(
+            thread_times("garbage", path),
+            Err(UsageError::Parse { .. })
+        ));
     }
 
     const SMAPS: &str = "\
