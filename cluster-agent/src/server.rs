@@ -140,6 +140,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             ),
         )
         .map_err(|e| RunError::Migration(Box::new(e)))?;
+    let dm = tokio::spawn(crate::control::demand::run(
+        agent.clone(),
+        vm_host.clone(),
+        stop_rx.clone(),
+    ));
     let fo = tokio::spawn(crate::control::failover::run(
         agent.clone(),
         stop_rx.clone(),
@@ -207,6 +212,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = rot.await;
     let _ = rc.await;
     let _ = fo.await;
+    let _ = dm.await;
     let _ = jobs.await;
     let _ = queue.await;
     if let Some(mt) = mt {

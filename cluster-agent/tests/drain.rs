@@ -557,6 +557,7 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
                 mode: mode.into(),
                 aggressiveness: aggr.into(),
                 interval_ms,
+                ..Default::default()
             })
             .await,
             Code::InvalidArgument,
@@ -608,6 +609,7 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
             mode: "none".into(),
             aggressiveness: "high".into(),
             interval_ms: 1000,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("policy: {e}{}", cl.logs()))
@@ -642,6 +644,7 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
         mode: "even".into(),
         aggressiveness: "high".into(),
         interval_ms: 1000,
+        ..Default::default()
     })
     .await
     .unwrap_or_else(|e| panic!("policy: {e}{}", cl.logs()));

@@ -254,6 +254,12 @@ fn heartbeat(bytes: &[u8], liveness: &mut Liveness) {
                         silent_ms: s.silent_ms,
                     })
                     .collect(),
+                // The demand report goes through the agent's own converter, as the peer
+                // service does (a bad one is dropped, the heartbeat still counts).
+                demand: hb
+                    .demand
+                    .as_ref()
+                    .and_then(|d| cluster_agent::api::convert::demand::demand_from_pb(d).ok()),
             },
             Instant::now(),
         );
@@ -316,6 +322,7 @@ fn a_heartbeat_listing_many_nodes_keeps_one_report_per_member() {
     let hb = HeartbeatRequest {
         node_id: 2,
         incarnation: 1,
+        demand: None,
         silences: (0..100_000)
             .map(|i| cluster_proto::raft::PeerSilence {
                 node_id: 1_000 + i,
@@ -396,6 +403,7 @@ proptest! {
         let hb = HeartbeatRequest {
             node_id: 2,
             incarnation: 7,
+            demand: None,
             silences: silences
                 .iter()
                 .map(|(n, s)| cluster_proto::raft::PeerSilence { node_id: *n, silent_ms: *s })

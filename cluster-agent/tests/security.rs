@@ -63,6 +63,7 @@ fn heartbeat(node_id: u64) -> HeartbeatRequest {
             node_id: 1,
             silent_ms: 60_000,
         }],
+        demand: None,
     }
 }
 

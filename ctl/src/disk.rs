@@ -88,7 +88,9 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
                 Format::Json => json(&serde_json::json!({
                     "name": d.name, "size_bytes": d.size_bytes,
                 })),
-                Format::Table => format!("disk {} created ({} MiB)\n", d.name, d.size_bytes >> 20),
+                Format::Table | Format::Wide => {
+                    format!("disk {} created ({} MiB)\n", d.name, d.size_bytes >> 20)
+                }
             })
         }
         DiskCmd::List => {
@@ -104,7 +106,7 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
                         "used_by": d.used_by,
                     })).collect::<Vec<_>>(),
                 })),
-                Format::Table => {
+                Format::Table | Format::Wide => {
                     if r.volumes.is_empty() {
                         return Ok("this agent has no shared volumes configured ([[volumes]] in its config)\n".into());
                     }
@@ -139,7 +141,7 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
             let r = call(ep, timeout, c.list_locks(pb::ListLocksRequest {})).await?;
             Ok(match cli.output {
                 Format::Json => json(&r.locks.iter().map(lock_json).collect::<Vec<_>>()),
-                Format::Table => {
+                Format::Table | Format::Wide => {
                     let rows: Vec<Vec<String>> = r
                         .locks
                         .iter()
@@ -195,6 +197,6 @@ pub async fn run_vm_disk(cli: &Cli, cmd: &VmDiskCmd) -> Result<String, CtlError>
     };
     Ok(match cli.output {
         Format::Json => json(&serde_json::json!({"vm": r.vm, "disks": r.disks})),
-        Format::Table => format!("VM {} disks: {}\n", r.vm, r.disks.join(", ")),
+        Format::Table | Format::Wide => format!("VM {} disks: {}\n", r.vm, r.disks.join(", ")),
     })
 }

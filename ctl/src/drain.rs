@@ -81,6 +81,14 @@ pub enum PolicySet {
         /// How often the leader runs the balancer (seconds; default: keep, 30 s initially).
         #[arg(long)]
         interval_s: Option<f64>,
+        /// A VM moved by migration stays at least this long before the balancer moves it
+        /// again (seconds; default: keep, 300 initially).
+        #[arg(long)]
+        min_dwell_s: Option<u64>,
+        /// What a move costs per second of its estimated migration, in basis points of load
+        /// (a move is made only if it gains more; default: keep, 100 initially).
+        #[arg(long)]
+        migration_cost_bp_per_s: Option<u32>,
     },
 }
 
@@ -343,13 +351,17 @@ fn render_policy(fmt: Format, p: &pb::PolicySpec) -> Result<String, CtlError> {
             "mode": p.mode,
             "aggressiveness": p.aggressiveness,
             "interval_ms": p.interval_ms,
+            "min_dwell_ms": p.min_dwell_ms,
+            "migration_cost_bp_per_s": p.migration_cost_bp_per_s,
         }));
     }
     Ok(format!(
-        "balance: {} (aggressiveness {}, every {})\n",
+        "balance: {} (aggressiveness {}, every {}); a moved VM stays at least {}; a move costs {} bp of load per second of migration\n",
         p.mode,
         p.aggressiveness,
-        secs(p.interval_ms)
+        secs(p.interval_ms),
+        secs(p.min_dwell_ms.unwrap_or(0)),
+        p.migration_cost_bp_per_s.unwrap_or(0)
     ))
 }
 
@@ -363,11 +375,22 @@ fn render_balance(fmt: Format, p: &pb::BalancePlanReply) -> Result<String, CtlEr
             "max_util_before_bp": p.max_util_before_bp,
             "max_util_after_bp": p.max_util_after_bp,
             "empty_nodes_may_power_off": p.empty_nodes_may_power_off,
+            "steps": p.steps.iter().map(|s| serde_json::json!({
+                "vm": s.vm,
+                "from_node_id": s.from_node,
+                "to_node_id": s.to_node,
+                "from_load_bp": [s.from_load_before_bp, s.from_load_after_bp],
+                "to_load_bp": [s.to_load_before_bp, s.to_load_after_bp],
+                "gain_bp": s.gain_bp,
+                "cost_bp": s.cost_bp,
+            })).collect::<Vec<_>>(),
+            "stopped": p.stopped,
+            "stop_code": p.stop_code,
         }));
     }
     let pct = |bp: u64| format!("{:.1}%", bp as f64 / 100.0);
     let mut s = format!(
-        "dry run: balance {}: {} moves; spread {} -> {}, busiest node {} -> {}\n",
+        "dry run: balance {}: {} moves; load spread {} -> {}, busiest node {} -> {}\n",
         p.mode,
         p.moves.len(),
         pct(p.spread_before_bp),
@@ -383,6 +406,28 @@ fn render_balance(fmt: Format, p: &pb::BalancePlanReply) -> Result<String, CtlEr
         .unwrap_or(0);
     if !p.moves.is_empty() {
         s.push_str(&render_plan(&p.moves, start));
+    }
+    if !p.steps.is_empty() {
+        s.push_str("why (demand load: the higher of CPU and memory demand over capacity):\n");
+        for st in &p.steps {
+            s.push_str(&format!(
+                "  {}: node {} -> node {}: node {} {} -> {}, node {} {} -> {}; gain {} > cost {}\n",
+                st.vm,
+                st.from_node,
+                st.to_node,
+                st.from_node,
+                pct(st.from_load_before_bp),
+                pct(st.from_load_after_bp),
+                st.to_node,
+                pct(st.to_load_before_bp),
+                pct(st.to_load_after_bp),
+                pct(st.gain_bp),
+                pct(st.cost_bp)
+            ));
+        }
+    }
+    if !p.stopped.is_empty() {
+        s.push_str(&format!("stopped: {}\n", p.stopped));
     }
     if !p.empty_nodes_may_power_off.is_empty() {
         let ids: Vec<String> = p
@@ -426,7 +471,7 @@ async fn watch(
             return Ok(text);
         }
         let line = progress(&j);
-        if line != last && cli.output == Format::Table {
+        if line != last && cli.output != Format::Json {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");
             let _ = out.flush();
@@ -466,7 +511,7 @@ pub async fn drain(cli: &Cli, node: u64, dry_run: bool, follow: bool) -> Result<
     if !follow || dry_run {
         return Ok(text);
     }
-    if cli.output == Format::Table {
+    if cli.output != Format::Json {
         print!("{text}");
     }
     watch(&mut c, cli, node).await
@@ -546,6 +591,8 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
                     mode,
                     aggressiveness,
                     interval_s,
+                    min_dwell_s,
+                    migration_cost_bp_per_s,
                 },
         } => {
             let interval_ms = match interval_s {
@@ -565,6 +612,8 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
                     mode: mode_str(*mode).into(),
                     aggressiveness: aggr_str(*aggressiveness).into(),
                     interval_ms,
+                    min_dwell_ms: min_dwell_s.map(|s| s.saturating_mul(1000)),
+                    migration_cost_bp_per_s: *migration_cost_bp_per_s,
                 }),
             )
             .await?;
@@ -621,6 +670,41 @@ mod tests {
             status: status.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn balance_dry_run_explains_steps_and_stop() {
+        let r = pb::BalancePlanReply {
+            mode: "even".into(),
+            moves: vec![mv("a", 1, "queued")],
+            spread_before_bp: 10_000,
+            spread_after_bp: 5_000,
+            max_util_before_bp: 10_000,
+            max_util_after_bp: 7_500,
+            steps: vec![pb::BalanceStep {
+                vm: "a".into(),
+                from_node: 1,
+                to_node: 2,
+                from_load_before_bp: 10_000,
+                from_load_after_bp: 7_500,
+                to_load_before_bp: 0,
+                to_load_after_bp: 2_500,
+                gain_bp: 2_500,
+                cost_bp: 50,
+            }],
+            stopped: "balanced: load spread 5.00 % is within the target 10.00 %".into(),
+            stop_code: "balanced".into(),
+            ..Default::default()
+        };
+        let t = render_balance(Format::Table, &r).unwrap_or_default();
+        assert!(
+            t.contains("a: node 1 -> node 2: node 1 100.0% -> 75.0%, node 2 0.0% -> 25.0%; gain 25.0% > cost 0.5%"),
+            "{t}"
+        );
+        assert!(t.contains("stopped: balanced: load spread 5.00 %"), "{t}");
+        let j = render_balance(Format::Json, &r).unwrap_or_default();
+        assert!(j.contains("\"stop_code\": \"balanced\""), "{j}");
+        assert!(j.contains("\"gain_bp\": 2500"), "{j}");
     }
 
     #[test]

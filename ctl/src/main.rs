@@ -90,6 +90,8 @@ impl Cli {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Table,
+    /// A table with more columns (`vm list`, `node list`: measured demand).
+    Wide,
     Json,
 }
 

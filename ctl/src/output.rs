@@ -71,6 +71,20 @@ struct Node {
     migration_transport: String,
     /// When the node's certificate expires (unix ms; 0: not reported).
     cert_expires_unix_ms: u64,
+    /// Σ measured demand of its VMs; `null`: no fresh report.
+    demand: Option<NodeDemand>,
+}
+
+#[derive(Serialize)]
+struct NodeDemand {
+    cpu_demand_millicores: u64,
+    cpu_run_millicores: u64,
+    memory_touched_mib: u64,
+    vms: u32,
+    /// CPU demand over the node's logical CPUs, percent.
+    cpu_demand_percent: f64,
+    /// Touched memory over the node's memory, percent.
+    memory_touched_percent: f64,
 }
 
 fn node_view(n: &pb::NodeInfo) -> Node {
@@ -100,6 +114,39 @@ fn node_view(n: &pb::NodeInfo) -> Node {
             .collect(),
         migration_transport: n.migration_transport.clone(),
         cert_expires_unix_ms: n.cert_expires_unix_ms,
+        demand: n.demand.as_ref().map(|d| NodeDemand {
+            cpu_demand_millicores: d.cpu_demand_millicores,
+            cpu_run_millicores: d.cpu_run_millicores,
+            memory_touched_mib: d.memory_touched_mib,
+            vms: d.vms,
+            cpu_demand_percent: percent(d.cpu_demand_millicores, u64::from(f.logical_cpus) * 1000),
+            memory_touched_percent: percent(d.memory_touched_mib, f.memory_bytes >> 20),
+        }),
+    }
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        (part as f64 * 1000.0 / whole as f64).round() / 10.0
+    }
+}
+
+fn demand_cells(d: Option<&NodeDemand>) -> [String; 2] {
+    match d {
+        Some(d) => [
+            format!(
+                "{} ({:.1}%)",
+                crate::vm::cpus(d.cpu_demand_millicores),
+                d.cpu_demand_percent
+            ),
+            format!(
+                "{} MiB ({:.1}%)",
+                d.memory_touched_mib, d.memory_touched_percent
+            ),
+        ],
+        None => ["-".into(), "-".into()],
     }
 }
 
@@ -115,7 +162,7 @@ pub fn nodes(fmt: Format, nodes: &[pb::NodeInfo]) -> Result<String, CtlError> {
     let rows: Vec<Vec<String>> = views
         .iter()
         .map(|n| {
-            vec![
+            let mut row = vec![
                 n.node_id.to_string(),
                 n.name.clone(),
                 n.state.clone(),
@@ -126,24 +173,29 @@ pub fn nodes(fmt: Format, nodes: &[pb::NodeInfo]) -> Result<String, CtlError> {
                 n.facts.logical_cpus.to_string(),
                 gib(n.facts.memory_bytes),
                 n.facts.kvm_kind.clone(),
-            ]
+            ];
+            if fmt == Format::Wide {
+                row.extend(demand_cells(n.demand.as_ref()));
+            }
+            row
         })
         .collect();
-    Ok(table(
-        &[
-            "ID",
-            "NAME",
-            "STATE",
-            "ROLE",
-            "MGMT",
-            "MIGRATION",
-            "CPU",
-            "CPUS",
-            "MEMORY",
-            "KVM",
-        ],
-        &rows,
-    ))
+    let mut headers = vec![
+        "ID",
+        "NAME",
+        "STATE",
+        "ROLE",
+        "MGMT",
+        "MIGRATION",
+        "CPU",
+        "CPUS",
+        "MEMORY",
+        "KVM",
+    ];
+    if fmt == Format::Wide {
+        headers.extend(["CPU_DEMAND", "MEM_TOUCHED"]);
+    }
+    Ok(table(&headers, &rows))
 }
 
 pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
@@ -151,6 +203,7 @@ pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&v);
     }
+    let [cpu_demand, mem_touched] = demand_cells(v.demand.as_ref());
     let rows = vec![
         vec!["id".into(), v.node_id.to_string()],
         vec!["name".into(), v.name],
@@ -192,6 +245,8 @@ pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
         vec!["logical cpus".into(), v.facts.logical_cpus.to_string()],
         vec!["memory".into(), gib(v.facts.memory_bytes)],
         vec!["kvm".into(), v.facts.kvm_kind],
+        vec!["cpu demand (vCPUs)".into(), cpu_demand],
+        vec!["memory touched".into(), mem_touched],
         vec![
             "networks".into(),
             if v.networks.is_empty() {
@@ -447,6 +502,59 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&j).unwrap_or_default();
         assert_eq!(v[0]["state"], "down");
         assert_eq!(v[0]["node_id"], 2);
+    }
+
+    #[test]
+    fn node_demand_shows_in_wide_list_show_and_json() {
+        let n = pb::NodeInfo {
+            node_id: 1,
+            name: "n1".into(),
+            state: "up".into(),
+            facts: Some(pb::NodeFacts {
+                logical_cpus: 4,
+                memory_bytes: 8 << 30,
+                ..Default::default()
+            }),
+            demand: Some(pb::NodeDemand {
+                cpu_demand_millicores: 3_000,
+                cpu_run_millicores: 2_000,
+                memory_touched_mib: 2_048,
+                sampled_unix_ms: 1,
+                vms: 3,
+            }),
+            ..Default::default()
+        };
+        let wide = nodes(Format::Wide, std::slice::from_ref(&n)).unwrap_or_default();
+        assert!(
+            wide.lines()
+                .next()
+                .is_some_and(|h| h.contains("CPU_DEMAND") && h.contains("MEM_TOUCHED")),
+            "{wide}"
+        );
+        assert!(
+            wide.contains("3.00 (75.0%)") && wide.contains("2048 MiB (25.0%)"),
+            "{wide}"
+        );
+        let plain = nodes(Format::Table, std::slice::from_ref(&n)).unwrap_or_default();
+        assert!(!plain.contains("CPU_DEMAND"), "{plain}");
+        let show = node(Format::Table, &n).unwrap_or_default();
+        assert!(
+            show.contains("cpu demand (vCPUs)") && show.contains("3.00 (75.0%)"),
+            "{show}"
+        );
+        let j = node(Format::Json, &n).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&j).unwrap_or_default();
+        assert_eq!(v["demand"]["cpu_demand_percent"], 75.0);
+        // No fresh report: a dash, and null in JSON.
+        let none = pb::NodeInfo { demand: None, ..n };
+        let show = node(Format::Table, &none).unwrap_or_default();
+        assert!(
+            show.lines()
+                .any(|l| l.starts_with("cpu demand (vCPUs)") && l.ends_with(" -")),
+            "{show}"
+        );
+        let j = node(Format::Json, &none).unwrap_or_default();
+        assert!(j.contains("\"demand\": null"), "{j}");
     }
 }
 

@@ -227,6 +227,24 @@ pub struct VmView {
     pub disks: Vec<String>,
     pub nics: Vec<NicView>,
     pub migrating_to: u64,
+    /// Measured demand as its owner reported it; `null`: not measured (yet).
+    pub demand: Option<DemandView>,
+}
+
+/// A VM's measured demand as printed.
+#[derive(Debug, Serialize)]
+pub struct DemandView {
+    /// vCPU run + runnable-wait time per second, smoothed (1000 = one busy vCPU).
+    pub cpu_demand_millicores: u64,
+    /// Of that, the time it ran.
+    pub cpu_run_millicores: u64,
+    /// Guest memory resident on the host.
+    pub memory_touched_mib: u64,
+}
+
+/// Millicores as vCPUs, two decimals (`1.00`).
+pub fn cpus(millicores: u64) -> String {
+    format!("{}.{:02}", millicores / 1000, millicores % 1000 / 10)
 }
 
 /// One NIC as printed: its network, MAC and TAP device on the owner's node.
@@ -271,6 +289,11 @@ pub fn view(v: &pb::VmInfo) -> VmView {
             })
             .collect(),
         migrating_to: v.migrating_to,
+        demand: v.demand.as_ref().map(|d| DemandView {
+            cpu_demand_millicores: d.cpu_demand_millicores,
+            cpu_run_millicores: d.cpu_run_millicores,
+            memory_touched_mib: d.memory_touched_mib,
+        }),
     }
 }
 
@@ -287,34 +310,38 @@ pub fn render_list(fmt: Format, vms: &[pb::VmInfo]) -> Result<String, CtlError> 
     if fmt == Format::Json {
         return json(&views);
     }
+    let wide = fmt == Format::Wide;
     let rows: Vec<Vec<String>> = views
         .iter()
         .map(|v| {
-            vec![
+            let mut row = vec![
                 v.name.clone(),
                 v.runtime.clone(),
                 v.desired.clone(),
                 owner(v),
                 v.vcpus.to_string(),
                 v.memory_mib.to_string(),
-                v.boot.clone(),
-                v.reason.clone(),
-            ]
+            ];
+            if wide {
+                match &v.demand {
+                    Some(d) => row.extend([
+                        cpus(d.cpu_demand_millicores),
+                        cpus(d.cpu_demand_millicores.saturating_sub(d.cpu_run_millicores)),
+                        d.memory_touched_mib.to_string(),
+                    ]),
+                    None => row.extend(["-".into(), "-".into(), "-".into()]),
+                }
+            }
+            row.extend([v.boot.clone(), v.reason.clone()]);
+            row
         })
         .collect();
-    Ok(table(
-        &[
-            "NAME",
-            "STATE",
-            "DESIRED",
-            "OWNER",
-            "VCPUS",
-            "MEMORY_MIB",
-            "BOOT",
-            "REASON",
-        ],
-        &rows,
-    ))
+    let mut headers = vec!["NAME", "STATE", "DESIRED", "OWNER", "VCPUS", "MEMORY_MIB"];
+    if wide {
+        headers.extend(["CPU_DEMAND", "CPU_WAIT", "TOUCHED_MIB"]);
+    }
+    headers.extend(["BOOT", "REASON"]);
+    Ok(table(&headers, &rows))
 }
 
 pub fn render_one(fmt: Format, vm: Option<&pb::VmInfo>) -> Result<String, CtlError> {
@@ -372,6 +399,23 @@ pub fn render_one(fmt: Format, vm: Option<&pb::VmInfo>) -> Result<String, CtlErr
                     .map(u64::to_string)
                     .collect::<Vec<_>>(),
             ),
+        ],
+        vec![
+            "cpu demand (vCPUs: run + wait)".into(),
+            v.demand.as_ref().map_or("-".into(), |d| {
+                format!(
+                    "{} ({} ran, {} waited for a CPU)",
+                    cpus(d.cpu_demand_millicores),
+                    cpus(d.cpu_run_millicores),
+                    cpus(d.cpu_demand_millicores.saturating_sub(d.cpu_run_millicores))
+                )
+            }),
+        ],
+        vec![
+            "memory touched (MiB)".into(),
+            v.demand
+                .as_ref()
+                .map_or("-".into(), |d| d.memory_touched_mib.to_string()),
         ],
         vec!["generation".into(), v.generation.to_string()],
         vec![
@@ -578,7 +622,7 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                             "vm": n,
                             "queued_migration_id": queued,
                         })),
-                        Format::Table => Ok(format!(
+                        Format::Table | Format::Wide => Ok(format!(
                             "VM {n}: migration {queued} queued (a migration slot is busy)\n"
                         )),
                     };
@@ -736,6 +780,50 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wide_list_shows_measured_demand() {
+        let vm = |name: &str, demand: Option<pb::VmDemand>| pb::VmInfo {
+            spec: Some(pb::VmSpec {
+                name: name.into(),
+                vcpus: 1,
+                memory_mib: 512,
+                ..Default::default()
+            }),
+            runtime: "running".into(),
+            desired: "running".into(),
+            owner_id: 1,
+            demand,
+            ..Default::default()
+        };
+        let vms = [
+            vm(
+                "busy",
+                Some(pb::VmDemand {
+                    cpu_demand_millicores: 980,
+                    cpu_run_millicores: 490,
+                    memory_touched_mib: 12,
+                    sampled_unix_ms: 1,
+                }),
+            ),
+            vm("new", None),
+        ];
+        let t = render_list(Format::Wide, &vms).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].contains("CPU_DEMAND  CPU_WAIT  TOUCHED_MIB"),
+            "{t}"
+        );
+        let cells = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(cells(lines[1])[6..9], ["0.98", "0.49", "12"], "{t}");
+        assert_eq!(cells(lines[2])[6..9], ["-", "-", "-"], "{t}");
+        // The plain table keeps its columns.
+        assert!(!render_list(Format::Table, &vms)
+            .unwrap_or_default()
+            .contains("CPU_DEMAND"));
+        let j = render_list(Format::Json, &vms).unwrap_or_default();
+        assert!(j.contains("\"cpu_demand_millicores\": 980"), "{j}");
+    }
 
     #[test]
     fn nic_arguments_parse_or_name_the_problem() {

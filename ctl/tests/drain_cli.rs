@@ -101,7 +101,9 @@ async fn drain_resume_and_policy_commands_against_real_agents() {
     // Policy: show, set, dry run, bad input.
     let out = ok(&ep, &["policy", "show"]);
     assert!(
-        out.contains("balance: none (aggressiveness medium, every 30.0s)"),
+        out.contains(
+            "balance: none (aggressiveness medium, every 30.0s); a moved VM stays at least 300.0s"
+        ),
         "{out}"
     );
     let out = ok(
@@ -121,8 +123,17 @@ async fn drain_resume_and_policy_commands_against_real_agents() {
     );
     let p = json(&ep, &["policy", "show"]);
     assert_eq!(p["mode"], "power-saving");
+    // Whether the two busy guests on node 3 are worth spreading depends on the host's CPUs
+    // (demand is measured; cluster-agent/tests/demand.rs fakes them): the dry run names its
+    // stop reason either way, and changes nothing.
     let out = ok(&ep, &["policy", "balance", "--dry-run", "--mode", "even"]);
-    assert!(out.contains("dry run: balance even: 0 moves"), "{out}");
+    assert!(out.contains("dry run: balance even: "), "{out}");
+    assert!(out.contains("\nstopped: "), "{out}");
+    let p = json(&ep, &["policy", "balance", "--dry-run", "--mode", "even"]);
+    assert!(
+        p["stop_code"].as_str().is_some_and(|c| !c.is_empty()),
+        "{p}"
+    );
     refused(
         &ep,
         &["policy", "set", "balance", "even", "--interval-s", "0.01"],

@@ -1,40 +1,50 @@
-//! Load balancing: even distribution and power saving. Utilisation is memory used / memory capacity (after
-//! reserve and overcommit) of Up nodes, in basis points; CPU is a capacity constraint only.
+//! Load balancing on measured demand: even distribution and power saving.
 //!
-//! **Even distribution.** While some Up node is above the threshold (80/70/60 % for low/medium/high
-//! aggressiveness), move one VM off the most loaded such node. A move of a VM from `a` to `b` is allowed only if
-//! after it both nodes lie at least `balance_margin_bp` inside the old interval: `util(b)' + margin ≤ util(a)` and
-//! `util(a)' ≥ util(b) + margin`. That hysteresis gives: the spread never grows; Φ = Σ used²/capacity drops by at
-//! least 2·x·margin per move, so moves cannot cycle, within a run or across runs (no ping-pong). A VM picked
-//! twice in one plan gets a single migration from its origin to its final node, so a run stops only at a state
-//! the next run leaves alone. The VM picked is the smallest that brings the node under the
-//! threshold, else the largest allowed (fewest moves), and the target the least utilised one.
+//! **Load.** A node's load is the higher of its CPU demand / CPU capacity (Σ measured vCPU demand of its
+//! running VMs over logical CPUs × 1000 millicores) and its memory demand / memory capacity (Σ touched memory
+//! over (memory − reserve) × overcommit), in basis points; unmeasured VMs count as fully busy (see
+//! `Vm::cpu_demand_millicores`). Capacity rules still use configured vCPUs and memory.
+//!
+//! **Even distribution.** While the load spread (most − least loaded Up node) is above the aggressiveness's
+//! imbalance target (30/20/10 % for low/medium/high), make the best move off the most loaded node that has
+//! one. A move of a VM from `a` to `b` is allowed only if it keeps every rule (anti-affinity included), the VM
+//! has stayed `min_dwell_ms` since its last migration, and after it both nodes lie at least `balance_margin_bp`
+//! inside the old interval: `load(b)' + margin ≤ load(a)` and `load(a)' ≥ load(b) + margin` (hysteresis). Its
+//! gain is `load(a) − max(load(a)', load(b)')`; its cost is its live-migration estimate (estimate.rs) × the
+//! policy's `migration_cost_bp_per_s`; it is made only if the gain is larger. The best move is the largest
+//! gain, then the least loaded target after it, then VM id, then node id.
+//!
+//! No ping-pong: each move replaces the loads `l_a > l_b` by two values strictly below `l_a`, so the vector of
+//! node loads sorted high to low drops lexicographically; the set of placements is finite, so no placement
+//! repeats within a plan or across runs on the same demand. Across changing demand the dwell time and the
+//! margin keep a VM from going back and forth. The spread never grows. A VM picked twice in one plan gets a
+//! single migration from its origin to its final node.
 //!
 //! **Power saving.** Nodes are emptied smallest first onto nodes that already run VMs (best fit, never above the
-//! fill level 70/80/90 %); a node is emptied only if all its running VMs can move, never into a node that was
-//! empty, and a node that received VMs is not emptied in the same plan. Each emptied node lowers the number of
-//! non-empty nodes, so repeated runs converge. Empty Up nodes whose power policy allows it are named.
+//! fill level 70/80/90 % of load); a node is emptied only if all its running VMs can move, never into a node that
+//! was empty, and a node that received VMs is not emptied in the same plan. Each emptied node lowers the number
+//! of non-empty nodes, so repeated runs converge. Empty Up nodes whose power policy allows it are named.
 //!
 //! Both modes only plan live migrations that keep every rule, anti-affinity included.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::cluster::{util_bp, Cluster};
+use crate::cluster::Cluster;
 use crate::estimate::{live_estimate, pair_bandwidth_mib_per_s};
 use crate::explain::{check, MoveKind, Subject};
 use crate::model::{BalanceMode, ClusterSnapshot, PowerPolicy};
-use crate::plan::{BalancePlan, PlannedMove};
+use crate::plan::{BalancePlan, BalanceStep, BalanceStop, PlannedMove};
 use crate::timeline::{schedule, Job};
 use crate::PlanError;
 
 /// Upper bound on planning steps in one plan (a guard; the potential argument already bounds them).
 pub const MAX_BALANCE_MOVES: usize = 10_000;
 
-/// (max − min, max) utilisation over Up nodes, in basis points.
+/// (max − min, max) demand load over Up nodes, in basis points.
 fn spread(c: &Cluster<'_>) -> (u64, u64) {
     let utils: Vec<u64> = (0..c.nodes.len())
         .filter(|&n| c.is_up(n))
-        .map(|n| c.nodes[n].util_bp())
+        .map(|n| c.nodes[n].load_bp())
         .collect();
     let max = utils.iter().copied().max().unwrap_or(0);
     let min = utils.iter().copied().min().unwrap_or(0);
@@ -87,30 +97,59 @@ fn record(
     });
 }
 
+/// Whether the Up nodes `on` keep an N+1 failover reserve: the VMs of any one of them fit in the others' free
+/// memory and vCPUs (checked against the largest: Σ used ≤ Σ capacity − the largest capacity, for each resource).
+fn keeps_reserve(c: &Cluster<'_>, on: &[usize]) -> bool {
+    let sum = |f: &dyn Fn(usize) -> u64| on.iter().map(|&n| f(n)).sum::<u64>();
+    let max = |f: &dyn Fn(usize) -> u64| on.iter().map(|&n| f(n)).max().unwrap_or(0);
+    let mem_cap = |n: usize| c.nodes[n].mem_capacity_mib;
+    let vcpu_cap = |n: usize| c.nodes[n].vcpu_capacity;
+    sum(&|n| c.nodes[n].mem_used_mib) <= sum(&mem_cap) - max(&mem_cap)
+        && sum(&|n| c.nodes[n].vcpus_used) <= sum(&vcpu_cap) - max(&vcpu_cap)
+}
+
+/// Empty Up nodes whose policy allows powering them off, lowest id first, as long as the nodes left on keep an
+/// N+1 failover reserve ([`keeps_reserve`]); none if the reserve is short already.
+fn may_power_off(c: &Cluster<'_>) -> Vec<crate::model::NodeId> {
+    let mut on: Vec<usize> = (0..c.nodes.len()).filter(|&n| c.is_up(n)).collect();
+    let mut off = Vec::new();
+    for n in 0..c.nodes.len() {
+        let a = &c.nodes[n];
+        let empty = c.is_up(n)
+            && a.running.is_empty()
+            && a.mem_used_mib == 0
+            && a.inflight_ends_ms.is_empty()
+            && a.node.power == PowerPolicy::MayPowerOff;
+        if !empty {
+            continue;
+        }
+        let rest: Vec<usize> = on.iter().copied().filter(|&m| m != n).collect();
+        if keeps_reserve(c, &rest) {
+            on = rest;
+            off.push(a.node.id);
+        }
+    }
+    off
+}
+
 /// Plans load balancing according to `snap.policy.balance`, with moves laid out from `now_ms`.
 pub fn balance(snap: &ClusterSnapshot, now_ms: u64) -> Result<BalancePlan, PlanError> {
     snap.validate()?;
     let mut c = Cluster::new(snap, None);
     let (spread_before_bp, max_util_before_bp) = spread(&c);
     let mut jobs = Vec::new();
-    match snap.policy.balance {
-        BalanceMode::None => {}
-        BalanceMode::EvenDistribution => even(&mut c, &mut jobs),
-        BalanceMode::PowerSaving => consolidate(&mut c, &mut jobs),
-    }
+    let mut steps = Vec::new();
+    let stopped = match snap.policy.balance {
+        BalanceMode::None => BalanceStop::Disabled,
+        BalanceMode::EvenDistribution => even(&mut c, &mut jobs, &mut steps, now_ms),
+        BalanceMode::PowerSaving => {
+            consolidate(&mut c, &mut jobs);
+            BalanceStop::Consolidated
+        }
+    };
     let (spread_after_bp, max_util_after_bp) = spread(&c);
     let empty_nodes_may_power_off = if snap.policy.balance == BalanceMode::PowerSaving {
-        (0..c.nodes.len())
-            .filter(|&n| {
-                let a = &c.nodes[n];
-                c.is_up(n)
-                    && a.running.is_empty()
-                    && a.mem_used_mib == 0
-                    && a.inflight_ends_ms.is_empty()
-                    && a.node.power == PowerPolicy::MayPowerOff
-            })
-            .map(|n| c.nodes[n].node.id)
-            .collect()
+        may_power_off(&c)
     } else {
         Vec::new()
     };
@@ -134,26 +173,62 @@ pub fn balance(snap: &ClusterSnapshot, now_ms: u64) -> Result<BalancePlan, PlanE
         spread_after_bp,
         max_util_before_bp,
         max_util_after_bp,
+        steps,
+        stopped,
     })
 }
 
-fn even(c: &mut Cluster<'_>, jobs: &mut Vec<Job>) {
-    let threshold = u64::from(c.snap.policy.aggressiveness.even_threshold_bp());
-    let margin = u64::from(c.snap.policy.balance_margin_bp);
+fn even(
+    c: &mut Cluster<'_>,
+    jobs: &mut Vec<Job>,
+    steps: &mut Vec<BalanceStep>,
+    now_ms: u64,
+) -> BalanceStop {
+    let target = u64::from(c.snap.policy.aggressiveness.imbalance_target_bp());
     // VM → the node it was on before this plan. A VM picked again later in the same plan is not moved twice: its
     // single migration goes from its origin straight to its final node.
     let mut origin: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut cost_cache: CostCache = vec![None; c.vms.len()];
+    let mut stop = BalanceStop::MoveLimit;
     for _ in 0..MAX_BALANCE_MOVES {
+        let (spread_bp, _) = spread(c);
+        if spread_bp <= target {
+            stop = BalanceStop::Balanced {
+                spread_bp,
+                target_bp: target,
+            };
+            break;
+        }
         let mut sources: Vec<usize> = (0..c.nodes.len())
-            .filter(|&n| c.is_up(n) && c.nodes[n].util_bp() > threshold)
+            .filter(|&n| c.is_up(n) && !c.nodes[n].running.is_empty())
             .collect();
-        sources.sort_by_key(|&n| (std::cmp::Reverse(c.nodes[n].util_bp()), c.nodes[n].node.id));
-        let step = sources
-            .into_iter()
-            .find_map(|src| best_even_move(c, src, threshold, margin, &origin).map(|m| (src, m)));
-        let Some((src, (vi, to))) = step else { break };
+        sources.sort_by_key(|&n| (std::cmp::Reverse(c.nodes[n].load_bp()), c.nodes[n].node.id));
+        let mut below_cost: Option<BalanceStop> = None;
+        let mut dwelling = 0;
+        let mut chosen = None;
+        for src in sources {
+            match best_even_move(c, src, &origin, now_ms, &mut cost_cache) {
+                Search::Found(step, vi, to) => {
+                    chosen = Some((src, step, vi, to));
+                    break;
+                }
+                Search::BelowCost(s) => {
+                    below_cost.get_or_insert(s);
+                }
+                Search::Nothing { dwelling: d } => dwelling += d,
+            }
+        }
+        let Some((src, step, vi, to)) = chosen else {
+            stop = below_cost.unwrap_or(BalanceStop::NoAllowedMove {
+                spread_bp,
+                target_bp: target,
+                dwelling,
+            });
+            break;
+        };
         origin.entry(vi).or_insert(src);
         c.move_vm(vi, to);
+        steps.push(step);
     }
     for (vi, from) in origin {
         let to = c.owner[vi];
@@ -164,6 +239,25 @@ fn even(c: &mut Cluster<'_>, jobs: &mut Vec<Job>) {
             record(c, jobs, vi, from, to, est);
         }
     }
+    stop
+}
+
+/// Outcome of looking for a move off one node.
+enum Search {
+    /// The best move: its step, the VM and the target.
+    Found(BalanceStep, usize, usize),
+    /// Moves keep the rules, but the best gains no more than it costs.
+    BelowCost(BalanceStop),
+    /// No move keeps the rules and the margin; `dwelling` VMs were skipped for their dwell time.
+    Nothing { dwelling: usize },
+}
+
+/// Cost of a move in basis points of load: its estimated duration × the policy's cost per second.
+fn cost_bp(c: &Cluster<'_>, duration_ms: u64) -> u64 {
+    let per_s = u128::from(c.snap.policy.migration_cost_bp_per_s);
+    (u128::from(duration_ms) * per_s)
+        .div_ceil(1000)
+        .min(u128::from(u64::MAX)) as u64
 }
 
 /// Live-migration estimate of `vi` from `from` to `to`.
@@ -178,52 +272,169 @@ fn estimate_between(c: &Cluster<'_>, vi: usize, from: usize, to: usize) -> Optio
         .map(|e| (e.duration_ms, e.downtime_ms))
 }
 
+/// A move considered, ordered best first: (gain (largest first), target load after (least first), VM index,
+/// target index, source load after). VM and node indexes follow their ids, so ties go to the lowest ids.
+type Candidate = std::cmp::Reverse<(std::cmp::Reverse<u64>, u64, usize, usize, u64)>;
+
+/// Per VM: (from, best bandwidth, cheapest cost) of its last lower bound on a move's cost (see `min_cost`).
+type CostCache = Vec<Option<(usize, u64, Option<u64>)>>;
+
 fn best_even_move(
     c: &Cluster<'_>,
     src: usize,
-    threshold: u64,
-    margin: u64,
     origin: &BTreeMap<usize, usize>,
-) -> Option<(usize, usize)> {
+    now_ms: u64,
+    cost_cache: &mut CostCache,
+) -> Search {
+    let p = &c.snap.policy;
+    let margin = u64::from(p.balance_margin_bp);
     let s = &c.nodes[src];
-    let src_util = s.util_bp();
-    // VMs in preference order: those that bring the node under the threshold, least memory first; then the
-    // others, largest first (fewest moves).
-    let mut vms: Vec<(bool, u64, usize)> = s
-        .running
-        .iter()
-        .map(|&vi| {
-            let mem = c.vms[vi].memory_mib;
-            let clears = util_bp(s.mem_used_mib - mem, s.mem_capacity_mib) <= threshold;
-            (!clears, if clears { mem } else { u64::MAX - mem }, vi)
+    let src_load = s.load_bp();
+    let mut dwelling = 0;
+    // Targets a live move from here can reach (cheap node-level rules; the full rule check below decides) and
+    // whose load leaves room for the hysteresis condition (`load(b) + margin ≤ load(a)` at least).
+    let targets: Vec<(usize, u64)> = (0..c.nodes.len())
+        .filter(|&to| {
+            let t = &c.nodes[to];
+            to != src
+                && c.is_up(to)
+                && t.node.cpu_vendor == s.node.cpu_vendor
+                && t.node.migration_subnet == s.node.migration_subnet
         })
+        .map(|to| (to, c.nodes[to].load_bp()))
+        .filter(|&(_, load)| load + margin <= src_load)
         .collect();
-    vms.sort_unstable();
-    for (_, _, vi) in vms {
-        let mem = c.vms[vi].memory_mib;
-        let src_after = util_bp(s.mem_used_mib - mem, s.mem_capacity_mib);
-        // Targets that keep the hysteresis condition, least utilised after the move first.
-        let mut targets: Vec<(u64, crate::model::NodeId, usize)> = (0..c.nodes.len())
-            .filter_map(|to| {
-                let t = &c.nodes[to];
-                if to == src || !c.is_up(to) || mem > t.mem_free_mib() {
-                    return None;
-                }
-                let t_after = util_bp(t.mem_used_mib + mem, t.mem_capacity_mib);
-                (t_after + margin <= src_util && src_after >= t.util_bp() + margin)
-                    .then_some((t_after, t.node.id, to))
-            })
-            .collect();
-        targets.sort_unstable();
-        let from = origin.get(&vi).copied().unwrap_or(src);
-        if let Some(to) = targets.into_iter().map(|(_, _, to)| to).find(|&to| {
-            clean_live(c, vi, to).is_some()
-                && (to == from || estimate_between(c, vi, from, to).is_some())
-        }) {
-            return Some((vi, to));
+    // The best target of a VM is the allowed one least loaded after the move (largest gain); targets already
+    // tried for it are skipped.
+    let best_target = |vi: usize, tried: &[usize]| -> Option<Candidate> {
+        let vm = c.vms[vi];
+        let (cpu, mem) = (vm.cpu_demand_mc(), vm.memory_demand_mib());
+        let src_after = s.load_without_bp(cpu, mem);
+        let mut best: Option<(u64, usize)> = None;
+        for &(to, t_load) in &targets {
+            let t = &c.nodes[to];
+            if tried.contains(&to)
+                || vm.memory_mib > t.mem_free_mib()
+                || u64::from(vm.vcpus) > t.vcpus_free()
+            {
+                continue;
+            }
+            let t_after = t.load_with_bp(cpu, mem);
+            if t_after + margin <= src_load
+                && src_after >= t_load + margin
+                && best.is_none_or(|b| (t_after, to) < b)
+            {
+                best = Some((t_after, to));
+            }
+        }
+        best.map(|(t_after, to)| {
+            let gain = src_load - src_after.max(t_after);
+            std::cmp::Reverse((std::cmp::Reverse(gain), t_after, vi, to, src_after))
+        })
+    };
+    // One candidate per VM in a heap, best first: the estimate and the rule check (the expensive part) run only
+    // on the few taken from the top; a VM whose candidate fails offers its next target.
+    let mut candidates = std::collections::BinaryHeap::new();
+    for &vi in &s.running {
+        let vm = c.vms[vi];
+        if vm
+            .moved_at_ms
+            .is_some_and(|t| now_ms < t.saturating_add(p.min_dwell_ms))
+        {
+            dwelling += 1;
+            continue;
+        }
+        if let Some(cand) = best_target(vi, &[]) {
+            candidates.push(cand);
         }
     }
-    None
+    // The cheapest migration a VM could have from here (the fastest link among the targets): a gain at or below
+    // it can be beaten by none of its targets.
+    let best_bw = targets
+        .iter()
+        .map(|&(to, _)| c.nodes[to].node.migration_bandwidth_mib_per_s)
+        .max()
+        .unwrap_or(0);
+    let mut min_cost = |vi: usize, from: usize| {
+        if let Some((f, b, v)) = cost_cache[vi] {
+            if (f, b) == (from, best_bw) {
+                return v;
+            }
+        }
+        let bw = pair_bandwidth_mib_per_s(
+            c.nodes[from].node.migration_bandwidth_mib_per_s,
+            best_bw,
+            p.max_live_migrations_per_node,
+        );
+        let vm = c.vms[vi];
+        let v = live_estimate(vm.memory_mib, vm.dirty_rate_mib_per_s, bw)
+            .map(|e| cost_bp(c, e.duration_ms));
+        cost_cache[vi] = Some((from, best_bw, v));
+        v
+    };
+    let mut tried: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    let mut below_cost = None;
+    while let Some(std::cmp::Reverse((std::cmp::Reverse(gain), t_after, vi, to, src_after))) =
+        candidates.pop()
+    {
+        let from = origin.get(&vi).copied().unwrap_or(src);
+        // Not worth it whatever the target, and a move to name is known already: drop this VM.
+        if below_cost.is_some() && to != from && min_cost(vi, from).is_none_or(|m| gain <= m) {
+            continue;
+        }
+        let estimate = if to == from {
+            Some(0) // back where it started this plan: no migration at all
+        } else {
+            estimate_between(c, vi, from, to).map(|(d, _)| d)
+        };
+        let cost = estimate.map(|d| cost_bp(c, d));
+        let passes = match cost {
+            Some(cost) if gain > cost => clean_live(c, vi, to).is_some(),
+            // Checked only to name the first move that is not worth it, when planning stops.
+            Some(_) if below_cost.is_none() => clean_live(c, vi, to).is_some(),
+            _ => false,
+        };
+        if let (true, Some(cost)) = (passes, cost) {
+            let step = BalanceStep {
+                vm: c.vms[vi].id.clone(),
+                from: s.node.id,
+                to: c.nodes[to].node.id,
+                from_load_bp: (src_load, src_after),
+                to_load_bp: (c.nodes[to].load_bp(), t_after),
+                gain_bp: gain,
+                cost_bp: cost,
+            };
+            if gain > cost {
+                return Search::Found(step, vi, to);
+            }
+            below_cost.get_or_insert(BalanceStop::GainBelowCost {
+                vm: step.vm,
+                from: step.from,
+                to: step.to,
+                gain_bp: gain,
+                cost_bp: cost,
+            });
+        }
+        // Its next target gains less. Look at it when this one broke a rule or does not converge (another may
+        // not), when no move has been named yet, or when some target could cost less than that smaller gain.
+        let t = tried.entry(vi).or_default();
+        t.push(to);
+        if let Some(next) = best_target(vi, t) {
+            let std::cmp::Reverse((std::cmp::Reverse(next_gain), ..)) = next;
+            let worth = cost.is_some_and(|cost| gain > cost);
+            let look = cost.is_none()
+                || (worth && !passes)
+                || (below_cost.is_none() && !passes)
+                || min_cost(vi, from).is_some_and(|m| next_gain > m);
+            if look {
+                candidates.push(next);
+            }
+        }
+    }
+    match below_cost {
+        Some(stop) => Search::BelowCost(stop),
+        None => Search::Nothing { dwelling },
+    }
 }
 
 /// (fill key, node id), target, (duration, downtime).
@@ -262,7 +473,8 @@ fn consolidate(c: &mut Cluster<'_>, jobs: &mut Vec<Job>) {
                 if closed.contains(&to) || !c.is_up(to) || mem > t.mem_free_mib() {
                     continue;
                 }
-                let after = util_bp(t.mem_used_mib + mem, t.mem_capacity_mib);
+                let after =
+                    t.load_with_bp(c.vms[vi].cpu_demand_mc(), c.vms[vi].memory_demand_mib());
                 if after > fill {
                     continue;
                 }
@@ -296,5 +508,174 @@ fn consolidate(c: &mut Cluster<'_>, jobs: &mut Vec<Job>) {
             }
             closed.remove(&n);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{CpuVendor, Node, NodeId, NodeState, Vm, VmId, VmState};
+
+    fn node(id: u64) -> Node {
+        Node {
+            id: NodeId(id),
+            state: NodeState::Up,
+            cpus_logical: 4,
+            memory_mib: 16_384,
+            reserved_memory_mib: 0,
+            cpu_vendor: CpuVendor::Intel,
+            cpu_features: Default::default(),
+            management_subnet: "10.0.1.0/24".parse().expect("subnet"),
+            migration_subnet: "10.0.2.0/24".parse().expect("subnet"),
+            power: Default::default(),
+            migration_bandwidth_mib_per_s: 1024,
+            networks: Default::default(),
+        }
+    }
+
+    fn busy_vm(i: usize, node: u64, cpu_mc: u64) -> Vm {
+        Vm {
+            id: VmId(format!("vm-{i:02}")),
+            vcpus: 1,
+            memory_mib: 512,
+            node: NodeId(node),
+            state: VmState::Running,
+            restart_priority: Default::default(),
+            anti_affinity: Default::default(),
+            preferred_owners: Vec::new(),
+            dirty_rate_mib_per_s: 0,
+            live_migratable: true,
+            cpu_features: Default::default(),
+            networks: Default::default(),
+            cpu_demand_millicores: Some(cpu_mc),
+            memory_touched_mib: Some(64),
+            moved_at_ms: None,
+        }
+    }
+
+    /// Eight busy VMs on node 1 of four nodes.
+    fn crowded() -> ClusterSnapshot {
+        let mut snap = ClusterSnapshot {
+            nodes: (1..=4).map(node).collect(),
+            vms: (0..8).map(|i| busy_vm(i, 1, 900)).collect(),
+            ..Default::default()
+        };
+        snap.policy.balance = BalanceMode::EvenDistribution;
+        snap.policy.aggressiveness = crate::model::Aggressiveness::High;
+        snap
+    }
+
+    fn apply(snap: &mut ClusterSnapshot, plan: &BalancePlan, now_ms: u64) {
+        for (vm, to) in plan.new_owners() {
+            let v = snap.vms.iter_mut().find(|v| v.id == vm).expect("moved VM");
+            v.node = to;
+            v.moved_at_ms = Some(now_ms);
+        }
+    }
+
+    #[test]
+    fn a_vm_within_its_dwell_time_stays() {
+        let mut snap = crowded();
+        snap.policy.min_dwell_ms = 60_000;
+        for v in &mut snap.vms {
+            v.moved_at_ms = Some(1_000);
+        }
+        let plan = balance(&snap, 60_999).expect("plans");
+        assert_eq!(plan.moves_count, 0);
+        assert_eq!(
+            plan.stopped,
+            BalanceStop::NoAllowedMove {
+                spread_bp: plan.spread_before_bp,
+                target_bp: 1_000,
+                dwelling: 8
+            }
+        );
+        assert!(plan
+            .stopped
+            .to_string()
+            .contains("8 VMs wait out their dwell time"));
+        // One millisecond later the dwell time is over.
+        let plan = balance(&snap, 61_000).expect("plans");
+        assert_eq!(plan.moves_count, 6, "{plan:#?}");
+    }
+
+    /// Demand that wobbles from run to run (±4 %, under the 5 % margin) never makes VMs go back and forth:
+    /// after the first run spreads them, 100 more runs over simulated minutes move nothing, with or without
+    /// a dwell time.
+    #[test]
+    fn noisy_demand_causes_no_ping_pong() {
+        for dwell_ms in [0, 300_000] {
+            let mut snap = crowded();
+            snap.policy.min_dwell_ms = dwell_ms;
+            let mut seed = 7u64;
+            let mut moves_after_first = 0;
+            for round in 0..101u64 {
+                let now = round * 30_000;
+                for v in &mut snap.vms {
+                    seed = seed
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    v.cpu_demand_millicores = Some(860 + (seed >> 33) % 81);
+                }
+                let plan = balance(&snap, now).expect("plans");
+                for s in &plan.steps {
+                    assert!(s.gain_bp > s.cost_bp, "{s:?}");
+                }
+                if round > 0 {
+                    moves_after_first += plan.moves_count;
+                }
+                apply(&mut snap, &plan, now);
+            }
+            assert_eq!(moves_after_first, 0, "dwell {dwell_ms} ms");
+            let per_node: Vec<usize> = (1..=4)
+                .map(|n| snap.vms.iter().filter(|v| v.node == NodeId(n)).count())
+                .collect();
+            assert_eq!(per_node, vec![2, 2, 2, 2]);
+        }
+    }
+
+    #[test]
+    fn cost_follows_the_migration_estimate() {
+        let mut snap = crowded();
+        // 512 MiB over 1024 MiB/s: 500 ms; at 100 bp per second that is 50 bp.
+        let plan = balance(&snap, 0).expect("plans");
+        assert!(
+            plan.steps.iter().all(|s| s.cost_bp == 50),
+            "{:?}",
+            plan.steps
+        );
+        // A cost no gain can beat stops the plan before its first move.
+        snap.policy.migration_cost_bp_per_s = 10_000;
+        let plan = balance(&snap, 0).expect("plans");
+        assert_eq!(plan.moves_count, 0);
+        assert!(
+            matches!(
+                plan.stopped,
+                BalanceStop::GainBelowCost { cost_bp: 5_000, .. }
+            ),
+            "{:?}",
+            plan.stopped
+        );
+    }
+
+    #[test]
+    fn memory_demand_counts_too() {
+        // Idle VMs (no CPU demand) that touched all their memory: memory alone drives the spread.
+        let mut snap = crowded();
+        for v in &mut snap.vms {
+            v.cpu_demand_millicores = Some(0);
+            v.memory_mib = 2_048;
+            v.memory_touched_mib = Some(2_048);
+        }
+        let plan = balance(&snap, 0).expect("plans");
+        assert!(plan.moves_count >= 3, "{plan:#?}");
+        assert!(plan.max_util_after_bp < plan.max_util_before_bp);
+        // Same VMs having touched little memory: nothing to balance.
+        for v in &mut snap.vms {
+            v.memory_touched_mib = Some(64);
+        }
+        let plan = balance(&snap, 0).expect("plans");
+        assert_eq!(plan.moves_count, 0);
+        assert!(matches!(plan.stopped, BalanceStop::Balanced { .. }));
     }
 }

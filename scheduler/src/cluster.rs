@@ -20,6 +20,12 @@ pub(crate) struct NodeAcct<'a> {
     pub vcpu_capacity: u64,
     pub mem_used_mib: u64,
     pub vcpus_used: u64,
+    /// CPU demand VMs may have before the node is saturated: logical CPUs × 1000 (millicores).
+    pub cpu_capacity_mc: u64,
+    /// Measured CPU demand of the running VMs (and incoming migrations), millicores.
+    pub cpu_demand_mc: u64,
+    /// Measured memory demand (touched guest memory) of the same VMs.
+    pub mem_demand_mib: u64,
     /// Running VMs owned by the node (indices into `Cluster::vms`).
     pub running: BTreeSet<usize>,
     /// Anti-affinity class → VMs holding it here (owned, running or off, plus incoming migrations).
@@ -37,9 +43,30 @@ impl NodeAcct<'_> {
         self.vcpu_capacity.saturating_sub(self.vcpus_used)
     }
 
-    /// Memory utilisation in basis points.
-    pub fn util_bp(&self) -> u64 {
-        util_bp(self.mem_used_mib, self.mem_capacity_mib)
+    /// Demand load in basis points: the higher of CPU demand / CPU capacity and memory demand / memory
+    /// capacity (a host is as loaded as its busiest resource). Above 10 000 when CPU demand exceeds the CPUs.
+    pub fn load_bp(&self) -> u64 {
+        self.load_with_bp(0, 0)
+    }
+
+    /// [`Self::load_bp`] after adding `cpu_mc` and `mem_mib` of demand (both may be 0).
+    pub fn load_with_bp(&self, cpu_mc: u64, mem_mib: u64) -> u64 {
+        util_bp(self.cpu_demand_mc + cpu_mc, self.cpu_capacity_mc).max(util_bp(
+            self.mem_demand_mib + mem_mib,
+            self.mem_capacity_mib,
+        ))
+    }
+
+    /// [`Self::load_bp`] after removing `cpu_mc` and `mem_mib` of demand.
+    pub fn load_without_bp(&self, cpu_mc: u64, mem_mib: u64) -> u64 {
+        util_bp(
+            self.cpu_demand_mc.saturating_sub(cpu_mc),
+            self.cpu_capacity_mc,
+        )
+        .max(util_bp(
+            self.mem_demand_mib.saturating_sub(mem_mib),
+            self.mem_capacity_mib,
+        ))
     }
 }
 
@@ -82,6 +109,9 @@ impl<'a> Cluster<'a> {
                     / 100,
                 mem_used_mib: 0,
                 vcpus_used: 0,
+                cpu_capacity_mc: u64::from(n.cpus_logical) * 1000,
+                cpu_demand_mc: 0,
+                mem_demand_mib: 0,
                 running: BTreeSet::new(),
                 classes: BTreeMap::new(),
                 inflight_ends_ms: Vec::new(),
@@ -138,6 +168,8 @@ impl<'a> Cluster<'a> {
         if vm.state == VmState::Running {
             n.mem_used_mib += vm.memory_mib;
             n.vcpus_used += u64::from(vm.vcpus);
+            n.cpu_demand_mc += vm.cpu_demand_mc();
+            n.mem_demand_mib += vm.memory_demand_mib();
         }
         for class in &vm.anti_affinity {
             n.classes.entry(class.as_str()).or_default().insert(vi);
@@ -157,6 +189,8 @@ impl<'a> Cluster<'a> {
         if vm.state == VmState::Running {
             n.mem_used_mib = n.mem_used_mib.saturating_sub(vm.memory_mib);
             n.vcpus_used = n.vcpus_used.saturating_sub(u64::from(vm.vcpus));
+            n.cpu_demand_mc = n.cpu_demand_mc.saturating_sub(vm.cpu_demand_mc());
+            n.mem_demand_mib = n.mem_demand_mib.saturating_sub(vm.memory_demand_mib());
             n.running.remove(&vi);
         }
         for class in &vm.anti_affinity {

@@ -49,8 +49,8 @@ pub use model::{
 };
 pub use place::{failover, place, VmRequest};
 pub use plan::{
-    BalancePlan, DrainPlan, FailoverPlan, NodeRejection, NotRestarted, OwnershipMove, Placement,
-    PlannedMove, Refusal, Restart, Unmovable, Wave,
+    BalancePlan, BalanceStep, BalanceStop, DrainPlan, FailoverPlan, NodeRejection, NotRestarted,
+    OwnershipMove, Placement, PlannedMove, Refusal, Restart, Unmovable, Wave,
 };
 
 use cluster::Cluster;

@@ -30,8 +30,15 @@ pub const MAX_CPUS: u32 = 1 << 20;
 pub const MAX_NODES: usize = 10_000;
 /// Largest accepted number of VMs in a snapshot.
 pub const MAX_VMS: usize = 1_000_000;
-/// Default hysteresis margin of the balancer, in basis points of utilisation (5 %).
+/// Default hysteresis margin of the balancer, in basis points of load (5 %).
 pub const DEFAULT_BALANCE_MARGIN_BP: u32 = 500;
+/// Default cost the balancer charges a move, per second of its estimated live-migration time, in basis points
+/// of load (1 % per second: a 1 GiB VM over a 1 GiB/s link must gain more than 1 %).
+pub const DEFAULT_MIGRATION_COST_BP_PER_S: u32 = 100;
+/// Default time a VM stays on a node after a migration before the balancer moves it again (5 minutes).
+pub const DEFAULT_MIN_DWELL_MS: u64 = 300_000;
+/// Largest accepted migration cost (100 % of load per second).
+pub const MAX_MIGRATION_COST_BP_PER_S: u32 = 10_000;
 
 /// Cluster node identifier.
 #[derive(
@@ -323,6 +330,33 @@ pub struct Vm {
     /// Networks the VM's NICs are on; every node it runs on must have all of them.
     #[serde(default)]
     pub networks: BTreeSet<String>,
+    /// Measured CPU demand: time its vCPU threads ran plus time they were runnable but waited for a CPU, per
+    /// second, smoothed, in millicores (1000 = one vCPU always busy). `None` (not measured yet): every vCPU is
+    /// counted busy. Values above `vcpus × 1000` are counted as `vcpus × 1000`.
+    #[serde(default)]
+    pub cpu_demand_millicores: Option<u64>,
+    /// Measured guest memory the VM has touched (resident on its host). `None`: all of `memory_mib`. Values
+    /// above `memory_mib` are counted as `memory_mib`. Capacity checks always use `memory_mib`.
+    #[serde(default)]
+    pub memory_touched_mib: Option<u64>,
+    /// When the VM last arrived on its node by migration (same clock as `now_ms`); the balancer leaves it
+    /// there until `policy.min_dwell_ms` later.
+    #[serde(default)]
+    pub moved_at_ms: Option<u64>,
+}
+
+impl Vm {
+    /// CPU demand the planners count, in millicores (see `cpu_demand_millicores`).
+    pub fn cpu_demand_mc(&self) -> u64 {
+        let all = u64::from(self.vcpus) * 1000;
+        self.cpu_demand_millicores.map_or(all, |d| d.min(all))
+    }
+
+    /// Memory demand the planners count, in MiB (see `memory_touched_mib`).
+    pub fn memory_demand_mib(&self) -> u64 {
+        self.memory_touched_mib
+            .map_or(self.memory_mib, |m| m.min(self.memory_mib))
+    }
 }
 
 fn default_true() -> bool {
@@ -360,22 +394,23 @@ pub enum BalanceMode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Aggressiveness {
-    /// Even distribution acts above 80 %; power saving fills targets up to 70 %.
+    /// Even distribution acts while the load spread exceeds 30 %; power saving fills targets up to 70 %.
     Low,
-    /// Even distribution acts above 70 %; power saving fills targets up to 80 %.
+    /// Even distribution acts while the load spread exceeds 20 %; power saving fills targets up to 80 %.
     #[default]
     Medium,
-    /// Even distribution acts above 60 %; power saving fills targets up to 90 %.
+    /// Even distribution acts while the load spread exceeds 10 %; power saving fills targets up to 90 %.
     High,
 }
 
 impl Aggressiveness {
-    /// Utilisation above which even distribution moves VMs off a node, in basis points.
-    pub fn even_threshold_bp(self) -> u32 {
+    /// Imbalance target of even distribution: it moves VMs while the spread of demand load (most loaded Up
+    /// node minus least loaded) is above this, in basis points.
+    pub fn imbalance_target_bp(self) -> u32 {
         match self {
-            Aggressiveness::Low => 8_000,
-            Aggressiveness::Medium => 7_000,
-            Aggressiveness::High => 6_000,
+            Aggressiveness::Low => 3_000,
+            Aggressiveness::Medium => 2_000,
+            Aggressiveness::High => 1_000,
         }
     }
 
@@ -405,6 +440,11 @@ pub struct Policy {
     pub aggressiveness: Aggressiveness,
     /// Hysteresis: a balancing move must leave both nodes at least this far (basis points) inside the old range.
     pub balance_margin_bp: u32,
+    /// Cost of a balancing move per second of its estimated live-migration time, in basis points of load; a
+    /// move is made only if its gain is larger.
+    pub migration_cost_bp_per_s: u32,
+    /// A VM that arrived by migration less than this long ago is not moved by the balancer.
+    pub min_dwell_ms: u64,
 }
 
 impl Default for Policy {
@@ -416,6 +456,8 @@ impl Default for Policy {
             balance: BalanceMode::default(),
             aggressiveness: Aggressiveness::default(),
             balance_margin_bp: DEFAULT_BALANCE_MARGIN_BP,
+            migration_cost_bp_per_s: DEFAULT_MIGRATION_COST_BP_PER_S,
+            min_dwell_ms: DEFAULT_MIN_DWELL_MS,
         }
     }
 }
@@ -547,6 +589,20 @@ impl ClusterSnapshot {
         if p.balance_margin_bp >= 10_000 {
             return Err(SnapshotError::BadMargin(p.balance_margin_bp));
         }
+        if p.migration_cost_bp_per_s > MAX_MIGRATION_COST_BP_PER_S {
+            return Err(SnapshotError::OutOfRange {
+                what: "policy migration_cost_bp_per_s".to_owned(),
+                value: u64::from(p.migration_cost_bp_per_s),
+                max: u64::from(MAX_MIGRATION_COST_BP_PER_S),
+            });
+        }
+        if p.min_dwell_ms > MAX_QUANTITY {
+            return Err(SnapshotError::OutOfRange {
+                what: "policy min_dwell_ms".to_owned(),
+                value: p.min_dwell_ms,
+                max: MAX_QUANTITY,
+            });
+        }
         if self.nodes.len() > MAX_NODES {
             return Err(SnapshotError::TooMany {
                 what: "nodes",
@@ -616,6 +672,16 @@ impl ClusterSnapshot {
             range(
                 &|| format!("{} dirty_rate_mib_per_s", vm.id),
                 vm.dirty_rate_mib_per_s,
+                MAX_QUANTITY,
+            )?;
+            range(
+                &|| format!("{} cpu_demand_millicores", vm.id),
+                vm.cpu_demand_millicores.unwrap_or(0),
+                MAX_QUANTITY,
+            )?;
+            range(
+                &|| format!("{} memory_touched_mib", vm.id),
+                vm.memory_touched_mib.unwrap_or(0),
                 MAX_QUANTITY,
             )?;
             range(

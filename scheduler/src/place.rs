@@ -1,15 +1,16 @@
 //! Placement of a new VM and failover restarts (cold starts: capacity, node state, anti-affinity).
 //!
 //! Target choice, in order: a node without an anti-affinity conflict; the VM's preferred owners in their order;
-//! then the fit rule (spread: lowest memory utilisation after the start; power saving: highest utilisation that
-//! still fits, so empty nodes stay empty); then the lowest node id.
+//! then the fit rule on demand load (the higher of CPU demand and memory demand utilisation, see
+//! `Vm::cpu_demand_millicores`; spread: lowest load after the start; power saving: highest load, so empty nodes
+//! stay empty); then the lowest node id. A new VM counts as all its vCPUs busy and all its memory touched.
 
 use std::cmp::Reverse;
 use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{util_bp, Cluster};
+use crate::cluster::Cluster;
 use crate::explain::{anti_affinity_conflict, check, MoveKind, Reason, Subject};
 use crate::model::{BalanceMode, ClusterSnapshot, CpuVendor, NodeId, NodeState, VmId, VmState};
 use crate::plan::{
@@ -47,9 +48,9 @@ pub struct VmRequest {
 /// How to pick among feasible nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Fit {
-    /// Lowest utilisation after the move.
+    /// Lowest demand load after the move.
     Spread,
-    /// Highest utilisation after the move, preferring nodes already running VMs.
+    /// Highest demand load after the move, preferring nodes already running VMs.
     Pack,
 }
 
@@ -91,7 +92,12 @@ pub(crate) fn choose(
             .iter()
             .position(|&p| p == n.node.id)
             .unwrap_or(usize::MAX);
-        let after = util_bp(n.mem_used_mib + s.memory_mib, n.mem_capacity_mib);
+        // Demand of the subject: measured for an existing VM, all vCPUs and all memory for a new one.
+        let (cpu_mc, mem_mib) = match s.vi {
+            Some(vi) => (c.vms[vi].cpu_demand_mc(), c.vms[vi].memory_demand_mib()),
+            None => (u64::from(s.vcpus) * 1000, s.memory_mib),
+        };
+        let after = n.load_with_bp(cpu_mc, mem_mib);
         let (nonempty, fit_key) = match fit {
             Fit::Spread => (true, after),
             Fit::Pack => (!n.running.is_empty(), u64::MAX - after),

@@ -212,6 +212,107 @@ impl fmt::Display for Refusal {
     }
 }
 
+/// One planning step of even distribution: a VM moved from a more loaded to a less loaded node, with the loads
+/// (demand, basis points) it was judged on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalanceStep {
+    /// VM.
+    pub vm: VmId,
+    /// Node it leaves in this step.
+    pub from: NodeId,
+    /// Node it goes to.
+    pub to: NodeId,
+    /// Load of `from` before and after the step.
+    pub from_load_bp: (u64, u64),
+    /// Load of `to` before and after the step.
+    pub to_load_bp: (u64, u64),
+    /// Gain: how much the higher load of the two nodes drops (`from` before − the higher one after).
+    pub gain_bp: u64,
+    /// Cost charged for the migration (its estimated duration × the policy's cost per second).
+    pub cost_bp: u64,
+}
+
+/// Why a balancing plan stopped adding moves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "stop", rename_all = "snake_case")]
+pub enum BalanceStop {
+    /// The policy is `none`.
+    Disabled,
+    /// The load spread is at or under the aggressiveness's imbalance target.
+    Balanced {
+        /// Spread reached.
+        spread_bp: u64,
+        /// Target.
+        target_bp: u64,
+    },
+    /// The best move the rules allow gains no more than it costs.
+    GainBelowCost {
+        /// VM of that move.
+        vm: VmId,
+        /// From.
+        from: NodeId,
+        /// To.
+        to: NodeId,
+        /// Its gain.
+        gain_bp: u64,
+        /// Its cost.
+        cost_bp: u64,
+    },
+    /// No VM may move: every candidate breaks a rule, the hysteresis margin, or its dwell time.
+    NoAllowedMove {
+        /// Spread left.
+        spread_bp: u64,
+        /// Target.
+        target_bp: u64,
+        /// VMs left alone because they moved less than `min_dwell_ms` ago.
+        dwelling: usize,
+    },
+    /// The plan reached the step guard.
+    MoveLimit,
+    /// Power saving: no more node can be emptied.
+    Consolidated,
+}
+
+impl fmt::Display for BalanceStop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pct = |bp: u64| format!("{}.{:02} %", bp / 100, bp % 100);
+        match self {
+            BalanceStop::Disabled => f.write_str("balancing is off (policy none)"),
+            BalanceStop::Balanced { spread_bp, target_bp } => write!(
+                f,
+                "balanced: load spread {} is within the target {}",
+                pct(*spread_bp),
+                pct(*target_bp)
+            ),
+            BalanceStop::GainBelowCost {
+                vm,
+                from,
+                to,
+                gain_bp,
+                cost_bp,
+            } => write!(
+                f,
+                "the best remaining move ({vm} from {from} to {to}) would gain {} but costs {}",
+                pct(*gain_bp),
+                pct(*cost_bp)
+            ),
+            BalanceStop::NoAllowedMove {
+                spread_bp,
+                target_bp,
+                dwelling,
+            } => write!(
+                f,
+                "load spread {} is above the target {} but no move keeps every rule and the hysteresis margin \
+                 ({dwelling} VMs wait out their dwell time)",
+                pct(*spread_bp),
+                pct(*target_bp)
+            ),
+            BalanceStop::MoveLimit => f.write_str("the plan reached its move limit"),
+            BalanceStop::Consolidated => f.write_str("no further node can be emptied"),
+        }
+    }
+}
+
 /// A load-balancing plan.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BalancePlan {
@@ -225,16 +326,21 @@ pub struct BalancePlan {
     pub moves_count: usize,
     /// Memory moved.
     pub moved_memory_mib: u64,
-    /// Up nodes with no running VM after the plan whose power policy allows powering them off (power saving).
+    /// Up nodes with no running VM after the plan whose power policy allows powering them off (power saving),
+    /// as many as leave an N+1 failover reserve on the nodes that stay on.
     pub empty_nodes_may_power_off: Vec<NodeId>,
-    /// Max − min memory utilisation over Up nodes before, in basis points.
+    /// Max − min demand load over Up nodes before, in basis points.
     pub spread_before_bp: u64,
     /// Same after the plan.
     pub spread_after_bp: u64,
-    /// Highest memory utilisation over Up nodes before, in basis points.
+    /// Highest demand load over Up nodes before, in basis points.
     pub max_util_before_bp: u64,
     /// Same after.
     pub max_util_after_bp: u64,
+    /// Even distribution: the planning steps in order, each with its gain and cost.
+    pub steps: Vec<BalanceStep>,
+    /// Why planning stopped.
+    pub stopped: BalanceStop,
 }
 
 impl BalancePlan {

@@ -38,6 +38,9 @@ fn vm(id: &str, node: u64) -> Vm {
         live_migratable: true,
         cpu_features: Default::default(),
         networks: Default::default(),
+        cpu_demand_millicores: None,
+        memory_touched_mib: None,
+        moved_at_ms: None,
     }
 }
 
@@ -118,6 +121,30 @@ fn inconsistent_snapshots_are_named() {
         invalid(|s| s.policy.balance_margin_bp = 10_000),
         SnapshotError::BadMargin(10_000)
     );
+    for (what, f) in [
+        (
+            "policy migration_cost_bp_per_s",
+            Box::new(|s: &mut ClusterSnapshot| s.policy.migration_cost_bp_per_s = 10_001)
+                as Box<dyn Fn(&mut ClusterSnapshot)>,
+        ),
+        (
+            "policy min_dwell_ms",
+            Box::new(|s: &mut ClusterSnapshot| s.policy.min_dwell_ms = u64::MAX),
+        ),
+        (
+            "VM a cpu_demand_millicores",
+            Box::new(|s: &mut ClusterSnapshot| s.vms[0].cpu_demand_millicores = Some(u64::MAX)),
+        ),
+        (
+            "VM a memory_touched_mib",
+            Box::new(|s: &mut ClusterSnapshot| s.vms[0].memory_touched_mib = Some(u64::MAX)),
+        ),
+    ] {
+        match invalid(&*f) {
+            SnapshotError::OutOfRange { what: w, .. } => assert_eq!(w, what),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
     let mig = |vm: &str, from, to| Migration {
         vm: VmId::new(vm),
         from: NodeId(from),

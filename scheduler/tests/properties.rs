@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use common::*;
 use proptest::prelude::*;
 use scheduler::{
-    balance, drain, failback, failover, place, why_not, why_not_quick, BalanceMode,
+    balance, drain, failback, failover, place, why_not, why_not_quick, BalanceMode, BalanceStop,
     ClusterSnapshot, MoveKind, NodeId, NodeState, PlanError, RestartPriority, VmId, VmRequest,
     VmState,
 };
@@ -174,17 +174,32 @@ proptest! {
     fn even_balancing_never_widens_spread_and_converges(seed in any::<u64>()) {
         let mut snap = random_cluster(seed);
         snap.policy.balance = BalanceMode::EvenDistribution;
-        let mut previous: Vec<(VmId, NodeId, NodeId)> = Vec::new();
-        let mut phi = potential(&snap);
+        let now = 100_000;
+        let mut seen: BTreeSet<Vec<(VmId, NodeId)>> = BTreeSet::new();
+        let mut loads = sorted_loads(&snap);
         for round in 0..20 {
-            let plan = balance(&snap, 0).unwrap();
+            let plan = balance(&snap, now).unwrap();
             prop_assert_eq!(plan.spread_before_bp, spread_bp(&snap));
             prop_assert!(plan.spread_after_bp <= plan.spread_before_bp, "spread grew: {:?}", plan);
+            // Every step gains more than it costs, keeps the margin, and the stop reason is true.
+            let target = u64::from(snap.policy.aggressiveness.imbalance_target_bp());
+            for st in &plan.steps {
+                prop_assert!(st.gain_bp > st.cost_bp, "{:?}", st);
+                prop_assert_eq!(st.gain_bp, st.from_load_bp.0 - st.from_load_bp.1.max(st.to_load_bp.1));
+                let margin = u64::from(snap.policy.balance_margin_bp);
+                prop_assert!(st.to_load_bp.1 + margin <= st.from_load_bp.0 && st.from_load_bp.1 >= st.to_load_bp.0 + margin, "{:?}", st);
+            }
+            match &plan.stopped {
+                BalanceStop::Balanced { spread_bp, .. } => prop_assert!(*spread_bp <= target),
+                BalanceStop::GainBelowCost { gain_bp, cost_bp, .. } => prop_assert!(gain_bp <= cost_bp),
+                BalanceStop::NoAllowedMove { spread_bp, .. } => prop_assert!(*spread_bp > target),
+                other => prop_assert!(false, "unexpected stop {:?}", other),
+            }
             if plan.moves_count == 0 {
                 prop_assert!(round <= 1, "balancing needed {} runs to settle", round);
                 return Ok(());
             }
-            // A VM moves at most once per plan.
+            // A VM moves at most once per plan, and never one still in its dwell time.
             let vms: BTreeSet<&VmId> = plan.moves().map(|m| &m.vm).collect();
             prop_assert_eq!(vms.len(), plan.moves_count);
             let mut moves = Vec::new();
@@ -193,20 +208,23 @@ proptest! {
                 prop_assert_eq!(m.kind, MoveKind::Live);
                 prop_assert!(m.anti_affinity_violation.is_none());
                 check_move_rules(&snap, m).map_err(TestCaseError::fail)?;
-                prop_assert!(!previous.iter().any(|(v, f, t)| v == &m.vm && *f == m.to && *t == m.from), "{} ping-pongs", m.vm);
+                let v = vm(&snap, &m.vm);
+                prop_assert!(v.moved_at_ms.is_none_or(|t| now >= t + snap.policy.min_dwell_ms), "{} moved within its dwell time", m.vm);
                 moves.push((m.vm.clone(), m.to));
                 received.insert(m.to);
             }
-            check_timeline(&snap, &plan.waves, 0).map_err(TestCaseError::fail)?;
+            check_timeline(&snap, &plan.waves, now).map_err(TestCaseError::fail)?;
             let after = apply(&snap, &moves);
             check_capacity(&after, &received).map_err(TestCaseError::fail)?;
             prop_assert_eq!(plan.spread_after_bp, spread_bp(&after));
             let new_aa = anti_affinity_pairs(&after);
             prop_assert!(new_aa.is_subset(&anti_affinity_pairs(&snap)), "balancing created an anti-affinity conflict");
-            let new_phi = potential(&after);
-            prop_assert!(new_phi < phi, "potential did not drop");
-            phi = new_phi;
-            previous = plan.moves().map(|m| (m.vm.clone(), m.from, m.to)).collect();
+            // No ping-pong: the loads sorted high to low drop lexicographically, so no placement comes back.
+            let new_loads = sorted_loads(&after);
+            prop_assert!(new_loads < loads, "loads did not drop: {:?} -> {:?}", loads, new_loads);
+            loads = new_loads;
+            let placement: Vec<(VmId, NodeId)> = after.vms.iter().map(|v| (v.id.clone(), v.node)).collect();
+            prop_assert!(seen.insert(placement), "a placement came back");
             snap = after;
         }
         prop_assert!(false, "balancing did not converge in 20 runs");
@@ -235,6 +253,24 @@ proptest! {
                 prop_assert_eq!(n.state, NodeState::Up);
                 prop_assert_eq!(n.power, scheduler::PowerPolicy::MayPowerOff);
                 prop_assert!(after.vms.iter().all(|v| v.node != *id || v.state == VmState::Off));
+            }
+            // N+1: with the named nodes off, the VMs of any node left on fit in the others' free room.
+            if !plan.empty_nodes_may_power_off.is_empty() {
+                let u = usage(&after);
+                let on: Vec<&scheduler::Node> = after
+                    .nodes
+                    .iter()
+                    .filter(|n| n.state == NodeState::Up && !plan.empty_nodes_may_power_off.contains(&n.id))
+                    .collect();
+                for lost in &on {
+                    let (mem, cpu) = u.get(&lost.id).copied().unwrap_or((0, 0));
+                    let free = |f: &dyn Fn(&scheduler::Node) -> u64, used: &dyn Fn(NodeId) -> u64| {
+                        on.iter().filter(|n| n.id != lost.id).map(|n| f(n).saturating_sub(used(n.id))).sum::<u64>()
+                    };
+                    let free_mem = free(&|n| usable_mem(n, &after.policy), &|id| u.get(&id).map_or(0, |x| x.0));
+                    let free_cpu = free(&|n| usable_vcpus(n, &after.policy), &|id| u.get(&id).map_or(0, |x| x.1));
+                    prop_assert!(mem <= free_mem && cpu <= free_cpu, "{} cannot fail over: {} MiB / {} vCPUs, free {} / {}", lost.id, mem, cpu, free_mem, free_cpu);
+                }
             }
             let used: BTreeSet<NodeId> = usage(&after).into_iter().filter(|(_, u)| u.0 > 0).map(|(n, _)| n).collect();
             if plan.moves_count == 0 {

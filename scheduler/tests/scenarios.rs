@@ -85,6 +85,8 @@ struct BalanceExpect {
     #[serde(default)]
     targets: BTreeMap<String, Vec<u64>>,
     second_run_moves: Option<usize>,
+    /// Why the plan stopped (`BalanceStop`'s tag: balanced, gain_below_cost, no_allowed_move, ...).
+    stop: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -281,6 +283,10 @@ fn run(name: &str) {
             plan.spread_after_bp <= plan.spread_before_bp
                 || snap.policy.balance != scheduler::BalanceMode::EvenDistribution
         );
+        if let Some(stop) = &b.stop {
+            let got = serde_json::to_value(&plan.stopped).unwrap();
+            assert_eq!(got["stop"], stop.as_str(), "{name}: stopped {got}");
+        }
         if let Some(n) = b.second_run_moves {
             let moves: Vec<(VmId, NodeId)> = plan.moves().map(|m| (m.vm.clone(), m.to)).collect();
             let again = balance(&common::apply(snap, &moves), 0).unwrap();
@@ -329,8 +335,23 @@ fn power_saving_consolidation() {
 }
 
 #[test]
+fn power_saving_keeps_a_failover_reserve() {
+    run("power_saving_reserve.toml");
+}
+
+#[test]
 fn even_distribution_smallest_sufficient_move() {
     run("even_distribution.toml");
+}
+
+#[test]
+fn even_distribution_spreads_cpu_demand() {
+    run("even_cpu_demand.toml");
+}
+
+#[test]
+fn even_distribution_gain_below_cost() {
+    run("even_gain_below_cost.toml");
 }
 
 #[test]

@@ -234,6 +234,13 @@ pub fn current_thread() -> libc::pthread_t {
     unsafe { libc::pthread_self() }
 }
 
+/// Kernel thread id (`gettid`) of the calling thread.
+pub fn current_tid() -> u32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    tid.unsigned_abs()
+}
+
 /// Send the kick signal to `thread`.
 ///
 /// The caller guarantees `thread` is a live thread of this process: vCPU threads publish

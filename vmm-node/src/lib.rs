@@ -17,6 +17,7 @@ pub mod mptable;
 pub mod snapshot;
 pub mod state;
 pub mod test_guest;
+pub mod usage;
 pub mod vcpu;
 pub mod vm;
 

@@ -52,6 +52,9 @@ pub(crate) struct CtlState {
     pub parked: usize,
     pub exited: usize,
     pub threads: Vec<Option<libc::pthread_t>>,
+    /// Kernel thread id of each vCPU thread once it started (kept after it exits: its CPU
+    /// time is read from `/proc/self/task/<tid>/schedstat`, see `crate::usage`).
+    pub tids: Vec<Option<u32>>,
     pub stop_reason: Option<StopReason>,
 }
 
@@ -72,6 +75,7 @@ impl Control {
                 parked: 0,
                 exited: 0,
                 threads: vec![None; vcpus],
+                tids: vec![None; vcpus],
                 stop_reason: None,
             }),
             cond: Condvar::new(),
@@ -353,6 +357,7 @@ pub(crate) fn vcpu_thread(ctx: VcpuContext, fd: Arc<Mutex<VcpuFd>>) {
     {
         let mut st = ctx.ctl.lock();
         st.threads[ctx.id as usize] = Some(crate::kvm::current_thread());
+        st.tids[ctx.id as usize] = Some(crate::kvm::current_tid());
     }
     while ctx.park() {
         let mut guard = fd.lock().unwrap_or_else(|e| e.into_inner());

@@ -341,6 +341,18 @@ impl Vm {
         }
     }
 
+    /// CPU time of the vCPU threads and guest memory resident on this host now (see
+    /// [`crate::usage`]). A vCPU thread that has not started yet counts zero.
+    pub fn usage(&self) -> Result<crate::usage::VmUsage, crate::usage::UsageError> {
+        let tids: Vec<u32> = self.ctl.lock().tids.iter().flatten().copied().collect();
+        let ranges: Vec<(u64, u64)> = crate::kvm::memory_slots(&self.memory)
+            .map_err(crate::usage::UsageError::Mapping)?
+            .iter()
+            .map(|s| (s.host_addr, s.size_bytes))
+            .collect();
+        crate::usage::measure(&tids, &ranges)
+    }
+
     /// Current run state.
     pub fn status(&self) -> VmStatus {
         let st = self.ctl.lock();

@@ -153,6 +153,8 @@ fn policy_to_pb(p: &BalancePolicy) -> pb::PolicySpec {
         mode: jobs::mode_str(p.mode).into(),
         aggressiveness: jobs::aggressiveness_str(p.aggressiveness).into(),
         interval_ms: p.interval_ms,
+        min_dwell_ms: Some(p.min_dwell_ms),
+        migration_cost_bp_per_s: Some(p.migration_cost_bp_per_s),
     }
 }
 
@@ -357,6 +359,10 @@ impl DrainService for JobApi {
                 mode,
                 aggressiveness,
                 interval_ms,
+                min_dwell_ms: req.min_dwell_ms.unwrap_or(state.jobs.policy.min_dwell_ms),
+                migration_cost_bp_per_s: req
+                    .migration_cost_bp_per_s
+                    .unwrap_or(state.jobs.policy.migration_cost_bp_per_s),
             },
             at_unix_ms: now_unix_ms(),
         };
@@ -386,7 +392,12 @@ impl DrainService for JobApi {
         if !req.aggressiveness.is_empty() {
             state.jobs.policy.aggressiveness = parse_aggressiveness(&req.aggressiveness)?;
         }
-        let plan = job_runner::plan_balance(&state, now_unix_ms()).map_err(status::drain)?;
+        let plan = job_runner::plan_balance(&state, &self.agent.demand(), now_unix_ms())
+            .map_err(status::drain)?;
+        let stop_code = serde_json::to_value(&plan.stopped)
+            .ok()
+            .and_then(|v| v["stop"].as_str().map(str::to_owned))
+            .unwrap_or_default();
         Ok(Response::new(pb::BalancePlanReply {
             mode: jobs::mode_str(plan.mode).into(),
             moves: job_runner::moves_of(&plan.waves)
@@ -398,6 +409,23 @@ impl DrainService for JobApi {
             max_util_before_bp: plan.max_util_before_bp,
             max_util_after_bp: plan.max_util_after_bp,
             empty_nodes_may_power_off: plan.empty_nodes_may_power_off.iter().map(|n| n.0).collect(),
+            steps: plan
+                .steps
+                .iter()
+                .map(|s| pb::BalanceStep {
+                    vm: s.vm.0.clone(),
+                    from_node: s.from.0,
+                    to_node: s.to.0,
+                    from_load_before_bp: s.from_load_bp.0,
+                    from_load_after_bp: s.from_load_bp.1,
+                    to_load_before_bp: s.to_load_bp.0,
+                    to_load_after_bp: s.to_load_bp.1,
+                    gain_bp: s.gain_bp,
+                    cost_bp: s.cost_bp,
+                })
+                .collect(),
+            stopped: plan.stopped.to_string(),
+            stop_code,
         }))
     }
 }

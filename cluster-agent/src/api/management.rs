@@ -229,6 +229,7 @@ impl Management for ManagementApi {
                 mem.learner_ids().collect::<Vec<_>>(),
             )
         };
+        let demand = self.agent.demand();
         let nodes = self.agent.read_sm(|d| {
             d.state
                 .nodes
@@ -242,7 +243,10 @@ impl Management for ManagementApi {
                     } else {
                         "none"
                     };
-                    convert::node_to_pb(r, role)
+                    pb::NodeInfo {
+                        demand: crate::api::convert::demand::node_demand_to_pb(&demand, id),
+                        ..convert::node_to_pb(r, role)
+                    }
                 })
                 .collect()
         });
@@ -264,8 +268,14 @@ impl Management for ManagementApi {
         } else {
             "none"
         };
+        let demand = self.agent.demand();
         self.agent
-            .read_sm(|d| d.state.nodes.get(&id).map(|r| convert::node_to_pb(r, role)))
+            .read_sm(|d| {
+                d.state.nodes.get(&id).map(|r| pb::NodeInfo {
+                    demand: crate::api::convert::demand::node_demand_to_pb(&demand, id),
+                    ..convert::node_to_pb(r, role)
+                })
+            })
             .map(Response::new)
             .ok_or_else(|| {
                 Status::not_found(format!(

@@ -344,5 +344,110 @@ pub fn render(agent: &Agent, progress: &ProgressBoard, vms: &[crate::vmhost::VmI
         "Times this node's lease lapsed (its VMs were fenced).",
     );
     let _ = writeln!(out, "cluster_lease_lapses_total{{{node}}} {}", lease.lapses);
+    family(
+        &mut out,
+        "cluster_balance_rounds_total",
+        "counter",
+        "Looks the periodic balancer took on this agent while it led (moves planned or not).",
+    );
+    let _ = writeln!(
+        out,
+        "cluster_balance_rounds_total{{{node}}} {}",
+        agent.balance_rounds()
+    );
+    render_demand(&mut out, &node, agent.demand().get(&me));
     out
+}
+
+/// `value` as a Prometheus label value (backslash, quote and newline escaped).
+fn label_value(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// A demand series: name suffix, help text, and the figure it shows.
+type DemandSeries = (
+    &'static str,
+    &'static str,
+    fn(&crate::node::demand::VmDemand) -> u64,
+);
+
+/// This node's measured demand (its latest report): totals and per VM.
+fn render_demand(out: &mut String, node: &str, report: Option<&crate::node::demand::NodeDemand>) {
+    let Some(r) = report else { return };
+    let t = r.total();
+    let per_vm: [DemandSeries; 3] = [
+        (
+            "cpu_demand_millicores",
+            "vCPU run + runnable-wait time per second, smoothed (1000 = one busy vCPU).",
+            |d| d.cpu_demand_mc,
+        ),
+        (
+            "cpu_run_millicores",
+            "vCPU run time per second, smoothed (the part of the demand that got a CPU).",
+            |d| d.cpu_run_mc,
+        ),
+        (
+            "memory_touched_mib",
+            "Guest memory resident on this host (touched by the guest).",
+            |d| d.memory_touched_mib,
+        ),
+    ];
+    for (what, help, get) in per_vm {
+        let name = format!("cluster_node_{what}");
+        family(
+            out,
+            &name,
+            "gauge",
+            &format!("{help} Sum over this node's VMs."),
+        );
+        let _ = writeln!(out, "{name}{{{node}}} {}", get(&t));
+        let name = format!("cluster_vm_{what}");
+        family(out, &name, "gauge", help);
+        for (vm, d) in &r.vms {
+            let _ = writeln!(
+                out,
+                "{name}{{{node},vm=\"{}\"}} {}",
+                label_value(vm),
+                get(d)
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod demand_tests {
+    use super::*;
+    use crate::node::demand::{NodeDemand, VmDemand};
+
+    #[test]
+    fn demand_series_per_vm_and_totals_with_escaped_names() {
+        let mut r = NodeDemand::default();
+        for (name, cpu) in [("a", 900), ("b\"x", 100)] {
+            r.vms.insert(
+                name.into(),
+                VmDemand {
+                    cpu_demand_mc: cpu,
+                    cpu_run_mc: cpu / 2,
+                    memory_touched_mib: 64,
+                },
+            );
+        }
+        let mut out = String::new();
+        render_demand(&mut out, "node=\"2\"", Some(&r));
+        for line in [
+            "cluster_node_cpu_demand_millicores{node=\"2\"} 1000",
+            "cluster_node_cpu_run_millicores{node=\"2\"} 500",
+            "cluster_node_memory_touched_mib{node=\"2\"} 128",
+            "cluster_vm_cpu_demand_millicores{node=\"2\",vm=\"a\"} 900",
+            "cluster_vm_cpu_demand_millicores{node=\"2\",vm=\"b\\\"x\"} 100",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing in\n{out}");
+        }
+        let mut none = String::new();
+        render_demand(&mut none, "node=\"2\"", None);
+        assert!(none.is_empty());
+    }
 }

@@ -130,7 +130,14 @@ impl VmApi {
         let rec = vms::find(&state, name)
             .ok_or_else(|| Status::not_found(format!("no VM named {name:?}")))?;
         Ok(Response::new(pb::VmReply {
-            vm: Some(vm_convert::record_to_pb(&state, rec)),
+            vm: Some(pb::VmInfo {
+                demand: crate::api::convert::demand::vm_demand_to_pb(
+                    &self.agent.demand(),
+                    rec.owner,
+                    &rec.spec.name,
+                ),
+                ..vm_convert::record_to_pb(&state, rec)
+            }),
             queued_migration_id: 0,
         }))
     }
@@ -336,7 +343,7 @@ impl VmService for VmApi {
         };
         vms::check(&state, &unplaced).map_err(status::vm_state)?;
         let owner = if req.start {
-            Some(placement::place(&state, &spec).map_err(status::placement)?)
+            Some(placement::place(&state, &self.agent.demand(), &spec).map_err(status::placement)?)
         } else {
             None
         };
@@ -369,7 +376,8 @@ impl VmService for VmApi {
                 owner: rec.owner.unwrap_or(0),
             }));
         }
-        let owner = placement::place(&state, &rec.spec).map_err(status::placement)?;
+        let owner =
+            placement::place(&state, &self.agent.demand(), &rec.spec).map_err(status::placement)?;
         tracing::info!(vm = %name, owner, "starting vm");
         self.commit(VmCommand::StartVm {
             name: name.clone(),
@@ -419,10 +427,18 @@ impl VmService for VmApi {
     ) -> Result<Response<pb::ListVmsReply>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let state = self.state();
+        let demand = self.agent.demand();
         let mut vms: Vec<pb::VmInfo> = state
             .vms
             .values()
-            .map(|r| vm_convert::record_to_pb(&state, r))
+            .map(|r| pb::VmInfo {
+                demand: crate::api::convert::demand::vm_demand_to_pb(
+                    &demand,
+                    r.owner,
+                    &r.spec.name,
+                ),
+                ..vm_convert::record_to_pb(&state, r)
+            })
             .collect();
         vms.sort_by(|a, b| {
             let n = |v: &pb::VmInfo| v.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();

@@ -55,7 +55,7 @@ fn main() {
         snapshot_us += t.elapsed().as_secs_f64() * 1e6;
         drop(snap);
         let t = Instant::now();
-        let owner = match placement::place(&s, &sp) {
+        let owner = match placement::place(&s, &Default::default(), &sp) {
             Ok(o) => o,
             Err(e) => {
                 eprintln!("vms-bench: placement failed at VM {i}: {e}");

@@ -53,7 +53,11 @@ pub struct Takeover {
 /// committed) — moving it anywhere else would reboot a running VM. If the target never
 /// got that far, its half-received copy was dropped when the source's connection broke,
 /// and it boots the VM from its disks, whose locks it may already hold.
-pub fn plan(state: &ClusterState, dead: &[u64]) -> Result<Vec<Takeover>, PlacementError> {
+pub fn plan(
+    state: &ClusterState,
+    demand: &crate::node::demand::Demand,
+    dead: &[u64],
+) -> Result<Vec<Takeover>, PlacementError> {
     let mut out = Vec::new();
     let mut snap = None;
     let dead: Vec<u64> = dead
@@ -98,6 +102,7 @@ pub fn plan(state: &ClusterState, dead: &[u64]) -> Result<Vec<Takeover>, Placeme
             None => {
                 // The VMs going to their migration targets live there from now on.
                 let mut s = placement::snapshot(state)?;
+                placement::add_demand(&mut s, demand);
                 for vm in &mut s.vms {
                     if let Some((_, t)) = to_target.iter().find(|(n, _)| *n == vm.id.0) {
                         vm.node = scheduler::NodeId(*t);
@@ -137,7 +142,7 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
         }
         let state = agent.read_sm(|d| d.state.clone());
         let dead = agent.down_for_at_least(&state, FAILOVER_GRACE);
-        let takeovers = match plan(&state, &dead) {
+        let takeovers = match plan(&state, &agent.demand(), &dead) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %crate::error_chain(&e), "failover planning failed");
@@ -257,10 +262,10 @@ mod tests {
         // First seen Down at t0 + 1 s; still inside the grace at t0 + 2 s: nothing yet.
         assert_eq!(clock.ready(&s, t0 + ms(1_000), grace), Vec::<u64>::new());
         let dead = clock.ready(&s, t0 + ms(2_000), grace);
-        assert_eq!(plan(&s, &dead).ok(), Some(vec![]));
+        assert_eq!(plan(&s, &Default::default(), &dead).ok(), Some(vec![]));
         let dead = clock.ready(&s, t0 + ms(2_500), grace);
         assert_eq!(dead, vec![2]);
-        let t = plan(&s, &dead).unwrap_or_default();
+        let t = plan(&s, &Default::default(), &dead).unwrap_or_default();
         let names: Vec<&str> = t.iter().map(|t| t.vm.as_str()).collect();
         assert_eq!(names, vec!["high", "low"]);
         assert!(t.iter().all(|t| t.from == 2 && t.to != 2));
@@ -272,7 +277,7 @@ mod tests {
                 at_unix_ms: 11_600,
             }));
         }
-        assert_eq!(plan(&s, &dead).ok(), Some(vec![]));
+        assert_eq!(plan(&s, &Default::default(), &dead).ok(), Some(vec![]));
     }
 
     #[test]
@@ -342,7 +347,7 @@ mod tests {
         );
         let mut both_down = s.clone();
         down(&mut s, 2);
-        let t = plan(&s, &[2]).unwrap_or_default();
+        let t = plan(&s, &Default::default(), &[2]).unwrap_or_default();
         let moving: Vec<_> = t.iter().filter(|t| t.vm == "moving").collect();
         assert_eq!(
             moving,
@@ -356,7 +361,7 @@ mod tests {
         // The target is dead too: the ordinary failover rules apply (priority none: stays).
         down(&mut both_down, 2);
         down(&mut both_down, 3);
-        let t = plan(&both_down, &[2, 3]).unwrap_or_default();
+        let t = plan(&both_down, &Default::default(), &[2, 3]).unwrap_or_default();
         assert!(t.iter().all(|t| t.vm != "moving"), "{t:?}");
         assert!(t.iter().any(|t| t.vm == "staying" && t.to == 1), "{t:?}");
     }

@@ -23,6 +23,7 @@ use scheduler::{ClusterSnapshot, DrainPlan, MoveKind, NodeId, Reason, VmId, Wave
 use tokio::sync::watch;
 
 use crate::control::placement::{self, PlacementError};
+use crate::node::demand::Demand;
 use crate::node::{now_unix_ms, Agent, ForwardRequest};
 #[cfg(test)]
 use crate::state::jobs::BalancePolicy;
@@ -42,6 +43,8 @@ pub fn snapshot(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError>
     let mut snap = placement::snapshot_with_migrations(state)?;
     snap.policy.balance = state.jobs.policy.mode;
     snap.policy.aggressiveness = state.jobs.policy.aggressiveness;
+    snap.policy.min_dwell_ms = state.jobs.policy.min_dwell_ms;
+    snap.policy.migration_cost_bp_per_s = state.jobs.policy.migration_cost_bp_per_s;
     Ok(snap)
 }
 
@@ -164,9 +167,15 @@ pub fn plan_failback(
     scheduler::failback(&snap, NodeId(node), &vms, now).map_err(DrainError::Plan)
 }
 
-/// The balancer's plan under the replicated policy (nothing committed).
-pub fn plan_balance(state: &ClusterState, now: u64) -> Result<scheduler::BalancePlan, DrainError> {
-    let snap = snapshot(state).map_err(DrainError::Placement)?;
+/// The balancer's plan under the replicated policy and the measured `demand` (nothing
+/// committed).
+pub fn plan_balance(
+    state: &ClusterState,
+    demand: &Demand,
+    now: u64,
+) -> Result<scheduler::BalancePlan, DrainError> {
+    let mut snap = snapshot(state).map_err(DrainError::Placement)?;
+    placement::add_demand(&mut snap, demand);
     scheduler::balance(&snap, now).map_err(DrainError::Plan)
 }
 
@@ -398,14 +407,14 @@ fn drain_tail(state: &ClusterState, j: &JobRecord, now: u64) -> Option<JobComman
 
 /// A balance job to start now under the policy, if the balancer wants moves and no
 /// other job or migration is running.
-pub fn balance_job(state: &ClusterState, now: u64) -> Option<JobCommand> {
+pub fn balance_job(state: &ClusterState, demand: &Demand, now: u64) -> Option<JobCommand> {
     if state.jobs.policy.mode == scheduler::BalanceMode::None
         || state.jobs.any_running()
         || state.vms.values().any(|v| v.migrating_to.is_some())
     {
         return None;
     }
-    let plan = match plan_balance(state, now) {
+    let plan = match plan_balance(state, demand, now) {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %crate::error_chain(&e), "balance planning failed");
@@ -446,7 +455,8 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
         let interval = Duration::from_millis(state.jobs.policy.interval_ms);
         if cmds.is_empty() && last_balance.elapsed() >= interval {
             last_balance = Instant::now();
-            cmds.extend(balance_job(&state, now_unix_ms()));
+            cmds.extend(balance_job(&state, &agent.demand(), now_unix_ms()));
+            agent.note_balance_round();
         }
         for cmd in cmds {
             let text = cmd.to_string();
@@ -831,7 +841,10 @@ mod tests {
             }));
             report_running(&mut s, &format!("b{i}"));
         }
-        assert!(balance_job(&s, 10).is_none(), "policy none moves nothing");
+        assert!(
+            balance_job(&s, &Demand::new(), 10).is_none(),
+            "policy none moves nothing"
+        );
         let r = job(
             &mut s,
             JobCommand::SetPolicy {
@@ -839,12 +852,13 @@ mod tests {
                     mode: scheduler::BalanceMode::EvenDistribution,
                     aggressiveness: scheduler::Aggressiveness::High,
                     interval_ms: 1000,
+                    ..BalancePolicy::default()
                 },
                 at_unix_ms: 11,
             },
         );
         assert_eq!(r, CommandResult::Ok);
-        let c = balance_job(&s, 12).expect("balance moves");
+        let c = balance_job(&s, &Demand::new(), 12).expect("balance moves");
         assert_eq!(job(&mut s, c), CommandResult::Ok);
         let id = s.jobs.last_job_id;
         for r in 0..20 {
@@ -857,7 +871,7 @@ mod tests {
         let on1 = s.vms.values().filter(|v| v.owner == Some(1)).count();
         assert!(on1 < 4, "{on1}");
         assert!(
-            balance_job(&s, 100).is_none(),
+            balance_job(&s, &Demand::new(), 100).is_none(),
             "a balanced cluster stays put"
         );
         let bad = job(

@@ -7,6 +7,7 @@
 //!   migrations out and in, quick migration).
 //! - [`failover`]: restarts the VMs of Down nodes elsewhere (leader only).
 //! - [`fencing`]: stops every local VM when this node's lease lapses.
+//! - [`demand`]: samples this node's VMs' CPU and memory demand for the heartbeats.
 //! - [`job_runner`]: runs drain, failback and balancing jobs (leader only).
 //! - [`migration_queue`]: starts queued migrations as slots free (leader only).
 //! - [`placement`]: the scheduler snapshot of the state and the placement decisions.
@@ -17,6 +18,7 @@
 //! **Architecture Invariant:** no tonic or protobuf types here.
 
 pub(crate) mod crash_point;
+pub mod demand;
 pub mod disk_lock_client;
 pub mod failover;
 pub mod fencing;

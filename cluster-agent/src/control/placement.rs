@@ -9,6 +9,7 @@ use scheduler::{
     Subnet, Vm, VmId, VmRequest, VmState,
 };
 
+use crate::node::demand::Demand;
 use crate::state::vm_spec::VmSpec;
 use crate::state::vms::{DesiredState, RuntimeState, VmRecord};
 use crate::state::{ClusterState, NodeRecord, NodeState};
@@ -130,6 +131,9 @@ pub fn snapshot(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError>
                 live_migratable: true,
                 cpu_features: BTreeSet::new(),
                 networks: v.spec.networks(),
+                cpu_demand_millicores: None,
+                memory_touched_mib: None,
+                moved_at_ms: v.moved_unix_ms,
             })
         })
         .collect();
@@ -139,6 +143,17 @@ pub fn snapshot(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError>
         migrations: Vec::new(),
         policy: Policy::default(),
     })
+}
+
+/// Sets each VM's measured demand from its owner's fresh report (a VM no report names
+/// stays unmeasured: the scheduler counts it fully busy).
+pub fn add_demand(snap: &mut ClusterSnapshot, demand: &Demand) {
+    for vm in &mut snap.vms {
+        if let Some(d) = demand.get(&vm.node.0).and_then(|r| r.vms.get(&vm.id.0)) {
+            vm.cpu_demand_millicores = Some(d.cpu_demand_mc);
+            vm.memory_touched_mib = Some(d.memory_touched_mib);
+        }
+    }
 }
 
 /// [`snapshot`] with the live migrations in flight (`VmRecord::migrating_to`): they hold
@@ -165,8 +180,10 @@ pub fn snapshot_with_migrations(state: &ClusterState) -> Result<ClusterSnapshot,
 /// Choose the node a VM with `spec` starts on. `spec.name` may already exist in `state`
 /// (a stopped VM being started again): it is then left out of the snapshot, so it
 /// neither counts against capacity nor is refused as a duplicate.
-pub fn place(state: &ClusterState, spec: &VmSpec) -> Result<u64, PlacementError> {
+/// Nodes are compared by measured `demand` (see [`add_demand`]).
+pub fn place(state: &ClusterState, demand: &Demand, spec: &VmSpec) -> Result<u64, PlacementError> {
     let mut snap = snapshot(state)?;
+    add_demand(&mut snap, demand);
     snap.vms.retain(|v| v.id.0 != spec.name);
     let req = VmRequest {
         id: VmId(spec.name.clone()),
@@ -280,6 +297,9 @@ fn judge(
                 live_migratable: true,
                 cpu_features: BTreeSet::new(),
                 networks: rec.spec.networks(),
+                cpu_demand_millicores: None,
+                memory_touched_mib: None,
+                moved_at_ms: None,
             });
         }
     }
@@ -448,13 +468,59 @@ mod tests {
     }
 
     fn create(s: &mut ClusterState, spec: VmSpec) -> u64 {
-        let owner = place(s, &spec).expect("placed");
+        let owner = place(s, &Default::default(), &spec).expect("placed");
         s.apply(&Command::Vm(VmCommand::CreateVm {
             spec,
             owner: Some(owner),
             at_unix_ms: 2,
         }));
         owner
+    }
+
+    #[test]
+    fn placement_follows_measured_demand() {
+        // Two 2-CPU nodes of the same size; one small VM each.
+        let mut s = cluster(&[8, 8]);
+        for (name, node) in [("hot", 1), ("cold", 2)] {
+            s.apply(&Command::Vm(VmCommand::CreateVm {
+                spec: spec(name, 256, None),
+                owner: Some(node),
+                at_unix_ms: 2,
+            }));
+        }
+        // Unmeasured, both count fully busy: a tie, the lowest id wins.
+        assert_eq!(
+            place(&s, &Demand::new(), &spec("new", 256, None)).ok(),
+            Some(1)
+        );
+        // Measured: node 1's VM keeps its vCPU busy, node 2's idles; the new VM goes to node 2.
+        let report = |vm: &str, cpu| crate::node::demand::NodeDemand {
+            sampled_unix_ms: 1,
+            vms: [(
+                vm.to_owned(),
+                crate::node::demand::VmDemand {
+                    cpu_demand_mc: cpu,
+                    cpu_run_mc: cpu,
+                    memory_touched_mib: 16,
+                },
+            )]
+            .into(),
+        };
+        let demand: Demand = [(1, report("hot", 1000)), (2, report("cold", 50))].into();
+        assert_eq!(place(&s, &demand, &spec("new", 256, None)).ok(), Some(2));
+        // The snapshot carries the figures of the VMs the reports name, nothing for others.
+        let mut snap = snapshot(&s).expect("snapshot");
+        add_demand(&mut snap, &demand);
+        let hot = snap.vms.iter().find(|v| v.id.0 == "hot").expect("hot");
+        assert_eq!(
+            (hot.cpu_demand_millicores, hot.memory_touched_mib),
+            (Some(1000), Some(16))
+        );
+        // A report from a node that does not own the VM is not its figure.
+        let wrong: Demand = [(2, report("hot", 1000))].into();
+        let mut snap = snapshot(&s).expect("snapshot");
+        add_demand(&mut snap, &wrong);
+        assert!(snap.vms.iter().all(|v| v.cpu_demand_millicores.is_none()));
     }
 
     #[test]
@@ -472,7 +538,7 @@ mod tests {
         let mut s = cluster(&[1, 1]);
         create(&mut s, spec("a", 900, None));
         create(&mut s, spec("b", 900, None));
-        let err = place(&s, &spec("c", 900, None)).expect_err("no room");
+        let err = place(&s, &Default::default(), &spec("c", 900, None)).expect_err("no room");
         let text = crate::error_chain(&err);
         assert!(text.contains("no node can run VM c"), "{text}");
         assert!(text.to_lowercase().contains("memory"), "{text}");
@@ -507,7 +573,7 @@ mod tests {
             n.registration.facts.cpu_vendor = "Weird".into();
         }
         assert!(matches!(
-            place(&s, &spec("x", 64, None)),
+            place(&s, &Default::default(), &spec("x", 64, None)),
             Err(PlacementError::Refused { .. })
         ));
     }

@@ -770,6 +770,7 @@ mod tests {
             migrating_to: None,
             migration_quick: false,
             quick_restore_generation: None,
+            moved_unix_ms: None,
         }
     }
 

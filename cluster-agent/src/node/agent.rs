@@ -146,6 +146,18 @@ pub struct Agent {
     pub(super) down_clock: Mutex<DownClock>,
     /// This node's certificate, key and the cluster CA (for every connection it makes).
     pub(super) credentials: SharedCredentials,
+    /// Demand reports: every node's latest, and whether this node's newest went out yet.
+    pub(super) demand: Mutex<DemandState>,
+    /// Looks the balancer took on this agent while it led (for `/metrics`).
+    pub(super) balance_rounds: std::sync::atomic::AtomicU64,
+}
+
+/// This agent's view of measured demand (see [`super::demand`]).
+#[derive(Debug, Default)]
+pub(super) struct DemandState {
+    pub board: super::demand::DemandBoard,
+    /// This node's newest report, until a heartbeat round carried it.
+    pub unsent: Option<super::demand::NodeDemand>,
 }
 
 impl Agent {
@@ -204,6 +216,8 @@ impl Agent {
             data_dir: Mutex::new(data_dir),
             peers,
             liveness: Mutex::new(liveness),
+            demand: Mutex::default(),
+            balance_rounds: Default::default(),
             place_lock: tokio::sync::Mutex::new(()),
             down_clock: Mutex::new(DownClock::default()),
         }))
@@ -636,12 +650,47 @@ impl Agent {
         })
     }
 
-    /// Record a heartbeat from a peer (every node keeps them, see `liveness`). Returns
-    /// whether this agent is the leader.
+    /// Record a heartbeat from a peer (every node keeps them, see `liveness`), and the
+    /// demand report it carries. Returns whether this agent is the leader.
     pub fn heartbeat_received(&self, hb: &Heartbeat) -> bool {
         self.lock_liveness().heard(hb, Instant::now());
+        if let Some(d) = &hb.demand {
+            self.lock_demand()
+                .board
+                .record(hb.node_id, d.clone(), Instant::now());
+        }
         let m = self.raft.metrics().borrow().clone();
         m.current_leader == Some(self.node_id())
+    }
+
+    pub(super) fn lock_demand(&self) -> std::sync::MutexGuard<'_, DemandState> {
+        self.demand.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publish this node's newest demand report: kept on this agent's board and sent with
+    /// the next heartbeat round.
+    pub fn set_local_demand(&self, report: super::demand::NodeDemand) {
+        let mut d = self.lock_demand();
+        d.board
+            .record(self.node_id(), report.clone(), Instant::now());
+        d.unsent = Some(report);
+    }
+
+    /// Count one look of the periodic balancer (moves planned or not).
+    pub fn note_balance_round(&self) {
+        self.balance_rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Looks of the periodic balancer on this agent so far.
+    pub fn balance_rounds(&self) -> u64 {
+        self.balance_rounds
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every node's demand report that is still fresh (see [`super::demand`]).
+    pub fn demand(&self) -> std::collections::BTreeMap<u64, super::demand::NodeDemand> {
+        self.lock_demand().board.fresh(Instant::now())
     }
 
     pub(super) fn lock_liveness(&self) -> std::sync::MutexGuard<'_, Liveness> {

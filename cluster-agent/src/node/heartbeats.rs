@@ -33,11 +33,13 @@ impl Agent {
             .config
             .heartbeat_interval
             .max(Duration::from_millis(200));
+        let demand = self.lock_demand().unsent.take();
         for (peer, addr) in peers {
             let hb = Heartbeat {
                 node_id: self.node_id(),
                 incarnation: self.incarnation,
                 silences: silences.clone(),
+                demand: demand.clone(),
             };
             let sent = Instant::now();
             let call = self.peers.heartbeat(&addr, hb, timeout);

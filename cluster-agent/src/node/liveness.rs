@@ -46,6 +46,8 @@ pub struct Heartbeat {
     pub incarnation: u64,
     /// How long the sender has not heard each other member.
     pub silences: Vec<PeerSilence>,
+    /// The sender's newest demand report, in the first round after each sample.
+    pub demand: Option<crate::node::demand::NodeDemand>,
 }
 
 /// One entry of a heartbeat's silence report.
@@ -416,6 +418,7 @@ mod tests {
                     silent_ms: *s,
                 })
                 .collect(),
+            demand: None,
         }
     }
 

@@ -9,6 +9,7 @@
 mod agent;
 pub mod config;
 pub mod credentials;
+pub mod demand;
 pub mod facts;
 mod heartbeats;
 pub mod liveness;

@@ -888,6 +888,8 @@ mod tests {
                     mode: scheduler::BalanceMode::PowerSaving,
                     aggressiveness: scheduler::Aggressiveness::High,
                     interval_ms: 5000,
+                    min_dwell_ms: 7_000,
+                    migration_cost_bp_per_s: 42,
                 },
                 at_unix_ms: 6,
             }),

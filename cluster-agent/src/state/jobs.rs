@@ -199,6 +199,21 @@ pub struct BalancePolicy {
     pub aggressiveness: scheduler::Aggressiveness,
     /// How often the leader runs the balancer.
     pub interval_ms: u64,
+    /// A VM that arrived by migration less than this long ago is not moved by the balancer.
+    #[serde(default = "default_min_dwell_ms")]
+    pub min_dwell_ms: u64,
+    /// What a balancing move costs per second of estimated migration, in basis points of
+    /// load (a move is made only if its gain is larger).
+    #[serde(default = "default_migration_cost_bp_per_s")]
+    pub migration_cost_bp_per_s: u32,
+}
+
+fn default_min_dwell_ms() -> u64 {
+    scheduler::model::DEFAULT_MIN_DWELL_MS
+}
+
+fn default_migration_cost_bp_per_s() -> u32 {
+    scheduler::model::DEFAULT_MIGRATION_COST_BP_PER_S
 }
 
 impl Default for BalancePolicy {
@@ -207,6 +222,8 @@ impl Default for BalancePolicy {
             mode: scheduler::BalanceMode::None,
             aggressiveness: scheduler::Aggressiveness::Medium,
             interval_ms: DEFAULT_BALANCE_INTERVAL_MS,
+            min_dwell_ms: default_min_dwell_ms(),
+            migration_cost_bp_per_s: default_migration_cost_bp_per_s(),
         }
     }
 }
@@ -361,6 +378,12 @@ pub enum JobError {
     BadFinish,
     #[error("balance interval {0} ms is below the minimum of {BALANCE_INTERVAL_MS_MIN} ms")]
     IntervalTooShort(u64),
+    #[error("{what} is {value}; it must be at most {max}")]
+    PolicyOutOfRange {
+        what: &'static str,
+        value: u64,
+        max: u64,
+    },
     #[error("cannot start the migration")]
     Vm(#[source] VmStateError),
 }
@@ -373,7 +396,8 @@ pub fn error_class(e: &JobError) -> vms::ErrorClass {
         JobError::NoMoves
         | JobError::TooManyMoves
         | JobError::BadFinish
-        | JobError::IntervalTooShort(_) => vms::ErrorClass::InvalidArgument,
+        | JobError::IntervalTooShort(_)
+        | JobError::PolicyOutOfRange { .. } => vms::ErrorClass::InvalidArgument,
         JobError::Vm(v) => v.class(),
         _ => vms::ErrorClass::FailedPrecondition,
     }
@@ -515,6 +539,22 @@ pub fn check(state: &ClusterState, cmd: &JobCommand) -> Result<(), JobError> {
         JobCommand::SetPolicy { policy, .. } => {
             if policy.interval_ms < BALANCE_INTERVAL_MS_MIN {
                 return Err(JobError::IntervalTooShort(policy.interval_ms));
+            }
+            for (what, value, max) in [
+                (
+                    "min_dwell_ms",
+                    policy.min_dwell_ms,
+                    scheduler::model::MAX_QUANTITY,
+                ),
+                (
+                    "migration_cost_bp_per_s",
+                    u64::from(policy.migration_cost_bp_per_s),
+                    u64::from(scheduler::model::MAX_MIGRATION_COST_BP_PER_S),
+                ),
+            ] {
+                if value > max {
+                    return Err(JobError::PolicyOutOfRange { what, value, max });
+                }
             }
         }
     }
@@ -994,4 +1034,50 @@ pub fn aggressiveness_str(a: scheduler::Aggressiveness) -> &'static str {
 /// Whether a VM record still needs to leave a drained node.
 pub fn must_leave(v: &vms::VmRecord, node: u64) -> bool {
     v.owner == Some(node) && v.desired == DesiredState::Running
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_out_of_range_is_refused_with_its_field() {
+        let state = ClusterState::default();
+        let set = |policy: BalancePolicy| {
+            check(
+                &state,
+                &JobCommand::SetPolicy {
+                    policy,
+                    at_unix_ms: 1,
+                },
+            )
+        };
+        assert_eq!(set(BalancePolicy::default()), Ok(()));
+        let e = set(BalancePolicy {
+            min_dwell_ms: u64::MAX,
+            ..BalancePolicy::default()
+        })
+        .expect_err("refused");
+        assert!(e.to_string().starts_with("min_dwell_ms is"), "{e}");
+        let e = set(BalancePolicy {
+            migration_cost_bp_per_s: 10_001,
+            ..BalancePolicy::default()
+        })
+        .expect_err("refused");
+        assert_eq!(
+            e.to_string(),
+            "migration_cost_bp_per_s is 10001; it must be at most 10000"
+        );
+        assert_eq!(error_class(&e), vms::ErrorClass::InvalidArgument);
+        // A policy stored before these fields existed reads with their defaults.
+        let old: BalancePolicy = serde_json::from_str(
+            r#"{"mode":"even_distribution","aggressiveness":"high","interval_ms":1000}"#,
+        )
+        .expect("old policy");
+        assert_eq!(old.min_dwell_ms, scheduler::model::DEFAULT_MIN_DWELL_MS);
+        assert_eq!(
+            old.migration_cost_bp_per_s,
+            scheduler::model::DEFAULT_MIGRATION_COST_BP_PER_S
+        );
+    }
 }

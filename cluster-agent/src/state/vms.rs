@@ -102,6 +102,9 @@ pub struct VmRecord {
     /// (instead of booting) while the record is at this generation.
     #[serde(default)]
     pub quick_restore_generation: Option<u64>,
+    /// When a migration last brought the VM to its owner (the balancer's dwell time).
+    #[serde(default)]
+    pub moved_unix_ms: Option<u64>,
 }
 
 /// VM commands carried by the Raft log inside `Command::Vm`.
@@ -586,6 +589,7 @@ pub fn apply(
                     migrating_to: None,
                     migration_quick: false,
                     quick_restore_generation: None,
+                    moved_unix_ms: None,
                 },
             );
             touched.push(StateKey::Vm(id));
@@ -687,6 +691,7 @@ pub fn apply(
             vm.updated_unix_ms = *at_unix_ms;
             if *ok {
                 vm.owner = Some(*to);
+                vm.moved_unix_ms = Some(*at_unix_ms);
                 vm.runtime = RuntimeState::Starting;
                 vm.generation += 1;
                 if quick {

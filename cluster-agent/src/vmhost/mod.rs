@@ -513,6 +513,22 @@ impl VmHost {
         vms.iter().map(|v| self.info_of(v)).collect()
     }
 
+    /// Cumulative CPU time and resident memory of every running VM on this host (see
+    /// `vmm_node::usage`); a VM whose usage cannot be read is left out (logged).
+    pub fn usage(&self) -> Vec<(String, vmm_node::usage::VmUsage)> {
+        let vms: Vec<Arc<HostedVm>> = lock(&self.vms).values().flatten().cloned().collect();
+        vms.iter()
+            .filter(|v| v.vm.status() == VmStatus::Running)
+            .filter_map(|v| match v.vm.usage() {
+                Ok(u) => Some((v.spec.name.clone(), u)),
+                Err(e) => {
+                    tracing::debug!(vm = %v.spec.name, error = %crate::error_chain(&e), "usage not read");
+                    None
+                }
+            })
+            .collect()
+    }
+
     /// Names held for a VM that is not registered yet: being started, or arriving by
     /// live migration (the incoming copy until it runs or is dropped).
     pub fn arriving(&self) -> Vec<String> {

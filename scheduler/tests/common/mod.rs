@@ -66,6 +66,8 @@ pub fn random_cluster(seed: u64) -> ClusterSnapshot {
             Aggressiveness::High,
         ]),
         balance_margin_bp: r.pick(&[200, 500, 1000]),
+        migration_cost_bp_per_s: r.pick(&[0, 10, 100, 1000]),
+        min_dwell_ms: r.pick(&[0, 60_000]),
     };
     let n_nodes = 2 + r.below(7);
     let mut nodes = Vec::new();
@@ -169,6 +171,10 @@ pub fn random_cluster(seed: u64) -> ClusterSnapshot {
             live_migratable: r.chance(90),
             cpu_features,
             networks,
+            // Measured demand (sometimes above what the VM can use, sometimes not measured yet).
+            cpu_demand_millicores: r.chance(80).then(|| r.below(u64::from(vcpus) * 1100 + 1)),
+            memory_touched_mib: r.chance(80).then(|| r.below(memory_mib * 11 / 10 + 1)),
+            moved_at_ms: r.chance(20).then(|| r.below(120_000)),
         });
     }
     // A few in-flight migrations between Up nodes, with room reserved on the target.
@@ -393,38 +399,58 @@ pub fn anti_affinity_pairs(snap: &ClusterSnapshot) -> BTreeSet<(VmId, VmId)> {
     out
 }
 
-/// Memory utilisation of Up nodes, basis points (same definition as the crate documents).
-pub fn utils_bp(snap: &ClusterSnapshot) -> BTreeMap<NodeId, u64> {
-    let u = usage(snap);
+/// Demand load of Up nodes, basis points, computed independently of the crate: the higher of Σ CPU demand /
+/// (logical CPUs × 1000) and Σ memory demand / usable memory, over running VMs and incoming migrations;
+/// unmeasured demand counts in full, measured demand at most in full.
+pub fn loads_bp(snap: &ClusterSnapshot) -> BTreeMap<NodeId, u64> {
+    let demand = |v: &Vm| {
+        let cpu = v.vcpus as u64 * 1000;
+        (
+            v.cpu_demand_millicores.map_or(cpu, |d| d.min(cpu)),
+            v.memory_touched_mib
+                .map_or(v.memory_mib, |m| m.min(v.memory_mib)),
+        )
+    };
+    let mut d: BTreeMap<NodeId, (u64, u64)> = BTreeMap::new();
+    let holders = snap
+        .vms
+        .iter()
+        .filter(|v| v.state == VmState::Running)
+        .map(|v| (v.node, v))
+        .chain(
+            snap.migrations
+                .iter()
+                .map(|m| (m.to, vm(snap, &m.vm)))
+                .filter(|(_, v)| v.state == VmState::Running),
+        );
+    for (n, v) in holders {
+        let (c, m) = demand(v);
+        let e = d.entry(n).or_default();
+        e.0 += c;
+        e.1 += m;
+    }
     snap.nodes
         .iter()
         .filter(|n| n.state == NodeState::Up)
         .map(|n| {
-            let used = u.get(&n.id).map_or(0, |x| x.0);
-            (
-                n.id,
-                (used as u128 * 10_000 / usable_mem(n, &snap.policy) as u128) as u64,
-            )
+            let (c, m) = d.get(&n.id).copied().unwrap_or((0, 0));
+            let cpu = (c as u128 * 10_000 / (n.cpus_logical as u128 * 1000)) as u64;
+            let mem = (m as u128 * 10_000 / usable_mem(n, &snap.policy) as u128) as u64;
+            (n.id, cpu.max(mem))
         })
         .collect()
 }
 
 pub fn spread_bp(snap: &ClusterSnapshot) -> u64 {
-    let u = utils_bp(snap);
+    let u = loads_bp(snap);
     let max = u.values().max().copied().unwrap_or(0);
     let min = u.values().min().copied().unwrap_or(0);
     max - min
 }
 
-/// Φ = Σ used² / capacity over Up nodes (the balancer's potential).
-pub fn potential(snap: &ClusterSnapshot) -> f64 {
-    let u = usage(snap);
-    snap.nodes
-        .iter()
-        .filter(|n| n.state == NodeState::Up)
-        .map(|n| {
-            let used = u.get(&n.id).map_or(0, |x| x.0) as f64;
-            used * used / usable_mem(n, &snap.policy) as f64
-        })
-        .sum()
+/// Up nodes' loads sorted high to low: the balancer's potential, which drops lexicographically with every move.
+pub fn sorted_loads(snap: &ClusterSnapshot) -> Vec<u64> {
+    let mut v: Vec<u64> = loads_bp(snap).into_values().collect();
+    v.sort_unstable_by(|a, b| b.cmp(a));
+    v
 }

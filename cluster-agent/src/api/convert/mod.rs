@@ -3,5 +3,6 @@
 //! events) and [`vms`] (`cluster.vms.v1`: VM specs and records). Bad client input
 //! becomes an error naming the field; `api::status` turns it into a status.
 
+pub mod demand;
 pub mod nodes;
 pub mod vms;

@@ -164,6 +164,7 @@ pub fn node_to_pb(r: &NodeRecord, raft_role: &str) -> pb::NodeInfo {
             "tls".into()
         },
         cert_expires_unix_ms: g.trust.cert_expires_unix_ms,
+        demand: None,
     }
 }
 

@@ -215,6 +215,7 @@ pub fn record_to_pb(state: &ClusterState, r: &VmRecord) -> pb::VmInfo {
                 .collect(),
             None => Vec::new(),
         },
+        demand: None,
     }
 }
 

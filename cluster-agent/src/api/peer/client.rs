@@ -323,6 +323,10 @@ impl PeerClient for GrpcPeers {
                         silent_ms: s.silent_ms,
                     })
                     .collect(),
+                demand: hb
+                    .demand
+                    .as_ref()
+                    .map(crate::api::convert::demand::demand_to_pb),
             };
             match tokio::time::timeout(timeout, client.heartbeat(req)).await {
                 Ok(Ok(reply)) => {

@@ -156,6 +156,14 @@ impl RaftPeer for PeerService {
                     silent_ms: s.silent_ms,
                 })
                 .collect(),
+            // A bad report is dropped, never the heartbeat: liveness does not depend on it.
+            demand: hb.demand.as_ref().and_then(|d| {
+                crate::api::convert::demand::demand_from_pb(d)
+                    .map_err(
+                        |e| tracing::debug!(node = hb.node_id, error = %e, "demand report ignored"),
+                    )
+                    .ok()
+            }),
         });
         let m = self.agent.metrics();
         Ok(Response::new(HeartbeatReply {
