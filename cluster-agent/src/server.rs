@@ -31,6 +31,8 @@ pub enum RunError {
     Migration(#[source] Box<crate::vmhost::VmHostError>),
     #[error("cannot serve metrics")]
     Metrics(#[source] crate::api::metrics::MetricsError),
+    #[error("cannot find this agent's own executable (VM workers run it)")]
+    Exe(#[source] std::io::Error),
     #[error("Raft stopped with a fatal error ({0}); every VM of this node was stopped")]
     Fatal(String),
     #[error("cannot use this node's TLS credentials")]
@@ -117,6 +119,26 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     };
     vm_host.set_migration_transport(transport.clone());
     vm_host.set_image_dirs(agent.config().image_dirs.clone());
+    if agent.config().vm_workers {
+        let c = agent.config();
+        vm_host.enable_workers(crate::vmhost::worker::Settings {
+            exe: std::env::current_exe().map_err(RunError::Exe)?,
+            dir: c.worker_dir.clone(),
+            down_after: c.down_after,
+            volumes: c.volumes.clone(),
+            networks: c
+                .networks
+                .iter()
+                .map(|n| (n.name.clone(), n.bridge.clone()))
+                .collect(),
+            image_dirs: c.image_dirs.clone(),
+        });
+        let h = vm_host.clone();
+        let adopted = tokio::task::spawn_blocking(move || h.adopt_workers())
+            .await
+            .unwrap_or_default();
+        tracing::info!(node_id = agent.node_id(), vms = ?adopted, "vm workers adopted");
+    }
     let listener = vm_host
         .listen_migrations(
             agent.config().migration_addr,

@@ -19,6 +19,8 @@ pub async fn run_fence(
 ) {
     let me = agent.node_id();
     let mut seen_lapses = 0;
+    let mut held_once = false;
+    let mut renewed = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(FENCE_POLL) => {}
@@ -32,6 +34,19 @@ pub async fn run_fence(
                 .is_some_and(|n| n.state == crate::state::NodeState::Down)
         });
         if lease.held && lease.lapses == seen_lapses && !down {
+            held_once = true;
+            if let Some(until) = lease.until {
+                if renewed.elapsed() >= crate::vmhost::worker::RENEW_EVERY {
+                    renewed = tokio::time::Instant::now();
+                    let h = host.clone();
+                    let _ = tokio::task::spawn_blocking(move || h.renew_workers(until)).await;
+                }
+            }
+            continue;
+        }
+        // A starting agent does not hold its lease yet: VMs adopted from worker processes
+        // run on the deadline their previous agent gave them until this one renews it.
+        if !held_once && lease.lapses == seen_lapses && !down {
             continue;
         }
         seen_lapses = lease.lapses;

@@ -122,6 +122,13 @@ pub struct RawConfig {
     /// Directories VM kernels and initrds may come from (absolute); none: only the
     /// built-in test guest boots.
     pub image_dirs: Option<Vec<PathBuf>>,
+    /// Run each VM in a worker process of its own (default false), so VMs keep running
+    /// while the agent restarts. Live and quick migration and disk hot-plug of such VMs
+    /// are not built yet.
+    pub vm_workers: Option<bool>,
+    /// Where the workers' directories (control socket, start file, log) live; default
+    /// `<data_dir>/vms`.
+    pub worker_dir: Option<PathBuf>,
 }
 
 /// An IP subnet in CIDR form.
@@ -206,6 +213,10 @@ pub struct AgentConfig {
     pub migration_insecure_plaintext: bool,
     /// See [`RawConfig::image_dirs`].
     pub image_dirs: Vec<PathBuf>,
+    /// See [`RawConfig::vm_workers`].
+    pub vm_workers: bool,
+    /// See [`RawConfig::worker_dir`].
+    pub worker_dir: PathBuf,
 }
 
 impl AgentConfig {
@@ -288,7 +299,9 @@ impl RawConfig {
             networks,
             tls_dir,
             migration_insecure_plaintext,
-            image_dirs
+            image_dirs,
+            vm_workers,
+            worker_dir
         );
         self
     }
@@ -508,7 +521,19 @@ impl RawConfig {
                 format!("{} is not an absolute path", d.display()),
             ));
         }
+        let worker_dir = match self.worker_dir {
+            Some(d) if !d.is_absolute() => {
+                return Err(invalid(
+                    "worker_dir",
+                    format!("{} is not an absolute path", d.display()),
+                ))
+            }
+            Some(d) => d,
+            None => data_dir.join("vms"),
+        };
         Ok(AgentConfig {
+            vm_workers: self.vm_workers.unwrap_or(false),
+            worker_dir,
             image_dirs,
             migration_insecure_plaintext: self.migration_insecure_plaintext.unwrap_or(false),
             tls_dir,

@@ -31,6 +31,7 @@ mod machine;
 pub mod nics;
 pub mod quick_migration;
 pub mod spec;
+pub mod worker;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -164,6 +165,14 @@ pub enum VmHostError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("VM {vm}: its worker process")]
+    Worker {
+        vm: String,
+        #[source]
+        source: worker::WorkerError,
+    },
+    #[error("VM {vm} runs in a worker process: live and quick migration and disk hot-plug through worker processes are not built yet")]
+    InWorker { vm: String },
     #[error("the lock callback failed during {op} for VM {vm}")]
     Locks {
         vm: String,
@@ -174,7 +183,7 @@ pub enum VmHostError {
 }
 
 /// One disk of a VM as it stands now.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskStatus {
     pub slot: u8,
     pub name: DiskName,
@@ -237,6 +246,13 @@ pub struct VmHost {
     /// Directories kernels and initrds may be read from (`image_dirs`); none: only the
     /// built-in test guest boots.
     image_dirs: Mutex<Vec<PathBuf>>,
+    /// Set: new VMs start in worker processes (see [`worker`]).
+    worker_settings: Mutex<Option<worker::Settings>>,
+    /// VMs running in worker processes, by name.
+    workers: Mutex<BTreeMap<String, Arc<worker::WorkerVm>>>,
+    /// Until when the workers may run their VMs (the node's lease plus the workers'
+    /// grace), as last renewed.
+    worker_deadline: Mutex<Option<Instant>>,
 }
 
 type VmTable = Mutex<BTreeMap<String, Option<Arc<HostedVm>>>>;
@@ -292,7 +308,175 @@ impl VmHost {
             journal: Arc::default(),
             migration_transport: Mutex::new(None),
             image_dirs: Mutex::default(),
+            worker_settings: Mutex::new(None),
+            workers: Mutex::default(),
+            worker_deadline: Mutex::new(None),
         })
+    }
+
+    /// Runs every VM started from now on in a worker process of its own.
+    pub fn enable_workers(&self, settings: worker::Settings) {
+        *lock(&self.worker_settings) = Some(settings);
+    }
+
+    /// Connects to the workers a previous run of this agent left running (below the
+    /// worker directory) and takes them over; removes the directories of workers that
+    /// are gone. Returns the VMs adopted.
+    pub fn adopt_workers(&self) -> Vec<String> {
+        let Some(dir) = lock(&self.worker_settings).as_ref().map(|s| s.dir.clone()) else {
+            return Vec::new();
+        };
+        let (alive, dead) = worker::find(&dir);
+        for (path, e) in dead {
+            tracing::info!(dir = %path.display(), error = %crate::error_chain(&e), "no worker answers here; removing its directory");
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(dir = %path.display(), error = %e, "cannot remove a dead worker's directory");
+            }
+        }
+        let mut names = Vec::new();
+        for w in alive {
+            let name = w.name().to_owned();
+            if lock(&self.vms).contains_key(&name) {
+                tracing::warn!(vm = %name, "a worker runs a VM this agent already has; leaving it to its lease");
+                continue;
+            }
+            let w = Arc::new(w);
+            self.follow_worker_console(&w);
+            tracing::info!(vm = %name, pid = w.pid(), "vm worker adopted");
+            lock(&self.workers).insert(name.clone(), w);
+            names.push(name);
+        }
+        names
+    }
+
+    fn follow_worker_console(&self, w: &worker::WorkerVm) {
+        match w.console() {
+            Ok((_, lines)) => self.journal.follow(w.name(), lines),
+            Err(e) => {
+                tracing::warn!(vm = %w.name(), error = %crate::error_chain(&e), "cannot follow the worker's console")
+            }
+        }
+    }
+
+    /// The node holds its lease until `lease_until`: lets every worker run its VM until
+    /// then plus the workers' grace. Called by the fence loop while the lease is held.
+    pub fn renew_workers(&self, lease_until: Instant) {
+        let Some(grace) = lock(&self.worker_settings)
+            .as_ref()
+            .map(|s| s.down_after / worker::WORKER_GRACE_PART)
+        else {
+            return;
+        };
+        let deadline = lease_until + grace;
+        *lock(&self.worker_deadline) = Some(deadline);
+        let workers: Vec<Arc<worker::WorkerVm>> = lock(&self.workers).values().cloned().collect();
+        let valid = deadline.saturating_duration_since(Instant::now());
+        for w in workers {
+            if let Err(e) = w.renew(valid) {
+                tracing::warn!(vm = %w.name(), error = %crate::error_chain(&e), "cannot renew the worker's lease");
+            }
+        }
+    }
+
+    /// True if `name` runs in a worker process.
+    pub fn in_worker(&self, name: &str) -> bool {
+        lock(&self.workers).contains_key(name)
+    }
+
+    /// Stops the VMs this agent runs itself and leaves those in worker processes running
+    /// (they stop on their own if no agent renews their lease). For an agent shutdown.
+    pub fn stop_in_process(&self) -> Vec<String> {
+        let names: Vec<String> = lock(&self.vms)
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in &names {
+            if let Err(e) = self.stop(n) {
+                tracing::warn!(vm = %n, error = %crate::error_chain(&e), "cannot stop vm at shutdown");
+            }
+        }
+        let left: Vec<String> = lock(&self.workers).keys().cloned().collect();
+        if !left.is_empty() {
+            tracing::info!(vms = ?left, "vms left running in their worker processes");
+        }
+        names
+    }
+
+    fn start_in_worker(
+        &self,
+        settings: &worker::Settings,
+        spec: VmSpec,
+        grants: &[LockGrant],
+        mode: OpenMode,
+    ) -> Result<VmInfo, VmHostError> {
+        let name = spec.name.clone();
+        let werr = |source| VmHostError::Worker {
+            vm: name.clone(),
+            source,
+        };
+        let deadline = lock(&self.worker_deadline)
+            .filter(|d| *d > Instant::now())
+            .ok_or_else(|| werr(worker::WorkerError::NoLease))?;
+        let reservation = self.reserve(&name)?;
+        let now = Instant::now();
+        let start = worker::protocol::StartFile {
+            version: worker::protocol::VERSION,
+            node: self.node,
+            spec,
+            grants: grants.to_vec(),
+            takeover_wait_ms: match mode {
+                OpenMode::Takeover { old_lease_deadline } => Some(
+                    u64::try_from(
+                        old_lease_deadline
+                            .saturating_duration_since(now)
+                            .as_millis(),
+                    )
+                    .unwrap_or(u64::MAX),
+                ),
+                _ => None,
+            },
+            lease_valid_ms: u64::try_from(deadline.saturating_duration_since(now).as_millis())
+                .unwrap_or(u64::MAX),
+            volumes: settings.volumes.clone(),
+            networks: settings.networks.clone(),
+            image_dirs: settings.image_dirs.clone(),
+        };
+        let w = Arc::new(worker::WorkerVm::spawn(settings, &start).map_err(werr)?);
+        self.follow_worker_console(&w);
+        lock(&self.workers).insert(name.clone(), w.clone());
+        drop(reservation);
+        tracing::info!(vm = %name, pid = w.pid(), "vm started in a worker process");
+        Ok(self.worker_info(&w))
+    }
+
+    fn worker_info(&self, w: &worker::WorkerVm) -> VmInfo {
+        match w.info() {
+            Ok(i) => VmInfo {
+                name: i.name,
+                status: i.status,
+                spec: i.spec,
+                disks: i.disks,
+            },
+            Err((e, last)) => VmInfo {
+                name: last.name,
+                status: VmStatus::Stopped {
+                    reason: vmm_node::StopReason::ProcessGone {
+                        message: format!(
+                            "its worker process (pid {}) does not answer: {}",
+                            w.pid(),
+                            crate::error_chain(&e)
+                        ),
+                    },
+                },
+                spec: last.spec,
+                disks: Vec::new(),
+            },
+        }
+    }
+
+    fn worker(&self, name: &str) -> Option<Arc<worker::WorkerVm>> {
+        lock(&self.workers).get(name).cloned()
     }
 
     /// Let VMs boot kernels and initrds from `dirs` (the node's `image_dirs`).
@@ -363,7 +547,7 @@ impl VmHost {
 
     pub(crate) fn reserve(&self, name: &str) -> Result<Reservation, VmHostError> {
         let mut vms = lock(&self.vms);
-        if vms.contains_key(name) {
+        if vms.contains_key(name) || self.in_worker(name) {
             return Err(VmHostError::AlreadyExists(name.to_owned()));
         }
         vms.insert(name.to_owned(), None);
@@ -375,6 +559,11 @@ impl VmHost {
     }
 
     pub(crate) fn get(&self, name: &str) -> Result<Arc<HostedVm>, VmHostError> {
+        if self.in_worker(name) {
+            return Err(VmHostError::InWorker {
+                vm: name.to_owned(),
+            });
+        }
         lock(&self.vms)
             .get(name)
             .and_then(Clone::clone)
@@ -428,6 +617,10 @@ impl VmHost {
                 source,
             }
         })?;
+        let settings = lock(&self.worker_settings).clone();
+        if let Some(settings) = settings {
+            return self.start_in_worker(&settings, spec, grants, mode);
+        }
         let reservation = self.reserve(&spec.name)?;
         let taps = self.create_taps(&spec)?;
         let config = spec::to_config(&spec, &self.registry, self.node)?;
@@ -476,6 +669,36 @@ impl VmHost {
     /// from this host. Returns the `Release` commands to propose.
     #[tracing::instrument(skip(self))]
     pub fn stop(&self, name: &str) -> Result<Stopped, VmHostError> {
+        if let Some(w) = self.worker(name) {
+            let out = match w.stop() {
+                Ok((release, errors)) => Stopped {
+                    release,
+                    disk_errors: errors
+                        .into_iter()
+                        .map(|e| VmHostError::Worker {
+                            vm: name.to_owned(),
+                            source: worker::WorkerError::Refused(e),
+                        })
+                        .collect(),
+                },
+                // Gone (killed, or it fenced itself): nothing flushed, nothing to release.
+                Err(source) => Stopped {
+                    release: Vec::new(),
+                    disk_errors: vec![VmHostError::Worker {
+                        vm: name.to_owned(),
+                        source,
+                    }],
+                },
+            };
+            lock(&self.workers).remove(name);
+            tracing::info!(
+                vm = name,
+                released = out.release.len(),
+                failed = out.disk_errors.len(),
+                "vm worker stopped"
+            );
+            return Ok(out);
+        }
         let vm = self.get(name)?;
         let _claim = vm.claim()?;
         if let Err(e) = vm.vm.stop() {
@@ -504,13 +727,20 @@ impl VmHost {
 
     /// State of one VM.
     pub fn state(&self, name: &str) -> Result<VmInfo, VmHostError> {
+        if let Some(w) = self.worker(name) {
+            return Ok(self.worker_info(&w));
+        }
         Ok(self.info_of(&*self.get(name)?))
     }
 
     /// Every VM on this host, by name.
     pub fn list(&self) -> Vec<VmInfo> {
         let vms: Vec<Arc<HostedVm>> = lock(&self.vms).values().flatten().cloned().collect();
-        vms.iter().map(|v| self.info_of(v)).collect()
+        let workers: Vec<Arc<worker::WorkerVm>> = lock(&self.workers).values().cloned().collect();
+        let mut out: Vec<VmInfo> = vms.iter().map(|v| self.info_of(v)).collect();
+        out.extend(workers.iter().map(|w| self.worker_info(w)));
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// Names held for a VM that is not registered yet: being started, or arriving by
@@ -525,6 +755,13 @@ impl VmHost {
 
     /// The console of `name`: recent log plus a bounded live line stream.
     pub fn console(&self, name: &str) -> Result<ConsoleStream, VmHostError> {
+        if let Some(w) = self.worker(name) {
+            let (recent, lines) = w.console().map_err(|source| VmHostError::Worker {
+                vm: name.to_owned(),
+                source,
+            })?;
+            return Ok(ConsoleStream { recent, lines });
+        }
         let vm = self.get(name)?;
         let console = vm.vm.console();
         let lines = console.subscribe();
@@ -588,13 +825,24 @@ impl VmHost {
             map.retain(|_, v| v.is_none());
             vms
         };
-        let mut names = Vec::with_capacity(vms.len());
+        let workers: Vec<Arc<worker::WorkerVm>> = std::mem::take(&mut *lock(&self.workers))
+            .into_values()
+            .collect();
+        let mut names = Vec::with_capacity(vms.len() + workers.len());
         for vm in vms {
             if let Err(e) = vm.vm.stop() {
                 tracing::error!(vm = %vm.name(), error = %e, "vCPUs did not stop while fencing");
             }
             tracing::warn!(vm = %vm.name(), "vm stopped by fencing");
             names.push(vm.name().to_owned());
+        }
+        for w in workers {
+            // A worker that does not answer stops its VM itself when its lease runs out.
+            if let Err(e) = w.fence() {
+                tracing::error!(vm = %w.name(), error = %crate::error_chain(&e), "cannot reach the worker to fence it; it stops at its lease deadline");
+            }
+            tracing::warn!(vm = %w.name(), "vm (worker) stopped by fencing");
+            names.push(w.name().to_owned());
         }
         names
     }

@@ -1,0 +1,274 @@
+//! VM worker processes (`vm_workers = true`): a VM runs in a process of its own and
+//! outlives its agent. Real agents, real workers, real KVM test guests; the guest's
+//! heartbeat sequence is the proof that a VM kept running (a reboot starts it again at 1).
+//! The worker's console is also read straight from its control socket, so the test sees
+//! the guest while no agent runs.
+
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
+
+use cluster_agent::vmhost::worker::WorkerVm;
+use cluster_proto::vms as pb;
+use cluster_tests::checker::{self, RunChecker, Sighting};
+use cluster_tests::vm::{get_vm, guest_spec, hb_seq, mem_boot};
+use cluster_tests::{require_kvm, Cluster, Options};
+
+const WORKERS: &str = "vm_workers = true\n";
+
+fn spec(name: &str, preferred: u64) -> pb::VmSpec {
+    pb::VmSpec {
+        preferred_owners: vec![preferred],
+        restart_priority: "high".into(),
+        ..guest_spec(name, 64, mem_boot())
+    }
+}
+
+fn worker_dir(cl: &Cluster, node: u64, vm: &str) -> PathBuf {
+    cl.check(cl.spec(node)).data_dir.join("vms").join(vm)
+}
+
+async fn cluster_with_workers(opts: Options) -> Cluster {
+    require_kvm();
+    let mut cl = Cluster::agents(opts);
+    for id in 1..=3 {
+        let added = cl.add_node_with(id, WORKERS);
+        cl.check(added);
+    }
+    let formed = cl.form(3).await;
+    cl.check(formed);
+    cl
+}
+
+/// The worker's own console stream (no agent in between): its lines as they arrive,
+/// stamped with this machine's clock. Ends when the worker exits.
+fn worker_console(cl: &Cluster, dir: &std::path::Path) -> Receiver<String> {
+    let w = WorkerVm::attach(dir).unwrap_or_else(|e| {
+        panic!(
+            "attach to the worker in {}: {e:?}{}",
+            dir.display(),
+            cl.logs()
+        )
+    });
+    w.console()
+        .unwrap_or_else(|e| panic!("worker console: {e:?}"))
+        .1
+}
+
+/// Reads `lines` until a heartbeat with a sequence number above `after` (blocking, on a
+/// thread of its own); the heartbeats seen, each stamped on arrival. Panics after the
+/// harness's wait with what was seen.
+async fn worker_heartbeat_after(lines: Receiver<String>, after: u64) -> (Receiver<String>, u64) {
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + cluster_tests::WAIT;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match lines.recv_timeout(left) {
+                Ok(l) => {
+                    if let Some(seq) = hb_seq(&l) {
+                        if seq > after {
+                            return (lines, seq);
+                        }
+                        seen.push(seq);
+                    }
+                }
+                Err(e) => panic!(
+                    "worker console ended ({e}) before a heartbeat above {after}; saw {seen:?}"
+                ),
+            }
+        }
+        panic!("no heartbeat above {after} from the worker; saw {seen:?}")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("reader thread: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_is_stopped_or_killed_and_its_vm_keeps_running_then_is_adopted() {
+    let _serial = cluster_tests::serial().await;
+    // A silence of 10 s before Down: the agent comes back well within it.
+    let mut cl = cluster_with_workers(Options {
+        down_after_ms: 10_000,
+        ..Options::default()
+    })
+    .await;
+    let before = cl.create_running(1, spec("vm-w", 2)).await;
+    assert_eq!(before.owner_id, 2, "{before:?}");
+    let (_, mut seq) = cl.heartbeat_after(1, "vm-w", 0).await;
+    let dir = worker_dir(&cl, 2, "vm-w");
+    let pid = WorkerVm::attach(&dir)
+        .unwrap_or_else(|e| panic!("{e:?}{}", cl.logs()))
+        .pid();
+    assert_ne!(Some(pid), cl.pid(2), "the VM runs in a process of its own");
+
+    for how in ["SIGTERM", "kill -9"] {
+        let lines = worker_console(&cl, &dir);
+        if how == "SIGTERM" {
+            let clean = cl.stop(2);
+            assert!(cl.check(clean), "the agent exits cleanly on SIGTERM");
+        } else {
+            let killed = cl.kill9(2);
+            cl.check(killed);
+        }
+        // No agent runs on node 2: the guest keeps counting in its worker.
+        let (_lines, during) = worker_heartbeat_after(lines, seq).await;
+        eprintln!("{how}: agent gone, the worker's guest printed heartbeat {during}");
+        let log_from = cl.log_len(2);
+        let started = cl.start(2).await;
+        cl.check(started);
+        let line = cl
+            .wait_log_line(2, "worker adopted", |l| {
+                l.contains("vm worker adopted") && l.contains("vm-w")
+            })
+            .await;
+        assert!(
+            cl.log_since(2, log_from).contains("vm workers adopted"),
+            "{line}"
+        );
+        // Through the cluster again: the same guest (no reset), the same decision.
+        let (node, after) = cl.heartbeat_after(1, "vm-w", during).await;
+        assert_eq!(node, 2);
+        seq = after;
+        let rec = get_vm(&mut cl.vms(1).await, "vm-w")
+            .await
+            .unwrap_or_else(|e| panic!("vm-w: {e}{}", cl.logs()));
+        assert_eq!(
+            (rec.owner_id, rec.generation, rec.runtime.as_str()),
+            (2, before.generation, "running"),
+            "no failover happened: {rec:?}"
+        );
+        let now = WorkerVm::attach(&dir).unwrap_or_else(|e| panic!("{e:?}{}", cl.logs()));
+        assert_eq!(now.pid(), pid, "still the first worker");
+    }
+
+    // A stop through the cluster ends the worker and releases the VM for good.
+    cl.vms(1)
+        .await
+        .stop_vm(pb::VmName {
+            name: "vm-w".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("stop: {e}{}", cl.logs()));
+    cl.wait_runtime(1, "vm-w", "stopped").await;
+    let sock = dir.join("sock");
+    cluster_tests::Wait::new(cluster_tests::WAIT)
+        .until(
+            "the worker's socket is gone",
+            || async { Ok::<_, String>(sock.exists()) },
+            |exists| !exists,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}{}", cl.logs()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_for_good_its_worker_stops_the_vm_before_the_cluster_restarts_it() {
+    let _serial = cluster_tests::serial().await;
+    let mut cl = cluster_with_workers(Options::default()).await;
+    let before = cl.create_running(1, spec("vm-k", 2)).await;
+    assert_eq!(before.owner_id, 2);
+    cl.heartbeat_after(1, "vm-k", 0).await;
+    let checker = RunChecker::start(&cl, &["vm-k"]);
+    let dir = worker_dir(&cl, 2, "vm-k");
+    let lines = worker_console(&cl, &dir);
+    // Node 2's own journal dies with its agent: the test journals the worker itself.
+    let old_copy = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        while let Ok(text) = lines.recv() {
+            seen.push(Sighting {
+                at_unix_us: checker::now_unix_us(),
+                node: 2,
+                text,
+            });
+        }
+        seen
+    });
+    let killed = cl.kill9(2);
+    cl.check(killed);
+
+    let after = cl
+        .wait_vm(1, "vm-k", "restarted on a survivor", |v| {
+            v.owner_id != 2 && v.runtime == "running"
+        })
+        .await;
+    let (node, _) = cl.heartbeat_after(1, "vm-k", 0).await;
+    assert_eq!(node, after.owner_id);
+    // The worker's console ended: it stopped its VM and exited on its own.
+    let old = tokio::time::timeout(cluster_tests::WAIT, old_copy)
+        .await
+        .unwrap_or_else(|_| panic!("the worker on node 2 still runs{}", cl.logs()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!dir.join("sock").exists(), "the worker removed its socket");
+    let log = std::fs::read_to_string(dir.join("worker.log")).unwrap_or_default();
+    assert!(log.contains("lease ran out"), "worker log:\n{log}");
+
+    checker.sync(&cl).await;
+    let mut sightings = checker.sightings("vm-k");
+    assert!(!old.is_empty(), "the test saw the old copy run");
+    sightings.extend(old);
+    sightings.sort();
+    let runs = checker::runs(&sightings);
+    let doubles = checker::double_runs("vm-k", &runs);
+    assert!(
+        doubles.is_empty(),
+        "two copies ran at once: {doubles:?}\nruns: {runs:?}"
+    );
+    assert!(
+        runs.iter().any(|r| r.node == 2) && runs.iter().any(|r| r.node == after.owner_id),
+        "{runs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_fails_only_its_own_vm_and_says_so() {
+    let _serial = cluster_tests::serial().await;
+    let cl = cluster_with_workers(Options::default()).await;
+    cl.create_running(1, spec("vm-x", 3)).await;
+    cl.create_running(1, spec("vm-y", 3)).await;
+    let (_, y_seq) = cl.heartbeat_after(1, "vm-y", 0).await;
+    let x = WorkerVm::attach(&worker_dir(&cl, 3, "vm-x")).unwrap_or_else(|e| panic!("{e:?}"));
+    let y_pid = WorkerVm::attach(&worker_dir(&cl, 3, "vm-y"))
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .pid();
+    let st = std::process::Command::new("kill")
+        .args(["-KILL", &x.pid().to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("kill: {e}"));
+    assert!(st.success());
+
+    let failed = cl
+        .wait_vm(1, "vm-x", "failed after its worker died", |v| {
+            v.runtime == "failed"
+        })
+        .await;
+    assert!(
+        failed.reason.contains("worker process"),
+        "the reason names the worker: {failed:?}"
+    );
+    // The other VM on that node is untouched: same worker, same guest, still counting.
+    let (node, _) = cl.heartbeat_after(1, "vm-y", y_seq).await;
+    assert_eq!(node, 3);
+    let y_now = WorkerVm::attach(&worker_dir(&cl, 3, "vm-y")).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(y_now.pid(), y_pid);
+    let y = get_vm(&mut cl.vms(1).await, "vm-y").await;
+    assert_eq!(y.map(|v| v.runtime).ok(), Some("running".into()));
+    // The failure is in the event log.
+    let events = cl.check(cl.events(1).await);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains("vm-x") && e.message.contains("worker process")),
+        "{events:#?}"
+    );
+    // Started again by the operator, it runs in a new worker.
+    cl.vms(1)
+        .await
+        .start_vm(pb::VmName {
+            name: "vm-x".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start: {e}{}", cl.logs()));
+    cl.wait_runtime(1, "vm-x", "running").await;
+    cl.heartbeat_after(1, "vm-x", 0).await;
+    let again = WorkerVm::attach(&worker_dir(&cl, 3, "vm-x")).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_ne!(again.pid(), x.pid());
+}
