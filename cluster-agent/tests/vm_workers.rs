@@ -160,6 +160,65 @@ async fn the_agent_is_stopped_or_killed_and_its_vm_keeps_running_then_is_adopted
         .unwrap_or_else(|e| panic!("{e}{}", cl.logs()));
 }
 
+/// Journals, with this machine's clock, every console line the worker in `dir` prints
+/// until it exits (node `node`'s own journal lives in its agent, which the test stops).
+fn journal_worker(
+    cl: &Cluster,
+    dir: &std::path::Path,
+    node: u64,
+) -> tokio::task::JoinHandle<Vec<Sighting>> {
+    let lines = worker_console(cl, dir);
+    tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        while let Ok(text) = lines.recv() {
+            seen.push(Sighting {
+                at_unix_us: checker::now_unix_us(),
+                node,
+                text,
+            });
+        }
+        seen
+    })
+}
+
+/// The old copy in `dir` on `old_node` (journaled by `old`) stopped on its own — its
+/// console ended, its socket is gone, its log says why — and never ran at the same time
+/// as the copy on `new_node` (judged from the lines every journal saw, one clock).
+async fn assert_old_copy_stopped_first(
+    cl: &Cluster,
+    checker: &RunChecker,
+    vm: &str,
+    (dir, old_node, old): (
+        &std::path::Path,
+        u64,
+        tokio::task::JoinHandle<Vec<Sighting>>,
+    ),
+    new_node: u64,
+) {
+    let old = tokio::time::timeout(cluster_tests::WAIT, old)
+        .await
+        .unwrap_or_else(|_| panic!("the worker on node {old_node} still runs{}", cl.logs()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!dir.join("sock").exists(), "the worker removed its socket");
+    let log = std::fs::read_to_string(dir.join("worker.log")).unwrap_or_default();
+    assert!(log.contains("lease ran out"), "worker log:\n{log}");
+    checker.sync(cl).await;
+    let mut sightings = checker.sightings(vm);
+    assert!(!old.is_empty(), "the test saw the old copy run");
+    sightings.extend(old);
+    sightings.sort();
+    let runs = checker::runs(&sightings);
+    let doubles = checker::double_runs(vm, &runs);
+    assert!(
+        doubles.is_empty(),
+        "two copies ran at once: {doubles:?}\nruns: {runs:?}"
+    );
+    assert!(
+        runs.iter().any(|r| r.node == old_node) && runs.iter().any(|r| r.node == new_node),
+        "{runs:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_for_good_its_worker_stops_the_vm_before_the_cluster_restarts_it() {
     let _serial = cluster_tests::serial().await;
@@ -169,19 +228,7 @@ async fn an_agent_killed_for_good_its_worker_stops_the_vm_before_the_cluster_res
     cl.heartbeat_after(1, "vm-k", 0).await;
     let checker = RunChecker::start(&cl, &["vm-k"]);
     let dir = worker_dir(&cl, 2, "vm-k");
-    let lines = worker_console(&cl, &dir);
-    // Node 2's own journal dies with its agent: the test journals the worker itself.
-    let old_copy = tokio::task::spawn_blocking(move || {
-        let mut seen = Vec::new();
-        while let Ok(text) = lines.recv() {
-            seen.push(Sighting {
-                at_unix_us: checker::now_unix_us(),
-                node: 2,
-                text,
-            });
-        }
-        seen
-    });
+    let old = journal_worker(&cl, &dir, 2);
     let killed = cl.kill9(2);
     cl.check(killed);
 
@@ -192,30 +239,48 @@ async fn an_agent_killed_for_good_its_worker_stops_the_vm_before_the_cluster_res
         .await;
     let (node, _) = cl.heartbeat_after(1, "vm-k", 0).await;
     assert_eq!(node, after.owner_id);
-    // The worker's console ended: it stopped its VM and exited on its own.
-    let old = tokio::time::timeout(cluster_tests::WAIT, old_copy)
-        .await
-        .unwrap_or_else(|_| panic!("the worker on node 2 still runs{}", cl.logs()))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(!dir.join("sock").exists(), "the worker removed its socket");
-    let log = std::fs::read_to_string(dir.join("worker.log")).unwrap_or_default();
-    assert!(log.contains("lease ran out"), "worker log:\n{log}");
+    assert_old_copy_stopped_first(&cl, &checker, "vm-k", (&dir, 2, old), after.owner_id).await;
+}
 
-    checker.sync(&cl).await;
-    let mut sightings = checker.sightings("vm-k");
-    assert!(!old.is_empty(), "the test saw the old copy run");
-    sightings.extend(old);
-    sightings.sort();
-    let runs = checker::runs(&sightings);
-    let doubles = checker::double_runs("vm-k", &runs);
-    assert!(
-        doubles.is_empty(),
-        "two copies ran at once: {doubles:?}\nruns: {runs:?}"
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_agent_thawed_after_failover_adopts_nothing_the_cluster_moved() {
+    let _serial = cluster_tests::serial().await;
+    let cl = cluster_with_workers(Options::default()).await;
+    let before = cl.create_running(1, spec("vm-f", 2)).await;
+    assert_eq!(before.owner_id, 2);
+    cl.heartbeat_after(1, "vm-f", 0).await;
+    let checker = RunChecker::start(&cl, &["vm-f"]);
+    let dir = worker_dir(&cl, 2, "vm-f");
+    let old = journal_worker(&cl, &dir, 2);
+    // A stuck host: the agent stops in place; its worker runs on until its lease ends.
+    cl.check(cl.freeze(2));
+    let after = cl
+        .wait_vm(1, "vm-f", "restarted on a survivor", |v| {
+            v.owner_id != 2 && v.runtime == "running"
+        })
+        .await;
+    let (_, seq) = cl.heartbeat_after(1, "vm-f", 0).await;
+
+    cl.check(cl.thaw(2));
+    cl.wait_log_line(2, "lapse seen by the thawed agent", |l| {
+        l.contains("vms fenced")
+    })
+    .await;
+    cl.barrier().await;
+    // (Judged once node 2 answers again: the checker reads every running node.)
+    assert_old_copy_stopped_first(&cl, &checker, "vm-f", (&dir, 2, old), after.owner_id).await;
+    // Nothing runs on node 2, the VM keeps running where the cluster put it.
+    assert!(WorkerVm::attach(&dir).is_err(), "no worker on node 2");
+    let (node, _) = cl.heartbeat_after(1, "vm-f", seq).await;
+    assert_eq!(node, after.owner_id);
+    let rec = get_vm(&mut cl.vms(1).await, "vm-f")
+        .await
+        .unwrap_or_else(|e| panic!("{e}{}", cl.logs()));
+    assert_eq!(
+        (rec.owner_id, rec.generation),
+        (after.owner_id, after.generation)
     );
-    assert!(
-        runs.iter().any(|r| r.node == 2) && runs.iter().any(|r| r.node == after.owner_id),
-        "{runs:?}"
-    );
+    checker.assert_no_double_run(&cl).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

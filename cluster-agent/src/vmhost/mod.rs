@@ -350,8 +350,8 @@ impl VmHost {
     }
 
     fn follow_worker_console(&self, w: &worker::WorkerVm) {
-        match w.console() {
-            Ok((_, lines)) => self.journal.follow(w.name(), lines),
+        match w.console_stamped() {
+            Ok((_, lines)) => self.journal.follow_stamped(w.name(), lines),
             Err(e) => {
                 tracing::warn!(vm = %w.name(), error = %crate::error_chain(&e), "cannot follow the worker's console")
             }
@@ -458,20 +458,23 @@ impl VmHost {
                 spec: i.spec,
                 disks: i.disks,
             },
-            Err((e, last)) => VmInfo {
-                name: last.name,
-                status: VmStatus::Stopped {
-                    reason: vmm_node::StopReason::ProcessGone {
-                        message: format!(
-                            "its worker process (pid {}) does not answer: {}",
-                            w.pid(),
-                            crate::error_chain(&e)
-                        ),
+            Err(e) => {
+                let last = w.last_info();
+                VmInfo {
+                    name: last.name,
+                    status: VmStatus::Stopped {
+                        reason: vmm_node::StopReason::ProcessGone {
+                            message: format!(
+                                "its worker process (pid {}) does not answer: {}",
+                                w.pid(),
+                                crate::error_chain(&e)
+                            ),
+                        },
                     },
-                },
-                spec: last.spec,
-                disks: Vec::new(),
-            },
+                    spec: last.spec,
+                    disks: Vec::new(),
+                }
+            }
         }
     }
 

@@ -270,16 +270,20 @@ impl WorkerVm {
         r
     }
 
-    /// The VM now; the last known spec with `None` when the worker does not answer.
-    pub fn info(&self) -> Result<WorkerInfo, (WorkerError, WorkerInfo)> {
-        match self.request(&Request::Info) {
-            Ok(Response::Info { info }) => {
+    /// The VM now (see [`WorkerVm::last_info`] when the worker does not answer).
+    pub fn info(&self) -> Result<WorkerInfo, WorkerError> {
+        match self.request(&Request::Info)? {
+            Response::Info { info } => {
                 *lock(&self.last) = info.clone();
                 Ok(info)
             }
-            Ok(other) => Err((unexpected(other), lock(&self.last).clone())),
-            Err(e) => Err((e, lock(&self.last).clone())),
+            other => Err(unexpected(other)),
         }
+    }
+
+    /// The VM as the worker last described it.
+    pub fn last_info(&self) -> WorkerInfo {
+        lock(&self.last).clone()
     }
 
     /// Lets the VM run for `valid` more.
@@ -314,6 +318,19 @@ impl WorkerVm {
     /// The console: the retained log and a bounded stream of live lines (on a connection
     /// of its own; ends when the VM or the worker is gone).
     pub fn console(&self) -> Result<(String, Receiver<String>), WorkerError> {
+        self.console_with(|line, _| line)
+    }
+
+    /// [`WorkerVm::console`] with each line's stamp (µs since the epoch, taken by the
+    /// worker when the VM printed it).
+    pub fn console_stamped(&self) -> Result<(String, Receiver<(String, u64)>), WorkerError> {
+        self.console_with(|line, at| (line, at))
+    }
+
+    fn console_with<T: Send + 'static>(
+        &self,
+        map: fn(String, u64) -> T,
+    ) -> Result<(String, Receiver<T>), WorkerError> {
         let (mut c, _, _) = connect(&self.dir)?;
         c.r.get_ref()
             .set_read_timeout(None)
@@ -327,8 +344,8 @@ impl WorkerVm {
             .name(format!("console-{}", self.name))
             .spawn(move || {
                 let mut r = c.r;
-                while let Ok(Response::Line { line }) = read_frame::<Response>(&mut r) {
-                    match tx.try_send(line) {
+                while let Ok(Response::Line { line, at_unix_us }) = read_frame::<Response>(&mut r) {
+                    match tx.try_send(map(line, at_unix_us)) {
                         Ok(()) | Err(std::sync::mpsc::TrySendError::Full(_)) => {}
                         Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
                     }

@@ -25,6 +25,10 @@ use crate::vmhost::{VmHost, VmHostError};
 /// Exit status of a worker that stopped its VM because its lease ran out.
 pub const EXIT_FENCED: i32 = 3;
 
+/// The nice value a worker runs at (the agent runs at 0): a host saturated by its
+/// guests still gives the agent's heartbeats and Raft the CPU first.
+pub const WORKER_NICE: i32 = 10;
+
 /// Errors that end a worker before its VM runs.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -114,6 +118,10 @@ fn read_start(dir: &Path) -> Result<StartFile, WorkerError> {
 }
 
 fn serve(dir: &Path) -> Result<i32, WorkerError> {
+    // Before any thread exists: every thread of the worker (vCPUs, devices) inherits it.
+    if let Err(e) = vmm_node::kvm::set_nice(WORKER_NICE) {
+        tracing::warn!(error = %e, "cannot lower the worker's CPU priority");
+    }
     let dir_file = File::open(dir).map_err(|e| WorkerError::Dir(dir.to_owned(), e))?;
     let start = read_start(dir)?;
     // The lease counts from the moment the start file is read, not from when the VM runs.
@@ -161,7 +169,7 @@ fn serve(dir: &Path) -> Result<i32, WorkerError> {
     }
     report(&StartReport::Started {
         pid: std::process::id(),
-        info: worker_info(&worker, info),
+        info: Box::new(worker_info(&worker, info)),
     });
     tracing::info!(vm = %worker.name, pid = std::process::id(), "vm worker serving");
     // Keeps the directory open: `sock`'s short path goes through this descriptor.
@@ -377,7 +385,8 @@ fn answer(w: &Worker, req: Request, out: &mut UnixStream) -> bool {
                 return false;
             }
             while let Ok(line) = stream.lines.recv() {
-                if write_frame(out, &Response::Line { line }).is_err() {
+                let at_unix_us = crate::vmhost::journal::now_unix_us();
+                if write_frame(out, &Response::Line { line, at_unix_us }).is_err() {
                     break;
                 }
             }

@@ -71,7 +71,7 @@ pub struct StartFile {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StartReport {
-    Started { pid: u32, info: WorkerInfo },
+    Started { pid: u32, info: Box<WorkerInfo> },
     Failed { message: String },
 }
 
@@ -107,8 +107,10 @@ pub enum Response {
     Console {
         recent: String,
     },
+    /// A console line, stamped by the worker when the VM printed it.
     Line {
         line: String,
+        at_unix_us: u64,
     },
     Error {
         message: String,
