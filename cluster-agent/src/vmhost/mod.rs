@@ -349,12 +349,19 @@ impl VmHost {
         names
     }
 
-    fn follow_worker_console(&self, w: &worker::WorkerVm) {
-        match w.console_stamped() {
-            Ok((_, lines)) => self.journal.follow_stamped(w.name(), lines),
-            Err(e) => {
-                tracing::warn!(vm = %w.name(), error = %crate::error_chain(&e), "cannot follow the worker's console")
-            }
+    /// Journals `w`'s console from now on. Connects on a thread of its own: on a host busy
+    /// with its guests a worker may take a while to answer, and an agent adopting many
+    /// must not wait for each in turn.
+    fn follow_worker_console(&self, w: &Arc<worker::WorkerVm>) {
+        let (w, journal) = (w.clone(), self.journal.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("follow-{}", w.name()))
+            .spawn(move || match w.console_stamped() {
+                Ok((_, lines)) => journal.follow_stamped(w.name(), lines),
+                Err(e) => tracing::warn!(vm = %w.name(), error = %crate::error_chain(&e), "cannot follow the worker's console"),
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a console follower thread");
         }
     }
 

@@ -363,12 +363,29 @@ pub fn find(dir: &Path) -> (Vec<WorkerVm>, Vec<(PathBuf, WorkerError)>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return (alive, dead);
     };
-    for e in entries.flatten() {
-        let path = e.path();
-        if !path.is_dir() {
-            continue;
-        }
-        match WorkerVm::attach(&path) {
+    let dirs: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    // All at once: on a host busy with its guests each worker may take a while to answer.
+    let answers: Vec<(PathBuf, Result<WorkerVm, WorkerError>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = dirs
+            .iter()
+            .map(|path| (path, s.spawn(move || WorkerVm::attach(path))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|(path, h)| {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(WorkerError::Unexpected("the attach thread panicked".into()))
+                });
+                (path.clone(), r)
+            })
+            .collect()
+    });
+    for (path, r) in answers {
+        match r {
             Ok(w) if path.file_name().is_some_and(|n| *n == *w.name()) => alive.push(w),
             Ok(w) => dead.push((
                 path,
