@@ -337,3 +337,57 @@ async fn a_killed_worker_fails_only_its_own_vm_and_says_so() {
     let again = WorkerVm::attach(&worker_dir(&cl, 3, "vm-x")).unwrap_or_else(|e| panic!("{e:?}"));
     assert_ne!(again.pid(), x.pid());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_saturating_every_core_do_not_starve_the_agents() {
+    let _serial = cluster_tests::serial().await;
+    let cl = cluster_with_workers(Options::default()).await;
+    // One VM per node with a vCPU per host core, each vCPU busy checking memory: three
+    // times more runnable guest threads than the host has cores.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let vcpus = u32::try_from(cores.clamp(1, 16)).unwrap_or(16);
+    let names = ["busy-1", "busy-2", "busy-3"];
+    let mut before = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let node = i as u64 + 1;
+        let s = pb::VmSpec {
+            vcpus,
+            ..spec(name, node)
+        };
+        let v = cl.create_running(1, s).await;
+        assert_eq!(v.owner_id, node, "{v:?}");
+        before.push(v);
+    }
+    // Let the guests run: every VM prints 30 more heartbeats (3 s at 100 ms each, longer
+    // on a slow host — the load lasts as long as the guests take, whatever the machine).
+    for name in names {
+        let (_, first) = cl.heartbeat_after(1, name, 0).await;
+        cl.heartbeat_after(1, name, first + 30).await;
+    }
+    // No node lost its lease, fenced anything or was taken for dead; no VM restarted.
+    for id in 1..=3u64 {
+        let log = cl.log_tail(id, 100_000);
+        assert!(
+            !log.contains("lease lost"),
+            "node {id} lost its lease:{}",
+            cl.logs()
+        );
+    }
+    let events = cl.check(cl.events(1).await);
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.kind == "node_fenced" || e.message.contains("Down")),
+        "{events:#?}"
+    );
+    for v in before {
+        let now = get_vm(&mut cl.vms(1).await, cluster_tests::vm::vm_name(&v))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (now.owner_id, now.generation, now.runtime.as_str()),
+            (v.owner_id, v.generation, "running"),
+            "{now:?}"
+        );
+    }
+}
