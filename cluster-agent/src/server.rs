@@ -51,6 +51,42 @@ pub enum RunError {
     },
 }
 
+/// How long a stopping agent waits for open calls to end before cutting them.
+const SERVE_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long a stopping agent tries to commit its restart announcement.
+const ANNOUNCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A stopping agent whose VMs run in worker processes tells the cluster it restarts (the
+/// leader then does not take the node for dead for `restart_window`) and, once that is
+/// committed, lets its workers run until the window measured from before the request —
+/// never past the moment any leader's hold ends. Without a commit (no quorum) the workers
+/// keep their ordinary lease.
+async fn announce_restart(agent: &Arc<Agent>, host: &Arc<crate::vmhost::VmHost>) {
+    let window = agent.config().restart_window;
+    if !agent.config().vm_workers || window.is_zero() || !host.has_workers() {
+        return;
+    }
+    let sent = std::time::Instant::now();
+    let cmd = crate::state::Command::AnnounceRestart {
+        node_id: agent.node_id(),
+        window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
+        at_unix_ms: crate::node::now_unix_ms(),
+    };
+    let write = agent.write(crate::node::ForwardRequest::Command(cmd));
+    match tokio::time::timeout(ANNOUNCE_TIMEOUT, write).await {
+        Ok(Ok(_)) => {
+            let h = host.clone();
+            let vms = tokio::task::spawn_blocking(move || h.extend_workers(sent + window))
+                .await
+                .unwrap_or_default();
+            tracing::info!(window_ms = window.as_millis() as u64, ?vms, "restart announced; vms run on in their workers");
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot announce the restart; vms in workers stop at their lease unless the agent is back before"),
+        Err(_) => tracing::warn!("no answer to the restart announcement; vms in workers stop at their lease unless the agent is back before"),
+    }
+}
+
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
     TcpListener::bind(addr)
         .await
@@ -206,10 +242,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     };
     if let Some(e) = &fatal {
         tracing::error!(node_id = agent.node_id(), error = %e, "raft failed; fencing every vm and stopping");
-        let fenced = tokio::task::spawn_blocking(move || fence_host.fence_all())
+        let h = fence_host.clone();
+        let fenced = tokio::task::spawn_blocking(move || h.fence_all())
             .await
             .unwrap_or_default();
         tracing::error!(node_id = agent.node_id(), vms = ?fenced, "vms fenced after a fatal raft error");
+    }
+    if fatal.is_none() {
+        announce_restart(&agent, &fence_host).await;
     }
     tracing::info!(node_id = agent.node_id(), "agent stopping");
     let _ = stop_tx.send(true);
@@ -228,10 +268,17 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     }
     let mut result = Ok(());
     for (service, task) in [("raft peer", peer_task), ("management", mgmt_task)] {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(source)) => result = Err(RunError::Serve { service, source }),
-            Err(e) => tracing::error!(service, error = %e, "server task panicked"),
+        // Calls still open (e.g. a followed console of a VM that runs on in its worker)
+        // get a moment to end, then are cut.
+        let abort = task.abort_handle();
+        match tokio::time::timeout(SERVE_DRAIN, task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(source))) => result = Err(RunError::Serve { service, source }),
+            Ok(Err(e)) => tracing::error!(service, error = %e, "server task panicked"),
+            Err(_) => {
+                tracing::info!(service, "open calls cut at shutdown");
+                abort.abort();
+            }
         }
     }
     tracing::info!(node_id = agent.node_id(), "agent stopped");

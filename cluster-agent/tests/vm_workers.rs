@@ -28,10 +28,14 @@ fn worker_dir(cl: &Cluster, node: u64, vm: &str) -> PathBuf {
 }
 
 async fn cluster_with_workers(opts: Options) -> Cluster {
+    cluster_with_config(opts, WORKERS).await
+}
+
+async fn cluster_with_config(opts: Options, toml: &str) -> Cluster {
     require_kvm();
     let mut cl = Cluster::agents(opts);
     for id in 1..=3 {
-        let added = cl.add_node_with(id, WORKERS);
+        let added = cl.add_node_with(id, toml);
         cl.check(added);
     }
     let formed = cl.form(3).await;
@@ -104,7 +108,11 @@ async fn the_agent_is_stopped_or_killed_and_its_vm_keeps_running_then_is_adopted
         let lines = worker_console(&cl, &dir);
         if how == "SIGTERM" {
             let clean = cl.stop(2);
-            assert!(cl.check(clean), "the agent exits cleanly on SIGTERM");
+            assert!(
+                cl.check(clean),
+                "the agent exits cleanly on SIGTERM:\n{}",
+                cl.log_tail(2, 40)
+            );
         } else {
             let killed = cl.kill9(2);
             cl.check(killed);
@@ -390,4 +398,105 @@ async fn guests_saturating_every_core_do_not_starve_the_agents() {
             "{now:?}"
         );
     }
+}
+
+/// The state of node `node` as node `via` lists it.
+async fn node_state(cl: &Cluster, via: u64, node: u64) -> String {
+    cl.check(cl.nodes(via).await)
+        .into_iter()
+        .find(|n| n.node_id == node)
+        .map(|n| n.state)
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_announces_the_restart_and_the_vm_runs_on_past_down_after() {
+    let _serial = cluster_tests::serial().await;
+    // The default 2 s silence before Down; the restart takes longer than that.
+    let mut cl = cluster_with_config(
+        Options::default(),
+        "vm_workers = true\nrestart_window_ms = 60000\n",
+    )
+    .await;
+    let before = cl.create_running(1, spec("vm-r", 2)).await;
+    let (_, seq) = cl.heartbeat_after(1, "vm-r", 0).await;
+    let dir = worker_dir(&cl, 2, "vm-r");
+    let lines = worker_console(&cl, &dir);
+    let clean = cl.stop(2);
+    assert!(
+        cl.check(clean),
+        "node 2 did not stop cleanly:\n{}",
+        cl.log_tail(2, 40)
+    );
+    let events = cl.check(cl.events(1).await);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains("node 2 restarts its agent")),
+        "{events:#?}"
+    );
+    // 50 heartbeats at 100 ms: more than twice `down_after` without the agent.
+    let (_lines, during) = worker_heartbeat_after(lines, seq + 50).await;
+    assert_eq!(
+        node_state(&cl, 1, 2).await,
+        "up",
+        "a node restarting is not Down"
+    );
+    let rec = get_vm(&mut cl.vms(1).await, "vm-r")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((rec.owner_id, rec.generation), (2, before.generation));
+
+    let started = cl.start(2).await;
+    cl.check(started);
+    let (node, _) = cl.heartbeat_after(1, "vm-r", during).await;
+    assert_eq!(node, 2);
+    let back = cluster_tests::Wait::new(cluster_tests::WAIT)
+        .until(
+            "the restart window ended",
+            || async { cl.events(1).await },
+            |ev| {
+                ev.iter()
+                    .any(|e| e.message.contains("node 2 is back from its agent restart"))
+            },
+        )
+        .await;
+    cl.check(back);
+    let rec = get_vm(&mut cl.vms(1).await, "vm-r")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (rec.owner_id, rec.generation),
+        (2, before.generation),
+        "{rec:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announced_restart_that_never_ends_fails_the_vm_over_after_the_window() {
+    let _serial = cluster_tests::serial().await;
+    let mut cl = cluster_with_config(
+        Options::default(),
+        "vm_workers = true\nrestart_window_ms = 3000\n",
+    )
+    .await;
+    cl.create_running(1, spec("vm-n", 2)).await;
+    cl.heartbeat_after(1, "vm-n", 0).await;
+    let checker = RunChecker::start(&cl, &["vm-n"]);
+    let dir = worker_dir(&cl, 2, "vm-n");
+    let old = journal_worker(&cl, &dir, 2);
+    let clean = cl.stop(2);
+    assert!(
+        cl.check(clean),
+        "node 2 did not stop cleanly:\n{}",
+        cl.log_tail(2, 40)
+    );
+    let after = cl
+        .wait_vm(1, "vm-n", "restarted on a survivor", |v| {
+            v.owner_id != 2 && v.runtime == "running"
+        })
+        .await;
+    assert_eq!(node_state(&cl, 1, 2).await, "down");
+    cl.heartbeat_after(1, "vm-n", 0).await;
+    assert_old_copy_stopped_first(&cl, &checker, "vm-n", (&dir, 2, old), after.owner_id).await;
 }

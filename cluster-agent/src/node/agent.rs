@@ -144,6 +144,9 @@ pub struct Agent {
     pub(super) place_lock: tokio::sync::Mutex<()>,
     /// When this agent first saw each node Down (graces run on this clock).
     pub(super) down_clock: Mutex<DownClock>,
+    /// On the leader: when it first saw each node's restart announcement (node id →
+    /// announcement, first seen); the window runs on this clock.
+    pub(super) restart_holds: Mutex<std::collections::HashMap<u64, (u64, Instant)>>,
     /// This node's certificate, key and the cluster CA (for every connection it makes).
     pub(super) credentials: Credentials,
 }
@@ -206,6 +209,7 @@ impl Agent {
             liveness: Mutex::new(liveness),
             place_lock: tokio::sync::Mutex::new(()),
             down_clock: Mutex::new(DownClock::default()),
+            restart_holds: Mutex::default(),
         }))
     }
 

@@ -16,6 +16,8 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
 /// Silence threshold (see `liveness`: the self-fence lease is half of it). With the
 /// failover grace (500 ms) a killed agent's VMs run elsewhere about 2 s after it dies.
 pub const DEFAULT_DOWN_AFTER_MS: u64 = 1_200;
+/// Default `restart_window_ms`.
+pub const DEFAULT_RESTART_WINDOW_MS: u64 = 60_000;
 pub const DEFAULT_RAFT_HEARTBEAT_INTERVAL_MS: u64 = 100;
 pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 400;
 pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 800;
@@ -129,6 +131,10 @@ pub struct RawConfig {
     /// Where the workers' directories (control socket, start file, log) live; default
     /// `<data_dir>/vms`.
     pub worker_dir: Option<PathBuf>,
+    /// With `vm_workers`: on SIGTERM the agent announces a restart of up to this long
+    /// (default 60000, at most 600000; 0: none): the cluster does not take the node for
+    /// dead during it and its workers keep their VMs running until it ends.
+    pub restart_window_ms: Option<u64>,
 }
 
 /// An IP subnet in CIDR form.
@@ -217,6 +223,8 @@ pub struct AgentConfig {
     pub vm_workers: bool,
     /// See [`RawConfig::worker_dir`].
     pub worker_dir: PathBuf,
+    /// See [`RawConfig::restart_window_ms`].
+    pub restart_window: Duration,
 }
 
 impl AgentConfig {
@@ -301,7 +309,8 @@ impl RawConfig {
             migration_insecure_plaintext,
             image_dirs,
             vm_workers,
-            worker_dir
+            worker_dir,
+            restart_window_ms
         );
         self
     }
@@ -531,7 +540,18 @@ impl RawConfig {
             Some(d) => d,
             None => data_dir.join("vms"),
         };
+        let restart_window_ms = self.restart_window_ms.unwrap_or(DEFAULT_RESTART_WINDOW_MS);
+        if restart_window_ms > crate::state::RESTART_WINDOW_MS_MAX {
+            return Err(invalid(
+                "restart_window_ms",
+                format!(
+                    "{restart_window_ms} is more than {}",
+                    crate::state::RESTART_WINDOW_MS_MAX
+                ),
+            ));
+        }
         Ok(AgentConfig {
+            restart_window: Duration::from_millis(restart_window_ms),
             vm_workers: self.vm_workers.unwrap_or(false),
             worker_dir,
             image_dirs,

@@ -253,6 +253,8 @@ pub struct VmHost {
     /// Until when the workers may run their VMs (the node's lease plus the workers'
     /// grace), as last renewed.
     worker_deadline: Mutex<Option<Instant>>,
+    /// Set by an announced restart: no renewal shortens the workers' leases below it.
+    worker_floor: Mutex<Option<Instant>>,
 }
 
 type VmTable = Mutex<BTreeMap<String, Option<Arc<HostedVm>>>>;
@@ -311,6 +313,7 @@ impl VmHost {
             worker_settings: Mutex::new(None),
             workers: Mutex::default(),
             worker_deadline: Mutex::new(None),
+            worker_floor: Mutex::new(None),
         })
     }
 
@@ -374,7 +377,7 @@ impl VmHost {
         else {
             return;
         };
-        let deadline = lease_until + grace;
+        let deadline = (lease_until + grace).max(lock(&self.worker_floor).unwrap_or(lease_until));
         *lock(&self.worker_deadline) = Some(deadline);
         let workers: Vec<Arc<worker::WorkerVm>> = lock(&self.workers).values().cloned().collect();
         let valid = deadline.saturating_duration_since(Instant::now());
@@ -383,6 +386,29 @@ impl VmHost {
                 tracing::warn!(vm = %w.name(), error = %crate::error_chain(&e), "cannot renew the worker's lease");
             }
         }
+    }
+
+    /// Lets every worker run its VM until `deadline` whatever the lease does from now on
+    /// (a restart the cluster was told of and holds for); returns the VMs so extended.
+    pub fn extend_workers(&self, deadline: Instant) -> Vec<String> {
+        *lock(&self.worker_floor) = Some(deadline);
+        let workers: Vec<Arc<worker::WorkerVm>> = lock(&self.workers).values().cloned().collect();
+        let valid = deadline.saturating_duration_since(Instant::now());
+        let mut out = Vec::new();
+        for w in workers {
+            match w.renew(valid) {
+                Ok(()) => out.push(w.name().to_owned()),
+                Err(e) => {
+                    tracing::warn!(vm = %w.name(), error = %crate::error_chain(&e), "cannot extend the worker's lease")
+                }
+            }
+        }
+        out
+    }
+
+    /// True if any VM runs in a worker process.
+    pub fn has_workers(&self) -> bool {
+        !lock(&self.workers).is_empty()
     }
 
     /// True if `name` runs in a worker process.
