@@ -500,3 +500,71 @@ async fn an_announced_restart_that_never_ends_fails_the_vm_over_after_the_window
     cl.heartbeat_after(1, "vm-n", 0).await;
     assert_old_copy_stopped_first(&cl, &checker, "vm-n", (&dir, 2, old), after.owner_id).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_migration_moves_a_worker_vm_into_a_worker_on_the_target() {
+    let _serial = cluster_tests::serial().await;
+    require_kvm();
+    let mut cl = Cluster::agents(Options::default());
+    let (_csv, volume) = cl.shared_volume();
+    for id in 1..=3 {
+        let added = cl.add_node_with(id, &format!("{WORKERS}{volume}"));
+        cl.check(added);
+    }
+    let formed = cl.form(3).await;
+    cl.check(formed);
+    cl.create_running(1, spec("vm-q", 2)).await;
+    let (_, seq) = cl.heartbeat_after(1, "vm-q", 0).await;
+    let old = WorkerVm::attach(&worker_dir(&cl, 2, "vm-q")).unwrap_or_else(|e| panic!("{e:?}"));
+    cl.vms(1)
+        .await
+        .migrate_vm(pb::MigrateVmRequest {
+            name: "vm-q".into(),
+            to_node_id: 3,
+            quick: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
+    cl.wait_vm(1, "vm-q", "running on node 3", |v| {
+        v.owner_id == 3 && v.runtime == "running" && v.migrating_to == 0
+    })
+    .await;
+    // The same guest (its memory came along: the heartbeat count goes on), in a worker on
+    // node 3; the worker on node 2 is gone.
+    let (node, _) = cl.heartbeat_after(1, "vm-q", seq).await;
+    assert_eq!(node, 3);
+    let new = WorkerVm::attach(&worker_dir(&cl, 3, "vm-q"))
+        .unwrap_or_else(|e| panic!("{e:?}{}", cl.logs()));
+    assert_ne!(new.pid(), old.pid());
+    assert!(WorkerVm::attach(&worker_dir(&cl, 2, "vm-q")).is_err());
+    // Live migration of a VM in a worker is refused with the reason, and changes nothing.
+    let refused = cl
+        .vms(1)
+        .await
+        .migrate_vm(pb::MigrateVmRequest {
+            name: "vm-q".into(),
+            to_node_id: 1,
+            ..Default::default()
+        })
+        .await;
+    if let Ok(r) = refused {
+        // Accepted by the cluster: the source refuses to run it and the VM stays.
+        let v = r.into_inner();
+        eprintln!("live migration of a worker VM accepted as {v:?}");
+    }
+    let v = cl
+        .wait_vm(1, "vm-q", "still on node 3, no migration open", |v| {
+            v.migrating_to == 0
+        })
+        .await;
+    assert_eq!((v.owner_id, v.runtime.as_str()), (3, "running"));
+    cl.heartbeat_after(1, "vm-q", 0).await;
+    let events = cl.check(cl.events(1).await);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains("runs in a worker process")),
+        "the failed migration says why: {events:#?}"
+    );
+}

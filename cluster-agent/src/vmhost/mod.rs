@@ -171,7 +171,7 @@ pub enum VmHostError {
         #[source]
         source: worker::WorkerError,
     },
-    #[error("VM {vm} runs in a worker process: live and quick migration and disk hot-plug through worker processes are not built yet")]
+    #[error("VM {vm} runs in a worker process: live migration and disk hot-plug through worker processes are not built yet (quick migration works)")]
     InWorker { vm: String },
     #[error("the lock callback failed during {op} for VM {vm}")]
     Locks {
@@ -436,13 +436,25 @@ impl VmHost {
         names
     }
 
-    fn start_in_worker(
+    pub(crate) fn worker_settings(&self) -> Option<worker::Settings> {
+        lock(&self.worker_settings).clone()
+    }
+
+    /// Drops `name`'s worker from the table (its VM is gone: saved away or stopped).
+    pub(crate) fn forget_worker(&self, name: &str) {
+        lock(&self.workers).remove(name);
+    }
+
+    /// Starts `spec` in a new worker: booted, or restored from the quick-migration image
+    /// in `restore_from` (then with the restore's figures).
+    pub(crate) fn start_in_worker(
         &self,
         settings: &worker::Settings,
         spec: VmSpec,
         grants: &[LockGrant],
         mode: OpenMode,
-    ) -> Result<VmInfo, VmHostError> {
+        restore_from: Option<PathBuf>,
+    ) -> Result<(VmInfo, QuickRestoreStats), VmHostError> {
         let name = spec.name.clone();
         let werr = |source| VmHostError::Worker {
             vm: name.clone(),
@@ -474,13 +486,14 @@ impl VmHost {
             volumes: settings.volumes.clone(),
             networks: settings.networks.clone(),
             image_dirs: settings.image_dirs.clone(),
+            restore_from,
         };
         let w = Arc::new(worker::WorkerVm::spawn(settings, &start).map_err(werr)?);
         self.follow_worker_console(&w);
         lock(&self.workers).insert(name.clone(), w.clone());
         drop(reservation);
         tracing::info!(vm = %name, pid = w.pid(), "vm started in a worker process");
-        Ok(self.worker_info(&w))
+        Ok((self.worker_info(&w), w.restored().unwrap_or_default()))
     }
 
     fn worker_info(&self, w: &worker::WorkerVm) -> VmInfo {
@@ -655,7 +668,9 @@ impl VmHost {
         })?;
         let settings = lock(&self.worker_settings).clone();
         if let Some(settings) = settings {
-            return self.start_in_worker(&settings, spec, grants, mode);
+            return self
+                .start_in_worker(&settings, spec, grants, mode, None)
+                .map(|(info, _)| info);
         }
         let reservation = self.reserve(&spec.name)?;
         let taps = self.create_taps(&spec)?;

@@ -110,6 +110,8 @@ pub struct WorkerVm {
     conn: Mutex<Option<Conn>>,
     /// The spec as of the last answer (what to report when the worker is gone).
     last: Mutex<WorkerInfo>,
+    /// Set when the worker restored its VM from a quick-migration image.
+    restored: Option<crate::vmhost::QuickRestoreStats>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -227,11 +229,13 @@ impl WorkerVm {
                 return Err(WorkerError::StartTimeout(START_TIMEOUT))
             }
         };
-        match report {
-            StartReport::Started { .. } => {}
+        let restored = match report {
+            StartReport::Started { restored, .. } => restored,
             StartReport::Failed { message } => return Err(WorkerError::Start(message)),
-        }
-        Self::attach(&dir)
+        };
+        let mut w = Self::attach(&dir)?;
+        w.restored = restored;
+        Ok(w)
     }
 
     /// Connects to the running worker in `dir` (a start, or an agent adopting it).
@@ -243,7 +247,29 @@ impl WorkerVm {
             pid,
             conn: Mutex::new(Some(c)),
             last: Mutex::new(info),
+            restored: None,
         })
+    }
+
+    /// The restore's figures, when the worker restored its VM from a quick-migration image.
+    pub fn restored(&self) -> Option<crate::vmhost::QuickRestoreStats> {
+        self.restored
+    }
+
+    /// Quick migration, source half: the worker saves its VM into `volume` for
+    /// `target_node` and exits.
+    pub fn quick_save(
+        &self,
+        volume: &str,
+        target_node: csv_volume::NodeId,
+    ) -> Result<crate::vmhost::QuickImage, WorkerError> {
+        match self.request(&Request::QuickSave {
+            volume: volume.to_owned(),
+            target_node,
+        })? {
+            Response::QuickSaved { image } => Ok(image),
+            other => Err(unexpected(other)),
+        }
     }
 
     pub fn name(&self) -> &str {

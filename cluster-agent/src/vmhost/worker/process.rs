@@ -131,13 +131,18 @@ fn serve(dir: &Path) -> Result<i32, WorkerError> {
     let host = VmHost::with_networks(start.node, registry, start.networks.clone());
     host.set_image_dirs(start.image_dirs.clone());
     let name = start.spec.name.clone();
-    let info = match start.takeover_wait_ms {
-        Some(ms) => host.start_after_takeover(
-            start.spec,
-            &start.grants,
-            Instant::now() + Duration::from_millis(ms),
-        ),
-        None => host.start(start.spec, &start.grants),
+    let (info, restored) = match (&start.restore_from, start.takeover_wait_ms) {
+        (Some(dir), _) => host
+            .quick_restore(dir, &start.grants)
+            .map(|(info, stats)| (info, Some(stats))),
+        (None, Some(ms)) => host
+            .start_after_takeover(
+                start.spec,
+                &start.grants,
+                Instant::now() + Duration::from_millis(ms),
+            )
+            .map(|info| (info, None)),
+        (None, None) => host.start(start.spec, &start.grants).map(|i| (i, None)),
     }
     .map_err(WorkerError::Start)?;
     if Instant::now() >= deadline {
@@ -170,6 +175,7 @@ fn serve(dir: &Path) -> Result<i32, WorkerError> {
     report(&StartReport::Started {
         pid: std::process::id(),
         info: Box::new(worker_info(&worker, info)),
+        restored,
     });
     tracing::info!(vm = %worker.name, pid = std::process::id(), "vm worker serving");
     // Keeps the directory open: `sock`'s short path goes through this descriptor.
@@ -352,6 +358,25 @@ fn answer(w: &Worker, req: Request, out: &mut UnixStream) -> bool {
             let _ = write_frame(out, &resp);
             tracing::info!(vm = %w.name, "vm worker exits: vm stopped");
             exit(w, 0);
+        }
+        Request::QuickSave {
+            volume,
+            target_node,
+        } => {
+            // From here the VM is paused and then gone from this worker (or, on error,
+            // runs on): the watchdog has nothing to stop once it is saved.
+            match w.host.quick_save(&w.name, &volume, target_node) {
+                Ok(image) => {
+                    lock(&w.lease).done = true;
+                    w.renewed.notify_all();
+                    let _ = write_frame(out, &Response::QuickSaved { image });
+                    tracing::info!(vm = %w.name, "vm worker exits: vm saved for quick migration");
+                    exit(w, 0);
+                }
+                Err(e) => Response::Error {
+                    message: crate::error_chain(&e),
+                },
+            }
         }
         Request::Fence => {
             lock(&w.lease).done = true;

@@ -65,26 +65,46 @@ pub struct StartFile {
     /// VM networks of the node (name → bridge).
     pub networks: std::collections::BTreeMap<String, String>,
     pub image_dirs: Vec<PathBuf>,
+    /// Restore the VM from this quick-migration image instead of booting it.
+    #[serde(default)]
+    pub restore_from: Option<PathBuf>,
 }
 
 /// The worker's one line on stdout once its VM runs (or could not be started).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StartReport {
-    Started { pid: u32, info: Box<WorkerInfo> },
-    Failed { message: String },
+    Started {
+        pid: u32,
+        info: Box<WorkerInfo>,
+        /// Restored from a quick-migration image: the restore's figures.
+        restored: Option<crate::vmhost::QuickRestoreStats>,
+    },
+    Failed {
+        message: String,
+    },
 }
 
 /// A request of the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "op")]
 pub enum Request {
-    Hello { version: u32 },
+    Hello {
+        version: u32,
+    },
     Info,
-    Lease { valid_ms: u64 },
+    Lease {
+        valid_ms: u64,
+    },
     Stop,
     Fence,
     Console,
+    /// Quick migration, source half: save the VM into the shared `volume` for
+    /// `target_node` (disks closed for it); the worker exits once saved.
+    QuickSave {
+        volume: String,
+        target_node: NodeId,
+    },
 }
 
 /// The worker's answer to one request (or one console line).
@@ -106,6 +126,9 @@ pub enum Response {
     },
     Console {
         recent: String,
+    },
+    QuickSaved {
+        image: crate::vmhost::QuickImage,
     },
     /// A console line, stamped by the worker when the VM printed it.
     Line {
