@@ -568,3 +568,99 @@ async fn quick_migration_moves_a_worker_vm_into_a_worker_on_the_target() {
         "the failed migration says why: {events:#?}"
     );
 }
+
+fn disk_passes(h: &vmm_node::guest_protocol::Heartbeat) -> u64 {
+    h.fields
+        .get("disk_passes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_vm_hot_plugs_its_disk_and_quick_migrates_with_it() {
+    use cluster_proto::volumes as vpb;
+    let _serial = cluster_tests::serial().await;
+    require_kvm();
+    let mut cl = Cluster::agents(Options::default());
+    let (_csv, volume) = cl.shared_volume();
+    for id in 1..=3 {
+        let added = cl.add_node_with(id, &format!("{WORKERS}{volume}"));
+        cl.check(added);
+    }
+    let formed = cl.form(3).await;
+    cl.check(formed);
+    cl.vols(1)
+        .await
+        .create_disk(vpb::CreateDiskRequest {
+            name: "vol/vms/w.img".into(),
+            size_mib: 4,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create disk: {e}{}", cl.logs()));
+    let boot = pb::TestGuestBoot {
+        workload: "disk".into(),
+        hb_ms: 100,
+        ..Default::default()
+    };
+    let s = pb::VmSpec {
+        preferred_owners: vec![2],
+        ..guest_spec("vm-d", 64, boot)
+    };
+    let v = cl.create_running(1, s).await;
+    assert_eq!(v.owner_id, 2);
+    cl.wait_heartbeat(1, "vm-d", |h| h.disk == "nodisk").await;
+    // Hot add through the worker: the guest finds the disk and writes it.
+    let mut vols = cl.vols(1).await;
+    vols.attach_disk(vpb::AttachDiskRequest {
+        vm: "vm-d".into(),
+        disk: "vol/vms/w.img".into(),
+        read_only: false,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("attach: {e}{}", cl.logs()));
+    let (node, hb) = cl
+        .wait_heartbeat(1, "vm-d", |h| h.disk == "ok" && disk_passes(h) >= 1)
+        .await;
+    assert_eq!(node, 2);
+    cl.wait_lock(1, "vol/vms/w.img", "held by node 2", |l| {
+        l.is_some_and(|l| l.holders == vec![2])
+    })
+    .await;
+    // Quick migration moves it with its disk into a worker on node 3.
+    cl.vms(1)
+        .await
+        .migrate_vm(pb::MigrateVmRequest {
+            name: "vm-d".into(),
+            to_node_id: 3,
+            quick: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
+    cl.wait_vm(1, "vm-d", "running on node 3", |v| {
+        v.owner_id == 3 && v.runtime == "running" && v.migrating_to == 0
+    })
+    .await;
+    let passes = disk_passes(&hb);
+    let (node, _) = cl
+        .wait_heartbeat(1, "vm-d", |h| {
+            h.seq > hb.seq && h.disk == "ok" && disk_passes(h) > passes
+        })
+        .await;
+    assert_eq!(node, 3);
+    cl.wait_lock(1, "vol/vms/w.img", "held by node 3", |l| {
+        l.is_some_and(|l| l.holders == vec![3])
+    })
+    .await;
+    assert!(WorkerVm::attach(&worker_dir(&cl, 3, "vm-d")).is_ok());
+    // Hot remove through the worker on node 3: flushed, closed, released.
+    vols.detach_disk(vpb::DetachDiskRequest {
+        vm: "vm-d".into(),
+        disk: "vol/vms/w.img".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("detach: {e}{}", cl.logs()));
+    cl.wait_lock(1, "vol/vms/w.img", "released", |l| l.is_none())
+        .await;
+    cl.wait_heartbeat(1, "vm-d", |h| h.disk == "nodisk").await;
+}

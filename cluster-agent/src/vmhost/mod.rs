@@ -171,7 +171,7 @@ pub enum VmHostError {
         #[source]
         source: worker::WorkerError,
     },
-    #[error("VM {vm} runs in a worker process: live migration and disk hot-plug through worker processes are not built yet (quick migration works)")]
+    #[error("VM {vm} runs in a worker process: live migration through worker processes is not built yet (quick migration works)")]
     InWorker { vm: String },
     #[error("the lock callback failed during {op} for VM {vm}")]
     Locks {
@@ -831,6 +831,14 @@ impl VmHost {
         disk: DiskSpec,
         grant: &LockGrant,
     ) -> Result<u8, VmHostError> {
+        if let Some(w) = self.worker(name) {
+            return w
+                .attach_disk(disk, grant)
+                .map_err(|source| VmHostError::Worker {
+                    vm: name.to_owned(),
+                    source,
+                });
+        }
         let vm = self.get(name)?;
         let _claim = vm.claim()?;
         self.require_running(&vm)?;
@@ -850,6 +858,12 @@ impl VmHost {
     /// loses it; returns the `Release` command to propose.
     #[tracing::instrument(skip(self))]
     pub fn detach_disk(&self, name: &str, disk: &DiskName) -> Result<LockCommand, VmHostError> {
+        if let Some(w) = self.worker(name) {
+            return w.detach_disk(disk).map_err(|source| VmHostError::Worker {
+                vm: name.to_owned(),
+                source,
+            });
+        }
         let vm = self.get(name)?;
         let _claim = vm.claim()?;
         let slot = vm.slot_of(disk)?;

@@ -256,6 +256,29 @@ impl WorkerVm {
         self.restored
     }
 
+    /// Hot-adds `disk` with `grant`; the slot it went into.
+    pub fn attach_disk(
+        &self,
+        disk: crate::vmhost::DiskSpec,
+        grant: &csv_volume::LockGrant,
+    ) -> Result<u8, WorkerError> {
+        match self.request(&Request::AttachDisk {
+            disk,
+            grant: grant.clone(),
+        })? {
+            Response::Attached { slot } => Ok(slot),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Hot-removes `disk`; the `Release` to commit once it is flushed and closed.
+    pub fn detach_disk(&self, disk: &csv_volume::DiskName) -> Result<LockCommand, WorkerError> {
+        match self.request(&Request::DetachDisk { disk: disk.clone() })? {
+            Response::Detached { release } => Ok(release),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Quick migration, source half: the worker saves its VM into `volume` for
     /// `target_node` and exits.
     pub fn quick_save(

@@ -359,6 +359,18 @@ fn answer(w: &Worker, req: Request, out: &mut UnixStream) -> bool {
             tracing::info!(vm = %w.name, "vm worker exits: vm stopped");
             exit(w, 0);
         }
+        Request::AttachDisk { disk, grant } => match w.host.attach_disk(&w.name, disk, &grant) {
+            Ok(slot) => Response::Attached { slot },
+            Err(e) => Response::Error {
+                message: crate::error_chain(&e),
+            },
+        },
+        Request::DetachDisk { disk } => match w.host.detach_disk(&w.name, &disk) {
+            Ok(release) => Response::Detached { release },
+            Err(e) => Response::Error {
+                message: crate::error_chain(&e),
+            },
+        },
         Request::QuickSave {
             volume,
             target_node,

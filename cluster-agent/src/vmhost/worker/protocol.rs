@@ -99,6 +99,15 @@ pub enum Request {
     Stop,
     Fence,
     Console,
+    /// Hot-add `disk`, opened with `grant`, in the first free slot.
+    AttachDisk {
+        disk: crate::vmhost::DiskSpec,
+        grant: LockGrant,
+    },
+    /// Hot-remove `disk` (flushed and closed first).
+    DetachDisk {
+        disk: csv_volume::DiskName,
+    },
     /// Quick migration, source half: save the VM into the shared `volume` for
     /// `target_node` (disks closed for it); the worker exits once saved.
     QuickSave {
@@ -129,6 +138,12 @@ pub enum Response {
     },
     QuickSaved {
         image: crate::vmhost::QuickImage,
+    },
+    Attached {
+        slot: u8,
+    },
+    Detached {
+        release: LockCommand,
     },
     /// A console line, stamped by the worker when the VM printed it.
     Line {
