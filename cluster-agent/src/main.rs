@@ -42,6 +42,19 @@ struct Args {
     /// Validate the configuration, print it and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Sub {
+    /// Run one VM in this process (started by the agent when `vm_workers` is on; not
+    /// meant to be run by hand).
+    VmWorker {
+        /// The VM's worker directory (start.json, sock, worker.log).
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 impl Args {
@@ -74,6 +87,10 @@ fn main() -> ExitCode {
         // Colours only for a person at a terminal: files and journald get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(Sub::VmWorker { dir }) = &args.command {
+        let code = cluster_agent::vmhost::worker::process::run(dir);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -31,6 +31,8 @@ pub enum RunError {
     Migration(#[source] Box<crate::vmhost::VmHostError>),
     #[error("cannot serve metrics")]
     Metrics(#[source] crate::api::metrics::MetricsError),
+    #[error("cannot find this agent's own executable (VM workers run it)")]
+    Exe(#[source] std::io::Error),
     #[error("Raft stopped with a fatal error ({0}); every VM of this node was stopped")]
     Fatal(String),
     #[error("cannot use this node's TLS credentials")]
@@ -49,6 +51,42 @@ pub enum RunError {
         #[source]
         source: crate::api::serve::ServeError,
     },
+}
+
+/// How long a stopping agent waits for open calls to end before cutting them.
+const SERVE_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long a stopping agent tries to commit its restart announcement.
+const ANNOUNCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A stopping agent whose VMs run in worker processes tells the cluster it restarts (the
+/// leader then does not take the node for dead for `restart_window`) and, once that is
+/// committed, lets its workers run until the window measured from before the request —
+/// never past the moment any leader's hold ends. Without a commit (no quorum) the workers
+/// keep their ordinary lease.
+async fn announce_restart(agent: &Arc<Agent>, host: &Arc<crate::vmhost::VmHost>) {
+    let window = agent.config().restart_window;
+    if !agent.config().vm_workers || window.is_zero() || !host.has_workers() {
+        return;
+    }
+    let sent = std::time::Instant::now();
+    let cmd = crate::state::Command::AnnounceRestart {
+        node_id: agent.node_id(),
+        window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
+        at_unix_ms: crate::node::now_unix_ms(),
+    };
+    let write = agent.write(crate::node::ForwardRequest::Command(cmd));
+    match tokio::time::timeout(ANNOUNCE_TIMEOUT, write).await {
+        Ok(Ok(_)) => {
+            let h = host.clone();
+            let vms = tokio::task::spawn_blocking(move || h.extend_workers(sent + window))
+                .await
+                .unwrap_or_default();
+            tracing::info!(window_ms = window.as_millis() as u64, ?vms, "restart announced; vms run on in their workers");
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot announce the restart; vms in workers stop at their lease unless the agent is back before"),
+        Err(_) => tracing::warn!("no answer to the restart announcement; vms in workers stop at their lease unless the agent is back before"),
+    }
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
@@ -128,6 +166,26 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     };
     vm_host.set_migration_transport(transport.clone());
     vm_host.set_image_dirs(agent.config().image_dirs.clone());
+    if agent.config().vm_workers {
+        let c = agent.config();
+        vm_host.enable_workers(crate::vmhost::worker::Settings {
+            exe: std::env::current_exe().map_err(RunError::Exe)?,
+            dir: c.worker_dir.clone(),
+            down_after: c.down_after,
+            volumes: c.volumes.clone(),
+            networks: c
+                .networks
+                .iter()
+                .map(|n| (n.name.clone(), n.bridge.clone()))
+                .collect(),
+            image_dirs: c.image_dirs.clone(),
+        });
+        let h = vm_host.clone();
+        let adopted = tokio::task::spawn_blocking(move || h.adopt_workers())
+            .await
+            .unwrap_or_default();
+        tracing::info!(node_id = agent.node_id(), vms = ?adopted, "vm workers adopted");
+    }
     let listener = vm_host
         .listen_migrations(
             agent.config().migration_addr,
@@ -200,10 +258,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     };
     if let Some(e) = &fatal {
         tracing::error!(node_id = agent.node_id(), error = %e, "raft failed; fencing every vm and stopping");
-        let fenced = tokio::task::spawn_blocking(move || fence_host.fence_all())
+        let h = fence_host.clone();
+        let fenced = tokio::task::spawn_blocking(move || h.fence_all())
             .await
             .unwrap_or_default();
         tracing::error!(node_id = agent.node_id(), vms = ?fenced, "vms fenced after a fatal raft error");
+    }
+    if fatal.is_none() {
+        announce_restart(&agent, &fence_host).await;
     }
     tracing::info!(node_id = agent.node_id(), "agent stopping");
     let _ = stop_tx.send(true);
@@ -224,10 +286,17 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     }
     let mut result = Ok(());
     for (service, task) in [("raft peer", peer_task), ("management", mgmt_task)] {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(source)) => result = Err(RunError::Serve { service, source }),
-            Err(e) => tracing::error!(service, error = %e, "server task panicked"),
+        // Calls still open (e.g. a followed console of a VM that runs on in its worker)
+        // get a moment to end, then are cut.
+        let abort = task.abort_handle();
+        match tokio::time::timeout(SERVE_DRAIN, task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(source))) => result = Err(RunError::Serve { service, source }),
+            Ok(Err(e)) => tracing::error!(service, error = %e, "server task panicked"),
+            Err(_) => {
+                tracing::info!(service, "open calls cut at shutdown");
+                abort.abort();
+            }
         }
     }
     tracing::info!(node_id = agent.node_id(), "agent stopped");

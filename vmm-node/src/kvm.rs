@@ -270,3 +270,17 @@ pub fn host_cpuid(leaf: u32, subleaf: u32) -> (u32, u32, u32, u32) {
     let r = unsafe { core::arch::x86_64::__cpuid_count(leaf, subleaf) };
     (r.eax, r.ebx, r.ecx, r.edx)
 }
+
+/// Sets the calling thread's nice value to `nice` (-20..=19; higher yields the CPU to
+/// others). Threads it creates afterwards inherit it, so a process that calls this first
+/// runs every later vCPU thread at that priority.
+pub fn set_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: setpriority takes plain integers and touches no memory of this process;
+    // `who == 0` is the calling thread.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -38,6 +38,9 @@ pub enum StopReason {
     GuestReset,
     /// A vCPU failed; the message says how.
     VcpuError { vcpu: u32, message: String },
+    /// The process that ran the VM is gone (e.g. a VM worker process was killed); set by
+    /// whoever watched it, never by the VMM itself.
+    ProcessGone { message: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

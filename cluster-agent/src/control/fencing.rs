@@ -19,6 +19,8 @@ pub async fn run_fence(
 ) {
     let me = agent.node_id();
     let mut seen_lapses = 0;
+    let mut held_once = false;
+    let mut renewed = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(FENCE_POLL) => {}
@@ -32,6 +34,22 @@ pub async fn run_fence(
                 .is_some_and(|n| n.state == crate::state::NodeState::Down)
         });
         if lease.held && lease.lapses == seen_lapses && !down {
+            if !held_once {
+                tokio::spawn(end_restart(agent.clone(), shutdown.clone()));
+            }
+            held_once = true;
+            if let Some(until) = lease.until {
+                if renewed.elapsed() >= crate::vmhost::worker::RENEW_EVERY {
+                    renewed = tokio::time::Instant::now();
+                    let h = host.clone();
+                    let _ = tokio::task::spawn_blocking(move || h.renew_workers(until)).await;
+                }
+            }
+            continue;
+        }
+        // A starting agent does not hold its lease yet: VMs adopted from worker processes
+        // run on the deadline their previous agent gave them until this one renews it.
+        if !held_once && lease.lapses == seen_lapses && !down {
             continue;
         }
         seen_lapses = lease.lapses;
@@ -63,6 +81,31 @@ pub async fn run_fence(
                 at_unix_ms,
                 shutdown.clone(),
             ));
+        }
+    }
+}
+
+/// Back with its lease after a restart it announced: end the window (the leader judges
+/// this node by its heartbeats again).
+async fn end_restart(agent: Arc<crate::node::Agent>, mut shutdown: watch::Receiver<bool>) {
+    let me = agent.node_id();
+    for _ in 0..20 {
+        let announced = agent.read_sm(|d| d.state.nodes.get(&me).and_then(|n| n.restarting));
+        if announced.is_none() {
+            return;
+        }
+        let cmd = crate::state::Command::AnnounceRestart {
+            node_id: me,
+            window_ms: 0,
+            at_unix_ms: crate::node::now_unix_ms(),
+        };
+        match agent.write(crate::node::ForwardRequest::Command(cmd)).await {
+            Ok(_) => return,
+            Err(e) => tracing::debug!(error = %e, "cannot end the restart window yet; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => return,
         }
     }
 }

@@ -251,17 +251,10 @@ pub async fn run(
     }
     let _ = fence.await;
     let h = host.clone();
-    let stopped = tokio::task::spawn_blocking(move || {
-        let names: Vec<String> = h.list().into_iter().map(|i| i.name).collect();
-        for n in &names {
-            if let Err(e) = h.stop(n) {
-                tracing::warn!(vm = %n, error = %crate::error_chain(&e), "cannot stop vm at shutdown");
-            }
-        }
-        names
-    })
-    .await
-    .unwrap_or_default();
+    // VMs in worker processes keep running: a restarted agent adopts them.
+    let stopped = tokio::task::spawn_blocking(move || h.stop_in_process())
+        .await
+        .unwrap_or_default();
     tracing::info!(node_id = me, vms = ?stopped, "reconciler stopped; local vms stopped");
 }
 

@@ -144,6 +144,9 @@ pub struct Agent {
     pub(super) place_lock: tokio::sync::Mutex<()>,
     /// When this agent first saw each node Down (graces run on this clock).
     pub(super) down_clock: Mutex<DownClock>,
+    /// On the leader: when it first saw each node's restart announcement (node id →
+    /// announcement, first seen); the window runs on this clock.
+    pub(super) restart_holds: Mutex<std::collections::HashMap<u64, (u64, Instant)>>,
     /// This node's certificate, key and the cluster CA (for every connection it makes).
     pub(super) credentials: SharedCredentials,
     /// Demand reports: every node's latest, and whether this node's newest went out yet.
@@ -220,6 +223,7 @@ impl Agent {
             balance_rounds: Default::default(),
             place_lock: tokio::sync::Mutex::new(()),
             down_clock: Mutex::new(DownClock::default()),
+            restart_holds: Mutex::default(),
         }))
     }
 

@@ -16,6 +16,8 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
 /// Silence threshold (see `liveness`: the self-fence lease is half of it). With the
 /// failover grace (500 ms) a killed agent's VMs run elsewhere about 2 s after it dies.
 pub const DEFAULT_DOWN_AFTER_MS: u64 = 1_200;
+/// Default `restart_window_ms`.
+pub const DEFAULT_RESTART_WINDOW_MS: u64 = 60_000;
 pub const DEFAULT_RAFT_HEARTBEAT_INTERVAL_MS: u64 = 100;
 pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 400;
 pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 800;
@@ -128,6 +130,17 @@ pub struct RawConfig {
     /// Renew this node's certificate when less than this percentage of its lifetime is
     /// left (default 33, 5 to 80).
     pub cert_renew_percent_left: Option<u64>,
+    /// Run each VM in a worker process of its own (default false), so VMs keep running
+    /// while the agent restarts. Live and quick migration and disk hot-plug of such VMs
+    /// are not built yet.
+    pub vm_workers: Option<bool>,
+    /// Where the workers' directories (control socket, start file, log) live; default
+    /// `<data_dir>/vms`.
+    pub worker_dir: Option<PathBuf>,
+    /// With `vm_workers`: on SIGTERM the agent announces a restart of up to this long
+    /// (default 60000, at most 600000; 0: none): the cluster does not take the node for
+    /// dead during it and its workers keep their VMs running until it ends.
+    pub restart_window_ms: Option<u64>,
 }
 
 /// An IP subnet in CIDR form.
@@ -216,6 +229,12 @@ pub struct AgentConfig {
     pub node_cert_validity: Duration,
     /// See [`RawConfig::cert_renew_percent_left`].
     pub cert_renew_percent_left: u64,
+    /// See [`RawConfig::vm_workers`].
+    pub vm_workers: bool,
+    /// See [`RawConfig::worker_dir`].
+    pub worker_dir: PathBuf,
+    /// See [`RawConfig::restart_window_ms`].
+    pub restart_window: Duration,
 }
 
 impl AgentConfig {
@@ -298,7 +317,10 @@ impl RawConfig {
             networks,
             tls_dir,
             migration_insecure_plaintext,
-            image_dirs
+            image_dirs,
+            vm_workers,
+            worker_dir,
+            restart_window_ms
         );
         self
     }
@@ -534,9 +556,32 @@ impl RawConfig {
                 format!("{cert_renew_percent_left} is not 5 to 80"),
             ));
         }
+        let worker_dir = match self.worker_dir {
+            Some(d) if !d.is_absolute() => {
+                return Err(invalid(
+                    "worker_dir",
+                    format!("{} is not an absolute path", d.display()),
+                ))
+            }
+            Some(d) => d,
+            None => data_dir.join("vms"),
+        };
+        let restart_window_ms = self.restart_window_ms.unwrap_or(DEFAULT_RESTART_WINDOW_MS);
+        if restart_window_ms > crate::state::RESTART_WINDOW_MS_MAX {
+            return Err(invalid(
+                "restart_window_ms",
+                format!(
+                    "{restart_window_ms} is more than {}",
+                    crate::state::RESTART_WINDOW_MS_MAX
+                ),
+            ));
+        }
         Ok(AgentConfig {
             node_cert_validity: Duration::from_secs(node_cert_validity_s),
             cert_renew_percent_left,
+            restart_window: Duration::from_millis(restart_window_ms),
+            vm_workers: self.vm_workers.unwrap_or(false),
+            worker_dir,
             image_dirs,
             migration_insecure_plaintext: self.migration_insecure_plaintext.unwrap_or(false),
             tls_dir,

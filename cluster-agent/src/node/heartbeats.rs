@@ -138,14 +138,23 @@ impl Agent {
             return Vec::new();
         }
         let now = Instant::now();
-        let nodes: Vec<(u64, NodeState)> =
-            self.read_sm(|d| d.state.nodes.iter().map(|(id, r)| (*id, r.state)).collect());
+        let nodes: Vec<(u64, NodeState, Option<crate::state::RestartWindow>)> = self.read_sm(|d| {
+            d.state
+                .nodes
+                .iter()
+                .map(|(id, r)| (*id, r.state, r.restarting))
+                .collect()
+        });
+        let held = self.restart_held(now, &nodes);
         let mut l = self.lock_liveness();
-        l.set_members(nodes.iter().map(|(id, _)| *id).collect());
+        l.set_members(nodes.iter().map(|(id, _, _)| *id).collect());
         let silent = l.silent_nodes(now);
         let mut out = Vec::new();
-        for (id, state) in nodes {
-            let silence = silent.iter().find(|(n, _)| *n == id).map(|(_, s)| *s);
+        for (id, state, _) in nodes {
+            let silence = silent
+                .iter()
+                .find(|(n, _)| *n == id && !held.contains(n))
+                .map(|(_, s)| *s);
             match (state, silence) {
                 (NodeState::Up | NodeState::Paused, Some(s)) => out.push((
                     id,
@@ -159,5 +168,31 @@ impl Agent {
             }
         }
         out
+    }
+
+    /// The nodes inside a restart window they announced, as measured from the moment this
+    /// leader first saw the announcement (never earlier than the node made it, so the
+    /// node's workers, whose lease ends at most the window after the announcement was
+    /// sent, have stopped before the window ends here).
+    fn restart_held(
+        &self,
+        now: Instant,
+        nodes: &[(u64, NodeState, Option<crate::state::RestartWindow>)],
+    ) -> Vec<u64> {
+        let mut holds = self.restart_holds.lock().unwrap_or_else(|p| p.into_inner());
+        holds.retain(|id, (announced, _)| {
+            nodes
+                .iter()
+                .any(|(n, _, w)| n == id && w.is_some_and(|w| w.announced_unix_ms == *announced))
+        });
+        let mut held = Vec::new();
+        for (id, _, w) in nodes {
+            let Some(w) = w else { continue };
+            let (_, since) = holds.entry(*id).or_insert((w.announced_unix_ms, now));
+            if now.saturating_duration_since(*since) < Duration::from_millis(w.window_ms) {
+                held.push(*id);
+            }
+        }
+        held
     }
 }

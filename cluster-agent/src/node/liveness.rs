@@ -136,6 +136,9 @@ pub struct LeaseView {
     pub lapses: u64,
     /// The node must catch up with the leader before it may start VMs.
     pub catching_up: bool,
+    /// Until when the lease is held (`Some` while `held`): the VM worker processes'
+    /// deadlines are derived from it.
+    pub until: Option<Instant>,
 }
 
 /// The per-agent liveness table (in memory only).
@@ -299,6 +302,7 @@ impl Liveness {
             held,
             lapses: self.lapses,
             catching_up: self.catch_up.is_some(),
+            until: self.lease_until.filter(|_| held),
         }
     }
 

@@ -135,7 +135,24 @@ pub struct NodeRecord {
     pub registration: NodeRegistration,
     pub state: NodeState,
     pub state_since_unix_ms: u64,
+    /// The node announced a restart of its agent (its VMs run on in worker processes):
+    /// the leader does not mark it Down for silence during the window.
+    #[serde(default)]
+    pub restarting: Option<RestartWindow>,
 }
+
+/// A restart a node announced (see [`Command::AnnounceRestart`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartWindow {
+    pub window_ms: u64,
+    /// Identifies the announcement (a later one is a new window); not a clock the
+    /// window is measured on: each leader measures it on its own monotonic clock from
+    /// the moment it first sees the announcement.
+    pub announced_unix_ms: u64,
+}
+
+/// Longest restart window a node may announce.
+pub const RESTART_WINDOW_MS_MAX: u64 = 600_000;
 
 /// Kinds of cluster events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,6 +238,13 @@ pub enum Command {
         at_unix_ms: u64,
         reason: String,
     },
+    /// A node's agent is about to restart (`window_ms` > 0) while its VMs run on in
+    /// worker processes, or is back (`window_ms` = 0). See [`RestartWindow`].
+    AnnounceRestart {
+        node_id: u64,
+        window_ms: u64,
+        at_unix_ms: u64,
+    },
     /// Replicated key/value write (tests, benchmarks, small settings).
     PutKv { key: String, value: String },
     /// Replicated key/value delete.
@@ -261,6 +285,9 @@ impl std::fmt::Display for Command {
             Command::SetNodeState { node_id, state, .. } => {
                 write!(f, "set_node_state({node_id}, {state})")
             }
+            Command::AnnounceRestart {
+                node_id, window_ms, ..
+            } => write!(f, "announce_restart({node_id}, {window_ms} ms)"),
             Command::PutKv { key, .. } => write!(f, "put_kv({key})"),
             Command::DeleteKv { key } => write!(f, "delete_kv({key})"),
             Command::Vm(c) => write!(f, "{c}"),
@@ -387,6 +414,7 @@ impl ClusterState {
             | Command::RemoveNode { .. }
             | Command::NodeFenced { .. }
             | Command::SetNodeState { .. }
+            | Command::AnnounceRestart { .. }
             | Command::PutKv { .. }
             | Command::DeleteKv { .. } => {
                 let result = nodes::apply(self, cmd, at, &mut touched);
@@ -524,6 +552,44 @@ mod tests {
         assert!(touched.is_empty());
         assert_eq!(s.events.len(), 1);
         assert_eq!(s.events[&1].kind, EventKind::ClusterInitialized);
+    }
+
+    #[test]
+    fn a_restart_window_is_announced_bounded_and_ended() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::RegisterNode {
+            registration: reg(1),
+            at_unix_ms: 1,
+        });
+        let announce = |node_id, window_ms, at_unix_ms| Command::AnnounceRestart {
+            node_id,
+            window_ms,
+            at_unix_ms,
+        };
+        for bad in [
+            announce(9, 1000, 2),
+            announce(1, RESTART_WINDOW_MS_MAX + 1, 2),
+        ] {
+            let (r, touched) = s.apply(&bad);
+            assert!(matches!(r, CommandResult::Rejected { .. }), "{bad}: {r:?}");
+            assert!(touched.is_empty());
+        }
+        assert_eq!(s.nodes[&1].restarting, None);
+        let (r, touched) = s.apply(&announce(1, 30_000, 3));
+        assert_eq!(r, CommandResult::Ok);
+        assert!(touched.contains(&StateKey::Node(1)), "{touched:?}");
+        assert_eq!(
+            s.nodes[&1].restarting,
+            Some(RestartWindow {
+                window_ms: 30_000,
+                announced_unix_ms: 3
+            })
+        );
+        let (_, touched) = s.apply(&announce(1, 0, 4));
+        assert!(touched.contains(&StateKey::Node(1)), "{touched:?}");
+        assert_eq!(s.nodes[&1].restarting, None);
+        // Ending a window that is not open changes nothing.
+        assert!(s.apply(&announce(1, 0, 5)).1.is_empty());
     }
 
     #[test]

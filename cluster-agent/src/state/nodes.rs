@@ -73,6 +73,7 @@ pub(super) fn apply(
                             registration: registration.clone(),
                             state: NodeState::Up,
                             state_since_unix_ms: *at_unix_ms,
+                            restarting: None,
                         },
                     );
                     touched.push(StateKey::Node(id));
@@ -169,6 +170,48 @@ pub(super) fn apply(
                 touched,
             );
             CommandResult::NodeState { changed: true }
+        }
+        Command::AnnounceRestart {
+            node_id,
+            window_ms,
+            at_unix_ms,
+        } => {
+            if *window_ms > crate::state::RESTART_WINDOW_MS_MAX {
+                return CommandResult::Rejected {
+                    reason: format!(
+                        "restart window of {window_ms} ms is longer than {} ms",
+                        crate::state::RESTART_WINDOW_MS_MAX
+                    ),
+                };
+            }
+            let Some(record) = cs.nodes.get_mut(node_id) else {
+                return CommandResult::Rejected {
+                    reason: format!("unknown node id {node_id}"),
+                };
+            };
+            let next = (*window_ms > 0).then_some(crate::state::RestartWindow {
+                window_ms: *window_ms,
+                announced_unix_ms: *at_unix_ms,
+            });
+            if record.restarting == next {
+                return CommandResult::Ok;
+            }
+            record.restarting = next;
+            touched.push(StateKey::Node(*node_id));
+            let message = match next {
+                Some(_) => format!(
+                    "node {node_id} restarts its agent; its VMs run on in their worker processes; not Down for silence for up to {window_ms} ms"
+                ),
+                None => format!("node {node_id} is back from its agent restart"),
+            };
+            cs.push_event(
+                *at_unix_ms,
+                EventKind::NodeUpdated,
+                *node_id,
+                message,
+                touched,
+            );
+            CommandResult::Ok
         }
         Command::PutKv { key, value } => {
             if let Some(reason) = validate_kv(key, value) {

@@ -49,7 +49,7 @@ pub struct ConsoleJournal {
     changed: Condvar,
 }
 
-fn now_unix_us() -> u64 {
+pub(crate) fn now_unix_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -62,15 +62,32 @@ impl ConsoleJournal {
     }
 
     /// Copies the console lines of VM `name` from `lines` into the journal on a thread of
-    /// its own, until the VM is gone.
+    /// its own, until the VM is gone; each stamped as it arrives.
     pub fn follow(self: &Arc<Self>, name: &str, lines: Receiver<String>) {
+        self.follow_with(name, lines, |line| (line, now_unix_us()));
+    }
+
+    /// Like [`ConsoleJournal::follow`] for lines stamped where they were printed (a VM
+    /// worker process stamps its console: its agent may read them late, e.g. after a
+    /// freeze, and must not date them then).
+    pub fn follow_stamped(self: &Arc<Self>, name: &str, lines: Receiver<(String, u64)>) {
+        self.follow_with(name, lines, |l| l);
+    }
+
+    fn follow_with<T: Send + 'static>(
+        self: &Arc<Self>,
+        name: &str,
+        lines: Receiver<T>,
+        stamp: impl Fn(T) -> (String, u64) + Send + 'static,
+    ) {
         let journal = self.clone();
         let vm = name.to_owned();
         let spawned = std::thread::Builder::new()
             .name(format!("journal-{name}"))
             .spawn(move || {
                 while let Ok(line) = lines.recv() {
-                    journal.push(&vm, line, now_unix_us());
+                    let (text, at) = stamp(line);
+                    journal.push(&vm, text, at);
                 }
             });
         if let Err(e) = spawned {

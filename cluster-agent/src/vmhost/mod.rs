@@ -31,6 +31,7 @@ mod machine;
 pub mod nics;
 pub mod quick_migration;
 pub mod spec;
+pub mod worker;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -164,6 +165,14 @@ pub enum VmHostError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("VM {vm}: its worker process")]
+    Worker {
+        vm: String,
+        #[source]
+        source: worker::WorkerError,
+    },
+    #[error("VM {vm} runs in a worker process: live migration through worker processes is not built yet (quick migration works)")]
+    InWorker { vm: String },
     #[error("the lock callback failed during {op} for VM {vm}")]
     Locks {
         vm: String,
@@ -174,7 +183,7 @@ pub enum VmHostError {
 }
 
 /// One disk of a VM as it stands now.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskStatus {
     pub slot: u8,
     pub name: DiskName,
@@ -237,6 +246,15 @@ pub struct VmHost {
     /// Directories kernels and initrds may be read from (`image_dirs`); none: only the
     /// built-in test guest boots.
     image_dirs: Mutex<Vec<PathBuf>>,
+    /// Set: new VMs start in worker processes (see [`worker`]).
+    worker_settings: Mutex<Option<worker::Settings>>,
+    /// VMs running in worker processes, by name.
+    workers: Mutex<BTreeMap<String, Arc<worker::WorkerVm>>>,
+    /// Until when the workers may run their VMs (the node's lease plus the workers'
+    /// grace), as last renewed.
+    worker_deadline: Mutex<Option<Instant>>,
+    /// Set by an announced restart: no renewal shortens the workers' leases below it.
+    worker_floor: Mutex<Option<Instant>>,
 }
 
 type VmTable = Mutex<BTreeMap<String, Option<Arc<HostedVm>>>>;
@@ -292,7 +310,222 @@ impl VmHost {
             journal: Arc::default(),
             migration_transport: Mutex::new(None),
             image_dirs: Mutex::default(),
+            worker_settings: Mutex::new(None),
+            workers: Mutex::default(),
+            worker_deadline: Mutex::new(None),
+            worker_floor: Mutex::new(None),
         })
+    }
+
+    /// Runs every VM started from now on in a worker process of its own.
+    pub fn enable_workers(&self, settings: worker::Settings) {
+        *lock(&self.worker_settings) = Some(settings);
+    }
+
+    /// Connects to the workers a previous run of this agent left running (below the
+    /// worker directory) and takes them over; removes the directories of workers that
+    /// are gone. Returns the VMs adopted.
+    pub fn adopt_workers(&self) -> Vec<String> {
+        let Some(dir) = lock(&self.worker_settings).as_ref().map(|s| s.dir.clone()) else {
+            return Vec::new();
+        };
+        let (alive, dead) = worker::find(&dir);
+        for (path, e) in dead {
+            tracing::info!(dir = %path.display(), error = %crate::error_chain(&e), "no worker answers here; removing its directory");
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(dir = %path.display(), error = %e, "cannot remove a dead worker's directory");
+            }
+        }
+        let mut names = Vec::new();
+        for w in alive {
+            let name = w.name().to_owned();
+            if lock(&self.vms).contains_key(&name) {
+                tracing::warn!(vm = %name, "a worker runs a VM this agent already has; leaving it to its lease");
+                continue;
+            }
+            let w = Arc::new(w);
+            self.follow_worker_console(&w);
+            tracing::info!(vm = %name, pid = w.pid(), "vm worker adopted");
+            lock(&self.workers).insert(name.clone(), w);
+            names.push(name);
+        }
+        names
+    }
+
+    /// Journals `w`'s console from now on. Connects on a thread of its own: on a host busy
+    /// with its guests a worker may take a while to answer, and an agent adopting many
+    /// must not wait for each in turn.
+    fn follow_worker_console(&self, w: &Arc<worker::WorkerVm>) {
+        let (w, journal) = (w.clone(), self.journal.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("follow-{}", w.name()))
+            .spawn(move || match w.console_stamped() {
+                Ok((_, lines)) => journal.follow_stamped(w.name(), lines),
+                Err(e) => tracing::warn!(vm = %w.name(), error = %crate::error_chain(&e), "cannot follow the worker's console"),
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a console follower thread");
+        }
+    }
+
+    /// The node holds its lease until `lease_until`: lets every worker run its VM until
+    /// then plus the workers' grace. Called by the fence loop while the lease is held.
+    pub fn renew_workers(&self, lease_until: Instant) {
+        let Some(grace) = lock(&self.worker_settings)
+            .as_ref()
+            .map(|s| s.down_after / worker::WORKER_GRACE_PART)
+        else {
+            return;
+        };
+        let deadline = (lease_until + grace).max(lock(&self.worker_floor).unwrap_or(lease_until));
+        *lock(&self.worker_deadline) = Some(deadline);
+        let workers: Vec<Arc<worker::WorkerVm>> = lock(&self.workers).values().cloned().collect();
+        let valid = deadline.saturating_duration_since(Instant::now());
+        for w in workers {
+            if let Err(e) = w.renew(valid) {
+                tracing::warn!(vm = %w.name(), error = %crate::error_chain(&e), "cannot renew the worker's lease");
+            }
+        }
+    }
+
+    /// Lets every worker run its VM until `deadline` whatever the lease does from now on
+    /// (a restart the cluster was told of and holds for); returns the VMs so extended.
+    pub fn extend_workers(&self, deadline: Instant) -> Vec<String> {
+        *lock(&self.worker_floor) = Some(deadline);
+        let workers: Vec<Arc<worker::WorkerVm>> = lock(&self.workers).values().cloned().collect();
+        let valid = deadline.saturating_duration_since(Instant::now());
+        let mut out = Vec::new();
+        for w in workers {
+            match w.renew(valid) {
+                Ok(()) => out.push(w.name().to_owned()),
+                Err(e) => {
+                    tracing::warn!(vm = %w.name(), error = %crate::error_chain(&e), "cannot extend the worker's lease")
+                }
+            }
+        }
+        out
+    }
+
+    /// True if any VM runs in a worker process.
+    pub fn has_workers(&self) -> bool {
+        !lock(&self.workers).is_empty()
+    }
+
+    /// True if `name` runs in a worker process.
+    pub fn in_worker(&self, name: &str) -> bool {
+        lock(&self.workers).contains_key(name)
+    }
+
+    /// Stops the VMs this agent runs itself and leaves those in worker processes running
+    /// (they stop on their own if no agent renews their lease). For an agent shutdown.
+    pub fn stop_in_process(&self) -> Vec<String> {
+        let names: Vec<String> = lock(&self.vms)
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in &names {
+            if let Err(e) = self.stop(n) {
+                tracing::warn!(vm = %n, error = %crate::error_chain(&e), "cannot stop vm at shutdown");
+            }
+        }
+        let left: Vec<String> = lock(&self.workers).keys().cloned().collect();
+        if !left.is_empty() {
+            tracing::info!(vms = ?left, "vms left running in their worker processes");
+        }
+        names
+    }
+
+    pub(crate) fn worker_settings(&self) -> Option<worker::Settings> {
+        lock(&self.worker_settings).clone()
+    }
+
+    /// Drops `name`'s worker from the table (its VM is gone: saved away or stopped).
+    pub(crate) fn forget_worker(&self, name: &str) {
+        lock(&self.workers).remove(name);
+    }
+
+    /// Starts `spec` in a new worker: booted, or restored from the quick-migration image
+    /// in `restore_from` (then with the restore's figures).
+    pub(crate) fn start_in_worker(
+        &self,
+        settings: &worker::Settings,
+        spec: VmSpec,
+        grants: &[LockGrant],
+        mode: OpenMode,
+        restore_from: Option<PathBuf>,
+    ) -> Result<(VmInfo, QuickRestoreStats), VmHostError> {
+        let name = spec.name.clone();
+        let werr = |source| VmHostError::Worker {
+            vm: name.clone(),
+            source,
+        };
+        let deadline = lock(&self.worker_deadline)
+            .filter(|d| *d > Instant::now())
+            .ok_or_else(|| werr(worker::WorkerError::NoLease))?;
+        let reservation = self.reserve(&name)?;
+        let now = Instant::now();
+        let start = worker::protocol::StartFile {
+            version: worker::protocol::VERSION,
+            node: self.node,
+            spec,
+            grants: grants.to_vec(),
+            takeover_wait_ms: match mode {
+                OpenMode::Takeover { old_lease_deadline } => Some(
+                    u64::try_from(
+                        old_lease_deadline
+                            .saturating_duration_since(now)
+                            .as_millis(),
+                    )
+                    .unwrap_or(u64::MAX),
+                ),
+                _ => None,
+            },
+            lease_valid_ms: u64::try_from(deadline.saturating_duration_since(now).as_millis())
+                .unwrap_or(u64::MAX),
+            volumes: settings.volumes.clone(),
+            networks: settings.networks.clone(),
+            image_dirs: settings.image_dirs.clone(),
+            restore_from,
+        };
+        let w = Arc::new(worker::WorkerVm::spawn(settings, &start).map_err(werr)?);
+        self.follow_worker_console(&w);
+        lock(&self.workers).insert(name.clone(), w.clone());
+        drop(reservation);
+        tracing::info!(vm = %name, pid = w.pid(), "vm started in a worker process");
+        Ok((self.worker_info(&w), w.restored().unwrap_or_default()))
+    }
+
+    fn worker_info(&self, w: &worker::WorkerVm) -> VmInfo {
+        match w.info() {
+            Ok(i) => VmInfo {
+                name: i.name,
+                status: i.status,
+                spec: i.spec,
+                disks: i.disks,
+            },
+            Err(e) => {
+                let last = w.last_info();
+                VmInfo {
+                    name: last.name,
+                    status: VmStatus::Stopped {
+                        reason: vmm_node::StopReason::ProcessGone {
+                            message: format!(
+                                "its worker process (pid {}) does not answer: {}",
+                                w.pid(),
+                                crate::error_chain(&e)
+                            ),
+                        },
+                    },
+                    spec: last.spec,
+                    disks: Vec::new(),
+                }
+            }
+        }
+    }
+
+    fn worker(&self, name: &str) -> Option<Arc<worker::WorkerVm>> {
+        lock(&self.workers).get(name).cloned()
     }
 
     /// Let VMs boot kernels and initrds from `dirs` (the node's `image_dirs`).
@@ -363,7 +596,7 @@ impl VmHost {
 
     pub(crate) fn reserve(&self, name: &str) -> Result<Reservation, VmHostError> {
         let mut vms = lock(&self.vms);
-        if vms.contains_key(name) {
+        if vms.contains_key(name) || self.in_worker(name) {
             return Err(VmHostError::AlreadyExists(name.to_owned()));
         }
         vms.insert(name.to_owned(), None);
@@ -375,6 +608,11 @@ impl VmHost {
     }
 
     pub(crate) fn get(&self, name: &str) -> Result<Arc<HostedVm>, VmHostError> {
+        if self.in_worker(name) {
+            return Err(VmHostError::InWorker {
+                vm: name.to_owned(),
+            });
+        }
         lock(&self.vms)
             .get(name)
             .and_then(Clone::clone)
@@ -428,6 +666,12 @@ impl VmHost {
                 source,
             }
         })?;
+        let settings = lock(&self.worker_settings).clone();
+        if let Some(settings) = settings {
+            return self
+                .start_in_worker(&settings, spec, grants, mode, None)
+                .map(|(info, _)| info);
+        }
         let reservation = self.reserve(&spec.name)?;
         let taps = self.create_taps(&spec)?;
         let config = spec::to_config(&spec, &self.registry, self.node)?;
@@ -476,6 +720,36 @@ impl VmHost {
     /// from this host. Returns the `Release` commands to propose.
     #[tracing::instrument(skip(self))]
     pub fn stop(&self, name: &str) -> Result<Stopped, VmHostError> {
+        if let Some(w) = self.worker(name) {
+            let out = match w.stop() {
+                Ok((release, errors)) => Stopped {
+                    release,
+                    disk_errors: errors
+                        .into_iter()
+                        .map(|e| VmHostError::Worker {
+                            vm: name.to_owned(),
+                            source: worker::WorkerError::Refused(e),
+                        })
+                        .collect(),
+                },
+                // Gone (killed, or it fenced itself): nothing flushed, nothing to release.
+                Err(source) => Stopped {
+                    release: Vec::new(),
+                    disk_errors: vec![VmHostError::Worker {
+                        vm: name.to_owned(),
+                        source,
+                    }],
+                },
+            };
+            lock(&self.workers).remove(name);
+            tracing::info!(
+                vm = name,
+                released = out.release.len(),
+                failed = out.disk_errors.len(),
+                "vm worker stopped"
+            );
+            return Ok(out);
+        }
         let vm = self.get(name)?;
         let _claim = vm.claim()?;
         if let Err(e) = vm.vm.stop() {
@@ -504,13 +778,20 @@ impl VmHost {
 
     /// State of one VM.
     pub fn state(&self, name: &str) -> Result<VmInfo, VmHostError> {
+        if let Some(w) = self.worker(name) {
+            return Ok(self.worker_info(&w));
+        }
         Ok(self.info_of(&*self.get(name)?))
     }
 
     /// Every VM on this host, by name.
     pub fn list(&self) -> Vec<VmInfo> {
         let vms: Vec<Arc<HostedVm>> = lock(&self.vms).values().flatten().cloned().collect();
-        vms.iter().map(|v| self.info_of(v)).collect()
+        let workers: Vec<Arc<worker::WorkerVm>> = lock(&self.workers).values().cloned().collect();
+        let mut out: Vec<VmInfo> = vms.iter().map(|v| self.info_of(v)).collect();
+        out.extend(workers.iter().map(|w| self.worker_info(w)));
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// Cumulative CPU time and resident memory of every running VM on this host (see
@@ -541,6 +822,13 @@ impl VmHost {
 
     /// The console of `name`: recent log plus a bounded live line stream.
     pub fn console(&self, name: &str) -> Result<ConsoleStream, VmHostError> {
+        if let Some(w) = self.worker(name) {
+            let (recent, lines) = w.console().map_err(|source| VmHostError::Worker {
+                vm: name.to_owned(),
+                source,
+            })?;
+            return Ok(ConsoleStream { recent, lines });
+        }
         let vm = self.get(name)?;
         let console = vm.vm.console();
         let lines = console.subscribe();
@@ -559,6 +847,14 @@ impl VmHost {
         disk: DiskSpec,
         grant: &LockGrant,
     ) -> Result<u8, VmHostError> {
+        if let Some(w) = self.worker(name) {
+            return w
+                .attach_disk(disk, grant)
+                .map_err(|source| VmHostError::Worker {
+                    vm: name.to_owned(),
+                    source,
+                });
+        }
         let vm = self.get(name)?;
         let _claim = vm.claim()?;
         self.require_running(&vm)?;
@@ -578,6 +874,12 @@ impl VmHost {
     /// loses it; returns the `Release` command to propose.
     #[tracing::instrument(skip(self))]
     pub fn detach_disk(&self, name: &str, disk: &DiskName) -> Result<LockCommand, VmHostError> {
+        if let Some(w) = self.worker(name) {
+            return w.detach_disk(disk).map_err(|source| VmHostError::Worker {
+                vm: name.to_owned(),
+                source,
+            });
+        }
         let vm = self.get(name)?;
         let _claim = vm.claim()?;
         let slot = vm.slot_of(disk)?;
@@ -604,13 +906,24 @@ impl VmHost {
             map.retain(|_, v| v.is_none());
             vms
         };
-        let mut names = Vec::with_capacity(vms.len());
+        let workers: Vec<Arc<worker::WorkerVm>> = std::mem::take(&mut *lock(&self.workers))
+            .into_values()
+            .collect();
+        let mut names = Vec::with_capacity(vms.len() + workers.len());
         for vm in vms {
             if let Err(e) = vm.vm.stop() {
                 tracing::error!(vm = %vm.name(), error = %e, "vCPUs did not stop while fencing");
             }
             tracing::warn!(vm = %vm.name(), "vm stopped by fencing");
             names.push(vm.name().to_owned());
+        }
+        for w in workers {
+            // A worker that does not answer stops its VM itself when its lease runs out.
+            if let Err(e) = w.fence() {
+                tracing::error!(vm = %w.name(), error = %crate::error_chain(&e), "cannot reach the worker to fence it; it stops at its lease deadline");
+            }
+            tracing::warn!(vm = %w.name(), "vm (worker) stopped by fencing");
+            names.push(w.name().to_owned());
         }
         names
     }

@@ -31,7 +31,7 @@ const SIDECAR_HEADER_BYTES: usize = 8 + 4 + 4 + 8;
 pub const SIDECAR_BYTES_MAX: u64 = 1 << 20;
 
 /// A VM saved for quick migration.
-#[derive(Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct QuickImage {
     pub vm: String,
     /// Snapshot directory on the shared volume; pass it to [`VmHost::quick_restore`].
@@ -42,7 +42,7 @@ pub struct QuickImage {
 }
 
 /// Target-side figures of a quick migration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuickRestoreStats {
     pub restore_us: u64,
     pub resume_us: u64,
@@ -183,6 +183,16 @@ impl VmHost {
         target_node: NodeId,
     ) -> Result<QuickImage, VmHostError> {
         let dir = self.quick_dir(volume, name)?;
+        if let Some(w) = self.worker(name) {
+            let image =
+                w.quick_save(volume, target_node)
+                    .map_err(|source| VmHostError::Worker {
+                        vm: name.to_owned(),
+                        source,
+                    })?;
+            self.forget_worker(name);
+            return Ok(image);
+        }
         let vm = self.get(name)?;
         let claim = vm.claim()?;
         self.require_running(&vm)?;
@@ -279,6 +289,16 @@ impl VmHost {
                 super::machine::grant_for(grants, &d.disk.name)?,
                 self.node(),
             )?;
+        }
+        let settings = self.worker_settings();
+        if let Some(settings) = settings {
+            return self.start_in_worker(
+                &settings,
+                sidecar.spec,
+                grants,
+                OpenMode::Start,
+                Some(dir.to_owned()),
+            );
         }
         let reservation = self.reserve(&name)?;
         let taps = self.create_taps(&sidecar.spec)?;

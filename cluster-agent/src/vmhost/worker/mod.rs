@@ -1,0 +1,456 @@
+//! VM worker processes: each VM in a process of its own, so the VM outlives its agent.
+//!
+//! With `vm_workers` on, [`VmHost`](crate::vmhost::VmHost) starts a VM by spawning
+//! `cluster-agent vm-worker --dir <worker_dir>/<vm>` (a child in its own process group:
+//! a signal to the agent's group does not reach it) instead of running it in the agent.
+//! The worker runs the VM with the same embedded VMM ([`process`]); the agent talks to it
+//! over a versioned control socket ([`protocol`]) through a [`WorkerVm`].
+//!
+//! ```text
+//! agent: VmHost ── start ──▶ spawn worker ── stdout: Started ──▶ WorkerVm (control socket)
+//!        fence loop ── Lease{valid_ms} every RENEW_EVERY while the node holds its lease
+//!        restart ──▶ adopt(): every <worker_dir>/<vm>/sock that answers Hello
+//! worker: VM + watchdog (lease deadline passed: stop the VM, exit) + control socket
+//! ```
+//!
+//! The lease: a worker's deadline is the agent's own lease end plus [`WORKER_GRACE_PART`]
+//! of `down_after`. The cluster marks a node Down only after a quorum-intersecting set
+//! did not hear it for `down_after` counted from a heartbeat at or after the one that
+//! gave the lease (which lasts `down_after / 2`), and fails its VMs over only
+//! `FAILOVER_GRACE` later: a worker whose agent died stops its VM at least `down_after /
+//! 4 + FAILOVER_GRACE` before another node may start it.
+
+pub mod process;
+pub mod protocol;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use csv_volume::{LockCommand, VolumeConfig};
+use protocol::{read_frame, write_frame, Request, Response, StartFile, StartReport, WorkerInfo};
+
+/// How often the agent renews its workers' leases.
+pub const RENEW_EVERY: Duration = Duration::from_millis(100);
+
+/// A worker may run its VM this share of `down_after` past the agent's lease (a quarter).
+pub const WORKER_GRACE_PART: u32 = 4;
+
+/// How long a worker may take to start its VM and report.
+pub const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Deadline for one control request (a stop flushes every disk first).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Deadline for a fence request: a worker that does not answer in time stops its VM at
+/// its lease deadline anyway.
+pub const FENCE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Console lines buffered for a slow reader (older lines are dropped, like vmm-node's).
+const CONSOLE_LINES_MAX: usize = 1024;
+
+/// How this node runs workers.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The agent's own executable (the worker is its `vm-worker` subcommand).
+    pub exe: PathBuf,
+    /// One directory per VM below this (0700).
+    pub dir: PathBuf,
+    /// `down_after` of the cluster: the workers' grace past the agent's lease is a part of it.
+    pub down_after: Duration,
+    pub volumes: Vec<VolumeConfig>,
+    pub networks: std::collections::BTreeMap<String, String>,
+    pub image_dirs: Vec<PathBuf>,
+}
+
+/// Errors talking to a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot prepare the worker directory {0}")]
+    Dir(PathBuf, #[source] std::io::Error),
+    #[error("cannot write the worker's start file")]
+    StartFile(#[source] serde_json::Error),
+    #[error("cannot spawn the worker process {0}")]
+    Spawn(PathBuf, #[source] std::io::Error),
+    #[error("the worker did not report within {0:?}")]
+    StartTimeout(Duration),
+    #[error("the worker exited without reporting (see {0})")]
+    NoReport(PathBuf),
+    #[error("the worker could not start the VM: {0}")]
+    Start(String),
+    #[error("cannot connect to the worker's control socket in {0}")]
+    Connect(PathBuf, #[source] std::io::Error),
+    #[error("worker control channel")]
+    Frame(#[source] protocol::FrameError),
+    #[error("the worker refused: {0}")]
+    Refused(String),
+    #[error("unexpected answer from the worker: {0}")]
+    Unexpected(String),
+    #[error("this node's lease is not held: no VM may start")]
+    NoLease,
+}
+
+struct Conn {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+/// The agent's handle on one worker.
+pub struct WorkerVm {
+    name: String,
+    dir: PathBuf,
+    pid: u32,
+    conn: Mutex<Option<Conn>>,
+    /// The spec as of the last answer (what to report when the worker is gone).
+    last: Mutex<WorkerInfo>,
+    /// Set when the worker restored its VM from a quick-migration image.
+    restored: Option<crate::vmhost::QuickRestoreStats>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn connect(dir: &Path) -> Result<(Conn, u32, WorkerInfo), WorkerError> {
+    connect_with(dir, REQUEST_TIMEOUT)
+}
+
+fn connect_with(dir: &Path, timeout: Duration) -> Result<(Conn, u32, WorkerInfo), WorkerError> {
+    let d = File::open(dir).map_err(|e| WorkerError::Connect(dir.to_owned(), e))?;
+    let s = UnixStream::connect(process::short_path(&d, "sock"))
+        .map_err(|e| WorkerError::Connect(dir.to_owned(), e))?;
+    let w = s
+        .try_clone()
+        .map_err(|e| WorkerError::Connect(dir.to_owned(), e))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| WorkerError::Connect(dir.to_owned(), e))?;
+    let mut c = Conn {
+        r: BufReader::new(s),
+        w,
+    };
+    match call(
+        &mut c,
+        &Request::Hello {
+            version: protocol::VERSION,
+        },
+    )? {
+        Response::Hello { pid, info, .. } => Ok((c, pid, info)),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn call(c: &mut Conn, req: &Request) -> Result<Response, WorkerError> {
+    write_frame(&mut c.w, req).map_err(WorkerError::Frame)?;
+    match read_frame(&mut c.r).map_err(WorkerError::Frame)? {
+        Response::Error { message } => Err(WorkerError::Refused(message)),
+        r => Ok(r),
+    }
+}
+
+fn unexpected(r: Response) -> WorkerError {
+    match r {
+        Response::Error { message } => WorkerError::Refused(message),
+        other => WorkerError::Unexpected(format!("{other:?}")),
+    }
+}
+
+impl WorkerVm {
+    /// Spawns the worker of `start.spec` in `settings.dir/<name>` and waits until it runs
+    /// the VM (or says why it cannot).
+    pub fn spawn(settings: &Settings, start: &StartFile) -> Result<WorkerVm, WorkerError> {
+        let name = &start.spec.name;
+        let dir = settings.dir.join(name);
+        let dir_err = |e| WorkerError::Dir(dir.clone(), e);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(dir_err)?;
+        let _ = std::fs::remove_file(dir.join("sock"));
+        let tmp = dir.join("start.json.tmp");
+        let bytes = serde_json::to_vec_pretty(start).map_err(WorkerError::StartFile)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes))
+            .map_err(dir_err)?;
+        std::fs::rename(&tmp, dir.join("start.json")).map_err(dir_err)?;
+        let log_path = dir.join("worker.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(dir_err)?;
+        let mut child = Command::new(&settings.exe)
+            .arg("vm-worker")
+            .arg("--dir")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| WorkerError::Spawn(settings.exe.clone(), e))?;
+        let stdout = child.stdout.take();
+        // Reap the worker whenever it exits (it is this process's child until the agent
+        // itself exits; an adopted worker is not).
+        let _ = std::thread::Builder::new()
+            .name(format!("reap-{name}"))
+            .spawn(move || {
+                let status = child.wait();
+                tracing::info!(?status, "vm worker exited");
+            });
+        let (tx, rx) = sync_channel(1);
+        if let Some(out) = stdout {
+            let _ = std::thread::Builder::new()
+                .name(format!("report-{name}"))
+                .spawn(move || {
+                    let mut r = BufReader::new(out);
+                    let _ = tx.send(read_frame::<StartReport>(&mut r));
+                });
+        }
+        let report = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(WorkerError::NoReport(log_path))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                return Err(WorkerError::StartTimeout(START_TIMEOUT))
+            }
+        };
+        let restored = match report {
+            StartReport::Started { restored, .. } => restored,
+            StartReport::Failed { message } => return Err(WorkerError::Start(message)),
+        };
+        let mut w = Self::attach(&dir)?;
+        w.restored = restored;
+        Ok(w)
+    }
+
+    /// Connects to the running worker in `dir` (a start, or an agent adopting it).
+    pub fn attach(dir: &Path) -> Result<WorkerVm, WorkerError> {
+        let (c, pid, info) = connect(dir)?;
+        Ok(WorkerVm {
+            name: info.name.clone(),
+            dir: dir.to_owned(),
+            pid,
+            conn: Mutex::new(Some(c)),
+            last: Mutex::new(info),
+            restored: None,
+        })
+    }
+
+    /// The restore's figures, when the worker restored its VM from a quick-migration image.
+    pub fn restored(&self) -> Option<crate::vmhost::QuickRestoreStats> {
+        self.restored
+    }
+
+    /// Hot-adds `disk` with `grant`; the slot it went into.
+    pub fn attach_disk(
+        &self,
+        disk: crate::vmhost::DiskSpec,
+        grant: &csv_volume::LockGrant,
+    ) -> Result<u8, WorkerError> {
+        match self.request(&Request::AttachDisk {
+            disk,
+            grant: grant.clone(),
+        })? {
+            Response::Attached { slot } => Ok(slot),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Hot-removes `disk`; the `Release` to commit once it is flushed and closed.
+    pub fn detach_disk(&self, disk: &csv_volume::DiskName) -> Result<LockCommand, WorkerError> {
+        match self.request(&Request::DetachDisk { disk: disk.clone() })? {
+            Response::Detached { release } => Ok(release),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Quick migration, source half: the worker saves its VM into `volume` for
+    /// `target_node` and exits.
+    pub fn quick_save(
+        &self,
+        volume: &str,
+        target_node: csv_volume::NodeId,
+    ) -> Result<crate::vmhost::QuickImage, WorkerError> {
+        match self.request(&Request::QuickSave {
+            volume: volume.to_owned(),
+            target_node,
+        })? {
+            Response::QuickSaved { image } => Ok(image),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// One request on the shared connection (reconnecting once if it broke).
+    fn request(&self, req: &Request) -> Result<Response, WorkerError> {
+        let mut g = lock(&self.conn);
+        if g.is_none() {
+            *g = Some(connect(&self.dir)?.0);
+        }
+        let Some(c) = g.as_mut() else {
+            return Err(WorkerError::Unexpected("no control connection".into()));
+        };
+        let r = call(c, req);
+        if matches!(r, Err(WorkerError::Frame(_))) {
+            *g = None;
+        }
+        r
+    }
+
+    /// The VM now (see [`WorkerVm::last_info`] when the worker does not answer).
+    pub fn info(&self) -> Result<WorkerInfo, WorkerError> {
+        match self.request(&Request::Info)? {
+            Response::Info { info } => {
+                *lock(&self.last) = info.clone();
+                Ok(info)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The VM as the worker last described it.
+    pub fn last_info(&self) -> WorkerInfo {
+        lock(&self.last).clone()
+    }
+
+    /// Lets the VM run for `valid` more.
+    pub fn renew(&self, valid: Duration) -> Result<(), WorkerError> {
+        let valid_ms = u64::try_from(valid.as_millis()).unwrap_or(u64::MAX);
+        match self.request(&Request::Lease { valid_ms })? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Stops the VM for good (disks flushed and closed); the worker exits.
+    pub fn stop(&self) -> Result<(Vec<LockCommand>, Vec<String>), WorkerError> {
+        match self.request(&Request::Stop)? {
+            Response::Stopped {
+                release,
+                disk_errors,
+            } => Ok((release, disk_errors)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Stops the VM at once without flushing or releasing anything; the worker exits.
+    pub fn fence(&self) -> Result<(), WorkerError> {
+        let (mut c, _, _) = connect_with(&self.dir, FENCE_TIMEOUT)?;
+        match call(&mut c, &Request::Fence)? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The console: the retained log and a bounded stream of live lines (on a connection
+    /// of its own; ends when the VM or the worker is gone).
+    pub fn console(&self) -> Result<(String, Receiver<String>), WorkerError> {
+        self.console_with(|line, _| line)
+    }
+
+    /// [`WorkerVm::console`] with each line's stamp (µs since the epoch, taken by the
+    /// worker when the VM printed it).
+    pub fn console_stamped(&self) -> Result<(String, Receiver<(String, u64)>), WorkerError> {
+        self.console_with(|line, at| (line, at))
+    }
+
+    fn console_with<T: Send + 'static>(
+        &self,
+        map: fn(String, u64) -> T,
+    ) -> Result<(String, Receiver<T>), WorkerError> {
+        let (mut c, _, _) = connect(&self.dir)?;
+        c.r.get_ref()
+            .set_read_timeout(None)
+            .map_err(|e| WorkerError::Connect(self.dir.clone(), e))?;
+        let recent = match call(&mut c, &Request::Console)? {
+            Response::Console { recent } => recent,
+            other => return Err(unexpected(other)),
+        };
+        let (tx, rx) = sync_channel(CONSOLE_LINES_MAX);
+        let _ = std::thread::Builder::new()
+            .name(format!("console-{}", self.name))
+            .spawn(move || {
+                let mut r = c.r;
+                while let Ok(Response::Line { line, at_unix_us }) = read_frame::<Response>(&mut r) {
+                    match tx.try_send(map(line, at_unix_us)) {
+                        Ok(()) | Err(std::sync::mpsc::TrySendError::Full(_)) => {}
+                        Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
+                    }
+                }
+            });
+        Ok((recent, rx))
+    }
+}
+
+/// The worker directories below `dir` whose worker answers, and those that do not (a
+/// worker that exited; its directory can go).
+pub fn find(dir: &Path) -> (Vec<WorkerVm>, Vec<(PathBuf, WorkerError)>) {
+    let mut alive = Vec::new();
+    let mut dead = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (alive, dead);
+    };
+    let dirs: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    // All at once: on a host busy with its guests each worker may take a while to answer.
+    let answers: Vec<(PathBuf, Result<WorkerVm, WorkerError>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = dirs
+            .iter()
+            .map(|path| (path, s.spawn(move || WorkerVm::attach(path))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|(path, h)| {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(WorkerError::Unexpected("the attach thread panicked".into()))
+                });
+                (path.clone(), r)
+            })
+            .collect()
+    });
+    for (path, r) in answers {
+        match r {
+            Ok(w) if path.file_name().is_some_and(|n| *n == *w.name()) => alive.push(w),
+            Ok(w) => dead.push((
+                path,
+                WorkerError::Unexpected(format!("the worker runs VM {:?}", w.name())),
+            )),
+            Err(err) => dead.push((path, err)),
+        }
+    }
+    (alive, dead)
+}
+
+/// The last `lines` lines of a worker's log (for error messages).
+pub fn log_tail(dir: &Path, lines: usize) -> String {
+    let Ok(f) = File::open(dir.join("worker.log")) else {
+        return String::new();
+    };
+    let all: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

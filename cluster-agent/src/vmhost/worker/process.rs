@@ -1,0 +1,434 @@
+//! The worker's side: `cluster-agent vm-worker --dir DIR` runs one VM in its own process.
+//!
+//! It reads `DIR/start.json`, starts the VM with the embedded VMM (a one-VM [`VmHost`], so
+//! disks, NICs and the console behave exactly as in the agent), binds `DIR/sock`, reports
+//! on stdout and then serves the agent's requests (see [`super::protocol`]) until the VM is
+//! stopped or fenced. A watchdog thread stops the VM, without flushing or releasing
+//! anything, the moment the lease deadline the agent keeps renewing passes: a dead or
+//! frozen agent cannot keep a VM running past the bound the cluster assumes before it
+//! fails the VM over.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::protocol::{
+    self, read_frame, write_frame, FrameError, Request, Response, StartFile, StartReport,
+    WorkerInfo,
+};
+use crate::vmhost::{VmHost, VmHostError};
+
+/// Exit status of a worker that stopped its VM because its lease ran out.
+pub const EXIT_FENCED: i32 = 3;
+
+/// The nice value a worker runs at (the agent runs at 0): a host saturated by its
+/// guests still gives the agent's heartbeats and Raft the CPU first.
+pub const WORKER_NICE: i32 = 10;
+
+/// Errors that end a worker before its VM runs.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot open the worker directory {0}")]
+    Dir(PathBuf, #[source] std::io::Error),
+    #[error("cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("{0} is larger than {max} bytes", max = protocol::START_FILE_BYTES_MAX)]
+    TooLarge(PathBuf),
+    #[error("{0} is not a valid start file")]
+    Decode(PathBuf, #[source] serde_json::Error),
+    #[error("start file version {got}; this worker speaks {want}", want = protocol::VERSION)]
+    Version { got: u32 },
+    #[error("cannot open the shared volumes")]
+    Volumes(#[source] csv_volume::VolumeError),
+    #[error("the lease ran out before the VM could start")]
+    LeaseExpired,
+    #[error("cannot start the VM")]
+    Start(#[source] VmHostError),
+    #[error("cannot listen on the control socket {0}")]
+    Listen(PathBuf, #[source] std::io::Error),
+    #[error("cannot start the watchdog thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// The path to `name` inside the directory open as `dir`, short enough for a Unix socket
+/// address whatever the directory's own path length (`sun_path` holds 108 bytes).
+pub(crate) fn short_path(dir: &File, name: &str) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}/{name}", dir.as_raw_fd()))
+}
+
+struct LeaseState {
+    deadline: Instant,
+    /// Stopped or fenced: the watchdog has nothing left to guard.
+    done: bool,
+    fenced: bool,
+}
+
+struct Worker {
+    host: Arc<VmHost>,
+    name: String,
+    lease: Mutex<LeaseState>,
+    renewed: Condvar,
+    sock: PathBuf,
+}
+
+fn lock(m: &Mutex<LeaseState>) -> MutexGuard<'_, LeaseState> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs the worker of `dir` until its VM is stopped or fenced; returns the exit status.
+/// Errors before the VM runs are also reported on stdout for the agent.
+pub fn run(dir: &Path) -> i32 {
+    match serve(dir) {
+        Ok(code) => code,
+        Err(e) => {
+            let message = crate::error_chain(&e);
+            tracing::error!(dir = %dir.display(), error = %message, "vm worker failed");
+            report(&StartReport::Failed { message });
+            1
+        }
+    }
+}
+
+fn report(r: &StartReport) {
+    let mut out = std::io::stdout().lock();
+    let _ = write_frame(&mut out, r);
+}
+
+fn read_start(dir: &Path) -> Result<StartFile, WorkerError> {
+    let path = dir.join("start.json");
+    let f = File::open(&path).map_err(|e| WorkerError::Read(path.clone(), e))?;
+    let mut bytes = Vec::new();
+    f.take(protocol::START_FILE_BYTES_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| WorkerError::Read(path.clone(), e))?;
+    if bytes.len() as u64 > protocol::START_FILE_BYTES_MAX {
+        return Err(WorkerError::TooLarge(path));
+    }
+    let start: StartFile =
+        serde_json::from_slice(&bytes).map_err(|e| WorkerError::Decode(path.clone(), e))?;
+    if start.version != protocol::VERSION {
+        return Err(WorkerError::Version { got: start.version });
+    }
+    Ok(start)
+}
+
+fn serve(dir: &Path) -> Result<i32, WorkerError> {
+    // Before any thread exists: every thread of the worker (vCPUs, devices) inherits it.
+    if let Err(e) = vmm_node::kvm::set_nice(WORKER_NICE) {
+        tracing::warn!(error = %e, "cannot lower the worker's CPU priority");
+    }
+    let dir_file = File::open(dir).map_err(|e| WorkerError::Dir(dir.to_owned(), e))?;
+    let start = read_start(dir)?;
+    // The lease counts from the moment the start file is read, not from when the VM runs.
+    let deadline = Instant::now() + Duration::from_millis(start.lease_valid_ms);
+    let registry =
+        csv_volume::VolumeRegistry::from_config(&start.volumes).map_err(WorkerError::Volumes)?;
+    let host = VmHost::with_networks(start.node, registry, start.networks.clone());
+    host.set_image_dirs(start.image_dirs.clone());
+    let name = start.spec.name.clone();
+    let (info, restored) = match (&start.restore_from, start.takeover_wait_ms) {
+        (Some(dir), _) => host
+            .quick_restore(dir, &start.grants)
+            .map(|(info, stats)| (info, Some(stats))),
+        (None, Some(ms)) => host
+            .start_after_takeover(
+                start.spec,
+                &start.grants,
+                Instant::now() + Duration::from_millis(ms),
+            )
+            .map(|info| (info, None)),
+        (None, None) => host.start(start.spec, &start.grants).map(|i| (i, None)),
+    }
+    .map_err(WorkerError::Start)?;
+    if Instant::now() >= deadline {
+        host.fence_all();
+        return Err(WorkerError::LeaseExpired);
+    }
+    let sock = short_path(&dir_file, "sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).map_err(|e| WorkerError::Listen(sock.clone(), e))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| WorkerError::Listen(sock.clone(), e))?;
+    let worker = Arc::new(Worker {
+        host,
+        name,
+        lease: Mutex::new(LeaseState {
+            deadline,
+            done: false,
+            fenced: false,
+        }),
+        renewed: Condvar::new(),
+        sock,
+    });
+    {
+        let w = worker.clone();
+        std::thread::Builder::new()
+            .name("lease-watchdog".into())
+            .spawn(move || watchdog(&w))
+            .map_err(WorkerError::Thread)?;
+    }
+    report(&StartReport::Started {
+        pid: std::process::id(),
+        info: Box::new(worker_info(&worker, info)),
+        restored,
+    });
+    tracing::info!(vm = %worker.name, pid = std::process::id(), "vm worker serving");
+    // Keeps the directory open: `sock`'s short path goes through this descriptor.
+    let _dir_file = dir_file;
+    for conn in listener.incoming() {
+        match conn {
+            Ok(c) => {
+                let w = worker.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("worker-conn".into())
+                    .spawn(move || handle(&w, c));
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot serve a control connection");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "accept on the control socket"),
+        }
+    }
+    Ok(0)
+}
+
+fn worker_info(w: &Worker, info: crate::vmhost::VmInfo) -> WorkerInfo {
+    WorkerInfo {
+        name: info.name,
+        status: info.status,
+        spec: info.spec,
+        disks: info.disks,
+        fenced: lock(&w.lease).fenced,
+    }
+}
+
+/// Ends the process once the VM is gone (the socket first, so no agent connects to a
+/// worker that is about to exit).
+fn exit(w: &Worker, code: i32) -> ! {
+    let _ = std::fs::remove_file(&w.sock);
+    std::process::exit(code)
+}
+
+fn watchdog(w: &Worker) {
+    let mut g = lock(&w.lease);
+    loop {
+        if g.done {
+            return;
+        }
+        let now = Instant::now();
+        if now >= g.deadline {
+            g.done = true;
+            g.fenced = true;
+            drop(g);
+            let stopped = w.host.fence_all();
+            tracing::warn!(vm = %w.name, ?stopped, "lease ran out: the agent did not renew it; vm stopped");
+            exit(w, EXIT_FENCED);
+        }
+        let wait = g.deadline - now;
+        g = w
+            .renewed
+            .wait_timeout(g, wait)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
+fn handle(w: &Worker, conn: UnixStream) {
+    let mut out = match conn.try_clone() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "control connection");
+            return;
+        }
+    };
+    let mut r = BufReader::new(conn);
+    match read_frame::<Request>(&mut r) {
+        Ok(Request::Hello { version }) if version == protocol::VERSION => {}
+        Ok(Request::Hello { version }) => {
+            let _ = write_frame(
+                &mut out,
+                &Response::Error {
+                    message: format!(
+                        "control protocol version {version}; this worker speaks {}",
+                        protocol::VERSION
+                    ),
+                },
+            );
+            return;
+        }
+        Ok(other) => {
+            let _ = write_frame(
+                &mut out,
+                &Response::Error {
+                    message: format!("the first request must be hello, got {other:?}"),
+                },
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::debug!(error = %crate::error_chain(&e), "control connection closed before hello");
+            return;
+        }
+    }
+    let hello = match info(w) {
+        Ok(info) => Response::Hello {
+            version: protocol::VERSION,
+            pid: std::process::id(),
+            info,
+        },
+        Err(message) => Response::Error { message },
+    };
+    if write_frame(&mut out, &hello).is_err() {
+        return;
+    }
+    loop {
+        let req = match read_frame::<Request>(&mut r) {
+            Ok(req) => req,
+            Err(FrameError::Closed) => return,
+            Err(e) => {
+                let _ = write_frame(
+                    &mut out,
+                    &Response::Error {
+                        message: crate::error_chain(&e),
+                    },
+                );
+                return;
+            }
+        };
+        if !answer(w, req, &mut out) {
+            return;
+        }
+    }
+}
+
+fn info(w: &Worker) -> Result<WorkerInfo, String> {
+    w.host
+        .state(&w.name)
+        .map(|i| worker_info(w, i))
+        .map_err(|e| crate::error_chain(&e))
+}
+
+/// Answers one request; false ends the connection.
+fn answer(w: &Worker, req: Request, out: &mut UnixStream) -> bool {
+    let resp = match req {
+        Request::Hello { .. } => Response::Error {
+            message: "hello was already said on this connection".into(),
+        },
+        Request::Info => match info(w) {
+            Ok(info) => Response::Info { info },
+            Err(message) => Response::Error { message },
+        },
+        Request::Lease { valid_ms } => {
+            let mut g = lock(&w.lease);
+            if g.done {
+                Response::Error {
+                    message: if g.fenced {
+                        "the lease already ran out: the VM was stopped".into()
+                    } else {
+                        "the VM is being stopped".into()
+                    },
+                }
+            } else {
+                g.deadline = Instant::now() + Duration::from_millis(valid_ms);
+                w.renewed.notify_all();
+                Response::Done
+            }
+        }
+        Request::Stop => {
+            lock(&w.lease).done = true;
+            w.renewed.notify_all();
+            let resp = match w.host.stop(&w.name) {
+                Ok(s) => Response::Stopped {
+                    release: s.release,
+                    disk_errors: s
+                        .disk_errors
+                        .iter()
+                        .map(|e| crate::error_chain(e))
+                        .collect(),
+                },
+                Err(e) => Response::Error {
+                    message: crate::error_chain(&e),
+                },
+            };
+            let _ = write_frame(out, &resp);
+            tracing::info!(vm = %w.name, "vm worker exits: vm stopped");
+            exit(w, 0);
+        }
+        Request::AttachDisk { disk, grant } => match w.host.attach_disk(&w.name, disk, &grant) {
+            Ok(slot) => Response::Attached { slot },
+            Err(e) => Response::Error {
+                message: crate::error_chain(&e),
+            },
+        },
+        Request::DetachDisk { disk } => match w.host.detach_disk(&w.name, &disk) {
+            Ok(release) => Response::Detached { release },
+            Err(e) => Response::Error {
+                message: crate::error_chain(&e),
+            },
+        },
+        Request::QuickSave {
+            volume,
+            target_node,
+        } => {
+            // From here the VM is paused and then gone from this worker (or, on error,
+            // runs on): the watchdog has nothing to stop once it is saved.
+            match w.host.quick_save(&w.name, &volume, target_node) {
+                Ok(image) => {
+                    lock(&w.lease).done = true;
+                    w.renewed.notify_all();
+                    let _ = write_frame(out, &Response::QuickSaved { image });
+                    tracing::info!(vm = %w.name, "vm worker exits: vm saved for quick migration");
+                    exit(w, 0);
+                }
+                Err(e) => Response::Error {
+                    message: crate::error_chain(&e),
+                },
+            }
+        }
+        Request::Fence => {
+            lock(&w.lease).done = true;
+            w.renewed.notify_all();
+            w.host.fence_all();
+            let _ = write_frame(out, &Response::Done);
+            tracing::warn!(vm = %w.name, "vm worker exits: vm fenced by its agent");
+            exit(w, EXIT_FENCED);
+        }
+        Request::Console => {
+            let stream = match w.host.console(&w.name) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = write_frame(
+                        out,
+                        &Response::Error {
+                            message: crate::error_chain(&e),
+                        },
+                    );
+                    return false;
+                }
+            };
+            if write_frame(
+                out,
+                &Response::Console {
+                    recent: stream.recent,
+                },
+            )
+            .is_err()
+            {
+                return false;
+            }
+            while let Ok(line) = stream.lines.recv() {
+                let at_unix_us = crate::vmhost::journal::now_unix_us();
+                if write_frame(out, &Response::Line { line, at_unix_us }).is_err() {
+                    break;
+                }
+            }
+            return false;
+        }
+    };
+    write_frame(out, &resp).is_ok() && out.flush().is_ok()
+}

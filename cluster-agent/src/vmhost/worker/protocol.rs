@@ -1,0 +1,248 @@
+//! The control channel between an agent and a VM worker process, version 1.
+//!
+//! Transport: a Unix stream socket `sock` in the VM's worker directory (the directory is
+//! 0700 and the socket 0600, so only the agent's user connects). Framing: one JSON value
+//! per line, at most [`LINE_BYTES_MAX`] bytes including the newline; a longer line is a
+//! protocol error that closes the connection.
+//!
+//! ```text
+//! agent                                   worker
+//!   ── spawn `cluster-agent vm-worker --dir D` (D/start.json: spec, grants, lease) ──▶
+//!   ◀── stdout: one line, Started{info} or Failed{message}; then only the socket ──
+//!   ── Hello{version} ─────────────────────▶  (first request of every connection)
+//!   ◀── Hello{version, pid, info} ─────────   (a version other than ours: Error)
+//!   ── Lease{valid_ms} ───────────────────▶  deadline = now + valid_ms (monotonic)
+//!   ◀── Done ─────────────────────────────
+//!   ── Info ───────────────────────────────▶ ◀── Info{info}
+//!   ── Stop ───────────────────────────────▶ (vCPUs stopped, disks flushed and closed)
+//!   ◀── Stopped{release, disk_errors} ─────   then the worker exits 0
+//!   ── Fence ──────────────────────────────▶ (vCPUs stopped, nothing flushed or released)
+//!   ◀── Done ─────────────────────────────   then the worker exits
+//!   ── Console ────────────────────────────▶ ◀── Console{recent} ◀── Line{line} ...
+//! ```
+//!
+//! Requests on one connection are answered in order, one response each (a `Console`
+//! connection carries only lines after its answer). The worker stops its VM on its own,
+//! without flushing or releasing anything, when its lease deadline passes; from then on
+//! every `Info` says `fenced` and `Lease` is refused.
+//!
+//! Version rule: a change of any message's meaning or shape bumps [`VERSION`]; an agent
+//! adopts only workers that speak its version (others are left to their lease and
+//! reported).
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use csv_volume::{LockCommand, LockGrant, NodeId, VolumeConfig};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::vmhost::{DiskStatus, VmSpec};
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+/// Longest line either side accepts (the console's retained log fits with room).
+pub const LINE_BYTES_MAX: usize = 1 << 20;
+
+/// Largest `start.json` a worker reads.
+pub const START_FILE_BYTES_MAX: u64 = 1 << 20;
+
+/// What the agent writes to `start.json` before it spawns a worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartFile {
+    pub version: u32,
+    pub node: NodeId,
+    pub spec: VmSpec,
+    /// One grant per disk of `spec` (from the committed `Acquire`s or `ForceTakeover`s).
+    pub grants: Vec<LockGrant>,
+    /// Failover restart: wait this long for the old owner's lease before installing the
+    /// new fencing token.
+    pub takeover_wait_ms: Option<u64>,
+    /// The first lease: how long the VM may run before the agent renews it.
+    pub lease_valid_ms: u64,
+    pub volumes: Vec<VolumeConfig>,
+    /// VM networks of the node (name → bridge).
+    pub networks: std::collections::BTreeMap<String, String>,
+    pub image_dirs: Vec<PathBuf>,
+    /// Restore the VM from this quick-migration image instead of booting it.
+    #[serde(default)]
+    pub restore_from: Option<PathBuf>,
+}
+
+/// The worker's one line on stdout once its VM runs (or could not be started).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartReport {
+    Started {
+        pid: u32,
+        info: Box<WorkerInfo>,
+        /// Restored from a quick-migration image: the restore's figures.
+        restored: Option<crate::vmhost::QuickRestoreStats>,
+    },
+    Failed {
+        message: String,
+    },
+}
+
+/// A request of the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "op")]
+pub enum Request {
+    Hello {
+        version: u32,
+    },
+    Info,
+    Lease {
+        valid_ms: u64,
+    },
+    Stop,
+    Fence,
+    Console,
+    /// Hot-add `disk`, opened with `grant`, in the first free slot.
+    AttachDisk {
+        disk: crate::vmhost::DiskSpec,
+        grant: LockGrant,
+    },
+    /// Hot-remove `disk` (flushed and closed first).
+    DetachDisk {
+        disk: csv_volume::DiskName,
+    },
+    /// Quick migration, source half: save the VM into the shared `volume` for
+    /// `target_node` (disks closed for it); the worker exits once saved.
+    QuickSave {
+        volume: String,
+        target_node: NodeId,
+    },
+}
+
+/// The worker's answer to one request (or one console line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Response {
+    Hello {
+        version: u32,
+        pid: u32,
+        info: WorkerInfo,
+    },
+    Info {
+        info: WorkerInfo,
+    },
+    Done,
+    Stopped {
+        release: Vec<LockCommand>,
+        disk_errors: Vec<String>,
+    },
+    Console {
+        recent: String,
+    },
+    QuickSaved {
+        image: crate::vmhost::QuickImage,
+    },
+    Attached {
+        slot: u8,
+    },
+    Detached {
+        release: LockCommand,
+    },
+    /// A console line, stamped by the worker when the VM printed it.
+    Line {
+        line: String,
+        at_unix_us: u64,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// The VM as its worker sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub name: String,
+    pub status: vmm_node::VmStatus,
+    pub spec: VmSpec,
+    pub disks: Vec<DiskStatus>,
+    /// The lease ran out and the worker stopped the VM on its own.
+    pub fenced: bool,
+}
+
+/// Errors of the framing.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("i/o on the worker control socket")]
+    Io(#[source] std::io::Error),
+    #[error("a control line longer than {LINE_BYTES_MAX} bytes")]
+    TooLong,
+    #[error("a control line that is not a valid message")]
+    Decode(#[source] serde_json::Error),
+    #[error("the other side closed the control connection")]
+    Closed,
+}
+
+/// Writes `msg` as one line and flushes.
+pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), FrameError> {
+    let mut line = serde_json::to_vec(msg).map_err(FrameError::Decode)?;
+    if line.len() >= LINE_BYTES_MAX {
+        return Err(FrameError::TooLong);
+    }
+    line.push(b'\n');
+    w.write_all(&line).map_err(FrameError::Io)?;
+    w.flush().map_err(FrameError::Io)
+}
+
+/// Reads one line (at most [`LINE_BYTES_MAX`] bytes, never more into memory) and decodes it.
+pub fn read_frame<T: DeserializeOwned>(r: &mut impl BufRead) -> Result<T, FrameError> {
+    let mut line = Vec::new();
+    let n = std::io::Read::take(&mut *r, LINE_BYTES_MAX as u64)
+        .read_until(b'\n', &mut line)
+        .map_err(FrameError::Io)?;
+    if n == 0 {
+        return Err(FrameError::Closed);
+    }
+    if line.last() != Some(&b'\n') {
+        return Err(if n >= LINE_BYTES_MAX {
+            FrameError::TooLong
+        } else {
+            FrameError::Closed
+        });
+    }
+    serde_json::from_slice(&line).map_err(FrameError::Decode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_lines_are_errors_not_panics() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &Request::Lease { valid_ms: 900 }).unwrap();
+        write_frame(&mut buf, &Request::Stop).unwrap();
+        let mut r = std::io::Cursor::new(buf);
+        assert_eq!(
+            read_frame::<Request>(&mut r).unwrap(),
+            Request::Lease { valid_ms: 900 }
+        );
+        assert_eq!(read_frame::<Request>(&mut r).unwrap(), Request::Stop);
+        assert!(matches!(
+            read_frame::<Request>(&mut r),
+            Err(FrameError::Closed)
+        ));
+
+        for bad in [
+            &b"{\"op\":\"lease\"}\n"[..],
+            b"{\"op\":\"reboot-the-host\"}\n",
+            b"\xff\xfe\n",
+            b"{\"op\":\"stop\"", // no newline: cut short
+        ] {
+            let r = read_frame::<Request>(&mut std::io::Cursor::new(bad));
+            assert!(r.is_err(), "{bad:?} decoded as {r:?}");
+        }
+        let mut long = vec![b' '; LINE_BYTES_MAX + 10];
+        long.push(b'\n');
+        assert!(matches!(
+            read_frame::<Request>(&mut std::io::Cursor::new(long)),
+            Err(FrameError::TooLong)
+        ));
+    }
+}

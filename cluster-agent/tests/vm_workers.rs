@@ -1,0 +1,666 @@
+//! VM worker processes (`vm_workers = true`): a VM runs in a process of its own and
+//! outlives its agent. Real agents, real workers, real KVM test guests; the guest's
+//! heartbeat sequence is the proof that a VM kept running (a reboot starts it again at 1).
+//! The worker's console is also read straight from its control socket, so the test sees
+//! the guest while no agent runs.
+
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
+
+use cluster_agent::vmhost::worker::WorkerVm;
+use cluster_proto::vms as pb;
+use cluster_tests::checker::{self, RunChecker, Sighting};
+use cluster_tests::vm::{get_vm, guest_spec, hb_seq, mem_boot};
+use cluster_tests::{require_kvm, Cluster, Options};
+
+const WORKERS: &str = "vm_workers = true\n";
+
+fn spec(name: &str, preferred: u64) -> pb::VmSpec {
+    pb::VmSpec {
+        preferred_owners: vec![preferred],
+        restart_priority: "high".into(),
+        ..guest_spec(name, 64, mem_boot())
+    }
+}
+
+fn worker_dir(cl: &Cluster, node: u64, vm: &str) -> PathBuf {
+    cl.check(cl.spec(node)).data_dir.join("vms").join(vm)
+}
+
+async fn cluster_with_workers(opts: Options) -> Cluster {
+    cluster_with_config(opts, WORKERS).await
+}
+
+async fn cluster_with_config(opts: Options, toml: &str) -> Cluster {
+    require_kvm();
+    let mut cl = Cluster::agents(opts);
+    for id in 1..=3 {
+        let added = cl.add_node_with(id, toml);
+        cl.check(added);
+    }
+    let formed = cl.form(3).await;
+    cl.check(formed);
+    cl
+}
+
+/// The worker's own console stream (no agent in between): its lines as they arrive,
+/// stamped with this machine's clock. Ends when the worker exits.
+fn worker_console(cl: &Cluster, dir: &std::path::Path) -> Receiver<String> {
+    let w = WorkerVm::attach(dir).unwrap_or_else(|e| {
+        panic!(
+            "attach to the worker in {}: {e:?}{}",
+            dir.display(),
+            cl.logs()
+        )
+    });
+    w.console()
+        .unwrap_or_else(|e| panic!("worker console: {e:?}"))
+        .1
+}
+
+/// Reads `lines` until a heartbeat with a sequence number above `after` (blocking, on a
+/// thread of its own); the heartbeats seen, each stamped on arrival. Panics after the
+/// harness's wait with what was seen.
+async fn worker_heartbeat_after(lines: Receiver<String>, after: u64) -> (Receiver<String>, u64) {
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + cluster_tests::WAIT;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match lines.recv_timeout(left) {
+                Ok(l) => {
+                    if let Some(seq) = hb_seq(&l) {
+                        if seq > after {
+                            return (lines, seq);
+                        }
+                        seen.push(seq);
+                    }
+                }
+                Err(e) => panic!(
+                    "worker console ended ({e}) before a heartbeat above {after}; saw {seen:?}"
+                ),
+            }
+        }
+        panic!("no heartbeat above {after} from the worker; saw {seen:?}")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("reader thread: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_is_stopped_or_killed_and_its_vm_keeps_running_then_is_adopted() {
+    let _serial = cluster_tests::serial().await;
+    // A silence of 10 s before Down: the agent comes back well within it.
+    let mut cl = cluster_with_workers(Options {
+        down_after_ms: 10_000,
+        ..Options::default()
+    })
+    .await;
+    let before = cl.create_running(1, spec("vm-w", 2)).await;
+    assert_eq!(before.owner_id, 2, "{before:?}");
+    let (_, mut seq) = cl.heartbeat_after(1, "vm-w", 0).await;
+    let dir = worker_dir(&cl, 2, "vm-w");
+    let pid = WorkerVm::attach(&dir)
+        .unwrap_or_else(|e| panic!("{e:?}{}", cl.logs()))
+        .pid();
+    assert_ne!(Some(pid), cl.pid(2), "the VM runs in a process of its own");
+
+    for how in ["SIGTERM", "kill -9"] {
+        let lines = worker_console(&cl, &dir);
+        if how == "SIGTERM" {
+            let clean = cl.stop(2);
+            assert!(
+                cl.check(clean),
+                "the agent exits cleanly on SIGTERM:\n{}",
+                cl.log_tail(2, 40)
+            );
+        } else {
+            let killed = cl.kill9(2);
+            cl.check(killed);
+        }
+        // No agent runs on node 2: the guest keeps counting in its worker.
+        let (_lines, during) = worker_heartbeat_after(lines, seq).await;
+        eprintln!("{how}: agent gone, the worker's guest printed heartbeat {during}");
+        let log_from = cl.log_len(2);
+        let started = cl.start(2).await;
+        cl.check(started);
+        let line = cl
+            .wait_log_line(2, "worker adopted", |l| {
+                l.contains("vm worker adopted") && l.contains("vm-w")
+            })
+            .await;
+        assert!(
+            cl.log_since(2, log_from).contains("vm workers adopted"),
+            "{line}"
+        );
+        // Through the cluster again: the same guest (no reset), the same decision.
+        let (node, after) = cl.heartbeat_after(1, "vm-w", during).await;
+        assert_eq!(node, 2);
+        seq = after;
+        let rec = get_vm(&mut cl.vms(1).await, "vm-w")
+            .await
+            .unwrap_or_else(|e| panic!("vm-w: {e}{}", cl.logs()));
+        assert_eq!(
+            (rec.owner_id, rec.generation, rec.runtime.as_str()),
+            (2, before.generation, "running"),
+            "no failover happened: {rec:?}"
+        );
+        let now = WorkerVm::attach(&dir).unwrap_or_else(|e| panic!("{e:?}{}", cl.logs()));
+        assert_eq!(now.pid(), pid, "still the first worker");
+    }
+
+    // A stop through the cluster ends the worker and releases the VM for good.
+    cl.vms(1)
+        .await
+        .stop_vm(pb::VmName {
+            name: "vm-w".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("stop: {e}{}", cl.logs()));
+    cl.wait_runtime(1, "vm-w", "stopped").await;
+    let sock = dir.join("sock");
+    cluster_tests::Wait::new(cluster_tests::WAIT)
+        .until(
+            "the worker's socket is gone",
+            || async { Ok::<_, String>(sock.exists()) },
+            |exists| !exists,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}{}", cl.logs()));
+}
+
+/// Journals, with this machine's clock, every console line the worker in `dir` prints
+/// until it exits (node `node`'s own journal lives in its agent, which the test stops).
+fn journal_worker(
+    cl: &Cluster,
+    dir: &std::path::Path,
+    node: u64,
+) -> tokio::task::JoinHandle<Vec<Sighting>> {
+    let lines = worker_console(cl, dir);
+    tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        while let Ok(text) = lines.recv() {
+            seen.push(Sighting {
+                at_unix_us: checker::now_unix_us(),
+                node,
+                text,
+            });
+        }
+        seen
+    })
+}
+
+/// The old copy in `dir` on `old_node` (journaled by `old`) stopped on its own — its
+/// console ended, its socket is gone, its log says why — and never ran at the same time
+/// as the copy on `new_node` (judged from the lines every journal saw, one clock).
+async fn assert_old_copy_stopped_first(
+    cl: &Cluster,
+    checker: &RunChecker,
+    vm: &str,
+    (dir, old_node, old): (
+        &std::path::Path,
+        u64,
+        tokio::task::JoinHandle<Vec<Sighting>>,
+    ),
+    new_node: u64,
+) {
+    let old = tokio::time::timeout(cluster_tests::WAIT, old)
+        .await
+        .unwrap_or_else(|_| panic!("the worker on node {old_node} still runs{}", cl.logs()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!dir.join("sock").exists(), "the worker removed its socket");
+    let log = std::fs::read_to_string(dir.join("worker.log")).unwrap_or_default();
+    assert!(log.contains("lease ran out"), "worker log:\n{log}");
+    checker.sync(cl).await;
+    let mut sightings = checker.sightings(vm);
+    assert!(!old.is_empty(), "the test saw the old copy run");
+    sightings.extend(old);
+    sightings.sort();
+    let runs = checker::runs(&sightings);
+    let doubles = checker::double_runs(vm, &runs);
+    assert!(
+        doubles.is_empty(),
+        "two copies ran at once: {doubles:?}\nruns: {runs:?}"
+    );
+    assert!(
+        runs.iter().any(|r| r.node == old_node) && runs.iter().any(|r| r.node == new_node),
+        "{runs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_for_good_its_worker_stops_the_vm_before_the_cluster_restarts_it() {
+    let _serial = cluster_tests::serial().await;
+    let mut cl = cluster_with_workers(Options::default()).await;
+    let before = cl.create_running(1, spec("vm-k", 2)).await;
+    assert_eq!(before.owner_id, 2);
+    cl.heartbeat_after(1, "vm-k", 0).await;
+    let checker = RunChecker::start(&cl, &["vm-k"]);
+    let dir = worker_dir(&cl, 2, "vm-k");
+    let old = journal_worker(&cl, &dir, 2);
+    let killed = cl.kill9(2);
+    cl.check(killed);
+
+    let after = cl
+        .wait_vm(1, "vm-k", "restarted on a survivor", |v| {
+            v.owner_id != 2 && v.runtime == "running"
+        })
+        .await;
+    let (node, _) = cl.heartbeat_after(1, "vm-k", 0).await;
+    assert_eq!(node, after.owner_id);
+    assert_old_copy_stopped_first(&cl, &checker, "vm-k", (&dir, 2, old), after.owner_id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_agent_thawed_after_failover_adopts_nothing_the_cluster_moved() {
+    let _serial = cluster_tests::serial().await;
+    let cl = cluster_with_workers(Options::default()).await;
+    let before = cl.create_running(1, spec("vm-f", 2)).await;
+    assert_eq!(before.owner_id, 2);
+    cl.heartbeat_after(1, "vm-f", 0).await;
+    let checker = RunChecker::start(&cl, &["vm-f"]);
+    let dir = worker_dir(&cl, 2, "vm-f");
+    let old = journal_worker(&cl, &dir, 2);
+    // A stuck host: the agent stops in place; its worker runs on until its lease ends.
+    cl.check(cl.freeze(2));
+    let after = cl
+        .wait_vm(1, "vm-f", "restarted on a survivor", |v| {
+            v.owner_id != 2 && v.runtime == "running"
+        })
+        .await;
+    let (_, seq) = cl.heartbeat_after(1, "vm-f", 0).await;
+
+    cl.check(cl.thaw(2));
+    cl.wait_log_line(2, "lapse seen by the thawed agent", |l| {
+        l.contains("vms fenced")
+    })
+    .await;
+    cl.barrier().await;
+    // (Judged once node 2 answers again: the checker reads every running node.)
+    assert_old_copy_stopped_first(&cl, &checker, "vm-f", (&dir, 2, old), after.owner_id).await;
+    // Nothing runs on node 2, the VM keeps running where the cluster put it.
+    assert!(WorkerVm::attach(&dir).is_err(), "no worker on node 2");
+    let (node, _) = cl.heartbeat_after(1, "vm-f", seq).await;
+    assert_eq!(node, after.owner_id);
+    let rec = get_vm(&mut cl.vms(1).await, "vm-f")
+        .await
+        .unwrap_or_else(|e| panic!("{e}{}", cl.logs()));
+    assert_eq!(
+        (rec.owner_id, rec.generation),
+        (after.owner_id, after.generation)
+    );
+    checker.assert_no_double_run(&cl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_fails_only_its_own_vm_and_says_so() {
+    let _serial = cluster_tests::serial().await;
+    let cl = cluster_with_workers(Options::default()).await;
+    cl.create_running(1, spec("vm-x", 3)).await;
+    cl.create_running(1, spec("vm-y", 3)).await;
+    let (_, y_seq) = cl.heartbeat_after(1, "vm-y", 0).await;
+    let x = WorkerVm::attach(&worker_dir(&cl, 3, "vm-x")).unwrap_or_else(|e| panic!("{e:?}"));
+    let y_pid = WorkerVm::attach(&worker_dir(&cl, 3, "vm-y"))
+        .unwrap_or_else(|e| panic!("{e:?}"))
+        .pid();
+    let st = std::process::Command::new("kill")
+        .args(["-KILL", &x.pid().to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("kill: {e}"));
+    assert!(st.success());
+
+    let failed = cl
+        .wait_vm(1, "vm-x", "failed after its worker died", |v| {
+            v.runtime == "failed"
+        })
+        .await;
+    assert!(
+        failed.reason.contains("worker process"),
+        "the reason names the worker: {failed:?}"
+    );
+    // The other VM on that node is untouched: same worker, same guest, still counting.
+    let (node, _) = cl.heartbeat_after(1, "vm-y", y_seq).await;
+    assert_eq!(node, 3);
+    let y_now = WorkerVm::attach(&worker_dir(&cl, 3, "vm-y")).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(y_now.pid(), y_pid);
+    let y = get_vm(&mut cl.vms(1).await, "vm-y").await;
+    assert_eq!(y.map(|v| v.runtime).ok(), Some("running".into()));
+    // The failure is in the event log.
+    let events = cl.check(cl.events(1).await);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains("vm-x") && e.message.contains("worker process")),
+        "{events:#?}"
+    );
+    // Started again by the operator, it runs in a new worker.
+    cl.vms(1)
+        .await
+        .start_vm(pb::VmName {
+            name: "vm-x".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start: {e}{}", cl.logs()));
+    cl.wait_runtime(1, "vm-x", "running").await;
+    cl.heartbeat_after(1, "vm-x", 0).await;
+    let again = WorkerVm::attach(&worker_dir(&cl, 3, "vm-x")).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_ne!(again.pid(), x.pid());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_saturating_every_core_do_not_starve_the_agents() {
+    let _serial = cluster_tests::serial().await;
+    let cl = cluster_with_workers(Options::default()).await;
+    // One VM per node with a vCPU per host core, each vCPU busy checking memory: three
+    // times more runnable guest threads than the host has cores.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let vcpus = u32::try_from(cores.clamp(1, 16)).unwrap_or(16);
+    let names = ["busy-1", "busy-2", "busy-3"];
+    let mut before = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let node = i as u64 + 1;
+        let s = pb::VmSpec {
+            vcpus,
+            ..spec(name, node)
+        };
+        let v = cl.create_running(1, s).await;
+        assert_eq!(v.owner_id, node, "{v:?}");
+        before.push(v);
+    }
+    // Let the guests run: every VM prints 30 more heartbeats (3 s at 100 ms each, longer
+    // on a slow host — the load lasts as long as the guests take, whatever the machine).
+    for name in names {
+        let (_, first) = cl.heartbeat_after(1, name, 0).await;
+        cl.heartbeat_after(1, name, first + 30).await;
+    }
+    // No node lost its lease, fenced anything or was taken for dead; no VM restarted.
+    for id in 1..=3u64 {
+        let log = cl.log_tail(id, 100_000);
+        assert!(
+            !log.contains("lease lost"),
+            "node {id} lost its lease:{}",
+            cl.logs()
+        );
+    }
+    let events = cl.check(cl.events(1).await);
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.kind == "node_fenced" || e.message.contains("Down")),
+        "{events:#?}"
+    );
+    for v in before {
+        let now = get_vm(&mut cl.vms(1).await, cluster_tests::vm::vm_name(&v))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (now.owner_id, now.generation, now.runtime.as_str()),
+            (v.owner_id, v.generation, "running"),
+            "{now:?}"
+        );
+    }
+}
+
+/// The state of node `node` as node `via` lists it.
+async fn node_state(cl: &Cluster, via: u64, node: u64) -> String {
+    cl.check(cl.nodes(via).await)
+        .into_iter()
+        .find(|n| n.node_id == node)
+        .map(|n| n.state)
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_announces_the_restart_and_the_vm_runs_on_past_down_after() {
+    let _serial = cluster_tests::serial().await;
+    // The default 2 s silence before Down; the restart takes longer than that.
+    let mut cl = cluster_with_config(
+        Options::default(),
+        "vm_workers = true\nrestart_window_ms = 60000\n",
+    )
+    .await;
+    let before = cl.create_running(1, spec("vm-r", 2)).await;
+    let (_, seq) = cl.heartbeat_after(1, "vm-r", 0).await;
+    let dir = worker_dir(&cl, 2, "vm-r");
+    let lines = worker_console(&cl, &dir);
+    let clean = cl.stop(2);
+    assert!(
+        cl.check(clean),
+        "node 2 did not stop cleanly:\n{}",
+        cl.log_tail(2, 40)
+    );
+    let events = cl.check(cl.events(1).await);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains("node 2 restarts its agent")),
+        "{events:#?}"
+    );
+    // 50 heartbeats at 100 ms: more than twice `down_after` without the agent.
+    let (_lines, during) = worker_heartbeat_after(lines, seq + 50).await;
+    assert_eq!(
+        node_state(&cl, 1, 2).await,
+        "up",
+        "a node restarting is not Down"
+    );
+    let rec = get_vm(&mut cl.vms(1).await, "vm-r")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((rec.owner_id, rec.generation), (2, before.generation));
+
+    let started = cl.start(2).await;
+    cl.check(started);
+    let (node, _) = cl.heartbeat_after(1, "vm-r", during).await;
+    assert_eq!(node, 2);
+    let back = cluster_tests::Wait::new(cluster_tests::WAIT)
+        .until(
+            "the restart window ended",
+            || async { cl.events(1).await },
+            |ev| {
+                ev.iter()
+                    .any(|e| e.message.contains("node 2 is back from its agent restart"))
+            },
+        )
+        .await;
+    cl.check(back);
+    let rec = get_vm(&mut cl.vms(1).await, "vm-r")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (rec.owner_id, rec.generation),
+        (2, before.generation),
+        "{rec:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announced_restart_that_never_ends_fails_the_vm_over_after_the_window() {
+    let _serial = cluster_tests::serial().await;
+    let mut cl = cluster_with_config(
+        Options::default(),
+        "vm_workers = true\nrestart_window_ms = 3000\n",
+    )
+    .await;
+    cl.create_running(1, spec("vm-n", 2)).await;
+    cl.heartbeat_after(1, "vm-n", 0).await;
+    let checker = RunChecker::start(&cl, &["vm-n"]);
+    let dir = worker_dir(&cl, 2, "vm-n");
+    let old = journal_worker(&cl, &dir, 2);
+    let clean = cl.stop(2);
+    assert!(
+        cl.check(clean),
+        "node 2 did not stop cleanly:\n{}",
+        cl.log_tail(2, 40)
+    );
+    let after = cl
+        .wait_vm(1, "vm-n", "restarted on a survivor", |v| {
+            v.owner_id != 2 && v.runtime == "running"
+        })
+        .await;
+    assert_eq!(node_state(&cl, 1, 2).await, "down");
+    cl.heartbeat_after(1, "vm-n", 0).await;
+    assert_old_copy_stopped_first(&cl, &checker, "vm-n", (&dir, 2, old), after.owner_id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_migration_moves_a_worker_vm_into_a_worker_on_the_target() {
+    let _serial = cluster_tests::serial().await;
+    require_kvm();
+    let mut cl = Cluster::agents(Options::default());
+    let (_csv, volume) = cl.shared_volume();
+    for id in 1..=3 {
+        let added = cl.add_node_with(id, &format!("{WORKERS}{volume}"));
+        cl.check(added);
+    }
+    let formed = cl.form(3).await;
+    cl.check(formed);
+    cl.create_running(1, spec("vm-q", 2)).await;
+    let (_, seq) = cl.heartbeat_after(1, "vm-q", 0).await;
+    let old = WorkerVm::attach(&worker_dir(&cl, 2, "vm-q")).unwrap_or_else(|e| panic!("{e:?}"));
+    cl.vms(1)
+        .await
+        .migrate_vm(pb::MigrateVmRequest {
+            name: "vm-q".into(),
+            to_node_id: 3,
+            quick: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
+    cl.wait_vm(1, "vm-q", "running on node 3", |v| {
+        v.owner_id == 3 && v.runtime == "running" && v.migrating_to == 0
+    })
+    .await;
+    // The same guest (its memory came along: the heartbeat count goes on), in a worker on
+    // node 3; the worker on node 2 is gone.
+    let (node, _) = cl.heartbeat_after(1, "vm-q", seq).await;
+    assert_eq!(node, 3);
+    let new = WorkerVm::attach(&worker_dir(&cl, 3, "vm-q"))
+        .unwrap_or_else(|e| panic!("{e:?}{}", cl.logs()));
+    assert_ne!(new.pid(), old.pid());
+    assert!(WorkerVm::attach(&worker_dir(&cl, 2, "vm-q")).is_err());
+    // Live migration of a VM in a worker is refused with the reason, and changes nothing.
+    let refused = cl
+        .vms(1)
+        .await
+        .migrate_vm(pb::MigrateVmRequest {
+            name: "vm-q".into(),
+            to_node_id: 1,
+            ..Default::default()
+        })
+        .await;
+    if let Ok(r) = refused {
+        // Accepted by the cluster: the source refuses to run it and the VM stays.
+        let v = r.into_inner();
+        eprintln!("live migration of a worker VM accepted as {v:?}");
+    }
+    let v = cl
+        .wait_vm(1, "vm-q", "still on node 3, no migration open", |v| {
+            v.migrating_to == 0
+        })
+        .await;
+    assert_eq!((v.owner_id, v.runtime.as_str()), (3, "running"));
+    cl.heartbeat_after(1, "vm-q", 0).await;
+    let events = cl.check(cl.events(1).await);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains("runs in a worker process")),
+        "the failed migration says why: {events:#?}"
+    );
+}
+
+fn disk_passes(h: &vmm_node::guest_protocol::Heartbeat) -> u64 {
+    h.fields
+        .get("disk_passes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_vm_hot_plugs_its_disk_and_quick_migrates_with_it() {
+    use cluster_proto::volumes as vpb;
+    let _serial = cluster_tests::serial().await;
+    require_kvm();
+    let mut cl = Cluster::agents(Options::default());
+    let (_csv, volume) = cl.shared_volume();
+    for id in 1..=3 {
+        let added = cl.add_node_with(id, &format!("{WORKERS}{volume}"));
+        cl.check(added);
+    }
+    let formed = cl.form(3).await;
+    cl.check(formed);
+    cl.vols(1)
+        .await
+        .create_disk(vpb::CreateDiskRequest {
+            name: "vol/vms/w.img".into(),
+            size_mib: 4,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create disk: {e}{}", cl.logs()));
+    let boot = pb::TestGuestBoot {
+        workload: "disk".into(),
+        hb_ms: 100,
+        ..Default::default()
+    };
+    let s = pb::VmSpec {
+        preferred_owners: vec![2],
+        ..guest_spec("vm-d", 64, boot)
+    };
+    let v = cl.create_running(1, s).await;
+    assert_eq!(v.owner_id, 2);
+    cl.wait_heartbeat(1, "vm-d", |h| h.disk == "nodisk").await;
+    // Hot add through the worker: the guest finds the disk and writes it.
+    let mut vols = cl.vols(1).await;
+    vols.attach_disk(vpb::AttachDiskRequest {
+        vm: "vm-d".into(),
+        disk: "vol/vms/w.img".into(),
+        read_only: false,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("attach: {e}{}", cl.logs()));
+    let (node, hb) = cl
+        .wait_heartbeat(1, "vm-d", |h| h.disk == "ok" && disk_passes(h) >= 1)
+        .await;
+    assert_eq!(node, 2);
+    cl.wait_lock(1, "vol/vms/w.img", "held by node 2", |l| {
+        l.is_some_and(|l| l.holders == vec![2])
+    })
+    .await;
+    // Quick migration moves it with its disk into a worker on node 3.
+    cl.vms(1)
+        .await
+        .migrate_vm(pb::MigrateVmRequest {
+            name: "vm-d".into(),
+            to_node_id: 3,
+            quick: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
+    cl.wait_vm(1, "vm-d", "running on node 3", |v| {
+        v.owner_id == 3 && v.runtime == "running" && v.migrating_to == 0
+    })
+    .await;
+    let passes = disk_passes(&hb);
+    let (node, _) = cl
+        .wait_heartbeat(1, "vm-d", |h| {
+            h.seq > hb.seq && h.disk == "ok" && disk_passes(h) > passes
+        })
+        .await;
+    assert_eq!(node, 3);
+    cl.wait_lock(1, "vol/vms/w.img", "held by node 3", |l| {
+        l.is_some_and(|l| l.holders == vec![3])
+    })
+    .await;
+    assert!(WorkerVm::attach(&worker_dir(&cl, 3, "vm-d")).is_ok());
+    // Hot remove through the worker on node 3: flushed, closed, released.
+    vols.detach_disk(vpb::DetachDiskRequest {
+        vm: "vm-d".into(),
+        disk: "vol/vms/w.img".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("detach: {e}{}", cl.logs()));
+    cl.wait_lock(1, "vol/vms/w.img", "released", |l| l.is_none())
+        .await;
+    cl.wait_heartbeat(1, "vm-d", |h| h.disk == "nodisk").await;
+}
