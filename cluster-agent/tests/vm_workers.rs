@@ -398,6 +398,15 @@ async fn guests_saturating_every_core_do_not_starve_the_agents() {
             "{now:?}"
         );
     }
+    // The workers measure their own vCPU threads: each busy VM shows CPU demand.
+    cl.wait_vms(1, "every busy VM measured as busy", |all| {
+        all.iter().all(|v| {
+            v.demand
+                .as_ref()
+                .is_some_and(|d| d.cpu_demand_millicores >= 500)
+        })
+    })
+    .await;
 }
 
 /// The state of node `node` as node `via` lists it.

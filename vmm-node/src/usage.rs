@@ -15,7 +15,7 @@
 use std::path::PathBuf;
 
 /// Cumulative usage of one VM at one moment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmUsage {
     /// Σ time the vCPU threads ran, ns.
     pub cpu_run_ns: u64,

@@ -798,7 +798,9 @@ impl VmHost {
     /// `vmm_node::usage`); a VM whose usage cannot be read is left out (logged).
     pub fn usage(&self) -> Vec<(String, vmm_node::usage::VmUsage)> {
         let vms: Vec<Arc<HostedVm>> = lock(&self.vms).values().flatten().cloned().collect();
-        vms.iter()
+        let workers: Vec<Arc<worker::WorkerVm>> = lock(&self.workers).values().cloned().collect();
+        let mut out: Vec<(String, vmm_node::usage::VmUsage)> = vms
+            .iter()
             .filter(|v| v.vm.status() == VmStatus::Running)
             .filter_map(|v| match v.vm.usage() {
                 Ok(u) => Some((v.spec.name.clone(), u)),
@@ -807,7 +809,16 @@ impl VmHost {
                     None
                 }
             })
-            .collect()
+            .collect();
+        // A worker measures its own threads (their schedstat is in its /proc).
+        out.extend(workers.iter().filter_map(|w| match w.usage() {
+            Ok(u) => u.map(|u| (w.name().to_owned(), u)),
+            Err(e) => {
+                tracing::debug!(vm = %w.name(), error = %crate::error_chain(&e), "usage not read from the worker");
+                None
+            }
+        }));
+        out
     }
 
     /// Names held for a VM that is not registered yet: being started, or arriving by

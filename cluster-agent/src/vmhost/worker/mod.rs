@@ -256,6 +256,14 @@ impl WorkerVm {
         self.restored
     }
 
+    /// The VM's cumulative usage, measured by the worker (`None`: not measurable).
+    pub fn usage(&self) -> Result<Option<vmm_node::usage::VmUsage>, WorkerError> {
+        match self.request(&Request::Usage)? {
+            Response::Usage { usage } => Ok(usage),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Hot-adds `disk` with `grant`; the slot it went into.
     pub fn attach_disk(
         &self,

@@ -359,6 +359,9 @@ fn answer(w: &Worker, req: Request, out: &mut UnixStream) -> bool {
             tracing::info!(vm = %w.name, "vm worker exits: vm stopped");
             exit(w, 0);
         }
+        Request::Usage => Response::Usage {
+            usage: w.host.usage().into_iter().next().map(|(_, u)| u),
+        },
         Request::AttachDisk { disk, grant } => match w.host.attach_disk(&w.name, disk, &grant) {
             Ok(slot) => Response::Attached { slot },
             Err(e) => Response::Error {

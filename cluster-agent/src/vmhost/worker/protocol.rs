@@ -99,6 +99,8 @@ pub enum Request {
     Stop,
     Fence,
     Console,
+    /// The VM's cumulative CPU time and resident memory (see `vmm_node::usage`).
+    Usage,
     /// Hot-add `disk`, opened with `grant`, in the first free slot.
     AttachDisk {
         disk: crate::vmhost::DiskSpec,
@@ -141,6 +143,10 @@ pub enum Response {
     },
     Attached {
         slot: u8,
+    },
+    /// `None`: not running, or not measurable on this host.
+    Usage {
+        usage: Option<vmm_node::usage::VmUsage>,
     },
     Detached {
         release: LockCommand,
