@@ -4,7 +4,7 @@
 //! spread by the even policy; not moved while the gain does not beat the migration cost;
 //! and left alone over many balancer rounds once spread (no ping-pong).
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 
 use cluster_proto::drain as dpb;
 use cluster_proto::vms as pb;
@@ -12,14 +12,7 @@ use cluster_tests::vm::{guest_spec, mem_boot, vm_name};
 use cluster_tests::{http_get, Cluster, WAIT};
 
 fn free_port(ip: [u8; 4]) -> SocketAddr {
-    let l = TcpListener::bind(SocketAddr::from((ip, 0))).unwrap_or_else(|e| panic!("{e}"));
-    l.local_addr().unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// The value of the sample `series` (name and labels exactly as printed) in `text`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    cluster_tests::free_port(ip).unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn jobs(cl: &Cluster, via: u64) -> Result<Vec<dpb::JobInfo>, tonic::Status> {
@@ -143,13 +136,13 @@ async fn busy_guests_crowded_on_one_node_are_measured_and_spread_once() {
     // Node 1's metrics show the same figures.
     let (_, body) = http_get(metrics[0], "/metrics");
     for n in &busy {
-        let v = sample(
+        let v = cluster_tests::metric_sample(
             &body,
             &format!("cluster_vm_cpu_demand_millicores{{node=\"1\",vm=\"{n}\"}}"),
         );
         assert!(v.is_some_and(|v| v > 0.0), "{n}: {v:?}\n{body}");
     }
-    assert!(sample(&body, "cluster_node_cpu_demand_millicores{node=\"1\"}").is_some());
+    assert!(cluster_tests::metric_sample(&body, "cluster_node_cpu_demand_millicores{node=\"1\"}").is_some());
 
     // Memory alone (what the balancer saw before) is a few percent on every node; by
     // demand node 1 is saturated. With a cost no gain can beat, the dry run moves nothing
@@ -202,7 +195,7 @@ async fn busy_guests_crowded_on_one_node_are_measured_and_spread_once() {
         .unwrap_or_else(|e| panic!("{e}"));
     let rounds = |addr: SocketAddr| {
         let (_, body) = http_get(addr, "/metrics");
-        sample(
+        cluster_tests::metric_sample(
             &body,
             &format!("cluster_balance_rounds_total{{node=\"{leader}\"}}"),
         )

@@ -593,9 +593,16 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
     let _serial = cluster_tests::serial().await;
     let mut cl = Cluster::vm_agents();
     // Small nodes (1 GiB each) so a few test guests make node 1 hot.
-    for id in 1..=3 {
-        let added = cl.add_node_with(id, "[facts_override]\nmemory_bytes = 1073741824\n");
+    let mut metrics = BTreeMap::new();
+    for id in 1..=3u64 {
+        let a = cluster_tests::free_port([127, 0, 1, id as u8]);
+        let a = cl.check(a);
+        let added = cl.add_node_with(
+            id,
+            &format!("metrics_addr = \"{a}\"\n[facts_override]\nmemory_bytes = 1073741824\n"),
+        );
         cl.check(added);
+        metrics.insert(id, a);
     }
     let formed = cl.form(3).await;
     cl.check(formed);
@@ -627,11 +634,29 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
     assert!(!plan.moves.is_empty(), "{plan:?}");
     assert!(plan.moves.iter().all(|m| m.from_node_id == 1));
     assert!(plan.spread_after_bp < plan.spread_before_bp, "{plan:?}");
-    // The leader's balancer looks once per interval (1 s) and nothing exposes a look that
-    // found nothing to do: the only way to see that "none" moves nothing is to give it a
-    // few intervals. (The planning itself is covered without a clock by drain.rs's
-    // `balance_job_moves_off_the_hot_node_and_none_moves_nothing`.)
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // The leader's balancer looks once per interval (1 s) and counts its looks
+    // (`cluster_balance_rounds_total`): three looks under "none" that moved nothing.
+    let leader = cl
+        .wait_leader(&[1, 2, 3], WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let maddr = metrics[&leader];
+    let rounds = move || {
+        let (_, body) = cluster_tests::http_get(maddr, "/metrics");
+        cluster_tests::metric_sample(
+            &body,
+            &format!("cluster_balance_rounds_total{{node=\"{leader}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let seen = rounds();
+    cl.wait_until(
+        "three more balancer rounds under policy none",
+        WAIT,
+        || async { Ok::<f64, String>(rounds()) },
+        |r: &f64| *r >= seen + 3.0,
+    )
+    .await;
     cl.barrier().await;
     let all = cl.list_vms(2).await;
     assert!(

@@ -2,7 +2,7 @@
 //! small exposition-format parser, values checked against what happened.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 
 use cluster_proto::vms as pb;
 use cluster_tests::vm::{guest_spec, mem_boot};
@@ -102,8 +102,7 @@ fn value(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f64 {
 }
 
 fn free_port(ip: [u8; 4]) -> SocketAddr {
-    let l = TcpListener::bind(SocketAddr::from((ip, 0))).unwrap_or_else(|e| panic!("{e}"));
-    l.local_addr().unwrap_or_else(|e| panic!("{e}"))
+    cluster_tests::free_port(ip).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,7 +192,8 @@ pub struct Cluster {
     netns: Option<std::sync::Arc<netns::NetNs>>,
 }
 
-fn free_port(ip: [u8; 4]) -> Result<SocketAddr> {
+/// A port free on `ip` right now (e.g. for a node's `metrics_addr`).
+pub fn free_port(ip: [u8; 4]) -> Result<SocketAddr> {
     let l = TcpListener::bind(SocketAddr::from((ip, 0))).map_err(|source| HarnessError::Io {
         what: format!("binding a free port on {ip:?}"),
         source,
@@ -946,6 +947,13 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// The value of the Prometheus sample `series` (name and labels exactly as printed) in
+/// `text`, e.g. `cluster_balance_rounds_total{node="1"}`.
+pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// A plain HTTP/1.1 `GET path` to `addr` (the agents' metrics endpoint); returns the
