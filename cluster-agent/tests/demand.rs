@@ -142,7 +142,10 @@ async fn busy_guests_crowded_on_one_node_are_measured_and_spread_once() {
         );
         assert!(v.is_some_and(|v| v > 0.0), "{n}: {v:?}\n{body}");
     }
-    assert!(cluster_tests::metric_sample(&body, "cluster_node_cpu_demand_millicores{node=\"1\"}").is_some());
+    assert!(
+        cluster_tests::metric_sample(&body, "cluster_node_cpu_demand_millicores{node=\"1\"}")
+            .is_some()
+    );
 
     // Memory alone (what the balancer saw before) is a few percent on every node; by
     // demand node 1 is saturated. With a cost no gain can beat, the dry run moves nothing

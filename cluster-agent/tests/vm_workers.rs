@@ -673,3 +673,41 @@ async fn a_worker_vm_hot_plugs_its_disk_and_quick_migrates_with_it() {
         .await;
     cl.wait_heartbeat(1, "vm-d", |h| h.disk == "nodisk").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_stalls_nothing_and_stops_its_vm_once_thawed_past_its_lease() {
+    let _serial = cluster_tests::serial().await;
+    let cl = cluster_with_workers(Options::default()).await;
+    cl.create_running(1, spec("vm-s", 3)).await;
+    cl.create_running(1, spec("vm-t", 3)).await;
+    let (_, t_seq) = cl.heartbeat_after(1, "vm-t", 0).await;
+    let s = WorkerVm::attach(&worker_dir(&cl, 3, "vm-s")).unwrap_or_else(|e| panic!("{e:?}"));
+    let signal = |sig: &str| {
+        let st = std::process::Command::new("kill")
+            .args([sig, &s.pid().to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("kill: {e}"));
+        assert!(st.success());
+    };
+    signal("-STOP");
+    // While it is stopped (30 heartbeats of the other VM: longer than the worker's lease),
+    // node 3's agent goes on: the other VM runs, a new VM starts there.
+    let (node, _) = cl.heartbeat_after(1, "vm-t", t_seq + 30).await;
+    assert_eq!(node, 3);
+    cl.create_running(1, spec("vm-u", 3)).await;
+    cl.heartbeat_after(1, "vm-u", 0).await;
+    // Thawed past its lease, the worker cannot know its agent still holds it: it stops
+    // its VM (a renewal read late grants nothing beyond the time it was sent for).
+    signal("-CONT");
+    let failed = cl
+        .wait_vm(1, "vm-s", "failed after its worker stopped it", |v| {
+            v.runtime == "failed"
+        })
+        .await;
+    assert!(failed.reason.contains("worker process"), "{failed:?}");
+    let log =
+        std::fs::read_to_string(worker_dir(&cl, 3, "vm-s").join("worker.log")).unwrap_or_default();
+    assert!(log.contains("lease ran out"), "worker log:\n{log}");
+    let (node, _) = cl.heartbeat_after(1, "vm-t", 0).await;
+    assert_eq!(node, 3);
+}

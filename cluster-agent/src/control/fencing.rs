@@ -21,6 +21,9 @@ pub async fn run_fence(
     let mut seen_lapses = 0;
     let mut held_once = false;
     let mut renewed = tokio::time::Instant::now();
+    // One renewal round at a time, never awaited here: a worker that does not answer
+    // must not delay this loop's lease checks.
+    let renewing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(FENCE_POLL) => {}
@@ -39,10 +42,15 @@ pub async fn run_fence(
             }
             held_once = true;
             if let Some(until) = lease.until {
-                if renewed.elapsed() >= crate::vmhost::worker::RENEW_EVERY {
+                if renewed.elapsed() >= crate::vmhost::worker::RENEW_EVERY
+                    && !renewing.swap(true, std::sync::atomic::Ordering::AcqRel)
+                {
                     renewed = tokio::time::Instant::now();
-                    let h = host.clone();
-                    let _ = tokio::task::spawn_blocking(move || h.renew_workers(until)).await;
+                    let (h, busy) = (host.clone(), renewing.clone());
+                    drop(tokio::task::spawn_blocking(move || {
+                        h.renew_workers(until);
+                        busy.store(false, std::sync::atomic::Ordering::Release);
+                    }));
                 }
             }
             continue;

@@ -344,6 +344,7 @@ impl VmHost {
                 continue;
             }
             let w = Arc::new(w);
+            w.start_polling();
             self.follow_worker_console(&w);
             tracing::info!(vm = %name, pid = w.pid(), "vm worker adopted");
             lock(&self.workers).insert(name.clone(), w);
@@ -380,11 +381,9 @@ impl VmHost {
         let deadline = (lease_until + grace).max(lock(&self.worker_floor).unwrap_or(lease_until));
         *lock(&self.worker_deadline) = Some(deadline);
         let workers: Vec<Arc<worker::WorkerVm>> = lock(&self.workers).values().cloned().collect();
-        let valid = deadline.saturating_duration_since(Instant::now());
+        let until = worker::until_ns(deadline.saturating_duration_since(Instant::now()));
         for w in workers {
-            if let Err(e) = w.renew(valid) {
-                tracing::warn!(vm = %w.name(), error = %crate::error_chain(&e), "cannot renew the worker's lease");
-            }
+            w.grant(until);
         }
     }
 
@@ -393,17 +392,29 @@ impl VmHost {
     pub fn extend_workers(&self, deadline: Instant) -> Vec<String> {
         *lock(&self.worker_floor) = Some(deadline);
         let workers: Vec<Arc<worker::WorkerVm>> = lock(&self.workers).values().cloned().collect();
-        let valid = deadline.saturating_duration_since(Instant::now());
-        let mut out = Vec::new();
-        for w in workers {
-            match w.renew(valid) {
-                Ok(()) => out.push(w.name().to_owned()),
-                Err(e) => {
-                    tracing::warn!(vm = %w.name(), error = %crate::error_chain(&e), "cannot extend the worker's lease")
-                }
-            }
-        }
-        out
+        let until = worker::until_ns(deadline.saturating_duration_since(Instant::now()));
+        // Delivered here and now, every worker at once (the agent is about to exit and
+        // its pollers with it).
+        std::thread::scope(|s| {
+            let handles: Vec<_> = workers
+                .iter()
+                .map(|w| {
+                    w.grant(until);
+                    s.spawn(move || w.renew(until).map(|()| w.name().to_owned()))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| match h.join() {
+                    Ok(Ok(name)) => Some(name),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %crate::error_chain(&e), "cannot extend a worker's lease");
+                        None
+                    }
+                    Err(_) => None,
+                })
+                .collect()
+        })
     }
 
     /// True if any VM runs in a worker process.
@@ -481,14 +492,14 @@ impl VmHost {
                 ),
                 _ => None,
             },
-            lease_valid_ms: u64::try_from(deadline.saturating_duration_since(now).as_millis())
-                .unwrap_or(u64::MAX),
+            lease_until_ns: worker::until_ns(deadline.saturating_duration_since(now)),
             volumes: settings.volumes.clone(),
             networks: settings.networks.clone(),
             image_dirs: settings.image_dirs.clone(),
             restore_from,
         };
         let w = Arc::new(worker::WorkerVm::spawn(settings, &start).map_err(werr)?);
+        w.start_polling();
         self.follow_worker_console(&w);
         lock(&self.workers).insert(name.clone(), w.clone());
         drop(reservation);
@@ -496,26 +507,21 @@ impl VmHost {
         Ok((self.worker_info(&w), w.restored().unwrap_or_default()))
     }
 
+    /// `w`'s VM as its poller last saw it (never waits on the worker).
     fn worker_info(&self, w: &worker::WorkerVm) -> VmInfo {
-        match w.info() {
+        match w.cached_info() {
             Ok(i) => VmInfo {
                 name: i.name,
                 status: i.status,
                 spec: i.spec,
                 disks: i.disks,
             },
-            Err(e) => {
+            Err(message) => {
                 let last = w.last_info();
                 VmInfo {
                     name: last.name,
                     status: VmStatus::Stopped {
-                        reason: vmm_node::StopReason::ProcessGone {
-                            message: format!(
-                                "its worker process (pid {}) does not answer: {}",
-                                w.pid(),
-                                crate::error_chain(&e)
-                            ),
-                        },
+                        reason: vmm_node::StopReason::ProcessGone { message },
                     },
                     spec: last.spec,
                     disks: Vec::new(),

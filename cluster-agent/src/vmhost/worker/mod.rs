@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! agent: VmHost ── start ──▶ spawn worker ── stdout: Started ──▶ WorkerVm (control socket)
-//!        fence loop ── Lease{valid_ms} every RENEW_EVERY while the node holds its lease
+//!        fence loop ── grant(until) every RENEW_EVERY while the node holds its lease
+//!        one poller thread per worker ── Lease{until_ns}, Info (cached for VmHost::list)
 //!        restart ──▶ adopt(): every <worker_dir>/<vm>/sock that answers Hello
 //! worker: VM + watchdog (lease deadline passed: stop the VM, exit) + control socket
 //! ```
@@ -46,8 +47,13 @@ pub const WORKER_GRACE_PART: u32 = 4;
 /// How long a worker may take to start its VM and report.
 pub const START_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Deadline for one control request (a stop flushes every disk first).
+/// Deadline for a request that does real work (a stop flushes every disk first, a
+/// quick save writes guest memory, a hot-plug opens or flushes a disk).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Deadline for a request a healthy worker answers at once (info, lease, usage): a
+/// frozen worker must not hold the agent's reconciler or fence loop for long.
+pub const QUICK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Deadline for a fence request: a worker that does not answer in time stops its VM at
 /// its lease deadline anyway.
@@ -97,6 +103,14 @@ pub enum WorkerError {
     NoLease,
 }
 
+impl WorkerError {
+    /// The worker did not answer in time (busy or frozen, not known to be gone).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, WorkerError::Frame(protocol::FrameError::Io(e))
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+    }
+}
+
 struct Conn {
     r: BufReader<UnixStream>,
     w: UnixStream,
@@ -112,6 +126,19 @@ pub struct WorkerVm {
     last: Mutex<WorkerInfo>,
     /// Set when the worker restored its VM from a quick-migration image.
     restored: Option<crate::vmhost::QuickRestoreStats>,
+    /// Why the worker cannot be reached any more (its process is gone), once seen.
+    gone: Mutex<Option<String>>,
+    /// The latest lease end granted (`CLOCK_MONOTONIC` ns); the poller delivers it.
+    granted_ns: std::sync::atomic::AtomicU64,
+}
+
+/// How often a worker's state is refreshed for [`WorkerVm::cached_info`].
+pub const POLL_EVERY: Duration = Duration::from_millis(100);
+
+/// `valid` from now as an absolute time on the host's monotonic clock.
+pub fn until_ns(valid: Duration) -> u64 {
+    vmm_node::kvm::monotonic_ns()
+        .saturating_add(u64::try_from(valid.as_nanos()).unwrap_or(u64::MAX))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -248,7 +275,64 @@ impl WorkerVm {
             conn: Mutex::new(Some(c)),
             last: Mutex::new(info),
             restored: None,
+            gone: Mutex::new(None),
+            granted_ns: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Lets the VM run until `until_ns` (never less than granted before). Returns at
+    /// once: this worker's poller delivers it, so a worker that does not answer delays
+    /// no other.
+    pub fn grant(&self, until_ns: u64) {
+        self.granted_ns
+            .fetch_max(until_ns, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Keeps [`WorkerVm::cached_info`] fresh on a thread of its own (until the handle is
+    /// dropped or the worker is gone), so the agent's own loops never wait on a worker.
+    pub fn start_polling(self: &std::sync::Arc<Self>) {
+        let weak = std::sync::Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name(format!("poll-{}", self.name))
+            .spawn(move || {
+                let mut sent = 0;
+                loop {
+                std::thread::sleep(POLL_EVERY);
+                let Some(w) = weak.upgrade() else { return };
+                let granted = w.granted_ns.load(std::sync::atomic::Ordering::Acquire);
+                if granted > sent {
+                    match w.renew(granted) {
+                        Ok(()) => sent = granted,
+                        Err(e) => tracing::warn!(vm = %w.name, error = %crate::error_chain(&e), "cannot renew the worker's lease"),
+                    }
+                }
+                match w.info() {
+                    Ok(_) => {}
+                    // Busy or stopped for a moment: not known to be gone.
+                    Err(e) if e.is_timeout() => {}
+                    Err(e) => {
+                        *lock(&w.gone) = Some(format!(
+                            "its worker process (pid {}) does not answer: {}",
+                            w.pid,
+                            crate::error_chain(&e)
+                        ));
+                        return;
+                    }
+                }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(vm = %self.name, error = %e, "cannot start the worker's poller");
+        }
+    }
+
+    /// The VM as last seen (refreshed every [`POLL_EVERY`]), or why its worker is gone.
+    /// Never waits on the worker.
+    pub fn cached_info(&self) -> Result<WorkerInfo, String> {
+        match lock(&self.gone).clone() {
+            Some(why) => Err(why),
+            None => Ok(lock(&self.last).clone()),
+        }
     }
 
     /// The restore's figures, when the worker restored its VM from a quick-migration image.
@@ -311,15 +395,27 @@ impl WorkerVm {
         self.pid
     }
 
-    /// One request on the shared connection (reconnecting once if it broke).
+    /// One request on the shared connection (reconnecting if it broke), answered within
+    /// its deadline ([`QUICK_TIMEOUT`] or [`REQUEST_TIMEOUT`]). A request that timed out
+    /// drops the connection: a late answer must not be read as the next one's.
     fn request(&self, req: &Request) -> Result<Response, WorkerError> {
+        let timeout = match req {
+            Request::Info | Request::Lease { .. } | Request::Usage | Request::Hello { .. } => {
+                QUICK_TIMEOUT
+            }
+            _ => REQUEST_TIMEOUT,
+        };
         let mut g = lock(&self.conn);
         if g.is_none() {
-            *g = Some(connect(&self.dir)?.0);
+            *g = Some(connect_with(&self.dir, QUICK_TIMEOUT)?.0);
         }
         let Some(c) = g.as_mut() else {
             return Err(WorkerError::Unexpected("no control connection".into()));
         };
+        if let Err(e) = c.r.get_ref().set_read_timeout(Some(timeout)) {
+            *g = None;
+            return Err(WorkerError::Connect(self.dir.clone(), e));
+        }
         let r = call(c, req);
         if matches!(r, Err(WorkerError::Frame(_))) {
             *g = None;
@@ -343,10 +439,9 @@ impl WorkerVm {
         lock(&self.last).clone()
     }
 
-    /// Lets the VM run for `valid` more.
-    pub fn renew(&self, valid: Duration) -> Result<(), WorkerError> {
-        let valid_ms = u64::try_from(valid.as_millis()).unwrap_or(u64::MAX);
-        match self.request(&Request::Lease { valid_ms })? {
+    /// Lets the VM run until `until_ns` (see [`until_ns`]).
+    pub fn renew(&self, until_ns: u64) -> Result<(), WorkerError> {
+        match self.request(&Request::Lease { until_ns })? {
             Response::Done => Ok(()),
             other => Err(unexpected(other)),
         }
@@ -388,14 +483,15 @@ impl WorkerVm {
         &self,
         map: fn(String, u64) -> T,
     ) -> Result<(String, Receiver<T>), WorkerError> {
-        let (mut c, _, _) = connect(&self.dir)?;
-        c.r.get_ref()
-            .set_read_timeout(None)
-            .map_err(|e| WorkerError::Connect(self.dir.clone(), e))?;
+        let (mut c, _, _) = connect_with(&self.dir, QUICK_TIMEOUT)?;
         let recent = match call(&mut c, &Request::Console)? {
             Response::Console { recent } => recent,
             other => return Err(unexpected(other)),
         };
+        // Lines come when the guest prints them: no deadline from here on.
+        c.r.get_ref()
+            .set_read_timeout(None)
+            .map_err(|e| WorkerError::Connect(self.dir.clone(), e))?;
         let (tx, rx) = sync_channel(CONSOLE_LINES_MAX);
         let _ = std::thread::Builder::new()
             .name(format!("console-{}", self.name))

@@ -76,6 +76,12 @@ struct Worker {
     sock: PathBuf,
 }
 
+/// The `Instant` of `until_ns` on the host's monotonic clock (now, if it has passed).
+fn instant_of(until_ns: u64) -> Instant {
+    let left = until_ns.saturating_sub(vmm_node::kvm::monotonic_ns());
+    Instant::now() + Duration::from_nanos(left)
+}
+
 fn lock(m: &Mutex<LeaseState>) -> MutexGuard<'_, LeaseState> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -124,8 +130,7 @@ fn serve(dir: &Path) -> Result<i32, WorkerError> {
     }
     let dir_file = File::open(dir).map_err(|e| WorkerError::Dir(dir.to_owned(), e))?;
     let start = read_start(dir)?;
-    // The lease counts from the moment the start file is read, not from when the VM runs.
-    let deadline = Instant::now() + Duration::from_millis(start.lease_valid_ms);
+    let deadline = instant_of(start.lease_until_ns);
     let registry =
         csv_volume::VolumeRegistry::from_config(&start.volumes).map_err(WorkerError::Volumes)?;
     let host = VmHost::with_networks(start.node, registry, start.networks.clone());
@@ -323,7 +328,7 @@ fn answer(w: &Worker, req: Request, out: &mut UnixStream) -> bool {
             Ok(info) => Response::Info { info },
             Err(message) => Response::Error { message },
         },
-        Request::Lease { valid_ms } => {
+        Request::Lease { until_ns } => {
             let mut g = lock(&w.lease);
             if g.done {
                 Response::Error {
@@ -334,7 +339,9 @@ fn answer(w: &Worker, req: Request, out: &mut UnixStream) -> bool {
                     },
                 }
             } else {
-                g.deadline = Instant::now() + Duration::from_millis(valid_ms);
+                // Never earlier than a deadline already granted: renewals may arrive out
+                // of order (a late one must not undo an announced restart's extension).
+                g.deadline = g.deadline.max(instant_of(until_ns));
                 w.renewed.notify_all();
                 Response::Done
             }

@@ -11,7 +11,7 @@
 //!   ◀── stdout: one line, Started{info} or Failed{message}; then only the socket ──
 //!   ── Hello{version} ─────────────────────▶  (first request of every connection)
 //!   ◀── Hello{version, pid, info} ─────────   (a version other than ours: Error)
-//!   ── Lease{valid_ms} ───────────────────▶  deadline = now + valid_ms (monotonic)
+//!   ── Lease{until_ns} ───────────────────▶  deadline = max(deadline, until_ns)
 //!   ◀── Done ─────────────────────────────
 //!   ── Info ───────────────────────────────▶ ◀── Info{info}
 //!   ── Stop ───────────────────────────────▶ (vCPUs stopped, disks flushed and closed)
@@ -59,8 +59,9 @@ pub struct StartFile {
     /// Failover restart: wait this long for the old owner's lease before installing the
     /// new fencing token.
     pub takeover_wait_ms: Option<u64>,
-    /// The first lease: how long the VM may run before the agent renews it.
-    pub lease_valid_ms: u64,
+    /// The first lease: the VM may run until then (`CLOCK_MONOTONIC` ns,
+    /// `vmm_node::kvm::monotonic_ns`) unless the agent renews it.
+    pub lease_until_ns: u64,
     pub volumes: Vec<VolumeConfig>,
     /// VM networks of the node (name → bridge).
     pub networks: std::collections::BTreeMap<String, String>,
@@ -94,7 +95,10 @@ pub enum Request {
     },
     Info,
     Lease {
-        valid_ms: u64,
+        /// `CLOCK_MONOTONIC` ns: an absolute time on the host's one monotonic clock, so a
+        /// renewal read late (a worker that was stopped) grants nothing more than when
+        /// it was sent.
+        until_ns: u64,
     },
     Stop,
     Fence,
@@ -222,12 +226,12 @@ mod tests {
     #[test]
     fn frames_round_trip_and_bad_lines_are_errors_not_panics() {
         let mut buf = Vec::new();
-        write_frame(&mut buf, &Request::Lease { valid_ms: 900 }).unwrap();
+        write_frame(&mut buf, &Request::Lease { until_ns: 900 }).unwrap();
         write_frame(&mut buf, &Request::Stop).unwrap();
         let mut r = std::io::Cursor::new(buf);
         assert_eq!(
             read_frame::<Request>(&mut r).unwrap(),
-            Request::Lease { valid_ms: 900 }
+            Request::Lease { until_ns: 900 }
         );
         assert_eq!(read_frame::<Request>(&mut r).unwrap(), Request::Stop);
         assert!(matches!(
