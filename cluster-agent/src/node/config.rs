@@ -131,8 +131,8 @@ pub struct RawConfig {
     /// left (default 33, 5 to 80).
     pub cert_renew_percent_left: Option<u64>,
     /// Run each VM in a worker process of its own (default false), so VMs keep running
-    /// while the agent restarts. Live and quick migration and disk hot-plug of such VMs
-    /// are not built yet.
+    /// while the agent restarts. Live migration of such VMs is not built yet (quick
+    /// migration and disk hot-plug work).
     pub vm_workers: Option<bool>,
     /// Where the workers' directories (control socket, start file, log) live; default
     /// `<data_dir>/vms`.
