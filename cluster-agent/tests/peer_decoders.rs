@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use cluster_agent::api::peer::client::{decode, PeerError, PEER_MESSAGE_LEN_MAX};
-use cluster_agent::node::liveness::{Heartbeat, Liveness, PeerSilence, Timing};
+use cluster_agent::node::liveness::{Liveness, Timing};
 use cluster_agent::node::ForwardRequest;
 use cluster_agent::raft::store::{decode_snapshot, SnapshotPayload, SNAPSHOT_LEN_MAX};
 use cluster_agent::raft::{PeerNode, TypeConfig};
@@ -243,24 +243,7 @@ fn decode_all(bytes: &[u8]) {
 fn heartbeat(bytes: &[u8], liveness: &mut Liveness) {
     if let Ok(hb) = HeartbeatRequest::decode(bytes) {
         liveness.heard(
-            &Heartbeat {
-                node_id: hb.node_id,
-                incarnation: hb.incarnation,
-                silences: hb
-                    .silences
-                    .iter()
-                    .map(|s| PeerSilence {
-                        node_id: s.node_id,
-                        silent_ms: s.silent_ms,
-                    })
-                    .collect(),
-                // The demand report goes through the agent's own converter, as the peer
-                // service does (a bad one is dropped, the heartbeat still counts).
-                demand: hb
-                    .demand
-                    .as_ref()
-                    .and_then(|d| cluster_agent::api::convert::demand::demand_from_pb(d).ok()),
-            },
+            &cluster_agent::api::peer::server::heartbeat_from_pb(&hb),
             Instant::now(),
         );
     }

@@ -145,26 +145,7 @@ impl RaftPeer for PeerService {
                 hb.silences.len()
             )));
         }
-        let accepted = self.agent.heartbeat_received(&Heartbeat {
-            node_id: hb.node_id,
-            incarnation: hb.incarnation,
-            silences: hb
-                .silences
-                .iter()
-                .map(|s| PeerSilence {
-                    node_id: s.node_id,
-                    silent_ms: s.silent_ms,
-                })
-                .collect(),
-            // A bad report is dropped, never the heartbeat: liveness does not depend on it.
-            demand: hb.demand.as_ref().and_then(|d| {
-                crate::api::convert::demand::demand_from_pb(d)
-                    .map_err(
-                        |e| tracing::debug!(node = hb.node_id, error = %e, "demand report ignored"),
-                    )
-                    .ok()
-            }),
-        });
+        let accepted = self.agent.heartbeat_received(&heartbeat_from_pb(hb));
         let m = self.agent.metrics();
         Ok(Response::new(HeartbeatReply {
             leader_id: m.current_leader.unwrap_or(0),
@@ -214,5 +195,29 @@ impl RaftPeer for PeerService {
             }
         };
         Ok(Response::new(reply))
+    }
+}
+
+/// A heartbeat as the liveness model takes it (the caller checked its size and sender).
+pub fn heartbeat_from_pb(hb: &cluster_proto::raft::HeartbeatRequest) -> Heartbeat {
+    Heartbeat {
+        node_id: hb.node_id,
+        incarnation: hb.incarnation,
+        silences: hb
+            .silences
+            .iter()
+            .map(|s| PeerSilence {
+                node_id: s.node_id,
+                silent_ms: s.silent_ms,
+            })
+            .collect(),
+        // A bad report is dropped, never the heartbeat: liveness does not depend on it.
+        demand: hb.demand.as_ref().and_then(|d| {
+            crate::api::convert::demand::demand_from_pb(d)
+                .map_err(
+                    |e| tracing::debug!(node = hb.node_id, error = %e, "demand report ignored"),
+                )
+                .ok()
+        }),
     }
 }
