@@ -33,7 +33,18 @@ async fn cluster_with_workers(opts: Options) -> Cluster {
 
 async fn cluster_with_config(opts: Options, toml: &str) -> Cluster {
     require_kvm();
-    let mut cl = Cluster::agents(opts);
+    form_three(Cluster::agents(opts), toml).await
+}
+
+/// Three nodes with workers and one shared volume (for quick migration and disks).
+async fn cluster_with_workers_and_volume() -> Cluster {
+    require_kvm();
+    let cl = Cluster::agents(Options::default());
+    let (_csv, volume) = cl.shared_volume();
+    form_three(cl, &format!("{WORKERS}{volume}")).await
+}
+
+async fn form_three(mut cl: Cluster, toml: &str) -> Cluster {
     for id in 1..=3 {
         let added = cl.add_node_with(id, toml);
         cl.check(added);
@@ -41,6 +52,24 @@ async fn cluster_with_config(opts: Options, toml: &str) -> Cluster {
     let formed = cl.form(3).await;
     cl.check(formed);
     cl
+}
+
+/// Quick-migrates `vm` to node `to` and waits until it runs there.
+async fn quick_migrate(cl: &Cluster, vm: &str, to: u64) {
+    cl.vms(1)
+        .await
+        .migrate_vm(pb::MigrateVmRequest {
+            name: vm.into(),
+            to_node_id: to,
+            quick: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
+    cl.wait_vm(1, vm, &format!("running on node {to}"), |v| {
+        v.owner_id == to && v.runtime == "running" && v.migrating_to == 0
+    })
+    .await;
 }
 
 /// The worker's own console stream (no agent in between): its lines as they arrive,
@@ -513,32 +542,11 @@ async fn an_announced_restart_that_never_ends_fails_the_vm_over_after_the_window
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quick_migration_moves_a_worker_vm_into_a_worker_on_the_target() {
     let _serial = cluster_tests::serial().await;
-    require_kvm();
-    let mut cl = Cluster::agents(Options::default());
-    let (_csv, volume) = cl.shared_volume();
-    for id in 1..=3 {
-        let added = cl.add_node_with(id, &format!("{WORKERS}{volume}"));
-        cl.check(added);
-    }
-    let formed = cl.form(3).await;
-    cl.check(formed);
+    let cl = cluster_with_workers_and_volume().await;
     cl.create_running(1, spec("vm-q", 2)).await;
     let (_, seq) = cl.heartbeat_after(1, "vm-q", 0).await;
     let old = WorkerVm::attach(&worker_dir(&cl, 2, "vm-q")).unwrap_or_else(|e| panic!("{e:?}"));
-    cl.vms(1)
-        .await
-        .migrate_vm(pb::MigrateVmRequest {
-            name: "vm-q".into(),
-            to_node_id: 3,
-            quick: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
-    cl.wait_vm(1, "vm-q", "running on node 3", |v| {
-        v.owner_id == 3 && v.runtime == "running" && v.migrating_to == 0
-    })
-    .await;
+    quick_migrate(&cl, "vm-q", 3).await;
     // The same guest (its memory came along: the heartbeat count goes on), in a worker on
     // node 3; the worker on node 2 is gone.
     let (node, _) = cl.heartbeat_after(1, "vm-q", seq).await;
@@ -589,15 +597,7 @@ fn disk_passes(h: &vmm_node::guest_protocol::Heartbeat) -> u64 {
 async fn a_worker_vm_hot_plugs_its_disk_and_quick_migrates_with_it() {
     use cluster_proto::volumes as vpb;
     let _serial = cluster_tests::serial().await;
-    require_kvm();
-    let mut cl = Cluster::agents(Options::default());
-    let (_csv, volume) = cl.shared_volume();
-    for id in 1..=3 {
-        let added = cl.add_node_with(id, &format!("{WORKERS}{volume}"));
-        cl.check(added);
-    }
-    let formed = cl.form(3).await;
-    cl.check(formed);
+    let cl = cluster_with_workers_and_volume().await;
     cl.vols(1)
         .await
         .create_disk(vpb::CreateDiskRequest {
@@ -636,20 +636,7 @@ async fn a_worker_vm_hot_plugs_its_disk_and_quick_migrates_with_it() {
     })
     .await;
     // Quick migration moves it with its disk into a worker on node 3.
-    cl.vms(1)
-        .await
-        .migrate_vm(pb::MigrateVmRequest {
-            name: "vm-d".into(),
-            to_node_id: 3,
-            quick: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
-    cl.wait_vm(1, "vm-d", "running on node 3", |v| {
-        v.owner_id == 3 && v.runtime == "running" && v.migrating_to == 0
-    })
-    .await;
+    quick_migrate(&cl, "vm-d", 3).await;
     let passes = disk_passes(&hb);
     let (node, _) = cl
         .wait_heartbeat(1, "vm-d", |h| {
