@@ -128,17 +128,8 @@ impl MigrationTls {
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<Self, TlsSetupError> {
-        let provider = crypto_provider();
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .map_err(TlsSetupError::Verifier)?;
-        let mut server = ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|source| TlsSetupError::Config {
-                side: "server",
-                source,
-            })?
-            .with_client_cert_verifier(verifier)
+        let (server, client) = builders(roots)?;
+        let mut server = server
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(|source| TlsSetupError::Config {
                 side: "server",
@@ -146,26 +137,19 @@ impl MigrationTls {
             })?;
         // Every connection is a fresh full handshake: no resumption tickets to send.
         server.send_tls13_tickets = 0;
-        let client = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|source| TlsSetupError::Config {
-                side: "client",
-                source,
-            })?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|source| TlsSetupError::Config {
-                side: "client",
-                source,
-            })?;
+        let client =
+            client
+                .with_client_auth_cert(chain, key)
+                .map_err(|source| TlsSetupError::Config {
+                    side: "client",
+                    source,
+                })?;
         Ok(MigrationTls {
             client: Arc::new(client),
             server: Arc::new(server),
         })
     }
-}
 
-impl MigrationTls {
     /// Builds both configurations with certificates chosen at each handshake (a node
     /// whose certificate is replaced while it runs: the next migration connection, in
     /// either direction, presents the new one).
@@ -174,32 +158,45 @@ impl MigrationTls {
         server_cert: Arc<dyn rustls::server::ResolvesServerCert>,
         client_cert: Arc<dyn rustls::client::ResolvesClientCert>,
     ) -> Result<Self, TlsSetupError> {
-        let provider = crypto_provider();
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .map_err(TlsSetupError::Verifier)?;
-        let mut server = ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|source| TlsSetupError::Config {
-                side: "server",
-                source,
-            })?
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(server_cert);
+        let (server, client) = builders(roots)?;
+        let mut server = server.with_cert_resolver(server_cert);
         server.send_tls13_tickets = 0;
-        let client = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|source| TlsSetupError::Config {
-                side: "client",
-                source,
-            })?
-            .with_root_certificates(roots)
-            .with_client_cert_resolver(client_cert);
+        let client = client.with_client_cert_resolver(client_cert);
         Ok(MigrationTls {
             client: Arc::new(client),
             server: Arc::new(server),
         })
     }
+}
+
+/// The server and client configuration builders, each waiting for its own certificate.
+type Builders = (
+    rustls::ConfigBuilder<ServerConfig, rustls::server::WantsServerCert>,
+    rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>,
+);
+
+/// The server and client configurations up to their own certificate: TLS 1.3 only, this
+/// module's cipher suites, peers verified against `roots` in both directions.
+fn builders(roots: Arc<RootCertStore>) -> Result<Builders, TlsSetupError> {
+    let provider = crypto_provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .map_err(TlsSetupError::Verifier)?;
+    let server = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsSetupError::Config {
+            side: "server",
+            source,
+        })?
+        .with_client_cert_verifier(verifier);
+    let client = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsSetupError::Config {
+            side: "client",
+            source,
+        })?
+        .with_root_certificates(roots);
+    Ok((server, client))
 }
 
 /// How migration connections are carried. There is no default: plaintext must be chosen.
