@@ -179,6 +179,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 .map(|n| (n.name.clone(), n.bridge.clone()))
                 .collect(),
             image_dirs: c.image_dirs.clone(),
+            migration_tls: (!c.migration_insecure_plaintext)
+                .then(|| agent.shared_credentials().clone()),
         });
         let h = vm_host.clone();
         let adopted = tokio::task::spawn_blocking(move || h.adopt_workers())

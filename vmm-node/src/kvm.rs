@@ -271,6 +271,23 @@ pub fn host_cpuid(leaf: u32, subleaf: u32) -> (u32, u32, u32, u32) {
     (r.eax, r.ebx, r.ecx, r.edx)
 }
 
+/// A new anonymous memory file (`memfd_create`, close-on-exec) named `name` for
+/// debugging (`/proc/<pid>/fd` shows it): guest memory two processes can map.
+pub fn memfd(name: &str) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    let name = std::ffi::CString::new(name).map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in a memfd name")
+    })?;
+    // SAFETY: memfd_create reads the NUL-terminated name, which outlives the call, and
+    // returns a new descriptor or -1; it touches no other memory of this process.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
 /// Sets the calling thread's nice value to `nice` (-20..=19; higher yields the CPU to
 /// others). Threads it creates afterwards inherit it, so a process that calls this first
 /// runs every later vCPU thread at that priority.

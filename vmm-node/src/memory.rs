@@ -119,6 +119,52 @@ pub fn map_file(path: &Path, memory_bytes: u64) -> Result<GuestMem, MemoryError>
         source,
     };
     let file = File::open(path).map_err(err)?;
+    map_fd(&file, path, memory_bytes, libc::MAP_PRIVATE)
+}
+
+/// New guest memory of `memory_bytes` in an anonymous memory file (memfd), mapped
+/// shared: another process that maps the same file (see [`map_shared`]) sees the same
+/// pages. Returns the memory and the file. Live migration into a separate VM process
+/// uses it: the receiving process writes pages, the VM's process runs on them.
+pub fn allocate_shared(memory_bytes: u64) -> Result<(GuestMem, File), MemoryError> {
+    let path = Path::new("memfd:guest-memory");
+    let err = |source| MemoryError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = crate::kvm::memfd("guest-memory").map_err(err)?;
+    file.set_len(memory_bytes).map_err(err)?;
+    let mem = map_fd(&file, path, memory_bytes, libc::MAP_SHARED)?;
+    Ok((mem, file))
+}
+
+/// Maps the shared guest memory file at `path` (e.g. `/proc/<pid>/fd/<n>` of a memfd
+/// made by [`allocate_shared`]) read-write and shared; it must be `memory_bytes` long.
+pub fn map_shared(path: &Path, memory_bytes: u64) -> Result<GuestMem, MemoryError> {
+    let err = |source| MemoryError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(err)?;
+    map_fd(&file, path, memory_bytes, libc::MAP_SHARED)
+}
+
+/// Maps `file` (named `path` in errors) as guest memory of `memory_bytes`, regions back
+/// to back in the file, with mmap `flags` (`MAP_PRIVATE` or `MAP_SHARED`).
+fn map_fd(
+    file: &File,
+    path: &Path,
+    memory_bytes: u64,
+    flags: libc::c_int,
+) -> Result<GuestMem, MemoryError> {
+    let err = |source| MemoryError::File {
+        path: path.display().to_string(),
+        source,
+    };
     let actual_bytes = file.metadata().map_err(err)?.len();
     if actual_bytes != memory_bytes {
         return Err(MemoryError::FileSize {
@@ -139,7 +185,7 @@ pub fn map_file(path: &Path, memory_bytes: u64) -> Result<GuestMem, MemoryError>
             )
             .with_file_offset(FileOffset::new(fd, offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE);
+            .with_mmap_flags(flags | libc::MAP_NORESERVE);
             offset += size;
             region_from_builder(builder, addr)
         })
@@ -234,6 +280,29 @@ mod tests {
         assert!(validate_size(8, 1024).is_err());
         assert!(validate_size(2048, 1024).is_err());
         validate_size(16, 1024).unwrap();
+    }
+
+    #[test]
+    fn shared_memory_is_seen_through_a_second_mapping_and_sizes_are_checked() {
+        use std::os::fd::AsRawFd;
+        let (mem, file) = allocate_shared(16 << 20).unwrap();
+        let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let other = map_shared(&path, 16 << 20).unwrap();
+        mem.write_obj(0xfeed_u64, GuestAddress(0x5000)).unwrap();
+        assert_eq!(other.read_obj::<u64>(GuestAddress(0x5000)).unwrap(), 0xfeed);
+        other
+            .write_obj(0x77_u8, GuestAddress((16 << 20) - 1))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress((16 << 20) - 1)).unwrap(),
+            0x77
+        );
+        match map_shared(&path, 32 << 20) {
+            Err(MemoryError::FileSize { expected_bytes, .. }) => {
+                assert_eq!(expected_bytes, 32 << 20)
+            }
+            other => panic!("a 16 MiB file mapped as 32 MiB: {:?}", other.map(|_| ())),
+        }
     }
 
     #[test]

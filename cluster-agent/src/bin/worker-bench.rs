@@ -55,6 +55,7 @@ fn host(dir: Option<&PathBuf>) -> Arc<VmHost> {
             volumes: Vec::new(),
             networks: Default::default(),
             image_dirs: Vec::new(),
+            migration_tls: None,
         });
         h.renew_workers(Instant::now() + Duration::from_secs(3600));
     }

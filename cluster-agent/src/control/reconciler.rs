@@ -497,6 +497,9 @@ fn commit_uncertain(e: &crate::vmhost::VmHostError) -> bool {
         crate::vmhost::VmHostError::Migration {
             source: vmm_node::migration::MigrationError::CommitUncertain(_),
             ..
+        } | crate::vmhost::VmHostError::WorkerMigration {
+            commit_uncertain: true,
+            ..
         }
     )
 }

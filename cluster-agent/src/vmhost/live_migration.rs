@@ -152,6 +152,11 @@ pub struct MigrationHandle {
 }
 
 impl MigrationHandle {
+    /// A token that cancels this migration from elsewhere (see [`MigrationHandle::cancel`]).
+    pub fn canceller(&self) -> CancelToken {
+        self.cancel.clone()
+    }
+
     /// Asks the migration to stop; before switchover the VM keeps running on the source.
     pub fn cancel(&self) {
         self.cancel.cancel();
@@ -328,6 +333,9 @@ impl VmHost {
         opts: LiveOptions,
         locks: Arc<dyn DiskLocks>,
     ) -> Result<MigrationHandle, VmHostError> {
+        if let Some(w) = self.worker(name) {
+            return self.migrate_out_worker(w, target_node, target_addr, opts, locks);
+        }
         let vm = self.get(name)?;
         let claim = vm.claim()?;
         self.require_running(&vm)?;
@@ -379,6 +387,93 @@ impl VmHost {
                     thread_cancel,
                     tx,
                 )
+            })
+            .map_err(VmHostError::Thread)?;
+        Ok(MigrationHandle {
+            progress,
+            cancel,
+            thread,
+        })
+    }
+}
+
+impl VmHost {
+    /// [`VmHost::migrate_out`] of a VM in a worker process: the worker runs the engine
+    /// (its VM's memory, dirty log and devices are there), this agent relays the lock
+    /// commits it asks for, its progress and a cancel.
+    fn migrate_out_worker(
+        self: &Arc<Self>,
+        w: Arc<super::worker::WorkerVm>,
+        target_node: NodeId,
+        target_addr: SocketAddr,
+        opts: LiveOptions,
+        locks: Arc<dyn DiskLocks>,
+    ) -> Result<MigrationHandle, VmHostError> {
+        let name = w.name().to_owned();
+        let transport = self.migration_transport()?;
+        opts.to_engine(transport.clone())
+            .validate()
+            .map_err(|source| VmHostError::Migration {
+                vm: name.clone(),
+                source,
+            })?;
+        let tls = match transport {
+            vmm_node::migration::tls::Transport::Plaintext => None,
+            vmm_node::migration::tls::Transport::Tls(_) => Some(
+                self.worker_settings()
+                    .and_then(|s| s.migration_tls.map(|c| c.current()))
+                    .map(|c| super::worker::protocol::TlsPem {
+                        ca_pem: c.ca_pem.clone(),
+                        cert_pem: c.cert_pem.clone(),
+                        key_pem: c.key_pem.clone(),
+                    })
+                    .ok_or(VmHostError::NoMigrationTransport)?,
+            ),
+        };
+        let (tx, progress) = sync_channel(PROGRESS_EVENTS_MAX);
+        let cancel = CancelToken::default();
+        let thread_cancel = cancel.clone();
+        let host = self.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("migrate-{name}"))
+            .spawn(move || {
+                tracing::info!(vm = %name, target_node, %target_addr, pid = w.pid(), "migration of a worker's vm started");
+                let mut on_event = |e: MigrationEvent| {
+                    if let Err(TrySendError::Full(_)) = tx.try_send(e) {
+                        tracing::debug!(vm = %name, "progress event dropped: reader too slow");
+                    }
+                };
+                match w.migrate_out(
+                    target_node,
+                    target_addr,
+                    opts,
+                    tls,
+                    locks.as_ref(),
+                    &thread_cancel,
+                    &mut on_event,
+                ) {
+                    Ok((stats, handed_off)) => {
+                        // The worker stopped its copy and exits.
+                        host.forget_worker(&name);
+                        tracing::info!(vm = %name, target_node, blackout_us = stats.blackout.total_us,
+                            receipt_ok = stats.receipt_matches(), "migration finished");
+                        Ok(MigrationReport {
+                            vm: name,
+                            target_node,
+                            stats,
+                            handed_off,
+                        })
+                    }
+                    Err(f) => {
+                        tracing::warn!(vm = %name, error = %f.message, kind = ?f.kind, "migration failed");
+                        Err(VmHostError::WorkerMigration {
+                            vm: name,
+                            message: f.message,
+                            commit_uncertain: f.kind
+                                == Some(super::worker::protocol::FailureKind::CommitUncertain),
+                        })
+                    }
+                }
             })
             .map_err(VmHostError::Thread)?;
         Ok(MigrationHandle {
@@ -450,15 +545,107 @@ pub enum IncomingEvent {
     Failed { error: String },
 }
 
+/// A paused VM made to receive a live migration: its name reserved, its TAPs created.
+pub(crate) struct PreparedIncoming {
+    pub vm: Arc<HostedVm>,
+    reservation: Reservation,
+    taps: super::nics::Taps,
+}
+
+impl PreparedIncoming {
+    /// The VM runs: register it under its reserved name, keep its TAPs.
+    pub(crate) fn arrived(self) {
+        self.reservation.commit(self.vm);
+        self.taps.keep();
+    }
+}
+
+impl VmHost {
+    /// Creates the paused VM of `spec` for an incoming live migration, around `memory`
+    /// (shared memory another process fills) or fresh memory.
+    pub(crate) fn prepare_incoming(
+        &self,
+        spec: VmSpec,
+        memory: Option<GuestMem>,
+    ) -> Result<PreparedIncoming, VmHostError> {
+        let reservation = self.reserve(&spec.name)?;
+        let taps = self.create_taps(&spec)?;
+        let config = super::spec::to_config(&spec, self.registry(), self.node())?;
+        let vm = match memory {
+            Some(mem) => Vm::with_memory(config, mem),
+            None => Vm::new_paused(config),
+        }
+        .map_err(|source| VmHostError::Vm {
+            vm: spec.name.clone(),
+            op: "create the incoming VM",
+            source,
+        })?;
+        vmm_node::devices::virtio::net::install_virtio_nics(&vm).map_err(|source| {
+            VmHostError::Vm {
+                vm: spec.name.clone(),
+                op: "create the incoming VM's NICs",
+                source,
+            }
+        })?;
+        let hosted = Arc::new(HostedVm::new(spec, vm)?);
+        self.journal_console(&hosted);
+        Ok(PreparedIncoming {
+            vm: hosted,
+            reservation,
+            taps,
+        })
+    }
+
+    /// Restores the source's saved state into the incoming VM, its disks opened with the
+    /// grants the handoff gave this node.
+    pub(crate) fn restore_incoming(
+        &self,
+        vm: &HostedVm,
+        state: &[u8],
+        layout: &[SlotDisk],
+        grants: &[LockGrant],
+    ) -> Result<(), VmHostError> {
+        vm.restore_state_blob(state, layout, grants, |d, g| {
+            open_disk(self.registry(), self.node(), d, g, OpenMode::Handoff)
+        })
+    }
+}
+
+/// Closes the disks a failed incoming VM opened, for `to` (the source).
+pub(crate) fn close_incoming_disks(vm: &HostedVm, to: NodeId) -> Vec<LockCommand> {
+    let mut cmds = Vec::new();
+    for slot in vm.occupied_slots() {
+        match vm.detach(slot, CloseFor::Handoff { to }) {
+            Ok(c) => cmds.push(c),
+            Err(e) => {
+                tracing::error!(vm = %vm.name(), error = %e, "closing a disk of a failed incoming VM")
+            }
+        }
+    }
+    cmds
+}
+
+/// Where the VM being received lives.
+enum IncomingVm {
+    /// In this agent's process.
+    Local(Mutex<Option<PreparedIncoming>>, Arc<HostedVm>),
+    /// In a worker process spawned for it; `memory` is this agent's mapping of the
+    /// worker's guest memory (the engine writes the pages into it).
+    Worker {
+        worker: Arc<super::worker::WorkerVm>,
+        memory: GuestMem,
+    },
+}
+
 /// The VM being received.
 struct Incoming {
-    vm: Arc<HostedVm>,
+    name: String,
+    vm: IncomingVm,
     layout: Vec<SlotDisk>,
     source_node: NodeId,
     grants: Mutex<Vec<LockGrant>>,
+    /// Held while the VM is received in a worker (a local VM holds its own).
     reservation: Mutex<Option<Reservation>>,
-    /// This node's TAPs for the VM, deleted if the receive fails.
-    taps: Mutex<Option<super::nics::Taps>>,
 }
 
 struct TargetShared {
@@ -477,7 +664,7 @@ impl TargetShared {
     fn current(&self, vm: &str) -> Result<Arc<Incoming>, OpError> {
         lock(&self.current)
             .clone()
-            .filter(|i| i.vm.name() == vm)
+            .filter(|i| i.name == vm)
             .ok_or_else(|| format!("no incoming migration of VM {vm} in progress").into())
     }
 }
@@ -502,54 +689,60 @@ impl TargetFactory for Factory {
                 return Err(format!("disk {} in slot {} out of range", d.disk.name, d.slot).into());
             }
         }
-        let reservation = host.reserve(&blob.spec.name)?;
-        // This node's own TAPs, created before the VM that opens them.
-        let taps = host.create_taps(&blob.spec)?;
-        let config = super::spec::to_config(&blob.spec, host.registry(), host.node())?;
-        let vm = Vm::new_paused(config).map_err(|source| VmHostError::Vm {
-            vm: blob.spec.name.clone(),
-            op: "create the incoming VM",
-            source,
-        })?;
-        vmm_node::devices::virtio::net::install_virtio_nics(&vm).map_err(|source| {
-            VmHostError::Vm {
-                vm: blob.spec.name.clone(),
-                op: "create the incoming VM's NICs",
-                source,
+        let name = blob.spec.name.clone();
+        let (vm, reservation) = match host.worker_settings() {
+            // The VM will run in a worker of its own: it is created there, around guest
+            // memory this agent shares with it and the engine fills.
+            Some(settings) => {
+                let reservation = host.reserve(&name)?;
+                let (worker, memory) = host.spawn_incoming_worker(&settings, blob.spec)?;
+                (IncomingVm::Worker { worker, memory }, Some(reservation))
             }
-        })?;
-        let hosted = Arc::new(HostedVm::new(blob.spec, vm)?);
-        host.journal_console(&hosted);
+            None => {
+                let prepared = host.prepare_incoming(blob.spec, None)?;
+                let vm = prepared.vm.clone();
+                (IncomingVm::Local(Mutex::new(Some(prepared)), vm), None)
+            }
+        };
         let inc = Arc::new(Incoming {
-            vm: hosted,
+            name: name.clone(),
+            vm,
             layout: blob.layout,
             source_node: blob.source_node,
             grants: Mutex::new(Vec::new()),
-            reservation: Mutex::new(Some(reservation)),
-            taps: Mutex::new(Some(taps)),
+            reservation: Mutex::new(reservation),
         });
         *lock(&self.0.current) = Some(inc.clone());
-        host.set_incoming(Some((inc.vm.name().to_owned(), self.0.abandon.clone())));
+        host.set_incoming(Some((name, self.0.abandon.clone())));
         Ok(Box::new(TargetSide(inc, self.0.clone())))
     }
 }
 
 impl TargetVm for TargetSide {
     fn memory(&self) -> &GuestMem {
-        self.0.vm.vm.memory()
+        match &self.0.vm {
+            IncomingVm::Local(_, vm) => vm.vm.memory(),
+            IncomingVm::Worker { memory, .. } => memory,
+        }
     }
     fn restore(&self, state: &[u8]) -> Result<(), OpError> {
-        let host = &self.1.host;
         let grants = lock(&self.0.grants).clone();
-        self.0
-            .vm
-            .restore_state_blob(state, &self.0.layout, &grants, |d, g| {
-                open_disk(host.registry(), host.node(), d, g, OpenMode::Handoff)
-            })?;
+        match &self.0.vm {
+            IncomingVm::Local(_, vm) => {
+                self.1
+                    .host
+                    .restore_incoming(vm, state, &self.0.layout, &grants)?
+            }
+            IncomingVm::Worker { worker, .. } => worker.restore(state, &self.0.layout, &grants)?,
+        }
         Ok(())
     }
     fn resume(&self) -> Result<(), OpError> {
-        Ok(self.0.vm.vm.resume()?)
+        match &self.0.vm {
+            IncomingVm::Local(_, vm) => vm.vm.resume()?,
+            IncomingVm::Worker { worker, .. } => worker.resume()?,
+        }
+        Ok(())
     }
 }
 
@@ -566,13 +759,10 @@ impl StorageHandoff for Handoff {
         let inc = self.0.current(vm)?;
         let host = &self.0.host;
         let to = inc.source_node;
-        let mut cmds = Vec::new();
-        for slot in inc.vm.occupied_slots() {
-            match inc.vm.detach(slot, CloseFor::Handoff { to }) {
-                Ok(c) => cmds.push(c),
-                Err(e) => tracing::error!(vm, error = %e, "closing a disk of a failed incoming VM"),
-            }
-        }
+        let mut cmds = match &inc.vm {
+            IncomingVm::Local(_, hosted) => close_incoming_disks(hosted, to),
+            IncomingVm::Worker { worker, .. } => worker.release_incoming(to)?,
+        };
         let closed: Vec<String> = cmds
             .iter()
             .filter_map(|c| match c {
@@ -702,12 +892,17 @@ fn listen_loop(
         let inc = lock(&shared.current).take();
         let ev = match (r, inc) {
             (Ok(received), Some(inc)) => {
-                let name = inc.vm.name().to_owned();
-                if let Some(res) = lock(&inc.reservation).take() {
-                    res.commit(inc.vm.clone());
-                }
-                if let Some(taps) = lock(&inc.taps).take() {
-                    taps.keep();
+                let name = inc.name.clone();
+                match &inc.vm {
+                    IncomingVm::Local(prepared, _) => {
+                        if let Some(p) = lock(prepared).take() {
+                            p.arrived();
+                        }
+                    }
+                    IncomingVm::Worker { worker, .. } => {
+                        shared.host.adopt_arrived_worker(worker.clone());
+                        drop(lock(&inc.reservation).take());
+                    }
                 }
                 tracing::info!(vm = %name, restore_us = received.stats.restore_us, "incoming vm registered");
                 IncomingEvent::Arrived {
@@ -718,7 +913,10 @@ fn listen_loop(
             (Ok(received), None) => IncomingEvent::Failed {
                 error: format!("VM {} arrived but its record was lost", received.vm_name),
             },
-            (Err(e), _) => {
+            (Err(e), inc) => {
+                if let Some(IncomingVm::Worker { worker, .. }) = inc.as_ref().map(|i| &i.vm) {
+                    shared.host.drop_incoming_worker(worker);
+                }
                 let error = error_chain(&e);
                 tracing::warn!(%error, "incoming migration failed");
                 IncomingEvent::Failed { error }

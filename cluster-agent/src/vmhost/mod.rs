@@ -171,8 +171,23 @@ pub enum VmHostError {
         #[source]
         source: worker::WorkerError,
     },
-    #[error("VM {vm} runs in a worker process: live migration through worker processes is not built yet (quick migration works)")]
+    #[error(
+        "VM {vm} runs in a worker process: this operation needs it in the agent's own process"
+    )]
     InWorker { vm: String },
+    #[error("VM {vm}: cannot allocate its guest memory")]
+    Memory {
+        vm: String,
+        #[source]
+        source: vmm_node::memory::MemoryError,
+    },
+    #[error("VM {vm}: live migration run by its worker failed: {message}")]
+    WorkerMigration {
+        vm: String,
+        message: String,
+        /// Commit sent, the target's answer lost: the VM stays paused in its worker.
+        commit_uncertain: bool,
+    },
     #[error("the lock callback failed during {op} for VM {vm}")]
     Locks {
         vm: String,
@@ -250,6 +265,9 @@ pub struct VmHost {
     worker_settings: Mutex<Option<worker::Settings>>,
     /// VMs running in worker processes, by name.
     workers: Mutex<BTreeMap<String, Arc<worker::WorkerVm>>>,
+    /// The worker receiving a live migration (renewed like the others; registered in
+    /// `workers` once its VM runs).
+    incoming_worker: Mutex<Option<Arc<worker::WorkerVm>>>,
     /// Until when the workers may run their VMs (the node's lease plus the workers'
     /// grace), as last renewed.
     worker_deadline: Mutex<Option<Instant>>,
@@ -312,6 +330,7 @@ impl VmHost {
             image_dirs: Mutex::default(),
             worker_settings: Mutex::new(None),
             workers: Mutex::default(),
+            incoming_worker: Mutex::new(None),
             worker_deadline: Mutex::new(None),
             worker_floor: Mutex::new(None),
         })
@@ -380,7 +399,7 @@ impl VmHost {
         };
         let deadline = (lease_until + grace).max(lock(&self.worker_floor).unwrap_or(lease_until));
         *lock(&self.worker_deadline) = Some(deadline);
-        let workers: Vec<Arc<worker::WorkerVm>> = lock(&self.workers).values().cloned().collect();
+        let workers = self.all_workers();
         let until = worker::until_ns(deadline.saturating_duration_since(Instant::now()));
         for w in workers {
             w.grant(until);
@@ -391,7 +410,7 @@ impl VmHost {
     /// (a restart the cluster was told of and holds for); returns the VMs so extended.
     pub fn extend_workers(&self, deadline: Instant) -> Vec<String> {
         *lock(&self.worker_floor) = Some(deadline);
-        let workers: Vec<Arc<worker::WorkerVm>> = lock(&self.workers).values().cloned().collect();
+        let workers = self.all_workers();
         let until = worker::until_ns(deadline.saturating_duration_since(Instant::now()));
         // Delivered here and now, every worker at once (the agent is about to exit and
         // its pollers with it).
@@ -415,6 +434,66 @@ impl VmHost {
                 })
                 .collect()
         })
+    }
+
+    /// Every worker: those running VMs and the one receiving a live migration.
+    fn all_workers(&self) -> Vec<Arc<worker::WorkerVm>> {
+        let mut all: Vec<Arc<worker::WorkerVm>> = lock(&self.workers).values().cloned().collect();
+        all.extend(lock(&self.incoming_worker).clone());
+        all
+    }
+
+    /// Spawns the worker that receives `spec` by live migration: its VM is created paused
+    /// around guest memory this agent allocates and shares with it (a memfd the worker
+    /// maps through `/proc/<agent>/fd/<n>`). Returns the worker and this agent's mapping.
+    pub(crate) fn spawn_incoming_worker(
+        &self,
+        settings: &worker::Settings,
+        spec: VmSpec,
+    ) -> Result<(Arc<worker::WorkerVm>, vmm_node::GuestMem), VmHostError> {
+        use std::os::fd::AsRawFd;
+        let name = spec.name.clone();
+        let werr = |source| VmHostError::Worker {
+            vm: name.clone(),
+            source,
+        };
+        let (memory, memfd) =
+            vmm_node::memory::allocate_shared(spec.memory_mib << 20).map_err(|source| {
+                VmHostError::Memory {
+                    vm: name.clone(),
+                    source,
+                }
+            })?;
+        let path = PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            memfd.as_raw_fd()
+        ));
+        let mut start = self.worker_start_file(settings, spec, &[], OpenMode::Start, None)?;
+        start.incoming_memory = Some(path);
+        // The worker has mapped the memory once it reports; the descriptor can go then.
+        let w = Arc::new(worker::WorkerVm::spawn(settings, &start).map_err(werr)?);
+        drop(memfd);
+        w.start_polling();
+        *lock(&self.incoming_worker) = Some(w.clone());
+        tracing::info!(vm = %name, pid = w.pid(), "worker spawned for an incoming live migration");
+        Ok((w, memory))
+    }
+
+    /// The incoming worker's VM runs: it is one of this host's workers from now on.
+    pub(crate) fn adopt_arrived_worker(&self, w: Arc<worker::WorkerVm>) {
+        lock(&self.incoming_worker).take();
+        self.follow_worker_console(&w);
+        lock(&self.workers).insert(w.name().to_owned(), w);
+    }
+
+    /// The incoming migration into `w` failed: the worker stops and exits (it may have
+    /// exited already, after closing its disks for the source).
+    pub(crate) fn drop_incoming_worker(&self, w: &Arc<worker::WorkerVm>) {
+        lock(&self.incoming_worker).take();
+        if let Err(e) = w.fence() {
+            tracing::debug!(vm = %w.name(), error = %crate::error_chain(&e), "incoming worker already gone");
+        }
     }
 
     /// True if any VM runs in a worker process.
@@ -471,12 +550,35 @@ impl VmHost {
             vm: name.clone(),
             source,
         };
+        let reservation = self.reserve(&name)?;
+        let start = self.worker_start_file(settings, spec, grants, mode, restore_from)?;
+        let w = Arc::new(worker::WorkerVm::spawn(settings, &start).map_err(werr)?);
+        w.start_polling();
+        self.follow_worker_console(&w);
+        lock(&self.workers).insert(name.clone(), w.clone());
+        drop(reservation);
+        tracing::info!(vm = %name, pid = w.pid(), "vm started in a worker process");
+        Ok((self.worker_info(&w), w.restored().unwrap_or_default()))
+    }
+
+    /// What a new worker for `spec` is started with; refused when this node does not
+    /// hold its lease (a worker may run its VM only until the lease's end).
+    fn worker_start_file(
+        &self,
+        settings: &worker::Settings,
+        spec: VmSpec,
+        grants: &[LockGrant],
+        mode: OpenMode,
+        restore_from: Option<PathBuf>,
+    ) -> Result<worker::protocol::StartFile, VmHostError> {
         let deadline = lock(&self.worker_deadline)
             .filter(|d| *d > Instant::now())
-            .ok_or_else(|| werr(worker::WorkerError::NoLease))?;
-        let reservation = self.reserve(&name)?;
+            .ok_or_else(|| VmHostError::Worker {
+                vm: spec.name.clone(),
+                source: worker::WorkerError::NoLease,
+            })?;
         let now = Instant::now();
-        let start = worker::protocol::StartFile {
+        Ok(worker::protocol::StartFile {
             version: worker::protocol::VERSION,
             node: self.node,
             spec,
@@ -497,14 +599,8 @@ impl VmHost {
             networks: settings.networks.clone(),
             image_dirs: settings.image_dirs.clone(),
             restore_from,
-        };
-        let w = Arc::new(worker::WorkerVm::spawn(settings, &start).map_err(werr)?);
-        w.start_polling();
-        self.follow_worker_console(&w);
-        lock(&self.workers).insert(name.clone(), w.clone());
-        drop(reservation);
-        tracing::info!(vm = %name, pid = w.pid(), "vm started in a worker process");
-        Ok((self.worker_info(&w), w.restored().unwrap_or_default()))
+            incoming_memory: None,
+        })
     }
 
     /// `w`'s VM as its poller last saw it (never waits on the worker).

@@ -101,7 +101,7 @@ pub enum Decision {
 }
 
 /// Estimated outcome.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Prediction {
     pub bandwidth_bytes_per_s: f64,
     pub dirty_rate_bytes_per_s: f64,

@@ -74,6 +74,34 @@ pub struct Settings {
     pub volumes: Vec<VolumeConfig>,
     pub networks: std::collections::BTreeMap<String, String>,
     pub image_dirs: Vec<PathBuf>,
+    /// The node's TLS credentials, handed to a worker for its outgoing live migration
+    /// (`None`: migrations are plaintext, as the operator configured).
+    pub migration_tls: Option<crate::node::credentials::SharedCredentials>,
+}
+
+/// How a live migration run by a worker ended without success.
+#[derive(Debug, Clone)]
+pub struct MigrationFailure {
+    /// `None`: the control channel broke (the worker may be gone).
+    pub kind: Option<protocol::FailureKind>,
+    pub message: String,
+}
+
+/// The engine's phase names, as static strings again after the wire.
+fn phase_name(s: &str) -> &'static str {
+    const PHASES: &[&str] = &[
+        "setup",
+        "pre-copy",
+        "stop-and-copy",
+        "storage-handoff",
+        "switchover",
+        "done",
+    ];
+    PHASES
+        .iter()
+        .copied()
+        .find(|p| *p == s)
+        .unwrap_or("running")
 }
 
 /// Errors talking to a worker.
@@ -385,6 +413,155 @@ impl WorkerVm {
             Response::QuickSaved { image } => Ok(image),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Live migration in: restores the source's saved `state` into the paused incoming
+    /// VM, disks of `layout` opened with `grants`.
+    pub fn restore(
+        &self,
+        state: &[u8],
+        layout: &[crate::vmhost::SlotDisk],
+        grants: &[csv_volume::LockGrant],
+    ) -> Result<(), WorkerError> {
+        use base64::Engine;
+        let state = base64::engine::general_purpose::STANDARD.encode(state);
+        match self.request(&Request::Restore {
+            state,
+            layout: layout.to_vec(),
+            grants: grants.to_vec(),
+        })? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Live migration in: the restored VM runs.
+    pub fn resume(&self) -> Result<(), WorkerError> {
+        match self.request(&Request::Resume)? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Live migration in failed: the worker closes the disks it opened for `to` and
+    /// exits; the lock commands to commit.
+    pub fn release_incoming(
+        &self,
+        to: csv_volume::NodeId,
+    ) -> Result<Vec<LockCommand>, WorkerError> {
+        match self.request(&Request::ReleaseIncoming { to })? {
+            Response::Released { cmds } => Ok(cmds),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Live migration out, run by the worker on a connection of its own: relays the lock
+    /// commits it asks for to `locks`, its progress to `on_event`, and `cancel` to it.
+    /// On success the worker has stopped its copy and exits; returns the engine's
+    /// figures and the lock commands committed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn migrate_out(
+        &self,
+        target_node: csv_volume::NodeId,
+        target_addr: std::net::SocketAddr,
+        options: crate::vmhost::LiveOptions,
+        tls: Option<protocol::TlsPem>,
+        locks: &dyn crate::vmhost::DiskLocks,
+        cancel: &vmm_node::migration::source::CancelToken,
+        on_event: &mut dyn FnMut(vmm_node::migration::source::MigrationEvent),
+    ) -> Result<(vmm_node::migration::stats::MigrationStats, Vec<LockCommand>), MigrationFailure>
+    {
+        use vmm_node::migration::source::MigrationEvent;
+        let broken = |e: WorkerError| MigrationFailure {
+            kind: None,
+            message: format!(
+                "the worker's migration channel broke: {}",
+                crate::error_chain(&e)
+            ),
+        };
+        let (mut c, _, _) = connect_with(&self.dir, QUICK_TIMEOUT).map_err(broken)?;
+        // Rounds can be long and a lock commit waits for Raft: no deadline per frame; a
+        // worker that dies closes the socket.
+        c.r.get_ref()
+            .set_read_timeout(None)
+            .map_err(|e| broken(WorkerError::Connect(self.dir.clone(), e)))?;
+        write_frame(
+            &mut c.w,
+            &Request::MigrateOut {
+                target_node,
+                target_addr,
+                options,
+                tls,
+            },
+        )
+        .map_err(|e| broken(WorkerError::Frame(e)))?;
+        // A cancel is sent on a connection of its own while this one waits for frames.
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (done, cancel, dir, name) = (
+                done.clone(),
+                cancel.clone(),
+                self.dir.clone(),
+                self.name.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("cancel-{name}"))
+                .spawn(move || {
+                    while !done.load(std::sync::atomic::Ordering::Acquire) {
+                        if cancel.is_cancelled() {
+                            let r = connect_with(&dir, QUICK_TIMEOUT)
+                                .and_then(|(mut c, _, _)| call(&mut c, &Request::CancelMigration));
+                            if let Err(e) = r {
+                                tracing::warn!(vm = %name, error = %crate::error_chain(&e), "cannot pass a cancel to the worker");
+                            }
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                })
+                .ok()
+        };
+        let vm = self.name.clone();
+        let result = loop {
+            let frame = match read_frame::<Response>(&mut c.r) {
+                Ok(f) => f,
+                Err(e) => break Err(broken(WorkerError::Frame(e))),
+            };
+            let reply = match frame {
+                Response::Event { event } => {
+                    on_event(match event {
+                        protocol::WireEvent::Phase(p) => MigrationEvent::Phase(phase_name(&p)),
+                        protocol::WireEvent::Prediction(p) => MigrationEvent::Prediction(p),
+                        protocol::WireEvent::Progress(p) => MigrationEvent::Progress(p),
+                        protocol::WireEvent::Throttle(t) => MigrationEvent::Throttle(t),
+                    });
+                    continue;
+                }
+                Response::LockCommit { cmds } => locks
+                    .commit(&vm, &cmds)
+                    .map(|()| Vec::new())
+                    .map_err(|e| e.to_string()),
+                Response::LockReclaim { node, disks } => {
+                    locks.reclaim(&vm, node, &disks).map_err(|e| e.to_string())
+                }
+                Response::Migrated { stats, handed_off } => break Ok((*stats, handed_off)),
+                Response::MigrationFailed { kind, message } => {
+                    break Err(MigrationFailure {
+                        kind: Some(kind),
+                        message,
+                    })
+                }
+                other => break Err(broken(unexpected(other))),
+            };
+            if let Err(e) = write_frame(&mut c.w, &Request::LockResult { result: reply }) {
+                break Err(broken(WorkerError::Frame(e)));
+            }
+        };
+        done.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(w) = watcher {
+            let _ = w.join();
+        }
+        result
     }
 
     pub fn name(&self) -> &str {

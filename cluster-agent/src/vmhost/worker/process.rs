@@ -20,6 +20,7 @@ use super::protocol::{
     self, read_frame, write_frame, FrameError, Request, Response, StartFile, StartReport,
     WorkerInfo,
 };
+use crate::vmhost::live_migration::PreparedIncoming;
 use crate::vmhost::{VmHost, VmHostError};
 
 /// Exit status of a worker that stopped its VM because its lease ran out.
@@ -48,6 +49,8 @@ pub enum WorkerError {
     LeaseExpired,
     #[error("cannot start the VM")]
     Start(#[source] VmHostError),
+    #[error("cannot map the incoming VM's shared memory")]
+    Memory(#[source] vmm_node::memory::MemoryError),
     #[error("cannot listen on the control socket {0}")]
     Listen(PathBuf, #[source] std::io::Error),
     #[error("cannot start the watchdog thread")]
@@ -74,6 +77,10 @@ struct Worker {
     lease: Mutex<LeaseState>,
     renewed: Condvar,
     sock: PathBuf,
+    /// The paused VM of a live migration into this worker, until `Resume` registers it.
+    incoming: Mutex<Option<PreparedIncoming>>,
+    /// Cancels the live migration out running in this worker.
+    migration_cancel: Mutex<Option<vmm_node::migration::source::CancelToken>>,
 }
 
 /// The `Instant` of `until_ns` on the host's monotonic clock (now, if it has passed).
@@ -82,7 +89,7 @@ fn instant_of(until_ns: u64) -> Instant {
     Instant::now() + Duration::from_nanos(left)
 }
 
-fn lock(m: &Mutex<LeaseState>) -> MutexGuard<'_, LeaseState> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -136,18 +143,34 @@ fn serve(dir: &Path) -> Result<i32, WorkerError> {
     let host = VmHost::with_networks(start.node, registry, start.networks.clone());
     host.set_image_dirs(start.image_dirs.clone());
     let name = start.spec.name.clone();
-    let (info, restored) = match (&start.restore_from, start.takeover_wait_ms) {
-        (Some(dir), _) => host
+    let mut incoming = None;
+    let (info, restored) = match (
+        &start.incoming_memory,
+        &start.restore_from,
+        start.takeover_wait_ms,
+    ) {
+        // A live migration's target: the VM paused around the agent's shared memory.
+        (Some(path), _, _) => {
+            let memory = vmm_node::memory::map_shared(path, start.spec.memory_mib << 20)
+                .map_err(WorkerError::Memory)?;
+            let prepared = host
+                .prepare_incoming(start.spec, Some(memory))
+                .map_err(WorkerError::Start)?;
+            let info = host.info_of(&prepared.vm);
+            incoming = Some(prepared);
+            Ok((info, None))
+        }
+        (None, Some(dir), _) => host
             .quick_restore(dir, &start.grants)
             .map(|(info, stats)| (info, Some(stats))),
-        (None, Some(ms)) => host
+        (None, None, Some(ms)) => host
             .start_after_takeover(
                 start.spec,
                 &start.grants,
                 Instant::now() + Duration::from_millis(ms),
             )
             .map(|info| (info, None)),
-        (None, None) => host.start(start.spec, &start.grants).map(|i| (i, None)),
+        (None, None, None) => host.start(start.spec, &start.grants).map(|i| (i, None)),
     }
     .map_err(WorkerError::Start)?;
     if Instant::now() >= deadline {
@@ -169,6 +192,8 @@ fn serve(dir: &Path) -> Result<i32, WorkerError> {
         }),
         renewed: Condvar::new(),
         sock,
+        incoming: Mutex::new(incoming),
+        migration_cancel: Mutex::new(None),
     });
     {
         let w = worker.clone();
@@ -217,6 +242,187 @@ fn worker_info(w: &Worker, info: crate::vmhost::VmInfo) -> WorkerInfo {
 fn exit(w: &Worker, code: i32) -> ! {
     let _ = std::fs::remove_file(&w.sock);
     std::process::exit(code)
+}
+
+/// The agent's answers to this worker's lock requests during a live migration out.
+struct RelayLocks {
+    out: Mutex<UnixStream>,
+    replies: Mutex<std::sync::mpsc::Receiver<Result<Vec<csv_volume::LockGrant>, String>>>,
+}
+
+impl RelayLocks {
+    fn ask(
+        &self,
+        req: &Response,
+    ) -> Result<Vec<csv_volume::LockGrant>, crate::vmhost::LockOpError> {
+        write_frame(&mut *lock(&self.out), req).map_err(|e| crate::error_chain(&e))?;
+        match lock(&self.replies).recv_timeout(super::REQUEST_TIMEOUT) {
+            Ok(r) => r.map_err(Into::into),
+            Err(e) => Err(format!("no answer from the agent to a lock request: {e}").into()),
+        }
+    }
+}
+
+impl crate::vmhost::DiskLocks for RelayLocks {
+    fn commit(
+        &self,
+        _vm: &str,
+        commands: &[csv_volume::LockCommand],
+    ) -> Result<(), crate::vmhost::LockOpError> {
+        self.ask(&Response::LockCommit {
+            cmds: commands.to_vec(),
+        })
+        .map(|_| ())
+    }
+    fn acquire(
+        &self,
+        vm: &str,
+        _node: csv_volume::NodeId,
+        _disks: &[crate::vmhost::DiskSpec],
+    ) -> Result<Vec<csv_volume::LockGrant>, crate::vmhost::LockOpError> {
+        Err(format!("acquire asked by the source worker of VM {vm}").into())
+    }
+    fn reclaim(
+        &self,
+        _vm: &str,
+        node: csv_volume::NodeId,
+        disks: &[crate::vmhost::DiskSpec],
+    ) -> Result<Vec<csv_volume::LockGrant>, crate::vmhost::LockOpError> {
+        self.ask(&Response::LockReclaim {
+            node,
+            disks: disks.to_vec(),
+        })
+    }
+}
+
+/// Runs a live migration out of this worker's VM (see the protocol's module map): the
+/// engine here, lock commits through the agent, progress to the agent. On success the VM
+/// is gone from this worker, which exits.
+fn migrate_out(
+    w: &Worker,
+    target_node: csv_volume::NodeId,
+    target_addr: std::net::SocketAddr,
+    options: crate::vmhost::LiveOptions,
+    tls: Option<protocol::TlsPem>,
+    mut r: BufReader<UnixStream>,
+    mut out: UnixStream,
+) {
+    use protocol::{FailureKind, WireEvent};
+    use vmm_node::migration::source::MigrationEvent;
+    let fail = |out: &mut UnixStream, kind, message: String| {
+        let _ = write_frame(out, &Response::MigrationFailed { kind, message });
+    };
+    let transport = match tls {
+        None => vmm_node::migration::tls::Transport::Plaintext,
+        Some(p) => match vmm_node::migration::tls::MigrationTls::from_pem(
+            p.ca_pem.as_bytes(),
+            p.cert_pem.as_bytes(),
+            p.key_pem.as_bytes(),
+        ) {
+            Ok(t) => vmm_node::migration::tls::Transport::Tls(t),
+            Err(e) => {
+                return fail(
+                    &mut out,
+                    FailureKind::RolledBack,
+                    format!("the node's TLS material: {}", crate::error_chain(&e)),
+                )
+            }
+        },
+    };
+    w.host.set_migration_transport(transport);
+    let writer = match out.try_clone() {
+        Ok(o) => o,
+        Err(e) => {
+            return fail(
+                &mut out,
+                FailureKind::RolledBack,
+                format!("control socket: {e}"),
+            )
+        }
+    };
+    let (reply_tx, replies) = std::sync::mpsc::sync_channel(1);
+    let relay = Arc::new(RelayLocks {
+        out: Mutex::new(writer),
+        replies: Mutex::new(replies),
+    });
+    let handle = match w
+        .host
+        .migrate_out(&w.name, target_node, target_addr, options, relay.clone())
+    {
+        Ok(h) => h,
+        Err(e) => return fail(&mut out, FailureKind::RolledBack, crate::error_chain(&e)),
+    };
+    let cancel = handle.canceller();
+    *lock(&w.migration_cancel) = Some(cancel.clone());
+    // The agent's side of the conversation: answers to lock requests, or its end.
+    let _ = std::thread::Builder::new()
+        .name("migration-replies".into())
+        .spawn(move || loop {
+            match read_frame::<Request>(&mut r) {
+                Ok(Request::LockResult { result }) => {
+                    if reply_tx.send(result).is_err() {
+                        return;
+                    }
+                }
+                Ok(Request::CancelMigration) => cancel.cancel(),
+                Ok(other) => {
+                    tracing::warn!(request = ?other, "unexpected request during a live migration; cancelling it");
+                    cancel.cancel();
+                    return;
+                }
+                Err(_) => {
+                    // The agent is gone: nobody can commit the handoff; roll back.
+                    cancel.cancel();
+                    return;
+                }
+            }
+        });
+    for ev in handle.progress.iter() {
+        let event = match ev {
+            MigrationEvent::Phase(p) => WireEvent::Phase(p.to_owned()),
+            MigrationEvent::Prediction(p) => WireEvent::Prediction(p),
+            MigrationEvent::Progress(p) => WireEvent::Progress(p),
+            MigrationEvent::Throttle(t) => WireEvent::Throttle(t),
+        };
+        let _ = write_frame(&mut *lock(&relay.out), &Response::Event { event });
+    }
+    let result = handle.wait();
+    lock(&w.migration_cancel).take();
+    match result {
+        Ok(report) => {
+            lock(&w.lease).done = true;
+            w.renewed.notify_all();
+            let _ = write_frame(
+                &mut *lock(&relay.out),
+                &Response::Migrated {
+                    stats: Box::new(report.stats),
+                    handed_off: report.handed_off,
+                },
+            );
+            tracing::info!(vm = %w.name, "vm worker exits: vm migrated away");
+            exit(w, 0);
+        }
+        Err(e) => {
+            let kind = match &e {
+                VmHostError::Migration {
+                    source: vmm_node::migration::MigrationError::CommitUncertain(_),
+                    ..
+                } => FailureKind::CommitUncertain,
+                VmHostError::Migration {
+                    source: vmm_node::migration::MigrationError::Cancelled(_),
+                    ..
+                } => FailureKind::Cancelled,
+                _ => FailureKind::RolledBack,
+            };
+            let _ = write_frame(
+                &mut *lock(&relay.out),
+                &Response::MigrationFailed {
+                    kind,
+                    message: crate::error_chain(&e),
+                },
+            );
+        }
+    }
 }
 
 fn watchdog(w: &Worker) {
@@ -305,6 +511,17 @@ fn handle(w: &Worker, conn: UnixStream) {
                 return;
             }
         };
+        if let Request::MigrateOut {
+            target_node,
+            target_addr,
+            options,
+            tls,
+        } = req
+        {
+            // The rest of this connection belongs to the migration.
+            migrate_out(w, target_node, target_addr, options, tls, r, out);
+            return;
+        }
         if !answer(w, req, &mut out) {
             return;
         }
@@ -312,6 +529,9 @@ fn handle(w: &Worker, conn: UnixStream) {
 }
 
 fn info(w: &Worker) -> Result<WorkerInfo, String> {
+    if let Some(p) = lock(&w.incoming).as_ref() {
+        return Ok(worker_info(w, w.host.info_of(&p.vm)));
+    }
     w.host
         .state(&w.name)
         .map(|i| worker_info(w, i))
@@ -399,6 +619,78 @@ fn answer(w: &Worker, req: Request, out: &mut UnixStream) -> bool {
                     message: crate::error_chain(&e),
                 },
             }
+        }
+        Request::MigrateOut { .. } | Request::LockResult { .. } => Response::Error {
+            message: "no live migration out runs on this connection".into(),
+        },
+        Request::CancelMigration => match lock(&w.migration_cancel).as_ref() {
+            Some(c) => {
+                c.cancel();
+                Response::Done
+            }
+            None => Response::Error {
+                message: "no live migration runs in this worker".into(),
+            },
+        },
+        Request::Restore {
+            state,
+            layout,
+            grants,
+        } => {
+            use base64::Engine;
+            let r = match (
+                lock(&w.incoming).as_ref().map(|p| p.vm.clone()),
+                base64::engine::general_purpose::STANDARD.decode(state.as_bytes()),
+            ) {
+                (None, _) => Err("no incoming VM waits for a restore in this worker".to_owned()),
+                (Some(_), Err(e)) => Err(format!("the saved state is not valid base64: {e}")),
+                (Some(vm), Ok(blob)) => w
+                    .host
+                    .restore_incoming(&vm, &blob, &layout, &grants)
+                    .map_err(|e| crate::error_chain(&e)),
+            };
+            match r {
+                Ok(()) => Response::Done,
+                Err(message) => Response::Error { message },
+            }
+        }
+        Request::Resume => {
+            let mut g = lock(&w.incoming);
+            match g.as_ref().map(|p| p.vm.vm.resume()) {
+                None => Response::Error {
+                    message: "no incoming VM waits to be resumed in this worker".into(),
+                },
+                Some(Err(e)) => Response::Error {
+                    message: crate::error_chain(&e),
+                },
+                Some(Ok(())) => {
+                    if let Some(p) = g.take() {
+                        p.arrived();
+                    }
+                    tracing::info!(vm = %w.name, "incoming vm runs");
+                    Response::Done
+                }
+            }
+        }
+        Request::ReleaseIncoming { to } => {
+            let Some(p) = lock(&w.incoming).take() else {
+                return write_frame(
+                    out,
+                    &Response::Error {
+                        message: "no incoming VM in this worker".into(),
+                    },
+                )
+                .is_ok();
+            };
+            lock(&w.lease).done = true;
+            w.renewed.notify_all();
+            let cmds = crate::vmhost::live_migration::close_incoming_disks(&p.vm, to);
+            if let Err(e) = p.vm.vm.stop() {
+                tracing::warn!(vm = %w.name, error = %e, "stopping the failed incoming vm");
+            }
+            let _ = write_frame(out, &Response::Released { cmds });
+            tracing::info!(vm = %w.name, "vm worker exits: incoming migration failed");
+            exit(w, 0);
         }
         Request::Fence => {
             lock(&w.lease).done = true;

@@ -19,6 +19,16 @@
 //!   ── Fence ──────────────────────────────▶ (vCPUs stopped, nothing flushed or released)
 //!   ◀── Done ─────────────────────────────   then the worker exits
 //!   ── Console ────────────────────────────▶ ◀── Console{recent} ◀── Line{line} ...
+//!   live migration out (a connection of its own; the worker runs the engine):
+//!   ── MigrateOut{target, options, tls} ──▶ ◀── Event{..} ... (progress)
+//!                                          ◀── LockCommit{cmds} / LockReclaim{disks}
+//!   ── LockResult{grants | error} ────────▶ (the agent committed them through Raft)
+//!                                          ◀── Migrated{stats, handed_off} | MigrationFailed
+//!   ── CancelMigration (another connection) ▶ ◀── Done
+//!   live migration in (a worker spawned with `incoming`, its memory the agent's memfd):
+//!   ── Restore{state, layout, grants} ─────▶ ◀── Done     (devices, vCPUs, disks opened)
+//!   ── Resume ─────────────────────────────▶ ◀── Done     (the VM runs; a normal worker)
+//!   ── ReleaseIncoming{to} ────────────────▶ ◀── Released{cmds} (failed: disks closed for `to`)
 //! ```
 //!
 //! Requests on one connection are answered in order, one response each (a `Console`
@@ -28,7 +38,9 @@
 //!
 //! Version rule: a change of any message's meaning or shape bumps [`VERSION`]; an agent
 //! adopts only workers that speak its version (others are left to their lease and
-//! reported).
+//! reported). New requests may be added without a bump: a worker that does not know one
+//! answers `Error` naming it (so an adopted worker of an older build refuses a live
+//! migration instead of misreading it).
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -69,6 +81,51 @@ pub struct StartFile {
     /// Restore the VM from this quick-migration image instead of booting it.
     #[serde(default)]
     pub restore_from: Option<PathBuf>,
+    /// Live migration target: create the VM paused around this shared guest memory (a
+    /// memfd the agent holds, reached through `/proc/<agent>/fd/<n>`) and wait for
+    /// `Restore`; the agent's migration engine writes the guest's pages into it.
+    #[serde(default)]
+    pub incoming_memory: Option<PathBuf>,
+}
+
+/// TLS material for a worker's outgoing migration connections (PEM; the node's current
+/// certificate and key, the cluster CA). `None` in a request: plaintext, which the agent
+/// sends only when the operator configured it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPem {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for TlsPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.write_str("TlsPem { .. }")
+    }
+}
+
+/// A migration progress event on the wire (`vmm_node`'s `MigrationEvent`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WireEvent {
+    Phase(String),
+    Prediction(vmm_node::migration::convergence::Prediction),
+    Progress(vmm_node::migration::convergence::Progress),
+    Throttle(u8),
+}
+
+/// How a live migration run by a worker ended without success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// Rolled back: the VM runs on in the worker.
+    RolledBack,
+    /// Cancelled on request and rolled back.
+    Cancelled,
+    /// Commit sent, the target's answer lost: the VM stays paused in the worker.
+    CommitUncertain,
 }
 
 /// The worker's one line on stdout once its VM runs (or could not be started).
@@ -120,6 +177,34 @@ pub enum Request {
         volume: String,
         target_node: NodeId,
     },
+    /// Live migration, source half: run the engine to `target_addr` (the rest of this
+    /// connection is the migration's, see the module map).
+    MigrateOut {
+        target_node: NodeId,
+        target_addr: std::net::SocketAddr,
+        options: crate::vmhost::LiveOptions,
+        tls: Option<TlsPem>,
+    },
+    /// The agent's answer to `LockCommit` (no grants) or `LockReclaim`.
+    LockResult {
+        result: Result<Vec<LockGrant>, String>,
+    },
+    /// Cancels the live migration running in this worker (before its switchover).
+    CancelMigration,
+    /// Live migration, target half: restore the saved device and vCPU state (`state`,
+    /// base64) and open the disks of `layout` with `grants` (handed over by the source).
+    Restore {
+        state: String,
+        layout: Vec<crate::vmhost::SlotDisk>,
+        grants: Vec<LockGrant>,
+    },
+    /// Resumes the restored VM: from here it is an ordinary worker.
+    Resume,
+    /// The incoming migration failed: close the disks opened by `Restore` for `to` (the
+    /// source) and exit.
+    ReleaseIncoming {
+        to: NodeId,
+    },
 }
 
 /// The worker's answer to one request (or one console line).
@@ -154,6 +239,31 @@ pub enum Response {
     },
     Detached {
         release: LockCommand,
+    },
+    /// Live migration out: a progress event.
+    Event {
+        event: WireEvent,
+    },
+    /// Live migration out: commit these lock commands, answer with `LockResult`.
+    LockCommit {
+        cmds: Vec<LockCommand>,
+    },
+    /// Live migration out (rolled back after the commit): bring `disks` back to `node`,
+    /// answer with `LockResult` carrying the grants.
+    LockReclaim {
+        node: NodeId,
+        disks: Vec<crate::vmhost::DiskSpec>,
+    },
+    Migrated {
+        stats: Box<vmm_node::migration::stats::MigrationStats>,
+        handed_off: Vec<LockCommand>,
+    },
+    MigrationFailed {
+        kind: FailureKind,
+        message: String,
+    },
+    Released {
+        cmds: Vec<LockCommand>,
     },
     /// A console line, stamped by the worker when the VM printed it.
     Line {
