@@ -243,3 +243,127 @@ pub fn plan(record: &VmRecord, present: &[String]) -> (Vec<NicSpec>, Vec<String>
         .collect();
     (attach, detach)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::fixtures::{amd, cluster};
+    use crate::state::vm_spec::{TestWorkload, VmSpec, WorkloadName};
+    use crate::state::vms::VmCommand;
+    use crate::state::{Command, CommandResult};
+
+    fn nic(network: &str, mac: &str) -> NicSpec {
+        NicSpec {
+            network: network.into(),
+            mac: mac.into(),
+            slot: None,
+        }
+    }
+
+    fn apply(s: &mut ClusterState, cmd: VmNicCommand) -> CommandResult {
+        s.apply(&Command::VmNic(cmd)).0
+    }
+
+    fn attach(vm: &str, n: NicSpec) -> VmNicCommand {
+        VmNicCommand::Attach {
+            vm: vm.into(),
+            nic: n,
+            at_unix_ms: 3,
+        }
+    }
+
+    #[test]
+    fn attach_generates_a_unique_mac_pins_slots_and_refusals_change_nothing() {
+        let mut s = cluster(1, |_| amd(4, 4 << 30));
+        let mut a = VmSpec::test_guest("a", 1, 64, TestWorkload::new(WorkloadName::Net));
+        a.nics = vec![
+            nic("lan", "52:54:00:00:00:01"),
+            nic("lan", "52:54:00:00:00:02"),
+        ];
+        let b = VmSpec::test_guest("b", 1, 64, TestWorkload::new(WorkloadName::Net));
+        for spec in [a, b] {
+            s.apply(&Command::Vm(VmCommand::CreateVm {
+                spec,
+                owner: None,
+                at_unix_ms: 2,
+            }));
+        }
+        // Remove the first NIC: the second keeps slot 1; a new NIC takes slot 0.
+        let r = apply(
+            &mut s,
+            VmNicCommand::Detach {
+                vm: "a".into(),
+                mac: "52:54:00:00:00:01".into(),
+                at_unix_ms: 3,
+            },
+        );
+        assert_eq!(r, CommandResult::Ok);
+        assert_eq!(
+            apply(&mut s, attach("a", nic("dmz", ""))),
+            CommandResult::Ok
+        );
+        let rec = crate::state::vms::find(&s, "a")
+            .cloned()
+            .unwrap_or_else(|| panic!("a"));
+        let got: Vec<(Option<u8>, &str)> = rec
+            .spec
+            .nics
+            .iter()
+            .map(|n| (n.slot, n.network.as_str()))
+            .collect();
+        assert_eq!(got, vec![(Some(1), "lan"), (Some(0), "dmz")]);
+        let generated = rec.spec.nics[1].mac.clone();
+        assert!(generated.starts_with("52:54:00:"), "{generated}");
+        assert!(mac_user(&s, &generated) == Some("a"));
+
+        let before = s.clone();
+        for (cmd, needle) in [
+            (
+                attach("b", nic("lan", &generated.to_uppercase())),
+                "already used by VM \"a\"",
+            ),
+            (attach("zz", nic("lan", "")), "no VM named"),
+            (attach("b", nic("bad net", "")), "network name"),
+            (
+                VmNicCommand::Detach {
+                    vm: "b".into(),
+                    mac: "52:54:00:00:00:02".into(),
+                    at_unix_ms: 4,
+                },
+                "no NIC with MAC",
+            ),
+        ] {
+            let r = apply(&mut s, cmd);
+            assert!(
+                matches!(&r, CommandResult::Rejected { reason } if reason.contains(needle)),
+                "{r:?} lacks {needle}"
+            );
+            assert_eq!(s, before);
+        }
+        // Four NICs are the most.
+        assert_eq!(
+            apply(&mut s, attach("a", nic("lan", ""))),
+            CommandResult::Ok
+        );
+        assert_eq!(
+            apply(&mut s, attach("a", nic("lan", ""))),
+            CommandResult::Ok
+        );
+        let r = apply(&mut s, attach("a", nic("lan", "")));
+        assert!(
+            matches!(&r, CommandResult::Rejected { reason } if reason.contains("already has 4 NICs")),
+            "{r:?}"
+        );
+        // The owner's plan: add what the record has and the VM lacks, remove the rest.
+        let rec = crate::state::vms::find(&s, "a")
+            .cloned()
+            .unwrap_or_else(|| panic!("a"));
+        let (add, remove) = plan(
+            &rec,
+            &["52:54:00:00:00:02".into(), "52:54:00:99:99:99".into()],
+        );
+        assert_eq!(add.len(), 3);
+        assert!(add.iter().all(|n| n.slot.is_some()));
+        assert_eq!(remove, vec!["52:54:00:99:99:99".to_string()]);
+    }
+}
