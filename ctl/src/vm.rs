@@ -73,6 +73,24 @@ pub enum VmCmd {
     /// Hot add / remove of shared-volume disks.
     #[command(subcommand)]
     Disk(crate::disk::VmDiskCmd),
+    /// Hot add / remove of NICs (only guests that poll their NIC slots see a change while
+    /// running; a Linux guest sees NICs present at its boot).
+    #[command(subcommand)]
+    Nic(VmNicCmd),
+}
+
+/// `clusterctl vm nic ...`.
+#[derive(Debug, Subcommand)]
+pub enum VmNicCmd {
+    /// Add a NIC on a network (`NET` or `NET,mac=aa:bb:cc:dd:ee:ff`; the MAC is generated
+    /// when not given) in the VM's lowest free NIC slot.
+    Attach {
+        name: String,
+        #[arg(value_parser = parse_nic)]
+        nic: NicArg,
+    },
+    /// Remove the NIC with this MAC.
+    Detach { name: String, mac: String },
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +220,7 @@ fn spec_of(a: &CreateArgs) -> pb::VmSpec {
             .map(|n| pb::NicSpec {
                 network: n.network.clone(),
                 mac: n.mac.clone(),
+                slot: None,
             })
             .collect(),
     }
@@ -553,6 +572,26 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
     let fmt = cli.output;
     match cmd {
         VmCmd::Disk(d) => crate::disk::run_vm_disk(cli, d).await,
+        VmCmd::Nic(VmNicCmd::Attach { name: n, nic }) => {
+            let req = pb::AttachNicRequest {
+                vm: n.clone(),
+                nic: Some(pb::NicSpec {
+                    network: nic.network.clone(),
+                    mac: nic.mac.clone(),
+                    slot: None,
+                }),
+            };
+            let r = call(ep, timeout, c.attach_nic(req)).await?;
+            render_one(fmt, r.vm.as_ref())
+        }
+        VmCmd::Nic(VmNicCmd::Detach { name: n, mac }) => {
+            let req = pb::DetachNicRequest {
+                vm: n.clone(),
+                mac: mac.clone(),
+            };
+            let r = call(ep, timeout, c.detach_nic(req)).await?;
+            render_one(fmt, r.vm.as_ref())
+        }
         VmCmd::Create(a) => {
             let req = pb::CreateVmRequest {
                 spec: Some(spec_of(a)),

@@ -353,16 +353,8 @@ static void putip(u32 ip)
 			putc_('.');
 	}
 }
-static void net_start(void)
+static void net_print_up(void)
 {
-	int rc = net_echo_init(P.net_ip);
-	if (rc != VNET_OK || P.net_ip == 0) {
-		net_status = "down";
-		puts_("NET down");
-		kvs("reason", rc != VNET_OK ? vnet_strerror(rc) : "no-net.ip");
-		puts_("\n");
-		return;
-	}
 	struct vnet *d = net_echo_dev();
 	net_status = "up";
 	puts_("NET up");
@@ -380,6 +372,31 @@ static void net_start(void)
 	puts_(" features=");
 	putx(d->features);
 	puts_("\n");
+}
+static void net_start(void)
+{
+	int rc = P.net_ip ? net_echo_init(P.net_ip) : VNET_ENODEV;
+	if (rc != VNET_OK || P.net_ip == 0) {
+		net_status = "down";
+		puts_("NET down");
+		kvs("reason", P.net_ip == 0 ? "no-net.ip" : vnet_strerror(rc));
+		puts_("\n");
+		return;
+	}
+	net_print_up();
+}
+/* Per heartbeat: notice a NIC that appeared or disappeared (hot add / remove). */
+static void net_tick(void)
+{
+	int ev = net_echo_tick();
+	if (ev == NET_ECHO_CAME_UP) {
+		net_print_up();
+	} else if (ev == NET_ECHO_GONE) {
+		net_status = "down";
+		puts_("NET gone");
+		kv("slot", (u64)net_echo_gone_slot());
+		puts_("\n");
+	}
 }
 
 static int work_step(unsigned cpu, struct cursor *c)
@@ -464,6 +481,8 @@ static void heartbeat(void)
 		}
 	}
 	hb_seq++;
+	if (P.workload == W_NET)
+		net_tick(); /* may print a NET line of its own: before the HB line starts */
 	puts_("HB");
 	kv("seq", hb_seq);
 	kv("tsc_us", us_since(tsc0));
@@ -479,7 +498,6 @@ static void heartbeat(void)
 		kv("badio_wrong", badio_wrong);
 	}
 	if (P.workload == W_NET) {
-		net_echo_tick();
 		kvs("net", net_status);
 		kv("net_rx", net_cnt.rx);
 		kv("net_tx", net_cnt.tx);

@@ -5,6 +5,7 @@ struct net_counters net_cnt;
 static struct vnet nic;
 static uint32_t my_ip;
 static int was_up;
+static int gone_slot = -1;
 
 #define ETH_HLEN 14u
 #define ETHERTYPE_IPV4 0x0800u
@@ -50,6 +51,8 @@ static uint16_t csum_fold(uint32_t sum)
 }
 
 struct vnet *net_echo_dev(void) { return &nic; }
+
+int net_echo_gone_slot(void) { return gone_slot; }
 
 int net_echo_init(uint32_t ip)
 {
@@ -165,15 +168,33 @@ static void ipv4(const uint8_t *f, uint32_t len)
 	}
 }
 
-void net_echo_tick(void)
+int net_echo_tick(void)
 {
-	if (!was_up)
-		return;
+	if (!my_ip)
+		return 0;
+	if (was_up && !vnet_present(&nic)) {
+		/* Hot remove: the slot answers "no device" now. */
+		gone_slot = nic.slot;
+		nic.ready = 0;
+		was_up = 0;
+		return NET_ECHO_GONE;
+	}
+	if (!was_up) {
+		/* Hot add: the first slot holding a network device. */
+		for (int s = 0; s < (int)VNET_SLOTS; s++) {
+			if (vnet_init(&nic, s) == VNET_OK) {
+				was_up = 1;
+				return NET_ECHO_CAME_UP;
+			}
+		}
+		return 0;
+	}
 	if (nic.ready && vnet_check(&nic) != VNET_ERESET)
-		return;
+		return 0;
 	/* The device asked for a reset: set it up again. */
 	if (vnet_init(&nic, nic.slot) == VNET_OK)
 		net_cnt.resets++;
+	return 0;
 }
 
 int net_echo_poll(void)

@@ -116,6 +116,11 @@ static int setup_queue(struct vnet *d, unsigned q)
 	return rd32(d, R_QUEUE_READY) == 1 ? VNET_OK : VNET_EQUEUE;
 }
 
+int vnet_present(const struct vnet *d)
+{
+	return rd32(d, R_MAGIC) == MAGIC && rd32(d, R_DEVICE_ID) == DEVICE_ID_NET;
+}
+
 int vnet_init(struct vnet *d, int slot)
 {
 	d->ready = 0;

@@ -75,6 +75,8 @@ uint8_t *vnet_tx_buf(struct vnet *d);
  * when VNET_F_CSUM was negotiated) the device completes the checksum at
  * csum_start + csum_offset over [csum_start, end). */
 int vnet_tx_send(struct vnet *d, uint32_t len, int csum_start, int csum_offset);
+/* Whether the slot of d (set up before) still holds a network device. */
+int vnet_present(const struct vnet *d);
 /* VNET_ERESET when the device asks for a reset, else VNET_OK. */
 int vnet_check(struct vnet *d);
 const char *vnet_strerror(int err);

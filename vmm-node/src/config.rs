@@ -65,6 +65,10 @@ pub struct NicConfig {
     /// MTU offered to the guest (`VIRTIO_NET_F_MTU`), 68..=9000.
     #[serde(default = "default_mtu")]
     pub mtu: u16,
+    /// virtio-net slot (`0..NICS_MAX`); `None`: its index in `nics` at boot, the lowest
+    /// free slot on hot add.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u8>,
 }
 
 fn default_mtu() -> u16 {
@@ -78,6 +82,7 @@ impl NicConfig {
             tap_name: tap_name.into(),
             mac: mac.into(),
             mtu: NIC_MTU_DEFAULT,
+            slot: None,
         }
     }
 
@@ -193,6 +198,9 @@ pub enum ConfigError {
         first: usize,
         name: String,
     },
+    /// A NIC slot out of range or used twice.
+    #[error("nics[{index}].slot {slot} is out of range (0..{NICS_MAX}) or used by another NIC")]
+    NicSlot { index: usize, slot: u8 },
 }
 
 /// Whether the kernel accepts `name` as an interface name (`dev_valid_name`).
@@ -267,7 +275,17 @@ impl VmConfig {
         self.validate_nics()
     }
 
-    fn validate_nics(&self) -> Result<(), ConfigError> {
+    /// The slot of NIC `index` (its `slot`, else its index).
+    pub fn nic_slot(&self, index: usize) -> u8 {
+        self.nics
+            .get(index)
+            .and_then(|n| n.slot)
+            .unwrap_or(index as u8)
+    }
+
+    /// Check the NICs (also used for a NIC about to be hot-added, appended to the VM's
+    /// current NICs).
+    pub fn validate_nics(&self) -> Result<(), ConfigError> {
         if self.nics.len() > NICS_MAX {
             return Err(ConfigError::NicCount(self.nics.len()));
         }
@@ -292,6 +310,11 @@ impl VmConfig {
             }
             if !(NIC_MTU_MIN..=NIC_MTU_MAX).contains(&n.mtu) {
                 return Err(ConfigError::NicMtu { index, mtu: n.mtu });
+            }
+            let slot = self.nic_slot(index);
+            if usize::from(slot) >= NICS_MAX || (0..index).any(|first| self.nic_slot(first) == slot)
+            {
+                return Err(ConfigError::NicSlot { index, slot });
             }
             for (first, other) in self.nics[..index].iter().enumerate() {
                 if other.mac_bytes() == Some(mac) {

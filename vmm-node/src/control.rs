@@ -12,6 +12,8 @@
 //! | `console` | `tail_bytes` (default 64 KiB), `stream` (bool) | `text`; with `stream`, then one `{"line": ...}` per console line until the client disconnects or the VM stops |
 //! | `attach-disk` | `slot`, `path`, `read_only` (default false) | (hot-add, needs virtio-blk slots) |
 //! | `detach-disk` | `slot` | (hot-remove) |
+//! | `attach-nic` | `tap_name`, `mac`, `mtu` (default 1500), `slot` (default: lowest free) | `slot` (hot-add into an empty NIC slot; the TAP must exist) |
+//! | `detach-nic` | `mac` | `tap_name`, `slot` (hot-remove; the TAP is closed, not deleted) |
 //!
 //! Other commands (e.g. migration) plug in as [`Extension`]s, tried in order for any `cmd`
 //! the built-in set does not know.
@@ -84,6 +86,10 @@ pub enum Request {
     DetachDisk {
         slot: u8,
     },
+    AttachNic(crate::config::NicConfig),
+    DetachNic {
+        mac: String,
+    },
 }
 
 /// A handler for extra commands: returns `None` if it does not know `request["cmd"]`.
@@ -112,7 +118,7 @@ fn handle(vm: &Arc<Vm>, req: Request) -> Value {
         Request::Status {} => {
             return ok(json!({
                 "status": vm.status(),
-                "config": vm.config(),
+                "config": vm.current_config(),
                 "tsc_khz": vm.tsc_khz(),
                 "console_bytes": vm.console().total_bytes(),
             }))
@@ -132,6 +138,10 @@ fn handle(vm: &Arc<Vm>, req: Request) -> Value {
             })
             .map(|()| json!({})),
         Request::DetachDisk { slot } => vm.detach_disk(slot).map(|()| json!({})),
+        Request::AttachNic(nic) => vm.attach_nic(&nic).map(|slot| json!({ "slot": slot })),
+        Request::DetachNic { mac } => vm
+            .detach_nic(&mac)
+            .map(|n| json!({ "tap_name": n.tap_name, "slot": n.slot })),
         Request::Snapshot { dir, resume } => {
             let r = (|| {
                 vm.pause()?;

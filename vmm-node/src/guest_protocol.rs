@@ -26,10 +26,14 @@
 //! * `mem`: `ok` (no mismatch ever), `bad` (at least one), `fill` (still filling), `off`.
 //! * `disk`: `ok`, `bad`, `nodisk` (no device found yet), `off`; `disk_passes` counts
 //!   completed write+flush+read-verify rounds.
-//! * `NET up` is printed once the `net` workload's NIC is live (the first NIC slot that
-//!   holds a network device); from then on it answers. Its heartbeats add `net` (`up`,
-//!   `down`), `net_rx`, `net_tx`, `net_arp`, `net_udp`, `net_icmp`, `net_drop`, `net_busy`
-//!   (replies dropped for want of a transmit buffer) and `net_resets`.
+//! * `NET up slot=.. mac=.. ip=.. mtu=.. features=..` is printed once the `net` workload's
+//!   NIC is live (the first NIC slot that holds a network device); from then on it
+//!   answers. The guest polls its slots once per heartbeat: `NET gone slot=..` when the NIC
+//!   in use disappeared (hot remove), and `NET up ...` again when it set up a NIC that
+//!   appeared (hot add; also after `NET down` at boot for want of a NIC). Its heartbeats
+//!   add `net` (`up`, `down`), `net_rx`, `net_tx`, `net_arp`, `net_udp`, `net_icmp`,
+//!   `net_drop`, `net_busy` (replies dropped for want of a transmit buffer) and
+//!   `net_resets`.
 
 use std::collections::BTreeMap;
 

@@ -277,7 +277,7 @@ pub fn save(vm: &Vm, dir: &Path) -> Result<SaveStats, SnapshotError> {
         source,
     })?;
     let payload = SnapshotPayload {
-        config: vm.config().clone(),
+        config: vm.current_config(),
         state,
         memory_bytes,
     };

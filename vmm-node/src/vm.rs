@@ -620,6 +620,54 @@ impl Vm {
         Ok(())
     }
 
+    /// Hot-add a NIC on TAP `nic.tap_name` into slot `nic.slot` (lowest free when `None`).
+    /// The NIC is checked against the VM's current NICs (MAC, TAP, slot, MTU). Returns
+    /// its slot.
+    pub fn attach_nic(&self, nic: &crate::config::NicConfig) -> Result<u8, VmError> {
+        let nets = self.net_devices().ok_or(VmError::NoNetDevices)?;
+        let mut check = self.config.clone();
+        check.nics = nets.configs();
+        let mut new = nic.clone();
+        if new.slot.is_none() {
+            // Checked in the slot it would get; the device picks the same one.
+            new.slot = (0..crate::config::NICS_MAX as u8)
+                .find(|s| check.nics.iter().all(|n| n.slot != Some(*s)));
+        }
+        if new.slot.is_none() {
+            return Err(VmError::Net {
+                op: "attach",
+                source: Box::new(crate::devices::virtio::net::VirtioNetError::NoFreeSlot),
+            });
+        }
+        check.nics.push(new.clone());
+        check.validate_nics()?;
+        let slot = nets.attach(&new).map_err(|source| VmError::Net {
+            op: "attach",
+            source,
+        })?;
+        tracing::info!(slot, tap = %nic.tap_name, mac = %nic.mac, mtu = nic.mtu, "nic attached");
+        Ok(slot)
+    }
+
+    /// Hot-remove the NIC with MAC `mac` (its slot empties, its TAP is closed).
+    pub fn detach_nic(&self, mac: &str) -> Result<crate::config::NicConfig, VmError> {
+        let nets = self.net_devices().ok_or(VmError::NoNetDevices)?;
+        nets.detach(mac).map_err(|source| VmError::Net {
+            op: "detach",
+            source,
+        })
+    }
+
+    /// The configuration with the NICs present now (hot-added ones included, removed ones
+    /// left out, each with its slot): what a snapshot or a migration target must build.
+    pub fn current_config(&self) -> VmConfig {
+        let mut c = self.config.clone();
+        if let Some(n) = self.net_devices() {
+            c.nics = n.configs();
+        }
+        c
+    }
+
     /// Flush and close every disk (storage hand-off before a migration switchover). A VM
     /// without disk slots has nothing to do.
     pub fn detach_all_disks(&self) -> Result<(), VmError> {

@@ -121,6 +121,121 @@ fn guest_answers_arp_udp_and_icmp_through_the_bridge() {
     );
 }
 
+/// NIC hot add and remove on a running VM: the guest (which polls its NIC slots, there is
+/// no hot-plug notification in virtio-mmio) brings a NIC that appeared up and answers on
+/// it, notices when it disappears and moves to another one; the bridge learns each NIC
+/// behind its own TAP. Bad requests are refused with the reason and change nothing.
+#[test]
+fn nic_hot_add_and_remove_on_a_running_vm() {
+    const MAC2: &str = "52:54:00:77:00:03";
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = NetNs::new("hotplug");
+    ns.bridge(HOST_CIDR, 1500);
+    for t in ["tap0", "tap1", "tap2", "tap3", "tap4"] {
+        ns.tap(t, 1500);
+    }
+    let mut cfg = net_config("tap0", 1500);
+    cfg.nics.clear();
+    let vm = run_vm(&ns, dir.path(), "vm", &cfg);
+    let down = vm.wait_console("NET down (no NIC at boot)", T, |l| {
+        l.starts_with("NET down")
+    });
+    assert!(down.contains("reason="), "{down}");
+
+    // Hot add into the lowest free slot.
+    let r = vm.ok(json!({"cmd": "attach-nic", "tap_name": "tap0", "mac": MAC}));
+    assert_eq!(r["slot"], 0, "{r}");
+    let up = vm.wait_console("NET up in slot 0", T, |l| {
+        l.starts_with("NET up") && l.contains("slot=0")
+    });
+    assert!(up.contains(&format!("mac={MAC}")), "{up}");
+    udp_echo(&ns, dir.path(), 1000, 20);
+    assert_eq!(ns.fdb_port(MAC).as_deref(), Some("tap0"));
+
+    // A second NIC (slot 1); the guest keeps answering on the first.
+    let r = vm.ok(json!({"cmd": "attach-nic", "tap_name": "tap1", "mac": MAC2, "mtu": 1500}));
+    assert_eq!(r["slot"], 1, "{r}");
+    let st = vm.ok(json!({"cmd": "status"}));
+    let nics = st["config"]["nics"].as_array().unwrap().clone();
+    assert_eq!(nics.len(), 2, "{st}");
+    assert_eq!(nics[1]["mac"], MAC2, "{st}");
+    assert_eq!(nics[1]["slot"], 1, "{st}");
+
+    // Refusals: duplicate MAC, TAP in use, unknown MAC, slot taken, no TAP; the NICs stay.
+    for (req, want) in [
+        (
+            json!({"cmd": "attach-nic", "tap_name": "tap2", "mac": MAC}),
+            "already used",
+        ),
+        (
+            json!({"cmd": "attach-nic", "tap_name": "tap0", "mac": "52:54:00:77:00:09"}),
+            "tap_name tap0",
+        ),
+        (
+            json!({"cmd": "detach-nic", "mac": "52:54:00:77:00:09"}),
+            "no NIC with MAC",
+        ),
+        (
+            json!({"cmd": "attach-nic", "tap_name": "tap2", "mac": "52:54:00:77:00:09", "slot": 1}),
+            "slot 1",
+        ),
+        (
+            json!({"cmd": "attach-nic", "tap_name": "nosuchtap", "mac": "52:54:00:77:00:09"}),
+            "nosuchtap",
+        ),
+        (
+            json!({"cmd": "attach-nic", "tap_name": "tap2", "mac": "52:54:00:77:00:09", "mtu": 20000}),
+            "mtu",
+        ),
+    ] {
+        let r = vm.req(req.clone());
+        assert_eq!(r["ok"], false, "{req} -> {r}");
+        let e = r["error"].as_str().unwrap();
+        assert!(e.contains(want), "{req}: {e}");
+    }
+    assert_eq!(
+        vm.ok(json!({"cmd": "status"}))["config"]["nics"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    // A full slot table refuses a fifth NIC.
+    vm.ok(json!({"cmd": "attach-nic", "tap_name": "tap2", "mac": "52:54:00:77:00:04"}));
+    vm.ok(json!({"cmd": "attach-nic", "tap_name": "tap3", "mac": "52:54:00:77:00:05"}));
+    let r = vm.req(json!({"cmd": "attach-nic", "tap_name": "tap4", "mac": "52:54:00:77:00:06"}));
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("every NIC slot"),
+        "{r}"
+    );
+    vm.ok(json!({"cmd": "detach-nic", "mac": "52:54:00:77:00:04"}));
+    vm.ok(json!({"cmd": "detach-nic", "mac": "52:54:00:77:00:05"}));
+
+    // Hot remove the NIC in use: the guest notices and moves to slot 1.
+    let r = vm.ok(json!({"cmd": "detach-nic", "mac": MAC}));
+    assert_eq!(r["tap_name"], "tap0", "{r}");
+    vm.wait_console("NET gone from slot 0", T, |l| {
+        l.starts_with("NET gone") && l.contains("slot=0")
+    });
+    let up = vm.wait_console("NET up in slot 1", T, |l| {
+        l.starts_with("NET up") && l.contains("slot=1")
+    });
+    assert!(up.contains(&format!("mac={MAC2}")), "{up}");
+    // The host forgets the old neighbour entry, so ARP finds the new MAC.
+    ns.ip(&["neigh", "flush", "dev", "br0"]);
+    udp_echo(&ns, dir.path(), 1000, 20);
+    assert_eq!(ns.fdb_port(MAC2).as_deref(), Some("tap1"));
+    let arp = ns.probe(dir.path(), &["arp", "br0", HOST_IP, GUEST_IP, "10"]);
+    assert_eq!(arp["mac"], MAC2, "{arp}");
+    let st = vm.ok(json!({"cmd": "status"}));
+    assert_eq!(st["status"]["state"], "running", "{st}");
+    let nics = st["config"]["nics"].as_array().unwrap();
+    assert_eq!(nics.len(), 1, "{st}");
+    assert_eq!(nics[0]["mac"], MAC2, "{st}");
+}
+
 #[test]
 fn jumbo_frames_pass_with_mtu_9000() {
     let _g = serial();

@@ -80,6 +80,10 @@ pub fn vm_disk(e: &VmDiskError) -> Status {
     class(e.class(), error_chain(e))
 }
 
+pub fn vm_nic(e: &crate::state::vm_nics::VmNicError) -> Status {
+    class(e.class(), error_chain(e))
+}
+
 pub fn drain(e: DrainError) -> Status {
     match &e {
         DrainError::Job(j) => job(j),

@@ -125,6 +125,37 @@ impl VmApi {
             .map_err(status::write)
     }
 
+    /// Commit a NIC change (checked here first, again at apply) and answer with the VM as
+    /// this replica sees it once it applied the change.
+    async fn change_nic(
+        &self,
+        cmd: crate::state::vm_nics::VmNicCommand,
+    ) -> Result<Response<pb::VmReply>, Status> {
+        use crate::state::vm_nics::{self, VmNicCommand};
+        vm_nics::check(&self.state(), &cmd).map_err(|e| status::vm_nic(&e))?;
+        let vm = match &cmd {
+            VmNicCommand::Attach { vm, .. } | VmNicCommand::Detach { vm, .. } => vm.clone(),
+        };
+        tracing::info!(command = %cmd, "vm nic change");
+        let reply = self
+            .agent
+            .write(ForwardRequest::Command(Command::VmNic(cmd)))
+            .await
+            .map_err(status::write)?;
+        if let crate::node::ForwardReply::Command { log_index, .. } = reply {
+            let start = std::time::Instant::now();
+            while self
+                .agent
+                .read_sm(|d| d.last_applied.map_or(0, |l| l.index))
+                < log_index
+                && start.elapsed() < crate::api::migrations::APPLY_WAIT
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+        self.reply(&vm)
+    }
+
     fn reply(&self, name: &str) -> Result<Response<pb::VmReply>, Status> {
         let state = self.state();
         let rec = vms::find(&state, name)
@@ -445,6 +476,49 @@ impl VmService for VmApi {
             n(a).cmp(&n(b))
         });
         Ok(Response::new(pb::ListVmsReply { vms }))
+    }
+
+    async fn attach_nic(
+        &self,
+        request: Request<pb::AttachNicRequest>,
+    ) -> Result<Response<pb::VmReply>, Status> {
+        let req = request.into_inner();
+        name_of(&req.vm)?;
+        let Some(nic) = req.nic else {
+            return Err(Status::invalid_argument(
+                "nic is missing: give the network (and optionally the MAC)",
+            ));
+        };
+        let nic = crate::state::vm_spec::NicSpec {
+            network: nic.network,
+            mac: nic.mac,
+            slot: None,
+        };
+        self.change_nic(crate::state::vm_nics::VmNicCommand::Attach {
+            vm: req.vm,
+            nic,
+            at_unix_ms: now_unix_ms(),
+        })
+        .await
+    }
+
+    async fn detach_nic(
+        &self,
+        request: Request<pb::DetachNicRequest>,
+    ) -> Result<Response<pb::VmReply>, Status> {
+        let req = request.into_inner();
+        name_of(&req.vm)?;
+        if req.mac.is_empty() {
+            return Err(Status::invalid_argument(
+                "mac is empty: give the MAC of the NIC to remove (`clusterctl vm show` lists them)",
+            ));
+        }
+        self.change_nic(crate::state::vm_nics::VmNicCommand::Detach {
+            vm: req.vm,
+            mac: req.mac,
+            at_unix_ms: now_unix_ms(),
+        })
+        .await
     }
 
     async fn get_vm(&self, request: Request<pb::VmName>) -> Result<Response<pb::VmReply>, Status> {

@@ -29,3 +29,4 @@ pub mod progress;
 pub mod quick_migration;
 pub mod reconciler;
 pub mod vm_disks;
+pub mod vm_nics;

@@ -238,6 +238,7 @@ pub async fn run(
             execute(&agent, &host, action, lease.lapses).await;
         }
         crate::control::vm_disks::reconcile(&agent, &host, &records, &busy).await;
+        crate::control::vm_nics::reconcile(&agent, &host, &records, &busy).await;
         resolve_orphaned_migrations(&agent, &host, &records, &busy, &mut orphans).await;
         // Woken early by newly applied entries (a new owner starts its VM at once).
         let last = applied.borrow_and_update().last_applied;

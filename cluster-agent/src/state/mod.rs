@@ -15,6 +15,7 @@ pub mod migrations;
 mod nodes;
 pub mod revocations;
 pub mod vm_disks;
+pub mod vm_nics;
 pub mod vm_spec;
 pub mod vms;
 
@@ -258,6 +259,8 @@ pub enum Command {
     Lock(crate::state::disk_locks::LockEntry),
     /// Hot add / remove of a VM's disk (see `crate::state::vm_disks`).
     VmDisk(crate::state::vm_disks::VmDiskCommand),
+    /// Hot add / remove of a VM's NIC (see `crate::state::vm_nics`).
+    VmNic(crate::state::vm_nics::VmNicCommand),
     /// Migration management (see `crate::state::migrations`).
     Migration(crate::state::migrations::MigrationCommand),
     /// Join tokens (see `crate::state::join_tokens`).
@@ -294,6 +297,7 @@ impl std::fmt::Display for Command {
             Command::Job(c) => write!(f, "{c}"),
             Command::Lock(l) => write!(f, "{l}"),
             Command::VmDisk(c) => write!(f, "{c}"),
+            Command::VmNic(c) => write!(f, "{c}"),
             Command::Migration(c) => write!(f, "{c}"),
             Command::NodeFenced { node_id, .. } => write!(f, "node_fenced({node_id})"),
             Command::Token(c) => write!(f, "{c}"),
@@ -449,6 +453,12 @@ impl ClusterState {
             }
             Command::VmDisk(c) => {
                 if let Err(e) = crate::state::vm_disks::apply(self, c, &mut touched) {
+                    return rejected(&e);
+                }
+                CommandResult::Ok
+            }
+            Command::VmNic(c) => {
+                if let Err(e) = crate::state::vm_nics::apply(self, c, &mut touched) {
                     return rejected(&e);
                 }
                 CommandResult::Ok

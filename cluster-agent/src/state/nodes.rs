@@ -235,6 +235,7 @@ pub(super) fn apply(
         | Command::Job(_)
         | Command::Lock(_)
         | Command::VmDisk(_)
+        | Command::VmNic(_)
         | Command::Token(_)
         | Command::Revocation(_)
         | Command::Migration(_) => CommandResult::Rejected {

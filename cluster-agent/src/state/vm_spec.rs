@@ -42,13 +42,14 @@ pub struct VmSpec {
     /// Most preferred first.
     #[serde(default)]
     pub preferred_owners: Vec<scheduler::NodeId>,
-    /// Network interfaces, NIC `i` in virtio-net slot `i`.
+    /// Network interfaces; NIC `i` in virtio-net slot `nics[i].slot`, else `i`
+    /// ([`VmSpec::nic_slot`]).
     #[serde(default)]
     pub nics: Vec<NicSpec>,
 }
 
 /// One NIC of a VM: the network it is on and its MAC.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NicSpec {
     /// A network name that nodes map to a host bridge in their config.
@@ -57,6 +58,10 @@ pub struct NicSpec {
     /// one when it applies the create ([`generated_mac`]); never empty once stored.
     #[serde(default)]
     pub mac: String,
+    /// The virtio-net slot. `None`: the NIC's index in the list (NICs given at create).
+    /// A hot add or remove pins every NIC's slot, so the others keep theirs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u8>,
 }
 
 /// The host TAP device of the NIC with `mac` on node `node_id`: the MAC's 12 hex digits,
@@ -179,7 +184,7 @@ pub struct DiskSpec {
 }
 
 /// Why a spec is refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
     #[error("VM name {0:?} must be 1..={VM_NAME_BYTES_MAX} bytes of letters, digits, '.', '_' or '-', not starting with '.'")]
     Name(String),
@@ -215,6 +220,8 @@ pub enum SpecError {
     Mac(String),
     #[error("MAC {0} is given to two NICs of the VM")]
     DuplicateMac(String),
+    #[error("NIC slot {0} is out of range (0..{NICS_MAX}) or given to two NICs")]
+    NicSlot(u8),
 }
 
 /// True for names a VM may have (also used for the quick-migration directory).
@@ -241,6 +248,26 @@ impl VmSpec {
             preferred_owners: Vec::new(),
             nics: Vec::new(),
         }
+    }
+
+    /// The virtio-net slot of NIC `index` (its `slot`, else its index).
+    pub fn nic_slot(&self, index: usize) -> u8 {
+        self.nics
+            .get(index)
+            .and_then(|n| n.slot)
+            .unwrap_or(index as u8)
+    }
+
+    /// Give every NIC its slot explicitly (before the list is edited).
+    pub fn pin_nic_slots(&mut self) {
+        for i in 0..self.nics.len() {
+            self.nics[i].slot = Some(self.nic_slot(i));
+        }
+    }
+
+    /// The lowest virtio-net slot no NIC is in.
+    pub fn free_nic_slot(&self) -> Option<u8> {
+        (0..NICS_MAX as u8).find(|s| (0..self.nics.len()).all(|i| self.nic_slot(i) != *s))
     }
 
     /// The networks the VM's NICs are on.
@@ -322,6 +349,13 @@ impl VmSpec {
         }
         if self.nics.len() > NICS_MAX {
             return Err(SpecError::TooManyNics(self.nics.len()));
+        }
+        let mut slots = HashSet::new();
+        for i in 0..self.nics.len() {
+            let slot = self.nic_slot(i);
+            if usize::from(slot) >= NICS_MAX || !slots.insert(slot) {
+                return Err(SpecError::NicSlot(slot));
+            }
         }
         let mut macs = HashSet::new();
         for nic in &self.nics {
@@ -414,10 +448,12 @@ mod tests {
             NicSpec {
                 network: "lan".into(),
                 mac: String::new(),
+                ..Default::default()
             },
             NicSpec {
                 network: "dmz".into(),
                 mac: "52:54:00:AA:00:01".into(),
+                ..Default::default()
             },
         ];
         s.validate().unwrap();

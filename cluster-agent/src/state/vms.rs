@@ -797,6 +797,7 @@ mod tests {
             sp.nics.push(NicSpec {
                 network: "lan".into(),
                 mac: mac.into(),
+                ..Default::default()
             });
             VmCommand::CreateVm {
                 spec: sp,

@@ -509,7 +509,7 @@ fn run_out(
             if let Err(e) = side.vm.vm.stop() {
                 tracing::error!(vm = %name, error = %e, "stopping the migrated-away VM");
             }
-            host.delete_taps(&side.vm.spec);
+            host.delete_taps(&side.vm.current_spec());
             drop(claim);
             tracing::info!(vm = %name, target_node, blackout_us = stats.blackout.total_us,
                 receipt_ok = stats.receipt_matches(), "migration finished");

@@ -57,6 +57,8 @@ pub(crate) struct HostedVm {
     pub vm: Vm,
     pub slots: Vec<Arc<Mutex<VirtioBlk>>>,
     pub disks: Mutex<Vec<Option<AttachedDisk>>>,
+    /// The NICs present now, each with its slot (hot add and remove edit it).
+    pub nics: Mutex<Vec<super::spec::NicSpec>>,
     /// Set for the whole of an operation that must not interleave with another one
     /// (migration, quick save, hot attach/detach, stop); see [`HostedVm::claim`].
     busy: AtomicBool,
@@ -185,7 +187,10 @@ impl HostedVm {
                 })?;
             slots.push(dev);
         }
+        let mut pinned = spec.clone();
+        pinned.pin_nic_slots();
         Ok(HostedVm {
+            nics: Mutex::new(pinned.nics),
             spec,
             vm,
             slots,
@@ -206,10 +211,12 @@ impl HostedVm {
         &self.spec.name
     }
 
-    /// The spec with the disks as they are attached now (slot order).
+    /// The spec with the disks as they are attached now (slot order) and the NICs present
+    /// now (with their slots).
     pub fn current_spec(&self) -> VmSpec {
         let mut s = self.spec.clone();
         s.disks = self.slot_disks().into_iter().map(|d| d.disk).collect();
+        s.nics = lock(&self.nics).clone();
         s
     }
 

@@ -44,6 +44,7 @@ use csv_volume::{
 };
 use vmm_node::{Vm, VmStatus};
 
+use crate::state::vm_spec::nic_tap_name;
 pub use live_migration::{
     IncomingEvent, LiveOptions, MigrationHandle, MigrationListener, MigrationReport,
 };
@@ -52,7 +53,7 @@ pub use local_locks::LocalLocks;
 pub use lock_callback::{DiskLocks, LockOpError};
 pub use machine::{OpenMode, SlotDisk};
 pub use quick_migration::{QuickImage, QuickRestoreStats};
-pub use spec::{BootSpec, DiskSpec, SpecError, TestWorkload, VmSpec, WorkloadName};
+pub use spec::{BootSpec, DiskSpec, NicSpec, SpecError, TestWorkload, VmSpec, WorkloadName};
 
 use machine::{open_disk, CloseFor, HostedVm};
 use vmm_node::migration::target::Abandon;
@@ -868,7 +869,7 @@ impl VmHost {
             }
         }
         self.unregister(&vm);
-        self.delete_taps(&vm.spec);
+        self.delete_taps(&vm.current_spec());
         tracing::info!(
             vm = name,
             released = out.release.len(),
@@ -997,6 +998,59 @@ impl VmHost {
         let _claim = vm.claim()?;
         let slot = vm.slot_of(disk)?;
         vm.detach(slot, CloseFor::Stop)
+    }
+
+    /// Hot-adds `nic` (MAC and slot fixed by the committed record) to the running VM
+    /// `name`: its TAP is created on the network's bridge here, then the NIC is put into
+    /// its slot (the guest gets a configuration-change interrupt). Returns the slot.
+    #[tracing::instrument(skip(self))]
+    pub fn attach_nic(&self, name: &str, nic: NicSpec) -> Result<u8, VmHostError> {
+        if let Some(w) = self.worker(name) {
+            return w.attach_nic(nic).map_err(|source| VmHostError::Worker {
+                vm: name.to_owned(),
+                source,
+            });
+        }
+        let vm = self.get(name)?;
+        let _claim = vm.claim()?;
+        self.require_running(&vm)?;
+        let taps = nics::create_tap(self.node, &self.networks, name, &nic)?;
+        let cfg = vmm_node::config::NicConfig {
+            slot: nic.slot,
+            ..vmm_node::config::NicConfig::new(nic_tap_name(self.node, &nic.mac), nic.mac.clone())
+        };
+        let slot = vm.vm.attach_nic(&cfg).map_err(|source| VmHostError::Vm {
+            vm: name.to_owned(),
+            op: "hot-add a NIC",
+            source,
+        })?;
+        taps.keep();
+        lock(&vm.nics).push(NicSpec {
+            slot: Some(slot),
+            ..nic
+        });
+        Ok(slot)
+    }
+
+    /// Hot-removes the NIC with `mac` from the VM `name` and deletes its TAP here.
+    #[tracing::instrument(skip(self))]
+    pub fn detach_nic(&self, name: &str, mac: &str) -> Result<(), VmHostError> {
+        if let Some(w) = self.worker(name) {
+            return w.detach_nic(mac).map_err(|source| VmHostError::Worker {
+                vm: name.to_owned(),
+                source,
+            });
+        }
+        let vm = self.get(name)?;
+        let _claim = vm.claim()?;
+        vm.vm.detach_nic(mac).map_err(|source| VmHostError::Vm {
+            vm: name.to_owned(),
+            op: "hot-remove a NIC",
+            source,
+        })?;
+        lock(&vm.nics).retain(|n| n.mac != mac);
+        nics::delete_tap(self.node, mac);
+        Ok(())
     }
 
     pub(crate) fn require_running(&self, vm: &HostedVm) -> Result<(), VmHostError> {

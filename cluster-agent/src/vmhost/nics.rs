@@ -109,6 +109,29 @@ pub fn create_taps(node: u64, networks: &Networks, spec: &VmSpec) -> Result<Taps
     Ok(taps)
 }
 
+/// Creates and attaches the TAP of one NIC `nic` of VM `vm` on node `node` (hot add).
+pub fn create_tap(
+    node: u64,
+    networks: &Networks,
+    vm: &str,
+    nic: &super::spec::NicSpec,
+) -> Result<Taps, VmHostError> {
+    let mut one = VmSpec::test_guest(
+        vm,
+        1,
+        crate::state::vm_spec::MEMORY_MIB_MIN,
+        crate::state::vm_spec::TestWorkload::new(crate::state::vm_spec::WorkloadName::Idle),
+    );
+    one.nics = vec![nic.clone()];
+    create_taps(node, networks, &one)
+}
+
+/// Deletes the TAP of the NIC with `mac` on node `node` (hot remove; a missing one is
+/// ignored).
+pub fn delete_tap(node: u64, mac: &str) {
+    delete(&[nic_tap_name(node, mac)]);
+}
+
 /// Deletes the TAPs of `spec`'s NICs on node `node` (missing ones are ignored).
 pub fn delete_taps(node: u64, spec: &VmSpec) {
     delete(&tap_names(node, spec));

@@ -211,7 +211,7 @@ impl VmHost {
                 if let Err(e) = vm.vm.stop() {
                     tracing::error!(vm = name, error = %e, "stopping the saved VM");
                 }
-                self.delete_taps(&vm.spec);
+                self.delete_taps(&vm.current_spec());
                 drop(claim);
                 tracing::info!(vm = name, dir = %dir.display(), save_us = save.save_us, "quick migration saved");
                 Ok(QuickImage {

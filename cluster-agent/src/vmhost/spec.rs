@@ -7,7 +7,7 @@ use vmm_node::guest_protocol::{Workload, WorkloadKind};
 use vmm_node::{BootProtocol, VmConfig};
 
 pub use crate::state::vm_spec::{
-    valid_vm_name, BootSpec, DiskSpec, SpecError, TestWorkload, VmSpec, WorkloadName,
+    valid_vm_name, BootSpec, DiskSpec, NicSpec, SpecError, TestWorkload, VmSpec, WorkloadName,
 };
 
 use super::VmHostError;
@@ -185,7 +185,11 @@ pub fn to_config(
             .nics
             .iter()
             .zip(super::nics::tap_names(node, spec))
-            .map(|(n, tap)| vmm_node::config::NicConfig::new(tap, n.mac.clone()))
+            .enumerate()
+            .map(|(i, (n, tap))| vmm_node::config::NicConfig {
+                slot: Some(spec.nic_slot(i)),
+                ..vmm_node::config::NicConfig::new(tap, n.mac.clone())
+            })
             .collect(),
     })
 }

@@ -63,6 +63,14 @@ pub trait NetDevices: Send + Sync {
     /// [`NetDevices::resume`] announces the NICs' MACs on their TAPs (the VM may have
     /// moved: switches must relearn where it is).
     fn restore(&self, states: &[crate::state::NicState]) -> Result<(), DeviceError>;
+    /// Hot add: open `nic.tap_name` and put a NIC into slot `nic.slot` (the lowest free slot
+    /// when `None`), raising a configuration-change interrupt on it. Returns the slot.
+    fn attach(&self, nic: &crate::config::NicConfig) -> Result<u8, DeviceError>;
+    /// Hot remove the NIC with MAC `mac`: its slot becomes empty (device id 0) and its TAP
+    /// is closed. Returns its configuration.
+    fn detach(&self, mac: &str) -> Result<crate::config::NicConfig, DeviceError>;
+    /// The configuration of every NIC present now (slots filled in), in slot order.
+    fn configs(&self) -> Vec<crate::config::NicConfig>;
     /// Stop the NICs' threads and close their TAPs (the VM stops for good).
     fn shutdown(&self);
 }

@@ -43,7 +43,7 @@ impl SourceVm for LocalSource {
         self.vm.memory()
     }
     fn config_blob(&self) -> Result<Vec<u8>, OpError> {
-        Ok(serde_json::to_vec(self.vm.config())?)
+        Ok(serde_json::to_vec(&self.vm.current_config())?)
     }
     fn requirements(&self) -> Requirements {
         let c = self.vm.config();

@@ -134,6 +134,7 @@ pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> Result<VmSpec, ConvertError> {
             .map(|n| NicSpec {
                 network: n.network,
                 mac: n.mac,
+                ..Default::default()
             })
             .collect(),
     })
@@ -184,6 +185,7 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
             .map(|n| pb::NicSpec {
                 network: n.network.clone(),
                 mac: n.mac.clone(),
+                slot: n.slot.map(u32::from),
             })
             .collect(),
     }
@@ -240,6 +242,7 @@ mod tests {
             nics: vec![pb::NicSpec {
                 network: "lan".into(),
                 mac: "52:54:00:00:00:07".into(),
+                slot: None,
             }],
         }
     }

@@ -399,6 +399,24 @@ impl WorkerVm {
         }
     }
 
+    /// Hot-adds `nic`; the slot it went into.
+    pub fn attach_nic(&self, nic: crate::vmhost::spec::NicSpec) -> Result<u8, WorkerError> {
+        match self.request(&Request::AttachNic { nic })? {
+            Response::Attached { slot } => Ok(slot),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Hot-removes the NIC with `mac` (its TAP is deleted).
+    pub fn detach_nic(&self, mac: &str) -> Result<(), WorkerError> {
+        match self.request(&Request::DetachNic {
+            mac: mac.to_owned(),
+        })? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Quick migration, source half: the worker saves its VM into `volume` for
     /// `target_node` and exits.
     pub fn quick_save(

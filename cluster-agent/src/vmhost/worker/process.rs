@@ -601,6 +601,18 @@ fn answer(w: &Worker, req: Request, out: &mut UnixStream) -> bool {
                 message: crate::error_chain(&e),
             },
         },
+        Request::AttachNic { nic } => match w.host.attach_nic(&w.name, nic) {
+            Ok(slot) => Response::Attached { slot },
+            Err(e) => Response::Error {
+                message: crate::error_chain(&e),
+            },
+        },
+        Request::DetachNic { mac } => match w.host.detach_nic(&w.name, &mac) {
+            Ok(()) => Response::Done,
+            Err(e) => Response::Error {
+                message: crate::error_chain(&e),
+            },
+        },
         Request::QuickSave {
             volume,
             target_node,

@@ -51,7 +51,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::vmhost::{DiskStatus, VmSpec};
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Longest line either side accepts (the console's retained log fits with room).
 pub const LINE_BYTES_MAX: usize = 1 << 20;
@@ -170,6 +170,15 @@ pub enum Request {
     /// Hot-remove `disk` (flushed and closed first).
     DetachDisk {
         disk: csv_volume::DiskName,
+    },
+    /// Hot-add `nic` (MAC and slot from the committed record): its TAP on the network's
+    /// bridge, then the device. Answered `Attached { slot }`.
+    AttachNic {
+        nic: crate::vmhost::spec::NicSpec,
+    },
+    /// Hot-remove the NIC with `mac` and delete its TAP. Answered `Done`.
+    DetachNic {
+        mac: String,
     },
     /// Quick migration, source half: save the VM into the shared `volume` for
     /// `target_node` (disks closed for it); the worker exits once saved.

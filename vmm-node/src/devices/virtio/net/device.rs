@@ -186,6 +186,12 @@ impl VirtioNet {
         let _ = self.kick.write(1);
     }
 
+    /// Record a configuration change (hot add) for the driver: `INT_CONFIG` and a new
+    /// configuration generation. The caller triggers the interrupt line.
+    pub fn config_changed(&mut self) {
+        self.transport.config_changed();
+    }
+
     /// Stop the receive path (under the device lock: when the caller releases the lock,
     /// no more guest memory writes happen until [`VirtioNet::resume`]).
     pub fn pause(&mut self) {

@@ -13,9 +13,13 @@
 //! * [`frames`]: the announcement frame (RARP, as QEMU's announce-self sends).
 //!
 //! # Slots
-//! NIC `i` of `VmConfig::nics` is virtio-net slot `i`: MMIO window [`nic_mmio_base`]`(i)`
-//! (right after the virtio-blk slots), interrupt [`nic_irq`]`(i)`. Only configured NICs are
-//! on the bus: virtio-mmio has no hot-plug notification, so NICs are fixed at VM creation.
+//! NIC `i` of `VmConfig::nics` is in virtio-net slot `nics[i].slot` (default `i`): MMIO
+//! window [`nic_mmio_base`]`(slot)` (right after the virtio-blk slots), interrupt
+//! [`nic_irq`]`(slot)`. All [`NIC_SLOTS`] windows are on the bus; an empty one answers
+//! device id 0 (no device). Hot add fills a slot and raises a configuration-change
+//! interrupt, hot remove empties it; virtio-mmio has no hot-plug notification, so only a
+//! driver that polls the slots (the test guest) sees NICs come and go, a Linux guest only
+//! the NICs present when it probed the devices at boot.
 //!
 //! # Features
 //! Offered ([`OFFERED_FEATURES`]): `VERSION_1`, `MAC` (from the config), `MTU` (68..=9000),
@@ -299,12 +303,41 @@ pub enum VirtioNetError {
         source: super::mmio::MmioStateError,
     },
     /// The saved states do not list every NIC exactly once.
-    #[error("saved NIC states list slots {saved:?}, this VM has NICs 0..{nics}")]
+    #[error("saved NIC states list slots {saved:?}, this VM has NICs in slots {occupied:?}")]
     SlotList {
         /// Slots listed.
         saved: Vec<u8>,
-        /// NICs of the VM.
-        nics: usize,
+        /// Slots holding a NIC.
+        occupied: Vec<u8>,
+    },
+    /// Every NIC slot holds a NIC.
+    #[error("every NIC slot (0..{NIC_SLOTS}) holds a NIC; detach one first")]
+    NoFreeSlot,
+    /// A slot number outside `0..NIC_SLOTS`.
+    #[error("NIC slot {slot} does not exist (slots are 0..{NIC_SLOTS})")]
+    NoSuchSlot {
+        /// The slot asked for.
+        slot: usize,
+    },
+    /// The slot asked for holds a NIC.
+    #[error("NIC slot {slot} already holds a NIC")]
+    SlotOccupied {
+        /// Slot.
+        slot: u8,
+    },
+    /// Another NIC of the VM has the MAC.
+    #[error("MAC {mac} is already used by the NIC in slot {slot}")]
+    MacInUse {
+        /// The MAC.
+        mac: String,
+        /// The slot of the NIC that has it.
+        slot: u8,
+    },
+    /// No NIC of the VM has the MAC.
+    #[error("the VM has no NIC with MAC {mac}")]
+    NoSuchMac {
+        /// The MAC asked for.
+        mac: String,
     },
 }
 

@@ -554,10 +554,23 @@ fn nics_restore_all_or_nothing_and_shut_down() {
         .unwrap()
     };
     let a = mk();
+    // Every slot is on the bus; slots 2 and 3 are empty windows (device id 0).
+    let buses: Vec<_> = a.bus_devices().collect();
     assert_eq!(
-        a.bus_devices().map(|(b, _, _)| b).collect::<Vec<_>>(),
-        vec![nic_mmio_base(0), nic_mmio_base(1)]
+        buses.iter().map(|(b, _, _)| *b).collect::<Vec<_>>(),
+        (0..NIC_SLOTS).map(nic_mmio_base).collect::<Vec<_>>()
     );
+    let read = |i: usize, off: u64| {
+        let mut v = [0u8; 4];
+        buses[i].2.lock().unwrap().mmio_read(off, &mut v);
+        u32::from_le_bytes(v)
+    };
+    assert_eq!(read(2, 0), 0x7472_6976);
+    assert_eq!(read(2, 4), 2);
+    assert_eq!(read(2, 8), 0, "an empty slot has device id 0");
+    assert_eq!(read(0, 8), VIRTIO_ID_NET);
+    buses[2].2.lock().unwrap().mmio_write(0x70, &[1, 0, 0, 0]);
+    assert_eq!(read(2, 0x70), 0, "writes to an empty slot change nothing");
     a.resume();
     a.pause();
     let saved = a.save();
@@ -573,6 +586,46 @@ fn nics_restore_all_or_nothing_and_shut_down() {
     let mut swapped = saved.clone();
     swapped[0].device = saved[1].device.clone();
     assert!(b.restore(&swapped).is_err());
+    // Hot add takes the lowest free slot and raises a config interrupt; a duplicate MAC, a
+    // taken slot and a full table are refused; hot remove empties the slot.
+    let backend = || Box::new(FakeBackend(wire.clone())) as Box<dyn NetBackend>;
+    let slot = a
+        .attach_backend(NicConfig::new("t2", "52:54:00:00:00:03"), backend(), true)
+        .unwrap();
+    assert_eq!(slot, 2);
+    assert_eq!(read(2, 8), VIRTIO_ID_NET);
+    assert_eq!(read(2, 0x60) & 2, 2, "INT_CONFIG after a hot add");
+    let e = a
+        .attach_backend(NicConfig::new("t9", "52:54:00:00:00:01"), backend(), true)
+        .unwrap_err();
+    assert!(matches!(e, VirtioNetError::MacInUse { slot: 0, .. }), "{e}");
+    let taken = NicConfig {
+        slot: Some(1),
+        ..NicConfig::new("t9", "52:54:00:00:00:09")
+    };
+    let e = a.attach_backend(taken, backend(), true).unwrap_err();
+    assert!(matches!(e, VirtioNetError::SlotOccupied { slot: 1 }), "{e}");
+    a.attach_backend(NicConfig::new("t3", "52:54:00:00:00:04"), backend(), true)
+        .unwrap();
+    let e = a
+        .attach_backend(NicConfig::new("t9", "52:54:00:00:00:09"), backend(), true)
+        .unwrap_err();
+    assert!(matches!(e, VirtioNetError::NoFreeSlot), "{e}");
+    assert_eq!(a.save().len(), 4);
+    let gone = a.detach_mac([0x52, 0x54, 0, 0, 0, 1]).unwrap();
+    assert_eq!((gone.tap_name.as_str(), gone.slot), ("t0", Some(0)));
+    assert_eq!(read(0, 8), 0, "a hot-removed NIC's slot is empty");
+    assert!(matches!(
+        a.detach_mac([0x52, 0x54, 0, 0, 0, 1]),
+        Err(VirtioNetError::NoSuchMac { .. })
+    ));
+    assert_eq!(
+        a.configs().iter().map(|c| c.slot).collect::<Vec<_>>(),
+        vec![Some(1), Some(2), Some(3)]
+    );
+    // States of slots 1..3 do not fit a VM with NICs in slots 0 and 1.
+    let e = b.restore(&a.save()).unwrap_err();
+    assert!(e.to_string().contains("list slots"), "{e}");
     a.shutdown();
     a.shutdown();
     assert_eq!(nic_kernel_cmdline(1), "virtio_mmio.device=4K@0xd0009000:17");
