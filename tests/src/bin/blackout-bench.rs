@@ -4,6 +4,10 @@
 //! VMs over loopback), measured in the same run with the same guest and options: an idle
 //! test guest, 1 vCPU, 4 connections, 50 ms downtime goal.
 //!
+//! A third path runs the same migrations with `vm_workers = true`: the VM in a worker
+//! process on each side (the source worker runs the engine, the target worker restores
+//! from memory the target agent fills).
+//!
 //! Usage: `blackout-bench [MEMORY_MIB (256)] [REPEATS (5)]`; needs `cluster-agent` and
 //! `migration-bench` built in the same target directory:
 //! `cargo build -p cluster-agent -p vmm-node -p cluster-tests --bins`.
@@ -31,7 +35,11 @@ fn pct(v: &mut [u64], p: f64) -> u64 {
 }
 
 /// Full stack: per migration (engine blackout us, total us, MigrateVm → running ms).
-async fn full_stack(memory_mib: u64, repeats: usize) -> Result<Vec<(u64, u64, u64)>, String> {
+async fn full_stack(
+    memory_mib: u64,
+    repeats: usize,
+    node_toml: &str,
+) -> Result<Vec<(u64, u64, u64)>, String> {
     let bin = locate_binary("cluster-agent", "cluster-agent").map_err(|e| e.to_string())?;
     let opts = Options {
         heartbeat_interval_ms: 100,
@@ -42,6 +50,9 @@ async fn full_stack(memory_mib: u64, repeats: usize) -> Result<Vec<(u64, u64, u6
         ..Options::default()
     };
     let mut c = Cluster::new(bin, opts).map_err(|e| e.to_string())?;
+    for id in 1..=2 {
+        c.add_node_with(id, node_toml).map_err(|e| e.to_string())?;
+    }
     c.form(2).await.map_err(|e| e.to_string())?;
     let ch = c.try_channel(1).await?;
     let mut vm = VmServiceClient::new(ch.clone());
@@ -156,29 +167,39 @@ async fn main() -> ExitCode {
         }
     };
     println!("  vmm-node alone (migration-bench): blackout p50 {e50} us, p99 {e99} us");
-    let full = match full_stack(memory_mib, repeats).await {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("blackout-bench: {e}");
-            return ExitCode::FAILURE;
+    let mut p50s = Vec::new();
+    for (path, toml) in [("full stack", ""), ("full stack, vm_workers", "vm_workers = true\n")] {
+        let full = match full_stack(memory_mib, repeats, toml).await {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("blackout-bench: {path}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        for (i, (b, t, w)) in full.iter().enumerate() {
+            println!(
+                "  {path} #{i}: blackout {b} us, engine total {} ms, MigrateVm -> running on target {w} ms",
+                t / 1000
+            );
         }
-    };
-    for (i, (b, t, w)) in full.iter().enumerate() {
+        let mut bl: Vec<u64> = full.iter().map(|f| f.0).collect();
+        let mut wall: Vec<u64> = full.iter().map(|f| f.2).collect();
+        let (f50, f99) = (pct(&mut bl.clone(), 0.5), pct(&mut bl, 0.99));
         println!(
-            "  full stack #{i}: blackout {b} us, engine total {} ms, MigrateVm -> running on target {w} ms",
-            t / 1000
+            "  {path} (2 agents, gRPC + Raft + agents): blackout p50 {f50} us, p99 {f99} us, MigrateVm -> running p50 {} ms",
+            pct(&mut wall, 0.5)
+        );
+        println!(
+            "  {path} / engine alone blackout (p50): {:.2}x",
+            f50 as f64 / e50.max(1) as f64
+        );
+        p50s.push(f50);
+    }
+    if let [inproc, workers] = p50s[..] {
+        println!(
+            "  vm_workers / in-process blackout (p50): {:.2}x",
+            workers as f64 / inproc.max(1) as f64
         );
     }
-    let mut bl: Vec<u64> = full.iter().map(|f| f.0).collect();
-    let mut wall: Vec<u64> = full.iter().map(|f| f.2).collect();
-    let (f50, f99) = (pct(&mut bl.clone(), 0.5), pct(&mut bl, 0.99));
-    println!(
-        "  full stack (2 agents, gRPC + Raft + agents): blackout p50 {f50} us, p99 {f99} us, MigrateVm -> running p50 {} ms",
-        pct(&mut wall, 0.5)
-    );
-    println!(
-        "  full stack / engine alone blackout (p50): {:.2}x",
-        f50 as f64 / e50.max(1) as f64
-    );
     ExitCode::SUCCESS
 }
