@@ -798,4 +798,27 @@ async fn live_migration_of_a_worker_vm_rolls_back_on_cancel_then_moves_it_with_i
     // It is node 3's worker that runs the guest: its own console keeps counting.
     let (_, now) = cl.wait_heartbeat(1, "vm-l", |_| true).await;
     worker_heartbeat_after(worker_console(&cl, &worker_dir(&cl, 3, "vm-l")), now.seq).await;
+
+    // 3. And on again from the worker that received it (its memory is the memfd the
+    // target agent filled): back to node 2.
+    vms.migrate_vm(pb::MigrateVmRequest {
+        name: "vm-l".into(),
+        to_node_id: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
+    let rec = cl.running_migration(1, "vm-l", cluster_tests::WAIT).await;
+    let end = cl.migration_end(1, rec.id, cluster_tests::WAIT).await;
+    assert_eq!(
+        end.state,
+        "succeeded",
+        "{end:?}{}\n--- worker log on node 3 ---\n{}",
+        cl.logs(),
+        cluster_agent::vmhost::worker::log_tail(&worker_dir(&cl, 3, "vm-l"), 40)
+    );
+    let (node, _) = cl
+        .wait_heartbeat(1, "vm-l", |h| h.seq > now.seq && h.disk == "ok")
+        .await;
+    assert_eq!(node, 2);
 }

@@ -131,8 +131,7 @@ pub struct RawConfig {
     /// left (default 33, 5 to 80).
     pub cert_renew_percent_left: Option<u64>,
     /// Run each VM in a worker process of its own (default false), so VMs keep running
-    /// while the agent restarts. Live migration of such VMs is not built yet (quick
-    /// migration and disk hot-plug work).
+    /// while the agent restarts (live and quick migration and hot-plug work through it).
     pub vm_workers: Option<bool>,
     /// Where the workers' directories (control socket, start file, log) live; default
     /// `<data_dir>/vms`.

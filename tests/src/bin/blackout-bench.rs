@@ -94,7 +94,27 @@ async fn full_stack(
         })
         .await
         .map_err(|s| s.to_string())?;
-        try_wait_migrated(&mut vm, "bench", to, t, STEP_TIMEOUT).await?;
+        if let Err(e) = try_wait_migrated(&mut vm, "bench", to, t, STEP_TIMEOUT).await {
+            let recs = mig
+                .list_migrations(mpb::ListMigrationsRequest { vm: "bench".into() })
+                .await
+                .map(|r| r.into_inner().migrations)
+                .unwrap_or_default();
+            let mut workers = String::new();
+            for id in 1..=2 {
+                if let Ok(spec) = c.spec(id) {
+                    let log = spec.data_dir.join("vms").join("bench").join("worker.log");
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                    workers.push_str(&format!("\n--- worker log, node {id} ---\n"));
+                    for l in tail.iter().rev() {
+                        workers.push_str(l);
+                        workers.push('\n');
+                    }
+                }
+            }
+            return Err(format!("{e}; records: {recs:?}{}{workers}", c.logs()));
+        }
         let wall_ms = t.elapsed().as_millis() as u64;
         let recs = mig
             .list_migrations(mpb::ListMigrationsRequest { vm: "bench".into() })
@@ -168,7 +188,10 @@ async fn main() -> ExitCode {
     };
     println!("  vmm-node alone (migration-bench): blackout p50 {e50} us, p99 {e99} us");
     let mut p50s = Vec::new();
-    for (path, toml) in [("full stack", ""), ("full stack, vm_workers", "vm_workers = true\n")] {
+    for (path, toml) in [
+        ("full stack", ""),
+        ("full stack, vm_workers", "vm_workers = true\n"),
+    ] {
         let full = match full_stack(memory_mib, repeats, toml).await {
             Ok(v) => v,
             Err(e) => {

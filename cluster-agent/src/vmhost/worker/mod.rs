@@ -540,13 +540,24 @@ impl WorkerVm {
                 .ok()
         };
         let vm = self.name.clone();
+        // Once the engine entered the switchover the target may run the VM: a channel
+        // lost after that is a lost `Running` reply, not a rollback.
+        let mut past_switchover = false;
         let result = loop {
             let frame = match read_frame::<Response>(&mut c.r) {
                 Ok(f) => f,
-                Err(e) => break Err(broken(WorkerError::Frame(e))),
+                Err(e) => {
+                    let mut f = broken(WorkerError::Frame(e));
+                    if past_switchover {
+                        f.kind = Some(protocol::FailureKind::CommitUncertain);
+                    }
+                    break Err(f);
+                }
             };
             let reply = match frame {
                 Response::Event { event } => {
+                    past_switchover |=
+                        matches!(&event, protocol::WireEvent::Phase(p) if p == "switchover");
                     on_event(match event {
                         protocol::WireEvent::Phase(p) => MigrationEvent::Phase(phase_name(&p)),
                         protocol::WireEvent::Prediction(p) => MigrationEvent::Prediction(p),
