@@ -262,7 +262,11 @@ pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
         vec!["raft role".into(), v.raft_role],
         vec![
             "state since (unix ms)".into(),
-            format!("{} ({} ago)", v.state_since_unix_ms, ago(v.state_since_unix_ms)),
+            format!(
+                "{} ({} ago)",
+                v.state_since_unix_ms,
+                ago(v.state_since_unix_ms)
+            ),
         ],
         vec![
             "management".into(),

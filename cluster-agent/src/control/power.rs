@@ -44,7 +44,11 @@ pub fn standby_step(state: &ClusterState, node: u64, now: u64) -> Option<Step> {
     let rec = state.nodes.get(&node)?;
     let request = rec.standby_request.as_ref()?;
     if !matches!(rec.state, NodeState::Up | NodeState::Paused) {
-        return Some(Step::Commit(cancel(node, format!("node is {}", rec.state), now)));
+        return Some(Step::Commit(cancel(
+            node,
+            format!("node is {}", rec.state),
+            now,
+        )));
     }
     let mut jobs = state.jobs.jobs.values().filter(|j| j.node == node);
     if jobs.clone().any(|j| j.status == JobStatus::Running) {
@@ -230,7 +234,12 @@ fn spawn_command(agent: &Arc<Agent>, state: &ClusterState, node: u64, action: Po
     let name = rec.registration.name.clone();
     let agent = agent.clone();
     tokio::spawn(async move {
-        tracing::info!(node, action = action.as_str(), ?argv, "running power command");
+        tracing::info!(
+            node,
+            action = action.as_str(),
+            ?argv,
+            "running power command"
+        );
         match run_command(&argv, node, &name, POWER_COMMAND_TIMEOUT).await {
             Ok(()) => {
                 agent.note_power_command(action.as_str(), "ok");
