@@ -44,32 +44,34 @@ pub fn standby_step(state: &ClusterState, node: u64, now: u64) -> Option<Step> {
     let rec = state.nodes.get(&node)?;
     let request = rec.standby_request.as_ref()?;
     if !matches!(rec.state, NodeState::Up | NodeState::Paused) {
-        return Some(Step::Commit(cancel(
+        return Some(Step::Commit(Box::new(cancel(
             node,
             format!("node is {}", rec.state),
             now,
-        )));
+        ))));
     }
     let mut jobs = state.jobs.jobs.values().filter(|j| j.node == node);
     if jobs.clone().any(|j| j.status == JobStatus::Running) {
         return None; // its drain (or failback) runs; look again later
     }
     if power::vms_on(state, node).is_empty() {
-        return Some(Step::Commit(Command::Power(PowerCommand::EnterStandby {
-            node,
-            at_unix_ms: now,
-        })));
+        return Some(Step::Commit(Box::new(Command::Power(
+            PowerCommand::EnterStandby {
+                node,
+                at_unix_ms: now,
+            },
+        ))));
     }
     if let Some(j) = jobs.find(|j| {
         j.kind == JobKind::Drain
             && j.created_unix_ms >= request.requested_unix_ms
             && j.status != JobStatus::Done
     }) {
-        return Some(Step::Commit(cancel(
+        return Some(Step::Commit(Box::new(cancel(
             node,
             format!("drain job {} {}: {}", j.id, j.status.as_str(), j.reason),
             now,
-        )));
+        ))));
     }
     if state.vms.values().any(|v| v.migrating_to == Some(node)) {
         return None; // a VM still arrives; drain once it is there
@@ -80,7 +82,7 @@ pub fn standby_step(state: &ClusterState, node: u64, now: u64) -> Option<Step> {
 /// A step of [`standby_step`].
 #[derive(Debug, PartialEq)]
 pub enum Step {
-    Commit(Command),
+    Commit(Box<Command>),
     /// Plan and start a drain job of the node.
     Drain,
 }
@@ -341,7 +343,7 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
                 _ => {}
             }
             match standby_step(&state, *id, now) {
-                Some(Step::Commit(cmd)) => commit(&agent, cmd).await,
+                Some(Step::Commit(cmd)) => commit(&agent, *cmd).await,
                 Some(Step::Drain) => start_drain(&agent, *id).await,
                 None => {}
             }

@@ -138,6 +138,7 @@ impl Agent {
             return Vec::new();
         }
         let now = Instant::now();
+        #[allow(clippy::type_complexity)]
         let (nodes, waking): (
             Vec<(u64, NodeState, Option<crate::state::RestartWindow>)>,
             Vec<(u64, u64)>,
