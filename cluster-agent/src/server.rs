@@ -213,6 +213,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         agent.clone(),
         stop_rx.clone(),
     ));
+    let power = tokio::spawn(crate::control::power::run(agent.clone(), stop_rx.clone()));
     let queue = tokio::spawn(crate::control::migration_queue::run(
         agent.clone(),
         stop_rx.clone(),
@@ -278,6 +279,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = fo.await;
     let _ = dm.await;
     let _ = jobs.await;
+    let _ = power.await;
     let _ = queue.await;
     if let Some(mt) = mt {
         let _ = mt.await;

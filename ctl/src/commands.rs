@@ -103,6 +103,28 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
                 .into_inner();
             output::node(fmt, &r)
         }
+        Cmd::Node(NodeCmd::Standby { node_id, reason }) => {
+            let r = c
+                .standby_node(pb::StandbyNodeRequest {
+                    node_id: *node_id,
+                    reason: reason.clone(),
+                })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            output::node(fmt, &r)
+        }
+        Cmd::Node(NodeCmd::Wake { node_id, reason }) => {
+            let r = c
+                .wake_node(pb::WakeNodeRequest {
+                    node_id: *node_id,
+                    reason: reason.clone(),
+                })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            output::node(fmt, &r)
+        }
         Cmd::Events { after, limit } => {
             let r = c
                 .list_events(pb::ListEventsRequest {

@@ -203,6 +203,19 @@ pub enum NodeCmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Drain NODE, then put it in standby with its power-off command (its config's
+    /// power_off_command, run by the leader); the power policy wakes it when needed.
+    Standby {
+        node_id: u64,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Wake a standby NODE with its power-on command; it is up once its agent reports.
+    Wake {
+        node_id: u64,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Why VM cannot run on (or move to) NODE: every rule that rules the node out.
     WhyNot { vm: String, node_id: u64 },
 }

@@ -73,6 +73,12 @@ struct Node {
     cert_expires_unix_ms: u64,
     /// Σ measured demand of its VMs; `null`: no fresh report.
     demand: Option<NodeDemand>,
+    /// Why it is in its state.
+    state_reason: String,
+    /// Standby asked for, the node being drained first (its reason); `null`: none.
+    standby_requested: Option<String>,
+    /// It registered power-off and power-on commands (it can be put in standby).
+    power_control: bool,
 }
 
 #[derive(Serialize)]
@@ -114,6 +120,9 @@ fn node_view(n: &pb::NodeInfo) -> Node {
             .collect(),
         migration_transport: n.migration_transport.clone(),
         cert_expires_unix_ms: n.cert_expires_unix_ms,
+        state_reason: n.state_reason.clone(),
+        standby_requested: (!n.standby_requested.is_empty()).then(|| n.standby_requested.clone()),
+        power_control: n.power_control,
         demand: n.demand.as_ref().map(|d| NodeDemand {
             cpu_demand_millicores: d.cpu_demand_millicores,
             cpu_run_millicores: d.cpu_run_millicores,
@@ -150,6 +159,31 @@ fn demand_cells(d: Option<&NodeDemand>) -> [String; 2] {
     }
 }
 
+/// The state column: the state, and a pending standby.
+fn state_cell(n: &Node) -> String {
+    match &n.standby_requested {
+        Some(_) => format!("{} (standby requested)", n.state),
+        None => n.state.clone(),
+    }
+}
+
+/// How long ago `unix_ms` was, roughly (`-` when unknown).
+fn ago(unix_ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if unix_ms == 0 || now < unix_ms {
+        return "-".into();
+    }
+    let s = (now - unix_ms) / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
 fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1024.0 * 1024.0 * 1024.0))
 }
@@ -165,7 +199,8 @@ pub fn nodes(fmt: Format, nodes: &[pb::NodeInfo]) -> Result<String, CtlError> {
             let mut row = vec![
                 n.node_id.to_string(),
                 n.name.clone(),
-                n.state.clone(),
+                state_cell(n),
+                ago(n.state_since_unix_ms),
                 n.raft_role.clone(),
                 n.mgmt_addr.clone(),
                 n.migration_addr.clone(),
@@ -176,6 +211,7 @@ pub fn nodes(fmt: Format, nodes: &[pb::NodeInfo]) -> Result<String, CtlError> {
             ];
             if fmt == Format::Wide {
                 row.extend(demand_cells(n.demand.as_ref()));
+                row.push(n.state_reason.clone());
             }
             row
         })
@@ -184,6 +220,7 @@ pub fn nodes(fmt: Format, nodes: &[pb::NodeInfo]) -> Result<String, CtlError> {
         "ID",
         "NAME",
         "STATE",
+        "SINCE",
         "ROLE",
         "MGMT",
         "MIGRATION",
@@ -193,7 +230,7 @@ pub fn nodes(fmt: Format, nodes: &[pb::NodeInfo]) -> Result<String, CtlError> {
         "KVM",
     ];
     if fmt == Format::Wide {
-        headers.extend(["CPU_DEMAND", "MEM_TOUCHED"]);
+        headers.extend(["CPU_DEMAND", "MEM_TOUCHED", "REASON"]);
     }
     Ok(table(&headers, &rows))
 }
@@ -204,14 +241,32 @@ pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
         return json(&v);
     }
     let [cpu_demand, mem_touched] = demand_cells(v.demand.as_ref());
+    let state = state_cell(&v);
     let rows = vec![
         vec!["id".into(), v.node_id.to_string()],
         vec!["name".into(), v.name],
-        vec!["state".into(), v.state],
+        vec!["state".into(), state],
+        vec!["state reason".into(), v.state_reason.clone()],
+        vec![
+            "standby requested".into(),
+            v.standby_requested.clone().unwrap_or_else(|| "-".into()),
+        ],
+        vec![
+            "power control".into(),
+            if v.power_control {
+                "power-off and power-on commands registered".into()
+            } else {
+                "none (never put in standby)".into()
+            },
+        ],
         vec!["raft role".into(), v.raft_role],
         vec![
             "state since (unix ms)".into(),
-            v.state_since_unix_ms.to_string(),
+            format!(
+                "{} ({} ago)",
+                v.state_since_unix_ms,
+                ago(v.state_since_unix_ms)
+            ),
         ],
         vec![
             "management".into(),

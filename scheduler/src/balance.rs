@@ -132,6 +132,38 @@ fn may_power_off(c: &Cluster<'_>) -> Vec<crate::model::NodeId> {
     off
 }
 
+/// Why the Up nodes need one more host, if they do: their N+1 failover reserve is short ([`keeps_reserve`]), or
+/// a node's load is above the power-saving fill level by more than the balance margin (hysteresis: consolidation
+/// fills nodes only up to the fill level, so a host is woken only once demand grew past what it planned for).
+/// Power saving wakes a standby host when this is `Some`.
+pub fn power_pressure(snap: &ClusterSnapshot) -> Result<Option<String>, PlanError> {
+    snap.validate()?;
+    let c = Cluster::new(snap, None);
+    let on: Vec<usize> = (0..c.nodes.len()).filter(|&n| c.is_up(n)).collect();
+    if on.is_empty() {
+        return Ok(None);
+    }
+    if !keeps_reserve(&c, &on) {
+        return Ok(Some(format!(
+            "the {} up nodes no longer keep an N+1 failover reserve",
+            on.len()
+        )));
+    }
+    let fill = u64::from(c.snap.policy.aggressiveness.consolidation_fill_bp());
+    let limit = fill + u64::from(c.snap.policy.balance_margin_bp);
+    Ok(on
+        .iter()
+        .map(|&n| (c.nodes[n].node.id, c.nodes[n].load_bp()))
+        .find(|(_, l)| *l > limit)
+        .map(|(id, l)| {
+            format!(
+                "{id} is at {:.1} % load, above the {:.1} % fill level plus the margin",
+                l as f64 / 100.0,
+                fill as f64 / 100.0
+            )
+        }))
+}
+
 /// Plans load balancing according to `snap.policy.balance`, with moves laid out from `now_ms`.
 pub fn balance(snap: &ClusterSnapshot, now_ms: u64) -> Result<BalancePlan, PlanError> {
     snap.validate()?;
@@ -677,5 +709,34 @@ mod tests {
         let plan = balance(&snap, 0).expect("plans");
         assert_eq!(plan.moves_count, 0);
         assert!(matches!(plan.stopped, BalanceStop::Balanced { .. }));
+    }
+
+    #[test]
+    fn pressure_when_the_reserve_is_short_or_a_node_is_past_the_fill_level() {
+        // Two 16 GiB nodes with 4 GiB of VMs: reserve kept, loads low: no pressure.
+        let mut snap = ClusterSnapshot {
+            nodes: (1..=2).map(node).collect(),
+            vms: (0..8).map(|i| busy_vm(i, 1, 100)).collect(),
+            ..Default::default()
+        };
+        snap.policy.balance = BalanceMode::PowerSaving;
+        assert_eq!(power_pressure(&snap).expect("plans"), None);
+        // 24 VMs of 512 MiB (12 GiB): more than one node's memory short of the other's.
+        snap.vms = (0..24)
+            .map(|i| busy_vm(i, (i % 2) as u64 + 1, 100))
+            .collect();
+        let why = power_pressure(&snap).expect("plans").expect("pressure");
+        assert!(why.contains("N+1 failover reserve"), "{why}");
+        // A CPU-busy node past the fill level (80 % + 5 %) with the reserve kept.
+        snap.nodes = (1..=3).map(node).collect();
+        snap.vms = (0..4).map(|i| busy_vm(i, 1, 900)).collect();
+        let why = power_pressure(&snap).expect("plans").expect("pressure");
+        assert!(why.contains("node 1 is at 90.0 % load"), "{why}");
+        // A standby (Down to the scheduler) node counts for nothing.
+        snap.vms = (0..4).map(|i| busy_vm(i, 1, 100)).collect();
+        snap.nodes[1].state = NodeState::Down;
+        snap.nodes[2].state = NodeState::Down;
+        let why = power_pressure(&snap).expect("plans").expect("pressure");
+        assert!(why.contains("the 1 up nodes"), "{why}");
     }
 }

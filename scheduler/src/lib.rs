@@ -40,7 +40,7 @@ pub mod place;
 pub mod plan;
 mod timeline;
 
-pub use balance::balance;
+pub use balance::{balance, power_pressure};
 pub use drain::{drain, failback};
 pub use explain::{MoveKind, Reason};
 pub use model::{

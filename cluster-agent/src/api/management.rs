@@ -317,6 +317,12 @@ impl Management for ManagementApi {
                     r.node_id
                 )))
             }
+            Some(s) if s.is_asleep() => {
+                return Err(Status::failed_precondition(format!(
+                    "node {} is {s}; `clusterctl node wake {}` brings it back",
+                    r.node_id, r.node_id
+                )))
+            }
             Some(_) => {}
         }
         let reason = if r.reason.is_empty() {
@@ -331,6 +337,44 @@ impl Management for ManagementApi {
                 at_unix_ms: crate::node::now_unix_ms(),
                 reason,
             }))
+            .await?;
+        self.get_node(Request::new(pb::GetNodeRequest { node_id: r.node_id }))
+            .await
+    }
+
+    async fn standby_node(
+        &self,
+        request: Request<pb::StandbyNodeRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        let r = request.into_inner();
+        let reason = power_reason(&r.reason, "standby asked for by an operator")?;
+        self.agent
+            .write(ForwardRequest::Command(Command::Power(
+                crate::state::power::PowerCommand::RequestStandby {
+                    node: r.node_id,
+                    reason,
+                    at_unix_ms: crate::node::now_unix_ms(),
+                },
+            )))
+            .await?;
+        self.get_node(Request::new(pb::GetNodeRequest { node_id: r.node_id }))
+            .await
+    }
+
+    async fn wake_node(
+        &self,
+        request: Request<pb::WakeNodeRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        let r = request.into_inner();
+        let reason = power_reason(&r.reason, "woken by an operator")?;
+        self.agent
+            .write(ForwardRequest::Command(Command::Power(
+                crate::state::power::PowerCommand::BeginWake {
+                    node: r.node_id,
+                    reason,
+                    at_unix_ms: crate::node::now_unix_ms(),
+                },
+            )))
             .await?;
         self.get_node(Request::new(pb::GetNodeRequest { node_id: r.node_id }))
             .await
@@ -455,4 +499,16 @@ impl Management for ManagementApi {
             value: v.unwrap_or_default(),
         }))
     }
+}
+
+/// An operator's reason for a standby or a wake-up (at most 256 bytes), or `default`.
+fn power_reason(given: &str, default: &str) -> Result<String, Status> {
+    if given.len() > 256 {
+        return Err(Status::invalid_argument("reason must be at most 256 bytes"));
+    }
+    Ok(if given.is_empty() {
+        default.to_owned()
+    } else {
+        given.to_owned()
+    })
 }

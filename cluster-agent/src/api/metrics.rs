@@ -163,6 +163,8 @@ pub fn render(agent: &Agent, progress: &ProgressBoard, vms: &[crate::vmhost::VmI
             (NodeState::Up.as_str(), 0),
             (NodeState::Down.as_str(), 0),
             (NodeState::Paused.as_str(), 0),
+            (NodeState::Standby.as_str(), 0),
+            (NodeState::Waking.as_str(), 0),
         ]
         .into_iter()
         .collect();
@@ -355,8 +357,56 @@ pub fn render(agent: &Agent, progress: &ProgressBoard, vms: &[crate::vmhost::VmI
         "cluster_balance_rounds_total{{{node}}} {}",
         agent.balance_rounds()
     );
+    render_power(&mut out, &node, agent);
     render_demand(&mut out, &node, agent.demand().get(&me));
     out
+}
+
+/// Standby nodes, power commands this agent ran (as leader) and how long it has not
+/// heard each peer.
+fn render_power(out: &mut String, node: &str, agent: &Agent) {
+    let (standby, peers) = agent.read_sm(|d| {
+        (
+            d.state
+                .nodes
+                .values()
+                .filter(|n| n.state == NodeState::Standby)
+                .count(),
+            d.state.nodes.keys().copied().collect::<Vec<u64>>(),
+        )
+    });
+    family(
+        out,
+        "cluster_nodes_standby",
+        "gauge",
+        "Nodes in standby (powered off by power saving or by hand; they own no VM).",
+    );
+    let _ = writeln!(out, "cluster_nodes_standby{{{node}}} {standby}");
+    family(
+        out,
+        "cluster_power_commands_total",
+        "counter",
+        "Power-off and power-on commands this agent ran as leader, by outcome (failed: start error, non-zero exit or timeout).",
+    );
+    for ((action, outcome), n) in agent.power_commands() {
+        let _ = writeln!(
+            out,
+            "cluster_power_commands_total{{{node},action=\"{action}\",outcome=\"{outcome}\"}} {n}"
+        );
+    }
+    family(
+        out,
+        "cluster_peer_silence_ms",
+        "gauge",
+        "Time since this agent last heard each node's heartbeat (since it started, if never).",
+    );
+    for p in peers.into_iter().filter(|p| *p != agent.node_id()) {
+        let _ = writeln!(
+            out,
+            "cluster_peer_silence_ms{{{node},peer=\"{p}\"}} {}",
+            agent.silence_of(p).as_millis()
+        );
+    }
 }
 
 /// `value` as a Prometheus label value (backslash, quote and newline escaped).

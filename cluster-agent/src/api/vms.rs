@@ -374,7 +374,10 @@ impl VmService for VmApi {
         };
         vms::check(&state, &unplaced).map_err(status::vm_state)?;
         let owner = if req.start {
-            Some(placement::place(&state, &self.agent.demand(), &spec).map_err(status::placement)?)
+            Some(
+                placement::place(&state, &self.agent.demand(), &spec)
+                    .map_err(|e| no_room(&self.agent, &state, e))?,
+            )
         } else {
             None
         };
@@ -407,8 +410,8 @@ impl VmService for VmApi {
                 owner: rec.owner.unwrap_or(0),
             }));
         }
-        let owner =
-            placement::place(&state, &self.agent.demand(), &rec.spec).map_err(status::placement)?;
+        let owner = placement::place(&state, &self.agent.demand(), &rec.spec)
+            .map_err(|e| no_room(&self.agent, &state, e))?;
         tracing::info!(vm = %name, owner, "starting vm");
         self.commit(VmCommand::StartVm {
             name: name.clone(),
@@ -661,4 +664,28 @@ impl VmService for VmApi {
             placement::why_not(&self.state(), &req.vm, req.node_id).map_err(status::placement)?;
         Ok(Response::new(pb::WhyNotReply { reasons }))
     }
+}
+
+/// A placement refusal as a status; when it found no room and a node is in standby, the
+/// power controller is told (it wakes one) and the caller is told to retry.
+fn no_room(
+    agent: &crate::node::Agent,
+    state: &crate::state::ClusterState,
+    e: placement::PlacementError,
+) -> Status {
+    let asleep: Vec<String> = state
+        .nodes
+        .iter()
+        .filter(|(_, r)| r.state.is_asleep())
+        .map(|(id, _)| id.to_string())
+        .collect();
+    if !matches!(e, placement::PlacementError::Refused { .. }) || asleep.is_empty() {
+        return status::placement(e);
+    }
+    let msg = crate::error_chain(&e);
+    agent.note_capacity_short(msg.clone());
+    Status::failed_precondition(format!(
+        "{msg}; node(s) {} are in standby: one is being woken, retry once it is up",
+        asleep.join(", ")
+    ))
 }

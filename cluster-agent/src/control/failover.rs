@@ -58,6 +58,16 @@ pub fn plan(
     demand: &crate::node::demand::Demand,
     dead: &[u64],
 ) -> Result<Vec<Takeover>, PlacementError> {
+    plan_noting(state, demand, dead, &mut None)
+}
+
+/// [`plan`], noting in `short` why a VM that should restart found no node.
+fn plan_noting(
+    state: &ClusterState,
+    demand: &crate::node::demand::Demand,
+    dead: &[u64],
+    short: &mut Option<String>,
+) -> Result<Vec<Takeover>, PlacementError> {
     let mut out = Vec::new();
     let mut snap = None;
     let dead: Vec<u64> = dead
@@ -124,6 +134,12 @@ pub fn plan(
         }
         for n in p.not_restarted {
             tracing::debug!(vm = %n.vm, node = id, "vm not restarted by failover");
+            if n.priority == scheduler::RestartPriority::None {
+                continue;
+            }
+            short.get_or_insert_with(|| {
+                format!("failover of node {id} found no node for VM {}", n.vm.0)
+            });
         }
     }
     Ok(out)
@@ -142,13 +158,17 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
         }
         let state = agent.read_sm(|d| d.state.clone());
         let dead = agent.down_for_at_least(&state, FAILOVER_GRACE);
-        let takeovers = match plan(&state, &agent.demand(), &dead) {
+        let mut short = None;
+        let takeovers = match plan_noting(&state, &agent.demand(), &dead, &mut short) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %crate::error_chain(&e), "failover planning failed");
                 continue;
             }
         };
+        if let Some(why) = short {
+            agent.note_capacity_short(why);
+        }
         for t in takeovers {
             if let Err(e) = take_over_disks(&agent, &state, &t).await {
                 tracing::warn!(vm = %t.vm, to = t.to, error = %e, "disk takeover refused; vm not failed over yet");

@@ -25,6 +25,7 @@ pub mod fencing;
 pub mod job_runner;
 pub mod migration_queue;
 pub mod placement;
+pub mod power;
 pub mod progress;
 pub mod quick_migration;
 pub mod reconciler;

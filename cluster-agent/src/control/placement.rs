@@ -76,7 +76,8 @@ fn node_of(rec: &NodeRecord) -> Result<Option<Node>, PlacementError> {
         state: match rec.state {
             NodeState::Up => scheduler::NodeState::Up,
             NodeState::Paused => scheduler::NodeState::Paused,
-            NodeState::Down => scheduler::NodeState::Down,
+            // Asleep nodes are no target of anything until they are Up again.
+            NodeState::Down | NodeState::Standby | NodeState::Waking => scheduler::NodeState::Down,
         },
         cpus_logical: r.facts.logical_cpus,
         memory_mib: r.facts.memory_bytes >> 20,
@@ -85,7 +86,11 @@ fn node_of(rec: &NodeRecord) -> Result<Option<Node>, PlacementError> {
         cpu_features: r.facts.cpu_flags.iter().cloned().collect(),
         management_subnet: subnet("management", &r.mgmt_subnet)?,
         migration_subnet: subnet("migration", &r.migration_subnet)?,
-        power: PowerPolicy::AlwaysOn,
+        power: if r.power.configured() {
+            PowerPolicy::MayPowerOff
+        } else {
+            PowerPolicy::AlwaysOn
+        },
         migration_bandwidth_mib_per_s: DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S,
         networks: r.networks.keys().cloned().collect(),
     }))

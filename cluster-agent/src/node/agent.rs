@@ -153,6 +153,21 @@ pub struct Agent {
     pub(super) demand: Mutex<DemandState>,
     /// Looks the balancer took on this agent while it led (for `/metrics`).
     pub(super) balance_rounds: std::sync::atomic::AtomicU64,
+    /// Power saving on this agent (see [`PowerBoard`]).
+    pub(super) power: Mutex<PowerBoard>,
+}
+
+/// What power saving keeps in memory on an agent (none of it needs to survive a leader
+/// change: a new leader measures anew).
+#[derive(Debug, Default)]
+pub(super) struct PowerBoard {
+    /// A placement (create, start, failover) found no room since the power controller
+    /// last looked: why.
+    capacity_short: Option<String>,
+    /// Power commands this agent ran: (action, outcome) → count.
+    runs: std::collections::BTreeMap<(&'static str, &'static str), u64>,
+    /// When this agent first saw each node Waking: node → (state since, first seen).
+    waking_seen: std::collections::BTreeMap<u64, (u64, Instant)>,
 }
 
 /// This agent's view of measured demand (see [`super::demand`]).
@@ -221,6 +236,7 @@ impl Agent {
             liveness: Mutex::new(liveness),
             demand: Mutex::default(),
             balance_rounds: Default::default(),
+            power: Mutex::default(),
             place_lock: tokio::sync::Mutex::new(()),
             down_clock: Mutex::new(DownClock::default()),
             restart_holds: Mutex::default(),
@@ -318,6 +334,7 @@ impl Agent {
                 .iter()
                 .map(|n| (n.name.clone(), n.bridge.clone()))
                 .collect(),
+            power: c.power.clone(),
         }
     }
 
@@ -678,6 +695,67 @@ impl Agent {
         d.board
             .record(self.node_id(), report.clone(), Instant::now());
         d.unsent = Some(report);
+    }
+
+    fn lock_power(&self) -> std::sync::MutexGuard<'_, PowerBoard> {
+        self.power.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A placement found no room (`why`): the power controller wakes a standby node.
+    pub fn note_capacity_short(&self, why: String) {
+        self.lock_power().capacity_short = Some(why);
+    }
+
+    /// The last placement shortfall noted, cleared.
+    pub fn take_capacity_short(&self) -> Option<String> {
+        self.lock_power().capacity_short.take()
+    }
+
+    /// Count one power command run by this agent (`action` "off"/"on", `outcome`
+    /// "ok"/"failed").
+    pub fn note_power_command(&self, action: &'static str, outcome: &'static str) {
+        *self.lock_power().runs.entry((action, outcome)).or_default() += 1;
+    }
+
+    /// Power commands this agent ran, by action and outcome.
+    pub fn power_commands(&self) -> Vec<((&'static str, &'static str), u64)> {
+        let b = self.lock_power();
+        [
+            ("off", "ok"),
+            ("off", "failed"),
+            ("on", "ok"),
+            ("on", "failed"),
+        ]
+        .into_iter()
+        .map(|k| (k, b.runs.get(&k).copied().unwrap_or(0)))
+        .collect()
+    }
+
+    /// When this agent first saw `node` Waking since `since_unix_ms` (the record's
+    /// state change), on its own monotonic clock.
+    pub fn waking_seen(&self, node: u64, since_unix_ms: u64) -> Instant {
+        let mut b = self.lock_power();
+        let e = b
+            .waking_seen
+            .entry(node)
+            .or_insert((since_unix_ms, Instant::now()));
+        if e.0 != since_unix_ms {
+            *e = (since_unix_ms, Instant::now());
+        }
+        e.1
+    }
+
+    /// This agent heard `node`'s heartbeats within `down_after` (always true of itself).
+    pub fn recently_heard(&self, node: u64) -> bool {
+        self.lock_liveness().recently_heard(node, Instant::now())
+    }
+
+    /// How long this agent has not heard `node` (zero for itself).
+    pub fn silence_of(&self, node: u64) -> Duration {
+        if node == self.node_id() {
+            return Duration::ZERO;
+        }
+        self.lock_liveness().silence_of(node, Instant::now())
     }
 
     /// Count one look of the periodic balancer (moves planned or not).

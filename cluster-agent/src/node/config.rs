@@ -115,6 +115,14 @@ pub struct RawConfig {
     pub metrics_addr: Option<String>,
     /// VM networks this node offers (`[[networks]] name = "lan", bridge = "br-lan"`).
     pub networks: Option<Vec<NetworkConfig>>,
+    /// The argv list (no shell) that powers this host off, run by the Raft leader once
+    /// the host is drained (`["ipmitool", "-I", "lanplus", "-H", "bmc-3", "-f",
+    /// "/etc/bmc-pass", "chassis", "power", "soft"]`). Registered with the node, so
+    /// every node can run it; set together with `power_on_command`.
+    pub power_off_command: Option<Vec<String>>,
+    /// The argv list that powers this host on, run by the Raft leader (another node):
+    /// `["ipmitool", ..., "chassis", "power", "on"]` or `["wakeonlan", "aa:bb:cc:dd:ee:ff"]`.
+    pub power_on_command: Option<Vec<String>>,
     /// The node's TLS credentials (`ca.pem`, `cert.pem`, `key.pem`, and `ca.key` on
     /// nodes that issue certificates); default `<data_dir>/tls`.
     pub tls_dir: Option<PathBuf>,
@@ -218,6 +226,8 @@ pub struct AgentConfig {
     pub volumes: Vec<csv_volume::VolumeConfig>,
     pub metrics_addr: Option<SocketAddr>,
     pub networks: Vec<NetworkConfig>,
+    /// See [`RawConfig::power_off_command`] and [`RawConfig::power_on_command`].
+    pub power: crate::state::power::PowerCommands,
     /// Where this node's TLS credentials are (see [`RawConfig::tls_dir`]).
     pub tls_dir: PathBuf,
     /// See [`RawConfig::migration_insecure_plaintext`].
@@ -314,6 +324,8 @@ impl RawConfig {
             volumes,
             metrics_addr,
             networks,
+            power_off_command,
+            power_on_command,
             tls_dir,
             migration_insecure_plaintext,
             image_dirs,
@@ -525,6 +537,13 @@ impl RawConfig {
                 ));
             }
         }
+        let power = crate::state::power::PowerCommands {
+            off: self.power_off_command.unwrap_or_default(),
+            on: self.power_on_command.unwrap_or_default(),
+        };
+        if let Err(reason) = power.validate() {
+            return Err(invalid("power_off_command", reason));
+        }
         let tls_dir = match self.tls_dir {
             Some(d) if d.as_os_str().is_empty() => {
                 return Err(invalid("tls_dir", "must not be empty"))
@@ -585,6 +604,7 @@ impl RawConfig {
             migration_insecure_plaintext: self.migration_insecure_plaintext.unwrap_or(false),
             tls_dir,
             networks,
+            power,
             node_id,
             name,
             data_dir,

@@ -138,13 +138,29 @@ impl Agent {
             return Vec::new();
         }
         let now = Instant::now();
-        let nodes: Vec<(u64, NodeState, Option<crate::state::RestartWindow>)> = self.read_sm(|d| {
-            d.state
-                .nodes
-                .iter()
-                .map(|(id, r)| (*id, r.state, r.restarting))
-                .collect()
+        #[allow(clippy::type_complexity)]
+        let (nodes, waking): (
+            Vec<(u64, NodeState, Option<crate::state::RestartWindow>)>,
+            Vec<(u64, u64)>,
+        ) = self.read_sm(|d| {
+            (
+                d.state
+                    .nodes
+                    .iter()
+                    .map(|(id, r)| (*id, r.state, r.restarting))
+                    .collect(),
+                d.state
+                    .nodes
+                    .iter()
+                    .filter(|(_, r)| r.state == NodeState::Waking)
+                    .map(|(id, r)| (*id, r.state_since_unix_ms))
+                    .collect(),
+            )
         });
+        let woke_at: Vec<(u64, Instant)> = waking
+            .iter()
+            .map(|(id, since)| (*id, self.waking_seen(*id, *since)))
+            .collect();
         let held = self.restart_held(now, &nodes);
         let mut l = self.lock_liveness();
         l.set_members(nodes.iter().map(|(id, _, _)| *id).collect());
@@ -163,6 +179,20 @@ impl Agent {
                 )),
                 (NodeState::Down, None) if l.recently_heard(id, now) => {
                     out.push((id, NodeState::Up, "heartbeats resumed".to_string()))
+                }
+                // Standby: silent on purpose, never Down. Waking: Up once heard after
+                // this leader saw the wake-up begin (not a heartbeat from before the
+                // power-off).
+                (NodeState::Waking, _)
+                    if woke_at
+                        .iter()
+                        .any(|(n, t)| *n == id && l.heard_since(id, *t)) =>
+                {
+                    out.push((
+                        id,
+                        NodeState::Up,
+                        "woke: heartbeats resumed after its power-on command".to_string(),
+                    ))
                 }
                 _ => {}
             }

@@ -192,7 +192,8 @@ impl Liveness {
         self.acked_send.retain(|id, _| self.members.contains(id));
     }
 
-    fn silence_of(&self, node: u64, now: Instant) -> Duration {
+    /// Time since this node last heard `node` (since it started when never).
+    pub fn silence_of(&self, node: u64, now: Instant) -> Duration {
         let last = self.last_heard.get(&node).copied().unwrap_or(self.started);
         now.saturating_duration_since(last)
     }
@@ -357,6 +358,11 @@ impl Liveness {
     /// This leader heard `node` within `down_after`.
     pub fn heard_now(&mut self, node: u64) {
         self.last_heard.insert(node, Instant::now());
+    }
+
+    /// Whether `node`'s last heartbeat arrived after `t` (always true of this node).
+    pub fn heard_since(&self, node: u64, t: Instant) -> bool {
+        node == self.me || self.last_heard.get(&node).is_some_and(|h| *h > t)
     }
 
     pub fn recently_heard(&self, node: u64, now: Instant) -> bool {

@@ -17,6 +17,7 @@ pub fn registration(id: u64, facts: NodeFacts) -> NodeRegistration {
         migration_subnet: "127.0.2.0/24".into(),
         facts,
         networks: Default::default(),
+        power: Default::default(),
     }
 }
 

@@ -437,7 +437,7 @@ fn running_job(state: &ClusterState, job: u64) -> Result<&JobRecord, JobError> {
 /// Would a drain of `node` be accepted now (before any plan)?
 pub fn check_drain(state: &ClusterState, node: u64) -> Result<(), JobError> {
     let s = node_state(state, node)?;
-    if s == NodeState::Down {
+    if !matches!(s, NodeState::Up | NodeState::Paused) {
         return Err(JobError::NodeDown { node, state: s });
     }
     if let Some(j) = state.jobs.running(JobKind::Drain, node) {
@@ -829,6 +829,7 @@ pub fn apply(
             if let Some(rec) = state.nodes.get_mut(node) {
                 rec.state = NodeState::Up;
                 rec.state_since_unix_ms = at;
+                rec.state_reason = "resumed".into();
             }
             touched.push(StateKey::Node(*node));
             state.record_event(
@@ -915,6 +916,7 @@ fn pause(state: &mut ClusterState, node: u64, at: u64, why: &str, touched: &mut 
     let from = rec.state;
     rec.state = NodeState::Paused;
     rec.state_since_unix_ms = at;
+    rec.state_reason = why.to_owned();
     touched.push(StateKey::Node(node));
     state.record_event(
         at,

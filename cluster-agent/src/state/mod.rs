@@ -13,6 +13,7 @@ pub mod join_tokens;
 pub mod keys;
 pub mod migrations;
 mod nodes;
+pub mod power;
 pub mod revocations;
 pub mod vm_disks;
 pub mod vm_nics;
@@ -49,6 +50,11 @@ pub enum NodeState {
     Up,
     Paused,
     Down,
+    /// Powered off by the power policy or by hand (see `crate::state::power`): owns no VM,
+    /// takes none, and its silence is expected (never Down, never failed over).
+    Standby,
+    /// Its power-on command ran; Up once its heartbeats are heard again.
+    Waking,
 }
 
 impl NodeState {
@@ -57,7 +63,14 @@ impl NodeState {
             NodeState::Up => "up",
             NodeState::Paused => "paused",
             NodeState::Down => "down",
+            NodeState::Standby => "standby",
+            NodeState::Waking => "waking",
         }
+    }
+
+    /// Standby or waking: powered off on purpose (or powering on), holding no VM.
+    pub fn is_asleep(self) -> bool {
+        matches!(self, NodeState::Standby | NodeState::Waking)
     }
 }
 
@@ -118,6 +131,10 @@ pub struct NodeRegistration {
     /// How the node is secured (reported by `node show`).
     #[serde(default)]
     pub trust: NodeTrust,
+    /// The commands another node runs to power this one off and on (its config's
+    /// `power_off_command` / `power_on_command`); empty: it is never put in standby.
+    #[serde(default)]
+    pub power: crate::state::power::PowerCommands,
 }
 
 /// How a node is secured, as it reports itself (refreshed when its certificate is
@@ -140,6 +157,13 @@ pub struct NodeRecord {
     /// the leader does not mark it Down for silence during the window.
     #[serde(default)]
     pub restarting: Option<RestartWindow>,
+    /// Why it is in its state (the reason of the last state change).
+    #[serde(default)]
+    pub state_reason: String,
+    /// Standby was asked for (by the power policy or by hand): the leader drains the
+    /// node, then puts it in standby and runs its power-off command.
+    #[serde(default)]
+    pub standby_request: Option<crate::state::power::StandbyRequest>,
 }
 
 /// A restart a node announced (see [`Command::AnnounceRestart`]).
@@ -267,6 +291,8 @@ pub enum Command {
     Token(crate::state::join_tokens::TokenCommand),
     /// Revoked user certificates (see `crate::state::revocations`).
     Revocation(crate::state::revocations::RevocationCommand),
+    /// Standby and wake-up of nodes (see `crate::state::power`).
+    Power(crate::state::power::PowerCommand),
     /// A node reports that it stopped its own VMs because its lease lapsed (self-fencing);
     /// recorded as an event once the node can reach the cluster again.
     NodeFenced {
@@ -302,6 +328,7 @@ impl std::fmt::Display for Command {
             Command::NodeFenced { node_id, .. } => write!(f, "node_fenced({node_id})"),
             Command::Token(c) => write!(f, "{c}"),
             Command::Revocation(c) => write!(f, "{c}"),
+            Command::Power(c) => write!(f, "{c}"),
         }
     }
 }
@@ -471,6 +498,12 @@ impl ClusterState {
             }
             Command::Revocation(c) => {
                 if let Err(e) = crate::state::revocations::apply(self, c, &mut touched) {
+                    return rejected(&e);
+                }
+                CommandResult::Ok
+            }
+            Command::Power(c) => {
+                if let Err(e) = crate::state::power::apply(self, c, &mut touched) {
                     return rejected(&e);
                 }
                 CommandResult::Ok

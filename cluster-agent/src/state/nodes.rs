@@ -74,6 +74,8 @@ pub(super) fn apply(
                             state: NodeState::Up,
                             state_since_unix_ms: *at_unix_ms,
                             restarting: None,
+                            state_reason: "joined".into(),
+                            standby_request: None,
                         },
                     );
                     touched.push(StateKey::Node(id));
@@ -155,12 +157,30 @@ pub(super) fn apply(
                     reason: format!("unknown node id {node_id}"),
                 };
             };
+            if state.is_asleep() {
+                return CommandResult::Rejected {
+                    reason: format!(
+                        "node {node_id} cannot be set {state} directly; standby and wake-up have their own commands"
+                    ),
+                };
+            }
             if record.state == *state {
                 return CommandResult::NodeState { changed: false };
             }
             let from = record.state;
+            // Only liveness takes a node out of standby or waking: Up once it is heard
+            // again after its power-on command (Waking → Up). A standby node stays so.
+            if from == NodeState::Standby || (from == NodeState::Waking && *state != NodeState::Up)
+            {
+                return CommandResult::Rejected {
+                    reason: format!(
+                        "node {node_id} is {from}; `clusterctl node wake {node_id}` brings it back"
+                    ),
+                };
+            }
             record.state = *state;
             record.state_since_unix_ms = *at_unix_ms;
+            record.state_reason = reason.clone();
             touched.push(StateKey::Node(*node_id));
             cs.push_event(
                 *at_unix_ms,
@@ -238,6 +258,7 @@ pub(super) fn apply(
         | Command::VmNic(_)
         | Command::Token(_)
         | Command::Revocation(_)
+        | Command::Power(_)
         | Command::Migration(_) => CommandResult::Rejected {
             reason: format!("{cmd} is not a node command"),
         },
@@ -256,6 +277,9 @@ fn validate_registration(r: &NodeRegistration) -> Option<String> {
             "node {} must register a management and a raft address",
             r.node_id
         ));
+    }
+    if let Err(e) = r.power.validate() {
+        return Some(format!("node {}: {e}", r.node_id));
     }
     None
 }

@@ -222,6 +222,7 @@ mod tests {
                     ..NodeFacts::default()
                 },
                 networks: Default::default(),
+                power: Default::default(),
             },
             at_unix_ms: 1,
         });

@@ -124,6 +124,14 @@ pub fn registration_from_pb(r: &pb::AdmitNodeRequest) -> Result<NodeRegistration
             migration_plaintext: r.migration_plaintext,
             cert_expires_unix_ms: r.cert_expires_unix_ms,
         },
+        power: {
+            let p = crate::state::power::PowerCommands {
+                off: r.power_off_command.clone(),
+                on: r.power_on_command.clone(),
+            };
+            p.validate().map_err(Status::invalid_argument)?;
+            p
+        },
     })
 }
 
@@ -138,6 +146,8 @@ pub fn registration_to_pb(r: &NodeRegistration) -> pb::AdmitNodeRequest {
         migration_subnet: r.migration_subnet.clone(),
         facts: Some(facts_to_pb(&r.facts)),
         networks: networks_to_pb(&r.networks),
+        power_off_command: r.power.off.clone(),
+        power_on_command: r.power.on.clone(),
         migration_plaintext: r.trust.migration_plaintext,
         cert_expires_unix_ms: r.trust.cert_expires_unix_ms,
     }
@@ -165,6 +175,13 @@ pub fn node_to_pb(r: &NodeRecord, raft_role: &str) -> pb::NodeInfo {
         },
         cert_expires_unix_ms: g.trust.cert_expires_unix_ms,
         demand: None,
+        state_reason: r.state_reason.clone(),
+        standby_requested: r
+            .standby_request
+            .as_ref()
+            .map(|q| q.reason.clone())
+            .unwrap_or_default(),
+        power_control: g.power.configured(),
     }
 }
 
