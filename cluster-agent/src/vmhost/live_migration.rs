@@ -633,6 +633,7 @@ enum IncomingVm {
     /// worker's guest memory (the engine writes the pages into it).
     Worker {
         worker: Arc<super::worker::WorkerVm>,
+        session: super::worker::IncomingSession,
         memory: GuestMem,
     },
 }
@@ -696,7 +697,27 @@ impl TargetFactory for Factory {
             Some(settings) => {
                 let reservation = host.reserve(&name)?;
                 let (worker, memory) = host.spawn_incoming_worker(&settings, blob.spec)?;
-                (IncomingVm::Worker { worker, memory }, Some(reservation))
+                let session = worker
+                    .incoming_session()
+                    .map_err(|source| VmHostError::Worker {
+                        vm: name.clone(),
+                        source,
+                    });
+                let session = match session {
+                    Ok(s) => s,
+                    Err(e) => {
+                        host.drop_incoming_worker(&worker);
+                        return Err(e.into());
+                    }
+                };
+                (
+                    IncomingVm::Worker {
+                        worker,
+                        session,
+                        memory,
+                    },
+                    Some(reservation),
+                )
             }
             None => {
                 let prepared = host.prepare_incoming(blob.spec, None)?;
@@ -733,14 +754,16 @@ impl TargetVm for TargetSide {
                     .host
                     .restore_incoming(vm, state, &self.0.layout, &grants)?
             }
-            IncomingVm::Worker { worker, .. } => worker.restore(state, &self.0.layout, &grants)?,
+            IncomingVm::Worker { session, .. } => {
+                session.restore(state, &self.0.layout, &grants)?
+            }
         }
         Ok(())
     }
     fn resume(&self) -> Result<(), OpError> {
         match &self.0.vm {
             IncomingVm::Local(_, vm) => vm.vm.resume()?,
-            IncomingVm::Worker { worker, .. } => worker.resume()?,
+            IncomingVm::Worker { session, .. } => session.resume()?,
         }
         Ok(())
     }
@@ -761,7 +784,7 @@ impl StorageHandoff for Handoff {
         let to = inc.source_node;
         let mut cmds = match &inc.vm {
             IncomingVm::Local(_, hosted) => close_incoming_disks(hosted, to),
-            IncomingVm::Worker { worker, .. } => worker.release_incoming(to)?,
+            IncomingVm::Worker { session, .. } => session.release(to)?,
         };
         let closed: Vec<String> = cmds
             .iter()

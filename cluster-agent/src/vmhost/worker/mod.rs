@@ -433,44 +433,13 @@ impl WorkerVm {
         }
     }
 
-    /// Live migration in: restores the source's saved `state` into the paused incoming
-    /// VM, disks of `layout` opened with `grants`.
-    pub fn restore(
-        &self,
-        state: &[u8],
-        layout: &[crate::vmhost::SlotDisk],
-        grants: &[csv_volume::LockGrant],
-    ) -> Result<(), WorkerError> {
-        use base64::Engine;
-        let state = base64::engine::general_purpose::STANDARD.encode(state);
-        match self.request(&Request::Restore {
-            state,
-            layout: layout.to_vec(),
-            grants: grants.to_vec(),
-        })? {
-            Response::Done => Ok(()),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Live migration in: the restored VM runs.
-    pub fn resume(&self) -> Result<(), WorkerError> {
-        match self.request(&Request::Resume)? {
-            Response::Done => Ok(()),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Live migration in failed: the worker closes the disks it opened for `to` and
-    /// exits; the lock commands to commit.
-    pub fn release_incoming(
-        &self,
-        to: csv_volume::NodeId,
-    ) -> Result<Vec<LockCommand>, WorkerError> {
-        match self.request(&Request::ReleaseIncoming { to })? {
-            Response::Released { cmds } => Ok(cmds),
-            other => Err(unexpected(other)),
-        }
+    /// A connection of its own for the live migration into this (incoming) worker, opened
+    /// before the blackout so restore and resume wait on nothing else.
+    pub fn incoming_session(&self) -> Result<IncomingSession, WorkerError> {
+        let (c, _, _) = connect_with(&self.dir, REQUEST_TIMEOUT)?;
+        Ok(IncomingSession {
+            conn: Mutex::new(c),
+        })
     }
 
     /// Live migration out, run by the worker on a connection of its own: relays the lock
@@ -711,6 +680,56 @@ impl WorkerVm {
                 }
             });
         Ok((recent, rx))
+    }
+}
+
+/// The agent's connection to a worker receiving a live migration.
+pub struct IncomingSession {
+    conn: Mutex<Conn>,
+}
+
+impl IncomingSession {
+    /// Restores the source's saved `state` into the paused incoming VM, disks of
+    /// `layout` opened with `grants`. The state travels as raw bytes after the request.
+    pub fn restore(
+        &self,
+        state: &[u8],
+        layout: &[crate::vmhost::SlotDisk],
+        grants: &[csv_volume::LockGrant],
+    ) -> Result<(), WorkerError> {
+        let mut c = lock(&self.conn);
+        write_frame(
+            &mut c.w,
+            &Request::Restore {
+                state_len: state.len() as u64,
+                layout: layout.to_vec(),
+                grants: grants.to_vec(),
+            },
+        )
+        .map_err(WorkerError::Frame)?;
+        std::io::Write::write_all(&mut c.w, state)
+            .map_err(|e| WorkerError::Frame(protocol::FrameError::Io(e)))?;
+        match read_frame(&mut c.r).map_err(WorkerError::Frame)? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The restored VM runs.
+    pub fn resume(&self) -> Result<(), WorkerError> {
+        match call(&mut lock(&self.conn), &Request::Resume)? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The migration failed: the worker closes the disks it opened for `to` and exits;
+    /// the lock commands to commit.
+    pub fn release(&self, to: csv_volume::NodeId) -> Result<Vec<LockCommand>, WorkerError> {
+        match call(&mut lock(&self.conn), &Request::ReleaseIncoming { to })? {
+            Response::Released { cmds } => Ok(cmds),
+            other => Err(unexpected(other)),
+        }
     }
 }
 

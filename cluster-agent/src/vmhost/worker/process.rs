@@ -244,6 +244,43 @@ fn exit(w: &Worker, code: i32) -> ! {
     std::process::exit(code)
 }
 
+/// `Restore`: reads the `state_len` bytes of saved state that follow the request and
+/// restores them into the incoming VM. A state that cannot be read ends the connection
+/// (its bytes would be read as requests): the error says so.
+fn restore(
+    w: &Worker,
+    state_len: u64,
+    layout: &[crate::vmhost::SlotDisk],
+    grants: &[csv_volume::LockGrant],
+    r: &mut BufReader<UnixStream>,
+) -> Result<(), String> {
+    if state_len > protocol::STATE_BYTES_MAX {
+        return Err(format!(
+            "a saved state of {state_len} bytes is over the {}-byte limit",
+            protocol::STATE_BYTES_MAX
+        ));
+    }
+    let mut blob = vec![0u8; state_len as usize];
+    r.read_exact(&mut blob)
+        .map_err(|e| format!("the saved state ended early: {e}"))?;
+    let Some(vm) = lock(&w.incoming).as_ref().map(|p| p.vm.clone()) else {
+        return Err("no incoming VM waits for a restore in this worker".into());
+    };
+    w.host
+        .restore_incoming(&vm, &blob, layout, grants)
+        .map_err(|e| crate::error_chain(&e))
+}
+
+/// Runs the calling thread (and the threads it starts: the migration engine's) at the
+/// agent's priority instead of the worker's: a migration's blackout must not wait behind
+/// the host's guests. Needs the right to raise priority (root or `CAP_SYS_NICE`);
+/// without it the migration runs at the worker's nice value.
+fn engine_priority() {
+    if let Err(e) = vmm_node::kvm::set_nice(0) {
+        tracing::debug!(error = %e, "cannot raise the migration thread's priority");
+    }
+}
+
 /// The agent's answers to this worker's lock requests during a live migration out.
 struct RelayLocks {
     out: Mutex<UnixStream>,
@@ -519,8 +556,28 @@ fn handle(w: &Worker, conn: UnixStream) {
         } = req
         {
             // The rest of this connection belongs to the migration.
+            engine_priority();
             migrate_out(w, target_node, target_addr, options, tls, r, out);
             return;
+        }
+        if let Request::Restore {
+            state_len,
+            layout,
+            grants,
+        } = req
+        {
+            engine_priority();
+            let resp = match restore(w, state_len, &layout, &grants, &mut r) {
+                Ok(()) => Response::Done,
+                Err(message) => Response::Error { message },
+            };
+            if write_frame(&mut out, &resp).is_err() {
+                return;
+            }
+            continue;
+        }
+        if matches!(req, Request::Resume) {
+            engine_priority();
         }
         if !answer(w, req, &mut out) {
             return;
@@ -644,28 +701,9 @@ fn answer(w: &Worker, req: Request, out: &mut UnixStream) -> bool {
                 message: "no live migration runs in this worker".into(),
             },
         },
-        Request::Restore {
-            state,
-            layout,
-            grants,
-        } => {
-            use base64::Engine;
-            let r = match (
-                lock(&w.incoming).as_ref().map(|p| p.vm.clone()),
-                base64::engine::general_purpose::STANDARD.decode(state.as_bytes()),
-            ) {
-                (None, _) => Err("no incoming VM waits for a restore in this worker".to_owned()),
-                (Some(_), Err(e)) => Err(format!("the saved state is not valid base64: {e}")),
-                (Some(vm), Ok(blob)) => w
-                    .host
-                    .restore_incoming(&vm, &blob, &layout, &grants)
-                    .map_err(|e| crate::error_chain(&e)),
-            };
-            match r {
-                Ok(()) => Response::Done,
-                Err(message) => Response::Error { message },
-            }
-        }
+        Request::Restore { .. } => Response::Error {
+            message: "a restore carries its state on the connection".into(),
+        },
         Request::Resume => {
             let mut g = lock(&w.incoming);
             match g.as_ref().map(|p| p.vm.vm.resume()) {

@@ -26,7 +26,7 @@
 //!                                          ◀── Migrated{stats, handed_off} | MigrationFailed
 //!   ── CancelMigration (another connection) ▶ ◀── Done
 //!   live migration in (a worker spawned with `incoming`, its memory the agent's memfd):
-//!   ── Restore{state, layout, grants} ─────▶ ◀── Done     (devices, vCPUs, disks opened)
+//!   ── Restore{state_len, layout, grants} + state_len raw bytes ─▶ ◀── Done (devices, vCPUs, disks)
 //!   ── Resume ─────────────────────────────▶ ◀── Done     (the VM runs; a normal worker)
 //!   ── ReleaseIncoming{to} ────────────────▶ ◀── Released{cmds} (failed: disks closed for `to`)
 //! ```
@@ -55,6 +55,9 @@ pub const VERSION: u32 = 2;
 
 /// Longest line either side accepts (the console's retained log fits with room).
 pub const LINE_BYTES_MAX: usize = 1 << 20;
+
+/// Largest saved VM state a `Restore` carries.
+pub const STATE_BYTES_MAX: u64 = 64 << 20;
 
 /// Largest `start.json` a worker reads.
 pub const START_FILE_BYTES_MAX: u64 = 1 << 20;
@@ -200,10 +203,12 @@ pub enum Request {
     },
     /// Cancels the live migration running in this worker (before its switchover).
     CancelMigration,
-    /// Live migration, target half: restore the saved device and vCPU state (`state`,
-    /// base64) and open the disks of `layout` with `grants` (handed over by the source).
+    /// Live migration, target half: restore the saved device and vCPU state (the
+    /// `state_len` bytes that follow this line on the connection, at most
+    /// [`STATE_BYTES_MAX`]) and open the disks of `layout` with `grants` (handed over by
+    /// the source).
     Restore {
-        state: String,
+        state_len: u64,
         layout: Vec<crate::vmhost::SlotDisk>,
         grants: Vec<LockGrant>,
     },
