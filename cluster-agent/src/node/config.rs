@@ -113,6 +113,8 @@ pub struct RawConfig {
     pub volumes: Option<Vec<csv_volume::VolumeConfig>>,
     /// Prometheus `/metrics` listener (IP:port); unset: no metrics endpoint.
     pub metrics_addr: Option<String>,
+    /// The web console's HTTPS listener (IP:port); unset: no console.
+    pub console_addr: Option<String>,
     /// VM networks this node offers (`[[networks]] name = "lan", bridge = "br-lan"`).
     pub networks: Option<Vec<NetworkConfig>>,
     /// The node's TLS credentials (`ca.pem`, `cert.pem`, `key.pem`, and `ca.key` on
@@ -218,6 +220,8 @@ pub struct AgentConfig {
     pub facts_override: FactsOverride,
     pub volumes: Vec<csv_volume::VolumeConfig>,
     pub metrics_addr: Option<SocketAddr>,
+    /// See [`RawConfig::console_addr`].
+    pub console_addr: Option<SocketAddr>,
     pub networks: Vec<NetworkConfig>,
     /// Where this node's TLS credentials are (see [`RawConfig::tls_dir`]).
     pub tls_dir: PathBuf,
@@ -314,6 +318,7 @@ impl RawConfig {
             facts_override,
             volumes,
             metrics_addr,
+            console_addr,
             networks,
             tls_dir,
             migration_insecure_plaintext,
@@ -497,6 +502,20 @@ impl RawConfig {
                 Some(a)
             }
         };
+        let console_addr = match self.console_addr {
+            None => None,
+            Some(v) => {
+                let a = addr("console_addr", "console-addr", Some(v))?;
+                if a == mgmt_addr || a == raft_addr || a == migration_addr || Some(a) == metrics_addr
+                {
+                    return Err(invalid(
+                        "console_addr",
+                        format!("{a} is already used by another listener of this agent"),
+                    ));
+                }
+                Some(a)
+            }
+        };
         let networks = self.networks.unwrap_or_default();
         let mut seen = std::collections::BTreeSet::new();
         for n in &networks {
@@ -605,6 +624,7 @@ impl RawConfig {
             facts_override,
             volumes,
             metrics_addr,
+            console_addr,
         })
     }
 }
