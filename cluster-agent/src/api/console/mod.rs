@@ -15,7 +15,7 @@
 //!   carrying nothing but a random id; the session (name, role, the certificate it came
 //!   from) stays in this agent's memory and ends after 8 hours, at the certificate's
 //!   expiry, on logout or when the agent restarts.
-//! - **Every request** (pages, JSON, the stream; only `/login` is open) finds its session
+//! - **Every request** (pages, JSON, the stream; only `/login` and the stylesheet are open) finds its session
 //!   and checks the certificate against the replicated revocation list, like
 //!   [`super::auth`] does for each gRPC call: no session is 401, a revoked user is 401.
 //! - **Roles**: each console call names the gRPC method it runs and passes
@@ -276,7 +276,7 @@ fn html_escape(s: &str) -> String {
 /// Finds and checks the session of every request but `/login` (see the module docs).
 async fn authenticate(State(c): State<Arc<Console>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path().to_owned();
-    let mut resp = if path == "/login" {
+    let mut resp = if path == "/login" || path == "/style.css" {
         next.run(req).await
     } else {
         match check_session(&c, &req) {
