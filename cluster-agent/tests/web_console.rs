@@ -172,11 +172,11 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
     let first = wait_page(&b, "the progress bar part-way", &bar, |v| {
         v.as_f64().is_some_and(|x| x > 0.0 && x < 1.0)
     });
-    b.screenshot(&docs.join("console-migrations.png"));
     let first = first.as_f64().unwrap_or(0.0);
     wait_page(&b, "the progress bar further on", &bar, |v| {
         v.as_f64().is_some_and(|x| x > first)
     });
+    b.screenshot(&docs.join("console-migrations.png"));
     wait_page(
         &b,
         "the migration done: full bar, succeeded",
@@ -202,6 +202,36 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
     assert_eq!(status, 401, "{body}");
     let (status, _) = fetch(&b, "/api/nope", "{}");
     assert_eq!(status, 404);
+
+    // A drain from the page, previewed (dry run) then confirmed: a job whose timeline
+    // shows the VM's move done.
+    show_tab(&b, "overview");
+    let drain = format!("tr[data-node=\"{target}\"] button[data-action=\"drain\"]");
+    b.click(&drain).unwrap_or_else(|e| panic!("click drain: {e}"));
+    b.click("#confirm-preview-button")
+        .unwrap_or_else(|e| panic!("click preview: {e}"));
+    wait_page(
+        &b,
+        "the drain preview names the VM",
+        "return document.getElementById('confirm-preview').textContent;",
+        |v| v.as_str().is_some_and(|t| t.starts_with("web: ")),
+    );
+    b.click("#confirm-ok")
+        .unwrap_or_else(|e| panic!("confirm drain: {e}"));
+    show_tab(&b, "jobs");
+    wait_page(
+        &b,
+        "the drain job's timeline: web moved, job done",
+        "const j = document.querySelector('.job'); return j ? j.textContent : '';",
+        |v| {
+            v.as_str().is_some_and(|t| {
+                t.contains("drain") && t.contains("web") && t.matches("done").count() >= 2
+            })
+        },
+    );
+    b.screenshot(&docs.join("console-jobs.png"));
+    let moved = cl.wait_settled(1, "web").await;
+    assert_ne!(moved.owner_id, target, "the drain moved web away");
 
     // A confirmed action from the page: stop the VM.
     show_tab(&b, "vms");
@@ -245,9 +275,13 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
     let (status, body) = post(&b, "/api/vms/web/start", "{}");
     assert_eq!(status, 403, "{body}");
     assert!(body["error"].as_str().is_some_and(|e| e.contains("StartVm needs role admin")), "{body}");
-    // A preview is a read: allowed.
-    let (status, body) = post(&b, "/api/nodes/3/drain", "{\"dry_run\": true}");
+    // A migration preview is a read (PlanMigration): allowed; a drain preview is not
+    // (DrainNode, dry run or not, needs admin over gRPC too).
+    let (status, body) = post(&b, "/api/vms/web/migrate", "{\"dry_run\": true}");
     assert_eq!(status, 200, "{body}");
+    assert!(body["plan"]["vm"] == "web", "{body}");
+    let (status, body) = post(&b, "/api/nodes/3/drain", "{\"dry_run\": true}");
+    assert_eq!(status, 403, "{body}");
     cl.wait_vm(1, "web", "still stopped", |v| v.desired == "stopped").await;
     show_tab(&b, "events");
     b.screenshot(&docs.join("console-events.png"));

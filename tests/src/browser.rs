@@ -59,14 +59,38 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Res
         body.len()
     )
     .map_err(|e| format!("write to chromedriver: {e}"))?;
+    // chromedriver keeps the connection open after its answer: read the head, then
+    // exactly Content-Length bytes.
     let mut resp = Vec::new();
-    s.read_to_end(&mut resp)
-        .map_err(|e| format!("read from chromedriver: {e}"))?;
-    let resp = String::from_utf8_lossy(&resp);
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("bad chromedriver response {resp:?}"))?;
-    let v: Value = serde_json::from_str(body)
+    let mut buf = [0u8; 16 * 1024];
+    let (head, body) = loop {
+        let n = s
+            .read(&mut buf)
+            .map_err(|e| format!("read from chromedriver: {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "chromedriver closed the connection: {:?}",
+                String::from_utf8_lossy(&resp)
+            ));
+        }
+        resp.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&resp).into_owned();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let len = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            })
+            .ok_or_else(|| format!("no Content-Length in {head:?}"))?;
+        if body.len() >= len {
+            break (head.to_owned(), body.to_owned());
+        }
+    };
+    let v: Value = serde_json::from_str(&body)
         .map_err(|e| format!("chromedriver answered {head:?} {body:?}: {e}"))?;
     if !head.starts_with("HTTP/1.1 200") {
         return Err(format!("{method} {path}: {head}: {v}"));
