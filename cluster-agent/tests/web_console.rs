@@ -103,7 +103,10 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
     let docs = docs_dir();
 
     // An admin logs in to node 1's console with the link the gRPC API gives.
-    let admin = pki().admin().load().unwrap_or_else(|e| panic!("admin: {e}"));
+    let admin = pki()
+        .admin()
+        .load()
+        .unwrap_or_else(|e| panic!("admin: {e}"));
     let url = login_url(cl.check(cl.spec(1)).mgmt_addr, Some(&admin)).await;
     let base = format!("https://{}", console[&1]);
     assert!(url.starts_with(&format!("{base}/login?token=")), "{url}");
@@ -117,7 +120,8 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
     );
     let user = b.script("return document.getElementById('user').textContent;");
     assert!(
-        user.as_ref().is_ok_and(|u| u.as_str().is_some_and(|u| u.contains("(admin)"))),
+        user.as_ref()
+            .is_ok_and(|u| u.as_str().is_some_and(|u| u.contains("(admin)"))),
         "{user:?}"
     );
     b.screenshot(&docs.join("console-overview.png"));
@@ -127,7 +131,8 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
     assert_eq!(status, 200, "the session from the first use still works");
     let used = b.script("return document.getElementById('login-message').textContent;");
     assert!(
-        used.as_ref().is_ok_and(|m| m.as_str().is_some_and(|m| m.contains("already used"))),
+        used.as_ref()
+            .is_ok_and(|m| m.as_str().is_some_and(|m| m.contains("already used"))),
         "{used:?}"
     );
     b.goto(&format!("{base}/"));
@@ -192,12 +197,22 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
     // session (401), an unknown route (404).
     let (status, body) = post(&b, "/api/vms/web/migrate", "{\"to_node\": 2}");
     assert_eq!(status, 400, "{body}");
-    assert!(body["error"].as_str().is_some_and(|e| e.contains("unknown field `to_node`")), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unknown field `to_node`")),
+        "{body}"
+    );
     let (status, body) = post(&b, "/api/nodes/zero/drain", "{}");
     assert_eq!(status, 400, "{body}");
     let (status, body) = fetch(&b, "/api/vms/web/stop", "{method: 'POST', body: '{}'}");
     assert_eq!(status, 403, "{body}");
-    assert!(body["error"].as_str().is_some_and(|e| e.contains("x-csrf-token")), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("x-csrf-token")),
+        "{body}"
+    );
     let (status, body) = fetch(&b, "/api/overview", "{credentials: 'omit'}");
     assert_eq!(status, 401, "{body}");
     let (status, _) = fetch(&b, "/api/nope", "{}");
@@ -207,7 +222,8 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
     // shows the VM's move done.
     show_tab(&b, "overview");
     let drain = format!("tr[data-node=\"{target}\"] button[data-action=\"drain\"]");
-    b.click(&drain).unwrap_or_else(|e| panic!("click drain: {e}"));
+    b.click(&drain)
+        .unwrap_or_else(|e| panic!("click drain: {e}"));
     b.click("#confirm-preview-button")
         .unwrap_or_else(|e| panic!("click preview: {e}"));
     wait_page(
@@ -274,7 +290,12 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
     );
     let (status, body) = post(&b, "/api/vms/web/start", "{}");
     assert_eq!(status, 403, "{body}");
-    assert!(body["error"].as_str().is_some_and(|e| e.contains("StartVm needs role admin")), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("StartVm needs role admin")),
+        "{body}"
+    );
     // A migration preview is a read (PlanMigration): allowed; a drain preview is not
     // (DrainNode, dry run or not, needs admin over gRPC too).
     let (status, body) = post(&b, "/api/vms/web/migrate", "{\"dry_run\": true}");
@@ -282,7 +303,8 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
     assert!(body["plan"]["vm"] == "web", "{body}");
     let (status, body) = post(&b, "/api/nodes/3/drain", "{\"dry_run\": true}");
     assert_eq!(status, 403, "{body}");
-    cl.wait_vm(1, "web", "still stopped", |v| v.desired == "stopped").await;
+    cl.wait_vm(1, "web", "still stopped", |v| v.desired == "stopped")
+        .await;
     show_tab(&b, "events");
     b.screenshot(&docs.join("console-events.png"));
 

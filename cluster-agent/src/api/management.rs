@@ -405,7 +405,8 @@ impl Management for ManagementApi {
         &self,
         request: Request<pb::ConsoleLoginRequest>,
     ) -> Result<Response<pb::ConsoleLoginReply>, Status> {
-        crate::api::console::login(self.console.as_deref(), &self.agent, &request).map(Response::new)
+        crate::api::console::login(self.console.as_deref(), &self.agent, &request)
+            .map(Response::new)
     }
 
     async fn put_kv(

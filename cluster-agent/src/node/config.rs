@@ -506,7 +506,10 @@ impl RawConfig {
             None => None,
             Some(v) => {
                 let a = addr("console_addr", "console-addr", Some(v))?;
-                if a == mgmt_addr || a == raft_addr || a == migration_addr || Some(a) == metrics_addr
+                if a == mgmt_addr
+                    || a == raft_addr
+                    || a == migration_addr
+                    || Some(a) == metrics_addr
                 {
                     return Err(invalid(
                         "console_addr",
@@ -846,6 +849,29 @@ cpu_vendor = "GenuineIntel"
         }
         let e = err(&GOOD.replace("node_id = 3", "node_id = \"three\""));
         assert!(e.contains("node_id"), "{e}");
+    }
+
+    #[test]
+    fn console_addr_is_optional_checked_and_distinct() {
+        let ok = |t: &str| RawConfig::from_toml(t).ok().and_then(|r| r.validate().ok());
+        assert_eq!(ok(GOOD).and_then(|c| c.console_addr), None);
+        let with = |v: &str| {
+            GOOD.replace(
+                "[facts_override]",
+                &format!("console_addr = \"{v}\"\n[facts_override]"),
+            )
+        };
+        assert_eq!(
+            ok(&with("127.0.1.3:7005")).and_then(|c| c.console_addr),
+            "127.0.1.3:7005".parse().ok()
+        );
+        let e = err(&with("127.0.1.3"));
+        assert!(e.contains("console_addr"), "{e}");
+        let e = err(&with("127.0.1.3:7001"));
+        assert!(
+            e.contains("console_addr") && e.contains("already used"),
+            "{e}"
+        );
     }
 
     #[test]

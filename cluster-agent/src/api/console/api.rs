@@ -99,14 +99,20 @@ pub async fn logout(State(c): State<Arc<Console>>, Extension(a): Extension<Authe
 pub async fn snapshot(c: &Console, a: &Authed) -> Result<serde_json::Value, ApiError> {
     let m = &c.management;
     let status = c
-        .call(a, format!("{M}ClusterStatus"), pb::ClusterStatusRequest {}, |r| {
-            m.cluster_status(r)
-        })
+        .call(
+            a,
+            format!("{M}ClusterStatus"),
+            pb::ClusterStatusRequest {},
+            |r| m.cluster_status(r),
+        )
         .await?;
     let nodes = c
-        .call(a, format!("{M}ListNodes"), pb::ListNodesRequest::default(), |r| {
-            m.list_nodes(r)
-        })
+        .call(
+            a,
+            format!("{M}ListNodes"),
+            pb::ListNodesRequest::default(),
+            |r| m.list_nodes(r),
+        )
         .await?;
     let last = c
         .call(
@@ -147,7 +153,7 @@ pub async fn snapshot(c: &Console, a: &Authed) -> Result<serde_json::Value, ApiE
         )
         .await?
         .migrations;
-    migrations.sort_by(|x, y| y.id.cmp(&x.id));
+    migrations.sort_by_key(|m| std::cmp::Reverse(m.id));
     migrations.truncate(OVERVIEW_HISTORY);
     let mut jobs = c
         .call(a, format!("{D}ListJobs"), dpb::ListJobsRequest {}, |r| {
@@ -155,12 +161,15 @@ pub async fn snapshot(c: &Console, a: &Authed) -> Result<serde_json::Value, ApiE
         })
         .await?
         .jobs;
-    jobs.sort_by(|x, y| y.id.cmp(&x.id));
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.id));
     jobs.truncate(OVERVIEW_HISTORY);
     let locks = c
-        .call(a, format!("{VOL}ListLocks"), volpb::ListLocksRequest {}, |r| {
-            c.volumes.list_locks(r)
-        })
+        .call(
+            a,
+            format!("{VOL}ListLocks"),
+            volpb::ListLocksRequest {},
+            |r| c.volumes.list_locks(r),
+        )
         .await?;
     Ok(serde_json::json!({
         "status": status,
@@ -338,9 +347,12 @@ pub async fn node_action(
         "abort-drain" => match body::<NoFields>(&bytes) {
             Err(e) => Err(e),
             Ok(_) => c
-                .call(&a, format!("{D}AbortDrain"), dpb::NodeRef { node_id }, |r| {
-                    j.abort_drain(r)
-                })
+                .call(
+                    &a,
+                    format!("{D}AbortDrain"),
+                    dpb::NodeRef { node_id },
+                    |r| j.abort_drain(r),
+                )
                 .await
                 .map(|r| serde_json::json!(r)),
         },
@@ -378,9 +390,12 @@ pub async fn cancel_migration(
     let r = match (id_of("migration id", &id), body::<NoFields>(&bytes)) {
         (Err(e), _) | (_, Err(e)) => Err(e),
         (Ok(id), Ok(_)) => c
-            .call(&a, format!("{MIG}CancelMigration"), mpb::MigrationId { id }, |r| {
-                c.migrations.cancel_migration(r)
-            })
+            .call(
+                &a,
+                format!("{MIG}CancelMigration"),
+                mpb::MigrationId { id },
+                |r| c.migrations.cancel_migration(r),
+            )
             .await
             .map(|r| serde_json::json!(r)),
     };

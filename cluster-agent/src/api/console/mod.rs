@@ -284,7 +284,7 @@ async fn authenticate(State(c): State<Arc<Console>>, mut req: Request, next: Nex
                 req.extensions_mut().insert(authed);
                 next.run(req).await
             }
-            Err(r) => r,
+            Err(r) => *r,
         }
     };
     let h = resp.headers_mut();
@@ -302,18 +302,18 @@ async fn authenticate(State(c): State<Arc<Console>>, mut req: Request, next: Nex
     resp
 }
 
-fn check_session(c: &Console, req: &Request) -> Result<Authed, Response> {
+fn check_session(c: &Console, req: &Request) -> Result<Authed, Box<Response>> {
     let path = req.uri().path();
-    let id = cookie(req.headers(), COOKIE).ok_or_else(|| unauthorized(path, NOT_LOGGED_IN))?;
+    let id =
+        cookie(req.headers(), COOKIE).ok_or_else(|| Box::new(unauthorized(path, NOT_LOGGED_IN)))?;
     let session = c
         .sessions
         .get(&id, now_unix_ms())
-        .ok_or_else(|| unauthorized(path, NOT_LOGGED_IN))?;
-    if let Err(status) =
-        crate::api::auth::check_revoked(&c.agent, &session.name, &session.cert_der)
+        .ok_or_else(|| Box::new(unauthorized(path, NOT_LOGGED_IN)))?;
+    if let Err(status) = crate::api::auth::check_revoked(&c.agent, &session.name, &session.cert_der)
     {
         c.sessions.end(&id);
-        return Err(unauthorized(path, status.message()));
+        return Err(Box::new(unauthorized(path, status.message())));
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let sent = req
@@ -322,11 +322,11 @@ fn check_session(c: &Console, req: &Request) -> Result<Authed, Response> {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         if !session::same_secret(sent, &session.csrf) {
-            return Err(ApiError::new(
+            return Err(Box::new(ApiError::new(
                 StatusCode::FORBIDDEN,
                 format!("missing or wrong {CSRF_HEADER} header (the page sends the one /api/session gives)"),
             )
-            .into_response());
+            .into_response()));
         }
     }
     Ok(Authed { id, session })
@@ -360,9 +360,14 @@ async fn login_page(State(c): State<Arc<Console>>, req: Request) -> Response {
     let cert_expires = pki::not_after(&session.cert_der)
         .map(pki::unix_ms)
         .unwrap_or(now);
-    let max_age_s = session.expires_unix_ms.min(cert_expires).saturating_sub(now) / 1000;
+    let max_age_s = session
+        .expires_unix_ms
+        .min(cert_expires)
+        .saturating_sub(now)
+        / 1000;
     tracing::info!(user = %session.name, role = %session.role, "console session started");
-    let set = format!("{COOKIE}={id}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={max_age_s}");
+    let set =
+        format!("{COOKIE}={id}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={max_age_s}");
     let mut resp = (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
     match HeaderValue::from_str(&set) {
         Ok(v) => {
@@ -390,11 +395,21 @@ pub fn router(c: Arc<Console>) -> Router {
         .route("/login", get(login_page))
         .route(
             "/",
-            get(|| async { asset("text/html; charset=utf-8", include_str!("assets/index.html")) }),
+            get(|| async {
+                asset(
+                    "text/html; charset=utf-8",
+                    include_str!("assets/index.html"),
+                )
+            }),
         )
         .route(
             "/app.js",
-            get(|| async { asset("text/javascript; charset=utf-8", include_str!("assets/app.js")) }),
+            get(|| async {
+                asset(
+                    "text/javascript; charset=utf-8",
+                    include_str!("assets/app.js"),
+                )
+            }),
         )
         .route(
             "/style.css",
@@ -409,7 +424,10 @@ pub fn router(c: Arc<Console>) -> Router {
         .route("/api/migrations/{id}/cancel", post(api::cancel_migration))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LEN_MAX))
-        .layer(axum::middleware::from_fn_with_state(c.clone(), authenticate))
+        .layer(axum::middleware::from_fn_with_state(
+            c.clone(),
+            authenticate,
+        ))
         .with_state(c)
 }
 

@@ -34,7 +34,9 @@ pub struct Session {
 /// Why a login token was not issued.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LoginError {
-    #[error("{LOGIN_TOKENS_MAX} console login links are waiting to be used; try again in a minute")]
+    #[error(
+        "{LOGIN_TOKENS_MAX} console login links are waiting to be used; try again in a minute"
+    )]
     TooMany,
 }
 
@@ -62,7 +64,11 @@ fn key(secret: &str) -> String {
 
 /// `a == b` in a time that depends only on the lengths.
 pub fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 impl Sessions {
@@ -159,7 +165,9 @@ mod tests {
     #[test]
     fn a_token_is_good_once_and_only_before_it_expires() {
         let s = Sessions::default();
-        let (t, exp) = s.issue("ann", Role::Viewer, b"der", u64::MAX, 1_000).unwrap();
+        let (t, exp) = s
+            .issue("ann", Role::Viewer, b"der", u64::MAX, 1_000)
+            .unwrap();
         assert_eq!(exp, 1_000 + LOGIN_TOKEN_TTL_MS);
         assert!(s.redeem("nope", u64::MAX, 1_001).is_none());
         let (id, sess) = s.redeem(&t, u64::MAX, 1_001).unwrap();
@@ -188,7 +196,9 @@ mod tests {
             Err(LoginError::TooMany)
         );
         // Expired ones make room.
-        assert!(s.issue("a", Role::Admin, b"d", u64::MAX, LOGIN_TOKEN_TTL_MS).is_ok());
+        assert!(s
+            .issue("a", Role::Admin, b"d", u64::MAX, LOGIN_TOKEN_TTL_MS)
+            .is_ok());
         assert!(same_secret("abc", "abc") && !same_secret("abc", "abd") && !same_secret("a", "ab"));
     }
 }
