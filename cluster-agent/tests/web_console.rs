@@ -217,6 +217,61 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
     assert_eq!(status, 401, "{body}");
     let (status, _) = fetch(&b, "/api/nope", "{}");
     assert_eq!(status, 404);
+    let (status, body) = fetch(&b, "/api/vms/web/stop", "{}");
+    assert_eq!(status, 405, "{body}");
+    let big = format!("{{\"pad\": \"{}\"}}", "x".repeat(20_000));
+    let (status, body) = post(&b, "/api/vms/web/stop", &big);
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("too large")),
+        "{body}"
+    );
+    // The session cookie is HttpOnly: the page's scripts cannot read it.
+    let cookies = b.script("return document.cookie;");
+    assert!(
+        cookies
+            .as_ref()
+            .is_ok_and(|c| !c.as_str().unwrap_or("?").contains("vmcluster_console")),
+        "{cookies:?}"
+    );
+
+    // Live streams are capped per agent: opening more than the cap (the page holds one)
+    // is refused with 503 and the reason; once they close, a new one opens.
+    let js = "(async () => { const ctrls = [], statuses = []; \
+        for (let i = 0; i < 20; i++) { const c = new AbortController(); ctrls.push(c); \
+          const r = await fetch('/api/stream', {signal: c.signal}); statuses.push(r.status); \
+          if (r.status === 503) { const e = (await r.json()).error; ctrls.forEach(c => c.abort()); \
+            done([statuses, e]); return; } } \
+        ctrls.forEach(c => c.abort()); done([statuses, null]); })();";
+    let v = b
+        .script_async(js)
+        .unwrap_or_else(|e| panic!("open streams: {e}"));
+    let statuses: Vec<u64> = v[0]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    let opened = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(statuses.last(), Some(&503), "{v}");
+    assert!((1..=15).contains(&opened), "{v}");
+    assert!(
+        v[1].as_str()
+            .is_some_and(|e| e.contains("16 live console streams")),
+        "{v}"
+    );
+    Wait::new(WAIT)
+        .until_blocking(
+            "a stream opens again once the others closed",
+            || {
+                b.script_async(
+                    "const c = new AbortController(); fetch('/api/stream', {signal: c.signal})\
+                     .then(r => { c.abort(); done(r.status); }).catch(e => done(String(e)));",
+                )
+            },
+            |v| v == 200,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
 
     // A drain from the page, previewed (dry run) then confirmed: a job whose timeline
     // shows the VM's move done.
@@ -324,5 +379,24 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
         )
         .unwrap_or_else(|e| panic!("{e}"));
     let (status, body) = fetch(&b, "/api/session", "{}");
+    assert_eq!(status, 401, "{body}");
+
+    // The admin logs out of node 1's console: that session is gone.
+    b.goto(&format!("{base}/"));
+    wait_page(
+        &b,
+        "the admin's page, live",
+        "return document.getElementById('live').textContent;",
+        |v| v == "live",
+    );
+    b.click("#logout")
+        .unwrap_or_else(|e| panic!("log out: {e}"));
+    wait_page(
+        &b,
+        "the login page after logging out",
+        "const m = document.getElementById('login-message'); return m ? m.textContent : '';",
+        |v| v.as_str().is_some_and(|m| m.contains("no console session")),
+    );
+    let (status, body) = fetch(&b, "/api/overview", "{}");
     assert_eq!(status, 401, "{body}");
 }

@@ -22,6 +22,8 @@ use crate::wait::Wait;
 /// `chromium` and `chromium-driver`).
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// How often [`Browser::click`] looks an element up again after the page replaced it.
+pub const STALE_RETRIES: usize = 20;
 
 /// One chromedriver process and one browser session; both end on drop.
 pub struct Browser {
@@ -188,8 +190,22 @@ impl Browser {
         )
     }
 
-    /// Clicks the element `css` selects (as a user would: it must be visible).
+    /// Clicks the element `css` selects (as a user would: it must be visible). A page
+    /// that re-renders replaces elements between finding and clicking one ("stale
+    /// element reference"): then it is found again, up to [`STALE_RETRIES`] times.
     pub fn click(&self, css: &str) -> Result<(), String> {
+        let mut tries = 0;
+        loop {
+            match self.click_once(css) {
+                Err(e) if e.contains("stale element reference") && tries < STALE_RETRIES => {
+                    tries += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn click_once(&self, css: &str) -> Result<(), String> {
         let found = self.cmd(
             "POST",
             "/element",

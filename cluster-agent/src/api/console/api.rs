@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::PathRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -199,7 +199,20 @@ pub fn json_ok<T: serde::Serialize>(v: T) -> Response {
 }
 
 /// The JSON body of an action (`{}` when empty); unknown fields are refused by name.
-fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+fn body<T: DeserializeOwned>(bytes: &Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = match bytes {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(ApiError::new(
+                e.status(),
+                format!(
+                    "the request body is too large (at most {} bytes)",
+                    super::BODY_LEN_MAX
+                ),
+            ))
+        }
+        Err(e) => return Err(ApiError::new(e.status(), e.body_text())),
+    };
     let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -241,7 +254,7 @@ pub async fn vm_action(
     State(c): State<Arc<Console>>,
     Extension(a): Extension<Authed>,
     path: Result<Path<(String, String)>, PathRejection>,
-    bytes: Bytes,
+    bytes: Result<Bytes, BytesRejection>,
 ) -> Response {
     let Path((name, action)) = match path {
         Ok(p) => p,
@@ -320,7 +333,7 @@ pub async fn node_action(
     State(c): State<Arc<Console>>,
     Extension(a): Extension<Authed>,
     path: Result<Path<(String, String)>, PathRejection>,
-    bytes: Bytes,
+    bytes: Result<Bytes, BytesRejection>,
 ) -> Response {
     let Path((id, action)) = match path {
         Ok(p) => p,
@@ -381,7 +394,7 @@ pub async fn cancel_migration(
     State(c): State<Arc<Console>>,
     Extension(a): Extension<Authed>,
     path: Result<Path<String>, PathRejection>,
-    bytes: Bytes,
+    bytes: Result<Bytes, BytesRejection>,
 ) -> Response {
     let Path(id) = match path {
         Ok(p) => p,

@@ -423,6 +423,12 @@ pub fn router(c: Arc<Console>) -> Router {
         .route("/api/nodes/{id}/{action}", post(api::node_action))
         .route("/api/migrations/{id}/cancel", post(api::cancel_migration))
         .fallback(not_found)
+        .method_not_allowed_fallback(|req: Request| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{} is not allowed on {}", req.method(), req.uri().path()),
+            )
+        })
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LEN_MAX))
         .layer(axum::middleware::from_fn_with_state(
             c.clone(),
