@@ -348,23 +348,14 @@ async fn login_page(State(c): State<Arc<Console>>, req: Request) -> Response {
         );
     }
     let now = now_unix_ms();
-    // The session may not outlive the certificate the login was issued for; the token
-    // itself was capped at issue, redeem caps the session again.
-    let Some((id, session)) = c.sessions.redeem(token, u64::MAX, now) else {
+    let Some((id, session)) = c.sessions.redeem(token, now) else {
         return unauthorized(
             "/login",
             "this login link is unknown, already used or expired (links are good once, for a \
              minute): run `clusterctl console url` again",
         );
     };
-    let cert_expires = pki::not_after(&session.cert_der)
-        .map(pki::unix_ms)
-        .unwrap_or(now);
-    let max_age_s = session
-        .expires_unix_ms
-        .min(cert_expires)
-        .saturating_sub(now)
-        / 1000;
+    let max_age_s = session.expires_unix_ms.saturating_sub(now) / 1000;
     tracing::info!(user = %session.name, role = %session.role, "console session started");
     let set =
         format!("{COOKIE}={id}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={max_age_s}");

@@ -26,6 +26,8 @@ pub struct Session {
     pub name: String,
     pub role: Role,
     pub cert_der: Vec<u8>,
+    /// When that certificate expires: no session outlives it.
+    pub cert_expires_unix_ms: u64,
     /// Sent by the page in a header with every write (see the module docs of `console`).
     pub csrf: String,
     pub expires_unix_ms: u64,
@@ -99,6 +101,7 @@ impl Sessions {
                 name: name.to_owned(),
                 role,
                 cert_der: cert_der.to_vec(),
+                cert_expires_unix_ms,
                 csrf: String::new(),
                 // Until redeemed: the token's expiry; the session's is set on redeem.
                 expires_unix_ms: expires,
@@ -107,15 +110,9 @@ impl Sessions {
         Ok((token, expires))
     }
 
-    /// Exchange a login token (once) for a new session: its id and the session.
-    /// `cert_expires_unix_ms` bounds the session; `None` when the token is unknown,
-    /// used or expired.
-    pub fn redeem(
-        &self,
-        token: &str,
-        cert_expires_unix_ms: u64,
-        now_ms: u64,
-    ) -> Option<(String, Arc<Session>)> {
+    /// Exchange a login token (once) for a new session: its id and the session; `None`
+    /// when the token is unknown, used or expired.
+    pub fn redeem(&self, token: &str, now_ms: u64) -> Option<(String, Arc<Session>)> {
         let mut inner = self.lock();
         let pending = inner.tokens.remove(&key(token))?;
         if pending.expires_unix_ms <= now_ms {
@@ -135,7 +132,7 @@ impl Sessions {
         let id = random_hex();
         let session = Arc::new(Session {
             csrf: random_hex(),
-            expires_unix_ms: (now_ms + SESSION_TTL_MS).min(cert_expires_unix_ms),
+            expires_unix_ms: (now_ms + SESSION_TTL_MS).min(pending.cert_expires_unix_ms),
             ..pending
         });
         inner.sessions.insert(key(&id), session.clone());
@@ -169,17 +166,17 @@ mod tests {
             .issue("ann", Role::Viewer, b"der", u64::MAX, 1_000)
             .unwrap();
         assert_eq!(exp, 1_000 + LOGIN_TOKEN_TTL_MS);
-        assert!(s.redeem("nope", u64::MAX, 1_001).is_none());
-        let (id, sess) = s.redeem(&t, u64::MAX, 1_001).unwrap();
+        assert!(s.redeem("nope", 1_001).is_none());
+        let (id, sess) = s.redeem(&t, 1_001).unwrap();
         assert_eq!((sess.name.as_str(), sess.role), ("ann", Role::Viewer));
-        assert!(s.redeem(&t, u64::MAX, 1_002).is_none(), "used twice");
+        assert!(s.redeem(&t, 1_002).is_none(), "used twice");
         assert!(s.get(&id, 1_002).is_some());
         assert!(s.get(&id, 1_001 + SESSION_TTL_MS).is_none(), "expired");
         let (late, _) = s.issue("bob", Role::Admin, b"der", u64::MAX, 0).unwrap();
-        assert!(s.redeem(&late, u64::MAX, LOGIN_TOKEN_TTL_MS).is_none());
+        assert!(s.redeem(&late, LOGIN_TOKEN_TTL_MS).is_none());
         // A session never outlives the certificate it came from.
         let (t, _) = s.issue("cy", Role::Admin, b"der", 50_000, 0).unwrap();
-        let (id, sess) = s.redeem(&t, 50_000, 10).unwrap();
+        let (id, sess) = s.redeem(&t, 10).unwrap();
         assert_eq!(sess.expires_unix_ms, 50_000);
         assert!(s.get(&id, 50_000).is_none());
         s.end(&id);
@@ -200,5 +197,16 @@ mod tests {
             .issue("a", Role::Admin, b"d", u64::MAX, LOGIN_TOKEN_TTL_MS)
             .is_ok());
         assert!(same_secret("abc", "abc") && !same_secret("abc", "abd") && !same_secret("a", "ab"));
+        // Past SESSIONS_MAX live sessions, the one that expires first ends.
+        let s = Sessions::default();
+        let ids: Vec<String> = (0..=SESSIONS_MAX as u64)
+            .map(|now| {
+                let (t, _) = s.issue("a", Role::Admin, b"d", u64::MAX, now).unwrap();
+                s.redeem(&t, now).unwrap().0
+            })
+            .collect();
+        let now = SESSIONS_MAX as u64;
+        assert!(s.get(&ids[0], now).is_none(), "the oldest was ended");
+        assert!(ids[1..].iter().all(|id| s.get(id, now).is_some()));
     }
 }
