@@ -3,7 +3,9 @@
 //! one-time link from the gRPC API, the views filled from the live stream, a live
 //! migration's progress bar moving to done, a confirmed action from the page, and the
 //! refusals (no session 401, viewer 403, missing CSRF token 403, bad input 400, a used
-//! link 401, a revoked user 401). Screenshots of the main views go to `docs/`.
+//! link 401, a revoked user 401). Screenshots of the main views go to the test directory;
+//! `CONSOLE_SCREENSHOTS_DIR=docs cargo test -p cluster-agent --test web_console` refreshes
+//! the ones kept in `docs/console-*.png`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,7 +14,7 @@ use cluster_proto::management as pb;
 use cluster_proto::management::management_client::ManagementClient;
 use cluster_proto::pki::Role;
 use cluster_proto::vms as vpb;
-use cluster_tests::browser::{docs_dir, spki_pin, Browser};
+use cluster_tests::browser::{screenshot_dir, spki_pin, Browser};
 use cluster_tests::pki::{endpoint_as, pki};
 use cluster_tests::vm::guest_spec;
 use cluster_tests::wait::Wait;
@@ -100,7 +102,7 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
         .map(|id| spki_pin(&cl.check(cl.spec(id)).tls_dir.join("cert.pem")))
         .collect();
     let b = Browser::start(&pins);
-    let docs = docs_dir();
+    let docs = screenshot_dir(cl.dir());
 
     // An admin logs in to node 1's console with the link the gRPC API gives.
     let admin = pki()

@@ -229,6 +229,10 @@ impl Browser {
         let png = base64::engine::general_purpose::STANDARD
             .decode(v.as_str().unwrap_or(""))
             .unwrap_or_else(|e| panic!("screenshot is not base64: {e}"));
+        assert!(
+            png.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "the screenshot is not a PNG"
+        );
         std::fs::write(path, png).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     }
 }
@@ -243,7 +247,13 @@ impl Drop for Browser {
     }
 }
 
-/// The workspace's `docs/` directory (where the console screenshots are kept).
-pub fn docs_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs")
+/// Where the console tests save their screenshots: `$CONSOLE_SCREENSHOTS_DIR` when set
+/// (relative to the workspace root: `CONSOLE_SCREENSHOTS_DIR=docs` refreshes the ones
+/// kept in `docs/`), else `fallback` (a test directory), so a test run changes no file of
+/// the repository.
+pub fn screenshot_dir(fallback: &Path) -> PathBuf {
+    match std::env::var_os("CONSOLE_SCREENSHOTS_DIR") {
+        Some(d) => Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(d),
+        None => fallback.to_path_buf(),
+    }
 }
