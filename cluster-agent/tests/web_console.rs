@@ -197,16 +197,56 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
 
     // Refusals as the admin: bad input (400, naming the field), no CSRF token (403), no
     // session (401), an unknown route (404).
-    let (status, body) = post(&b, "/api/vms/web/migrate", "{\"to_node\": 2}");
-    assert_eq!(status, 400, "{body}");
-    assert!(
-        body["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("unknown field `to_node`")),
-        "{body}"
-    );
-    let (status, body) = post(&b, "/api/nodes/zero/drain", "{}");
-    assert_eq!(status, 400, "{body}");
+    for (path, payload, code, needle) in [
+        (
+            "/api/vms/web/migrate",
+            "{\"to_node\": 2}",
+            400,
+            "unknown field `to_node`",
+        ),
+        (
+            "/api/vms/web/migrate",
+            "{\"dry_run\": \"yes\"}",
+            400,
+            "invalid type",
+        ),
+        (
+            "/api/vms/web/migrate",
+            "{\"to_node_id\": -1}",
+            400,
+            "invalid value",
+        ),
+        ("/api/vms/web/stop", "not json", 400, "not valid"),
+        (
+            "/api/vms/web/reboot",
+            "{}",
+            404,
+            "unknown VM action \"reboot\"",
+        ),
+        ("/api/vms/nosuch/stop", "{}", 404, "nosuch"),
+        (
+            "/api/nodes/zero/drain",
+            "{}",
+            400,
+            "node id \"zero\" is not a positive number",
+        ),
+        ("/api/nodes/0/drain", "{}", 400, "node id \"0\""),
+        (
+            "/api/nodes/99999999999999999999/drain",
+            "{}",
+            400,
+            "not a positive number",
+        ),
+        ("/api/nodes/1/explode", "{}", 404, "unknown node action"),
+        ("/api/migrations/x/cancel", "{}", 400, "migration id \"x\""),
+    ] {
+        let (status, body) = post(&b, path, payload);
+        assert_eq!(status, code, "{path} {payload}: {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| e.contains(needle)),
+            "{path} {payload}: {body} lacks {needle:?}"
+        );
+    }
     let (status, body) = fetch(&b, "/api/vms/web/stop", "{method: 'POST', body: '{}'}");
     assert_eq!(status, 403, "{body}");
     assert!(
@@ -345,21 +385,30 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
          document.getElementById('user').textContent];",
         |v| v[0] == 3 && v[1].as_str().is_some_and(|u| u.contains("vera (viewer)")),
     );
-    let (status, body) = post(&b, "/api/vms/web/start", "{}");
-    assert_eq!(status, 403, "{body}");
-    assert!(
-        body["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("StartVm needs role admin")),
-        "{body}"
-    );
-    // A migration preview is a read (PlanMigration): allowed; a drain preview is not
-    // (DrainNode, dry run or not, needs admin over gRPC too).
+    let cancel = format!("/api/migrations/{}/cancel", mig.id);
+    for (path, payload, method) in [
+        ("/api/vms/web/start", "{}", "StartVm"),
+        ("/api/vms/web/stop", "{}", "StopVm"),
+        ("/api/vms/web/migrate", "{\"to_node_id\": 3}", "MigrateVm"),
+        ("/api/nodes/3/drain", "{}", "DrainNode"),
+        ("/api/nodes/3/drain", "{\"dry_run\": true}", "DrainNode"),
+        ("/api/nodes/3/abort-drain", "{}", "AbortDrain"),
+        ("/api/nodes/3/resume", "{\"failback\": true}", "ResumeNode"),
+        (cancel.as_str(), "{}", "CancelMigration"),
+    ] {
+        let (status, body) = post(&b, path, payload);
+        assert_eq!(status, 403, "{path} {payload}: {body}");
+        let needle = format!("user \"vera\" has role viewer; {method} needs role admin");
+        assert!(
+            body["error"].as_str().is_some_and(|e| e.contains(&needle)),
+            "{path}: {body} lacks {needle:?}"
+        );
+    }
+    // A migration preview is a read (PlanMigration): allowed (a drain preview is not:
+    // DrainNode, dry run or not, needs admin over gRPC too).
     let (status, body) = post(&b, "/api/vms/web/migrate", "{\"dry_run\": true}");
     assert_eq!(status, 200, "{body}");
     assert!(body["plan"]["vm"] == "web", "{body}");
-    let (status, body) = post(&b, "/api/nodes/3/drain", "{\"dry_run\": true}");
-    assert_eq!(status, 403, "{body}");
     cl.wait_vm(1, "web", "still stopped", |v| v.desired == "stopped")
         .await;
     show_tab(&b, "events");

@@ -77,6 +77,8 @@ pub const CONNECTIONS_MAX: usize = 128;
 pub const STREAMS_MAX: usize = 16;
 /// Largest request body accepted (the console's actions carry a few fields).
 pub const BODY_LEN_MAX: usize = 16 * 1024;
+/// HTTP/2 keep-alive pings: a connection that answers none within this long is closed.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The console's listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -466,7 +468,13 @@ pub fn spawn(
                 let mut builder =
                     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 builder.http1().timer(TokioTimer::new());
-                builder.http2().timer(TokioTimer::new());
+                // Pings find browsers that went away without closing (their streams
+                // and connection slot are then freed).
+                builder
+                    .http2()
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
+                    .keep_alive_timeout(KEEPALIVE_INTERVAL);
                 let conn = builder.serve_connection(TokioIo::new(tls), service);
                 tokio::select! {
                     r = conn => if let Err(e) = r {
