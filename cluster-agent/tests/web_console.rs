@@ -27,9 +27,12 @@ const MIGRATION_BYTES_PER_S: u64 = 8 << 20;
 
 /// Waits until `js` (run in the page) returns a value `cond` accepts; returns it.
 fn wait_page(b: &Browser, what: &str, js: &str, cond: impl FnMut(&Value) -> bool) -> Value {
-    Wait::new(WAIT)
+    let t0 = std::time::Instant::now();
+    let v = Wait::new(WAIT)
         .until_blocking(what, || b.script(js), cond)
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("waited {:?} for {what}", t0.elapsed());
+    v
 }
 
 /// `fetch(path)` from the page with `init` (a JS object literal): `[status, body]`.
@@ -345,6 +348,42 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
     b.screenshot(&docs.join("console-jobs.png"));
     let moved = cl.wait_settled(1, "web").await;
     assert_ne!(moved.owner_id, target, "the drain moved web away");
+
+    // A migration from the page's dialog: the target picked, previewed, confirmed.
+    let to = 6 - moved.owner_id - target; // neither its owner nor the paused node
+    show_tab(&b, "vms");
+    let migrate = "tr[data-vm=\"web\"] button[data-action=\"migrate\"]";
+    wait_page(
+        &b,
+        "the Migrate button of web",
+        &format!(
+            "const x = document.querySelector('{migrate}'); return !!x && x.offsetParent !== null;"
+        ),
+        |v| v == true,
+    );
+    b.click(migrate)
+        .unwrap_or_else(|e| panic!("click migrate: {e}"));
+    b.script(&format!(
+        "document.getElementById('migrate-target').value = '{to}'; return true;"
+    ))
+    .unwrap_or_else(|e| panic!("pick the target: {e}"));
+    b.click("#confirm-preview-button")
+        .unwrap_or_else(|e| panic!("click preview: {e}"));
+    wait_page(
+        &b,
+        "the migration preview names the target",
+        "return document.getElementById('confirm-preview').textContent;",
+        |v| {
+            v.as_str()
+                .is_some_and(|t| t.starts_with(&format!("would move to node-{to}")))
+        },
+    );
+    b.click("#confirm-ok")
+        .unwrap_or_else(|e| panic!("confirm migrate: {e}"));
+    cl.wait_vm(1, "web", "migrated from the console", |v| {
+        v.owner_id == to && v.runtime == "running" && v.migrating_to == 0
+    })
+    .await;
 
     // A confirmed action from the page: stop the VM.
     show_tab(&b, "vms");
