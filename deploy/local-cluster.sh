@@ -6,7 +6,8 @@
 #   deploy/local-cluster.sh stop
 #
 # Node i: management 127.0.1.i:7001, Raft 127.0.1.i:7002, migration 127.0.2.i:7003,
-# Prometheus metrics http://127.0.1.i:7004/metrics; data, logs and pid files under
+# Prometheus metrics http://127.0.1.i:7004/metrics, web console https://127.0.1.i:7005
+# (`clusterctl console url` prints a login link); data, logs and pid files under
 # .local-cluster/; the shared volume "vol" (every node sees the same directory, standing in
 # for shared storage) is .local-cluster/volumes/vol. Binaries are built (debug) first.
 #
@@ -105,6 +106,7 @@ migration_addr = "127.0.2.$i:7003"
 mgmt_subnet = "127.0.1.0/24"
 migration_subnet = "127.0.2.0/24"
 metrics_addr = "127.0.1.$i:7004"
+console_addr = "127.0.1.$i:7005"
 
 [[volumes]]
 name = "vol"
@@ -129,6 +131,7 @@ TOML
     ctl 1 node list || true
     echo
     echo "clusterctl context \"local\" is current (endpoints, CA and admin certificate): e.g. $CTL cluster status"
+    echo "web console: https://127.0.1.1:7005 (log in with the link \`$CTL console url\` prints; CA: $PKI/ca.pem)"
 }
 
 stop() {

@@ -8,11 +8,13 @@
 #    namespace of their own and probe the guest from inside it.
 #  - iptables: the partition tests cut links between the local agents with iptables rules
 #    (tests/src/partition.rs); they run as root.
+#  - chromium, chromium-driver: the web console test drives a real headless browser
+#    (tests/src/browser.rs, cluster-agent/tests/web_console.rs).
 #  - protoc is NOT needed: proto/build.rs uses the vendored protoc-bin-vendored.
 #  - sccache (optional, recommended): caches the ~10-minute RocksDB C++ build.
 set -euo pipefail
 need=()
-for pkg in libclang-dev build-essential pkg-config lz4 util-linux iproute2 python3 iptables; do
+for pkg in libclang-dev build-essential pkg-config lz4 util-linux iproute2 python3 iptables chromium chromium-driver; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

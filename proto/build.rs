@@ -11,6 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // For gRPC reflection on the management listener (grpcurl, Postman).
         .file_descriptor_set_path(out.join("cluster_descriptor.bin"))
+        // The agent's web console answers its pages' JSON requests with these messages:
+        // one contract for gRPC clients and the browser.
+        .type_attribute(".", "#[derive(serde::Serialize)]")
         .compile_protos(
             &[
                 "management.proto",

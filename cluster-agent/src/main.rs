@@ -39,6 +39,9 @@ struct Args {
     /// Prometheus `/metrics` listener (IP:port); unset: none.
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// The web console's HTTPS listener (IP:port); unset: none.
+    #[arg(long)]
+    console_addr: Option<String>,
     /// Validate the configuration, print it and exit.
     #[arg(long)]
     check_config: bool,
@@ -71,6 +74,7 @@ impl Args {
             heartbeat_interval_ms: self.heartbeat_interval_ms,
             down_after_ms: self.down_after_ms,
             metrics_addr: self.metrics_addr.clone(),
+            console_addr: self.console_addr.clone(),
             ..RawConfig::default()
         }
     }

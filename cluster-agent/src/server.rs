@@ -29,6 +29,8 @@ pub enum RunError {
     MigrationTls(#[source] Box<vmm_node::migration::tls::TlsSetupError>),
     #[error("cannot listen for incoming migrations")]
     Migration(#[source] Box<crate::vmhost::VmHostError>),
+    #[error("cannot serve the web console")]
+    Console(#[source] crate::api::console::ConsoleError),
     #[error("cannot serve metrics")]
     Metrics(#[source] crate::api::metrics::MetricsError),
     #[error("cannot find this agent's own executable (VM workers run it)")]
@@ -109,6 +111,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 .await
                 .map_err(RunError::Metrics)?,
         ),
+        None => None,
+    };
+    let console = match config.console_addr {
+        Some(a) => Some(bind("console_addr", a).await?),
         None => None,
     };
     let network = crate::api::peer::client::Network {
@@ -234,11 +240,30 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 source,
             })?;
     let fence_host = vm_host.clone();
+    let sessions = console
+        .is_some()
+        .then(|| Arc::new(crate::api::console::Sessions::default()));
+    let console_task = match (console, &sessions) {
+        (Some(listener), Some(sessions)) => {
+            let c = crate::api::console::Console::new(
+                agent.clone(),
+                vm_host.clone(),
+                progress.clone(),
+                sessions.clone(),
+            );
+            Some(
+                crate::api::console::spawn(listener, c, stop_rx.clone())
+                    .map_err(RunError::Console)?,
+            )
+        }
+        _ => None,
+    };
     let mgmt_task = crate::api::serve::spawn_management(
         mgmt,
         agent.clone(),
         vm_host,
         progress,
+        sessions,
         stop_rx.clone(),
     )
     .map_err(|source| RunError::Listen {
@@ -250,6 +275,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         mgmt_addr = %agent.config().mgmt_addr,
         raft_addr = %agent.config().raft_addr,
         migration_addr = %agent.config().migration_addr,
+        console_addr = ?agent.config().console_addr,
         "agent serving"
     );
 
@@ -281,6 +307,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = jobs.await;
     let _ = power.await;
     let _ = queue.await;
+    if let Some(ct) = console_task {
+        let _ = ct.await;
+    }
     if let Some(mt) = mt {
         let _ = mt.await;
     }

@@ -6,7 +6,7 @@ use cluster_proto::management as pb;
 
 use crate::client::{connect, status_error, CtlError};
 use crate::output;
-use crate::{Cli, ClusterCmd, Cmd, KvCmd, NodeCmd};
+use crate::{Cli, ClusterCmd, Cmd, ConsoleCmd, KvCmd, NodeCmd};
 
 /// Joins wait for the new node to catch up; give them at least this long.
 const JOIN_TIMEOUT_MIN: Duration = Duration::from_secs(60);
@@ -135,6 +135,21 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
                 .map_err(fail)?
                 .into_inner();
             output::events(fmt, &r.events)
+        }
+        Cmd::Console(ConsoleCmd::Url) => {
+            let r = c
+                .console_login(pb::ConsoleLoginRequest {})
+                .await
+                .map_err(fail)?
+                .into_inner();
+            if fmt == crate::Format::Json {
+                return output::json(&r);
+            }
+            Ok(format!(
+                "{}\n(good once, for a minute; the agent presents its node certificate, signed \
+                 by the cluster CA)\n",
+                r.url
+            ))
         }
         Cmd::Kv(KvCmd::Put { key, value }) => {
             let r = c

@@ -115,6 +115,9 @@ pub enum Cmd {
     /// Replicated key/value entries (tests, small settings).
     #[command(subcommand)]
     Kv(KvCmd),
+    /// The web console of the agent this command talks to.
+    #[command(subcommand)]
+    Console(ConsoleCmd),
     /// VM lifecycle: create, start, stop, delete, list, show, console.
     #[command(subcommand)]
     Vm(vm::VmCmd),
@@ -218,6 +221,13 @@ pub enum NodeCmd {
     },
     /// Why VM cannot run on (or move to) NODE: every rule that rules the node out.
     WhyNot { vm: String, node_id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConsoleCmd {
+    /// Print a one-time login link (good for a minute) to the agent's web console, for
+    /// the name and role of your client certificate; open it in a browser.
+    Url,
 }
 
 #[derive(Debug, Subcommand)]

@@ -29,6 +29,7 @@ pub const READ_ONLY_METHODS: &[&str] = &[
     "/cluster.management.v1.Management/GetNode",
     "/cluster.management.v1.Management/ListEvents",
     "/cluster.management.v1.Management/GetKv",
+    "/cluster.management.v1.Management/ConsoleLogin",
     "/cluster.vms.v1.VmService/ListVms",
     "/cluster.vms.v1.VmService/GetVm",
     "/cluster.vms.v1.VmService/StreamConsole",

@@ -17,6 +17,7 @@ use cluster_proto::management as pb;
 use cluster_proto::management::management_client::ManagementClient;
 use tonic::transport::Channel;
 
+pub mod browser;
 pub mod checker;
 pub mod netns;
 pub mod partition;

@@ -58,7 +58,7 @@ pub struct Authorize<S> {
 }
 
 /// Refused when the user certificate `der` naming `name` is revoked on this replica.
-fn check_revoked(agent: &Agent, name: &str, der: &[u8]) -> Result<(), Status> {
+pub(crate) fn check_revoked(agent: &Agent, name: &str, der: &[u8]) -> Result<(), Status> {
     let found = agent.read_sm(|d| {
         let list = &d.state.revocations;
         if list.is_empty() {
@@ -109,7 +109,7 @@ fn needs(path: &str) -> Needs {
 }
 
 /// The verdict on a call to `path` by `caller` (`None`: no client certificate).
-fn decide(path: &str, caller: Option<&Identity>) -> Result<(), Status> {
+pub(crate) fn decide(path: &str, caller: Option<&Identity>) -> Result<(), Status> {
     let method = path.rsplit('/').next().unwrap_or(path);
     match (needs(path), caller) {
         (Needs::Nothing, _) => Ok(()),

@@ -24,6 +24,8 @@ pub const JOIN_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct ManagementApi {
     pub agent: Arc<Agent>,
+    /// The web console's logins (`None`: this agent serves no console).
+    pub console: Option<Arc<crate::api::console::Sessions>>,
 }
 
 #[tonic::async_trait]
@@ -441,6 +443,14 @@ impl Management for ManagementApi {
         request: Request<pb::RenewNodeCertificateRequest>,
     ) -> Result<Response<pb::IssueCertificateReply>, Status> {
         crate::api::certificates::renew_node_certificate(&self.agent, request).await
+    }
+
+    async fn console_login(
+        &self,
+        request: Request<pb::ConsoleLoginRequest>,
+    ) -> Result<Response<pb::ConsoleLoginReply>, Status> {
+        crate::api::console::login(self.console.as_deref(), &self.agent, &request)
+            .map(Response::new)
     }
 
     async fn put_kv(

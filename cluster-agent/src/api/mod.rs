@@ -9,6 +9,8 @@
 //!   one.
 //! - Peer plane (members only, `raft_addr`): [`peer`] — the Raft service and its client.
 //! - [`metrics`]: Prometheus `/metrics` over plain HTTP.
+//! - [`console`]: the web console (HTTPS, `console_addr`): pages, their JSON API and a
+//!   live event stream, calling the management services in process under the same roles.
 //! - Trust: [`tls`] (the node's credentials as TLS configs; every agent-to-agent channel
 //!   is built there), [`auth`] (who may call which management method) and
 //!   [`certificates`] (join tokens; signing on agents that hold the CA key);
@@ -19,6 +21,7 @@
 
 pub mod auth;
 pub mod certificates;
+pub mod console;
 pub mod convert;
 pub mod forward;
 pub mod jobs;

@@ -95,6 +95,7 @@ pub fn spawn_management(
     agent: Arc<Agent>,
     host: Arc<VmHost>,
     progress: Arc<ProgressBoard>,
+    console: Option<Arc<super::console::Sessions>>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<ServerTask, ServeError> {
     let incoming = incoming(listener, &agent, true)?;
@@ -131,6 +132,7 @@ pub fn spawn_management(
         .add_optional_service(reflection)
         .add_service(ManagementServer::new(super::management::ManagementApi {
             agent: agent.clone(),
+            console,
         }))
         .add_service(VmServiceServer::new(super::vms::VmApi::new(
             agent.clone(),

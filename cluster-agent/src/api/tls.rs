@@ -177,6 +177,23 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The web console's TLS: this node's current certificate, no client certificates
+/// (browsers log in with a token, see `api::console`), HTTP/2 or HTTP/1.1.
+pub fn console_server_config(
+    credentials: &SharedCredentials,
+) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
+    let provider = vmm_node::migration::tls::crypto_provider();
+    let resolver = NodeCertResolver::new(credentials.clone());
+    resolver.certified_key()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsConfigError::Rustls)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// The connections `listener` accepts, after their TLS handshake: each handshake runs on
 /// its own task with a deadline ([`TLS_HANDSHAKE_TIMEOUT`]), at most [`HANDSHAKES_MAX`]
 /// at once, so a slow or silent client holds up no other. Nagle's algorithm is off (a

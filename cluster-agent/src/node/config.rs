@@ -113,6 +113,8 @@ pub struct RawConfig {
     pub volumes: Option<Vec<csv_volume::VolumeConfig>>,
     /// Prometheus `/metrics` listener (IP:port); unset: no metrics endpoint.
     pub metrics_addr: Option<String>,
+    /// The web console's HTTPS listener (IP:port); unset: no console.
+    pub console_addr: Option<String>,
     /// VM networks this node offers (`[[networks]] name = "lan", bridge = "br-lan"`).
     pub networks: Option<Vec<NetworkConfig>>,
     /// The argv list (no shell) that powers this host off, run by the Raft leader once
@@ -225,6 +227,8 @@ pub struct AgentConfig {
     pub facts_override: FactsOverride,
     pub volumes: Vec<csv_volume::VolumeConfig>,
     pub metrics_addr: Option<SocketAddr>,
+    /// See [`RawConfig::console_addr`].
+    pub console_addr: Option<SocketAddr>,
     pub networks: Vec<NetworkConfig>,
     /// See [`RawConfig::power_off_command`] and [`RawConfig::power_on_command`].
     pub power: crate::state::power::PowerCommands,
@@ -323,6 +327,7 @@ impl RawConfig {
             facts_override,
             volumes,
             metrics_addr,
+            console_addr,
             networks,
             power_off_command,
             power_on_command,
@@ -508,6 +513,23 @@ impl RawConfig {
                 Some(a)
             }
         };
+        let console_addr = match self.console_addr {
+            None => None,
+            Some(v) => {
+                let a = addr("console_addr", "console-addr", Some(v))?;
+                if a == mgmt_addr
+                    || a == raft_addr
+                    || a == migration_addr
+                    || Some(a) == metrics_addr
+                {
+                    return Err(invalid(
+                        "console_addr",
+                        format!("{a} is already used by another listener of this agent"),
+                    ));
+                }
+                Some(a)
+            }
+        };
         let networks = self.networks.unwrap_or_default();
         let mut seen = std::collections::BTreeSet::new();
         for n in &networks {
@@ -624,6 +646,7 @@ impl RawConfig {
             facts_override,
             volumes,
             metrics_addr,
+            console_addr,
         })
     }
 }
@@ -845,6 +868,29 @@ cpu_vendor = "GenuineIntel"
         }
         let e = err(&GOOD.replace("node_id = 3", "node_id = \"three\""));
         assert!(e.contains("node_id"), "{e}");
+    }
+
+    #[test]
+    fn console_addr_is_optional_checked_and_distinct() {
+        let ok = |t: &str| RawConfig::from_toml(t).ok().and_then(|r| r.validate().ok());
+        assert_eq!(ok(GOOD).and_then(|c| c.console_addr), None);
+        let with = |v: &str| {
+            GOOD.replace(
+                "[facts_override]",
+                &format!("console_addr = \"{v}\"\n[facts_override]"),
+            )
+        };
+        assert_eq!(
+            ok(&with("127.0.1.3:7005")).and_then(|c| c.console_addr),
+            "127.0.1.3:7005".parse().ok()
+        );
+        let e = err(&with("127.0.1.3"));
+        assert!(e.contains("console_addr"), "{e}");
+        let e = err(&with("127.0.1.3:7001"));
+        assert!(
+            e.contains("console_addr") && e.contains("already used"),
+            "{e}"
+        );
     }
 
     #[test]
