@@ -168,7 +168,10 @@ async fn main() -> ExitCode {
     };
     println!("  vmm-node alone (migration-bench): blackout p50 {e50} us, p99 {e99} us");
     let mut p50s = Vec::new();
-    for (path, toml) in [("full stack", ""), ("full stack, vm_workers", "vm_workers = true\n")] {
+    for (path, toml) in [
+        ("full stack", ""),
+        ("full stack, vm_workers", "vm_workers = true\n"),
+    ] {
         let full = match full_stack(memory_mib, repeats, toml).await {
             Ok(v) => v,
             Err(e) => {
