@@ -632,6 +632,7 @@ async fn live_migration_under_a_1khz_echo_stream_through_the_cluster() {
             &tap2,
             watch_stop.to_str().unwrap_or_default(),
             "600",
+            &tap1,
         ],
     );
     let mut stream = ns.spawn_probe(
@@ -697,7 +698,7 @@ async fn live_migration_under_a_1khz_echo_stream_through_the_cluster() {
                             .unwrap_or_default()
                     })
             },
-            |m| m.state != "running" && m.state != "",
+            |m| m.state != "running" && !m.state.is_empty(),
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -733,6 +734,17 @@ async fn live_migration_under_a_1khz_echo_stream_through_the_cluster() {
         "{res}"
     );
     let after: Vec<&f64> = lost_after.iter().filter(|t| **t > resumed).collect();
+    if !after.is_empty() {
+        let stats = ns.ip(&["-s", "-s", "link", "show", "dev", &tap2]);
+        eprintln!(
+            "losses (ms after the first target reply): {:?}\nlost seqs {}\nfirst target reply {}\nframes entering the source's TAP after the first on the target's: {}\n{}",
+            lost_after.iter().map(|t| ((t - resumed) * 1e3).round()).collect::<Vec<_>>(),
+            res["lost_seqs"],
+            w["first_ipv4"],
+            w["src_after"],
+            String::from_utf8_lossy(&stats.stdout)
+        );
+    }
     assert!(
         after.is_empty(),
         "{} requests sent after the first reply from the target were lost (first reply at unix {resumed}): {after:?}",

@@ -15,10 +15,11 @@ Modes:
                                               (prints `RX n` every 500 replies)
   capture IFACE ETHERTYPE MAC STOP_FILE MAX_S frames of ETHERTYPE from MAC received on IFACE;
                                               prints `SEEN n` for each one
-  migwatch MAC TAP STOP_FILE MAX_S            frames from MAC entering TAP (which may not exist
+  migwatch MAC TAP STOP_FILE MAX_S [SRC_TAP]  frames from MAC entering TAP (which may not exist
                                               yet), seen on every interface of the namespace:
                                               the first one's type (`FIRST 0x8035`), RARP and
-                                              IPv4 counts (`TAP_IPV4 n` every 100)
+                                              IPv4 counts (`TAP_IPV4 n` every 100); with
+                                              SRC_TAP, frames from MAC entering it after that
 """
 import json
 import os
@@ -246,7 +247,7 @@ def capture(iface, ethertype, mac, stop_file, max_s):
     out({"frames": seen})
 
 
-def migwatch(mac, tap, stop_file, max_s):
+def migwatch(mac, tap, stop_file, max_s, src_tap=None):
     # Not bound: an ETH_P_ALL socket sees frames entering every interface of the namespace,
     # also ones created after it was opened, before the bridge handles them.
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
@@ -259,6 +260,7 @@ def migwatch(mac, tap, stop_file, max_s):
     rarp = 0
     ipv4 = 0
     first_ipv4 = None
+    src_after = []  # frames from MAC entering SRC_TAP after the first one entered TAP
     print("READY", flush=True)
     t0 = time.time()
     while not os.path.exists(stop_file) and time.time() - t0 < max_s:
@@ -266,7 +268,12 @@ def migwatch(mac, tap, stop_file, max_s):
         if not r:
             continue
         f, addr = s.recvfrom(65536)
-        if addr[0] != tap or addr[2] == socket.PACKET_OUTGOING or len(f) < 14 or f[6:12] != want:
+        if addr[2] == socket.PACKET_OUTGOING or len(f) < 14 or f[6:12] != want:
+            continue
+        if addr[0] == src_tap and first is not None and len(src_after) < 100:
+            src_after.append({"t": time.time(), "ethertype": struct.unpack("!H", f[12:14])[0],
+                              "len": len(f)})
+        if addr[0] != tap:
             continue
         et = struct.unpack("!H", f[12:14])[0]
         now = time.time()
@@ -291,7 +298,8 @@ def migwatch(mac, tap, stop_file, max_s):
         drops = struct.unpack("II", st)[1]
     except OSError:
         pass
-    out({"first": first, "rarp": rarp, "ipv4": ipv4, "first_ipv4": first_ipv4, "drops": drops})
+    out({"first": first, "rarp": rarp, "ipv4": ipv4, "first_ipv4": first_ipv4, "drops": drops,
+         "src_after": src_after})
 
 
 def main(argv):
@@ -310,7 +318,7 @@ def main(argv):
     elif mode == "capture":
         capture(a[0], int(a[1], 0), a[2], a[3], float(a[4]))
     elif mode == "migwatch":
-        migwatch(a[0], a[1], a[2], float(a[3]))
+        migwatch(a[0], a[1], a[2], float(a[3]), a[4] if len(a) > 4 else None)
     else:
         raise SystemExit("unknown mode " + mode)
 
