@@ -82,8 +82,9 @@ pub enum VmCmd {
 /// `clusterctl vm nic ...`.
 #[derive(Debug, Subcommand)]
 pub enum VmNicCmd {
-    /// Add a NIC on a network (`NET` or `NET,mac=aa:bb:cc:dd:ee:ff`; the MAC is generated
-    /// when not given) in the VM's lowest free NIC slot.
+    /// Add a NIC on a network (`NET[,mac=aa:bb:cc:dd:ee:ff][,mtu=9000]`; the MAC is
+    /// generated when not given, the MTU is 1500 when not given) in the VM's lowest free
+    /// NIC slot.
     Attach {
         name: String,
         #[arg(value_parser = parse_nic)]
@@ -131,8 +132,9 @@ pub struct CreateArgs {
     /// Preferred owner node id, most preferred first; repeatable.
     #[arg(long = "preferred-owner")]
     pub preferred_owners: Vec<u64>,
-    /// NIC on a network the nodes map to a bridge: `NET` or `NET,mac=52:54:00:12:34:56`
-    /// (without a MAC the cluster generates one); repeatable, NIC i in slot i.
+    /// NIC on a network the nodes map to a bridge: `NET[,mac=52:54:00:12:34:56][,mtu=9000]`
+    /// (without a MAC the cluster generates one; MTU 68..=9000, default 1500); repeatable,
+    /// NIC i in slot i.
     #[arg(long = "nic", value_parser = parse_nic)]
     pub nics: Vec<NicArg>,
     /// Test guest `net` workload: its IPv4 address on the first NIC.
@@ -143,34 +145,43 @@ pub struct CreateArgs {
     pub no_start: bool,
 }
 
-/// A `--nic NET[,mac=..]` argument.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A `--nic NET[,mac=..][,mtu=..]` argument.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NicArg {
     pub network: String,
     pub mac: String,
+    /// `None`: the default (1500).
+    pub mtu: Option<u32>,
 }
 
-/// Parses `NET` or `NET,mac=aa:bb:cc:dd:ee:ff` (the agent validates both parts).
+/// Parses `NET[,mac=aa:bb:cc:dd:ee:ff][,mtu=N]` (the agent validates the network, the MAC
+/// and the MTU's range).
 pub fn parse_nic(s: &str) -> Result<NicArg, String> {
     let mut parts = s.split(',');
     let network = parts.next().unwrap_or_default().trim().to_owned();
     if network.is_empty() {
         return Err(format!(
-            "{s:?}: give a network name first, e.g. lan or lan,mac=52:54:00:12:34:56"
+            "{s:?}: give a network name first, e.g. lan, lan,mac=52:54:00:12:34:56 or lan,mtu=9000"
         ));
     }
     let mut mac = String::new();
+    let mut mtu = None;
     for p in parts {
         match p.split_once('=') {
             Some(("mac", m)) if mac.is_empty() => mac = m.trim().to_owned(),
+            Some(("mtu", m)) if mtu.is_none() => {
+                mtu = Some(m.trim().parse::<u32>().map_err(|_| {
+                    format!("{s:?}: mtu={m} is not a number (68..=9000, e.g. mtu=9000)")
+                })?)
+            }
             _ => {
                 return Err(format!(
-                    "{s:?}: after the network only mac=aa:bb:cc:dd:ee:ff is accepted, got {p:?}"
+                    "{s:?}: after the network only mac=aa:bb:cc:dd:ee:ff and mtu=N are accepted (once each), got {p:?}"
                 ))
             }
         }
     }
-    Ok(NicArg { network, mac })
+    Ok(NicArg { network, mac, mtu })
 }
 
 /// How long `vm console --follow` retries while the VM is between owners.
@@ -221,6 +232,7 @@ fn spec_of(a: &CreateArgs) -> pb::VmSpec {
                 network: n.network.clone(),
                 mac: n.mac.clone(),
                 slot: None,
+                mtu: n.mtu,
             })
             .collect(),
     }
@@ -266,11 +278,13 @@ pub fn cpus(millicores: u64) -> String {
     format!("{}.{:02}", millicores / 1000, millicores % 1000 / 10)
 }
 
-/// One NIC as printed: its network, MAC and TAP device on the owner's node.
+/// One NIC as printed: its network, MAC, MTU and TAP device on the owner's node.
 #[derive(Debug, Serialize)]
 pub struct NicView {
     pub network: String,
     pub mac: String,
+    /// The MTU in effect (1500 when the spec gives none).
+    pub mtu: u32,
     pub tap: String,
 }
 
@@ -304,6 +318,7 @@ pub fn view(v: &pb::VmInfo) -> VmView {
             .map(|(i, n)| NicView {
                 network: n.network,
                 mac: n.mac,
+                mtu: n.mtu.unwrap_or(1500),
                 tap: v.nic_taps.get(i).cloned().unwrap_or_default(),
             })
             .collect(),
@@ -402,8 +417,8 @@ pub fn render_one(fmt: Format, vm: Option<&pb::VmInfo>) -> Result<String, CtlErr
                 &v.nics
                     .iter()
                     .map(|n| match n.tap.as_str() {
-                        "" => format!("{} {}", n.network, n.mac),
-                        tap => format!("{} {} tap {tap}", n.network, n.mac),
+                        "" => format!("{} {} mtu {}", n.network, n.mac, n.mtu),
+                        tap => format!("{} {} mtu {} tap {tap}", n.network, n.mac, n.mtu),
                     })
                     .collect::<Vec<_>>(),
             ),
@@ -579,6 +594,7 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                     network: nic.network.clone(),
                     mac: nic.mac.clone(),
                     slot: None,
+                    mtu: nic.mtu,
                 }),
             };
             let r = call(ep, timeout, c.attach_nic(req)).await?;
@@ -870,9 +886,25 @@ mod tests {
             parse_nic("lan"),
             Ok(NicArg {
                 network: "lan".into(),
-                mac: String::new()
+                ..Default::default()
             })
         );
+        assert_eq!(
+            parse_nic("lan,mtu=9000,mac=52:54:00:12:34:56"),
+            Ok(NicArg {
+                network: "lan".into(),
+                mac: "52:54:00:12:34:56".into(),
+                mtu: Some(9000),
+            })
+        );
+        // The range is the agent's to check (it names the NIC); a non-number is refused here.
+        assert_eq!(parse_nic("lan,mtu=20000").map(|n| n.mtu), Ok(Some(20000)));
+        assert!(parse_nic("lan,mtu=big")
+            .unwrap_err()
+            .contains("mtu=big is not a number"));
+        assert!(parse_nic("lan,mtu=1500,mtu=9000")
+            .unwrap_err()
+            .contains("once each"));
         assert_eq!(
             parse_nic("lan,mac=52:54:00:12:34:56").map(|n| n.mac),
             Ok("52:54:00:12:34:56".into())
@@ -880,7 +912,7 @@ mod tests {
         assert!(parse_nic(",mac=52:54:00:12:34:56")
             .unwrap_err()
             .contains("network name"));
-        assert!(parse_nic("lan,mtu=9000").unwrap_err().contains("mtu=9000"));
+        assert!(parse_nic("lan,speed=10").unwrap_err().contains("speed=10"));
     }
 
     fn info(name: &str, owner: u64) -> pb::VmInfo {

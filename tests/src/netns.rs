@@ -5,10 +5,13 @@
 //! namespace and reaches the agents' loopback addresses through sockets opened from a
 //! thread that entered the namespace (a socket keeps the namespace it was created in).
 
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -83,6 +86,64 @@ impl NetNs {
         c
     }
 
+    /// The MTU of interface `name` in the namespace (`None`: no such interface).
+    pub fn link_mtu(&self, name: &str) -> Option<u32> {
+        let out = Command::new("ip")
+            .args(["-n", &self.name, "-o", "link", "show", "dev", name])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut w = text.split_whitespace().skip_while(|x| *x != "mtu");
+        w.nth(1)?.parse().ok()
+    }
+
+    /// The bridge port the FDB of `bridge` has for `mac` (lower case), if any.
+    pub fn fdb_port(&self, bridge: &str, mac: &str) -> Option<String> {
+        let out = run_ok(self.exec("bridge").args(["fdb", "show", "br", bridge]));
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some(mac)).then(|| {
+                let mut w = l.split_whitespace().skip_while(|x| *x != "dev");
+                w.nth(1).unwrap_or("").to_string()
+            })
+        })
+    }
+
+    /// Starts a long-running probe mode (`stream`, `capture`, `migwatch`) inside the
+    /// namespace; returns once it printed READY.
+    pub fn spawn_probe(&self, dir: &Path, args: &[&str]) -> Probe {
+        let p = dir.join("netprobe.py");
+        if !p.exists() {
+            std::fs::write(&p, NETPROBE).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+        }
+        let mut child = self
+            .exec("python3")
+            .arg(&p)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn the probe {args:?}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut p = Probe {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        };
+        p.wait_line(|l| l == "READY", Duration::from_secs(20));
+        p
+    }
+
     /// Runs a one-shot probe mode inside the namespace (`udp DST PORT SIZE COUNT TIMEOUT_S`,
     /// `arp ...`, see the probe's docstring); returns its JSON result.
     pub fn probe(&self, dir: &Path, args: &[&str]) -> Value {
@@ -136,5 +197,55 @@ impl Drop for NetNs {
         if !ok {
             eprintln!("warning: could not delete network namespace {}", self.name);
         }
+    }
+}
+
+/// A running probe: its stdout lines arrive on a channel. Killed on drop.
+pub struct Probe {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Probe {
+    /// Waits for a line matching `pred` (also among the lines already seen); panics with
+    /// what was seen on timeout.
+    pub fn wait_line(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        if let Some(l) = self.seen.iter().find(|l| pred(l)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if pred(&l) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "probe: no matching line within {timeout:?}; saw {:?}",
+                    self.seen.iter().rev().take(20).collect::<Vec<_>>()
+                ),
+            }
+        }
+    }
+
+    /// Creates `stop_file` and returns the probe's final JSON line.
+    pub fn finish(mut self, stop_file: &Path) -> Value {
+        let mut f = std::fs::File::create(stop_file)
+            .unwrap_or_else(|e| panic!("create {}: {e}", stop_file.display()));
+        let _ = f.flush();
+        let line = self.wait_line(|l| l.starts_with('{'), Duration::from_secs(30));
+        let _ = self.child.wait();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("probe printed {line:?}: {e}"))
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -496,6 +496,7 @@ impl VmService for VmApi {
             network: nic.network,
             mac: nic.mac,
             slot: None,
+            mtu: nic.mtu,
         };
         self.change_nic(crate::state::vm_nics::VmNicCommand::Attach {
             vm: req.vm,

@@ -256,7 +256,7 @@ mod tests {
         NicSpec {
             network: network.into(),
             mac: mac.into(),
-            slot: None,
+            ..Default::default()
         }
     }
 

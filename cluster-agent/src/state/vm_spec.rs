@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use csv_volume::DiskName;
 use serde::{Deserialize, Serialize};
 use vmm_node::config::{parse_mac, CMDLINE_BYTES_MAX, NICS_MAX, VCPUS_MAX, VIRTIO_BLK_SLOTS};
+pub use vmm_node::config::{NIC_MTU_DEFAULT, NIC_MTU_MAX, NIC_MTU_MIN};
 
 /// Longest VM name.
 pub const VM_NAME_BYTES_MAX: usize = 64;
@@ -62,6 +63,21 @@ pub struct NicSpec {
     /// A hot add or remove pins every NIC's slot, so the others keep theirs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<u8>,
+    /// The NIC's MTU (`VIRTIO_NET_F_MTU` to the guest, and its TAP's MTU on the host),
+    /// [`NIC_MTU_MIN`]..=[`NIC_MTU_MAX`]. `None`: [`NIC_MTU_DEFAULT`] (records stored
+    /// before the field existed load so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+impl NicSpec {
+    /// The MTU in effect: the one given, else [`NIC_MTU_DEFAULT`]. Only meaningful on a
+    /// validated spec (out-of-range values are refused by [`VmSpec::validate`]).
+    pub fn mtu(&self) -> u16 {
+        self.mtu
+            .and_then(|m| u16::try_from(m).ok())
+            .unwrap_or(NIC_MTU_DEFAULT)
+    }
 }
 
 /// The host TAP device of the NIC with `mac` on node `node_id`: the MAC's 12 hex digits,
@@ -222,6 +238,8 @@ pub enum SpecError {
     DuplicateMac(String),
     #[error("NIC slot {0} is out of range (0..{NICS_MAX}) or given to two NICs")]
     NicSlot(u8),
+    #[error("NIC {nic}: MTU {mtu} is out of range ({NIC_MTU_MIN}..={NIC_MTU_MAX})")]
+    NicMtu { nic: String, mtu: u32 },
 }
 
 /// True for names a VM may have (also used for the quick-migration directory).
@@ -358,9 +376,22 @@ impl VmSpec {
             }
         }
         let mut macs = HashSet::new();
-        for nic in &self.nics {
+        for (i, nic) in self.nics.iter().enumerate() {
             if !valid_network_name(&nic.network) {
                 return Err(SpecError::NetworkName(nic.network.clone()));
+            }
+            if let Some(mtu) = nic.mtu {
+                if !(u32::from(NIC_MTU_MIN)..=u32::from(NIC_MTU_MAX)).contains(&mtu) {
+                    let who = if nic.mac.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" {}", nic.mac)
+                    };
+                    return Err(SpecError::NicMtu {
+                        nic: format!("{i}{who} on network {}", nic.network),
+                        mtu,
+                    });
+                }
             }
             if nic.mac.is_empty() {
                 continue;
@@ -479,12 +510,43 @@ mod tests {
             bad(&|t| t.nics = vec![t.nics[0].clone(); NICS_MAX + 1]),
             SpecError::TooManyNics(NICS_MAX + 1)
         );
+        // MTU: default 1500, 68..=9000 accepted, the NIC and the value named otherwise.
+        assert_eq!(s.nics[0].mtu(), 1500);
+        for ok in [68, 1500, 9000] {
+            let mut t = s.clone();
+            t.nics[1].mtu = Some(ok);
+            t.validate().unwrap();
+            assert_eq!(u32::from(t.nics[1].mtu()), ok);
+        }
+        for mtu in [0, 67, 9001, 70_000] {
+            let e = bad(&|t| t.nics[1].mtu = Some(mtu));
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "NIC 1 52:54:00:AA:00:01 on network dmz: MTU {mtu} is out of range (68..=9000)"
+                )
+            );
+        }
+        assert_eq!(
+            bad(&|t| t.nics[0].mtu = Some(10)).to_string(),
+            "NIC 0 on network lan: MTU 10 is out of range (68..=9000)"
+        );
         // A record stored before NICs existed loads with none.
         let old: VmSpec = serde_json::from_str(
             r#"{"name":"a","vcpus":1,"memory_mib":64,"boot":{"test_guest":{"kind":"idle"}}}"#,
         )
         .unwrap();
         assert!(old.nics.is_empty());
+        // A NIC stored before the MTU existed loads with the default; a set MTU round-trips.
+        let old: NicSpec =
+            serde_json::from_str(r#"{"network":"lan","mac":"52:54:00:00:00:01"}"#).unwrap();
+        assert_eq!((old.mtu, old.mtu()), (None, 1500));
+        let jumbo = NicSpec {
+            mtu: Some(9000),
+            ..old
+        };
+        let back: NicSpec = serde_json::from_str(&serde_json::to_string(&jumbo).unwrap()).unwrap();
+        assert_eq!(back, jumbo);
     }
 
     #[test]

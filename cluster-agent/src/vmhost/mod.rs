@@ -1017,6 +1017,7 @@ impl VmHost {
         let taps = nics::create_tap(self.node, &self.networks, name, &nic)?;
         let cfg = vmm_node::config::NicConfig {
             slot: nic.slot,
+            mtu: nic.mtu(),
             ..vmm_node::config::NicConfig::new(nic_tap_name(self.node, &nic.mac), nic.mac.clone())
         };
         let slot = vm.vm.attach_nic(&cfg).map_err(|source| VmHostError::Vm {

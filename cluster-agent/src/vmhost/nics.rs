@@ -1,8 +1,15 @@
 //! The host side of a VM's NICs: one TAP device per NIC, named from the node and the MAC
-//! (`state::vm_spec::nic_tap_name`), attached to the bridge the node's config maps the
-//! NIC's network to. Created with iproute2 (`ip tuntap add`, `ip link set master`) before
-//! the VMM opens them, deleted once the VM stopped or left. The agent never creates a
-//! bridge: a missing one is an error naming it.
+//! (`state::vm_spec::nic_tap_name`), with the NIC's MTU, attached to the bridge the node's
+//! config maps the NIC's network to. Created with iproute2 (`ip tuntap add`, `ip link set
+//! mtu`, `ip link set master`) before the VMM opens them, deleted once the VM stopped or
+//! left. The agent never creates or changes a bridge: a missing one is an error naming it.
+//!
+//! MTU: the TAP gets the NIC's MTU before it joins the bridge. The bridge forwards a frame
+//! to a port only if it fits that port's MTU, so jumbo frames pass between ports that all
+//! have the larger MTU. The bridge device's own MTU (what the host's address on it sends
+//! with) follows the smallest port unless an administrator set it (`ip link set BR mtu
+//! 9000`): a 1500-byte NIC on the same bridge lowers it. The agent logs a warning when the
+//! bridge's MTU is below the NIC's after the TAP joined.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -104,7 +111,16 @@ pub fn create_taps(node: u64, networks: &Networks, spec: &VmSpec) -> Result<Taps
         delete(std::slice::from_ref(&tap));
         ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]).map_err(err)?;
         taps.names.push(tap.clone());
+        let mtu = nic.mtu().to_string();
+        ip(&["link", "set", "dev", &tap, "mtu", &mtu]).map_err(err)?;
         ip(&["link", "set", "dev", &tap, "master", bridge, "up"]).map_err(err)?;
+        if let Some(bridge_mtu) = link_mtu(bridge).filter(|m| *m < nic.mtu()) {
+            tracing::warn!(
+                vm = %spec.name, tap = %tap, bridge = %bridge, nic_mtu = nic.mtu(), bridge_mtu,
+                "the bridge's MTU is below the NIC's: frames from the host's address on the \
+                 bridge stay at the bridge's MTU (set it with `ip link set BRIDGE mtu N`)"
+            );
+        }
     }
     Ok(taps)
 }
@@ -135,6 +151,15 @@ pub fn delete_tap(node: u64, mac: &str) {
 /// Deletes the TAPs of `spec`'s NICs on node `node` (missing ones are ignored).
 pub fn delete_taps(node: u64, spec: &VmSpec) {
     delete(&tap_names(node, spec));
+}
+
+/// The MTU of interface `name` in this network namespace (`None` if unreadable).
+pub fn link_mtu(name: &str) -> Option<u16> {
+    std::fs::read_to_string(Path::new("/sys/class/net").join(name).join("mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn delete(names: &[String]) {

@@ -188,6 +188,7 @@ pub fn to_config(
             .enumerate()
             .map(|(i, (n, tap))| vmm_node::config::NicConfig {
                 slot: Some(spec.nic_slot(i)),
+                mtu: n.mtu(),
                 ..vmm_node::config::NicConfig::new(tap, n.mac.clone())
             })
             .collect(),

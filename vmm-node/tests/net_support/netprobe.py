@@ -5,11 +5,21 @@ outside it. Every mode is bounded in packets and time and prints one JSON line a
 
 Modes:
   arp IFACE SRC_IP TARGET_IP TIMEOUT_S        ARP request from IFACE; reply's sender MAC
-  udp DST_IP PORT SIZE COUNT TIMEOUT_S        COUNT echoes of SIZE-byte payloads, one at a time
+  udp DST_IP PORT SIZE COUNT TIMEOUT_S [df]   COUNT echoes of SIZE-byte payloads, one at a time
+                                              (df: never fragment, IP_PMTUDISC_DO)
+  fenced DST_IP PORT SIZE TIMEOUT_S           a SIZE-byte echo request (df) then a 16-byte one
+                                              (the fence); waits for the fence's reply and says
+                                              whether the big one was answered before it
   icmp DST_IP COUNT TIMEOUT_S                 ICMP echo requests
   stream DST_IP PORT RATE_HZ STOP_FILE MAX_S  sequence-numbered echoes at RATE_HZ until STOP_FILE
+                                              (prints `RX n` every 500 replies)
   capture IFACE ETHERTYPE MAC STOP_FILE MAX_S frames of ETHERTYPE from MAC received on IFACE;
                                               prints `SEEN n` for each one
+  migwatch MAC TAP STOP_FILE MAX_S [SRC_TAP]  frames from MAC entering TAP (which may not exist
+                                              yet), seen on every interface of the namespace:
+                                              the first one's type (`FIRST 0x8035`), RARP and
+                                              IPv4 counts (`TAP_IPV4 n` every 100); with
+                                              SRC_TAP, frames from MAC entering it after that
 """
 import json
 import os
@@ -18,6 +28,9 @@ import socket
 import struct
 import sys
 import time
+
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_DO = 2
 
 
 def out(obj):
@@ -58,15 +71,20 @@ def arp(iface, src_ip, target_ip, timeout):
     out({"ok": False, "error": "no ARP reply within %ss" % timeout})
 
 
-def udp(dst, port, size, count, timeout):
+def udp(dst, port, size, count, timeout, df=False):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    if df:
+        s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
     ok = 0
     rtts = []
     for i in range(count):
         payload = struct.pack("!I", i) + bytes((i + k) & 0xff for k in range(size - 4))
         t0 = time.time()
-        s.sendto(payload, (dst, port))
+        try:
+            s.sendto(payload, (dst, port))
+        except OSError as e:
+            return out({"ok": False, "replied": ok, "count": count, "error": "send: %s" % e})
         deadline = t0 + timeout
         while True:
             left = deadline - time.time()
@@ -82,6 +100,35 @@ def udp(dst, port, size, count, timeout):
                 break
     out({"ok": ok == count, "replied": ok, "count": count,
          "max_rtt_ms": round(max(rtts) * 1e3, 3) if rtts else None})
+
+
+def fenced(dst, port, size, timeout):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+    tag = struct.pack("!d", time.time())
+    big = b"BIG!" + tag + bytes(k & 0xff for k in range(size - 12))
+    fence = b"FENC" + tag + b"\x00" * 4
+    try:
+        s.sendto(big, (dst, port))
+        s.sendto(fence, (dst, port))
+    except OSError as e:
+        return out({"fence": False, "big": False, "error": "send: %s" % e})
+    got_big = False
+    deadline = time.time() + timeout
+    while True:
+        left = deadline - time.time()
+        if left <= 0:
+            break
+        r, _, _ = select.select([s], [], [], left)
+        if not r:
+            break
+        data, _ = s.recvfrom(65536)
+        if data == big:
+            got_big = True
+        elif data == fence:
+            return out({"fence": True, "big": got_big})
+    out({"fence": False, "big": got_big, "error": "no reply to the fence within %ss" % timeout})
 
 
 def icmp_checksum(b):
@@ -151,6 +198,8 @@ def stream(dst, port, rate, stop_file, max_s):
                     q = struct.unpack("!I", data[:4])[0]
                     if q in sent and q not in got:
                         got[q] = time.time()
+                        if len(got) % 500 == 0:
+                            print("RX %d" % len(got), flush=True)
     seqs = sorted(sent)
     lost = [q for q in seqs if q not in got]
     # Longest silence between consecutive replies (by arrival time).
@@ -171,7 +220,7 @@ def stream(dst, port, rate, stop_file, max_s):
             run_start, run_len = None, 0
     out({"sent": len(seqs), "received": len(got), "lost": len(lost),
          "longest_silence_start_unix": longest_at,
-         "lost_seqs": lost[:2000], "longest_silence_ms": round(longest * 1e3, 3) if longest else None,
+         "lost_seqs": lost[:2000], "lost_sent_unix": [sent[q] for q in lost], "longest_silence_ms": round(longest * 1e3, 3) if longest else None,
          "longest_loss_run": best[0], "longest_loss_run_start": best[1],
          "longest_loss_run_start_unix": sent.get(best[1]) if best[1] is not None else None})
 
@@ -198,19 +247,78 @@ def capture(iface, ethertype, mac, stop_file, max_s):
     out({"frames": seen})
 
 
+def migwatch(mac, tap, stop_file, max_s, src_tap=None):
+    # Not bound: an ETH_P_ALL socket sees frames entering every interface of the namespace,
+    # also ones created after it was opened, before the bridge handles them.
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    try:
+        s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE
+    except OSError:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+    want = mac_bytes(mac)
+    first = None
+    rarp = 0
+    ipv4 = 0
+    first_ipv4 = None
+    src_after = []  # frames from MAC entering SRC_TAP after the first one entered TAP
+    print("READY", flush=True)
+    t0 = time.time()
+    while not os.path.exists(stop_file) and time.time() - t0 < max_s:
+        r, _, _ = select.select([s], [], [], 0.05)
+        if not r:
+            continue
+        f, addr = s.recvfrom(65536)
+        if addr[2] == socket.PACKET_OUTGOING or len(f) < 14 or f[6:12] != want:
+            continue
+        if addr[0] == src_tap and first is not None and len(src_after) < 100:
+            src_after.append({"t": time.time(), "ethertype": struct.unpack("!H", f[12:14])[0],
+                              "len": len(f)})
+        if addr[0] != tap:
+            continue
+        et = struct.unpack("!H", f[12:14])[0]
+        now = time.time()
+        if first is None:
+            first = {"t": now, "ethertype": et, "dst": mac_str(f[0:6]), "len": len(f)}
+            print("FIRST 0x%04x" % et, flush=True)
+        if et == 0x8035:
+            rarp += 1
+        elif et == 0x0800:
+            ipv4 += 1
+            if first_ipv4 is None:
+                ihl = (f[14] & 0xf) * 4 if len(f) > 14 else 20
+                seq = None
+                if len(f) >= 14 + ihl + 12 and f[14 + 9] == 17:
+                    seq = struct.unpack("!I", f[14 + ihl + 8:14 + ihl + 12])[0]
+                first_ipv4 = {"t": now, "udp_seq": seq}
+            if ipv4 % 100 == 0:
+                print("TAP_IPV4 %d" % ipv4, flush=True)
+    drops = None
+    try:
+        st = s.getsockopt(263, 6, 8)  # SOL_PACKET, PACKET_STATISTICS: packets, drops
+        drops = struct.unpack("II", st)[1]
+    except OSError:
+        pass
+    out({"first": first, "rarp": rarp, "ipv4": ipv4, "first_ipv4": first_ipv4, "drops": drops,
+         "src_after": src_after})
+
+
 def main(argv):
     mode = argv[1]
     a = argv[2:]
     if mode == "arp":
         arp(a[0], a[1], a[2], float(a[3]))
     elif mode == "udp":
-        udp(a[0], int(a[1]), int(a[2]), int(a[3]), float(a[4]))
+        udp(a[0], int(a[1]), int(a[2]), int(a[3]), float(a[4]), len(a) > 5 and a[5] == "df")
+    elif mode == "fenced":
+        fenced(a[0], int(a[1]), int(a[2]), float(a[3]))
     elif mode == "icmp":
         icmp(a[0], int(a[1]), float(a[2]))
     elif mode == "stream":
         stream(a[0], int(a[1]), float(a[2]), a[3], float(a[4]))
     elif mode == "capture":
         capture(a[0], int(a[1], 0), a[2], a[3], float(a[4]))
+    elif mode == "migwatch":
+        migwatch(a[0], a[1], a[2], float(a[3]), a[4] if len(a) > 4 else None)
     else:
         raise SystemExit("unknown mode " + mode)
 

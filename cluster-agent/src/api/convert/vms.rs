@@ -134,6 +134,7 @@ pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> Result<VmSpec, ConvertError> {
             .map(|n| NicSpec {
                 network: n.network,
                 mac: n.mac,
+                mtu: n.mtu,
                 ..Default::default()
             })
             .collect(),
@@ -186,6 +187,7 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
                 network: n.network.clone(),
                 mac: n.mac.clone(),
                 slot: n.slot.map(u32::from),
+                mtu: n.mtu,
             })
             .collect(),
     }
@@ -243,6 +245,7 @@ mod tests {
                 network: "lan".into(),
                 mac: "52:54:00:00:00:07".into(),
                 slot: None,
+                mtu: Some(9000),
             }],
         }
     }
