@@ -175,7 +175,7 @@ pub fn balance(snap: &ClusterSnapshot, now_ms: u64) -> Result<BalancePlan, PlanE
         BalanceMode::None => BalanceStop::Disabled,
         BalanceMode::EvenDistribution => even(&mut c, &mut jobs, &mut steps, now_ms),
         BalanceMode::PowerSaving => {
-            consolidate(&mut c, &mut jobs);
+            consolidate(&mut c, &mut jobs, now_ms);
             BalanceStop::Consolidated
         }
     };
@@ -472,7 +472,67 @@ fn best_even_move(
 /// (fill key, node id), target, (duration, downtime).
 type PackChoice = ((u64, crate::model::NodeId), usize, (u64, u64));
 
-fn consolidate(c: &mut Cluster<'_>, jobs: &mut Vec<Job>) {
+/// Power saving's first duty: a node past the fill level plus the margin sheds VMs, busiest first, onto the
+/// least-loaded Up node that stays within the fill level (a host just woken for this included), until it is back
+/// under the limit. Returns whether it planned any move (packing waits for the next round then, so one round never
+/// moves a VM both ways).
+fn relieve(c: &mut Cluster<'_>, jobs: &mut Vec<Job>, now_ms: u64) -> bool {
+    let fill = u64::from(c.snap.policy.aggressiveness.consolidation_fill_bp());
+    let limit = fill + u64::from(c.snap.policy.balance_margin_bp);
+    let mut hot: Vec<usize> = (0..c.nodes.len())
+        .filter(|&n| c.is_up(n) && c.nodes[n].load_bp() > limit)
+        .collect();
+    hot.sort_by_key(|&n| (std::cmp::Reverse(c.nodes[n].load_bp()), c.nodes[n].node.id));
+    let before = jobs.len();
+    for n in hot {
+        if !c.nodes[n].inflight_ends_ms.is_empty() {
+            continue;
+        }
+        let mut vms: Vec<usize> = c.nodes[n].running.iter().copied().collect();
+        vms.sort_by(|&a, &b| {
+            c.vms[b]
+                .cpu_demand_mc()
+                .cmp(&c.vms[a].cpu_demand_mc())
+                .then_with(|| c.vms[a].id.cmp(&c.vms[b].id))
+        });
+        for vi in vms {
+            if c.nodes[n].load_bp() <= limit {
+                break;
+            }
+            if dwelling(c, vi, now_ms) {
+                continue;
+            }
+            let mem = c.vms[vi].memory_mib;
+            let best = (0..c.nodes.len())
+                .filter(|&to| to != n && c.is_up(to) && mem <= c.nodes[to].mem_free_mib())
+                .map(|to| {
+                    let after = c.nodes[to]
+                        .load_with_bp(c.vms[vi].cpu_demand_mc(), c.vms[vi].memory_demand_mib());
+                    (after, c.nodes[to].node.id, to)
+                })
+                .filter(|&(after, ..)| after <= fill)
+                .min()
+                .and_then(|(_, _, to)| clean_live(c, vi, to).map(|est| (to, est)));
+            if let Some((to, est)) = best {
+                c.move_vm(vi, to);
+                record(c, jobs, vi, n, to, est);
+            }
+        }
+    }
+    jobs.len() > before
+}
+
+/// Whether VM `vi` still waits out its dwell time after its last migration.
+fn dwelling(c: &Cluster<'_>, vi: usize, now_ms: u64) -> bool {
+    c.vms[vi]
+        .moved_at_ms
+        .is_some_and(|t| now_ms < t.saturating_add(c.snap.policy.min_dwell_ms))
+}
+
+fn consolidate(c: &mut Cluster<'_>, jobs: &mut Vec<Job>, now_ms: u64) {
+    if relieve(c, jobs, now_ms) {
+        return;
+    }
     let fill = u64::from(c.snap.policy.aggressiveness.consolidation_fill_bp());
     let mut candidates: Vec<usize> = (0..c.nodes.len())
         .filter(|&n| c.is_up(n) && !c.nodes[n].running.is_empty())
@@ -484,7 +544,10 @@ fn consolidate(c: &mut Cluster<'_>, jobs: &mut Vec<Job>) {
         .collect();
     let mut receivers: BTreeSet<usize> = BTreeSet::new();
     for n in candidates {
-        if receivers.contains(&n) || !c.nodes[n].inflight_ends_ms.is_empty() {
+        if receivers.contains(&n)
+            || !c.nodes[n].inflight_ends_ms.is_empty()
+            || c.nodes[n].running.iter().any(|&vi| dwelling(c, vi, now_ms))
+        {
             continue;
         }
         closed.insert(n);
@@ -709,6 +772,45 @@ mod tests {
         let plan = balance(&snap, 0).expect("plans");
         assert_eq!(plan.moves_count, 0);
         assert!(matches!(plan.stopped, BalanceStop::Balanced { .. }));
+    }
+
+    #[test]
+    fn power_saving_relieves_a_node_past_the_fill_level_onto_a_woken_host() {
+        // Node 1 at 90 % CPU (fill 80 % + margin 5 %), node 2 empty (just woken), node 3 half full.
+        let mut snap = ClusterSnapshot {
+            nodes: (1..=3).map(node).collect(),
+            vms: (0..4)
+                .map(|i| busy_vm(i, 1, 900))
+                .chain((4..6).map(|i| busy_vm(i, 3, 1000)))
+                .collect(),
+            ..Default::default()
+        };
+        snap.policy.balance = BalanceMode::PowerSaving;
+        let plan = balance(&snap, 0).expect("plans");
+        assert!(plan.moves_count >= 1, "{plan:?}");
+        let owners = plan.new_owners();
+        assert!(
+            owners.iter().all(|(_, to)| *to == NodeId(2)),
+            "moves go to the least-loaded node within the fill level: {owners:?}"
+        );
+        for (vm, to) in &owners {
+            let v = snap.vms.iter_mut().find(|v| v.id == *vm).expect("known");
+            v.node = *to;
+            v.moved_at_ms = Some(0);
+        }
+        assert_eq!(power_pressure(&snap).expect("plans"), None, "relieved");
+        // The next round, within the moved VMs' dwell time: none of them moves again, and
+        // whatever packing does leaves no node past the limit.
+        let again = balance(&snap, 1_000).expect("plans");
+        for (vm, to) in again.new_owners() {
+            assert!(!owners.iter().any(|(v, _)| *v == vm), "{vm:?} moved twice");
+            snap.vms
+                .iter_mut()
+                .find(|v| v.id == vm)
+                .expect("known")
+                .node = to;
+        }
+        assert_eq!(power_pressure(&snap).expect("plans"), None);
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! merely validating the snapshot, measured in the same run), drain makespan against the link lower bound
 //! Σ memory / bandwidth, balancing results against a lower bound on the best achievable maximum utilisation, and a
 //! simulated day: a diurnal demand trace with noise through the even policy every 5 minutes, against the same
-//! trace with balancing off (the baseline).
+//! trace with balancing off (the baseline); and a simulated day of power saving on a CPU-bound cluster: the
+//! power-saving policy puts emptied hosts in standby and wakes them under pressure (as the agent's power controller
+//! does), reported as host-hours in standby against the ideal (the fewest hosts that carry the demand at the fill
+//! level plus the N+1 reserve, never fewer than a Raft majority plus one).
 //!
 //! Run: `cargo run --release -p scheduler --bin scheduler-bench [-- iterations]`
 
@@ -10,8 +13,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use scheduler::{
-    balance, drain, failover, Aggressiveness, BalanceMode, ClusterSnapshot, CpuVendor, Node,
-    NodeId, NodeState, Policy, PowerPolicy, RestartPriority, Vm, VmId, VmState,
+    balance, drain, failover, power_pressure, Aggressiveness, BalanceMode, ClusterSnapshot,
+    CpuVendor, Node, NodeId, NodeState, Policy, PowerPolicy, RestartPriority, Vm, VmId, VmState,
 };
 
 const NODES: u64 = 16;
@@ -255,6 +258,165 @@ fn simulate_day(mode: BalanceMode) -> Day {
     day
 }
 
+/// Results of one simulated day of power saving.
+struct PowerDay {
+    migrations: usize,
+    standby_host_min: u64,
+    ideal_standby_host_min: u64,
+    /// Host-minutes above the fill level plus the margin (what wakes a host).
+    over_target_host_min: u64,
+    /// Steps (5 min) that ended with the N+1 reserve short.
+    reserve_short_steps: u64,
+    standbys: u64,
+    wakes: u64,
+}
+
+/// A day of 5-minute steps on a CPU-bound cluster (16 hosts × 48 CPUs, 320 VMs of 2 vCPUs whose demand follows
+/// one office-hours curve with ±10 % noise) under the power-saving policy, acting as the agent's power controller
+/// does (`cluster-agent/src/control/power.rs`): pressure (reserve short or a host past the fill level) wakes a
+/// rested standby host; the balancer's moves are applied every step (relieving hot hosts first) and, when it has
+/// none and there is no pressure, one empty host it names (rested, leaving a Raft majority plus one awake) goes to
+/// standby.
+fn simulate_power_day() -> PowerDay {
+    const HOSTS: u64 = 16;
+    const CPUS: u32 = 48;
+    const VMS_PER_HOST: u64 = 20;
+    let nodes: Vec<Node> = (1..=HOSTS)
+        .map(|i| Node {
+            id: NodeId(i),
+            state: NodeState::Up,
+            cpus_logical: CPUS,
+            memory_mib: 262_144,
+            reserved_memory_mib: RESERVED_MIB,
+            cpu_vendor: CpuVendor::Intel,
+            cpu_features: ["aes"].iter().map(|s| s.to_string()).collect(),
+            management_subnet: "10.0.1.0/24".parse().expect("valid subnet"),
+            migration_subnet: "10.0.2.0/24".parse().expect("valid subnet"),
+            power: PowerPolicy::MayPowerOff,
+            migration_bandwidth_mib_per_s: BANDWIDTH_MIB_PER_S,
+            networks: Default::default(),
+        })
+        .collect();
+    let vms: Vec<Vm> = (0..HOSTS * VMS_PER_HOST)
+        .map(|k| Vm {
+            id: VmId(format!("vm-{k:04}")),
+            vcpus: 2,
+            memory_mib: 4_096,
+            node: NodeId(k % HOSTS + 1),
+            state: VmState::Running,
+            restart_priority: RestartPriority::Medium,
+            anti_affinity: Default::default(),
+            preferred_owners: Vec::new(),
+            dirty_rate_mib_per_s: 10,
+            live_migratable: true,
+            cpu_features: ["aes"].iter().map(|s| s.to_string()).collect(),
+            networks: Default::default(),
+            cpu_demand_millicores: Some(0),
+            memory_touched_mib: Some(1_024),
+            moved_at_ms: None,
+        })
+        .collect();
+    let mut snap = ClusterSnapshot {
+        nodes,
+        vms,
+        migrations: Vec::new(),
+        policy: Policy {
+            max_live_migrations_per_node: 1,
+            balance: BalanceMode::PowerSaving,
+            aggressiveness: Aggressiveness::Medium,
+            ..Policy::default()
+        },
+    };
+    let fill_bp = u64::from(snap.policy.aggressiveness.consolidation_fill_bp());
+    let limit_bp = fill_bp + u64::from(snap.policy.balance_margin_bp);
+    let dwell = snap.policy.min_dwell_ms;
+    let min_awake = HOSTS / 2 + 2;
+    let mut since = vec![0u64; HOSTS as usize];
+    let mut r = Rng(11);
+    let mut day = PowerDay {
+        migrations: 0,
+        standby_host_min: 0,
+        ideal_standby_host_min: 0,
+        over_target_host_min: 0,
+        reserve_short_steps: 0,
+        standbys: 0,
+        wakes: 0,
+    };
+    const STEP_MIN: u64 = 5;
+    for step in 0..(1440 / STEP_MIN) {
+        let minute = step * STEP_MIN;
+        let now_ms = minute * 60_000;
+        for v in snap.vms.iter_mut() {
+            let noise = 900 + r.below(201);
+            v.cpu_demand_millicores =
+                Some(2_000 * diurnal_permille(0, minute) / 1000 * noise / 1000 * 9 / 10);
+        }
+        let rested = |since: &[u64], i: usize| now_ms.saturating_sub(since[i]) >= dwell;
+        let awake = snap
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Up)
+            .count() as u64;
+        // The power controller: pressure wakes a rested standby host.
+        let pressure = power_pressure(&snap).expect("pressure judged").is_some();
+        if pressure {
+            if let Some(i) = (0..snap.nodes.len())
+                .find(|&i| snap.nodes[i].state == NodeState::Down && rested(&since, i))
+            {
+                snap.nodes[i].state = NodeState::Up;
+                since[i] = now_ms;
+                day.wakes += 1;
+            }
+        }
+        // The balancer's round: relieve hot hosts, else pack; with nothing to move and no
+        // pressure, one empty host it names goes to standby.
+        let plan = balance(&snap, now_ms).expect("balance plans");
+        day.migrations += plan.moves_count;
+        for (vm, to) in plan.new_owners() {
+            if let Some(v) = snap.vms.iter_mut().find(|v| v.id == vm) {
+                v.node = to;
+                v.moved_at_ms = Some(now_ms);
+            }
+        }
+        if !pressure && plan.moves_count == 0 && awake > min_awake {
+            if let Some(i) = plan
+                .empty_nodes_may_power_off
+                .iter()
+                .map(|id| (id.0 - 1) as usize)
+                .find(|&i| rested(&since, i))
+            {
+                snap.nodes[i].state = NodeState::Down;
+                since[i] = now_ms;
+                day.standbys += 1;
+            }
+        }
+        // After the step: what the day is judged by.
+        let standby = snap
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Down)
+            .count() as u64;
+        day.standby_host_min += standby * STEP_MIN;
+        let demand_mc: u64 = snap.vms.iter().map(|v| v.cpu_demand_mc()).sum();
+        let per_host_mc = u64::from(CPUS) * 1000 * fill_bp / 10_000;
+        let needed = (demand_mc.div_ceil(per_host_mc) + 1).max(min_awake);
+        day.ideal_standby_host_min += HOSTS.saturating_sub(needed) * STEP_MIN;
+        let loads = loads_bp(&snap);
+        for (n, l) in snap.nodes.iter().zip(&loads) {
+            if n.state == NodeState::Up && *l > limit_bp {
+                day.over_target_host_min += STEP_MIN;
+            }
+        }
+        if power_pressure(&snap)
+            .expect("pressure judged")
+            .is_some_and(|why| why.contains("reserve"))
+        {
+            day.reserve_short_steps += 1;
+        }
+    }
+    day
+}
+
 /// Lower bound on the best maximum utilisation reachable by live migration: each (vendor, migration subnet)
 /// group can at best spread its load evenly, and no node sheds VMs that cannot live-migrate.
 fn util_lower_bound_bp(snap: &ClusterSnapshot) -> u64 {
@@ -476,4 +638,17 @@ fn main() {
             max
         );
     }
+
+    let p = simulate_power_day();
+    println!(
+        "day        power saving (medium, 80 %)  migrations {}, standby {} / wake {}, host-hours in standby {:.1} vs ideal {:.1} ({:.0} %), host-minutes above the fill level + margin {}, steps with the N+1 reserve short {}",
+        p.migrations,
+        p.standbys,
+        p.wakes,
+        p.standby_host_min as f64 / 60.0,
+        p.ideal_standby_host_min as f64 / 60.0,
+        p.standby_host_min as f64 * 100.0 / p.ideal_standby_host_min.max(1) as f64,
+        p.over_target_host_min,
+        p.reserve_short_steps
+    );
 }
