@@ -17,6 +17,40 @@ use crate::state::{ClusterState, NodeRecord, NodeState};
 /// Migration bandwidth assumed for a node until one is measured (1 GiB/s).
 pub const DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S: u64 = 1024;
 
+/// How many of a node's latest successful live migrations its measured migration speed
+/// is the median of.
+pub const MEASURED_MIGRATIONS: usize = 8;
+
+/// A node's migration speed as the cluster measured it: the median rate (guest memory
+/// moved per second of the whole migration) of its last [`MEASURED_MIGRATIONS`]
+/// successful live migrations, as source or target, from the replicated records; the
+/// default until it has one. This is what predictions (dry runs, drain plans, balancing
+/// costs) divide a VM's memory by.
+pub fn measured_bandwidth_mib_per_s(state: &ClusterState, node: u64) -> u64 {
+    let mut rates: Vec<u64> = state
+        .migrations
+        .values()
+        .rev()
+        .filter(|m| {
+            (m.source == node || m.target == node)
+                && m.kind == crate::state::migrations::MigrationKind::Live
+                && m.state == crate::state::migrations::MigrationState::Succeeded
+        })
+        .filter_map(|m| m.stats.as_ref())
+        .filter(|st| st.total_us > 0 && st.guest_bytes > 0)
+        .take(MEASURED_MIGRATIONS)
+        .map(|st| {
+            let per_s = u128::from(st.guest_bytes) * 1_000_000 / u128::from(st.total_us);
+            u64::try_from(per_s >> 20).unwrap_or(u64::MAX).max(1)
+        })
+        .collect();
+    if rates.is_empty() {
+        return DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S;
+    }
+    rates.sort_unstable();
+    rates[rates.len() / 2]
+}
+
 /// Why the cluster state cannot be handed to the scheduler, or the scheduler refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PlacementError {
@@ -112,6 +146,9 @@ pub fn snapshot(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError>
         if let Some(n) = node_of(rec)? {
             nodes.push(n);
         }
+    }
+    for n in &mut nodes {
+        n.migration_bandwidth_mib_per_s = measured_bandwidth_mib_per_s(state, n.id.0);
     }
     let known: BTreeSet<u64> = nodes.iter().map(|n| n.id.0).collect();
     let vms = state
@@ -430,8 +467,10 @@ pub fn predict_migration(
         Err(e) => return Err(e),
     };
     let bandwidth = scheduler::estimate::pair_bandwidth_mib_per_s(
-        DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S,
-        DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S,
+        measured_bandwidth_mib_per_s(state, from),
+        target.map_or(DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S, |t| {
+            measured_bandwidth_mib_per_s(state, t)
+        }),
         Policy::default().max_live_migrations_per_node,
     );
     let estimate = if quick {
@@ -480,6 +519,88 @@ mod tests {
             at_unix_ms: 2,
         }));
         owner
+    }
+
+    #[test]
+    fn migration_speed_is_calibrated_from_the_nodes_last_live_migrations() {
+        use crate::state::migrations::{
+            MigrationKind, MigrationRecord, MigrationState, MigrationSummary,
+        };
+        let mut s = cluster(&[8, 8, 8]);
+        assert_eq!(
+            measured_bandwidth_mib_per_s(&s, 1),
+            DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S
+        );
+        // Node 1 ↔ 2 moved 256 MiB in 1 s, 0.5 s and 2 s (256, 512, 128 MiB/s); a failed
+        // one, a quick one and node 3's own do not count.
+        let rec = |id, source, target, kind, state, total_us| MigrationRecord {
+            id,
+            vm: format!("vm{id}"),
+            source,
+            target,
+            kind,
+            max_downtime_ms: None,
+            deadline_ms: None,
+            bandwidth_bytes_per_s_max: None,
+            state,
+            cancel_requested: false,
+            started_unix_ms: 1,
+            ended_unix_ms: Some(2),
+            reason: String::new(),
+            stats: Some(MigrationSummary {
+                guest_bytes: 256 << 20,
+                total_us,
+                ..Default::default()
+            }),
+        };
+        for r in [
+            rec(
+                1,
+                1,
+                2,
+                MigrationKind::Live,
+                MigrationState::Succeeded,
+                1_000_000,
+            ),
+            rec(
+                2,
+                2,
+                1,
+                MigrationKind::Live,
+                MigrationState::Succeeded,
+                500_000,
+            ),
+            rec(
+                3,
+                1,
+                2,
+                MigrationKind::Live,
+                MigrationState::Succeeded,
+                2_000_000,
+            ),
+            rec(4, 1, 2, MigrationKind::Live, MigrationState::Failed, 1),
+            rec(5, 1, 2, MigrationKind::Quick, MigrationState::Succeeded, 1),
+            rec(
+                6,
+                3,
+                3,
+                MigrationKind::Live,
+                MigrationState::Succeeded,
+                100_000,
+            ),
+        ] {
+            s.migrations.insert(r.id, r);
+        }
+        assert_eq!(measured_bandwidth_mib_per_s(&s, 1), 256);
+        assert_eq!(measured_bandwidth_mib_per_s(&s, 2), 256);
+        assert_eq!(measured_bandwidth_mib_per_s(&s, 3), 2_560);
+        let snap = snapshot(&s).expect("snapshot");
+        let bw: Vec<u64> = snap
+            .nodes
+            .iter()
+            .map(|n| n.migration_bandwidth_mib_per_s)
+            .collect();
+        assert_eq!(bw, vec![256, 256, 2_560]);
     }
 
     #[test]
