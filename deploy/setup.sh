@@ -10,11 +10,13 @@
 #    (tests/src/partition.rs); they run as root.
 #  - chromium, chromium-driver: the web console test drives a real headless browser
 #    (tests/src/browser.rs, cluster-agent/tests/web_console.rs).
+#  - prometheus: its promtool lints a live agent's /metrics and deploy/prometheus-alerts.yml
+#    (cluster-agent/tests/metrics.rs).
 #  - protoc is NOT needed: proto/build.rs uses the vendored protoc-bin-vendored.
 #  - sccache (optional, recommended): caches the ~10-minute RocksDB C++ build.
 set -euo pipefail
 need=()
-for pkg in libclang-dev build-essential pkg-config lz4 util-linux iproute2 python3 iptables chromium chromium-driver; do
+for pkg in libclang-dev build-essential pkg-config lz4 util-linux iproute2 python3 iptables chromium chromium-driver prometheus; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

@@ -82,15 +82,18 @@ async fn node(cl: &Cluster, via: u64, id: u64) -> mpb::NodeInfo {
 }
 
 /// Wait until every awake node has not heard node 5 for three `down_after`s (each
-/// reports it in `cluster_peer_silence_ms`): long past when silence would mark it Down.
+/// reports it in `cluster_peer_silence_seconds`): long past when silence would mark it Down.
 async fn wait_silence(cl: &Cluster, metrics: &[SocketAddr]) {
     for (i, addr) in metrics.iter().take(4).enumerate() {
-        let series = format!("cluster_peer_silence_ms{{node=\"{}\",peer=\"5\"}}", i + 1);
+        let series = format!(
+            "cluster_peer_silence_seconds{{node=\"{}\",peer=\"5\"}}",
+            i + 1
+        );
         cl.wait_until(
             &format!("node {} has not heard node 5 for 6 s", i + 1),
             WAIT,
             || async { Ok::<_, String>(http_get(*addr, "/metrics").1) },
-            |body: &String| metric_sample(body, &series).is_some_and(|v| v >= 6_000.0),
+            |body: &String| metric_sample(body, &series).is_some_and(|v| v >= 6.0),
         )
         .await;
     }
@@ -284,7 +287,7 @@ async fn power_saving_puts_a_node_in_standby_and_wakes_it_for_load() {
     let leader = cl.check(cl.wait_leader(&[1, 2, 3, 4, 5], WAIT).await);
     let (_, body) = http_get(metrics[leader as usize - 1], "/metrics");
     let series = format!(
-        "cluster_power_commands_total{{node=\"{leader}\",action=\"off\",outcome=\"failed\"}}"
+        "cluster_power_commands_total{{action=\"off\",node=\"{leader}\",outcome=\"failed\"}}"
     );
     assert!(
         metric_sample(&body, &series).is_some_and(|v| v >= 1.0),

@@ -1,38 +1,82 @@
-//! Prometheus `/metrics` per agent: a tiny HTTP/1.1 handler on tokio (no framework),
-//! text exposition format 0.0.4, served on `metrics_addr` when configured.
+//! Prometheus `/metrics`, `/healthz` and `/readyz` per agent, served by axum (HTTP/1.1,
+//! plain) on `metrics_addr` when configured. Series are built with the `prometheus` crate
+//! and written in the text exposition format 0.0.4, which `promtool check metrics` lints
+//! clean (`cluster-agent/tests/metrics.rs` runs it on a live agent).
 //!
-//! Series: VMs on this node by VMM state and by recorded runtime state, outgoing
-//! migrations (started / succeeded / failed / cancelled), their wire bytes and blackout
-//! histogram, queued migrations, Raft (term, leader id, is-leader, last log, last applied, committed on the
-//! leader), node liveness counts by state, and this node's lease.
+//! Every series carries `node="<this node's id>"`. Series: build info; VMs in this node's
+//! VMM by state, VMs this node owns by recorded state and each one's state
+//! (`cluster_vm_state{vm,state}`, 1 for the current one); outgoing migrations (started,
+//! finished by result, wire bytes, receipt mismatches, blackout and duration histograms)
+//! and the progress of those running from here (bytes remaining, rate, round); the
+//! replicated migration history and queue; jobs by kind and status and how long each
+//! running one has been running; Raft (term, leader id, is-leader, last log, last applied,
+//! committed on the leader); node liveness (counts by state, each node's state, peer
+//! silence, standby, power commands); this node's lease (held, lapses, seconds left);
+//! balancer rounds; measured demand.
+//!
+//! `/healthz` answers 200 while the process serves requests. `/readyz` answers 200 once
+//! this agent is a registered member of a cluster, knows a Raft leader, and holds its
+//! lease or runs no VM; else 503 with the first unmet condition as the body.
 //!
 //! **Architecture Invariant:** the metrics listener only reads: it renders from the
 //! applied state, Raft metrics, the VMM's list and in-memory counters, and never writes
-//! through Raft; requests are bounded (head ≤ [`REQUEST_HEAD_BYTES_MAX`], one read
-//! timeout, at most [`CONNECTIONS_MAX`] at a time).
+//! through Raft; requests are bounded (head ≤ [`REQUEST_HEAD_BYTES_MAX`], one header read
+//! timeout, at most [`CONNECTIONS_MAX`] connections at a time, GET only).
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use prometheus::{GaugeVec, IntCounterVec, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use vmm_node::VmStatus;
 
-use crate::control::progress::{ProgressBoard, BLACKOUT_BUCKETS_US};
+use crate::control::progress::ProgressBoard;
 use crate::node::Agent;
+use crate::state::jobs::{JobKind, JobStatus};
+use crate::state::migrations::MigrationState;
+use crate::state::vms::RuntimeState;
 use crate::state::NodeState;
 use crate::vmhost::VmHost;
 
-/// Longest request head read.
+/// Longest request head read (hyper's smallest read buffer).
 pub const REQUEST_HEAD_BYTES_MAX: usize = 8 * 1024;
-/// Connections served at once; more wait for the accept loop.
+/// Connections served at once; more are closed at once.
 pub const CONNECTIONS_MAX: usize = 16;
 /// A client has this long to send its request head.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+const NODE_STATES: [NodeState; 5] = [
+    NodeState::Up,
+    NodeState::Down,
+    NodeState::Paused,
+    NodeState::Standby,
+    NodeState::Waking,
+];
+const RUNTIME_STATES: [RuntimeState; 6] = [
+    RuntimeState::Pending,
+    RuntimeState::Starting,
+    RuntimeState::Running,
+    RuntimeState::Stopping,
+    RuntimeState::Stopped,
+    RuntimeState::Failed,
+];
+const JOB_KINDS: [JobKind; 3] = [JobKind::Drain, JobKind::Failback, JobKind::Balance];
+const JOB_STATUSES: [JobStatus; 4] = [
+    JobStatus::Running,
+    JobStatus::Done,
+    JobStatus::Aborted,
+    JobStatus::Failed,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -42,102 +86,244 @@ pub enum MetricsError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot build the metrics")]
+    Build(#[source] prometheus::Error),
 }
 
-/// Bind the listener (so a bad address fails the start) and serve until `shutdown`.
+impl From<prometheus::Error> for MetricsError {
+    fn from(e: prometheus::Error) -> Self {
+        MetricsError::Build(e)
+    }
+}
+
+/// Bind the listener (so a bad address fails the start).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| MetricsError::Bind { addr, source })
 }
 
+#[derive(Clone)]
+struct Ctx {
+    agent: Arc<Agent>,
+    host: Arc<VmHost>,
+    progress: Arc<ProgressBoard>,
+}
+
+fn router(ctx: Ctx) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "not found: this listener serves GET /metrics, /healthz and /readyz\n",
+            )
+        })
+        .with_state(ctx)
+}
+
+/// Serve until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
     agent: Arc<Agent>,
     host: Arc<VmHost>,
     progress: Arc<ProgressBoard>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let app = router(Ctx {
+        agent,
+        host,
+        progress,
+    });
+    let connections = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let mut stop = shutdown.clone();
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = shutdown.changed() => return,
-        };
-        let (mut sock, _) = tokio::select! {
+        let sock = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
             a = listener.accept() => match a {
-                Ok(a) => a,
+                Ok((sock, _)) => sock,
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics accept failed");
                     continue;
                 }
             },
-            _ = shutdown.changed() => return,
         };
-        let (agent, host, progress) = (agent.clone(), host.clone(), progress.clone());
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(max = CONNECTIONS_MAX, "metrics connection limit reached");
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let mut buf = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            let head = tokio::time::timeout(READ_TIMEOUT, async {
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n")
-                    && !buf.windows(2).any(|w| w == b"\n\n")
-                {
-                    let n = sock.read(&mut chunk).await.ok()?;
-                    if n == 0 || buf.len() + n > REQUEST_HEAD_BYTES_MAX {
-                        return None;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                Some(())
-            })
-            .await;
-            let (status, body) = match head {
-                Ok(Some(())) => {
-                    let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
-                    let line = String::from_utf8_lossy(line);
-                    let mut parts = line.split_whitespace();
-                    match (parts.next(), parts.next()) {
-                        (Some("GET"), Some("/metrics")) => {
-                            let h = host.clone();
-                            let vms = tokio::task::spawn_blocking(move || h.list())
-                                .await
-                                .unwrap_or_default();
-                            ("200 OK", render(&agent, &progress, &vms))
-                        }
-                        (Some("GET"), Some(_)) => ("404 Not Found", "only /metrics\n".into()),
-                        _ => ("405 Method Not Allowed", "GET /metrics\n".into()),
-                    }
-                }
-                _ => ("400 Bad Request", "bad request\n".into()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(READ_TIMEOUT)
+                .max_buf_size(REQUEST_HEAD_BYTES_MAX);
+            let conn = builder.serve_connection(TokioIo::new(sock), service);
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(error = %e, "metrics connection ended");
+                },
+                _ = stop.wait_for(|s| *s) => {}
+            }
         });
     }
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+async fn metrics(State(ctx): State<Ctx>) -> Response {
+    let h = ctx.host.clone();
+    let vms = tokio::task::spawn_blocking(move || h.list())
+        .await
+        .unwrap_or_default();
+    match render(&ctx.agent, &ctx.progress, &vms) {
+        Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
+        Err(e) => {
+            let msg = crate::error_chain(&e);
+            tracing::warn!(error = %msg, "metrics not rendered");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("{msg}\n")).into_response()
+        }
+    }
+}
+
+async fn readyz(State(ctx): State<Ctx>) -> Response {
+    match readiness(&ctx.agent) {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// `Ok` when this agent is a registered member of a cluster, knows a leader and holds its
+/// lease or runs no VM; else the first condition not met, as a sentence.
+pub fn readiness(agent: &Agent) -> Result<(), String> {
+    let me = agent.node_id();
+    let (formed, member, active) = agent.read_sm(|d| {
+        let active = d
+            .state
+            .vms
+            .values()
+            .filter(|v| v.owner == Some(me))
+            .filter(|v| {
+                matches!(
+                    v.runtime,
+                    RuntimeState::Starting | RuntimeState::Running | RuntimeState::Stopping
+                )
+            })
+            .count();
+        (
+            d.state.cluster.is_some(),
+            d.state.nodes.contains_key(&me),
+            active,
+        )
+    });
+    if !formed {
+        return Err("this agent has not joined a cluster (no cluster applied yet)".into());
+    }
+    if !member {
+        return Err(format!(
+            "node {me} is not a registered member of the cluster yet"
+        ));
+    }
+    let m = agent.metrics();
+    if m.current_leader.is_none() {
+        return Err(format!("no Raft leader known (term {})", m.current_term));
+    }
+    if active > 0 && !agent.lease().held {
+        return Err(format!(
+            "node {me} owns {active} active VM(s) but does not hold its lease"
+        ));
+    }
+    Ok(())
+}
+
+/// Families of one scrape: a registry whose every series carries `node`.
+struct Scrape {
+    reg: Registry,
+}
+
+impl Scrape {
+    fn new(node: u64) -> Result<Scrape, prometheus::Error> {
+        let labels = HashMap::from([("node".to_string(), node.to_string())]);
+        Ok(Scrape {
+            reg: Registry::new_custom(None, Some(labels))?,
+        })
+    }
+
+    fn gauge(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<GaugeVec, prometheus::Error> {
+        let g = GaugeVec::new(Opts::new(name, help), labels)?;
+        self.reg.register(Box::new(g.clone()))?;
+        Ok(g)
+    }
+
+    /// A gauge with one unlabelled series set to `v`.
+    fn gauge1(&self, name: &str, help: &str, v: f64) -> Result<(), prometheus::Error> {
+        self.gauge(name, help, &[])?
+            .with_label_values::<&str>(&[])
+            .set(v);
+        Ok(())
+    }
+
+    fn counter(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntCounterVec, prometheus::Error> {
+        let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+        self.reg.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+
+    fn counter1(&self, name: &str, help: &str, v: u64) -> Result<(), prometheus::Error> {
+        self.counter(name, help, &[])?
+            .with_label_values::<&str>(&[])
+            .inc_by(v);
+        Ok(())
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The exposition text.
-pub fn render(agent: &Agent, progress: &ProgressBoard, vms: &[crate::vmhost::VmInfo]) -> String {
+pub fn render(
+    agent: &Agent,
+    progress: &ProgressBoard,
+    vms: &[crate::vmhost::VmInfo],
+) -> Result<String, MetricsError> {
     let me = agent.node_id();
-    let mut out = String::new();
-    let node = format!("node=\"{me}\"");
+    let sc = Scrape::new(me)?;
+    sc.gauge(
+        "cluster_build_info",
+        "Always 1; the labels name the agent's build.",
+        &["version"],
+    )?
+    .with_label_values(&[env!("CARGO_PKG_VERSION")])
+    .set(1.0);
 
-    family(
-        &mut out,
+    let g = sc.gauge(
         "cluster_vms",
-        "gauge",
         "VMs in this node's VMM by state.",
-    );
+        &["state"],
+    )?;
     let mut by_state: BTreeMap<&str, u64> = ["running", "paused", "stopped"]
         .into_iter()
         .map(|s| (s, 0))
@@ -151,147 +337,237 @@ pub fn render(agent: &Agent, progress: &ProgressBoard, vms: &[crate::vmhost::VmI
         *by_state.entry(s).or_default() += 1;
     }
     for (s, n) in &by_state {
-        let _ = writeln!(out, "cluster_vms{{{node},state=\"{s}\"}} {n}");
+        g.with_label_values(&[*s]).set(*n as f64);
     }
 
-    let (owned, nodes, records, queued) = agent.read_sm(|d| {
-        let mut owned: BTreeMap<String, u64> = BTreeMap::new();
-        for v in d.state.vms.values().filter(|v| v.owner == Some(me)) {
-            *owned.entry(v.runtime.to_string()).or_default() += 1;
-        }
-        let mut nodes: BTreeMap<&'static str, u64> = [
-            (NodeState::Up.as_str(), 0),
-            (NodeState::Down.as_str(), 0),
-            (NodeState::Paused.as_str(), 0),
-            (NodeState::Standby.as_str(), 0),
-            (NodeState::Waking.as_str(), 0),
-        ]
-        .into_iter()
-        .collect();
-        for n in d.state.nodes.values() {
-            *nodes.entry(n.state.as_str()).or_default() += 1;
-        }
-        let queued = crate::state::migrations::queue(&d.state).len();
-        (owned, nodes, d.state.migrations.len(), queued)
-    });
-    family(
-        &mut out,
-        "cluster_owned_vms",
-        "gauge",
-        "VMs whose committed owner is this node, by recorded runtime state.",
-    );
-    for (s, n) in &owned {
-        let _ = writeln!(out, "cluster_owned_vms{{{node},state=\"{s}\"}} {n}");
-    }
+    render_state(&sc, agent, progress)?;
 
     let c = progress.counters();
-    family(
-        &mut out,
-        "cluster_migrations_total",
-        "counter",
-        "Live migrations this node ran the source of, by result (started counts every attempt).",
-    );
+    sc.counter1(
+        "cluster_migrations_started_total",
+        "Migrations (live or quick) this node began as the source.",
+        c.started,
+    )?;
+    let f = sc.counter(
+        "cluster_migrations_finished_total",
+        "Migrations this node ran the source of that ended, by result.",
+        &["result"],
+    )?;
     for (r, n) in [
-        ("started", c.started),
         ("succeeded", c.succeeded),
         ("failed", c.failed),
         ("cancelled", c.cancelled),
     ] {
-        let _ = writeln!(out, "cluster_migrations_total{{{node},result=\"{r}\"}} {n}");
+        f.with_label_values(&[r]).inc_by(n);
     }
-    family(
-        &mut out,
+    sc.counter1(
         "cluster_migration_wire_bytes_total",
-        "counter",
-        "Bytes put on the migration network by successful outgoing migrations.",
-    );
-    let _ = writeln!(
-        out,
-        "cluster_migration_wire_bytes_total{{{node}}} {}",
-        c.wire_bytes
-    );
-    family(
-        &mut out,
-        "cluster_migration_blackout_seconds",
-        "histogram",
-        "Blackout (guest paused) of successful outgoing live migrations.",
-    );
-    let mut cum = 0;
-    for (i, b) in BLACKOUT_BUCKETS_US.iter().enumerate() {
-        cum += c.blackout_buckets[i];
-        let le = *b as f64 / 1e6;
-        let _ = writeln!(
-            out,
-            "cluster_migration_blackout_seconds_bucket{{{node},le=\"{le}\"}} {cum}"
-        );
-    }
-    cum += c.blackout_buckets[BLACKOUT_BUCKETS_US.len()];
-    let _ = writeln!(
-        out,
-        "cluster_migration_blackout_seconds_bucket{{{node},le=\"+Inf\"}} {cum}"
-    );
-    let _ = writeln!(
-        out,
-        "cluster_migration_blackout_seconds_sum{{{node}}} {}",
-        c.blackout_sum_us as f64 / 1e6
-    );
-    let _ = writeln!(
-        out,
-        "cluster_migration_blackout_seconds_count{{{node}}} {}",
-        c.blackout_count
-    );
-    family(
-        &mut out,
-        "cluster_migration_records",
-        "gauge",
-        "Migration records in the replicated history.",
-    );
-    let _ = writeln!(out, "cluster_migration_records{{{node}}} {records}");
-    family(
-        &mut out,
-        "cluster_migrations_queued",
-        "gauge",
-        "Migrations waiting in the queue for a migration slot.",
-    );
-    let _ = writeln!(out, "cluster_migrations_queued{{{node}}} {queued}");
+        "Bytes put on the migration network by successful outgoing live migrations.",
+        c.wire_bytes,
+    )?;
+    sc.counter1(
+        "cluster_migration_receipt_mismatches_total",
+        "Successful outgoing live migrations whose memory receipt did not match.",
+        c.receipt_mismatches,
+    )?;
+    let h = progress.histograms();
+    sc.reg.register(Box::new(h.blackout_seconds.clone()))?;
+    sc.reg.register(Box::new(h.duration_seconds.clone()))?;
 
+    render_raft(&sc, agent)?;
+    let lease = agent.lease();
+    sc.gauge1(
+        "cluster_lease_held",
+        "1 while this node holds its self-fence lease (may run VMs).",
+        f64::from(u8::from(lease.held)),
+    )?;
+    sc.counter1(
+        "cluster_lease_lapses_total",
+        "Times this node's lease lapsed (its VMs were fenced).",
+        lease.lapses,
+    )?;
+    let left = lease
+        .until
+        .filter(|_| lease.held)
+        .map(|u| u.saturating_duration_since(Instant::now()).as_secs_f64())
+        .unwrap_or(0.0);
+    sc.gauge1(
+        "cluster_lease_seconds_left",
+        "Seconds until this node's lease ends unless renewed (0 when not held).",
+        left,
+    )?;
+    sc.counter1(
+        "cluster_balance_rounds_total",
+        "Looks the periodic balancer took on this agent while it led (moves planned or not).",
+        agent.balance_rounds(),
+    )?;
+    render_power(&sc, agent)?;
+    render_demand(&sc, agent.demand().get(&me))?;
+
+    let mut text = String::new();
+    TextEncoder::new().encode_utf8(&sc.reg.gather(), &mut text)?;
+    Ok(text)
+}
+
+/// Series read from the applied state: owned VMs, migrations, jobs, nodes.
+fn render_state(sc: &Scrape, agent: &Agent, progress: &ProgressBoard) -> Result<(), MetricsError> {
+    let me = agent.node_id();
+    let now_ms = now_unix_ms();
+    agent.read_sm(|d| -> Result<(), MetricsError> {
+        let st = &d.state;
+        let owned = sc.gauge(
+            "cluster_owned_vms",
+            "VMs whose committed owner is this node, by recorded runtime state.",
+            &["state"],
+        )?;
+        let per_vm = sc.gauge(
+            "cluster_vm_state",
+            "1 for the recorded runtime state of each VM this node owns, 0 for the others.",
+            &["vm", "state"],
+        )?;
+        let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        for v in st.vms.values().filter(|v| v.owner == Some(me)) {
+            *counts.entry(v.runtime.as_str()).or_default() += 1;
+            for s in RUNTIME_STATES {
+                per_vm
+                    .with_label_values(&[v.spec.name.as_str(), s.as_str()])
+                    .set(f64::from(u8::from(s == v.runtime)));
+            }
+        }
+        for (s, n) in counts {
+            owned.with_label_values(&[s]).set(n as f64);
+        }
+
+        sc.gauge1(
+            "cluster_migration_records",
+            "Migration records in the replicated history.",
+            st.migrations.len() as f64,
+        )?;
+        sc.gauge1(
+            "cluster_migrations_queued",
+            "Migrations waiting in the queue for a migration slot.",
+            crate::state::migrations::queue(st).len() as f64,
+        )?;
+        let running: Vec<_> = st
+            .migrations
+            .values()
+            .filter(|m| m.state == MigrationState::Running)
+            .collect();
+        sc.gauge1(
+            "cluster_migrations_running",
+            "Migrations running in the cluster (this replica's view).",
+            running.len() as f64,
+        )?;
+        let remaining = sc.gauge(
+            "cluster_migration_bytes_remaining",
+            "Bytes the latest round of each live migration running from this node has left.",
+            &["vm"],
+        )?;
+        let rate = sc.gauge(
+            "cluster_migration_rate_bytes_per_second",
+            "Send rate of each live migration running from this node.",
+            &["vm"],
+        )?;
+        let round = sc.gauge(
+            "cluster_migration_round",
+            "Copy round of each live migration running from this node.",
+            &["vm"],
+        )?;
+        for m in running.iter().filter(|m| m.source == me) {
+            if let Some(p) = progress.get(m.id) {
+                remaining
+                    .with_label_values(&[m.vm.as_str()])
+                    .set(p.bytes_remaining as f64);
+                rate.with_label_values(&[m.vm.as_str()])
+                    .set(p.rate_bytes_per_s);
+                round
+                    .with_label_values(&[m.vm.as_str()])
+                    .set(f64::from(p.round));
+            }
+        }
+
+        let jobs = sc.gauge(
+            "cluster_jobs",
+            "Jobs (drain, failback, balance) in the replicated state, by kind and status.",
+            &["kind", "status"],
+        )?;
+        let mut jc: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for k in JOB_KINDS {
+            for s in JOB_STATUSES {
+                jc.insert((k.as_str(), s.as_str()), 0);
+            }
+        }
+        let age = sc.gauge(
+            "cluster_job_running_seconds",
+            "How long each running job has been running.",
+            &["job_id", "kind"],
+        )?;
+        for j in st.jobs.jobs.values() {
+            *jc.entry((j.kind.as_str(), j.status.as_str())).or_default() += 1;
+            if j.status == JobStatus::Running {
+                age.with_label_values(&[j.id.to_string().as_str(), j.kind.as_str()])
+                    .set(now_ms.saturating_sub(j.created_unix_ms) as f64 / 1e3);
+            }
+        }
+        for ((k, s), n) in jc {
+            jobs.with_label_values(&[k, s]).set(n as f64);
+        }
+
+        let nodes = sc.gauge(
+            "cluster_nodes",
+            "Registered nodes by liveness state (this replica's view).",
+            &["state"],
+        )?;
+        let node_state = sc.gauge(
+            "cluster_node_state",
+            "1 for each registered node's liveness state, 0 for the others (this replica's view).",
+            &["peer", "state"],
+        )?;
+        let mut nc: BTreeMap<&str, u64> = NODE_STATES.iter().map(|s| (s.as_str(), 0)).collect();
+        for (id, n) in &st.nodes {
+            *nc.entry(n.state.as_str()).or_default() += 1;
+            for s in NODE_STATES {
+                node_state
+                    .with_label_values(&[id.to_string().as_str(), s.as_str()])
+                    .set(f64::from(u8::from(s == n.state)));
+            }
+        }
+        for (s, n) in nc {
+            nodes.with_label_values(&[s]).set(n as f64);
+        }
+        Ok(())
+    })
+}
+
+fn render_raft(sc: &Scrape, agent: &Agent) -> Result<(), MetricsError> {
+    let me = agent.node_id();
     let m = agent.metrics();
     let leading = m.current_leader == Some(me);
     let last_log = m.last_log_index.unwrap_or(0);
-    for (name, kind, help, v) in [
-        (
-            "cluster_raft_term",
-            "gauge",
-            "Current Raft term.",
-            m.current_term,
-        ),
+    for (name, help, v) in [
+        ("cluster_raft_term", "Current Raft term.", m.current_term),
         (
             "cluster_raft_leader_id",
-            "gauge",
             "Node id of the known leader (0: none).",
             m.current_leader.unwrap_or(0),
         ),
         (
             "cluster_raft_is_leader",
-            "gauge",
             "1 when this node leads.",
             u64::from(leading),
         ),
         (
             "cluster_raft_last_log_index",
-            "gauge",
             "Index of the last log entry.",
             last_log,
         ),
         (
             "cluster_raft_last_applied_index",
-            "gauge",
             "Index of the last applied entry.",
             m.last_applied.map(|l| l.index).unwrap_or(0),
         ),
     ] {
-        family(&mut out, name, kind, help);
-        let _ = writeln!(out, "{name}{{{node}}} {v}");
+        sc.gauge1(name, help, v as f64)?;
     }
     if let Some(rep) = &m.replication {
         // On the leader: the highest index a majority of voters holds.
@@ -308,63 +584,19 @@ pub fn render(agent: &Agent, progress: &ProgressBoard, vms: &[crate::vmhost::VmI
             .collect();
         matched.sort_unstable_by(|a, b| b.cmp(a));
         if let Some(c) = matched.get(voters.len() / 2) {
-            family(
-                &mut out,
+            sc.gauge1(
                 "cluster_raft_committed_index",
-                "gauge",
                 "Index a majority of voters holds (leader only).",
-            );
-            let _ = writeln!(out, "cluster_raft_committed_index{{{node}}} {c}");
+                *c as f64,
+            )?;
         }
     }
-
-    family(
-        &mut out,
-        "cluster_nodes",
-        "gauge",
-        "Registered nodes by liveness state (this replica's view).",
-    );
-    for (s, n) in &nodes {
-        let _ = writeln!(out, "cluster_nodes{{{node},state=\"{s}\"}} {n}");
-    }
-    let lease = agent.lease();
-    family(
-        &mut out,
-        "cluster_lease_held",
-        "gauge",
-        "1 while this node holds its self-fence lease (may run VMs).",
-    );
-    let _ = writeln!(
-        out,
-        "cluster_lease_held{{{node}}} {}",
-        u64::from(lease.held)
-    );
-    family(
-        &mut out,
-        "cluster_lease_lapses_total",
-        "counter",
-        "Times this node's lease lapsed (its VMs were fenced).",
-    );
-    let _ = writeln!(out, "cluster_lease_lapses_total{{{node}}} {}", lease.lapses);
-    family(
-        &mut out,
-        "cluster_balance_rounds_total",
-        "counter",
-        "Looks the periodic balancer took on this agent while it led (moves planned or not).",
-    );
-    let _ = writeln!(
-        out,
-        "cluster_balance_rounds_total{{{node}}} {}",
-        agent.balance_rounds()
-    );
-    render_power(&mut out, &node, agent);
-    render_demand(&mut out, &node, agent.demand().get(&me));
-    out
+    Ok(())
 }
 
 /// Standby nodes, power commands this agent ran (as leader) and how long it has not
 /// heard each peer.
-fn render_power(out: &mut String, node: &str, agent: &Agent) {
+fn render_power(sc: &Scrape, agent: &Agent) -> Result<(), MetricsError> {
     let (standby, peers) = agent.read_sm(|d| {
         (
             d.state
@@ -375,46 +607,30 @@ fn render_power(out: &mut String, node: &str, agent: &Agent) {
             d.state.nodes.keys().copied().collect::<Vec<u64>>(),
         )
     });
-    family(
-        out,
+    sc.gauge1(
         "cluster_nodes_standby",
-        "gauge",
         "Nodes in standby (powered off by power saving or by hand; they own no VM).",
-    );
-    let _ = writeln!(out, "cluster_nodes_standby{{{node}}} {standby}");
-    family(
-        out,
+        standby as f64,
+    )?;
+    let pc = sc.counter(
         "cluster_power_commands_total",
-        "counter",
         "Power-off and power-on commands this agent ran as leader, by outcome (failed: start error, non-zero exit or timeout).",
-    );
+        &["action", "outcome"],
+    )?;
     for ((action, outcome), n) in agent.power_commands() {
-        let _ = writeln!(
-            out,
-            "cluster_power_commands_total{{{node},action=\"{action}\",outcome=\"{outcome}\"}} {n}"
-        );
+        pc.with_label_values(&[action, outcome]).inc_by(n);
     }
-    family(
-        out,
-        "cluster_peer_silence_ms",
-        "gauge",
+    let silence = sc.gauge(
+        "cluster_peer_silence_seconds",
         "Time since this agent last heard each node's heartbeat (since it started, if never).",
-    );
+        &["peer"],
+    )?;
     for p in peers.into_iter().filter(|p| *p != agent.node_id()) {
-        let _ = writeln!(
-            out,
-            "cluster_peer_silence_ms{{{node},peer=\"{p}\"}} {}",
-            agent.silence_of(p).as_millis()
-        );
+        silence
+            .with_label_values(&[p.to_string().as_str()])
+            .set(agent.silence_of(p).as_secs_f64());
     }
-}
-
-/// `value` as a Prometheus label value (backslash, quote and newline escaped).
-fn label_value(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    Ok(())
 }
 
 /// A demand series: name suffix, help text, and the figure it shows.
@@ -425,8 +641,11 @@ type DemandSeries = (
 );
 
 /// This node's measured demand (its latest report): totals and per VM.
-fn render_demand(out: &mut String, node: &str, report: Option<&crate::node::demand::NodeDemand>) {
-    let Some(r) = report else { return };
+fn render_demand(
+    sc: &Scrape,
+    report: Option<&crate::node::demand::NodeDemand>,
+) -> Result<(), MetricsError> {
+    let Some(r) = report else { return Ok(()) };
     let t = r.total();
     let per_vm: [DemandSeries; 3] = [
         (
@@ -446,25 +665,17 @@ fn render_demand(out: &mut String, node: &str, report: Option<&crate::node::dema
         ),
     ];
     for (what, help, get) in per_vm {
-        let name = format!("cluster_node_{what}");
-        family(
-            out,
-            &name,
-            "gauge",
+        sc.gauge1(
+            &format!("cluster_node_{what}"),
             &format!("{help} Sum over this node's VMs."),
-        );
-        let _ = writeln!(out, "{name}{{{node}}} {}", get(&t));
-        let name = format!("cluster_vm_{what}");
-        family(out, &name, "gauge", help);
+            get(&t) as f64,
+        )?;
+        let g = sc.gauge(&format!("cluster_vm_{what}"), help, &["vm"])?;
         for (vm, d) in &r.vms {
-            let _ = writeln!(
-                out,
-                "{name}{{{node},vm=\"{}\"}} {}",
-                label_value(vm),
-                get(d)
-            );
+            g.with_label_values(&[vm.as_str()]).set(get(d) as f64);
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -485,8 +696,12 @@ mod demand_tests {
                 },
             );
         }
+        let sc = Scrape::new(2).unwrap();
+        render_demand(&sc, Some(&r)).unwrap();
         let mut out = String::new();
-        render_demand(&mut out, "node=\"2\"", Some(&r));
+        TextEncoder::new()
+            .encode_utf8(&sc.reg.gather(), &mut out)
+            .unwrap();
         for line in [
             "cluster_node_cpu_demand_millicores{node=\"2\"} 1000",
             "cluster_node_cpu_run_millicores{node=\"2\"} 500",
@@ -496,8 +711,8 @@ mod demand_tests {
         ] {
             assert!(out.lines().any(|l| l == line), "{line} missing in\n{out}");
         }
-        let mut none = String::new();
-        render_demand(&mut none, "node=\"2\"", None);
-        assert!(none.is_empty());
+        let none = Scrape::new(2).unwrap();
+        render_demand(&none, None).unwrap();
+        assert!(none.reg.gather().is_empty());
     }
 }

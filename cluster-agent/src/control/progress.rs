@@ -27,10 +27,12 @@ pub struct LiveProgress {
     pub version: u64,
 }
 
-/// Upper bounds (µs) of the blackout histogram buckets (`/metrics`), +Inf implied.
-pub const BLACKOUT_BUCKETS_US: [u64; 10] = [
-    1_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
-];
+/// Upper bounds (seconds) of the blackout histogram buckets (`/metrics`), +Inf implied.
+pub const BLACKOUT_BUCKETS_S: [f64; 10] =
+    [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+/// Upper bounds (seconds) of the migration duration histogram buckets, +Inf implied.
+pub const DURATION_BUCKETS_S: [f64; 10] =
+    [0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
 /// How an outgoing migration ended, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,10 +50,39 @@ pub struct SourceCounters {
     pub failed: u64,
     pub cancelled: u64,
     pub wire_bytes: u64,
-    /// Per bucket of [`BLACKOUT_BUCKETS_US`] (not cumulative), plus one for +Inf.
-    pub blackout_buckets: [u64; BLACKOUT_BUCKETS_US.len() + 1],
-    pub blackout_sum_us: u64,
-    pub blackout_count: u64,
+    /// Successful migrations whose target's memory receipt differed from the source's.
+    pub receipt_mismatches: u64,
+}
+
+/// Histograms of the successful outgoing live migrations (`/metrics` registers them).
+#[derive(Debug, Clone)]
+pub struct SourceHistograms {
+    pub blackout_seconds: prometheus::Histogram,
+    pub duration_seconds: prometheus::Histogram,
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64]) -> prometheus::Histogram {
+    prometheus::Histogram::with_opts(
+        prometheus::HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+    )
+    .expect("constant histogram names and increasing buckets are valid")
+}
+
+impl Default for SourceHistograms {
+    fn default() -> Self {
+        SourceHistograms {
+            blackout_seconds: histogram(
+                "cluster_migration_blackout_seconds",
+                "Blackout (guest paused) of successful outgoing live migrations.",
+                &BLACKOUT_BUCKETS_S,
+            ),
+            duration_seconds: histogram(
+                "cluster_migration_duration_seconds",
+                "Duration (start to switchover) of successful outgoing live migrations.",
+                &DURATION_BUCKETS_S,
+            ),
+        }
+    }
 }
 
 /// Progress of the migrations this node runs the source of, by migration id.
@@ -59,6 +90,7 @@ pub struct SourceCounters {
 pub struct ProgressBoard {
     inner: Mutex<HashMap<u64, LiveProgress>>,
     counters: Mutex<SourceCounters>,
+    histograms: SourceHistograms,
 }
 
 impl ProgressBoard {
@@ -68,6 +100,10 @@ impl ProgressBoard {
 
     pub fn counters(&self) -> SourceCounters {
         self.counters_mut().clone()
+    }
+
+    pub fn histograms(&self) -> &SourceHistograms {
+        &self.histograms
     }
 
     /// An outgoing migration began.
@@ -85,13 +121,15 @@ impl ProgressBoard {
         }
         if let Some(s) = summary {
             c.wire_bytes += s.wire_bytes;
-            let i = BLACKOUT_BUCKETS_US
-                .iter()
-                .position(|b| s.blackout_us <= *b)
-                .unwrap_or(BLACKOUT_BUCKETS_US.len());
-            c.blackout_buckets[i] += 1;
-            c.blackout_sum_us += s.blackout_us;
-            c.blackout_count += 1;
+            if !s.receipt_matches {
+                c.receipt_mismatches += 1;
+            }
+            self.histograms
+                .blackout_seconds
+                .observe(s.blackout_us as f64 / 1e6);
+            self.histograms
+                .duration_seconds
+                .observe(s.total_us as f64 / 1e6);
         }
     }
 

@@ -448,7 +448,8 @@ async fn migrate_out(
                 crate::control::crash_point::MIGRATE_OUT_AFTER_SWITCHOVER,
             );
             tracing::info!(vm = name, to, %summary, "vm migrated");
-            progress.finished(Outcome::Succeeded, Some(&stats));
+            // A quick migration has no live figures (its summary is empty).
+            progress.finished(Outcome::Succeeded, (!quick).then_some(&stats));
             (true, summary, Some(stats))
         }
         Err(e) => {
