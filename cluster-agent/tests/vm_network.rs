@@ -599,7 +599,6 @@ async fn nic_mtu_9000_passes_jumbo_frames_through_the_cluster() {
 /// from the target is lost. Lost echoes and the longest silence are printed beside the
 /// migration record's blackout (no timing assertions).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails in about 4 runs of 10: echoes lost on the target after it answered (docs/known-limits.md, VM networking); run with --ignored"]
 async fn live_migration_under_a_1khz_echo_stream_through_the_cluster() {
     let _serial = cluster_tests::serial().await;
     let ns = Arc::new(NetNs::new("vmstream"));
