@@ -10,6 +10,17 @@
 //! with) follows the smallest port unless an administrator set it (`ip link set BR mtu
 //! 9000`): a 1500-byte NIC on the same bridge lowers it. The agent logs a warning when the
 //! bridge's MTU is below the NIC's after the TAP joined.
+//!
+//! MAC: a TAP's own address is [`tap_mac`] of the NIC's MAC (`fe:` and the NIC's last five
+//! bytes, as libvirt does), set before it joins the bridge, never the random one
+//! `ip tuntap add` gives it. A bridge whose address nobody set follows the lowest address
+//! of its ports; with random TAP addresses every TAP that joined or left could change the
+//! bridge's address, and each change drops the frames in flight to the old one (the
+//! guest's replies to the host's address on the bridge) and flushes the bridge's
+//! neighbour table. Both TAPs of a migrating NIC (source and target) have the same
+//! address, so the source's TAP leaving after a live migration changes nothing, and
+//! `fe:` sorts above the addresses of real NICs, so a TAP never becomes the address of
+//! a bridge that has one.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -31,6 +42,8 @@ pub enum NicError {
     NoBridge { network: String, bridge: String },
     #[error("`ip {args}` failed: {stderr}")]
     Ip { args: String, stderr: String },
+    #[error("NIC MAC {mac:?} does not parse")]
+    Mac { mac: String },
     #[error("cannot run `ip` (iproute2 is needed for VM NICs)")]
     Spawn(#[source] std::io::Error),
 }
@@ -48,6 +61,15 @@ fn ip(args: &[&str]) -> Result<(), NicError> {
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
     }
+}
+
+/// The address of the TAP of the NIC with `mac` (see the module docs): `fe:` and the
+/// NIC's last five bytes (`fa:` for a NIC whose MAC starts with `fe:`, so the TAP never
+/// has the guest's address). `None` if `mac` does not parse.
+pub fn tap_mac(mac: &str) -> Option<String> {
+    let mut b = vmm_node::config::parse_mac(mac)?;
+    b[0] = if b[0] == 0xfe { 0xfa } else { 0xfe };
+    Some(vmm_node::config::format_mac(&b))
 }
 
 /// The TAP names of `spec`'s NICs on node `node`, in slot order.
@@ -112,7 +134,12 @@ pub fn create_taps(node: u64, networks: &Networks, spec: &VmSpec) -> Result<Taps
         ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]).map_err(err)?;
         taps.names.push(tap.clone());
         let mtu = nic.mtu().to_string();
-        ip(&["link", "set", "dev", &tap, "mtu", &mtu]).map_err(err)?;
+        let mac = tap_mac(&nic.mac).ok_or_else(|| {
+            err(NicError::Mac {
+                mac: nic.mac.clone(),
+            })
+        })?;
+        ip(&["link", "set", "dev", &tap, "address", &mac, "mtu", &mtu]).map_err(err)?;
         ip(&["link", "set", "dev", &tap, "master", bridge, "up"]).map_err(err)?;
         if let Some(bridge_mtu) = link_mtu(bridge).filter(|m| *m < nic.mtu()) {
             tracing::warn!(
@@ -169,5 +196,23 @@ fn delete(names: &[String]) {
                 tracing::warn!(tap = %t, error = %e, "cannot delete a VM's TAP");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taps_address_follows_the_nics_mac_and_is_never_the_guests() {
+        assert_eq!(
+            tap_mac("52:54:00:12:34:56").as_deref(),
+            Some("fe:54:00:12:34:56")
+        );
+        assert_eq!(
+            tap_mac("FE:54:00:12:34:56").as_deref(),
+            Some("fa:54:00:12:34:56")
+        );
+        assert_eq!(tap_mac("not a mac"), None);
     }
 }

@@ -198,7 +198,13 @@ impl VirtioNet {
         self.paused = true;
     }
 
-    /// Resume the receive path; after a restore, schedule the announcements.
+    /// Resume the receive path; after a restore, send the first announcement and schedule
+    /// the others (the I/O thread sends them).
+    ///
+    /// The first one goes out here, before the caller lets the vCPUs run: a guest that
+    /// answers a frame still in its receive ring right after the resume would otherwise
+    /// race the I/O thread, and its reply, not the announcement, would be the first frame
+    /// from its MAC on the new port.
     pub fn resume(&mut self, now: Instant) {
         self.paused = false;
         if std::mem::take(&mut self.announce_on_resume) {
@@ -206,6 +212,7 @@ impl VirtioNet {
                 next_at: now,
                 sent: 0,
             });
+            self.announce_due(now);
         }
         self.wake();
     }

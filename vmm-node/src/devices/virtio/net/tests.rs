@@ -486,6 +486,31 @@ fn announcements_go_out_after_a_restore_only() {
     assert_eq!(r.dev.stats().announcements, u64::from(ANNOUNCE_ROUNDS));
 }
 
+/// The first announcement is on the wire when `resume` returns (before the vCPUs run and
+/// the guest can send anything), not when the I/O thread gets to it.
+#[test]
+fn resume_after_a_restore_sends_the_first_announcement_itself() {
+    let mut r = rig(BASIC);
+    let state = r.dev.save_state();
+    let t = r.dev.check_restore(&state).unwrap();
+    r.dev.apply_restore(t);
+    assert!(r.wire.lock().unwrap().from_guest.is_empty());
+    let t0 = Instant::now();
+    r.dev.resume(t0);
+    let sent = r.wire.lock().unwrap().from_guest.clone();
+    assert_eq!(sent.len(), 1, "one announcement, sent by resume");
+    assert_eq!(sent[0][..], frames::rarp_announcement(MAC)[..]);
+    // A frame the guest sends right after goes out behind it.
+    r.post_tx(1, &[&[0u8; NET_HDR_BYTES], &[1u8; 60]]);
+    wr(&mut r.dev, reg::QUEUE_NOTIFY, 1);
+    let sent = r.wire.lock().unwrap().from_guest.clone();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0][..], frames::rarp_announcement(MAC)[..]);
+    // The I/O thread's next call finds only the later rounds due.
+    assert_eq!(r.dev.announce_due(t0), Some(t0 + ANNOUNCE_INTERVALS[0]));
+    assert_eq!(r.dev.stats().announcements, 1);
+}
+
 #[test]
 fn state_round_trips_and_mismatches_are_refused() {
     let mut r = rig(BASIC | VIRTIO_NET_F_MRG_RXBUF);
