@@ -79,7 +79,11 @@ fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {
     body.lines()
         .filter(|l| l.starts_with("cluster_"))
         .filter_map(|l| l.rsplit_once(' '))
-        .filter_map(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v)))
+        .filter_map(|(k, v)| {
+            v.parse()
+                .ok()
+                .map(|v| (cluster_tests::canonical_series(k), v))
+        })
         .collect()
 }
 

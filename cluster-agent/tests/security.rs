@@ -284,6 +284,35 @@ async fn a_node_cannot_speak_for_another_and_a_stranger_node_is_no_member() {
         .expect_err("a removed node's heartbeat");
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("node 4 is not a member"), "{e:?}");
+    // ... and on the management plane: its certificate neither acts with the node role
+    // nor registers it again.
+    let mut m4 = mgmt(cl.check(cl.spec(1)).mgmt_addr, Some(&node4))
+        .await
+        .unwrap_or_else(|e| panic!("node 4 connects: {e}"));
+    let e = m4
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .expect_err("a removed node's certificate reads");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(
+        e.message().contains("node 4 issued before its removal"),
+        "{e:?}"
+    );
+    let e = m4
+        .admit_node(pb::AdmitNodeRequest {
+            node_id: 4,
+            raft_addr: "127.0.1.4:2".into(),
+            migration_addr: "127.0.2.4:3".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a removed node registers itself again");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let nodes = cl.nodes(1).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        nodes.iter().all(|n| n.node_id != 4),
+        "node 4 came back: {nodes:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

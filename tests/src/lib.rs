@@ -953,8 +953,36 @@ impl Drop for Cluster {
 /// The value of the Prometheus sample `series` (name and labels exactly as printed) in
 /// `text`, e.g. `cluster_balance_rounds_total{node="1"}`.
 pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    let want = canonical_series(series);
+    text.lines().find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (canonical_series(k) == want).then(|| v.parse().ok())?
+    })
+}
+
+/// A series name with its labels in alphabetical order (`m{b="1",a="2"}` →
+/// `m{a="2",b="1"}`): the exposition format does not fix the order, the tests name series
+/// in this one. Label values must not contain `",`.
+pub fn canonical_series(series: &str) -> String {
+    let Some((name, rest)) = series.split_once('{') else {
+        return series.to_owned();
+    };
+    let inner = rest.strip_suffix('}').unwrap_or(rest);
+    let mut labels: Vec<&str> = inner.split("\",").collect();
+    let last = labels.len().saturating_sub(1);
+    let mut owned: Vec<String> = labels
+        .drain(..)
+        .enumerate()
+        .map(|(i, l)| {
+            if i == last {
+                l.to_owned()
+            } else {
+                format!("{l}\"")
+            }
+        })
+        .collect();
+    owned.sort();
+    format!("{name}{{{}}}", owned.join(","))
 }
 
 /// A plain HTTP/1.1 `GET path` to `addr` (the agents' metrics endpoint); returns the
@@ -974,4 +1002,25 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
         .split_once("\r\n\r\n")
         .unwrap_or_else(|| panic!("bad response {resp:?}"));
     (head.to_string(), body.to_string())
+}
+
+#[cfg(test)]
+mod metric_tests {
+    use super::*;
+
+    #[test]
+    fn series_match_whatever_the_label_order() {
+        assert_eq!(
+            canonical_series(r#"m{vm="a",node="3"}"#),
+            r#"m{node="3",vm="a"}"#
+        );
+        assert_eq!(canonical_series("plain"), "plain");
+        let text =
+            "# HELP m x\nm{state=\"running\",node=\"3\"} 2\nm{state=\"stopped\",node=\"3\"} 0\n";
+        assert_eq!(
+            metric_sample(text, r#"m{node="3",state="running"}"#),
+            Some(2.0)
+        );
+        assert_eq!(metric_sample(text, r#"m{node="4",state="running"}"#), None);
+    }
 }

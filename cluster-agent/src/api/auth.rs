@@ -149,8 +149,14 @@ fn caller_of<B>(
     let id = pki::identity_of(leaf.as_ref()).map_err(|e| {
         Status::unauthenticated(format!("the client certificate is not usable here: {e}"))
     })?;
-    if let Identity::User { name, .. } = &id {
-        check_revoked(agent, name, leaf.as_ref())?;
+    match &id {
+        Identity::User { name, .. } => check_revoked(agent, name, leaf.as_ref())?,
+        // A node removed from the cluster: its certificates from before are refused.
+        Identity::Node(n) => check_revoked(
+            agent,
+            &crate::state::revocations::node_entry(*n),
+            leaf.as_ref(),
+        )?,
     }
     Ok(Some((id, leaf.as_ref().to_vec())))
 }

@@ -111,6 +111,7 @@ pub(super) fn apply(
                 touched,
             );
             crate::state::disk_locks::release_removed_node(cs, *node_id, *at_unix_ms, at, touched);
+            crate::state::revocations::revoke_removed_node(cs, *node_id, *at_unix_ms, touched);
             CommandResult::Ok
         }
         Command::NodeFenced {

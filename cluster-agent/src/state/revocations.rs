@@ -8,8 +8,11 @@
 //!   one minute when issued, so one issued in the minute after a name's revocation is
 //!   refused too; one issued later is accepted (a new certificate for the same person).
 //!
-//! Node certificates are never listed here: a node's certificate stops being accepted
-//! when its removal from the cluster commits (the member list is the allow-list).
+//! A node removed from the cluster gets a name entry too (`node N`, which no user name can
+//! be: user names have no space): its certificates issued before the removal are refused
+//! on the management plane (the peer plane refuses every non-member anyway), so a removed
+//! node can neither act with its node role nor register itself again; a new certificate
+//! (issued after the removal, e.g. with a join token) is accepted.
 //!
 //! The list is bounded ([`REVOCATIONS_MAX`]); an entry whose certificates have all
 //! expired anyway is dropped to make room, and a revocation that finds no room is
@@ -61,6 +64,12 @@ impl Revocation {
 
     /// What is revoked, for messages.
     pub fn what(&self) -> String {
+        if self.cert_sha256.is_none() && self.user.starts_with("node ") {
+            return format!(
+                "every certificate of {} issued before its removal from the cluster",
+                self.user
+            );
+        }
         match &self.cert_sha256 {
             Some(h) => format!(
                 "the certificate {} of user {:?}",
@@ -151,6 +160,40 @@ pub fn has_name_entry(list: &Revocations, user: &str) -> bool {
     !list.is_empty() && list.contains_key(&format!("user:{user}"))
 }
 
+/// The name entry under which the certificates of node `node_id` are revoked.
+pub fn node_entry(node_id: u64) -> String {
+    format!("node {node_id}")
+}
+
+/// How long after a node's removal its entry is kept: the longest validity a node
+/// certificate can have (10 years), so every certificate it held has expired by then.
+pub const REMOVED_NODE_ENTRY_MS: u64 = 10 * 365 * 86_400 * 1000;
+
+/// Node `node_id` was removed at `at_unix_ms`: refuse its certificates issued before.
+/// Never refused for lack of room (a removal must take effect): expired entries are
+/// dropped first, and the list may then exceed [`REVOCATIONS_MAX`] by removed nodes.
+pub fn revoke_removed_node(
+    s: &mut ClusterState,
+    node_id: u64,
+    at_unix_ms: u64,
+    touched: &mut Vec<StateKey>,
+) {
+    let r = Revocation {
+        user: node_entry(node_id),
+        role: String::new(),
+        cert_sha256: None,
+        expires_unix_ms: at_unix_ms.saturating_add(REMOVED_NODE_ENTRY_MS),
+        at_unix_ms,
+        by: "its removal from the cluster".into(),
+    };
+    if s.revocations.len() >= REVOCATIONS_MAX {
+        s.revocations.retain(|_, e| e.expires_unix_ms > at_unix_ms);
+    }
+    // A node removed again (re-added with a new certificate in between): the newer time.
+    s.revocations.insert(r.key(), r);
+    touched.push(StateKey::Revocations);
+}
+
 /// Apply a revocation command to `s`, recording what it touched.
 pub fn apply(
     s: &mut ClusterState,
@@ -214,6 +257,25 @@ mod tests {
             at_unix_ms: at,
             by: "admin".into(),
         }
+    }
+
+    #[test]
+    fn a_removed_nodes_earlier_certificates_are_refused_and_later_ones_are_not() {
+        let mut s = ClusterState::default();
+        let mut t = Vec::new();
+        revoke_removed_node(&mut s, 4, 50_000, &mut t);
+        assert!(t.contains(&StateKey::Revocations));
+        let r = revoked(&s.revocations, &node_entry(4), "ab", 49_000).expect("refused");
+        assert!(
+            r.what().contains("node 4 issued before its removal"),
+            "{}",
+            r.what()
+        );
+        assert!(revoked(&s.revocations, &node_entry(4), "ab", 51_000).is_none());
+        assert!(revoked(&s.revocations, &node_entry(5), "ab", 1).is_none());
+        // Removed again later: the newer removal counts.
+        revoke_removed_node(&mut s, 4, 90_000, &mut t);
+        assert!(revoked(&s.revocations, &node_entry(4), "ab", 51_000).is_some());
     }
 
     #[test]
