@@ -546,6 +546,13 @@ async fn quick_migration_moves_a_worker_vm_into_a_worker_on_the_target() {
     cl.create_running(1, spec("vm-q", 2)).await;
     let (_, seq) = cl.heartbeat_after(1, "vm-q", 0).await;
     let old = WorkerVm::attach(&worker_dir(&cl, 2, "vm-q")).unwrap_or_else(|e| panic!("{e:?}"));
+    // The worker runs under its syscall filter, with no way to gain privileges.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", old.pid()))
+        .unwrap_or_else(|e| panic!("worker status: {e}"));
+    assert!(
+        status.lines().any(|l| l == "Seccomp:\t2") && status.lines().any(|l| l == "NoNewPrivs:\t1"),
+        "{status}"
+    );
     quick_migrate(&cl, "vm-q", 3).await;
     // The same guest (its memory came along: the heartbeat count goes on), in a worker on
     // node 3; the worker on node 2 is gone.
