@@ -17,8 +17,8 @@ pub enum LogFormat {
     /// One human-readable line per event (the default).
     #[default]
     Text,
-    /// One JSON object per line: `timestamp`, `level`, `target`, `fields.message` and the
-    /// event's other fields, and the spans it happened in.
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message` and the
+    /// event's other fields at the top level, and the span it happened in (`span`).
     Json,
 }
 
@@ -62,7 +62,9 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder
             .json()
             .with_ansi(false)
+            .flatten_event(true)
             .with_current_span(true)
+            .with_span_list(false)
             .try_init(),
     };
 }
