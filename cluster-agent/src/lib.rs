@@ -21,13 +21,18 @@
 //!   [`state`]'s spec types.
 //!
 //! [`server`] wires the layers together; `main.rs` only parses flags and calls it.
+//! Beside them, depending on no layer but `node` for the agent's status: [`logging`] (the
+//! stderr log, text or JSON) and [`systemd`] (readiness, status and watchdog
+//! notifications).
 
 pub mod api;
 pub mod control;
+pub mod logging;
 pub mod node;
 pub mod raft;
 pub mod server;
 pub mod state;
+pub mod systemd;
 pub mod vmhost;
 
 /// Render an error and its `source()` chain as one line: "a: b: c".

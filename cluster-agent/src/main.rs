@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use cluster_agent::logging::LogFormat;
 use cluster_agent::node::config::RawConfig;
 
 #[derive(Debug, Parser)]
@@ -42,6 +43,10 @@ struct Args {
     /// The web console's HTTPS listener (IP:port); unset: none.
     #[arg(long)]
     console_addr: Option<String>,
+    /// Log format on stderr: "text" or "json" (config key `log_format`). Colours only
+    /// when stderr is a terminal.
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<String>,
     /// Validate the configuration, print it and exit.
     #[arg(long)]
     check_config: bool,
@@ -75,6 +80,7 @@ impl Args {
             down_after_ms: self.down_after_ms,
             metrics_addr: self.metrics_addr.clone(),
             console_addr: self.console_addr.clone(),
+            log_format: self.log_format.clone(),
             ..RawConfig::default()
         }
     }
@@ -82,16 +88,20 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only for a person at a terminal: files and journald get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     if let Some(Sub::VmWorker { dir }) = &args.command {
+        // The agent passes its own format; a worker started by hand logs text.
+        let format = match args.log_format.as_deref().map(LogFormat::parse) {
+            None => LogFormat::default(),
+            Some(Some(f)) => f,
+            Some(None) => {
+                eprintln!(
+                    "cluster-agent: error: invalid value for `log_format`: use {}",
+                    LogFormat::NAMES
+                );
+                return ExitCode::FAILURE;
+            }
+        };
+        cluster_agent::logging::init(format);
         let code = cluster_agent::vmhost::worker::process::run(dir);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
@@ -113,6 +123,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None => RawConfig::default(),
     };
     let config = file.overlay(args.flags()).validate()?;
+    // The log starts once its format is known; config errors go to stderr as plain text.
+    cluster_agent::logging::init(config.log_format);
     if args.check_config {
         println!("{config:#?}");
         return Ok(());

@@ -187,6 +187,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             image_dirs: c.image_dirs.clone(),
             migration_tls: (!c.migration_insecure_plaintext)
                 .then(|| agent.shared_credentials().clone()),
+            log_format: c.log_format,
         });
         let h = vm_host.clone();
         let adopted = tokio::task::spawn_blocking(move || h.adopt_workers())
@@ -278,6 +279,18 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         console_addr = ?agent.config().console_addr,
         "agent serving"
     );
+    // Ready for systemd here: every listener is bound and served, Raft runs on the data
+    // dir, so whether this node is in a cluster is known (the status line says it).
+    let notifier = Arc::new(crate::systemd::Notifier::from_env());
+    notifier.notify(&format!(
+        "READY=1\nSTATUS={}",
+        crate::systemd::status_of(&agent)
+    ));
+    let sd = tokio::spawn(crate::systemd::supervise(
+        notifier.clone(),
+        agent.clone(),
+        stop_rx.clone(),
+    ));
 
     // Fail-stop: a replica that can no longer apply must not keep its VMs or its lease
     // (its heartbeats would keep it Up while VMs failed over to it never start).
@@ -285,6 +298,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         _ = shutdown => None,
         e = agent.fatal() => Some(e),
     };
+    notifier.notify(match &fatal {
+        Some(_) => "STOPPING=1\nSTATUS=stopping after a fatal raft error",
+        None => "STOPPING=1\nSTATUS=stopping",
+    });
     if let Some(e) = &fatal {
         tracing::error!(node_id = agent.node_id(), error = %e, "raft failed; fencing every vm and stopping");
         let h = fence_host.clone();
@@ -307,6 +324,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = jobs.await;
     let _ = power.await;
     let _ = queue.await;
+    let _ = sd.await;
     if let Some(ct) = console_task {
         let _ = ct.await;
     }

@@ -56,6 +56,7 @@ fn host(dir: Option<&PathBuf>) -> Arc<VmHost> {
             networks: Default::default(),
             image_dirs: Vec::new(),
             migration_tls: None,
+            log_format: Default::default(),
         });
         h.renew_workers(Instant::now() + Duration::from_secs(3600));
     }

@@ -29,6 +29,7 @@ pub async fn run_fence(
             _ = tokio::time::sleep(FENCE_POLL) => {}
             _ = shutdown.changed() => return,
         }
+        agent.note_fence_round();
         let lease = agent.lease();
         let down = agent.read_sm(|d| {
             d.state

@@ -155,6 +155,10 @@ pub struct Agent {
     pub(super) balance_rounds: std::sync::atomic::AtomicU64,
     /// Power saving on this agent (see [`PowerBoard`]).
     pub(super) power: Mutex<PowerBoard>,
+    /// Rounds the heartbeat loop and the fence watcher completed (see
+    /// [`Agent::loop_rounds`]).
+    pub(super) heartbeat_rounds: std::sync::atomic::AtomicU64,
+    pub(super) fence_rounds: std::sync::atomic::AtomicU64,
 }
 
 /// What power saving keeps in memory on an agent (none of it needs to survive a leader
@@ -237,10 +241,29 @@ impl Agent {
             demand: Mutex::default(),
             balance_rounds: Default::default(),
             power: Mutex::default(),
+            heartbeat_rounds: Default::default(),
+            fence_rounds: Default::default(),
             place_lock: tokio::sync::Mutex::new(()),
             down_clock: Mutex::new(DownClock::default()),
             restart_holds: Mutex::default(),
         }))
+    }
+
+    /// The fence watcher (`control/fencing.rs`) finished one check of the lease.
+    pub fn note_fence_round(&self) {
+        self.fence_rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Rounds completed so far by the heartbeat loop and by the fence watcher, the two
+    /// loops the "a VM runs on at most one node" argument rests on: the systemd watchdog
+    /// (`crate::systemd`) pings only while both advance.
+    pub fn loop_rounds(&self) -> (u64, u64) {
+        (
+            self.heartbeat_rounds
+                .load(std::sync::atomic::Ordering::Relaxed),
+            self.fence_rounds.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// This agent's configuration.

@@ -150,6 +150,9 @@ pub struct RawConfig {
     /// (default 60000, at most 600000; 0: none): the cluster does not take the node for
     /// dead during it and its workers keep their VMs running until it ends.
     pub restart_window_ms: Option<u64>,
+    /// How the log on stderr is written: "text" (default) or "json" (one object per
+    /// line). Colours only when stderr is a terminal, in either format.
+    pub log_format: Option<String>,
 }
 
 /// An IP subnet in CIDR form.
@@ -248,6 +251,8 @@ pub struct AgentConfig {
     pub worker_dir: PathBuf,
     /// See [`RawConfig::restart_window_ms`].
     pub restart_window: Duration,
+    /// See [`RawConfig::log_format`].
+    pub log_format: crate::logging::LogFormat,
 }
 
 impl AgentConfig {
@@ -336,7 +341,8 @@ impl RawConfig {
             image_dirs,
             vm_workers,
             worker_dir,
-            restart_window_ms
+            restart_window_ms,
+            log_format
         );
         self
     }
@@ -616,7 +622,20 @@ impl RawConfig {
                 ),
             ));
         }
+        let log_format = match self.log_format.as_deref() {
+            None => crate::logging::LogFormat::default(),
+            Some(v) => crate::logging::LogFormat::parse(v).ok_or_else(|| {
+                invalid(
+                    "log_format",
+                    format!(
+                        "{v:?} is not a log format; use {}",
+                        crate::logging::LogFormat::NAMES
+                    ),
+                )
+            })?,
+        };
         Ok(AgentConfig {
+            log_format,
             node_cert_validity: Duration::from_secs(node_cert_validity_s),
             cert_renew_percent_left,
             restart_window: Duration::from_millis(restart_window_ms),

@@ -68,6 +68,7 @@ impl Agent {
             self.send_heartbeats();
             self.confirm_read_index(&confirming);
             self.observe_downs();
+            self.heartbeat_rounds.fetch_add(1, Ordering::Relaxed);
         }
     }
 

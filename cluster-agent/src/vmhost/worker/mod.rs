@@ -77,6 +77,8 @@ pub struct Settings {
     /// The node's TLS credentials, handed to a worker for its outgoing live migration
     /// (`None`: migrations are plaintext, as the operator configured).
     pub migration_tls: Option<crate::node::credentials::SharedCredentials>,
+    /// The agent's log format: its workers write `worker.log` the same way.
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// How a live migration run by a worker ended without success.
@@ -248,7 +250,13 @@ impl WorkerVm {
             .open(&log_path)
             .map_err(dir_err)?;
         let mut child = Command::new(&settings.exe)
+            .arg("--log-format")
+            .arg(settings.log_format.as_str())
             .arg("vm-worker")
+            // systemd's notification socket and watchdog are the agent's alone.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .arg("--dir")
             .arg(&dir)
             .stdin(Stdio::null())
