@@ -185,8 +185,17 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 .map(|n| (n.name.clone(), n.bridge.clone()))
                 .collect(),
             image_dirs: c.image_dirs.clone(),
-            migration_tls: (!c.migration_insecure_plaintext)
-                .then(|| agent.shared_credentials().clone()),
+            migration_tls: (!c.migration_insecure_plaintext).then(|| {
+                let creds = agent.shared_credentials().clone();
+                crate::vmhost::worker::TlsSource(Arc::new(move || {
+                    let c = creds.current();
+                    crate::vmhost::worker::protocol::TlsPem {
+                        ca_pem: c.ca_pem.clone(),
+                        cert_pem: c.cert_pem.clone(),
+                        key_pem: c.key_pem.clone(),
+                    }
+                }))
+            }),
             log_format: c.log_format,
         });
         let h = vm_host.clone();

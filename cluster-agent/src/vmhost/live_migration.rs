@@ -421,12 +421,8 @@ impl VmHost {
             vmm_node::migration::tls::Transport::Plaintext => None,
             vmm_node::migration::tls::Transport::Tls(_) => Some(
                 self.worker_settings()
-                    .and_then(|s| s.migration_tls.map(|c| c.current()))
-                    .map(|c| super::worker::protocol::TlsPem {
-                        ca_pem: c.ca_pem.clone(),
-                        cert_pem: c.cert_pem.clone(),
-                        key_pem: c.key_pem.clone(),
-                    })
+                    .and_then(|s| s.migration_tls)
+                    .map(|source| (source.0)())
                     .ok_or(VmHostError::NoMigrationTransport)?,
             ),
         };

@@ -76,9 +76,20 @@ pub struct Settings {
     pub image_dirs: Vec<PathBuf>,
     /// The node's TLS credentials, handed to a worker for its outgoing live migration
     /// (`None`: migrations are plaintext, as the operator configured).
-    pub migration_tls: Option<crate::node::credentials::SharedCredentials>,
+    pub migration_tls: Option<TlsSource>,
     /// The agent's log format: its workers write `worker.log` the same way.
     pub log_format: crate::logging::LogFormat,
+}
+
+/// Where a worker's outgoing live migration gets the node's TLS material: asked at each
+/// migration, so a renewed certificate is used from the next one.
+#[derive(Clone)]
+pub struct TlsSource(pub std::sync::Arc<dyn Fn() -> protocol::TlsPem + Send + Sync>);
+
+impl std::fmt::Debug for TlsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsSource { .. }")
+    }
 }
 
 /// How a live migration run by a worker ended without success.
