@@ -23,14 +23,14 @@ const WATCH_POLL: Duration = Duration::from_millis(500);
 pub enum DrainCmd {
     /// Progress of the newest drain of NODE (moves, waves, status).
     Show {
-        node_id: u64,
+        node_id: crate::nodes::NodeArg,
         /// Follow until the drain ends.
         #[arg(long)]
         watch: bool,
     },
     /// Abort the running drain of NODE: queued moves are dropped, in-flight migrations
     /// finish or roll back. `clusterctl node drain NODE` resumes it.
-    Abort { node_id: u64 },
+    Abort { node_id: crate::nodes::NodeArg },
     /// Every job the cluster keeps (drain, failback, balance).
     List,
 }
@@ -78,13 +78,15 @@ pub enum PolicySet {
         mode: Mode,
         #[arg(long, value_enum, default_value_t = Aggressiveness::Medium)]
         aggressiveness: Aggressiveness,
-        /// How often the leader runs the balancer (seconds; default: keep, 30 s initially).
-        #[arg(long)]
-        interval_s: Option<f64>,
+        /// How often the leader runs the balancer, e.g. 30s (default: keep, 30s initially;
+        /// a bare number is seconds; --interval-s is the old name).
+        #[arg(long, alias = "interval-s", value_name = "DURATION", value_parser = crate::duration::bare_s)]
+        interval: Option<Duration>,
         /// A VM moved by migration stays at least this long before the balancer moves it
-        /// again (seconds; default: keep, 300 initially).
-        #[arg(long)]
-        min_dwell_s: Option<u64>,
+        /// again, e.g. 5m (default: keep, 300s initially; a bare number is seconds;
+        /// --min-dwell-s is the old name).
+        #[arg(long, alias = "min-dwell-s", value_name = "DURATION", value_parser = crate::duration::bare_s)]
+        min_dwell: Option<Duration>,
         /// What a move costs per second of its estimated migration, in basis points of load
         /// (a move is made only if it gains more; default: keep, 100 initially).
         #[arg(long)]
@@ -482,7 +484,7 @@ async fn watch(
 }
 
 /// How a watched job that stopped running ends the command: a failed or aborted job is an
-/// error (exit 1), so scripts that `--watch` a drain can tell it did not happen.
+/// error (exit 5), so scripts that `--watch` a drain can tell it did not happen.
 fn watch_outcome(j: &pb::JobInfo) -> Result<(), CtlError> {
     match j.status.as_str() {
         "failed" | "aborted" => Err(CtlError::Ended {
@@ -552,9 +554,16 @@ pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
     match cmd {
         DrainCmd::Show { node_id, watch: w } => {
             if *w {
-                return watch(&mut c, cli, *node_id).await;
+                return watch(&mut c, cli, crate::nodes::node_id(cli, node_id).await?).await;
             }
-            let r = call(ep, timeout, c.get_drain(pb::NodeRef { node_id: *node_id })).await?;
+            let r = call(
+                ep,
+                timeout,
+                c.get_drain(pb::NodeRef {
+                    node_id: crate::nodes::node_id(cli, node_id).await?,
+                }),
+            )
+            .await?;
             match r.job {
                 Some(j) => render_job(cli.output, &j),
                 None => Err(CtlError::Render("the agent answered without a job".into())),
@@ -564,7 +573,9 @@ pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
             let r = call(
                 ep,
                 timeout,
-                c.abort_drain(pb::NodeRef { node_id: *node_id }),
+                c.abort_drain(pb::NodeRef {
+                    node_id: crate::nodes::node_id(cli, node_id).await?,
+                }),
             )
             .await?;
             match r.job {
@@ -590,19 +601,19 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
                 PolicySet::Balance {
                     mode,
                     aggressiveness,
-                    interval_s,
-                    min_dwell_s,
+                    interval,
+                    min_dwell,
                     migration_cost_bp_per_s,
                 },
         } => {
-            let interval_ms = match interval_s {
+            // 0 on the wire keeps the current interval: a zero one is refused here.
+            let interval_ms = match interval {
                 None => 0,
-                Some(s) if s.is_finite() && *s > 0.0 && *s < 1e9 => (s * 1000.0).round() as u64,
-                Some(s) => {
-                    return Err(CtlError::Refused {
-                        code: tonic::Code::InvalidArgument,
-                        message: format!("--interval-s {s} is not a positive number of seconds"),
-                    })
+                Some(d) if crate::duration::ms(*d) > 0 => crate::duration::ms(*d),
+                Some(d) => {
+                    return Err(CtlError::Local(format!(
+                        "--interval {d:?} is not a positive duration (at least 1ms)"
+                    )))
                 }
             };
             let r = call(
@@ -612,7 +623,7 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
                     mode: mode_str(*mode).into(),
                     aggressiveness: aggr_str(*aggressiveness).into(),
                     interval_ms,
-                    min_dwell_ms: min_dwell_s.map(|s| s.saturating_mul(1000)),
+                    min_dwell_ms: min_dwell.map(crate::duration::ms),
                     migration_cost_bp_per_s: *migration_cost_bp_per_s,
                 }),
             )
@@ -651,7 +662,7 @@ mod tests {
         };
         for status in ["failed", "aborted"] {
             let e = watch_outcome(&job(status)).expect_err(status);
-            assert_eq!(e.exit_code(), 1, "{status}");
+            assert_eq!(e.exit_code(), crate::client::exit::JOB_FAILED, "{status}");
             assert_eq!(e.to_string(), format!("the drain of node 3 ended {status}"));
         }
         assert!(watch_outcome(&job("done")).is_ok());
