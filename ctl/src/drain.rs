@@ -2,7 +2,7 @@
 //! policy ...`: maintenance drain, failback and load-balancing jobs
 //! (`cluster.drain.v1.DrainService`). Tables by default, `-o json` for scripts.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use clap::{Subcommand, ValueEnum};
@@ -456,12 +456,17 @@ async fn watch(
     let ep = cli.endpoint.as_str();
     let started = std::time::Instant::now();
     let mut last = String::new();
+    let mut bars =
+        (std::io::stdout().is_terminal() && cli.output != Format::Json).then(JobBars::default);
     loop {
         let r = call(ep, timeout, c.get_drain(pb::NodeRef { node_id: node })).await?;
         let Some(j) = r.job else {
             return Err(CtlError::Render("the agent answered without a job".into()));
         };
         if j.status != "running" || started.elapsed() > WATCH_MAX {
+            if let Some(b) = bars.take() {
+                b.clear();
+            }
             let text = render_job(cli.output, &j)?;
             if let Err(e) = watch_outcome(&j) {
                 // The job's rendering (with its reason) first, then a non-zero exit.
@@ -473,13 +478,74 @@ async fn watch(
             return Ok(text);
         }
         let line = progress(&j);
-        if line != last && cli.output != Format::Json {
+        if let Some(b) = bars.as_mut() {
+            b.update(&j, &line);
+        } else if line != last && cli.output != Format::Json {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");
             let _ = out.flush();
             last = line;
         }
         tokio::time::sleep(WATCH_POLL).await;
+    }
+}
+
+/// `--watch` on a terminal: one bar for the job (moves finished of all) and one row per
+/// move with its status, redrawn in place (indicatif fits rows to the terminal's width).
+#[derive(Default)]
+struct JobBars {
+    multi: indicatif::MultiProgress,
+    job: Option<indicatif::ProgressBar>,
+    moves: std::collections::HashMap<String, indicatif::ProgressBar>,
+}
+
+impl JobBars {
+    fn update(&mut self, j: &pb::JobInfo, line: &str) {
+        let finished = |status: &str| matches!(status, "done" | "failed" | "dropped" | "skipped");
+        let multi = &self.multi;
+        let job = self.job.get_or_insert_with(|| {
+            let b = multi.add(indicatif::ProgressBar::new(0));
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("[{bar:30}] {pos}/{len} {wide_msg}")
+            {
+                b.set_style(style.progress_chars("#>-"));
+            }
+            b
+        });
+        job.set_length(j.moves.len() as u64);
+        job.set_position(j.moves.iter().filter(|m| finished(&m.status)).count() as u64);
+        job.set_message(line.to_owned());
+        for m in &j.moves {
+            let bar = self.moves.entry(m.vm.clone()).or_insert_with(|| {
+                let b = multi.add(indicatif::ProgressBar::new_spinner());
+                if let Ok(style) = indicatif::ProgressStyle::with_template("  {spinner} {wide_msg}")
+                {
+                    b.set_style(style);
+                }
+                b
+            });
+            if bar.is_finished() {
+                continue;
+            }
+            let mut msg = format!(
+                "{}: node {} -> node {} ({}, wave {}): {}",
+                m.vm, m.from_node_id, m.to_node_id, m.kind, m.wave, m.status
+            );
+            if !m.reason.is_empty() {
+                msg.push_str(&format!(" ({})", m.reason));
+            }
+            if finished(&m.status) {
+                bar.finish_with_message(msg);
+            } else {
+                bar.set_message(msg);
+                bar.tick();
+            }
+        }
+    }
+
+    /// Remove the bars before the final rendering is printed.
+    fn clear(self) {
+        let _ = self.multi.clear();
     }
 }
 

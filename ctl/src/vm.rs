@@ -145,9 +145,9 @@ pub struct CreateArgs {
     /// Anti-affinity class; repeatable.
     #[arg(long = "anti-affinity")]
     pub anti_affinity: Vec<String>,
-    /// Preferred owner node id, most preferred first; repeatable.
+    /// Preferred owner node (id or name), most preferred first; repeatable.
     #[arg(long = "preferred-owner")]
-    pub preferred_owners: Vec<u64>,
+    pub preferred_owners: Vec<crate::nodes::NodeArg>,
     /// NIC on a network the nodes map to a bridge: `NET[,mac=52:54:00:12:34:56][,mtu=9000]`
     /// (without a MAC the cluster generates one; MTU 68..=9000, default 1500); repeatable,
     /// NIC i in slot i.
@@ -240,7 +240,8 @@ fn spec_of(a: &CreateArgs) -> pb::VmSpec {
             .collect(),
         restart_priority: a.restart_priority.clone(),
         anti_affinity: a.anti_affinity.clone(),
-        preferred_owners: a.preferred_owners.clone(),
+        // Names are resolved by the caller (`node_id` asks the cluster).
+        preferred_owners: Vec::new(),
         nics: a
             .nics
             .iter()
@@ -625,8 +626,13 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Create(a) => {
+            let mut spec = spec_of(a);
+            for n in &a.preferred_owners {
+                spec.preferred_owners
+                    .push(crate::nodes::node_id(cli, n).await?);
+            }
             let req = pb::CreateVmRequest {
-                spec: Some(spec_of(a)),
+                spec: Some(spec),
                 start: !a.no_start,
             };
             let r = call(ep, timeout, c.create_vm(req)).await?;
