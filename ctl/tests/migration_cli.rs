@@ -104,6 +104,62 @@ async fn migrate_with_progress_then_list_show_and_refusals() {
     assert_eq!(o.status.code(), Some(4));
     assert!(err.contains("migration 1 already succeeded"), "{err}");
     assert_eq!(json(&ep, &["migration", "show", "1"])["state"], "succeeded");
+
+    // On a 60-column terminal (a pty from script(1)) the bar is redrawn within the width:
+    // no row of it is wider, so none wraps and leaves a stale row behind.
+    const COLS: usize = 60;
+    let o = std::process::Command::new("script")
+        .envs(cluster_tests::pki::pki().admin_env())
+        .env_remove("CLUSTERCTL_ENDPOINT")
+        .args(["-qfec"])
+        .arg(format!(
+            "stty cols {COLS} rows 20; exec '{}' --endpoint {ep} vm migrate mover --to {owner} \
+             --max-bandwidth 16",
+            env!("CARGO_BIN_EXE_clusterctl")
+        ))
+        .arg("/dev/null")
+        .output()
+        .unwrap_or_else(|e| panic!("script (util-linux): {e}"));
+    let (tty, _) = text(&o);
+    assert!(o.status.success(), "{tty}");
+    assert!(tty.contains("migration 2 succeeded"), "{tty}");
+    let visible = strip_ansi(&tty);
+    let bar_rows: Vec<&str> = visible
+        .split(['\r', '\n'])
+        .filter(|r| r.starts_with('[') && r.contains("% left"))
+        .collect();
+    assert!(!bar_rows.is_empty(), "no bar drawn: {tty:?}");
+    for r in &bar_rows {
+        assert!(
+            r.chars().count() <= COLS,
+            "{} columns: {r:?}",
+            r.chars().count()
+        );
+    }
+    assert_eq!(
+        json(&ep, &["vm", "show", "mover"])["owner_id"].as_u64(),
+        Some(owner)
+    );
+}
+
+/// `s` without ANSI escape sequences (CSI `ESC [ ... letter` and two-byte `ESC x`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c != '\x1b' {
+            out.push(c);
+            continue;
+        }
+        if it.next() == Some('[') {
+            for c in it.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// `clusterctl vm migrate` while node slots are busy: it waits in the queue (saying so on
