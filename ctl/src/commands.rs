@@ -41,14 +41,14 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
             output::join(fmt, &r)
         }
         Cmd::Cluster(ClusterCmd::Leave { node_id }) => {
+            // Resolved once: after the leave the name is gone from the node list.
+            let node_id = crate::nodes::node_id(cli, node_id).await?;
             let r = c
-                .leave_cluster(pb::LeaveClusterRequest {
-                    node_id: crate::nodes::node_id(cli, node_id).await?,
-                })
+                .leave_cluster(pb::LeaveClusterRequest { node_id })
                 .await
                 .map_err(fail)?
                 .into_inner();
-            output::leave(fmt, crate::nodes::node_id(cli, node_id).await?, &r)
+            output::leave(fmt, node_id, &r)
         }
         Cmd::Cluster(ClusterCmd::Status) => {
             let r = c

@@ -357,3 +357,23 @@ fn groff(args: &[&str], input: &str) -> std::process::Output {
     }
     g.wait_with_output().unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// `cluster leave` by name: the name is resolved once, before the node leaves the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_leaves_by_name() {
+    let _serial = cluster_tests::serial().await;
+    let mut c = Cluster::agents(Options::default());
+    c.form(3).await.unwrap_or_else(|e| panic!("{e}"));
+    let ep = endpoint(&c, 1);
+    let out = ok(&ep, &["cluster", "leave", "node-3"]);
+    assert_eq!(out, "node 3 removed; 2 voters remain\n");
+    let o = ctl(&ep, &["cluster", "leave", "node-3"]);
+    assert_eq!(o.status.code(), Some(4), "{:?}", text(&o));
+    assert!(
+        text(&o)
+            .1
+            .contains("no node is named \"node-3\"; the nodes are: node-1 (1), node-2 (2)"),
+        "{:?}",
+        text(&o)
+    );
+}
