@@ -88,22 +88,46 @@ pub enum CtlError {
     Refused { code: tonic::Code, message: String },
     #[error("cannot render the output: {0}")]
     Render(String),
-    /// A watched job ended without doing its work (failed or aborted).
+    /// A watched job or an awaited migration ended without doing its work (failed,
+    /// aborted, cancelled).
     #[error("{what} ended {status}")]
     Ended { what: String, status: String },
 }
 
+/// Exit codes of `clusterctl` (the table in `--help` and README): what happened, for scripts.
+pub mod exit {
+    /// A local problem: a bad endpoint, unreadable credentials or config, a value
+    /// clusterctl itself refuses before asking an agent.
+    pub const LOCAL: u8 = 1;
+    /// No agent reachable at the endpoint, or no answer within the deadline.
+    pub const UNREACHABLE: u8 = 2;
+    /// No leader, or the agent cannot confirm its view is current (`--stale` reads anyway).
+    pub const NO_LEADER: u8 = 3;
+    /// The cluster refused the request (unknown name, failed precondition, permission, ...).
+    pub const REFUSED: u8 = 4;
+    /// A watched drain/failback ended failed or aborted, or an awaited migration failed or
+    /// was cancelled.
+    pub const JOB_FAILED: u8 = 5;
+    /// clap refused the command line (sysexits' `EX_USAGE`).
+    pub const USAGE: u8 = 64;
+}
+
 impl CtlError {
-    /// 2: no agent answered; 3: no leader; 1: the agent refused, a watched job failed or
-    /// was aborted, or another error. (64: the command line itself, see `main`.)
+    /// The process exit code of this error (see [`exit`]).
     pub fn exit_code(&self) -> u8 {
         match self {
-            CtlError::Unreachable { .. } | CtlError::Timeout { .. } => 2,
+            CtlError::Unreachable { .. } | CtlError::Timeout { .. } => exit::UNREACHABLE,
             CtlError::Refused {
                 code: tonic::Code::Unavailable,
                 ..
-            } => 3,
-            _ => 1,
+            } => exit::NO_LEADER,
+            CtlError::Refused { .. } => exit::REFUSED,
+            CtlError::Ended { .. } => exit::JOB_FAILED,
+            CtlError::Config { .. }
+            | CtlError::Credentials(_)
+            | CtlError::Local(_)
+            | CtlError::BadEndpoint { .. }
+            | CtlError::Render(_) => exit::LOCAL,
         }
     }
 }

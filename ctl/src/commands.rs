@@ -4,9 +4,10 @@ use std::time::Duration;
 
 use cluster_proto::management as pb;
 
-use crate::client::{connect, status_error, CtlError};
+use crate::client::{connect, status_error, Conn, CtlError};
 use crate::output;
 use crate::{Cli, ClusterCmd, Cmd, ConsoleCmd, KvCmd, NodeCmd};
+use cluster_proto::management::management_client::ManagementClient;
 
 /// Joins wait for the new node to catch up; give them at least this long.
 const JOIN_TIMEOUT_MIN: Duration = Duration::from_secs(60);
@@ -40,12 +41,14 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
             output::join(fmt, &r)
         }
         Cmd::Cluster(ClusterCmd::Leave { node_id }) => {
+            // Resolved once: after the leave the name is gone from the node list.
+            let node_id = crate::nodes::node_id(cli, node_id).await?;
             let r = c
-                .leave_cluster(pb::LeaveClusterRequest { node_id: *node_id })
+                .leave_cluster(pb::LeaveClusterRequest { node_id })
                 .await
                 .map_err(fail)?
                 .into_inner();
-            output::leave(fmt, *node_id, &r)
+            output::leave(fmt, node_id, &r)
         }
         Cmd::Cluster(ClusterCmd::Status) => {
             let r = c
@@ -65,7 +68,9 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
         }
         Cmd::Node(NodeCmd::Show { node_id }) => {
             let r = c
-                .get_node(pb::GetNodeRequest { node_id: *node_id })
+                .get_node(pb::GetNodeRequest {
+                    node_id: crate::nodes::node_id(cli, node_id).await?,
+                })
                 .await
                 .map_err(fail)?
                 .into_inner();
@@ -75,12 +80,20 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
             node_id,
             failback: true,
             ..
-        }) => crate::drain::resume(cli, *node_id, true).await,
+        }) => crate::drain::resume(cli, crate::nodes::node_id(cli, node_id).await?, true).await,
         Cmd::Node(NodeCmd::Drain {
             node_id,
             dry_run,
             watch,
-        }) => crate::drain::drain(cli, *node_id, *dry_run, *watch).await,
+        }) => {
+            crate::drain::drain(
+                cli,
+                crate::nodes::node_id(cli, node_id).await?,
+                *dry_run,
+                *watch,
+            )
+            .await
+        }
         Cmd::Drain(d) => crate::drain::run(cli, d).await,
         Cmd::Policy(p) => crate::drain::policy(cli, p).await,
         Cmd::Node(NodeCmd::Pause { node_id, reason })
@@ -94,7 +107,7 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
             };
             let r = c
                 .set_node_state(pb::SetNodeStateRequest {
-                    node_id: *node_id,
+                    node_id: crate::nodes::node_id(cli, node_id).await?,
                     state: state.into(),
                     reason: reason.clone(),
                 })
@@ -106,7 +119,7 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
         Cmd::Node(NodeCmd::Standby { node_id, reason }) => {
             let r = c
                 .standby_node(pb::StandbyNodeRequest {
-                    node_id: *node_id,
+                    node_id: crate::nodes::node_id(cli, node_id).await?,
                     reason: reason.clone(),
                 })
                 .await
@@ -117,7 +130,7 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
         Cmd::Node(NodeCmd::Wake { node_id, reason }) => {
             let r = c
                 .wake_node(pb::WakeNodeRequest {
-                    node_id: *node_id,
+                    node_id: crate::nodes::node_id(cli, node_id).await?,
                     reason: reason.clone(),
                 })
                 .await
@@ -125,17 +138,12 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
                 .into_inner();
             output::node(fmt, &r)
         }
-        Cmd::Events { after, limit } => {
-            let r = c
-                .list_events(pb::ListEventsRequest {
-                    after_seq: *after,
-                    limit: *limit,
-                })
-                .await
-                .map_err(fail)?
-                .into_inner();
-            output::events(fmt, &r.events)
-        }
+        Cmd::Events {
+            after,
+            limit,
+            tail,
+            follow,
+        } => events(cli, &mut c, *after, *limit, *tail, *follow).await,
         Cmd::Console(ConsoleCmd::Url) => {
             let r = c
                 .console_login(pb::ConsoleLoginRequest {})
@@ -180,7 +188,9 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
         Cmd::Disk(d) => crate::disk::run(cli, d).await,
         Cmd::Migration(m) => crate::migration::run(cli, m).await,
         Cmd::Health { service } => health(cli, service).await,
-        Cmd::Node(NodeCmd::WhyNot { vm, node_id }) => crate::vm::why_not(cli, vm, *node_id).await,
+        Cmd::Node(NodeCmd::WhyNot { vm, node_id }) => {
+            crate::vm::why_not(cli, vm, crate::nodes::node_id(cli, node_id).await?).await
+        }
         Cmd::Pki(p @ crate::pki::PkiCmd::Join { .. }) => crate::pki::join(cli, p).await,
         Cmd::User(u) => crate::pki::user(cli, u).await,
         Cmd::Cluster(ClusterCmd::Token(crate::pki::TokenCmd::Create { ttl })) => {
@@ -192,9 +202,99 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
             Ok(format!("{}\n", r.token))
         }
         // Local commands never reach an agent (`main::run_local`).
-        Cmd::Pki(_) | Cmd::Config(_) => Err(CtlError::Local(
-            "this command works on local files only".into(),
-        )),
+        Cmd::Pki(_) | Cmd::Config(_) | Cmd::Completions { .. } | Cmd::Man { .. } => Err(
+            CtlError::Local("this command works on local files only".into()),
+        ),
+    }
+}
+
+/// How often `events -f` asks for new events. The management API has no event stream:
+/// each poll asks for the events after the last one shown (`ListEvents.after_seq`), so
+/// none is missed or shown twice.
+const EVENTS_POLL: Duration = Duration::from_secs(1);
+
+/// What `events` shows without --after/--limit/--tail: the newest this many.
+const EVENTS_DEFAULT_TAIL: u32 = 1000;
+
+/// `clusterctl events [--after SEQ] [--limit N] [--tail N] [-f]`.
+async fn events(
+    cli: &Cli,
+    c: &mut ManagementClient<Conn>,
+    after: Option<u64>,
+    limit: Option<u32>,
+    tail: Option<u32>,
+    follow: bool,
+) -> Result<String, CtlError> {
+    let (ep, timeout) = (cli.endpoint.as_str(), cli.timeout());
+    let fail = |s| status_error(ep, timeout, s);
+    let mut list = async |after_seq: u64, limit: u32| {
+        c.list_events(pb::ListEventsRequest { after_seq, limit })
+            .await
+            .map_err(fail)
+            .map(tonic::Response::into_inner)
+    };
+    let tail = match (after, limit, tail) {
+        (None, None, None) => Some(EVENTS_DEFAULT_TAIL),
+        _ => tail,
+    };
+    let (mut after, limit) = match tail {
+        // Any answer carries the newest event's sequence number.
+        Some(n) => (
+            list(u64::MAX, 1).await?.last_seq.saturating_sub(n.into()),
+            n,
+        ),
+        None => (after.unwrap_or(0), limit.unwrap_or(0)),
+    };
+    let first = if tail == Some(0) {
+        Vec::new()
+    } else {
+        list(after, limit).await?.events
+    };
+    if !follow {
+        return output::events(cli.output, &first, output::now_unix_ms());
+    }
+    let mut header = true;
+    let mut evs = first;
+    loop {
+        if let Some(last) = evs.last() {
+            after = last.seq;
+        }
+        if header || !evs.is_empty() {
+            let mut text = output::event_lines(
+                cli.output,
+                &evs,
+                header && cli.output != crate::Format::Json,
+            )?;
+            if cli.yaml {
+                // One YAML document per event.
+                let mut docs = String::new();
+                for line in text.lines() {
+                    let v: serde_json::Value =
+                        serde_json::from_str(line).map_err(|e| CtlError::Render(e.to_string()))?;
+                    let doc =
+                        serde_yaml::to_string(&v).map_err(|e| CtlError::Render(e.to_string()))?;
+                    docs.push_str("---\n");
+                    docs.push_str(&doc);
+                }
+                text = docs;
+            }
+            header = false;
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                Ok(()) => {}
+                // `clusterctl events -f | head`: the reader left.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(String::new()),
+                Err(e) => return Err(CtlError::Local(format!("cannot write the output: {e}"))),
+            }
+        }
+        // A full page: more are waiting, ask again at once.
+        let full =
+            !evs.is_empty() && evs.len() >= usize::try_from(EVENTS_DEFAULT_TAIL).unwrap_or(0);
+        if !full {
+            tokio::time::sleep(EVENTS_POLL).await;
+        }
+        evs = list(after, 0).await?.events;
     }
 }
 

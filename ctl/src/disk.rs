@@ -85,7 +85,7 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
             )
             .await?;
             Ok(match cli.output {
-                Format::Json => json(&serde_json::json!({
+                Format::Json | Format::Yaml => json(&serde_json::json!({
                     "name": d.name, "size_bytes": d.size_bytes,
                 })),
                 Format::Table | Format::Wide => {
@@ -96,7 +96,7 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
         DiskCmd::List => {
             let r = call(ep, timeout, c.list_disks(pb::ListDisksRequest {})).await?;
             Ok(match cli.output {
-                Format::Json => json(&serde_json::json!({
+                Format::Json | Format::Yaml => json(&serde_json::json!({
                     "volumes": r.volumes,
                     "disks": r.disks.iter().map(|d| serde_json::json!({
                         "name": d.name,
@@ -140,7 +140,9 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
         DiskCmd::Locks => {
             let r = call(ep, timeout, c.list_locks(pb::ListLocksRequest {})).await?;
             Ok(match cli.output {
-                Format::Json => json(&r.locks.iter().map(lock_json).collect::<Vec<_>>()),
+                Format::Json | Format::Yaml => {
+                    json(&r.locks.iter().map(lock_json).collect::<Vec<_>>())
+                }
                 Format::Table | Format::Wide => {
                     let rows: Vec<Vec<String>> = r
                         .locks
@@ -196,7 +198,7 @@ pub async fn run_vm_disk(cli: &Cli, cmd: &VmDiskCmd) -> Result<String, CtlError>
         }
     };
     Ok(match cli.output {
-        Format::Json => json(&serde_json::json!({"vm": r.vm, "disks": r.disks})),
+        Format::Json | Format::Yaml => json(&serde_json::json!({"vm": r.vm, "disks": r.disks})),
         Format::Table | Format::Wide => format!("VM {} disks: {}\n", r.vm, r.disks.join(", ")),
     })
 }

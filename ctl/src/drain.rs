@@ -2,7 +2,7 @@
 //! policy ...`: maintenance drain, failback and load-balancing jobs
 //! (`cluster.drain.v1.DrainService`). Tables by default, `-o json` for scripts.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use clap::{Subcommand, ValueEnum};
@@ -23,14 +23,14 @@ const WATCH_POLL: Duration = Duration::from_millis(500);
 pub enum DrainCmd {
     /// Progress of the newest drain of NODE (moves, waves, status).
     Show {
-        node_id: u64,
+        node_id: crate::nodes::NodeArg,
         /// Follow until the drain ends.
         #[arg(long)]
         watch: bool,
     },
     /// Abort the running drain of NODE: queued moves are dropped, in-flight migrations
     /// finish or roll back. `clusterctl node drain NODE` resumes it.
-    Abort { node_id: u64 },
+    Abort { node_id: crate::nodes::NodeArg },
     /// Every job the cluster keeps (drain, failback, balance).
     List,
 }
@@ -78,13 +78,15 @@ pub enum PolicySet {
         mode: Mode,
         #[arg(long, value_enum, default_value_t = Aggressiveness::Medium)]
         aggressiveness: Aggressiveness,
-        /// How often the leader runs the balancer (seconds; default: keep, 30 s initially).
-        #[arg(long)]
-        interval_s: Option<f64>,
+        /// How often the leader runs the balancer, e.g. 30s (default: keep, 30s initially;
+        /// a bare number is seconds; --interval-s is the old name).
+        #[arg(long, alias = "interval-s", value_name = "DURATION", value_parser = crate::duration::bare_s)]
+        interval: Option<Duration>,
         /// A VM moved by migration stays at least this long before the balancer moves it
-        /// again (seconds; default: keep, 300 initially).
-        #[arg(long)]
-        min_dwell_s: Option<u64>,
+        /// again, e.g. 5m (default: keep, 300s initially; a bare number is seconds;
+        /// --min-dwell-s is the old name).
+        #[arg(long, alias = "min-dwell-s", value_name = "DURATION", value_parser = crate::duration::bare_s)]
+        min_dwell: Option<Duration>,
         /// What a move costs per second of its estimated migration, in basis points of load
         /// (a move is made only if it gains more; default: keep, 100 initially).
         #[arg(long)]
@@ -454,12 +456,17 @@ async fn watch(
     let ep = cli.endpoint.as_str();
     let started = std::time::Instant::now();
     let mut last = String::new();
+    let mut bars =
+        (std::io::stdout().is_terminal() && cli.output != Format::Json).then(JobBars::default);
     loop {
         let r = call(ep, timeout, c.get_drain(pb::NodeRef { node_id: node })).await?;
         let Some(j) = r.job else {
             return Err(CtlError::Render("the agent answered without a job".into()));
         };
         if j.status != "running" || started.elapsed() > WATCH_MAX {
+            if let Some(b) = bars.take() {
+                b.clear();
+            }
             let text = render_job(cli.output, &j)?;
             if let Err(e) = watch_outcome(&j) {
                 // The job's rendering (with its reason) first, then a non-zero exit.
@@ -471,7 +478,9 @@ async fn watch(
             return Ok(text);
         }
         let line = progress(&j);
-        if line != last && cli.output != Format::Json {
+        if let Some(b) = bars.as_mut() {
+            b.update(&j, &line);
+        } else if line != last && cli.output != Format::Json {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");
             let _ = out.flush();
@@ -481,8 +490,67 @@ async fn watch(
     }
 }
 
+/// `--watch` on a terminal: one bar for the job (moves finished of all) and one row per
+/// move with its status, redrawn in place (indicatif fits rows to the terminal's width).
+#[derive(Default)]
+struct JobBars {
+    multi: indicatif::MultiProgress,
+    job: Option<indicatif::ProgressBar>,
+    moves: std::collections::HashMap<String, indicatif::ProgressBar>,
+}
+
+impl JobBars {
+    fn update(&mut self, j: &pb::JobInfo, line: &str) {
+        let finished = |status: &str| matches!(status, "done" | "failed" | "dropped" | "skipped");
+        let multi = &self.multi;
+        let job = self.job.get_or_insert_with(|| {
+            let b = multi.add(indicatif::ProgressBar::new(0));
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("[{bar:30}] {pos}/{len} {wide_msg}")
+            {
+                b.set_style(style.progress_chars("#>-"));
+            }
+            b
+        });
+        job.set_length(j.moves.len() as u64);
+        job.set_position(j.moves.iter().filter(|m| finished(&m.status)).count() as u64);
+        job.set_message(line.to_owned());
+        for m in &j.moves {
+            let bar = self.moves.entry(m.vm.clone()).or_insert_with(|| {
+                let b = multi.add(indicatif::ProgressBar::new_spinner());
+                if let Ok(style) = indicatif::ProgressStyle::with_template("  {spinner} {wide_msg}")
+                {
+                    b.set_style(style);
+                }
+                b
+            });
+            if bar.is_finished() {
+                continue;
+            }
+            let mut msg = format!(
+                "{}: node {} -> node {} ({}, wave {}): {}",
+                m.vm, m.from_node_id, m.to_node_id, m.kind, m.wave, m.status
+            );
+            if !m.reason.is_empty() {
+                msg.push_str(&format!(" ({})", m.reason));
+            }
+            if finished(&m.status) {
+                bar.finish_with_message(msg);
+            } else {
+                bar.set_message(msg);
+                bar.tick();
+            }
+        }
+    }
+
+    /// Remove the bars before the final rendering is printed.
+    fn clear(self) {
+        let _ = self.multi.clear();
+    }
+}
+
 /// How a watched job that stopped running ends the command: a failed or aborted job is an
-/// error (exit 1), so scripts that `--watch` a drain can tell it did not happen.
+/// error (exit 5), so scripts that `--watch` a drain can tell it did not happen.
 fn watch_outcome(j: &pb::JobInfo) -> Result<(), CtlError> {
     match j.status.as_str() {
         "failed" | "aborted" => Err(CtlError::Ended {
@@ -552,9 +620,16 @@ pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
     match cmd {
         DrainCmd::Show { node_id, watch: w } => {
             if *w {
-                return watch(&mut c, cli, *node_id).await;
+                return watch(&mut c, cli, crate::nodes::node_id(cli, node_id).await?).await;
             }
-            let r = call(ep, timeout, c.get_drain(pb::NodeRef { node_id: *node_id })).await?;
+            let r = call(
+                ep,
+                timeout,
+                c.get_drain(pb::NodeRef {
+                    node_id: crate::nodes::node_id(cli, node_id).await?,
+                }),
+            )
+            .await?;
             match r.job {
                 Some(j) => render_job(cli.output, &j),
                 None => Err(CtlError::Render("the agent answered without a job".into())),
@@ -564,7 +639,9 @@ pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
             let r = call(
                 ep,
                 timeout,
-                c.abort_drain(pb::NodeRef { node_id: *node_id }),
+                c.abort_drain(pb::NodeRef {
+                    node_id: crate::nodes::node_id(cli, node_id).await?,
+                }),
             )
             .await?;
             match r.job {
@@ -590,19 +667,19 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
                 PolicySet::Balance {
                     mode,
                     aggressiveness,
-                    interval_s,
-                    min_dwell_s,
+                    interval,
+                    min_dwell,
                     migration_cost_bp_per_s,
                 },
         } => {
-            let interval_ms = match interval_s {
+            // 0 on the wire keeps the current interval: a zero one is refused here.
+            let interval_ms = match interval {
                 None => 0,
-                Some(s) if s.is_finite() && *s > 0.0 && *s < 1e9 => (s * 1000.0).round() as u64,
-                Some(s) => {
-                    return Err(CtlError::Refused {
-                        code: tonic::Code::InvalidArgument,
-                        message: format!("--interval-s {s} is not a positive number of seconds"),
-                    })
+                Some(d) if crate::duration::ms(*d) > 0 => crate::duration::ms(*d),
+                Some(d) => {
+                    return Err(CtlError::Local(format!(
+                        "--interval {d:?} is not a positive duration (at least 1ms)"
+                    )))
                 }
             };
             let r = call(
@@ -612,7 +689,7 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
                     mode: mode_str(*mode).into(),
                     aggressiveness: aggr_str(*aggressiveness).into(),
                     interval_ms,
-                    min_dwell_ms: min_dwell_s.map(|s| s.saturating_mul(1000)),
+                    min_dwell_ms: min_dwell.map(crate::duration::ms),
                     migration_cost_bp_per_s: *migration_cost_bp_per_s,
                 }),
             )
@@ -651,7 +728,7 @@ mod tests {
         };
         for status in ["failed", "aborted"] {
             let e = watch_outcome(&job(status)).expect_err(status);
-            assert_eq!(e.exit_code(), 1, "{status}");
+            assert_eq!(e.exit_code(), crate::client::exit::JOB_FAILED, "{status}");
             assert_eq!(e.to_string(), format!("the drain of node 3 ended {status}"));
         }
         assert!(watch_outcome(&job("done")).is_ok());

@@ -7,7 +7,9 @@ mod commands;
 mod config;
 mod disk;
 mod drain;
+mod duration;
 mod migration;
+mod nodes;
 mod output;
 mod pki;
 mod vm;
@@ -20,7 +22,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 pub const DEFAULT_ENDPOINT: &str = "127.0.1.1:7001";
 
 #[derive(Debug, Parser)]
-#[command(name = "clusterctl", version, about = "Manage a VM failover cluster")]
+#[command(
+    name = "clusterctl",
+    version,
+    about = "Manage a VM failover cluster",
+    after_help = EXIT_CODES_HELP
+)]
 pub struct Cli {
     /// Management address (IP:port) of any agent [default: the context's first
     /// endpoint, else 127.0.1.1:7001].
@@ -68,9 +75,17 @@ pub struct Cli {
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Format::Table, global = true)]
     pub output: Format,
-    /// Seconds to wait for an answer (joins wait at least 60 s).
-    #[arg(long, default_value_t = 10, global = true)]
-    pub timeout_s: u64,
+    /// How long to wait for an answer, e.g. 10s or 1m (joins wait at least 60s; a bare
+    /// number is seconds; --timeout-s is the old name).
+    #[arg(
+        long,
+        alias = "timeout-s",
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = duration::bare_s,
+        global = true
+    )]
+    pub timeout: std::time::Duration,
     /// Read the asked agent's own view, which may be stale (e.g. an agent cut off from
     /// the majority). Without it every read is linearizable: an agent that cannot confirm
     /// its view is current refuses (exit code 3).
@@ -78,12 +93,15 @@ pub struct Cli {
     pub stale: bool,
     #[command(subcommand)]
     pub command: Cmd,
+    /// `-o yaml`: the commands render JSON (`output` says `Json`) and `main` converts it.
+    #[arg(skip)]
+    pub yaml: bool,
 }
 
 impl Cli {
-    /// The deadline of each call: `--timeout-s`, at least 1 s.
+    /// The deadline of each call: `--timeout`, at least 1 s.
     pub fn timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(self.timeout_s.max(1))
+        self.timeout.max(std::time::Duration::from_secs(1))
     }
 }
 
@@ -93,6 +111,8 @@ pub enum Format {
     /// A table with more columns (`vm list`, `node list`: measured demand).
     Wide,
     Json,
+    /// The JSON document as YAML.
+    Yaml,
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,14 +123,23 @@ pub enum Cmd {
     /// Node registry.
     #[command(subcommand)]
     Node(NodeCmd),
-    /// Cluster events (oldest first).
+    /// Cluster events, oldest first: the newest 1000 unless --after/--limit/--tail say
+    /// otherwise; -f keeps printing new ones as they happen.
+    #[command(after_help = EVENTS_EXAMPLES)]
     Events {
-        /// Only events after this sequence number.
-        #[arg(long, default_value_t = 0)]
-        after: u64,
+        /// Only events after this sequence number (paging from the start: --after 0).
+        #[arg(long, conflicts_with = "tail")]
+        after: Option<u64>,
         /// At most this many events (server default 1000, max 10000).
-        #[arg(long, default_value_t = 0)]
-        limit: u32,
+        #[arg(long, conflicts_with = "tail")]
+        limit: Option<u32>,
+        /// The newest N events (0 with -f: only events from now on).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=10_000))]
+        tail: Option<u32>,
+        /// Follow: keep printing events as they happen (until interrupted). Tables print
+        /// one row per event; -o json prints one JSON object per line.
+        #[arg(long, short = 'f')]
+        follow: bool,
     },
     /// Replicated key/value entries (tests, small settings).
     #[command(subcommand)]
@@ -142,6 +171,18 @@ pub enum Cmd {
     /// The config file's contexts (cluster endpoints and credentials).
     #[command(subcommand)]
     Config(pki::ConfigCmd),
+    /// Shell completions on stdout, e.g. `clusterctl completions bash >
+    /// /etc/bash_completion.d/clusterctl` (zsh: into a directory of $fpath as _clusterctl).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The man page (roff) on stdout (`clusterctl man | man -l -`), or with --dir one page
+    /// per command (clusterctl.1, clusterctl-vm.1, clusterctl-vm-migrate.1, ...) in DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
     /// The agent's standard gRPC health check (`grpc.health.v1`): exit 0 when it serves.
     Health {
         /// One service (e.g. cluster.vms.v1.VmService); empty: the whole server.
@@ -168,8 +209,8 @@ pub enum ClusterCmd {
     Token(pki::TokenCmd),
     /// Remove a node from the cluster.
     Leave {
-        /// Node id to remove.
-        node_id: u64,
+        /// Node to remove (id or name).
+        node_id: nodes::NodeArg,
     },
     /// Leader, term and members.
     Status,
@@ -180,16 +221,16 @@ pub enum NodeCmd {
     /// All registered nodes.
     List,
     /// One node in detail.
-    Show { node_id: u64 },
+    Show { node_id: nodes::NodeArg },
     /// Mark a node paused (administrative; e.g. before maintenance).
     Pause {
-        node_id: u64,
+        node_id: nodes::NodeArg,
         #[arg(long, default_value = "")]
         reason: String,
     },
     /// Return a paused node to up.
     Resume {
-        node_id: u64,
+        node_id: nodes::NodeArg,
         #[arg(long, default_value = "")]
         reason: String,
         /// Also move back the VMs its drains moved off (a failback job).
@@ -197,8 +238,16 @@ pub enum NodeCmd {
         failback: bool,
     },
     /// Pause NODE and move every VM off it (a drain job run by the leader).
+    #[command(after_help = "\
+Examples:
+  clusterctl node drain node-3 --dry-run   # the plan: waves, targets, ETAs; nothing changes
+  clusterctl node drain 3 --watch          # drain and follow it to the end
+  clusterctl drain abort 3                 # drop its queued moves
+  clusterctl node resume 3 --failback      # up again, the drained VMs move back
+
+With --watch: exit 5 when the drain ends failed or aborted.")]
     Drain {
-        node_id: u64,
+        node_id: nodes::NodeArg,
         /// Print the plan (waves, ETAs) without changing anything.
         #[arg(long)]
         dry_run: bool,
@@ -209,18 +258,18 @@ pub enum NodeCmd {
     /// Drain NODE, then put it in standby with its power-off command (its config's
     /// power_off_command, run by the leader); the power policy wakes it when needed.
     Standby {
-        node_id: u64,
+        node_id: nodes::NodeArg,
         #[arg(long, default_value = "")]
         reason: String,
     },
     /// Wake a standby NODE with its power-on command; it is up once its agent reports.
     Wake {
-        node_id: u64,
+        node_id: nodes::NodeArg,
         #[arg(long, default_value = "")]
         reason: String,
     },
     /// Why VM cannot run on (or move to) NODE: every rule that rules the node out.
-    WhyNot { vm: String, node_id: u64 },
+    WhyNot { vm: String, node_id: nodes::NodeArg },
 }
 
 #[derive(Debug, Subcommand)]
@@ -236,9 +285,24 @@ pub enum KvCmd {
     Get { key: String },
 }
 
-/// Exit code of a command line clap refuses (sysexits' `EX_USAGE`): distinct from 2, "no
-/// agent reachable".
-const EXIT_USAGE: u8 = 64;
+/// Examples in `clusterctl events --help`.
+const EVENTS_EXAMPLES: &str = "\
+Examples:
+  clusterctl events                      # the newest 1000, with local times and ages
+  clusterctl events --tail 20 -f         # the last 20, then new ones as they happen
+  clusterctl -o json events --after 0    # from the first (times in RFC 3339, UTC)
+  clusterctl -o json events -f --tail 0  # JSON Lines of new events, for scripts";
+
+/// The exit-code table of `--help` (kept in step with [`client::exit`] by a test).
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0   done
+  1   local error (bad endpoint, credentials, config, a value clusterctl refuses)
+  2   no agent reachable, or no answer in time
+  3   no leader, or the agent cannot confirm its view is current (try --stale)
+  4   refused by the cluster (unknown VM/node, failed precondition, permission)
+  5   a watched drain/failback or an awaited migration ended failed, aborted or cancelled
+  64  bad command line (usage)";
 
 /// Fill in the endpoint and the TLS credentials from flags, env and the config file.
 fn resolve(cli: &mut Cli) -> Result<(), client::CtlError> {
@@ -297,11 +361,50 @@ fn resolve(cli: &mut Cli) -> Result<(), client::CtlError> {
     Ok(())
 }
 
+/// `clusterctl man [--dir DIR]`.
+fn man(dir: Option<&std::path::Path>) -> Result<String, client::CtlError> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    match dir {
+        Some(d) => {
+            let failed = |e: std::io::Error| {
+                client::CtlError::Local(format!("cannot write man pages into {}: {e}", d.display()))
+            };
+            std::fs::create_dir_all(d).map_err(failed)?;
+            clap_mangen::generate_to(cmd, d).map_err(failed)?;
+            Ok(format!("man pages written to {}\n", d.display()))
+        }
+        None => {
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut buf)
+                .map_err(|e| client::CtlError::Render(e.to_string()))?;
+            String::from_utf8(buf).map_err(|e| client::CtlError::Render(e.to_string()))
+        }
+    }
+}
+
+/// `text` (a command's `-o json` output) as YAML; text that is not one JSON document
+/// (a join token, a note) stays as it is.
+fn to_yaml(text: String) -> Result<String, client::CtlError> {
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) => serde_yaml::to_string(&v).map_err(|e| client::CtlError::Render(e.to_string())),
+        Err(_) => Ok(text),
+    }
+}
+
 /// Commands that touch local files only.
 fn run_local(cli: &Cli) -> Option<Result<String, client::CtlError>> {
     match &cli.command {
         Cmd::Pki(pki::PkiCmd::Join { .. }) => None,
         Cmd::Pki(p) => Some(pki::run_pki(p)),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "clusterctl", &mut buf);
+            Some(String::from_utf8(buf).map_err(|e| client::CtlError::Render(e.to_string())))
+        }
+        Cmd::Man { dir } => Some(man(dir.as_deref())),
         Cmd::Config(c) => Some(match cli.config.clone().or_else(config::default_path) {
             Some(path) => pki::run_config(cli, c, &path),
             None => Err(client::CtlError::Credentials(
@@ -317,7 +420,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             // --help and --version are answers, not errors.
-            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let code = if e.use_stderr() {
+                client::exit::USAGE
+            } else {
+                0
+            };
             let _ = e.print();
             return ExitCode::from(code);
         }
@@ -325,12 +432,20 @@ fn main() -> ExitCode {
     if cli.stale {
         client::use_stale_reads();
     }
+    if cli.output == Format::Yaml {
+        cli.output = Format::Json;
+        cli.yaml = true;
+    }
     let result = match run_local(&cli) {
         Some(r) => r,
         None => match resolve(&mut cli) {
             Err(e) => Err(e),
             Ok(()) => run_remote(&cli),
         },
+    };
+    let result = match result {
+        Ok(text) if cli.yaml => to_yaml(text),
+        r => r,
     };
     match result {
         Ok(text) => {
@@ -368,5 +483,27 @@ mod tests {
     fn the_command_line_is_consistent() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    /// The table in `--help` lists every code `client::exit` defines, with its number.
+    #[test]
+    fn the_help_lists_every_exit_code() {
+        use crate::client::exit;
+        for (code, words) in [
+            (exit::LOCAL, "local error"),
+            (exit::UNREACHABLE, "no agent reachable"),
+            (exit::NO_LEADER, "no leader"),
+            (exit::REFUSED, "refused by the cluster"),
+            (exit::JOB_FAILED, "ended failed"),
+            (exit::USAGE, "usage"),
+        ] {
+            let line = format!("  {code:<4}");
+            assert!(
+                super::EXIT_CODES_HELP
+                    .lines()
+                    .any(|l| l.starts_with(&line) && l.contains(words)),
+                "exit code {code} ({words}) missing from --help"
+            );
+        }
     }
 }

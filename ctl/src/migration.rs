@@ -309,9 +309,9 @@ pub async fn wait_queued(
         match m.state.as_str() {
             "queued" => {}
             "failed" | "cancelled" => {
-                return Err(CtlError::Refused {
-                    code: tonic::Code::Aborted,
-                    message: format!("migration {id} of VM {vm} {}: {}", m.state, m.reason),
+                return Err(CtlError::Ended {
+                    what: format!("migration {id} of VM {vm}"),
+                    status: format!("{}: {}", m.state, m.reason),
                 })
             }
             _ => return Ok(m.target_node_id),
@@ -352,20 +352,54 @@ pub async fn follow_progress(ep: &str, timeout: Duration, vm: &str) -> Result<()
         "migration {}: VM {} node {} -> node {}",
         m.id, m.vm, m.source_node_id, m.target_node_id
     );
+    if tty {
+        drop(err);
+        return draw_bar(&mut stream).await;
+    }
     while let Ok(Some(p)) = stream.message().await {
         if let Some(done) = &p.finished {
-            if tty {
-                let _ = write!(err, "\r\x1b[2K");
-            }
             let _ = writeln!(err, "{}", final_line(done));
             break;
         }
-        if tty {
-            let _ = write!(err, "\r\x1b[2K{}", progress_line(&p));
-        } else {
-            let _ = writeln!(err, "{}", progress_line(&p));
-        }
+        let _ = writeln!(err, "{}", progress_line(&p));
         let _ = err.flush();
     }
+    Ok(())
+}
+
+/// Steps of the terminal bar (per mille of the migration done).
+const BAR_STEPS: u64 = 1000;
+
+/// The progress of `stream` as an indicatif bar on a terminal: fitted to the terminal's
+/// width (a narrow one gets a shorter line, never a wrapped one that leaves stale rows),
+/// replaced by the final line when the migration ends.
+async fn draw_bar(stream: &mut tonic::Streaming<pb::MigrationProgress>) -> Result<(), CtlError> {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(BAR_STEPS),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("[{bar:30}] {percent:>3}% {wide_msg}")
+            .map_err(|e| CtlError::Render(e.to_string()))?
+            .progress_chars("#>-"),
+    );
+    while let Ok(Some(p)) = stream.message().await {
+        if let Some(done) = &p.finished {
+            bar.finish_and_clear();
+            eprintln!("{}", final_line(done));
+            return Ok(());
+        }
+        bar.set_position((p.fraction_done.clamp(0.0, 1.0) * BAR_STEPS as f64).round() as u64);
+        bar.set_message(format!(
+            "left {:.1} MiB | {:.1} MiB/s | ETA {} | round {} | throttle {}% | {}",
+            mib(p.bytes_remaining),
+            p.rate_bytes_per_s / (1024.0 * 1024.0),
+            humantime::format_duration(Duration::from_millis(p.eta_ms)),
+            p.round,
+            p.throttle_percent,
+            p.phase
+        ));
+    }
+    bar.finish_and_clear();
     Ok(())
 }

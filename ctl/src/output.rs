@@ -395,45 +395,132 @@ pub fn status(fmt: Format, r: &pb::ClusterStatusReply) -> Result<String, CtlErro
     Ok(table(&["FIELD", "VALUE"], &rows))
 }
 
+/// `at_unix_ms` as RFC 3339 in UTC with milliseconds ("" when unknown: 0).
+pub fn rfc3339(at_unix_ms: u64) -> String {
+    i64::try_from(at_unix_ms)
+        .ok()
+        .filter(|ms| *ms > 0)
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or_else(String::new, |t| {
+            t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        })
+}
+
+/// `at_unix_ms` in the local time zone, to the second ("-" when unknown: 0).
+pub fn local_time(at_unix_ms: u64) -> String {
+    i64::try_from(at_unix_ms)
+        .ok()
+        .filter(|ms| *ms > 0)
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or_else(
+            || "-".to_string(),
+            |t| {
+                t.with_timezone(&chrono::Local)
+                    .format("%Y-%m-%d %H:%M:%S")
+                    .to_string()
+            },
+        )
+}
+
+/// How long before `now_unix_ms` `at_unix_ms` was, the way `kubectl` shows ages: `42s`,
+/// `5m12s`, `3h4m`, `6d2h` ("-" when unknown; "0s" for a clock slightly ahead).
+pub fn age(at_unix_ms: u64, now_unix_ms: u64) -> String {
+    if at_unix_ms == 0 {
+        return "-".into();
+    }
+    let s = now_unix_ms.saturating_sub(at_unix_ms) / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3_599 => format!("{}m{}s", s / 60, s % 60),
+        3_600..=86_399 => format!("{}h{}m", s / 3_600, s % 3_600 / 60),
+        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3_600),
+    }
+}
+
+/// Now, in ms since the Unix epoch (0 if the clock is before 1970).
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// An event as `-o json|yaml` shows it: `at` in RFC 3339 (UTC), `at_unix_ms` kept for
+/// scripts written before it.
 #[derive(Serialize)]
-struct Event {
+pub struct Event {
     seq: u64,
+    at: String,
     at_unix_ms: u64,
     kind: String,
     node_id: u64,
     message: String,
 }
 
-pub fn events(fmt: Format, evs: &[pb::Event]) -> Result<String, CtlError> {
-    let v: Vec<Event> = evs
-        .iter()
-        .map(|e| Event {
+impl From<&pb::Event> for Event {
+    fn from(e: &pb::Event) -> Event {
+        Event {
             seq: e.seq,
+            at: rfc3339(e.at_unix_ms),
             at_unix_ms: e.at_unix_ms,
             kind: e.kind.clone(),
             node_id: e.node_id,
             message: e.message.clone(),
-        })
-        .collect();
-    if fmt == Format::Json {
-        return json(&v);
+        }
     }
-    let rows: Vec<Vec<String>> = v
-        .iter()
-        .map(|e| {
-            vec![
-                e.seq.to_string(),
-                e.at_unix_ms.to_string(),
-                e.kind.clone(),
-                e.node_id.to_string(),
-                e.message.clone(),
-            ]
-        })
-        .collect();
-    Ok(table(
-        &["SEQ", "AT_UNIX_MS", "KIND", "NODE", "MESSAGE"],
-        &rows,
-    ))
+}
+
+/// Column headers of the events table (`events`, and `events -f` with fixed widths).
+const EVENT_HEADERS: [&str; 6] = ["SEQ", "TIME", "AGE", "KIND", "NODE", "MESSAGE"];
+
+fn event_row(e: &pb::Event, now_unix_ms: u64) -> Vec<String> {
+    vec![
+        e.seq.to_string(),
+        local_time(e.at_unix_ms),
+        age(e.at_unix_ms, now_unix_ms),
+        e.kind.clone(),
+        e.node_id.to_string(),
+        e.message.clone(),
+    ]
+}
+
+/// Events, oldest first: a table with local times and ages (as of `now_unix_ms`), or a
+/// JSON array.
+pub fn events(fmt: Format, evs: &[pb::Event], now_unix_ms: u64) -> Result<String, CtlError> {
+    if fmt == Format::Json {
+        return json(&evs.iter().map(Event::from).collect::<Vec<_>>());
+    }
+    let rows: Vec<Vec<String>> = evs.iter().map(|e| event_row(e, now_unix_ms)).collect();
+    Ok(table(&EVENT_HEADERS, &rows))
+}
+
+/// Lines of `events -f`: one per event as it arrives (with fixed column widths, since
+/// later rows are not known yet), or one compact JSON object per line (JSON Lines).
+/// `header` prints the table's header first.
+pub fn event_lines(fmt: Format, evs: &[pb::Event], header: bool) -> Result<String, CtlError> {
+    let mut out = String::new();
+    if fmt == Format::Json {
+        for e in evs {
+            let line = serde_json::to_string(&Event::from(e))
+                .map_err(|e| CtlError::Render(e.to_string()))?;
+            out.push_str(&line);
+            out.push('\n');
+        }
+        return Ok(out);
+    }
+    let line = |c: &[String]| {
+        format!(
+            "{:>6}  {:<19}  {:<6}  {:<24}  {:>4}  {}\n",
+            c[0], c[1], c[2], c[3], c[4], c[5]
+        )
+    };
+    if header {
+        out.push_str(&line(&EVENT_HEADERS.map(String::from)));
+    }
+    let now = now_unix_ms();
+    for e in evs {
+        out.push_str(&line(&event_row(e, now)));
+    }
+    Ok(out)
 }
 
 #[derive(Serialize)]
@@ -530,6 +617,53 @@ pub fn get(fmt: Format, key: &str, r: &pb::GetKvReply) -> Result<String, CtlErro
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn event_times_are_rfc3339_in_json_and_ages_in_tables() {
+        assert_eq!(rfc3339(1_767_323_045_678), "2026-01-02T03:04:05.678Z");
+        assert_eq!(rfc3339(0), "");
+        assert_eq!(age(0, 5_000), "-");
+        assert_eq!(age(1_000, 43_999), "42s");
+        assert_eq!(age(1, 1 + 312_000), "5m12s");
+        assert_eq!(age(1, 1 + 11_040_000), "3h4m");
+        assert_eq!(age(1, 1 + 525_600_000), "6d2h");
+        assert_eq!(age(10_000, 9_000), "0s", "a clock slightly behind");
+        let ev = pb::Event {
+            seq: 7,
+            at_unix_ms: 1_767_323_045_678,
+            kind: "node_joined".into(),
+            node_id: 2,
+            message: "node 2 joined".into(),
+        };
+        let t =
+            events(Format::Table, std::slice::from_ref(&ev), 1_767_323_047_678).unwrap_or_default();
+        let mut lines = t.lines();
+        let header = lines.next().unwrap_or_default();
+        assert!(
+            header.starts_with("SEQ") && header.contains("TIME") && header.contains("AGE"),
+            "{t}"
+        );
+        let row = lines.next().unwrap_or_default();
+        assert!(
+            row.contains(" 2s ")
+                && row.contains("node_joined")
+                && row.contains(&local_time(ev.at_unix_ms)),
+            "{t}"
+        );
+        let j: serde_json::Value = serde_json::from_str(
+            &events(Format::Json, std::slice::from_ref(&ev), 0).unwrap_or_default(),
+        )
+        .unwrap_or_default();
+        assert_eq!(j[0]["at"], "2026-01-02T03:04:05.678Z", "{j}");
+        assert_eq!(j[0]["seq"], 7, "{j}");
+        let l = event_lines(Format::Json, &[ev.clone(), ev], false).unwrap_or_default();
+        assert_eq!(l.lines().count(), 2, "JSON Lines: {l}");
+        assert!(
+            l.lines()
+                .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+            "{l}"
+        );
+    }
     use super::*;
 
     #[test]

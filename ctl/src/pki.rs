@@ -101,27 +101,23 @@ pub enum UserCmd {
 pub enum TokenCmd {
     /// A one-time join token for a new host (prints "<id>.<secret>"; give it once).
     Create {
-        /// Lifetime: e.g. 90s, 30m, 1h, 2d (at most 7 days).
+        /// Lifetime: e.g. 90s, 30m, 1h, 2d (at most 7 days; a bare number is seconds).
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: u64,
     },
 }
 
-/// "90s", "30m", "1h", "2d" (or plain seconds) as seconds.
+/// A lifetime (humantime: "90s", "30m", "1h", "2d"; or plain seconds) as whole seconds.
 pub fn parse_ttl(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 's')) => (&s[..i], 1),
-        Some((i, 'm')) => (&s[..i], 60),
-        Some((i, 'h')) => (&s[..i], 3_600),
-        Some((i, 'd')) => (&s[..i], 86_400),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|n| *n > 0)
-        .ok_or_else(|| format!("{s:?} is not a lifetime such as 90s, 30m, 1h or 2d"))
+    crate::duration::bare_s(s)
+        .map(|d| d.as_secs())
+        .and_then(|n| {
+            if n > 0 {
+                Ok(n)
+            } else {
+                Err(format!("{s:?} is shorter than one second"))
+            }
+        })
 }
 
 /// Write what an agent signed into `out` (ca.pem, cert.pem, and the key made here).

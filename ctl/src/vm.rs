@@ -16,6 +16,11 @@ use crate::{Cli, Format};
 #[derive(Debug, Subcommand)]
 pub enum VmCmd {
     /// Define a VM (and start it on the node the scheduler picks unless --no-start).
+    #[command(after_help = "\
+Examples:
+  clusterctl vm create web1 --vcpus 2 --memory-mib 128 --workload mem
+  clusterctl vm create db1 --memory-mib 64 --disk vol/vms/db1.img --preferred-owner 2
+  clusterctl vm create web3 --nic lan --nic dmz,mac=52:54:00:12:34:56")]
     Create(Box<CreateArgs>),
     /// Start a stopped VM on the node the scheduler picks.
     Start { name: String },
@@ -28,11 +33,20 @@ pub enum VmCmd {
     /// One VM in detail.
     Show { name: String },
     /// Live-migrate a running VM (target chosen by the scheduler unless --to).
+    #[command(after_help = "\
+Examples:
+  clusterctl vm migrate web1 --dry-run                 # target, go/no-go, predicted time
+  clusterctl vm migrate web1 --to node-2               # by name or id; waits, with a progress bar
+  clusterctl vm migrate web1 --to 2 --max-downtime 50ms --deadline 2m --max-bandwidth 200
+  clusterctl vm migrate db1 --quick                    # save to the shared volume, restore there
+  clusterctl vm migrate web2 --to 2 --no-wait          # return at once (queued or started)
+
+Exit 5 when the migration waited for fails or is cancelled.")]
     Migrate {
         name: String,
-        /// Target node id.
+        /// Target node: its id or its name.
         #[arg(long)]
-        to: Option<u64>,
+        to: Option<crate::nodes::NodeArg>,
         /// Do not wait for the migration to end.
         #[arg(long)]
         no_wait: bool,
@@ -42,12 +56,14 @@ pub enum VmCmd {
         /// Quick migration: save to the shared volume, restore on the target.
         #[arg(long)]
         quick: bool,
-        /// Longest acceptable blackout in ms (default 300).
-        #[arg(long, value_name = "MS")]
-        max_downtime: Option<u64>,
-        /// Give up and roll back when not converged within S seconds (default 120).
-        #[arg(long, value_name = "S")]
-        deadline: Option<u64>,
+        /// Longest acceptable blackout, e.g. 50ms or 1s (default 300ms; a bare number is
+        /// milliseconds).
+        #[arg(long, value_name = "DURATION", value_parser = crate::duration::bare_ms)]
+        max_downtime: Option<Duration>,
+        /// Give up and roll back when not converged within this, e.g. 2m (default 120s; a
+        /// bare number is seconds).
+        #[arg(long, value_name = "DURATION", value_parser = crate::duration::bare_s)]
+        deadline: Option<Duration>,
         /// Most MiB/s the live migration may send over the migration network (default
         /// and 0: unlimited).
         #[arg(long, value_name = "MIB_PER_S", value_parser = parse_mib_per_s)]
@@ -129,9 +145,9 @@ pub struct CreateArgs {
     /// Anti-affinity class; repeatable.
     #[arg(long = "anti-affinity")]
     pub anti_affinity: Vec<String>,
-    /// Preferred owner node id, most preferred first; repeatable.
+    /// Preferred owner node (id or name), most preferred first; repeatable.
     #[arg(long = "preferred-owner")]
-    pub preferred_owners: Vec<u64>,
+    pub preferred_owners: Vec<crate::nodes::NodeArg>,
     /// NIC on a network the nodes map to a bridge: `NET[,mac=52:54:00:12:34:56][,mtu=9000]`
     /// (without a MAC the cluster generates one; MTU 68..=9000, default 1500); repeatable,
     /// NIC i in slot i.
@@ -224,7 +240,8 @@ fn spec_of(a: &CreateArgs) -> pb::VmSpec {
             .collect(),
         restart_priority: a.restart_priority.clone(),
         anti_affinity: a.anti_affinity.clone(),
-        preferred_owners: a.preferred_owners.clone(),
+        // Names are resolved by the caller (`node_id` asks the cluster).
+        preferred_owners: Vec::new(),
         nics: a
             .nics
             .iter()
@@ -609,8 +626,13 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Create(a) => {
+            let mut spec = spec_of(a);
+            for n in &a.preferred_owners {
+                spec.preferred_owners
+                    .push(crate::nodes::node_id(cli, n).await?);
+            }
             let req = pb::CreateVmRequest {
-                spec: Some(spec_of(a)),
+                spec: Some(spec),
                 start: !a.no_start,
             };
             let r = call(ep, timeout, c.create_vm(req)).await?;
@@ -654,12 +676,16 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             no_progress,
             no_queue,
         } => {
+            let to_node_id = match to {
+                Some(t) => crate::nodes::node_id(cli, t).await?,
+                None => 0,
+            };
             let req = pb::MigrateVmRequest {
                 name: n.clone(),
-                to_node_id: to.unwrap_or(0),
+                to_node_id,
                 quick: *quick,
-                max_downtime_ms: *max_downtime,
-                deadline_ms: deadline.map(|s| s.saturating_mul(1000)),
+                max_downtime_ms: max_downtime.map(crate::duration::ms),
+                deadline_ms: deadline.map(crate::duration::ms),
                 no_queue: *no_queue,
                 bandwidth_bytes_per_s_max: max_bandwidth.filter(|b| *b > 0),
             };
@@ -673,7 +699,7 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             if *no_wait {
                 if queued != 0 {
                     return match fmt {
-                        Format::Json => json(&serde_json::json!({
+                        Format::Json | Format::Yaml => json(&serde_json::json!({
                             "vm": n,
                             "queued_migration_id": queued,
                         })),
@@ -707,21 +733,15 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                     .unwrap_or_default();
                 if v.migrating_to == 0 {
                     if v.owner_id != target {
-                        return Err(CtlError::Refused {
-                            code: tonic::Code::Aborted,
-                            message: format!(
-                                "migration of VM {n} to node {target} failed: {}",
-                                v.reason
-                            ),
+                        return Err(CtlError::Ended {
+                            what: format!("the migration of VM {n} to node {target}"),
+                            status: format!("without moving it: {}", v.reason),
                         });
                     }
                     if v.runtime == "failed" {
-                        return Err(CtlError::Refused {
-                            code: tonic::Code::Aborted,
-                            message: format!(
-                                "VM {n} moved to node {target} but failed there: {}",
-                                v.reason
-                            ),
+                        return Err(CtlError::Ended {
+                            what: format!("VM {n} on node {target} after its migration"),
+                            status: format!("failed: {}", v.reason),
                         });
                     }
                     if v.runtime == "running" {

@@ -25,7 +25,7 @@ async fn drain_resume_and_policy_commands_against_real_agents() {
                 "--wss-mib",
                 "8",
                 "--preferred-owner",
-                "3",
+                "node-3",
             ],
         );
     }

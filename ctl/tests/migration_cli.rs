@@ -19,7 +19,7 @@ async fn migrate_with_progress_then_list_show_and_refusals() {
     // Bad options: refused with the option named, nothing recorded or moved.
     let o = ctl(&ep, &["vm", "migrate", "mover", "--max-downtime", "0"]);
     let (_, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(o.status.code(), Some(4), "{err}");
     assert!(err.contains("max_downtime_ms 0 is out of range"), "{err}");
     let o = ctl(
         &ep,
@@ -38,7 +38,8 @@ async fn migrate_with_progress_then_list_show_and_refusals() {
     assert_eq!(json(&ep, &["migration", "list"]), serde_json::json!([]));
 
     // The migration with its progress bar (stderr is not a terminal: one line per update)
-    // and the final line with the blackout and the receipt.
+    // and the final line with the blackout and the receipt. The target by name, the
+    // blackout budget as a humantime duration.
     let o = ctl(
         &ep,
         &[
@@ -46,9 +47,11 @@ async fn migrate_with_progress_then_list_show_and_refusals() {
             "migrate",
             "mover",
             "--to",
-            &other.to_string(),
+            &format!("node-{other}"),
             "--max-downtime",
-            "200",
+            "200ms",
+            "--deadline",
+            "2m",
         ],
     );
     let (out, err) = text(&o);
@@ -83,6 +86,7 @@ async fn migrate_with_progress_then_list_show_and_refusals() {
     assert_eq!(m["source"].as_u64(), Some(owner));
     assert_eq!(m["target"].as_u64(), Some(other));
     assert_eq!(m["max_downtime_ms"].as_u64(), Some(200));
+    assert_eq!(m["deadline_ms"].as_u64(), Some(120_000), "{m}");
     assert_eq!(m["stats"]["receipt_matches"], true);
     assert_eq!(m["stats"]["source_digest"], m["stats"]["target_digest"]);
     assert!(m["stats"]["blackout_us"].as_u64().unwrap_or(0) > 0, "{m}");
@@ -93,13 +97,69 @@ async fn migrate_with_progress_then_list_show_and_refusals() {
     // Refusals: unknown id, cancelling a finished migration.
     let o = ctl(&ep, &["migration", "show", "42"]);
     let (_, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(4));
     assert!(err.contains("no migration with id 42"), "{err}");
     let o = ctl(&ep, &["migration", "cancel", "1"]);
     let (_, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(4));
     assert!(err.contains("migration 1 already succeeded"), "{err}");
     assert_eq!(json(&ep, &["migration", "show", "1"])["state"], "succeeded");
+
+    // On a 60-column terminal (a pty from script(1)) the bar is redrawn within the width:
+    // no row of it is wider, so none wraps and leaves a stale row behind.
+    const COLS: usize = 60;
+    let o = std::process::Command::new("script")
+        .envs(cluster_tests::pki::pki().admin_env())
+        .env_remove("CLUSTERCTL_ENDPOINT")
+        .args(["-qfec"])
+        .arg(format!(
+            "stty cols {COLS} rows 20; exec '{}' --endpoint {ep} vm migrate mover --to {owner} \
+             --max-bandwidth 16",
+            env!("CARGO_BIN_EXE_clusterctl")
+        ))
+        .arg("/dev/null")
+        .output()
+        .unwrap_or_else(|e| panic!("script (util-linux): {e}"));
+    let (tty, _) = text(&o);
+    assert!(o.status.success(), "{tty}");
+    assert!(tty.contains("migration 2 succeeded"), "{tty}");
+    let visible = strip_ansi(&tty);
+    let bar_rows: Vec<&str> = visible
+        .split(['\r', '\n'])
+        .filter(|r| r.starts_with('[') && r.contains("% left"))
+        .collect();
+    assert!(!bar_rows.is_empty(), "no bar drawn: {tty:?}");
+    for r in &bar_rows {
+        assert!(
+            r.chars().count() <= COLS,
+            "{} columns: {r:?}",
+            r.chars().count()
+        );
+    }
+    assert_eq!(
+        json(&ep, &["vm", "show", "mover"])["owner_id"].as_u64(),
+        Some(owner)
+    );
+}
+
+/// `s` without ANSI escape sequences (CSI `ESC [ ... letter` and two-byte `ESC x`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c != '\x1b' {
+            out.push(c);
+            continue;
+        }
+        if it.next() == Some('[') {
+            for c in it.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// `clusterctl vm migrate` while node slots are busy: it waits in the queue (saying so on
@@ -134,6 +194,15 @@ async fn migrate_waits_in_the_queue_for_a_busy_slot() {
     })["owner_id"]
         .as_u64()
         .unwrap_or(0);
+    let o = ctl(&ep, &["vm", "migrate", "hog", "--deadline", "soon"]);
+    assert_eq!(o.status.code(), Some(64), "usage error: {}", text(&o).1);
+    assert!(
+        text(&o)
+            .1
+            .contains("\"soon\" is not a duration such as 50ms"),
+        "{}",
+        text(&o).1
+    );
     let o = ctl(&ep, &["vm", "migrate", "hog", "--max-bandwidth", "lots"]);
     assert_eq!(o.status.code(), Some(64), "usage error: {}", text(&o).1);
     assert!(
@@ -192,6 +261,52 @@ async fn migrate_waits_in_the_queue_for_a_busy_slot() {
     ok(&ep, &["migration", "cancel", "2"]);
     assert_eq!(json(&ep, &["migration", "show", "2"])["state"], "cancelled");
 
+    // Exit 5: a migration clusterctl waits for ends cancelled (here while queued).
+    let spawn = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_clusterctl"))
+            .envs(cluster_tests::pki::pki().admin_env())
+            .arg("--endpoint")
+            .arg(&ep)
+            .args(args)
+            .env_remove("CLUSTERCTL_ENDPOINT")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let doomed = spawn(&["vm", "migrate", "waiter", "--to", &to]);
+    wait_json(
+        &c,
+        &ep,
+        &["migration", "show", "3"],
+        "migration 3 queued",
+        |m| m["state"] == "queued",
+    );
+    ok(&ep, &["migration", "cancel", "3"]);
+    let o = doomed.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("clusterctl: error: migration 3 of VM waiter ended cancelled"),
+        "{err}"
+    );
+
+    // Exit 5: a watched drain that is aborted (its move waits for the busy slots).
+    let watched = spawn(&["node", "drain", &owner.to_string(), "--watch"]);
+    wait_json(
+        &c,
+        &ep,
+        &["drain", "show", &owner.to_string()],
+        "the drain running",
+        |j| j["status"] == "running",
+    );
+    ok(&ep, &["drain", "abort", &owner.to_string()]);
+    let o = watched.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(5), "{err}");
+    assert!(err.contains("ended aborted"), "{err}");
+    ok(&ep, &["node", "resume", &owner.to_string()]);
+
     // Waiting in the queue: the command returns once the VM has moved.
     let waiter = std::process::Command::new(env!("CARGO_BIN_EXE_clusterctl"))
         .envs(cluster_tests::pki::pki().admin_env())
@@ -216,10 +331,10 @@ async fn migrate_waits_in_the_queue_for_a_busy_slot() {
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(
-        err.contains("migration 3 of VM waiter queued: a migration slot is busy"),
+        err.contains("migration 4 of VM waiter queued: a migration slot is busy"),
         "{err}"
     );
-    assert!(err.contains("migration 3 succeeded:"), "{err}");
+    assert!(err.contains("migration 4 succeeded:"), "{err}");
     assert!(out.contains("waiter"), "{out}");
     assert_eq!(
         json(&ep, &["vm", "show", "waiter"])["owner_id"].as_u64(),

@@ -126,7 +126,7 @@ async fn an_operator_bootstraps_joins_with_a_token_and_adds_a_viewer() {
     // The token was good once (another new node cannot use it again).
     let o = join(token, "4");
     let (_, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(o.status.code(), Some(4), "{err}");
     assert!(err.contains("already used by node 3"), "{err}");
 
     // An admin creates a viewer online; the viewer reads and is refused a change.
@@ -157,7 +157,7 @@ async fn an_operator_bootstraps_joins_with_a_token_and_adds_a_viewer() {
     assert!(ok_out(&as_olga(&["node", "list"])).contains("node-3"));
     let o = as_olga(&["kv", "put", "k", "v"]);
     let (_, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(o.status.code(), Some(4), "{err}");
     assert!(
         err.contains("user \"olga\" has role viewer; PutKv needs role admin"),
         "{err}"
@@ -231,10 +231,10 @@ fn as_holder(d: &cluster_proto::pki::TlsDir, ep: &str, args: &[&str]) -> Output 
     )
 }
 
-/// clusterctl's stderr of a refused command (exit code 1).
+/// clusterctl's stderr of a refused command (exit code 4).
 fn refused_err(o: &Output) -> String {
     let (out, err) = text(o);
-    assert_eq!(o.status.code(), Some(1), "stdout {out}\nstderr {err}");
+    assert_eq!(o.status.code(), Some(4), "stdout {out}\nstderr {err}");
     err
 }
 

@@ -53,7 +53,7 @@ async fn vm_commands_against_a_real_agent() {
     assert!(o.status.success(), "{err}");
     assert!(out.contains("HB seq=") && out.contains("mem=ok"), "{out}");
 
-    // Bad input: one sentence on stderr, exit 1, nothing changed.
+    // Bad input: one sentence on stderr, exit 4 (refused by the cluster), nothing changed.
     for (args, needle) in [
         (vec!["vm", "create", "web1"], "already exists"),
         (vec!["vm", "create", "x", "--vcpus", "0"], "vcpus"),
@@ -64,7 +64,7 @@ async fn vm_commands_against_a_real_agent() {
     ] {
         let o = ctl(&ep, &args);
         let (_, err) = text(&o);
-        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(o.status.code(), Some(4), "{args:?}: {err}");
         assert!(
             err.starts_with("clusterctl: error: ") && err.contains(needle),
             "{args:?}: {err}"
@@ -131,7 +131,7 @@ async fn vm_migrate_and_console_follows_the_vm() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
     assert_eq!(v["owner_id"].as_u64(), Some(other), "{out}");
     let o = ctl(&ep, &["vm", "migrate", "mover", "--to", &other.to_string()]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(4));
     assert!(
         text(&o).1.contains("already runs on node"),
         "{}",

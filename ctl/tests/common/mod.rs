@@ -43,11 +43,11 @@ pub fn ok(ep: &str, args: &[&str]) -> String {
     out
 }
 
-/// A clusterctl run that the agent must refuse (exit 1) with `needle` on stderr.
+/// A clusterctl run that the agent must refuse (exit 4) with `needle` on stderr.
 pub fn refused(ep: &str, args: &[&str], needle: &str) {
     let o = ctl(ep, args);
     let (out, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "clusterctl {args:?}: {out}{err}");
+    assert_eq!(o.status.code(), Some(4), "clusterctl {args:?}: {out}{err}");
     assert!(
         err.contains(needle),
         "clusterctl {args:?}: {err:?} lacks {needle:?}"
@@ -105,9 +105,16 @@ pub fn create_running(c: &Cluster, ep: &str, name: &str) -> u64 {
 /// Start `clusterctl vm console NAME --follow` against `endpoint`; its lines arrive on the
 /// receiver as they are printed (stderr lines prefixed with `ERR `). Kill the child when done.
 pub fn follow_console(endpoint: &str, name: &str) -> (Child, Receiver<String>) {
+    spawn_lines(endpoint, &["vm", "console", name, "--follow"])
+}
+
+/// Start `clusterctl ARGS` against `endpoint`; its lines arrive on the receiver as they
+/// are printed (stderr lines prefixed with `ERR `). Kill the child when done.
+pub fn spawn_lines(endpoint: &str, args: &[&str]) -> (Child, Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_clusterctl"))
         .envs(cluster_tests::pki::pki().admin_env())
-        .args(["--endpoint", endpoint, "vm", "console", name, "--follow"])
+        .args(["--endpoint", endpoint])
+        .args(args)
         .env_remove("CLUSTERCTL_ENDPOINT")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -132,7 +139,7 @@ pub fn follow_console(endpoint: &str, name: &str) -> (Child, Receiver<String>) {
     (child, rx)
 }
 
-/// Lines from a [`follow_console`] receiver until one satisfies `pred` (returned last),
+/// Lines from a [`spawn_lines`] receiver until one satisfies `pred` (returned last),
 /// within [`WAIT`]; panics with the lines seen.
 pub fn recv_until(rx: &Receiver<String>, what: &str, pred: impl Fn(&str) -> bool) -> Vec<String> {
     let deadline = std::time::Instant::now() + WAIT;
@@ -149,5 +156,5 @@ pub fn recv_until(rx: &Receiver<String>, what: &str, pred: impl Fn(&str) -> bool
             Err(_) => break,
         }
     }
-    panic!("{what} not seen on the console: {seen:?}")
+    panic!("{what} not seen in the output: {seen:?}")
 }
