@@ -54,6 +54,38 @@ async fn form_three(mut cl: Cluster, toml: &str) -> Cluster {
     cl
 }
 
+/// Creates the 4 MiB disk `name` on the shared volume.
+async fn create_disk(cl: &Cluster, name: &str) {
+    cl.vols(1)
+        .await
+        .create_disk(cluster_proto::volumes::CreateDiskRequest {
+            name: name.into(),
+            size_mib: 4,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create disk: {e}{}", cl.logs()));
+}
+
+/// A 64 MiB guest running the `disk` workload on node 2, with `disks` from its start.
+fn disk_guest(name: &str, disks: &[&str]) -> pb::VmSpec {
+    let boot = pb::TestGuestBoot {
+        workload: "disk".into(),
+        hb_ms: 100,
+        ..Default::default()
+    };
+    pb::VmSpec {
+        preferred_owners: vec![2],
+        disks: disks
+            .iter()
+            .map(|d| pb::DiskSpec {
+                name: (*d).into(),
+                read_only: false,
+            })
+            .collect(),
+        ..guest_spec(name, 64, boot)
+    }
+}
+
 /// Quick-migrates `vm` to node `to` and waits until it runs there.
 async fn quick_migrate(cl: &Cluster, vm: &str, to: u64) {
     cl.vms(1)
@@ -576,24 +608,8 @@ async fn a_worker_vm_hot_plugs_its_disk_and_quick_migrates_with_it() {
     use cluster_proto::volumes as vpb;
     let _serial = cluster_tests::serial().await;
     let cl = cluster_with_workers_and_volume().await;
-    cl.vols(1)
-        .await
-        .create_disk(vpb::CreateDiskRequest {
-            name: "vol/vms/w.img".into(),
-            size_mib: 4,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("create disk: {e}{}", cl.logs()));
-    let boot = pb::TestGuestBoot {
-        workload: "disk".into(),
-        hb_ms: 100,
-        ..Default::default()
-    };
-    let s = pb::VmSpec {
-        preferred_owners: vec![2],
-        ..guest_spec("vm-d", 64, boot)
-    };
-    let v = cl.create_running(1, s).await;
+    create_disk(&cl, "vol/vms/w.img").await;
+    let v = cl.create_running(1, disk_guest("vm-d", &[])).await;
     assert_eq!(v.owner_id, 2);
     cl.wait_heartbeat(1, "vm-d", |h| h.disk == "nodisk").await;
     // Hot add through the worker: the guest finds the disk and writes it.
@@ -684,31 +700,12 @@ const HOLD_BYTES_PER_S: u64 = 1 << 20;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_of_a_worker_vm_rolls_back_on_cancel_then_moves_it_with_its_disk() {
     use cluster_proto::migrations as mpb;
-    use cluster_proto::volumes as vpb;
     let _serial = cluster_tests::serial().await;
     let cl = cluster_with_workers_and_volume().await;
-    cl.vols(1)
-        .await
-        .create_disk(vpb::CreateDiskRequest {
-            name: "vol/vms/l.img".into(),
-            size_mib: 4,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("create disk: {e}{}", cl.logs()));
-    let boot = pb::TestGuestBoot {
-        workload: "disk".into(),
-        hb_ms: 100,
-        ..Default::default()
-    };
-    let s = pb::VmSpec {
-        preferred_owners: vec![2],
-        disks: vec![pb::DiskSpec {
-            name: "vol/vms/l.img".into(),
-            read_only: false,
-        }],
-        ..guest_spec("vm-l", 64, boot)
-    };
-    let v = cl.create_running(1, s).await;
+    create_disk(&cl, "vol/vms/l.img").await;
+    let v = cl
+        .create_running(1, disk_guest("vm-l", &["vol/vms/l.img"]))
+        .await;
     assert_eq!(v.owner_id, 2);
     let (_, hb) = cl
         .wait_heartbeat(1, "vm-l", |h| h.disk == "ok" && disk_passes(h) >= 1)

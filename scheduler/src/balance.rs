@@ -368,11 +368,7 @@ fn best_even_move(
     // on the few taken from the top; a VM whose candidate fails offers its next target.
     let mut candidates = std::collections::BinaryHeap::new();
     for &vi in &s.running {
-        let vm = c.vms[vi];
-        if vm
-            .moved_at_ms
-            .is_some_and(|t| now_ms < t.saturating_add(p.min_dwell_ms))
-        {
+        if dwelling_vm(c, vi, now_ms) {
             dwelling += 1;
             continue;
         }
@@ -499,7 +495,7 @@ fn relieve(c: &mut Cluster<'_>, jobs: &mut Vec<Job>, now_ms: u64) -> bool {
             if c.nodes[n].load_bp() <= limit {
                 break;
             }
-            if dwelling(c, vi, now_ms) {
+            if dwelling_vm(c, vi, now_ms) {
                 continue;
             }
             let mem = c.vms[vi].memory_mib;
@@ -523,7 +519,7 @@ fn relieve(c: &mut Cluster<'_>, jobs: &mut Vec<Job>, now_ms: u64) -> bool {
 }
 
 /// Whether VM `vi` still waits out its dwell time after its last migration.
-fn dwelling(c: &Cluster<'_>, vi: usize, now_ms: u64) -> bool {
+fn dwelling_vm(c: &Cluster<'_>, vi: usize, now_ms: u64) -> bool {
     c.vms[vi]
         .moved_at_ms
         .is_some_and(|t| now_ms < t.saturating_add(c.snap.policy.min_dwell_ms))
@@ -546,7 +542,10 @@ fn consolidate(c: &mut Cluster<'_>, jobs: &mut Vec<Job>, now_ms: u64) {
     for n in candidates {
         if receivers.contains(&n)
             || !c.nodes[n].inflight_ends_ms.is_empty()
-            || c.nodes[n].running.iter().any(|&vi| dwelling(c, vi, now_ms))
+            || c.nodes[n]
+                .running
+                .iter()
+                .any(|&vi| dwelling_vm(c, vi, now_ms))
         {
             continue;
         }

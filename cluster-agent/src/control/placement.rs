@@ -2,7 +2,7 @@
 //! the placement questions the leader asks the scheduler (where does a VM start, why not
 //! on node X). Pure: no I/O, no clock.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use scheduler::{
     ClusterSnapshot, CpuVendor, Migration, Node, NodeId, PlanError, Policy, PowerPolicy, Reason,
@@ -21,34 +21,60 @@ pub const DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S: u64 = 1024;
 /// is the median of.
 pub const MEASURED_MIGRATIONS: usize = 8;
 
-/// A node's migration speed as the cluster measured it: the median rate (guest memory
-/// moved per second of the whole migration) of its last [`MEASURED_MIGRATIONS`]
-/// successful live migrations, as source or target, from the replicated records; the
-/// default until it has one. This is what predictions (dry runs, drain plans, balancing
-/// costs) divide a VM's memory by.
-pub fn measured_bandwidth_mib_per_s(state: &ClusterState, node: u64) -> u64 {
-    let mut rates: Vec<u64> = state
-        .migrations
-        .values()
-        .rev()
-        .filter(|m| {
-            (m.source == node || m.target == node)
-                && m.kind == crate::state::migrations::MigrationKind::Live
-                && m.state == crate::state::migrations::MigrationState::Succeeded
-        })
-        .filter_map(|m| m.stats.as_ref())
-        .filter(|st| st.total_us > 0 && st.guest_bytes > 0)
-        .take(MEASURED_MIGRATIONS)
-        .map(|st| {
-            let per_s = u128::from(st.guest_bytes) * 1_000_000 / u128::from(st.total_us);
-            u64::try_from(per_s >> 20).unwrap_or(u64::MAX).max(1)
-        })
-        .collect();
-    if rates.is_empty() {
-        return DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S;
+/// Every node's migration speed as the cluster measured it: the median rate (guest
+/// memory moved per second of the whole migration) of its last [`MEASURED_MIGRATIONS`]
+/// successful live migrations, as source or target, from the replicated records, in one
+/// pass over them. A node without one is absent (the default applies, see
+/// [`measured_bandwidth_mib_per_s`]). This is what predictions (dry runs, drain plans,
+/// balancing costs) divide a VM's memory by.
+pub fn measured_bandwidths(state: &ClusterState) -> BTreeMap<u64, u64> {
+    let mut rates: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for m in state.migrations.values().rev() {
+        if m.kind != crate::state::migrations::MigrationKind::Live
+            || m.state != crate::state::migrations::MigrationState::Succeeded
+        {
+            continue;
+        }
+        let Some(st) = m
+            .stats
+            .as_ref()
+            .filter(|st| st.total_us > 0 && st.guest_bytes > 0)
+        else {
+            continue;
+        };
+        let per_s = u128::from(st.guest_bytes) * 1_000_000 / u128::from(st.total_us);
+        let rate = u64::try_from(per_s >> 20).unwrap_or(u64::MAX).max(1);
+        let mut ends = vec![m.source];
+        if m.target != m.source {
+            ends.push(m.target);
+        }
+        for node in ends {
+            let r = rates.entry(node).or_default();
+            if r.len() < MEASURED_MIGRATIONS {
+                r.push(rate);
+            }
+        }
     }
-    rates.sort_unstable();
-    rates[rates.len() / 2]
+    rates
+        .into_iter()
+        .map(|(node, mut r)| {
+            r.sort_unstable();
+            (node, r[r.len() / 2])
+        })
+        .collect()
+}
+
+/// Node `node`'s speed in `measured` ([`measured_bandwidths`]), the default until it has one.
+fn speed_of(measured: &BTreeMap<u64, u64>, node: u64) -> u64 {
+    measured
+        .get(&node)
+        .copied()
+        .unwrap_or(DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S)
+}
+
+/// Node `node`'s measured migration speed ([`measured_bandwidths`]).
+pub fn measured_bandwidth_mib_per_s(state: &ClusterState, node: u64) -> u64 {
+    speed_of(&measured_bandwidths(state), node)
 }
 
 /// Why the cluster state cannot be handed to the scheduler, or the scheduler refused.
@@ -147,8 +173,9 @@ pub fn snapshot(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError>
             nodes.push(n);
         }
     }
+    let measured = measured_bandwidths(state);
     for n in &mut nodes {
-        n.migration_bandwidth_mib_per_s = measured_bandwidth_mib_per_s(state, n.id.0);
+        n.migration_bandwidth_mib_per_s = speed_of(&measured, n.id.0);
     }
     let known: BTreeSet<u64> = nodes.iter().map(|n| n.id.0).collect();
     let vms = state
@@ -466,10 +493,11 @@ pub fn predict_migration(
         }
         Err(e) => return Err(e),
     };
+    let measured = measured_bandwidths(state);
     let bandwidth = scheduler::estimate::pair_bandwidth_mib_per_s(
-        measured_bandwidth_mib_per_s(state, from),
+        speed_of(&measured, from),
         target.map_or(DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S, |t| {
-            measured_bandwidth_mib_per_s(state, t)
+            speed_of(&measured, t)
         }),
         Policy::default().max_live_migrations_per_node,
     );

@@ -160,6 +160,14 @@ pub fn has_name_entry(list: &Revocations, user: &str) -> bool {
     !list.is_empty() && list.contains_key(&format!("user:{user}"))
 }
 
+/// When the list is full, drops the entries whose certificates have all expired by
+/// `now_unix_ms` (they protect nothing any more).
+fn drop_expired_when_full(s: &mut ClusterState, now_unix_ms: u64) {
+    if s.revocations.len() >= REVOCATIONS_MAX {
+        s.revocations.retain(|_, e| e.expires_unix_ms > now_unix_ms);
+    }
+}
+
 /// The name entry under which the certificates of node `node_id` are revoked.
 pub fn node_entry(node_id: u64) -> String {
     format!("node {node_id}")
@@ -186,9 +194,7 @@ pub fn revoke_removed_node(
         at_unix_ms,
         by: "its removal from the cluster".into(),
     };
-    if s.revocations.len() >= REVOCATIONS_MAX {
-        s.revocations.retain(|_, e| e.expires_unix_ms > at_unix_ms);
-    }
+    drop_expired_when_full(s, at_unix_ms);
     // A node removed again (re-added with a new certificate in between): the newer time.
     s.revocations.insert(r.key(), r);
     touched.push(StateKey::Revocations);
@@ -211,13 +217,9 @@ pub fn apply(
                     by: old.by.clone(),
                 });
             }
+            drop_expired_when_full(s, r.at_unix_ms);
             if s.revocations.len() >= REVOCATIONS_MAX {
-                // Entries whose certificates have all expired protect nothing any more.
-                s.revocations
-                    .retain(|_, e| e.expires_unix_ms > r.at_unix_ms);
-                if s.revocations.len() >= REVOCATIONS_MAX {
-                    return Err(RevocationError::Full);
-                }
+                return Err(RevocationError::Full);
             }
             s.revocations.insert(key, r.clone());
             touched.push(StateKey::Revocations);
