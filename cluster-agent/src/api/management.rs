@@ -332,16 +332,16 @@ impl Management for ManagementApi {
         } else {
             r.reason
         };
-        self.agent
-            .write(ForwardRequest::Command(Command::SetNodeState {
+        self.commit_for_node(
+            r.node_id,
+            Command::SetNodeState {
                 node_id: r.node_id,
                 state: target,
                 at_unix_ms: crate::node::now_unix_ms(),
                 reason,
-            }))
-            .await?;
-        self.get_node(Request::new(pb::GetNodeRequest { node_id: r.node_id }))
-            .await
+            },
+        )
+        .await
     }
 
     async fn standby_node(
@@ -350,17 +350,15 @@ impl Management for ManagementApi {
     ) -> Result<Response<pb::NodeInfo>, Status> {
         let r = request.into_inner();
         let reason = power_reason(&r.reason, "standby asked for by an operator")?;
-        self.agent
-            .write(ForwardRequest::Command(Command::Power(
-                crate::state::power::PowerCommand::RequestStandby {
-                    node: r.node_id,
-                    reason,
-                    at_unix_ms: crate::node::now_unix_ms(),
-                },
-            )))
-            .await?;
-        self.get_node(Request::new(pb::GetNodeRequest { node_id: r.node_id }))
-            .await
+        self.commit_for_node(
+            r.node_id,
+            Command::Power(crate::state::power::PowerCommand::RequestStandby {
+                node: r.node_id,
+                reason,
+                at_unix_ms: crate::node::now_unix_ms(),
+            }),
+        )
+        .await
     }
 
     async fn wake_node(
@@ -369,17 +367,15 @@ impl Management for ManagementApi {
     ) -> Result<Response<pb::NodeInfo>, Status> {
         let r = request.into_inner();
         let reason = power_reason(&r.reason, "woken by an operator")?;
-        self.agent
-            .write(ForwardRequest::Command(Command::Power(
-                crate::state::power::PowerCommand::BeginWake {
-                    node: r.node_id,
-                    reason,
-                    at_unix_ms: crate::node::now_unix_ms(),
-                },
-            )))
-            .await?;
-        self.get_node(Request::new(pb::GetNodeRequest { node_id: r.node_id }))
-            .await
+        self.commit_for_node(
+            r.node_id,
+            Command::Power(crate::state::power::PowerCommand::BeginWake {
+                node: r.node_id,
+                reason,
+                at_unix_ms: crate::node::now_unix_ms(),
+            }),
+        )
+        .await
     }
 
     async fn list_events(
@@ -508,6 +504,20 @@ impl Management for ManagementApi {
             found: v.is_some(),
             value: v.unwrap_or_default(),
         }))
+    }
+}
+
+impl ManagementApi {
+    /// Commits `cmd`, an operator's change to node `node_id`, and answers with the node as
+    /// it is then.
+    async fn commit_for_node(
+        &self,
+        node_id: u64,
+        cmd: Command,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        self.agent.write(ForwardRequest::Command(cmd)).await?;
+        self.get_node(Request::new(pb::GetNodeRequest { node_id }))
+            .await
     }
 }
 
