@@ -158,6 +158,11 @@ stop() {
         rm -f "$STATE/node-${ids[$k]}.pid"
     done
     echo "local-cluster: stopped $stopped agent(s) cleanly, $forced forced; data kept in $STATE (rm -rf it to start over)"
+    local workers
+    workers=$(pgrep -fc "vm-worker --dir $STATE/" || true)
+    if (( workers > 0 )); then
+        echo "local-cluster: $workers VM worker(s) keep running: \`$0 start\` within the announced restart window (60 s) adopts them; after it they stop their VMs"
+    fi
 }
 
 status() {

@@ -197,6 +197,15 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 }))
             }),
             log_format: c.log_format,
+            cgroups: c
+                .worker_cgroups
+                .then(|| crate::vmhost::worker::cgroup::Tree::detect(c.node_id))
+                .and_then(|t| {
+                    t.map_err(|e| {
+                        tracing::warn!(error = %e, "vm workers run without cgroups of their own");
+                    })
+                    .ok()
+                }),
         });
         let h = vm_host.clone();
         let adopted = tokio::task::spawn_blocking(move || h.adopt_workers())

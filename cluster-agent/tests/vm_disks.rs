@@ -7,7 +7,7 @@
 //! and verifies its disk and reports `disk=ok|bad|nodisk` in its heartbeats.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cluster_proto::vms as pb;
 use cluster_proto::volumes as vpb;
@@ -23,10 +23,15 @@ async fn disk_cluster(n: u64) -> (Cluster, PathBuf) {
 
 /// [`disk_cluster`] with `env` set for every agent.
 async fn disk_cluster_with_env(n: u64, env: &[(&str, &str)]) -> (Cluster, PathBuf) {
+    disk_cluster_with(n, "", env).await
+}
+
+/// [`disk_cluster`] with `extra_toml` (top-level keys) in every agent's config and `env` set for it.
+async fn disk_cluster_with(n: u64, extra_toml: &str, env: &[(&str, &str)]) -> (Cluster, PathBuf) {
     let mut cl = Cluster::vm_agents();
     let (csv, volume) = cl.shared_volume();
     for id in 1..=n {
-        let added = cl.add_node_with(id, &volume);
+        let added = cl.add_node_with(id, &format!("{extra_toml}{volume}"));
         cl.check(added);
         for (k, v) in env {
             let set = cl.set_env(id, k, v);
@@ -682,18 +687,32 @@ async fn owner_kill9_mid_migration_the_target_boots_the_vm_from_its_disk() {
     owner_lost_mid_migration(Loss::Kill9).await;
 }
 
-/// As above, but the owner goes silent (SIGSTOP: a host that lost power sends no
-/// connection reset): the target does not wait out its 30 s I/O timeout — its agent
-/// abandons the receive as soon as the VM is failed over to it.
+/// As above, but the owner's agent goes silent (SIGSTOP: a frozen host sends no
+/// connection reset). The VM runs in a worker, which goes on sending until the frozen
+/// agent's lease deadline passes; then the worker stops its VM and its migration (it
+/// fences itself), so the target's receive fails at once instead of waiting out its
+/// 30 s I/O timeout, and the target boots the VM from its disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn owner_silent_mid_migration_the_target_abandons_the_receive_and_boots_the_vm() {
+async fn owner_silent_mid_migration_its_worker_fences_and_the_target_boots_the_vm() {
     owner_lost_mid_migration(Loss::Freeze).await;
+}
+
+/// As above with the VM inside the agent (`vm_workers = false`): the whole source,
+/// migration included, freezes with the agent (a host that lost power) — the target
+/// does not wait out its 30 s I/O timeout: its agent abandons the receive as soon as
+/// the VM is failed over to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_silent_mid_migration_in_process_the_target_abandons_the_receive() {
+    owner_lost_mid_migration(Loss::FreezeInProcess).await;
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Loss {
     Kill9,
+    /// SIGSTOP of the source agent; its VM in a worker.
     Freeze,
+    /// SIGSTOP of the source agent, which runs its VM itself.
+    FreezeInProcess,
 }
 
 /// A 3-node disk cluster with VM `vm-m` (disk `vol/vms/m.img`) on a follower, in the
@@ -714,8 +733,8 @@ struct MidMigration {
     old: u64,
 }
 
-async fn disk_vm_in_endless_precopy() -> MidMigration {
-    let (cl, csv) = disk_cluster(3).await;
+async fn disk_vm_in_endless_precopy(extra_toml: &str) -> MidMigration {
+    let (cl, csv) = disk_cluster_with(3, extra_toml, &[]).await;
     create_disk(&cl, 1, "vol/vms/m.img").await;
     let leader = cl.check(cl.status(1).await).leader_id;
     let (src, dst) = followers(leader);
@@ -780,14 +799,19 @@ async fn owner_lost_mid_migration(loss: Loss) {
         rec,
         before,
         old,
-    } = disk_vm_in_endless_precopy().await;
+    } = disk_vm_in_endless_precopy(if loss == Loss::FreezeInProcess {
+        "vm_workers = false\n"
+    } else {
+        ""
+    })
+    .await;
     let lost = Instant::now();
     match loss {
         Loss::Kill9 => {
             let killed = cl.kill9(src);
             cl.check(killed);
         }
-        Loss::Freeze => signal(&cl, src, "STOP"),
+        Loss::Freeze | Loss::FreezeInProcess => signal(&cl, src, "STOP"),
     }
     let after = cl
         .wait_vm(leader, "vm-m", "restart on the migration target", |v| {
@@ -817,10 +841,20 @@ async fn owner_lost_mid_migration(loss: Loss) {
             "{}",
             cl.logs()
         ),
-        Loss::Freeze => {
+        Loss::Freeze | Loss::FreezeInProcess => {
+            // With a worker, the receive ends when the worker fences itself and closes
+            // its connections (or, if the failover came first, when the target's agent
+            // abandons it); in-process, only abandoning it ends the wait.
+            let ended = dst_log.contains("incoming migration abandoned")
+                || (loss == Loss::Freeze && dst_log.contains("incoming migration failed"));
             assert!(
-                dst_log.contains("incoming migration abandoned"),
+                ended,
                 "the target waited for its silent source{}",
+                cl.logs()
+            );
+            assert!(
+                lost.elapsed() < Duration::from_secs(20),
+                "the target waited out its I/O timeout{}",
                 cl.logs()
             );
             // The frozen source thaws with its lease long lapsed: it stops its copy, and
@@ -958,7 +992,7 @@ async fn target_kill9_mid_migration_leaves_the_vm_and_its_lock_with_the_source()
         rec,
         before,
         old,
-    } = disk_vm_in_endless_precopy().await;
+    } = disk_vm_in_endless_precopy("").await;
     let held = cl.lock_of(leader, "vol/vms/m.img").await;
     assert_eq!(held.map(|l| (l.holders, l.token)), Some((vec![src], old)));
     let killed = cl.kill9(dst);

@@ -352,6 +352,8 @@ async fn a_frozen_agent_thawed_after_failover_adopts_nothing_the_cluster_moved()
     checker.assert_no_double_run(&cl).await;
 }
 
+/// Also: each worker runs in a cgroup of its own with its VM's limits, removed when the
+/// worker is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_fails_only_its_own_vm_and_says_so() {
     let _serial = cluster_tests::serial().await;
@@ -363,6 +365,8 @@ async fn a_killed_worker_fails_only_its_own_vm_and_says_so() {
     let y_pid = WorkerVm::attach(&worker_dir(&cl, 3, "vm-y"))
         .unwrap_or_else(|e| panic!("{e:?}"))
         .pid();
+    let x_cgroups = vm_cgroups(&cl, 3, x.pid(), "vm-x");
+    assert_only_vcpus_lowered(x.pid());
     let st = std::process::Command::new("kill")
         .args(["-KILL", &x.pid().to_string()])
         .status()
@@ -378,6 +382,17 @@ async fn a_killed_worker_fails_only_its_own_vm_and_says_so() {
         failed.reason.contains("worker process"),
         "the reason names the worker: {failed:?}"
     );
+    // The dead worker's cgroup is removed once the agent reaped it.
+    for d in &x_cgroups {
+        cluster_tests::Wait::new(cluster_tests::WAIT)
+            .until(
+                "the dead worker's cgroup removed",
+                || async { Ok::<_, String>(d.exists()) },
+                |exists| !exists,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}: {}{}", d.display(), cl.logs()));
+    }
     // The other VM on that node is untouched: same worker, same guest, still counting.
     let (node, _) = cl.heartbeat_after(1, "vm-y", y_seq).await;
     assert_eq!(node, 3);
@@ -405,6 +420,112 @@ async fn a_killed_worker_fails_only_its_own_vm_and_says_so() {
     cl.heartbeat_after(1, "vm-x", 0).await;
     let again = WorkerVm::attach(&worker_dir(&cl, 3, "vm-x")).unwrap_or_else(|e| panic!("{e:?}"));
     assert_ne!(again.pid(), x.pid());
+    assert_eq!(vm_cgroups(&cl, 3, again.pid(), "vm-x"), x_cgroups);
+}
+
+/// Worker `pid` runs its vCPU threads at nice 10 and its other threads (control socket,
+/// lease watchdog) at the agent's 0: a spinning guest never delays its own lease.
+fn assert_only_vcpus_lowered(pid: u32) {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap_or_else(|e| panic!("{e}"));
+    let mut seen = Vec::new();
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ... : the fields after the comm's closing parenthesis.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map_or("", |(_, c)| c).to_string();
+        let nice: i64 = rest
+            .split_whitespace()
+            .nth(16)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no nice in {stat}"));
+        seen.push((comm, nice));
+    }
+    assert!(
+        seen.iter().any(|(c, _)| c.starts_with("vcpu")),
+        "no vCPU thread: {seen:?}"
+    );
+    // The kernel's own threads for the VM (`kvm-nx-lpage-recovery`) follow the vCPU.
+    for (comm, nice) in seen.iter().filter(|(c, _)| !c.starts_with("kvm-")) {
+        let want = if comm.starts_with("vcpu") { 10 } else { 0 };
+        assert_eq!(*nice, want, "thread {comm} of worker {pid}: {seen:?}");
+    }
+}
+
+/// The cgroup directories worker `pid` of VM `vm` on node `node` runs in, checked: one
+/// named after the VM below the node's `cluster-vms-node-<id>`, with the VM's limits (a
+/// 64 MiB guest: 64 + 256 MiB; one vCPU: two cores), a CPU weight below the agent's,
+/// and the guest's memory accounted there. Empty where the host's cgroup tree cannot be
+/// written by the agent (cgroup v2 with the agent's own cgroup holding processes): the
+/// agent then says so in its log, which this checks instead.
+fn vm_cgroups(cl: &Cluster, node: u64, pid: u32, vm: &str) -> Vec<PathBuf> {
+    use cluster_agent::vmhost::worker::cgroup;
+    let log = cl.log_tail(node, 2000);
+    if log.contains("vm workers run without cgroups of their own") {
+        assert!(
+            log.contains("cgroup v2 enables controllers only below"),
+            "cgroups refused for another reason than cgroup v2's rule{}",
+            cl.logs()
+        );
+        eprintln!("this host's cgroup v2 tree is not delegated to the agent: no cgroup checks");
+        return Vec::new();
+    }
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let v2 = root.join("cgroup.controllers").exists();
+    let base = format!("cluster-vms-node-{node}/{vm}");
+    let mut dirs = Vec::new();
+    for (controllers, path) in cgroup::of_process(pid).unwrap_or_else(|e| panic!("{e}")) {
+        let cs: Vec<&str> = controllers.split(',').collect();
+        let wanted = if v2 {
+            controllers.is_empty()
+        } else {
+            cs.contains(&"cpu") || cs.contains(&"memory")
+        };
+        if !wanted {
+            continue;
+        }
+        assert!(
+            path.ends_with(&base),
+            "worker of {vm} in {controllers}:{path}, not in .../{base}"
+        );
+        let mount = if v2 || root.join(&controllers).is_dir() {
+            root.join(&controllers)
+        } else {
+            root.join(cs[0])
+        };
+        dirs.push(mount.join(path.trim_start_matches('/')));
+    }
+    assert_eq!(dirs.len(), if v2 { 1 } else { 2 }, "{dirs:?}");
+    let read = |d: &PathBuf, f: &str| {
+        std::fs::read_to_string(d.join(f))
+            .unwrap_or_else(|e| panic!("{}/{f}: {e}", d.display()))
+            .trim()
+            .to_string()
+    };
+    let limit = ((64 + cgroup::MEMORY_OVERHEAD_MIB) << 20).to_string();
+    // /proc lists hierarchies in no fixed order: the cpu one first.
+    dirs.sort_by_key(|d| !d.to_string_lossy().starts_with("/sys/fs/cgroup/cpu"));
+    let (cpu, mem) = (&dirs[0], dirs.last().unwrap_or(&dirs[0]));
+    let usage: u64 = if v2 {
+        assert_eq!(read(cpu, "cpu.max"), "200000 100000");
+        assert_eq!(read(cpu, "cpu.weight"), cgroup::CPU_WEIGHT_V2.to_string());
+        assert_eq!(read(mem, "memory.max"), limit);
+        read(mem, "memory.current").parse().unwrap_or(0)
+    } else {
+        assert_eq!(read(cpu, "cpu.cfs_quota_us"), "200000");
+        assert_eq!(read(cpu, "cpu.shares"), cgroup::CPU_SHARES_V1.to_string());
+        assert_eq!(read(mem, "memory.limit_in_bytes"), limit);
+        read(mem, "memory.usage_in_bytes").parse().unwrap_or(0)
+    };
+    // The worker joined before it mapped guest memory: the guest's pages count here.
+    assert!(
+        usage >= 4 << 20,
+        "{vm}'s cgroup accounts only {usage} bytes"
+    );
+    dirs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

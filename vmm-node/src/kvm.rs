@@ -288,6 +288,26 @@ pub fn memfd(name: &str) -> std::io::Result<std::fs::File> {
     Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
+/// The nice value vCPU threads set for themselves when they start (`i32::MIN`: none,
+/// they keep their creator's). See [`set_vcpu_nice`].
+static VCPU_NICE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(i32::MIN);
+
+/// Makes every vCPU thread started from now on in this process run at `nice` (a process
+/// that runs one VM lowers its guest's priority while its control threads keep theirs).
+pub fn set_vcpu_nice(nice: i32) {
+    VCPU_NICE.store(nice, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Applies [`set_vcpu_nice`]'s value to the calling (vCPU) thread, if one was set.
+pub(crate) fn apply_vcpu_nice() {
+    let nice = VCPU_NICE.load(std::sync::atomic::Ordering::Relaxed);
+    if nice != i32::MIN {
+        if let Err(e) = set_nice(nice) {
+            tracing::warn!(error = %e, nice, "cannot lower the vCPU thread's priority");
+        }
+    }
+}
+
 /// Sets the calling thread's nice value to `nice` (-20..=19; higher yields the CPU to
 /// others). Threads it creates afterwards inherit it, so a process that calls this first
 /// runs every later vCPU thread at that priority.

@@ -290,7 +290,10 @@ impl Vm {
             let fd = fd.clone();
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::vcpu_thread(ctx, fd))
+                .spawn(move || {
+                    crate::kvm::apply_vcpu_nice();
+                    vcpu::vcpu_thread(ctx, fd)
+                })
                 .map_err(|source| VmError::Os {
                     what: "spawning a vCPU thread",
                     source,

@@ -57,6 +57,7 @@ fn host(dir: Option<&PathBuf>) -> Arc<VmHost> {
             image_dirs: Vec::new(),
             migration_tls: None,
             log_format: Default::default(),
+            cgroups: None,
         });
         h.renew_workers(Instant::now() + Duration::from_secs(3600));
     }

@@ -146,6 +146,9 @@ pub struct RawConfig {
     /// Where the workers' directories (control socket, start file, log) live; default
     /// `<data_dir>/vms`.
     pub worker_dir: Option<PathBuf>,
+    /// Give each worker a cgroup with its VM's memory limit and CPU cap (default true;
+    /// where the agent cannot write its cgroup tree it says why and runs without).
+    pub worker_cgroups: Option<bool>,
     /// With `vm_workers`: on SIGTERM the agent announces a restart of up to this long
     /// (default 60000, at most 600000; 0: none): the cluster does not take the node for
     /// dead during it and its workers keep their VMs running until it ends.
@@ -249,6 +252,8 @@ pub struct AgentConfig {
     pub vm_workers: bool,
     /// See [`RawConfig::worker_dir`].
     pub worker_dir: PathBuf,
+    /// See [`RawConfig::worker_cgroups`].
+    pub worker_cgroups: bool,
     /// See [`RawConfig::restart_window_ms`].
     pub restart_window: Duration,
     /// See [`RawConfig::log_format`].
@@ -341,6 +346,7 @@ impl RawConfig {
             image_dirs,
             vm_workers,
             worker_dir,
+            worker_cgroups,
             restart_window_ms,
             log_format
         );
@@ -639,8 +645,9 @@ impl RawConfig {
             node_cert_validity: Duration::from_secs(node_cert_validity_s),
             cert_renew_percent_left,
             restart_window: Duration::from_millis(restart_window_ms),
-            vm_workers: self.vm_workers.unwrap_or(false),
+            vm_workers: self.vm_workers.unwrap_or(true),
             worker_dir,
+            worker_cgroups: self.worker_cgroups.unwrap_or(true),
             image_dirs,
             migration_insecure_plaintext: self.migration_insecure_plaintext.unwrap_or(false),
             tls_dir,

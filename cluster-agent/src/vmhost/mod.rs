@@ -346,10 +346,17 @@ impl VmHost {
     /// worker directory) and takes them over; removes the directories of workers that
     /// are gone. Returns the VMs adopted.
     pub fn adopt_workers(&self) -> Vec<String> {
-        let Some(dir) = lock(&self.worker_settings).as_ref().map(|s| s.dir.clone()) else {
+        let Some((dir, cgroups)) = lock(&self.worker_settings)
+            .as_ref()
+            .map(|s| (s.dir.clone(), s.cgroups.clone()))
+        else {
             return Vec::new();
         };
         let (alive, dead) = worker::find(&dir);
+        if let Some(t) = cgroups {
+            // The cgroups of workers that exited while no agent ran are empty: gone.
+            t.sweep(&alive.iter().map(|w| w.name().to_owned()).collect());
+        }
         for (path, e) in dead {
             tracing::info!(dir = %path.display(), error = %crate::error_chain(&e), "no worker answers here; removing its directory");
             if let Err(e) = std::fs::remove_dir_all(&path) {
@@ -578,6 +585,18 @@ impl VmHost {
                 vm: spec.name.clone(),
                 source: worker::WorkerError::NoLease,
             })?;
+        let cgroups = match &settings.cgroups {
+            Some(t) => t
+                .create(
+                    &spec.name,
+                    worker::cgroup::Limits::of_vm(spec.vcpus.into(), spec.memory_mib),
+                )
+                .unwrap_or_else(|e| {
+                    tracing::warn!(vm = %spec.name, error = %e, "vm runs without a cgroup of its own");
+                    Vec::new()
+                }),
+            None => Vec::new(),
+        };
         let now = Instant::now();
         Ok(worker::protocol::StartFile {
             version: worker::protocol::VERSION,
@@ -601,6 +620,7 @@ impl VmHost {
             image_dirs: settings.image_dirs.clone(),
             restore_from,
             incoming_memory: None,
+            cgroups,
         })
     }
 

@@ -189,8 +189,8 @@ async fn main() -> ExitCode {
     println!("  vmm-node alone (migration-bench): blackout p50 {e50} us, p99 {e99} us");
     let mut p50s = Vec::new();
     for (path, toml) in [
-        ("full stack", ""),
-        ("full stack, vm_workers", "vm_workers = true\n"),
+        ("full stack, in-process", "vm_workers = false\n"),
+        ("full stack, vm_workers (default)", "vm_workers = true\n"),
     ] {
         let full = match full_stack(memory_mib, repeats, toml).await {
             Ok(v) => v,

@@ -611,10 +611,16 @@ fn run(
     // --- After switchover: receipt -------------------------------------------------
     let source_digest = hashes.digest();
     let _ = sender.finish();
-    let target_digest = expect_frame(&mut ctl, Command::Receipt)
-        .ok()
-        .and_then(|p| decode_payload::<Receipt>(Command::Receipt, &p).ok())
-        .map(|r| r.memory_digest);
+    let target_digest = match expect_frame(&mut ctl, Command::Receipt)
+        .and_then(|p| decode_payload::<Receipt>(Command::Receipt, &p))
+    {
+        Ok(r) => Some(r.memory_digest),
+        Err(e) => {
+            // Not a memory divergence: the receipt itself is missing (counted as a mismatch).
+            tracing::error!(error = %e, "no memory receipt from the target");
+            None
+        }
+    };
     let total_us = us(start.elapsed());
     let t_verify = Instant::now();
     // The source VM is paused for good: its memory is the guest memory as of switchover.

@@ -851,7 +851,13 @@ fn coordinate(
                             memory_digest: stats.memory_digest,
                         },
                     ) {
-                        let _ = write_frame(ctl, Command::Receipt, &p);
+                        // Flushed now: a buffered receipt would reach the source only when
+                        // this connection is dropped, or never.
+                        let receipt = write_frame(ctl, Command::Receipt, &p)
+                            .and_then(|_| ctl.flush().map_err(ProtocolError::from));
+                        if let Err(e) = receipt {
+                            tracing::warn!(error = %e, "could not send the memory receipt");
+                        }
                     }
                     return Ok(stats);
                 }

@@ -21,6 +21,7 @@
 //! `FAILOVER_GRACE` later: a worker whose agent died stops its VM at least `down_after /
 //! 4 + FAILOVER_GRACE` before another node may start it.
 
+pub mod cgroup;
 pub mod process;
 pub mod protocol;
 
@@ -79,6 +80,9 @@ pub struct Settings {
     pub migration_tls: Option<TlsSource>,
     /// The agent's log format: its workers write `worker.log` the same way.
     pub log_format: crate::logging::LogFormat,
+    /// Where each worker gets a cgroup with its VM's limits (`None`: no cgroups, as on a
+    /// host whose cgroup tree the agent cannot write).
+    pub cgroups: Option<cgroup::Tree>,
 }
 
 /// Where a worker's outgoing live migration gets the node's TLS material: asked at each
@@ -279,11 +283,16 @@ impl WorkerVm {
         let stdout = child.stdout.take();
         // Reap the worker whenever it exits (it is this process's child until the agent
         // itself exits; an adopted worker is not).
+        let cgroups = settings.cgroups.clone();
+        let vm = name.clone();
         let _ = std::thread::Builder::new()
             .name(format!("reap-{name}"))
             .spawn(move || {
                 let status = child.wait();
                 tracing::info!(?status, "vm worker exited");
+                if let Some(t) = cgroups {
+                    t.remove(&vm);
+                }
             });
         let (tx, rx) = sync_channel(1);
         if let Some(out) = stdout {

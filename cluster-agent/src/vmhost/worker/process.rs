@@ -26,8 +26,9 @@ use crate::vmhost::{VmHost, VmHostError};
 /// Exit status of a worker that stopped its VM because its lease ran out.
 pub const EXIT_FENCED: i32 = 3;
 
-/// The nice value a worker runs at (the agent runs at 0): a host saturated by its
-/// guests still gives the agent's heartbeats and Raft the CPU first.
+/// The nice value a worker's vCPU threads run at (the agent and the worker's control
+/// threads run at 0): a host saturated by its guests still gives the agent's heartbeats
+/// and Raft, and each worker's lease handling, the CPU first.
 pub const WORKER_NICE: i32 = 10;
 
 /// Errors that end a worker before its VM runs.
@@ -131,16 +132,20 @@ fn read_start(dir: &Path) -> Result<StartFile, WorkerError> {
 }
 
 fn serve(dir: &Path) -> Result<i32, WorkerError> {
-    // Before any thread exists: every thread of the worker (vCPUs, devices) inherits it.
-    if let Err(e) = vmm_node::kvm::set_nice(WORKER_NICE) {
-        tracing::warn!(error = %e, "cannot lower the worker's CPU priority");
+    let start = read_start(dir)?;
+    // Into the VM's cgroup before any guest page or thread exists: all are accounted there.
+    if let Err(e) = super::cgroup::join(&start.cgroups) {
+        tracing::warn!(error = %e, "cannot join the vm's cgroup; running without its limits");
     }
+    // The guest's vCPU threads run at WORKER_NICE; the worker's control threads (lease
+    // renewals, the lease watchdog, a migration's engine) keep the agent's priority, so a
+    // guest spinning its vCPUs never delays its own lease or blackout.
+    vmm_node::kvm::set_vcpu_nice(WORKER_NICE);
     // Also before any thread: every thread inherits the filter.
     if let Err(e) = harden() {
         tracing::warn!(error = %e, "cannot install the worker's syscall filter; running without it");
     }
     let dir_file = File::open(dir).map_err(|e| WorkerError::Dir(dir.to_owned(), e))?;
-    let start = read_start(dir)?;
     let deadline = instant_of(start.lease_until_ns);
     let registry =
         csv_volume::VolumeRegistry::from_config(&start.volumes).map_err(WorkerError::Volumes)?;
@@ -334,16 +339,6 @@ fn restore(
     w.host
         .restore_incoming(&vm, &blob, layout, grants)
         .map_err(|e| crate::error_chain(&e))
-}
-
-/// Runs the calling thread (and the threads it starts: the migration engine's) at the
-/// agent's priority instead of the worker's: a migration's blackout must not wait behind
-/// the host's guests. Needs the right to raise priority (root or `CAP_SYS_NICE`);
-/// without it the migration runs at the worker's nice value.
-fn engine_priority() {
-    if let Err(e) = vmm_node::kvm::set_nice(0) {
-        tracing::debug!(error = %e, "cannot raise the migration thread's priority");
-    }
 }
 
 /// The agent's answers to this worker's lock requests during a live migration out.
@@ -621,7 +616,6 @@ fn handle(w: &Worker, conn: UnixStream) {
         } = req
         {
             // The rest of this connection belongs to the migration.
-            engine_priority();
             migrate_out(w, target_node, target_addr, options, tls, r, out);
             return;
         }
@@ -631,7 +625,6 @@ fn handle(w: &Worker, conn: UnixStream) {
             grants,
         } = req
         {
-            engine_priority();
             let resp = match restore(w, state_len, &layout, &grants, &mut r) {
                 Ok(()) => Response::Done,
                 Err(message) => Response::Error { message },
@@ -640,9 +633,6 @@ fn handle(w: &Worker, conn: UnixStream) {
                 return;
             }
             continue;
-        }
-        if matches!(req, Request::Resume) {
-            engine_priority();
         }
         if !answer(w, req, &mut out) {
             return;

@@ -89,6 +89,10 @@ pub struct StartFile {
     /// `Restore`; the agent's migration engine writes the guest's pages into it.
     #[serde(default)]
     pub incoming_memory: Option<PathBuf>,
+    /// The VM's cgroup directories (one per hierarchy), which the worker joins first;
+    /// none when the node runs its workers without cgroups.
+    #[serde(default)]
+    pub cgroups: Vec<PathBuf>,
 }
 
 /// TLS material for a worker's outgoing migration connections (PEM; the node's current
