@@ -185,6 +185,20 @@ pub fn join(dirs: &[PathBuf]) -> Result<(), String> {
     Ok(())
 }
 
+/// A worker on its way out: moves itself back to the agent's cgroup and removes its VM's
+/// (best effort: where that is refused — cgroup v2's rule — the agent removes it after
+/// reaping the worker, or sweeps it at its next start).
+pub fn leave(dirs: &[PathBuf]) {
+    let pid = std::process::id().to_string();
+    for d in dirs {
+        if let Some(agent) = d.parent().and_then(Path::parent) {
+            if write(&agent.join("cgroup.procs"), &pid).is_ok() {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+    }
+}
+
 /// The cgroup directories `pid` is in, one per hierarchy (`/proc/<pid>/cgroup`), as
 /// `(controllers, path)`.
 pub fn of_process(pid: u32) -> Result<Vec<(String, String)>, String> {

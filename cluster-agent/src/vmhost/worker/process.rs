@@ -82,6 +82,8 @@ struct Worker {
     incoming: Mutex<Option<PreparedIncoming>>,
     /// Cancels the live migration out running in this worker.
     migration_cancel: Mutex<Option<vmm_node::migration::source::CancelToken>>,
+    /// The VM's cgroups (removed on the way out).
+    cgroups: Vec<PathBuf>,
 }
 
 /// The `Instant` of `until_ns` on the host's monotonic clock (now, if it has passed).
@@ -137,6 +139,7 @@ fn serve(dir: &Path) -> Result<i32, WorkerError> {
     if let Err(e) = super::cgroup::join(&start.cgroups) {
         tracing::warn!(error = %e, "cannot join the vm's cgroup; running without its limits");
     }
+    let cgroups = start.cgroups.clone();
     // The guest's vCPU threads run at WORKER_NICE; the worker's control threads (lease
     // renewals, the lease watchdog, a migration's engine) keep the agent's priority, so a
     // guest spinning its vCPUs never delays its own lease or blackout.
@@ -203,6 +206,7 @@ fn serve(dir: &Path) -> Result<i32, WorkerError> {
         sock,
         incoming: Mutex::new(incoming),
         migration_cancel: Mutex::new(None),
+        cgroups,
     });
     {
         let w = worker.clone();
@@ -250,6 +254,7 @@ fn worker_info(w: &Worker, info: crate::vmhost::VmInfo) -> WorkerInfo {
 /// worker that is about to exit).
 fn exit(w: &Worker, code: i32) -> ! {
     let _ = std::fs::remove_file(&w.sock);
+    super::cgroup::leave(&w.cgroups);
     std::process::exit(code)
 }
 
