@@ -3,7 +3,7 @@
 #
 #   deploy/local-cluster.sh start [N]   # N in 1..16 (default 3)
 #   deploy/local-cluster.sh status
-#   deploy/local-cluster.sh stop
+#   deploy/local-cluster.sh stop [--network]   # --network: also remove the VM network
 #
 # Node i: management 127.0.1.i:7001, Raft 127.0.1.i:7002, migration 127.0.2.i:7003,
 # Prometheus metrics http://127.0.1.i:7004/metrics, web console https://127.0.1.i:7005
@@ -75,6 +75,48 @@ node_cert() {
     fi
 }
 
+# The VM network "vmnet" (when run as root with iproute2): bridge $VMNET_BRIDGE in this
+# namespace with no address (IPv6 link-local generation off too), and a namespace
+# $VMNET_NS standing in for the hosts on that network, linked to the bridge by a veth pair,
+# its end at $VMNET_CLIENT. Every address stays inside that namespace. Agents attach each
+# VM NIC's TAP to the bridge; reach a VM from the namespace:
+#   ip netns exec local-vmnet ping 10.99.0.10
+VMNET_BRIDGE=lcbr0
+VMNET_NS=local-vmnet
+VMNET_CLIENT=10.99.0.1/24
+vmnet() {
+    VMNET_TOML=""
+    if [[ $(id -u) -ne 0 ]] || ! command -v ip >/dev/null; then
+        echo "local-cluster: no VM network (needs root and iproute2); VMs without NICs only"
+        return 0
+    fi
+    if [[ ! -d /sys/class/net/$VMNET_BRIDGE ]]; then
+        ip link add "$VMNET_BRIDGE" type bridge
+        ip link set dev "$VMNET_BRIDGE" addrgenmode none
+        ip link set dev "$VMNET_BRIDGE" up
+    fi
+    if ! ip netns list | grep -qw "$VMNET_NS"; then
+        ip netns add "$VMNET_NS"
+        ip -n "$VMNET_NS" link set lo up
+    fi
+    if [[ ! -d /sys/class/net/lcveth0 ]]; then
+        ip link add lcveth0 type veth peer name eth0 netns "$VMNET_NS"
+        ip link set dev lcveth0 addrgenmode none
+        ip link set dev lcveth0 master "$VMNET_BRIDGE" up
+        ip -n "$VMNET_NS" addr add "$VMNET_CLIENT" dev eth0
+        ip -n "$VMNET_NS" link set eth0 up
+    fi
+    VMNET_TOML=$'\n[[networks]]\nname = "vmnet"\nbridge = "'"$VMNET_BRIDGE"'"\n'
+}
+
+# Removes the VM network (`stop --network`).
+vmnet_remove() {
+    ip link del lcveth0 2>/dev/null || true
+    ip netns del "$VMNET_NS" 2>/dev/null || true
+    ip link del "$VMNET_BRIDGE" 2>/dev/null || true
+    echo "local-cluster: VM network removed (bridge $VMNET_BRIDGE, namespace $VMNET_NS)"
+}
+
 wait_ready() { # id
     for _ in $(seq 1 100); do
         ctl "$1" health >/dev/null 2>&1 && return 0   # grpc.health.v1
@@ -90,6 +132,7 @@ start() {
     build
     mkdir -p "$STATE" "$STATE/volumes/vol"
     pki "$n"
+    vmnet
     local fresh=1
     [[ -d "$STATE/node-1" ]] && fresh=0
     for i in $(seq 1 "$n"); do
@@ -111,6 +154,7 @@ console_addr = "127.0.1.$i:7005"
 [[volumes]]
 name = "vol"
 path = "$STATE/volumes/vol"
+$VMNET_TOML
 TOML
         local was_new=1
         [[ -d "$STATE/node-$i" ]] && was_new=0
@@ -132,6 +176,10 @@ TOML
     echo
     echo "clusterctl context \"local\" is current (endpoints, CA and admin certificate): e.g. $CTL cluster status"
     echo "web console: https://127.0.1.1:7005 (log in with the link \`$CTL console url\` prints; CA: $PKI/ca.pem)"
+    if [[ -n "$VMNET_TOML" ]]; then
+        echo "VM network \"vmnet\": bridge $VMNET_BRIDGE; its hosts' side is namespace $VMNET_NS ($VMNET_CLIENT), e.g."
+        echo "  $CTL vm create web --workload net --net-ip 10.99.0.10 --nic vmnet && ip netns exec $VMNET_NS ping -c 3 10.99.0.10"
+    fi
 }
 
 stop() {
@@ -177,7 +225,7 @@ status() {
 
 case "${1:-}" in
     start) start "${2:-3}" ;;
-    stop) stop ;;
+    stop) stop; [[ "${2:-}" == "--network" ]] && vmnet_remove; true ;;
     status) status ;;
-    *) echo "usage: $0 start [N]|stop|status" >&2; exit 2 ;;
+    *) echo "usage: $0 start [N]|stop [--network]|status" >&2; exit 2 ;;
 esac

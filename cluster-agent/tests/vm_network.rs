@@ -126,6 +126,13 @@ async fn nic_answers_moves_with_live_migration_keeps_its_mac_on_failover() {
     assert!(mac.starts_with("52:54:00:"), "{mac}");
     let tap1 = v.nic_taps[0].clone();
     assert!(ns.has_link(&tap1), "TAP {tap1} exists on node 1's side");
+    // The host's side of a VM port has no address, not even an IPv6 link-local one.
+    let addrs = ns.ip(&["-o", "addr", "show", "dev", &tap1]);
+    assert!(
+        addrs.status.success() && addrs.stdout.is_empty(),
+        "TAP {tap1} has addresses: {}",
+        String::from_utf8_lossy(&addrs.stdout)
+    );
     wait_echo(&ns, &dir, "UDP echo from the VM on node 1");
 
     // A duplicate MAC is refused with the VM that has it named.

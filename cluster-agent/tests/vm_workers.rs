@@ -457,8 +457,8 @@ fn assert_only_vcpus_lowered(pid: u32) {
 
 /// The cgroup directories worker `pid` of VM `vm` on node `node` runs in, checked: one
 /// named after the VM below the node's `cluster-vms-node-<id>`, with the VM's limits (a
-/// 64 MiB guest: 64 + 256 MiB; one vCPU: two cores), a CPU weight below the agent's,
-/// and the guest's memory accounted there. Empty where the host's cgroup tree cannot be
+/// 64 MiB guest: 64 + 256 MiB; one vCPU: two cores), the node's VMs together weighing
+/// a nice-0 thread per core, and the guest's memory accounted there. Empty where the host's cgroup tree cannot be
 /// written by the agent (cgroup v2 with the agent's own cgroup holding processes): the
 /// agent then says so in its log, which this checks instead.
 fn vm_cgroups(cl: &Cluster, node: u64, pid: u32, vm: &str) -> Vec<PathBuf> {
@@ -506,17 +506,20 @@ fn vm_cgroups(cl: &Cluster, node: u64, pid: u32, vm: &str) -> Vec<PathBuf> {
             .to_string()
     };
     let limit = ((64 + cgroup::MEMORY_OVERHEAD_MIB) << 20).to_string();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // /proc lists hierarchies in no fixed order: the cpu one first.
     dirs.sort_by_key(|d| !d.to_string_lossy().starts_with("/sys/fs/cgroup/cpu"));
     let (cpu, mem) = (&dirs[0], dirs.last().unwrap_or(&dirs[0]));
     let usage: u64 = if v2 {
         assert_eq!(read(cpu, "cpu.max"), "200000 100000");
-        assert_eq!(read(cpu, "cpu.weight"), cgroup::CPU_WEIGHT_V2.to_string());
+        let vms = cpu.parent().map(PathBuf::from).unwrap_or_default();
+        assert_eq!(read(&vms, "cpu.weight"), cgroup::vms_weight(true, cores).to_string());
         assert_eq!(read(mem, "memory.max"), limit);
         read(mem, "memory.current").parse().unwrap_or(0)
     } else {
         assert_eq!(read(cpu, "cpu.cfs_quota_us"), "200000");
-        assert_eq!(read(cpu, "cpu.shares"), cgroup::CPU_SHARES_V1.to_string());
+        let vms = cpu.parent().map(PathBuf::from).unwrap_or_default();
+        assert_eq!(read(&vms, "cpu.shares"), cgroup::vms_weight(false, cores).to_string());
         assert_eq!(read(mem, "memory.limit_in_bytes"), limit);
         read(mem, "memory.usage_in_bytes").parse().unwrap_or(0)
     };

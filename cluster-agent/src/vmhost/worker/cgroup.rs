@@ -1,6 +1,10 @@
-//! A cgroup of its own for each VM worker: the VM's memory limit, a CPU cap of its vCPUs
-//! plus one core, and a CPU weight a quarter of the agent's, so a host saturated by its
-//! guests still runs the agent's heartbeats and Raft first.
+//! A cgroup of its own for each VM worker: the VM's memory limit and a CPU cap of its
+//! vCPUs plus one core. All the VMs of a node share one parent group whose CPU weight is
+//! one nice-0 thread's per core: under contention the guests together get the CPU the
+//! host's cores are worth — they are not starved by other processes (a build, a backup)
+//! nor do they starve the agent, each of whose threads weighs one nice-0 thread against
+//! the whole group and preempts it on wakeup. Inside a worker the vCPU threads run at
+//! nice 10, below the worker's own lease and migration threads.
 //!
 //! ```text
 //! cgroup v1 (one tree per controller):  <cpu mount>/<agent's cpu cgroup>/cluster-vms-node-<id>/<vm>
@@ -22,11 +26,21 @@ use std::path::{Path, PathBuf};
 /// its disks before reclaim).
 pub const MEMORY_OVERHEAD_MIB: u64 = 256;
 
-/// CPU weight of a worker on cgroup v1 (`cpu.shares`; the agent has the default 1024).
-pub const CPU_SHARES_V1: u64 = 256;
+/// CPU weight of the group of all VMs of a node with `cores` cores: one nice-0 thread's
+/// per core (cgroup v1 `cpu.shares`, a nice-0 thread weighs 1024; v2 `cpu.weight`, 100,
+/// at most 10000).
+pub fn vms_weight(v2: bool, cores: usize) -> u64 {
+    let cores = cores.max(1) as u64;
+    if v2 {
+        (100 * cores).min(10_000)
+    } else {
+        (1024 * cores).min(262_144)
+    }
+}
 
-/// CPU weight of a worker on cgroup v2 (`cpu.weight`; the agent has the default 100).
-pub const CPU_WEIGHT_V2: u64 = 25;
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 /// The CFS period the CPU cap is written in (µs).
 const CPU_PERIOD_US: u64 = 100_000;
@@ -97,6 +111,7 @@ impl Tree {
             let base = parent.join(&base_name);
             mkdir(&base)?;
             enable(&base)?;
+            write(&base.join("cpu.weight"), &vms_weight(true, cores()).to_string())?;
             return Ok(Tree {
                 v2: true,
                 bases: vec![base],
@@ -123,6 +138,9 @@ impl Tree {
                 })?;
             let base = mount.join(path.trim_start_matches('/')).join(&base_name);
             mkdir(&base)?;
+            if controller == "cpu" {
+                write(&base.join("cpu.shares"), &vms_weight(false, cores()).to_string())?;
+            }
             bases.push(base);
         }
         Ok(Tree { v2: false, bases })
@@ -139,12 +157,10 @@ impl Tree {
         let memory = limits.memory_bytes.to_string();
         if self.v2 {
             let d = &dirs[0];
-            write(&d.join("cpu.weight"), &CPU_WEIGHT_V2.to_string())?;
             write(&d.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
             write(&d.join("memory.max"), &memory)?;
         } else {
             let (cpu, mem) = (&dirs[0], &dirs[1]);
-            write(&cpu.join("cpu.shares"), &CPU_SHARES_V1.to_string())?;
             write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
             write(&cpu.join("cpu.cfs_quota_us"), &quota)?;
             write(&mem.join("memory.limit_in_bytes"), &memory)?;
@@ -231,6 +247,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_vms_together_weigh_a_nice_0_thread_per_core() {
+        assert_eq!(vms_weight(false, 2), 2048);
+        assert_eq!(vms_weight(true, 2), 200);
+        assert_eq!(vms_weight(true, 0), 100);
+        assert_eq!(vms_weight(true, 512), 10_000);
+        assert_eq!(vms_weight(false, 512), 262_144);
+    }
+
+    #[test]
     fn limits_are_the_vms_ram_and_vcpus_plus_headroom() {
         let l = Limits::of_vm(2, 1024);
         assert_eq!(l.memory_bytes, (1024 + MEMORY_OVERHEAD_MIB) << 20);
@@ -268,7 +293,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(dirs, vec![cpu.join("vm-a"), mem.join("vm-a")]);
         let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(read(cpu.join("vm-a/cpu.shares")), "256");
+        assert_eq!(read(cpu.join("cpu.shares")), vms_weight(false, cores()).to_string());
         assert_eq!(read(cpu.join("vm-a/cpu.cfs_quota_us")), "200000");
         assert_eq!(
             read(mem.join("vm-a/memory.limit_in_bytes")),
@@ -304,7 +329,7 @@ mod tests {
         t.create("vm-b", Limits::of_vm(4, 2048))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(read(base.join("vm-b/cpu.max")), "500000 100000");
-        assert_eq!(read(base.join("vm-b/cpu.weight")), "25");
+        assert_eq!(read(base.join("cpu.weight")), vms_weight(true, cores()).to_string());
         assert_eq!(
             read(base.join("vm-b/memory.max")),
             ((2048u64 + 256) << 20).to_string()
