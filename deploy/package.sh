@@ -94,4 +94,6 @@ fi
 # The version comes from the workspace; the revision is 1.
 deb="$(CARGO_TARGET_DIR="$deb_target" cargo deb "${deb_args[@]}" | tail -n 1)"
 [[ -f "$deb" ]] || die "cargo deb did not report a package (got '$deb')"
+# cargo-deb's scratch copies (stripped binaries) in a staging dir are not needed again.
+[[ "$deb_target" == "$TARGET" ]] || rm -rf "${deb_target:?}/cluster-agent"
 echo "$deb"
