@@ -12,11 +12,14 @@
 #    (tests/src/browser.rs, cluster-agent/tests/web_console.rs).
 #  - prometheus: its promtool lints a live agent's /metrics and deploy/prometheus-alerts.yml
 #    (cluster-agent/tests/metrics.rs).
+#  - dpkg-dev (dpkg-shlibdeps), and cargo-deb from crates.io (`cargo install --locked`, a
+#    few minutes once; no Debian package of it): deploy/package.sh builds the .deb with them
+#    and cluster-agent/tests/package.rs checks it.
 #  - protoc is NOT needed: proto/build.rs uses the vendored protoc-bin-vendored.
 #  - sccache (optional, recommended): caches the ~10-minute RocksDB C++ build.
 set -euo pipefail
 need=()
-for pkg in libclang-dev build-essential pkg-config lz4 util-linux iproute2 python3 iptables chromium chromium-driver prometheus; do
+for pkg in libclang-dev build-essential pkg-config lz4 util-linux iproute2 python3 iptables chromium chromium-driver prometheus dpkg-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
@@ -31,4 +34,10 @@ if ! command -v sccache >/dev/null 2>&1; then
     echo "setup: optional: 'apt-get install sccache' and export RUSTC_WRAPPER=sccache to cache the RocksDB build"
 fi
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found; install Rust from https://rustup.rs" >&2; exit 1; }
+# The version deploy/package.sh is written for (its CARGO_DEB_VERSION).
+CARGO_DEB_VERSION="$(sed -n 's/^CARGO_DEB_VERSION="\(.*\)"$/\1/p' "$(dirname "$0")/package.sh")"
+if ! cargo deb --version 2>/dev/null | grep -qF "$CARGO_DEB_VERSION"; then
+    echo "setup: installing cargo-deb $CARGO_DEB_VERSION (cargo install, a few minutes once)"
+    cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION"
+fi
 echo "setup: ready"

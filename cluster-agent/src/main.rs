@@ -63,6 +63,10 @@ enum Sub {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// The man page (roff, section 8) on stdout, e.g. `cluster-agent man >
+    /// cluster-agent.8` (what `deploy/package.sh` ships).
+    #[command(hide = true)]
+    Man,
 }
 
 impl Args {
@@ -88,6 +92,9 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Sub::Man) = &args.command {
+        return man();
+    }
     if let Some(Sub::VmWorker { dir }) = &args.command {
         // The agent passes its own format; a worker started by hand logs text.
         let format = match args.log_format.as_deref().map(LogFormat::parse) {
@@ -112,6 +119,24 @@ fn main() -> ExitCode {
                 "cluster-agent: error: {}",
                 cluster_agent::error_chain(e.as_ref())
             );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cluster-agent man`: the page for the agent's flags, as section 8 (a daemon).
+fn man() -> ExitCode {
+    use clap::CommandFactory;
+    use std::io::Write;
+    let mut buf = Vec::new();
+    let rendered = clap_mangen::Man::new(Args::command())
+        .section("8")
+        .render(&mut buf)
+        .and_then(|()| std::io::stdout().write_all(&buf));
+    match rendered {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cluster-agent: error: cannot write the man page: {e}");
             ExitCode::FAILURE
         }
     }

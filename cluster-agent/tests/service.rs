@@ -318,10 +318,10 @@ fn the_shipped_unit_passes_systemd_analyze_verify() {
         .unwrap_or_else(|e| panic!("harness: {e}"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let copy = dir.path().join("cluster-agent.service");
-    let replaced = text.replace("/usr/local/bin/cluster-agent", &bin.display().to_string());
+    let replaced = text.replace("/usr/bin/cluster-agent", &bin.display().to_string());
     assert_ne!(
         replaced, text,
-        "ExecStart no longer names /usr/local/bin/cluster-agent"
+        "ExecStart no longer names /usr/bin/cluster-agent (where the Debian package puts it)"
     );
     std::fs::write(&copy, replaced).unwrap_or_else(|e| panic!("write unit: {e}"));
     let Ok(out) = Command::new("systemd-analyze")

@@ -69,6 +69,50 @@ fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
+/// `disk list` as a table; `-o wide` adds the space each image takes on its volume
+/// (sparse images grow as written) and the Raft term of its lock.
+fn render_disks(fmt: Format, disks: &[pb::DiskInfo]) -> String {
+    let wide = fmt == Format::Wide;
+    let rows: Vec<Vec<String>> = disks
+        .iter()
+        .map(|d| {
+            let (mode, holder, token, term) = match &d.lock {
+                Some(l) => (
+                    l.mode.clone(),
+                    holders(&l.holders),
+                    l.token.to_string(),
+                    l.term.to_string(),
+                ),
+                None => ("-".into(), "-".into(), "-".into(), "-".into()),
+            };
+            let mut row = vec![d.name.clone(), format!("{}", d.size_bytes >> 20)];
+            if wide {
+                row.push(format!("{}", d.allocated_bytes >> 20));
+            }
+            row.extend([mode, holder, token]);
+            if wide {
+                row.push(term);
+            }
+            row.push(if d.used_by.is_empty() && wide {
+                "-".into()
+            } else {
+                d.used_by.join(",")
+            });
+            row
+        })
+        .collect();
+    let mut headers = vec!["DISK", "SIZE_MIB"];
+    if wide {
+        headers.push("ALLOCATED_MIB");
+    }
+    headers.extend(["LOCK", "HOLDERS", "TOKEN"]);
+    if wide {
+        headers.push("TERM");
+    }
+    headers.push("USED_BY");
+    table(&headers, &rows)
+}
+
 pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
     let timeout = cli.timeout();
     let ep = cli.endpoint.as_str();
@@ -110,30 +154,7 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
                     if r.volumes.is_empty() {
                         return Ok("this agent has no shared volumes configured ([[volumes]] in its config)\n".into());
                     }
-                    let rows: Vec<Vec<String>> = r
-                        .disks
-                        .iter()
-                        .map(|d| {
-                            let (mode, holder, token) = match &d.lock {
-                                Some(l) => {
-                                    (l.mode.clone(), holders(&l.holders), l.token.to_string())
-                                }
-                                None => ("-".into(), "-".into(), "-".into()),
-                            };
-                            vec![
-                                d.name.clone(),
-                                format!("{}", d.size_bytes >> 20),
-                                mode,
-                                holder,
-                                token,
-                                d.used_by.join(","),
-                            ]
-                        })
-                        .collect();
-                    table(
-                        &["DISK", "SIZE_MIB", "LOCK", "HOLDERS", "TOKEN", "USED_BY"],
-                        &rows,
-                    )
+                    render_disks(cli.output, &r.disks)
                 }
             })
         }
@@ -201,4 +222,81 @@ pub async fn run_vm_disk(cli: &Cli, cmd: &VmDiskCmd) -> Result<String, CtlError>
         Format::Json | Format::Yaml => json(&serde_json::json!({"vm": r.vm, "disks": r.disks})),
         Format::Table | Format::Wide => format!("VM {} disks: {}\n", r.vm, r.disks.join(", ")),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wide_disk_list_adds_allocation_and_lock_term() {
+        let disks = [
+            pb::DiskInfo {
+                name: "vol/vms/db1.img".into(),
+                size_bytes: 256 << 20,
+                allocated_bytes: 12 << 20,
+                lock: Some(pb::DiskLock {
+                    disk: "vol/vms/db1.img".into(),
+                    mode: "exclusive".into(),
+                    holders: vec![2],
+                    token: 41,
+                    term: 3,
+                }),
+                used_by: vec!["db1".into()],
+            },
+            pb::DiskInfo {
+                name: "vol/spare.img".into(),
+                size_bytes: 64 << 20,
+                ..Default::default()
+            },
+        ];
+        let cells = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        let t = render_disks(Format::Wide, &disks);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            cells(lines[0]),
+            [
+                "DISK",
+                "SIZE_MIB",
+                "ALLOCATED_MIB",
+                "LOCK",
+                "HOLDERS",
+                "TOKEN",
+                "TERM",
+                "USED_BY"
+            ],
+            "{t}"
+        );
+        assert_eq!(
+            cells(lines[1]),
+            [
+                "vol/vms/db1.img",
+                "256",
+                "12",
+                "exclusive",
+                "2",
+                "41",
+                "3",
+                "db1"
+            ],
+            "{t}"
+        );
+        assert_eq!(
+            cells(lines[2]),
+            ["vol/spare.img", "64", "0", "-", "-", "-", "-", "-"],
+            "{t}"
+        );
+        // The default table is unchanged.
+        let plain = render_disks(Format::Table, &disks);
+        assert_eq!(
+            cells(plain.lines().next().unwrap_or_default()),
+            ["DISK", "SIZE_MIB", "LOCK", "HOLDERS", "TOKEN", "USED_BY"],
+            "{plain}"
+        );
+        assert_eq!(
+            cells(plain.lines().nth(1).unwrap_or_default()),
+            ["vol/vms/db1.img", "256", "exclusive", "2", "41", "db1"],
+            "{plain}"
+        );
+    }
 }

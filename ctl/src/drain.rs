@@ -11,7 +11,7 @@ use cluster_proto::drain::drain_service_client::DrainServiceClient;
 use serde::Serialize;
 
 use crate::client::{call, service, CtlError};
-use crate::output::{json, table};
+use crate::output::{json, local_time, table};
 use crate::{Cli, Format};
 
 /// Longest `--watch` follows a job.
@@ -186,12 +186,14 @@ fn kind_text(m: &pb::MoveInfo) -> String {
     }
 }
 
-/// The plan as waves: each move with its planned start and end relative to `start`.
-pub fn render_plan(moves: &[pb::MoveInfo], start: u64) -> String {
+/// The plan as waves: each move with its planned start and end relative to `start`;
+/// `-o wide` adds both as local times.
+pub fn render_plan(fmt: Format, moves: &[pb::MoveInfo], start: u64) -> String {
+    let wide = fmt == Format::Wide;
     let rows: Vec<Vec<String>> = moves
         .iter()
         .map(|m| {
-            vec![
+            let mut row = vec![
                 m.wave.to_string(),
                 m.vm.clone(),
                 m.from_node_id.to_string(),
@@ -199,10 +201,19 @@ pub fn render_plan(moves: &[pb::MoveInfo], start: u64) -> String {
                 kind_text(m),
                 format!("+{}", secs(m.planned_start_unix_ms.saturating_sub(start))),
                 format!("+{}", secs(m.planned_end_unix_ms.saturating_sub(start))),
-            ]
+            ];
+            if wide {
+                row.push(local_time(m.planned_start_unix_ms));
+                row.push(local_time(m.planned_end_unix_ms));
+            }
+            row
         })
         .collect();
-    table(&["WAVE", "VM", "FROM", "TO", "KIND", "START", "ETA"], &rows)
+    let mut headers = vec!["WAVE", "VM", "FROM", "TO", "KIND", "START", "ETA"];
+    if wide {
+        headers.extend(["START_AT", "ETA_AT"]);
+    }
+    table(&headers, &rows)
 }
 
 pub fn render_drain(fmt: Format, r: &pb::DrainReply, node: u64) -> Result<String, CtlError> {
@@ -240,7 +251,7 @@ pub fn render_drain(fmt: Format, r: &pb::DrainReply, node: u64) -> Result<String
         secs(r.lower_bound_ms)
     );
     if !r.plan.is_empty() {
-        s.push_str(&render_plan(&r.plan, r.planned_start_unix_ms));
+        s.push_str(&render_plan(fmt, &r.plan, r.planned_start_unix_ms));
     }
     if !r.incoming_in_flight.is_empty() {
         s.push_str(&format!(
@@ -280,54 +291,80 @@ fn progress(j: &pb::JobInfo) -> String {
     s
 }
 
+/// How long a move took (`-` until it ended).
+fn took(m: &pb::MoveInfo) -> String {
+    if m.ended_unix_ms > m.started_unix_ms && m.started_unix_ms > 0 {
+        secs(m.ended_unix_ms - m.started_unix_ms)
+    } else {
+        "-".into()
+    }
+}
+
+/// A job's progress line and its moves; `-o wide` adds each move's planned duration
+/// beside the time it took, and when it started and ended (local times).
 pub fn render_job(fmt: Format, j: &pb::JobInfo) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&job_view(j));
     }
+    let wide = fmt == Format::Wide;
     let mut s = progress(j);
     s.push('\n');
     let rows: Vec<Vec<String>> = j
         .moves
         .iter()
         .map(|m| {
-            let took = if m.ended_unix_ms > m.started_unix_ms && m.started_unix_ms > 0 {
-                secs(m.ended_unix_ms - m.started_unix_ms)
-            } else {
-                "-".into()
-            };
-            vec![
+            let mut row = vec![
                 m.wave.to_string(),
                 m.vm.clone(),
                 m.from_node_id.to_string(),
                 m.to_node_id.to_string(),
                 kind_text(m),
                 m.status.clone(),
-                took,
-                m.reason.clone(),
-            ]
+            ];
+            if wide {
+                row.push(secs(
+                    m.planned_end_unix_ms
+                        .saturating_sub(m.planned_start_unix_ms),
+                ));
+            }
+            row.push(took(m));
+            if wide {
+                row.push(local_time(m.started_unix_ms));
+                row.push(local_time(m.ended_unix_ms));
+            }
+            row.push(m.reason.clone());
+            row
         })
         .collect();
+    let mut headers = vec!["WAVE", "VM", "FROM", "TO", "KIND", "STATUS"];
+    if wide {
+        headers.push("PLANNED");
+    }
+    headers.push("TOOK");
+    if wide {
+        headers.extend(["STARTED", "ENDED"]);
+    }
+    headers.push("REASON");
     if !rows.is_empty() {
-        s.push_str(&table(
-            &[
-                "WAVE", "VM", "FROM", "TO", "KIND", "STATUS", "TOOK", "REASON",
-            ],
-            &rows,
-        ));
+        s.push_str(&table(&headers, &rows));
     }
     Ok(s)
 }
 
+/// Every job; `-o wide` adds the moves in flight, queued and failed, when the job was
+/// created, when it was planned to finish and when it did (local times), and whether its
+/// drained VMs were moved back.
 pub fn render_jobs(fmt: Format, jobs: &[pb::JobInfo]) -> Result<String, CtlError> {
     if fmt == Format::Json {
         let v: Vec<JobView<'_>> = jobs.iter().map(job_view).collect();
         return json(&v);
     }
+    let wide = fmt == Format::Wide;
     let rows: Vec<Vec<String>> = jobs
         .iter()
         .map(|j| {
-            let done = j.moves.iter().filter(|m| m.status == "done").count();
-            vec![
+            let n = |st: &str| j.moves.iter().filter(|m| m.status == st).count();
+            let mut row = vec![
                 j.id.to_string(),
                 j.kind.clone(),
                 if j.node_id == 0 {
@@ -336,15 +373,41 @@ pub fn render_jobs(fmt: Format, jobs: &[pb::JobInfo]) -> Result<String, CtlError
                     j.node_id.to_string()
                 },
                 j.status.clone(),
-                format!("{done}/{}", j.moves.len()),
-                j.reason.clone(),
-            ]
+                format!("{}/{}", n("done"), j.moves.len()),
+            ];
+            if wide {
+                row.extend([
+                    n("in_flight").to_string(),
+                    n("queued").to_string(),
+                    n("failed").to_string(),
+                    local_time(j.created_unix_ms),
+                    local_time(j.planned_finish_unix_ms),
+                    local_time(j.finished_unix_ms),
+                    if j.kind == "drain" {
+                        if j.failed_back { "yes" } else { "no" }.into()
+                    } else {
+                        "-".into()
+                    },
+                ]);
+            }
+            row.push(j.reason.clone());
+            row
         })
         .collect();
-    Ok(table(
-        &["ID", "KIND", "NODE", "STATUS", "MOVED", "REASON"],
-        &rows,
-    ))
+    let mut headers = vec!["ID", "KIND", "NODE", "STATUS", "MOVED"];
+    if wide {
+        headers.extend([
+            "IN_FLIGHT",
+            "QUEUED",
+            "FAILED",
+            "CREATED",
+            "PLANNED_FINISH",
+            "FINISHED",
+            "FAILED_BACK",
+        ]);
+    }
+    headers.push("REASON");
+    Ok(table(&headers, &rows))
 }
 
 fn render_policy(fmt: Format, p: &pb::PolicySpec) -> Result<String, CtlError> {
@@ -407,7 +470,7 @@ fn render_balance(fmt: Format, p: &pb::BalancePlanReply) -> Result<String, CtlEr
         .min()
         .unwrap_or(0);
     if !p.moves.is_empty() {
-        s.push_str(&render_plan(&p.moves, start));
+        s.push_str(&render_plan(fmt, &p.moves, start));
     }
     if !p.steps.is_empty() {
         s.push_str("why (demand load: the higher of CPU and memory demand over capacity):\n");
@@ -815,5 +878,92 @@ mod tests {
         );
         let l = render_jobs(Format::Table, &[job]).unwrap_or_default();
         assert!(l.contains("1/2"), "{l}");
+    }
+
+    #[test]
+    fn wide_job_tables_add_planned_times_and_counts() {
+        let mut done = mv("a", 1, "done");
+        done.started_unix_ms = 1_000;
+        done.ended_unix_ms = 1_700;
+        let job = pb::JobInfo {
+            id: 4,
+            kind: "drain".into(),
+            node_id: 1,
+            status: "running".into(),
+            moves: vec![done, mv("b", 2, "in_flight"), mv("c", 3, "queued")],
+            created_unix_ms: 900,
+            planned_finish_unix_ms: 2_900,
+            ..Default::default()
+        };
+        let cells = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+
+        // `drain list`: counts per status, times, failback; REASON stays last.
+        let t = render_jobs(Format::Wide, std::slice::from_ref(&job)).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            cells(lines[0]),
+            [
+                "ID",
+                "KIND",
+                "NODE",
+                "STATUS",
+                "MOVED",
+                "IN_FLIGHT",
+                "QUEUED",
+                "FAILED",
+                "CREATED",
+                "PLANNED_FINISH",
+                "FINISHED",
+                "FAILED_BACK",
+                "REASON"
+            ],
+            "{t}"
+        );
+        assert_eq!(
+            cells(lines[1])[..8],
+            ["4", "drain", "1", "running", "1/3", "1", "1", "0"],
+            "{t}"
+        );
+        assert!(
+            lines[1].contains(&local_time(2_900)) && lines[1].trim_end().ends_with("no"),
+            "{t}"
+        );
+        let plain = render_jobs(Format::Table, std::slice::from_ref(&job)).unwrap_or_default();
+        assert_eq!(
+            cells(plain.lines().next().unwrap_or_default()),
+            ["ID", "KIND", "NODE", "STATUS", "MOVED", "REASON"],
+            "{plain}"
+        );
+
+        // `drain show`: the planned duration beside the time taken.
+        let t = render_job(Format::Wide, &job).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            cells(lines[1]),
+            [
+                "WAVE", "VM", "FROM", "TO", "KIND", "STATUS", "PLANNED", "TOOK", "STARTED",
+                "ENDED", "REASON"
+            ],
+            "{t}"
+        );
+        assert_eq!(cells(lines[2])[5..8], ["done", "0.4s", "0.7s"], "{t}");
+        assert!(lines[2].contains(&local_time(1_700)), "{t}");
+        assert_eq!(
+            cells(lines[3])[5..9],
+            ["in_flight", "0.4s", "-", "-"],
+            "{t}"
+        );
+        let plain = render_job(Format::Table, &job).unwrap_or_default();
+        assert!(!plain.contains("PLANNED"), "{plain}");
+
+        // Plans (`node drain --dry-run`, `policy balance --dry-run`): absolute times.
+        let p = render_plan(Format::Wide, &job.moves, 1_000);
+        assert_eq!(
+            cells(p.lines().next().unwrap_or_default())[5..],
+            ["START", "ETA", "START_AT", "ETA_AT"],
+            "{p}"
+        );
+        assert!(p.contains(&local_time(1_400)), "{p}");
+        assert!(!render_plan(Format::Table, &job.moves, 1_000).contains("START_AT"));
     }
 }

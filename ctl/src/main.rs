@@ -108,7 +108,10 @@ impl Cli {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Table,
-    /// A table with more columns (`vm list`, `node list`: measured demand).
+    /// A table with more columns: every list (`vm list`, `node list`: measured demand;
+    /// `migration list`: asked bounds and statistics; `drain list|show`, dry-run plans:
+    /// counts and planned vs actual times; `disk list`; `events`: exact UTC times;
+    /// `user list-revoked`).
     Wide,
     Json,
     /// The JSON document as YAML.

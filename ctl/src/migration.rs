@@ -100,14 +100,36 @@ fn duration_ms(m: &pb::MigrationInfo) -> String {
     }
 }
 
+/// An option's value in a table: `default` (0: the engine's default) or the number.
+fn or_default(v: u64) -> String {
+    if v == 0 {
+        "default".to_string()
+    } else {
+        v.to_string()
+    }
+}
+
+/// `--max-bandwidth` as asked: `unlimited`, MiB/s when whole, else bytes/s.
+fn bandwidth(b: u64) -> String {
+    match b {
+        0 => "unlimited".to_string(),
+        b if b % (1 << 20) == 0 => format!("{} MiB/s", b >> 20),
+        b => format!("{b} B/s"),
+    }
+}
+
+/// Migrations as a table; `-o wide` adds what was asked next to what happened (downtime
+/// bound vs blackout, deadline vs duration, bandwidth cap) and the statistics (rounds,
+/// guest and wire MiB, the highest throttle), the local start time and the reason.
 fn render_list(fmt: Format, ms: &[pb::MigrationInfo]) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&ms.iter().map(to_json).collect::<Vec<_>>());
     }
+    let wide = fmt == Format::Wide;
     let rows: Vec<Vec<String>> = ms
         .iter()
         .map(|m| {
-            vec![
+            let mut row = vec![
                 m.id.to_string(),
                 m.vm.clone(),
                 m.source_node_id.to_string(),
@@ -125,36 +147,63 @@ fn render_list(fmt: Format, ms: &[pb::MigrationInfo]) -> Result<String, CtlError
                         "MISMATCH".into()
                     }
                 }),
-            ]
+            ];
+            if wide {
+                row.extend([
+                    or_default(m.max_downtime_ms),
+                    or_default(m.deadline_ms),
+                    bandwidth(m.bandwidth_bytes_per_s_max),
+                ]);
+                match &m.stats {
+                    Some(s) => row.extend([
+                        s.rounds.to_string(),
+                        format!("{:.1}", mib(s.guest_bytes)),
+                        format!("{:.1}", mib(s.wire_bytes)),
+                        format!("{}%", s.max_throttle_percent),
+                    ]),
+                    None => row.extend(["-", "-", "-", "-"].map(String::from)),
+                }
+                row.push(crate::output::local_time(m.started_unix_ms));
+                row.push(if m.reason.is_empty() {
+                    "-".into()
+                } else {
+                    m.reason.clone()
+                });
+            }
+            row
         })
         .collect();
-    Ok(table(
-        &[
-            "ID",
-            "VM",
-            "FROM",
-            "TO",
-            "KIND",
-            "STATE",
-            "DURATION_MS",
-            "BLACKOUT_US",
-            "RECEIPT",
-        ],
-        &rows,
-    ))
+    let mut headers = vec![
+        "ID",
+        "VM",
+        "FROM",
+        "TO",
+        "KIND",
+        "STATE",
+        "DURATION_MS",
+        "BLACKOUT_US",
+        "RECEIPT",
+    ];
+    if wide {
+        headers.extend([
+            "MAX_DOWNTIME_MS",
+            "DEADLINE_MS",
+            "MAX_BANDWIDTH",
+            "ROUNDS",
+            "GUEST_MIB",
+            "WIRE_MIB",
+            "THROTTLE_MAX",
+            "STARTED",
+            "REASON",
+        ]);
+    }
+    Ok(table(&headers, &rows))
 }
 
 fn render_one(fmt: Format, m: &pb::MigrationInfo) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&to_json(m));
     }
-    let opt = |v: u64| {
-        if v == 0 {
-            "default".to_string()
-        } else {
-            v.to_string()
-        }
-    };
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<18} {v}\n"));
     line("id", m.id.to_string());
@@ -170,16 +219,9 @@ fn render_one(fmt: Format, m: &pb::MigrationInfo) -> Result<String, CtlError> {
             m.state.clone()
         },
     );
-    line("max_downtime_ms", opt(m.max_downtime_ms));
-    line("deadline_ms", opt(m.deadline_ms));
-    line(
-        "max_bandwidth",
-        match m.bandwidth_bytes_per_s_max {
-            0 => "unlimited".to_string(),
-            b if b % (1 << 20) == 0 => format!("{} MiB/s", b >> 20),
-            b => format!("{b} B/s"),
-        },
-    );
+    line("max_downtime_ms", or_default(m.max_downtime_ms));
+    line("deadline_ms", or_default(m.deadline_ms));
+    line("max_bandwidth", bandwidth(m.bandwidth_bytes_per_s_max));
     line("started_unix_ms", m.started_unix_ms.to_string());
     line("duration_ms", duration_ms(m));
     if !m.reason.is_empty() {
@@ -402,4 +444,96 @@ async fn draw_bar(stream: &mut tonic::Streaming<pb::MigrationProgress>) -> Resul
     }
     bar.finish_and_clear();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn migration(id: u64, stats: Option<pb::MigrationSummary>) -> pb::MigrationInfo {
+        pb::MigrationInfo {
+            id,
+            vm: "web1".into(),
+            source_node_id: 1,
+            target_node_id: 2,
+            kind: "live".into(),
+            state: if stats.is_some() {
+                "succeeded"
+            } else {
+                "running"
+            }
+            .into(),
+            max_downtime_ms: 100,
+            bandwidth_bytes_per_s_max: 200 << 20,
+            started_unix_ms: 1_767_323_045_678,
+            ended_unix_ms: if stats.is_some() {
+                1_767_323_047_678
+            } else {
+                0
+            },
+            stats,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn wide_list_shows_asked_bounds_and_statistics() {
+        let done = migration(
+            7,
+            Some(pb::MigrationSummary {
+                rounds: 4,
+                guest_bytes: 128 << 20,
+                wire_bytes: 96 << 20,
+                blackout_us: 8_500,
+                max_throttle_percent: 20,
+                receipt_matches: true,
+                ..Default::default()
+            }),
+        );
+        let ms = [done, migration(8, None)];
+        let t = render_list(Format::Wide, &ms).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().collect();
+        let cells = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(
+            cells(lines[0])[8..],
+            [
+                "RECEIPT",
+                "MAX_DOWNTIME_MS",
+                "DEADLINE_MS",
+                "MAX_BANDWIDTH",
+                "ROUNDS",
+                "GUEST_MIB",
+                "WIRE_MIB",
+                "THROTTLE_MAX",
+                "STARTED",
+                "REASON"
+            ],
+            "{t}"
+        );
+        assert_eq!(
+            cells(lines[1])[6..17],
+            [
+                "2000", "8500", "match", "100", "default", "200", "MiB/s", "4", "128.0", "96.0",
+                "20%"
+            ],
+            "{t}"
+        );
+        assert!(
+            lines[1].contains(&crate::output::local_time(1_767_323_045_678)),
+            "{t}"
+        );
+        // Running: no statistics yet.
+        assert_eq!(
+            cells(lines[2])[6..17],
+            ["-", "-", "-", "100", "default", "200", "MiB/s", "-", "-", "-", "-"],
+            "{t}"
+        );
+        // The default table keeps its columns.
+        let plain = render_list(Format::Table, &ms).unwrap_or_default();
+        assert!(
+            plain.lines().next().is_some_and(|h| h.ends_with("RECEIPT")),
+            "{plain}"
+        );
+        assert!(!plain.contains("ROUNDS"), "{plain}");
+    }
 }

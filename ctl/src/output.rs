@@ -469,18 +469,28 @@ impl From<&pb::Event> for Event {
     }
 }
 
-/// Column headers of the events table (`events`, and `events -f` with fixed widths).
+/// Column headers of the events table (`events`, and `events -f` with fixed widths);
+/// `-o wide` adds `AT_UTC` (the exact time, RFC 3339 in UTC with milliseconds) before
+/// the message.
 const EVENT_HEADERS: [&str; 6] = ["SEQ", "TIME", "AGE", "KIND", "NODE", "MESSAGE"];
+const EVENT_HEADERS_WIDE: [&str; 7] = ["SEQ", "TIME", "AGE", "KIND", "NODE", "AT_UTC", "MESSAGE"];
 
-fn event_row(e: &pb::Event, now_unix_ms: u64) -> Vec<String> {
-    vec![
+fn event_row(fmt: Format, e: &pb::Event, now_unix_ms: u64) -> Vec<String> {
+    let mut row = vec![
         e.seq.to_string(),
         local_time(e.at_unix_ms),
         age(e.at_unix_ms, now_unix_ms),
         e.kind.clone(),
         e.node_id.to_string(),
-        e.message.clone(),
-    ]
+    ];
+    if fmt == Format::Wide {
+        row.push(match rfc3339(e.at_unix_ms) {
+            t if t.is_empty() => "-".into(),
+            t => t,
+        });
+    }
+    row.push(e.message.clone());
+    row
 }
 
 /// Events, oldest first: a table with local times and ages (as of `now_unix_ms`), or a
@@ -489,7 +499,10 @@ pub fn events(fmt: Format, evs: &[pb::Event], now_unix_ms: u64) -> Result<String
     if fmt == Format::Json {
         return json(&evs.iter().map(Event::from).collect::<Vec<_>>());
     }
-    let rows: Vec<Vec<String>> = evs.iter().map(|e| event_row(e, now_unix_ms)).collect();
+    let rows: Vec<Vec<String>> = evs.iter().map(|e| event_row(fmt, e, now_unix_ms)).collect();
+    if fmt == Format::Wide {
+        return Ok(table(&EVENT_HEADERS_WIDE, &rows));
+    }
     Ok(table(&EVENT_HEADERS, &rows))
 }
 
@@ -508,17 +521,28 @@ pub fn event_lines(fmt: Format, evs: &[pb::Event], header: bool) -> Result<Strin
         return Ok(out);
     }
     let line = |c: &[String]| {
-        format!(
-            "{:>6}  {:<19}  {:<6}  {:<24}  {:>4}  {}\n",
-            c[0], c[1], c[2], c[3], c[4], c[5]
-        )
+        let head = format!(
+            "{:>6}  {:<19}  {:<6}  {:<24}  {:>4}",
+            c[0], c[1], c[2], c[3], c[4]
+        );
+        match c {
+            [.., at, message] if c.len() == EVENT_HEADERS_WIDE.len() => {
+                format!("{head}  {at:<24}  {message}\n")
+            }
+            [.., message] => format!("{head}  {message}\n"),
+            [] => String::new(),
+        }
     };
     if header {
-        out.push_str(&line(&EVENT_HEADERS.map(String::from)));
+        if fmt == Format::Wide {
+            out.push_str(&line(&EVENT_HEADERS_WIDE.map(String::from)));
+        } else {
+            out.push_str(&line(&EVENT_HEADERS.map(String::from)));
+        }
     }
     let now = now_unix_ms();
     for e in evs {
-        out.push_str(&line(&event_row(e, now)));
+        out.push_str(&line(&event_row(fmt, e, now)));
     }
     Ok(out)
 }
@@ -667,6 +691,77 @@ mod tests {
     use super::*;
 
     #[test]
+    fn wide_events_and_revocations_add_exact_times_and_whole_digests() {
+        let ev = pb::Event {
+            seq: 7,
+            at_unix_ms: 1_767_323_045_678,
+            kind: "node_joined".into(),
+            node_id: 2,
+            message: "node 2 joined".into(),
+        };
+        let t =
+            events(Format::Wide, std::slice::from_ref(&ev), 1_767_323_047_678).unwrap_or_default();
+        let mut lines = t.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        assert_eq!(header, EVENT_HEADERS_WIDE, "{t}");
+        let row = lines.next().unwrap_or_default();
+        assert!(
+            row.ends_with("2026-01-02T03:04:05.678Z  node 2 joined"),
+            "{t}"
+        );
+        let plain = events(Format::Table, std::slice::from_ref(&ev), 0).unwrap_or_default();
+        assert!(
+            !plain.contains("AT_UTC") && !plain.contains(".678Z"),
+            "{plain}"
+        );
+        // `events -f -o wide`: the same column in the fixed-width lines.
+        let l = event_lines(Format::Wide, std::slice::from_ref(&ev), true).unwrap_or_default();
+        let l: Vec<&str> = l.lines().collect();
+        assert!(
+            l[0].contains("AT_UTC") && l[0].ends_with("MESSAGE"),
+            "{l:?}"
+        );
+        assert!(
+            l[1].ends_with("2026-01-02T03:04:05.678Z  node 2 joined"),
+            "{l:?}"
+        );
+        let l = event_lines(Format::Table, &[ev], true).unwrap_or_default();
+        assert!(!l.contains("AT_UTC") && !l.contains(".678Z"), "{l}");
+
+        let digest = "ab".repeat(32);
+        let rev = pb::Revocation {
+            user_name: "alice".into(),
+            role: "admin".into(),
+            cert_sha256: digest.clone(),
+            at_unix_ms: 1_767_323_045_678,
+            by: "root".into(),
+            expires_unix_ms: 1_798_859_045_678,
+        };
+        let t = revocations(Format::Wide, std::slice::from_ref(&rev)).unwrap_or_default();
+        assert!(
+            t.lines()
+                .next()
+                .is_some_and(|h| h.contains("ROLE") && h.ends_with("EXPIRES")),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!("sha256:{digest}"))
+                && t.contains("admin")
+                && t.contains(&cluster_proto::pki::utc(1_798_859_045_678)),
+            "{t}"
+        );
+        let plain = revocations(Format::Table, &[rev]).unwrap_or_default();
+        assert!(
+            !plain.contains(&digest) && !plain.contains("EXPIRES"),
+            "{plain}"
+        );
+    }
+
+    #[test]
     fn table_aligns_columns() {
         let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
         assert_eq!(t, "A    BB\nxxx  y\n");
@@ -791,25 +886,50 @@ pub fn revoked(fmt: Format, r: &pb::Revocation) -> Result<String, CtlError> {
     ))
 }
 
-/// `user list-revoked`.
+/// `user list-revoked`; `-o wide` adds the role, the whole certificate digest and when
+/// the revoked certificate(s) expire (then the entry may be dropped).
 pub fn revocations(fmt: Format, list: &[pb::Revocation]) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&list.iter().map(revoked_row).collect::<Vec<_>>());
     }
+    let wide = fmt == Format::Wide;
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|r| {
-            vec![
-                r.user_name.clone(),
+            let mut row = vec![r.user_name.clone()];
+            if wide {
+                row.push(if r.role.is_empty() {
+                    "-".into()
+                } else {
+                    r.role.clone()
+                });
+            }
+            row.extend([
                 if r.cert_sha256.is_empty() {
                     "(every certificate)".into()
+                } else if wide {
+                    format!("sha256:{}", r.cert_sha256)
                 } else {
                     format!("sha256:{}", &r.cert_sha256[..r.cert_sha256.len().min(16)])
                 },
                 cluster_proto::pki::utc(r.at_unix_ms),
                 r.by.clone(),
-            ]
+            ]);
+            if wide {
+                row.push(if r.expires_unix_ms == 0 {
+                    "-".into()
+                } else {
+                    cluster_proto::pki::utc(r.expires_unix_ms)
+                });
+            }
+            row
         })
         .collect();
+    if wide {
+        return Ok(table(
+            &["USER", "ROLE", "CERTIFICATE", "REVOKED_AT", "BY", "EXPIRES"],
+            &rows,
+        ));
+    }
     Ok(table(&["USER", "CERTIFICATE", "REVOKED_AT", "BY"], &rows))
 }

@@ -382,6 +382,31 @@ pub fn render_list(fmt: Format, vms: &[pb::VmInfo]) -> Result<String, CtlError> 
                     ]),
                     None => row.extend(["-".into(), "-".into(), "-".into()]),
                 }
+                let list = |xs: Vec<String>| {
+                    if xs.is_empty() {
+                        "-".to_string()
+                    } else {
+                        xs.join(",")
+                    }
+                };
+                row.extend([
+                    if v.restart_priority.is_empty() {
+                        "-".into()
+                    } else {
+                        v.restart_priority.clone()
+                    },
+                    list(v.disks.clone()),
+                    list(
+                        v.nics
+                            .iter()
+                            .map(|n| format!("{}/{}", n.network, n.mac))
+                            .collect(),
+                    ),
+                    match v.migrating_to {
+                        0 => "-".into(),
+                        n => n.to_string(),
+                    },
+                ]);
             }
             row.extend([v.boot.clone(), v.reason.clone()]);
             row
@@ -389,7 +414,15 @@ pub fn render_list(fmt: Format, vms: &[pb::VmInfo]) -> Result<String, CtlError> 
         .collect();
     let mut headers = vec!["NAME", "STATE", "DESIRED", "OWNER", "VCPUS", "MEMORY_MIB"];
     if wide {
-        headers.extend(["CPU_DEMAND", "CPU_WAIT", "TOUCHED_MIB"]);
+        headers.extend([
+            "CPU_DEMAND",
+            "CPU_WAIT",
+            "TOUCHED_MIB",
+            "PRIORITY",
+            "DISKS",
+            "NICS",
+            "MIGRATING_TO",
+        ]);
     }
     headers.extend(["BOOT", "REASON"]);
     Ok(table(&headers, &rows))
@@ -892,6 +925,34 @@ mod tests {
         let cells = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
         assert_eq!(cells(lines[1])[6..9], ["0.98", "0.49", "12"], "{t}");
         assert_eq!(cells(lines[2])[6..9], ["-", "-", "-"], "{t}");
+        // Then the restart priority, disks, NICs and a migration's target.
+        assert!(
+            lines[0].contains("TOUCHED_MIB  PRIORITY  DISKS  NICS  MIGRATING_TO"),
+            "{t}"
+        );
+        assert_eq!(cells(lines[2])[9..13], ["-", "-", "-", "-"], "{t}");
+        let mut moving = vm("db1", None);
+        moving.migrating_to = 3;
+        moving.nic_taps = vec!["tap0".into()];
+        if let Some(spec) = moving.spec.as_mut() {
+            spec.restart_priority = "high".into();
+            spec.disks = vec![pb::DiskSpec {
+                name: "vol/vms/db1.img".into(),
+                ..Default::default()
+            }];
+            spec.nics = vec![pb::NicSpec {
+                network: "lan".into(),
+                mac: "52:54:00:00:00:04".into(),
+                ..Default::default()
+            }];
+        }
+        let t = render_list(Format::Wide, &[moving]).unwrap_or_default();
+        let row = t.lines().nth(1).unwrap_or_default();
+        assert_eq!(
+            cells(row)[9..13],
+            ["high", "vol/vms/db1.img", "lan/52:54:00:00:00:04", "3"],
+            "{t}"
+        );
         // The plain table keeps its columns.
         assert!(!render_list(Format::Table, &vms)
             .unwrap_or_default()

@@ -81,10 +81,29 @@ async fn drain_resume_and_policy_commands_against_real_agents() {
         list.contains("drain") && list.contains("done") && list.contains("2/2"),
         "{list}"
     );
+    let wide = ok(&ep, &["-o", "wide", "drain", "list"]);
+    assert!(
+        wide.lines().next().is_some_and(|h| h.contains("IN_FLIGHT")
+            && h.contains("PLANNED_FINISH")
+            && h.contains("FAILED_BACK")),
+        "{wide}"
+    );
+    let wide = ok(&ep, &["-o", "wide", "drain", "show", "3"]);
+    assert!(
+        wide.lines()
+            .nth(1)
+            .is_some_and(|h| h.contains("PLANNED  TOOK") && h.contains("ENDED")),
+        "{wide}"
+    );
     let events = ok(&ep, &["events"]);
     assert!(
         events.contains("drain of node 3 started (job 1)"),
         "{events}"
+    );
+    let wide = ok(&ep, &["-o", "wide", "events"]);
+    assert!(
+        wide.lines().next().is_some_and(|h| h.contains("AT_UTC")) && wide.contains("Z  "),
+        "{wide}"
     );
     assert!(events.contains("drain of node 3 (job 1) done"), "{events}");
 

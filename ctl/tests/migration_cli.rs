@@ -81,6 +81,36 @@ async fn migrate_with_progress_then_list_show_and_refusals() {
         out.contains("mover") && out.contains("succeeded") && out.contains("match"),
         "{out}"
     );
+    // -o wide: the bounds asked for beside what happened, from a real agent.
+    let wide = ok(&ep, &["-o", "wide", "migration", "list"]);
+    let mut lines = wide.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header[8..],
+        [
+            "RECEIPT",
+            "MAX_DOWNTIME_MS",
+            "DEADLINE_MS",
+            "MAX_BANDWIDTH",
+            "ROUNDS",
+            "GUEST_MIB",
+            "WIRE_MIB",
+            "THROTTLE_MAX",
+            "STARTED",
+            "REASON"
+        ],
+        "{wide}"
+    );
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[8..11], ["match", "200", "120000"], "{wide}");
     let m = json(&ep, &["migration", "show", "1"]);
     assert_eq!(m["state"], "succeeded");
     assert_eq!(m["source"].as_u64(), Some(owner));
