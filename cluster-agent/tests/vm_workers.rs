@@ -513,13 +513,19 @@ fn vm_cgroups(cl: &Cluster, node: u64, pid: u32, vm: &str) -> Vec<PathBuf> {
     let usage: u64 = if v2 {
         assert_eq!(read(cpu, "cpu.max"), "200000 100000");
         let vms = cpu.parent().map(PathBuf::from).unwrap_or_default();
-        assert_eq!(read(&vms, "cpu.weight"), cgroup::vms_weight(true, cores).to_string());
+        assert_eq!(
+            read(&vms, "cpu.weight"),
+            cgroup::vms_weight(true, cores).to_string()
+        );
         assert_eq!(read(mem, "memory.max"), limit);
         read(mem, "memory.current").parse().unwrap_or(0)
     } else {
         assert_eq!(read(cpu, "cpu.cfs_quota_us"), "200000");
         let vms = cpu.parent().map(PathBuf::from).unwrap_or_default();
-        assert_eq!(read(&vms, "cpu.shares"), cgroup::vms_weight(false, cores).to_string());
+        assert_eq!(
+            read(&vms, "cpu.shares"),
+            cgroup::vms_weight(false, cores).to_string()
+        );
         assert_eq!(read(mem, "memory.limit_in_bytes"), limit);
         read(mem, "memory.usage_in_bytes").parse().unwrap_or(0)
     };

@@ -141,8 +141,19 @@ pub fn create_taps(node: u64, networks: &Networks, spec: &VmSpec) -> Result<Taps
         })?;
         // No IPv6 link-local address on the host's side of a VM port: the host has no
         // address on VM networks (and sends no router solicitation or DAD there).
-        ip(&["link", "set", "dev", &tap, "address", &mac, "mtu", &mtu, "addrgenmode", "none"])
-            .map_err(err)?;
+        ip(&[
+            "link",
+            "set",
+            "dev",
+            &tap,
+            "address",
+            &mac,
+            "mtu",
+            &mtu,
+            "addrgenmode",
+            "none",
+        ])
+        .map_err(err)?;
         ip(&["link", "set", "dev", &tap, "master", bridge, "up"]).map_err(err)?;
         if let Some(bridge_mtu) = link_mtu(bridge).filter(|m| *m < nic.mtu()) {
             tracing::warn!(

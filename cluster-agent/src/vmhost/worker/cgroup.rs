@@ -111,7 +111,10 @@ impl Tree {
             let base = parent.join(&base_name);
             mkdir(&base)?;
             enable(&base)?;
-            write(&base.join("cpu.weight"), &vms_weight(true, cores()).to_string())?;
+            write(
+                &base.join("cpu.weight"),
+                &vms_weight(true, cores()).to_string(),
+            )?;
             return Ok(Tree {
                 v2: true,
                 bases: vec![base],
@@ -139,7 +142,10 @@ impl Tree {
             let base = mount.join(path.trim_start_matches('/')).join(&base_name);
             mkdir(&base)?;
             if controller == "cpu" {
-                write(&base.join("cpu.shares"), &vms_weight(false, cores()).to_string())?;
+                write(
+                    &base.join("cpu.shares"),
+                    &vms_weight(false, cores()).to_string(),
+                )?;
             }
             bases.push(base);
         }
@@ -293,7 +299,10 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(dirs, vec![cpu.join("vm-a"), mem.join("vm-a")]);
         let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(read(cpu.join("cpu.shares")), vms_weight(false, cores()).to_string());
+        assert_eq!(
+            read(cpu.join("cpu.shares")),
+            vms_weight(false, cores()).to_string()
+        );
         assert_eq!(read(cpu.join("vm-a/cpu.cfs_quota_us")), "200000");
         assert_eq!(
             read(mem.join("vm-a/memory.limit_in_bytes")),
@@ -329,7 +338,10 @@ mod tests {
         t.create("vm-b", Limits::of_vm(4, 2048))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(read(base.join("vm-b/cpu.max")), "500000 100000");
-        assert_eq!(read(base.join("cpu.weight")), vms_weight(true, cores()).to_string());
+        assert_eq!(
+            read(base.join("cpu.weight")),
+            vms_weight(true, cores()).to_string()
+        );
         assert_eq!(
             read(base.join("vm-b/memory.max")),
             ((2048u64 + 256) << 20).to_string()

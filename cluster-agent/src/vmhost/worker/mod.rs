@@ -173,8 +173,14 @@ pub struct WorkerVm {
     restored: Option<crate::vmhost::QuickRestoreStats>,
     /// Why the worker cannot be reached any more (its process is gone), once seen.
     gone: Mutex<Option<String>>,
-    /// The latest lease end granted (`CLOCK_MONOTONIC` ns); the poller delivers it.
+    /// The latest lease end granted (`CLOCK_MONOTONIC` ns); the lease thread delivers it.
     granted_ns: std::sync::atomic::AtomicU64,
+    /// Wakes the lease thread when a grant raised `granted_ns`.
+    granted: (Mutex<()>, std::sync::Condvar),
+    /// The lease thread's own connection: a renewal never queues behind another request
+    /// (a hot-plug may hold the shared connection for a minute, a busy worker's `Info`
+    /// for two seconds — either longer than the worker's grace).
+    lease_conn: Mutex<Option<Conn>>,
 }
 
 /// How often a worker's state is refreshed for [`WorkerVm::cached_info`].
@@ -333,6 +339,8 @@ impl WorkerVm {
             restored: None,
             gone: Mutex::new(None),
             granted_ns: std::sync::atomic::AtomicU64::new(0),
+            granted: (Mutex::new(()), std::sync::Condvar::new()),
+            lease_conn: Mutex::new(None),
         })
     }
 
@@ -340,28 +348,53 @@ impl WorkerVm {
     /// once: this worker's poller delivers it, so a worker that does not answer delays
     /// no other.
     pub fn grant(&self, until_ns: u64) {
-        self.granted_ns
+        let before = self
+            .granted_ns
             .fetch_max(until_ns, std::sync::atomic::Ordering::AcqRel);
+        if until_ns > before {
+            let _g = lock(&self.granted.0);
+            self.granted.1.notify_one();
+        }
     }
 
-    /// Keeps [`WorkerVm::cached_info`] fresh on a thread of its own (until the handle is
-    /// dropped or the worker is gone), so the agent's own loops never wait on a worker.
+    /// Keeps [`WorkerVm::cached_info`] fresh on a thread of its own, and delivers each
+    /// grant at once on another with a connection of its own (until the handle is dropped
+    /// or the worker is gone), so the agent's own loops never wait on a worker and a
+    /// renewal never waits on anything else.
     pub fn start_polling(self: &std::sync::Arc<Self>) {
         let weak = std::sync::Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
-            .name(format!("poll-{}", self.name))
+            .name(format!("lease-{}", self.name))
             .spawn(move || {
                 let mut sent = 0;
                 loop {
-                std::thread::sleep(POLL_EVERY);
-                let Some(w) = weak.upgrade() else { return };
-                let granted = w.granted_ns.load(std::sync::atomic::Ordering::Acquire);
-                if granted > sent {
-                    match w.renew(granted) {
-                        Ok(()) => sent = granted,
-                        Err(e) => tracing::warn!(vm = %w.name, error = %crate::error_chain(&e), "cannot renew the worker's lease"),
+                    let Some(w) = weak.upgrade() else { return };
+                    if lock(&w.gone).is_some() {
+                        return;
+                    }
+                    let granted = w.granted_ns.load(std::sync::atomic::Ordering::Acquire);
+                    if granted > sent {
+                        match w.renew(granted) {
+                            Ok(()) => sent = granted,
+                            Err(e) => tracing::warn!(vm = %w.name, error = %crate::error_chain(&e), "cannot renew the worker's lease"),
+                        }
+                    }
+                    let g = lock(&w.granted.0);
+                    if w.granted_ns.load(std::sync::atomic::Ordering::Acquire) <= sent {
+                        // Woken by the next grant; the timeout notices a dropped handle.
+                        let _ = w.granted.1.wait_timeout(g, POLL_EVERY);
                     }
                 }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(vm = %self.name, error = %e, "cannot start the worker's lease thread");
+        }
+        let weak = std::sync::Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name(format!("poll-{}", self.name))
+            .spawn(move || loop {
+                std::thread::sleep(POLL_EVERY);
+                let Some(w) = weak.upgrade() else { return };
                 match w.info() {
                     Ok(_) => {}
                     // Busy or stopped for a moment: not known to be gone.
@@ -374,7 +407,6 @@ impl WorkerVm {
                         ));
                         return;
                     }
-                }
                 }
             });
         if let Err(e) = spawned {
@@ -602,13 +634,22 @@ impl WorkerVm {
     /// its deadline ([`QUICK_TIMEOUT`] or [`REQUEST_TIMEOUT`]). A request that timed out
     /// drops the connection: a late answer must not be read as the next one's.
     fn request(&self, req: &Request) -> Result<Response, WorkerError> {
+        self.request_on(&self.conn, req)
+    }
+
+    /// [`WorkerVm::request`] on connection `conn`.
+    fn request_on(
+        &self,
+        conn: &Mutex<Option<Conn>>,
+        req: &Request,
+    ) -> Result<Response, WorkerError> {
         let timeout = match req {
             Request::Info | Request::Lease { .. } | Request::Usage | Request::Hello { .. } => {
                 QUICK_TIMEOUT
             }
             _ => REQUEST_TIMEOUT,
         };
-        let mut g = lock(&self.conn);
+        let mut g = lock(conn);
         if g.is_none() {
             *g = Some(connect_with(&self.dir, QUICK_TIMEOUT)?.0);
         }
@@ -644,7 +685,7 @@ impl WorkerVm {
 
     /// Lets the VM run until `until_ns` (see [`until_ns`]).
     pub fn renew(&self, until_ns: u64) -> Result<(), WorkerError> {
-        match self.request(&Request::Lease { until_ns })? {
+        match self.request_on(&self.lease_conn, &Request::Lease { until_ns })? {
             Response::Done => Ok(()),
             other => Err(unexpected(other)),
         }
