@@ -194,12 +194,20 @@ impl Cluster {
             .await
     }
 
-    /// Every VM, read through node `via`; panics (with the logs) if the call fails.
+    /// Every VM, read through node `via`; panics (with the logs) if the call fails. An
+    /// `Unavailable` answer (the node could not confirm its view with the leader in time,
+    /// as on a host saturated by other work) is asked again until [`WAIT`] has passed.
     pub async fn list_vms(&self, via: u64) -> Vec<pb::VmInfo> {
         let mut c = self.vms(via).await;
-        match c.list_vms(pb::ListVmsRequest {}).await {
-            Ok(r) => r.into_inner().vms,
-            Err(e) => panic!("list VMs through node {via}: {e}{}", self.logs()),
+        let start = std::time::Instant::now();
+        loop {
+            match c.list_vms(pb::ListVmsRequest {}).await {
+                Ok(r) => return r.into_inner().vms,
+                Err(e) if e.code() == Code::Unavailable && start.elapsed() < WAIT => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("list VMs through node {via}: {e}{}", self.logs()),
+            }
         }
     }
 
