@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p vmm-node --features test-pki --bin migration-bench -- [--memory-mib 1024]
 //!     [--repeats 5] [--connections 4] [--max-downtime-ms 50] [--cases idle,full,50,200,1000]
-//!     [--transports plaintext,tls]
+//!     [--transports plaintext,tls,tls-rustls] [--each]
 //! ```
 //! Cases: `idle` (idle guest), `full` (memory filled with a pattern: measures throughput),
 //! `N` (256 MiB working set dirtied at N MB/s). Every case runs over each transport, the
@@ -41,9 +41,12 @@ struct Args {
     cases: String,
     #[arg(long, default_value_t = 2)]
     vcpus: u8,
-    /// Transports to compare: plaintext, tls.
+    /// Transports to compare: plaintext, tls, tls-rustls (rustls' record layer).
     #[arg(long, default_value = "plaintext,tls")]
     transports: String,
+    /// Print every migration's blackout split, not only the medians.
+    #[arg(long)]
+    each: bool,
 }
 
 /// A TLS configuration from a throwaway CA, with a certificate for the loopback address
@@ -58,11 +61,13 @@ fn bench_tls() -> anyhow::Result<MigrationTls> {
     )?)
 }
 
+/// Name of a transport in the output: `plain`, `tls` (the engine's record layer after
+/// rustls' handshake) or `tls-rustls` (rustls' own record layer, the fallback).
 fn transport_name(t: &Transport) -> &'static str {
-    if t.is_tls() {
-        "tls"
-    } else {
-        "plain"
+    match t {
+        Transport::Plaintext => "plain",
+        Transport::Tls(c) if c.client.enable_secret_extraction => "tls",
+        Transport::Tls(_) => "tls-rustls",
     }
 }
 
@@ -398,8 +403,12 @@ fn print_case(name: &str, runs: &[MigrationStats], raw: f64, qs: &mut [u64], qr:
         pct(&mut v, 0.5)
     };
     println!(
-        "               blackout p50 split: final-copy {} us, state {} us, handoff {} us, resume {} us",
+        "               blackout p50 split: final-copy {} us (pause {}, dirty log {}, send {}, ack {}), state {} us, handoff {} us, resume {} us",
         med(|b| b.final_copy_us),
+        med(|b| b.pause_us),
+        med(|b| b.dirty_log_us),
+        med(|b| b.final_send_us),
+        med(|b| b.final_ack_us),
         med(|b| b.state_us),
         med(|b| b.handoff_us),
         med(|b| b.resume_us)
@@ -434,7 +443,8 @@ fn main() -> anyhow::Result<()> {
         .map(|t| match t {
             "plaintext" | "plain" => Ok(Transport::Plaintext),
             "tls" => Ok(Transport::Tls(tls.clone())),
-            other => anyhow::bail!("unknown transport {other} (plaintext, tls)"),
+            "tls-rustls" => Ok(Transport::Tls(tls.with_rustls_records())),
+            other => anyhow::bail!("unknown transport {other} (plaintext, tls, tls-rustls)"),
         })
         .collect::<anyhow::Result<_>>()?;
     let tr = transport_bytes_per_s(args.connections, args.memory_mib, &transports, args.repeats)?;
@@ -474,6 +484,14 @@ fn main() -> anyhow::Result<()> {
             for (t, out) in transports.iter().zip(runs.iter_mut()) {
                 let s = live_once(&args, &w, t)
                     .with_context(|| format!("case {case} over {}", transport_name(t)))?;
+                if args.each {
+                    let b = &s.blackout;
+                    println!(
+                        "  {case}/{}: blackout {} us = final-copy {} (pause {}, dirty log {}, send {}, ack {}) + state {} + handoff {} + resume {}",
+                        transport_name(t), b.total_us, b.final_copy_us, b.pause_us, b.dirty_log_us,
+                        b.final_send_us, b.final_ack_us, b.state_us, b.handoff_us, b.resume_us
+                    );
+                }
                 out.push(s);
             }
         }
