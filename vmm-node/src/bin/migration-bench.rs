@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p vmm-node --features test-pki --bin migration-bench -- [--memory-mib 1024]
 //!     [--repeats 5] [--connections 4] [--max-downtime-ms 50] [--cases idle,full,50,200,1000]
-//!     [--transports plaintext,tls]
+//!     [--transports plaintext,tls,tls-rustls] [--each]
 //! ```
 //! Cases: `idle` (idle guest), `full` (memory filled with a pattern: measures throughput),
 //! `N` (256 MiB working set dirtied at N MB/s). Every case runs over each transport, the
@@ -41,9 +41,12 @@ struct Args {
     cases: String,
     #[arg(long, default_value_t = 2)]
     vcpus: u8,
-    /// Transports to compare: plaintext, tls.
+    /// Transports to compare: plaintext, tls, tls-rustls (rustls' record layer).
     #[arg(long, default_value = "plaintext,tls")]
     transports: String,
+    /// Print every migration's blackout split, not only the medians.
+    #[arg(long)]
+    each: bool,
 }
 
 /// A TLS configuration from a throwaway CA, with a certificate for the loopback address
@@ -58,11 +61,13 @@ fn bench_tls() -> anyhow::Result<MigrationTls> {
     )?)
 }
 
+/// Name of a transport in the output: `plain`, `tls` (the engine's record layer after
+/// rustls' handshake) or `tls-rustls` (rustls' own record layer, the fallback).
 fn transport_name(t: &Transport) -> &'static str {
-    if t.is_tls() {
-        "tls"
-    } else {
-        "plain"
+    match t {
+        Transport::Plaintext => "plain",
+        Transport::Tls(c) if c.client.enable_secret_extraction => "tls",
+        Transport::Tls(_) => "tls-rustls",
     }
 }
 
@@ -243,7 +248,7 @@ fn transport_bytes_per_s(
     memory_mib: u64,
     transports: &[Transport],
     repeats: usize,
-) -> anyhow::Result<Vec<f64>> {
+) -> anyhow::Result<Vec<(f64, f64)>> {
     use vm_memory::{Bytes, GuestAddress};
     use vmm_node::migration::transport::*;
     let src = vmm_node::memory::allocate(memory_mib << 20)?;
@@ -281,22 +286,44 @@ fn transport_bytes_per_s(
             gb * 1e3 / rewrite.as_secs_f64()
         );
     }
-    let mut runs: Vec<Vec<u64>> = transports.iter().map(|_| Vec::new()).collect();
+    let mut runs: Vec<(Vec<u64>, Vec<u64>)> = transports
+        .iter()
+        .map(|_| (Vec::new(), Vec::new()))
+        .collect();
     for _ in 0..repeats.max(1) {
         for (t, out) in transports.iter().zip(runs.iter_mut()) {
-            out.push(transport_once(n, memory_mib, &src, &map, t)? as u64);
+            let (rate, cpu_s_per_gb) = transport_once(n, memory_mib, &src, &map, t)?;
+            out.0.push(rate as u64);
+            out.1.push((cpu_s_per_gb * 1e3) as u64);
         }
     }
-    Ok(runs.iter_mut().map(|v| pct(v, 0.5) as f64).collect())
+    Ok(runs
+        .iter_mut()
+        .map(|(r, c)| (pct(r, 0.5) as f64, pct(c, 0.5) as f64 / 1e3))
+        .collect())
 }
 
+/// CPU time (user + system) this process has used so far, all threads.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given, which lives on this stack.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer to a rusage struct.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// One transfer of the memory transport alone: (bytes/s on the wire, CPU seconds of both
+/// ends together per GB moved — unlike the rate, not inflated by other processes' load).
 fn transport_once(
     n: usize,
     memory_mib: u64,
     src: &vmm_node::GuestMem,
     map: &vmm_node::migration::transport::PageMap,
     transport: &Transport,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, f64)> {
     use std::sync::atomic::AtomicBool;
     use std::sync::mpsc::sync_channel;
     use vmm_node::migration::conn::Conn;
@@ -325,13 +352,14 @@ fn transport_once(
     let (tx, rx) = sync_channel::<DataEvent>(4 * n);
     let cancel = AtomicBool::new(false);
     let heard = LastHeard::default();
-    let (sent, secs) = std::thread::scope(|s| -> anyhow::Result<(u64, f64)> {
+    let (sent, secs, cpu) = std::thread::scope(|s| -> anyhow::Result<(u64, f64, f64)> {
         for (i, c) in accepted.into_iter().enumerate() {
             let (tx, dst, h, heard) = (tx.clone(), &dst, &recv_h, &heard);
             s.spawn(move || receive_data_connection(c, i, dst, map, h, &tx, heard));
         }
         drop(tx);
         let t = Instant::now();
+        let cpu0 = process_cpu();
         let mut sender = MemorySender::new(conns);
         let r = sender.send_round(
             src,
@@ -348,14 +376,15 @@ fn transport_once(
             }
         }
         let secs = t.elapsed().as_secs_f64();
+        let cpu = (process_cpu() - cpu0).as_secs_f64();
         sender.finish()?;
-        Ok((r.wire_bytes, secs))
+        Ok((r.wire_bytes, secs, cpu))
     })?;
     anyhow::ensure!(
         send_h.digest() == recv_h.digest(),
         "transport receipts differ"
     );
-    Ok(sent as f64 / secs)
+    Ok((sent as f64 / secs, cpu / (sent as f64 / 1e9)))
 }
 
 fn print_case(name: &str, runs: &[MigrationStats], raw: f64, qs: &mut [u64], qr: &mut [u64]) {
@@ -398,8 +427,12 @@ fn print_case(name: &str, runs: &[MigrationStats], raw: f64, qs: &mut [u64], qr:
         pct(&mut v, 0.5)
     };
     println!(
-        "               blackout p50 split: final-copy {} us, state {} us, handoff {} us, resume {} us",
+        "               blackout p50 split: final-copy {} us (pause {}, dirty log {}, send {}, ack {}), state {} us, handoff {} us, resume {} us",
         med(|b| b.final_copy_us),
+        med(|b| b.pause_us),
+        med(|b| b.dirty_log_us),
+        med(|b| b.final_send_us),
+        med(|b| b.final_ack_us),
         med(|b| b.state_us),
         med(|b| b.handoff_us),
         med(|b| b.resume_us)
@@ -434,19 +467,21 @@ fn main() -> anyhow::Result<()> {
         .map(|t| match t {
             "plaintext" | "plain" => Ok(Transport::Plaintext),
             "tls" => Ok(Transport::Tls(tls.clone())),
-            other => anyhow::bail!("unknown transport {other} (plaintext, tls)"),
+            "tls-rustls" => Ok(Transport::Tls(tls.with_rustls_records())),
+            other => anyhow::bail!("unknown transport {other} (plaintext, tls, tls-rustls)"),
         })
         .collect::<anyhow::Result<_>>()?;
     let tr = transport_bytes_per_s(args.connections, args.memory_mib, &transports, args.repeats)?;
-    for (t, tr) in transports.iter().zip(&tr) {
+    for (t, (tr, cpu)) in transports.iter().zip(&tr) {
         println!(
-            "memory transport alone ({}), {} MiB fully populated, {} connections, median of {}: {:.0} MB/s = {:.2} x raw TCP",
+            "memory transport alone ({}), {} MiB fully populated, {} connections, median of {}: {:.0} MB/s = {:.2} x raw TCP, CPU {:.3} s per GB (both ends)",
             transport_name(t),
             args.memory_mib,
             args.connections,
             args.repeats,
             tr / 1e6,
-            tr / raw
+            tr / raw,
+            cpu
         );
     }
     println!(
@@ -474,6 +509,14 @@ fn main() -> anyhow::Result<()> {
             for (t, out) in transports.iter().zip(runs.iter_mut()) {
                 let s = live_once(&args, &w, t)
                     .with_context(|| format!("case {case} over {}", transport_name(t)))?;
+                if args.each {
+                    let b = &s.blackout;
+                    println!(
+                        "  {case}/{}: blackout {} us = final-copy {} (pause {}, dirty log {}, send {}, ack {}) + state {} + handoff {} + resume {}",
+                        transport_name(t), b.total_us, b.final_copy_us, b.pause_us, b.dirty_log_us,
+                        b.final_send_us, b.final_ack_us, b.state_us, b.handoff_us, b.resume_us
+                    );
+                }
                 out.push(s);
             }
         }

@@ -7,6 +7,14 @@
 //! outside that lock, then takes it only to feed and decrypt what arrived; a writer
 //! encrypts and writes under the lock.
 //!
+//! Once the handshake is done, the record layer is this crate's own
+//! ([`super::record`]) when the TLS configuration allows secret extraction (the
+//! configurations of [`super::tls::MigrationTls`] do): rustls still does the handshake and
+//! every certificate check, then hands over the traffic keys, and a reader and a writer
+//! each protect their own direction without sharing a lock. Otherwise rustls' record
+//! layer carries the data, as described above. The bytes on the wire are the same either
+//! way, so the two kinds of ends work together.
+//!
 //! Reads honour two limits: the idle read timeout ([`Conn::set_read_timeout`]) and a
 //! whole-frame deadline ([`Conn::set_deadline`]) that no number of slow reads can extend.
 //! Handshakes run under one deadline too, so a peer that sends one byte a second holds a
@@ -20,6 +28,7 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::ServerName;
 
 use super::protocol::{read_frame, Frame, ProtocolError, MAGIC};
+use super::record::{Opened, Opener, RecordError, Sealer, HEADER_BYTES, SEAL_BATCH_BYTES};
 use super::tls::Transport;
 
 /// Plaintext bytes rustls may buffer per connection before a writer drains them.
@@ -43,6 +52,17 @@ pub enum ConnError {
          on its migration network"
     )]
     PlaintextPeer,
+    #[error("taking over the TLS record layer after the handshake")]
+    Records(#[source] RecordError),
+}
+
+/// Which code protects a TLS connection's records after the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordLayer {
+    /// rustls' own (buffered) record layer.
+    Rustls,
+    /// This crate's ([`super::record`]), with the keys rustls negotiated.
+    Direct,
 }
 
 struct Inner {
@@ -60,7 +80,49 @@ struct Limits {
     armed: Option<Option<Duration>>,
 }
 
-struct Tls {
+enum Tls {
+    Rustls(RustlsIo),
+    Direct(DirectIo),
+}
+
+/// The direct record layer: each direction has its own lock.
+struct DirectIo {
+    tx: Mutex<DirectTx>,
+    rx: Mutex<DirectRx>,
+}
+
+struct DirectTx {
+    sealer: Sealer,
+    /// Records sealed and not yet written (reused between writes).
+    out: Vec<u8>,
+    /// A write failed part way: the record stream is cut, nothing more may be sent.
+    broken: bool,
+}
+
+struct DirectRx {
+    opener: Opener,
+    /// Bytes read from the socket: `buf[start..end]` not opened yet; `plain` decrypted
+    /// application data not yet read.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    plain: std::ops::Range<usize>,
+    /// The peer's close_notify arrived.
+    closed: bool,
+    /// The socket reached its end.
+    eof: bool,
+}
+
+impl DirectRx {
+    /// A whole record (or the end) is buffered: opening it does not wait for the socket.
+    fn has_record(&self) -> bool {
+        let b = &self.buf[self.start..self.end];
+        b.len() >= HEADER_BYTES
+            && b.len() >= HEADER_BYTES + usize::from(u16::from_be_bytes([b[3], b[4]]))
+    }
+}
+
+struct RustlsIo {
     conn: Mutex<rustls::Connection>,
     /// Encrypted bytes read from the socket and not yet given to rustls; only the reading
     /// thread takes this lock (before `conn`), writers never do.
@@ -110,17 +172,56 @@ impl Conn {
         Self::new(tcp, None, None)
     }
 
-    fn new(tcp: TcpStream, tls: Option<rustls::Connection>, peer_cert: Option<Vec<u8>>) -> Conn {
+    /// A TLS connection whose handshake is done: takes the record layer over when `direct`
+    /// (the handshake read no byte beyond its last record, see [`RecordReader`]).
+    fn tls(tcp: TcpStream, c: rustls::Connection, direct: bool) -> Result<Conn, ConnError> {
+        let peer = peer_leaf(&c);
+        tcp.set_read_timeout(None).map_err(ConnError::Io)?;
+        tcp.set_write_timeout(None).map_err(ConnError::Io)?;
+        let tls = if direct && c.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
+            let s = c.dangerous_extract_secrets().map_err(ConnError::Tls)?;
+            let sealer = Sealer::new(s.tx.0, &s.tx.1).map_err(ConnError::Records)?;
+            let opener = Opener::new(s.rx.0, &s.rx.1).map_err(ConnError::Records)?;
+            Tls::Direct(DirectIo {
+                tx: Mutex::new(DirectTx {
+                    sealer,
+                    out: Vec::new(),
+                    broken: false,
+                }),
+                rx: Mutex::new(DirectRx {
+                    opener,
+                    buf: Vec::new(),
+                    start: 0,
+                    end: 0,
+                    plain: 0..0,
+                    closed: false,
+                    eof: false,
+                }),
+            })
+        } else {
+            Tls::Rustls(RustlsIo {
+                conn: Mutex::new(c),
+                rx: Mutex::new(RxBuf {
+                    buf: Vec::new(),
+                    start: 0,
+                    end: 0,
+                    eof: false,
+                }),
+            })
+        };
+        Ok(Conn::new(tcp, Some(tls), peer))
+    }
+
+    /// Which record layer carries this connection's data (`None`: plaintext).
+    pub fn record_layer(&self) -> Option<RecordLayer> {
+        self.0.tls.as_ref().map(|t| match t {
+            Tls::Rustls(_) => RecordLayer::Rustls,
+            Tls::Direct(_) => RecordLayer::Direct,
+        })
+    }
+
+    fn new(tcp: TcpStream, tls: Option<Tls>, peer_cert: Option<Vec<u8>>) -> Conn {
         let idle = tcp.read_timeout().ok().flatten();
-        let tls = tls.map(|conn| Tls {
-            conn: Mutex::new(conn),
-            rx: Mutex::new(RxBuf {
-                buf: Vec::new(),
-                start: 0,
-                end: 0,
-                eof: false,
-            }),
-        });
         Conn(Arc::new(Inner {
             tcp,
             tls,
@@ -154,10 +255,7 @@ impl Conn {
                 c.set_buffer_limit(Some(TLS_BUFFER_BYTES));
                 let deadline = Instant::now() + handshake_timeout;
                 let c = handshake(&tcp, c.into(), deadline, handshake_timeout)?;
-                let peer = peer_leaf(&c);
-                tcp.set_read_timeout(None).map_err(ConnError::Io)?;
-                tcp.set_write_timeout(None).map_err(ConnError::Io)?;
-                Ok(Conn::new(tcp, Some(c), peer))
+                Conn::tls(tcp, c, tls.client.enable_secret_extraction)
             }
         }
     }
@@ -199,10 +297,7 @@ impl Conn {
         let mut c = rustls::ServerConnection::new(tls.server.clone()).map_err(ConnError::Tls)?;
         c.set_buffer_limit(Some(TLS_BUFFER_BYTES));
         let c = handshake(&tcp, c.into(), deadline, total)?;
-        let peer = peer_leaf(&c);
-        tcp.set_read_timeout(None).map_err(ConnError::Io)?;
-        tcp.set_write_timeout(None).map_err(ConnError::Io)?;
-        Ok(Conn::new(tcp, Some(c), peer))
+        Conn::tls(tcp, c, tls.server.enable_secret_extraction)
     }
 
     /// The peer's leaf certificate (DER), over TLS.
@@ -262,7 +357,13 @@ impl Conn {
 
     /// Waits until a read would not block (bytes or end of stream), within the limits.
     pub fn wait_readable(&self) -> io::Result<()> {
-        if let Some(tls) = &self.0.tls {
+        if let Some(Tls::Direct(d)) = &self.0.tls {
+            let rx = lock(&d.rx);
+            if !rx.plain.is_empty() || rx.closed || rx.eof || rx.has_record() {
+                return Ok(());
+            }
+        }
+        if let Some(Tls::Rustls(tls)) = &self.0.tls {
             let rx = lock(&tls.rx);
             if rx.start < rx.end || rx.eof {
                 return Ok(());
@@ -289,7 +390,88 @@ impl Conn {
         r
     }
 
-    fn read_tls(&self, tls: &Tls, buf: &mut [u8]) -> io::Result<usize> {
+    /// Reads over the direct record layer: as much decrypted data as `buf` takes from the
+    /// records already buffered, waiting for the socket only when none is.
+    fn read_direct(&self, d: &DirectIo, buf: &mut [u8]) -> io::Result<usize> {
+        let invalid = |e: RecordError| io::Error::new(io::ErrorKind::InvalidData, e);
+        let mut rx = lock(&d.rx);
+        let rx = &mut *rx;
+        let mut got = 0;
+        loop {
+            if !rx.plain.is_empty() {
+                let n = rx.plain.len().min(buf.len() - got);
+                buf[got..got + n].copy_from_slice(&rx.buf[rx.plain.start..rx.plain.start + n]);
+                rx.plain.start += n;
+                got += n;
+                if got == buf.len() {
+                    return Ok(got);
+                }
+            }
+            if rx.closed {
+                return Ok(got);
+            }
+            match rx
+                .opener
+                .open(&mut rx.buf[rx.start..rx.end])
+                .map_err(invalid)?
+            {
+                Opened::Data { used, plain } => {
+                    rx.plain = rx.start + plain.start..rx.start + plain.end;
+                    rx.start += used;
+                    continue;
+                }
+                Opened::Closed { used } => {
+                    rx.start += used;
+                    rx.closed = true;
+                    return Ok(got);
+                }
+                Opened::Partial { need } => {
+                    if got > 0 {
+                        return Ok(got);
+                    }
+                    if rx.eof {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    // Keep only the partial record, at the front, and read after it.
+                    rx.buf.copy_within(rx.start..rx.end, 0);
+                    rx.end -= rx.start;
+                    rx.start = 0;
+                    rx.plain = 0..0;
+                    let want = need.max(RX_BUFFER_BYTES);
+                    if rx.buf.len() < want {
+                        rx.buf.resize(want, 0);
+                    }
+                    self.arm()?;
+                    let n = (&self.0.tcp).read(&mut rx.buf[rx.end..])?;
+                    rx.end += n;
+                    rx.eof = n == 0;
+                }
+            }
+        }
+    }
+
+    fn write_direct(&self, d: &DirectIo, buf: &[u8]) -> io::Result<usize> {
+        let mut tx = lock(&d.tx);
+        let tx = &mut *tx;
+        if tx.broken {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "an earlier write on this TLS connection failed",
+            ));
+        }
+        let n = buf.len().min(SEAL_BATCH_BYTES);
+        tx.out.clear();
+        tx.sealer
+            .seal(&buf[..n], &mut tx.out)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if let Err(e) = (&self.0.tcp).write_all(&tx.out) {
+            tx.broken = true;
+            return Err(e);
+        }
+        Ok(n)
+    }
+
+    fn read_tls(&self, tls: &RustlsIo, buf: &mut [u8]) -> io::Result<usize> {
         let mut rx = lock(&tls.rx);
         loop {
             {
@@ -381,6 +563,7 @@ fn handshake(
         }
     };
     let left = || remaining(deadline, "handshake").map_err(|_| ConnError::HandshakeTimeout(total));
+    let mut reader = RecordReader::new(tcp);
     loop {
         while c.wants_write() {
             tcp.set_write_timeout(Some(left()?))
@@ -391,7 +574,7 @@ fn handshake(
             return Ok(c);
         }
         tcp.set_read_timeout(Some(left()?)).map_err(ConnError::Io)?;
-        if c.read_tls(&mut &*tcp).map_err(timeout)? == 0 {
+        if c.read_tls(&mut reader).map_err(timeout)? == 0 {
             return Err(ConnError::HandshakeClosed);
         }
         if let Err(e) = c.process_new_packets() {
@@ -405,6 +588,50 @@ fn handshake(
             let _ = io::copy(&mut tcp.take(64 << 10), &mut io::sink());
             return Err(ConnError::Tls(e));
         }
+    }
+}
+
+/// Reads a socket for a handshake one TLS record at a time, never past the end of the
+/// record it is in: when the handshake is done, the peer's first application data (sent
+/// right after its Finished) is still in the socket, for whichever record layer takes over.
+struct RecordReader<'a> {
+    tcp: &'a TcpStream,
+    header: [u8; HEADER_BYTES],
+    /// Header bytes read of the next record.
+    header_read: usize,
+    /// Body bytes of the current record not read yet.
+    body_left: usize,
+}
+
+impl<'a> RecordReader<'a> {
+    fn new(tcp: &'a TcpStream) -> Self {
+        RecordReader {
+            tcp,
+            header: [0; HEADER_BYTES],
+            header_read: 0,
+            body_left: 0,
+        }
+    }
+}
+
+impl Read for RecordReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.body_left == 0 {
+            let want = (HEADER_BYTES - self.header_read).min(buf.len());
+            let at = self.header_read;
+            let n = self.tcp.read(&mut self.header[at..at + want])?;
+            buf[..n].copy_from_slice(&self.header[at..at + n]);
+            self.header_read += n;
+            if self.header_read == HEADER_BYTES {
+                self.header_read = 0;
+                self.body_left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+            }
+            return Ok(n);
+        }
+        let want = self.body_left.min(buf.len());
+        let n = self.tcp.read(&mut buf[..want])?;
+        self.body_left -= n;
+        Ok(n)
     }
 }
 
@@ -431,7 +658,8 @@ pub fn connect_from(
 impl Read for &Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match &self.0.tls {
-            Some(tls) => self.read_tls(tls, buf),
+            Some(Tls::Rustls(tls)) => self.read_tls(tls, buf),
+            Some(Tls::Direct(d)) => self.read_direct(d, buf),
             None => {
                 self.arm()?;
                 (&self.0.tcp).read(buf)
@@ -442,8 +670,10 @@ impl Read for &Conn {
 
 impl Write for &Conn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let Some(tls) = &self.0.tls else {
-            return (&self.0.tcp).write(buf);
+        let tls = match &self.0.tls {
+            None => return (&self.0.tcp).write(buf),
+            Some(Tls::Direct(d)) => return self.write_direct(d, buf),
+            Some(Tls::Rustls(tls)) => tls,
         };
         let mut c = lock(&tls.conn);
         let n = c.writer().write(buf)?;
@@ -475,5 +705,109 @@ impl Write for Conn {
     }
     fn flush(&mut self) -> io::Result<()> {
         (&*self).flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::test_pki::TestCa;
+    use crate::migration::tls::MigrationTls;
+    use std::net::TcpListener;
+
+    fn tls() -> MigrationTls {
+        let ca = TestCa::new("conn tests CA");
+        let node = ca.node("conn-node", &["127.0.2.1".parse().unwrap()]);
+        MigrationTls::from_pem(
+            ca.ca_pem().as_bytes(),
+            node.cert_pem.as_bytes(),
+            node.key_pem.as_bytes(),
+        )
+        .unwrap()
+    }
+
+    /// A connected (client, server) pair; the client writes `first` right after its
+    /// handshake, before the server has finished reading its own.
+    fn pair(client: &MigrationTls, server: &MigrationTls, first: &[u8]) -> (Conn, Conn) {
+        let l = TcpListener::bind("127.0.2.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = Transport::Tls(server.clone());
+        let s = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            Conn::accept(l.accept().unwrap().0, &server, deadline).unwrap()
+        });
+        let t = Duration::from_secs(10);
+        let mut c = Conn::connect(&Transport::Tls(client.clone()), None, addr, t, t).unwrap();
+        c.write_all(first).unwrap();
+        (c, s.join().unwrap())
+    }
+
+    /// Sends `data` one way and `back` the other at the same time; returns what arrived.
+    fn exchange(a: &Conn, b: &Conn, data: &[u8], back: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        std::thread::scope(|s| {
+            let (a2, b2) = (a.clone(), b.clone());
+            let w1 = s.spawn(move || (&a2).write_all(data).unwrap());
+            let w2 = s.spawn(move || (&b2).write_all(back).unwrap());
+            let mut got_b = vec![0u8; data.len()];
+            (&b.clone()).read_exact(&mut got_b).unwrap();
+            let mut got_a = vec![0u8; back.len()];
+            (&a.clone()).read_exact(&mut got_a).unwrap();
+            w1.join().unwrap();
+            w2.join().unwrap();
+            (got_b, got_a)
+        })
+    }
+
+    #[test]
+    fn direct_and_rustls_record_layers_interoperate_both_ways() {
+        let direct = tls();
+        let rustls_records = direct.with_rustls_records();
+        let data: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i * 7 + i / 4099) as u8)
+            .collect();
+        let back: Vec<u8> = (0..70_001u32).map(|i| (i ^ 0x5a) as u8).collect();
+        for (client, server, layers) in [
+            (&direct, &direct, (RecordLayer::Direct, RecordLayer::Direct)),
+            (
+                &direct,
+                &rustls_records,
+                (RecordLayer::Direct, RecordLayer::Rustls),
+            ),
+            (
+                &rustls_records,
+                &direct,
+                (RecordLayer::Rustls, RecordLayer::Direct),
+            ),
+        ] {
+            let (c, s) = pair(client, server, b"first bytes after the handshake");
+            assert_eq!(
+                (c.record_layer(), s.record_layer()),
+                (Some(layers.0), Some(layers.1))
+            );
+            let mut first = [0u8; 31];
+            (&s).read_exact(&mut first).unwrap();
+            assert_eq!(&first, b"first bytes after the handshake");
+            let (got, got_back) = exchange(&c, &s, &data, &back);
+            assert!(got == data && got_back == back, "{layers:?}");
+            // The peer's end without close_notify is an unexpected end, as with rustls.
+            drop(c);
+            let mut b = [0u8; 1];
+            let e = (&s).read(&mut b).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{layers:?}");
+        }
+    }
+
+    #[test]
+    fn a_corrupted_record_is_an_error_not_data() {
+        let direct = tls();
+        let (c, s) = pair(&direct, &direct, b"");
+        // A forged record in the stream (right header, wrong key).
+        let mut forged = vec![23u8, 3, 3, 0, 40];
+        forged.extend_from_slice(&[0x42; 40]);
+        (&c.0.tcp).write_all(&forged).unwrap();
+        let mut b = [0u8; 8];
+        let e = (&s).read(&mut b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("authentication"), "{e}");
     }
 }

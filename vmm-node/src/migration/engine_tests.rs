@@ -410,6 +410,39 @@ fn idle_guest_moves_with_identical_memory_and_receipt() {
     assert_eq!(prog.last().unwrap().fraction_done, 1.0);
 }
 
+/// The engine's record layer and rustls' (the fallback, and what a node without secret
+/// extraction uses) each carry a migration of a dirtying guest, in every combination of
+/// the two ends, with identical memory and matching receipts.
+#[test]
+fn both_record_layers_carry_a_migration_in_every_combination() {
+    let Transport::Tls(direct) = tls() else {
+        unreachable!()
+    };
+    let rustls_records = direct.with_rustls_records();
+    for (source, target) in [
+        (&rustls_records, &rustls_records),
+        (&direct, &rustls_records),
+        (&rustls_records, &direct),
+    ] {
+        let vm = SimVm::start(16 << 20, 256);
+        let o = MigrateOptions {
+            transport: Transport::Tls(source.clone()),
+            ..opts(50, 20_000)
+        };
+        let ro = ReceiveOptions {
+            transport: Transport::Tls(target.clone()),
+            ..ropts()
+        };
+        let (r, t, f, _) = run_migration(&vm, &o, ro, &CancelToken::default(), &mut Vec::new());
+        let stats = r.unwrap();
+        t.unwrap();
+        assert!(stats.receipt_matches(), "{stats:?}");
+        assert!(stats.wire_bytes > 0);
+        let dst = f.created.lock().unwrap()[0].clone();
+        assert_same_memory(&vm.s.mem, &dst.mem);
+    }
+}
+
 #[test]
 fn dirtying_guest_converges_and_state_matches_memory() {
     let vm = SimVm::start(32 << 20, 512);

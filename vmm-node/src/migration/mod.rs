@@ -3,7 +3,8 @@
 //!
 //! * [`protocol`]: wire format, sequence diagram, limits.
 //! * [`tls`]: TLS configuration ([`tls::Transport`]) and session authorization
-//!   ([`tls::SessionAuthorizer`]); [`conn`]: one (TLS or plaintext) connection.
+//!   ([`tls::SessionAuthorizer`]); [`conn`]: one (TLS or plaintext) connection;
+//!   [`record`]: the TLS 1.3 record layer used after rustls' handshake.
 //! * [`transport`]: guest pages over N TCP connections, page hashes / memory receipt.
 //! * [`convergence`]: pure model deciding rounds / throttle / stop-and-copy / give-up.
 //! * [`seam`]: traits the engine needs from a VM, a node and the storage hook.
@@ -15,6 +16,7 @@ pub mod conn;
 pub mod convergence;
 pub mod protocol;
 pub mod quick;
+pub mod record;
 pub mod seam;
 pub mod source;
 pub mod stats;

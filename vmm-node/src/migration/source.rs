@@ -545,13 +545,19 @@ fn run(
     let pause_at = Instant::now();
     vm.pause().map_err(vm_err("pause"))?;
     undo.paused = true;
+    let pause_us = us(pause_at.elapsed());
+    let t_log = Instant::now();
     let mut last = vm.dirty_pages(&map).map_err(vm_err("read dirty log"))?;
     last.union_with(&pages);
+    let dirty_log_us = us(t_log.elapsed());
     let t0 = Instant::now();
     let sent = sender
         .send_round(mem, &map, &hashes, &last, round, flag)
         .map_err(send_err)?;
+    let final_send_us = us(t0.elapsed());
+    let t_ack = Instant::now();
     wait_ack(&mut ctl, round)?;
+    let final_ack_us = us(t_ack.elapsed());
     wire_bytes += sent.wire_bytes;
     zero_skipped += sent.zero_pages_skipped;
     rounds.push(RoundStats {
@@ -663,6 +669,10 @@ fn run(
         total_us,
         blackout: Blackout {
             final_copy_us,
+            pause_us,
+            dirty_log_us,
+            final_send_us,
+            final_ack_us,
             state_us,
             handoff_us,
             resume_us,

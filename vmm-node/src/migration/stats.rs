@@ -21,8 +21,20 @@ pub struct RoundStats {
 /// The blackout (guest paused) split by phase.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Blackout {
-    /// Last dirty pages sent and acknowledged.
+    /// Last dirty pages sent and acknowledged (the four parts below together).
     pub final_copy_us: u64,
+    /// Of `final_copy_us`: vCPUs (and devices) stopped.
+    #[serde(default)]
+    pub pause_us: u64,
+    /// Of `final_copy_us`: the last dirty log read.
+    #[serde(default)]
+    pub dirty_log_us: u64,
+    /// Of `final_copy_us`: the last dirty pages written on the data connections.
+    #[serde(default)]
+    pub final_send_us: u64,
+    /// Of `final_copy_us`: the wait for the target's acknowledgement of the last round.
+    #[serde(default)]
+    pub final_ack_us: u64,
     /// vCPU / VM / device state saved and sent.
     pub state_us: u64,
     /// Disks flushed and released, target acquired and opened them, state restored.

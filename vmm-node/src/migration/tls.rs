@@ -144,10 +144,31 @@ impl MigrationTls {
                     side: "client",
                     source,
                 })?;
-        Ok(MigrationTls {
+        Ok(MigrationTls::direct(server, client))
+    }
+
+    /// Both configurations, the record layer handed over after the handshake
+    /// ([`super::record`]; rustls keeps the handshake and every certificate check).
+    fn direct(mut server: ServerConfig, mut client: ClientConfig) -> Self {
+        server.enable_secret_extraction = true;
+        client.enable_secret_extraction = true;
+        MigrationTls {
             client: Arc::new(client),
             server: Arc::new(server),
-        })
+        }
+    }
+
+    /// The same configuration with rustls' own record layer after the handshake (the
+    /// fallback; for comparisons and tests). The wire format is the same.
+    pub fn with_rustls_records(&self) -> Self {
+        let mut server = (*self.server).clone();
+        let mut client = (*self.client).clone();
+        server.enable_secret_extraction = false;
+        client.enable_secret_extraction = false;
+        MigrationTls {
+            client: Arc::new(client),
+            server: Arc::new(server),
+        }
     }
 
     /// Builds both configurations with certificates chosen at each handshake (a node
@@ -162,10 +183,7 @@ impl MigrationTls {
         let mut server = server.with_cert_resolver(server_cert);
         server.send_tls13_tickets = 0;
         let client = client.with_client_cert_resolver(client_cert);
-        Ok(MigrationTls {
-            client: Arc::new(client),
-            server: Arc::new(server),
-        })
+        Ok(MigrationTls::direct(server, client))
     }
 }
 
