@@ -106,7 +106,7 @@ vmnet() {
         ip -n "$VMNET_NS" addr add "$VMNET_CLIENT" dev eth0
         ip -n "$VMNET_NS" link set eth0 up
     fi
-    VMNET_TOML=$'\n[[networks]]\nname = "vmnet"\nbridge = "'"$VMNET_BRIDGE"'"\n'
+    VMNET_TOML=$'\n[[networks]]\nname = "vmnet"\nbridge = "'"$VMNET_BRIDGE"$'"\n'
 }
 
 # Removes the VM network (`stop --network`).

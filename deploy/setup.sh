@@ -19,7 +19,7 @@
 #  - sccache (optional, recommended): caches the ~10-minute RocksDB C++ build.
 set -euo pipefail
 need=()
-for pkg in libclang-dev build-essential pkg-config lz4 util-linux iproute2 python3 iptables chromium chromium-driver prometheus dpkg-dev; do
+for pkg in libclang-dev build-essential pkg-config lz4 util-linux iproute2 python3 iputils-ping iptables chromium chromium-driver prometheus dpkg-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

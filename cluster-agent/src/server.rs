@@ -144,12 +144,6 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         .collect();
     let vm_host = crate::vmhost::VmHost::with_networks(agent.node_id(), volumes, networks);
     let progress = Arc::new(crate::control::progress::ProgressBoard::default());
-    let rc = tokio::spawn(crate::control::reconciler::run(
-        agent.clone(),
-        vm_host.clone(),
-        progress.clone(),
-        stop_rx.clone(),
-    ));
     let transport = if agent.config().migration_insecure_plaintext {
         tracing::warn!("migrations are plaintext and unauthenticated (migration_insecure_plaintext): keep the migration network isolated");
         vmm_node::migration::tls::Transport::Plaintext
@@ -213,6 +207,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             .unwrap_or_default();
         tracing::info!(node_id = agent.node_id(), vms = ?adopted, "vm workers adopted");
     }
+    // Only now: a reconciler running before the adoption could start a second copy of a
+    // VM whose worker still runs (its lease may already be held).
+    let rc = tokio::spawn(crate::control::reconciler::run(
+        agent.clone(),
+        vm_host.clone(),
+        progress.clone(),
+        stop_rx.clone(),
+    ));
     let listener = vm_host
         .listen_migrations(
             agent.config().migration_addr,
