@@ -74,7 +74,7 @@ async fn a_proxied_console_leaves_a_silent_owner_and_reopens_at_the_new_one() {
     assert_eq!(v.owner_id, owner);
     let mut c = cl.vms(proxy).await;
     let mut stream = c
-        .stream_console(pb::ConsoleRequest {
+        .stream_console(pb::StreamConsoleRequest {
             name: "con".into(),
             follow: true,
             ..Default::default()
@@ -109,7 +109,7 @@ async fn a_proxied_console_leaves_a_silent_owner_and_reopens_at_the_new_one() {
         cl.logs()
     );
     let mut again = c
-        .stream_console(pb::ConsoleRequest {
+        .stream_console(pb::StreamConsoleRequest {
             name: "con".into(),
             follow: false,
             ..Default::default()

@@ -22,7 +22,7 @@ async fn jobs(cl: &Cluster, via: u64) -> Result<Vec<dpb::JobInfo>, tonic::Status
         .map(|r| r.into_inner().jobs)
 }
 
-async fn plan(cl: &Cluster, via: u64, mode: &str) -> dpb::BalancePlanReply {
+async fn plan(cl: &Cluster, via: u64, mode: &str) -> dpb::PlanBalanceResponse {
     cl.drains(via)
         .await
         .plan_balance(dpb::PlanBalanceRequest {
@@ -37,12 +37,14 @@ async fn plan(cl: &Cluster, via: u64, mode: &str) -> dpb::BalancePlanReply {
 async fn set_policy(cl: &Cluster, via: u64, mode: &str, cost_bp_per_s: u32) {
     cl.drains(via)
         .await
-        .set_policy(dpb::PolicySpec {
-            mode: mode.into(),
-            aggressiveness: "high".into(),
-            interval_ms: 1000,
-            min_dwell_ms: Some(300_000),
-            migration_cost_bp_per_s: Some(cost_bp_per_s),
+        .set_policy(dpb::SetPolicyRequest {
+            policy: Some(dpb::PolicySpec {
+                mode: mode.into(),
+                aggressiveness: "high".into(),
+                interval_ms: 1000,
+                min_dwell_ms: Some(300_000),
+                migration_cost_bp_per_s: Some(cost_bp_per_s),
+            }),
         })
         .await
         .unwrap_or_else(|e| panic!("policy: {e}{}", cl.logs()));

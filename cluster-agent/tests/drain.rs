@@ -43,7 +43,7 @@ async fn drain_job(cl: &Cluster, via: &[u64], node: u64) -> Result<Option<dpb::J
     let mut last = String::from("no node asked");
     for v in via {
         let mut d = cl.drains(*v).await;
-        match d.get_drain(dpb::NodeRef { node_id: node }).await {
+        match d.get_drain(dpb::GetDrainRequest { node_id: node }).await {
             Ok(r) => return Ok(r.into_inner().job),
             Err(e) => last = format!("node {v}: {e}"),
         }
@@ -184,7 +184,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
 
     // Dry run: the plan (every VM off node 1), nothing committed.
     let dry = d
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: 1,
             dry_run: true,
         })
@@ -203,7 +203,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
     assert!(nodes.iter().all(|n| n.state == "up"), "{nodes:?}");
 
     let started = d
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: 1,
             dry_run: false,
         })
@@ -214,7 +214,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
     assert_eq!((job.kind.as_str(), job.node_id), ("drain", 1), "{job:?}");
     // A second drain of the same node is refused while the first runs.
     let again = d
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: 1,
             dry_run: false,
         })
@@ -282,7 +282,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
 
     // Resume with failback: the node is up again and the drained VMs come back.
     let r = d
-        .resume_node(dpb::ResumeRequest {
+        .resume_node(dpb::ResumeNodeRequest {
             node_id: 1,
             failback: true,
         })
@@ -326,7 +326,7 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
     let before = seqs(&heartbeats_after(&cl, 3, &vm_names, &BTreeMap::new()).await);
     let mut d = cl.drains(1).await;
     let job = d
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: 2,
             dry_run: false,
         })
@@ -341,7 +341,7 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
     })
     .await;
     let aborted = d
-        .abort_drain(dpb::NodeRef { node_id: 2 })
+        .abort_drain(dpb::AbortDrainRequest { node_id: 2 })
         .await
         .unwrap_or_else(|e| panic!("abort: {e}{}", cl.logs()))
         .into_inner()
@@ -356,7 +356,7 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
     assert!(dropped >= 1, "queued moves dropped: {aborted:?}");
     // Aborting again: nothing runs.
     expect_code(
-        d.abort_drain(dpb::NodeRef { node_id: 2 }).await,
+        d.abort_drain(dpb::AbortDrainRequest { node_id: 2 }).await,
         Code::FailedPrecondition,
         "no running drain",
     );
@@ -392,7 +392,7 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
 
     // Draining again resumes: a new job moves only the VMs still there.
     let resumed = d
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: 2,
             dry_run: false,
         })
@@ -434,7 +434,7 @@ async fn leader_kill9_during_a_drain_the_new_leader_finishes_it() {
     create_on(&cl, victim, victim, &vm_names, 64).await;
     let mut d = cl.drains(others[0]).await;
     let job = d
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: victim,
             dry_run: false,
         })
@@ -500,7 +500,7 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
     create_on(&cl, 1, 1, &["stuck".to_string()], 64).await;
     let mut d = cl.drains(2).await;
     let before_nodes = cl.check(cl.nodes(1).await);
-    let req = |node_id, dry_run| dpb::DrainRequest { node_id, dry_run };
+    let req = |node_id, dry_run| dpb::DrainNodeRequest { node_id, dry_run };
     for (r, code, needle) in [
         (req(0, false), Code::InvalidArgument, "node_id is 0"),
         (req(9, false), Code::NotFound, "unknown node id 9"),
@@ -535,14 +535,14 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
         (7, false, Code::NotFound, "unknown node id 7"),
     ] {
         expect_code(
-            d.resume_node(dpb::ResumeRequest { node_id, failback })
+            d.resume_node(dpb::ResumeNodeRequest { node_id, failback })
                 .await,
             code,
             needle,
         );
     }
     expect_code(
-        d.get_drain(dpb::NodeRef { node_id: 1 }).await,
+        d.get_drain(dpb::GetDrainRequest { node_id: 1 }).await,
         Code::NotFound,
         "never been drained",
     );
@@ -553,11 +553,13 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
         ("even", "low", 5, "below the minimum"),
     ] {
         expect_code(
-            d.set_policy(dpb::PolicySpec {
-                mode: mode.into(),
-                aggressiveness: aggr.into(),
-                interval_ms,
-                ..Default::default()
+            d.set_policy(dpb::SetPolicyRequest {
+                policy: Some(dpb::PolicySpec {
+                    mode: mode.into(),
+                    aggressiveness: aggr.into(),
+                    interval_ms,
+                    ..Default::default()
+                }),
             })
             .await,
             Code::InvalidArgument,
@@ -574,7 +576,7 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
         .await
         .unwrap_or_else(|e| panic!("{e}"))
         .into_inner();
-    assert_eq!(p.mode, "none");
+    assert_eq!(p.policy.map(|p| p.mode).as_deref(), Some("none"));
     let nodes = cl.check(cl.nodes(1).await);
     let n1 = |ns: &[cluster_proto::management::NodeInfo]| {
         ns.iter().find(|n| n.node_id == 1).map(|n| n.state.clone())
@@ -612,15 +614,18 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
     let mut d = cl.drains(2).await;
     // Policy none (default) with a short interval: nothing moves.
     let p = d
-        .set_policy(dpb::PolicySpec {
-            mode: "none".into(),
-            aggressiveness: "high".into(),
-            interval_ms: 1000,
-            ..Default::default()
+        .set_policy(dpb::SetPolicyRequest {
+            policy: Some(dpb::PolicySpec {
+                mode: "none".into(),
+                aggressiveness: "high".into(),
+                interval_ms: 1000,
+                ..Default::default()
+            }),
         })
         .await
         .unwrap_or_else(|e| panic!("policy: {e}{}", cl.logs()))
         .into_inner();
+    let p = p.policy.unwrap_or_default();
     assert_eq!((p.mode.as_str(), p.interval_ms), ("none", 1000));
     // The dry run under "even" names moves off node 1; it changes nothing.
     let plan = d
@@ -665,11 +670,13 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
     );
     assert!(jobs(&cl, 2).await.is_ok_and(|j| j.is_empty()));
 
-    d.set_policy(dpb::PolicySpec {
-        mode: "even".into(),
-        aggressiveness: "high".into(),
-        interval_ms: 1000,
-        ..Default::default()
+    d.set_policy(dpb::SetPolicyRequest {
+        policy: Some(dpb::PolicySpec {
+            mode: "even".into(),
+            aggressiveness: "high".into(),
+            interval_ms: 1000,
+            ..Default::default()
+        }),
     })
     .await
     .unwrap_or_else(|e| panic!("policy: {e}{}", cl.logs()));

@@ -50,7 +50,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
 
     let mut drains = cl.drains(2).await;
     let plan = drains
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: 1,
             dry_run: true,
         })
@@ -73,7 +73,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
     );
 
     drains
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: 1,
             dry_run: false,
         })
@@ -86,7 +86,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
             || {
                 let mut d = drains.clone();
                 async move {
-                    d.get_drain(dpb::NodeRef { node_id: 1 })
+                    d.get_drain(dpb::GetDrainRequest { node_id: 1 })
                         .await
                         .map(|r| r.into_inner().job)
                 }
@@ -127,7 +127,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
 
     // By hand, back across the subnets: live is refused with the reason, quick goes.
     drains
-        .resume_node(dpb::ResumeRequest {
+        .resume_node(dpb::ResumeNodeRequest {
             node_id: 1,
             failback: false,
         })
@@ -145,7 +145,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
         Ok(r) => panic!("live migration across subnets was accepted: {r:?}"),
     }
     let plan = vms
-        .plan_migration(pb::MigrateVmRequest {
+        .plan_migration(pb::PlanMigrationRequest {
             name: "q".into(),
             to_node_id: 1,
             quick: true,

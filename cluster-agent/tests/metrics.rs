@@ -356,7 +356,7 @@ async fn metrics_before_during_and_after_migrations_pass_promtool_and_match() {
 
     // Cancel it: a finished counter by result, the VM stays on the source.
     let mut mig = cl.migrations(dst).await;
-    mig.cancel_migration(mpb::MigrationId { id: rec.id })
+    mig.cancel_migration(mpb::CancelMigrationRequest { id: rec.id })
         .await
         .unwrap_or_else(|e| panic!("cancel: {e}{}", cl.logs()));
     cl.wait_until(

@@ -91,12 +91,14 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         expect_code(vm.migrate_vm(req).await, Code::InvalidArgument, needle);
     }
     expect_code(
-        mig.cancel_migration(mpb::MigrationId { id: 999 }).await,
+        mig.cancel_migration(mpb::CancelMigrationRequest { id: 999 })
+            .await,
         Code::NotFound,
         "no migration with id 999",
     );
     expect_code(
-        mig.get_migration(mpb::MigrationId { id: 999 }).await,
+        mig.get_migration(mpb::GetMigrationRequest { id: 999 })
+            .await,
         Code::NotFound,
         "999",
     );
@@ -134,7 +136,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         (src, other, "live", 1, HOLD_DEADLINE_MS, HOLD_BYTES_PER_S)
     );
     let mut stream = cl.watch_migration(other, rec.id).await;
-    let mut seen: Vec<mpb::MigrationProgress> = Vec::new();
+    let mut seen: Vec<mpb::WatchMigrationResponse> = Vec::new();
     let watched = tokio::time::timeout(WAIT, async {
         // Three growing figures of guest memory on the wire in pre-copy.
         while seen
@@ -170,7 +172,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     );
     let (_, seq_before) = heartbeat_after(&cl, src, "busy", 0).await;
     let c = mig
-        .cancel_migration(mpb::MigrationId { id: rec.id })
+        .cancel_migration(mpb::CancelMigrationRequest { id: rec.id })
         .await
         .unwrap_or_else(|e| panic!("cancel: {e}{}", cl.logs()))
         .into_inner()
@@ -178,7 +180,8 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         .unwrap_or_default();
     assert!(c.cancel_requested, "{c:?}");
     expect_code(
-        mig.cancel_migration(mpb::MigrationId { id: rec.id }).await,
+        mig.cancel_migration(mpb::CancelMigrationRequest { id: rec.id })
+            .await,
         Code::FailedPrecondition,
         "",
     );
@@ -192,7 +195,8 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     assert_eq!(node, src, "heartbeat not from the source");
     assert!(seq_after > seq_before);
     expect_code(
-        mig.cancel_migration(mpb::MigrationId { id: rec.id }).await,
+        mig.cancel_migration(mpb::CancelMigrationRequest { id: rec.id })
+            .await,
         Code::FailedPrecondition,
         "already cancelled",
     );
@@ -244,7 +248,8 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     let moved = cl.wait_settled(1, "calm").await;
     assert_eq!(moved.owner_id, 3 - calm.owner_id);
     expect_code(
-        mig.cancel_migration(mpb::MigrationId { id: rec3.id }).await,
+        mig.cancel_migration(mpb::CancelMigrationRequest { id: rec3.id })
+            .await,
         Code::FailedPrecondition,
         "already succeeded",
     );
@@ -405,7 +410,7 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
 
     // A queued migration is cancelled at once; one whose VM stops is dropped.
     let cancelled = mig
-        .cancel_migration(mpb::MigrationId {
+        .cancel_migration(mpb::CancelMigrationRequest {
             id: qc.queued_migration_id,
         })
         .await
@@ -414,7 +419,7 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         .migration
         .unwrap_or_default();
     assert_eq!(cancelled.state, "cancelled", "{cancelled:?}");
-    vm.stop_vm(pb::VmName { name: "d".into() })
+    vm.stop_vm(pb::StopVmRequest { name: "d".into() })
         .await
         .unwrap_or_else(|e| panic!("stop d: {e}"));
     let dropped = cl.migration_end(b_node, qd.queued_migration_id, WAIT).await;
@@ -435,7 +440,10 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         || {
             let mut mig = mig.clone();
             async move {
-                match mig.cancel_migration(mpb::MigrationId { id: hog.id }).await {
+                match mig
+                    .cancel_migration(mpb::CancelMigrationRequest { id: hog.id })
+                    .await
+                {
                     Ok(_) => Ok("accepted"),
                     // An earlier attempt that timed out may have committed it.
                     Err(s) if s.code() == Code::FailedPrecondition => Ok("already cancelling"),

@@ -247,7 +247,7 @@ impl Scene {
 async fn cut_off_reads(cl: &Cluster, node: u64, vm: &str, moved_to: u64) {
     let mut c = cl.vms(node).await;
     let refused = c
-        .get_vm(pb::VmName { name: vm.into() })
+        .get_vm(pb::GetVmRequest { name: vm.into() })
         .await
         .map(|r| r.into_inner().vm.map(|v| v.owner_id));
     match refused {
@@ -264,7 +264,7 @@ async fn cut_off_reads(cl: &Cluster, node: u64, vm: &str, moved_to: u64) {
             cl.logs()
         ),
     }
-    let mut stale = tonic::Request::new(pb::VmName { name: vm.into() });
+    let mut stale = tonic::Request::new(pb::GetVmRequest { name: vm.into() });
     stale.metadata_mut().insert(
         cluster_proto::STALE_READ_HEADER,
         tonic::metadata::MetadataValue::from_static("true"),

@@ -39,12 +39,14 @@ fn idle(name: &str, memory_mib: u64, preferred: u64) -> pb::VmSpec {
 async fn set_policy(cl: &Cluster, mode: &str) {
     cl.drains(1)
         .await
-        .set_policy(dpb::PolicySpec {
-            mode: mode.into(),
-            aggressiveness: "medium".into(),
-            interval_ms: 1_000,
-            min_dwell_ms: Some(1_000),
-            migration_cost_bp_per_s: Some(1),
+        .set_policy(dpb::SetPolicyRequest {
+            policy: Some(dpb::PolicySpec {
+                mode: mode.into(),
+                aggressiveness: "medium".into(),
+                interval_ms: 1_000,
+                min_dwell_ms: Some(1_000),
+                migration_cost_bp_per_s: Some(1),
+            }),
         })
         .await
         .unwrap_or_else(|e| panic!("policy: {e}{}", cl.logs()));
@@ -252,11 +254,11 @@ async fn power_saving_puts_a_node_in_standby_and_wakes_it_for_load() {
     assert_eq!(calls(&dir).iter().filter(|c| *c == "off").count(), 1);
 
     // A failing power-off command: reported with its stderr, the node back up.
-    c.stop_vm(pb::VmName { name: "big".into() })
+    c.stop_vm(pb::StopVmRequest { name: "big".into() })
         .await
         .unwrap_or_else(|e| panic!("stop: {e}{}", cl.logs()));
     cl.wait_runtime(1, "big", "stopped").await;
-    c.delete_vm(pb::VmName { name: "big".into() })
+    c.delete_vm(pb::DeleteVmRequest { name: "big".into() })
         .await
         .unwrap_or_else(|e| panic!("delete: {e}{}", cl.logs()));
     std::fs::write(dir.join("fail-off"), "").expect("flag");

@@ -256,7 +256,7 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
     cl.wait_heartbeat(3, "vm-h", |h| h.disk == "nodisk").await;
 
     // Stop: the owner flushes, closes and releases the disk.
-    c.stop_vm(pb::VmName {
+    c.stop_vm(pb::StopVmRequest {
         name: "vm-d".into(),
     })
     .await
@@ -592,12 +592,12 @@ async fn vm_restarted_by_hand_after_its_owner_died_takes_the_disk_over() {
         Some(owner)
     );
 
-    c.stop_vm(pb::VmName {
+    c.stop_vm(pb::StopVmRequest {
         name: "vm-n".into(),
     })
     .await
     .unwrap_or_else(|e| panic!("stop: {e}{}", cl.logs()));
-    c.start_vm(pb::VmName {
+    c.start_vm(pb::StartVmRequest {
         name: "vm-n".into(),
     })
     .await
@@ -978,14 +978,14 @@ async fn target_kill9_mid_migration_leaves_the_vm_and_its_lock_with_the_source()
     assert_eq!(node, src);
     // The table and the host agree: stop releases the lock, start takes it again.
     let mut c = cl.vms(leader).await;
-    c.stop_vm(pb::VmName {
+    c.stop_vm(pb::StopVmRequest {
         name: "vm-m".into(),
     })
     .await
     .unwrap_or_else(|e| panic!("stop: {e}"));
     cl.wait_lock(leader, "vol/vms/m.img", "released", |l| l.is_none())
         .await;
-    c.start_vm(pb::VmName {
+    c.start_vm(pb::StartVmRequest {
         name: "vm-m".into(),
     })
     .await

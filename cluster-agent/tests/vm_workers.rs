@@ -212,7 +212,7 @@ async fn the_agent_is_stopped_or_killed_and_its_vm_keeps_running_then_is_adopted
     // A stop through the cluster ends the worker and releases the VM for good.
     cl.vms(1)
         .await
-        .stop_vm(pb::VmName {
+        .stop_vm(pb::StopVmRequest {
             name: "vm-w".into(),
         })
         .await
@@ -396,7 +396,7 @@ async fn a_killed_worker_fails_only_its_own_vm_and_says_so() {
     // Started again by the operator, it runs in a new worker.
     cl.vms(1)
         .await
-        .start_vm(pb::VmName {
+        .start_vm(pb::StartVmRequest {
             name: "vm-x".into(),
         })
         .await
@@ -732,7 +732,7 @@ async fn live_migration_of_a_worker_vm_rolls_back_on_cancel_then_moves_it_with_i
     .await;
     cl.migrations(1)
         .await
-        .cancel_migration(mpb::MigrationId { id: rec.id })
+        .cancel_migration(mpb::CancelMigrationRequest { id: rec.id })
         .await
         .unwrap_or_else(|e| panic!("cancel: {e}{}", cl.logs()));
     let end = cl.migration_end(1, rec.id, cluster_tests::WAIT).await;

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use cluster_proto::management as pb;
-use cluster_proto::management::management_client::ManagementClient;
+use cluster_proto::management::management_service_client::ManagementServiceClient;
 use cluster_proto::pki::Role;
 use cluster_proto::vms as vpb;
 use cluster_tests::browser::{screenshot_dir, spki_pin, Browser};
@@ -61,7 +61,7 @@ fn post(b: &Browser, path: &str, body: &str) -> (u64, Value) {
 }
 
 async fn login_url(addr: SocketAddr, who: Option<&cluster_proto::pki::TlsMaterial>) -> String {
-    let mut m = ManagementClient::new(
+    let mut m = ManagementServiceClient::new(
         endpoint_as(addr, who)
             .connect()
             .await

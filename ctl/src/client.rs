@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use cluster_proto::management::management_client::ManagementClient;
+use cluster_proto::management::management_service_client::ManagementServiceClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -229,13 +229,13 @@ fn agent(endpoint: &str, timeout: Duration) -> Result<Endpoint, CtlError> {
 pub async fn connect(
     endpoint: &str,
     timeout: Duration,
-) -> Result<ManagementClient<Conn>, CtlError> {
+) -> Result<ManagementServiceClient<Conn>, CtlError> {
     let ep = agent(endpoint, timeout)?.timeout(timeout);
     let channel = ep.connect().await.map_err(|e| CtlError::Unreachable {
         endpoint: endpoint.to_string(),
         cause: chain(&e),
     })?;
-    Ok(ManagementClient::new(conn(channel)))
+    Ok(ManagementServiceClient::new(conn(channel)))
 }
 
 /// A client of one of the agent's services (VMs, disks, drains, migrations), built by
@@ -271,6 +271,12 @@ pub async fn call<T>(
         })?
         .map(tonic::Response::into_inner)
         .map_err(|s| status_error(endpoint, timeout, s))
+}
+
+/// The message a response embeds (`GetNodeResponse.node`, ...): an agent that answers
+/// without it is a local error, never a default value shown as if it were real.
+pub fn required<T>(v: Option<T>, what: &str) -> Result<T, CtlError> {
+    v.ok_or_else(|| CtlError::Render(format!("the agent answered without a {what}")))
 }
 
 /// Map a failed call to a clear error.

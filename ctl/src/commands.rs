@@ -7,7 +7,7 @@ use cluster_proto::management as pb;
 use crate::client::{connect, status_error, Conn, CtlError};
 use crate::output;
 use crate::{Cli, ClusterCmd, Cmd, ConsoleCmd, KvCmd, NodeCmd};
-use cluster_proto::management::management_client::ManagementClient;
+use cluster_proto::management::management_service_client::ManagementServiceClient;
 
 /// Joins wait for the new node to catch up; give them at least this long.
 const JOIN_TIMEOUT_MIN: Duration = Duration::from_secs(60);
@@ -74,7 +74,7 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
                 .await
                 .map_err(fail)?
                 .into_inner();
-            output::node(fmt, &r)
+            output::node(fmt, &crate::client::required(r.node, "node")?)
         }
         Cmd::Node(NodeCmd::Resume {
             node_id,
@@ -114,7 +114,7 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
                 .await
                 .map_err(fail)?
                 .into_inner();
-            output::node(fmt, &r)
+            output::node(fmt, &crate::client::required(r.node, "node")?)
         }
         Cmd::Node(NodeCmd::Standby { node_id, reason }) => {
             let r = c
@@ -125,7 +125,7 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
                 .await
                 .map_err(fail)?
                 .into_inner();
-            output::node(fmt, &r)
+            output::node(fmt, &crate::client::required(r.node, "node")?)
         }
         Cmd::Node(NodeCmd::Wake { node_id, reason }) => {
             let r = c
@@ -136,7 +136,7 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
                 .await
                 .map_err(fail)?
                 .into_inner();
-            output::node(fmt, &r)
+            output::node(fmt, &crate::client::required(r.node, "node")?)
         }
         Cmd::Events {
             after,
@@ -219,7 +219,7 @@ const EVENTS_DEFAULT_TAIL: u32 = 1000;
 /// `clusterctl events [--after SEQ] [--limit N] [--tail N] [-f]`.
 async fn events(
     cli: &Cli,
-    c: &mut ManagementClient<Conn>,
+    c: &mut ManagementServiceClient<Conn>,
     after: Option<u64>,
     limit: Option<u32>,
     tail: Option<u32>,

@@ -84,6 +84,7 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
                 }),
             )
             .await?;
+            let d = crate::client::required(d.disk, "disk")?;
             Ok(match cli.output {
                 Format::Json | Format::Yaml => json(&serde_json::json!({
                     "name": d.name, "size_bytes": d.size_bytes,
@@ -173,32 +174,31 @@ pub async fn run_vm_disk(cli: &Cli, cmd: &VmDiskCmd) -> Result<String, CtlError>
             name,
             disk,
             read_only,
-        } => {
-            call(
-                ep,
-                timeout,
-                c.attach_disk(pb::AttachDiskRequest {
-                    vm: name.clone(),
-                    disk: disk.clone(),
-                    read_only: *read_only,
-                }),
-            )
-            .await?
-        }
-        VmDiskCmd::Detach { name, disk } => {
-            call(
-                ep,
-                timeout,
-                c.detach_disk(pb::DetachDiskRequest {
-                    vm: name.clone(),
-                    disk: disk.clone(),
-                }),
-            )
-            .await?
-        }
+        } => call(
+            ep,
+            timeout,
+            c.attach_disk(pb::AttachDiskRequest {
+                vm: name.clone(),
+                disk: disk.clone(),
+                read_only: *read_only,
+            }),
+        )
+        .await
+        .map(|r| (r.vm, r.disks))?,
+        VmDiskCmd::Detach { name, disk } => call(
+            ep,
+            timeout,
+            c.detach_disk(pb::DetachDiskRequest {
+                vm: name.clone(),
+                disk: disk.clone(),
+            }),
+        )
+        .await
+        .map(|r| (r.vm, r.disks))?,
     };
+    let (vm, disks) = r;
     Ok(match cli.output {
-        Format::Json | Format::Yaml => json(&serde_json::json!({"vm": r.vm, "disks": r.disks})),
-        Format::Table | Format::Wide => format!("VM {} disks: {}\n", r.vm, r.disks.join(", ")),
+        Format::Json | Format::Yaml => json(&serde_json::json!({"vm": vm, "disks": disks})),
+        Format::Table | Format::Wide => format!("VM {} disks: {}\n", vm, disks.join(", ")),
     })
 }

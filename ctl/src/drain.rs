@@ -205,7 +205,7 @@ pub fn render_plan(moves: &[pb::MoveInfo], start: u64) -> String {
     table(&["WAVE", "VM", "FROM", "TO", "KIND", "START", "ETA"], &rows)
 }
 
-pub fn render_drain(fmt: Format, r: &pb::DrainReply, node: u64) -> Result<String, CtlError> {
+pub fn render_drain(fmt: Format, r: &pb::DrainNodeResponse, node: u64) -> Result<String, CtlError> {
     if fmt == Format::Json {
         #[derive(Serialize)]
         struct V<'a> {
@@ -367,7 +367,7 @@ fn render_policy(fmt: Format, p: &pb::PolicySpec) -> Result<String, CtlError> {
     ))
 }
 
-fn render_balance(fmt: Format, p: &pb::BalancePlanReply) -> Result<String, CtlError> {
+fn render_balance(fmt: Format, p: &pb::PlanBalanceResponse) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&serde_json::json!({
             "mode": p.mode,
@@ -459,7 +459,12 @@ async fn watch(
     let mut bars =
         (std::io::stdout().is_terminal() && cli.output != Format::Json).then(JobBars::default);
     loop {
-        let r = call(ep, timeout, c.get_drain(pb::NodeRef { node_id: node })).await?;
+        let r = call(
+            ep,
+            timeout,
+            c.get_drain(pb::GetDrainRequest { node_id: node }),
+        )
+        .await?;
         let Some(j) = r.job else {
             return Err(CtlError::Render("the agent answered without a job".into()));
         };
@@ -569,7 +574,7 @@ pub async fn drain(cli: &Cli, node: u64, dry_run: bool, follow: bool) -> Result<
     let r = call(
         ep,
         timeout,
-        c.drain_node(pb::DrainRequest {
+        c.drain_node(pb::DrainNodeRequest {
             node_id: node,
             dry_run,
         }),
@@ -593,7 +598,7 @@ pub async fn resume(cli: &Cli, node: u64, failback: bool) -> Result<String, CtlE
     let r = call(
         ep,
         timeout,
-        c.resume_node(pb::ResumeRequest {
+        c.resume_node(pb::ResumeNodeRequest {
             node_id: node,
             failback,
         }),
@@ -625,7 +630,7 @@ pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
             let r = call(
                 ep,
                 timeout,
-                c.get_drain(pb::NodeRef {
+                c.get_drain(pb::GetDrainRequest {
                     node_id: crate::nodes::node_id(cli, node_id).await?,
                 }),
             )
@@ -639,7 +644,7 @@ pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
             let r = call(
                 ep,
                 timeout,
-                c.abort_drain(pb::NodeRef {
+                c.abort_drain(pb::AbortDrainRequest {
                     node_id: crate::nodes::node_id(cli, node_id).await?,
                 }),
             )
@@ -685,20 +690,22 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
             let r = call(
                 ep,
                 timeout,
-                c.set_policy(pb::PolicySpec {
-                    mode: mode_str(*mode).into(),
-                    aggressiveness: aggr_str(*aggressiveness).into(),
-                    interval_ms,
-                    min_dwell_ms: min_dwell.map(crate::duration::ms),
-                    migration_cost_bp_per_s: *migration_cost_bp_per_s,
+                c.set_policy(pb::SetPolicyRequest {
+                    policy: Some(pb::PolicySpec {
+                        mode: mode_str(*mode).into(),
+                        aggressiveness: aggr_str(*aggressiveness).into(),
+                        interval_ms,
+                        min_dwell_ms: min_dwell.map(crate::duration::ms),
+                        migration_cost_bp_per_s: *migration_cost_bp_per_s,
+                    }),
                 }),
             )
             .await?;
-            render_policy(cli.output, &r)
+            render_policy(cli.output, &crate::client::required(r.policy, "policy")?)
         }
         PolicyCmd::Show => {
             let r = call(ep, timeout, c.get_policy(pb::GetPolicyRequest {})).await?;
-            render_policy(cli.output, &r)
+            render_policy(cli.output, &crate::client::required(r.policy, "policy")?)
         }
         PolicyCmd::Balance { dry_run: _, mode } => {
             let r = call(
@@ -751,7 +758,7 @@ mod tests {
 
     #[test]
     fn balance_dry_run_explains_steps_and_stop() {
-        let r = pb::BalancePlanReply {
+        let r = pb::PlanBalanceResponse {
             mode: "even".into(),
             moves: vec![mv("a", 1, "queued")],
             spread_before_bp: 10_000,
@@ -786,7 +793,7 @@ mod tests {
 
     #[test]
     fn plan_and_job_render_as_tables_and_json() {
-        let r = pb::DrainReply {
+        let r = pb::DrainNodeResponse {
             job: None,
             plan: vec![mv("a", 1, "queued"), mv("b", 2, "queued")],
             planned_start_unix_ms: 1000,

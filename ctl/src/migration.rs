@@ -230,11 +230,21 @@ pub async fn run(cli: &Cli, cmd: &MigrationCmd) -> Result<String, CtlError> {
             render_list(cli.output, &r.migrations)
         }
         MigrationCmd::Show { id } => {
-            let r = call(ep, timeout, c.get_migration(pb::MigrationId { id: *id })).await?;
+            let r = call(
+                ep,
+                timeout,
+                c.get_migration(pb::GetMigrationRequest { id: *id }),
+            )
+            .await?;
             render_one(cli.output, &r.migration.unwrap_or_default())
         }
         MigrationCmd::Cancel { id } => {
-            let r = call(ep, timeout, c.cancel_migration(pb::MigrationId { id: *id })).await?;
+            let r = call(
+                ep,
+                timeout,
+                c.cancel_migration(pb::CancelMigrationRequest { id: *id }),
+            )
+            .await?;
             render_one(cli.output, &r.migration.unwrap_or_default())
         }
     }
@@ -245,7 +255,7 @@ fn mib(b: u64) -> f64 {
 }
 
 /// One progress line: bar, bytes left, rate, ETA, round, phase.
-pub fn progress_line(p: &pb::MigrationProgress) -> String {
+pub fn progress_line(p: &pb::WatchMigrationResponse) -> String {
     const WIDTH: usize = 30;
     let done = ((p.fraction_done.clamp(0.0, 1.0)) * WIDTH as f64).round() as usize;
     format!(
@@ -300,7 +310,7 @@ pub async fn wait_queued(
     let deadline = std::time::Instant::now() + wait_max;
     loop {
         let m = c
-            .get_migration(pb::MigrationId { id })
+            .get_migration(pb::GetMigrationRequest { id })
             .await
             .map_err(fail)?
             .into_inner()
@@ -341,7 +351,7 @@ pub async fn follow_progress(ep: &str, timeout: Duration, vm: &str) -> Result<()
         return Ok(());
     };
     let mut stream = c
-        .watch_migration(pb::MigrationId { id: m.id })
+        .watch_migration(pb::WatchMigrationRequest { id: m.id })
         .await
         .map_err(fail)?
         .into_inner();
@@ -373,7 +383,9 @@ const BAR_STEPS: u64 = 1000;
 /// The progress of `stream` as an indicatif bar on a terminal: fitted to the terminal's
 /// width (a narrow one gets a shorter line, never a wrapped one that leaves stale rows),
 /// replaced by the final line when the migration ends.
-async fn draw_bar(stream: &mut tonic::Streaming<pb::MigrationProgress>) -> Result<(), CtlError> {
+async fn draw_bar(
+    stream: &mut tonic::Streaming<pb::WatchMigrationResponse>,
+) -> Result<(), CtlError> {
     let bar = indicatif::ProgressBar::with_draw_target(
         Some(BAR_STEPS),
         indicatif::ProgressDrawTarget::stderr(),

@@ -335,7 +335,7 @@ struct Status {
     snapshot_index: u64,
 }
 
-pub fn status(fmt: Format, r: &pb::ClusterStatusReply) -> Result<String, CtlError> {
+pub fn status(fmt: Format, r: &pb::ClusterStatusResponse) -> Result<String, CtlError> {
     let s = Status {
         cluster_id: r.cluster_id.clone(),
         cluster_name: r.cluster_name.clone(),
@@ -529,7 +529,7 @@ struct Init<'a> {
     leader_id: u64,
 }
 
-pub fn init(fmt: Format, r: &pb::InitClusterReply) -> Result<String, CtlError> {
+pub fn init(fmt: Format, r: &pb::InitClusterResponse) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&Init {
             cluster_id: &r.cluster_id,
@@ -549,7 +549,7 @@ struct Join<'a> {
     voter_count: u64,
 }
 
-pub fn join(fmt: Format, r: &pb::JoinClusterReply) -> Result<String, CtlError> {
+pub fn join(fmt: Format, r: &pb::JoinClusterResponse) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&Join {
             cluster_id: &r.cluster_id,
@@ -569,7 +569,7 @@ struct Leave {
     voter_count: u64,
 }
 
-pub fn leave(fmt: Format, node_id: u64, r: &pb::LeaveClusterReply) -> Result<String, CtlError> {
+pub fn leave(fmt: Format, node_id: u64, r: &pb::LeaveClusterResponse) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&Leave {
             node_id,
@@ -588,7 +588,7 @@ struct Put<'a> {
     previous: Option<&'a str>,
 }
 
-pub fn put(fmt: Format, r: &pb::PutKvReply) -> Result<String, CtlError> {
+pub fn put(fmt: Format, r: &pb::PutKvResponse) -> Result<String, CtlError> {
     let p = Put {
         log_index: r.log_index,
         previous: r.had_previous.then_some(r.previous.as_str()),
@@ -605,7 +605,7 @@ struct Get<'a> {
     value: &'a str,
 }
 
-pub fn get(fmt: Format, key: &str, r: &pb::GetKvReply) -> Result<String, CtlError> {
+pub fn get(fmt: Format, key: &str, r: &pb::GetKvResponse) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&Get {
             key,

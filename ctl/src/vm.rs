@@ -493,7 +493,7 @@ struct PlanView<'a> {
     predicted_rounds: u32,
 }
 
-pub fn render_plan(fmt: Format, p: &pb::MigrationPlanReply) -> Result<String, CtlError> {
+pub fn render_plan(fmt: Format, p: &pb::PlanMigrationResponse) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&PlanView {
             vm: &p.vm,
@@ -600,7 +600,6 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
         endpoint: ep.to_owned(),
         timeout_s: timeout.as_secs(),
     };
-    let name = |n: &str| pb::VmName { name: n.to_owned() };
     let fmt = cli.output;
     match cmd {
         VmCmd::Disk(d) => crate::disk::run_vm_disk(cli, d).await,
@@ -639,18 +638,31 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Start { name: n } => {
-            let r = call(ep, timeout, c.start_vm(name(n))).await?;
+            let r = call(
+                ep,
+                timeout,
+                c.start_vm(pb::StartVmRequest { name: n.clone() }),
+            )
+            .await?;
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Stop { name: n } => {
-            let r = call(ep, timeout, c.stop_vm(name(n))).await?;
+            let r = call(
+                ep,
+                timeout,
+                c.stop_vm(pb::StopVmRequest { name: n.clone() }),
+            )
+            .await?;
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Delete { name: n } => {
-            tokio::time::timeout(timeout, c.delete_vm(name(n)))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?;
+            tokio::time::timeout(
+                timeout,
+                c.delete_vm(pb::DeleteVmRequest { name: n.clone() }),
+            )
+            .await
+            .map_err(timed_out)?
+            .map_err(fail)?;
             if fmt == Format::Json {
                 return json(&serde_json::json!({ "deleted": n }));
             }
@@ -661,7 +673,7 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             render_list(fmt, &r.vms)
         }
         VmCmd::Show { name: n } => {
-            let r = call(ep, timeout, c.get_vm(name(n))).await?;
+            let r = call(ep, timeout, c.get_vm(pb::GetVmRequest { name: n.clone() })).await?;
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Migrate {
@@ -690,7 +702,16 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                 bandwidth_bytes_per_s_max: max_bandwidth.filter(|b| *b > 0),
             };
             if *dry_run {
-                let p = call(ep, timeout, c.plan_migration(req)).await?;
+                let plan = pb::PlanMigrationRequest {
+                    name: req.name,
+                    to_node_id: req.to_node_id,
+                    quick: req.quick,
+                    max_downtime_ms: req.max_downtime_ms,
+                    deadline_ms: req.deadline_ms,
+                    no_queue: req.no_queue,
+                    bandwidth_bytes_per_s_max: req.bandwidth_bytes_per_s_max,
+                };
+                let p = call(ep, timeout, c.plan_migration(plan)).await?;
                 return render_plan(fmt, &p);
             }
             let r = call(ep, timeout, c.migrate_vm(req)).await?;
@@ -725,7 +746,7 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let v = c
-                    .get_vm(name(n))
+                    .get_vm(pb::GetVmRequest { name: n.clone() })
                     .await
                     .map_err(fail)?
                     .into_inner()
@@ -766,7 +787,7 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             let mut node = 0u64;
             let mut reopen_since: Option<std::time::Instant> = None;
             loop {
-                let req = pb::ConsoleRequest {
+                let req = pb::StreamConsoleRequest {
                     name: n.clone(),
                     follow: *follow,
                     ..Default::default()
@@ -837,7 +858,7 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                 }
                 // The stream ended: the VM left its node. Follow it unless it was stopped.
                 let v = c
-                    .get_vm(name(n))
+                    .get_vm(pb::GetVmRequest { name: n.clone() })
                     .await
                     .map_err(fail)?
                     .into_inner()

@@ -68,7 +68,7 @@ impl Cluster {
             loop {
                 let mut c = self.vms(via).await;
                 let stream = c
-                    .stream_console(pb::ConsoleRequest {
+                    .stream_console(pb::StreamConsoleRequest {
                         name: name.into(),
                         follow: true,
                         ..Default::default()
@@ -294,7 +294,7 @@ impl Cluster {
                 || {
                     let mut m = m.clone();
                     async move {
-                        m.get_migration(mpb::MigrationId { id })
+                        m.get_migration(mpb::GetMigrationRequest { id })
                             .await
                             .map(|r| r.into_inner().migration.unwrap_or_default())
                     }
@@ -312,7 +312,7 @@ impl Cluster {
         &self,
         via: u64,
         id: u64,
-    ) -> tonic::Streaming<mpb::MigrationProgress> {
+    ) -> tonic::Streaming<mpb::WatchMigrationResponse> {
         let m = self.migrations(via).await;
         let opened = Wait::new(WAIT)
             .until(
@@ -320,7 +320,7 @@ impl Cluster {
                 || {
                     let mut m = m.clone();
                     async move {
-                        m.watch_migration(mpb::MigrationId { id })
+                        m.watch_migration(mpb::WatchMigrationRequest { id })
                             .await
                             .map(|s| StreamOpened(s.into_inner()))
                     }
@@ -339,8 +339,8 @@ impl Cluster {
         via: u64,
         id: u64,
         what: &str,
-        pred: impl Fn(&mpb::MigrationProgress) -> bool,
-    ) -> mpb::MigrationProgress {
+        pred: impl Fn(&mpb::WatchMigrationResponse) -> bool,
+    ) -> mpb::WatchMigrationResponse {
         let mut stream = self.watch_migration(via, id).await;
         let mut last = None;
         let found = tokio::time::timeout(WAIT, async {
@@ -365,7 +365,7 @@ impl Cluster {
     /// Migration `id` watched through node `via` until its progress shows it in pre-copy
     /// with guest memory on the wire: a migration the test holds there (with a bandwidth
     /// cap) is then provably between setup and switchover.
-    pub async fn wait_precopy(&self, via: u64, id: u64) -> mpb::MigrationProgress {
+    pub async fn wait_precopy(&self, via: u64, id: u64) -> mpb::WatchMigrationResponse {
         self.watch_migration_until(via, id, "pre-copy with bytes sent", |p| {
             p.phase == "pre-copy" && p.bytes_sent > 0 && p.finished.is_none()
         })
@@ -388,7 +388,7 @@ impl Cluster {
 }
 
 /// An open progress stream (for [`Wait`], which shows the last value it read).
-struct StreamOpened(tonic::Streaming<mpb::MigrationProgress>);
+struct StreamOpened(tonic::Streaming<mpb::WatchMigrationResponse>);
 
 impl std::fmt::Debug for StreamOpened {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -411,7 +411,7 @@ pub async fn get_vm(
     c: &mut VmServiceClient<Channel>,
     name: &str,
 ) -> Result<pb::VmInfo, tonic::Status> {
-    c.get_vm(pb::VmName { name: name.into() })
+    c.get_vm(pb::GetVmRequest { name: name.into() })
         .await
         .map(|r| r.into_inner().vm.unwrap_or_default())
 }

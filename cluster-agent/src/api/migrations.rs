@@ -6,7 +6,7 @@
 //! clusterctl migration cancel ID  ─▶ any agent: check ─▶ Raft: CancelMigration
 //!                                      source reconciler sees cancel_requested ─▶ engine cancel
 //! clusterctl vm migrate (progress) ─▶ any agent ─(not source: proxy)─▶ source agent:
-//!        ProgressBoard (engine events, polled) + record state ─▶ MigrationProgress stream
+//!        ProgressBoard (engine events, polled) + record state ─▶ WatchMigrationResponse stream
 //! ```
 
 use std::pin::Pin;
@@ -63,8 +63,8 @@ pub fn record_to_pb(m: &MigrationRecord) -> pb::MigrationInfo {
     }
 }
 
-fn progress_to_pb(id: u64, p: &LiveProgress) -> pb::MigrationProgress {
-    pb::MigrationProgress {
+fn progress_to_pb(id: u64, p: &LiveProgress) -> pb::WatchMigrationResponse {
+    pb::WatchMigrationResponse {
         id,
         phase: p.phase.clone(),
         bytes_sent: p.bytes_sent,
@@ -99,14 +99,15 @@ async fn connect(agent: &Agent, addr: &str) -> Result<MigrationServiceClient<Cha
     ))
 }
 
-type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::MigrationProgress, Status>> + Send>>;
+type ProgressStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchMigrationResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl MigrationService for MigrationApi {
     async fn list_migrations(
         &self,
         request: Request<pb::ListMigrationsRequest>,
-    ) -> Result<Response<pb::ListMigrationsReply>, Status> {
+    ) -> Result<Response<pb::ListMigrationsResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let vm = request.into_inner().vm;
         let migrations = self.agent.read_sm(|d| {
@@ -117,24 +118,24 @@ impl MigrationService for MigrationApi {
                 .map(record_to_pb)
                 .collect()
         });
-        Ok(Response::new(pb::ListMigrationsReply { migrations }))
+        Ok(Response::new(pb::ListMigrationsResponse { migrations }))
     }
 
     async fn get_migration(
         &self,
-        request: Request<pb::MigrationId>,
-    ) -> Result<Response<pb::MigrationReply>, Status> {
+        request: Request<pb::GetMigrationRequest>,
+    ) -> Result<Response<pb::GetMigrationResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let m = self.record(request.into_inner().id)?;
-        Ok(Response::new(pb::MigrationReply {
+        Ok(Response::new(pb::GetMigrationResponse {
             migration: Some(record_to_pb(&m)),
         }))
     }
 
     async fn cancel_migration(
         &self,
-        request: Request<pb::MigrationId>,
-    ) -> Result<Response<pb::MigrationReply>, Status> {
+        request: Request<pb::CancelMigrationRequest>,
+    ) -> Result<Response<pb::CancelMigrationResponse>, Status> {
         let id = request.into_inner().id;
         let cmd = MigrationCommand::CancelMigration {
             id,
@@ -163,7 +164,7 @@ impl MigrationService for MigrationApi {
             }
         }
         let m = self.record(id)?;
-        Ok(Response::new(pb::MigrationReply {
+        Ok(Response::new(pb::CancelMigrationResponse {
             migration: Some(record_to_pb(&m)),
         }))
     }
@@ -172,7 +173,7 @@ impl MigrationService for MigrationApi {
 
     async fn watch_migration(
         &self,
-        request: Request<pb::MigrationId>,
+        request: Request<pb::WatchMigrationRequest>,
     ) -> Result<Response<Self::WatchMigrationStream>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let id = request.into_inner().id;
@@ -193,7 +194,7 @@ impl MigrationService for MigrationApi {
             let mut client = connect(&self.agent, &addr).await?;
             let upstream: ProgressStream = Box::pin(
                 client
-                    .watch_migration(pb::MigrationId { id })
+                    .watch_migration(pb::WatchMigrationRequest { id })
                     .await?
                     .into_inner(),
             );
@@ -225,7 +226,7 @@ impl MigrationService for MigrationApi {
                     // Waiting for a slot: say so once, then keep watching.
                     if !said_queued {
                         said_queued = true;
-                        let queued = pb::MigrationProgress {
+                        let queued = pb::WatchMigrationResponse {
                             id,
                             phase: rec.state.as_str().into(),
                             ..Default::default()
@@ -241,7 +242,7 @@ impl MigrationService for MigrationApi {
                     let mut last =
                         live.as_ref()
                             .map(|p| progress_to_pb(id, p))
-                            .unwrap_or_else(|| pb::MigrationProgress {
+                            .unwrap_or_else(|| pb::WatchMigrationResponse {
                                 id,
                                 ..Default::default()
                             });

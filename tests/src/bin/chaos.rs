@@ -318,14 +318,14 @@ async fn round(
             let ch = cl.try_channel(via).await?;
             let mut d = dpb::drain_service_client::DrainServiceClient::new(ch);
             let _ = d
-                .drain_node(dpb::DrainRequest {
+                .drain_node(dpb::DrainNodeRequest {
                     node_id: node,
                     dry_run: false,
                 })
                 .await;
             tokio::time::sleep(hold).await;
             let _ = d
-                .resume_node(dpb::ResumeRequest {
+                .resume_node(dpb::ResumeNodeRequest {
                     node_id: node,
                     ..Default::default()
                 })

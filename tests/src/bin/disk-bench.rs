@@ -59,7 +59,7 @@ async fn heartbeat(
         if let Ok(resp) = c
             .try_vms(via)
             .await?
-            .stream_console(pb::ConsoleRequest {
+            .stream_console(pb::StreamConsoleRequest {
                 name: name.into(),
                 follow: true,
                 ..Default::default()

@@ -95,7 +95,7 @@ async fn run(bin: &std::path::Path, n: usize) -> Result<(), String> {
     let mut d = DrainServiceClient::new(c.try_channel(leader).await?);
     let t = Instant::now();
     let r = d
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: 1,
             dry_run: false,
         })
@@ -107,7 +107,7 @@ async fn run(bin: &std::path::Path, n: usize) -> Result<(), String> {
         .saturating_sub(r.planned_start_unix_ms);
     let job = loop {
         let j = d
-            .get_drain(dpb::NodeRef { node_id: 1 })
+            .get_drain(dpb::GetDrainRequest { node_id: 1 })
             .await
             .map_err(|s| s.to_string())?
             .into_inner()

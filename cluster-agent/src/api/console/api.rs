@@ -14,7 +14,7 @@ use axum::Extension;
 use cluster_proto::drain as dpb;
 use cluster_proto::drain::drain_service_server::DrainService;
 use cluster_proto::management as pb;
-use cluster_proto::management::management_server::Management;
+use cluster_proto::management::management_service_server::ManagementService;
 use cluster_proto::migrations as mpb;
 use cluster_proto::migrations::migration_service_server::MigrationService;
 use cluster_proto::vms as vpb;
@@ -34,7 +34,7 @@ pub const OVERVIEW_EVENTS: u64 = 50;
 /// Migrations and jobs the overview carries (the newest).
 pub const OVERVIEW_HISTORY: usize = 30;
 
-const M: &str = "/cluster.management.v1.Management/";
+const M: &str = "/cluster.management.v1.ManagementService/";
 const V: &str = "/cluster.vms.v1.VmService/";
 const D: &str = "/cluster.drain.v1.DrainService/";
 const VOL: &str = "/cluster.volumes.v1.VolumeService/";
@@ -265,12 +265,13 @@ pub async fn vm_action(
         "start" | "stop" => match body::<NoFields>(&bytes) {
             Err(e) => Err(e),
             Ok(_) => {
-                let req = vpb::VmName { name };
                 if action == "start" {
+                    let req = vpb::StartVmRequest { name };
                     c.call(&a, format!("{V}StartVm"), req, |r| v.start_vm(r))
                         .await
                         .map(|r| serde_json::json!(r))
                 } else {
+                    let req = vpb::StopVmRequest { name };
                     c.call(&a, format!("{V}StopVm"), req, |r| v.stop_vm(r))
                         .await
                         .map(|r| serde_json::json!(r))
@@ -280,19 +281,25 @@ pub async fn vm_action(
         "migrate" => match body::<MigrateBody>(&bytes) {
             Err(e) => Err(e),
             Ok(b) => {
-                let req = vpb::MigrateVmRequest {
-                    name,
-                    to_node_id: b.to_node_id,
-                    quick: b.quick,
-                    ..Default::default()
-                };
                 if b.dry_run {
+                    let req = vpb::PlanMigrationRequest {
+                        name,
+                        to_node_id: b.to_node_id,
+                        quick: b.quick,
+                        ..Default::default()
+                    };
                     c.call(&a, format!("{V}PlanMigration"), req, |r| {
                         v.plan_migration(r)
                     })
                     .await
                     .map(|r| serde_json::json!({ "plan": r }))
                 } else {
+                    let req = vpb::MigrateVmRequest {
+                        name,
+                        to_node_id: b.to_node_id,
+                        quick: b.quick,
+                        ..Default::default()
+                    };
                     c.call(&a, format!("{V}MigrateVm"), req, |r| v.migrate_vm(r))
                         .await
                         .map(|r| serde_json::json!(r))
@@ -348,7 +355,7 @@ pub async fn node_action(
         "drain" => match body::<DrainBody>(&bytes) {
             Err(e) => Err(e),
             Ok(b) => {
-                let req = dpb::DrainRequest {
+                let req = dpb::DrainNodeRequest {
                     node_id,
                     dry_run: b.dry_run,
                 };
@@ -363,7 +370,7 @@ pub async fn node_action(
                 .call(
                     &a,
                     format!("{D}AbortDrain"),
-                    dpb::NodeRef { node_id },
+                    dpb::AbortDrainRequest { node_id },
                     |r| j.abort_drain(r),
                 )
                 .await
@@ -372,7 +379,7 @@ pub async fn node_action(
         "resume" => match body::<ResumeBody>(&bytes) {
             Err(e) => Err(e),
             Ok(b) => {
-                let req = dpb::ResumeRequest {
+                let req = dpb::ResumeNodeRequest {
                     node_id,
                     failback: b.failback,
                 };
@@ -406,7 +413,7 @@ pub async fn cancel_migration(
             .call(
                 &a,
                 format!("{MIG}CancelMigration"),
-                mpb::MigrationId { id },
+                mpb::CancelMigrationRequest { id },
                 |r| c.migrations.cancel_migration(r),
             )
             .await
