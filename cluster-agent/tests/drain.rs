@@ -3,6 +3,7 @@
 //! Raft and runs it with at most one migration per node; the guests (the PVH test guest)
 //! keep their heartbeats and memory checks across every move.
 
+use cluster_proto::EnumName;
 use std::collections::BTreeMap;
 
 use cluster_proto::drain as dpb;
@@ -32,7 +33,7 @@ async fn create_on(cl: &Cluster, via: u64, node: u64, names: &[String], memory_m
     cl.wait_vms(via, &format!("{names:?} running on node {node}"), |all| {
         names.iter().all(|n| {
             all.iter()
-                .any(|v| vm_name(v) == n && v.runtime == "running" && v.owner_id == node)
+                .any(|v| vm_name(v) == n && v.runtime().name() == "running" && v.owner_id == node)
         })
     })
     .await;
@@ -112,7 +113,7 @@ struct Span {
 fn migrations(events: &[cluster_proto::management::Event]) -> Vec<Span> {
     let mut open: BTreeMap<String, Span> = BTreeMap::new();
     let mut out = Vec::new();
-    for e in events.iter().filter(|e| e.kind == "vm") {
+    for e in events.iter().filter(|e| e.kind().name() == "vm") {
         let Some(rest) = e.message.strip_prefix("VM ") else {
             continue;
         };
@@ -200,7 +201,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
     assert!(dry.planned_finish_unix_ms > dry.planned_start_unix_ms);
     cl.barrier().await;
     let nodes = cl.check(cl.nodes(3).await);
-    assert!(nodes.iter().all(|n| n.state == "up"), "{nodes:?}");
+    assert!(nodes.iter().all(|n| n.state().name() == "up"), "{nodes:?}");
 
     let started = d
         .drain_node(dpb::DrainNodeRequest {
@@ -211,7 +212,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
         .unwrap_or_else(|e| panic!("drain: {e}{}", cl.logs()))
         .into_inner();
     let job = started.job.unwrap_or_default();
-    assert_eq!((job.kind.as_str(), job.node_id), ("drain", 1), "{job:?}");
+    assert_eq!((job.kind().name(), job.node_id), ("drain", 1), "{job:?}");
     // A second drain of the same node is refused while the first runs.
     let again = d
         .drain_node(dpb::DrainNodeRequest {
@@ -233,7 +234,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
     }
     cl.check(cl.wait_node_state(2, 1, "paused", WAIT).await);
 
-    let done = wait_job(&cl, &[3], 1, "ended", |j| j.status != "running").await;
+    let done = wait_job(&cl, &[3], 1, "ended", |j| j.status().name() != "running").await;
     let done = if done.id != job.id {
         drain_job(&cl, &[3], 1)
             .await
@@ -243,11 +244,11 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
     } else {
         done
     };
-    assert_eq!(done.status, "done", "{done:?}");
+    assert_eq!(done.status().name(), "done", "{done:?}");
     let all = cl.list_vms(3).await;
     assert!(
         all.iter()
-            .all(|v| v.owner_id != 1 && v.runtime == "running"),
+            .all(|v| v.owner_id != 1 && v.runtime().name() == "running"),
         "{all:?}"
     );
     // Every guest continues (heartbeat sequence goes on, memory checks pass) elsewhere.
@@ -274,7 +275,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
         assert!(
             events
                 .iter()
-                .any(|e| e.kind == "job" && e.message.contains(want)),
+                .any(|e| e.kind().name() == "job" && e.message.contains(want)),
             "no job event with {want:?}: {:#?}",
             events.iter().map(|e| &e.message).collect::<Vec<_>>()
         );
@@ -290,7 +291,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
         .unwrap_or_else(|e| panic!("resume: {e}{}", cl.logs()))
         .into_inner();
     let fb = r.job.clone().unwrap_or_default();
-    assert_eq!(fb.kind, "failback", "{r:?}");
+    assert_eq!(fb.kind().name(), "failback", "{r:?}");
     assert!(!fb.moves.is_empty(), "{r:?}");
     cl.check(cl.wait_node_state(2, 1, "up", WAIT).await);
     let fb_moves: Vec<String> = fb.moves.iter().map(|m| m.vm.clone()).collect();
@@ -298,7 +299,10 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
         "failback job done",
         WAIT,
         || jobs(&cl, 2),
-        |jobs| jobs.iter().any(|j| j.id == fb.id && j.status == "done"),
+        |jobs| {
+            jobs.iter()
+                .any(|j| j.id == fb.id && j.status().name() == "done")
+        },
     )
     .await;
     let all = cl.list_vms(2).await;
@@ -337,7 +341,7 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
         .unwrap_or_default();
     // Abort as soon as the first VM has moved.
     wait_job(&cl, &[1], 2, "first move done", |j| {
-        j.moves.iter().any(|m| m.status == "done")
+        j.moves.iter().any(|m| m.status().name() == "done")
     })
     .await;
     let aborted = d
@@ -347,11 +351,11 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
         .into_inner()
         .job
         .unwrap_or_default();
-    assert_eq!((aborted.id, aborted.status.as_str()), (job.id, "aborted"));
+    assert_eq!((aborted.id, aborted.status().name()), (job.id, "aborted"));
     let dropped = aborted
         .moves
         .iter()
-        .filter(|m| m.status == "dropped")
+        .filter(|m| m.status().name() == "dropped")
         .count();
     assert!(dropped >= 1, "queued moves dropped: {aborted:?}");
     // Aborting again: nothing runs.
@@ -365,10 +369,10 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
     let j = wait_job(&cl, &[1], 2, "no move in flight", |j| {
         j.moves
             .iter()
-            .all(|m| m.status != "queued" && m.status != "in_flight")
+            .all(|m| m.status().name() != "queued" && m.status().name() != "in_flight")
     })
     .await;
-    assert_eq!(j.status, "aborted", "{j:?}");
+    assert_eq!(j.status().name(), "aborted", "{j:?}");
     let after_abort = cl
         .wait_vms(1, "no migration in flight", |all| {
             all.iter().all(|v| v.migrating_to == 0)
@@ -376,7 +380,7 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
         .await;
     assert_eq!(after_abort.len(), 5);
     assert!(
-        after_abort.iter().all(|v| v.desired == "running"),
+        after_abort.iter().all(|v| v.desired().name() == "running"),
         "{after_abort:?}"
     );
     let moved: Vec<&str> = after_abort
@@ -387,7 +391,9 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
     let stayed = after_abort.len() - moved.len();
     assert!(!moved.is_empty() && stayed >= 1, "{after_abort:?}");
     let nodes = cl.check(cl.nodes(1).await);
-    assert!(nodes.iter().any(|n| n.node_id == 2 && n.state == "paused"));
+    assert!(nodes
+        .iter()
+        .any(|n| n.node_id == 2 && n.state().name() == "paused"));
     let alive = seqs(&heartbeats_after(&cl, 3, &vm_names, &before).await);
 
     // Draining again resumes: a new job moves only the VMs still there.
@@ -403,12 +409,12 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
         .unwrap_or_default();
     assert_ne!(resumed.id, job.id);
     assert_eq!(resumed.moves.len(), stayed, "{resumed:?}");
-    let done = wait_job(&cl, &[1], 2, "ended", |j| j.status != "running").await;
-    assert_eq!(done.status, "done", "{done:?}");
+    let done = wait_job(&cl, &[1], 2, "ended", |j| j.status().name() != "running").await;
+    assert_eq!(done.status().name(), "done", "{done:?}");
     let all = cl.list_vms(1).await;
     assert!(
         all.iter()
-            .all(|v| v.owner_id != 2 && v.runtime == "running"),
+            .all(|v| v.owner_id != 2 && v.runtime().name() == "running"),
         "{all:?}"
     );
     heartbeats_after(&cl, 3, &vm_names, &alive).await;
@@ -444,16 +450,19 @@ async fn leader_kill9_during_a_drain_the_new_leader_finishes_it() {
         .job
         .unwrap_or_default();
     wait_job(&cl, &others[..1], victim, "a move started", |j| {
-        j.moves.iter().any(|m| m.status != "queued")
+        j.moves.iter().any(|m| m.status().name() != "queued")
     })
     .await;
     let killed = cl.kill9(leader);
     cl.check(killed);
     let new_leader = cl.check(cl.wait_leader(&others, WAIT).await);
     assert_ne!(new_leader, leader);
-    let done = wait_job(&cl, &others, victim, "ended", |j| j.status != "running").await;
+    let done = wait_job(&cl, &others, victim, "ended", |j| {
+        j.status().name() != "running"
+    })
+    .await;
     assert_eq!(
-        (done.id, done.status.as_str()),
+        (done.id, done.status().name()),
         (job.id, "done"),
         "{done:?}"
     );
@@ -461,9 +470,9 @@ async fn leader_kill9_during_a_drain_the_new_leader_finishes_it() {
     // leader were failed over by the new leader).
     cl.wait_vms(others[0], "every VM running off the drained node", |all| {
         all.len() == vm_names.len()
-            && all
-                .iter()
-                .all(|v| v.owner_id != victim && v.owner_id != leader && v.runtime == "running")
+            && all.iter().all(|v| {
+                v.owner_id != victim && v.owner_id != leader && v.runtime().name() == "running"
+            })
     })
     .await;
     // No move was started twice: each VM has at most one done move in the job.
@@ -471,7 +480,7 @@ async fn leader_kill9_during_a_drain_the_new_leader_finishes_it() {
         let k = done
             .moves
             .iter()
-            .filter(|m| &m.vm == n && m.status == "done")
+            .filter(|m| &m.vm == n && m.status().name() == "done")
             .count();
         assert!(k <= 1, "{n} moved {k} times: {done:?}");
     }
@@ -579,13 +588,13 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
     assert_eq!(p.policy.map(|p| p.mode).as_deref(), Some("none"));
     let nodes = cl.check(cl.nodes(1).await);
     let n1 = |ns: &[cluster_proto::management::NodeInfo]| {
-        ns.iter().find(|n| n.node_id == 1).map(|n| n.state.clone())
+        ns.iter().find(|n| n.node_id == 1).map(|n| n.state)
     };
     assert_eq!(n1(&nodes), n1(&before_nodes));
     let all = cl.list_vms(1).await;
     assert!(
         all.iter()
-            .all(|v| v.owner_id == 1 && v.runtime == "running"),
+            .all(|v| v.owner_id == 1 && v.runtime().name() == "running"),
         "{all:?}"
     );
 }
@@ -685,17 +694,20 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
         on1 < 3
             && all
                 .iter()
-                .all(|v| v.runtime == "running" && v.migrating_to == 0)
+                .all(|v| v.runtime().name() == "running" && v.migrating_to == 0)
     })
     .await;
     let jobs_now = jobs(&cl, 2).await.unwrap_or_else(|e| panic!("{e}"));
-    assert!(jobs_now.iter().any(|j| j.kind == "balance"), "{jobs_now:?}");
+    assert!(
+        jobs_now.iter().any(|j| j.kind().name() == "balance"),
+        "{jobs_now:?}"
+    );
     // Balanced: the balancer plans nothing more.
     cl.wait_until(
         "balance job finished",
         WAIT,
         || jobs(&cl, 2),
-        |jobs| jobs.iter().all(|j| j.status != "running"),
+        |jobs| jobs.iter().all(|j| j.status().name() != "running"),
     )
     .await;
     let plan = d

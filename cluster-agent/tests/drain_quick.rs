@@ -7,6 +7,7 @@
 use cluster_proto::drain as dpb;
 use cluster_proto::migrations as gpb;
 use cluster_proto::vms as pb;
+use cluster_proto::EnumName;
 use cluster_tests::vm::{guest_spec, mem_boot};
 use cluster_tests::{Cluster, WAIT};
 
@@ -60,7 +61,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
         .plan;
     assert_eq!(plan.len(), 1, "{plan:?}");
     assert_eq!(
-        (plan[0].to_node_id, plan[0].kind.as_str()),
+        (plan[0].to_node_id, plan[0].kind().name()),
         (3, "quick"),
         "{plan:?}"
     );
@@ -91,16 +92,16 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
                         .map(|r| r.into_inner().job)
                 }
             },
-            |j| j.as_ref().is_some_and(|j| j.status != "running"),
+            |j| j.as_ref().is_some_and(|j| j.status().name() != "running"),
         )
         .await
         .unwrap_or_default();
-    assert_eq!(job.status, "done", "{job:?}{}", cl.logs());
+    assert_eq!(job.status().name(), "done", "{job:?}{}", cl.logs());
     assert_eq!(job.moves.len(), 1, "{job:?}");
     assert_eq!(
         (
-            job.moves[0].kind.as_str(),
-            job.moves[0].status.as_str(),
+            job.moves[0].kind().name(),
+            job.moves[0].status().name(),
             job.moves[0].to_node_id
         ),
         ("quick", "done", 3),
@@ -120,8 +121,9 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
         .into_inner()
         .migrations;
     assert!(
-        recs.iter()
-            .any(|m| m.kind == "quick" && m.state == "succeeded" && m.target_node_id == 3),
+        recs.iter().any(|m| m.kind().name() == "quick"
+            && m.state().name() == "succeeded"
+            && m.target_node_id == 3),
         "{recs:?}"
     );
 
@@ -164,7 +166,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
     .await
     .unwrap_or_else(|e| panic!("quick migration back: {e}{}", cl.logs()));
     cl.wait_vm(2, "q", "back on node 1", |v| {
-        v.owner_id == 1 && v.migrating_to == 0 && v.runtime == "running"
+        v.owner_id == 1 && v.migrating_to == 0 && v.runtime().name() == "running"
     })
     .await;
     let (node, last) = cl.heartbeat_after(2, "q", after).await;

@@ -4,6 +4,7 @@
 
 use cluster_proto::migrations as mpb;
 use cluster_proto::vms as pb;
+use cluster_proto::EnumName;
 use cluster_tests::vm::{expect_code, guest_spec, vm_or_default};
 use cluster_tests::{Cluster, WAIT};
 use tonic::Code;
@@ -128,7 +129,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         (
             rec.source_node_id,
             rec.target_node_id,
-            rec.kind.as_str(),
+            rec.kind().name(),
             rec.max_downtime_ms,
             rec.deadline_ms,
             rec.bandwidth_bytes_per_s_max,
@@ -187,7 +188,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     );
     // The stream's last message carries the finished record.
     let last = final_record(&cl, other, rec.id).await;
-    assert_eq!(last.state, "cancelled", "{last:?}");
+    assert_eq!(last.state().name(), "cancelled", "{last:?}");
     assert!(last.reason.contains("cancel"), "{last:?}");
     let v = cl.wait_settled(1, "busy").await;
     assert_eq!(v.owner_id, src, "cancelled migration moved the VM: {v:?}");
@@ -215,7 +216,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     .unwrap_or_else(|e| panic!("migrate busy: {e}{}", cl.logs()));
     let rec2 = cl.running_migration(other, "busy", WAIT).await;
     let done2 = cl.migration_end(other, rec2.id, WAIT).await;
-    assert_eq!(done2.state, "failed", "{done2:?}");
+    assert_eq!(done2.state().name(), "failed", "{done2:?}");
     assert!(
         done2.reason.contains("deadline") && done2.reason.contains("converge"),
         "{done2:?}"
@@ -234,7 +235,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     .unwrap_or_else(|e| panic!("migrate calm: {e}{}", cl.logs()));
     let rec3 = cl.running_migration(other, "calm", WAIT).await;
     let fin = final_record(&cl, other, rec3.id).await;
-    assert_eq!(fin.state, "succeeded", "{fin:?}");
+    assert_eq!(fin.state().name(), "succeeded", "{fin:?}");
     assert_eq!(fin.bandwidth_bytes_per_s_max, 0, "no cap: {fin:?}");
     let s = fin.stats.unwrap_or_default();
     assert!(
@@ -265,7 +266,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
             .migrations;
         let states: Vec<(&str, &str)> = all
             .iter()
-            .map(|r| (r.vm.as_str(), r.state.as_str()))
+            .map(|r| (r.vm.as_str(), r.state().name()))
             .collect();
         assert_eq!(
             states,
@@ -394,7 +395,7 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         .migrations;
     let states: Vec<(String, String)> = listed
         .iter()
-        .map(|m| (m.vm.clone(), m.state.clone()))
+        .map(|m| (m.vm.clone(), m.state().name().to_owned()))
         .collect();
     assert_eq!(
         states,
@@ -418,12 +419,12 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         .into_inner()
         .migration
         .unwrap_or_default();
-    assert_eq!(cancelled.state, "cancelled", "{cancelled:?}");
+    assert_eq!(cancelled.state().name(), "cancelled", "{cancelled:?}");
     vm.stop_vm(pb::StopVmRequest { name: "d".into() })
         .await
         .unwrap_or_else(|e| panic!("stop d: {e}"));
     let dropped = cl.migration_end(b_node, qd.queued_migration_id, WAIT).await;
-    assert_eq!(dropped.state, "failed", "{dropped:?}");
+    assert_eq!(dropped.state().name(), "failed", "{dropped:?}");
     assert!(
         dropped.reason.contains("dropped from the queue"),
         "{dropped:?}"
@@ -455,9 +456,9 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
     )
     .await;
     let hog_end = cl.migration_end(b_node, hog.id, WAIT).await;
-    assert_eq!(hog_end.state, "cancelled", "{hog_end:?}");
+    assert_eq!(hog_end.state().name(), "cancelled", "{hog_end:?}");
     let b = cl.migration_end(b_node, qb.queued_migration_id, WAIT).await;
-    assert_eq!(b.state, "succeeded", "{b:?}{}", cl.logs());
+    assert_eq!(b.state().name(), "succeeded", "{b:?}{}", cl.logs());
     assert_eq!((b.source_node_id, b.target_node_id), (a, b_node));
     assert!(
         b.started_unix_ms >= hog_end.ended_unix_ms,
@@ -468,5 +469,5 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
     let v = cl.wait_settled(a, "b").await;
     assert_eq!(v.owner_id, b_node);
     let c = vm_or_default(&mut vm, "c").await;
-    assert_eq!((c.owner_id, c.runtime.as_str()), (a, "running"));
+    assert_eq!((c.owner_id, c.runtime().name()), (a, "running"));
 }

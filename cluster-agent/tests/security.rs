@@ -8,6 +8,7 @@ use cluster_proto::management::{self as pb};
 use cluster_proto::pki::{self, Ca, Identity, Role, TlsDir, TlsMaterial};
 use cluster_proto::raft::raft_peer_service_client::RaftPeerServiceClient;
 use cluster_proto::raft::{ForwardWriteRequest, HeartbeatRequest, PeerSilence};
+use cluster_proto::EnumName;
 use cluster_tests::pki::{endpoint_as, pki as test_pki};
 use cluster_tests::{Cluster, Options};
 use std::net::SocketAddr;
@@ -669,7 +670,9 @@ async fn a_vm_booting_a_file_outside_image_dirs_fails_with_the_reason() {
             .await
             .unwrap_or_else(|e| panic!("create {name}: {e:?}"));
         let v = cl
-            .wait_vm(1, name, "failed with the reason", |v| v.runtime == "failed")
+            .wait_vm(1, name, "failed with the reason", |v| {
+                v.runtime().name() == "failed"
+            })
             .await;
         assert!(
             v.reason.contains("allows no kernel images") || v.reason.contains("image_dirs"),
@@ -787,7 +790,7 @@ async fn short_lived_node_certificates_are_renewed_before_expiry_and_the_cluster
     }
     let nodes = cl.nodes(1).await.unwrap_or_else(|e| panic!("{e}"));
     assert!(
-        nodes.iter().all(|n| n.state == "up"),
+        nodes.iter().all(|n| n.state().name() == "up"),
         "every node up: {nodes:?}"
     );
 

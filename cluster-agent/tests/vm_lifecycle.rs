@@ -3,6 +3,7 @@
 //! agent's embedded VMM (the PVH test guest), and their consoles are streamed from any
 //! agent.
 
+use cluster_proto::EnumName;
 use std::time::Instant;
 
 use cluster_proto::vms as pb;
@@ -158,7 +159,10 @@ async fn vms_run_on_scheduled_nodes_stream_consoles_and_stop() {
         })
         .await
         .unwrap_or_else(|s| panic!("stop: {s}{}", cl.logs()));
-    assert_eq!(r.into_inner().vm.unwrap_or_default().desired, "stopped");
+    assert_eq!(
+        r.into_inner().vm.unwrap_or_default().desired().name(),
+        "stopped"
+    );
     let stopped = cl.wait_runtime(survivor, "vm-a", "stopped").await;
     assert_eq!(stopped.owner_id, a.owner_id);
     expect_code(
@@ -204,7 +208,7 @@ async fn owner_kill9_restarts_its_vm_on_a_survivor() {
     // Wait for a new owner to report Running, then for its first heartbeat.
     let after = cl
         .wait_vm(survivor, "vm-f", "restarted elsewhere", |v| {
-            v.owner_id != owner && v.runtime == "running"
+            v.owner_id != owner && v.runtime().name() == "running"
         })
         .await;
     let (node, _) = cl.heartbeat_after(survivor, "vm-f", 0).await;
@@ -278,7 +282,7 @@ async fn live_migration_moves_a_running_vm_and_the_guest_keeps_counting() {
     assert!(target != 0 && target != before.owner_id, "{r:?}");
     let after = cl
         .wait_vm(3, "vm-m", "migrated", |v| {
-            v.migrating_to == 0 && v.runtime == "running" && v.owner_id != before.owner_id
+            v.migrating_to == 0 && v.runtime().name() == "running" && v.owner_id != before.owner_id
         })
         .await;
     assert_eq!(after.owner_id, target);

@@ -101,14 +101,14 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
             node_id, reason, ..
         }) => {
             let state = if matches!(cli.command, Cmd::Node(NodeCmd::Pause { .. })) {
-                "paused"
+                pb::NodeState::Paused
             } else {
-                "up"
+                pb::NodeState::Up
             };
             let r = c
                 .set_node_state(pb::SetNodeStateRequest {
                     node_id: crate::nodes::node_id(cli, node_id).await?,
-                    state: state.into(),
+                    state: state as i32,
                     reason: reason.clone(),
                 })
                 .await

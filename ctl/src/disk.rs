@@ -4,6 +4,7 @@
 use clap::Subcommand;
 use cluster_proto::volumes as pb;
 use cluster_proto::volumes::volume_service_client::VolumeServiceClient;
+use cluster_proto::EnumName;
 use serde::Serialize;
 
 use crate::client::{call, service, CtlError};
@@ -51,7 +52,7 @@ struct LockJson<'a> {
 fn lock_json(l: &pb::DiskLock) -> LockJson<'_> {
     LockJson {
         disk: &l.disk,
-        mode: &l.mode,
+        mode: l.mode().name(),
         holders: &l.holders,
         token: l.token,
         term: l.term,
@@ -116,9 +117,11 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
                         .iter()
                         .map(|d| {
                             let (mode, holder, token) = match &d.lock {
-                                Some(l) => {
-                                    (l.mode.clone(), holders(&l.holders), l.token.to_string())
-                                }
+                                Some(l) => (
+                                    l.mode().name().to_owned(),
+                                    holders(&l.holders),
+                                    l.token.to_string(),
+                                ),
                                 None => ("-".into(), "-".into(), "-".into()),
                             };
                             vec![
@@ -151,7 +154,7 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
                         .map(|l| {
                             vec![
                                 l.disk.clone(),
-                                l.mode.clone(),
+                                l.mode().name().to_owned(),
                                 holders(&l.holders),
                                 l.token.to_string(),
                                 l.term.to_string(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Subcommand, ValueEnum};
 use cluster_proto::drain as pb;
 use cluster_proto::drain::drain_service_client::DrainServiceClient;
+use cluster_proto::EnumName;
 use serde::Serialize;
 
 use crate::client::{call, service, CtlError};
@@ -131,12 +132,12 @@ fn move_view(m: &pb::MoveInfo) -> MoveView<'_> {
         vm: &m.vm,
         from_node_id: m.from_node_id,
         to_node_id: m.to_node_id,
-        kind: &m.kind,
+        kind: m.kind().name(),
         why_not_live: &m.why_not_live,
         wave: m.wave,
         planned_start_unix_ms: m.planned_start_unix_ms,
         planned_end_unix_ms: m.planned_end_unix_ms,
-        status: &m.status,
+        status: m.status().name(),
         started_unix_ms: m.started_unix_ms,
         ended_unix_ms: m.ended_unix_ms,
         reason: &m.reason,
@@ -161,9 +162,9 @@ struct JobView<'a> {
 fn job_view(j: &pb::JobInfo) -> JobView<'_> {
     JobView {
         id: j.id,
-        kind: &j.kind,
+        kind: j.kind().name(),
         node_id: j.node_id,
-        status: &j.status,
+        status: j.status().name(),
         reason: &j.reason,
         moves: j.moves.iter().map(move_view).collect(),
         planned_finish_unix_ms: j.planned_finish_unix_ms,
@@ -179,10 +180,10 @@ fn secs(ms: u64) -> String {
 }
 
 fn kind_text(m: &pb::MoveInfo) -> String {
-    if m.kind == "quick" && !m.why_not_live.is_empty() {
+    if m.kind() == pb::MoveKind::Quick && !m.why_not_live.is_empty() {
         format!("quick ({})", m.why_not_live.join("; "))
     } else {
-        m.kind.clone()
+        m.kind().name().to_owned()
     }
 }
 
@@ -252,16 +253,16 @@ pub fn render_drain(fmt: Format, r: &pb::DrainNodeResponse, node: u64) -> Result
 }
 
 fn progress(j: &pb::JobInfo) -> String {
-    let n = |s: &str| j.moves.iter().filter(|m| m.status == s).count();
-    let what = match j.kind.as_str() {
-        "drain" => format!("drain of node {}", j.node_id),
-        "failback" => format!("failback to node {}", j.node_id),
+    let n = |s: &str| j.moves.iter().filter(|m| m.status().name() == s).count();
+    let what = match j.kind() {
+        pb::JobKind::Drain => format!("drain of node {}", j.node_id),
+        pb::JobKind::Failback => format!("failback to node {}", j.node_id),
         _ => "balancing".to_string(),
     };
     let mut s = format!(
         "job {}: {what}: {} — {}/{} moved, {} in flight, {} queued, {} failed",
         j.id,
-        j.status,
+        j.status().name(),
         n("done"),
         j.moves.len(),
         n("in_flight"),
@@ -301,7 +302,7 @@ pub fn render_job(fmt: Format, j: &pb::JobInfo) -> Result<String, CtlError> {
                 m.from_node_id.to_string(),
                 m.to_node_id.to_string(),
                 kind_text(m),
-                m.status.clone(),
+                m.status().name().to_owned(),
                 took,
                 m.reason.clone(),
             ]
@@ -326,16 +327,20 @@ pub fn render_jobs(fmt: Format, jobs: &[pb::JobInfo]) -> Result<String, CtlError
     let rows: Vec<Vec<String>> = jobs
         .iter()
         .map(|j| {
-            let done = j.moves.iter().filter(|m| m.status == "done").count();
+            let done = j
+                .moves
+                .iter()
+                .filter(|m| m.status() == pb::MoveStatus::Done)
+                .count();
             vec![
                 j.id.to_string(),
-                j.kind.clone(),
+                j.kind().name().to_owned(),
                 if j.node_id == 0 {
                     "-".into()
                 } else {
                     j.node_id.to_string()
                 },
-                j.status.clone(),
+                j.status().name().to_owned(),
                 format!("{done}/{}", j.moves.len()),
                 j.reason.clone(),
             ]
@@ -468,7 +473,7 @@ async fn watch(
         let Some(j) = r.job else {
             return Err(CtlError::Render("the agent answered without a job".into()));
         };
-        if j.status != "running" || started.elapsed() > WATCH_MAX {
+        if j.status() != pb::JobStatus::Running || started.elapsed() > WATCH_MAX {
             if let Some(b) = bars.take() {
                 b.clear();
             }
@@ -506,7 +511,15 @@ struct JobBars {
 
 impl JobBars {
     fn update(&mut self, j: &pb::JobInfo, line: &str) {
-        let finished = |status: &str| matches!(status, "done" | "failed" | "dropped" | "skipped");
+        let finished = |status: pb::MoveStatus| {
+            matches!(
+                status,
+                pb::MoveStatus::Done
+                    | pb::MoveStatus::Failed
+                    | pb::MoveStatus::Dropped
+                    | pb::MoveStatus::Skipped
+            )
+        };
         let multi = &self.multi;
         let job = self.job.get_or_insert_with(|| {
             let b = multi.add(indicatif::ProgressBar::new(0));
@@ -518,7 +531,7 @@ impl JobBars {
             b
         });
         job.set_length(j.moves.len() as u64);
-        job.set_position(j.moves.iter().filter(|m| finished(&m.status)).count() as u64);
+        job.set_position(j.moves.iter().filter(|m| finished(m.status())).count() as u64);
         job.set_message(line.to_owned());
         for m in &j.moves {
             let bar = self.moves.entry(m.vm.clone()).or_insert_with(|| {
@@ -534,12 +547,17 @@ impl JobBars {
             }
             let mut msg = format!(
                 "{}: node {} -> node {} ({}, wave {}): {}",
-                m.vm, m.from_node_id, m.to_node_id, m.kind, m.wave, m.status
+                m.vm,
+                m.from_node_id,
+                m.to_node_id,
+                m.kind().name(),
+                m.wave,
+                m.status().name()
             );
             if !m.reason.is_empty() {
                 msg.push_str(&format!(" ({})", m.reason));
             }
-            if finished(&m.status) {
+            if finished(m.status()) {
                 bar.finish_with_message(msg);
             } else {
                 bar.set_message(msg);
@@ -557,10 +575,10 @@ impl JobBars {
 /// How a watched job that stopped running ends the command: a failed or aborted job is an
 /// error (exit 5), so scripts that `--watch` a drain can tell it did not happen.
 fn watch_outcome(j: &pb::JobInfo) -> Result<(), CtlError> {
-    match j.status.as_str() {
-        "failed" | "aborted" => Err(CtlError::Ended {
-            what: format!("the {} of node {}", j.kind, j.node_id),
-            status: j.status.clone(),
+    match j.status() {
+        pb::JobStatus::Failed | pb::JobStatus::Aborted => Err(CtlError::Ended {
+            what: format!("the {} of node {}", j.kind().name(), j.node_id),
+            status: j.status().name().to_owned(),
         }),
         _ => Ok(()),
     }
@@ -728,9 +746,9 @@ mod tests {
     #[test]
     fn a_watched_job_that_failed_or_was_aborted_exits_non_zero() {
         let job = |status: &str| pb::JobInfo {
-            kind: "drain".into(),
+            kind: pb::JobKind::Drain as i32,
             node_id: 3,
-            status: status.into(),
+            status: pb::JobStatus::from_name(status).map_or(0, |s| s as i32),
             ..Default::default()
         };
         for status in ["failed", "aborted"] {
@@ -747,11 +765,11 @@ mod tests {
             vm: vm.into(),
             from_node_id: 1,
             to_node_id: 2,
-            kind: "live".into(),
+            kind: pb::MoveKind::Live as i32,
             wave,
             planned_start_unix_ms: 1000 + u64::from(wave) * 500,
             planned_end_unix_ms: 1400 + u64::from(wave) * 500,
-            status: status.into(),
+            status: pb::MoveStatus::from_name(status).map_or(0, |s| s as i32),
             ..Default::default()
         }
     }
@@ -809,9 +827,9 @@ mod tests {
         assert!(j.contains("\"lower_bound_ms\": 800"), "{j}");
         let job = pb::JobInfo {
             id: 4,
-            kind: "drain".into(),
+            kind: pb::JobKind::Drain as i32,
             node_id: 1,
-            status: "running".into(),
+            status: pb::JobStatus::Running as i32,
             moves: vec![mv("a", 1, "done"), mv("b", 2, "in_flight")],
             ..Default::default()
         };

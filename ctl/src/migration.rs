@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use cluster_proto::migrations as pb;
 use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
+use cluster_proto::EnumName;
 use serde::Serialize;
 
 use crate::client::{call, service, status_error, CtlError};
@@ -64,8 +65,8 @@ fn to_json(m: &pb::MigrationInfo) -> MigrationJson {
         vm: m.vm.clone(),
         source: m.source_node_id,
         target: m.target_node_id,
-        kind: m.kind.clone(),
-        state: m.state.clone(),
+        kind: m.kind().name().to_owned(),
+        state: m.state().name().to_owned(),
         cancel_requested: m.cancel_requested,
         max_downtime_ms: (m.max_downtime_ms != 0).then_some(m.max_downtime_ms),
         deadline_ms: (m.deadline_ms != 0).then_some(m.deadline_ms),
@@ -112,8 +113,8 @@ fn render_list(fmt: Format, ms: &[pb::MigrationInfo]) -> Result<String, CtlError
                 m.vm.clone(),
                 m.source_node_id.to_string(),
                 m.target_node_id.to_string(),
-                m.kind.clone(),
-                m.state.clone(),
+                m.kind().name().to_owned(),
+                m.state().name().to_owned(),
                 duration_ms(m),
                 m.stats
                     .as_ref()
@@ -161,13 +162,13 @@ fn render_one(fmt: Format, m: &pb::MigrationInfo) -> Result<String, CtlError> {
     line("vm", m.vm.clone());
     line("source", m.source_node_id.to_string());
     line("target", m.target_node_id.to_string());
-    line("kind", m.kind.clone());
+    line("kind", m.kind().name().to_owned());
     line(
         "state",
-        if m.cancel_requested && m.state == "running" {
+        if m.cancel_requested && m.state() == pb::MigrationState::Running {
             "running (cancelling)".into()
         } else {
-            m.state.clone()
+            m.state().name().to_owned()
         },
     );
     line("max_downtime_ms", opt(m.max_downtime_ms));
@@ -278,7 +279,7 @@ pub fn final_line(m: &pb::MigrationInfo) -> String {
         Some(s) => format!(
             "migration {} {}: {} rounds, {:.1} MiB on the wire, blackout {} us, receipt {}",
             m.id,
-            m.state,
+            m.state().name(),
             s.rounds,
             mib(s.wire_bytes),
             s.blackout_us,
@@ -288,7 +289,7 @@ pub fn final_line(m: &pb::MigrationInfo) -> String {
                 "MISMATCH"
             }
         ),
-        None => format!("migration {} {}: {}", m.id, m.state, m.reason),
+        None => format!("migration {} {}: {}", m.id, m.state().name(), m.reason),
     }
 }
 
@@ -316,12 +317,12 @@ pub async fn wait_queued(
             .into_inner()
             .migration
             .unwrap_or_default();
-        match m.state.as_str() {
-            "queued" => {}
-            "failed" | "cancelled" => {
+        match m.state() {
+            pb::MigrationState::Queued => {}
+            pb::MigrationState::Failed | pb::MigrationState::Cancelled => {
                 return Err(CtlError::Ended {
                     what: format!("migration {id} of VM {vm}"),
-                    status: format!("{}: {}", m.state, m.reason),
+                    status: format!("{}: {}", m.state().name(), m.reason),
                 })
             }
             _ => return Ok(m.target_node_id),
@@ -347,7 +348,12 @@ pub async fn follow_progress(ep: &str, timeout: Duration, vm: &str) -> Result<()
         .await
         .map_err(fail)?
         .into_inner();
-    let Some(m) = list.migrations.iter().rev().find(|m| m.state == "running") else {
+    let Some(m) = list
+        .migrations
+        .iter()
+        .rev()
+        .find(|m| m.state() == pb::MigrationState::Running)
+    else {
         return Ok(());
     };
     let mut stream = c

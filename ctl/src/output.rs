@@ -1,6 +1,7 @@
 //! Rendering: human tables by default, JSON with `-o json`.
 
 use cluster_proto::management as pb;
+use cluster_proto::EnumName;
 use serde::Serialize;
 
 use crate::client::CtlError;
@@ -98,8 +99,8 @@ fn node_view(n: &pb::NodeInfo) -> Node {
     Node {
         node_id: n.node_id,
         name: n.name.clone(),
-        state: n.state.clone(),
-        raft_role: n.raft_role.clone(),
+        state: n.state().name().to_owned(),
+        raft_role: n.raft_role().name().to_owned(),
         mgmt_addr: n.mgmt_addr.clone(),
         raft_addr: n.raft_addr.clone(),
         migration_addr: n.migration_addr.clone(),
@@ -107,18 +108,18 @@ fn node_view(n: &pb::NodeInfo) -> Node {
         migration_subnet: n.migration_subnet.clone(),
         state_since_unix_ms: n.state_since_unix_ms,
         facts: Facts {
+            kvm_kind: f.kvm_kind().name().to_owned(),
             cpu_vendor: f.cpu_vendor,
             cpu_model: f.cpu_model,
             logical_cpus: f.logical_cpus,
             memory_bytes: f.memory_bytes,
-            kvm_kind: f.kvm_kind,
         },
         networks: n
             .networks
             .iter()
             .map(|v| (v.name.clone(), v.bridge.clone()))
             .collect(),
-        migration_transport: n.migration_transport.clone(),
+        migration_transport: n.migration_transport().name().to_owned(),
         cert_expires_unix_ms: n.cert_expires_unix_ms,
         state_reason: n.state_reason.clone(),
         standby_requested: (!n.standby_requested.is_empty()).then(|| n.standby_requested.clone()),
@@ -341,7 +342,7 @@ pub fn status(fmt: Format, r: &pb::ClusterStatusResponse) -> Result<String, CtlE
         cluster_name: r.cluster_name.clone(),
         initialized: r.initialized,
         this_node_id: r.this_node_id,
-        raft_state: r.raft_state.clone(),
+        raft_state: r.raft_state().name().to_owned(),
         leader_id: (r.leader_id != 0).then_some(r.leader_id),
         leader_mgmt_addr: r.leader_mgmt_addr.clone(),
         term: r.term,
@@ -462,7 +463,7 @@ impl From<&pb::Event> for Event {
             seq: e.seq,
             at: rfc3339(e.at_unix_ms),
             at_unix_ms: e.at_unix_ms,
-            kind: e.kind.clone(),
+            kind: e.kind().name().to_owned(),
             node_id: e.node_id,
             message: e.message.clone(),
         }
@@ -477,7 +478,7 @@ fn event_row(e: &pb::Event, now_unix_ms: u64) -> Vec<String> {
         e.seq.to_string(),
         local_time(e.at_unix_ms),
         age(e.at_unix_ms, now_unix_ms),
-        e.kind.clone(),
+        e.kind().name().to_owned(),
         e.node_id.to_string(),
         e.message.clone(),
     ]
@@ -631,7 +632,7 @@ mod tests {
         let ev = pb::Event {
             seq: 7,
             at_unix_ms: 1_767_323_045_678,
-            kind: "node_joined".into(),
+            kind: pb::EventKind::NodeJoined as i32,
             node_id: 2,
             message: "node 2 joined".into(),
         };
@@ -677,7 +678,7 @@ mod tests {
         let n = pb::NodeInfo {
             node_id: 2,
             name: "n2".into(),
-            state: "down".into(),
+            state: pb::NodeState::Down as i32,
             ..Default::default()
         };
         let t = nodes(Format::Table, std::slice::from_ref(&n)).unwrap_or_default();
@@ -698,7 +699,7 @@ mod tests {
         let n = pb::NodeInfo {
             node_id: 1,
             name: "n1".into(),
-            state: "up".into(),
+            state: pb::NodeState::Up as i32,
             facts: Some(pb::NodeFacts {
                 logical_cpus: 4,
                 memory_bytes: 8 << 30,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
+use cluster_proto::EnumName;
 use serde::Serialize;
 
 use crate::client::{call, service, status_error, CtlError};
@@ -318,8 +319,8 @@ pub fn view(v: &pb::VmInfo) -> VmView {
         vcpus: spec.vcpus,
         memory_mib: spec.memory_mib,
         boot,
-        desired: v.desired.clone(),
-        runtime: v.runtime.clone(),
+        desired: v.desired().name().to_owned(),
+        runtime: v.runtime().name().to_owned(),
         owner_id: v.owner_id,
         owner_name: v.owner_name.clone(),
         reason: v.reason.clone(),
@@ -759,13 +760,13 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                             status: format!("without moving it: {}", v.reason),
                         });
                     }
-                    if v.runtime == "failed" {
+                    if v.runtime() == pb::RuntimeState::Failed {
                         return Err(CtlError::Ended {
                             what: format!("VM {n} on node {target} after its migration"),
                             status: format!("failed: {}", v.reason),
                         });
                     }
-                    if v.runtime == "running" {
+                    if v.runtime() == pb::RuntimeState::Running {
                         return render_one(fmt, Some(&v));
                     }
                 }
@@ -864,7 +865,7 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                     .into_inner()
                     .vm
                     .unwrap_or_default();
-                if v.desired != "running" {
+                if v.desired() != pb::DesiredState::Running {
                     return Ok(String::new());
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -886,8 +887,8 @@ mod tests {
                 memory_mib: 512,
                 ..Default::default()
             }),
-            runtime: "running".into(),
-            desired: "running".into(),
+            runtime: pb::RuntimeState::Running as i32,
+            desired: pb::DesiredState::Running as i32,
             owner_id: 1,
             demand,
             ..Default::default()
@@ -969,10 +970,10 @@ mod tests {
                 })),
                 ..Default::default()
             }),
-            desired: "running".into(),
+            desired: pb::DesiredState::Running as i32,
             owner_id: owner,
             owner_name: "n2".into(),
-            runtime: "running".into(),
+            runtime: pb::RuntimeState::Running as i32,
             ..Default::default()
         }
     }

@@ -46,7 +46,10 @@ pub const READ_ONLY_METHODS: &[&str] = &[
     "/cluster.migrations.v1.MigrationService/WatchMigration",
 ];
 
+pub mod names;
 pub mod pki;
+
+pub use names::EnumName;
 
 /// Public management API (`cluster.management.v1`).
 pub mod management {

@@ -6,6 +6,7 @@
 //! restarted agent comes back as the same member. Agent logs go to
 //! `<tempdir>/node-<id>.log`; [`Cluster::log_tail`] shows them when a test fails.
 
+use cluster_proto::EnumName;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -895,7 +896,7 @@ impl Cluster {
             let nodes = self.nodes(via).await?;
             Ok(nodes
                 .into_iter()
-                .find(|n| n.node_id == node && n.state == state))
+                .find(|n| n.node_id == node && n.state().name() == state))
         })
         .await
     }
@@ -906,7 +907,7 @@ impl Cluster {
         let mut c = self.client(via).await?;
         c.set_node_state(pb::SetNodeStateRequest {
             node_id: node,
-            state: "paused".into(),
+            state: cluster_proto::management::NodeState::Paused as i32,
             reason: "test".into(),
         })
         .await

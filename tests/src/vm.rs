@@ -7,6 +7,7 @@
 //! return a `String` error for the benches.
 
 use cluster_proto::drain::drain_service_client::DrainServiceClient;
+use cluster_proto::EnumName;
 use std::time::Duration;
 
 use cluster_proto::migrations as mpb;
@@ -163,14 +164,14 @@ impl Cluster {
 
     /// VM `name` once its runtime state is `runtime` (e.g. "running", "stopped").
     pub async fn wait_runtime(&self, via: u64, name: &str, runtime: &str) -> pb::VmInfo {
-        self.wait_vm(via, name, runtime, |v| v.runtime == runtime)
+        self.wait_vm(via, name, runtime, |v| v.runtime().name() == runtime)
             .await
     }
 
     /// VM `name` once it runs with no migration under way.
     pub async fn wait_settled(&self, via: u64, name: &str) -> pb::VmInfo {
         self.wait_vm(via, name, "running, not migrating", |v| {
-            v.runtime == "running" && v.migrating_to == 0
+            v.runtime().name() == "running" && v.migrating_to == 0
         })
         .await
     }
@@ -276,7 +277,7 @@ impl Cluster {
                                 .migrations
                                 .into_iter()
                                 .rev()
-                                .find(|r| r.state == "running")
+                                .find(|r| r.state().name() == "running")
                         })
                 }
             })
@@ -299,7 +300,7 @@ impl Cluster {
                             .map(|r| r.into_inner().migration.unwrap_or_default())
                     }
                 },
-                |r| r.state != "running" && r.state != "queued",
+                |r| r.state().name() != "running" && r.state().name() != "queued",
             )
             .await;
         self.check(r)
@@ -500,7 +501,7 @@ pub async fn try_wait_migrated(
 ) -> Result<(), String> {
     loop {
         let v = try_get_vm(c, name).await?;
-        if v.migrating_to == 0 && v.owner_id == to && v.runtime == "running" {
+        if v.migrating_to == 0 && v.owner_id == to && v.runtime().name() == "running" {
             return Ok(());
         }
         if v.migrating_to == 0 && v.owner_id != to {

@@ -94,12 +94,23 @@ pub fn move_to_pb(m: &JobMove) -> pb::MoveInfo {
         vm: m.vm.clone(),
         from_node_id: m.from,
         to_node_id: m.to,
-        kind: if m.quick { "quick" } else { "live" }.into(),
+        kind: if m.quick {
+            pb::MoveKind::Quick
+        } else {
+            pb::MoveKind::Live
+        } as i32,
         why_not_live: m.why_not_live.clone(),
         wave: m.wave,
         planned_start_unix_ms: m.planned_start_unix_ms,
         planned_end_unix_ms: m.planned_end_unix_ms,
-        status: m.status.as_str().into(),
+        status: match m.status {
+            jobs::MoveStatus::Queued => pb::MoveStatus::Queued,
+            jobs::MoveStatus::InFlight => pb::MoveStatus::InFlight,
+            jobs::MoveStatus::Done => pb::MoveStatus::Done,
+            jobs::MoveStatus::Failed => pb::MoveStatus::Failed,
+            jobs::MoveStatus::Dropped => pb::MoveStatus::Dropped,
+            jobs::MoveStatus::Skipped => pb::MoveStatus::Skipped,
+        } as i32,
         started_unix_ms: m.started_unix_ms,
         ended_unix_ms: m.ended_unix_ms,
         reason: m.reason.clone(),
@@ -109,9 +120,18 @@ pub fn move_to_pb(m: &JobMove) -> pb::MoveInfo {
 pub fn job_to_pb(j: &JobRecord) -> pb::JobInfo {
     pb::JobInfo {
         id: j.id,
-        kind: j.kind.as_str().into(),
+        kind: match j.kind {
+            jobs::JobKind::Drain => pb::JobKind::Drain,
+            jobs::JobKind::Failback => pb::JobKind::Failback,
+            jobs::JobKind::Balance => pb::JobKind::Balance,
+        } as i32,
         node_id: j.node,
-        status: j.status.as_str().into(),
+        status: match j.status {
+            jobs::JobStatus::Running => pb::JobStatus::Running,
+            jobs::JobStatus::Done => pb::JobStatus::Done,
+            jobs::JobStatus::Aborted => pb::JobStatus::Aborted,
+            jobs::JobStatus::Failed => pb::JobStatus::Failed,
+        } as i32,
         reason: j.reason.clone(),
         moves: j.moves.iter().map(move_to_pb).collect(),
         planned_finish_unix_ms: j.planned_finish_unix_ms,

@@ -44,19 +44,19 @@ impl ManagementService for ManagementApi {
             .and_then(|l| membership.get_node(&l).map(|n| n.mgmt_addr.clone()))
             .unwrap_or_default();
         let raft_state = match m.state {
-            ServerState::Leader => "leader",
-            ServerState::Follower if learner_ids.contains(&a.node_id()) => "learner",
-            ServerState::Follower => "follower",
-            ServerState::Candidate => "candidate",
-            ServerState::Learner => "learner",
-            ServerState::Shutdown => "shutdown",
+            ServerState::Leader => pb::RaftState::Leader,
+            ServerState::Follower if learner_ids.contains(&a.node_id()) => pb::RaftState::Learner,
+            ServerState::Follower => pb::RaftState::Follower,
+            ServerState::Candidate => pb::RaftState::Candidate,
+            ServerState::Learner => pb::RaftState::Learner,
+            ServerState::Shutdown => pb::RaftState::Shutdown,
         };
         let info = a.cluster_info();
         Ok(Response::new(pb::ClusterStatusResponse {
             leader_id: m.current_leader.unwrap_or(0),
             term: m.current_term,
             this_node_id: a.node_id(),
-            raft_state: raft_state.to_string(),
+            raft_state: raft_state as i32,
             initialized: !voter_ids.is_empty(),
             voter_ids,
             learner_ids,
@@ -239,11 +239,11 @@ impl ManagementService for ManagementApi {
                 .map(|r| {
                     let id = r.registration.node_id;
                     let role = if voters.contains(&id) {
-                        "voter"
+                        pb::RaftRole::Voter
                     } else if learners.contains(&id) {
-                        "learner"
+                        pb::RaftRole::Learner
                     } else {
-                        "none"
+                        pb::RaftRole::None
                     };
                     pb::NodeInfo {
                         demand: crate::api::convert::demand::node_demand_to_pb(&demand, id),
@@ -264,11 +264,11 @@ impl ManagementService for ManagementApi {
         let m = self.agent.metrics();
         let mem = m.membership_config.membership();
         let role = if mem.voter_ids().any(|v| v == id) {
-            "voter"
+            pb::RaftRole::Voter
         } else if mem.learner_ids().any(|v| v == id) {
-            "learner"
+            pb::RaftRole::Learner
         } else {
-            "none"
+            pb::RaftRole::None
         };
         let demand = self.agent.demand();
         self.agent
@@ -291,12 +291,13 @@ impl ManagementService for ManagementApi {
         request: Request<pb::SetNodeStateRequest>,
     ) -> Result<Response<pb::SetNodeStateResponse>, Status> {
         let r = request.into_inner();
-        let target = match r.state.as_str() {
-            "paused" => NodeState::Paused,
-            "up" => NodeState::Up,
-            other => {
+        let target = match r.state() {
+            pb::NodeState::Paused => NodeState::Paused,
+            pb::NodeState::Up => NodeState::Up,
+            _ => {
                 return Err(Status::invalid_argument(format!(
-                    "state {other:?} cannot be set by hand; use \"paused\" or \"up\" (down is decided by liveness)"
+                    "state {} cannot be set by hand; use NODE_STATE_PAUSED or NODE_STATE_UP (down is decided by liveness)",
+                    cluster_proto::names::name_of::<pb::NodeState>(r.state)
                 )))
             }
         };

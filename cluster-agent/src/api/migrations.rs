@@ -24,7 +24,9 @@ use crate::api::forward;
 use crate::api::status;
 use crate::control::progress::{LiveProgress, ProgressBoard};
 use crate::node::{now_unix_ms, Agent, ForwardRequest};
-use crate::state::migrations::{self, MigrationCommand, MigrationRecord, MigrationState};
+use crate::state::migrations::{
+    self, MigrationCommand, MigrationKind, MigrationRecord, MigrationState,
+};
 use crate::state::Command;
 
 /// How often a progress stream looks at the board and the record.
@@ -39,8 +41,17 @@ pub fn record_to_pb(m: &MigrationRecord) -> pb::MigrationInfo {
         vm: m.vm.clone(),
         source_node_id: m.source,
         target_node_id: m.target,
-        kind: m.kind.as_str().into(),
-        state: m.state.as_str().into(),
+        kind: match m.kind {
+            MigrationKind::Live => pb::MigrationKind::Live,
+            MigrationKind::Quick => pb::MigrationKind::Quick,
+        } as i32,
+        state: match m.state {
+            MigrationState::Queued => pb::MigrationState::Queued,
+            MigrationState::Running => pb::MigrationState::Running,
+            MigrationState::Succeeded => pb::MigrationState::Succeeded,
+            MigrationState::Failed => pb::MigrationState::Failed,
+            MigrationState::Cancelled => pb::MigrationState::Cancelled,
+        } as i32,
         cancel_requested: m.cancel_requested,
         max_downtime_ms: m.max_downtime_ms.unwrap_or(0),
         deadline_ms: m.deadline_ms.unwrap_or(0),

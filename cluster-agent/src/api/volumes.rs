@@ -46,9 +46,9 @@ pub fn lock_to_pb(disk: &DiskName, l: &DiskLock) -> pb::DiskLock {
     pb::DiskLock {
         disk: disk.to_string(),
         mode: match l.mode {
-            LockMode::Exclusive => "exclusive".into(),
-            LockMode::Shared => "shared".into(),
-        },
+            LockMode::Exclusive => pb::LockMode::Exclusive,
+            LockMode::Shared => pb::LockMode::Shared,
+        } as i32,
         holders: l.holders.iter().copied().collect(),
         token: l.token.0,
         term: l.term,

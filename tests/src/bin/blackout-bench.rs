@@ -12,6 +12,7 @@
 //! `migration-bench` built in the same target directory:
 //! `cargo build -p cluster-agent -p vmm-node -p cluster-tests --bins`.
 
+use cluster_proto::EnumName;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -75,7 +76,7 @@ async fn full_stack(
         async move { try_get_vm(&mut vm, "bench").await }
     };
     let t = Instant::now();
-    while get(&vm).await?.runtime != "running" {
+    while get(&vm).await?.runtime().name() != "running" {
         if t.elapsed() > STEP_TIMEOUT {
             return Err("the VM never ran".into());
         }
