@@ -18,7 +18,7 @@ fn free_port(ip: [u8; 4]) -> SocketAddr {
 
 async fn jobs(cl: &Cluster, via: u64) -> Result<Vec<dpb::JobInfo>, tonic::Status> {
     let mut d = cl.drains(via).await;
-    d.list_jobs(dpb::ListJobsRequest {})
+    d.list_jobs(dpb::ListJobsRequest::default())
         .await
         .map(|r| r.into_inner().jobs)
 }

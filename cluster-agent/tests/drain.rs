@@ -73,7 +73,7 @@ async fn wait_job(
 /// Every job, read through node `via`.
 async fn jobs(cl: &Cluster, via: u64) -> Result<Vec<dpb::JobInfo>, tonic::Status> {
     let mut d = cl.drains(via).await;
-    d.list_jobs(dpb::ListJobsRequest {})
+    d.list_jobs(dpb::ListJobsRequest::default())
         .await
         .map(|r| r.into_inner().jobs)
 }

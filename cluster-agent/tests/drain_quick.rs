@@ -115,7 +115,10 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
 
     let mut migs = cl.migrations(2).await;
     let recs = migs
-        .list_migrations(gpb::ListMigrationsRequest { vm: "q".into() })
+        .list_migrations(gpb::ListMigrationsRequest {
+            vm: "q".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_or_else(|e| panic!("list migrations: {e}"))
         .into_inner()

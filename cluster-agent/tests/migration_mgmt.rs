@@ -278,7 +278,10 @@ async fn progress_cancel_deadline_records_and_bad_input() {
             "via {via}"
         );
         let only_calm = m
-            .list_migrations(mpb::ListMigrationsRequest { vm: "calm".into() })
+            .list_migrations(mpb::ListMigrationsRequest {
+                vm: "calm".into(),
+                ..Default::default()
+            })
             .await
             .unwrap_or_else(|e| panic!("{e}"))
             .into_inner()

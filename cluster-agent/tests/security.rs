@@ -291,7 +291,7 @@ async fn a_node_cannot_speak_for_another_and_a_stranger_node_is_no_member() {
         .await
         .unwrap_or_else(|e| panic!("node 4 connects: {e}"));
     let e = m4
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .expect_err("a removed node's certificate reads");
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
@@ -326,7 +326,7 @@ async fn a_viewer_reads_and_watches_but_changes_nothing() {
         .await
         .unwrap_or_else(|e| panic!("viewer connects: {e}"));
     let nodes = m
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .unwrap_or_else(|e| panic!("a viewer lists nodes: {e:?}"));
     assert_eq!(nodes.into_inner().nodes.len(), 3);
@@ -530,7 +530,7 @@ async fn a_join_token_gets_one_new_node_its_certificate_once_before_it_expires()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
-        o.list_nodes(pb::ListNodesRequest {})
+        o.list_nodes(pb::ListNodesRequest::default())
             .await
             .unwrap_or_else(|e| panic!("olga lists nodes: {e:?}"))
             .into_inner()

@@ -143,7 +143,7 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
     assert_eq!(node, owner);
     assert_eq!(hb.disk, "ok");
     let listed = v2
-        .list_disks(vpb::ListDisksRequest {})
+        .list_disks(vpb::ListDisksRequest::default())
         .await
         .unwrap_or_else(|e| panic!("list disks: {e}"))
         .into_inner();

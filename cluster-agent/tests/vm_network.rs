@@ -702,6 +702,7 @@ async fn live_migration_under_a_1khz_echo_stream_through_the_cluster() {
                     .await
                     .list_migrations(cluster_proto::migrations::ListMigrationsRequest {
                         vm: "stream".into(),
+                        ..Default::default()
                     })
                     .await
                     .map(|r| {

@@ -273,6 +273,33 @@ pub async fn call<T>(
         .map_err(|s| status_error(endpoint, timeout, s))
 }
 
+/// Items per page clusterctl asks for (the API's maximum).
+pub const PAGE_SIZE: u32 = 1000;
+/// Most pages clusterctl follows for one list.
+const PAGES_MAX: usize = 1000;
+
+/// Every item of a paged list call: `page` answers the items after a page token and the
+/// token of the next page (empty after the last).
+pub async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, CtlError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), CtlError>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    for _ in 0..PAGES_MAX {
+        let (items, next) = page(token).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
+    Err(CtlError::Render(format!(
+        "the agent answered more than {PAGES_MAX} pages"
+    )))
+}
+
 /// The message a response embeds (`GetNodeResponse.node`, ...): an agent that answers
 /// without it is a local error, never a default value shown as if it were real.
 pub fn required<T>(v: Option<T>, what: &str) -> Result<T, CtlError> {

@@ -59,12 +59,22 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
             output::status(fmt, &r)
         }
         Cmd::Node(NodeCmd::List) => {
-            let r = c
-                .list_nodes(pb::ListNodesRequest {})
-                .await
-                .map_err(fail)?
-                .into_inner();
-            output::nodes(fmt, &r.nodes)
+            let nodes = crate::client::all_pages(|page_token| {
+                let mut c = c.clone();
+                async move {
+                    let r = c
+                        .list_nodes(pb::ListNodesRequest {
+                            page_size: crate::client::PAGE_SIZE,
+                            page_token,
+                        })
+                        .await
+                        .map_err(fail)?
+                        .into_inner();
+                    Ok((r.nodes, r.next_page_token))
+                }
+            })
+            .await?;
+            output::nodes(fmt, &nodes)
         }
         Cmd::Node(NodeCmd::Show { node_id }) => {
             let r = c

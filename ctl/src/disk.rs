@@ -96,7 +96,26 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
             })
         }
         DiskCmd::List => {
-            let r = call(ep, timeout, c.list_disks(pb::ListDisksRequest {})).await?;
+            let volumes = std::cell::RefCell::new(Vec::new());
+            let disks = crate::client::all_pages(|page_token| {
+                let mut c = c.clone();
+                let volumes = &volumes;
+                async move {
+                    let req = pb::ListDisksRequest {
+                        page_size: crate::client::PAGE_SIZE,
+                        page_token,
+                    };
+                    let r = call(ep, timeout, c.list_disks(req)).await?;
+                    *volumes.borrow_mut() = r.volumes;
+                    Ok((r.disks, r.next_page_token))
+                }
+            })
+            .await?;
+            let r = pb::ListDisksResponse {
+                volumes: volumes.into_inner(),
+                disks,
+                next_page_token: String::new(),
+            };
             Ok(match cli.output {
                 Format::Json | Format::Yaml => json(&serde_json::json!({
                     "volumes": r.volumes,
@@ -142,7 +161,22 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
             })
         }
         DiskCmd::Locks => {
-            let r = call(ep, timeout, c.list_locks(pb::ListLocksRequest {})).await?;
+            let locks = crate::client::all_pages(|page_token| {
+                let mut c = c.clone();
+                async move {
+                    let req = pb::ListLocksRequest {
+                        page_size: crate::client::PAGE_SIZE,
+                        page_token,
+                    };
+                    let r = call(ep, timeout, c.list_locks(req)).await?;
+                    Ok((r.locks, r.next_page_token))
+                }
+            })
+            .await?;
+            let r = pb::ListLocksResponse {
+                locks,
+                next_page_token: String::new(),
+            };
             Ok(match cli.output {
                 Format::Json | Format::Yaml => {
                     json(&r.locks.iter().map(lock_json).collect::<Vec<_>>())

@@ -673,8 +673,19 @@ pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
             }
         }
         DrainCmd::List => {
-            let r = call(ep, timeout, c.list_jobs(pb::ListJobsRequest {})).await?;
-            render_jobs(cli.output, &r.jobs)
+            let jobs = crate::client::all_pages(|page_token| {
+                let mut c = c.clone();
+                async move {
+                    let req = pb::ListJobsRequest {
+                        page_size: crate::client::PAGE_SIZE,
+                        page_token,
+                    };
+                    let r = call(ep, timeout, c.list_jobs(req)).await?;
+                    Ok((r.jobs, r.next_page_token))
+                }
+            })
+            .await?;
+            render_jobs(cli.output, &jobs)
         }
     }
 }

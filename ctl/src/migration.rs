@@ -220,15 +220,8 @@ pub async fn run(cli: &Cli, cmd: &MigrationCmd) -> Result<String, CtlError> {
     let mut c = service(ep, timeout, MigrationServiceClient::new).await?;
     match cmd {
         MigrationCmd::List { vm } => {
-            let r = call(
-                ep,
-                timeout,
-                c.list_migrations(pb::ListMigrationsRequest {
-                    vm: vm.clone().unwrap_or_default(),
-                }),
-            )
-            .await?;
-            render_list(cli.output, &r.migrations)
+            let migrations = all_migrations(&c, ep, timeout, vm.as_deref().unwrap_or("")).await?;
+            render_list(cli.output, &migrations)
         }
         MigrationCmd::Show { id } => {
             let r = call(
@@ -337,19 +330,36 @@ pub async fn wait_queued(
     }
 }
 
+/// Every migration record (of `vm`, unless empty), following the pages.
+async fn all_migrations(
+    c: &MigrationServiceClient<crate::client::Conn>,
+    ep: &str,
+    timeout: Duration,
+    vm: &str,
+) -> Result<Vec<pb::MigrationInfo>, CtlError> {
+    crate::client::all_pages(|page_token| {
+        let mut c = c.clone();
+        async move {
+            let req = pb::ListMigrationsRequest {
+                vm: vm.to_owned(),
+                page_size: crate::client::PAGE_SIZE,
+                page_token,
+            };
+            let r = call(ep, timeout, c.list_migrations(req)).await?;
+            Ok((r.migrations, r.next_page_token))
+        }
+    })
+    .await
+}
+
 /// Draw the progress of the running migration of `vm` on stderr until it ends (a bar
 /// redrawn in place on a terminal, one line per update otherwise). Best effort: a lost
 /// stream ends the drawing, the caller still waits for the VM's record.
 pub async fn follow_progress(ep: &str, timeout: Duration, vm: &str) -> Result<(), CtlError> {
     let mut c = service(ep, timeout, MigrationServiceClient::new).await?;
     let fail = |s| status_error(ep, timeout, s);
-    let list = c
-        .list_migrations(pb::ListMigrationsRequest { vm: vm.to_owned() })
-        .await
-        .map_err(fail)?
-        .into_inner();
-    let Some(m) = list
-        .migrations
+    let migrations = all_migrations(&c, ep, timeout, vm).await?;
+    let Some(m) = migrations
         .iter()
         .rev()
         .find(|m| m.state() == pb::MigrationState::Running)

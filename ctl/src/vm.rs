@@ -670,8 +670,19 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             Ok(format!("VM {n} deleted\n"))
         }
         VmCmd::List => {
-            let r = call(ep, timeout, c.list_vms(pb::ListVmsRequest {})).await?;
-            render_list(fmt, &r.vms)
+            let vms = crate::client::all_pages(|page_token| {
+                let mut c = c.clone();
+                async move {
+                    let req = pb::ListVmsRequest {
+                        page_size: crate::client::PAGE_SIZE,
+                        page_token,
+                    };
+                    let r = call(ep, timeout, c.list_vms(req)).await?;
+                    Ok((r.vms, r.next_page_token))
+                }
+            })
+            .await?;
+            render_list(fmt, &vms)
         }
         VmCmd::Show { name: n } => {
             let r = call(ep, timeout, c.get_vm(pb::GetVmRequest { name: n.clone() })).await?;

@@ -772,7 +772,7 @@ impl Cluster {
 
     pub async fn nodes(&self, via: u64) -> Result<Vec<pb::NodeInfo>> {
         let mut c = self.client(via).await?;
-        c.list_nodes(pb::ListNodesRequest {})
+        c.list_nodes(pb::ListNodesRequest::default())
             .await
             .map(|r| r.into_inner().nodes)
             .map_err(|status| HarnessError::Rpc {

@@ -179,7 +179,7 @@ impl Cluster {
     /// Every VM, read through node `via`.
     pub async fn read_vms(&self, via: u64) -> Result<Vec<pb::VmInfo>, tonic::Status> {
         let mut c = self.vms(via).await;
-        c.list_vms(pb::ListVmsRequest {})
+        c.list_vms(pb::ListVmsRequest::default())
             .await
             .map(|r| r.into_inner().vms)
     }
@@ -198,7 +198,7 @@ impl Cluster {
     /// Every VM, read through node `via`; panics (with the logs) if the call fails.
     pub async fn list_vms(&self, via: u64) -> Vec<pb::VmInfo> {
         let mut c = self.vms(via).await;
-        match c.list_vms(pb::ListVmsRequest {}).await {
+        match c.list_vms(pb::ListVmsRequest::default()).await {
             Ok(r) => r.into_inner().vms,
             Err(e) => panic!("list VMs through node {via}: {e}{}", self.logs()),
         }
@@ -226,7 +226,7 @@ impl Cluster {
         match self
             .vols(via)
             .await
-            .list_locks(vpb::ListLocksRequest {})
+            .list_locks(vpb::ListLocksRequest::default())
             .await
         {
             Ok(r) => r.into_inner().locks,
@@ -270,15 +270,18 @@ impl Cluster {
             .until_some(&format!("a running migration of {vm}"), || {
                 let mut m = m.clone();
                 async move {
-                    m.list_migrations(mpb::ListMigrationsRequest { vm: vm.into() })
-                        .await
-                        .map(|l| {
-                            l.into_inner()
-                                .migrations
-                                .into_iter()
-                                .rev()
-                                .find(|r| r.state().name() == "running")
-                        })
+                    m.list_migrations(mpb::ListMigrationsRequest {
+                        vm: vm.into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|l| {
+                        l.into_inner()
+                            .migrations
+                            .into_iter()
+                            .rev()
+                            .find(|r| r.state().name() == "running")
+                    })
                 }
             })
             .await;

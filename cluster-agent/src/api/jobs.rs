@@ -352,8 +352,16 @@ impl DrainService for JobApi {
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let state = self.state();
+        let r = request.get_ref();
+        let (jobs, next_page_token) = crate::api::paging::page(
+            state.jobs.jobs.values().map(job_to_pb).collect(),
+            |j: &pb::JobInfo| j.id,
+            r.page_size,
+            &r.page_token,
+        )?;
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: state.jobs.jobs.values().map(job_to_pb).collect(),
+            jobs,
+            next_page_token,
         }))
     }
 

@@ -252,7 +252,17 @@ impl ManagementService for ManagementApi {
                 })
                 .collect()
         });
-        Ok(Response::new(pb::ListNodesResponse { nodes }))
+        let r = request.get_ref();
+        let (nodes, next_page_token) = crate::api::paging::page(
+            nodes,
+            |n: &pb::NodeInfo| n.node_id,
+            r.page_size,
+            &r.page_token,
+        )?;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes,
+            next_page_token,
+        }))
     }
 
     async fn get_node(

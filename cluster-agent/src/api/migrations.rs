@@ -120,7 +120,8 @@ impl MigrationService for MigrationApi {
         request: Request<pb::ListMigrationsRequest>,
     ) -> Result<Response<pb::ListMigrationsResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
-        let vm = request.into_inner().vm;
+        let r = request.into_inner();
+        let vm = r.vm;
         let migrations = self.agent.read_sm(|d| {
             d.state
                 .migrations
@@ -129,7 +130,16 @@ impl MigrationService for MigrationApi {
                 .map(record_to_pb)
                 .collect()
         });
-        Ok(Response::new(pb::ListMigrationsResponse { migrations }))
+        let (migrations, next_page_token) = crate::api::paging::page(
+            migrations,
+            |m: &pb::MigrationInfo| m.id,
+            r.page_size,
+            &r.page_token,
+        )?;
+        Ok(Response::new(pb::ListMigrationsResponse {
+            migrations,
+            next_page_token,
+        }))
     }
 
     async fn get_migration(

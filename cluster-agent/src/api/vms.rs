@@ -469,7 +469,7 @@ impl VmService for VmApi {
         crate::api::read::consistent(&self.agent, &request).await?;
         let state = self.state();
         let demand = self.agent.demand();
-        let mut vms: Vec<pb::VmInfo> = state
+        let vms: Vec<pb::VmInfo> = state
             .vms
             .values()
             .map(|r| pb::VmInfo {
@@ -481,11 +481,17 @@ impl VmService for VmApi {
                 ..vm_convert::record_to_pb(&state, r)
             })
             .collect();
-        vms.sort_by(|a, b| {
-            let n = |v: &pb::VmInfo| v.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
-            n(a).cmp(&n(b))
-        });
-        Ok(Response::new(pb::ListVmsResponse { vms }))
+        let r = request.get_ref();
+        let (vms, next_page_token) = crate::api::paging::page(
+            vms,
+            |v: &pb::VmInfo| v.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+            r.page_size,
+            &r.page_token,
+        )?;
+        Ok(Response::new(pb::ListVmsResponse {
+            vms,
+            next_page_token,
+        }))
     }
 
     async fn attach_nic(

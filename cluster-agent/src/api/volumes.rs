@@ -186,6 +186,13 @@ impl VolumeService for VolumeApi {
                     .collect(),
             })
             .collect();
+        let r = request.get_ref();
+        let (disks, next_page_token) = crate::api::paging::page(
+            disks,
+            |d: &pb::DiskInfo| d.name.clone(),
+            r.page_size,
+            &r.page_token,
+        )?;
         Ok(Response::new(pb::ListDisksResponse {
             volumes: self
                 .host
@@ -194,6 +201,7 @@ impl VolumeService for VolumeApi {
                 .map(|v| v.name().to_owned())
                 .collect(),
             disks,
+            next_page_token,
         }))
     }
 
@@ -209,7 +217,17 @@ impl VolumeService for VolumeApi {
                 .map(|(disk, l)| lock_to_pb(disk, l))
                 .collect()
         });
-        Ok(Response::new(pb::ListLocksResponse { locks }))
+        let r = request.get_ref();
+        let (locks, next_page_token) = crate::api::paging::page(
+            locks,
+            |l: &pb::DiskLock| l.disk.clone(),
+            r.page_size,
+            &r.page_token,
+        )?;
+        Ok(Response::new(pb::ListLocksResponse {
+            locks,
+            next_page_token,
+        }))
     }
 
     async fn attach_disk(

@@ -97,7 +97,10 @@ async fn full_stack(
         .map_err(|s| s.to_string())?;
         if let Err(e) = try_wait_migrated(&mut vm, "bench", to, t, STEP_TIMEOUT).await {
             let recs = mig
-                .list_migrations(mpb::ListMigrationsRequest { vm: "bench".into() })
+                .list_migrations(mpb::ListMigrationsRequest {
+                    vm: "bench".into(),
+                    ..Default::default()
+                })
                 .await
                 .map(|r| r.into_inner().migrations)
                 .unwrap_or_default();
@@ -118,7 +121,10 @@ async fn full_stack(
         }
         let wall_ms = t.elapsed().as_millis() as u64;
         let recs = mig
-            .list_migrations(mpb::ListMigrationsRequest { vm: "bench".into() })
+            .list_migrations(mpb::ListMigrationsRequest {
+                vm: "bench".into(),
+                ..Default::default()
+            })
             .await
             .map_err(|s| s.to_string())?
             .into_inner()

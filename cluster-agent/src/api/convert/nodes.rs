@@ -72,10 +72,12 @@ pub fn facts_from_pb(f: Option<&pb::NodeFacts>) -> Result<NodeFacts, Status> {
         pb::KvmKind::Hardware => KvmKind::Hardware,
         pb::KvmKind::Software => KvmKind::Software,
         pb::KvmKind::None => KvmKind::None,
-        pb::KvmKind::Unspecified => return Err(Status::invalid_argument(format!(
+        pb::KvmKind::Unspecified => {
+            return Err(Status::invalid_argument(format!(
             "facts.kvm_kind {} is not one of KVM_KIND_HARDWARE, KVM_KIND_SOFTWARE, KVM_KIND_NONE",
             f.kvm_kind
-        ))),
+        )))
+        }
     };
     if f.cpu_flags.len() > CPU_FLAGS_MAX {
         return Err(Status::invalid_argument(format!(
