@@ -15,6 +15,8 @@
 #  - dpkg-dev (dpkg-shlibdeps), and cargo-deb from crates.io (`cargo install --locked`, a
 #    few minutes once; no Debian package of it): deploy/package.sh builds the .deb with them
 #    and cluster-agent/tests/package.rs checks it.
+#  - npm: installs buf (@bufbuild/buf) into the workspace's .tools/ (not in git); its
+#    `buf lint` checks the .proto files against buf's STANDARD rules (proto/tests/buf_lint.rs).
 #  - protoc is NOT needed: proto/build.rs uses the vendored protoc-bin-vendored.
 #  - sccache (optional, recommended): caches the ~10-minute RocksDB C++ build.
 set -euo pipefail
@@ -22,6 +24,8 @@ need=()
 for pkg in libclang-dev build-essential pkg-config lz4 util-linux iproute2 python3 iputils-ping iptables chromium chromium-driver prometheus dpkg-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
+# npm may come with a nodejs package of its own (NodeSource): ask apt only when it is missing.
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if ((${#need[@]})); then
     SUDO=""
     [[ $(id -u) -ne 0 ]] && SUDO="sudo"
@@ -29,6 +33,11 @@ if ((${#need[@]})); then
     $SUDO apt-get install -y --no-install-recommends "${need[@]}"
 else
     echo "setup: build dependencies already installed"
+fi
+BUF_VERSION=1.75.0
+root="$(cd "$(dirname "$0")/.." && pwd)"
+if [[ "$("$root/.tools/node_modules/.bin/buf" --version 2>/dev/null)" != "$BUF_VERSION" ]]; then
+    npm install --no-save --no-audit --no-fund --prefix "$root/.tools" "@bufbuild/buf@$BUF_VERSION"
 fi
 if ! command -v sccache >/dev/null 2>&1; then
     echo "setup: optional: 'apt-get install sccache' and export RUSTC_WRAPPER=sccache to cache the RocksDB build"

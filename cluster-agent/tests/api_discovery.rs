@@ -53,7 +53,7 @@ async fn health_and_reflection_on_the_management_listener() {
     }
     let unknown = health
         .check(HealthCheckRequest {
-            service: "cluster.raft.v1.RaftPeer".into(),
+            service: "cluster.raft.v1.RaftPeerService".into(),
         })
         .await;
     assert_eq!(

@@ -1,5 +1,6 @@
 //! End-to-end tests with real `cluster-agent` processes on loopback.
 
+use cluster_proto::EnumName;
 use std::time::{Duration, Instant};
 
 use cluster_tests::{Cluster, HarnessError, Options, WAIT};
@@ -42,18 +43,18 @@ async fn three_node_formation() {
     let nodes = must!(c, c.nodes(3).await);
     assert_eq!(nodes.len(), 3);
     for n in &nodes {
-        assert_eq!(n.state, "up");
-        assert_eq!(n.raft_role, "voter");
+        assert_eq!(n.state().name(), "up");
+        assert_eq!(n.raft_role().name(), "voter");
         let spec = must!(c, c.spec(n.node_id).cloned());
         assert_eq!(n.mgmt_addr, spec.mgmt_addr.to_string());
         assert_eq!(n.migration_addr, spec.migration_addr.to_string());
         assert_eq!(n.migration_subnet, "127.0.2.0/24");
         let f = n.facts.clone().unwrap_or_default();
         assert!(!f.cpu_vendor.is_empty() && f.logical_cpus >= 1 && f.memory_bytes > 0);
-        assert!(["hardware", "software", "none"].contains(&f.kvm_kind.as_str()));
+        assert!(["hardware", "software", "none"].contains(&f.kvm_kind().name()));
     }
     let events = must!(c, c.events(2).await);
-    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind().name()).collect();
     assert_eq!(kinds[0], "cluster_initialized");
     assert_eq!(kinds.iter().filter(|k| **k == "node_joined").count(), 3);
     assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
@@ -176,7 +177,7 @@ async fn killed_node_goes_down_and_comes_back_up() {
     let events = must!(c, c.events(observer).await);
     let transitions: Vec<&str> = events
         .iter()
-        .filter(|e| e.kind == "node_state_changed" && e.node_id == victim)
+        .filter(|e| e.kind().name() == "node_state_changed" && e.node_id == victim)
         .map(|e| e.message.as_str())
         .collect();
     assert!(

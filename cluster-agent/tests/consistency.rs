@@ -1,6 +1,7 @@
 //! Consistency seen by a client of one agent: a write through a follower is visible to a
 //! read on that same follower as soon as the write is answered (read-your-writes).
 
+use cluster_proto::EnumName;
 use cluster_tests::{Cluster, Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +75,7 @@ async fn a_proxied_console_leaves_a_silent_owner_and_reopens_at_the_new_one() {
     assert_eq!(v.owner_id, owner);
     let mut c = cl.vms(proxy).await;
     let mut stream = c
-        .stream_console(pb::ConsoleRequest {
+        .stream_console(pb::StreamConsoleRequest {
             name: "con".into(),
             follow: true,
             ..Default::default()
@@ -99,7 +100,7 @@ async fn a_proxied_console_leaves_a_silent_owner_and_reopens_at_the_new_one() {
     })
     .await;
     let moved = cl.wait_vm(leader, "con", "failed over", |v| {
-        v.owner_id != owner && v.runtime == "running"
+        v.owner_id != owner && v.runtime().name() == "running"
     });
     let moved = moved.await;
     signal(&cl, owner, "CONT");
@@ -109,7 +110,7 @@ async fn a_proxied_console_leaves_a_silent_owner_and_reopens_at_the_new_one() {
         cl.logs()
     );
     let mut again = c
-        .stream_console(pb::ConsoleRequest {
+        .stream_console(pb::StreamConsoleRequest {
             name: "con".into(),
             follow: false,
             ..Default::default()

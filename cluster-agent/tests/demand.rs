@@ -4,6 +4,7 @@
 //! spread by the even policy; not moved while the gain does not beat the migration cost;
 //! and left alone over many balancer rounds once spread (no ping-pong).
 
+use cluster_proto::EnumName;
 use std::net::SocketAddr;
 
 use cluster_proto::drain as dpb;
@@ -17,12 +18,12 @@ fn free_port(ip: [u8; 4]) -> SocketAddr {
 
 async fn jobs(cl: &Cluster, via: u64) -> Result<Vec<dpb::JobInfo>, tonic::Status> {
     let mut d = cl.drains(via).await;
-    d.list_jobs(dpb::ListJobsRequest {})
+    d.list_jobs(dpb::ListJobsRequest::default())
         .await
         .map(|r| r.into_inner().jobs)
 }
 
-async fn plan(cl: &Cluster, via: u64, mode: &str) -> dpb::BalancePlanReply {
+async fn plan(cl: &Cluster, via: u64, mode: &str) -> dpb::PlanBalanceResponse {
     cl.drains(via)
         .await
         .plan_balance(dpb::PlanBalanceRequest {
@@ -37,12 +38,14 @@ async fn plan(cl: &Cluster, via: u64, mode: &str) -> dpb::BalancePlanReply {
 async fn set_policy(cl: &Cluster, via: u64, mode: &str, cost_bp_per_s: u32) {
     cl.drains(via)
         .await
-        .set_policy(dpb::PolicySpec {
-            mode: mode.into(),
-            aggressiveness: "high".into(),
-            interval_ms: 1000,
-            min_dwell_ms: Some(300_000),
-            migration_cost_bp_per_s: Some(cost_bp_per_s),
+        .set_policy(dpb::SetPolicyRequest {
+            policy: Some(dpb::PolicySpec {
+                mode: mode.into(),
+                aggressiveness: "high".into(),
+                interval_ms: 1000,
+                min_dwell_ms: Some(300_000),
+                migration_cost_bp_per_s: Some(cost_bp_per_s),
+            }),
         })
         .await
         .unwrap_or_else(|e| panic!("policy: {e}{}", cl.logs()));
@@ -112,7 +115,7 @@ async fn busy_guests_crowded_on_one_node_are_measured_and_spread_once() {
             |all: &Vec<pb::VmInfo>| {
                 all.len() == 5
                     && all.iter().all(|v| {
-                        v.runtime == "running"
+                        v.runtime().name() == "running"
                             && match vm_name(v) {
                                 "calm" => v.owner_id == 3 && ran(v).is_some_and(|d| d < 500),
                                 // A busy guest fills an 8 MiB working set: resident on
@@ -185,7 +188,7 @@ async fn busy_guests_crowded_on_one_node_are_measured_and_spread_once() {
             && on(3) == 1
             && all
                 .iter()
-                .all(|v| v.runtime == "running" && v.migrating_to == 0)
+                .all(|v| v.runtime().name() == "running" && v.migrating_to == 0)
     };
     cl.wait_until("busy guests spread 2/1/1", WAIT, || cl.read_vms(2), spread)
         .await;
@@ -193,7 +196,7 @@ async fn busy_guests_crowded_on_one_node_are_measured_and_spread_once() {
         "balance job finished",
         WAIT,
         || jobs(&cl, 2),
-        |jobs: &Vec<dpb::JobInfo>| jobs.iter().all(|j| j.status != "running"),
+        |jobs: &Vec<dpb::JobInfo>| jobs.iter().all(|j| j.status().name() != "running"),
     )
     .await;
     let leader = cl
@@ -225,7 +228,7 @@ async fn busy_guests_crowded_on_one_node_are_measured_and_spread_once() {
         .await
         .unwrap_or_else(|e| panic!("{e}"))
         .into_iter()
-        .filter(|j| j.kind == "balance")
+        .filter(|j| j.kind().name() == "balance")
         .collect();
     assert_eq!(balance_jobs.len(), 1, "{balance_jobs:?}");
     assert_eq!(balance_jobs[0].moves.len(), 2, "{balance_jobs:?}");

@@ -3,6 +3,7 @@
 //! Raft and runs it with at most one migration per node; the guests (the PVH test guest)
 //! keep their heartbeats and memory checks across every move.
 
+use cluster_proto::EnumName;
 use std::collections::BTreeMap;
 
 use cluster_proto::drain as dpb;
@@ -32,7 +33,7 @@ async fn create_on(cl: &Cluster, via: u64, node: u64, names: &[String], memory_m
     cl.wait_vms(via, &format!("{names:?} running on node {node}"), |all| {
         names.iter().all(|n| {
             all.iter()
-                .any(|v| vm_name(v) == n && v.runtime == "running" && v.owner_id == node)
+                .any(|v| vm_name(v) == n && v.runtime().name() == "running" && v.owner_id == node)
         })
     })
     .await;
@@ -43,7 +44,7 @@ async fn drain_job(cl: &Cluster, via: &[u64], node: u64) -> Result<Option<dpb::J
     let mut last = String::from("no node asked");
     for v in via {
         let mut d = cl.drains(*v).await;
-        match d.get_drain(dpb::NodeRef { node_id: node }).await {
+        match d.get_drain(dpb::GetDrainRequest { node_id: node }).await {
             Ok(r) => return Ok(r.into_inner().job),
             Err(e) => last = format!("node {v}: {e}"),
         }
@@ -72,7 +73,7 @@ async fn wait_job(
 /// Every job, read through node `via`.
 async fn jobs(cl: &Cluster, via: u64) -> Result<Vec<dpb::JobInfo>, tonic::Status> {
     let mut d = cl.drains(via).await;
-    d.list_jobs(dpb::ListJobsRequest {})
+    d.list_jobs(dpb::ListJobsRequest::default())
         .await
         .map(|r| r.into_inner().jobs)
 }
@@ -112,7 +113,7 @@ struct Span {
 fn migrations(events: &[cluster_proto::management::Event]) -> Vec<Span> {
     let mut open: BTreeMap<String, Span> = BTreeMap::new();
     let mut out = Vec::new();
-    for e in events.iter().filter(|e| e.kind == "vm") {
+    for e in events.iter().filter(|e| e.kind().name() == "vm") {
         let Some(rest) = e.message.strip_prefix("VM ") else {
             continue;
         };
@@ -184,7 +185,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
 
     // Dry run: the plan (every VM off node 1), nothing committed.
     let dry = d
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: 1,
             dry_run: true,
         })
@@ -200,10 +201,10 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
     assert!(dry.planned_finish_unix_ms > dry.planned_start_unix_ms);
     cl.barrier().await;
     let nodes = cl.check(cl.nodes(3).await);
-    assert!(nodes.iter().all(|n| n.state == "up"), "{nodes:?}");
+    assert!(nodes.iter().all(|n| n.state().name() == "up"), "{nodes:?}");
 
     let started = d
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: 1,
             dry_run: false,
         })
@@ -211,10 +212,10 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
         .unwrap_or_else(|e| panic!("drain: {e}{}", cl.logs()))
         .into_inner();
     let job = started.job.unwrap_or_default();
-    assert_eq!((job.kind.as_str(), job.node_id), ("drain", 1), "{job:?}");
+    assert_eq!((job.kind().name(), job.node_id), ("drain", 1), "{job:?}");
     // A second drain of the same node is refused while the first runs.
     let again = d
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: 1,
             dry_run: false,
         })
@@ -233,7 +234,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
     }
     cl.check(cl.wait_node_state(2, 1, "paused", WAIT).await);
 
-    let done = wait_job(&cl, &[3], 1, "ended", |j| j.status != "running").await;
+    let done = wait_job(&cl, &[3], 1, "ended", |j| j.status().name() != "running").await;
     let done = if done.id != job.id {
         drain_job(&cl, &[3], 1)
             .await
@@ -243,11 +244,11 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
     } else {
         done
     };
-    assert_eq!(done.status, "done", "{done:?}");
+    assert_eq!(done.status().name(), "done", "{done:?}");
     let all = cl.list_vms(3).await;
     assert!(
         all.iter()
-            .all(|v| v.owner_id != 1 && v.runtime == "running"),
+            .all(|v| v.owner_id != 1 && v.runtime().name() == "running"),
         "{all:?}"
     );
     // Every guest continues (heartbeat sequence goes on, memory checks pass) elsewhere.
@@ -274,7 +275,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
         assert!(
             events
                 .iter()
-                .any(|e| e.kind == "job" && e.message.contains(want)),
+                .any(|e| e.kind().name() == "job" && e.message.contains(want)),
             "no job event with {want:?}: {:#?}",
             events.iter().map(|e| &e.message).collect::<Vec<_>>()
         );
@@ -282,7 +283,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
 
     // Resume with failback: the node is up again and the drained VMs come back.
     let r = d
-        .resume_node(dpb::ResumeRequest {
+        .resume_node(dpb::ResumeNodeRequest {
             node_id: 1,
             failback: true,
         })
@@ -290,7 +291,7 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
         .unwrap_or_else(|e| panic!("resume: {e}{}", cl.logs()))
         .into_inner();
     let fb = r.job.clone().unwrap_or_default();
-    assert_eq!(fb.kind, "failback", "{r:?}");
+    assert_eq!(fb.kind().name(), "failback", "{r:?}");
     assert!(!fb.moves.is_empty(), "{r:?}");
     cl.check(cl.wait_node_state(2, 1, "up", WAIT).await);
     let fb_moves: Vec<String> = fb.moves.iter().map(|m| m.vm.clone()).collect();
@@ -298,7 +299,10 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
         "failback job done",
         WAIT,
         || jobs(&cl, 2),
-        |jobs| jobs.iter().any(|j| j.id == fb.id && j.status == "done"),
+        |jobs| {
+            jobs.iter()
+                .any(|j| j.id == fb.id && j.status().name() == "done")
+        },
     )
     .await;
     let all = cl.list_vms(2).await;
@@ -326,7 +330,7 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
     let before = seqs(&heartbeats_after(&cl, 3, &vm_names, &BTreeMap::new()).await);
     let mut d = cl.drains(1).await;
     let job = d
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: 2,
             dry_run: false,
         })
@@ -337,26 +341,26 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
         .unwrap_or_default();
     // Abort as soon as the first VM has moved.
     wait_job(&cl, &[1], 2, "first move done", |j| {
-        j.moves.iter().any(|m| m.status == "done")
+        j.moves.iter().any(|m| m.status().name() == "done")
     })
     .await;
     let aborted = d
-        .abort_drain(dpb::NodeRef { node_id: 2 })
+        .abort_drain(dpb::AbortDrainRequest { node_id: 2 })
         .await
         .unwrap_or_else(|e| panic!("abort: {e}{}", cl.logs()))
         .into_inner()
         .job
         .unwrap_or_default();
-    assert_eq!((aborted.id, aborted.status.as_str()), (job.id, "aborted"));
+    assert_eq!((aborted.id, aborted.status().name()), (job.id, "aborted"));
     let dropped = aborted
         .moves
         .iter()
-        .filter(|m| m.status == "dropped")
+        .filter(|m| m.status().name() == "dropped")
         .count();
     assert!(dropped >= 1, "queued moves dropped: {aborted:?}");
     // Aborting again: nothing runs.
     expect_code(
-        d.abort_drain(dpb::NodeRef { node_id: 2 }).await,
+        d.abort_drain(dpb::AbortDrainRequest { node_id: 2 }).await,
         Code::FailedPrecondition,
         "no running drain",
     );
@@ -365,10 +369,10 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
     let j = wait_job(&cl, &[1], 2, "no move in flight", |j| {
         j.moves
             .iter()
-            .all(|m| m.status != "queued" && m.status != "in_flight")
+            .all(|m| m.status().name() != "queued" && m.status().name() != "in_flight")
     })
     .await;
-    assert_eq!(j.status, "aborted", "{j:?}");
+    assert_eq!(j.status().name(), "aborted", "{j:?}");
     let after_abort = cl
         .wait_vms(1, "no migration in flight", |all| {
             all.iter().all(|v| v.migrating_to == 0)
@@ -376,7 +380,7 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
         .await;
     assert_eq!(after_abort.len(), 5);
     assert!(
-        after_abort.iter().all(|v| v.desired == "running"),
+        after_abort.iter().all(|v| v.desired().name() == "running"),
         "{after_abort:?}"
     );
     let moved: Vec<&str> = after_abort
@@ -387,12 +391,14 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
     let stayed = after_abort.len() - moved.len();
     assert!(!moved.is_empty() && stayed >= 1, "{after_abort:?}");
     let nodes = cl.check(cl.nodes(1).await);
-    assert!(nodes.iter().any(|n| n.node_id == 2 && n.state == "paused"));
+    assert!(nodes
+        .iter()
+        .any(|n| n.node_id == 2 && n.state().name() == "paused"));
     let alive = seqs(&heartbeats_after(&cl, 3, &vm_names, &before).await);
 
     // Draining again resumes: a new job moves only the VMs still there.
     let resumed = d
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: 2,
             dry_run: false,
         })
@@ -403,12 +409,12 @@ async fn abort_midway_keeps_moved_vms_drops_queued_and_draining_again_resumes() 
         .unwrap_or_default();
     assert_ne!(resumed.id, job.id);
     assert_eq!(resumed.moves.len(), stayed, "{resumed:?}");
-    let done = wait_job(&cl, &[1], 2, "ended", |j| j.status != "running").await;
-    assert_eq!(done.status, "done", "{done:?}");
+    let done = wait_job(&cl, &[1], 2, "ended", |j| j.status().name() != "running").await;
+    assert_eq!(done.status().name(), "done", "{done:?}");
     let all = cl.list_vms(1).await;
     assert!(
         all.iter()
-            .all(|v| v.owner_id != 2 && v.runtime == "running"),
+            .all(|v| v.owner_id != 2 && v.runtime().name() == "running"),
         "{all:?}"
     );
     heartbeats_after(&cl, 3, &vm_names, &alive).await;
@@ -434,7 +440,7 @@ async fn leader_kill9_during_a_drain_the_new_leader_finishes_it() {
     create_on(&cl, victim, victim, &vm_names, 64).await;
     let mut d = cl.drains(others[0]).await;
     let job = d
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: victim,
             dry_run: false,
         })
@@ -444,16 +450,19 @@ async fn leader_kill9_during_a_drain_the_new_leader_finishes_it() {
         .job
         .unwrap_or_default();
     wait_job(&cl, &others[..1], victim, "a move started", |j| {
-        j.moves.iter().any(|m| m.status != "queued")
+        j.moves.iter().any(|m| m.status().name() != "queued")
     })
     .await;
     let killed = cl.kill9(leader);
     cl.check(killed);
     let new_leader = cl.check(cl.wait_leader(&others, WAIT).await);
     assert_ne!(new_leader, leader);
-    let done = wait_job(&cl, &others, victim, "ended", |j| j.status != "running").await;
+    let done = wait_job(&cl, &others, victim, "ended", |j| {
+        j.status().name() != "running"
+    })
+    .await;
     assert_eq!(
-        (done.id, done.status.as_str()),
+        (done.id, done.status().name()),
         (job.id, "done"),
         "{done:?}"
     );
@@ -461,9 +470,9 @@ async fn leader_kill9_during_a_drain_the_new_leader_finishes_it() {
     // leader were failed over by the new leader).
     cl.wait_vms(others[0], "every VM running off the drained node", |all| {
         all.len() == vm_names.len()
-            && all
-                .iter()
-                .all(|v| v.owner_id != victim && v.owner_id != leader && v.runtime == "running")
+            && all.iter().all(|v| {
+                v.owner_id != victim && v.owner_id != leader && v.runtime().name() == "running"
+            })
     })
     .await;
     // No move was started twice: each VM has at most one done move in the job.
@@ -471,7 +480,7 @@ async fn leader_kill9_during_a_drain_the_new_leader_finishes_it() {
         let k = done
             .moves
             .iter()
-            .filter(|m| &m.vm == n && m.status == "done")
+            .filter(|m| &m.vm == n && m.status().name() == "done")
             .count();
         assert!(k <= 1, "{n} moved {k} times: {done:?}");
     }
@@ -500,7 +509,7 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
     create_on(&cl, 1, 1, &["stuck".to_string()], 64).await;
     let mut d = cl.drains(2).await;
     let before_nodes = cl.check(cl.nodes(1).await);
-    let req = |node_id, dry_run| dpb::DrainRequest { node_id, dry_run };
+    let req = |node_id, dry_run| dpb::DrainNodeRequest { node_id, dry_run };
     for (r, code, needle) in [
         (req(0, false), Code::InvalidArgument, "node_id is 0"),
         (req(9, false), Code::NotFound, "unknown node id 9"),
@@ -535,14 +544,14 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
         (7, false, Code::NotFound, "unknown node id 7"),
     ] {
         expect_code(
-            d.resume_node(dpb::ResumeRequest { node_id, failback })
+            d.resume_node(dpb::ResumeNodeRequest { node_id, failback })
                 .await,
             code,
             needle,
         );
     }
     expect_code(
-        d.get_drain(dpb::NodeRef { node_id: 1 }).await,
+        d.get_drain(dpb::GetDrainRequest { node_id: 1 }).await,
         Code::NotFound,
         "never been drained",
     );
@@ -553,11 +562,13 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
         ("even", "low", 5, "below the minimum"),
     ] {
         expect_code(
-            d.set_policy(dpb::PolicySpec {
-                mode: mode.into(),
-                aggressiveness: aggr.into(),
-                interval_ms,
-                ..Default::default()
+            d.set_policy(dpb::SetPolicyRequest {
+                policy: Some(dpb::PolicySpec {
+                    mode: mode.into(),
+                    aggressiveness: aggr.into(),
+                    interval_ms,
+                    ..Default::default()
+                }),
             })
             .await,
             Code::InvalidArgument,
@@ -574,16 +585,16 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
         .await
         .unwrap_or_else(|e| panic!("{e}"))
         .into_inner();
-    assert_eq!(p.mode, "none");
+    assert_eq!(p.policy.map(|p| p.mode).as_deref(), Some("none"));
     let nodes = cl.check(cl.nodes(1).await);
     let n1 = |ns: &[cluster_proto::management::NodeInfo]| {
-        ns.iter().find(|n| n.node_id == 1).map(|n| n.state.clone())
+        ns.iter().find(|n| n.node_id == 1).map(|n| n.state)
     };
     assert_eq!(n1(&nodes), n1(&before_nodes));
     let all = cl.list_vms(1).await;
     assert!(
         all.iter()
-            .all(|v| v.owner_id == 1 && v.runtime == "running"),
+            .all(|v| v.owner_id == 1 && v.runtime().name() == "running"),
         "{all:?}"
     );
 }
@@ -612,15 +623,18 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
     let mut d = cl.drains(2).await;
     // Policy none (default) with a short interval: nothing moves.
     let p = d
-        .set_policy(dpb::PolicySpec {
-            mode: "none".into(),
-            aggressiveness: "high".into(),
-            interval_ms: 1000,
-            ..Default::default()
+        .set_policy(dpb::SetPolicyRequest {
+            policy: Some(dpb::PolicySpec {
+                mode: "none".into(),
+                aggressiveness: "high".into(),
+                interval_ms: 1000,
+                ..Default::default()
+            }),
         })
         .await
         .unwrap_or_else(|e| panic!("policy: {e}{}", cl.logs()))
         .into_inner();
+    let p = p.policy.unwrap_or_default();
     assert_eq!((p.mode.as_str(), p.interval_ms), ("none", 1000));
     // The dry run under "even" names moves off node 1; it changes nothing.
     let plan = d
@@ -665,11 +679,13 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
     );
     assert!(jobs(&cl, 2).await.is_ok_and(|j| j.is_empty()));
 
-    d.set_policy(dpb::PolicySpec {
-        mode: "even".into(),
-        aggressiveness: "high".into(),
-        interval_ms: 1000,
-        ..Default::default()
+    d.set_policy(dpb::SetPolicyRequest {
+        policy: Some(dpb::PolicySpec {
+            mode: "even".into(),
+            aggressiveness: "high".into(),
+            interval_ms: 1000,
+            ..Default::default()
+        }),
     })
     .await
     .unwrap_or_else(|e| panic!("policy: {e}{}", cl.logs()));
@@ -678,17 +694,20 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
         on1 < 3
             && all
                 .iter()
-                .all(|v| v.runtime == "running" && v.migrating_to == 0)
+                .all(|v| v.runtime().name() == "running" && v.migrating_to == 0)
     })
     .await;
     let jobs_now = jobs(&cl, 2).await.unwrap_or_else(|e| panic!("{e}"));
-    assert!(jobs_now.iter().any(|j| j.kind == "balance"), "{jobs_now:?}");
+    assert!(
+        jobs_now.iter().any(|j| j.kind().name() == "balance"),
+        "{jobs_now:?}"
+    );
     // Balanced: the balancer plans nothing more.
     cl.wait_until(
         "balance job finished",
         WAIT,
         || jobs(&cl, 2),
-        |jobs| jobs.iter().all(|j| j.status != "running"),
+        |jobs| jobs.iter().all(|j| j.status().name() != "running"),
     )
     .await;
     let plan = d

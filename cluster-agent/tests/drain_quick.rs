@@ -7,6 +7,7 @@
 use cluster_proto::drain as dpb;
 use cluster_proto::migrations as gpb;
 use cluster_proto::vms as pb;
+use cluster_proto::EnumName;
 use cluster_tests::vm::{guest_spec, mem_boot};
 use cluster_tests::{Cluster, WAIT};
 
@@ -50,7 +51,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
 
     let mut drains = cl.drains(2).await;
     let plan = drains
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: 1,
             dry_run: true,
         })
@@ -60,7 +61,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
         .plan;
     assert_eq!(plan.len(), 1, "{plan:?}");
     assert_eq!(
-        (plan[0].to_node_id, plan[0].kind.as_str()),
+        (plan[0].to_node_id, plan[0].kind().name()),
         (3, "quick"),
         "{plan:?}"
     );
@@ -73,7 +74,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
     );
 
     drains
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: 1,
             dry_run: false,
         })
@@ -86,21 +87,21 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
             || {
                 let mut d = drains.clone();
                 async move {
-                    d.get_drain(dpb::NodeRef { node_id: 1 })
+                    d.get_drain(dpb::GetDrainRequest { node_id: 1 })
                         .await
                         .map(|r| r.into_inner().job)
                 }
             },
-            |j| j.as_ref().is_some_and(|j| j.status != "running"),
+            |j| j.as_ref().is_some_and(|j| j.status().name() != "running"),
         )
         .await
         .unwrap_or_default();
-    assert_eq!(job.status, "done", "{job:?}{}", cl.logs());
+    assert_eq!(job.status().name(), "done", "{job:?}{}", cl.logs());
     assert_eq!(job.moves.len(), 1, "{job:?}");
     assert_eq!(
         (
-            job.moves[0].kind.as_str(),
-            job.moves[0].status.as_str(),
+            job.moves[0].kind().name(),
+            job.moves[0].status().name(),
             job.moves[0].to_node_id
         ),
         ("quick", "done", 3),
@@ -114,20 +115,24 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
 
     let mut migs = cl.migrations(2).await;
     let recs = migs
-        .list_migrations(gpb::ListMigrationsRequest { vm: "q".into() })
+        .list_migrations(gpb::ListMigrationsRequest {
+            vm: "q".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_or_else(|e| panic!("list migrations: {e}"))
         .into_inner()
         .migrations;
     assert!(
-        recs.iter()
-            .any(|m| m.kind == "quick" && m.state == "succeeded" && m.target_node_id == 3),
+        recs.iter().any(|m| m.kind().name() == "quick"
+            && m.state().name() == "succeeded"
+            && m.target_node_id == 3),
         "{recs:?}"
     );
 
     // By hand, back across the subnets: live is refused with the reason, quick goes.
     drains
-        .resume_node(dpb::ResumeRequest {
+        .resume_node(dpb::ResumeNodeRequest {
             node_id: 1,
             failback: false,
         })
@@ -145,7 +150,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
         Ok(r) => panic!("live migration across subnets was accepted: {r:?}"),
     }
     let plan = vms
-        .plan_migration(pb::MigrateVmRequest {
+        .plan_migration(pb::PlanMigrationRequest {
             name: "q".into(),
             to_node_id: 1,
             quick: true,
@@ -164,7 +169,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
     .await
     .unwrap_or_else(|e| panic!("quick migration back: {e}{}", cl.logs()));
     cl.wait_vm(2, "q", "back on node 1", |v| {
-        v.owner_id == 1 && v.migrating_to == 0 && v.runtime == "running"
+        v.owner_id == 1 && v.migrating_to == 0 && v.runtime().name() == "running"
     })
     .await;
     let (node, last) = cl.heartbeat_after(2, "q", after).await;

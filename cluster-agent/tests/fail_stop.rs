@@ -5,6 +5,7 @@
 //!
 //! Needs root (it mounts a small tmpfs as the node's data dir) and KVM.
 
+use cluster_proto::EnumName;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -216,7 +217,7 @@ async fn a_corrupted_store_is_refused_at_start_and_the_cluster_keeps_its_data() 
     let leader = c.check(c.wait_leader(&others, WAIT).await);
     let moved = c
         .wait_vm(leader, "vm-s", "running on another node", |v| {
-            v.owner_id != owner && v.owner_id != 0 && v.runtime == "running"
+            v.owner_id != owner && v.owner_id != 0 && v.runtime().name() == "running"
         })
         .await;
     runs.wait_line(&c, "vm-s", "a heartbeat on the new owner", killed_us, |s| {

@@ -3,6 +3,7 @@
 //! the election (no fencing on a leader change); a node cut off from the majority fences
 //! its own VMs.
 
+use cluster_proto::EnumName;
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Instant;
@@ -49,7 +50,7 @@ async fn leader_owner_kill9_fails_over_and_survivors_keep_their_vms() {
     cl.check(k);
     let moved = cl
         .wait_vm(follower, "on-leader", "failed over", |v| {
-            v.owner_id != lead && v.runtime == "running"
+            v.owner_id != lead && v.runtime().name() == "running"
         })
         .await;
     let (node, _) = cl.heartbeat_after(follower, "on-leader", 0).await;
@@ -62,7 +63,7 @@ async fn leader_owner_kill9_fails_over_and_survivors_keep_their_vms() {
     // generation, and its guest keeps counting from where it was.
     let v = vm_or_default(&mut c, "on-follower").await;
     assert_eq!(
-        (v.owner_id, v.generation, v.runtime.as_str()),
+        (v.owner_id, v.generation, v.runtime().name()),
         (follower, b.generation, "running"),
         "{v:?}{}",
         cl.logs()
@@ -151,7 +152,7 @@ async fn node_cut_off_from_the_majority_fences_its_vms() {
             let evs = cl.events(3).await?;
             Ok(evs
                 .into_iter()
-                .find(|e| e.kind == "node_fenced" && e.node_id == 3))
+                .find(|e| e.kind().name() == "node_fenced" && e.node_id == 3))
         })
         .await;
     let fenced = cl.check(fenced);

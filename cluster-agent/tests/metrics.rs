@@ -3,6 +3,7 @@
 //! `promtool check metrics`, parsed with a small exposition-format parser and checked
 //! against what happened; the shipped alert rules and dashboard are checked too.
 
+use cluster_proto::EnumName;
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -356,7 +357,7 @@ async fn metrics_before_during_and_after_migrations_pass_promtool_and_match() {
 
     // Cancel it: a finished counter by result, the VM stays on the source.
     let mut mig = cl.migrations(dst).await;
-    mig.cancel_migration(mpb::MigrationId { id: rec.id })
+    mig.cancel_migration(mpb::CancelMigrationRequest { id: rec.id })
         .await
         .unwrap_or_else(|e| panic!("cancel: {e}{}", cl.logs()));
     cl.wait_until(
@@ -387,7 +388,7 @@ async fn metrics_before_during_and_after_migrations_pass_promtool_and_match() {
     .await
     .unwrap_or_else(|e| panic!("migrate: {e}"));
     cl.wait_vm(1, "m", "running on the target", |v| {
-        v.owner_id == to && v.runtime == "running" && v.migrating_to == 0
+        v.owner_id == to && v.runtime().name() == "running" && v.migrating_to == 0
     })
     .await;
     cl.barrier().await;

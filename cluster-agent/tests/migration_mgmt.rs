@@ -4,6 +4,7 @@
 
 use cluster_proto::migrations as mpb;
 use cluster_proto::vms as pb;
+use cluster_proto::EnumName;
 use cluster_tests::vm::{expect_code, guest_spec, vm_or_default};
 use cluster_tests::{Cluster, WAIT};
 use tonic::Code;
@@ -91,12 +92,14 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         expect_code(vm.migrate_vm(req).await, Code::InvalidArgument, needle);
     }
     expect_code(
-        mig.cancel_migration(mpb::MigrationId { id: 999 }).await,
+        mig.cancel_migration(mpb::CancelMigrationRequest { id: 999 })
+            .await,
         Code::NotFound,
         "no migration with id 999",
     );
     expect_code(
-        mig.get_migration(mpb::MigrationId { id: 999 }).await,
+        mig.get_migration(mpb::GetMigrationRequest { id: 999 })
+            .await,
         Code::NotFound,
         "999",
     );
@@ -126,7 +129,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         (
             rec.source_node_id,
             rec.target_node_id,
-            rec.kind.as_str(),
+            rec.kind().name(),
             rec.max_downtime_ms,
             rec.deadline_ms,
             rec.bandwidth_bytes_per_s_max,
@@ -134,7 +137,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         (src, other, "live", 1, HOLD_DEADLINE_MS, HOLD_BYTES_PER_S)
     );
     let mut stream = cl.watch_migration(other, rec.id).await;
-    let mut seen: Vec<mpb::MigrationProgress> = Vec::new();
+    let mut seen: Vec<mpb::WatchMigrationResponse> = Vec::new();
     let watched = tokio::time::timeout(WAIT, async {
         // Three growing figures of guest memory on the wire in pre-copy.
         while seen
@@ -170,7 +173,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     );
     let (_, seq_before) = heartbeat_after(&cl, src, "busy", 0).await;
     let c = mig
-        .cancel_migration(mpb::MigrationId { id: rec.id })
+        .cancel_migration(mpb::CancelMigrationRequest { id: rec.id })
         .await
         .unwrap_or_else(|e| panic!("cancel: {e}{}", cl.logs()))
         .into_inner()
@@ -178,13 +181,14 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         .unwrap_or_default();
     assert!(c.cancel_requested, "{c:?}");
     expect_code(
-        mig.cancel_migration(mpb::MigrationId { id: rec.id }).await,
+        mig.cancel_migration(mpb::CancelMigrationRequest { id: rec.id })
+            .await,
         Code::FailedPrecondition,
         "",
     );
     // The stream's last message carries the finished record.
     let last = final_record(&cl, other, rec.id).await;
-    assert_eq!(last.state, "cancelled", "{last:?}");
+    assert_eq!(last.state().name(), "cancelled", "{last:?}");
     assert!(last.reason.contains("cancel"), "{last:?}");
     let v = cl.wait_settled(1, "busy").await;
     assert_eq!(v.owner_id, src, "cancelled migration moved the VM: {v:?}");
@@ -192,7 +196,8 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     assert_eq!(node, src, "heartbeat not from the source");
     assert!(seq_after > seq_before);
     expect_code(
-        mig.cancel_migration(mpb::MigrationId { id: rec.id }).await,
+        mig.cancel_migration(mpb::CancelMigrationRequest { id: rec.id })
+            .await,
         Code::FailedPrecondition,
         "already cancelled",
     );
@@ -211,7 +216,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     .unwrap_or_else(|e| panic!("migrate busy: {e}{}", cl.logs()));
     let rec2 = cl.running_migration(other, "busy", WAIT).await;
     let done2 = cl.migration_end(other, rec2.id, WAIT).await;
-    assert_eq!(done2.state, "failed", "{done2:?}");
+    assert_eq!(done2.state().name(), "failed", "{done2:?}");
     assert!(
         done2.reason.contains("deadline") && done2.reason.contains("converge"),
         "{done2:?}"
@@ -230,7 +235,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     .unwrap_or_else(|e| panic!("migrate calm: {e}{}", cl.logs()));
     let rec3 = cl.running_migration(other, "calm", WAIT).await;
     let fin = final_record(&cl, other, rec3.id).await;
-    assert_eq!(fin.state, "succeeded", "{fin:?}");
+    assert_eq!(fin.state().name(), "succeeded", "{fin:?}");
     assert_eq!(fin.bandwidth_bytes_per_s_max, 0, "no cap: {fin:?}");
     let s = fin.stats.unwrap_or_default();
     assert!(
@@ -244,7 +249,8 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     let moved = cl.wait_settled(1, "calm").await;
     assert_eq!(moved.owner_id, 3 - calm.owner_id);
     expect_code(
-        mig.cancel_migration(mpb::MigrationId { id: rec3.id }).await,
+        mig.cancel_migration(mpb::CancelMigrationRequest { id: rec3.id })
+            .await,
         Code::FailedPrecondition,
         "already succeeded",
     );
@@ -260,7 +266,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
             .migrations;
         let states: Vec<(&str, &str)> = all
             .iter()
-            .map(|r| (r.vm.as_str(), r.state.as_str()))
+            .map(|r| (r.vm.as_str(), r.state().name()))
             .collect();
         assert_eq!(
             states,
@@ -272,7 +278,10 @@ async fn progress_cancel_deadline_records_and_bad_input() {
             "via {via}"
         );
         let only_calm = m
-            .list_migrations(mpb::ListMigrationsRequest { vm: "calm".into() })
+            .list_migrations(mpb::ListMigrationsRequest {
+                vm: "calm".into(),
+                ..Default::default()
+            })
             .await
             .unwrap_or_else(|e| panic!("{e}"))
             .into_inner()
@@ -389,7 +398,7 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         .migrations;
     let states: Vec<(String, String)> = listed
         .iter()
-        .map(|m| (m.vm.clone(), m.state.clone()))
+        .map(|m| (m.vm.clone(), m.state().name().to_owned()))
         .collect();
     assert_eq!(
         states,
@@ -405,7 +414,7 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
 
     // A queued migration is cancelled at once; one whose VM stops is dropped.
     let cancelled = mig
-        .cancel_migration(mpb::MigrationId {
+        .cancel_migration(mpb::CancelMigrationRequest {
             id: qc.queued_migration_id,
         })
         .await
@@ -413,12 +422,12 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         .into_inner()
         .migration
         .unwrap_or_default();
-    assert_eq!(cancelled.state, "cancelled", "{cancelled:?}");
-    vm.stop_vm(pb::VmName { name: "d".into() })
+    assert_eq!(cancelled.state().name(), "cancelled", "{cancelled:?}");
+    vm.stop_vm(pb::StopVmRequest { name: "d".into() })
         .await
         .unwrap_or_else(|e| panic!("stop d: {e}"));
     let dropped = cl.migration_end(b_node, qd.queued_migration_id, WAIT).await;
-    assert_eq!(dropped.state, "failed", "{dropped:?}");
+    assert_eq!(dropped.state().name(), "failed", "{dropped:?}");
     assert!(
         dropped.reason.contains("dropped from the queue"),
         "{dropped:?}"
@@ -435,7 +444,10 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         || {
             let mut mig = mig.clone();
             async move {
-                match mig.cancel_migration(mpb::MigrationId { id: hog.id }).await {
+                match mig
+                    .cancel_migration(mpb::CancelMigrationRequest { id: hog.id })
+                    .await
+                {
                     Ok(_) => Ok("accepted"),
                     // An earlier attempt that timed out may have committed it.
                     Err(s) if s.code() == Code::FailedPrecondition => Ok("already cancelling"),
@@ -447,9 +459,9 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
     )
     .await;
     let hog_end = cl.migration_end(b_node, hog.id, WAIT).await;
-    assert_eq!(hog_end.state, "cancelled", "{hog_end:?}");
+    assert_eq!(hog_end.state().name(), "cancelled", "{hog_end:?}");
     let b = cl.migration_end(b_node, qb.queued_migration_id, WAIT).await;
-    assert_eq!(b.state, "succeeded", "{b:?}{}", cl.logs());
+    assert_eq!(b.state().name(), "succeeded", "{b:?}{}", cl.logs());
     assert_eq!((b.source_node_id, b.target_node_id), (a, b_node));
     assert!(
         b.started_unix_ms >= hog_end.ended_unix_ms,
@@ -460,5 +472,5 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
     let v = cl.wait_settled(a, "b").await;
     assert_eq!(v.owner_id, b_node);
     let c = vm_or_default(&mut vm, "c").await;
-    assert_eq!((c.owner_id, c.runtime.as_str()), (a, "running"));
+    assert_eq!((c.owner_id, c.runtime().name()), (a, "running"));
 }

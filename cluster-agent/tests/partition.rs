@@ -8,6 +8,7 @@
 //! 1.2 s, lease 0.6 s, elections 400–800 ms). The only timed assertion is the issue's
 //! bound: a VM whose owner is cut off runs elsewhere within 3 s of the cut.
 
+use cluster_proto::EnumName;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -173,7 +174,7 @@ impl Scene {
                 via,
                 name,
                 &format!("running on a node other than {not}"),
-                |v| v.owner_id != not && v.owner_id != 0 && v.runtime == "running",
+                |v| v.owner_id != not && v.owner_id != 0 && v.runtime().name() == "running",
             )
             .await
     }
@@ -247,7 +248,7 @@ impl Scene {
 async fn cut_off_reads(cl: &Cluster, node: u64, vm: &str, moved_to: u64) {
     let mut c = cl.vms(node).await;
     let refused = c
-        .get_vm(pb::VmName { name: vm.into() })
+        .get_vm(pb::GetVmRequest { name: vm.into() })
         .await
         .map(|r| r.into_inner().vm.map(|v| v.owner_id));
     match refused {
@@ -264,7 +265,7 @@ async fn cut_off_reads(cl: &Cluster, node: u64, vm: &str, moved_to: u64) {
             cl.logs()
         ),
     }
-    let mut stale = tonic::Request::new(pb::VmName { name: vm.into() });
+    let mut stale = tonic::Request::new(pb::GetVmRequest { name: vm.into() });
     stale.metadata_mut().insert(
         cluster_proto::STALE_READ_HEADER,
         tonic::metadata::MetadataValue::from_static("true"),
@@ -426,7 +427,7 @@ async fn owner_can_send_but_not_hear(owner_is_leader: bool) {
     eprintln!(
         "after {HOLD:?} of node {owner} not hearing: vm-a as node {} sees it: {:?}",
         others[0],
-        during.map(|v| (v.owner_id, v.generation, v.runtime))
+        during.map(|v| (v.owner_id, v.generation, v.runtime().name()))
     );
     s.cl.check(s.part.heal());
     let s = s.check_after_heal(&["vm-a"]).await;
@@ -692,7 +693,11 @@ async fn live_migration_cut_in_precopy(cut: Side) {
     }
     s.cl.check(s.part.heal());
     let end = s.cl.migration_end(leader, rec, WAIT).await;
-    eprintln!("migration {rec} ended {}: {}", end.state, end.reason);
+    eprintln!(
+        "migration {rec} ended {}: {}",
+        end.state().name(),
+        end.reason
+    );
     let s = s.check_after_heal(&["vm-m"]).await;
     let v = s.cl.wait_settled(leader, "vm-m").await;
     eprintln!("vm-m runs on node {} after the heal", v.owner_id);
@@ -829,7 +834,11 @@ async fn live_migration_source_restarted_in_precopy() {
     let started = s.cl.start(src).await;
     s.cl.check(started);
     let end = s.cl.migration_end(leader, rec, WAIT).await;
-    eprintln!("migration {rec} ended {}: {}", end.state, end.reason);
+    eprintln!(
+        "migration {rec} ended {}: {}",
+        end.state().name(),
+        end.reason
+    );
     let s = s.check_after_heal(&["vm-o"]).await;
     s.cl.wait_settled(leader, "vm-o").await;
 }

@@ -19,7 +19,7 @@ use cluster_agent::state::join_tokens::TokenCommand;
 use cluster_agent::state::revocations::{Revocation, RevocationCommand};
 use cluster_agent::state::vms::VmCommand;
 use cluster_agent::state::{Command, NodeState};
-use cluster_proto::raft::{HeartbeatRequest, RaftPayload};
+use cluster_proto::raft::HeartbeatRequest;
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership, Vote};
 use proptest::prelude::*;
@@ -228,14 +228,11 @@ fn valid_payloads() -> Vec<Vec<u8>> {
 
 /// Decodes `bytes` as every peer request and the snapshot blob, as the agent would.
 fn decode_all(bytes: &[u8]) {
-    let p = RaftPayload {
-        json: bytes.to_vec(),
-    };
-    let _ = decode::<AppendEntriesRequest<TypeConfig>>("peer", "append_entries", &p);
-    let _ = decode::<VoteRequest<u64>>("peer", "vote", &p);
-    let _ = decode::<InstallSnapshotRequest<TypeConfig>>("peer", "install_snapshot", &p);
-    let _ = decode::<ForwardRequest>("peer", "forward", &p);
-    let _ = decode::<Command>("peer", "entry payload", &p);
+    let _ = decode::<AppendEntriesRequest<TypeConfig>>("peer", "append_entries", bytes);
+    let _ = decode::<VoteRequest<u64>>("peer", "vote", bytes);
+    let _ = decode::<InstallSnapshotRequest<TypeConfig>>("peer", "install_snapshot", bytes);
+    let _ = decode::<ForwardRequest>("peer", "forward", bytes);
+    let _ = decode::<Command>("peer", "entry payload", bytes);
     let _ = decode_snapshot(bytes);
 }
 
@@ -251,10 +248,9 @@ fn heartbeat(bytes: &[u8], liveness: &mut Liveness) {
 
 #[test]
 fn the_valid_encodings_decode() {
-    let p = |b: &[u8]| RaftPayload { json: b.to_vec() };
     let ae = serde_json::to_vec(&append_entries()).unwrap_or_default();
     let back: AppendEntriesRequest<TypeConfig> =
-        decode("peer", "append_entries", &p(&ae)).unwrap_or_else(|e| panic!("{e}"));
+        decode("peer", "append_entries", &ae).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(back.entries.len(), commands().len() + 2);
     let s = decode_snapshot(&snapshot_blob()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(s.state.nodes.len(), 2, "three registered, one removed");
@@ -272,9 +268,7 @@ fn the_valid_encodings_decode() {
 /// anything of its size allocated (the buffers below are zeroed lazily by the kernel).
 #[test]
 fn payloads_over_the_size_limit_are_refused_before_decoding() {
-    let p = RaftPayload {
-        json: vec![b' '; PEER_MESSAGE_LEN_MAX + 1],
-    };
+    let p = vec![b' '; PEER_MESSAGE_LEN_MAX + 1];
     let (r, largest) =
         largest_alloc(|| decode::<AppendEntriesRequest<TypeConfig>>("peer", "append", &p));
     assert!(matches!(r, Err(PeerError::TooLarge { .. })), "{r:?}");

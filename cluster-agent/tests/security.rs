@@ -3,11 +3,12 @@
 //! authenticated one, and the management plane decides by the role a client certificate
 //! names. Each refusal is clear and changes nothing (the replicated KV is the witness).
 
-use cluster_proto::management::management_client::ManagementClient;
+use cluster_proto::management::management_service_client::ManagementServiceClient;
 use cluster_proto::management::{self as pb};
 use cluster_proto::pki::{self, Ca, Identity, Role, TlsDir, TlsMaterial};
-use cluster_proto::raft::raft_peer_client::RaftPeerClient;
-use cluster_proto::raft::{HeartbeatRequest, PeerSilence, RaftPayload};
+use cluster_proto::raft::raft_peer_service_client::RaftPeerServiceClient;
+use cluster_proto::raft::{ForwardWriteRequest, HeartbeatRequest, PeerSilence};
+use cluster_proto::EnumName;
 use cluster_tests::pki::{endpoint_as, pki as test_pki};
 use cluster_tests::{Cluster, Options};
 use std::net::SocketAddr;
@@ -36,22 +37,22 @@ fn foreign(id: &Identity, ips: &[std::net::IpAddr]) -> TlsMaterial {
 async fn mgmt(
     addr: SocketAddr,
     who: Option<&TlsMaterial>,
-) -> Result<ManagementClient<tonic::transport::Channel>, String> {
+) -> Result<ManagementServiceClient<tonic::transport::Channel>, String> {
     endpoint_as(addr, who)
         .connect()
         .await
-        .map(ManagementClient::new)
+        .map(ManagementServiceClient::new)
         .map_err(|e| format!("{e:?}"))
 }
 
 async fn peer(
     addr: SocketAddr,
     who: Option<&TlsMaterial>,
-) -> Result<RaftPeerClient<tonic::transport::Channel>, String> {
+) -> Result<RaftPeerServiceClient<tonic::transport::Channel>, String> {
     endpoint_as(addr, who)
         .connect()
         .await
-        .map(RaftPeerClient::new)
+        .map(RaftPeerServiceClient::new)
         .map_err(|e| format!("{e:?}"))
 }
 
@@ -70,7 +71,7 @@ fn heartbeat(node_id: u64) -> HeartbeatRequest {
 /// A put through `c` is refused with `code`, and the key stays unset.
 async fn put_refused(
     cl: &Cluster,
-    c: &mut ManagementClient<tonic::transport::Channel>,
+    c: &mut ManagementServiceClient<tonic::transport::Channel>,
     key: &str,
     code: Code,
     needle: &str,
@@ -111,7 +112,7 @@ async fn a_stranger_without_a_certificate_reaches_only_the_health_check() {
         .await
         .unwrap_or_else(|e| panic!("health: {e:?}"));
     assert_eq!(h.into_inner().status, 1, "serving");
-    let mut m = ManagementClient::new(ch);
+    let mut m = ManagementServiceClient::new(ch);
     let e = m
         .cluster_status(pb::ClusterStatusRequest {})
         .await
@@ -138,7 +139,7 @@ async fn a_stranger_without_a_certificate_reaches_only_the_health_check() {
     let refused = match peer(spec.raft_addr, None).await {
         Err(_) => true,
         Ok(mut p) => p
-            .forward_write(RaftPayload {
+            .forward_write(ForwardWriteRequest {
                 json: b"{}".to_vec(),
             })
             .await
@@ -152,7 +153,7 @@ async fn a_stranger_without_a_certificate_reaches_only_the_health_check() {
         .connect()
         .await;
     if let Ok(ch) = plain {
-        let r = ManagementClient::new(ch)
+        let r = ManagementServiceClient::new(ch)
             .cluster_status(pb::ClusterStatusRequest {})
             .await;
         assert!(r.is_err(), "a plaintext call was answered");
@@ -236,7 +237,7 @@ async fn a_node_cannot_speak_for_another_and_a_stranger_node_is_no_member() {
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("not a member"), "{e:?}");
     let e = p9
-        .forward_write(RaftPayload {
+        .forward_write(ForwardWriteRequest {
             json: b"{}".to_vec(),
         })
         .await
@@ -290,7 +291,7 @@ async fn a_node_cannot_speak_for_another_and_a_stranger_node_is_no_member() {
         .await
         .unwrap_or_else(|e| panic!("node 4 connects: {e}"));
     let e = m4
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .expect_err("a removed node's certificate reads");
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
@@ -325,7 +326,7 @@ async fn a_viewer_reads_and_watches_but_changes_nothing() {
         .await
         .unwrap_or_else(|e| panic!("viewer connects: {e}"));
     let nodes = m
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .unwrap_or_else(|e| panic!("a viewer lists nodes: {e:?}"));
     assert_eq!(nodes.into_inner().nodes.len(), 3);
@@ -355,7 +356,7 @@ async fn issue_node(
     token: &str,
     node_id: u64,
     ip: std::net::IpAddr,
-) -> Result<pb::IssueCertificateReply, tonic::Status> {
+) -> Result<pb::IssueCertificateResponse, tonic::Status> {
     let (_key, csr_pem) = request();
     let mut anon = mgmt(addr, None)
         .await
@@ -529,7 +530,7 @@ async fn a_join_token_gets_one_new_node_its_certificate_once_before_it_expires()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
-        o.list_nodes(pb::ListNodesRequest {})
+        o.list_nodes(pb::ListNodesRequest::default())
             .await
             .unwrap_or_else(|e| panic!("olga lists nodes: {e:?}"))
             .into_inner()
@@ -669,7 +670,9 @@ async fn a_vm_booting_a_file_outside_image_dirs_fails_with_the_reason() {
             .await
             .unwrap_or_else(|e| panic!("create {name}: {e:?}"));
         let v = cl
-            .wait_vm(1, name, "failed with the reason", |v| v.runtime == "failed")
+            .wait_vm(1, name, "failed with the reason", |v| {
+                v.runtime().name() == "failed"
+            })
             .await;
         assert!(
             v.reason.contains("allows no kernel images") || v.reason.contains("image_dirs"),
@@ -787,7 +790,7 @@ async fn short_lived_node_certificates_are_renewed_before_expiry_and_the_cluster
     }
     let nodes = cl.nodes(1).await.unwrap_or_else(|e| panic!("{e}"));
     assert!(
-        nodes.iter().all(|n| n.state == "up"),
+        nodes.iter().all(|n| n.state().name() == "up"),
         "every node up: {nodes:?}"
     );
 
@@ -827,14 +830,14 @@ async fn short_lived_node_certificates_are_renewed_before_expiry_and_the_cluster
 async fn console(
     addr: SocketAddr,
     vm: &str,
-) -> Result<tonic::Streaming<cluster_proto::vms::ConsoleChunk>, tonic::Status> {
+) -> Result<tonic::Streaming<cluster_proto::vms::StreamConsoleResponse>, tonic::Status> {
     use cluster_proto::vms::vm_service_client::VmServiceClient;
     let ch = endpoint_as(addr, Some(&material(&test_pki().admin())))
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(format!("{e:?}")))?;
     let mut s = VmServiceClient::new(ch)
-        .stream_console(cluster_proto::vms::ConsoleRequest {
+        .stream_console(cluster_proto::vms::StreamConsoleRequest {
             name: vm.into(),
             follow: true,
             local_only: false,

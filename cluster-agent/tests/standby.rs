@@ -8,6 +8,7 @@
 //! drain cannot be planned), `node wake` by hand, and a failing power command is reported
 //! with its stderr and leaves the node up.
 
+use cluster_proto::EnumName;
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -39,12 +40,14 @@ fn idle(name: &str, memory_mib: u64, preferred: u64) -> pb::VmSpec {
 async fn set_policy(cl: &Cluster, mode: &str) {
     cl.drains(1)
         .await
-        .set_policy(dpb::PolicySpec {
-            mode: mode.into(),
-            aggressiveness: "medium".into(),
-            interval_ms: 1_000,
-            min_dwell_ms: Some(1_000),
-            migration_cost_bp_per_s: Some(1),
+        .set_policy(dpb::SetPolicyRequest {
+            policy: Some(dpb::PolicySpec {
+                mode: mode.into(),
+                aggressiveness: "medium".into(),
+                interval_ms: 1_000,
+                min_dwell_ms: Some(1_000),
+                migration_cost_bp_per_s: Some(1),
+            }),
         })
         .await
         .unwrap_or_else(|e| panic!("policy: {e}{}", cl.logs()));
@@ -107,7 +110,7 @@ async fn all_running(cl: &Cluster, names: &[&str]) -> Vec<pb::VmInfo> {
         |all: &Vec<pb::VmInfo>| {
             names.iter().all(|n| {
                 all.iter()
-                    .any(|v| vm_name(v) == *n && v.runtime == "running")
+                    .any(|v| vm_name(v) == *n && v.runtime().name() == "running")
             })
         },
     )
@@ -185,7 +188,7 @@ async fn power_saving_puts_a_node_in_standby_and_wakes_it_for_load() {
     cl.check(exited);
     // Its silence is expected: never Down, nothing failed over, no VM lost.
     wait_silence(&cl, &metrics).await;
-    assert_eq!(node(&cl, 1, 5).await.state, "standby");
+    assert_eq!(node(&cl, 1, 5).await.state().name(), "standby");
     let all = all_running(&cl, &["a1", "a2", "b"]).await;
     assert_eq!(all.len(), 3, "{all:?}");
     assert!(all.iter().all(|v| v.owner_id != 5), "{all:?}");
@@ -221,7 +224,7 @@ async fn power_saving_puts_a_node_in_standby_and_wakes_it_for_load() {
     );
     wait_calls(&cl, &dir, "on", 1).await;
     let woken = node(&cl, 1, 5).await;
-    assert_eq!(woken.state, "waking", "{woken:?}");
+    assert_eq!(woken.state().name(), "waking", "{woken:?}");
     assert!(woken.state_reason.contains("no room"), "{woken:?}");
     let started = cl.start(5).await;
     cl.check(started);
@@ -248,15 +251,15 @@ async fn power_saving_puts_a_node_in_standby_and_wakes_it_for_load() {
         },
     )
     .await;
-    assert_eq!(node(&cl, 1, 5).await.state, "up");
+    assert_eq!(node(&cl, 1, 5).await.state().name(), "up");
     assert_eq!(calls(&dir).iter().filter(|c| *c == "off").count(), 1);
 
     // A failing power-off command: reported with its stderr, the node back up.
-    c.stop_vm(pb::VmName { name: "big".into() })
+    c.stop_vm(pb::StopVmRequest { name: "big".into() })
         .await
         .unwrap_or_else(|e| panic!("stop: {e}{}", cl.logs()));
     cl.wait_runtime(1, "big", "stopped").await;
-    c.delete_vm(pb::VmName { name: "big".into() })
+    c.delete_vm(pb::DeleteVmRequest { name: "big".into() })
         .await
         .unwrap_or_else(|e| panic!("delete: {e}{}", cl.logs()));
     std::fs::write(dir.join("fail-off"), "").expect("flag");
@@ -283,7 +286,7 @@ async fn power_saving_puts_a_node_in_standby_and_wakes_it_for_load() {
         )
         .await;
     assert!(!failed.is_empty());
-    assert_eq!(node(&cl, 1, 5).await.state, "up");
+    assert_eq!(node(&cl, 1, 5).await.state().name(), "up");
     let leader = cl.check(cl.wait_leader(&[1, 2, 3, 4, 5], WAIT).await);
     let (_, body) = http_get(metrics[leader as usize - 1], "/metrics");
     let series = format!(
@@ -306,13 +309,13 @@ async fn power_saving_puts_a_node_in_standby_and_wakes_it_for_load() {
     let exited = cl.wait_exit(5, WAIT).await;
     cl.check(exited);
     let n5 = node(&cl, 1, 5).await;
-    assert_eq!(n5.state, "standby", "{n5:?}");
+    assert_eq!(n5.state().name(), "standby", "{n5:?}");
     assert!(n5.state_reason.contains("by an operator"), "{n5:?}");
     // Standby cannot be left by `node resume`; `node wake` runs the power-on command.
     let e = m
         .set_node_state(mpb::SetNodeStateRequest {
             node_id: 5,
-            state: "up".into(),
+            state: cluster_proto::management::NodeState::Up as i32,
             reason: String::new(),
         })
         .await

@@ -6,6 +6,7 @@
 //! detaches disks of running VMs. The PVH test guest's `disk` workload writes, flushes
 //! and verifies its disk and reports `disk=ok|bad|nodisk` in its heartbeats.
 
+use cluster_proto::EnumName;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -128,7 +129,7 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
     .await
     .unwrap_or_else(|e| panic!("create vm-d: {e}{}", cl.logs()));
     let running = cl
-        .wait_vm(3, "vm-d", "running", |v| v.runtime == "running")
+        .wait_vm(3, "vm-d", "running", |v| v.runtime().name() == "running")
         .await;
     let owner = running.owner_id;
     let lock = cl
@@ -138,7 +139,7 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
         .await
         .unwrap_or_else(|| panic!("vol/vms/a.img is not locked{}", cl.logs()));
     assert_eq!(lock.holders, vec![owner]);
-    assert_eq!(lock.mode, "exclusive");
+    assert_eq!(lock.mode().name(), "exclusive");
     assert!(lock.token > 0);
     assert_eq!(fence_token(&csv, "vol/vms/a.img"), lock.token);
     let (node, hb) = cl
@@ -147,7 +148,7 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
     assert_eq!(node, owner);
     assert_eq!(hb.disk, "ok");
     let listed = v2
-        .list_disks(vpb::ListDisksRequest {})
+        .list_disks(vpb::ListDisksRequest::default())
         .await
         .unwrap_or_else(|e| panic!("list disks: {e}"))
         .into_inner();
@@ -190,7 +191,7 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
     .await
     .unwrap_or_else(|e| panic!("create vm-h: {e}{}", cl.logs()));
     let h = cl
-        .wait_vm(3, "vm-h", "running", |v| v.runtime == "running")
+        .wait_vm(3, "vm-h", "running", |v| v.runtime().name() == "running")
         .await;
     cl.wait_heartbeat(3, "vm-h", |h| h.disk == "nodisk").await;
     create_disk(&cl, 1, "vol/vms/hot.img").await;
@@ -261,12 +262,12 @@ async fn disk_vm_locks_through_raft_hot_plug_and_bad_input_changes_nothing() {
     cl.wait_heartbeat(3, "vm-h", |h| h.disk == "nodisk").await;
 
     // Stop: the owner flushes, closes and releases the disk.
-    c.stop_vm(pb::VmName {
+    c.stop_vm(pb::StopVmRequest {
         name: "vm-d".into(),
     })
     .await
     .unwrap_or_else(|e| panic!("stop: {e}"));
-    cl.wait_vm(1, "vm-d", "stopped", |v| v.runtime == "stopped")
+    cl.wait_vm(1, "vm-d", "stopped", |v| v.runtime().name() == "stopped")
         .await;
     cl.wait_lock(1, "vol/vms/a.img", "released", |l| l.is_none())
         .await;
@@ -302,7 +303,7 @@ async fn owner_kill9_fails_over_from_the_disk_with_a_newer_fencing_token() {
     cl.check(killed);
     let after = cl
         .wait_vm(survivor, "vm-f", "restart elsewhere", |v| {
-            v.owner_id != owner && v.runtime == "running"
+            v.owner_id != owner && v.runtime().name() == "running"
         })
         .await;
     let (node, hb) = cl
@@ -393,7 +394,7 @@ async fn live_then_quick_migration_hand_the_disk_off() {
     .await
     .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
     cl.wait_vm(2, "vm-m", "live migration", |v| {
-        v.owner_id == dst && v.migrating_to == 0 && v.runtime == "running"
+        v.owner_id == dst && v.migrating_to == 0 && v.runtime().name() == "running"
     })
     .await;
     let l1 = cl
@@ -433,7 +434,7 @@ async fn live_then_quick_migration_hand_the_disk_off() {
         .into_inner();
     assert_eq!(r.vm.map(|v| v.migrating_to), Some(src));
     cl.wait_vm(1, "vm-m", "quick migration", |v| {
-        v.owner_id == src && v.migrating_to == 0 && v.runtime == "running"
+        v.owner_id == src && v.migrating_to == 0 && v.runtime().name() == "running"
     })
     .await;
     let l2 = cl
@@ -505,7 +506,9 @@ async fn frozen_old_owner_is_fenced_at_the_disk_when_it_thaws() {
         .await
         .unwrap_or_else(|e| panic!("create: {e}{}", cl.logs()));
     let before = cl
-        .wait_vm(watcher, "vm-z", "running", |v| v.runtime == "running")
+        .wait_vm(watcher, "vm-z", "running", |v| {
+            v.runtime().name() == "running"
+        })
         .await;
     assert_eq!(before.owner_id, victim);
     cl.wait_heartbeat(watcher, "vm-z", |h| h.disk == "ok" && disk_passes(h) >= 1)
@@ -518,7 +521,7 @@ async fn frozen_old_owner_is_fenced_at_the_disk_when_it_thaws() {
     signal(&cl, victim, "STOP");
     let after = cl
         .wait_vm(watcher, "vm-z", "restart elsewhere", |v| {
-            v.owner_id != victim && v.runtime == "running"
+            v.owner_id != victim && v.runtime().name() == "running"
         })
         .await;
     let (_, hb) = cl
@@ -588,7 +591,7 @@ async fn vm_restarted_by_hand_after_its_owner_died_takes_the_disk_over() {
     // Down, and left alone by failover (priority none).
     cl.check(cl.wait_node_state(via, owner, "down", WAIT).await);
     cl.wait_vm(via, "witness", "failed over", |v| {
-        v.owner_id != owner && v.runtime == "running"
+        v.owner_id != owner && v.runtime().name() == "running"
     })
     .await;
     let mut c = cl.vms(via).await;
@@ -597,19 +600,19 @@ async fn vm_restarted_by_hand_after_its_owner_died_takes_the_disk_over() {
         Some(owner)
     );
 
-    c.stop_vm(pb::VmName {
+    c.stop_vm(pb::StopVmRequest {
         name: "vm-n".into(),
     })
     .await
     .unwrap_or_else(|e| panic!("stop: {e}{}", cl.logs()));
-    c.start_vm(pb::VmName {
+    c.start_vm(pb::StartVmRequest {
         name: "vm-n".into(),
     })
     .await
     .unwrap_or_else(|e| panic!("start: {e}{}", cl.logs()));
     let after = cl
         .wait_vm(via, "vm-n", "running elsewhere", |v| {
-            v.owner_id != owner && v.runtime == "running"
+            v.owner_id != owner && v.runtime().name() == "running"
         })
         .await;
     let (node, _) = cl
@@ -815,7 +818,7 @@ async fn owner_lost_mid_migration(loss: Loss) {
     }
     let after = cl
         .wait_vm(leader, "vm-m", "restart on the migration target", |v| {
-            v.owner_id == dst && v.migrating_to == 0 && v.runtime == "running"
+            v.owner_id == dst && v.migrating_to == 0 && v.runtime().name() == "running"
         })
         .await;
     assert!(after.generation > before.generation, "{after:?}");
@@ -826,7 +829,7 @@ async fn owner_lost_mid_migration(loss: Loss) {
     let (node, _) = cl.wait_heartbeat(leader, "vm-m", |_| true).await;
     assert_eq!(node, dst);
     let ended = cl.migration_end(leader, rec, WAIT).await;
-    assert_eq!(ended.state, "failed", "{ended:?}");
+    assert_eq!(ended.state().name(), "failed", "{ended:?}");
     let new = cl
         .lock_of(leader, "vol/vms/m.img")
         .await
@@ -864,7 +867,7 @@ async fn owner_lost_mid_migration(loss: Loss) {
             assert_eq!(node, dst);
             let v = cl
                 .wait_vm(leader, "vm-m", "still on the target", |v| {
-                    v.owner_id == dst && v.runtime == "running"
+                    v.owner_id == dst && v.runtime().name() == "running"
                 })
                 .await;
             assert_eq!(v.generation, after.generation, "{v:?}");
@@ -909,7 +912,7 @@ async fn owner_dying_after_the_switchover_leaves_the_vm_on_the_target() {
     .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
     let after = cl
         .wait_vm(leader, "vm-w", "owner change to the target", |v| {
-            v.owner_id == dst && v.migrating_to == 0 && v.runtime == "running"
+            v.owner_id == dst && v.migrating_to == 0 && v.runtime().name() == "running"
         })
         .await;
     assert!(
@@ -961,7 +964,7 @@ async fn owner_dying_after_the_switchover_leaves_the_vm_on_the_target() {
     .unwrap_or_else(|e| panic!("quick migrate: {e}{}", cl.logs()));
     let back = cl
         .wait_vm(leader, "vm-w", "owner change to the quick target", |v| {
-            v.owner_id == src && v.migrating_to == 0 && v.runtime == "running"
+            v.owner_id == src && v.migrating_to == 0 && v.runtime().name() == "running"
         })
         .await;
     assert!(back.generation > after.generation);
@@ -998,13 +1001,13 @@ async fn target_kill9_mid_migration_leaves_the_vm_and_its_lock_with_the_source()
     let killed = cl.kill9(dst);
     cl.check(killed);
     let ended = cl.migration_end(leader, rec, WAIT).await;
-    assert_eq!(ended.state, "failed", "{ended:?}");
+    assert_eq!(ended.state().name(), "failed", "{ended:?}");
     let kept = cl.lock_of(leader, "vol/vms/m.img").await;
     assert_eq!(kept.map(|l| (l.holders, l.token)), Some((vec![src], old)));
     assert_eq!(fence_token(&csv, "vol/vms/m.img"), old);
     let v = cl
         .wait_vm(leader, "vm-m", "running on the source", |v| {
-            v.owner_id == src && v.migrating_to == 0 && v.runtime == "running"
+            v.owner_id == src && v.migrating_to == 0 && v.runtime().name() == "running"
         })
         .await;
     assert_eq!(v.generation, before.generation, "{v:?}");
@@ -1012,20 +1015,22 @@ async fn target_kill9_mid_migration_leaves_the_vm_and_its_lock_with_the_source()
     assert_eq!(node, src);
     // The table and the host agree: stop releases the lock, start takes it again.
     let mut c = cl.vms(leader).await;
-    c.stop_vm(pb::VmName {
+    c.stop_vm(pb::StopVmRequest {
         name: "vm-m".into(),
     })
     .await
     .unwrap_or_else(|e| panic!("stop: {e}"));
     cl.wait_lock(leader, "vol/vms/m.img", "released", |l| l.is_none())
         .await;
-    c.start_vm(pb::VmName {
+    c.start_vm(pb::StartVmRequest {
         name: "vm-m".into(),
     })
     .await
     .unwrap_or_else(|e| panic!("start: {e}"));
     let again = cl
-        .wait_vm(leader, "vm-m", "running again", |v| v.runtime == "running")
+        .wait_vm(leader, "vm-m", "running again", |v| {
+            v.runtime().name() == "running"
+        })
         .await;
     let relocked = cl
         .lock_of(leader, "vol/vms/m.img")
@@ -1081,7 +1086,7 @@ async fn quick_migration_source_dying_before_the_save_and_restarting() {
     cl.check(started);
     let after = cl
         .wait_vm(leader, "vm-q", "the migration ended and the VM runs", |v| {
-            v.migrating_to == 0 && v.runtime == "running" && v.owner_id != 0
+            v.migrating_to == 0 && v.runtime().name() == "running" && v.owner_id != 0
         })
         .await;
     let resolved = cl

@@ -3,6 +3,7 @@
 //! agent's embedded VMM (the PVH test guest), and their consoles are streamed from any
 //! agent.
 
+use cluster_proto::EnumName;
 use std::time::Instant;
 
 use cluster_proto::vms as pb;
@@ -97,7 +98,6 @@ async fn vms_run_on_scheduled_nodes_stream_consoles_and_stop() {
     ] {
         expect_code(c2.create_vm(create(req)).await, code, needle);
     }
-    let vm = |name: &str| pb::VmName { name: name.into() };
     for (call, name, code, needle) in [
         ("stop", "ghost", Code::NotFound, "ghost"),
         (
@@ -109,9 +109,18 @@ async fn vms_run_on_scheduled_nodes_stream_consoles_and_stop() {
         ("start", "vm-a", Code::FailedPrecondition, "already started"),
     ] {
         let r = match call {
-            "stop" => c2.stop_vm(vm(name)).await.map(|_| ()),
-            "delete" => c2.delete_vm(vm(name)).await.map(|_| ()),
-            _ => c2.start_vm(vm(name)).await.map(|_| ()),
+            "stop" => c2
+                .stop_vm(pb::StopVmRequest { name: name.into() })
+                .await
+                .map(|_| ()),
+            "delete" => c2
+                .delete_vm(pb::DeleteVmRequest { name: name.into() })
+                .await
+                .map(|_| ()),
+            _ => c2
+                .start_vm(pb::StartVmRequest { name: name.into() })
+                .await
+                .map(|_| ()),
         };
         expect_code(r, code, needle);
     }
@@ -152,14 +161,19 @@ async fn vms_run_on_scheduled_nodes_stream_consoles_and_stop() {
     // Stop: the owner stops the VM, reports Stopped, and its VMM no longer has it.
     let mut cs = cl.vms(survivor).await;
     let r = cs
-        .stop_vm(vm("vm-a"))
+        .stop_vm(pb::StopVmRequest {
+            name: "vm-a".into(),
+        })
         .await
         .unwrap_or_else(|s| panic!("stop: {s}{}", cl.logs()));
-    assert_eq!(r.into_inner().vm.unwrap_or_default().desired, "stopped");
+    assert_eq!(
+        r.into_inner().vm.unwrap_or_default().desired().name(),
+        "stopped"
+    );
     let stopped = cl.wait_runtime(survivor, "vm-a", "stopped").await;
     assert_eq!(stopped.owner_id, a.owner_id);
     expect_code(
-        cs.stream_console(pb::ConsoleRequest {
+        cs.stream_console(pb::StreamConsoleRequest {
             name: "vm-a".into(),
             follow: false,
             ..Default::default()
@@ -171,9 +185,11 @@ async fn vms_run_on_scheduled_nodes_stream_consoles_and_stop() {
     );
     // The other VM keeps running; the stopped one can be deleted.
     cl.heartbeat_after(survivor, "vm-b", seq_b).await;
-    cs.delete_vm(vm("vm-a"))
-        .await
-        .unwrap_or_else(|s| panic!("delete: {s}{}", cl.logs()));
+    cs.delete_vm(pb::DeleteVmRequest {
+        name: "vm-a".into(),
+    })
+    .await
+    .unwrap_or_else(|s| panic!("delete: {s}{}", cl.logs()));
     let left = cl.list_vms(survivor).await;
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].spec.as_ref().map(|s| s.name.as_str()), Some("vm-b"));
@@ -199,7 +215,7 @@ async fn owner_kill9_restarts_its_vm_on_a_survivor() {
     // Wait for a new owner to report Running, then for its first heartbeat.
     let after = cl
         .wait_vm(survivor, "vm-f", "restarted elsewhere", |v| {
-            v.owner_id != owner && v.runtime == "running"
+            v.owner_id != owner && v.runtime().name() == "running"
         })
         .await;
     let (node, _) = cl.heartbeat_after(survivor, "vm-f", 0).await;
@@ -273,7 +289,7 @@ async fn live_migration_moves_a_running_vm_and_the_guest_keeps_counting() {
     assert!(target != 0 && target != before.owner_id, "{r:?}");
     let after = cl
         .wait_vm(3, "vm-m", "migrated", |v| {
-            v.migrating_to == 0 && v.runtime == "running" && v.owner_id != before.owner_id
+            v.migrating_to == 0 && v.runtime().name() == "running" && v.owner_id != before.owner_id
         })
         .await;
     assert_eq!(after.owner_id, target);
@@ -337,7 +353,11 @@ async fn incompatible_cpu_vendor_or_subnet_target_is_refused_with_the_reason() {
         ..Default::default()
     };
     let plan = c
-        .plan_migration(to(3))
+        .plan_migration(pb::PlanMigrationRequest {
+            name: "amd-vm".into(),
+            to_node_id: 3,
+            ..Default::default()
+        })
         .await
         .unwrap_or_else(|e| panic!("plan: {e}"))
         .into_inner();

@@ -5,6 +5,7 @@
 //! with the VM that has it named; a node without the VM's network is refused by
 //! `migrate --to` and explained by why-not. Nothing touches the root namespace's interfaces.
 
+use cluster_proto::EnumName;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -185,7 +186,7 @@ async fn nic_answers_moves_with_live_migration_keeps_its_mac_on_failover() {
         .until(
             "web running on node 2",
             || async { get_vm(&mut cl.vms(3).await, "web").await },
-            |v| v.owner_id == 2 && v.migrating_to == 0 && v.runtime == "running",
+            |v| v.owner_id == 2 && v.migrating_to == 0 && v.runtime().name() == "running",
         )
         .await
         .unwrap_or_else(|e| panic!("{e}{}", cl.logs()));
@@ -214,7 +215,7 @@ async fn nic_answers_moves_with_live_migration_keeps_its_mac_on_failover() {
         .until(
             "web running on node 1 after the quick migration",
             || async { get_vm(&mut cl.vms(3).await, "web").await },
-            |v| v.owner_id == 1 && v.migrating_to == 0 && v.runtime == "running",
+            |v| v.owner_id == 1 && v.migrating_to == 0 && v.runtime().name() == "running",
         )
         .await
         .unwrap_or_else(|e| panic!("{e}{}", cl.logs()));
@@ -236,7 +237,7 @@ async fn nic_answers_moves_with_live_migration_keeps_its_mac_on_failover() {
         .until(
             "web restarted on node 2",
             || async { get_vm(&mut cl.vms(3).await, "web").await },
-            |v| v.owner_id == 2 && v.runtime == "running",
+            |v| v.owner_id == 2 && v.runtime().name() == "running",
         )
         .await
         .unwrap_or_else(|e| panic!("{e}{}", cl.logs()));
@@ -349,7 +350,7 @@ async fn nic_hot_add_and_remove_through_the_cluster() {
         .until(
             "hot running on node 2",
             || async { get_vm(&mut cl.vms(2).await, "hot").await },
-            |v| v.owner_id == 2 && v.migrating_to == 0 && v.runtime == "running",
+            |v| v.owner_id == 2 && v.migrating_to == 0 && v.runtime().name() == "running",
         )
         .await
         .unwrap_or_else(|e| panic!("{e}{}", cl.logs()));
@@ -414,8 +415,8 @@ async fn nic_hot_add_and_remove_through_the_cluster() {
     let v = get_vm(&mut cl.vms(2).await, "hot")
         .await
         .unwrap_or_else(|e| panic!("get hot: {e}"));
-    assert!(v.spec.unwrap_or_default().nics.is_empty());
-    assert_eq!(v.runtime, "running");
+    assert!(v.spec.clone().unwrap_or_default().nics.is_empty());
+    assert_eq!(v.runtime().name(), "running");
 }
 
 /// NIC MTU through the cluster: a VM created with `mtu = 9000` gets a 9000-byte TAP on the
@@ -552,7 +553,7 @@ async fn nic_mtu_9000_passes_jumbo_frames_through_the_cluster() {
         .until(
             "jumbo running on node 2",
             || async { get_vm(&mut cl.vms(2).await, "jumbo").await },
-            |v| v.owner_id == 2 && v.migrating_to == 0 && v.runtime == "running",
+            |v| v.owner_id == 2 && v.migrating_to == 0 && v.runtime().name() == "running",
         )
         .await
         .unwrap_or_else(|e| panic!("{e}{}", cl.logs()));
@@ -681,7 +682,7 @@ async fn live_migration_under_a_1khz_echo_stream_through_the_cluster() {
         .until(
             "stream running on node 2",
             || async { get_vm(&mut cl.vms(2).await, "stream").await },
-            |v| v.owner_id == 2 && v.migrating_to == 0 && v.runtime == "running",
+            |v| v.owner_id == 2 && v.migrating_to == 0 && v.runtime().name() == "running",
         )
         .await
         .unwrap_or_else(|e| panic!("{e}{}", cl.logs()));
@@ -708,6 +709,7 @@ async fn live_migration_under_a_1khz_echo_stream_through_the_cluster() {
                     .await
                     .list_migrations(cluster_proto::migrations::ListMigrationsRequest {
                         vm: "stream".into(),
+                        ..Default::default()
                     })
                     .await
                     .map(|r| {
@@ -718,7 +720,7 @@ async fn live_migration_under_a_1khz_echo_stream_through_the_cluster() {
                             .unwrap_or_default()
                     })
             },
-            |m| m.state != "running" && !m.state.is_empty(),
+            |m| m.state().name() != "running" && m.state != 0,
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -753,7 +755,7 @@ async fn live_migration_under_a_1khz_echo_stream_through_the_cluster() {
         w["ipv4"],
         w["drops"]
     );
-    assert_eq!(rec.state, "succeeded", "{rec:?}");
+    assert_eq!(rec.state().name(), "succeeded", "{rec:?}");
     assert_eq!(rec.target_node_id, 2);
     assert!(w["rarp"].as_u64().unwrap_or(0) >= 1, "{w}");
     // Nothing sent after the first reply from the target is lost.

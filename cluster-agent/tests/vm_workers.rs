@@ -4,6 +4,7 @@
 //! The worker's console is also read straight from its control socket, so the test sees
 //! the guest while no agent runs.
 
+use cluster_proto::EnumName;
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
 
@@ -99,7 +100,7 @@ async fn quick_migrate(cl: &Cluster, vm: &str, to: u64) {
         .await
         .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
     cl.wait_vm(1, vm, &format!("running on node {to}"), |v| {
-        v.owner_id == to && v.runtime == "running" && v.migrating_to == 0
+        v.owner_id == to && v.runtime().name() == "running" && v.migrating_to == 0
     })
     .await;
 }
@@ -201,7 +202,7 @@ async fn the_agent_is_stopped_or_killed_and_its_vm_keeps_running_then_is_adopted
             .await
             .unwrap_or_else(|e| panic!("vm-w: {e}{}", cl.logs()));
         assert_eq!(
-            (rec.owner_id, rec.generation, rec.runtime.as_str()),
+            (rec.owner_id, rec.generation, rec.runtime().name()),
             (2, before.generation, "running"),
             "no failover happened: {rec:?}"
         );
@@ -212,7 +213,7 @@ async fn the_agent_is_stopped_or_killed_and_its_vm_keeps_running_then_is_adopted
     // A stop through the cluster ends the worker and releases the VM for good.
     cl.vms(1)
         .await
-        .stop_vm(pb::VmName {
+        .stop_vm(pb::StopVmRequest {
             name: "vm-w".into(),
         })
         .await
@@ -303,7 +304,7 @@ async fn an_agent_killed_for_good_its_worker_stops_the_vm_before_the_cluster_res
 
     let after = cl
         .wait_vm(1, "vm-k", "restarted on a survivor", |v| {
-            v.owner_id != 2 && v.runtime == "running"
+            v.owner_id != 2 && v.runtime().name() == "running"
         })
         .await;
     let (node, _) = cl.heartbeat_after(1, "vm-k", 0).await;
@@ -325,7 +326,7 @@ async fn a_frozen_agent_thawed_after_failover_adopts_nothing_the_cluster_moved()
     cl.check(cl.freeze(2));
     let after = cl
         .wait_vm(1, "vm-f", "restarted on a survivor", |v| {
-            v.owner_id != 2 && v.runtime == "running"
+            v.owner_id != 2 && v.runtime().name() == "running"
         })
         .await;
     let (_, seq) = cl.heartbeat_after(1, "vm-f", 0).await;
@@ -375,7 +376,7 @@ async fn a_killed_worker_fails_only_its_own_vm_and_says_so() {
 
     let failed = cl
         .wait_vm(1, "vm-x", "failed after its worker died", |v| {
-            v.runtime == "failed"
+            v.runtime().name() == "failed"
         })
         .await;
     assert!(
@@ -399,7 +400,7 @@ async fn a_killed_worker_fails_only_its_own_vm_and_says_so() {
     let y_now = WorkerVm::attach(&worker_dir(&cl, 3, "vm-y")).unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(y_now.pid(), y_pid);
     let y = get_vm(&mut cl.vms(1).await, "vm-y").await;
-    assert_eq!(y.map(|v| v.runtime).ok(), Some("running".into()));
+    assert_eq!(y.map(|v| v.runtime().name()).ok(), Some("running"));
     // The failure is in the event log.
     let events = cl.check(cl.events(1).await);
     assert!(
@@ -411,7 +412,7 @@ async fn a_killed_worker_fails_only_its_own_vm_and_says_so() {
     // Started again by the operator, it runs in a new worker.
     cl.vms(1)
         .await
-        .start_vm(pb::VmName {
+        .start_vm(pb::StartVmRequest {
             name: "vm-x".into(),
         })
         .await
@@ -576,7 +577,7 @@ async fn guests_saturating_every_core_do_not_starve_the_agents() {
     assert!(
         !events
             .iter()
-            .any(|e| e.kind == "node_fenced" || e.message.contains("Down")),
+            .any(|e| e.kind().name() == "node_fenced" || e.message.contains("Down")),
         "{events:#?}"
     );
     for v in before {
@@ -584,7 +585,7 @@ async fn guests_saturating_every_core_do_not_starve_the_agents() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            (now.owner_id, now.generation, now.runtime.as_str()),
+            (now.owner_id, now.generation, now.runtime().name()),
             (v.owner_id, v.generation, "running"),
             "{now:?}"
         );
@@ -605,7 +606,7 @@ async fn node_state(cl: &Cluster, via: u64, node: u64) -> String {
     cl.check(cl.nodes(via).await)
         .into_iter()
         .find(|n| n.node_id == node)
-        .map(|n| n.state)
+        .map(|n| n.state().name().to_owned())
         .unwrap_or_default()
 }
 
@@ -693,7 +694,7 @@ async fn an_announced_restart_that_never_ends_fails_the_vm_over_after_the_window
     );
     let after = cl
         .wait_vm(1, "vm-n", "restarted on a survivor", |v| {
-            v.owner_id != 2 && v.runtime == "running"
+            v.owner_id != 2 && v.runtime().name() == "running"
         })
         .await;
     assert_eq!(node_state(&cl, 1, 2).await, "down");
@@ -812,7 +813,7 @@ async fn a_frozen_worker_stalls_nothing_and_stops_its_vm_once_thawed_past_its_le
     signal("-CONT");
     let failed = cl
         .wait_vm(1, "vm-s", "failed after its worker stopped it", |v| {
-            v.runtime == "failed"
+            v.runtime().name() == "failed"
         })
         .await;
     assert!(failed.reason.contains("worker process"), "{failed:?}");
@@ -862,11 +863,11 @@ async fn live_migration_of_a_worker_vm_rolls_back_on_cancel_then_moves_it_with_i
     .await;
     cl.migrations(1)
         .await
-        .cancel_migration(mpb::MigrationId { id: rec.id })
+        .cancel_migration(mpb::CancelMigrationRequest { id: rec.id })
         .await
         .unwrap_or_else(|e| panic!("cancel: {e}{}", cl.logs()));
     let end = cl.migration_end(1, rec.id, cluster_tests::WAIT).await;
-    assert_eq!(end.state, "cancelled", "{end:?}");
+    assert_eq!(end.state().name(), "cancelled", "{end:?}");
     let v = cl.wait_settled(1, "vm-l").await;
     assert_eq!(v.owner_id, 2, "a cancelled migration moved the VM: {v:?}");
     let (node, hb2) = cl
@@ -898,7 +899,7 @@ async fn live_migration_of_a_worker_vm_rolls_back_on_cancel_then_moves_it_with_i
     .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
     let rec = cl.running_migration(1, "vm-l", cluster_tests::WAIT).await;
     let end = cl.migration_end(1, rec.id, cluster_tests::WAIT).await;
-    assert_eq!(end.state, "succeeded", "{end:?}{}", cl.logs());
+    assert_eq!(end.state().name(), "succeeded", "{end:?}{}", cl.logs());
     let st = end.stats.unwrap_or_default();
     assert!(
         st.has_target_digest && st.receipt_matches && st.blackout_us > 0,
@@ -945,7 +946,7 @@ async fn live_migration_of_a_worker_vm_rolls_back_on_cancel_then_moves_it_with_i
     let rec = cl.running_migration(1, "vm-l", cluster_tests::WAIT).await;
     let end = cl.migration_end(1, rec.id, cluster_tests::WAIT).await;
     assert_eq!(
-        end.state,
+        end.state().name(),
         "succeeded",
         "{end:?}{}\n--- worker log on node 3 ---\n{}",
         cl.logs(),

@@ -7,11 +7,12 @@
 //! `CONSOLE_SCREENSHOTS_DIR=docs cargo test -p cluster-agent --test web_console` refreshes
 //! the ones kept in `docs/console-*.png`.
 
+use cluster_proto::EnumName;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use cluster_proto::management as pb;
-use cluster_proto::management::management_client::ManagementClient;
+use cluster_proto::management::management_service_client::ManagementServiceClient;
 use cluster_proto::pki::Role;
 use cluster_proto::vms as vpb;
 use cluster_tests::browser::{screenshot_dir, spki_pin, Browser};
@@ -61,7 +62,7 @@ fn post(b: &Browser, path: &str, body: &str) -> (u64, Value) {
 }
 
 async fn login_url(addr: SocketAddr, who: Option<&cluster_proto::pki::TlsMaterial>) -> String {
-    let mut m = ManagementClient::new(
+    let mut m = ManagementServiceClient::new(
         endpoint_as(addr, who)
             .connect()
             .await
@@ -381,7 +382,7 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
     b.click("#confirm-ok")
         .unwrap_or_else(|e| panic!("confirm migrate: {e}"));
     cl.wait_vm(1, "web", "migrated from the console", |v| {
-        v.owner_id == to && v.runtime == "running" && v.migrating_to == 0
+        v.owner_id == to && v.runtime().name() == "running" && v.migrating_to == 0
     })
     .await;
 
@@ -406,7 +407,7 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
     b.click("#confirm-ok")
         .unwrap_or_else(|e| panic!("confirm: {e}"));
     cl.wait_vm(1, "web", "stopped from the console", |v| {
-        v.desired == "stopped" && v.runtime == "stopped"
+        v.desired().name() == "stopped" && v.runtime().name() == "stopped"
     })
     .await;
 
@@ -448,8 +449,10 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
     let (status, body) = post(&b, "/api/vms/web/migrate", "{\"dry_run\": true}");
     assert_eq!(status, 200, "{body}");
     assert!(body["plan"]["vm"] == "web", "{body}");
-    cl.wait_vm(1, "web", "still stopped", |v| v.desired == "stopped")
-        .await;
+    cl.wait_vm(1, "web", "still stopped", |v| {
+        v.desired().name() == "stopped"
+    })
+    .await;
     show_tab(&b, "events");
     b.screenshot(&docs.join("console-events.png"));
 

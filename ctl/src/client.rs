@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use cluster_proto::management::management_client::ManagementClient;
+use cluster_proto::management::management_service_client::ManagementServiceClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -229,13 +229,13 @@ fn agent(endpoint: &str, timeout: Duration) -> Result<Endpoint, CtlError> {
 pub async fn connect(
     endpoint: &str,
     timeout: Duration,
-) -> Result<ManagementClient<Conn>, CtlError> {
+) -> Result<ManagementServiceClient<Conn>, CtlError> {
     let ep = agent(endpoint, timeout)?.timeout(timeout);
     let channel = ep.connect().await.map_err(|e| CtlError::Unreachable {
         endpoint: endpoint.to_string(),
         cause: chain(&e),
     })?;
-    Ok(ManagementClient::new(conn(channel)))
+    Ok(ManagementServiceClient::new(conn(channel)))
 }
 
 /// A client of one of the agent's services (VMs, disks, drains, migrations), built by
@@ -271,6 +271,39 @@ pub async fn call<T>(
         })?
         .map(tonic::Response::into_inner)
         .map_err(|s| status_error(endpoint, timeout, s))
+}
+
+/// Items per page clusterctl asks for (the API's maximum).
+pub const PAGE_SIZE: u32 = 1000;
+/// Most pages clusterctl follows for one list.
+const PAGES_MAX: usize = 1000;
+
+/// Every item of a paged list call: `page` answers the items after a page token and the
+/// token of the next page (empty after the last).
+pub async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, CtlError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), CtlError>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    for _ in 0..PAGES_MAX {
+        let (items, next) = page(token).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
+    Err(CtlError::Render(format!(
+        "the agent answered more than {PAGES_MAX} pages"
+    )))
+}
+
+/// The message a response embeds (`GetNodeResponse.node`, ...): an agent that answers
+/// without it is a local error, never a default value shown as if it were real.
+pub fn required<T>(v: Option<T>, what: &str) -> Result<T, CtlError> {
+    v.ok_or_else(|| CtlError::Render(format!("the agent answered without a {what}")))
 }
 
 /// Map a failed call to a clear error.

@@ -7,7 +7,7 @@ use cluster_proto::management as pb;
 use crate::client::{connect, status_error, Conn, CtlError};
 use crate::output;
 use crate::{Cli, ClusterCmd, Cmd, ConsoleCmd, KvCmd, NodeCmd};
-use cluster_proto::management::management_client::ManagementClient;
+use cluster_proto::management::management_service_client::ManagementServiceClient;
 
 /// Joins wait for the new node to catch up; give them at least this long.
 const JOIN_TIMEOUT_MIN: Duration = Duration::from_secs(60);
@@ -59,12 +59,22 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
             output::status(fmt, &r)
         }
         Cmd::Node(NodeCmd::List) => {
-            let r = c
-                .list_nodes(pb::ListNodesRequest {})
-                .await
-                .map_err(fail)?
-                .into_inner();
-            output::nodes(fmt, &r.nodes)
+            let nodes = crate::client::all_pages(|page_token| {
+                let mut c = c.clone();
+                async move {
+                    let r = c
+                        .list_nodes(pb::ListNodesRequest {
+                            page_size: crate::client::PAGE_SIZE,
+                            page_token,
+                        })
+                        .await
+                        .map_err(fail)?
+                        .into_inner();
+                    Ok((r.nodes, r.next_page_token))
+                }
+            })
+            .await?;
+            output::nodes(fmt, &nodes)
         }
         Cmd::Node(NodeCmd::Show { node_id }) => {
             let r = c
@@ -74,7 +84,7 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
                 .await
                 .map_err(fail)?
                 .into_inner();
-            output::node(fmt, &r)
+            output::node(fmt, &crate::client::required(r.node, "node")?)
         }
         Cmd::Node(NodeCmd::Resume {
             node_id,
@@ -101,20 +111,20 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
             node_id, reason, ..
         }) => {
             let state = if matches!(cli.command, Cmd::Node(NodeCmd::Pause { .. })) {
-                "paused"
+                pb::NodeState::Paused
             } else {
-                "up"
+                pb::NodeState::Up
             };
             let r = c
                 .set_node_state(pb::SetNodeStateRequest {
                     node_id: crate::nodes::node_id(cli, node_id).await?,
-                    state: state.into(),
+                    state: state as i32,
                     reason: reason.clone(),
                 })
                 .await
                 .map_err(fail)?
                 .into_inner();
-            output::node(fmt, &r)
+            output::node(fmt, &crate::client::required(r.node, "node")?)
         }
         Cmd::Node(NodeCmd::Standby { node_id, reason }) => {
             let r = c
@@ -125,7 +135,7 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
                 .await
                 .map_err(fail)?
                 .into_inner();
-            output::node(fmt, &r)
+            output::node(fmt, &crate::client::required(r.node, "node")?)
         }
         Cmd::Node(NodeCmd::Wake { node_id, reason }) => {
             let r = c
@@ -136,7 +146,7 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
                 .await
                 .map_err(fail)?
                 .into_inner();
-            output::node(fmt, &r)
+            output::node(fmt, &crate::client::required(r.node, "node")?)
         }
         Cmd::Events {
             after,
@@ -219,7 +229,7 @@ const EVENTS_DEFAULT_TAIL: u32 = 1000;
 /// `clusterctl events [--after SEQ] [--limit N] [--tail N] [-f]`.
 async fn events(
     cli: &Cli,
-    c: &mut ManagementClient<Conn>,
+    c: &mut ManagementServiceClient<Conn>,
     after: Option<u64>,
     limit: Option<u32>,
     tail: Option<u32>,

@@ -4,6 +4,7 @@
 use clap::Subcommand;
 use cluster_proto::volumes as pb;
 use cluster_proto::volumes::volume_service_client::VolumeServiceClient;
+use cluster_proto::EnumName;
 use serde::Serialize;
 
 use crate::client::{call, service, CtlError};
@@ -51,7 +52,7 @@ struct LockJson<'a> {
 fn lock_json(l: &pb::DiskLock) -> LockJson<'_> {
     LockJson {
         disk: &l.disk,
-        mode: &l.mode,
+        mode: l.mode().name(),
         holders: &l.holders,
         token: l.token,
         term: l.term,
@@ -78,7 +79,7 @@ fn render_disks(fmt: Format, disks: &[pb::DiskInfo]) -> String {
         .map(|d| {
             let (mode, holder, token, term) = match &d.lock {
                 Some(l) => (
-                    l.mode.clone(),
+                    l.mode().name().to_owned(),
                     holders(&l.holders),
                     l.token.to_string(),
                     l.term.to_string(),
@@ -128,6 +129,7 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
                 }),
             )
             .await?;
+            let d = crate::client::required(d.disk, "disk")?;
             Ok(match cli.output {
                 Format::Json | Format::Yaml => json(&serde_json::json!({
                     "name": d.name, "size_bytes": d.size_bytes,
@@ -138,7 +140,26 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
             })
         }
         DiskCmd::List => {
-            let r = call(ep, timeout, c.list_disks(pb::ListDisksRequest {})).await?;
+            let volumes = std::cell::RefCell::new(Vec::new());
+            let disks = crate::client::all_pages(|page_token| {
+                let mut c = c.clone();
+                let volumes = &volumes;
+                async move {
+                    let req = pb::ListDisksRequest {
+                        page_size: crate::client::PAGE_SIZE,
+                        page_token,
+                    };
+                    let r = call(ep, timeout, c.list_disks(req)).await?;
+                    *volumes.borrow_mut() = r.volumes;
+                    Ok((r.disks, r.next_page_token))
+                }
+            })
+            .await?;
+            let r = pb::ListDisksResponse {
+                volumes: volumes.into_inner(),
+                disks,
+                next_page_token: String::new(),
+            };
             Ok(match cli.output {
                 Format::Json | Format::Yaml => json(&serde_json::json!({
                     "volumes": r.volumes,
@@ -159,7 +180,22 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
             })
         }
         DiskCmd::Locks => {
-            let r = call(ep, timeout, c.list_locks(pb::ListLocksRequest {})).await?;
+            let locks = crate::client::all_pages(|page_token| {
+                let mut c = c.clone();
+                async move {
+                    let req = pb::ListLocksRequest {
+                        page_size: crate::client::PAGE_SIZE,
+                        page_token,
+                    };
+                    let r = call(ep, timeout, c.list_locks(req)).await?;
+                    Ok((r.locks, r.next_page_token))
+                }
+            })
+            .await?;
+            let r = pb::ListLocksResponse {
+                locks,
+                next_page_token: String::new(),
+            };
             Ok(match cli.output {
                 Format::Json | Format::Yaml => {
                     json(&r.locks.iter().map(lock_json).collect::<Vec<_>>())
@@ -171,7 +207,7 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
                         .map(|l| {
                             vec![
                                 l.disk.clone(),
-                                l.mode.clone(),
+                                l.mode().name().to_owned(),
                                 holders(&l.holders),
                                 l.token.to_string(),
                                 l.term.to_string(),
@@ -194,33 +230,32 @@ pub async fn run_vm_disk(cli: &Cli, cmd: &VmDiskCmd) -> Result<String, CtlError>
             name,
             disk,
             read_only,
-        } => {
-            call(
-                ep,
-                timeout,
-                c.attach_disk(pb::AttachDiskRequest {
-                    vm: name.clone(),
-                    disk: disk.clone(),
-                    read_only: *read_only,
-                }),
-            )
-            .await?
-        }
-        VmDiskCmd::Detach { name, disk } => {
-            call(
-                ep,
-                timeout,
-                c.detach_disk(pb::DetachDiskRequest {
-                    vm: name.clone(),
-                    disk: disk.clone(),
-                }),
-            )
-            .await?
-        }
+        } => call(
+            ep,
+            timeout,
+            c.attach_disk(pb::AttachDiskRequest {
+                vm: name.clone(),
+                disk: disk.clone(),
+                read_only: *read_only,
+            }),
+        )
+        .await
+        .map(|r| (r.vm, r.disks))?,
+        VmDiskCmd::Detach { name, disk } => call(
+            ep,
+            timeout,
+            c.detach_disk(pb::DetachDiskRequest {
+                vm: name.clone(),
+                disk: disk.clone(),
+            }),
+        )
+        .await
+        .map(|r| (r.vm, r.disks))?,
     };
+    let (vm, disks) = r;
     Ok(match cli.output {
-        Format::Json | Format::Yaml => json(&serde_json::json!({"vm": r.vm, "disks": r.disks})),
-        Format::Table | Format::Wide => format!("VM {} disks: {}\n", r.vm, r.disks.join(", ")),
+        Format::Json | Format::Yaml => json(&serde_json::json!({"vm": vm, "disks": disks})),
+        Format::Table | Format::Wide => format!("VM {} disks: {}\n", vm, disks.join(", ")),
     })
 }
 
@@ -237,7 +272,7 @@ mod tests {
                 allocated_bytes: 12 << 20,
                 lock: Some(pb::DiskLock {
                     disk: "vol/vms/db1.img".into(),
-                    mode: "exclusive".into(),
+                    mode: pb::LockMode::Exclusive as i32,
                     holders: vec![2],
                     token: 41,
                     term: 3,

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Subcommand, ValueEnum};
 use cluster_proto::drain as pb;
 use cluster_proto::drain::drain_service_client::DrainServiceClient;
+use cluster_proto::EnumName;
 use serde::Serialize;
 
 use crate::client::{call, service, CtlError};
@@ -131,12 +132,12 @@ fn move_view(m: &pb::MoveInfo) -> MoveView<'_> {
         vm: &m.vm,
         from_node_id: m.from_node_id,
         to_node_id: m.to_node_id,
-        kind: &m.kind,
+        kind: m.kind().name(),
         why_not_live: &m.why_not_live,
         wave: m.wave,
         planned_start_unix_ms: m.planned_start_unix_ms,
         planned_end_unix_ms: m.planned_end_unix_ms,
-        status: &m.status,
+        status: m.status().name(),
         started_unix_ms: m.started_unix_ms,
         ended_unix_ms: m.ended_unix_ms,
         reason: &m.reason,
@@ -161,9 +162,9 @@ struct JobView<'a> {
 fn job_view(j: &pb::JobInfo) -> JobView<'_> {
     JobView {
         id: j.id,
-        kind: &j.kind,
+        kind: j.kind().name(),
         node_id: j.node_id,
-        status: &j.status,
+        status: j.status().name(),
         reason: &j.reason,
         moves: j.moves.iter().map(move_view).collect(),
         planned_finish_unix_ms: j.planned_finish_unix_ms,
@@ -179,10 +180,10 @@ fn secs(ms: u64) -> String {
 }
 
 fn kind_text(m: &pb::MoveInfo) -> String {
-    if m.kind == "quick" && !m.why_not_live.is_empty() {
+    if m.kind() == pb::MoveKind::Quick && !m.why_not_live.is_empty() {
         format!("quick ({})", m.why_not_live.join("; "))
     } else {
-        m.kind.clone()
+        m.kind().name().to_owned()
     }
 }
 
@@ -216,7 +217,7 @@ pub fn render_plan(fmt: Format, moves: &[pb::MoveInfo], start: u64) -> String {
     table(&headers, &rows)
 }
 
-pub fn render_drain(fmt: Format, r: &pb::DrainReply, node: u64) -> Result<String, CtlError> {
+pub fn render_drain(fmt: Format, r: &pb::DrainNodeResponse, node: u64) -> Result<String, CtlError> {
     if fmt == Format::Json {
         #[derive(Serialize)]
         struct V<'a> {
@@ -263,16 +264,16 @@ pub fn render_drain(fmt: Format, r: &pb::DrainReply, node: u64) -> Result<String
 }
 
 fn progress(j: &pb::JobInfo) -> String {
-    let n = |s: &str| j.moves.iter().filter(|m| m.status == s).count();
-    let what = match j.kind.as_str() {
-        "drain" => format!("drain of node {}", j.node_id),
-        "failback" => format!("failback to node {}", j.node_id),
+    let n = |s: &str| j.moves.iter().filter(|m| m.status().name() == s).count();
+    let what = match j.kind() {
+        pb::JobKind::Drain => format!("drain of node {}", j.node_id),
+        pb::JobKind::Failback => format!("failback to node {}", j.node_id),
         _ => "balancing".to_string(),
     };
     let mut s = format!(
         "job {}: {what}: {} — {}/{} moved, {} in flight, {} queued, {} failed",
         j.id,
-        j.status,
+        j.status().name(),
         n("done"),
         j.moves.len(),
         n("in_flight"),
@@ -319,7 +320,7 @@ pub fn render_job(fmt: Format, j: &pb::JobInfo) -> Result<String, CtlError> {
                 m.from_node_id.to_string(),
                 m.to_node_id.to_string(),
                 kind_text(m),
-                m.status.clone(),
+                m.status().name().to_owned(),
             ];
             if wide {
                 row.push(secs(
@@ -363,16 +364,16 @@ pub fn render_jobs(fmt: Format, jobs: &[pb::JobInfo]) -> Result<String, CtlError
     let rows: Vec<Vec<String>> = jobs
         .iter()
         .map(|j| {
-            let n = |st: &str| j.moves.iter().filter(|m| m.status == st).count();
+            let n = |st: &str| j.moves.iter().filter(|m| m.status().name() == st).count();
             let mut row = vec![
                 j.id.to_string(),
-                j.kind.clone(),
+                j.kind().name().to_owned(),
                 if j.node_id == 0 {
                     "-".into()
                 } else {
                     j.node_id.to_string()
                 },
-                j.status.clone(),
+                j.status().name().to_owned(),
                 format!("{}/{}", n("done"), j.moves.len()),
             ];
             if wide {
@@ -383,7 +384,7 @@ pub fn render_jobs(fmt: Format, jobs: &[pb::JobInfo]) -> Result<String, CtlError
                     local_time(j.created_unix_ms),
                     local_time(j.planned_finish_unix_ms),
                     local_time(j.finished_unix_ms),
-                    if j.kind == "drain" {
+                    if j.kind() == pb::JobKind::Drain {
                         if j.failed_back { "yes" } else { "no" }.into()
                     } else {
                         "-".into()
@@ -430,7 +431,7 @@ fn render_policy(fmt: Format, p: &pb::PolicySpec) -> Result<String, CtlError> {
     ))
 }
 
-fn render_balance(fmt: Format, p: &pb::BalancePlanReply) -> Result<String, CtlError> {
+fn render_balance(fmt: Format, p: &pb::PlanBalanceResponse) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&serde_json::json!({
             "mode": p.mode,
@@ -522,11 +523,16 @@ async fn watch(
     let mut bars =
         (std::io::stdout().is_terminal() && cli.output != Format::Json).then(JobBars::default);
     loop {
-        let r = call(ep, timeout, c.get_drain(pb::NodeRef { node_id: node })).await?;
+        let r = call(
+            ep,
+            timeout,
+            c.get_drain(pb::GetDrainRequest { node_id: node }),
+        )
+        .await?;
         let Some(j) = r.job else {
             return Err(CtlError::Render("the agent answered without a job".into()));
         };
-        if j.status != "running" || started.elapsed() > WATCH_MAX {
+        if j.status() != pb::JobStatus::Running || started.elapsed() > WATCH_MAX {
             if let Some(b) = bars.take() {
                 b.clear();
             }
@@ -564,7 +570,15 @@ struct JobBars {
 
 impl JobBars {
     fn update(&mut self, j: &pb::JobInfo, line: &str) {
-        let finished = |status: &str| matches!(status, "done" | "failed" | "dropped" | "skipped");
+        let finished = |status: pb::MoveStatus| {
+            matches!(
+                status,
+                pb::MoveStatus::Done
+                    | pb::MoveStatus::Failed
+                    | pb::MoveStatus::Dropped
+                    | pb::MoveStatus::Skipped
+            )
+        };
         let multi = &self.multi;
         let job = self.job.get_or_insert_with(|| {
             let b = multi.add(indicatif::ProgressBar::new(0));
@@ -576,7 +590,7 @@ impl JobBars {
             b
         });
         job.set_length(j.moves.len() as u64);
-        job.set_position(j.moves.iter().filter(|m| finished(&m.status)).count() as u64);
+        job.set_position(j.moves.iter().filter(|m| finished(m.status())).count() as u64);
         job.set_message(line.to_owned());
         for m in &j.moves {
             let bar = self.moves.entry(m.vm.clone()).or_insert_with(|| {
@@ -592,12 +606,17 @@ impl JobBars {
             }
             let mut msg = format!(
                 "{}: node {} -> node {} ({}, wave {}): {}",
-                m.vm, m.from_node_id, m.to_node_id, m.kind, m.wave, m.status
+                m.vm,
+                m.from_node_id,
+                m.to_node_id,
+                m.kind().name(),
+                m.wave,
+                m.status().name()
             );
             if !m.reason.is_empty() {
                 msg.push_str(&format!(" ({})", m.reason));
             }
-            if finished(&m.status) {
+            if finished(m.status()) {
                 bar.finish_with_message(msg);
             } else {
                 bar.set_message(msg);
@@ -615,10 +634,10 @@ impl JobBars {
 /// How a watched job that stopped running ends the command: a failed or aborted job is an
 /// error (exit 5), so scripts that `--watch` a drain can tell it did not happen.
 fn watch_outcome(j: &pb::JobInfo) -> Result<(), CtlError> {
-    match j.status.as_str() {
-        "failed" | "aborted" => Err(CtlError::Ended {
-            what: format!("the {} of node {}", j.kind, j.node_id),
-            status: j.status.clone(),
+    match j.status() {
+        pb::JobStatus::Failed | pb::JobStatus::Aborted => Err(CtlError::Ended {
+            what: format!("the {} of node {}", j.kind().name(), j.node_id),
+            status: j.status().name().to_owned(),
         }),
         _ => Ok(()),
     }
@@ -632,7 +651,7 @@ pub async fn drain(cli: &Cli, node: u64, dry_run: bool, follow: bool) -> Result<
     let r = call(
         ep,
         timeout,
-        c.drain_node(pb::DrainRequest {
+        c.drain_node(pb::DrainNodeRequest {
             node_id: node,
             dry_run,
         }),
@@ -656,7 +675,7 @@ pub async fn resume(cli: &Cli, node: u64, failback: bool) -> Result<String, CtlE
     let r = call(
         ep,
         timeout,
-        c.resume_node(pb::ResumeRequest {
+        c.resume_node(pb::ResumeNodeRequest {
             node_id: node,
             failback,
         }),
@@ -688,7 +707,7 @@ pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
             let r = call(
                 ep,
                 timeout,
-                c.get_drain(pb::NodeRef {
+                c.get_drain(pb::GetDrainRequest {
                     node_id: crate::nodes::node_id(cli, node_id).await?,
                 }),
             )
@@ -702,7 +721,7 @@ pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
             let r = call(
                 ep,
                 timeout,
-                c.abort_drain(pb::NodeRef {
+                c.abort_drain(pb::AbortDrainRequest {
                     node_id: crate::nodes::node_id(cli, node_id).await?,
                 }),
             )
@@ -713,8 +732,19 @@ pub async fn run(cli: &Cli, cmd: &DrainCmd) -> Result<String, CtlError> {
             }
         }
         DrainCmd::List => {
-            let r = call(ep, timeout, c.list_jobs(pb::ListJobsRequest {})).await?;
-            render_jobs(cli.output, &r.jobs)
+            let jobs = crate::client::all_pages(|page_token| {
+                let mut c = c.clone();
+                async move {
+                    let req = pb::ListJobsRequest {
+                        page_size: crate::client::PAGE_SIZE,
+                        page_token,
+                    };
+                    let r = call(ep, timeout, c.list_jobs(req)).await?;
+                    Ok((r.jobs, r.next_page_token))
+                }
+            })
+            .await?;
+            render_jobs(cli.output, &jobs)
         }
     }
 }
@@ -748,20 +778,22 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
             let r = call(
                 ep,
                 timeout,
-                c.set_policy(pb::PolicySpec {
-                    mode: mode_str(*mode).into(),
-                    aggressiveness: aggr_str(*aggressiveness).into(),
-                    interval_ms,
-                    min_dwell_ms: min_dwell.map(crate::duration::ms),
-                    migration_cost_bp_per_s: *migration_cost_bp_per_s,
+                c.set_policy(pb::SetPolicyRequest {
+                    policy: Some(pb::PolicySpec {
+                        mode: mode_str(*mode).into(),
+                        aggressiveness: aggr_str(*aggressiveness).into(),
+                        interval_ms,
+                        min_dwell_ms: min_dwell.map(crate::duration::ms),
+                        migration_cost_bp_per_s: *migration_cost_bp_per_s,
+                    }),
                 }),
             )
             .await?;
-            render_policy(cli.output, &r)
+            render_policy(cli.output, &crate::client::required(r.policy, "policy")?)
         }
         PolicyCmd::Show => {
             let r = call(ep, timeout, c.get_policy(pb::GetPolicyRequest {})).await?;
-            render_policy(cli.output, &r)
+            render_policy(cli.output, &crate::client::required(r.policy, "policy")?)
         }
         PolicyCmd::Balance { dry_run: _, mode } => {
             let r = call(
@@ -784,9 +816,9 @@ mod tests {
     #[test]
     fn a_watched_job_that_failed_or_was_aborted_exits_non_zero() {
         let job = |status: &str| pb::JobInfo {
-            kind: "drain".into(),
+            kind: pb::JobKind::Drain as i32,
             node_id: 3,
-            status: status.into(),
+            status: pb::JobStatus::from_name(status).map_or(0, |s| s as i32),
             ..Default::default()
         };
         for status in ["failed", "aborted"] {
@@ -803,18 +835,18 @@ mod tests {
             vm: vm.into(),
             from_node_id: 1,
             to_node_id: 2,
-            kind: "live".into(),
+            kind: pb::MoveKind::Live as i32,
             wave,
             planned_start_unix_ms: 1000 + u64::from(wave) * 500,
             planned_end_unix_ms: 1400 + u64::from(wave) * 500,
-            status: status.into(),
+            status: pb::MoveStatus::from_name(status).map_or(0, |s| s as i32),
             ..Default::default()
         }
     }
 
     #[test]
     fn balance_dry_run_explains_steps_and_stop() {
-        let r = pb::BalancePlanReply {
+        let r = pb::PlanBalanceResponse {
             mode: "even".into(),
             moves: vec![mv("a", 1, "queued")],
             spread_before_bp: 10_000,
@@ -849,7 +881,7 @@ mod tests {
 
     #[test]
     fn plan_and_job_render_as_tables_and_json() {
-        let r = pb::DrainReply {
+        let r = pb::DrainNodeResponse {
             job: None,
             plan: vec![mv("a", 1, "queued"), mv("b", 2, "queued")],
             planned_start_unix_ms: 1000,
@@ -865,9 +897,9 @@ mod tests {
         assert!(j.contains("\"lower_bound_ms\": 800"), "{j}");
         let job = pb::JobInfo {
             id: 4,
-            kind: "drain".into(),
+            kind: pb::JobKind::Drain as i32,
             node_id: 1,
-            status: "running".into(),
+            status: pb::JobStatus::Running as i32,
             moves: vec![mv("a", 1, "done"), mv("b", 2, "in_flight")],
             ..Default::default()
         };
@@ -887,9 +919,9 @@ mod tests {
         done.ended_unix_ms = 1_700;
         let job = pb::JobInfo {
             id: 4,
-            kind: "drain".into(),
+            kind: pb::JobKind::Drain as i32,
             node_id: 1,
-            status: "running".into(),
+            status: pb::JobStatus::Running as i32,
             moves: vec![done, mv("b", 2, "in_flight"), mv("c", 3, "queued")],
             created_unix_ms: 900,
             planned_finish_unix_ms: 2_900,

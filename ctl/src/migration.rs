@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use cluster_proto::migrations as pb;
 use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
+use cluster_proto::EnumName;
 use serde::Serialize;
 
 use crate::client::{call, service, status_error, CtlError};
@@ -64,8 +65,8 @@ fn to_json(m: &pb::MigrationInfo) -> MigrationJson {
         vm: m.vm.clone(),
         source: m.source_node_id,
         target: m.target_node_id,
-        kind: m.kind.clone(),
-        state: m.state.clone(),
+        kind: m.kind().name().to_owned(),
+        state: m.state().name().to_owned(),
         cancel_requested: m.cancel_requested,
         max_downtime_ms: (m.max_downtime_ms != 0).then_some(m.max_downtime_ms),
         deadline_ms: (m.deadline_ms != 0).then_some(m.deadline_ms),
@@ -134,8 +135,8 @@ fn render_list(fmt: Format, ms: &[pb::MigrationInfo]) -> Result<String, CtlError
                 m.vm.clone(),
                 m.source_node_id.to_string(),
                 m.target_node_id.to_string(),
-                m.kind.clone(),
-                m.state.clone(),
+                m.kind().name().to_owned(),
+                m.state().name().to_owned(),
                 duration_ms(m),
                 m.stats
                     .as_ref()
@@ -210,13 +211,13 @@ fn render_one(fmt: Format, m: &pb::MigrationInfo) -> Result<String, CtlError> {
     line("vm", m.vm.clone());
     line("source", m.source_node_id.to_string());
     line("target", m.target_node_id.to_string());
-    line("kind", m.kind.clone());
+    line("kind", m.kind().name().to_owned());
     line(
         "state",
-        if m.cancel_requested && m.state == "running" {
+        if m.cancel_requested && m.state() == pb::MigrationState::Running {
             "running (cancelling)".into()
         } else {
-            m.state.clone()
+            m.state().name().to_owned()
         },
     );
     line("max_downtime_ms", or_default(m.max_downtime_ms));
@@ -261,22 +262,25 @@ pub async fn run(cli: &Cli, cmd: &MigrationCmd) -> Result<String, CtlError> {
     let mut c = service(ep, timeout, MigrationServiceClient::new).await?;
     match cmd {
         MigrationCmd::List { vm } => {
+            let migrations = all_migrations(&c, ep, timeout, vm.as_deref().unwrap_or("")).await?;
+            render_list(cli.output, &migrations)
+        }
+        MigrationCmd::Show { id } => {
             let r = call(
                 ep,
                 timeout,
-                c.list_migrations(pb::ListMigrationsRequest {
-                    vm: vm.clone().unwrap_or_default(),
-                }),
+                c.get_migration(pb::GetMigrationRequest { id: *id }),
             )
             .await?;
-            render_list(cli.output, &r.migrations)
-        }
-        MigrationCmd::Show { id } => {
-            let r = call(ep, timeout, c.get_migration(pb::MigrationId { id: *id })).await?;
             render_one(cli.output, &r.migration.unwrap_or_default())
         }
         MigrationCmd::Cancel { id } => {
-            let r = call(ep, timeout, c.cancel_migration(pb::MigrationId { id: *id })).await?;
+            let r = call(
+                ep,
+                timeout,
+                c.cancel_migration(pb::CancelMigrationRequest { id: *id }),
+            )
+            .await?;
             render_one(cli.output, &r.migration.unwrap_or_default())
         }
     }
@@ -287,7 +291,7 @@ fn mib(b: u64) -> f64 {
 }
 
 /// One progress line: bar, bytes left, rate, ETA, round, phase.
-pub fn progress_line(p: &pb::MigrationProgress) -> String {
+pub fn progress_line(p: &pb::WatchMigrationResponse) -> String {
     const WIDTH: usize = 30;
     let done = ((p.fraction_done.clamp(0.0, 1.0)) * WIDTH as f64).round() as usize;
     format!(
@@ -310,7 +314,7 @@ pub fn final_line(m: &pb::MigrationInfo) -> String {
         Some(s) => format!(
             "migration {} {}: {} rounds, {:.1} MiB on the wire, blackout {} us, receipt {}",
             m.id,
-            m.state,
+            m.state().name(),
             s.rounds,
             mib(s.wire_bytes),
             s.blackout_us,
@@ -320,7 +324,7 @@ pub fn final_line(m: &pb::MigrationInfo) -> String {
                 "MISMATCH"
             }
         ),
-        None => format!("migration {} {}: {}", m.id, m.state, m.reason),
+        None => format!("migration {} {}: {}", m.id, m.state().name(), m.reason),
     }
 }
 
@@ -342,18 +346,18 @@ pub async fn wait_queued(
     let deadline = std::time::Instant::now() + wait_max;
     loop {
         let m = c
-            .get_migration(pb::MigrationId { id })
+            .get_migration(pb::GetMigrationRequest { id })
             .await
             .map_err(fail)?
             .into_inner()
             .migration
             .unwrap_or_default();
-        match m.state.as_str() {
-            "queued" => {}
-            "failed" | "cancelled" => {
+        match m.state() {
+            pb::MigrationState::Queued => {}
+            pb::MigrationState::Failed | pb::MigrationState::Cancelled => {
                 return Err(CtlError::Ended {
                     what: format!("migration {id} of VM {vm}"),
-                    status: format!("{}: {}", m.state, m.reason),
+                    status: format!("{}: {}", m.state().name(), m.reason),
                 })
             }
             _ => return Ok(m.target_node_id),
@@ -368,22 +372,44 @@ pub async fn wait_queued(
     }
 }
 
+/// Every migration record (of `vm`, unless empty), following the pages.
+async fn all_migrations(
+    c: &MigrationServiceClient<crate::client::Conn>,
+    ep: &str,
+    timeout: Duration,
+    vm: &str,
+) -> Result<Vec<pb::MigrationInfo>, CtlError> {
+    crate::client::all_pages(|page_token| {
+        let mut c = c.clone();
+        async move {
+            let req = pb::ListMigrationsRequest {
+                vm: vm.to_owned(),
+                page_size: crate::client::PAGE_SIZE,
+                page_token,
+            };
+            let r = call(ep, timeout, c.list_migrations(req)).await?;
+            Ok((r.migrations, r.next_page_token))
+        }
+    })
+    .await
+}
+
 /// Draw the progress of the running migration of `vm` on stderr until it ends (a bar
 /// redrawn in place on a terminal, one line per update otherwise). Best effort: a lost
 /// stream ends the drawing, the caller still waits for the VM's record.
 pub async fn follow_progress(ep: &str, timeout: Duration, vm: &str) -> Result<(), CtlError> {
     let mut c = service(ep, timeout, MigrationServiceClient::new).await?;
     let fail = |s| status_error(ep, timeout, s);
-    let list = c
-        .list_migrations(pb::ListMigrationsRequest { vm: vm.to_owned() })
-        .await
-        .map_err(fail)?
-        .into_inner();
-    let Some(m) = list.migrations.iter().rev().find(|m| m.state == "running") else {
+    let migrations = all_migrations(&c, ep, timeout, vm).await?;
+    let Some(m) = migrations
+        .iter()
+        .rev()
+        .find(|m| m.state() == pb::MigrationState::Running)
+    else {
         return Ok(());
     };
     let mut stream = c
-        .watch_migration(pb::MigrationId { id: m.id })
+        .watch_migration(pb::WatchMigrationRequest { id: m.id })
         .await
         .map_err(fail)?
         .into_inner();
@@ -415,7 +441,9 @@ const BAR_STEPS: u64 = 1000;
 /// The progress of `stream` as an indicatif bar on a terminal: fitted to the terminal's
 /// width (a narrow one gets a shorter line, never a wrapped one that leaves stale rows),
 /// replaced by the final line when the migration ends.
-async fn draw_bar(stream: &mut tonic::Streaming<pb::MigrationProgress>) -> Result<(), CtlError> {
+async fn draw_bar(
+    stream: &mut tonic::Streaming<pb::WatchMigrationResponse>,
+) -> Result<(), CtlError> {
     let bar = indicatif::ProgressBar::with_draw_target(
         Some(BAR_STEPS),
         indicatif::ProgressDrawTarget::stderr(),
@@ -456,13 +484,12 @@ mod tests {
             vm: "web1".into(),
             source_node_id: 1,
             target_node_id: 2,
-            kind: "live".into(),
+            kind: pb::MigrationKind::Live as i32,
             state: if stats.is_some() {
-                "succeeded"
+                pb::MigrationState::Succeeded
             } else {
-                "running"
-            }
-            .into(),
+                pb::MigrationState::Running
+            } as i32,
             max_downtime_ms: 100,
             bandwidth_bytes_per_s_max: 200 << 20,
             started_unix_ms: 1_767_323_045_678,

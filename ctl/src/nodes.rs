@@ -50,10 +50,19 @@ pub async fn node_id(cli: &Cli, node: &NodeArg) -> Result<u64, CtlError> {
         NodeArg::Name(s) => s,
     };
     let (ep, timeout) = (cli.endpoint.as_str(), cli.timeout());
-    let mut c = connect(ep, timeout).await?;
-    let nodes = call(ep, timeout, c.list_nodes(pb::ListNodesRequest {}))
-        .await?
-        .nodes;
+    let c = connect(ep, timeout).await?;
+    let nodes = crate::client::all_pages(|page_token| {
+        let mut c = c.clone();
+        async move {
+            let req = pb::ListNodesRequest {
+                page_size: crate::client::PAGE_SIZE,
+                page_token,
+            };
+            let r = call(ep, timeout, c.list_nodes(req)).await?;
+            Ok((r.nodes, r.next_page_token))
+        }
+    })
+    .await?;
     pick(name, &nodes)
 }
 

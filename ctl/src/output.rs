@@ -1,6 +1,7 @@
 //! Rendering: human tables by default, JSON with `-o json`.
 
 use cluster_proto::management as pb;
+use cluster_proto::EnumName;
 use serde::Serialize;
 
 use crate::client::CtlError;
@@ -98,8 +99,8 @@ fn node_view(n: &pb::NodeInfo) -> Node {
     Node {
         node_id: n.node_id,
         name: n.name.clone(),
-        state: n.state.clone(),
-        raft_role: n.raft_role.clone(),
+        state: n.state().name().to_owned(),
+        raft_role: n.raft_role().name().to_owned(),
         mgmt_addr: n.mgmt_addr.clone(),
         raft_addr: n.raft_addr.clone(),
         migration_addr: n.migration_addr.clone(),
@@ -107,18 +108,18 @@ fn node_view(n: &pb::NodeInfo) -> Node {
         migration_subnet: n.migration_subnet.clone(),
         state_since_unix_ms: n.state_since_unix_ms,
         facts: Facts {
+            kvm_kind: f.kvm_kind().name().to_owned(),
             cpu_vendor: f.cpu_vendor,
             cpu_model: f.cpu_model,
             logical_cpus: f.logical_cpus,
             memory_bytes: f.memory_bytes,
-            kvm_kind: f.kvm_kind,
         },
         networks: n
             .networks
             .iter()
             .map(|v| (v.name.clone(), v.bridge.clone()))
             .collect(),
-        migration_transport: n.migration_transport.clone(),
+        migration_transport: n.migration_transport().name().to_owned(),
         cert_expires_unix_ms: n.cert_expires_unix_ms,
         state_reason: n.state_reason.clone(),
         standby_requested: (!n.standby_requested.is_empty()).then(|| n.standby_requested.clone()),
@@ -335,13 +336,13 @@ struct Status {
     snapshot_index: u64,
 }
 
-pub fn status(fmt: Format, r: &pb::ClusterStatusReply) -> Result<String, CtlError> {
+pub fn status(fmt: Format, r: &pb::ClusterStatusResponse) -> Result<String, CtlError> {
     let s = Status {
         cluster_id: r.cluster_id.clone(),
         cluster_name: r.cluster_name.clone(),
         initialized: r.initialized,
         this_node_id: r.this_node_id,
-        raft_state: r.raft_state.clone(),
+        raft_state: r.raft_state().name().to_owned(),
         leader_id: (r.leader_id != 0).then_some(r.leader_id),
         leader_mgmt_addr: r.leader_mgmt_addr.clone(),
         term: r.term,
@@ -462,7 +463,7 @@ impl From<&pb::Event> for Event {
             seq: e.seq,
             at: rfc3339(e.at_unix_ms),
             at_unix_ms: e.at_unix_ms,
-            kind: e.kind.clone(),
+            kind: e.kind().name().to_owned(),
             node_id: e.node_id,
             message: e.message.clone(),
         }
@@ -480,7 +481,7 @@ fn event_row(fmt: Format, e: &pb::Event, now_unix_ms: u64) -> Vec<String> {
         e.seq.to_string(),
         local_time(e.at_unix_ms),
         age(e.at_unix_ms, now_unix_ms),
-        e.kind.clone(),
+        e.kind().name().to_owned(),
         e.node_id.to_string(),
     ];
     if fmt == Format::Wide {
@@ -553,7 +554,7 @@ struct Init<'a> {
     leader_id: u64,
 }
 
-pub fn init(fmt: Format, r: &pb::InitClusterReply) -> Result<String, CtlError> {
+pub fn init(fmt: Format, r: &pb::InitClusterResponse) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&Init {
             cluster_id: &r.cluster_id,
@@ -573,7 +574,7 @@ struct Join<'a> {
     voter_count: u64,
 }
 
-pub fn join(fmt: Format, r: &pb::JoinClusterReply) -> Result<String, CtlError> {
+pub fn join(fmt: Format, r: &pb::JoinClusterResponse) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&Join {
             cluster_id: &r.cluster_id,
@@ -593,7 +594,7 @@ struct Leave {
     voter_count: u64,
 }
 
-pub fn leave(fmt: Format, node_id: u64, r: &pb::LeaveClusterReply) -> Result<String, CtlError> {
+pub fn leave(fmt: Format, node_id: u64, r: &pb::LeaveClusterResponse) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&Leave {
             node_id,
@@ -612,7 +613,7 @@ struct Put<'a> {
     previous: Option<&'a str>,
 }
 
-pub fn put(fmt: Format, r: &pb::PutKvReply) -> Result<String, CtlError> {
+pub fn put(fmt: Format, r: &pb::PutKvResponse) -> Result<String, CtlError> {
     let p = Put {
         log_index: r.log_index,
         previous: r.had_previous.then_some(r.previous.as_str()),
@@ -629,7 +630,7 @@ struct Get<'a> {
     value: &'a str,
 }
 
-pub fn get(fmt: Format, key: &str, r: &pb::GetKvReply) -> Result<String, CtlError> {
+pub fn get(fmt: Format, key: &str, r: &pb::GetKvResponse) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&Get {
             key,
@@ -655,7 +656,7 @@ mod tests {
         let ev = pb::Event {
             seq: 7,
             at_unix_ms: 1_767_323_045_678,
-            kind: "node_joined".into(),
+            kind: pb::EventKind::NodeJoined as i32,
             node_id: 2,
             message: "node 2 joined".into(),
         };
@@ -695,7 +696,7 @@ mod tests {
         let ev = pb::Event {
             seq: 7,
             at_unix_ms: 1_767_323_045_678,
-            kind: "node_joined".into(),
+            kind: pb::EventKind::NodeJoined as i32,
             node_id: 2,
             message: "node 2 joined".into(),
         };
@@ -772,7 +773,7 @@ mod tests {
         let n = pb::NodeInfo {
             node_id: 2,
             name: "n2".into(),
-            state: "down".into(),
+            state: pb::NodeState::Down as i32,
             ..Default::default()
         };
         let t = nodes(Format::Table, std::slice::from_ref(&n)).unwrap_or_default();
@@ -793,7 +794,7 @@ mod tests {
         let n = pb::NodeInfo {
             node_id: 1,
             name: "n1".into(),
-            state: "up".into(),
+            state: pb::NodeState::Up as i32,
             facts: Some(pb::NodeFacts {
                 logical_cpus: 4,
                 memory_bytes: 8 << 30,

@@ -124,7 +124,7 @@ pub fn parse_ttl(s: &str) -> Result<u64, String> {
 fn store_signed(
     out: &Path,
     key_pem: String,
-    r: &cluster_proto::management::IssueCertificateReply,
+    r: &cluster_proto::management::IssueCertificateResponse,
 ) -> Result<(), CtlError> {
     TlsDir(out.to_owned())
         .store(
@@ -204,7 +204,10 @@ pub async fn user(cli: &crate::Cli, cmd: &UserCmd) -> Result<String, CtlError> {
                 }),
             )
             .await?;
-            crate::output::revoked(cli.output, &r)
+            crate::output::revoked(
+                cli.output,
+                &crate::client::required(r.revocation, "revocation")?,
+            )
         }
         UserCmd::ListRevoked => {
             let mut c = crate::client::connect(ep, timeout).await?;

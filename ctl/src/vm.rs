@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
+use cluster_proto::EnumName;
 use serde::Serialize;
 
 use crate::client::{call, service, status_error, CtlError};
@@ -318,8 +319,8 @@ pub fn view(v: &pb::VmInfo) -> VmView {
         vcpus: spec.vcpus,
         memory_mib: spec.memory_mib,
         boot,
-        desired: v.desired.clone(),
-        runtime: v.runtime.clone(),
+        desired: v.desired().name().to_owned(),
+        runtime: v.runtime().name().to_owned(),
         owner_id: v.owner_id,
         owner_name: v.owner_name.clone(),
         reason: v.reason.clone(),
@@ -526,7 +527,7 @@ struct PlanView<'a> {
     predicted_rounds: u32,
 }
 
-pub fn render_plan(fmt: Format, p: &pb::MigrationPlanReply) -> Result<String, CtlError> {
+pub fn render_plan(fmt: Format, p: &pb::PlanMigrationResponse) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&PlanView {
             vm: &p.vm,
@@ -633,7 +634,6 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
         endpoint: ep.to_owned(),
         timeout_s: timeout.as_secs(),
     };
-    let name = |n: &str| pb::VmName { name: n.to_owned() };
     let fmt = cli.output;
     match cmd {
         VmCmd::Disk(d) => crate::disk::run_vm_disk(cli, d).await,
@@ -672,29 +672,53 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Start { name: n } => {
-            let r = call(ep, timeout, c.start_vm(name(n))).await?;
+            let r = call(
+                ep,
+                timeout,
+                c.start_vm(pb::StartVmRequest { name: n.clone() }),
+            )
+            .await?;
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Stop { name: n } => {
-            let r = call(ep, timeout, c.stop_vm(name(n))).await?;
+            let r = call(
+                ep,
+                timeout,
+                c.stop_vm(pb::StopVmRequest { name: n.clone() }),
+            )
+            .await?;
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Delete { name: n } => {
-            tokio::time::timeout(timeout, c.delete_vm(name(n)))
-                .await
-                .map_err(timed_out)?
-                .map_err(fail)?;
+            tokio::time::timeout(
+                timeout,
+                c.delete_vm(pb::DeleteVmRequest { name: n.clone() }),
+            )
+            .await
+            .map_err(timed_out)?
+            .map_err(fail)?;
             if fmt == Format::Json {
                 return json(&serde_json::json!({ "deleted": n }));
             }
             Ok(format!("VM {n} deleted\n"))
         }
         VmCmd::List => {
-            let r = call(ep, timeout, c.list_vms(pb::ListVmsRequest {})).await?;
-            render_list(fmt, &r.vms)
+            let vms = crate::client::all_pages(|page_token| {
+                let mut c = c.clone();
+                async move {
+                    let req = pb::ListVmsRequest {
+                        page_size: crate::client::PAGE_SIZE,
+                        page_token,
+                    };
+                    let r = call(ep, timeout, c.list_vms(req)).await?;
+                    Ok((r.vms, r.next_page_token))
+                }
+            })
+            .await?;
+            render_list(fmt, &vms)
         }
         VmCmd::Show { name: n } => {
-            let r = call(ep, timeout, c.get_vm(name(n))).await?;
+            let r = call(ep, timeout, c.get_vm(pb::GetVmRequest { name: n.clone() })).await?;
             render_one(fmt, r.vm.as_ref())
         }
         VmCmd::Migrate {
@@ -723,7 +747,16 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                 bandwidth_bytes_per_s_max: max_bandwidth.filter(|b| *b > 0),
             };
             if *dry_run {
-                let p = call(ep, timeout, c.plan_migration(req)).await?;
+                let plan = pb::PlanMigrationRequest {
+                    name: req.name,
+                    to_node_id: req.to_node_id,
+                    quick: req.quick,
+                    max_downtime_ms: req.max_downtime_ms,
+                    deadline_ms: req.deadline_ms,
+                    no_queue: req.no_queue,
+                    bandwidth_bytes_per_s_max: req.bandwidth_bytes_per_s_max,
+                };
+                let p = call(ep, timeout, c.plan_migration(plan)).await?;
                 return render_plan(fmt, &p);
             }
             let r = call(ep, timeout, c.migrate_vm(req)).await?;
@@ -758,7 +791,7 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let v = c
-                    .get_vm(name(n))
+                    .get_vm(pb::GetVmRequest { name: n.clone() })
                     .await
                     .map_err(fail)?
                     .into_inner()
@@ -771,13 +804,13 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                             status: format!("without moving it: {}", v.reason),
                         });
                     }
-                    if v.runtime == "failed" {
+                    if v.runtime() == pb::RuntimeState::Failed {
                         return Err(CtlError::Ended {
                             what: format!("VM {n} on node {target} after its migration"),
                             status: format!("failed: {}", v.reason),
                         });
                     }
-                    if v.runtime == "running" {
+                    if v.runtime() == pb::RuntimeState::Running {
                         return render_one(fmt, Some(&v));
                     }
                 }
@@ -799,7 +832,7 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
             let mut node = 0u64;
             let mut reopen_since: Option<std::time::Instant> = None;
             loop {
-                let req = pb::ConsoleRequest {
+                let req = pb::StreamConsoleRequest {
                     name: n.clone(),
                     follow: *follow,
                     ..Default::default()
@@ -870,13 +903,13 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                 }
                 // The stream ended: the VM left its node. Follow it unless it was stopped.
                 let v = c
-                    .get_vm(name(n))
+                    .get_vm(pb::GetVmRequest { name: n.clone() })
                     .await
                     .map_err(fail)?
                     .into_inner()
                     .vm
                     .unwrap_or_default();
-                if v.desired != "running" {
+                if v.desired() != pb::DesiredState::Running {
                     return Ok(String::new());
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -898,8 +931,8 @@ mod tests {
                 memory_mib: 512,
                 ..Default::default()
             }),
-            runtime: "running".into(),
-            desired: "running".into(),
+            runtime: pb::RuntimeState::Running as i32,
+            desired: pb::DesiredState::Running as i32,
             owner_id: 1,
             demand,
             ..Default::default()
@@ -1009,10 +1042,10 @@ mod tests {
                 })),
                 ..Default::default()
             }),
-            desired: "running".into(),
+            desired: pb::DesiredState::Running as i32,
             owner_id: owner,
             owner_name: "n2".into(),
-            runtime: "running".into(),
+            runtime: pb::RuntimeState::Running as i32,
             ..Default::default()
         }
     }

@@ -11,9 +11,9 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/cluster_descriptor.bin"));
 
 /// The management-plane services (what the management listener serves and reflects;
-/// the peer-only `cluster.raft.v1.RaftPeer` is not among them).
+/// the peer-only `cluster.raft.v1.RaftPeerService` is not among them).
 pub const MANAGEMENT_SERVICES: &[&str] = &[
-    "cluster.management.v1.Management",
+    "cluster.management.v1.ManagementService",
     "cluster.vms.v1.VmService",
     "cluster.drain.v1.DrainService",
     "cluster.volumes.v1.VolumeService",
@@ -24,12 +24,12 @@ pub const MANAGEMENT_SERVICES: &[&str] = &[
 /// paths). Every other management method changes something and needs `admin` (or a node
 /// certificate: agents forward calls to each other).
 pub const READ_ONLY_METHODS: &[&str] = &[
-    "/cluster.management.v1.Management/ClusterStatus",
-    "/cluster.management.v1.Management/ListNodes",
-    "/cluster.management.v1.Management/GetNode",
-    "/cluster.management.v1.Management/ListEvents",
-    "/cluster.management.v1.Management/GetKv",
-    "/cluster.management.v1.Management/ConsoleLogin",
+    "/cluster.management.v1.ManagementService/ClusterStatus",
+    "/cluster.management.v1.ManagementService/ListNodes",
+    "/cluster.management.v1.ManagementService/GetNode",
+    "/cluster.management.v1.ManagementService/ListEvents",
+    "/cluster.management.v1.ManagementService/GetKv",
+    "/cluster.management.v1.ManagementService/ConsoleLogin",
     "/cluster.vms.v1.VmService/ListVms",
     "/cluster.vms.v1.VmService/GetVm",
     "/cluster.vms.v1.VmService/StreamConsole",
@@ -46,7 +46,10 @@ pub const READ_ONLY_METHODS: &[&str] = &[
     "/cluster.migrations.v1.MigrationService/WatchMigration",
 ];
 
+pub mod names;
 pub mod pki;
+
+pub use names::EnumName;
 
 /// Public management API (`cluster.management.v1`).
 pub mod management {

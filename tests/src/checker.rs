@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cluster_proto::management as mpb;
-use cluster_proto::management::management_client::ManagementClient;
+use cluster_proto::management::management_service_client::ManagementServiceClient;
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
 use tokio::task::JoinHandle;
@@ -80,7 +80,7 @@ async fn follow(node: u64, addr: SocketAddr, vm: String, sightings: Sightings) {
             let ep = crate::pki::admin_endpoint(addr);
             let ch = ep.connect_timeout(Duration::from_secs(2)).connect_lazy();
             let mut c = VmServiceClient::new(ch);
-            let req = pb::ConsoleRequest {
+            let req = pb::StreamConsoleRequest {
                 name: vm.clone(),
                 follow: true,
                 local_only: true,
@@ -137,7 +137,7 @@ impl RunChecker {
         for id in cluster.running() {
             let mut c = cluster.vms(id).await;
             for vm in &vms {
-                let req = pb::ConsoleRequest {
+                let req = pb::StreamConsoleRequest {
                     name: vm.clone(),
                     follow: false,
                     local_only: true,
@@ -372,8 +372,9 @@ impl Writer {
         for id in via {
             let addr = cluster.check(cluster.spec(*id)).mgmt_addr;
             let ep = crate::pki::admin_endpoint(addr);
-            let c =
-                ManagementClient::new(ep.connect_timeout(Duration::from_secs(1)).connect_lazy());
+            let c = ManagementServiceClient::new(
+                ep.connect_timeout(Duration::from_secs(1)).connect_lazy(),
+            );
             let out = acked.clone();
             let prefix = format!("{prefix}-{id}");
             tasks.push(tokio::spawn(async move {

@@ -6,6 +6,7 @@
 //! restarted agent comes back as the same member. Agent logs go to
 //! `<tempdir>/node-<id>.log`; [`Cluster::log_tail`] shows them when a test fails.
 
+use cluster_proto::EnumName;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -14,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cluster_proto::management as pb;
-use cluster_proto::management::management_client::ManagementClient;
+use cluster_proto::management::management_service_client::ManagementServiceClient;
 use tonic::transport::Channel;
 
 pub mod browser;
@@ -656,13 +657,13 @@ impl Cluster {
         self.check(found)
     }
 
-    pub async fn client(&self, id: u64) -> Result<ManagementClient<Channel>> {
+    pub async fn client(&self, id: u64) -> Result<ManagementServiceClient<Channel>> {
         self.spec(id)?;
         let ch = self
             .connect_channel(id)
             .await
             .map_err(|source| HarnessError::Connect { id, source })?;
-        Ok(ManagementClient::new(ch))
+        Ok(ManagementServiceClient::new(ch))
     }
 
     async fn wait_ready(&self, id: u64, timeout: Duration) -> Result<()> {
@@ -684,7 +685,7 @@ impl Cluster {
         }
     }
 
-    pub async fn status(&self, id: u64) -> Result<pb::ClusterStatusReply> {
+    pub async fn status(&self, id: u64) -> Result<pb::ClusterStatusResponse> {
         let mut c = self.client(id).await?;
         c.cluster_status(pb::ClusterStatusRequest {})
             .await
@@ -696,7 +697,7 @@ impl Cluster {
             })
     }
 
-    pub async fn init(&self, id: u64) -> Result<pb::InitClusterReply> {
+    pub async fn init(&self, id: u64) -> Result<pb::InitClusterResponse> {
         let mut c = self.client(id).await?;
         c.init_cluster(pb::InitClusterRequest {
             cluster_name: "test".into(),
@@ -711,12 +712,12 @@ impl Cluster {
     }
 
     /// Ask node `id` to join through node `via`'s management address.
-    pub async fn join(&self, id: u64, via: u64) -> Result<pb::JoinClusterReply, HarnessError> {
+    pub async fn join(&self, id: u64, via: u64) -> Result<pb::JoinClusterResponse, HarnessError> {
         let via_addr = self.spec(via)?.mgmt_addr.to_string();
         self.join_addr(id, &via_addr).await
     }
 
-    pub async fn join_addr(&self, id: u64, via: &str) -> Result<pb::JoinClusterReply> {
+    pub async fn join_addr(&self, id: u64, via: &str) -> Result<pb::JoinClusterResponse> {
         let mut c = self.client(id).await?;
         c.join_cluster(pb::JoinClusterRequest { via: via.into() })
             .await
@@ -728,7 +729,7 @@ impl Cluster {
             })
     }
 
-    pub async fn leave(&self, via: u64, node_id: u64) -> Result<pb::LeaveClusterReply> {
+    pub async fn leave(&self, via: u64, node_id: u64) -> Result<pb::LeaveClusterResponse> {
         let mut c = self.client(via).await?;
         c.leave_cluster(pb::LeaveClusterRequest { node_id })
             .await
@@ -740,7 +741,7 @@ impl Cluster {
             })
     }
 
-    pub async fn put(&self, via: u64, key: &str, value: &str) -> Result<pb::PutKvReply> {
+    pub async fn put(&self, via: u64, key: &str, value: &str) -> Result<pb::PutKvResponse> {
         let mut c = self.client(via).await?;
         c.put_kv(pb::PutKvRequest {
             key: key.into(),
@@ -771,7 +772,7 @@ impl Cluster {
 
     pub async fn nodes(&self, via: u64) -> Result<Vec<pb::NodeInfo>> {
         let mut c = self.client(via).await?;
-        c.list_nodes(pb::ListNodesRequest {})
+        c.list_nodes(pb::ListNodesRequest::default())
             .await
             .map(|r| r.into_inner().nodes)
             .map_err(|status| HarnessError::Rpc {
@@ -895,7 +896,7 @@ impl Cluster {
             let nodes = self.nodes(via).await?;
             Ok(nodes
                 .into_iter()
-                .find(|n| n.node_id == node && n.state == state))
+                .find(|n| n.node_id == node && n.state().name() == state))
         })
         .await
     }
@@ -906,7 +907,7 @@ impl Cluster {
         let mut c = self.client(via).await?;
         c.set_node_state(pb::SetNodeStateRequest {
             node_id: node,
-            state: "paused".into(),
+            state: cluster_proto::management::NodeState::Paused as i32,
             reason: "test".into(),
         })
         .await

@@ -7,6 +7,7 @@
 //! return a `String` error for the benches.
 
 use cluster_proto::drain::drain_service_client::DrainServiceClient;
+use cluster_proto::EnumName;
 use std::time::Duration;
 
 use cluster_proto::migrations as mpb;
@@ -68,7 +69,7 @@ impl Cluster {
             loop {
                 let mut c = self.vms(via).await;
                 let stream = c
-                    .stream_console(pb::ConsoleRequest {
+                    .stream_console(pb::StreamConsoleRequest {
                         name: name.into(),
                         follow: true,
                         ..Default::default()
@@ -163,14 +164,14 @@ impl Cluster {
 
     /// VM `name` once its runtime state is `runtime` (e.g. "running", "stopped").
     pub async fn wait_runtime(&self, via: u64, name: &str, runtime: &str) -> pb::VmInfo {
-        self.wait_vm(via, name, runtime, |v| v.runtime == runtime)
+        self.wait_vm(via, name, runtime, |v| v.runtime().name() == runtime)
             .await
     }
 
     /// VM `name` once it runs with no migration under way.
     pub async fn wait_settled(&self, via: u64, name: &str) -> pb::VmInfo {
         self.wait_vm(via, name, "running, not migrating", |v| {
-            v.runtime == "running" && v.migrating_to == 0
+            v.runtime().name() == "running" && v.migrating_to == 0
         })
         .await
     }
@@ -178,7 +179,7 @@ impl Cluster {
     /// Every VM, read through node `via`.
     pub async fn read_vms(&self, via: u64) -> Result<Vec<pb::VmInfo>, tonic::Status> {
         let mut c = self.vms(via).await;
-        c.list_vms(pb::ListVmsRequest {})
+        c.list_vms(pb::ListVmsRequest::default())
             .await
             .map(|r| r.into_inner().vms)
     }
@@ -201,7 +202,7 @@ impl Cluster {
         let mut c = self.vms(via).await;
         let start = std::time::Instant::now();
         loop {
-            match c.list_vms(pb::ListVmsRequest {}).await {
+            match c.list_vms(pb::ListVmsRequest::default()).await {
                 Ok(r) => return r.into_inner().vms,
                 Err(e) if e.code() == Code::Unavailable && start.elapsed() < WAIT => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -233,7 +234,7 @@ impl Cluster {
         match self
             .vols(via)
             .await
-            .list_locks(vpb::ListLocksRequest {})
+            .list_locks(vpb::ListLocksRequest::default())
             .await
         {
             Ok(r) => r.into_inner().locks,
@@ -277,15 +278,18 @@ impl Cluster {
             .until_some(&format!("a running migration of {vm}"), || {
                 let mut m = m.clone();
                 async move {
-                    m.list_migrations(mpb::ListMigrationsRequest { vm: vm.into() })
-                        .await
-                        .map(|l| {
-                            l.into_inner()
-                                .migrations
-                                .into_iter()
-                                .rev()
-                                .find(|r| r.state == "running")
-                        })
+                    m.list_migrations(mpb::ListMigrationsRequest {
+                        vm: vm.into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|l| {
+                        l.into_inner()
+                            .migrations
+                            .into_iter()
+                            .rev()
+                            .find(|r| r.state().name() == "running")
+                    })
                 }
             })
             .await;
@@ -302,12 +306,12 @@ impl Cluster {
                 || {
                     let mut m = m.clone();
                     async move {
-                        m.get_migration(mpb::MigrationId { id })
+                        m.get_migration(mpb::GetMigrationRequest { id })
                             .await
                             .map(|r| r.into_inner().migration.unwrap_or_default())
                     }
                 },
-                |r| r.state != "running" && r.state != "queued",
+                |r| r.state().name() != "running" && r.state().name() != "queued",
             )
             .await;
         self.check(r)
@@ -320,7 +324,7 @@ impl Cluster {
         &self,
         via: u64,
         id: u64,
-    ) -> tonic::Streaming<mpb::MigrationProgress> {
+    ) -> tonic::Streaming<mpb::WatchMigrationResponse> {
         let m = self.migrations(via).await;
         let opened = Wait::new(WAIT)
             .until(
@@ -328,7 +332,7 @@ impl Cluster {
                 || {
                     let mut m = m.clone();
                     async move {
-                        m.watch_migration(mpb::MigrationId { id })
+                        m.watch_migration(mpb::WatchMigrationRequest { id })
                             .await
                             .map(|s| StreamOpened(s.into_inner()))
                     }
@@ -347,8 +351,8 @@ impl Cluster {
         via: u64,
         id: u64,
         what: &str,
-        pred: impl Fn(&mpb::MigrationProgress) -> bool,
-    ) -> mpb::MigrationProgress {
+        pred: impl Fn(&mpb::WatchMigrationResponse) -> bool,
+    ) -> mpb::WatchMigrationResponse {
         let mut stream = self.watch_migration(via, id).await;
         let mut last = None;
         let found = tokio::time::timeout(WAIT, async {
@@ -373,7 +377,7 @@ impl Cluster {
     /// Migration `id` watched through node `via` until its progress shows it in pre-copy
     /// with guest memory on the wire: a migration the test holds there (with a bandwidth
     /// cap) is then provably between setup and switchover.
-    pub async fn wait_precopy(&self, via: u64, id: u64) -> mpb::MigrationProgress {
+    pub async fn wait_precopy(&self, via: u64, id: u64) -> mpb::WatchMigrationResponse {
         self.watch_migration_until(via, id, "pre-copy with bytes sent", |p| {
             p.phase == "pre-copy" && p.bytes_sent > 0 && p.finished.is_none()
         })
@@ -396,7 +400,7 @@ impl Cluster {
 }
 
 /// An open progress stream (for [`Wait`], which shows the last value it read).
-struct StreamOpened(tonic::Streaming<mpb::MigrationProgress>);
+struct StreamOpened(tonic::Streaming<mpb::WatchMigrationResponse>);
 
 impl std::fmt::Debug for StreamOpened {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -419,7 +423,7 @@ pub async fn get_vm(
     c: &mut VmServiceClient<Channel>,
     name: &str,
 ) -> Result<pb::VmInfo, tonic::Status> {
-    c.get_vm(pb::VmName { name: name.into() })
+    c.get_vm(pb::GetVmRequest { name: name.into() })
         .await
         .map(|r| r.into_inner().vm.unwrap_or_default())
 }
@@ -508,7 +512,7 @@ pub async fn try_wait_migrated(
 ) -> Result<(), String> {
     loop {
         let v = try_get_vm(c, name).await?;
-        if v.migrating_to == 0 && v.owner_id == to && v.runtime == "running" {
+        if v.migrating_to == 0 && v.owner_id == to && v.runtime().name() == "running" {
             return Ok(());
         }
         if v.migrating_to == 0 && v.owner_id != to {

@@ -5,7 +5,7 @@
 //!
 //! ```ignore
 //! let v = Wait::new(WAIT)
-//!     .until("vm-a running", || get_vm(&mut c, "vm-a"), |v| v.runtime == "running")
+//!     .until("vm-a running", || get_vm(&mut c, "vm-a"), |v| v.runtime().name() == "running")
 //!     .await?;
 //! ```
 

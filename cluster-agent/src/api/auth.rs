@@ -86,7 +86,7 @@ pub(crate) fn check_revoked(agent: &Agent, name: &str, der: &[u8]) -> Result<(),
 
 /// Open to callers without a certificate: a new host with a join token has none yet (the
 /// handler checks the token, or the admin role for a user certificate).
-const ISSUE_CERTIFICATE: &str = "/cluster.management.v1.Management/IssueCertificate";
+const ISSUE_CERTIFICATE: &str = "/cluster.management.v1.ManagementService/IssueCertificate";
 
 /// What a call to `path` needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

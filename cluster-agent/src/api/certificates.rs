@@ -63,7 +63,7 @@ async fn commit(agent: &Agent, cmd: TokenCommand) -> Result<(), Status> {
 pub async fn create_join_token(
     agent: &Agent,
     request: Request<pb::CreateJoinTokenRequest>,
-) -> Result<Response<pb::CreateJoinTokenReply>, Status> {
+) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
     let ttl_ms = match request.get_ref().ttl_s {
         0 => JOIN_TOKEN_TTL_DEFAULT.as_millis() as u64,
         s => s.saturating_mul(1_000),
@@ -89,7 +89,7 @@ pub async fn create_join_token(
     )
     .await?;
     tracing::info!(token_id = %id, expires_unix_ms, "join token created");
-    Ok(Response::new(pb::CreateJoinTokenReply {
+    Ok(Response::new(pb::CreateJoinTokenResponse {
         token: format!("{id}.{secret}"),
         expires_unix_ms,
     }))
@@ -169,7 +169,7 @@ pub fn sign_renewal(
 pub async fn renew_node_certificate(
     agent: &Agent,
     request: Request<pb::RenewNodeCertificateRequest>,
-) -> Result<Response<pb::IssueCertificateReply>, Status> {
+) -> Result<Response<pb::RenewNodeCertificateResponse>, Status> {
     let caller = request.extensions().get::<Caller>().map(|c| c.0.clone());
     let der = request
         .extensions()
@@ -192,7 +192,7 @@ pub async fn renew_node_certificate(
     let ca = load_ca(agent).await?;
     let cert_pem = sign_renewal(agent, &ca, node_id, &der, &request.get_ref().csr_pem)?;
     tracing::info!(node_id, "node certificate renewed");
-    Ok(Response::new(pb::IssueCertificateReply {
+    Ok(Response::new(pb::RenewNodeCertificateResponse {
         cert_pem,
         ca_pem: ca.cert_pem().to_owned(),
     }))
@@ -201,7 +201,7 @@ pub async fn renew_node_certificate(
 pub async fn issue_certificate(
     agent: &Agent,
     request: Request<pb::IssueCertificateRequest>,
-) -> Result<Response<pb::IssueCertificateReply>, Status> {
+) -> Result<Response<pb::IssueCertificateResponse>, Status> {
     let caller = request.extensions().get::<Caller>().map(|c| c.0.clone());
     let r = request.into_inner();
     if r.csr_pem.is_empty() || r.csr_pem.len() > CSR_LEN_MAX {
@@ -318,7 +318,7 @@ pub async fn issue_certificate(
         .await?;
     }
     tracing::info!(identity = %id, by = ?caller, "certificate issued");
-    Ok(Response::new(pb::IssueCertificateReply {
+    Ok(Response::new(pb::IssueCertificateResponse {
         cert_pem,
         ca_pem: ca.cert_pem().to_owned(),
     }))
@@ -340,7 +340,7 @@ fn revocation_to_pb(r: &revocations::Revocation) -> pb::Revocation {
 pub async fn revoke_certificate(
     agent: &Agent,
     request: Request<pb::RevokeCertificateRequest>,
-) -> Result<Response<pb::Revocation>, Status> {
+) -> Result<Response<pb::RevokeCertificateResponse>, Status> {
     let by = request
         .extensions()
         .get::<Caller>()
@@ -442,19 +442,21 @@ pub async fn revoke_certificate(
         Err(e) => return Err(e.into()),
     }
     tracing::warn!(what = %rev.what(), by = %rev.by, "certificate revoked");
-    Ok(Response::new(revocation_to_pb(&rev)))
+    Ok(Response::new(pb::RevokeCertificateResponse {
+        revocation: Some(revocation_to_pb(&rev)),
+    }))
 }
 
 /// The revocation list (admins only: the auth layer).
 pub async fn list_revocations(
     agent: &Agent,
     request: Request<pb::ListRevocationsRequest>,
-) -> Result<Response<pb::ListRevocationsReply>, Status> {
+) -> Result<Response<pb::ListRevocationsResponse>, Status> {
     crate::api::read::consistent(agent, &request).await?;
     let revocations = agent.read_sm(|d| {
         let mut v: Vec<_> = d.state.revocations.values().cloned().collect();
         v.sort_by_key(|r| r.at_unix_ms);
         v.iter().map(revocation_to_pb).collect()
     });
-    Ok(Response::new(pb::ListRevocationsReply { revocations }))
+    Ok(Response::new(pb::ListRevocationsResponse { revocations }))
 }

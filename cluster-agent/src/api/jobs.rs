@@ -94,12 +94,23 @@ pub fn move_to_pb(m: &JobMove) -> pb::MoveInfo {
         vm: m.vm.clone(),
         from_node_id: m.from,
         to_node_id: m.to,
-        kind: if m.quick { "quick" } else { "live" }.into(),
+        kind: if m.quick {
+            pb::MoveKind::Quick
+        } else {
+            pb::MoveKind::Live
+        } as i32,
         why_not_live: m.why_not_live.clone(),
         wave: m.wave,
         planned_start_unix_ms: m.planned_start_unix_ms,
         planned_end_unix_ms: m.planned_end_unix_ms,
-        status: m.status.as_str().into(),
+        status: match m.status {
+            jobs::MoveStatus::Queued => pb::MoveStatus::Queued,
+            jobs::MoveStatus::InFlight => pb::MoveStatus::InFlight,
+            jobs::MoveStatus::Done => pb::MoveStatus::Done,
+            jobs::MoveStatus::Failed => pb::MoveStatus::Failed,
+            jobs::MoveStatus::Dropped => pb::MoveStatus::Dropped,
+            jobs::MoveStatus::Skipped => pb::MoveStatus::Skipped,
+        } as i32,
         started_unix_ms: m.started_unix_ms,
         ended_unix_ms: m.ended_unix_ms,
         reason: m.reason.clone(),
@@ -109,9 +120,18 @@ pub fn move_to_pb(m: &JobMove) -> pb::MoveInfo {
 pub fn job_to_pb(j: &JobRecord) -> pb::JobInfo {
     pb::JobInfo {
         id: j.id,
-        kind: j.kind.as_str().into(),
+        kind: match j.kind {
+            jobs::JobKind::Drain => pb::JobKind::Drain,
+            jobs::JobKind::Failback => pb::JobKind::Failback,
+            jobs::JobKind::Balance => pb::JobKind::Balance,
+        } as i32,
         node_id: j.node,
-        status: j.status.as_str().into(),
+        status: match j.status {
+            jobs::JobStatus::Running => pb::JobStatus::Running,
+            jobs::JobStatus::Done => pb::JobStatus::Done,
+            jobs::JobStatus::Aborted => pb::JobStatus::Aborted,
+            jobs::JobStatus::Failed => pb::JobStatus::Failed,
+        } as i32,
         reason: j.reason.clone(),
         moves: j.moves.iter().map(move_to_pb).collect(),
         planned_finish_unix_ms: j.planned_finish_unix_ms,
@@ -162,8 +182,8 @@ fn policy_to_pb(p: &BalancePolicy) -> pb::PolicySpec {
 impl DrainService for JobApi {
     async fn drain_node(
         &self,
-        request: Request<pb::DrainRequest>,
-    ) -> Result<Response<pb::DrainReply>, Status> {
+        request: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::DrainNodeResponse>, Status> {
         let req = request.into_inner();
         let node = node_arg(req.node_id)?;
         if !req.dry_run {
@@ -178,7 +198,7 @@ impl DrainService for JobApi {
         let now = now_unix_ms();
         let plan = job_runner::plan_drain(&state, node, now).map_err(status::drain)?;
         let moves = job_runner::moves_of(&plan.waves);
-        let mut reply = pb::DrainReply {
+        let mut reply = pb::DrainNodeResponse {
             job: None,
             plan: moves.iter().map(move_to_pb).collect(),
             planned_start_unix_ms: now,
@@ -212,8 +232,8 @@ impl DrainService for JobApi {
 
     async fn get_drain(
         &self,
-        request: Request<pb::NodeRef>,
-    ) -> Result<Response<pb::JobReply>, Status> {
+        request: Request<pb::GetDrainRequest>,
+    ) -> Result<Response<pb::GetDrainResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let node = node_arg(request.into_inner().node_id)?;
         let state = self.state();
@@ -224,15 +244,15 @@ impl DrainService for JobApi {
             .jobs
             .latest(jobs::JobKind::Drain, node)
             .ok_or_else(|| Status::not_found(format!("node {node} has never been drained")))?;
-        Ok(Response::new(pb::JobReply {
+        Ok(Response::new(pb::GetDrainResponse {
             job: Some(job_to_pb(job)),
         }))
     }
 
     async fn abort_drain(
         &self,
-        request: Request<pb::NodeRef>,
-    ) -> Result<Response<pb::JobReply>, Status> {
+        request: Request<pb::AbortDrainRequest>,
+    ) -> Result<Response<pb::AbortDrainResponse>, Status> {
         if let Some(mut leader) = self.leader_client().await? {
             let reply = leader.abort_drain(request.into_inner()).await?;
             self.await_local(reply.get_ref().job.as_ref()).await;
@@ -258,15 +278,15 @@ impl DrainService for JobApi {
             at_unix_ms: now_unix_ms(),
         })
         .await?;
-        Ok(Response::new(pb::JobReply {
+        Ok(Response::new(pb::AbortDrainResponse {
             job: self.state().jobs.jobs.get(&job).map(job_to_pb),
         }))
     }
 
     async fn resume_node(
         &self,
-        request: Request<pb::ResumeRequest>,
-    ) -> Result<Response<pb::ResumeReply>, Status> {
+        request: Request<pb::ResumeNodeRequest>,
+    ) -> Result<Response<pb::ResumeNodeResponse>, Status> {
         if let Some(mut leader) = self.leader_client().await? {
             let reply = leader.resume_node(request.into_inner()).await?;
             self.await_local(reply.get_ref().job.as_ref()).await;
@@ -313,7 +333,7 @@ impl DrainService for JobApi {
                 .latest(jobs::JobKind::Failback, node)
                 .map(job_to_pb)
         });
-        Ok(Response::new(pb::ResumeReply {
+        Ok(Response::new(pb::ResumeNodeResponse {
             job,
             message: format!(
                 "node {node} resumed{}",
@@ -329,22 +349,32 @@ impl DrainService for JobApi {
     async fn list_jobs(
         &self,
         request: Request<pb::ListJobsRequest>,
-    ) -> Result<Response<pb::ListJobsReply>, Status> {
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let state = self.state();
-        Ok(Response::new(pb::ListJobsReply {
-            jobs: state.jobs.jobs.values().map(job_to_pb).collect(),
+        let r = request.get_ref();
+        let (jobs, next_page_token) = crate::api::paging::page(
+            state.jobs.jobs.values().map(job_to_pb).collect(),
+            |j: &pb::JobInfo| j.id,
+            r.page_size,
+            &r.page_token,
+        )?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs,
+            next_page_token,
         }))
     }
 
     async fn set_policy(
         &self,
-        request: Request<pb::PolicySpec>,
-    ) -> Result<Response<pb::PolicySpec>, Status> {
+        request: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::SetPolicyResponse>, Status> {
         if let Some(mut leader) = self.leader_client().await? {
             return leader.set_policy(request.into_inner()).await;
         }
-        let req = request.into_inner();
+        let req = request.into_inner().policy.ok_or_else(|| {
+            Status::invalid_argument("SetPolicy needs a policy (at least its mode)")
+        })?;
         let mode = parse_mode(&req.mode)?;
         let aggressiveness = parse_aggressiveness(&req.aggressiveness)?;
         let _guard = self.lock.lock().await;
@@ -368,21 +398,25 @@ impl DrainService for JobApi {
         };
         jobs::check(&state, &cmd).map_err(|e| status::job(&e))?;
         self.commit(cmd).await?;
-        Ok(Response::new(policy_to_pb(&self.state().jobs.policy)))
+        Ok(Response::new(pb::SetPolicyResponse {
+            policy: Some(policy_to_pb(&self.state().jobs.policy)),
+        }))
     }
 
     async fn get_policy(
         &self,
         request: Request<pb::GetPolicyRequest>,
-    ) -> Result<Response<pb::PolicySpec>, Status> {
+    ) -> Result<Response<pb::GetPolicyResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
-        Ok(Response::new(policy_to_pb(&self.state().jobs.policy)))
+        Ok(Response::new(pb::GetPolicyResponse {
+            policy: Some(policy_to_pb(&self.state().jobs.policy)),
+        }))
     }
 
     async fn plan_balance(
         &self,
         request: Request<pb::PlanBalanceRequest>,
-    ) -> Result<Response<pb::BalancePlanReply>, Status> {
+    ) -> Result<Response<pb::PlanBalanceResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let req = request.into_inner();
         let mut state = self.state();
@@ -398,7 +432,7 @@ impl DrainService for JobApi {
             .ok()
             .and_then(|v| v["stop"].as_str().map(str::to_owned))
             .unwrap_or_default();
-        Ok(Response::new(pb::BalancePlanReply {
+        Ok(Response::new(pb::PlanBalanceResponse {
             mode: jobs::mode_str(plan.mode).into(),
             moves: job_runner::moves_of(&plan.waves)
                 .iter()

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cluster_proto::management as pb;
-use cluster_proto::management::management_client::ManagementClient;
-use cluster_proto::management::management_server::Management;
+use cluster_proto::management::management_service_client::ManagementServiceClient;
+use cluster_proto::management::management_service_server::ManagementService;
 use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
@@ -29,11 +29,11 @@ pub struct ManagementApi {
 }
 
 #[tonic::async_trait]
-impl Management for ManagementApi {
+impl ManagementService for ManagementApi {
     async fn cluster_status(
         &self,
         _request: Request<pb::ClusterStatusRequest>,
-    ) -> Result<Response<pb::ClusterStatusReply>, Status> {
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let a = &self.agent;
         let m = a.metrics();
         let membership = m.membership_config.membership();
@@ -44,19 +44,19 @@ impl Management for ManagementApi {
             .and_then(|l| membership.get_node(&l).map(|n| n.mgmt_addr.clone()))
             .unwrap_or_default();
         let raft_state = match m.state {
-            ServerState::Leader => "leader",
-            ServerState::Follower if learner_ids.contains(&a.node_id()) => "learner",
-            ServerState::Follower => "follower",
-            ServerState::Candidate => "candidate",
-            ServerState::Learner => "learner",
-            ServerState::Shutdown => "shutdown",
+            ServerState::Leader => pb::RaftState::Leader,
+            ServerState::Follower if learner_ids.contains(&a.node_id()) => pb::RaftState::Learner,
+            ServerState::Follower => pb::RaftState::Follower,
+            ServerState::Candidate => pb::RaftState::Candidate,
+            ServerState::Learner => pb::RaftState::Learner,
+            ServerState::Shutdown => pb::RaftState::Shutdown,
         };
         let info = a.cluster_info();
-        Ok(Response::new(pb::ClusterStatusReply {
+        Ok(Response::new(pb::ClusterStatusResponse {
             leader_id: m.current_leader.unwrap_or(0),
             term: m.current_term,
             this_node_id: a.node_id(),
-            raft_state: raft_state.to_string(),
+            raft_state: raft_state as i32,
             initialized: !voter_ids.is_empty(),
             voter_ids,
             learner_ids,
@@ -75,7 +75,7 @@ impl Management for ManagementApi {
     async fn init_cluster(
         &self,
         request: Request<pb::InitClusterRequest>,
-    ) -> Result<Response<pb::InitClusterReply>, Status> {
+    ) -> Result<Response<pb::InitClusterResponse>, Status> {
         let name = request.get_ref().cluster_name.trim().to_string();
         let name = if name.is_empty() {
             "vm-cluster".to_string()
@@ -89,7 +89,7 @@ impl Management for ManagementApi {
         }
         let info = self.agent.init_cluster(&name).await?;
         tracing::info!(cluster_id = %info.cluster_id, cluster_name = %info.cluster_name, "cluster initialized");
-        Ok(Response::new(pb::InitClusterReply {
+        Ok(Response::new(pb::InitClusterResponse {
             cluster_id: info.cluster_id,
             leader_id: self.agent.node_id(),
         }))
@@ -98,7 +98,7 @@ impl Management for ManagementApi {
     async fn join_cluster(
         &self,
         request: Request<pb::JoinClusterRequest>,
-    ) -> Result<Response<pb::JoinClusterReply>, Status> {
+    ) -> Result<Response<pb::JoinClusterResponse>, Status> {
         let via = request.get_ref().via.trim().to_string();
         let a = &self.agent;
         if via.parse::<std::net::SocketAddr>().is_err() {
@@ -130,7 +130,7 @@ impl Management for ManagementApi {
                 crate::error_chain(&e)
             ))
         })?;
-        let mut client = ManagementClient::new(channel);
+        let mut client = ManagementServiceClient::new(channel);
         let reg = convert::registration_to_pb(&a.registration());
         let reply = client.admit_node(reg).await.map_err(|s| {
             Status::new(
@@ -161,7 +161,7 @@ impl Management for ManagementApi {
         }
         a.joined(&r.cluster_id);
         tracing::info!(cluster_id = %r.cluster_id, via = %via, "joined cluster");
-        Ok(Response::new(pb::JoinClusterReply {
+        Ok(Response::new(pb::JoinClusterResponse {
             cluster_id: r.cluster_id,
             leader_id: r.leader_id,
             voter_count: r.voter_count,
@@ -171,7 +171,7 @@ impl Management for ManagementApi {
     async fn admit_node(
         &self,
         request: Request<pb::AdmitNodeRequest>,
-    ) -> Result<Response<pb::AdmitNodeReply>, Status> {
+    ) -> Result<Response<pb::AdmitNodeResponse>, Status> {
         // A node admits itself only: its certificate names the id it registers.
         if let Some(crate::api::auth::Caller(cluster_proto::pki::Identity::Node(id))) =
             request.extensions().get()
@@ -190,7 +190,7 @@ impl Management for ManagementApi {
                 cluster_name,
                 leader_id,
                 voter_count,
-            } => Ok(Response::new(pb::AdmitNodeReply {
+            } => Ok(Response::new(pb::AdmitNodeResponse {
                 cluster_id,
                 cluster_name,
                 leader_id,
@@ -203,7 +203,7 @@ impl Management for ManagementApi {
     async fn leave_cluster(
         &self,
         request: Request<pb::LeaveClusterRequest>,
-    ) -> Result<Response<pb::LeaveClusterReply>, Status> {
+    ) -> Result<Response<pb::LeaveClusterResponse>, Status> {
         let node_id = request.get_ref().node_id;
         if node_id == 0 {
             return Err(Status::invalid_argument(
@@ -212,7 +212,7 @@ impl Management for ManagementApi {
         }
         match self.agent.write(ForwardRequest::Remove { node_id }).await? {
             ForwardReply::Removed { voter_count } => {
-                Ok(Response::new(pb::LeaveClusterReply { voter_count }))
+                Ok(Response::new(pb::LeaveClusterResponse { voter_count }))
             }
             other => Err(status::unexpected_reply(&other)),
         }
@@ -221,7 +221,7 @@ impl Management for ManagementApi {
     async fn list_nodes(
         &self,
         request: Request<pb::ListNodesRequest>,
-    ) -> Result<Response<pb::ListNodesReply>, Status> {
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let (voters, learners) = {
             let m = self.agent.metrics();
@@ -239,11 +239,11 @@ impl Management for ManagementApi {
                 .map(|r| {
                     let id = r.registration.node_id;
                     let role = if voters.contains(&id) {
-                        "voter"
+                        pb::RaftRole::Voter
                     } else if learners.contains(&id) {
-                        "learner"
+                        pb::RaftRole::Learner
                     } else {
-                        "none"
+                        pb::RaftRole::None
                     };
                     pb::NodeInfo {
                         demand: crate::api::convert::demand::node_demand_to_pb(&demand, id),
@@ -252,23 +252,33 @@ impl Management for ManagementApi {
                 })
                 .collect()
         });
-        Ok(Response::new(pb::ListNodesReply { nodes }))
+        let r = request.get_ref();
+        let (nodes, next_page_token) = crate::api::paging::page(
+            nodes,
+            |n: &pb::NodeInfo| n.node_id,
+            r.page_size,
+            &r.page_token,
+        )?;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes,
+            next_page_token,
+        }))
     }
 
     async fn get_node(
         &self,
         request: Request<pb::GetNodeRequest>,
-    ) -> Result<Response<pb::NodeInfo>, Status> {
+    ) -> Result<Response<pb::GetNodeResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let id = request.get_ref().node_id;
         let m = self.agent.metrics();
         let mem = m.membership_config.membership();
         let role = if mem.voter_ids().any(|v| v == id) {
-            "voter"
+            pb::RaftRole::Voter
         } else if mem.learner_ids().any(|v| v == id) {
-            "learner"
+            pb::RaftRole::Learner
         } else {
-            "none"
+            pb::RaftRole::None
         };
         let demand = self.agent.demand();
         self.agent
@@ -278,7 +288,7 @@ impl Management for ManagementApi {
                     ..convert::node_to_pb(r, role)
                 })
             })
-            .map(Response::new)
+            .map(|node| Response::new(pb::GetNodeResponse { node: Some(node) }))
             .ok_or_else(|| {
                 Status::not_found(format!(
                     "unknown node id {id}; `clusterctl node list` shows the members"
@@ -289,14 +299,15 @@ impl Management for ManagementApi {
     async fn set_node_state(
         &self,
         request: Request<pb::SetNodeStateRequest>,
-    ) -> Result<Response<pb::NodeInfo>, Status> {
+    ) -> Result<Response<pb::SetNodeStateResponse>, Status> {
         let r = request.into_inner();
-        let target = match r.state.as_str() {
-            "paused" => NodeState::Paused,
-            "up" => NodeState::Up,
-            other => {
+        let target = match r.state() {
+            pb::NodeState::Paused => NodeState::Paused,
+            pb::NodeState::Up => NodeState::Up,
+            _ => {
                 return Err(Status::invalid_argument(format!(
-                    "state {other:?} cannot be set by hand; use \"paused\" or \"up\" (down is decided by liveness)"
+                    "state {} cannot be set by hand; use NODE_STATE_PAUSED or NODE_STATE_UP (down is decided by liveness)",
+                    cluster_proto::names::name_of::<pb::NodeState>(r.state)
                 )))
             }
         };
@@ -332,56 +343,62 @@ impl Management for ManagementApi {
         } else {
             r.reason
         };
-        self.commit_for_node(
-            r.node_id,
-            Command::SetNodeState {
-                node_id: r.node_id,
-                state: target,
-                at_unix_ms: crate::node::now_unix_ms(),
-                reason,
-            },
-        )
-        .await
+        let node = self
+            .commit_for_node(
+                r.node_id,
+                Command::SetNodeState {
+                    node_id: r.node_id,
+                    state: target,
+                    at_unix_ms: crate::node::now_unix_ms(),
+                    reason,
+                },
+            )
+            .await?;
+        Ok(Response::new(pb::SetNodeStateResponse { node }))
     }
 
     async fn standby_node(
         &self,
         request: Request<pb::StandbyNodeRequest>,
-    ) -> Result<Response<pb::NodeInfo>, Status> {
+    ) -> Result<Response<pb::StandbyNodeResponse>, Status> {
         let r = request.into_inner();
         let reason = power_reason(&r.reason, "standby asked for by an operator")?;
-        self.commit_for_node(
-            r.node_id,
-            Command::Power(crate::state::power::PowerCommand::RequestStandby {
-                node: r.node_id,
-                reason,
-                at_unix_ms: crate::node::now_unix_ms(),
-            }),
-        )
-        .await
+        let node = self
+            .commit_for_node(
+                r.node_id,
+                Command::Power(crate::state::power::PowerCommand::RequestStandby {
+                    node: r.node_id,
+                    reason,
+                    at_unix_ms: crate::node::now_unix_ms(),
+                }),
+            )
+            .await?;
+        Ok(Response::new(pb::StandbyNodeResponse { node }))
     }
 
     async fn wake_node(
         &self,
         request: Request<pb::WakeNodeRequest>,
-    ) -> Result<Response<pb::NodeInfo>, Status> {
+    ) -> Result<Response<pb::WakeNodeResponse>, Status> {
         let r = request.into_inner();
         let reason = power_reason(&r.reason, "woken by an operator")?;
-        self.commit_for_node(
-            r.node_id,
-            Command::Power(crate::state::power::PowerCommand::BeginWake {
-                node: r.node_id,
-                reason,
-                at_unix_ms: crate::node::now_unix_ms(),
-            }),
-        )
-        .await
+        let node = self
+            .commit_for_node(
+                r.node_id,
+                Command::Power(crate::state::power::PowerCommand::BeginWake {
+                    node: r.node_id,
+                    reason,
+                    at_unix_ms: crate::node::now_unix_ms(),
+                }),
+            )
+            .await?;
+        Ok(Response::new(pb::WakeNodeResponse { node }))
     }
 
     async fn list_events(
         &self,
         request: Request<pb::ListEventsRequest>,
-    ) -> Result<Response<pb::ListEventsReply>, Status> {
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let r = request.get_ref();
         let limit = match r.limit as usize {
@@ -403,48 +420,48 @@ impl Management for ManagementApi {
                 d.state.last_event_seq,
             )
         });
-        Ok(Response::new(pb::ListEventsReply { events, last_seq }))
+        Ok(Response::new(pb::ListEventsResponse { events, last_seq }))
     }
 
     async fn create_join_token(
         &self,
         request: Request<pb::CreateJoinTokenRequest>,
-    ) -> Result<Response<pb::CreateJoinTokenReply>, Status> {
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
         crate::api::certificates::create_join_token(&self.agent, request).await
     }
 
     async fn issue_certificate(
         &self,
         request: Request<pb::IssueCertificateRequest>,
-    ) -> Result<Response<pb::IssueCertificateReply>, Status> {
+    ) -> Result<Response<pb::IssueCertificateResponse>, Status> {
         crate::api::certificates::issue_certificate(&self.agent, request).await
     }
 
     async fn revoke_certificate(
         &self,
         request: Request<pb::RevokeCertificateRequest>,
-    ) -> Result<Response<pb::Revocation>, Status> {
+    ) -> Result<Response<pb::RevokeCertificateResponse>, Status> {
         crate::api::certificates::revoke_certificate(&self.agent, request).await
     }
 
     async fn list_revocations(
         &self,
         request: Request<pb::ListRevocationsRequest>,
-    ) -> Result<Response<pb::ListRevocationsReply>, Status> {
+    ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
         crate::api::certificates::list_revocations(&self.agent, request).await
     }
 
     async fn renew_node_certificate(
         &self,
         request: Request<pb::RenewNodeCertificateRequest>,
-    ) -> Result<Response<pb::IssueCertificateReply>, Status> {
+    ) -> Result<Response<pb::RenewNodeCertificateResponse>, Status> {
         crate::api::certificates::renew_node_certificate(&self.agent, request).await
     }
 
     async fn console_login(
         &self,
         request: Request<pb::ConsoleLoginRequest>,
-    ) -> Result<Response<pb::ConsoleLoginReply>, Status> {
+    ) -> Result<Response<pb::ConsoleLoginResponse>, Status> {
         crate::api::console::login(self.console.as_deref(), &self.agent, &request)
             .map(Response::new)
     }
@@ -452,7 +469,7 @@ impl Management for ManagementApi {
     async fn put_kv(
         &self,
         request: Request<pb::PutKvRequest>,
-    ) -> Result<Response<pb::PutKvReply>, Status> {
+    ) -> Result<Response<pb::PutKvResponse>, Status> {
         let r = request.into_inner();
         if r.key.is_empty() {
             return Err(Status::invalid_argument("key must not be empty"));
@@ -484,7 +501,7 @@ impl Management for ManagementApi {
             ForwardReply::Command {
                 result: CommandResult::Kv { previous },
                 log_index,
-            } => Ok(Response::new(pb::PutKvReply {
+            } => Ok(Response::new(pb::PutKvResponse {
                 log_index,
                 had_previous: previous.is_some(),
                 previous: previous.unwrap_or_default(),
@@ -496,11 +513,11 @@ impl Management for ManagementApi {
     async fn get_kv(
         &self,
         request: Request<pb::GetKvRequest>,
-    ) -> Result<Response<pb::GetKvReply>, Status> {
+    ) -> Result<Response<pb::GetKvResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let key = &request.get_ref().key;
         let v = self.agent.read_sm(|d| d.state.kv.get(key).cloned());
-        Ok(Response::new(pb::GetKvReply {
+        Ok(Response::new(pb::GetKvResponse {
             found: v.is_some(),
             value: v.unwrap_or_default(),
         }))
@@ -514,10 +531,13 @@ impl ManagementApi {
         &self,
         node_id: u64,
         cmd: Command,
-    ) -> Result<Response<pb::NodeInfo>, Status> {
+    ) -> Result<Option<pb::NodeInfo>, Status> {
         self.agent.write(ForwardRequest::Command(cmd)).await?;
-        self.get_node(Request::new(pb::GetNodeRequest { node_id }))
-            .await
+        Ok(self
+            .get_node(Request::new(pb::GetNodeRequest { node_id }))
+            .await?
+            .into_inner()
+            .node)
     }
 }
 

@@ -6,7 +6,7 @@
 //! clusterctl migration cancel ID  ─▶ any agent: check ─▶ Raft: CancelMigration
 //!                                      source reconciler sees cancel_requested ─▶ engine cancel
 //! clusterctl vm migrate (progress) ─▶ any agent ─(not source: proxy)─▶ source agent:
-//!        ProgressBoard (engine events, polled) + record state ─▶ MigrationProgress stream
+//!        ProgressBoard (engine events, polled) + record state ─▶ WatchMigrationResponse stream
 //! ```
 
 use std::pin::Pin;
@@ -24,7 +24,9 @@ use crate::api::forward;
 use crate::api::status;
 use crate::control::progress::{LiveProgress, ProgressBoard};
 use crate::node::{now_unix_ms, Agent, ForwardRequest};
-use crate::state::migrations::{self, MigrationCommand, MigrationRecord, MigrationState};
+use crate::state::migrations::{
+    self, MigrationCommand, MigrationKind, MigrationRecord, MigrationState,
+};
 use crate::state::Command;
 
 /// How often a progress stream looks at the board and the record.
@@ -39,8 +41,17 @@ pub fn record_to_pb(m: &MigrationRecord) -> pb::MigrationInfo {
         vm: m.vm.clone(),
         source_node_id: m.source,
         target_node_id: m.target,
-        kind: m.kind.as_str().into(),
-        state: m.state.as_str().into(),
+        kind: match m.kind {
+            MigrationKind::Live => pb::MigrationKind::Live,
+            MigrationKind::Quick => pb::MigrationKind::Quick,
+        } as i32,
+        state: match m.state {
+            MigrationState::Queued => pb::MigrationState::Queued,
+            MigrationState::Running => pb::MigrationState::Running,
+            MigrationState::Succeeded => pb::MigrationState::Succeeded,
+            MigrationState::Failed => pb::MigrationState::Failed,
+            MigrationState::Cancelled => pb::MigrationState::Cancelled,
+        } as i32,
         cancel_requested: m.cancel_requested,
         max_downtime_ms: m.max_downtime_ms.unwrap_or(0),
         deadline_ms: m.deadline_ms.unwrap_or(0),
@@ -63,8 +74,8 @@ pub fn record_to_pb(m: &MigrationRecord) -> pb::MigrationInfo {
     }
 }
 
-fn progress_to_pb(id: u64, p: &LiveProgress) -> pb::MigrationProgress {
-    pb::MigrationProgress {
+fn progress_to_pb(id: u64, p: &LiveProgress) -> pb::WatchMigrationResponse {
+    pb::WatchMigrationResponse {
         id,
         phase: p.phase.clone(),
         bytes_sent: p.bytes_sent,
@@ -99,16 +110,18 @@ async fn connect(agent: &Agent, addr: &str) -> Result<MigrationServiceClient<Cha
     ))
 }
 
-type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::MigrationProgress, Status>> + Send>>;
+type ProgressStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchMigrationResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl MigrationService for MigrationApi {
     async fn list_migrations(
         &self,
         request: Request<pb::ListMigrationsRequest>,
-    ) -> Result<Response<pb::ListMigrationsReply>, Status> {
+    ) -> Result<Response<pb::ListMigrationsResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
-        let vm = request.into_inner().vm;
+        let r = request.into_inner();
+        let vm = r.vm;
         let migrations = self.agent.read_sm(|d| {
             d.state
                 .migrations
@@ -117,24 +130,33 @@ impl MigrationService for MigrationApi {
                 .map(record_to_pb)
                 .collect()
         });
-        Ok(Response::new(pb::ListMigrationsReply { migrations }))
+        let (migrations, next_page_token) = crate::api::paging::page(
+            migrations,
+            |m: &pb::MigrationInfo| m.id,
+            r.page_size,
+            &r.page_token,
+        )?;
+        Ok(Response::new(pb::ListMigrationsResponse {
+            migrations,
+            next_page_token,
+        }))
     }
 
     async fn get_migration(
         &self,
-        request: Request<pb::MigrationId>,
-    ) -> Result<Response<pb::MigrationReply>, Status> {
+        request: Request<pb::GetMigrationRequest>,
+    ) -> Result<Response<pb::GetMigrationResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let m = self.record(request.into_inner().id)?;
-        Ok(Response::new(pb::MigrationReply {
+        Ok(Response::new(pb::GetMigrationResponse {
             migration: Some(record_to_pb(&m)),
         }))
     }
 
     async fn cancel_migration(
         &self,
-        request: Request<pb::MigrationId>,
-    ) -> Result<Response<pb::MigrationReply>, Status> {
+        request: Request<pb::CancelMigrationRequest>,
+    ) -> Result<Response<pb::CancelMigrationResponse>, Status> {
         let id = request.into_inner().id;
         let cmd = MigrationCommand::CancelMigration {
             id,
@@ -163,7 +185,7 @@ impl MigrationService for MigrationApi {
             }
         }
         let m = self.record(id)?;
-        Ok(Response::new(pb::MigrationReply {
+        Ok(Response::new(pb::CancelMigrationResponse {
             migration: Some(record_to_pb(&m)),
         }))
     }
@@ -172,7 +194,7 @@ impl MigrationService for MigrationApi {
 
     async fn watch_migration(
         &self,
-        request: Request<pb::MigrationId>,
+        request: Request<pb::WatchMigrationRequest>,
     ) -> Result<Response<Self::WatchMigrationStream>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let id = request.into_inner().id;
@@ -193,7 +215,7 @@ impl MigrationService for MigrationApi {
             let mut client = connect(&self.agent, &addr).await?;
             let upstream: ProgressStream = Box::pin(
                 client
-                    .watch_migration(pb::MigrationId { id })
+                    .watch_migration(pb::WatchMigrationRequest { id })
                     .await?
                     .into_inner(),
             );
@@ -225,7 +247,7 @@ impl MigrationService for MigrationApi {
                     // Waiting for a slot: say so once, then keep watching.
                     if !said_queued {
                         said_queued = true;
-                        let queued = pb::MigrationProgress {
+                        let queued = pb::WatchMigrationResponse {
                             id,
                             phase: rec.state.as_str().into(),
                             ..Default::default()
@@ -241,7 +263,7 @@ impl MigrationService for MigrationApi {
                     let mut last =
                         live.as_ref()
                             .map(|p| progress_to_pb(id, p))
-                            .unwrap_or_else(|| pb::MigrationProgress {
+                            .unwrap_or_else(|| pb::WatchMigrationResponse {
                                 id,
                                 ..Default::default()
                             });

@@ -6,7 +6,7 @@
 //!   the protobuf ones; [`status`] is the one mapping of the agent's
 //!   errors to `tonic::Status`; [`forward`] proxies streams to the leader or a VM's
 //!   owner; [`read`] makes every read linearizable unless the client asks for a stale
-//!   one.
+//!   one; [`paging`] cuts list answers into pages.
 //! - Peer plane (members only, `raft_addr`): [`peer`] — the Raft service and its client.
 //! - [`metrics`]: Prometheus `/metrics` over plain HTTP.
 //! - [`console`]: the web console (HTTPS, `console_addr`): pages, their JSON API and a
@@ -29,6 +29,7 @@ pub mod management;
 pub mod metrics;
 pub mod migration_auth;
 pub mod migrations;
+pub mod paging;
 pub mod peer;
 pub mod read;
 pub mod rotation;

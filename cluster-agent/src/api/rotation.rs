@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use cluster_proto::management::management_client::ManagementClient;
+use cluster_proto::management::management_service_client::ManagementServiceClient;
 use cluster_proto::management::RenewNodeCertificateRequest;
 use cluster_proto::pki::{self, Identity, TlsDir};
 use tokio::sync::watch;
@@ -146,7 +146,7 @@ async fn ask(agent: &Agent, addr: &str, csr_pem: &str) -> Result<(String, String
     let ch = crate::api::forward::channel(agent, addr, "an issuer")
         .await
         .map_err(|s| s.message().to_owned())?;
-    let mut c = ManagementClient::new(ch);
+    let mut c = ManagementServiceClient::new(ch);
     let call = c.renew_node_certificate(RenewNodeCertificateRequest {
         csr_pem: csr_pem.to_owned(),
     });

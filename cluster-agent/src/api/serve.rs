@@ -8,9 +8,9 @@
 use std::sync::Arc;
 
 use cluster_proto::drain::drain_service_server::DrainServiceServer;
-use cluster_proto::management::management_server::ManagementServer;
+use cluster_proto::management::management_service_server::ManagementServiceServer;
 use cluster_proto::migrations::migration_service_server::MigrationServiceServer;
-use cluster_proto::raft::raft_peer_server::RaftPeerServer;
+use cluster_proto::raft::raft_peer_service_server::RaftPeerServiceServer;
 use cluster_proto::vms::vm_service_server::VmServiceServer;
 use cluster_proto::volumes::volume_service_server::VolumeServiceServer;
 use tokio::net::TcpListener;
@@ -78,7 +78,7 @@ pub fn spawn_peer(
 ) -> Result<ServerTask, ServeError> {
     let incoming = incoming(listener, &agent, false)?;
     let mut builder = builder();
-    let svc = RaftPeerServer::new(super::peer::server::PeerService { agent, host })
+    let svc = RaftPeerServiceServer::new(super::peer::server::PeerService { agent, host })
         .max_decoding_message_size(PEER_MESSAGE_LEN_MAX)
         .max_encoding_message_size(PEER_MESSAGE_LEN_MAX);
     let server = builder
@@ -130,10 +130,12 @@ pub fn spawn_management(
         })
         .add_service(health)
         .add_optional_service(reflection)
-        .add_service(ManagementServer::new(super::management::ManagementApi {
-            agent: agent.clone(),
-            console,
-        }))
+        .add_service(ManagementServiceServer::new(
+            super::management::ManagementApi {
+                agent: agent.clone(),
+                console,
+            },
+        ))
         .add_service(VmServiceServer::new(super::vms::VmApi::new(
             agent.clone(),
             host.clone(),

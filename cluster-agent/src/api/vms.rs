@@ -81,7 +81,7 @@ struct Slotted {
 }
 
 impl Stream for Slotted {
-    type Item = Result<pb::ConsoleChunk, Status>;
+    type Item = Result<pb::StreamConsoleResponse, Status>;
     fn poll_next(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -130,7 +130,7 @@ impl VmApi {
     async fn change_nic(
         &self,
         cmd: crate::state::vm_nics::VmNicCommand,
-    ) -> Result<Response<pb::VmReply>, Status> {
+    ) -> Result<Option<pb::VmInfo>, Status> {
         use crate::state::vm_nics::{self, VmNicCommand};
         vm_nics::check(&self.state(), &cmd).map_err(|e| status::vm_nic(&e))?;
         let vm = match &cmd {
@@ -153,23 +153,21 @@ impl VmApi {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
         }
-        self.reply(&vm)
+        self.vm_info(&vm)
     }
 
-    fn reply(&self, name: &str) -> Result<Response<pb::VmReply>, Status> {
+    /// The VM as this replica sees it, with its measured demand.
+    fn vm_info(&self, name: &str) -> Result<Option<pb::VmInfo>, Status> {
         let state = self.state();
         let rec = vms::find(&state, name)
             .ok_or_else(|| Status::not_found(format!("no VM named {name:?}")))?;
-        Ok(Response::new(pb::VmReply {
-            vm: Some(pb::VmInfo {
-                demand: crate::api::convert::demand::vm_demand_to_pb(
-                    &self.agent.demand(),
-                    rec.owner,
-                    &rec.spec.name,
-                ),
-                ..vm_convert::record_to_pb(&state, rec)
-            }),
-            queued_migration_id: 0,
+        Ok(Some(pb::VmInfo {
+            demand: crate::api::convert::demand::vm_demand_to_pb(
+                &self.agent.demand(),
+                rec.owner,
+                &rec.spec.name,
+            ),
+            ..vm_convert::record_to_pb(&state, rec)
         }))
     }
 }
@@ -179,7 +177,7 @@ impl VmApi {
 const JOURNAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl VmApi {
-    /// This node's console journal of `name` (see `ConsoleRequest.local_only`): every line
+    /// This node's console journal of `name` (see `StreamConsoleRequest.local_only`): every line
     /// stamped, one per chunk; with `follow`, new lines as they come, until the client goes.
     fn local_console(&self, name: String, follow: bool) -> Result<ConsoleStream, Status> {
         let (tx, rx) = tokio::sync::mpsc::channel(CONSOLE_STREAM_BUFFER_LINES);
@@ -201,7 +199,7 @@ impl VmApi {
                     }
                     for l in lines {
                         from = l.index + 1;
-                        let chunk = pb::ConsoleChunk {
+                        let chunk = pb::StreamConsoleResponse {
                             text: format!("{}\n", l.text),
                             node_id: me,
                             at_unix_us: l.at_unix_us,
@@ -220,7 +218,7 @@ impl VmApi {
 impl VmApi {
     /// The console stream `req` asks for: this node's journal, the owner's console
     /// through a proxy, or the console of a VM this node runs.
-    async fn open_console(&self, req: pb::ConsoleRequest) -> Result<ConsoleStream, Status> {
+    async fn open_console(&self, req: pb::StreamConsoleRequest) -> Result<ConsoleStream, Status> {
         if req.local_only {
             return self.local_console(req.name, req.follow);
         }
@@ -252,7 +250,7 @@ impl VmApi {
             ))
         })?;
         let (tx, rx) = tokio::sync::mpsc::channel(CONSOLE_STREAM_BUFFER_LINES);
-        let first = pb::ConsoleChunk {
+        let first = pb::StreamConsoleResponse {
             text: console.recent,
             node_id: me,
             at_unix_us: 0,
@@ -275,7 +273,7 @@ impl VmApi {
                         }
                         Err(_) => return,
                     };
-                    let chunk = pb::ConsoleChunk {
+                    let chunk = pb::StreamConsoleResponse {
                         text: format!("{line}\n"),
                         node_id: me,
                         at_unix_us: 0,
@@ -305,7 +303,7 @@ fn name_of(name: &str) -> Result<&str, Status> {
     Ok(name)
 }
 
-type ConsoleStream = Pin<Box<dyn Stream<Item = Result<pb::ConsoleChunk, Status>> + Send>>;
+type ConsoleStream = Pin<Box<dyn Stream<Item = Result<pb::StreamConsoleResponse, Status>> + Send>>;
 
 /// How often a proxied console stream checks that its upstream still owns the VM.
 pub const CONSOLE_OWNER_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
@@ -318,7 +316,7 @@ fn proxy_while_owner(
     agent: Arc<Agent>,
     vm: String,
     owner: u64,
-    mut upstream: tonic::Streaming<pb::ConsoleChunk>,
+    mut upstream: tonic::Streaming<pb::StreamConsoleResponse>,
 ) -> ConsoleStream {
     let (tx, rx) = tokio::sync::mpsc::channel(CONSOLE_STREAM_BUFFER_LINES);
     tokio::spawn(async move {
@@ -357,7 +355,7 @@ impl VmService for VmApi {
     async fn create_vm(
         &self,
         request: Request<pb::CreateVmRequest>,
-    ) -> Result<Response<pb::VmReply>, Status> {
+    ) -> Result<Response<pb::CreateVmResponse>, Status> {
         if let Some(mut leader) = self.leader_client().await? {
             return leader.create_vm(request.into_inner()).await;
         }
@@ -388,13 +386,15 @@ impl VmService for VmApi {
             at_unix_ms: now_unix_ms(),
         })
         .await?;
-        self.reply(&name)
+        Ok(Response::new(pb::CreateVmResponse {
+            vm: self.vm_info(&name)?,
+        }))
     }
 
     async fn start_vm(
         &self,
-        request: Request<pb::VmName>,
-    ) -> Result<Response<pb::VmReply>, Status> {
+        request: Request<pb::StartVmRequest>,
+    ) -> Result<Response<pb::StartVmResponse>, Status> {
         if let Some(mut leader) = self.leader_client().await? {
             return leader.start_vm(request.into_inner()).await;
         }
@@ -419,10 +419,15 @@ impl VmService for VmApi {
             at_unix_ms: now_unix_ms(),
         })
         .await?;
-        self.reply(&name)
+        Ok(Response::new(pb::StartVmResponse {
+            vm: self.vm_info(&name)?,
+        }))
     }
 
-    async fn stop_vm(&self, request: Request<pb::VmName>) -> Result<Response<pb::VmReply>, Status> {
+    async fn stop_vm(
+        &self,
+        request: Request<pb::StopVmRequest>,
+    ) -> Result<Response<pb::StopVmResponse>, Status> {
         if let Some(mut leader) = self.leader_client().await? {
             return leader.stop_vm(request.into_inner()).await;
         }
@@ -434,13 +439,15 @@ impl VmService for VmApi {
         };
         vms::check(&self.state(), &cmd).map_err(status::vm_state)?;
         self.commit(cmd).await?;
-        self.reply(&name)
+        Ok(Response::new(pb::StopVmResponse {
+            vm: self.vm_info(&name)?,
+        }))
     }
 
     async fn delete_vm(
         &self,
-        request: Request<pb::VmName>,
-    ) -> Result<Response<pb::DeleteVmReply>, Status> {
+        request: Request<pb::DeleteVmRequest>,
+    ) -> Result<Response<pb::DeleteVmResponse>, Status> {
         if let Some(mut leader) = self.leader_client().await? {
             return leader.delete_vm(request.into_inner()).await;
         }
@@ -452,17 +459,17 @@ impl VmService for VmApi {
         };
         vms::check(&self.state(), &cmd).map_err(status::vm_state)?;
         self.commit(cmd).await?;
-        Ok(Response::new(pb::DeleteVmReply {}))
+        Ok(Response::new(pb::DeleteVmResponse {}))
     }
 
     async fn list_vms(
         &self,
         request: Request<pb::ListVmsRequest>,
-    ) -> Result<Response<pb::ListVmsReply>, Status> {
+    ) -> Result<Response<pb::ListVmsResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let state = self.state();
         let demand = self.agent.demand();
-        let mut vms: Vec<pb::VmInfo> = state
+        let vms: Vec<pb::VmInfo> = state
             .vms
             .values()
             .map(|r| pb::VmInfo {
@@ -474,17 +481,23 @@ impl VmService for VmApi {
                 ..vm_convert::record_to_pb(&state, r)
             })
             .collect();
-        vms.sort_by(|a, b| {
-            let n = |v: &pb::VmInfo| v.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
-            n(a).cmp(&n(b))
-        });
-        Ok(Response::new(pb::ListVmsReply { vms }))
+        let r = request.get_ref();
+        let (vms, next_page_token) = crate::api::paging::page(
+            vms,
+            |v: &pb::VmInfo| v.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+            r.page_size,
+            &r.page_token,
+        )?;
+        Ok(Response::new(pb::ListVmsResponse {
+            vms,
+            next_page_token,
+        }))
     }
 
     async fn attach_nic(
         &self,
         request: Request<pb::AttachNicRequest>,
-    ) -> Result<Response<pb::VmReply>, Status> {
+    ) -> Result<Response<pb::AttachNicResponse>, Status> {
         let req = request.into_inner();
         name_of(&req.vm)?;
         let Some(nic) = req.nic else {
@@ -498,18 +511,20 @@ impl VmService for VmApi {
             slot: None,
             mtu: nic.mtu,
         };
-        self.change_nic(crate::state::vm_nics::VmNicCommand::Attach {
-            vm: req.vm,
-            nic,
-            at_unix_ms: now_unix_ms(),
-        })
-        .await
+        let vm = self
+            .change_nic(crate::state::vm_nics::VmNicCommand::Attach {
+                vm: req.vm,
+                nic,
+                at_unix_ms: now_unix_ms(),
+            })
+            .await?;
+        Ok(Response::new(pb::AttachNicResponse { vm }))
     }
 
     async fn detach_nic(
         &self,
         request: Request<pb::DetachNicRequest>,
-    ) -> Result<Response<pb::VmReply>, Status> {
+    ) -> Result<Response<pb::DetachNicResponse>, Status> {
         let req = request.into_inner();
         name_of(&req.vm)?;
         if req.mac.is_empty() {
@@ -517,25 +532,32 @@ impl VmService for VmApi {
                 "mac is empty: give the MAC of the NIC to remove (`clusterctl vm show` lists them)",
             ));
         }
-        self.change_nic(crate::state::vm_nics::VmNicCommand::Detach {
-            vm: req.vm,
-            mac: req.mac,
-            at_unix_ms: now_unix_ms(),
-        })
-        .await
+        let vm = self
+            .change_nic(crate::state::vm_nics::VmNicCommand::Detach {
+                vm: req.vm,
+                mac: req.mac,
+                at_unix_ms: now_unix_ms(),
+            })
+            .await?;
+        Ok(Response::new(pb::DetachNicResponse { vm }))
     }
 
-    async fn get_vm(&self, request: Request<pb::VmName>) -> Result<Response<pb::VmReply>, Status> {
+    async fn get_vm(
+        &self,
+        request: Request<pb::GetVmRequest>,
+    ) -> Result<Response<pb::GetVmResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let name = request.into_inner().name;
-        self.reply(name_of(&name)?)
+        Ok(Response::new(pb::GetVmResponse {
+            vm: self.vm_info(name_of(&name)?)?,
+        }))
     }
 
     type StreamConsoleStream = ConsoleStream;
 
     async fn stream_console(
         &self,
-        request: Request<pb::ConsoleRequest>,
+        request: Request<pb::StreamConsoleRequest>,
     ) -> Result<Response<Self::StreamConsoleStream>, Status> {
         let req = request.into_inner();
         name_of(&req.name)?;
@@ -550,7 +572,7 @@ impl VmService for VmApi {
     async fn migrate_vm(
         &self,
         request: Request<pb::MigrateVmRequest>,
-    ) -> Result<Response<pb::VmReply>, Status> {
+    ) -> Result<Response<pb::MigrateVmResponse>, Status> {
         if let Some(mut leader) = self.leader_client().await? {
             return leader.migrate_vm(request.into_inner()).await;
         }
@@ -607,9 +629,10 @@ impl VmService for VmApi {
                     })
                     .unwrap_or(0);
                 tracing::info!(vm = %req.name, migration = id, %refusal, "migration queued");
-                let mut reply = self.reply(&req.name)?;
-                reply.get_mut().queued_migration_id = id;
-                return Ok(reply);
+                return Ok(Response::new(pb::MigrateVmResponse {
+                    vm: self.vm_info(&req.name)?,
+                    queued_migration_id: id,
+                }));
             }
             Err(e) => return Err(status::placement(e)),
         };
@@ -624,13 +647,16 @@ impl VmService for VmApi {
             bandwidth_bytes_per_s_max: req.bandwidth_bytes_per_s_max,
         })
         .await?;
-        self.reply(&req.name)
+        Ok(Response::new(pb::MigrateVmResponse {
+            vm: self.vm_info(&req.name)?,
+            queued_migration_id: 0,
+        }))
     }
 
     async fn plan_migration(
         &self,
-        request: Request<pb::MigrateVmRequest>,
-    ) -> Result<Response<pb::MigrationPlanReply>, Status> {
+        request: Request<pb::PlanMigrationRequest>,
+    ) -> Result<Response<pb::PlanMigrationResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let req = request.into_inner();
         name_of(&req.name)?;
@@ -642,7 +668,7 @@ impl VmService for VmApi {
             downtime_ms: 0,
             rounds: 0,
         });
-        Ok(Response::new(pb::MigrationPlanReply {
+        Ok(Response::new(pb::PlanMigrationResponse {
             vm: req.name,
             from_node_id: p.from,
             to_node_id: p.to.unwrap_or(0),
@@ -657,13 +683,13 @@ impl VmService for VmApi {
     async fn why_not(
         &self,
         request: Request<pb::WhyNotRequest>,
-    ) -> Result<Response<pb::WhyNotReply>, Status> {
+    ) -> Result<Response<pb::WhyNotResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let req = request.into_inner();
         name_of(&req.vm)?;
         let reasons =
             placement::why_not(&self.state(), &req.vm, req.node_id).map_err(status::placement)?;
-        Ok(Response::new(pb::WhyNotReply { reasons }))
+        Ok(Response::new(pb::WhyNotResponse { reasons }))
     }
 }
 

@@ -46,9 +46,9 @@ pub fn lock_to_pb(disk: &DiskName, l: &DiskLock) -> pb::DiskLock {
     pb::DiskLock {
         disk: disk.to_string(),
         mode: match l.mode {
-            LockMode::Exclusive => "exclusive".into(),
-            LockMode::Shared => "shared".into(),
-        },
+            LockMode::Exclusive => pb::LockMode::Exclusive,
+            LockMode::Shared => pb::LockMode::Shared,
+        } as i32,
         holders: l.holders.iter().copied().collect(),
         token: l.token.0,
         term: l.term,
@@ -90,7 +90,9 @@ impl VolumeApi {
         self.agent.read_sm(|d| d.state.clone())
     }
 
-    async fn change(&self, cmd: VmDiskCommand) -> Result<Response<pb::VmDisksReply>, Status> {
+    /// Commits a disk change and answers with the VM's name and its disks as this replica
+    /// sees them once it applied the change.
+    async fn change(&self, cmd: VmDiskCommand) -> Result<(String, Vec<String>), Status> {
         vm_disks::check(&self.state(), &cmd).map_err(|e| status::vm_disk(&e))?;
         let vm = match &cmd {
             VmDiskCommand::Attach { vm, .. } | VmDiskCommand::Detach { vm, .. } => vm.clone(),
@@ -119,7 +121,7 @@ impl VolumeApi {
                 .map(|r| r.spec.disks.iter().map(|d| d.name.to_string()).collect())
                 .unwrap_or_default()
         });
-        Ok(Response::new(pb::VmDisksReply { vm, disks }))
+        Ok((vm, disks))
     }
 }
 
@@ -128,7 +130,7 @@ impl VolumeService for VolumeApi {
     async fn create_disk(
         &self,
         request: Request<pb::CreateDiskRequest>,
-    ) -> Result<Response<pb::DiskInfo>, Status> {
+    ) -> Result<Response<pb::CreateDiskResponse>, Status> {
         let req = request.into_inner();
         let name = parse_disk("name", &req.name)?;
         if req.size_mib == 0 || req.size_mib > DISK_SIZE_MAX_MIB {
@@ -145,19 +147,21 @@ impl VolumeService for VolumeApi {
         .map_err(|e| Status::internal(format!("create task failed: {e}")))?
         .map_err(status::volume)?;
         tracing::info!(disk = %info.name, size_bytes = info.size_bytes, "disk created");
-        Ok(Response::new(pb::DiskInfo {
-            name: info.name.to_string(),
-            size_bytes: info.size_bytes,
-            allocated_bytes: info.allocated_bytes,
-            lock: None,
-            used_by: Vec::new(),
+        Ok(Response::new(pb::CreateDiskResponse {
+            disk: Some(pb::DiskInfo {
+                name: info.name.to_string(),
+                size_bytes: info.size_bytes,
+                allocated_bytes: info.allocated_bytes,
+                lock: None,
+                used_by: Vec::new(),
+            }),
         }))
     }
 
     async fn list_disks(
         &self,
         request: Request<pb::ListDisksRequest>,
-    ) -> Result<Response<pb::ListDisksReply>, Status> {
+    ) -> Result<Response<pb::ListDisksResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let state = self.state();
         let host = self.host.clone();
@@ -182,7 +186,14 @@ impl VolumeService for VolumeApi {
                     .collect(),
             })
             .collect();
-        Ok(Response::new(pb::ListDisksReply {
+        let r = request.get_ref();
+        let (disks, next_page_token) = crate::api::paging::page(
+            disks,
+            |d: &pb::DiskInfo| d.name.clone(),
+            r.page_size,
+            &r.page_token,
+        )?;
+        Ok(Response::new(pb::ListDisksResponse {
             volumes: self
                 .host
                 .registry()
@@ -190,13 +201,14 @@ impl VolumeService for VolumeApi {
                 .map(|v| v.name().to_owned())
                 .collect(),
             disks,
+            next_page_token,
         }))
     }
 
     async fn list_locks(
         &self,
         request: Request<pb::ListLocksRequest>,
-    ) -> Result<Response<pb::ListLocksReply>, Status> {
+    ) -> Result<Response<pb::ListLocksResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let locks = self.agent.read_sm(|d| {
             d.state
@@ -205,13 +217,23 @@ impl VolumeService for VolumeApi {
                 .map(|(disk, l)| lock_to_pb(disk, l))
                 .collect()
         });
-        Ok(Response::new(pb::ListLocksReply { locks }))
+        let r = request.get_ref();
+        let (locks, next_page_token) = crate::api::paging::page(
+            locks,
+            |l: &pb::DiskLock| l.disk.clone(),
+            r.page_size,
+            &r.page_token,
+        )?;
+        Ok(Response::new(pb::ListLocksResponse {
+            locks,
+            next_page_token,
+        }))
     }
 
     async fn attach_disk(
         &self,
         request: Request<pb::AttachDiskRequest>,
-    ) -> Result<Response<pb::VmDisksReply>, Status> {
+    ) -> Result<Response<pb::AttachDiskResponse>, Status> {
         let req = request.into_inner();
         if req.vm.is_empty() {
             return Err(Status::invalid_argument("vm is empty: give the VM's name"));
@@ -229,28 +251,32 @@ impl VolumeService for VolumeApi {
                 _ => Status::invalid_argument(msg),
             }
         })?;
-        self.change(VmDiskCommand::Attach {
-            vm: req.vm,
-            disk,
-            at_unix_ms: now_unix_ms(),
-        })
-        .await
+        let (vm, disks) = self
+            .change(VmDiskCommand::Attach {
+                vm: req.vm,
+                disk,
+                at_unix_ms: now_unix_ms(),
+            })
+            .await?;
+        Ok(Response::new(pb::AttachDiskResponse { vm, disks }))
     }
 
     async fn detach_disk(
         &self,
         request: Request<pb::DetachDiskRequest>,
-    ) -> Result<Response<pb::VmDisksReply>, Status> {
+    ) -> Result<Response<pb::DetachDiskResponse>, Status> {
         let req = request.into_inner();
         if req.vm.is_empty() {
             return Err(Status::invalid_argument("vm is empty: give the VM's name"));
         }
         let disk = parse_disk("disk", &req.disk)?;
-        self.change(VmDiskCommand::Detach {
-            vm: req.vm,
-            disk,
-            at_unix_ms: now_unix_ms(),
-        })
-        .await
+        let (vm, disks) = self
+            .change(VmDiskCommand::Detach {
+                vm: req.vm,
+                disk,
+                at_unix_ms: now_unix_ms(),
+            })
+            .await?;
+        Ok(Response::new(pb::DetachDiskResponse { vm, disks }))
     }
 }

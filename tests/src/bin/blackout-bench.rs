@@ -12,6 +12,7 @@
 //! `migration-bench` built in the same target directory:
 //! `cargo build -p cluster-agent -p vmm-node -p cluster-tests --bins`.
 
+use cluster_proto::EnumName;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -75,7 +76,7 @@ async fn full_stack(
         async move { try_get_vm(&mut vm, "bench").await }
     };
     let t = Instant::now();
-    while get(&vm).await?.runtime != "running" {
+    while get(&vm).await?.runtime().name() != "running" {
         if t.elapsed() > STEP_TIMEOUT {
             return Err("the VM never ran".into());
         }
@@ -96,7 +97,10 @@ async fn full_stack(
         .map_err(|s| s.to_string())?;
         if let Err(e) = try_wait_migrated(&mut vm, "bench", to, t, STEP_TIMEOUT).await {
             let recs = mig
-                .list_migrations(mpb::ListMigrationsRequest { vm: "bench".into() })
+                .list_migrations(mpb::ListMigrationsRequest {
+                    vm: "bench".into(),
+                    ..Default::default()
+                })
                 .await
                 .map(|r| r.into_inner().migrations)
                 .unwrap_or_default();
@@ -117,7 +121,10 @@ async fn full_stack(
         }
         let wall_ms = t.elapsed().as_millis() as u64;
         let recs = mig
-            .list_migrations(mpb::ListMigrationsRequest { vm: "bench".into() })
+            .list_migrations(mpb::ListMigrationsRequest {
+                vm: "bench".into(),
+                ..Default::default()
+            })
             .await
             .map_err(|s| s.to_string())?
             .into_inner()

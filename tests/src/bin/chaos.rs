@@ -21,6 +21,7 @@
 //! (build `cluster-agent` in the same target directory first:
 //! `cargo build -p cluster-agent -p cluster-tests --bins`).
 
+use cluster_proto::EnumName;
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -159,7 +160,7 @@ async fn settle(cl: &Cluster, names: &[String]) -> Result<(), String> {
             || cl.read_vms(l),
             |vms| {
                 vms.iter()
-                    .filter(|v| v.runtime == "running" && v.migrating_to == 0)
+                    .filter(|v| v.runtime().name() == "running" && v.migrating_to == 0)
                     .count()
                     == want
             },
@@ -318,14 +319,14 @@ async fn round(
             let ch = cl.try_channel(via).await?;
             let mut d = dpb::drain_service_client::DrainServiceClient::new(ch);
             let _ = d
-                .drain_node(dpb::DrainRequest {
+                .drain_node(dpb::DrainNodeRequest {
                     node_id: node,
                     dry_run: false,
                 })
                 .await;
             tokio::time::sleep(hold).await;
             let _ = d
-                .resume_node(dpb::ResumeRequest {
+                .resume_node(dpb::ResumeNodeRequest {
                     node_id: node,
                     ..Default::default()
                 })
@@ -460,7 +461,7 @@ async fn run(args: &Args) -> Result<bool, String> {
     {
         for r in list.into_inner().migrations {
             *migrations
-                .entry(format!("{} {}", r.kind, r.state))
+                .entry(format!("{} {}", r.kind().name(), r.state().name()))
                 .or_insert(0u64) += 1;
         }
     }

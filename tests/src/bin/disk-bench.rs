@@ -14,6 +14,7 @@
 //! Usage: `disk-bench [ROUNDS]` (default 3; the `cluster-agent` binary must be built in
 //! the same target directory: `cargo build -p cluster-agent -p cluster-tests --bins`).
 
+use cluster_proto::EnumName;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -59,7 +60,7 @@ async fn heartbeat(
         if let Ok(resp) = c
             .try_vms(via)
             .await?
-            .stream_console(pb::ConsoleRequest {
+            .stream_console(pb::StreamConsoleRequest {
                 name: name.into(),
                 follow: true,
                 ..Default::default()
@@ -104,7 +105,7 @@ async fn migrate(c: &Cluster, name: &str, to: u64, quick: bool) -> Result<(u128,
         .map_err(|s| format!("migrate {name}: {s}"))?;
     loop {
         let v = get(c, 1, name).await?;
-        if v.owner_id == to && v.migrating_to == 0 && v.runtime == "running" {
+        if v.owner_id == to && v.migrating_to == 0 && v.runtime().name() == "running" {
             break;
         }
         if t.elapsed() > STEP_TIMEOUT {

@@ -9,6 +9,7 @@
 //! Usage: `drain-bench [VMS]` (default 8; the `cluster-agent` binary must be built in
 //! the same target directory: `cargo build -p cluster-agent -p cluster-tests --bins`).
 
+use cluster_proto::EnumName;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -38,7 +39,7 @@ async fn migrate(cl: &mut VmServiceClient<Channel>, name: &str, to: u64) -> Resu
     loop {
         let v = try_get_vm(cl, name).await?;
         seen_start |= v.migrating_to == to;
-        if v.migrating_to == 0 && v.owner_id == to && v.runtime == "running" {
+        if v.migrating_to == 0 && v.owner_id == to && v.runtime().name() == "running" {
             return Ok(t.elapsed().as_millis());
         }
         if seen_start && v.migrating_to == 0 && v.owner_id != to {
@@ -72,7 +73,7 @@ async fn run(bin: &std::path::Path, n: usize) -> Result<(), String> {
     for name in &names {
         loop {
             let v = try_get_vm(&mut cl, name).await?;
-            if v.runtime == "running" && v.owner_id == 1 {
+            if v.runtime().name() == "running" && v.owner_id == 1 {
                 break;
             }
             if t.elapsed() > STEP_TIMEOUT {
@@ -95,7 +96,7 @@ async fn run(bin: &std::path::Path, n: usize) -> Result<(), String> {
     let mut d = DrainServiceClient::new(c.try_channel(leader).await?);
     let t = Instant::now();
     let r = d
-        .drain_node(dpb::DrainRequest {
+        .drain_node(dpb::DrainNodeRequest {
             node_id: 1,
             dry_run: false,
         })
@@ -107,13 +108,13 @@ async fn run(bin: &std::path::Path, n: usize) -> Result<(), String> {
         .saturating_sub(r.planned_start_unix_ms);
     let job = loop {
         let j = d
-            .get_drain(dpb::NodeRef { node_id: 1 })
+            .get_drain(dpb::GetDrainRequest { node_id: 1 })
             .await
             .map_err(|s| s.to_string())?
             .into_inner()
             .job
             .unwrap_or_default();
-        if j.status != "running" {
+        if j.status().name() != "running" {
             break j;
         }
         if t.elapsed() > STEP_TIMEOUT * 4 {
@@ -122,13 +123,17 @@ async fn run(bin: &std::path::Path, n: usize) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let drain_ms = t.elapsed().as_millis();
-    if job.status != "done" {
-        return Err(format!("drain ended {}: {}", job.status, job.reason));
+    if job.status().name() != "done" {
+        return Err(format!(
+            "drain ended {}: {}",
+            job.status().name(),
+            job.reason
+        ));
     }
     let moves_ms: u64 = job
         .moves
         .iter()
-        .filter(|m| m.status == "done")
+        .filter(|m| m.status().name() == "done")
         .map(|m| m.ended_unix_ms.saturating_sub(m.started_unix_ms))
         .sum();
     let first_start = job
@@ -155,7 +160,10 @@ async fn run(bin: &std::path::Path, n: usize) -> Result<(), String> {
     );
     println!(
         "  moves done: {}/{}",
-        job.moves.iter().filter(|m| m.status == "done").count(),
+        job.moves
+            .iter()
+            .filter(|m| m.status().name() == "done")
+            .count(),
         job.moves.len()
     );
     Ok(())

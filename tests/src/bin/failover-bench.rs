@@ -37,7 +37,7 @@ async fn first_heartbeat(c: &Cluster, via: u64, name: &str, not_from: u64) -> Re
     while start.elapsed() < STEP_TIMEOUT {
         let mut cl = c.try_vms(via).await?;
         let got = cl
-            .stream_console(pb::ConsoleRequest {
+            .stream_console(pb::StreamConsoleRequest {
                 name: name.into(),
                 follow: true,
                 ..Default::default()

@@ -14,7 +14,7 @@ use axum::Extension;
 use cluster_proto::drain as dpb;
 use cluster_proto::drain::drain_service_server::DrainService;
 use cluster_proto::management as pb;
-use cluster_proto::management::management_server::Management;
+use cluster_proto::management::management_service_server::ManagementService;
 use cluster_proto::migrations as mpb;
 use cluster_proto::migrations::migration_service_server::MigrationService;
 use cluster_proto::vms as vpb;
@@ -34,7 +34,7 @@ pub const OVERVIEW_EVENTS: u64 = 50;
 /// Migrations and jobs the overview carries (the newest).
 pub const OVERVIEW_HISTORY: usize = 30;
 
-const M: &str = "/cluster.management.v1.Management/";
+const M: &str = "/cluster.management.v1.ManagementService/";
 const V: &str = "/cluster.vms.v1.VmService/";
 const D: &str = "/cluster.drain.v1.DrainService/";
 const VOL: &str = "/cluster.volumes.v1.VolumeService/";
@@ -95,6 +95,32 @@ pub async fn logout(State(c): State<Arc<Console>>, Extension(a): Extension<Authe
     resp
 }
 
+/// Most pages of one list the console reads (at `PAGE_SIZE_MAX` items a page).
+const PAGES_MAX: usize = 100;
+
+/// Every page of a list call: `page` answers the items after a page token and the token
+/// of the next page.
+async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, ApiError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<(Vec<T>, String), ApiError>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    for _ in 0..PAGES_MAX {
+        let (items, next) = page(token).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
+    Err(ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("a list had more than {PAGES_MAX} pages"),
+    ))
+}
+
 /// Everything the overview page shows, as one JSON value.
 pub async fn snapshot(c: &Console, a: &Authed) -> Result<serde_json::Value, ApiError> {
     let m = &c.management;
@@ -106,14 +132,18 @@ pub async fn snapshot(c: &Console, a: &Authed) -> Result<serde_json::Value, ApiE
             |r| m.cluster_status(r),
         )
         .await?;
-    let nodes = c
-        .call(
-            a,
-            format!("{M}ListNodes"),
-            pb::ListNodesRequest::default(),
-            |r| m.list_nodes(r),
-        )
-        .await?;
+    let page_size = crate::api::paging::PAGE_SIZE_MAX as u32;
+    let nodes = all_pages(|page_token| async move {
+        let req = pb::ListNodesRequest {
+            page_size,
+            page_token,
+        };
+        let r = c
+            .call(a, format!("{M}ListNodes"), req, |r| m.list_nodes(r))
+            .await?;
+        Ok((r.nodes, r.next_page_token))
+    })
+    .await?;
     let last = c
         .call(
             a,
@@ -139,45 +169,66 @@ pub async fn snapshot(c: &Console, a: &Authed) -> Result<serde_json::Value, ApiE
         .await?
         .events;
     events.reverse();
-    let vms = c
-        .call(a, format!("{V}ListVms"), vpb::ListVmsRequest {}, |r| {
-            c.vms.list_vms(r)
-        })
-        .await?;
-    let mut migrations = c
-        .call(
-            a,
-            format!("{MIG}ListMigrations"),
-            mpb::ListMigrationsRequest::default(),
-            |r| c.migrations.list_migrations(r),
-        )
-        .await?
-        .migrations;
+    let vms = all_pages(|page_token| async move {
+        let req = vpb::ListVmsRequest {
+            page_size,
+            page_token,
+        };
+        let r = c
+            .call(a, format!("{V}ListVms"), req, |r| c.vms.list_vms(r))
+            .await?;
+        Ok((r.vms, r.next_page_token))
+    })
+    .await?;
+    let mut migrations = all_pages(|page_token| async move {
+        let req = mpb::ListMigrationsRequest {
+            page_size,
+            page_token,
+            ..Default::default()
+        };
+        let r = c
+            .call(a, format!("{MIG}ListMigrations"), req, |r| {
+                c.migrations.list_migrations(r)
+            })
+            .await?;
+        Ok((r.migrations, r.next_page_token))
+    })
+    .await?;
     migrations.sort_by_key(|m| std::cmp::Reverse(m.id));
     migrations.truncate(OVERVIEW_HISTORY);
-    let mut jobs = c
-        .call(a, format!("{D}ListJobs"), dpb::ListJobsRequest {}, |r| {
-            c.jobs.list_jobs(r)
-        })
-        .await?
-        .jobs;
+    let mut jobs = all_pages(|page_token| async move {
+        let req = dpb::ListJobsRequest {
+            page_size,
+            page_token,
+        };
+        let r = c
+            .call(a, format!("{D}ListJobs"), req, |r| c.jobs.list_jobs(r))
+            .await?;
+        Ok((r.jobs, r.next_page_token))
+    })
+    .await?;
     jobs.sort_by_key(|j| std::cmp::Reverse(j.id));
     jobs.truncate(OVERVIEW_HISTORY);
-    let locks = c
-        .call(
-            a,
-            format!("{VOL}ListLocks"),
-            volpb::ListLocksRequest {},
-            |r| c.volumes.list_locks(r),
-        )
-        .await?;
+    let locks = all_pages(|page_token| async move {
+        let req = volpb::ListLocksRequest {
+            page_size,
+            page_token,
+        };
+        let r = c
+            .call(a, format!("{VOL}ListLocks"), req, |r| {
+                c.volumes.list_locks(r)
+            })
+            .await?;
+        Ok((r.locks, r.next_page_token))
+    })
+    .await?;
     Ok(serde_json::json!({
         "status": status,
-        "nodes": nodes.nodes,
-        "vms": vms.vms,
+        "nodes": nodes,
+        "vms": vms,
         "migrations": migrations,
         "jobs": jobs,
-        "locks": locks.locks,
+        "locks": locks,
         "events": events,
     }))
 }
@@ -265,12 +316,13 @@ pub async fn vm_action(
         "start" | "stop" => match body::<NoFields>(&bytes) {
             Err(e) => Err(e),
             Ok(_) => {
-                let req = vpb::VmName { name };
                 if action == "start" {
+                    let req = vpb::StartVmRequest { name };
                     c.call(&a, format!("{V}StartVm"), req, |r| v.start_vm(r))
                         .await
                         .map(|r| serde_json::json!(r))
                 } else {
+                    let req = vpb::StopVmRequest { name };
                     c.call(&a, format!("{V}StopVm"), req, |r| v.stop_vm(r))
                         .await
                         .map(|r| serde_json::json!(r))
@@ -280,19 +332,25 @@ pub async fn vm_action(
         "migrate" => match body::<MigrateBody>(&bytes) {
             Err(e) => Err(e),
             Ok(b) => {
-                let req = vpb::MigrateVmRequest {
-                    name,
-                    to_node_id: b.to_node_id,
-                    quick: b.quick,
-                    ..Default::default()
-                };
                 if b.dry_run {
+                    let req = vpb::PlanMigrationRequest {
+                        name,
+                        to_node_id: b.to_node_id,
+                        quick: b.quick,
+                        ..Default::default()
+                    };
                     c.call(&a, format!("{V}PlanMigration"), req, |r| {
                         v.plan_migration(r)
                     })
                     .await
                     .map(|r| serde_json::json!({ "plan": r }))
                 } else {
+                    let req = vpb::MigrateVmRequest {
+                        name,
+                        to_node_id: b.to_node_id,
+                        quick: b.quick,
+                        ..Default::default()
+                    };
                     c.call(&a, format!("{V}MigrateVm"), req, |r| v.migrate_vm(r))
                         .await
                         .map(|r| serde_json::json!(r))
@@ -348,7 +406,7 @@ pub async fn node_action(
         "drain" => match body::<DrainBody>(&bytes) {
             Err(e) => Err(e),
             Ok(b) => {
-                let req = dpb::DrainRequest {
+                let req = dpb::DrainNodeRequest {
                     node_id,
                     dry_run: b.dry_run,
                 };
@@ -363,7 +421,7 @@ pub async fn node_action(
                 .call(
                     &a,
                     format!("{D}AbortDrain"),
-                    dpb::NodeRef { node_id },
+                    dpb::AbortDrainRequest { node_id },
                     |r| j.abort_drain(r),
                 )
                 .await
@@ -372,7 +430,7 @@ pub async fn node_action(
         "resume" => match body::<ResumeBody>(&bytes) {
             Err(e) => Err(e),
             Ok(b) => {
-                let req = dpb::ResumeRequest {
+                let req = dpb::ResumeNodeRequest {
                     node_id,
                     failback: b.failback,
                 };
@@ -406,7 +464,7 @@ pub async fn cancel_migration(
             .call(
                 &a,
                 format!("{MIG}CancelMigration"),
-                mpb::MigrationId { id },
+                mpb::CancelMigrationRequest { id },
                 |r| c.migrations.cancel_migration(r),
             )
             .await

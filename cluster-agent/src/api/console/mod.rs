@@ -132,7 +132,7 @@ pub fn login<T>(
     sessions: Option<&Sessions>,
     agent: &Agent,
     request: &tonic::Request<T>,
-) -> Result<pb::ConsoleLoginReply, Status> {
+) -> Result<pb::ConsoleLoginResponse, Status> {
     let (Some(sessions), Some(addr)) = (sessions, agent.config().console_addr) else {
         return Err(Status::failed_precondition(
             "this agent serves no web console (set console_addr in its config)",
@@ -168,7 +168,7 @@ pub fn login<T>(
         std::net::SocketAddr::new(host, addr.port())
     );
     tracing::info!(user = %name, role = %role, "console login link issued");
-    Ok(pb::ConsoleLoginReply {
+    Ok(pb::ConsoleLoginResponse {
         url,
         expires_unix_ms,
     })

@@ -2,7 +2,7 @@
 //!
 //! - `overview`: the whole [`super::api::snapshot`], sent first and then whenever it
 //!   changed (looked at every [`STREAM_TICK`]);
-//! - `progress`: a running migration's `MigrationProgress` (the gRPC `WatchMigration`
+//! - `progress`: a running migration's `WatchMigrationResponse` (the gRPC `WatchMigration`
 //!   stream, proxied from the source agent like for clusterctl), as it comes;
 //! - `problem`: `{"error": ...}` when the overview could not be read this time.
 //!
@@ -105,7 +105,7 @@ async fn feed(c: Arc<Console>, a: Authed, tx: Tx) {
 async fn watch(c: Arc<Console>, a: Authed, id: u64, tx: Tx) {
     let method = "/cluster.migrations.v1.MigrationService/WatchMigration".to_owned();
     let progress = c
-        .call(&a, method, mpb::MigrationId { id }, |r| {
+        .call(&a, method, mpb::WatchMigrationRequest { id }, |r| {
             c.migrations.watch_migration(r)
         })
         .await;

@@ -4,7 +4,41 @@
 use cluster_proto::management as pb;
 use tonic::Status;
 
-use crate::state::{Event, KvmKind, NodeFacts, NodeRecord, NodeRegistration};
+use crate::state::{Event, EventKind, KvmKind, NodeFacts, NodeRecord, NodeRegistration, NodeState};
+
+fn kvm_kind_to_pb(k: KvmKind) -> pb::KvmKind {
+    match k {
+        KvmKind::Hardware => pb::KvmKind::Hardware,
+        KvmKind::Software => pb::KvmKind::Software,
+        KvmKind::None => pb::KvmKind::None,
+    }
+}
+
+pub fn node_state_to_pb(s: NodeState) -> pb::NodeState {
+    match s {
+        NodeState::Up => pb::NodeState::Up,
+        NodeState::Paused => pb::NodeState::Paused,
+        NodeState::Down => pb::NodeState::Down,
+        NodeState::Standby => pb::NodeState::Standby,
+        NodeState::Waking => pb::NodeState::Waking,
+    }
+}
+
+fn event_kind_to_pb(k: EventKind) -> pb::EventKind {
+    match k {
+        EventKind::ClusterInitialized => pb::EventKind::ClusterInitialized,
+        EventKind::NodeJoined => pb::EventKind::NodeJoined,
+        EventKind::NodeUpdated => pb::EventKind::NodeUpdated,
+        EventKind::NodeStateChanged => pb::EventKind::NodeStateChanged,
+        EventKind::NodeRemoved => pb::EventKind::NodeRemoved,
+        EventKind::NodeFenced => pb::EventKind::NodeFenced,
+        EventKind::Vm => pb::EventKind::Vm,
+        EventKind::Job => pb::EventKind::Job,
+        EventKind::Disk => pb::EventKind::Disk,
+        EventKind::NodeCertificateIssued => pb::EventKind::NodeCertificateIssued,
+        EventKind::CertificateRevoked => pb::EventKind::CertificateRevoked,
+    }
+}
 
 pub fn facts_to_pb(f: &NodeFacts) -> pb::NodeFacts {
     pb::NodeFacts {
@@ -12,7 +46,7 @@ pub fn facts_to_pb(f: &NodeFacts) -> pb::NodeFacts {
         cpu_model: f.cpu_model.clone(),
         logical_cpus: f.logical_cpus,
         memory_bytes: f.memory_bytes,
-        kvm_kind: f.kvm_kind.as_str().to_string(),
+        kvm_kind: kvm_kind_to_pb(f.kvm_kind) as i32,
         cpu_flags: f.cpu_flags.clone(),
     }
 }
@@ -34,14 +68,15 @@ fn text(field: &str, v: &str) -> Result<String, Status> {
 pub fn facts_from_pb(f: Option<&pb::NodeFacts>) -> Result<NodeFacts, Status> {
     let f =
         f.ok_or_else(|| Status::invalid_argument("facts are missing from the admit request"))?;
-    let kvm_kind = match f.kvm_kind.as_str() {
-        "hardware" => KvmKind::Hardware,
-        "software" => KvmKind::Software,
-        "none" => KvmKind::None,
-        other => {
+    let kvm_kind = match f.kvm_kind() {
+        pb::KvmKind::Hardware => KvmKind::Hardware,
+        pb::KvmKind::Software => KvmKind::Software,
+        pb::KvmKind::None => KvmKind::None,
+        pb::KvmKind::Unspecified => {
             return Err(Status::invalid_argument(format!(
-                "facts.kvm_kind {other:?} is not one of hardware, software, none"
-            )))
+            "facts.kvm_kind {} is not one of KVM_KIND_HARDWARE, KVM_KIND_SOFTWARE, KVM_KIND_NONE",
+            f.kvm_kind
+        )))
         }
     };
     if f.cpu_flags.len() > CPU_FLAGS_MAX {
@@ -153,12 +188,12 @@ pub fn registration_to_pb(r: &NodeRegistration) -> pb::AdmitNodeRequest {
     }
 }
 
-pub fn node_to_pb(r: &NodeRecord, raft_role: &str) -> pb::NodeInfo {
+pub fn node_to_pb(r: &NodeRecord, raft_role: pb::RaftRole) -> pb::NodeInfo {
     let g = &r.registration;
     pb::NodeInfo {
         node_id: g.node_id,
         name: g.name.clone(),
-        state: r.state.as_str().to_string(),
+        state: node_state_to_pb(r.state) as i32,
         mgmt_addr: g.mgmt_addr.clone(),
         raft_addr: g.raft_addr.clone(),
         migration_addr: g.migration_addr.clone(),
@@ -166,12 +201,12 @@ pub fn node_to_pb(r: &NodeRecord, raft_role: &str) -> pb::NodeInfo {
         migration_subnet: g.migration_subnet.clone(),
         facts: Some(facts_to_pb(&g.facts)),
         state_since_unix_ms: r.state_since_unix_ms,
-        raft_role: raft_role.to_string(),
+        raft_role: raft_role as i32,
         networks: networks_to_pb(&g.networks),
         migration_transport: if g.trust.migration_plaintext {
-            "insecure_plaintext".into()
+            pb::MigrationTransport::InsecurePlaintext as i32
         } else {
-            "tls".into()
+            pb::MigrationTransport::Tls as i32
         },
         cert_expires_unix_ms: g.trust.cert_expires_unix_ms,
         demand: None,
@@ -189,7 +224,7 @@ pub fn event_to_pb(e: &Event) -> pb::Event {
     pb::Event {
         seq: e.seq,
         at_unix_ms: e.at_unix_ms,
-        kind: e.kind.as_str().to_string(),
+        kind: event_kind_to_pb(e.kind) as i32,
         node_id: e.node_id,
         message: e.message.clone(),
     }

@@ -9,7 +9,7 @@ use csv_volume::DiskName;
 use scheduler::RestartPriority;
 
 use crate::state::vm_spec::{BootSpec, DiskSpec, NicSpec, TestWorkload, VmSpec, WorkloadName};
-use crate::state::vms::VmRecord;
+use crate::state::vms::{DesiredState, RuntimeState, VmRecord};
 use crate::state::ClusterState;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -197,14 +197,24 @@ pub fn record_to_pb(state: &ClusterState, r: &VmRecord) -> pb::VmInfo {
     pb::VmInfo {
         id: r.id,
         spec: Some(spec_to_pb(&r.spec)),
-        desired: r.desired.as_str().into(),
+        desired: match r.desired {
+            DesiredState::Running => pb::DesiredState::Running,
+            DesiredState::Stopped => pb::DesiredState::Stopped,
+        } as i32,
         owner_id: r.owner.unwrap_or(0),
         owner_name: r
             .owner
             .and_then(|o| state.nodes.get(&o))
             .map(|n| n.registration.name.clone())
             .unwrap_or_default(),
-        runtime: r.runtime.as_str().into(),
+        runtime: match r.runtime {
+            RuntimeState::Pending => pb::RuntimeState::Pending,
+            RuntimeState::Starting => pb::RuntimeState::Starting,
+            RuntimeState::Running => pb::RuntimeState::Running,
+            RuntimeState::Stopping => pb::RuntimeState::Stopping,
+            RuntimeState::Stopped => pb::RuntimeState::Stopped,
+            RuntimeState::Failed => pb::RuntimeState::Failed,
+        } as i32,
         reason: r.reason.clone(),
         generation: r.generation,
         created_unix_ms: r.created_unix_ms,

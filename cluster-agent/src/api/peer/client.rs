@@ -1,7 +1,7 @@
 //! Client side of the peer-only service: openraft's `RaftNetworkFactory` over tonic
 //! ([`Network`]) and the agent's [`PeerClient`] ([`GrpcPeers`]: write forwarding,
 //! heartbeats). Requests and replies are openraft's own types, JSON-encoded in
-//! `RaftPayload`; replies carry `Result<Reply, RaftError>` so remote Raft errors come
+//! the `json` field of each rpc's message; replies carry `Result<Reply, RaftError>` so remote Raft errors come
 //! back typed.
 
 use std::collections::HashMap;
@@ -9,9 +9,10 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use cluster_proto::raft::raft_peer_client::RaftPeerClient;
+use cluster_proto::raft as pb;
+use cluster_proto::raft::raft_peer_service_client::RaftPeerServiceClient;
 use cluster_proto::raft::{
-    HeartbeatRequest, PeerSilence as PbSilence, RaftPayload, ReadIndexRequest, VmPresenceRequest,
+    HeartbeatRequest, PeerSilence as PbSilence, ReadIndexRequest, VmPresenceRequest,
 };
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -87,26 +88,27 @@ pub fn peer_channel(
         .connect_lazy())
 }
 
-pub fn peer_client(channel: Channel) -> RaftPeerClient<Channel> {
-    RaftPeerClient::new(channel)
+pub fn peer_client(channel: Channel) -> RaftPeerServiceClient<Channel> {
+    RaftPeerServiceClient::new(channel)
         .max_decoding_message_size(PEER_MESSAGE_LEN_MAX)
         .max_encoding_message_size(PEER_MESSAGE_LEN_MAX)
 }
 
-pub fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<RaftPayload, PeerError> {
-    let json = serde_json::to_vec(v).map_err(|source| PeerError::Encode { what, source })?;
-    Ok(RaftPayload { json })
+/// The JSON of a peer payload (the `json` field of the Raft rpcs' messages).
+pub fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, PeerError> {
+    serde_json::to_vec(v).map_err(|source| PeerError::Encode { what, source })
 }
 
+/// A peer payload's JSON, refused above [`PEER_MESSAGE_LEN_MAX`] before decoding.
 pub fn decode<T: DeserializeOwned>(
     addr: &str,
     what: &'static str,
-    p: &RaftPayload,
+    json: &[u8],
 ) -> Result<T, PeerError> {
-    if p.json.len() > PEER_MESSAGE_LEN_MAX {
-        return Err(PeerError::TooLarge { len: p.json.len() });
+    if json.len() > PEER_MESSAGE_LEN_MAX {
+        return Err(PeerError::TooLarge { len: json.len() });
     }
-    serde_json::from_slice(&p.json).map_err(|source| PeerError::Decode {
+    serde_json::from_slice(json).map_err(|source| PeerError::Decode {
         addr: addr.to_string(),
         what,
         source,
@@ -179,11 +181,20 @@ impl PeerConnection {
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(e))),
         };
         let mut client = peer_client(channel);
-        let payload = encode(rpc, req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let json = encode(rpc, req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let reply = match rpc {
-            "append_entries" => client.append_entries(payload).await,
-            "vote" => client.vote(payload).await,
-            _ => client.install_snapshot(payload).await,
+            "append_entries" => client
+                .append_entries(pb::AppendEntriesRequest { json })
+                .await
+                .map(|r| r.into_inner().json),
+            "vote" => client
+                .vote(pb::VoteRequest { json })
+                .await
+                .map(|r| r.into_inner().json),
+            _ => client
+                .install_snapshot(pb::InstallSnapshotRequest { json })
+                .await
+                .map(|r| r.into_inner().json),
         };
         let reply = reply.map_err(|source| {
             let e = PeerError::Rpc {
@@ -193,9 +204,8 @@ impl PeerConnection {
             };
             RPCError::Unreachable(Unreachable::new(&e))
         })?;
-        let result: Result<Resp, RaftError<NodeId, E>> =
-            decode(&self.addr, rpc, reply.get_ref())
-                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let result: Result<Resp, RaftError<NodeId, E>> = decode(&self.addr, rpc, &reply)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -236,7 +246,7 @@ pub struct GrpcPeers {
     local_ip: Option<IpAddr>,
     credentials: SharedCredentials,
     /// Clients by peer address, built with the credentials of the generation noted.
-    heartbeat_clients: Mutex<(u64, HashMap<String, RaftPeerClient<Channel>>)>,
+    heartbeat_clients: Mutex<(u64, HashMap<String, RaftPeerServiceClient<Channel>>)>,
 }
 
 impl GrpcPeers {
@@ -252,7 +262,7 @@ impl GrpcPeers {
         &self,
         addr: &str,
         timeout: Duration,
-    ) -> Result<RaftPeerClient<Channel>, PeerError> {
+    ) -> Result<RaftPeerServiceClient<Channel>, PeerError> {
         let mut guard = self
             .heartbeat_clients
             .lock()
@@ -294,12 +304,12 @@ impl PeerClient for GrpcPeers {
         let prepared = peer_channel(&self.credentials.current(), &addr, timeout, self.local_ip)
             .and_then(|ch| Ok((peer_client(ch), encode("forward request", req)?)));
         Box::pin(async move {
-            let (mut client, payload) = prepared.map_err(|e| call_err(&e))?;
+            let (mut client, json) = prepared.map_err(|e| call_err(&e))?;
             let reply = client
-                .forward_write(payload)
+                .forward_write(pb::ForwardWriteRequest { json })
                 .await
                 .map_err(|s| PeerCallError(s.message().to_string()))?;
-            decode(&addr, "forward reply", reply.get_ref()).map_err(|e| call_err(&e))
+            decode(&addr, "forward reply", &reply.get_ref().json).map_err(|e| call_err(&e))
         })
     }
 

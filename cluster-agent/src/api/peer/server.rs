@@ -3,10 +3,11 @@
 use std::sync::Arc;
 
 use cluster_proto::pki::Identity;
-use cluster_proto::raft::raft_peer_server::RaftPeer;
+use cluster_proto::raft as pb;
+use cluster_proto::raft::raft_peer_service_server::RaftPeerService;
 use cluster_proto::raft::{
-    HeartbeatReply, HeartbeatRequest, RaftPayload, ReadIndexReply, ReadIndexRequest,
-    VmPresenceReply, VmPresenceRequest,
+    HeartbeatRequest, HeartbeatResponse, ReadIndexRequest, ReadIndexResponse, VmPresenceRequest,
+    VmPresenceResponse,
 };
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
@@ -68,56 +69,61 @@ fn claims(caller: NodeId, claimed: Option<NodeId>, what: &str) -> Result<(), Sta
 /// `MAX_VOTERS` voters).
 pub const HEARTBEAT_SILENCES_MAX: usize = 256;
 
-fn reply<T: serde::Serialize>(what: &'static str, v: &T) -> Result<Response<RaftPayload>, Status> {
-    encode(what, v)
-        .map(Response::new)
-        .map_err(|e| Status::internal(crate::error_chain(&e)))
+/// The JSON of a reply, for the `json` field of the rpc's response message.
+fn reply<T: serde::Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, Status> {
+    encode(what, v).map_err(|e| Status::internal(crate::error_chain(&e)))
 }
 
 #[tonic::async_trait]
-impl RaftPeer for PeerService {
+impl RaftPeerService for PeerService {
     async fn append_entries(
         &self,
-        request: Request<RaftPayload>,
-    ) -> Result<Response<RaftPayload>, Status> {
+        request: Request<pb::AppendEntriesRequest>,
+    ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
         let caller = member(&self.agent, &request)?;
         let req: AppendEntriesRequest<TypeConfig> =
-            decode("peer", "append_entries request", request.get_ref())
+            decode("peer", "append_entries request", &request.get_ref().json)
                 .map_err(status::peer_payload)?;
         claims(caller, req.vote.leader_id().voted_for(), "append_entries")?;
         let res = self.agent.raft().append_entries(req).await;
-        reply("append_entries reply", &res)
+        let json = reply("append_entries reply", &res)?;
+        Ok(Response::new(pb::AppendEntriesResponse { json }))
     }
 
-    async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn vote(
+        &self,
+        request: Request<pb::VoteRequest>,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
         let caller = member(&self.agent, &request)?;
-        let req: VoteRequest<NodeId> =
-            decode("peer", "vote request", request.get_ref()).map_err(status::peer_payload)?;
+        let req: VoteRequest<NodeId> = decode("peer", "vote request", &request.get_ref().json)
+            .map_err(status::peer_payload)?;
         claims(caller, req.vote.leader_id().voted_for(), "a vote request")?;
         let res = self.agent.raft().vote(req).await;
-        reply("vote reply", &res)
+        let json = reply("vote reply", &res)?;
+        Ok(Response::new(pb::VoteResponse { json }))
     }
 
     async fn install_snapshot(
         &self,
-        request: Request<RaftPayload>,
-    ) -> Result<Response<RaftPayload>, Status> {
+        request: Request<pb::InstallSnapshotRequest>,
+    ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
         let caller = member(&self.agent, &request)?;
         let req: InstallSnapshotRequest<TypeConfig> =
-            decode("peer", "install_snapshot request", request.get_ref())
+            decode("peer", "install_snapshot request", &request.get_ref().json)
                 .map_err(status::peer_payload)?;
         claims(caller, req.vote.leader_id().voted_for(), "install_snapshot")?;
         let res = self.agent.raft().install_snapshot(req).await;
-        reply("install_snapshot reply", &res)
+        let json = reply("install_snapshot reply", &res)?;
+        Ok(Response::new(pb::InstallSnapshotResponse { json }))
     }
 
     async fn forward_write(
         &self,
-        request: Request<RaftPayload>,
-    ) -> Result<Response<RaftPayload>, Status> {
+        request: Request<pb::ForwardWriteRequest>,
+    ) -> Result<Response<pb::ForwardWriteResponse>, Status> {
         member(&self.agent, &request)?;
-        let req: ForwardRequest =
-            decode("peer", "forward request", request.get_ref()).map_err(status::peer_payload)?;
+        let req: ForwardRequest = decode("peer", "forward request", &request.get_ref().json)
+            .map_err(status::peer_payload)?;
         let m = self.agent.metrics();
         // Only the leader executes; a stale forwarder gets NotLeader and re-resolves.
         let res: Result<ForwardReply, WriteError> =
@@ -129,13 +135,14 @@ impl RaftPeer for PeerService {
                     leader: m.current_leader,
                 })
             };
-        reply("forward reply", &res)
+        let json = reply("forward reply", &res)?;
+        Ok(Response::new(pb::ForwardWriteResponse { json }))
     }
 
     async fn heartbeat(
         &self,
         request: Request<HeartbeatRequest>,
-    ) -> Result<Response<HeartbeatReply>, Status> {
+    ) -> Result<Response<HeartbeatResponse>, Status> {
         let caller = member(&self.agent, &request)?;
         let hb = request.get_ref();
         claims(caller, Some(hb.node_id), "a heartbeat")?;
@@ -147,7 +154,7 @@ impl RaftPeer for PeerService {
         }
         let accepted = self.agent.heartbeat_received(&heartbeat_from_pb(hb));
         let m = self.agent.metrics();
-        Ok(Response::new(HeartbeatReply {
+        Ok(Response::new(HeartbeatResponse {
             leader_id: m.current_leader.unwrap_or(0),
             term: m.current_term,
             accepted,
@@ -158,13 +165,13 @@ impl RaftPeer for PeerService {
     async fn vm_presence(
         &self,
         request: Request<VmPresenceRequest>,
-    ) -> Result<Response<VmPresenceReply>, Status> {
+    ) -> Result<Response<VmPresenceResponse>, Status> {
         member(&self.agent, &request)?;
         let vm = &request.get_ref().vm;
         if vm.is_empty() {
             return Err(Status::invalid_argument("vm is empty: give the VM's name"));
         }
-        Ok(Response::new(VmPresenceReply {
+        Ok(Response::new(VmPresenceResponse {
             runs: self.host.list().iter().any(|i| &i.name == vm),
             arriving: self.host.arriving().iter().any(|n| n == vm),
         }))
@@ -173,12 +180,12 @@ impl RaftPeer for PeerService {
     async fn read_index(
         &self,
         request: Request<ReadIndexRequest>,
-    ) -> Result<Response<ReadIndexReply>, Status> {
+    ) -> Result<Response<ReadIndexResponse>, Status> {
         let caller = member(&self.agent, &request)?;
         let from = request.get_ref().node_id;
         claims(caller, Some(from), "a read-index request")?;
         let reply = match self.agent.read_index_as_leader().await {
-            ReadIndex::Confirmed { index } => ReadIndexReply {
+            ReadIndex::Confirmed { index } => ReadIndexResponse {
                 confirmed: true,
                 read_index: index,
                 reason: String::new(),
@@ -186,7 +193,7 @@ impl RaftPeer for PeerService {
             },
             ReadIndex::Refused { leader, reason } => {
                 tracing::debug!(from, %reason, "read index refused");
-                ReadIndexReply {
+                ReadIndexResponse {
                     confirmed: false,
                     read_index: 0,
                     reason,
