@@ -802,10 +802,10 @@ async fn owner_lost_mid_migration(loss: Loss) {
         rec,
         before,
         old,
-    } = disk_vm_in_endless_precopy(if loss == Loss::FreezeInProcess {
-        "vm_workers = false\n"
-    } else {
-        ""
+    } = disk_vm_in_endless_precopy(match loss {
+        Loss::Freeze => "vm_workers = true\n",
+        Loss::FreezeInProcess => "vm_workers = false\n",
+        Loss::Kill9 => "",
     })
     .await;
     let lost = Instant::now();

@@ -645,7 +645,7 @@ impl RawConfig {
             node_cert_validity: Duration::from_secs(node_cert_validity_s),
             cert_renew_percent_left,
             restart_window: Duration::from_millis(restart_window_ms),
-            vm_workers: self.vm_workers.unwrap_or(true),
+            vm_workers: self.vm_workers.unwrap_or(false),
             worker_dir,
             worker_cgroups: self.worker_cgroups.unwrap_or(true),
             image_dirs,
