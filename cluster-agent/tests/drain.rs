@@ -213,6 +213,20 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
         .into_inner();
     let job = started.job.unwrap_or_default();
     assert_eq!((job.kind().name(), job.node_id), ("drain", 1), "{job:?}");
+    // Its updates stream (WatchJob) from another agent until it ends; new events too.
+    let mut watch = cl
+        .drains(2)
+        .await
+        .watch_job(dpb::WatchJobRequest { id: job.id })
+        .await
+        .unwrap_or_else(|e| panic!("watch job: {e}{}", cl.logs()))
+        .into_inner();
+    let mut events = cl
+        .check(cl.client(2).await)
+        .watch_events(cluster_proto::management::WatchEventsRequest { after_seq: 0 })
+        .await
+        .unwrap_or_else(|e| panic!("watch events: {e}{}", cl.logs()))
+        .into_inner();
     // A second drain of the same node is refused while the first runs.
     let again = d
         .drain_node(dpb::DrainNodeRequest {
@@ -245,6 +259,43 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
         done
     };
     assert_eq!(done.status().name(), "done", "{done:?}");
+    let mut updates = Vec::new();
+    while let Some(u) = tokio::time::timeout(WAIT, watch.message())
+        .await
+        .unwrap_or_else(|_| panic!("the job watch ended in time: {updates:?}"))
+        .unwrap_or_else(|e| panic!("watch job: {e}"))
+    {
+        updates.push(u.job.unwrap_or_default());
+    }
+    let last = updates.last().cloned().unwrap_or_default();
+    assert_eq!(
+        (last.id, last.status().name()),
+        (job.id, "done"),
+        "{updates:?}"
+    );
+    assert!(
+        updates.len() >= 2,
+        "the running job, then its end: {updates:?}"
+    );
+    let got = cl
+        .drains(3)
+        .await
+        .get_job(dpb::GetJobRequest { id: job.id })
+        .await
+        .unwrap_or_else(|e| panic!("get job: {e}"))
+        .into_inner()
+        .job;
+    assert_eq!(got.as_ref().map(|j| j.status().name()), Some("done"));
+    let mut kinds = Vec::new();
+    while !kinds.contains(&"job") {
+        let e = tokio::time::timeout(WAIT, events.message())
+            .await
+            .unwrap_or_else(|_| panic!("a job event in time: {kinds:?}"))
+            .unwrap_or_else(|e| panic!("watch events: {e}"))
+            .and_then(|e| e.event)
+            .unwrap_or_else(|| panic!("the event stream ended: {kinds:?}"));
+        kinds.push(e.kind().name());
+    }
     let all = cl.list_vms(3).await;
     assert!(
         all.iter()

@@ -218,11 +218,6 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
     }
 }
 
-/// How often `events -f` asks for new events. The management API has no event stream:
-/// each poll asks for the events after the last one shown (`ListEvents.after_seq`), so
-/// none is missed or shown twice.
-const EVENTS_POLL: Duration = Duration::from_secs(1);
-
 /// What `events` shows without --after/--limit/--tail: the newest this many.
 const EVENTS_DEFAULT_TAIL: u32 = 1000;
 
@@ -263,6 +258,9 @@ async fn events(
     if !follow {
         return output::events(cli.output, &first, output::now_unix_ms());
     }
+    // Then the agent's event stream (`WatchEvents`) from the last event shown, so none is
+    // missed or shown twice; it has no deadline, unlike `c`'s calls.
+    let mut stream = None;
     let mut header = true;
     let mut evs = first;
     loop {
@@ -298,13 +296,28 @@ async fn events(
                 Err(e) => return Err(CtlError::Local(format!("cannot write the output: {e}"))),
             }
         }
-        // A full page: more are waiting, ask again at once.
-        let full =
-            !evs.is_empty() && evs.len() >= usize::try_from(EVENTS_DEFAULT_TAIL).unwrap_or(0);
-        if !full {
-            tokio::time::sleep(EVENTS_POLL).await;
-        }
-        evs = list(after, 0).await?.events;
+        let events = match &mut stream {
+            Some(s) => s,
+            None => {
+                let mut w =
+                    crate::client::service(ep, timeout, ManagementServiceClient::new).await?;
+                let s = w
+                    .watch_events(pb::WatchEventsRequest { after_seq: after })
+                    .await
+                    .map_err(fail)?
+                    .into_inner();
+                stream.insert(s)
+            }
+        };
+        evs = match events.message().await.map_err(fail)? {
+            Some(m) => m.event.into_iter().collect(),
+            None => {
+                return Err(CtlError::Unreachable {
+                    endpoint: ep.to_owned(),
+                    cause: "the agent ended the event stream".into(),
+                })
+            }
+        };
     }
 }
 

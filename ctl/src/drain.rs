@@ -17,8 +17,8 @@ use crate::{Cli, Format};
 
 /// Longest `--watch` follows a job.
 const WATCH_MAX: Duration = Duration::from_secs(3600);
-/// How often `--watch` polls.
-const WATCH_POLL: Duration = Duration::from_millis(500);
+/// Past `WATCH_MAX` by this much, `--watch` stops waiting for the job's next update.
+const WATCH_SLACK: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Subcommand)]
 pub enum DrainCmd {
@@ -509,8 +509,8 @@ fn render_balance(fmt: Format, p: &pb::PlanBalanceResponse) -> Result<String, Ct
     Ok(s)
 }
 
-/// Poll the newest drain of `node` and print a progress line whenever it changes, until
-/// the job ends; returns the final rendering.
+/// Follow the newest drain of `node` (its `WatchJob` stream) and print a progress line
+/// whenever it changes, until the job ends; returns the final rendering.
 async fn watch(
     c: &mut DrainServiceClient<crate::client::Conn>,
     cli: &Cli,
@@ -522,16 +522,18 @@ async fn watch(
     let mut last = String::new();
     let mut bars =
         (std::io::stdout().is_terminal() && cli.output != Format::Json).then(JobBars::default);
+    let r = call(
+        ep,
+        timeout,
+        c.get_drain(pb::GetDrainRequest { node_id: node }),
+    )
+    .await?;
+    let Some(mut j) = r.job else {
+        return Err(CtlError::Render("the agent answered without a job".into()));
+    };
+    // The job's updates, opened after the first rendering; the stream has no deadline.
+    let mut stream = None;
     loop {
-        let r = call(
-            ep,
-            timeout,
-            c.get_drain(pb::GetDrainRequest { node_id: node }),
-        )
-        .await?;
-        let Some(j) = r.job else {
-            return Err(CtlError::Render("the agent answered without a job".into()));
-        };
         if j.status() != pb::JobStatus::Running || started.elapsed() > WATCH_MAX {
             if let Some(b) = bars.take() {
                 b.clear();
@@ -555,7 +557,31 @@ async fn watch(
             let _ = out.flush();
             last = line;
         }
-        tokio::time::sleep(WATCH_POLL).await;
+        let updates = match &mut stream {
+            Some(s) => s,
+            None => {
+                let mut w = crate::client::service(ep, timeout, DrainServiceClient::new).await?;
+                let s = w
+                    .watch_job(pb::WatchJobRequest { id: j.id })
+                    .await
+                    .map_err(|s| crate::client::status_error(ep, timeout, s))?
+                    .into_inner();
+                stream.insert(s)
+            }
+        };
+        // Past WATCH_MAX the loop ends with the job as last seen.
+        let left = WATCH_MAX.saturating_sub(started.elapsed()) + WATCH_SLACK;
+        match tokio::time::timeout(left, updates.message()).await {
+            Err(_) => {}
+            Ok(Err(s)) => return Err(crate::client::status_error(ep, timeout, s)),
+            Ok(Ok(Some(u))) => j = u.job.unwrap_or(j),
+            Ok(Ok(None)) => {
+                return Err(CtlError::Unreachable {
+                    endpoint: ep.to_owned(),
+                    cause: "the agent ended the job stream before the job ended".into(),
+                })
+            }
+        }
     }
 }
 

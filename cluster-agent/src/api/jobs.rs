@@ -20,6 +20,15 @@ use crate::node::{now_unix_ms, Agent, ForwardRequest};
 use crate::state::jobs::{self, BalancePolicy, JobCommand, JobError, JobMove, JobRecord};
 use crate::state::{ClusterState, Command};
 
+/// How often a job watch looks at the local replica for a change.
+const WATCH_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// Job updates a watch buffers for a slow client before it waits for it.
+const WATCH_BUFFER: usize = 16;
+
+type JobStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::WatchJobResponse, Status>> + Send>,
+>;
+
 /// How long a forwarded job change may take to show on this replica before we answer.
 const LOCAL_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -140,6 +149,12 @@ pub fn job_to_pb(j: &JobRecord) -> pb::JobInfo {
         finished_unix_ms: j.finished_unix_ms,
         failed_back: j.failed_back,
     }
+}
+
+fn unknown_job(id: u64) -> Status {
+    Status::not_found(format!(
+        "unknown job id {id}; `clusterctl drain list` shows the jobs the cluster keeps"
+    ))
 }
 
 /// Parse a balance mode as clusterctl and the API spell it.
@@ -363,6 +378,64 @@ impl DrainService for JobApi {
             jobs,
             next_page_token,
         }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::GetJobResponse>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
+        let id = request.into_inner().id;
+        let job = self.state().jobs.jobs.get(&id).map(job_to_pb);
+        match job {
+            Some(job) => Ok(Response::new(pb::GetJobResponse { job: Some(job) })),
+            None => Err(unknown_job(id)),
+        }
+    }
+
+    type WatchJobStream = JobStream;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
+        let id = request.into_inner().id;
+        if !self.state().jobs.jobs.contains_key(&id) {
+            return Err(unknown_job(id));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        let agent = self.agent.clone();
+        tokio::spawn(async move {
+            let mut sent: Option<pb::JobInfo> = None;
+            loop {
+                let job = agent.read_sm(|d| d.state.jobs.jobs.get(&id).map(job_to_pb));
+                let Some(job) = job else {
+                    let _ = tx
+                        .send(Err(Status::not_found(format!("job {id} left the history"))))
+                        .await;
+                    return;
+                };
+                let running = job.status() == pb::JobStatus::Running;
+                if sent.as_ref() != Some(&job) {
+                    sent = Some(job.clone());
+                    let update = pb::WatchJobResponse { job: Some(job) };
+                    if tx.send(Ok(update)).await.is_err() {
+                        return;
+                    }
+                }
+                if !running {
+                    return;
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(WATCH_POLL) => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn set_policy(

@@ -17,6 +17,14 @@ use crate::state::{Command, CommandResult, NodeState, KV_KEY_LEN_MAX, KV_VALUE_L
 /// Default and maximum page size of `ListEvents`.
 pub const EVENTS_PAGE_DEFAULT: usize = 1_000;
 pub const EVENTS_PAGE_MAX: usize = 10_000;
+/// How often an event watch looks at the local replica for new events.
+const EVENTS_WATCH_POLL: Duration = Duration::from_millis(200);
+/// Events a watch buffers for a slow client before it waits for it.
+const EVENTS_WATCH_BUFFER: usize = 256;
+
+type EventStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>,
+>;
 /// How long a joining agent waits for the member it contacts to answer.
 pub const JOIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a joined agent waits to apply its own membership before answering.
@@ -421,6 +429,43 @@ impl ManagementService for ManagementApi {
             )
         });
         Ok(Response::new(pb::ListEventsResponse { events, last_seq }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        crate::api::read::consistent(&self.agent, &request).await?;
+        let mut after = request.into_inner().after_seq;
+        let (tx, rx) = tokio::sync::mpsc::channel(EVENTS_WATCH_BUFFER);
+        let agent = self.agent.clone();
+        tokio::spawn(async move {
+            loop {
+                let events: Vec<pb::Event> = agent.read_sm(|d| {
+                    d.state
+                        .events_after(after, EVENTS_PAGE_MAX)
+                        .iter()
+                        .map(convert::event_to_pb)
+                        .collect()
+                });
+                for event in events {
+                    after = event.seq;
+                    let update = pb::WatchEventsResponse { event: Some(event) };
+                    if tx.send(Ok(update)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(EVENTS_WATCH_POLL) => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn create_join_token(
