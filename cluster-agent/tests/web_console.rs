@@ -395,12 +395,17 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
          return !!x && x.offsetParent !== null;",
         |v| v == true,
     );
-    b.click("tr[data-vm=\"web\"] button[data-action=\"stop\"]")
-        .unwrap_or_else(|e| panic!("click stop: {e}"));
+    // The table is re-rendered as updates arrive: a click can land on a row being replaced
+    // and be lost. Clicked (again, at most every 2 s) from the page until the dialog opens.
     wait_page(
         &b,
         "the confirmation dialog",
-        "return document.getElementById('confirm').open;",
+        "const d = document.getElementById('confirm'); \
+         if (!d.open && Date.now() - (window.__stopClicked || 0) > 2000) { \
+           const x = document.querySelector('tr[data-vm=\"web\"] button[data-action=\"stop\"]'); \
+           if (x) { window.__stopClicked = Date.now(); x.click(); } \
+         } \
+         return d.open;",
         |v| v == true,
     );
     b.screenshot(&docs.join("console-confirm.png"));
