@@ -122,13 +122,8 @@ impl Tree {
         }
         let mut bases = Vec::new();
         for controller in ["cpu", "memory"] {
-            let (controllers, path) = own
-                .lines()
-                .find_map(|l| {
-                    let mut f = l.splitn(3, ':');
-                    let (_, cs, p) = (f.next()?, f.next()?, f.next()?);
-                    cs.split(',').any(|c| c == controller).then_some((cs, p))
-                })
+            let (controllers, path) = entries(own)
+                .find(|(cs, _)| cs.split(',').any(|c| c == controller))
                 .ok_or_else(|| format!("no cgroup v1 {controller} controller for this process"))?;
             let mount = [root.join(controllers), root.join(controller)]
                 .into_iter()
@@ -226,14 +221,18 @@ pub fn leave(dirs: &[PathBuf]) {
 pub fn of_process(pid: u32) -> Result<Vec<(String, String)>, String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .map_err(|e| format!("reading /proc/{pid}/cgroup: {e}"))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.splitn(3, ':');
-            let (_, cs, p) = (f.next()?, f.next()?, f.next()?);
-            Some((cs.to_string(), p.to_string()))
-        })
+    Ok(entries(&text)
+        .map(|(cs, p)| (cs.to_string(), p.to_string()))
         .collect())
+}
+
+/// The `(controllers, path)` of each `id:controllers:path` line of a `/proc/<pid>/cgroup`.
+fn entries(text: &str) -> impl Iterator<Item = (&str, &str)> {
+    text.lines().filter_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, cs, p) = (f.next()?, f.next()?, f.next()?);
+        Some((cs, p))
+    })
 }
 
 fn mkdir(d: &Path) -> Result<(), String> {
