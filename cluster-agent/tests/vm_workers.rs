@@ -458,8 +458,10 @@ fn assert_only_vcpus_lowered(pid: u32) {
 
 /// The cgroup directories worker `pid` of VM `vm` on node `node` runs in, checked: one
 /// named after the VM below the node's `cluster-vms-node-<id>`, with the VM's limits (a
-/// 64 MiB guest: 64 + 256 MiB; one vCPU: two cores), the node's VMs together weighing
-/// a nice-0 thread per core, and the guest's memory accounted there. Empty where the host's cgroup tree cannot be
+/// 64 MiB guest: 64 + 256 MiB; one vCPU: one core on cgroup v1, where only the vCPU
+/// threads are in the VM's cpu cgroup and the worker's other threads stay at the agent's
+/// weight; two cores on v2, the whole worker), the node's VMs weighted as
+/// `cgroup::vms_weight` says, and the guest's memory accounted there. Empty where the host's cgroup tree cannot be
 /// written by the agent (cgroup v2 with the agent's own cgroup holding processes): the
 /// agent then says so in its log, which this checks instead.
 fn vm_cgroups(cl: &Cluster, node: u64, pid: u32, vm: &str) -> Vec<PathBuf> {
@@ -478,7 +480,40 @@ fn vm_cgroups(cl: &Cluster, node: u64, pid: u32, vm: &str) -> Vec<PathBuf> {
     let v2 = root.join("cgroup.controllers").exists();
     let base = format!("cluster-vms-node-{node}/{vm}");
     let mut dirs = Vec::new();
-    for (controllers, path) in cgroup::of_process(pid).unwrap_or_else(|e| panic!("{e}")) {
+    // cgroup v1's cpu controller: the vCPU threads only.
+    let threads = worker_threads(pid);
+    let mut placement = cgroup::of_process(pid).unwrap_or_else(|e| panic!("{e}"));
+    if !v2 {
+        let vcpu = threads
+            .iter()
+            .find(|(_, comm)| comm.starts_with("vcpu"))
+            .map(|(tid, _)| *tid)
+            .unwrap_or_else(|| panic!("no vCPU thread in worker {pid}: {threads:?}"));
+        let in_cpu = |tid: u32| {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup"))
+                .unwrap_or_default();
+            text.lines()
+                .filter_map(|l| {
+                    let mut f = l.splitn(3, ':');
+                    f.nth(1).zip(f.next())
+                })
+                .find(|(cs, _)| cs.split(',').any(|c| c == "cpu"))
+                .map(|(cs, p)| (cs.to_string(), p.to_string()))
+                .unwrap_or_else(|| panic!("thread {tid} of {pid} has no cpu cgroup: {text}"))
+        };
+        // (The kernel's own threads for the VM, `kvm-*`, go where their creator was.)
+        for (tid, comm) in threads.iter().filter(|(_, c)| !c.starts_with("kvm-")) {
+            let (_, path) = in_cpu(*tid);
+            assert_eq!(
+                path.ends_with(&base),
+                comm.starts_with("vcpu"),
+                "thread {comm} of the worker of {vm} is in cpu:{path}"
+            );
+        }
+        placement.retain(|(cs, _)| !cs.split(',').any(|c| c == "cpu"));
+        placement.push(in_cpu(vcpu));
+    }
+    for (controllers, path) in placement {
         let cs: Vec<&str> = controllers.split(',').collect();
         let wanted = if v2 {
             controllers.is_empty()
@@ -521,7 +556,7 @@ fn vm_cgroups(cl: &Cluster, node: u64, pid: u32, vm: &str) -> Vec<PathBuf> {
         assert_eq!(read(mem, "memory.max"), limit);
         read(mem, "memory.current").parse().unwrap_or(0)
     } else {
-        assert_eq!(read(cpu, "cpu.cfs_quota_us"), "200000");
+        assert_eq!(read(cpu, "cpu.cfs_quota_us"), "100000");
         let vms = cpu.parent().map(PathBuf::from).unwrap_or_default();
         assert_eq!(
             read(&vms, "cpu.shares"),
@@ -956,4 +991,19 @@ async fn live_migration_of_a_worker_vm_rolls_back_on_cancel_then_moves_it_with_i
         .wait_heartbeat(1, "vm-l", |h| h.seq > now.seq && h.disk == "ok")
         .await;
     assert_eq!(node, 2);
+}
+
+/// The threads of process `pid` as (tid, name), kernel threads of the VM included.
+fn worker_threads(pid: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/task: {e}"));
+    for e in dir.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        out.push((tid, comm.trim().to_string()));
+    }
+    out
 }

@@ -247,6 +247,12 @@ impl Cluster {
                 what: "creating the test directory".into(),
                 source,
             })?;
+        // CLUSTER_TESTS_KEEP=1 keeps every cluster's directory (data, logs) for a post-mortem.
+        let mut dir = dir;
+        if std::env::var_os("CLUSTER_TESTS_KEEP").is_some_and(|v| v == "1") {
+            dir.disable_cleanup(true);
+            eprintln!("keeping the cluster directory {}", dir.path().display());
+        }
         Ok(Cluster {
             dir,
             agent_bin,

@@ -298,12 +298,36 @@ pub fn set_vcpu_nice(nice: i32) {
     VCPU_NICE.store(nice, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Applies [`set_vcpu_nice`]'s value to the calling (vCPU) thread, if one was set.
-pub(crate) fn apply_vcpu_nice() {
+/// The cgroup v1 `tasks` files every vCPU thread started from now on moves itself into.
+/// See [`set_vcpu_cgroups`].
+static VCPU_CGROUPS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Makes every vCPU thread started from now on in this process move itself into the
+/// cgroups whose per-thread membership files (cgroup v1 `tasks`) are `tasks_files`, so a
+/// cgroup can weigh and cap the guest's threads apart from the process's others.
+pub fn set_vcpu_cgroups(tasks_files: Vec<std::path::PathBuf>) {
+    *VCPU_CGROUPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = tasks_files;
+}
+
+/// Applies [`set_vcpu_nice`]'s value and [`set_vcpu_cgroups`]'s cgroups to the calling
+/// (vCPU) thread, where they were set; a failure is logged and the thread runs on.
+pub(crate) fn apply_vcpu_placement() {
     let nice = VCPU_NICE.load(std::sync::atomic::Ordering::Relaxed);
     if nice != i32::MIN {
         if let Err(e) = set_nice(nice) {
             tracing::warn!(error = %e, nice, "cannot lower the vCPU thread's priority");
+        }
+    }
+    let files = VCPU_CGROUPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    for f in files {
+        // "0" is the writing thread itself (cgroup v1 `tasks`).
+        if let Err(e) = std::fs::write(&f, "0") {
+            tracing::warn!(error = %e, file = %f.display(), "cannot move the vCPU thread into its cgroup");
         }
     }
 }

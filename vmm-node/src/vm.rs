@@ -291,7 +291,7 @@ impl Vm {
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    crate::kvm::apply_vcpu_nice();
+                    crate::kvm::apply_vcpu_placement();
                     vcpu::vcpu_thread(ctx, fd)
                 })
                 .map_err(|source| VmError::Os {

@@ -140,7 +140,7 @@ pub struct RawConfig {
     /// Renew this node's certificate when less than this percentage of its lifetime is
     /// left (default 33, 5 to 80).
     pub cert_renew_percent_left: Option<u64>,
-    /// Run each VM in a worker process of its own (default false), so VMs keep running
+    /// Run each VM in a worker process of its own (default true), so VMs keep running
     /// while the agent restarts (live and quick migration and hot-plug work through it).
     pub vm_workers: Option<bool>,
     /// Where the workers' directories (control socket, start file, log) live; default
@@ -645,7 +645,7 @@ impl RawConfig {
             node_cert_validity: Duration::from_secs(node_cert_validity_s),
             cert_renew_percent_left,
             restart_window: Duration::from_millis(restart_window_ms),
-            vm_workers: self.vm_workers.unwrap_or(false),
+            vm_workers: self.vm_workers.unwrap_or(true),
             worker_dir,
             worker_cgroups: self.worker_cgroups.unwrap_or(true),
             image_dirs,

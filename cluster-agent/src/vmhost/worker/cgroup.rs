@@ -1,10 +1,18 @@
-//! A cgroup of its own for each VM worker: the VM's memory limit and a CPU cap of its
-//! vCPUs plus one core. All the VMs of a node share one parent group whose CPU weight is
-//! one nice-0 thread's per core: under contention the guests together get the CPU the
-//! host's cores are worth — they are not starved by other processes (a build, a backup)
-//! nor do they starve the agent, each of whose threads weighs one nice-0 thread against
-//! the whole group and preempts it on wakeup. Inside a worker the vCPU threads run at
-//! nice 10, below the worker's own lease and migration threads.
+//! A cgroup of its own for each VM worker: the VM's memory limit and a CPU cap. All the
+//! VMs of a node share one parent group, so that under contention the agent's threads
+//! (heartbeats, Raft, leases) outweigh the guests and the workers' own control threads
+//! (lease, migration engine) are not starved behind their guests:
+//! - **cgroup v1** (the cpu controller places threads one by one): only the vCPU threads
+//!   join the VM's cpu cgroup, capped at its vCPUs; the parent weighs one nice-10 thread
+//!   per core (what vCPU threads of VMs inside the agent weigh). The worker's other
+//!   threads stay in the agent's cpu cgroup at the agent's weight. The whole process
+//!   joins the VM's memory cgroup.
+//! - **cgroup v2** (a process's threads share one domain cgroup): the whole worker joins
+//!   the VM's cgroup, capped at its vCPUs plus one core; the parent weighs one nice-0
+//!   thread per core, so the guests together get what the cores are worth and each agent
+//!   thread weighs as much as a core's worth of them.
+//!
+//! Inside a worker the vCPU threads run at nice 10, below the worker's other threads.
 //!
 //! ```text
 //! cgroup v1 (one tree per controller):  <cpu mount>/<agent's cpu cgroup>/cluster-vms-node-<id>/<vm>
@@ -26,15 +34,16 @@ use std::path::{Path, PathBuf};
 /// its disks before reclaim).
 pub const MEMORY_OVERHEAD_MIB: u64 = 256;
 
-/// CPU weight of the group of all VMs of a node with `cores` cores: one nice-0 thread's
-/// per core (cgroup v1 `cpu.shares`, a nice-0 thread weighs 1024; v2 `cpu.weight`, 100,
-/// at most 10000).
+/// CPU weight of the group of all VMs of a node with `cores` cores. cgroup v1, where it
+/// holds vCPU threads only: one nice-10 thread's per core (`cpu.shares`, 110 against a
+/// nice-0 thread's 1024). v2, where it holds whole workers: one nice-0 thread's per core
+/// (`cpu.weight`, 100, at most 10000).
 pub fn vms_weight(v2: bool, cores: usize) -> u64 {
     let cores = cores.max(1) as u64;
     if v2 {
         (100 * cores).min(10_000)
     } else {
-        (1024 * cores).min(262_144)
+        (110 * cores).min(262_144)
     }
 }
 
@@ -57,20 +66,29 @@ pub struct Tree {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub memory_bytes: u64,
-    /// CPU time per [`CPU_PERIOD_US`] (µs).
-    pub cpu_quota_us: u64,
+    pub vcpus: u64,
 }
 
 impl Limits {
     /// A VM of `vcpus` vCPUs and `memory_mib` MiB of RAM: its RAM plus
-    /// [`MEMORY_OVERHEAD_MIB`], its vCPUs plus one core (device and migration threads).
+    /// [`MEMORY_OVERHEAD_MIB`]; CPU per [`Limits::cpu_quota_us`].
     pub fn of_vm(vcpus: u32, memory_mib: u64) -> Limits {
         Limits {
             memory_bytes: memory_mib
                 .saturating_add(MEMORY_OVERHEAD_MIB)
                 .saturating_mul(1 << 20),
-            cpu_quota_us: (u64::from(vcpus) + 1).saturating_mul(CPU_PERIOD_US),
+            vcpus: u64::from(vcpus),
         }
+    }
+
+    /// CPU time per [`CPU_PERIOD_US`] (µs): the vCPUs (cgroup v1, where only vCPU threads
+    /// are in the cgroup), or the vCPUs plus one core for the device and migration
+    /// threads (v2, the whole worker).
+    pub fn cpu_quota_us(&self, v2: bool) -> u64 {
+        self.vcpus
+            .max(1)
+            .saturating_add(u64::from(v2))
+            .saturating_mul(CPU_PERIOD_US)
     }
 }
 
@@ -154,7 +172,7 @@ impl Tree {
         for d in &dirs {
             mkdir(d)?;
         }
-        let quota = limits.cpu_quota_us.to_string();
+        let quota = limits.cpu_quota_us(self.v2).to_string();
         let memory = limits.memory_bytes.to_string();
         if self.v2 {
             let d = &dirs[0];
@@ -193,13 +211,25 @@ impl Tree {
     }
 }
 
-/// Moves this process (every thread of it) into `dirs` (a worker, first thing).
-pub fn join(dirs: &[PathBuf]) -> Result<(), String> {
+/// A worker, first thing: moves this process (every thread of it) into each of `dirs`
+/// except a cgroup v1 cpu one, whose per-thread membership file (`tasks`) it returns:
+/// the vCPU threads move themselves there as they start (`vmm_node::kvm::set_vcpu_cgroups`).
+pub fn join(dirs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
     let pid = std::process::id().to_string();
+    let mut per_thread = Vec::new();
     for d in dirs {
-        write(&d.join("cgroup.procs"), &pid)?;
+        if is_v1_cpu(d) {
+            per_thread.push(d.join("tasks"));
+        } else {
+            write(&d.join("cgroup.procs"), &pid)?;
+        }
     }
-    Ok(())
+    Ok(per_thread)
+}
+
+/// A cgroup v1 cpu controller directory (holds threads one by one).
+fn is_v1_cpu(d: &Path) -> bool {
+    d.join("cpu.cfs_quota_us").exists() && !d.join("cgroup.controllers").exists()
 }
 
 /// A worker on its way out: moves itself back to the agent's cgroup and removes its VM's
@@ -252,19 +282,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_vms_together_weigh_a_nice_0_thread_per_core() {
-        assert_eq!(vms_weight(false, 2), 2048);
+    fn vcpus_weigh_a_nice_10_thread_per_core_whole_workers_a_nice_0_one() {
+        assert_eq!(vms_weight(false, 2), 220);
+        assert_eq!(vms_weight(false, 512), 56_320);
         assert_eq!(vms_weight(true, 2), 200);
         assert_eq!(vms_weight(true, 0), 100);
         assert_eq!(vms_weight(true, 512), 10_000);
-        assert_eq!(vms_weight(false, 512), 262_144);
     }
 
     #[test]
     fn limits_are_the_vms_ram_and_vcpus_plus_headroom() {
         let l = Limits::of_vm(2, 1024);
         assert_eq!(l.memory_bytes, (1024 + MEMORY_OVERHEAD_MIB) << 20);
-        assert_eq!(l.cpu_quota_us, 300_000);
+        // v1 caps the vCPU threads alone, v2 the whole worker (one core more).
+        assert_eq!(l.cpu_quota_us(false), 200_000);
+        assert_eq!(l.cpu_quota_us(true), 300_000);
+        assert_eq!(Limits::of_vm(0, 64).cpu_quota_us(false), 100_000);
         // Absurd numbers saturate instead of wrapping.
         assert_eq!(Limits::of_vm(u32::MAX, u64::MAX).memory_bytes, u64::MAX);
     }
@@ -302,7 +335,17 @@ mod tests {
             read(cpu.join("cpu.shares")),
             vms_weight(false, cores()).to_string()
         );
-        assert_eq!(read(cpu.join("vm-a/cpu.cfs_quota_us")), "200000");
+        assert_eq!(read(cpu.join("vm-a/cpu.cfs_quota_us")), "100000");
+        // The cpu directory holds vCPU threads (its `tasks`), the memory one the process.
+        std::fs::write(mem.join("vm-a/cgroup.procs"), "").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            join(&dirs).unwrap_or_else(|e| panic!("{e}")),
+            vec![cpu.join("vm-a/tasks")]
+        );
+        assert_eq!(
+            read(mem.join("vm-a/cgroup.procs")),
+            std::process::id().to_string()
+        );
         assert_eq!(
             read(mem.join("vm-a/memory.limit_in_bytes")),
             ((128u64 + 256) << 20).to_string()

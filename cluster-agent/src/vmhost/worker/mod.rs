@@ -186,6 +186,12 @@ pub struct WorkerVm {
 /// How often a worker's state is refreshed for [`WorkerVm::cached_info`].
 pub const POLL_EVERY: Duration = Duration::from_millis(100);
 
+/// The pause before the next try after `failures` failed lease renewals in a row: 5 ms
+/// doubling to at most 80 ms (well inside a worker's lease grace).
+fn renew_retry_after(failures: u32) -> Duration {
+    Duration::from_millis(5u64 << failures.saturating_sub(1).min(4))
+}
+
 /// `valid` from now as an absolute time on the host's monotonic clock.
 pub fn until_ns(valid: Duration) -> u64 {
     vmm_node::kvm::monotonic_ns()
@@ -367,6 +373,9 @@ impl WorkerVm {
             .name(format!("lease-{}", self.name))
             .spawn(move || {
                 let mut sent = 0;
+                // Failed renewals in a row: retried after a growing pause (a worker that
+                // is gone or busy is not hammered), reported once per streak.
+                let mut failures = 0u32;
                 loop {
                     let Some(w) = weak.upgrade() else { return };
                     if lock(&w.gone).is_some() {
@@ -375,8 +384,19 @@ impl WorkerVm {
                     let granted = w.granted_ns.load(std::sync::atomic::Ordering::Acquire);
                     if granted > sent {
                         match w.renew(granted) {
-                            Ok(()) => sent = granted,
-                            Err(e) => tracing::warn!(vm = %w.name, error = %crate::error_chain(&e), "cannot renew the worker's lease"),
+                            Ok(()) => {
+                                sent = granted;
+                                failures = 0;
+                            }
+                            Err(e) => {
+                                if failures == 0 {
+                                    tracing::warn!(vm = %w.name, error = %crate::error_chain(&e), "cannot renew the worker's lease; retrying");
+                                }
+                                failures = failures.saturating_add(1);
+                                let g = lock(&w.granted.0);
+                                let _ = w.granted.1.wait_timeout(g, renew_retry_after(failures));
+                                continue;
+                            }
                         }
                     }
                     let g = lock(&w.granted.0);
@@ -851,4 +871,18 @@ pub fn log_tail(dir: &Path, lines: usize) -> String {
     };
     let all: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_renewals_back_off_to_a_bound_inside_the_lease_grace() {
+        let waits: Vec<u64> = (1..=8)
+            .map(|f| renew_retry_after(f).as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 80, 80, 80]);
+        assert_eq!(renew_retry_after(u32::MAX), Duration::from_millis(80));
+    }
 }

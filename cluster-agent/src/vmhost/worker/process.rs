@@ -136,8 +136,12 @@ fn read_start(dir: &Path) -> Result<StartFile, WorkerError> {
 fn serve(dir: &Path) -> Result<i32, WorkerError> {
     let start = read_start(dir)?;
     // Into the VM's cgroup before any guest page or thread exists: all are accounted there.
-    if let Err(e) = super::cgroup::join(&start.cgroups) {
-        tracing::warn!(error = %e, "cannot join the vm's cgroup; running without its limits");
+    // (On cgroup v1 only the vCPU threads join the VM's cpu cgroup, as they start.)
+    match super::cgroup::join(&start.cgroups) {
+        Ok(per_thread) => vmm_node::kvm::set_vcpu_cgroups(per_thread),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot join the vm's cgroup; running without its limits")
+        }
     }
     let cgroups = start.cgroups.clone();
     // The guest's vCPU threads run at WORKER_NICE; the worker's control threads (lease
