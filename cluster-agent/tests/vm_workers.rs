@@ -332,8 +332,10 @@ async fn a_frozen_agent_thawed_after_failover_adopts_nothing_the_cluster_moved()
     let (_, seq) = cl.heartbeat_after(1, "vm-f", 0).await;
 
     cl.check(cl.thaw(2));
+    // (Its worker stopped the VM at its lease deadline: the thawed agent finds that, or
+    // fences what still runs.)
     cl.wait_log_line(2, "lapse seen by the thawed agent", |l| {
-        l.contains("vms fenced")
+        l.contains("vms fenced") || l.contains("its lease ran out (fenced)")
     })
     .await;
     cl.barrier().await;
@@ -844,17 +846,34 @@ async fn a_frozen_worker_stalls_nothing_and_stops_its_vm_once_thawed_past_its_le
     cl.create_running(1, spec("vm-u", 3)).await;
     cl.heartbeat_after(1, "vm-u", 0).await;
     // Thawed past its lease, the worker cannot know its agent still holds it: it stops
-    // its VM (a renewal read late grants nothing beyond the time it was sent for).
+    // its VM (a renewal read late grants nothing beyond the time it was sent for). That is
+    // a fence, not a failure: the node reports it, and as the VM is still its own and it
+    // holds its lease, starts the VM again in a new worker (as after an in-process fence).
+    let old_pid = s.pid();
     signal("-CONT");
-    let failed = cl
-        .wait_vm(1, "vm-s", "failed after its worker stopped it", |v| {
-            v.runtime().name() == "failed"
-        })
-        .await;
-    assert!(failed.reason.contains("worker process"), "{failed:?}");
+    cl.wait_until(
+        "the fence of vm-s recorded",
+        cluster_tests::WAIT,
+        || cl.events(1),
+        |events| {
+            events.iter().any(|e| {
+                e.kind().name() == "node_fenced"
+                    && e.message.contains("vm-s")
+                    && e.message.contains("lease ran out")
+            })
+        },
+    )
+    .await;
     let log =
         std::fs::read_to_string(worker_dir(&cl, 3, "vm-s").join("worker.log")).unwrap_or_default();
     assert!(log.contains("lease ran out"), "worker log:\n{log}");
+    cl.wait_vm(1, "vm-s", "running again on node 3", |v| {
+        v.runtime().name() == "running" && v.owner_id == 3
+    })
+    .await;
+    // Booted again in a new worker.
+    let again = WorkerVm::attach(&worker_dir(&cl, 3, "vm-s")).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_ne!(again.pid(), old_pid, "vm-s still in its fenced worker");
     let (node, _) = cl.heartbeat_after(1, "vm-t", 0).await;
     assert_eq!(node, 3);
 }

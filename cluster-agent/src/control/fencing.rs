@@ -30,6 +30,16 @@ pub async fn run_fence(
             _ = shutdown.changed() => return,
         }
         agent.note_fence_round();
+        let self_fenced = host.take_self_fenced();
+        if !self_fenced.is_empty() {
+            tokio::spawn(report_fenced(
+                agent.clone(),
+                self_fenced,
+                "its worker's lease ran out: the agent did not renew it in time".to_owned(),
+                crate::node::now_unix_ms(),
+                shutdown.clone(),
+            ));
+        }
         let lease = agent.lease();
         let down = agent.read_sm(|d| {
             d.state

@@ -266,6 +266,9 @@ pub struct VmHost {
     worker_settings: Mutex<Option<worker::Settings>>,
     /// VMs running in worker processes, by name.
     workers: Mutex<BTreeMap<String, Arc<worker::WorkerVm>>>,
+    /// VMs whose workers stopped them when their lease ran out, not yet reported (see
+    /// [`VmHost::take_self_fenced`]).
+    self_fenced: Mutex<Vec<String>>,
     /// The worker receiving a live migration (renewed like the others; registered in
     /// `workers` once its VM runs).
     incoming_worker: Mutex<Option<Arc<worker::WorkerVm>>>,
@@ -331,6 +334,7 @@ impl VmHost {
             image_dirs: Mutex::default(),
             worker_settings: Mutex::new(None),
             workers: Mutex::default(),
+            self_fenced: Mutex::default(),
             incoming_worker: Mutex::new(None),
             worker_deadline: Mutex::new(None),
             worker_floor: Mutex::new(None),
@@ -899,8 +903,40 @@ impl VmHost {
         Ok(out)
     }
 
+    /// Drops the workers that stopped their VMs because their lease ran out: those VMs are
+    /// no longer on this host (fenced, like VMs inside the agent when its lease lapses),
+    /// so the reconciler starts them again once the node holds its lease and the cluster
+    /// still gives them to it.
+    fn prune_self_fenced(&self) {
+        let fenced: Vec<String> = {
+            let mut workers = lock(&self.workers);
+            let names: Vec<String> = workers
+                .iter()
+                .filter(|(_, w)| w.ran_out_of_lease())
+                .map(|(n, _)| n.clone())
+                .collect();
+            for n in &names {
+                workers.remove(n);
+            }
+            names
+        };
+        for n in &fenced {
+            tracing::warn!(vm = %n, "the vm's worker stopped it: its lease ran out (fenced)");
+        }
+        if !fenced.is_empty() {
+            lock(&self.self_fenced).extend(fenced);
+        }
+    }
+
+    /// The VMs whose workers fenced them since the last call (for the fence report).
+    pub fn take_self_fenced(&self) -> Vec<String> {
+        self.prune_self_fenced();
+        std::mem::take(&mut *lock(&self.self_fenced))
+    }
+
     /// State of one VM.
     pub fn state(&self, name: &str) -> Result<VmInfo, VmHostError> {
+        self.prune_self_fenced();
         if let Some(w) = self.worker(name) {
             return Ok(self.worker_info(&w));
         }
@@ -909,6 +945,7 @@ impl VmHost {
 
     /// Every VM on this host, by name.
     pub fn list(&self) -> Vec<VmInfo> {
+        self.prune_self_fenced();
         let vms: Vec<Arc<HostedVm>> = lock(&self.vms).values().flatten().cloned().collect();
         let workers: Vec<Arc<worker::WorkerVm>> = lock(&self.workers).values().cloned().collect();
         let mut out: Vec<VmInfo> = vms.iter().map(|v| self.info_of(v)).collect();

@@ -183,6 +183,11 @@ pub struct WorkerVm {
     lease_conn: Mutex<Option<Conn>>,
 }
 
+/// The file a worker leaves in its directory when it stopped its VM because its lease ran
+/// out: the VM was fenced (the agent starts it again once it holds its lease, as after an
+/// in-process fence), not failed.
+pub const LEASE_RAN_OUT: &str = "lease-ran-out";
+
 /// How often a worker's state is refreshed for [`WorkerVm::cached_info`].
 pub const POLL_EVERY: Duration = Duration::from_millis(100);
 
@@ -258,6 +263,7 @@ impl WorkerVm {
             .create(&dir)
             .map_err(dir_err)?;
         let _ = std::fs::remove_file(dir.join("sock"));
+        let _ = std::fs::remove_file(dir.join(LEASE_RAN_OUT));
         let tmp = dir.join("start.json.tmp");
         let bytes = serde_json::to_vec_pretty(start).map_err(WorkerError::StartFile)?;
         std::fs::OpenOptions::new()
@@ -441,6 +447,12 @@ impl WorkerVm {
             Some(why) => Err(why),
             None => Ok(lock(&self.last).clone()),
         }
+    }
+
+    /// The worker is gone after stopping its VM because its lease ran out
+    /// ([`LEASE_RAN_OUT`]).
+    pub fn ran_out_of_lease(&self) -> bool {
+        lock(&self.gone).is_some() && self.dir.join(LEASE_RAN_OUT).exists()
     }
 
     /// The restore's figures, when the worker restored its VM from a quick-migration image.

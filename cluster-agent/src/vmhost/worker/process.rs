@@ -544,6 +544,11 @@ fn watchdog(w: &Worker) {
             drop(g);
             let stopped = w.host.fence_all();
             tracing::warn!(vm = %w.name, ?stopped, "lease ran out: the agent did not renew it; vm stopped");
+            // Tells the agent (even one that adopted this worker and cannot see its exit
+            // status) that the VM was fenced, not that it failed.
+            if let Err(e) = std::fs::write(w.sock.with_file_name(super::LEASE_RAN_OUT), b"") {
+                tracing::warn!(vm = %w.name, error = %e, "cannot leave the lease-ran-out mark");
+            }
             exit(w, EXIT_FENCED);
         }
         let wait = g.deadline - now;
