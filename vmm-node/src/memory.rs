@@ -281,7 +281,7 @@ pub fn never_written_pages(region: &GuestRegionMmap<AtomicBitmap>) -> Option<Vec
     }
     let host = mapping.as_ptr() as usize;
     let pages = mapping.size() / PAGE_SIZE_BYTES;
-    if host % PAGE_SIZE_BYTES != 0 {
+    if !host.is_multiple_of(PAGE_SIZE_BYTES) {
         return None;
     }
     never_written_in(Path::new("/proc/self/pagemap"), host, pages)
