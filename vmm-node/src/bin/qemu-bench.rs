@@ -168,8 +168,8 @@ impl Beats {
         Ok(())
     }
 
-    /// Waits for a heartbeat after `seq` and returns its arrival time and number.
-    fn wait_after(&self, seq: u64, what: &str) -> anyhow::Result<(Instant, u64)> {
+    /// Waits for a heartbeat after `seq` and returns its arrival time and the heartbeat.
+    fn wait_after(&self, seq: u64, what: &str) -> anyhow::Result<(Instant, Heartbeat)> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some((at, h)) = self
@@ -179,7 +179,7 @@ impl Beats {
                 .iter()
                 .find(|(_, h)| h.seq > seq)
             {
-                return Ok((*at, h.seq));
+                return Ok((*at, h.clone()));
             }
             ensure!(
                 Instant::now() < deadline,
@@ -197,7 +197,12 @@ fn gap(source: &Beats, target: &Beats, what: &str) -> anyhow::Result<(u64, u64)>
     let (src_at, last) = source
         .last()
         .with_context(|| format!("{what}: no heartbeat on the source"))?;
-    let (dst_at, seq) = target.wait_after(last.seq, what)?;
+    let (dst_at, first) = target.wait_after(last.seq, what)?;
+    ensure!(
+        first.mem != "bad" && first.mem_errors == 0,
+        "{what}: the guest reports memory errors after the migration: {first:?}"
+    );
+    let seq = first.seq;
     Ok((
         dst_at.saturating_duration_since(src_at).as_micros() as u64,
         seq.saturating_sub(last.seq + 1),
