@@ -257,6 +257,75 @@ fn is_zero(b: &[u8]) -> bool {
     b == &ZERO_PAGE[..b.len()]
 }
 
+/// Pages of `region` that were provably never written since it was mapped (or were
+/// discarded since), so read as zero, as a bitmap (bit `i` of word `i / 64` = page `i` of
+/// the region, 4 KiB pages): the pages that the host's page tables of this process hold
+/// neither present nor swapped, from `/proc/self/pagemap` (bit 63 present, bit 62 swapped).
+///
+/// Only for private anonymous regions (the common case, [`allocate`]): a private file
+/// mapping's untouched page reads the file, and a shared mapping's page can be written
+/// through another mapping, so both return `None`. `None` too if the page map cannot be
+/// read (the caller reads the pages). A page written after this call is not seen here:
+/// callers read it only once dirty tracking is on.
+pub fn never_written_pages(region: &GuestRegionMmap<AtomicBitmap>) -> Option<Vec<u64>> {
+    let mapping: &vm_memory::mmap::MmapRegion<AtomicBitmap> = region;
+    let flags = mapping.flags();
+    if mapping.file_offset().is_some()
+        || !mapping.owned()
+        || flags & libc::MAP_HUGETLB != 0
+        || flags & libc::MAP_PRIVATE == 0
+        || flags & libc::MAP_SHARED != 0
+        || flags & libc::MAP_ANONYMOUS == 0
+    {
+        return None;
+    }
+    let host = mapping.as_ptr() as usize;
+    let pages = mapping.size() / PAGE_SIZE_BYTES;
+    if !host.is_multiple_of(PAGE_SIZE_BYTES) {
+        return None;
+    }
+    never_written_in(Path::new("/proc/self/pagemap"), host, pages)
+}
+
+/// [`never_written_pages`]' page map look over `path`; `None` on any error.
+fn never_written_in(path: &Path, host: usize, pages: usize) -> Option<Vec<u64>> {
+    match read_pagemap(path, host, pages) {
+        Ok(bits) => Some(bits),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read /proc/self/pagemap; reading every page");
+            None
+        }
+    }
+}
+
+/// Reads `pages` page map entries from `path` for the pages starting at host address
+/// `host` and returns the bitmap of entries neither present nor swapped.
+fn read_pagemap(path: &Path, host: usize, pages: usize) -> std::io::Result<Vec<u64>> {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    /// Entries read at once (64 KiB).
+    const CHUNK_ENTRIES: usize = 8192;
+    let file = File::open(path)?;
+    let mut bits = vec![0u64; pages.div_ceil(64)];
+    let mut buf = vec![0u8; CHUNK_ENTRIES * 8];
+    let first = (host / PAGE_SIZE_BYTES) as u64;
+    let mut done = 0usize;
+    while done < pages {
+        let n = CHUNK_ENTRIES.min(pages - done);
+        let chunk = &mut buf[..n * 8];
+        file.read_exact_at(chunk, (first + done as u64) * 8)?;
+        for (i, e) in chunk.chunks_exact(8).enumerate() {
+            let entry = u64::from_ne_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            if entry & (PRESENT | SWAPPED) == 0 {
+                let p = done + i;
+                bits[p / 64] |= 1 << (p % 64);
+            }
+        }
+        done += n;
+    }
+    Ok(bits)
+}
+
 /// Total guest RAM in bytes.
 pub fn total_bytes(mem: &GuestMem) -> u64 {
     mem.iter().map(|r| r.len()).sum()
@@ -340,6 +409,70 @@ mod tests {
             blocks_bytes <= 64 * 1024,
             "file not sparse: {blocks_bytes} bytes allocated"
         );
+    }
+
+    fn bit(bits: &[u64], p: usize) -> bool {
+        bits[p / 64] & (1 << (p % 64)) != 0
+    }
+
+    /// Transparent huge pages set to `always` may make a written page's neighbours present.
+    fn thp_always() -> bool {
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .is_ok_and(|s| s.contains("[always]"))
+    }
+
+    #[test]
+    fn never_written_pages_are_the_pages_no_one_wrote() {
+        let pages = (16 << 20) / PAGE_SIZE_BYTES;
+        let mem = allocate(16 << 20).unwrap();
+        let region = mem.iter().next().unwrap();
+        let fresh = never_written_pages(region).expect("anonymous memory has a page map");
+        assert_eq!(fresh.len(), pages / 64);
+        assert!(
+            (0..pages).all(|p| bit(&fresh, p)),
+            "fresh memory: every page never written"
+        );
+        mem.write_obj(1_u8, GuestAddress(0)).unwrap();
+        mem.write_obj(2_u64, GuestAddress(100 * 4096 + 8)).unwrap();
+        mem.write_obj(3_u8, GuestAddress((16 << 20) - 1)).unwrap();
+        let bits = never_written_pages(region).unwrap();
+        for p in [0, 100, pages - 1] {
+            assert!(!bit(&bits, p), "page {p} was written");
+        }
+        let untouched = (0..pages).filter(|&p| bit(&bits, p)).count();
+        if thp_always() {
+            assert!(untouched >= pages - 3 * 512, "{untouched} of {pages}");
+        } else {
+            assert_eq!(untouched, pages - 3);
+        }
+        // A page that is only read may map the zero page: never reported wrongly either way.
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(200 * 4096)).unwrap(), 0);
+        // An unreadable page map: no answer, so the caller reads every page.
+        let host = region.as_ptr() as usize;
+        assert_eq!(
+            never_written_in(Path::new("/nonexistent/pagemap"), host, pages),
+            None
+        );
+        // A page map shorter than asked for (a regular file): no answer either.
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("pagemap");
+        std::fs::write(&short, [0u8; 64]).unwrap();
+        assert_eq!(never_written_in(&short, 4096 * 4096, pages), None);
+    }
+
+    #[test]
+    fn snapshot_and_shared_memory_are_never_reported_never_written() {
+        let mem = allocate(16 << 20).unwrap();
+        mem.write_obj(7_u64, GuestAddress(0x3000)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        save_to_file(&mem, &path).unwrap();
+        // Untouched pages of a private file mapping come from the file.
+        let restored = map_file(&path, 16 << 20).unwrap();
+        assert!(never_written_pages(restored.iter().next().unwrap()).is_none());
+        // Shared memory may be written through another mapping.
+        let (shared, _file) = allocate_shared(16 << 20).unwrap();
+        assert!(never_written_pages(shared.iter().next().unwrap()).is_none());
     }
 
     #[test]

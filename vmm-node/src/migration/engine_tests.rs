@@ -49,8 +49,14 @@ struct SimVm {
 impl SimVm {
     /// `span_pages` pages rewritten in a loop (0 = idle guest), `rate_pages_per_ms` limit.
     fn start(bytes: usize, span_pages: usize) -> SimVm {
+        Self::start_on(new_mem(bytes), span_pages)
+    }
+
+    /// [`SimVm::start`] on the guest memory `mem`.
+    fn start_on(mem: GuestMem, span_pages: usize) -> SimVm {
+        let bytes = PageMap::from_memory(&mem).total_bytes() as usize;
         let s = Arc::new(Shared {
-            mem: new_mem(bytes),
+            mem,
             gate: Mutex::new(false),
             throttle: AtomicU8::new(0),
             dirty_log: AtomicBool::new(false),
@@ -906,4 +912,108 @@ fn bandwidth_cap_below_the_minimum_is_refused_with_the_reason() {
     // 0 is no cap at all.
     assert_eq!(capped(0, 50, 10_000).bandwidth_cap(), None);
     assert!(capped(0, 50, 10_000).validate().is_ok());
+}
+
+/// Pages of the first half [`SimVm::start`] writes (every 4th).
+fn static_pages(bytes: usize) -> usize {
+    (bytes / 8192).div_ceil(4)
+}
+
+/// Transparent huge pages set to `always` may make a written page's neighbours present.
+fn thp_always() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| s.contains("[always]"))
+}
+
+/// Migrates `vm` like [`run_migration`], calling `before_round_0` once the engine has
+/// looked at which pages were never written (the first prediction) and before round 0.
+fn run_migration_with_hook(vm: &SimVm, before_round_0: &mut dyn FnMut()) -> Outcome {
+    let l = listener();
+    let addr = l.local_addr().unwrap();
+    let f = Arc::new(factory());
+    let th = Arc::new(RecordingHandoff::default());
+    let (f2, th2) = (f.clone(), th.clone());
+    let ro = ropts();
+    let t = std::thread::spawn(move || receive_one(&l, f2.as_ref(), th2.as_ref(), &ro));
+    let sh = RecordingHandoff::default();
+    let mut hooked = false;
+    let r = migrate(
+        vm,
+        addr,
+        &opts(50, 10_000),
+        &sh,
+        &CancelToken::default(),
+        &mut |e| {
+            if matches!(e, MigrationEvent::Prediction(_)) && !hooked {
+                hooked = true;
+                before_round_0();
+            }
+        },
+    );
+    assert!(hooked, "no prediction before round 0");
+    (r, t.join().unwrap(), f, th)
+}
+
+#[test]
+fn never_written_pages_are_skipped_unread_and_arrive_as_zero() {
+    let bytes = 8 << 20;
+    let pages = bytes / 4096;
+    let vm = SimVm::start(bytes, 0);
+    // A page written after the engine's look at the page tables, before round 0: it was
+    // never written at the look, so round 0 skips it; the dirty log must bring it.
+    let late = GuestAddress((pages as u64 - 10) * 4096 + 16);
+    let (r, t, f, _) = run_migration_with_hook(&vm, &mut || {
+        vm.s.mem.write_obj(0x1a7e_u64, late).unwrap();
+    });
+    let stats = r.unwrap();
+    t.unwrap();
+    assert!(stats.receipt_matches(), "{stats:?}");
+    let target = f.created.lock().unwrap()[0].clone();
+    assert_eq!(target.mem.read_obj::<u64>(late).unwrap(), 0x1a7e);
+    assert_same_memory(&vm.s.mem, &target.mem);
+    let r0 = stats.rounds[0];
+    let written = static_pages(bytes);
+    if thp_always() {
+        assert!(r0.untouched_pages >= (pages / 2) as u64, "{r0:?}");
+    } else {
+        // Every page but the written ones, the late one included.
+        assert_eq!(r0.untouched_pages, (pages - written) as u64, "{r0:?}");
+        assert_eq!(r0.data_pages, written as u64, "{r0:?}");
+    }
+    assert_eq!(stats.untouched_pages, r0.untouched_pages);
+    assert!(r0.zero_pages_skipped >= r0.untouched_pages, "{r0:?}");
+    // The late page came with a later round.
+    assert!(
+        stats.rounds[1..].iter().any(|r| r.data_pages > 0),
+        "{:?}",
+        stats.rounds
+    );
+}
+
+#[test]
+fn snapshot_restored_memory_is_read_page_by_page() {
+    let bytes = 8 << 20;
+    let pages = bytes / 4096;
+    // Data in the second half that the restored mapping never touches: it comes from the
+    // file, so those pages are not zero although this process never wrote them.
+    let image = new_mem(bytes);
+    for p in (pages / 2..pages).step_by(3) {
+        image
+            .write_obj(0x5eed_0000_u64 | p as u64, GuestAddress(p as u64 * 4096))
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mem");
+    crate::memory::save_to_file(&image, &path).unwrap();
+    let restored = crate::memory::map_file(&path, bytes as u64).unwrap();
+    let vm = SimVm::start_on(restored, 0);
+    let (r, t, f, _) = run_migration_with_hook(&vm, &mut || {});
+    let stats = r.unwrap();
+    t.unwrap();
+    assert!(stats.receipt_matches(), "{stats:?}");
+    assert_eq!(stats.untouched_pages, 0, "{:?}", stats.rounds[0]);
+    let target = f.created.lock().unwrap()[0].clone();
+    let last = GuestAddress((pages as u64 - 1 - (pages / 2 - 1) as u64 % 3) * 4096);
+    assert_ne!(target.mem.read_obj::<u64>(last).unwrap(), 0);
+    assert_same_memory(&vm.s.mem, &target.mem);
 }

@@ -25,6 +25,8 @@ use super::transport::{
     BANDWIDTH_BYTES_PER_S_MIN,
 };
 use super::{MigrationError, DEFAULT_CONNECTIONS, MAX_CONNECTIONS};
+use crate::GuestMem;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Default time allowed for one reply from the target.
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -408,6 +410,8 @@ fn run(
     let mut progress = ProgressTracker::default();
     let mut rounds = Vec::new();
     let mut pages = DirtyPages::all(map.total_pages());
+    // After the dirty log is on: a page written from now on is in the next dirty log.
+    let untouched = skip_never_written(mem, &map, &mut pages);
     let mut round = 0u32;
     let mut wire_bytes = 0u64;
     let mut zero_skipped = 0u64;
@@ -477,13 +481,15 @@ fn run(
         let duration = t0.elapsed();
         let dirty = vm.dirty_pages(&map).map_err(vm_err("read dirty log"))?;
         let dirty_bytes = dirty.count() as u64 * PAGE_SIZE as u64;
+        let untouched_pages = if round == 0 { untouched } else { 0 };
         wire_bytes += sent.wire_bytes;
-        zero_skipped += sent.zero_pages_skipped;
+        zero_skipped += sent.zero_pages_skipped + untouched_pages;
         rounds.push(RoundStats {
             round,
             data_pages: sent.data_pages,
             zero_pages_sent: sent.zero_pages_sent,
-            zero_pages_skipped: sent.zero_pages_skipped,
+            zero_pages_skipped: sent.zero_pages_skipped + untouched_pages,
+            untouched_pages,
             wire_bytes: sent.wire_bytes,
             duration_us: us(duration),
             dirty_pages_after: dirty.count() as u64,
@@ -565,6 +571,7 @@ fn run(
         data_pages: sent.data_pages,
         zero_pages_sent: sent.zero_pages_sent,
         zero_pages_skipped: sent.zero_pages_skipped,
+        untouched_pages: 0,
         wire_bytes: sent.wire_bytes,
         duration_us: us(t0.elapsed()),
         dirty_pages_after: 0,
@@ -662,6 +669,7 @@ fn run(
         rounds,
         wire_bytes,
         zero_pages_skipped: zero_skipped,
+        untouched_pages: untouched,
         bandwidth_bytes_per_s: conv.bandwidth_bytes_per_s(),
         dirty_rate_bytes_per_s: conv.dirty_rate_bytes_per_s(),
         max_throttle_percent: conv.throttle_percent(),
@@ -684,6 +692,27 @@ fn run(
         target_digest,
         verify_us,
     })
+}
+
+/// Takes out of `pages` (round 0: every page) the pages of `mem` that were never written
+/// and so read as zero, as the target's fresh memory does: they are skipped like zero pages
+/// without being read (their entry in [`PageHashes`] stays the zero page's). Private
+/// anonymous memory only (see [`crate::memory::never_written_pages`]); other memory, or a
+/// page map that cannot be read, is read page by page as before. Call it only after the
+/// dirty log is on, so a page written after the look is in the next round. Returns the
+/// pages taken out.
+pub(crate) fn skip_never_written(mem: &GuestMem, map: &PageMap, pages: &mut DirtyPages) -> u64 {
+    let mut skipped = 0u64;
+    for region in mem.iter() {
+        let Some(first) = map.index_of(region.start_addr().0) else {
+            continue;
+        };
+        let region_pages = region.len() as usize / PAGE_SIZE;
+        if let Some(bits) = crate::memory::never_written_pages(region) {
+            skipped += pages.remove_region_bitmap(first, region_pages, &bits) as u64;
+        }
+    }
+    skipped
 }
 
 #[cfg(test)]

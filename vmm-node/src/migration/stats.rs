@@ -11,6 +11,10 @@ pub struct RoundStats {
     pub data_pages: u64,
     pub zero_pages_sent: u64,
     pub zero_pages_skipped: u64,
+    /// Of `zero_pages_skipped`: pages not even read, because the host's page tables show
+    /// they were never written (round 0, private anonymous memory only).
+    #[serde(default)]
+    pub untouched_pages: u64,
     pub wire_bytes: u64,
     pub duration_us: u64,
     /// Pages found dirty after the round.
@@ -71,6 +75,9 @@ pub struct MigrationStats {
     pub rounds: Vec<RoundStats>,
     pub wire_bytes: u64,
     pub zero_pages_skipped: u64,
+    /// Of `zero_pages_skipped`: pages never written, skipped without being read.
+    #[serde(default)]
+    pub untouched_pages: u64,
     pub bandwidth_bytes_per_s: f64,
     pub dirty_rate_bytes_per_s: f64,
     pub max_throttle_percent: u8,

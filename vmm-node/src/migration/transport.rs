@@ -179,6 +179,31 @@ impl DirtyPages {
         }
     }
 
+    /// Removes from the set the pages of a per-region bitmap (same layout as
+    /// [`DirtyPages::merge_region_bitmap`]); returns how many of them were in the set.
+    pub fn remove_region_bitmap(
+        &mut self,
+        first_index: usize,
+        region_pages: usize,
+        bitmap: &[u64],
+    ) -> usize {
+        let mut removed = 0;
+        for (w, word) in bitmap.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let p = w * 64 + b;
+                if p < region_pages && self.contains(first_index + p) {
+                    let i = first_index + p;
+                    self.words[i / 64] &= !(1 << (i % 64));
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
     pub fn set(&mut self, index: usize) {
         if index < self.pages {
             self.words[index / 64] |= 1 << (index % 64);
