@@ -294,10 +294,10 @@ impl VirtioNics {
                 continue;
             };
             let transport = lock(&nic.dev).check_restore(&state)?;
-            staged.push((nic.dev.clone(), transport));
+            staged.push((nic.dev.clone(), transport, state.rx_frames));
         }
-        for (dev, transport) in staged {
-            lock(&dev).apply_restore(transport);
+        for (dev, transport, frames) in staged {
+            lock(&dev).apply_restore(transport, frames);
         }
         Ok(())
     }
@@ -388,7 +388,7 @@ impl NetDevices for VirtioNics {
             .iter()
             .flatten()
             .map(|n| {
-                let d = lock(&n.dev);
+                let mut d = lock(&n.dev);
                 NicState {
                     slot: d.slot(),
                     device: d.save_state().encode(),
