@@ -335,21 +335,21 @@ impl VirtioNet {
                     self.rx_pending = n;
                 } else {
                     match self.backend.read_frame(&mut self.rx_buf) {
-                    Ok(n) if n >= NET_HDR_BYTES + FRAME_BYTES_MIN => self.rx_pending = n,
-                    Ok(_) => {
-                        self.stats.rx_dropped += 1;
-                        continue;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        outcome = RxOutcome::Drained;
-                        break;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        self.backend_error("reading a frame", &e);
-                        outcome = RxOutcome::BackendFailed;
-                        break;
-                    }
+                        Ok(n) if n >= NET_HDR_BYTES + FRAME_BYTES_MIN => self.rx_pending = n,
+                        Ok(_) => {
+                            self.stats.rx_dropped += 1;
+                            continue;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            outcome = RxOutcome::Drained;
+                            break;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            self.backend_error("reading a frame", &e);
+                            outcome = RxOutcome::BackendFailed;
+                            break;
+                        }
                     }
                 }
             }
@@ -651,12 +651,12 @@ impl VirtioNet {
             }
         }
         self.stats.rx_carried += taken;
-        if taken > 0 || !self.rx_carried.is_empty() {
-            tracing::debug!(
+        if !self.rx_carried.is_empty() {
+            tracing::info!(
                 slot = self.slot,
                 taken,
                 carried = self.rx_carried.len(),
-                "frames waiting in the backend carried with the state"
+                "nic frames carried with the state"
             );
         }
     }

@@ -570,7 +570,10 @@ fn frames_waiting_at_pause_are_carried_with_the_state() {
     r.dev.pause();
     let state = r.dev.save_state();
     assert_eq!(state.rx_frames.len(), 5);
-    assert!(r.wire.lock().unwrap().to_guest.is_empty(), "the backend was drained");
+    assert!(
+        r.wire.lock().unwrap().to_guest.is_empty(),
+        "the backend was drained"
+    );
     assert_eq!(r.dev.stats().rx_carried, 5);
     let bytes = state.encode();
     assert_eq!(u16::from_le_bytes([bytes[0], bytes[1]]), 2);
