@@ -66,6 +66,10 @@ struct Cli {
     /// Nice value of the vCPU threads during the migrations.
     #[arg(long, default_value_t = 10)]
     vcpu_nice: i32,
+    /// Nice value of the other threads of both `vmm-node` processes (the migration
+    /// engine's, the NIC's) during the migrations; default: left at 0.
+    #[arg(long)]
+    engine_nice: Option<i32>,
     /// Skip the packets/s part.
     #[arg(long)]
     no_throughput: bool,
@@ -509,7 +513,12 @@ fn last_logged(log: &Path, what: &str) -> Option<(f64, String)> {
 
 /// Renice the vCPU threads of `pid` (named `vcpu<N>`) to `nice` until `stop`, picking up
 /// threads that start later (a migration target creates its vCPUs during the migration).
-fn renice_vcpus(pid: u32, nice: i32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+fn renice_vcpus(
+    pid: u32,
+    nice: i32,
+    others: Option<i32>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut done: Vec<String> = Vec::new();
         loop {
@@ -520,13 +529,19 @@ fn renice_vcpus(pid: u32, nice: i32, stop: Arc<AtomicBool>) -> std::thread::Join
                         continue;
                     }
                     let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-                    if comm.starts_with("vcpu") {
+                    let n = if comm.starts_with("vcpu") {
+                        Some(nice)
+                    } else {
+                        others
+                    };
+                    if let Some(n) = n {
                         let _ = Command::new("renice")
-                            .args(["-n", &nice.to_string(), "-p", &tid])
+                            .args(["-n", &n.to_string(), "-p", &tid])
                             .stdout(Stdio::null())
+                            .stderr(Stdio::null())
                             .status();
-                        done.push(tid);
                     }
+                    done.push(tid);
                 }
             }
             if stop.load(Ordering::SeqCst) {
@@ -579,9 +594,10 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
     println!();
     println!(
         "Live migration under a 1 kHz UDP echo stream (64 MiB guest, vCPU threads at nice {}, \
-         migration over loopback): silence = longest time between two replies; times in ms; \
-         pause/announce/resume from the processes' logs",
-        cli.vcpu_nice
+         other vmm-node threads at nice {}, migration over loopback); times in ms; \
+         pause and resume from the processes' logs",
+        cli.vcpu_nice,
+        cli.engine_nice.unwrap_or(0)
     );
     println!(
         "{:>3} {:>8} {:>8} {:>6} {:>4} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",
@@ -634,8 +650,18 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
             log,
         };
         let stop_renice = Arc::new(AtomicBool::new(false));
-        let r1 = renice_vcpus(src.child.0.id(), cli.vcpu_nice, stop_renice.clone());
-        let r2 = renice_vcpus(dst.child.0.id(), cli.vcpu_nice, stop_renice.clone());
+        let r1 = renice_vcpus(
+            src.child.0.id(),
+            cli.vcpu_nice,
+            cli.engine_nice,
+            stop_renice.clone(),
+        );
+        let r2 = renice_vcpus(
+            dst.child.0.id(),
+            cli.vcpu_nice,
+            cli.engine_nice,
+            stop_renice.clone(),
+        );
         let stop = dir.join(format!("stream{k}.stop"));
         let mut stream = Killed(
             ns.exec(me)
