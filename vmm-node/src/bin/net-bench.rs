@@ -506,8 +506,7 @@ fn log_time(line: &str) -> Option<f64> {
 fn last_logged(log: &Path, what: &str) -> Option<(f64, String)> {
     let text = std::fs::read_to_string(log).ok()?;
     text.lines()
-        .filter(|l| l.contains(what))
-        .last()
+        .rfind(|l| l.contains(what))
         .and_then(|l| Some((log_time(l)?, l.to_string())))
 }
 
