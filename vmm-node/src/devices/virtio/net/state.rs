@@ -28,6 +28,16 @@ pub const NET_STATE_BYTES_MAX: u64 = 4 << 10;
 /// Upper bound of an encoded state with carried frames (each frame adds an 8-byte length).
 pub const NET_STATE_CARRY_BYTES_MAX: u64 =
     NET_STATE_BYTES_MAX + CARRIED_BYTES_MAX as u64 + 8 * CARRIED_FRAMES_MAX as u64;
+// Every NIC of a VM with a full carry fits in half of a migration's (and a snapshot's) state
+// payload, leaving the rest to the vCPUs and the other devices.
+const _: () = assert!(
+    (NET_STATE_CARRY_BYTES_MAX + 2) * super::NIC_SLOTS as u64
+        <= crate::migration::protocol::MAX_STATE_PAYLOAD_BYTES as u64 / 2
+);
+const _: () = assert!(
+    (NET_STATE_CARRY_BYTES_MAX + 2) * super::NIC_SLOTS as u64
+        <= crate::snapshot::STATE_BYTES_MAX / 2
+);
 
 /// Device state of one NIC (no guest memory).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
