@@ -751,16 +751,16 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
         let ok = gap_ms <= blackout + 5.0;
         met += usize::from(ok);
         println!(
-            "{:>3} {:>8.1} {:>8.1} {:>6.2} {:>4} {:>5} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>7}",
+            "{:>3} {:>8.1} {:>8.1} {:>6.2} {:>4} {:>5} {:>8} {:>8.1} {:>8} {:>8.1} {:>8.1} {:>8.1} {:>7}",
             k,
             blackout,
             gap_ms,
             gap_ms / (blackout + 5.0),
             if ok { "met" } else { "no" },
             format!("{lost_in_gap}/{lost}"),
-            gap.map_or(f64::NAN, |g| (g.0 - paused) * 1e3),
+            gap.map_or("-".into(), |g| format!("{:.1}", (g.0 - paused) * 1e3)),
             (resumed - paused) * 1e3,
-            gap.map_or(f64::NAN, |g| (g.1 - resumed) * 1e3),
+            gap.map_or("-".into(), |g| format!("{:.1}", (g.1 - resumed) * 1e3)),
             base,
             precopy,
             after,
@@ -781,7 +781,8 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
     );
     println!(
         "columns: gap = the silence around the switchover (last reply before the source's \
-         pause .. first reply after the target's resume); ratio = gap / (blackout + 5 ms); \
+         pause .. first reply after the target's resume; 1 ms and '-' when replies never \
+         stopped for more than 2 ms); ratio = gap / (blackout + 5 ms); \
          lost = lost echoes sent in that gap / all lost; gap-pse = gap start - source pause; \
          res-pse = target resume (its first announcement is sent just before) - source pause; \
          end-res = first reply after the gap - target resume; base / precopy / after = the \
