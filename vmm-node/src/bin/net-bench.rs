@@ -599,9 +599,10 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
         cli.engine_nice.unwrap_or(0)
     );
     println!(
-        "{:>3} {:>8} {:>8} {:>6} {:>4} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "{:>3} {:>8} {:>6} {:>8} {:>6} {:>4} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",
         "#",
         "blackout",
+        "pause",
         "gap",
         "ratio",
         "goal",
@@ -706,7 +707,13 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
             .as_f64()
             .unwrap_or(f64::NAN)
             / 1e3;
-        let paused = last_logged(&src.log, "vm paused").map_or(f64::NAN, |x| x.0);
+        // The blackout starts when the engine asks for the pause: the logged end of the
+        // pause less the pause's duration.
+        let pause_ms = r["stats"]["blackout"]["pause_us"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+            / 1e3;
+        let paused = last_logged(&src.log, "vm paused").map_or(f64::NAN, |x| x.0) - pause_ms / 1e3;
         let resumed = last_logged(&dst.log, "vm resumed").map_or(f64::NAN, |x| x.0);
         let carried = last_logged(&src.log, "nic frames carried")
             .and_then(|(_, l)| {
@@ -751,9 +758,10 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
         let ok = gap_ms <= blackout + 5.0;
         met += usize::from(ok);
         println!(
-            "{:>3} {:>8.1} {:>8.1} {:>6.2} {:>4} {:>5} {:>8} {:>8.1} {:>8} {:>8.1} {:>8.1} {:>8.1} {:>7}",
+            "{:>3} {:>8.1} {:>6.1} {:>8.1} {:>6.2} {:>4} {:>5} {:>8} {:>8.1} {:>8} {:>8.1} {:>8.1} {:>8.1} {:>7}",
             k,
             blackout,
+            pause_ms,
             gap_ms,
             gap_ms / (blackout + 5.0),
             if ok { "met" } else { "no" },
@@ -783,8 +791,10 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
         "columns: gap = the silence around the switchover (last reply before the source's \
          pause .. first reply after the target's resume; 1 ms and '-' when replies never \
          stopped for more than 2 ms); ratio = gap / (blackout + 5 ms); \
-         lost = lost echoes sent in that gap / all lost; gap-pse = gap start - source pause; \
-         res-pse = target resume (its first announcement is sent just before) - source pause; \
+         pause = of the blackout, the source's vCPU pause (kick and wait for the vCPUs); lost = \
+         lost echoes sent in that gap / all lost; gap-pse = gap start - blackout start (the \
+         engine asks for the pause); res-pse = target resume (its first announcement is sent \
+         just before) - blackout start; \
          end-res = first reply after the gap - target resume; base / precopy / after = the \
          longest other silence in the 1.3 s before the migration (same stream, no migration: \
          the machine's own noise) / during pre-copy / after the resume; carried = frames \
