@@ -85,6 +85,8 @@ pub struct VirtioNet {
     kick: Arc<EventFd>,
     paused: bool,
     announce_on_resume: bool,
+    /// The first announcement went out before the resume ([`VirtioNet::announce_early`]).
+    announced_early: bool,
     announce: Option<Announce>,
     stats: NetStats,
     rx_buf: Vec<u8>,
@@ -142,6 +144,7 @@ impl VirtioNet {
             kick,
             paused: true,
             announce_on_resume: false,
+            announced_early: false,
             announce: None,
             stats: NetStats::default(),
             rx_buf: vec![0; NET_HDR_BYTES + FRAME_BYTES_MAX],
@@ -215,14 +218,43 @@ impl VirtioNet {
     /// from its MAC on the new port.
     pub fn resume(&mut self, now: Instant) {
         self.paused = false;
+        let early = std::mem::take(&mut self.announced_early);
         if std::mem::take(&mut self.announce_on_resume) {
-            self.announce = Some(Announce {
-                next_at: now,
-                sent: 0,
-            });
-            self.announce_due(now);
+            if early {
+                // Round 0 went out before the resume: the others follow from now.
+                self.announce = ANNOUNCE_INTERVALS.first().map(|d| Announce {
+                    next_at: now + *d,
+                    sent: 1,
+                });
+            } else {
+                self.announce = Some(Announce {
+                    next_at: now,
+                    sent: 0,
+                });
+                self.announce_due(now);
+            }
         }
         self.wake();
+    }
+
+    /// While paused (a migration target whose state is arriving), send the first
+    /// announcement now: the bridge then sends the VM's frames to this NIC's TAP, where they
+    /// wait for the resume, instead of to the source's, where they would be lost with it. The
+    /// resume that follows a restore sends the other rounds only. A NIC that is running
+    /// sends nothing.
+    pub fn announce_early(&mut self) {
+        if !self.paused || self.announced_early {
+            return;
+        }
+        match self.backend.write_frame(&rarp_announcement(self.mac)) {
+            Ok(()) => {
+                self.stats.announcements += 1;
+                self.announced_early = true;
+                tracing::info!(slot = self.slot, mac = %crate::config::format_mac(&self.mac),
+                    backend = %self.backend.describe(), "nic announced before the resume");
+            }
+            Err(e) => self.backend_error("sending an announcement", &e),
+        }
     }
 
     /// Send the announcements that are due; returns when the next one is due.
@@ -664,8 +696,13 @@ impl VirtioNet {
     /// Snapshot of the NIC (pause it first). The frames waiting in the backend are taken
     /// now and saved with it, so a migration target delivers them (they would be lost with
     /// the source's TAP); they stay carried here too, delivered first if this NIC resumes.
+    ///
+    /// A NIC whose state was saved announces its MAC when it resumes here: a migration
+    /// target may have announced it meanwhile ([`VirtioNet::announce_early`]) and the
+    /// migration then rolled back.
     pub fn save_state(&mut self) -> NetState {
         self.take_backend_frames();
+        self.announce_on_resume = true;
         NetState {
             slot: self.slot,
             mac: self.mac,

@@ -401,6 +401,12 @@ impl NetDevices for VirtioNics {
         Ok(self.restore_states(states)?)
     }
 
+    fn announce_early(&self) {
+        for n in lock(&self.table).nics.iter().flatten() {
+            lock(&n.dev).announce_early();
+        }
+    }
+
     fn attach(&self, nic: &NicConfig) -> Result<u8, DeviceError> {
         let slot = nic.slot.unwrap_or(0);
         let tap = Tap::open(&nic.tap_name).map_err(|source| VirtioNetError::Tap {

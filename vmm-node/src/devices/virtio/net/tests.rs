@@ -511,6 +511,56 @@ fn resume_after_a_restore_sends_the_first_announcement_itself() {
     assert_eq!(r.dev.stats().announcements, 1);
 }
 
+/// A migration target announces while still paused (its state arrived): one frame, and
+/// the resume after the restore sends only the later rounds (three in all). A running NIC
+/// never announces early.
+#[test]
+fn an_early_announcement_is_round_zero() {
+    let mut r = rig(BASIC);
+    r.dev.announce_early();
+    assert!(
+        r.wire.lock().unwrap().from_guest.is_empty(),
+        "running: nothing"
+    );
+    let state = r.dev.save_state();
+    let mut t = rig(BASIC);
+    t.dev.pause();
+    t.dev.announce_early();
+    t.dev.announce_early();
+    assert_eq!(t.wire.lock().unwrap().from_guest.len(), 1, "once");
+    let tr = t.dev.check_restore(&state).unwrap();
+    t.dev.apply_restore(tr, Vec::new());
+    let t0 = Instant::now();
+    t.dev.resume(t0);
+    assert_eq!(
+        t.wire.lock().unwrap().from_guest.len(),
+        1,
+        "round 0 is not sent again"
+    );
+    let next = t.dev.announce_due(t0).expect("later rounds follow");
+    assert_eq!(next, t0 + ANNOUNCE_INTERVALS[0]);
+    let next = t.dev.announce_due(next).unwrap();
+    assert_eq!(t.dev.announce_due(next), None);
+    let sent = t.wire.lock().unwrap().from_guest.clone();
+    assert_eq!(sent.len(), usize::from(ANNOUNCE_ROUNDS));
+    assert!(sent
+        .iter()
+        .all(|f| f[..] == frames::rarp_announcement(MAC)[..]));
+}
+
+/// A NIC whose state was saved announces when it resumes where it was (a rolled-back
+/// migration: the target may have announced the MAC meanwhile).
+#[test]
+fn a_saved_nic_announces_when_it_resumes() {
+    let mut r = rig(BASIC);
+    r.dev.pause();
+    let _ = r.dev.save_state();
+    r.dev.resume(Instant::now());
+    let sent = r.wire.lock().unwrap().from_guest.clone();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0][..], frames::rarp_announcement(MAC)[..]);
+}
+
 #[test]
 fn state_round_trips_and_mismatches_are_refused() {
     let mut r = rig(BASIC | VIRTIO_NET_F_MRG_RXBUF);
