@@ -594,7 +594,8 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
     println!(
         "Live migration under a 1 kHz UDP echo stream (64 MiB guest, vCPU threads at nice {}, \
          other vmm-node threads at nice {}, migration over loopback); times in ms; \
-         pause and resume from the processes' logs",
+         pause and resume from the processes' logs (written just after \
+         the events; late under load)",
         cli.vcpu_nice,
         cli.engine_nice.unwrap_or(0)
     );
@@ -793,8 +794,8 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
          stopped for more than 2 ms); ratio = gap / (blackout + 5 ms); \
          pause = of the blackout, the source's vCPU pause (kick and wait for the vCPUs); lost = \
          lost echoes sent in that gap / all lost; gap-pse = gap start - blackout start (the \
-         engine asks for the pause); res-pse = target resume (its first announcement is sent \
-         just before) - blackout start; \
+         engine asks for the pause); res-pse = target resume - blackout start (its first \
+         announcement went out when the source's state arrived); \
          end-res = first reply after the gap - target resume; base / precopy / after = the \
          longest other silence in the 1.3 s before the migration (same stream, no migration: \
          the machine's own noise) / during pre-copy / after the resume; carried = frames \
