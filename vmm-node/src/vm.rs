@@ -684,6 +684,18 @@ impl Vm {
         }
     }
 
+    /// Announce every NIC's MAC on its TAP while the VM is still paused (a migration
+    /// target as the state arrives); see `NetDevices::announce_early`. Does nothing for a
+    /// running VM or one without NICs.
+    pub fn announce_nics_early(&self) {
+        if self.status() != VmStatus::Paused {
+            return;
+        }
+        if let Some(n) = self.net_devices() {
+            n.announce_early();
+        }
+    }
+
     /// Complete state (vCPUs, VM-wide, devices), without memory. The VM must be paused.
     pub fn save_state(&self) -> Result<VmState, VmError> {
         self.require_paused("save the state of")?;

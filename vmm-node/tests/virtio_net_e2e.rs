@@ -457,6 +457,67 @@ fn live_migration_under_a_1khz_echo_stream() {
     assert!(lost < sent / 4, "{res}");
 }
 
+/// Frames that reach a NIC's TAP while its VM is paused (a guest whose vCPU is starved
+/// before a migration's pause, or the blackout before the final state is taken) are carried
+/// with the NIC's saved state, the state a live migration sends too: the VM restored on
+/// another TAP of the bridge answers every one of them, exactly once, after the source's
+/// process (and with it everything still queued on its TAP) is gone. Without the carry-over
+/// they die with the source's TAP. (A live migration needs a running source, so the state
+/// is taken by a snapshot of the paused VM here; both save the same `VmState`.)
+#[test]
+fn frames_queued_at_a_paused_vm_are_answered_where_its_state_is_restored() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = NetNs::new("carry");
+    ns.bridge(HOST_CIDR, 1500);
+    ns.tap("tap1", 1500);
+    ns.tap("tap2", 1500);
+    let snap = dir.path().join("snap");
+    let mut src = run_vm(&ns, dir.path(), "src", &net_config("tap1", 1500));
+    net_up(&src);
+    udp_echo(&ns, dir.path(), 100, 5);
+    assert_eq!(ns.fdb_port(MAC).as_deref(), Some("tap1"));
+    src.ok(json!({"cmd": "pause"}));
+    const COUNT: usize = 50;
+    let stop = dir.path().join("burst.stop");
+    let mut burst = ns.spawn_probe(
+        dir.path(),
+        &[
+            "burst",
+            GUEST_IP,
+            "7",
+            &COUNT.to_string(),
+            stop.to_str().unwrap(),
+            "120",
+        ],
+    );
+    burst.wait_line(|l| l.starts_with("SENT "), T);
+    // The bridge sent them all to the paused VM's TAP.
+    assert_eq!(ns.fdb_port(MAC).as_deref(), Some("tap1"));
+    src.ok(json!({"cmd": "snapshot", "dir": snap, "resume": false}));
+    src.ok(json!({"cmd": "stop"}));
+    assert!(src.wait_exit(T).success());
+    drop(src);
+    let _dst = spawn_vmm(
+        &ns,
+        dir.path(),
+        "dst",
+        &[
+            "restore",
+            "--snapshot",
+            snap.to_str().unwrap(),
+            "--nic-tap",
+            "tap2",
+        ],
+    );
+    // The probe ends by itself once every request was answered (or after 120 s).
+    let line = burst.wait_line(|l| l.starts_with('{'), Duration::from_secs(130));
+    let res: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(res["received"], COUNT, "{res}");
+    assert_eq!(res["duplicates"], 0, "{res}");
+    assert_eq!(ns.fdb_port(MAC).as_deref(), Some("tap2"));
+}
+
 #[test]
 fn bad_nic_config_is_refused_with_the_field_named() {
     let _g = serial();

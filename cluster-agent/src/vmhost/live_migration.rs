@@ -763,6 +763,13 @@ impl TargetVm for TargetSide {
         }
         Ok(())
     }
+    fn announce_nics(&self) {
+        // A worker's NICs announce at its resume (the control protocol has no early
+        // announcement).
+        if let IncomingVm::Local(_, vm) = &self.0.vm {
+            vm.vm.announce_nics_early();
+        }
+    }
 }
 
 impl StorageHandoff for Handoff {

@@ -63,6 +63,10 @@ pub trait NetDevices: Send + Sync {
     /// [`NetDevices::resume`] announces the NICs' MACs on their TAPs (the VM may have
     /// moved: switches must relearn where it is).
     fn restore(&self, states: &[crate::state::NicState]) -> Result<(), DeviceError>;
+    /// While paused, announce every NIC's MAC on its TAP now (a migration target as its
+    /// state arrives: the VM's frames then wait in this host's TAPs instead of being lost in
+    /// the source's). The resume after a restore then sends only the later rounds.
+    fn announce_early(&self) {}
     /// Hot add: open `nic.tap_name` and put a NIC into slot `nic.slot` (the lowest free slot
     /// when `None`), raising a configuration-change interrupt on it. Returns the slot.
     fn attach(&self, nic: &crate::config::NicConfig) -> Result<u8, DeviceError>;

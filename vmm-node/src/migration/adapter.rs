@@ -163,6 +163,9 @@ impl TargetVm for LocalTarget {
     fn resume(&self) -> Result<(), OpError> {
         Ok(self.0.resume()?)
     }
+    fn announce_nics(&self) {
+        self.0.announce_nics_early();
+    }
 }
 
 impl TargetFactory for LocalFactory {

@@ -186,6 +186,8 @@ struct SimTarget {
     mem: GuestMem,
     seq: Mutex<Option<u64>>,
     running: AtomicBool,
+    /// The engine's calls, in order: `announce`, `restore`, `resume`.
+    steps: Mutex<Vec<&'static str>>,
 }
 
 impl TargetVm for SimTarget {
@@ -193,12 +195,17 @@ impl TargetVm for SimTarget {
         &self.mem
     }
     fn restore(&self, state: &[u8]) -> Result<(), OpError> {
+        self.steps.lock().unwrap().push("restore");
         *self.seq.lock().unwrap() = Some(bincode::deserialize(state)?);
         Ok(())
     }
     fn resume(&self) -> Result<(), OpError> {
+        self.steps.lock().unwrap().push("resume");
         self.running.store(true, Ordering::SeqCst);
         Ok(())
+    }
+    fn announce_nics(&self) {
+        self.steps.lock().unwrap().push("announce");
     }
 }
 
@@ -217,6 +224,9 @@ impl TargetVm for TargetHandle {
     fn resume(&self) -> Result<(), OpError> {
         self.0.resume()
     }
+    fn announce_nics(&self) {
+        self.0.announce_nics()
+    }
 }
 
 impl TargetFactory for SimFactory {
@@ -233,6 +243,7 @@ impl TargetFactory for SimFactory {
             mem: new_mem(bytes as usize),
             seq: Mutex::new(None),
             running: AtomicBool::new(false),
+            steps: Mutex::new(Vec::new()),
         });
         self.created.lock().unwrap().push(t.clone());
         Ok(Box::new(TargetHandle(t)))
@@ -384,6 +395,12 @@ fn idle_guest_moves_with_identical_memory_and_receipt() {
     assert_eq!(received.stats.memory_digest, stats.source_digest);
     let target = f.created.lock().unwrap()[0].clone();
     assert!(target.running.load(Ordering::SeqCst));
+    // The NICs are announced once the (paused) source's state arrived, before the restore
+    // and the resume.
+    assert_eq!(
+        *target.steps.lock().unwrap(),
+        ["announce", "restore", "resume"]
+    );
     assert_same_memory(&vm.s.mem, &target.mem);
     assert!(stats.zero_pages_skipped > 0);
     assert!(stats.blackout.total_us > 0);

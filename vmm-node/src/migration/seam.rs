@@ -36,6 +36,10 @@ pub trait TargetVm: Send + Sync {
     /// Loads the state and opens the disks (after [`StorageHandoff::acquire`]); stays paused.
     fn restore(&self, state: &[u8]) -> Result<(), OpError>;
     fn resume(&self) -> Result<(), OpError>;
+    /// The source is paused and its state arrived: announce the VM's NICs on this host now
+    /// (best effort), so their frames wait here for the resume. Default: nothing (the
+    /// resume announces them).
+    fn announce_nics(&self) {}
 }
 
 /// Builds target VMs and knows this node's facts.

@@ -799,6 +799,9 @@ fn coordinate(
                     let st: StatePayload = decode_payload(Command::State, &f.payload)
                         .map_err(MigrationError::proto("state transfer"))?;
                     state = Some(st.state);
+                    // The source is paused and saved its NICs (with the frames waiting in
+                    // its TAPs): from now on the VM's frames wait in this host's TAPs.
+                    vm.announce_nics();
                 }
                 Command::StorageReleased => {
                     let Some(st) = state.as_deref() else {

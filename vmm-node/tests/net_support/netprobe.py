@@ -13,6 +13,9 @@ Modes:
   icmp DST_IP COUNT TIMEOUT_S                 ICMP echo requests
   stream DST_IP PORT RATE_HZ STOP_FILE MAX_S  sequence-numbered echoes at RATE_HZ until STOP_FILE
                                               (prints `RX n` every 500 replies)
+  burst DST_IP PORT COUNT STOP_FILE MAX_S     COUNT sequence-numbered echo requests 1 ms apart
+                                              (prints `SENT n`), then every reply until all
+                                              came back or STOP_FILE; replies per sequence
   capture IFACE ETHERTYPE MAC STOP_FILE MAX_S frames of ETHERTYPE from MAC received on IFACE;
                                               prints `SEEN n` for each one
   migwatch MAC TAP STOP_FILE MAX_S [SRC_TAP]  frames from MAC entering TAP (which may not exist
@@ -225,6 +228,28 @@ def stream(dst, port, rate, stop_file, max_s):
          "longest_loss_run_start_unix": sent.get(best[1]) if best[1] is not None else None})
 
 
+def burst(dst, port, count, stop_file, max_s):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    print("READY", flush=True)
+    for q in range(count):
+        s.sendto(struct.pack("!I", q) + b"burst" + b"y" * 51, (dst, port))
+        time.sleep(0.001)
+    print("SENT %d" % count, flush=True)
+    got = {}
+    t0 = time.time()
+    while not os.path.exists(stop_file) and time.time() - t0 < max_s and len(got) < count:
+        r, _, _ = select.select([s], [], [], 0.05)
+        if not r:
+            continue
+        data = s.recv(2048)
+        if len(data) >= 9 and data[4:9] == b"burst":
+            q = struct.unpack("!I", data[:4])[0]
+            got[q] = got.get(q, 0) + 1
+    out({"sent": count, "received": len(got), "missing": [q for q in range(count) if q not in got],
+         "duplicates": sum(n - 1 for n in got.values())})
+
+
 def capture(iface, ethertype, mac, stop_file, max_s):
     # ETH_P_ALL: on a bridge port, protocol-specific sockets miss the frames the bridge
     # takes; "all" sockets see them before the bridge does.
@@ -315,6 +340,8 @@ def main(argv):
         icmp(a[0], int(a[1]), float(a[2]))
     elif mode == "stream":
         stream(a[0], int(a[1]), float(a[2]), a[3], float(a[4]))
+    elif mode == "burst":
+        burst(a[0], int(a[1]), int(a[2]), a[3], float(a[4]))
     elif mode == "capture":
         capture(a[0], int(a[1], 0), a[2], a[3], float(a[4]))
     elif mode == "migwatch":

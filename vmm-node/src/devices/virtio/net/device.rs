@@ -1,5 +1,6 @@
 //! One NIC: [`VirtioNet`].
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -9,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::NetBackend;
 use super::frames::rarp_announcement;
-use super::state::NetState;
+use super::state::{NetState, CARRIED_BYTES_MAX, CARRIED_FRAMES_MAX};
 use super::*;
 use crate::devices::virtio::mmio::{self, MmioEvent, MmioTransport};
 use crate::devices::{IrqLine, MmioDevice};
@@ -34,6 +35,9 @@ pub struct NetStats {
     pub backend_errors: u64,
     /// Announcement frames sent.
     pub announcements: u64,
+    /// Frames taken from the backend while the NIC was paused, to be delivered after the
+    /// resume here or on a migration target (see [`VirtioNet::save_state`]).
+    pub rx_carried: u64,
     /// Register accesses or rings the specification forbids.
     pub guest_errors: u64,
 }
@@ -81,10 +85,15 @@ pub struct VirtioNet {
     kick: Arc<EventFd>,
     paused: bool,
     announce_on_resume: bool,
+    /// The first announcement went out before the resume ([`VirtioNet::announce_early`]).
+    announced_early: bool,
     announce: Option<Announce>,
     stats: NetStats,
     rx_buf: Vec<u8>,
     rx_pending: usize,
+    /// Frames (header included) to deliver before the backend's: taken from the backend
+    /// while paused ([`VirtioNet::save_state`]) or restored with the state.
+    rx_carried: VecDeque<Vec<u8>>,
     /// Whether the receive queue's used ring asks the driver for notifications (clear
     /// `VRING_USED_F_NO_NOTIFY`): only while a frame waits for buffers.
     rx_notify: bool,
@@ -135,10 +144,12 @@ impl VirtioNet {
             kick,
             paused: true,
             announce_on_resume: false,
+            announced_early: false,
             announce: None,
             stats: NetStats::default(),
             rx_buf: vec![0; NET_HDR_BYTES + FRAME_BYTES_MAX],
             rx_pending: 0,
+            rx_carried: VecDeque::new(),
             rx_notify: true,
             rx_avail_seen: 0,
             tx_buf: Vec::new(),
@@ -207,14 +218,43 @@ impl VirtioNet {
     /// from its MAC on the new port.
     pub fn resume(&mut self, now: Instant) {
         self.paused = false;
+        let early = std::mem::take(&mut self.announced_early);
         if std::mem::take(&mut self.announce_on_resume) {
-            self.announce = Some(Announce {
-                next_at: now,
-                sent: 0,
-            });
-            self.announce_due(now);
+            if early {
+                // Round 0 went out before the resume: the others follow from now.
+                self.announce = ANNOUNCE_INTERVALS.first().map(|d| Announce {
+                    next_at: now + *d,
+                    sent: 1,
+                });
+            } else {
+                self.announce = Some(Announce {
+                    next_at: now,
+                    sent: 0,
+                });
+                self.announce_due(now);
+            }
         }
         self.wake();
+    }
+
+    /// While paused (a migration target whose state is arriving), send the first
+    /// announcement now: the bridge then sends the VM's frames to this NIC's TAP, where they
+    /// wait for the resume, instead of to the source's, where they would be lost with it. The
+    /// resume that follows a restore sends the other rounds only. A NIC that is running
+    /// sends nothing.
+    pub fn announce_early(&mut self) {
+        if !self.paused || self.announced_early {
+            return;
+        }
+        match self.backend.write_frame(&rarp_announcement(self.mac)) {
+            Ok(()) => {
+                self.stats.announcements += 1;
+                self.announced_early = true;
+                tracing::info!(slot = self.slot, mac = %crate::config::format_mac(&self.mac),
+                    backend = %self.backend.describe(), "nic announced before the resume");
+            }
+            Err(e) => self.backend_error("sending an announcement", &e),
+        }
     }
 
     /// Send the announcements that are due; returns when the next one is due.
@@ -320,21 +360,28 @@ impl VirtioNet {
         let mut outcome = RxOutcome::Budget;
         for _ in 0..budget {
             if self.rx_pending == 0 {
-                match self.backend.read_frame(&mut self.rx_buf) {
-                    Ok(n) if n >= NET_HDR_BYTES + FRAME_BYTES_MIN => self.rx_pending = n,
-                    Ok(_) => {
-                        self.stats.rx_dropped += 1;
-                        continue;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        outcome = RxOutcome::Drained;
-                        break;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        self.backend_error("reading a frame", &e);
-                        outcome = RxOutcome::BackendFailed;
-                        break;
+                if let Some(f) = self.rx_carried.pop_front() {
+                    // Bounded by check_carried_frames / take_backend_frames.
+                    let n = f.len().min(self.rx_buf.len());
+                    self.rx_buf[..n].copy_from_slice(&f[..n]);
+                    self.rx_pending = n;
+                } else {
+                    match self.backend.read_frame(&mut self.rx_buf) {
+                        Ok(n) if n >= NET_HDR_BYTES + FRAME_BYTES_MIN => self.rx_pending = n,
+                        Ok(_) => {
+                            self.stats.rx_dropped += 1;
+                            continue;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            outcome = RxOutcome::Drained;
+                            break;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            self.backend_error("reading a frame", &e);
+                            outcome = RxOutcome::BackendFailed;
+                            break;
+                        }
                     }
                 }
             }
@@ -591,14 +638,78 @@ impl VirtioNet {
         done
     }
 
-    /// Snapshot of the NIC (pause it first).
-    pub fn save_state(&self) -> NetState {
+    /// Frames carried over, waiting to be delivered before the backend's.
+    pub fn carried_frames(&self) -> usize {
+        self.rx_carried.len()
+    }
+
+    /// Move the frame read but not delivered and the frames waiting in the backend (read
+    /// without blocking) into the carried frames, up to [`CARRIED_FRAMES_MAX`] frames and
+    /// [`CARRIED_BYTES_MAX`] bytes; the rest stay in the backend. Only while paused (the
+    /// receive path holds still), and only once the driver set the device live (a driver
+    /// that never did would drop them anyway).
+    fn take_backend_frames(&mut self) {
+        if !self.paused || !self.transport.driver_ok() {
+            return;
+        }
+        let mut bytes: usize = self.rx_carried.iter().map(Vec::len).sum();
+        if self.rx_pending > 0 {
+            let f = self.rx_buf[..self.rx_pending].to_vec();
+            self.rx_pending = 0;
+            bytes += f.len();
+            // Carried frames are delivered first, so the pending one is older than every
+            // frame still carried or in the backend.
+            self.rx_carried.push_front(f);
+            self.stats.rx_carried += 1;
+        }
+        let mut taken = 0u64;
+        while self.rx_carried.len() < CARRIED_FRAMES_MAX
+            && bytes + NET_HDR_BYTES + FRAME_BYTES_MAX <= CARRIED_BYTES_MAX
+        {
+            match self.backend.read_frame(&mut self.rx_buf) {
+                Ok(n) if n >= NET_HDR_BYTES + FRAME_BYTES_MIN => {
+                    let n = n.min(self.rx_buf.len());
+                    self.rx_carried.push_back(self.rx_buf[..n].to_vec());
+                    bytes += n;
+                    taken += 1;
+                }
+                Ok(_) => self.stats.rx_dropped += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    self.backend_error("reading a frame to carry over", &e);
+                    break;
+                }
+            }
+        }
+        self.stats.rx_carried += taken;
+        if !self.rx_carried.is_empty() {
+            tracing::info!(
+                slot = self.slot,
+                taken,
+                carried = self.rx_carried.len(),
+                "nic frames carried with the state"
+            );
+        }
+    }
+
+    /// Snapshot of the NIC (pause it first). The frames waiting in the backend are taken
+    /// now and saved with it, so a migration target delivers them (they would be lost with
+    /// the source's TAP); they stay carried here too, delivered first if this NIC resumes.
+    ///
+    /// A NIC whose state was saved announces its MAC when it resumes here: a migration
+    /// target may have announced it meanwhile ([`VirtioNet::announce_early`]) and the
+    /// migration then rolled back.
+    pub fn save_state(&mut self) -> NetState {
+        self.take_backend_frames();
+        self.announce_on_resume = true;
         NetState {
             slot: self.slot,
             mac: self.mac,
             mtu: self.mtu,
             transport: self.transport.save(),
             tx_queue: self.transport.save_queues()[0],
+            rx_frames: self.rx_carried.iter().cloned().collect(),
         }
     }
 
@@ -636,15 +747,18 @@ impl VirtioNet {
             check_feature_dependencies(state.transport.driver_features)
                 .map_err(|what| mismatch(what.to_string()))?;
         }
+        super::state::check_carried_frames(&state.rx_frames).map_err(mismatch)?;
         t.set_feature_check(check_feature_dependencies);
         Ok(t)
     }
 
-    /// Load a transport built by [`VirtioNet::check_restore`]. The NIC announces its MAC
-    /// when it is next resumed.
-    pub fn apply_restore(&mut self, transport: MmioTransport) {
+    /// Load a transport built by [`VirtioNet::check_restore`] and the state's carried
+    /// frames (checked there too). The NIC announces its MAC when it is next resumed, then
+    /// delivers the carried frames before any from its backend.
+    pub fn apply_restore(&mut self, transport: MmioTransport, rx_frames: Vec<Vec<u8>>) {
         self.transport = transport;
         self.rx_pending = 0;
+        self.rx_carried = rx_frames.into();
         self.rx_notify = true;
         self.announce = None;
         self.announce_on_resume = true;
@@ -742,6 +856,7 @@ impl MmioDevice for VirtioNet {
             MmioEvent::Reset => {
                 tracing::debug!(slot = self.slot, "virtio-net reset by the driver");
                 self.rx_pending = 0;
+                self.rx_carried.clear();
                 self.rx_notify = true;
                 self.apply_offloads();
             }

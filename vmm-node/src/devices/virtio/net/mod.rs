@@ -44,9 +44,15 @@
 //! # Pause, save, restore, announce
 //! The receive thread writes guest memory only under the device lock and only while the
 //! device is not paused; `NetDevices::pause` takes the lock and sets `paused`, so once it
-//! returns the NIC holds still. A restored NIC (snapshot restore, migration target) sends
-//! [`ANNOUNCE_ROUNDS`] RARP frames for its MAC on its TAP when it is next resumed, so
-//! bridges and switches learn the VM's new port at once.
+//! returns the NIC holds still. Saving a paused NIC takes the frames waiting in its TAP
+//! (bounded: [`state::CARRIED_FRAMES_MAX`], [`state::CARRIED_BYTES_MAX`]) into its state; the
+//! NIC that resumes with it (here after a rollback, or the restored one) delivers them before
+//! its TAP's. A restored NIC (snapshot restore, migration target) sends [`ANNOUNCE_ROUNDS`]
+//! RARP frames for its MAC on its TAP when it is next resumed, so bridges and switches learn
+//! the VM's new port at once; a migration target sends the first one earlier, while still
+//! paused, as soon as the source's state arrived ([`VirtioNet::announce_early`]), so frames
+//! sent during the rest of the blackout wait in its TAP. A NIC whose state was saved also
+//! announces when it resumes where it was (a rolled-back migration).
 
 pub mod backend;
 pub mod device;

@@ -294,10 +294,10 @@ impl VirtioNics {
                 continue;
             };
             let transport = lock(&nic.dev).check_restore(&state)?;
-            staged.push((nic.dev.clone(), transport));
+            staged.push((nic.dev.clone(), transport, state.rx_frames));
         }
-        for (dev, transport) in staged {
-            lock(&dev).apply_restore(transport);
+        for (dev, transport, frames) in staged {
+            lock(&dev).apply_restore(transport, frames);
         }
         Ok(())
     }
@@ -388,7 +388,7 @@ impl NetDevices for VirtioNics {
             .iter()
             .flatten()
             .map(|n| {
-                let d = lock(&n.dev);
+                let mut d = lock(&n.dev);
                 NicState {
                     slot: d.slot(),
                     device: d.save_state().encode(),
@@ -399,6 +399,12 @@ impl NetDevices for VirtioNics {
 
     fn restore(&self, states: &[NicState]) -> Result<(), DeviceError> {
         Ok(self.restore_states(states)?)
+    }
+
+    fn announce_early(&self) {
+        for n in lock(&self.table).nics.iter().flatten() {
+            lock(&n.dev).announce_early();
+        }
     }
 
     fn attach(&self, nic: &NicConfig) -> Result<u8, DeviceError> {

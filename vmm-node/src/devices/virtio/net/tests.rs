@@ -470,7 +470,7 @@ fn announcements_go_out_after_a_restore_only() {
     assert_eq!(r.dev.announce_due(t0), None);
     let state = r.dev.save_state();
     let t = r.dev.check_restore(&state).unwrap();
-    r.dev.apply_restore(t);
+    r.dev.apply_restore(t, state.rx_frames.clone());
     r.dev.pause();
     assert_eq!(r.dev.announce_due(t0), None, "paused: nothing goes out");
     r.dev.resume(t0);
@@ -493,7 +493,7 @@ fn resume_after_a_restore_sends_the_first_announcement_itself() {
     let mut r = rig(BASIC);
     let state = r.dev.save_state();
     let t = r.dev.check_restore(&state).unwrap();
-    r.dev.apply_restore(t);
+    r.dev.apply_restore(t, state.rx_frames.clone());
     assert!(r.wire.lock().unwrap().from_guest.is_empty());
     let t0 = Instant::now();
     r.dev.resume(t0);
@@ -511,6 +511,56 @@ fn resume_after_a_restore_sends_the_first_announcement_itself() {
     assert_eq!(r.dev.stats().announcements, 1);
 }
 
+/// A migration target announces while still paused (its state arrived): one frame, and
+/// the resume after the restore sends only the later rounds (three in all). A running NIC
+/// never announces early.
+#[test]
+fn an_early_announcement_is_round_zero() {
+    let mut r = rig(BASIC);
+    r.dev.announce_early();
+    assert!(
+        r.wire.lock().unwrap().from_guest.is_empty(),
+        "running: nothing"
+    );
+    let state = r.dev.save_state();
+    let mut t = rig(BASIC);
+    t.dev.pause();
+    t.dev.announce_early();
+    t.dev.announce_early();
+    assert_eq!(t.wire.lock().unwrap().from_guest.len(), 1, "once");
+    let tr = t.dev.check_restore(&state).unwrap();
+    t.dev.apply_restore(tr, Vec::new());
+    let t0 = Instant::now();
+    t.dev.resume(t0);
+    assert_eq!(
+        t.wire.lock().unwrap().from_guest.len(),
+        1,
+        "round 0 is not sent again"
+    );
+    let next = t.dev.announce_due(t0).expect("later rounds follow");
+    assert_eq!(next, t0 + ANNOUNCE_INTERVALS[0]);
+    let next = t.dev.announce_due(next).unwrap();
+    assert_eq!(t.dev.announce_due(next), None);
+    let sent = t.wire.lock().unwrap().from_guest.clone();
+    assert_eq!(sent.len(), usize::from(ANNOUNCE_ROUNDS));
+    assert!(sent
+        .iter()
+        .all(|f| f[..] == frames::rarp_announcement(MAC)[..]));
+}
+
+/// A NIC whose state was saved announces when it resumes where it was (a rolled-back
+/// migration: the target may have announced the MAC meanwhile).
+#[test]
+fn a_saved_nic_announces_when_it_resumes() {
+    let mut r = rig(BASIC);
+    r.dev.pause();
+    let _ = r.dev.save_state();
+    r.dev.resume(Instant::now());
+    let sent = r.wire.lock().unwrap().from_guest.clone();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0][..], frames::rarp_announcement(MAC)[..]);
+}
+
 #[test]
 fn state_round_trips_and_mismatches_are_refused() {
     let mut r = rig(BASIC | VIRTIO_NET_F_MRG_RXBUF);
@@ -524,7 +574,7 @@ fn state_round_trips_and_mismatches_are_refused() {
     // A fresh NIC takes it and carries on where the old one was.
     let mut fresh = rig(BASIC);
     let t = fresh.dev.check_restore(&back).unwrap();
-    fresh.dev.apply_restore(t);
+    fresh.dev.apply_restore(t, back.rx_frames.clone());
     assert_eq!(fresh.dev.save_state(), state);
     // Other MAC, MTU, slot, newer format, garbage.
     let mut other = state.clone();
@@ -553,6 +603,110 @@ fn state_round_trips_and_mismatches_are_refused() {
     ));
     assert!(NetState::decode(0, &[]).is_err());
     assert!(NetState::decode(0, &bytes[..bytes.len() - 1]).is_err());
+}
+
+/// Frames waiting in the backend when the NIC is paused and saved travel with the state
+/// (format 2): the restored NIC delivers them, oldest first, before its backend's frames;
+/// nothing is lost or duplicated. On the source they stay carried and are delivered if it
+/// resumes (a rolled-back migration).
+#[test]
+fn frames_waiting_at_pause_are_carried_with_the_state() {
+    let mut r = rig(BASIC);
+    // One frame read but stuck waiting for buffers, then four more in the backend.
+    for seed in 1..=5u8 {
+        r.inject(host_frame(60 + usize::from(seed), seed));
+    }
+    assert_eq!(r.dev.rx_pump(8), RxOutcome::NeedBuffers);
+    r.dev.pause();
+    let state = r.dev.save_state();
+    assert_eq!(state.rx_frames.len(), 5);
+    assert!(
+        r.wire.lock().unwrap().to_guest.is_empty(),
+        "the backend was drained"
+    );
+    assert_eq!(r.dev.stats().rx_carried, 5);
+    let bytes = state.encode();
+    assert_eq!(u16::from_le_bytes([bytes[0], bytes[1]]), 2);
+    let back = NetState::decode(0, &bytes).unwrap();
+    assert_eq!(back, state);
+
+    // The target: a frame already in its own backend comes after the carried ones.
+    let mut t = rig(BASIC);
+    t.inject(host_frame(80, 9));
+    t.dev.pause();
+    let tr = t.dev.check_restore(&back).unwrap();
+    t.dev.apply_restore(tr, back.rx_frames.clone());
+    t.dev.resume(Instant::now());
+    for i in 0..6 {
+        t.post_rx(i, 2048);
+    }
+    assert_eq!(t.dev.rx_pump(16), RxOutcome::Drained);
+    let mut got = Vec::new();
+    while let Some((head, len)) = t.pop_used(0) {
+        got.push(t.rx_bytes(head as u16, len as usize));
+    }
+    let want: Vec<Vec<u8>> = (1..=5u8)
+        .map(|seed| host_frame(60 + usize::from(seed), seed))
+        .chain([host_frame(80, 9)])
+        .collect();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(&g[NET_HDR_BYTES..], &w[NET_HDR_BYTES..]);
+    }
+    assert_eq!(t.dev.stats().rx_frames, 6);
+
+    // The source resumed instead (rollback): it delivers them itself, once.
+    r.dev.resume(Instant::now());
+    for i in 0..5 {
+        r.post_rx(i, 2048);
+    }
+    r.dev.rx_pump(16);
+    assert_eq!(r.dev.stats().rx_frames, 5);
+    assert_eq!(r.dev.carried_frames(), 0);
+    assert_eq!(r.dev.save_state().rx_frames.len(), 0);
+}
+
+/// A state without carried frames is written as format 1 (older builds read it); format 1
+/// still decodes; carried frames beyond the bounds are refused by the decoder and by
+/// `check_restore`.
+#[test]
+fn carried_frames_are_versioned_and_bounded() {
+    let mut r = rig(BASIC);
+    let state = r.dev.save_state();
+    let bytes = state.encode();
+    assert_eq!(u16::from_le_bytes([bytes[0], bytes[1]]), 1);
+    assert_eq!(NetState::decode(0, &bytes).unwrap(), state);
+
+    let with = |frames: Vec<Vec<u8>>| NetState {
+        rx_frames: frames,
+        ..state.clone()
+    };
+    let too_many = with(vec![host_frame(60, 0); state::CARRIED_FRAMES_MAX + 1]);
+    let runt = with(vec![vec![0u8; NET_HDR_BYTES + 3]]);
+    let huge = with(vec![vec![0u8; NET_HDR_BYTES + FRAME_BYTES_MAX + 1]]);
+    let too_big = with(vec![
+        host_frame(FRAME_BYTES_MAX, 0);
+        state::CARRIED_BYTES_MAX / FRAME_BYTES_MAX + 1
+    ]);
+    for bad in [too_many, runt, huge, too_big] {
+        assert!(matches!(
+            r.dev.check_restore(&bad),
+            Err(VirtioNetError::StateMismatch { .. })
+        ));
+        // Encoded by hand (encode() only ever writes valid states).
+        use bincode::Options;
+        let mut b = 2u16.to_le_bytes().to_vec();
+        b.extend(
+            bincode::options()
+                .with_fixint_encoding()
+                .serialize(&bad)
+                .unwrap(),
+        );
+        assert!(NetState::decode(0, &b).is_err());
+    }
+    let ok = with(vec![host_frame(60, 1), host_frame(1500, 2)]);
+    assert!(r.dev.check_restore(&ok).is_ok());
+    assert_eq!(NetState::decode(0, &ok.encode()).unwrap(), ok);
 }
 
 #[test]
@@ -688,8 +842,10 @@ proptest! {
     #[test]
     fn state_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
         let _ = NetState::decode(0, &bytes);
-        let mut b = NET_STATE_FORMAT.to_le_bytes().to_vec();
-        b.extend(&bytes);
-        let _ = NetState::decode(0, &b);
+        for format in 1..=NET_STATE_FORMAT {
+            let mut b = format.to_le_bytes().to_vec();
+            b.extend(&bytes);
+            let _ = NetState::decode(0, &b);
+        }
     }
 }
