@@ -229,4 +229,38 @@ mod tests {
         let json = serde_json::to_value(&m).unwrap_or_default();
         assert_eq!(json["max_downtime"], "0.050s", "{json}");
     }
+
+    /// The previous version's layout of a few fields (integers at the numbers now
+    /// reserved).
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct OldVmInfo {
+        #[prost(uint64, tag = "1")]
+        id: u64,
+        #[prost(uint64, tag = "9")]
+        created_unix_ms: u64,
+    }
+
+    #[test]
+    fn the_previous_layout_and_this_one_decode_each_other_without_error() {
+        use prost::Message;
+        let old = OldVmInfo {
+            id: 7,
+            created_unix_ms: 1_000,
+        };
+        let new = crate::vms::VmInfo::decode(old.encode_to_vec().as_slice());
+        assert!(
+            matches!(&new, Ok(v) if v.id == 7 && v.created_at.is_none()),
+            "{new:?}"
+        );
+        let new = crate::vms::VmInfo {
+            id: 8,
+            created_at: timestamp_from_unix_ms(2_000),
+            ..Default::default()
+        };
+        let old = OldVmInfo::decode(new.encode_to_vec().as_slice());
+        assert!(
+            matches!(&old, Ok(o) if o.id == 8 && o.created_unix_ms == 0),
+            "{old:?}"
+        );
+    }
 }
