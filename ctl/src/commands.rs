@@ -244,7 +244,9 @@ async fn events(
             let left = if limit == 0 {
                 EVENTS_PAGE_MAX
             } else {
-                (limit as usize - all.events.len()).min(EVENTS_PAGE_MAX as usize) as u32
+                (limit as usize)
+                    .saturating_sub(all.events.len())
+                    .min(EVENTS_PAGE_MAX as usize) as u32
             };
             let page = c
                 .list_events(pb::ListEventsRequest {
@@ -256,9 +258,11 @@ async fn events(
                 .map_err(fail)?
                 .into_inner();
             all.last_seq = page.last_seq;
+            let empty = page.events.is_empty();
             all.events.extend(page.events);
             page_token = page.next_page_token;
-            if page_token.is_empty() || (limit != 0 && all.events.len() >= limit as usize) {
+            if page_token.is_empty() || empty || (limit != 0 && all.events.len() >= limit as usize)
+            {
                 return Ok::<_, CtlError>(all);
             }
         }

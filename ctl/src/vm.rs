@@ -1066,7 +1066,9 @@ mod tests {
 
     #[test]
     fn list_renders_table_and_json() {
-        let vms = [info("web1", 2)];
+        let mut web1 = info("web1", 2);
+        web1.created_at = times::timestamp_from_unix_ms(1_767_323_045_678);
+        let vms = [web1];
         let t = render_list(Format::Table, &vms).unwrap_or_default();
         assert!(
             t.contains("NAME") && t.contains("web1") && t.contains("2 (n2)"),
@@ -1077,6 +1079,14 @@ mod tests {
         assert_eq!(v[0]["name"], "web1");
         assert_eq!(v[0]["owner_id"], 2);
         assert_eq!(v[0]["boot"], "test-guest mem");
+        // Times in RFC 3339 (UTC); an absent one is null.
+        assert_eq!(v[0]["created_at"], "2026-01-02T03:04:05.678Z", "{v}");
+        assert!(v[0]["updated_at"].is_null(), "{v}");
+        let one = render_one(Format::Json, vms.first()).unwrap_or_default();
+        assert!(
+            one.contains("\"created_at\": \"2026-01-02T03:04:05.678Z\""),
+            "{one}"
+        );
     }
 
     #[test]
