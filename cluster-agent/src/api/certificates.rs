@@ -483,3 +483,46 @@ pub async fn list_revocations(
 fn revocation_page_key(r: &revocations::Revocation) -> String {
     format!("{:020}:{}", r.at_unix_ms, r.key())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn revoked(user: &str, at_unix_ms: u64) -> revocations::Revocation {
+        revocations::Revocation {
+            user: user.into(),
+            role: String::new(),
+            cert_sha256: None,
+            expires_unix_ms: at_unix_ms + 1,
+            at_unix_ms,
+            by: "root".into(),
+        }
+    }
+
+    /// Revocations page oldest first; two at the same millisecond both appear once.
+    #[test]
+    fn revocations_page_by_time_then_key() {
+        let all = vec![
+            revoked("carol", 300),
+            revoked("bob", 200),
+            revoked("alice", 200),
+            revoked("dave", 100),
+        ];
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        loop {
+            let (page, next) =
+                crate::api::paging::page(all.clone(), revocation_page_key, 1, &token)
+                    .unwrap_or_default();
+            seen.extend(page.iter().map(|r| r.user.clone()));
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        assert_eq!(seen, ["dave", "alice", "bob", "carol"]);
+        let pb = revocation_to_pb(&revoked("erin", 5_000));
+        assert_eq!(pb.role(), pb::UserRole::Unspecified);
+        assert_eq!(times::unix_ms(pb.revoked_at.as_ref()), 5_000);
+    }
+}
