@@ -45,6 +45,81 @@ const ENUM_FIELDS: &[(&str, &str)] = &[
         "migrations::MigrationState",
     ),
     ("volumes.v1.DiskLock.mode", "volumes::LockMode"),
+    ("drain.v1.PolicySpec.mode", "drain::BalanceMode"),
+    (
+        "drain.v1.PolicySpec.aggressiveness",
+        "drain::Aggressiveness",
+    ),
+    ("drain.v1.PlanBalanceRequest.mode", "drain::BalanceMode"),
+    (
+        "drain.v1.PlanBalanceRequest.aggressiveness",
+        "drain::Aggressiveness",
+    ),
+    ("drain.v1.PlanBalanceResponse.mode", "drain::BalanceMode"),
+    (
+        "drain.v1.PlanBalanceResponse.stop_code",
+        "drain::BalanceStop",
+    ),
+    (
+        "migrations.v1.WatchMigrationResponse.phase",
+        "migrations::MigrationPhase",
+    ),
+    ("vms.v1.VmSpec.restart_priority", "vms::RestartPriority"),
+    ("vms.v1.TestGuestBoot.workload", "vms::Workload"),
+    ("management.v1.Revocation.role", "management::UserRole"),
+    (
+        "management.v1.IssueCertificateRequest.role",
+        "management::UserRole",
+    ),
+];
+
+/// Every `google.protobuf.Timestamp` field: RFC 3339 in JSON (`src/times.rs`).
+const TIMESTAMP_FIELDS: &[&str] = &[
+    "drain.v1.MoveInfo.planned_start_at",
+    "drain.v1.MoveInfo.planned_end_at",
+    "drain.v1.MoveInfo.started_at",
+    "drain.v1.MoveInfo.ended_at",
+    "drain.v1.JobInfo.planned_finish_at",
+    "drain.v1.JobInfo.created_at",
+    "drain.v1.JobInfo.updated_at",
+    "drain.v1.JobInfo.finished_at",
+    "drain.v1.DrainNodeResponse.planned_start_at",
+    "drain.v1.DrainNodeResponse.planned_finish_at",
+    "migrations.v1.MigrationInfo.started_at",
+    "migrations.v1.MigrationInfo.ended_at",
+    "vms.v1.VmInfo.created_at",
+    "vms.v1.VmInfo.updated_at",
+    "vms.v1.VmDemand.sampled_at",
+    "vms.v1.StreamConsoleResponse.received_at",
+    "management.v1.ConsoleLoginResponse.expires_at",
+    "management.v1.Revocation.revoked_at",
+    "management.v1.Revocation.expires_at",
+    "management.v1.CreateJoinTokenResponse.expires_at",
+    "management.v1.AdmitNodeRequest.cert_expires_at",
+    "management.v1.NodeInfo.state_since",
+    "management.v1.NodeInfo.cert_expires_at",
+    "management.v1.NodeDemand.sampled_at",
+    "management.v1.Event.at",
+];
+
+/// Every `google.protobuf.Duration` field: `"1.500s"` in JSON (`src/times.rs`).
+const DURATION_FIELDS: &[&str] = &[
+    "drain.v1.DrainNodeResponse.lower_bound",
+    "drain.v1.PolicySpec.interval",
+    "drain.v1.PolicySpec.min_dwell",
+    "migrations.v1.MigrationSummary.total",
+    "migrations.v1.MigrationSummary.blackout",
+    "migrations.v1.MigrationInfo.max_downtime",
+    "migrations.v1.MigrationInfo.deadline",
+    "migrations.v1.WatchMigrationResponse.eta",
+    "vms.v1.PlanMigrationResponse.predicted_duration",
+    "vms.v1.PlanMigrationResponse.predicted_downtime",
+    "vms.v1.MigrateVmRequest.max_downtime",
+    "vms.v1.MigrateVmRequest.deadline",
+    "vms.v1.PlanMigrationRequest.max_downtime",
+    "vms.v1.PlanMigrationRequest.deadline",
+    "vms.v1.TestGuestBoot.heartbeat_interval",
+    "management.v1.CreateJoinTokenRequest.ttl",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -61,6 +136,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             format!(
                 "#[serde(serialize_with = \"crate::names::serialize::<crate::{enum_type}, _>\")]"
             ),
+        );
+    }
+    for field in TIMESTAMP_FIELDS {
+        config = config.field_attribute(
+            format!(".cluster.{field}"),
+            "#[serde(serialize_with = \"crate::times::serialize_timestamp\")]",
+        );
+    }
+    for field in DURATION_FIELDS {
+        config = config.field_attribute(
+            format!(".cluster.{field}"),
+            "#[serde(serialize_with = \"crate::times::serialize_duration\")]",
         );
     }
     config

@@ -27,8 +27,8 @@ async fn plan(cl: &Cluster, via: u64, mode: &str) -> dpb::PlanBalanceResponse {
     cl.drains(via)
         .await
         .plan_balance(dpb::PlanBalanceRequest {
-            mode: mode.into(),
-            aggressiveness: String::new(),
+            mode: dpb::BalanceMode::from_name(mode).map_or(99, |m| m as i32),
+            aggressiveness: 0,
         })
         .await
         .unwrap_or_else(|e| panic!("plan: {e}{}", cl.logs()))
@@ -40,10 +40,10 @@ async fn set_policy(cl: &Cluster, via: u64, mode: &str, cost_bp_per_s: u32) {
         .await
         .set_policy(dpb::SetPolicyRequest {
             policy: Some(dpb::PolicySpec {
-                mode: mode.into(),
-                aggressiveness: "high".into(),
-                interval_ms: 1000,
-                min_dwell_ms: Some(300_000),
+                mode: dpb::BalanceMode::from_name(mode).map_or(99, |m| m as i32),
+                aggressiveness: dpb::Aggressiveness::from_name("high").map_or(99, |a| a as i32),
+                interval: Some(cluster_proto::times::duration_from_ms(1000)),
+                min_dwell: Some(cluster_proto::times::duration_from_ms(300_000)),
                 migration_cost_bp_per_s: Some(cost_bp_per_s),
             }),
         })
@@ -87,8 +87,8 @@ async fn busy_guests_crowded_on_one_node_are_measured_and_spread_once() {
         .unwrap_or_else(|e| panic!("create {n}: {e}{}", cl.logs()));
     }
     let idle_boot = pb::TestGuestBoot {
-        workload: "idle".into(),
-        hb_ms: 100,
+        workload: cluster_proto::vms::Workload::Idle as i32,
+        heartbeat_interval: Some(cluster_proto::times::duration_from_ms(100)),
         ..Default::default()
     };
     c.create_vm(pb::CreateVmRequest {
@@ -160,7 +160,7 @@ async fn busy_guests_crowded_on_one_node_are_measured_and_spread_once() {
     set_policy(&cl, 2, "none", 10_000).await;
     let p = plan(&cl, 2, "even").await;
     assert!(p.moves.is_empty(), "{p:?}");
-    assert_eq!(p.stop_code, "gain_below_cost", "{p:?}");
+    assert_eq!(p.stop_code(), dpb::BalanceStop::GainBelowCost, "{p:?}");
     assert!(p.stopped.contains("costs"), "{p:?}");
     // At the default cost it moves two busy guests off node 1, each step explained.
     set_policy(&cl, 2, "none", 100).await;

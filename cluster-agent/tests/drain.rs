@@ -134,7 +134,7 @@ fn migrations(events: &[cluster_proto::management::Event]) -> Vec<Span> {
                         vm: vm.to_owned(),
                         from: e.node_id,
                         to: target(t),
-                        start_ms: e.at_unix_ms,
+                        start_ms: cluster_proto::times::unix_ms(e.at.as_ref()),
                         end_ms: u64::MAX,
                     },
                 );
@@ -145,7 +145,7 @@ fn migrations(events: &[cluster_proto::management::Event]) -> Vec<Span> {
             || (tail.starts_with("migration to node ") && tail.contains(" failed"));
         if ended {
             if let Some(mut s) = open.remove(vm) {
-                s.end_ms = e.at_unix_ms;
+                s.end_ms = cluster_proto::times::unix_ms(e.at.as_ref());
                 out.push(s);
             }
         }
@@ -198,7 +198,10 @@ async fn drain_empties_the_node_one_migration_per_node_and_failback_returns_the_
         .plan
         .iter()
         .all(|m| m.from_node_id == 1 && m.to_node_id != 1));
-    assert!(dry.planned_finish_unix_ms > dry.planned_start_unix_ms);
+    assert!(
+        cluster_proto::times::unix_ms(dry.planned_finish_at.as_ref())
+            > cluster_proto::times::unix_ms(dry.planned_start_at.as_ref())
+    );
     cl.barrier().await;
     let nodes = cl.check(cl.nodes(3).await);
     assert!(nodes.iter().all(|n| n.state().name() == "up"), "{nodes:?}");
@@ -615,9 +618,9 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
         expect_code(
             d.set_policy(dpb::SetPolicyRequest {
                 policy: Some(dpb::PolicySpec {
-                    mode: mode.into(),
-                    aggressiveness: aggr.into(),
-                    interval_ms,
+                    mode: dpb::BalanceMode::from_name(mode).map_or(99, |m| m as i32),
+                    aggressiveness: dpb::Aggressiveness::from_name(aggr).map_or(99, |a| a as i32),
+                    interval: Some(cluster_proto::times::duration_from_ms(interval_ms)),
                     ..Default::default()
                 }),
             })
@@ -636,7 +639,7 @@ async fn bad_drain_requests_are_refused_and_change_nothing() {
         .await
         .unwrap_or_else(|e| panic!("{e}"))
         .into_inner();
-    assert_eq!(p.policy.map(|p| p.mode).as_deref(), Some("none"));
+    assert_eq!(p.policy.map(|p| p.mode()), Some(dpb::BalanceMode::None));
     let nodes = cl.check(cl.nodes(1).await);
     let n1 = |ns: &[cluster_proto::management::NodeInfo]| {
         ns.iter().find(|n| n.node_id == 1).map(|n| n.state)
@@ -676,9 +679,9 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
     let p = d
         .set_policy(dpb::SetPolicyRequest {
             policy: Some(dpb::PolicySpec {
-                mode: "none".into(),
-                aggressiveness: "high".into(),
-                interval_ms: 1000,
+                mode: dpb::BalanceMode::from_name("none").map_or(99, |m| m as i32),
+                aggressiveness: dpb::Aggressiveness::from_name("high").map_or(99, |a| a as i32),
+                interval: Some(cluster_proto::times::duration_from_ms(1000)),
                 ..Default::default()
             }),
         })
@@ -686,12 +689,18 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
         .unwrap_or_else(|e| panic!("policy: {e}{}", cl.logs()))
         .into_inner();
     let p = p.policy.unwrap_or_default();
-    assert_eq!((p.mode.as_str(), p.interval_ms), ("none", 1000));
+    assert_eq!(
+        (p.mode(), p.interval),
+        (
+            dpb::BalanceMode::None,
+            Some(cluster_proto::times::duration_from_ms(1000))
+        )
+    );
     // The dry run under "even" names moves off node 1; it changes nothing.
     let plan = d
         .plan_balance(dpb::PlanBalanceRequest {
-            mode: "even".into(),
-            aggressiveness: String::new(),
+            mode: dpb::BalanceMode::from_name("even").map_or(99, |m| m as i32),
+            aggressiveness: 0,
         })
         .await
         .unwrap_or_else(|e| panic!("plan: {e}"))
@@ -732,9 +741,9 @@ async fn even_policy_balances_an_unbalanced_cluster_and_none_moves_nothing() {
 
     d.set_policy(dpb::SetPolicyRequest {
         policy: Some(dpb::PolicySpec {
-            mode: "even".into(),
-            aggressiveness: "high".into(),
-            interval_ms: 1000,
+            mode: dpb::BalanceMode::from_name("even").map_or(99, |m| m as i32),
+            aggressiveness: dpb::Aggressiveness::from_name("high").map_or(99, |a| a as i32),
+            interval: Some(cluster_proto::times::duration_from_ms(1000)),
             ..Default::default()
         }),
     })

@@ -31,7 +31,7 @@ async fn drain_and_migrate_use_quick_migration_where_live_is_impossible() {
         "q",
         64,
         pb::TestGuestBoot {
-            hb_ms: 50,
+            heartbeat_interval: Some(cluster_proto::times::duration_from_ms(50)),
             ..mem_boot()
         },
     );

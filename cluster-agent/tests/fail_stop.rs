@@ -172,7 +172,7 @@ async fn a_corrupted_store_is_refused_at_start_and_the_cluster_keeps_its_data() 
     let leader = c.check(formed);
     let owner = c.ids().into_iter().find(|n| *n != leader).unwrap_or(2);
     let spec = pb::VmSpec {
-        restart_priority: "high".into(),
+        restart_priority: cluster_proto::vms::RestartPriority::High as i32,
         preferred_owners: vec![owner],
         ..guest_spec("vm-s", 64, mem_boot())
     };

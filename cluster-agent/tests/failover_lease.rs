@@ -14,11 +14,11 @@ use cluster_tests::{http_get, Cluster, WAIT};
 
 fn guest(name: &str, owner: u64) -> pb::VmSpec {
     let boot = pb::TestGuestBoot {
-        hb_ms: 50,
+        heartbeat_interval: Some(cluster_proto::times::duration_from_ms(50)),
         ..mem_boot()
     };
     pb::VmSpec {
-        restart_priority: "high".into(),
+        restart_priority: cluster_proto::vms::RestartPriority::High as i32,
         preferred_owners: vec![owner],
         ..guest_spec(name, 64, boot)
     }

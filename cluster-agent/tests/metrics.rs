@@ -270,10 +270,10 @@ async fn metrics_before_during_and_after_migrations_pass_promtool_and_match() {
 
     // A guest that dirties memory fast, its migration held in pre-copy by a bandwidth cap.
     let busy = pb::TestGuestBoot {
-        workload: "dirty".into(),
+        workload: cluster_proto::vms::Workload::Dirty as i32,
         wss_mib: 64,
         rate_mbps: 4000,
-        hb_ms: 100,
+        heartbeat_interval: Some(cluster_proto::times::duration_from_ms(100)),
         ..Default::default()
     };
     let src = cl
@@ -285,8 +285,8 @@ async fn metrics_before_during_and_after_migrations_pass_promtool_and_match() {
     vm.migrate_vm(pb::MigrateVmRequest {
         name: "busy".into(),
         to_node_id: dst,
-        max_downtime_ms: Some(1),
-        deadline_ms: Some(600_000),
+        max_downtime: Some(cluster_proto::times::duration_from_ms(1)),
+        deadline: Some(cluster_proto::times::duration_from_ms(600_000)),
         bandwidth_bytes_per_s_max: Some(1 << 20),
         ..Default::default()
     })

@@ -18,10 +18,10 @@ const HOLD_DEADLINE_MS: u64 = 600_000;
 
 fn guest(name: &str, workload: &str, memory_mib: u64, wss_mib: u64, rate_mbps: u64) -> pb::VmSpec {
     let boot = pb::TestGuestBoot {
-        workload: workload.into(),
+        workload: pb::Workload::from_name(workload).map_or(0, |w| w as i32),
         wss_mib,
         rate_mbps,
-        hb_ms: 100,
+        heartbeat_interval: Some(cluster_proto::times::duration_from_ms(100)),
         ..Default::default()
     };
     guest_spec(name, memory_mib, boot)
@@ -71,15 +71,28 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     let mut mig = cl.migrations(other).await;
 
     // Bad options and ids are refused and change nothing.
-    let bad = |max_downtime_ms, deadline_ms, bandwidth_bytes_per_s_max| pb::MigrateVmRequest {
+    let bad = |max_downtime_ms: Option<u64>,
+               deadline_ms: Option<u64>,
+               bandwidth_bytes_per_s_max| pb::MigrateVmRequest {
         name: "busy".into(),
-        max_downtime_ms,
-        deadline_ms,
+        max_downtime: max_downtime_ms.map(cluster_proto::times::duration_from_ms),
+        deadline: deadline_ms.map(cluster_proto::times::duration_from_ms),
         bandwidth_bytes_per_s_max,
         ..Default::default()
     };
     for (req, needle) in [
         (bad(Some(0), None, None), "max_downtime_ms 0"),
+        (
+            pb::MigrateVmRequest {
+                name: "busy".into(),
+                max_downtime: Some(cluster_proto::times::Duration {
+                    seconds: -1,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            },
+            "max_downtime -1s is negative",
+        ),
         (
             bad(Some(500), Some(400), None),
             "must exceed the max downtime",
@@ -117,8 +130,8 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     vm.migrate_vm(pb::MigrateVmRequest {
         name: "busy".into(),
         to_node_id: other,
-        max_downtime_ms: Some(1),
-        deadline_ms: Some(HOLD_DEADLINE_MS),
+        max_downtime: Some(cluster_proto::times::duration_from_ms(1)),
+        deadline: Some(cluster_proto::times::duration_from_ms(HOLD_DEADLINE_MS)),
         bandwidth_bytes_per_s_max: Some(HOLD_BYTES_PER_S),
         ..Default::default()
     })
@@ -130,11 +143,22 @@ async fn progress_cancel_deadline_records_and_bad_input() {
             rec.source_node_id,
             rec.target_node_id,
             rec.kind().name(),
-            rec.max_downtime_ms,
-            rec.deadline_ms,
+            rec.max_downtime
+                .as_ref()
+                .map(cluster_proto::times::duration_string),
+            rec.deadline
+                .as_ref()
+                .map(cluster_proto::times::duration_string),
             rec.bandwidth_bytes_per_s_max,
         ),
-        (src, other, "live", 1, HOLD_DEADLINE_MS, HOLD_BYTES_PER_S)
+        (
+            src,
+            other,
+            "live",
+            Some("0.001s".to_owned()),
+            Some(format!("{}s", HOLD_DEADLINE_MS / 1000)),
+            HOLD_BYTES_PER_S
+        )
     );
     let mut stream = cl.watch_migration(other, rec.id).await;
     let mut seen: Vec<mpb::WatchMigrationResponse> = Vec::new();
@@ -142,7 +166,9 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         // Three growing figures of guest memory on the wire in pre-copy.
         while seen
             .iter()
-            .filter(|p| p.phase == "pre-copy" && p.bytes_sent > 0)
+            .filter(|p| {
+                p.phase() == cluster_proto::migrations::MigrationPhase::PreCopy && p.bytes_sent > 0
+            })
             .map(|p| p.bytes_sent)
             .collect::<std::collections::BTreeSet<_>>()
             .len()
@@ -207,8 +233,8 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     vm.migrate_vm(pb::MigrateVmRequest {
         name: "busy".into(),
         to_node_id: other,
-        max_downtime_ms: Some(1),
-        deadline_ms: Some(1_500),
+        max_downtime: Some(cluster_proto::times::duration_from_ms(1)),
+        deadline: Some(cluster_proto::times::duration_from_ms(1_500)),
         bandwidth_bytes_per_s_max: Some(HOLD_BYTES_PER_S),
         ..Default::default()
     })
@@ -239,7 +265,11 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     assert_eq!(fin.bandwidth_bytes_per_s_max, 0, "no cap: {fin:?}");
     let s = fin.stats.unwrap_or_default();
     assert!(
-        s.blackout_us > 0 && s.rounds >= 1 && s.wire_bytes > 0,
+        cluster_proto::times::duration_us(s.blackout.as_ref().unwrap_or(&Default::default()))
+            .unwrap_or(0)
+            > 0
+            && s.rounds >= 1
+            && s.wire_bytes > 0,
         "{s:?}"
     );
     assert!(
@@ -289,7 +319,9 @@ async fn progress_cancel_deadline_records_and_bad_input() {
         assert_eq!(only_calm.len(), 1);
         assert!(all
             .iter()
-            .all(|r| r.ended_unix_ms >= r.started_unix_ms && r.ended_unix_ms > 0));
+            .all(|r| cluster_proto::times::unix_ms(r.ended_at.as_ref())
+                >= cluster_proto::times::unix_ms(r.started_at.as_ref())
+                && cluster_proto::times::unix_ms(r.ended_at.as_ref()) > 0));
     }
 }
 
@@ -329,8 +361,8 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
     let migrate = |name: &str, to: u64| pb::MigrateVmRequest {
         name: name.into(),
         to_node_id: to,
-        max_downtime_ms: Some(1),
-        deadline_ms: Some(HOLD_DEADLINE_MS),
+        max_downtime: Some(cluster_proto::times::duration_from_ms(1)),
+        deadline: Some(cluster_proto::times::duration_from_ms(HOLD_DEADLINE_MS)),
         bandwidth_bytes_per_s_max: Some(HOLD_BYTES_PER_S),
         ..Default::default()
     };
@@ -348,8 +380,8 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
     // b to node 3 and c anywhere: queued, holding no slot.
     let qb = vm
         .migrate_vm(pb::MigrateVmRequest {
-            max_downtime_ms: None,
-            deadline_ms: None,
+            max_downtime: (None).map(cluster_proto::times::duration_from_ms),
+            deadline: (None).map(cluster_proto::times::duration_from_ms),
             bandwidth_bytes_per_s_max: None,
             ..migrate("b", b_node)
         })
@@ -360,8 +392,8 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
     assert_eq!(qb.vm.as_ref().map(|v| v.migrating_to), Some(0));
     let qc = vm
         .migrate_vm(pb::MigrateVmRequest {
-            max_downtime_ms: None,
-            deadline_ms: None,
+            max_downtime: (None).map(cluster_proto::times::duration_from_ms),
+            deadline: (None).map(cluster_proto::times::duration_from_ms),
             bandwidth_bytes_per_s_max: None,
             ..migrate("c", 0)
         })
@@ -464,10 +496,11 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
     assert_eq!(b.state().name(), "succeeded", "{b:?}{}", cl.logs());
     assert_eq!((b.source_node_id, b.target_node_id), (a, b_node));
     assert!(
-        b.started_unix_ms >= hog_end.ended_unix_ms,
+        cluster_proto::times::unix_ms(b.started_at.as_ref())
+            >= cluster_proto::times::unix_ms(hog_end.ended_at.as_ref()),
         "b started at {} while the hog's migration ran until {}",
-        b.started_unix_ms,
-        hog_end.ended_unix_ms
+        cluster_proto::times::unix_ms(b.started_at.as_ref()),
+        cluster_proto::times::unix_ms(hog_end.ended_at.as_ref())
     );
     let v = cl.wait_settled(a, "b").await;
     assert_eq!(v.owner_id, b_node);

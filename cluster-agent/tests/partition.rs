@@ -41,7 +41,7 @@ fn agent_timings() -> Options {
 /// A test-guest VM preferring `owner`, restarted first on failover.
 fn guest(name: &str, owner: u64) -> pb::VmSpec {
     pb::VmSpec {
-        restart_priority: "high".into(),
+        restart_priority: cluster_proto::vms::RestartPriority::High as i32,
         preferred_owners: vec![owner],
         ..guest_spec(name, 64, mem_boot())
     }
@@ -50,8 +50,8 @@ fn guest(name: &str, owner: u64) -> pb::VmSpec {
 /// A test-guest VM with `disk` on the shared volume, writing and verifying it.
 fn disk_guest(name: &str, owner: u64, disk: &str) -> pb::VmSpec {
     let boot = pb::TestGuestBoot {
-        workload: "disk".into(),
-        hb_ms: 100,
+        workload: cluster_proto::vms::Workload::Disk as i32,
+        heartbeat_interval: Some(cluster_proto::times::duration_from_ms(100)),
         ..Default::default()
     };
     pb::VmSpec {
@@ -59,7 +59,7 @@ fn disk_guest(name: &str, owner: u64, disk: &str) -> pb::VmSpec {
             name: disk.into(),
             read_only: false,
         }],
-        restart_priority: "high".into(),
+        restart_priority: cluster_proto::vms::RestartPriority::High as i32,
         preferred_owners: vec![owner],
         ..guest_spec(name, 64, boot)
     }
@@ -670,8 +670,8 @@ async fn live_migration_cut_in_precopy(cut: Side) {
         .migrate_vm(pb::MigrateVmRequest {
             name: "vm-m".into(),
             to_node_id: dst,
-            max_downtime_ms: Some(1),
-            deadline_ms: Some(600_000),
+            max_downtime: Some(cluster_proto::times::duration_from_ms(1)),
+            deadline: Some(cluster_proto::times::duration_from_ms(600_000)),
             bandwidth_bytes_per_s_max: Some(1 << 20),
             ..Default::default()
         })
@@ -820,8 +820,8 @@ async fn live_migration_source_restarted_in_precopy() {
         .migrate_vm(pb::MigrateVmRequest {
             name: "vm-o".into(),
             to_node_id: dst,
-            max_downtime_ms: Some(1),
-            deadline_ms: Some(600_000),
+            max_downtime: Some(cluster_proto::times::duration_from_ms(1)),
+            deadline: Some(cluster_proto::times::duration_from_ms(600_000)),
             bandwidth_bytes_per_s_max: Some(1 << 20),
             ..Default::default()
         })

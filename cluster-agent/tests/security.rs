@@ -383,7 +383,9 @@ async fn a_join_token_gets_one_new_node_its_certificate_once_before_it_expires()
         .await
         .unwrap_or_else(|e| panic!("admin: {e}"));
     let token = admin
-        .create_join_token(pb::CreateJoinTokenRequest { ttl_s: 600 })
+        .create_join_token(pb::CreateJoinTokenRequest {
+            ttl: Some(cluster_proto::times::duration_from_ms(600 * 1000)),
+        })
         .await
         .unwrap_or_else(|e| panic!("create a token: {e:?}"))
         .into_inner()
@@ -460,12 +462,16 @@ async fn a_join_token_gets_one_new_node_its_certificate_once_before_it_expires()
 
     // Expired: a token of one second, used after its expiry.
     let short = admin
-        .create_join_token(pb::CreateJoinTokenRequest { ttl_s: 1 })
+        .create_join_token(pb::CreateJoinTokenRequest {
+            ttl: Some(cluster_proto::times::duration_from_ms(1000)),
+        })
         .await
         .unwrap_or_else(|e| panic!("{e:?}"))
         .into_inner();
-    let until =
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(short.expires_unix_ms + 50);
+    let until = std::time::UNIX_EPOCH
+        + std::time::Duration::from_millis(
+            cluster_proto::times::unix_ms(short.expires_at.as_ref()) + 50,
+        );
     if let Ok(left) = until.duration_since(std::time::SystemTime::now()) {
         tokio::time::sleep(left).await; // the token's own lifetime, not a guess at speed
     }
@@ -485,7 +491,9 @@ async fn a_join_token_gets_one_new_node_its_certificate_once_before_it_expires()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let e = v
-        .create_join_token(pb::CreateJoinTokenRequest { ttl_s: 60 })
+        .create_join_token(pb::CreateJoinTokenRequest {
+            ttl: Some(cluster_proto::times::duration_from_ms(60 * 1000)),
+        })
         .await
         .expect_err("a viewer creating a token");
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
@@ -494,7 +502,7 @@ async fn a_join_token_gets_one_new_node_its_certificate_once_before_it_expires()
         .issue_certificate(pb::IssueCertificateRequest {
             csr_pem: csr_pem.clone(),
             user_name: "mallory".into(),
-            role: "admin".into(),
+            role: cluster_proto::management::UserRole::Admin as i32,
             ..Default::default()
         })
         .await
@@ -508,7 +516,7 @@ async fn a_join_token_gets_one_new_node_its_certificate_once_before_it_expires()
         .issue_certificate(pb::IssueCertificateRequest {
             csr_pem,
             user_name: "olga".into(),
-            role: "viewer".into(),
+            role: cluster_proto::management::UserRole::Viewer as i32,
             ..Default::default()
         })
         .await
@@ -749,9 +757,10 @@ async fn short_lived_node_certificates_are_renewed_before_expiry_and_the_cluster
             Duration::from_secs(30),
             || cl.nodes(1),
             |nodes| {
-                nodes
-                    .iter()
-                    .any(|n| n.node_id == id && n.cert_expires_unix_ms >= until_ms)
+                nodes.iter().any(|n| {
+                    n.node_id == id
+                        && cluster_proto::times::unix_ms(n.cert_expires_at.as_ref()) >= until_ms
+                })
             },
         )
         .await;

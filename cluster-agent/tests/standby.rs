@@ -29,8 +29,8 @@ fn idle(name: &str, memory_mib: u64, preferred: u64) -> pb::VmSpec {
             name,
             memory_mib,
             pb::TestGuestBoot {
-                workload: "idle".into(),
-                hb_ms: 100,
+                workload: cluster_proto::vms::Workload::Idle as i32,
+                heartbeat_interval: Some(cluster_proto::times::duration_from_ms(100)),
                 ..Default::default()
             },
         )
@@ -42,10 +42,10 @@ async fn set_policy(cl: &Cluster, mode: &str) {
         .await
         .set_policy(dpb::SetPolicyRequest {
             policy: Some(dpb::PolicySpec {
-                mode: mode.into(),
-                aggressiveness: "medium".into(),
-                interval_ms: 1_000,
-                min_dwell_ms: Some(1_000),
+                mode: dpb::BalanceMode::from_name(mode).map_or(99, |m| m as i32),
+                aggressiveness: dpb::Aggressiveness::from_name("medium").map_or(99, |a| a as i32),
+                interval: Some(cluster_proto::times::duration_from_ms(1_000)),
+                min_dwell: Some(cluster_proto::times::duration_from_ms(1_000)),
                 migration_cost_bp_per_s: Some(1),
             }),
         })

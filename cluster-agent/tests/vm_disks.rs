@@ -46,8 +46,8 @@ async fn disk_cluster_with(n: u64, extra_toml: &str, env: &[(&str, &str)]) -> (C
 
 fn disk_spec(name: &str, disks: &[&str]) -> pb::VmSpec {
     let boot = pb::TestGuestBoot {
-        workload: "disk".into(),
-        hb_ms: 100,
+        workload: cluster_proto::vms::Workload::Disk as i32,
+        heartbeat_interval: Some(cluster_proto::times::duration_from_ms(100)),
         ..Default::default()
     };
     pb::VmSpec {
@@ -58,7 +58,7 @@ fn disk_spec(name: &str, disks: &[&str]) -> pb::VmSpec {
                 read_only: false,
             })
             .collect(),
-        restart_priority: "high".into(),
+        restart_priority: cluster_proto::vms::RestartPriority::High as i32,
         ..guest_spec(name, 64, boot)
     }
 }
@@ -568,7 +568,7 @@ async fn vm_restarted_by_hand_after_its_owner_died_takes_the_disk_over() {
     let (mut cl, csv) = disk_cluster(3).await;
     create_disk(&cl, 1, "vol/vms/n.img").await;
     let mut s = disk_spec("vm-n", &["vol/vms/n.img"]);
-    s.restart_priority = "none".into();
+    s.restart_priority = cluster_proto::vms::RestartPriority::None as i32;
     let before = cl.create_running(1, s).await;
     let owner = before.owner_id;
     let via = [1, 2, 3].into_iter().find(|n| *n != owner).unwrap_or(1);
@@ -742,10 +742,10 @@ async fn disk_vm_in_endless_precopy(extra_toml: &str) -> MidMigration {
     let leader = cl.check(cl.status(1).await).leader_id;
     let (src, dst) = followers(leader);
     let boot = pb::TestGuestBoot {
-        workload: "dirty".into(),
+        workload: cluster_proto::vms::Workload::Dirty as i32,
         wss_mib: 64,
         rate_mbps: 4000,
-        hb_ms: 100,
+        heartbeat_interval: Some(cluster_proto::times::duration_from_ms(100)),
         ..Default::default()
     };
     let spec = pb::VmSpec {
@@ -766,8 +766,8 @@ async fn disk_vm_in_endless_precopy(extra_toml: &str) -> MidMigration {
     c.migrate_vm(pb::MigrateVmRequest {
         name: "vm-m".into(),
         to_node_id: dst,
-        max_downtime_ms: Some(1),
-        deadline_ms: Some(600_000),
+        max_downtime: Some(cluster_proto::times::duration_from_ms(1)),
+        deadline: Some(cluster_proto::times::duration_from_ms(600_000)),
         bandwidth_bytes_per_s_max: Some(1 << 20),
         ..Default::default()
     })

@@ -81,7 +81,7 @@ async fn vms_run_on_scheduled_nodes_stream_consoles_and_stop() {
     };
     let mut bad_workload = spec("badwl", 1, 64);
     bad_workload.boot = Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-        workload: "spin".into(),
+        workload: 42,
         ..Default::default()
     }));
     for (req, code, needle) in [
@@ -202,7 +202,7 @@ async fn owner_kill9_restarts_its_vm_on_a_survivor() {
     let formed = cl.form(3).await;
     cl.check(formed);
     let mut s = spec("vm-f", 1, 64);
-    s.restart_priority = "high".into();
+    s.restart_priority = cluster_proto::vms::RestartPriority::High as i32;
     let before = cl.create_running(1, s).await;
     let owner = before.owner_id;
     let survivor = [1, 2, 3].into_iter().find(|n| *n != owner).unwrap_or(0);

@@ -30,8 +30,8 @@ fn net_spec(name: &str, mac: &str) -> pb::VmSpec {
             name,
             32,
             pb::TestGuestBoot {
-                workload: "net".into(),
-                hb_ms: 100,
+                workload: cluster_proto::vms::Workload::Net as i32,
+                heartbeat_interval: Some(cluster_proto::times::duration_from_ms(100)),
                 net_ip: GUEST_IP.into(),
                 ..Default::default()
             },
@@ -740,7 +740,10 @@ async fn live_migration_under_a_1khz_echo_stream_through_the_cluster() {
         bridge_mac,
         "the bridge's address changed across the migration"
     );
-    let blackout_us = rec.stats.as_ref().map(|s| s.blackout_us);
+    let blackout_us = rec.stats.as_ref().map(|s| {
+        cluster_proto::times::duration_us(s.blackout.as_ref().unwrap_or(&Default::default()))
+            .unwrap_or(0)
+    });
     eprintln!(
         "1 kHz echo stream across a cluster live migration: {} sent, {} lost, longest silence {} ms, \
          longest loss run {}; migration {} blackout {:?} us; target TAP: {} announcements, \

@@ -19,7 +19,7 @@ const WORKERS: &str = "vm_workers = true\n";
 fn spec(name: &str, preferred: u64) -> pb::VmSpec {
     pb::VmSpec {
         preferred_owners: vec![preferred],
-        restart_priority: "high".into(),
+        restart_priority: cluster_proto::vms::RestartPriority::High as i32,
         ..guest_spec(name, 64, mem_boot())
     }
 }
@@ -70,8 +70,8 @@ async fn create_disk(cl: &Cluster, name: &str) {
 /// A 64 MiB guest running the `disk` workload on node 2, with `disks` from its start.
 fn disk_guest(name: &str, disks: &[&str]) -> pb::VmSpec {
     let boot = pb::TestGuestBoot {
-        workload: "disk".into(),
-        hb_ms: 100,
+        workload: cluster_proto::vms::Workload::Disk as i32,
+        heartbeat_interval: Some(cluster_proto::times::duration_from_ms(100)),
         ..Default::default()
     };
     pb::VmSpec {
@@ -903,8 +903,8 @@ async fn live_migration_of_a_worker_vm_rolls_back_on_cancel_then_moves_it_with_i
     vms.migrate_vm(pb::MigrateVmRequest {
         name: "vm-l".into(),
         to_node_id: 3,
-        max_downtime_ms: Some(1),
-        deadline_ms: Some(600_000),
+        max_downtime: Some(cluster_proto::times::duration_from_ms(1)),
+        deadline: Some(cluster_proto::times::duration_from_ms(600_000)),
         bandwidth_bytes_per_s_max: Some(HOLD_BYTES_PER_S),
         ..Default::default()
     })
@@ -912,7 +912,7 @@ async fn live_migration_of_a_worker_vm_rolls_back_on_cancel_then_moves_it_with_i
     .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
     let rec = cl.running_migration(1, "vm-l", cluster_tests::WAIT).await;
     cl.watch_migration_until(1, rec.id, "pre-copy progress from the worker", |p| {
-        p.phase == "pre-copy" && p.bytes_sent > 0
+        p.phase() == cluster_proto::migrations::MigrationPhase::PreCopy && p.bytes_sent > 0
     })
     .await;
     cl.migrations(1)
@@ -956,7 +956,13 @@ async fn live_migration_of_a_worker_vm_rolls_back_on_cancel_then_moves_it_with_i
     assert_eq!(end.state().name(), "succeeded", "{end:?}{}", cl.logs());
     let st = end.stats.unwrap_or_default();
     assert!(
-        st.has_target_digest && st.receipt_matches && st.blackout_us > 0,
+        st.has_target_digest
+            && st.receipt_matches
+            && cluster_proto::times::duration_us(
+                st.blackout.as_ref().unwrap_or(&Default::default())
+            )
+            .unwrap_or(0)
+                > 0,
         "{st:?}"
     );
     let (node, _) = cl

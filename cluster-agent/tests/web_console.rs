@@ -95,9 +95,9 @@ async fn console_shows_the_cluster_live_and_enforces_roles() {
     let formed = cl.form(3).await;
     cl.check(formed);
     let boot = vpb::TestGuestBoot {
-        workload: "mem".into(),
+        workload: cluster_proto::vms::Workload::Mem as i32,
         wss_mib: 8,
-        hb_ms: 100,
+        heartbeat_interval: Some(cluster_proto::times::duration_from_ms(100)),
         ..Default::default()
     };
     let web = cl.create_running(1, guest_spec("web", 96, boot)).await;

@@ -205,7 +205,9 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
         Cmd::User(u) => crate::pki::user(cli, u).await,
         Cmd::Cluster(ClusterCmd::Token(crate::pki::TokenCmd::Create { ttl })) => {
             let r = c
-                .create_join_token(pb::CreateJoinTokenRequest { ttl_s: *ttl })
+                .create_join_token(pb::CreateJoinTokenRequest {
+                    ttl: Some(crate::duration::pb(std::time::Duration::from_secs(*ttl))),
+                })
                 .await
                 .map_err(fail)?
                 .into_inner();
@@ -220,6 +222,8 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
 
 /// What `events` shows without --after/--limit/--tail: the newest this many.
 const EVENTS_DEFAULT_TAIL: u32 = 1000;
+/// Events asked for per `ListEvents` page (the server's largest page).
+const EVENTS_PAGE_MAX: u32 = 1000;
 
 /// `clusterctl events [--after SEQ] [--limit N] [--tail N] [-f]`.
 async fn events(
@@ -232,11 +236,36 @@ async fn events(
 ) -> Result<String, CtlError> {
     let (ep, timeout) = (cli.endpoint.as_str(), cli.timeout());
     let fail = |s| status_error(ep, timeout, s);
+    // The events after `after_seq`, at most `limit` (0: all), page by page.
     let mut list = async |after_seq: u64, limit: u32| {
-        c.list_events(pb::ListEventsRequest { after_seq, limit })
-            .await
-            .map_err(fail)
-            .map(tonic::Response::into_inner)
+        let mut all = pb::ListEventsResponse::default();
+        let mut page_token = String::new();
+        loop {
+            let left = if limit == 0 {
+                EVENTS_PAGE_MAX
+            } else {
+                (limit as usize)
+                    .saturating_sub(all.events.len())
+                    .min(EVENTS_PAGE_MAX as usize) as u32
+            };
+            let page = c
+                .list_events(pb::ListEventsRequest {
+                    after_seq,
+                    page_size: left,
+                    page_token,
+                })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            all.last_seq = page.last_seq;
+            let empty = page.events.is_empty();
+            all.events.extend(page.events);
+            page_token = page.next_page_token;
+            if page_token.is_empty() || empty || (limit != 0 && all.events.len() >= limit as usize)
+            {
+                return Ok::<_, CtlError>(all);
+            }
+        }
     };
     let tail = match (after, limit, tail) {
         (None, None, None) => Some(EVENTS_DEFAULT_TAIL),

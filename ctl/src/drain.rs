@@ -8,11 +8,12 @@ use std::time::Duration;
 use clap::{Subcommand, ValueEnum};
 use cluster_proto::drain as pb;
 use cluster_proto::drain::drain_service_client::DrainServiceClient;
+use cluster_proto::times;
 use cluster_proto::EnumName;
 use serde::Serialize;
 
 use crate::client::{call, service, CtlError};
-use crate::output::{json, local_time, table};
+use crate::output::{dur_ms, json, local_time, ms, table, time_text};
 use crate::{Cli, Format};
 
 /// Longest `--watch` follows a job.
@@ -39,7 +40,9 @@ pub enum DrainCmd {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
     None,
+    #[value(alias = "even-distribution", alias = "even_distribution")]
     Even,
+    #[value(alias = "power_saving")]
     PowerSaving,
 }
 
@@ -95,19 +98,19 @@ pub enum PolicySet {
     },
 }
 
-fn mode_str(m: Mode) -> &'static str {
+fn mode_pb(m: Mode) -> pb::BalanceMode {
     match m {
-        Mode::None => "none",
-        Mode::Even => "even",
-        Mode::PowerSaving => "power-saving",
+        Mode::None => pb::BalanceMode::None,
+        Mode::Even => pb::BalanceMode::Even,
+        Mode::PowerSaving => pb::BalanceMode::PowerSaving,
     }
 }
 
-fn aggr_str(a: Aggressiveness) -> &'static str {
+fn aggr_pb(a: Aggressiveness) -> pb::Aggressiveness {
     match a {
-        Aggressiveness::Low => "low",
-        Aggressiveness::Medium => "medium",
-        Aggressiveness::High => "high",
+        Aggressiveness::Low => pb::Aggressiveness::Low,
+        Aggressiveness::Medium => pb::Aggressiveness::Medium,
+        Aggressiveness::High => pb::Aggressiveness::High,
     }
 }
 
@@ -119,11 +122,11 @@ struct MoveView<'a> {
     kind: &'a str,
     why_not_live: &'a [String],
     wave: u32,
-    planned_start_unix_ms: u64,
-    planned_end_unix_ms: u64,
+    planned_start_at: Option<String>,
+    planned_end_at: Option<String>,
     status: &'a str,
-    started_unix_ms: u64,
-    ended_unix_ms: u64,
+    started_at: Option<String>,
+    ended_at: Option<String>,
     reason: &'a str,
 }
 
@@ -135,11 +138,11 @@ fn move_view(m: &pb::MoveInfo) -> MoveView<'_> {
         kind: m.kind().name(),
         why_not_live: &m.why_not_live,
         wave: m.wave,
-        planned_start_unix_ms: m.planned_start_unix_ms,
-        planned_end_unix_ms: m.planned_end_unix_ms,
+        planned_start_at: time_text(&m.planned_start_at),
+        planned_end_at: time_text(&m.planned_end_at),
         status: m.status().name(),
-        started_unix_ms: m.started_unix_ms,
-        ended_unix_ms: m.ended_unix_ms,
+        started_at: time_text(&m.started_at),
+        ended_at: time_text(&m.ended_at),
         reason: &m.reason,
     }
 }
@@ -152,10 +155,10 @@ struct JobView<'a> {
     status: &'a str,
     reason: &'a str,
     moves: Vec<MoveView<'a>>,
-    planned_finish_unix_ms: u64,
-    created_unix_ms: u64,
-    updated_unix_ms: u64,
-    finished_unix_ms: u64,
+    planned_finish_at: Option<String>,
+    created_at: Option<String>,
+    updated_at: Option<String>,
+    finished_at: Option<String>,
     failed_back: bool,
 }
 
@@ -167,12 +170,17 @@ fn job_view(j: &pb::JobInfo) -> JobView<'_> {
         status: j.status().name(),
         reason: &j.reason,
         moves: j.moves.iter().map(move_view).collect(),
-        planned_finish_unix_ms: j.planned_finish_unix_ms,
-        created_unix_ms: j.created_unix_ms,
-        updated_unix_ms: j.updated_unix_ms,
-        finished_unix_ms: j.finished_unix_ms,
+        planned_finish_at: time_text(&j.planned_finish_at),
+        created_at: time_text(&j.created_at),
+        updated_at: time_text(&j.updated_at),
+        finished_at: time_text(&j.finished_at),
         failed_back: j.failed_back,
     }
+}
+
+/// A duration as JSON shows it (`"1.500s"`; `None`: absent).
+fn duration_text(d: &Option<times::Duration>) -> Option<String> {
+    d.as_ref().map(times::duration_string)
 }
 
 fn secs(ms: u64) -> String {
@@ -200,12 +208,12 @@ pub fn render_plan(fmt: Format, moves: &[pb::MoveInfo], start: u64) -> String {
                 m.from_node_id.to_string(),
                 m.to_node_id.to_string(),
                 kind_text(m),
-                format!("+{}", secs(m.planned_start_unix_ms.saturating_sub(start))),
-                format!("+{}", secs(m.planned_end_unix_ms.saturating_sub(start))),
+                format!("+{}", secs(ms(&m.planned_start_at).saturating_sub(start))),
+                format!("+{}", secs(ms(&m.planned_end_at).saturating_sub(start))),
             ];
             if wide {
-                row.push(local_time(m.planned_start_unix_ms));
-                row.push(local_time(m.planned_end_unix_ms));
+                row.push(local_time(ms(&m.planned_start_at)));
+                row.push(local_time(ms(&m.planned_end_at)));
             }
             row
         })
@@ -223,17 +231,17 @@ pub fn render_drain(fmt: Format, r: &pb::DrainNodeResponse, node: u64) -> Result
         struct V<'a> {
             job: Option<JobView<'a>>,
             plan: Vec<MoveView<'a>>,
-            planned_start_unix_ms: u64,
-            planned_finish_unix_ms: u64,
-            lower_bound_ms: u64,
+            planned_start_at: Option<String>,
+            planned_finish_at: Option<String>,
+            lower_bound: Option<String>,
             incoming_in_flight: &'a [String],
         }
         return json(&V {
             job: r.job.as_ref().map(job_view),
             plan: r.plan.iter().map(move_view).collect(),
-            planned_start_unix_ms: r.planned_start_unix_ms,
-            planned_finish_unix_ms: r.planned_finish_unix_ms,
-            lower_bound_ms: r.lower_bound_ms,
+            planned_start_at: time_text(&r.planned_start_at),
+            planned_finish_at: time_text(&r.planned_finish_at),
+            lower_bound: duration_text(&r.lower_bound),
             incoming_in_flight: &r.incoming_in_flight,
         });
     }
@@ -245,14 +253,11 @@ pub fn render_drain(fmt: Format, r: &pb::DrainNodeResponse, node: u64) -> Result
     let mut s = format!(
         "{head}\n{} moves in {waves} waves, ETA {} (lower bound {})\n",
         r.plan.len(),
-        secs(
-            r.planned_finish_unix_ms
-                .saturating_sub(r.planned_start_unix_ms)
-        ),
-        secs(r.lower_bound_ms)
+        secs(ms(&r.planned_finish_at).saturating_sub(ms(&r.planned_start_at))),
+        secs(dur_ms(&r.lower_bound))
     );
     if !r.plan.is_empty() {
-        s.push_str(&render_plan(fmt, &r.plan, r.planned_start_unix_ms));
+        s.push_str(&render_plan(fmt, &r.plan, ms(&r.planned_start_at)));
     }
     if !r.incoming_in_flight.is_empty() {
         s.push_str(&format!(
@@ -294,8 +299,9 @@ fn progress(j: &pb::JobInfo) -> String {
 
 /// How long a move took (`-` until it ended).
 fn took(m: &pb::MoveInfo) -> String {
-    if m.ended_unix_ms > m.started_unix_ms && m.started_unix_ms > 0 {
-        secs(m.ended_unix_ms - m.started_unix_ms)
+    let (started, ended) = (ms(&m.started_at), ms(&m.ended_at));
+    if ended > started && started > 0 {
+        secs(ended - started)
     } else {
         "-".into()
     }
@@ -324,14 +330,13 @@ pub fn render_job(fmt: Format, j: &pb::JobInfo) -> Result<String, CtlError> {
             ];
             if wide {
                 row.push(secs(
-                    m.planned_end_unix_ms
-                        .saturating_sub(m.planned_start_unix_ms),
+                    ms(&m.planned_end_at).saturating_sub(ms(&m.planned_start_at)),
                 ));
             }
             row.push(took(m));
             if wide {
-                row.push(local_time(m.started_unix_ms));
-                row.push(local_time(m.ended_unix_ms));
+                row.push(local_time(ms(&m.started_at)));
+                row.push(local_time(ms(&m.ended_at)));
             }
             row.push(m.reason.clone());
             row
@@ -381,9 +386,9 @@ pub fn render_jobs(fmt: Format, jobs: &[pb::JobInfo]) -> Result<String, CtlError
                     n("in_flight").to_string(),
                     n("queued").to_string(),
                     n("failed").to_string(),
-                    local_time(j.created_unix_ms),
-                    local_time(j.planned_finish_unix_ms),
-                    local_time(j.finished_unix_ms),
+                    local_time(ms(&j.created_at)),
+                    local_time(ms(&j.planned_finish_at)),
+                    local_time(ms(&j.finished_at)),
                     if j.kind() == pb::JobKind::Drain {
                         if j.failed_back { "yes" } else { "no" }.into()
                     } else {
@@ -413,20 +418,14 @@ pub fn render_jobs(fmt: Format, jobs: &[pb::JobInfo]) -> Result<String, CtlError
 
 fn render_policy(fmt: Format, p: &pb::PolicySpec) -> Result<String, CtlError> {
     if fmt == Format::Json {
-        return json(&serde_json::json!({
-            "mode": p.mode,
-            "aggressiveness": p.aggressiveness,
-            "interval_ms": p.interval_ms,
-            "min_dwell_ms": p.min_dwell_ms,
-            "migration_cost_bp_per_s": p.migration_cost_bp_per_s,
-        }));
+        return json(p);
     }
     Ok(format!(
         "balance: {} (aggressiveness {}, every {}); a moved VM stays at least {}; a move costs {} bp of load per second of migration\n",
-        p.mode,
-        p.aggressiveness,
-        secs(p.interval_ms),
-        secs(p.min_dwell_ms.unwrap_or(0)),
+        p.mode().name(),
+        p.aggressiveness().name(),
+        secs(dur_ms(&p.interval)),
+        secs(dur_ms(&p.min_dwell)),
         p.migration_cost_bp_per_s.unwrap_or(0)
     ))
 }
@@ -434,7 +433,7 @@ fn render_policy(fmt: Format, p: &pb::PolicySpec) -> Result<String, CtlError> {
 fn render_balance(fmt: Format, p: &pb::PlanBalanceResponse) -> Result<String, CtlError> {
     if fmt == Format::Json {
         return json(&serde_json::json!({
-            "mode": p.mode,
+            "mode": p.mode().name(),
             "moves": p.moves.iter().map(move_view).collect::<Vec<_>>(),
             "spread_before_bp": p.spread_before_bp,
             "spread_after_bp": p.spread_after_bp,
@@ -451,13 +450,13 @@ fn render_balance(fmt: Format, p: &pb::PlanBalanceResponse) -> Result<String, Ct
                 "cost_bp": s.cost_bp,
             })).collect::<Vec<_>>(),
             "stopped": p.stopped,
-            "stop_code": p.stop_code,
+            "stop_code": p.stop_code().name(),
         }));
     }
     let pct = |bp: u64| format!("{:.1}%", bp as f64 / 100.0);
     let mut s = format!(
         "dry run: balance {}: {} moves; load spread {} -> {}, busiest node {} -> {}\n",
-        p.mode,
+        p.mode().name(),
         p.moves.len(),
         pct(p.spread_before_bp),
         pct(p.spread_after_bp),
@@ -467,7 +466,7 @@ fn render_balance(fmt: Format, p: &pb::PlanBalanceResponse) -> Result<String, Ct
     let start = p
         .moves
         .iter()
-        .map(|m| m.planned_start_unix_ms)
+        .map(|m| ms(&m.planned_start_at))
         .min()
         .unwrap_or(0);
     if !p.moves.is_empty() {
@@ -791,10 +790,10 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
                     migration_cost_bp_per_s,
                 },
         } => {
-            // 0 on the wire keeps the current interval: a zero one is refused here.
-            let interval_ms = match interval {
-                None => 0,
-                Some(d) if crate::duration::ms(*d) > 0 => crate::duration::ms(*d),
+            // Absent on the wire keeps the current interval: a zero one is refused here.
+            let interval = match interval {
+                None => None,
+                Some(d) if crate::duration::ms(*d) > 0 => Some(crate::duration::pb(*d)),
                 Some(d) => {
                     return Err(CtlError::Local(format!(
                         "--interval {d:?} is not a positive duration (at least 1ms)"
@@ -806,10 +805,10 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
                 timeout,
                 c.set_policy(pb::SetPolicyRequest {
                     policy: Some(pb::PolicySpec {
-                        mode: mode_str(*mode).into(),
-                        aggressiveness: aggr_str(*aggressiveness).into(),
-                        interval_ms,
-                        min_dwell_ms: min_dwell.map(crate::duration::ms),
+                        mode: mode_pb(*mode) as i32,
+                        aggressiveness: aggr_pb(*aggressiveness) as i32,
+                        interval,
+                        min_dwell: min_dwell.map(crate::duration::pb),
                         migration_cost_bp_per_s: *migration_cost_bp_per_s,
                     }),
                 }),
@@ -826,8 +825,8 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<String, CtlError> {
                 ep,
                 timeout,
                 c.plan_balance(pb::PlanBalanceRequest {
-                    mode: mode.map(mode_str).unwrap_or_default().into(),
-                    aggressiveness: String::new(),
+                    mode: mode.map_or(pb::BalanceMode::Unspecified, mode_pb) as i32,
+                    aggressiveness: pb::Aggressiveness::Unspecified as i32,
                 }),
             )
             .await?;
@@ -863,8 +862,8 @@ mod tests {
             to_node_id: 2,
             kind: pb::MoveKind::Live as i32,
             wave,
-            planned_start_unix_ms: 1000 + u64::from(wave) * 500,
-            planned_end_unix_ms: 1400 + u64::from(wave) * 500,
+            planned_start_at: times::timestamp_from_unix_ms(1000 + u64::from(wave) * 500),
+            planned_end_at: times::timestamp_from_unix_ms(1400 + u64::from(wave) * 500),
             status: pb::MoveStatus::from_name(status).map_or(0, |s| s as i32),
             ..Default::default()
         }
@@ -873,7 +872,7 @@ mod tests {
     #[test]
     fn balance_dry_run_explains_steps_and_stop() {
         let r = pb::PlanBalanceResponse {
-            mode: "even".into(),
+            mode: pb::BalanceMode::Even as i32,
             moves: vec![mv("a", 1, "queued")],
             spread_before_bp: 10_000,
             spread_after_bp: 5_000,
@@ -891,7 +890,7 @@ mod tests {
                 cost_bp: 50,
             }],
             stopped: "balanced: load spread 5.00 % is within the target 10.00 %".into(),
-            stop_code: "balanced".into(),
+            stop_code: pb::BalanceStop::Balanced as i32,
             ..Default::default()
         };
         let t = render_balance(Format::Table, &r).unwrap_or_default();
@@ -902,6 +901,7 @@ mod tests {
         assert!(t.contains("stopped: balanced: load spread 5.00 %"), "{t}");
         let j = render_balance(Format::Json, &r).unwrap_or_default();
         assert!(j.contains("\"stop_code\": \"balanced\""), "{j}");
+        assert!(j.contains("\"mode\": \"even\""), "{j}");
         assert!(j.contains("\"gain_bp\": 2500"), "{j}");
     }
 
@@ -910,9 +910,9 @@ mod tests {
         let r = pb::DrainNodeResponse {
             job: None,
             plan: vec![mv("a", 1, "queued"), mv("b", 2, "queued")],
-            planned_start_unix_ms: 1000,
-            planned_finish_unix_ms: 2400,
-            lower_bound_ms: 800,
+            planned_start_at: times::timestamp_from_unix_ms(1000),
+            planned_finish_at: times::timestamp_from_unix_ms(2400),
+            lower_bound: Some(times::duration_from_ms(800)),
             incoming_in_flight: vec![],
         };
         let t = render_drain(Format::Table, &r, 1).unwrap_or_default();
@@ -920,7 +920,11 @@ mod tests {
         assert!(t.contains("2 moves in 2 waves, ETA 1.4s"), "{t}");
         assert!(t.contains("+1.0s"), "{t}");
         let j = render_drain(Format::Json, &r, 1).unwrap_or_default();
-        assert!(j.contains("\"lower_bound_ms\": 800"), "{j}");
+        assert!(j.contains("\"lower_bound\": \"0.800s\""), "{j}");
+        assert!(
+            j.contains("\"planned_start_at\": \"1970-01-01T00:00:01Z\""),
+            "{j}"
+        );
         let job = pb::JobInfo {
             id: 4,
             kind: pb::JobKind::Drain as i32,
@@ -941,16 +945,16 @@ mod tests {
     #[test]
     fn wide_job_tables_add_planned_times_and_counts() {
         let mut done = mv("a", 1, "done");
-        done.started_unix_ms = 1_000;
-        done.ended_unix_ms = 1_700;
+        done.started_at = times::timestamp_from_unix_ms(1_000);
+        done.ended_at = times::timestamp_from_unix_ms(1_700);
         let job = pb::JobInfo {
             id: 4,
             kind: pb::JobKind::Drain as i32,
             node_id: 1,
             status: pb::JobStatus::Running as i32,
             moves: vec![done, mv("b", 2, "in_flight"), mv("c", 3, "queued")],
-            created_unix_ms: 900,
-            planned_finish_unix_ms: 2_900,
+            created_at: times::timestamp_from_unix_ms(900),
+            planned_finish_at: times::timestamp_from_unix_ms(2_900),
             ..Default::default()
         };
         let cells = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();

@@ -46,9 +46,17 @@ pub fn bare_s(s: &str) -> Result<Duration, String> {
     parse(s, Duration::from_secs(1), "seconds")
 }
 
-/// Whole milliseconds of `d` (saturating), for the `*_ms` fields of the API.
+/// Whole milliseconds of `d` (saturating).
 pub fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `d` as the API's `google.protobuf.Duration` (flags are at most ten years: in range).
+pub fn pb(d: Duration) -> cluster_proto::prost_types::Duration {
+    cluster_proto::prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: d.subsec_nanos() as i32,
+    }
 }
 
 #[cfg(test)]
@@ -65,6 +73,9 @@ mod tests {
         assert_eq!(bare_s("0.01"), Ok(Duration::from_millis(10)));
         assert_eq!(bare_s("1h 30m"), Ok(Duration::from_secs(5_400)));
         assert_eq!(ms(Duration::from_secs(2)), 2_000);
+        let d = pb(bare_ms("50ms").unwrap_or_default());
+        assert_eq!((d.seconds, d.nanos), (0, 50_000_000));
+        assert_eq!(cluster_proto::times::duration_string(&d), "0.050s");
     }
 
     #[test]

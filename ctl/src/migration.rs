@@ -7,11 +7,12 @@ use std::time::Duration;
 use clap::Subcommand;
 use cluster_proto::migrations as pb;
 use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
+use cluster_proto::times;
 use cluster_proto::EnumName;
 use serde::Serialize;
 
 use crate::client::{call, service, status_error, CtlError};
-use crate::output::{json, table};
+use crate::output::{dur_ms, dur_us, json, ms, table, time_text};
 use crate::{Cli, Format};
 
 #[derive(Debug, Subcommand)]
@@ -33,8 +34,9 @@ struct SummaryJson {
     rounds: u32,
     guest_bytes: u64,
     wire_bytes: u64,
-    total_us: u64,
-    blackout_us: u64,
+    /// `"1.500s"`.
+    total: Option<String>,
+    blackout: Option<String>,
     max_throttle_percent: u32,
     source_digest: String,
     target_digest: Option<String>,
@@ -50,11 +52,13 @@ struct MigrationJson {
     kind: String,
     state: String,
     cancel_requested: bool,
-    max_downtime_ms: Option<u64>,
-    deadline_ms: Option<u64>,
+    /// As asked (`null`: the engine's default), `"0.100s"`.
+    max_downtime: Option<String>,
+    deadline: Option<String>,
     bandwidth_bytes_per_s_max: Option<u64>,
-    started_unix_ms: u64,
-    ended_unix_ms: Option<u64>,
+    /// RFC 3339 (UTC).
+    started_at: Option<String>,
+    ended_at: Option<String>,
     reason: String,
     stats: Option<SummaryJson>,
 }
@@ -68,19 +72,19 @@ fn to_json(m: &pb::MigrationInfo) -> MigrationJson {
         kind: m.kind().name().to_owned(),
         state: m.state().name().to_owned(),
         cancel_requested: m.cancel_requested,
-        max_downtime_ms: (m.max_downtime_ms != 0).then_some(m.max_downtime_ms),
-        deadline_ms: (m.deadline_ms != 0).then_some(m.deadline_ms),
+        max_downtime: m.max_downtime.as_ref().map(times::duration_string),
+        deadline: m.deadline.as_ref().map(times::duration_string),
         bandwidth_bytes_per_s_max: (m.bandwidth_bytes_per_s_max != 0)
             .then_some(m.bandwidth_bytes_per_s_max),
-        started_unix_ms: m.started_unix_ms,
-        ended_unix_ms: (m.ended_unix_ms != 0).then_some(m.ended_unix_ms),
+        started_at: time_text(&m.started_at),
+        ended_at: time_text(&m.ended_at),
         reason: m.reason.clone(),
         stats: m.stats.as_ref().map(|s| SummaryJson {
             rounds: s.rounds,
             guest_bytes: s.guest_bytes,
             wire_bytes: s.wire_bytes,
-            total_us: s.total_us,
-            blackout_us: s.blackout_us,
+            total: s.total.as_ref().map(times::duration_string),
+            blackout: s.blackout.as_ref().map(times::duration_string),
             max_throttle_percent: s.max_throttle_percent,
             source_digest: format!("{:016x}", s.source_digest),
             target_digest: s
@@ -92,11 +96,11 @@ fn to_json(m: &pb::MigrationInfo) -> MigrationJson {
 }
 
 fn duration_ms(m: &pb::MigrationInfo) -> String {
-    if m.ended_unix_ms == 0 {
+    if m.ended_at.is_none() {
         "-".into()
     } else {
-        m.ended_unix_ms
-            .saturating_sub(m.started_unix_ms)
+        ms(&m.ended_at)
+            .saturating_sub(ms(&m.started_at))
             .to_string()
     }
 }
@@ -140,7 +144,7 @@ fn render_list(fmt: Format, ms: &[pb::MigrationInfo]) -> Result<String, CtlError
                 duration_ms(m),
                 m.stats
                     .as_ref()
-                    .map_or("-".into(), |s| s.blackout_us.to_string()),
+                    .map_or("-".into(), |s| dur_us(&s.blackout).to_string()),
                 m.stats.as_ref().map_or("-".into(), |s| {
                     if s.receipt_matches {
                         "match".into()
@@ -151,8 +155,8 @@ fn render_list(fmt: Format, ms: &[pb::MigrationInfo]) -> Result<String, CtlError
             ];
             if wide {
                 row.extend([
-                    or_default(m.max_downtime_ms),
-                    or_default(m.deadline_ms),
+                    or_default(dur_ms(&m.max_downtime)),
+                    or_default(dur_ms(&m.deadline)),
                     bandwidth(m.bandwidth_bytes_per_s_max),
                 ]);
                 match &m.stats {
@@ -164,7 +168,7 @@ fn render_list(fmt: Format, ms: &[pb::MigrationInfo]) -> Result<String, CtlError
                     ]),
                     None => row.extend(["-", "-", "-", "-"].map(String::from)),
                 }
-                row.push(crate::output::local_time(m.started_unix_ms));
+                row.push(crate::output::local_time(crate::output::ms(&m.started_at)));
                 row.push(if m.reason.is_empty() {
                     "-".into()
                 } else {
@@ -220,10 +224,13 @@ fn render_one(fmt: Format, m: &pb::MigrationInfo) -> Result<String, CtlError> {
             m.state().name().to_owned()
         },
     );
-    line("max_downtime_ms", or_default(m.max_downtime_ms));
-    line("deadline_ms", or_default(m.deadline_ms));
+    line("max_downtime_ms", or_default(dur_ms(&m.max_downtime)));
+    line("deadline_ms", or_default(dur_ms(&m.deadline)));
     line("max_bandwidth", bandwidth(m.bandwidth_bytes_per_s_max));
-    line("started_unix_ms", m.started_unix_ms.to_string());
+    line(
+        "started",
+        time_text(&m.started_at).unwrap_or_else(|| "-".into()),
+    );
     line("duration_ms", duration_ms(m));
     if !m.reason.is_empty() {
         line("reason", m.reason.clone());
@@ -232,8 +239,8 @@ fn render_one(fmt: Format, m: &pb::MigrationInfo) -> Result<String, CtlError> {
         line("rounds", s.rounds.to_string());
         line("guest_bytes", s.guest_bytes.to_string());
         line("wire_bytes", s.wire_bytes.to_string());
-        line("total_us", s.total_us.to_string());
-        line("blackout_us", s.blackout_us.to_string());
+        line("total_us", dur_us(&s.total).to_string());
+        line("blackout_us", dur_us(&s.blackout).to_string());
         line("max_throttle_pct", s.max_throttle_percent.to_string());
         line("source_digest", format!("{:016x}", s.source_digest));
         line(
@@ -301,10 +308,10 @@ pub fn progress_line(p: &pb::WatchMigrationResponse) -> String {
         p.fraction_done * 100.0,
         mib(p.bytes_remaining),
         p.rate_bytes_per_s / (1024.0 * 1024.0),
-        p.eta_ms,
+        dur_ms(&p.eta),
         p.round,
         p.throttle_percent,
-        p.phase
+        p.phase().name()
     )
 }
 
@@ -317,7 +324,7 @@ pub fn final_line(m: &pb::MigrationInfo) -> String {
             m.state().name(),
             s.rounds,
             mib(s.wire_bytes),
-            s.blackout_us,
+            dur_us(&s.blackout),
             if s.receipt_matches {
                 "matches"
             } else {
@@ -464,10 +471,10 @@ async fn draw_bar(
             "left {:.1} MiB | {:.1} MiB/s | ETA {} | round {} | throttle {}% | {}",
             mib(p.bytes_remaining),
             p.rate_bytes_per_s / (1024.0 * 1024.0),
-            humantime::format_duration(Duration::from_millis(p.eta_ms)),
+            humantime::format_duration(Duration::from_millis(dur_ms(&p.eta))),
             p.round,
             p.throttle_percent,
-            p.phase
+            p.phase().name()
         ));
     }
     bar.finish_and_clear();
@@ -490,13 +497,13 @@ mod tests {
             } else {
                 pb::MigrationState::Running
             } as i32,
-            max_downtime_ms: 100,
+            max_downtime: Some(times::duration_from_ms(100)),
             bandwidth_bytes_per_s_max: 200 << 20,
-            started_unix_ms: 1_767_323_045_678,
-            ended_unix_ms: if stats.is_some() {
-                1_767_323_047_678
+            started_at: times::timestamp_from_unix_ms(1_767_323_045_678),
+            ended_at: if stats.is_some() {
+                times::timestamp_from_unix_ms(1_767_323_047_678)
             } else {
-                0
+                None
             },
             stats,
             ..Default::default()
@@ -511,7 +518,7 @@ mod tests {
                 rounds: 4,
                 guest_bytes: 128 << 20,
                 wire_bytes: 96 << 20,
-                blackout_us: 8_500,
+                blackout: Some(times::duration_from_us(8_500)),
                 max_throttle_percent: 20,
                 receipt_matches: true,
                 ..Default::default()
@@ -562,5 +569,13 @@ mod tests {
             "{plain}"
         );
         assert!(!plain.contains("ROUNDS"), "{plain}");
+        // JSON: RFC 3339 times and protobuf-JSON durations.
+        let j: serde_json::Value =
+            serde_json::from_str(&render_list(Format::Json, &ms).unwrap_or_default())
+                .unwrap_or_default();
+        assert_eq!(j[0]["started_at"], "2026-01-02T03:04:05.678Z", "{j}");
+        assert_eq!(j[0]["max_downtime"], "0.100s", "{j}");
+        assert_eq!(j[0]["stats"]["blackout"], "0.008500s", "{j}");
+        assert!(j[1]["ended_at"].is_null(), "{j}");
     }
 }

@@ -1,6 +1,7 @@
 //! Rendering: human tables by default, JSON with `-o json`.
 
 use cluster_proto::management as pb;
+use cluster_proto::times;
 use cluster_proto::EnumName;
 use serde::Serialize;
 
@@ -64,14 +65,17 @@ struct Node {
     migration_addr: String,
     mgmt_subnet: String,
     migration_subnet: String,
-    state_since_unix_ms: u64,
+    /// The last state change, RFC 3339 (UTC).
+    state_since: Option<String>,
+    #[serde(skip)]
+    state_since_ms: u64,
     facts: Facts,
     /// VM networks: name → host bridge.
     networks: std::collections::BTreeMap<String, String>,
     /// "tls" or "insecure_plaintext".
     migration_transport: String,
-    /// When the node's certificate expires (unix ms; 0: not reported).
-    cert_expires_unix_ms: u64,
+    /// When the node's certificate expires, RFC 3339 (`null`: not reported).
+    cert_expires_at: Option<String>,
     /// Σ measured demand of its VMs; `null`: no fresh report.
     demand: Option<NodeDemand>,
     /// Why it is in its state.
@@ -106,7 +110,8 @@ fn node_view(n: &pb::NodeInfo) -> Node {
         migration_addr: n.migration_addr.clone(),
         mgmt_subnet: n.mgmt_subnet.clone(),
         migration_subnet: n.migration_subnet.clone(),
-        state_since_unix_ms: n.state_since_unix_ms,
+        state_since: n.state_since.as_ref().map(times::rfc3339),
+        state_since_ms: ms(&n.state_since),
         facts: Facts {
             kvm_kind: f.kvm_kind().name().to_owned(),
             cpu_vendor: f.cpu_vendor,
@@ -120,7 +125,7 @@ fn node_view(n: &pb::NodeInfo) -> Node {
             .map(|v| (v.name.clone(), v.bridge.clone()))
             .collect(),
         migration_transport: n.migration_transport().name().to_owned(),
-        cert_expires_unix_ms: n.cert_expires_unix_ms,
+        cert_expires_at: n.cert_expires_at.as_ref().map(times::rfc3339),
         state_reason: n.state_reason.clone(),
         standby_requested: (!n.standby_requested.is_empty()).then(|| n.standby_requested.clone()),
         power_control: n.power_control,
@@ -201,7 +206,7 @@ pub fn nodes(fmt: Format, nodes: &[pb::NodeInfo]) -> Result<String, CtlError> {
                 n.node_id.to_string(),
                 n.name.clone(),
                 state_cell(n),
-                ago(n.state_since_unix_ms),
+                ago(n.state_since_ms),
                 n.raft_role.clone(),
                 n.mgmt_addr.clone(),
                 n.migration_addr.clone(),
@@ -262,12 +267,11 @@ pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
         ],
         vec!["raft role".into(), v.raft_role],
         vec![
-            "state since (unix ms)".into(),
-            format!(
-                "{} ({} ago)",
-                v.state_since_unix_ms,
-                ago(v.state_since_unix_ms)
-            ),
+            "state since".into(),
+            match &v.state_since {
+                Some(t) => format!("{t} ({} ago)", ago(ms(&n.state_since))),
+                None => "-".into(),
+            },
         ],
         vec![
             "management".into(),
@@ -290,10 +294,9 @@ pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
         ],
         vec![
             "certificate expires".into(),
-            if v.cert_expires_unix_ms == 0 {
-                "-".into()
-            } else {
-                cluster_proto::pki::utc(v.cert_expires_unix_ms)
+            match &n.cert_expires_at {
+                None => "-".into(),
+                Some(t) => cluster_proto::pki::utc(times::unix_ms(Some(t))),
             },
         ],
         vec!["cpu vendor".into(), v.facts.cpu_vendor],
@@ -396,6 +399,30 @@ pub fn status(fmt: Format, r: &pb::ClusterStatusResponse) -> Result<String, CtlE
     Ok(table(&["FIELD", "VALUE"], &rows))
 }
 
+/// Milliseconds since the Unix epoch of an API time (0: absent).
+pub fn ms(t: &Option<times::Timestamp>) -> u64 {
+    times::unix_ms(t.as_ref())
+}
+
+/// Milliseconds of an API duration (0: absent or unusable).
+pub fn dur_ms(d: &Option<times::Duration>) -> u64 {
+    d.as_ref()
+        .and_then(|d| times::duration_ms(d).ok())
+        .unwrap_or(0)
+}
+
+/// Microseconds of an API duration (0: absent or unusable).
+pub fn dur_us(d: &Option<times::Duration>) -> u64 {
+    d.as_ref()
+        .and_then(|d| times::duration_us(d).ok())
+        .unwrap_or(0)
+}
+
+/// An API time as JSON and YAML show it: RFC 3339 in UTC (`None`: absent).
+pub fn time_text(t: &Option<times::Timestamp>) -> Option<String> {
+    t.as_ref().map(times::rfc3339)
+}
+
 /// `at_unix_ms` as RFC 3339 in UTC with milliseconds ("" when unknown: 0).
 pub fn rfc3339(at_unix_ms: u64) -> String {
     i64::try_from(at_unix_ms)
@@ -445,13 +472,11 @@ pub fn now_unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// An event as `-o json|yaml` shows it: `at` in RFC 3339 (UTC), `at_unix_ms` kept for
-/// scripts written before it.
+/// An event as `-o json|yaml` shows it: `at` in RFC 3339 (UTC).
 #[derive(Serialize)]
 pub struct Event {
     seq: u64,
     at: String,
-    at_unix_ms: u64,
     kind: String,
     node_id: u64,
     message: String,
@@ -461,8 +486,7 @@ impl From<&pb::Event> for Event {
     fn from(e: &pb::Event) -> Event {
         Event {
             seq: e.seq,
-            at: rfc3339(e.at_unix_ms),
-            at_unix_ms: e.at_unix_ms,
+            at: rfc3339(ms(&e.at)),
             kind: e.kind().name().to_owned(),
             node_id: e.node_id,
             message: e.message.clone(),
@@ -479,13 +503,13 @@ const EVENT_HEADERS_WIDE: [&str; 7] = ["SEQ", "TIME", "AGE", "KIND", "NODE", "AT
 fn event_row(fmt: Format, e: &pb::Event, now_unix_ms: u64) -> Vec<String> {
     let mut row = vec![
         e.seq.to_string(),
-        local_time(e.at_unix_ms),
-        age(e.at_unix_ms, now_unix_ms),
+        local_time(ms(&e.at)),
+        age(ms(&e.at), now_unix_ms),
         e.kind().name().to_owned(),
         e.node_id.to_string(),
     ];
     if fmt == Format::Wide {
-        row.push(match rfc3339(e.at_unix_ms) {
+        row.push(match rfc3339(ms(&e.at)) {
             t if t.is_empty() => "-".into(),
             t => t,
         });
@@ -655,7 +679,7 @@ mod tests {
         assert_eq!(age(10_000, 9_000), "0s", "a clock slightly behind");
         let ev = pb::Event {
             seq: 7,
-            at_unix_ms: 1_767_323_045_678,
+            at: times::timestamp_from_unix_ms(1_767_323_045_678),
             kind: pb::EventKind::NodeJoined as i32,
             node_id: 2,
             message: "node 2 joined".into(),
@@ -672,7 +696,7 @@ mod tests {
         assert!(
             row.contains(" 2s ")
                 && row.contains("node_joined")
-                && row.contains(&local_time(ev.at_unix_ms)),
+                && row.contains(&local_time(ms(&ev.at))),
             "{t}"
         );
         let j: serde_json::Value = serde_json::from_str(
@@ -695,7 +719,7 @@ mod tests {
     fn wide_events_and_revocations_add_exact_times_and_whole_digests() {
         let ev = pb::Event {
             seq: 7,
-            at_unix_ms: 1_767_323_045_678,
+            at: times::timestamp_from_unix_ms(1_767_323_045_678),
             kind: pb::EventKind::NodeJoined as i32,
             node_id: 2,
             message: "node 2 joined".into(),
@@ -736,12 +760,18 @@ mod tests {
         let digest = "ab".repeat(32);
         let rev = pb::Revocation {
             user_name: "alice".into(),
-            role: "admin".into(),
+            role: pb::UserRole::Admin as i32,
             cert_sha256: digest.clone(),
-            at_unix_ms: 1_767_323_045_678,
+            revoked_at: times::timestamp_from_unix_ms(1_767_323_045_678),
             by: "root".into(),
-            expires_unix_ms: 1_798_859_045_678,
+            expires_at: times::timestamp_from_unix_ms(1_798_859_045_678),
         };
+        let j: serde_json::Value = serde_json::from_str(
+            &revocations(Format::Json, std::slice::from_ref(&rev)).unwrap_or_default(),
+        )
+        .unwrap_or_default();
+        assert_eq!(j[0]["revoked_at"], "2026-01-02T03:04:05.678Z", "{j}");
+        assert_eq!(j[0]["role"], "admin", "{j}");
         let t = revocations(Format::Wide, std::slice::from_ref(&rev)).unwrap_or_default();
         assert!(
             t.lines()
@@ -804,7 +834,7 @@ mod tests {
                 cpu_demand_millicores: 3_000,
                 cpu_run_millicores: 2_000,
                 memory_touched_mib: 2_048,
-                sampled_unix_ms: 1,
+                sampled_at: times::timestamp_from_unix_ms(1),
                 vms: 3,
             }),
             ..Default::default()
@@ -846,21 +876,30 @@ mod tests {
 #[derive(Serialize)]
 struct Revoked {
     user_name: String,
+    /// "admin", "viewer"; "" for a user name revocation.
     role: String,
     cert_sha256: String,
-    at_unix_ms: u64,
+    revoked_at: Option<String>,
     by: String,
-    expires_unix_ms: u64,
+    expires_at: Option<String>,
 }
 
 fn revoked_row(r: &pb::Revocation) -> Revoked {
     Revoked {
         user_name: r.user_name.clone(),
-        role: r.role.clone(),
+        role: role_text(r),
         cert_sha256: r.cert_sha256.clone(),
-        at_unix_ms: r.at_unix_ms,
+        revoked_at: time_text(&r.revoked_at),
         by: r.by.clone(),
-        expires_unix_ms: r.expires_unix_ms,
+        expires_at: time_text(&r.expires_at),
+    }
+}
+
+/// The role a revocation names ("" for none).
+fn role_text(r: &pb::Revocation) -> String {
+    match r.role() {
+        pb::UserRole::Unspecified => String::new(),
+        role => role.name().to_owned(),
     }
 }
 
@@ -871,7 +910,9 @@ fn revoked_what(r: &pb::Revocation) -> String {
     } else {
         format!(
             "certificate sha256:{} of user {:?} ({})",
-            r.cert_sha256, r.user_name, r.role
+            r.cert_sha256,
+            r.user_name,
+            role_text(r)
         )
     }
 }
@@ -899,10 +940,9 @@ pub fn revocations(fmt: Format, list: &[pb::Revocation]) -> Result<String, CtlEr
         .map(|r| {
             let mut row = vec![r.user_name.clone()];
             if wide {
-                row.push(if r.role.is_empty() {
-                    "-".into()
-                } else {
-                    r.role.clone()
+                row.push(match role_text(r) {
+                    role if role.is_empty() => "-".into(),
+                    role => role,
                 });
             }
             row.extend([
@@ -913,14 +953,13 @@ pub fn revocations(fmt: Format, list: &[pb::Revocation]) -> Result<String, CtlEr
                 } else {
                     format!("sha256:{}", &r.cert_sha256[..r.cert_sha256.len().min(16)])
                 },
-                cluster_proto::pki::utc(r.at_unix_ms),
+                cluster_proto::pki::utc(ms(&r.revoked_at)),
                 r.by.clone(),
             ]);
             if wide {
-                row.push(if r.expires_unix_ms == 0 {
-                    "-".into()
-                } else {
-                    cluster_proto::pki::utc(r.expires_unix_ms)
+                row.push(match &r.expires_at {
+                    None => "-".into(),
+                    Some(t) => cluster_proto::pki::utc(times::unix_ms(Some(t))),
                 });
             }
             row

@@ -214,10 +214,29 @@ pub async fn user(cli: &crate::Cli, cmd: &UserCmd) -> Result<String, CtlError> {
             let r = crate::client::call(
                 ep,
                 timeout,
-                c.list_revocations(cluster_proto::management::ListRevocationsRequest {}),
+                c.list_revocations(cluster_proto::management::ListRevocationsRequest {
+                    page_size: 0,
+                    page_token: String::new(),
+                }),
             )
             .await?;
-            crate::output::revocations(cli.output, &r.revocations)
+            // Every page.
+            let mut all = r.revocations;
+            let mut page_token = r.next_page_token;
+            while !page_token.is_empty() {
+                let r = crate::client::call(
+                    ep,
+                    timeout,
+                    c.list_revocations(cluster_proto::management::ListRevocationsRequest {
+                        page_size: 0,
+                        page_token,
+                    }),
+                )
+                .await?;
+                all.extend(r.revocations);
+                page_token = r.next_page_token;
+            }
+            crate::output::revocations(cli.output, &all)
         }
     }
 }
@@ -235,7 +254,10 @@ async fn create_user(
         out,
         cluster_proto::management::IssueCertificateRequest {
             user_name: name.to_owned(),
-            role: role.to_string(),
+            role: match role {
+                Role::Admin => cluster_proto::management::UserRole::Admin,
+                Role::Viewer => cluster_proto::management::UserRole::Viewer,
+            } as i32,
             ..Default::default()
         },
     )

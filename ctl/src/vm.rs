@@ -5,13 +5,14 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use cluster_proto::times;
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
 use cluster_proto::EnumName;
 use serde::Serialize;
 
 use crate::client::{call, service, status_error, CtlError};
-use crate::output::{json, table};
+use crate::output::{dur_ms, json, table};
 use crate::{Cli, Format};
 
 #[derive(Debug, Subcommand)]
@@ -119,7 +120,7 @@ pub struct CreateArgs {
     #[arg(long, default_value_t = 64)]
     pub memory_mib: u64,
     /// Test guest workload: idle, dirty, mem, disk or net (ignored with --kernel).
-    #[arg(long, default_value = "mem")]
+    #[arg(long, default_value = "mem", value_parser = ["idle", "dirty", "mem", "disk", "net"])]
     pub workload: String,
     /// Test guest working set in MiB (0: guest default).
     #[arg(long, default_value_t = 0)]
@@ -141,7 +142,7 @@ pub struct CreateArgs {
     #[arg(long = "disk-ro")]
     pub disks_ro: Vec<String>,
     /// high, medium, low or none.
-    #[arg(long, default_value = "medium")]
+    #[arg(long, default_value = "medium", value_parser = ["high", "medium", "low", "none"])]
     pub restart_priority: String,
     /// Anti-affinity class; repeatable.
     #[arg(long = "anti-affinity")]
@@ -215,9 +216,10 @@ fn spec_of(a: &CreateArgs) -> pb::VmSpec {
             initrd: a.initrd.clone(),
         }),
         None => pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-            workload: a.workload.clone(),
+            workload: pb::Workload::from_name(&a.workload).map_or(0, |w| w as i32),
             wss_mib: a.wss_mib,
-            hb_ms: a.hb_ms,
+            heartbeat_interval: (a.hb_ms != 0)
+                .then(|| crate::duration::pb(Duration::from_millis(a.hb_ms))),
             net_ip: a.net_ip.map(|ip| ip.to_string()).unwrap_or_default(),
             ..Default::default()
         }),
@@ -239,7 +241,8 @@ fn spec_of(a: &CreateArgs) -> pb::VmSpec {
                 read_only: true,
             }))
             .collect(),
-        restart_priority: a.restart_priority.clone(),
+        restart_priority: pb::RestartPriority::from_name(&a.restart_priority)
+            .map_or(0, |p| p as i32),
         anti_affinity: a.anti_affinity.clone(),
         // Names are resolved by the caller (`node_id` asks the cluster).
         preferred_owners: Vec::new(),
@@ -278,6 +281,9 @@ pub struct VmView {
     pub migrating_to: u64,
     /// Measured demand as its owner reported it; `null`: not measured (yet).
     pub demand: Option<DemandView>,
+    /// RFC 3339 (UTC).
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
 }
 
 /// A VM's measured demand as printed.
@@ -309,7 +315,7 @@ pub struct NicView {
 pub fn view(v: &pb::VmInfo) -> VmView {
     let spec = v.spec.clone().unwrap_or_default();
     let boot = match &spec.boot {
-        Some(pb::vm_spec::Boot::TestGuest(t)) => format!("test-guest {}", t.workload),
+        Some(pb::vm_spec::Boot::TestGuest(t)) => format!("test-guest {}", t.workload().name()),
         Some(pb::vm_spec::Boot::Kernel(k)) => format!("kernel {}", k.kernel),
         None => String::new(),
     };
@@ -325,7 +331,10 @@ pub fn view(v: &pb::VmInfo) -> VmView {
         owner_name: v.owner_name.clone(),
         reason: v.reason.clone(),
         generation: v.generation,
-        restart_priority: spec.restart_priority,
+        restart_priority: match pb::RestartPriority::try_from(spec.restart_priority) {
+            Ok(pb::RestartPriority::Unspecified) | Err(_) => String::new(),
+            Ok(p) => p.name().to_owned(),
+        },
         anti_affinity: spec.anti_affinity,
         preferred_owners: spec.preferred_owners,
         disks: spec.disks.into_iter().map(|d| d.name).collect(),
@@ -341,6 +350,8 @@ pub fn view(v: &pb::VmInfo) -> VmView {
             })
             .collect(),
         migrating_to: v.migrating_to,
+        created_at: crate::output::time_text(&v.created_at),
+        updated_at: crate::output::time_text(&v.updated_at),
         demand: v.demand.as_ref().map(|d| DemandView {
             cpu_demand_millicores: d.cpu_demand_millicores,
             cpu_run_millicores: d.cpu_run_millicores,
@@ -522,8 +533,9 @@ struct PlanView<'a> {
     to_node_id: u64,
     go: bool,
     reasons: &'a [String],
-    predicted_duration_ms: u64,
-    predicted_downtime_ms: u64,
+    /// `"1.500s"`.
+    predicted_duration: Option<String>,
+    predicted_downtime: Option<String>,
     predicted_rounds: u32,
 }
 
@@ -535,8 +547,8 @@ pub fn render_plan(fmt: Format, p: &pb::PlanMigrationResponse) -> Result<String,
             to_node_id: p.to_node_id,
             go: p.go,
             reasons: &p.reasons,
-            predicted_duration_ms: p.predicted_duration_ms,
-            predicted_downtime_ms: p.predicted_downtime_ms,
+            predicted_duration: p.predicted_duration.as_ref().map(times::duration_string),
+            predicted_downtime: p.predicted_downtime.as_ref().map(times::duration_string),
             predicted_rounds: p.predicted_rounds,
         });
     }
@@ -554,7 +566,9 @@ pub fn render_plan(fmt: Format, p: &pb::PlanMigrationResponse) -> Result<String,
     if p.predicted_rounds > 0 {
         s.push_str(&format!(
             "  predicted: {} ms total, {} ms blackout, {} pre-copy rounds\n",
-            p.predicted_duration_ms, p.predicted_downtime_ms, p.predicted_rounds
+            dur_ms(&p.predicted_duration),
+            dur_ms(&p.predicted_downtime),
+            p.predicted_rounds
         ));
     }
     for r in &p.reasons {
@@ -741,8 +755,8 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                 name: n.clone(),
                 to_node_id,
                 quick: *quick,
-                max_downtime_ms: max_downtime.map(crate::duration::ms),
-                deadline_ms: deadline.map(crate::duration::ms),
+                max_downtime: max_downtime.map(crate::duration::pb),
+                deadline: deadline.map(crate::duration::pb),
                 no_queue: *no_queue,
                 bandwidth_bytes_per_s_max: max_bandwidth.filter(|b| *b > 0),
             };
@@ -751,8 +765,8 @@ pub async fn run(cli: &Cli, cmd: &VmCmd) -> Result<String, CtlError> {
                     name: req.name,
                     to_node_id: req.to_node_id,
                     quick: req.quick,
-                    max_downtime_ms: req.max_downtime_ms,
-                    deadline_ms: req.deadline_ms,
+                    max_downtime: req.max_downtime,
+                    deadline: req.deadline,
                     no_queue: req.no_queue,
                     bandwidth_bytes_per_s_max: req.bandwidth_bytes_per_s_max,
                 };
@@ -944,7 +958,7 @@ mod tests {
                     cpu_demand_millicores: 980,
                     cpu_run_millicores: 490,
                     memory_touched_mib: 12,
-                    sampled_unix_ms: 1,
+                    sampled_at: cluster_proto::times::timestamp_from_unix_ms(1),
                 }),
             ),
             vm("new", None),
@@ -968,7 +982,7 @@ mod tests {
         moving.migrating_to = 3;
         moving.nic_taps = vec!["tap0".into()];
         if let Some(spec) = moving.spec.as_mut() {
-            spec.restart_priority = "high".into();
+            spec.restart_priority = pb::RestartPriority::High as i32;
             spec.disks = vec![pb::DiskSpec {
                 name: "vol/vms/db1.img".into(),
                 ..Default::default()
@@ -1037,7 +1051,7 @@ mod tests {
                 vcpus: 2,
                 memory_mib: 128,
                 boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-                    workload: "mem".into(),
+                    workload: pb::Workload::Mem as i32,
                     ..Default::default()
                 })),
                 ..Default::default()
@@ -1052,7 +1066,9 @@ mod tests {
 
     #[test]
     fn list_renders_table_and_json() {
-        let vms = [info("web1", 2)];
+        let mut web1 = info("web1", 2);
+        web1.created_at = times::timestamp_from_unix_ms(1_767_323_045_678);
+        let vms = [web1];
         let t = render_list(Format::Table, &vms).unwrap_or_default();
         assert!(
             t.contains("NAME") && t.contains("web1") && t.contains("2 (n2)"),
@@ -1063,6 +1079,14 @@ mod tests {
         assert_eq!(v[0]["name"], "web1");
         assert_eq!(v[0]["owner_id"], 2);
         assert_eq!(v[0]["boot"], "test-guest mem");
+        // Times in RFC 3339 (UTC); an absent one is null.
+        assert_eq!(v[0]["created_at"], "2026-01-02T03:04:05.678Z", "{v}");
+        assert!(v[0]["updated_at"].is_null(), "{v}");
+        let one = render_one(Format::Json, vms.first()).unwrap_or_default();
+        assert!(
+            one.contains("\"created_at\": \"2026-01-02T03:04:05.678Z\""),
+            "{one}"
+        );
     }
 
     #[test]

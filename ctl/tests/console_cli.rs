@@ -37,7 +37,12 @@ async fn console_url_prints_a_fresh_link_to_the_agent_asked() {
         url.starts_with(&prefix) && url != first,
         "a new link each time: {j}"
     );
-    assert!(j["expires_unix_ms"].as_u64().is_some_and(|t| t > 0), "{j}");
+    assert!(
+        j["expires_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z') && t.contains('T')),
+        "{j}"
+    );
 
     refused(
         &ep2,

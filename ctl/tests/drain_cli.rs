@@ -137,11 +137,15 @@ async fn drain_resume_and_policy_commands_against_real_agents() {
         ],
     );
     assert!(
-        out.contains("balance: power-saving (aggressiveness high"),
+        out.contains("balance: power_saving (aggressiveness high"),
         "{out}"
     );
     let p = json(&ep, &["policy", "show"]);
-    assert_eq!(p["mode"], "power-saving");
+    assert_eq!(p["mode"], "power_saving", "{p}");
+    assert!(
+        p["interval"].as_str().is_some_and(|d| d.ends_with('s')),
+        "{p}"
+    );
     // Whether the two busy guests on node 3 are worth spreading depends on the host's CPUs
     // (demand is measured; cluster-agent/tests/demand.rs fakes them): the dry run names its
     // stop reason either way, and changes nothing.

@@ -115,11 +115,24 @@ async fn migrate_with_progress_then_list_show_and_refusals() {
     assert_eq!(m["state"], "succeeded");
     assert_eq!(m["source"].as_u64(), Some(owner));
     assert_eq!(m["target"].as_u64(), Some(other));
-    assert_eq!(m["max_downtime_ms"].as_u64(), Some(200));
-    assert_eq!(m["deadline_ms"].as_u64(), Some(120_000), "{m}");
+    // `--max-downtime`/`--deadline` reached the agent as Durations; JSON spells them as
+    // protobuf-JSON durations and the times as RFC 3339.
+    assert_eq!(m["max_downtime"], "0.200s", "{m}");
+    assert_eq!(m["deadline"], "120s", "{m}");
+    assert!(
+        m["started_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z') && t.contains('T')),
+        "{m}"
+    );
     assert_eq!(m["stats"]["receipt_matches"], true);
     assert_eq!(m["stats"]["source_digest"], m["stats"]["target_digest"]);
-    assert!(m["stats"]["blackout_us"].as_u64().unwrap_or(0) > 0, "{m}");
+    assert!(
+        m["stats"]["blackout"]
+            .as_str()
+            .is_some_and(|d| d.ends_with('s') && d != "0s"),
+        "{m}"
+    );
     let o = ctl(&ep, &["migration", "show", "1"]);
     let (out, _) = text(&o);
     assert!(out.contains("receipt            matches"), "{out}");
@@ -205,7 +218,7 @@ async fn migrate_waits_in_the_queue_for_a_busy_slot() {
     // A guest that dirties memory, migrated at 1 MiB/s with a 1 ms blackout budget: its
     // migration stays in pre-copy, holding both nodes' slots, until cancelled.
     let boot = pb::TestGuestBoot {
-        workload: "dirty".into(),
+        workload: cluster_proto::vms::Workload::Dirty as i32,
         wss_mib: 64,
         rate_mbps: 4000,
         ..Default::default()

@@ -53,11 +53,18 @@ async fn vm_commands_against_a_real_agent() {
     assert!(o.status.success(), "{err}");
     assert!(out.contains("HB seq=") && out.contains("mem=ok"), "{out}");
 
+    // A workload is one of a fixed set (an enum in the API): refused before any call.
+    let o = ctl(&ep, &["vm", "create", "x", "--workload", "spin"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("possible values: idle, dirty, mem, disk, net"),
+        "{err}"
+    );
     // Bad input: one sentence on stderr, exit 4 (refused by the cluster), nothing changed.
     for (args, needle) in [
         (vec!["vm", "create", "web1"], "already exists"),
         (vec!["vm", "create", "x", "--vcpus", "0"], "vcpus"),
-        (vec!["vm", "create", "x", "--workload", "spin"], "workload"),
         (vec!["vm", "stop", "ghost"], "no VM named \"ghost\""),
         (vec!["vm", "delete", "web1"], "stop it before deleting"),
         (vec!["node", "why-not", "web1", "7"], "7"),

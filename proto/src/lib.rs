@@ -51,6 +51,10 @@ pub const READ_ONLY_METHODS: &[&str] = &[
 
 pub mod names;
 pub mod pki;
+pub mod times;
+
+/// The well-known types the API uses (`Timestamp`, `Duration`).
+pub use prost_types;
 
 pub use names::EnumName;
 

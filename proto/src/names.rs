@@ -10,7 +10,8 @@
 pub trait EnumName: Sized + Copy + TryFrom<i32> + 'static {
     /// The name of `self` (`"unspecified"` for the zero value).
     fn name(self) -> &'static str;
-    /// The value named `name`; never the zero value.
+    /// The value named `name` (or one of its older spellings, e.g. `power-saving`); never
+    /// the zero value.
     fn from_name(name: &str) -> Option<Self>;
 }
 
@@ -28,7 +29,9 @@ pub fn serialize<E: EnumName, S: serde::Serializer>(v: &i32, s: S) -> Result<S::
 }
 
 macro_rules! names {
-    ($($module:ident :: $enum:ident { $($value:ident => $name:literal),* $(,)? })*) => {$(
+    ($($module:ident :: $enum:ident {
+        $($value:ident => $name:literal $(| $alias:literal)*),* $(,)?
+    })*) => {$(
         impl EnumName for crate::$module::$enum {
             fn name(self) -> &'static str {
                 match self {
@@ -38,7 +41,7 @@ macro_rules! names {
             }
             fn from_name(name: &str) -> Option<Self> {
                 match name {
-                    $($name => Some(crate::$module::$enum::$value),)*
+                    $($name $(| $alias)* => Some(crate::$module::$enum::$value),)*
                     _ => None,
                 }
             }
@@ -88,6 +91,27 @@ names! {
         Failed => "failed", Cancelled => "cancelled",
     }
     volumes::LockMode { Exclusive => "exclusive", Shared => "shared" }
+    drain::BalanceMode {
+        None => "none",
+        Even => "even" | "even-distribution" | "even_distribution",
+        PowerSaving => "power_saving" | "power-saving",
+    }
+    drain::Aggressiveness { Low => "low", Medium => "medium", High => "high" }
+    drain::BalanceStop {
+        Disabled => "disabled", Balanced => "balanced", GainBelowCost => "gain_below_cost",
+        NoAllowedMove => "no_allowed_move", MoveLimit => "move_limit",
+        Consolidated => "consolidated",
+    }
+    migrations::MigrationPhase {
+        Queued => "queued", Setup => "setup", PreCopy => "pre_copy" | "pre-copy",
+        StopAndCopy => "stop_and_copy" | "stop-and-copy",
+        StorageHandoff => "storage_handoff" | "storage-handoff",
+        Switchover => "switchover", Done => "done", Succeeded => "succeeded",
+        Failed => "failed", Cancelled => "cancelled",
+    }
+    vms::RestartPriority { High => "high", Medium => "medium", Low => "low", None => "none" }
+    vms::Workload { Idle => "idle", Dirty => "dirty", Mem => "mem", Disk => "disk", Net => "net" }
+    management::UserRole { Admin => "admin", Viewer => "viewer" }
 }
 
 #[cfg(test)]
@@ -115,5 +139,39 @@ mod tests {
         let json = serde_json::to_value(&info).unwrap_or_default();
         assert_eq!(json["runtime"], "failed", "{json}");
         assert_eq!(json["desired"], "unspecified", "{json}");
+    }
+
+    #[test]
+    fn older_spellings_are_accepted_on_input_and_printed_by_their_name() {
+        use crate::drain::BalanceMode;
+        use crate::migrations::MigrationPhase;
+        for alias in ["power-saving", "power_saving"] {
+            assert_eq!(
+                BalanceMode::from_name(alias),
+                Some(BalanceMode::PowerSaving)
+            );
+        }
+        for alias in ["even", "even-distribution", "even_distribution"] {
+            assert_eq!(BalanceMode::from_name(alias), Some(BalanceMode::Even));
+        }
+        assert_eq!(BalanceMode::PowerSaving.name(), "power_saving");
+        assert_eq!(
+            MigrationPhase::from_name("stop-and-copy"),
+            Some(MigrationPhase::StopAndCopy)
+        );
+        let plan = crate::drain::PlanBalanceResponse {
+            mode: BalanceMode::Even as i32,
+            stop_code: crate::drain::BalanceStop::GainBelowCost as i32,
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&plan).unwrap_or_default();
+        assert_eq!(json["mode"], "even", "{json}");
+        assert_eq!(json["stop_code"], "gain_below_cost", "{json}");
+        let role = crate::management::Revocation {
+            role: crate::management::UserRole::Viewer as i32,
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&role).unwrap_or_default();
+        assert_eq!(json["role"], "viewer", "{json}");
     }
 }

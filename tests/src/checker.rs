@@ -93,7 +93,7 @@ async fn follow(node: u64, addr: SocketAddr, vm: String, sightings: Sightings) {
                         .entry(vm.clone())
                         .or_default()
                         .insert(Sighting {
-                            at_unix_us: chunk.at_unix_us,
+                            at_unix_us: cluster_proto::times::unix_us(chunk.received_at.as_ref()),
                             node,
                             text,
                         });
@@ -151,7 +151,7 @@ impl RunChecker {
                         .entry(vm.clone())
                         .or_default()
                         .insert(Sighting {
-                            at_unix_us: chunk.at_unix_us,
+                            at_unix_us: cluster_proto::times::unix_us(chunk.received_at.as_ref()),
                             node: id,
                             text: chunk.text.trim_end().to_owned(),
                         });

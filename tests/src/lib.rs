@@ -790,17 +790,28 @@ impl Cluster {
 
     pub async fn events(&self, via: u64) -> Result<Vec<pb::Event>> {
         let mut c = self.client(via).await?;
-        c.list_events(pb::ListEventsRequest {
-            after_seq: 0,
-            limit: 10_000,
-        })
-        .await
-        .map(|r| r.into_inner().events)
-        .map_err(|status| HarnessError::Rpc {
-            id: via,
-            rpc: "ListEvents",
-            status,
-        })
+        let mut events = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = c
+                .list_events(pb::ListEventsRequest {
+                    after_seq: 0,
+                    page_size: 1000,
+                    page_token,
+                })
+                .await
+                .map_err(|status| HarnessError::Rpc {
+                    id: via,
+                    rpc: "ListEvents",
+                    status,
+                })?
+                .into_inner();
+            events.extend(page.events);
+            if page.next_page_token.is_empty() {
+                return Ok(events);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     /// Poll `f` on node `id` until it returns `Some`, or time out (see [`Wait`]).

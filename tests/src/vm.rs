@@ -379,7 +379,7 @@ impl Cluster {
     /// cap) is then provably between setup and switchover.
     pub async fn wait_precopy(&self, via: u64, id: u64) -> mpb::WatchMigrationResponse {
         self.watch_migration_until(via, id, "pre-copy with bytes sent", |p| {
-            p.phase == "pre-copy" && p.bytes_sent > 0 && p.finished.is_none()
+            p.phase() == mpb::MigrationPhase::PreCopy && p.bytes_sent > 0 && p.finished.is_none()
         })
         .await
     }
@@ -458,9 +458,9 @@ pub fn cpu_vendor_toml(vendor: &str) -> String {
 /// The test guest checking 8 MiB of its memory, with a heartbeat every 100 ms.
 pub fn mem_boot() -> pb::TestGuestBoot {
     pb::TestGuestBoot {
-        workload: "mem".into(),
+        workload: pb::Workload::Mem as i32,
         wss_mib: 8,
-        hb_ms: 100,
+        heartbeat_interval: Some(cluster_proto::times::duration_from_ms(100)),
         ..Default::default()
     }
 }

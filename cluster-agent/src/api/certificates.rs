@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use cluster_proto::management as pb;
 use cluster_proto::pki::{self, Identity, Role, TlsDir};
+use cluster_proto::times;
 use tonic::{Request, Response, Status};
 
 use crate::api::auth::{Caller, CallerCertificate};
@@ -64,14 +65,16 @@ pub async fn create_join_token(
     agent: &Agent,
     request: Request<pb::CreateJoinTokenRequest>,
 ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
-    let ttl_ms = match request.get_ref().ttl_s {
-        0 => JOIN_TOKEN_TTL_DEFAULT.as_millis() as u64,
-        s => s.saturating_mul(1_000),
+    let ttl = request.get_ref().ttl.as_ref();
+    let ttl_ms = match ttl.map(times::duration_ms).transpose() {
+        Err(e) => return Err(Status::invalid_argument(format!("ttl {e}"))),
+        Ok(None | Some(0)) => JOIN_TOKEN_TTL_DEFAULT.as_millis() as u64,
+        Ok(Some(ms)) => ms,
     };
     if ttl_ms > JOIN_TOKEN_TTL_MAX_MS {
         return Err(Status::invalid_argument(format!(
-            "ttl_s {} is longer than the longest token lifetime, {} s (7 days)",
-            request.get_ref().ttl_s,
+            "ttl {} is longer than the longest token lifetime, {} s (7 days)",
+            ttl.map(times::duration_string).unwrap_or_default(),
             JOIN_TOKEN_TTL_MAX_MS / 1_000
         )));
     }
@@ -91,7 +94,7 @@ pub async fn create_join_token(
     tracing::info!(token_id = %id, expires_unix_ms, "join token created");
     Ok(Response::new(pb::CreateJoinTokenResponse {
         token: format!("{id}.{secret}"),
-        expires_unix_ms,
+        expires_at: times::timestamp_from_unix_ms(expires_unix_ms),
     }))
 }
 
@@ -283,10 +286,16 @@ pub async fn issue_certificate(
             }
         }
         pki::check_user_name(&r.user_name).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let role: Role = r
-            .role
-            .parse()
-            .map_err(|e: pki::PkiError| Status::invalid_argument(e.to_string()))?;
+        let role = match pb::UserRole::try_from(r.role) {
+            Ok(pb::UserRole::Admin) => Role::Admin,
+            Ok(pb::UserRole::Viewer) => Role::Viewer,
+            Ok(pb::UserRole::Unspecified) | Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "role {} is not a user role; give USER_ROLE_ADMIN or USER_ROLE_VIEWER",
+                    r.role
+                )))
+            }
+        };
         (
             Identity::User {
                 name: r.user_name.clone(),
@@ -327,11 +336,16 @@ pub async fn issue_certificate(
 fn revocation_to_pb(r: &revocations::Revocation) -> pb::Revocation {
     pb::Revocation {
         user_name: r.user.clone(),
-        role: r.role.clone(),
+        // The stored role is text ("" for a name revocation); an unknown word is unspecified.
+        role: match r.role.parse::<Role>() {
+            Ok(Role::Admin) => pb::UserRole::Admin as i32,
+            Ok(Role::Viewer) => pb::UserRole::Viewer as i32,
+            Err(_) => pb::UserRole::Unspecified as i32,
+        },
         cert_sha256: r.cert_sha256.clone().unwrap_or_default(),
-        at_unix_ms: r.at_unix_ms,
+        revoked_at: times::timestamp_from_unix_ms(r.at_unix_ms),
         by: r.by.clone(),
-        expires_unix_ms: r.expires_unix_ms,
+        expires_at: times::timestamp_from_unix_ms(r.expires_unix_ms),
     }
 }
 
@@ -447,16 +461,68 @@ pub async fn revoke_certificate(
     }))
 }
 
-/// The revocation list (admins only: the auth layer).
+/// The revocation list (admins only: the auth layer), oldest first, in pages keyed by
+/// the revocation time and the table key (unique).
 pub async fn list_revocations(
     agent: &Agent,
     request: Request<pb::ListRevocationsRequest>,
 ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
     crate::api::read::consistent(agent, &request).await?;
-    let revocations = agent.read_sm(|d| {
-        let mut v: Vec<_> = d.state.revocations.values().cloned().collect();
-        v.sort_by_key(|r| r.at_unix_ms);
-        v.iter().map(revocation_to_pb).collect()
-    });
-    Ok(Response::new(pb::ListRevocationsResponse { revocations }))
+    let req = request.into_inner();
+    let all: Vec<_> = agent.read_sm(|d| d.state.revocations.values().cloned().collect());
+    let (page, next_page_token) =
+        crate::api::paging::page(all, revocation_page_key, req.page_size, &req.page_token)?;
+    Ok(Response::new(pb::ListRevocationsResponse {
+        revocations: page.iter().map(revocation_to_pb).collect(),
+        next_page_token,
+    }))
+}
+
+/// A revocation's place in the list: its time (zero-padded, so text order is time
+/// order), then its table key.
+fn revocation_page_key(r: &revocations::Revocation) -> String {
+    format!("{:020}:{}", r.at_unix_ms, r.key())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn revoked(user: &str, at_unix_ms: u64) -> revocations::Revocation {
+        revocations::Revocation {
+            user: user.into(),
+            role: String::new(),
+            cert_sha256: None,
+            expires_unix_ms: at_unix_ms + 1,
+            at_unix_ms,
+            by: "root".into(),
+        }
+    }
+
+    /// Revocations page oldest first; two at the same millisecond both appear once.
+    #[test]
+    fn revocations_page_by_time_then_key() {
+        let all = vec![
+            revoked("carol", 300),
+            revoked("bob", 200),
+            revoked("alice", 200),
+            revoked("dave", 100),
+        ];
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        loop {
+            let (page, next) =
+                crate::api::paging::page(all.clone(), revocation_page_key, 1, &token)
+                    .unwrap_or_default();
+            seen.extend(page.iter().map(|r| r.user.clone()));
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        assert_eq!(seen, ["dave", "alice", "bob", "carol"]);
+        let pb = revocation_to_pb(&revoked("erin", 5_000));
+        assert_eq!(pb.role(), pb::UserRole::Unspecified);
+        assert_eq!(times::unix_ms(pb.revoked_at.as_ref()), 5_000);
+    }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use cluster_proto::drain as pb;
 use cluster_proto::drain::drain_service_client::DrainServiceClient;
 use cluster_proto::drain::drain_service_server::DrainService;
+use cluster_proto::times;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -20,8 +21,6 @@ use crate::node::{now_unix_ms, Agent, ForwardRequest};
 use crate::state::jobs::{self, BalancePolicy, JobCommand, JobError, JobMove, JobRecord};
 use crate::state::{ClusterState, Command};
 
-/// How often a job watch looks at the local replica for a change.
-const WATCH_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 /// Job updates a watch buffers for a slow client before it waits for it.
 const WATCH_BUFFER: usize = 16;
 
@@ -62,7 +61,7 @@ impl JobApi {
                     .jobs
                     .jobs
                     .get(&j.id)
-                    .is_some_and(|r| r.updated_unix_ms >= j.updated_unix_ms)
+                    .is_some_and(|r| r.updated_unix_ms >= times::unix_ms(j.updated_at.as_ref()))
             });
             if seen {
                 return;
@@ -110,8 +109,8 @@ pub fn move_to_pb(m: &JobMove) -> pb::MoveInfo {
         } as i32,
         why_not_live: m.why_not_live.clone(),
         wave: m.wave,
-        planned_start_unix_ms: m.planned_start_unix_ms,
-        planned_end_unix_ms: m.planned_end_unix_ms,
+        planned_start_at: times::timestamp_from_unix_ms(m.planned_start_unix_ms),
+        planned_end_at: times::timestamp_from_unix_ms(m.planned_end_unix_ms),
         status: match m.status {
             jobs::MoveStatus::Queued => pb::MoveStatus::Queued,
             jobs::MoveStatus::InFlight => pb::MoveStatus::InFlight,
@@ -120,8 +119,8 @@ pub fn move_to_pb(m: &JobMove) -> pb::MoveInfo {
             jobs::MoveStatus::Dropped => pb::MoveStatus::Dropped,
             jobs::MoveStatus::Skipped => pb::MoveStatus::Skipped,
         } as i32,
-        started_unix_ms: m.started_unix_ms,
-        ended_unix_ms: m.ended_unix_ms,
+        started_at: times::timestamp_from_unix_ms(m.started_unix_ms),
+        ended_at: times::timestamp_from_unix_ms(m.ended_unix_ms),
         reason: m.reason.clone(),
     }
 }
@@ -143,10 +142,10 @@ pub fn job_to_pb(j: &JobRecord) -> pb::JobInfo {
         } as i32,
         reason: j.reason.clone(),
         moves: j.moves.iter().map(move_to_pb).collect(),
-        planned_finish_unix_ms: j.planned_finish_unix_ms,
-        created_unix_ms: j.created_unix_ms,
-        updated_unix_ms: j.updated_unix_ms,
-        finished_unix_ms: j.finished_unix_ms,
+        planned_finish_at: times::timestamp_from_unix_ms(j.planned_finish_unix_ms),
+        created_at: times::timestamp_from_unix_ms(j.created_unix_ms),
+        updated_at: times::timestamp_from_unix_ms(j.updated_unix_ms),
+        finished_at: times::timestamp_from_unix_ms(j.finished_unix_ms),
         failed_back: j.failed_back,
     }
 }
@@ -157,38 +156,73 @@ fn unknown_job(id: u64) -> Status {
     ))
 }
 
-/// Parse a balance mode as clusterctl and the API spell it.
-pub fn parse_mode(text: &str) -> Result<scheduler::BalanceMode, Status> {
-    match text {
-        "none" => Ok(scheduler::BalanceMode::None),
-        "even" | "even-distribution" | "even_distribution" => {
-            Ok(scheduler::BalanceMode::EvenDistribution)
-        }
-        "power-saving" | "power_saving" => Ok(scheduler::BalanceMode::PowerSaving),
-        other => Err(Status::invalid_argument(format!(
-            "mode {other:?} is not a balancing mode; use none, even or power-saving"
+/// The balancing mode of an API value (`None` for unspecified; unknown: refused).
+pub fn mode_from_pb(v: i32) -> Result<Option<scheduler::BalanceMode>, Status> {
+    match pb::BalanceMode::try_from(v) {
+        Ok(pb::BalanceMode::Unspecified) => Ok(None),
+        Ok(pb::BalanceMode::None) => Ok(Some(scheduler::BalanceMode::None)),
+        Ok(pb::BalanceMode::Even) => Ok(Some(scheduler::BalanceMode::EvenDistribution)),
+        Ok(pb::BalanceMode::PowerSaving) => Ok(Some(scheduler::BalanceMode::PowerSaving)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "mode {v} is not a balancing mode; use none, even or power_saving"
         ))),
     }
 }
 
-/// Parse an aggressiveness (empty: medium).
-pub fn parse_aggressiveness(text: &str) -> Result<scheduler::Aggressiveness, Status> {
-    match text {
-        "low" => Ok(scheduler::Aggressiveness::Low),
-        "" | "medium" => Ok(scheduler::Aggressiveness::Medium),
-        "high" => Ok(scheduler::Aggressiveness::High),
-        other => Err(Status::invalid_argument(format!(
-            "aggressiveness {other:?} is not known; use low, medium or high"
+pub fn mode_to_pb(m: scheduler::BalanceMode) -> pb::BalanceMode {
+    match m {
+        scheduler::BalanceMode::None => pb::BalanceMode::None,
+        scheduler::BalanceMode::EvenDistribution => pb::BalanceMode::Even,
+        scheduler::BalanceMode::PowerSaving => pb::BalanceMode::PowerSaving,
+    }
+}
+
+/// The aggressiveness of an API value (`None` for unspecified; unknown: refused).
+pub fn aggressiveness_from_pb(v: i32) -> Result<Option<scheduler::Aggressiveness>, Status> {
+    match pb::Aggressiveness::try_from(v) {
+        Ok(pb::Aggressiveness::Unspecified) => Ok(None),
+        Ok(pb::Aggressiveness::Low) => Ok(Some(scheduler::Aggressiveness::Low)),
+        Ok(pb::Aggressiveness::Medium) => Ok(Some(scheduler::Aggressiveness::Medium)),
+        Ok(pb::Aggressiveness::High) => Ok(Some(scheduler::Aggressiveness::High)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "aggressiveness {v} is not known; use low, medium or high"
         ))),
     }
+}
+
+fn aggressiveness_to_pb(a: scheduler::Aggressiveness) -> pb::Aggressiveness {
+    match a {
+        scheduler::Aggressiveness::Low => pb::Aggressiveness::Low,
+        scheduler::Aggressiveness::Medium => pb::Aggressiveness::Medium,
+        scheduler::Aggressiveness::High => pb::Aggressiveness::High,
+    }
+}
+
+/// The stop code of a balance plan.
+fn stop_to_pb(s: &scheduler::BalanceStop) -> pb::BalanceStop {
+    match s {
+        scheduler::BalanceStop::Disabled => pb::BalanceStop::Disabled,
+        scheduler::BalanceStop::Balanced { .. } => pb::BalanceStop::Balanced,
+        scheduler::BalanceStop::GainBelowCost { .. } => pb::BalanceStop::GainBelowCost,
+        scheduler::BalanceStop::NoAllowedMove { .. } => pb::BalanceStop::NoAllowedMove,
+        scheduler::BalanceStop::MoveLimit => pb::BalanceStop::MoveLimit,
+        scheduler::BalanceStop::Consolidated => pb::BalanceStop::Consolidated,
+    }
+}
+
+/// A policy Duration in whole milliseconds (absent: `None`), or a refusal naming `field`.
+fn policy_ms(field: &str, d: Option<&times::Duration>) -> Result<Option<u64>, Status> {
+    d.map(times::duration_ms)
+        .transpose()
+        .map_err(|e| Status::invalid_argument(format!("policy.{field} {e}")))
 }
 
 fn policy_to_pb(p: &BalancePolicy) -> pb::PolicySpec {
     pb::PolicySpec {
-        mode: jobs::mode_str(p.mode).into(),
-        aggressiveness: jobs::aggressiveness_str(p.aggressiveness).into(),
-        interval_ms: p.interval_ms,
-        min_dwell_ms: Some(p.min_dwell_ms),
+        mode: mode_to_pb(p.mode) as i32,
+        aggressiveness: aggressiveness_to_pb(p.aggressiveness) as i32,
+        interval: Some(times::duration_from_ms(p.interval_ms)),
+        min_dwell: Some(times::duration_from_ms(p.min_dwell_ms)),
         migration_cost_bp_per_s: Some(p.migration_cost_bp_per_s),
     }
 }
@@ -216,9 +250,9 @@ impl DrainService for JobApi {
         let mut reply = pb::DrainNodeResponse {
             job: None,
             plan: moves.iter().map(move_to_pb).collect(),
-            planned_start_unix_ms: now,
-            planned_finish_unix_ms: plan.finish_ms,
-            lower_bound_ms: plan.lower_bound_ms,
+            planned_start_at: times::timestamp_from_unix_ms(now),
+            planned_finish_at: times::timestamp_from_unix_ms(plan.finish_ms),
+            lower_bound: Some(times::duration_from_ms(plan.lower_bound_ms)),
             incoming_in_flight: plan
                 .incoming_in_flight
                 .iter()
@@ -406,6 +440,7 @@ impl DrainService for JobApi {
         }
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
         let agent = self.agent.clone();
+        let mut applied = crate::api::read::AppliedWatch::new(&agent);
         tokio::spawn(async move {
             let mut sent: Option<pb::JobInfo> = None;
             loop {
@@ -429,7 +464,7 @@ impl DrainService for JobApi {
                 }
                 tokio::select! {
                     _ = tx.closed() => return,
-                    _ = tokio::time::sleep(WATCH_POLL) => {}
+                    _ = applied.changed() => {}
                 }
             }
         });
@@ -448,21 +483,24 @@ impl DrainService for JobApi {
         let req = request.into_inner().policy.ok_or_else(|| {
             Status::invalid_argument("SetPolicy needs a policy (at least its mode)")
         })?;
-        let mode = parse_mode(&req.mode)?;
-        let aggressiveness = parse_aggressiveness(&req.aggressiveness)?;
+        let mode = mode_from_pb(req.mode)?.ok_or_else(|| {
+            Status::invalid_argument("policy.mode is unspecified: give none, even or power_saving")
+        })?;
+        let aggressiveness = aggressiveness_from_pb(req.aggressiveness)?.unwrap_or_default();
+        let interval = policy_ms("interval", req.interval.as_ref())?;
+        let min_dwell = policy_ms("min_dwell", req.min_dwell.as_ref())?;
         let _guard = self.lock.lock().await;
         let state = self.state();
-        let interval_ms = if req.interval_ms == 0 {
-            state.jobs.policy.interval_ms
-        } else {
-            req.interval_ms
+        let interval_ms = match interval {
+            None | Some(0) => state.jobs.policy.interval_ms,
+            Some(ms) => ms,
         };
         let cmd = JobCommand::SetPolicy {
             policy: BalancePolicy {
                 mode,
                 aggressiveness,
                 interval_ms,
-                min_dwell_ms: req.min_dwell_ms.unwrap_or(state.jobs.policy.min_dwell_ms),
+                min_dwell_ms: min_dwell.unwrap_or(state.jobs.policy.min_dwell_ms),
                 migration_cost_bp_per_s: req
                     .migration_cost_bp_per_s
                     .unwrap_or(state.jobs.policy.migration_cost_bp_per_s),
@@ -493,20 +531,16 @@ impl DrainService for JobApi {
         crate::api::read::consistent(&self.agent, &request).await?;
         let req = request.into_inner();
         let mut state = self.state();
-        if !req.mode.is_empty() {
-            state.jobs.policy.mode = parse_mode(&req.mode)?;
+        if let Some(mode) = mode_from_pb(req.mode)? {
+            state.jobs.policy.mode = mode;
         }
-        if !req.aggressiveness.is_empty() {
-            state.jobs.policy.aggressiveness = parse_aggressiveness(&req.aggressiveness)?;
+        if let Some(a) = aggressiveness_from_pb(req.aggressiveness)? {
+            state.jobs.policy.aggressiveness = a;
         }
         let plan = job_runner::plan_balance(&state, &self.agent.demand(), now_unix_ms())
             .map_err(status::drain)?;
-        let stop_code = serde_json::to_value(&plan.stopped)
-            .ok()
-            .and_then(|v| v["stop"].as_str().map(str::to_owned))
-            .unwrap_or_default();
         Ok(Response::new(pb::PlanBalanceResponse {
-            mode: jobs::mode_str(plan.mode).into(),
+            mode: mode_to_pb(plan.mode) as i32,
             moves: job_runner::moves_of(&plan.waves)
                 .iter()
                 .map(move_to_pb)
@@ -532,7 +566,7 @@ impl DrainService for JobApi {
                 })
                 .collect(),
             stopped: plan.stopped.to_string(),
-            stop_code,
+            stop_code: stop_to_pb(&plan.stopped) as i32,
         }))
     }
 }

@@ -10,15 +10,12 @@ use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
 use crate::api::convert::nodes as convert;
-use crate::api::status;
+use crate::api::{paging, status};
 use crate::node::{Agent, ForwardReply, ForwardRequest};
 use crate::state::{Command, CommandResult, NodeState, KV_KEY_LEN_MAX, KV_VALUE_LEN_MAX};
 
-/// Default and maximum page size of `ListEvents`.
-pub const EVENTS_PAGE_DEFAULT: usize = 1_000;
-pub const EVENTS_PAGE_MAX: usize = 10_000;
-/// How often an event watch looks at the local replica for new events.
-const EVENTS_WATCH_POLL: Duration = Duration::from_millis(200);
+/// The most events a watch reads from the replica at once.
+const EVENTS_WATCH_BATCH: usize = 1_000;
 /// Events a watch buffers for a slow client before it waits for it.
 const EVENTS_WATCH_BUFFER: usize = 256;
 
@@ -409,26 +406,32 @@ impl ManagementService for ManagementApi {
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
         crate::api::read::consistent(&self.agent, &request).await?;
         let r = request.get_ref();
-        let limit = match r.limit as usize {
-            0 => EVENTS_PAGE_DEFAULT,
-            n if n > EVENTS_PAGE_MAX => {
-                return Err(Status::invalid_argument(format!(
-                    "limit {n} exceeds the maximum of {EVENTS_PAGE_MAX}"
-                )))
-            }
-            n => n,
-        };
-        let (events, last_seq) = self.agent.read_sm(|d| {
+        let size = paging::page_size(r.page_size)?;
+        // The page token is the seq of the page before's last event: pages keep their
+        // place while the log grows and drops its oldest.
+        let after =
+            paging::token_key::<u64>(&r.page_token)?.map_or(r.after_seq, |t| t.max(r.after_seq));
+        let (mut events, last_seq): (Vec<pb::Event>, u64) = self.agent.read_sm(|d| {
             (
                 d.state
-                    .events_after(r.after_seq, limit)
+                    .events_after(after, size + 1)
                     .iter()
                     .map(convert::event_to_pb)
                     .collect(),
                 d.state.last_event_seq,
             )
         });
-        Ok(Response::new(pb::ListEventsResponse { events, last_seq }))
+        let more = events.len() > size;
+        events.truncate(size);
+        let next_page_token = match events.last() {
+            Some(last) if more => paging::token(last.seq),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListEventsResponse {
+            events,
+            last_seq,
+            next_page_token,
+        }))
     }
 
     type WatchEventsStream = EventStream;
@@ -441,15 +444,17 @@ impl ManagementService for ManagementApi {
         let mut after = request.into_inner().after_seq;
         let (tx, rx) = tokio::sync::mpsc::channel(EVENTS_WATCH_BUFFER);
         let agent = self.agent.clone();
+        let mut applied = crate::api::read::AppliedWatch::new(&agent);
         tokio::spawn(async move {
             loop {
                 let events: Vec<pb::Event> = agent.read_sm(|d| {
                     d.state
-                        .events_after(after, EVENTS_PAGE_MAX)
+                        .events_after(after, EVENTS_WATCH_BATCH)
                         .iter()
                         .map(convert::event_to_pb)
                         .collect()
                 });
+                let events_len = events.len();
                 for event in events {
                     after = event.seq;
                     let update = pb::WatchEventsResponse { event: Some(event) };
@@ -457,9 +462,13 @@ impl ManagementService for ManagementApi {
                         return;
                     }
                 }
+                if events_len == EVENTS_WATCH_BATCH {
+                    // More are waiting: read them before waiting for an apply.
+                    continue;
+                }
                 tokio::select! {
                     _ = tx.closed() => return,
-                    _ = tokio::time::sleep(EVENTS_WATCH_POLL) => {}
+                    _ = applied.changed() => {}
                 }
             }
         });

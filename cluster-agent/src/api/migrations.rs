@@ -16,6 +16,7 @@ use std::time::Duration;
 use cluster_proto::migrations as pb;
 use cluster_proto::migrations::migration_service_client::MigrationServiceClient;
 use cluster_proto::migrations::migration_service_server::MigrationService;
+use cluster_proto::times;
 use tokio_stream::Stream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -53,18 +54,18 @@ pub fn record_to_pb(m: &MigrationRecord) -> pb::MigrationInfo {
             MigrationState::Cancelled => pb::MigrationState::Cancelled,
         } as i32,
         cancel_requested: m.cancel_requested,
-        max_downtime_ms: m.max_downtime_ms.unwrap_or(0),
-        deadline_ms: m.deadline_ms.unwrap_or(0),
+        max_downtime: m.max_downtime_ms.map(times::duration_from_ms),
+        deadline: m.deadline_ms.map(times::duration_from_ms),
         bandwidth_bytes_per_s_max: m.bandwidth_bytes_per_s_max.unwrap_or(0),
-        started_unix_ms: m.started_unix_ms,
-        ended_unix_ms: m.ended_unix_ms.unwrap_or(0),
+        started_at: times::timestamp_from_unix_ms(m.started_unix_ms),
+        ended_at: m.ended_unix_ms.and_then(times::timestamp_from_unix_ms),
         reason: m.reason.clone(),
         stats: m.stats.as_ref().map(|s| pb::MigrationSummary {
             rounds: s.rounds,
             guest_bytes: s.guest_bytes,
             wire_bytes: s.wire_bytes,
-            total_us: s.total_us,
-            blackout_us: s.blackout_us,
+            total: Some(times::duration_from_us(s.total_us)),
+            blackout: Some(times::duration_from_us(s.blackout_us)),
             max_throttle_percent: u32::from(s.max_throttle_percent),
             source_digest: s.source_digest,
             target_digest: s.target_digest.unwrap_or(0),
@@ -74,15 +75,21 @@ pub fn record_to_pb(m: &MigrationRecord) -> pb::MigrationInfo {
     }
 }
 
+/// The API phase of an engine phase name ("pre-copy"); unknown names are unspecified.
+fn phase_to_pb(engine: &str) -> pb::MigrationPhase {
+    use cluster_proto::EnumName;
+    pb::MigrationPhase::from_name(engine).unwrap_or(pb::MigrationPhase::Unspecified)
+}
+
 fn progress_to_pb(id: u64, p: &LiveProgress) -> pb::WatchMigrationResponse {
     pb::WatchMigrationResponse {
         id,
-        phase: p.phase.clone(),
+        phase: phase_to_pb(&p.phase) as i32,
         bytes_sent: p.bytes_sent,
         bytes_remaining: p.bytes_remaining,
         fraction_done: p.fraction_done,
         rate_bytes_per_s: p.rate_bytes_per_s,
-        eta_ms: p.eta_ms,
+        eta: Some(times::duration_from_ms(p.eta_ms)),
         round: p.round,
         throttle_percent: u32::from(p.throttle_percent),
         finished: None,
@@ -249,7 +256,7 @@ impl MigrationService for MigrationApi {
                         said_queued = true;
                         let queued = pb::WatchMigrationResponse {
                             id,
-                            phase: rec.state.as_str().into(),
+                            phase: pb::MigrationPhase::Queued as i32,
                             ..Default::default()
                         };
                         if tx.send(Ok(queued)).await.is_err() {
@@ -267,7 +274,13 @@ impl MigrationService for MigrationApi {
                                 id,
                                 ..Default::default()
                             });
-                    last.phase = rec.state.as_str().into();
+                    last.phase = match rec.state {
+                        MigrationState::Succeeded => pb::MigrationPhase::Succeeded,
+                        MigrationState::Failed => pb::MigrationPhase::Failed,
+                        MigrationState::Cancelled => pb::MigrationPhase::Cancelled,
+                        MigrationState::Queued => pb::MigrationPhase::Queued,
+                        MigrationState::Running => pb::MigrationPhase::Unspecified,
+                    } as i32;
                     last.finished = Some(record_to_pb(&rec));
                     let _ = tx.send(Ok(last)).await;
                     return;

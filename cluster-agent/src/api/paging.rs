@@ -25,29 +25,8 @@ pub fn page<T, K>(
 where
     K: Ord + ToString + FromStr,
 {
-    let size = match page_size as usize {
-        0 => PAGE_SIZE_DEFAULT,
-        n if n > PAGE_SIZE_MAX => {
-            return Err(Status::invalid_argument(format!(
-                "page_size {n} exceeds the maximum of {PAGE_SIZE_MAX}"
-            )))
-        }
-        n => n,
-    };
-    let after = if page_token.is_empty() {
-        None
-    } else {
-        let k = page_token
-            .strip_prefix(TOKEN_PREFIX)
-            .and_then(|k| k.parse::<K>().ok())
-            .ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "page_token {page_token:?} is not one this list returned; \
-                     start again with an empty page_token"
-                ))
-            })?;
-        Some(k)
-    };
+    let size = self::page_size(page_size)?;
+    let after = token_key::<K>(page_token)?;
     items.sort_by_key(|t| key(t));
     if let Some(after) = &after {
         items.retain(|t| key(t) > *after);
@@ -55,10 +34,44 @@ where
     let more = items.len() > size;
     items.truncate(size);
     let next = match items.last() {
-        Some(last) if more => format!("{TOKEN_PREFIX}{}", key(last).to_string()),
+        Some(last) if more => token(key(last)),
         _ => String::new(),
     };
     Ok((items, next))
+}
+
+/// The items per page a request's `page_size` asks for (0: the default; too large:
+/// refused).
+pub fn page_size(page_size: u32) -> Result<usize, Status> {
+    match page_size as usize {
+        0 => Ok(PAGE_SIZE_DEFAULT),
+        n if n > PAGE_SIZE_MAX => Err(Status::invalid_argument(format!(
+            "page_size {n} exceeds the maximum of {PAGE_SIZE_MAX}"
+        ))),
+        n => Ok(n),
+    }
+}
+
+/// The key a `page_token` names (`None` for the first page), or a refusal.
+pub fn token_key<K: FromStr>(page_token: &str) -> Result<Option<K>, Status> {
+    if page_token.is_empty() {
+        return Ok(None);
+    }
+    page_token
+        .strip_prefix(TOKEN_PREFIX)
+        .and_then(|k| k.parse::<K>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "page_token {page_token:?} is not one this list returned; \
+                 start again with an empty page_token"
+            ))
+        })
+}
+
+/// The token of the page after the item whose key is `key`.
+pub fn token(key: impl ToString) -> String {
+    format!("{TOKEN_PREFIX}{}", key.to_string())
 }
 
 #[cfg(test)]

@@ -34,3 +34,104 @@ pub fn refused(e: ReadError) -> Status {
          metadata {STALE_READ_HEADER}: true)"
     ))
 }
+
+/// How long a server stream waits for an apply before it looks at the replica anyway
+/// (the watch is the wake-up; this only bounds a missed one).
+pub const WATCH_FALLBACK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What a server stream (`WatchJob`, `WatchEvents`) waits on between two looks at the
+/// local replica: the applied-state watch (this agent's Raft metrics, whose
+/// `last_applied` moves once an entry's effects are readable), with a slow fallback tick.
+pub struct AppliedWatch {
+    metrics: tokio::sync::watch::Receiver<crate::raft::RaftMetrics>,
+    seen: Option<crate::raft::LogId>,
+    fallback: std::time::Duration,
+}
+
+impl AppliedWatch {
+    /// Start watching: call before the first read of the replica, so nothing applied
+    /// after that read is missed.
+    pub fn new(agent: &Agent) -> AppliedWatch {
+        AppliedWatch::of(agent.metrics_watch(), WATCH_FALLBACK)
+    }
+
+    fn of(
+        mut metrics: tokio::sync::watch::Receiver<crate::raft::RaftMetrics>,
+        fallback: std::time::Duration,
+    ) -> AppliedWatch {
+        let seen = metrics.borrow_and_update().last_applied;
+        AppliedWatch {
+            metrics,
+            seen,
+            fallback,
+        }
+    }
+
+    /// Resolves once this replica applied an entry after the last call (or `new`), or
+    /// after [`WATCH_FALLBACK`].
+    pub async fn changed(&mut self) {
+        let wait = async {
+            loop {
+                let now = self.metrics.borrow_and_update().last_applied;
+                if now != self.seen {
+                    self.seen = now;
+                    return;
+                }
+                if self.metrics.changed().await.is_err() {
+                    // Raft stopped: only the fallback tick is left.
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.fallback, wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::AppliedWatch;
+    use crate::raft::{LogId, RaftMetrics};
+
+    fn applied(index: u64) -> RaftMetrics {
+        let mut m = RaftMetrics::new_initial(1);
+        m.last_applied = Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), index));
+        m
+    }
+
+    /// The fallback is an hour: `changed` can only return because of the apply.
+    #[tokio::test]
+    async fn an_apply_wakes_the_watch_without_the_fallback_tick() {
+        let (tx, rx) = tokio::sync::watch::channel(applied(1));
+        let mut w = AppliedWatch::of(rx, Duration::from_secs(3600));
+        let waiter = tokio::spawn(async move {
+            w.changed().await;
+            w.seen
+        });
+        let _ = tx.send(applied(2));
+        let seen = tokio::time::timeout(Duration::from_secs(60), waiter).await;
+        assert!(matches!(seen, Ok(Ok(Some(l))) if l.index == 2), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn other_metrics_changes_do_not_wake_it_and_the_fallback_does() {
+        let (tx, rx) = tokio::sync::watch::channel(applied(1));
+        let mut w = AppliedWatch::of(rx, Duration::from_secs(3600));
+        let mut other = applied(1);
+        other.current_term = 9;
+        let _ = tx.send(other);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), w.changed())
+                .await
+                .is_err(),
+            "woken by a change that applied nothing"
+        );
+        // A dropped sender (Raft stopped): only the fallback tick is left.
+        let mut w = AppliedWatch::of(tx.subscribe(), Duration::from_millis(10));
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(60), w.changed())
+            .await
+            .unwrap_or_else(|_| panic!("the fallback tick never came"));
+    }
+}

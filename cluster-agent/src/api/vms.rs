@@ -9,6 +9,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use cluster_proto::times;
 use cluster_proto::vms as pb;
 use cluster_proto::vms::vm_service_client::VmServiceClient;
 use cluster_proto::vms::vm_service_server::VmService;
@@ -202,7 +203,7 @@ impl VmApi {
                         let chunk = pb::StreamConsoleResponse {
                             text: format!("{}\n", l.text),
                             node_id: me,
-                            at_unix_us: l.at_unix_us,
+                            received_at: times::timestamp_from_unix_us(l.at_unix_us),
                         };
                         if tx.blocking_send(Ok(chunk)).is_err() {
                             return;
@@ -213,6 +214,14 @@ impl VmApi {
             .map_err(|e| Status::internal(format!("cannot start the console thread: {e}")))?;
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
+}
+
+/// An optional request Duration in whole milliseconds (absent: `None`, the default), or
+/// a refusal naming `field`.
+fn request_ms(field: &str, d: Option<&times::Duration>) -> Result<Option<u64>, Status> {
+    d.map(times::duration_ms)
+        .transpose()
+        .map_err(|e| Status::invalid_argument(format!("{field} {e}")))
 }
 
 impl VmApi {
@@ -253,7 +262,7 @@ impl VmApi {
         let first = pb::StreamConsoleResponse {
             text: console.recent,
             node_id: me,
-            at_unix_us: 0,
+            received_at: None,
         };
         let follow = req.follow;
         let lines = console.lines;
@@ -276,7 +285,7 @@ impl VmApi {
                     let chunk = pb::StreamConsoleResponse {
                         text: format!("{line}\n"),
                         node_id: me,
-                        at_unix_us: 0,
+                        received_at: None,
                     };
                     if tx.blocking_send(Ok(chunk)).is_err() {
                         return;
@@ -578,6 +587,8 @@ impl VmService for VmApi {
         }
         let req = request.into_inner();
         name_of(&req.name)?;
+        let max_downtime_ms = request_ms("max_downtime", req.max_downtime.as_ref())?;
+        let deadline_ms = request_ms("deadline", req.deadline.as_ref())?;
         let _placing = self.agent.placement_lock().await;
         let state = self.state();
         let probe = VmCommand::StartMigration {
@@ -585,8 +596,8 @@ impl VmService for VmApi {
             to: 0,
             at_unix_ms: now_unix_ms(),
             quick: req.quick,
-            max_downtime_ms: req.max_downtime_ms,
-            deadline_ms: req.deadline_ms,
+            max_downtime_ms,
+            deadline_ms,
             bandwidth_bytes_per_s_max: req.bandwidth_bytes_per_s_max,
         };
         // Same checks as the commit, except the target (chosen next).
@@ -610,8 +621,8 @@ impl VmService for VmApi {
                     vm: req.name.clone(),
                     to: req.to_node_id,
                     quick: req.quick,
-                    max_downtime_ms: req.max_downtime_ms,
-                    deadline_ms: req.deadline_ms,
+                    max_downtime_ms,
+                    deadline_ms,
                     bandwidth_bytes_per_s_max: req.bandwidth_bytes_per_s_max,
                     at_unix_ms: now_unix_ms(),
                 };
@@ -642,8 +653,8 @@ impl VmService for VmApi {
             to: target,
             at_unix_ms: now_unix_ms(),
             quick: req.quick,
-            max_downtime_ms: req.max_downtime_ms,
-            deadline_ms: req.deadline_ms,
+            max_downtime_ms,
+            deadline_ms,
             bandwidth_bytes_per_s_max: req.bandwidth_bytes_per_s_max,
         })
         .await?;
@@ -674,8 +685,8 @@ impl VmService for VmApi {
             to_node_id: p.to.unwrap_or(0),
             go: p.reasons.is_empty() && p.to.is_some(),
             reasons: p.reasons,
-            predicted_duration_ms: est.duration_ms,
-            predicted_downtime_ms: est.downtime_ms,
+            predicted_duration: Some(times::duration_from_ms(est.duration_ms)),
+            predicted_downtime: Some(times::duration_from_ms(est.downtime_ms)),
             predicted_rounds: est.rounds,
         }))
     }

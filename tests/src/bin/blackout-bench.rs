@@ -63,7 +63,7 @@ async fn full_stack(
             "bench",
             memory_mib,
             pb::TestGuestBoot {
-                workload: "idle".into(),
+                workload: cluster_proto::vms::Workload::Idle as i32,
                 ..Default::default()
             },
         )),
@@ -90,7 +90,7 @@ async fn full_stack(
         vm.migrate_vm(pb::MigrateVmRequest {
             name: "bench".into(),
             to_node_id: to,
-            max_downtime_ms: Some(MAX_DOWNTIME_MS),
+            max_downtime: Some(cluster_proto::times::duration_from_ms(MAX_DOWNTIME_MS)),
             ..Default::default()
         })
         .await
@@ -136,7 +136,13 @@ async fn full_stack(
         if !s.receipt_matches {
             return Err(format!("migration {}: receipt mismatch", last.id));
         }
-        out.push((s.blackout_us, s.total_us, wall_ms));
+        out.push((
+            cluster_proto::times::duration_us(s.blackout.as_ref().unwrap_or(&Default::default()))
+                .unwrap_or(0),
+            cluster_proto::times::duration_us(s.total.as_ref().unwrap_or(&Default::default()))
+                .unwrap_or(0),
+            wall_ms,
+        ));
     }
     Ok(out)
 }

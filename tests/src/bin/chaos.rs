@@ -121,8 +121,8 @@ fn vm_names(args: &Args) -> (Vec<String>, Vec<String>) {
 
 fn disk_spec(name: &str) -> pb::VmSpec {
     let boot = pb::TestGuestBoot {
-        workload: "disk".into(),
-        hb_ms: 100,
+        workload: cluster_proto::vms::Workload::Disk as i32,
+        heartbeat_interval: Some(cluster_proto::times::duration_from_ms(100)),
         ..Default::default()
     };
     pb::VmSpec {
@@ -130,14 +130,14 @@ fn disk_spec(name: &str) -> pb::VmSpec {
             name: format!("vol/vms/{name}.img"),
             read_only: false,
         }],
-        restart_priority: "high".into(),
+        restart_priority: cluster_proto::vms::RestartPriority::High as i32,
         ..guest_spec(name, 64, boot)
     }
 }
 
 fn mem_spec(name: &str) -> pb::VmSpec {
     pb::VmSpec {
-        restart_priority: "high".into(),
+        restart_priority: cluster_proto::vms::RestartPriority::High as i32,
         ..guest_spec(name, 64, mem_boot())
     }
 }

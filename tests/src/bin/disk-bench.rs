@@ -28,8 +28,8 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(90);
 
 fn spec(name: &str, disk: Option<&str>) -> pb::VmSpec {
     let boot = pb::TestGuestBoot {
-        workload: "disk".into(),
-        hb_ms: 50,
+        workload: cluster_proto::vms::Workload::Disk as i32,
+        heartbeat_interval: Some(cluster_proto::times::duration_from_ms(50)),
         ..Default::default()
     };
     pb::VmSpec {
@@ -40,7 +40,7 @@ fn spec(name: &str, disk: Option<&str>) -> pb::VmSpec {
             })
             .into_iter()
             .collect(),
-        restart_priority: "high".into(),
+        restart_priority: cluster_proto::vms::RestartPriority::High as i32,
         ..guest_spec(name, 64, boot)
     }
 }

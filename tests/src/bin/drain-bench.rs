@@ -103,9 +103,8 @@ async fn run(bin: &std::path::Path, n: usize) -> Result<(), String> {
         .await
         .map_err(|s| format!("drain: {s}"))?
         .into_inner();
-    let planned_ms = r
-        .planned_finish_unix_ms
-        .saturating_sub(r.planned_start_unix_ms);
+    let planned_ms = cluster_proto::times::unix_ms(r.planned_finish_at.as_ref())
+        .saturating_sub(cluster_proto::times::unix_ms(r.planned_start_at.as_ref()));
     let job = loop {
         let j = d
             .get_drain(dpb::GetDrainRequest { node_id: 1 })
@@ -134,15 +133,22 @@ async fn run(bin: &std::path::Path, n: usize) -> Result<(), String> {
         .moves
         .iter()
         .filter(|m| m.status().name() == "done")
-        .map(|m| m.ended_unix_ms.saturating_sub(m.started_unix_ms))
+        .map(|m| {
+            cluster_proto::times::unix_ms(m.ended_at.as_ref())
+                .saturating_sub(cluster_proto::times::unix_ms(m.started_at.as_ref()))
+        })
         .sum();
     let first_start = job
         .moves
         .iter()
-        .map(|m| m.started_unix_ms)
+        .map(|m| cluster_proto::times::unix_ms(m.started_at.as_ref()))
         .filter(|s| *s > 0)
         .min();
-    let last_end = job.moves.iter().map(|m| m.ended_unix_ms).max();
+    let last_end = job
+        .moves
+        .iter()
+        .map(|m| cluster_proto::times::unix_ms(m.ended_at.as_ref()))
+        .max();
     let span_ms = match (first_start, last_end) {
         (Some(a), Some(b)) => b.saturating_sub(a),
         _ => 0,

@@ -26,7 +26,7 @@ const FAILOVER_GRACE_MS: u64 = 500;
 /// The memory-checking test guest with a heartbeat every 20 ms.
 fn fast_boot() -> pb::TestGuestBoot {
     pb::TestGuestBoot {
-        hb_ms: 20,
+        heartbeat_interval: Some(cluster_proto::times::duration_from_ms(20)),
         ..mem_boot()
     }
 }
@@ -87,7 +87,7 @@ async fn round(
     let t = Instant::now();
     cl.create_vm(pb::CreateVmRequest {
         spec: Some(pb::VmSpec {
-            restart_priority: "high".into(),
+            restart_priority: cluster_proto::vms::RestartPriority::High as i32,
             preferred_owners: vec![target],
             ..guest_spec("bench", 64, fast_boot())
         }),

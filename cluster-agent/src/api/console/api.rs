@@ -150,7 +150,8 @@ pub async fn snapshot(c: &Console, a: &Authed) -> Result<serde_json::Value, ApiE
             format!("{M}ListEvents"),
             pb::ListEventsRequest {
                 after_seq: u64::MAX,
-                limit: 1,
+                page_size: 1,
+                page_token: String::new(),
             },
             |r| m.list_events(r),
         )
@@ -162,7 +163,8 @@ pub async fn snapshot(c: &Console, a: &Authed) -> Result<serde_json::Value, ApiE
             format!("{M}ListEvents"),
             pb::ListEventsRequest {
                 after_seq: last.saturating_sub(OVERVIEW_EVENTS),
-                limit: OVERVIEW_EVENTS as u32,
+                page_size: OVERVIEW_EVENTS as u32,
+                page_token: String::new(),
             },
             |r| m.list_events(r),
         )

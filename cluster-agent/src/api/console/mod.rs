@@ -170,7 +170,7 @@ pub fn login<T>(
     tracing::info!(user = %name, role = %role, "console login link issued");
     Ok(pb::ConsoleLoginResponse {
         url,
-        expires_unix_ms,
+        expires_at: cluster_proto::times::timestamp_from_unix_ms(expires_unix_ms),
     })
 }
 

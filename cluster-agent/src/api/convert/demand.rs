@@ -59,7 +59,7 @@ pub fn vm_demand_to_pb(
         cpu_demand_millicores: v.cpu_demand_mc,
         cpu_run_millicores: v.cpu_run_mc,
         memory_touched_mib: v.memory_touched_mib,
-        sampled_unix_ms: r.sampled_unix_ms,
+        sampled_at: cluster_proto::times::timestamp_from_unix_ms(r.sampled_unix_ms),
     })
 }
 
@@ -74,7 +74,7 @@ pub fn node_demand_to_pb(
         cpu_demand_millicores: t.cpu_demand_mc,
         cpu_run_millicores: t.cpu_run_mc,
         memory_touched_mib: t.memory_touched_mib,
-        sampled_unix_ms: r.sampled_unix_ms,
+        sampled_at: cluster_proto::times::timestamp_from_unix_ms(r.sampled_unix_ms),
         vms: r.vms.len().min(u32::MAX as usize) as u32,
     })
 }

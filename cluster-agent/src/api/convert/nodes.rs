@@ -2,6 +2,7 @@
 //! types (errors: `api::status`).
 
 use cluster_proto::management as pb;
+use cluster_proto::times;
 use tonic::Status;
 
 use crate::state::{Event, EventKind, KvmKind, NodeFacts, NodeRecord, NodeRegistration, NodeState};
@@ -157,7 +158,7 @@ pub fn registration_from_pb(r: &pb::AdmitNodeRequest) -> Result<NodeRegistration
         networks: networks_from_pb(&r.networks)?,
         trust: crate::state::NodeTrust {
             migration_plaintext: r.migration_plaintext,
-            cert_expires_unix_ms: r.cert_expires_unix_ms,
+            cert_expires_unix_ms: times::unix_ms(r.cert_expires_at.as_ref()),
         },
         power: {
             let p = crate::state::power::PowerCommands {
@@ -184,7 +185,7 @@ pub fn registration_to_pb(r: &NodeRegistration) -> pb::AdmitNodeRequest {
         power_off_command: r.power.off.clone(),
         power_on_command: r.power.on.clone(),
         migration_plaintext: r.trust.migration_plaintext,
-        cert_expires_unix_ms: r.trust.cert_expires_unix_ms,
+        cert_expires_at: times::timestamp_from_unix_ms(r.trust.cert_expires_unix_ms),
     }
 }
 
@@ -200,7 +201,7 @@ pub fn node_to_pb(r: &NodeRecord, raft_role: pb::RaftRole) -> pb::NodeInfo {
         mgmt_subnet: g.mgmt_subnet.clone(),
         migration_subnet: g.migration_subnet.clone(),
         facts: Some(facts_to_pb(&g.facts)),
-        state_since_unix_ms: r.state_since_unix_ms,
+        state_since: times::timestamp_from_unix_ms(r.state_since_unix_ms),
         raft_role: raft_role as i32,
         networks: networks_to_pb(&g.networks),
         migration_transport: if g.trust.migration_plaintext {
@@ -208,7 +209,7 @@ pub fn node_to_pb(r: &NodeRecord, raft_role: pb::RaftRole) -> pb::NodeInfo {
         } else {
             pb::MigrationTransport::Tls as i32
         },
-        cert_expires_unix_ms: g.trust.cert_expires_unix_ms,
+        cert_expires_at: times::timestamp_from_unix_ms(g.trust.cert_expires_unix_ms),
         demand: None,
         state_reason: r.state_reason.clone(),
         standby_requested: r
@@ -223,7 +224,7 @@ pub fn node_to_pb(r: &NodeRecord, raft_role: pb::RaftRole) -> pb::NodeInfo {
 pub fn event_to_pb(e: &Event) -> pb::Event {
     pb::Event {
         seq: e.seq,
-        at_unix_ms: e.at_unix_ms,
+        at: times::timestamp_from_unix_ms(e.at_unix_ms),
         kind: event_kind_to_pb(e.kind) as i32,
         node_id: e.node_id,
         message: e.message.clone(),

@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use cluster_proto::times;
 use cluster_proto::vms as pb;
 use csv_volume::DiskName;
 use scheduler::RestartPriority;
@@ -20,53 +21,59 @@ pub enum ConvertError {
     MissingBoot,
     #[error("spec.vcpus {0} is out of range (1..=32)")]
     Vcpus(u32),
-    #[error("spec.test_guest.workload {0:?} is not one of idle, dirty, mem, disk, net")]
-    Workload(String),
+    #[error("spec.test_guest.workload {0} is not one of idle, dirty, mem, disk, net")]
+    Workload(i32),
+    #[error("spec.test_guest.heartbeat_interval: {0}")]
+    HeartbeatInterval(cluster_proto::times::DurationError),
     #[error("spec.test_guest.net_ip {0:?} is not an IPv4 address")]
     NetIp(String),
-    #[error("spec.restart_priority {0:?} is not one of high, medium, low, none")]
-    RestartPriority(String),
+    #[error("spec.restart_priority {0} is not one of high, medium, low, none")]
+    RestartPriority(i32),
     #[error("spec.disks: {0:?} is not a disk name of the form volume/dir/disk.img")]
     DiskName(String),
 }
 
-pub fn workload_name(text: &str) -> Result<WorkloadName, ConvertError> {
-    match text {
-        "idle" => Ok(WorkloadName::Idle),
-        "dirty" => Ok(WorkloadName::Dirty),
-        "mem" => Ok(WorkloadName::Mem),
-        "disk" => Ok(WorkloadName::Disk),
-        "net" => Ok(WorkloadName::Net),
-        other => Err(ConvertError::Workload(other.to_owned())),
+/// The test guest's workload of an API value (unspecified or unknown: refused).
+pub fn workload_name(v: i32) -> Result<WorkloadName, ConvertError> {
+    match pb::Workload::try_from(v) {
+        Ok(pb::Workload::Idle) => Ok(WorkloadName::Idle),
+        Ok(pb::Workload::Dirty) => Ok(WorkloadName::Dirty),
+        Ok(pb::Workload::Mem) => Ok(WorkloadName::Mem),
+        Ok(pb::Workload::Disk) => Ok(WorkloadName::Disk),
+        Ok(pb::Workload::Net) => Ok(WorkloadName::Net),
+        Ok(pb::Workload::Unspecified) | Err(_) => Err(ConvertError::Workload(v)),
     }
 }
 
-fn workload_str(w: WorkloadName) -> &'static str {
+fn workload_to_pb(w: WorkloadName) -> pb::Workload {
     match w {
-        WorkloadName::Idle => "idle",
-        WorkloadName::Dirty => "dirty",
-        WorkloadName::Mem => "mem",
-        WorkloadName::Disk => "disk",
-        WorkloadName::Net => "net",
+        WorkloadName::Idle => pb::Workload::Idle,
+        WorkloadName::Dirty => pb::Workload::Dirty,
+        WorkloadName::Mem => pb::Workload::Mem,
+        WorkloadName::Disk => pb::Workload::Disk,
+        WorkloadName::Net => pb::Workload::Net,
     }
 }
 
-pub fn restart_priority(text: &str) -> Result<RestartPriority, ConvertError> {
-    match text {
-        "" | "medium" => Ok(RestartPriority::Medium),
-        "high" => Ok(RestartPriority::High),
-        "low" => Ok(RestartPriority::Low),
-        "none" => Ok(RestartPriority::None),
-        other => Err(ConvertError::RestartPriority(other.to_owned())),
+/// The restart priority of an API value (unspecified: medium; unknown: refused).
+pub fn restart_priority(v: i32) -> Result<RestartPriority, ConvertError> {
+    match pb::RestartPriority::try_from(v) {
+        Ok(pb::RestartPriority::Unspecified | pb::RestartPriority::Medium) => {
+            Ok(RestartPriority::Medium)
+        }
+        Ok(pb::RestartPriority::High) => Ok(RestartPriority::High),
+        Ok(pb::RestartPriority::Low) => Ok(RestartPriority::Low),
+        Ok(pb::RestartPriority::None) => Ok(RestartPriority::None),
+        Err(_) => Err(ConvertError::RestartPriority(v)),
     }
 }
 
-fn restart_priority_str(p: RestartPriority) -> &'static str {
+fn restart_priority_to_pb(p: RestartPriority) -> pb::RestartPriority {
     match p {
-        RestartPriority::High => "high",
-        RestartPriority::Medium => "medium",
-        RestartPriority::Low => "low",
-        RestartPriority::None => "none",
+        RestartPriority::High => pb::RestartPriority::High,
+        RestartPriority::Medium => pb::RestartPriority::Medium,
+        RestartPriority::Low => pb::RestartPriority::Low,
+        RestartPriority::None => pb::RestartPriority::None,
     }
 }
 
@@ -76,7 +83,7 @@ pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> Result<VmSpec, ConvertError> {
     let vcpus = u8::try_from(s.vcpus).map_err(|_| ConvertError::Vcpus(s.vcpus))?;
     let boot = match s.boot.ok_or(ConvertError::MissingBoot)? {
         pb::vm_spec::Boot::TestGuest(t) => {
-            let mut w = TestWorkload::new(workload_name(&t.workload)?);
+            let mut w = TestWorkload::new(workload_name(t.workload)?);
             if t.wss_mib != 0 {
                 w.wss_mib = t.wss_mib;
             }
@@ -86,8 +93,11 @@ pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> Result<VmSpec, ConvertError> {
             if t.seed != 0 {
                 w.seed = t.seed;
             }
-            if t.hb_ms != 0 {
-                w.hb_ms = t.hb_ms;
+            if let Some(hb) = &t.heartbeat_interval {
+                let ms = times::duration_ms(hb).map_err(ConvertError::HeartbeatInterval)?;
+                if ms != 0 {
+                    w.hb_ms = ms;
+                }
             }
             if !t.net_ip.is_empty() {
                 w.net_ip = Some(
@@ -121,7 +131,7 @@ pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> Result<VmSpec, ConvertError> {
         memory_mib: s.memory_mib,
         boot,
         disks,
-        restart_priority: restart_priority(&s.restart_priority)?,
+        restart_priority: restart_priority(s.restart_priority)?,
         anti_affinity: s.anti_affinity.into_iter().collect::<BTreeSet<_>>(),
         preferred_owners: s
             .preferred_owners
@@ -144,11 +154,11 @@ pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> Result<VmSpec, ConvertError> {
 pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
     let boot = match &s.boot {
         BootSpec::TestGuest(w) => pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-            workload: workload_str(w.kind).into(),
+            workload: workload_to_pb(w.kind) as i32,
             wss_mib: w.wss_mib,
             rate_mbps: w.rate_mbps,
             seed: w.seed,
-            hb_ms: w.hb_ms,
+            heartbeat_interval: Some(times::duration_from_ms(w.hb_ms)),
             net_ip: w.net_ip.map(|ip| ip.to_string()).unwrap_or_default(),
         }),
         BootSpec::Kernel {
@@ -177,7 +187,7 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
                 read_only: d.read_only,
             })
             .collect(),
-        restart_priority: restart_priority_str(s.restart_priority).into(),
+        restart_priority: restart_priority_to_pb(s.restart_priority) as i32,
         anti_affinity: s.anti_affinity.iter().cloned().collect(),
         preferred_owners: s.preferred_owners.iter().map(|n| n.0).collect(),
         nics: s
@@ -217,8 +227,8 @@ pub fn record_to_pb(state: &ClusterState, r: &VmRecord) -> pb::VmInfo {
         } as i32,
         reason: r.reason.clone(),
         generation: r.generation,
-        created_unix_ms: r.created_unix_ms,
-        updated_unix_ms: r.updated_unix_ms,
+        created_at: times::timestamp_from_unix_ms(r.created_unix_ms),
+        updated_at: times::timestamp_from_unix_ms(r.updated_unix_ms),
         migrating_to: r.migrating_to.unwrap_or(0),
         nic_taps: match r.owner {
             Some(node) => r
@@ -243,12 +253,12 @@ mod tests {
             vcpus: 2,
             memory_mib: 128,
             boot: Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-                workload: "mem".into(),
+                workload: pb::Workload::Mem as i32,
                 wss_mib: 8,
                 ..Default::default()
             })),
             disks: vec![],
-            restart_priority: "high".into(),
+            restart_priority: pb::RestartPriority::High as i32,
             anti_affinity: vec!["web".into()],
             preferred_owners: vec![2, 1],
             nics: vec![pb::NicSpec {
@@ -264,6 +274,10 @@ mod tests {
     fn spec_round_trips_and_defaults_apply() {
         let s = spec_from_pb(Some(pb_spec())).expect("valid");
         assert_eq!(s.restart_priority, RestartPriority::High);
+        let mut unset = pb_spec();
+        unset.restart_priority = pb::RestartPriority::Unspecified as i32;
+        let unset = spec_from_pb(Some(unset)).expect("valid");
+        assert_eq!(unset.restart_priority, RestartPriority::Medium);
         match &s.boot {
             BootSpec::TestGuest(w) => {
                 assert_eq!((w.kind, w.wss_mib, w.hb_ms), (WorkloadName::Mem, 8, 100))
@@ -282,18 +296,31 @@ mod tests {
         p.boot = None;
         assert_eq!(spec_from_pb(Some(p)), Err(ConvertError::MissingBoot));
         let mut p = pb_spec();
-        p.restart_priority = "urgent".into();
+        p.restart_priority = 99;
         assert!(matches!(
             spec_from_pb(Some(p)),
             Err(ConvertError::RestartPriority(_))
         ));
         let mut p = pb_spec();
         p.boot = Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
-            workload: "spin".into(),
+            workload: 42,
             ..Default::default()
         }));
         let e = spec_from_pb(Some(p)).expect_err("bad workload");
-        assert!(e.to_string().contains("spec.test_guest.workload \"spin\""));
+        assert!(e.to_string().contains("spec.test_guest.workload 42"));
+        let mut p = pb_spec();
+        p.boot = Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
+            workload: pb::Workload::Idle as i32,
+            heartbeat_interval: Some(cluster_proto::prost_types::Duration {
+                seconds: -1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }));
+        assert!(matches!(
+            spec_from_pb(Some(p)),
+            Err(ConvertError::HeartbeatInterval(_))
+        ));
         assert_eq!(spec_from_pb(None), Err(ConvertError::MissingSpec));
     }
 }

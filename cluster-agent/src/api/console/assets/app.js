@@ -23,13 +23,17 @@ function el(tag, attrs, ...children) {
 }
 
 const badge = (s) => el('span', { class: 'badge st-' + s }, s || '—');
-const ago = (ms) => {
-  if (!ms) return '—';
+// Times are RFC 3339 strings (google.protobuf.Timestamp), durations "1.500s"
+// (google.protobuf.Duration); an absent one is null.
+const ago = (time) => {
+  const ms = time ? Date.parse(time) : NaN;
+  if (Number.isNaN(ms)) return '—';
   const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
   if (s < 120) return s + ' s ago';
   if (s < 7200) return Math.round(s / 60) + ' min ago';
   return Math.round(s / 3600) + ' h ago';
 };
+const seconds = (d) => (d ? parseFloat(d) : 0);
 const mib = (b) => (b / 1048576).toFixed(1) + ' MiB';
 const nodeName = (id) => {
   const n = overview && overview.nodes.find((x) => x.node_id === id);
@@ -121,7 +125,7 @@ function renderNodes(o) {
       el('td', {}, d ? (d.cpu_demand_millicores / 1000).toFixed(2) + ' of ' + cpus + ' CPUs' : '—'),
       el('td', {}, d ? d.memory_touched_mib + ' MiB of ' + mem : '—'),
       el('td', {}, vms),
-      el('td', {}, ago(n.state_since_unix_ms)),
+      el('td', {}, ago(n.state_since)),
       el('td', { class: 'admin' },
         actionButton('Drain', {
           action: 'drain', title: 'Drain ' + n.name + '?',
@@ -161,7 +165,7 @@ function migrateDialog(v) {
     preview: async () => {
       const p = (await api('POST', `/api/vms/${encodeURIComponent(v.spec.name)}/migrate`, { to_node_id: target(), dry_run: true })).plan;
       return p.go
-        ? `would move to ${nodeName(p.to_node_id)}, about ${(p.predicted_duration_ms / 1000).toFixed(1)} s`
+        ? `would move to ${nodeName(p.to_node_id)}, about ${seconds(p.predicted_duration).toFixed(1)} s`
         : 'refused: ' + p.reasons.join('; ');
     },
     run: () => api('POST', `/api/vms/${encodeURIComponent(v.spec.name)}/migrate`, { to_node_id: target() }),
@@ -196,7 +200,7 @@ function progressCell(m) {
   if (m.state === 'succeeded') value = 1;
   const text = m.state === 'running'
     ? (p ? `${Math.round(value * 100)} % · round ${p.round} · ${mib(p.bytes_sent)} sent · ${mib(p.rate_bytes_per_s)}/s` : 'starting')
-    : m.state + (m.reason ? ': ' + m.reason : '') + (m.stats ? ` · blackout ${(m.stats.blackout_us / 1000).toFixed(1)} ms` : '');
+    : m.state + (m.reason ? ': ' + m.reason : '') + (m.stats ? ` · blackout ${(seconds(m.stats.blackout) * 1000).toFixed(1)} ms` : '');
   return el('td', {},
     el('progress', { id: 'progress-' + m.id, max: 1, value }),
     ' ', el('span', { id: 'progress-text-' + m.id, class: 'muted' }, text));
@@ -230,7 +234,7 @@ function onProgress(p) {
 function renderJobs(o) {
   const jobs = o.jobs.map((j) => el('div', { class: 'job', 'data-job': j.id },
     el('div', {}, el('b', {}, `#${j.id} ${j.kind}`), ' ', j.node_id ? 'of ' + nodeName(j.node_id) + ' ' : '', badge(j.status),
-      ' ', el('span', { class: 'muted' }, 'started ' + ago(j.created_unix_ms) + (j.reason ? ' · ' + j.reason : '')),
+      ' ', el('span', { class: 'muted' }, 'started ' + ago(j.created_at) + (j.reason ? ' · ' + j.reason : '')),
       j.kind === 'drain' && j.status === 'running'
         ? el('span', { class: 'admin' }, ' ', actionButton('Abort', { action: 'abort-drain', title: 'Abort drain job ' + j.id + '?',
           body: 'Queued moves are dropped.', run: () => api('POST', `/api/nodes/${j.node_id}/abort-drain`) }, 'danger'))
@@ -253,7 +257,7 @@ function renderLocks(o) {
 
 function renderEvents(o) {
   document.getElementById('events-list').replaceChildren(...o.events.map((e) => el('li', { value: e.seq },
-    new Date(e.at_unix_ms).toLocaleTimeString(), ' ', el('b', {}, e.kind), ' ', e.node_id ? nodeName(e.node_id) + ': ' : '', e.message)));
+    (e.at ? new Date(e.at).toLocaleTimeString() : '—'), ' ', el('b', {}, e.kind), ' ', e.node_id ? nodeName(e.node_id) + ': ' : '', e.message)));
 }
 
 function render(o) {
