@@ -540,6 +540,7 @@ async fn frozen_old_owner_is_fenced_at_the_disk_when_it_thaws() {
     cl.wait_log_line(victim, "its copy of vm-z fenced", |l| {
         l.contains("disk fenced: stale writer refused")
             || (l.contains("lease lost; vms fenced") && l.contains("vm-z"))
+            || (l.contains("its lease ran out (fenced)") && l.contains("vm-z"))
     })
     .await;
     // The new owner's guest goes on verifying its disk; the fence record keeps the new

@@ -666,6 +666,11 @@ async fn start(
         crate::control::disk_lock_client::release_all(agent, &name, release_cmds(&grants)).await;
         return None;
     }
+    // A worker runs its VM on a deadline the fence loop renews; one taken just now may not
+    // have been passed on yet: pass on the lease this start was decided under.
+    if let Some(until) = agent.lease().until {
+        host.renew_workers(until);
+    }
     let h = host.clone();
     let g = grants.clone();
     let started = tokio::task::spawn_blocking(move || {
