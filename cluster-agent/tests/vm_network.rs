@@ -63,7 +63,39 @@ fn wait_echo_at(ns: &NetNs, dir: &std::path::Path, ip: &str, size: usize, what: 
             || Ok::<_, String>(ns.probe(dir, &["udp", ip, "7", &size, "5", "2", "df"])),
             |r| r["ok"] == true,
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}{}", net_post_mortem(ns, dir)));
+}
+
+/// What a failed echo wait prints: the bridge's ports and neighbours, and the tail of
+/// every VM worker's log below the test's directory.
+fn net_post_mortem(ns: &NetNs, dir: &std::path::Path) -> String {
+    let show = |args: &[&str]| String::from_utf8_lossy(&ns.ip(args).stdout).into_owned();
+    let mut out = format!(
+        "\n--- links ---\n{}--- neighbours ---\n{}",
+        show(&["-o", "link"]),
+        show(&["neigh"])
+    );
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n == "worker.log") {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                out.push_str(&format!(
+                    "--- {} ---\n{}\n",
+                    p.display(),
+                    lines[lines.len().saturating_sub(15)..].join("\n")
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// `net_spec` with another guest address and the NIC's MTU.

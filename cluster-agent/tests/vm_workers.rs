@@ -708,6 +708,17 @@ async fn a_sigterm_announces_the_restart_and_the_vm_runs_on_past_down_after() {
         (2, before.generation),
         "{rec:?}"
     );
+    // Its agent stopped again, the worker would run on for the window: the harness ends
+    // a test's workers with the test, so none runs a guest into the next test.
+    let clean = cl.stop(2);
+    cl.check(clean);
+    let root = cl.dir().to_path_buf();
+    assert!(
+        !cluster_tests::worker_pids_below(&root).is_empty(),
+        "the worker keeps its VM through the announced window"
+    );
+    drop(cl);
+    assert_eq!(cluster_tests::worker_pids_below(&root), Vec::<u32>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

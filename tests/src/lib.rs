@@ -10,6 +10,7 @@ use cluster_proto::EnumName;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -965,7 +966,35 @@ impl Drop for Cluster {
                 let _ = c.wait();
             }
         }
+        // VM workers outlive their agent by design (up to an announced restart window):
+        // a test's workers must not go on running guests while the next test runs.
+        for pid in worker_pids_below(self.dir.path()) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
     }
+}
+
+/// The VM worker processes (`cluster-agent vm-worker --dir D`) whose directory is below
+/// `root`.
+pub fn worker_pids_below(root: &Path) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let is_worker = args.iter().any(|a| *a == b"vm-worker");
+            let below = args
+                .iter()
+                .any(|a| Path::new(std::ffi::OsStr::from_bytes(a)).starts_with(root));
+            (is_worker && below).then_some(pid)
+        })
+        .collect()
 }
 
 /// The value of the Prometheus sample `series` (name and labels exactly as printed) in
