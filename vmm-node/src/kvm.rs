@@ -364,3 +364,52 @@ pub fn monotonic_ns() -> u64 {
         .saturating_mul(1_000_000_000)
         .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
 }
+
+/// Whether `file` lives on tmpfs (a memfd does).
+pub fn is_tmpfs(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero `statfs` is a valid value of that plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes only into `st`, which outlives the call; the descriptor is
+    // open (owned by `file`).
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64 == libc::TMPFS_MAGIC as i64)
+}
+
+/// What [`seek_data_or_hole`] looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seek {
+    Data,
+    Hole,
+}
+
+/// `lseek(SEEK_DATA | SEEK_HOLE)`: the offset of the next data (or hole) in `file` at or
+/// after `off`; `None` when there is no data at or after `off` (ENXIO). Moves `file`'s
+/// offset.
+pub fn seek_data_or_hole(
+    file: &std::fs::File,
+    off: u64,
+    what: Seek,
+) -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let off = libc::off_t::try_from(off)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "offset too large"))?;
+    let whence = match what {
+        Seek::Data => libc::SEEK_DATA,
+        Seek::Hole => libc::SEEK_HOLE,
+    };
+    // SAFETY: lseek takes plain integers and touches no memory; the descriptor is open
+    // (owned by `file`).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r >= 0 {
+        return Ok(u64::try_from(r).ok());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}

@@ -262,14 +262,30 @@ fn is_zero(b: &[u8]) -> bool {
 /// the region, 4 KiB pages): the pages that the host's page tables of this process hold
 /// neither present nor swapped, from `/proc/self/pagemap` (bit 63 present, bit 62 swapped).
 ///
-/// Only for private anonymous regions (the common case, [`allocate`]): a private file
-/// mapping's untouched page reads the file, and a shared mapping's page can be written
-/// through another mapping, so both return `None`. `None` too if the page map cannot be
-/// read (the caller reads the pages). A page written after this call is not seen here:
+/// For private anonymous regions (the common case, [`allocate`]) from the page map; for
+/// shared mappings of a memory file (a memfd, [`allocate_shared`]: written possibly through
+/// another process's mapping) the file's holes instead ([`holes_of_memory_file`]). A private
+/// file mapping's untouched page reads the file: `None`. `None` too if the page map or the
+/// holes cannot be read (the caller reads the pages). A page written after this call is not seen here:
 /// callers read it only once dirty tracking is on.
 pub fn never_written_pages(region: &GuestRegionMmap<AtomicBitmap>) -> Option<Vec<u64>> {
     let mapping: &vm_memory::mmap::MmapRegion<AtomicBitmap> = region;
     let flags = mapping.flags();
+    if let Some(fo) = mapping.file_offset() {
+        // A shared mapping of a memory file (memfd, tmpfs): whatever wrote its pages, from
+        // any process, they are in the file; its holes read as zero.
+        if flags & libc::MAP_SHARED != 0 && flags & libc::MAP_HUGETLB == 0 {
+            let pages = mapping.size() / PAGE_SIZE_BYTES;
+            return match holes_of_memory_file(fo.file(), fo.start(), pages) {
+                Ok(bits) => bits,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot find the memory file's holes; reading every page");
+                    None
+                }
+            };
+        }
+        return None;
+    }
     if mapping.file_offset().is_some()
         || !mapping.owned()
         || flags & libc::MAP_HUGETLB != 0
@@ -285,6 +301,48 @@ pub fn never_written_pages(region: &GuestRegionMmap<AtomicBitmap>) -> Option<Vec
         return None;
     }
     never_written_in(Path::new("/proc/self/pagemap"), host, pages)
+}
+
+/// The pages `[start, start + pages × 4 KiB)` of `file` that lie in its holes (never
+/// written through any mapping or call, or punched out), as [`never_written_pages`]'
+/// bitmap; `None` unless `file` is on tmpfs (a memfd), whose `SEEK_DATA` counts every page
+/// in memory or in swap as data.
+fn holes_of_memory_file(
+    file: &File,
+    start: u64,
+    pages: usize,
+) -> std::io::Result<Option<Vec<u64>>> {
+    if !crate::kvm::is_tmpfs(file)? {
+        return Ok(None);
+    }
+    let page = PAGE_SIZE_BYTES as u64;
+    let end = start.saturating_add((pages as u64).saturating_mul(page));
+    let seek =
+        |off: u64, whence: crate::kvm::Seek| crate::kvm::seek_data_or_hole(file, off, whence);
+    let mut bits = vec![0u64; pages.div_ceil(64)];
+    let mut mark = |from: u64, to: u64| {
+        // Whole pages of the region inside [from, to).
+        let first = (from.max(start) - start).div_ceil(page) as usize;
+        let last = ((to.min(end)).saturating_sub(start) / page) as usize;
+        for p in first..last.min(pages) {
+            bits[p / 64] |= 1 << (p % 64);
+        }
+    };
+    let mut pos = start;
+    while pos < end {
+        let data = seek(pos, crate::kvm::Seek::Data)?.unwrap_or(end);
+        if data > pos {
+            mark(pos, data);
+        }
+        if data >= end {
+            break;
+        }
+        // A file's end is a hole, so SEEK_HOLE after data always finds one.
+        pos = seek(data, crate::kvm::Seek::Hole)?
+            .unwrap_or(end)
+            .max(data + 1);
+    }
+    Ok(Some(bits))
 }
 
 /// [`never_written_pages`]' page map look over `path`; `None` on any error.
@@ -461,7 +519,7 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_and_shared_memory_are_never_reported_never_written() {
+    fn snapshot_memory_is_never_reported_never_written() {
         let mem = allocate(16 << 20).unwrap();
         mem.write_obj(7_u64, GuestAddress(0x3000)).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -470,9 +528,50 @@ mod tests {
         // Untouched pages of a private file mapping come from the file.
         let restored = map_file(&path, 16 << 20).unwrap();
         assert!(never_written_pages(restored.iter().next().unwrap()).is_none());
-        // Shared memory may be written through another mapping.
-        let (shared, _file) = allocate_shared(16 << 20).unwrap();
-        assert!(never_written_pages(shared.iter().next().unwrap()).is_none());
+    }
+
+    #[test]
+    fn a_memory_files_holes_are_never_written_whoever_wrote_the_rest() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::FileExt;
+        let (shared, file) = allocate_shared(16 << 20).unwrap();
+        // Written through this mapping, through another process's view of the file (a
+        // second mapping of /proc/self/fd/N) and with pwrite.
+        shared.write_obj(7_u64, GuestAddress(3 * 4096)).unwrap();
+        let other = map_shared(
+            Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())),
+            16 << 20,
+        )
+        .unwrap();
+        other
+            .write_obj(9_u64, GuestAddress(7 * 4096 + 100))
+            .unwrap();
+        file.write_all_at(&[1], 9 * 4096 + 4095).unwrap();
+        let region = shared.iter().next().unwrap();
+        let bits = never_written_pages(region).expect("a memfd's holes are known");
+        let pages = region.len() as usize / PAGE_SIZE_BYTES;
+        let hole = |p: usize| bits[p / 64] & (1 << (p % 64)) != 0;
+        for p in [3, 7, 9] {
+            assert!(
+                !hole(p),
+                "page {p} was written (or read) but is reported never written"
+            );
+        }
+        for p in [0, 1, 2, 4, 8, 10, pages - 1] {
+            assert!(hole(p), "page {p} was never written");
+        }
+        assert_eq!(
+            bits.iter().map(|w| w.count_ones() as usize).sum::<usize>(),
+            pages - 3
+        );
+        // A file on a disk filesystem is not asked (its holes need not match its pages).
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::create(dir.path().join("f")).unwrap();
+        f.set_len(1 << 20).unwrap();
+        let on_tmpfs = holes_of_memory_file(&f, 0, 256).unwrap().is_some();
+        let fs_is_tmpfs = crate::kvm::is_tmpfs(&f).unwrap();
+        assert!(crate::kvm::is_tmpfs(&file).unwrap(), "a memfd is on tmpfs");
+        assert_eq!(on_tmpfs, fs_is_tmpfs);
     }
 
     #[test]
