@@ -375,7 +375,7 @@ pub fn is_tmpfs(file: &std::fs::File) -> std::io::Result<bool> {
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(st.f_type as i64 == libc::TMPFS_MAGIC as i64)
+    Ok(st.f_type == libc::TMPFS_MAGIC)
 }
 
 /// What [`seek_data_or_hole`] looks for.
