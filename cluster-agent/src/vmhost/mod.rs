@@ -1071,6 +1071,15 @@ impl VmHost {
         let vm = self.get(name)?;
         let _claim = vm.claim()?;
         self.require_running(&vm)?;
+        // Already in: done (a caller acting on a stale view — e.g. the reconciler reading a
+        // worker's cached state — must not recreate the TAP the NIC has open).
+        if let Some(slot) = lock(&vm.nics)
+            .iter()
+            .find(|n| n.mac == nic.mac)
+            .and_then(|n| n.slot)
+        {
+            return Ok(slot);
+        }
         let taps = nics::create_tap(self.node, &self.networks, name, &nic)?;
         let cfg = vmm_node::config::NicConfig {
             slot: nic.slot,
