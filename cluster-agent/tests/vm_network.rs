@@ -85,12 +85,10 @@ fn net_post_mortem(ns: &NetNs, dir: &std::path::Path) -> String {
             if p.is_dir() {
                 stack.push(p);
             } else if p.file_name().is_some_and(|n| n == "worker.log") {
-                let text = std::fs::read_to_string(&p).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
                 out.push_str(&format!(
                     "--- {} ---\n{}\n",
                     p.display(),
-                    lines[lines.len().saturating_sub(15)..].join("\n")
+                    cluster_agent::vmhost::worker::log_tail(&d, 15)
                 ));
             }
         }

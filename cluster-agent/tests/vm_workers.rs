@@ -492,16 +492,11 @@ fn vm_cgroups(cl: &Cluster, node: u64, pid: u32, vm: &str) -> Vec<PathBuf> {
             .map(|(tid, _)| *tid)
             .unwrap_or_else(|| panic!("no vCPU thread in worker {pid}: {threads:?}"));
         let in_cpu = |tid: u32| {
-            let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup"))
-                .unwrap_or_default();
-            text.lines()
-                .filter_map(|l| {
-                    let mut f = l.splitn(3, ':');
-                    f.nth(1).zip(f.next())
-                })
+            let all = cgroup::of_thread(pid, tid).unwrap_or_else(|e| panic!("{e}"));
+            all.iter()
                 .find(|(cs, _)| cs.split(',').any(|c| c == "cpu"))
-                .map(|(cs, p)| (cs.to_string(), p.to_string()))
-                .unwrap_or_else(|| panic!("thread {tid} of {pid} has no cpu cgroup: {text}"))
+                .cloned()
+                .unwrap_or_else(|| panic!("thread {tid} of {pid} has no cpu cgroup: {all:?}"))
         };
         // (The kernel's own threads for the VM, `kvm-*`, go where their creator was.)
         for (tid, comm) in threads.iter().filter(|(_, c)| !c.starts_with("kvm-")) {

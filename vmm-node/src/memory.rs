@@ -286,8 +286,8 @@ pub fn never_written_pages(region: &GuestRegionMmap<AtomicBitmap>) -> Option<Vec
         }
         return None;
     }
-    if mapping.file_offset().is_some()
-        || !mapping.owned()
+    // (A file mapping returned above.)
+    if !mapping.owned()
         || flags & libc::MAP_HUGETLB != 0
         || flags & libc::MAP_PRIVATE == 0
         || flags & libc::MAP_SHARED != 0

@@ -249,8 +249,17 @@ pub fn leave(dirs: &[PathBuf]) {
 /// The cgroup directories `pid` is in, one per hierarchy (`/proc/<pid>/cgroup`), as
 /// `(controllers, path)`.
 pub fn of_process(pid: u32) -> Result<Vec<(String, String)>, String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .map_err(|e| format!("reading /proc/{pid}/cgroup: {e}"))?;
+    of_file(&format!("/proc/{pid}/cgroup"))
+}
+
+/// As [`of_process`] for one thread `tid` of process `pid` (cgroup v1 places threads one
+/// by one).
+pub fn of_thread(pid: u32, tid: u32) -> Result<Vec<(String, String)>, String> {
+    of_file(&format!("/proc/{pid}/task/{tid}/cgroup"))
+}
+
+fn of_file(path: &str) -> Result<Vec<(String, String)>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
     Ok(entries(&text)
         .map(|(cs, p)| (cs.to_string(), p.to_string()))
         .collect())
