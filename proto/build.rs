@@ -65,6 +65,7 @@ const ENUM_FIELDS: &[(&str, &str)] = &[
         "migrations::MigrationPhase",
     ),
     ("vms.v1.VmSpec.restart_priority", "vms::RestartPriority"),
+    ("vms.v1.RestartPolicy.mode", "vms::RestartMode"),
     ("vms.v1.TestGuestBoot.workload", "vms::Workload"),
     ("management.v1.Revocation.role", "management::UserRole"),
     (
@@ -102,6 +103,9 @@ const TIMESTAMP_FIELDS: &[&str] = &[
     "management.v1.Event.at",
 ];
 
+/// Every `repeated google.protobuf.Timestamp` field: a list of RFC 3339 strings in JSON.
+const TIMESTAMP_LIST_FIELDS: &[&str] = &["vms.v1.VmInfo.restarts"];
+
 /// Every `google.protobuf.Duration` field: `"1.500s"` in JSON (`src/times.rs`).
 const DURATION_FIELDS: &[&str] = &[
     "drain.v1.DrainNodeResponse.lower_bound",
@@ -119,6 +123,7 @@ const DURATION_FIELDS: &[&str] = &[
     "vms.v1.PlanMigrationRequest.max_downtime",
     "vms.v1.PlanMigrationRequest.deadline",
     "vms.v1.TestGuestBoot.heartbeat_interval",
+    "vms.v1.RestartPolicy.window",
     "management.v1.CreateJoinTokenRequest.ttl",
 ];
 
@@ -142,6 +147,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         config = config.field_attribute(
             format!(".cluster.{field}"),
             "#[serde(serialize_with = \"crate::times::serialize_timestamp\")]",
+        );
+    }
+    for field in TIMESTAMP_LIST_FIELDS {
+        config = config.field_attribute(
+            format!(".cluster.{field}"),
+            "#[serde(serialize_with = \"crate::times::serialize_timestamps\")]",
         );
     }
     for field in DURATION_FIELDS {

@@ -193,6 +193,7 @@ fn alert_rules_pass_promtool_and_dashboard_parses() {
         "ClusterNodeDown",
         "ClusterLeaseLapsed",
         "ClusterVmsFenced",
+        "ClusterVmFailures",
         "ClusterMigrationReceiptMismatch",
         "ClusterMigrationFailures",
         "ClusterDrainStuck",

@@ -355,37 +355,116 @@ async fn a_frozen_agent_thawed_after_failover_adopts_nothing_the_cluster_moved()
     checker.assert_no_double_run(&cl).await;
 }
 
+/// kill -9 of one worker: only that VM is affected. Its restart policy restarts it on its
+/// node in a new worker (a new boot), once per the policy's bound; one failure more within
+/// the window is a crash loop and leaves it failed with the reason; a VM whose policy is
+/// `never` stays failed. Each failure is an event and counted in `/metrics`
+/// (`cluster_vm_failures_total{kind="process_gone"}`). The other VM on the node keeps its
+/// worker and its guest keeps counting.
 /// Also: each worker runs in a cgroup of its own with its VM's limits, removed when the
 /// worker is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_worker_fails_only_its_own_vm_and_says_so() {
+async fn a_killed_worker_is_restarted_per_its_policy_and_no_other_vm_is_touched() {
     let _serial = cluster_tests::serial().await;
-    let cl = cluster_with_workers(Options::default()).await;
-    cl.create_running(1, spec("vm-x", 3)).await;
+    require_kvm();
+    let mut cl = Cluster::agents(Options::default());
+    let maddr = cluster_tests::free_port([127, 0, 1, 3]).unwrap_or_else(|e| panic!("{e}"));
+    for id in 1..=3 {
+        let extra = if id == 3 {
+            format!("metrics_addr = \"{maddr}\"\n")
+        } else {
+            String::new()
+        };
+        let added = cl.add_node_with(id, &format!("{WORKERS}{extra}"));
+        cl.check(added);
+    }
+    let formed = cl.form(3).await;
+    cl.check(formed);
+    let once = pb::RestartPolicy {
+        mode: pb::RestartMode::OnFailure as i32,
+        max_restarts: 1,
+        window: Some(cluster_proto::times::duration_from_ms(600_000)),
+    };
+    cl.create_running(
+        1,
+        pb::VmSpec {
+            restart_policy: Some(once),
+            ..spec("vm-x", 3)
+        },
+    )
+    .await;
     cl.create_running(1, spec("vm-y", 3)).await;
+    let never = pb::RestartPolicy {
+        mode: pb::RestartMode::Never as i32,
+        ..Default::default()
+    };
+    cl.create_running(
+        1,
+        pb::VmSpec {
+            restart_policy: Some(never),
+            ..spec("vm-z", 3)
+        },
+    )
+    .await;
     let (_, y_seq) = cl.heartbeat_after(1, "vm-y", 0).await;
+    cl.heartbeat_after(1, "vm-x", 0).await;
     let x = WorkerVm::attach(&worker_dir(&cl, 3, "vm-x")).unwrap_or_else(|e| panic!("{e:?}"));
     let y_pid = WorkerVm::attach(&worker_dir(&cl, 3, "vm-y"))
         .unwrap_or_else(|e| panic!("{e:?}"))
         .pid();
     let x_cgroups = vm_cgroups(&cl, 3, x.pid(), "vm-x");
     assert_only_vcpus_lowered(x.pid());
-    let st = std::process::Command::new("kill")
-        .args(["-KILL", &x.pid().to_string()])
-        .status()
-        .unwrap_or_else(|e| panic!("kill: {e}"));
-    assert!(st.success());
+    let before = get_vm(&mut cl.vms(1).await, "vm-x")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    kill9(x.pid());
 
+    // Restarted on its node in a new worker: a new boot (its heartbeats start over).
+    let restarted = cl
+        .wait_vm(1, "vm-x", "restarted after its worker died", |v| {
+            v.runtime().name() == "running" && v.generation > before.generation
+        })
+        .await;
+    assert_eq!(restarted.owner_id, 3, "{restarted:?}");
+    assert_eq!(restarted.restarts.len(), 1, "{restarted:?}");
+    let again = WorkerVm::attach(&worker_dir(&cl, 3, "vm-x")).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_ne!(again.pid(), x.pid());
+    // Its guest runs in the new worker (its own console, no agent in between).
+    worker_heartbeat_after(worker_console(&cl, &worker_dir(&cl, 3, "vm-x")), 0).await;
+    // The dead worker's cgroup was removed and the new worker has its own of the same name.
+    assert_eq!(vm_cgroups(&cl, 3, again.pid(), "vm-x"), x_cgroups);
+    let events = cl.check(cl.events(1).await);
+    assert!(
+        events.iter().any(|e| e.message.contains("vm-x")
+            && e.message.contains("worker process")
+            && e.message.contains("restarting it there (restart 1 of 1")),
+        "{events:#?}"
+    );
+    let failures = || {
+        let (_, body) = cluster_tests::http_get(maddr, "/metrics");
+        body.lines()
+            .find(|l| l.starts_with("cluster_vm_failures_total{") && l.contains("process_gone"))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no process_gone failure series in {body}"))
+    };
+    assert_eq!(failures(), 1.0);
+
+    // A second failure within the window is a crash loop: left failed, saying why.
+    kill9(again.pid());
     let failed = cl
-        .wait_vm(1, "vm-x", "failed after its worker died", |v| {
+        .wait_vm(1, "vm-x", "failed for good in a crash loop", |v| {
             v.runtime().name() == "failed"
         })
         .await;
     assert!(
-        failed.reason.contains("worker process"),
-        "the reason names the worker: {failed:?}"
+        failed.reason.contains("worker process")
+            && failed
+                .reason
+                .contains("not restarted: restarted 1 times within 600 s"),
+        "{failed:?}"
     );
-    // The dead worker's cgroup is removed once the agent reaped it.
+    assert_eq!(failures(), 2.0);
     for d in &x_cgroups {
         cluster_tests::Wait::new(cluster_tests::WAIT)
             .until(
@@ -396,6 +475,20 @@ async fn a_killed_worker_fails_only_its_own_vm_and_says_so() {
             .await
             .unwrap_or_else(|e| panic!("{e}: {}{}", d.display(), cl.logs()));
     }
+
+    // A VM whose policy is `never` stays failed after its worker died.
+    let z = WorkerVm::attach(&worker_dir(&cl, 3, "vm-z")).unwrap_or_else(|e| panic!("{e:?}"));
+    kill9(z.pid());
+    let z_failed = cl
+        .wait_vm(1, "vm-z", "failed (policy never)", |v| {
+            v.runtime().name() == "failed"
+        })
+        .await;
+    assert!(
+        z_failed.reason.contains("its restart policy is never"),
+        "{z_failed:?}"
+    );
+
     // The other VM on that node is untouched: same worker, same guest, still counting.
     let (node, _) = cl.heartbeat_after(1, "vm-y", y_seq).await;
     assert_eq!(node, 3);
@@ -403,15 +496,8 @@ async fn a_killed_worker_fails_only_its_own_vm_and_says_so() {
     assert_eq!(y_now.pid(), y_pid);
     let y = get_vm(&mut cl.vms(1).await, "vm-y").await;
     assert_eq!(y.map(|v| v.runtime().name()).ok(), Some("running"));
-    // The failure is in the event log.
-    let events = cl.check(cl.events(1).await);
-    assert!(
-        events
-            .iter()
-            .any(|e| e.message.contains("vm-x") && e.message.contains("worker process")),
-        "{events:#?}"
-    );
-    // Started again by the operator, it runs in a new worker.
+
+    // Started again by the operator, it runs in a new worker and its count starts over.
     cl.vms(1)
         .await
         .start_vm(pb::StartVmRequest {
@@ -419,11 +505,19 @@ async fn a_killed_worker_fails_only_its_own_vm_and_says_so() {
         })
         .await
         .unwrap_or_else(|e| panic!("start: {e}{}", cl.logs()));
-    cl.wait_runtime(1, "vm-x", "running").await;
+    let started = cl.wait_runtime(1, "vm-x", "running").await;
+    assert!(started.restarts.is_empty(), "{started:?}");
     cl.heartbeat_after(1, "vm-x", 0).await;
-    let again = WorkerVm::attach(&worker_dir(&cl, 3, "vm-x")).unwrap_or_else(|e| panic!("{e:?}"));
-    assert_ne!(again.pid(), x.pid());
-    assert_eq!(vm_cgroups(&cl, 3, again.pid(), "vm-x"), x_cgroups);
+    let third = WorkerVm::attach(&worker_dir(&cl, 3, "vm-x")).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_ne!(third.pid(), again.pid());
+}
+
+fn kill9(pid: u32) {
+    let st = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("kill: {e}"));
+    assert!(st.success());
 }
 
 /// Worker `pid` runs its vCPU threads at nice 10 and its other threads (control socket,

@@ -144,6 +144,17 @@ pub struct CreateArgs {
     /// high, medium, low or none.
     #[arg(long, default_value = "medium", value_parser = ["high", "medium", "low", "none"])]
     pub restart_priority: String,
+    /// When the VM fails while running (its worker died, a vCPU failed, the guest reset):
+    /// `on-failure` restarts it on its node, `never` leaves it failed.
+    #[arg(long, default_value = "on-failure", value_parser = ["on-failure", "never"])]
+    pub restart_policy: String,
+    /// Restarts allowed within --restart-window before the VM is left failed (a crash
+    /// loop); 1..=100.
+    #[arg(long, default_value_t = 3)]
+    pub max_restarts: u32,
+    /// The crash-loop window (e.g. 10m, 1h; a bare number counts in seconds).
+    #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = crate::duration::bare_s)]
+    pub restart_window: std::time::Duration,
     /// Anti-affinity class; repeatable.
     #[arg(long = "anti-affinity")]
     pub anti_affinity: Vec<String>,
@@ -161,6 +172,25 @@ pub struct CreateArgs {
     /// Only define the VM.
     #[arg(long)]
     pub no_start: bool,
+}
+
+/// `on_failure (3 in 10m)`, `never`, or empty for a spec without one.
+fn restart_policy_text(p: Option<&pb::RestartPolicy>) -> String {
+    let Some(p) = p else { return String::new() };
+    match p.mode() {
+        pb::RestartMode::Never => "never".into(),
+        mode => {
+            let window = p.window.as_ref().map_or(String::new(), |w| {
+                let d = std::time::Duration::from_secs(u64::try_from(w.seconds).unwrap_or(0));
+                format!(" in {}", humantime::format_duration(d))
+            });
+            let name = match mode {
+                pb::RestartMode::Unspecified => "on_failure",
+                m => m.name(),
+            };
+            format!("{name} ({}{window})", p.max_restarts)
+        }
+    }
 }
 
 /// A `--nic NET[,mac=..][,mtu=..]` argument.
@@ -243,6 +273,11 @@ fn spec_of(a: &CreateArgs) -> pb::VmSpec {
             .collect(),
         restart_priority: pb::RestartPriority::from_name(&a.restart_priority)
             .map_or(0, |p| p as i32),
+        restart_policy: Some(pb::RestartPolicy {
+            mode: pb::RestartMode::from_name(&a.restart_policy).map_or(0, |m| m as i32),
+            max_restarts: a.max_restarts,
+            window: Some(crate::duration::pb(a.restart_window)),
+        }),
         anti_affinity: a.anti_affinity.clone(),
         // Names are resolved by the caller (`node_id` asks the cluster).
         preferred_owners: Vec::new(),
@@ -274,6 +309,10 @@ pub struct VmView {
     pub reason: String,
     pub generation: u64,
     pub restart_priority: String,
+    /// `on_failure (3 in 10m)` or `never`.
+    pub restart_policy: String,
+    /// Automatic restarts after failures within the policy's window (RFC 3339, UTC).
+    pub restarts: Vec<String>,
     pub anti_affinity: Vec<String>,
     pub preferred_owners: Vec<u64>,
     pub disks: Vec<String>,
@@ -335,6 +374,12 @@ pub fn view(v: &pb::VmInfo) -> VmView {
             Ok(pb::RestartPriority::Unspecified) | Err(_) => String::new(),
             Ok(p) => p.name().to_owned(),
         },
+        restart_policy: restart_policy_text(spec.restart_policy.as_ref()),
+        restarts: v
+            .restarts
+            .iter()
+            .map(cluster_proto::times::rfc3339)
+            .collect(),
         anti_affinity: spec.anti_affinity,
         preferred_owners: spec.preferred_owners,
         disks: spec.disks.into_iter().map(|d| d.name).collect(),
@@ -486,6 +531,8 @@ pub fn render_one(fmt: Format, vm: Option<&pb::VmInfo>) -> Result<String, CtlErr
             ),
         ],
         vec!["restart_priority".into(), v.restart_priority.clone()],
+        vec!["restart_policy".into(), v.restart_policy.clone()],
+        vec!["restarts (within the window)".into(), list(&v.restarts)],
         vec!["anti_affinity".into(), list(&v.anti_affinity)],
         vec![
             "preferred_owners".into(),

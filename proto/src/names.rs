@@ -110,6 +110,7 @@ names! {
         Failed => "failed", Cancelled => "cancelled",
     }
     vms::RestartPriority { High => "high", Medium => "medium", Low => "low", None => "none" }
+    vms::RestartMode { OnFailure => "on_failure" | "on-failure", Never => "never" }
     vms::Workload { Idle => "idle", Dirty => "dirty", Mem => "mem", Disk => "disk", Net => "net" }
     management::UserRole { Admin => "admin", Viewer => "viewer" }
 }

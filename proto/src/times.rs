@@ -139,6 +139,14 @@ pub fn serialize_timestamp<S: serde::Serializer>(
     }
 }
 
+/// serde `serialize_with` for a repeated Timestamp field: a list of RFC 3339 strings.
+pub fn serialize_timestamps<S: serde::Serializer>(
+    v: &[Timestamp],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(rfc3339))
+}
+
 /// serde `serialize_with` for a Duration field: `"1.500s"`, or null when absent.
 pub fn serialize_duration<S: serde::Serializer>(
     v: &Option<Duration>,

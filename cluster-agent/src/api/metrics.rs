@@ -401,6 +401,18 @@ pub fn render(
         "Looks the periodic balancer took on this agent while it led (moves planned or not).",
         agent.balance_rounds(),
     )?;
+    let failures = sc.counter(
+        "cluster_vm_failures_total",
+        "VMs of this node that failed while running (then restarted or left failed per their restart policy), by kind: process_gone (the VM's worker died), vcpu_error, guest_reset.",
+        &["kind"],
+    )?;
+    let mut seen = agent.vm_failures();
+    for kind in ["process_gone", "vcpu_error", "guest_reset"] {
+        seen.entry(kind).or_default();
+    }
+    for (kind, n) in seen {
+        failures.with_label_values(&[kind]).inc_by(n);
+    }
     render_power(&sc, agent)?;
     render_demand(&sc, agent.demand().get(&me))?;
 

@@ -351,6 +351,7 @@ mod tests {
             runtime: crate::state::vms::RuntimeState::Running,
             reason: String::new(),
             at_unix_ms: 3,
+            restart: false,
         }));
         s.apply(&Command::Vm(VmCommand::StartMigration {
             name: "moving".into(),

@@ -503,6 +503,7 @@ mod tests {
             runtime: RuntimeState::Running,
             reason: String::new(),
             at_unix_ms: 3,
+            restart: false,
         }));
     }
 

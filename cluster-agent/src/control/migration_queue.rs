@@ -141,6 +141,7 @@ mod tests {
             runtime: RuntimeState::Running,
             reason: String::new(),
             at_unix_ms: 2,
+            restart: false,
         }));
     }
 

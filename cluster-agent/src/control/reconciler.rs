@@ -36,8 +36,12 @@ pub enum HostView {
     Running,
     Paused,
     /// The VM ended by itself (crash, guest exit); still registered on the host.
+    /// `failure`: it failed while running (worker died, vCPU error, guest reset: the
+    /// [`failure_kind`]), which its restart policy may restart; `None` for a guest
+    /// power-off or a requested stop.
     Ended {
         reason: String,
+        failure: Option<&'static str>,
     },
     /// The name is taken by a VM not registered yet (being started, or an incoming live
     /// migration): nothing can start or stop it until it runs or is dropped.
@@ -50,9 +54,12 @@ pub enum Action {
     /// Start the VM here, then report Running or Failed for `generation`.
     Start { spec: Box<VmSpec>, generation: u64 },
     /// Stop and remove the VM from this host; report Stopped when `report` is set.
+    /// `failure`: the report is of a failure (its kind) that the VM's restart policy may
+    /// restart.
     Stop {
         name: String,
         report: Option<(u64, RuntimeState, String)>,
+        failure: Option<&'static str>,
     },
     /// Live-migrate the VM to node `to` (this node is the source), then commit the end.
     MigrateOut { name: String, to: u64 },
@@ -119,17 +126,19 @@ pub fn plan(
                     });
                 }
             }
-            (true, Some(HostView::Ended { reason })) => out.push(Action::Stop {
+            (true, Some(HostView::Ended { reason, failure })) => out.push(Action::Stop {
                 name: name.clone(),
                 report: Some((
                     r.generation,
                     RuntimeState::Failed,
                     format!("the VM ended by itself: {reason}"),
                 )),
+                failure: *failure,
             }),
             (false, Some(_)) => out.push(Action::Stop {
                 name: name.clone(),
                 report: mine.then(|| (r.generation, RuntimeState::Stopped, r.reason.clone())),
+                failure: None,
             }),
             (false, None) => {
                 if mine && r.runtime == RuntimeState::Stopping {
@@ -148,6 +157,7 @@ pub fn plan(
             out.push(Action::Stop {
                 name: name.clone(),
                 report: None,
+                failure: None,
             });
         }
     }
@@ -163,6 +173,7 @@ fn host_view(host: &VmHost) -> BTreeMap<String, HostView> {
                 VmStatus::Running => HostView::Running,
                 VmStatus::Paused => HostView::Paused,
                 VmStatus::Stopped { reason } => HostView::Ended {
+                    failure: failure_kind(&reason),
                     reason: format!("{reason:?}"),
                 },
             };
@@ -173,6 +184,19 @@ fn host_view(host: &VmHost) -> BTreeMap<String, HostView> {
         view.entry(name).or_insert(HostView::Arriving);
     }
     view
+}
+
+/// What kind of failure a VM's end is (a metric label), or `None` when the VM was asked
+/// to stop or the guest powered itself off: those are not failures a restart policy
+/// restarts.
+pub fn failure_kind(reason: &vmm_node::StopReason) -> Option<&'static str> {
+    use vmm_node::StopReason as R;
+    match reason {
+        R::Requested | R::GuestExit { .. } => None,
+        R::GuestReset => Some("guest_reset"),
+        R::VcpuError { .. } => Some("vcpu_error"),
+        R::ProcessGone { .. } => Some("process_gone"),
+    }
 }
 
 /// This node's own committed record says Down: it runs no VM (the fence watcher stops
@@ -265,6 +289,7 @@ async fn report(
     generation: u64,
     runtime: RuntimeState,
     reason: String,
+    restart: bool,
 ) {
     let cmd = Command::Vm(VmCommand::ReportVmState {
         name: name.clone(),
@@ -273,6 +298,7 @@ async fn report(
         runtime,
         reason,
         at_unix_ms: now_unix_ms(),
+        restart,
     });
     match agent.write(ForwardRequest::Command(cmd)).await {
         Ok(_) => tracing::info!(vm = %name, generation, state = %runtime, "vm state reported"),
@@ -719,10 +745,17 @@ async fn execute(agent: &Arc<Agent>, host: &Arc<VmHost>, action: Action, lapses:
         Action::Start { spec, generation } => {
             let name = spec.name.clone();
             if let Some((runtime, reason)) = start(agent, host, *spec, generation, lapses).await {
-                report(agent, name, generation, runtime, reason).await;
+                report(agent, name, generation, runtime, reason, false).await;
             }
         }
-        Action::Stop { name, report: rep } => {
+        Action::Stop {
+            name,
+            report: rep,
+            failure,
+        } => {
+            if let Some(kind) = failure {
+                agent.count_vm_failure(kind);
+            }
             let h = host.clone();
             let n = name.clone();
             let stopped = tokio::task::spawn_blocking(move || h.stop(&n)).await;
@@ -737,7 +770,7 @@ async fn execute(agent: &Arc<Agent>, host: &Arc<VmHost>, action: Action, lapses:
                 Err(e) => tracing::error!(vm = %name, error = %e, "stop task failed"),
             }
             if let Some((generation, runtime, reason)) = rep {
-                report(agent, name, generation, runtime, reason).await;
+                report(agent, name, generation, runtime, reason, failure.is_some()).await;
             }
         }
         Action::Report {
@@ -745,7 +778,7 @@ async fn execute(agent: &Arc<Agent>, host: &Arc<VmHost>, action: Action, lapses:
             generation,
             runtime,
             reason,
-        } => report(agent, name, generation, runtime, reason).await,
+        } => report(agent, name, generation, runtime, reason, false).await,
         Action::AbandonIncoming { name } => {
             if host.abandon_incoming(&name) {
                 tracing::warn!(vm = %name, "incoming migration abandoned: the VM was failed over to this node");
@@ -774,6 +807,7 @@ mod tests {
             migration_quick: false,
             quick_restore_generation: None,
             moved_unix_ms: None,
+            restarts_unix_ms: Vec::new(),
         }
     }
 
@@ -839,11 +873,13 @@ mod tests {
                 },
                 Action::Stop {
                     name: "b".into(),
-                    report: Some((3, RuntimeState::Stopped, String::new()))
+                    report: Some((3, RuntimeState::Stopped, String::new())),
+                    failure: None,
                 },
                 Action::Stop {
                     name: "orphan".into(),
-                    report: None
+                    report: None,
+                    failure: None,
                 },
             ]
         );
@@ -862,24 +898,56 @@ mod tests {
             "b".to_string(),
             HostView::Ended {
                 reason: "GuestExit(3)".into(),
+                failure: None,
+            },
+        );
+        host.insert(
+            "c".to_string(),
+            HostView::Ended {
+                reason: "ProcessGone".into(),
+                failure: Some("process_gone"),
             },
         );
         let recs = [
             rec("a", 2, DesiredState::Running, RuntimeState::Running),
             rec("b", 1, DesiredState::Running, RuntimeState::Running),
+            rec("c", 1, DesiredState::Running, RuntimeState::Running),
         ];
         let acts = plan(1, &recs, &host, &BTreeSet::new());
-        assert_eq!(acts.len(), 2);
+        assert_eq!(acts.len(), 3);
         assert_eq!(
             acts[0],
             Action::Stop {
                 name: "a".into(),
-                report: None
+                report: None,
+                failure: None,
             }
         );
+        // A guest power-off is reported failed for good; a dead worker as a failure the
+        // restart policy may restart.
         assert!(
-            matches!(&acts[1], Action::Stop { name, report: Some((3, RuntimeState::Failed, why)) } if name == "b" && why.contains("GuestExit"))
+            matches!(&acts[1], Action::Stop { name, report: Some((3, RuntimeState::Failed, why)), failure: None } if name == "b" && why.contains("GuestExit"))
         );
+        assert!(
+            matches!(&acts[2], Action::Stop { name, report: Some((3, RuntimeState::Failed, why)), failure: Some("process_gone") } if name == "c" && why.contains("ProcessGone"))
+        );
+    }
+
+    #[test]
+    fn failure_kinds_leave_out_requested_stops_and_guest_power_offs() {
+        use vmm_node::StopReason as R;
+        assert_eq!(failure_kind(&R::Requested), None);
+        assert_eq!(failure_kind(&R::GuestExit { code: 0 }), None);
+        assert_eq!(failure_kind(&R::GuestReset), Some("guest_reset"));
+        let vcpu = R::VcpuError {
+            vcpu: 0,
+            message: "x".into(),
+        };
+        assert_eq!(failure_kind(&vcpu), Some("vcpu_error"));
+        let gone = R::ProcessGone {
+            message: "killed".into(),
+        };
+        assert_eq!(failure_kind(&gone), Some("process_gone"));
     }
 
     #[test]
@@ -906,7 +974,8 @@ mod tests {
             plan(3, &recs, &host, &BTreeSet::new()),
             vec![Action::Stop {
                 name: "m".into(),
-                report: None
+                report: None,
+                failure: None,
             }]
         );
     }

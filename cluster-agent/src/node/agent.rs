@@ -153,6 +153,8 @@ pub struct Agent {
     pub(super) demand: Mutex<DemandState>,
     /// Looks the balancer took on this agent while it led (for `/metrics`).
     pub(super) balance_rounds: std::sync::atomic::AtomicU64,
+    /// VM failures this agent's reconciler saw on its host, by kind (for `/metrics`).
+    pub(super) vm_failures: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Power saving on this agent (see [`PowerBoard`]).
     pub(super) power: Mutex<PowerBoard>,
     /// Rounds the heartbeat loop and the fence watcher completed (see
@@ -240,6 +242,7 @@ impl Agent {
             liveness: Mutex::new(liveness),
             demand: Mutex::default(),
             balance_rounds: Default::default(),
+            vm_failures: Default::default(),
             power: Mutex::default(),
             heartbeat_rounds: Default::default(),
             fence_rounds: Default::default(),
@@ -791,6 +794,24 @@ impl Agent {
     pub fn balance_rounds(&self) -> u64 {
         self.balance_rounds
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Count one VM failure of `kind` on this host (see `control::reconciler::failure_kind`).
+    pub fn count_vm_failure(&self, kind: &'static str) {
+        *self
+            .vm_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(kind)
+            .or_default() += 1;
+    }
+
+    /// VM failures seen on this host so far, by kind.
+    pub fn vm_failures(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.vm_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Every node's demand report that is still fresh (see [`super::demand`]).

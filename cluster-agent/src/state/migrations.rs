@@ -599,6 +599,7 @@ mod tests {
             runtime: RuntimeState::Running,
             reason: String::new(),
             at_unix_ms: 3,
+            restart: false,
         }));
         s
     }
@@ -679,6 +680,7 @@ mod tests {
             runtime: RuntimeState::Running,
             reason: String::new(),
             at_unix_ms: 21,
+            restart: false,
         }));
         s.apply(&Command::Vm(VmCommand::StartMigration {
             name: "m".into(),

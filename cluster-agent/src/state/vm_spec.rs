@@ -38,6 +38,10 @@ pub struct VmSpec {
     pub disks: Vec<DiskSpec>,
     #[serde(default)]
     pub restart_priority: scheduler::RestartPriority,
+    /// What the owner does when the VM fails while running (records stored before the
+    /// field existed load with the default: restart on failure, 3 within 10 min).
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
     #[serde(default)]
     pub anti_affinity: BTreeSet<String>,
     /// Most preferred first.
@@ -47,6 +51,68 @@ pub struct VmSpec {
     /// ([`VmSpec::nic_slot`]).
     #[serde(default)]
     pub nics: Vec<NicSpec>,
+}
+
+/// Most automatic restarts a restart policy may allow within its window.
+pub const RESTARTS_MAX: u32 = 100;
+/// Longest restart-policy window (one day).
+pub const RESTART_WINDOW_S_MAX: u64 = 86_400;
+
+/// Whether a VM that fails while running is restarted on its node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartMode {
+    /// Restart it, at most `max_restarts` times within `window_s` (a crash loop stops at
+    /// the bound and leaves the VM `failed`).
+    #[default]
+    OnFailure,
+    /// Leave it `failed` until an operator starts it.
+    Never,
+}
+
+impl RestartMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartMode::OnFailure => "on_failure",
+            RestartMode::Never => "never",
+        }
+    }
+}
+
+/// The VM's restart policy. A failure is the VM ending while it was running without being
+/// asked to: its worker process died, a vCPU failed, the guest reset or triple-faulted.
+/// A guest that powers itself off (the exit port) is not a failure the policy restarts,
+/// and neither is a start that fails (nothing would change on a second try).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartPolicy {
+    pub mode: RestartMode,
+    /// Restarts allowed within `window_s`, 1..=[`RESTARTS_MAX`].
+    pub max_restarts: u32,
+    /// The crash-loop window in seconds, 1..=[`RESTART_WINDOW_S_MAX`].
+    pub window_s: u64,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            mode: RestartMode::OnFailure,
+            max_restarts: 3,
+            window_s: 600,
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// `on_failure (3 in 600 s)` or `never`.
+    pub fn describe(&self) -> String {
+        match self.mode {
+            RestartMode::OnFailure => {
+                format!("on_failure ({} in {} s)", self.max_restarts, self.window_s)
+            }
+            RestartMode::Never => "never".into(),
+        }
+    }
 }
 
 /// One NIC of a VM: the network it is on and its MAC.
@@ -240,6 +306,8 @@ pub enum SpecError {
     NicSlot(u8),
     #[error("NIC {nic}: MTU {mtu} is out of range ({NIC_MTU_MIN}..={NIC_MTU_MAX})")]
     NicMtu { nic: String, mtu: u32 },
+    #[error("restart policy: max_restarts must be 1..={RESTARTS_MAX} and window_s 1..={RESTART_WINDOW_S_MAX}, got {max_restarts} in {window_s} s")]
+    RestartPolicy { max_restarts: u32, window_s: u64 },
 }
 
 /// True for names a VM may have (also used for the quick-migration directory).
@@ -262,6 +330,7 @@ impl VmSpec {
             boot: BootSpec::TestGuest(workload),
             disks: Vec::new(),
             restart_priority: scheduler::RestartPriority::default(),
+            restart_policy: RestartPolicy::default(),
             anti_affinity: BTreeSet::new(),
             preferred_owners: Vec::new(),
             nics: Vec::new(),
@@ -306,6 +375,19 @@ impl VmSpec {
         }
         if self.disks.len() > VIRTIO_BLK_SLOTS {
             return Err(SpecError::TooManyDisks(self.disks.len()));
+        }
+        let RestartPolicy {
+            max_restarts,
+            window_s,
+            ..
+        } = self.restart_policy;
+        if !(1..=RESTARTS_MAX).contains(&max_restarts)
+            || !(1..=RESTART_WINDOW_S_MAX).contains(&window_s)
+        {
+            return Err(SpecError::RestartPolicy {
+                max_restarts,
+                window_s,
+            });
         }
         let mut seen = HashSet::new();
         for d in &self.disks {

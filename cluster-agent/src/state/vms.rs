@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::vm_spec::{canonical_mac, generated_mac, SpecError, VmSpec};
+use crate::state::vm_spec::{canonical_mac, generated_mac, RestartMode, SpecError, VmSpec};
 use crate::state::{ClusterState, EventKind, NodeState, StateKey};
 
 /// Operator's wish for a VM.
@@ -105,6 +105,10 @@ pub struct VmRecord {
     /// When a migration last brought the VM to its owner (the balancer's dwell time).
     #[serde(default)]
     pub moved_unix_ms: Option<u64>,
+    /// Automatic restarts after failures (the restart policy) within its current window,
+    /// oldest first; cleared when an operator starts the VM.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restarts_unix_ms: Vec<u64>,
 }
 
 /// VM commands carried by the Raft log inside `Command::Vm`.
@@ -170,6 +174,11 @@ pub enum VmCommand {
         runtime: RuntimeState,
         reason: String,
         at_unix_ms: u64,
+        /// A `failed` report of a VM that failed while running (not a failed start, not
+        /// a guest power-off): the VM's restart policy decides whether its owner starts
+        /// it again (a new generation, `starting`) or it stays failed.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        restart: bool,
     },
 }
 
@@ -590,6 +599,7 @@ pub fn apply(
                     migration_quick: false,
                     quick_restore_generation: None,
                     moved_unix_ms: None,
+                    restarts_unix_ms: Vec::new(),
                 },
             );
             touched.push(StateKey::Vm(id));
@@ -611,6 +621,8 @@ pub fn apply(
             vm.reason.clear();
             vm.generation += 1;
             vm.updated_unix_ms = *at_unix_ms;
+            // An operator's start ends a crash loop's count.
+            vm.restarts_unix_ms.clear();
             (*at_unix_ms, format!("VM {name} started on node {owner}"))
         }
         VmCommand::StopVm { name, at_unix_ms } => {
@@ -711,6 +723,19 @@ pub fn apply(
         VmCommand::ReportVmState {
             name,
             node_id,
+            runtime: RuntimeState::Failed,
+            reason,
+            at_unix_ms,
+            restart: true,
+            ..
+        } => {
+            let vm = record_mut(state, name, touched)?;
+            let message = restart_after_failure(vm, *node_id, reason, *at_unix_ms);
+            (*at_unix_ms, message)
+        }
+        VmCommand::ReportVmState {
+            name,
+            node_id,
             runtime,
             reason,
             at_unix_ms,
@@ -743,6 +768,53 @@ pub fn apply(
     };
     state.record_event(at, EventKind::Vm, node, message, touched);
     Ok(())
+}
+
+/// A `failed` report with `restart` set: what the VM's restart policy makes of it. A VM
+/// still meant to run here is restarted (a new generation, `starting`, the restart
+/// remembered) while its policy allows one more within its window; otherwise it is left
+/// `failed` with the reason and why it was not restarted. Returns the event's message.
+fn restart_after_failure(vm: &mut VmRecord, node: u64, reason: &str, at: u64) -> String {
+    let name = vm.spec.name.clone();
+    let policy = vm.spec.restart_policy;
+    let window_ms = policy.window_s.saturating_mul(1000);
+    vm.restarts_unix_ms
+        .retain(|t| at.saturating_sub(*t) < window_ms && *t <= at);
+    vm.updated_unix_ms = at;
+    let meant_to_run = vm.desired == DesiredState::Running && vm.migrating_to.is_none();
+    let refused = if !meant_to_run {
+        Some("it is not meant to run".to_string())
+    } else if policy.mode == RestartMode::Never {
+        Some("its restart policy is never".to_string())
+    } else if vm.restarts_unix_ms.len() >= policy.max_restarts as usize {
+        Some(format!(
+            "restarted {} times within {} s (restart policy {}); start it when the cause is fixed",
+            vm.restarts_unix_ms.len(),
+            policy.window_s,
+            policy.describe()
+        ))
+    } else {
+        None
+    };
+    match refused {
+        Some(why) => {
+            vm.runtime = RuntimeState::Failed;
+            vm.reason = format!("{reason}; not restarted: {why}");
+            format!("VM {name} failed on node {node}: {}", vm.reason)
+        }
+        None => {
+            vm.restarts_unix_ms.push(at);
+            vm.runtime = RuntimeState::Starting;
+            vm.generation += 1;
+            vm.reason = format!("restarted after a failure: {reason}");
+            format!(
+                "VM {name} failed on node {node}: {reason}; restarting it there (restart {} of {} within {} s)",
+                vm.restarts_unix_ms.len(),
+                policy.max_restarts,
+                policy.window_s
+            )
+        }
+    }
 }
 
 /// The record of VM `name` (found by `check` just before), touched for persistence.
@@ -855,6 +927,7 @@ mod tests {
             runtime,
             reason: String::new(),
             at_unix_ms: 11,
+            restart: false,
         };
         assert_eq!(
             vm(&mut s, report(RuntimeState::Running, 1, 2)),
@@ -920,6 +993,123 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_is_restarted_per_policy_until_the_crash_loop_bound() {
+        let mut s = state_with_nodes(2);
+        let mut sp = spec("a");
+        sp.restart_policy.max_restarts = 2;
+        sp.restart_policy.window_s = 60;
+        let create = VmCommand::CreateVm {
+            spec: sp,
+            owner: Some(2),
+            at_unix_ms: 0,
+        };
+        assert_eq!(vm(&mut s, create), CommandResult::Ok);
+        let report = |runtime, generation, at_unix_ms, restart| VmCommand::ReportVmState {
+            name: "a".into(),
+            node_id: 2,
+            generation,
+            runtime,
+            reason: "worker died".into(),
+            at_unix_ms,
+            restart,
+        };
+        let state = |s: &ClusterState| {
+            let r = find(s, "a").expect("exists");
+            (r.runtime, r.generation, r.restarts_unix_ms.clone())
+        };
+        vm(&mut s, report(RuntimeState::Running, 1, 1_000, false));
+        // Two failures within the window: restarted each time (a new generation).
+        vm(&mut s, report(RuntimeState::Failed, 1, 10_000, true));
+        assert_eq!(state(&s), (RuntimeState::Starting, 2, vec![10_000]));
+        assert!(find(&s, "a")
+            .unwrap()
+            .reason
+            .contains("restarted after a failure: worker died"));
+        vm(&mut s, report(RuntimeState::Running, 2, 11_000, false));
+        vm(&mut s, report(RuntimeState::Failed, 2, 20_000, true));
+        assert_eq!(state(&s), (RuntimeState::Starting, 3, vec![10_000, 20_000]));
+        let last = s.events.values().last().expect("event").message.clone();
+        assert!(
+            last.contains("restarting it there (restart 2 of 2 within 60 s)"),
+            "{last}"
+        );
+        // A third within 60 s: a crash loop, left failed with the reason.
+        vm(&mut s, report(RuntimeState::Running, 3, 21_000, false));
+        vm(&mut s, report(RuntimeState::Failed, 3, 30_000, true));
+        assert_eq!(state(&s), (RuntimeState::Failed, 3, vec![10_000, 20_000]));
+        let why = find(&s, "a").unwrap().reason.clone();
+        assert!(
+            why.contains("worker died; not restarted: restarted 2 times within 60 s"),
+            "{why}"
+        );
+        // An operator's start clears the count; failures older than the window expire.
+        let start = VmCommand::StartVm {
+            name: "a".into(),
+            owner: 2,
+            at_unix_ms: 31_000,
+        };
+        assert_eq!(vm(&mut s, start), CommandResult::Ok);
+        assert_eq!(state(&s), (RuntimeState::Starting, 4, vec![]));
+        vm(&mut s, report(RuntimeState::Running, 4, 32_000, false));
+        vm(&mut s, report(RuntimeState::Failed, 4, 40_000, true));
+        vm(&mut s, report(RuntimeState::Running, 5, 41_000, false));
+        vm(&mut s, report(RuntimeState::Failed, 5, 90_000, true));
+        vm(&mut s, report(RuntimeState::Running, 6, 91_000, false));
+        vm(&mut s, report(RuntimeState::Failed, 6, 110_000, true));
+        assert_eq!(
+            state(&s),
+            (RuntimeState::Starting, 7, vec![90_000, 110_000])
+        );
+        // A failure without `restart` (a failed start) is left failed.
+        vm(&mut s, report(RuntimeState::Failed, 7, 111_000, false));
+        assert_eq!(state(&s).0, RuntimeState::Failed);
+    }
+
+    #[test]
+    fn a_never_policy_or_a_stopped_vm_is_not_restarted() {
+        let mut s = state_with_nodes(2);
+        let mut sp = spec("a");
+        sp.restart_policy.mode = crate::state::vm_spec::RestartMode::Never;
+        vm(
+            &mut s,
+            VmCommand::CreateVm {
+                spec: sp,
+                owner: Some(2),
+                at_unix_ms: 0,
+            },
+        );
+        let failed = |generation| VmCommand::ReportVmState {
+            name: "a".into(),
+            node_id: 2,
+            generation,
+            runtime: RuntimeState::Failed,
+            reason: "GuestReset".into(),
+            at_unix_ms: 5,
+            restart: true,
+        };
+        vm(&mut s, failed(1));
+        let r = find(&s, "a").expect("exists");
+        assert_eq!((r.runtime, r.generation), (RuntimeState::Failed, 1));
+        assert!(
+            r.reason.contains("its restart policy is never"),
+            "{}",
+            r.reason
+        );
+        // A bad policy is refused with the fields named.
+        let mut bad = spec("b");
+        bad.restart_policy.max_restarts = 0;
+        let why = rejected(vm(
+            &mut s,
+            VmCommand::CreateVm {
+                spec: bad,
+                owner: None,
+                at_unix_ms: 6,
+            },
+        ));
+        assert!(why.contains("max_restarts must be 1..=100"), "{why}");
+    }
+
+    #[test]
     fn bad_input_is_refused_with_the_field_named() {
         let mut s = state_with_nodes(1);
         let create = |spec: VmSpec, owner| VmCommand::CreateVm {
@@ -959,6 +1149,7 @@ mod tests {
                     runtime: RuntimeState::Running,
                     reason: String::new(),
                     at_unix_ms: 1,
+                    restart: false,
                 },
                 "no VM named",
             ),
@@ -1076,6 +1267,7 @@ mod tests {
                 runtime: RuntimeState::Running,
                 reason: String::new(),
                 at_unix_ms: 2,
+                restart: false,
             },
         );
         assert!(rejected(vm(&mut s, start(1))).contains("already runs on node 1"));
@@ -1124,6 +1316,7 @@ mod tests {
                 runtime: RuntimeState::Failed,
                 reason: "guest exited".into(),
                 at_unix_ms: 2,
+                restart: false,
             },
         );
         assert_eq!(

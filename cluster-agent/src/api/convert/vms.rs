@@ -9,7 +9,9 @@ use cluster_proto::vms as pb;
 use csv_volume::DiskName;
 use scheduler::RestartPriority;
 
-use crate::state::vm_spec::{BootSpec, DiskSpec, NicSpec, TestWorkload, VmSpec, WorkloadName};
+use crate::state::vm_spec::{
+    BootSpec, DiskSpec, NicSpec, RestartMode, RestartPolicy, TestWorkload, VmSpec, WorkloadName,
+};
 use crate::state::vms::{DesiredState, RuntimeState, VmRecord};
 use crate::state::ClusterState;
 
@@ -29,6 +31,10 @@ pub enum ConvertError {
     NetIp(String),
     #[error("spec.restart_priority {0} is not one of high, medium, low, none")]
     RestartPriority(i32),
+    #[error("spec.restart_policy.mode {0} is not one of on_failure, never")]
+    RestartMode(i32),
+    #[error("spec.restart_policy.window: {0}")]
+    RestartWindow(cluster_proto::times::DurationError),
     #[error("spec.disks: {0:?} is not a disk name of the form volume/dir/disk.img")]
     DiskName(String),
 }
@@ -74,6 +80,41 @@ fn restart_priority_to_pb(p: RestartPriority) -> pb::RestartPriority {
         RestartPriority::Medium => pb::RestartPriority::Medium,
         RestartPriority::Low => pb::RestartPriority::Low,
         RestartPriority::None => pb::RestartPriority::None,
+    }
+}
+
+/// The restart policy of an API value: unset fields take the default's (on failure, 3
+/// within 10 min); an unknown mode or a bad window is refused. Ranges are checked by
+/// `VmSpec::validate`.
+pub fn restart_policy(p: Option<pb::RestartPolicy>) -> Result<RestartPolicy, ConvertError> {
+    let mut out = RestartPolicy::default();
+    let Some(p) = p else { return Ok(out) };
+    out.mode = match pb::RestartMode::try_from(p.mode) {
+        Ok(pb::RestartMode::Unspecified | pb::RestartMode::OnFailure) => RestartMode::OnFailure,
+        Ok(pb::RestartMode::Never) => RestartMode::Never,
+        Err(_) => return Err(ConvertError::RestartMode(p.mode)),
+    };
+    if p.max_restarts != 0 {
+        out.max_restarts = p.max_restarts;
+    }
+    if let Some(w) = &p.window {
+        let ms = times::duration_ms(w).map_err(ConvertError::RestartWindow)?;
+        if ms != 0 {
+            // Whole seconds; a part second rounds up so a tiny window is not 0.
+            out.window_s = ms.div_ceil(1000);
+        }
+    }
+    Ok(out)
+}
+
+fn restart_policy_to_pb(p: &RestartPolicy) -> pb::RestartPolicy {
+    pb::RestartPolicy {
+        mode: match p.mode {
+            RestartMode::OnFailure => pb::RestartMode::OnFailure,
+            RestartMode::Never => pb::RestartMode::Never,
+        } as i32,
+        max_restarts: p.max_restarts,
+        window: Some(times::duration_from_ms(p.window_s.saturating_mul(1000))),
     }
 }
 
@@ -132,6 +173,7 @@ pub fn spec_from_pb(spec: Option<pb::VmSpec>) -> Result<VmSpec, ConvertError> {
         boot,
         disks,
         restart_priority: restart_priority(s.restart_priority)?,
+        restart_policy: restart_policy(s.restart_policy)?,
         anti_affinity: s.anti_affinity.into_iter().collect::<BTreeSet<_>>(),
         preferred_owners: s
             .preferred_owners
@@ -188,6 +230,7 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
             })
             .collect(),
         restart_priority: restart_priority_to_pb(s.restart_priority) as i32,
+        restart_policy: Some(restart_policy_to_pb(&s.restart_policy)),
         anti_affinity: s.anti_affinity.iter().cloned().collect(),
         preferred_owners: s.preferred_owners.iter().map(|n| n.0).collect(),
         nics: s
@@ -240,6 +283,11 @@ pub fn record_to_pb(state: &ClusterState, r: &VmRecord) -> pb::VmInfo {
             None => Vec::new(),
         },
         demand: None,
+        restarts: r
+            .restarts_unix_ms
+            .iter()
+            .filter_map(|t| times::timestamp_from_unix_ms(*t))
+            .collect(),
     }
 }
 
@@ -267,6 +315,11 @@ mod tests {
                 slot: None,
                 mtu: Some(9000),
             }],
+            restart_policy: Some(pb::RestartPolicy {
+                mode: pb::RestartMode::OnFailure as i32,
+                max_restarts: 5,
+                window: Some(cluster_proto::times::duration_from_ms(60_000)),
+            }),
         }
     }
 
@@ -278,6 +331,14 @@ mod tests {
         unset.restart_priority = pb::RestartPriority::Unspecified as i32;
         let unset = spec_from_pb(Some(unset)).expect("valid");
         assert_eq!(unset.restart_priority, RestartPriority::Medium);
+        assert_eq!(
+            (s.restart_policy.max_restarts, s.restart_policy.window_s),
+            (5, 60)
+        );
+        let mut no_policy = pb_spec();
+        no_policy.restart_policy = None;
+        let no_policy = spec_from_pb(Some(no_policy)).expect("valid");
+        assert_eq!(no_policy.restart_policy, RestartPolicy::default());
         match &s.boot {
             BootSpec::TestGuest(w) => {
                 assert_eq!((w.kind, w.wss_mib, w.hb_ms), (WorkloadName::Mem, 8, 100))
@@ -301,6 +362,13 @@ mod tests {
             spec_from_pb(Some(p)),
             Err(ConvertError::RestartPriority(_))
         ));
+        let mut p = pb_spec();
+        p.restart_policy = Some(pb::RestartPolicy {
+            mode: 7,
+            ..Default::default()
+        });
+        let e = spec_from_pb(Some(p)).expect_err("bad restart mode");
+        assert!(e.to_string().contains("spec.restart_policy.mode 7"), "{e}");
         let mut p = pb_spec();
         p.boot = Some(pb::vm_spec::Boot::TestGuest(pb::TestGuestBoot {
             workload: 42,
