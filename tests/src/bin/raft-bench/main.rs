@@ -4,8 +4,16 @@
 //! through the same gRPC stack, which does not go through Raft), then the leader
 //! failover time after kill -9.
 //!
-//! Usage: `raft-bench [--writes N] [--clients C] [--failovers F]`
-//! (the `cluster-agent` binary must be built in the same target directory).
+//! The same run measures etcd (Debian's `etcd-server`, when `etcd` is on the PATH and
+//! `--no-etcd` is not given) the same way first: three members on loopback, data on the
+//! same disk, sequential and concurrent puts and linearizable reads over gRPC (see
+//! `etcd.rs`).
+//!
+//! Usage: `raft-bench [--writes N] [--clients C] [--failovers F] [--no-etcd]`
+//! (the `cluster-agent` binary must be built in the same target directory; the agents
+//! of `target/<profile>/` run, the profile this program was built with).
+
+mod etcd;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -18,6 +26,7 @@ struct Args {
     writes: usize,
     clients: usize,
     failovers: usize,
+    etcd: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -25,9 +34,14 @@ fn parse_args() -> Result<Args, String> {
         writes: 1_000,
         clients: 8,
         failovers: 3,
+        etcd: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--no-etcd" {
+            a.etcd = false;
+            continue;
+        }
         let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let n: usize = v
             .parse()
@@ -38,7 +52,7 @@ fn parse_args() -> Result<Args, String> {
             "--failovers" => a.failovers = n,
             _ => {
                 return Err(format!(
-                    "unknown flag {flag}; use --writes, --clients, --failovers"
+                    "unknown flag {flag}; use --writes, --clients, --failovers, --no-etcd"
                 ))
             }
         }
@@ -122,6 +136,12 @@ async fn bench(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     drop(f);
     std::fs::remove_file(&probe)?;
 
+    if args.etcd && etcd::available() {
+        bench_etcd(&args, c.dir()).await?;
+    } else if args.etcd {
+        println!("etcd: not on the PATH (apt-get install etcd-server): no etcd baseline");
+    }
+
     let leader = c.form(3).await?;
     let follower = (1..=3).find(|i| *i != leader).unwrap_or(2);
     println!(
@@ -129,7 +149,8 @@ async fn bench(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         opts.election_timeout_min_ms, opts.election_timeout_max_ms, opts.raft_heartbeat_interval_ms
     );
 
-    // Baseline 2: local reads through the same gRPC stack (no Raft, no fsync).
+    // Reads through the leader: one gRPC call plus a read-index round (a quorum confirms
+    // the leader still leads; no log write, no fsync).
     let mut cl = c.client(leader).await?;
     let mut lat = Vec::with_capacity(args.writes);
     let t0 = Instant::now();
@@ -141,7 +162,7 @@ async fn bench(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .await?;
         lat.push(s.elapsed());
     }
-    report("baseline: local read (no raft)", lat, t0.elapsed());
+    report("read via leader (linearizable)", lat, t0.elapsed());
 
     for (label, target) in [
         ("sequential writes via leader", leader),
@@ -236,5 +257,64 @@ async fn bench(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             opts.election_timeout_max_ms
         );
     }
+    Ok(())
+}
+
+/// etcd measured like the agents below: sequential puts through the leader and through a
+/// follower, linearizable reads through the leader, concurrent puts through the leader.
+async fn bench_etcd(args: &Args, dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let e = etcd::Etcd::start(dir)?;
+    let leader = e.wait_leader(Duration::from_secs(30)).await?;
+    let follower = (leader + 1) % 3;
+    println!("etcd: 3 members on loopback (plain gRPC, no TLS), leader e{leader}; heartbeat 100 ms, election 1000 ms; WAL fsynced per append");
+    let mut cl = e.client(leader).await?;
+    cl.put("k0", "x").await?;
+    let mut lat = Vec::with_capacity(args.writes);
+    let t0 = Instant::now();
+    for i in 0..args.writes {
+        let s = Instant::now();
+        cl.get(&format!("k{}", i % 2)).await?;
+        lat.push(s.elapsed());
+    }
+    report("etcd: read via leader (linearizable)", lat, t0.elapsed());
+    for (label, target) in [
+        ("etcd: sequential puts via leader", leader),
+        ("etcd: sequential puts via follower", follower),
+    ] {
+        let mut cl = e.client(target).await?;
+        let mut lat = Vec::with_capacity(args.writes);
+        let t0 = Instant::now();
+        for i in 0..args.writes {
+            let s = Instant::now();
+            cl.put(&format!("seq-{target}-{i}"), &"x".repeat(64))
+                .await?;
+            lat.push(s.elapsed());
+        }
+        report(label, lat, t0.elapsed());
+    }
+    let per = args.writes.div_ceil(args.clients);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..args.clients {
+        let mut cl = e.client(leader).await?;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per);
+            for i in 0..per {
+                let s = Instant::now();
+                cl.put(&format!("conc-{k}-{i}"), &"x".repeat(64)).await?;
+                lat.push(s.elapsed());
+            }
+            Ok::<_, tonic::Status>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    report(
+        &format!("etcd: concurrent puts, {} clients", args.clients),
+        all,
+        t0.elapsed(),
+    );
     Ok(())
 }
