@@ -117,13 +117,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         Some(a) => Some(bind("console_addr", a).await?),
         None => None,
     };
-    let network = crate::api::peer::client::Network {
-        rpc_timeout: config.rpc_timeout,
-        local_ip: config.raft_source_ip(),
-        credentials: credentials.clone(),
-    };
+    let network = crate::api::peer::client::Network::new(
+        config.rpc_timeout,
+        config.raft_source_ip(),
+        credentials.clone(),
+    );
     let peers = Arc::new(crate::api::peer::client::GrpcPeers::new(
         config.raft_source_ip(),
+        crate::node::heartbeat_timeout(&config),
         credentials.clone(),
     ));
     let agent = Agent::start(config, credentials, network, peers)
@@ -314,10 +315,17 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
 
     // Fail-stop: a replica that can no longer apply must not keep its VMs or its lease
     // (its heartbeats would keep it Up while VMs failed over to it never start).
+    // It waits on a worker thread: it looks at every change of the Raft metrics (many per
+    // heartbeat round on a leader), which would wake this thread for each.
+    let mut fatal_task = tokio::spawn({
+        let a = agent.clone();
+        async move { a.fatal().await }
+    });
     let fatal = tokio::select! {
         _ = shutdown => None,
-        e = agent.fatal() => Some(e),
+        e = &mut fatal_task => Some(e.unwrap_or_else(|e| format!("the fatal-error watch ended: {e}"))),
     };
+    fatal_task.abort();
     notifier.notify(match &fatal {
         Some(_) => "STOPPING=1\nSTATUS=stopping after a fatal raft error",
         None => "STOPPING=1\nSTATUS=stopping",

@@ -7,7 +7,9 @@ use cluster_proto::management::management_service_client::ManagementServiceClien
 use cluster_proto::management::{self as pb};
 use cluster_proto::pki::{self, Ca, Identity, Role, TlsDir, TlsMaterial};
 use cluster_proto::raft::raft_peer_service_client::RaftPeerServiceClient;
-use cluster_proto::raft::{ForwardWriteRequest, HeartbeatRequest, PeerSilence};
+use cluster_proto::raft::{
+    ForwardWriteRequest, HeartbeatRequest, HeartbeatStreamRequest, PeerSilence,
+};
 use cluster_proto::EnumName;
 use cluster_tests::pki::{endpoint_as, pki as test_pki};
 use cluster_tests::{Cluster, Options};
@@ -66,6 +68,30 @@ fn heartbeat(node_id: u64) -> HeartbeatRequest {
         }],
         demand: None,
     }
+}
+
+/// A `HeartbeatStream` opened on `p`: its sender and the answers.
+async fn heartbeat_stream(
+    p: &mut RaftPeerServiceClient<tonic::transport::Channel>,
+) -> (
+    tokio::sync::mpsc::Sender<HeartbeatStreamRequest>,
+    tonic::Streaming<cluster_proto::raft::HeartbeatStreamResponse>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let inbound = p
+        .heartbeat_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_or_else(|e| panic!("opening a heartbeat stream: {e:?}"))
+        .into_inner();
+    (tx, inbound)
+}
+
+async fn send_on(tx: &tokio::sync::mpsc::Sender<HeartbeatStreamRequest>, hb: HeartbeatRequest) {
+    tx.send(HeartbeatStreamRequest {
+        heartbeat: Some(hb),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the stream's sender: {e}"));
 }
 
 /// A put through `c` is refused with `code`, and the key stays unset.
@@ -222,6 +248,30 @@ async fn a_node_cannot_speak_for_another_and_a_stranger_node_is_no_member() {
         e.message().contains("in the name of node 3 from node 2"),
         "{e:?}"
     );
+    // The same on a heartbeat stream: its own heartbeats are answered, the first one in
+    // another node's name ends the stream with the refusal.
+    let (tx, mut inbound) = heartbeat_stream(&mut p).await;
+    for round in 0..2 {
+        send_on(&tx, heartbeat(2)).await;
+        let ack = inbound
+            .message()
+            .await
+            .unwrap_or_else(|e| panic!("node 2's streamed heartbeat {round}: {e:?}"));
+        assert!(
+            ack.is_some_and(|a| a.ack.is_some()),
+            "an answer per heartbeat"
+        );
+    }
+    send_on(&tx, heartbeat(3)).await;
+    let e = inbound
+        .message()
+        .await
+        .expect_err("a streamed heartbeat in node 3's name");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("in the name of node 3 from node 2"),
+        "{e:?}"
+    );
 
     // A certificate of this CA for a node that is not a member: refused on the peer plane.
     let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -277,12 +327,26 @@ async fn a_node_cannot_speak_for_another_and_a_stranger_node_is_no_member() {
     p4.heartbeat(heartbeat(4))
         .await
         .unwrap_or_else(|e| panic!("member 4's heartbeat: {e:?}"));
+    // A stream opened while it was a member: answered now, refused after the removal.
+    let (tx4, mut inbound4) = heartbeat_stream(&mut p4).await;
+    send_on(&tx4, heartbeat(4)).await;
+    inbound4
+        .message()
+        .await
+        .unwrap_or_else(|e| panic!("member 4's streamed heartbeat: {e:?}"));
     let r = cl.leave(1, 4).await;
     cl.check(r);
     let e = p4
         .heartbeat(heartbeat(4))
         .await
         .expect_err("a removed node's heartbeat");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("node 4 is not a member"), "{e:?}");
+    send_on(&tx4, heartbeat(4)).await;
+    let e = inbound4
+        .message()
+        .await
+        .expect_err("a removed node's heartbeat on the stream it opened as a member");
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("node 4 is not a member"), "{e:?}");
     // ... and on the management plane: its certificate neither acts with the node role

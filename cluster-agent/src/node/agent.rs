@@ -313,6 +313,18 @@ impl Agent {
         }
     }
 
+    /// Wait until this agent leads (at once if it does): the leader-only loops sleep here
+    /// on followers instead of waking every tick to find they do not lead. False when
+    /// `shutdown` changed first.
+    pub async fn wait_until_leader(&self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let me = Some(self.node_id());
+        let mut m = self.raft.metrics();
+        tokio::select! {
+            r = m.wait_for(|m| m.current_leader == me) => r.is_ok(),
+            _ = shutdown.changed() => false,
+        }
+    }
+
     /// The current leader as this node knows it.
     pub fn leader(&self) -> Option<u64> {
         self.raft.metrics().borrow().current_leader
@@ -706,8 +718,7 @@ impl Agent {
                 .board
                 .record(hb.node_id, d.clone(), Instant::now());
         }
-        let m = self.raft.metrics().borrow().clone();
-        m.current_leader == Some(self.node_id())
+        self.raft.metrics().borrow().current_leader == Some(self.node_id())
     }
 
     pub(super) fn lock_demand(&self) -> std::sync::MutexGuard<'_, DemandState> {

@@ -12,6 +12,28 @@ use super::agent::{now_unix_ms, Agent};
 use super::liveness::Heartbeat;
 use crate::state::{Command, NodeState};
 
+/// How long a heartbeat may take (and a connection to a peer to open: the peer
+/// client's channels reconnect this often while a peer is unreachable).
+pub fn heartbeat_timeout(config: &crate::node::config::AgentConfig) -> Duration {
+    config.heartbeat_interval.max(Duration::from_millis(200))
+}
+
+/// The time from now to the next multiple of `period` since the Unix epoch: where the
+/// heartbeat rounds of every agent with this interval start (agents with synchronised
+/// clocks send theirs together). Zero `period`: zero.
+pub fn until_next_round(period: Duration) -> Duration {
+    let period_ns = period.as_nanos();
+    if period_ns == 0 {
+        return Duration::ZERO;
+    }
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let left = period_ns - now_ns % period_ns;
+    Duration::from_nanos(u64::try_from(left).unwrap_or(u64::MAX))
+}
+
 impl Agent {
     /// Send one heartbeat to every other member, each on its own task.
     fn send_heartbeats(self: &Arc<Self>) {
@@ -29,10 +51,7 @@ impl Agent {
             l.set_members(members);
             l.silences(Instant::now())
         };
-        let timeout = self
-            .config
-            .heartbeat_interval
-            .max(Duration::from_millis(200));
+        let timeout = heartbeat_timeout(&self.config);
         let demand = self.lock_demand().unsent.take();
         for (peer, addr) in peers {
             let hb = Heartbeat {
@@ -55,10 +74,18 @@ impl Agent {
         }
     }
 
-    /// Heartbeat sender loop: runs until `shutdown` flips.
+    /// Heartbeat sender loop: runs until `shutdown` flips. Rounds start on the wall-clock
+    /// grid of the interval ([`until_next_round`]), the same instants on every agent, so
+    /// a node receives its peers' heartbeats and their answers in one burst per round and
+    /// wakes up once for many of them rather than once for each. After a stall the
+    /// missed round runs at once and the next ones are on the grid again.
     pub async fn run_heartbeats(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(self.config().heartbeat_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let period = self.config().heartbeat_interval;
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + until_next_round(period),
+            period,
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let confirming = Arc::new(AtomicBool::new(false));
         loop {
             tokio::select! {
@@ -110,6 +137,12 @@ impl Agent {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return,
+            }
+            if self.leader() != Some(self.node_id()) {
+                if !self.wait_until_leader(&mut shutdown).await {
+                    return;
+                }
+                continue;
             }
             for (node_id, state, reason) in self.liveness_decisions() {
                 let cmd = Command::SetNodeState {
@@ -225,5 +258,20 @@ impl Agent {
             }
         }
         held
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_round_is_within_one_period() {
+        for ms in [1, 100, 250, 1_000] {
+            let p = Duration::from_millis(ms);
+            let d = until_next_round(p);
+            assert!(d > Duration::ZERO && d <= p, "{d:?} for a period of {p:?}");
+        }
+        assert_eq!(until_next_round(Duration::ZERO), Duration::ZERO);
     }
 }

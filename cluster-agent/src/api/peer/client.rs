@@ -4,9 +4,10 @@
 //! the `json` field of each rpc's message; replies carry `Result<Reply, RaftError>` so remote Raft errors come
 //! back typed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cluster_proto::raft as pb;
@@ -24,6 +25,7 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
 use crate::node::credentials::{Credentials, SharedCredentials};
@@ -68,24 +70,97 @@ pub enum PeerError {
 }
 
 /// A lazily connecting channel to a peer's Raft service over mutual TLS, leaving from
-/// `local` when given.
+/// `local` when given; every call on it times out after `timeout`.
 pub fn peer_channel(
     credentials: &Credentials,
     addr: &str,
     timeout: Duration,
     local: Option<IpAddr>,
 ) -> Result<Channel, PeerError> {
+    Ok(peer_endpoint(credentials, addr, timeout, local)?
+        .timeout(timeout)
+        .connect_lazy())
+}
+
+/// The endpoint of [`peer_channel`], without a per-call timeout.
+fn peer_endpoint(
+    credentials: &Credentials,
+    addr: &str,
+    connect_timeout: Duration,
+    local: Option<IpAddr>,
+) -> Result<tonic::transport::Endpoint, PeerError> {
     let ep =
         crate::api::tls::endpoint(credentials, addr).map_err(|source| PeerError::BadAddress {
             addr: addr.to_string(),
             source,
         })?;
     Ok(ep
-        .connect_timeout(timeout)
-        .timeout(timeout)
+        .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
-        .local_address(local)
-        .connect_lazy())
+        .local_address(local))
+}
+
+/// Channels cached at most (one per peer address; the cache is cleared when a membership
+/// churn leaves more).
+const CHANNELS_MAX: usize = 64;
+
+/// One lazily connecting channel per peer address, shared by every call to that peer: a
+/// call reuses the peer's HTTP/2 connection instead of opening a connection and running a
+/// TLS handshake of its own. Channels are rebuilt when the node's credentials change (a
+/// renewed certificate), so new connections present the current certificate.
+pub struct ChannelCache {
+    /// `None`: calls carry no channel-wide timeout (callers bound each call).
+    call_timeout: Option<Duration>,
+    connect_timeout: Duration,
+    local_ip: Option<IpAddr>,
+    credentials: SharedCredentials,
+    /// Channels by peer address, built with the credentials of the generation noted.
+    channels: Mutex<(u64, HashMap<String, Channel>)>,
+}
+
+impl ChannelCache {
+    pub fn new(
+        call_timeout: Option<Duration>,
+        connect_timeout: Duration,
+        local_ip: Option<IpAddr>,
+        credentials: SharedCredentials,
+    ) -> ChannelCache {
+        ChannelCache {
+            call_timeout,
+            connect_timeout,
+            local_ip,
+            credentials,
+            channels: Mutex::default(),
+        }
+    }
+
+    /// The channel to `addr` (made on first use).
+    pub fn get(&self, addr: &str) -> Result<Channel, PeerError> {
+        let mut guard = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = self.credentials.generation();
+        if guard.0 != generation {
+            *guard = (generation, HashMap::new());
+        }
+        let channels = &mut guard.1;
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        if channels.len() >= CHANNELS_MAX {
+            channels.clear();
+        }
+        let ep = peer_endpoint(
+            &self.credentials.current(),
+            addr,
+            self.connect_timeout,
+            self.local_ip,
+        )?;
+        let c = match self.call_timeout {
+            Some(t) => ep.timeout(t).connect_lazy(),
+            None => ep.connect_lazy(),
+        };
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
 }
 
 pub fn peer_client(channel: Channel) -> RaftPeerServiceClient<Channel> {
@@ -115,15 +190,35 @@ pub fn decode<T: DeserializeOwned>(
     })
 }
 
-/// Creates one [`PeerConnection`] per target.
+/// Creates one [`PeerConnection`] per target. openraft asks for a new client for every
+/// replication stream, election and read-index round; they all share one cached channel
+/// (one HTTP/2 connection) per peer, so none of them waits for a TLS handshake.
 #[derive(Clone)]
 pub struct Network {
-    pub rpc_timeout: Duration,
-    /// The address Raft connections leave from (`None`: the kernel's choice).
-    pub local_ip: Option<IpAddr>,
     /// This node's certificate and the cluster CA (replaced before the certificate
-    /// expires: each connection rebuilds its channel when they change).
+    /// expires: the cache rebuilds its channels when they change).
     pub credentials: SharedCredentials,
+    channels: Arc<ChannelCache>,
+}
+
+impl Network {
+    /// Raft connections leave from `local_ip` (`None`: the kernel's choice); every call
+    /// times out after `rpc_timeout`.
+    pub fn new(
+        rpc_timeout: Duration,
+        local_ip: Option<IpAddr>,
+        credentials: SharedCredentials,
+    ) -> Network {
+        Network {
+            channels: Arc::new(ChannelCache::new(
+                Some(rpc_timeout),
+                rpc_timeout,
+                local_ip,
+                credentials.clone(),
+            )),
+            credentials,
+        }
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -134,12 +229,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerConnection {
             target,
             addr: node.raft_addr.clone(),
-            channel: peer_channel(
-                &self.credentials.current(),
-                &node.raft_addr,
-                self.rpc_timeout,
-                self.local_ip,
-            ),
+            channel: self.channels.get(&node.raft_addr),
             generation,
             network: self.clone(),
         }
@@ -168,12 +258,7 @@ impl PeerConnection {
         if generation != self.generation {
             // A rotated certificate: new connections present the new one (the old one's
             // connection would be refused once the old certificate expires).
-            self.channel = peer_channel(
-                &self.network.credentials.current(),
-                &self.addr,
-                self.network.rpc_timeout,
-                self.network.local_ip,
-            );
+            self.channel = self.network.channels.get(&self.addr);
             self.generation = generation;
         }
         let channel = match &self.channel {
@@ -236,56 +321,238 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
     }
 }
 
-/// Heartbeat clients cached at most (one per peer address; the cache is cleared when a
-/// membership churn leaves more).
-const HEARTBEAT_CLIENTS_MAX: usize = 64;
-
-/// The agent's [`PeerClient`] over the peer-only gRPC service.
+/// The agent's [`PeerClient`] over the peer-only gRPC service. Heartbeats, forwarded
+/// writes, read-index questions and presence checks to one peer share one channel (apart
+/// from Raft's own, so a large append never delays a heartbeat behind it on one TCP
+/// stream); each call has its own deadline.
 pub struct GrpcPeers {
-    /// The address every connection leaves from (`None`: the kernel's choice).
-    local_ip: Option<IpAddr>,
-    credentials: SharedCredentials,
-    /// Clients by peer address, built with the credentials of the generation noted.
-    heartbeat_clients: Mutex<(u64, HashMap<String, RaftPeerServiceClient<Channel>>)>,
+    channels: ChannelCache,
+    heartbeats: HeartbeatStreams,
 }
 
 impl GrpcPeers {
-    pub fn new(local_ip: Option<IpAddr>, credentials: SharedCredentials) -> GrpcPeers {
+    /// Connections leave from `local_ip` (`None`: the kernel's choice) and give up
+    /// connecting after `connect_timeout`.
+    pub fn new(
+        local_ip: Option<IpAddr>,
+        connect_timeout: Duration,
+        credentials: SharedCredentials,
+    ) -> GrpcPeers {
         GrpcPeers {
-            local_ip,
-            credentials,
-            heartbeat_clients: Mutex::default(),
+            heartbeats: HeartbeatStreams::new(credentials.clone()),
+            channels: ChannelCache::new(None, connect_timeout, local_ip, credentials),
         }
     }
 
-    fn heartbeat_client(
-        &self,
-        addr: &str,
-        timeout: Duration,
-    ) -> Result<RaftPeerServiceClient<Channel>, PeerError> {
-        let mut guard = self
-            .heartbeat_clients
+    fn client(&self, addr: &str) -> Result<RaftPeerServiceClient<Channel>, PeerError> {
+        self.channels.get(addr).map(peer_client)
+    }
+}
+
+fn heartbeat_to_pb(hb: &Heartbeat) -> HeartbeatRequest {
+    HeartbeatRequest {
+        node_id: hb.node_id,
+        incarnation: hb.incarnation,
+        silences: hb
+            .silences
+            .iter()
+            .map(|s| PbSilence {
+                node_id: s.node_id,
+                silent_ms: s.silent_ms,
+            })
+            .collect(),
+        demand: hb
+            .demand
+            .as_ref()
+            .map(crate::api::convert::demand::demand_to_pb),
+    }
+}
+
+fn ack_from_pb(r: &pb::HeartbeatResponse) -> HeartbeatAck {
+    HeartbeatAck {
+        leader_id: r.leader_id,
+        term: r.term,
+        accepted: r.accepted,
+        last_applied: r.last_applied,
+    }
+}
+
+/// Heartbeats sent on one stream and not answered yet, at most (a receiver this far
+/// behind is not answering: its stream is dropped and the next round opens another).
+const HEARTBEATS_IN_FLIGHT_MAX: usize = 8;
+
+type Answer = Result<HeartbeatAck, PeerCallError>;
+type Waiters = Arc<Mutex<VecDeque<oneshot::Sender<Answer>>>>;
+
+/// The open `HeartbeatStream` to one peer: requests go out on `tx`; the driver task
+/// answers the oldest waiter with each response (the receiver answers in order).
+/// Dropping it stops the driver, which resets the HTTP/2 stream.
+struct HeartbeatStream {
+    tx: mpsc::Sender<pb::HeartbeatStreamRequest>,
+    waiting: Waiters,
+    /// False once the driver ended (the stream failed or the receiver closed it).
+    open: Arc<AtomicBool>,
+    /// The credentials generation of the channel it runs on.
+    generation: u64,
+    _stop: oneshot::Sender<()>,
+}
+
+/// One heartbeat stream per peer address, opened on first use and again after it
+/// failed; an address whose agent does not implement `HeartbeatStream` (an older
+/// version) gets unary `Heartbeat` calls from then on.
+struct HeartbeatStreams {
+    credentials: SharedCredentials,
+    streams: Mutex<HashMap<String, HeartbeatStream>>,
+    unary: Arc<Mutex<HashSet<String>>>,
+}
+
+impl HeartbeatStreams {
+    fn new(credentials: SharedCredentials) -> HeartbeatStreams {
+        HeartbeatStreams {
+            credentials,
+            streams: Mutex::default(),
+            unary: Arc::default(),
+        }
+    }
+
+    fn unary_only(&self, addr: &str) -> bool {
+        self.unary
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(addr)
+    }
+
+    /// Queue `req` on the stream to `addr`, opening one if there is none, it failed or it
+    /// runs on older credentials. The receiver resolves with the answer, or an error once
+    /// the stream failed. A stream that cannot take the send (too many unanswered) is
+    /// dropped: this round fails and the next one opens another.
+    fn send(
+        &self,
+        peers: &GrpcPeers,
+        addr: &str,
+        req: HeartbeatRequest,
+    ) -> oneshot::Receiver<Answer> {
+        let (ack_tx, ack_rx) = oneshot::channel();
         let generation = self.credentials.generation();
-        if guard.0 != generation {
-            *guard = (generation, HashMap::new());
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let reusable = streams
+            .get(addr)
+            .is_some_and(|s| s.generation == generation && s.open.load(Ordering::Acquire));
+        if !reusable {
+            streams.remove(addr);
+            if streams.len() >= CHANNELS_MAX {
+                streams.clear();
+            }
+            match self.open(peers, addr, generation) {
+                Ok(s) => {
+                    streams.insert(addr.to_owned(), s);
+                }
+                Err(e) => {
+                    let _ = ack_tx.send(Err(call_err(&e)));
+                    return ack_rx;
+                }
+            }
         }
-        let clients = &mut guard.1;
-        if let Some(c) = clients.get(addr) {
-            return Ok(c.clone());
+        let Some(stream) = streams.get(addr) else {
+            return ack_rx;
+        };
+        let msg = pb::HeartbeatStreamRequest {
+            heartbeat: Some(req),
+        };
+        // The waiter is queued under the lock the driver takes to answer: an answer
+        // always finds the waiter of its own request at the front.
+        let mut waiting = stream.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if stream.tx.try_send(msg).is_ok() {
+            waiting.push_back(ack_tx);
+        } else {
+            drop(waiting);
+            streams.remove(addr);
+            let _ = ack_tx.send(Err(PeerCallError(format!(
+                "{HEARTBEATS_IN_FLIGHT_MAX} heartbeats to {addr} unanswered: stream dropped"
+            ))));
         }
-        if clients.len() >= HEARTBEAT_CLIENTS_MAX {
-            clients.clear();
-        }
-        let c = peer_client(peer_channel(
-            &self.credentials.current(),
-            addr,
-            timeout,
-            self.local_ip,
-        )?);
-        clients.insert(addr.to_string(), c.clone());
-        Ok(c)
+        ack_rx
+    }
+
+    fn open(
+        &self,
+        peers: &GrpcPeers,
+        addr: &str,
+        generation: u64,
+    ) -> Result<HeartbeatStream, PeerError> {
+        let client = peers.client(addr)?;
+        let (tx, rx) = mpsc::channel(HEARTBEATS_IN_FLIGHT_MAX);
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let waiting = Waiters::default();
+        let open = Arc::new(AtomicBool::new(true));
+        tokio::spawn(drive_heartbeat_stream(
+            client,
+            rx,
+            stop_rx,
+            waiting.clone(),
+            open.clone(),
+            (self.unary.clone(), addr.to_owned()),
+        ));
+        Ok(HeartbeatStream {
+            tx,
+            waiting,
+            open,
+            generation,
+            _stop: stop_tx,
+        })
+    }
+}
+
+/// Runs one heartbeat stream until it fails, the receiver ends it or it is dropped;
+/// then fails every heartbeat still waiting for its answer.
+async fn drive_heartbeat_stream(
+    mut client: RaftPeerServiceClient<Channel>,
+    outbound: mpsc::Receiver<pb::HeartbeatStreamRequest>,
+    mut stop: oneshot::Receiver<()>,
+    waiting: Waiters,
+    open: Arc<AtomicBool>,
+    (unary, addr): (Arc<Mutex<HashSet<String>>>, String),
+) {
+    let outbound = tokio_stream::wrappers::ReceiverStream::new(outbound);
+    let why = tokio::select! {
+        _ = &mut stop => "dropped".to_owned(),
+        r = client.heartbeat_stream(outbound) => match r {
+            Err(s) => {
+                if s.code() == tonic::Code::Unimplemented {
+                    tracing::info!(peer = %addr, "the peer has no heartbeat stream (an older agent): unary heartbeats to it");
+                    unary.lock().unwrap_or_else(|p| p.into_inner()).insert(addr);
+                }
+                format!("heartbeat stream not opened: {:?}: {}", s.code(), s.message())
+            }
+            Ok(resp) => {
+                let mut inbound = resp.into_inner();
+                loop {
+                    let m = tokio::select! {
+                        _ = &mut stop => break "dropped".to_owned(),
+                        m = inbound.message() => m,
+                    };
+                    match m {
+                        Ok(Some(r)) => {
+                            let answer = r.ack.as_ref().map(ack_from_pb).ok_or_else(|| {
+                                PeerCallError("a heartbeat answer without its ack".to_owned())
+                            });
+                            let next = waiting.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                            if let Some(w) = next {
+                                let _ = w.send(answer);
+                            }
+                        }
+                        Ok(None) => break "the receiver ended the heartbeat stream".to_owned(),
+                        Err(s) => {
+                            break format!("heartbeat not delivered: {:?}: {}", s.code(), s.message())
+                        }
+                    }
+                }
+            }
+        },
+    };
+    open.store(false, Ordering::Release);
+    for w in waiting.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        let _ = w.send(Err(PeerCallError(why.clone())));
     }
 }
 
@@ -301,14 +568,25 @@ impl PeerClient for GrpcPeers {
         timeout: Duration,
     ) -> PeerFuture<Result<Result<ForwardReply, WriteError>, PeerCallError>> {
         let addr = raft_addr.to_string();
-        let prepared = peer_channel(&self.credentials.current(), &addr, timeout, self.local_ip)
-            .and_then(|ch| Ok((peer_client(ch), encode("forward request", req)?)));
+        let prepared = self
+            .client(&addr)
+            .and_then(|c| Ok((c, encode("forward request", req)?)));
         Box::pin(async move {
             let (mut client, json) = prepared.map_err(|e| call_err(&e))?;
-            let reply = client
-                .forward_write(pb::ForwardWriteRequest { json })
-                .await
-                .map_err(|s| PeerCallError(s.message().to_string()))?;
+            let reply = match tokio::time::timeout(
+                timeout,
+                client.forward_write(pb::ForwardWriteRequest { json }),
+            )
+            .await
+            {
+                Ok(r) => r.map_err(|s| PeerCallError(s.message().to_string()))?,
+                Err(_) => {
+                    return Err(PeerCallError(format!(
+                        "the forwarded write was not answered within {} ms",
+                        timeout.as_millis()
+                    )))
+                }
+            };
             decode(&addr, "forward reply", &reply.get_ref().json).map_err(|e| call_err(&e))
         })
     }
@@ -319,35 +597,27 @@ impl PeerClient for GrpcPeers {
         hb: Heartbeat,
         timeout: Duration,
     ) -> PeerFuture<Result<HeartbeatAck, PeerCallError>> {
-        let client = self.heartbeat_client(raft_addr, timeout);
+        let req = heartbeat_to_pb(&hb);
+        if !self.heartbeats.unary_only(raft_addr) {
+            let sent = self.heartbeats.send(self, raft_addr, req);
+            return Box::pin(async move {
+                match tokio::time::timeout(timeout, sent).await {
+                    Ok(Ok(answer)) => answer,
+                    Ok(Err(_)) => Err(PeerCallError(
+                        "heartbeat not answered: its stream ended".to_owned(),
+                    )),
+                    Err(_) => Err(PeerCallError(format!(
+                        "heartbeat timed out after {} ms",
+                        timeout.as_millis()
+                    ))),
+                }
+            });
+        }
+        let client = self.client(raft_addr);
         Box::pin(async move {
             let mut client = client.map_err(|e| call_err(&e))?;
-            let req = HeartbeatRequest {
-                node_id: hb.node_id,
-                incarnation: hb.incarnation,
-                silences: hb
-                    .silences
-                    .iter()
-                    .map(|s| PbSilence {
-                        node_id: s.node_id,
-                        silent_ms: s.silent_ms,
-                    })
-                    .collect(),
-                demand: hb
-                    .demand
-                    .as_ref()
-                    .map(crate::api::convert::demand::demand_to_pb),
-            };
             match tokio::time::timeout(timeout, client.heartbeat(req)).await {
-                Ok(Ok(reply)) => {
-                    let r = reply.into_inner();
-                    Ok(HeartbeatAck {
-                        leader_id: r.leader_id,
-                        term: r.term,
-                        accepted: r.accepted,
-                        last_applied: r.last_applied,
-                    })
-                }
+                Ok(Ok(reply)) => Ok(ack_from_pb(&reply.into_inner())),
                 Ok(Err(s)) => Err(PeerCallError(format!(
                     "heartbeat not delivered: {:?}: {}",
                     s.code(),
@@ -367,7 +637,7 @@ impl PeerClient for GrpcPeers {
         vm: &str,
         timeout: Duration,
     ) -> PeerFuture<Result<VmPresence, PeerCallError>> {
-        let client = self.heartbeat_client(raft_addr, timeout);
+        let client = self.client(raft_addr);
         let vm = vm.to_owned();
         Box::pin(async move {
             let mut client = client.map_err(|e| call_err(&e))?;
@@ -402,7 +672,7 @@ impl PeerClient for GrpcPeers {
         from: u64,
         timeout: Duration,
     ) -> PeerFuture<Result<ReadIndex, PeerCallError>> {
-        let client = self.heartbeat_client(raft_addr, timeout);
+        let client = self.client(raft_addr);
         Box::pin(async move {
             let mut client = client.map_err(|e| call_err(&e))?;
             let req = ReadIndexRequest { node_id: from };

@@ -6,11 +6,11 @@ use cluster_proto::pki::Identity;
 use cluster_proto::raft as pb;
 use cluster_proto::raft::raft_peer_service_server::RaftPeerService;
 use cluster_proto::raft::{
-    HeartbeatRequest, HeartbeatResponse, ReadIndexRequest, ReadIndexResponse, VmPresenceRequest,
-    VmPresenceResponse,
+    HeartbeatRequest, HeartbeatResponse, HeartbeatStreamRequest, HeartbeatStreamResponse,
+    ReadIndexRequest, ReadIndexResponse, VmPresenceRequest, VmPresenceResponse,
 };
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::peer::client::{decode, encode};
 use crate::api::status;
@@ -44,7 +44,15 @@ fn member<T>(agent: &Agent, req: &Request<T>) -> Result<NodeId, Status> {
             ))
         }
     };
-    let m = agent.metrics();
+    still_member(agent, id)?;
+    Ok(id)
+}
+
+/// [`member`]'s membership half: node `id` is a current member (or this node is in no
+/// cluster yet). A heartbeat stream asks again for every heartbeat it carries.
+fn still_member(agent: &Agent, id: NodeId) -> Result<(), Status> {
+    let m = agent.metrics_watch();
+    let m = m.borrow();
     let membership = m.membership_config.membership();
     let empty = membership.nodes().next().is_none();
     if !empty && membership.get_node(&id).is_none() {
@@ -52,7 +60,31 @@ fn member<T>(agent: &Agent, req: &Request<T>) -> Result<NodeId, Status> {
             "node {id} is not a member of this cluster"
         )));
     }
-    Ok(id)
+    Ok(())
+}
+
+/// One heartbeat from the authenticated `caller`, checked and recorded; the answer.
+fn answer_heartbeat(
+    agent: &Agent,
+    caller: NodeId,
+    hb: &HeartbeatRequest,
+) -> Result<HeartbeatResponse, Status> {
+    claims(caller, Some(hb.node_id), "a heartbeat")?;
+    if hb.silences.len() > HEARTBEAT_SILENCES_MAX {
+        return Err(Status::invalid_argument(format!(
+            "a heartbeat with {} silence reports; at most {HEARTBEAT_SILENCES_MAX} (one per member)",
+            hb.silences.len()
+        )));
+    }
+    let accepted = agent.heartbeat_received(&heartbeat_from_pb(hb));
+    let m = agent.metrics_watch();
+    let m = m.borrow();
+    Ok(HeartbeatResponse {
+        leader_id: m.current_leader.unwrap_or(0),
+        term: m.current_term,
+        accepted,
+        last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+    })
 }
 
 /// Refuse a message whose claimed sender is not the authenticated one.
@@ -144,22 +176,48 @@ impl RaftPeerService for PeerService {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let caller = member(&self.agent, &request)?;
-        let hb = request.get_ref();
-        claims(caller, Some(hb.node_id), "a heartbeat")?;
-        if hb.silences.len() > HEARTBEAT_SILENCES_MAX {
-            return Err(Status::invalid_argument(format!(
-                "a heartbeat with {} silence reports; at most {HEARTBEAT_SILENCES_MAX} (one per member)",
-                hb.silences.len()
-            )));
-        }
-        let accepted = self.agent.heartbeat_received(&heartbeat_from_pb(hb));
-        let m = self.agent.metrics();
-        Ok(Response::new(HeartbeatResponse {
-            leader_id: m.current_leader.unwrap_or(0),
-            term: m.current_term,
-            accepted,
-            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
-        }))
+        answer_heartbeat(&self.agent, caller, request.get_ref()).map(Response::new)
+    }
+
+    type HeartbeatStreamStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<HeartbeatStreamResponse, Status>> + Send + 'static>,
+    >;
+
+    /// Each heartbeat on the stream is checked like [`Self::heartbeat`]'s, the caller's
+    /// membership included (a node removed while its stream is open is refused from its
+    /// next heartbeat on); the first refusal ends the stream. Answers are produced as the
+    /// client reads them: a client that stops reading stops this stream, not the node.
+    async fn heartbeat_stream(
+        &self,
+        request: Request<Streaming<HeartbeatStreamRequest>>,
+    ) -> Result<Response<Self::HeartbeatStreamStream>, Status> {
+        let caller = member(&self.agent, &request)?;
+        let inbound = request.into_inner();
+        let agent = self.agent.clone();
+        let answers = futures::stream::unfold(
+            (inbound, agent, false),
+            move |(mut inbound, agent, ended)| async move {
+                if ended {
+                    return None;
+                }
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    // The sender closed the stream or went away.
+                    Ok(None) | Err(_) => return None,
+                };
+                let answer = match msg.heartbeat.as_ref() {
+                    None => Err(Status::invalid_argument(
+                        "a heartbeat stream message without its heartbeat",
+                    )),
+                    Some(hb) => still_member(&agent, caller)
+                        .and_then(|()| answer_heartbeat(&agent, caller, hb)),
+                };
+                let ended = answer.is_err();
+                let item = answer.map(|ack| HeartbeatStreamResponse { ack: Some(ack) });
+                Some((item, (inbound, agent, ended)))
+            },
+        );
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn vm_presence(
