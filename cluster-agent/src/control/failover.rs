@@ -154,6 +154,13 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
         }
         let leader = agent.leader();
         if leader != Some(agent.node_id()) {
+            if !agent.wait_until_leader(&mut shutdown).await {
+                return;
+            }
+            continue;
+        }
+        // Failover acts only for Down nodes: while none is, no copy of the state.
+        if !agent.read_sm(|d| d.state.nodes.values().any(|n| n.state == NodeState::Down)) {
             continue;
         }
         let state = agent.read_sm(|d| d.state.clone());

@@ -7,8 +7,42 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-/// How often the fence watcher checks the lease.
+/// How often the fence watcher checks the lease while this node hosts a VM.
 pub const FENCE_POLL: Duration = Duration::from_millis(20);
+/// How long the fence watcher sleeps at most while this node hosts no VM (capped by the
+/// heartbeat interval, which the systemd watchdog's liveness check assumes). It also
+/// wakes when the lease ends, so a VM started in between never runs past the lease's end
+/// unchecked (see [`next_check`]).
+pub const FENCE_IDLE_POLL: Duration = Duration::from_millis(100);
+
+/// When the fence watcher checks next: after [`FENCE_POLL`] while this node hosts a VM;
+/// else after `idle` ([`FENCE_IDLE_POLL`] at most, or `heartbeat` if shorter), or at the
+/// end of the lease (`until`) if that comes first. A lease ends at `until` unless the
+/// membership grows; an idle node wakes at most `FENCE_IDLE_POLL` later in that case.
+/// The agent passes the time to its next heartbeat round as `idle`, so the idle checks
+/// share that round's wake-up.
+pub fn next_check(
+    hosts_vms: bool,
+    until: Option<std::time::Instant>,
+    heartbeat: Duration,
+    idle: Duration,
+    now: std::time::Instant,
+) -> Duration {
+    if hosts_vms {
+        return FENCE_POLL;
+    }
+    let idle = idle
+        .min(FENCE_IDLE_POLL)
+        .min(heartbeat)
+        .max(Duration::from_millis(1));
+    match until {
+        Some(u) => u
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(1))
+            .min(idle),
+        None => idle,
+    }
+}
 
 /// Stop every local VM as soon as the lease is not held (or lapsed since the last check),
 /// or this node's committed record says Down.
@@ -24,12 +58,16 @@ pub async fn run_fence(
     // One renewal round at a time, never awaited here: a worker that does not answer
     // must not delay this loop's lease checks.
     let renewing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut wait = FENCE_POLL;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(FENCE_POLL) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
         }
         agent.note_fence_round();
+        // Decided before this round's lease check: a VM that starts after it is checked
+        // again no later than the lease's end.
+        let hosts_vms = !host.list().is_empty() || host.has_workers();
         let self_fenced = host.take_self_fenced();
         if !self_fenced.is_empty() {
             tokio::spawn(report_fenced(
@@ -41,6 +79,14 @@ pub async fn run_fence(
             ));
         }
         let lease = agent.lease();
+        let heartbeat = agent.config().heartbeat_interval;
+        wait = next_check(
+            hosts_vms,
+            lease.until,
+            heartbeat,
+            crate::node::until_next_round(heartbeat),
+            std::time::Instant::now(),
+        );
         let down = agent.read_sm(|d| {
             d.state
                 .nodes
@@ -171,5 +217,50 @@ async fn report_fenced(
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    const HB: Duration = Duration::from_millis(100);
+
+    #[test]
+    fn a_node_with_vms_is_checked_every_fence_poll() {
+        let now = Instant::now();
+        for until in [None, Some(now), Some(now + Duration::from_secs(1))] {
+            assert_eq!(next_check(true, until, HB, HB, now), FENCE_POLL);
+        }
+    }
+
+    #[test]
+    fn an_idle_node_is_checked_at_the_next_round_or_the_lease_end() {
+        let now = Instant::now();
+        assert_eq!(next_check(false, None, HB, HB, now), FENCE_IDLE_POLL);
+        let round = Duration::from_millis(63);
+        assert_eq!(next_check(false, None, HB, round, now), round);
+        let soon = now + Duration::from_millis(37);
+        assert_eq!(
+            next_check(false, Some(soon), HB, round, now),
+            Duration::from_millis(37)
+        );
+        let later = now + Duration::from_millis(600);
+        assert_eq!(next_check(false, Some(later), HB, round, now), round);
+        // A lease that already ended is checked again at once (1 ms).
+        assert_eq!(
+            next_check(false, Some(now), HB, round, now + Duration::from_millis(5)),
+            Duration::from_millis(1)
+        );
+    }
+
+    #[test]
+    fn the_idle_wait_never_exceeds_the_idle_poll_or_the_heartbeat_interval() {
+        let now = Instant::now();
+        let long = Duration::from_secs(5);
+        assert_eq!(next_check(false, None, long, long, now), FENCE_IDLE_POLL);
+        let hb = Duration::from_millis(50);
+        assert_eq!(next_check(false, None, hb, long, now), hb);
     }
 }

@@ -444,7 +444,23 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
         }
         let leader = agent.leader();
         if leader != Some(agent.node_id()) {
+            if !agent.wait_until_leader(&mut shutdown).await {
+                return;
+            }
             last_balance = Instant::now();
+            continue;
+        }
+        // Nothing to step and no balancing round due: no copy of the state, no lock (the
+        // idle case, every tick).
+        let busy = agent.read_sm(|d| {
+            let due =
+                last_balance.elapsed() >= Duration::from_millis(d.state.jobs.policy.interval_ms);
+            due || d.state.jobs.jobs.values().any(|j| {
+                j.status == JobStatus::Running
+                    || j.moves.iter().any(|m| m.status == MoveStatus::InFlight)
+            })
+        });
+        if !busy {
             continue;
         }
         // Judge and commit under the placement lock: the migration queue and `vm migrate`

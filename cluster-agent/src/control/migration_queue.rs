@@ -92,7 +92,13 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => return,
         }
         let leader = agent.leader();
-        if leader != Some(agent.node_id()) || agent.read_sm(|d| queue(&d.state).is_empty()) {
+        if leader != Some(agent.node_id()) {
+            if !agent.wait_until_leader(&mut shutdown).await {
+                return;
+            }
+            continue;
+        }
+        if agent.read_sm(|d| queue(&d.state).is_empty()) {
             continue;
         }
         // Judge and commit under the placement lock: a `vm migrate` or VM start on this

@@ -300,6 +300,9 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
         }
         if agent.leader() != Some(agent.node_id()) {
             ran.clear();
+            if !agent.wait_until_leader(&mut shutdown).await {
+                return;
+            }
             last_policy = Instant::now();
             continue;
         }
