@@ -162,7 +162,10 @@ pub fn open(path: &Path, create: bool) -> Result<(LogStore, SmStore), StoreError
     let data = load_sm(&db, &p)?;
     let shared = Arc::new(RwLock::new(data));
     Ok((
-        LogStore { db: db.clone() },
+        LogStore {
+            wal_sync: WalSync::start(&db),
+            db: db.clone(),
+        },
         SmStore {
             db,
             data: shared,
@@ -263,6 +266,46 @@ fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    wal_sync: WalSync,
+}
+
+/// Syncs the WAL for appended log entries on a thread of its own, then tells openraft
+/// they are durable, in the order they were appended. An append writes its entries
+/// (visible to readers at once) without waiting for the disk, so the Raft core goes on
+/// replicating them to the followers while the leader's own fsync runs: a commit waits
+/// for the slower of the two, not their sum. Appends that arrive while a sync runs share
+/// the next one.
+#[derive(Clone)]
+struct WalSync {
+    /// `None`: the thread could not be started; appends sync in place.
+    tx: Option<std::sync::mpsc::Sender<LogFlushed<TypeConfig>>>,
+}
+
+impl WalSync {
+    fn start(db: &Arc<DB>) -> WalSync {
+        let (tx, rx) = std::sync::mpsc::channel::<LogFlushed<TypeConfig>>();
+        // A weak handle: a store that is dropped closes its database at once, whatever
+        // this thread does (it ends when the last `LogStore` handle is dropped).
+        let db = Arc::downgrade(db);
+        let spawned = std::thread::Builder::new()
+            .name("raft-wal-sync".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut done = vec![first];
+                    done.extend(rx.try_iter());
+                    let synced = match db.upgrade() {
+                        Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
+                        None => Err("the log store was closed".to_owned()),
+                    };
+                    for cb in done {
+                        cb.log_io_completed(synced.clone().map_err(std::io::Error::other));
+                    }
+                }
+            });
+        WalSync {
+            tx: spawned.ok().map(|_| tx),
+        }
+    }
 }
 
 impl LogStore {
@@ -382,10 +425,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in entries {
             batch.put_cf(h, e.log_id.index.to_be_bytes(), to_json(&e)?);
         }
-        let res = self.db.write_opt(batch, &synced());
+        // Written now (readers see the entries), durable once the WAL sync that
+        // `callback` waits for ran: openraft counts them only then.
+        let res = match &self.wal_sync.tx {
+            Some(_) => self.db.write(batch),
+            None => self.db.write_opt(batch, &synced()),
+        };
         match res {
             Ok(()) => {
-                callback.log_io_completed(Ok(()));
+                match &self.wal_sync.tx {
+                    Some(tx) => {
+                        if let Err(std::sync::mpsc::SendError(callback)) = tx.send(callback) {
+                            let r = self.db.flush_wal(true).map_err(|e| e.to_string());
+                            callback.log_io_completed(r.map_err(std::io::Error::other));
+                        }
+                    }
+                    None => callback.log_io_completed(Ok(())),
+                }
                 Ok(())
             }
             Err(e) => {
