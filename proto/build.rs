@@ -115,6 +115,8 @@ const DURATION_FIELDS: &[&str] = &[
     "migrations.v1.MigrationSummary.blackout",
     "migrations.v1.MigrationInfo.max_downtime",
     "migrations.v1.MigrationInfo.deadline",
+    "migrations.v1.MigrationInfo.predicted_duration",
+    "migrations.v1.MigrationInfo.predicted_blackout",
     "migrations.v1.WatchMigrationResponse.eta",
     "vms.v1.PlanMigrationResponse.predicted_duration",
     "vms.v1.PlanMigrationResponse.predicted_downtime",

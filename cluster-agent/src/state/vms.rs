@@ -154,6 +154,9 @@ pub enum VmCommand {
         /// Live: most bytes/s the migration may send (`None` or 0: unlimited).
         #[serde(default)]
         bandwidth_bytes_per_s_max: Option<u64>,
+        /// The leader's prediction, kept in the migration record beside the actual figures.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        predicted: Option<crate::state::migrations::Prediction>,
     },
     /// The migration to `to` ended: on success `to` becomes the owner (switchover).
     FinishMigration {
@@ -1255,6 +1258,7 @@ mod tests {
             max_downtime_ms: None,
             deadline_ms: None,
             bandwidth_bytes_per_s_max: None,
+            predicted: None,
         };
         // Not running yet (Starting): refused.
         assert!(rejected(vm(&mut s, start(2))).contains("only a running VM"));
