@@ -28,11 +28,7 @@ const MAX_DOWNTIME_MS: u64 = 50;
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn pct(v: &mut [u64], p: f64) -> u64 {
-    v.sort_unstable();
-    if v.is_empty() {
-        return 0;
-    }
-    v[((v.len() - 1) as f64 * p).round() as usize]
+    vmm_node::bench_stats::percentile(v, p).unwrap_or(0)
 }
 
 /// Full stack: per migration (engine blackout us, total us, MigrateVm → running ms).
@@ -168,8 +164,7 @@ fn error_pct(predicted: u64, actual: u64) -> f64 {
 }
 
 fn median_f(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+    vmm_node::bench_stats::median(v).unwrap_or(0.0)
 }
 
 /// vmm-node alone: the `idle` line of `migration-bench` (blackout p50, p99 in us).

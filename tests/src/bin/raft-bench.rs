@@ -47,11 +47,7 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+    vmm_node::bench_stats::percentile(&mut sorted.to_vec(), p).unwrap_or(Duration::ZERO)
 }
 
 fn report(name: &str, mut lat: Vec<Duration>, wall: Duration) {
