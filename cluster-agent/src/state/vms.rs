@@ -784,9 +784,10 @@ fn restart_after_failure(vm: &mut VmRecord, node: u64, reason: &str, at: u64) ->
     vm.restarts_unix_ms
         .retain(|t| at.saturating_sub(*t) < window_ms && *t <= at);
     vm.updated_unix_ms = at;
-    let meant_to_run = vm.desired == DesiredState::Running && vm.migrating_to.is_none();
-    let refused = if !meant_to_run {
+    let refused = if vm.desired != DesiredState::Running {
         Some("it is not meant to run".to_string())
+    } else if let Some(to) = vm.migrating_to {
+        Some(format!("it was migrating to node {to}"))
     } else if policy.mode == RestartMode::Never {
         Some("its restart policy is never".to_string())
     } else if vm.restarts_unix_ms.len() >= policy.max_restarts as usize {
