@@ -100,6 +100,9 @@ const TIMESTAMP_FIELDS: &[&str] = &[
     "management.v1.NodeInfo.cert_expires_at",
     "management.v1.NodeDemand.sampled_at",
     "management.v1.Event.at",
+    "management.v1.CaInfo.rotated_at",
+    "management.v1.CaInfo.renew_from",
+    "management.v1.CaInfo.current_expires_at",
 ];
 
 /// Every `google.protobuf.Duration` field: `"1.500s"` in JSON (`src/times.rs`).
@@ -120,6 +123,7 @@ const DURATION_FIELDS: &[&str] = &[
     "vms.v1.PlanMigrationRequest.deadline",
     "vms.v1.TestGuestBoot.heartbeat_interval",
     "management.v1.CreateJoinTokenRequest.ttl",
+    "management.v1.RotateCaRequest.renew_after",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

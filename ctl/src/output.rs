@@ -293,6 +293,14 @@ pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
             },
         ],
         vec![
+            "certificate CA".into(),
+            if n.cert_ca_fingerprint.is_empty() {
+                "-".into()
+            } else {
+                n.cert_ca_fingerprint.clone()
+            },
+        ],
+        vec![
             "certificate expires".into(),
             match &n.cert_expires_at {
                 None => "-".into(),
@@ -337,6 +345,8 @@ struct Status {
     last_log_index: u64,
     last_applied_index: u64,
     snapshot_index: u64,
+    ca_fingerprint: String,
+    previous_ca_fingerprint: Option<String>,
 }
 
 pub fn status(fmt: Format, r: &pb::ClusterStatusResponse) -> Result<String, CtlError> {
@@ -354,6 +364,9 @@ pub fn status(fmt: Format, r: &pb::ClusterStatusResponse) -> Result<String, CtlE
         last_log_index: r.last_log_index,
         last_applied_index: r.last_applied_index,
         snapshot_index: r.snapshot_index,
+        ca_fingerprint: r.ca_fingerprint.clone(),
+        previous_ca_fingerprint: (!r.previous_ca_fingerprint.is_empty())
+            .then(|| r.previous_ca_fingerprint.clone()),
     };
     if fmt == Format::Json {
         return json(&s);
@@ -395,7 +408,15 @@ pub fn status(fmt: Format, r: &pb::ClusterStatusResponse) -> Result<String, CtlE
                 s.last_log_index, s.last_applied_index, s.snapshot_index
             ),
         ],
+        vec!["ca".into(), s.ca_fingerprint.clone()],
     ];
+    let mut rows = rows;
+    if let Some(p) = &s.previous_ca_fingerprint {
+        rows.push(vec![
+            "old ca".into(),
+            format!("{p} (rotation in progress: `clusterctl cluster ca show`)"),
+        ]);
+    }
     Ok(table(&["FIELD", "VALUE"], &rows))
 }
 

@@ -6,8 +6,8 @@ use cluster_proto::pki::Identity;
 use cluster_proto::raft as pb;
 use cluster_proto::raft::raft_peer_service_server::RaftPeerService;
 use cluster_proto::raft::{
-    HeartbeatRequest, HeartbeatResponse, ReadIndexRequest, ReadIndexResponse, VmPresenceRequest,
-    VmPresenceResponse,
+    FetchCaKeyRequest, FetchCaKeyResponse, HeartbeatRequest, HeartbeatResponse, ReadIndexRequest,
+    ReadIndexResponse, VmPresenceRequest, VmPresenceResponse,
 };
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
@@ -175,6 +175,14 @@ impl RaftPeerService for PeerService {
             runs: self.host.list().iter().any(|i| &i.name == vm),
             arriving: self.host.arriving().iter().any(|n| n == vm),
         }))
+    }
+
+    async fn fetch_ca_key(
+        &self,
+        request: Request<FetchCaKeyRequest>,
+    ) -> Result<Response<FetchCaKeyResponse>, Status> {
+        let caller = member(&self.agent, &request)?;
+        crate::api::ca::fetch_ca_key(&self.agent, caller, request.get_ref()).await
     }
 
     async fn read_index(
