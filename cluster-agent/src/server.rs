@@ -121,11 +121,16 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         rpc_timeout: config.rpc_timeout,
         local_ip: config.raft_source_ip(),
         credentials: credentials.clone(),
+        plaintext: config.raft_insecure_plaintext,
     };
     let peers = Arc::new(crate::api::peer::client::GrpcPeers::new(
         config.raft_source_ip(),
         credentials.clone(),
+        config.raft_insecure_plaintext,
     ));
+    if config.raft_insecure_plaintext {
+        tracing::warn!("the peer (Raft) plane is plaintext and its callers are identified by their source address only (raft_insecure_plaintext): keep the peer network isolated");
+    }
     let agent = Agent::start(config, credentials, network, peers)
         .await
         .map_err(RunError::Start)?;

@@ -74,6 +74,10 @@ struct Node {
     networks: std::collections::BTreeMap<String, String>,
     /// "tls" or "insecure_plaintext".
     migration_transport: String,
+    /// "tls" or "insecure_plaintext": the peer (Raft) plane.
+    raft_transport: String,
+    /// SHA-256 of the CA that issued its node certificate ("": not reported).
+    cert_ca_fingerprint: String,
     /// When the node's certificate expires, RFC 3339 (`null`: not reported).
     cert_expires_at: Option<String>,
     /// Σ measured demand of its VMs; `null`: no fresh report.
@@ -125,6 +129,12 @@ fn node_view(n: &pb::NodeInfo) -> Node {
             .map(|v| (v.name.clone(), v.bridge.clone()))
             .collect(),
         migration_transport: n.migration_transport().name().to_owned(),
+        raft_transport: if n.raft_plaintext {
+            "insecure_plaintext".into()
+        } else {
+            "tls".into()
+        },
+        cert_ca_fingerprint: n.cert_ca_fingerprint.clone(),
         cert_expires_at: n.cert_expires_at.as_ref().map(times::rfc3339),
         state_reason: n.state_reason.clone(),
         standby_requested: (!n.standby_requested.is_empty()).then(|| n.standby_requested.clone()),
@@ -283,6 +293,14 @@ pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
         ],
         vec!["raft".into(), v.raft_addr],
         vec![
+            "peer plane".into(),
+            if v.raft_transport == "insecure_plaintext" {
+                "PLAINTEXT, callers known by address only (raft_insecure_plaintext)".into()
+            } else {
+                "tls (mutual, node certificates)".into()
+            },
+        ],
+        vec![
             "migration plane".into(),
             match v.migration_transport.as_str() {
                 "insecure_plaintext" => {
@@ -294,10 +312,10 @@ pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
         ],
         vec![
             "certificate CA".into(),
-            if n.cert_ca_fingerprint.is_empty() {
+            if v.cert_ca_fingerprint.is_empty() {
                 "-".into()
             } else {
-                n.cert_ca_fingerprint.clone()
+                v.cert_ca_fingerprint.clone()
             },
         ],
         vec![

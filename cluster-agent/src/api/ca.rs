@@ -249,6 +249,15 @@ async fn fetch_from_members(
     current: &CaCert,
 ) -> Result<String, FollowError> {
     let me = agent.node_id();
+    if agent.config().raft_insecure_plaintext {
+        return Err(FollowError::NoKey {
+            fingerprint: ca::short(&current.fingerprint).to_owned(),
+            reasons: "the peer plane is plaintext (raft_insecure_plaintext) and a CA key never \
+                      travels in the clear: copy the rotating node's ca.key to this node's \
+                      tls_dir by hand (0600)"
+                .into(),
+        });
+    }
     let proof = held
         .prove(&proof_message(me, &current.fingerprint))
         .map_err(FollowError::Key)?;
@@ -267,6 +276,7 @@ async fn fetch_from_members(
             &addr,
             FETCH_TIMEOUT,
             agent.config().raft_source_ip(),
+            false,
         ) {
             Ok(c) => c,
             Err(e) => {
@@ -320,6 +330,12 @@ pub async fn fetch_ca_key(
     caller: u64,
     r: &FetchCaKeyRequest,
 ) -> Result<Response<FetchCaKeyResponse>, Status> {
+    if agent.config().raft_insecure_plaintext {
+        return Err(Status::failed_precondition(
+            "this node's peer plane is plaintext (raft_insecure_plaintext): a CA key never \
+             travels in the clear; copy it by hand",
+        ));
+    }
     if r.node_id != caller {
         return Err(Status::permission_denied(format!(
             "the request claims node {}, but its certificate names node {caller}",

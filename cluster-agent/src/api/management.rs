@@ -192,6 +192,18 @@ impl ManagementService for ManagementApi {
             }
         }
         let reg = convert::registration_from_pb(request.get_ref())?;
+        // Both ends of the peer plane must speak alike (or they never reach each other).
+        let here = self.agent.config().raft_insecure_plaintext;
+        if reg.trust.raft_plaintext != here {
+            let word = |p: bool| if p { "plaintext" } else { "mutual TLS" };
+            return Err(Status::failed_precondition(format!(
+                "node {}'s peer plane is {} but this cluster's is {}: set \
+                 raft_insecure_plaintext alike on every node",
+                reg.node_id,
+                word(reg.trust.raft_plaintext),
+                word(here)
+            )));
+        }
         match self.agent.write(ForwardRequest::Admit(reg)).await? {
             ForwardReply::Admitted {
                 cluster_id,

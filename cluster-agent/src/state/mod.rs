@@ -144,6 +144,9 @@ pub struct NodeRegistration {
 pub struct NodeTrust {
     /// Its migration plane is plaintext (`migration_insecure_plaintext`), not TLS.
     pub migration_plaintext: bool,
+    /// Its peer (Raft) plane is plaintext (`raft_insecure_plaintext`), not mutual TLS.
+    #[serde(default)]
+    pub raft_plaintext: bool,
     /// When its node certificate expires (unix ms; 0: not reported).
     pub cert_expires_unix_ms: u64,
     /// The fingerprint of the CA that issued its node certificate ("": not reported, or

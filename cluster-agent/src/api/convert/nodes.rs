@@ -159,6 +159,7 @@ pub fn registration_from_pb(r: &pb::AdmitNodeRequest) -> Result<NodeRegistration
         networks: networks_from_pb(&r.networks)?,
         trust: crate::state::NodeTrust {
             migration_plaintext: r.migration_plaintext,
+            raft_plaintext: r.raft_plaintext,
             cert_expires_unix_ms: times::unix_ms(r.cert_expires_at.as_ref()),
             cert_ca_sha256: {
                 let fp = &r.cert_ca_fingerprint;
@@ -200,6 +201,7 @@ pub fn registration_to_pb(r: &NodeRegistration) -> pb::AdmitNodeRequest {
         migration_plaintext: r.trust.migration_plaintext,
         cert_expires_at: times::timestamp_from_unix_ms(r.trust.cert_expires_unix_ms),
         cert_ca_fingerprint: r.trust.cert_ca_sha256.clone(),
+        raft_plaintext: r.trust.raft_plaintext,
     }
 }
 
@@ -225,6 +227,7 @@ pub fn node_to_pb(r: &NodeRecord, raft_role: pb::RaftRole) -> pb::NodeInfo {
         },
         cert_expires_at: times::timestamp_from_unix_ms(g.trust.cert_expires_unix_ms),
         cert_ca_fingerprint: g.trust.cert_ca_sha256.clone(),
+        raft_plaintext: g.trust.raft_plaintext,
         demand: None,
         state_reason: r.state_reason.clone(),
         standby_requested: r

@@ -67,19 +67,24 @@ pub enum PeerError {
     TooLarge { len: usize },
 }
 
-/// A lazily connecting channel to a peer's Raft service over mutual TLS, leaving from
-/// `local` when given.
+/// A lazily connecting channel to a peer's Raft service over mutual TLS (plaintext, h2c,
+/// only when `plaintext`: `raft_insecure_plaintext`), leaving from `local` when given.
 pub fn peer_channel(
     credentials: &Credentials,
     addr: &str,
     timeout: Duration,
     local: Option<IpAddr>,
+    plaintext: bool,
 ) -> Result<Channel, PeerError> {
-    let ep =
-        crate::api::tls::endpoint(credentials, addr).map_err(|source| PeerError::BadAddress {
-            addr: addr.to_string(),
-            source,
-        })?;
+    let bad = |source| PeerError::BadAddress {
+        addr: addr.to_string(),
+        source,
+    };
+    let ep = if plaintext {
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).map_err(bad)?
+    } else {
+        crate::api::tls::endpoint(credentials, addr).map_err(bad)?
+    };
     Ok(ep
         .connect_timeout(timeout)
         .timeout(timeout)
@@ -124,6 +129,8 @@ pub struct Network {
     /// This node's certificate and the cluster CA (replaced before the certificate
     /// expires: each connection rebuilds its channel when they change).
     pub credentials: SharedCredentials,
+    /// The peer plane is plaintext (`raft_insecure_plaintext`).
+    pub plaintext: bool,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -139,6 +146,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 &node.raft_addr,
                 self.rpc_timeout,
                 self.local_ip,
+                self.plaintext,
             ),
             generation,
             network: self.clone(),
@@ -173,6 +181,7 @@ impl PeerConnection {
                 &self.addr,
                 self.network.rpc_timeout,
                 self.network.local_ip,
+                self.network.plaintext,
             );
             self.generation = generation;
         }
@@ -245,15 +254,22 @@ pub struct GrpcPeers {
     /// The address every connection leaves from (`None`: the kernel's choice).
     local_ip: Option<IpAddr>,
     credentials: SharedCredentials,
+    /// The peer plane is plaintext (`raft_insecure_plaintext`).
+    plaintext: bool,
     /// Clients by peer address, built with the credentials of the generation noted.
     heartbeat_clients: Mutex<(u64, HashMap<String, RaftPeerServiceClient<Channel>>)>,
 }
 
 impl GrpcPeers {
-    pub fn new(local_ip: Option<IpAddr>, credentials: SharedCredentials) -> GrpcPeers {
+    pub fn new(
+        local_ip: Option<IpAddr>,
+        credentials: SharedCredentials,
+        plaintext: bool,
+    ) -> GrpcPeers {
         GrpcPeers {
             local_ip,
             credentials,
+            plaintext,
             heartbeat_clients: Mutex::default(),
         }
     }
@@ -283,6 +299,7 @@ impl GrpcPeers {
             addr,
             timeout,
             self.local_ip,
+            self.plaintext,
         )?);
         clients.insert(addr.to_string(), c.clone());
         Ok(c)
@@ -301,8 +318,14 @@ impl PeerClient for GrpcPeers {
         timeout: Duration,
     ) -> PeerFuture<Result<Result<ForwardReply, WriteError>, PeerCallError>> {
         let addr = raft_addr.to_string();
-        let prepared = peer_channel(&self.credentials.current(), &addr, timeout, self.local_ip)
-            .and_then(|ch| Ok((peer_client(ch), encode("forward request", req)?)));
+        let prepared = peer_channel(
+            &self.credentials.current(),
+            &addr,
+            timeout,
+            self.local_ip,
+            self.plaintext,
+        )
+        .and_then(|ch| Ok((peer_client(ch), encode("forward request", req)?)));
         Box::pin(async move {
             let (mut client, json) = prepared.map_err(|e| call_err(&e))?;
             let reply = client
