@@ -122,6 +122,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         local_ip: config.raft_source_ip(),
         credentials: credentials.clone(),
         plaintext: config.raft_insecure_plaintext,
+        channels: Default::default(),
     };
     let peers = Arc::new(crate::api::peer::client::GrpcPeers::new(
         config.raft_source_ip(),

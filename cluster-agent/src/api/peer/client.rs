@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cluster_proto::raft as pb;
@@ -131,6 +131,41 @@ pub struct Network {
     pub credentials: SharedCredentials,
     /// The peer plane is plaintext (`raft_insecure_plaintext`).
     pub plaintext: bool,
+    /// One channel per peer address, shared by every client openraft asks for (it asks
+    /// for a new one for each read-index round: without this, each linearizable read
+    /// opened a connection, with a TLS handshake), rebuilt when the credentials change.
+    pub channels: SharedChannels,
+}
+
+/// Channels by peer address, and the credentials generation they were built with.
+pub type SharedChannels = Arc<Mutex<(u64, HashMap<String, Channel>)>>;
+
+impl Network {
+    /// The channel to `addr`: the shared one, or a new one built with the current
+    /// credentials (the cache is emptied when they change, and when churn grew it past
+    /// [`HEARTBEAT_CLIENTS_MAX`] addresses).
+    fn channel(&self, addr: &str) -> Result<Channel, PeerError> {
+        let mut guard = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = self.credentials.generation();
+        if guard.0 != generation {
+            *guard = (generation, HashMap::new());
+        }
+        if let Some(c) = guard.1.get(addr) {
+            return Ok(c.clone());
+        }
+        if guard.1.len() >= HEARTBEAT_CLIENTS_MAX {
+            guard.1.clear();
+        }
+        let c = peer_channel(
+            &self.credentials.current(),
+            addr,
+            self.rpc_timeout,
+            self.local_ip,
+            self.plaintext,
+        )?;
+        guard.1.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -141,13 +176,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerConnection {
             target,
             addr: node.raft_addr.clone(),
-            channel: peer_channel(
-                &self.credentials.current(),
-                &node.raft_addr,
-                self.rpc_timeout,
-                self.local_ip,
-                self.plaintext,
-            ),
+            channel: self.channel(&node.raft_addr),
             generation,
             network: self.clone(),
         }
@@ -176,13 +205,7 @@ impl PeerConnection {
         if generation != self.generation {
             // A rotated certificate: new connections present the new one (the old one's
             // connection would be refused once the old certificate expires).
-            self.channel = peer_channel(
-                &self.network.credentials.current(),
-                &self.addr,
-                self.network.rpc_timeout,
-                self.network.local_ip,
-                self.network.plaintext,
-            );
+            self.channel = self.network.channel(&self.addr);
             self.generation = generation;
         }
         let channel = match &self.channel {
@@ -256,7 +279,8 @@ pub struct GrpcPeers {
     credentials: SharedCredentials,
     /// The peer plane is plaintext (`raft_insecure_plaintext`).
     plaintext: bool,
-    /// Clients by peer address, built with the credentials of the generation noted.
+    /// Clients by peer address and call timeout, built with the credentials of the
+    /// generation noted (heartbeats, read-index requests, forwarded writes, presence).
     heartbeat_clients: Mutex<(u64, HashMap<String, RaftPeerServiceClient<Channel>>)>,
 }
 
@@ -288,7 +312,9 @@ impl GrpcPeers {
             *guard = (generation, HashMap::new());
         }
         let clients = &mut guard.1;
-        if let Some(c) = clients.get(addr) {
+        // By address and timeout (the channel's deadline is per call).
+        let key = format!("{addr}|{}", timeout.as_millis());
+        if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
         if clients.len() >= HEARTBEAT_CLIENTS_MAX {
@@ -301,7 +327,7 @@ impl GrpcPeers {
             self.local_ip,
             self.plaintext,
         )?);
-        clients.insert(addr.to_string(), c.clone());
+        clients.insert(key, c.clone());
         Ok(c)
     }
 }
@@ -318,14 +344,10 @@ impl PeerClient for GrpcPeers {
         timeout: Duration,
     ) -> PeerFuture<Result<Result<ForwardReply, WriteError>, PeerCallError>> {
         let addr = raft_addr.to_string();
-        let prepared = peer_channel(
-            &self.credentials.current(),
-            &addr,
-            timeout,
-            self.local_ip,
-            self.plaintext,
-        )
-        .and_then(|ch| Ok((peer_client(ch), encode("forward request", req)?)));
+        // A cached client (a new connection per forwarded write cost a TLS handshake each).
+        let prepared = self
+            .heartbeat_client(&addr, timeout)
+            .and_then(|c| Ok((c, encode("forward request", req)?)));
         Box::pin(async move {
             let (mut client, json) = prepared.map_err(|e| call_err(&e))?;
             let reply = client
