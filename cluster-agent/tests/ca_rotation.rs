@@ -3,7 +3,8 @@
 //! commit; the members renew from the new CA (the non-rotating issuer fetches the new CA
 //! key over the peer plane); the finish is refused while a member still has an old-CA
 //! certificate and, once done, an old-CA user certificate is refused with a clear error
-//! while the cluster goes on; an agent restarted afterwards starts from consistent files.
+//! while the cluster goes on; an agent restarted afterwards starts from consistent files;
+//! live migrations work during the transition and after the finish.
 //!
 //! Needs `clusterctl` built beside the agent (`cargo build -p ctl`).
 
@@ -552,5 +553,100 @@ async fn a_rotated_ca_replaces_the_old_one_everywhere() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     let d1 = TlsDir(c.spec(1).unwrap_or_else(|e| panic!("{e}")).tls_dir.clone());
     assert!(!d1.pending_ca_key(&ca.current_fingerprint).exists());
+    c.barrier().await;
+}
+
+/// Node `to` runs `name` after a live migration from its owner that succeeded.
+async fn migrate(c: &Cluster, name: &str, to: u64) {
+    let mut vm = c.vms(to).await;
+    vm.migrate_vm(cluster_proto::vms::MigrateVmRequest {
+        name: name.into(),
+        to_node_id: to,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("migrate {name} to node {to}: {e}{}", c.logs()));
+    let started = std::time::Instant::now();
+    cluster_tests::vm::try_wait_migrated(&mut vm, name, to, started, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{name} to node {to}: {e}{}", c.logs()));
+}
+
+/// Live migrations (mutual TLS on the migration plane, VM workers) work with the members'
+/// renewed new-CA certificates while both CAs are trusted, and after the finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migrations_work_across_a_ca_rotation() {
+    let _serial = cluster_tests::serial().await;
+    let mut c = Cluster::vm_agents();
+    let formed = c.form(2).await;
+    c.check(formed);
+    let v = c
+        .create_running(
+            1,
+            cluster_tests::vm::guest_spec("rot", 64, cluster_tests::vm::mem_boot()),
+        )
+        .await;
+    let (from, to) = (v.owner_id, 3 - v.owner_id);
+    let old_admin = material(&test_pki().admin());
+    let n1 = c
+        .spec(1)
+        .map(|s| s.mgmt_addr)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ca = mgmt(n1, &old_admin)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .rotate_ca(pb::RotateCaRequest { renew_after: None })
+        .await
+        .unwrap_or_else(|s| panic!("rotate: {s:?}"))
+        .into_inner()
+        .ca
+        .unwrap_or_default();
+    let mut old_with_bundle = old_admin.clone();
+    old_with_bundle.ca_pem = ca.bundle_pem.clone();
+    c.set_client(Some(old_with_bundle.clone()));
+    c.check(
+        Wait::new(Duration::from_secs(60))
+            .until(
+                "both members report a new-CA certificate",
+                || get_ca(&c, 1),
+                |ca: &pb::CaInfo| {
+                    ca.nodes.len() == 2
+                        && ca
+                            .nodes
+                            .iter()
+                            .all(|n| n.ca_fingerprint == ca.current_fingerprint)
+                },
+            )
+            .await
+            .map(|_| ()),
+    );
+    // During the transition, with renewed certificates.
+    migrate(&c, "rot", to).await;
+    // After the finish (new CA only).
+    let new_admin = new_user(n1, &old_with_bundle, "ca-mig-admin", pb::UserRole::Admin).await;
+    c.set_client(Some(TlsMaterial {
+        ca_pem: pki::certificate_by_fingerprint(&ca.bundle_pem, &ca.current_fingerprint)
+            .unwrap_or_else(|| panic!("the new CA")),
+        ..new_admin.clone()
+    }));
+    mgmt(n1, &new_admin)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .finish_ca_rotation(pb::FinishCaRotationRequest {})
+        .await
+        .unwrap_or_else(|s| panic!("finish: {s:?}"));
+    for id in [1, 2] {
+        let d = TlsDir(c.spec(id).unwrap_or_else(|e| panic!("{e}")).tls_dir.clone());
+        c.check(
+            Wait::new(Duration::from_secs(20))
+                .until_blocking(
+                    &format!("node {id} drops the old CA"),
+                    || pki::read_pem_file(&d.ca_cert()).map_err(|e| e.to_string()),
+                    |text| pki::certificates_der(text).len() == 1,
+                )
+                .map(|_| ()),
+        );
+    }
+    migrate(&c, "rot", from).await;
     c.barrier().await;
 }

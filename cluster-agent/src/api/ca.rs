@@ -547,7 +547,14 @@ pub async fn rotate(
     })
     .await
     .map_err(|e| Status::internal(format!("making the new CA: {e}")))?
-    .map_err(|e| Status::internal(format!("making the new CA: {}", crate::error_chain(&e))))?;
+    .map_err(|e| match e {
+        pki::PkiError::NoMatchingCaCertificate => Status::failed_precondition(format!(
+            "node {}'s ca.key is not the key of a CA the cluster trusts (an old CA's key?): \
+             rotate through a node holding the current CA key",
+            agent.node_id()
+        )),
+        e => Status::internal(format!("making the new CA: {}", crate::error_chain(&e))),
+    })?;
     let now = now_unix_ms();
     let cmd = CaCommand::Rotate {
         new: CaCert {
