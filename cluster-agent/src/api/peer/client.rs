@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cluster_proto::raft as pb;
@@ -67,19 +67,24 @@ pub enum PeerError {
     TooLarge { len: usize },
 }
 
-/// A lazily connecting channel to a peer's Raft service over mutual TLS, leaving from
-/// `local` when given.
+/// A lazily connecting channel to a peer's Raft service over mutual TLS (plaintext, h2c,
+/// only when `plaintext`: `raft_insecure_plaintext`), leaving from `local` when given.
 pub fn peer_channel(
     credentials: &Credentials,
     addr: &str,
     timeout: Duration,
     local: Option<IpAddr>,
+    plaintext: bool,
 ) -> Result<Channel, PeerError> {
-    let ep =
-        crate::api::tls::endpoint(credentials, addr).map_err(|source| PeerError::BadAddress {
-            addr: addr.to_string(),
-            source,
-        })?;
+    let bad = |source| PeerError::BadAddress {
+        addr: addr.to_string(),
+        source,
+    };
+    let ep = if plaintext {
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).map_err(bad)?
+    } else {
+        crate::api::tls::endpoint(credentials, addr).map_err(bad)?
+    };
     Ok(ep
         .connect_timeout(timeout)
         .timeout(timeout)
@@ -124,6 +129,43 @@ pub struct Network {
     /// This node's certificate and the cluster CA (replaced before the certificate
     /// expires: each connection rebuilds its channel when they change).
     pub credentials: SharedCredentials,
+    /// The peer plane is plaintext (`raft_insecure_plaintext`).
+    pub plaintext: bool,
+    /// One channel per peer address, shared by every client openraft asks for (it asks
+    /// for a new one for each read-index round: without this, each linearizable read
+    /// opened a connection, with a TLS handshake), rebuilt when the credentials change.
+    pub channels: SharedChannels,
+}
+
+/// Channels by peer address, and the credentials generation they were built with.
+pub type SharedChannels = Arc<Mutex<(u64, HashMap<String, Channel>)>>;
+
+impl Network {
+    /// The channel to `addr`: the shared one, or a new one built with the current
+    /// credentials (the cache is emptied when they change, and when churn grew it past
+    /// [`HEARTBEAT_CLIENTS_MAX`] addresses).
+    fn channel(&self, addr: &str) -> Result<Channel, PeerError> {
+        let mut guard = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = self.credentials.generation();
+        if guard.0 != generation {
+            *guard = (generation, HashMap::new());
+        }
+        if let Some(c) = guard.1.get(addr) {
+            return Ok(c.clone());
+        }
+        if guard.1.len() >= HEARTBEAT_CLIENTS_MAX {
+            guard.1.clear();
+        }
+        let c = peer_channel(
+            &self.credentials.current(),
+            addr,
+            self.rpc_timeout,
+            self.local_ip,
+            self.plaintext,
+        )?;
+        guard.1.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -134,12 +176,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerConnection {
             target,
             addr: node.raft_addr.clone(),
-            channel: peer_channel(
-                &self.credentials.current(),
-                &node.raft_addr,
-                self.rpc_timeout,
-                self.local_ip,
-            ),
+            channel: self.channel(&node.raft_addr),
             generation,
             network: self.clone(),
         }
@@ -168,12 +205,7 @@ impl PeerConnection {
         if generation != self.generation {
             // A rotated certificate: new connections present the new one (the old one's
             // connection would be refused once the old certificate expires).
-            self.channel = peer_channel(
-                &self.network.credentials.current(),
-                &self.addr,
-                self.network.rpc_timeout,
-                self.network.local_ip,
-            );
+            self.channel = self.network.channel(&self.addr);
             self.generation = generation;
         }
         let channel = match &self.channel {
@@ -245,15 +277,23 @@ pub struct GrpcPeers {
     /// The address every connection leaves from (`None`: the kernel's choice).
     local_ip: Option<IpAddr>,
     credentials: SharedCredentials,
-    /// Clients by peer address, built with the credentials of the generation noted.
+    /// The peer plane is plaintext (`raft_insecure_plaintext`).
+    plaintext: bool,
+    /// Clients by peer address and call timeout, built with the credentials of the
+    /// generation noted (heartbeats, read-index requests, forwarded writes, presence).
     heartbeat_clients: Mutex<(u64, HashMap<String, RaftPeerServiceClient<Channel>>)>,
 }
 
 impl GrpcPeers {
-    pub fn new(local_ip: Option<IpAddr>, credentials: SharedCredentials) -> GrpcPeers {
+    pub fn new(
+        local_ip: Option<IpAddr>,
+        credentials: SharedCredentials,
+        plaintext: bool,
+    ) -> GrpcPeers {
         GrpcPeers {
             local_ip,
             credentials,
+            plaintext,
             heartbeat_clients: Mutex::default(),
         }
     }
@@ -272,7 +312,9 @@ impl GrpcPeers {
             *guard = (generation, HashMap::new());
         }
         let clients = &mut guard.1;
-        if let Some(c) = clients.get(addr) {
+        // By address and timeout (the channel's deadline is per call).
+        let key = format!("{addr}|{}", timeout.as_millis());
+        if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
         if clients.len() >= HEARTBEAT_CLIENTS_MAX {
@@ -283,8 +325,9 @@ impl GrpcPeers {
             addr,
             timeout,
             self.local_ip,
+            self.plaintext,
         )?);
-        clients.insert(addr.to_string(), c.clone());
+        clients.insert(key, c.clone());
         Ok(c)
     }
 }
@@ -301,8 +344,10 @@ impl PeerClient for GrpcPeers {
         timeout: Duration,
     ) -> PeerFuture<Result<Result<ForwardReply, WriteError>, PeerCallError>> {
         let addr = raft_addr.to_string();
-        let prepared = peer_channel(&self.credentials.current(), &addr, timeout, self.local_ip)
-            .and_then(|ch| Ok((peer_client(ch), encode("forward request", req)?)));
+        // A cached client (a new connection per forwarded write cost a TLS handshake each).
+        let prepared = self
+            .heartbeat_client(&addr, timeout)
+            .and_then(|c| Ok((c, encode("forward request", req)?)));
         Box::pin(async move {
             let (mut client, json) = prepared.map_err(|e| call_err(&e))?;
             let reply = client
