@@ -101,6 +101,9 @@ const TIMESTAMP_FIELDS: &[&str] = &[
     "management.v1.NodeInfo.cert_expires_at",
     "management.v1.NodeDemand.sampled_at",
     "management.v1.Event.at",
+    "management.v1.CaInfo.rotated_at",
+    "management.v1.CaInfo.renew_from",
+    "management.v1.CaInfo.current_expires_at",
 ];
 
 /// Every `repeated google.protobuf.Timestamp` field: a list of RFC 3339 strings in JSON.
@@ -115,6 +118,8 @@ const DURATION_FIELDS: &[&str] = &[
     "migrations.v1.MigrationSummary.blackout",
     "migrations.v1.MigrationInfo.max_downtime",
     "migrations.v1.MigrationInfo.deadline",
+    "migrations.v1.MigrationInfo.predicted_duration",
+    "migrations.v1.MigrationInfo.predicted_blackout",
     "migrations.v1.WatchMigrationResponse.eta",
     "vms.v1.PlanMigrationResponse.predicted_duration",
     "vms.v1.PlanMigrationResponse.predicted_downtime",
@@ -125,6 +130,7 @@ const DURATION_FIELDS: &[&str] = &[
     "vms.v1.TestGuestBoot.heartbeat_interval",
     "vms.v1.RestartPolicy.window",
     "management.v1.CreateJoinTokenRequest.ttl",
+    "management.v1.RotateCaRequest.renew_after",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

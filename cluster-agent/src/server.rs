@@ -121,12 +121,17 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         config.rpc_timeout,
         config.raft_source_ip(),
         credentials.clone(),
+        config.raft_insecure_plaintext,
     );
     let peers = Arc::new(crate::api::peer::client::GrpcPeers::new(
         config.raft_source_ip(),
         crate::node::heartbeat_timeout(&config),
         credentials.clone(),
+        config.raft_insecure_plaintext,
     ));
+    if config.raft_insecure_plaintext {
+        tracing::warn!("the peer (Raft) plane is plaintext and its callers are identified by their source address only (raft_insecure_plaintext): keep the peer network isolated");
+    }
     let agent = Agent::start(config, credentials, network, peers)
         .await
         .map_err(RunError::Start)?;
@@ -135,6 +140,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let hb = tokio::spawn(agent.clone().run_heartbeats(stop_rx.clone()));
     let lv = tokio::spawn(agent.clone().run_liveness(stop_rx.clone()));
     let rot = tokio::spawn(crate::api::rotation::run(agent.clone(), stop_rx.clone()));
+    let ca_follow = tokio::spawn(crate::api::ca::run(agent.clone(), stop_rx.clone()));
     let volumes = csv_volume::VolumeRegistry::from_config(&agent.config().volumes)
         .map_err(|e| RunError::Volumes(Box::new(e)))?;
     let networks = agent
@@ -149,16 +155,20 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         tracing::warn!("migrations are plaintext and unauthenticated (migration_insecure_plaintext): keep the migration network isolated");
         vmm_node::migration::tls::Transport::Plaintext
     } else {
-        // The node's current certificate at each handshake (it is rotated before expiry).
-        let resolver = Arc::new(crate::api::tls::NodeCertResolver::new(
-            agent.shared_credentials().clone(),
-        ));
-        let roots = crate::api::tls::roots(&agent.credentials())
-            .and_then(|r| resolver.certified_key().map(|_| r))
+        // The node's current certificate at each handshake (it is rotated before expiry),
+        // peers checked against the current trust bundle (the CA may be rotated).
+        let creds = agent.shared_credentials();
+        let resolver = Arc::new(crate::api::tls::NodeCertResolver::new(creds.clone()));
+        crate::api::tls::roots(&agent.credentials())
+            .and_then(|_| resolver.certified_key().map(|_| ()))
             .map_err(RunError::Tls)?;
         vmm_node::migration::tls::Transport::Tls(
-            vmm_node::migration::tls::MigrationTls::with_resolvers(
-                roots,
+            vmm_node::migration::tls::MigrationTls::with_verifiers(
+                Arc::new(crate::api::tls::BundleClientVerifier::new(
+                    creds.clone(),
+                    false,
+                )),
+                Arc::new(crate::api::tls::BundleServerVerifier::new(creds.clone())),
                 resolver.clone(),
                 resolver,
             )
@@ -346,6 +356,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = hb.await;
     let _ = lv.await;
     let _ = rot.await;
+    let _ = ca_follow.await;
     let _ = rc.await;
     let _ = fo.await;
     let _ = dm.await;

@@ -120,6 +120,7 @@ fn commands() -> Vec<Command> {
             max_downtime_ms: Some(300),
             deadline_ms: None,
             bandwidth_bytes_per_s_max: Some(1 << 20),
+            predicted: None,
         }),
         Command::Vm(VmCommand::StopVm {
             name: "vm".into(),

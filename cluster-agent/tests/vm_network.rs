@@ -791,6 +791,14 @@ async fn live_migration_under_a_1khz_echo_stream_through_the_cluster() {
     assert_eq!(rec.state().name(), "succeeded", "{rec:?}");
     assert_eq!(rec.target_node_id, 2);
     assert!(w["rarp"].as_u64().unwrap_or(0) >= 1, "{w}");
+    // The target's worker announced the NIC as the paused source's state arrived, before
+    // the resume (not only at it).
+    let worker_dir = cl.check(cl.spec(2)).data_dir.join("vms").join("stream");
+    let worker_log = cluster_agent::vmhost::worker::log_tail(&worker_dir, 5000);
+    assert!(
+        worker_log.contains("nic announced before the resume"),
+        "no early announcement in the target worker's log: {worker_log}"
+    );
     // Nothing sent after the first reply from the target is lost.
     let resumed = w["first_ipv4"]["t"]
         .as_f64()

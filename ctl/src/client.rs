@@ -180,7 +180,9 @@ fn explain_tls(cause: &str) -> Option<String> {
     let ca = t.ca_path.display();
     if cause.contains("UnknownIssuer") || cause.contains("BadSignature") {
         Some(format!(
-            "the agent's certificate is not signed by the CA in {ca} (another cluster, or the wrong --ca): {cause}"
+            "the agent's certificate is not signed by a CA in {ca} (another cluster, the wrong --ca, \
+             or the cluster CA was rotated: put the cluster's trust bundle in {ca}, from \
+             `clusterctl cluster ca show --pem` run where it works or from a node's tls_dir/ca.pem): {cause}"
         ))
     } else if cause.contains("CertificateExpired") || cause.contains("Expired") {
         Some(format!(
@@ -191,7 +193,9 @@ fn explain_tls(cause: &str) -> Option<String> {
         || cause.contains("DecryptError")
     {
         Some(format!(
-            "the agent refused the client certificate {cert} (not issued by this cluster's CA?): {cause}"
+            "the agent refused the client certificate {cert}: it is not issued by a CA this cluster \
+             trusts (another cluster's, or the old CA of a finished CA rotation: ask an admin for \
+             a new certificate, `clusterctl user create`): {cause}"
         ))
     } else if cause.contains("NotValidForName") {
         Some(format!(

@@ -50,6 +50,7 @@ pub async fn run(cli: &Cli) -> Result<String, CtlError> {
                 .into_inner();
             output::leave(fmt, node_id, &r)
         }
+        Cmd::Cluster(ClusterCmd::Ca(cmd)) => crate::ca::run(cli, cmd).await,
         Cmd::Cluster(ClusterCmd::Status) => {
             let r = c
                 .cluster_status(pb::ClusterStatusRequest {})

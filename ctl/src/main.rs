@@ -2,6 +2,7 @@
 //! and exit codes live here; talking to an agent is in [`client`], the commands in
 //! [`commands`], rendering in [`output`].
 
+mod ca;
 mod client;
 mod commands;
 mod config;
@@ -217,6 +218,9 @@ pub enum ClusterCmd {
     },
     /// Leader, term and members.
     Status,
+    /// The cluster CA: rotate it, finish a rotation, show the trust bundle.
+    #[command(subcommand)]
+    Ca(ca::CaCmd),
 }
 
 #[derive(Debug, Subcommand)]

@@ -61,6 +61,9 @@ struct MigrationJson {
     ended_at: Option<String>,
     reason: String,
     stats: Option<SummaryJson>,
+    /// The leader's prediction at the start (`null`: none), `"0.150s"`.
+    predicted_duration: Option<String>,
+    predicted_blackout: Option<String>,
 }
 
 fn to_json(m: &pb::MigrationInfo) -> MigrationJson {
@@ -92,6 +95,8 @@ fn to_json(m: &pb::MigrationInfo) -> MigrationJson {
                 .then(|| format!("{:016x}", s.target_digest)),
             receipt_matches: s.receipt_matches,
         }),
+        predicted_duration: m.predicted_duration.as_ref().map(times::duration_string),
+        predicted_blackout: m.predicted_blackout.as_ref().map(times::duration_string),
     }
 }
 
@@ -168,6 +173,16 @@ fn render_list(fmt: Format, ms: &[pb::MigrationInfo]) -> Result<String, CtlError
                     ]),
                     None => row.extend(["-", "-", "-", "-"].map(String::from)),
                 }
+                row.push(
+                    m.predicted_duration
+                        .as_ref()
+                        .map_or("-".into(), |_| dur_ms(&m.predicted_duration).to_string()),
+                );
+                row.push(
+                    m.predicted_blackout
+                        .as_ref()
+                        .map_or("-".into(), |_| dur_us(&m.predicted_blackout).to_string()),
+                );
                 row.push(crate::output::local_time(crate::output::ms(&m.started_at)));
                 row.push(if m.reason.is_empty() {
                     "-".into()
@@ -198,6 +213,8 @@ fn render_list(fmt: Format, ms: &[pb::MigrationInfo]) -> Result<String, CtlError
             "GUEST_MIB",
             "WIRE_MIB",
             "THROTTLE_MAX",
+            "PREDICTED_MS",
+            "PREDICTED_BLACKOUT_US",
             "STARTED",
             "REASON",
         ]);
@@ -232,6 +249,15 @@ fn render_one(fmt: Format, m: &pb::MigrationInfo) -> Result<String, CtlError> {
         time_text(&m.started_at).unwrap_or_else(|| "-".into()),
     );
     line("duration_ms", duration_ms(m));
+    if m.predicted_duration.is_some() {
+        line("predicted_ms", dur_ms(&m.predicted_duration).to_string());
+    }
+    if m.predicted_blackout.is_some() {
+        line(
+            "predicted_blackout_us",
+            dur_us(&m.predicted_blackout).to_string(),
+        );
+    }
     if !m.reason.is_empty() {
         line("reason", m.reason.clone());
     }
@@ -524,6 +550,11 @@ mod tests {
                 ..Default::default()
             }),
         );
+        let done = pb::MigrationInfo {
+            predicted_duration: Some(times::duration_from_ms(1_800)),
+            predicted_blackout: Some(times::duration_from_us(9_000)),
+            ..done
+        };
         let ms = [done, migration(8, None)];
         let t = render_list(Format::Wide, &ms).unwrap_or_default();
         let lines: Vec<&str> = t.lines().collect();
@@ -539,16 +570,18 @@ mod tests {
                 "GUEST_MIB",
                 "WIRE_MIB",
                 "THROTTLE_MAX",
+                "PREDICTED_MS",
+                "PREDICTED_BLACKOUT_US",
                 "STARTED",
                 "REASON"
             ],
             "{t}"
         );
         assert_eq!(
-            cells(lines[1])[6..17],
+            cells(lines[1])[6..19],
             [
                 "2000", "8500", "match", "100", "default", "200", "MiB/s", "4", "128.0", "96.0",
-                "20%"
+                "20%", "1800", "9000"
             ],
             "{t}"
         );

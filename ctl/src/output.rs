@@ -74,6 +74,10 @@ struct Node {
     networks: std::collections::BTreeMap<String, String>,
     /// "tls" or "insecure_plaintext".
     migration_transport: String,
+    /// "tls" or "insecure_plaintext": the peer (Raft) plane.
+    raft_transport: String,
+    /// SHA-256 of the CA that issued its node certificate ("": not reported).
+    cert_ca_fingerprint: String,
     /// When the node's certificate expires, RFC 3339 (`null`: not reported).
     cert_expires_at: Option<String>,
     /// Σ measured demand of its VMs; `null`: no fresh report.
@@ -125,6 +129,12 @@ fn node_view(n: &pb::NodeInfo) -> Node {
             .map(|v| (v.name.clone(), v.bridge.clone()))
             .collect(),
         migration_transport: n.migration_transport().name().to_owned(),
+        raft_transport: if n.raft_plaintext {
+            "insecure_plaintext".into()
+        } else {
+            "tls".into()
+        },
+        cert_ca_fingerprint: n.cert_ca_fingerprint.clone(),
         cert_expires_at: n.cert_expires_at.as_ref().map(times::rfc3339),
         state_reason: n.state_reason.clone(),
         standby_requested: (!n.standby_requested.is_empty()).then(|| n.standby_requested.clone()),
@@ -283,6 +293,14 @@ pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
         ],
         vec!["raft".into(), v.raft_addr],
         vec![
+            "peer plane".into(),
+            if v.raft_transport == "insecure_plaintext" {
+                "PLAINTEXT, callers known by address only (raft_insecure_plaintext)".into()
+            } else {
+                "tls (mutual, node certificates)".into()
+            },
+        ],
+        vec![
             "migration plane".into(),
             match v.migration_transport.as_str() {
                 "insecure_plaintext" => {
@@ -290,6 +308,14 @@ pub fn node(fmt: Format, n: &pb::NodeInfo) -> Result<String, CtlError> {
                 }
                 "" => "-".into(),
                 t => format!("{t} (mutual, node certificates)"),
+            },
+        ],
+        vec![
+            "certificate CA".into(),
+            if v.cert_ca_fingerprint.is_empty() {
+                "-".into()
+            } else {
+                v.cert_ca_fingerprint.clone()
             },
         ],
         vec![
@@ -337,6 +363,8 @@ struct Status {
     last_log_index: u64,
     last_applied_index: u64,
     snapshot_index: u64,
+    ca_fingerprint: String,
+    previous_ca_fingerprint: Option<String>,
 }
 
 pub fn status(fmt: Format, r: &pb::ClusterStatusResponse) -> Result<String, CtlError> {
@@ -354,6 +382,9 @@ pub fn status(fmt: Format, r: &pb::ClusterStatusResponse) -> Result<String, CtlE
         last_log_index: r.last_log_index,
         last_applied_index: r.last_applied_index,
         snapshot_index: r.snapshot_index,
+        ca_fingerprint: r.ca_fingerprint.clone(),
+        previous_ca_fingerprint: (!r.previous_ca_fingerprint.is_empty())
+            .then(|| r.previous_ca_fingerprint.clone()),
     };
     if fmt == Format::Json {
         return json(&s);
@@ -395,7 +426,15 @@ pub fn status(fmt: Format, r: &pb::ClusterStatusResponse) -> Result<String, CtlE
                 s.last_log_index, s.last_applied_index, s.snapshot_index
             ),
         ],
+        vec!["ca".into(), s.ca_fingerprint.clone()],
     ];
+    let mut rows = rows;
+    if let Some(p) = &s.previous_ca_fingerprint {
+        rows.push(vec![
+            "old ca".into(),
+            format!("{p} (rotation in progress: `clusterctl cluster ca show`)"),
+        ]);
+    }
     Ok(table(&["FIELD", "VALUE"], &rows))
 }
 

@@ -150,7 +150,7 @@ pub struct CreateArgs {
     pub restart_policy: String,
     /// Restarts allowed within --restart-window before the VM is left failed (a crash
     /// loop); 1..=100.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_restarts: u32,
     /// The crash-loop window (e.g. 10m, 1h; a bare number counts in seconds).
     #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = crate::duration::bare_s)]

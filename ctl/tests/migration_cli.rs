@@ -100,6 +100,8 @@ async fn migrate_with_progress_then_list_show_and_refusals() {
             "GUEST_MIB",
             "WIRE_MIB",
             "THROTTLE_MAX",
+            "PREDICTED_MS",
+            "PREDICTED_BLACKOUT_US",
             "STARTED",
             "REASON"
         ],
@@ -126,6 +128,16 @@ async fn migrate_with_progress_then_list_show_and_refusals() {
         "{m}"
     );
     assert_eq!(m["stats"]["receipt_matches"], true);
+    // The leader's prediction is kept beside the actual figures.
+    assert!(
+        m["predicted_duration"]
+            .as_str()
+            .is_some_and(|d| d.ends_with('s'))
+            && m["predicted_blackout"]
+                .as_str()
+                .is_some_and(|d| d.ends_with('s')),
+        "{m}"
+    );
     assert_eq!(m["stats"]["source_digest"], m["stats"]["target_digest"]);
     assert!(
         m["stats"]["blackout"]

@@ -31,6 +31,7 @@ pub const READ_ONLY_METHODS: &[&str] = &[
     "/cluster.management.v1.ManagementService/WatchEvents",
     "/cluster.management.v1.ManagementService/GetKv",
     "/cluster.management.v1.ManagementService/ConsoleLogin",
+    "/cluster.management.v1.ManagementService/GetCa",
     "/cluster.vms.v1.VmService/ListVms",
     "/cluster.vms.v1.VmService/GetVm",
     "/cluster.vms.v1.VmService/StreamConsole",

@@ -72,6 +72,7 @@ names! {
         Disk => "disk",
         NodeCertificateIssued => "node_certificate_issued",
         CertificateRevoked => "certificate_revoked",
+        CaRotated => "ca_rotated",
     }
     vms::DesiredState { Running => "running", Stopped => "stopped" }
     vms::RuntimeState {

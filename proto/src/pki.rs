@@ -7,8 +7,13 @@
 //! the listeners authorize on; the chain to the CA is what rustls checks first.
 //!
 //! Files: a holder keeps its credentials in one directory ([`TlsDir`]): `ca.pem` (the CA
-//! certificate), `cert.pem` and `key.pem` (its own, the key 0600), and on the nodes that
-//! may issue certificates `ca.key` (0600).
+//! certificates it trusts: one, or two while the cluster CA is rotated — the *trust
+//! bundle*), `cert.pem` and `key.pem` (its own, the key 0600), and on the nodes that may
+//! issue certificates `ca.key` (0600), the key of the CA that issues now; its certificate
+//! is the one of the bundle with the same public key ([`Ca::load`]).
+//!
+//! A CA is named by its fingerprint ([`fingerprint`], SHA-256 of its DER certificate); a
+//! certificate's issuer is found in a bundle by its signature ([`issuer_in`]).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -171,6 +176,10 @@ pub enum PkiError {
     TooLarge { path: PathBuf },
     #[error("{path} holds no certificate (no PEM CERTIFICATE block)")]
     NoCertificate { path: PathBuf },
+    #[error("no certificate of the CA bundle matches the CA key")]
+    NoMatchingCaCertificate,
+    #[error("cannot sign with the CA key")]
+    Sign(#[source] rcgen::Error),
 }
 
 /// The cluster identity a DER certificate names (exactly one identity URI).
@@ -272,6 +281,63 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// A DER certificate as PEM (LF line endings, as rcgen writes them).
+pub fn cert_pem_of(der: Vec<u8>) -> String {
+    pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
+
+/// A CA's fingerprint: SHA-256 of its DER certificate, lowercase hex.
+pub fn fingerprint(cert_der: &[u8]) -> String {
+    sha256_hex(cert_der)
+}
+
+/// The fingerprint of the CA of `bundle_pem` that signed `cert_der` (its issuer name and
+/// signature checked); `None` when no CA of the bundle did.
+pub fn issuer_in(cert_der: &[u8], bundle_pem: &str) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    certificates_der(bundle_pem).into_iter().find_map(|ca_der| {
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).ok()?;
+        (ca.subject().as_raw() == cert.issuer().as_raw()
+            && cert.verify_signature(Some(ca.public_key())).is_ok())
+        .then(|| fingerprint(&ca_der))
+    })
+}
+
+/// The certificate of `bundle_pem` whose fingerprint is `fp` (PEM), if any.
+pub fn certificate_by_fingerprint(bundle_pem: &str, fp: &str) -> Option<String> {
+    certificates_der(bundle_pem)
+        .into_iter()
+        .find(|d| fingerprint(d) == fp)
+        .map(cert_pem_of)
+}
+
+/// Longest proof ([`prove_ca_key`]) accepted.
+pub const PROOF_LEN_MAX: usize = 512;
+
+/// Whether `proof` is a signature of `message` by the key of the CA certificate
+/// `ca_cert_der` (ECDSA P-256 or P-384, Ed25519: the algorithms rcgen makes CA keys with).
+pub fn verify_ca_proof(ca_cert_der: &[u8], message: &[u8], proof: &[u8]) -> bool {
+    use ring::signature;
+    let Ok((_, ca)) = x509_parser::parse_x509_certificate(ca_cert_der) else {
+        return false;
+    };
+    let key = ca.public_key().subject_public_key.data.as_ref();
+    let algs: [&dyn signature::VerificationAlgorithm; 3] = [
+        &signature::ECDSA_P256_SHA256_ASN1,
+        &signature::ECDSA_P384_SHA384_ASN1,
+        &signature::ED25519,
+    ];
+    proof.len() <= PROOF_LEN_MAX
+        && algs.iter().any(|a| {
+            signature::UnparsedPublicKey::new(*a, key)
+                .verify(message, proof)
+                .is_ok()
+        })
+}
+
 /// The DER blocks of every certificate in a PEM text.
 pub fn certificates_der(pem_text: &str) -> Vec<Vec<u8>> {
     pem::parse_many(pem_text)
@@ -328,12 +394,18 @@ fn validity(params: &mut CertificateParams, valid_for: Duration) {
 }
 
 impl Ca {
-    /// A new CA for the cluster named `cluster_name`.
+    /// A new CA for the cluster named `cluster_name`. Its common name ends with the
+    /// start of its public key's hash, so two CAs of one cluster (a rotation) have
+    /// different names and a certificate's issuer name tells them apart.
     pub fn create(cluster_name: &str) -> Result<Ca, PkiError> {
         let key = KeyPair::generate().map_err(PkiError::Generate)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("{cluster_name} cluster CA"));
+        let key_id = sha256_hex(key.public_key_raw());
+        dn.push(
+            DnType::CommonName,
+            format!("{cluster_name} cluster CA {}", &key_id[..8]),
+        );
         dn.push(DnType::OrganizationName, cluster_name);
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -351,13 +423,24 @@ impl Ca {
         })
     }
 
-    /// The CA from its certificate and key (PEM).
+    /// The CA from its certificate and key (PEM). `cert_pem` may be a trust bundle:
+    /// the CA is its certificate with the key's public key (none: an error).
     pub fn load(cert_pem: &str, key_pem: &str) -> Result<Ca, PkiError> {
         let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::BadPem {
             what: "the CA key".into(),
             kind: "private key",
             source: Some(e),
         })?;
+        let der = certificates_der(cert_pem)
+            .into_iter()
+            .find(|d| {
+                x509_parser::parse_x509_certificate(d).is_ok_and(|(_, c)| {
+                    c.public_key().subject_public_key.data.as_ref() == key.public_key_raw()
+                })
+            })
+            .ok_or(PkiError::NoMatchingCaCertificate)?;
+        let cert_pem = cert_pem_of(der);
+        let cert_pem = cert_pem.as_str();
         // Fail now, not at the first issue, if the certificate is unusable.
         Issuer::from_ca_cert_pem(cert_pem, &key).map_err(|e| PkiError::BadPem {
             what: "the CA certificate".into(),
@@ -376,6 +459,21 @@ impl Ca {
 
     pub fn key_pem(&self) -> String {
         self.key.serialize_pem()
+    }
+
+    /// This CA's fingerprint ([`fingerprint`]).
+    pub fn fingerprint(&self) -> String {
+        certificates_der(&self.cert_pem)
+            .first()
+            .map(|d| fingerprint(d))
+            .unwrap_or_default()
+    }
+
+    /// A signature of `message` with the CA key: proves to a holder of the CA
+    /// certificate that the signer holds the key ([`verify_ca_proof`]).
+    pub fn prove(&self, message: &[u8]) -> Result<Vec<u8>, PkiError> {
+        use rcgen::SigningKey;
+        self.key.sign(message).map_err(PkiError::Sign)
     }
 
     fn params(
@@ -642,6 +740,27 @@ impl TlsDir {
     pub fn store_ca_key(&self, ca: &Ca) -> Result<(), PkiError> {
         write_file(&self.ca_key(), &ca.key_pem(), true)
     }
+
+    /// Where the key of the CA with fingerprint `fp` waits (0600) until the cluster
+    /// made that CA the issuing one and it replaces `ca.key`.
+    pub fn pending_ca_key(&self, fp: &str) -> PathBuf {
+        let short: String = fp
+            .chars()
+            .filter(|c| c.is_ascii_hexdigit())
+            .take(16)
+            .collect();
+        self.0.join(format!("ca.key.{short}"))
+    }
+
+    /// Replace the trusted CA certificates (`ca.pem`) by `bundle_pem` (crash-safe).
+    pub fn store_ca_bundle(&self, bundle_pem: &str) -> Result<(), PkiError> {
+        write_file(&self.ca_cert(), bundle_pem, false)
+    }
+
+    /// Replace the CA key (`ca.key`, 0600, crash-safe).
+    pub fn store_ca_key_pem(&self, key_pem: &str) -> Result<(), PkiError> {
+        write_file(&self.ca_key(), key_pem, true)
+    }
 }
 
 #[cfg(test)]
@@ -701,6 +820,50 @@ mod tests {
         assert!(ca
             .sign_request("garbage", &Identity::Node(3), &[], CERT_VALIDITY)
             .is_err());
+    }
+
+    #[test]
+    fn a_bundle_names_each_certificate_s_issuer_and_loads_the_ca_of_its_key() {
+        let (old, new) = (Ca::create("lab").unwrap(), Ca::create("lab").unwrap());
+        assert_ne!(old.fingerprint(), new.fingerprint());
+        let bundle = format!("{}{}", new.cert_pem(), old.cert_pem());
+        let by_old = old.issue(&Identity::Node(1), &[], CERT_VALIDITY).unwrap();
+        let by_new = new.issue(&Identity::Node(1), &[], CERT_VALIDITY).unwrap();
+        let der = |pem: &str| certificates_der(pem).remove(0);
+        assert_eq!(
+            issuer_in(&der(&by_old.cert_pem), &bundle),
+            Some(old.fingerprint())
+        );
+        assert_eq!(
+            issuer_in(&der(&by_new.cert_pem), &bundle),
+            Some(new.fingerprint())
+        );
+        assert_eq!(issuer_in(&der(&by_old.cert_pem), new.cert_pem()), None);
+        assert_eq!(issuer_in(b"garbage", &bundle), None);
+        // The CA of a bundle is the certificate of its key.
+        let loaded = Ca::load(&bundle, &old.key_pem()).unwrap();
+        assert_eq!(loaded.fingerprint(), old.fingerprint());
+        assert_eq!(loaded.cert_pem(), old.cert_pem());
+        assert!(matches!(
+            Ca::load(new.cert_pem(), &old.key_pem()),
+            Err(PkiError::NoMatchingCaCertificate)
+        ));
+        assert_eq!(
+            certificate_by_fingerprint(&bundle, &new.fingerprint()).as_deref(),
+            Some(new.cert_pem())
+        );
+        // A proof of the key checks against the CA certificate only.
+        let proof = old.prove(b"message").unwrap();
+        let old_der = der(old.cert_pem());
+        assert!(verify_ca_proof(&old_der, b"message", &proof));
+        assert!(!verify_ca_proof(&old_der, b"other", &proof));
+        assert!(!verify_ca_proof(&der(new.cert_pem()), b"message", &proof));
+        assert!(!verify_ca_proof(
+            &old_der,
+            b"message",
+            &[0; PROOF_LEN_MAX + 1]
+        ));
+        assert!(!verify_ca_proof(b"garbage", b"message", &proof));
     }
 
     #[test]

@@ -623,6 +623,7 @@ mod tests {
             migration_subnet: "10.0.2.0/24".parse().expect("subnet"),
             power: Default::default(),
             migration_bandwidth_mib_per_s: 1024,
+            migration_overhead_ms: 0,
             networks: Default::default(),
         }
     }

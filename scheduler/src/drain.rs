@@ -41,6 +41,11 @@ fn evaluate(c: &Cluster<'_>, vi: usize, to: usize) -> Result<Candidate, Vec<Reas
         c.nodes[to].node.migration_bandwidth_mib_per_s,
         limit,
     );
+    // What a move between the two costs beyond moving memory (measured by the cluster).
+    let overhead = c.nodes[from]
+        .node
+        .migration_overhead_ms
+        .max(c.nodes[to].node.migration_overhead_ms);
     let live = check(c, &s, to, MoveKind::Live, false);
     let (live_hard, live_soft): (Vec<Reason>, Vec<Reason>) =
         live.into_iter().partition(Reason::is_hard);
@@ -54,7 +59,7 @@ fn evaluate(c: &Cluster<'_>, vi: usize, to: usize) -> Result<Candidate, Vec<Reas
                 return Ok(Candidate {
                     kind: MoveKind::Live,
                     to,
-                    duration_ms: e.duration_ms,
+                    duration_ms: e.duration_ms.saturating_add(overhead),
                     downtime_ms: e.downtime_ms,
                     why_not_live: Vec::new(),
                     anti_affinity: live_soft.into_iter().next(),
@@ -84,7 +89,7 @@ fn evaluate(c: &Cluster<'_>, vi: usize, to: usize) -> Result<Candidate, Vec<Reas
     Ok(Candidate {
         kind: MoveKind::Quick,
         to,
-        duration_ms: d,
+        duration_ms: d.saturating_add(overhead),
         downtime_ms: d,
         why_not_live,
         anti_affinity: quick_soft.into_iter().next(),

@@ -263,6 +263,11 @@ pub struct Node {
     pub power: PowerPolicy,
     /// Measured migration bandwidth (one migration stream using the whole link).
     pub migration_bandwidth_mib_per_s: u64,
+    /// Measured fixed cost of a migration on this node beyond moving memory (the cluster's
+    /// commits, process start, connection set-up); a move between two nodes costs the
+    /// larger of their two.
+    #[serde(default)]
+    pub migration_overhead_ms: u64,
     /// VM networks the node can attach NICs to (names from its config).
     #[serde(default)]
     pub networks: BTreeSet<String>,

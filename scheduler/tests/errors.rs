@@ -20,6 +20,7 @@ fn node(id: u64, state: NodeState) -> Node {
         migration_subnet: "10.0.2.0/24".parse().unwrap(),
         power: Default::default(),
         migration_bandwidth_mib_per_s: 1_000,
+        migration_overhead_ms: 0,
         networks: Default::default(),
     }
 }
@@ -309,4 +310,20 @@ migration_bandwidth_mib_per_s = 10
 fn unknown_fields_are_rejected() {
     let e = toml::from_str::<scheduler::Policy>("max_live_migrations_per_nod = 2").unwrap_err();
     assert!(e.to_string().contains("max_live_migrations_per_nod"), "{e}");
+}
+
+/// A drain's moves take the nodes' measured migration overhead on top of moving memory:
+/// the larger of the two ends'.
+#[test]
+fn drain_moves_include_the_measured_overhead() {
+    let plain = drain(&snap(), NodeId(1), 0).expect("plan");
+    let mut s = snap();
+    s.nodes[0].migration_overhead_ms = 150;
+    s.nodes[1].migration_overhead_ms = 400;
+    let slow = drain(&s, NodeId(1), 0).expect("plan");
+    assert_eq!(
+        slow.finish_ms,
+        plain.finish_ms + 400,
+        "{plain:?} vs {slow:?}"
+    );
 }

@@ -193,6 +193,8 @@ pub struct Cluster {
     nodes: BTreeMap<u64, NodeProc>,
     /// The network namespace the agents run in (VM network tests); `None`: the root one.
     netns: Option<std::sync::Arc<netns::NetNs>>,
+    /// The credentials the harness's clients use (`None`: the process's admin).
+    client: Option<cluster_proto::pki::TlsMaterial>,
 }
 
 /// A port free on `ip` right now (e.g. for a node's `metrics_addr`).
@@ -260,6 +262,7 @@ impl Cluster {
             opts,
             nodes: BTreeMap::new(),
             netns: None,
+            client: None,
         })
     }
 
@@ -273,6 +276,12 @@ impl Cluster {
         self.netns = Some(ns);
     }
 
+    /// Make the harness's clients use `m` (its CA file and certificate) from now on,
+    /// e.g. a CA rotation's trust bundle; `None`: the process's admin again.
+    pub fn set_client(&mut self, m: Option<cluster_proto::pki::TlsMaterial>) {
+        self.client = m;
+    }
+
     /// A gRPC channel to node `id`'s management address (from inside the cluster's
     /// network namespace when it has one).
     pub async fn connect_channel(
@@ -282,9 +291,12 @@ impl Cluster {
         let addr = self.spec(id).map(|s| s.mgmt_addr).unwrap_or_else(|_| {
             panic!("harness: no node {id}");
         });
-        let ep = pki::admin_endpoint(addr)
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(60));
+        let ep = match &self.client {
+            Some(m) => pki::endpoint_as(addr, Some(m)),
+            None => pki::admin_endpoint(addr),
+        }
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(60));
         match &self.netns {
             None => ep.connect().await,
             Some(ns) => {

@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 pub mod acpi;
+pub mod bench_stats;
 pub mod boot;
 pub mod config;
 pub mod control;

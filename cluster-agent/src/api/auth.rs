@@ -84,6 +84,29 @@ pub(crate) fn check_revoked(agent: &Agent, name: &str, der: &[u8]) -> Result<(),
     }
 }
 
+/// Refused when `der` was issued by the CA a finished rotation dropped (the management
+/// listener lets such certificates through the handshake to say so here).
+pub(crate) fn check_not_retired(agent: &Agent, der: &[u8]) -> Result<(), Status> {
+    let c = agent.credentials();
+    if c.retired_ca_pem.is_empty() || pki::issuer_in(der, &c.ca_pem).is_some() {
+        return Ok(());
+    }
+    let Some(fp) = pki::issuer_in(der, &c.retired_ca_pem) else {
+        return Ok(());
+    };
+    let finished = agent.read_sm(|d| d.state.ca.as_ref().map(|s| s.finished_at_unix_ms));
+    Err(Status::unauthenticated(format!(
+        "this client certificate was issued by the cluster's old CA {}, which is no longer \
+         trusted (its rotation was finished at {}); ask an admin for a new certificate \
+         (`clusterctl user create`) and put the current trust bundle in your CA file \
+         (`clusterctl cluster ca show --pem`)",
+        crate::state::ca::short(&fp),
+        finished
+            .map(pki::utc)
+            .unwrap_or_else(|| "an unknown time".into())
+    )))
+}
+
 /// Open to callers without a certificate: a new host with a join token has none yet (the
 /// handler checks the token, or the admin role for a user certificate).
 const ISSUE_CERTIFICATE: &str = "/cluster.management.v1.ManagementService/IssueCertificate";
@@ -146,6 +169,7 @@ fn caller_of<B>(
     let Some(leaf) = certs.first() else {
         return Ok(None);
     };
+    check_not_retired(agent, leaf.as_ref())?;
     let id = pki::identity_of(leaf.as_ref()).map_err(|e| {
         Status::unauthenticated(format!("the client certificate is not usable here: {e}"))
     })?;

@@ -115,6 +115,7 @@ fn parse_ips(ips: &[String]) -> Result<Vec<IpAddr>, Status> {
 /// The CA, on an agent that holds its key.
 async fn load_ca(agent: &Agent) -> Result<pki::Ca, Status> {
     let dir = TlsDir(agent.config().tls_dir.clone());
+    let bundle = agent.credentials().ca_pem.clone();
     if !dir.has_ca_key() {
         return Err(Status::failed_precondition(format!(
             "node {} holds no CA key and cannot issue certificates; ask a node that does \
@@ -122,15 +123,18 @@ async fn load_ca(agent: &Agent) -> Result<pki::Ca, Status> {
             agent.node_id()
         )));
     }
-    tokio::task::spawn_blocking(move || dir.load_ca())
-        .await
-        .map_err(|e| Status::internal(format!("loading the CA: {e}")))?
-        .map_err(|e| {
-            Status::internal(format!(
-                "the CA key is unusable: {}",
-                crate::error_chain(&e)
-            ))
-        })
+    // The key's certificate in the trust bundle: the issuing CA.
+    tokio::task::spawn_blocking(move || {
+        pki::read_pem_file(&dir.ca_key()).and_then(|key| pki::Ca::load(&bundle, &key))
+    })
+    .await
+    .map_err(|e| Status::internal(format!("loading the CA: {e}")))?
+    .map_err(|e| {
+        Status::internal(format!(
+            "the CA key is unusable: {}",
+            crate::error_chain(&e)
+        ))
+    })
 }
 
 /// Sign a renewal of the certificate `current_der` held by member node `node_id`: the
@@ -197,7 +201,7 @@ pub async fn renew_node_certificate(
     tracing::info!(node_id, "node certificate renewed");
     Ok(Response::new(pb::RenewNodeCertificateResponse {
         cert_pem,
-        ca_pem: ca.cert_pem().to_owned(),
+        ca_pem: agent.credentials().ca_pem.clone(),
     }))
 }
 
@@ -327,9 +331,10 @@ pub async fn issue_certificate(
         .await?;
     }
     tracing::info!(identity = %id, by = ?caller, "certificate issued");
+    // The trust bundle (one CA, or two while the CA is rotated) for the holder's ca.pem.
     Ok(Response::new(pb::IssueCertificateResponse {
         cert_pem,
-        ca_pem: ca.cert_pem().to_owned(),
+        ca_pem: agent.credentials().ca_pem.clone(),
     }))
 }
 

@@ -57,6 +57,7 @@ impl ManagementService for ManagementApi {
             ServerState::Shutdown => pb::RaftState::Shutdown,
         };
         let info = a.cluster_info();
+        let ca = crate::api::ca::ca_info(a);
         Ok(Response::new(pb::ClusterStatusResponse {
             leader_id: m.current_leader.unwrap_or(0),
             term: m.current_term,
@@ -74,6 +75,8 @@ impl ManagementService for ManagementApi {
             last_log_index: m.last_log_index.unwrap_or(0),
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             leader_mgmt_addr,
+            ca_fingerprint: ca.current_fingerprint,
+            previous_ca_fingerprint: ca.previous_fingerprint,
         }))
     }
 
@@ -189,6 +192,18 @@ impl ManagementService for ManagementApi {
             }
         }
         let reg = convert::registration_from_pb(request.get_ref())?;
+        // Both ends of the peer plane must speak alike (or they never reach each other).
+        let here = self.agent.config().raft_insecure_plaintext;
+        if reg.trust.raft_plaintext != here {
+            let word = |p: bool| if p { "plaintext" } else { "mutual TLS" };
+            return Err(Status::failed_precondition(format!(
+                "node {}'s peer plane is {} but this cluster's is {}: set \
+                 raft_insecure_plaintext alike on every node",
+                reg.node_id,
+                word(reg.trust.raft_plaintext),
+                word(here)
+            )));
+        }
         match self.agent.write(ForwardRequest::Admit(reg)).await? {
             ForwardReply::Admitted {
                 cluster_id,
@@ -503,6 +518,27 @@ impl ManagementService for ManagementApi {
         request: Request<pb::ListRevocationsRequest>,
     ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
         crate::api::certificates::list_revocations(&self.agent, request).await
+    }
+
+    async fn rotate_ca(
+        &self,
+        request: Request<pb::RotateCaRequest>,
+    ) -> Result<Response<pb::RotateCaResponse>, Status> {
+        crate::api::ca::rotate(&self.agent, request).await
+    }
+
+    async fn finish_ca_rotation(
+        &self,
+        request: Request<pb::FinishCaRotationRequest>,
+    ) -> Result<Response<pb::FinishCaRotationResponse>, Status> {
+        crate::api::ca::finish(&self.agent, request).await
+    }
+
+    async fn get_ca(
+        &self,
+        request: Request<pb::GetCaRequest>,
+    ) -> Result<Response<pb::GetCaResponse>, Status> {
+        crate::api::ca::get(&self.agent, request).await
     }
 
     async fn renew_node_certificate(

@@ -59,6 +59,11 @@ pub fn record_to_pb(m: &MigrationRecord) -> pb::MigrationInfo {
         bandwidth_bytes_per_s_max: m.bandwidth_bytes_per_s_max.unwrap_or(0),
         started_at: times::timestamp_from_unix_ms(m.started_unix_ms),
         ended_at: m.ended_unix_ms.and_then(times::timestamp_from_unix_ms),
+        predicted_duration: m.predicted.map(|p| times::duration_from_ms(p.total_ms)),
+        predicted_blackout: m
+            .predicted
+            .and_then(|p| p.blackout_us)
+            .map(times::duration_from_us),
         reason: m.reason.clone(),
         stats: m.stats.as_ref().map(|s| pb::MigrationSummary {
             rounds: s.rounds,

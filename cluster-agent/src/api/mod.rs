@@ -13,13 +13,15 @@
 //!   live event stream, calling the management services in process under the same roles.
 //! - Trust: [`tls`] (the node's credentials as TLS configs; every agent-to-agent channel
 //!   is built there), [`auth`] (who may call which management method) and
-//!   [`certificates`] (join tokens; signing on agents that hold the CA key);
+//!   [`certificates`] (join tokens; signing on agents that hold the CA key); [`ca`]
+//!   (rotating the cluster CA, and following a rotation on every node);
 //!   [`migration_auth`] admits an incoming migration session only for a committed one.
 //!
 //! **API Boundary:** every request is validated here; bad input is `InvalidArgument`
 //! with a sentence naming what was wrong.
 
 pub mod auth;
+pub mod ca;
 pub mod certificates;
 pub mod console;
 pub mod convert;

@@ -60,7 +60,7 @@ pub fn renewal_time(
 /// Record this node's current registration (certificate expiry, migration transport)
 /// when the replicated one differs and this node is a member; `false` when that could not
 /// be done now.
-async fn sync_registration(agent: &Agent) -> bool {
+pub(crate) async fn sync_registration(agent: &Agent) -> bool {
     let reg = agent.registration();
     let stored = agent.read_sm(|d| {
         d.state
@@ -211,16 +211,31 @@ pub async fn renew(agent: &Agent) -> Result<SystemTime, RenewError> {
             })
         })?
     };
-    // Check what came back before anything is replaced.
-    if ca_pem.trim() != current.ca_pem.trim() {
-        return Err(RenewError::Bad(
-            "it was issued by another CA than this node's".into(),
-        ));
-    }
+    // Check what came back before anything is replaced: issued by a CA this node
+    // trusts, and by the cluster's issuing CA once it was rotated (the issuer may not
+    // hold the new CA key yet: try again later).
+    let _ = ca_pem;
     let der = pki::certificates_der(&cert_pem)
         .into_iter()
         .next()
         .ok_or_else(|| RenewError::Bad("no certificate in the answer".into()))?;
+    let Some(issuer) = pki::issuer_in(&der, &current.ca_pem) else {
+        return Err(RenewError::Bad(
+            "it was issued by a CA this node does not trust".into(),
+        ));
+    };
+    if let Some(want) =
+        agent.read_sm(|d| d.state.ca.as_ref().map(|c| c.current.fingerprint.clone()))
+    {
+        if issuer != want {
+            return Err(RenewError::Bad(format!(
+                "it was issued by CA {}, not by the cluster's issuing CA {} (the issuer has not \
+                 switched to the new CA key yet)",
+                crate::state::ca::short(&issuer),
+                crate::state::ca::short(&want)
+            )));
+        }
+    }
     match pki::identity_of(&der) {
         Ok(Identity::Node(id)) if id == me => {}
         other => {
@@ -230,12 +245,14 @@ pub async fn renew(agent: &Agent) -> Result<SystemTime, RenewError> {
         }
     }
     let until = pki::not_after(&der).map_err(|e| RenewError::Bad(e.to_string()))?;
-    let new = Credentials {
+    let new = crate::api::tls::with_issuer(Credentials {
         ca_pem: current.ca_pem.clone(),
         cert_pem,
         key_pem,
         expires_unix_ms: pki::unix_ms(until),
-    };
+        cert_ca_sha256: String::new(),
+        retired_ca_pem: current.retired_ca_pem.clone(),
+    });
     crate::api::tls::check_credentials(&new)
         .map_err(|e| RenewError::Bad(crate::error_chain(&e)))?;
     let (c, k) = (new.cert_pem.clone(), new.key_pem.clone());

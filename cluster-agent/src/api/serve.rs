@@ -1,7 +1,8 @@
 //! The agent's two gRPC listeners: the public management plane (every management
 //! service, plus the standard `grpc.health.v1.Health` and server reflection so probes and
 //! grpcurl work) and the peer-only plane (the Raft service), each on its own address.
-//! Both speak TLS only: the peer plane requires a node certificate of the cluster CA;
+//! Both speak TLS only (the peer plane plaintext only when the node's config opts in,
+//! `raft_insecure_plaintext`): the peer plane requires a node certificate of the cluster CA;
 //! the management plane lets a caller without a certificate reach the health check only
 //! ([`super::auth`] decides the rest by role).
 
@@ -16,6 +17,7 @@ use cluster_proto::volumes::volume_service_server::VolumeServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 
 use super::peer::client::PEER_MESSAGE_LEN_MAX;
 use crate::control::progress::ProgressBoard;
@@ -69,24 +71,55 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-/// Serve the peer-only Raft service on `listener` until `shutdown` flips.
+/// The accepted connections of `listener` in the clear (`raft_insecure_plaintext`), with
+/// Nagle's algorithm off like the TLS ones.
+fn plaintext_incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|c| {
+        let c = c?;
+        if let Err(e) = c.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY on an accepted connection");
+        }
+        Ok(c)
+    })
+}
+
+/// Serve the peer-only Raft service on `listener` until `shutdown` flips: mutual TLS, or
+/// plaintext when the node's config asks for it (`raft_insecure_plaintext`).
 pub fn spawn_peer(
     listener: TcpListener,
     agent: Arc<Agent>,
     host: Arc<VmHost>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<ServerTask, ServeError> {
-    let incoming = incoming(listener, &agent, false)?;
+    let plaintext = agent.config().raft_insecure_plaintext;
+    let tls_config = if plaintext {
+        None
+    } else {
+        Some(
+            super::tls::server_config(agent.shared_credentials(), false)
+                .map_err(ServeError::Tls)?,
+        )
+    };
     let mut builder = builder();
     let svc = RaftPeerServiceServer::new(super::peer::server::PeerService { agent, host })
         .max_decoding_message_size(PEER_MESSAGE_LEN_MAX)
         .max_encoding_message_size(PEER_MESSAGE_LEN_MAX);
-    let server = builder
-        .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, stopped(shutdown));
-    Ok(tokio::spawn(async move {
-        server.await.map_err(ServeError::Serve)
-    }))
+    let router = builder.add_service(svc);
+    let task = match tls_config {
+        Some(config) => {
+            let incoming = super::tls::tls_incoming(listener, config);
+            let server = router.serve_with_incoming_shutdown(incoming, stopped(shutdown));
+            tokio::spawn(async move { server.await.map_err(ServeError::Serve) })
+        }
+        None => {
+            let server = router
+                .serve_with_incoming_shutdown(plaintext_incoming(listener), stopped(shutdown));
+            tokio::spawn(async move { server.await.map_err(ServeError::Serve) })
+        }
+    };
+    Ok(task)
 }
 
 /// Serve every management service on `listener` until `shutdown` flips.

@@ -9,6 +9,10 @@
 //! The listeners answer each handshake with the node's *current* certificate
 //! ([`NodeCertResolver`] reads [`SharedCredentials`]), so a rotated certificate is served
 //! from the next connection on without restarting a listener or cutting a connection.
+//! Likewise peers are checked against the *current* trust bundle (`ca_pem`: one CA, or
+//! the new and the old one while the cluster CA is rotated): [`BundleClientVerifier`]
+//! and [`BundleServerVerifier`] rebuild rustls' WebPKI verifiers when the credentials
+//! change, so a CA rotation or its finish takes effect at the next handshake.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -57,7 +61,7 @@ fn certs_of(what: &'static str, pem: &str) -> Result<Vec<CertificateDer<'static>
     Ok(v)
 }
 
-/// The cluster CA as the only trust anchor.
+/// The cluster CA(s) of the trust bundle as the only trust anchors.
 pub fn roots(c: &Credentials) -> Result<Arc<rustls::RootCertStore>, TlsConfigError> {
     let mut roots = rustls::RootCertStore::empty();
     for ca in certs_of("CA certificate", &c.ca_pem)? {
@@ -139,6 +143,203 @@ impl rustls::client::ResolvesClientCert for NodeCertResolver {
     }
 }
 
+/// A verifier built from the trust bundle of one credentials generation.
+#[derive(Debug)]
+struct Cached<V: ?Sized> {
+    credentials: SharedCredentials,
+    cached: Mutex<Option<(u64, Arc<V>)>>,
+}
+
+impl<V: ?Sized> Cached<V> {
+    /// `with_retired`: the roots include the CA a finished rotation dropped.
+    fn get(
+        &self,
+        with_retired: bool,
+        build: impl FnOnce(Arc<rustls::RootCertStore>) -> Result<Arc<V>, rustls::Error>,
+    ) -> Result<Arc<V>, rustls::Error> {
+        let generation = self.credentials.generation();
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((g, v)) = cached.as_ref() {
+            if *g == generation {
+                return Ok(v.clone());
+            }
+        }
+        let mut c = (*self.credentials.current()).clone();
+        if with_retired && !c.retired_ca_pem.is_empty() {
+            c.ca_pem = format!("{}\n{}", c.ca_pem.trim_end(), c.retired_ca_pem);
+        }
+        let roots = roots(&c).map_err(|e| {
+            tracing::error!(error = %crate::error_chain(&e), "this node's trust bundle (ca.pem) is unusable");
+            rustls::Error::General("this node's trust bundle is unusable".into())
+        })?;
+        let v = build(roots)?;
+        *cached = Some((generation, v.clone()));
+        Ok(v)
+    }
+}
+
+/// Client certificates checked against the current trust bundle (a listener's side). The
+/// management listener (`optional`) also lets certificates of the CA a finished rotation
+/// dropped through the handshake: `api::auth` refuses them on every call with a reason
+/// (a TLS alert reaches a client as a broken connection, not as words).
+#[derive(Debug)]
+pub struct BundleClientVerifier {
+    inner: Cached<dyn rustls::server::danger::ClientCertVerifier>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    optional: bool,
+}
+
+impl BundleClientVerifier {
+    /// `optional`: a client without a certificate gets through the handshake.
+    pub fn new(credentials: SharedCredentials, optional: bool) -> BundleClientVerifier {
+        BundleClientVerifier {
+            inner: Cached {
+                credentials,
+                cached: Mutex::new(None),
+            },
+            provider: vmm_node::migration::tls::crypto_provider(),
+            optional,
+        }
+    }
+
+    fn current(
+        &self,
+    ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, rustls::Error> {
+        self.inner.get(self.optional, |roots| {
+            let b = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                roots,
+                self.provider.clone(),
+            );
+            let b = if self.optional {
+                b.allow_unauthenticated()
+            } else {
+                b
+            };
+            b.build()
+                .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))
+        })
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for BundleClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        !self.optional
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        // No hints: every client of the cluster presents its one certificate anyway.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.current()?
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current()?.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current()?.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Server certificates checked against the current trust bundle (a connection's side):
+/// the chain to a CA of the bundle and the address dialled.
+#[derive(Debug)]
+pub struct BundleServerVerifier {
+    inner: Cached<rustls::client::WebPkiServerVerifier>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl BundleServerVerifier {
+    pub fn new(credentials: SharedCredentials) -> BundleServerVerifier {
+        BundleServerVerifier {
+            inner: Cached {
+                credentials,
+                cached: Mutex::new(None),
+            },
+            provider: vmm_node::migration::tls::crypto_provider(),
+        }
+    }
+
+    fn current(&self) -> Result<Arc<rustls::client::WebPkiServerVerifier>, rustls::Error> {
+        self.inner.get(false, |roots| {
+            rustls::client::WebPkiServerVerifier::builder_with_provider(
+                roots,
+                self.provider.clone(),
+            )
+            .build()
+            .map_err(|e| rustls::Error::General(format!("server verifier: {e}")))
+        })
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for BundleServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.current()?.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current()?.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current()?.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 /// Whether `c` is usable for TLS: the certificate parses and matches the key.
 pub fn check_credentials(c: &Credentials) -> Result<(), TlsConfigError> {
     roots(c)?;
@@ -147,24 +348,21 @@ pub fn check_credentials(c: &Credentials) -> Result<(), TlsConfigError> {
         .map(|_| ())
 }
 
-/// A listener's TLS: this node's current certificate, callers checked against the cluster
-/// CA, HTTP/2 only. `client_auth_optional`: callers without a certificate get through the
-/// handshake (the management plane then lets them reach only the health check).
+/// A listener's TLS: this node's current certificate, callers checked against the
+/// current trust bundle, HTTP/2 only. `client_auth_optional`: callers without a
+/// certificate get through the handshake (the management plane then lets them reach only
+/// the health check).
 pub fn server_config(
     credentials: &SharedCredentials,
     client_auth_optional: bool,
 ) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
     let provider = vmm_node::migration::tls::crypto_provider();
-    let roots = roots(&credentials.current())?;
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
-    let verifier = if client_auth_optional {
-        verifier.allow_unauthenticated()
-    } else {
-        verifier
-    }
-    .build()
-    .map_err(TlsConfigError::Verifier)?;
+    // Fail at start, not at the first handshake, when the bundle is unusable.
+    roots(&credentials.current())?;
+    let verifier = Arc::new(BundleClientVerifier::new(
+        credentials.clone(),
+        client_auth_optional,
+    ));
     let resolver = NodeCertResolver::new(credentials.clone());
     // Fail at start, not at the first handshake, when the certificate is unusable.
     resolver.certified_key()?;
@@ -296,6 +494,15 @@ pub enum CredentialsError {
     Expired { dir: PathBuf },
 }
 
+/// `c` with `cert_ca_sha256` set: the CA of its bundle that issued its certificate.
+pub fn with_issuer(mut c: Credentials) -> Credentials {
+    c.cert_ca_sha256 = pki::certificates_der(&c.cert_pem)
+        .first()
+        .and_then(|der| pki::issuer_in(der, &c.ca_pem))
+        .unwrap_or_default();
+    c
+}
+
 /// This node's credentials from its `tls_dir`, checked: the certificate names this node
 /// and has not expired.
 pub fn load_credentials(config: &AgentConfig) -> Result<Credentials, CredentialsError> {
@@ -317,10 +524,12 @@ pub fn load_credentials(config: &AgentConfig) -> Result<Credentials, Credentials
     if not_after <= std::time::SystemTime::now() {
         return Err(CredentialsError::Expired { dir });
     }
-    Ok(Credentials {
+    Ok(with_issuer(Credentials {
         ca_pem: m.ca_pem,
         cert_pem: m.cert_pem,
         key_pem: m.key_pem,
         expires_unix_ms: pki::unix_ms(not_after),
-    })
+        cert_ca_sha256: String::new(),
+        retired_ca_pem: String::new(),
+    }))
 }

@@ -599,6 +599,7 @@ impl VmService for VmApi {
             max_downtime_ms,
             deadline_ms,
             bandwidth_bytes_per_s_max: req.bandwidth_bytes_per_s_max,
+            predicted: None,
         };
         // Same checks as the commit, except the target (chosen next).
         vms::check_migration_start(&state, &probe).map_err(status::vm_state)?;
@@ -647,7 +648,8 @@ impl VmService for VmApi {
             }
             Err(e) => return Err(status::placement(e)),
         };
-        tracing::info!(vm = %req.name, to = target, "starting migration");
+        let predicted = placement::prediction_for(&state, &req.name, target, req.quick);
+        tracing::info!(vm = %req.name, to = target, ?predicted, "starting migration");
         self.commit(VmCommand::StartMigration {
             name: req.name.clone(),
             to: target,
@@ -656,6 +658,7 @@ impl VmService for VmApi {
             max_downtime_ms,
             deadline_ms,
             bandwidth_bytes_per_s_max: req.bandwidth_bytes_per_s_max,
+            predicted,
         })
         .await?;
         Ok(Response::new(pb::MigrateVmResponse {
@@ -686,7 +689,10 @@ impl VmService for VmApi {
             go: p.reasons.is_empty() && p.to.is_some(),
             reasons: p.reasons,
             predicted_duration: Some(times::duration_from_ms(est.duration_ms)),
-            predicted_downtime: Some(times::duration_from_ms(est.downtime_ms)),
+            predicted_downtime: Some(times::duration_from_us(
+                p.blackout_us
+                    .unwrap_or(est.downtime_ms.saturating_mul(1000)),
+            )),
             predicted_rounds: est.rounds,
         }))
     }

@@ -368,6 +368,7 @@ mod tests {
             max_downtime_ms: None,
             deadline_ms: None,
             bandwidth_bytes_per_s_max: None,
+            predicted: None,
         }));
         assert_eq!(
             crate::state::vms::find(&s, "moving").and_then(|v| v.migrating_to),

@@ -437,9 +437,17 @@ pub fn balance_job(state: &ClusterState, demand: &Demand, now: u64) -> Option<Jo
 /// On the leader, advance jobs and run the balancer until `shutdown` turns true.
 pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
     let mut last_balance = Instant::now();
+    let mut applied = agent.metrics_watch();
     loop {
+        // While a job runs, a newly applied entry (a move's migration ended) wakes the
+        // runner at once, so the next move starts without waiting for the tick.
+        let last = applied.borrow_and_update().last_applied;
+        let job_running = agent.read_sm(|d| d.state.jobs.any_running());
         tokio::select! {
             _ = tokio::time::sleep(JOB_TICK) => {}
+            _ = async { applied.wait_for(|m| m.last_applied != last).await.is_ok() }, if job_running => {
+                tokio::time::sleep(crate::control::reconciler::APPLY_WAKE_DELAY).await;
+            }
             _ = shutdown.changed() => return,
         }
         let leader = agent.leader();

@@ -48,6 +48,7 @@ pub fn plan(state: &ClusterState, now_unix_ms: u64) -> Vec<Step> {
             max_downtime_ms: m.max_downtime_ms,
             deadline_ms: m.deadline_ms,
             bandwidth_bytes_per_s_max: m.bandwidth_bytes_per_s_max,
+            predicted: None,
         };
         if let Err(e) = crate::state::vms::check_migration_start(&s, &probe) {
             out.push(Step::Drop {
@@ -67,6 +68,7 @@ pub fn plan(state: &ClusterState, now_unix_ms: u64) -> Vec<Step> {
                     max_downtime_ms: m.max_downtime_ms,
                     deadline_ms: m.deadline_ms,
                     bandwidth_bytes_per_s_max: m.bandwidth_bytes_per_s_max,
+                    predicted: placement::prediction_for(&s, &m.vm, target, quick),
                 };
                 s.apply(&Command::Vm(cmd.clone()));
                 out.push(Step::Start {
@@ -160,6 +162,7 @@ mod tests {
             max_downtime_ms: None,
             deadline_ms: None,
             bandwidth_bytes_per_s_max: None,
+            predicted: None,
         })
     }
 

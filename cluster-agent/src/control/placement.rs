@@ -21,14 +21,25 @@ pub const DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S: u64 = 1024;
 /// is the median of.
 pub const MEASURED_MIGRATIONS: usize = 8;
 
-/// Every node's migration speed as the cluster measured it: the median rate (guest
-/// memory moved per second of the whole migration) of its last [`MEASURED_MIGRATIONS`]
-/// successful live migrations, as source or target, from the replicated records, in one
-/// pass over them. A node without one is absent (the default applies, see
-/// [`measured_bandwidth_mib_per_s`]). This is what predictions (dry runs, drain plans,
-/// balancing costs) divide a VM's memory by.
-pub fn measured_bandwidths(state: &ClusterState) -> BTreeMap<u64, u64> {
-    let mut rates: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+/// What the cluster measured of a node's latest successful live migrations (as source or
+/// target): the medians of the last [`MEASURED_MIGRATIONS`] of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeCalibration {
+    /// Guest memory moved per second of the engine's whole migration.
+    pub bandwidth_mib_per_s: u64,
+    /// The cluster's time around the engine's: from the committed start to the committed
+    /// end (Raft writes, reconciler, worker, disk locks) minus the engine's total.
+    pub overhead_ms: u64,
+    /// The measured blackout.
+    pub blackout_us: u64,
+}
+
+/// Every node's [`NodeCalibration`] from the replicated migration records, in one pass. A
+/// node without a measured migration is absent (defaults apply). Predictions (dry runs,
+/// drain plans, balancing costs) divide a VM's memory by the bandwidth and add the
+/// overhead; dry runs take the blackout as the floor of the predicted one.
+pub fn calibration(state: &ClusterState) -> BTreeMap<u64, NodeCalibration> {
+    let mut seen: BTreeMap<u64, Vec<(u64, u64, u64)>> = BTreeMap::new();
     for m in state.migrations.values().rev() {
         if m.kind != crate::state::migrations::MigrationKind::Live
             || m.state != crate::state::migrations::MigrationState::Succeeded
@@ -44,23 +55,42 @@ pub fn measured_bandwidths(state: &ClusterState) -> BTreeMap<u64, u64> {
         };
         let per_s = u128::from(st.guest_bytes) * 1_000_000 / u128::from(st.total_us);
         let rate = u64::try_from(per_s >> 20).unwrap_or(u64::MAX).max(1);
+        let overhead = m
+            .ended_unix_ms
+            .map_or(0, |end| end.saturating_sub(m.started_unix_ms))
+            .saturating_sub(st.total_us / 1000);
         let mut ends = vec![m.source];
         if m.target != m.source {
             ends.push(m.target);
         }
         for node in ends {
-            let r = rates.entry(node).or_default();
+            let r = seen.entry(node).or_default();
             if r.len() < MEASURED_MIGRATIONS {
-                r.push(rate);
+                r.push((rate, overhead, st.blackout_us));
             }
         }
     }
-    rates
-        .into_iter()
-        .map(|(node, mut r)| {
-            r.sort_unstable();
-            (node, r[r.len() / 2])
+    let median = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    };
+    seen.into_iter()
+        .map(|(node, r)| {
+            let c = NodeCalibration {
+                bandwidth_mib_per_s: median(r.iter().map(|x| x.0).collect()),
+                overhead_ms: median(r.iter().map(|x| x.1).collect()),
+                blackout_us: median(r.iter().map(|x| x.2).collect()),
+            };
+            (node, c)
         })
+        .collect()
+}
+
+/// Every node's migration speed as the cluster measured it ([`calibration`]).
+pub fn measured_bandwidths(state: &ClusterState) -> BTreeMap<u64, u64> {
+    calibration(state)
+        .into_iter()
+        .map(|(n, c)| (n, c.bandwidth_mib_per_s))
         .collect()
 }
 
@@ -152,6 +182,7 @@ fn node_of(rec: &NodeRecord) -> Result<Option<Node>, PlacementError> {
             PowerPolicy::AlwaysOn
         },
         migration_bandwidth_mib_per_s: DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S,
+        migration_overhead_ms: 0,
         networks: r.networks.keys().cloned().collect(),
     }))
 }
@@ -173,9 +204,12 @@ pub fn snapshot(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError>
             nodes.push(n);
         }
     }
-    let measured = measured_bandwidths(state);
+    let calibrated = calibration(state);
     for n in &mut nodes {
-        n.migration_bandwidth_mib_per_s = speed_of(&measured, n.id.0);
+        if let Some(c) = calibrated.get(&n.id.0) {
+            n.migration_bandwidth_mib_per_s = c.bandwidth_mib_per_s;
+            n.migration_overhead_ms = c.overhead_ms;
+        }
     }
     let known: BTreeSet<u64> = nodes.iter().map(|n| n.id.0).collect();
     let vms = state
@@ -455,7 +489,27 @@ pub struct MigrationPrediction {
     pub to: Option<u64>,
     /// Why it cannot go (empty: go).
     pub reasons: Vec<String>,
+    /// The scheduler's estimate; its duration includes the nodes' measured overhead
+    /// ([`NodeCalibration::overhead_ms`]).
     pub estimate: Option<scheduler::estimate::LiveEstimate>,
+    /// Predicted blackout: the model's downtime, at least the nodes' measured blackout
+    /// (live).
+    pub blackout_us: Option<u64>,
+}
+
+/// The prediction a started migration of `name` to `to` keeps in its record (see
+/// [`predict_migration`]); `None` when none can be made.
+pub fn prediction_for(
+    state: &ClusterState,
+    name: &str,
+    to: u64,
+    quick: bool,
+) -> Option<crate::state::migrations::Prediction> {
+    let p = predict_migration(state, name, Some(to), quick).ok()?;
+    Some(crate::state::migrations::Prediction {
+        total_ms: p.estimate?.duration_ms,
+        blackout_us: p.blackout_us,
+    })
 }
 
 /// Predict a live (or, with `quick`, quick) migration of `name` (to `to`, or to the
@@ -493,14 +547,26 @@ pub fn predict_migration(
         }
         Err(e) => return Err(e),
     };
-    let measured = measured_bandwidths(state);
+    let calibrated = calibration(state);
+    let of = |node: Option<u64>| node.and_then(|n| calibrated.get(&n)).copied();
+    let (cf, ct) = (of(Some(from)), of(target));
+    let speed = |c: Option<NodeCalibration>| {
+        c.map_or(DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S, |c| {
+            c.bandwidth_mib_per_s
+        })
+    };
     let bandwidth = scheduler::estimate::pair_bandwidth_mib_per_s(
-        speed_of(&measured, from),
-        target.map_or(DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S, |t| {
-            speed_of(&measured, t)
-        }),
+        speed(cf),
+        speed(ct),
         Policy::default().max_live_migrations_per_node,
     );
+    // The slower end's measured overhead and blackout (nothing until one was measured).
+    let overhead_ms = cf
+        .map_or(0, |c| c.overhead_ms)
+        .max(ct.map_or(0, |c| c.overhead_ms));
+    let blackout_us = cf
+        .map_or(0, |c| c.blackout_us)
+        .max(ct.map_or(0, |c| c.blackout_us));
     let estimate = if quick {
         // Save and restore: all of it is downtime, in one pass.
         let ms = scheduler::estimate::quick_estimate_ms(rec.spec.memory_mib, bandwidth);
@@ -512,11 +578,23 @@ pub fn predict_migration(
     } else {
         scheduler::estimate::live_estimate(rec.spec.memory_mib, 0, bandwidth)
     };
+    let estimate = estimate.map(|e| scheduler::estimate::LiveEstimate {
+        duration_ms: e.duration_ms.saturating_add(overhead_ms),
+        ..e
+    });
+    let blackout_us = estimate.map(|e| {
+        if quick {
+            e.downtime_ms.saturating_mul(1000)
+        } else {
+            e.downtime_ms.saturating_mul(1000).max(blackout_us)
+        }
+    });
     Ok(MigrationPrediction {
         from,
         to: target,
         reasons,
         estimate,
+        blackout_us,
     })
 }
 
@@ -572,14 +650,17 @@ mod tests {
             bandwidth_bytes_per_s_max: None,
             state,
             cancel_requested: false,
-            started_unix_ms: 1,
-            ended_unix_ms: Some(2),
+            // The cluster took 300 ms more than the engine.
+            started_unix_ms: 1_000,
+            ended_unix_ms: Some(1_000 + total_us / 1000 + 300),
             reason: String::new(),
             stats: Some(MigrationSummary {
                 guest_bytes: 256 << 20,
                 total_us,
+                blackout_us: 4_000 + id * 1_000,
                 ..Default::default()
             }),
+            predicted: None,
         };
         for r in [
             rec(
@@ -629,6 +710,11 @@ mod tests {
             .map(|n| n.migration_bandwidth_mib_per_s)
             .collect();
         assert_eq!(bw, vec![256, 256, 2_560]);
+        let overhead: Vec<u64> = snap.nodes.iter().map(|n| n.migration_overhead_ms).collect();
+        assert_eq!(overhead, vec![300, 300, 300]);
+        // Blackouts 5, 6 and 7 ms between 1 and 2: the median.
+        let c = calibration(&s);
+        assert_eq!((c[&1].blackout_us, c[&2].blackout_us), (6_000, 6_000));
     }
 
     #[test]

@@ -357,7 +357,9 @@ impl Agent {
         NodeRegistration {
             trust: crate::state::NodeTrust {
                 migration_plaintext: c.migration_insecure_plaintext,
+                raft_plaintext: c.raft_insecure_plaintext,
                 cert_expires_unix_ms,
+                cert_ca_sha256: self.credentials().cert_ca_sha256.clone(),
             },
             node_id: c.node_id,
             name: c.name.clone(),

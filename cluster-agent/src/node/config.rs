@@ -131,6 +131,11 @@ pub struct RawConfig {
     /// Carry live migrations without TLS or authentication (default false): only on a
     /// migration network isolated from everything else.
     pub migration_insecure_plaintext: Option<bool>,
+    /// Carry the peer (Raft) plane without TLS (default false): only on a peer network
+    /// isolated from everything else. Callers are then identified by their source
+    /// address alone (a member's `raft_addr` IP), not by a certificate; every node of the
+    /// cluster must be set alike.
+    pub raft_insecure_plaintext: Option<bool>,
     /// Directories VM kernels and initrds may come from (absolute); none: only the
     /// built-in test guest boots.
     pub image_dirs: Option<Vec<PathBuf>>,
@@ -242,6 +247,8 @@ pub struct AgentConfig {
     pub tls_dir: PathBuf,
     /// See [`RawConfig::migration_insecure_plaintext`].
     pub migration_insecure_plaintext: bool,
+    /// See [`RawConfig::raft_insecure_plaintext`].
+    pub raft_insecure_plaintext: bool,
     /// See [`RawConfig::image_dirs`].
     pub image_dirs: Vec<PathBuf>,
     /// See [`RawConfig::node_cert_validity_s`].
@@ -343,6 +350,7 @@ impl RawConfig {
             power_on_command,
             tls_dir,
             migration_insecure_plaintext,
+            raft_insecure_plaintext,
             image_dirs,
             vm_workers,
             worker_dir,
@@ -650,6 +658,7 @@ impl RawConfig {
             worker_cgroups: self.worker_cgroups.unwrap_or(true),
             image_dirs,
             migration_insecure_plaintext: self.migration_insecure_plaintext.unwrap_or(false),
+            raft_insecure_plaintext: self.raft_insecure_plaintext.unwrap_or(false),
             tls_dir,
             networks,
             power,

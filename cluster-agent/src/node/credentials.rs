@@ -14,7 +14,8 @@ use std::sync::{Arc, RwLock};
 
 #[derive(Clone)]
 pub struct Credentials {
-    /// The cluster CA certificate: the only root any peer or client is checked against.
+    /// The trust bundle: the cluster CA certificate(s) (two while the CA is rotated), the
+    /// only roots any peer or client is checked against.
     pub ca_pem: String,
     /// This node's certificate (it names `vmcluster:node:<id>` and the node's addresses).
     pub cert_pem: String,
@@ -22,6 +23,13 @@ pub struct Credentials {
     pub key_pem: String,
     /// When `cert_pem` expires (unix ms).
     pub expires_unix_ms: u64,
+    /// The fingerprint (SHA-256 hex) of the CA of `ca_pem` that issued `cert_pem` ("":
+    /// none of them), as the API layer computed it.
+    pub cert_ca_sha256: String,
+    /// The CA a finished rotation dropped (PEM; "" if none): trusted by no plane, but
+    /// the management listener lets its certificates through the handshake so that the
+    /// authorization layer refuses them with a reason instead of a TLS alert.
+    pub retired_ca_pem: String,
 }
 
 impl fmt::Debug for Credentials {

@@ -35,7 +35,14 @@ pub const BALANCE_INTERVAL_MS_MIN: u64 = 1_000;
 /// says the scheduler found that the move cannot be live (other migration subnet, not
 /// live-migratable, non-convergent): the VM is then saved to the shared volume and
 /// restored on the target.
-pub fn start_migration_command(vm: &str, to: u64, quick: bool, at_unix_ms: u64) -> VmCommand {
+/// `planned_ms`: the move's planned duration, kept as the migration's predicted total.
+pub fn start_migration_command(
+    vm: &str,
+    to: u64,
+    quick: bool,
+    at_unix_ms: u64,
+    planned_ms: Option<u64>,
+) -> VmCommand {
     VmCommand::StartMigration {
         name: vm.to_owned(),
         to,
@@ -44,6 +51,10 @@ pub fn start_migration_command(vm: &str, to: u64, quick: bool, at_unix_ms: u64) 
         max_downtime_ms: None,
         deadline_ms: None,
         bandwidth_bytes_per_s_max: None,
+        predicted: planned_ms.map(|total_ms| crate::state::migrations::Prediction {
+            total_ms,
+            blackout_us: None,
+        }),
     }
 }
 
@@ -495,7 +506,7 @@ pub fn check(state: &ClusterState, cmd: &JobCommand) -> Result<(), JobError> {
             let m = queued_move(j, vm)?;
             vms::check(
                 state,
-                &start_migration_command(vm, m.to, m.quick, *at_unix_ms),
+                &start_migration_command(vm, m.to, m.quick, *at_unix_ms, None),
             )
             .map_err(JobError::Vm)?;
         }
@@ -688,12 +699,15 @@ pub fn apply(
             at_unix_ms,
         } => {
             let at = *at_unix_ms;
-            let (to, quick, wave) = {
+            let (to, quick, wave, planned_ms) = {
                 let j = state.jobs.jobs.get(job).ok_or(JobError::UnknownJob(*job))?;
                 let m = queued_move(j, vm)?;
-                (m.to, m.quick, m.wave)
+                let planned = m
+                    .planned_end_unix_ms
+                    .saturating_sub(m.planned_start_unix_ms);
+                (m.to, m.quick, m.wave, planned)
             };
-            let start = start_migration_command(vm, to, quick, at);
+            let start = start_migration_command(vm, to, quick, at, Some(planned_ms));
             vms::apply(state, &start, touched).map_err(JobError::Vm)?;
             // The same migration record a `Command::Vm(StartMigration)` opens: the move is
             // listed, watched, cancellable and counted like any other migration.

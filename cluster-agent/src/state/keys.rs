@@ -25,7 +25,7 @@ enum Tail {
 
 /// The table: every kind of stored entity with its prefix and its tail. One row per
 /// [`StateKey`] variant (the id or text of the example key is ignored).
-fn table() -> [(StateKey, &'static [u8], Tail); 14] {
+fn table() -> [(StateKey, &'static [u8], Tail); 15] {
     [
         (StateKey::Cluster, b"c", Tail::Unit),
         (StateKey::Node(0), b"n", Tail::Id),
@@ -41,6 +41,7 @@ fn table() -> [(StateKey, &'static [u8], Tail); 14] {
         (StateKey::LastMigrationId, b"G", Tail::Unit),
         (StateKey::JoinTokens, b"t", Tail::Unit),
         (StateKey::Revocations, b"r", Tail::Unit),
+        (StateKey::Ca, b"A", Tail::Unit),
     ]
 }
 
@@ -130,6 +131,7 @@ impl ClusterState {
             StateKey::LastMigrationId => Some(json(&self.last_migration_id)?),
             StateKey::JoinTokens => Some(json(&self.join_tokens)?),
             StateKey::Revocations => Some(json(&self.revocations)?),
+            StateKey::Ca => self.ca.as_ref().map(json).transpose()?,
         })
     }
 
@@ -171,6 +173,7 @@ impl ClusterState {
             StateKey::LastMigrationId => self.last_migration_id = parse(v)?,
             StateKey::JoinTokens => self.join_tokens = parse(v)?,
             StateKey::Revocations => self.revocations = parse(v)?,
+            StateKey::Ca => self.ca = Some(parse(v)?),
         }
         Ok(())
     }
@@ -197,6 +200,7 @@ mod tests {
             StateKey::LastMigrationId,
             StateKey::JoinTokens,
             StateKey::Revocations,
+            StateKey::Ca,
         ]
     }
 

@@ -116,6 +116,16 @@ impl MigrationSummary {
     }
 }
 
+/// What the leader predicted for a migration when it started it (the dry run's figures,
+/// calibrated by the cluster's measured migrations), kept beside the actual ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// From the committed start to the committed end.
+    pub total_ms: u64,
+    /// `None`: not predicted (a job's move keeps only its planned duration).
+    pub blackout_us: Option<u64>,
+}
+
 /// One migration of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationRecord {
@@ -138,6 +148,10 @@ pub struct MigrationRecord {
     /// Why it failed, or the source's summary line.
     pub reason: String,
     pub stats: Option<MigrationSummary>,
+    /// The leader's prediction at the start (`None`: none was made, e.g. a record of an
+    /// older version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted: Option<Prediction>,
 }
 
 /// Migration commands carried by the Raft log inside `Command::Migration`.
@@ -292,6 +306,7 @@ pub fn check(state: &ClusterState, cmd: &MigrationCommand) -> Result<(), Migrati
                 max_downtime_ms: *max_downtime_ms,
                 deadline_ms: *deadline_ms,
                 bandwidth_bytes_per_s_max: *bandwidth_bytes_per_s_max,
+                predicted: None,
             };
             Ok(crate::state::vms::check_migration_start(state, &probe)?)
         }
@@ -434,6 +449,7 @@ impl MigrationRecord {
             ended_unix_ms: None,
             reason: String::new(),
             stats: None,
+            predicted: None,
         }
     }
 }
@@ -472,6 +488,7 @@ pub fn after_vm_command(state: &mut ClusterState, cmd: &VmCommand, touched: &mut
             deadline_ms,
             bandwidth_bytes_per_s_max,
             quick,
+            predicted,
         } => {
             let source = state
                 .vms
@@ -491,6 +508,10 @@ pub fn after_vm_command(state: &mut ClusterState, cmd: &VmCommand, touched: &mut
                 *deadline_ms,
                 *bandwidth_bytes_per_s_max,
             );
+            let draft = MigrationRecord {
+                predicted: *predicted,
+                ..draft
+            };
             if let Some(m) = queued.and_then(|id| state.migrations.get_mut(&id)) {
                 *m = MigrationRecord {
                     id: m.id,
@@ -612,6 +633,7 @@ mod tests {
             max_downtime_ms: Some(50),
             deadline_ms: None,
             bandwidth_bytes_per_s_max: None,
+            predicted: None,
             quick: false,
         }))
         .0
@@ -689,6 +711,7 @@ mod tests {
             max_downtime_ms: None,
             deadline_ms: None,
             bandwidth_bytes_per_s_max: None,
+            predicted: None,
             quick: false,
         }));
         assert_eq!(cancel(&mut s, 2), CommandResult::Ok);
@@ -716,6 +739,7 @@ mod tests {
             max_downtime_ms: None,
             deadline_ms: None,
             bandwidth_bytes_per_s_max: None,
+            predicted: None,
             quick: true,
         }));
         assert_eq!(s.migrations[&1].kind, MigrationKind::Quick);

@@ -5,6 +5,7 @@
 //! persist exactly those entities in one write batch. Nothing here does I/O or reads a
 //! clock: every timestamp travels inside the command, proposed by the leader.
 
+pub mod ca;
 pub mod disk_locks;
 #[cfg(any(test, feature = "test-hooks"))]
 pub mod fixtures;
@@ -139,12 +140,19 @@ pub struct NodeRegistration {
 
 /// How a node is secured, as it reports itself (refreshed when its certificate is
 /// renewed and when it starts).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct NodeTrust {
     /// Its migration plane is plaintext (`migration_insecure_plaintext`), not TLS.
     pub migration_plaintext: bool,
+    /// Its peer (Raft) plane is plaintext (`raft_insecure_plaintext`), not mutual TLS.
+    #[serde(default)]
+    pub raft_plaintext: bool,
     /// When its node certificate expires (unix ms; 0: not reported).
     pub cert_expires_unix_ms: u64,
+    /// The fingerprint of the CA that issued its node certificate ("": not reported, or
+    /// not a CA it trusts); see `crate::state::ca`.
+    #[serde(default)]
+    pub cert_ca_sha256: String,
 }
 
 /// One node of the registry.
@@ -200,6 +208,8 @@ pub enum EventKind {
     NodeCertificateIssued,
     /// A user certificate (or every certificate of a user name) was revoked.
     CertificateRevoked,
+    /// The cluster CA was rotated, or its rotation finished (see `crate::state::ca`).
+    CaRotated,
 }
 
 impl EventKind {
@@ -216,6 +226,7 @@ impl EventKind {
             EventKind::Disk => "disk",
             EventKind::NodeCertificateIssued => "node_certificate_issued",
             EventKind::CertificateRevoked => "certificate_revoked",
+            EventKind::CaRotated => "ca_rotated",
         }
     }
 }
@@ -291,6 +302,8 @@ pub enum Command {
     Token(crate::state::join_tokens::TokenCommand),
     /// Revoked user certificates (see `crate::state::revocations`).
     Revocation(crate::state::revocations::RevocationCommand),
+    /// The cluster CA's rotation (see `crate::state::ca`).
+    Ca(crate::state::ca::CaCommand),
     /// Standby and wake-up of nodes (see `crate::state::power`).
     Power(crate::state::power::PowerCommand),
     /// A node reports that it stopped its own VMs because its lease lapsed (self-fencing);
@@ -328,6 +341,7 @@ impl std::fmt::Display for Command {
             Command::NodeFenced { node_id, .. } => write!(f, "node_fenced({node_id})"),
             Command::Token(c) => write!(f, "{c}"),
             Command::Revocation(c) => write!(f, "{c}"),
+            Command::Ca(c) => write!(f, "{c}"),
             Command::Power(c) => write!(f, "{c}"),
         }
     }
@@ -374,6 +388,8 @@ pub enum StateKey {
     JoinTokens,
     /// The revoked user certificates (`crate::state::revocations`).
     Revocations,
+    /// The CA rotation state (`crate::state::ca`).
+    Ca,
 }
 
 /// The whole replicated state.
@@ -409,6 +425,9 @@ pub struct ClusterState {
     /// Revoked user certificates (see `crate::state::revocations`).
     #[serde(default)]
     pub revocations: crate::state::revocations::Revocations,
+    /// The cluster CA's rotation (see `crate::state::ca`); `None` before the first.
+    #[serde(default)]
+    pub ca: Option<crate::state::ca::CaState>,
 }
 
 /// Where a command sits in the Raft log: the lock table's fencing token is the index.
@@ -498,6 +517,12 @@ impl ClusterState {
             }
             Command::Revocation(c) => {
                 if let Err(e) = crate::state::revocations::apply(self, c, &mut touched) {
+                    return rejected(&e);
+                }
+                CommandResult::Ok
+            }
+            Command::Ca(c) => {
+                if let Err(e) = crate::state::ca::apply(self, c, &mut touched) {
                     return rejected(&e);
                 }
                 CommandResult::Ok

@@ -259,6 +259,7 @@ pub(super) fn apply(
         | Command::VmNic(_)
         | Command::Token(_)
         | Command::Revocation(_)
+        | Command::Ca(_)
         | Command::Power(_)
         | Command::Migration(_) => CommandResult::Rejected {
             reason: format!("{cmd} is not a node command"),

@@ -154,6 +154,9 @@ pub enum VmCommand {
         /// Live: most bytes/s the migration may send (`None` or 0: unlimited).
         #[serde(default)]
         bandwidth_bytes_per_s_max: Option<u64>,
+        /// The leader's prediction, kept in the migration record beside the actual figures.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        predicted: Option<crate::state::migrations::Prediction>,
     },
     /// The migration to `to` ended: on success `to` becomes the owner (switchover).
     FinishMigration {
@@ -781,9 +784,10 @@ fn restart_after_failure(vm: &mut VmRecord, node: u64, reason: &str, at: u64) ->
     vm.restarts_unix_ms
         .retain(|t| at.saturating_sub(*t) < window_ms && *t <= at);
     vm.updated_unix_ms = at;
-    let meant_to_run = vm.desired == DesiredState::Running && vm.migrating_to.is_none();
-    let refused = if !meant_to_run {
+    let refused = if vm.desired != DesiredState::Running {
         Some("it is not meant to run".to_string())
+    } else if let Some(to) = vm.migrating_to {
+        Some(format!("it was migrating to node {to}"))
     } else if policy.mode == RestartMode::Never {
         Some("its restart policy is never".to_string())
     } else if vm.restarts_unix_ms.len() >= policy.max_restarts as usize {
@@ -1255,6 +1259,7 @@ mod tests {
             max_downtime_ms: None,
             deadline_ms: None,
             bandwidth_bytes_per_s_max: None,
+            predicted: None,
         };
         // Not running yet (Starting): refused.
         assert!(rejected(vm(&mut s, start(2))).contains("only a running VM"));

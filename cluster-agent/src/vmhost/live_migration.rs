@@ -764,10 +764,15 @@ impl TargetVm for TargetSide {
         Ok(())
     }
     fn announce_nics(&self) {
-        // A worker's NICs announce at its resume (the control protocol has no early
-        // announcement).
-        if let IncomingVm::Local(_, vm) = &self.0.vm {
-            vm.vm.announce_nics_early();
+        match &self.0.vm {
+            IncomingVm::Local(_, vm) => vm.vm.announce_nics_early(),
+            IncomingVm::Worker { session, .. } => {
+                // Best effort: a worker of an older build refuses the request, and its
+                // NICs then announce at the resume.
+                if let Err(e) = session.announce_nics() {
+                    tracing::warn!(vm = %self.0.name, error = %e, "worker did not announce its nics early");
+                }
+            }
         }
     }
 }

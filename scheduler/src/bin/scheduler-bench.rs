@@ -69,6 +69,7 @@ fn cluster_with(
                 .expect("valid subnet"),
             power: PowerPolicy::MayPowerOff,
             migration_bandwidth_mib_per_s: BANDWIDTH_MIB_PER_S,
+            migration_overhead_ms: 0,
             networks: Default::default(),
         })
         .collect();
@@ -294,6 +295,7 @@ fn simulate_power_day() -> PowerDay {
             migration_subnet: "10.0.2.0/24".parse().expect("valid subnet"),
             power: PowerPolicy::MayPowerOff,
             migration_bandwidth_mib_per_s: BANDWIDTH_MIB_PER_S,
+            migration_overhead_ms: 0,
             networks: Default::default(),
         })
         .collect();

@@ -103,6 +103,7 @@ pub fn random_cluster(seed: u64) -> ClusterSnapshot {
                 PowerPolicy::AlwaysOn
             },
             migration_bandwidth_mib_per_s: r.pick(&[500, 1000, 2000]),
+            migration_overhead_ms: 0,
             networks: NETWORKS
                 .iter()
                 .filter(|_| r.chance(80))

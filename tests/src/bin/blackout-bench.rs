@@ -28,19 +28,11 @@ const MAX_DOWNTIME_MS: u64 = 50;
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn pct(v: &mut [u64], p: f64) -> u64 {
-    v.sort_unstable();
-    if v.is_empty() {
-        return 0;
-    }
-    v[((v.len() - 1) as f64 * p).round() as usize]
+    vmm_node::bench_stats::percentile(v, p).unwrap_or(0)
 }
 
 /// Full stack: per migration (engine blackout us, total us, MigrateVm → running ms).
-async fn full_stack(
-    memory_mib: u64,
-    repeats: usize,
-    node_toml: &str,
-) -> Result<Vec<(u64, u64, u64)>, String> {
+async fn full_stack(memory_mib: u64, repeats: usize, node_toml: &str) -> Result<Vec<Run>, String> {
     let bin = locate_binary("cluster-agent", "cluster-agent").map_err(|e| e.to_string())?;
     let opts = Options {
         heartbeat_interval_ms: 100,
@@ -136,15 +128,43 @@ async fn full_stack(
         if !s.receipt_matches {
             return Err(format!("migration {}: receipt mismatch", last.id));
         }
-        out.push((
-            cluster_proto::times::duration_us(s.blackout.as_ref().unwrap_or(&Default::default()))
-                .unwrap_or(0),
-            cluster_proto::times::duration_us(s.total.as_ref().unwrap_or(&Default::default()))
-                .unwrap_or(0),
+        let us = |d: &Option<cluster_proto::prost_types::Duration>| {
+            d.as_ref()
+                .and_then(|d| cluster_proto::times::duration_us(d).ok())
+        };
+        let record_ms = cluster_proto::times::unix_ms(last.ended_at.as_ref())
+            .saturating_sub(cluster_proto::times::unix_ms(last.started_at.as_ref()));
+        out.push(Run {
+            blackout_us: us(&s.blackout).unwrap_or(0),
+            engine_us: us(&s.total).unwrap_or(0),
             wall_ms,
-        ));
+            record_ms,
+            predicted_ms: us(&last.predicted_duration).map(|u| u / 1000),
+            predicted_blackout_us: us(&last.predicted_blackout),
+        });
     }
     Ok(out)
+}
+
+/// One migration as measured, and as the leader predicted it when it started it.
+struct Run {
+    blackout_us: u64,
+    engine_us: u64,
+    /// `MigrateVm` sent → the VM running on the target, seen by polling.
+    wall_ms: u64,
+    /// The record's committed start to committed end (what the prediction is of).
+    record_ms: u64,
+    predicted_ms: Option<u64>,
+    predicted_blackout_us: Option<u64>,
+}
+
+/// |predicted − actual| / actual, in percent.
+fn error_pct(predicted: u64, actual: u64) -> f64 {
+    (predicted as f64 - actual as f64).abs() * 100.0 / actual.max(1) as f64
+}
+
+fn median_f(v: &mut [f64]) -> f64 {
+    vmm_node::bench_stats::median(v).unwrap_or(0.0)
 }
 
 /// vmm-node alone: the `idle` line of `migration-bench` (blackout p50, p99 in us).
@@ -212,14 +232,38 @@ async fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        for (i, (b, t, w)) in full.iter().enumerate() {
+        let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+        for (i, r) in full.iter().enumerate() {
             println!(
-                "  {path} #{i}: blackout {b} us, engine total {} ms, MigrateVm -> running on target {w} ms",
-                t / 1000
+                "  {path} #{i}: blackout {} us (predicted {}), engine total {} ms, record {} ms (predicted {}), MigrateVm -> running on target {} ms",
+                r.blackout_us,
+                opt(r.predicted_blackout_us),
+                r.engine_us / 1000,
+                r.record_ms,
+                opt(r.predicted_ms),
+                r.wall_ms
             );
         }
-        let mut bl: Vec<u64> = full.iter().map(|f| f.0).collect();
-        let mut wall: Vec<u64> = full.iter().map(|f| f.2).collect();
+        // Predictions once the cluster has measured a migration between the two nodes.
+        let calibrated = full.get(1..).unwrap_or_default();
+        let mut total_err: Vec<f64> = calibrated
+            .iter()
+            .filter_map(|r| Some(error_pct(r.predicted_ms?, r.record_ms)))
+            .collect();
+        let mut blackout_err: Vec<f64> = calibrated
+            .iter()
+            .filter_map(|r| Some(error_pct(r.predicted_blackout_us?, r.blackout_us)))
+            .collect();
+        if !total_err.is_empty() {
+            println!(
+                "  {path}: prediction error after the first migration (median of {}): total {:.0} %, blackout {:.0} % (goal: within 25 %)",
+                total_err.len(),
+                median_f(&mut total_err),
+                median_f(&mut blackout_err)
+            );
+        }
+        let mut bl: Vec<u64> = full.iter().map(|f| f.blackout_us).collect();
+        let mut wall: Vec<u64> = full.iter().map(|f| f.wall_ms).collect();
         let (f50, f99) = (pct(&mut bl.clone(), 0.5), pct(&mut bl, 0.99));
         println!(
             "  {path} (2 agents, gRPC + Raft + agents): blackout p50 {f50} us, p99 {f99} us, MigrateVm -> running p50 {} ms",

@@ -131,8 +131,7 @@ async fn migrate(c: &Cluster, name: &str, to: u64, quick: bool) -> Result<(u128,
 }
 
 fn median(v: &mut [u128]) -> u128 {
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or(0)
+    vmm_node::bench_stats::median(v).unwrap_or(0)
 }
 
 #[derive(Default)]

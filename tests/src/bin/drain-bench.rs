@@ -162,7 +162,8 @@ async fn run(bin: &std::path::Path, n: usize) -> Result<(), String> {
     println!("  drain, first move start -> last end: {span_ms:>7} ms");
     println!("  drain, sum of its moves (start->end): {moves_ms:>6} ms");
     println!(
-        "  scheduler's planned drain time:       {planned_ms:>6} ms (1 GiB/s model, no dirtying)"
+        "  scheduler's planned drain time:       {planned_ms:>6} ms (calibrated by the migrations before it; error {:.0} % of the wall time, goal within 25 %)",
+        (planned_ms as f64 - drain_ms as f64).abs() * 100.0 / drain_ms.max(1) as f64
     );
     println!(
         "  moves done: {}/{}",

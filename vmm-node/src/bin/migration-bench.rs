@@ -440,9 +440,7 @@ fn print_case(name: &str, runs: &[MigrationStats], raw: f64, qs: &mut [u64], qr:
 }
 
 fn pct(v: &mut [u64], p: f64) -> u64 {
-    v.sort_unstable();
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i.min(v.len() - 1)]
+    vmm_node::bench_stats::percentile(v, p).unwrap_or(0)
 }
 
 fn main() -> anyhow::Result<()> {

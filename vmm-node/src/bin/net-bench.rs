@@ -552,11 +552,7 @@ fn renice_vcpus(
 }
 
 fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[v.len() / 2]
+    vmm_node::bench_stats::median(v).unwrap_or(f64::NAN)
 }
 
 /// Part 2: the network gap of live migrations beside their memory blackout.

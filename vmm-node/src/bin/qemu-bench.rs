@@ -513,8 +513,7 @@ fn qemu_once(args: &Args, w: &Workload, tsc_khz: u32) -> anyhow::Result<Run> {
 // --- main ----------------------------------------------------------------------------
 
 fn median(mut v: Vec<u64>) -> u64 {
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or(0)
+    vmm_node::bench_stats::median(&mut v).unwrap_or(0)
 }
 
 fn ms(us: u64) -> f64 {

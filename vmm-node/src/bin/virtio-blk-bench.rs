@@ -159,8 +159,7 @@ impl HostDriver {
 const ROUNDS: u32 = 5;
 
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    vmm_node::bench_stats::median(&mut v).unwrap_or(f64::NAN)
 }
 
 struct Rng(u64);

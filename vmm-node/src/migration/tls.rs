@@ -187,6 +187,41 @@ impl MigrationTls {
     }
 }
 
+impl MigrationTls {
+    /// Builds both configurations with certificates chosen at each handshake and peers
+    /// checked by the caller's verifiers (a node whose trust bundle changes while it runs,
+    /// e.g. a CA rotation: the verifiers check against the bundle of the moment). The
+    /// verifiers must check the chain to the cluster CA(s) and, on the client side, the
+    /// target's address, as rustls' WebPKI verifiers do.
+    pub fn with_verifiers(
+        client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+        server_verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+        server_cert: Arc<dyn rustls::server::ResolvesServerCert>,
+        client_cert: Arc<dyn rustls::client::ResolvesClientCert>,
+    ) -> Result<Self, TlsSetupError> {
+        let provider = crypto_provider();
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|source| TlsSetupError::Config {
+                side: "server",
+                source,
+            })?
+            .with_client_cert_verifier(client_verifier)
+            .with_cert_resolver(server_cert);
+        server.send_tls13_tickets = 0;
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|source| TlsSetupError::Config {
+                side: "client",
+                source,
+            })?
+            .dangerous()
+            .with_custom_certificate_verifier(server_verifier)
+            .with_client_cert_resolver(client_cert);
+        Ok(MigrationTls::direct(server, client))
+    }
+}
+
 /// The server and client configuration builders, each waiting for its own certificate.
 type Builders = (
     rustls::ConfigBuilder<ServerConfig, rustls::server::WantsServerCert>,

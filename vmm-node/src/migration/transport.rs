@@ -285,17 +285,39 @@ impl PageHashes {
     }
 
     /// Digest computed directly from memory (for verification in tests and after a
-    /// paused source has switched over).
+    /// paused source has switched over). Pages the host never backed
+    /// ([`crate::memory::never_written_pages`]) read as zero and are not read; zero pages
+    /// take the zero page's CRC without hashing: an idle guest's pass costs its touched
+    /// memory, not its size.
     pub fn digest_of_memory(mem: &GuestMem, map: &PageMap) -> Result<u64, TransportError> {
         let hashes = PageHashes::new_zeroed(map.total_pages());
         let mut page = vec![0u8; PAGE_SIZE];
-        for i in 0..map.total_pages() {
-            let gpa = map
-                .gpa_of(i)
-                .ok_or(TransportError::OutsideMemory { gpa: 0 })?;
-            mem.read_slice(&mut page, GuestAddress(gpa))
-                .map_err(|source| TransportError::Memory { gpa, source })?;
-            hashes.set(i, crc32fast::hash(&page));
+        let zero_crc = zero_page_crc();
+        for region in mem.iter() {
+            let start = region.start_addr().0;
+            let first = map
+                .index_of(start)
+                .ok_or(TransportError::OutsideMemory { gpa: start })?;
+            let region_pages = region.len() as usize / PAGE_SIZE;
+            let never_written = crate::memory::never_written_pages(region);
+            for p in 0..region_pages {
+                let unbacked = never_written
+                    .as_ref()
+                    .and_then(|bits| bits.get(p / 64))
+                    .is_some_and(|w| w & (1 << (p % 64)) != 0);
+                if unbacked {
+                    continue; // Stays the zero page's CRC (new_zeroed).
+                }
+                let gpa = start + (p * PAGE_SIZE) as u64;
+                mem.read_slice(&mut page, GuestAddress(gpa))
+                    .map_err(|source| TransportError::Memory { gpa, source })?;
+                let crc = if is_zero(&page) {
+                    zero_crc
+                } else {
+                    crc32fast::hash(&page)
+                };
+                hashes.set(first + p, crc);
+            }
         }
         Ok(hashes.digest())
     }

@@ -312,7 +312,8 @@ fn check_session(c: &Console, req: &Request) -> Result<Authed, Box<Response>> {
         .sessions
         .get(&id, now_unix_ms())
         .ok_or_else(|| Box::new(unauthorized(path, NOT_LOGGED_IN)))?;
-    if let Err(status) = crate::api::auth::check_revoked(&c.agent, &session.name, &session.cert_der)
+    if let Err(status) = crate::api::auth::check_not_retired(&c.agent, &session.cert_der)
+        .and_then(|()| crate::api::auth::check_revoked(&c.agent, &session.name, &session.cert_der))
     {
         c.sessions.end(&id);
         return Err(Box::new(unauthorized(path, status.message())));

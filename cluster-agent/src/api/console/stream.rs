@@ -64,7 +64,10 @@ async fn feed(c: Arc<Console>, a: Authed, tx: Tx) {
     loop {
         // A session that ended (logout, expiry, revocation) ends its stream too.
         if c.sessions.get(&a.id, crate::node::now_unix_ms()).is_none()
-            || crate::api::auth::check_revoked(&c.agent, &a.session.name, &a.session.cert_der)
+            || crate::api::auth::check_not_retired(&c.agent, &a.session.cert_der)
+                .and_then(|()| {
+                    crate::api::auth::check_revoked(&c.agent, &a.session.name, &a.session.cert_der)
+                })
                 .is_err()
         {
             return;

@@ -38,6 +38,7 @@ fn event_kind_to_pb(k: EventKind) -> pb::EventKind {
         EventKind::Disk => pb::EventKind::Disk,
         EventKind::NodeCertificateIssued => pb::EventKind::NodeCertificateIssued,
         EventKind::CertificateRevoked => pb::EventKind::CertificateRevoked,
+        EventKind::CaRotated => pb::EventKind::CaRotated,
     }
 }
 
@@ -158,7 +159,20 @@ pub fn registration_from_pb(r: &pb::AdmitNodeRequest) -> Result<NodeRegistration
         networks: networks_from_pb(&r.networks)?,
         trust: crate::state::NodeTrust {
             migration_plaintext: r.migration_plaintext,
+            raft_plaintext: r.raft_plaintext,
             cert_expires_unix_ms: times::unix_ms(r.cert_expires_at.as_ref()),
+            cert_ca_sha256: {
+                let fp = &r.cert_ca_fingerprint;
+                if !fp.is_empty()
+                    && (fp.len() != 64
+                        || !fp.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+                {
+                    return Err(Status::invalid_argument(
+                        "cert_ca_fingerprint must be empty or 64 lowercase hex digits (SHA-256)",
+                    ));
+                }
+                fp.clone()
+            },
         },
         power: {
             let p = crate::state::power::PowerCommands {
@@ -186,6 +200,8 @@ pub fn registration_to_pb(r: &NodeRegistration) -> pb::AdmitNodeRequest {
         power_on_command: r.power.on.clone(),
         migration_plaintext: r.trust.migration_plaintext,
         cert_expires_at: times::timestamp_from_unix_ms(r.trust.cert_expires_unix_ms),
+        cert_ca_fingerprint: r.trust.cert_ca_sha256.clone(),
+        raft_plaintext: r.trust.raft_plaintext,
     }
 }
 
@@ -210,6 +226,8 @@ pub fn node_to_pb(r: &NodeRecord, raft_role: pb::RaftRole) -> pb::NodeInfo {
             pb::MigrationTransport::Tls as i32
         },
         cert_expires_at: times::timestamp_from_unix_ms(g.trust.cert_expires_unix_ms),
+        cert_ca_fingerprint: g.trust.cert_ca_sha256.clone(),
+        raft_plaintext: g.trust.raft_plaintext,
         demand: None,
         state_reason: r.state_reason.clone(),
         standby_requested: r

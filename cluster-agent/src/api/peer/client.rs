@@ -69,15 +69,17 @@ pub enum PeerError {
     TooLarge { len: usize },
 }
 
-/// A lazily connecting channel to a peer's Raft service over mutual TLS, leaving from
-/// `local` when given; every call on it times out after `timeout`.
+/// A lazily connecting channel to a peer's Raft service over mutual TLS (plaintext, h2c,
+/// only when `plaintext`: `raft_insecure_plaintext`), leaving from `local` when given;
+/// every call on it times out after `timeout`.
 pub fn peer_channel(
     credentials: &Credentials,
     addr: &str,
     timeout: Duration,
     local: Option<IpAddr>,
+    plaintext: bool,
 ) -> Result<Channel, PeerError> {
-    Ok(peer_endpoint(credentials, addr, timeout, local)?
+    Ok(peer_endpoint(credentials, addr, timeout, local, plaintext)?
         .timeout(timeout)
         .connect_lazy())
 }
@@ -88,12 +90,17 @@ fn peer_endpoint(
     addr: &str,
     connect_timeout: Duration,
     local: Option<IpAddr>,
+    plaintext: bool,
 ) -> Result<tonic::transport::Endpoint, PeerError> {
-    let ep =
-        crate::api::tls::endpoint(credentials, addr).map_err(|source| PeerError::BadAddress {
-            addr: addr.to_string(),
-            source,
-        })?;
+    let bad = |source| PeerError::BadAddress {
+        addr: addr.to_string(),
+        source,
+    };
+    let ep = if plaintext {
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).map_err(bad)?
+    } else {
+        crate::api::tls::endpoint(credentials, addr).map_err(bad)?
+    };
     Ok(ep
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
@@ -114,6 +121,8 @@ pub struct ChannelCache {
     connect_timeout: Duration,
     local_ip: Option<IpAddr>,
     credentials: SharedCredentials,
+    /// The peer plane is plaintext (`raft_insecure_plaintext`).
+    plaintext: bool,
     /// Channels by peer address, built with the credentials of the generation noted.
     channels: Mutex<(u64, HashMap<String, Channel>)>,
 }
@@ -124,12 +133,14 @@ impl ChannelCache {
         connect_timeout: Duration,
         local_ip: Option<IpAddr>,
         credentials: SharedCredentials,
+        plaintext: bool,
     ) -> ChannelCache {
         ChannelCache {
             call_timeout,
             connect_timeout,
             local_ip,
             credentials,
+            plaintext,
             channels: Mutex::default(),
         }
     }
@@ -153,6 +164,7 @@ impl ChannelCache {
             addr,
             self.connect_timeout,
             self.local_ip,
+            self.plaintext,
         )?;
         let c = match self.call_timeout {
             Some(t) => ep.timeout(t).connect_lazy(),
@@ -203,11 +215,12 @@ pub struct Network {
 
 impl Network {
     /// Raft connections leave from `local_ip` (`None`: the kernel's choice); every call
-    /// times out after `rpc_timeout`.
+    /// times out after `rpc_timeout`; plaintext only with `raft_insecure_plaintext`.
     pub fn new(
         rpc_timeout: Duration,
         local_ip: Option<IpAddr>,
         credentials: SharedCredentials,
+        plaintext: bool,
     ) -> Network {
         Network {
             channels: Arc::new(ChannelCache::new(
@@ -215,6 +228,7 @@ impl Network {
                 rpc_timeout,
                 local_ip,
                 credentials.clone(),
+                plaintext,
             )),
             credentials,
         }
@@ -337,10 +351,11 @@ impl GrpcPeers {
         local_ip: Option<IpAddr>,
         connect_timeout: Duration,
         credentials: SharedCredentials,
+        plaintext: bool,
     ) -> GrpcPeers {
         GrpcPeers {
             heartbeats: HeartbeatStreams::new(credentials.clone()),
-            channels: ChannelCache::new(None, connect_timeout, local_ip, credentials),
+            channels: ChannelCache::new(None, connect_timeout, local_ip, credentials, plaintext),
         }
     }
 

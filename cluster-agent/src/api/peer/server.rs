@@ -6,8 +6,9 @@ use cluster_proto::pki::Identity;
 use cluster_proto::raft as pb;
 use cluster_proto::raft::raft_peer_service_server::RaftPeerService;
 use cluster_proto::raft::{
-    HeartbeatRequest, HeartbeatResponse, HeartbeatStreamRequest, HeartbeatStreamResponse,
-    ReadIndexRequest, ReadIndexResponse, VmPresenceRequest, VmPresenceResponse,
+    FetchCaKeyRequest, FetchCaKeyResponse, HeartbeatRequest, HeartbeatResponse,
+    HeartbeatStreamRequest, HeartbeatStreamResponse, ReadIndexRequest, ReadIndexResponse,
+    VmPresenceRequest, VmPresenceResponse,
 };
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status, Streaming};
@@ -30,7 +31,16 @@ pub struct PeerService {
 /// allow-list: a removed node's certificate is refused from the moment its removal is
 /// in this node's log). A node not yet in a cluster accepts any node of the CA (the
 /// leader that adds it calls before this node knows the membership).
+///
+/// Over a plaintext peer plane (`raft_insecure_plaintext`) there is no certificate: the
+/// caller is the member whose `raft_addr` has the connection's source IP (agents connect
+/// from the IP of their `raft_addr`), and a connection from any other address is refused
+/// once this node is in a cluster. That identifies, it does not authenticate: anyone
+/// who can send from a member's address is that member.
 fn member<T>(agent: &Agent, req: &Request<T>) -> Result<NodeId, Status> {
+    if agent.config().raft_insecure_plaintext {
+        return member_by_address(agent, req);
+    }
     let id = match crate::api::tls::caller(req)? {
         Some(Identity::Node(id)) => id,
         Some(other) => {
@@ -87,12 +97,51 @@ fn answer_heartbeat(
     })
 }
 
+/// [`member`] over a plaintext peer plane: the member with the connection's source IP
+/// ([`UNKNOWN_CALLER`] if several members share it, or while this node is in no
+/// cluster).
+fn member_by_address<T>(agent: &Agent, req: &Request<T>) -> Result<NodeId, Status> {
+    let Some(from) = req.remote_addr() else {
+        return Err(Status::unauthenticated(
+            "the plaintext peer plane cannot tell where this call comes from",
+        ));
+    };
+    let m = agent.metrics();
+    let membership = m.membership_config.membership();
+    if membership.nodes().next().is_none() {
+        return Ok(UNKNOWN_CALLER);
+    }
+    let found: Vec<NodeId> = membership
+        .nodes()
+        .filter(|(_, n)| {
+            n.raft_addr
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip() == from.ip())
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    match found.as_slice() {
+        [] => Err(Status::permission_denied(format!(
+            "{} is not the raft address of a member of this cluster (the plaintext peer plane \
+             knows its callers by address)",
+            from.ip()
+        ))),
+        [one] => Ok(*one),
+        // Members sharing an IP: any of them.
+        _ => Ok(UNKNOWN_CALLER),
+    }
+}
+
+/// The caller a plaintext peer plane cannot name (this node is in no cluster yet, or
+/// members share the caller's IP): its claims are taken as they are.
+const UNKNOWN_CALLER: NodeId = 0;
+
 /// Refuse a message whose claimed sender is not the authenticated one.
 fn claims(caller: NodeId, claimed: Option<NodeId>, what: &str) -> Result<(), Status> {
     match claimed {
-        Some(c) if c != caller => Err(Status::permission_denied(format!(
-            "{what} in the name of node {c} from node {caller}"
-        ))),
+        Some(c) if c != caller && caller != UNKNOWN_CALLER => Err(Status::permission_denied(
+            format!("{what} in the name of node {c} from node {caller}"),
+        )),
         _ => Ok(()),
     }
 }
@@ -209,6 +258,9 @@ impl RaftPeerService for PeerService {
                     None => Err(Status::invalid_argument(
                         "a heartbeat stream message without its heartbeat",
                     )),
+                    // (A plaintext peer plane's caller it could not name by address is
+                    // taken at its word, as on a unary heartbeat.)
+                    Some(hb) if caller == UNKNOWN_CALLER => answer_heartbeat(&agent, caller, hb),
                     Some(hb) => still_member(&agent, caller)
                         .and_then(|()| answer_heartbeat(&agent, caller, hb)),
                 };
@@ -233,6 +285,14 @@ impl RaftPeerService for PeerService {
             runs: self.host.list().iter().any(|i| &i.name == vm),
             arriving: self.host.arriving().iter().any(|n| n == vm),
         }))
+    }
+
+    async fn fetch_ca_key(
+        &self,
+        request: Request<FetchCaKeyRequest>,
+    ) -> Result<Response<FetchCaKeyResponse>, Status> {
+        let caller = member(&self.agent, &request)?;
+        crate::api::ca::fetch_ca_key(&self.agent, caller, request.get_ref()).await
     }
 
     async fn read_index(

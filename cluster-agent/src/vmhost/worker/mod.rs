@@ -816,6 +816,15 @@ impl IncomingSession {
         }
     }
 
+    /// The paused source's state arrived: the worker announces the incoming VM's NICs
+    /// (see [`Request::AnnounceNics`]).
+    pub fn announce_nics(&self) -> Result<(), WorkerError> {
+        match call(&mut lock(&self.conn), &Request::AnnounceNics)? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// The restored VM runs.
     pub fn resume(&self) -> Result<(), WorkerError> {
         match call(&mut lock(&self.conn), &Request::Resume)? {

@@ -773,6 +773,15 @@ fn answer(w: &Worker, req: Request, out: &mut UnixStream) -> bool {
         Request::Restore { .. } => Response::Error {
             message: "a restore carries its state on the connection".into(),
         },
+        Request::AnnounceNics => match lock(&w.incoming).as_ref() {
+            Some(p) => {
+                p.vm.vm.announce_nics_early();
+                Response::Done
+            }
+            None => Response::Error {
+                message: "no incoming VM in this worker".into(),
+            },
+        },
         Request::Resume => {
             let mut g = lock(&w.incoming);
             match g.as_ref().map(|p| p.vm.vm.resume()) {

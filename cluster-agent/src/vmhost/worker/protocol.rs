@@ -26,6 +26,7 @@
 //!                                          ◀── Migrated{stats, handed_off} | MigrationFailed
 //!   ── CancelMigration (another connection) ▶ ◀── Done
 //!   live migration in (a worker spawned with `incoming`, its memory the agent's memfd):
+//!   ── AnnounceNics ───────────────────────▶ ◀── Done     (the source's state arrived)
 //!   ── Restore{state_len, layout, grants} + state_len raw bytes ─▶ ◀── Done (devices, vCPUs, disks)
 //!   ── Resume ─────────────────────────────▶ ◀── Done     (the VM runs; a normal worker)
 //!   ── ReleaseIncoming{to} ────────────────▶ ◀── Released{cmds} (failed: disks closed for `to`)
@@ -216,6 +217,10 @@ pub enum Request {
         layout: Vec<crate::vmhost::SlotDisk>,
         grants: Vec<LockGrant>,
     },
+    /// Live migration, target half: the paused source's state arrived; announce the
+    /// incoming VM's NICs now (best effort), so frames sent to it from here on wait in
+    /// this host's TAPs for the resume. Answered `Done`.
+    AnnounceNics,
     /// Resumes the restored VM: from here it is an ordinary worker.
     Resume,
     /// The incoming migration failed: close the disks opened by `Restore` for `to` (the

@@ -9,9 +9,15 @@
 //! same disk, sequential and concurrent puts and linearizable reads over gRPC (see
 //! `etcd.rs`).
 //!
-//! Usage: `raft-bench [--writes N] [--clients C] [--failovers F] [--no-etcd]`
-//! (the `cluster-agent` binary must be built in the same target directory; the agents
-//! of `target/<profile>/` run, the profile this program was built with).
+//! With `--compare-plaintext`, the write measurements run twice in the same run: on a
+//! cluster whose peer (Raft) plane is mutual TLS (the default) and on one whose peer
+//! plane is plaintext (`raft_insecure_plaintext`), printed side by side; the management
+//! plane (client → agent) is TLS in both.
+//!
+//! Usage: `raft-bench [--writes N] [--clients C] [--failovers F] [--no-etcd]
+//! [--compare-plaintext]` (the `cluster-agent` binary must be built in the same target
+//! directory; the agents of `target/<profile>/` run, the profile this program was built
+//! with).
 
 mod etcd;
 
@@ -27,6 +33,7 @@ struct Args {
     clients: usize,
     failovers: usize,
     etcd: bool,
+    compare_plaintext: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -35,9 +42,14 @@ fn parse_args() -> Result<Args, String> {
         clients: 8,
         failovers: 3,
         etcd: true,
+        compare_plaintext: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--compare-plaintext" {
+            a.compare_plaintext = true;
+            continue;
+        }
         if flag == "--no-etcd" {
             a.etcd = false;
             continue;
@@ -52,7 +64,7 @@ fn parse_args() -> Result<Args, String> {
             "--failovers" => a.failovers = n,
             _ => {
                 return Err(format!(
-                    "unknown flag {flag}; use --writes, --clients, --failovers, --no-etcd"
+                    "unknown flag {flag}; use --writes, --clients, --failovers, --no-etcd, --compare-plaintext"
                 ))
             }
         }
@@ -61,23 +73,34 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+    vmm_node::bench_stats::percentile(&mut sorted.to_vec(), p).unwrap_or(Duration::ZERO)
 }
 
-fn report(name: &str, mut lat: Vec<Duration>, wall: Duration) {
+/// One measured row: its label, p50, p99 and throughput.
+struct Row {
+    label: String,
+    p50: Duration,
+    p99: Duration,
+    per_s: f64,
+}
+
+fn report(name: &str, mut lat: Vec<Duration>, wall: Duration) -> Row {
     lat.sort();
     let n = lat.len();
+    let row = Row {
+        label: name.to_owned(),
+        p50: pct(&lat, 0.50),
+        p99: pct(&lat, 0.99),
+        per_s: n as f64 / wall.as_secs_f64(),
+    };
     println!(
         "{name:<34} n={n:<6} p50={:>8.3} ms  p99={:>8.3} ms  max={:>8.3} ms  throughput={:>8.0} ops/s",
-        pct(&lat, 0.50).as_secs_f64() * 1e3,
-        pct(&lat, 0.99).as_secs_f64() * 1e3,
+        row.p50.as_secs_f64() * 1e3,
+        row.p99.as_secs_f64() * 1e3,
         lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
-        n as f64 / wall.as_secs_f64()
+        row.per_s
     );
+    row
 }
 
 fn main() -> ExitCode {
@@ -108,49 +131,50 @@ fn main() -> ExitCode {
     }
 }
 
-async fn bench(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let bin = locate_binary("cluster-agent", "cluster-agent")?;
-    let opts = Options {
+fn options() -> Options {
+    Options {
         raft_heartbeat_interval_ms: 100,
         election_timeout_min_ms: 600,
         election_timeout_max_ms: 1_200,
         snapshot_logs_since_last: 5_000,
         max_logs_kept_after_snapshot: 1_000,
         ..Options::default()
-    };
+    }
+}
+
+/// A formed 3-node cluster (peer plane plaintext when `plaintext`) and its leader.
+async fn cluster(plaintext: bool) -> Result<(Cluster, u64), Box<dyn std::error::Error>> {
+    let bin = locate_binary("cluster-agent", "cluster-agent")?;
+    let opts = options();
     let mut c = Cluster::new(bin, opts.clone())?;
-
-    // Baseline 1: one synced 4 KiB write on the disk the agents use (each Raft write
-    // needs at least two in series: leader append + follower append, plus the apply).
-    let probe = c.dir().join("fsync-probe");
-    let mut f = std::fs::File::create(&probe)?;
-    let mut lat = Vec::with_capacity(200);
-    let t0 = Instant::now();
-    for _ in 0..200 {
-        let s = Instant::now();
-        std::io::Write::write_all(&mut f, &[0u8; 4096])?;
-        f.sync_data()?;
-        lat.push(s.elapsed());
+    let extra = if plaintext {
+        "raft_insecure_plaintext = true\n"
+    } else {
+        ""
+    };
+    for id in 1..=3 {
+        c.add_node_with(id, extra)?;
     }
-    report("baseline: 4 KiB write + fdatasync", lat, t0.elapsed());
-    drop(f);
-    std::fs::remove_file(&probe)?;
-
-    if args.etcd && etcd::available() {
-        bench_etcd(&args, c.dir()).await?;
-    } else if args.etcd {
-        println!("etcd: not on the PATH (apt-get install etcd-server): no etcd baseline");
-    }
-
     let leader = c.form(3).await?;
-    let follower = (1..=3).find(|i| *i != leader).unwrap_or(2);
     println!(
-        "cluster: 3 agents on loopback, leader {leader}; election timeout {}-{} ms, raft heartbeat {} ms; WAL synced per append and per apply",
-        opts.election_timeout_min_ms, opts.election_timeout_max_ms, opts.raft_heartbeat_interval_ms
+        "cluster: 3 agents on loopback, peer plane {}, leader {leader}; election timeout {}-{} ms, raft heartbeat {} ms; WAL synced per append and per apply",
+        if plaintext { "PLAINTEXT" } else { "mutual TLS" },
+        opts.election_timeout_min_ms,
+        opts.election_timeout_max_ms,
+        opts.raft_heartbeat_interval_ms
     );
+    Ok((c, leader))
+}
 
-    // Reads through the leader: one gRPC call plus a read-index round (a quorum confirms
-    // the leader still leads; no log write, no fsync).
+/// The read baseline and the write measurements on `c`.
+async fn measure(
+    c: Cluster,
+    leader: u64,
+    args: &Args,
+) -> Result<(Cluster, Vec<Row>), Box<dyn std::error::Error>> {
+    let follower = (1..=3).find(|i| *i != leader).unwrap_or(2);
+    let mut rows = Vec::new();
+    // Baseline 2: local reads through the same gRPC stack (no Raft, no fsync).
     let mut cl = c.client(leader).await?;
     let mut lat = Vec::with_capacity(args.writes);
     let t0 = Instant::now();
@@ -162,7 +186,7 @@ async fn bench(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .await?;
         lat.push(s.elapsed());
     }
-    report("read via leader (linearizable)", lat, t0.elapsed());
+    rows.push(report("read via leader (linearizable)", lat, t0.elapsed()));
 
     for (label, target) in [
         ("sequential writes via leader", leader),
@@ -180,7 +204,7 @@ async fn bench(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .await?;
             lat.push(s.elapsed());
         }
-        report(label, lat, t0.elapsed());
+        rows.push(report(label, lat, t0.elapsed()));
     }
 
     // Concurrent clients, all through the leader.
@@ -208,15 +232,78 @@ async fn bench(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     for t in tasks {
         all.extend(t.await??);
     }
-    report(
+    rows.push(report(
         &format!("concurrent writes, {} clients", args.clients),
         all,
         t0.elapsed(),
-    );
-    let mut c = Arc::try_unwrap(c_ref).map_err(|_| "cluster handle still shared")?;
+    ));
+    let c = Arc::try_unwrap(c_ref).map_err(|_| "cluster handle still shared")?;
+    Ok((c, rows))
+}
 
-    // Failover after kill -9 of the leader: time until a write through a survivor
-    // commits. The killed agent is restarted before the next round.
+async fn bench(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // etcd first, before any agent runs (its data in the same temporary directory the
+    // agents' go to: the same disk).
+    if args.etcd && etcd::available() {
+        let dir = tempfile::Builder::new()
+            .prefix("raft-bench-etcd-")
+            .tempdir()?;
+        bench_etcd(&args, dir.path()).await?;
+    } else if args.etcd {
+        println!("etcd: not on the PATH (apt-get install etcd-server): no etcd baseline");
+    }
+    // Baseline 1: one synced 4 KiB write on the disk the agents use (each Raft write
+    // needs at least two in series: leader append + follower append, plus the apply).
+    let (c, leader) = cluster(false).await?;
+    let probe = c.dir().join("fsync-probe");
+    let mut f = std::fs::File::create(&probe)?;
+    let mut lat = Vec::with_capacity(200);
+    let t0 = Instant::now();
+    for _ in 0..200 {
+        let s = Instant::now();
+        std::io::Write::write_all(&mut f, &[0u8; 4096])?;
+        f.sync_data()?;
+        lat.push(s.elapsed());
+    }
+    report("baseline: 4 KiB write + fdatasync", lat, t0.elapsed());
+    drop(f);
+    std::fs::remove_file(&probe)?;
+
+    let (mut c, tls_rows) = measure(c, leader, &args).await?;
+
+    if args.compare_plaintext {
+        // The same measurements on a cluster whose peer plane is plaintext, then the two
+        // side by side.
+        let (p, leader) = cluster(true).await?;
+        let (p, plain_rows) = measure(p, leader, &args).await?;
+        drop(p);
+        println!();
+        println!(
+            "{:<34} {:>27}   {:>27}   {:>9}",
+            "peer plane:",
+            "mutual TLS (p50 / p99 / ops/s)",
+            "plaintext (p50 / p99 / ops/s)",
+            "TLS/plain p50"
+        );
+        for (t, p) in tls_rows.iter().zip(&plain_rows) {
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            println!(
+                "{:<34} {:>8.2} / {:>7.2} / {:>6.0}   {:>8.2} / {:>7.2} / {:>6.0}   {:>8.2}x",
+                t.label,
+                ms(t.p50),
+                ms(t.p99),
+                t.per_s,
+                ms(p.p50),
+                ms(p.p99),
+                p.per_s,
+                ms(t.p50) / ms(p.p50).max(1e-9)
+            );
+        }
+    }
+
+    // Failover after kill -9 of the leader (on the TLS cluster): time until a write
+    // through a survivor commits. The killed agent is restarted before the next round.
+    let opts = options();
     let mut times = Vec::new();
     for round in 0..args.failovers {
         let leader = c.wait_leader(&[1, 2, 3], Duration::from_secs(20)).await?;
