@@ -69,20 +69,8 @@ pub enum PeerError {
     TooLarge { len: usize },
 }
 
-/// A lazily connecting channel to a peer's Raft service over mutual TLS, leaving from
-/// `local` when given; every call on it times out after `timeout`.
-pub fn peer_channel(
-    credentials: &Credentials,
-    addr: &str,
-    timeout: Duration,
-    local: Option<IpAddr>,
-) -> Result<Channel, PeerError> {
-    Ok(peer_endpoint(credentials, addr, timeout, local)?
-        .timeout(timeout)
-        .connect_lazy())
-}
-
-/// The endpoint of [`peer_channel`], without a per-call timeout.
+/// The endpoint of a lazily connecting channel to a peer's Raft service over mutual TLS,
+/// leaving from `local` when given.
 fn peer_endpoint(
     credentials: &Credentials,
     addr: &str,
