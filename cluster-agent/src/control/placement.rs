@@ -505,11 +505,69 @@ pub fn prediction_for(
     to: u64,
     quick: bool,
 ) -> Option<crate::state::migrations::Prediction> {
-    let p = predict_migration(state, name, Some(to), quick).ok()?;
+    let rec = state.vms.values().find(|v| v.spec.name == name)?;
+    let from = rec.owner.unwrap_or(0);
+    let (estimate, blackout_us) =
+        calibrated_estimate(state, rec.spec.memory_mib, from, Some(to), quick);
     Some(crate::state::migrations::Prediction {
-        total_ms: p.estimate?.duration_ms,
-        blackout_us: p.blackout_us,
+        total_ms: estimate?.duration_ms,
+        blackout_us,
     })
+}
+
+/// The scheduler's estimate for moving `memory_mib` from `from` to `target` (`None`: not
+/// known yet), calibrated by the two nodes' measured migrations ([`calibration`]), and
+/// the predicted blackout.
+fn calibrated_estimate(
+    state: &ClusterState,
+    memory_mib: u64,
+    from: u64,
+    target: Option<u64>,
+    quick: bool,
+) -> (Option<scheduler::estimate::LiveEstimate>, Option<u64>) {
+    let calibrated = calibration(state);
+    let of = |node: Option<u64>| node.and_then(|n| calibrated.get(&n)).copied();
+    let (cf, ct) = (of(Some(from)), of(target));
+    let speed = |c: Option<NodeCalibration>| {
+        c.map_or(DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S, |c| {
+            c.bandwidth_mib_per_s
+        })
+    };
+    let bandwidth = scheduler::estimate::pair_bandwidth_mib_per_s(
+        speed(cf),
+        speed(ct),
+        Policy::default().max_live_migrations_per_node,
+    );
+    // The slower end's measured overhead and blackout (nothing until one was measured).
+    let overhead_ms = cf
+        .map_or(0, |c| c.overhead_ms)
+        .max(ct.map_or(0, |c| c.overhead_ms));
+    let blackout_us = cf
+        .map_or(0, |c| c.blackout_us)
+        .max(ct.map_or(0, |c| c.blackout_us));
+    let estimate = if quick {
+        // Save and restore: all of it is downtime, in one pass.
+        let ms = scheduler::estimate::quick_estimate_ms(memory_mib, bandwidth);
+        Some(scheduler::estimate::LiveEstimate {
+            duration_ms: ms,
+            downtime_ms: ms,
+            rounds: 1,
+        })
+    } else {
+        scheduler::estimate::live_estimate(memory_mib, 0, bandwidth)
+    };
+    let estimate = estimate.map(|e| scheduler::estimate::LiveEstimate {
+        duration_ms: e.duration_ms.saturating_add(overhead_ms),
+        ..e
+    });
+    let blackout_us = estimate.map(|e| {
+        if quick {
+            e.downtime_ms.saturating_mul(1000)
+        } else {
+            e.downtime_ms.saturating_mul(1000).max(blackout_us)
+        }
+    });
+    (estimate, blackout_us)
 }
 
 /// Predict a live (or, with `quick`, quick) migration of `name` (to `to`, or to the
@@ -547,48 +605,8 @@ pub fn predict_migration(
         }
         Err(e) => return Err(e),
     };
-    let calibrated = calibration(state);
-    let of = |node: Option<u64>| node.and_then(|n| calibrated.get(&n)).copied();
-    let (cf, ct) = (of(Some(from)), of(target));
-    let speed = |c: Option<NodeCalibration>| {
-        c.map_or(DEFAULT_MIGRATION_BANDWIDTH_MIB_PER_S, |c| {
-            c.bandwidth_mib_per_s
-        })
-    };
-    let bandwidth = scheduler::estimate::pair_bandwidth_mib_per_s(
-        speed(cf),
-        speed(ct),
-        Policy::default().max_live_migrations_per_node,
-    );
-    // The slower end's measured overhead and blackout (nothing until one was measured).
-    let overhead_ms = cf
-        .map_or(0, |c| c.overhead_ms)
-        .max(ct.map_or(0, |c| c.overhead_ms));
-    let blackout_us = cf
-        .map_or(0, |c| c.blackout_us)
-        .max(ct.map_or(0, |c| c.blackout_us));
-    let estimate = if quick {
-        // Save and restore: all of it is downtime, in one pass.
-        let ms = scheduler::estimate::quick_estimate_ms(rec.spec.memory_mib, bandwidth);
-        Some(scheduler::estimate::LiveEstimate {
-            duration_ms: ms,
-            downtime_ms: ms,
-            rounds: 1,
-        })
-    } else {
-        scheduler::estimate::live_estimate(rec.spec.memory_mib, 0, bandwidth)
-    };
-    let estimate = estimate.map(|e| scheduler::estimate::LiveEstimate {
-        duration_ms: e.duration_ms.saturating_add(overhead_ms),
-        ..e
-    });
-    let blackout_us = estimate.map(|e| {
-        if quick {
-            e.downtime_ms.saturating_mul(1000)
-        } else {
-            e.downtime_ms.saturating_mul(1000).max(blackout_us)
-        }
-    });
+    let (estimate, blackout_us) =
+        calibrated_estimate(state, rec.spec.memory_mib, from, target, quick);
     Ok(MigrationPrediction {
         from,
         to: target,
