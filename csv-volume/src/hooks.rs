@@ -7,8 +7,11 @@
 //! ```text
 //! VM start     agent: Acquire ─raft─▶ grant ──▶ open_for_vm: write fence(token) → open
 //! VM stop      release_on_stop: flush → close ──▶ agent: Release ─raft─▶
-//! migration    source: handoff_release: flush → close ──▶ agent: Handoff(src→dst) ─raft─▶ grant
-//!              target: handoff_open(grant): write fence(new token) → open
+//! migration    source, VM running: agent: ReserveHandoff(src→dst) ─raft─▶ reserved grant
+//!              source, paused: handoff_release: flush → close (no entry in the blackout)
+//!              target: handoff_open(reserved grant): write fence(reserved token) → open
+//!              VM running on dst: agent: CompleteHandoff ─raft─▶ dst holds the disk
+//!              (without a reservation: Handoff(src→dst) ─raft─▶ grant, inside the blackout)
 //! failover     agent: ForceTakeover (owner Down) ─raft─▶ grant
 //!              new owner: takeover_open(grant, old lease deadline): wait → write fence → open
 //! ```

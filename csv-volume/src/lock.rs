@@ -14,6 +14,17 @@
 //! change, for every disk, for the life of the cluster. A reader joining a shared
 //! lock does not start a new epoch (readers never write, so nothing needs fencing).
 //!
+//! **Staged handoff** (live migration): the owner commits [`LockCommand::ReserveHandoff`]
+//! while its VM still runs; the entry's index becomes the *reserved* token of the target
+//! ([`DiskLock::handoff`]), above every token the disk had so far. Once the source has
+//! paused and closed the disk, the target opens it with the reserved token (its fence
+//! record refuses the source's old token from then on) without another Raft write, and
+//! [`LockCommand::CompleteHandoff`] makes the target the holder with that token after the
+//! VM runs there. Until then the table names the source as holder and the target as the
+//! reserved next holder. Any new epoch (re-acquire by the holder, handoff, takeover)
+//! clears a reservation and gets a token above it, so a target that opened with a
+//! reserved token is fenced by whatever the cluster decides next.
+//!
 //! **Refused commands change nothing**, not even the last applied index.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -83,6 +94,30 @@ pub enum LockCommand {
         from: NodeId,
         to: NodeId,
     },
+    /// Staged live-migration handoff, step 1 (before the source pauses): the exclusive
+    /// owner `from` reserves the next epoch of `disk` for `to`. The holder does not change;
+    /// the entry's index is the token `to` will open the disk with. Replaces an older
+    /// reservation.
+    ReserveHandoff {
+        disk: DiskName,
+        from: NodeId,
+        to: NodeId,
+    },
+    /// Staged handoff, last step (after the VM runs on `to`): `to` becomes the holder with
+    /// the reserved token. Refused unless `from` holds the disk and `to` has the
+    /// reservation; granted again unchanged when `to` already holds it with that token.
+    CompleteHandoff {
+        disk: DiskName,
+        from: NodeId,
+        to: NodeId,
+    },
+    /// Staged handoff given up before the target could open the disk: drops the
+    /// reservation of `to` (nothing to do when there is none).
+    CancelHandoff {
+        disk: DiskName,
+        from: NodeId,
+        to: NodeId,
+    },
     /// Failover: `node` takes `disk` in `mode`; only when every holder is Down.
     ForceTakeover {
         disk: DiskName,
@@ -108,9 +143,35 @@ pub struct DiskLock {
     pub token: FencingToken,
     /// Raft term of the entry that started the epoch (diagnostics only).
     pub term: u64,
+    /// A staged handoff reserved for the next holder (exclusive locks only).
+    #[serde(default)]
+    pub handoff: Option<PendingHandoff>,
+}
+
+/// The next epoch of an exclusive lock, reserved for a live migration's target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingHandoff {
+    /// The node the disk goes to.
+    pub to: NodeId,
+    /// Index of the `ReserveHandoff` entry: the token `to` opens the disk with.
+    pub token: FencingToken,
+    /// Raft term of that entry.
+    pub term: u64,
 }
 
 impl DiskLock {
+    /// The grant a reserved handoff gives its target, if there is one for `node`.
+    pub fn reserved_grant(&self, disk: &DiskName, node: NodeId) -> Option<LockGrant> {
+        let h = self.handoff.filter(|h| h.to == node)?;
+        Some(LockGrant {
+            disk: disk.clone(),
+            node,
+            mode: LockMode::Exclusive,
+            token: h.token,
+            term: h.term,
+        })
+    }
+
     /// The single writer, if the lock is exclusive.
     pub fn exclusive_owner(&self) -> Option<NodeId> {
         match self.mode {
@@ -135,6 +196,8 @@ pub struct LockGrant {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LockOutcome {
     Granted(LockGrant),
+    /// A staged handoff was reserved: the grant the target opens the disk with.
+    Reserved(LockGrant),
     Released {
         disk: DiskName,
         node: NodeId,
@@ -185,6 +248,8 @@ pub enum LockError {
     NotExclusive { disk: DiskName },
     #[error("node {node} cannot hand disk {disk} off to itself")]
     HandoffToSelf { disk: DiskName, node: NodeId },
+    #[error("disk {disk} has no handoff reserved for node {node}")]
+    NotReserved { disk: DiskName, node: NodeId },
     #[error("node {node} is Down and cannot be granted disk {disk}")]
     NodeDown { disk: DiskName, node: NodeId },
     #[error(
@@ -277,6 +342,30 @@ impl LockTable {
                     ),
                 });
             }
+            if let Some(h) = &lock.handoff {
+                let bad = if lock.mode != LockMode::Exclusive {
+                    Some("a handoff reserved on a shared lock".to_owned())
+                } else if lock.holders.contains(&h.to) {
+                    Some(format!("a handoff reserved for its holder {}", h.to))
+                } else if h.token <= lock.token {
+                    Some(format!(
+                        "reserved token {} not above the lock's token {}",
+                        h.token, lock.token
+                    ))
+                } else if self.last_applied_index.is_none_or(|last| h.token.0 > last) {
+                    Some(format!(
+                        "reserved token {} after the last applied index",
+                        h.token
+                    ))
+                } else {
+                    None
+                };
+                if let Some(reason) = bad {
+                    return Err(LockError::Corrupt {
+                        reason: format!("disk {disk}: {reason}"),
+                    });
+                }
+            }
             if let Some(last) = self.last_applied_index {
                 if lock.token.0 > last {
                     return Err(LockError::Corrupt {
@@ -313,6 +402,9 @@ impl LockTable {
             LockCommand::Acquire { disk, node, mode } => self.acquire(disk, node, mode, ctx)?,
             LockCommand::Release { disk, node } => self.release(disk, node)?,
             LockCommand::Handoff { disk, from, to } => self.handoff(disk, from, to, ctx)?,
+            LockCommand::ReserveHandoff { disk, from, to } => self.reserve(disk, from, to, ctx)?,
+            LockCommand::CompleteHandoff { disk, from, to } => self.complete(disk, from, to)?,
+            LockCommand::CancelHandoff { disk, from, to } => self.cancel(disk, from, to)?,
             LockCommand::ForceTakeover { disk, node, mode } => {
                 self.takeover(disk, node, mode, ctx)?
             }
@@ -348,6 +440,7 @@ impl LockTable {
                 holders: BTreeSet::from([node]),
                 token,
                 term: ctx.term,
+                handoff: None,
             },
         );
         LockOutcome::Granted(LockGrant {
@@ -373,6 +466,11 @@ impl LockTable {
             return Ok(self.new_epoch(disk, node, mode, ctx));
         };
         let holds = lock.holders.contains(&node);
+        if holds && lock.mode == mode && lock.handoff.is_some() {
+            // The holder takes the disk back from a staged handoff: its target may have
+            // opened the disk with the reserved token, so a token above that one.
+            return Ok(self.new_epoch(disk, node, mode, ctx));
+        }
         match (lock.mode, mode) {
             (held, requested) if holds && held != requested => Err(LockError::ModeConflict {
                 disk,
@@ -431,6 +529,104 @@ impl LockTable {
         to: NodeId,
         ctx: &ApplyContext,
     ) -> Result<LockOutcome, LockError> {
+        self.check_handoff(&disk, from, to, ctx)?;
+        Ok(self.new_epoch(disk, to, LockMode::Exclusive, ctx))
+    }
+
+    fn reserve(
+        &mut self,
+        disk: DiskName,
+        from: NodeId,
+        to: NodeId,
+        ctx: &ApplyContext,
+    ) -> Result<LockOutcome, LockError> {
+        self.check_handoff(&disk, from, to, ctx)?;
+        let h = PendingHandoff {
+            to,
+            token: FencingToken(ctx.log_index),
+            term: ctx.term,
+        };
+        let lock = self
+            .locks
+            .get_mut(&disk)
+            .ok_or(LockError::NotLocked { disk: disk.clone() })?;
+        lock.handoff = Some(h);
+        let grant = lock
+            .reserved_grant(&disk, to)
+            .ok_or(LockError::NotReserved {
+                disk: disk.clone(),
+                node: to,
+            })?;
+        Ok(LockOutcome::Reserved(grant))
+    }
+
+    fn complete(
+        &mut self,
+        disk: DiskName,
+        from: NodeId,
+        to: NodeId,
+    ) -> Result<LockOutcome, LockError> {
+        let Some(lock) = self.locks.get_mut(&disk) else {
+            return Err(LockError::NotLocked { disk });
+        };
+        if lock.exclusive_owner() == Some(to) && lock.handoff.is_none() {
+            // Already completed (a retry, or the failover path did it).
+            return Ok(LockOutcome::Granted(LockGrant {
+                disk,
+                node: to,
+                mode: LockMode::Exclusive,
+                token: lock.token,
+                term: lock.term,
+            }));
+        }
+        if lock.exclusive_owner() != Some(from) {
+            return Err(LockError::NotOwner {
+                disk,
+                node: from,
+                holders: lock.holders.iter().copied().collect(),
+            });
+        }
+        let Some(h) = lock.handoff.filter(|h| h.to == to) else {
+            return Err(LockError::NotReserved { disk, node: to });
+        };
+        lock.holders = BTreeSet::from([to]);
+        lock.token = h.token;
+        lock.term = h.term;
+        lock.handoff = None;
+        Ok(LockOutcome::Granted(LockGrant {
+            disk,
+            node: to,
+            mode: LockMode::Exclusive,
+            token: h.token,
+            term: h.term,
+        }))
+    }
+
+    fn cancel(
+        &mut self,
+        disk: DiskName,
+        from: NodeId,
+        to: NodeId,
+    ) -> Result<LockOutcome, LockError> {
+        let Some(lock) = self.locks.get_mut(&disk) else {
+            return Ok(LockOutcome::Lock { disk, lock: None });
+        };
+        if lock.exclusive_owner() == Some(from) && lock.handoff.is_some_and(|h| h.to == to) {
+            lock.handoff = None;
+        }
+        let lock = Some(lock.clone());
+        Ok(LockOutcome::Lock { disk, lock })
+    }
+
+    /// The checks a handoff and a reservation share.
+    fn check_handoff(
+        &self,
+        disk: &DiskName,
+        from: NodeId,
+        to: NodeId,
+        ctx: &ApplyContext,
+    ) -> Result<(), LockError> {
+        let disk = disk.clone();
         let Some(lock) = self.locks.get(&disk) else {
             return Err(LockError::NotLocked { disk });
         };
@@ -450,7 +646,7 @@ impl LockTable {
         if ctx.down_nodes.contains(&to) {
             return Err(LockError::NodeDown { disk, node: to });
         }
-        Ok(self.new_epoch(disk, to, LockMode::Exclusive, ctx))
+        Ok(())
     }
 
     fn takeover(
@@ -483,6 +679,9 @@ impl LockTable {
         self.locks.retain(|disk, lock| {
             if lock.holders.remove(&node) {
                 disks.push(disk.clone());
+            }
+            if lock.handoff.is_some_and(|h| h.to == node) {
+                lock.handoff = None;
             }
             !lock.holders.is_empty()
         });

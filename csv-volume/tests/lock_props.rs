@@ -36,6 +36,9 @@ fn command() -> impl Strategy<Value = LockCommand> {
         3 => (d.clone(), n.clone()).prop_map(|(disk, node)| LockCommand::Release { disk, node }),
         2 => (d.clone(), n.clone(), n.clone()).prop_map(|(disk, from, to)| LockCommand::Handoff { disk, from, to }),
         2 => (d.clone(), n.clone(), mode()).prop_map(|(disk, node, mode)| LockCommand::ForceTakeover { disk, node, mode }),
+        3 => (d.clone(), n.clone(), n.clone()).prop_map(|(disk, from, to)| LockCommand::ReserveHandoff { disk, from, to }),
+        3 => (d.clone(), n.clone(), n.clone()).prop_map(|(disk, from, to)| LockCommand::CompleteHandoff { disk, from, to }),
+        1 => (d.clone(), n.clone(), n.clone()).prop_map(|(disk, from, to)| LockCommand::CancelHandoff { disk, from, to }),
         1 => n.clone().prop_map(|node| LockCommand::ReleaseAllOf { node }),
         1 => d.prop_map(|disk| LockCommand::Query { disk }),
         1 => n.prop_map(|node| LockCommand::QueryNode { node }),
@@ -106,14 +109,25 @@ proptest! {
                         None => true,
                         // Same mode and one holder set contains the other: readers
                         // joined or left. Anything else replaced the holders.
+                        // So did the holder taking the disk back from a staged handoff.
                         Some(b) => b.mode != a.mode
-                            || !(a.holders.is_superset(&b.holders) || b.holders.is_superset(&a.holders)),
+                            || !(a.holders.is_superset(&b.holders) || b.holders.is_superset(&a.holders))
+                            || (b.handoff.is_some() && result.is_ok()
+                                && matches!(cmd, LockCommand::Acquire { disk: cd, node, .. } if *cd == d && b.holders.contains(node))),
                     };
                     let prev = max_token.get(&d).copied();
+                    let completed = result.is_ok()
+                        && matches!(cmd, LockCommand::CompleteHandoff { disk: cd, .. } if *cd == d);
                     if new_epoch {
                         prop_assert!(prev.is_none_or(|p| a.token.0 > p),
                             "disk {} new epoch token {} not above {:?}", d, a.token, prev);
-                        prop_assert_eq!(a.token.0, ctx.log_index);
+                        if completed {
+                            // A staged handoff's target gets the token reserved for it.
+                            let reserved = b.and_then(|b| b.handoff).map(|h| h.token);
+                            prop_assert_eq!(Some(a.token), reserved);
+                        } else {
+                            prop_assert_eq!(a.token.0, ctx.log_index);
+                        }
                     } else {
                         prop_assert_eq!(Some(a.token), b.map(|b| b.token));
                     }
@@ -168,6 +182,38 @@ proptest! {
                 }
                 LockCommand::ReleaseAllOf { node } => {
                     prop_assert!(table.locks_of(*node).next().is_none());
+                    prop_assert!(table.iter().all(|(_, l)| l.handoff.is_none_or(|h| h.to != *node)));
+                }
+                LockCommand::ReserveHandoff { disk, from, to } => {
+                    if result.is_ok() {
+                        let (b, a) = (before.lock(disk).unwrap(), table.lock(disk).unwrap());
+                        // The holder and its epoch stay; the reservation is this entry.
+                        prop_assert_eq!(b.exclusive_owner(), Some(*from));
+                        prop_assert_eq!((&a.holders, a.token), (&b.holders, b.token));
+                        let h = a.handoff.unwrap();
+                        prop_assert_eq!((h.to, h.token.0), (*to, ctx.log_index));
+                        prop_assert!(!ctx.down_nodes.contains(to));
+                    }
+                }
+                LockCommand::CompleteHandoff { disk, from, to } => {
+                    if result.is_ok() {
+                        prop_assert_eq!(table.lock(disk).unwrap().exclusive_owner(), Some(*to));
+                        prop_assert!(table.lock(disk).unwrap().handoff.is_none());
+                    } else {
+                        let could = before.lock(disk).is_some_and(|b| {
+                            (b.exclusive_owner() == Some(*from) && b.handoff.is_some_and(|h| h.to == *to))
+                                || (b.exclusive_owner() == Some(*to) && b.handoff.is_none())
+                        });
+                        prop_assert!(!could, "completion refused: {:?}", result);
+                    }
+                }
+                LockCommand::CancelHandoff { disk, from, to } => {
+                    prop_assert!(result.is_ok());
+                    let (b, a) = (before.lock(disk), table.lock(disk));
+                    prop_assert_eq!(a.map(|a| (&a.holders, a.token)), b.map(|b| (&b.holders, b.token)));
+                    if b.is_some_and(|b| b.exclusive_owner() == Some(*from)) {
+                        prop_assert!(a.unwrap().handoff.is_none_or(|h| h.to != *to));
+                    }
                 }
                 LockCommand::Query { disk } => {
                     prop_assert_eq!(&result, &Ok(LockOutcome::Lock { disk: disk.clone(), lock: before.lock(disk).cloned() }));

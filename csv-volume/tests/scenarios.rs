@@ -9,6 +9,7 @@
 //! # comment                      down 1,3 | down -     term 2       index 40
 //! acquire DISK NODE MODE         release DISK NODE     handoff DISK FROM TO
 //! takeover DISK NODE MODE        release-all NODE      query DISK   query-node NODE
+//! reserve DISK FROM TO           complete DISK FROM TO cancel DISK FROM TO
 //! table                          (MODE: exclusive | shared)
 //! ```
 //! Every command uses the next log index (starting at 1, or as set by `index`).
@@ -29,8 +30,12 @@ fn mode_str(m: LockMode) -> &'static str {
 }
 
 fn lock_str(l: &DiskLock) -> String {
+    let reserved = l
+        .handoff
+        .map(|h| format!(" reserved-for={} token={}", h.to, h.token))
+        .unwrap_or_default();
     format!(
-        "{} {:?} token={} term={}",
+        "{} {:?} token={} term={}{reserved}",
         mode_str(l.mode),
         l.holders,
         l.token,
@@ -70,6 +75,21 @@ fn parse_command(words: &[&str]) -> Result<Option<LockCommand>, String> {
             from: parse_node(f)?,
             to: parse_node(t)?,
         },
+        ["reserve", d, f, t] => LockCommand::ReserveHandoff {
+            disk: parse_disk(d)?,
+            from: parse_node(f)?,
+            to: parse_node(t)?,
+        },
+        ["complete", d, f, t] => LockCommand::CompleteHandoff {
+            disk: parse_disk(d)?,
+            from: parse_node(f)?,
+            to: parse_node(t)?,
+        },
+        ["cancel", d, f, t] => LockCommand::CancelHandoff {
+            disk: parse_disk(d)?,
+            from: parse_node(f)?,
+            to: parse_node(t)?,
+        },
         ["takeover", d, n, m] => LockCommand::ForceTakeover {
             disk: parse_disk(d)?,
             node: parse_node(n)?,
@@ -95,6 +115,15 @@ fn render_outcome(out: &mut String, result: &Result<LockOutcome, csv_volume::Loc
         Ok(LockOutcome::Granted(g)) => writeln!(
             out,
             "=> granted {} node={} {} token={} term={}",
+            g.disk,
+            g.node,
+            mode_str(g.mode),
+            g.token,
+            g.term
+        ),
+        Ok(LockOutcome::Reserved(g)) => writeln!(
+            out,
+            "=> reserved {} node={} {} token={} term={}",
             g.disk,
             g.node,
             mode_str(g.mode),
