@@ -405,6 +405,33 @@ async fn live_then_quick_migration_hand_the_disk_off() {
         .map_or(0, |l| l.token);
     assert!(l1 > t0, "handoff token {l1} must be above {t0}");
     assert_eq!(fence_token(&csv, "vol/vms/m.img"), l1);
+    // Staged: the target's token was reserved while the VM still ran on the source (no
+    // lock entry inside the blackout), and the completion after the resume kept it.
+    let events = cl.check(cl.events(1).await);
+    let reserved = format!("disk vol/vms/m.img handoff from node {src} to node {dst} reserved");
+    let token_of = |m: &str| -> Option<u64> {
+        let rest = &m[m.find("fencing token ")? + "fencing token ".len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    let reserved_token = events
+        .iter()
+        .find(|e| e.message.contains(&reserved))
+        .and_then(|e| token_of(&e.message));
+    assert_eq!(reserved_token, Some(l1), "{events:?}");
+    let handed: Vec<_> = events
+        .iter()
+        .filter(|e| e.message.contains("disk vol/vms/m.img handed off"))
+        .map(|e| e.message.as_str())
+        .collect();
+    assert!(
+        handed.len() == 1 && handed[0].contains("(reserved)"),
+        "one completion of the reserved handoff, no handoff committed in the blackout: {handed:?}"
+    );
+    let l = cl.lock_of(1, "vol/vms/m.img").await;
+    assert_eq!(l.map(|l| (l.handoff_to, l.handoff_token)), Some((0, 0)));
     let (node, hb1) = cl
         .wait_heartbeat(1, "vm-m", |h| {
             h.seq > hb0.seq && h.disk == "ok" && disk_passes(h) > disk_passes(&hb0)
@@ -676,9 +703,11 @@ async fn failed_migration_leaves_the_disk_with_the_source() {
     let (node, _) = cl.wait_heartbeat(leader, "vm-r", |h| h.disk == "ok").await;
     assert_eq!(node, src);
     let now = cl.lock_of(leader, "vol/vms/r.img").await;
+    // Same epoch, and the reservation for the dead target was dropped (the target never
+    // got the disk released to it).
     assert_eq!(
-        now.map(|l| (l.holders, l.token)),
-        Some((old.holders, old.token))
+        now.map(|l| (l.holders, l.token, l.handoff_to)),
+        Some((old.holders, old.token, 0))
     );
 }
 

@@ -47,6 +47,15 @@ struct LockJson<'a> {
     holders: &'a [u64],
     token: u64,
     term: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    handoff: Option<HandoffJson>,
+}
+
+/// A staged live-migration handoff: the next holder and its reserved token.
+#[derive(Serialize)]
+struct HandoffJson {
+    to: u64,
+    token: u64,
 }
 
 fn lock_json(l: &pb::DiskLock) -> LockJson<'_> {
@@ -56,6 +65,19 @@ fn lock_json(l: &pb::DiskLock) -> LockJson<'_> {
         holders: &l.holders,
         token: l.token,
         term: l.term,
+        handoff: (l.handoff_to != 0).then_some(HandoffJson {
+            to: l.handoff_to,
+            token: l.handoff_token,
+        }),
+    }
+}
+
+/// The HANDOFF column: `node N, token T` while a staged handoff is reserved.
+fn handoff_cell(l: &pb::DiskLock) -> String {
+    if l.handoff_to == 0 {
+        "-".into()
+    } else {
+        format!("node {}, token {}", l.handoff_to, l.handoff_token)
     }
 }
 
@@ -211,10 +233,14 @@ pub async fn run(cli: &Cli, cmd: &DiskCmd) -> Result<String, CtlError> {
                                 holders(&l.holders),
                                 l.token.to_string(),
                                 l.term.to_string(),
+                                handoff_cell(l),
                             ]
                         })
                         .collect();
-                    table(&["DISK", "MODE", "HOLDERS", "TOKEN", "TERM"], &rows)
+                    table(
+                        &["DISK", "MODE", "HOLDERS", "TOKEN", "TERM", "HANDOFF"],
+                        &rows,
+                    )
                 }
             })
         }
@@ -276,6 +302,7 @@ mod tests {
                     holders: vec![2],
                     token: 41,
                     term: 3,
+                    ..Default::default()
                 }),
                 used_by: vec!["db1".into()],
             },
@@ -333,5 +360,26 @@ mod tests {
             ["vol/vms/db1.img", "256", "exclusive", "2", "41", "db1"],
             "{plain}"
         );
+    }
+
+    #[test]
+    fn a_reserved_handoff_shows_its_target_and_token() {
+        let mut l = pb::DiskLock {
+            disk: "vol/vms/db1.img".into(),
+            mode: pb::LockMode::Exclusive as i32,
+            holders: vec![1],
+            token: 7,
+            term: 2,
+            ..Default::default()
+        };
+        assert_eq!(handoff_cell(&l), "-");
+        assert!(!json(&lock_json(&l)).contains("handoff"));
+        l.handoff_to = 3;
+        l.handoff_token = 12;
+        assert_eq!(handoff_cell(&l), "node 3, token 12");
+        let j: serde_json::Value = serde_json::from_str(&json(&lock_json(&l))).unwrap();
+        assert_eq!(j["handoff"]["to"], 3);
+        assert_eq!(j["handoff"]["token"], 12);
+        assert_eq!(j["holders"][0], 1);
     }
 }

@@ -52,6 +52,8 @@ pub fn lock_to_pb(disk: &DiskName, l: &DiskLock) -> pb::DiskLock {
         holders: l.holders.iter().copied().collect(),
         token: l.token.0,
         term: l.term,
+        handoff_to: l.handoff.map_or(0, |h| h.to),
+        handoff_token: l.handoff.map_or(0, |h| h.token.0),
     }
 }
 

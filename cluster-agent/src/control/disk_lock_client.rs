@@ -77,6 +77,9 @@ fn disk_of(c: &LockCommand) -> String {
         LockCommand::Acquire { disk, .. }
         | LockCommand::Release { disk, .. }
         | LockCommand::Handoff { disk, .. }
+        | LockCommand::ReserveHandoff { disk, .. }
+        | LockCommand::CompleteHandoff { disk, .. }
+        | LockCommand::CancelHandoff { disk, .. }
         | LockCommand::ForceTakeover { disk, .. }
         | LockCommand::Query { disk } => disk.to_string(),
         LockCommand::ReleaseAllOf { .. } | LockCommand::QueryNode { .. } => "*".into(),
@@ -222,18 +225,119 @@ pub fn held_grant(agent: &Agent, disk: &DiskName, node: u64) -> Option<LockGrant
     })
 }
 
+/// The grant a staged handoff reserved for `node` on `disk`, in the local replica.
+pub fn reserved_grant(agent: &Agent, disk: &DiskName, node: u64) -> Option<LockGrant> {
+    agent.read_sm(|d| d.state.locks.lock(disk)?.reserved_grant(disk, node))
+}
+
+/// The exclusive disks of `vm`'s spec, from the local replica.
+fn exclusive_disks(agent: &Agent, vm: &str) -> Vec<DiskName> {
+    agent.read_sm(|d| {
+        crate::state::vms::find(&d.state, vm)
+            .map(|r| {
+                r.spec
+                    .disks
+                    .iter()
+                    .filter(|d| !d.read_only)
+                    .map(|d| d.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// Staged handoff, before a live migration of `vm` from `from` to `to` starts: commits a
+/// `ReserveHandoff` for each of its exclusive disks, so the target opens them at the
+/// storage stage with the reserved tokens and no Raft write sits inside the blackout.
+/// Returns how many were reserved; a refusal is logged (that disk then takes the
+/// unstaged path: the target commits a `Handoff` at the storage stage).
+pub async fn reserve_handoffs(agent: &Agent, vm: &str, from: u64, to: u64) -> usize {
+    let mut reserved = 0;
+    for disk in exclusive_disks(agent, vm) {
+        let cmd = LockCommand::ReserveHandoff {
+            disk: disk.clone(),
+            from,
+            to,
+        };
+        match commit(agent, vm, cmd).await {
+            Ok(LockOutcome::Reserved(g)) => {
+                tracing::debug!(vm, disk = %disk, to, token = %g.token, "disk handoff reserved");
+                reserved += 1;
+            }
+            Ok(other) => {
+                tracing::warn!(vm, disk = %disk, outcome = ?other, "unexpected answer to a handoff reservation")
+            }
+            Err(e) => {
+                tracing::warn!(vm, disk = %disk, error = %crate::error_chain(&e), "disk handoff not reserved; the target will commit it in the blackout")
+            }
+        }
+    }
+    reserved
+}
+
+/// A live migration of `vm` to `to` ended before the source released its disks: drops
+/// the reservations (the target never opened the disks with them).
+pub async fn cancel_reserved_handoffs(agent: &Agent, vm: &str, from: u64, to: u64) {
+    for disk in exclusive_disks(agent, vm) {
+        if reserved_grant(agent, &disk, to).is_none() {
+            continue;
+        }
+        let cmd = LockCommand::CancelHandoff { disk, from, to };
+        if let Err(e) = commit(agent, vm, cmd).await {
+            tracing::info!(vm, error = %crate::error_chain(&e), "handoff reservation not dropped (the holder's next lock change drops it)");
+        }
+    }
+}
+
+/// After the switchover of `vm` to `to` (or once the cluster decided `to` owns it): makes
+/// `to` the holder of every disk reserved for it, with the reserved token it opened the
+/// disk with. Idempotent; refusals are logged.
+pub async fn complete_reserved_handoffs(agent: &Agent, vm: &str, to: u64) {
+    for disk in exclusive_disks(agent, vm) {
+        let from = agent.read_sm(|d| {
+            let l = d.state.locks.lock(&disk)?;
+            l.handoff.filter(|h| h.to == to)?;
+            l.exclusive_owner()
+        });
+        let Some(from) = from else { continue };
+        let cmd = LockCommand::CompleteHandoff {
+            disk: disk.clone(),
+            from,
+            to,
+        };
+        match grant(agent, vm, cmd).await {
+            Ok(g) => {
+                tracing::info!(vm, disk = %disk, to, token = %g.token, "disk handoff completed")
+            }
+            Err(e) => {
+                tracing::warn!(vm, disk = %disk, error = %crate::error_chain(&e), "disk handoff not completed")
+            }
+        }
+    }
+}
+
 /// vmhost's lock callback over Raft, for migration threads (blocking).
 ///
-/// A live migration's disk handoff costs one Raft write inside the blackout, not two: the
-/// source's instance ([`ClusterLocks::for_migration_source`]) does not commit the
-/// `Handoff` it is given once its disks are flushed and closed; the target commits it in
-/// [`DiskLocks::acquire`] (called only after the source reported its disks released) and
-/// gets its grant from that one commit. A migration that rolls back before the target
-/// committed leaves the lock with the source (`reclaim` re-acquires it, same token).
+/// A live migration's disk handoff is staged: before the engine starts, the source's
+/// agent reserves each exclusive disk's next epoch for the target ([`reserve_handoffs`]);
+/// the target syncs its replica when the session is set up
+/// ([`DiskLocks::prepare_incoming`]) and, once the source reported its disks released,
+/// opens them with the reserved grants without a Raft write; the source's agent commits
+/// the completion after the switchover ([`complete_reserved_handoffs`]). Without a
+/// reservation the handoff costs one Raft write inside the blackout: the source's instance
+/// ([`ClusterLocks::for_migration_source`]) does not commit the `Handoff` it is given once
+/// its disks are flushed and closed; the target commits it in [`DiskLocks::acquire`]
+/// (called only after the source reported its disks released) and gets its grant from
+/// that one commit. A migration that rolls back before the target committed leaves the
+/// lock with the source (`reclaim` re-acquires it: the same token, or one above the
+/// reservation the target may have opened with).
 pub struct ClusterLocks {
     agent: Arc<Agent>,
     rt: tokio::runtime::Handle,
     defer_handoff: bool,
+    /// Source: the engine reached the storage stage (its disks were flushed and closed
+    /// and the target may open them with the reserved grants).
+    released: std::sync::atomic::AtomicBool,
 }
 
 impl ClusterLocks {
@@ -243,6 +347,7 @@ impl ClusterLocks {
             agent,
             rt: tokio::runtime::Handle::current(),
             defer_handoff: false,
+            released: Default::default(),
         })
     }
 
@@ -252,6 +357,23 @@ impl ClusterLocks {
             agent,
             rt: tokio::runtime::Handle::current(),
             defer_handoff: true,
+            released: Default::default(),
+        })
+    }
+
+    /// Whether the migration source reached the storage stage (see [`ClusterLocks::released`]).
+    pub fn released(&self) -> bool {
+        self.released.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether `node` has a handoff of `disk` reserved while another node holds it: a
+    /// failed migration's target that opened the disk with the reservation gives nothing
+    /// back (the holder's re-acquire takes the disk above the reserved token).
+    fn reserved_not_held(&self, disk: &DiskName, node: u64) -> bool {
+        self.agent.read_sm(|d| {
+            d.state.locks.lock(disk).is_some_and(|l| {
+                !l.holders.contains(&node) && l.handoff.is_some_and(|h| h.to == node)
+            })
         })
     }
 }
@@ -260,8 +382,16 @@ impl DiskLocks for ClusterLocks {
     fn commit(&self, vm: &str, commands: &[LockCommand]) -> Result<(), LockOpError> {
         for c in commands {
             if self.defer_handoff && matches!(c, LockCommand::Handoff { .. }) {
+                self.released
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 tracing::debug!(vm, command = ?c, "handoff left for the target to commit");
                 continue;
+            }
+            if let LockCommand::Handoff { disk, from, .. } = c {
+                if self.reserved_not_held(disk, *from) {
+                    tracing::info!(vm, disk = %disk, "reserved handoff not given back; the source takes the disk back");
+                    continue;
+                }
             }
             self.rt.block_on(commit(&self.agent, vm, c.clone()))?;
         }
@@ -285,9 +415,16 @@ impl DiskLocks for ClusterLocks {
                 out.push(self.rt.block_on(grant(&self.agent, vm, cmd))?);
                 continue;
             }
-            // The source has flushed and closed the disk. Commit the handoff from its
-            // holder to us (the source leaves it to us); if the source committed it
-            // itself, an idempotent re-acquire returns our grant.
+            // The source has flushed and closed the disk. A staged handoff reserved its
+            // next epoch for us: open with that token, nothing to commit now.
+            if let Some(g) = reserved_grant(&self.agent, &d.name, node) {
+                tracing::debug!(vm, disk = %d.name, token = %g.token, "opening with the reserved handoff");
+                out.push(g);
+                continue;
+            }
+            // Without one, commit the handoff from its holder to us (the source leaves
+            // it to us); if the source committed it itself, an idempotent re-acquire
+            // returns our grant.
             let start = Instant::now();
             let held = loop {
                 let g = held_grant(&self.agent, &d.name, node)
@@ -336,6 +473,17 @@ impl DiskLocks for ClusterLocks {
         Ok(out)
     }
 
+    fn prepare_incoming(&self, vm: &str, disks: &[DiskSpec]) {
+        if disks.iter().all(|d| d.read_only) {
+            return;
+        }
+        // The source reserved the handoffs before it connected: make them visible here
+        // now, so the storage stage reads them without a round trip.
+        if let Err(e) = self.rt.block_on(self.agent.linearizable_read()) {
+            tracing::info!(vm, error = %e, "replica not synced before the incoming migration");
+        }
+    }
+
     fn reclaim(
         &self,
         vm: &str,
@@ -344,8 +492,8 @@ impl DiskLocks for ClusterLocks {
     ) -> Result<Vec<LockGrant>, LockOpError> {
         let mut out = Vec::with_capacity(disks.len());
         for d in disks {
-            // Ask the leader: an idempotent re-acquire if the disk is still ours, else
-            // hand it back from the node it went to.
+            // Ask the leader: an idempotent re-acquire if the disk is still ours (a new
+            // epoch above a reservation), else hand it back from the node it went to.
             let mode = mode_of(d);
             let acquire = LockCommand::Acquire {
                 disk: d.name.clone(),

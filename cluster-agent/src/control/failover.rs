@@ -215,6 +215,19 @@ pub fn disk_takeovers(state: &ClusterState, t: &Takeover) -> Vec<csv_volume::Loc
                 return None;
             }
             if lock.holders.iter().all(|h| down.contains(h)) {
+                // A staged handoff to the new owner (the VM was migrating there): it may
+                // run the VM already with the reserved token, which stays.
+                if let (Some(from), Some(_)) = (
+                    lock.exclusive_owner(),
+                    lock.handoff
+                        .filter(|h| h.to == t.to && mode == csv_volume::LockMode::Exclusive),
+                ) {
+                    return Some(csv_volume::LockCommand::CompleteHandoff {
+                        disk: d.name.clone(),
+                        from,
+                        to: t.to,
+                    });
+                }
                 return Some(csv_volume::LockCommand::ForceTakeover {
                     disk: d.name.clone(),
                     node: t.to,
@@ -481,5 +494,93 @@ mod tests {
                 to: 1
             }]
         );
+    }
+
+    #[test]
+    fn a_down_source_mid_migration_completes_the_reserved_handoff_to_the_target() {
+        use crate::state::LogPosition;
+        use csv_volume::{DiskName, LockCommand, LockMode};
+        let mut s = cluster();
+        let disk = DiskName::parse("vol/m.img").unwrap_or_else(|e| panic!("{e}"));
+        let mut spec = VmSpec::test_guest("m", 1, 64, TestWorkload::new(WorkloadName::Disk));
+        spec.disks.push(crate::vmhost::DiskSpec {
+            name: disk.clone(),
+            read_only: false,
+        });
+        s.apply(&Command::Vm(VmCommand::CreateVm {
+            spec,
+            owner: Some(2),
+            at_unix_ms: 2,
+        }));
+        let lock = |s: &mut ClusterState, index, command| {
+            s.apply_at(
+                &Command::Lock(crate::state::disk_locks::LockEntry {
+                    command,
+                    vm: "m".into(),
+                    at_unix_ms: 3,
+                }),
+                LogPosition { index, term: 1 },
+            )
+        };
+        lock(
+            &mut s,
+            5,
+            LockCommand::Acquire {
+                disk: disk.clone(),
+                node: 2,
+                mode: LockMode::Exclusive,
+            },
+        );
+        lock(
+            &mut s,
+            6,
+            LockCommand::ReserveHandoff {
+                disk: disk.clone(),
+                from: 2,
+                to: 3,
+            },
+        );
+        s.apply(&Command::SetNodeState {
+            node_id: 2,
+            state: NodeState::Down,
+            at_unix_ms: 10_000,
+            reason: "silent".into(),
+        });
+        // To the reserved target: it keeps the token it may already run the VM with.
+        let to_target = Takeover {
+            vm: "m".into(),
+            from: 2,
+            to: 3,
+        };
+        assert_eq!(
+            disk_takeovers(&s, &to_target),
+            vec![LockCommand::CompleteHandoff {
+                disk: disk.clone(),
+                from: 2,
+                to: 3
+            }]
+        );
+        // Anywhere else: a takeover above the reservation.
+        let elsewhere = Takeover {
+            vm: "m".into(),
+            from: 2,
+            to: 1,
+        };
+        assert_eq!(
+            disk_takeovers(&s, &elsewhere),
+            vec![LockCommand::ForceTakeover {
+                disk: disk.clone(),
+                node: 1,
+                mode: LockMode::Exclusive
+            }]
+        );
+        let complete = disk_takeovers(&s, &to_target).remove(0);
+        lock(&mut s, 9, complete);
+        let l = s.locks.lock(&disk).cloned();
+        assert_eq!(
+            l.map(|l| (l.holders, l.token.0, l.handoff)),
+            Some(([3].into(), 6, None))
+        );
+        assert!(disk_takeovers(&s, &to_target).is_empty());
     }
 }

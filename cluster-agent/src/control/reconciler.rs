@@ -386,6 +386,9 @@ async fn resolve_orphaned_migrations(
             }
         };
         tracing::warn!(vm = %name, to, ok, %reason, "orphaned migration resolved");
+        if ok {
+            crate::control::disk_lock_client::complete_reserved_handoffs(&agent, &name, to).await;
+        }
         let cmd = Command::Vm(VmCommand::FinishMigration {
             name: name.clone(),
             to,
@@ -438,6 +441,9 @@ async fn migrate_out(
     let quick = agent
         .read_sm(|d| crate::state::vms::find(&d.state, name).is_some_and(|r| r.migration_quick));
     progress.started();
+    let source_locks =
+        crate::control::disk_lock_client::ClusterLocks::for_migration_source(agent.clone());
+    let mut reserved = 0;
     let result: Result<(String, crate::state::migrations::MigrationSummary), String> = if quick {
         crate::control::crash_point::reached(
             crate::control::crash_point::QUICK_MIGRATE_OUT_BEFORE_SAVE,
@@ -456,10 +462,16 @@ async fn migrate_out(
                     agent.clone(),
                     progress.clone(),
                 );
-                let locks: Arc<dyn crate::vmhost::DiskLocks> =
-                    crate::control::disk_lock_client::ClusterLocks::for_migration_source(
-                        agent.clone(),
-                    );
+                // Staged disk handoff: the target's tokens are reserved while the VM
+                // runs, so no lock entry is committed inside the blackout.
+                reserved = crate::control::disk_lock_client::reserve_handoffs(
+                    agent,
+                    name,
+                    agent.node_id(),
+                    to,
+                )
+                .await;
+                let locks: Arc<dyn crate::vmhost::DiskLocks> = source_locks.clone();
                 tokio::task::spawn_blocking(move || {
                     run_migration(&a, &p, &h, &n, (to, addr), record.as_ref(), locks)
                 })
@@ -480,6 +492,16 @@ async fn migrate_out(
         }
         Err(e) => {
             tracing::warn!(vm = name, to, error = %e, "vm migration failed");
+            if reserved > 0 && !source_locks.released() {
+                // The target never opened the disks with the reserved tokens.
+                crate::control::disk_lock_client::cancel_reserved_handoffs(
+                    agent,
+                    name,
+                    agent.node_id(),
+                    to,
+                )
+                .await;
+            }
             let outcome = if e.starts_with(CANCELLED_PREFIX) {
                 Outcome::Cancelled
             } else {
@@ -489,6 +511,12 @@ async fn migrate_out(
             (false, e, None)
         }
     };
+    if ok && reserved > 0 {
+        // Before the owner changes: the new owner holds the disks by the time it sees
+        // the VM as its own (it may have to boot it from them, after an unconfirmed
+        // switchover).
+        crate::control::disk_lock_client::complete_reserved_handoffs(agent, name, to).await;
+    }
     let start = std::time::Instant::now();
     loop {
         let cmd = Command::Vm(VmCommand::FinishMigration {

@@ -36,6 +36,15 @@ impl std::fmt::Display for LockEntry {
             LockCommand::Handoff { disk, from, to } => {
                 write!(f, "lock_handoff({disk}, {from} -> {to})")
             }
+            LockCommand::ReserveHandoff { disk, from, to } => {
+                write!(f, "lock_reserve_handoff({disk}, {from} -> {to})")
+            }
+            LockCommand::CompleteHandoff { disk, from, to } => {
+                write!(f, "lock_complete_handoff({disk}, {from} -> {to})")
+            }
+            LockCommand::CancelHandoff { disk, from, to } => {
+                write!(f, "lock_cancel_handoff({disk}, {from} -> {to})")
+            }
             LockCommand::ForceTakeover { disk, node, .. } => {
                 write!(f, "lock_takeover({disk}, {node})")
             }
@@ -83,8 +92,12 @@ pub fn check(state: &ClusterState, entry: &LockEntry) -> Result<(), DiskLockErro
             return Err(DiskLockError::QueryNotCommitted)
         }
         LockCommand::Acquire { node, .. } | LockCommand::ForceTakeover { node, .. } => *node,
-        LockCommand::Handoff { to, .. } => *to,
-        LockCommand::Release { .. } | LockCommand::ReleaseAllOf { .. } => return Ok(()),
+        LockCommand::Handoff { to, .. }
+        | LockCommand::ReserveHandoff { to, .. }
+        | LockCommand::CompleteHandoff { to, .. } => *to,
+        LockCommand::Release { .. }
+        | LockCommand::ReleaseAllOf { .. }
+        | LockCommand::CancelHandoff { .. } => return Ok(()),
     };
     if !state.nodes.contains_key(&granted_to) {
         return Err(DiskLockError::UnknownNode(granted_to));
@@ -123,6 +136,20 @@ pub fn apply(
             *to,
             format!(
                 "disk {disk} handed off from node {from} to node {to}, fencing token {}{vm}",
+                g.token
+            ),
+        )),
+        (LockCommand::ReserveHandoff { disk, from, to }, LockOutcome::Reserved(g)) => Some((
+            *from,
+            format!(
+                "disk {disk} handoff from node {from} to node {to} reserved, fencing token {}{vm}",
+                g.token
+            ),
+        )),
+        (LockCommand::CompleteHandoff { disk, from, to }, LockOutcome::Granted(g)) => Some((
+            *to,
+            format!(
+                "disk {disk} handed off from node {from} to node {to}, fencing token {} (reserved){vm}",
                 g.token
             ),
         )),

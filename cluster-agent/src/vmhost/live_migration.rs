@@ -729,6 +729,9 @@ impl TargetFactory for Factory {
             grants: Mutex::new(Vec::new()),
             reservation: Mutex::new(reservation),
         });
+        self.0
+            .locks
+            .prepare_incoming(&name, &layout_disks(&inc.layout));
         *lock(&self.0.current) = Some(inc.clone());
         host.set_incoming(Some((name, self.0.abandon.clone())));
         Ok(Box::new(TargetSide(inc, self.0.clone())))

@@ -24,6 +24,9 @@ pub trait DiskLocks: Send + Sync {
         node: NodeId,
         disks: &[DiskSpec],
     ) -> Result<Vec<LockGrant>, LockOpError>;
+    /// Target of a migration, when the session is set up (long before the storage
+    /// stage): a chance to make the source's reserved handoffs visible locally.
+    fn prepare_incoming(&self, _vm: &str, _disks: &[DiskSpec]) {}
     /// Source of a migration rolled back after [`DiskLocks::commit`]: brings `disks`
     /// back to `node` (handing them back from wherever they went) and returns the grants.
     fn reclaim(
