@@ -23,10 +23,12 @@
 //! [`server`] wires the layers together; `main.rs` only parses flags and calls it.
 //! Beside them, depending on no layer but `node` for the agent's status: [`logging`] (the
 //! stderr log, text or JSON) and [`systemd`] (readiness, status and watchdog
-//! notifications).
+//! notifications), and `crash_point` (named abort points for fault tests, reachable
+//! from every layer).
 
 pub mod api;
 pub mod control;
+pub(crate) mod crash_point;
 pub mod logging;
 pub mod node;
 pub mod raft;

@@ -20,7 +20,7 @@ pub enum RunError {
         source: std::io::Error,
     },
     #[error("bad fault-injection setting")]
-    CrashPoint(#[source] crate::control::crash_point::CrashPointError),
+    CrashPoint(#[source] crate::crash_point::CrashPointError),
     #[error("cannot start the agent")]
     Start(#[source] StartError),
     #[error("cannot open the shared volumes named in the config (`volumes`)")]
@@ -99,7 +99,7 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, RunErr
 
 /// Run the agent until `shutdown` resolves, then stop cleanly.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-    crate::control::crash_point::check_env().map_err(RunError::CrashPoint)?;
+    crate::crash_point::check_env().map_err(RunError::CrashPoint)?;
     let credentials = crate::node::credentials::SharedCredentials::new(
         crate::api::tls::load_credentials(&config).map_err(RunError::Credentials)?,
     );

@@ -965,6 +965,7 @@ async fn owner_dying_after_the_switchover_leaves_the_vm_on_the_target() {
         .await
         .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
     assert_eq!(handed.holders, vec![dst]);
+    assert_eq!(handed.handoff_to, 0);
     assert_eq!(fence_token(&csv, "vol/vms/w.img"), handed.token);
     let events = cl.check(cl.events(leader).await);
     assert!(
@@ -1130,4 +1131,88 @@ async fn quick_migration_source_dying_before_the_save_and_restarting() {
         .wait_heartbeat(leader, "vm-q", |h| h.disk == "ok" && h.seq >= 3)
         .await;
     assert_eq!(node, after.owner_id);
+}
+
+/// The token a lock event names (`... fencing token N ...`).
+fn event_token(message: &str) -> Option<u64> {
+    let rest = &message[message.find("fencing token ")? + "fencing token ".len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The target dies after it opened the disk with the staged handoff's reserved token
+/// (crash point `migrate-in-after-restore`: VM restored, disks open, `Ready` not sent):
+/// the source rolls back and takes the disk back with a token above the reserved one, so
+/// its fence record refuses the target's token from then on; the guest goes on where it
+/// was on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_dying_after_opening_with_the_reserved_token_gives_the_disk_back_above_it() {
+    let _serial = cluster_tests::serial().await;
+    // Only a migration target reaches this point.
+    let crash = [("CLUSTER_AGENT_CRASH_AT", "migrate-in-after-restore")];
+    let (cl, csv) = disk_cluster_with_env(3, &crash).await;
+    create_disk(&cl, 1, "vol/vms/t.img").await;
+    let leader = cl.check(cl.status(1).await).leader_id;
+    let (src, dst) = followers(leader);
+    let spec = pb::VmSpec {
+        preferred_owners: vec![src],
+        ..disk_spec("vm-t", &["vol/vms/t.img"])
+    };
+    let mut c = cl.vms(leader).await;
+    let before = cl.create_running(leader, spec).await;
+    assert_eq!(before.owner_id, src);
+    let (_, hb) = cl
+        .wait_heartbeat(leader, "vm-t", |h| h.disk == "ok" && disk_passes(h) >= 1)
+        .await;
+    let old = cl
+        .lock_of(leader, "vol/vms/t.img")
+        .await
+        .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
+
+    c.migrate_vm(pb::MigrateVmRequest {
+        name: "vm-t".into(),
+        to_node_id: dst,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("migrate: {e}{}", cl.logs()));
+    cl.wait_vm(leader, "vm-t", "rollback to the source", |v| {
+        v.migrating_to == 0 && v.owner_id == src
+    })
+    .await;
+    assert!(
+        cl.log_tail(dst, 200).contains("crash point reached"),
+        "the target did not crash at the crash point{}",
+        cl.logs()
+    );
+    let events = cl.check(cl.events(leader).await);
+    let reserved = format!("disk vol/vms/t.img handoff from node {src} to node {dst} reserved");
+    let reserved_token = events
+        .iter()
+        .find(|e| e.message.contains(&reserved))
+        .and_then(|e| event_token(&e.message))
+        .unwrap_or_else(|| panic!("no reservation event: {events:?}"));
+    assert!(reserved_token > old.token);
+    // The guest runs on the source again, writing its disk, without a reboot.
+    let (node, after) = cl
+        .wait_heartbeat(leader, "vm-t", |h| {
+            h.seq > hb.seq && h.disk == "ok" && disk_passes(h) > disk_passes(&hb)
+        })
+        .await;
+    assert_eq!(node, src);
+    assert!(after.seq > hb.seq);
+    let now = cl
+        .lock_of(leader, "vol/vms/t.img")
+        .await
+        .unwrap_or_else(|| panic!("not locked{}", cl.logs()));
+    assert_eq!(now.holders, vec![src]);
+    assert_eq!(now.handoff_to, 0, "{now:?}");
+    assert!(
+        now.token > reserved_token,
+        "token {} taken back at or below the reserved {reserved_token}",
+        now.token
+    );
+    assert_eq!(fence_token(&csv, "vol/vms/t.img"), now.token);
 }

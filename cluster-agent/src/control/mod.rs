@@ -13,11 +13,9 @@
 //! - [`placement`]: the scheduler snapshot of the state and the placement decisions.
 //! - [`disk_lock_client`]: the agent's side of the replicated lock table.
 //! - [`progress`]: live progress of the migrations this node is the source of.
-//! - [`crash_point`]: named abort points for fault tests.
 //!
 //! **Architecture Invariant:** no tonic or protobuf types here.
 
-pub(crate) mod crash_point;
 pub mod demand;
 pub mod disk_lock_client;
 pub mod failover;

@@ -445,9 +445,7 @@ async fn migrate_out(
         crate::control::disk_lock_client::ClusterLocks::for_migration_source(agent.clone());
     let mut reserved = 0;
     let result: Result<(String, crate::state::migrations::MigrationSummary), String> = if quick {
-        crate::control::crash_point::reached(
-            crate::control::crash_point::QUICK_MIGRATE_OUT_BEFORE_SAVE,
-        );
+        crate::crash_point::reached(crate::crash_point::QUICK_MIGRATE_OUT_BEFORE_SAVE);
         crate::control::quick_migration::save_and_hand_off(agent, host, name, to)
             .await
             .map(|line| (line, crate::state::migrations::MigrationSummary::default()))
@@ -482,9 +480,7 @@ async fn migrate_out(
     };
     let (ok, reason, stats) = match result {
         Ok((summary, stats)) => {
-            crate::control::crash_point::reached(
-                crate::control::crash_point::MIGRATE_OUT_AFTER_SWITCHOVER,
-            );
+            crate::crash_point::reached(crate::crash_point::MIGRATE_OUT_AFTER_SWITCHOVER);
             tracing::info!(vm = name, to, %summary, "vm migrated");
             // A quick migration has no live figures (its summary is empty).
             progress.finished(Outcome::Succeeded, (!quick).then_some(&stats));

@@ -757,6 +757,7 @@ impl TargetVm for TargetSide {
                 session.restore(state, &self.0.layout, &grants)?
             }
         }
+        crate::crash_point::reached(crate::crash_point::MIGRATE_IN_AFTER_RESTORE);
         Ok(())
     }
     fn resume(&self) -> Result<(), OpError> {

@@ -17,8 +17,16 @@ pub const MIGRATE_OUT_AFTER_SWITCHOVER: &str = "migrate-out-after-switchover";
 /// Source of a quick migration, before it saves the VM (nothing handed off yet).
 pub const QUICK_MIGRATE_OUT_BEFORE_SAVE: &str = "quick-migrate-out-before-save";
 
+/// Target of a live migration, once it restored the VM and opened its disks (with the
+/// staged handoff's reserved tokens), before it tells the source it is ready.
+pub const MIGRATE_IN_AFTER_RESTORE: &str = "migrate-in-after-restore";
+
 /// Every crash point.
-pub const POINTS: &[&str] = &[MIGRATE_OUT_AFTER_SWITCHOVER, QUICK_MIGRATE_OUT_BEFORE_SAVE];
+pub const POINTS: &[&str] = &[
+    MIGRATE_OUT_AFTER_SWITCHOVER,
+    QUICK_MIGRATE_OUT_BEFORE_SAVE,
+    MIGRATE_IN_AFTER_RESTORE,
+];
 
 /// A bad [`ENV`] setting.
 #[derive(Debug, thiserror::Error)]
