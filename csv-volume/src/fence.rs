@@ -201,14 +201,9 @@ pub fn read_fence_record(disk_path: &Path) -> Result<Option<FenceRecord>, FenceE
     }
 }
 
-/// Atomically installs `record` as the fence record of the disk at `disk_path`.
-///
-/// Never rolls a record back: an existing record with a newer token is an error. The
-/// same token is accepted again when it names the same epoch (idempotent retries, and
-/// further readers of one shared epoch); the record is then left as it is.
-///
-/// Returns `true` when a new record was written.
-pub fn write_fence_record(disk_path: &Path, record: &FenceRecord) -> Result<bool, FenceError> {
+/// Whether `record` must be written: `false` when the current record names the same
+/// epoch; an error when it would roll a newer record back or conflict with its epoch.
+fn needs_writing(disk_path: &Path, record: &FenceRecord) -> Result<bool, FenceError> {
     let path = fence_path(disk_path);
     if let Some(current) = read_fence_record(disk_path)? {
         if current.token > record.token {
@@ -233,6 +228,21 @@ pub fn write_fence_record(disk_path: &Path, record: &FenceRecord) -> Result<bool
                 recorded_mode: current.mode,
             });
         }
+    }
+    Ok(true)
+}
+
+/// Atomically installs `record` as the fence record of the disk at `disk_path`.
+///
+/// Never rolls a record back: an existing record with a newer token is an error. The
+/// same token is accepted again when it names the same epoch (idempotent retries, and
+/// further readers of one shared epoch); the record is then left as it is.
+///
+/// Returns `true` when a new record was written.
+pub fn write_fence_record(disk_path: &Path, record: &FenceRecord) -> Result<bool, FenceError> {
+    let path = fence_path(disk_path);
+    if !needs_writing(disk_path, record)? {
+        return Ok(false);
     }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(
@@ -269,6 +279,94 @@ pub fn write_fence_record(disk_path: &Path, record: &FenceRecord) -> Result<bool
         "fence record written"
     );
     Ok(true)
+}
+
+/// Where [`stage_fence_record`] keeps `record` for the disk at `disk_path` until it is
+/// installed: beside the record, named by its token and node (a fence temporary, so
+/// volume listings skip it).
+pub fn staged_path(disk_path: &Path, record: &FenceRecord) -> PathBuf {
+    let mut s = fence_path(disk_path).into_os_string();
+    s.push(format!(
+        "{}.staged.{}.{}",
+        &FENCE_TMP_MARKER[FENCE_SUFFIX.len()..],
+        record.token.0,
+        record.node
+    ));
+    PathBuf::from(s)
+}
+
+/// Staged handoff, before the source pauses: writes `record` (the reserved epoch) durably
+/// beside the current record without installing it, so that installing it later is one
+/// rename ([`install_fence_record`]). Refused like [`write_fence_record`] when it would roll
+/// a newer record back; nothing is staged when the current record already names this
+/// epoch.
+pub fn stage_fence_record(disk_path: &Path, record: &FenceRecord) -> Result<(), FenceError> {
+    if !needs_writing(disk_path, record)? {
+        return Ok(());
+    }
+    let staged = staged_path(disk_path, record);
+    match fs::remove_file(&staged) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("remove stale staged record", &staged)(e)),
+    }
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&staged)
+            .map_err(io_err("create staged record", &staged))?;
+        f.write_all(&record.encode())
+            .map_err(io_err("write staged record", &staged))?;
+        f.sync_all().map_err(io_err("sync staged record", &staged))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&staged);
+    }
+    result
+}
+
+/// Installs `record` for the disk at `disk_path`: by renaming the copy
+/// [`stage_fence_record`] left (it must hold exactly this record), or, without one, as
+/// [`write_fence_record`] does. Never rolls a newer record back. With a staged copy the
+/// rename is visible at once but made durable only by [`sync_record_dir`] (the caller's
+/// choice: a staged handoff's target syncs after its VM resumed, when the old holder has
+/// long closed the disk). Returns `true` when a record was installed.
+pub fn install_fence_record(disk_path: &Path, record: &FenceRecord) -> Result<bool, FenceError> {
+    let staged = staged_path(disk_path, record);
+    let Some(f) = open_record(&staged)? else {
+        return write_fence_record(disk_path, record);
+    };
+    let matches = read_open_record(&f, &staged).is_ok_and(|r| r == *record);
+    drop(f);
+    if !matches || !needs_writing(disk_path, record)? {
+        let _ = fs::remove_file(&staged);
+        if !matches {
+            return write_fence_record(disk_path, record);
+        }
+        return Ok(false);
+    }
+    let path = fence_path(disk_path);
+    fs::rename(&staged, &path).map_err(io_err("rename staged record into place", &path))?;
+    tracing::info!(
+        path = %path.display(),
+        token = record.token.0,
+        node = record.node,
+        "staged fence record installed"
+    );
+    Ok(true)
+}
+
+/// Drops a record staged for `record` (a migration that ended before it was installed).
+pub fn discard_staged_record(disk_path: &Path, record: &FenceRecord) {
+    let _ = fs::remove_file(staged_path(disk_path, record));
+}
+
+/// Makes an installed record's rename durable (fsync of its directory).
+pub fn sync_record_dir(disk_path: &Path) -> Result<(), FenceError> {
+    sync_parent(&fence_path(disk_path))
 }
 
 /// fsyncs the directory holding `path`, making a rename or unlink durable.

@@ -20,7 +20,10 @@ use std::thread;
 use std::time::Instant;
 
 use crate::disk::{DiskError, FencedDisk};
-use crate::fence::{write_fence_record, FenceError, FenceRecord};
+use crate::fence::{
+    discard_staged_record, install_fence_record, stage_fence_record, sync_record_dir,
+    write_fence_record, FenceError, FenceRecord,
+};
 use crate::lock::{LockCommand, LockGrant, LockMode, NodeId};
 use crate::volume::{VolumeError, VolumeRegistry};
 
@@ -119,8 +122,9 @@ pub fn handoff_release(disk: FencedDisk, to: NodeId) -> Result<LockCommand, Hook
     })
 }
 
-/// Migration, target side: with the grant from the committed `Handoff`, installs the
-/// new token and opens the disk.
+/// Migration, target side: with the grant from the committed `Handoff` (or the reserved
+/// one of a staged handoff), installs the new token — renaming the record
+/// [`stage_handoff`] prepared, when there is one — and opens the disk.
 pub fn handoff_open(
     registry: &VolumeRegistry,
     local_node: NodeId,
@@ -132,7 +136,43 @@ pub fn handoff_open(
             mode: grant.mode,
         });
     }
-    open_for_vm(registry, local_node, grant)
+    check_node(local_node, grant)?;
+    let path = registry.disk_path(&grant.disk).map_err(HookError::Volume)?;
+    install_fence_record(&path, &FenceRecord::from(grant)).map_err(HookError::Fence)?;
+    FencedDisk::open(
+        &path,
+        Some(grant.disk.clone()),
+        grant.node,
+        grant.token,
+        grant.mode,
+    )
+    .map_err(HookError::Open)
+}
+
+/// Staged handoff, target side, before the source pauses: writes the reserved grant's
+/// fence record durably beside the current one, so that [`handoff_open`] installs it
+/// with one rename inside the blackout. The old holder keeps writing until then.
+pub fn stage_handoff(
+    registry: &VolumeRegistry,
+    local_node: NodeId,
+    grant: &LockGrant,
+) -> Result<(), HookError> {
+    check_node(local_node, grant)?;
+    let path = registry.disk_path(&grant.disk).map_err(HookError::Volume)?;
+    stage_fence_record(&path, &FenceRecord::from(grant)).map_err(HookError::Fence)
+}
+
+/// A staged handoff that will not be installed (the migration ended first).
+pub fn discard_staged_handoff(registry: &VolumeRegistry, grant: &LockGrant) {
+    if let Ok(path) = registry.disk_path(&grant.disk) {
+        discard_staged_record(&path, &FenceRecord::from(grant));
+    }
+}
+
+/// After the VM runs on the target: makes the installed record's rename durable.
+pub fn sync_handoff(registry: &VolumeRegistry, grant: &LockGrant) -> Result<(), HookError> {
+    let path = registry.disk_path(&grant.disk).map_err(HookError::Volume)?;
+    sync_record_dir(&path).map_err(HookError::Fence)
 }
 
 /// Failover: with the grant from a committed `ForceTakeover`, waits until the old

@@ -18,9 +18,10 @@ pub mod name;
 pub mod volume;
 
 pub use disk::{disk_error, DiskError, FenceCheck, FencedDisk};
-pub use fence::{FenceError, FenceRecord};
+pub use fence::{staged_path, FenceError, FenceRecord};
 pub use hooks::{
-    handoff_open, handoff_release, open_for_vm, release_on_stop, takeover_open, HookError,
+    discard_staged_handoff, handoff_open, handoff_release, open_for_vm, release_on_stop,
+    stage_handoff, sync_handoff, takeover_open, HookError,
 };
 pub use lock::{
     ApplyContext, DiskLock, FencingToken, LockCommand, LockError, LockGrant, LockMode, LockOutcome,

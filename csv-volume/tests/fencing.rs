@@ -7,8 +7,9 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use csv_volume::{
-    disk_error, handoff_open, handoff_release, open_for_vm, release_on_stop, takeover_open,
-    ApplyContext, DiskError, DiskName, FencingToken, HookError, LockCommand, LockGrant, LockMode,
+    discard_staged_handoff, disk_error, handoff_open, handoff_release, open_for_vm,
+    release_on_stop, stage_handoff, staged_path, sync_handoff, takeover_open, ApplyContext,
+    DiskError, DiskName, FenceRecord, FencingToken, HookError, LockCommand, LockGrant, LockMode,
     LockOutcome, LockTable, NodeId, VolumeRegistry,
 };
 
@@ -455,4 +456,99 @@ fn owner_grows_an_open_disk_and_sees_the_new_size() {
     assert!(reg
         .grow_disk(&name, 4 * DISK_SIZE_BYTES, 2, &raft.table)
         .is_err());
+}
+
+/// Staged handoff: the source keeps writing while the target's record is staged; the
+/// source's flush and close and the target's install (one rename) are all the storage
+/// stage does; the source's old token is refused from the rename on.
+#[test]
+fn staged_handoff_installs_the_reserved_record_with_one_rename() {
+    let (_dir, reg, name) = setup();
+    let path = reg.disk_path(&name).unwrap();
+    let mut raft = Raft::new();
+    let g1 = raft.acquire(&name, 1, LockMode::Exclusive);
+    let src = open_for_vm(&reg, 1, &g1).unwrap();
+    let src = std::sync::Arc::new(std::sync::Mutex::new(src));
+    let reserved = match raft.apply(LockCommand::ReserveHandoff {
+        disk: name.clone(),
+        from: 1,
+        to: 2,
+    }) {
+        LockOutcome::Reserved(g) => g,
+        other => panic!("expected a reservation, got {other:?}"),
+    };
+    assert!(reserved.token > g1.token);
+
+    // Staging refuses the wrong node, writes nothing the source would notice.
+    assert!(matches!(
+        stage_handoff(&reg, 3, &reserved),
+        Err(HookError::WrongNode { .. })
+    ));
+    stage_handoff(&reg, 2, &reserved).unwrap();
+    let staged = staged_path(&path, &FenceRecord::from(&reserved));
+    assert!(staged.exists());
+    {
+        let mut s = src.lock().unwrap();
+        s.write_at(b"written while staged", 0).unwrap();
+        assert!(s.has_unsynced_writes());
+        s.flush().unwrap();
+        assert!(!s.has_unsynced_writes());
+        // Nothing written since: the flush only checks the fence.
+        s.flush().unwrap();
+    }
+    // A disk listing does not show the staged record.
+    assert_eq!(reg.list(&raft.table).unwrap().len(), 1);
+
+    // Storage stage: the source closes (no lock entry), the target installs and opens.
+    let leftover = std::sync::Arc::try_unwrap(src)
+        .unwrap()
+        .into_inner()
+        .unwrap();
+    let mut late_writer = open_for_vm(&reg, 1, &g1).unwrap();
+    let _ = handoff_release(leftover, 2).unwrap();
+    let mut dst = handoff_open(&reg, 2, &reserved).unwrap();
+    assert!(!staged.exists(), "the staged record was renamed into place");
+    let mut buf = [0u8; 20];
+    dst.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"written while staged");
+    sync_handoff(&reg, &reserved).unwrap();
+    // A writer still holding the old token is refused from now on.
+    let err = late_writer.write_at(b"late", 0).unwrap_err();
+    assert_eq!(stale(&err), Some((g1.token, reserved.token)));
+
+    // The completion keeps the token the target opened with.
+    let g2 = raft.grant(LockCommand::CompleteHandoff {
+        disk: name.clone(),
+        from: 1,
+        to: 2,
+    });
+    assert_eq!(g2, reserved);
+    dst.write_at(b"after", 0).unwrap();
+
+    // A staged record of an epoch that ended first is discarded, and an old one can
+    // never be installed over a newer record.
+    let r2 = match raft.apply(LockCommand::ReserveHandoff {
+        disk: name.clone(),
+        from: 2,
+        to: 1,
+    }) {
+        LockOutcome::Reserved(g) => g,
+        other => panic!("expected a reservation, got {other:?}"),
+    };
+    stage_handoff(&reg, 1, &r2).unwrap();
+    discard_staged_handoff(&reg, &r2);
+    assert!(!staged_path(&path, &FenceRecord::from(&r2)).exists());
+    stage_handoff(&reg, 1, &r2).unwrap();
+    let back = raft.grant(LockCommand::Acquire {
+        disk: name.clone(),
+        node: 2,
+        mode: LockMode::Exclusive,
+    });
+    assert!(back.token > r2.token);
+    drop(dst);
+    let _again = open_for_vm(&reg, 2, &back).unwrap();
+    assert!(matches!(
+        handoff_open(&reg, 1, &r2),
+        Err(HookError::Fence(_))
+    ));
 }
