@@ -432,9 +432,14 @@ async fn live_then_quick_migration_hand_the_disk_off() {
     );
     let l = cl.lock_of(1, "vol/vms/m.img").await;
     assert_eq!(l.map(|l| (l.handoff_to, l.handoff_token)), Some((0, 0)));
-    if std::env::var_os("PROBE_LOGS").is_some() {
-        eprintln!("{}", cl.logs());
-    }
+    // The target's staged fence record was installed by its rename: nothing is left.
+    let leftovers: Vec<_> = std::fs::read_dir(csv.join("vms"))
+        .unwrap_or_else(|e| panic!("list the volume: {e}"))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".fence.tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     let (node, hb1) = cl
         .wait_heartbeat(1, "vm-m", |h| {
             h.seq > hb0.seq && h.disk == "ok" && disk_passes(h) > disk_passes(&hb0)

@@ -473,15 +473,20 @@ impl DiskLocks for ClusterLocks {
         Ok(out)
     }
 
-    fn prepare_incoming(&self, vm: &str, disks: &[DiskSpec]) {
+    fn prepare_incoming(&self, vm: &str, node: u64, disks: &[DiskSpec]) -> Vec<LockGrant> {
         if disks.iter().all(|d| d.read_only) {
-            return;
+            return Vec::new();
         }
         // The source reserved the handoffs before it connected: make them visible here
         // now, so the storage stage reads them without a round trip.
         if let Err(e) = self.rt.block_on(self.agent.linearizable_read()) {
             tracing::info!(vm, error = %e, "replica not synced before the incoming migration");
         }
+        disks
+            .iter()
+            .filter(|d| !d.read_only)
+            .filter_map(|d| reserved_grant(&self.agent, &d.name, node))
+            .collect()
     }
 
     fn reclaim(

@@ -282,6 +282,9 @@ impl SourceVm for SourceSide {
         *lock(&self.pending) = cmds;
         Ok(())
     }
+    fn flush_disks(&self) -> Result<(), OpError> {
+        Ok(self.vm.flush_disks()?)
+    }
     fn reattach_disks(&self) -> Result<(), OpError> {
         let saved = lock(&self.saved_slots).clone();
         let slots = std::mem::take(&mut *lock(&self.detached));
@@ -643,6 +646,51 @@ struct Incoming {
     grants: Mutex<Vec<LockGrant>>,
     /// Held while the VM is received in a worker (a local VM holds its own).
     reservation: Mutex<Option<Reservation>>,
+    /// Reserved grants whose fence records were staged at set-up.
+    staged: Mutex<Vec<LockGrant>>,
+    /// The VM runs here: staged records were installed and are synced, not discarded.
+    resumed: AtomicBool,
+    /// For discarding staged records when the migration ends first.
+    host: std::sync::Weak<VmHost>,
+}
+
+impl Incoming {
+    /// After the resume: makes the installed records' renames durable, off the VM's path.
+    fn sync_staged(&self, host: &Arc<VmHost>) {
+        let staged = lock(&self.staged).clone();
+        if staged.is_empty() {
+            return;
+        }
+        let (host, vm) = (host.clone(), self.name.clone());
+        let spawned = std::thread::Builder::new()
+            .name("fence-sync".into())
+            .spawn(move || {
+                for g in &staged {
+                    if let Err(e) = csv_volume::sync_handoff(host.registry(), g) {
+                        tracing::warn!(vm = %vm, disk = %g.disk, error = %crate::error_chain(&e), "fence record rename not synced");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(vm = %self.name, error = %e, "cannot start the fence-record sync");
+        }
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if self.resumed.load(Ordering::SeqCst) {
+            return;
+        }
+        // The migration ended before the VM ran here: no staged record may stay behind
+        // (an installed one is gone from its staged name already).
+        let staged = std::mem::take(&mut *lock(&self.staged));
+        if let Some(host) = self.host.upgrade() {
+            for g in &staged {
+                csv_volume::discard_staged_handoff(host.registry(), g);
+            }
+        }
+    }
 }
 
 struct TargetShared {
@@ -728,10 +776,24 @@ impl TargetFactory for Factory {
             source_node: blob.source_node,
             grants: Mutex::new(Vec::new()),
             reservation: Mutex::new(reservation),
+            staged: Mutex::new(Vec::new()),
+            resumed: AtomicBool::new(false),
+            host: Arc::downgrade(host),
         });
-        self.0
-            .locks
-            .prepare_incoming(&name, &layout_disks(&inc.layout));
+        // Staged handoff: the fence records of the reserved epochs are written now, while
+        // the source still runs; the storage stage installs each with one rename.
+        let reserved =
+            self.0
+                .locks
+                .prepare_incoming(&name, host.node(), &layout_disks(&inc.layout));
+        for g in &reserved {
+            match csv_volume::stage_handoff(host.registry(), host.node(), g) {
+                Ok(()) => lock(&inc.staged).push(g.clone()),
+                Err(e) => {
+                    tracing::warn!(vm = %name, disk = %g.disk, error = %crate::error_chain(&e), "fence record not staged; written at the storage stage")
+                }
+            }
+        }
         *lock(&self.0.current) = Some(inc.clone());
         host.set_incoming(Some((name, self.0.abandon.clone())));
         Ok(Box::new(TargetSide(inc, self.0.clone())))
@@ -765,6 +827,8 @@ impl TargetVm for TargetSide {
             IncomingVm::Local(_, vm) => vm.vm.resume()?,
             IncomingVm::Worker { session, .. } => session.resume()?,
         }
+        self.0.resumed.store(true, Ordering::SeqCst);
+        self.0.sync_staged(&self.1.host);
         Ok(())
     }
     fn announce_nics(&self) {

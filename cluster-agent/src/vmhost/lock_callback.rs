@@ -25,8 +25,11 @@ pub trait DiskLocks: Send + Sync {
         disks: &[DiskSpec],
     ) -> Result<Vec<LockGrant>, LockOpError>;
     /// Target of a migration, when the session is set up (long before the storage
-    /// stage): a chance to make the source's reserved handoffs visible locally.
-    fn prepare_incoming(&self, _vm: &str, _disks: &[DiskSpec]) {}
+    /// stage): the staged handoffs the source reserved for `node` (made visible locally
+    /// first), whose fence records the target prepares before the pause.
+    fn prepare_incoming(&self, _vm: &str, _node: NodeId, _disks: &[DiskSpec]) -> Vec<LockGrant> {
+        Vec::new()
+    }
     /// Source of a migration rolled back after [`DiskLocks::commit`]: brings `disks`
     /// back to `node` (handing them back from wherever they went) and returns the grants.
     fn reclaim(

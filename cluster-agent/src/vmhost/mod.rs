@@ -111,6 +111,13 @@ pub enum VmHostError {
         #[source]
         source: csv_volume::HookError,
     },
+    #[error("VM {vm}: cannot flush disk {disk}")]
+    Flush {
+        vm: String,
+        disk: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("disk {disk} is still in use by its virtio slot")]
     DiskStillShared { disk: String },
     #[error("VM {vm}: cannot {op}")]

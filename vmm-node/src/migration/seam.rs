@@ -26,6 +26,12 @@ pub trait SourceVm: Send + Sync {
     fn save_state(&self) -> Result<Vec<u8>, OpError>;
     /// Flushes and closes every disk (the guest sees nothing: it is paused).
     fn detach_disks(&self) -> Result<(), OpError>;
+    /// Just before the pause: make the disks' writes so far durable while the guest
+    /// still runs, so that the flush inside the blackout ([`SourceVm::detach_disks`])
+    /// has little or nothing left to do.
+    fn flush_disks(&self) -> Result<(), OpError> {
+        Ok(())
+    }
     /// Re-opens the disks closed by [`SourceVm::detach_disks`] (rollback).
     fn reattach_disks(&self) -> Result<(), OpError>;
 }

@@ -548,6 +548,7 @@ fn run(
     if cancel.is_cancelled() {
         return Err(MigrationError::Cancelled(None));
     }
+    vm.flush_disks().map_err(vm_err("flush disks"))?;
     let pause_at = Instant::now();
     vm.pause().map_err(vm_err("pause"))?;
     undo.paused = true;
