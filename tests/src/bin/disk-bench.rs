@@ -5,7 +5,8 @@
 //! 1. start: `vm create` → first heartbeat, for a VM with a disk (locks committed, fence
 //!    record written, disk opened) against the same VM without a disk;
 //! 2. live migration blackout (from the committed migration event) with a disk (the
-//!    handoff commit runs inside the blackout) against without;
+//!    staged handoff: lock entries before and after it, the fence record installed by a
+//!    rename inside it) against without;
 //! 3. quick migration (`--quick`: save to the volume, handoff, restore) against live
 //!    migration of the same VM, request → running on the target;
 //! 4. failover: kill -9 of the owner → first `disk=ok` heartbeat elsewhere (lock takeover
@@ -246,7 +247,7 @@ async fn main() -> ExitCode {
         median(&mut f.start_nodisk_ms)
     );
     println!(
-        "live   blackout: with disk {} us (handoff commit inside), without disk {} us (baseline)",
+        "live   blackout: with disk {} us (staged handoff), without disk {} us (baseline)",
         median(&mut f.blackout_disk_us),
         median(&mut f.blackout_nodisk_us)
     );
