@@ -60,7 +60,7 @@ pub enum VolumeError {
         requested_bytes: u64,
     },
     #[error("disk {name} is locked {} by node(s) {:?}", lock.mode, lock.holders)]
-    Locked { name: DiskName, lock: DiskLock },
+    Locked { name: DiskName, lock: Box<DiskLock> },
     #[error("cannot {op} {path}")]
     Io {
         op: &'static str,
@@ -367,7 +367,7 @@ impl VolumeRegistry {
             if !(lock.mode == LockMode::Exclusive && lock.holders.contains(&node)) {
                 return Err(VolumeError::Locked {
                     name: name.clone(),
-                    lock: lock.clone(),
+                    lock: Box::new(lock.clone()),
                 });
             }
         }
@@ -398,7 +398,7 @@ impl VolumeRegistry {
         if let Some(lock) = locks.lock(name) {
             return Err(VolumeError::Locked {
                 name: name.clone(),
-                lock: lock.clone(),
+                lock: Box::new(lock.clone()),
             });
         }
         let path = self.disk_path(name)?;

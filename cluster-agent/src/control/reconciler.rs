@@ -387,7 +387,7 @@ async fn resolve_orphaned_migrations(
         };
         tracing::warn!(vm = %name, to, ok, %reason, "orphaned migration resolved");
         if ok {
-            crate::control::disk_lock_client::complete_reserved_handoffs(&agent, &name, to).await;
+            crate::control::disk_lock_client::complete_reserved_handoffs(agent, &name, to).await;
         }
         let cmd = Command::Vm(VmCommand::FinishMigration {
             name: name.clone(),
