@@ -86,6 +86,51 @@ pub fn calibration(state: &ClusterState) -> BTreeMap<u64, NodeCalibration> {
         .collect()
 }
 
+/// How many of the latest job moves [`job_step_gap_ms`] is the median of.
+pub const MEASURED_JOB_GAPS: usize = 8;
+/// A job's time between one move's end and the next one's start (wake on the applied
+/// end, plan the step, commit its start) before any job was measured: about what the job
+/// runner took per step on the project's 2-core machine (drain-bench, 2026-12-07).
+pub const JOB_STEP_GAP_DEFAULT_MS: u64 = 50;
+/// Gaps longer than this are not steps of a running job (a pause, a wait for a slot).
+const JOB_STEP_GAP_MAX_MS: u64 = 5_000;
+
+/// The median time the cluster's jobs (drain, failback, balance) took between the end of
+/// one move and the start of the next, over their latest [`MEASURED_JOB_GAPS`] steps;
+/// [`JOB_STEP_GAP_DEFAULT_MS`] before any was measured. Plans add it to each move, since
+/// a job's moves from one node run one after another.
+pub fn job_step_gap_ms(state: &ClusterState) -> u64 {
+    use crate::state::jobs::MoveStatus;
+    let mut gaps = Vec::new();
+    for job in state.jobs.jobs.values().rev() {
+        let mut done: Vec<(u64, u64)> = job
+            .moves
+            .iter()
+            .filter(|m| m.status == MoveStatus::Done && m.started_unix_ms > 0)
+            .map(|m| (m.started_unix_ms, m.ended_unix_ms))
+            .collect();
+        done.sort_unstable();
+        for pair in done.windows(2).rev() {
+            let (prev_end, next_start) = (pair[0].1, pair[1].0);
+            if prev_end == 0 || next_start < prev_end {
+                continue; // overlapping moves (a wave of several) leave no gap
+            }
+            let gap = next_start - prev_end;
+            if gap <= JOB_STEP_GAP_MAX_MS && gaps.len() < MEASURED_JOB_GAPS {
+                gaps.push(gap);
+            }
+        }
+        if gaps.len() >= MEASURED_JOB_GAPS {
+            break;
+        }
+    }
+    if gaps.is_empty() {
+        return JOB_STEP_GAP_DEFAULT_MS;
+    }
+    gaps.sort_unstable();
+    gaps[gaps.len() / 2]
+}
+
 /// Every node's migration speed as the cluster measured it ([`calibration`]).
 pub fn measured_bandwidths(state: &ClusterState) -> BTreeMap<u64, u64> {
     calibration(state)
@@ -205,10 +250,13 @@ pub fn snapshot(state: &ClusterState) -> Result<ClusterSnapshot, PlacementError>
         }
     }
     let calibrated = calibration(state);
+    // Plans are carried out by jobs: each move also waits for its job's next step.
+    let step_gap = job_step_gap_ms(state);
     for n in &mut nodes {
+        n.migration_overhead_ms = step_gap;
         if let Some(c) = calibrated.get(&n.id.0) {
             n.migration_bandwidth_mib_per_s = c.bandwidth_mib_per_s;
-            n.migration_overhead_ms = c.overhead_ms;
+            n.migration_overhead_ms = c.overhead_ms.saturating_add(step_gap);
         }
     }
     let known: BTreeSet<u64> = nodes.iter().map(|n| n.id.0).collect();
@@ -728,11 +776,54 @@ mod tests {
             .map(|n| n.migration_bandwidth_mib_per_s)
             .collect();
         assert_eq!(bw, vec![256, 256, 2_560]);
+        // The cluster's overhead, and the step gap of jobs (none measured yet: the default).
         let overhead: Vec<u64> = snap.nodes.iter().map(|n| n.migration_overhead_ms).collect();
-        assert_eq!(overhead, vec![300, 300, 300]);
+        let with_gap = 300 + JOB_STEP_GAP_DEFAULT_MS;
+        assert_eq!(overhead, vec![with_gap, with_gap, with_gap]);
         // Blackouts 5, 6 and 7 ms between 1 and 2: the median.
         let c = calibration(&s);
         assert_eq!((c[&1].blackout_us, c[&2].blackout_us), (6_000, 6_000));
+    }
+
+    #[test]
+    fn job_step_gap_is_the_median_gap_between_a_jobs_serial_moves() {
+        use crate::state::jobs::{JobKind, JobMove, JobRecord, JobStatus, MoveStatus};
+        let mut s = cluster(&[8, 8]);
+        assert_eq!(job_step_gap_ms(&s), JOB_STEP_GAP_DEFAULT_MS);
+        let mv = |vm: &str, start, end, status| JobMove {
+            status,
+            started_unix_ms: start,
+            ended_unix_ms: end,
+            ..JobMove::queued(vm, 1, 2, 0, 0, 0)
+        };
+        let job = JobRecord {
+            id: 1,
+            kind: JobKind::Drain,
+            node: 1,
+            status: JobStatus::Done,
+            moves: vec![
+                // Gaps 40, 60 and 20 ms; an overlapping move and a 9 s pause do not count,
+                // nor does a move that never ran.
+                mv("a", 1_000, 1_500, MoveStatus::Done),
+                mv("b", 1_540, 2_000, MoveStatus::Done),
+                mv("c", 2_060, 2_500, MoveStatus::Done),
+                mv("d", 2_400, 2_700, MoveStatus::Done),
+                mv("e", 2_720, 3_000, MoveStatus::Done),
+                mv("f", 12_000, 12_500, MoveStatus::Done),
+                mv("g", 0, 0, MoveStatus::Dropped),
+            ],
+            planned_finish_unix_ms: 0,
+            created_unix_ms: 0,
+            updated_unix_ms: 0,
+            finished_unix_ms: 0,
+            reason: String::new(),
+            failed_back: false,
+        };
+        s.jobs.jobs.insert(1, job);
+        // Gaps: b−a 40, c−b 60, e−d 20 (d overlaps c); f follows e after 9 s.
+        assert_eq!(job_step_gap_ms(&s), 40);
+        let snap = snapshot(&s).expect("snapshot");
+        assert!(snap.nodes.iter().all(|n| n.migration_overhead_ms == 40));
     }
 
     #[test]
