@@ -83,6 +83,9 @@ struct Cli {
     /// 100 ms after the resume).
     #[arg(long)]
     no_vcpu_boost: bool,
+    /// Only the target's boost after the resume off (the source's until the pause stays).
+    #[arg(long)]
+    no_target_vcpu_boost: bool,
     /// Skip the packets/s part.
     #[arg(long)]
     no_throughput: bool,
@@ -616,7 +619,11 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
             .unwrap_or(vmm_node::migration::source::DEFAULT_PRECOPY_NICE),
         cli.verify_nice
             .unwrap_or(vmm_node::migration::source::DEFAULT_VERIFY_NICE),
-        if cli.no_vcpu_boost { "off" } else { "on" },
+        match (cli.no_vcpu_boost, cli.no_target_vcpu_boost) {
+            (true, _) => "off",
+            (false, true) => "source only",
+            (false, false) => "on",
+        },
     );
     println!(
         "{:>3} {:>8} {:>6} {:>8} {:>6} {:>4} {:>5} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8} {:>8} {:>7}",
@@ -655,7 +662,7 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
                     "--control",
                 ])
                 .arg(&sock)
-                .args(cli.no_vcpu_boost.then_some("--no-vcpu-boost"))
+                .args((cli.no_vcpu_boost || cli.no_target_vcpu_boost).then_some("--no-vcpu-boost"))
                 .stdout(Stdio::piped()),
             &log,
         )?;
