@@ -154,7 +154,7 @@ pub struct Vm {
     mmio: Arc<RwLock<Bus<dyn MmioDevice>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     throttle_thread: Mutex<Option<JoinHandle<()>>>,
-    boost: Arc<Mutex<VcpuBoost>>,
+    boost: Arc<(Mutex<VcpuBoost>, std::sync::Condvar)>,
     has_pit: AtomicBool,
     tsc_khz: u32,
     msr_index_list: Vec<u32>,
@@ -380,8 +380,11 @@ impl Vm {
     /// many vCPU threads were raised.
     pub fn boost_vcpus(&self, nice: i32, for_at_most: Duration) -> usize {
         let tids = self.vcpu_thread_ids();
-        let mut b = self.boost.lock().unwrap_or_else(|e| e.into_inner());
+        let (lock, ended) = &*self.boost;
+        let mut b = lock.lock().unwrap_or_else(|e| e.into_inner());
         b.restore();
+        b.generation += 1;
+        ended.notify_all();
         for tid in tids {
             match crate::kvm::thread_nice(tid) {
                 Ok(own) if own > nice => match crate::kvm::set_thread_nice(tid, nice) {
@@ -393,20 +396,24 @@ impl Vm {
                 _ => {}
             }
         }
-        b.generation += 1;
         let raised = b.saved.len();
         if raised > 0 {
             let (boost, generation) = (self.boost.clone(), b.generation);
-            let ended = std::thread::Builder::new()
+            // Waits for the time to pass or the boost to end (a new generation), whichever
+            // comes first, so no timer outlives its boost.
+            let timer = std::thread::Builder::new()
                 .name("vcpu-boost".into())
                 .spawn(move || {
-                    std::thread::sleep(for_at_most);
-                    let mut b = boost.lock().unwrap_or_else(|e| e.into_inner());
+                    let (lock, ended) = &*boost;
+                    let b = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    let (mut b, _) = ended
+                        .wait_timeout_while(b, for_at_most, |b| b.generation == generation)
+                        .unwrap_or_else(|e| e.into_inner());
                     if b.generation == generation {
                         b.restore();
                     }
                 });
-            if ended.is_err() {
+            if timer.is_err() {
                 // Without its timer the boost must not outlive this call.
                 b.restore();
                 return 0;
@@ -417,9 +424,11 @@ impl Vm {
 
     /// Ends a boost of [`Vm::boost_vcpus`] now (nothing if none runs).
     pub fn end_vcpu_boost(&self) {
-        let mut b = self.boost.lock().unwrap_or_else(|e| e.into_inner());
+        let (lock, ended) = &*self.boost;
+        let mut b = lock.lock().unwrap_or_else(|e| e.into_inner());
         b.generation += 1;
         b.restore();
+        ended.notify_all();
     }
 
     /// CPU time of the vCPU threads and guest memory resident on this host now (see

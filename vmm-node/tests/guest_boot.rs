@@ -220,6 +220,25 @@ fn a_vcpu_boost_raises_the_vcpu_threads_priority_for_a_while_and_gives_it_back()
     assert_eq!(nices(), [3, 3]);
     vm.end_vcpu_boost();
     assert_eq!(nices(), [12, 12], "each thread gets its own priority back");
+    // Its timer ends with it instead of sleeping out the 600 s.
+    let boost_timers = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "vcpu-boost")
+            })
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while boost_timers() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the boost's timer outlived it"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // A "boost" to a lower priority than the threads have leaves them alone.
     assert_eq!(vm.boost_vcpus(15, Duration::from_secs(600)), 0);
