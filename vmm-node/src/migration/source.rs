@@ -794,6 +794,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn nice_values_outside_the_kernels_range_are_refused_with_the_field() {
+        let ok = MigrateOptions::new(Transport::Plaintext);
+        ok.validate().unwrap();
+        for (o, what) in [
+            (
+                MigrateOptions {
+                    precopy_nice: Some(20),
+                    ..ok.clone()
+                },
+                "precopy_nice",
+            ),
+            (
+                MigrateOptions {
+                    verify_nice: Some(-21),
+                    ..ok.clone()
+                },
+                "verify_nice",
+            ),
+        ] {
+            let e = o.validate().unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        }
+        MigrateOptions {
+            precopy_nice: None,
+            verify_nice: Some(-20),
+            ..ok
+        }
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
     fn connections_leave_from_the_source_address_when_one_is_given() {
         let l = std::net::TcpListener::bind("127.0.2.1:0").unwrap();
         let target = l.local_addr().unwrap();
