@@ -530,11 +530,11 @@ fn last_logged(log: &Path, what: &str) -> Option<(f64, String)> {
         .and_then(|l| Some((log_time(l)?, l.to_string())))
 }
 
-/// Renice the vCPU threads of `pid` (named `vcpu<N>`) to `nice` until `stop`, picking up
-/// threads that start later (a migration target creates its vCPUs during the migration).
-fn renice_vcpus(
+/// Renice the threads of `pid` other than its vCPUs (named `vcpu<N>`: they set their own
+/// nice, `vmm-node --vcpu-nice`, as a VM worker's do) to `others` until `stop`, picking up
+/// threads that start later.
+fn renice_others(
     pid: u32,
-    nice: i32,
     others: Option<i32>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
@@ -549,7 +549,7 @@ fn renice_vcpus(
                     }
                     let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
                     let n = if comm.starts_with("vcpu") {
-                        Some(nice)
+                        None
                     } else {
                         others
                     };
@@ -597,6 +597,7 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
             .arg(&cfg_path)
             .arg("--control")
             .arg(&sock)
+            .arg(format!("--vcpu-nice={}", cli.vcpu_nice))
             .stdout(Stdio::null()),
         &log,
     )?;
@@ -662,6 +663,7 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
                     "--control",
                 ])
                 .arg(&sock)
+                .arg(format!("--vcpu-nice={}", cli.vcpu_nice))
                 .args((cli.no_vcpu_boost || cli.no_target_vcpu_boost).then_some("--no-vcpu-boost"))
                 .stdout(Stdio::piped()),
             &log,
@@ -680,18 +682,8 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
             log,
         };
         let stop_renice = Arc::new(AtomicBool::new(false));
-        let r1 = renice_vcpus(
-            src.child.0.id(),
-            cli.vcpu_nice,
-            cli.engine_nice,
-            stop_renice.clone(),
-        );
-        let r2 = renice_vcpus(
-            dst.child.0.id(),
-            cli.vcpu_nice,
-            cli.engine_nice,
-            stop_renice.clone(),
-        );
+        let r1 = renice_others(src.child.0.id(), cli.engine_nice, stop_renice.clone());
+        let r2 = renice_others(dst.child.0.id(), cli.engine_nice, stop_renice.clone());
         let stop = dir.join(format!("stream{k}.stop"));
         let mut stream = Killed(
             ns.exec(me)
