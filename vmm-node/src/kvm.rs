@@ -346,6 +346,43 @@ pub fn set_nice(nice: i32) -> std::io::Result<()> {
     }
 }
 
+/// The calling thread's nice value.
+pub fn nice() -> std::io::Result<i32> {
+    thread_nice(0)
+}
+
+/// The nice value of thread `tid` of this host (0: the calling thread).
+pub fn thread_nice(tid: u32) -> std::io::Result<i32> {
+    // getpriority returns the nice value, and -1 both as a value and as an error: errno
+    // tells them apart, so it is cleared first.
+    // SAFETY: __errno_location returns this thread's errno, valid for the thread's life;
+    // getpriority takes plain integers and touches no memory of this process.
+    let r = unsafe {
+        *libc::__errno_location() = 0;
+        libc::getpriority(libc::PRIO_PROCESS, tid)
+    };
+    if r == -1 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error().unwrap_or(0) != 0 {
+            return Err(e);
+        }
+    }
+    Ok(r)
+}
+
+/// Sets the nice value of thread `tid` (0: the calling thread). Raising a priority
+/// (a lower value than the thread has) needs `CAP_SYS_NICE` or a permissive
+/// `RLIMIT_NICE`; lowering one never does.
+pub fn set_thread_nice(tid: u32, nice: i32) -> std::io::Result<()> {
+    // SAFETY: setpriority takes plain integers and touches no memory of this process.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Nanoseconds on `CLOCK_MONOTONIC`: one clock for every process of the host, so a
 /// deadline one process sets can be judged by another (e.g. a VM worker's lease).
 pub fn monotonic_ns() -> u64 {

@@ -154,6 +154,7 @@ pub struct Vm {
     mmio: Arc<RwLock<Bus<dyn MmioDevice>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     throttle_thread: Mutex<Option<JoinHandle<()>>>,
+    boost: Arc<(Mutex<VcpuBoost>, std::sync::Condvar)>,
     has_pit: AtomicBool,
     tsc_khz: u32,
     msr_index_list: Vec<u32>,
@@ -165,6 +166,24 @@ pub struct Vm {
     vm_fd: Arc<VmFd>,
     // Last: unmapped after the VM fd (and its memory slots) are closed.
     memory: GuestMem,
+}
+
+/// The vCPU threads a [`Vm::boost_vcpus`] raised, with the nice value each had.
+#[derive(Default)]
+struct VcpuBoost {
+    generation: u64,
+    saved: Vec<(u32, i32)>,
+}
+
+impl VcpuBoost {
+    fn restore(&mut self) {
+        for (tid, nice) in self.saved.drain(..) {
+            // Lowering a priority needs no privilege; a thread that ended meanwhile is gone.
+            if let Err(e) = crate::kvm::set_thread_nice(tid, nice) {
+                tracing::debug!(error = %e, tid, nice, "cannot give a vCPU thread its priority back");
+            }
+        }
+    }
 }
 
 impl Vm {
@@ -238,6 +257,7 @@ impl Vm {
             mmio: Arc::new(RwLock::new(Bus::default())),
             threads: Mutex::new(Vec::new()),
             throttle_thread: Mutex::new(None),
+            boost: Arc::default(),
             has_pit: AtomicBool::new(false),
             tsc_khz,
             msr_index_list,
@@ -342,6 +362,73 @@ impl Vm {
                 status: s.to_string(),
             }),
         }
+    }
+
+    /// Kernel thread ids of the vCPU threads that have started.
+    pub fn vcpu_thread_ids(&self) -> Vec<u32> {
+        self.ctl.lock().tids.iter().flatten().copied().collect()
+    }
+
+    /// Runs the vCPU threads at nice `nice` for at most `for_at_most` (or until
+    /// [`Vm::end_vcpu_boost`]), where that is a higher priority than theirs; each then gets
+    /// its own nice value back. A live migration does this while the guest's network
+    /// answers are watched most closely (the source's pre-copy, the target's first
+    /// moments), so a guest whose vCPUs normally yield to the host's other work (the
+    /// cluster's VM workers run them at nice 10) is not starved by the migration's own
+    /// threads then. Needs `CAP_SYS_NICE` (or a permissive `RLIMIT_NICE`); without it the
+    /// threads keep their priority. A boost already running ends first. Returns how
+    /// many vCPU threads were raised.
+    pub fn boost_vcpus(&self, nice: i32, for_at_most: Duration) -> usize {
+        let tids = self.vcpu_thread_ids();
+        let (lock, ended) = &*self.boost;
+        let mut b = lock.lock().unwrap_or_else(|e| e.into_inner());
+        b.restore();
+        b.generation += 1;
+        ended.notify_all();
+        for tid in tids {
+            match crate::kvm::thread_nice(tid) {
+                Ok(own) if own > nice => match crate::kvm::set_thread_nice(tid, nice) {
+                    Ok(()) => b.saved.push((tid, own)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, tid, nice, "cannot raise a vCPU thread's priority")
+                    }
+                },
+                _ => {}
+            }
+        }
+        let raised = b.saved.len();
+        if raised > 0 {
+            let (boost, generation) = (self.boost.clone(), b.generation);
+            // Waits for the time to pass or the boost to end (a new generation), whichever
+            // comes first, so no timer outlives its boost.
+            let timer = std::thread::Builder::new()
+                .name("vcpu-boost".into())
+                .spawn(move || {
+                    let (lock, ended) = &*boost;
+                    let b = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    let (mut b, _) = ended
+                        .wait_timeout_while(b, for_at_most, |b| b.generation == generation)
+                        .unwrap_or_else(|e| e.into_inner());
+                    if b.generation == generation {
+                        b.restore();
+                    }
+                });
+            if timer.is_err() {
+                // Without its timer the boost must not outlive this call.
+                b.restore();
+                return 0;
+            }
+        }
+        raised
+    }
+
+    /// Ends a boost of [`Vm::boost_vcpus`] now (nothing if none runs).
+    pub fn end_vcpu_boost(&self) {
+        let (lock, ended) = &*self.boost;
+        let mut b = lock.lock().unwrap_or_else(|e| e.into_inner());
+        b.generation += 1;
+        b.restore();
+        ended.notify_all();
     }
 
     /// CPU time of the vCPU threads and guest memory resident on this host now (see

@@ -194,3 +194,69 @@ fn concurrent_pause_resume_and_stop_do_not_deadlock() {
     assert!(matches!(vm.status(), VmStatus::Stopped { .. }));
     assert!(vm.resume().is_err());
 }
+
+#[test]
+fn a_vcpu_boost_raises_the_vcpu_threads_priority_for_a_while_and_gives_it_back() {
+    use vmm_node::kvm::{set_thread_nice, thread_nice};
+    let vm = start_test_guest(2, 32, &Workload::new(WorkloadKind::Idle));
+    wait_heartbeats(
+        || vm.console().text(),
+        Duration::from_secs(20),
+        |h| !h.is_empty(),
+    );
+    let tids = vm.vcpu_thread_ids();
+    assert_eq!(tids.len(), 2, "both vCPU threads started");
+    for t in &tids {
+        set_thread_nice(*t, 12).unwrap();
+    }
+    if set_thread_nice(tids[0], 11).is_err() {
+        eprintln!("skipped: raising a thread's priority needs CAP_SYS_NICE");
+        return;
+    }
+    set_thread_nice(tids[0], 12).unwrap();
+    let nices = || -> Vec<i32> { tids.iter().map(|t| thread_nice(*t).unwrap()).collect() };
+
+    assert_eq!(vm.boost_vcpus(3, Duration::from_secs(600)), 2);
+    assert_eq!(nices(), [3, 3]);
+    vm.end_vcpu_boost();
+    assert_eq!(nices(), [12, 12], "each thread gets its own priority back");
+    // Its timer ends with it instead of sleeping out the 600 s.
+    let boost_timers = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "vcpu-boost")
+            })
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while boost_timers() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the boost's timer outlived it"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A "boost" to a lower priority than the threads have leaves them alone.
+    assert_eq!(vm.boost_vcpus(15, Duration::from_secs(600)), 0);
+    assert_eq!(nices(), [12, 12]);
+
+    // A timed boost ends by itself, each thread back at what it had when it began.
+    set_thread_nice(tids[1], 14).unwrap();
+    assert_eq!(vm.boost_vcpus(0, Duration::from_millis(100)), 2);
+    assert_eq!(nices(), [0, 0]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while nices() != [12, 14] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the boost did not end: {:?}",
+            nices()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(vm.status(), VmStatus::Running);
+    vm.destroy().unwrap();
+}

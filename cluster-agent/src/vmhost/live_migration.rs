@@ -302,6 +302,12 @@ impl SourceVm for SourceSide {
         tracing::info!(vm = %self.vm.name(), disks = slots.len(), "disks reattached after a failed migration");
         Ok(())
     }
+    fn boost_vcpus(&self, nice: i32, for_at_most: std::time::Duration) {
+        self.vm.vm.boost_vcpus(nice, for_at_most);
+    }
+    fn end_vcpu_boost(&self) {
+        self.vm.vm.end_vcpu_boost();
+    }
 }
 
 impl StorageHandoff for SourceSide {
@@ -841,6 +847,15 @@ impl TargetVm for TargetSide {
                     tracing::warn!(vm = %self.0.name, error = %e, "worker did not announce its nics early");
                 }
             }
+        }
+    }
+    fn boost_vcpus(&self, nice: i32, for_at_most: std::time::Duration) {
+        match &self.0.vm {
+            IncomingVm::Local(_, vm) => {
+                vm.vm.boost_vcpus(nice, for_at_most);
+            }
+            // A worker boosts its own vCPUs when it resumes an incoming VM.
+            IncomingVm::Worker { .. } => {}
         }
     }
 }

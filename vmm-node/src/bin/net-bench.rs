@@ -70,6 +70,22 @@ struct Cli {
     /// engine's, the NIC's) during the migrations; default: left at 0.
     #[arg(long)]
     engine_nice: Option<i32>,
+    /// Nice value of the source's pre-copy send threads (the engine's `precopy_nice`;
+    /// default: the engine's default, 19; 0: the process's priority).
+    #[arg(long)]
+    precopy_nice: Option<i32>,
+    /// Nice value of the source's after-switchover memory re-hash (the engine's
+    /// `verify_nice`; default: the engine's, 19; 0: the process's priority).
+    #[arg(long)]
+    verify_nice: Option<i32>,
+    /// Leave the vCPU threads at their nice during the migrations (default: the engine
+    /// runs them at its own priority from the start to the pause, and on the target for
+    /// 100 ms after the resume).
+    #[arg(long)]
+    no_vcpu_boost: bool,
+    /// Only the target's boost after the resume off (the source's until the pause stays).
+    #[arg(long)]
+    no_target_vcpu_boost: bool,
     /// Skip the packets/s part.
     #[arg(long)]
     no_throughput: bool,
@@ -362,6 +378,10 @@ fn main() -> anyhow::Result<()> {
     if cli.repeats > 0 {
         migration_gap(&cli, &me, &vmm_bin, pid, dir.path())?;
     }
+    if std::env::var_os("NET_BENCH_KEEP").is_some() {
+        // For a closer look: the processes' logs and every migration's statistics.
+        println!("logs and statistics kept in {}", dir.keep().display());
+    }
     Ok(())
 }
 
@@ -510,11 +530,11 @@ fn last_logged(log: &Path, what: &str) -> Option<(f64, String)> {
         .and_then(|l| Some((log_time(l)?, l.to_string())))
 }
 
-/// Renice the vCPU threads of `pid` (named `vcpu<N>`) to `nice` until `stop`, picking up
-/// threads that start later (a migration target creates its vCPUs during the migration).
-fn renice_vcpus(
+/// Renice the threads of `pid` other than its vCPUs (named `vcpu<N>`: they set their own
+/// nice, `vmm-node --vcpu-nice`, as a VM worker's do) to `others` until `stop`, picking up
+/// threads that start later.
+fn renice_others(
     pid: u32,
-    nice: i32,
     others: Option<i32>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
@@ -529,7 +549,7 @@ fn renice_vcpus(
                     }
                     let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
                     let n = if comm.starts_with("vcpu") {
-                        Some(nice)
+                        None
                     } else {
                         others
                     };
@@ -577,6 +597,7 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
             .arg(&cfg_path)
             .arg("--control")
             .arg(&sock)
+            .arg(format!("--vcpu-nice={}", cli.vcpu_nice))
             .stdout(Stdio::null()),
         &log,
     )?;
@@ -589,14 +610,24 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
     println!();
     println!(
         "Live migration under a 1 kHz UDP echo stream (64 MiB guest, vCPU threads at nice {}, \
-         other vmm-node threads at nice {}, migration over loopback); times in ms; \
+         other vmm-node threads at nice {}, pre-copy send threads at nice {}, \
+         after-switchover re-hash at nice {}, vCPU boost {}, migration over loopback); times in ms; \
          pause and resume from the processes' logs (written just after \
          the events; late under load)",
         cli.vcpu_nice,
-        cli.engine_nice.unwrap_or(0)
+        cli.engine_nice.unwrap_or(0),
+        cli.precopy_nice
+            .unwrap_or(vmm_node::migration::source::DEFAULT_PRECOPY_NICE),
+        cli.verify_nice
+            .unwrap_or(vmm_node::migration::source::DEFAULT_VERIFY_NICE),
+        match (cli.no_vcpu_boost, cli.no_target_vcpu_boost) {
+            (true, _) => "off",
+            (false, true) => "source only",
+            (false, false) => "on",
+        },
     );
     println!(
-        "{:>3} {:>8} {:>6} {:>8} {:>6} {:>4} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "{:>3} {:>8} {:>6} {:>8} {:>6} {:>4} {:>5} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8} {:>8} {:>7}",
         "#",
         "blackout",
         "pause",
@@ -607,6 +638,7 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
         "gap-pse",
         "res-pse",
         "end-res",
+        "sham",
         "base",
         "precopy",
         "after",
@@ -614,6 +646,7 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
     );
     let (mut blackouts, mut silences, mut losts) = (Vec::new(), Vec::new(), Vec::new());
     let mut met = 0;
+    let (mut shams, mut sham_met) = (Vec::new(), 0);
     for k in 1..=cli.repeats {
         let tap = if k % 2 == 1 { "tap2" } else { "tap1" };
         let log = dir.join(format!("vmm{k}.log"));
@@ -630,6 +663,8 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
                     "--control",
                 ])
                 .arg(&sock)
+                .arg(format!("--vcpu-nice={}", cli.vcpu_nice))
+                .args((cli.no_vcpu_boost || cli.no_target_vcpu_boost).then_some("--no-vcpu-boost"))
                 .stdout(Stdio::piped()),
             &log,
         )?;
@@ -647,18 +682,8 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
             log,
         };
         let stop_renice = Arc::new(AtomicBool::new(false));
-        let r1 = renice_vcpus(
-            src.child.0.id(),
-            cli.vcpu_nice,
-            cli.engine_nice,
-            stop_renice.clone(),
-        );
-        let r2 = renice_vcpus(
-            dst.child.0.id(),
-            cli.vcpu_nice,
-            cli.engine_nice,
-            stop_renice.clone(),
-        );
+        let r1 = renice_others(src.child.0.id(), cli.engine_nice, stop_renice.clone());
+        let r2 = renice_others(dst.child.0.id(), cli.engine_nice, stop_renice.clone());
         let stop = dir.join(format!("stream{k}.stop"));
         let mut stream = Killed(
             ns.exec(me)
@@ -681,7 +706,9 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
         let asked = unix_now();
         let r = vmm_node::control::request(
             &src.sock,
-            &json!({"cmd": "migrate", "addr": addr, "deadline_ms": 60_000}),
+            &json!({"cmd": "migrate", "addr": addr, "deadline_ms": 60_000,
+                "precopy_nice": cli.precopy_nice, "verify_nice": cli.verify_nice,
+                "vcpu_boost": !cli.no_vcpu_boost}),
         )
         .map_err(|e| anyhow::anyhow!("migrate request: {e}"))?;
         if r["ok"] != true {
@@ -700,6 +727,7 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
         while src.child.0.try_wait()?.is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+        std::fs::write(dir.join(format!("migrate{k}.json")), r.to_string())?;
         let blackout = r["stats"]["blackout"]["total_us"]
             .as_f64()
             .unwrap_or(f64::NAN)
@@ -740,6 +768,15 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
                 .map(|(a, b)| (b - a) * 1e3)
                 .fold(1.0, f64::max)
         };
+        // The same measure around a moment without any migration (0.5 s before it was
+        // asked, as long as its blackout): what the machine's own noise alone scores.
+        let sham_at = asked - 0.5;
+        let sham_ms = gaps
+            .iter()
+            .find(|(a, b)| *a <= sham_at && *b >= sham_at - blackout / 1e3)
+            .map_or(1.0, |(a, b)| (b - a) * 1e3);
+        sham_met += usize::from(sham_ms <= blackout + 5.0);
+        shams.push(sham_ms);
         let first = res["first_unix"].as_f64().unwrap_or(asked);
         let last = res["last_unix"].as_f64().unwrap_or(f64::MAX);
         let base = longest_in(first + 0.2, asked);
@@ -755,7 +792,7 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
         let ok = gap_ms <= blackout + 5.0;
         met += usize::from(ok);
         println!(
-            "{:>3} {:>8.1} {:>6.1} {:>8.1} {:>6.2} {:>4} {:>5} {:>8} {:>8.1} {:>8} {:>8.1} {:>8.1} {:>8.1} {:>7}",
+            "{:>3} {:>8.1} {:>6.1} {:>8.1} {:>6.2} {:>4} {:>5} {:>8} {:>8.1} {:>8} {:>6.1} {:>8.1} {:>8.1} {:>8.1} {:>7}",
             k,
             blackout,
             pause_ms,
@@ -766,6 +803,7 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
             gap.map_or("-".into(), |g| format!("{:.1}", (g.0 - paused) * 1e3)),
             (resumed - paused) * 1e3,
             gap.map_or("-".into(), |g| format!("{:.1}", (g.1 - resumed) * 1e3)),
+            sham_ms,
             base,
             precopy,
             after,
@@ -778,11 +816,14 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
         src = dst;
     }
     println!(
-        "median: blackout {:.1} ms, switchover gap {:.1} ms, lost {:.0}; goal (gap <= blackout + 5 ms) met in {met} of {}",
+        "median: blackout {:.1} ms, switchover gap {:.1} ms, lost {:.0}; goal (gap <= blackout + 5 ms) met in {met} of {}; \
+         sham gap (no migration) {:.1} ms, within blackout + 5 ms in {sham_met} of {}",
         median(&mut blackouts),
         median(&mut silences),
         median(&mut losts),
-        cli.repeats
+        cli.repeats,
+        median(&mut shams),
+        cli.repeats,
     );
     println!(
         "columns: gap = the silence around the switchover (last reply before the source's \
@@ -792,7 +833,9 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
          lost echoes sent in that gap / all lost; gap-pse = gap start - blackout start (the \
          engine asks for the pause); res-pse = target resume - blackout start (its first \
          announcement went out when the source's state arrived); \
-         end-res = first reply after the gap - target resume; base / precopy / after = the \
+         end-res = first reply after the gap - target resume; sham = the same measure \
+         as gap around a moment 0.5 s before the migration (no migration; as long as its \
+         blackout): what the machine's noise alone scores; base / precopy / after = the \
          longest other silence in the 1.3 s before the migration (same stream, no migration: \
          the machine's own noise) / during pre-copy / after the resume; carried = frames \
          taken from the source's TAP with the NIC state"

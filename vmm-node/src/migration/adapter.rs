@@ -104,6 +104,12 @@ impl SourceVm for LocalSource {
         }
         Ok(())
     }
+    fn boost_vcpus(&self, nice: i32, for_at_most: std::time::Duration) {
+        self.vm.boost_vcpus(nice, for_at_most);
+    }
+    fn end_vcpu_boost(&self) {
+        self.vm.end_vcpu_boost();
+    }
 }
 
 /// Builds target VMs with [`Vm::new_paused`]; remembers the last one (weakly, so a failed
@@ -165,6 +171,9 @@ impl TargetVm for LocalTarget {
     }
     fn announce_nics(&self) {
         self.0.announce_nics_early();
+    }
+    fn boost_vcpus(&self, nice: i32, for_at_most: std::time::Duration) {
+        self.0.boost_vcpus(nice, for_at_most);
     }
 }
 

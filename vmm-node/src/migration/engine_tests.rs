@@ -38,6 +38,8 @@ struct Shared {
     seq: AtomicU64,
     stop: AtomicBool,
     span_pages: AtomicUsize,
+    /// The engine's vCPU boost calls, each with whether the guest was paused then.
+    boosts: Mutex<Vec<(&'static str, bool)>>,
 }
 
 struct SimVm {
@@ -64,6 +66,7 @@ impl SimVm {
             seq: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             span_pages: AtomicUsize::new(span_pages),
+            boosts: Mutex::new(Vec::new()),
         });
         // Some static content: every 4th page of the first half.
         for i in (0..bytes / 8192).step_by(4) {
@@ -180,13 +183,21 @@ impl SourceVm for SimVm {
         self.s.disks_attached.store(true, Ordering::SeqCst);
         Ok(())
     }
+    fn boost_vcpus(&self, _nice: i32, _for_at_most: Duration) {
+        let paused = *self.s.gate.lock().unwrap();
+        self.s.boosts.lock().unwrap().push(("boost", paused));
+    }
+    fn end_vcpu_boost(&self) {
+        let paused = *self.s.gate.lock().unwrap();
+        self.s.boosts.lock().unwrap().push(("end", paused));
+    }
 }
 
 struct SimTarget {
     mem: GuestMem,
     seq: Mutex<Option<u64>>,
     running: AtomicBool,
-    /// The engine's calls, in order: `announce`, `restore`, `resume`.
+    /// The engine's calls, in order: `announce`, `restore`, `resume`, `boost`.
     steps: Mutex<Vec<&'static str>>,
 }
 
@@ -207,6 +218,10 @@ impl TargetVm for SimTarget {
     fn announce_nics(&self) {
         self.steps.lock().unwrap().push("announce");
     }
+    fn boost_vcpus(&self, _nice: i32, for_at_most: Duration) {
+        assert_eq!(for_at_most, super::target::VCPU_BOOST_AFTER_RESUME);
+        self.steps.lock().unwrap().push("boost");
+    }
 }
 
 struct SimFactory {
@@ -226,6 +241,9 @@ impl TargetVm for TargetHandle {
     }
     fn announce_nics(&self) {
         self.0.announce_nics()
+    }
+    fn boost_vcpus(&self, nice: i32, for_at_most: Duration) {
+        self.0.boost_vcpus(nice, for_at_most)
     }
 }
 
@@ -396,10 +414,15 @@ fn idle_guest_moves_with_identical_memory_and_receipt() {
     let target = f.created.lock().unwrap()[0].clone();
     assert!(target.running.load(Ordering::SeqCst));
     // The NICs are announced once the (paused) source's state arrived, before the restore
-    // and the resume.
+    // and the resume; the resumed vCPUs are boosted for a while.
     assert_eq!(
         *target.steps.lock().unwrap(),
-        ["announce", "restore", "resume"]
+        ["announce", "restore", "resume", "boost"]
+    );
+    // The source's vCPUs ran boosted from the start until the pause.
+    assert_eq!(
+        *vm.s.boosts.lock().unwrap(),
+        [("boost", false), ("end", true)]
     );
     assert_same_memory(&vm.s.mem, &target.mem);
     assert!(stats.zero_pages_skipped > 0);
@@ -610,6 +633,11 @@ fn target_failure_at_each_phase_rolls_back_to_source() {
             "{fp:?}: disks re-attached"
         );
         assert!(!vm.s.dirty_log.load(Ordering::SeqCst));
+        // The boost ended however the migration did (at the pause, or on the way out).
+        let boosts = vm.s.boosts.lock().unwrap().clone();
+        assert_eq!(boosts.len(), 2, "{fp:?}: {boosts:?}");
+        assert_eq!(boosts[0], ("boost", false), "{fp:?}");
+        assert_eq!(boosts[1].0, "end", "{fp:?}");
         let log = h.log.lock().unwrap().join("|");
         if fp == Failpoint::BeforeResume {
             assert!(log.contains("reclaim sim"), "{fp:?}: {log}");

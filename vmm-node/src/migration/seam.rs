@@ -34,6 +34,12 @@ pub trait SourceVm: Send + Sync {
     }
     /// Re-opens the disks closed by [`SourceVm::detach_disks`] (rollback).
     fn reattach_disks(&self) -> Result<(), OpError>;
+    /// Runs the vCPU threads at nice `nice` (if higher than theirs) for at most
+    /// `for_at_most` or until [`SourceVm::end_vcpu_boost`] (see
+    /// [`crate::vm::Vm::boost_vcpus`]). Default: nothing.
+    fn boost_vcpus(&self, _nice: i32, _for_at_most: std::time::Duration) {}
+    /// Gives the vCPU threads their own priority back. Default: nothing.
+    fn end_vcpu_boost(&self) {}
 }
 
 /// The VM being built on the target.
@@ -46,6 +52,9 @@ pub trait TargetVm: Send + Sync {
     /// (best effort), so their frames wait here for the resume. Default: nothing (the
     /// resume announces them).
     fn announce_nics(&self) {}
+    /// Runs the resumed vCPU threads at nice `nice` (if higher than theirs) for
+    /// `for_at_most` (see [`crate::vm::Vm::boost_vcpus`]). Default: nothing.
+    fn boost_vcpus(&self, _nice: i32, _for_at_most: std::time::Duration) {}
 }
 
 /// Builds target VMs and knows this node's facts.

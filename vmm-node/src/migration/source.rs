@@ -60,7 +60,29 @@ pub struct MigrateOptions {
     /// After switchover, re-hash the paused source's memory and compare it with the
     /// receipt (one read pass over guest memory, outside the blackout and `total_us`).
     pub verify_memory: bool,
+    /// The nice value of the pre-copy rounds' send threads (`None`: the caller's). They
+    /// run while the guest does and, on a busy host, take the cores its vCPUs need to
+    /// keep answering; at a higher nice than the vCPUs' they yield to them. Only the
+    /// stop-and-copy round (the guest paused, the blackout running) and the switchover
+    /// run at the caller's priority. Never raises a thread's priority.
+    pub precopy_nice: Option<i32>,
+    /// The nice value of the after-switchover memory re-hash ([`Self::verify_memory`]),
+    /// done on its own thread so the target's vCPUs (on a shared host) and the host's
+    /// other guests get the cores first (`None`: the caller's).
+    pub verify_nice: Option<i32>,
+    /// From the start until the pause, run the guest's vCPU threads at the calling
+    /// thread's priority (see [`crate::vm::Vm::boost_vcpus`]; they get their own back at
+    /// the pause, or when a failed migration resumes the guest here): the migration's own
+    /// work on this host, and the target's when it shares the host, does not starve the
+    /// guest while its answers are watched most closely.
+    pub vcpu_boost: bool,
 }
+
+/// Default [`MigrateOptions::precopy_nice`]: the lowest priority, below the cluster's VM
+/// workers' vCPUs (nice 10), so pre-copy yields to the guest it copies.
+pub const DEFAULT_PRECOPY_NICE: i32 = 19;
+/// Default [`MigrateOptions::verify_nice`].
+pub const DEFAULT_VERIFY_NICE: i32 = 19;
 
 /// Default bandwidth hint: 100 MB/s (a 1 Gbit/s migration network).
 pub const DEFAULT_BANDWIDTH_HINT_BYTES_PER_S: f64 = 100e6;
@@ -79,6 +101,9 @@ impl MigrateOptions {
             bandwidth_hint_bytes_per_s: DEFAULT_BANDWIDTH_HINT_BYTES_PER_S,
             bandwidth_bytes_per_s_max: None,
             verify_memory: true,
+            precopy_nice: Some(DEFAULT_PRECOPY_NICE),
+            verify_nice: Some(DEFAULT_VERIFY_NICE),
+            vcpu_boost: true,
         }
     }
 }
@@ -110,6 +135,16 @@ impl MigrateOptions {
                 return Err(MigrationError::InvalidOptions(format!(
                     "bandwidth cap of {cap} bytes/s is below the minimum of \
                      {BANDWIDTH_BYTES_PER_S_MIN} bytes/s (1 MiB/s); leave it unset or 0 for no cap"
+                )));
+            }
+        }
+        for (what, n) in [
+            ("precopy_nice", self.precopy_nice),
+            ("verify_nice", self.verify_nice),
+        ] {
+            if let Some(n) = n.filter(|n| !(-20..=19).contains(n)) {
+                return Err(MigrationError::InvalidOptions(format!(
+                    "{what} must be a nice value in -20..=19, got {n}"
                 )));
             }
         }
@@ -291,6 +326,15 @@ fn rollback(
     Ok(())
 }
 
+/// Ends a vCPU boost ([`MigrateOptions::vcpu_boost`]) when dropped.
+struct BoostGuard<'a>(&'a dyn SourceVm);
+
+impl Drop for BoostGuard<'_> {
+    fn drop(&mut self) {
+        self.0.end_vcpu_boost();
+    }
+}
+
 fn vm_err(op: &'static str) -> impl FnOnce(super::seam::OpError) -> MigrationError {
     move |source| MigrationError::Vm { op, source }
 }
@@ -332,6 +376,13 @@ fn run(
     control: &mut Option<Conn>,
 ) -> Result<MigrationStats, MigrationError> {
     let start = Instant::now();
+    // Ended at the pause, and on every way out of this function before it.
+    let boost = opts.vcpu_boost.then(|| {
+        if let Ok(nice) = crate::kvm::nice() {
+            vm.boost_vcpus(nice, opts.convergence.deadline);
+        }
+        BoostGuard(vm)
+    });
     let req = vm.requirements();
     let mem = vm.memory();
     let map = PageMap::from_memory(mem);
@@ -462,6 +513,7 @@ fn run(
             cancel: flag,
             stop_at: Some(stop_at),
             on_progress: Some(&mut report),
+            nice: opts.precopy_nice,
         };
         let sent = match sender.send_round_with(mem, &map, &hashes, &pages, round, control) {
             Ok(sent) => sent,
@@ -552,6 +604,7 @@ fn run(
     let pause_at = Instant::now();
     vm.pause().map_err(vm_err("pause"))?;
     undo.paused = true;
+    drop(boost);
     let pause_us = us(pause_at.elapsed());
     let t_log = Instant::now();
     let mut last = vm.dirty_pages(&map).map_err(vm_err("read dirty log"))?;
@@ -640,11 +693,32 @@ fn run(
     let t_verify = Instant::now();
     // The source VM is paused for good: its memory is the guest memory as of switchover.
     let source_memory_digest = if opts.verify_memory {
+        // On its own thread, at its own priority: the VM now runs on the target.
+        let rehash = || {
+            if let Some(n) = opts.verify_nice {
+                super::transport::yield_to(n);
+            }
+            PageHashes::digest_of_memory(mem, &map)
+        };
+        let rehashed = std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("mig-verify".into())
+                .spawn_scoped(s, rehash)
+                .map(|h| h.join())
+        });
         // Committed: a failure here is reported, it cannot undo the migration.
-        match PageHashes::digest_of_memory(mem, &map) {
-            Ok(d) => Some(d),
-            Err(e) => {
+        match rehashed {
+            Ok(Ok(Ok(d))) => Some(d),
+            Ok(Ok(Err(e))) => {
                 tracing::error!(error = %e, "cannot re-hash the source memory");
+                None
+            }
+            Ok(Err(_)) => {
+                tracing::error!("the source memory re-hash panicked");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the source memory re-hash");
                 None
             }
         }
@@ -720,6 +794,38 @@ pub(crate) fn skip_never_written(mem: &GuestMem, map: &PageMap, pages: &mut Dirt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nice_values_outside_the_kernels_range_are_refused_with_the_field() {
+        let ok = MigrateOptions::new(Transport::Plaintext);
+        ok.validate().unwrap();
+        for (o, what) in [
+            (
+                MigrateOptions {
+                    precopy_nice: Some(20),
+                    ..ok.clone()
+                },
+                "precopy_nice",
+            ),
+            (
+                MigrateOptions {
+                    verify_nice: Some(-21),
+                    ..ok.clone()
+                },
+                "verify_nice",
+            ),
+        ] {
+            let e = o.validate().unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        }
+        MigrateOptions {
+            precopy_nice: None,
+            verify_nice: Some(-20),
+            ..ok
+        }
+        .validate()
+        .unwrap();
+    }
 
     #[test]
     fn connections_leave_from_the_source_address_when_one_is_given() {

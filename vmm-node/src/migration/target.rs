@@ -39,6 +39,9 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_SESSIONS: usize = 4;
 /// Most accepted connections still in their handshake or first frame; more are closed.
 pub const MAX_PENDING_CONNECTIONS: usize = 32;
+/// How long a resumed VM's vCPU threads run at the receiving thread's priority (see
+/// [`ReceiveOptions::vcpu_boost`]).
+pub const VCPU_BOOST_AFTER_RESUME: Duration = Duration::from_millis(100);
 /// How often a target waiting for its source looks at [`Abandon`].
 pub const ABANDON_POLL: Duration = Duration::from_millis(100);
 
@@ -128,6 +131,10 @@ pub struct ReceiveOptions {
     /// Sessions handled at once; a Hello beyond it is refused.
     pub max_sessions: usize,
     pub abandon: Abandon,
+    /// After the resume, run the VM's vCPU threads at the receiving thread's priority for
+    /// [`VCPU_BOOST_AFTER_RESUME`] (see [`crate::vm::Vm::boost_vcpus`]): the guest answers
+    /// its network first, before the host's other work takes the cores back.
+    pub vcpu_boost: bool,
 }
 
 impl ReceiveOptions {
@@ -141,6 +148,7 @@ impl ReceiveOptions {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_sessions: DEFAULT_MAX_SESSIONS,
             abandon: Abandon::default(),
+            vcpu_boost: true,
         }
     }
 }
@@ -837,6 +845,11 @@ fn coordinate(
                         source,
                     })?;
                     stats.resume_us = t.elapsed().as_micros() as u64;
+                    if opts.vcpu_boost {
+                        if let Ok(nice) = crate::kvm::nice() {
+                            vm.boost_vcpus(nice, VCPU_BOOST_AFTER_RESUME);
+                        }
+                    }
                     let running = Running {
                         restore_us: stats.restore_us,
                         resume_us: stats.resume_us,

@@ -404,6 +404,11 @@ pub struct RoundControl<'a> {
     /// Called on the calling thread every [`ROUND_PROGRESS_INTERVAL`] while the round
     /// runs, with the bytes the round has written so far.
     pub on_progress: Option<&'a mut dyn FnMut(u64)>,
+    /// The nice value the round's send threads run at, if it is above (yields more than)
+    /// the calling thread's (`None`: the caller's). A pre-copy round runs while the guest
+    /// does, and its threads can leave the cores to the guest's vCPUs this way; the
+    /// calling thread and later rounds keep their priority.
+    pub nice: Option<i32>,
 }
 
 impl<'a> RoundControl<'a> {
@@ -413,6 +418,7 @@ impl<'a> RoundControl<'a> {
             cancel,
             stop_at: None,
             on_progress: None,
+            nice: None,
         }
     }
 }
@@ -558,6 +564,7 @@ impl MemorySender {
             sent: &sent,
         };
         let mut on_progress = control.on_progress;
+        let nice = control.nice;
         let workers = self.conns.len();
         let results: Vec<Result<RoundSent, TransportError>> = std::thread::scope(|s| {
             // Each worker says when it is done (also when it fails or panics), so the
@@ -572,6 +579,9 @@ impl MemorySender {
                     let done = DoneSignal(done_tx.clone());
                     s.spawn(move || {
                         let _done = done;
+                        if let Some(n) = nice {
+                            yield_to(n);
+                        }
                         send_worker(
                             conn, index, mem, map, hashes, pages, words, round, cursor, ctx,
                         )
@@ -617,6 +627,20 @@ impl MemorySender {
                 .map_err(|source| TransportError::Protocol { index, source })?;
         }
         Ok(())
+    }
+}
+
+/// Lowers the calling thread's priority to nice `n` unless it already yields as much (a
+/// thread may always lower its own priority; it is never raised here). A failure is
+/// logged and the thread runs on as it was.
+pub(crate) fn yield_to(n: i32) {
+    match crate::kvm::nice() {
+        Ok(now) if now >= n => {}
+        _ => {
+            if let Err(e) = crate::kvm::set_nice(n) {
+                tracing::debug!(error = %e, nice = n, "cannot lower a migration thread's priority");
+            }
+        }
     }
 }
 
@@ -1001,6 +1025,75 @@ mod tests {
         assert_eq!(ds, dd);
         assert_eq!(send_hashes.digest(), ds);
         assert_eq!(recv_hashes.digest(), dd);
+    }
+
+    /// The nice values of this process's threads now.
+    fn thread_nices() -> Vec<i32> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue; // the thread ended meanwhile
+            };
+            // After the ")" that ends the name: state is field 3, nice field 19.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            out.push(rest.split_whitespace().nth(16).unwrap().parse().unwrap());
+        }
+        out
+    }
+
+    #[test]
+    fn a_round_with_a_nice_value_runs_its_send_threads_there_and_leaves_the_caller_alone() {
+        // 17: a value no other test of this binary uses.
+        const NICE: i32 = 17;
+        // Two claims of pages (one per send thread), 1 MiB of data in all.
+        let src = mem(32);
+        let dst = mem(32);
+        let map = PageMap::from_memory(&src);
+        fill(&src, &map, 7, 32);
+        let (a, b) = pair(2);
+        let hashes = PageHashes::new_zeroed(map.total_pages());
+        let recv_hashes = PageHashes::new_zeroed(map.total_pages());
+        let (tx, rx) = sync_channel::<DataEvent>(16);
+        let cancel = AtomicBool::new(false);
+        let heard = LastHeard::default();
+        let caller_before = crate::kvm::nice().unwrap();
+        assert!(caller_before < NICE);
+        let mut seen_at_nice = 0;
+        std::thread::scope(|s| {
+            for (i, c) in b.into_iter().enumerate() {
+                let (dst, map, h, tx, heard) = (&dst, &map, &recv_hashes, tx.clone(), &heard);
+                s.spawn(move || receive_data_connection(c, i, dst, map, h, &tx, heard));
+            }
+            drop(tx);
+            // 1 MiB of pages at 1 MiB/s: the round lasts long enough for progress reports,
+            // which look at the threads while it runs.
+            let mut sender =
+                MemorySender::new(a).with_bandwidth_cap(Some(BANDWIDTH_BYTES_PER_S_MIN));
+            let mut look = |_: u64| {
+                seen_at_nice =
+                    seen_at_nice.max(thread_nices().iter().filter(|n| **n == NICE).count());
+            };
+            let control = RoundControl {
+                on_progress: Some(&mut look),
+                nice: Some(NICE),
+                ..RoundControl::cancel_only(&cancel)
+            };
+            let all = DirtyPages::all(map.total_pages());
+            let r = sender
+                .send_round_with(&src, &map, &hashes, &all, 0, control)
+                .unwrap();
+            assert_eq!(r.data_pages as usize, map.total_pages() / 32);
+            assert_eq!(
+                crate::kvm::nice().unwrap(),
+                caller_before,
+                "the caller keeps its priority"
+            );
+            sender.finish().unwrap();
+            for _ in 0..4 {
+                rx.recv().unwrap();
+            }
+        });
+        assert_eq!(seen_at_nice, 2, "both send threads ran at nice {NICE}");
     }
 
     #[test]

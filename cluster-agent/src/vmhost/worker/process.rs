@@ -793,6 +793,14 @@ fn answer(w: &Worker, req: Request, out: &mut UnixStream) -> bool {
                 },
                 Some(Ok(())) => {
                     if let Some(p) = g.take() {
+                        // As the engine does for a VM in its own process: the guest's
+                        // first moments here at this (control) thread's priority.
+                        if let Ok(nice) = vmm_node::kvm::nice() {
+                            p.vm.vm.boost_vcpus(
+                                nice,
+                                vmm_node::migration::target::VCPU_BOOST_AFTER_RESUME,
+                            );
+                        }
                         p.arrived();
                     }
                     tracing::info!(vm = %w.name, "incoming vm runs");

@@ -35,6 +35,10 @@ use vmm_node::{StopReason, Vm, VmConfig};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Nice value of the VM's vCPU threads (-20..=19; default: this process's), as the
+    /// cluster's VM workers run them at 10 while their other threads keep the agent's.
+    #[arg(long, global = true, allow_hyphen_values = true)]
+    vcpu_nice: Option<i32>,
 }
 
 #[derive(Subcommand)]
@@ -134,6 +138,13 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(n) = cli.vcpu_nice {
+        anyhow::ensure!(
+            (-20..=19).contains(&n),
+            "--vcpu-nice must be a nice value in -20..=19, got {n}"
+        );
+        vmm_node::kvm::set_vcpu_nice(n);
+    }
     match cli.cmd {
         Cmd::Facts => {
             let f = vmm_node::facts::host_facts()?;

@@ -5,7 +5,7 @@
 //! Control commands (JSON lines, see `vmm_node::control`):
 //! | cmd | fields | result |
 //! |---|---|---|
-//! | `migrate` | `addr`, `max_downtime_ms`, `deadline_ms`, `connections`, `throttle`, `bandwidth_bytes_per_s_max`, `ticket` (all but `addr` optional; no cap or 0: unlimited; `ticket`: a string the target's authorizer checks) | `stats` (see [`MigrationStats`]), `console` (guest output up to the switchover); the source VM is destroyed shortly after the reply. With `"cancel": true`: cancels the running migration. |
+//! | `migrate` | `addr`, `max_downtime_ms`, `deadline_ms`, `connections`, `throttle`, `bandwidth_bytes_per_s_max`, `ticket`, `precopy_nice`, `verify_nice`, `vcpu_boost` (all but `addr` optional; no cap or 0: unlimited; `ticket`: a string the target's authorizer checks; the two nice values: of the pre-copy send threads and of the after-switchover re-hash, default 19, never above this process's priority; `vcpu_boost`: the vCPUs at this process's priority until the pause, default true) | `stats` (see [`MigrationStats`]), `console` (guest output up to the switchover); the source VM is destroyed shortly after the reply. With `"cancel": true`: cancels the running migration. |
 //! | `migrate-status` | | `state` (`idle`/`running`/`succeeded`/`failed`), `phase`, `progress`, `prediction`, `throttle_percent`, `events` (last 64), `error` |
 //! | `migrate-cancel` | | cancels a running migration (the VM keeps running here) |
 //! | `quick-migrate` | `dir` | `save` figures, `console`; the VM is saved paused into `dir` and destroyed shortly after; restore with `vmm-node restore --snapshot DIR` |
@@ -100,6 +100,10 @@ pub struct ReceiveArgs {
     /// the source's names).
     #[arg(long = "nic-tap")]
     pub nic_taps: Vec<String>,
+    /// Leave the received VM's vCPU threads at their own priority right after the resume
+    /// (default: this process's priority for the first 100 ms).
+    #[arg(long)]
+    pub no_vcpu_boost: bool,
 }
 
 /// Waits for an incoming migration and returns the VM running here. Any source with a
@@ -127,6 +131,7 @@ pub fn receive_vm(args: &ReceiveArgs, transport: Transport) -> Result<Arc<Vm>, M
         facts_override,
         failpoint,
         io_timeout: Duration::from_millis(args.io_timeout_ms),
+        vcpu_boost: !args.no_vcpu_boost,
         ..ReceiveOptions::new(transport, Arc::new(AllowAll))
     };
     let listener = TcpListener::bind(args.listen).map_err(MigrationError::Listen)?;
@@ -182,6 +187,12 @@ struct MigrateRequest {
     bandwidth_bytes_per_s_max: Option<u64>,
     #[serde(default)]
     ticket: Option<String>,
+    #[serde(default)]
+    precopy_nice: Option<i32>,
+    #[serde(default)]
+    verify_nice: Option<i32>,
+    #[serde(default)]
+    vcpu_boost: Option<bool>,
     #[serde(default)]
     cancel: bool,
 }
@@ -331,6 +342,12 @@ fn handle_migrate(
             throttle: r.throttle.unwrap_or(true),
         },
         ..MigrateOptions::new(transport.clone())
+    };
+    let opts = MigrateOptions {
+        precopy_nice: r.precopy_nice.or(opts.precopy_nice),
+        verify_nice: r.verify_nice.or(opts.verify_nice),
+        vcpu_boost: r.vcpu_boost.unwrap_or(opts.vcpu_boost),
+        ..opts
     };
     if let Err(e) = opts.validate() {
         return error_response(&e);
