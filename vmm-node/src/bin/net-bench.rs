@@ -71,7 +71,7 @@ struct Cli {
     #[arg(long)]
     engine_nice: Option<i32>,
     /// Nice value of the source's pre-copy send threads (the engine's `precopy_nice`;
-    /// default: the engine's default, 19; 0: the process's priority).
+    /// default: the engine's, the process's own priority; 19 yields to the guest).
     #[arg(long)]
     precopy_nice: Option<i32>,
     /// Nice value of the source's after-switchover memory re-hash (the engine's
@@ -617,7 +617,7 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
         cli.vcpu_nice,
         cli.engine_nice.unwrap_or(0),
         cli.precopy_nice
-            .unwrap_or(vmm_node::migration::source::DEFAULT_PRECOPY_NICE),
+            .map_or_else(|| "the caller's (0)".to_owned(), |n| n.to_string()),
         cli.verify_nice
             .unwrap_or(vmm_node::migration::source::DEFAULT_VERIFY_NICE),
         match (cli.no_vcpu_boost, cli.no_target_vcpu_boost) {
