@@ -81,6 +81,9 @@ use crate::state::{ClusterState, CommandResult, StateKey};
 /// info,raft_timing=debug` logs how long each log append, WAL sync and apply took.
 pub const TIMING: &str = "raft_timing";
 
+/// Longest bounded log read served by point lookups instead of an iterator.
+const SHORT_READ_MAX: u64 = 64;
+
 const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
 const CF_SM: &str = "sm";
@@ -391,17 +394,56 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
+        let t0 = std::time::Instant::now();
         let start = match range.start_bound() {
             Bound::Included(s) => *s,
             Bound::Excluded(s) => s.saturating_add(1),
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(e) => e.checked_add(1),
+            Bound::Excluded(e) => Some(*e),
+            Bound::Unbounded => None,
+        };
         let h = cf(&self.db, CF_LOG)?;
+        let decode = |idx: u64, v: &[u8]| -> Result<Entry, StorageError> {
+            serde_json::from_slice(v)
+                .map_err(|e| StorageIOError::read_log_at_index(idx, AnyError::new(&e)).into())
+        };
         let mut out = Vec::new();
+        // The common reads (replicating or applying the newest few entries) are short
+        // bounded ranges: point lookups, no iterator to set up. The log is contiguous, so
+        // the first missing index ends it; a range starting below the first entry takes
+        // the iterator.
+        if let Some(end) = end.filter(|e| *e > start && e - start <= SHORT_READ_MAX) {
+            for idx in start..end {
+                let got = self
+                    .db
+                    .get_pinned_cf(h, idx.to_be_bytes())
+                    .map_err(|e| StorageIOError::read_logs(AnyError::new(&e)))?;
+                match got {
+                    Some(v) => out.push(decode(idx, &v)?),
+                    None => break,
+                }
+            }
+            if !out.is_empty() {
+                tracing::debug!(
+                    target: TIMING,
+                    entries = out.len(),
+                    us = t0.elapsed().as_micros() as u64,
+                    "log read"
+                );
+                return Ok(out);
+            }
+        }
+        let mut ro = ReadOptions::default();
+        if let Some(end) = end {
+            ro.set_iterate_upper_bound(end.to_be_bytes());
+        }
         let key = start.to_be_bytes();
         for item in self
             .db
-            .iterator_cf(h, IteratorMode::From(&key, Direction::Forward))
+            .iterator_cf_opt(h, ro, IteratorMode::From(&key, Direction::Forward))
         {
             let (k, v) = item.map_err(|e| StorageIOError::read_logs(AnyError::new(&e)))?;
             let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| {
@@ -410,10 +452,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             if !range.contains(&idx) {
                 break;
             }
-            let e: Entry = serde_json::from_slice(&v)
-                .map_err(|e| StorageIOError::read_log_at_index(idx, AnyError::new(&e)))?;
-            out.push(e);
+            out.push(decode(idx, &v)?);
         }
+        tracing::debug!(
+            target: TIMING,
+            entries = out.len(),
+            us = t0.elapsed().as_micros() as u64,
+            "log read (iterator)"
+        );
         Ok(out)
     }
 }
