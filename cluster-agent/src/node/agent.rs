@@ -525,11 +525,18 @@ impl Agent {
     pub async fn execute_as_leader(&self, req: ForwardRequest) -> Result<ForwardReply, WriteError> {
         match req {
             ForwardRequest::Command(cmd) => {
+                let t0 = std::time::Instant::now();
                 let resp = self
                     .raft
                     .client_write(cmd)
                     .await
                     .map_err(|e| self.client_write_err(e))?;
+                tracing::debug!(
+                    target: crate::raft::store::TIMING,
+                    index = resp.log_id.index,
+                    us = t0.elapsed().as_micros() as u64,
+                    "client_write"
+                );
                 if let CommandResult::Rejected { reason } = resp.data {
                     return Err(WriteError::Rejected { reason });
                 }

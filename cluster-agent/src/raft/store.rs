@@ -9,9 +9,47 @@
 //! | `sm`       | `c` cluster, `n`+id BE node, `k`+key kv, `e`+seq BE event, `s` last event seq, `m:applied`, `m:membership` | JSON |
 //! | `snapshot` | `current`                    | JSON [`StoredSnapshot`]       |
 //!
-//! Votes, appends, truncations, purges and every state-machine apply are written with
-//! a synced WAL before they are acknowledged. One apply batch is one `WriteBatch`:
-//! the touched entities together with `last_applied` and the membership.
+//! Votes, appends, truncations, purges, snapshots and installed snapshots are written
+//! with a synced WAL before they are acknowledged (appends: by the WAL-sync thread, see
+//! [`WalSync`]). State-machine applies are not synced. One apply batch is one
+//! `WriteBatch`: the touched entities together with `last_applied` and the membership.
+//!
+//! # Why an apply needs no fsync
+//!
+//! The log is the durable record; the state machine may lag it after a power loss and is
+//! brought forward from the log when the agent starts. This holds because:
+//!
+//! 1. **One WAL, recovered as a prefix.** The log, the meta, the state machine and the
+//!    snapshot are column families of one RocksDB database, and all column families
+//!    share its one write-ahead log. Every write is handed to the WAL file (`write(2)`,
+//!    no `manual_wal_flush`) before it returns, so a killed process loses nothing; a
+//!    power loss can lose only writes after the last WAL sync, and recovery replays the
+//!    WAL in write order up to the first missing or torn record (a damaged record in the
+//!    middle refuses the store, see `open`). So what survives is a prefix of the write
+//!    sequence, and an apply is durable as soon as any later synced write is (the next
+//!    append's WAL sync, a vote, a snapshot). A memtable flush syncs the WALs it closes
+//!    before its table file is recorded, so table files never hold a write the WAL
+//!    lost.
+//! 2. **The applied index never passes the durable log.** An entry is appended (a WAL
+//!    write) before it can be committed and applied, so in the prefix an apply is
+//!    always preceded by the append of its entry: `last_applied <= last log id` after
+//!    any crash.
+//! 3. **openraft re-applies what is missing.** At start (`StorageHelper::
+//!    get_initial_state`) it reads `last_applied` from [`SmStore::applied_state`] and
+//!    `committed` (also unsynced, written after the entries it covers), and re-applies
+//!    the log from `last_applied + 1` to `committed`; entries above `committed` are
+//!    applied when the leader commits them again. Applying is deterministic from the
+//!    log alone, so the re-applied state is the one that was lost.
+//! 4. **No log entry above the durable applied index is purged.** openraft purges only
+//!    up to its current snapshot's last log id (`calc_purge_upto`, `trigger_purge_log`).
+//!    A snapshot is stored with a synced write (`store_snapshot`) after the applies it
+//!    covers were written, so by (1) the state machine is durable up to at least the
+//!    snapshot's index before any purge can be scheduled, and `purge` itself syncs.
+//!    An installed snapshot replaces the state machine with a synced write first.
+//!
+//! A commit therefore waits for the log fsyncs (the leader's on the [`WalSync`] thread,
+//! the followers' in parallel) and not for one more fsync per apply.
+//! `cluster-agent` tests: `a_lagging_state_machine_is_brought_forward_from_the_log`.
 
 // The error type is openraft's `StorageError`, dictated by the storage traits; helpers
 // return it too so `?` composes. Its size is not ours to choose.
@@ -38,6 +76,13 @@ use crate::raft::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote,
 };
 use crate::state::{ClusterState, CommandResult, StateKey};
+
+/// Target of the store's per-operation timing events (debug level): `RUST_LOG=
+/// info,raft_timing=debug` logs how long each log append, WAL sync and apply took.
+pub const TIMING: &str = "raft_timing";
+
+/// Longest bounded log read served by point lookups instead of an iterator.
+const SHORT_READ_MAX: u64 = 64;
 
 const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
@@ -293,10 +338,17 @@ impl WalSync {
                 while let Ok(first) = rx.recv() {
                     let mut done = vec![first];
                     done.extend(rx.try_iter());
+                    let t0 = std::time::Instant::now();
                     let synced = match db.upgrade() {
                         Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
                         None => Err("the log store was closed".to_owned()),
                     };
+                    tracing::debug!(
+                        target: TIMING,
+                        appends = done.len(),
+                        sync_us = t0.elapsed().as_micros() as u64,
+                        "log wal sync"
+                    );
                     for cb in done {
                         cb.log_io_completed(synced.clone().map_err(std::io::Error::other));
                     }
@@ -342,17 +394,56 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
+        let t0 = std::time::Instant::now();
         let start = match range.start_bound() {
             Bound::Included(s) => *s,
             Bound::Excluded(s) => s.saturating_add(1),
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(e) => e.checked_add(1),
+            Bound::Excluded(e) => Some(*e),
+            Bound::Unbounded => None,
+        };
         let h = cf(&self.db, CF_LOG)?;
+        let decode = |idx: u64, v: &[u8]| -> Result<Entry, StorageError> {
+            serde_json::from_slice(v)
+                .map_err(|e| StorageIOError::read_log_at_index(idx, AnyError::new(&e)).into())
+        };
         let mut out = Vec::new();
+        // The common reads (replicating or applying the newest few entries) are short
+        // bounded ranges: point lookups, no iterator to set up. The log is contiguous, so
+        // the first missing index ends it; a range starting below the first entry takes
+        // the iterator.
+        if let Some(end) = end.filter(|e| *e > start && e - start <= SHORT_READ_MAX) {
+            for idx in start..end {
+                let got = self
+                    .db
+                    .get_pinned_cf(h, idx.to_be_bytes())
+                    .map_err(|e| StorageIOError::read_logs(AnyError::new(&e)))?;
+                match got {
+                    Some(v) => out.push(decode(idx, &v)?),
+                    None => break,
+                }
+            }
+            if !out.is_empty() {
+                tracing::debug!(
+                    target: TIMING,
+                    entries = out.len(),
+                    us = t0.elapsed().as_micros() as u64,
+                    "log read"
+                );
+                return Ok(out);
+            }
+        }
+        let mut ro = ReadOptions::default();
+        if let Some(end) = end {
+            ro.set_iterate_upper_bound(end.to_be_bytes());
+        }
         let key = start.to_be_bytes();
         for item in self
             .db
-            .iterator_cf(h, IteratorMode::From(&key, Direction::Forward))
+            .iterator_cf_opt(h, ro, IteratorMode::From(&key, Direction::Forward))
         {
             let (k, v) = item.map_err(|e| StorageIOError::read_logs(AnyError::new(&e)))?;
             let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| {
@@ -361,10 +452,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             if !range.contains(&idx) {
                 break;
             }
-            let e: Entry = serde_json::from_slice(&v)
-                .map_err(|e| StorageIOError::read_log_at_index(idx, AnyError::new(&e)))?;
-            out.push(e);
+            out.push(decode(idx, &v)?);
         }
+        tracing::debug!(
+            target: TIMING,
+            entries = out.len(),
+            us = t0.elapsed().as_micros() as u64,
+            "log read (iterator)"
+        );
         Ok(out)
     }
 }
@@ -421,8 +516,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let h = cf(&self.db, CF_LOG)?;
+        let t0 = std::time::Instant::now();
         let mut batch = WriteBatch::default();
+        let mut n = 0usize;
         for e in entries {
+            n += 1;
             batch.put_cf(h, e.log_id.index.to_be_bytes(), to_json(&e)?);
         }
         // Written now (readers see the entries), durable once the WAL sync that
@@ -431,6 +529,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Some(_) => self.db.write(batch),
             None => self.db.write_opt(batch, &synced()),
         };
+        tracing::debug!(
+            target: TIMING,
+            entries = n,
+            write_us = t0.elapsed().as_micros() as u64,
+            "log append"
+        );
         match res {
             Ok(()) => {
                 match &self.wal_sync.tx {
@@ -590,14 +694,21 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         I::IntoIter: OptionalSend,
     {
         let h = cf(&self.db, CF_SM)?;
+        let t0 = std::time::Instant::now();
         let mut batch = WriteBatch::default();
         let mut results = Vec::new();
-        // Work on a copy so a failed write leaves the in-memory image untouched, and
-        // readers are not blocked while the batch is synced. Only this task mutates.
-        let mut next = read_lock(&self.data).clone();
+        let mut n = 0usize;
+        // Applied in place (no copy of the whole state per batch) under the write lock,
+        // held until the batch is written: readers never see a state ahead of what was
+        // handed to RocksDB. The write is not synced (see the module docs): it takes
+        // microseconds. Should it fail, openraft stops this node's Raft (a storage error
+        // is fatal); the entries are committed, so the in-memory image still shows only
+        // committed state, and a restart re-applies them from the log.
+        let mut d = write_lock(&self.data);
         let mut touched = Vec::new();
         for e in entries {
-            next.last_applied = Some(e.log_id);
+            n += 1;
+            d.last_applied = Some(e.log_id);
             match e.payload {
                 EntryPayload::Blank => results.push(CommandResult::Ok),
                 EntryPayload::Normal(cmd) => {
@@ -605,12 +716,12 @@ impl RaftStateMachine<TypeConfig> for SmStore {
                         index: e.log_id.index,
                         term: e.log_id.leader_id.term,
                     };
-                    let (r, t) = next.state.apply_at(&cmd, at);
+                    let (r, t) = d.state.apply_at(&cmd, at);
                     touched.extend(t);
                     results.push(r);
                 }
                 EntryPayload::Membership(m) => {
-                    next.membership = StoredMembership::new(Some(e.log_id), m);
+                    d.membership = StoredMembership::new(Some(e.log_id), m);
                     results.push(CommandResult::Ok);
                 }
             }
@@ -618,13 +729,21 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         touched.sort();
         touched.dedup();
         for k in &touched {
-            put_entity(&mut batch, h, &next.state, k)?;
+            put_entity(&mut batch, h, &d.state, k)?;
         }
-        put_meta_entries(&mut batch, h, &next)?;
+        put_meta_entries(&mut batch, h, &d)?;
+        let t1 = std::time::Instant::now();
         self.db
-            .write_opt(batch, &synced())
+            .write(batch)
             .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
-        *write_lock(&self.data) = next;
+        drop(d);
+        tracing::debug!(
+            target: TIMING,
+            entries = n,
+            apply_us = (t1 - t0).as_micros() as u64,
+            write_us = t1.elapsed().as_micros() as u64,
+            "sm apply"
+        );
         Ok(results)
     }
 
@@ -980,5 +1099,107 @@ mod tests {
         assert_eq!(after.jobs.jobs.len(), 1);
         assert_eq!(after.jobs.policy.interval_ms, 5000);
         assert_eq!(after.nodes, before.nodes);
+    }
+
+    /// Entry `i` of the lag test: node 1 registers under the name `n{i}`. Applying an
+    /// entry twice, or skipping one, changes the state (each rename is an event).
+    fn rename_entry(i: u64) -> Entry {
+        use crate::state::{Command, NodeFacts, NodeRegistration};
+        Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
+            payload: EntryPayload::Normal(Command::RegisterNode {
+                registration: NodeRegistration {
+                    trust: Default::default(),
+                    node_id: 1,
+                    name: format!("n{i}"),
+                    mgmt_addr: "127.0.1.1:1".into(),
+                    raft_addr: "127.0.1.1:2".into(),
+                    migration_addr: "127.0.2.1:3".into(),
+                    mgmt_subnet: "127.0.1.0/24".into(),
+                    migration_subnet: "127.0.2.0/24".into(),
+                    facts: NodeFacts::default(),
+                    networks: Default::default(),
+                    power: Default::default(),
+                },
+                at_unix_ms: i,
+            }),
+        }
+    }
+
+    /// Applies are not synced: after a power loss the state machine can lag its log
+    /// (here: entries 0..=10 appended and synced, 8 committed, only 0..=4 applied).
+    /// openraft's start (`get_initial_state`, what `Raft::new` runs) re-applies exactly
+    /// the committed entries the state machine misses, 5..=8, and leaves 9 and 10 in the
+    /// log for the leader to commit.
+    #[test]
+    fn a_lagging_state_machine_is_brought_forward_from_the_log() {
+        use openraft::storage::{RaftLogStorageExt, StorageHelper};
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let p = dir.path().join("raft");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| panic!("runtime: {e}"));
+        // A Raft log starts at index 0 (openraft's first entry; blank here).
+        let mut entries = vec![Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 0),
+            payload: EntryPayload::Blank,
+        }];
+        entries.extend((1..=10).map(rename_entry));
+        let committed = entries[8].log_id;
+        // What applying 1..=8 once gives.
+        let expected = rt.block_on(async {
+            let d = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+            let (_l, mut sm) =
+                open(&d.path().join("raft"), true).unwrap_or_else(|e| panic!("open: {e}"));
+            sm.apply(entries[..9].to_vec())
+                .await
+                .unwrap_or_else(|e| panic!("apply: {e}"));
+            let s = read_lock(&sm.shared()).state.clone();
+            s
+        });
+        assert_eq!(expected.last_event_seq, 8, "1 join and 7 renames");
+        rt.block_on(async {
+            let (mut log, mut sm) = open(&p, true).unwrap_or_else(|e| panic!("open: {e}"));
+            log.blocking_append(entries.clone())
+                .await
+                .unwrap_or_else(|e| panic!("append: {e}"));
+            log.save_committed(Some(committed))
+                .await
+                .unwrap_or_else(|e| panic!("save_committed: {e}"));
+            sm.apply(entries[..5].to_vec())
+                .await
+                .unwrap_or_else(|e| panic!("apply: {e}"));
+        });
+        rt.block_on(async {
+            let (mut log, mut sm) = open(&p, false).unwrap_or_else(|e| panic!("reopen: {e}"));
+            let before = read_lock(&sm.shared()).clone();
+            assert_eq!(before.last_applied.map(|l| l.index), Some(4));
+            assert_eq!(before.state.last_event_seq, 4);
+            let st = StorageHelper::new(&mut log, &mut sm)
+                .get_initial_state()
+                .await
+                .unwrap_or_else(|e| panic!("get_initial_state: {e}"));
+            assert_eq!(st.committed, Some(committed));
+            let after = read_lock(&sm.shared()).clone();
+            assert_eq!(after.last_applied, Some(committed));
+            assert_eq!(after.state, expected, "re-applied state differs");
+            assert_eq!(
+                after
+                    .state
+                    .nodes
+                    .get(&1)
+                    .map(|n| n.registration.name.as_str()),
+                Some("n8")
+            );
+            // 9 and 10 are still in the log.
+            let rest = log
+                .try_get_log_entries(9..=10)
+                .await
+                .unwrap_or_else(|e| panic!("read log: {e}"));
+            assert_eq!(rest.len(), 2);
+        });
+        // The re-applied state is in the store (a later synced write makes it durable).
+        let (_l, sm) = open(&p, false).unwrap_or_else(|e| panic!("reopen: {e}"));
+        assert_eq!(read_lock(&sm.shared()).last_applied, Some(committed));
     }
 }

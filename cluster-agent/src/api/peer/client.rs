@@ -280,7 +280,9 @@ impl PeerConnection {
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(e))),
         };
         let mut client = peer_client(channel);
+        let t0 = std::time::Instant::now();
         let json = encode(rpc, req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let bytes = json.len();
         let reply = match rpc {
             "append_entries" => client
                 .append_entries(pb::AppendEntriesRequest { json })
@@ -305,6 +307,13 @@ impl PeerConnection {
         })?;
         let result: Result<Resp, RaftError<NodeId, E>> = decode(&self.addr, rpc, &reply)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        tracing::debug!(
+            target: crate::raft::store::TIMING,
+            rpc,
+            bytes,
+            rtt_us = t0.elapsed().as_micros() as u64,
+            "peer call"
+        );
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

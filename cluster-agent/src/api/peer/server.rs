@@ -161,13 +161,24 @@ impl RaftPeerService for PeerService {
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        let t0 = std::time::Instant::now();
         let caller = member(&self.agent, &request)?;
         let req: AppendEntriesRequest<TypeConfig> =
             decode("peer", "append_entries request", &request.get_ref().json)
                 .map_err(status::peer_payload)?;
         claims(caller, req.vote.leader_id().voted_for(), "append_entries")?;
+        let entries = req.entries.len();
+        let t1 = std::time::Instant::now();
         let res = self.agent.raft().append_entries(req).await;
+        let t2 = std::time::Instant::now();
         let json = reply("append_entries reply", &res)?;
+        tracing::debug!(
+            target: crate::raft::store::TIMING,
+            entries,
+            decode_us = (t1 - t0).as_micros() as u64,
+            raft_us = (t2 - t1).as_micros() as u64,
+            "peer append_entries served"
+        );
         Ok(Response::new(pb::AppendEntriesResponse { json }))
     }
 

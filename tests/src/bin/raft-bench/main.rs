@@ -17,7 +17,10 @@
 //! Usage: `raft-bench [--writes N] [--clients C] [--failovers F] [--no-etcd]
 //! [--compare-plaintext]` (the `cluster-agent` binary must be built in the same target
 //! directory; the agents of `target/<profile>/` run, the profile this program was built
-//! with).
+//! with). A breakdown of each write: `RAFT_BENCH_AGENT_LOG=info,openraft=warn,raft_timing=debug`
+//! makes the agents log each log append, WAL sync, apply, peer call and `client_write`
+//! with its duration, and each measurement prints its wall-clock window; with
+//! `CLUSTER_TESTS_KEEP=1` the agents' logs stay in the cluster directory.
 
 mod etcd;
 
@@ -100,6 +103,18 @@ fn report(name: &str, mut lat: Vec<Duration>, wall: Duration) -> Row {
         lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
         row.per_s
     );
+    if std::env::var_os("RAFT_BENCH_AGENT_LOG").is_some() {
+        // The measurement's wall-clock window, to pick its lines out of the agents' logs.
+        let end = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let start = end.saturating_sub(wall);
+        println!(
+            "  window (unix ms): {}..{}",
+            start.as_millis(),
+            end.as_millis()
+        );
+    }
     row
 }
 
@@ -154,10 +169,16 @@ async fn cluster(plaintext: bool) -> Result<(Cluster, u64), Box<dyn std::error::
     };
     for id in 1..=3 {
         c.add_node_with(id, extra)?;
+        // A breakdown of each write: `RAFT_BENCH_AGENT_LOG=info,raft_timing=debug` logs the
+        // store's and the peer plane's per-operation timings (with CLUSTER_TESTS_KEEP=1
+        // the agents' logs stay in the cluster directory).
+        if let Ok(filter) = std::env::var("RAFT_BENCH_AGENT_LOG") {
+            c.set_env(id, "RUST_LOG", &filter)?;
+        }
     }
     let leader = c.form(3).await?;
     println!(
-        "cluster: 3 agents on loopback, peer plane {}, leader {leader}; election timeout {}-{} ms, raft heartbeat {} ms; WAL synced per append and per apply",
+        "cluster: 3 agents on loopback, peer plane {}, leader {leader}; election timeout {}-{} ms, raft heartbeat {} ms; WAL synced per append (applies durable through the log)",
         if plaintext { "PLAINTEXT" } else { "mutual TLS" },
         opts.election_timeout_min_ms,
         opts.election_timeout_max_ms,
