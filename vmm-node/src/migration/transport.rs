@@ -8,7 +8,8 @@
 //! into the target's [`GuestMem`] and reports round ends to the coordinator. Over the
 //! engine's TLS record layer a message's pages are sealed in place in the worker's buffer
 //! and taken on the receiving side straight from the decrypted records
-//! ([`super::record`]), so TLS adds the AEAD and no copy.
+//! ([`super::record`]), so TLS adds the AEAD and no copy; such a message carries at most
+//! [`SEALED_PAGES_PER_MESSAGE`] data pages, sealed while they are still in cache.
 //!
 //! A bandwidth cap ([`Pacer`]) paces the writes of all data connections together; a
 //! capped round can then last long, so the sender reports progress while a round runs
@@ -39,6 +40,11 @@ use crate::GuestMem;
 
 /// Pages a worker claims at once (one bitmap word is 64 pages).
 const CLAIM_WORDS: usize = 64;
+/// Data pages of one message over the engine's TLS record layer (256 KiB): the message
+/// is sealed and written while its pages are still in the sending core's cache, which
+/// `migration-bench` measured to cut TLS's extra CPU per GB by more than half against
+/// 4 MiB messages.
+const SEALED_PAGES_PER_MESSAGE: usize = 64;
 /// Lowest bandwidth cap accepted: below it a guest takes hours per GiB of memory, and a
 /// data connection could stay silent longer than a receiver waits.
 pub const BANDWIDTH_BYTES_PER_S_MIN: u64 = 1 << 20;
@@ -646,7 +652,11 @@ struct Batch {
 
 impl Batch {
     fn new(round: u32, sealed: bool) -> Batch {
-        let body_bytes = MAX_PAGES_PER_MESSAGE * PAGE_SIZE;
+        let body_bytes = if sealed {
+            SEALED_PAGES_PER_MESSAGE
+        } else {
+            MAX_PAGES_PER_MESSAGE
+        } * PAGE_SIZE;
         Batch {
             header: PagesHeader {
                 round,
@@ -765,7 +775,9 @@ fn send_worker(
                     batch.data_pages += 1;
                     out.data_pages += 1;
                 }
-                if batch.header.pages.len() == MAX_PAGES_PER_MESSAGE {
+                if batch.header.pages.len() == MAX_PAGES_PER_MESSAGE
+                    || (batch.sealed && batch.data_pages == SEALED_PAGES_PER_MESSAGE)
+                {
                     batch.flush(conn, index, ctx, &mut out)?;
                 }
             }
