@@ -28,7 +28,10 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::ServerName;
 
 use super::protocol::{read_frame, Frame, ProtocolError, MAGIC};
-use super::record::{Opened, Opener, RecordError, Sealer, HEADER_BYTES, SEAL_BATCH_BYTES};
+use super::record::{
+    Opened, Opener, RecordError, Sealer, HEADER_BYTES, MAX_PLAINTEXT_BYTES, RECORD_STRIDE_BYTES,
+    SEAL_BATCH_BYTES,
+};
 use super::tls::Transport;
 
 /// Plaintext bytes rustls may buffer per connection before a writer drains them.
@@ -429,25 +432,106 @@ impl Conn {
                     if got > 0 {
                         return Ok(got);
                     }
-                    if rx.eof {
-                        return Err(io::ErrorKind::UnexpectedEof.into());
-                    }
-                    // Keep only the partial record, at the front, and read after it.
-                    rx.buf.copy_within(rx.start..rx.end, 0);
-                    rx.end -= rx.start;
-                    rx.start = 0;
-                    rx.plain = 0..0;
-                    let want = need.max(RX_BUFFER_BYTES);
-                    if rx.buf.len() < want {
-                        rx.buf.resize(want, 0);
-                    }
-                    self.arm()?;
-                    let n = (&self.0.tcp).read(&mut rx.buf[rx.end..])?;
-                    rx.end += n;
-                    rx.eof = n == 0;
+                    self.fill_direct(rx, need)?;
                 }
             }
         }
+    }
+
+    /// Reads more socket bytes after the partial record at `rx.buf[rx.start..rx.end]`
+    /// (moved to the front first), which needs `need` bytes in total.
+    fn fill_direct(&self, rx: &mut DirectRx, need: usize) -> io::Result<()> {
+        if rx.eof {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        rx.buf.copy_within(rx.start..rx.end, 0);
+        rx.end -= rx.start;
+        rx.start = 0;
+        rx.plain = 0..0;
+        let want = need.max(RX_BUFFER_BYTES);
+        if rx.buf.len() < want {
+            rx.buf.resize(want, 0);
+        }
+        self.arm()?;
+        let n = (&self.0.tcp).read(&mut rx.buf[rx.end..])?;
+        rx.end += n;
+        rx.eof = n == 0;
+        Ok(())
+    }
+
+    /// Reads exactly `len` bytes and hands them to `f` in order, in pieces of any size,
+    /// stopping at `f`'s first error (the inner result). Over the engine's record layer
+    /// the pieces are the decrypted records where they were decrypted, in the
+    /// connection's receive buffer: no copy. Otherwise they are read into `scratch` (at
+    /// least one byte long) first.
+    pub fn read_exact_with<E>(
+        &self,
+        len: usize,
+        scratch: &mut [u8],
+        mut f: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> io::Result<Result<(), E>> {
+        if let Some(Tls::Direct(d)) = &self.0.tls {
+            return self.read_direct_with(d, len, f);
+        }
+        let mut left = len;
+        while left > 0 {
+            let want = left.min(scratch.len());
+            match (&*self).read(&mut scratch[..want]) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    left -= n;
+                    if let Err(e) = f(&scratch[..n]) {
+                        return Ok(Err(e));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    fn read_direct_with<E>(
+        &self,
+        d: &DirectIo,
+        len: usize,
+        mut f: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> io::Result<Result<(), E>> {
+        let invalid = |e: RecordError| io::Error::new(io::ErrorKind::InvalidData, e);
+        let mut rx = lock(&d.rx);
+        let rx = &mut *rx;
+        let mut left = len;
+        while left > 0 {
+            if !rx.plain.is_empty() {
+                let n = rx.plain.len().min(left);
+                let at = rx.plain.start;
+                rx.plain.start += n;
+                left -= n;
+                if let Err(e) = f(&rx.buf[at..at + n]) {
+                    return Ok(Err(e));
+                }
+                continue;
+            }
+            if rx.closed {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            match rx
+                .opener
+                .open(&mut rx.buf[rx.start..rx.end])
+                .map_err(invalid)?
+            {
+                Opened::Data { used, plain } => {
+                    rx.plain = rx.start + plain.start..rx.start + plain.end;
+                    rx.start += used;
+                }
+                Opened::Closed { used } => {
+                    rx.start += used;
+                    rx.closed = true;
+                }
+                Opened::Partial { need } => self.fill_direct(rx, need)?,
+            }
+        }
+        Ok(Ok(()))
     }
 
     fn write_direct(&self, d: &DirectIo, buf: &[u8]) -> io::Result<usize> {
@@ -469,6 +553,66 @@ impl Conn {
             return Err(e);
         }
         Ok(n)
+    }
+
+    /// Whether [`Conn::send_sealed_in_place`] can take this connection's data: over the
+    /// engine's record layer only.
+    pub fn seals_in_place(&self) -> bool {
+        matches!(self.0.tls, Some(Tls::Direct(_)))
+    }
+
+    /// Sends `head`, then the `plain` bytes of plaintext laid out in `body` for in-place
+    /// sealing ([`super::record::sealed_offset`]), as TLS records: `head` is sealed into
+    /// the connection's buffer, `body` in place, [`SEAL_BATCH_BYTES`] at a time. `send`
+    /// writes each run of sealed records to the socket it is given (e.g. paced); an error
+    /// or an inner `Err` from it stops the sending, and the connection sends nothing more
+    /// (its record stream is cut). No other write on this connection comes in between.
+    pub fn send_sealed_in_place<E>(
+        &self,
+        head: &[u8],
+        body: &mut [u8],
+        plain: usize,
+        mut send: impl FnMut(&mut &TcpStream, &[u8]) -> io::Result<Result<(), E>>,
+    ) -> io::Result<Result<(), E>> {
+        let Some(Tls::Direct(d)) = &self.0.tls else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "in-place sealing needs the engine's TLS record layer",
+            ));
+        };
+        let invalid = |e: RecordError| io::Error::new(io::ErrorKind::InvalidData, e);
+        let mut tx = lock(&d.tx);
+        let tx = &mut *tx;
+        if tx.broken {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "an earlier write on this TLS connection failed",
+            ));
+        }
+        // Cut until every record is written; restored at the end.
+        tx.broken = true;
+        let mut w = &self.0.tcp;
+        tx.out.clear();
+        tx.sealer.seal(head, &mut tx.out).map_err(invalid)?;
+        if let Err(e) = send(&mut w, &tx.out)? {
+            return Ok(Err(e));
+        }
+        let per_batch = SEAL_BATCH_BYTES / MAX_PLAINTEXT_BYTES;
+        let mut at = 0;
+        while at < plain {
+            let n = (plain - at).min(per_batch * MAX_PLAINTEXT_BYTES);
+            let from = at / MAX_PLAINTEXT_BYTES * RECORD_STRIDE_BYTES;
+            let buf = body.get_mut(from..).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "body shorter than its records")
+            })?;
+            let len = tx.sealer.seal_in_place(buf, n).map_err(invalid)?;
+            if let Err(e) = send(&mut w, &buf[..len])? {
+                return Ok(Err(e));
+            }
+            at += n;
+        }
+        tx.broken = false;
+        Ok(Ok(()))
     }
 
     fn read_tls(&self, tls: &RustlsIo, buf: &mut [u8]) -> io::Result<usize> {
@@ -713,7 +857,7 @@ mod tests {
     use super::*;
     use crate::migration::test_pki::TestCa;
     use crate::migration::tls::MigrationTls;
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
 
     fn tls() -> MigrationTls {
         let ca = TestCa::new("conn tests CA");
@@ -795,6 +939,99 @@ mod tests {
             let e = (&s).read(&mut b).unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{layers:?}");
         }
+    }
+
+    /// `len` bytes read with [`Conn::read_exact_with`]: (the bytes, the pieces' count).
+    fn read_pieces(c: &Conn, len: usize) -> (Vec<u8>, usize) {
+        let mut got = Vec::new();
+        let mut pieces = 0;
+        let r: Result<(), ()> = c
+            .read_exact_with(len, &mut [0u8; 7000], |p| {
+                got.extend_from_slice(p);
+                pieces += 1;
+                Ok(())
+            })
+            .unwrap();
+        r.unwrap();
+        (got, pieces)
+    }
+
+    /// Data sealed in place reaches both kinds of reader; [`Conn::read_exact_with`] reads
+    /// records of any size from both kinds of writer, and stops at its consumer's error.
+    #[test]
+    fn in_place_sealing_and_piecewise_reads_work_with_both_record_layers() {
+        use crate::migration::record::{sealed_len, sealed_offset};
+        let direct = tls();
+        let rustls_records = direct.with_rustls_records();
+        let data: Vec<u8> = (0..300_001u32).map(|i| (i * 13 + i / 511) as u8).collect();
+        let mut laid_out = vec![0u8; sealed_len(data.len())];
+        for (i, b) in data.iter().enumerate() {
+            laid_out[sealed_offset(i)] = *b;
+        }
+        for (client, server) in [(&direct, &direct), (&direct, &rustls_records)] {
+            let (c, s) = pair(client, server, b"");
+            assert!(c.seals_in_place());
+            let mut body = laid_out.clone();
+            let writes = std::cell::Cell::new(0);
+            let r: Result<(), ()> = c
+                .send_sealed_in_place(b"head", &mut body, data.len(), |w, records| {
+                    writes.set(writes.get() + 1);
+                    w.write_all(records).map(Ok)
+                })
+                .unwrap();
+            r.unwrap();
+            // The head, then the body SEAL_BATCH_BYTES of plaintext at a time.
+            assert_eq!(writes.get(), 1 + data.len().div_ceil(SEAL_BATCH_BYTES));
+            let mut head = [0u8; 4];
+            (&s).read_exact(&mut head).unwrap();
+            assert_eq!(&head, b"head");
+            let (got, _) = read_pieces(&s, data.len());
+            assert!(got == data, "{:?}", s.record_layer());
+            // The stream goes on after the in-place records.
+            (&c).write_all(b"more").unwrap();
+            let (got, _) = read_pieces(&s, 4);
+            assert_eq!(got, b"more");
+        }
+        // rustls' writer in 10,007-byte writes: records that do not fall on 4 KiB.
+        for server in [&direct, &rustls_records] {
+            let (c, s) = pair(&rustls_records, server, b"");
+            assert!(!c.seals_in_place());
+            let w = std::thread::spawn({
+                let (c, data) = (c.clone(), data.clone());
+                move || {
+                    for chunk in data.chunks(10_007) {
+                        (&c).write_all(chunk).unwrap();
+                    }
+                }
+            });
+            let (got, pieces) = read_pieces(&s, data.len());
+            w.join().unwrap();
+            assert!(got == data);
+            assert!(pieces >= data.len() / 16_384, "{pieces} pieces");
+        }
+        // The consumer's error stops the read and is returned as it is.
+        let (c, s) = pair(&direct, &direct, b"");
+        (&c).write_all(&data).unwrap();
+        let mut seen = 0;
+        let r = s
+            .read_exact_with(data.len(), &mut [0u8; 16], |p| {
+                seen += p.len();
+                if seen > 20_000 {
+                    Err("enough")
+                } else {
+                    Ok(())
+                }
+            })
+            .unwrap();
+        assert_eq!(r, Err("enough"));
+        assert!(seen < data.len());
+        // A plaintext connection has no in-place sealing: refused, nothing sent.
+        let l = TcpListener::bind("127.0.2.1:0").unwrap();
+        let plain = Conn::plain(TcpStream::connect(l.local_addr().unwrap()).unwrap());
+        let e = plain
+            .send_sealed_in_place(b"x", &mut [0u8; 64], 1, |_, _| Ok(Ok::<(), ()>(())))
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Unsupported);
     }
 
     #[test]

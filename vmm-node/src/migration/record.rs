@@ -11,8 +11,12 @@
 //! saves: rustls copies every record into a fresh allocation on each side and decrypts a
 //! 16 KiB record per call under the connection's lock; here a writer seals up to
 //! [`SEAL_BATCH_BYTES`] of records in one buffer and sends them with one system call, and a
-//! reader decrypts in place in its own buffer. Sending and receiving have their own keys
-//! and sequence numbers, so a reader and a writer never share a lock.
+//! reader decrypts in place in its own buffer. The memory transport goes further: its
+//! sender lays pages out with room for each record's header and tag ([`sealed_offset`])
+//! and they are sealed where they are ([`Sealer::seal_in_place`]), and its receiver takes
+//! pages from the decrypted records where they lie (`Conn::read_exact_with`), so neither
+//! side copies page data for TLS. Sending and receiving have their own keys and sequence
+//! numbers, so a reader and a writer never share a lock.
 //!
 //! Not supported after the handshake: a KeyUpdate (an error, not silent; no migration
 //! comes near the AEAD's record limit, which [`Sealer`] and [`Opener`] enforce). Session
@@ -33,6 +37,27 @@ pub const HEADER_BYTES: usize = 5;
 const TAG_BYTES: usize = 16;
 /// Plaintext a writer seals before it sends.
 pub const SEAL_BATCH_BYTES: usize = 256 << 10;
+/// Bytes of one record of [`MAX_PLAINTEXT_BYTES`] on the wire.
+pub const RECORD_STRIDE_BYTES: usize = HEADER_BYTES + MAX_PLAINTEXT_BYTES + 1 + TAG_BYTES;
+
+/// Where plaintext byte `at` sits in a buffer laid out for [`Sealer::seal_in_place`]:
+/// records of [`MAX_PLAINTEXT_BYTES`] one after the other, each with room for its header
+/// before its plaintext and for its content type and tag after it.
+pub const fn sealed_offset(at: usize) -> usize {
+    at / MAX_PLAINTEXT_BYTES * RECORD_STRIDE_BYTES + HEADER_BYTES + at % MAX_PLAINTEXT_BYTES
+}
+
+/// Length of such a buffer holding `plain` bytes of plaintext, once sealed.
+pub const fn sealed_len(plain: usize) -> usize {
+    let last = plain % MAX_PLAINTEXT_BYTES;
+    plain / MAX_PLAINTEXT_BYTES * RECORD_STRIDE_BYTES
+        + if last == 0 {
+            0
+        } else {
+            HEADER_BYTES + last + 1 + TAG_BYTES
+        }
+}
+
 /// Records one key may protect: below the AES-GCM confidentiality limit of RFC 8446 §5.5
 /// (2^24.5 full records), about 275 GB of application data per connection and direction.
 const RECORDS_MAX: u64 = 1 << 24;
@@ -110,34 +135,80 @@ impl Sealer {
         Ok(())
     }
 
-    /// Appends a close_notify alert to `out`.
-    pub fn close_notify(&mut self, out: &mut Vec<u8>) -> Result<(), RecordError> {
-        self.seal_record(ALERT, &[1, 0], out)
+    /// Seals, in place, the `plain` bytes of plaintext laid out in `buf` as
+    /// [`sealed_offset`] says: writes each record's header, content type and tag into the
+    /// room left for them, and encrypts its plaintext where it is. The records are the
+    /// same as [`Sealer::seal`] makes of that plaintext. Returns their length
+    /// ([`sealed_len`]); `buf` must be at least that long.
+    pub fn seal_in_place(&mut self, buf: &mut [u8], plain: usize) -> Result<usize, RecordError> {
+        let len = sealed_len(plain);
+        if buf.len() < len {
+            return Err(RecordError::TooLong(len));
+        }
+        let mut left = plain;
+        for rec in buf[..len].chunks_mut(RECORD_STRIDE_BYTES) {
+            let n = left.min(MAX_PLAINTEXT_BYTES);
+            left -= n;
+            let (hdr, body) = rec.split_at_mut(HEADER_BYTES);
+            let hdr: &mut [u8; HEADER_BYTES] = hdr.try_into().map_err(|_| RecordError::Suite)?;
+            let tag = self.seal_with_room(APPLICATION_DATA, hdr, &mut body[..n + 1])?;
+            body[n + 1..n + 1 + TAG_BYTES].copy_from_slice(tag.as_ref());
+        }
+        Ok(len)
     }
 
-    fn seal_record(&mut self, ty: u8, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+    /// Seals the record whose header goes to `hdr` and whose plaintext is `body` but its
+    /// last byte, where the content type `ty` goes.
+    fn seal_with_room(
+        &mut self,
+        ty: u8,
+        hdr: &mut [u8; HEADER_BYTES],
+        body: &mut [u8],
+    ) -> Result<aead::Tag, RecordError> {
         if self.seq >= RECORDS_MAX {
             return Err(RecordError::Exhausted);
         }
-        let len = chunk.len() + 1 + TAG_BYTES;
-        let hdr = [
+        let len = body.len() + TAG_BYTES;
+        *hdr = [
             APPLICATION_DATA,
             LEGACY_VERSION[0],
             LEGACY_VERSION[1],
             (len >> 8) as u8,
             len as u8,
         ];
-        out.extend_from_slice(&hdr);
-        let at = out.len();
-        out.extend_from_slice(chunk);
-        out.push(ty);
+        if let Some(last) = body.last_mut() {
+            *last = ty;
+        }
         let tag = self
             .key
-            .seal_in_place_separate_tag(nonce(&self.iv, self.seq), Aad::from(hdr), &mut out[at..])
+            .seal_in_place_separate_tag(nonce(&self.iv, self.seq), Aad::from(*hdr), body)
             .map_err(|_| RecordError::Exhausted)?;
-        out.extend_from_slice(tag.as_ref());
         self.seq += 1;
-        Ok(())
+        Ok(tag)
+    }
+
+    /// Appends a close_notify alert to `out`.
+    pub fn close_notify(&mut self, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        self.seal_record(ALERT, &[1, 0], out)
+    }
+
+    fn seal_record(&mut self, ty: u8, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let start = out.len();
+        out.extend_from_slice(&[0; HEADER_BYTES]);
+        out.extend_from_slice(chunk);
+        out.push(0);
+        let (hdr, body) = out[start..].split_at_mut(HEADER_BYTES);
+        let hdr: &mut [u8; HEADER_BYTES] = hdr.try_into().map_err(|_| RecordError::Suite)?;
+        match self.seal_with_room(ty, hdr, body) {
+            Ok(tag) => {
+                out.extend_from_slice(tag.as_ref());
+                Ok(())
+            }
+            Err(e) => {
+                out.truncate(start);
+                Err(e)
+            }
+        }
     }
 }
 
@@ -248,6 +319,90 @@ mod tests {
             key: AeadKey::from(key),
             iv: Iv::from([k; 12]),
         }
+    }
+
+    /// Records sealed in place are byte for byte those [`Sealer::seal`] makes of the same
+    /// plaintext with the same key and sequence numbers, and they open.
+    #[test]
+    fn sealing_in_place_makes_the_same_records() {
+        let s = secrets(9);
+        for plain_len in [
+            0,
+            1,
+            4096,
+            MAX_PLAINTEXT_BYTES - 1,
+            MAX_PLAINTEXT_BYTES,
+            3 * MAX_PLAINTEXT_BYTES + 2 * 4096,
+            SEAL_BATCH_BYTES,
+        ] {
+            let plain: Vec<u8> = (0..plain_len).map(|i| (i * 31 + i / 977) as u8).collect();
+            let mut copied = Vec::new();
+            Sealer::new(5, &s)
+                .unwrap()
+                .seal(&plain, &mut copied)
+                .unwrap();
+            let mut buf = vec![0xee; sealed_len(plain_len)];
+            for (i, b) in plain.iter().enumerate() {
+                buf[sealed_offset(i)] = *b;
+            }
+            let mut sealer = Sealer::new(5, &s).unwrap();
+            assert_eq!(sealer.seal_in_place(&mut buf, plain_len), Ok(buf.len()));
+            assert!(buf == copied, "{plain_len} bytes");
+            // The next record continues the sequence.
+            let mut next = Vec::new();
+            sealer.close_notify(&mut next).unwrap();
+            let mut opener = Opener::new(5, &s).unwrap();
+            let mut at = 0;
+            while at < buf.len() {
+                match opener.open(&mut buf[at..]).unwrap() {
+                    Opened::Data { used, .. } => at += used,
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(
+                opener.open(&mut next),
+                Ok(Opened::Closed { used: next.len() })
+            );
+        }
+        // A buffer without room for the last record's tag is refused, not overrun.
+        let mut short = vec![0u8; sealed_len(4096) - 1];
+        assert_eq!(
+            Sealer::new(0, &s).unwrap().seal_in_place(&mut short, 4096),
+            Err(RecordError::TooLong(sealed_len(4096)))
+        );
+    }
+
+    /// A truncated record stream ends in `Partial`, never in data that was not sent.
+    #[test]
+    fn truncated_records_are_partial() {
+        let s = secrets(3);
+        let mut wire = Vec::new();
+        Sealer::new(0, &s)
+            .unwrap()
+            .seal(&[1u8; 5000], &mut wire)
+            .unwrap();
+        for cut in [0, 3, HEADER_BYTES, wire.len() - TAG_BYTES, wire.len() - 1] {
+            let mut opener = Opener::new(0, &s).unwrap();
+            assert_eq!(
+                opener.open(&mut wire[..cut]).unwrap(),
+                Opened::Partial {
+                    need: if cut < HEADER_BYTES {
+                        HEADER_BYTES
+                    } else {
+                        wire.len()
+                    }
+                },
+                "cut at {cut}"
+            );
+        }
+        // A record whose tag was replaced fails authentication.
+        let mut forged = wire.clone();
+        let n = forged.len();
+        forged[n - TAG_BYTES..].copy_from_slice(&[0u8; TAG_BYTES]);
+        assert_eq!(
+            Opener::new(0, &s).unwrap().open(&mut forged),
+            Err(RecordError::Decrypt)
+        );
     }
 
     #[test]
