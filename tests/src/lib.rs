@@ -197,15 +197,30 @@ pub struct Cluster {
     client: Option<cluster_proto::pki::TlsMaterial>,
 }
 
-/// A port free on `ip` right now (e.g. for a node's `metrics_addr`).
+/// A port free on `ip` right now (e.g. for a node's `metrics_addr`), and never handed out
+/// before by this process: the kernel may give a just-released port again, and one node's
+/// management and Raft addresses once came out the same.
 pub fn free_port(ip: [u8; 4]) -> Result<SocketAddr> {
-    let l = TcpListener::bind(SocketAddr::from((ip, 0))).map_err(|source| HarnessError::Io {
-        what: format!("binding a free port on {ip:?}"),
-        source,
-    })?;
-    l.local_addr().map_err(|source| HarnessError::Io {
-        what: "local_addr".into(),
-        source,
+    static GIVEN: std::sync::Mutex<Option<std::collections::BTreeSet<SocketAddr>>> =
+        std::sync::Mutex::new(None);
+    for _ in 0..1000 {
+        let l =
+            TcpListener::bind(SocketAddr::from((ip, 0))).map_err(|source| HarnessError::Io {
+                what: format!("binding a free port on {ip:?}"),
+                source,
+            })?;
+        let addr = l.local_addr().map_err(|source| HarnessError::Io {
+            what: "local_addr".into(),
+            source,
+        })?;
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if given.get_or_insert_with(Default::default).insert(addr) {
+            return Ok(addr);
+        }
+    }
+    Err(HarnessError::Io {
+        what: format!("finding a port on {ip:?} not handed out before"),
+        source: std::io::Error::other("1000 tries"),
     })
 }
 
