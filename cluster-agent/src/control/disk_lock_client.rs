@@ -275,9 +275,19 @@ pub async fn reserve_handoffs(agent: &Agent, vm: &str, from: u64, to: u64) -> us
     reserved
 }
 
+/// Brings the local replica up to the leader's commit (a linearizable read), so the
+/// reservations read from it next include every committed one; on failure the replica
+/// is read as it is (logged).
+async fn sync_replica(agent: &Agent, vm: &str) {
+    if let Err(e) = agent.linearizable_read().await {
+        tracing::info!(vm, error = %e, "replica not synced before reading disk handoffs");
+    }
+}
+
 /// A live migration of `vm` to `to` ended before the source released its disks: drops
 /// the reservations (the target never opened the disks with them).
 pub async fn cancel_reserved_handoffs(agent: &Agent, vm: &str, from: u64, to: u64) {
+    sync_replica(agent, vm).await;
     for disk in exclusive_disks(agent, vm) {
         if reserved_grant(agent, &disk, to).is_none() {
             continue;
@@ -293,6 +303,7 @@ pub async fn cancel_reserved_handoffs(agent: &Agent, vm: &str, from: u64, to: u6
 /// `to` the holder of every disk reserved for it, with the reserved token it opened the
 /// disk with. Idempotent; refusals are logged.
 pub async fn complete_reserved_handoffs(agent: &Agent, vm: &str, to: u64) {
+    sync_replica(agent, vm).await;
     for disk in exclusive_disks(agent, vm) {
         let from = agent.read_sm(|d| {
             let l = d.state.locks.lock(&disk)?;
