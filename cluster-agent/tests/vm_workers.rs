@@ -971,8 +971,22 @@ async fn a_frozen_worker_stalls_nothing_and_stops_its_vm_once_thawed_past_its_le
         v.runtime().name() == "running" && v.owner_id == 3
     })
     .await;
-    // Booted again in a new worker.
-    let again = WorkerVm::attach(&worker_dir(&cl, 3, "vm-s")).unwrap_or_else(|e| panic!("{e:?}"));
+    // Booted again in a new worker (the record may say running a moment before the new
+    // worker's directory is there: the old one is removed when the fenced worker is dropped).
+    let deadline = std::time::Instant::now() + cluster_tests::WAIT;
+    let again = loop {
+        match WorkerVm::attach(&worker_dir(&cl, 3, "vm-s")) {
+            Ok(w) if w.pid() != old_pid => break w,
+            other if std::time::Instant::now() >= deadline => {
+                panic!(
+                    "no new worker for vm-s: {:?}{}",
+                    other.map(|w| w.pid()),
+                    cl.logs()
+                )
+            }
+            _ => tokio::time::sleep(cluster_tests::wait::POLL).await,
+        }
+    };
     assert_ne!(again.pid(), old_pid, "vm-s still in its fenced worker");
     let (node, _) = cl.heartbeat_after(1, "vm-t", 0).await;
     assert_eq!(node, 3);
