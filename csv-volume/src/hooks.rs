@@ -72,9 +72,20 @@ pub fn open_for_vm(
     local_node: NodeId,
     grant: &LockGrant,
 ) -> Result<FencedDisk, HookError> {
+    install_and_open(registry, local_node, grant, write_fence_record)
+}
+
+/// Installs `grant`'s fence record with `install` (never rolling a newer one back) and
+/// opens the disk for the grant.
+fn install_and_open(
+    registry: &VolumeRegistry,
+    local_node: NodeId,
+    grant: &LockGrant,
+    install: fn(&std::path::Path, &FenceRecord) -> Result<bool, FenceError>,
+) -> Result<FencedDisk, HookError> {
     check_node(local_node, grant)?;
     let path = registry.disk_path(&grant.disk).map_err(HookError::Volume)?;
-    write_fence_record(&path, &FenceRecord::from(grant)).map_err(HookError::Fence)?;
+    install(&path, &FenceRecord::from(grant)).map_err(HookError::Fence)?;
     FencedDisk::open(
         &path,
         Some(grant.disk.clone()),
@@ -136,17 +147,7 @@ pub fn handoff_open(
             mode: grant.mode,
         });
     }
-    check_node(local_node, grant)?;
-    let path = registry.disk_path(&grant.disk).map_err(HookError::Volume)?;
-    install_fence_record(&path, &FenceRecord::from(grant)).map_err(HookError::Fence)?;
-    FencedDisk::open(
-        &path,
-        Some(grant.disk.clone()),
-        grant.node,
-        grant.token,
-        grant.mode,
-    )
-    .map_err(HookError::Open)
+    install_and_open(registry, local_node, grant, install_fence_record)
 }
 
 /// Staged handoff, target side, before the source pauses: writes the reserved grant's
