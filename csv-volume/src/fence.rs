@@ -253,16 +253,7 @@ pub fn write_fence_record(disk_path: &Path, record: &FenceRecord) -> Result<bool
     ));
     let tmp = PathBuf::from(tmp);
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)
-            .map_err(io_err("create temporary", &tmp))?;
-        f.write_all(&record.encode())
-            .map_err(io_err("write temporary", &tmp))?;
-        f.sync_all().map_err(io_err("sync temporary", &tmp))?;
+        write_new_synced(&tmp, record)?;
         fs::rename(&tmp, &path).map_err(io_err("rename into place", &path))?;
         sync_parent(&path)
     })();
@@ -279,6 +270,20 @@ pub fn write_fence_record(disk_path: &Path, record: &FenceRecord) -> Result<bool
         "fence record written"
     );
     Ok(true)
+}
+
+/// Creates `path` (it must not exist; no symlink followed) holding `record`, fsynced.
+fn write_new_synced(path: &Path, record: &FenceRecord) -> Result<(), FenceError> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err("create temporary", path))?;
+    f.write_all(&record.encode())
+        .map_err(io_err("write temporary", path))?;
+    f.sync_all().map_err(io_err("sync temporary", path))
 }
 
 /// Where [`stage_fence_record`] keeps `record` for the disk at `disk_path` until it is
@@ -310,18 +315,7 @@ pub fn stage_fence_record(disk_path: &Path, record: &FenceRecord) -> Result<(), 
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("remove stale staged record", &staged)(e)),
     }
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&staged)
-            .map_err(io_err("create staged record", &staged))?;
-        f.write_all(&record.encode())
-            .map_err(io_err("write staged record", &staged))?;
-        f.sync_all().map_err(io_err("sync staged record", &staged))
-    })();
+    let result = write_new_synced(&staged, record);
     if result.is_err() {
         let _ = fs::remove_file(&staged);
     }
