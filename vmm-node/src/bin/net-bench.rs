@@ -159,11 +159,30 @@ fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// Wait until `s` is readable or `timeout` passed (`ppoll`: a high-resolution timer).
+fn wait_readable(s: &UdpSocket, timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut fds = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: timeout.subsec_nanos().into(),
+    };
+    // SAFETY: one valid pollfd, a valid timespec, no signal mask.
+    unsafe { libc::ppoll(&mut fds, 1, &ts, std::ptr::null()) };
+}
+
 /// The echo stream: lost echoes and the longest silence between two replies (arrival
 /// times, unix seconds).
 fn stream(dst: SocketAddr, rate: f64, stop: &Path) -> anyhow::Result<Value> {
     let s = UdpSocket::bind("0.0.0.0:0")?;
-    s.set_read_timeout(Some(Duration::from_micros(200)))?;
+    // Non-blocking, waited on with `ppoll` until the next send: a socket read timeout
+    // counts in scheduler ticks (4 ms at HZ=250), which sent the requests in bursts a
+    // tick apart and made silences of the client's own.
+    s.set_nonblocking(true)?;
     let period = Duration::from_secs_f64(1.0 / rate);
     let mut sent: Vec<f64> = Vec::new();
     let mut got: HashMap<u32, f64> = HashMap::new();
@@ -190,7 +209,7 @@ fn stream(dst: SocketAddr, rate: f64, stop: &Path) -> anyhow::Result<Value> {
                 next = now;
             }
         }
-        if let Ok(n) = s.recv(&mut buf) {
+        while let Ok(n) = s.recv(&mut buf) {
             if n == payload.len() {
                 let seq = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
                 if (seq as usize) < sent.len() {
@@ -198,6 +217,10 @@ fn stream(dst: SocketAddr, rate: f64, stop: &Path) -> anyhow::Result<Value> {
                 }
             }
         }
+        let wait = next
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(1));
+        wait_readable(&s, wait);
     }
     let mut arrivals: Vec<f64> = got.values().copied().collect();
     arrivals.sort_by(f64::total_cmp);
@@ -720,6 +743,7 @@ fn migration_gap(cli: &Cli, me: &Path, vmm_bin: &Path, pid: u32, dir: &Path) -> 
         let mut res = String::new();
         out.read_line(&mut res)?;
         let res: Value = serde_json::from_str(&res).context("stream result")?;
+        std::fs::write(dir.join(format!("stream{k}.json")), res.to_string())?;
         stop_renice.store(true, Ordering::SeqCst);
         let _ = (r1.join(), r2.join());
         // The source exits once the target runs.
