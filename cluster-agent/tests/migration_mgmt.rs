@@ -36,6 +36,18 @@ async fn heartbeat_after(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64
     (node, hb.seq)
 }
 
+/// Waits until the 64 MiB working set of the `dirty` guest `name` is written twice over.
+/// A held migration needs it: its first round then sends 64 MiB at the cap (a minute) and
+/// every later round finds pages dirty again. A guest that a loaded machine left
+/// unscheduled since its boot had written little, and its migration could finish in
+/// short rounds that found nothing dirty.
+async fn working_set_written(cl: &Cluster, via: u64, name: &str) {
+    let (_, hb) = cl
+        .wait_heartbeat(via, name, |h| h.dirty_mib >= 2 * 64)
+        .await;
+    assert_eq!(hb.mem_errors, 0, "{name}");
+}
+
 /// The finished record that the last message of migration `id`'s progress stream carries.
 async fn final_record(cl: &Cluster, via: u64, id: u64) -> mpb::MigrationInfo {
     cl.watch_migration_until(via, id, "its end", |p| p.finished.is_some())
@@ -66,6 +78,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     }
     let busy = cl.wait_settled(1, "busy").await;
     let calm = cl.wait_settled(1, "calm").await;
+    working_set_written(&cl, 1, "busy").await;
     let (src, other) = (busy.owner_id, 3 - busy.owner_id);
     // Watch through the node that is *not* the source: the stream is proxied.
     let mut mig = cl.migrations(other).await;
@@ -357,6 +370,7 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         let v = cl.wait_settled(a, name).await;
         assert_eq!(v.owner_id, a, "{name}");
     }
+    working_set_written(&cl, a, "hog").await;
     let mut mig = cl.migrations(b_node).await;
     let migrate = |name: &str, to: u64| pb::MigrateVmRequest {
         name: name.into(),
