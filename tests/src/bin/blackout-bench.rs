@@ -167,7 +167,7 @@ fn median_f(v: &mut [f64]) -> f64 {
     vmm_node::bench_stats::median(v).unwrap_or(0.0)
 }
 
-/// vmm-node alone: the `idle` line of `migration-bench` (blackout p50, p99 in us).
+/// vmm-node alone: the `idle/tls` line of `migration-bench` (blackout p50, p99 in us).
 fn engine_alone(memory_mib: u64, repeats: usize) -> Result<(u64, u64, String), String> {
     let bin = locate_binary("migration-bench", "vmm-node").map_err(|e| e.to_string())?;
     let o = std::process::Command::new(bin)
@@ -184,6 +184,9 @@ fn engine_alone(memory_mib: u64, repeats: usize) -> Result<(u64, u64, String), S
             "idle",
             "--vcpus",
             "1",
+            // The cluster's migrations run over mutual TLS.
+            "--transports",
+            "tls",
         ])
         .output()
         .map_err(|e| format!("cannot run migration-bench: {e}"))?;
@@ -196,7 +199,7 @@ fn engine_alone(memory_mib: u64, repeats: usize) -> Result<(u64, u64, String), S
     }
     let line = text
         .lines()
-        .find(|l| l.starts_with("idle "))
+        .find(|l| l.starts_with("idle/tls "))
         .ok_or_else(|| format!("no idle line in: {text}"))?;
     let cols: Vec<&str> = line.split_whitespace().collect();
     let p50 = cols.get(3).and_then(|v| v.parse().ok()).unwrap_or(0);
