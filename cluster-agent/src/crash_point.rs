@@ -4,7 +4,8 @@
 //! outside. Unset (the normal case) every point is a no-op; an unknown name is refused at
 //! startup ([`check_env`]) so a typo cannot silently disable a fault test. Crash points
 //! exist only in builds with the `test-hooks` feature (what `cargo test` builds); a
-//! production build refuses to start with [`ENV`] set.
+//! production build refuses to start with [`ENV`] set. Beside them, one hold for tests
+//! that need a live migration to stay in pre-copy: [`HOLD_PRECOPY_ENV`].
 
 /// The environment variable naming the point to crash at.
 pub const ENV: &str = "CLUSTER_AGENT_CRASH_AT";
@@ -28,21 +29,35 @@ pub const POINTS: &[&str] = &[
     MIGRATE_IN_AFTER_RESTORE,
 ];
 
+/// `CLUSTER_AGENT_HOLD_PRECOPY=<vm>`: the source of a live migration of that VM finds the
+/// VM's first page dirty again after every pre-copy round. Under a blackout cap shorter
+/// than one page takes to send, the migration then never converges and stays in pre-copy
+/// until it is cancelled or reaches its deadline: a hold that does not depend on how fast
+/// the guest writes (a starved guest dirties nothing, and a round with nothing dirty
+/// switches over).
+pub const HOLD_PRECOPY_ENV: &str = "CLUSTER_AGENT_HOLD_PRECOPY";
+
+/// Whether [`HOLD_PRECOPY_ENV`] names `vm`.
+pub fn holds_precopy(vm: &str) -> bool {
+    cfg!(feature = "test-hooks") && std::env::var(HOLD_PRECOPY_ENV).is_ok_and(|v| v == vm)
+}
+
 /// A bad [`ENV`] setting.
 #[derive(Debug, thiserror::Error)]
 pub enum CrashPointError {
     #[error("{ENV}={name:?} names no crash point (known: {known})", known = POINTS.join(", "))]
     Unknown { name: String },
-    #[error(
-        "{ENV} is set, but this build has no crash points (they need the `test-hooks` feature)"
-    )]
-    NotBuilt,
+    #[error("{0} is set, but this build has no crash points (they need the `test-hooks` feature)")]
+    NotBuilt(&'static str),
 }
 
 /// Refuses an unknown point name in [`ENV`], and any name in a build without crash points.
 pub fn check_env() -> Result<(), CrashPointError> {
+    if !cfg!(feature = "test-hooks") && std::env::var_os(HOLD_PRECOPY_ENV).is_some() {
+        return Err(CrashPointError::NotBuilt(HOLD_PRECOPY_ENV));
+    }
     match std::env::var(ENV) {
-        Ok(_) if !cfg!(feature = "test-hooks") => Err(CrashPointError::NotBuilt),
+        Ok(_) if !cfg!(feature = "test-hooks") => Err(CrashPointError::NotBuilt(ENV)),
         Ok(p) if !POINTS.contains(&p.as_str()) => Err(CrashPointError::Unknown { name: p }),
         _ => Ok(()),
     }

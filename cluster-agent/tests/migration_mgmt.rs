@@ -9,9 +9,9 @@ use cluster_tests::vm::{expect_code, guest_spec, vm_or_default};
 use cluster_tests::{Cluster, WAIT};
 use tonic::Code;
 
-/// The bandwidth cap that holds a migration of the 64 MiB working-set guests below in
-/// pre-copy: a minute per round at 1 MiB/s, and a 1 ms blackout budget (1 KiB at that
-/// rate) that a guest dirtying memory never meets — on any machine, fast or slow.
+/// The bandwidth cap that holds a migration of the VM named by [`cluster_holding`] in
+/// pre-copy: with a 1 ms blackout cap the budget is 1 KiB, which the page its source
+/// always finds dirty never fits — on any machine, fast or slow, whatever the guest does.
 const HOLD_BYTES_PER_S: u64 = 1 << 20;
 /// Deadline of the held migrations: far beyond any test step.
 const HOLD_DEADLINE_MS: u64 = 600_000;
@@ -36,16 +36,21 @@ async fn heartbeat_after(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64
     (node, hb.seq)
 }
 
-/// Waits until the 64 MiB working set of the `dirty` guest `name` is written twice over.
-/// A held migration needs it: its first round then sends 64 MiB at the cap (a minute) and
-/// every later round finds pages dirty again. A guest that a loaded machine left
-/// unscheduled since its boot had written little, and its migration could finish in
-/// short rounds that found nothing dirty.
-async fn working_set_written(cl: &Cluster, via: u64, name: &str) {
-    let (_, hb) = cl
-        .wait_heartbeat(via, name, |h| h.dirty_mib >= 2 * 64)
-        .await;
-    assert_eq!(hb.mem_errors, 0, "{name}");
+/// A cluster of `n` VM agents whose live migrations of `held` never converge under a
+/// 1 ms blackout cap (`CLUSTER_AGENT_HOLD_PRECOPY`: the source finds a page dirty after
+/// every round). The hold must not depend on the guest: one that a loaded machine
+/// leaves unscheduled dirties nothing, and a round with nothing dirty switches over.
+async fn cluster_holding(n: u64, held: &str) -> (Cluster, u64) {
+    let mut cl = Cluster::vm_agents();
+    for id in 1..=n {
+        let added = cl.add_node(id);
+        cl.check(added);
+        let set = cl.set_env(id, "CLUSTER_AGENT_HOLD_PRECOPY", held);
+        cl.check(set);
+    }
+    let formed = cl.form(n).await;
+    let leader = cl.check(formed);
+    (cl, leader)
 }
 
 /// The finished record that the last message of migration `id`'s progress stream carries.
@@ -59,9 +64,7 @@ async fn final_record(cl: &Cluster, via: u64, id: u64) -> mpb::MigrationInfo {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_cancel_deadline_records_and_bad_input() {
     let _serial = cluster_tests::serial().await;
-    let mut cl = Cluster::vm_agents();
-    let formed = cl.form(2).await;
-    cl.check(formed);
+    let (cl, _) = cluster_holding(2, "busy").await;
     let mut vm = cl.vms(1).await;
     // A guest that dirties memory fast (its migrations are held in pre-copy by a bandwidth
     // cap until cancelled or the deadline), and an easy one.
@@ -78,7 +81,6 @@ async fn progress_cancel_deadline_records_and_bad_input() {
     }
     let busy = cl.wait_settled(1, "busy").await;
     let calm = cl.wait_settled(1, "calm").await;
-    working_set_written(&cl, 1, "busy").await;
     let (src, other) = (busy.owner_id, 3 - busy.owner_id);
     // Watch through the node that is *not* the source: the stream is proxied.
     let mut mig = cl.migrations(other).await;
@@ -346,9 +348,7 @@ async fn progress_cancel_deadline_records_and_bad_input() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_slots_queue_migrations_that_start_in_order() {
     let _serial = cluster_tests::serial().await;
-    let mut cl = Cluster::vm_agents();
-    let formed = cl.form(3).await;
-    let leader = cl.check(formed);
+    let (mut cl, leader) = cluster_holding(3, "hog").await;
     // Every VM on follower `a`; `b_node` the other follower; the leader dies later on.
     let mut followers = [1, 2, 3].into_iter().filter(|n| *n != leader);
     let (a, b_node) = (followers.next().unwrap_or(2), followers.next().unwrap_or(3));
@@ -370,7 +370,6 @@ async fn busy_slots_queue_migrations_that_start_in_order() {
         let v = cl.wait_settled(a, name).await;
         assert_eq!(v.owner_id, a, "{name}");
     }
-    working_set_written(&cl, a, "hog").await;
     let mut mig = cl.migrations(b_node).await;
     let migrate = |name: &str, to: u64| pb::MigrateVmRequest {
         name: name.into(),

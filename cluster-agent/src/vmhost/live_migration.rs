@@ -248,6 +248,9 @@ impl SourceVm for SourceSide {
         for (&(_, pages, first), bits) in map.regions().iter().zip(bitmaps) {
             d.merge_region_bitmap(first, pages, &bits);
         }
+        if map.total_pages() > 0 && crate::crash_point::holds_precopy(&self.vm.vm.config().name) {
+            d.set(0);
+        }
         Ok(d)
     }
     fn stop_dirty_log(&self) -> Result<(), OpError> {
