@@ -45,6 +45,23 @@ async fn cluster_with_workers_and_volume() -> Cluster {
     form_three(cl, &format!("{WORKERS}{volume}")).await
 }
 
+/// [`cluster_with_workers_and_volume`] whose live migrations of `held` stay in pre-copy
+/// under a 1 ms blackout cap, whatever the guest does (`CLUSTER_AGENT_HOLD_PRECOPY`).
+async fn cluster_with_workers_and_volume_holding(held: &str) -> Cluster {
+    require_kvm();
+    let mut cl = Cluster::agents(Options::default());
+    let (_csv, volume) = cl.shared_volume();
+    for id in 1..=3 {
+        let added = cl.add_node_with(id, &format!("{WORKERS}{volume}"));
+        cl.check(added);
+        let set = cl.set_env(id, "CLUSTER_AGENT_HOLD_PRECOPY", held);
+        cl.check(set);
+    }
+    let formed = cl.form(3).await;
+    cl.check(formed);
+    cl
+}
+
 async fn form_three(mut cl: Cluster, toml: &str) -> Cluster {
     for id in 1..=3 {
         let added = cl.add_node_with(id, toml);
@@ -1000,7 +1017,7 @@ const HOLD_BYTES_PER_S: u64 = 1 << 20;
 async fn live_migration_of_a_worker_vm_rolls_back_on_cancel_then_moves_it_with_its_disk() {
     use cluster_proto::migrations as mpb;
     let _serial = cluster_tests::serial().await;
-    let cl = cluster_with_workers_and_volume().await;
+    let cl = cluster_with_workers_and_volume_holding("vm-l").await;
     create_disk(&cl, "vol/vms/l.img").await;
     let v = cl
         .create_running(1, disk_guest("vm-l", &["vol/vms/l.img"]))
