@@ -103,8 +103,18 @@ impl Scene {
         Scene::with(n, false).await
     }
 
+    /// `n` agents whose live migrations of `held` stay in pre-copy under a 1 ms blackout
+    /// cap, whatever the guest does (`CLUSTER_AGENT_HOLD_PRECOPY`).
+    async fn holding(n: u64, held: &str) -> Scene {
+        Scene::build(n, false, Some(held)).await
+    }
+
     /// `n` agents; with `volume`, all see `<test dir>/csv` as volume `vol`.
     async fn with(n: u64, volume: bool) -> Scene {
+        Scene::build(n, volume, None).await
+    }
+
+    async fn build(n: u64, volume: bool, held: Option<&str>) -> Scene {
         cluster_tests::require_kvm();
         let mut cl = Cluster::agents(agent_timings());
         let csv = if volume {
@@ -117,6 +127,16 @@ impl Scene {
         } else {
             None
         };
+        if let Some(vm) = held {
+            for id in 1..=n {
+                if !volume {
+                    let added = cl.add_node(id);
+                    cl.check(added);
+                }
+                let set = cl.set_env(id, "CLUSTER_AGENT_HOLD_PRECOPY", vm);
+                cl.check(set);
+            }
+        }
         let formed = cl.form(n).await;
         cl.check(formed);
         let part = cl.check(Partition::new());
@@ -661,7 +681,12 @@ enum Side {
 
 async fn live_migration_cut_in_precopy(cut: Side) {
     let _serial = cluster_tests::serial().await;
-    let mut s = Scene::new(3).await;
+    // Held whatever the guest does while the source is cut off; with the target cut off,
+    // the migration may complete once the cut heals, so it is not held.
+    let mut s = match cut {
+        Side::Source => Scene::holding(3, "vm-m").await,
+        Side::Target => Scene::new(3).await,
+    };
     let leader = s.leader().await;
     let [src, dst] = [s.others(&[leader])[0], s.others(&[leader])[1]];
     s.start_vms(&[guest("vm-m", src)]).await;
@@ -811,7 +836,7 @@ async fn owner_restarted_after_its_vm_failed_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_source_restarted_in_precopy() {
     let _serial = cluster_tests::serial().await;
-    let mut s = Scene::new(3).await;
+    let mut s = Scene::holding(3, "vm-o").await;
     let leader = s.leader().await;
     let [src, dst] = [s.others(&[leader])[0], s.others(&[leader])[1]];
     s.start_vms(&[guest("vm-o", src)]).await;
