@@ -530,6 +530,8 @@ async fn raft_replication_and_heartbeats_ride_the_append_entries_stream() {
     let leader = cl.wait_leader(&[1, 2, 3], WAIT).await;
     let leader = cl.check(leader);
     let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let (body, _) = scrape(maddr[&leader]);
+    assert_promtool_clean(&body);
 
     let before = appends(maddr[&leader], "sent", "stream");
     const WRITES: usize = 20;
