@@ -1316,7 +1316,8 @@ mod tests {
     async fn a_late_answer_never_answers_a_later_request() {
         let fake = Fake {
             slow_index: Some(2),
-            slow_by: Duration::from_millis(400),
+            // (Far beyond the 100 ms the call is given, however slow the machine.)
+            slow_by: Duration::from_millis(1500),
             ..Fake::default()
         };
         let mut c = connect(fake.clone()).await;
@@ -1335,7 +1336,7 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("call 3: {e}"));
         assert_eq!(names(&r), Some(3), "answer {r:?} to request 3");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(1600)).await;
         let r = send(&mut c, 4)
             .await
             .unwrap_or_else(|e| panic!("call 4: {e}"));
