@@ -9,6 +9,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use cluster_proto::migrations as mpb;
 use cluster_proto::vms as pb;
@@ -482,4 +483,90 @@ async fn metrics_before_during_and_after_migrations_pass_promtool_and_match() {
     let (head, body) = http_get(maddr[&src], "/other");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     assert!(body.contains("/metrics"), "{body}");
+}
+
+/// The sum of `name`'s samples with every label of `labels`.
+fn sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.2)
+        .sum()
+}
+
+/// AppendEntries `direction` ("sent", "served") by `transport` ("unary", "stream").
+fn appends(addr: SocketAddr, direction: &str, transport: &str) -> f64 {
+    let (_, samples) = scrape(addr);
+    sum(
+        &samples,
+        "cluster_peer_append_entries_total",
+        &[("direction", direction), ("transport", transport)],
+    )
+}
+
+/// Raft's replication and its heartbeats go over the AppendEntries stream, not unary
+/// calls: the leader's unary count stays 0 while its stream count follows writes and
+/// idle heartbeat rounds, and the followers serve them on the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_replication_and_heartbeats_ride_the_append_entries_stream() {
+    let _serial = cluster_tests::serial().await;
+    let mut cl = Cluster::agents(cluster_tests::Options::default());
+    let mut maddr = BTreeMap::new();
+    for id in 1..=3u64 {
+        let a = free_port([127, 0, 1, id as u8]);
+        cl.add_node_with(id, &format!("metrics_addr = \"{a}\""))
+            .unwrap_or_else(|e| panic!("{e}"));
+        maddr.insert(id, a);
+        let s = cl.start(id).await;
+        cl.check(s);
+    }
+    let i = cl.init(1).await;
+    cl.check(i);
+    for id in 2..=3 {
+        let j = cl.join(id, 1).await;
+        cl.check(j);
+    }
+    let leader = cl.wait_leader(&[1, 2, 3], WAIT).await;
+    let leader = cl.check(leader);
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let (body, _) = scrape(maddr[&leader]);
+    assert_promtool_clean(&body);
+
+    let before = appends(maddr[&leader], "sent", "stream");
+    const WRITES: usize = 20;
+    for k in 0..WRITES {
+        let p = cl.put(leader, &format!("stream-{k}"), "v").await;
+        cl.check(p);
+    }
+    let after_writes = appends(maddr[&leader], "sent", "stream");
+    assert!(
+        after_writes >= before + WRITES as f64,
+        "{WRITES} writes but the leader's stream count went {before} -> {after_writes}"
+    );
+    // Idle: Raft's heartbeats alone (every raft_heartbeat_interval_ms to each follower).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = appends(maddr[&leader], "sent", "stream");
+    assert!(
+        idle >= after_writes + 10.0,
+        "2 s idle but the leader's stream count went {after_writes} -> {idle}"
+    );
+    assert_eq!(
+        appends(maddr[&leader], "sent", "unary"),
+        0.0,
+        "the leader sent unary AppendEntries"
+    );
+    for f in followers {
+        let served = appends(maddr[&f], "served", "stream");
+        assert!(served >= 10.0, "follower {f} served {served} on the stream");
+        assert_eq!(
+            appends(maddr[&f], "served", "unary"),
+            0.0,
+            "follower {f} served unary AppendEntries"
+        );
+    }
 }

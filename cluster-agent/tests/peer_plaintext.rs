@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use cluster_proto::management as pb;
 use cluster_proto::raft::raft_peer_service_client::RaftPeerServiceClient;
-use cluster_proto::raft::{FetchCaKeyRequest, HeartbeatRequest};
+use cluster_proto::raft::{AppendEntriesStreamRequest, FetchCaKeyRequest, HeartbeatRequest};
 use cluster_tests::{Cluster, HarnessError, Options};
 use tonic::Code;
 
@@ -90,6 +90,51 @@ async fn a_plaintext_peer_plane_commits_and_refuses_what_it_can() {
         .heartbeat(heartbeat(1))
         .await
         .expect_err("a heartbeat in another member's name");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("in the name of node 1 from node 2"),
+        "{}",
+        e.message()
+    );
+    // The same on an AppendEntries stream: a stranger address cannot open one, and a
+    // member's stream ends at the first AppendEntries in another member's name.
+    let (_tx, rx) = tokio::sync::mpsc::channel::<AppendEntriesStreamRequest>(1);
+    let e = peer_from([127, 0, 1, 9], raft3)
+        .await
+        .append_entries_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a stranger opened an AppendEntries stream"));
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("not the raft address of a member"),
+        "{}",
+        e.message()
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut inbound = peer_from([127, 0, 1, 2], raft3)
+        .await
+        .append_entries_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_or_else(|e| panic!("member 2 opens an AppendEntries stream: {e:?}"))
+        .into_inner();
+    let in_the_name_of_1: openraft::raft::AppendEntriesRequest<cluster_agent::raft::TypeConfig> =
+        openraft::raft::AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(0, 1),
+            prev_log_id: None,
+            entries: vec![],
+            leader_commit: None,
+        };
+    tx.send(AppendEntriesStreamRequest {
+        id: 1,
+        json: serde_json::to_vec(&in_the_name_of_1).unwrap_or_else(|e| panic!("{e}")),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let e = inbound
+        .message()
+        .await
+        .expect_err("a streamed AppendEntries in another member's name");
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(
         e.message().contains("in the name of node 1 from node 2"),

@@ -8,7 +8,8 @@ use cluster_proto::management::{self as pb};
 use cluster_proto::pki::{self, Ca, Identity, Role, TlsDir, TlsMaterial};
 use cluster_proto::raft::raft_peer_service_client::RaftPeerServiceClient;
 use cluster_proto::raft::{
-    ForwardWriteRequest, HeartbeatRequest, HeartbeatStreamRequest, PeerSilence,
+    AppendEntriesStreamRequest, AppendEntriesStreamResponse, ForwardWriteRequest, HeartbeatRequest,
+    HeartbeatStreamRequest, PeerSilence,
 };
 use cluster_proto::EnumName;
 use cluster_tests::pki::{endpoint_as, pki as test_pki};
@@ -94,6 +95,39 @@ async fn send_on(tx: &tokio::sync::mpsc::Sender<HeartbeatStreamRequest>, hb: Hea
     .unwrap_or_else(|e| panic!("the stream's sender: {e}"));
 }
 
+/// openraft's AppendEntries in the name of leader `leader` at `term`, JSON-encoded as the
+/// peer plane carries it (an old term: a member answers it with its higher vote).
+fn append_entries_json(term: u64, leader: u64) -> Vec<u8> {
+    let r: openraft::raft::AppendEntriesRequest<cluster_agent::raft::TypeConfig> =
+        openraft::raft::AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(term, leader),
+            prev_log_id: None,
+            entries: vec![],
+            leader_commit: None,
+        };
+    serde_json::to_vec(&r).unwrap_or_else(|e| panic!("{e}"))
+}
+
+type AppendSender = tokio::sync::mpsc::Sender<AppendEntriesStreamRequest>;
+
+/// An `AppendEntriesStream` opened on `p`: its sender and the answers, or the refusal.
+async fn append_stream(
+    p: &mut RaftPeerServiceClient<tonic::transport::Channel>,
+) -> Result<(AppendSender, tonic::Streaming<AppendEntriesStreamResponse>), tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let inbound = p
+        .append_entries_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, inbound))
+}
+
+async fn append_on(tx: &AppendSender, id: u64, json: Vec<u8>) {
+    tx.send(AppendEntriesStreamRequest { id, json })
+        .await
+        .unwrap_or_else(|e| panic!("the stream's sender: {e}"));
+}
+
 /// A put through `c` is refused with `code`, and the key stays unset.
 async fn put_refused(
     cl: &Cluster,
@@ -172,6 +206,36 @@ async fn a_stranger_without_a_certificate_reaches_only_the_health_check() {
             .is_err(),
     };
     assert!(refused, "the peer plane answered a stranger");
+
+    // A certificate of this CA that names a user, not a node: refused on the peer plane,
+    // on the unary AppendEntries and its stream alike.
+    let admin = material(&test_pki().admin());
+    let mut pa = peer(spec.raft_addr, Some(&admin))
+        .await
+        .unwrap_or_else(|e| panic!("an admin connects to the peer plane: {e}"));
+    let e = pa
+        .append_entries(cluster_proto::raft::AppendEntriesRequest {
+            json: append_entries_json(0, 1),
+        })
+        .await
+        .expect_err("an admin's AppendEntries");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("cluster nodes only"), "{e:?}");
+    let refusal = match append_stream(&mut pa).await {
+        Err(e) => e,
+        Ok((tx, mut inbound)) => {
+            append_on(&tx, 1, append_entries_json(0, 1)).await;
+            inbound
+                .message()
+                .await
+                .expect_err("an admin's streamed AppendEntries")
+        }
+    };
+    assert_eq!(refusal.code(), Code::PermissionDenied, "{refusal:?}");
+    assert!(
+        refusal.message().contains("cluster nodes only"),
+        "{refusal:?}"
+    );
 
     // Plain HTTP/2 (the old, unencrypted protocol) gets nowhere.
     let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", spec.mgmt_addr))
@@ -273,6 +337,32 @@ async fn a_node_cannot_speak_for_another_and_a_stranger_node_is_no_member() {
         "{e:?}"
     );
 
+    // AppendEntries on a stream: node 2's own (of an old term) are answered, with their
+    // ids; the first one in node 3's name ends the stream with the refusal.
+    let (tx, mut inbound) = append_stream(&mut p)
+        .await
+        .unwrap_or_else(|e| panic!("node 2 opens an AppendEntries stream: {e:?}"));
+    for id in [7, 8] {
+        append_on(&tx, id, append_entries_json(0, 2)).await;
+        let answer = inbound
+            .message()
+            .await
+            .unwrap_or_else(|e| panic!("node 2's streamed AppendEntries {id}: {e:?}"))
+            .unwrap_or_else(|| panic!("no answer to AppendEntries {id}"));
+        assert_eq!(answer.id, id, "the answer names its request");
+    }
+    append_on(&tx, 9, append_entries_json(0, 3)).await;
+    let e = inbound
+        .message()
+        .await
+        .expect_err("a streamed AppendEntries in node 3's name");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message()
+            .contains("append_entries in the name of node 3 from node 2"),
+        "{e:?}"
+    );
+
     // A certificate of this CA for a node that is not a member: refused on the peer plane.
     let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     test_pki().issue_node(9, &[], d.path(), false);
@@ -293,6 +383,12 @@ async fn a_node_cannot_speak_for_another_and_a_stranger_node_is_no_member() {
         .await
         .expect_err("a stranger node's forwarded write");
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = append_stream(&mut p9)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a stranger node opened an AppendEntries stream"));
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("not a member"), "{e:?}");
 
     // Node 9 cannot register itself as another node either.
     let mut m9 = mgmt(mgmt1, Some(&node9))
@@ -334,6 +430,14 @@ async fn a_node_cannot_speak_for_another_and_a_stranger_node_is_no_member() {
         .message()
         .await
         .unwrap_or_else(|e| panic!("member 4's streamed heartbeat: {e:?}"));
+    let (atx4, mut ainbound4) = append_stream(&mut p4)
+        .await
+        .unwrap_or_else(|e| panic!("member 4 opens an AppendEntries stream: {e:?}"));
+    append_on(&atx4, 1, append_entries_json(0, 4)).await;
+    ainbound4
+        .message()
+        .await
+        .unwrap_or_else(|e| panic!("member 4's streamed AppendEntries: {e:?}"));
     let r = cl.leave(1, 4).await;
     cl.check(r);
     let e = p4
@@ -347,6 +451,13 @@ async fn a_node_cannot_speak_for_another_and_a_stranger_node_is_no_member() {
         .message()
         .await
         .expect_err("a removed node's heartbeat on the stream it opened as a member");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("node 4 is not a member"), "{e:?}");
+    append_on(&atx4, 2, append_entries_json(0, 4)).await;
+    let e = ainbound4
+        .message()
+        .await
+        .expect_err("a removed node's AppendEntries on the stream it opened as a member");
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("node 4 is not a member"), "{e:?}");
     // ... and on the management plane: its certificate neither acts with the node role

@@ -10,7 +10,7 @@
 //! and the progress of those running from here (bytes remaining, rate, round); the
 //! replicated migration history and queue; jobs by kind and status and how long each
 //! running one has been running; Raft (term, leader id, is-leader, last log, last applied,
-//! committed on the leader); node liveness (counts by state, each node's state, peer
+//! committed on the leader; AppendEntries sent and served by transport); node liveness (counts by state, each node's state, peer
 //! silence, standby, power commands); this node's lease (held, lapses, seconds left);
 //! balancer rounds; measured demand.
 //!
@@ -375,6 +375,14 @@ pub fn render(
     sc.reg.register(Box::new(h.duration_seconds.clone()))?;
 
     render_raft(&sc, agent)?;
+    let ae = sc.counter(
+        "cluster_peer_append_entries_total",
+        "Raft AppendEntries calls (replication and Raft's heartbeats) this agent sent and served, by direction and transport (unary: one gRPC call each; stream: a message on a long-lived AppendEntriesStream).",
+        &["direction", "transport"],
+    )?;
+    for (direction, transport, n) in crate::api::peer::APPEND_ENTRIES.snapshot() {
+        ae.with_label_values(&[direction, transport]).inc_by(n);
+    }
     let lease = agent.lease();
     sc.gauge1(
         "cluster_lease_held",

@@ -14,6 +14,7 @@ use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::peer::client::{decode, encode};
+use crate::api::peer::APPEND_ENTRIES;
 use crate::api::status;
 use crate::node::liveness::{Heartbeat, PeerSilence};
 use crate::node::peers::ReadIndex;
@@ -59,7 +60,7 @@ fn member<T>(agent: &Agent, req: &Request<T>) -> Result<NodeId, Status> {
 }
 
 /// [`member`]'s membership half: node `id` is a current member (or this node is in no
-/// cluster yet). A heartbeat stream asks again for every heartbeat it carries.
+/// cluster yet). A stream rpc asks again for every message it carries.
 fn still_member(agent: &Agent, id: NodeId) -> Result<(), Status> {
     let m = agent.metrics_watch();
     let m = m.borrow();
@@ -155,31 +156,113 @@ fn reply<T: serde::Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, Stat
     encode(what, v).map_err(|e| Status::internal(crate::error_chain(&e)))
 }
 
+/// One AppendEntries (`json`, openraft's request) from the authenticated `caller`,
+/// checked and handed to Raft; the JSON of openraft's answer.
+async fn serve_append_entries(
+    agent: &Agent,
+    caller: NodeId,
+    json: &[u8],
+) -> Result<Vec<u8>, Status> {
+    let t0 = std::time::Instant::now();
+    let req: AppendEntriesRequest<TypeConfig> =
+        decode("peer", "append_entries request", json).map_err(status::peer_payload)?;
+    claims(caller, req.vote.leader_id().voted_for(), "append_entries")?;
+    let entries = req.entries.len();
+    let t1 = std::time::Instant::now();
+    let res = agent.raft().append_entries(req).await;
+    let t2 = std::time::Instant::now();
+    let json = reply("append_entries reply", &res)?;
+    tracing::debug!(
+        target: crate::raft::store::TIMING,
+        entries,
+        decode_us = (t1 - t0).as_micros() as u64,
+        raft_us = (t2 - t1).as_micros() as u64,
+        "peer append_entries served"
+    );
+    Ok(json)
+}
+
+/// The answers of a streaming rpc.
+type Answers<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The answers to a stream of requests from the authenticated `caller`: each request
+/// is answered, in order, by `answer`, once the caller is found still a member (a node
+/// removed while its stream is open is refused from its next request on; a plaintext
+/// peer plane's caller it could not name by address is taken at its word, as on a unary
+/// call). The first refusal ends the stream with its status. Requests are read as the
+/// client reads the answers: a client that stops reading stops its stream, not the node.
+fn answer_in_order<Req, Resp, F, Fut>(
+    agent: Arc<Agent>,
+    caller: NodeId,
+    inbound: Streaming<Req>,
+    answer: F,
+) -> Answers<Resp>
+where
+    Req: Send + 'static,
+    Resp: Send + 'static,
+    F: Fn(Arc<Agent>, Req) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Resp, Status>> + Send,
+{
+    let answers = futures::stream::unfold(
+        (inbound, agent, answer, false),
+        move |(mut inbound, agent, answer, ended)| async move {
+            if ended {
+                return None;
+            }
+            let msg = match inbound.message().await {
+                Ok(Some(m)) => m,
+                // The sender closed the stream or went away.
+                Ok(None) | Err(_) => return None,
+            };
+            let item = if caller == UNKNOWN_CALLER {
+                answer(agent.clone(), msg).await
+            } else {
+                match still_member(&agent, caller) {
+                    Ok(()) => answer(agent.clone(), msg).await,
+                    Err(e) => Err(e),
+                }
+            };
+            let ended = item.is_err();
+            Some((item, (inbound, agent, answer, ended)))
+        },
+    );
+    Box::pin(answers)
+}
+
 #[tonic::async_trait]
 impl RaftPeerService for PeerService {
     async fn append_entries(
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
-        let t0 = std::time::Instant::now();
         let caller = member(&self.agent, &request)?;
-        let req: AppendEntriesRequest<TypeConfig> =
-            decode("peer", "append_entries request", &request.get_ref().json)
-                .map_err(status::peer_payload)?;
-        claims(caller, req.vote.leader_id().voted_for(), "append_entries")?;
-        let entries = req.entries.len();
-        let t1 = std::time::Instant::now();
-        let res = self.agent.raft().append_entries(req).await;
-        let t2 = std::time::Instant::now();
-        let json = reply("append_entries reply", &res)?;
-        tracing::debug!(
-            target: crate::raft::store::TIMING,
-            entries,
-            decode_us = (t1 - t0).as_micros() as u64,
-            raft_us = (t2 - t1).as_micros() as u64,
-            "peer append_entries served"
-        );
+        super::count(&APPEND_ENTRIES.served_unary);
+        let json = serve_append_entries(&self.agent, caller, &request.get_ref().json).await?;
         Ok(Response::new(pb::AppendEntriesResponse { json }))
+    }
+
+    type AppendEntriesStreamStream = Answers<pb::AppendEntriesStreamResponse>;
+
+    /// Each request on the stream is checked and served like [`Self::append_entries`]'s,
+    /// the caller's membership included (see [`answer_in_order`]), and answered with its
+    /// id; the first refusal ends the stream.
+    async fn append_entries_stream(
+        &self,
+        request: Request<Streaming<pb::AppendEntriesStreamRequest>>,
+    ) -> Result<Response<Self::AppendEntriesStreamStream>, Status> {
+        let caller = member(&self.agent, &request)?;
+        let answers = answer_in_order(
+            self.agent.clone(),
+            caller,
+            request.into_inner(),
+            move |agent, msg: pb::AppendEntriesStreamRequest| async move {
+                super::count(&APPEND_ENTRIES.served_stream);
+                let json = serve_append_entries(&agent, caller, &msg.json).await?;
+                Ok(pb::AppendEntriesStreamResponse { id: msg.id, json })
+            },
+        );
+        Ok(Response::new(answers))
     }
 
     async fn vote(
@@ -239,48 +322,30 @@ impl RaftPeerService for PeerService {
         answer_heartbeat(&self.agent, caller, request.get_ref()).map(Response::new)
     }
 
-    type HeartbeatStreamStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<HeartbeatStreamResponse, Status>> + Send + 'static>,
-    >;
+    type HeartbeatStreamStream = Answers<HeartbeatStreamResponse>;
 
     /// Each heartbeat on the stream is checked like [`Self::heartbeat`]'s, the caller's
-    /// membership included (a node removed while its stream is open is refused from its
-    /// next heartbeat on); the first refusal ends the stream. Answers are produced as the
-    /// client reads them: a client that stops reading stops this stream, not the node.
+    /// membership included (see [`answer_in_order`]); the first refusal ends the stream.
     async fn heartbeat_stream(
         &self,
         request: Request<Streaming<HeartbeatStreamRequest>>,
     ) -> Result<Response<Self::HeartbeatStreamStream>, Status> {
         let caller = member(&self.agent, &request)?;
-        let inbound = request.into_inner();
-        let agent = self.agent.clone();
-        let answers = futures::stream::unfold(
-            (inbound, agent, false),
-            move |(mut inbound, agent, ended)| async move {
-                if ended {
-                    return None;
-                }
-                let msg = match inbound.message().await {
-                    Ok(Some(m)) => m,
-                    // The sender closed the stream or went away.
-                    Ok(None) | Err(_) => return None,
-                };
-                let answer = match msg.heartbeat.as_ref() {
-                    None => Err(Status::invalid_argument(
+        let answers = answer_in_order(
+            self.agent.clone(),
+            caller,
+            request.into_inner(),
+            move |agent, msg: HeartbeatStreamRequest| async move {
+                let Some(hb) = msg.heartbeat.as_ref() else {
+                    return Err(Status::invalid_argument(
                         "a heartbeat stream message without its heartbeat",
-                    )),
-                    // (A plaintext peer plane's caller it could not name by address is
-                    // taken at its word, as on a unary heartbeat.)
-                    Some(hb) if caller == UNKNOWN_CALLER => answer_heartbeat(&agent, caller, hb),
-                    Some(hb) => still_member(&agent, caller)
-                        .and_then(|()| answer_heartbeat(&agent, caller, hb)),
+                    ));
                 };
-                let ended = answer.is_err();
-                let item = answer.map(|ack| HeartbeatStreamResponse { ack: Some(ack) });
-                Some((item, (inbound, agent, ended)))
+                let ack = answer_heartbeat(&agent, caller, hb)?;
+                Ok(HeartbeatStreamResponse { ack: Some(ack) })
             },
         );
-        Ok(Response::new(Box::pin(answers)))
+        Ok(Response::new(answers))
     }
 
     async fn vm_presence(
