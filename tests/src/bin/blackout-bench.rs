@@ -8,9 +8,10 @@
 //! process on each side (the source worker runs the engine, the target worker restores
 //! from memory the target agent fills).
 //!
-//! Usage: `blackout-bench [MEMORY_MIB (256)] [REPEATS (5)]`; needs `cluster-agent` and
-//! `migration-bench` built in the same target directory:
-//! `cargo build -p cluster-agent -p vmm-node -p cluster-tests --bins`.
+//! Usage: `blackout-bench [MEMORY_MIB (256)] [REPEATS (5)] [idle|full (idle)]`; needs
+//! `cluster-agent` and `migration-bench` built in the same target directory:
+//! `cargo build [--profile fast] -p cluster-agent -p cluster-tests --bins` and
+//! `cargo build [--profile fast] -p vmm-node --features test-pki --bin migration-bench`.
 
 use cluster_proto::EnumName;
 use std::process::ExitCode;
@@ -32,7 +33,12 @@ fn pct(v: &mut [u64], p: f64) -> u64 {
 }
 
 /// Full stack: per migration (engine blackout us, total us, MigrateVm → running ms).
-async fn full_stack(memory_mib: u64, repeats: usize, node_toml: &str) -> Result<Vec<Run>, String> {
+async fn full_stack(
+    memory_mib: u64,
+    repeats: usize,
+    node_toml: &str,
+    case: Case,
+) -> Result<Vec<Run>, String> {
     let bin = locate_binary("cluster-agent", "cluster-agent").map_err(|e| e.to_string())?;
     let opts = Options {
         heartbeat_interval_ms: 100,
@@ -43,10 +49,28 @@ async fn full_stack(memory_mib: u64, repeats: usize, node_toml: &str) -> Result<
         ..Options::default()
     };
     let mut c = Cluster::new(bin, opts).map_err(|e| e.to_string())?;
-    for id in 1..=2 {
-        c.add_node_with(id, node_toml).map_err(|e| e.to_string())?;
+    let mut metrics = Vec::new();
+    for id in 1..=2u8 {
+        let addr = cluster_tests::free_port([127, 0, 1, id]).map_err(|e| e.to_string())?;
+        c.add_node_with(
+            id.into(),
+            &format!("{node_toml}metrics_addr = \"{addr}\"\n"),
+        )
+        .map_err(|e| e.to_string())?;
+        metrics.push(addr);
     }
     c.form(2).await.map_err(|e| e.to_string())?;
+    // Ready: each node holds its lease (a target that just joined refuses to start an
+    // incoming VM until it does).
+    for addr in metrics {
+        c.wait_until(
+            &format!("the agent with metrics at {addr} ready"),
+            STEP_TIMEOUT,
+            || async move { Ok::<_, String>(cluster_tests::http_get(addr, "/readyz")) },
+            |(head, _)| head.starts_with("HTTP/1.1 200"),
+        )
+        .await;
+    }
     let ch = c.try_channel(1).await?;
     let mut vm = VmServiceClient::new(ch.clone());
     let mut mig = MigrationServiceClient::new(ch);
@@ -54,9 +78,16 @@ async fn full_stack(memory_mib: u64, repeats: usize, node_toml: &str) -> Result<
         spec: Some(guest_spec(
             "bench",
             memory_mib,
-            pb::TestGuestBoot {
-                workload: cluster_proto::vms::Workload::Idle as i32,
-                ..Default::default()
+            match case {
+                Case::Idle => pb::TestGuestBoot {
+                    workload: cluster_proto::vms::Workload::Idle as i32,
+                    ..Default::default()
+                },
+                Case::Full => pb::TestGuestBoot {
+                    workload: cluster_proto::vms::Workload::Mem as i32,
+                    wss_mib: memory_mib * 3 / 4,
+                    ..Default::default()
+                },
             },
         )),
         start: true,
@@ -73,6 +104,10 @@ async fn full_stack(memory_mib: u64, repeats: usize, node_toml: &str) -> Result<
             return Err("the VM never ran".into());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if case == Case::Full {
+        // Populated: the guest wrote its pattern once and only reads it from then on.
+        c.wait_heartbeat(1, "bench", |h| h.mem == "ok").await;
     }
     let mut out = Vec::new();
     for _ in 0..repeats {
@@ -167,8 +202,25 @@ fn median_f(v: &mut [f64]) -> f64 {
     vmm_node::bench_stats::median(v).unwrap_or(0.0)
 }
 
-/// vmm-node alone: the `idle/tls` line of `migration-bench` (blackout p50, p99 in us).
-fn engine_alone(memory_mib: u64, repeats: usize) -> Result<(u64, u64, String), String> {
+/// The guest: `idle` (memory never written) or `full` (3/4 of its memory written with a
+/// pattern, then only read: populated and idle), as `migration-bench`'s cases of those names.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Case {
+    Idle,
+    Full,
+}
+
+impl Case {
+    fn name(self) -> &'static str {
+        match self {
+            Case::Idle => "idle",
+            Case::Full => "full",
+        }
+    }
+}
+
+/// vmm-node alone: the `<case>/tls` line of `migration-bench` (blackout p50, p99 in us).
+fn engine_alone(memory_mib: u64, repeats: usize, case: Case) -> Result<(u64, u64, String), String> {
     let bin = locate_binary("migration-bench", "vmm-node").map_err(|e| e.to_string())?;
     let o = std::process::Command::new(bin)
         .args([
@@ -181,7 +233,7 @@ fn engine_alone(memory_mib: u64, repeats: usize) -> Result<(u64, u64, String), S
             "--max-downtime-ms",
             &MAX_DOWNTIME_MS.to_string(),
             "--cases",
-            "idle",
+            case.name(),
             "--vcpus",
             "1",
             // The cluster's migrations run over mutual TLS.
@@ -199,8 +251,8 @@ fn engine_alone(memory_mib: u64, repeats: usize) -> Result<(u64, u64, String), S
     }
     let line = text
         .lines()
-        .find(|l| l.starts_with("idle/tls "))
-        .ok_or_else(|| format!("no idle line in: {text}"))?;
+        .find(|l| l.starts_with(&format!("{}/tls ", case.name())))
+        .ok_or_else(|| format!("no {}/tls line in: {text}", case.name()))?;
     let cols: Vec<&str> = line.split_whitespace().collect();
     let p50 = cols.get(3).and_then(|v| v.parse().ok()).unwrap_or(0);
     let p99 = cols.get(4).and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -212,10 +264,19 @@ async fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let memory_mib: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(256);
     let repeats: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
+    let case = match args.next().as_deref() {
+        None | Some("idle") => Case::Idle,
+        Some("full") => Case::Full,
+        Some(other) => {
+            eprintln!("blackout-bench: unknown case {other:?} (idle or full)");
+            return ExitCode::FAILURE;
+        }
+    };
     println!(
-        "blackout-bench: idle test guest, {memory_mib} MiB, 1 vCPU, 4 connections, max downtime {MAX_DOWNTIME_MS} ms, {repeats} migrations each"
+        "blackout-bench: {} test guest, {memory_mib} MiB, 1 vCPU, 4 connections, max downtime {MAX_DOWNTIME_MS} ms, {repeats} migrations each",
+        case.name()
     );
-    let (e50, e99, _) = match engine_alone(memory_mib, repeats) {
+    let (e50, e99, _) = match engine_alone(memory_mib, repeats, case) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("blackout-bench: {e}");
@@ -228,7 +289,7 @@ async fn main() -> ExitCode {
         ("full stack, in-process", "vm_workers = false\n"),
         ("full stack, vm_workers (default)", "vm_workers = true\n"),
     ] {
-        let full = match full_stack(memory_mib, repeats, toml).await {
+        let full = match full_stack(memory_mib, repeats, toml, case).await {
             Ok(v) => v,
             Err(e) => {
                 eprintln!("blackout-bench: {path}: {e}");
