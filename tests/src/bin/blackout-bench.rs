@@ -60,17 +60,22 @@ async fn full_stack(
         metrics.push(addr);
     }
     c.form(2).await.map_err(|e| e.to_string())?;
-    // Ready: each node holds its lease (a target that just joined refuses to start an
-    // incoming VM until it does).
+    // Ready: each node holds its lease (`cluster_lease_held` 1), and its fence watcher
+    // has passed it on to the VM runtime, which it does once per heartbeat round on a
+    // node without VMs: a target that just joined refuses an incoming VM until then.
     for addr in metrics {
         c.wait_until(
-            &format!("the agent with metrics at {addr} ready"),
+            &format!("the agent with metrics at {addr} holding its lease"),
             STEP_TIMEOUT,
-            || async move { Ok::<_, String>(cluster_tests::http_get(addr, "/readyz")) },
-            |(head, _)| head.starts_with("HTTP/1.1 200"),
+            || async move { Ok::<_, String>(cluster_tests::http_get(addr, "/metrics")) },
+            |(_, body)| {
+                body.lines()
+                    .any(|l| l.starts_with("cluster_lease_held{") && l.ends_with(" 1"))
+            },
         )
         .await;
     }
+    tokio::time::sleep(Duration::from_millis(3 * 100)).await;
     let ch = c.try_channel(1).await?;
     let mut vm = VmServiceClient::new(ch.clone());
     let mut mig = MigrationServiceClient::new(ch);
@@ -177,6 +182,17 @@ async fn full_stack(
             predicted_ms: us(&last.predicted_duration).map(|u| u / 1000),
             predicted_blackout_us: us(&last.predicted_blackout),
         });
+        if case == Case::Full {
+            // Settled on its new node before it moves again: two full passes of the
+            // guest's read loop there. On a shadow-paging KVM (this PVM host) the first
+            // read of each page after an arrival maps it writable and logs it dirty (the
+            // guest's page tables say it was written), so a populated guest migrated again
+            // right after arriving sends thousands of pages in its last round.
+            let (_, hb) = c.wait_heartbeat(to, "bench", |h| h.mem == "ok").await;
+            let first = hb.mem_passes;
+            c.wait_heartbeat(to, "bench", |h| h.mem_passes >= first + 2)
+                .await;
+        }
     }
     Ok(out)
 }

@@ -675,7 +675,8 @@ fn run(
         decode_payload(Command::Running, &p).map_err(MigrationError::CommitUncertain)?;
     let resume_us = us(t_resume.elapsed());
     let blackout_us = us(pause_at.elapsed());
-    tracing::info!(vm = %req.vm_name, %target, blackout_us, final_copy_us, state_us, handoff_us,
+    tracing::info!(vm = %req.vm_name, %target, blackout_us, final_copy_us, pause_us, dirty_log_us,
+        final_send_us, final_pages = sent.data_pages, final_ack_us, state_us, handoff_us,
         resume_us, restore_us = running.restore_us, target_resume_us = running.resume_us,
         "migration switchover");
 
