@@ -29,7 +29,7 @@ const WRITES_BEFORE_AND_AFTER: usize = 20;
 /// The agent's own default timings (`cluster-agent/src/node/config.rs`).
 fn agent_timings() -> Options {
     Options {
-        heartbeat_interval_ms: 100,
+        heartbeat_interval_ms: 200,
         down_after_ms: 1_200,
         raft_heartbeat_interval_ms: 100,
         election_timeout_min_ms: 400,

@@ -41,7 +41,7 @@ async fn full_stack(
 ) -> Result<Vec<Run>, String> {
     let bin = locate_binary("cluster-agent", "cluster-agent").map_err(|e| e.to_string())?;
     let opts = Options {
-        heartbeat_interval_ms: 100,
+        heartbeat_interval_ms: 200,
         down_after_ms: 1_200,
         raft_heartbeat_interval_ms: 100,
         election_timeout_min_ms: 400,

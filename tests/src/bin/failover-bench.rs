@@ -4,7 +4,7 @@
 //! healthy cluster (the cost of starting the VM itself). Runs once with a follower as the
 //! owner and once with the leader as the owner (the leader case adds an election).
 //!
-//! Each case runs twice: with the agent's default liveness settings (heartbeats 100 ms,
+//! Each case runs twice: with the agent's default liveness settings (heartbeats 200 ms,
 //! Down after 1200 ms, elections 600–1200 ms) and with the test harness's slower ones
 //! (200 ms / 2000 ms / 1000–2000 ms), `ROUNDS` times each.
 //!
@@ -166,7 +166,7 @@ async fn main() -> ExitCode {
         .unwrap_or(3);
     let agent_defaults = Options {
         // cluster-agent's config::DEFAULT_* (this crate does not link the agent).
-        heartbeat_interval_ms: 100,
+        heartbeat_interval_ms: 200,
         down_after_ms: 1_200,
         raft_heartbeat_interval_ms: 100,
         election_timeout_min_ms: 400,

@@ -8,10 +8,10 @@
 //! Each cluster size runs against every agent binary found: `target/debug/cluster-agent`
 //! and `target/fast/cluster-agent` (the `fast` profile `deploy/local-cluster.sh` runs), or
 //! the ones named with `--agent`. The agents use the agent's default liveness settings
-//! (heartbeats 100 ms, Down after 1200 ms, Raft heartbeat 100 ms, elections 400–800 ms).
+//! (heartbeats 200 ms, Down after 1200 ms, Raft heartbeat 100 ms, elections 400–800 ms).
 //!
 //! Usage: `idle-bench [--nodes 16,3] [--settle-s 10] [--window-s 20] [--agent PATH]...
-//! [--no-kill]`.
+//! [--heartbeat-ms 200] [--no-kill]`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -26,6 +26,8 @@ struct Args {
     window: Duration,
     agents: Vec<PathBuf>,
     kill: bool,
+    /// The agents' liveness heartbeat interval (their default: 200 ms).
+    heartbeat_ms: u64,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -35,6 +37,7 @@ fn parse_args() -> Result<Args, String> {
         window: Duration::from_secs(20),
         agents: Vec::new(),
         kill: true,
+        heartbeat_ms: 200,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -61,9 +64,14 @@ fn parse_args() -> Result<Args, String> {
             "--settle-s" => a.settle = secs(&v)?,
             "--window-s" => a.window = secs(&v)?.max(Duration::from_secs(1)),
             "--agent" => a.agents.push(PathBuf::from(v)),
+            // Down stays at 1200 ms, so at most 600 ms (half of it, the lease).
+            "--heartbeat-ms" => match v.parse::<u64>() {
+                Ok(ms) if (10..=600).contains(&ms) => a.heartbeat_ms = ms,
+                _ => return Err(format!("--heartbeat-ms: {v:?} is not a number from 10 to 600")),
+            },
             _ => {
                 return Err(format!(
-                    "unknown flag {flag}; use --nodes, --settle-s, --window-s, --agent, --no-kill"
+                    "unknown flag {flag}; use --nodes, --settle-s, --window-s, --agent, --heartbeat-ms, --no-kill"
                 ))
             }
         }
@@ -165,7 +173,7 @@ async fn run(agent: &Path, n: u64, args: &Args) -> Result<(), Box<dyn std::error
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let opts = Options {
-        heartbeat_interval_ms: 100,
+        heartbeat_interval_ms: args.heartbeat_ms,
         down_after_ms: 1_200,
         raft_heartbeat_interval_ms: 100,
         election_timeout_min_ms: 400,
