@@ -408,13 +408,25 @@ mod tests {
         assert!(t.iter().any(|t| t.vm == "staying" && t.to == 1), "{t:?}");
     }
 
-    #[test]
-    fn disk_takeover_only_from_down_holders_and_only_once() {
-        use crate::state::LogPosition;
-        use csv_volume::{DiskName, LockCommand, LockMode};
+    /// Applies lock command `command` of VM `vm` at log index `index`.
+    fn lock_at(s: &mut ClusterState, vm: &str, index: u64, command: csv_volume::LockCommand) {
+        s.apply_at(
+            &Command::Lock(crate::state::disk_locks::LockEntry {
+                command,
+                vm: vm.into(),
+                at_unix_ms: 3,
+            }),
+            crate::state::LogPosition { index, term: 1 },
+        );
+    }
+
+    /// The test cluster with disk VM `vm` (its disk `vol/<vm>.img`) on node 2, which
+    /// holds the disk's lock exclusively from log index 5.
+    fn disk_vm_on_node_2(vm: &str) -> (ClusterState, csv_volume::DiskName) {
         let mut s = cluster();
-        let disk = DiskName::parse("vol/f.img").unwrap_or_else(|e| panic!("{e}"));
-        let mut spec = VmSpec::test_guest("f", 1, 64, TestWorkload::new(WorkloadName::Disk));
+        let disk =
+            csv_volume::DiskName::parse(&format!("vol/{vm}.img")).unwrap_or_else(|e| panic!("{e}"));
+        let mut spec = VmSpec::test_guest(vm, 1, 64, TestWorkload::new(WorkloadName::Disk));
         spec.disks.push(crate::vmhost::DiskSpec {
             name: disk.clone(),
             read_only: false,
@@ -424,25 +436,23 @@ mod tests {
             owner: Some(2),
             at_unix_ms: 2,
         }));
-        let lock = |s: &mut ClusterState, index, command| {
-            s.apply_at(
-                &Command::Lock(crate::state::disk_locks::LockEntry {
-                    command,
-                    vm: "f".into(),
-                    at_unix_ms: 3,
-                }),
-                LogPosition { index, term: 1 },
-            )
-        };
-        lock(
+        lock_at(
             &mut s,
+            vm,
             5,
-            LockCommand::Acquire {
+            csv_volume::LockCommand::Acquire {
                 disk: disk.clone(),
                 node: 2,
-                mode: LockMode::Exclusive,
+                mode: csv_volume::LockMode::Exclusive,
             },
         );
+        (s, disk)
+    }
+
+    #[test]
+    fn disk_takeover_only_from_down_holders_and_only_once() {
+        use csv_volume::{LockCommand, LockMode};
+        let (mut s, disk) = disk_vm_on_node_2("f");
         let t = Takeover {
             vm: "f".into(),
             from: 2,
@@ -474,7 +484,7 @@ mod tests {
             3,
             &[2]
         ));
-        lock(&mut s, 20, cmds[0].clone());
+        lock_at(&mut s, "f", 20, cmds[0].clone());
         // Committed: the new owner holds it, with the entry's index as the token.
         assert!(disk_takeovers(&s, &t).is_empty());
         let l = s.locks.lock(&disk).cloned();
@@ -498,41 +508,11 @@ mod tests {
 
     #[test]
     fn a_down_source_mid_migration_completes_the_reserved_handoff_to_the_target() {
-        use crate::state::LogPosition;
-        use csv_volume::{DiskName, LockCommand, LockMode};
-        let mut s = cluster();
-        let disk = DiskName::parse("vol/m.img").unwrap_or_else(|e| panic!("{e}"));
-        let mut spec = VmSpec::test_guest("m", 1, 64, TestWorkload::new(WorkloadName::Disk));
-        spec.disks.push(crate::vmhost::DiskSpec {
-            name: disk.clone(),
-            read_only: false,
-        });
-        s.apply(&Command::Vm(VmCommand::CreateVm {
-            spec,
-            owner: Some(2),
-            at_unix_ms: 2,
-        }));
-        let lock = |s: &mut ClusterState, index, command| {
-            s.apply_at(
-                &Command::Lock(crate::state::disk_locks::LockEntry {
-                    command,
-                    vm: "m".into(),
-                    at_unix_ms: 3,
-                }),
-                LogPosition { index, term: 1 },
-            )
-        };
-        lock(
+        use csv_volume::{LockCommand, LockMode};
+        let (mut s, disk) = disk_vm_on_node_2("m");
+        lock_at(
             &mut s,
-            5,
-            LockCommand::Acquire {
-                disk: disk.clone(),
-                node: 2,
-                mode: LockMode::Exclusive,
-            },
-        );
-        lock(
-            &mut s,
+            "m",
             6,
             LockCommand::ReserveHandoff {
                 disk: disk.clone(),
@@ -575,7 +555,7 @@ mod tests {
             }]
         );
         let complete = disk_takeovers(&s, &to_target).remove(0);
-        lock(&mut s, 9, complete);
+        lock_at(&mut s, "m", 9, complete);
         let l = s.locks.lock(&disk).cloned();
         assert_eq!(
             l.map(|l| (l.holders, l.token.0, l.handoff)),
