@@ -1014,7 +1014,7 @@ mod tests {
     #[test]
     fn jobs_and_policy_survive_reopen() {
         use crate::state::jobs::{BalancePolicy, JobCommand, JobKind, JobMove};
-        use crate::state::{Command, NodeFacts, NodeRegistration};
+        use crate::state::{Command, NodeFacts};
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let p = dir.path().join("raft");
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -1022,35 +1022,11 @@ mod tests {
             .unwrap_or_else(|e| panic!("runtime: {e}"));
         let cmds: Vec<Command> = vec![
             Command::RegisterNode {
-                registration: NodeRegistration {
-                    trust: Default::default(),
-                    node_id: 1,
-                    name: "n1".into(),
-                    mgmt_addr: "127.0.1.1:1".into(),
-                    raft_addr: "127.0.1.1:2".into(),
-                    migration_addr: "127.0.2.1:3".into(),
-                    mgmt_subnet: "127.0.1.0/24".into(),
-                    migration_subnet: "127.0.2.0/24".into(),
-                    facts: NodeFacts::default(),
-                    networks: Default::default(),
-                    power: Default::default(),
-                },
+                registration: crate::state::fixtures::registration(1, NodeFacts::default()),
                 at_unix_ms: 1,
             },
             Command::RegisterNode {
-                registration: NodeRegistration {
-                    trust: Default::default(),
-                    node_id: 2,
-                    name: "n2".into(),
-                    mgmt_addr: "127.0.1.2:1".into(),
-                    raft_addr: "127.0.1.2:2".into(),
-                    migration_addr: "127.0.2.2:3".into(),
-                    mgmt_subnet: "127.0.1.0/24".into(),
-                    migration_subnet: "127.0.2.0/24".into(),
-                    facts: NodeFacts::default(),
-                    networks: Default::default(),
-                    power: Default::default(),
-                },
+                registration: crate::state::fixtures::registration(2, NodeFacts::default()),
                 at_unix_ms: 1,
             },
             Command::Job(JobCommand::StartJob {
@@ -1109,17 +1085,8 @@ mod tests {
             log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
             payload: EntryPayload::Normal(Command::RegisterNode {
                 registration: NodeRegistration {
-                    trust: Default::default(),
-                    node_id: 1,
                     name: format!("n{i}"),
-                    mgmt_addr: "127.0.1.1:1".into(),
-                    raft_addr: "127.0.1.1:2".into(),
-                    migration_addr: "127.0.2.1:3".into(),
-                    mgmt_subnet: "127.0.1.0/24".into(),
-                    migration_subnet: "127.0.2.0/24".into(),
-                    facts: NodeFacts::default(),
-                    networks: Default::default(),
-                    power: Default::default(),
+                    ..crate::state::fixtures::registration(1, NodeFacts::default())
                 },
                 at_unix_ms: i,
             }),
