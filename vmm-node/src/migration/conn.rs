@@ -123,6 +123,29 @@ impl DirectRx {
         b.len() >= HEADER_BYTES
             && b.len() >= HEADER_BYTES + usize::from(u16::from_be_bytes([b[3], b[4]]))
     }
+
+    /// Opens the next buffered record: its data becomes `plain`, or a close_notify marks
+    /// the stream `closed`. `Some(need)` when only part of it is buffered (`need` bytes
+    /// in all): the caller reads more from the socket.
+    fn open_next(&mut self) -> io::Result<Option<usize>> {
+        let opened = self
+            .opener
+            .open(&mut self.buf[self.start..self.end])
+            .map_err(|e: RecordError| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        match opened {
+            Opened::Data { used, plain } => {
+                self.plain = self.start + plain.start..self.start + plain.end;
+                self.start += used;
+                Ok(None)
+            }
+            Opened::Closed { used } => {
+                self.start += used;
+                self.closed = true;
+                Ok(None)
+            }
+            Opened::Partial { need } => Ok(Some(need)),
+        }
+    }
 }
 
 struct RustlsIo {
@@ -396,7 +419,6 @@ impl Conn {
     /// Reads over the direct record layer: as much decrypted data as `buf` takes from the
     /// records already buffered, waiting for the socket only when none is.
     fn read_direct(&self, d: &DirectIo, buf: &mut [u8]) -> io::Result<usize> {
-        let invalid = |e: RecordError| io::Error::new(io::ErrorKind::InvalidData, e);
         let mut rx = lock(&d.rx);
         let rx = &mut *rx;
         let mut got = 0;
@@ -413,27 +435,11 @@ impl Conn {
             if rx.closed {
                 return Ok(got);
             }
-            match rx
-                .opener
-                .open(&mut rx.buf[rx.start..rx.end])
-                .map_err(invalid)?
-            {
-                Opened::Data { used, plain } => {
-                    rx.plain = rx.start + plain.start..rx.start + plain.end;
-                    rx.start += used;
-                    continue;
-                }
-                Opened::Closed { used } => {
-                    rx.start += used;
-                    rx.closed = true;
+            if let Some(need) = rx.open_next()? {
+                if got > 0 {
                     return Ok(got);
                 }
-                Opened::Partial { need } => {
-                    if got > 0 {
-                        return Ok(got);
-                    }
-                    self.fill_direct(rx, need)?;
-                }
+                self.fill_direct(rx, need)?;
             }
         }
     }
@@ -497,7 +503,6 @@ impl Conn {
         len: usize,
         mut f: impl FnMut(&[u8]) -> Result<(), E>,
     ) -> io::Result<Result<(), E>> {
-        let invalid = |e: RecordError| io::Error::new(io::ErrorKind::InvalidData, e);
         let mut rx = lock(&d.rx);
         let rx = &mut *rx;
         let mut left = len;
@@ -515,20 +520,8 @@ impl Conn {
             if rx.closed {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            match rx
-                .opener
-                .open(&mut rx.buf[rx.start..rx.end])
-                .map_err(invalid)?
-            {
-                Opened::Data { used, plain } => {
-                    rx.plain = rx.start + plain.start..rx.start + plain.end;
-                    rx.start += used;
-                }
-                Opened::Closed { used } => {
-                    rx.start += used;
-                    rx.closed = true;
-                }
-                Opened::Partial { need } => self.fill_direct(rx, need)?,
+            if let Some(need) = rx.open_next()? {
+                self.fill_direct(rx, need)?;
             }
         }
         Ok(Ok(()))
