@@ -179,6 +179,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+impl DirectIo {
+    /// The sending side, refused once a write on it failed (a record may have left
+    /// half-written, and the peer would reject every record after it).
+    fn writable_tx(&self) -> io::Result<MutexGuard<'_, DirectTx>> {
+        let tx = lock(&self.tx);
+        if tx.broken {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "an earlier write on this TLS connection failed",
+            ));
+        }
+        Ok(tx)
+    }
+}
+
 fn timed_out(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, format!("{what} deadline passed"))
 }
@@ -528,14 +543,8 @@ impl Conn {
     }
 
     fn write_direct(&self, d: &DirectIo, buf: &[u8]) -> io::Result<usize> {
-        let mut tx = lock(&d.tx);
+        let mut tx = d.writable_tx()?;
         let tx = &mut *tx;
-        if tx.broken {
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "an earlier write on this TLS connection failed",
-            ));
-        }
         let n = buf.len().min(SEAL_BATCH_BYTES);
         tx.out.clear();
         tx.sealer
@@ -574,14 +583,8 @@ impl Conn {
             ));
         };
         let invalid = |e: RecordError| io::Error::new(io::ErrorKind::InvalidData, e);
-        let mut tx = lock(&d.tx);
+        let mut tx = d.writable_tx()?;
         let tx = &mut *tx;
-        if tx.broken {
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "an earlier write on this TLS connection failed",
-            ));
-        }
         // Cut until every record is written; restored at the end.
         tx.broken = true;
         let mut w = &self.0.tcp;
