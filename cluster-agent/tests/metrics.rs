@@ -237,11 +237,11 @@ async fn metrics_before_during_and_after_migrations_pass_promtool_and_match() {
         let a = free_port([127, 0, 1, id as u8]);
         cl.add_node_with(id, &format!("metrics_addr = \"{a}\""))
             .unwrap_or_else(|e| panic!("{e}"));
-        // `busy`'s capped migration below stays in pre-copy whatever its guest does.
-        let held = cl.set_env(id, "CLUSTER_AGENT_HOLD_PRECOPY", "busy");
-        cl.check(held);
         maddr.insert(id, a);
     }
+    // `busy`'s capped migration below stays in pre-copy whatever its guest does.
+    let held = cl.hold_precopy("busy");
+    cl.check(held);
     for id in 1..=2 {
         let s = cl.start(id).await;
         cl.check(s);
@@ -274,7 +274,7 @@ async fn metrics_before_during_and_after_migrations_pass_promtool_and_match() {
     }
 
     // A guest that dirties memory fast, its migration held in pre-copy by a bandwidth cap
-    // and a 1 ms blackout cap (and `CLUSTER_AGENT_HOLD_PRECOPY`, set above).
+    // and a 1 ms blackout cap (and the pre-copy hold set above).
     let busy = pb::TestGuestBoot {
         workload: cluster_proto::vms::Workload::Dirty as i32,
         wss_mib: 64,

@@ -37,17 +37,15 @@ async fn heartbeat_after(cl: &Cluster, via: u64, name: &str, after: u64) -> (u64
 }
 
 /// A cluster of `n` VM agents whose live migrations of `held` never converge under a
-/// 1 ms blackout cap (`CLUSTER_AGENT_HOLD_PRECOPY`: the source finds a page dirty after
-/// every round). The hold must not depend on the guest: one that a loaded machine
-/// leaves unscheduled dirties nothing, and a round with nothing dirty switches over.
+/// 1 ms blackout cap ([`Cluster::hold_precopy`]).
 async fn cluster_holding(n: u64, held: &str) -> (Cluster, u64) {
     let mut cl = Cluster::vm_agents();
     for id in 1..=n {
         let added = cl.add_node(id);
         cl.check(added);
-        let set = cl.set_env(id, "CLUSTER_AGENT_HOLD_PRECOPY", held);
-        cl.check(set);
     }
+    let set = cl.hold_precopy(held);
+    cl.check(set);
     let formed = cl.form(n).await;
     let leader = cl.check(formed);
     (cl, leader)

@@ -104,7 +104,7 @@ impl Scene {
     }
 
     /// `n` agents whose live migrations of `held` stay in pre-copy under a 1 ms blackout
-    /// cap, whatever the guest does (`CLUSTER_AGENT_HOLD_PRECOPY`).
+    /// cap, whatever the guest does ([`Cluster::hold_precopy`]).
     async fn holding(n: u64, held: &str) -> Scene {
         Scene::build(n, false, Some(held)).await
     }
@@ -128,14 +128,14 @@ impl Scene {
             None
         };
         if let Some(vm) = held {
-            for id in 1..=n {
-                if !volume {
+            if !volume {
+                for id in 1..=n {
                     let added = cl.add_node(id);
                     cl.check(added);
                 }
-                let set = cl.set_env(id, "CLUSTER_AGENT_HOLD_PRECOPY", vm);
-                cl.check(set);
             }
+            let set = cl.hold_precopy(vm);
+            cl.check(set);
         }
         let formed = cl.form(n).await;
         cl.check(formed);

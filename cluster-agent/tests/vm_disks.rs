@@ -776,7 +776,7 @@ struct MidMigration {
 
 async fn disk_vm_in_endless_precopy(extra_toml: &str) -> MidMigration {
     // The capped migration below stays in pre-copy whatever the guest does.
-    let hold = [("CLUSTER_AGENT_HOLD_PRECOPY", "vm-m")];
+    let hold = [(cluster_tests::HOLD_PRECOPY_ENV, "vm-m")];
     let (cl, csv) = disk_cluster_with(3, extra_toml, &hold).await;
     create_disk(&cl, 1, "vol/vms/m.img").await;
     let leader = cl.check(cl.status(1).await).leader_id;

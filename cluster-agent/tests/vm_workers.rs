@@ -46,7 +46,7 @@ async fn cluster_with_workers_and_volume() -> Cluster {
 }
 
 /// [`cluster_with_workers_and_volume`] whose live migrations of `held` stay in pre-copy
-/// under a 1 ms blackout cap, whatever the guest does (`CLUSTER_AGENT_HOLD_PRECOPY`).
+/// under a 1 ms blackout cap, whatever the guest does ([`Cluster::hold_precopy`]).
 async fn cluster_with_workers_and_volume_holding(held: &str) -> Cluster {
     require_kvm();
     let mut cl = Cluster::agents(Options::default());
@@ -54,9 +54,9 @@ async fn cluster_with_workers_and_volume_holding(held: &str) -> Cluster {
     for id in 1..=3 {
         let added = cl.add_node_with(id, &format!("{WORKERS}{volume}"));
         cl.check(added);
-        let set = cl.set_env(id, "CLUSTER_AGENT_HOLD_PRECOPY", held);
-        cl.check(set);
     }
+    let set = cl.hold_precopy(held);
+    cl.check(set);
     let formed = cl.form(3).await;
     cl.check(formed);
     cl

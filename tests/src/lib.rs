@@ -87,6 +87,13 @@ pub struct SerialGuard {
     _across_processes: std::fs::File,
 }
 
+/// The agents' test hook that holds a VM's live migrations in pre-copy
+/// (`cluster-agent/src/crash_point.rs`): its source finds the VM's first page dirty after
+/// every round, so under a 1 ms blackout cap the migration never converges, whatever the
+/// guest does (a guest a loaded machine leaves unscheduled dirties nothing, and a round
+/// with nothing dirty switches over).
+pub const HOLD_PRECOPY_ENV: &str = "CLUSTER_AGENT_HOLD_PRECOPY";
+
 /// The file every test process locks: the tests bind fixed loopback addresses
 /// (127.0.1.x, 127.0.2.x), so two test binaries (or two checkouts) must not run
 /// cluster tests at the same time.
@@ -417,6 +424,16 @@ impl Cluster {
             .ok_or(HarnessError::UnknownNode(id))?;
         node.env.retain(|(k, _)| k != key);
         node.env.push((key.to_owned(), value.to_owned()));
+        Ok(())
+    }
+
+    /// Makes every node added so far hold its live migrations of `vm` in pre-copy, from
+    /// its next start on ([`HOLD_PRECOPY_ENV`]).
+    pub fn hold_precopy(&mut self, vm: &str) -> Result<()> {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.set_env(id, HOLD_PRECOPY_ENV, vm)?;
+        }
         Ok(())
     }
 
