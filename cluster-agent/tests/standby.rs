@@ -332,6 +332,14 @@ async fn power_saving_puts_a_node_in_standby_and_wakes_it_for_load() {
     cl.check(started);
     cl.check(cl.wait_node_state(1, 5, "up", WAIT).await);
     all_running(&cl, &["a1", "a2", "b"]).await;
+    // Neither wake-up passed through Down: a woken node is Up once its peers hear it too,
+    // not Up on the leader's word and Down again on the peers' stale reports.
+    let events = cl.check(cl.events(1).await);
+    let downs: Vec<_> = events
+        .iter()
+        .filter(|e| e.node_id == 5 && e.message.contains("-> down"))
+        .collect();
+    assert!(downs.is_empty(), "{downs:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

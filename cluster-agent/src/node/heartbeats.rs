@@ -216,8 +216,9 @@ impl Agent {
                 }
                 // Standby: silent on purpose, never Down. Waking: Up once heard after
                 // this leader saw the wake-up begin (not a heartbeat from before the
-                // power-off).
-                (NodeState::Waking, _)
+                // power-off), and once the peers' reports no longer call it silent: Up
+                // while they still do would be Down again on the next round.
+                (NodeState::Waking, None)
                     if woke_at
                         .iter()
                         .any(|(n, t)| *n == id && l.heard_since(id, *t)) =>
