@@ -139,6 +139,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
 
     let hb = tokio::spawn(agent.clone().run_heartbeats(stop_rx.clone()));
     let lv = tokio::spawn(agent.clone().run_liveness(stop_rx.clone()));
+    let raft_hb = tokio::spawn(agent.clone().run_raft_heartbeats(stop_rx.clone()));
     let rot = tokio::spawn(crate::api::rotation::run(agent.clone(), stop_rx.clone()));
     let ca_follow = tokio::spawn(crate::api::ca::run(agent.clone(), stop_rx.clone()));
     let volumes = csv_volume::VolumeRegistry::from_config(&agent.config().volumes)
@@ -325,8 +326,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
 
     // Fail-stop: a replica that can no longer apply must not keep its VMs or its lease
     // (its heartbeats would keep it Up while VMs failed over to it never start).
-    // It waits on a worker thread: it looks at every change of the Raft metrics (many per
-    // heartbeat round on a leader), which would wake this thread for each.
+    // It waits on a worker thread, on the rarely changing server metrics (see `fatal`).
     let mut fatal_task = tokio::spawn({
         let a = agent.clone();
         async move { a.fatal().await }
@@ -355,6 +355,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = stop_tx.send(true);
     let _ = hb.await;
     let _ = lv.await;
+    let _ = raft_hb.await;
     let _ = rot.await;
     let _ = ca_follow.await;
     let _ = rc.await;

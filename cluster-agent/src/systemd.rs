@@ -151,7 +151,7 @@ pub async fn supervise(
     let stall = (agent.config().heartbeat_interval * 2).max(every) + every;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut metrics = agent.metrics_watch();
+    let mut metrics = agent.role_watch();
     let mut last_status = status_of(&agent);
     let mut seen = agent.loop_rounds();
     let (mut hb_at, mut fence_at) = (Instant::now(), Instant::now());

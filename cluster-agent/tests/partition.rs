@@ -28,14 +28,30 @@ const WRITES_BEFORE_AND_AFTER: usize = 20;
 
 /// The agent's own default timings (`cluster-agent/src/node/config.rs`).
 fn agent_timings() -> Options {
-    Options {
-        heartbeat_interval_ms: 200,
-        down_after_ms: 1_200,
-        raft_heartbeat_interval_ms: 100,
-        election_timeout_min_ms: 400,
-        election_timeout_max_ms: 800,
-        ..Options::default()
-    }
+    Options::agent_defaults()
+}
+
+/// The harness keeps a copy of the agent's defaults (it does not link the agent).
+#[test]
+fn the_harness_copy_of_the_agent_defaults_matches() {
+    use cluster_agent::node::config as c;
+    let o = Options::agent_defaults();
+    assert_eq!(
+        (
+            o.heartbeat_interval_ms,
+            o.down_after_ms,
+            o.raft_heartbeat_interval_ms,
+            o.election_timeout_min_ms,
+            o.election_timeout_max_ms
+        ),
+        (
+            c::DEFAULT_HEARTBEAT_INTERVAL_MS,
+            c::DEFAULT_DOWN_AFTER_MS,
+            c::DEFAULT_RAFT_HEARTBEAT_INTERVAL_MS,
+            c::DEFAULT_ELECTION_TIMEOUT_MIN_MS,
+            c::DEFAULT_ELECTION_TIMEOUT_MAX_MS
+        )
+    );
 }
 
 /// A test-guest VM preferring `owner`, restarted first on failover.

@@ -171,6 +171,23 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// The agent's own default timings (`DEFAULT_*` in `cluster-agent/src/node/config.rs`;
+    /// this crate does not link the agent, and `partition`'s
+    /// `the_harness_copy_of_the_agent_defaults_matches` checks the copy): what the
+    /// partition tests and the benchmarks that measure the defaults run with.
+    pub fn agent_defaults() -> Options {
+        Options {
+            heartbeat_interval_ms: 200,
+            down_after_ms: 1_200,
+            raft_heartbeat_interval_ms: 200,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1_000,
+            ..Options::default()
+        }
+    }
+}
+
 /// One node's fixed identity.
 #[derive(Debug, Clone)]
 pub struct NodeSpec {

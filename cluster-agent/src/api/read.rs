@@ -40,10 +40,10 @@ pub fn refused(e: ReadError) -> Status {
 pub const WATCH_FALLBACK: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a server stream (`WatchJob`, `WatchEvents`) waits on between two looks at the
-/// local replica: the applied-state watch (this agent's Raft metrics, whose
-/// `last_applied` moves once an entry's effects are readable), with a slow fallback tick.
+/// local replica: the applied-state watch ([`Agent::applied_watch`], which moves once an
+/// entry's effects are readable), with a slow fallback tick.
 pub struct AppliedWatch {
-    metrics: tokio::sync::watch::Receiver<crate::raft::RaftMetrics>,
+    applied: tokio::sync::watch::Receiver<Option<crate::raft::LogId>>,
     seen: Option<crate::raft::LogId>,
     fallback: std::time::Duration,
 }
@@ -52,16 +52,16 @@ impl AppliedWatch {
     /// Start watching: call before the first read of the replica, so nothing applied
     /// after that read is missed.
     pub fn new(agent: &Agent) -> AppliedWatch {
-        AppliedWatch::of(agent.metrics_watch(), WATCH_FALLBACK)
+        AppliedWatch::of(agent.applied_watch(), WATCH_FALLBACK)
     }
 
     fn of(
-        mut metrics: tokio::sync::watch::Receiver<crate::raft::RaftMetrics>,
+        mut applied: tokio::sync::watch::Receiver<Option<crate::raft::LogId>>,
         fallback: std::time::Duration,
     ) -> AppliedWatch {
-        let seen = metrics.borrow_and_update().last_applied;
+        let seen = *applied.borrow_and_update();
         AppliedWatch {
-            metrics,
+            applied,
             seen,
             fallback,
         }
@@ -72,12 +72,12 @@ impl AppliedWatch {
     pub async fn changed(&mut self) {
         let wait = async {
             loop {
-                let now = self.metrics.borrow_and_update().last_applied;
+                let now = *self.applied.borrow_and_update();
                 if now != self.seen {
                     self.seen = now;
                     return;
                 }
-                if self.metrics.changed().await.is_err() {
+                if self.applied.changed().await.is_err() {
                     // Raft stopped: only the fallback tick is left.
                     std::future::pending::<()>().await;
                 }
@@ -92,12 +92,10 @@ mod tests {
     use std::time::Duration;
 
     use super::AppliedWatch;
-    use crate::raft::{LogId, RaftMetrics};
+    use crate::raft::LogId;
 
-    fn applied(index: u64) -> RaftMetrics {
-        let mut m = RaftMetrics::new_initial(1);
-        m.last_applied = Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), index));
-        m
+    fn applied(index: u64) -> Option<LogId> {
+        Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), index))
     }
 
     /// The fallback is an hour: `changed` can only return because of the apply.
@@ -115,12 +113,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn other_metrics_changes_do_not_wake_it_and_the_fallback_does() {
+    async fn a_notification_without_a_new_apply_does_not_wake_it_and_the_fallback_does() {
         let (tx, rx) = tokio::sync::watch::channel(applied(1));
         let mut w = AppliedWatch::of(rx, Duration::from_secs(3600));
-        let mut other = applied(1);
-        other.current_term = 9;
-        let _ = tx.send(other);
+        let _ = tx.send(applied(1));
         assert!(
             tokio::time::timeout(Duration::from_millis(100), w.changed())
                 .await

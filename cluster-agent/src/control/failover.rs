@@ -147,9 +147,10 @@ fn plan_noting(
 
 /// On the leader, commit failover restarts until `shutdown` turns true.
 pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = crate::node::grid_interval(FAILOVER_INTERVAL);
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(FAILOVER_INTERVAL) => {}
+            _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
         let leader = agent.leader();

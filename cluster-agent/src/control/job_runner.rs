@@ -34,7 +34,7 @@ use crate::state::vms::{DesiredState, RuntimeState};
 use crate::state::{ClusterState, Command, NodeState};
 
 /// How often the leader advances its jobs.
-pub const JOB_TICK: Duration = Duration::from_millis(250);
+pub const JOB_TICK: Duration = Duration::from_millis(200);
 /// Failed moves of one VM after which a drain gives up on it.
 pub const MOVE_ATTEMPTS_MAX: usize = 3;
 
@@ -437,15 +437,16 @@ pub fn balance_job(state: &ClusterState, demand: &Demand, now: u64) -> Option<Jo
 /// On the leader, advance jobs and run the balancer until `shutdown` turns true.
 pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
     let mut last_balance = Instant::now();
-    let mut applied = agent.metrics_watch();
+    let mut applied = agent.applied_watch();
+    let mut tick = crate::node::grid_interval(JOB_TICK);
     loop {
         // While a job runs, a newly applied entry (a move's migration ended) wakes the
         // runner at once, so the next move starts without waiting for the tick.
-        let last = applied.borrow_and_update().last_applied;
+        let last = *applied.borrow_and_update();
         let job_running = agent.read_sm(|d| d.state.jobs.any_running());
         tokio::select! {
-            _ = tokio::time::sleep(JOB_TICK) => {}
-            _ = async { applied.wait_for(|m| m.last_applied != last).await.is_ok() }, if job_running => {
+            _ = tick.tick() => {}
+            _ = async { applied.wait_for(|a| *a != last).await.is_ok() }, if job_running => {
                 tokio::time::sleep(crate::control::reconciler::APPLY_WAKE_DELAY).await;
             }
             _ = shutdown.changed() => return,

@@ -88,9 +88,10 @@ pub fn plan(state: &ClusterState, now_unix_ms: u64) -> Vec<Step> {
 
 /// On the leader, start or drop queued migrations until `shutdown` turns true.
 pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = crate::node::grid_interval(QUEUE_INTERVAL);
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(QUEUE_INTERVAL) => {}
+            _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
         let leader = agent.leader();

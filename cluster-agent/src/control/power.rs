@@ -293,9 +293,10 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
     // Power commands this leader started: (node, action, state since).
     let mut ran: BTreeSet<(u64, &'static str, u64)> = BTreeSet::new();
     let mut last_policy = Instant::now();
+    let mut tick = crate::node::grid_interval(POWER_TICK);
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(POWER_TICK) => {}
+            _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
         if agent.leader() != Some(agent.node_id()) {

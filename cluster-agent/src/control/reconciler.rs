@@ -226,7 +226,8 @@ pub async fn run(
         host.clone(),
         shutdown.clone(),
     ));
-    let mut applied = agent.metrics_watch();
+    let mut applied = agent.applied_watch();
+    let mut tick = crate::node::grid_interval(RECONCILE_INTERVAL);
     loop {
         // Without the lease (or before catching up after a lapse) this node may be cut
         // off while the leader fails its VMs over: start nothing (the fence watcher
@@ -265,10 +266,10 @@ pub async fn run(
         crate::control::vm_nics::reconcile(&agent, &host, &records, &busy).await;
         resolve_orphaned_migrations(&agent, &host, &records, &busy, &mut orphans).await;
         // Woken early by newly applied entries (a new owner starts its VM at once).
-        let last = applied.borrow_and_update().last_applied;
+        let last = *applied.borrow_and_update();
         tokio::select! {
-            _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
-            _ = async { applied.wait_for(|m| m.last_applied != last).await.is_ok() } => {
+            _ = tick.tick() => {}
+            _ = async { applied.wait_for(|a| *a != last).await.is_ok() } => {
                 tokio::time::sleep(APPLY_WAKE_DELAY).await;
             }
             _ = shutdown.changed() => break,

@@ -134,6 +134,8 @@ pub struct Agent {
     pub(super) config: AgentConfig,
     pub(super) raft: Raft,
     pub(super) sm: SharedSm,
+    /// The last applied log id (see `SmStore::applied_watch`).
+    applied: watch::Receiver<Option<crate::raft::LogId>>,
     pub(super) facts: NodeFacts,
     pub(super) incarnation: u64,
     pub(super) data_dir: Mutex<DataDir>,
@@ -200,9 +202,13 @@ impl Agent {
         let (data_dir, log_store, sm_store) =
             DataDir::open(&config.data_dir, config.node_id).map_err(StartError::DataDir)?;
         let sm = sm_store.shared();
+        let applied = sm_store.applied_watch();
         let raft_config = openraft::Config {
             cluster_name: "vm-cluster".into(),
+            // Also openraft's AppendEntries timeout and (× 1.5) its election tick; its
+            // heartbeats are sent by `run_raft_heartbeats`, on the heartbeat grid.
             heartbeat_interval: config.raft_heartbeat_interval_ms,
+            enable_heartbeat: false,
             election_timeout_min: config.election_timeout_min_ms,
             election_timeout_max: config.election_timeout_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs_since_last),
@@ -236,6 +242,7 @@ impl Agent {
             config,
             raft,
             sm,
+            applied,
             facts,
             data_dir: Mutex::new(data_dir),
             peers,
@@ -294,21 +301,43 @@ impl Agent {
         self.raft.metrics().borrow().clone()
     }
 
-    /// A watch of the Raft metrics, to wait for newly applied entries.
+    /// A watch of the Raft metrics. It changes with every acknowledgement a leader
+    /// receives: to wait for newly applied entries use [`Agent::applied_watch`], for a
+    /// change of role, leader or membership [`Agent::role_watch`].
     pub fn metrics_watch(&self) -> watch::Receiver<RaftMetrics> {
         self.raft.metrics()
     }
 
+    /// A watch of the last applied log id: changes once newly applied entries are readable
+    /// through [`Agent::read_sm`], and at no other time.
+    pub fn applied_watch(&self) -> watch::Receiver<Option<crate::raft::LogId>> {
+        self.applied.clone()
+    }
+
+    /// A watch that changes only with this node's role, the leader it knows, its vote or the
+    /// membership (and ends when the Raft core stops).
+    pub fn role_watch(&self) -> watch::Receiver<crate::raft::RaftServerMetrics> {
+        self.raft.server_metrics()
+    }
+
     /// Resolves when Raft stops with a fatal error (a storage failure, a panic in its
     /// core): the replica can no longer apply anything, so the agent must fail-stop.
+    ///
+    /// It waits on the server metrics (role, leader, membership), which change rarely, not
+    /// on the full metrics, which change with every acknowledgement a leader receives: the
+    /// core reports the error in the full metrics and then drops every sender, which ends
+    /// the wait.
     pub async fn fatal(&self) -> String {
-        let mut w = self.raft.metrics();
+        let mut w = self.role_watch();
         loop {
-            if let Err(e) = &w.borrow_and_update().running_state {
+            if let Err(e) = &self.raft.metrics().borrow().running_state {
                 return e.to_string();
             }
             if w.changed().await.is_err() {
-                return "the Raft core stopped".to_owned();
+                return match &self.raft.metrics().borrow().running_state {
+                    Err(e) => e.to_string(),
+                    Ok(()) => "the Raft core stopped".to_owned(),
+                };
             }
         }
     }
@@ -318,7 +347,7 @@ impl Agent {
     /// `shutdown` changed first.
     pub async fn wait_until_leader(&self, shutdown: &mut watch::Receiver<bool>) -> bool {
         let me = Some(self.node_id());
-        let mut m = self.raft.metrics();
+        let mut m = self.role_watch();
         tokio::select! {
             r = m.wait_for(|m| m.current_leader == me) => r.is_ok(),
             _ = shutdown.changed() => false,

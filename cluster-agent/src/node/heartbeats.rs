@@ -34,6 +34,20 @@ pub fn until_next_round(period: Duration) -> Duration {
     Duration::from_nanos(u64::try_from(left).unwrap_or(u64::MAX))
 }
 
+/// A tick every `period` on the wall-clock grid of `period` ([`until_next_round`]). The
+/// agent's periodic loops tick on it, so loops whose periods divide one another wake
+/// together with the heartbeat rounds: on this kind of host a thread's wake-up costs more
+/// than the work of most rounds. After a stall the missed tick fires at once, then the
+/// ticks are back on the grid.
+pub fn grid_interval(period: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + until_next_round(period),
+        period,
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tick
+}
+
 impl Agent {
     /// Send one heartbeat to every other member, each on its own task.
     fn send_heartbeats(self: &Arc<Self>) {
@@ -80,12 +94,7 @@ impl Agent {
     /// wakes up once for many of them rather than once for each. After a stall the
     /// missed round runs at once and the next ones are on the grid again.
     pub async fn run_heartbeats(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let period = self.config().heartbeat_interval;
-        let mut tick = tokio::time::interval_at(
-            tokio::time::Instant::now() + until_next_round(period),
-            period,
-        );
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut tick = grid_interval(self.config().heartbeat_interval);
         let confirming = Arc::new(AtomicBool::new(false));
         loop {
             tokio::select! {
@@ -96,6 +105,37 @@ impl Agent {
             self.confirm_read_index(&confirming);
             self.observe_downs();
             self.heartbeat_rounds.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// openraft's heartbeats (an empty AppendEntries to every follower), sent by this loop
+    /// rather than openraft's own timer (`enable_heartbeat` is off): every
+    /// `raft_heartbeat_interval_ms` on the wall-clock grid of that interval, while this
+    /// node leads. At the default interval, the liveness interval, the grids coincide, so
+    /// the followers receive the leader's Raft heartbeat in the same burst as the liveness
+    /// heartbeats and wake once for both (openraft's timer runs on its tick, unaligned).
+    /// Runs until `shutdown` flips.
+    pub async fn run_raft_heartbeats(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let period = Duration::from_millis(self.config().raft_heartbeat_interval_ms);
+        let mut tick = grid_interval(period);
+        loop {
+            if self.leader() != Some(self.node_id()) {
+                if !self.wait_until_leader(&mut shutdown).await {
+                    return;
+                }
+                // The new leader's first heartbeats come from openraft itself (its blank
+                // entry); the next ones from here, on the grid.
+                tick.reset_after(until_next_round(period));
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            if self.leader() == Some(self.node_id()) {
+                if let Err(e) = self.raft.trigger().heartbeat().await {
+                    tracing::debug!(error = %e, "raft heartbeat not sent");
+                }
+            }
         }
     }
 
@@ -131,8 +171,7 @@ impl Agent {
     /// Liveness monitor loop (acts only while this agent leads): marks silent nodes
     /// Down and returning ones Up, through committed commands.
     pub async fn run_liveness(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(self.config().heartbeat_interval / 2);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = grid_interval(self.config().heartbeat_interval / 2);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}

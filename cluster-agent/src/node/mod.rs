@@ -20,5 +20,5 @@ pub use agent::{
     now_unix_ms, Agent, ForwardReply, ForwardRequest, StartError, WriteError,
     LEARNER_CATCH_UP_TIMEOUT, WRITE_DEADLINE,
 };
-pub use heartbeats::{heartbeat_timeout, until_next_round};
+pub use heartbeats::{grid_interval, heartbeat_timeout, until_next_round};
 pub use reads::{ReadError, READ_DEADLINE};

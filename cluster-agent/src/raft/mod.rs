@@ -41,6 +41,7 @@ openraft::declare_raft_types!(
 pub type NodeId = u64;
 pub type Raft = openraft::Raft<TypeConfig>;
 pub type RaftMetrics = openraft::RaftMetrics<NodeId, PeerNode>;
+pub type RaftServerMetrics = openraft::metrics::RaftServerMetrics<NodeId, PeerNode>;
 pub type LogId = openraft::LogId<NodeId>;
 pub type Entry = openraft::Entry<TypeConfig>;
 pub type Vote = openraft::Vote<NodeId>;

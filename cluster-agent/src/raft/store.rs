@@ -205,6 +205,7 @@ pub fn open(path: &Path, create: bool) -> Result<(LogStore, SmStore), StoreError
     let db = Arc::new(db);
     verify(&db, &p)?;
     let data = load_sm(&db, &p)?;
+    let (applied, _) = tokio::sync::watch::channel(data.last_applied);
     let shared = Arc::new(RwLock::new(data));
     Ok((
         LogStore {
@@ -215,6 +216,7 @@ pub fn open(path: &Path, create: bool) -> Result<(LogStore, SmStore), StoreError
             db,
             data: shared,
             snapshot_seq: 0,
+            applied,
         },
     ))
 }
@@ -582,12 +584,29 @@ pub struct SmStore {
     db: Arc<DB>,
     data: SharedSm,
     snapshot_seq: u64,
+    /// The last applied log id, sent once the entries' effects are readable in `data`.
+    applied: tokio::sync::watch::Sender<Option<LogId>>,
 }
 
 impl SmStore {
     /// Read handle for the services.
     pub fn shared(&self) -> SharedSm {
         self.data.clone()
+    }
+
+    /// A watch of the last applied log id: it changes only when entries are applied or a
+    /// snapshot installed (openraft's metrics change with every acknowledgement a leader
+    /// receives), after their effects are readable through [`SmStore::shared`].
+    pub fn applied_watch(&self) -> tokio::sync::watch::Receiver<Option<LogId>> {
+        self.applied.subscribe()
+    }
+
+    fn applied_now(&self, last: Option<LogId>) {
+        self.applied.send_if_modified(|a| {
+            let changed = *a != last;
+            *a = last;
+            changed
+        });
     }
 }
 
@@ -736,7 +755,9 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         self.db
             .write(batch)
             .map_err(|e| StorageIOError::write_state_machine(AnyError::new(&e)))?;
+        let last = d.last_applied;
         drop(d);
+        self.applied_now(last);
         tracing::debug!(
             target: TIMING,
             entries = n,
@@ -808,6 +829,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
             StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
         })?;
         *write_lock(&self.data) = next;
+        self.applied_now(meta.last_log_id);
         store_snapshot(&self.db, meta, &bytes)
     }
 
@@ -863,6 +885,8 @@ mod tests {
             .unwrap_or_else(|e| panic!("runtime: {e}"));
         rt.block_on(async {
             let (_l, mut sm) = open(&p, true).unwrap_or_else(|e| panic!("open: {e}"));
+            let mut applied = sm.applied_watch();
+            assert_eq!(*applied.borrow_and_update(), None);
             let entry = Entry {
                 log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
                 payload: EntryPayload::Normal(crate::state::Command::PutKv {
@@ -872,11 +896,17 @@ mod tests {
             };
             let r = sm.apply(vec![entry]).await.unwrap_or_default();
             assert_eq!(r, vec![CommandResult::Kv { previous: None }]);
+            // The applied watch moved, and what it announces is readable.
+            assert!(applied.has_changed().unwrap_or(false));
+            assert_eq!(applied.borrow_and_update().map(|l| l.index), Some(1));
+            assert!(read_lock(&sm.shared()).state.kv.contains_key("a"));
         });
         let (_l, sm) = open(&p, false).unwrap_or_else(|e| panic!("reopen: {e}"));
         let d = read_lock(&sm.shared()).clone();
         assert_eq!(d.state.kv.get("a").map(String::as_str), Some("b"));
         assert_eq!(d.last_applied.map(|l| l.index), Some(1));
+        // A reopened store's watch starts at what it recovered.
+        assert_eq!(sm.applied_watch().borrow().map(|l| l.index), Some(1));
     }
 
     /// `n` key/value entries applied one batch each (each a synced WAL record).

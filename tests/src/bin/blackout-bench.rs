@@ -40,14 +40,7 @@ async fn full_stack(
     case: Case,
 ) -> Result<Vec<Run>, String> {
     let bin = locate_binary("cluster-agent", "cluster-agent").map_err(|e| e.to_string())?;
-    let opts = Options {
-        heartbeat_interval_ms: 200,
-        down_after_ms: 1_200,
-        raft_heartbeat_interval_ms: 100,
-        election_timeout_min_ms: 400,
-        election_timeout_max_ms: 800,
-        ..Options::default()
-    };
+    let opts = Options::agent_defaults();
     let mut c = Cluster::new(bin, opts).map_err(|e| e.to_string())?;
     let mut metrics = Vec::new();
     for id in 1..=2u8 {

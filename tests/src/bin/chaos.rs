@@ -78,14 +78,7 @@ const WRITE_EVERY: Duration = Duration::from_millis(50);
 
 /// The agent's default timings (as the partition tests use them).
 fn agent_timings() -> Options {
-    Options {
-        heartbeat_interval_ms: 200,
-        down_after_ms: 1_200,
-        raft_heartbeat_interval_ms: 100,
-        election_timeout_min_ms: 400,
-        election_timeout_max_ms: 800,
-        ..Options::default()
-    }
+    Options::agent_defaults()
 }
 
 #[derive(Debug, Default)]

@@ -164,15 +164,7 @@ async fn main() -> ExitCode {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(3);
-    let agent_defaults = Options {
-        // cluster-agent's config::DEFAULT_* (this crate does not link the agent).
-        heartbeat_interval_ms: 200,
-        down_after_ms: 1_200,
-        raft_heartbeat_interval_ms: 100,
-        election_timeout_min_ms: 400,
-        election_timeout_max_ms: 800,
-        ..Options::default()
-    };
+    let agent_defaults = Options::agent_defaults();
     for (label, opts) in [
         ("agent defaults", agent_defaults),
         ("harness settings", Options::default()),

@@ -7,11 +7,12 @@
 //!
 //! Each cluster size runs against every agent binary found: `target/debug/cluster-agent`
 //! and `target/fast/cluster-agent` (the `fast` profile `deploy/local-cluster.sh` runs), or
-//! the ones named with `--agent`. The agents use the agent's default liveness settings
-//! (heartbeats 200 ms, Down after 1200 ms, Raft heartbeat 100 ms, elections 400–800 ms).
+//! the ones named with `--agent`. The agents use the agent's default timings
+//! ([`Options::agent_defaults`]: heartbeats 200 ms, Down after 1200 ms, Raft heartbeat
+//! 200 ms, elections 500–1000 ms) unless the flags below change them.
 //!
 //! Usage: `idle-bench [--nodes 16,3] [--settle-s 10] [--window-s 20] [--agent PATH]...
-//! [--heartbeat-ms 200] [--no-kill]`.
+//! [--heartbeat-ms 200] [--raft-heartbeat-ms 200] [--elections-ms 500-1000] [--no-kill]`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -28,16 +29,23 @@ struct Args {
     kill: bool,
     /// The agents' liveness heartbeat interval (their default: 200 ms).
     heartbeat_ms: u64,
+    /// openraft's heartbeat interval.
+    raft_heartbeat_ms: u64,
+    /// The election timeout range.
+    elections_ms: (u64, u64),
 }
 
 fn parse_args() -> Result<Args, String> {
+    let d = Options::agent_defaults();
     let mut a = Args {
         nodes: vec![16, 3],
         settle: Duration::from_secs(10),
         window: Duration::from_secs(20),
         agents: Vec::new(),
         kill: true,
-        heartbeat_ms: 200,
+        heartbeat_ms: d.heartbeat_interval_ms,
+        raft_heartbeat_ms: d.raft_heartbeat_interval_ms,
+        elections_ms: (d.election_timeout_min_ms, d.election_timeout_max_ms),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -69,12 +77,39 @@ fn parse_args() -> Result<Args, String> {
                 Ok(ms) if (10..=600).contains(&ms) => a.heartbeat_ms = ms,
                 _ => return Err(format!("--heartbeat-ms: {v:?} is not a number from 10 to 600")),
             },
+            "--raft-heartbeat-ms" => match v.parse::<u64>() {
+                Ok(ms) if (10..=10_000).contains(&ms) => a.raft_heartbeat_ms = ms,
+                _ => {
+                    return Err(format!(
+                        "--raft-heartbeat-ms: {v:?} is not a number from 10 to 10000"
+                    ))
+                }
+            },
+            "--elections-ms" => {
+                let range = v
+                    .split_once('-')
+                    .and_then(|(lo, hi)| Some((lo.parse::<u64>().ok()?, hi.parse::<u64>().ok()?)));
+                match range {
+                    Some((lo, hi)) if 50 <= lo && lo < hi => a.elections_ms = (lo, hi),
+                    _ => {
+                        return Err(format!(
+                            "--elections-ms: {v:?} is not MIN-MAX in ms with 50 <= MIN < MAX"
+                        ))
+                    }
+                }
+            }
             _ => {
                 return Err(format!(
-                    "unknown flag {flag}; use --nodes, --settle-s, --window-s, --agent, --heartbeat-ms, --no-kill"
+                    "unknown flag {flag}; use --nodes, --settle-s, --window-s, --agent, --heartbeat-ms, --raft-heartbeat-ms, --elections-ms, --no-kill"
                 ))
             }
         }
+    }
+    if a.raft_heartbeat_ms >= a.elections_ms.0 {
+        return Err(format!(
+            "--raft-heartbeat-ms {} must be below the elections' minimum {}",
+            a.raft_heartbeat_ms, a.elections_ms.0
+        ));
     }
     if a.agents.is_empty() {
         // target/<profile>/idle-bench → target/{debug,fast}/cluster-agent
@@ -174,12 +209,12 @@ async fn run(agent: &Path, n: u64, args: &Args) -> Result<(), Box<dyn std::error
         .unwrap_or_default();
     let opts = Options {
         heartbeat_interval_ms: args.heartbeat_ms,
-        down_after_ms: 1_200,
-        raft_heartbeat_interval_ms: 100,
-        election_timeout_min_ms: 400,
-        election_timeout_max_ms: 800,
+        raft_heartbeat_interval_ms: args.raft_heartbeat_ms,
+        election_timeout_min_ms: args.elections_ms.0,
+        election_timeout_max_ms: args.elections_ms.1,
         snapshot_logs_since_last: 5_000,
         max_logs_kept_after_snapshot: 1_000,
+        ..Options::agent_defaults()
     };
     let mut c = Cluster::new(agent.to_path_buf(), opts.clone())?;
     let t0 = Instant::now();
