@@ -227,7 +227,6 @@ pub async fn run(
         shutdown.clone(),
     ));
     let mut applied = agent.applied_watch();
-    let mut tick = crate::node::grid_interval(RECONCILE_INTERVAL);
     loop {
         // Without the lease (or before catching up after a lapse) this node may be cut
         // off while the leader fails its VMs over: start nothing (the fence watcher
@@ -267,8 +266,11 @@ pub async fn run(
         resolve_orphaned_migrations(&agent, &host, &records, &busy, &mut orphans).await;
         // Woken early by newly applied entries (a new owner starts its VM at once).
         let last = *applied.borrow_and_update();
+        // A full interval after each pass (not a tick on the grid, which can fire right
+        // after a long pass): what a pass did (a VM started, a disk hot-added) shows in
+        // the workers' cached views by the next one.
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
             _ = async { applied.wait_for(|a| *a != last).await.is_ok() } => {
                 tokio::time::sleep(APPLY_WAKE_DELAY).await;
             }

@@ -474,39 +474,56 @@ impl WorkerVm {
         disk: crate::vmhost::DiskSpec,
         grant: &csv_volume::LockGrant,
     ) -> Result<u8, WorkerError> {
-        match self.request(&Request::AttachDisk {
+        let r = match self.request(&Request::AttachDisk {
             disk,
             grant: grant.clone(),
         })? {
             Response::Attached { slot } => Ok(slot),
             other => Err(unexpected(other)),
+        };
+        self.refresh_after_change();
+        r
+    }
+
+    /// After a hot-plug change: the cached view (`VmHost::list`, which the reconciler plans
+    /// from) shows it at once, not at the next poll. A reconciler pass within the poll
+    /// period would otherwise plan the same hot-add again from the stale view.
+    fn refresh_after_change(&self) {
+        if let Err(e) = self.info() {
+            tracing::debug!(vm = %self.name, error = %crate::error_chain(&e), "worker state not refreshed after a hot-plug change");
         }
     }
 
     /// Hot-removes `disk`; the `Release` to commit once it is flushed and closed.
     pub fn detach_disk(&self, disk: &csv_volume::DiskName) -> Result<LockCommand, WorkerError> {
-        match self.request(&Request::DetachDisk { disk: disk.clone() })? {
+        let r = match self.request(&Request::DetachDisk { disk: disk.clone() })? {
             Response::Detached { release } => Ok(release),
             other => Err(unexpected(other)),
-        }
+        };
+        self.refresh_after_change();
+        r
     }
 
     /// Hot-adds `nic`; the slot it went into.
     pub fn attach_nic(&self, nic: crate::vmhost::spec::NicSpec) -> Result<u8, WorkerError> {
-        match self.request(&Request::AttachNic { nic })? {
+        let r = match self.request(&Request::AttachNic { nic })? {
             Response::Attached { slot } => Ok(slot),
             other => Err(unexpected(other)),
-        }
+        };
+        self.refresh_after_change();
+        r
     }
 
     /// Hot-removes the NIC with `mac` (its TAP is deleted).
     pub fn detach_nic(&self, mac: &str) -> Result<(), WorkerError> {
-        match self.request(&Request::DetachNic {
+        let r = match self.request(&Request::DetachNic {
             mac: mac.to_owned(),
         })? {
             Response::Done => Ok(()),
             other => Err(unexpected(other)),
-        }
+        };
+        self.refresh_after_change();
+        r
     }
 
     /// Quick migration, source half: the worker saves its VM into `volume` for
