@@ -9,10 +9,10 @@
 //! and `target/fast/cluster-agent` (the `fast` profile `deploy/local-cluster.sh` runs), or
 //! the ones named with `--agent`. The agents use the agent's default timings
 //! ([`Options::agent_defaults`]: heartbeats 200 ms, Down after 1200 ms, Raft heartbeat
-//! 200 ms, elections 500–1000 ms) unless the flags below change them.
+//! 200 ms, elections 400–800 ms) unless the flags below change them.
 //!
 //! Usage: `idle-bench [--nodes 16,3] [--settle-s 10] [--window-s 20] [--agent PATH]...
-//! [--heartbeat-ms 200] [--raft-heartbeat-ms 200] [--elections-ms 500-1000] [--no-kill]`.
+//! [--heartbeat-ms 200] [--raft-heartbeat-ms 200] [--elections-ms 400-800] [--no-kill]`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
