@@ -191,6 +191,32 @@ pub const LEASE_RAN_OUT: &str = "lease-ran-out";
 /// How often a worker's state is refreshed for [`WorkerVm::cached_info`].
 pub const POLL_EVERY: Duration = Duration::from_millis(100);
 
+/// How long a worker that stopped answering is given to exit before it is called gone.
+const EXIT_WAIT: Duration = Duration::from_secs(1);
+
+/// Waits until process `pid` has exited (no `/proc/<pid>`, or a zombie), at most `within`;
+/// whether it did.
+fn wait_exited(pid: u32, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let exited = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            // The state is the first field after the command's closing parenthesis.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state == "Z" || state == "X"),
+        };
+        if exited {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// The pause before the next try after `failures` failed lease renewals in a row: 5 ms
 /// doubling to at most 80 ms (well inside a worker's lease grace).
 fn renew_retry_after(failures: u32) -> Duration {
@@ -426,6 +452,12 @@ impl WorkerVm {
                     // Busy or stopped for a moment: not known to be gone.
                     Err(e) if e.is_timeout() => {}
                     Err(e) => {
+                        // A worker that stops answering is usually on its way out. One
+                        // whose lease ran out answers errors while it stops its VM and
+                        // leaves its `LEASE_RAN_OUT` mark only after that, just before it
+                        // exits: called gone before the mark is there, its fenced VM
+                        // would read as failed. So wait (bounded) for it to exit first.
+                        wait_exited(w.pid, EXIT_WAIT);
                         *lock(&w.gone) = Some(format!(
                             "its worker process (pid {}) does not answer: {}",
                             w.pid,
@@ -914,6 +946,19 @@ pub fn log_tail(dir: &Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exited_process_is_seen_exited_and_a_live_one_is_not() {
+        assert!(!wait_exited(std::process::id(), Duration::from_millis(20)));
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn: {e}"));
+        let pid = child.id();
+        // A zombie (not reaped yet) counts as exited, and so does a reaped one.
+        assert!(wait_exited(pid, Duration::from_secs(60)));
+        let _ = child.wait();
+        assert!(wait_exited(pid, Duration::from_millis(20)));
+    }
 
     #[test]
     fn failed_renewals_back_off_to_a_bound_inside_the_lease_grace() {
