@@ -99,9 +99,9 @@ pub async fn reconcile(
                     tracing::warn!(vm = %info.name, disk = %disk.name, error = %why, "disk hot-add failed");
                     // A VM that has the disk after all (attached by an earlier pass) keeps
                     // its lock: releasing it would let another node write a disk in use.
-                    let attached_now = host.list().iter().any(|v| {
-                        v.name == info.name && v.disks.iter().any(|d| d.name == disk.name)
-                    });
+                    let attached_now = host
+                        .state(&info.name)
+                        .is_ok_and(|v| v.disks.iter().any(|d| d.name == disk.name));
                     if attached_now {
                         tracing::info!(vm = %info.name, disk = %disk.name, "the disk is attached after all; its lock is kept");
                         continue;

@@ -506,56 +506,51 @@ impl WorkerVm {
         disk: crate::vmhost::DiskSpec,
         grant: &csv_volume::LockGrant,
     ) -> Result<u8, WorkerError> {
-        let r = match self.request(&Request::AttachDisk {
+        match self.hot_plug(&Request::AttachDisk {
             disk,
             grant: grant.clone(),
         })? {
             Response::Attached { slot } => Ok(slot),
             other => Err(unexpected(other)),
-        };
-        self.refresh_after_change();
-        r
+        }
     }
 
-    /// After a hot-plug change: the cached view (`VmHost::list`, which the reconciler plans
-    /// from) shows it at once, not at the next poll. A reconciler pass within the poll
-    /// period would otherwise plan the same hot-add again from the stale view.
-    fn refresh_after_change(&self) {
+    /// A hot-plug request, then a refresh of the cached view (`VmHost::list`, which the
+    /// reconciler plans from), so it shows the change at once, not at the next poll: a
+    /// reconciler pass within the poll period would otherwise plan the same hot-add again
+    /// from the stale view.
+    fn hot_plug(&self, req: &Request) -> Result<Response, WorkerError> {
+        let r = self.request(req);
         if let Err(e) = self.info() {
             tracing::debug!(vm = %self.name, error = %crate::error_chain(&e), "worker state not refreshed after a hot-plug change");
         }
+        r
     }
 
     /// Hot-removes `disk`; the `Release` to commit once it is flushed and closed.
     pub fn detach_disk(&self, disk: &csv_volume::DiskName) -> Result<LockCommand, WorkerError> {
-        let r = match self.request(&Request::DetachDisk { disk: disk.clone() })? {
+        match self.hot_plug(&Request::DetachDisk { disk: disk.clone() })? {
             Response::Detached { release } => Ok(release),
             other => Err(unexpected(other)),
-        };
-        self.refresh_after_change();
-        r
+        }
     }
 
     /// Hot-adds `nic`; the slot it went into.
     pub fn attach_nic(&self, nic: crate::vmhost::spec::NicSpec) -> Result<u8, WorkerError> {
-        let r = match self.request(&Request::AttachNic { nic })? {
+        match self.hot_plug(&Request::AttachNic { nic })? {
             Response::Attached { slot } => Ok(slot),
             other => Err(unexpected(other)),
-        };
-        self.refresh_after_change();
-        r
+        }
     }
 
     /// Hot-removes the NIC with `mac` (its TAP is deleted).
     pub fn detach_nic(&self, mac: &str) -> Result<(), WorkerError> {
-        let r = match self.request(&Request::DetachNic {
+        match self.hot_plug(&Request::DetachNic {
             mac: mac.to_owned(),
         })? {
             Response::Done => Ok(()),
             other => Err(unexpected(other)),
-        };
-        self.refresh_after_change();
-        r
+        }
     }
 
     /// Quick migration, source half: the worker saves its VM into `volume` for
