@@ -86,6 +86,34 @@ pub fn calibration(state: &ClusterState) -> BTreeMap<u64, NodeCalibration> {
         .collect()
 }
 
+/// The blackout `vm`'s own latest successful live migrations measured: the median of up to
+/// [`MEASURED_MIGRATIONS`] of them (the mean of the middle two for an even count); `None`
+/// before its first. A VM's blackout is mostly its own doing (the pages it dirties in the
+/// last round, its devices, its disks' handoff), so once it was measured it predicts the
+/// VM's next blackout better than its nodes' medians over other VMs.
+pub fn vm_measured_blackout_us(state: &ClusterState, vm: &str) -> Option<u64> {
+    let mut seen: Vec<u64> = state
+        .migrations
+        .values()
+        .rev()
+        .filter(|m| {
+            m.vm == vm
+                && m.kind == crate::state::migrations::MigrationKind::Live
+                && m.state == crate::state::migrations::MigrationState::Succeeded
+        })
+        .filter_map(|m| m.stats.as_ref().map(|st| st.blackout_us))
+        .filter(|&us| us > 0)
+        .take(MEASURED_MIGRATIONS)
+        .collect();
+    seen.sort_unstable();
+    let n = seen.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(seen[n / 2]),
+        _ => Some(seen[n / 2 - 1] / 2 + seen[n / 2] / 2),
+    }
+}
+
 /// How many of the latest job moves [`job_step_gap_ms`] is the median of.
 pub const MEASURED_JOB_GAPS: usize = 8;
 /// A job's time between one move's end and the next one's start (wake on the applied
@@ -556,18 +584,20 @@ pub fn prediction_for(
     let rec = state.vms.values().find(|v| v.spec.name == name)?;
     let from = rec.owner.unwrap_or(0);
     let (estimate, blackout_us) =
-        calibrated_estimate(state, rec.spec.memory_mib, from, Some(to), quick);
+        calibrated_estimate(state, name, rec.spec.memory_mib, from, Some(to), quick);
     Some(crate::state::migrations::Prediction {
         total_ms: estimate?.duration_ms,
         blackout_us,
     })
 }
 
-/// The scheduler's estimate for moving `memory_mib` from `from` to `target` (`None`: not
-/// known yet), calibrated by the two nodes' measured migrations ([`calibration`]), and
-/// the predicted blackout.
+/// The scheduler's estimate for moving `vm` (`memory_mib`) from `from` to `target`
+/// (`None`: not known yet), calibrated by the two nodes' measured migrations
+/// ([`calibration`]), and the predicted blackout: the VM's own measured one
+/// ([`vm_measured_blackout_us`]), else the slower end's.
 fn calibrated_estimate(
     state: &ClusterState,
+    vm: &str,
     memory_mib: u64,
     from: u64,
     target: Option<u64>,
@@ -590,9 +620,10 @@ fn calibrated_estimate(
     let overhead_ms = cf
         .map_or(0, |c| c.overhead_ms)
         .max(ct.map_or(0, |c| c.overhead_ms));
-    let blackout_us = cf
-        .map_or(0, |c| c.blackout_us)
-        .max(ct.map_or(0, |c| c.blackout_us));
+    let blackout_us = vm_measured_blackout_us(state, vm).unwrap_or_else(|| {
+        cf.map_or(0, |c| c.blackout_us)
+            .max(ct.map_or(0, |c| c.blackout_us))
+    });
     let estimate = if quick {
         // Save and restore: all of it is downtime, in one pass.
         let ms = scheduler::estimate::quick_estimate_ms(memory_mib, bandwidth);
@@ -654,7 +685,7 @@ pub fn predict_migration(
         Err(e) => return Err(e),
     };
     let (estimate, blackout_us) =
-        calibrated_estimate(state, rec.spec.memory_mib, from, target, quick);
+        calibrated_estimate(state, name, rec.spec.memory_mib, from, target, quick);
     Ok(MigrationPrediction {
         from,
         to: target,
@@ -783,6 +814,59 @@ mod tests {
         // Blackouts 5, 6 and 7 ms between 1 and 2: the median.
         let c = calibration(&s);
         assert_eq!((c[&1].blackout_us, c[&2].blackout_us), (6_000, 6_000));
+    }
+
+    #[test]
+    fn a_vms_blackout_is_predicted_from_its_own_migrations_once_measured() {
+        use crate::state::migrations::{
+            MigrationKind, MigrationRecord, MigrationState, MigrationSummary,
+        };
+        let mut s = cluster(&[8, 8]);
+        let rec = |id, vm: &str, state, blackout_us| MigrationRecord {
+            id,
+            vm: vm.to_owned(),
+            source: 1,
+            target: 2,
+            kind: MigrationKind::Live,
+            max_downtime_ms: None,
+            deadline_ms: None,
+            bandwidth_bytes_per_s_max: None,
+            state,
+            cancel_requested: false,
+            started_unix_ms: 1_000,
+            ended_unix_ms: Some(2_000),
+            reason: String::new(),
+            stats: Some(MigrationSummary {
+                guest_bytes: 64 << 20,
+                total_us: 500_000,
+                blackout_us,
+                ..Default::default()
+            }),
+            predicted: None,
+        };
+        assert_eq!(vm_measured_blackout_us(&s, "a"), None);
+        // "a": a cold first migration (9 ms), then 2 and 3 ms; a failed one does not count.
+        // "b", a busier VM on the same nodes, does not move "a"'s figure.
+        for r in [
+            rec(1, "a", MigrationState::Succeeded, 9_000),
+            rec(2, "a", MigrationState::Succeeded, 2_000),
+            rec(3, "b", MigrationState::Succeeded, 40_000),
+            rec(4, "a", MigrationState::Failed, 50_000),
+        ] {
+            s.migrations.insert(r.id, r);
+        }
+        // Two measured: the mean of the middle two, not the larger one.
+        assert_eq!(vm_measured_blackout_us(&s, "a"), Some(5_500));
+        s.migrations
+            .insert(5, rec(5, "a", MigrationState::Succeeded, 3_000));
+        assert_eq!(vm_measured_blackout_us(&s, "a"), Some(3_000));
+        assert_eq!(vm_measured_blackout_us(&s, "b"), Some(40_000));
+        // The nodes' median covers both VMs; "a"'s prediction is its own.
+        assert_eq!(calibration(&s)[&1].blackout_us, 9_000);
+        let (_, blackout) = calibrated_estimate(&s, "a", 64, 1, Some(2), false);
+        assert_eq!(blackout, Some(3_000));
+        let (_, blackout) = calibrated_estimate(&s, "never-moved", 64, 1, Some(2), false);
+        assert_eq!(blackout, Some(9_000));
     }
 
     #[test]
