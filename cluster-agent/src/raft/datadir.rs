@@ -105,6 +105,7 @@ impl DataDir {
                 path: path.to_path_buf(),
                 source,
             })?;
+            let l = l.for_node(node_id);
             let identity = Identity {
                 format_version: IDENTITY_FORMAT_VERSION,
                 node_id,
@@ -164,6 +165,7 @@ impl DataDir {
             path: path.to_path_buf(),
             source,
         })?;
+        let l = l.for_node(node_id);
         if let (Some(marker_id), Some(info)) = (
             identity.cluster_id.as_ref(),
             s.shared()

@@ -268,7 +268,8 @@ fn populate_bytes_per_s(threads: usize, memory_mib: u64, repeats: usize) -> anyh
                 })
                 .collect();
             for h in handles {
-                h.join().map_err(|_| anyhow::anyhow!("populate thread panicked"))??;
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("populate thread panicked"))??;
             }
             Ok(())
         })?;
