@@ -105,7 +105,6 @@ impl DataDir {
                 path: path.to_path_buf(),
                 source,
             })?;
-            let l = l.for_node(node_id);
             let identity = Identity {
                 format_version: IDENTITY_FORMAT_VERSION,
                 node_id,
@@ -165,7 +164,6 @@ impl DataDir {
             path: path.to_path_buf(),
             source,
         })?;
-        let l = l.for_node(node_id);
         if let (Some(marker_id), Some(info)) = (
             identity.cluster_id.as_ref(),
             s.shared()
