@@ -573,6 +573,28 @@ impl MemorySender {
             pacer: self.pacer.as_ref(),
             sent: &sent,
         };
+        if pages.count() <= INLINE_ROUND_MAX_PAGES {
+            // A small round (the final one, inside the blackout, is most often a handful
+            // of pages) goes out from this thread, one connection after the other: the
+            // first takes every page, each ends the round. Starting a thread per
+            // connection would cost more than the pages (hundreds of µs on a loaded
+            // host).
+            let mut total = RoundSent {
+                round,
+                ..Default::default()
+            };
+            for (index, conn) in self.conns.iter_mut().enumerate() {
+                let r = send_worker(
+                    conn, index, mem, map, hashes, pages, words, round, &cursor, &ctx,
+                )?;
+                total.data_pages += r.data_pages;
+                total.zero_pages_sent += r.zero_pages_sent;
+                total.zero_pages_skipped += r.zero_pages_skipped;
+                total.wire_bytes += r.wire_bytes;
+            }
+            total.duration = start.elapsed();
+            return Ok(total);
+        }
         let mut on_progress = control.on_progress;
         let nice = control.nice;
         let workers = self.conns.len();
@@ -822,6 +844,10 @@ fn send_worker(
     out.wire_bytes += msg.len() as u64;
     Ok(out)
 }
+
+/// Rounds of at most this many dirty pages (1 MiB) are sent from the calling thread
+/// ([`MemorySender::send_round_with`]), larger ones by one thread per connection.
+pub const INLINE_ROUND_MAX_PAGES: usize = 256;
 
 /// Event a receiving data connection reports to its coordinator.
 #[derive(Debug)]
@@ -1230,6 +1256,18 @@ mod tests {
                 .send_round(&src, &map, &send_hashes, &dirty, 1, &cancel)
                 .unwrap();
             assert_eq!(r1.zero_pages_sent, 1);
+            // Round 2, small (like a final round): sent from this thread, still ended on
+            // every connection.
+            let mut few = DirtyPages::empty(map.total_pages());
+            fill(&src, &map, 3, 700);
+            for i in (0..map.total_pages()).step_by(700) {
+                few.set(i);
+            }
+            assert!(few.count() <= INLINE_ROUND_MAX_PAGES);
+            let r2 = sender
+                .send_round(&src, &map, &send_hashes, &few, 2, &cancel)
+                .unwrap();
+            assert_eq!(r2.data_pages as usize, few.count());
             sender.finish().unwrap();
             let mut ends = 0;
             let mut finished = 0;
@@ -1240,7 +1278,7 @@ mod tests {
                     DataEvent::Failed { error, .. } => panic!("{error}"),
                 }
             }
-            assert_eq!((ends, finished), (4, 4));
+            assert_eq!((ends, finished), (8, 4));
         });
         let ds = PageHashes::digest_of_memory(&src, &map).unwrap();
         let dd = PageHashes::digest_of_memory(&dst, &map).unwrap();
