@@ -427,20 +427,27 @@ async fn all_migrations(
     .await
 }
 
-/// Draw the progress of the running migration of `vm` on stderr until it ends (a bar
-/// redrawn in place on a terminal, one line per update otherwise). Best effort: a lost
+/// Draw the progress of `vm`'s newest migration on stderr until it ends (a bar redrawn in
+/// place on a terminal, one line per update otherwise), or only its final line when it
+/// ended already (a short migration can end before this looks). Best effort: a lost
 /// stream ends the drawing, the caller still waits for the VM's record.
 pub async fn follow_progress(ep: &str, timeout: Duration, vm: &str) -> Result<(), CtlError> {
     let mut c = service(ep, timeout, MigrationServiceClient::new).await?;
     let fail = |s| status_error(ep, timeout, s);
     let migrations = all_migrations(&c, ep, timeout, vm).await?;
-    let Some(m) = migrations
-        .iter()
-        .rev()
-        .find(|m| m.state() == pb::MigrationState::Running)
-    else {
+    let Some(m) = migrations.iter().max_by_key(|m| m.id) else {
         return Ok(());
     };
+    match m.state() {
+        pb::MigrationState::Running => {}
+        pb::MigrationState::Succeeded
+        | pb::MigrationState::Failed
+        | pb::MigrationState::Cancelled => {
+            eprintln!("{}", final_line(m));
+            return Ok(());
+        }
+        _ => return Ok(()),
+    }
     let mut stream = c
         .watch_migration(pb::WatchMigrationRequest { id: m.id })
         .await
