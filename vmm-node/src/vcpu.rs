@@ -92,6 +92,17 @@ impl Control {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Sleep for `d` on a vCPU thread (the guest's sleep port, the throttle), or less if a
+    /// kick is raised meanwhile: a pause or a stop does not wait for the sleep to end
+    /// (the kick's signal does not cut a sleep short). Whoever raises the kick notifies
+    /// `cond` after it.
+    pub fn sleep_unless_kicked(&self, d: Duration) {
+        let st = self.lock();
+        let _ = self
+            .cond
+            .wait_timeout_while(st, d, |_| !self.kick_flag.load(Ordering::SeqCst));
+    }
+
     /// Kick every live vCPU thread (caller holds the state lock, so none is joined).
     pub fn kick_all(st: &CtlState) {
         for t in st.threads.iter().flatten() {
@@ -173,9 +184,8 @@ impl VcpuContext {
         match port {
             GUEST_SLEEP_PORT => {
                 let us = le_u32(data).min(GUEST_SLEEP_US_MAX);
-                if !self.ctl.kick_flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_micros(us.into()));
-                }
+                self.ctl
+                    .sleep_unless_kicked(Duration::from_micros(us.into()));
                 return Flow::Continue;
             }
             GUEST_EXIT_PORT => return Flow::Stop(StopReason::GuestExit { code: le_u32(data) }),
@@ -329,8 +339,8 @@ impl VcpuContext {
                 }),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     let p = self.ctl.throttle_percent.load(Ordering::Relaxed);
-                    if p > 0 && !self.ctl.kick_flag.load(Ordering::SeqCst) {
-                        std::thread::sleep(Duration::from_millis(
+                    if p > 0 {
+                        self.ctl.sleep_unless_kicked(Duration::from_millis(
                             THROTTLE_PERIOD_MS * u64::from(p.min(99)) / 100,
                         ));
                     }
@@ -374,5 +384,40 @@ pub(crate) fn vcpu_thread(ctx: VcpuContext, fd: Arc<Mutex<VcpuFd>>) {
             }
             ctx.ctl.request_exit(reason);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A vCPU thread sleeping for the guest or the throttle wakes when a pause raises the
+    /// kick (the kick's signal alone would not cut the sleep short): an hour's sleep ends
+    /// as soon as the kick is raised.
+    #[test]
+    fn a_kick_cuts_a_guest_sleep_short() {
+        let ctl = Arc::new(Control::new(1));
+        ctl.kick_flag.store(false, Ordering::SeqCst);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sleeper = {
+            let ctl = ctl.clone();
+            std::thread::spawn(move || {
+                ctl.sleep_unless_kicked(Duration::from_secs(3600));
+                let _ = tx.send(());
+            })
+        };
+        {
+            let mut st = ctl.lock();
+            st.request = Request::Pause;
+            ctl.kick_flag.store(true, Ordering::SeqCst);
+        }
+        ctl.cond.notify_all();
+        rx.recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("the sleep did not end at the kick: {e}"));
+        sleeper
+            .join()
+            .unwrap_or_else(|_| panic!("sleeper panicked"));
+        // Raised already: a new sleep returns at once.
+        ctl.sleep_unless_kicked(Duration::from_secs(3600));
     }
 }

@@ -510,6 +510,8 @@ impl Vm {
                 }
             }
         }
+        // Wakes a vCPU thread sleeping for the guest or the throttle.
+        self.ctl.cond.notify_all();
         let n = self.ctl.vcpus;
         self.ctl
             .wait_kicking(VCPU_ACK_TIMEOUT, |st| {
