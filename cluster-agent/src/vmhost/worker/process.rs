@@ -792,19 +792,25 @@ fn answer(w: &Worker, req: Request, out: &mut UnixStream) -> bool {
                     message: crate::error_chain(&e),
                 },
                 Some(Ok(())) => {
-                    if let Some(p) = g.take() {
-                        // As the engine does for a VM in its own process: the guest's
-                        // first moments here at this (control) thread's priority.
-                        if let Ok(nice) = vmm_node::kvm::nice() {
-                            p.vm.vm.boost_vcpus(
-                                nice,
-                                vmm_node::migration::target::VCPU_BOOST_AFTER_RESUME,
-                            );
-                        }
+                    let hosted = g.take().map(|p| {
+                        let hosted = p.vm.clone();
                         p.arrived();
+                        hosted
+                    });
+                    // The answer before the boost: the switchover waits for it, and the
+                    // woken vCPUs, still at the worker's vCPU priority, do not hold up
+                    // this thread meanwhile.
+                    let answered = write_frame(out, &Response::Done).is_ok() && out.flush().is_ok();
+                    // As the engine does for a VM in its own process: the guest's first
+                    // moments here at this (control) thread's priority.
+                    if let (Some(hosted), Ok(nice)) = (hosted, vmm_node::kvm::nice()) {
+                        hosted.vm.boost_vcpus(
+                            nice,
+                            vmm_node::migration::target::VCPU_BOOST_AFTER_RESUME,
+                        );
                     }
                     tracing::info!(vm = %w.name, "incoming vm runs");
-                    Response::Done
+                    return answered;
                 }
             }
         }
