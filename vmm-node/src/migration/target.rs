@@ -845,11 +845,6 @@ fn coordinate(
                         source,
                     })?;
                     stats.resume_us = t.elapsed().as_micros() as u64;
-                    if opts.vcpu_boost {
-                        if let Ok(nice) = crate::kvm::nice() {
-                            vm.boost_vcpus(nice, VCPU_BOOST_AFTER_RESUME);
-                        }
-                    }
                     let running = Running {
                         restore_us: stats.restore_us,
                         resume_us: stats.resume_us,
@@ -858,6 +853,13 @@ fn coordinate(
                     let sent = encode_payload(Command::Running, &running)
                         .and_then(|p| write_frame(ctl, Command::Running, &p))
                         .and_then(|_| ctl.flush().map_err(ProtocolError::from));
+                    // The boost after the answer the source waits for, so the woken vCPUs
+                    // do not hold up this thread before it is sent.
+                    if opts.vcpu_boost {
+                        if let Ok(nice) = crate::kvm::nice() {
+                            vm.boost_vcpus(nice, VCPU_BOOST_AFTER_RESUME);
+                        }
+                    }
                     stats.memory_digest = hashes.digest();
                     if let Err(e) = sent {
                         tracing::warn!(error = %e, "could not confirm running to the source");
