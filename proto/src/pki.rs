@@ -682,18 +682,23 @@ impl TlsDir {
     }
 
     /// Finish an interrupted [`TlsDir::store_renewal`]: a whole `cert.pem.next` means
-    /// its key was written whole before it.
+    /// its key was written whole before it. Another process (or thread) loading the same
+    /// directory may finish it at the same moment: a file it already moved is not an
+    /// error.
     fn finish_renewal(&self) -> Result<(), PkiError> {
         let (cert_next, key_next) = self.next();
         if !cert_next.exists() {
             return Ok(());
         }
-        let rename = |from: &Path, to: &Path| {
-            std::fs::rename(from, to).map_err(|source| PkiError::Io {
+        let rename = |from: &Path, to: &Path| match std::fs::rename(from, to) {
+            // Moved by the other one already (a later renewal may have written a new
+            // `.next` since: that one is finished by whoever loads next).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r.map_err(|source| PkiError::Io {
                 action: "replace",
                 path: to.to_owned(),
                 source,
-            })
+            }),
         };
         if key_next.exists() {
             rename(&key_next, &self.key())?;
@@ -927,5 +932,60 @@ mod tests {
         assert_eq!(mode, 0o600);
         std::fs::write(d.cert(), "no pem here").unwrap();
         assert!(matches!(d.load(), Err(PkiError::NoCertificate { .. })));
+    }
+
+    /// A process reading a TLS dir while its agent stores renewals (a test, `clusterctl`
+    /// on the node) may finish the same renewal at the same moment: neither fails.
+    #[test]
+    fn loading_while_renewals_are_stored_never_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = TlsDir(dir.path().join("tls"));
+        let ca = Ca::create("test").unwrap();
+        let issued = ca.issue(&Identity::Node(1), &[], CERT_VALIDITY).unwrap();
+        d.store(ca.cert_pem(), &issued).unwrap();
+        let renewals: Vec<Issued> = (0..50)
+            .map(|_| ca.issue(&Identity::Node(1), &[], CERT_VALIDITY).unwrap())
+            .collect();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut loads = 0u32;
+                        while !done.load(std::sync::atomic::Ordering::Acquire) || loads == 0 {
+                            d.load()
+                                .unwrap_or_else(|e| panic!("load during a renewal: {e}"));
+                            loads += 1;
+                        }
+                    })
+                })
+                .collect();
+            // Whatever happens to the writer, the readers stop when it does.
+            struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
+            let writer = s.spawn(|| {
+                let _done = Done(&done);
+                for r in &renewals {
+                    d.store_renewal(&r.cert_pem, &r.key_pem)
+                        .unwrap_or_else(|e| panic!("store a renewal: {e}"));
+                }
+            });
+            let writer = writer.join();
+            for r in readers {
+                r.join()
+                    .unwrap_or_else(|_| panic!("a reader failed to load"));
+            }
+            writer.unwrap_or_else(|_| panic!("the writer failed to store a renewal"));
+        });
+        let last = renewals.last().unwrap();
+        let m = d.load().unwrap();
+        assert_eq!(
+            (m.cert_pem, m.key_pem),
+            (last.cert_pem.clone(), last.key_pem.clone())
+        );
     }
 }
