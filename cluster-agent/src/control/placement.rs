@@ -724,6 +724,34 @@ mod tests {
         owner
     }
 
+    /// A succeeded live migration `id` of `vm` from `source` to `target`, started at 1 s
+    /// and ended at 2 s, without statistics: tests fill in what they measure.
+    fn ended_migration(
+        id: u64,
+        vm: &str,
+        source: u64,
+        target: u64,
+    ) -> crate::state::migrations::MigrationRecord {
+        use crate::state::migrations::{MigrationKind, MigrationRecord, MigrationState};
+        MigrationRecord {
+            id,
+            vm: vm.to_owned(),
+            source,
+            target,
+            kind: MigrationKind::Live,
+            max_downtime_ms: None,
+            deadline_ms: None,
+            bandwidth_bytes_per_s_max: None,
+            state: MigrationState::Succeeded,
+            cancel_requested: false,
+            started_unix_ms: 1_000,
+            ended_unix_ms: Some(2_000),
+            reason: String::new(),
+            stats: None,
+            predicted: None,
+        }
+    }
+
     #[test]
     fn migration_speed_is_calibrated_from_the_nodes_last_live_migrations() {
         use crate::state::migrations::{
@@ -737,27 +765,17 @@ mod tests {
         // Node 1 ↔ 2 moved 256 MiB in 1 s, 0.5 s and 2 s (256, 512, 128 MiB/s); a failed
         // one, a quick one and node 3's own do not count.
         let rec = |id, source, target, kind, state, total_us| MigrationRecord {
-            id,
-            vm: format!("vm{id}"),
-            source,
-            target,
             kind,
-            max_downtime_ms: None,
-            deadline_ms: None,
-            bandwidth_bytes_per_s_max: None,
             state,
-            cancel_requested: false,
             // The cluster took 300 ms more than the engine.
-            started_unix_ms: 1_000,
             ended_unix_ms: Some(1_000 + total_us / 1000 + 300),
-            reason: String::new(),
             stats: Some(MigrationSummary {
                 guest_bytes: 256 << 20,
                 total_us,
                 blackout_us: 4_000 + id * 1_000,
                 ..Default::default()
             }),
-            predicted: None,
+            ..ended_migration(id, &format!("vm{id}"), source, target)
         };
         for r in [
             rec(
@@ -818,31 +836,17 @@ mod tests {
 
     #[test]
     fn a_vms_blackout_is_predicted_from_its_own_migrations_once_measured() {
-        use crate::state::migrations::{
-            MigrationKind, MigrationRecord, MigrationState, MigrationSummary,
-        };
+        use crate::state::migrations::{MigrationRecord, MigrationState, MigrationSummary};
         let mut s = cluster(&[8, 8]);
         let rec = |id, vm: &str, state, blackout_us| MigrationRecord {
-            id,
-            vm: vm.to_owned(),
-            source: 1,
-            target: 2,
-            kind: MigrationKind::Live,
-            max_downtime_ms: None,
-            deadline_ms: None,
-            bandwidth_bytes_per_s_max: None,
             state,
-            cancel_requested: false,
-            started_unix_ms: 1_000,
-            ended_unix_ms: Some(2_000),
-            reason: String::new(),
             stats: Some(MigrationSummary {
                 guest_bytes: 64 << 20,
                 total_us: 500_000,
                 blackout_us,
                 ..Default::default()
             }),
-            predicted: None,
+            ..ended_migration(id, vm, 1, 2)
         };
         assert_eq!(vm_measured_blackout_us(&s, "a"), None);
         // "a": a cold first migration (9 ms), then 2 and 3 ms; a failed one does not count.
