@@ -180,7 +180,7 @@ impl Options {
         Options {
             heartbeat_interval_ms: 200,
             down_after_ms: 1_200,
-            raft_heartbeat_interval_ms: 200,
+            raft_heartbeat_interval_ms: 1_000,
             election_timeout_min_ms: 400,
             election_timeout_max_ms: 800,
             ..Options::default()

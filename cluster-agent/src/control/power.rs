@@ -307,6 +307,25 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
             last_policy = Instant::now();
             continue;
         }
+        // Most ticks have nothing to judge (no node asleep or asked to sleep, no policy
+        // round due): a look at the applied state decides that without copying it.
+        let shortfall = agent.take_capacity_short();
+        let (nodes_to_judge, policy_due) = agent.read_sm(|d| {
+            let s = &d.state;
+            let nodes = s
+                .nodes
+                .values()
+                .any(|r| r.state.is_asleep() || r.standby_request.is_some());
+            let interval = Duration::from_millis(s.jobs.policy.interval_ms);
+            let policy = shortfall.is_some()
+                || (s.jobs.policy.mode == scheduler::BalanceMode::PowerSaving
+                    && last_policy.elapsed() >= interval);
+            (nodes, policy)
+        });
+        if !nodes_to_judge && !policy_due {
+            ran.clear();
+            continue;
+        }
         let state = agent.read_sm(|d| d.state.clone());
         let now = now_unix_ms();
         ran.retain(|(n, _, since)| {
@@ -352,9 +371,7 @@ pub async fn run(agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
                 None => {}
             }
         }
-        let shortfall = agent.take_capacity_short();
-        let interval = Duration::from_millis(state.jobs.policy.interval_ms);
-        if shortfall.is_none() && last_policy.elapsed() < interval {
+        if !policy_due {
             continue;
         }
         last_policy = Instant::now();

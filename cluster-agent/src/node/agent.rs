@@ -163,6 +163,8 @@ pub struct Agent {
     /// [`Agent::loop_rounds`]).
     pub(super) heartbeat_rounds: std::sync::atomic::AtomicU64,
     pub(super) fence_rounds: std::sync::atomic::AtomicU64,
+    /// What this node saw of a leader (for `super::elections`).
+    pub(super) leader_signs: Mutex<super::elections::Signs>,
 }
 
 /// What power saving keeps in memory on an agent (none of it needs to survive a leader
@@ -205,10 +207,12 @@ impl Agent {
         let applied = sm_store.applied_watch();
         let raft_config = openraft::Config {
             cluster_name: "vm-cluster".into(),
-            // Also openraft's AppendEntries timeout and (× 1.5) its election tick; its
-            // heartbeats are sent by `run_raft_heartbeats`, on the heartbeat grid.
-            heartbeat_interval: config.raft_heartbeat_interval_ms,
+            // Only openraft's AppendEntries timeout and (× 1.5) its tick now: its
+            // heartbeats are sent by `run_raft_heartbeats`, its elections asked for by
+            // `run_elections` (see `node::elections`).
+            heartbeat_interval: (config.election_timeout_min_ms / 2).max(1),
             enable_heartbeat: false,
+            enable_elect: false,
             election_timeout_min: config.election_timeout_min_ms,
             election_timeout_max: config.election_timeout_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs_since_last),
@@ -253,10 +257,30 @@ impl Agent {
             power: Mutex::default(),
             heartbeat_rounds: Default::default(),
             fence_rounds: Default::default(),
+            leader_signs: Mutex::default(),
             place_lock: tokio::sync::Mutex::new(()),
             down_clock: Mutex::new(DownClock::default()),
             restart_holds: Mutex::default(),
         }))
+    }
+
+    pub(super) fn lock_leader_signs(&self) -> std::sync::MutexGuard<'_, super::elections::Signs> {
+        self.leader_signs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An AppendEntries (or snapshot) from a leader arrived (a sign its Raft core works).
+    pub fn note_append(&self) {
+        self.lock_leader_signs().append_arrived(Instant::now());
+    }
+
+    /// Whether this voter refuses `candidate`'s vote request without asking openraft:
+    /// another leader answered within the lease and its AppendEntries arrive
+    /// ([`super::elections::Signs::refuses`]).
+    pub fn refuses_vote(&self, candidate: u64) -> bool {
+        let term = self.raft.metrics().borrow().current_term;
+        let timing = super::elections::ElectionTiming::from_config(&self.config);
+        self.lock_leader_signs()
+            .refuses(candidate, term, &timing, Instant::now())
     }
 
     /// The fence watcher (`control/fencing.rs`) finished one check of the lease.

@@ -22,14 +22,16 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 200;
 pub const DEFAULT_DOWN_AFTER_MS: u64 = 1_200;
 /// Default `restart_window_ms`.
 pub const DEFAULT_RESTART_WINDOW_MS: u64 = 60_000;
-/// openraft's heartbeat, sent on the same wall-clock grid as the liveness heartbeats
-/// (`run_raft_heartbeats`): at the same interval the followers take both in one wake-up.
-/// The leader of 16 sends 75 a second (openraft's own timer at 100 ms fired on its 150 ms tick: 100).
-pub const DEFAULT_RAFT_HEARTBEAT_INTERVAL_MS: u64 = 200;
-/// Elections: a follower waits at least two Raft heartbeats, and well under `down_after`
-/// (openraft checks on its tick, 1.5 Raft heartbeats, which can add up to one tick), so
-/// a dead leader's successor is elected in time to mark it Down at `down_after`. 500–1000
-/// ms made a killed leader's Down ~300 ms later (`idle-bench`, 3 nodes).
+/// openraft's heartbeat, sent on a wall-clock grid (`run_raft_heartbeats`). Followers
+/// learn that the leader lives from the liveness heartbeats (`node::elections`); these
+/// show its Raft core works (a follower without one for 3 intervals asks for votes).
+/// At 200 ms the leader of 16 sent 75 a second.
+pub const DEFAULT_RAFT_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
+/// Elections (`node::elections`): a voter asks `election_timeout_max_ms` (the leader's
+/// lease) plus a random timeout from this range after the last sign of a leader — as
+/// openraft's timer did after its last heartbeat — so a dead leader's successor is
+/// elected in time to mark it Down at `down_after`. 500–1000 ms made a killed leader's
+/// Down ~300 ms later (`idle-bench`, 3 nodes).
 pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 400;
 pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 800;
 pub const DEFAULT_SNAPSHOT_LOGS_SINCE_LAST: u64 = 5_000;
@@ -482,10 +484,12 @@ impl RawConfig {
                 format!("{election_timeout_max_ms} must exceed election_timeout_min_ms ({election_timeout_min_ms})"),
             ));
         }
-        if raft_heartbeat_interval_ms >= election_timeout_min_ms {
+        if election_timeout_max_ms < 2 * heartbeat_interval_ms {
+            // A leader answers a follower's heartbeat once a round: its lease
+            // (`election_timeout_max_ms`, see `node::elections`) must span two rounds.
             return Err(invalid(
-                "raft_heartbeat_interval_ms",
-                format!("{raft_heartbeat_interval_ms} must be below election_timeout_min_ms ({election_timeout_min_ms})"),
+                "election_timeout_max_ms",
+                format!("{election_timeout_max_ms} must be at least twice heartbeat_interval_ms ({heartbeat_interval_ms})"),
             ));
         }
         let snapshot_logs_since_last = ranged(

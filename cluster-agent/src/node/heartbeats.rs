@@ -9,6 +9,7 @@ use openraft::ServerState;
 use tokio::sync::watch;
 
 use super::agent::{now_unix_ms, Agent};
+use super::elections::{Decision, ElectionClock, ElectionTiming, Role};
 use super::liveness::Heartbeat;
 use crate::state::{Command, NodeState};
 
@@ -40,8 +41,13 @@ pub fn until_next_round(period: Duration) -> Duration {
 /// than the work of most rounds. After a stall the missed tick fires at once, then the
 /// ticks are back on the grid.
 pub fn grid_interval(period: Duration) -> tokio::time::Interval {
+    grid_interval_offset(period, Duration::ZERO)
+}
+
+/// [`grid_interval`] with every tick `offset` after the grid's.
+pub fn grid_interval_offset(period: Duration, offset: Duration) -> tokio::time::Interval {
     let mut tick = tokio::time::interval_at(
-        tokio::time::Instant::now() + until_next_round(period),
+        tokio::time::Instant::now() + until_next_round(period) + offset,
         period,
     );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -79,9 +85,15 @@ impl Agent {
             let agent = self.clone();
             tokio::spawn(async move {
                 match call.await {
-                    Ok(ack) => agent
-                        .lock_liveness()
-                        .acked(peer, sent, &ack, Instant::now()),
+                    Ok(ack) => {
+                        let now = Instant::now();
+                        if ack.accepted && ack.leader_id == peer {
+                            agent
+                                .lock_leader_signs()
+                                .leader_answered(peer, ack.term, now);
+                        }
+                        agent.lock_liveness().acked(peer, sent, &ack, now)
+                    }
                     Err(e) => tracing::debug!(peer, error = %e, "heartbeat not acknowledged"),
                 }
             });
@@ -108,13 +120,74 @@ impl Agent {
         }
     }
 
+    /// The election clock of this node ([`super::elections`]; openraft's own is off):
+    /// looks on every heartbeat round, and at the moment the clock names, whether to ask
+    /// for votes. Runs until `shutdown` flips.
+    pub async fn run_elections(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let period = self.config().heartbeat_interval;
+        let timing = ElectionTiming::from_config(&self.config);
+        let mut clock = ElectionClock::new(timing, Instant::now(), rand::random::<f64>());
+        let mut tick = grid_interval(period);
+        let mut last = Instant::now();
+        loop {
+            let now = Instant::now();
+            if now.saturating_duration_since(last) > period * 2 {
+                // This loop could not run for two rounds: what arrived meanwhile is read
+                // before the silence counts.
+                clock.woke_from_stall(now);
+            }
+            last = now;
+            let (role, term) = self.election_role();
+            let signs = *self.lock_leader_signs();
+            let look_by = match clock.check(role, term, &signs, now, rand::random::<f64>()) {
+                Decision::Elect => {
+                    tracing::info!(term, "no sign of a leader: asking for votes");
+                    if let Err(e) = self.raft.trigger().elect().await {
+                        tracing::warn!(error = %e, "cannot ask for votes");
+                    }
+                    None
+                }
+                Decision::LookBy(t) => Some(tokio::time::Instant::from_std(t)),
+                Decision::Idle => None,
+            };
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = async {
+                    match look_by {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// This node's part in an election, and its current term.
+    fn election_role(&self) -> (Role, u64) {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        if m.state == ServerState::Leader {
+            return (Role::Leader, m.current_term);
+        }
+        let membership = m.membership_config.membership();
+        let me = self.node_id();
+        let role = if membership.voter_ids().any(|v| v == me) {
+            Role::Voter {
+                only: membership.voter_ids().count() == 1,
+            }
+        } else {
+            Role::NotVoter
+        };
+        (role, m.current_term)
+    }
+
     /// openraft's heartbeats (an empty AppendEntries to every follower), sent by this loop
     /// rather than openraft's own timer (`enable_heartbeat` is off): every
-    /// `raft_heartbeat_interval_ms` on the wall-clock grid of that interval, while this
-    /// node leads. At the default interval, the liveness interval, the grids coincide, so
-    /// the followers receive the leader's Raft heartbeat in the same burst as the liveness
-    /// heartbeats and wake once for both (openraft's timer runs on its tick, unaligned).
-    /// Runs until `shutdown` flips.
+    /// `raft_heartbeat_interval_ms` (default 1 s) on the wall-clock grid of that interval,
+    /// while this node leads. The followers know their leader lives from the liveness
+    /// heartbeats ([`super::elections`]); these show that its Raft core works, and carry
+    /// the commit index to a follower that missed it. Runs until `shutdown` flips.
     pub async fn run_raft_heartbeats(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let period = Duration::from_millis(self.config().raft_heartbeat_interval_ms);
         let mut tick = grid_interval(period);
@@ -169,9 +242,12 @@ impl Agent {
     }
 
     /// Liveness monitor loop (acts only while this agent leads): marks silent nodes
-    /// Down and returning ones Up, through committed commands.
+    /// Down and returning ones Up, through committed commands. It looks once a round,
+    /// half a round after the heartbeat rounds start: by then the round's silence reports
+    /// have arrived (a look at the round's start would judge by the previous round's).
     pub async fn run_liveness(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut tick = grid_interval(self.config().heartbeat_interval / 2);
+        let period = self.config().heartbeat_interval;
+        let mut tick = grid_interval_offset(period, period / 2);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}

@@ -10,6 +10,7 @@ mod agent;
 pub mod config;
 pub mod credentials;
 pub mod demand;
+pub mod elections;
 pub mod facts;
 mod heartbeats;
 pub mod liveness;

@@ -105,10 +105,10 @@ fn parse_args() -> Result<Args, String> {
             }
         }
     }
-    if a.raft_heartbeat_ms >= a.elections_ms.0 {
+    if a.elections_ms.1 < 2 * a.heartbeat_ms {
         return Err(format!(
-            "--raft-heartbeat-ms {} must be below the elections' minimum {}",
-            a.raft_heartbeat_ms, a.elections_ms.0
+            "--elections-ms maximum {} must be at least twice --heartbeat-ms {}",
+            a.elections_ms.1, a.heartbeat_ms
         ));
     }
     if a.agents.is_empty() {

@@ -167,6 +167,7 @@ async fn serve_append_entries(
     let req: AppendEntriesRequest<TypeConfig> =
         decode("peer", "append_entries request", json).map_err(status::peer_payload)?;
     claims(caller, req.vote.leader_id().voted_for(), "append_entries")?;
+    agent.note_append();
     let entries = req.entries.len();
     let t1 = std::time::Instant::now();
     let res = agent.raft().append_entries(req).await;
@@ -273,7 +274,22 @@ impl RaftPeerService for PeerService {
         let req: VoteRequest<NodeId> = decode("peer", "vote request", &request.get_ref().json)
             .map_err(status::peer_payload)?;
         claims(caller, req.vote.leader_id().voted_for(), "a vote request")?;
-        let res = self.agent.raft().vote(req).await;
+        let candidate = req.vote.leader_id().voted_for();
+        let res = match candidate {
+            // Another leader answered within its lease and its AppendEntries arrive: refused
+            // here, as openraft's leader lease would (`node::elections`).
+            Some(c) if self.agent.refuses_vote(c) => {
+                let m = self.agent.metrics_watch();
+                let vote = m.borrow().vote;
+                tracing::info!(candidate = c, "vote refused: the leader is heard");
+                Ok(openraft::raft::VoteResponse {
+                    vote,
+                    vote_granted: false,
+                    last_log_id: None,
+                })
+            }
+            _ => self.agent.raft().vote(req).await,
+        };
         let json = reply("vote reply", &res)?;
         Ok(Response::new(pb::VoteResponse { json }))
     }
@@ -287,6 +303,7 @@ impl RaftPeerService for PeerService {
             decode("peer", "install_snapshot request", &request.get_ref().json)
                 .map_err(status::peer_payload)?;
         claims(caller, req.vote.leader_id().voted_for(), "install_snapshot")?;
+        self.agent.note_append();
         let res = self.agent.raft().install_snapshot(req).await;
         let json = reply("install_snapshot reply", &res)?;
         Ok(Response::new(pb::InstallSnapshotResponse { json }))
