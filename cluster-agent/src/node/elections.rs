@@ -9,8 +9,8 @@
 //! a random timeout from `election_timeout_min_ms..=election_timeout_max_ms`, no member
 //! said it leads in a term at least this voter's — or when, for `raft_stale` plus that
 //! timeout, no AppendEntries arrived (a leader whose heartbeats answer while its Raft core
-//! is stuck). A voter that already asked waits only the random timeout before asking
-//! again. Time the agent could not run (a stall of its heartbeat loop longer than a
+//! is stuck). A voter that already asked, or saw a new term begin, waits only the random
+//! timeout before asking (again), until a leader of that term speaks. Time the agent could not run (a stall of its heartbeat loop longer than a
 //! round) does not count as silence: the messages queued meanwhile are read first.
 //!
 //! A voter that heard a leader within `lease`, and an AppendEntries within `raft_stale`,
@@ -48,9 +48,15 @@ impl ElectionTiming {
         }
     }
 
-    /// A random election timeout; `pick` in `0.0..1.0`.
+    /// A random election timeout; `pick` in `0.0..1.0`. It spans the configured range
+    /// plus ¾ of its minimum: openraft looked at its timer only on its tick (1.5 × its
+    /// heartbeat, which was half the minimum), so its voters asked up to a tick after their
+    /// timeout, each at its own phase. Without that spread, 15 voters often asked within
+    /// one election's round trip of each other, and a split vote (or a later candidate of
+    /// the same term deposing the winner, as openraft orders such votes) costs a timeout
+    /// more.
     pub fn timeout(&self, pick: f64) -> Duration {
-        let span = self.timeout_max.saturating_sub(self.timeout_min);
+        let span = self.timeout_max.saturating_sub(self.timeout_min) + self.timeout_min * 3 / 4;
         self.timeout_min + span.mul_f64(pick.clamp(0.0, 1.0))
     }
 }
@@ -62,6 +68,8 @@ pub struct Signs {
     pub claim: Option<(u64, u64, Instant)>,
     /// When the last AppendEntries arrived (from whichever leader sent it).
     pub last_append: Option<Instant>,
+    /// The highest applied index a member reported in its answer, and when.
+    pub peer_applied: Option<(u64, Instant)>,
 }
 
 impl Signs {
@@ -70,6 +78,27 @@ impl Signs {
         if self.claim.is_none_or(|(_, t, _)| term >= t) {
             self.claim = Some((node, term, now));
         }
+    }
+
+    /// A member answered a heartbeat: it has applied up to `index`.
+    pub fn peer_applied(&mut self, index: u64, now: Instant) {
+        let newer = match self.peer_applied {
+            Some((i, at)) => {
+                index >= i || now.saturating_duration_since(at) > Duration::from_secs(1)
+            }
+            None => true,
+        };
+        if newer {
+            self.peer_applied = Some((index, now));
+        }
+    }
+
+    /// Whether a member heard within `lease` has applied past `my_last_log` (the last
+    /// index in this node's log): it would refuse this node's vote request, so this node
+    /// lets it ask first (openraft's `smaller_log_timeout`).
+    pub fn behind(&self, my_last_log: u64, t: &ElectionTiming, now: Instant) -> bool {
+        self.peer_applied
+            .is_some_and(|(i, at)| i > my_last_log && now.saturating_duration_since(at) <= t.lease)
     }
 
     pub fn append_arrived(&mut self, now: Instant) {
@@ -129,7 +158,7 @@ pub struct ElectionClock {
     quiet_since: Instant,
     /// This round's random timeout.
     timeout: Duration,
-    /// Asked for votes since the last sign of a leader.
+    /// Asked for votes, or saw a new term begin, since the last sign of a leader.
     asked: bool,
     /// The term of the last check: a new term (this node voted, or learned of an
     /// election) starts the silence again, as a granted vote restarts openraft's timer.
@@ -154,12 +183,14 @@ impl ElectionClock {
     }
 
     /// Whether to ask for votes. `pick` (in `0.0..1.0`) draws the next timeout when it
-    /// asks.
+    /// asks. `behind`: a member has a longer log ([`Signs::behind`]); this node then waits
+    /// twice the maximum timeout more, as openraft does once it saw a greater log.
     pub fn check(
         &mut self,
         role: Role,
         my_term: u64,
         signs: &Signs,
+        behind: bool,
         now: Instant,
         pick: f64,
     ) -> Decision {
@@ -172,7 +203,12 @@ impl ElectionClock {
             Role::Voter { only } => only,
         };
         if self.term.is_some_and(|t| t != my_term) {
+            // A new term: an election runs (this node voted in it, or learned of it).
+            // Until a leader of it speaks, wait only the random timeout, as openraft does
+            // for a vote not yet committed: every voter may then ask if this election
+            // fails, not only the ones that asked in it.
             self.quiet_since = self.quiet_since.max(now);
+            self.asked = true;
         }
         self.term = Some(my_term);
         let seen = signs.leader_seen(my_term, None);
@@ -191,6 +227,11 @@ impl ElectionClock {
                 .map_or(self.quiet_since, |at| at.max(self.quiet_since));
             (heard + self.timing.lease + self.timeout)
                 .min(appended + self.timing.raft_stale + self.timeout)
+        };
+        let due = if behind && !only {
+            due + self.timing.timeout_max * 2
+        } else {
+            due
         };
         if due > now {
             return Decision::LookBy(due);
@@ -234,7 +275,7 @@ mod tests {
                 s.append_arrived(now);
             }
             assert!(
-                matches!(c.check(VOTER, 3, &s, now, 0.5), Decision::LookBy(_)),
+                matches!(c.check(VOTER, 3, &s, false, now, 0.5), Decision::LookBy(_)),
                 "round {round}"
             );
         }
@@ -249,17 +290,31 @@ mod tests {
         s.append_arrived(t0);
         // lease 800 + timeout 400 (pick 0.0).
         assert_eq!(
-            c.check(VOTER, 3, &s, t0 + ms(1199), 0.5),
+            c.check(VOTER, 3, &s, false, t0 + ms(1199), 0.5),
             Decision::LookBy(t0 + ms(1200))
         );
-        assert_eq!(c.check(VOTER, 3, &s, t0 + ms(1200), 0.5), Decision::Elect);
-        // Asked: again after the new timeout alone (600 ms for pick 0.5), no lease.
+        assert_eq!(
+            c.check(VOTER, 3, &s, false, t0 + ms(1200), 0.5),
+            Decision::Elect
+        );
+        // Asked: again after the new timeout alone (750 ms for pick 0.5), no lease.
         let asked = t0 + ms(1200);
         assert_eq!(
-            c.check(VOTER, 4, &s, asked + ms(599), 0.5),
-            Decision::LookBy(asked + ms(600))
+            c.check(VOTER, 4, &s, false, asked + ms(749), 0.5),
+            Decision::LookBy(asked + ms(750))
         );
-        assert_eq!(c.check(VOTER, 4, &s, asked + ms(600), 1.0), Decision::Elect);
+        assert_eq!(
+            c.check(VOTER, 4, &s, false, asked + ms(750), 1.0),
+            Decision::Elect
+        );
+    }
+
+    #[test]
+    fn timeouts_span_the_range_and_a_tick_more() {
+        let t = timing();
+        assert_eq!(t.timeout(0.0), ms(400));
+        assert_eq!(t.timeout(1.0), ms(1100), "800 + 3/4 of 400");
+        assert_eq!(t.timeout(7.0), ms(1100), "a draw past 1.0 is the end");
     }
 
     #[test]
@@ -272,10 +327,13 @@ mod tests {
             s.append_arrived(t0 + ms(200 * round));
         }
         // In term 3 (this node voted in it), the term-2 leader's answers do not count.
-        assert_eq!(c.check(VOTER, 3, &s, t0 + ms(1200), 0.0), Decision::Elect);
+        assert_eq!(
+            c.check(VOTER, 3, &s, false, t0 + ms(1200), 0.0),
+            Decision::Elect
+        );
         let mut fresh = ElectionClock::new(timing(), t0, 0.0);
         assert!(matches!(
-            fresh.check(VOTER, 2, &s, t0 + ms(1200), 0.0),
+            fresh.check(VOTER, 2, &s, false, t0 + ms(1200), 0.0),
             Decision::LookBy(_)
         ));
     }
@@ -290,7 +348,7 @@ mod tests {
         for round in 1..40u64 {
             let now = t0 + ms(100 * round);
             s.leader_answered(1, 3, now);
-            if c.check(VOTER, 3, &s, now, 0.0) == Decision::Elect {
+            if c.check(VOTER, 3, &s, false, now, 0.0) == Decision::Elect {
                 elected_at = Some(now);
                 break;
             }
@@ -307,15 +365,40 @@ mod tests {
         s.leader_answered(1, 3, t0);
         s.append_arrived(t0);
         assert!(matches!(
-            c.check(VOTER, 3, &s, t0, 0.0),
+            c.check(VOTER, 3, &s, false, t0, 0.0),
             Decision::LookBy(_)
         ));
         // The leader died; another voter asked first and this one voted for it (term 4):
-        // this one does not ask at once for term 5 (the term-3 leader no longer counts).
+        // this one does not ask at once for term 5 (the term-3 leader no longer counts),
+        // but after a random timeout if no leader of term 4 speaks.
         let voted = t0 + ms(1100);
         assert_eq!(
-            c.check(VOTER, 4, &s, voted, 0.0),
-            Decision::LookBy(voted + ms(1200))
+            c.check(VOTER, 4, &s, false, voted, 0.0),
+            Decision::LookBy(voted + ms(400))
+        );
+        s.leader_answered(7, 4, voted + ms(50));
+        assert_eq!(
+            c.check(VOTER, 4, &s, false, voted + ms(100), 0.0),
+            Decision::LookBy(voted + ms(50 + 1200)),
+            "a leader of term 4 spoke: its lease again"
+        );
+    }
+
+    #[test]
+    fn a_voter_behind_a_member_lets_it_ask_first() {
+        let t = timing();
+        let t0 = Instant::now();
+        let mut s = Signs::default();
+        s.leader_answered(1, 3, t0);
+        s.append_arrived(t0);
+        s.peer_applied(40, t0);
+        assert!(s.behind(39, &t, t0 + ms(800)));
+        assert!(!s.behind(40, &t, t0), "as long a log");
+        assert!(!s.behind(39, &t, t0 + ms(801)), "an old answer");
+        let mut c = ElectionClock::new(t, t0, 0.0);
+        assert_eq!(
+            c.check(VOTER, 3, &s, true, t0, 0.0),
+            Decision::LookBy(t0 + ms(1200 + 1600))
         );
     }
 
@@ -329,7 +412,7 @@ mod tests {
         let woke = t0 + ms(5000);
         c.woke_from_stall(woke);
         assert_eq!(
-            c.check(VOTER, 3, &s, woke, 0.0),
+            c.check(VOTER, 3, &s, false, woke, 0.0),
             Decision::LookBy(woke + ms(1200))
         );
     }
@@ -340,15 +423,22 @@ mod tests {
         let s = Signs::default();
         let mut c = ElectionClock::new(timing(), t0, 0.0);
         assert_eq!(
-            c.check(Role::Leader, 3, &s, t0 + ms(60_000), 0.0),
+            c.check(Role::Leader, 3, &s, false, t0 + ms(60_000), 0.0),
             Decision::Idle
         );
         assert_eq!(
-            c.check(Role::NotVoter, 3, &s, t0 + ms(60_000), 0.0),
+            c.check(Role::NotVoter, 3, &s, false, t0 + ms(60_000), 0.0),
             Decision::Idle
         );
         assert_eq!(
-            c.check(Role::Voter { only: true }, 3, &s, t0 + ms(60_001), 0.0),
+            c.check(
+                Role::Voter { only: true },
+                3,
+                &s,
+                false,
+                t0 + ms(60_001),
+                0.0
+            ),
             Decision::Elect
         );
     }

@@ -87,10 +87,12 @@ impl Agent {
                 match call.await {
                     Ok(ack) => {
                         let now = Instant::now();
-                        if ack.accepted && ack.leader_id == peer {
-                            agent
-                                .lock_leader_signs()
-                                .leader_answered(peer, ack.term, now);
+                        {
+                            let mut signs = agent.lock_leader_signs();
+                            if ack.accepted && ack.leader_id == peer {
+                                signs.leader_answered(peer, ack.term, now);
+                            }
+                            signs.peer_applied(ack.last_applied, now);
                         }
                         agent.lock_liveness().acked(peer, sent, &ack, now)
                     }
@@ -137,9 +139,11 @@ impl Agent {
                 clock.woke_from_stall(now);
             }
             last = now;
-            let (role, term) = self.election_role();
+            let (role, term, last_log) = self.election_role();
             let signs = *self.lock_leader_signs();
-            let look_by = match clock.check(role, term, &signs, now, rand::random::<f64>()) {
+            let behind = signs.behind(last_log, &timing, now);
+            let look_by = match clock.check(role, term, &signs, behind, now, rand::random::<f64>())
+            {
                 Decision::Elect => {
                     tracing::info!(term, "no sign of a leader: asking for votes");
                     if let Err(e) = self.raft.trigger().elect().await {
@@ -163,12 +167,13 @@ impl Agent {
         }
     }
 
-    /// This node's part in an election, and its current term.
-    fn election_role(&self) -> (Role, u64) {
+    /// This node's part in an election, its current term and the last index in its log.
+    fn election_role(&self) -> (Role, u64, u64) {
         let m = self.raft.metrics();
         let m = m.borrow();
+        let last_log = m.last_log_index.unwrap_or(0);
         if m.state == ServerState::Leader {
-            return (Role::Leader, m.current_term);
+            return (Role::Leader, m.current_term, last_log);
         }
         let membership = m.membership_config.membership();
         let me = self.node_id();
@@ -179,7 +184,7 @@ impl Agent {
         } else {
             Role::NotVoter
         };
-        (role, m.current_term)
+        (role, m.current_term, last_log)
     }
 
     /// openraft's heartbeats (an empty AppendEntries to every follower), sent by this loop
