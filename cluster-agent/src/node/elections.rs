@@ -6,21 +6,24 @@
 //! a sign that its Raft core works.
 //!
 //! A voter that is not the leader asks for votes (`Trigger::elect`) when, for `lease` plus
-//! a random timeout from `election_timeout_min_ms..=election_timeout_max_ms`, no member
-//! said it leads in a term at least this voter's — or when, for `raft_stale` plus that
-//! timeout, no AppendEntries arrived (a leader whose heartbeats answer while its Raft core
-//! is stuck). A voter that already asked, or saw a new term begin, waits only the random
-//! timeout before asking (again), until a leader of that term speaks. Time the agent could not run (a stall of its heartbeat loop longer than a
-//! round) does not count as silence: the messages queued meanwhile are read first.
+//! a random election timeout ([`ElectionTiming::timeout`]), no member said it leads in a
+//! term at least this voter's — or when, for `raft_stale` plus that timeout, no
+//! AppendEntries arrived (a leader whose heartbeats answer while its Raft core is stuck).
+//! A voter that already asked, or saw a new term begin, waits only the random timeout
+//! before asking (again), until a leader of that term speaks. A voter whose log ends
+//! before a member's applied index waits twice the maximum timeout more, so the member,
+//! which would refuse it, asks first. Time the agent could not run (a stall of its
+//! election loop longer than two rounds) does not count as silence: the messages queued
+//! meanwhile are read first.
 //!
 //! A voter that heard a leader within `lease`, and an AppendEntries within `raft_stale`,
 //! refuses a vote request from another node without asking openraft ([`Signs::refuses`]);
 //! this is openraft's leader lease (which its own, rarer heartbeats no longer renew)
 //! kept by the liveness heartbeats. Refusing a vote never endangers safety.
 //!
-//! The timing is openraft's, in a cluster whose leader dies: the first voter asks
-//! `lease` + 400–800 ms after the last sign of it (the defaults), as openraft's timer did
-//! after its last heartbeat.
+//! These are openraft's own rules (leader lease, election timeout checked on a tick,
+//! `smaller_log_timeout`), fed by the liveness heartbeats: a dead leader's first
+//! successor asks `lease` + 400–1100 ms after the last sign of it (the defaults).
 
 use std::time::{Duration, Instant};
 
