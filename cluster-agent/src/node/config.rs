@@ -28,8 +28,8 @@ pub const DEFAULT_RESTART_WINDOW_MS: u64 = 60_000;
 /// At 200 ms the leader of 16 sent 75 a second.
 pub const DEFAULT_RAFT_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 /// Elections (`node::elections`): a voter asks `election_timeout_max_ms` (the leader's
-/// lease) plus a random timeout from this range after the last sign of a leader — as
-/// openraft's timer did after its last heartbeat — so a dead leader's successor is
+/// lease) plus a random timeout from this range (widened by ¾ of its minimum, as
+/// openraft's tick did) after the last sign of a leader, so a dead leader's successor is
 /// elected in time to mark it Down at `down_after`. 500–1000 ms made a killed leader's
 /// Down ~300 ms later (`idle-bench`, 3 nodes).
 pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 400;
@@ -818,6 +818,30 @@ cpu_vendor = "GenuineIntel"
                 Err(e) => e.to_string(),
             },
         }
+    }
+
+    #[test]
+    fn the_election_lease_must_span_two_heartbeat_rounds() {
+        let with = |keys: &str| {
+            GOOD.replace(
+                "down_after_ms = 1500\n",
+                &format!("down_after_ms = 1500\n{keys}"),
+            )
+        };
+        let e = err(&with("heartbeat_interval_ms = 500\n"));
+        assert!(
+            e.contains("election_timeout_max_ms")
+                && e.contains("twice heartbeat_interval_ms (500)"),
+            "{e}"
+        );
+        // Raft heartbeats slower than the elections are fine now (they only show the
+        // leader's Raft core works).
+        let c = RawConfig::from_toml(&with("raft_heartbeat_interval_ms = 1000\n"))
+            .map(|r| r.validate());
+        assert!(
+            matches!(c, Ok(Ok(ref c)) if c.raft_heartbeat_interval_ms == 1000),
+            "{c:?}"
+        );
     }
 
     #[test]
