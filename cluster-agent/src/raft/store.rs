@@ -7,7 +7,7 @@
 //! | `log`      | log index (u64 BE)           | JSON `Entry`                  |
 //! | `meta`     | `vote`, `committed`, `purged`| JSON vote / log id            |
 //! | `sm`       | `c` cluster, `n`+id BE node, `k`+key kv, `e`+seq BE event, `s` last event seq, `m:applied`, `m:membership` | JSON |
-//! | `snapshot` | `current`                    | JSON [`StoredSnapshot`]       |
+//! | `snapshot` | `current`                    | JSON `StoredSnapshot`       |
 //!
 //! Votes, appends, truncations, purges, snapshots and installed snapshots are written
 //! with a synced WAL before they are acknowledged (appends in the append call itself,

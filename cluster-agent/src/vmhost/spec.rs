@@ -114,7 +114,7 @@ fn check_image(
     Ok(())
 }
 
-/// The kernel and initrd of `spec` may be read on this node (see [`check_image`]); the
+/// The kernel and initrd of `spec` may be read on this node (see `check_image`); the
 /// project's test guest is built in and always may.
 pub fn check_images(spec: &VmSpec, image_dirs: &[PathBuf]) -> Result<(), ImageError> {
     if let BootSpec::Kernel { kernel, initrd, .. } = &spec.boot {

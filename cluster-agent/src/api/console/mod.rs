@@ -383,7 +383,7 @@ async fn not_found(req: Request) -> ApiError {
     )
 }
 
-/// Every route of the console (all but `/login` behind [`authenticate`]).
+/// Every route of the console (all but `/login` behind `authenticate`).
 pub fn router(c: Arc<Console>) -> Router {
     Router::new()
         .route("/login", get(login_page))

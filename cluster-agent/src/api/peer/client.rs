@@ -401,7 +401,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
     /// none. Errors map as the unary call's do: not delivered or not answered within the
     /// RPC timeout is `Unreachable`, an undecodable answer `Network`, Raft's refusal
     /// `RemoteError`. openraft bounds each call by its `RPCOption` time too and drops
-    /// the future then (see [`AppendStreams`] for why that is safe).
+    /// the future then (see `AppendStreams` for why that is safe).
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,

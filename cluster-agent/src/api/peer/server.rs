@@ -23,7 +23,7 @@ use crate::raft::{NodeId, TypeConfig};
 
 pub struct PeerService {
     pub agent: Arc<Agent>,
-    /// This node's VMM (for [`RaftPeer::vm_presence`]).
+    /// This node's VMM (for `RaftPeer::vm_presence`).
     pub host: Arc<crate::vmhost::VmHost>,
 }
 
@@ -246,7 +246,7 @@ impl RaftPeerService for PeerService {
     type AppendEntriesStreamStream = Answers<pb::AppendEntriesStreamResponse>;
 
     /// Each request on the stream is checked and served like [`Self::append_entries`]'s,
-    /// the caller's membership included (see [`answer_in_order`]), and answered with its
+    /// the caller's membership included (see `answer_in_order`), and answered with its
     /// id; the first refusal ends the stream.
     async fn append_entries_stream(
         &self,
@@ -342,7 +342,7 @@ impl RaftPeerService for PeerService {
     type HeartbeatStreamStream = Answers<HeartbeatStreamResponse>;
 
     /// Each heartbeat on the stream is checked like [`Self::heartbeat`]'s, the caller's
-    /// membership included (see [`answer_in_order`]); the first refusal ends the stream.
+    /// membership included (see `answer_in_order`); the first refusal ends the stream.
     async fn heartbeat_stream(
         &self,
         request: Request<Streaming<HeartbeatStreamRequest>>,

@@ -81,7 +81,7 @@ impl Limits {
         }
     }
 
-    /// CPU time per [`CPU_PERIOD_US`] (µs): the vCPUs (cgroup v1, where only vCPU threads
+    /// CPU time per `CPU_PERIOD_US` (µs): the vCPUs (cgroup v1, where only vCPU threads
     /// are in the cgroup), or the vCPUs plus one core for the device and migration
     /// threads (v2, the whole worker).
     pub fn cpu_quota_us(&self, v2: bool) -> u64 {
