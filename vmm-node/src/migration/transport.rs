@@ -498,6 +498,28 @@ pub struct RoundSent {
     pub duration: Duration,
 }
 
+/// The sum of one round's sends over every connection, from `start` until now; the first
+/// failed send fails the round (and, for a lazy `sends`, stops it there).
+fn round_total(
+    round: u32,
+    start: Instant,
+    sends: impl IntoIterator<Item = Result<RoundSent, TransportError>>,
+) -> Result<RoundSent, TransportError> {
+    let mut total = RoundSent {
+        round,
+        ..Default::default()
+    };
+    for r in sends {
+        let r = r?;
+        total.data_pages += r.data_pages;
+        total.zero_pages_sent += r.zero_pages_sent;
+        total.zero_pages_skipped += r.zero_pages_skipped;
+        total.wire_bytes += r.wire_bytes;
+    }
+    total.duration = start.elapsed();
+    Ok(total)
+}
+
 /// Sending half: the data connections of one migration.
 pub struct MemorySender {
     conns: Vec<Conn>,
@@ -579,21 +601,12 @@ impl MemorySender {
             // first takes every page, each ends the round. Starting a thread per
             // connection would cost more than the pages (hundreds of µs on a loaded
             // host).
-            let mut total = RoundSent {
-                round,
-                ..Default::default()
-            };
-            for (index, conn) in self.conns.iter_mut().enumerate() {
-                let r = send_worker(
+            let sends = self.conns.iter_mut().enumerate().map(|(index, conn)| {
+                send_worker(
                     conn, index, mem, map, hashes, pages, words, round, &cursor, &ctx,
-                )?;
-                total.data_pages += r.data_pages;
-                total.zero_pages_sent += r.zero_pages_sent;
-                total.zero_pages_skipped += r.zero_pages_skipped;
-                total.wire_bytes += r.wire_bytes;
-            }
-            total.duration = start.elapsed();
-            return Ok(total);
+                )
+            });
+            return round_total(round, start, sends);
         }
         let mut on_progress = control.on_progress;
         let nice = control.nice;
@@ -636,19 +649,7 @@ impl MemorySender {
                 .map(|h| h.join().unwrap_or(Err(TransportError::WorkerPanicked)))
                 .collect()
         });
-        let mut total = RoundSent {
-            round,
-            ..Default::default()
-        };
-        for r in results {
-            let r = r?;
-            total.data_pages += r.data_pages;
-            total.zero_pages_sent += r.zero_pages_sent;
-            total.zero_pages_skipped += r.zero_pages_skipped;
-            total.wire_bytes += r.wire_bytes;
-        }
-        total.duration = start.elapsed();
-        Ok(total)
+        round_total(round, start, results)
     }
 
     /// Tells the receiver that no more pages follow and closes the data connections.
