@@ -83,15 +83,13 @@ impl Signs {
         }
     }
 
-    /// A member answered a heartbeat: it has applied up to `index`.
-    pub fn peer_applied(&mut self, index: u64, now: Instant) {
-        let newer = match self.peer_applied {
-            Some((i, at)) => {
-                index >= i || now.saturating_duration_since(at) > Duration::from_secs(1)
-            }
-            None => true,
-        };
-        if newer {
+    /// A member answered a heartbeat: it has applied up to `index`. The highest index is
+    /// kept while it is fresh for [`Signs::behind`] (within `t.lease`).
+    pub fn member_applied(&mut self, index: u64, t: &ElectionTiming, now: Instant) {
+        let replace = self
+            .peer_applied
+            .is_none_or(|(i, at)| index >= i || now.saturating_duration_since(at) > t.lease);
+        if replace {
             self.peer_applied = Some((index, now));
         }
     }
@@ -260,6 +258,15 @@ mod tests {
         }
     }
 
+    /// A voter's clock started at `t0`, and signs of leader 1 (term 3): its answer and an
+    /// AppendEntries at `t0`.
+    fn heard_leader_at(t0: Instant) -> (ElectionClock, Signs) {
+        let mut s = Signs::default();
+        s.leader_answered(1, 3, t0);
+        s.append_arrived(t0);
+        (ElectionClock::new(timing(), t0, 0.0), s)
+    }
+
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
@@ -287,10 +294,7 @@ mod tests {
     #[test]
     fn a_silent_leader_is_replaced_after_its_lease_and_a_random_timeout() {
         let t0 = Instant::now();
-        let mut c = ElectionClock::new(timing(), t0, 0.0);
-        let mut s = Signs::default();
-        s.leader_answered(1, 3, t0);
-        s.append_arrived(t0);
+        let (mut c, s) = heard_leader_at(t0);
         // lease 800 + timeout 400 (pick 0.0).
         assert_eq!(
             c.check(VOTER, 3, &s, false, t0 + ms(1199), 0.5),
@@ -363,10 +367,7 @@ mod tests {
     #[test]
     fn a_vote_given_in_a_new_term_starts_the_silence_again() {
         let t0 = Instant::now();
-        let mut c = ElectionClock::new(timing(), t0, 0.0);
-        let mut s = Signs::default();
-        s.leader_answered(1, 3, t0);
-        s.append_arrived(t0);
+        let (mut c, mut s) = heard_leader_at(t0);
         assert!(matches!(
             c.check(VOTER, 3, &s, false, t0, 0.0),
             Decision::LookBy(_)
@@ -391,11 +392,13 @@ mod tests {
     fn a_voter_behind_a_member_lets_it_ask_first() {
         let t = timing();
         let t0 = Instant::now();
-        let mut s = Signs::default();
-        s.leader_answered(1, 3, t0);
-        s.append_arrived(t0);
-        s.peer_applied(40, t0);
-        assert!(s.behind(39, &t, t0 + ms(800)));
+        let (_, mut s) = heard_leader_at(t0);
+        s.member_applied(40, &t, t0);
+        s.member_applied(30, &t, t0 + ms(800));
+        assert!(
+            s.behind(39, &t, t0 + ms(800)),
+            "the higher answer is kept while fresh"
+        );
         assert!(!s.behind(40, &t, t0), "as long a log");
         assert!(!s.behind(39, &t, t0 + ms(801)), "an old answer");
         let mut c = ElectionClock::new(t, t0, 0.0);
@@ -408,10 +411,7 @@ mod tests {
     #[test]
     fn a_stall_is_not_silence() {
         let t0 = Instant::now();
-        let mut c = ElectionClock::new(timing(), t0, 0.0);
-        let mut s = Signs::default();
-        s.leader_answered(1, 3, t0);
-        s.append_arrived(t0);
+        let (mut c, s) = heard_leader_at(t0);
         let woke = t0 + ms(5000);
         c.woke_from_stall(woke);
         assert_eq!(

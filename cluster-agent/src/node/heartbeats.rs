@@ -72,6 +72,7 @@ impl Agent {
             l.silences(Instant::now())
         };
         let timeout = heartbeat_timeout(&self.config);
+        let timing = ElectionTiming::from_config(&self.config);
         let demand = self.lock_demand().unsent.take();
         for (peer, addr) in peers {
             let hb = Heartbeat {
@@ -92,7 +93,7 @@ impl Agent {
                             if ack.accepted && ack.leader_id == peer {
                                 signs.leader_answered(peer, ack.term, now);
                             }
-                            signs.peer_applied(ack.last_applied, now);
+                            signs.member_applied(ack.last_applied, &timing, now);
                         }
                         agent.lock_liveness().acked(peer, sent, &ack, now)
                     }
