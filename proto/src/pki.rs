@@ -899,14 +899,21 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn a_tls_dir_stores_keys_private_and_loads_back() {
-        use std::os::unix::fs::PermissionsExt;
+    /// A TLS dir (in a temporary directory kept alive by the first value) holding node 1's
+    /// certificate and key from a new CA, which is returned too.
+    fn node_1_tls_dir() -> (tempfile::TempDir, TlsDir, Ca) {
         let dir = tempfile::tempdir().unwrap();
         let d = TlsDir(dir.path().join("tls"));
         let ca = Ca::create("test").unwrap();
         let issued = ca.issue(&Identity::Node(1), &[], CERT_VALIDITY).unwrap();
         d.store(ca.cert_pem(), &issued).unwrap();
+        (dir, d, ca)
+    }
+
+    #[test]
+    fn a_tls_dir_stores_keys_private_and_loads_back() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_dir, d, ca) = node_1_tls_dir();
         d.store_ca_key(&ca).unwrap();
         for p in [d.key(), d.ca_key()] {
             let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
@@ -938,11 +945,7 @@ mod tests {
     /// on the node) may finish the same renewal at the same moment: neither fails.
     #[test]
     fn loading_while_renewals_are_stored_never_fails() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = TlsDir(dir.path().join("tls"));
-        let ca = Ca::create("test").unwrap();
-        let issued = ca.issue(&Identity::Node(1), &[], CERT_VALIDITY).unwrap();
-        d.store(ca.cert_pem(), &issued).unwrap();
+        let (_dir, d, ca) = node_1_tls_dir();
         let renewals: Vec<Issued> = (0..50)
             .map(|_| ca.issue(&Identity::Node(1), &[], CERT_VALIDITY).unwrap())
             .collect();
